@@ -1,0 +1,210 @@
+"""The exceptions mailrelay raises, all rooted at :class:`MailRelayError`.
+
+Every exception also subclasses the builtin it most resembles, so code that
+already catches ``ValueError`` or ``TimeoutError`` keeps working::
+
+    MailRelayError
+    ├── InvalidAddress (ValueError)        an address that is not a usable envelope address
+    ├── MessageError (ValueError)          a message that cannot be built, parsed or sent as is
+    ├── ConfigurationError (ValueError)    a transport, URL or policy that makes no sense
+    ├── ProtocolError                      the SMTP dialogue itself went wrong
+    │   ├── LocalProtocolError             we asked for something the protocol forbids now
+    │   └── RemoteProtocolError            the server sent something malformed or unexpected
+    ├── ResolverError                      a DNS lookup failed (``is_transient`` says how)
+    └── DeliveryError                      an attempt ended with no per-recipient answer
+        ├── ConnectError (ConnectionError)       could not reach any address of the host
+        ├── DeliveryTimeout (TimeoutError)       a phase outlasted its timeout
+        ├── ConnectionLost (ConnectionError)     the server closed or reset the connection
+        ├── TLSError                             handshake, certificate, or TLS policy failure
+        ├── AuthenticationError                  credentials refused, or AUTH not possible safely
+        ├── SessionRefused                       the server refused the session (greeting, 421)
+        ├── ServerProtocolError                  the server broke the protocol mid-session
+        └── NoRoute                              no mail exchanger to try (null MX, NXDOMAIN, ...)
+
+A refused *recipient* is never an exception: it is a
+:class:`~mailrelay.results.RecipientResult` with a transient or permanent outcome.
+A :class:`DeliveryError` is raised only when an attempt produced no answer per
+recipient. Its :attr:`~DeliveryError.is_transient` tells a retrying caller
+whether trying again later can help.
+
+Every exception pickles and unpickles to an equal exception, so errors can
+cross process boundaries (worker pools, task queues) intact.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mailrelay.reply import Reply
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigurationError",
+    "ConnectError",
+    "ConnectionLost",
+    "DeliveryError",
+    "DeliveryTimeout",
+    "InvalidAddress",
+    "LocalProtocolError",
+    "MailRelayError",
+    "MessageError",
+    "NoRoute",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "ResolverError",
+    "ServerProtocolError",
+    "SessionRefused",
+    "TLSError",
+]
+
+
+class MailRelayError(Exception):
+    """Root of every exception mailrelay raises.
+
+    Two instances are equal when they have the same type, the same arguments and
+    the same attributes; this keeps pickled round trips comparable.
+    """
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, MailRelayError)
+        return self.args == other.args and self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.args))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own reduce passes only ``args`` to ``__init__``; our
+        # keyword-only attributes travel in the state dict instead.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[MailRelayError], args: tuple[Any, ...], state: dict[str, Any]) -> MailRelayError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
+
+
+class InvalidAddress(MailRelayError, ValueError):
+    """An address is not a usable SMTP envelope address.
+
+    Attributes:
+        address: the text that was rejected.
+    """
+
+    def __init__(self, message: str, *, address: str = "") -> None:
+        super().__init__(message)
+        self.address = address
+
+
+class MessageError(MailRelayError, ValueError):
+    """A message cannot be built, parsed or sent as it is (for example a header
+    value containing CR or LF, which would let a caller inject headers)."""
+
+
+class ConfigurationError(MailRelayError, ValueError):
+    """A transport, URL or policy was configured in a way that cannot work."""
+
+
+class ProtocolError(MailRelayError):
+    """The SMTP dialogue went wrong. Once raised by a protocol connection, that
+    connection is in its absorbing ``ERROR`` state."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We (the caller) asked for something the protocol forbids at this point,
+    or gave a value that cannot go on the wire (CR, LF or NUL in a field)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The server sent something malformed, unexpected or too large."""
+
+
+class ResolverError(MailRelayError):
+    """A DNS lookup failed.
+
+    Attributes:
+        name: the name that was looked up.
+        is_transient: ``True`` for timeouts, SERVFAIL and REFUSED (asking again
+            later may help); ``False`` for answers that say the name does not exist.
+    """
+
+    def __init__(self, message: str, *, name: str = "", is_transient: bool = True) -> None:
+        super().__init__(message)
+        self.name = name
+        self.is_transient = is_transient
+
+
+class DeliveryError(MailRelayError):
+    """A delivery attempt ended without a per-recipient answer.
+
+    Attributes:
+        is_transient: whether trying again later can help.
+        reply: the server reply behind the error, when there was one.
+        host: the host (and port) the attempt was talking to, when known.
+    """
+
+    #: The default for :attr:`is_transient` when the constructor is not told.
+    transient_by_default = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        is_transient: bool | None = None,
+        reply: Reply | None = None,
+        host: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        if is_transient is None:
+            is_transient = self.transient_by_default
+            if reply is not None:
+                is_transient = not 500 <= reply.code <= 599
+        self.is_transient = is_transient
+        self.reply = reply
+        self.host = host
+
+
+class ConnectError(DeliveryError, ConnectionError):
+    """No address of the host accepted a connection."""
+
+
+class DeliveryTimeout(DeliveryError, TimeoutError):
+    """A phase of the dialogue (connect, greeting, MAIL, RCPT, DATA, ...) took
+    longer than its timeout allows."""
+
+
+class ConnectionLost(DeliveryError, ConnectionError):
+    """The server closed or reset the connection before the dialogue finished."""
+
+
+class TLSError(DeliveryError):
+    """TLS could not be established or the TLS policy could not be met (a failed
+    handshake, an untrusted certificate, STARTTLS required but not offered)."""
+
+    transient_by_default = False
+
+
+class AuthenticationError(DeliveryError):
+    """The server refused our credentials, or authenticating would have sent
+    them unsafely (over plaintext without ``allow_insecure_auth``)."""
+
+    transient_by_default = False
+
+
+class SessionRefused(DeliveryError):
+    """The server refused the session: a 554 greeting, or a 421 at any point."""
+
+
+class ServerProtocolError(DeliveryError):
+    """The server broke the SMTP protocol in the middle of a session."""
+
+
+class NoRoute(DeliveryError):
+    """There is no mail exchanger to try for a domain (null MX, no such domain,
+    no address for any exchanger)."""
+
+    transient_by_default = False

@@ -1,0 +1,18 @@
+"""Test-suite wide set-up: Hypothesis profiles and the real peers' fixtures."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+# Profiles: `dev` for quick local runs, `ci` (chosen when CI=true) for a deeper
+# but bounded run, `fuzz` for long local searches. HYPOTHESIS_PROFILE overrides.
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.register_profile(
+    "ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("fuzz", max_examples=20_000, deadline=None)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") == "true" else "dev")
+)
