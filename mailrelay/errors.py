@@ -81,7 +81,9 @@ class MailRelayError(Exception):
         return (_rebuild, (type(self), self.args, self.__dict__))
 
 
-def _rebuild(cls: type[MailRelayError], args: tuple[Any, ...], state: dict[str, Any]) -> MailRelayError:
+def _rebuild(
+    cls: type[MailRelayError], args: tuple[Any, ...], state: dict[str, Any]
+) -> MailRelayError:
     exc = cls.__new__(cls)
     Exception.__init__(exc, *args)
     exc.__dict__.update(state)

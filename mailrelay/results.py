@@ -1,0 +1,103 @@
+"""What a delivery attempt produced: one result per envelope recipient.
+
+A transport returns a :class:`DeliveryResult` whenever the server answered for
+the recipients, even if it refused some or all of them. Refusals are results,
+never exceptions; see :mod:`mailrelay.errors` for the failures that produce no
+per-recipient answer.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+import attrs
+
+from mailrelay.address import Address
+from mailrelay.reply import Reply
+
+__all__ = ["DeliveryResult", "Outcome", "RecipientResult"]
+
+
+class Outcome(enum.Enum):
+    """What happened to one recipient."""
+
+    #: The server took responsibility for delivering to this recipient.
+    ACCEPTED = "accepted"
+    #: Refused for now (a 4xx reply, or no final answer): try again later.
+    TRANSIENT = "transient"
+    #: Refused for good (a 5xx reply, or refused before sending): do not retry.
+    PERMANENT = "permanent"
+
+    @classmethod
+    def from_reply(cls, reply: Reply) -> Outcome:
+        """Map a final reply to an outcome: 2xx accepted, 5xx permanent, anything else transient."""
+        if reply.is_positive:
+            return cls.ACCEPTED
+        if reply.is_permanent:
+            return cls.PERMANENT
+        return cls.TRANSIENT
+
+
+@attrs.frozen(kw_only=True)
+class RecipientResult:
+    """The outcome for one envelope recipient.
+
+    Attributes:
+        address: the recipient.
+        outcome: accepted, transient or permanent.
+        reply: the server reply that decided the outcome, if the server gave one.
+        reason: a human-readable explanation when no reply tells the story
+            (for example "server lacks SMTPUTF8", "connection lost before DATA").
+        host: the server that answered (``host:port``), when known.
+    """
+
+    address: Address
+    outcome: Outcome
+    reply: Reply | None = None
+    reason: str | None = None
+    host: str | None = None
+
+    @property
+    def accepted(self) -> bool:
+        """True when the outcome is :attr:`Outcome.ACCEPTED`."""
+        return self.outcome is Outcome.ACCEPTED
+
+
+def _to_tuple(value: Iterable[RecipientResult]) -> tuple[RecipientResult, ...]:
+    return tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class DeliveryResult:
+    """The outcome of sending one message: a result for each envelope recipient.
+
+    Attributes:
+        recipients: one :class:`RecipientResult` per envelope recipient, in envelope order.
+        message_id: the message's Message-ID, when known.
+        host: the server that took the transaction (``host:port``), when known.
+    """
+
+    recipients: tuple[RecipientResult, ...] = attrs.field(converter=_to_tuple)
+    message_id: str | None = None
+    host: str | None = None
+
+    @property
+    def accepted(self) -> tuple[RecipientResult, ...]:
+        """The recipients the server accepted."""
+        return tuple(r for r in self.recipients if r.outcome is Outcome.ACCEPTED)
+
+    @property
+    def deferred(self) -> tuple[RecipientResult, ...]:
+        """The recipients refused for now (worth retrying)."""
+        return tuple(r for r in self.recipients if r.outcome is Outcome.TRANSIENT)
+
+    @property
+    def rejected(self) -> tuple[RecipientResult, ...]:
+        """The recipients refused for good."""
+        return tuple(r for r in self.recipients if r.outcome is Outcome.PERMANENT)
+
+    @property
+    def ok(self) -> bool:
+        """True when every recipient was accepted (and there was at least one)."""
+        return bool(self.recipients) and all(r.accepted for r in self.recipients)
