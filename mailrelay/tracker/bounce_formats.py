@@ -1,0 +1,467 @@
+"""Read the unstructured bounce formats of real mail systems.
+
+Many MTAs still send failure notices as prose: qmail ("Hi. This is the
+qmail-send program"), Exim ("A message that you sent could not be delivered"),
+older Sendmail ("----- Transcript of session follows -----"), Postfix without
+DSN, Exchange 2003 ("did not reach the following recipient(s)"), Lotus Notes,
+the big providers' own texts, and Amazon SES' JSON notifications.
+
+Rather than one parser per product, one reader handles the shape they share:
+
+* **Gate** (zero false bounces): the message must come from a mail system
+  (MAILER-DAEMON, postmaster, a null ``Return-Path``, "Mail Delivery System")
+  *or* carry a failure-notice subject, and its text must name at least one
+  recipient. A person's mail that merely quotes a bounce has neither.
+* **Recipients** come from ``X-Failed-Recipients`` (Exim and others) when
+  present, else from the addresses the notice text names, minus the addresses
+  that are plainly not recipients (the report's own sender and receiver,
+  postmaster and friends, ``MAIL FROM`` and ``From:`` lines).
+* **Diagnostic** for a recipient is the text from where it is first named up to
+  where the next recipient is named (bounded); its status and reply code are
+  the first RFC 3463 code and SMTP reply code found there (qmail's ``#5.1.1``
+  included), else those of the whole notice when there is one recipient.
+* **Delay** notices ("will keep trying", "still being retried") give
+  ``delayed`` recipients; everything else that passes the gate is ``failed``.
+* The **returned copy** that follows a marker line ("Below this line is a copy
+  of the message", "Original message follows", ...) is read as headers, for
+  the Message-ID.
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import email.policy
+import html
+import json
+import re
+from typing import Any
+
+import attrs
+
+from mailrelay.tracker.dsn import (
+    DSNAction,
+    DSNKind,
+    DSNRecipient,
+    _clean,
+    find_reply_code,
+    find_status,
+    first_address,
+    header,
+    part_text,
+)
+
+__all__ = ["Prose", "auto_reply_strength", "from_mail_system", "read_prose"]
+
+_DAEMON_LOCALS = frozenset(
+    {
+        "mailer-daemon",
+        "mailer_daemon",
+        "mailerdaemon",
+        "mail-daemon",
+        "maildaemon",
+        "postmaster",
+        "mailmaster",
+        "mail.delivery",
+        "mail-delivery",
+        "bounce",
+        "bounces",
+        "mdaemon",
+        "mailadmin",
+        "mail-notify",
+    }
+)
+_DAEMON_NAME_RE = re.compile(
+    r"mail\s*delivery\s*(?:system|subsystem|service)|mailer[-_ ]?daemon|post\s*master|"
+    r"mail\s+administrator|delivery\s+status\s+notification|mail\s+system",
+    re.IGNORECASE,
+)
+_BOUNCE_SUBJECT_RE = re.compile(
+    r"undeliver|undelivered|returned\s+mail|return(?:ed)?\s+to\s+sender|"
+    r"delivery\s+(?:status\s+notification|failure|failed|has\s+failed|problem|notification)|"
+    r"failure\s+notice|mail\s+delivery\s+fail|non[- ]?deliver|not\s+(?:be\s+)?delivered|"
+    r"could\s+not\s+(?:be\s+)?(?:send|sent|deliver)|delivery\s+(?:report|error)|"
+    r"mail\s+system\s+error|message\s+(?:not\s+delivered|delivery\s+failed|blocked)|"
+    r"rejected|bounce|nicht\s+zustellbar|unzustellbar|permanent\s+error|"
+    r"delayed\s+mail|warning:\s+could\s+not|delivery\s+(?:delay|delayed)|"
+    r"mail\s+could\s+not\s+be|error\s+sending|problem\s+delivering",
+    re.IGNORECASE,
+)
+_AUTO_SUBJECT_RE = re.compile(
+    r"out\s+of\s+(?:the\s+)?office|automatic\s+reply|auto(?:matic)?[- ]?(?:reply|response|"
+    r"respon)|autoreply|^\s*auto:|vacation|away\s+from|on\s+leave|abwesen|absence|"
+    r"r[ée]ponse\s+automatique|respuesta\s+autom|自動|不在",
+    re.IGNORECASE,
+)
+_RETURNED_MARKER_RE = re.compile(
+    r"^[\s\-=_*]*(?:below\s+this\s+line\s+is\s+a\s+copy|this\s+is\s+a\s+copy\s+of|"
+    r"(?:a\s+copy\s+of\s+)?(?:the\s+)?original\s+message|original\s+message\s+(?:follows|headers)|"
+    r"returned\s+message|unsent\s+message|headers\s+of\s+(?:the\s+)?(?:original|returned)|"
+    r"message\s+headers\s+follow|the\s+header\s+of\s+the\s+original|"
+    r"here\s+is\s+a\s+copy|your\s+original\s+message|content-type:\s*message/rfc822|"
+    r"the\s+original\s+message\s+was)",
+    re.IGNORECASE,
+)
+_HEADER_LINE_RE = re.compile(r"^(?:Return-Path|Received|Message-I[dD]|From|Date|Subject|To|"
+                             r"DKIM-Signature|X-[A-Za-z-]+|MIME-Version|Delivered-To)\s*:",
+                             re.IGNORECASE)
+_ADDRESS_RE = re.compile(
+    r"(?<![\w.+=/-])([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"\.)+[A-Za-z][A-Za-z0-9-]*[A-Za-z0-9]|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@\[[0-9.]+\])",
+)
+# Lines that name an address that is not a recipient of the failed message.
+_NOT_RECIPIENT_LINE_RE = re.compile(
+    r"mail\s+from|envelope-from|^\s*(?:from|sender|reply-to|return-path|reporting-mta)\s*:|"
+    r"(?:contact|write\s+to|send\s+(?:mail|email)\s+to|please\s+(?:contact|e-?mail))",
+    re.IGNORECASE,
+)
+_DELAY_RE = re.compile(
+    r"will\s+(?:continue\s+to\s+|keep\s+)?(?:try|trying|retry|retrying)|still\s+being\s+retried|"
+    r"has\s+not\s+(?:yet\s+)?been\s+delivered|delivery\s+(?:is|has\s+been)\s+delayed|"
+    r"temporarily\s+deferred|this\s+is\s+(?:only\s+)?a\s+warning|delayed\s+mail|"
+    r"no\s+action\s+is\s+required\s+on\s+your\s+part",
+    re.IGNORECASE,
+)
+_GIVEN_UP_RE = re.compile(
+    r"permanent|given\s+up|gave\s+up|could\s+not\s+be\s+delivered|undeliverable|"
+    r"failed|not\s+delivered|rejected",
+    re.IGNORECASE,
+)
+_FAILURE_WORDS_RE = re.compile(
+    r"undeliver|could\s+not\s+be\s+delivered|couldn'?t\s+be\s+delivered|not\s+(?:be\s+)?delivered|"
+    r"delivery\s+(?:to|has)\s+.*fail|failed|failure|permanent|unable\s+to\s+deliver|"
+    r"wasn'?t\s+able\s+to\s+deliver|did\s+not\s+reach|rejected|unknown|does\s+not\s+exist|"
+    r"error|refused|returned|bounced|delayed|deferred|retry",
+    re.IGNORECASE,
+)
+_MAX_DIAGNOSTIC_LINES = 12
+_MAX_DIAGNOSTIC_CHARS = 1000
+
+
+@attrs.frozen(kw_only=True)
+class Prose:
+    """What the prose reader found: recipients plus context.
+
+    Attributes:
+        recipients: the recipients named, with action/status/diagnostic.
+        reporting_mta: the host the notice names as its own, when found.
+        format: a short name of the recognised shape (``"qmail"``, ``"exim"``, ...).
+        returned: headers of the copy of the original appended to the notice.
+        kind: an explicit kind for formats that say it (Amazon SES JSON).
+    """
+
+    recipients: tuple[DSNRecipient, ...]
+    reporting_mta: str | None = None
+    format: str = "prose"
+    returned: email.message.Message | None = None
+    kind: DSNKind | None = None
+
+
+def from_mail_system(msg: email.message.Message) -> bool:
+    """Whether the message was sent by a mail system rather than a person."""
+    for name in ("From", "Sender", "Return-Path"):
+        value = header(msg, name)
+        if not value:
+            continue
+        address = first_address(value) or ""
+        local = address.rsplit("@", 1)[0].lower()
+        if local in _DAEMON_LOCALS or _DAEMON_NAME_RE.search(value):
+            return True
+    return False
+
+
+def auto_reply_strength(msg: email.message.Message) -> int:
+    """How plainly a message says it is an automatic reply (RFC 3834).
+
+    Returns:
+        2 for explicit auto-reply markers (``X-Autoreply``, ``X-Autorespond``,
+        ``Precedence: auto_reply``, an out-of-office subject), 1 when only
+        ``Auto-Submitted`` says it is automatic (bounces say that too), else 0.
+    """
+    # X-Auto-Response-Suppress is deliberately absent: Outlook puts it on
+    # ordinary mail to *ask* for no auto-replies.
+    for name in ("X-Autoreply", "X-Autorespond", "X-Autorespond-Status", "X-Vacation"):
+        value = (header(msg, name) or "").lower()
+        if value and value not in ("no", "false", "0"):
+            return 2
+    if (header(msg, "Precedence") or "").lower() == "auto_reply":
+        return 2
+    if _AUTO_SUBJECT_RE.search(header(msg, "Subject") or ""):
+        return 2
+    # RFC 3834 §5.1: any value other than "no" marks an automatic message.
+    auto = (header(msg, "Auto-Submitted") or "no").lower()
+    return 1 if not auto.startswith("no") else 0
+
+
+def read_prose(msg: email.message.Message, parts: list[email.message.Message]) -> Prose | None:
+    """Read an unstructured failure notice, or return ``None`` if it is not one.
+
+    Args:
+        msg: the whole message.
+        parts: its parts outside any returned message (``dsn.walk(msg)``).
+    """
+    ses = _amazon_ses(parts)
+    if ses is not None:
+        return ses
+    subject = header(msg, "Subject") or ""
+    if not (from_mail_system(msg) or _BOUNCE_SUBJECT_RE.search(subject)):
+        return None
+    text, tail = _notice_text(parts)
+    if not _FAILURE_WORDS_RE.search(text + " " + subject):
+        return None
+
+    excluded = _excluded_addresses(msg)
+    failed_header = header(msg, "X-Failed-Recipients")
+    named = [a for a in _addresses_in(failed_header or "")] if failed_header else []
+    lines = text.split("\n")
+    spans = _recipient_spans(lines, excluded, named)
+    if not spans:
+        return None
+
+    delayed = bool(_DELAY_RE.search(text + " " + subject)) and not _GIVEN_UP_RE.search(subject)
+    whole_status = find_status(text)
+    whole_reply = find_reply_code(text)
+    recipients = []
+    for address, diagnostic in spans:
+        status = find_status(diagnostic)
+        reply = find_reply_code(diagnostic)
+        if status is None and reply is None and len(spans) == 1:
+            status, reply = whole_status, whole_reply
+        if status is None and reply is None and diagnostic is None and len(spans) == 1:
+            diagnostic = _clean(text[:_MAX_DIAGNOSTIC_CHARS])
+        action = DSNAction.FAILED
+        if delayed and (status is None or status.startswith("4")) and (
+            reply is None or reply < 500
+        ):
+            action = DSNAction.DELAYED
+        recipients.append(
+            DSNRecipient(
+                address=address,
+                action=action,
+                status=status,
+                reply_code=reply,
+                diagnostic=diagnostic,
+            )
+        )
+    return Prose(
+        recipients=tuple(recipients),
+        reporting_mta=_reporting_host(text, msg),
+        format=_format_name(text, msg),
+        returned=_returned_from_text(tail),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _notice_text(parts: list[email.message.Message]) -> tuple[str, str]:
+    """The notice's own words (up to a returned-copy marker) and what follows."""
+    chunks: list[str] = []
+    for part in parts:
+        ctype = part.get_content_type()
+        if part.is_multipart() or ctype.startswith("message/"):
+            continue
+        if ctype == "text/plain" or ctype == "text/html" and not any(
+            p.get_content_type() == "text/plain" for p in parts
+        ):
+            text = part_text(part)
+            if ctype == "text/html":
+                text = _strip_html(text)
+            chunks.append(text)
+        elif ctype.startswith("text/") and ctype != "text/rfc822-headers":
+            chunks.append(part_text(part))
+    text = "\n".join(chunks).replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        if index > 0 and _RETURNED_MARKER_RE.match(line):
+            return "\n".join(lines[:index]), "\n".join(lines[index + 1 :])
+    # No marker: a returned header block still ends the notice.
+    for index, line in enumerate(lines):
+        if index > 2 and re.match(r"^(?:Return-Path|Received):", line, re.IGNORECASE):
+            return "\n".join(lines[:index]), "\n".join(lines[index:])
+    return text, ""
+
+
+def _strip_html(text: str) -> str:
+    text = re.sub(r"(?is)<(script|style)\b.*?</\1>", " ", text)
+    text = re.sub(r"(?i)<br\s*/?>|</p>|</div>|</tr>|</li>|</h\d>", "\n", text)
+    text = re.sub(r"<[^>]*>", " ", text)
+    return html.unescape(text)
+
+
+def _addresses_in(text: str) -> list[str]:
+    found = []
+    for match in _ADDRESS_RE.finditer(text):
+        address = match.group(1).strip(".")
+        if address and address not in found:
+            found.append(address)
+    return found
+
+
+def _excluded_addresses(msg: email.message.Message) -> set[str]:
+    excluded = set()
+    for name in ("From", "To", "Sender", "Return-Path", "Reply-To", "Cc", "Delivered-To",
+                 "X-Original-To", "Envelope-To"):
+        address = first_address(header(msg, name))
+        if address:
+            excluded.add(address.lower())
+    return excluded
+
+
+def _is_candidate(address: str, excluded: set[str]) -> bool:
+    lowered = address.lower()
+    local = lowered.rsplit("@", 1)[0]
+    return lowered not in excluded and local not in _DAEMON_LOCALS and local not in (
+        "abuse",
+        "help",
+        "support",
+        "noreply",
+        "no-reply",
+    )
+
+
+def _recipient_spans(
+    lines: list[str], excluded: set[str], named: list[str]
+) -> list[tuple[str, str | None]]:
+    """(address, diagnostic) per recipient, in the order the notice names them."""
+    firsts: list[tuple[int, str]] = []
+    seen: set[str] = set()
+    wanted = {a.lower() for a in named}
+    for index, line in enumerate(lines):
+        if _NOT_RECIPIENT_LINE_RE.search(line) and not wanted:
+            continue
+        for address in _addresses_in(line):
+            key = address.lower()
+            if key in seen:
+                continue
+            if wanted and key not in wanted:
+                continue
+            if not wanted and not _is_candidate(address, excluded):
+                continue
+            seen.add(key)
+            firsts.append((index, address))
+    # Header-named recipients the text never mentions still count.
+    for address in named:
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            firsts.append((len(lines), address))
+    spans = []
+    for number, (start, address) in enumerate(firsts):
+        end = firsts[number + 1][0] if number + 1 < len(firsts) else len(lines)
+        end = min(end if end > start else start + 1, start + _MAX_DIAGNOSTIC_LINES)
+        chunk = " ".join(lines[start:end])
+        # Drop the address itself so a 5.1.1 in it is not mistaken for text.
+        diagnostic = _clean(chunk.replace(address, " ", 1))
+        if diagnostic is not None:
+            diagnostic = diagnostic[:_MAX_DIAGNOSTIC_CHARS]
+        spans.append((address, diagnostic))
+    return spans
+
+
+def _reporting_host(text: str, msg: email.message.Message) -> str | None:
+    match = re.search(r"(?:qmail-send\s+program|mail\s+system)\s+at\s+(?:host\s+)?([\w.-]+\w)",
+                      text, re.IGNORECASE)
+    if match:
+        return match.group(1)
+    address = first_address(header(msg, "From"))
+    return address.rsplit("@", 1)[1] if address and "@" in address else None
+
+
+def _format_name(text: str, msg: email.message.Message) -> str:
+    lowered = text.lower()
+    for needle, name in (
+        ("qmail-send program", "qmail"),
+        ("this is the mail system at host", "postfix"),
+        ("could not be delivered to one or more of its", "exim"),
+        ("transcript of session follows", "sendmail"),
+        ("did not reach the following recipient", "exchange"),
+        ("delivery has failed to these recipients", "exchange"),
+    ):
+        if needle in lowered:
+            return name
+    return "prose"
+
+
+def _returned_from_text(tail: str) -> email.message.Message | None:
+    lines = tail.split("\n")
+    for index, line in enumerate(lines[:50]):
+        if _HEADER_LINE_RE.match(line):
+            block = "\n".join(lines[index:])
+            return email.message_from_string(block, policy=email.policy.compat32)
+    return None
+
+
+def _amazon_ses(parts: list[email.message.Message]) -> Prose | None:
+    """Amazon SES bounce/complaint/delivery notifications (JSON via SNS)."""
+    for part in parts:
+        if part.is_multipart() or not part.get_content_type().startswith(("text/", "application/")):
+            continue
+        text = part_text(part)
+        start = text.find("{")
+        if start < 0 or '"notificationType"' not in text and "notificationType" not in text:
+            continue
+        try:
+            data = json.loads(text[start : text.rfind("}") + 1])
+        except ValueError:
+            continue
+        if isinstance(data, dict) and isinstance(data.get("Message"), str):
+            try:  # SNS wraps the SES notification as a JSON string
+                data = json.loads(data["Message"])
+            except ValueError:
+                continue
+        if isinstance(data, dict) and "notificationType" in data:
+            return _ses_notification(data)
+    return None
+
+
+def _ses_notification(data: dict[str, Any]) -> Prose | None:
+    kind_name = str(data.get("notificationType", "")).lower()
+    mail = data.get("mail") if isinstance(data.get("mail"), dict) else {}
+    returned = None
+    headers = mail.get("headers") if isinstance(mail, dict) else None
+    if isinstance(headers, list):
+        text = "".join(
+            f"{h.get('name')}: {h.get('value')}\n" for h in headers if isinstance(h, dict)
+        )
+        returned = email.message_from_string(text, policy=email.policy.compat32)
+    recipients: list[DSNRecipient] = []
+    if kind_name == "bounce":
+        bounce = data.get("bounce") if isinstance(data.get("bounce"), dict) else {}
+        permanent = str(bounce.get("bounceType", "")).lower() == "permanent"
+        for item in bounce.get("bouncedRecipients") or []:
+            if not isinstance(item, dict) or not item.get("emailAddress"):
+                continue
+            diagnostic = _clean(str(item.get("diagnosticCode") or "")) or None
+            status = find_status(str(item.get("status") or "")) or find_status(diagnostic)
+            action = DSNAction.FAILED if permanent or str(item.get("action")) == "failed" else (
+                DSNAction.DELAYED
+            )
+            recipients.append(
+                DSNRecipient(
+                    address=str(item["emailAddress"]),
+                    action=action,
+                    status=status,
+                    reply_code=find_reply_code(diagnostic),
+                    diagnostic=diagnostic,
+                )
+            )
+        return Prose(recipients=tuple(recipients), format="amazonses", returned=returned)
+    if kind_name == "delivery":
+        delivery = data.get("delivery") if isinstance(data.get("delivery"), dict) else {}
+        for address in delivery.get("recipients") or []:
+            diagnostic = _clean(str(delivery.get("smtpResponse") or "")) or None
+            recipients.append(
+                DSNRecipient(
+                    address=str(address),
+                    action=DSNAction.DELIVERED,
+                    status=find_status(diagnostic),
+                    reply_code=find_reply_code(diagnostic),
+                    diagnostic=diagnostic,
+                    remote_mta=_clean(str(delivery.get("reportingMTA") or "")) or None,
+                )
+            )
+        return Prose(recipients=tuple(recipients), format="amazonses", returned=returned)
+    if kind_name == "complaint":
+        return Prose(recipients=(), format="amazonses", returned=returned, kind=DSNKind.FEEDBACK)
+    return None
