@@ -1,0 +1,747 @@
+"""Messages: the bytes that travel between ``DATA`` and the final dot.
+
+A :class:`Message` is an immutable value with a small interface: its wire
+bytes (:meth:`Message.chunks`, :meth:`Message.as_bytes`), what a server must
+support to take them (:attr:`~Message.needs_8bitmime`,
+:attr:`~Message.needs_smtputf8`, :attr:`~Message.size`), its header fields (for
+:meth:`mailrelay.envelope.Envelope.from_message`) and its blind recipients
+(:attr:`~Message.bcc`). It is built with the standard library's :mod:`email`
+package but does not expose or subclass it.
+
+Rules this module keeps:
+
+* The wire form is CRLF-normalized: a bare LF or a bare CR becomes CRLF
+  (RFC 5321 §2.3.8 forbids sending them bare). Dot-stuffing is *not* applied
+  here; it belongs to the protocol layer.
+* ``Bcc`` and ``Resent-Bcc`` fields never reach the wire (RFC 5322 §3.6.3 and
+  §3.6.6); their addresses are kept for the envelope.
+* :meth:`Message.build` refuses CR, LF or NUL in any header name, header value,
+  display name, address, file name or content type it is given, so a caller's
+  input can never add header fields (header injection).
+* :meth:`Message.build` writes 7-bit headers: non-ASCII subjects, display names
+  and other unstructured values become RFC 2047 encoded-words, IDN domains go
+  out as A-labels, and non-ASCII text bodies are quoted-printable or base64, so
+  any server takes the result. The single exception is an address whose local
+  part is non-ASCII: it cannot be written in 7 bits at all, so the whole
+  message is then written in the RFC 6532 form (raw UTF-8 headers and 8-bit
+  bodies) and needs a server that offers SMTPUTF8 (which implies 8BITMIME,
+  RFC 6531 §3.1).
+* :meth:`Message.from_file` never holds the file's body in memory: it parses the
+  header block, measures the body in one streaming pass, and reads the body
+  again piece by piece whenever :meth:`Message.chunks` is called.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import email.errors
+import email.headerregistry
+import email.policy
+import io
+import mimetypes
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from email.message import Message as _StdlibMessage
+from email.message import MIMEPart
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import TypeAlias
+
+import attrs
+
+from mailrelay.address import Address
+from mailrelay.errors import MessageError
+
+__all__ = ["AddressLike", "Attachment", "Message", "MAX_HEADER_BYTES"]
+
+#: An address as :meth:`Message.build` accepts it: an :class:`Address`, its text
+#: (``"a@example.org"`` or ``"Name <a@example.org>"``) or a ``(display name,
+#: address)`` pair.
+AddressLike: TypeAlias = "str | Address | tuple[str, str | Address]"
+
+#: The largest header block :meth:`Message.from_bytes` and
+#: :meth:`Message.from_file` accept before giving up (a file with no blank line
+#: would otherwise be read whole while looking for the end of its headers).
+MAX_HEADER_BYTES = 1 << 20
+
+# RFC 5321 §2.3.8: lines end in CRLF; a bare CR or LF is normalized to CRLF.
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+# RFC 5322 §2.2: a field name is printable US-ASCII except the colon. The
+# obsolete syntax (RFC 5322 §4.5) allows white space before the colon.
+_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+# RFC 6838 §4.2 restricted-name characters, for type and subtype.
+_CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
+# RFC 5322 §3.6.4: msg-id = "<" id-left "@" id-right ">" (printable ASCII, no
+# white space, no angle brackets inside).
+_MSG_ID = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+")
+_BRACKETED = re.compile(r"<([^<>]*)>")
+_NAME_ADDR = re.compile(r"(?P<name>.*?)\s*<(?P<addr>[^<>]*)>\s*", re.DOTALL)
+_UNFOLD = re.compile(rb"\r\n(?=[ \t])")
+
+# Fields whose addresses go in the envelope only (RFC 5322 §3.6.3, §3.6.6).
+_BLIND_FIELDS = frozenset({"bcc", "resent-bcc"})
+# Fields build() writes from its own parameters; `headers` may not repeat them.
+_MANAGED_FIELDS = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "subject",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "content-disposition",
+    }
+)
+
+_READ_SIZE = 1 << 16
+_ADDRESS_PARSER = email.headerregistry.HeaderRegistry()
+
+
+@attrs.frozen(kw_only=True)
+class Attachment:
+    """A file attached to a built message.
+
+    Attributes:
+        filename: the name the recipient sees (non-ASCII names are written with
+            RFC 2231 encoding).
+        data: the file's bytes (sent base64-encoded).
+        content_type: ``type/subtype``; ``None`` guesses from the file name and
+            falls back to ``application/octet-stream``.
+    """
+
+    filename: str
+    data: bytes
+    content_type: str | None = None
+
+    def resolved_content_type(self) -> str:
+        """Return the content type to send: the given one or a guess."""
+        if self.content_type is not None:
+            return self.content_type
+        guessed, _ = mimetypes.guess_type(self.filename, strict=False)
+        return guessed or "application/octet-stream"
+
+
+@attrs.frozen(kw_only=True, repr=False)
+class Message:
+    """An email message ready for the wire.
+
+    Create one with :meth:`build`, :meth:`from_bytes`, :meth:`from_email` or
+    :meth:`from_file`; the constructor itself is internal.
+
+    Attributes:
+        headers: every header field as ``(name, value)`` pairs in message order,
+            unfolded (RFC 5322 §2.2.3), values decoded as UTF-8 with RFC 2047
+            encoded-words left as they are. Includes ``Bcc`` fields, which are
+            not on the wire.
+        bcc: the addresses of the ``Bcc`` fields, which go in the envelope only.
+        size: the length in bytes of the wire form (CRLF-normalized, Bcc removed,
+            before dot-stuffing): the value for the SIZE parameter (RFC 1870).
+        needs_8bitmime: whether the body holds any byte of 0x80 or above, so
+            that the server must offer 8BITMIME (RFC 6152).
+        needs_smtputf8: whether the header block on the wire holds raw non-ASCII
+            bytes (RFC 6532), so that the server must offer SMTPUTF8 (RFC 6531).
+    """
+
+    headers: tuple[tuple[str, str], ...]
+    bcc: tuple[Address, ...]
+    size: int
+    needs_8bitmime: bool
+    needs_smtputf8: bool
+    _head: bytes
+    _body: bytes | None = None
+    _path: Path | None = None
+    _body_offset: int = 0
+    _file_size: int = 0
+    _file_mtime_ns: int = 0
+
+    # -- constructors -------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        sender: AddressLike,
+        to: AddressLike | Iterable[AddressLike] = (),
+        cc: AddressLike | Iterable[AddressLike] = (),
+        bcc: AddressLike | Iterable[AddressLike] = (),
+        reply_to: AddressLike | list[AddressLike] | None = None,
+        subject: str | None = None,
+        text: str | None = None,
+        html: str | None = None,
+        attachments: Iterable[Attachment | tuple[str, bytes] | tuple[str, bytes, str | None]] = (),
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+        message_id: str | None = None,
+        date: _dt.datetime | None = None,
+    ) -> Message:
+        """Build a new message.
+
+        Args:
+            sender: the author, written as ``From``; its domain also names the
+                generated Message-ID.
+            to: the ``To`` addresses. A single ``str`` or :class:`Address` is one
+                address; anything else is iterated.
+            cc: the ``Cc`` addresses, like ``to``.
+            bcc: blind recipients: in :attr:`bcc` and the envelope, never on the
+                wire.
+            reply_to: one address (a ``(name, address)`` tuple is one address) or
+                a list of addresses for ``Reply-To``.
+            subject: the ``Subject``; omitted when ``None``.
+            text: the plain-text body.
+            html: the HTML body; with ``text`` too the two become a
+                ``multipart/alternative``.
+            attachments: :class:`Attachment` values or ``(filename, data)`` /
+                ``(filename, data, content_type)`` tuples; any attachment makes
+                the message ``multipart/mixed``.
+            headers: extra header fields, a mapping or ``(name, value)`` pairs (use
+                pairs to repeat a name). They may not repeat a field set by another
+                parameter.
+            message_id: the Message-ID, with or without angle brackets; generated
+                from the sender's domain when omitted (and not in ``headers``).
+            date: an aware datetime for ``Date``; now (UTC) when omitted.
+
+        Returns:
+            The message.
+
+        Raises:
+            MessageError: CR, LF or NUL in any field (header injection), a bad
+                header name, a repeated managed field, a bad content type,
+                Message-ID or date.
+            InvalidAddress: an address that is not a valid envelope address.
+        """
+        author = _mailbox("sender", sender)
+        to_list = [_mailbox("to", a) for a in _address_items(to)]
+        cc_list = [_mailbox("cc", a) for a in _address_items(cc)]
+        bcc_list = [_mailbox("bcc", a) for a in _address_items(bcc)]
+        if reply_to is None:
+            reply_list = []
+        elif isinstance(reply_to, list):
+            reply_list = [_mailbox("reply_to", a) for a in reply_to]
+        else:
+            reply_list = [_mailbox("reply_to", reply_to)]
+        if subject is not None:
+            _check_field("subject", subject)
+        extra = _extra_headers(headers)
+        extra_names = {name.lower() for name, _ in extra}
+        if message_id is not None:
+            if "message-id" in extra_names:
+                raise MessageError("Message-ID given both as message_id and in headers")
+            message_id = _check_message_id(message_id)
+        if date is not None:
+            if "date" in extra_names:
+                raise MessageError("Date given both as date and in headers")
+            if date.tzinfo is None or date.utcoffset() is None:
+                raise MessageError("date must be an aware datetime (RFC 5322 §3.3 needs a zone)")
+        files = [_attachment(item) for item in attachments]
+
+        all_boxes = [author, *to_list, *cc_list, *bcc_list, *reply_list]
+        # An address with a non-ASCII local part has no 7-bit spelling, so the
+        # message can only be sent with SMTPUTF8: write it in RFC 6532 form.
+        utf8 = any(addr.needs_smtputf8 for _, addr in all_boxes)
+        policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP.clone(cte_type="7bit")
+
+        root = MIMEPart(policy=policy)
+        try:
+            root["From"] = _header_address(author, utf8)
+            if reply_list:
+                root["Reply-To"] = [_header_address(b, utf8) for b in reply_list]
+            if to_list:
+                root["To"] = [_header_address(b, utf8) for b in to_list]
+            if cc_list:
+                root["Cc"] = [_header_address(b, utf8) for b in cc_list]
+            if bcc_list:
+                root["Bcc"] = [_header_address(b, utf8) for b in bcc_list]
+            if subject is not None:
+                root["Subject"] = subject
+            if "date" not in extra_names:
+                when = date if date is not None else _dt.datetime.now(_dt.UTC)
+                root["Date"] = format_datetime(when)
+            if "message-id" not in extra_names:
+                if message_id is None:
+                    message_id = make_msgid(domain=author[1].ascii_domain)[1:-1]
+                root["Message-ID"] = f"<{message_id}>"
+            for name, value in extra:
+                root[name] = value
+            root["MIME-Version"] = "1.0"
+            if text is not None and html is not None:
+                root.set_content(text)
+                root.add_alternative(html, subtype="html")
+            elif html is not None:
+                root.set_content(html, subtype="html")
+            elif text is not None or not files:
+                root.set_content(text or "")
+            for item in files:
+                maintype, _, subtype = item.resolved_content_type().partition("/")
+                root.add_attachment(
+                    item.data, maintype=maintype, subtype=subtype, filename=item.filename
+                )
+            wire = root.as_bytes(policy=policy)
+        except (ValueError, TypeError, UnicodeError, email.errors.MessageError) as exc:
+            raise MessageError(f"cannot build the message: {exc}") from exc
+        return cls._parse(wire, bcc=tuple(addr for _, addr in bcc_list))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Message:
+        """Take a complete message as bytes (any line endings).
+
+        The bytes pass through unchanged except for CRLF normalization and the
+        removal of ``Bcc``/``Resent-Bcc`` fields.
+
+        Args:
+            raw: the message, header block first.
+
+        Returns:
+            The message.
+
+        Raises:
+            MessageError: empty input, or a header block over
+                :data:`MAX_HEADER_BYTES`.
+            InvalidAddress: a ``Bcc`` field holding an unusable address.
+        """
+        return cls._parse(bytes(raw), bcc=None)
+
+    @classmethod
+    def from_email(cls, message: _StdlibMessage | Message) -> Message:
+        """Take a message from the standard library's :mod:`email` package.
+
+        Args:
+            message: an :class:`email.message.EmailMessage` (or legacy
+                :class:`email.message.Message`); a :class:`Message` is returned as
+                it is.
+
+        Returns:
+            The message, serialized with the message's own policy and CRLF line
+            endings.
+
+        Raises:
+            MessageError: the email package cannot serialize the message.
+            InvalidAddress: a ``Bcc`` field holding an unusable address.
+        """
+        if isinstance(message, Message):
+            return message
+        policy = message.policy.clone(linesep="\r\n")
+        try:
+            # as_bytes() serializes with mangle_from_=False: no ">From " lines.
+            wire = message.as_bytes(policy=policy)
+        except (ValueError, TypeError, UnicodeError, email.errors.MessageError) as exc:
+            raise MessageError(f"cannot serialize the message: {exc}") from exc
+        return cls._parse(wire, bcc=None)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Message:
+        """Take a message stored in a file, without loading its body.
+
+        Only the header block is read into memory. The body is measured in one
+        streaming pass now and read again, piece by piece, by each call to
+        :meth:`chunks`; the file must not change in between (if it does,
+        :meth:`chunks` raises :class:`MessageError`).
+
+        Args:
+            path: the file, in any line-ending convention.
+
+        Returns:
+            The message.
+
+        Raises:
+            OSError: the file cannot be read.
+            MessageError: an empty file, or a header block over
+                :data:`MAX_HEADER_BYTES`.
+            InvalidAddress: a ``Bcc`` field holding an unusable address.
+        """
+        file_path = Path(path)
+        with file_path.open("rb") as stream:
+            stat = os.fstat(stream.fileno())
+            buffer = b""
+            while True:
+                data = stream.read(_READ_SIZE)
+                buffer += data
+                head_end = _find_head_end(buffer, final=not data)
+                if head_end is not None:
+                    break
+                if len(buffer) > MAX_HEADER_BYTES:
+                    raise MessageError(f"header block longer than {MAX_HEADER_BYTES} bytes")
+            if not buffer:
+                raise MessageError("empty message")
+            head = _normalize(buffer[:head_end])
+            stream.seek(head_end)
+            body_size = 0
+            eight_bit = False
+            normalizer = _Normalizer()
+            while data := stream.read(_READ_SIZE):
+                piece = normalizer.feed(data)
+                body_size += len(piece)
+                eight_bit = eight_bit or not piece.isascii()
+            body_size += len(normalizer.flush())
+        fields, wire_head = _split_head(head)
+        return cls(
+            headers=fields,
+            bcc=_blind_addresses(fields),
+            size=len(wire_head) + body_size,
+            needs_8bitmime=eight_bit,
+            needs_smtputf8=not wire_head.isascii(),
+            head=wire_head,
+            path=file_path,
+            body_offset=head_end,
+            file_size=stat.st_size,
+            file_mtime_ns=stat.st_mtime_ns,
+        )
+
+    @classmethod
+    def _parse(cls, raw: bytes, *, bcc: tuple[Address, ...] | None) -> Message:
+        if not raw:
+            raise MessageError("empty message")
+        head_end = _find_head_end(raw, final=True)
+        assert head_end is not None  # always found once the input is final
+        if head_end > MAX_HEADER_BYTES:
+            raise MessageError(f"header block longer than {MAX_HEADER_BYTES} bytes")
+        fields, wire_head = _split_head(_normalize(raw[:head_end]))
+        body = _normalize(raw[head_end:])
+        return cls(
+            headers=fields,
+            bcc=_blind_addresses(fields) if bcc is None else bcc,
+            size=len(wire_head) + len(body),
+            needs_8bitmime=not body.isascii(),
+            needs_smtputf8=not wire_head.isascii(),
+            head=wire_head,
+            body=body,
+        )
+
+    # -- header access ------------------------------------------------------
+
+    def get_all(self, name: str) -> list[str]:
+        """Return the values of every field called ``name`` (any case), in order.
+
+        Values are unfolded and stripped; ``Bcc`` fields are included.
+        """
+        key = name.lower()
+        return [value for field, value in self.headers if field.lower() == key]
+
+    def get(self, name: str) -> str | None:
+        """Return the value of the first field called ``name``, or ``None``."""
+        values = self.get_all(name)
+        return values[0] if values else None
+
+    def get_addresses(self, name: str) -> tuple[Address, ...]:
+        """Return the addresses in every field called ``name``, in order.
+
+        Group syntax is understood (``undisclosed-recipients:;`` holds none);
+        display names are dropped.
+
+        Raises:
+            InvalidAddress: a mailbox in those fields is not a usable envelope
+                address.
+        """
+        return _addresses_in(self.get_all(name))
+
+    @property
+    def message_id(self) -> str | None:
+        """The Message-ID without its angle brackets, or ``None``."""
+        value = self.get("Message-ID")
+        if value is None:
+            return None
+        match = _BRACKETED.search(value)
+        found = match.group(1).strip() if match else value.strip()
+        return found or None
+
+    # -- wire form ----------------------------------------------------------
+
+    def chunks(self, size: int = 65536) -> Iterator[bytes]:
+        """Yield the wire bytes in pieces of at most ``size`` bytes.
+
+        The bytes are CRLF-normalized and carry no ``Bcc`` field. No piece ends
+        between the CR and the LF of a line ending, so every piece is itself
+        free of bare CR and LF; the pieces joined equal :meth:`as_bytes` and
+        their lengths add up to :attr:`size`. For a message from
+        :meth:`from_file` the body is read from the file as the pieces are
+        consumed.
+
+        Args:
+            size: the largest piece, at least 2 (room for one CRLF).
+
+        Raises:
+            ValueError: ``size`` below 2.
+            MessageError: a file-backed message whose file changed.
+            OSError: a file-backed message whose file can no longer be read.
+        """
+        if size < 2:
+            raise ValueError("chunk size must be at least 2")
+        if self._path is None:
+            assert self._body is not None
+            return _slices(self._head + self._body, size)
+        return self._file_chunks(size)
+
+    def as_bytes(self) -> bytes:
+        """Return the whole wire form (for a file-backed message, this reads the
+        whole file into memory; prefer :meth:`chunks`)."""
+        if self._path is None:
+            assert self._body is not None
+            return self._head + self._body
+        return b"".join(self._file_chunks(_READ_SIZE))
+
+    def _file_chunks(self, size: int) -> Iterator[bytes]:
+        assert self._path is not None
+        with self._path.open("rb") as stream:
+            stat = os.fstat(stream.fileno())
+            if (stat.st_size, stat.st_mtime_ns) != (self._file_size, self._file_mtime_ns):
+                raise MessageError(f"{self._path} changed since the message was read")
+            stream.seek(self._body_offset)
+            total = 0
+            for piece in _rechunk(self._file_pieces(stream, size), size):
+                total += len(piece)
+                yield piece
+        if total != self.size:
+            raise MessageError(f"{self._path} changed while it was being read")
+
+    def _file_pieces(self, stream: io.BufferedReader, size: int) -> Iterator[bytes]:
+        yield self._head
+        normalizer = _Normalizer()
+        read_size = max(size, 4096)
+        while data := stream.read(read_size):
+            yield normalizer.feed(data)
+        yield normalizer.flush()
+
+    def __repr__(self) -> str:
+        source = f" file={str(self._path)!r}" if self._path is not None else ""
+        return f"<Message message_id={self.message_id!r} size={self.size}{source}>"
+
+
+# -- wire helpers -------------------------------------------------------------
+
+
+class _Normalizer:
+    """Turns a stream of raw pieces into CRLF-normalized pieces.
+
+    A CR at the end of a piece is held back until the next piece shows whether
+    an LF follows, so no output piece ends in a bare CR.
+    """
+
+    def __init__(self) -> None:
+        self._pending_cr = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._pending_cr:
+            data = b"\r" + data
+            self._pending_cr = False
+        if data.endswith(b"\r"):
+            data = data[:-1]
+            self._pending_cr = True
+        return _normalize(data)
+
+    def flush(self) -> bytes:
+        if self._pending_cr:
+            self._pending_cr = False
+            return b"\r\n"
+        return b""
+
+
+def _normalize(data: bytes) -> bytes:
+    if b"\r" not in data:
+        # The common Unix case: only LFs, each bare.
+        return data.replace(b"\n", b"\r\n")
+    return _LINE_END.sub(b"\r\n", data)
+
+
+def _cut(data: bytes | bytearray, start: int, size: int) -> int:
+    # Normalized data has an LF after every CR, so moving the cut back by one
+    # when it would fall between them keeps each CRLF in one piece.
+    end = start + size
+    if end < len(data) and data[end - 1] == 0x0D:
+        end -= 1
+    return end
+
+
+def _slices(data: bytes, size: int) -> Iterator[bytes]:
+    start = 0
+    while start < len(data):
+        end = _cut(data, start, size)
+        yield data[start:end]
+        start = end
+
+
+def _rechunk(pieces: Iterable[bytes], size: int) -> Iterator[bytes]:
+    buffer = bytearray()
+    for piece in pieces:
+        buffer += piece
+        # Keep at least one byte beyond a cut so _cut can see what follows.
+        while len(buffer) > size:
+            end = _cut(buffer, 0, size)
+            yield bytes(buffer[:end])
+            del buffer[:end]
+    if buffer:
+        yield bytes(buffer)
+
+
+def _find_head_end(data: bytes, *, final: bool) -> int | None:
+    """Return where the body starts in raw ``data``, or ``None`` if more is needed.
+
+    The header block ends after its first empty line (RFC 5322 §2.1), or, in a
+    malformed message, before the first line that is neither a field nor a
+    continuation (the email package reads such messages the same way).
+    """
+    pos = 0
+    while True:
+        match = _LINE_END.search(data, pos)
+        if match is None:
+            if not final:
+                return None
+            line = data[pos:]
+            return len(data) if not line or _is_head_line(line, pos == 0) else pos
+        if not final and match.group() == b"\r" and match.end() == len(data):
+            return None  # a CR at the end may be the first half of a CRLF
+        line = data[pos : match.start()]
+        if not line:
+            return match.end()
+        if not _is_head_line(line, pos == 0):
+            return pos
+        pos = match.end()
+
+
+def _is_head_line(line: bytes, first: bool) -> bool:
+    if line[:1] in (b" ", b"\t"):
+        return not first  # RFC 5322 §2.2.3: a folded continuation line
+    return _FIELD_START.match(line) is not None
+
+
+def _split_head(head: bytes) -> tuple[tuple[tuple[str, str], ...], bytes]:
+    """Split a normalized header block into its fields and its wire form."""
+    raw_fields: list[bytes] = []
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and raw_fields and raw_fields[-1] != b"\r\n":
+            raw_fields[-1] += line
+        else:
+            raw_fields.append(line)
+    fields: list[tuple[str, str]] = []
+    wire: list[bytes] = []
+    for raw in raw_fields:
+        name, colon, value = raw.partition(b":")
+        if not colon or raw == b"\r\n":
+            wire.append(raw)
+            continue
+        field_name = name.rstrip(b" \t").decode("ascii")
+        field_value = _UNFOLD.sub(b"", value).strip(b" \t\r\n").decode("utf-8", "replace")
+        fields.append((field_name, field_value))
+        if field_name.lower() not in _BLIND_FIELDS:
+            wire.append(raw)
+    return tuple(fields), b"".join(wire)
+
+
+def _blind_addresses(fields: tuple[tuple[str, str], ...]) -> tuple[Address, ...]:
+    return _addresses_in([value for name, value in fields if name.lower() == "bcc"])
+
+
+def _addresses_in(values: Iterable[str]) -> tuple[Address, ...]:
+    found: list[Address] = []
+    for value in values:
+        # The email package's RFC 5322 parser copes with groups, comments and
+        # quoted display names; only the addr-spec is kept.
+        header = _ADDRESS_PARSER("to", value)
+        assert isinstance(header, email.headerregistry.AddressHeader)
+        for mailbox in header.addresses:
+            spec = mailbox.addr_spec
+            if spec in ("", "<>"):
+                continue
+            found.append(Address.parse(spec))
+    return tuple(found)
+
+
+# -- build helpers ------------------------------------------------------------
+
+
+def _check_field(what: str, value: str) -> None:
+    # RFC 5322 §2.2: CR and LF only end header lines; a caller's value holding
+    # them could add fields of its own choosing. NUL is never allowed.
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise MessageError(f"{what} contains CR, LF or NUL")
+
+
+def _address_items(value: AddressLike | Iterable[AddressLike]) -> list[AddressLike]:
+    if isinstance(value, str | Address):
+        return [value]
+    return list(value)
+
+
+def _mailbox(what: str, value: AddressLike) -> tuple[str, Address]:
+    """Return ``(display name, address)`` for an address given to build()."""
+    if isinstance(value, Address):
+        return "", value
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise MessageError(f"{what}: a tuple must be (display name, address)")
+        name, address = value
+        if not isinstance(name, str):
+            raise MessageError(f"{what}: the display name must be a string")
+        _check_field(what, name)
+        if isinstance(address, Address):
+            return name, address
+        _check_field(what, address)
+        return name, Address.parse(address.strip())
+    if not isinstance(value, str):
+        raise MessageError(f"{what}: expected an address, got {type(value).__name__}")
+    _check_field(what, value)
+    match = _NAME_ADDR.fullmatch(value.strip())
+    if match is None:
+        return "", Address.parse(value.strip())
+    name = match.group("name").strip()
+    if len(name) >= 2 and name[0] == name[-1] == '"':
+        name = re.sub(r"\\(.)", r"\1", name[1:-1])
+    return name, Address.parse(match.group("addr").strip())
+
+
+def _header_address(box: tuple[str, Address], utf8: bool) -> email.headerregistry.Address:
+    name, address = box
+    # Without SMTPUTF8 the domain must be in A-label form (RFC 5890); the
+    # display name is left to the email package, which RFC 2047-encodes it.
+    domain = address.domain if utf8 else address.ascii_domain
+    return email.headerregistry.Address(
+        display_name=name, username=address.local_part, domain=domain
+    )
+
+
+def _extra_headers(
+    headers: Mapping[str, str] | Iterable[tuple[str, str]] | None,
+) -> list[tuple[str, str]]:
+    if headers is None:
+        return []
+    pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+    for name, value in pairs:
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise MessageError("header names and values must be strings")
+        _check_field("header name", name)
+        _check_field(f"header {name!r}", value)
+        if _FIELD_NAME.fullmatch(name) is None:
+            # RFC 5322 §2.2: printable US-ASCII except the colon.
+            raise MessageError(f"invalid header name {name!r}")
+        if name.lower() in _MANAGED_FIELDS:
+            raise MessageError(f"header {name!r} is set by its own build() parameter")
+    return pairs
+
+
+def _check_message_id(value: str) -> str:
+    _check_field("message_id", value)
+    bare = value.strip()
+    if bare.startswith("<") and bare.endswith(">"):
+        bare = bare[1:-1]
+    if _MSG_ID.fullmatch(bare) is None:
+        raise MessageError(f"invalid Message-ID {value!r} (RFC 5322 §3.6.4: id-left@id-right)")
+    return bare
+
+
+def _attachment(item: Attachment | tuple[str, bytes] | tuple[str, bytes, str | None]) -> Attachment:
+    if not isinstance(item, Attachment):
+        if not isinstance(item, tuple) or len(item) not in (2, 3):
+            raise MessageError("an attachment is (filename, data) or (filename, data, type)")
+        item = Attachment(
+            filename=item[0], data=item[1], content_type=item[2] if len(item) == 3 else None
+        )
+    if not isinstance(item.data, bytes | bytearray | memoryview):
+        raise MessageError(f"attachment {item.filename!r}: data must be bytes")
+    _check_field("attachment filename", item.filename)
+    content_type = item.resolved_content_type()
+    _check_field("attachment content type", content_type)
+    if _CONTENT_TYPE.fullmatch(content_type) is None:
+        raise MessageError(f"invalid content type {content_type!r} (RFC 6838 §4.2)")
+    return item
