@@ -1,0 +1,716 @@
+"""DNS for mail: where a domain's mail goes, with a shared cache. The only user of dnspython.
+
+Rules of this module:
+
+- :meth:`Resolver.mail_hosts` answers "which hosts take mail for this domain, at which
+  addresses" following RFC 5321 §5.1: exchangers sorted by preference, equal preferences
+  shuffled on every call (an injectable :class:`random.Random`), no MX records but an A or
+  AAAA record makes the domain its own *implicit* exchanger, and a lone MX whose target is
+  ``.`` is RFC 7505's *null MX*: the domain accepts no mail. Every exchanger's A and AAAA
+  records are looked up; CNAME chains are followed (dnspython does so).
+- Facts are values, ignorance is an exception. NXDOMAIN and NODATA are answers about the
+  domain and come back inside :class:`MailHosts` / :class:`HostAddresses` (their
+  :class:`DNSStatus` says which). Timeouts, SERVFAIL, REFUSED and malformed answers mean we
+  could not learn the facts: :class:`~mailrelay.errors.ResolverError` with
+  ``is_transient=True`` is raised when nothing usable was learnt. An exchanger whose own
+  lookups failed is kept, with its transient status, so callers can tell "no host" from
+  "no host *yet*".
+- One :class:`DNSCache` serves both resolvers (share it by passing ``cache=``). It honours
+  TTLs, caches negative answers for the SOA's negative TTL (RFC 2308 §5: the smaller of the
+  SOA's TTL and its MINIMUM field; negative answers without an SOA are not cached), keeps
+  transient failures for a short ``failure_ttl`` (RFC 2308 §7 allows up to five minutes), is
+  bounded (least recently used entries go first), and reads an injectable clock, so tests
+  never sleep.
+- Lookups of the same key that overlap share one query (in-flight de-duplication): threads
+  wait on the first thread's future, tasks await the first task.
+- A cache hit touches no dnspython object: answers are stored as plain tuples and whole
+  :class:`MailHosts` values, so a warm lookup is a dictionary read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Generator, Hashable, Sequence
+from typing import Any, Final, NamedTuple
+
+import attrs
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.resolver
+import idna
+
+from mailrelay.errors import ResolverError
+
+__all__ = [
+    "AsyncResolver",
+    "DNSCache",
+    "DNSStatus",
+    "HostAddresses",
+    "MailHost",
+    "MailHosts",
+    "Resolver",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_SIZE: Final = 10_000
+DEFAULT_FAILURE_TTL: Final = 30.0
+#: RFC 2308 §5: one to three hours is a sensible upper bound for negative caching.
+DEFAULT_MAX_NEGATIVE_TTL: Final = 3 * 3600.0
+DEFAULT_MAX_TTL: Final = 86_400.0
+
+_MX: Final = dns.rdatatype.MX
+_A: Final = dns.rdatatype.A
+_AAAA: Final = dns.rdatatype.AAAA
+_SOA: Final = dns.rdatatype.SOA
+#: Cache key "type" of an assembled MailHosts value (not a DNS type).
+_MAIL_HOSTS: Final = -1
+#: A plan asks for at most one batch per exchanger plus the MX query; bounds the driver loops.
+_MAX_PLAN_STEPS: Final = 4
+#: CNAMEs we follow ourselves when a server stops at one (dnspython's own chain limit is 16).
+_MAX_CNAME_HOPS: Final = 8
+
+
+class DNSStatus(enum.Enum):
+    """What a DNS query told us."""
+
+    #: Records of the asked type exist.
+    OK = "ok"
+    #: The name does not exist (RCODE 3, RFC 1035 §4.1.1; RFC 8020: nor anything below it).
+    NXDOMAIN = "nxdomain"
+    #: The name exists but has no records of the asked type (RFC 2308 §2.2).
+    NODATA = "nodata"
+    #: The server could not answer (RCODE 2).
+    SERVFAIL = "servfail"
+    #: The server refused to answer (RCODE 5).
+    REFUSED = "refused"
+    #: No answer arrived in time.
+    TIMEOUT = "timeout"
+    #: Anything else: a malformed answer, an unreachable server.
+    ERROR = "error"
+
+    @property
+    def is_transient(self) -> bool:
+        """Whether asking again later may give a different answer."""
+        return self not in _FACTS
+
+
+_FACTS: Final = frozenset({DNSStatus.OK, DNSStatus.NXDOMAIN, DNSStatus.NODATA})
+
+
+@attrs.frozen(kw_only=True)
+class HostAddresses:
+    """The addresses of one host name.
+
+    Attributes:
+        name: the host name looked up (ASCII, lower case, no final dot).
+        status: ``OK`` when at least one address was found; otherwise why not (a transient
+            status when a lookup failed and no address was found).
+        ipv4: the A records, in the order the server gave them.
+        ipv6: the AAAA records, in the order the server gave them.
+    """
+
+    name: str
+    status: DNSStatus
+    ipv4: tuple[str, ...] = ()
+    ipv6: tuple[str, ...] = ()
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address, IPv4 first (still the family most likely to work), then IPv6."""
+        return self.ipv4 + self.ipv6
+
+
+@attrs.frozen(kw_only=True)
+class MailHost(HostAddresses):
+    """One mail exchanger of a domain, with its preference and addresses.
+
+    Attributes:
+        preference: the MX preference (lower is tried first); 0 for an implicit exchanger.
+    """
+
+    preference: int
+
+
+@attrs.frozen(kw_only=True)
+class MailHosts:
+    """Where mail for a domain goes (RFC 5321 §5.1).
+
+    Attributes:
+        domain: the domain looked up (ASCII A-label form, lower case, no final dot).
+        status: ``OK`` when the domain has MX records, or none but an address (implicit MX);
+            ``NXDOMAIN`` when the domain does not exist; ``NODATA`` when it exists but has
+            neither MX nor address records.
+        hosts: the exchangers in the order to try them: by preference, equal preferences
+            shuffled. Empty for a null MX, NXDOMAIN and NODATA.
+        null_mx: the domain publishes RFC 7505's null MX: it accepts no mail.
+        implicit: the domain has no MX records; its own address is the exchanger.
+    """
+
+    domain: str
+    status: DNSStatus
+    hosts: tuple[MailHost, ...] = ()
+    null_mx: bool = False
+    implicit: bool = False
+
+    @property
+    def exists(self) -> bool:
+        """Whether the domain exists in the DNS."""
+        return self.status is not DNSStatus.NXDOMAIN
+
+    @property
+    def usable_hosts(self) -> tuple[MailHost, ...]:
+        """The exchangers that have at least one address, in order."""
+        return tuple(host for host in self.hosts if host.ipv4 or host.ipv6)
+
+
+class _Answer(NamedTuple):
+    """One query's outcome, as plain data (cached without any dnspython object)."""
+
+    status: DNSStatus
+    records: tuple[Any, ...]  # MX: (preference, target) with "" for "."; A/AAAA: address text
+    ttl: float  # how long it may be cached; 0 = not at all
+    detail: str = ""
+
+
+_MISS: Final = object()
+
+
+class DNSCache:
+    """A thread-safe, size-bounded LRU cache whose entries expire by TTL.
+
+    Args:
+        max_size: the most entries kept; the least recently used goes first.
+        clock: a monotonic clock in seconds (inject a fake one in tests).
+    """
+
+    def __init__(
+        self, max_size: int = DEFAULT_CACHE_SIZE, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be at least 1")
+        self.max_size = max_size
+        self.clock = clock
+        self._entries: OrderedDict[Hashable, tuple[object, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> object:
+        """The live value under ``key``, or the module's private miss sentinel."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return _MISS
+            if entry[1] <= self.clock():
+                del self._entries[key]
+                return _MISS
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: Hashable, value: object, ttl: float) -> None:
+        """Keep ``value`` for ``ttl`` seconds (not at all when ``ttl <= 0``)."""
+        if ttl <= 0:
+            return
+        with self._lock:
+            self._entries[key] = (value, self.clock() + ttl)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget everything."""
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+# -- turning dnspython's results into plain answers ------------------------------------------
+
+
+def _negative_ttl(response: dns.message.Message | None, cap: float) -> float:
+    """RFC 2308 §5: min(SOA TTL, SOA MINIMUM) (and any CNAME TTL on the way); 0 without an SOA."""
+    if response is None or not any(rrset.rdtype == _SOA for rrset in response.authority):
+        return 0.0
+    try:
+        assert isinstance(response, dns.message.QueryMessage)
+        return float(min(response.resolve_chaining().minimum_ttl, cap))
+    except dns.exception.DNSException:
+        return 0.0
+
+
+def _from_answer(answer: dns.resolver.Answer, limits: _Limits) -> _Answer:
+    rrset = answer.rrset
+    if rrset is None:
+        return _Answer(DNSStatus.NODATA, (), _negative_ttl(answer.response, limits.negative))
+    ttl = float(min(answer.chaining_result.minimum_ttl, limits.positive))
+    if rrset.rdtype == _MX:
+        records: tuple[Any, ...] = tuple(
+            (
+                rd.preference,
+                "" if rd.exchange == dns.name.root else rd.exchange.to_text(True).lower(),
+            )
+            for rd in rrset
+        )
+    else:
+        records = tuple(rd.address for rd in rrset)
+    return _Answer(DNSStatus.OK, records, ttl)
+
+
+def _from_error(exc: dns.exception.DNSException, limits: _Limits) -> _Answer:
+    if isinstance(exc, dns.resolver.NXDOMAIN):
+        responses = list(exc.kwargs.get("responses", {}).values())
+        ttl = _negative_ttl(responses[-1] if responses else None, limits.negative)
+        return _Answer(DNSStatus.NXDOMAIN, (), ttl)
+    if isinstance(exc, dns.exception.Timeout):
+        return _Answer(DNSStatus.TIMEOUT, (), limits.failure, "timed out")
+    status = DNSStatus.ERROR
+    if isinstance(exc, dns.resolver.NoNameservers):
+        # Each error is (server, tcp, port, exception or rcode text, response or None).
+        for _server, _tcp, _port, error, response in exc.kwargs.get("errors") or ():
+            if response is not None and response.rcode() == dns.rcode.SERVFAIL:
+                status = DNSStatus.SERVFAIL
+            elif response is not None and response.rcode() == dns.rcode.REFUSED:
+                status = DNSStatus.REFUSED
+            elif isinstance(error, dns.exception.Timeout):
+                status = DNSStatus.TIMEOUT
+    return _Answer(status, (), limits.failure, str(exc))
+
+
+def _plan_query(
+    name: str, limits: _Limits
+) -> Generator[str, dns.resolver.Answer | dns.exception.DNSException, _Answer]:
+    """One query, following CNAMEs: yields names to ask, receives answers or errors.
+
+    A recursive resolver hands back the whole CNAME chain; a server answering from local data
+    may stop at the CNAME. Then we ask for the alias's target ourselves (RFC 1034 §5.3.3),
+    and the chain's smallest TTL bounds the result's.
+    """
+    qname = name + "."
+    chain_ttl = limits.positive
+    for _ in range(_MAX_CNAME_HOPS):
+        outcome = yield qname
+        if isinstance(outcome, dns.exception.DNSException):
+            result = _from_error(outcome, limits)
+        elif outcome.rrset is None and outcome.canonical_name != outcome.qname:
+            chain_ttl = min(chain_ttl, *(c.ttl for c in outcome.chaining_result.cnames))
+            qname = outcome.canonical_name.to_text()
+            continue
+        else:
+            result = _from_answer(outcome, limits)
+        return result._replace(ttl=chain_ttl) if chain_ttl < result.ttl else result
+    return _Answer(DNSStatus.ERROR, (), limits.failure, f"CNAME chain from {name} too long")
+
+
+class _Limits(NamedTuple):
+    positive: float
+    negative: float
+    failure: float
+
+
+# -- the lookups, written once as plans both resolvers run -----------------------------------
+
+_Query = tuple[str, dns.rdatatype.RdataType]
+_Plan = Generator[list[_Query], list[_Answer], tuple[object, float]]
+
+
+def _host(name: str, preference: int, a: _Answer, aaaa: _Answer) -> MailHost:
+    ipv4 = a.records if a.status is DNSStatus.OK else ()
+    ipv6 = aaaa.records if aaaa.status is DNSStatus.OK else ()
+    if ipv4 or ipv6:
+        status = DNSStatus.OK
+    elif a.status.is_transient or aaaa.status.is_transient:
+        status = a.status if a.status.is_transient else aaaa.status
+    elif a.status is DNSStatus.NXDOMAIN and aaaa.status is DNSStatus.NXDOMAIN:
+        status = DNSStatus.NXDOMAIN
+    else:
+        status = DNSStatus.NODATA
+    return MailHost(name=name, preference=preference, status=status, ipv4=ipv4, ipv6=ipv6)
+
+
+def _transient(domain: str, answer: _Answer, what: str) -> ResolverError:
+    detail = f": {answer.detail}" if answer.detail else ""
+    return ResolverError(
+        f"{what} lookup for {domain} failed ({answer.status.value}){detail}",
+        name=domain,
+        is_transient=True,
+    )
+
+
+def _plan_mail_hosts(domain: str) -> _Plan:
+    """Find a domain's exchangers; returns (MailHosts or ResolverError, ttl)."""
+    (mx,) = yield [(domain, _MX)]
+    if mx.status.is_transient:
+        return _transient(domain, mx, "MX"), mx.ttl
+    if mx.status is DNSStatus.NXDOMAIN:
+        return MailHosts(domain=domain, status=DNSStatus.NXDOMAIN), mx.ttl
+    if mx.status is DNSStatus.OK:
+        # RFC 7505 §3: a null MX is the domain's only MX, with target "."; a "." among real
+        # exchangers is a misconfiguration and is skipped.
+        exchangers = [(pref, target) for pref, target in mx.records if target]
+        if not exchangers:
+            return MailHosts(domain=domain, status=DNSStatus.OK, null_mx=True), mx.ttl
+        # RFC 5321 §5.1: lowest preference first. A target listed twice keeps its best one.
+        exchangers.sort(key=lambda record: record[0])
+        targets = list(dict.fromkeys(target for _, target in exchangers))
+        best = {target: pref for pref, target in reversed(exchangers)}
+        answers = yield [(t, _A) for t in targets] + [(t, _AAAA) for t in targets]
+        count = len(targets)
+        hosts = tuple(
+            _host(t, best[t], answers[i], answers[count + i]) for i, t in enumerate(targets)
+        )
+        ttl = min([mx.ttl, *(answer.ttl for answer in answers)])
+        return MailHosts(domain=domain, status=DNSStatus.OK, hosts=hosts), ttl
+    # RFC 5321 §5.1: no MX records, so the domain's own address is an implicit MX.
+    a, aaaa = yield [(domain, _A), (domain, _AAAA)]
+    host = _host(domain, 0, a, aaaa)
+    ttl = min(mx.ttl, a.ttl, aaaa.ttl)
+    if host.status is DNSStatus.OK:
+        return MailHosts(domain=domain, status=DNSStatus.OK, hosts=(host,), implicit=True), ttl
+    if host.status.is_transient:
+        failed = a if a.status.is_transient else aaaa
+        return _transient(domain, failed, "address"), ttl
+    return MailHosts(domain=domain, status=DNSStatus.NODATA), ttl
+
+
+def _plan_addresses(name: str) -> _Plan:
+    a, aaaa = yield [(name, _A), (name, _AAAA)]
+    host = _host(name, 0, a, aaaa)
+    if host.status.is_transient:
+        return _transient(name, a if a.status.is_transient else aaaa, "address"), 0.0
+    value = HostAddresses(name=name, status=host.status, ipv4=host.ipv4, ipv6=host.ipv6)
+    return value, 0.0
+
+
+def _domain_key(domain: str) -> str:
+    """The cache key and query name: ASCII (IDNA 2008 A-labels), lower case, no final dot."""
+    if domain.isascii():
+        key = domain.lower()
+        if key.endswith("."):
+            key = key[:-1]
+    else:
+        try:
+            # UTS #46 mapping first, as browsers and MTAs do for user-typed names.
+            key = idna.encode(domain.rstrip(".\u3002"), uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise ResolverError(
+                f"not a valid domain name: {domain!r}", name=domain, is_transient=False
+            ) from exc
+    if not key or len(key) > 253 or any(not 0 < len(label) < 64 for label in key.split(".")):
+        # RFC 1035 §2.3.4: labels of 1 to 63 octets, names of at most 255 (253 as text).
+        raise ResolverError(f"not a valid domain name: {domain!r}", name=domain, is_transient=False)
+    return key
+
+
+# -- the resolvers ---------------------------------------------------------------------------
+
+
+class _ResolverBase:
+    """Configuration, cache access and result delivery shared by both resolvers."""
+
+    def __init__(
+        self,
+        *,
+        nameservers: Sequence[str] | None,
+        port: int,
+        timeout: float,
+        cache_size: int,
+        cache: DNSCache | None,
+        clock: Callable[[], float] | None,
+        rng: random.Random | None,
+        failure_ttl: float,
+        max_ttl: float,
+        max_negative_ttl: float,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.nameservers = tuple(nameservers) if nameservers is not None else None
+        self.port = port
+        self.timeout = timeout
+        self.cache = (
+            cache if cache is not None else DNSCache(cache_size, clock=clock or time.monotonic)
+        )
+        self._random = rng if rng is not None else random.Random()
+        self._limits = _Limits(max_ttl, max_negative_ttl, failure_ttl)
+
+    def _configure(self, resolver: dns.resolver.BaseResolver) -> None:
+        if self.nameservers is not None:
+            resolver.nameservers = list(self.nameservers)
+        resolver.port = self.port
+        resolver.timeout = self.timeout
+        resolver.lifetime = self.timeout
+        resolver.cache = None  # ours is in front
+
+    def _deliver(self, value: object) -> MailHosts:
+        if isinstance(value, ResolverError):
+            # A fresh copy, so a cached failure does not collect tracebacks across raises.
+            raise ResolverError(str(value), name=value.name, is_transient=value.is_transient)
+        assert isinstance(value, MailHosts)
+        hosts = value.hosts
+        if len(hosts) > 1 and len({host.preference for host in hosts}) < len(hosts):
+            return attrs.evolve(value, hosts=self._shuffled(hosts))
+        return value
+
+    def _shuffled(self, hosts: tuple[MailHost, ...]) -> tuple[MailHost, ...]:
+        # RFC 5321 §5.1: hosts of equal preference are tried in random order (load spreading).
+        ordered: list[MailHost] = []
+        start = 0
+        while start < len(hosts):
+            end = start + 1
+            while end < len(hosts) and hosts[end].preference == hosts[start].preference:
+                end += 1
+            group = list(hosts[start:end])
+            self._random.shuffle(group)
+            ordered += group
+            start = end
+        return tuple(ordered)
+
+    @staticmethod
+    def _addresses_result(value: object) -> HostAddresses:
+        if isinstance(value, ResolverError):
+            raise value
+        assert isinstance(value, HostAddresses)
+        return value
+
+
+class Resolver(_ResolverBase):
+    """A caching DNS resolver for mail, blocking; safe to share between threads.
+
+    Args:
+        nameservers: the servers to ask (IP addresses); ``None`` reads the system's
+            ``/etc/resolv.conf``.
+        port: the servers' port.
+        timeout: seconds a single lookup may take in all (every server and retry included).
+        cache_size: entries the cache holds, when this resolver makes its own cache.
+        cache: a :class:`DNSCache` to share (with an :class:`AsyncResolver`, say).
+        clock: the monotonic clock of the cache this resolver makes (tests inject one).
+        random: the source of the shuffle of equal-preference exchangers.
+        failure_ttl: seconds a transient failure is remembered (0 = not at all).
+        max_ttl: upper bound on how long a positive answer is kept.
+        max_negative_ttl: upper bound on how long NXDOMAIN/NODATA is kept (RFC 2308 §5).
+    """
+
+    def __init__(
+        self,
+        nameservers: Sequence[str] | None = None,
+        port: int = 53,
+        timeout: float = 5.0,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        *,
+        cache: DNSCache | None = None,
+        clock: Callable[[], float] | None = None,
+        random: random.Random | None = None,
+        failure_ttl: float = DEFAULT_FAILURE_TTL,
+        max_ttl: float = DEFAULT_MAX_TTL,
+        max_negative_ttl: float = DEFAULT_MAX_NEGATIVE_TTL,
+    ) -> None:
+        super().__init__(
+            nameservers=nameservers, port=port, timeout=timeout, cache_size=cache_size,
+            cache=cache, clock=clock, rng=random, failure_ttl=failure_ttl, max_ttl=max_ttl,
+            max_negative_ttl=max_negative_ttl,
+        )  # fmt: skip
+        self._dns = dns.resolver.Resolver(configure=nameservers is None)
+        self._configure(self._dns)
+        self._lock = threading.Lock()
+        self._inflight: dict[Hashable, concurrent.futures.Future[object]] = {}
+
+    def mail_hosts(self, domain: str) -> MailHosts:
+        """The exchangers of ``domain`` in the order to try them (RFC 5321 §5.1).
+
+        Raises:
+            ResolverError: ``is_transient=True`` when the DNS could not tell (timeout,
+                SERVFAIL, REFUSED); ``is_transient=False`` when ``domain`` is not a valid name.
+        """
+        key = (_domain_key(domain), _MAIL_HOSTS)
+        value = self.cache.get(key)
+        if value is _MISS:
+            value = self._fetch(key, lambda: self._run(_plan_mail_hosts(key[0])))
+        return self._deliver(value)
+
+    def addresses(self, host: str) -> HostAddresses:
+        """The IPv4 and IPv6 addresses of ``host`` (CNAMEs followed).
+
+        Raises:
+            ResolverError: ``is_transient=True`` when neither lookup gave an answer to rely on.
+        """
+        return self._addresses_result(self._run(_plan_addresses(_domain_key(host)))[0])
+
+    def _run(self, plan: _Plan) -> tuple[object, float]:
+        batch = next(plan)
+        for _ in range(_MAX_PLAN_STEPS):
+            try:
+                batch = plan.send([self._lookup(name, rdtype) for name, rdtype in batch])
+            except StopIteration as done:
+                result: tuple[object, float] = done.value
+                return result
+        raise AssertionError("a lookup plan took too many steps")
+
+    def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Answer:
+        key = (name, rdtype)
+        value = self.cache.get(key)
+        if value is _MISS:
+            value = self._fetch(key, lambda: self._query(name, rdtype))
+        assert isinstance(value, _Answer)
+        return value
+
+    def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[object, float]:
+        log.debug("DNS query %s %s", name, dns.rdatatype.to_text(rdtype))
+        plan = _plan_query(name, self._limits)
+        qname = next(plan)
+        for _ in range(_MAX_CNAME_HOPS + 1):
+            outcome: dns.resolver.Answer | dns.exception.DNSException
+            try:
+                outcome = self._dns.resolve(qname, rdtype, raise_on_no_answer=False, search=False)
+            except dns.exception.DNSException as exc:
+                outcome = exc
+            try:
+                qname = plan.send(outcome)
+            except StopIteration as done:
+                result: _Answer = done.value
+                return result, result.ttl
+        raise AssertionError("a query plan took too many steps")
+
+    def _fetch(self, key: Hashable, compute: Callable[[], tuple[object, float]]) -> object:
+        """Compute ``key`` once however many threads ask at the same time."""
+        with self._lock:
+            # Re-check under the lock: the owner caches before it leaves the in-flight table.
+            value = self.cache.get(key)
+            if value is not _MISS:
+                return value
+            future = self._inflight.get(key)
+            owner = future is None
+            if future is None:
+                future = self._inflight[key] = concurrent.futures.Future()
+        if not owner:
+            return future.result()
+        try:
+            value, ttl = compute()
+            self.cache.put(key, value, ttl)
+            future.set_result(value)
+            return value
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                del self._inflight[key]
+
+
+class AsyncResolver(_ResolverBase):
+    """The asyncio twin of :class:`Resolver`: the same arguments, awaited methods.
+
+    Overlapping lookups within one event loop share one query. The cache may be shared with
+    blocking resolvers in other threads.
+    """
+
+    def __init__(
+        self,
+        nameservers: Sequence[str] | None = None,
+        port: int = 53,
+        timeout: float = 5.0,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        *,
+        cache: DNSCache | None = None,
+        clock: Callable[[], float] | None = None,
+        random: random.Random | None = None,
+        failure_ttl: float = DEFAULT_FAILURE_TTL,
+        max_ttl: float = DEFAULT_MAX_TTL,
+        max_negative_ttl: float = DEFAULT_MAX_NEGATIVE_TTL,
+    ) -> None:
+        super().__init__(
+            nameservers=nameservers, port=port, timeout=timeout, cache_size=cache_size,
+            cache=cache, clock=clock, rng=random, failure_ttl=failure_ttl, max_ttl=max_ttl,
+            max_negative_ttl=max_negative_ttl,
+        )  # fmt: skip
+        self._dns = dns.asyncresolver.Resolver(configure=nameservers is None)
+        self._configure(self._dns)
+        self._inflight: dict[Hashable, asyncio.Task[object]] = {}
+
+    async def mail_hosts(self, domain: str) -> MailHosts:
+        """The exchangers of ``domain``, in order; see :meth:`Resolver.mail_hosts`."""
+        key = (_domain_key(domain), _MAIL_HOSTS)
+        value = self.cache.get(key)
+        if value is _MISS:
+            value = await self._fetch(key, lambda: self._run(_plan_mail_hosts(key[0])))
+        return self._deliver(value)
+
+    async def addresses(self, host: str) -> HostAddresses:
+        """The addresses of ``host``; see :meth:`Resolver.addresses`."""
+        value, _ttl = await self._run(_plan_addresses(_domain_key(host)))
+        return self._addresses_result(value)
+
+    async def _run(self, plan: _Plan) -> tuple[object, float]:
+        batch = next(plan)
+        for _ in range(_MAX_PLAN_STEPS):
+            if len(batch) == 1:
+                answers = [await self._lookup(*batch[0])]
+            else:
+                answers = list(await asyncio.gather(*(self._lookup(n, t) for n, t in batch)))
+            try:
+                batch = plan.send(answers)
+            except StopIteration as done:
+                result: tuple[object, float] = done.value
+                return result
+        raise AssertionError("a lookup plan took too many steps")
+
+    async def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Answer:
+        key = (name, rdtype)
+        value = self.cache.get(key)
+        if value is _MISS:
+            value = await self._fetch(key, lambda: self._query(name, rdtype))
+        assert isinstance(value, _Answer)
+        return value
+
+    async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[object, float]:
+        log.debug("DNS query %s %s", name, dns.rdatatype.to_text(rdtype))
+        plan = _plan_query(name, self._limits)
+        qname = next(plan)
+        for _ in range(_MAX_CNAME_HOPS + 1):
+            outcome: dns.resolver.Answer | dns.exception.DNSException
+            try:
+                outcome = await self._dns.resolve(
+                    qname, rdtype, raise_on_no_answer=False, search=False
+                )
+            except dns.exception.DNSException as exc:
+                outcome = exc
+            try:
+                qname = plan.send(outcome)
+            except StopIteration as done:
+                result: _Answer = done.value
+                return result, result.ttl
+        raise AssertionError("a query plan took too many steps")
+
+    async def _fetch(
+        self, key: Hashable, compute: Callable[[], Awaitable[tuple[object, float]]]
+    ) -> object:
+        """Compute ``key`` once however many tasks of this loop ask at the same time."""
+        loop = asyncio.get_running_loop()
+        task = self._inflight.get(key)
+        if task is None or task.get_loop() is not loop:
+            task = loop.create_task(self._fill(key, compute))
+            self._inflight[key] = task
+        # Shielded: one caller's cancellation must not cancel the lookup the others await.
+        return await asyncio.shield(task)
+
+    async def _fill(
+        self, key: Hashable, compute: Callable[[], Awaitable[tuple[object, float]]]
+    ) -> object:
+        try:
+            value, ttl = await compute()
+            self.cache.put(key, value, ttl)
+            return value
+        finally:
+            if self._inflight.get(key) is asyncio.current_task():
+                del self._inflight[key]
