@@ -1,0 +1,356 @@
+"""Recipient validation: is an address worth sending to, judged by its syntax and the DNS?
+
+Rules of this module:
+
+- Syntax first: an address that :meth:`Address.parse <mailrelay.address.Address.parse>`
+  refuses is ``BAD_SYNTAX`` and no DNS query is made.
+- Special-use names next (RFC 6761 §6: ``test``, ``example``, ``invalid``, ``localhost`` and
+  ``example.com/net/org``; RFC 6762 ``local``; RFC 7686 ``onion``; RFC 8375 ``home.arpa``;
+  RFC 9476 ``alt``): no public mail goes there, so they are ``SPECIAL_USE_DOMAIN`` without a
+  query. The set is a parameter, so tests can allow ``.test``.
+- Address literals (``user@[192.0.2.1]``) name no domain to look up: ``UNKNOWN`` with reason
+  ``ADDRESS_LITERAL``. Whether to mail a bare IP address is the caller's policy, not a fact
+  the DNS can confirm.
+- Then the domain's mail hosts (RFC 5321 §5.1, via :mod:`mailrelay.resolver`): NXDOMAIN is
+  ``NO_SUCH_DOMAIN``, RFC 7505 null MX is ``NULL_MX``, no MX and no address (or no exchanger
+  with an address) is ``NO_MAIL_HOST``: all ``UNDELIVERABLE``, because the DNS said so.
+- DNS trouble (timeouts, SERVFAIL, REFUSED, or exchangers whose lookups failed while none
+  resolved) is ``TEMPFAIL`` with verdict ``UNKNOWN``: never ``UNDELIVERABLE`` (a broken
+  resolver must not purge a list) and never ``DELIVERABLE`` (a bad address must not pass
+  because a lookup timed out).
+- ``validate_many`` keeps input order, looks each domain up once, and runs at most
+  ``concurrency`` lookups at a time (threads for the blocking validator, tasks for the
+  async one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final, cast
+
+import attrs
+
+from mailrelay.address import Address
+from mailrelay.errors import InvalidAddress, ResolverError
+from mailrelay.resolver import AsyncResolver, DNSStatus, MailHosts, Resolver
+
+__all__ = [
+    "DEFAULT_SPECIAL_USE",
+    "AsyncRecipientValidator",
+    "Reason",
+    "RecipientValidator",
+    "Validation",
+    "Verdict",
+]
+
+#: Domains (and everything below them) that never receive public mail.
+DEFAULT_SPECIAL_USE: Final = frozenset(
+    {
+        # RFC 6761 §6.2-6.5
+        "test",
+        "localhost",
+        "invalid",
+        "example",
+        "example.com",
+        "example.net",
+        "example.org",
+        # RFC 6762 §3 (multicast DNS)
+        "local",
+        # RFC 7686 (Tor)
+        "onion",
+        # RFC 8375 (home networks)
+        "home.arpa",
+        # RFC 9476 (alternative name systems)
+        "alt",
+    }
+)
+
+DEFAULT_CONCURRENCY: Final = 32
+
+
+class Verdict(enum.Enum):
+    """Whether mail to an address can be expected to reach a mail server."""
+
+    #: Syntax is fine and the domain has a mail host with an address.
+    DELIVERABLE = "deliverable"
+    #: Mail cannot be delivered: bad syntax, or the DNS says the domain takes no mail.
+    UNDELIVERABLE = "undeliverable"
+    #: We could not tell (DNS trouble, an address literal).
+    UNKNOWN = "unknown"
+
+
+class Reason(enum.Enum):
+    """Why a :class:`Validation` has its verdict."""
+
+    #: The domain has at least one mail host with an address.
+    OK = "ok"
+    #: The text is not a valid envelope address (no DNS query was made).
+    BAD_SYNTAX = "bad-syntax"
+    #: The domain is special-use (RFC 6761 and friends) and never gets public mail.
+    SPECIAL_USE_DOMAIN = "special-use-domain"
+    #: The domain does not exist (NXDOMAIN).
+    NO_SUCH_DOMAIN = "no-such-domain"
+    #: The domain publishes a null MX (RFC 7505): it accepts no mail.
+    NULL_MX = "null-mx"
+    #: No MX and no address, or no exchanger of the domain has an address.
+    NO_MAIL_HOST = "no-mail-host"
+    #: The DNS could not answer (timeout, SERVFAIL, REFUSED); try again later.
+    TEMPFAIL = "tempfail"
+    #: The domain is an address literal such as ``[192.0.2.1]``: nothing to look up.
+    ADDRESS_LITERAL = "address-literal"
+
+    @property
+    def verdict(self) -> Verdict:
+        """The verdict this reason leads to."""
+        return _VERDICTS[self]
+
+
+_VERDICTS: Final = {
+    Reason.OK: Verdict.DELIVERABLE,
+    Reason.BAD_SYNTAX: Verdict.UNDELIVERABLE,
+    Reason.SPECIAL_USE_DOMAIN: Verdict.UNDELIVERABLE,
+    Reason.NO_SUCH_DOMAIN: Verdict.UNDELIVERABLE,
+    Reason.NULL_MX: Verdict.UNDELIVERABLE,
+    Reason.NO_MAIL_HOST: Verdict.UNDELIVERABLE,
+    Reason.TEMPFAIL: Verdict.UNKNOWN,
+    Reason.ADDRESS_LITERAL: Verdict.UNKNOWN,
+}
+
+
+def _matches_reason(
+    instance: Validation, attribute: attrs.Attribute[Verdict], value: Verdict
+) -> None:
+    if value is not _VERDICTS[instance.reason]:
+        raise ValueError(f"verdict {value} does not follow from reason {instance.reason}")
+
+
+@attrs.frozen(kw_only=True)
+class Validation:
+    """The result of validating one address.
+
+    Attributes:
+        verdict: deliverable, undeliverable or unknown (follows from ``reason``).
+        reason: why.
+        input: the text that was validated, unchanged.
+        address: the normalized address, or ``None`` when the syntax is bad.
+        mail_hosts: what the DNS said about the domain, when it was asked and answered.
+        detail: a human-readable explanation (the syntax error, the DNS failure).
+    """
+
+    reason: Reason
+    verdict: Verdict = attrs.field(validator=_matches_reason)
+    input: str
+    address: Address | None = None
+    mail_hosts: MailHosts | None = None
+    detail: str = ""
+
+    @property
+    def is_deliverable(self) -> bool:
+        """Whether the verdict is :attr:`Verdict.DELIVERABLE`."""
+        return self.verdict is Verdict.DELIVERABLE
+
+
+def _result(
+    reason: Reason,
+    text: str,
+    address: Address | None = None,
+    mail_hosts: MailHosts | None = None,
+    detail: str = "",
+) -> Validation:
+    return Validation(
+        reason=reason,
+        verdict=_VERDICTS[reason],
+        input=text,
+        address=address,
+        mail_hosts=mail_hosts,
+        detail=detail,
+    )
+
+
+def _is_special(ascii_domain: str, special_use: frozenset[str]) -> bool:
+    # Check the domain and each of its parents: "a.b.example.com" -> "b.example.com" -> ...
+    name = ascii_domain
+    for _ in range(128):  # a domain has at most 127 labels (RFC 1035 §3.1, 255 octets)
+        if name in special_use:
+            return True
+        dot = name.find(".")
+        if dot < 0:
+            return False
+        name = name[dot + 1 :]
+    return False
+
+
+class _ValidatorBase:
+    def __init__(self, special_use: Iterable[str], concurrency: int) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.special_use = frozenset(name.lower().rstrip(".") for name in special_use)
+        self.concurrency = concurrency
+
+    def _check_syntax(self, text: str) -> Address | Validation:
+        """The address to look up, or the final verdict when no lookup is needed."""
+        try:
+            address = Address.parse(text)
+        except InvalidAddress as exc:
+            return _result(Reason.BAD_SYNTAX, text, detail=str(exc))
+        if address.is_literal:
+            return _result(
+                Reason.ADDRESS_LITERAL, text, address, detail="an address literal has no DNS"
+            )
+        if _is_special(address.ascii_domain, self.special_use):
+            return _result(
+                Reason.SPECIAL_USE_DOMAIN,
+                text,
+                address,
+                detail=f"{address.domain} is a special-use domain name",
+            )
+        return address
+
+    @staticmethod
+    def _judge(text: str, address: Address, found: MailHosts | ResolverError) -> Validation:
+        if isinstance(found, ResolverError):
+            if found.is_transient:
+                return _result(Reason.TEMPFAIL, text, address, detail=str(found))
+            return _result(Reason.BAD_SYNTAX, text, address, detail=str(found))
+        if found.null_mx:
+            return _result(Reason.NULL_MX, text, address, found, "the domain accepts no mail")
+        if found.status is DNSStatus.NXDOMAIN:
+            return _result(Reason.NO_SUCH_DOMAIN, text, address, found)
+        if found.status is DNSStatus.NODATA:
+            return _result(
+                Reason.NO_MAIL_HOST, text, address, found, "no MX and no address records"
+            )
+        for host in found.hosts:
+            if host.ipv4 or host.ipv6:
+                return _result(Reason.OK, text, address, found)
+        failed = [host.name for host in found.hosts if host.status.is_transient]
+        if failed:
+            detail = f"address lookups failed for {', '.join(failed)}"
+            return _result(Reason.TEMPFAIL, text, address, found, detail)
+        return _result(Reason.NO_MAIL_HOST, text, address, found, "no exchanger has an address")
+
+    def _sort(
+        self, addresses: Iterable[str]
+    ) -> tuple[list[Validation | Address], dict[str, list[int]]]:
+        """Syntax results in input order, and the positions waiting on each domain."""
+        pending: list[Validation | Address] = []
+        by_domain: dict[str, list[int]] = {}
+        for index, text in enumerate(addresses):
+            checked = self._check_syntax(text)
+            pending.append(checked)
+            if isinstance(checked, Address):
+                by_domain.setdefault(checked.ascii_domain, []).append(index)
+        return pending, by_domain
+
+    def _finish(
+        self,
+        texts: list[str],
+        pending: list[Validation | Address],
+        by_domain: dict[str, list[int]],
+        found: Iterable[MailHosts | ResolverError],
+    ) -> list[Validation]:
+        results = list(pending)
+        for positions, mail_hosts in zip(by_domain.values(), found, strict=True):
+            for index in positions:
+                address = pending[index]
+                assert isinstance(address, Address)
+                results[index] = self._judge(texts[index], address, mail_hosts)
+        # Every Address in `pending` sat at a position of some domain and was replaced.
+        return cast(list[Validation], results)
+
+
+class RecipientValidator(_ValidatorBase):
+    """Validates recipient addresses by syntax and DNS; blocking and thread-safe.
+
+    Args:
+        resolver: the :class:`~mailrelay.resolver.Resolver` to ask (and whose cache to use);
+            ``None`` makes one that reads the system's resolver configuration.
+        special_use: domains (with everything below them) refused without a lookup.
+        concurrency: the most DNS lookups :meth:`validate_many` runs at the same time.
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver | None = None,
+        *,
+        special_use: Iterable[str] = DEFAULT_SPECIAL_USE,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
+        super().__init__(special_use, concurrency)
+        self.resolver = resolver if resolver is not None else Resolver()
+
+    def validate(self, address: str) -> Validation:
+        """Validate one address; see the module documentation for the verdicts."""
+        checked = self._check_syntax(address)
+        if isinstance(checked, Validation):
+            return checked
+        return self._judge(address, checked, self._lookup(checked.ascii_domain))
+
+    def validate_many(self, addresses: Iterable[str]) -> list[Validation]:
+        """Validate many addresses: results in input order, each domain looked up once."""
+        texts = list(addresses)
+        pending, by_domain = self._sort(texts)
+        domains = list(by_domain)
+        if len(domains) <= 1:
+            found = [self._lookup(domain) for domain in domains]
+        else:
+            workers = min(self.concurrency, len(domains))
+            with ThreadPoolExecutor(workers, thread_name_prefix="mailrelay-validate") as pool:
+                found = list(pool.map(self._lookup, domains))
+        return self._finish(texts, pending, by_domain, found)
+
+    def _lookup(self, domain: str) -> MailHosts | ResolverError:
+        try:
+            return self.resolver.mail_hosts(domain)
+        except ResolverError as exc:
+            return exc
+
+
+class AsyncRecipientValidator(_ValidatorBase):
+    """The asyncio twin of :class:`RecipientValidator`: the same arguments, awaited methods.
+
+    Args:
+        resolver: the :class:`~mailrelay.resolver.AsyncResolver` to ask; ``None`` makes one
+            that reads the system's resolver configuration.
+        special_use: domains (with everything below them) refused without a lookup.
+        concurrency: the most DNS lookups :meth:`validate_many` runs at the same time.
+    """
+
+    def __init__(
+        self,
+        resolver: AsyncResolver | None = None,
+        *,
+        special_use: Iterable[str] = DEFAULT_SPECIAL_USE,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
+        super().__init__(special_use, concurrency)
+        self.resolver = resolver if resolver is not None else AsyncResolver()
+
+    async def validate(self, address: str) -> Validation:
+        """Validate one address; see :meth:`RecipientValidator.validate`."""
+        checked = self._check_syntax(address)
+        if isinstance(checked, Validation):
+            return checked
+        return self._judge(address, checked, await self._lookup(checked.ascii_domain))
+
+    async def validate_many(self, addresses: Iterable[str]) -> list[Validation]:
+        """Validate many addresses; see :meth:`RecipientValidator.validate_many`."""
+        texts = list(addresses)
+        pending, by_domain = self._sort(texts)
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def gated(domain: str) -> MailHosts | ResolverError:
+            async with gate:
+                return await self._lookup(domain)
+
+        found = await asyncio.gather(*(gated(domain) for domain in by_domain))
+        return self._finish(texts, pending, by_domain, found)
+
+    async def _lookup(self, domain: str) -> MailHosts | ResolverError:
+        try:
+            return await self.resolver.mail_hosts(domain)
+        except ResolverError as exc:
+            return exc
