@@ -284,6 +284,8 @@ def _address_literal(raw: str) -> str:
         except ValueError:
             raise _Problem(f"{inner!r} is not a valid IPv4 address") from None
     tag, colon, content = inner.partition(":")
+    if colon and (not tag or _HEX_GROUP.fullmatch(tag)):
+        raise _Problem("an IPv6 address literal needs the tag, as in [IPv6:2001:db8::1]")
     if not colon:
         raise _Problem(
             "an address literal must be an IPv4 address like [192.0.2.1] or [IPv6:2001:db8::1]"
