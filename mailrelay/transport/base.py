@@ -1,0 +1,233 @@
+"""The transport interface: what every way of sending mail has in common.
+
+Rules of this module:
+
+* A transport has **one** abstract method per flavour: :meth:`Transport.deliver` (blocking)
+  and :meth:`AsyncTransport.adeliver` (asyncio). Everything else (``send``, ``send_many``,
+  context managers) is concrete here and written once. The sync and async methods have
+  different names, so one class may implement both (as ``MemoryTransport`` does), the way
+  httpx's transports do.
+* ``deliver`` returns a :class:`~mailrelay.results.DeliveryResult` holding exactly one
+  :class:`~mailrelay.results.RecipientResult` per envelope recipient, in envelope order,
+  whenever the attempt produced an answer per recipient, refusals included. It raises only
+  :class:`~mailrelay.errors.DeliveryError` subclasses, and only when the attempt produced no
+  answer per recipient (connect, TLS, auth, timeout, lost connection, protocol violation).
+* ``send(message)`` derives the envelope from the message's headers with
+  :meth:`Envelope.from_message <mailrelay.envelope.Envelope.from_message>` when none is given.
+* ``send_many`` never loses a message silently. Its contract:
+
+  1. Every item is turned into a ``(message, envelope)`` pair *before anything is sent*, so a
+     malformed item (or a message whose envelope cannot be derived) raises before any mail
+     leaves, and the caller can fix the batch and resend it whole.
+  2. The items are then delivered in order, and there is one result per item, in item order.
+  3. A :class:`~mailrelay.errors.DeliveryError` for one item does not stop the batch: that
+     item's result carries the error for each of its recipients (see :func:`failed_result`):
+     outcome ``TRANSIENT`` or ``PERMANENT`` per :attr:`DeliveryError.is_transient`, the
+     error's reply if it had one, and ``reason`` naming the error. ``result.ok`` is then false.
+  4. Any other exception (a bug, ``KeyboardInterrupt``, a cancelled task) propagates at once.
+     A note added to it (:pep:`678`) says how many items had already been handed over, so the
+     traceback tells whether a resend would duplicate mail.
+
+  Pooled transports override ``send_many`` to reuse and pipeline connections; they keep this
+  contract.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterable, Iterable
+from types import TracebackType
+from typing import Self, TypeAlias
+
+from mailrelay.envelope import Envelope
+from mailrelay.errors import DeliveryError
+from mailrelay.message import Message
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+
+__all__ = ["AsyncTransport", "BatchItem", "Transport", "failed_result", "prepare_batch"]
+
+#: One item of a batch for ``send_many``: a message (its envelope derived from its headers),
+#: or an explicit ``(message, envelope)`` pair.
+BatchItem: TypeAlias = Message | tuple[Message, Envelope]
+
+
+def _pair(item: BatchItem, index: int) -> tuple[Message, Envelope]:
+    if isinstance(item, Message):
+        return item, Envelope.from_message(item)
+    if (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], Message)
+        and isinstance(item[1], Envelope)
+    ):
+        return item[0], item[1]
+    raise TypeError(
+        f"send_many item {index} is {type(item).__name__}: "
+        "expected a Message or a (Message, Envelope) pair"
+    )
+
+
+def prepare_batch(items: Iterable[BatchItem]) -> list[tuple[Message, Envelope]]:
+    """Turn every item of a batch into a ``(message, envelope)`` pair, before anything is sent.
+
+    Raises:
+        TypeError: when an item is neither a message nor a ``(message, envelope)`` pair.
+        InvalidAddress, MessageError: when an envelope cannot be derived from a message.
+    """
+    return [_pair(item, index) for index, item in enumerate(items)]
+
+
+def failed_result(message: Message, envelope: Envelope, error: DeliveryError) -> DeliveryResult:
+    """The result of an attempt that raised ``error``: every recipient carries the failure.
+
+    Used by ``send_many`` so that one failed message does not hide the results of the
+    others; a caller retrying ``result.deferred`` retries exactly the recipients it should.
+    """
+    outcome = Outcome.TRANSIENT if error.is_transient else Outcome.PERMANENT
+    reason = f"{type(error).__name__}: {error}"
+    return DeliveryResult(
+        recipients=tuple(
+            RecipientResult(
+                address=recipient.address,
+                outcome=outcome,
+                reply=error.reply,
+                reason=reason,
+                host=error.host,
+            )
+            for recipient in envelope.recipients
+        ),
+        message_id=message.message_id,
+        host=error.host,
+    )
+
+
+def _note_progress(exc: BaseException, done: int, total: int) -> None:
+    exc.add_note(
+        f"send_many: {done} of {total} messages had been handed to the transport "
+        "before this error; resending the whole batch may duplicate those"
+    )
+
+
+class Transport(abc.ABC):
+    """A blocking way of sending mail.
+
+    Subclasses implement :meth:`deliver` (and :meth:`close` if they hold resources);
+    :meth:`send` and :meth:`send_many` come for free. A transport is a context manager that
+    closes itself on exit.
+    """
+
+    @abc.abstractmethod
+    def deliver(self, message: Message, envelope: Envelope) -> DeliveryResult:
+        """Deliver ``message`` to the envelope's recipients.
+
+        Returns:
+            One result per envelope recipient, in envelope order; refused recipients are
+            results with a transient or permanent outcome.
+
+        Raises:
+            DeliveryError: (a subclass of it) only when the attempt produced no answer per
+                recipient.
+        """
+
+    def send(self, message: Message, envelope: Envelope | None = None) -> DeliveryResult:
+        """Send one message; the envelope is derived from its headers when not given.
+
+        Raises:
+            DeliveryError: as :meth:`deliver` does.
+            InvalidAddress, MessageError: when the envelope cannot be derived from the headers.
+        """
+        if envelope is None:
+            envelope = Envelope.from_message(message)
+        return self.deliver(message, envelope)
+
+    def send_many(self, items: Iterable[BatchItem]) -> list[DeliveryResult]:
+        """Send many messages and return their results in order (see the module docstring).
+
+        Args:
+            items: messages, or ``(message, envelope)`` pairs.
+
+        Returns:
+            One result per item; an item whose attempt raised a
+            :class:`~mailrelay.errors.DeliveryError` gets a result carrying that error for
+            every recipient (:func:`failed_result`).
+        """
+        batch = prepare_batch(items)
+        results: list[DeliveryResult] = []
+        for message, envelope in batch:
+            try:
+                results.append(self.deliver(message, envelope))
+            except DeliveryError as error:
+                results.append(failed_result(message, envelope, error))
+            except BaseException as exc:
+                _note_progress(exc, len(results), len(batch))
+                raise
+        return results
+
+    def close(self) -> None:  # noqa: B027 -- a no-op default is the point
+        """Release whatever the transport holds (connections, files). Idempotent."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncTransport(abc.ABC):
+    """An asyncio way of sending mail: :class:`Transport` with awaited, ``a``-prefixed methods.
+
+    Subclasses implement :meth:`adeliver` (and :meth:`aclose` if they hold resources).
+    """
+
+    @abc.abstractmethod
+    async def adeliver(self, message: Message, envelope: Envelope) -> DeliveryResult:
+        """Deliver ``message`` to the envelope's recipients (see :meth:`Transport.deliver`)."""
+
+    async def asend(self, message: Message, envelope: Envelope | None = None) -> DeliveryResult:
+        """Send one message; the envelope is derived from its headers when not given."""
+        if envelope is None:
+            envelope = Envelope.from_message(message)
+        return await self.adeliver(message, envelope)
+
+    async def asend_many(
+        self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]
+    ) -> list[DeliveryResult]:
+        """Send many messages and return their results in order (see :meth:`Transport.send_many`).
+
+        Args:
+            items: messages or ``(message, envelope)`` pairs, from a plain or an async iterable.
+        """
+        if isinstance(items, AsyncIterable):
+            collected = [item async for item in items]
+        else:
+            collected = list(items)
+        batch = prepare_batch(collected)
+        results: list[DeliveryResult] = []
+        for message, envelope in batch:
+            try:
+                results.append(await self.adeliver(message, envelope))
+            except DeliveryError as error:
+                results.append(failed_result(message, envelope, error))
+            except BaseException as exc:
+                _note_progress(exc, len(results), len(batch))
+                raise
+        return results
+
+    async def aclose(self) -> None:  # noqa: B027 -- a no-op default is the point
+        """Release whatever the transport holds. Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

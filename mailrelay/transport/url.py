@@ -1,0 +1,301 @@
+"""Transports named by URL: ``transport_from_url("smtp://user:pass@host:587?tls=starttls")``.
+
+Rules of this module:
+
+* Schemes: ``smtp://`` (default port 587, ``TLS.STARTTLS``), ``smtps://`` (implicit TLS,
+  default port 465, RFC 8314 §3.3), ``lmtp://host[:port]`` (default port 24, RFC 2033 §5) and
+  ``lmtp:///path/to/socket`` (a unix socket), ``mx://`` (straight to each recipient domain's
+  mail exchangers), ``memory://`` and ``file:///path`` (``?format=maildir`` for a Maildir).
+* Query parameters: ``tls`` (``none``, ``opportunistic``, ``starttls``, ``implicit``),
+  ``timeout`` (seconds, every phase: :meth:`Timeouts.all <mailrelay.options.Timeouts.all>`),
+  ``local_hostname``, ``port`` (``mx://`` only, where the URL has no host), ``format``
+  (``file://`` only). An unknown, repeated or misplaced parameter is a
+  :class:`~mailrelay.errors.ConfigurationError`, never silently ignored.
+* User and password are percent-decoded (RFC 3986 §2.1), so ``p%40ss`` is ``p@ss``.
+* The password never appears in a repr or an error message: both show the URL with the
+  password replaced by ``***`` (:meth:`TransportURL.redacted`). The user name is kept, since
+  it tells which account was meant.
+* Keyword ``overrides`` go to the transport's constructor and win over the URL
+  (``transport_from_url(url, ssl_context=ctx)``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import attrs
+
+from mailrelay.errors import ConfigurationError
+from mailrelay.options import TLS, Timeouts
+from mailrelay.transport.base import Transport
+from mailrelay.transport.file import FORMATS, FileTransport
+from mailrelay.transport.memory import MemoryTransport
+
+__all__ = ["TransportURL", "transport_from_url"]
+
+_DEFAULT_PORTS = {"smtp": 587, "smtps": 465, "lmtp": 24}
+_DEFAULT_TLS = {
+    "smtp": TLS.STARTTLS,
+    "smtps": TLS.IMPLICIT,
+    "lmtp": TLS.NONE,
+    "mx": TLS.OPPORTUNISTIC,
+}
+_PARAMETERS = {
+    "smtp": {"tls", "timeout", "local_hostname"},
+    "smtps": {"tls", "timeout", "local_hostname"},
+    "lmtp": {"tls", "timeout", "local_hostname"},
+    "mx": {"tls", "timeout", "local_hostname", "port"},
+    "memory": set[str](),
+    "file": {"format"},
+}
+SCHEMES = tuple(_PARAMETERS)
+
+
+def _redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``; safe to show even when unparsable."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    authority, question, query = authority.partition("?")
+    userinfo, at, hostport = authority.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    return f"{scheme}{sep}{userinfo}{at}{hostport}{question}{query}{slash}{tail}"
+
+
+@attrs.frozen(kw_only=True, repr=False)
+class TransportURL:
+    """A parsed transport URL. Its repr hides the password.
+
+    Attributes:
+        scheme: one of ``smtp``, ``smtps``, ``lmtp``, ``mx``, ``memory``, ``file``.
+        host: the server, for ``smtp``, ``smtps`` and TCP ``lmtp``.
+        port: the port (the scheme's default when the URL names none).
+        username: the percent-decoded user name, or ``None``.
+        password: the percent-decoded password, or ``None``.
+        path: the directory (``file``) or unix socket path (``lmtp``), or ``None``.
+        tls: the TLS policy (for network schemes), or ``None``.
+        timeouts: every-phase timeouts from ``?timeout=``, or ``None``.
+        local_hostname: the name to announce in EHLO, or ``None``.
+        format: ``eml`` or ``maildir`` (``file`` only).
+    """
+
+    scheme: str
+    host: str | None = None
+    port: int | None = None
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    path: str | None = None
+    tls: TLS | None = None
+    timeouts: Timeouts | None = None
+    local_hostname: str | None = None
+    format: str | None = None
+
+    def redacted(self) -> str:
+        """The URL with the password shown as ``***`` (safe for logs and messages)."""
+        userinfo = ""
+        if self.username is not None:
+            userinfo = quote(self.username, safe="")
+            if self.password is not None:
+                userinfo += ":***"
+            userinfo += "@"
+        host = self.host or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{self.port}" if self.port is not None and self.host else ""
+        path = quote(self.path or "")
+        return f"{self.scheme}://{userinfo}{host}{port}{path}"
+
+    def __repr__(self) -> str:
+        return f"TransportURL({self.redacted()!r})"
+
+    @classmethod
+    def parse(cls, url: str) -> TransportURL:
+        """Parse a transport URL.
+
+        Raises:
+            ConfigurationError: for an unknown scheme, a bad port, a missing host or path,
+                an unknown or repeated parameter, or a parameter value that makes no sense.
+        """
+        shown = _redact(url)
+        try:
+            parts = urlsplit(url.strip())
+            port = parts.port
+        except ValueError as exc:
+            # urllib's messages may quote the netloc, password included: say it ourselves.
+            raise ConfigurationError(f"not a valid transport URL: {shown}") from exc
+        scheme = parts.scheme.lower()
+        if scheme not in _PARAMETERS:
+            raise ConfigurationError(
+                f"unknown transport URL scheme {parts.scheme!r} in {shown} "
+                f"(expected one of: {', '.join(SCHEMES)})"
+            )
+        if parts.fragment:
+            raise ConfigurationError(f"a transport URL has no #fragment: {shown}")
+
+        try:
+            pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        except ValueError as exc:
+            raise ConfigurationError(f"malformed query in transport URL {shown}") from exc
+        params: dict[str, str] = {}
+        for key, value in pairs:
+            name = key.lower()
+            if name not in _PARAMETERS[scheme]:
+                allowed = ", ".join(sorted(_PARAMETERS[scheme])) or "none"
+                raise ConfigurationError(
+                    f"unknown parameter {key!r} for {scheme}:// in {shown} (allowed: {allowed})"
+                )
+            if name in params:
+                raise ConfigurationError(f"parameter {key!r} given twice in {shown}")
+            params[name] = value
+
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else None
+        if password is not None and username is None:
+            raise ConfigurationError(f"a password without a user name in {shown}")
+        host = parts.hostname or None
+        path = unquote(parts.path) or None
+
+        if scheme in {"memory", "file", "mx"} and username is not None:
+            raise ConfigurationError(f"{scheme}:// takes no user name or password: {shown}")
+
+        fields: dict[str, Any] = {"scheme": scheme, "username": username, "password": password}
+        if scheme == "memory":
+            if host or port or path not in {None, "/"}:
+                raise ConfigurationError(f"memory:// takes no host or path: {shown}")
+        elif scheme == "file":
+            if host not in {None, "localhost"} or port is not None:
+                raise ConfigurationError(
+                    f"file:// names a local directory: use file:///path (got {shown})"
+                )
+            if path is None:
+                raise ConfigurationError(f"file:// needs a directory path: {shown}")
+            fields["path"] = path
+            fields["format"] = params.get("format", "eml")
+            if fields["format"] not in FORMATS:
+                raise ConfigurationError(
+                    f"unknown file format {fields['format']!r} in {shown} (expected eml or maildir)"
+                )
+        elif scheme == "mx":
+            if host or port is not None or path not in {None, "/"}:
+                raise ConfigurationError(
+                    f"mx:// finds its servers in DNS and takes no host or path "
+                    f"(use ?port= to change the port): {shown}"
+                )
+            if "port" in params:
+                fields["port"] = _port(params["port"], shown)
+        elif scheme == "lmtp" and host is None:
+            if path is None or path == "/":
+                raise ConfigurationError(
+                    "lmtp:// needs a host (lmtp://host:24) or a socket path (lmtp:///path): "
+                    + shown
+                )
+            if port is not None:
+                raise ConfigurationError(f"a unix-socket lmtp:// URL has no port: {shown}")
+            fields["path"] = path
+        else:
+            if host is None:
+                raise ConfigurationError(f"{scheme}:// needs a host: {shown}")
+            if path not in {None, "/"}:
+                raise ConfigurationError(f"{scheme}:// takes no path: {shown}")
+            fields["host"] = host
+            fields["port"] = port if port is not None else _DEFAULT_PORTS[scheme]
+
+        if scheme in _DEFAULT_TLS:
+            fields["tls"] = _tls(scheme, params.get("tls"), shown)
+        if "timeout" in params:
+            fields["timeouts"] = _timeouts(params["timeout"], shown)
+        if "local_hostname" in params:
+            if not params["local_hostname"]:
+                raise ConfigurationError(f"empty local_hostname in {shown}")
+            fields["local_hostname"] = params["local_hostname"]
+        return cls(**fields)
+
+
+def _port(text: str, shown: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigurationError(f"port must be a number from 1 to 65535 in {shown}")
+    return int(text)
+
+
+def _tls(scheme: str, text: str | None, shown: str) -> TLS:
+    if text is None:
+        return _DEFAULT_TLS[scheme]
+    try:
+        policy = TLS.parse(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{exc} in {shown}") from None
+    if scheme == "smtps" and policy is not TLS.IMPLICIT:
+        raise ConfigurationError(
+            f"smtps:// means implicit TLS; use smtp://...?tls={policy.value} instead: {shown}"
+        )
+    return policy
+
+
+def _timeouts(text: str, shown: str) -> Timeouts:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(f"timeout must be a positive number of seconds in {shown}")
+    return Timeouts.all(seconds)
+
+
+def _not_yet(name: str) -> Callable[[TransportURL, Mapping[str, Any]], Transport]:
+    def build(parsed: TransportURL, overrides: Mapping[str, Any]) -> Transport:
+        raise ConfigurationError(
+            f"{parsed.scheme}:// transports ({name}) are not available in this version of "
+            f"mailrelay yet: {parsed.redacted()}"
+        )
+
+    return build
+
+
+def _memory(parsed: TransportURL, overrides: Mapping[str, Any]) -> Transport:
+    return MemoryTransport(**overrides)
+
+
+def _file(parsed: TransportURL, overrides: Mapping[str, Any]) -> Transport:
+    assert parsed.path is not None
+    kwargs: dict[str, Any] = {"path": parsed.path, "format": parsed.format}
+    kwargs.update(overrides)
+    return FileTransport(**kwargs)
+
+
+_FACTORIES: dict[str, Callable[[TransportURL, Mapping[str, Any]], Transport]] = {
+    "memory": _memory,
+    "file": _file,
+    "smtp": _not_yet("SMTPTransport"),
+    "smtps": _not_yet("SMTPTransport"),
+    "lmtp": _not_yet("LMTPTransport"),
+    "mx": _not_yet("MXTransport"),
+}
+
+
+def transport_from_url(url: str | os.PathLike[str], **overrides: Any) -> Transport:
+    """Build the transport a URL names (see the module docstring for the schemes).
+
+    Args:
+        url: for example ``"smtp://user:p%40ss@smtp.example.com:587?tls=starttls"``.
+        **overrides: constructor arguments that win over what the URL says
+            (``ssl_context=...``, ``handler=...`` for ``memory://``).
+
+    Raises:
+        ConfigurationError: when the URL is malformed or names a transport that cannot be
+            built. The message never contains the password.
+    """
+    parsed = TransportURL.parse(os.fspath(url))
+    try:
+        return _FACTORIES[parsed.scheme](parsed, overrides)
+    except TypeError as exc:
+        # An unknown keyword override: say which transport refused it, without the password.
+        raise ConfigurationError(
+            f"{parsed.scheme}:// transport does not accept these arguments "
+            f"({', '.join(sorted(overrides))}): {parsed.redacted()}"
+        ) from exc
