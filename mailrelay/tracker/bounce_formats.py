@@ -51,7 +51,14 @@ from mailrelay.tracker.dsn import (
     part_text,
 )
 
-__all__ = ["Prose", "auto_reply_strength", "from_mail_system", "read_prose"]
+__all__ = [
+    "Prose",
+    "auto_reply_strength",
+    "from_mail_system",
+    "looks_like_notice",
+    "notice_text",
+    "read_prose",
+]
 
 _DAEMON_LOCALS = frozenset(
     {
@@ -69,11 +76,12 @@ _DAEMON_LOCALS = frozenset(
         "mdaemon",
         "mailadmin",
         "mail-notify",
+        "post_master",
     }
 )
 _DAEMON_NAME_RE = re.compile(
     r"mail\s*delivery\s*(?:system|subsystem|service)|mailer[-_ ]?daemon|post\s*master|"
-    r"mail\s+administrator|delivery\s+status\s+notification|mail\s+system",
+    r"mail\s+administrator|delivery\s+status\s+notification|mail\s+system|\bNDR\b",
     re.IGNORECASE,
 )
 _BOUNCE_SUBJECT_RE = re.compile(
@@ -84,7 +92,8 @@ _BOUNCE_SUBJECT_RE = re.compile(
     r"mail\s+system\s+error|message\s+(?:not\s+delivered|delivery\s+failed|blocked)|"
     r"rejected|bounce|nicht\s+zustellbar|unzustellbar|permanent\s+error|"
     r"delayed\s+mail|warning:\s+could\s+not|delivery\s+(?:delay|delayed)|"
-    r"mail\s+could\s+not\s+be|error\s+sending|problem\s+delivering",
+    r"mail\s+could\s+not\s+be|error\s+sending|problem\s+delivering|"
+    r"メールエラー|配信エラー|送信エラー|不達|配送エラー|エラー通知",
     re.IGNORECASE,
 )
 _AUTO_SUBJECT_RE = re.compile(
@@ -94,12 +103,14 @@ _AUTO_SUBJECT_RE = re.compile(
     re.IGNORECASE,
 )
 _RETURNED_MARKER_RE = re.compile(
-    r"^[\s\-=_*]*(?:below\s+this\s+line\s+is\s+a\s+copy|this\s+is\s+a\s+copy\s+of|"
-    r"(?:a\s+copy\s+of\s+)?(?:the\s+)?original\s+message|original\s+message\s+(?:follows|headers)|"
-    r"returned\s+message|unsent\s+message|headers\s+of\s+(?:the\s+)?(?:original|returned)|"
-    r"message\s+headers\s+follow|the\s+header\s+of\s+the\s+original|"
-    r"here\s+is\s+a\s+copy|your\s+original\s+message|content-type:\s*message/rfc822|"
-    r"the\s+original\s+message\s+was)",
+    r"^[\s\-=_*>|]*(?:below\s+this\s+line\s+is\s+a\s+copy|"
+    r"this\s+is\s+a\s+copy\s+of\s+the\s+(?:original\s+)?message|"
+    r"[-=_*]{2,}\s*(?:the\s+)?(?:original|returned|unsent)\s+message|"
+    r"(?:the\s+)?original\s+message\s+(?:follows|headers|below)|"
+    r"headers\s+of\s+(?:the\s+)?(?:original|returned)|message\s+headers\s+follow|"
+    r"the\s+header\s+of\s+the\s+original|here\s+is\s+a\s+copy|included\s+is\s+a\s+copy|"
+    r"your\s+original\s+message\s+(?:follows|is\s+(?:attached|below|included))|"
+    r"content-type:\s*message/rfc822|unsent\s+message\s+below)",
     re.IGNORECASE,
 )
 _HEADER_LINE_RE = re.compile(r"^(?:Return-Path|Received|Message-I[dD]|From|Date|Subject|To|"
@@ -131,7 +142,7 @@ _FAILURE_WORDS_RE = re.compile(
     r"undeliver|could\s+not\s+be\s+delivered|couldn'?t\s+be\s+delivered|not\s+(?:be\s+)?delivered|"
     r"delivery\s+(?:to|has)\s+.*fail|failed|failure|permanent|unable\s+to\s+deliver|"
     r"wasn'?t\s+able\s+to\s+deliver|did\s+not\s+reach|rejected|unknown|does\s+not\s+exist|"
-    r"error|refused|returned|bounced|delayed|deferred|retry",
+    r"error|refused|returned|bounced|delayed|deferred|retry|aborted|warning",
     re.IGNORECASE,
 )
 _MAX_DIAGNOSTIC_LINES = 12
@@ -204,9 +215,9 @@ def read_prose(msg: email.message.Message, parts: list[email.message.Message]) -
     if ses is not None:
         return ses
     subject = header(msg, "Subject") or ""
-    if not (from_mail_system(msg) or _BOUNCE_SUBJECT_RE.search(subject)):
+    if not looks_like_notice(msg):
         return None
-    text, tail = _notice_text(parts)
+    text, tail = notice_text(parts)
     if not _FAILURE_WORDS_RE.search(text + " " + subject):
         return None
 
@@ -214,9 +225,18 @@ def read_prose(msg: email.message.Message, parts: list[email.message.Message]) -
     failed_header = header(msg, "X-Failed-Recipients")
     named = [a for a in _addresses_in(failed_header or "")] if failed_header else []
     lines = text.split("\n")
-    spans = _recipient_spans(lines, excluded, named)
+    sender = (first_address(header(msg, "From")) or "").lower() or None
+    spans = _recipient_spans(lines, excluded, named, sender=sender)
+    returned = _returned_from_text(tail)
     if not spans:
-        return None
+        # No address in the words (some carriers' notices): the returned copy's
+        # single To recipient is the one that failed.
+        copy = returned or _returned_part(parts)
+        to_field = (header(copy, "To") if copy is not None else None) or ""
+        to = first_address(to_field)
+        if to is None or "," in to_field:
+            return None
+        spans = [(to, _clean(text[:_MAX_DIAGNOSTIC_CHARS]))]
 
     delayed = bool(_DELAY_RE.search(text + " " + subject)) and not _GIVEN_UP_RE.search(subject)
     whole_status = find_status(text)
@@ -247,20 +267,40 @@ def read_prose(msg: email.message.Message, parts: list[email.message.Message]) -
         recipients=tuple(recipients),
         reporting_mta=_reporting_host(text, msg),
         format=_format_name(text, msg),
-        returned=_returned_from_text(tail),
+        returned=returned,
     )
+
+
+def recipient_context(
+    parts: list[email.message.Message], addresses: list[str]
+) -> dict[str, str]:
+    """The notice text about each of ``addresses`` (lower-cased keys), where named."""
+    text, _tail = notice_text(parts)
+    if not text.strip() or not addresses:
+        return {}
+    spans = _recipient_spans(text.split("\n"), set(), addresses, only_named=True)
+    return {address.lower(): diagnostic for address, diagnostic in spans if diagnostic}
 
 
 # ---------------------------------------------------------------------------
 # Helpers
 
 
-def _notice_text(parts: list[email.message.Message]) -> tuple[str, str]:
+def looks_like_notice(msg: email.message.Message) -> bool:
+    """The gate: sent by a mail system, or titled like a failure notice."""
+    return from_mail_system(msg) or bool(_BOUNCE_SUBJECT_RE.search(header(msg, "Subject") or ""))
+
+
+def notice_text(parts: list[email.message.Message]) -> tuple[str, str]:
     """The notice's own words (up to a returned-copy marker) and what follows."""
     chunks: list[str] = []
     for part in parts:
         ctype = part.get_content_type()
         if part.is_multipart() or ctype.startswith("message/"):
+            continue
+        if ctype.startswith("multipart/"):
+            # A multipart whose boundary never matched: its body is all text.
+            chunks.append(part_text(part))
             continue
         if ctype == "text/plain" or ctype == "text/html" and not any(
             p.get_content_type() == "text/plain" for p in parts
@@ -301,8 +341,10 @@ def _addresses_in(text: str) -> list[str]:
 
 def _excluded_addresses(msg: email.message.Message) -> set[str]:
     excluded = set()
+    # X-Original-To is left out: some agents (DragonFly) put the failed
+    # recipient there.
     for name in ("From", "To", "Sender", "Return-Path", "Reply-To", "Cc", "Delivered-To",
-                 "X-Original-To", "Envelope-To"):
+                 "Envelope-To"):
         address = first_address(header(msg, name))
         if address:
             excluded.add(address.lower())
@@ -322,27 +364,23 @@ def _is_candidate(address: str, excluded: set[str]) -> bool:
 
 
 def _recipient_spans(
-    lines: list[str], excluded: set[str], named: list[str]
+    lines: list[str],
+    excluded: set[str],
+    named: list[str],
+    *,
+    only_named: bool = False,
+    sender: str | None = None,
 ) -> list[tuple[str, str | None]]:
     """(address, diagnostic) per recipient, in the order the notice names them."""
-    firsts: list[tuple[int, str]] = []
-    seen: set[str] = set()
-    wanted = {a.lower() for a in named}
-    for index, line in enumerate(lines):
-        if _NOT_RECIPIENT_LINE_RE.search(line) and not wanted:
-            continue
-        for address in _addresses_in(line):
-            key = address.lower()
-            if key in seen:
-                continue
-            if wanted and key not in wanted:
-                continue
-            if not wanted and not _is_candidate(address, excluded):
-                continue
-            seen.add(key)
-            firsts.append((index, address))
+    firsts = _first_mentions(lines, excluded, named, strict=True)
+    if not firsts and not named:
+        # Nothing but "excluded" addresses: a notice sent to the same address
+        # that failed, or a failed postmaster@. Only the notice's own sender
+        # stays out.
+        firsts = _first_mentions(lines, {sender} if sender else set(), named, strict=False)
     # Header-named recipients the text never mentions still count.
-    for address in named:
+    seen = {address.lower() for _, address in firsts}
+    for address in [] if only_named else named:
         if address.lower() not in seen:
             seen.add(address.lower())
             firsts.append((len(lines), address))
@@ -357,6 +395,28 @@ def _recipient_spans(
             diagnostic = diagnostic[:_MAX_DIAGNOSTIC_CHARS]
         spans.append((address, diagnostic))
     return spans
+
+
+def _first_mentions(
+    lines: list[str], excluded: set[str], named: list[str], *, strict: bool
+) -> list[tuple[int, str]]:
+    firsts: list[tuple[int, str]] = []
+    seen: set[str] = set()
+    wanted = {a.lower() for a in named}
+    for index, line in enumerate(lines):
+        if _NOT_RECIPIENT_LINE_RE.search(line) and not wanted:
+            continue
+        for address in _addresses_in(line):
+            key = address.lower()
+            if key in seen:
+                continue
+            if wanted and key not in wanted:
+                continue
+            if not wanted and (key in excluded or strict and not _is_candidate(address, excluded)):
+                continue
+            seen.add(key)
+            firsts.append((index, address))
+    return firsts
 
 
 def _reporting_host(text: str, msg: email.message.Message) -> str | None:
@@ -383,6 +443,18 @@ def _format_name(text: str, msg: email.message.Message) -> str:
     return "prose"
 
 
+def _returned_part(parts: list[email.message.Message]) -> email.message.Message | None:
+    for part in parts:
+        if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
+            payload = part.get_payload()
+            if isinstance(payload, list) and payload and isinstance(
+                payload[0], email.message.Message
+            ):
+                return payload[0]
+            return email.message_from_string(part_text(part), policy=email.policy.compat32)
+    return None
+
+
 def _returned_from_text(tail: str) -> email.message.Message | None:
     lines = tail.split("\n")
     for index, line in enumerate(lines[:50]):
@@ -402,12 +474,13 @@ def _amazon_ses(parts: list[email.message.Message]) -> Prose | None:
         if start < 0 or '"notificationType"' not in text and "notificationType" not in text:
             continue
         try:
-            data = json.loads(text[start : text.rfind("}") + 1])
+            # strict=False: mail transports wrap long lines, even inside strings.
+            data = json.loads(text[start : text.rfind("}") + 1], strict=False)
         except ValueError:
             continue
         if isinstance(data, dict) and isinstance(data.get("Message"), str):
             try:  # SNS wraps the SES notification as a JSON string
-                data = json.loads(data["Message"])
+                data = json.loads(data["Message"], strict=False)
             except ValueError:
                 continue
         if isinstance(data, dict) and "notificationType" in data:

@@ -209,44 +209,61 @@ class DSNReport:
 _ENHANCED_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d]|\.\d)")
 _REPLY_RE = re.compile(r"(?:^|[\s:;(\[\"'<>=#])([245][0-5]\d)(?=[\s\-.:;,)\]]|$)")
 
-# Texts that mean the *address* is bad: a hard bounce.
+# Words that say the *address* is bad, whatever else the text says.
+_HARD_STRONG_RE = re.compile(
+    r"user(?:name)?\s+(?:is\s+)?unknown|unknown\s+(?:user|recipient|local[- ]?part|mailbox|"
+    r"alias|addressee)|addressee\s+unknown|no\s+such\s+(?:user|recipient|mailbox|account|"
+    r"person|local\s+user|domain)|(?:user|recipient|mailbox|address|account)\s+"
+    r"(?:\S+\s+)?(?:does\s+not|doesn'?t|did\s+not)\s+exist|not\s+listed\s+in\s+(?:the\s+)?"
+    r"(?:domino|public|name|address|directory)|doesn'?t\s+have\s+an?\s+\S+\s+account|"
+    r"recipient\s+address\s+rejected:\s+access\s+denied|invalid\s+(?:final\s+delivery\s+)?"
+    r"userid|no\s+mailbox\s+here|bad\s+destination\s+mailbox|unrouteable\s+address|"
+    r"host\s+(?:or\s+domain\s+name\s+)?(?:not\s+found|unknown)|domain\s+(?:name\s+)?not\s+found|"
+    r"(?:couldn'?t|could\s+not|cannot|can'?t)\s+find\s+(?:a\s+)?mail\s+exchanger|"
+    r"no\s+smtp\s+service|does\s+not\s+accept\s+(?:any\s+)?mail|has\s+moved|"
+    r"no\s+account\s+by\s+that\s+name|invalid\s+recipient|address\s+(?:couldn'?t|could\s+not)\s+be\s+found",
+    re.IGNORECASE,
+)
+# Weaker words for a bad address, believed only when no soft word is present.
 _HARD_TEXT_RE = re.compile(
-    r"user(?:name)?\s+(?:is\s+)?unknown|unknown\s+(?:user|recipient|local[- ]part|"
-    r"mailbox|address|alias)|no\s+such\s+(?:user|recipient|mailbox|address|"
-    r"account|person|local\s+user|domain)|(?:user|recipient|mailbox|address|account)"
-    r"(?:\s+\S+)?\s+(?:does\s+not|doesn'?t|did\s+not)\s+exist|does\s+not\s+exist|"
-    r"(?:mailbox|recipient|user|address)\s+not\s+found|not\s+a\s+valid\s+(?:mailbox|"
-    r"recipient|user)|invalid\s+(?:recipient|mailbox|address|user)|"
-    r"(?:user|recipient|mailbox|account)\s+(?:is\s+)?(?:invalid|not\s+known|unavailable)|"
-    r"unrouteable\s+address|no\s+mailbox\s+here|host\s+(?:or\s+domain\s+name\s+)?"
-    r"(?:not\s+found|unknown)|domain\s+(?:name\s+)?not\s+found|name\s+service\s+error|"
-    r"no\s+(?:mx|mail\s+exchanger|dns|valid\s+mx)|unknown\s+(?:host|domain)|"
-    r"host\s+not\s+found|has\s+moved|not\s+listed\s+in|does\s+not\s+accept\s+mail|"
-    r"no\s+longer\s+(?:available|valid|active)|mailbox\s+unavailable|"
-    r"recipient\s+rejected|address\s+rejected|rejected.*recipient|"
-    r"recipient\s+address\s+rejected|unknown\s+in\s+(?:local|virtual|relay)|"
-    r"mailbox\s+is\s+(?:inactive|not\s+available)|addressee\s+unknown|"
-    r"account\s+(?:is\s+)?(?:not\s+found|unknown)|undeliverable\s+address|"
-    r"bad\s+destination\s+mailbox|invalid\s+address|not\s+our\s+customer|"
-    r"no\s+account\s+by\s+that\s+name",
+    r"does\s+not\s+exist|(?:mailbox|recipient|user|address)\s+not\s+found|"
+    r"not\s+a\s+valid\s+(?:mailbox|recipient|user)|invalid\s+(?:recipient|mailbox|address|"
+    r"user|domain)|(?:user|recipient|mailbox|account)\s+(?:is\s+)?(?:invalid|not\s+known)|"
+    r"name\s+service\s+error|no\s+(?:mx|mail\s+exchanger|valid\s+mx)\b|unknown\s+(?:host|"
+    r"domain|address)|mailbox\s+unavailable|no\s+longer\s+(?:available|valid|active)|"
+    r"domain\s+is\s+not\s+reachable|undeliverable\s+address|not\s+our\s+(?:customer|user)|"
+    r"(?:recipient\s+)?address\s+rejected|illegal\s+host",
     re.IGNORECASE,
 )
-# Texts that mean something other than a bad address, even with a 5.1.x code
-# or a "rejected" word: checked first, they keep the bounce soft.
+# Words that mean something other than a bad address: a full mailbox, a block,
+# a policy. They keep a bounce soft even with a weak bad-address word.
 _SOFT_TEXT_RE = re.compile(
-    r"quota|mailbox\s+(?:is\s+)?full|over\s*(?:the\s+)?(?:quota|limit)|insufficient|"
-    r"exceed|too\s+(?:large|big|many)|size\s+limit|spam|blacklist|blocklist|"
-    r"block(?:ed|ing)|reputation|policy|dnsbl|rbl\b|listed\s+(?:at|on|in)|"
-    r"rate\s*limit|greylist|try\s+again|temporar|disabled|suspend|inactive|"
-    r"virus|relay(?:ing)?\s+(?:denied|not\s+permitted|access\s+denied)|"
-    r"not\s+permitted\s+to\s+relay|authenticat|spf|dkim|dmarc|ptr|reverse\s+dns|"
-    r"tls|security|content|filter|timed?\s*out|expired|connection|refused|"
-    r"too\s+long|loop|hop\s+count|sender|mail\s+from|not\s+allowed|denied|prohibit",
+    r"quota|mailbox\s+(?:is\s+)?full|full\s+mailbox|over\s*(?:the\s+)?(?:quota|limit)|"
+    r"insufficient|exceed|too\s+(?:large|big|many)|size\s+limit|spam|black\s*list|block\s*list|"
+    r"block(?:ed|ing)|reputation|policy|dnsbl|\brbl\b|(?<!not\s)listed\s+(?:at|on|in)|"
+    r"rate\s*limit|greylist|try\s+again|temporar|disabled|suspend|virus|"
+    r"relay(?:ing)?\s+(?:denied|not\s+permitted|access\s+denied)|not\s+permitted\s+to\s+relay|"
+    r"authenticat|\bspf\b|dkim|dmarc|\bptr\b|reverse\s+dns|\btls\b|security|content|filter|"
+    r"connection\s+(?:timed\s+out|refused)|timed\s+out|expired|loop|hop\s+count|"
+    r"sender\s+address\s+rejected|not\s+allowed|prohibit|denied",
     re.IGNORECASE,
 )
+# Rejected only after the message text was sent (end of DATA): a "user unknown"
+# there is a content filter's verdict on the message, not on the mailbox.
+_AFTER_DATA_RE = re.compile(
+    r"end\s+of\s+data|>>>\s*data\b|final\s+data|after\s+data|command\s+data|"
+    r"reply\s+to\s+data|data\s+command",
+    re.IGNORECASE,
+)
+_ADDRESS_IN_TEXT_RE = re.compile(r"\S+@\S+")
 # RFC 3463 §3.2: X.1.1 bad mailbox, X.1.2 bad system, X.1.3 bad mailbox syntax,
 # X.1.6 mailbox moved; RFC 7505 §4.2: X.1.10 null MX (accepts no mail).
 _HARD_STATUSES = frozenset({"1.1", "1.2", "1.3", "1.6", "1.10"})
+# RFC 3463 §3.3-3.9: the mailbox exists but is disabled or full (X.2.x), the
+# destination system, the content or the security policy refused (X.3.x, X.6.x,
+# X.7.x); X.1.7/X.1.8 are about the *sender's* address. None is a bad address.
+_SOFT_SUBJECTS = frozenset({"2", "3", "6", "7"})
+_SOFT_STATUSES = frozenset({"1.7", "1.8"})
 
 
 def find_status(text: str | None) -> str | None:
@@ -268,26 +285,44 @@ def find_reply_code(text: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def classify_hard(status: str | None, diagnostic: str | None, *, permanent: bool) -> bool:
+def classify_hard(
+    status: str | None, diagnostic: str | None, *, permanent: bool, context: str | None = None
+) -> bool:
     """Whether a failure is a *hard* bounce: the address itself is bad.
 
     Args:
         status: the enhanced status code, when known.
         diagnostic: the remote server's text, when known.
-        permanent: whether the failure is permanent (5.x.x / 5xx / "failed").
+        permanent: whether the reporting MTA gave up (``Action: failed``).
+        context: more of the report's prose about this recipient (the SMTP
+            phase of the rejection is often only there).
 
     Returns:
         ``True`` only for permanent failures whose status (X.1.1, X.1.2, X.1.3,
-        X.1.6, X.1.10) or text says the mailbox or domain does not exist or
-        accepts no mail; ``False`` otherwise (full mailbox, policy, spam, ...).
+        X.1.6, X.1.10; RFC 3463 §3.2, RFC 7505) or words say the mailbox or
+        domain does not exist or accepts no mail; ``False`` for everything else
+        (full mailbox, policy, spam, a transient 4.x.x status, a refusal after
+        the message text was sent).
     """
-    if not permanent:
+    if not permanent or (status is not None and not status.startswith("5")):
         return False
-    text = diagnostic or ""
-    if status is not None and status.split(".", 1)[1] in _HARD_STATUSES:
-        # A bad-address code wins unless the words plainly say otherwise.
-        return not (_SOFT_TEXT_RE.search(text) and not _HARD_TEXT_RE.search(text))
-    if _SOFT_TEXT_RE.search(text):
+    # Addresses are dropped first: "filtered@example.org" is not a filter.
+    text = _ADDRESS_IN_TEXT_RE.sub(" ", diagnostic or "")
+    around = _ADDRESS_IN_TEXT_RE.sub(" ", context or "")
+    strong = _HARD_STRONG_RE.search(text)
+    soft = _SOFT_TEXT_RE.search(text)
+    subject_detail = status.split(".", 1)[1] if status is not None else ""
+    if subject_detail in _HARD_STATUSES:
+        # The server named the failure a bad address: believe it unless the
+        # words plainly say something else.
+        return bool(strong or not soft)
+    if _AFTER_DATA_RE.search(text) or _AFTER_DATA_RE.search(around):
+        return False
+    if strong:
+        return True
+    if subject_detail.split(".")[0] in _SOFT_SUBJECTS or subject_detail in _SOFT_STATUSES:
+        return False
+    if soft:
         return False
     return bool(_HARD_TEXT_RE.search(text))
 
@@ -298,12 +333,16 @@ def classify_hard(status: str | None, diagnostic: str | None, *, permanent: bool
 
 def header(msg: email.message.Message, name: str) -> str | None:
     """A header's value, RFC 2047-decoded and unfolded, or ``None``."""
-    try:
-        raw = msg.get(name)
-    except Exception:  # a malformed header must not stop the parse
-        return None
+    wanted = name.lower()
+    # raw_items(): the stored value, before compat32 wraps 8-bit text in a Header.
+    raw = next((v for k, v in msg.raw_items() if k.lower() == wanted), None)
     if raw is None:
         return None
+    if isinstance(raw, str) and not raw.isascii():
+        # Raw 8-bit header bytes (RFC 6532 UTF-8, or worse), kept by compat32
+        # as surrogates: read them as UTF-8.
+        text = raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return _clean(text)
     try:
         text = str(email.header.make_header(email.header.decode_header(raw)))
     except Exception:
@@ -363,6 +402,15 @@ def part_text(part: email.message.Message) -> str:
         payload = part.get_payload()
         return payload if isinstance(payload, str) else ""
     charset = part.get_content_charset() or "utf-8"
+    try:
+        return data.decode(charset)
+    except (LookupError, UnicodeError, ValueError):
+        pass
+    # Mislabelled text is most often UTF-8 in fact.
+    try:
+        return data.decode("utf-8")
+    except UnicodeError:
+        pass
     try:
         return data.decode(charset, "replace")
     except (LookupError, UnicodeError, ValueError):

@@ -66,6 +66,7 @@ _RETURNED_TYPES = frozenset(
         "message/rfc822-headers",
     }
 )
+_RECIPIENT_FIELD_RE = re.compile(r"^(?:final|original)-recipient\s*:", re.IGNORECASE | re.MULTILINE)
 _FIELD_RE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*)\s*:\s*(.*)$")
 # RFC 6533 §3: in a utf-8 address-type value, non-ASCII may be written \x{HEX}.
 _UTF8_ESCAPE_RE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
@@ -108,9 +109,19 @@ def _parse(raw: bytes) -> DSNReport:
 
     status_parts = [p for p in parts if p.get_content_type() in _STATUS_TYPES]
     if status_parts:
-        report = _structured(base, msg, status_parts)
+        blocks = [block for part in status_parts for block in _blocks(part)]
+        global_ = any(p.get_content_type() == "message/global-delivery-status" for p in status_parts)
+        report = _structured(base, msg, parts, blocks, "rfc6533" if global_ else "rfc3464")
         if report.recipients:
             return report
+    if bounce_formats.looks_like_notice(msg):
+        # RFC 3464 fields outside a delivery-status part: a broken MIME
+        # structure, or a text/plain part holding the fields.
+        text, _tail = bounce_formats.notice_text(parts)
+        if _RECIPIENT_FIELD_RE.search(text):
+            report = _structured(base, msg, parts, _parse_blocks(text), "rfc3464-text")
+            if report.recipients:
+                return report
 
     feedback = [p for p in parts if p.get_content_type() == "message/feedback-report"]
     if feedback or _report_type(msg) == "feedback-report":
@@ -152,23 +163,29 @@ def _parse(raw: bytes) -> DSNReport:
 
 
 def _structured(
-    base: DSNReport, base_msg: email.message.Message, status_parts: list[email.message.Message]
+    base: DSNReport,
+    base_msg: email.message.Message,
+    parts: list[email.message.Message],
+    blocks: list[list[tuple[str, str]]],
+    format_name: str,
 ) -> DSNReport:
     per_message: dict[str, str] = {}
     recipients: list[DSNRecipient] = []
-    for part in status_parts:
-        for block in _blocks(part):
-            for fields in _split_recipients(block):
-                names = {name for name, _ in fields}
-                if names & {"final-recipient", "original-recipient"}:
-                    recipient = _recipient(dict(fields))
-                    if recipient is not None:
-                        recipients.append(recipient)
-                # Per-message fields (RFC 3464 §2.2) may share a block with the
-                # first recipient when an MTA forgets the blank line.
-                for name, value in fields:
-                    per_message.setdefault(name, value)
-    finished = tuple(_finish(r) for r in recipients)
+    for block in blocks:
+        for fields in _split_recipients(block):
+            names = {name for name, _ in fields}
+            if names & {"final-recipient", "original-recipient"}:
+                recipient = _recipient(dict(fields))
+                if recipient is not None:
+                    recipients.append(recipient)
+            # Per-message fields (RFC 3464 §2.2) may share a block with the
+            # first recipient when an MTA forgets the blank line.
+            for name, value in fields:
+                per_message.setdefault(name, value)
+    # The prose beside the fields often tells more (the SMTP phase, or the
+    # only diagnostic there is): read it per recipient for the classification.
+    context = bounce_formats.recipient_context(parts, [r.address for r in recipients])
+    finished = tuple(_finish(r, context.get(r.address.lower())) for r in recipients)
     return attrs.evolve(
         base,
         kind=_kind(finished),
@@ -181,9 +198,7 @@ def _structured(
         original_message_id=base.original_message_id
         or message_id(per_message.get("x-original-message-id"))
         or _reply_id(base_msg),
-        format="rfc6533"
-        if any(p.get_content_type() == "message/global-delivery-status" for p in status_parts)
-        else "rfc3464",
+        format=format_name,
     )
 
 
@@ -309,10 +324,14 @@ def _action(word: str, status: str | None) -> DSNAction:
     return DSNAction.FAILED
 
 
-def _finish(recipient: DSNRecipient) -> DSNRecipient:
-    """Fill ``is_permanent`` / ``is_hard`` from the action, status and words."""
+def _finish(recipient: DSNRecipient, context: str | None = None) -> DSNRecipient:
+    """Fill ``is_permanent`` / ``is_hard`` (and a missing diagnostic from ``context``)."""
+    if recipient.diagnostic is None and context:
+        recipient = attrs.evolve(recipient, diagnostic=context)
     if recipient.action is DSNAction.FAILED:
-        hard = classify_hard(recipient.status, recipient.diagnostic, permanent=True)
+        hard = classify_hard(
+            recipient.status, recipient.diagnostic, permanent=True, context=context
+        )
         return attrs.evolve(recipient, is_permanent=True, is_hard=hard)
     if recipient.action is DSNAction.DELAYED:
         return attrs.evolve(recipient, is_permanent=False, is_hard=False)
