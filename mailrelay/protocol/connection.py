@@ -1,0 +1,386 @@
+"""The sans-I/O SMTP/LMTP client connection.
+
+Rules and theory of operation:
+
+* Three verbs, as in h11: :meth:`ClientConnection.send` turns a command into the
+  bytes to write; :meth:`~ClientConnection.receive_data` takes bytes read from
+  the server (``b""`` for end of file); :meth:`~ClientConnection.next_event`
+  returns the next :mod:`event <mailrelay.protocol.events>` or :data:`NEED_DATA`.
+  Nothing here blocks, reads a clock or touches a socket.
+* Which command may be sent when, and what each reply does, is looked up in
+  :mod:`mailrelay.protocol.transitions`; this module only applies the tables.
+* Replies are matched first in, first out to the commands awaiting them
+  (RFC 2920 §3.1), including LMTP's one final reply per accepted recipient
+  after the data (RFC 2033 §4.2): the connection sees the ``RCPT`` replies, so it
+  knows who was accepted and how many replies the end of the data will get.
+* The connection records facts and makes no policy: it does not fall back to
+  HELO, decide to use STARTTLS, retry or interpret a refusal. It checks that
+  PIPELINING was announced before letting commands overlap, but not that other
+  extensions (CHUNKING, AUTH, ...) were; that is the dialogue's business.
+* Errors: a command that is illegal now, or cannot be encoded, raises
+  :class:`~mailrelay.errors.LocalProtocolError`; malformed, oversized,
+  unexpected or injected server bytes raise
+  :class:`~mailrelay.errors.RemoteProtocolError`. Either moves the connection
+  to ``State.ERROR`` for good: every later call raises again.
+* A 421 reply to anything (RFC 5321 §3.8) is delivered as usual and then moves
+  the connection to ``State.CLOSING``: nothing more may be sent, and only the
+  end of file (or replies to commands already in flight) is expected. A 421 that
+  arrives while no command awaits a reply is a :class:`ServiceClosing` event.
+* STARTTLS (RFC 3207 §4.2): after its 220 the connection is in
+  ``State.TLS_PENDING``; a byte received before :meth:`tls_established` is a
+  response-injection attempt and a ``RemoteProtocolError``. After TLS the
+  extensions are forgotten and a new EHLO is needed before MAIL.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final
+
+from mailrelay.address import Address
+from mailrelay.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from mailrelay.protocol.commands import (
+    Bdat,
+    Command,
+    DataChunk,
+    EndOfData,
+    RcptTo,
+)
+from mailrelay.protocol.data import DotStuffer
+from mailrelay.protocol.events import (
+    NEED_DATA,
+    ConnectionClosed,
+    Event,
+    Greeting,
+    LMTPResponse,
+    NeedData,
+    Response,
+    ServiceClosing,
+)
+from mailrelay.protocol.extensions import Extensions
+from mailrelay.protocol.reader import (
+    DEFAULT_MAX_LINE_LENGTH,
+    DEFAULT_MAX_REPLY_LENGTH,
+    ReplyReader,
+)
+from mailrelay.protocol.transitions import (
+    CLOSING_CODE,
+    LMTP_ONLY,
+    PIPELINE_CONTINUES,
+    PIPELINE_JOINS,
+    REPLY,
+    SEND,
+    SMTP_ONLY,
+    State,
+    reply_kind,
+)
+from mailrelay.reply import Reply
+
+__all__ = ["ClientConnection"]
+
+_FINAL_DATA: Final = frozenset({"END-OF-DATA", "BDAT-LAST"})
+
+
+def command_kind(command: Command) -> str:
+    """The key of ``command`` in the transition tables: its verb, or ``BDAT-LAST``."""
+    if type(command) is Bdat and command.last:
+        return "BDAT-LAST"
+    return command.verb
+
+
+class ClientConnection:
+    """One client side of an SMTP or LMTP conversation, without I/O.
+
+    Args:
+        lmtp: speak LMTP (RFC 2033): LHLO instead of EHLO/HELO, and one final
+            reply per accepted recipient after the message data.
+        max_line_length: the longest reply line accepted, in octets.
+        max_reply_length: the longest (multi-line) reply accepted, in octets.
+
+    Attributes:
+        lmtp: whether this is an LMTP connection.
+        extensions: what the last accepted EHLO/LHLO announced; None before it,
+            after HELO, and after TLS is established.
+        tls: whether :meth:`tls_established` was called.
+    """
+
+    __slots__ = (
+        "_accepted",
+        "_eof",
+        "_error",
+        "_owed",
+        "_pending",
+        "_reader",
+        "_serial",
+        "_state",
+        "_stuffer",
+        "extensions",
+        "lmtp",
+        "tls",
+    )
+
+    def __init__(
+        self,
+        *,
+        lmtp: bool = False,
+        max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
+        max_reply_length: int = DEFAULT_MAX_REPLY_LENGTH,
+    ) -> None:
+        self.lmtp = lmtp
+        self.extensions: Extensions | None = None
+        self.tls = False
+        self._state = State.GREETING
+        self._reader = ReplyReader(
+            max_line_length=max_line_length, max_reply_length=max_reply_length
+        )
+        # Commands awaiting replies, oldest first, each with the serial number
+        # of the mail transaction it was sent in.
+        self._pending: deque[tuple[Command, str, int]] = deque()
+        self._serial = 0
+        self._stuffer = DotStuffer()
+        # LMTP bookkeeping, in reply order: RCPTs accepted in the transaction
+        # whose replies are being read, and recipients still owed a final reply.
+        self._accepted: list[RcptTo] = []
+        self._owed: deque[RcptTo] | None = None
+        self._eof = False
+        self._error: ProtocolError | None = None
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """The connection's current :class:`State`."""
+        return self._state
+
+    @property
+    def pending(self) -> tuple[Command, ...]:
+        """Commands sent and still awaiting their reply, oldest first."""
+        return tuple(entry[0] for entry in self._pending)
+
+    @property
+    def accepted_recipients(self) -> tuple[Address, ...]:
+        """Recipients whose RCPT got a 2xx in the transaction being answered (LMTP bookkeeping)."""
+        return tuple(rcpt.recipient for rcpt in self._accepted)
+
+    def _fail(self, exc: ProtocolError) -> None:
+        self._state = State.ERROR
+        self._error = exc
+
+    def _check_usable(self) -> None:
+        if self._state is State.ERROR:
+            raise LocalProtocolError(
+                f"the connection is in the ERROR state after: {self._error}"
+            ) from self._error
+
+    # -- sending -------------------------------------------------------------------------
+
+    def send(self, command: Command) -> bytes:
+        """Return the bytes that send ``command`` now.
+
+        Raises:
+            LocalProtocolError: the command is not allowed in the current state,
+                would overlap a command in flight without PIPELINING, or cannot be
+                encoded (e.g. a non-ASCII address without SMTPUTF8). The
+                connection is then in ``State.ERROR``.
+        """
+        state = self._state
+        if state is State.ERROR:
+            self._check_usable()
+        kind = command_kind(command)
+        new_state = SEND.get((state, kind))
+        try:
+            if new_state is None:
+                raise LocalProtocolError(f"cannot send {kind} in state {state.name}")
+            if self.lmtp:
+                if kind in SMTP_ONLY:
+                    raise LocalProtocolError(f"an LMTP connection sends LHLO, not {kind}")
+            elif kind in LMTP_ONLY:
+                raise LocalProtocolError("LHLO is for LMTP connections only")
+            if self._pending:
+                self._check_pipelining(kind)
+            if kind == "DATA-CHUNK":
+                assert isinstance(command, DataChunk)
+                data = self._stuffer.chunk(command.data)
+            elif kind == "END-OF-DATA":
+                data = self._stuffer.end()
+            else:
+                data = command.encode()
+        except LocalProtocolError as exc:
+            self._fail(exc)
+            raise
+        if kind == "MAIL":
+            self._serial += 1
+        if kind != "DATA-CHUNK":
+            self._pending.append((command, kind, self._serial))
+        self._state = new_state
+        return data
+
+    def _check_pipelining(self, kind: str) -> None:
+        # RFC 2920 §3.1: overlapping commands need PIPELINING, and only some
+        # commands may be followed before their reply arrives.
+        extensions = self.extensions
+        if extensions is None or not extensions.pipelining:
+            raise LocalProtocolError(
+                f"cannot send {kind} before the reply to {self._pending[-1][1]}: "
+                "the server did not announce PIPELINING"
+            )
+        if kind not in PIPELINE_JOINS:
+            raise LocalProtocolError(f"{kind} cannot be pipelined (RFC 2920 §3.1)")
+        for _, pending_kind, _ in self._pending:
+            if pending_kind not in PIPELINE_CONTINUES:
+                raise LocalProtocolError(
+                    f"nothing may follow {pending_kind} before its reply (RFC 2920 §3.1)"
+                )
+
+    def tls_established(self) -> None:
+        """Tell the connection that the TLS handshake after STARTTLS's 220 succeeded.
+
+        Raises:
+            LocalProtocolError: not in ``State.TLS_PENDING``.
+            RemoteProtocolError: bytes arrived between the 220 and the handshake
+                (RFC 3207 §4.2 / response injection); they must not be trusted.
+        """
+        self._check_usable()
+        if self._state is not State.TLS_PENDING:
+            exc: ProtocolError = LocalProtocolError(
+                f"tls_established() in state {self._state.name}, expected TLS_PENDING"
+            )
+            self._fail(exc)
+            raise exc
+        if self._reader.has_data:
+            exc = _injection_error()
+            self._fail(exc)
+            raise exc
+        # RFC 3207 §4.2: forget everything learnt before TLS; EHLO again.
+        self.extensions = None
+        self.tls = True
+        self._state = State.CONNECTED
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the server; ``b""`` means the server closed the connection.
+
+        Raises:
+            LocalProtocolError: data after the end of file, or the connection is in ERROR.
+        """
+        self._check_usable()
+        if self._eof:
+            if data:
+                exc = LocalProtocolError("receive_data() after the end of file")
+                self._fail(exc)
+                raise exc
+            return
+        if not data:
+            self._eof = True
+            return
+        self._reader.feed(data)
+
+    def next_event(self) -> Event | NeedData:
+        """The next event, or :data:`NEED_DATA` when more bytes are needed.
+
+        Raises:
+            RemoteProtocolError: the server sent something malformed, oversized,
+                unexpected or injected; the connection is then in ``State.ERROR``.
+            LocalProtocolError: the connection was already in ``State.ERROR``
+                because of a local error.
+        """
+        if self._state is State.ERROR:
+            if isinstance(self._error, RemoteProtocolError):
+                raise RemoteProtocolError(
+                    f"the connection is in the ERROR state after: {self._error}"
+                ) from self._error
+            self._check_usable()
+        try:
+            return self._next_event()
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            raise
+
+    def _next_event(self) -> Event | NeedData:
+        state = self._state
+        reader = self._reader
+        if state is State.TLS_PENDING:
+            if reader.has_data:
+                raise _injection_error()
+            if self._eof:
+                return self._closed()
+            return NEED_DATA
+        if state is State.CLOSED:
+            return self._closed()
+        reply = reader.pop()
+        if reply is None:
+            if reader.has_partial and state is not State.GREETING and not self._pending:
+                raise RemoteProtocolError("the server sent data while no reply was expected")
+            if self._eof:
+                return self._closed()
+            return NEED_DATA
+        if state is State.GREETING:
+            self._state = State.CLOSING if reply.code == CLOSING_CODE else State.CONNECTED
+            return Greeting(reply=reply)
+        if not self._pending:
+            if reply.code == CLOSING_CODE:
+                # RFC 5321 §3.8: a server may announce shutdown at any time.
+                self._state = State.CLOSING
+                return ServiceClosing(reply=reply)
+            raise RemoteProtocolError(f"unexpected reply while no command awaits one: {reply}")
+        return self._response(reply)
+
+    def _response(self, reply: Reply) -> Event:
+        command, kind, serial = self._pending[0]
+        event: Event
+        if self.lmtp and kind in _FINAL_DATA:
+            # RFC 2033 §4.2: one reply per RCPT that got a 2xx, in RCPT order.
+            owed = self._owed
+            if owed is None:
+                owed = self._owed = deque(self._accepted)
+                self._accepted = []
+            if owed:
+                rcpt = owed.popleft()
+                assert isinstance(command, EndOfData | Bdat)
+                event = LMTPResponse(command=command, recipient=rcpt.recipient, reply=reply)
+            else:
+                # No recipient was accepted yet the data was taken: one reply.
+                event = Response(command=command, reply=reply)
+            if not owed:
+                self._owed = None
+                self._pending.popleft()
+        else:
+            self._pending.popleft()
+            event = Response(command=command, reply=reply)
+            if kind == "RCPT":
+                if reply.code < 300:
+                    assert isinstance(command, RcptTo)
+                    self._accepted.append(command)
+            elif kind in {"MAIL", "RSET"}:
+                self._accepted = []
+            elif kind in {"EHLO", "LHLO"}:
+                if reply.code < 300:
+                    self.extensions = Extensions.parse(reply.lines)
+            elif kind == "HELO" and reply.code < 300:
+                self.extensions = None
+        code = reply.code
+        if code == CLOSING_CODE:
+            self._state = State.CLOSING
+        elif serial == self._serial:
+            new_state = REPLY.get((self._state, kind, reply_kind(code)))
+            if new_state is not None:
+                if new_state is State.DATA:
+                    self._stuffer = DotStuffer()
+                self._state = new_state
+        return event
+
+    def _closed(self) -> ConnectionClosed:
+        self._state = State.CLOSED
+        unanswered: tuple[Address, ...] = ()
+        if self.lmtp and self._pending and self._pending[0][1] in _FINAL_DATA:
+            owed = self._owed if self._owed is not None else self._accepted
+            unanswered = tuple(rcpt.recipient for rcpt in owed)
+        return ConnectionClosed(pending=self.pending, unanswered=unanswered)
+
+
+def _injection_error() -> RemoteProtocolError:
+    return RemoteProtocolError(
+        "the server sent data after STARTTLS's 220 and before the TLS handshake "
+        "(RFC 3207 §4.2; possible response injection)"
+    )
