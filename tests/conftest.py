@@ -6,6 +6,17 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+pytest_plugins = [
+    # Imported in dependency order (a plugin module must not be imported before it is
+    # registered, or pytest cannot rewrite its asserts).
+    "tests.peers.tls",
+    "tests.peers.scripted",
+    "tests.peers.postfix",
+    "tests.peers.sink",
+    "tests.peers.aiosmtpd_server",
+    "tests.peers.unbound",
+]
+
 # Profiles: `dev` for quick local runs, `ci` (chosen when CI=true) for a deeper
 # but bounded run, `fuzz` for long local searches. HYPOTHESIS_PROFILE overrides.
 settings.register_profile("dev", max_examples=100, deadline=None)
