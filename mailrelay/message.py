@@ -79,6 +79,7 @@ _MSG_ID = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+")
 _BRACKETED = re.compile(r"<([^<>]*)>")
 _NAME_ADDR = re.compile(r"(?P<name>.*?)\s*<(?P<addr>[^<>]*)>\s*", re.DOTALL)
 _UNFOLD = re.compile(rb"\r\n(?=[ \t])")
+_LINE_BREAKS = re.compile(r"[\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 # Fields whose addresses go in the envelope only (RFC 5322 §3.6.3, §3.6.6).
 _BLIND_FIELDS = frozenset({"bcc", "resent-bcc"})
@@ -653,9 +654,12 @@ def _addresses_in(values: Iterable[str]) -> tuple[Address, ...]:
 
 def _check_field(what: str, value: str) -> None:
     # RFC 5322 §2.2: CR and LF only end header lines; a caller's value holding
-    # them could add fields of its own choosing. NUL is never allowed.
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise MessageError(f"{what} contains CR, LF or NUL")
+    # them could add fields of its own choosing. NUL is never allowed. The other
+    # characters Python's str.splitlines() breaks at (VT, FF, FS, GS, RS, NEL,
+    # LS, PS) are refused too: the email package and other line-splitting
+    # consumers would treat them as line ends.
+    if _LINE_BREAKS.search(value):
+        raise MessageError(f"{what} contains CR, LF, NUL or another line break")
 
 
 def _address_items(value: AddressLike | Iterable[AddressLike]) -> list[AddressLike]:
