@@ -56,6 +56,7 @@ __all__ = [
     "auto_reply_strength",
     "from_mail_system",
     "looks_like_notice",
+    "message_id_in_text",
     "notice_text",
     "read_prose",
 ]
@@ -159,6 +160,7 @@ class Prose:
         format: a short name of the recognised shape (``"qmail"``, ``"exim"``, ...).
         returned: headers of the copy of the original appended to the notice.
         kind: an explicit kind for formats that say it (Amazon SES JSON).
+        text: the notice's own words (without the returned copy).
     """
 
     recipients: tuple[DSNRecipient, ...]
@@ -166,6 +168,7 @@ class Prose:
     format: str = "prose"
     returned: email.message.Message | None = None
     kind: DSNKind | None = None
+    text: str | None = None
 
 
 def from_mail_system(msg: email.message.Message) -> bool:
@@ -268,6 +271,7 @@ def read_prose(msg: email.message.Message, parts: list[email.message.Message]) -
         reporting_mta=_reporting_host(text, msg),
         format=_format_name(text, msg),
         returned=returned,
+        text=_clean(text[: _MAX_DIAGNOSTIC_CHARS * 4]),
     )
 
 
@@ -441,6 +445,20 @@ def _format_name(text: str, msg: email.message.Message) -> str:
         if needle in lowered:
             return name
     return "prose"
+
+
+_MESSAGE_ID_LINE_RE = re.compile(r"^[ >]*Message-I[Dd][ \t]*:[ \t]*\n?[ \t]*(<[^<>\s]+>)", re.MULTILINE)
+
+
+def message_id_in_text(parts: list[email.message.Message]) -> str | None:
+    """The first ``Message-ID:`` header line in the body text (a returned copy
+    whose header block the MIME structure or a marker line did not reveal)."""
+    text, tail = notice_text(parts)
+    for chunk in (tail, text):
+        match = _MESSAGE_ID_LINE_RE.search(chunk)
+        if match:
+            return match.group(1)
+    return None
 
 
 def _returned_part(parts: list[email.message.Message]) -> email.message.Message | None:

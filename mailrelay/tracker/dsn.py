@@ -209,6 +209,13 @@ class DSNReport:
 _ENHANCED_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d]|\.\d)")
 _REPLY_RE = re.compile(r"(?:^|[\s:;(\[\"'<>=#])([245][0-5]\d)(?=[\s\-.:;,)\]]|$)")
 
+# Provider phrasings that name a bad address even when sent after DATA.
+_HARD_ALWAYS_RE = re.compile(
+    r"doesn'?t\s+have\s+an?\s+\S+\s+account|invalid\s+recipient|"
+    r"address\s+(?:couldn'?t|could\s+not)\s+be\s+found|domain\s+is\s+not\s+reachable|"
+    r"not\s+listed\s+in\s+(?:the\s+)?(?:domino|public\s+name)",
+    re.IGNORECASE,
+)
 # Words that say the *address* is bad, whatever else the text says.
 _HARD_STRONG_RE = re.compile(
     r"user(?:name)?\s+(?:is\s+)?unknown|unknown\s+(?:user|recipient|local[- ]?part|mailbox|"
@@ -218,7 +225,7 @@ _HARD_STRONG_RE = re.compile(
     r"(?:domino|public|name|address|directory)|doesn'?t\s+have\s+an?\s+\S+\s+account|"
     r"recipient\s+address\s+rejected:\s+access\s+denied|invalid\s+(?:final\s+delivery\s+)?"
     r"userid|no\s+mailbox\s+here|bad\s+destination\s+mailbox|unrouteable\s+address|"
-    r"host\s+(?:or\s+domain\s+name\s+)?(?:not\s+found|unknown)|domain\s+(?:name\s+)?not\s+found|"
+    r"host\s+(?:or\s+domain\s+name\s+)?(?:\S+\s+)?(?:not\s+found|unknown)|domain\s+(?:name\s+)?not\s+found|"
     r"(?:couldn'?t|could\s+not|cannot|can'?t)\s+find\s+(?:a\s+)?mail\s+exchanger|"
     r"no\s+smtp\s+service|does\s+not\s+accept\s+(?:any\s+)?mail|has\s+moved|"
     r"no\s+account\s+by\s+that\s+name|invalid\s+recipient|address\s+(?:couldn'?t|could\s+not)\s+be\s+found",
@@ -253,6 +260,11 @@ _SOFT_TEXT_RE = re.compile(
 _AFTER_DATA_RE = re.compile(
     r"end\s+of\s+data|>>>\s*data\b|final\s+data|after\s+data|command\s+data|"
     r"reply\s+to\s+data|data\s+command",
+    re.IGNORECASE,
+)
+_ABOUT_SENDER_RE = re.compile(
+    r"(?:after|in\s+reply\s+to)\s+MAIL\s+FROM|sender\s+address|domain\s+of\s+sender|"
+    r"sender\s+(?:rejected|refused|denied|unknown|domain)",
     re.IGNORECASE,
 )
 _ADDRESS_IN_TEXT_RE = re.compile(r"\S+@\S+")
@@ -309,13 +321,19 @@ def classify_hard(
     # Addresses are dropped first: "filtered@example.org" is not a filter.
     text = _ADDRESS_IN_TEXT_RE.sub(" ", diagnostic or "")
     around = _ADDRESS_IN_TEXT_RE.sub(" ", context or "")
+    subject_detail = status.split(".", 1)[1] if status is not None else ""
+    if subject_detail in _SOFT_STATUSES or _ABOUT_SENDER_RE.search(text):
+        # RFC 3463 X.1.7/X.1.8, or refused at MAIL FROM: the *sender* was
+        # refused, which says nothing about the recipient's address.
+        return False
     strong = _HARD_STRONG_RE.search(text)
     soft = _SOFT_TEXT_RE.search(text)
-    subject_detail = status.split(".", 1)[1] if status is not None else ""
     if subject_detail in _HARD_STATUSES:
         # The server named the failure a bad address: believe it unless the
         # words plainly say something else.
         return bool(strong or not soft)
+    if _HARD_ALWAYS_RE.search(text):
+        return True
     if _AFTER_DATA_RE.search(text) or _AFTER_DATA_RE.search(around):
         return False
     if strong:

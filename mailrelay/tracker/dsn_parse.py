@@ -55,6 +55,7 @@ __all__ = ["parse_dsn"]
 
 log = logging.getLogger(__name__)
 
+_DELIVERY_KINDS = frozenset({DSNKind.BOUNCE, DSNKind.DELAY, DSNKind.DELIVERED, DSNKind.RELAYED})
 _STATUS_TYPES = frozenset({"message/delivery-status", "message/global-delivery-status"})
 _RETURNED_TYPES = frozenset(
     {
@@ -84,16 +85,26 @@ def parse_dsn(raw: bytes) -> DSNReport:
         raise on bad input.
     """
     try:
-        return _parse(raw)
+        report = _parse(raw)
     except Exception:  # the last line of defence: a tracker must keep ingesting
         log.warning("unreadable delivery report (%d bytes)", len(raw), exc_info=True)
         return DSNReport(kind=DSNKind.NOT_A_REPORT, format="unreadable")
+    return report
 
 
 def _parse(raw: bytes) -> DSNReport:
     if not isinstance(raw, bytes | bytearray | memoryview):
         raise TypeError("parse_dsn wants bytes")
     msg = email.message_from_bytes(bytes(raw), policy=email.policy.compat32)
+    report = _parse_message(msg, nested=False)
+    if report.original_message_id is None and report.kind in _DELIVERY_KINDS:
+        found = bounce_formats.message_id_in_text(list(walk(msg)))
+        if found is not None:
+            report = attrs.evolve(report, original_message_id=found)
+    return report
+
+
+def _parse_message(msg: email.message.Message, *, nested: bool) -> DSNReport:
     bounce_address = _bounce_address(msg)
     parts = list(walk(msg))
 
@@ -101,7 +112,7 @@ def _parse(raw: bytes) -> DSNReport:
     base = DSNReport(
         kind=DSNKind.NOT_A_REPORT,
         bounce_address=bounce_address,
-        original_message_id=_returned_id(msg, returned),
+        original_message_id=_returned_id(returned),
         original_sender=first_address(header(returned, "From")) if returned else None,
         original_recipient=first_address(header(returned, "To")) if returned else None,
         original_subject=header(returned, "Subject") if returned else None,
@@ -131,17 +142,27 @@ def _parse(raw: bytes) -> DSNReport:
     if not daemon and bounce_formats.auto_reply_strength(msg) >= 2:
         return attrs.evolve(base, kind=DSNKind.AUTO_REPLY, format="rfc3834")
 
+    if daemon and not nested:
+        # A mail system that forwarded another system's report as an attachment.
+        for inner in _attached_reports(parts):
+            report = _parse_message(inner, nested=True)
+            if report.kind in (DSNKind.BOUNCE, DSNKind.DELAY, DSNKind.DELIVERED):
+                return attrs.evolve(report, bounce_address=bounce_address)
+
     prose = bounce_formats.read_prose(msg, parts)
     if prose is not None and prose.kind is DSNKind.FEEDBACK:
         return attrs.evolve(base, kind=DSNKind.FEEDBACK, format=prose.format)
     if prose is not None and prose.recipients:
-        recipients = tuple(_finish(r) for r in prose.recipients)
+        # One recipient: the whole notice is about it (the reason may come
+        # before the address).
+        context = prose.text if len(prose.recipients) == 1 else None
+        recipients = tuple(_finish(r, context) for r in prose.recipients)
         kind = _kind(recipients)
         if kind is not DSNKind.NOT_A_REPORT:
             original_id = base.original_message_id
             sender = base.original_sender
             if prose.returned is not None:
-                original_id = original_id or _returned_id(msg, prose.returned)
+                original_id = original_id or _returned_id(prose.returned)
                 sender = sender or first_address(header(prose.returned, "From"))
             return attrs.evolve(
                 base,
@@ -373,6 +394,17 @@ def _feedback(base: DSNReport, parts: list[email.message.Message]) -> DSNReport:
     )
 
 
+def _attached_reports(parts: list[email.message.Message]) -> list[email.message.Message]:
+    found = []
+    for part in parts:
+        payload = part.get_payload() if part.get_content_type() == "message/rfc822" else None
+        if isinstance(payload, list) and payload and isinstance(payload[0], email.message.Message):
+            inner = payload[0]
+            if inner.get_content_type() == "multipart/report":
+                found.append(inner)
+    return found
+
+
 def _report_type(msg: email.message.Message) -> str | None:
     if msg.get_content_type() != "multipart/report":
         return None
@@ -410,15 +442,10 @@ def _returned_headers(parts: list[email.message.Message]) -> email.message.Messa
     return None
 
 
-def _returned_id(
-    msg: email.message.Message, returned: email.message.Message | None
-) -> str | None:
+def _returned_id(returned: email.message.Message | None) -> str | None:
     if returned is None:
         return None
-    found = message_id(header(returned, "Message-ID"))
-    own = message_id(header(msg, "Message-ID"))
-    # A copy of the report's own id is not the original's.
-    return found if found != own else None
+    return message_id(header(returned, "Message-ID"))
 
 
 def _reply_id(msg: email.message.Message) -> str | None:
