@@ -362,8 +362,9 @@ def _plan_mail_hosts(domain: str) -> _Plan:
         exchangers = [(pref, target) for pref, target in mx.records if target]
         if not exchangers:
             return MailHosts(domain=domain, status=DNSStatus.OK, null_mx=True), mx.ttl
-        # RFC 5321 §5.1: lowest preference first. A target listed twice keeps its best one.
-        exchangers.sort(key=lambda record: record[0])
+        # RFC 5321 §5.1: lowest preference first. Ties are put in name order here (servers
+        # rotate RRsets) and shuffled on every read. A target listed twice keeps its best one.
+        exchangers.sort()
         targets = list(dict.fromkeys(target for _, target in exchangers))
         best = {target: pref for pref, target in reversed(exchangers)}
         answers = yield [(t, _A) for t in targets] + [(t, _AAAA) for t in targets]

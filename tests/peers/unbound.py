@@ -267,12 +267,14 @@ def start_unbound(directory: Path, *, log_queries: bool = False) -> UnboundServe
         port = free_port()
         conf = directory / "unbound.conf"
         conf.write_text(config_text(directory, port, log_queries=log_queries), encoding="utf-8")
-        process = subprocess.Popen(  # the binary path is ours, the arguments fixed
-            [binary, "-d", "-c", str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        stderr = directory / "unbound.stderr"
+        with stderr.open("wb") as sink:
+            process = subprocess.Popen(  # the binary path is ours, the arguments fixed
+                [binary, "-d", "-c", str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=sink,
+            )
         server = UnboundServer(process, directory, port)
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline and process.poll() is None:
@@ -280,8 +282,7 @@ def start_unbound(directory: Path, *, log_queries: bool = False) -> UnboundServe
                 return server
             time.sleep(0.05)
         server.stop()
-        assert process.stderr is not None
-        error = process.stderr.read().decode(errors="replace")
+        error = stderr.read_text(errors="replace")
         log = directory / "unbound.log"
         if log.exists():
             error += log.read_text(errors="replace")
