@@ -284,8 +284,12 @@ def start_aiosmtpd(
     )
 
 
+AiosmtpdFactory = Callable[..., AiosmtpdServer]
+"""The type of the ``make_aiosmtpd`` fixture, for annotating tests."""
+
+
 @pytest.fixture
-def make_aiosmtpd(tls_files: TLSFiles) -> Iterator[Callable[..., AiosmtpdServer]]:
+def make_aiosmtpd(tls_files: TLSFiles) -> Iterator[AiosmtpdFactory]:
     """A factory taking :func:`start_aiosmtpd`'s keyword arguments; stops every server made."""
     servers: list[AiosmtpdServer] = []
 
@@ -300,26 +304,26 @@ def make_aiosmtpd(tls_files: TLSFiles) -> Iterator[Callable[..., AiosmtpdServer]
 
 
 @pytest.fixture
-def aiosmtpd_server(make_aiosmtpd: Callable[..., AiosmtpdServer]) -> AiosmtpdServer:
+def aiosmtpd_server(make_aiosmtpd: AiosmtpdFactory) -> AiosmtpdServer:
     """aiosmtpd SMTP on 127.0.0.1: SMTPUTF8, 8BITMIME, STARTTLS, AUTH PLAIN/LOGIN."""
     return make_aiosmtpd()
 
 
 @pytest.fixture
-def aiosmtpd_smtps(make_aiosmtpd: Callable[..., AiosmtpdServer]) -> AiosmtpdServer:
+def aiosmtpd_smtps(make_aiosmtpd: AiosmtpdFactory) -> AiosmtpdServer:
     """aiosmtpd SMTP with implicit TLS (SMTPS) and AUTH PLAIN/LOGIN."""
     return make_aiosmtpd(implicit_tls=True)
 
 
 @pytest.fixture
-def aiosmtpd_lmtp(make_aiosmtpd: Callable[..., AiosmtpdServer]) -> AiosmtpdServer:
+def aiosmtpd_lmtp(make_aiosmtpd: AiosmtpdFactory) -> AiosmtpdServer:
     """aiosmtpd LMTP on 127.0.0.1 with per-recipient replies scripted by local part."""
     return make_aiosmtpd(lmtp=True, starttls=False, auth=False)
 
 
 @pytest.fixture
 def aiosmtpd_lmtp_unix(
-    make_aiosmtpd: Callable[..., AiosmtpdServer],
+    make_aiosmtpd: AiosmtpdFactory,
 ) -> Iterator[AiosmtpdServer]:
     """aiosmtpd LMTP on a unix socket (``.unix_socket``), replies scripted as for TCP."""
     # A short directory of our own: unix socket paths are limited to ~107 bytes.

@@ -18,8 +18,11 @@ and ::1)                     ``smtpd -v``, so every command and reply is in :met
 ``smtps_port``               implicit TLS (RFC 8314), AUTH; relaying only when authenticated
 ``plain_port``               no STARTTLS, no AUTH (a server without TLS)
 ``no_pipelining_port``       EHLO without PIPELINING and CHUNKING (``smtpd_discard_ehlo_keywords``)
-``helo_only_port``           EHLO refused with ``502 5.5.2`` (``smtpd_command_filter`` rewrites
+``helo_only_port``           EHLO refused with ``500 5.5.2`` (``smtpd_command_filter`` rewrites
                              EHLO into an unknown command), HELO works: the HELO fallback
+``idle_timeout_port``        like ``smtp_port`` but ``smtpd_timeout`` = :data:`IDLE_TIMEOUT`
+                             seconds: an idle connection gets ``421 4.4.2`` and is closed (the
+                             pool's reconnect path, against a real server)
 ============================ ==================================================================
 
 Domains: ``mailrelay.test`` (virtual Maildirs ``alice``, ``bob``; other users 550 5.1.1),
@@ -79,6 +82,8 @@ USERS = {"alice@mailrelay.test": "alicepw", "bob@mailrelay.test": "bobpw"}
 SASL_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
 MESSAGE_SIZE_LIMIT = 10_240_000
 """Postfix's ``message_size_limit`` here, in bytes (advertised in the EHLO SIZE keyword)."""
+IDLE_TIMEOUT = 2
+"""Seconds ``idle_timeout_port`` waits for a command before it says 421 and hangs up."""
 
 _SASL_PLUGIN_DIRS = (Path("/usr/lib/x86_64-linux-gnu/sasl2"), Path("/usr/lib/sasl2"))
 _START_TIMEOUT = 20.0
@@ -116,6 +121,7 @@ class PostfixInstance:
         self.plain_port = free_port()
         self.no_pipelining_port = free_port()
         self.helo_only_port = free_port()
+        self.idle_timeout_port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
         self.master_pid: int | None = None
 
@@ -257,6 +263,7 @@ class PostfixInstance:
             (self.host, self.plain_port, False),
             (self.host, self.no_pipelining_port, False),
             (self.host, self.helo_only_port, False),
+            (self.host, self.idle_timeout_port, False),
         ]
         while probes:
             if self._process.poll() is not None or time.monotonic() > end:
@@ -410,6 +417,9 @@ postlog   unix-dgram n  -       n       -       1       postlogd
   -o smtpd_tls_security_level=none
   -o smtpd_sasl_auth_enable=no
   -o smtpd_command_filter=regexp:{self.etc}/no_ehlo
+{self.host}:{self.idle_timeout_port} inet n - n - - smtpd
+  -o syslog_name=postfix/idle
+  -o smtpd_timeout={IDLE_TIMEOUT}s
 """
         return services + listeners
 

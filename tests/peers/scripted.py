@@ -443,8 +443,12 @@ def quit_step() -> Step:
     return Step(expect="QUIT", reply=b"221 2.0.0 Bye\r\n", action=Action.CLOSE)
 
 
+ScriptedServerFactory = Callable[..., ScriptedServer]
+"""The type of the ``scripted_server`` fixture, for annotating tests."""
+
+
 @pytest.fixture
-def scripted_server(tls_files: TLSFiles) -> Iterator[Callable[..., ScriptedServer]]:
+def scripted_server(tls_files: TLSFiles) -> Iterator[ScriptedServerFactory]:
     """A factory: ``scripted_server(scripts, *, implicit_tls=False, tls="trusted")``.
 
     ``tls`` is ``"trusted"`` (the CA-signed certificate of ``tls_files``), ``"untrusted"``

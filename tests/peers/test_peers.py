@@ -6,19 +6,22 @@ These tests check the fixtures, not mailrelay (whose client does not need to exi
 from __future__ import annotations
 
 import email
+import shutil
 import smtplib
 import socket
 import ssl
 import subprocess
+import tempfile
 import uuid
-from collections.abc import Callable
 from email.message import EmailMessage
 from email.policy import SMTPUTF8
+from pathlib import Path
 
 import pytest
 
 from tests.peers.aiosmtpd_server import DATA_SIZE_LIMIT, AiosmtpdServer
 from tests.peers.postfix import (
+    IDLE_TIMEOUT,
     MESSAGE_SIZE_LIMIT,
     USERS,
     PostfixInstance,
@@ -27,7 +30,7 @@ from tests.peers.postfix import (
 from tests.peers.scripted import (
     ANY,
     Action,
-    ScriptedServer,
+    ScriptedServerFactory,
     Step,
     accept_message,
     ehlo,
@@ -78,6 +81,28 @@ def _read_until(sock: socket.socket, needle: bytes, limit: int = 1 << 20) -> byt
 
 def test_this_machine_can_run_postfix() -> None:
     assert missing_requirements() == []
+
+
+@pytest.mark.postfix
+def test_a_second_postfix_instance_runs_beside_the_first_and_stops(
+    postfix: PostfixInstance, tls_files: TLSFiles
+) -> None:
+    # Not tmp_path: pytest's base directory is 0700, and virtual(8) delivers as nobody.
+    root = Path(tempfile.mkdtemp(prefix="mailrelay-postfix-"))
+    second = PostfixInstance(root, tls_files)
+    assert second.smtp_port != postfix.smtp_port
+    second.setup()
+    try:
+        second.start()
+        with smtplib.SMTP(second.host, second.smtp_port, timeout=TIMEOUT) as client:
+            client.sendmail("someone@example.org", [BOB], _message("second instance"))
+        assert len(second.wait_for_delivery("bob", 1, timeout=TIMEOUT)) == 1
+        assert all(b"second instance" not in raw for raw in postfix.read_maildir("bob"))
+    finally:
+        second.stop()
+        shutil.rmtree(root)
+    assert second.master_pid is not None
+    assert not Path(f"/proc/{second.master_pid}").exists()
 
 
 @pytest.mark.postfix
@@ -215,6 +240,18 @@ def test_postfix_helo_only_port_refuses_ehlo(postfix: PostfixInstance) -> None:
         assert (code, text.split()[0]) == (500, b"5.5.2")
         assert client.helo()[0] == 250
         assert client.mail("someone@example.org")[0] == 250
+
+
+@pytest.mark.postfix
+def test_postfix_closes_an_idle_connection_with_421(postfix: PostfixInstance) -> None:
+    with _raw_connect(postfix.idle_timeout_port) as sock:
+        assert _read_until(sock, b"\r\n").startswith(b"220 ")
+        sock.sendall(b"EHLO client.mailrelay.test\r\n")
+        _read_until(sock, b"250 ")
+        sock.settimeout(IDLE_TIMEOUT + TIMEOUT)
+        # Nothing more is sent: Postfix gives up waiting, says 421 and closes (read to EOF).
+        rest = _read_until(sock, b"never sent")
+    assert rest.split(b"\r\n")[-2].startswith(b"421 4.4.2 ")
 
 
 @pytest.mark.postfix
@@ -371,11 +408,9 @@ def test_aiosmtpd_lmtp_over_a_unix_socket(aiosmtpd_lmtp_unix: AiosmtpdServer) ->
 
 # -- scripted server ----------------------------------------------------------------------
 
-ScriptedFactory = Callable[..., ScriptedServer]
-
 
 def test_scripted_server_runs_a_session_and_records_bytes(
-    scripted_server: ScriptedFactory,
+    scripted_server: ScriptedServerFactory,
 ) -> None:
     server = scripted_server(
         [[greeting(), ehlo("PIPELINING", "8BITMIME"), *accept_message(2), quit_step()]]
@@ -393,7 +428,7 @@ def test_scripted_server_runs_a_session_and_records_bytes(
     assert session.events[-1] in {"closed by script", "script finished"}
 
 
-def test_scripted_server_421_in_a_pipelined_group(scripted_server: ScriptedFactory) -> None:
+def test_scripted_server_421_in_a_pipelined_group(scripted_server: ScriptedServerFactory) -> None:
     server = scripted_server(
         [
             [
@@ -420,7 +455,7 @@ def test_scripted_server_421_in_a_pipelined_group(scripted_server: ScriptedFacto
     assert server.session(0).received.endswith(b"RCPT TO:<c@x.test>\r\nDATA\r\n")
 
 
-def test_scripted_server_disconnects_mid_data(scripted_server: ScriptedFactory) -> None:
+def test_scripted_server_disconnects_mid_data(scripted_server: ScriptedServerFactory) -> None:
     server = scripted_server(
         [
             [
@@ -441,7 +476,9 @@ def test_scripted_server_disconnects_mid_data(scripted_server: ScriptedFactory) 
     assert "closed by script" in server.session(0).events
 
 
-def test_scripted_server_starttls(scripted_server: ScriptedFactory, tls_files: TLSFiles) -> None:
+def test_scripted_server_starttls(
+    scripted_server: ScriptedServerFactory, tls_files: TLSFiles
+) -> None:
     server = scripted_server(
         [
             [
@@ -463,7 +500,7 @@ def test_scripted_server_starttls(scripted_server: ScriptedFactory, tls_files: T
 
 
 def test_scripted_server_injects_plaintext_after_starttls(
-    scripted_server: ScriptedFactory,
+    scripted_server: ScriptedServerFactory,
 ) -> None:
     injected = b"250-injected before the handshake\r\n"
     server = scripted_server(
@@ -492,7 +529,7 @@ def test_scripted_server_injects_plaintext_after_starttls(
 
 
 def test_scripted_server_fails_the_tls_handshake(
-    scripted_server: ScriptedFactory, tls_files: TLSFiles
+    scripted_server: ScriptedServerFactory, tls_files: TLSFiles
 ) -> None:
     server = scripted_server(
         [
@@ -512,7 +549,7 @@ def test_scripted_server_fails_the_tls_handshake(
 
 
 def test_scripted_server_with_untrusted_certificate(
-    scripted_server: ScriptedFactory, tls_files: TLSFiles
+    scripted_server: ScriptedServerFactory, tls_files: TLSFiles
 ) -> None:
     server = scripted_server([[greeting()]], implicit_tls=True, tls="untrusted")
     with pytest.raises(ssl.SSLCertVerificationError):
@@ -524,7 +561,7 @@ def test_scripted_server_with_untrusted_certificate(
 
 @pytest.mark.parametrize("implicit_tls", [True, False])
 def test_scripted_server_implicit_tls_or_plaintext(
-    scripted_server: ScriptedFactory, tls_files: TLSFiles, implicit_tls: bool
+    scripted_server: ScriptedServerFactory, tls_files: TLSFiles, implicit_tls: bool
 ) -> None:
     server = scripted_server([[greeting(), quit_step()]], implicit_tls=implicit_tls)
     context = _client_context(tls_files)
@@ -538,7 +575,7 @@ def test_scripted_server_implicit_tls_or_plaintext(
             smtplib.SMTP_SSL("localhost", server.port, timeout=TIMEOUT, context=context)
 
 
-def test_scripted_server_endless_reply_line(scripted_server: ScriptedFactory) -> None:
+def test_scripted_server_endless_reply_line(scripted_server: ScriptedServerFactory) -> None:
     server = scripted_server(
         [[greeting(), Step(expect="EHLO.*", reply=b"250-", action=Action.ENDLESS)]]
     )
@@ -552,7 +589,7 @@ def test_scripted_server_endless_reply_line(scripted_server: ScriptedFactory) ->
     assert "endless" in server.session(0).events
 
 
-def test_scripted_server_slow_reply_and_silence(scripted_server: ScriptedFactory) -> None:
+def test_scripted_server_slow_reply_and_silence(scripted_server: ScriptedServerFactory) -> None:
     server = scripted_server(
         [[Step(delay=2.0, reply=b"220 late\r\n")], [Step(action=Action.SILENT, silence=5.0)]]
     )
@@ -562,21 +599,23 @@ def test_scripted_server_slow_reply_and_silence(scripted_server: ScriptedFactory
     assert "silent" in server.session(1).events
 
 
-def test_scripted_server_records_a_mismatch(scripted_server: ScriptedFactory) -> None:
+def test_scripted_server_records_a_mismatch(scripted_server: ScriptedServerFactory) -> None:
     server = scripted_server([[greeting(), Step(expect="HELO .*", reply=b"250 hi\r\n")]])
     with smtplib.SMTP(server.host, server.port, timeout=TIMEOUT) as client:
         assert client.ehlo()[0] == 500
     assert server.session(0).events[0].startswith("mismatch: expected 'HELO .*'")
 
 
-def test_scripted_server_closes_unscripted_connections(scripted_server: ScriptedFactory) -> None:
+def test_scripted_server_closes_unscripted_connections(
+    scripted_server: ScriptedServerFactory,
+) -> None:
     server = scripted_server([])
     with pytest.raises(smtplib.SMTPServerDisconnected):
         smtplib.SMTP(server.host, server.port, timeout=TIMEOUT)
     assert server.session(0).events == ["unscripted connection closed"]
 
 
-def test_scripted_server_reads_bdat_chunks(scripted_server: ScriptedFactory) -> None:
+def test_scripted_server_reads_bdat_chunks(scripted_server: ScriptedServerFactory) -> None:
     server = scripted_server(
         [
             [
