@@ -1,0 +1,915 @@
+"""The SMTP/ESMTP/LMTP conversation, written once, with no I/O of its own.
+
+Theory of operation
+-------------------
+A :class:`Session` holds one sans-I/O :class:`~mailrelay.protocol.ClientConnection` and
+offers the steps of a session as generator methods: :meth:`Session.open`,
+:meth:`Session.deliver`, :meth:`Session.reset`, :meth:`Session.noop` and :meth:`Session.quit`.
+Each generator yields *I/O requests* and its ``return`` value is the step's result. A driver
+(blocking sockets or asyncio, in :mod:`mailrelay.transport`) runs a step like this::
+
+    def run(step):
+        reply = None
+        while True:
+            try:
+                request = step.send(reply)
+            except StopIteration as done:
+                return done.value
+            if isinstance(request, Write):      # send every byte; reply None
+                ...
+            elif isinstance(request, Read):     # recv up to 64 KiB; reply the bytes, b"" at EOF
+                ...
+            elif isinstance(request, StartTLS): # wrap the socket; reply None
+                ...                             # on failure: step.throw(exc) instead
+            elif isinstance(request, Close):    # close the socket; reply None
+                ...
+
+Every :class:`Write` and :class:`Read` names its *phase* (``"greeting"``, ``"mail"``,
+``"rcpt"``, ``"data_init"``, ``"data_block"``, ``"data_end"``): the name of the
+:class:`~mailrelay.options.Timeouts` field the driver applies (``timeouts.for_phase(phase)``).
+Replies to EHLO, HELO, LHLO, STARTTLS, AUTH, RSET, NOOP and QUIT use ``"greeting"``
+(RFC 5321 §4.5.3.2 names no limit for them; its 5 minutes are the general one).
+A failed TLS handshake is thrown into the generator at its :class:`StartTLS` request; the
+generator turns it into :class:`~mailrelay.errors.TLSError`. Any other exception the driver
+meets (timeouts, resets) it raises itself, after closing the socket; the session is then dead.
+
+Rules (the RFC sections are cited where they are enforced):
+
+* Greeting: 220 goes on; anything else refuses the session (:class:`SessionRefused`,
+  transient for 4xx such as 421, permanent for 554).
+* EHLO, falling back to HELO when EHLO is refused with 500, 501, 502, 504 or 550
+  (RFC 5321 §4.1.4); LMTP sends LHLO and never falls back (RFC 2033 §4.1). A local host name
+  that is an IP address goes out as an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``,
+  RFC 5321 §4.1.3).
+* STARTTLS by policy (:class:`~mailrelay.options.TLS`): ``NONE`` never; ``OPPORTUNISTIC`` when
+  offered, staying in plain text when not offered or refused — but a handshake that *fails*
+  raises a transient :class:`TLSError` (the connection is unusable; the transport may retry in
+  plain text); ``STARTTLS`` required raises :class:`TLSError` when not offered or refused;
+  ``IMPLICIT`` never sends STARTTLS (the driver has already wrapped the socket). EHLO again
+  after TLS (RFC 3207 §4.2).
+* AUTH when a user name is configured, never over plain text unless ``allow_insecure_auth``.
+  The strongest mechanism both sides offer, unless the caller names its own order; after 534
+  "mechanism too weak" (or 504 "not supported") the next one is tried (RFC 4954 §6); other
+  refusals raise :class:`AuthenticationError`.
+* Per message, refused *before sending* with a PERMANENT result for every recipient and a
+  ``reason`` when the server lacks what the message needs: SIZE (RFC 1870 §6), SMTPUTF8
+  (RFC 6531 §3.4, for the message or any envelope address), 8BITMIME (RFC 6152 §3; we do not
+  re-encode to 7 bit), REQUIRETLS (RFC 8689 §4.1: needs an encrypted connection and the
+  server's keyword).
+* MAIL, every RCPT and DATA are sent in one write when the server offers PIPELINING and the
+  configuration allows it (RFC 2920 §3.1). A refused MAIL gives every recipient the MAIL
+  reply (not the 503s that follow). If every RCPT was refused but DATA still got 354, a lone
+  "." ends the empty transaction (RFC 2920 §3.1) and each recipient keeps its own reply.
+* Message data is streamed from ``message.chunks()``, one :class:`Write` per chunk. BDAT
+  (RFC 3030) is used when the server offers CHUNKING *and* the configuration asks for it
+  (``chunking=True``); otherwise DATA.
+* LMTP: one final reply per accepted recipient, in RCPT order (RFC 2033 §4.2).
+* After a transaction that did not reach its end-of-data reply, RSET is sent before the
+  next one (RFC 5321 §4.1.1.5).
+* 421 anywhere (and an unexpected end of the connection): the session is closed; recipients
+  without a final answer become TRANSIENT. If *no* recipient got a final answer of its own,
+  :class:`SessionRefused` (421) or :class:`ConnectionLost` (EOF) is raised instead of a
+  result, so that a transport may try another host for the whole message.
+
+Wire traces go to the ``mailrelay.flow`` logger at DEBUG; AUTH lines are redacted.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import logging
+from collections.abc import Generator, Iterator, Sequence
+from typing import TypeAlias, TypeVar
+
+import attrs
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope
+from mailrelay.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectionLost,
+    DeliveryError,
+    ProtocolError,
+    RemoteProtocolError,
+    ServerProtocolError,
+    SessionRefused,
+    TLSError,
+)
+from mailrelay.message import Message
+from mailrelay.options import TLS
+from mailrelay.protocol import (
+    NEED_DATA,
+    Auth,
+    AuthAbort,
+    AuthContinue,
+    Bdat,
+    ClientConnection,
+    Command,
+    ConnectionClosed,
+    Data,
+    DataChunk,
+    Ehlo,
+    EndOfData,
+    Event,
+    Extensions,
+    Greeting,
+    Helo,
+    Lhlo,
+    LMTPResponse,
+    MailFrom,
+    Noop,
+    Quit,
+    RcptTo,
+    Response,
+    Rset,
+    ServiceClosing,
+)
+from mailrelay.protocol import StartTLS as StartTLSCommand
+from mailrelay.protocol.sasl import Mechanism, candidate_mechanisms
+from mailrelay.reply import Reply
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+
+__all__ = [
+    "Close",
+    "Read",
+    "Request",
+    "Session",
+    "SessionConfig",
+    "StartTLS",
+    "Step",
+    "Write",
+]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# -- I/O requests ------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Write:
+    """Write all of ``data`` to the connection; the driver sends back ``None``.
+
+    Attributes:
+        data: the bytes to write (never shown by ``repr``: they may hold credentials).
+        phase: the :class:`~mailrelay.options.Timeouts` field that limits the write.
+    """
+
+    data: bytes = attrs.field(repr=False)
+    phase: str
+
+
+@attrs.frozen(kw_only=True)
+class Read:
+    """Read what the server has sent (at least one byte); the driver sends back the bytes,
+    or ``b""`` at end of file.
+
+    Attributes:
+        phase: the :class:`~mailrelay.options.Timeouts` field that limits the wait.
+    """
+
+    phase: str
+
+
+@attrs.frozen(kw_only=True)
+class StartTLS:
+    """Run the TLS handshake on the connection now; the driver sends back ``None``, or
+    throws the handshake's exception into the generator.
+
+    Attributes:
+        server_hostname: the name to send in SNI and to check the certificate against.
+    """
+
+    server_hostname: str
+
+
+@attrs.frozen(kw_only=True)
+class Close:
+    """Close the connection; the driver sends back ``None``."""
+
+
+#: Anything a step may yield.
+Request: TypeAlias = Write | Read | StartTLS | Close
+#: A step of the session: yields requests, is sent ``bytes`` (for :class:`Read`) or ``None``,
+#: and returns its result.
+Step: TypeAlias = Generator[Request, bytes | None, _T]
+
+# RFC 5321 §4.1.4: EHLO refused with one of these means "try HELO".
+_HELO_FALLBACK = frozenset({500, 501, 502, 504, 550})
+# RFC 4954 §6: 534 "mechanism too weak"; 504 "mechanism not supported" (some servers).
+_NEXT_MECHANISM = frozenset({504, 534})
+_NO_EXTENSIONS = Extensions.parse(())
+
+
+def _check_hostname(instance: SessionConfig, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value or any(c in value for c in " \t\r\n\0<>"):
+        raise ConfigurationError(f"{attribute.name} is not a usable host name: {value!r}")
+
+
+def _check_credentials(
+    instance: SessionConfig, attribute: attrs.Attribute[str | None], value: str | None
+) -> None:
+    if (instance.username is None) != (value is None):
+        raise ConfigurationError("give both a user name and a password (or token), or neither")
+
+
+@attrs.frozen(kw_only=True)
+class SessionConfig:
+    """What a :class:`Session` needs to know; the transport builds it.
+
+    Attributes:
+        local_hostname: our name for EHLO/HELO/LHLO. An IP address is sent as an address
+            literal.
+        server_hostname: the server's name, for TLS (SNI and certificate checks).
+        tls: the TLS policy.
+        username: the user name to authenticate as; ``None`` means no AUTH.
+        password: the password (or, for XOAUTH2, the access token). Never shown by ``repr``.
+        auth_mechanisms: the SASL mechanisms to use, in order; ``None`` means the strongest
+            both sides support (XOAUTH2 only when named here).
+        allow_insecure_auth: allow AUTH over an unencrypted connection.
+        pipelining: use PIPELINING when the server offers it (turn off for broken servers).
+        chunking: use BDAT when the server offers CHUNKING.
+        lmtp: speak LMTP (LHLO, one final reply per recipient).
+        peer: ``host:port`` of the server, recorded in the results.
+    """
+
+    local_hostname: str = attrs.field(validator=_check_hostname)
+    server_hostname: str = attrs.field(validator=_check_hostname)
+    tls: TLS = attrs.field(default=TLS.STARTTLS, validator=attrs.validators.instance_of(TLS))
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False, validator=_check_credentials)
+    auth_mechanisms: tuple[str, ...] | None = attrs.field(
+        default=None,
+        converter=attrs.converters.optional(tuple),
+    )
+    allow_insecure_auth: bool = False
+    pipelining: bool = True
+    chunking: bool = False
+    lmtp: bool = False
+    peer: str | None = None
+
+
+def _hello_name(name: str) -> str:
+    """RFC 5321 §4.1.3: an IP address goes in EHLO as an address literal."""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    if address.version == 6:
+        return f"[IPv6:{address.compressed}]"
+    return f"[{address}]"
+
+
+def _trace(command: Command, data: bytes) -> str:
+    """The wire trace of one write, with credentials redacted."""
+    if isinstance(command, Auth):
+        return f"AUTH {command.mechanism}" + (" <redacted>" if command.initial_response else "")
+    if isinstance(command, AuthContinue):
+        return "<redacted SASL response>"
+    if isinstance(command, DataChunk | Bdat):
+        return f"<{len(data)} bytes of message data>"
+    return data.decode("utf-8", "replace").rstrip("\r\n")
+
+
+# -- the per-message bookkeeping ---------------------------------------------------------------
+
+
+class _Transaction:
+    """Which reply each recipient of one message has, and which are final."""
+
+    def __init__(self, recipients: Sequence[Address], peer: str | None) -> None:
+        self.addresses = tuple(recipients)
+        self.peer = peer
+        self.rcpt_replies: list[Reply | None] = [None] * len(self.addresses)
+        self.final: list[RecipientResult | None] = [None] * len(self.addresses)
+
+    def settle(self, index: int, reply: Reply, reason: str | None = None) -> None:
+        self.final[index] = RecipientResult(
+            address=self.addresses[index],
+            outcome=Outcome.from_reply(reply),
+            reply=reply,
+            reason=reason,
+            host=self.peer,
+        )
+
+    def settle_all(self, reply: Reply, reason: str | None = None) -> None:
+        for index, result in enumerate(self.final):
+            if result is None:
+                self.settle(index, reply, reason)
+
+    def accepted(self) -> list[int]:
+        """Indices of recipients whose RCPT was accepted and that have no final result yet."""
+        return [
+            i
+            for i, reply in enumerate(self.rcpt_replies)
+            if reply is not None and reply.is_positive and self.final[i] is None
+        ]
+
+    def any_final(self) -> bool:
+        return any(result is not None for result in self.final)
+
+    def unfinished(self, reply: Reply | None, reason: str) -> None:
+        """Every recipient still without a final answer becomes TRANSIENT."""
+        for index, result in enumerate(self.final):
+            if result is None:
+                self.final[index] = RecipientResult(
+                    address=self.addresses[index],
+                    outcome=Outcome.TRANSIENT,
+                    reply=reply,
+                    reason=reason,
+                    host=self.peer,
+                )
+
+    def result(self, message_id: str | None) -> DeliveryResult:
+        results = tuple(r for r in self.final if r is not None)
+        assert len(results) == len(self.addresses), "every recipient must be settled"
+        return DeliveryResult(recipients=results, message_id=message_id, host=self.peer)
+
+
+class _SessionClosed(Exception):
+    """Internal: the server ended the session (421 or EOF) in the middle of a step."""
+
+    def __init__(self, reply: Reply | None) -> None:
+        super().__init__("session closed")
+        self.reply = reply
+
+
+# -- the session -------------------------------------------------------------------------------
+
+
+class Session:
+    """One SMTP/LMTP session over one connection, as generator steps (see the module docs).
+
+    Attributes:
+        config: the configuration.
+        encrypted: whether the connection is protected by TLS (implicit or after STARTTLS).
+        authenticated: whether AUTH succeeded.
+        closed: whether the session is over (QUIT sent, 421 received, or the connection lost).
+        greeting: the server's greeting, once read.
+    """
+
+    def __init__(self, config: SessionConfig) -> None:
+        self.config = config
+        self.encrypted = config.tls is TLS.IMPLICIT
+        self.authenticated = False
+        self.closed = False
+        self.greeting: Reply | None = None
+        self._conn = ClientConnection(lmtp=config.lmtp)
+        self._needs_rset = False
+        self._extensions: Extensions | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Session {self.config.server_hostname} {state} encrypted={self.encrypted}>"
+
+    @property
+    def extensions(self) -> Extensions:
+        """What the server offered in its last EHLO/LHLO reply (nothing after HELO)."""
+        return self._extensions if self._extensions is not None else _NO_EXTENSIONS
+
+    # -- low-level helpers ---------------------------------------------------------------------
+
+    def _write(self, *commands: Command, phase: str) -> Step[None]:
+        """Send commands in one write."""
+        pieces = []
+        for command in commands:
+            data = self._conn.send(command)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(">>> %s", _trace(command, data))
+            pieces.append(data)
+        data = b"".join(pieces)
+        if data:
+            yield Write(data=data, phase=phase)
+
+    def _event(self, phase: str) -> Step[Event]:
+        """The next event from the connection, reading as needed."""
+        while True:
+            try:
+                event = self._conn.next_event()
+                if event is NEED_DATA:
+                    data = yield Read(phase=phase)
+                    self._conn.receive_data(data if data is not None else b"")
+                    continue
+            except RemoteProtocolError as exc:
+                yield from self._closed()
+                raise ServerProtocolError(
+                    f"the server broke the protocol: {exc}", host=self.config.peer
+                ) from exc
+            if isinstance(event, Greeting | Response | LMTPResponse | ServiceClosing):
+                log.debug("<<< %s", event.reply)
+            return event
+
+    def _reply(self, phase: str) -> Step[Reply]:
+        """The reply to the oldest pending command; 421 and EOF raise ``_SessionClosed``."""
+        event = yield from self._event(phase)
+        reply = yield from self._check_closing(event)
+        return reply
+
+    def _check_closing(self, event: Event) -> Step[Reply]:
+        """The event's reply, unless the server is ending the session (``_SessionClosed``)."""
+        if isinstance(event, ConnectionClosed):
+            yield from self._closed()
+            raise _SessionClosed(None)
+        if isinstance(event, ServiceClosing) or event.reply.code == 421:
+            # RFC 5321 §3.8: 421 means the server is closing the channel.
+            yield from self._closed()
+            raise _SessionClosed(event.reply)
+        return event.reply
+
+    def _closed(self) -> Step[None]:
+        if not self.closed:
+            self.closed = True
+            yield Close()
+
+    def _refuse(self, reply: Reply | None, what: str) -> DeliveryError:
+        """The exception for a session that ended with no per-recipient answer."""
+        if reply is None:
+            return ConnectionLost(f"the server closed the connection {what}", host=self.config.peer)
+        return SessionRefused(
+            f"the server closed the session {what}: {reply}", reply=reply, host=self.config.peer
+        )
+
+    def _abort(self) -> Step[None]:
+        """End the session politely after a local decision to stop: QUIT, then close."""
+        if self.closed:
+            return
+        try:
+            yield from self._write(Quit(), phase="greeting")
+            yield from self._event("greeting")
+        except (DeliveryError, ProtocolError, _SessionClosed):
+            pass  # we are leaving anyway; the server's manners no longer matter
+        yield from self._closed()
+
+    def _ensure_open(self) -> None:
+        if self.closed:
+            raise ConnectionLost("the session is closed", host=self.config.peer)
+
+    # -- open ----------------------------------------------------------------------------------
+
+    def open(self) -> Step[None]:
+        """Greeting, EHLO (or HELO/LHLO), STARTTLS per policy, EHLO again, AUTH.
+
+        Raises:
+            SessionRefused: the greeting refused the session, or the server sent 421.
+            TLSError: the TLS policy cannot be met, or the handshake failed.
+            AuthenticationError: AUTH failed or would have been unsafe.
+            ConnectionLost: the server closed the connection.
+            ServerProtocolError: the server broke the protocol.
+        """
+        self._ensure_open()
+        try:
+            yield from self._open()
+        except _SessionClosed as closed:
+            raise self._refuse(closed.reply, "while opening the session") from None
+
+    def _open(self) -> Step[None]:
+        event = yield from self._event("greeting")
+        if isinstance(event, ConnectionClosed):
+            yield from self._closed()
+            raise _SessionClosed(None)
+        if not isinstance(event, Greeting):
+            raise AssertionError(f"the first event is always the greeting, not {event}")
+        self.greeting = event.reply
+        if event.reply.code != 220:
+            # RFC 5321 §3.1: a 554 greeting refuses the session; the server then waits for
+            # QUIT. 421 (and any other code) also means "not now".
+            if event.reply.code == 421:
+                yield from self._closed()
+            else:
+                yield from self._abort()
+            raise SessionRefused(
+                f"the server refused the session: {event.reply}",
+                reply=event.reply,
+                host=self.config.peer,
+            )
+        yield from self._hello()
+        if self._wants_starttls():
+            yield from self._starttls()
+        if self.config.username is not None:
+            yield from self._authenticate()
+
+    def _hello(self) -> Step[None]:
+        name = _hello_name(self.config.local_hostname)
+        if self.config.lmtp:
+            # RFC 2033 §4.1: LHLO only; an LMTP server refusing it is not an SMTP server.
+            yield from self._write(Lhlo(hostname=name), phase="greeting")
+            reply = yield from self._reply("greeting")
+            yield from self._check_hello(reply, "LHLO")
+            return
+        yield from self._write(Ehlo(hostname=name), phase="greeting")
+        reply = yield from self._reply("greeting")
+        if reply.code in _HELO_FALLBACK:
+            log.debug("EHLO refused with %d; falling back to HELO", reply.code)
+            yield from self._write(Helo(hostname=name), phase="greeting")
+            reply = yield from self._reply("greeting")
+            yield from self._check_hello(reply, "HELO")
+            self._extensions = None
+            return
+        yield from self._check_hello(reply, "EHLO")
+
+    def _check_hello(self, reply: Reply, verb: str) -> Step[None]:
+        if not reply.is_positive:
+            yield from self._abort()
+            raise SessionRefused(
+                f"the server refused {verb}: {reply}", reply=reply, host=self.config.peer
+            )
+        if verb != "HELO":
+            self._extensions = self._conn.extensions
+
+    def _wants_starttls(self) -> bool:
+        policy = self.config.tls
+        if policy in (TLS.NONE, TLS.IMPLICIT):
+            return False
+        return policy is TLS.STARTTLS or self.extensions.starttls
+
+    def _starttls(self) -> Step[None]:
+        required = self.config.tls is TLS.STARTTLS
+        if not self.extensions.starttls:
+            yield from self._abort()
+            raise TLSError(
+                "TLS is required but the server does not offer STARTTLS",
+                host=self.config.peer,
+            )
+        yield from self._write(StartTLSCommand(), phase="greeting")
+        reply = yield from self._reply("greeting")
+        if reply.code != 220:
+            if not required:
+                # RFC 3207 §4: the client may go on without TLS when the server cannot start it.
+                log.debug("STARTTLS refused (%d); going on in plain text", reply.code)
+                return
+            yield from self._abort()
+            raise TLSError(
+                f"TLS is required but the server refused STARTTLS: {reply}",
+                reply=reply,
+                host=self.config.peer,
+            )
+        try:
+            yield StartTLS(server_hostname=self.config.server_hostname)
+        except Exception as exc:
+            yield from self._closed()
+            transient = not required or (isinstance(exc, DeliveryError) and exc.is_transient)
+            raise TLSError(
+                f"the TLS handshake failed: {exc}", is_transient=transient, host=self.config.peer
+            ) from exc
+        try:
+            self._conn.tls_established()
+        except RemoteProtocolError as exc:
+            # RFC 3207 §4.2: bytes that came with the 220 are a response-injection attempt.
+            yield from self._closed()
+            raise ServerProtocolError(str(exc), host=self.config.peer) from exc
+        self.encrypted = True
+        self._extensions = None
+        # RFC 3207 §4.2: forget what the server said before TLS and ask again.
+        yield from self._hello()
+
+    # -- AUTH ----------------------------------------------------------------------------------
+
+    def _authenticate(self) -> Step[None]:
+        username, password = self.config.username, self.config.password
+        assert username is not None
+        assert password is not None
+        if not self.encrypted and not self.config.allow_insecure_auth:
+            yield from self._abort()
+            raise AuthenticationError(
+                "refusing to send credentials over an unencrypted connection "
+                "(use TLS, or allow_insecure_auth=True)",
+                host=self.config.peer,
+            )
+        try:
+            mechanisms = candidate_mechanisms(
+                self.extensions.auth, preferred=self.config.auth_mechanisms
+            )
+        except AuthenticationError:
+            yield from self._abort()
+            raise
+        if not mechanisms:
+            yield from self._abort()
+            offered = ", ".join(sorted(self.extensions.auth)) or "no AUTH at all"
+            raise AuthenticationError(
+                f"no usable SASL mechanism in common with the server (it offers {offered})",
+                host=self.config.peer,
+            )
+        last: Reply | None = None
+        for mechanism in mechanisms:
+            reply = yield from self._sasl(mechanism, username, password)
+            if reply is None:
+                self.authenticated = True
+                return
+            last = reply
+            if reply.code not in _NEXT_MECHANISM:
+                break
+            log.debug(
+                "AUTH %s refused with %d; trying the next mechanism", mechanism.name, reply.code
+            )
+        yield from self._abort()
+        raise AuthenticationError(
+            f"the server refused authentication: {last}", reply=last, host=self.config.peer
+        )
+
+    def _sasl(self, mechanism: Mechanism, username: str, password: str) -> Step[Reply | None]:
+        """One AUTH exchange: ``None`` on success, else the refusing reply."""
+        exchange = mechanism.start(username, password)
+        try:
+            initial = next(exchange)
+        except AuthenticationError:
+            yield from self._abort()
+            raise
+        yield from self._write(
+            Auth(mechanism=mechanism.name, initial_response=initial), phase="greeting"
+        )
+        while True:
+            reply = yield from self._reply("greeting")
+            if reply.code == 235:
+                try:
+                    exchange.send(None)
+                except StopIteration:
+                    return None
+                except AuthenticationError:
+                    yield from self._abort()
+                    raise
+                raise AssertionError("a SASL exchange must end when the server says 235")
+            if reply.code != 334:
+                exchange.close()
+                return reply
+            try:
+                challenge = base64.b64decode(reply.lines[0].strip(), validate=True)
+                response = exchange.send(challenge)
+            except (binascii.Error, ValueError, AuthenticationError, StopIteration) as exc:
+                # RFC 4954 §4: "*" cancels the exchange; the server answers 501.
+                yield from self._write(AuthAbort(), phase="greeting")
+                yield from self._reply("greeting")
+                yield from self._abort()
+                if isinstance(exc, AuthenticationError):
+                    raise
+                raise AuthenticationError(
+                    f"AUTH {mechanism.name}: the server sent an unusable challenge",
+                    host=self.config.peer,
+                ) from None
+            yield from self._write(AuthContinue(data=response or b""), phase="greeting")
+
+    # -- per message ---------------------------------------------------------------------------
+
+    def deliver(self, message: Message, envelope: Envelope) -> Step[DeliveryResult]:
+        """Send one message to the envelope's recipients.
+
+        Returns:
+            one result per envelope recipient, in envelope order.
+
+        Raises:
+            SessionRefused: 421 before any recipient got a final answer.
+            ConnectionLost: the connection ended before any recipient got a final answer,
+                or the session was already closed.
+            ServerProtocolError: the server broke the protocol.
+        """
+        self._ensure_open()
+        recipients = [r.address for r in envelope.recipients]
+        transaction = _Transaction(recipients, self.config.peer)
+        refusal = self._precheck(message, envelope)
+        if refusal is not None:
+            log.debug("refusing the message before sending: %s", refusal)
+            transaction.unfinished(None, refusal)
+            for index, result in enumerate(transaction.final):
+                assert result is not None
+                transaction.final[index] = attrs.evolve(result, outcome=Outcome.PERMANENT)
+            return transaction.result(message.message_id)
+        if not recipients:
+            return transaction.result(message.message_id)
+        try:
+            if self._needs_rset:
+                yield from self._rset()
+            yield from self._transaction(message, envelope, transaction)
+        except _SessionClosed as closed:
+            if not transaction.any_final():
+                raise self._refuse(closed.reply, "before any recipient was answered") from None
+            what = "closed the session (421)" if closed.reply else "closed the connection"
+            transaction.unfinished(closed.reply, f"the server {what} before a final reply")
+        return transaction.result(message.message_id)
+
+    def _precheck(self, message: Message, envelope: Envelope) -> str | None:
+        """Why the message cannot be sent to this server at all, or None."""
+        ext = self.extensions
+        if ext.size and message.size > ext.size:
+            # RFC 1870 §6: the message is bigger than the server's fixed limit.
+            return (
+                f"the message is {message.size} bytes; the server accepts at most {ext.size} "
+                "(SIZE, RFC 1870)"
+            )
+        if self._needs_smtputf8(message, envelope) and not ext.smtputf8:
+            return (
+                "the message or an envelope address needs SMTPUTF8 (RFC 6531), "
+                "which the server does not offer"
+            )
+        if message.needs_8bitmime and not ext.eight_bit_mime:
+            return "the message has 8-bit content and the server does not offer 8BITMIME (RFC 6152)"
+        if envelope.requiretls:
+            # RFC 8689 §4.1: only over TLS, and only to a server that offers REQUIRETLS.
+            if not self.encrypted:
+                return "REQUIRETLS was requested but the connection is not encrypted (RFC 8689)"
+            if not ext.requiretls:
+                return "REQUIRETLS was requested but the server does not offer it (RFC 8689)"
+        return None
+
+    @staticmethod
+    def _needs_smtputf8(message: Message, envelope: Envelope) -> bool:
+        return message.needs_smtputf8 or envelope.needs_smtputf8
+
+    def _transaction(
+        self, message: Message, envelope: Envelope, transaction: _Transaction
+    ) -> Step[None]:
+        ext = self.extensions
+        smtputf8 = ext.smtputf8 and self._needs_smtputf8(message, envelope)
+        bdat = self.config.chunking and ext.chunking
+        body = "8BITMIME" if message.needs_8bitmime else None
+        mail = MailFrom(
+            sender=envelope.sender,
+            parameters=envelope.mail_parameters(
+                size=message.size if "SIZE" in ext else None,  # RFC 1870 §6
+                body=body,
+                smtputf8=smtputf8,
+                dsn=ext.dsn,
+                requiretls=envelope.requiretls and ext.requiretls,
+            ),
+            smtputf8=smtputf8,
+        )
+        rcpts = [
+            RcptTo(
+                recipient=r.address,
+                parameters=r.rcpt_parameters(dsn=ext.dsn, smtputf8=smtputf8),
+                smtputf8=smtputf8,
+            )
+            for r in envelope.recipients
+        ]
+        # The transaction is open until its end-of-data reply: RSET before the next one if
+        # anything stops it earlier (RFC 5321 §4.1.1.5).
+        self._needs_rset = True
+        pipelined = self.config.pipelining and ext.pipelining
+        if pipelined:
+            group: list[Command] = [mail, *rcpts]
+            if not bdat:
+                group.append(Data())
+            yield from self._write(*group, phase="mail")
+            data_reply = yield from self._read_envelope_replies(transaction, expect_data=not bdat)
+        else:
+            data_reply = yield from self._send_envelope(mail, rcpts, transaction, bdat)
+        if transaction.final and all(r is not None for r in transaction.final):
+            # MAIL refused, or every RCPT refused: nothing to send. RFC 2920 §3.1: when DATA
+            # was pipelined and still got 354, end the empty transaction with a lone ".".
+            if data_reply is not None and data_reply.code == 354:
+                yield from self._write(EndOfData(), phase="data_block")
+                yield from self._reply("data_end")
+                self._needs_rset = False
+            return
+        if bdat:
+            final = yield from self._send_bdat(message, transaction)
+        else:
+            assert data_reply is not None
+            if data_reply.code != 354:
+                if data_reply.is_positive:
+                    # Not a go-ahead, whatever its code says: the message was not sent.
+                    transaction.unfinished(data_reply, "the server answered DATA without 354")
+                else:
+                    transaction.settle_all(data_reply)
+                return
+            final = yield from self._send_data(message)
+        if final is None:
+            return  # a BDAT chunk was refused; the transaction says why
+        self._needs_rset = False
+        if self.config.lmtp:
+            yield from self._lmtp_finals(transaction, final)
+        else:
+            transaction.settle_all(final)
+
+    def _read_envelope_replies(
+        self, transaction: _Transaction, *, expect_data: bool
+    ) -> Step[Reply | None]:
+        """Read the pipelined group's replies; return DATA's reply when DATA was sent."""
+        mail_reply = yield from self._reply("mail")
+        if not mail_reply.is_positive:
+            # RFC 2920 §3.1: the RCPTs' 503s only echo the refused MAIL; the MAIL reply is
+            # what each recipient needs to know.
+            transaction.settle_all(mail_reply)
+        for index in range(len(transaction.addresses)):
+            reply = yield from self._reply("rcpt")
+            transaction.rcpt_replies[index] = reply
+            if mail_reply.is_positive and not reply.is_positive:
+                transaction.settle(index, reply)
+        return (yield from self._reply("data_init")) if expect_data else None
+
+    def _send_envelope(
+        self, mail: MailFrom, rcpts: list[RcptTo], transaction: _Transaction, bdat: bool
+    ) -> Step[Reply | None]:
+        """MAIL, RCPT, (DATA) one at a time; return DATA's reply when DATA was sent."""
+        yield from self._write(mail, phase="mail")
+        mail_reply = yield from self._reply("mail")
+        if not mail_reply.is_positive:
+            transaction.settle_all(mail_reply)
+            return None
+        for index, rcpt in enumerate(rcpts):
+            yield from self._write(rcpt, phase="rcpt")
+            reply = yield from self._reply("rcpt")
+            transaction.rcpt_replies[index] = reply
+            if not reply.is_positive:
+                transaction.settle(index, reply)
+        if bdat or not transaction.accepted():
+            return None
+        yield from self._write(Data(), phase="data_init")
+        return (yield from self._reply("data_init"))
+
+    def _send_data(self, message: Message) -> Step[Reply]:
+        """Stream the message after 354, end it, and return the end-of-data reply (SMTP)."""
+        for chunk in message.chunks():
+            yield from self._write(DataChunk(data=chunk), phase="data_block")
+        yield from self._write(EndOfData(), phase="data_block")
+        if self.config.lmtp:
+            return _LMTP_PENDING
+        return (yield from self._reply("data_end"))
+
+    def _send_bdat(self, message: Message, transaction: _Transaction) -> Step[Reply | None]:
+        """Send the message in BDAT chunks (RFC 3030), waiting for each chunk's reply."""
+        for chunk, last in _with_last(message.chunks()):
+            yield from self._write(Bdat(data=chunk, last=last), phase="data_block")
+            if last and self.config.lmtp:
+                return _LMTP_PENDING
+            reply = yield from self._reply("data_end" if last else "data_block")
+            if last:
+                return reply
+            if not reply.is_positive:
+                transaction.settle_all(reply)
+                return None
+        raise AssertionError("_with_last always yields a last chunk")
+
+    def _lmtp_finals(self, transaction: _Transaction, final: Reply) -> Step[None]:
+        """RFC 2033 §4.2: one reply per accepted recipient, in RCPT order."""
+        assert final is _LMTP_PENDING
+        for index in transaction.accepted():
+            event = yield from self._event("data_end")
+            reply = yield from self._check_closing(event)
+            transaction.settle(index, reply)
+
+    # -- between messages ----------------------------------------------------------------------
+
+    def _rset(self) -> Step[None]:
+        yield from self._write(Rset(), phase="greeting")
+        reply = yield from self._reply("greeting")
+        if not reply.is_positive:
+            log.debug("RSET refused with %d", reply.code)
+        self._needs_rset = False
+
+    def reset(self) -> Step[None]:
+        """RSET: abandon any transaction in progress.
+
+        Raises:
+            SessionRefused: the server answered 421.
+            ConnectionLost: the connection ended.
+        """
+        self._ensure_open()
+        try:
+            yield from self._rset()
+        except _SessionClosed as closed:
+            raise self._refuse(closed.reply, "in answer to RSET") from None
+
+    def noop(self) -> Step[bool]:
+        """NOOP, as a health check: ``True`` when the server answered 250.
+
+        A dead session (421, EOF, protocol error) gives ``False`` and is closed; this step
+        never raises for the server's sake.
+        """
+        if self.closed:
+            return False
+        try:
+            yield from self._write(Noop(), phase="greeting")
+            reply = yield from self._reply("greeting")
+        except (_SessionClosed, ServerProtocolError):
+            return False
+        return reply.is_positive
+
+    def quit(self) -> Step[None]:
+        """QUIT, read the reply (an end of file instead is fine), and close."""
+        if self.closed:
+            return
+        try:
+            yield from self._write(Quit(), phase="greeting")
+            event = yield from self._event("greeting")
+            if isinstance(event, ConnectionClosed):
+                log.debug("the server closed the connection without answering QUIT")
+        except ServerProtocolError:
+            return  # already closed by _event
+        yield from self._closed()
+
+
+# The LMTP marker "the final replies come one per recipient": never a real server reply.
+_LMTP_PENDING = Reply(code=250, lines=("(LMTP replies follow)",))
+
+
+def _with_last(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, bool]]:
+    """Each chunk with a flag telling whether it is the last; one empty chunk for no data."""
+    previous: bytes | None = None
+    for chunk in chunks:
+        if previous is not None:
+            yield previous, False
+        previous = chunk
+    yield (previous if previous is not None else b""), True

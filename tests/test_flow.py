@@ -1,0 +1,1046 @@
+"""Conversation tests for mailrelay.flow: the dialogue driven by scripted server bytes.
+
+No sockets: :class:`Driver` answers each :class:`Read` with the next scripted server turn
+(optionally cut into pieces), records every :class:`Write`, and plays the TLS handshake.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import TypeVar
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailrelay.envelope import Envelope
+from mailrelay.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectionLost,
+    DeliveryError,
+    ServerProtocolError,
+    SessionRefused,
+    TLSError,
+)
+from mailrelay.flow import Close, Read, Request, Session, SessionConfig, StartTLS, Step, Write
+from mailrelay.message import Message
+from mailrelay.options import TLS
+from mailrelay.protocol import sasl
+from mailrelay.results import DeliveryResult, Outcome
+
+T = TypeVar("T")
+
+MAX_REQUESTS = 10_000
+
+
+class HandshakeFailed(Exception):
+    """What the fake driver throws in when told the TLS handshake fails."""
+
+
+class Driver:
+    """Runs session steps against a script of server turns.
+
+    Each ``Read`` gets the next piece; a turn may be given as several pieces (to test
+    splitting). An exhausted script reads as end of file.
+    """
+
+    def __init__(self, turns: Sequence[bytes | Sequence[bytes]], *, tls_fails: bool = False):
+        self.pieces: list[bytes] = []
+        for turn in turns:
+            self.pieces.extend([turn] if isinstance(turn, bytes) else turn)
+        self.tls_fails = tls_fails
+        self.requests: list[Request] = []
+
+    @property
+    def writes(self) -> list[Write]:
+        return [r for r in self.requests if isinstance(r, Write)]
+
+    @property
+    def sent(self) -> bytes:
+        return b"".join(w.data for w in self.writes)
+
+    @property
+    def closed(self) -> bool:
+        return any(isinstance(r, Close) for r in self.requests)
+
+    def run(self, step: Step[T]) -> T:
+        value: bytes | None = None
+        throw: Exception | None = None
+        for _ in range(MAX_REQUESTS):
+            try:
+                request = step.throw(throw) if throw is not None else step.send(value)
+            except StopIteration as done:
+                result: T = done.value
+                return result
+            throw, value = None, None
+            self.requests.append(request)
+            if isinstance(request, Read):
+                value = self.pieces.pop(0) if self.pieces else b""
+            elif isinstance(request, StartTLS) and self.tls_fails:
+                throw = HandshakeFailed("certificate verify failed")
+        raise AssertionError("the step never finished")
+
+
+def lines(code: int, *texts: str) -> bytes:
+    """A (multi-line) reply."""
+    texts = texts or ("",)
+    out = [f"{code}-{t}\r\n" for t in texts[:-1]]
+    out.append(f"{code} {texts[-1]}\r\n")
+    return "".join(out).encode()
+
+
+GREETING = lines(220, "mx.example.net ESMTP ready")
+
+
+def ehlo(*keywords: str) -> bytes:
+    return lines(250, "mx.example.net greets you", *keywords)
+
+
+PIPE = ehlo("PIPELINING", "SIZE 1000000", "8BITMIME", "ENHANCEDSTATUSCODES", "DSN")
+PLAIN_EHLO = ehlo("SIZE 1000000", "8BITMIME")
+OK = lines(250, "2.0.0 OK")
+GO_AHEAD = lines(354, "go ahead")
+QUEUED = lines(250, "2.0.0 queued as ABC")
+BYE = lines(221, "2.0.0 bye")
+
+
+def config(**changes: object) -> SessionConfig:
+    settings: dict[str, object] = {
+        "local_hostname": "client.example.org",
+        "server_hostname": "mx.example.net",
+        "tls": TLS.NONE,
+    }
+    settings.update(changes)
+    return SessionConfig(**settings)  # type: ignore[arg-type]
+
+
+def message(body: str = "Hello.\n", **headers: str) -> Message:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    raw = (
+        "From: alice@example.org\r\nTo: bob@example.net\r\nSubject: test\r\n"
+        "Message-ID: <m1@example.org>\r\n" + extra + "\r\n" + body
+    )
+    return Message.from_bytes(raw.encode())
+
+
+def envelope(
+    *recipients: str, sender: str | None = "alice@example.org", requiretls: bool = False
+) -> Envelope:
+    return Envelope(sender, recipients or ("bob@example.net",), requiretls=requiretls)
+
+
+def opened(turns: Sequence[bytes], **changes: object) -> tuple[Session, Driver]:
+    """A session after open(), with the remaining turns queued for the next steps."""
+    session = Session(config(**changes))
+    driver = Driver(turns)
+    driver.run(session.open())
+    return session, driver
+
+
+def outcomes(result: DeliveryResult) -> list[tuple[str, Outcome, int | None]]:
+    return [
+        (str(r.address), r.outcome, r.reply.code if r.reply else None) for r in result.recipients
+    ]
+
+
+# -- greeting ----------------------------------------------------------------------------------
+
+
+def test_greeting_554_refuses_the_session_permanently_and_quits() -> None:
+    session = Session(config())
+    driver = Driver([lines(554, "5.7.1 go away"), BYE])
+    with pytest.raises(SessionRefused) as info:
+        driver.run(session.open())
+    assert not info.value.is_transient
+    assert info.value.reply is not None
+    assert info.value.reply.code == 554
+    assert driver.sent == b"QUIT\r\n"  # RFC 5321 §3.1: the server waits for QUIT
+    assert driver.closed
+    assert session.closed
+
+
+def test_greeting_421_refuses_the_session_transiently() -> None:
+    session = Session(config())
+    driver = Driver([lines(421, "4.3.2 busy, try later")])
+    with pytest.raises(SessionRefused) as info:
+        driver.run(session.open())
+    assert info.value.is_transient
+    assert driver.sent == b""
+    assert driver.closed
+
+
+def test_no_greeting_at_all_is_connection_lost() -> None:
+    with pytest.raises(ConnectionLost):
+        Driver([]).run(Session(config()).open())
+
+
+def test_garbage_greeting_is_server_protocol_error() -> None:
+    driver = Driver([b"HTTP/1.1 400 Bad Request\r\n"])
+    with pytest.raises(ServerProtocolError):
+        driver.run(Session(config()).open())
+    assert driver.closed
+
+
+# -- EHLO / HELO / LHLO ------------------------------------------------------------------------
+
+
+def test_ehlo_records_extensions() -> None:
+    session, driver = opened([GREETING, PIPE])
+    assert driver.sent == b"EHLO client.example.org\r\n"
+    assert session.extensions.pipelining
+    assert session.extensions.size == 1_000_000
+
+
+@pytest.mark.parametrize("code", [500, 501, 502, 504, 550])
+def test_ehlo_refused_falls_back_to_helo(code: int) -> None:
+    # RFC 5321 §4.1.4.
+    session, driver = opened([GREETING, lines(code, "what?"), lines(250, "hello")])
+    assert driver.sent == b"EHLO client.example.org\r\nHELO client.example.org\r\n"
+    assert not session.extensions.pipelining
+    assert not session.closed
+
+
+@pytest.mark.parametrize("code", [451, 554])
+def test_ehlo_refused_otherwise_refuses_the_session(code: int) -> None:
+    driver = Driver([GREETING, lines(code, "no"), BYE])
+    with pytest.raises(SessionRefused) as info:
+        driver.run(Session(config()).open())
+    assert info.value.is_transient == (code < 500)
+    assert b"HELO" not in driver.sent
+
+
+def test_helo_refused_refuses_the_session() -> None:
+    driver = Driver([GREETING, lines(502, "no EHLO"), lines(550, "no HELO either"), BYE])
+    with pytest.raises(SessionRefused):
+        driver.run(Session(config()).open())
+
+
+@pytest.mark.parametrize(
+    ("local", "sent"),
+    [
+        ("192.0.2.1", b"EHLO [192.0.2.1]\r\n"),
+        ("2001:db8::1", b"EHLO [IPv6:2001:db8::1]\r\n"),
+        ("2001:0db8:0:0:0:0:0:1", b"EHLO [IPv6:2001:db8::1]\r\n"),
+        ("[192.0.2.1]", b"EHLO [192.0.2.1]\r\n"),
+    ],
+)
+def test_ip_local_hostname_goes_out_as_address_literal(local: str, sent: bytes) -> None:
+    # RFC 5321 §4.1.3.
+    _, driver = opened([GREETING, PIPE], local_hostname=local)
+    assert driver.sent == sent
+
+
+def test_lmtp_uses_lhlo() -> None:
+    session, driver = opened([GREETING, PIPE], lmtp=True)
+    assert driver.sent == b"LHLO client.example.org\r\n"
+    assert session.extensions.pipelining
+
+
+def test_lmtp_never_falls_back_to_helo() -> None:
+    driver = Driver([GREETING, lines(500, "what?"), BYE])
+    with pytest.raises(SessionRefused):
+        driver.run(Session(config(lmtp=True)).open())
+    assert b"HELO" not in driver.sent
+
+
+def test_421_in_answer_to_ehlo() -> None:
+    driver = Driver([GREETING, lines(421, "4.3.2 shutting down")])
+    with pytest.raises(SessionRefused) as info:
+        driver.run(Session(config()).open())
+    assert info.value.is_transient
+    assert driver.closed
+
+
+# -- STARTTLS ----------------------------------------------------------------------------------
+
+TLS_EHLO = ehlo("PIPELINING", "STARTTLS", "8BITMIME")
+AFTER_TLS = ehlo("PIPELINING", "8BITMIME", "AUTH PLAIN LOGIN", "REQUIRETLS")
+READY = lines(220, "2.0.0 ready to start TLS")
+
+
+def test_tls_none_never_sends_starttls() -> None:
+    session, driver = opened([GREETING, TLS_EHLO], tls=TLS.NONE)
+    assert b"STARTTLS" not in driver.sent
+    assert not session.encrypted
+
+
+def test_opportunistic_starttls_when_offered_then_ehlo_again() -> None:
+    session, driver = opened([GREETING, TLS_EHLO, READY, AFTER_TLS], tls=TLS.OPPORTUNISTIC)
+    assert driver.sent == b"EHLO client.example.org\r\nSTARTTLS\r\nEHLO client.example.org\r\n"
+    assert StartTLS(server_hostname="mx.example.net") in driver.requests
+    assert session.encrypted
+    # RFC 3207 §4.2: what the server said before TLS is forgotten.
+    assert session.extensions.auth == {"PLAIN", "LOGIN"}
+    assert not session.extensions.starttls
+
+
+def test_opportunistic_stays_plain_when_not_offered() -> None:
+    session, driver = opened([GREETING, PIPE], tls=TLS.OPPORTUNISTIC)
+    assert b"STARTTLS" not in driver.sent
+    assert not session.encrypted
+
+
+def test_opportunistic_stays_plain_when_starttls_refused() -> None:
+    session, driver = opened(
+        [GREETING, TLS_EHLO, lines(454, "4.7.0 TLS not available")], tls=TLS.OPPORTUNISTIC
+    )
+    assert not session.encrypted
+    assert not session.closed
+    assert not any(isinstance(r, StartTLS) for r in driver.requests)
+
+
+def test_opportunistic_handshake_failure_is_transient_tls_error() -> None:
+    session = Session(config(tls=TLS.OPPORTUNISTIC))
+    driver = Driver([GREETING, TLS_EHLO, READY], tls_fails=True)
+    with pytest.raises(TLSError) as info:
+        driver.run(session.open())
+    assert info.value.is_transient
+    assert isinstance(info.value.__cause__, HandshakeFailed)
+    assert session.closed
+    assert driver.closed
+
+
+def test_required_handshake_failure_is_permanent_tls_error() -> None:
+    driver = Driver([GREETING, TLS_EHLO, READY], tls_fails=True)
+    with pytest.raises(TLSError) as info:
+        driver.run(Session(config(tls=TLS.STARTTLS)).open())
+    assert not info.value.is_transient
+
+
+def test_required_starttls_not_offered_raises_before_anything_else() -> None:
+    driver = Driver([GREETING, PIPE, BYE])
+    with pytest.raises(TLSError, match="does not offer STARTTLS"):
+        driver.run(Session(config(tls=TLS.STARTTLS)).open())
+    assert driver.sent == b"EHLO client.example.org\r\nQUIT\r\n"
+
+
+def test_required_starttls_refused_raises() -> None:
+    driver = Driver([GREETING, TLS_EHLO, lines(454, "4.7.0 later"), BYE])
+    with pytest.raises(TLSError) as info:
+        driver.run(Session(config(tls=TLS.STARTTLS)).open())
+    assert info.value.is_transient
+
+
+def test_required_starttls_after_helo_fallback_raises() -> None:
+    driver = Driver([GREETING, lines(502, "no"), lines(250, "hi"), BYE])
+    with pytest.raises(TLSError):
+        driver.run(Session(config(tls=TLS.STARTTLS)).open())
+
+
+def test_implicit_tls_never_sends_starttls() -> None:
+    session, driver = opened([GREETING, TLS_EHLO], tls=TLS.IMPLICIT)
+    assert b"STARTTLS" not in driver.sent
+    assert session.encrypted
+
+
+def test_bytes_injected_after_starttls_220_are_refused() -> None:
+    # The response-injection attack: a reply smuggled in with the 220.
+    driver = Driver([GREETING, TLS_EHLO, READY + lines(250, "injected")])
+    with pytest.raises(ServerProtocolError):
+        driver.run(Session(config(tls=TLS.STARTTLS)).open())
+
+
+# -- AUTH --------------------------------------------------------------------------------------
+
+AUTH_OK = lines(235, "2.7.0 Authentication successful")
+
+
+def auth_config(**changes: object) -> dict[str, object]:
+    settings: dict[str, object] = {"username": "tim", "password": "tanstaaftanstaaf"}
+    settings.update(changes)
+    return settings
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_auth_never_over_plain_text_by_default() -> None:
+    session = Session(config(**auth_config()))
+    driver = Driver([GREETING, ehlo("AUTH PLAIN"), BYE])
+    with pytest.raises(AuthenticationError, match="unencrypted"):
+        driver.run(session.open())
+    assert b"AUTH" not in driver.sent
+    assert b"tanstaaf" not in driver.sent
+
+
+def test_auth_over_plain_text_when_allowed() -> None:
+    session, driver = opened(
+        [GREETING, ehlo("AUTH PLAIN"), AUTH_OK], **auth_config(allow_insecure_auth=True)
+    )
+    assert driver.sent.endswith(b"AUTH PLAIN " + b64(b"\0tim\0tanstaaftanstaaf").encode() + b"\r\n")
+    assert session.authenticated
+
+
+def test_auth_after_starttls() -> None:
+    session, driver = opened(
+        [GREETING, TLS_EHLO, READY, AFTER_TLS, AUTH_OK], tls=TLS.STARTTLS, **auth_config()
+    )
+    assert session.authenticated
+    assert driver.sent.splitlines()[-1].startswith(b"AUTH PLAIN ")
+
+
+def test_auth_over_implicit_tls() -> None:
+    session, _ = opened(
+        [
+            GREETING,
+            ehlo("AUTH LOGIN"),
+            lines(334, b64(b"Username:")),
+            lines(334, b64(b"Password:")),
+            AUTH_OK,
+        ],
+        tls=TLS.IMPLICIT,
+        **auth_config(),
+    )
+    assert session.authenticated
+
+
+def test_auth_login_exchange() -> None:
+    _, driver = opened(
+        [
+            GREETING,
+            ehlo("AUTH LOGIN"),
+            lines(334, "VXNlcm5hbWU6"),
+            lines(334, "UGFzc3dvcmQ6"),
+            AUTH_OK,
+        ],
+        tls=TLS.IMPLICIT,
+        **auth_config(),
+    )
+    assert driver.sent.splitlines()[-3:] == [
+        b"AUTH LOGIN",
+        b64(b"tim").encode(),
+        b64(b"tanstaaftanstaaf").encode(),
+    ]
+
+
+def test_auth_chooses_the_strongest_common_mechanism() -> None:
+    challenge = b"<1896.697170952@postoffice.reston.mci.net>"
+    _, driver = opened(
+        [GREETING, ehlo("AUTH LOGIN PLAIN CRAM-MD5"), lines(334, b64(challenge)), AUTH_OK],
+        tls=TLS.IMPLICIT,
+        **auth_config(),
+    )
+    # RFC 2195 §2's example answer.
+    assert driver.sent.splitlines()[-2:] == [
+        b"AUTH CRAM-MD5",
+        b64(b"tim b913a602c7eda7a495b4e6e7334d3890").encode(),
+    ]
+
+
+def test_auth_uses_the_named_mechanism() -> None:
+    _, driver = opened(
+        [GREETING, ehlo("AUTH CRAM-MD5 PLAIN LOGIN"), AUTH_OK],
+        tls=TLS.IMPLICIT,
+        **auth_config(auth_mechanisms=("PLAIN",)),
+    )
+    assert driver.sent.splitlines()[-1].startswith(b"AUTH PLAIN ")
+
+
+def test_auth_534_tries_the_next_mechanism() -> None:
+    _, driver = opened(
+        [GREETING, ehlo("AUTH CRAM-MD5 PLAIN"), lines(534, "5.7.9 mechanism too weak"), AUTH_OK],
+        tls=TLS.IMPLICIT,
+        **auth_config(),
+    )
+    sent = driver.sent.splitlines()
+    assert sent[-2] == b"AUTH CRAM-MD5"
+    assert sent[-1].startswith(b"AUTH PLAIN ")
+
+
+def test_auth_534_with_nothing_left_raises() -> None:
+    driver = Driver([GREETING, ehlo("AUTH PLAIN"), lines(534, "5.7.9 too weak"), BYE])
+    with pytest.raises(AuthenticationError) as info:
+        driver.run(Session(config(tls=TLS.IMPLICIT, **auth_config())).open())
+    assert info.value.reply is not None
+    assert info.value.reply.code == 534
+
+
+def test_auth_535_raises_without_trying_others() -> None:
+    driver = Driver(
+        [GREETING, ehlo("AUTH CRAM-MD5 PLAIN"), lines(535, "5.7.8 bad credentials"), BYE]
+    )
+    session = Session(config(tls=TLS.IMPLICIT, **auth_config()))
+    with pytest.raises(AuthenticationError) as info:
+        driver.run(session.open())
+    assert not info.value.is_transient
+    assert b"AUTH PLAIN" not in driver.sent
+    assert driver.sent.endswith(b"QUIT\r\n")
+    assert session.closed
+
+
+def test_auth_454_is_transient() -> None:
+    driver = Driver([GREETING, ehlo("AUTH PLAIN"), lines(454, "4.7.0 try later"), BYE])
+    with pytest.raises(AuthenticationError) as info:
+        driver.run(Session(config(tls=TLS.IMPLICIT, **auth_config())).open())
+    assert info.value.is_transient
+
+
+def test_auth_without_common_mechanism() -> None:
+    driver = Driver([GREETING, ehlo("AUTH GSSAPI NTLM"), BYE])
+    with pytest.raises(AuthenticationError, match="GSSAPI"):
+        driver.run(Session(config(tls=TLS.IMPLICIT, **auth_config())).open())
+
+
+def test_auth_not_offered_at_all() -> None:
+    driver = Driver([GREETING, ehlo("8BITMIME"), BYE])
+    with pytest.raises(AuthenticationError, match="no AUTH"):
+        driver.run(Session(config(tls=TLS.IMPLICIT, **auth_config())).open())
+
+
+def scram_server_turns(password: str, *, forge: bool = False) -> list[bytes]:
+    """A SCRAM-SHA-256 server knowing ``password`` (RFC 5802 §3), for client nonce 'cnonce'."""
+    salt, iterations = b"salt-of-the-earth", 4096
+    server_first = b"r=cnonceSRV,s=" + base64.b64encode(salt) + b",i=4096"
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    auth_message = b"n=tim,r=cnonce," + server_first + b",c=biws,r=cnonceSRV"
+    signature = hmac.digest(hmac.digest(salted, b"Server Key", "sha256"), auth_message, "sha256")
+    if forge:
+        signature = bytes(32)
+    server_final = b"v=" + base64.b64encode(signature)
+    return [lines(334, b64(server_first)), lines(334, b64(server_final)), AUTH_OK]
+
+
+def test_auth_scram_sha_256_verifies_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sasl.MECHANISMS, "SCRAM-SHA-256", sasl.ScramSHA256(nonce=lambda: "cnonce"))
+    session, driver = opened(
+        [GREETING, ehlo("AUTH PLAIN SCRAM-SHA-256"), *scram_server_turns("tanstaaftanstaaf")],
+        tls=TLS.IMPLICIT,
+        **auth_config(),
+    )
+    assert session.authenticated
+    assert driver.sent.splitlines()[-1] == b""  # the empty answer to server-final
+
+
+def test_auth_scram_refuses_a_forged_server_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sasl.MECHANISMS, "SCRAM-SHA-256", sasl.ScramSHA256(nonce=lambda: "cnonce"))
+    turns = scram_server_turns("tanstaaftanstaaf", forge=True)[:2]
+    driver = Driver([GREETING, ehlo("AUTH SCRAM-SHA-256"), *turns, lines(501, "cancelled"), BYE])
+    session = Session(config(tls=TLS.IMPLICIT, **auth_config()))
+    with pytest.raises(AuthenticationError, match="signature"):
+        driver.run(session.open())
+    assert not session.authenticated
+    assert b"*\r\n" in driver.sent  # RFC 4954 §4: the exchange was cancelled
+
+
+def test_auth_lines_are_redacted_in_the_wire_trace(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="mailrelay.flow")
+    opened(
+        [
+            GREETING,
+            ehlo("AUTH LOGIN"),
+            lines(334, "VXNlcm5hbWU6"),
+            lines(334, "UGFzc3dvcmQ6"),
+            AUTH_OK,
+        ],
+        tls=TLS.IMPLICIT,
+        **auth_config(),
+    )
+    trace = caplog.text
+    assert "EHLO client.example.org" in trace
+    assert "AUTH LOGIN" in trace
+    for secret in ("tanstaaftanstaaf", b64(b"tanstaaftanstaaf"), b64(b"tim")):
+        assert secret not in trace
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+def test_config_repr_hides_the_password() -> None:
+    cfg = config(username="tim", password="s3cret-pass")
+    assert "s3cret-pass" not in repr(cfg)
+    assert "s3cret-pass" not in repr(Session(cfg))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"username": "tim"},
+        {"password": "x"},
+        {"local_hostname": "bad name"},
+        {"local_hostname": ""},
+        {"server_hostname": "a\r\nb"},
+    ],
+)
+def test_config_refuses_nonsense(changes: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError):
+        config(**changes)
+
+
+def test_write_repr_hides_data() -> None:
+    assert "secret" not in repr(Write(data=b"AUTH PLAIN secret", phase="greeting"))
+
+
+# -- delivery ----------------------------------------------------------------------------------
+
+
+def deliver(
+    turns: Sequence[bytes],
+    msg: Message | None = None,
+    env: Envelope | None = None,
+    *,
+    hello: bytes = PIPE,
+    **changes: object,
+) -> tuple[DeliveryResult, Session, Driver]:
+    session, driver = opened([GREETING, hello, *turns], **changes)
+    before = len(driver.requests)
+    result = driver.run(session.deliver(msg or message(), env or envelope()))
+    del driver.requests[:before]
+    return result, session, driver
+
+
+def test_pipelined_mail_rcpt_data_go_out_in_one_write() -> None:
+    result, session, driver = deliver(
+        [OK + OK + OK + GO_AHEAD, QUEUED], env=envelope("bob@example.net", "carol@example.net")
+    )
+    assert result.ok
+    assert outcomes(result) == [
+        ("bob@example.net", Outcome.ACCEPTED, 250),
+        ("carol@example.net", Outcome.ACCEPTED, 250),
+    ]
+    first = driver.writes[0]
+    assert first.phase == "mail"
+    assert first.data.splitlines() == [
+        b"MAIL FROM:<alice@example.org> SIZE=%d" % message().size,
+        b"RCPT TO:<bob@example.net>",
+        b"RCPT TO:<carol@example.net>",
+        b"DATA",
+    ]
+    assert driver.writes[-1].data == b".\r\n"  # the body ended with CRLF already
+    assert [r.phase for r in driver.requests if isinstance(r, Read)] == ["mail", "data_end"]
+    assert result.message_id == "m1@example.org"
+    assert not session.closed
+
+
+def test_not_pipelined_when_the_server_lacks_it() -> None:
+    result, _, driver = deliver([OK, OK, GO_AHEAD, QUEUED], hello=PLAIN_EHLO)
+    assert result.ok
+    assert [w.phase for w in driver.writes[:3]] == ["mail", "rcpt", "data_init"]
+    assert [r.phase for r in driver.requests if isinstance(r, Read)] == [
+        "mail",
+        "rcpt",
+        "data_init",
+        "data_end",
+    ]
+
+
+def test_not_pipelined_when_configured_off() -> None:
+    result, _, driver = deliver([OK, OK, GO_AHEAD, QUEUED], pipelining=False)
+    assert result.ok
+    assert driver.writes[0].data == b"MAIL FROM:<alice@example.org> SIZE=%d\r\n" % message().size
+
+
+def test_null_sender() -> None:
+    _, _, driver = deliver([OK + OK + GO_AHEAD, QUEUED], env=envelope(sender=None))
+    assert driver.writes[0].data.startswith(b"MAIL FROM:<> ")
+
+
+def test_some_recipients_refused() -> None:
+    result, _, _ = deliver(
+        [OK + lines(550, "5.1.1 no such user") + OK + GO_AHEAD, QUEUED],
+        env=envelope("nobody@example.net", "carol@example.net"),
+    )
+    assert outcomes(result) == [
+        ("nobody@example.net", Outcome.PERMANENT, 550),
+        ("carol@example.net", Outcome.ACCEPTED, 250),
+    ]
+    assert not result.ok
+
+
+def test_pipelined_mail_refused_every_recipient_carries_the_mail_reply() -> None:
+    refused = lines(553, "5.7.1 sender not allowed")
+    no = lines(503, "5.5.1 need MAIL first")
+    result, _, driver = deliver(
+        [refused + no + no + no, OK], env=envelope("bob@example.net", "carol@example.net")
+    )
+    assert outcomes(result) == [
+        ("bob@example.net", Outcome.PERMANENT, 553),
+        ("carol@example.net", Outcome.PERMANENT, 553),
+    ]
+    assert len(driver.writes) == 1  # no data sent
+
+
+def test_every_rcpt_refused_but_data_354_sends_a_lone_dot() -> None:
+    # RFC 2920 §3.1.
+    result, session, driver = deliver(
+        [
+            OK + lines(550, "5.1.1 no") + lines(450, "4.2.1 later") + GO_AHEAD,
+            lines(554, "5.5.1 no valid recipients"),
+        ],
+        env=envelope("a@example.net", "b@example.net"),
+    )
+    assert outcomes(result) == [
+        ("a@example.net", Outcome.PERMANENT, 550),
+        ("b@example.net", Outcome.TRANSIENT, 450),
+    ]
+    assert driver.writes[1].data == b".\r\n"
+    assert len(driver.writes) == 2
+    assert not session.closed
+
+
+def test_every_rcpt_refused_and_data_refused_sends_nothing_more() -> None:
+    result, _, driver = deliver(
+        [OK + lines(550, "5.1.1 no") + lines(554, "5.5.1 no valid recipients"), OK]
+    )
+    assert outcomes(result) == [("bob@example.net", Outcome.PERMANENT, 550)]
+    assert len(driver.writes) == 1
+
+
+def test_data_refused_after_accepted_recipients() -> None:
+    result, _, _ = deliver([OK + OK + lines(451, "4.3.0 try later")])
+    assert outcomes(result) == [("bob@example.net", Outcome.TRANSIENT, 451)]
+
+
+def test_final_reply_refuses() -> None:
+    result, _, _ = deliver([OK + OK + GO_AHEAD, lines(554, "5.6.0 spam")])
+    assert outcomes(result) == [("bob@example.net", Outcome.PERMANENT, 554)]
+
+
+def test_data_is_streamed_one_write_per_chunk() -> None:
+    body = ("x" * 998 + "\r\n") * 200  # about 200 KB: four chunks of 64 KiB
+    msg = message(body)
+    result, _, driver = deliver([OK + OK + GO_AHEAD, QUEUED], msg)
+    assert result.ok
+    data_writes = [w for w in driver.writes if w.phase == "data_block"]
+    chunks = list(msg.chunks())
+    assert len(chunks) > 1
+    assert len(data_writes) == len(chunks) + 1  # and the terminator
+    assert b"".join(w.data for w in data_writes) == msg.as_bytes() + b".\r\n"
+
+
+def test_dot_stuffing_on_the_wire() -> None:
+    _, _, driver = deliver([OK + OK + GO_AHEAD, QUEUED], message(".hidden\r\n..\r\n"))
+    wire = b"".join(w.data for w in driver.writes[1:])
+    assert wire.endswith(b"\r\n..hidden\r\n...\r\n.\r\n")
+
+
+def test_mail_parameters_8bitmime_smtputf8_and_dsn() -> None:
+    hello = ehlo("PIPELINING", "SIZE", "8BITMIME", "SMTPUTF8", "DSN")
+    env = Envelope("alice@example.org", ["jörg@example.net"], ret="HDRS", notify=["FAILURE"])
+    msg = message("caf\u00e9\n")
+    _, _, driver = deliver([OK + OK + GO_AHEAD, QUEUED], msg, env, hello=hello)
+    mail, rcpt = driver.writes[0].data.decode().splitlines()[:2]
+    assert mail == f"MAIL FROM:<alice@example.org> SIZE={msg.size} BODY=8BITMIME SMTPUTF8 RET=HDRS"
+    assert rcpt.startswith("RCPT TO:<jörg@example.net> NOTIFY=FAILURE")
+
+
+def test_no_size_parameter_when_the_server_lacks_size() -> None:
+    _, _, driver = deliver([OK + OK + GO_AHEAD, QUEUED], hello=ehlo("PIPELINING"))
+    assert driver.writes[0].data.startswith(b"MAIL FROM:<alice@example.org>\r\n")
+
+
+@pytest.mark.parametrize(
+    ("hello", "msg", "env", "reason"),
+    [
+        pytest.param(ehlo("SIZE 100"), message("x" * 200), envelope(), "SIZE", id="too-big"),
+        pytest.param(PIPE, message(Subject="caf\u00e9"), envelope(), "SMTPUTF8", id="utf8-header"),
+        pytest.param(PIPE, message(), envelope("jörg@example.net"), "SMTPUTF8", id="utf8-rcpt"),
+        pytest.param(
+            PIPE, message(), envelope(sender="jörg@example.org"), "SMTPUTF8", id="utf8-sender"
+        ),
+        pytest.param(ehlo("PIPELINING"), message("caf\u00e9\n"), envelope(), "8BITMIME", id="8bit"),
+        pytest.param(
+            ehlo("REQUIRETLS"),
+            message(),
+            envelope(requiretls=True),
+            "not encrypted",
+            id="rtls-plain",
+        ),
+    ],
+)
+def test_refused_before_sending(hello: bytes, msg: Message, env: Envelope, reason: str) -> None:
+    result, session, driver = deliver([], msg, env, hello=hello)
+    assert driver.requests == []  # nothing was sent
+    assert all(r.outcome is Outcome.PERMANENT and r.reply is None for r in result.recipients)
+    assert all(reason in (r.reason or "") for r in result.recipients)
+    assert not session.closed
+
+
+def test_requiretls_refused_when_the_server_lacks_it_over_tls() -> None:
+    result, _, driver = deliver(
+        [], env=envelope(requiretls=True), hello=ehlo("PIPELINING"), tls=TLS.IMPLICIT
+    )
+    assert driver.requests == []
+    assert "does not offer" in (result.recipients[0].reason or "")
+
+
+def test_requiretls_sent_over_tls_to_a_server_that_offers_it() -> None:
+    _, _, driver = deliver(
+        [OK + OK + GO_AHEAD, QUEUED],
+        env=envelope(requiretls=True),
+        hello=ehlo("PIPELINING", "REQUIRETLS"),
+        tls=TLS.IMPLICIT,
+    )
+    assert driver.writes[0].data.splitlines()[0] == b"MAIL FROM:<alice@example.org> REQUIRETLS"
+
+
+def test_8bit_size_boundary_is_inclusive() -> None:
+    msg = message("x")
+    result, _, _ = deliver(
+        [OK + OK + GO_AHEAD, QUEUED], msg, hello=ehlo("PIPELINING", f"SIZE {msg.size}")
+    )
+    assert result.ok
+
+
+# -- BDAT --------------------------------------------------------------------------------------
+
+CHUNKING = ehlo("PIPELINING", "CHUNKING", "8BITMIME", "SIZE")
+
+
+def test_bdat_when_chunking_offered_and_asked() -> None:
+    msg = message()
+    result, _, driver = deliver([OK + OK, QUEUED], msg, hello=CHUNKING, chunking=True)
+    assert result.ok
+    assert driver.writes[0].data.splitlines()[-1] == b"RCPT TO:<bob@example.net>"
+    assert driver.writes[1].data == b"BDAT %d LAST\r\n" % msg.size + msg.as_bytes()
+
+
+def test_bdat_several_chunks() -> None:
+    msg = message(("y" * 998 + "\r\n") * 100)
+    chunks = list(msg.chunks())
+    replies = [OK + OK] + [OK] * (len(chunks) - 1) + [QUEUED]
+    result, _, driver = deliver(replies, msg, hello=CHUNKING, chunking=True)
+    assert result.ok
+    bdats = driver.writes[1:]
+    assert len(bdats) == len(chunks)
+    assert bdats[-1].data.startswith(b"BDAT %d LAST\r\n" % len(chunks[-1]))
+    assert all(
+        b.data.startswith(b"BDAT %d\r\n" % len(c)) for b, c in zip(bdats, chunks[:-1], strict=False)
+    )
+
+
+def test_bdat_chunk_refused_ends_the_transaction_and_rsets_next_time() -> None:
+    msg = message(("y" * 998 + "\r\n") * 100)
+    result, session, driver = deliver(
+        [OK + OK, lines(552, "5.3.4 too much"), OK, OK + OK, QUEUED],
+        msg,
+        hello=CHUNKING,
+        chunking=True,
+    )
+    assert outcomes(result) == [("bob@example.net", Outcome.PERMANENT, 552)]
+    driver.requests.clear()
+    second = driver.run(session.deliver(message(), envelope()))
+    assert second.ok
+    assert driver.writes[0].data == b"RSET\r\n"
+
+
+def test_bdat_not_used_by_default() -> None:
+    _, _, driver = deliver([OK + OK + GO_AHEAD, QUEUED], hello=CHUNKING)
+    assert b"BDAT" not in driver.sent
+    assert driver.writes[0].data.endswith(b"DATA\r\n")
+
+
+# -- LMTP --------------------------------------------------------------------------------------
+
+
+def test_lmtp_one_final_reply_per_accepted_recipient() -> None:
+    env = envelope("a@example.net", "b@example.net", "c@example.net")
+    finals = lines(250, "2.1.5 a delivered") + lines(452, "4.2.2 c over quota")
+    result, _, _ = deliver(
+        [OK + OK + lines(550, "5.1.1 no b") + OK + GO_AHEAD, finals], env=env, lmtp=True
+    )
+    assert outcomes(result) == [
+        ("a@example.net", Outcome.ACCEPTED, 250),
+        ("b@example.net", Outcome.PERMANENT, 550),
+        ("c@example.net", Outcome.TRANSIENT, 452),
+    ]
+
+
+def test_lmtp_eof_before_every_final_reply_makes_the_rest_transient() -> None:
+    env = envelope("a@example.net", "b@example.net")
+    result, session, _ = deliver(
+        [OK + OK + OK + GO_AHEAD, lines(250, "2.1.5 a delivered")], env=env, lmtp=True
+    )
+    assert [r.outcome for r in result.recipients] == [Outcome.ACCEPTED, Outcome.TRANSIENT]
+    assert "closed the connection" in (result.recipients[1].reason or "")
+    assert session.closed
+
+
+def test_lmtp_with_bdat() -> None:
+    env = envelope("a@example.net", "b@example.net")
+    result, _, _ = deliver(
+        [OK + OK + OK, lines(250, "2.1.5 ok a") + lines(550, "5.2.1 b disabled")],
+        env=env,
+        lmtp=True,
+        hello=CHUNKING,
+        chunking=True,
+    )
+    assert [r.outcome for r in result.recipients] == [Outcome.ACCEPTED, Outcome.PERMANENT]
+
+
+# -- RSET, 421, EOF ----------------------------------------------------------------------------
+
+
+def test_rset_after_a_failed_transaction_before_the_next_message() -> None:
+    session, driver = opened(
+        [
+            GREETING,
+            PIPE,
+            lines(451, "4.3.0 busy") + OK + lines(503, "no"),
+            OK,
+            OK + OK + GO_AHEAD,
+            QUEUED,
+        ]
+    )
+    first = driver.run(session.deliver(message(), envelope()))
+    assert first.deferred
+    driver.requests.clear()
+    second = driver.run(session.deliver(message(), envelope()))
+    assert second.ok
+    assert driver.writes[0].data == b"RSET\r\n"
+
+
+def test_no_rset_after_a_completed_transaction() -> None:
+    session, driver = opened(
+        [GREETING, PIPE, OK + OK + GO_AHEAD, lines(554, "5.6.0 no"), OK + OK + GO_AHEAD, QUEUED]
+    )
+    driver.run(session.deliver(message(), envelope()))
+    driver.requests.clear()
+    driver.run(session.deliver(message(), envelope()))
+    assert driver.writes[0].data.startswith(b"MAIL FROM")
+
+
+def test_421_after_some_final_answers_gives_a_result() -> None:
+    env = envelope("a@example.net", "b@example.net")
+    result, session, driver = deliver(
+        [OK + lines(550, "5.1.1 no a") + lines(421, "4.3.2 shutting down")], env=env
+    )
+    assert outcomes(result) == [
+        ("a@example.net", Outcome.PERMANENT, 550),
+        ("b@example.net", Outcome.TRANSIENT, 421),
+    ]
+    assert session.closed
+    assert driver.closed
+    with pytest.raises(ConnectionLost):
+        driver.run(session.deliver(message(), envelope()))
+
+
+def test_421_before_any_final_answer_raises_session_refused() -> None:
+    with pytest.raises(SessionRefused) as info:
+        deliver([OK + OK + GO_AHEAD, lines(421, "4.3.2 shutting down")])
+    assert info.value.is_transient
+
+
+def test_eof_before_any_final_answer_raises_connection_lost() -> None:
+    with pytest.raises(ConnectionLost):
+        deliver([OK + OK + GO_AHEAD])
+
+
+def test_eof_after_a_final_answer_gives_a_result() -> None:
+    env = envelope("a@example.net", "b@example.net")
+    result, session, _ = deliver([OK + lines(550, "5.1.1 no a") + OK + GO_AHEAD], env=env)
+    assert outcomes(result) == [
+        ("a@example.net", Outcome.PERMANENT, 550),
+        ("b@example.net", Outcome.TRANSIENT, None),
+    ]
+    assert session.closed
+
+
+def test_reset() -> None:
+    session, driver = opened([GREETING, PIPE, OK])
+    driver.run(session.reset())
+    assert driver.writes[-1].data == b"RSET\r\n"
+
+
+def test_reset_answered_with_421_raises() -> None:
+    session, driver = opened([GREETING, PIPE, lines(421, "bye")])
+    with pytest.raises(SessionRefused):
+        driver.run(session.reset())
+    assert session.closed
+
+
+@pytest.mark.parametrize(
+    ("turn", "healthy"),
+    [(OK, True), (lines(421, "4.3.2 bye"), False), (b"", False), (b"garbage\r\n", False)],
+)
+def test_noop_as_a_health_check(turn: bytes, healthy: bool) -> None:
+    session, driver = opened([GREETING, PIPE, turn])
+    assert driver.run(session.noop()) is healthy
+    assert session.closed is not healthy
+
+
+def test_quit_reads_the_reply_and_closes() -> None:
+    session, driver = opened([GREETING, PIPE, BYE])
+    driver.run(session.quit())
+    assert driver.writes[-1].data == b"QUIT\r\n"
+    assert isinstance(driver.requests[-1], Close)
+    assert session.closed
+
+
+def test_quit_tolerates_eof() -> None:
+    session, driver = opened([GREETING, PIPE])
+    driver.run(session.quit())
+    assert isinstance(driver.requests[-1], Close)
+
+
+def test_quit_twice_is_harmless() -> None:
+    session, driver = opened([GREETING, PIPE, BYE])
+    driver.run(session.quit())
+    count = len(driver.requests)
+    driver.run(session.quit())
+    assert len(driver.requests) == count
+
+
+# -- properties --------------------------------------------------------------------------------
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
+
+
+REPLY_CODES = st.sampled_from([250, 251, 354, 421, 450, 451, 452, 503, 550, 552, 553, 554])
+
+
+@given(cuts=st.lists(st.lists(st.integers(0, 400), max_size=6), min_size=6, max_size=6))
+def test_any_split_of_the_server_bytes_gives_the_same_conversation(cuts: list[list[int]]) -> None:
+    turns = [
+        GREETING,
+        PIPE,
+        OK + lines(550, "5.1.1 no") + OK + GO_AHEAD,
+        QUEUED,
+        OK + OK + OK + GO_AHEAD,
+        lines(250, "2.0.0 second"),
+    ]
+    env = envelope("a@example.net", "b@example.net")
+
+    def conversation(pieces: list[bytes | list[bytes]]) -> tuple[object, ...]:
+        session = Session(config())
+        driver = Driver(pieces)
+        driver.run(session.open())
+        first = driver.run(session.deliver(message(), env))
+        second = driver.run(session.deliver(message(), env))
+        return first, second, driver.sent
+
+    whole = conversation(list(turns))
+    assert conversation([split(t, c) for t, c in zip(turns, cuts, strict=True)]) == whole
+
+
+@given(
+    codes=st.lists(REPLY_CODES, min_size=4, max_size=10),
+    count=st.integers(1, 5),
+    pipelined=st.booleans(),
+    lmtp=st.booleans(),
+)
+def test_one_result_per_recipient_in_order_whatever_the_replies(
+    codes: list[int], count: int, pipelined: bool, lmtp: bool
+) -> None:
+    recipients = [f"r{i}@example.net" for i in range(count)]
+    replies = b"".join(lines(code, f"reply {i}") for i, code in enumerate(codes))
+    session, driver = opened([GREETING, PIPE], lmtp=lmtp, pipelining=pipelined)
+    # Feed the replies one at a time, whatever the dialogue asks for.
+    driver.pieces = [lines(code, f"reply {i}") for i, code in enumerate(codes)]
+    assert replies
+    try:
+        result = driver.run(session.deliver(message(), envelope(*recipients)))
+    except DeliveryError:
+        assert session.closed
+        return
+    assert [str(r.address) for r in result.recipients] == recipients
+    assert all(r.outcome is not None for r in result.recipients)
