@@ -303,22 +303,45 @@ def _address_literal(raw: str) -> str:
     return f"[IPv6:::ffff:{mapped}]" if mapped is not None else f"[IPv6:{address.compressed}]"
 
 
+def _idna_error(label: str, exc: Exception) -> _Problem:
+    return _Problem(f"invalid internationalized domain label {label!r}: {exc}")
+
+
 @functools.lru_cache(maxsize=4096)
-def _idna_label(label: str) -> tuple[str, str]:
-    """U-label and A-label for one lowercased NFC label (bounded cache)."""
+def _a_label(label: str) -> tuple[str, str]:
+    """U-label and A-label for an ``xn--`` label (bounded cache)."""
     try:
-        if label.startswith("xn--"):
-            ulabel = idna.decode(label, strict=True)
-            # RFC 5891 §5.4: an A-label must survive decoding and re-encoding unchanged.
-            if idna.encode(ulabel, strict=True).decode("ascii") != label:
-                raise _Problem(f"{label!r} is not a canonical A-label")
-            return ulabel, label
-        return label, idna.encode(label, strict=True).decode("ascii")
+        ulabel = idna.decode(label, strict=True)
+        # RFC 5891 §5.4: an A-label must survive decoding and re-encoding unchanged.
+        if idna.encode(ulabel, strict=True).decode("ascii") != label:
+            raise _Problem(f"{label!r} is not a canonical A-label")
     except (UnicodeError, ValueError) as exc:  # idna.IDNAError is a UnicodeError
-        raise _Problem(f"invalid internationalized domain label {label!r}: {exc}") from None
+        raise _idna_error(label, exc) from None
+    return ulabel, label
+
+
+@functools.lru_cache(maxsize=4096)
+def _u_label(label: str) -> tuple[str, str]:
+    """U-label and A-label for a non-ASCII label as written (bounded cache)."""
+    lowered = unicodedata.normalize("NFC", label.lower())
+    try:
+        return lowered, idna.encode(lowered, strict=True).decode("ascii")
+    except (UnicodeError, ValueError) as exc:
+        problem = _idna_error(lowered, exc)
+    as_written = unicodedata.normalize("NFC", label)
+    if as_written != lowered:
+        # A few PVALID letters (Cherokee capitals, for one) have DISALLOWED
+        # lowercase forms: such a label is valid only as written, and that is
+        # also what its A-label decodes to.
+        try:
+            return as_written, idna.encode(as_written, strict=True).decode("ascii")
+        except (UnicodeError, ValueError):
+            pass
+    raise problem
 
 
 def _diagnose_label(label: str) -> _Problem:
+    label = label.lower()
     if not label:
         return _Problem("the domain has two dots in a row")
     if len(label) > MAX_LABEL:
@@ -348,30 +371,34 @@ def _diagnose_label(label: str) -> _Problem:
 
 def _domain_name(raw: str) -> tuple[str, str]:
     """Validate a domain name; return its U-label and A-label forms."""
-    domain = raw.lower() if raw.isascii() else unicodedata.normalize("NFC", raw.lower())
-    if domain[0] == ".":
+    if raw[0] == ".":
         raise _Problem("the domain starts with a dot")
     # RFC 5321 §4.1.2: Domain = sub-domain *("." sub-domain); no root dot.
-    if domain[-1] == ".":
+    if raw[-1] == ".":
         raise _Problem("the domain ends with a dot (write it without the trailing root dot)")
     ulabels: list[str] = []
     alabels: list[str] = []
-    for label in domain.split("."):
-        if label.isascii() and not label.startswith("xn--"):
-            # RFC 5321 §4.1.2 sub-domain = Let-dig [Ldh-str]; RFC 1035 §2.3.4: 63 octets.
-            if len(label) > MAX_LABEL or not _LDH.fullmatch(label):
-                raise _diagnose_label(label)
-            ulabels.append(label)
-            alabels.append(label)
-        else:
-            for ch in label:
-                if ch <= "\x7f" and not ("a" <= ch <= "z" or "0" <= ch <= "9" or ch == "-"):
+    for part in raw.split("."):
+        if part.isascii():
+            label = part.lower()
+            if label.startswith("xn--"):
+                if len(label) > MAX_LABEL or not _LDH.fullmatch(label):
                     raise _diagnose_label(label)
-            ulabel, alabel = _idna_label(label)
+                ulabel, alabel = _a_label(label)
+            else:
+                # RFC 5321 §4.1.2 sub-domain = Let-dig [Ldh-str]; RFC 1035 §2.3.4: 63 octets.
+                if len(label) > MAX_LABEL or not _LDH.fullmatch(label):
+                    raise _diagnose_label(label)
+                ulabel = alabel = label
+        else:
+            for ch in part:
+                if ch <= "\x7f" and not ("a" <= ch.lower() <= "z" or "0" <= ch <= "9" or ch == "-"):
+                    raise _diagnose_label(part)
+            ulabel, alabel = _u_label(part)
             if len(alabel) > MAX_LABEL:
                 raise _Problem(f"a domain label is {len(alabel)} octets long, more than 63")
-            ulabels.append(ulabel)
-            alabels.append(alabel)
+        ulabels.append(ulabel)
+        alabels.append(alabel)
     # RFC 3696 §2: a top-level domain is never all-numeric.
     if alabels[-1].isdigit():
         raise _Problem(
