@@ -204,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({scores.msgid_right}/{scores.msgid_files} bounce files that return one)"
     )
     print(
-        f"bounce files reported as bounce or delay: {scores.bounces_detected}/"
-        f"{scores.bounce_files}"
+        f"bounce files reported as bounce or delay: {scores.bounces_detected}/{scores.bounce_files}"
     )
     print(
         f"false bounces among non-bounces and auto-replies: {len(scores.false_bounces)}/"

@@ -114,9 +114,11 @@ _RETURNED_MARKER_RE = re.compile(
     r"content-type:\s*message/rfc822|unsent\s+message\s+below)",
     re.IGNORECASE,
 )
-_HEADER_LINE_RE = re.compile(r"^(?:Return-Path|Received|Message-I[dD]|From|Date|Subject|To|"
-                             r"DKIM-Signature|X-[A-Za-z-]+|MIME-Version|Delivered-To)\s*:",
-                             re.IGNORECASE)
+_HEADER_LINE_RE = re.compile(
+    r"^(?:Return-Path|Received|Message-I[dD]|From|Date|Subject|To|"
+    r"DKIM-Signature|X-[A-Za-z-]+|MIME-Version|Delivered-To)\s*:",
+    re.IGNORECASE,
+)
 _ADDRESS_RE = re.compile(
     r"(?<![\w.+=/-])([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
     r"\.)+[A-Za-z][A-Za-z0-9-]*[A-Za-z0-9]|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@\[[0-9.]+\])",
@@ -226,7 +228,7 @@ def read_prose(msg: email.message.Message, parts: list[email.message.Message]) -
 
     excluded = _excluded_addresses(msg)
     failed_header = header(msg, "X-Failed-Recipients")
-    named = [a for a in _addresses_in(failed_header or "")] if failed_header else []
+    named = _addresses_in(failed_header) if failed_header else []
     lines = text.split("\n")
     sender = (first_address(header(msg, "From")) or "").lower() or None
     spans = _recipient_spans(lines, excluded, named, sender=sender)
@@ -245,16 +247,19 @@ def read_prose(msg: email.message.Message, parts: list[email.message.Message]) -
     whole_status = find_status(text)
     whole_reply = find_reply_code(text)
     recipients = []
-    for address, diagnostic in spans:
-        status = find_status(diagnostic)
-        reply = find_reply_code(diagnostic)
+    for address, span in spans:
+        status = find_status(span)
+        reply = find_reply_code(span)
+        diagnostic = span
         if status is None and reply is None and len(spans) == 1:
             status, reply = whole_status, whole_reply
         if status is None and reply is None and diagnostic is None and len(spans) == 1:
             diagnostic = _clean(text[:_MAX_DIAGNOSTIC_CHARS])
         action = DSNAction.FAILED
-        if delayed and (status is None or status.startswith("4")) and (
-            reply is None or reply < 500
+        if (
+            delayed
+            and (status is None or status.startswith("4"))
+            and (reply is None or reply < 500)
         ):
             action = DSNAction.DELAYED
         recipients.append(
@@ -275,9 +280,7 @@ def read_prose(msg: email.message.Message, parts: list[email.message.Message]) -
     )
 
 
-def recipient_context(
-    parts: list[email.message.Message], addresses: list[str]
-) -> dict[str, str]:
+def recipient_context(parts: list[email.message.Message], addresses: list[str]) -> dict[str, str]:
     """The notice text about each of ``addresses`` (lower-cased keys), where named."""
     text, _tail = notice_text(parts)
     if not text.strip() or not addresses:
@@ -306,8 +309,8 @@ def notice_text(parts: list[email.message.Message]) -> tuple[str, str]:
             # A multipart whose boundary never matched: its body is all text.
             chunks.append(part_text(part))
             continue
-        if ctype == "text/plain" or ctype == "text/html" and not any(
-            p.get_content_type() == "text/plain" for p in parts
+        if ctype == "text/plain" or (
+            ctype == "text/html" and not any(p.get_content_type() == "text/plain" for p in parts)
         ):
             text = part_text(part)
             if ctype == "text/html":
@@ -347,8 +350,16 @@ def _excluded_addresses(msg: email.message.Message) -> set[str]:
     excluded = set()
     # X-Original-To is left out: some agents (DragonFly) put the failed
     # recipient there.
-    for name in ("From", "To", "Sender", "Return-Path", "Reply-To", "Cc", "Delivered-To",
-                 "Envelope-To"):
+    for name in (
+        "From",
+        "To",
+        "Sender",
+        "Return-Path",
+        "Reply-To",
+        "Cc",
+        "Delivered-To",
+        "Envelope-To",
+    ):
         address = first_address(header(msg, name))
         if address:
             excluded.add(address.lower())
@@ -358,12 +369,17 @@ def _excluded_addresses(msg: email.message.Message) -> set[str]:
 def _is_candidate(address: str, excluded: set[str]) -> bool:
     lowered = address.lower()
     local = lowered.rsplit("@", 1)[0]
-    return lowered not in excluded and local not in _DAEMON_LOCALS and local not in (
-        "abuse",
-        "help",
-        "support",
-        "noreply",
-        "no-reply",
+    return (
+        lowered not in excluded
+        and local not in _DAEMON_LOCALS
+        and local
+        not in (
+            "abuse",
+            "help",
+            "support",
+            "noreply",
+            "no-reply",
+        )
     )
 
 
@@ -416,7 +432,9 @@ def _first_mentions(
                 continue
             if wanted and key not in wanted:
                 continue
-            if not wanted and (key in excluded or strict and not _is_candidate(address, excluded)):
+            if not wanted and (
+                key in excluded or (strict and not _is_candidate(address, excluded))
+            ):
                 continue
             seen.add(key)
             firsts.append((index, address))
@@ -424,8 +442,11 @@ def _first_mentions(
 
 
 def _reporting_host(text: str, msg: email.message.Message) -> str | None:
-    match = re.search(r"(?:qmail-send\s+program|mail\s+system)\s+at\s+(?:host\s+)?([\w.-]+\w)",
-                      text, re.IGNORECASE)
+    match = re.search(
+        r"(?:qmail-send\s+program|mail\s+system)\s+at\s+(?:host\s+)?([\w.-]+\w)",
+        text,
+        re.IGNORECASE,
+    )
     if match:
         return match.group(1)
     address = first_address(header(msg, "From"))
@@ -447,7 +468,9 @@ def _format_name(text: str, msg: email.message.Message) -> str:
     return "prose"
 
 
-_MESSAGE_ID_LINE_RE = re.compile(r"^[ >]*Message-I[Dd][ \t]*:[ \t]*\n?[ \t]*(<[^<>\s]+>)", re.MULTILINE)
+_MESSAGE_ID_LINE_RE = re.compile(
+    r"^[ >]*Message-I[Dd][ \t]*:[ \t]*\n?[ \t]*(<[^<>\s]+>)", re.MULTILINE
+)
 
 
 def message_id_in_text(parts: list[email.message.Message]) -> str | None:
@@ -465,8 +488,10 @@ def _returned_part(parts: list[email.message.Message]) -> email.message.Message 
     for part in parts:
         if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
             payload = part.get_payload()
-            if isinstance(payload, list) and payload and isinstance(
-                payload[0], email.message.Message
+            if (
+                isinstance(payload, list)
+                and payload
+                and isinstance(payload[0], email.message.Message)
             ):
                 return payload[0]
             return email.message_from_string(part_text(part), policy=email.policy.compat32)
@@ -489,7 +514,7 @@ def _amazon_ses(parts: list[email.message.Message]) -> Prose | None:
             continue
         text = part_text(part)
         start = text.find("{")
-        if start < 0 or '"notificationType"' not in text and "notificationType" not in text:
+        if start < 0 or "notificationType" not in text:
             continue
         try:
             # strict=False: mail transports wrap long lines, even inside strings.
@@ -506,11 +531,16 @@ def _amazon_ses(parts: list[email.message.Message]) -> Prose | None:
     return None
 
 
+def _object(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _ses_notification(data: dict[str, Any]) -> Prose | None:
     kind_name = str(data.get("notificationType", "")).lower()
-    mail = data.get("mail") if isinstance(data.get("mail"), dict) else {}
+    mail = _object(data, "mail")
     returned = None
-    headers = mail.get("headers") if isinstance(mail, dict) else None
+    headers = mail.get("headers")
     if isinstance(headers, list):
         text = "".join(
             f"{h.get('name')}: {h.get('value')}\n" for h in headers if isinstance(h, dict)
@@ -518,19 +548,24 @@ def _ses_notification(data: dict[str, Any]) -> Prose | None:
         returned = email.message_from_string(text, policy=email.policy.compat32)
     recipients: list[DSNRecipient] = []
     if kind_name == "bounce":
-        bounce = data.get("bounce") if isinstance(data.get("bounce"), dict) else {}
+        bounce = _object(data, "bounce")
         permanent = str(bounce.get("bounceType", "")).lower() == "permanent"
         for item in bounce.get("bouncedRecipients") or []:
-            if not isinstance(item, dict) or not item.get("emailAddress"):
+            address = (
+                _clean(str(item.get("emailAddress") or "")) if isinstance(item, dict) else None
+            )
+            if address is None:
                 continue
             diagnostic = _clean(str(item.get("diagnosticCode") or "")) or None
             status = find_status(str(item.get("status") or "")) or find_status(diagnostic)
-            action = DSNAction.FAILED if permanent or str(item.get("action")) == "failed" else (
-                DSNAction.DELAYED
+            action = (
+                DSNAction.FAILED
+                if permanent or str(item.get("action")) == "failed"
+                else (DSNAction.DELAYED)
             )
             recipients.append(
                 DSNRecipient(
-                    address=str(item["emailAddress"]),
+                    address=address,
                     action=action,
                     status=status,
                     reply_code=find_reply_code(diagnostic),
@@ -539,12 +574,15 @@ def _ses_notification(data: dict[str, Any]) -> Prose | None:
             )
         return Prose(recipients=tuple(recipients), format="amazonses", returned=returned)
     if kind_name == "delivery":
-        delivery = data.get("delivery") if isinstance(data.get("delivery"), dict) else {}
-        for address in delivery.get("recipients") or []:
+        delivery = _object(data, "delivery")
+        for item in delivery.get("recipients") or []:
+            address = _clean(str(item))
+            if address is None:
+                continue
             diagnostic = _clean(str(delivery.get("smtpResponse") or "")) or None
             recipients.append(
                 DSNRecipient(
-                    address=str(address),
+                    address=address,
                     action=DSNAction.DELIVERED,
                     status=find_status(diagnostic),
                     reply_code=find_reply_code(diagnostic),

@@ -39,6 +39,7 @@ import enum
 import logging
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import attrs
 
@@ -96,19 +97,33 @@ def _clean(value: str | None) -> str | None:
     return value or None
 
 
-def _no_line_breaks(_instance: object, attribute: attrs.Attribute[object], value: object) -> None:
+def _check_text(attribute: attrs.Attribute[Any], value: object, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{attribute.name} must be a non-empty str: {value!r}")
     # Values may be written back into a generated DSN (build_dsn): a CR or LF
     # would let the text inject header fields there.
-    if isinstance(value, str) and ("\r" in value or "\n" in value or "\x00" in value):
+    if "\r" in value or "\n" in value or "\x00" in value:
         raise ValueError(f"{attribute.name} must not contain CR, LF or NUL: {value!r}")
 
 
-def _status_format(_instance: object, attribute: attrs.Attribute[object], value: object) -> None:
+def _text(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    _check_text(attribute, value, optional=False)
+
+
+def _opt_text(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    _check_text(attribute, value, optional=True)
+
+
+def _status_format(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None and not (isinstance(value, str) and _STATUS_RE.match(value)):
         raise ValueError(f"{attribute.name} must be an enhanced status such as '5.1.1': {value!r}")
 
 
-_opt_str = attrs.validators.optional(attrs.validators.instance_of(str))
+def _opt_bool(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{attribute.name} must be a bool or None: {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -135,24 +150,20 @@ class DSNRecipient:
             ``False`` for any other failure or delay, ``None`` when nothing failed.
     """
 
-    address: str = attrs.field(validator=[attrs.validators.instance_of(str), _no_line_breaks])
+    address: str = attrs.field(validator=_text)
     action: DSNAction = attrs.field(converter=DSNAction)
     status: str | None = attrs.field(default=None, validator=_status_format)
     reply_code: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(int))
     )
-    diagnostic: str | None = attrs.field(default=None, validator=[_opt_str, _no_line_breaks])
-    remote_mta: str | None = attrs.field(default=None, validator=[_opt_str, _no_line_breaks])
-    final_recipient: str | None = attrs.field(default=None, validator=[_opt_str, _no_line_breaks])
-    original_recipient: str | None = attrs.field(
-        default=None, validator=[_opt_str, _no_line_breaks]
-    )
-    last_attempt_date: str | None = attrs.field(
-        default=None, validator=[_opt_str, _no_line_breaks]
-    )
-    will_retry_until: str | None = attrs.field(default=None, validator=[_opt_str, _no_line_breaks])
-    is_permanent: bool | None = None
-    is_hard: bool | None = None
+    diagnostic: str | None = attrs.field(default=None, validator=_opt_text)
+    remote_mta: str | None = attrs.field(default=None, validator=_opt_text)
+    final_recipient: str | None = attrs.field(default=None, validator=_opt_text)
+    original_recipient: str | None = attrs.field(default=None, validator=_opt_text)
+    last_attempt_date: str | None = attrs.field(default=None, validator=_opt_text)
+    will_retry_until: str | None = attrs.field(default=None, validator=_opt_text)
+    is_permanent: bool | None = attrs.field(default=None, validator=_opt_bool)
+    is_hard: bool | None = attrs.field(default=None, validator=_opt_bool)
 
 
 @attrs.frozen(kw_only=True)
@@ -377,9 +388,8 @@ def first_address(value: str | None) -> str | None:
     except Exception:
         pairs = []
     for _name, addr in pairs:
-        addr = addr.strip()
         if "@" in addr:
-            return _clean(addr)
+            return _clean(addr.strip())
     match = re.search(r"[^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+", value)
     return _clean(match.group(0)) if match else None
 
@@ -397,7 +407,9 @@ def message_id(value: str | None) -> str | None:
     return None
 
 
-def walk(msg: email.message.Message, *, into_returned: bool = False) -> Iterator[email.message.Message]:
+def walk(
+    msg: email.message.Message, *, into_returned: bool = False
+) -> Iterator[email.message.Message]:
     """Depth-first parts of ``msg``; without ``into_returned``, the returned
     message inside a ``message/rfc822`` part is not entered."""
     yield msg
@@ -433,4 +445,3 @@ def part_text(part: email.message.Message) -> str:
         return data.decode(charset, "replace")
     except (LookupError, UnicodeError, ValueError):
         return data.decode("latin-1")
-

@@ -121,7 +121,9 @@ def _parse_message(msg: email.message.Message, *, nested: bool) -> DSNReport:
     status_parts = [p for p in parts if p.get_content_type() in _STATUS_TYPES]
     if status_parts:
         blocks = [block for part in status_parts for block in _blocks(part)]
-        global_ = any(p.get_content_type() == "message/global-delivery-status" for p in status_parts)
+        global_ = any(
+            p.get_content_type() == "message/global-delivery-status" for p in status_parts
+        )
         report = _structured(base, msg, parts, blocks, "rfc6533" if global_ else "rfc3464")
         if report.recipients:
             return report
@@ -214,8 +216,7 @@ def _structured(
         envid=_clean(per_message.get("original-envelope-id")),
         reporting_mta=_typed_value(per_message.get("reporting-mta")),
         arrival_date=_clean(per_message.get("arrival-date")),
-        original_sender=base.original_sender
-        or _typed_value(per_message.get("x-postfix-sender")),
+        original_sender=base.original_sender or _typed_value(per_message.get("x-postfix-sender")),
         original_message_id=base.original_message_id
         or message_id(per_message.get("x-original-message-id"))
         or _reply_id(base_msg),
@@ -339,9 +340,7 @@ def _action(word: str, status: str | None) -> DSNAction:
     if word.startswith("fail") or word in ("error", "undeliverable"):
         return DSNAction.FAILED
     if status is not None:
-        return {"2": DSNAction.DELIVERED, "4": DSNAction.DELAYED}.get(
-            status[0], DSNAction.FAILED
-        )
+        return {"2": DSNAction.DELIVERED, "4": DSNAction.DELAYED}.get(status[0], DSNAction.FAILED)
     return DSNAction.FAILED
 
 
@@ -387,8 +386,7 @@ def _feedback(base: DSNReport, parts: list[email.message.Message]) -> DSNReport:
         kind=DSNKind.FEEDBACK,
         feedback_type=_clean(fields.get("feedback-type")),
         original_sender=base.original_sender or _typed_value(fields.get("original-mail-from")),
-        original_recipient=base.original_recipient
-        or _typed_value(fields.get("original-rcpt-to")),
+        original_recipient=base.original_recipient or _typed_value(fields.get("original-rcpt-to")),
         reporting_mta=_typed_value(fields.get("reporting-mta")),
         format="arf",
     )
