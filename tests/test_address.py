@@ -207,6 +207,10 @@ ACCEPT = [
         id="utf8-everywhere",
     ),
     pytest.param(
+        Accepted("u@xn--0be.com", "u", "\u13e1.com", "xn--0be.com", "u@\u13e1.com"),
+        id="u-label-with-pvalid-capital",
+    ),
+    pytest.param(
         Accepted("a@[192.0.2.1]", "a", "[192.0.2.1]", "[192.0.2.1]", "a@[192.0.2.1]"),
         id="ipv4-literal",
     ),
@@ -535,6 +539,7 @@ idn_labels = st.sampled_from(
         "münchen",
         "xn--bcher-kva",
         "XN--MNCHEN-3YA",
+        "xn--0be",
     ]
 )
 tlds = st.from_regex(r"[a-zA-Z]{2,6}", fullmatch=True) | idn_labels
