@@ -223,14 +223,16 @@ class FileTransport(Transport, AsyncTransport):
             ensure_ascii=False,
             indent=2,
         ).encode("utf-8")
+        json_path = self.path / f"{ident}.json"
         try:
-            _write_atomically(
-                self.path / f"{ident}.json", self.path / f".{ident}.json.tmp", [record]
-            )
+            _write_atomically(json_path, self.path / f".{ident}.json.tmp", [record])
+            _fsync_directory(self.path)
         except BaseException:
+            # A failure reported to the caller must leave no message behind, or a retry
+            # would deliver it twice.
+            json_path.unlink(missing_ok=True)
             eml.unlink(missing_ok=True)
             raise
-        _fsync_directory(self.path)
         return eml.name
 
     def _write_maildir(self, message: Message, envelope: Envelope, now: dt.datetime) -> str:
@@ -245,10 +247,13 @@ class FileTransport(Transport, AsyncTransport):
         # RFC 5321 §4.4: the delivering MTA records the reverse-path in Return-Path.
         header = f"Return-Path: {sender}\n".encode()
         chunks = _to_lf(message.chunks())
-        _write_atomically(
-            self.path / "new" / name, self.path / "tmp" / name, _prepend(header, chunks)
-        )
-        _fsync_directory(self.path / "new")
+        delivered = self.path / "new" / name
+        _write_atomically(delivered, self.path / "tmp" / name, _prepend(header, chunks))
+        try:
+            _fsync_directory(self.path / "new")
+        except BaseException:
+            delivered.unlink(missing_ok=True)  # reported as failed: leave nothing behind
+            raise
         return name
 
 

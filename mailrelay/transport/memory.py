@@ -37,7 +37,13 @@ from mailrelay.transport.base import AsyncTransport, Transport
 __all__ = ["Handler", "HandlerAnswer", "MemoryTransport", "OutboxItem"]
 
 #: What a handler may return: a whole result, or the outcome of the recipients it cares about.
-HandlerAnswer: TypeAlias = DeliveryResult | Mapping[Address | str, Outcome | Reply]
+#: (Mapping keys are invariant, hence the three spellings: ``dict[str, Outcome]`` fits.)
+HandlerAnswer: TypeAlias = (
+    DeliveryResult
+    | Mapping[str, Outcome | Reply]
+    | Mapping[Address, Outcome | Reply]
+    | Mapping[Address | str, Outcome | Reply]
+)
 
 #: A handler for :class:`MemoryTransport`: ``(message, envelope) -> answer`` (or an awaitable
 #: of one, for async use).

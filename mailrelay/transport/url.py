@@ -56,16 +56,19 @@ SCHEMES = tuple(_PARAMETERS)
 
 
 def _redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``; safe to show even when unparsable."""
+    """``url`` with any password replaced by ``***``; safe to show even when unparsable.
+
+    Works on the raw text, so that it also protects URLs too broken to parse (a password
+    with an unencoded ``/`` or ``#``): everything between the first ``:`` after the scheme
+    and the *last* ``@`` goes. Over-redacting a strange URL is fine; leaking is not.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    authority, slash, tail = rest.partition("/")
-    authority, question, query = authority.partition("?")
-    userinfo, at, hostport = authority.rpartition("@")
+    userinfo, at, after = rest.rpartition("@")
     if at and ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    return f"{scheme}{sep}{userinfo}{at}{hostport}{question}{query}{slash}{tail}"
+        return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{after}"
+    return url
 
 
 @attrs.frozen(kw_only=True, repr=False)
@@ -126,6 +129,8 @@ class TransportURL:
         try:
             parts = urlsplit(url.strip())
             port = parts.port
+            if port == 0:
+                raise ValueError("port 0")
         except ValueError as exc:
             # urllib's messages may quote the netloc, password included: say it ourselves.
             raise ConfigurationError(f"not a valid transport URL: {shown}") from exc
