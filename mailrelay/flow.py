@@ -309,6 +309,9 @@ class _Transaction:
             if reply is not None and reply.is_positive and self.final[i] is None
         ]
 
+    def all_final(self) -> bool:
+        return all(result is not None for result in self.final)
+
     def any_final(self) -> bool:
         return any(result is not None for result in self.final)
 
@@ -746,47 +749,30 @@ class Session:
         # The transaction is open until its end-of-data reply: RSET before the next one if
         # anything stops it earlier (RFC 5321 §4.1.1.5).
         self._needs_rset = True
+        chunks = _with_last(message.chunks())  # consumed only for BDAT
+        first: Bdat | None = None
         pipelined = self.config.pipelining and ext.pipelining
         if pipelined:
+            # RFC 2920 §3.1: MAIL, every RCPT and DATA (or the first BDAT, RFC 3030 §4)
+            # in one write; the replies come back in the same order.
             group: list[Command] = [mail, *rcpts]
-            if not bdat:
+            if bdat:
+                data, last = next(chunks)
+                first = Bdat(data=data, last=last)
+                group.append(first)
+            else:
                 group.append(Data())
             yield from self._write(*group, phase="mail")
-            data_reply = yield from self._read_envelope_replies(transaction, expect_data=not bdat)
+            yield from self._read_envelope_replies(transaction)
         else:
-            data_reply = yield from self._send_envelope(mail, rcpts, transaction, bdat)
-        if transaction.final and all(r is not None for r in transaction.final):
-            # MAIL refused, or every RCPT refused: nothing to send. RFC 2920 §3.1: when DATA
-            # was pipelined and still got 354, end the empty transaction with a lone ".".
-            if data_reply is not None and data_reply.code == 354:
-                yield from self._write(EndOfData(), phase="data_block")
-                yield from self._reply("data_end")
-                self._needs_rset = False
-            return
+            yield from self._send_envelope(mail, rcpts, transaction)
         if bdat:
-            final = yield from self._send_bdat(message, transaction)
+            yield from self._send_bdat(chunks, first, transaction)
         else:
-            assert data_reply is not None
-            if data_reply.code != 354:
-                if data_reply.is_positive:
-                    # Not a go-ahead, whatever its code says: the message was not sent.
-                    transaction.unfinished(data_reply, "the server answered DATA without 354")
-                else:
-                    transaction.settle_all(data_reply)
-                return
-            final = yield from self._send_data(message)
-        if final is None:
-            return  # a BDAT chunk was refused; the transaction says why
-        self._needs_rset = False
-        if self.config.lmtp:
-            yield from self._lmtp_finals(transaction, final)
-        else:
-            transaction.settle_all(final)
+            yield from self._send_data(message, transaction, data_sent=pipelined)
 
-    def _read_envelope_replies(
-        self, transaction: _Transaction, *, expect_data: bool
-    ) -> Step[Reply | None]:
-        """Read the pipelined group's replies; return DATA's reply when DATA was sent."""
+    def _read_envelope_replies(self, transaction: _Transaction) -> Step[None]:
+        """Read the replies to a pipelined group's MAIL and RCPTs."""
         mail_reply = yield from self._reply("mail")
         if not mail_reply.is_positive:
             # RFC 2920 §3.1: the RCPTs' 503s only echo the refused MAIL; the MAIL reply is
@@ -797,54 +783,98 @@ class Session:
             transaction.rcpt_replies[index] = reply
             if mail_reply.is_positive and not reply.is_positive:
                 transaction.settle(index, reply)
-        return (yield from self._reply("data_init")) if expect_data else None
 
     def _send_envelope(
-        self, mail: MailFrom, rcpts: list[RcptTo], transaction: _Transaction, bdat: bool
-    ) -> Step[Reply | None]:
-        """MAIL, RCPT, (DATA) one at a time; return DATA's reply when DATA was sent."""
+        self, mail: MailFrom, rcpts: list[RcptTo], transaction: _Transaction
+    ) -> Step[None]:
+        """MAIL and each RCPT, one at a time (no PIPELINING)."""
         yield from self._write(mail, phase="mail")
         mail_reply = yield from self._reply("mail")
         if not mail_reply.is_positive:
             transaction.settle_all(mail_reply)
-            return None
+            return
         for index, rcpt in enumerate(rcpts):
             yield from self._write(rcpt, phase="rcpt")
             reply = yield from self._reply("rcpt")
             transaction.rcpt_replies[index] = reply
             if not reply.is_positive:
                 transaction.settle(index, reply)
-        if bdat or not transaction.accepted():
-            return None
-        yield from self._write(Data(), phase="data_init")
-        return (yield from self._reply("data_init"))
 
-    def _send_data(self, message: Message) -> Step[Reply]:
-        """Stream the message after 354, end it, and return the end-of-data reply (SMTP)."""
+    def _send_data(
+        self, message: Message, transaction: _Transaction, *, data_sent: bool
+    ) -> Step[None]:
+        """DATA (unless pipelined already), the message after 354, and the final reply(s)."""
+        if not data_sent:
+            if transaction.all_final():
+                return  # MAIL or every RCPT refused: no DATA
+            yield from self._write(Data(), phase="data_init")
+        data_reply = yield from self._reply("data_init")
+        if transaction.all_final():
+            # RFC 2920 §3.1: DATA was pipelined and got 354 although nobody was accepted:
+            # end the empty message with a lone "."; every recipient keeps its own reply.
+            if data_reply.code == 354:
+                yield from self._write(EndOfData(), phase="data_block")
+                yield from self._reply("data_end")
+                self._needs_rset = False
+            return
+        if data_reply.code != 354:
+            if data_reply.is_positive:
+                # Not a go-ahead, whatever its code says: the message was not sent.
+                transaction.unfinished(data_reply, "the server answered DATA without 354")
+            else:
+                transaction.settle_all(data_reply)
+            return
         for chunk in message.chunks():
             yield from self._write(DataChunk(data=chunk), phase="data_block")
         yield from self._write(EndOfData(), phase="data_block")
-        if self.config.lmtp:
-            return _LMTP_PENDING
-        return (yield from self._reply("data_end"))
+        self._needs_rset = False
+        yield from self._finals(transaction)
 
-    def _send_bdat(self, message: Message, transaction: _Transaction) -> Step[Reply | None]:
-        """Send the message in BDAT chunks (RFC 3030), waiting for each chunk's reply."""
-        for chunk, last in _with_last(message.chunks()):
-            yield from self._write(Bdat(data=chunk, last=last), phase="data_block")
-            if last and self.config.lmtp:
-                return _LMTP_PENDING
-            reply = yield from self._reply("data_end" if last else "data_block")
-            if last:
-                return reply
+    def _send_bdat(
+        self,
+        chunks: Iterator[tuple[bytes, bool]],
+        first: Bdat | None,
+        transaction: _Transaction,
+    ) -> Step[None]:
+        """The message in BDAT chunks (RFC 3030 §2), each chunk's reply read before the next.
+
+        ``first`` is the chunk already sent in the pipelined group, if any.
+        """
+        if first is not None:
+            if first.last:
+                self._needs_rset = False
+                if transaction.all_final():
+                    yield from self._reply("data_end")  # one reply: nobody to deliver to
+                else:
+                    yield from self._finals(transaction)
+                return
+            reply = yield from self._reply("data_block")
+            if transaction.all_final():
+                return
             if not reply.is_positive:
                 transaction.settle_all(reply)
-                return None
-        raise AssertionError("_with_last always yields a last chunk")
+                return
+        elif transaction.all_final():
+            return
+        for data, last in chunks:
+            yield from self._write(Bdat(data=data, last=last), phase="data_block")
+            if last:
+                self._needs_rset = False
+                yield from self._finals(transaction)
+                return
+            reply = yield from self._reply("data_block")
+            if not reply.is_positive:
+                # RFC 3030 §2: after a refused chunk, send no more (the RSET comes next time).
+                transaction.settle_all(reply)
+                return
 
-    def _lmtp_finals(self, transaction: _Transaction, final: Reply) -> Step[None]:
-        """RFC 2033 §4.2: one reply per accepted recipient, in RCPT order."""
-        assert final is _LMTP_PENDING
+    def _finals(self, transaction: _Transaction) -> Step[None]:
+        """The reply after the message data: one for SMTP; for LMTP one per accepted
+        recipient, in RCPT order (RFC 2033 §4.2)."""
+        if not self.config.lmtp:
+            reply = yield from self._reply("data_end")
+            transaction.settle_all(reply)
+            return
         for index in transaction.accepted():
             event = yield from self._event("data_end")
             reply = yield from self._check_closing(event)
@@ -899,10 +929,6 @@ class Session:
         except ServerProtocolError:
             return  # already closed by _event
         yield from self._closed()
-
-
-# The LMTP marker "the final replies come one per recipient": never a real server reply.
-_LMTP_PENDING = Reply(code=250, lines=("(LMTP replies follow)",))
 
 
 def _with_last(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, bool]]:

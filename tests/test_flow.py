@@ -793,41 +793,70 @@ def test_8bit_size_boundary_is_inclusive() -> None:
 CHUNKING = ehlo("PIPELINING", "CHUNKING", "8BITMIME", "SIZE")
 
 
-def test_bdat_when_chunking_offered_and_asked() -> None:
+def test_bdat_when_chunking_offered_and_asked_pipelined_with_the_envelope() -> None:
     msg = message()
-    result, _, driver = deliver([OK + OK, QUEUED], msg, hello=CHUNKING, chunking=True)
+    result, _, driver = deliver([OK + OK + QUEUED], msg, hello=CHUNKING, chunking=True)
     assert result.ok
-    assert driver.writes[0].data.splitlines()[-1] == b"RCPT TO:<bob@example.net>"
-    assert driver.writes[1].data == b"BDAT %d LAST\r\n" % msg.size + msg.as_bytes()
-
-
-def test_bdat_several_chunks() -> None:
-    msg = message(("y" * 998 + "\r\n") * 100)
-    chunks = list(msg.chunks())
-    replies = [OK + OK] + [OK] * (len(chunks) - 1) + [QUEUED]
-    result, _, driver = deliver(replies, msg, hello=CHUNKING, chunking=True)
-    assert result.ok
-    bdats = driver.writes[1:]
-    assert len(bdats) == len(chunks)
-    assert bdats[-1].data.startswith(b"BDAT %d LAST\r\n" % len(chunks[-1]))
-    assert all(
-        b.data.startswith(b"BDAT %d\r\n" % len(c)) for b, c in zip(bdats, chunks[:-1], strict=False)
+    assert len(driver.writes) == 1
+    assert driver.writes[0].data == (
+        b"MAIL FROM:<alice@example.org> SIZE=%d\r\nRCPT TO:<bob@example.net>\r\n" % msg.size
+        + b"BDAT %d LAST\r\n" % msg.size
+        + msg.as_bytes()
     )
 
 
+def test_bdat_without_pipelining() -> None:
+    msg = message()
+    result, _, driver = deliver(
+        [OK, OK, QUEUED], msg, hello=ehlo("CHUNKING", "8BITMIME"), chunking=True
+    )
+    assert result.ok
+    assert [w.data.split(b" ")[0] for w in driver.writes] == [b"MAIL", b"RCPT", b"BDAT"]
+    assert driver.writes[2].data == b"BDAT %d LAST\r\n" % msg.size + msg.as_bytes()
+
+
+def big_message() -> Message:
+    return message(("y" * 998 + "\r\n") * 100)
+
+
+def test_bdat_several_chunks() -> None:
+    msg = big_message()
+    chunks = list(msg.chunks())
+    assert len(chunks) > 1
+    replies = [OK + OK + OK] + [OK] * (len(chunks) - 2) + [QUEUED]
+    result, _, driver = deliver(replies, msg, hello=CHUNKING, chunking=True)
+    assert result.ok
+    assert driver.writes[0].data.endswith(b"BDAT %d\r\n" % len(chunks[0]) + chunks[0])
+    later = driver.writes[1:]
+    assert [w.data for w in later] == [
+        b"BDAT %d%s\r\n" % (len(c), b" LAST" if i == len(chunks) - 1 else b"") + c
+        for i, c in enumerate(chunks)
+    ][1:]
+
+
 def test_bdat_chunk_refused_ends_the_transaction_and_rsets_next_time() -> None:
-    msg = message(("y" * 998 + "\r\n") * 100)
     result, session, driver = deliver(
-        [OK + OK, lines(552, "5.3.4 too much"), OK, OK + OK, QUEUED],
-        msg,
+        [OK + OK + lines(552, "5.3.4 too much"), OK, OK + OK + QUEUED],
+        big_message(),
         hello=CHUNKING,
         chunking=True,
     )
     assert outcomes(result) == [("bob@example.net", Outcome.PERMANENT, 552)]
+    assert len(driver.writes) == 1  # no chunk after the refused one
     driver.requests.clear()
     second = driver.run(session.deliver(message(), envelope()))
     assert second.ok
     assert driver.writes[0].data == b"RSET\r\n"
+
+
+def test_bdat_every_rcpt_refused() -> None:
+    result, session, _ = deliver(
+        [OK + lines(550, "5.1.1 no") + lines(554, "5.5.1 no valid recipients")],
+        hello=CHUNKING,
+        chunking=True,
+    )
+    assert outcomes(result) == [("bob@example.net", Outcome.PERMANENT, 550)]
+    assert not session.closed
 
 
 def test_bdat_not_used_by_default() -> None:
@@ -1027,18 +1056,18 @@ def test_any_split_of_the_server_bytes_gives_the_same_conversation(cuts: list[li
     count=st.integers(1, 5),
     pipelined=st.booleans(),
     lmtp=st.booleans(),
+    chunking=st.booleans(),
 )
 def test_one_result_per_recipient_in_order_whatever_the_replies(
-    codes: list[int], count: int, pipelined: bool, lmtp: bool
+    codes: list[int], count: int, pipelined: bool, lmtp: bool, chunking: bool
 ) -> None:
     recipients = [f"r{i}@example.net" for i in range(count)]
-    replies = b"".join(lines(code, f"reply {i}") for i, code in enumerate(codes))
-    session, driver = opened([GREETING, PIPE], lmtp=lmtp, pipelining=pipelined)
+    hello = ehlo("PIPELINING", "CHUNKING", "SIZE 1000000", "8BITMIME")
+    session, driver = opened([GREETING, hello], lmtp=lmtp, pipelining=pipelined, chunking=chunking)
     # Feed the replies one at a time, whatever the dialogue asks for.
     driver.pieces = [lines(code, f"reply {i}") for i, code in enumerate(codes)]
-    assert replies
     try:
-        result = driver.run(session.deliver(message(), envelope(*recipients)))
+        result = driver.run(session.deliver(big_message(), envelope(*recipients)))
     except DeliveryError:
         assert session.closed
         return
