@@ -153,8 +153,8 @@ class Message:
     size: int
     needs_8bitmime: bool
     needs_smtputf8: bool
-    _head: bytes
-    _body: bytes | None = None
+    # The whole wire form, or for a file-backed message its header block only.
+    _wire: bytes
     _path: Path | None = None
     _body_offset: int = 0
     _file_size: int = 0
@@ -384,7 +384,7 @@ class Message:
             size=len(wire_head) + body_size,
             needs_8bitmime=eight_bit,
             needs_smtputf8=not wire_head.isascii(),
-            head=wire_head,
+            wire=wire_head,
             path=file_path,
             body_offset=head_end,
             file_size=stat.st_size,
@@ -407,8 +407,7 @@ class Message:
             size=len(wire_head) + len(body),
             needs_8bitmime=not body.isascii(),
             needs_smtputf8=not wire_head.isascii(),
-            head=wire_head,
-            body=body,
+            wire=wire_head + body,
         )
 
     # -- header access ------------------------------------------------------
@@ -471,16 +470,14 @@ class Message:
         if size < 2:
             raise ValueError("chunk size must be at least 2")
         if self._path is None:
-            assert self._body is not None
-            return _slices(self._head + self._body, size)
+            return _slices(self._wire, size)
         return self._file_chunks(size)
 
     def as_bytes(self) -> bytes:
         """Return the whole wire form (for a file-backed message, this reads the
         whole file into memory; prefer :meth:`chunks`)."""
         if self._path is None:
-            assert self._body is not None
-            return self._head + self._body
+            return self._wire
         return b"".join(self._file_chunks(_READ_SIZE))
 
     def _file_chunks(self, size: int) -> Iterator[bytes]:
@@ -498,7 +495,7 @@ class Message:
             raise MessageError(f"{self._path} changed while it was being read")
 
     def _file_pieces(self, stream: io.BufferedReader, size: int) -> Iterator[bytes]:
-        yield self._head
+        yield self._wire
         normalizer = _Normalizer()
         read_size = max(size, 4096)
         while data := stream.read(read_size):
