@@ -83,15 +83,15 @@ class Scores:
 
 
 def expected_message_id(raw: bytes) -> str | None:
-    """The first Message-ID header after the top-level header block."""
+    """The first Message-ID header after the top-level header block (no brackets)."""
     split = re.search(rb"\r?\n\r?\n", raw)
     if split is None:
         return None
     match = _MSGID_RE.search(raw, split.end())
     if match is None:
         return None
-    found = re.search(rb"<[^<>\s]+>", match.group(1))
-    return found.group(0).decode("utf-8", "replace") if found else None
+    found = re.search(rb"<([^<>\s]+)>", match.group(1))
+    return found.group(1).decode("utf-8", "replace") if found else None
 
 
 def _our_class(report: DSNReport, row: dict[str, Any]) -> str:

@@ -1,12 +1,18 @@
 """Delivery tracking: delivery-status notifications (parse, build) and VERP.
 
-The tracker engine and its store are added alongside; this package exports
-the pure DSN tools they build on.
+The tracker engine and its store build on these pure tools:
+
+* :func:`parse_dsn` reads a returned report (RFC 3464, RFC 6533, ARF, the
+  prose formats of real MTAs) into a :class:`DSNReport`;
+* :func:`build_dsn` writes an RFC 3464 report to a message's sender;
+* :func:`verp_encode` / :func:`verp_decode` carry a tracking id in the bounce
+  address.
 """
 
 from __future__ import annotations
 
 from mailrelay.tracker.dsn import DSNAction, DSNKind, DSNRecipient, DSNReport, classify_hard
+from mailrelay.tracker.dsn_build import build_dsn, verp_decode, verp_encode
 from mailrelay.tracker.dsn_parse import parse_dsn
 
 __all__ = [
@@ -14,6 +20,9 @@ __all__ = [
     "DSNKind",
     "DSNRecipient",
     "DSNReport",
+    "build_dsn",
     "classify_hard",
     "parse_dsn",
+    "verp_decode",
+    "verp_encode",
 ]

@@ -469,7 +469,7 @@ def _format_name(text: str, msg: email.message.Message) -> str:
 
 
 _MESSAGE_ID_LINE_RE = re.compile(
-    r"^[ >]*Message-I[Dd][ \t]*:[ \t]*\n?[ \t]*(<[^<>\s]+>)", re.MULTILINE
+    r"^[ >]*Message-I[Dd][ \t]*:[ \t]*\n?[ \t]*<([^<>\s]+)>", re.MULTILINE
 )
 
 

@@ -174,7 +174,8 @@ class DSNReport:
         kind: bounce, delay, delivered, relayed, auto-reply, feedback or not a report.
         recipients: one :class:`DSNRecipient` per recipient the report names.
         envid: ``Original-Envelope-Id`` (RFC 3464 §2.2.1): the ENVID we sent.
-        original_message_id: Message-ID of the message this report is about
+        original_message_id: Message-ID of the message this report is about,
+            without angle brackets like :attr:`mailrelay.message.Message.message_id`
             (from the returned message or headers, else In-Reply-To/References).
         original_sender: the returned message's sender (From), when known.
         original_recipient: the returned message's first To address, when known.
@@ -395,15 +396,16 @@ def first_address(value: str | None) -> str | None:
 
 
 def message_id(value: str | None) -> str | None:
-    """The first ``<...>`` Message-ID in a header value (a bare id gets brackets)."""
+    """The first Message-ID in a header value, *without* angle brackets (as
+    :attr:`mailrelay.message.Message.message_id` gives it)."""
     if not value:
         return None
-    match = re.search(r"<[^<>\s]+>", value)
+    match = re.search(r"<([^<>\s]+)>", value)
     if match:
-        return match.group(0)
+        return match.group(1)
     token = value.strip().split()
     if token and "@" in token[0]:
-        return f"<{token[0].strip('<>')}>"
+        return token[0].strip("<>") or None
     return None
 
 
