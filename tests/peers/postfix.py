@@ -85,6 +85,7 @@ MESSAGE_SIZE_LIMIT = 10_240_000
 IDLE_TIMEOUT = 2
 """Seconds ``idle_timeout_port`` waits for a command before it says 421 and hangs up."""
 
+_SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/bin")
 _SASL_PLUGIN_DIRS = (Path("/usr/lib/x86_64-linux-gnu/sasl2"), Path("/usr/lib/sasl2"))
 _START_TIMEOUT = 20.0
 _STOP_TIMEOUT = 10.0
@@ -239,7 +240,16 @@ class PostfixInstance:
         for user, password in self.users.items():
             local, _, realm = user.partition("@")
             _run(
-                ["saslpasswd2", "-p", "-c", "-f", str(self.etc / "sasldb2"), "-u", realm, local],
+                [
+                    _tool("saslpasswd2"),
+                    "-p",
+                    "-c",
+                    "-f",
+                    str(self.etc / "sasldb2"),
+                    "-u",
+                    realm,
+                    local,
+                ],
                 stdin=password,
             )
         shutil.chown(self.etc / "sasldb2", "root", "postfix")
@@ -248,7 +258,7 @@ class PostfixInstance:
     def start(self) -> None:
         """Start the master in the foreground (our child) and wait until every port answers."""
         self._process = subprocess.Popen(
-            ["postfix", "-c", str(self.etc), "start-fg"],
+            [_tool("postfix"), "-c", str(self.etc), "start-fg"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -284,7 +294,7 @@ class PostfixInstance:
             return
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             subprocess.run(
-                ["postfix", "-c", str(self.etc), "stop"],
+                [_tool("postfix"), "-c", str(self.etc), "stop"],
                 capture_output=True,
                 timeout=_STOP_TIMEOUT,
                 check=False,
@@ -434,6 +444,19 @@ _SUBMISSION_RELAY_RESTRICTIONS = (
 )
 
 
+def tool(name: str) -> str | None:
+    """The path of a Postfix/SASL command: on PATH, or in the sbin directories that a
+    non-root PATH often lacks."""
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(_SBIN_DIRS))
+
+
+def _tool(name: str) -> str:
+    found = tool(name)
+    if found is None:
+        raise RuntimeError(f"`{name}` not found; install with: {INSTALL_HINT}")
+    return found
+
+
 def _run(argv: list[str], stdin: str | None = None) -> None:
     result = subprocess.run(
         argv, input=stdin, capture_output=True, text=True, timeout=30.0, check=False
@@ -477,9 +500,9 @@ def _alive(pid: int) -> bool:
 def missing_requirements() -> list[str]:
     """What this machine lacks to run the test Postfix (empty when it can)."""
     missing = []
-    for tool in ("postfix", "postconf", "saslpasswd2", "openssl"):
-        if shutil.which(tool) is None:
-            missing.append(f"the `{tool}` command")
+    for command in ("postfix", "postconf", "saslpasswd2", "openssl"):
+        if tool(command) is None:
+            missing.append(f"the `{command}` command")
     if not Path("/etc/postfix/postfix-files").exists():
         missing.append("/etc/postfix/postfix-files (package postfix)")
     if not any((d / "libplain.so").exists() for d in _SASL_PLUGIN_DIRS):
