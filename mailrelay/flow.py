@@ -56,8 +56,9 @@ Rules (the RFC sections are cited where they are enforced):
   (RFC 6531 §3.4, for the message or any envelope address), 8BITMIME (RFC 6152 §3; we do not
   re-encode to 7 bit), REQUIRETLS (RFC 8689 §4.1: needs an encrypted connection and the
   server's keyword).
-* MAIL, every RCPT and DATA are sent in one write when the server offers PIPELINING and the
-  configuration allows it (RFC 2920 §3.1). A refused MAIL gives every recipient the MAIL
+* MAIL, every RCPT and DATA (or the first BDAT chunk, RFC 3030 §4) are sent in one write when
+  the server offers PIPELINING and the configuration allows it (RFC 2920 §3.1); later BDAT
+  chunks each wait for the previous chunk's reply. A refused MAIL gives every recipient the MAIL
   reply (not the 503s that follow). If every RCPT was refused but DATA still got 354, a lone
   "." ends the empty transaction (RFC 2920 §3.1) and each recipient keeps its own reply.
 * Message data is streamed from ``message.chunks()``, one :class:`Write` per chunk. BDAT

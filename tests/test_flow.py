@@ -529,6 +529,42 @@ def test_auth_scram_refuses_a_forged_server_signature(monkeypatch: pytest.Monkey
     assert b"*\r\n" in driver.sent  # RFC 4954 §4: the exchange was cancelled
 
 
+def test_auth_scram_success_without_server_signature_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sasl.MECHANISMS, "SCRAM-SHA-256", sasl.ScramSHA256(nonce=lambda: "cnonce"))
+    server_first = scram_server_turns("tanstaaftanstaaf")[0]
+    driver = Driver([GREETING, ehlo("AUTH SCRAM-SHA-256"), server_first, AUTH_OK, BYE])
+    session = Session(config(tls=TLS.IMPLICIT, **auth_config()))
+    with pytest.raises(AuthenticationError, match="without proving"):
+        driver.run(session.open())
+    assert not session.authenticated
+    assert session.closed
+
+
+def test_auth_xoauth2_error_challenge_gets_an_empty_answer() -> None:
+    error = b'{"status":"401","schemes":"bearer"}'
+    driver = Driver(
+        [
+            GREETING,
+            ehlo("AUTH PLAIN XOAUTH2"),
+            lines(334, b64(error)),
+            lines(535, "5.7.8 Username and Password not accepted"),
+            BYE,
+        ]
+    )
+    settings = auth_config(username="u@example.com", password="ya29.token")
+    session = Session(config(tls=TLS.IMPLICIT, auth_mechanisms=("XOAUTH2",), **settings))
+    with pytest.raises(AuthenticationError):
+        driver.run(session.open())
+    sent = driver.sent.splitlines()
+    assert (
+        sent[1]
+        == b"AUTH XOAUTH2 " + b64(b"user=u@example.com\x01auth=Bearer ya29.token\x01\x01").encode()
+    )
+    assert sent[2] == b""
+
+
 def test_auth_lines_are_redacted_in_the_wire_trace(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="mailrelay.flow")
     opened(
