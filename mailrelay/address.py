@@ -496,6 +496,7 @@ class Address:
     Raises:
         InvalidAddress: from the constructor, when the parts are not valid or
             not in normalized form.
+        TypeError: from the constructor, when a part is not a ``str``.
     """
 
     local_part: str
@@ -505,9 +506,9 @@ class Address:
 
     def __attrs_post_init__(self) -> None:
         local, domain = self.local_part, self.domain
+        if not isinstance(local, str) or not isinstance(domain, str):
+            raise TypeError("Address needs str values for local_part and domain")
         try:
-            if not isinstance(local, str) or not isinstance(domain, str):
-                raise _Problem("local_part and domain must be str")
             bad = _FORBIDDEN.search(local + domain)
             if bad is not None:
                 raise _Problem(f"control character U+{ord(bad.group()):04X} is not allowed")

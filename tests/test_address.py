@@ -489,6 +489,11 @@ def test_constructor_refuses_bad_parts(local_part: str, domain: str, problem: st
     assert problem in str(info.value)
 
 
+def test_constructor_refuses_non_str() -> None:
+    with pytest.raises(TypeError, match="needs str values"):
+        Address(local_part=b"a", domain="x.org")  # type: ignore[arg-type]
+
+
 def test_evolve_validates_and_instances_are_frozen() -> None:
     address = Address.parse("a@example.com")
     assert attrs.evolve(address, local_part="b") == Address.parse("b@example.com")
