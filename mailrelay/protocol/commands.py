@@ -98,9 +98,11 @@ def check_parameters(parameters: Parameters, *, smtputf8: bool) -> None:
     """
     value_pattern = _VALUE_UTF8 if smtputf8 else _VALUE_ASCII
     for keyword, value in parameters:
-        if _KEYWORD.fullmatch(keyword) is None:
+        if not isinstance(keyword, str) or _KEYWORD.fullmatch(keyword) is None:
             raise LocalProtocolError(f"invalid ESMTP parameter keyword {keyword!r}")
-        if value is not None and value_pattern.fullmatch(value) is None:
+        if value is not None and (
+            not isinstance(value, str) or value_pattern.fullmatch(value) is None
+        ):
             raise LocalProtocolError(f"invalid value for ESMTP parameter {keyword}: {value!r}")
 
 
@@ -109,7 +111,9 @@ def _check_parameters(instance: Any, attribute: attrs.Attribute[Parameters], val
 
 
 def _to_parameters(value: Any) -> Parameters:
-    return tuple((str(keyword), value) for keyword, value in value)
+    if type(value) is tuple and all(type(pair) is tuple and len(pair) == 2 for pair in value):
+        return value
+    return tuple((keyword, value) for keyword, value in value)
 
 
 def _encode_parameters(parameters: Parameters) -> str:

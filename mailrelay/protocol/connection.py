@@ -35,7 +35,7 @@ Rules and theory of operation:
 from __future__ import annotations
 
 from collections import deque
-from typing import Final
+from typing import Final, NoReturn
 
 from mailrelay.address import Address
 from mailrelay.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -65,7 +65,12 @@ from mailrelay.protocol.reader import (
 )
 from mailrelay.protocol.transitions import (
     CLOSING_CODE,
+    GREETING,
     LMTP_ONLY,
+    ON_421,
+    ON_EOF,
+    ON_ERROR,
+    ON_TLS_ESTABLISHED,
     PIPELINE_CONTINUES,
     PIPELINE_JOINS,
     REPLY,
@@ -79,6 +84,8 @@ from mailrelay.reply import Reply
 __all__ = ["ClientConnection"]
 
 _FINAL_DATA: Final = frozenset({"END-OF-DATA", "BDAT-LAST"})
+_SMTP_SEND: Final = {key: state for key, state in SEND.items() if key[1] not in LMTP_ONLY}
+_LMTP_SEND: Final = {key: state for key, state in SEND.items() if key[1] not in SMTP_ONLY}
 
 
 def command_kind(command: Command) -> str:
@@ -163,7 +170,7 @@ class ClientConnection:
         return tuple(rcpt.recipient for rcpt in self._accepted)
 
     def _fail(self, exc: ProtocolError) -> None:
-        self._state = State.ERROR
+        self._state = ON_ERROR
         self._error = exc
 
     def _check_usable(self) -> None:
@@ -183,54 +190,70 @@ class ClientConnection:
                 encoded (e.g. a non-ASCII address without SMTPUTF8). The
                 connection is then in ``State.ERROR``.
         """
-        state = self._state
-        if state is State.ERROR:
-            self._check_usable()
-        kind = command_kind(command)
-        new_state = SEND.get((state, kind))
-        try:
-            if new_state is None:
-                raise LocalProtocolError(f"cannot send {kind} in state {state.name}")
-            if self.lmtp:
-                if kind in SMTP_ONLY:
-                    raise LocalProtocolError(f"an LMTP connection sends LHLO, not {kind}")
-            elif kind in LMTP_ONLY:
-                raise LocalProtocolError("LHLO is for LMTP connections only")
-            if self._pending:
-                self._check_pipelining(kind)
-            if kind == "DATA-CHUNK":
-                assert isinstance(command, DataChunk)
-                data = self._stuffer.chunk(command.data)
-            elif kind == "END-OF-DATA":
-                data = self._stuffer.end()
-            else:
+        kind = command.verb
+        if kind == "BDAT" and isinstance(command, Bdat) and command.last:
+            kind = "BDAT-LAST"
+        new_state = self._send_table.get((self._state, kind))
+        pending = self._pending
+        if new_state is None or (
+            # RFC 2920 §3.1: only the newest command in flight can be one that
+            # must end a group, so checking it suffices (see _refuse).
+            pending
+            and not (
+                self._pipelining and pending[-1][1] in PIPELINE_CONTINUES and kind in PIPELINE_JOINS
+            )
+        ):
+            self._refuse(kind)
+        if kind == "DATA-CHUNK":
+            assert isinstance(command, DataChunk)
+            return self._stuffer.chunk(command.data)
+        if kind == "END-OF-DATA":
+            data = self._stuffer.end()
+        else:
+            try:
                 data = command.encode()
-        except LocalProtocolError as exc:
-            self._fail(exc)
-            raise
-        if kind == "MAIL":
-            self._serial += 1
-        if kind != "DATA-CHUNK":
-            self._pending.append((command, kind, self._serial))
+            except LocalProtocolError as exc:
+                self._fail(exc)
+                raise
+            if kind == "MAIL":
+                self._serial += 1
+        pending.append((command, kind, self._serial))
         self._state = new_state
         return data
 
-    def _check_pipelining(self, kind: str) -> None:
-        # RFC 2920 §3.1: overlapping commands need PIPELINING, and only some
-        # commands may be followed before their reply arrives.
+    @property
+    def _send_table(self) -> dict[tuple[State, str], State]:
+        return _LMTP_SEND if self.lmtp else _SMTP_SEND
+
+    @property
+    def _pipelining(self) -> bool:
         extensions = self.extensions
-        if extensions is None or not extensions.pipelining:
-            raise LocalProtocolError(
+        return extensions is not None and extensions.pipelining
+
+    def _refuse(self, kind: str) -> NoReturn:
+        """Raise the LocalProtocolError that explains why ``kind`` cannot be sent now."""
+        self._check_usable()
+        state = self._state
+        exc: LocalProtocolError
+        if self.lmtp and kind in SMTP_ONLY:
+            exc = LocalProtocolError(f"an LMTP connection sends LHLO, not {kind}")
+        elif not self.lmtp and kind in LMTP_ONLY:
+            exc = LocalProtocolError("LHLO is for LMTP connections only")
+        elif (state, kind) not in SEND:
+            exc = LocalProtocolError(f"cannot send {kind} in state {state.name}")
+        elif not self._pipelining:
+            exc = LocalProtocolError(
                 f"cannot send {kind} before the reply to {self._pending[-1][1]}: "
                 "the server did not announce PIPELINING"
             )
-        if kind not in PIPELINE_JOINS:
-            raise LocalProtocolError(f"{kind} cannot be pipelined (RFC 2920 §3.1)")
-        for _, pending_kind, _ in self._pending:
-            if pending_kind not in PIPELINE_CONTINUES:
-                raise LocalProtocolError(
-                    f"nothing may follow {pending_kind} before its reply (RFC 2920 §3.1)"
-                )
+        elif kind not in PIPELINE_JOINS:
+            exc = LocalProtocolError(f"{kind} cannot be pipelined (RFC 2920 §3.1)")
+        else:
+            exc = LocalProtocolError(
+                f"nothing may follow {self._pending[-1][1]} before its reply (RFC 2920 §3.1)"
+            )
+        self._fail(exc)
+        raise exc
 
     def tls_established(self) -> None:
         """Tell the connection that the TLS handshake after STARTTLS's 220 succeeded.
@@ -254,7 +277,7 @@ class ClientConnection:
         # RFC 3207 §4.2: forget everything learnt before TLS; EHLO again.
         self.extensions = None
         self.tls = True
-        self._state = State.CONNECTED
+        self._state = ON_TLS_ESTABLISHED[self._state]
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -316,12 +339,15 @@ class ClientConnection:
                 return self._closed()
             return NEED_DATA
         if state is State.GREETING:
-            self._state = State.CLOSING if reply.code == CLOSING_CODE else State.CONNECTED
+            if reply.code == CLOSING_CODE:
+                self._state = ON_421
+            else:
+                self._state = REPLY[state, GREETING, reply_kind(reply.code)]
             return Greeting(reply=reply)
         if not self._pending:
             if reply.code == CLOSING_CODE:
                 # RFC 5321 §3.8: a server may announce shutdown at any time.
-                self._state = State.CLOSING
+                self._state = ON_421
                 return ServiceClosing(reply=reply)
             raise RemoteProtocolError(f"unexpected reply while no command awaits one: {reply}")
         return self._response(reply)
@@ -361,7 +387,7 @@ class ClientConnection:
                 self.extensions = None
         code = reply.code
         if code == CLOSING_CODE:
-            self._state = State.CLOSING
+            self._state = ON_421
         elif serial == self._serial:
             new_state = REPLY.get((self._state, kind, reply_kind(code)))
             if new_state is not None:
@@ -371,7 +397,7 @@ class ClientConnection:
         return event
 
     def _closed(self) -> ConnectionClosed:
-        self._state = State.CLOSED
+        self._state = ON_EOF
         unanswered: tuple[Address, ...] = ()
         if self.lmtp and self._pending and self._pending[0][1] in _FINAL_DATA:
             owed = self._owed if self._owed is not None else self._accepted

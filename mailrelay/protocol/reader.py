@@ -51,7 +51,19 @@ DEFAULT_MAX_REPLY_LENGTH: Final = 65536
 
 _CACHE_SIZE: Final = 128
 _CACHE_LINE: Final = 200
-_DIGITS: Final = frozenset(b"0123456789")
+
+# RFC 5321 §4.2: "ddd " ends a reply, "ddd-" continues it. One dict lookup on a
+# line's first four octets checks the digits, the 200-599 range and the separator.
+_PREFIXES: Final[dict[bytes, tuple[int, bool]]] = {
+    b"%d%s" % (code, separator): (code, separator == b" ")
+    for code in range(200, 600)
+    for separator in (b" ", b"-")
+}
+
+_STATUS_CACHE: dict[str, EnhancedStatus | None] = {}
+
+_new = object.__new__
+_set = object.__setattr__
 
 
 def _make_reply(code: int, lines: list[str]) -> Reply:
@@ -60,8 +72,24 @@ def _make_reply(code: int, lines: list[str]) -> Reply:
     # RFC 2034 §3 / RFC 3463 §2: only an enhanced code of the reply's own class
     # counts (there is no class 3, so a 354 never has one).
     if first and ord(first[0]) == 48 + code // 100:
-        enhanced = EnhancedStatus.search(first)
-    return Reply(code=code, lines=tuple(lines), enhanced=enhanced)
+        # The code can only span the text up to the first space, and servers
+        # repeat a handful of codes: look that token up before parsing it.
+        token = first.partition(" ")[0]
+        try:
+            enhanced = _STATUS_CACHE[token]
+        except KeyError:
+            enhanced = EnhancedStatus.search(token)
+            if len(_STATUS_CACHE) >= _CACHE_SIZE:
+                _STATUS_CACHE.clear()
+            _STATUS_CACHE[token] = enhanced
+    # Reply's validators check the code range and a non-empty ``lines`` tuple;
+    # the reader has checked both, so fill in the frozen instance directly
+    # (the same object.__setattr__ that attrs' own __init__ uses for frozen classes).
+    reply: Reply = _new(Reply)
+    _set(reply, "code", code)
+    _set(reply, "lines", tuple(lines))
+    _set(reply, "enhanced", enhanced)
+    return reply
 
 
 class ReplyReader:
@@ -113,6 +141,11 @@ class ReplyReader:
         """Whether an unfinished line or multi-line reply is buffered."""
         return bool(self._buffer or self._lines)
 
+    @property
+    def buffered(self) -> int:
+        """How many octets of unfinished line are buffered (never above the line limit + 1)."""
+        return len(self._buffer)
+
     def pop(self) -> Reply | None:
         """The next complete reply, or None when none is ready.
 
@@ -136,21 +169,77 @@ class ReplyReader:
             self._check_partial()
             return
         self._buffer = buffer[end + 1 :]
+        complete = buffer[:end]
+        # Usually every line ends in CRLF: split on it and skip the per-line CR check.
+        if complete.count(b"\r\n") == complete.count(b"\n") and complete.endswith(b"\r"):
+            lines = complete[:-1].split(b"\r\n")
+            crlf = True
+        else:
+            lines = complete.split(b"\n")
+            crlf = False
         try:
-            cache = self._cache
-            for line in buffer[:end].split(b"\n"):
-                if not self._lines:
-                    # Fast path: a single-line reply seen before (same bytes, same value).
-                    cached = cache.get(line)
-                    if cached is not None:
-                        self._replies.append(cached)
-                        continue
-                self._line(line)
-            self._check_partial()
+            self._parse_lines(lines, crlf)
         except RemoteProtocolError as exc:
             self._error = exc
             self._buffer = b""
             self._lines = []
+            return
+        self._check_partial()
+
+    def _parse_lines(self, lines: list[bytes], crlf: bool) -> None:
+        # One loop with everything in locals: this is the hot path of the reader.
+        cache = self._cache
+        cache_get = cache.get
+        prefix_get = _PREFIXES.get
+        add_reply = self._replies.append
+        max_line = self._max_line
+        max_reply = self._max_reply
+        text_lines = self._lines
+        code = self._code
+        size = self._size
+        for raw in lines:
+            if not text_lines:
+                # A single-line reply seen before: same bytes, same (immutable) value.
+                cached = cache_get(raw)
+                if cached is not None:
+                    add_reply(cached)
+                    continue
+            line = raw[:-1] if not crlf and raw[-1:] == b"\r" else raw
+            length = len(line)
+            if length > max_line:
+                raise RemoteProtocolError(f"reply line longer than {max_line} octets")
+            # RFC 5321 §4.2: Reply-line = *( Reply-code "-" [ textstring ] CRLF )
+            #                Reply-code [ SP textstring ] CRLF
+            head = prefix_get(line[:4])
+            if head is None:
+                # A bare "250" is a complete last line; anything else is malformed
+                # (short line, non-digit, code outside 200-599, unknown separator).
+                head = prefix_get(line + b" ") if length == 3 else None
+                if head is None:
+                    raise RemoteProtocolError(f"malformed reply line {line[:80]!r}")
+            line_code, last = head
+            if text_lines and line_code != code:
+                # RFC 5321 §4.2.1: every line of a multi-line reply has the same code.
+                raise RemoteProtocolError(
+                    f"multi-line reply changed its code from {code} to {line_code}"
+                )
+            code = line_code
+            size += length + 2
+            if size > max_reply:
+                raise RemoteProtocolError(f"reply longer than {max_reply} octets")
+            text_lines.append(line[4:].decode("utf-8", "replace"))
+            if last:
+                reply = _make_reply(code, text_lines)
+                if length <= _CACHE_LINE and len(text_lines) == 1:
+                    if len(cache) >= _CACHE_SIZE:
+                        cache.clear()
+                    cache[raw] = reply
+                add_reply(reply)
+                text_lines = []
+                size = 0
+        self._lines = text_lines
+        self._code = code
+        self._size = size
 
     def _check_partial(self) -> None:
         # The unfinished line may end with the CR of its CRLF: allow one octet more.
@@ -160,49 +249,6 @@ class ReplyReader:
             )
             self._buffer = b""
             self._lines = []
-
-    def _line(self, raw: bytes) -> None:
-        line = raw
-        raw_length = len(line) + 1
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        length = len(line)
-        if length > self._max_line:
-            raise RemoteProtocolError(f"reply line longer than {self._max_line} octets")
-        # RFC 5321 §4.2: Reply-line = *( Reply-code "-" [ textstring ] CRLF )
-        #                Reply-code [ SP textstring ] CRLF
-        if length < 3 or line[0] not in _DIGITS or line[1] not in _DIGITS or line[2] not in _DIGITS:
-            raise RemoteProtocolError(f"malformed reply line {line[:80]!r}")
-        code = int(line[:3])
-        if code < 200 or code > 599:
-            raise RemoteProtocolError(f"reply code out of range 200-599: {code}")
-        if self._lines and code != self._code:
-            # RFC 5321 §4.2.1: every line of a multi-line reply has the same code.
-            raise RemoteProtocolError(
-                f"multi-line reply changed its code from {self._code} to {code}"
-            )
-        self._size += raw_length
-        if self._size > self._max_reply:
-            raise RemoteProtocolError(f"reply longer than {self._max_reply} octets")
-        separator = line[3:4]
-        text = line[4:].decode("utf-8", "replace")
-        if separator == b"-":
-            self._code = code
-            self._lines.append(text)
-            return
-        if separator not in (b" ", b""):
-            raise RemoteProtocolError(f"malformed reply line {line[:80]!r}")
-        lines = self._lines
-        lines.append(text)
-        reply = _make_reply(code, lines)
-        if len(lines) == 1 and raw_length <= _CACHE_LINE:
-            if len(self._cache) >= _CACHE_SIZE:
-                self._cache.clear()
-            self._cache[raw] = reply
-        self._replies.append(reply)
-        self._lines = []
-        self._size = 0
-        self._code = 0
 
 
 def parse_replies(

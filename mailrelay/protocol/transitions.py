@@ -36,6 +36,10 @@ __all__ = [
     "CLOSING_CODE",
     "GREETING",
     "LMTP_ONLY",
+    "ON_421",
+    "ON_EOF",
+    "ON_ERROR",
+    "ON_TLS_ESTABLISHED",
     "PIPELINE_CONTINUES",
     "PIPELINE_JOINS",
     "REPLY",
@@ -73,6 +77,10 @@ class State(enum.Enum):
     #: A protocol error happened; the connection is unusable (absorbing).
     ERROR = "ERROR"
 
+    # Members are singletons compared by identity; hash them by identity too, in C
+    # (Enum's own __hash__ is Python code, and the tables are looked up per command).
+    __hash__ = object.__hash__
+
 
 class ReplyKind(enum.Enum):
     """The classes of reply that drive transitions (RFC 5321 §4.2.1)."""
@@ -80,6 +88,8 @@ class ReplyKind(enum.Enum):
     POSITIVE = "2xx"
     INTERMEDIATE = "3xx"
     NEGATIVE = "4xx/5xx"
+
+    __hash__ = object.__hash__
 
 
 def reply_kind(code: int) -> ReplyKind:
@@ -90,6 +100,15 @@ def reply_kind(code: int) -> ReplyKind:
         return ReplyKind.INTERMEDIATE
     return ReplyKind.NEGATIVE
 
+
+#: The state after a 421 reply to anything (RFC 5321 §3.8), after the end of file,
+#: and after any protocol error (absorbing: nothing leaves ERROR).
+ON_421: Final = State.CLOSING
+ON_EOF: Final = State.CLOSED
+ON_ERROR: Final = State.ERROR
+#: ``tls_established()``: the only way out of TLS_PENDING (RFC 3207 §4.2: the
+#: session starts over, so the client must say EHLO again).
+ON_TLS_ESTABLISHED: Final = {State.TLS_PENDING: State.CONNECTED}
 
 #: The pseudo command kind of the greeting in :data:`REPLY`.
 GREETING: Final = "greeting"

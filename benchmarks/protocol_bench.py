@@ -1,0 +1,160 @@
+"""Benchmark the sans-I/O protocol core: CPU per pipelined message cycle, and reply parsing.
+
+Run: ``python benchmarks/protocol_bench.py [--messages N] [--replies N]``.
+
+1. One full pipelined transaction through :class:`ClientConnection`, no I/O:
+   ``MAIL``/``RCPT``/``DATA`` sent as one group, their three replies parsed and
+   matched, a 1 KiB body dot-stuffed, the terminator sent and the final reply
+   parsed. Commands are built inside the loop, as a dialogue would. Goal: at
+   most 25 µs per message.
+2. Reply parsing in lines per second: :class:`ReplyReader` beside the parser of
+   the standard library's ``smtplib`` (``SMTP.getreply`` reading from
+   ``self.file``, here a ``BytesIO``) on the same bytes, once with the realistic
+   mix of repeated replies (which our reader memoizes) and once with every line
+   distinct (which it cannot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import smtplib
+import time
+
+from mailrelay.address import Address
+from mailrelay.protocol import (
+    NEED_DATA,
+    ClientConnection,
+    Data,
+    DataChunk,
+    Ehlo,
+    EndOfData,
+    MailFrom,
+    RcptTo,
+    ReplyReader,
+    Response,
+)
+
+BODY = (b"Subject: benchmark\r\n\r\n" + b"x" * 70 + b"\r\n.leading dot\r\n") * 11
+BODY = BODY[:1024]
+GREETING = b"220 mx.example ESMTP ready\r\n"
+EHLO_REPLY = (
+    b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n250-8BITMIME\r\n"
+    b"250-ENHANCEDSTATUSCODES\r\n250 CHUNKING\r\n"
+)
+GROUP_REPLIES = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+FINAL_REPLY = b"250 2.0.0 Ok: queued as 4XyZ1\r\n"
+
+
+def drain(conn: ClientConnection) -> int:
+    """Take every ready event; return how many there were."""
+    count = 0
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            return count
+        assert isinstance(event, Response)
+        count += 1
+
+
+def message_cycles(messages: int) -> float:
+    """CPU seconds per pipelined message cycle."""
+    conn = ClientConnection()
+    conn.receive_data(GREETING)
+    conn.next_event()
+    conn.send(Ehlo("client.example"))
+    conn.receive_data(EHLO_REPLY)
+    drain(conn)
+    sender = Address.parse("sender@example.org")
+    recipient = Address.parse("rcpt@example.net")
+    size = str(len(BODY))
+    start = time.process_time()
+    for _ in range(messages):
+        wire = (
+            conn.send(MailFrom(sender, (("SIZE", size), ("BODY", "8BITMIME"))))
+            + conn.send(RcptTo(recipient))
+            + conn.send(Data())
+        )
+        conn.receive_data(GROUP_REPLIES)
+        events = drain(conn)
+        wire = conn.send(DataChunk(BODY)) + conn.send(EndOfData())
+        conn.receive_data(FINAL_REPLY)
+        events += drain(conn)
+        assert events == 4 and wire.endswith(b"\r\n.\r\n")
+    return (time.process_time() - start) / messages
+
+
+class _FakeSMTP(smtplib.SMTP):
+    """smtplib's reply parser, reading from a BytesIO instead of a socket."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()  # no host: does not connect
+        self.file = io.BytesIO(data)  # type: ignore[assignment]
+
+
+def reply_stream(lines: int, distinct: bool) -> bytes:
+    """A stream of single- and multi-line replies, ``lines`` lines in all."""
+    out = []
+    n = 0
+    while n < lines:
+        tag = f" {n}" if distinct else ""
+        out.append(f"250 2.1.5 Recipient ok{tag}\r\n")
+        out.append(f"250-mx.example{tag}\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 8BITMIME\r\n")
+        out.append(f"354 End data with <CR><LF>.<CR><LF>{tag}\r\n")
+        out.append(f"550 5.1.1 <u@example.net>: Recipient address rejected{tag}\r\n")
+        n += 7
+    return "".join(out).encode()
+
+
+def parse_ours(data: bytes, feed_size: int) -> tuple[float, int]:
+    start = time.process_time()
+    reader = ReplyReader()
+    replies = 0
+    for offset in range(0, len(data), feed_size):
+        reader.feed(data[offset : offset + feed_size])
+        while reader.pop() is not None:
+            replies += 1
+    return time.process_time() - start, replies
+
+
+def parse_smtplib(data: bytes) -> tuple[float, int]:
+    fake = _FakeSMTP(data)
+    replies = 0
+    start = time.process_time()
+    try:
+        while True:
+            code, _ = fake.getreply()
+            if code == -1:
+                break
+            replies += 1
+    except smtplib.SMTPServerDisconnected:
+        pass
+    return time.process_time() - start, replies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--replies", type=int, default=200_000, help="reply lines to parse")
+    args = parser.parse_args()
+
+    message_cycles(min(2_000, args.messages))  # warm up
+    per_message = min(message_cycles(args.messages) for _ in range(3))
+    print(f"pipelined MAIL/RCPT/DATA + 1 KiB body + replies: {per_message * 1e6:.1f} µs CPU/message")
+    print(f"  ({1 / per_message:,.0f} messages/s; goal <= 25 µs)")
+
+    for distinct in (False, True):
+        data = reply_stream(args.replies, distinct)
+        lines = data.count(b"\n")
+        ours_time, ours_replies = min(parse_ours(data, 4096) for _ in range(3))
+        lib_time, lib_replies = min(parse_smtplib(data) for _ in range(3))
+        assert ours_replies == lib_replies, (ours_replies, lib_replies)
+        label = "distinct lines" if distinct else "repeated replies"
+        print(f"reply parsing, {label} ({lines:,} lines, {ours_replies:,} replies):")
+        print(f"  mailrelay ReplyReader: {lines / ours_time:,.0f} lines/s")
+        print(f"  smtplib getreply     : {lines / lib_time:,.0f} lines/s")
+        print(f"  ratio                : {lib_time / ours_time:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
