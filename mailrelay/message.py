@@ -103,9 +103,35 @@ _READ_SIZE = 1 << 16
 _ADDRESS_PARSER = email.headerregistry.HeaderRegistry()
 
 
+def _check_filename(_instance: object, _attribute: object, value: str) -> None:
+    if not isinstance(value, str):
+        raise MessageError("an attachment's filename must be a string")
+    _check_field("attachment filename", value)
+
+
+def _check_data(_instance: object, _attribute: object, value: bytes) -> None:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise MessageError("an attachment's data must be bytes")
+
+
+def _check_content_type(_instance: object, _attribute: object, value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise MessageError("an attachment's content type must be a string")
+    _check_field("attachment content type", value)
+    if _CONTENT_TYPE.fullmatch(value) is None:
+        raise MessageError(f"invalid content type {value!r} (RFC 6838 §4.2)")
+
+
 @attrs.frozen(kw_only=True)
 class Attachment:
     """A file attached to a built message.
+
+    Raises:
+        MessageError: from the constructor: CR, LF, NUL or another line break in
+            the file name or content type, a content type that is not
+            ``type/subtype``, or data that is not bytes.
 
     Attributes:
         filename: the name the recipient sees (non-ASCII names are written with
@@ -115,9 +141,9 @@ class Attachment:
             falls back to ``application/octet-stream``.
     """
 
-    filename: str
-    data: bytes
-    content_type: str | None = None
+    filename: str = attrs.field(validator=_check_filename)
+    data: bytes = attrs.field(validator=_check_data)
+    content_type: str | None = attrs.field(default=None, validator=_check_content_type)
 
     def resolved_content_type(self) -> str:
         """Return the content type to send: the given one or a guess."""
@@ -732,17 +758,10 @@ def _check_message_id(value: str) -> str:
 
 
 def _attachment(item: Attachment | tuple[str, bytes] | tuple[str, bytes, str | None]) -> Attachment:
-    if not isinstance(item, Attachment):
-        if not isinstance(item, tuple) or len(item) not in (2, 3):
-            raise MessageError("an attachment is (filename, data) or (filename, data, type)")
-        item = Attachment(
-            filename=item[0], data=item[1], content_type=item[2] if len(item) == 3 else None
-        )
-    if not isinstance(item.data, bytes | bytearray | memoryview):
-        raise MessageError(f"attachment {item.filename!r}: data must be bytes")
-    _check_field("attachment filename", item.filename)
-    content_type = item.resolved_content_type()
-    _check_field("attachment content type", content_type)
-    if _CONTENT_TYPE.fullmatch(content_type) is None:
-        raise MessageError(f"invalid content type {content_type!r} (RFC 6838 §4.2)")
-    return item
+    if isinstance(item, Attachment):
+        return item
+    if not isinstance(item, tuple) or len(item) not in (2, 3):
+        raise MessageError("an attachment is (filename, data) or (filename, data, type)")
+    return Attachment(
+        filename=item[0], data=item[1], content_type=item[2] if len(item) == 3 else None
+    )

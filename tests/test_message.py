@@ -721,3 +721,26 @@ def test_property_built_text_round_trips(text: str, subject: str) -> None:
     parsed = parse_back(message)
     body = parsed.get_content().replace("\r\n", "\n")
     assert body.rstrip("\n") == text.rstrip("\n")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"filename": "a\r\nX-B: c", "data": b""}, id="crlf-filename"),
+        pytest.param(
+            {"filename": "a", "data": b"", "content_type": "text/x\nY: z"}, id="crlf-type"
+        ),
+        pytest.param({"filename": "a", "data": b"", "content_type": "text"}, id="no-subtype"),
+        pytest.param({"filename": "a", "data": "text"}, id="str-data"),
+    ],
+)
+def test_attachment_validates_at_construction(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(MessageError):
+        Attachment(**kwargs)
+
+
+def test_attachment_guesses_content_type() -> None:
+    assert Attachment(filename="a.csv", data=b"").resolved_content_type() == "text/csv"
+    assert Attachment(filename="a", data=b"").resolved_content_type() == "application/octet-stream"
+    given_type = Attachment(filename="a.csv", data=b"", content_type="text/plain")
+    assert given_type.resolved_content_type() == "text/plain"
