@@ -454,6 +454,19 @@ class _ResolverBase:
         resolver.lifetime = self.timeout
         resolver.cache = None  # ours is in front
 
+    def cached_mail_hosts(self, domain: str) -> MailHosts | None:
+        """What :meth:`mail_hosts` would return from the cache alone, without asking the DNS.
+
+        Returns ``None`` when nothing live is cached for ``domain``. Never waits and never
+        queries, so bulk callers can skip scheduling lookups that are already answered.
+
+        Raises:
+            ResolverError: when the cache holds a recent transient failure for ``domain``,
+                or ``domain`` is not a valid name.
+        """
+        value = self.cache.get((_domain_key(domain), _MAIL_HOSTS))
+        return None if value is _MISS else self._deliver(value)
+
     def _deliver(self, value: object) -> MailHosts:
         if isinstance(value, ResolverError):
             # A fresh copy, so a cached failure does not collect tracebacks across raises.

@@ -245,6 +245,25 @@ class _ValidatorBase:
                 by_domain.setdefault(checked.ascii_domain, []).append(index)
         return pending, by_domain
 
+    @staticmethod
+    def _cached(
+        resolver: Resolver | AsyncResolver, by_domain: dict[str, list[int]]
+    ) -> tuple[dict[str, MailHosts | ResolverError], list[str]]:
+        """What the resolver's cache already knows, and the domains it does not know yet."""
+        found: dict[str, MailHosts | ResolverError] = {}
+        missing: list[str] = []
+        for domain in by_domain:
+            try:
+                hit = resolver.cached_mail_hosts(domain)
+            except ResolverError as exc:
+                found[domain] = exc
+                continue
+            if hit is None:
+                missing.append(domain)
+            else:
+                found[domain] = hit
+        return found, missing
+
     def _finish(
         self,
         texts: list[str],
@@ -293,14 +312,15 @@ class RecipientValidator(_ValidatorBase):
         """Validate many addresses: results in input order, each domain looked up once."""
         texts = list(addresses)
         pending, by_domain = self._sort(texts)
-        domains = list(by_domain)
-        if len(domains) <= 1:
-            found = [self._lookup(domain) for domain in domains]
-        else:
-            workers = min(self.concurrency, len(domains))
+        found, missing = self._cached(self.resolver, by_domain)
+        if len(missing) == 1:
+            found[missing[0]] = self._lookup(missing[0])
+        elif missing:
+            # Blocking lookups overlap only in threads; the pool lives for this call only.
+            workers = min(self.concurrency, len(missing))
             with ThreadPoolExecutor(workers, thread_name_prefix="mailrelay-validate") as pool:
-                found = list(pool.map(self._lookup, domains))
-        return self._finish(texts, pending, by_domain, found)
+                found.update(zip(missing, pool.map(self._lookup, missing), strict=True))
+        return self._finish(texts, pending, by_domain, [found[d] for d in by_domain])
 
     def _lookup(self, domain: str) -> MailHosts | ResolverError:
         try:
@@ -346,8 +366,10 @@ class AsyncRecipientValidator(_ValidatorBase):
             async with gate:
                 return await self._lookup(domain)
 
-        found = await asyncio.gather(*(gated(domain) for domain in by_domain))
-        return self._finish(texts, pending, by_domain, found)
+        found, missing = self._cached(self.resolver, by_domain)
+        looked_up = await asyncio.gather(*(gated(domain) for domain in missing))
+        found.update(zip(missing, looked_up, strict=True))
+        return self._finish(texts, pending, by_domain, [found[d] for d in by_domain])
 
     async def _lookup(self, domain: str) -> MailHosts | ResolverError:
         try:

@@ -507,3 +507,18 @@ def test_a_cancelled_task_does_not_cancel_the_shared_lookup(unbound: UnboundServ
         return await second
 
     assert run(scenario()).domain == "dom21.test"
+
+
+def test_cached_mail_hosts_never_queries(unbound: UnboundServer) -> None:
+    resolver = unbound.resolver()
+    before = unbound.queries_for("dom30.test")
+    assert resolver.cached_mail_hosts("dom30.test") is None
+    assert unbound.queries_for("dom30.test") == before
+    found = resolver.mail_hosts("dom30.test")
+    assert resolver.cached_mail_hosts("DOM30.test.") == found
+    with pytest.raises(ResolverError):
+        resolver.mail_hosts("cached.refused.test")
+    with pytest.raises(ResolverError, match="refused") as caught:
+        resolver.cached_mail_hosts("cached.refused.test")
+    assert caught.value.is_transient
+    assert run(unbound.async_resolver(cache=resolver.cache).mail_hosts("dom30.test")) == found
