@@ -97,6 +97,7 @@ _BOUNCE_SUBJECT_RE = re.compile(
     r"メールエラー|配信エラー|送信エラー|不達|配送エラー|エラー通知",
     re.IGNORECASE,
 )
+_REPLY_PREFIX_RE = re.compile(r"^\s*(?:re|fwd?|aw|wg|sv|vs|tr|rif|odp|antw)\s*:", re.IGNORECASE)
 _AUTO_SUBJECT_RE = re.compile(
     r"out\s+of\s+(?:the\s+)?office|automatic\s+reply|auto(?:matic)?[- ]?(?:reply|response|"
     r"respon)|autoreply|^\s*auto:|vacation|away\s+from|on\s+leave|abwesen|absence|"
@@ -294,8 +295,20 @@ def recipient_context(parts: list[email.message.Message], addresses: list[str]) 
 
 
 def looks_like_notice(msg: email.message.Message) -> bool:
-    """The gate: sent by a mail system, or titled like a failure notice."""
-    return from_mail_system(msg) or bool(_BOUNCE_SUBJECT_RE.search(header(msg, "Subject") or ""))
+    """The gate: sent by a mail system, or an automatic message titled like a
+    failure notice. A person's reply or forward ("Re: Undeliverable ...") is not."""
+    if from_mail_system(msg):
+        return True
+    subject = header(msg, "Subject") or ""
+    if not _BOUNCE_SUBJECT_RE.search(subject) or _REPLY_PREFIX_RE.match(subject):
+        return False
+    # The subject alone is a person's word; some sign of automation must agree.
+    return_path = header(msg, "Return-Path")
+    null_path = return_path is not None and return_path.strip() in ("<>", "")
+    automatic = (header(msg, "Auto-Submitted") or "no").lower() not in ("no", "")
+    sender = (first_address(header(msg, "From")) or "").rsplit("@", 1)[0].lower()
+    no_reply = sender.replace("-", "").replace("_", "") in ("noreply", "donotreply")
+    return null_path or automatic or no_reply or header(msg, "X-Failed-Recipients") is not None
 
 
 def notice_text(parts: list[email.message.Message]) -> tuple[str, str]:

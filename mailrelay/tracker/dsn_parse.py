@@ -286,8 +286,9 @@ def _split_recipients(block: list[tuple[str, str]]) -> list[list[tuple[str, str]
     return [g for g in groups if g]
 
 
-def _typed_value(value: str | None) -> str | None:
-    """``"rfc822; a@b"`` → ``"a@b"``: drop the RFC 3464 §2.1.2 type and brackets."""
+def _typed_value(value: str | None, *, address: bool = True) -> str | None:
+    """``"rfc822; a@b"`` → ``"a@b"``: drop the RFC 3464 §2.1.2 type (and, for
+    an address, its angle brackets)."""
     if value is None:
         return None
     kind, sep, rest = value.partition(";")
@@ -295,7 +296,7 @@ def _typed_value(value: str | None) -> str | None:
     if sep and kind.strip().lower() in ("utf-8", "x-utf-8"):
         text = _UTF8_ESCAPE_RE.sub(lambda m: _chr(m.group(1)), text)
     text = text.strip()
-    if text.startswith("<") and text.endswith(">"):
+    if address and text.startswith("<") and text.endswith(">"):
         text = text[1:-1]
     return _clean(text)
 
@@ -312,7 +313,7 @@ def _recipient(fields: dict[str, str]) -> DSNRecipient | None:
     if not address:
         return None
     status_text = fields.get("status")
-    diagnostic = _typed_value(fields.get("diagnostic-code"))
+    diagnostic = _typed_value(fields.get("diagnostic-code"), address=False)
     status = find_status(status_text) or find_status(diagnostic)
     action_word = (fields.get("action") or "").strip().lower().split(" ", 1)[0]
     action = _action(action_word, status)
