@@ -20,7 +20,7 @@ and ::1)                     ``smtpd -v``, so every command and reply is in :met
 ``no_pipelining_port``       EHLO without PIPELINING and CHUNKING (``smtpd_discard_ehlo_keywords``)
 ``helo_only_port``           EHLO refused with ``500 5.5.2`` (``smtpd_command_filter`` rewrites
                              EHLO into an unknown command), HELO works: the HELO fallback
-``idle_timeout_port``        like ``smtp_port`` but ``smtpd_timeout`` = :data:`IDLE_TIMEOUT`
+``idle_timeout_port``        STARTTLS and AUTH offered, ``smtpd_timeout`` = :data:`IDLE_TIMEOUT`
                              seconds: an idle connection gets ``421 4.4.2`` and is closed (the
                              pool's reconnect path, against a real server)
 ============================ ==================================================================

@@ -76,7 +76,8 @@ def free_port(*, ipv6: bool = False) -> int:
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free loopback port found in 50 tries")
+    where = "127.0.0.1 and ::1 (is the IPv6 loopback enabled?)" if ipv6 else "127.0.0.1"
+    raise RuntimeError(f"no free port on {where} in 50 tries")
 
 
 class Action(enum.Enum):
