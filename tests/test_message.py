@@ -27,11 +27,12 @@ BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 def wire_field_names(wire: bytes) -> list[str]:
     """The field names of the header block of ``wire`` (which uses CRLF)."""
-    head = wire.split(b"\r\n\r\n", 1)[0]
     names = []
-    for line in head.split(b"\r\n"):
-        if line and line[:1] not in (b" ", b"\t") and b":" in line:
-            names.append(line.split(b":", 1)[0].decode("ascii").strip().lower())
+    for line in wire.split(b"\r\n"):
+        if not line:
+            break  # the empty line that ends the header block
+        if line[:1] not in (b" ", b"\t") and b":" in line:
+            names.append(line.split(b":", 1)[0].decode("latin-1").strip().lower())
     return names
 
 
