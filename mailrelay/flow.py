@@ -93,6 +93,7 @@ from mailrelay.errors import (
     ConfigurationError,
     ConnectionLost,
     DeliveryError,
+    LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
     ServerProtocolError,
@@ -448,6 +449,14 @@ class Session:
             pass  # we are leaving anyway; the server's manners no longer matter
         yield from self._closed()
 
+    def _guarded(self, step: Step[_T]) -> Step[_T]:
+        """Run a step; if anything escapes it, the session is dead (its state is unknown)."""
+        try:
+            return (yield from step)
+        except BaseException:
+            self.closed = True
+            raise
+
     def _ensure_open(self) -> None:
         if self.closed:
             raise ConnectionLost("the session is closed", host=self.config.peer)
@@ -464,6 +473,9 @@ class Session:
             ConnectionLost: the server closed the connection.
             ServerProtocolError: the server broke the protocol.
         """
+        return (yield from self._guarded(self._open_step()))
+
+    def _open_step(self) -> Step[None]:
         self._ensure_open()
         try:
             yield from self._open()
@@ -669,6 +681,9 @@ class Session:
                 or the session was already closed.
             ServerProtocolError: the server broke the protocol.
         """
+        return (yield from self._guarded(self._deliver(message, envelope)))
+
+    def _deliver(self, message: Message, envelope: Envelope) -> Step[DeliveryResult]:
         self._ensure_open()
         recipients = [r.address for r in envelope.recipients]
         transaction = _Transaction(recipients, self.config.peer)
@@ -897,6 +912,9 @@ class Session:
             SessionRefused: the server answered 421.
             ConnectionLost: the connection ended.
         """
+        return (yield from self._guarded(self._reset()))
+
+    def _reset(self) -> Step[None]:
         self._ensure_open()
         try:
             yield from self._rset()
@@ -909,17 +927,26 @@ class Session:
         A dead session (421, EOF, protocol error) gives ``False`` and is closed; this step
         never raises for the server's sake.
         """
+        return (yield from self._guarded(self._noop()))
+
+    def _noop(self) -> Step[bool]:
         if self.closed:
             return False
         try:
             yield from self._write(Noop(), phase="greeting")
             reply = yield from self._reply("greeting")
-        except (_SessionClosed, ServerProtocolError):
+        except (_SessionClosed, ServerProtocolError, LocalProtocolError):
+            # LocalProtocolError: an earlier step was cut short (a driver's timeout, say) and
+            # left the connection where NOOP is not allowed: the session is unusable.
+            yield from self._closed()
             return False
         return reply.is_positive
 
     def quit(self) -> Step[None]:
         """QUIT, read the reply (an end of file instead is fine), and close."""
+        return (yield from self._guarded(self._quit()))
+
+    def _quit(self) -> Step[None]:
         if self.closed:
             return
         try:
@@ -927,8 +954,8 @@ class Session:
             event = yield from self._event("greeting")
             if isinstance(event, ConnectionClosed):
                 log.debug("the server closed the connection without answering QUIT")
-        except ServerProtocolError:
-            return  # already closed by _event
+        except (ServerProtocolError, LocalProtocolError):
+            pass  # the connection is unusable; closing is all that is left
         yield from self._closed()
 
 

@@ -1109,3 +1109,24 @@ def test_one_result_per_recipient_in_order_whatever_the_replies(
         return
     assert [str(r.address) for r in result.recipients] == recipients
     assert all(r.outcome is not None for r in result.recipients)
+
+
+def test_a_step_cut_short_by_the_driver_kills_the_session() -> None:
+    session, driver = opened([GREETING, PIPE])
+    step = session.deliver(message(), envelope())
+    assert isinstance(next(step), Write)
+    assert isinstance(step.send(None), Read)
+    with pytest.raises(TimeoutError):
+        step.throw(TimeoutError("mail phase timed out"))
+    assert session.closed
+    assert driver.run(session.noop()) is False
+    with pytest.raises(ConnectionLost):
+        driver.run(session.deliver(message(), envelope()))
+
+
+def test_an_abandoned_step_kills_the_session() -> None:
+    session, _ = opened([GREETING, PIPE])
+    step = session.deliver(message(), envelope())
+    next(step)
+    step.close()
+    assert session.closed
