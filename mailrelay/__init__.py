@@ -1,18 +1,65 @@
 """mailrelay: send, relay and track email.
 
-The public API is re-exported here; see ``docs/`` for guides and
-``mailrelay.errors`` for the exception tree.
+The public API is re-exported here (DESIGN.md §3); see ``docs/`` for guides and
+:mod:`mailrelay.errors` for the exception tree.
 """
 
 from __future__ import annotations
 
 from mailrelay import errors
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope, Notify, Recipient, Ret
 from mailrelay.errors import MailRelayError
+from mailrelay.message import Attachment, Message
+from mailrelay.options import TLS, Timeouts
+from mailrelay.reply import EnhancedStatus, Reply
+from mailrelay.resolver import AsyncResolver, Resolver
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.transport import (
+    AsyncTransport,
+    FileTransport,
+    MemoryTransport,
+    Transport,
+    transport_from_url,
+)
+from mailrelay.validate import (
+    AsyncRecipientValidator,
+    Reason,
+    RecipientValidator,
+    Validation,
+    Verdict,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "TLS",
+    "Address",
+    "AsyncRecipientValidator",
+    "AsyncResolver",
+    "AsyncTransport",
+    "Attachment",
+    "DeliveryResult",
+    "EnhancedStatus",
+    "Envelope",
+    "FileTransport",
     "MailRelayError",
+    "MemoryTransport",
+    "Message",
+    "Notify",
+    "Outcome",
+    "Reason",
+    "RecipientResult",
+    "RecipientValidator",
+    "Recipient",
+    "Reply",
+    "Resolver",
+    "Ret",
+    "Timeouts",
+    "Transport",
+    "Validation",
+    "Verdict",
     "__version__",
     "errors",
+    "transport_from_url",
 ]
