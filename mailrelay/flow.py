@@ -477,6 +477,8 @@ class Session:
 
     def _open_step(self) -> Step[None]:
         self._ensure_open()
+        if self.greeting is not None:
+            raise LocalProtocolError("open() runs once per session")
         try:
             yield from self._open()
         except _SessionClosed as closed:

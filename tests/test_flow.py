@@ -24,6 +24,7 @@ from mailrelay.errors import (
     ConfigurationError,
     ConnectionLost,
     DeliveryError,
+    LocalProtocolError,
     ServerProtocolError,
     SessionRefused,
     TLSError,
@@ -1130,3 +1131,14 @@ def test_an_abandoned_step_kills_the_session() -> None:
     next(step)
     step.close()
     assert session.closed
+
+
+def test_open_runs_once() -> None:
+    session, driver = opened([GREETING, PIPE])
+    with pytest.raises(LocalProtocolError):
+        driver.run(session.open())
+
+
+def test_deliver_before_open_is_a_local_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        Driver([]).run(Session(config()).deliver(message(), envelope()))
