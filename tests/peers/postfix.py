@@ -32,7 +32,9 @@ client authenticated (then accepted and discarded). The 450/550 domains answer o
 so one transaction can mix accepted, deferred and refused recipients.
 
 SASL (Cyrus sasldb, no daemon): ``alice@mailrelay.test``/``alicepw``,
-``bob@mailrelay.test``/``bobpw``; mechanisms PLAIN, LOGIN, CRAM-MD5.
+``bob@mailrelay.test``/``bobpw``; mechanisms PLAIN, LOGIN, CRAM-MD5 and SCRAM-SHA-256 (Cyrus's
+scram plugin; note that Postfix sends the SCRAM server-final message ``v=...`` as a ``334``
+challenge and gives ``235`` only after the client's empty answer, RFC 4954 §4).
 
 Limits and extras: ``message_size_limit`` = :data:`MESSAGE_SIZE_LIMIT` (advertised as
 ``SIZE 10240000``; a bigger ``MAIL FROM ... SIZE=`` gets 552 5.3.4), ``smtputf8_enable = yes``,
@@ -79,7 +81,7 @@ TEMPFAIL_DOMAIN = "tempfail.mailrelay.test"
 REJECT_DOMAIN = "reject.mailrelay.test"
 USERS = {"alice@mailrelay.test": "alicepw", "bob@mailrelay.test": "bobpw"}
 """SASL user name -> password; each also has a Maildir (its local part)."""
-SASL_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+SASL_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256")
 MESSAGE_SIZE_LIMIT = 10_240_000
 """Postfix's ``message_size_limit`` here, in bytes (advertised in the EHLO SIZE keyword)."""
 IDLE_TIMEOUT = 2

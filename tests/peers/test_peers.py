@@ -5,7 +5,10 @@ These tests check the fixtures, not mailrelay (whose client does not need to exi
 
 from __future__ import annotations
 
+import base64
 import email
+import hashlib
+import hmac
 import shutil
 import smtplib
 import socket
@@ -129,8 +132,36 @@ def test_postfix_clear_maildirs(postfix_clean: PostfixInstance) -> None:
     assert postfix_clean.read_maildir("bob") == []
 
 
+def _scram_sha256(client: smtplib.SMTP, username: str, password: str) -> int:
+    """A minimal SCRAM-SHA-256 client (RFC 5802 §3, RFC 7677); returns the final reply code."""
+    b64 = base64.b64encode
+    client_first_bare = f"n={username},r={b64(uuid.uuid4().bytes).decode()}"
+    code, challenge = client.docmd(
+        "AUTH", "SCRAM-SHA-256 " + b64(b"n,," + client_first_bare.encode()).decode()
+    )
+    assert code == 334, challenge
+    server_first = base64.b64decode(challenge).decode()
+    fields = dict(item.split("=", 1) for item in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), base64.b64decode(fields["s"]), int(fields["i"])
+    )
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    without_proof = f"c=biws,r={fields['r']}"
+    auth_message = f"{client_first_bare},{server_first},{without_proof}".encode()
+    signature = hmac.new(hashlib.sha256(client_key).digest(), auth_message, "sha256").digest()
+    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+    code, challenge = client.docmd(
+        b64(f"{without_proof},p={b64(proof).decode()}".encode()).decode()
+    )
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    expected = b64(hmac.new(server_key, auth_message, "sha256").digest()).decode()
+    # Postfix sends the server-final message as a 334 challenge; an empty line answers it.
+    assert (code, base64.b64decode(challenge).decode()) == (334, f"v={expected}")
+    return client.docmd("")[0]
+
+
 @pytest.mark.postfix
-@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5"])
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256"])
 def test_postfix_submission_starttls_then_auth(
     postfix_clean: PostfixInstance, tls_files: TLSFiles, mechanism: str
 ) -> None:
@@ -140,14 +171,21 @@ def test_postfix_submission_starttls_then_auth(
         assert not c.has_extn("auth"), "AUTH must not be offered before TLS here"
         c.starttls(context=_client_context(tls_files))
         c.ehlo()
-        assert set(c.esmtp_features["auth"].split()) == {"PLAIN", "LOGIN", "CRAM-MD5"}
+        assert set(c.esmtp_features["auth"].split()) == {
+            "PLAIN",
+            "LOGIN",
+            "CRAM-MD5",
+            "SCRAM-SHA-256",
+        }
         c.user, c.password = ALICE, USERS[ALICE]
         if mechanism == "PLAIN":
             code, _ = c.auth(mechanism, c.auth_plain)
         elif mechanism == "LOGIN":
             code, _ = c.auth(mechanism, c.auth_login, initial_response_ok=False)
-        else:
+        elif mechanism == "CRAM-MD5":
             code, _ = c.auth(mechanism, c.auth_cram_md5, initial_response_ok=False)
+        else:
+            code = _scram_sha256(c, ALICE, USERS[ALICE])
         assert code == 235
         c.sendmail(ALICE, [BOB], _message(f"auth {mechanism}"))
     (raw,) = postfix_clean.wait_for_delivery("bob", 1, timeout=TIMEOUT)
