@@ -601,7 +601,8 @@ class Session:
             mechanisms = candidate_mechanisms(
                 self.extensions.auth, preferred=self.config.auth_mechanisms
             )
-        except AuthenticationError:
+        except AuthenticationError as exc:
+            exc.host = self.config.peer
             yield from self._abort()
             raise
         if not mechanisms:
@@ -633,7 +634,8 @@ class Session:
         exchange = mechanism.start(username, password)
         try:
             initial = next(exchange)
-        except AuthenticationError:
+        except AuthenticationError as exc:
+            exc.host = self.config.peer
             yield from self._abort()
             raise
         yield from self._write(
@@ -646,7 +648,8 @@ class Session:
                     exchange.send(None)
                 except StopIteration:
                     return None
-                except AuthenticationError:
+                except AuthenticationError as exc:
+                    exc.host = self.config.peer
                     yield from self._abort()
                     raise
                 raise AssertionError("a SASL exchange must end when the server says 235")
@@ -662,6 +665,7 @@ class Session:
                 yield from self._reply("greeting")
                 yield from self._abort()
                 if isinstance(exc, AuthenticationError):
+                    exc.host = self.config.peer
                     raise
                 raise AuthenticationError(
                     f"AUTH {mechanism.name}: the server sent an unusable challenge",

@@ -523,9 +523,10 @@ def test_auth_scram_refuses_a_forged_server_signature(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sasl.MECHANISMS, "SCRAM-SHA-256", sasl.ScramSHA256(nonce=lambda: "cnonce"))
     turns = scram_server_turns("tanstaaftanstaaf", forge=True)[:2]
     driver = Driver([GREETING, ehlo("AUTH SCRAM-SHA-256"), *turns, lines(501, "cancelled"), BYE])
-    session = Session(config(tls=TLS.IMPLICIT, **auth_config()))
-    with pytest.raises(AuthenticationError, match="signature"):
+    session = Session(config(tls=TLS.IMPLICIT, peer="mx.example.net:465", **auth_config()))
+    with pytest.raises(AuthenticationError, match="signature") as info:
         driver.run(session.open())
+    assert info.value.host == "mx.example.net:465"
     assert not session.authenticated
     assert b"*\r\n" in driver.sent  # RFC 4954 §4: the exchange was cancelled
 
