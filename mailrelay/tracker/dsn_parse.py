@@ -83,7 +83,12 @@ def parse_dsn(raw: bytes) -> DSNReport:
         A :class:`DSNReport`. Input that is not a report, or cannot be read at
         all, gives kind :attr:`DSNKind.NOT_A_REPORT`; this function does not
         raise on bad input.
+
+    Raises:
+        TypeError: when ``raw`` is not bytes (a programming error, not bad input).
     """
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise TypeError(f"parse_dsn wants bytes, not {type(raw).__name__}")
     try:
         report = _parse(raw)
     except Exception:  # the last line of defence: a tracker must keep ingesting
@@ -93,8 +98,6 @@ def parse_dsn(raw: bytes) -> DSNReport:
 
 
 def _parse(raw: bytes) -> DSNReport:
-    if not isinstance(raw, bytes | bytearray | memoryview):
-        raise TypeError("parse_dsn wants bytes")
     msg = email.message_from_bytes(bytes(raw), policy=email.policy.compat32)
     report = _parse_message(msg, nested=False)
     if report.original_message_id is None and report.kind in _DELIVERY_KINDS:
@@ -234,9 +237,13 @@ def _blocks(part: email.message.Message) -> list[list[tuple[str, str]]]:
             if isinstance(sub, email.message.Message):
                 blocks.append([(str(k).lower(), _field_text(v)) for k, v in sub.items()])
                 # A block the feedparser could not read as headers ends up as body.
-                body = sub.get_payload()
-                if isinstance(body, str) and body.strip():
-                    blocks.extend(_parse_blocks(body))
+                if sub.is_multipart():
+                    continue
+                # decode=True hands back the raw bytes; without it compat32
+                # replaces 8-bit text (RFC 6533 UTF-8) with U+FFFD.
+                body = sub.get_payload(decode=True)
+                if isinstance(body, bytes) and body.strip():
+                    blocks.extend(_parse_blocks(body.decode("utf-8", "replace")))
         return blocks
     if isinstance(payload, list):
         text = "\n\n".join(str(sub) for sub in payload)
@@ -292,7 +299,7 @@ def _typed_value(value: str | None, *, address: bool = True) -> str | None:
     if value is None:
         return None
     kind, sep, rest = value.partition(";")
-    text = rest if sep and re.fullmatch(r"\s*[A-Za-z0-9-]+\s*", kind) else value
+    text = rest if sep and re.fullmatch(r"\s*[A-Za-z0-9-]*\s*", kind) else value
     if sep and kind.strip().lower() in ("utf-8", "x-utf-8"):
         text = _UTF8_ESCAPE_RE.sub(lambda m: _chr(m.group(1)), text)
     text = text.strip()
@@ -310,7 +317,7 @@ def _recipient(fields: dict[str, str]) -> DSNRecipient | None:
     final = _typed_value(fields.get("final-recipient"))
     original = _typed_value(fields.get("original-recipient"))
     address = final or original
-    if not address:
+    if not address or not any(c.isalnum() for c in address):
         return None
     status_text = fields.get("status")
     diagnostic = _typed_value(fields.get("diagnostic-code"), address=False)
