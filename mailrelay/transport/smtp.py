@@ -1,0 +1,329 @@
+"""Blocking SMTP and LMTP transports, with a pool of reusable connections.
+
+Rules of this module:
+
+* :class:`SMTPTransport` sends through one server (a smart host, a submission port) with
+  the dialogue of :mod:`mailrelay.flow` run by the blocking driver
+  (:mod:`mailrelay.transport.sync_driver`). :class:`LMTPTransport` does the same in LMTP
+  (RFC 2033), over TCP or a unix socket.
+* Connections are pooled (:class:`~mailrelay.transport.settings.PoolSettings`): after a
+  message the session stays open for the next one (the dialogue sends RSET first when a
+  transaction was left open); a connection is replaced after ``max_messages``; one idle for
+  longer than ``idle_timeout`` is closed instead of reused; one idle for longer than
+  ``health_check_after`` is checked with NOOP first. At most ``size`` connections are open;
+  threads beyond that wait for one. The pool is thread-safe: a connection is used by one
+  thread at a time.
+* **Never lose a message to a stale connection** (the bug behind lettre#743, nodemailer#511,
+  aiosmtplib#243): when a *reused* connection turns out to be dead while sending (the server
+  closed it: EOF, reset, or a 421), the message is sent again at once on a fresh connection.
+  The server had not taken the message (no final reply), so this is what a caller's retry
+  would do, minus the wait. A fresh connection failing is reported, never retried here.
+* Errors: only :class:`~mailrelay.errors.DeliveryError` subclasses, raised when the attempt
+  produced no per-recipient answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+
+from mailrelay.envelope import Envelope
+from mailrelay.errors import ConnectionLost, DeliveryError, SessionRefused
+from mailrelay.flow import Session
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
+from mailrelay.results import DeliveryResult
+from mailrelay.transport.base import Transport
+from mailrelay.transport.errors_map import PLAIN_AGAINST_IMPLICIT
+from mailrelay.transport.settings import ConnectionSettings, PoolSettings, mechanisms
+from mailrelay.transport.sync_driver import SyncDriver, connect
+
+__all__ = ["LMTPTransport", "SMTPTransport"]
+
+log = logging.getLogger(__name__)
+
+
+def is_stale_connection_error(exc: DeliveryError) -> bool:
+    """Whether ``exc`` on a reused connection means "the server had dropped it"."""
+    if isinstance(exc, ConnectionLost):
+        return True
+    return isinstance(exc, SessionRefused) and exc.reply is not None and exc.reply.code == 421
+
+
+def no_greeting_hint(exc: ConnectionLost, settings: ConnectionSettings) -> ConnectionLost:
+    """A clearer error when the server hung up before greeting us (the implicit-TLS mistake)."""
+    return ConnectionLost(
+        f"{exc} without a greeting; if the server expects implicit TLS: {PLAIN_AGAINST_IMPLICIT}",
+        host=settings.peer,
+    )
+
+
+class _Connection:
+    """One open session on one socket, with its bookkeeping."""
+
+    def __init__(self, driver: SyncDriver, session: Session) -> None:
+        self.driver = driver
+        self.session = session
+        self.messages = 0
+        self.last_used = time.monotonic()
+
+    @property
+    def usable(self) -> bool:
+        return not self.driver.closed and not self.session.closed
+
+    def quit(self) -> None:
+        """QUIT politely, then close; errors no longer matter."""
+        try:
+            if self.usable:
+                self.driver.run(self.session.quit())
+        except DeliveryError as exc:
+            log.debug("QUIT to %s failed: %s", self.driver.peer, exc)
+        finally:
+            self.driver.close()
+
+
+class _SMTPBase(Transport):
+    """The pooled, blocking transport shared by SMTP and LMTP."""
+
+    def __init__(self, settings: ConnectionSettings, pool: PoolSettings) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(pool.size)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._settings.describe()}>"
+
+    @property
+    def settings(self) -> ConnectionSettings:
+        """The connection settings (the password is never shown by their ``repr``)."""
+        return self._settings
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _open(self) -> _Connection:
+        settings = self._settings
+        driver = connect(
+            settings.host,
+            settings.port,
+            timeouts=settings.timeouts,
+            implicit_tls=settings.tls is TLS.IMPLICIT,
+            ssl_context=settings.context(),
+            server_hostname=settings.server_hostname,
+            unix_path=settings.unix_path,
+        )
+        session = Session(settings.session_config(driver.local_address))
+        try:
+            driver.run(session.open())
+        except ConnectionLost as exc:
+            if driver.bytes_received == 0 and settings.tls is not TLS.IMPLICIT:
+                raise no_greeting_hint(exc, settings) from exc
+            raise
+        log.debug("connected to %s", settings.peer)
+        return _Connection(driver, session)
+
+    def _checkout(self) -> tuple[_Connection, bool]:
+        """A connection to use, and whether it was reused."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise ConnectionLost(
+                        f"{type(self).__name__} is closed", host=self._settings.peer
+                    )
+                connection = self._idle.pop() if self._idle else None
+            if connection is None:
+                return self._open(), False
+            idle = time.monotonic() - connection.last_used
+            if not connection.usable or idle > self._pool.idle_timeout:
+                connection.quit()
+                continue
+            if idle > self._pool.health_check_after:
+                try:
+                    healthy = connection.driver.run(connection.session.noop())
+                except DeliveryError:
+                    healthy = False
+                if not healthy:
+                    log.debug(
+                        "idle connection to %s failed NOOP; reconnecting", self._settings.peer
+                    )
+                    connection.driver.close()
+                    continue
+            return connection, True
+
+    def _checkin(self, connection: _Connection) -> None:
+        connection.last_used = time.monotonic()
+        if connection.usable and connection.messages < self._pool.max_messages:
+            with self._lock:
+                if not self._closed:
+                    self._idle.append(connection)
+                    return
+        connection.quit()
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def deliver(self, message: Message, envelope: Envelope) -> DeliveryResult:
+        """Send one message over a pooled connection (see the module docstring).
+
+        Raises:
+            DeliveryError: a subclass, when the attempt produced no per-recipient answer.
+        """
+        self._slots.acquire()
+        try:
+            connection, reused = self._checkout()
+            try:
+                return self._send_on(connection, message, envelope)
+            except DeliveryError as exc:
+                if not (reused and is_stale_connection_error(exc)):
+                    raise
+                log.info(
+                    "the reused connection to %s was dead (%s); sending on a fresh one",
+                    self._settings.peer,
+                    exc,
+                )
+            connection = self._open()
+            return self._send_on(connection, message, envelope)
+        finally:
+            self._slots.release()
+
+    def _send_on(
+        self, connection: _Connection, message: Message, envelope: Envelope
+    ) -> DeliveryResult:
+        try:
+            result = connection.driver.run(connection.session.deliver(message, envelope))
+        except BaseException:
+            connection.driver.close()
+            raise
+        connection.messages += 1
+        self._checkin(connection)
+        return result
+
+    def close(self) -> None:
+        """QUIT and close every idle connection; later sends raise ``ConnectionLost``."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.quit()
+
+
+class SMTPTransport(_SMTPBase):
+    """Send through one SMTP server: a smart host or a submission port.
+
+    Example::
+
+        with SMTPTransport("smtp.example.com", 587, username="me", password="...") as smtp:
+            result = smtp.send(message)
+
+    Args:
+        host: the server's name or address.
+        port: 587 (submission, STARTTLS), 465 (implicit TLS), 25 (relay).
+        tls: the TLS policy; ``TLS.STARTTLS`` (required) by default, ``TLS.IMPLICIT`` for 465.
+        username, password: credentials for AUTH (sent only over TLS unless
+            ``allow_insecure_auth``). Never shown in ``repr``, logs or errors.
+        ssl_context: the TLS context; by default one that verifies certificates against the
+            system's CAs and checks the host name.
+        timeouts: per-phase limits (RFC 5321 §4.5.3.2).
+        local_hostname: the name to announce in EHLO; by default our address, as a literal.
+        server_hostname: the name to check the certificate against (default ``host``).
+        auth_mechanisms: SASL mechanisms to use, in order (default: strongest in common).
+        allow_insecure_auth: allow AUTH over plain text (for test servers only).
+        pipelining: use PIPELINING when offered (RFC 2920).
+        chunking: use BDAT when offered (RFC 3030).
+        pool: connection reuse settings.
+
+    Raises:
+        ConfigurationError: when the settings cannot work.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 587,
+        *,
+        tls: TLS = TLS.STARTTLS,
+        username: str | None = None,
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
+        local_hostname: str | None = None,
+        server_hostname: str | None = None,
+        auth_mechanisms: Sequence[str] | None = None,
+        allow_insecure_auth: bool = False,
+        pipelining: bool = True,
+        chunking: bool = False,
+        pool: PoolSettings = PoolSettings(),  # noqa: B008 -- an immutable value
+    ) -> None:
+        settings = ConnectionSettings(
+            host=host,
+            port=port,
+            tls=tls,
+            ssl_context=ssl_context,
+            timeouts=timeouts,
+            local_hostname=local_hostname,
+            server_hostname=server_hostname,
+            username=username,
+            password=password,
+            auth_mechanisms=mechanisms(auth_mechanisms),
+            allow_insecure_auth=allow_insecure_auth,
+            pipelining=pipelining,
+            chunking=chunking,
+        )
+        super().__init__(settings, pool)
+
+
+class LMTPTransport(_SMTPBase):
+    """Deliver to a mail store over LMTP (RFC 2033): TCP, or a unix socket with ``path``.
+
+    LMTP gives one final reply per accepted recipient, so one message can be delivered to some
+    mailboxes and refused (or deferred) for others; the result says which.
+
+    Args:
+        host: the LMTP server (or ``None`` with ``path``).
+        port: the TCP port (default 24, RFC 2033 §5).
+        path: a unix socket path instead of ``host``/``port``.
+        tls: the TLS policy; ``TLS.NONE`` by default (LMTP is for trusted local links).
+        Other arguments: as :class:`SMTPTransport`.
+    """
+
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int = 24,
+        *,
+        path: str | None = None,
+        tls: TLS = TLS.NONE,
+        username: str | None = None,
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
+        local_hostname: str | None = None,
+        server_hostname: str | None = None,
+        auth_mechanisms: Sequence[str] | None = None,
+        allow_insecure_auth: bool = False,
+        pipelining: bool = True,
+        chunking: bool = False,
+        pool: PoolSettings = PoolSettings(),  # noqa: B008 -- an immutable value
+    ) -> None:
+        settings = ConnectionSettings(
+            host=host,
+            port=None if path is not None else port,
+            unix_path=path,
+            tls=tls,
+            ssl_context=ssl_context,
+            timeouts=timeouts,
+            local_hostname=local_hostname,
+            server_hostname=server_hostname,
+            username=username,
+            password=password,
+            auth_mechanisms=mechanisms(auth_mechanisms),
+            allow_insecure_auth=allow_insecure_auth,
+            pipelining=pipelining,
+            chunking=chunking,
+            lmtp=True,
+        )
+        super().__init__(settings, pool)

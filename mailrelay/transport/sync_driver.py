@@ -1,0 +1,307 @@
+"""The blocking driver: runs the dialogue's steps (:mod:`mailrelay.flow`) over a socket.
+
+Theory of operation: :func:`connect` opens a TCP connection (trying every address of the
+host, IPv6 and IPv4, in the order the resolver gives them) or a unix socket, wraps it in TLS
+at once for ``TLS.IMPLICIT``, and returns a :class:`SyncDriver`. :meth:`SyncDriver.run`
+drives one step of a :class:`~mailrelay.flow.Session`: it answers each request the step
+yields (``Write`` → ``sendall``; ``Read`` → one ``recv``; ``StartTLS`` → wrap the socket and
+handshake; ``Close`` → close) until the step returns its result.
+
+Rules:
+
+* Every wait is bounded by the request's phase limit
+  (:meth:`Timeouts.for_phase <mailrelay.options.Timeouts.for_phase>`): the socket timeout is
+  set before each ``recv`` and ``sendall``; connecting and TLS handshakes use ``connect``.
+* Reads are bounded: one ``recv`` of at most :data:`READ_SIZE` bytes per ``Read``. The
+  protocol core cuts an over-long reply line (``max_line_length``), so a hostile server's
+  endless line costs at most a line limit plus one read of memory.
+* An exception met while doing I/O is translated (:mod:`mailrelay.transport.errors_map`),
+  the socket is closed, and the translated error is thrown into the step at the request that
+  failed (the step may still yield ``Close``, which is answered), so it reaches the caller
+  as a :class:`~mailrelay.errors.DeliveryError`.
+* A server that sends nothing before the greeting times out, when the policy is not
+  ``TLS.IMPLICIT``, is probed with a TLS handshake: if it answers one, it expects implicit
+  TLS, and the error says "use TLS.IMPLICIT" instead of merely "timed out".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Generator
+from typing import TypeVar
+
+from mailrelay.errors import ConnectError, ConnectionLost, DeliveryError, TLSError
+from mailrelay.flow import Close, Read, Request, StartTLS, Write
+from mailrelay.options import Timeouts
+from mailrelay.transport.errors_map import (
+    PLAIN_AGAINST_IMPLICIT,
+    map_io_error,
+    map_tls_error,
+    peer_name,
+)
+
+__all__ = ["READ_SIZE", "SyncDriver", "connect"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The most bytes one ``Read`` takes from the socket.
+READ_SIZE = 65536
+
+# How long the implicit-TLS probe waits for a ServerHello after a greeting timed out.
+_PROBE_TIMEOUT = 5.0
+
+
+def _connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
+    peer = peer_name(host, port)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        # "Name or service not known" will not fix itself; a resolver failure may.
+        permanent = exc.errno in {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)}
+        raise ConnectError(
+            f"cannot resolve {host!r}: {exc.strerror}", is_transient=not permanent, host=peer
+        ) from exc
+    failures: list[str] = []
+    last: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            failures.append(f"{peer_name(str(address[0]), int(address[1]))}: {reason}")
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise ConnectError(f"could not connect to {peer} ({'; '.join(failures)})", host=peer) from last
+
+
+def _connect_unix(path: str, timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise ConnectError(
+            f"could not connect to {path}: {exc.strerror or exc}", host=path
+        ) from exc
+    return sock
+
+
+def connect(
+    host: str | None,
+    port: int | None,
+    *,
+    timeouts: Timeouts,
+    implicit_tls: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    unix_path: str | None = None,
+) -> SyncDriver:
+    """Open a connection and return its driver.
+
+    Args:
+        host, port: the TCP server (ignored when ``unix_path`` is given).
+        timeouts: the per-phase limits; ``connect`` bounds each address's attempt and the
+            TLS handshake.
+        implicit_tls: wrap the socket in TLS before anything else (RFC 8314 §3.3).
+        ssl_context: the context for implicit TLS and STARTTLS.
+        server_hostname: the name to check the certificate against (default ``host``).
+        unix_path: a unix socket path instead of ``host``/``port``.
+
+    Raises:
+        ConnectError: no address accepted the connection.
+        TLSError: the implicit-TLS handshake failed.
+    """
+    if unix_path is not None:
+        sock = _connect_unix(unix_path, timeouts.connect)
+        peer = unix_path
+    else:
+        assert host is not None
+        assert port is not None
+        sock = _connect_tcp(host, port, timeouts.connect)
+        peer = peer_name(host, port)
+    name = server_hostname or host or "localhost"
+    context = ssl_context if ssl_context is not None else ssl.create_default_context()
+    driver = SyncDriver(sock, timeouts=timeouts, ssl_context=context, peer=peer)
+    driver.implicit_tls = implicit_tls
+    if implicit_tls:
+        driver.start_tls(name)
+    return driver
+
+
+class SyncDriver:
+    """One blocking connection, running :mod:`mailrelay.flow` steps.
+
+    Attributes:
+        peer: ``host:port`` (or the socket path), for messages.
+        bytes_received: how many bytes the server has sent (0 means not even a greeting).
+        implicit_tls: whether the connection was wrapped in TLS from the start.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeouts: Timeouts,
+        ssl_context: ssl.SSLContext,
+        peer: str,
+    ) -> None:
+        self._sock: socket.socket | None = sock
+        self.timeouts = timeouts
+        self.ssl_context = ssl_context
+        self.peer = peer
+        self.bytes_received = 0
+        self.implicit_tls = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<SyncDriver {self.peer} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether the socket has been closed."""
+        return self._sock is None
+
+    @property
+    def local_address(self) -> str | None:
+        """Our end's IP address (for EHLO), or ``None`` for a unix socket or a closed one."""
+        if self._sock is None or self._sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        return str(self._sock.getsockname()[0])
+
+    def close(self) -> None:
+        """Close the socket (idempotent)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            raise ConnectionLost(f"the connection to {self.peer} is closed", host=self.peer)
+        return self._sock
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, step: Generator[Request, bytes | None, T]) -> T:
+        """Drive ``step`` to completion and return its result.
+
+        Raises:
+            DeliveryError: whatever the step raises, including the translated I/O errors
+                thrown into it.
+        """
+        answer: bytes | None = None
+        error: DeliveryError | None = None
+        while True:
+            try:
+                request = step.throw(error) if error is not None else step.send(answer)
+            except StopIteration as done:
+                value: T = done.value
+                return value
+            except BaseException:
+                self.close()
+                raise
+            answer, error = None, None
+            try:
+                if isinstance(request, Write):
+                    self._write(request)
+                elif isinstance(request, Read):
+                    answer = self._read(request)
+                elif isinstance(request, StartTLS):
+                    self.start_tls(request.server_hostname)
+                elif isinstance(request, Close):
+                    self.close()
+                else:  # pragma: no cover - the flow yields only the four requests
+                    raise TypeError(f"unknown I/O request {request!r}")
+            except DeliveryError as exc:
+                self.close()
+                error = exc
+
+    def _write(self, request: Write) -> None:
+        sock = self._socket()
+        timeout = self.timeouts.for_phase(request.phase)
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(request.data)
+        except (OSError, ValueError) as exc:
+            raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
+
+    def _read(self, request: Read) -> bytes:
+        sock = self._socket()
+        timeout = self.timeouts.for_phase(request.phase)
+        try:
+            sock.settimeout(timeout)
+            data = sock.recv(READ_SIZE)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            # A TLS peer that closes without close_notify: SMTP servers do; it is an EOF.
+            return b""
+        except TimeoutError as exc:
+            if self._before_greeting(request) and self._probe_tls():
+                raise TLSError(
+                    f"no SMTP greeting from {self.peer}, but it answered a TLS handshake: "
+                    f"{PLAIN_AGAINST_IMPLICIT}",
+                    is_transient=False,
+                    host=self.peer,
+                ) from exc
+            raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
+        except (OSError, ValueError) as exc:
+            raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
+        self.bytes_received += len(data)
+        return data
+
+    def _before_greeting(self, request: Read) -> bool:
+        return self.bytes_received == 0 and request.phase == "greeting" and not self.implicit_tls
+
+    def _probe_tls(self) -> bool:
+        """After a silent greeting: does the server answer a TLS handshake? (It is dead to
+        us either way; this only chooses the error message.)"""
+        sock = self._sock
+        if sock is None or isinstance(sock, ssl.SSLSocket):
+            return False
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        probe.check_hostname = False
+        probe.verify_mode = ssl.CERT_NONE  # only asking "do you speak TLS?", sending nothing
+        try:
+            sock.settimeout(min(_PROBE_TIMEOUT, self.timeouts.connect))
+            wrapped = probe.wrap_socket(sock, do_handshake_on_connect=False)
+            self._sock = wrapped
+            wrapped.do_handshake()
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def start_tls(self, server_hostname: str) -> None:
+        """Wrap the socket in TLS and run the handshake (bounded by ``Timeouts.connect``).
+
+        Raises:
+            TLSError: the handshake or the certificate check failed.
+        """
+        sock = self._socket()
+        try:
+            sock.settimeout(self.timeouts.connect)
+            wrapped = self.ssl_context.wrap_socket(
+                sock, server_hostname=server_hostname, do_handshake_on_connect=False
+            )
+            self._sock = wrapped
+            wrapped.do_handshake()
+        except (OSError, ValueError) as exc:
+            self.close()
+            raise map_tls_error(exc, peer=self.peer, server_hostname=server_hostname) from exc
+        log.debug("TLS established with %s: %s", self.peer, self._tls_description())
+
+    def _tls_description(self) -> str:
+        sock = self._sock
+        if isinstance(sock, ssl.SSLSocket):
+            cipher = sock.cipher()
+            return f"{sock.version()} {cipher[0] if cipher else ''}".strip()
+        return "no TLS"
