@@ -331,7 +331,8 @@ def classify_hard(
     if not permanent or (status is not None and not status.startswith("5")):
         return False
     # Addresses are dropped first: "filtered@example.org" is not a filter.
-    text = _ADDRESS_IN_TEXT_RE.sub(" ", diagnostic or "")
+    # Without a diagnostic, the prose about the recipient is all there is.
+    text = _ADDRESS_IN_TEXT_RE.sub(" ", diagnostic or context or "")
     around = _ADDRESS_IN_TEXT_RE.sub(" ", context or "")
     subject_detail = status.split(".", 1)[1] if status is not None else ""
     if subject_detail in _SOFT_STATUSES or _ABOUT_SENDER_RE.search(text):

@@ -143,6 +143,13 @@ def _parse_message(msg: email.message.Message, *, nested: bool) -> DSNReport:
     if feedback or _report_type(msg) == "feedback-report":
         return _feedback(base, feedback)
 
+    if (header(msg, "X-Apple-Unsubscribe") or "").lower() == "true":
+        # Apple Mail's one-click unsubscribe request (a mailto: List-Unsubscribe
+        # answered automatically): the recipient opts out; not a bounce.
+        return attrs.evolve(
+            base, kind=DSNKind.FEEDBACK, feedback_type="opt-out", format="unsubscribe"
+        )
+
     daemon = bounce_formats.from_mail_system(msg)
     if not daemon and bounce_formats.auto_reply_strength(msg) >= 2:
         return attrs.evolve(base, kind=DSNKind.AUTO_REPLY, format="rfc3834")
@@ -353,9 +360,7 @@ def _action(word: str, status: str | None) -> DSNAction:
 
 
 def _finish(recipient: DSNRecipient, context: str | None = None) -> DSNRecipient:
-    """Fill ``is_permanent`` / ``is_hard`` (and a missing diagnostic from ``context``)."""
-    if recipient.diagnostic is None and context:
-        recipient = attrs.evolve(recipient, diagnostic=context)
+    """Fill ``is_permanent`` / ``is_hard``; ``context`` is the prose about the recipient."""
     if recipient.action is DSNAction.FAILED:
         hard = classify_hard(
             recipient.status, recipient.diagnostic, permanent=True, context=context
