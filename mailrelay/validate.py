@@ -140,8 +140,9 @@ class Validation:
         detail: a human-readable explanation (the syntax error, the DNS failure).
     """
 
-    reason: Reason
+    # attrs runs validators after every field is set, so the verdict can check the reason.
     verdict: Verdict = attrs.field(validator=_matches_reason)
+    reason: Reason
     input: str
     address: Address | None = None
     mail_hosts: MailHosts | None = None

@@ -8,6 +8,7 @@ import pickle
 import random
 import threading
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from mailrelay.errors import ResolverError
 from mailrelay.resolver import DNSCache, DNSStatus, HostAddresses, MailHosts
+from tests.peers import unbound as unbound_peer
 from tests.peers.unbound import NEGATIVE_TTL, SHORT_TTL, UnboundServer
 
 pytestmark = pytest.mark.unbound
@@ -522,3 +524,11 @@ def test_cached_mail_hosts_never_queries(unbound: UnboundServer) -> None:
         resolver.cached_mail_hosts("cached.refused.test")
     assert caught.value.is_transient
     assert run(unbound.async_resolver(cache=resolver.cache).mail_hosts("dom30.test")) == found
+
+
+def test_the_fixture_says_how_to_install_a_missing_unbound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(unbound_peer, "find_unbound", lambda: None)
+    with pytest.raises(FileNotFoundError, match=r"apt-get install .*unbound"):
+        unbound_peer.start_unbound(tmp_path)
