@@ -409,6 +409,11 @@ def _domain_key(domain: str) -> str:
             raise ResolverError(
                 f"not a valid domain name: {domain!r}", name=domain, is_transient=False
             ) from exc
+    return key
+
+
+def _check_name(key: str, domain: str) -> str:
+    """``key`` if it can be asked of the DNS; checked on cache misses only (hits were checked)."""
     if not key or len(key) > 253 or any(not 0 < len(label) < 64 for label in key.split(".")):
         # RFC 1035 §2.3.4: labels of 1 to 63 octets, names of at most 255 (253 as text).
         raise ResolverError(f"not a valid domain name: {domain!r}", name=domain, is_transient=False)
@@ -461,8 +466,7 @@ class _ResolverBase:
         queries, so bulk callers can skip scheduling lookups that are already answered.
 
         Raises:
-            ResolverError: when the cache holds a recent transient failure for ``domain``,
-                or ``domain`` is not a valid name.
+            ResolverError: when the cache holds a recent transient failure for ``domain``.
         """
         value = self.cache.get((_domain_key(domain), _MAIL_HOSTS))
         return None if value is _MISS else self._deliver(value)
@@ -473,7 +477,9 @@ class _ResolverBase:
             raise ResolverError(str(value), name=value.name, is_transient=value.is_transient)
         assert isinstance(value, MailHosts)
         hosts = value.hosts
-        if len(hosts) > 1 and len({host.preference for host in hosts}) < len(hosts):
+        if len(hosts) > 1 and any(
+            hosts[i].preference == hosts[i + 1].preference for i in range(len(hosts) - 1)
+        ):  # sorted by preference, so equal ones are neighbours
             return attrs.evolve(value, hosts=self._shuffled(hosts))
         return value
 
@@ -550,7 +556,8 @@ class Resolver(_ResolverBase):
         key = (_domain_key(domain), _MAIL_HOSTS)
         value = self.cache.get(key)
         if value is _MISS:
-            value = self._fetch(key, lambda: self._run(_plan_mail_hosts(key[0])))
+            name = _check_name(key[0], domain)
+            value = self._fetch(key, lambda: self._run(_plan_mail_hosts(name)))
         return self._deliver(value)
 
     def addresses(self, host: str) -> HostAddresses:
@@ -559,7 +566,9 @@ class Resolver(_ResolverBase):
         Raises:
             ResolverError: ``is_transient=True`` when neither lookup gave an answer to rely on.
         """
-        return self._addresses_result(self._run(_plan_addresses(_domain_key(host)))[0])
+        return self._addresses_result(
+            self._run(_plan_addresses(_check_name(_domain_key(host), host)))[0]
+        )
 
     def _run(self, plan: _Plan) -> tuple[object, float]:
         batch = next(plan)
@@ -657,12 +666,13 @@ class AsyncResolver(_ResolverBase):
         key = (_domain_key(domain), _MAIL_HOSTS)
         value = self.cache.get(key)
         if value is _MISS:
-            value = await self._fetch(key, lambda: self._run(_plan_mail_hosts(key[0])))
+            name = _check_name(key[0], domain)
+            value = await self._fetch(key, lambda: self._run(_plan_mail_hosts(name)))
         return self._deliver(value)
 
     async def addresses(self, host: str) -> HostAddresses:
         """The addresses of ``host``; see :meth:`Resolver.addresses`."""
-        value, _ttl = await self._run(_plan_addresses(_domain_key(host)))
+        value, _ttl = await self._run(_plan_addresses(_check_name(_domain_key(host), host)))
         return self._addresses_result(value)
 
     async def _run(self, plan: _Plan) -> tuple[object, float]:
