@@ -6,24 +6,37 @@
   handler that scripts the server's answers (for tests).
 * :mod:`~mailrelay.transport.file`: :class:`FileTransport`, ``.eml`` + ``.json`` files or a
   Maildir (for development).
-* :mod:`~mailrelay.transport.url`: :func:`transport_from_url`.
+* :mod:`~mailrelay.transport.smtp`: :class:`SMTPTransport` and :class:`LMTPTransport`
+  (blocking, pooled); :mod:`~mailrelay.transport.async_smtp`: their asyncio twins.
+* :mod:`~mailrelay.transport.sync_driver` and :mod:`~mailrelay.transport.async_driver`: the two
+  short loops that run the dialogue (:mod:`mailrelay.flow`) over sockets.
+* :mod:`~mailrelay.transport.url`: :func:`transport_from_url`, :func:`async_transport_from_url`.
 
 Only the drivers in this package touch sockets, ssl and asyncio (DESIGN.md §2).
 """
 
 from __future__ import annotations
 
+from mailrelay.transport.async_smtp import AsyncLMTPTransport, AsyncSMTPTransport
 from mailrelay.transport.base import AsyncTransport, Transport
 from mailrelay.transport.file import FileTransport
 from mailrelay.transport.memory import MemoryTransport, OutboxItem
-from mailrelay.transport.url import TransportURL, transport_from_url
+from mailrelay.transport.settings import PoolSettings
+from mailrelay.transport.smtp import LMTPTransport, SMTPTransport
+from mailrelay.transport.url import TransportURL, async_transport_from_url, transport_from_url
 
 __all__ = [
+    "AsyncLMTPTransport",
+    "AsyncSMTPTransport",
     "AsyncTransport",
     "FileTransport",
+    "LMTPTransport",
     "MemoryTransport",
     "OutboxItem",
+    "PoolSettings",
+    "SMTPTransport",
     "Transport",
     "TransportURL",
+    "async_transport_from_url",
     "transport_from_url",
 ]

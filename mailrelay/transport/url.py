@@ -5,7 +5,8 @@ Rules of this module:
 * Schemes: ``smtp://`` (default port 587, ``TLS.STARTTLS``), ``smtps://`` (implicit TLS,
   default port 465, RFC 8314 §3.3), ``lmtp://host[:port]`` (default port 24, RFC 2033 §5) and
   ``lmtp:///path/to/socket`` (a unix socket), ``mx://`` (straight to each recipient domain's
-  mail exchangers), ``memory://`` and ``file:///path`` (``?format=maildir`` for a Maildir).
+  mail exchangers; not built yet), ``memory://`` and ``file:///path`` (``?format=maildir``
+  for a Maildir). :func:`async_transport_from_url` builds the asyncio twins.
 * Query parameters: ``tls`` (``none``, ``opportunistic``, ``starttls``, ``implicit``),
   ``timeout`` (seconds, every phase: :meth:`Timeouts.all <mailrelay.options.Timeouts.all>`),
   ``local_hostname``, ``port`` (``mx://`` only, where the URL has no host), ``format``
@@ -31,11 +32,13 @@ import attrs
 
 from mailrelay.errors import ConfigurationError
 from mailrelay.options import TLS, Timeouts
-from mailrelay.transport.base import Transport
+from mailrelay.transport.async_smtp import AsyncLMTPTransport, AsyncSMTPTransport
+from mailrelay.transport.base import AsyncTransport, Transport
 from mailrelay.transport.file import FORMATS, FileTransport
 from mailrelay.transport.memory import MemoryTransport
+from mailrelay.transport.smtp import LMTPTransport, SMTPTransport
 
-__all__ = ["TransportURL", "transport_from_url"]
+__all__ = ["TransportURL", "async_transport_from_url", "transport_from_url"]
 
 _DEFAULT_PORTS = {"smtp": 587, "smtps": 465, "lmtp": 24}
 _DEFAULT_TLS = {
@@ -252,8 +255,11 @@ def _timeouts(text: str, shown: str) -> Timeouts:
     return Timeouts.all(seconds)
 
 
-def _not_yet(name: str) -> Callable[[TransportURL, Mapping[str, Any]], Transport]:
-    def build(parsed: TransportURL, overrides: Mapping[str, Any]) -> Transport:
+Factory = Callable[[TransportURL, Mapping[str, Any], bool], Transport | AsyncTransport]
+
+
+def _not_yet(name: str) -> Factory:
+    def build(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool) -> Any:
         raise ConfigurationError(
             f"{parsed.scheme}:// transports ({name}) are not available in this version of "
             f"mailrelay yet: {parsed.redacted()}"
@@ -262,29 +268,69 @@ def _not_yet(name: str) -> Callable[[TransportURL, Mapping[str, Any]], Transport
     return build
 
 
-def _memory(parsed: TransportURL, overrides: Mapping[str, Any]) -> Transport:
+def _memory(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool) -> Any:
     return MemoryTransport(**overrides)
 
 
-def _file(parsed: TransportURL, overrides: Mapping[str, Any]) -> Transport:
+def _file(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool) -> Any:
     assert parsed.path is not None
     kwargs: dict[str, Any] = {"path": parsed.path, "format": parsed.format}
     kwargs.update(overrides)
     return FileTransport(**kwargs)
 
 
-_FACTORIES: dict[str, Callable[[TransportURL, Mapping[str, Any]], Transport]] = {
+def _network_arguments(parsed: TransportURL) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"tls": parsed.tls}
+    if parsed.username is not None:
+        kwargs["username"] = parsed.username
+        kwargs["password"] = parsed.password
+    if parsed.timeouts is not None:
+        kwargs["timeouts"] = parsed.timeouts
+    if parsed.local_hostname is not None:
+        kwargs["local_hostname"] = parsed.local_hostname
+    return kwargs
+
+
+def _smtp(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool) -> Any:
+    kwargs = {"host": parsed.host, "port": parsed.port, **_network_arguments(parsed)}
+    kwargs.update(overrides)
+    return AsyncSMTPTransport(**kwargs) if asynchronous else SMTPTransport(**kwargs)
+
+
+def _lmtp(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool) -> Any:
+    kwargs = _network_arguments(parsed)
+    if parsed.path is not None:
+        kwargs["path"] = parsed.path
+    else:
+        kwargs.update(host=parsed.host, port=parsed.port)
+    kwargs.update(overrides)
+    return AsyncLMTPTransport(**kwargs) if asynchronous else LMTPTransport(**kwargs)
+
+
+_FACTORIES: dict[str, Factory] = {
     "memory": _memory,
     "file": _file,
-    "smtp": _not_yet("SMTPTransport"),
-    "smtps": _not_yet("SMTPTransport"),
-    "lmtp": _not_yet("LMTPTransport"),
+    "smtp": _smtp,
+    "smtps": _smtp,
+    "lmtp": _lmtp,
     "mx": _not_yet("MXTransport"),
 }
 
 
+def _build(url: str | os.PathLike[str], overrides: Mapping[str, Any], asynchronous: bool) -> Any:
+    parsed = TransportURL.parse(os.fspath(url))
+    try:
+        return _FACTORIES[parsed.scheme](parsed, overrides, asynchronous)
+    except TypeError as exc:
+        # An unknown keyword override: say which transport refused it, without the password.
+        raise ConfigurationError(
+            f"{parsed.scheme}:// transport does not accept these arguments "
+            f"({', '.join(sorted(overrides))}): {parsed.redacted()}"
+        ) from exc
+
+
 def transport_from_url(url: str | os.PathLike[str], **overrides: Any) -> Transport:
-    """Build the transport a URL names (see the module docstring for the schemes).
+    """Build the (blocking) transport a URL names (see the module docstring for the schemes).
 
     Args:
         url: for example ``"smtp://user:p%40ss@smtp.example.com:587?tls=starttls"``.
@@ -295,12 +341,13 @@ def transport_from_url(url: str | os.PathLike[str], **overrides: Any) -> Transpo
         ConfigurationError: when the URL is malformed or names a transport that cannot be
             built. The message never contains the password.
     """
-    parsed = TransportURL.parse(os.fspath(url))
-    try:
-        return _FACTORIES[parsed.scheme](parsed, overrides)
-    except TypeError as exc:
-        # An unknown keyword override: say which transport refused it, without the password.
-        raise ConfigurationError(
-            f"{parsed.scheme}:// transport does not accept these arguments "
-            f"({', '.join(sorted(overrides))}): {parsed.redacted()}"
-        ) from exc
+    transport: Transport = _build(url, overrides, asynchronous=False)
+    return transport
+
+
+def async_transport_from_url(url: str | os.PathLike[str], **overrides: Any) -> AsyncTransport:
+    """Like :func:`transport_from_url`, for asyncio: ``smtp://`` gives an
+    ``AsyncSMTPTransport``, ``lmtp://`` an ``AsyncLMTPTransport``; ``memory://`` and
+    ``file://`` give the same objects (they implement both interfaces)."""
+    transport: AsyncTransport = _build(url, overrides, asynchronous=True)
+    return transport

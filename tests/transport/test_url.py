@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -14,7 +15,18 @@ from mailrelay.errors import ConfigurationError
 from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
 from mailrelay.results import Outcome
-from mailrelay.transport import FileTransport, MemoryTransport, TransportURL, transport_from_url
+from mailrelay.transport import (
+    AsyncLMTPTransport,
+    AsyncSMTPTransport,
+    AsyncTransport,
+    FileTransport,
+    LMTPTransport,
+    MemoryTransport,
+    SMTPTransport,
+    TransportURL,
+    async_transport_from_url,
+    transport_from_url,
+)
 from tests.transport.helpers import make_message
 
 
@@ -128,19 +140,72 @@ def test_an_unknown_override_is_a_configuration_error() -> None:
         transport_from_url("memory://", colour="blue")
 
 
+def test_mx_says_it_is_not_built_yet() -> None:
+    with pytest.raises(ConfigurationError, match="not available in this version"):
+        transport_from_url("mx://?port=2525")
+
+
 @pytest.mark.parametrize(
-    "url",
+    ("url", "cls", "expected"),
     [
-        "smtp://alice:s3cret@smtp.example.com",
-        "smtps://alice:s3cret@smtp.example.com",
-        "lmtp://alice:s3cret@store.example",
-        "mx://",
+        (
+            "smtp://alice:s3cret@smtp.example.com",
+            SMTPTransport,
+            {"host": "smtp.example.com", "port": 587, "tls": TLS.STARTTLS, "username": "alice"},
+        ),
+        (
+            "smtps://alice:s3cret@smtp.example.com?timeout=7&local_hostname=me.example",
+            SMTPTransport,
+            {"port": 465, "tls": TLS.IMPLICIT, "timeouts": Timeouts.all(7)},
+        ),
+        (
+            "lmtp://alice:s3cret@store.example",
+            LMTPTransport,
+            {"host": "store.example", "port": 24, "tls": TLS.NONE, "lmtp": True},
+        ),
+        (
+            "lmtp:///run/lmtp.sock",
+            LMTPTransport,
+            {"host": None, "port": None, "unix_path": "/run/lmtp.sock", "lmtp": True},
+        ),
     ],
 )
-def test_network_schemes_say_they_are_not_built_yet(url: str) -> None:
-    with pytest.raises(ConfigurationError, match="not available in this version") as caught:
-        transport_from_url(url)
-    assert "s3cret" not in str(caught.value)
+def test_network_urls_build_their_transports(
+    url: str, cls: type[SMTPTransport | LMTPTransport], expected: dict[str, Any]
+) -> None:
+    transport = transport_from_url(url)
+    assert type(transport) is cls
+    assert isinstance(transport, SMTPTransport | LMTPTransport)
+    settings = transport.settings
+    assert {key: getattr(settings, key) for key in expected} == expected
+    if "s3cret" in url:
+        assert settings.password == "s3cret"
+    assert "s3cret" not in repr(transport)
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("url", "cls"),
+    [
+        ("smtp://h", AsyncSMTPTransport),
+        ("smtps://h", AsyncSMTPTransport),
+        ("lmtp://h", AsyncLMTPTransport),
+        ("lmtp:///run/lmtp.sock", AsyncLMTPTransport),
+        ("memory://", MemoryTransport),
+    ],
+)
+def test_async_urls(url: str, cls: type[AsyncTransport]) -> None:
+    assert type(async_transport_from_url(url)) is cls
+
+
+def test_overrides_reach_the_smtp_transport() -> None:
+    context = ssl.create_default_context()
+    transport = transport_from_url("smtp://h?tls=none", ssl_context=context, tls=TLS.STARTTLS)
+    assert isinstance(transport, SMTPTransport)
+    assert transport.settings.ssl_context is context
+    assert transport.settings.tls is TLS.STARTTLS
+    with pytest.raises(ConfigurationError, match="does not accept"):
+        transport_from_url("smtp://u:s3cret@h", handler=None)
 
 
 def test_repr_and_redacted_hide_the_password() -> None:

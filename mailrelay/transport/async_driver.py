@@ -1,0 +1,401 @@
+"""The asyncio driver: runs the dialogue's steps (:mod:`mailrelay.flow`) on an event loop.
+
+Theory of operation: the same loop as :mod:`mailrelay.transport.sync_driver`, awaited.
+:func:`connect` opens a TCP connection (every address of the host in turn, IPv6 and IPv4)
+or a unix socket, with TLS from the start for ``TLS.IMPLICIT``; :meth:`AsyncDriver.run`
+answers each request a step yields until the step returns.
+
+Rules:
+
+* The connection is a small :class:`asyncio.Protocol` of our own rather than asyncio's
+  streams, for two reasons. Reads are bounded: one ``Read`` returns at most
+  :data:`READ_SIZE` bytes, and the transport stops reading from the socket while more than
+  that is buffered (``pause_reading``), so an endless line costs bounded memory while the
+  protocol core cuts it. And STARTTLS is safe: bytes the server sent after its ``220`` but
+  before the handshake are visible in our buffer, and are refused (RFC 3207 §4.2, the
+  response-injection attack) instead of being read later as if they had come encrypted.
+* Every wait is bounded by the request's phase limit (``asyncio.timeout``); connecting and
+  TLS handshakes use ``Timeouts.connect``.
+* I/O errors are translated (:mod:`mailrelay.transport.errors_map`), the connection is
+  closed, and the error is thrown into the step at the failed request.
+* Cancellation is never swallowed: a cancelled ``run`` closes the connection and re-raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Generator
+from typing import Any, TypeVar
+
+from mailrelay.errors import ConnectError, ConnectionLost, DeliveryError, TLSError
+from mailrelay.flow import Close, Read, Request, StartTLS, Write
+from mailrelay.options import Timeouts
+from mailrelay.transport.errors_map import (
+    PLAIN_AGAINST_IMPLICIT,
+    map_io_error,
+    map_tls_error,
+    peer_name,
+)
+
+__all__ = ["READ_SIZE", "AsyncDriver", "connect"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The most bytes one ``Read`` returns; also the buffer size at which reading pauses.
+READ_SIZE = 65536
+
+
+class _Pipe(asyncio.Protocol):
+    """A byte pipe with a bounded receive buffer and write flow control."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._eof = False
+        self._error: BaseException | None = None
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._paused = False
+        self.bytes_received = 0
+
+    # -- asyncio.Protocol callbacks -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer.extend(data)
+        self.bytes_received += len(data)
+        self._readable.set()
+        if len(self._buffer) >= READ_SIZE and self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._readable.set()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._error = exc
+        self._readable.set()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- used by the driver --------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return len(self._buffer)
+
+    async def read(self) -> bytes:
+        """Up to :data:`READ_SIZE` bytes; ``b""`` at end of file."""
+        while not self._buffer:
+            if self._eof:
+                if self._error is not None and not isinstance(self._error, ssl.SSLError):
+                    raise self._error
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data = bytes(self._buffer[:READ_SIZE])
+        del self._buffer[:READ_SIZE]
+        if self._paused and len(self._buffer) < READ_SIZE and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def write(self, data: bytes) -> None:
+        """Write ``data`` and wait until the transport's buffer has drained."""
+        if self.transport is None or self.transport.is_closing():
+            raise self._error or ConnectionResetError("the connection is closed")
+        self.transport.write(data)
+        await self._writable.wait()
+        if self._error is not None:
+            raise self._error
+
+
+async def _open_tcp(
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None,
+) -> tuple[asyncio.Transport, _Pipe]:
+    loop = asyncio.get_running_loop()
+    peer = peer_name(host, port)
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        permanent = exc.errno in {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)}
+        raise ConnectError(
+            f"cannot resolve {host!r}: {exc.strerror}", is_transient=not permanent, host=peer
+        ) from exc
+    failures: list[str] = []
+    last: BaseException | None = None
+    for family, _kind, proto, _, address in infos:
+        try:
+            async with asyncio.timeout(timeout):
+                transport, pipe = await loop.create_connection(
+                    _Pipe,
+                    host=str(address[0]),
+                    port=int(address[1]),
+                    family=family,
+                    proto=proto,
+                    ssl=ssl_context,
+                    server_hostname=server_hostname if ssl_context is not None else None,
+                    ssl_handshake_timeout=timeout if ssl_context is not None else None,
+                )
+        except ssl.SSLError as exc:
+            raise map_tls_error(exc, peer=peer, server_hostname=server_hostname or host) from exc
+        except (OSError, TimeoutError) as exc:
+            last = exc
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            failures.append(f"{peer_name(str(address[0]), int(address[1]))}: {reason}")
+            continue
+        assert isinstance(transport, asyncio.Transport)
+        return transport, pipe
+    raise ConnectError(f"could not connect to {peer} ({'; '.join(failures)})", host=peer) from last
+
+
+async def _open_unix(path: str, timeout: float) -> tuple[asyncio.Transport, _Pipe]:
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            transport, pipe = await loop.create_unix_connection(_Pipe, path)
+    except (OSError, TimeoutError) as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise ConnectError(f"could not connect to {path}: {reason}", host=path) from exc
+    assert isinstance(transport, asyncio.Transport)
+    return transport, pipe
+
+
+async def connect(
+    host: str | None,
+    port: int | None,
+    *,
+    timeouts: Timeouts,
+    implicit_tls: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    unix_path: str | None = None,
+) -> AsyncDriver:
+    """Open a connection and return its driver (see :func:`sync_driver.connect`).
+
+    Raises:
+        ConnectError: no address accepted the connection.
+        TLSError: the implicit-TLS handshake failed.
+    """
+    context = ssl_context if ssl_context is not None else ssl.create_default_context()
+    if unix_path is not None:
+        transport, pipe = await _open_unix(unix_path, timeouts.connect)
+        peer = unix_path
+    else:
+        assert host is not None
+        assert port is not None
+        transport, pipe = await _open_tcp(
+            host,
+            port,
+            timeout=timeouts.connect,
+            ssl_context=context if implicit_tls else None,
+            server_hostname=server_hostname or host,
+        )
+        peer = peer_name(host, port)
+    driver = AsyncDriver(transport, pipe, timeouts=timeouts, ssl_context=context, peer=peer)
+    driver.implicit_tls = implicit_tls
+    return driver
+
+
+class AsyncDriver:
+    """One asyncio connection, running :mod:`mailrelay.flow` steps.
+
+    Attributes:
+        peer: ``host:port`` (or the socket path), for messages.
+        implicit_tls: whether the connection was wrapped in TLS from the start.
+    """
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        pipe: _Pipe,
+        *,
+        timeouts: Timeouts,
+        ssl_context: ssl.SSLContext,
+        peer: str,
+    ) -> None:
+        self._transport: asyncio.Transport | None = transport
+        self._pipe = pipe
+        self.timeouts = timeouts
+        self.ssl_context = ssl_context
+        self.peer = peer
+        self.implicit_tls = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<AsyncDriver {self.peer} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has been closed (by us or by the server)."""
+        return self._transport is None or self._transport.is_closing()
+
+    @property
+    def bytes_received(self) -> int:
+        """How many bytes the server has sent (0 means not even a greeting)."""
+        return self._pipe.bytes_received
+
+    @property
+    def local_address(self) -> str | None:
+        """Our end's IP address (for EHLO), or ``None`` for a unix socket."""
+        if self._transport is None:
+            return None
+        name: Any = self._transport.get_extra_info("sockname")
+        if isinstance(name, tuple) and name:
+            return str(name[0])
+        return None
+
+    def close(self) -> None:
+        """Close the connection (idempotent; does not wait)."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self, step: Generator[Request, bytes | None, T]) -> T:
+        """Drive ``step`` to completion and return its result.
+
+        Raises:
+            DeliveryError: whatever the step raises, including translated I/O errors.
+        """
+        answer: bytes | None = None
+        error: DeliveryError | None = None
+        while True:
+            try:
+                request = step.throw(error) if error is not None else step.send(answer)
+            except StopIteration as done:
+                value: T = done.value
+                return value
+            except BaseException:
+                self.close()
+                raise
+            answer, error = None, None
+            try:
+                if isinstance(request, Write):
+                    await self._write(request)
+                elif isinstance(request, Read):
+                    answer = await self._read(request)
+                elif isinstance(request, StartTLS):
+                    await self.start_tls(request.server_hostname)
+                elif isinstance(request, Close):
+                    self.close()
+                else:  # pragma: no cover - the flow yields only the four requests
+                    raise TypeError(f"unknown I/O request {request!r}")
+            except DeliveryError as exc:
+                self.close()
+                error = exc
+            except BaseException:
+                # Cancellation (or a bug): the session is dead; never leave the socket open.
+                self.close()
+                step.close()
+                raise
+
+    def _live(self) -> asyncio.Transport:
+        if self._transport is None:
+            raise ConnectionLost(f"the connection to {self.peer} is closed", host=self.peer)
+        return self._transport
+
+    async def _write(self, request: Write) -> None:
+        self._live()
+        timeout = self.timeouts.for_phase(request.phase)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._pipe.write(request.data)
+        except (OSError, TimeoutError) as exc:
+            raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
+
+    async def _read(self, request: Read) -> bytes:
+        self._live()
+        timeout = self.timeouts.for_phase(request.phase)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._pipe.read()
+        except TimeoutError as exc:
+            if self._before_greeting(request) and await self._probe_tls():
+                raise TLSError(
+                    f"no SMTP greeting from {self.peer}, but it answered a TLS handshake: "
+                    f"{PLAIN_AGAINST_IMPLICIT}",
+                    is_transient=False,
+                    host=self.peer,
+                ) from exc
+            raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
+        except OSError as exc:
+            raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
+
+    def _before_greeting(self, request: Read) -> bool:
+        return self.bytes_received == 0 and request.phase == "greeting" and not self.implicit_tls
+
+    async def _probe_tls(self) -> bool:
+        """After a silent greeting: does the server answer a TLS handshake?"""
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        probe.check_hostname = False
+        probe.verify_mode = ssl.CERT_NONE  # only asking "do you speak TLS?", sending nothing
+        try:
+            await self._upgrade(probe, None, min(5.0, self.timeouts.connect))
+        except (OSError, TimeoutError):
+            return False
+        return True
+
+    async def _upgrade(
+        self, context: ssl.SSLContext, server_hostname: str | None, timeout: float
+    ) -> None:
+        transport = self._live()
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            new = await loop.start_tls(
+                transport,
+                self._pipe,
+                context,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=timeout,
+            )
+        if new is None:  # pragma: no cover - only for transports without TLS support
+            raise ConnectionLost("the connection cannot start TLS", host=self.peer)
+        self._transport = new
+        self._pipe.transport = new  # flow control now goes through the TLS transport
+
+    async def start_tls(self, server_hostname: str) -> None:
+        """Run the TLS handshake on the connection (bounded by ``Timeouts.connect``).
+
+        Raises:
+            TLSError: the handshake or the certificate check failed, or the server sent
+                bytes between its 220 and the handshake (RFC 3207 §4.2).
+        """
+        if self._pipe.buffered:
+            self.close()
+            raise TLSError(
+                f"{self.peer} sent {self._pipe.buffered} bytes after its 220 to STARTTLS and "
+                "before the TLS handshake (RFC 3207 §4.2: a response-injection attempt)",
+                is_transient=False,
+                host=self.peer,
+            )
+        try:
+            await self._upgrade(self.ssl_context, server_hostname, self.timeouts.connect)
+        except (OSError, TimeoutError) as exc:
+            self.close()
+            raise map_tls_error(exc, peer=self.peer, server_hostname=server_hostname) from exc
+        log.debug("TLS established with %s", self.peer)

@@ -1,0 +1,318 @@
+"""asyncio SMTP and LMTP transports, with a pool of reusable connections.
+
+The asyncio twins of :mod:`mailrelay.transport.smtp`, with the same rules (pooling, NOOP
+health checks, idle expiry, the transparent resend on a fresh connection when a reused one
+turns out to be dead), plus:
+
+* The pool is task-safe: a connection is used by one task at a time, and at most
+  ``pool.size`` are open; tasks beyond that wait for one.
+* :meth:`AsyncSMTPTransport.asend_many` spreads a batch over ``pool.size`` connections at
+  once and still returns the results in item order, with the contract of
+  :mod:`mailrelay.transport.base` (a ``DeliveryError`` becomes that item's result; any other
+  exception cancels the rest of the batch and propagates).
+* A pool belongs to one event loop. Used from another loop (a second ``asyncio.run``), the
+  transport drops the connections of the old loop and starts afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterable, Iterable, Sequence
+
+from mailrelay.envelope import Envelope
+from mailrelay.errors import ConnectionLost, DeliveryError
+from mailrelay.flow import Session
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
+from mailrelay.results import DeliveryResult
+from mailrelay.transport.async_driver import AsyncDriver, connect
+from mailrelay.transport.base import AsyncTransport, BatchItem, failed_result, prepare_batch
+from mailrelay.transport.settings import ConnectionSettings, PoolSettings, mechanisms
+from mailrelay.transport.smtp import is_stale_connection_error, no_greeting_hint
+
+__all__ = ["AsyncLMTPTransport", "AsyncSMTPTransport"]
+
+log = logging.getLogger(__name__)
+
+
+class _Connection:
+    """One open session on one asyncio connection, with its bookkeeping."""
+
+    def __init__(self, driver: AsyncDriver, session: Session) -> None:
+        self.driver = driver
+        self.session = session
+        self.messages = 0
+        self.last_used = time.monotonic()
+
+    @property
+    def usable(self) -> bool:
+        return not self.driver.closed and not self.session.closed
+
+    async def quit(self) -> None:
+        """QUIT politely, then close; errors no longer matter."""
+        try:
+            if self.usable:
+                await self.driver.run(self.session.quit())
+        except DeliveryError as exc:
+            log.debug("QUIT to %s failed: %s", self.driver.peer, exc)
+        finally:
+            self.driver.close()
+
+
+class _AsyncSMTPBase(AsyncTransport):
+    """The pooled asyncio transport shared by SMTP and LMTP."""
+
+    def __init__(self, settings: ConnectionSettings, pool: PoolSettings) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._idle: list[_Connection] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._settings.describe()}>"
+
+    @property
+    def settings(self) -> ConnectionSettings:
+        """The connection settings (the password is never shown by their ``repr``)."""
+        return self._settings
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._slots is None:
+            # A new event loop: the old loop's connections cannot be used from this one.
+            for connection in self._idle:
+                connection.driver.close()
+            self._idle = []
+            self._loop = loop
+            self._slots = asyncio.Semaphore(self._pool.size)
+        return self._slots
+
+    async def _open(self) -> _Connection:
+        settings = self._settings
+        driver = await connect(
+            settings.host,
+            settings.port,
+            timeouts=settings.timeouts,
+            implicit_tls=settings.tls is TLS.IMPLICIT,
+            ssl_context=settings.context(),
+            server_hostname=settings.server_hostname,
+            unix_path=settings.unix_path,
+        )
+        session = Session(settings.session_config(driver.local_address))
+        try:
+            await driver.run(session.open())
+        except ConnectionLost as exc:
+            if driver.bytes_received == 0 and settings.tls is not TLS.IMPLICIT:
+                raise no_greeting_hint(exc, settings) from exc
+            raise
+        return _Connection(driver, session)
+
+    async def _checkout(self) -> tuple[_Connection, bool]:
+        while True:
+            if self._closed:
+                raise ConnectionLost(f"{type(self).__name__} is closed", host=self._settings.peer)
+            if not self._idle:
+                return await self._open(), False
+            connection = self._idle.pop()
+            idle = time.monotonic() - connection.last_used
+            if not connection.usable or idle > self._pool.idle_timeout:
+                await connection.quit()
+                continue
+            if idle > self._pool.health_check_after:
+                try:
+                    healthy = await connection.driver.run(connection.session.noop())
+                except DeliveryError:
+                    healthy = False
+                if not healthy:
+                    connection.driver.close()
+                    continue
+            return connection, True
+
+    async def _checkin(self, connection: _Connection) -> None:
+        connection.last_used = time.monotonic()
+        if connection.usable and connection.messages < self._pool.max_messages and not self._closed:
+            self._idle.append(connection)
+            return
+        await connection.quit()
+
+    async def adeliver(self, message: Message, envelope: Envelope) -> DeliveryResult:
+        """Send one message over a pooled connection.
+
+        Raises:
+            DeliveryError: a subclass, when the attempt produced no per-recipient answer.
+        """
+        async with self._semaphore():
+            connection, reused = await self._checkout()
+            try:
+                return await self._send_on(connection, message, envelope)
+            except DeliveryError as exc:
+                if not (reused and is_stale_connection_error(exc)):
+                    raise
+                log.info(
+                    "the reused connection to %s was dead (%s); sending on a fresh one",
+                    self._settings.peer,
+                    exc,
+                )
+            connection = await self._open()
+            return await self._send_on(connection, message, envelope)
+
+    async def _send_on(
+        self, connection: _Connection, message: Message, envelope: Envelope
+    ) -> DeliveryResult:
+        try:
+            result = await connection.driver.run(connection.session.deliver(message, envelope))
+        except BaseException:
+            connection.driver.close()
+            raise
+        connection.messages += 1
+        await self._checkin(connection)
+        return result
+
+    async def asend_many(
+        self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]
+    ) -> list[DeliveryResult]:
+        """Send many messages over up to ``pool.size`` connections; results in item order.
+
+        See :mod:`mailrelay.transport.base` for the contract.
+        """
+        if isinstance(items, AsyncIterable):
+            collected = [item async for item in items]
+        else:
+            collected = list(items)
+        batch = prepare_batch(collected)
+        results: list[DeliveryResult | None] = [None] * len(batch)
+        pending = iter(range(len(batch)))
+
+        async def worker() -> None:
+            for index in pending:  # shared: each index is taken by exactly one worker
+                message, envelope = batch[index]
+                try:
+                    results[index] = await self.adeliver(message, envelope)
+                except DeliveryError as error:
+                    results[index] = failed_result(message, envelope, error)
+
+        tasks = [asyncio.ensure_future(worker()) for _ in range(min(self._pool.size, len(batch)))]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                exc = task.exception()
+                if exc is not None:
+                    finished = sum(result is not None for result in results)
+                    exc.add_note(
+                        f"asend_many: {finished} of {len(batch)} messages had been handed to "
+                        "the transport before this error; resending the whole batch may "
+                        "duplicate those"
+                    )
+                    raise exc
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        complete = [result for result in results if result is not None]
+        assert len(complete) == len(batch), "every item must have a result"
+        return complete
+
+    async def aclose(self) -> None:
+        """QUIT and close every idle connection; later sends raise ``ConnectionLost``."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            for connection in idle:
+                connection.driver.close()
+            return
+        for connection in idle:
+            await connection.quit()
+
+
+class AsyncSMTPTransport(_AsyncSMTPBase):
+    """Send through one SMTP server with asyncio; the arguments are
+    :class:`~mailrelay.transport.smtp.SMTPTransport`'s.
+
+    Example::
+
+        async with AsyncSMTPTransport("smtp.example.com", username="me", password="...") as smtp:
+            result = await smtp.asend(message)
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 587,
+        *,
+        tls: TLS = TLS.STARTTLS,
+        username: str | None = None,
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
+        local_hostname: str | None = None,
+        server_hostname: str | None = None,
+        auth_mechanisms: Sequence[str] | None = None,
+        allow_insecure_auth: bool = False,
+        pipelining: bool = True,
+        chunking: bool = False,
+        pool: PoolSettings = PoolSettings(),  # noqa: B008 -- an immutable value
+    ) -> None:
+        settings = ConnectionSettings(
+            host=host,
+            port=port,
+            tls=tls,
+            ssl_context=ssl_context,
+            timeouts=timeouts,
+            local_hostname=local_hostname,
+            server_hostname=server_hostname,
+            username=username,
+            password=password,
+            auth_mechanisms=mechanisms(auth_mechanisms),
+            allow_insecure_auth=allow_insecure_auth,
+            pipelining=pipelining,
+            chunking=chunking,
+        )
+        super().__init__(settings, pool)
+
+
+class AsyncLMTPTransport(_AsyncSMTPBase):
+    """Deliver to a mail store over LMTP with asyncio; the arguments are
+    :class:`~mailrelay.transport.smtp.LMTPTransport`'s."""
+
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int = 24,
+        *,
+        path: str | None = None,
+        tls: TLS = TLS.NONE,
+        username: str | None = None,
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
+        local_hostname: str | None = None,
+        server_hostname: str | None = None,
+        auth_mechanisms: Sequence[str] | None = None,
+        allow_insecure_auth: bool = False,
+        pipelining: bool = True,
+        chunking: bool = False,
+        pool: PoolSettings = PoolSettings(),  # noqa: B008 -- an immutable value
+    ) -> None:
+        settings = ConnectionSettings(
+            host=host,
+            port=None if path is not None else port,
+            unix_path=path,
+            tls=tls,
+            ssl_context=ssl_context,
+            timeouts=timeouts,
+            local_hostname=local_hostname,
+            server_hostname=server_hostname,
+            username=username,
+            password=password,
+            auth_mechanisms=mechanisms(auth_mechanisms),
+            allow_insecure_auth=allow_insecure_auth,
+            pipelining=pipelining,
+            chunking=chunking,
+            lmtp=True,
+        )
+        super().__init__(settings, pool)
