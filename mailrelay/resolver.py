@@ -240,6 +240,14 @@ class DNSCache:
 # -- turning dnspython's results into plain answers ------------------------------------------
 
 
+class _Limits(NamedTuple):
+    """Upper bounds on how long answers are kept, in seconds."""
+
+    positive: float
+    negative: float
+    failure: float
+
+
 def _negative_ttl(response: dns.message.Message | None, cap: float) -> float:
     """RFC 2308 §5: min(SOA TTL, SOA MINIMUM) (and any CNAME TTL on the way); 0 without an SOA."""
     if response is None or not any(rrset.rdtype == _SOA for rrset in response.authority):
@@ -312,12 +320,6 @@ def _plan_query(
             result = _from_answer(outcome, limits)
         return result._replace(ttl=chain_ttl) if chain_ttl < result.ttl else result
     return _Answer(DNSStatus.ERROR, (), limits.failure, f"CNAME chain from {name} too long")
-
-
-class _Limits(NamedTuple):
-    positive: float
-    negative: float
-    failure: float
 
 
 # -- the lookups, written once as plans both resolvers run -----------------------------------
