@@ -34,6 +34,7 @@ import concurrent.futures
 import enum
 import logging
 import random
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -80,6 +81,7 @@ _MAIL_HOSTS: Final = -1
 _MAX_PLAN_STEPS: Final = 4
 #: CNAMEs we follow ourselves when a server stops at one (dnspython's own chain limit is 16).
 _MAX_CNAME_HOPS: Final = 8
+_HOST_CHARS: Final = re.compile(r"[a-z0-9_.-]+")
 
 
 class DNSStatus(enum.Enum):
@@ -416,8 +418,15 @@ def _domain_key(domain: str) -> str:
 
 def _check_name(key: str, domain: str) -> str:
     """``key`` if it can be asked of the DNS; checked on cache misses only (hits were checked)."""
-    if not key or len(key) > 253 or any(not 0 < len(label) < 64 for label in key.split(".")):
+    if (
+        not key
+        or len(key) > 253
+        or not _HOST_CHARS.fullmatch(key)
+        or any(not 0 < len(label) < 64 for label in key.split("."))
+    ):
         # RFC 1035 §2.3.4: labels of 1 to 63 octets, names of at most 255 (253 as text).
+        # Mail domains are host names (RFC 5321 §2.3.5): letters, digits and hyphens; we
+        # also let "_" through, which some operators use in names they look up.
         raise ResolverError(f"not a valid domain name: {domain!r}", name=domain, is_transient=False)
     return key
 

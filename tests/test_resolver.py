@@ -191,7 +191,10 @@ def test_dns_trouble_is_a_transient_error(
     assert pickle.loads(pickle.dumps(caught.value)) == caught.value
 
 
-@pytest.mark.parametrize("domain", ["", ".", "a..test", "x" * 64 + ".test", "a." * 127 + "test"])
+@pytest.mark.parametrize(
+    "domain",
+    ["", ".", "a..test", "x" * 64 + ".test", "a." * 127 + "test", "a b.test", "a\\.test", "@.test"],
+)
 def test_invalid_names_are_refused_without_a_query(unbound: UnboundServer, domain: str) -> None:
     resolver = unbound.resolver()
     with pytest.raises(ResolverError, match="not a valid domain name") as caught:
@@ -532,3 +535,19 @@ def test_the_fixture_says_how_to_install_a_missing_unbound(
     monkeypatch.setattr(unbound_peer, "find_unbound", lambda: None)
     with pytest.raises(FileNotFoundError, match=r"apt-get install .*unbound"):
         unbound_peer.start_unbound(tmp_path)
+
+
+@given(text=st.text(max_size=40))
+def test_any_text_gives_mail_hosts_or_a_resolver_error(unbound: UnboundServer, text: str) -> None:
+    resolver = unbound.resolver(timeout=0.5)
+    found: MailHosts | ResolverError
+    try:
+        found = resolver.mail_hosts(text)
+    except ResolverError as exc:
+        found = exc
+    if isinstance(found, ResolverError):
+        # Only a name that cannot be asked is a permanent error; the zone never times out here.
+        assert not found.is_transient
+        assert "not a valid domain name" in str(found)
+    else:
+        assert found.domain.isascii()
