@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
+from mailrelay.envelope import Envelope
 from mailrelay.message import Message
+from mailrelay.results import DeliveryResult
+from mailrelay.transport import (
+    AsyncLMTPTransport,
+    AsyncSMTPTransport,
+    LMTPTransport,
+    SMTPTransport,
+)
+from mailrelay.transport.base import BatchItem
 
 T = TypeVar("T")
 
@@ -25,3 +34,50 @@ def make_message(
 ) -> Message:
     """A small message from ``sender`` to ``to``."""
     return Message.build(sender=sender, to=list(to), subject=subject, text=text)
+
+
+Flavour = Literal["sync", "async"]
+FLAVOURS: tuple[Flavour, ...] = ("sync", "async")
+
+
+def send_with(
+    flavour: Flavour,
+    message: Message,
+    envelope: Envelope | None = None,
+    *,
+    lmtp: bool = False,
+    **kwargs: Any,
+) -> DeliveryResult:
+    """Send one message with a fresh (Async)SMTPTransport or (Async)LMTPTransport."""
+    if flavour == "sync":
+        cls: type[SMTPTransport | LMTPTransport] = LMTPTransport if lmtp else SMTPTransport
+        with cls(**kwargs) as transport:
+            return transport.send(message, envelope)
+
+    async def main() -> DeliveryResult:
+        acls: type[AsyncSMTPTransport | AsyncLMTPTransport] = (
+            AsyncLMTPTransport if lmtp else AsyncSMTPTransport
+        )
+        async with acls(**kwargs) as transport:
+            return await transport.asend(message, envelope)
+
+    return run(main())
+
+
+def send_many_with(
+    flavour: Flavour, items: list[BatchItem], *, lmtp: bool = False, **kwargs: Any
+) -> list[DeliveryResult]:
+    """``send_many`` / ``asend_many`` with a fresh transport."""
+    if flavour == "sync":
+        cls: type[SMTPTransport | LMTPTransport] = LMTPTransport if lmtp else SMTPTransport
+        with cls(**kwargs) as transport:
+            return transport.send_many(items)
+
+    async def main() -> list[DeliveryResult]:
+        acls: type[AsyncSMTPTransport | AsyncLMTPTransport] = (
+            AsyncLMTPTransport if lmtp else AsyncSMTPTransport
+        )
+        async with acls(**kwargs) as transport:
+            return await transport.asend_many(items)
+
+    return run(main())
