@@ -333,8 +333,8 @@ class ClientConnection:
             return self._closed()
         reply = reader.pop()
         if reply is None:
-            if reader.has_partial and state is not State.GREETING and not self._pending:
-                raise RemoteProtocolError("the server sent data while no reply was expected")
+            # An unfinished line while no reply is expected is judged once it is
+            # complete: it may be an unsolicited 421 (RFC 5321 §3.8).
             if self._eof:
                 return self._closed()
             return NEED_DATA

@@ -134,12 +134,14 @@ def test_no_command_before_greeting() -> None:
     assert state_of(conn) is State.ERROR
 
 
-@pytest.mark.parametrize("extra", [b"250 surprise\r\n", b"250 parti", b"x"])
+@pytest.mark.parametrize("extra", [b"250 surprise\r\n", b"550 5.0.0 x\n", b"xyz\r\n"])
 def test_data_when_no_reply_is_expected_is_remote_error(extra: bytes) -> None:
     conn = ClientConnection()
-    conn.receive_data(b"220 hi\r\n" + extra)
+    conn.receive_data(b"220 hi\r\n" + extra[:3])
     assert isinstance(conn.next_event(), Greeting)
-    with pytest.raises(RemoteProtocolError, match="no"):
+    assert conn.next_event() is NEED_DATA  # judged once the line is complete
+    conn.receive_data(extra[3:])
+    with pytest.raises(RemoteProtocolError, match=r"no command awaits|malformed"):
         conn.next_event()
     assert state_of(conn) is State.ERROR
 
