@@ -1,0 +1,231 @@
+"""When to try again: the retry policy for recipients, and per-domain shaping.
+
+Rules of this module:
+
+* Nothing here reads a clock or a random source of its own: the tracker passes
+  ``now`` and a ``random() -> float in [0, 1)`` function, so tests are exact and
+  never sleep.
+* :class:`RetryPolicy`: the *n*-th retry waits ``initial * factor**(n-1)``
+  seconds, multiplied by a jitter factor drawn from ``[1 - jitter, 1 + jitter]``
+  (so that many messages deferred together do not all come back together),
+  and never more than ``max_delay``. A recipient still unresolved ``max_age``
+  after submission *expires* (RFC 5321 §4.5.4.1: "the give-up time generally
+  needs to be at least 4-5 days"; the default is 5 days). The last retry is
+  scheduled at the deadline itself, so every recipient gets a try at its end.
+* A hook ``(recipient, reply) -> delay | None`` may choose the delay for a
+  particular answer (say, a longer one for ``4.2.2`` mailbox full); ``None``
+  means "no opinion" and the exponential schedule applies. The maximum age
+  still applies to what the hook chooses.
+* :class:`DomainShaper` keeps per-domain limits for one tracker: at most
+  ``max_concurrent`` deliveries in flight, at most ``per_second`` delivery
+  transactions a second, and an adaptive back-off that doubles (up to a cap)
+  each time a domain answers 421 or refuses a whole transaction for now, and
+  resets on the next success. It is thread-safe; it does not coordinate
+  between processes (each worker shapes its own traffic).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable
+
+import attrs
+
+from mailrelay.address import Address
+from mailrelay.reply import Reply
+
+__all__ = ["DomainLimits", "DomainShaper", "RetryHook", "RetryPolicy"]
+
+#: A policy hook: ``(recipient, reply) -> delay`` in seconds (or a timedelta), or ``None``.
+RetryHook = Callable[[Address, Reply | None], "float | dt.timedelta | None"]
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive: {value!r}")
+
+
+def _seconds(value: float | dt.timedelta) -> float:
+    return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """How long to wait before retrying a deferred recipient, and when to give up.
+
+    Args:
+        initial: the first retry's delay, in seconds (default 5 minutes).
+        factor: how much each further delay grows (default 2).
+        max_delay: the cap on any delay, in seconds (default 4 hours).
+        jitter: the fraction by which a delay is spread either way (0 to 1; default 0.1).
+        max_age: how long after submission a recipient may be retried, in seconds
+            (default 5 days, RFC 5321 §4.5.4.1).
+        hook: an optional ``(recipient, reply) -> delay | None`` policy hook.
+
+    Raises:
+        ValueError: a non-positive delay, factor below 1, or jitter outside 0..1.
+    """
+
+    initial: float = attrs.field(default=300.0, converter=_seconds, validator=_positive)
+    factor: float = attrs.field(default=2.0, validator=attrs.validators.ge(1.0))
+    max_delay: float = attrs.field(default=4 * 3600.0, converter=_seconds, validator=_positive)
+    jitter: float = attrs.field(
+        default=0.1, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)]
+    )
+    max_age: float = attrs.field(default=5 * 86400.0, converter=_seconds, validator=_positive)
+    hook: RetryHook | None = None
+
+    def delay(self, retry: int, random: Callable[[], float]) -> float:
+        """The delay before the ``retry``-th retry (1 for the first), in seconds."""
+        if retry < 1:
+            raise ValueError(f"retries count from 1: {retry}")
+        # Cap the exponent's growth before it overflows a float.
+        base = min(self.max_delay, self.initial * self.factor ** min(retry - 1, 64))
+        spread = 1.0 + self.jitter * (2.0 * random() - 1.0)
+        return min(self.max_delay, base * spread)
+
+    def next_attempt(
+        self,
+        *,
+        recipient: Address,
+        reply: Reply | None,
+        retry: int,
+        created_at: dt.datetime,
+        now: dt.datetime,
+        random: Callable[[], float],
+    ) -> dt.datetime | None:
+        """When to try a deferred recipient again, or ``None`` to let it expire.
+
+        Args:
+            recipient: the deferred recipient.
+            reply: the answer that deferred it (``None`` when an error gave none).
+            retry: which retry this would be (1 after the first failed attempt).
+            created_at: when the message was submitted.
+            now: the current time.
+            random: a source of floats in ``[0, 1)`` for the jitter.
+        """
+        deadline = created_at + dt.timedelta(seconds=self.max_age)
+        if now >= deadline:
+            # RFC 5321 §4.5.4.1: give up after the maximum age.
+            return None
+        chosen = self.hook(recipient, reply) if self.hook is not None else None
+        seconds = self.delay(retry, random) if chosen is None else max(0.0, _seconds(chosen))
+        return min(now + dt.timedelta(seconds=seconds), deadline)
+
+
+@attrs.frozen(kw_only=True)
+class DomainLimits:
+    """Per-domain shaping for the tracker.
+
+    Args:
+        max_concurrent: deliveries to one domain in flight at once (``None``: no limit).
+        per_second: delivery transactions per second to one domain (``None``: no limit).
+        backoff_initial: seconds to hold a domain off after its first 421/4xx refusal.
+        backoff_max: the cap on that hold-off as it doubles.
+        busy_delay: how long to put work off when a domain is at ``max_concurrent``.
+    """
+
+    max_concurrent: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
+    per_second: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_positive)
+    )
+    backoff_initial: float = attrs.field(default=60.0, converter=_seconds, validator=_positive)
+    backoff_max: float = attrs.field(default=3600.0, converter=_seconds, validator=_positive)
+    busy_delay: float = attrs.field(default=1.0, converter=_seconds, validator=_positive)
+
+
+@attrs.define
+class _DomainState:
+    in_flight: int = 0
+    next_slot: dt.datetime | None = None
+    backoff: float = 0.0
+    blocked_until: dt.datetime | None = None
+
+
+class DomainShaper:
+    """Per-domain concurrency, rate and adaptive back-off (see the module docstring).
+
+    Args:
+        limits: the limits; ``per_domain`` overrides them for named domains.
+        per_domain: limits for particular domains (keys lower-case, A-label form).
+    """
+
+    def __init__(
+        self,
+        limits: DomainLimits | None = None,
+        *,
+        per_domain: dict[str, DomainLimits] | None = None,
+    ) -> None:
+        self.limits = limits or DomainLimits()
+        self.per_domain = {k.lower(): v for k, v in (per_domain or {}).items()}
+        self._lock = threading.Lock()
+        self._domains: dict[str, _DomainState] = {}
+
+    def _limits(self, domain: str) -> DomainLimits:
+        return self.per_domain.get(domain, self.limits)
+
+    def _state(self, domain: str) -> _DomainState:
+        return self._domains.setdefault(domain, _DomainState())
+
+    def acquire(self, domain: str, now: dt.datetime) -> dt.datetime | None:
+        """Take a delivery slot for ``domain`` at ``now``.
+
+        Returns:
+            ``None`` when the delivery may go ahead (call :meth:`release` after it),
+            or the time at which to try again.
+        """
+        domain = domain.lower()
+        limits = self._limits(domain)
+        with self._lock:
+            state = self._state(domain)
+            if state.blocked_until is not None and now < state.blocked_until:
+                return state.blocked_until
+            if state.next_slot is not None and now < state.next_slot:
+                return state.next_slot
+            if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
+                return now + dt.timedelta(seconds=limits.busy_delay)
+            state.in_flight += 1
+            if limits.per_second is not None:
+                state.next_slot = now + dt.timedelta(seconds=1.0 / limits.per_second)
+            return None
+
+    def release(self, domain: str, now: dt.datetime, *, refused: bool | None) -> None:
+        """Give back a slot taken with :meth:`acquire` and learn from how it went.
+
+        Args:
+            domain: the domain.
+            now: the current time.
+            refused: ``True`` when the domain refused the transaction for now
+                (421, or every recipient 4xx): back off, doubling the hold-off;
+                ``False`` when it accepted something: reset the back-off;
+                ``None`` when the attempt said nothing about the domain.
+        """
+        domain = domain.lower()
+        limits = self._limits(domain)
+        with self._lock:
+            state = self._state(domain)
+            state.in_flight = max(0, state.in_flight - 1)
+            if refused is True:
+                state.backoff = min(
+                    limits.backoff_max,
+                    state.backoff * 2 if state.backoff else limits.backoff_initial,
+                )
+                state.blocked_until = now + dt.timedelta(seconds=state.backoff)
+            elif refused is False:
+                state.backoff = 0.0
+                state.blocked_until = None
+
+    def blocked_until(self, domain: str) -> dt.datetime | None:
+        """Until when ``domain`` is held off after refusals (``None``: not held off)."""
+        with self._lock:
+            state = self._domains.get(domain.lower())
+            return None if state is None else state.blocked_until
+
+    def in_flight(self, domain: str) -> int:
+        """How many deliveries to ``domain`` are in flight."""
+        with self._lock:
+            state = self._domains.get(domain.lower())
+            return 0 if state is None else state.in_flight

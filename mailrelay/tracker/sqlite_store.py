@@ -1,0 +1,534 @@
+"""The embedded default store: one SQLite database file.
+
+Rules of this module:
+
+* The database runs in WAL mode (readers never block the writer) with
+  ``synchronous=FULL`` by default, so a commit that returned survives a crash
+  of the process *and* of the machine. Every write is an explicit
+  ``BEGIN IMMEDIATE`` transaction: it takes the write lock up front, so two
+  workers racing to claim work serialize at ``BEGIN`` instead of deadlocking
+  on a read-to-write upgrade. A busy timeout makes waiting writers wait, not fail.
+* :meth:`SQLiteStore.add` writes the record and the message bytes in one
+  transaction; the bytes are streamed into a pre-sized BLOB
+  (``zeroblob`` + incremental blob I/O), so no second copy of a large message
+  is built in memory.
+* Each thread gets its own connection (sqlite3 connections are not meant to be
+  shared between threads); several processes may open the same file.
+* The schema carries a version (table ``schema_version``). Opening a database
+  applies the migrations it lacks, in order, each in its own transaction; a
+  database written by a newer mailrelay is refused rather than misread.
+* Times are stored as integer microseconds since the epoch, so they come back
+  exactly as given and compare in SQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+from mailrelay.address import Address
+from mailrelay.errors import ConfigurationError
+from mailrelay.tracker.store import (
+    Attempt,
+    Change,
+    Claim,
+    MessageRecord,
+    RecipientRecord,
+    State,
+    apply_change,
+    envelope_from_json,
+    envelope_to_json,
+    from_micros,
+    to_micros,
+)
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
+
+#: The schema, one script per version: ``MIGRATIONS[n]`` takes version ``n`` to ``n + 1``.
+MIGRATIONS: tuple[str, ...] = (
+    # 0 -> 1: the tables.
+    """
+    CREATE TABLE messages (
+        id TEXT PRIMARY KEY,
+        created_at INTEGER NOT NULL,
+        envelope TEXT NOT NULL,
+        message_id TEXT,
+        envid TEXT,
+        size INTEGER NOT NULL,
+        content BLOB NOT NULL
+    );
+    CREATE TABLE recipients (
+        message TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        state TEXT NOT NULL,
+        next_attempt_at INTEGER,
+        confirmed INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_until INTEGER,
+        PRIMARY KEY (message, position)
+    );
+    CREATE TABLE attempts (
+        message TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        host TEXT,
+        code INTEGER,
+        enhanced TEXT,
+        text TEXT NOT NULL,
+        source TEXT NOT NULL,
+        PRIMARY KEY (message, position, seq),
+        FOREIGN KEY (message, position) REFERENCES recipients(message, position)
+            ON DELETE CASCADE
+    );
+    CREATE INDEX recipients_due ON recipients(state, next_attempt_at);
+    """,
+    # 1 -> 2: the lookups that dashboards and DSN correlation make.
+    """
+    CREATE INDEX recipients_lease ON recipients(state, lease_until);
+    CREATE INDEX messages_created ON messages(created_at);
+    CREATE INDEX messages_message_id ON messages(message_id);
+    CREATE INDEX messages_envid ON messages(envid);
+    """,
+)
+
+#: The version this code writes.
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_DUE = (State.QUEUED.value, State.DEFERRED.value)
+# Which recipients a claim takes (see the store rules). Both queries bind
+# (QUEUED, DEFERRED, now, SENDING, now) for the due test; written out in full so
+# that no SQL is ever assembled at run time.
+_CLAIM_MESSAGES = """
+    SELECT message,
+           MIN(COALESCE(CASE WHEN state = ? THEN lease_until ELSE next_attempt_at END, 0)) AS due
+    FROM recipients
+    WHERE (state IN (?, ?) AND (next_attempt_at IS NULL OR next_attempt_at <= ?))
+       OR (state = ? AND (lease_until IS NULL OR lease_until <= ?))
+    GROUP BY message ORDER BY due, message LIMIT ?
+"""
+_CLAIM_RECIPIENTS = """
+    SELECT position, address FROM recipients
+    WHERE message = ?
+      AND ((state IN (?, ?) AND (next_attempt_at IS NULL OR next_attempt_at <= ?))
+           OR (state = ? AND (lease_until IS NULL OR lease_until <= ?)))
+    ORDER BY position
+"""
+
+
+class SQLiteStore:
+    """A :class:`~mailrelay.tracker.store.Store` in one SQLite file.
+
+    Args:
+        path: the database file (created when missing). ``":memory:"`` is refused:
+            each thread would get a different, empty database.
+        busy_timeout: seconds a writer waits for another's lock before failing.
+        synchronous: SQLite's ``synchronous`` setting; ``"FULL"`` (the default)
+            survives power loss, ``"NORMAL"`` survives a process crash only.
+
+    Raises:
+        ConfigurationError: ``":memory:"``, an unknown ``synchronous`` value, or a
+            database whose schema is newer than this code.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 30.0,
+        synchronous: str = "FULL",
+    ) -> None:
+        if str(path) == ":memory:":
+            raise ConfigurationError("SQLiteStore needs a file; use MemoryStore for tests")
+        if synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
+            raise ConfigurationError(f"synchronous must be FULL, NORMAL or EXTRA: {synchronous!r}")
+        self.path = os.fspath(path)
+        self._busy_timeout = busy_timeout
+        self._synchronous = synchronous.upper()
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self._closed = False
+        self._migrate(self._connection())
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStore {self.path!r}>"
+
+    # -- connections and transactions -----------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise ConfigurationError("the store is closed")
+        # isolation_level=None: no implicit transactions; we BEGIN explicitly.
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        self._local.conn = conn
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connection()
+        # BEGIN IMMEDIATE takes the write lock now: a claim cannot interleave with another.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+                version = 0
+            else:
+                version = int(row[0])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if version > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"{self.path} has schema version {version}; this mailrelay knows up to "
+                f"{SCHEMA_VERSION}: upgrade mailrelay"
+            )
+        while version < SCHEMA_VERSION:
+            with self._write() as tx:
+                # Another process may have migrated while we waited for the lock.
+                current = int(tx.execute("SELECT version FROM schema_version").fetchone()[0])
+                if current != version:
+                    version = current
+                    continue
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        tx.execute(statement)
+                version += 1
+                tx.execute("UPDATE schema_version SET version = ?", (version,))
+
+    @property
+    def schema_version(self) -> int:
+        """The database's schema version."""
+        row = self._connection().execute("SELECT version FROM schema_version").fetchone()
+        return int(row[0])
+
+    # -- the Store protocol -----------------------------------------------------
+
+    def add(self, record: MessageRecord, content: Iterable[bytes]) -> None:
+        """See :meth:`~mailrelay.tracker.store.Store.add` (streams the bytes into a BLOB)."""
+        with self._write() as tx:
+            try:
+                cursor = tx.execute(
+                    "INSERT INTO messages (id, created_at, envelope, message_id, envid, size,"
+                    " content) VALUES (?, ?, ?, ?, ?, ?, zeroblob(?))",
+                    (
+                        record.id,
+                        to_micros(record.created_at),
+                        envelope_to_json(record.envelope),
+                        record.message_id,
+                        record.envelope.envid,
+                        record.size,
+                        record.size,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise ValueError(f"a message with id {record.id!r} is already stored") from None
+            rowid = cursor.lastrowid
+            assert rowid is not None
+            written = 0
+            if record.size:
+                with tx.blobopen("messages", "content", rowid) as blob:
+                    for chunk in content:
+                        if written + len(chunk) > record.size:
+                            raise ValueError(f"the content is longer than {record.size} bytes")
+                        blob.write(chunk)
+                        written += len(chunk)
+            else:
+                written = sum(len(chunk) for chunk in content)
+            if written != record.size:
+                raise ValueError(f"the content is {written} bytes, the record says {record.size}")
+            for position, recipient in enumerate(record.recipients):
+                self._insert_recipient(tx, record.id, position, recipient)
+
+    def _insert_recipient(
+        self, tx: sqlite3.Connection, tracking_id: str, position: int, recipient: RecipientRecord
+    ) -> None:
+        tx.execute(
+            "INSERT INTO recipients (message, position, address, state, next_attempt_at,"
+            " confirmed, lease_owner, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                tracking_id,
+                position,
+                str(recipient.address),
+                recipient.state.value,
+                _micros(recipient.next_attempt_at),
+                int(recipient.confirmed),
+                recipient.lease_owner,
+                _micros(recipient.lease_until),
+            ),
+        )
+        for seq, attempt in enumerate(recipient.attempts):
+            self._insert_attempt(tx, tracking_id, position, seq, attempt)
+
+    @staticmethod
+    def _insert_attempt(
+        tx: sqlite3.Connection, tracking_id: str, position: int, seq: int, attempt: Attempt
+    ) -> None:
+        tx.execute(
+            "INSERT INTO attempts (message, position, seq, at, host, code, enhanced, text,"
+            " source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                tracking_id,
+                position,
+                seq,
+                to_micros(attempt.at),
+                attempt.host,
+                attempt.code,
+                attempt.enhanced,
+                attempt.text,
+                attempt.source,
+            ),
+        )
+
+    def get(self, tracking_id: str) -> MessageRecord | None:
+        """See :meth:`~mailrelay.tracker.store.Store.get`."""
+        conn = self._connection()
+        # One read transaction, so the record and its recipients are one snapshot.
+        conn.execute("BEGIN")
+        try:
+            return self._read(conn, tracking_id)
+        finally:
+            conn.execute("COMMIT")
+
+    def _read(self, conn: sqlite3.Connection, tracking_id: str) -> MessageRecord | None:
+        row = conn.execute(
+            "SELECT created_at, envelope, message_id, size FROM messages WHERE id = ?",
+            (tracking_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        attempts: dict[int, list[Attempt]] = {}
+        for position, at, host, code, enhanced, text, source in conn.execute(
+            "SELECT position, at, host, code, enhanced, text, source FROM attempts"
+            " WHERE message = ? ORDER BY position, seq",
+            (tracking_id,),
+        ):
+            attempts.setdefault(position, []).append(
+                Attempt(
+                    at=from_micros(at),
+                    host=host,
+                    code=code,
+                    enhanced=enhanced,
+                    text=text,
+                    source=source,
+                )
+            )
+        recipients = tuple(
+            RecipientRecord(
+                address=Address.parse(address),
+                state=State(state),
+                attempts=tuple(attempts.get(position, ())),
+                next_attempt_at=_time(next_at),
+                confirmed=bool(confirmed),
+                lease_owner=owner,
+                lease_until=_time(until),
+            )
+            for position, address, state, next_at, confirmed, owner, until in conn.execute(
+                "SELECT position, address, state, next_attempt_at, confirmed, lease_owner,"
+                " lease_until FROM recipients WHERE message = ? ORDER BY position",
+                (tracking_id,),
+            )
+        )
+        return MessageRecord(
+            id=tracking_id,
+            created_at=from_micros(row[0]),
+            envelope=envelope_from_json(row[1]),
+            message_id=row[2],
+            size=row[3],
+            recipients=recipients,
+        )
+
+    def content(self, tracking_id: str) -> bytes:
+        """See :meth:`~mailrelay.tracker.store.Store.content`."""
+        row = (
+            self._connection()
+            .execute("SELECT content FROM messages WHERE id = ?", (tracking_id,))
+            .fetchone()
+        )
+        if row is None:
+            raise KeyError(tracking_id)
+        return bytes(row[0])
+
+    def claim(
+        self, *, worker: str, now: dt.datetime, lease: dt.timedelta, limit: int
+    ) -> list[Claim]:
+        """See :meth:`~mailrelay.tracker.store.Store.claim`."""
+        now_us = to_micros(now)
+        until = now + lease
+        until_us = to_micros(until)
+        due_args = (*_DUE, now_us, State.SENDING.value, now_us)
+        claims = []
+        with self._write() as tx:
+            messages = [
+                row[0]
+                for row in tx.execute(
+                    _CLAIM_MESSAGES,
+                    (State.SENDING.value, *due_args, max(limit, 0)),
+                )
+            ]
+            for tracking_id in messages:
+                rows = tx.execute(
+                    _CLAIM_RECIPIENTS,
+                    (tracking_id, *due_args),
+                ).fetchall()
+                tx.executemany(
+                    "UPDATE recipients SET state = ?, lease_owner = ?, lease_until = ?"
+                    " WHERE message = ? AND position = ?",
+                    [
+                        (State.SENDING.value, worker, until_us, tracking_id, position)
+                        for position, _ in rows
+                    ],
+                )
+                claims.append(
+                    Claim(
+                        tracking_id=tracking_id,
+                        worker=worker,
+                        lease_until=until,
+                        addresses=tuple(Address.parse(address) for _, address in rows),
+                    )
+                )
+        return claims
+
+    def apply(
+        self,
+        tracking_id: str,
+        changes: Sequence[Change],
+        *,
+        worker: str | None = None,
+    ) -> tuple[Address, ...]:
+        """See :meth:`~mailrelay.tracker.store.Store.apply`."""
+        changed = []
+        with self._write() as tx:
+            record = self._read(tx, tracking_id)
+            if record is None:
+                raise KeyError(tracking_id)
+            positions = {r.address: (i, r) for i, r in enumerate(record.recipients)}
+            for change in changes:
+                found = positions.get(change.address)
+                if found is None:
+                    continue
+                position, recipient = found
+                updated, did = apply_change(recipient, change, worker=worker)
+                positions[change.address] = (position, updated)
+                if change.attempt is not None:
+                    self._insert_attempt(
+                        tx, tracking_id, position, len(updated.attempts) - 1, change.attempt
+                    )
+                if did:
+                    changed.append(change.address)
+                    tx.execute(
+                        "UPDATE recipients SET state = ?, next_attempt_at = ?, confirmed = ?,"
+                        " lease_owner = ?, lease_until = ? WHERE message = ? AND position = ?",
+                        (
+                            updated.state.value,
+                            _micros(updated.next_attempt_at),
+                            int(updated.confirmed),
+                            updated.lease_owner,
+                            _micros(updated.lease_until),
+                            tracking_id,
+                            position,
+                        ),
+                    )
+        return tuple(changed)
+
+    def lookup(self, *, envid: str | None = None, message_id: str | None = None) -> list[str]:
+        """See :meth:`~mailrelay.tracker.store.Store.lookup`."""
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT id FROM messages WHERE (? IS NOT NULL AND envid = ?)"
+                " OR (? IS NOT NULL AND message_id = ?) ORDER BY created_at, id",
+                (envid, envid, message_id, message_id),
+            )
+            .fetchall()
+        )
+        return [row[0] for row in rows]
+
+    def find(
+        self,
+        *,
+        state: State | None = None,
+        created_before: dt.datetime | None = None,
+        limit: int | None = None,
+    ) -> list[MessageRecord]:
+        """See :meth:`~mailrelay.tracker.store.Store.find`."""
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM messages m WHERE (? IS NULL OR EXISTS (SELECT 1 FROM"
+                    " recipients r WHERE r.message = m.id AND r.state = ?))"
+                    " AND (? IS NULL OR created_at < ?) ORDER BY created_at, id LIMIT ?",
+                    (
+                        None if state is None else state.value,
+                        None if state is None else state.value,
+                        _micros(created_before),
+                        _micros(created_before),
+                        -1 if limit is None else limit,
+                    ),
+                )
+            ]
+            records = [self._read(conn, tracking_id) for tracking_id in ids]
+        finally:
+            conn.execute("COMMIT")
+        return [record for record in records if record is not None]
+
+    def next_due(self) -> dt.datetime | None:
+        """See :meth:`~mailrelay.tracker.store.Store.next_due`."""
+        row = (
+            self._connection()
+            .execute(
+                "SELECT MIN(CASE WHEN state = ? THEN lease_until ELSE next_attempt_at END)"
+                " FROM recipients WHERE state IN (?, ?, ?)",
+                (State.SENDING.value, *_DUE, State.SENDING.value),
+            )
+            .fetchone()
+        )
+        return _time(row[0])
+
+    def close(self) -> None:
+        """Close every thread's connection. The store cannot be used afterwards."""
+        self._closed = True
+        with self._all_lock:
+            connections, self._all = self._all, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
+
+
+def _micros(value: dt.datetime | None) -> int | None:
+    return None if value is None else to_micros(value)
+
+
+def _time(value: int | None) -> dt.datetime | None:
+    return None if value is None else from_micros(value)

@@ -1,0 +1,555 @@
+"""Where the tracker keeps its work: the :class:`Store` protocol, records, :class:`MemoryStore`.
+
+The tracker engine (:mod:`mailrelay.tracker.engine`) holds no state of its own
+between calls: every message, recipient state and attempt lives in a store. The
+protocol is small, and written so that several workers (threads, processes, or
+later machines sharing a PostgreSQL store) can share one store safely.
+
+Rules of this module:
+
+* Records are immutable values. A store hands out copies; changing a
+  recipient goes through :meth:`Store.apply`, atomically, never by mutation.
+* **Claims are leases.** :meth:`Store.claim` atomically moves every due
+  recipient of up to ``limit`` messages to :attr:`State.SENDING`, stamped with
+  the worker's id and a lease expiry. No two claims ever hold the same recipient
+  while a lease is current. A worker that dies leaves its leases to expire;
+  an expired ``SENDING`` recipient is due again and the next claim takes it
+  (delivery is therefore at-least-once: the dead worker may have sent it).
+* A change made *for a claim* (``worker`` given to :meth:`Store.apply`) applies
+  only to recipients still leased by that worker. When the lease was lost (it
+  expired and another worker reclaimed it, or the message was cancelled), the
+  attempt is still appended to the history but the state is left alone.
+* Due means: ``QUEUED`` or ``DEFERRED`` with ``next_attempt_at`` at or before
+  now, or ``SENDING`` with ``lease_until`` at or before now.
+* Terminal states (DELIVERED, BOUNCED, EXPIRED, CANCELLED) change only through
+  an explicit ``expect`` on the change (the tracker uses it for DSNs that report
+  what happened after relay, DESIGN.md §7).
+* Times are timezone-aware UTC :class:`~datetime.datetime` values, kept to the
+  microsecond, so every store returns exactly what it was given.
+* The message bytes are written with :meth:`Store.add` from an iterable of
+  chunks (streamed where the store can), in the same atomic step as the record:
+  a store never holds a record without its message or the reverse.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import attrs
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope, Recipient
+
+__all__ = [
+    "Attempt",
+    "Change",
+    "Claim",
+    "DUE_STATES",
+    "FINAL_STATES",
+    "MemoryStore",
+    "MessageRecord",
+    "RecipientRecord",
+    "State",
+    "Store",
+    "envelope_from_json",
+    "envelope_to_json",
+    "from_micros",
+    "to_micros",
+]
+
+
+class State(enum.Enum):
+    """Where one recipient of a tracked message stands."""
+
+    #: Waiting for its first attempt.
+    QUEUED = "queued"
+    #: Claimed by a worker that is trying to deliver it now.
+    SENDING = "sending"
+    #: A server took responsibility for it (2xx).
+    DELIVERED = "delivered"
+    #: Refused for now (4xx or a transient error); retried at ``next_attempt_at``.
+    DEFERRED = "deferred"
+    #: Refused for good (5xx, a permanent error, or a failure DSN after relay).
+    BOUNCED = "bounced"
+    #: Still refused when the retry policy's maximum age ran out.
+    EXPIRED = "expired"
+    #: Cancelled by the application before it was resolved.
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the tracker will never try this recipient again."""
+        return self in FINAL_STATES
+
+
+#: States from which nothing more is attempted.
+FINAL_STATES = frozenset({State.DELIVERED, State.BOUNCED, State.EXPIRED, State.CANCELLED})
+#: States that become due at ``next_attempt_at``.
+DUE_STATES = frozenset({State.QUEUED, State.DEFERRED})
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is None:
+        raise ValueError(f"times must be timezone-aware: {value!r}")
+    return value.astimezone(dt.UTC)
+
+
+def _opt_utc(value: dt.datetime | None) -> dt.datetime | None:
+    return None if value is None else _utc(value)
+
+
+def to_micros(value: dt.datetime) -> int:
+    """Microseconds since the Unix epoch: the exact integer form stores keep."""
+    delta = _utc(value) - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_micros(value: int) -> dt.datetime:
+    """The inverse of :func:`to_micros`."""
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=value)
+
+
+@attrs.frozen(kw_only=True)
+class Attempt:
+    """One thing that happened to a recipient: an SMTP answer, an error, or a DSN.
+
+    Attributes:
+        at: when it happened.
+        host: the server that answered (``host:port``), or the DSN's remote MTA.
+        code: the SMTP reply code, when there was one.
+        enhanced: the RFC 3463 enhanced status (``"4.2.2"``), when known.
+        text: the server's text, the error's description, or the DSN's diagnostic.
+        source: ``"reply"`` (a per-recipient answer), ``"error"`` (the attempt
+            raised a delivery error) or ``"dsn"`` (a report that came back later).
+    """
+
+    at: dt.datetime = attrs.field(converter=_utc)
+    host: str | None = None
+    code: int | None = None
+    enhanced: str | None = None
+    text: str = ""
+    source: str = attrs.field(
+        default="reply", validator=attrs.validators.in_(("reply", "error", "dsn"))
+    )
+
+
+@attrs.frozen(kw_only=True)
+class RecipientRecord:
+    """One recipient of a tracked message and its history.
+
+    Attributes:
+        address: the recipient.
+        state: where it stands.
+        attempts: everything that happened to it, oldest first.
+        next_attempt_at: when it is due (for QUEUED and DEFERRED).
+        confirmed: whether a success DSN from the destination confirmed a DELIVERED
+            recipient ("delivered and confirmed").
+        lease_owner: the worker holding it while SENDING.
+        lease_until: when that worker's lease expires.
+    """
+
+    address: Address
+    state: State
+    attempts: tuple[Attempt, ...] = ()
+    next_attempt_at: dt.datetime | None = attrs.field(default=None, converter=_opt_utc)
+    confirmed: bool = False
+    lease_owner: str | None = None
+    lease_until: dt.datetime | None = attrs.field(default=None, converter=_opt_utc)
+
+    def is_due(self, now: dt.datetime) -> bool:
+        """Whether a claim at ``now`` would take this recipient."""
+        if self.state in DUE_STATES:
+            return self.next_attempt_at is None or self.next_attempt_at <= now
+        if self.state is State.SENDING:
+            return self.lease_until is None or self.lease_until <= now
+        return False
+
+    @property
+    def due_at(self) -> dt.datetime | None:
+        """When this recipient becomes due (``None`` once it is final)."""
+        if self.state in DUE_STATES:
+            return self.next_attempt_at
+        if self.state is State.SENDING:
+            return self.lease_until
+        return None
+
+
+@attrs.frozen(kw_only=True)
+class MessageRecord:
+    """A tracked message: its envelope, a few facts about its content, and its recipients.
+
+    Attributes:
+        id: the tracking id (opaque text).
+        created_at: when it was submitted.
+        envelope: the envelope as the tracker sends it (with DSN requests and
+            VERP sender when configured).
+        message_id: the message's Message-ID (without brackets), for correlating DSNs.
+        size: the length of the stored message bytes.
+        recipients: one record per envelope recipient, in envelope order.
+    """
+
+    id: str
+    created_at: dt.datetime = attrs.field(converter=_utc)
+    envelope: Envelope
+    message_id: str | None = None
+    size: int = 0
+    recipients: tuple[RecipientRecord, ...] = ()
+
+    @property
+    def is_final(self) -> bool:
+        """Whether every recipient is in a final state."""
+        return all(r.state.is_final for r in self.recipients)
+
+    def recipient(self, address: Address | str) -> RecipientRecord:
+        """The record of one recipient.
+
+        Raises:
+            KeyError: when ``address`` is not a recipient of this message.
+        """
+        wanted = address if isinstance(address, Address) else Address.parse(address)
+        for record in self.recipients:
+            if record.address == wanted:
+                return record
+        raise KeyError(str(wanted))
+
+    def states(self) -> dict[State, int]:
+        """How many recipients are in each state (states with none left out)."""
+        counts: dict[State, int] = {}
+        for record in self.recipients:
+            counts[record.state] = counts.get(record.state, 0) + 1
+        return counts
+
+
+@attrs.frozen(kw_only=True)
+class Claim:
+    """Due recipients of one message, leased to a worker.
+
+    Attributes:
+        tracking_id: the message.
+        worker: the worker holding the lease.
+        lease_until: when the lease expires.
+        addresses: the claimed recipients, in envelope order.
+    """
+
+    tracking_id: str
+    worker: str
+    lease_until: dt.datetime = attrs.field(converter=_utc)
+    addresses: tuple[Address, ...]
+
+
+@attrs.frozen(kw_only=True)
+class Change:
+    """A change to one recipient, applied atomically with the others of the same call.
+
+    Attributes:
+        address: the recipient.
+        state: its new state.
+        attempt: an attempt to append to its history.
+        next_attempt_at: when it is next due (kept for QUEUED/DEFERRED, cleared otherwise).
+        confirmed: a new value for ``confirmed`` (``None`` keeps it).
+        expect: apply only when the recipient is in one of these states
+            (``None``: any non-final state).
+    """
+
+    address: Address
+    state: State
+    attempt: Attempt | None = None
+    next_attempt_at: dt.datetime | None = attrs.field(default=None, converter=_opt_utc)
+    confirmed: bool | None = None
+    expect: frozenset[State] | None = None
+
+
+class Store(Protocol):
+    """Persistent storage for the tracker (see the module docstring for the rules)."""
+
+    def add(self, record: MessageRecord, content: Iterable[bytes]) -> None:
+        """Store a new message and its bytes atomically and durably.
+
+        Args:
+            record: the new record; ``record.size`` is the total length of ``content``.
+            content: the message bytes in chunks.
+
+        Raises:
+            ValueError: a record with this id exists, or the chunks do not add up
+                to ``record.size``.
+        """
+        ...
+
+    def get(self, tracking_id: str) -> MessageRecord | None:
+        """The record with this id, or ``None``."""
+        ...
+
+    def content(self, tracking_id: str) -> bytes:
+        """The stored message bytes.
+
+        Raises:
+            KeyError: no such message.
+        """
+        ...
+
+    def claim(
+        self, *, worker: str, now: dt.datetime, lease: dt.timedelta, limit: int
+    ) -> list[Claim]:
+        """Atomically lease every due recipient of up to ``limit`` messages, oldest due first."""
+        ...
+
+    def apply(
+        self,
+        tracking_id: str,
+        changes: Sequence[Change],
+        *,
+        worker: str | None = None,
+    ) -> tuple[Address, ...]:
+        """Apply changes to one message's recipients in one transaction.
+
+        Returns:
+            The addresses whose state changed (a change for a lost lease or an
+            unexpected state only appends its attempt, if any).
+        """
+        ...
+
+    def lookup(self, *, envid: str | None = None, message_id: str | None = None) -> list[str]:
+        """Tracking ids of messages with this ENVID or Message-ID."""
+        ...
+
+    def find(
+        self,
+        *,
+        state: State | None = None,
+        created_before: dt.datetime | None = None,
+        limit: int | None = None,
+    ) -> list[MessageRecord]:
+        """Messages having a recipient in ``state``, created before a time, oldest first."""
+        ...
+
+    def next_due(self) -> dt.datetime | None:
+        """The earliest time at which some recipient is or becomes due."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's resources."""
+        ...
+
+
+# ---------------------------------------------------------------------------
+# Envelope serialization, shared by the stores that keep text
+
+
+def envelope_to_json(envelope: Envelope) -> str:
+    """The envelope as JSON text (every recipient with its final NOTIFY and ORCPT)."""
+    data: dict[str, Any] = {
+        "sender": None if envelope.sender is None else str(envelope.sender),
+        "recipients": [
+            {
+                "address": str(r.address),
+                "notify": None if r.notify is None else sorted(n.value for n in r.notify),
+                "orcpt": None if r.orcpt is None else str(r.orcpt),
+            }
+            for r in envelope.recipients
+        ],
+        "ret": None if envelope.ret is None else envelope.ret.value,
+        "envid": envelope.envid,
+        "notify": None if envelope.notify is None else sorted(n.value for n in envelope.notify),
+        "requiretls": envelope.requiretls,
+    }
+    return json.dumps(data, ensure_ascii=False, sort_keys=True)
+
+
+def envelope_from_json(text: str) -> Envelope:
+    """The inverse of :func:`envelope_to_json`."""
+    data = json.loads(text)
+    recipients = [
+        Recipient(item["address"], notify=item["notify"], orcpt=item["orcpt"])
+        for item in data["recipients"]
+    ]
+    return Envelope(
+        data["sender"],
+        recipients,
+        ret=data["ret"],
+        envid=data["envid"],
+        notify=data["notify"],
+        requiretls=data["requiretls"],
+    )
+
+
+def apply_change(
+    record: RecipientRecord, change: Change, *, worker: str | None
+) -> tuple[RecipientRecord, bool]:
+    """Apply one change by the rules of the module docstring (for stores to share).
+
+    Returns:
+        The new record and whether its state changed.
+    """
+    attempts = record.attempts + ((change.attempt,) if change.attempt is not None else ())
+    if worker is not None:
+        allowed = record.state is State.SENDING and record.lease_owner == worker
+    elif change.expect is not None:
+        allowed = record.state in change.expect
+    else:
+        allowed = not record.state.is_final
+    if not allowed:
+        return attrs.evolve(record, attempts=attempts), False
+    return (
+        attrs.evolve(
+            record,
+            state=change.state,
+            attempts=attempts,
+            next_attempt_at=change.next_attempt_at if change.state in DUE_STATES else None,
+            confirmed=record.confirmed if change.confirmed is None else change.confirmed,
+            lease_owner=None,
+            lease_until=None,
+        ),
+        True,
+    )
+
+
+class MemoryStore:
+    """A thread-safe store in memory: for tests and for processes that may lose their queue.
+
+    Nothing survives the process; use :class:`~mailrelay.tracker.sqlite_store.SQLiteStore`
+    when submitted mail must not be lost.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[str, MessageRecord] = {}
+        self._content: dict[str, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore messages={len(self._records)}>"
+
+    def add(self, record: MessageRecord, content: Iterable[bytes]) -> None:
+        """See :meth:`Store.add`."""
+        data = b"".join(content)
+        if len(data) != record.size:
+            raise ValueError(f"the content is {len(data)} bytes, the record says {record.size}")
+        with self._lock:
+            if record.id in self._records:
+                raise ValueError(f"a message with id {record.id!r} is already stored")
+            self._records[record.id] = record
+            self._content[record.id] = data
+
+    def get(self, tracking_id: str) -> MessageRecord | None:
+        """See :meth:`Store.get`."""
+        with self._lock:
+            return self._records.get(tracking_id)
+
+    def content(self, tracking_id: str) -> bytes:
+        """See :meth:`Store.content`."""
+        with self._lock:
+            return self._content[tracking_id]
+
+    def claim(
+        self, *, worker: str, now: dt.datetime, lease: dt.timedelta, limit: int
+    ) -> list[Claim]:
+        """See :meth:`Store.claim`."""
+        until = _utc(now) + lease
+        with self._lock:
+            candidates: list[tuple[dt.datetime, str]] = []
+            for record in self._records.values():
+                due = [r.due_at for r in record.recipients if r.is_due(now)]
+                if due:
+                    oldest = min((d for d in due if d is not None), default=record.created_at)
+                    candidates.append((oldest, record.id))
+            candidates.sort()
+            claims = []
+            for _when, tracking_id in candidates[: max(limit, 0)]:
+                record = self._records[tracking_id]
+                taken = []
+                recipients = []
+                for recipient in record.recipients:
+                    if recipient.is_due(now):
+                        taken.append(recipient.address)
+                        recipients.append(
+                            attrs.evolve(
+                                recipient,
+                                state=State.SENDING,
+                                lease_owner=worker,
+                                lease_until=until,
+                            )
+                        )
+                    else:
+                        recipients.append(recipient)
+                self._records[tracking_id] = attrs.evolve(record, recipients=tuple(recipients))
+                claims.append(
+                    Claim(
+                        tracking_id=tracking_id,
+                        worker=worker,
+                        lease_until=until,
+                        addresses=tuple(taken),
+                    )
+                )
+            return claims
+
+    def apply(
+        self,
+        tracking_id: str,
+        changes: Sequence[Change],
+        *,
+        worker: str | None = None,
+    ) -> tuple[Address, ...]:
+        """See :meth:`Store.apply`."""
+        with self._lock:
+            record = self._records.get(tracking_id)
+            if record is None:
+                raise KeyError(tracking_id)
+            recipients = list(record.recipients)
+            changed = []
+            for change in changes:
+                for index, recipient in enumerate(recipients):
+                    if recipient.address == change.address:
+                        recipients[index], did = apply_change(recipient, change, worker=worker)
+                        if did:
+                            changed.append(change.address)
+                        break
+            self._records[tracking_id] = attrs.evolve(record, recipients=tuple(recipients))
+            return tuple(changed)
+
+    def lookup(self, *, envid: str | None = None, message_id: str | None = None) -> list[str]:
+        """See :meth:`Store.lookup`."""
+        with self._lock:
+            records = sorted(self._records.values(), key=lambda r: (r.created_at, r.id))
+        found = []
+        for record in records:
+            if (envid is not None and record.envelope.envid == envid) or (
+                message_id is not None and record.message_id == message_id
+            ):
+                found.append(record.id)
+        return found
+
+    def find(
+        self,
+        *,
+        state: State | None = None,
+        created_before: dt.datetime | None = None,
+        limit: int | None = None,
+    ) -> list[MessageRecord]:
+        """See :meth:`Store.find`."""
+        with self._lock:
+            records = sorted(self._records.values(), key=lambda r: (r.created_at, r.id))
+        chosen = [
+            record
+            for record in records
+            if (state is None or any(r.state is state for r in record.recipients))
+            and (created_before is None or record.created_at < created_before)
+        ]
+        return chosen if limit is None else chosen[:limit]
+
+    def next_due(self) -> dt.datetime | None:
+        """See :meth:`Store.next_due`."""
+        with self._lock:
+            times = [
+                r.due_at
+                for record in self._records.values()
+                for r in record.recipients
+                if r.due_at is not None
+            ]
+        return min(times, default=None)
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,329 @@
+"""The Store contract, run against MemoryStore and SQLiteStore alike."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope, Recipient
+from mailrelay.errors import ConfigurationError
+from mailrelay.tracker.sqlite_store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
+from mailrelay.tracker.store import (
+    Attempt,
+    Change,
+    MemoryStore,
+    MessageRecord,
+    RecipientRecord,
+    State,
+    Store,
+    envelope_from_json,
+    envelope_to_json,
+    from_micros,
+    to_micros,
+)
+
+T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+LEASE = dt.timedelta(minutes=5)
+
+
+def make_record(
+    tracking_id: str,
+    *,
+    recipients: tuple[str, ...] = ("a@example.org", "b@example.net"),
+    created: dt.datetime = T0,
+    due: dt.datetime | None = T0,
+    message_id: str | None = None,
+    envid: str | None = None,
+    size: int = 5,
+) -> MessageRecord:
+    envelope = Envelope("sender@example.com", recipients, envid=envid)
+    return MessageRecord(
+        id=tracking_id,
+        created_at=created,
+        envelope=envelope,
+        message_id=message_id,
+        size=size,
+        recipients=tuple(
+            RecipientRecord(address=r.address, state=State.QUEUED, next_attempt_at=due)
+            for r in envelope.recipients
+        ),
+    )
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "t.db")
+    yield made
+    made.close()
+
+
+def addr(text: str) -> Address:
+    return Address.parse(text)
+
+
+def test_add_get_and_content_round_trip(store: Store) -> None:
+    record = make_record("m1", message_id="x@y", envid="env-1", size=10)
+    store.add(record, [b"hello", b"world"])
+    assert store.get("m1") == record
+    assert store.content("m1") == b"helloworld"
+    assert store.get("nope") is None
+    with pytest.raises(KeyError):
+        store.content("nope")
+
+
+def test_add_refuses_duplicates_and_wrong_sizes(store: Store) -> None:
+    store.add(make_record("m1"), [b"12345"])
+    with pytest.raises(ValueError, match="already stored"):
+        store.add(make_record("m1"), [b"12345"])
+    with pytest.raises(ValueError, match="bytes"):
+        store.add(make_record("m2", size=5), [b"1234"])
+    with pytest.raises(ValueError, match="bytes"):
+        store.add(make_record("m3", size=5), [b"123456"])
+    # A failed add leaves nothing behind.
+    assert store.get("m2") is None
+    assert store.get("m3") is None
+
+
+def test_empty_content(store: Store) -> None:
+    store.add(make_record("m0", size=0), [])
+    assert store.content("m0") == b""
+
+
+def test_claim_takes_due_recipients_under_a_lease(store: Store) -> None:
+    store.add(make_record("m1"), [b"12345"])
+    store.add(make_record("later", due=T0 + dt.timedelta(hours=1)), [b"12345"])
+    claims = store.claim(worker="w1", now=T0, lease=LEASE, limit=10)
+    assert [c.tracking_id for c in claims] == ["m1"]
+    assert claims[0].addresses == (addr("a@example.org"), addr("b@example.net"))
+    assert claims[0].lease_until == T0 + LEASE
+    record = store.get("m1")
+    assert record is not None
+    assert {r.state for r in record.recipients} == {State.SENDING}
+    assert {r.lease_owner for r in record.recipients} == {"w1"}
+    # Held by a current lease: nobody else gets them.
+    assert store.claim(worker="w2", now=T0 + dt.timedelta(minutes=1), lease=LEASE, limit=10) == []
+
+
+def test_claim_respects_limit_and_due_order(store: Store) -> None:
+    for index, minutes in enumerate([30, 10, 20]):
+        store.add(make_record(f"m{index}", due=T0 + dt.timedelta(minutes=minutes)), [b"12345"])
+    now = T0 + dt.timedelta(hours=1)
+    first = store.claim(worker="w", now=now, lease=LEASE, limit=2)
+    assert [c.tracking_id for c in first] == ["m1", "m2"]
+    second = store.claim(worker="w", now=now, lease=LEASE, limit=2)
+    assert [c.tracking_id for c in second] == ["m0"]
+
+
+def test_expired_lease_is_reclaimed_and_the_old_worker_loses_it(store: Store) -> None:
+    store.add(make_record("m1"), [b"12345"])
+    store.claim(worker="dead", now=T0, lease=LEASE, limit=10)
+    later = T0 + LEASE
+    claims = store.claim(worker="alive", now=later, lease=LEASE, limit=10)
+    assert [c.tracking_id for c in claims] == ["m1"]
+    attempt = Attempt(at=later, code=250, text="ok")
+    # The dead worker's late result is kept in the history but changes nothing.
+    changed = store.apply(
+        "m1",
+        [Change(address=addr("a@example.org"), state=State.DELIVERED, attempt=attempt)],
+        worker="dead",
+    )
+    assert changed == ()
+    record = store.get("m1")
+    assert record is not None
+    first = record.recipient("a@example.org")
+    assert first.state is State.SENDING
+    assert first.lease_owner == "alive"
+    assert first.attempts == (attempt,)
+    changed = store.apply(
+        "m1",
+        [Change(address=addr("a@example.org"), state=State.DELIVERED, attempt=attempt)],
+        worker="alive",
+    )
+    assert changed == (addr("a@example.org"),)
+    record = store.get("m1")
+    assert record is not None
+    first = record.recipient("a@example.org")
+    assert (first.state, first.lease_owner, first.lease_until) == (State.DELIVERED, None, None)
+    assert first.attempts == (attempt, attempt)
+
+
+def test_deferred_becomes_due_at_its_time(store: Store) -> None:
+    store.add(make_record("m1", recipients=("a@example.org",)), [b"12345"])
+    store.claim(worker="w", now=T0, lease=LEASE, limit=10)
+    retry_at = T0 + dt.timedelta(minutes=10)
+    store.apply(
+        "m1",
+        [Change(address=addr("a@example.org"), state=State.DEFERRED, next_attempt_at=retry_at)],
+        worker="w",
+    )
+    assert store.next_due() == retry_at
+    assert (
+        store.claim(worker="w", now=retry_at - dt.timedelta(seconds=1), lease=LEASE, limit=5) == []
+    )
+    assert len(store.claim(worker="w", now=retry_at, lease=LEASE, limit=5)) == 1
+    assert store.next_due() == retry_at + LEASE
+
+
+@pytest.mark.parametrize("final", [State.DELIVERED, State.BOUNCED, State.EXPIRED, State.CANCELLED])
+def test_final_states_change_only_when_expected(store: Store, final: State) -> None:
+    a = addr("a@example.org")
+    store.add(make_record("m1", recipients=("a@example.org",)), [b"12345"])
+    assert store.apply("m1", [Change(address=a, state=final)]) == (a,)
+    assert store.next_due() is None
+    assert store.apply("m1", [Change(address=a, state=State.QUEUED, next_attempt_at=T0)]) == ()
+    assert store.apply(
+        "m1", [Change(address=a, state=State.BOUNCED, expect=frozenset({final}))]
+    ) == (a,)
+    record = store.get("m1")
+    assert record is not None
+    assert record.recipient(a).state is State.BOUNCED
+
+
+def test_apply_to_an_unknown_message_raises(store: Store) -> None:
+    with pytest.raises(KeyError):
+        store.apply("nope", [Change(address=addr("a@example.org"), state=State.CANCELLED)])
+
+
+def test_find_and_lookup(store: Store) -> None:
+    store.add(make_record("old", created=T0, message_id="m-old@x"), [b"12345"])
+    store.add(make_record("new", created=T0 + dt.timedelta(days=1), envid="E1"), [b"12345"])
+    store.apply("new", [Change(address=addr("a@example.org"), state=State.BOUNCED)])
+    assert [r.id for r in store.find()] == ["old", "new"]
+    assert [r.id for r in store.find(state=State.BOUNCED)] == ["new"]
+    assert [r.id for r in store.find(state=State.QUEUED)] == ["old", "new"]
+    assert [r.id for r in store.find(created_before=T0 + dt.timedelta(hours=1))] == ["old"]
+    assert [r.id for r in store.find(limit=1)] == ["old"]
+    assert store.find(state=State.EXPIRED) == []
+    assert store.lookup(envid="E1") == ["new"]
+    assert store.lookup(message_id="m-old@x") == ["old"]
+    assert store.lookup(envid="nothing") == []
+
+
+def test_two_workers_never_claim_the_same_recipient(store: Store) -> None:
+    count = 40
+    for index in range(count):
+        store.add(make_record(f"m{index:03}"), [b"12345"])
+    taken: dict[str, list[tuple[str, Address]]] = {"w1": [], "w2": []}
+    barrier = threading.Barrier(2)
+
+    def work(worker: str) -> None:
+        barrier.wait(timeout=10)
+        for _ in range(count):  # bounded: each round takes at least one message or stops
+            claims = store.claim(worker=worker, now=T0, lease=LEASE, limit=3)
+            if not claims:
+                return
+            for claim in claims:
+                taken[worker].extend((claim.tracking_id, a) for a in claim.addresses)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in taken]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    both = taken["w1"] + taken["w2"]
+    assert len(both) == len(set(both)) == count * 2
+    assert not set(taken["w1"]) & set(taken["w2"])
+
+
+# -- SQLite specifics ---------------------------------------------------------------
+
+
+def test_sqlite_persists_across_reopen_and_uses_wal(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    first = SQLiteStore(path)
+    record = make_record("m1")
+    first.add(record, [b"12345"])
+    first.close()
+    second = SQLiteStore(path)
+    assert second.get("m1") == record
+    assert second.schema_version == SCHEMA_VERSION
+    second.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_sqlite_migrates_an_old_schema(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute("INSERT INTO schema_version VALUES (1)")
+    raw.executescript(MIGRATIONS[0])
+    raw.commit()
+    raw.close()
+    store = SQLiteStore(path)
+    assert store.schema_version == SCHEMA_VERSION
+    store.add(make_record("m1", envid="E"), [b"12345"])
+    assert store.lookup(envid="E") == ["m1"]
+    store.close()
+    with sqlite3.connect(path) as check:
+        names = {row[0] for row in check.execute("SELECT name FROM sqlite_master")}
+    assert "messages_envid" in names
+
+
+def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    with sqlite3.connect(path) as raw:
+        raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        raw.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(ConfigurationError, match="upgrade"):
+        SQLiteStore(path)
+
+
+@pytest.mark.parametrize(("path", "synchronous"), [(":memory:", "FULL"), ("x.db", "SOMETIMES")])
+def test_sqlite_refuses_bad_configuration(tmp_path: Path, path: str, synchronous: str) -> None:
+    target = path if path == ":memory:" else str(tmp_path / path)
+    with pytest.raises(ConfigurationError):
+        SQLiteStore(target, synchronous=synchronous)
+
+
+def test_sqlite_closed_store_refuses_work(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    store.close()
+    with pytest.raises(ConfigurationError, match="closed"):
+        store.get("m1")
+
+
+# -- values ------------------------------------------------------------------------
+
+
+@given(st.datetimes(timezones=st.just(dt.UTC), min_value=dt.datetime(1971, 1, 1)))
+def test_micros_round_trip(when: dt.datetime) -> None:
+    assert from_micros(to_micros(when)) == when
+
+
+def test_naive_times_are_refused() -> None:
+    with pytest.raises(ValueError, match="aware"):
+        Attempt(at=dt.datetime(2026, 1, 1))
+
+
+@given(
+    st.lists(st.sampled_from(["a@example.org", "b@x.example", "Ünï@bücher.example"]), min_size=1),
+    st.sampled_from([None, "SUCCESS", "FAILURE,DELAY", "NEVER"]),
+    st.sampled_from([None, "FULL", "HDRS"]),
+    st.sampled_from([None, "env-1"]),
+    st.booleans(),
+)
+def test_envelope_json_round_trip(
+    recipients: list[str], notify: str | None, ret: str | None, envid: str | None, tls: bool
+) -> None:
+    envelope = Envelope(
+        "s@example.com",
+        [Recipient(r, orcpt="o@example.org") for r in recipients],
+        notify=notify,
+        ret=ret,
+        envid=envid,
+        requiretls=tls,
+    )
+    assert envelope_from_json(envelope_to_json(envelope)) == envelope
+    null = attrs.evolve(envelope, sender=None)
+    assert envelope_from_json(envelope_to_json(null)) == null
