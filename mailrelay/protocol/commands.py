@@ -97,7 +97,10 @@ def check_parameters(parameters: Parameters, *, smtputf8: bool) -> None:
         LocalProtocolError: a keyword or value outside the grammar.
     """
     value_pattern = _VALUE_UTF8 if smtputf8 else _VALUE_ASCII
-    for keyword, value in parameters:
+    for pair in parameters:
+        if type(pair) is not tuple or len(pair) != 2:
+            raise LocalProtocolError(f"an ESMTP parameter is a (keyword, value) pair: {pair!r}")
+        keyword, value = pair
         if not isinstance(keyword, str) or _KEYWORD.fullmatch(keyword) is None:
             raise LocalProtocolError(f"invalid ESMTP parameter keyword {keyword!r}")
         if value is not None and (
@@ -106,18 +109,39 @@ def check_parameters(parameters: Parameters, *, smtputf8: bool) -> None:
             raise LocalProtocolError(f"invalid value for ESMTP parameter {keyword}: {value!r}")
 
 
+# Parameter tuples already found valid, with their wire text: a dialogue sends the
+# same few (SIZE=..., BODY=8BITMIME, NOTIFY=...) over and over. Bounded.
+_CHECKED: dict[tuple[Parameters, bool], str] = {}
+_CHECKED_SIZE: Final = 512
+
+
 def _check_parameters(instance: Any, attribute: attrs.Attribute[Parameters], value: Any) -> None:
+    key = (value, instance.smtputf8)
+    try:
+        if key in _CHECKED:
+            return
+    except TypeError:  # an unhashable value inside: check it the long way (and fail)
+        check_parameters(value, smtputf8=instance.smtputf8)
+        return
     check_parameters(value, smtputf8=instance.smtputf8)
+    if len(_CHECKED) >= _CHECKED_SIZE:
+        _CHECKED.clear()
+    _CHECKED[key] = "".join(f" {k}" if v is None else f" {k}={v}" for k, v in value)
 
 
-def _to_parameters(value: Any) -> Parameters:
-    if type(value) is tuple and all(type(pair) is tuple and len(pair) == 2 for pair in value):
+def _to_parameters(value: Any) -> Any:
+    # Tuples pass through untouched (the validator checks their shape); other
+    # iterables of pairs become tuples of tuples.
+    if type(value) is tuple:
         return value
-    return tuple((keyword, value) for keyword, value in value)
+    return tuple(tuple(pair) for pair in value)
 
 
-def _encode_parameters(parameters: Parameters) -> str:
-    return "".join(f" {k}" if v is None else f" {k}={v}" for k, v in parameters)
+def _encode_parameters(parameters: Parameters, smtputf8: bool) -> str:
+    text = _CHECKED.get((parameters, smtputf8))
+    if text is None:
+        text = "".join(f" {k}" if v is None else f" {k}={v}" for k, v in parameters)
+    return text
 
 
 def _path(address: Address, smtputf8: bool) -> str:
@@ -296,7 +320,7 @@ class MailFrom(Command):
         """``MAIL FROM:<path>[ params]\\r\\n``; raises LocalProtocolError for a
         non-ASCII local part without ``smtputf8``."""
         path = "" if self.sender is None else _path(self.sender, self.smtputf8)
-        line = f"MAIL FROM:<{path}>{_encode_parameters(self.parameters)}\r\n"
+        line = f"MAIL FROM:<{path}>{_encode_parameters(self.parameters, self.smtputf8)}\r\n"
         return line.encode("utf-8" if self.smtputf8 else "ascii")
 
 
@@ -320,7 +344,7 @@ class RcptTo(Command):
     def encode(self) -> bytes:
         """``RCPT TO:<path>[ params]\\r\\n``."""
         path = _path(self.recipient, self.smtputf8)
-        line = f"RCPT TO:<{path}>{_encode_parameters(self.parameters)}\r\n"
+        line = f"RCPT TO:<{path}>{_encode_parameters(self.parameters, self.smtputf8)}\r\n"
         return line.encode("utf-8" if self.smtputf8 else "ascii")
 
 

@@ -84,6 +84,20 @@ from mailrelay.reply import Reply
 __all__ = ["ClientConnection"]
 
 _FINAL_DATA: Final = frozenset({"END-OF-DATA", "BDAT-LAST"})
+# States in which a reply is matched to the oldest command in flight.
+_MATCHING: Final = frozenset(State) - {
+    State.GREETING,
+    State.TLS_PENDING,
+    State.CLOSED,
+    State.ERROR,
+}
+# REPLY keyed by the reply's first digit instead of its ReplyKind.
+_REPLY_BY_CLASS: Final = {
+    (state, kind, digit): target
+    for (state, kind, reply), target in REPLY.items()
+    for digit in range(2, 6)
+    if reply_kind(digit * 100) is reply
+}
 _SMTP_SEND: Final = {key: state for key, state in SEND.items() if key[1] not in LMTP_ONLY}
 _LMTP_SEND: Final = {key: state for key, state in SEND.items() if key[1] not in SMTP_ONLY}
 
@@ -118,6 +132,8 @@ class ClientConnection:
         "_owed",
         "_pending",
         "_reader",
+        "_replies",
+        "_send_table",
         "_serial",
         "_state",
         "_stuffer",
@@ -140,6 +156,9 @@ class ClientConnection:
         self._reader = ReplyReader(
             max_line_length=max_line_length, max_reply_length=max_reply_length
         )
+        # The reader's queue of parsed replies, read directly on the hot path.
+        self._replies = self._reader.replies
+        self._send_table = _LMTP_SEND if lmtp else _SMTP_SEND
         # Commands awaiting replies, oldest first, each with the serial number
         # of the mail transaction it was sent in.
         self._pending: deque[tuple[Command, str, int]] = deque()
@@ -222,10 +241,6 @@ class ClientConnection:
         return data
 
     @property
-    def _send_table(self) -> dict[tuple[State, str], State]:
-        return _LMTP_SEND if self.lmtp else _SMTP_SEND
-
-    @property
     def _pipelining(self) -> bool:
         extensions = self.extensions
         return extensions is not None and extensions.pipelining
@@ -287,7 +302,8 @@ class ClientConnection:
         Raises:
             LocalProtocolError: data after the end of file, or the connection is in ERROR.
         """
-        self._check_usable()
+        if self._state is State.ERROR:
+            self._check_usable()
         if self._eof:
             if data:
                 exc = LocalProtocolError("receive_data() after the end of file")
@@ -308,6 +324,9 @@ class ClientConnection:
             LocalProtocolError: the connection was already in ``State.ERROR``
                 because of a local error.
         """
+        # Hot path: a reply is ready and a command awaits it.
+        if self._replies and self._pending and self._state in _MATCHING:
+            return self._response(self._replies.popleft())
         if self._state is State.ERROR:
             if isinstance(self._error, RemoteProtocolError):
                 raise RemoteProtocolError(
@@ -353,47 +372,53 @@ class ClientConnection:
         return self._response(reply)
 
     def _response(self, reply: Reply) -> Event:
-        command, kind, serial = self._pending[0]
+        pending = self._pending
+        command, kind, serial = pending[0]
+        code = reply.code
         event: Event
-        if self.lmtp and kind in _FINAL_DATA:
-            # RFC 2033 §4.2: one reply per RCPT that got a 2xx, in RCPT order.
-            owed = self._owed
-            if owed is None:
-                owed = self._owed = deque(self._accepted)
-                self._accepted = []
-            if owed:
-                rcpt = owed.popleft()
-                assert isinstance(command, EndOfData | Bdat)
-                event = LMTPResponse(command=command, recipient=rcpt.recipient, reply=reply)
-            else:
-                # No recipient was accepted yet the data was taken: one reply.
-                event = Response(command=command, reply=reply)
-            if not owed:
-                self._owed = None
-                self._pending.popleft()
+        if kind in _FINAL_DATA and self.lmtp:
+            event = self._lmtp_response(command, reply)
         else:
-            self._pending.popleft()
+            pending.popleft()
             event = Response(command=command, reply=reply)
             if kind == "RCPT":
-                if reply.code < 300:
+                if code < 300:
                     assert isinstance(command, RcptTo)
                     self._accepted.append(command)
-            elif kind in {"MAIL", "RSET"}:
+            elif kind in ("MAIL", "RSET"):
                 self._accepted = []
-            elif kind in {"EHLO", "LHLO"}:
-                if reply.code < 300:
+            elif kind in ("EHLO", "LHLO"):
+                if code < 300:
                     self.extensions = Extensions.parse(reply.lines)
-            elif kind == "HELO" and reply.code < 300:
+            elif kind == "HELO" and code < 300:
                 self.extensions = None
-        code = reply.code
         if code == CLOSING_CODE:
             self._state = ON_421
         elif serial == self._serial:
-            new_state = REPLY.get((self._state, kind, reply_kind(code)))
+            new_state = _REPLY_BY_CLASS.get((self._state, kind, code // 100))
             if new_state is not None:
                 if new_state is State.DATA:
                     self._stuffer = DotStuffer()
                 self._state = new_state
+        return event
+
+    def _lmtp_response(self, command: Command, reply: Reply) -> Event:
+        # RFC 2033 §4.2: one reply per RCPT that got a 2xx, in RCPT order.
+        owed = self._owed
+        if owed is None:
+            owed = self._owed = deque(self._accepted)
+            self._accepted = []
+        event: Event
+        if owed:
+            rcpt = owed.popleft()
+            assert isinstance(command, EndOfData | Bdat)
+            event = LMTPResponse(command=command, recipient=rcpt.recipient, reply=reply)
+        else:
+            # No recipient was accepted yet the data was taken: one reply.
+            event = Response(command=command, reply=reply)
+        if not owed:
+            self._owed = None
+            self._pending.popleft()
         return event
 
     def _closed(self) -> ConnectionClosed:

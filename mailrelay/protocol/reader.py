@@ -108,8 +108,8 @@ class ReplyReader:
         "_lines",
         "_max_line",
         "_max_reply",
-        "_replies",
         "_size",
+        "replies",
     )
 
     def __init__(
@@ -126,7 +126,8 @@ class ReplyReader:
         self._lines: list[str] = []
         self._code = 0
         self._size = 0
-        self._replies: deque[Reply] = deque()
+        #: Parsed replies not yet taken, oldest first (``pop()`` takes them in order).
+        self.replies: deque[Reply] = deque()
         self._error: RemoteProtocolError | None = None
         self._cache: dict[bytes, Reply] = {}
 
@@ -134,7 +135,7 @@ class ReplyReader:
     def has_data(self) -> bool:
         """Whether any byte has been received that was not yet taken as a reply:
         a queued reply, a partial line or reply, or a queued error."""
-        return bool(self._replies or self._buffer or self._lines or self._error)
+        return bool(self.replies or self._buffer or self._lines or self._error)
 
     @property
     def has_partial(self) -> bool:
@@ -152,8 +153,8 @@ class ReplyReader:
         Raises:
             RemoteProtocolError: the bytes after the replies already taken are malformed.
         """
-        if self._replies:
-            return self._replies.popleft()
+        if self.replies:
+            return self.replies.popleft()
         if self._error is not None:
             raise self._error
         return None
@@ -191,7 +192,7 @@ class ReplyReader:
         cache = self._cache
         cache_get = cache.get
         prefix_get = _PREFIXES.get
-        add_reply = self._replies.append
+        add_reply = self.replies.append
         max_line = self._max_line
         max_reply = self._max_reply
         text_lines = self._lines
