@@ -362,6 +362,13 @@ class TrackerCore(Generic[T]):
         """When the next piece of work becomes due (``None`` when there is none)."""
         return self.store.next_due()
 
+    def _sleep_for(self, idle: float) -> float:
+        """Seconds until the next due work, at most ``idle``."""
+        due = self.store.next_due()
+        if due is None:
+            return idle
+        return min(idle, max(0.0, (due - self.clock()).total_seconds()))
+
     # -- attempts: the decisions, with no I/O of their own --------------------------
 
     def _claim(self) -> list[Claim]:
@@ -882,12 +889,6 @@ class DeliveryTracker(TrackerCore[Transport]):
             if stop.is_set():
                 break
             sleeper(self._sleep_for(idle))
-
-    def _sleep_for(self, idle: float) -> float:
-        due = self.store.next_due()
-        if due is None:
-            return idle
-        return min(idle, max(0.0, (due - self.clock()).total_seconds()))
 
     def close(self) -> None:
         """Close the store and the transports."""

@@ -1,0 +1,466 @@
+"""DeliveryTracker: submitting, states, retries, errors, events, queries, shaping, workers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope
+from mailrelay.errors import AuthenticationError, ConnectError, SessionRefused
+from mailrelay.message import Message
+from mailrelay.reply import Reply
+from mailrelay.results import Outcome
+from mailrelay.tracker.engine import DeliveryTracker, RunSummary
+from mailrelay.tracker.events import EventKind, TrackerEvent
+from mailrelay.tracker.retry import DomainLimits, RetryPolicy
+from mailrelay.tracker.sqlite_store import SQLiteStore
+from mailrelay.tracker.store import MemoryStore, State, Store
+from mailrelay.transport.memory import MemoryTransport
+
+T0 = dt.datetime(2026, 3, 1, 8, 0, tzinfo=dt.UTC)
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, start: dt.datetime = T0) -> None:
+        self.now = start
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+def no_jitter() -> float:
+    """The middle of the jitter range: delays come out exact."""
+    return 0.5
+
+
+def message(to: tuple[str, ...] = ("a@example.org", "b@example.net")) -> Message:
+    return Message.build(sender="sender@example.com", to=list(to), subject="hello", text="hi\n")
+
+
+Answer = Mapping[str, Outcome | Reply]
+
+
+def scripted(*answers: Answer | Exception) -> Callable[[Message, Envelope], Answer]:
+    """A handler that gives each answer in turn, then accepts everything."""
+    queue = list(answers)
+
+    def handler(_message: Message, _envelope: Envelope) -> Answer:
+        if not queue:
+            return {}
+        answer = queue.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    return handler
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "t.db")
+    yield made
+    made.close()
+
+
+def tracker_for(
+    transport: MemoryTransport, store: Store, clock: FakeClock, **options: object
+) -> DeliveryTracker:
+    return DeliveryTracker(
+        transport,
+        store,
+        clock=clock,
+        random=no_jitter,
+        worker_id="w1",
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def collect(tracker: DeliveryTracker) -> list[TrackerEvent]:
+    seen: list[TrackerEvent] = []
+    for kind in EventKind:
+        tracker.on(kind, seen.append)
+    return seen
+
+
+def test_submit_stores_durably_before_returning(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    tracker = DeliveryTracker(MemoryTransport(), store, clock=FakeClock())
+    msg = message()
+    tracking_id = tracker.submit(msg)
+    store.close()
+    # Another store on the same file (as after a crash) sees the message whole.
+    reopened = SQLiteStore(path)
+    record = reopened.get(tracking_id)
+    assert record is not None
+    assert reopened.content(tracking_id) == msg.as_bytes()
+    assert record.message_id == msg.message_id
+    assert [r.state for r in record.recipients] == [State.QUEUED, State.QUEUED]
+    reopened.close()
+
+
+def test_delivery_records_each_attempt(store: Store) -> None:
+    clock = FakeClock()
+    transport = MemoryTransport()
+    tracker = tracker_for(transport, store, clock)
+    events = collect(tracker)
+    tracking_id = tracker.submit(message())
+    summary = tracker.run_pending()
+    assert summary == RunSummary(messages=1, delivered=2)
+    record = tracker.status(tracking_id)
+    assert [r.state for r in record.recipients] == [State.DELIVERED, State.DELIVERED]
+    attempt = record.recipients[0].attempts[0]
+    assert (attempt.at, attempt.host, attempt.code, attempt.enhanced) == (
+        T0,
+        "memory",
+        250,
+        "2.0.0",
+    )
+    assert [e.kind for e in events] == [EventKind.DELIVERED, EventKind.DELIVERED]
+    assert len(transport.outbox) == 1
+    # Nothing more to do.
+    assert tracker.run_pending() == RunSummary()
+
+
+def test_each_recipient_gets_its_own_outcome_and_retries_go_only_to_the_unresolved(
+    store: Store,
+) -> None:
+    clock = FakeClock()
+    transport = MemoryTransport(
+        scripted(
+            {
+                "a@example.org": Reply.of(452, "4.2.2 mailbox full"),
+                "b@example.net": Reply.of(550, "5.1.1 no such user"),
+            }
+        )
+    )
+    tracker = tracker_for(transport, store, clock)
+    tracking_id = tracker.submit(message(("a@example.org", "b@example.net", "c@example.com")))
+    assert tracker.run_pending() == RunSummary(messages=1, delivered=1, deferred=1, bounced=1)
+    record = tracker.status(tracking_id)
+    a, b, c = record.recipients
+    assert (a.state, b.state, c.state) == (State.DEFERRED, State.BOUNCED, State.DELIVERED)
+    assert a.next_attempt_at == T0 + dt.timedelta(seconds=300)
+    assert (b.attempts[0].code, b.attempts[0].enhanced) == (550, "5.1.1")
+    assert b.attempts[0].text == "5.1.1 no such user"
+    clock.advance(299)
+    assert tracker.run_pending() == RunSummary()
+    clock.advance(1)
+    assert tracker.run_pending() == RunSummary(messages=1, delivered=1)
+    retry_envelope = transport.outbox[-1].envelope
+    assert [str(r.address) for r in retry_envelope.recipients] == ["a@example.org"]
+    a = tracker.status(tracking_id).recipients[0]
+    assert a.state is State.DELIVERED
+    assert [x.code for x in a.attempts] == [452, 250]
+
+
+@pytest.mark.parametrize(
+    ("error", "state"),
+    [
+        (ConnectError("refused", host="mx:25"), State.DEFERRED),
+        (SessionRefused("busy", reply=Reply.of(421, "4.3.2 busy")), State.DEFERRED),
+        (AuthenticationError("bad credentials", reply=Reply.of(535, "5.7.8 no")), State.BOUNCED),
+        (SessionRefused("go away", reply=Reply.of(554, "5.7.1 no")), State.BOUNCED),
+    ],
+)
+def test_a_delivery_error_decides_for_every_recipient(
+    store: Store, error: Exception, state: State
+) -> None:
+    clock = FakeClock()
+    tracker = tracker_for(MemoryTransport(scripted(error)), store, clock)
+    tracking_id = tracker.submit(message())
+    tracker.run_pending()
+    record = tracker.status(tracking_id)
+    assert [r.state for r in record.recipients] == [state, state]
+    attempt = record.recipients[0].attempts[0]
+    assert attempt.source == "error"
+    assert type(error).__name__ in attempt.text
+
+
+def test_any_other_exception_leaves_the_work_due_and_propagates(store: Store) -> None:
+    clock = FakeClock()
+    transport = MemoryTransport(scripted(RuntimeError("bug in a transport")))
+    tracker = tracker_for(transport, store, clock)
+    first = tracker.submit(message())
+    second = tracker.submit(message(("c@example.com",)))
+    with pytest.raises(RuntimeError, match="bug"):
+        tracker.run_pending()
+    for tracking_id in (first, second):
+        record = tracker.status(tracking_id)
+        assert {r.state for r in record.recipients} == {State.QUEUED}
+        assert all(r.attempts == () and r.lease_owner is None for r in record.recipients)
+    # Nothing was lost: the next run sends both.
+    assert tracker.run_pending().delivered == 3
+
+
+def test_recipients_expire_after_the_maximum_age(store: Store) -> None:
+    clock = FakeClock()
+    retry = RetryPolicy(initial=3600, factor=2, max_delay=6 * 3600, max_age=86400)
+    transport = MemoryTransport(lambda m, e: {r.address: Outcome.TRANSIENT for r in e.recipients})
+    tracker = tracker_for(transport, store, clock, retry=retry)
+    events = collect(tracker)
+    tracking_id = tracker.submit(message(("a@example.org",)))
+    for _ in range(50):  # bounded: the policy expires it within a day of fake time
+        tracker.run_pending()
+        due = tracker.next_due()
+        if due is None:
+            break
+        clock.now = due
+    record = tracker.status(tracking_id)
+    only = record.recipients[0]
+    assert only.state is State.EXPIRED
+    times = [(a.at - T0).total_seconds() / 3600 for a in only.attempts]
+    # 1h, 2h, 4h, 6h (capped), 6h, then the last try at the 24h deadline.
+    assert times == [0, 1, 3, 7, 13, 19, 24]
+    assert [e.kind for e in events][-1] is EventKind.EXPIRED
+
+
+def test_a_raising_callback_is_logged_and_changes_nothing(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    tracker = tracker_for(MemoryTransport(), store, clock)
+    seen: list[TrackerEvent] = []
+
+    def broken(event: TrackerEvent) -> None:
+        raise ValueError("callback bug")
+
+    tracker.on("delivered", broken)
+    tracker.on("delivered", seen.append)
+    tracking_id = tracker.submit(message())
+    with caplog.at_level(logging.ERROR, logger="mailrelay.tracker.events"):
+        summary = tracker.run_pending()
+    assert summary.delivered == 2
+    assert len(seen) == 2
+    assert "callback bug" in caplog.text
+    assert {r.state for r in tracker.status(tracking_id).recipients} == {State.DELIVERED}
+
+
+def test_async_callbacks_are_refused_by_the_sync_tracker(store: Store) -> None:
+    tracker = tracker_for(MemoryTransport(), store, FakeClock())
+
+    async def callback(event: TrackerEvent) -> None:
+        return None
+
+    with pytest.raises(TypeError, match="async"):
+        tracker.on("delivered", callback)
+    with pytest.raises(ValueError, match="nonsense"):
+        tracker.on("nonsense", print)
+
+
+def test_cancel_stops_future_attempts(store: Store) -> None:
+    clock = FakeClock()
+    transport = MemoryTransport(scripted({"a@example.org": Outcome.TRANSIENT}))
+    tracker = tracker_for(transport, store, clock)
+    tracking_id = tracker.submit(message())
+    tracker.run_pending()
+    assert tracker.cancel(tracking_id) == (Address.parse("a@example.org"),)
+    clock.advance(86400)
+    assert tracker.run_pending() == RunSummary()
+    states = [r.state for r in tracker.status(tracking_id).recipients]
+    assert states == [State.CANCELLED, State.DELIVERED]
+    with pytest.raises(KeyError):
+        tracker.cancel("no-such-id")
+
+
+def test_find_by_state_and_age(store: Store) -> None:
+    clock = FakeClock()
+    transport = MemoryTransport(scripted({"a@example.org": Outcome.TRANSIENT}))
+    tracker = tracker_for(transport, store, clock)
+    old = tracker.submit(message(("a@example.org",)))
+    tracker.run_pending()
+    clock.advance(7200)
+    new = tracker.submit(message(("b@example.net",)))
+    assert [r.id for r in tracker.find(state=State.DEFERRED)] == [old]
+    assert [r.id for r in tracker.find(state=State.QUEUED)] == [new]
+    assert [r.id for r in tracker.find(older_than=dt.timedelta(hours=1))] == [old]
+    assert [r.id for r in tracker.find()] == [old, new]
+
+
+def test_run_forever_sleeps_until_due_and_stops_cleanly(store: Store) -> None:
+    clock = FakeClock()
+    transport = MemoryTransport(scripted({"a@example.org": Outcome.TRANSIENT}))
+    tracker = tracker_for(transport, store, clock)
+    tracking_id = tracker.submit(message(("a@example.org",)))
+    stop = threading.Event()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.advance(seconds)
+        if tracker.status(tracking_id).is_final:
+            stop.set()
+
+    tracker.run_forever(stop, sleep=sleep, idle=3600, max_loops=10)
+    assert slept == [300.0, 3600.0]
+    assert tracker.status(tracking_id).recipients[0].state is State.DELIVERED
+
+
+def test_run_forever_honours_max_loops_and_idle(store: Store) -> None:
+    tracker = tracker_for(MemoryTransport(), store, FakeClock())
+    slept: list[float] = []
+    tracker.run_forever(sleep=slept.append, idle=5.0, max_loops=3)
+    assert slept == [5.0, 5.0, 5.0]
+
+
+def test_retry_hook_chooses_the_delay(store: Store) -> None:
+    clock = FakeClock()
+
+    def hook(recipient: Address, reply: Reply | None) -> float | None:
+        if reply is not None and reply.enhanced is not None and str(reply.enhanced) == "4.2.2":
+            return 6 * 3600.0
+        return None
+
+    transport = MemoryTransport(
+        scripted(
+            {
+                "a@example.org": Reply.of(452, "4.2.2 mailbox full"),
+                "b@example.net": Reply.of(451, "4.3.0 try later"),
+            }
+        )
+    )
+    tracker = tracker_for(transport, store, clock, retry=RetryPolicy(hook=hook))
+    tracking_id = tracker.submit(message())
+    tracker.run_pending()
+    a, b = tracker.status(tracking_id).recipients
+    assert a.next_attempt_at == T0 + dt.timedelta(hours=6)
+    assert b.next_attempt_at == T0 + dt.timedelta(minutes=5)
+
+
+# -- bulk: domain transactions and shaping ------------------------------------------
+
+
+RECIPIENTS = ("a1@one.example", "b@two.example", "a2@one.example")
+
+
+@pytest.mark.parametrize(
+    ("split", "calls"),
+    [
+        (False, [["a1@one.example", "b@two.example", "a2@one.example"]]),
+        (True, [["a1@one.example", "a2@one.example"], ["b@two.example"]]),
+    ],
+)
+def test_recipients_sharing_a_domain_go_in_one_transaction(
+    store: Store, split: bool, calls: list[list[str]]
+) -> None:
+    transport = MemoryTransport()
+    tracker = tracker_for(transport, store, FakeClock(), split_by_domain=split)
+    tracker.submit(message(RECIPIENTS))
+    assert tracker.run_pending().delivered == 3
+    assert [
+        [str(r.address) for r in item.envelope.recipients] for item in transport.outbox
+    ] == calls
+
+
+def test_per_domain_rate_limit_postpones_without_an_attempt(store: Store) -> None:
+    clock = FakeClock()
+    transport = MemoryTransport()
+    tracker = tracker_for(
+        transport, store, clock, split_by_domain=True, limits=DomainLimits(per_second=0.5)
+    )
+    first = tracker.submit(message(("a@one.example",)))
+    second = tracker.submit(message(("b@one.example",)))
+    other = tracker.submit(message(("c@two.example",)))
+    summary = tracker.run_pending()
+    assert (summary.delivered, summary.postponed) == (2, 1)
+    assert tracker.status(first).recipients[0].state is State.DELIVERED
+    assert tracker.status(other).recipients[0].state is State.DELIVERED
+    waiting = tracker.status(second).recipients[0]
+    assert (waiting.state, waiting.attempts) == (State.QUEUED, ())
+    assert waiting.next_attempt_at == T0 + dt.timedelta(seconds=2)
+    clock.advance(2)
+    assert tracker.run_pending().delivered == 1
+
+
+def test_a_domain_answering_421_is_backed_off_adaptively(store: Store) -> None:
+    clock = FakeClock()
+    busy = SessionRefused("busy", reply=Reply.of(421, "4.7.0 too many connections"))
+    transport = MemoryTransport(scripted(busy, busy))
+    limits = DomainLimits(backoff_initial=60, backoff_max=100)
+    tracker = tracker_for(
+        transport,
+        store,
+        clock,
+        split_by_domain=True,
+        limits=limits,
+        retry=RetryPolicy(initial=10, jitter=0),
+    )
+    tracking_id = tracker.submit(message(("a@one.example",)))
+    tracker.run_pending()  # refused: held off 60 s; the recipient's own retry is in 10 s
+    assert tracker.shaper.blocked_until("one.example") == T0 + dt.timedelta(seconds=60)
+    clock.advance(10)
+    assert tracker.run_pending().postponed == 1
+    recipient = tracker.status(tracking_id).recipients[0]
+    assert recipient.next_attempt_at == T0 + dt.timedelta(seconds=60)
+    assert len(recipient.attempts) == 1
+    clock.advance(50)
+    tracker.run_pending()  # refused again: the hold-off doubles, capped at 100 s
+    assert tracker.shaper.blocked_until("one.example") == clock.now + dt.timedelta(seconds=100)
+    clock.advance(100)
+    assert tracker.run_pending().delivered == 1
+    assert tracker.shaper.blocked_until("one.example") is None
+
+
+# -- several workers ------------------------------------------------------------------
+
+
+def test_two_trackers_sharing_a_store_deliver_each_recipient_once(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    clock = FakeClock()
+    transport = MemoryTransport()
+    stores = [SQLiteStore(path), SQLiteStore(path)]
+    trackers = [
+        DeliveryTracker(transport, s, clock=clock, worker_id=f"w{i}", batch_size=3)
+        for i, s in enumerate(stores)
+    ]
+    ids = [trackers[0].submit(message((f"r{i}@example.org",))) for i in range(30)]
+    barrier = threading.Barrier(2)
+
+    def work(tracker: DeliveryTracker) -> None:
+        barrier.wait(timeout=10)
+        tracker.run_pending()
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in trackers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    sent = [str(item.envelope.recipients[0].address) for item in transport.outbox]
+    assert sorted(sent) == sorted(f"r{i}@example.org" for i in range(30))
+    assert all(trackers[0].status(i).recipients[0].state is State.DELIVERED for i in ids)
+    for store in stores:
+        store.close()
+
+
+def test_a_dead_workers_claim_is_taken_over_after_its_lease(store: Store) -> None:
+    clock = FakeClock()
+    transport = MemoryTransport()
+    tracker = tracker_for(transport, store, clock, lease=dt.timedelta(minutes=10))
+    tracking_id = tracker.submit(message(("a@example.org",)))
+    # A worker claims the message and dies before recording anything.
+    store.claim(worker="dead", now=clock(), lease=dt.timedelta(minutes=10), limit=10)
+    assert tracker.run_pending() == RunSummary()
+    assert tracker.next_due() == T0 + dt.timedelta(minutes=10)
+    clock.advance(600)
+    assert tracker.run_pending().delivered == 1
+    assert tracker.status(tracking_id).recipients[0].state is State.DELIVERED
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"lease": dt.timedelta(0)}, {"batch_size": 0}],
+)
+def test_bad_options_are_refused(store: Store, options: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="must"):
+        tracker_for(MemoryTransport(), store, FakeClock(), **options)
