@@ -34,6 +34,7 @@ import textwrap
 import uuid
 from collections.abc import Sequence
 
+from mailrelay.envelope import Ret
 from mailrelay.errors import InvalidAddress, MessageError
 from mailrelay.tracker.dsn import DSNAction, DSNRecipient
 
@@ -66,7 +67,7 @@ def build_dsn(
     recipients: Sequence[DSNRecipient],
     reporting_mta: str,
     envid: str | None = None,
-    ret: str | None = None,
+    ret: Ret | str | None = None,
     arrival_date: dt.datetime | None = None,
     date: dt.datetime | None = None,
     message_id: str | None = None,
@@ -86,9 +87,10 @@ def build_dsn(
         reporting_mta: our host name (ASCII, A-labels for IDNs), used in
             ``Reporting-MTA`` and the From address ``MAILER-DAEMON@reporting_mta``.
         envid: the ENVID the sender gave (``Original-Envelope-Id``, RFC 3464 §2.2.1).
-        ret: ``"FULL"`` to return the whole message, ``"HDRS"`` or ``None`` for
-            its headers only (RFC 3461 §4.3 leaves the default to us; headers are
-            the safe choice).
+        ret: the sender's RET (:class:`mailrelay.envelope.Ret` or its name):
+            ``FULL`` returns the whole message, ``HDRS`` or ``None`` its headers
+            only (RFC 3461 §4.3 leaves the default to us; headers are the safe
+            choice).
         arrival_date: when we received the message (``Arrival-Date``).
         date: the report's Date (default: now, UTC).
         message_id: the report's Message-ID without brackets (default: a new one).
@@ -116,7 +118,7 @@ def build_dsn(
         raise MessageError(f"not a host name: {reporting_mta!r}")
     if envid is not None:
         _check_field("envid", envid)
-    mode = (ret or "HDRS").upper()
+    mode = (ret.value if isinstance(ret, Ret) else ret or "HDRS").upper()
     if mode not in ("FULL", "HDRS"):
         raise MessageError(f"RET must be FULL or HDRS, not {ret!r}")
     if message_id is not None:

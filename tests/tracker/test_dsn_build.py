@@ -11,6 +11,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from mailrelay.envelope import Ret
 from mailrelay.errors import InvalidAddress, MessageError
 from mailrelay.tracker import (
     DSNAction,
@@ -118,9 +119,13 @@ def test_delivery_status_fields() -> None:
         ("HDRS", "text/rfc822-headers", False),
         ("hdrs", "text/rfc822-headers", False),
         ("FULL", "message/rfc822", True),
+        (Ret.FULL, "message/rfc822", True),
+        (Ret.HDRS, "text/rfc822-headers", False),
     ],
 )
-def test_ret_returns_headers_or_message(ret: str | None, content_type: str, has_body: bool) -> None:
+def test_ret_returns_headers_or_message(
+    ret: Ret | str | None, content_type: str, has_body: bool
+) -> None:
     raw = build(ret=ret)
     payload = parse_mime(raw).get_payload()
     assert isinstance(payload, list)
