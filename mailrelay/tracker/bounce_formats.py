@@ -21,7 +21,9 @@ Rather than one parser per product, one reader handles the shape they share:
   the first RFC 3463 code and SMTP reply code found there (qmail's ``#5.1.1``
   included), else those of the whole notice when there is one recipient.
 * **Delay** notices ("will keep trying", "still being retried") give
-  ``delayed`` recipients; everything else that passes the gate is ``failed``.
+  ``delayed`` recipients; prose delivery receipts ("Your message has been
+  delivered to the following recipients", with no word of failure) give
+  ``delivered`` ones; everything else that passes the gate is ``failed``.
 * The **returned copy** that follows a marker line ("Below this line is a copy
   of the message", "Original message follows", ...) is read as headers, for
   the Message-ID.
@@ -137,6 +139,12 @@ _DELAY_RE = re.compile(
     r"no\s+action\s+is\s+required\s+on\s+your\s+part",
     re.IGNORECASE,
 )
+_SUCCESS_RE = re.compile(
+    r"(?:has\s+been|was)\s+(?:successfully\s+)?delivered\s+to\s+the\s+following|"
+    r"delivery\s+to\s+(?:these|the\s+following)\s+recipients\s+(?:or\s+groups\s+)?"
+    r"(?:is|was|has\s+been)\s+(?:complete|completed|successful)",
+    re.IGNORECASE,
+)
 _GIVEN_UP_RE = re.compile(
     r"permanent|given\s+up|gave\s+up|could\s+not\s+be\s+delivered|undeliverable|"
     r"failed|not\s+delivered|rejected",
@@ -224,7 +232,9 @@ def read_prose(msg: email.message.Message, parts: list[email.message.Message]) -
     if not looks_like_notice(msg):
         return None
     text, tail = notice_text(parts)
-    if not _FAILURE_WORDS_RE.search(text + " " + subject):
+    # A delivery receipt in prose (Exchange's "Delivered:"), with no word of failure.
+    success = bool(_SUCCESS_RE.search(text)) and not _GIVEN_UP_RE.search(text + " " + subject)
+    if not success and not _FAILURE_WORDS_RE.search(text + " " + subject):
         return None
 
     excluded = _excluded_addresses(msg)
@@ -256,8 +266,8 @@ def read_prose(msg: email.message.Message, parts: list[email.message.Message]) -
             status, reply = whole_status, whole_reply
         if status is None and reply is None and diagnostic is None and len(spans) == 1:
             diagnostic = _clean(text[:_MAX_DIAGNOSTIC_CHARS])
-        action = DSNAction.FAILED
-        if (
+        action = DSNAction.DELIVERED if success else DSNAction.FAILED
+        if not success and (
             delayed
             and (status is None or status.startswith("4"))
             and (reply is None or reply < 500)

@@ -412,6 +412,41 @@ Status: 5.1.1
 """)
 
 
+DELIVERY_RECEIPT = msg("""
+From: Microsoft Outlook <postmaster@corp.example>
+To: app@shop.example
+Subject: Delivered: Quarterly report
+Auto-Submitted: auto-replied
+
+Your message has been delivered to the following recipients:
+
+boss@corp.example (boss@corp.example)
+
+Subject: Quarterly report
+""")
+
+READ_RECEIPT = msg("""
+From: Heidi <heidi@example.org>
+To: app@shop.example
+Subject: Read: Your order
+Content-Type: multipart/report; report-type=disposition-notification; boundary="M"
+
+--M
+Content-Type: text/plain
+
+Your message was displayed. This is no guarantee that it was read.
+
+--M
+Content-Type: message/disposition-notification
+
+Final-Recipient: rfc822; heidi@example.org
+Original-Message-ID: <order-1@shop.example>
+Disposition: manual-action/MDN-sent-manually; displayed
+
+--M--
+""")
+
+
 FORMATS = [
     # (id, raw, kind, [(address, action, status, is_hard)], format)
     (
@@ -491,6 +526,14 @@ FORMATS = [
     ("vacation", VACATION, DSNKind.AUTO_REPLY, [], "rfc3834"),
     ("x-autoreply", X_AUTOREPLY, DSNKind.AUTO_REPLY, [], "rfc3834"),
     ("precedence", PRECEDENCE, DSNKind.AUTO_REPLY, [], "rfc3834"),
+    (
+        "delivery-receipt",
+        DELIVERY_RECEIPT,
+        DSNKind.DELIVERED,
+        [("boss@corp.example", "delivered", None, None)],
+        "prose",
+    ),
+    ("read-receipt", READ_RECEIPT, DSNKind.NOT_A_REPORT, [], "none"),
     ("plain", PLAIN, DSNKind.NOT_A_REPORT, [], "none"),
     ("forwarded-bounce", FORWARDED_BOUNCE, DSNKind.NOT_A_REPORT, [], "none"),
 ]
