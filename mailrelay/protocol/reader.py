@@ -63,15 +63,19 @@ _PREFIXES: Final[dict[bytes, tuple[int, bool]]] = {
 _STATUS_CACHE: dict[str, EnhancedStatus | None] = {}
 
 _new = object.__new__
-_set = object.__setattr__
+# Reply is a slotted attrs class: its fields are member descriptors, and setting
+# through them directly is the cheapest way to fill a new instance.
+_set_code = Reply.__dict__["code"].__set__
+_set_lines = Reply.__dict__["lines"].__set__
+_set_enhanced = Reply.__dict__["enhanced"].__set__
 
 
 def _make_reply(code: int, lines: list[str]) -> Reply:
     enhanced = None
     first = lines[0]
     # RFC 2034 §3 / RFC 3463 §2: only an enhanced code of the reply's own class
-    # counts (there is no class 3, so a 354 never has one).
-    if first and ord(first[0]) == 48 + code // 100:
+    # counts (there is no class 3, so a 354 never has one). "d." starts every code.
+    if first[1:2] == "." and ord(first[0]) == 48 + code // 100:
         # The code can only span the text up to the first space, and servers
         # repeat a handful of codes: look that token up before parsing it.
         token = first.partition(" ")[0]
@@ -83,12 +87,12 @@ def _make_reply(code: int, lines: list[str]) -> Reply:
                 _STATUS_CACHE.clear()
             _STATUS_CACHE[token] = enhanced
     # Reply's validators check the code range and a non-empty ``lines`` tuple;
-    # the reader has checked both, so fill in the frozen instance directly
-    # (the same object.__setattr__ that attrs' own __init__ uses for frozen classes).
+    # the reader has checked both, so fill in the frozen instance directly, as
+    # attrs' own __init__ does for frozen classes (it bypasses __setattr__ too).
     reply: Reply = _new(Reply)
-    _set(reply, "code", code)
-    _set(reply, "lines", tuple(lines))
-    _set(reply, "enhanced", enhanced)
+    _set_code(reply, code)
+    _set_lines(reply, tuple(lines))
+    _set_enhanced(reply, enhanced)
     return reply
 
 
@@ -205,6 +209,18 @@ class ReplyReader:
                 if cached is not None:
                     add_reply(cached)
                     continue
+                if crlf and len(raw) <= max_line:
+                    head = prefix_get(raw[:4])
+                    if head is not None and head[1] and len(raw) + 2 <= max_reply:
+                        # A new single-line reply ("250 text"): the common case,
+                        # with the checks below that cannot fail for it skipped.
+                        reply = _make_reply(head[0], [raw[4:].decode("utf-8", "replace")])
+                        if len(raw) <= _CACHE_LINE:
+                            if len(cache) >= _CACHE_SIZE:
+                                cache.clear()
+                            cache[raw] = reply
+                        add_reply(reply)
+                        continue
             line = raw[:-1] if not crlf and raw[-1:] == b"\r" else raw
             length = len(line)
             if length > max_line:
