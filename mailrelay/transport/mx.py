@@ -1,0 +1,627 @@
+"""Delivery straight to each recipient domain's mail exchangers (RFC 5321 §5), blocking.
+
+Theory of operation: :meth:`MXTransport.deliver` groups the envelope's recipients by domain
+(their A-label form) and delivers one copy of the message per domain. For each domain it asks
+the resolver for the domain's mail hosts, turns them into an ordered list of *targets*
+(exchanger name + one IP address), and tries the targets in turn until one of them gives an
+answer per recipient. The per-domain results are merged into one
+:class:`~mailrelay.results.DeliveryResult`, in envelope order. The planning and bookkeeping
+here are shared with :mod:`mailrelay.transport.mx_async`; only the short loops that do I/O are
+written twice.
+
+Rules (RFC sections cited where they are enforced):
+
+* Routing, from the DNS (:mod:`mailrelay.resolver`): a null MX (RFC 7505 §3), NXDOMAIN, a
+  domain with neither MX nor address records, and exchangers none of which has an address
+  ("dangling MX") are PERMANENT for that domain's recipients, with a ``reason`` saying which.
+  DNS trouble (timeout, SERVFAIL, REFUSED, or exchangers whose address lookups failed while
+  none resolved) is TRANSIENT: the DNS did not say "no".
+* Order (RFC 5321 §5.1): exchangers by preference (the resolver shuffles equal preferences),
+  each exchanger's addresses in turn, IPv4 then IPv6; an address already tried for the domain
+  is not tried again; at most ``max_addresses`` addresses per domain (as Postfix's
+  ``smtp_mx_address_limit``: a domain with fifty dead exchangers must not hold a sender for
+  fifty connect timeouts). Address literals (``user@[192.0.2.1]``) go to that address.
+* Moving on (RFC 5321 §4.5.4.1, §5.1): a connect failure, a timeout, a lost connection, a
+  421 or any refused greeting/EHLO, a server protocol violation, or a TLS failure makes the
+  transport try the next target. An answer per recipient (even all refusals) ends the search:
+  a recipient's 4xx is that recipient's TRANSIENT result, not a reason to ask another host.
+  When every target failed, the recipients are TRANSIENT, unless every failure was permanent
+  (5xx greetings from every host): then PERMANENT. The ``reason`` lists what each target did.
+* TLS (:class:`MXPolicy`): by default opportunistic (RFC 3207, RFC 7435): STARTTLS whenever
+  offered, with a context that does not verify certificates, because a public MX's certificate
+  rarely matches anything an MTA can check without MTA-STS (RFC 8461) or DANE (RFC 7672), and
+  refusing to encrypt is worse than encrypting without authentication. A handshake that fails
+  leaves the connection unusable; the same address is then tried once more in plain text
+  when the policy's ``plaintext_fallback`` allows it (the default), as RFC 7435 §3 suggests.
+  A per-domain ``tls_policy`` hook may demand ``TLS.STARTTLS``: then the certificate is
+  verified against the exchanger's name with ``ssl_context`` (the system's CAs by default),
+  a failure moves on to the next exchanger and never falls back to plain text, and a domain
+  no exchanger of which passes is TRANSIENT (RFC 8461 §5: a policy failure is not a bounce).
+* Never an exception for the server's sake: :meth:`MXTransport.deliver` returns one result per
+  envelope recipient whatever happened, because a message to several domains may reach some
+  and not others. ``RecipientResult.host`` names the target that answered, Postfix style:
+  ``mx.example.com[192.0.2.1]:25``.
+* One connection per domain and message, closed with QUIT afterwards (no pooling: MX
+  delivery spreads over many hosts, and a queue runner above us batches by domain).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable, Iterable
+from typing import Final, TypeAlias
+
+import attrs
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope
+from mailrelay.errors import (
+    ConfigurationError,
+    DeliveryError,
+    ResolverError,
+    SessionRefused,
+    TLSError,
+)
+from mailrelay.flow import Session, SessionConfig
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
+from mailrelay.reply import Reply
+from mailrelay.resolver import DNSStatus, MailHost, MailHosts, Resolver
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.transport.base import Transport
+from mailrelay.transport.sync_driver import connect
+
+__all__ = [
+    "DEFAULT_MAX_ADDRESSES",
+    "MXPolicy",
+    "MXSettings",
+    "MXTransport",
+    "TLSPolicyHook",
+    "Target",
+    "Trail",
+    "Verdict",
+    "opportunistic_context",
+]
+
+log = logging.getLogger(__name__)
+
+#: The most addresses tried for one domain in one delivery.
+DEFAULT_MAX_ADDRESSES: Final = 10
+
+_MX_TLS: Final = frozenset({TLS.NONE, TLS.OPPORTUNISTIC, TLS.STARTTLS})
+
+
+def _check_tls(instance: object, attribute: attrs.Attribute[TLS], value: TLS) -> None:
+    if value not in _MX_TLS:
+        raise ConfigurationError(
+            f"MX delivery supports TLS.NONE, TLS.OPPORTUNISTIC and TLS.STARTTLS, not {value!r} "
+            "(port 25 has no implicit TLS)"
+        )
+
+
+def _patterns(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    return tuple(pattern.lower().rstrip(".") for pattern in value)
+
+
+def _check_context(
+    instance: object, attribute: attrs.Attribute[ssl.SSLContext | None], value: object
+) -> None:
+    if value is not None and not isinstance(value, ssl.SSLContext):
+        raise ConfigurationError("ssl_context must be an ssl.SSLContext")
+
+
+@attrs.frozen(kw_only=True)
+class MXPolicy:
+    """How to deliver to one domain: what the ``tls_policy`` hook may return.
+
+    Attributes:
+        tls: ``TLS.OPPORTUNISTIC`` (encrypt when offered, certificates not checked),
+            ``TLS.STARTTLS`` (encryption with a verified certificate is required) or
+            ``TLS.NONE`` (never encrypt).
+        ssl_context: the context that verifies certificates under ``TLS.STARTTLS``;
+            ``None`` means the transport's ``ssl_context`` (by default the system's CAs).
+        plaintext_fallback: under ``TLS.OPPORTUNISTIC``, after a failed handshake, try the
+            same address again without TLS (RFC 7435 §3). Never done under ``TLS.STARTTLS``.
+        mx_patterns: when not empty, only exchangers whose names match one of these are used
+            (``mail.example.com``, or ``*.example.com`` for one label, as MTA-STS's ``mx:``
+            lines, RFC 8461 §4.1); the others are skipped.
+    """
+
+    tls: TLS = attrs.field(default=TLS.OPPORTUNISTIC, validator=_check_tls)
+    ssl_context: ssl.SSLContext | None = attrs.field(default=None, validator=_check_context)
+    plaintext_fallback: bool = True
+    mx_patterns: tuple[str, ...] = attrs.field(default=(), converter=_patterns)
+
+    def allows(self, host: str) -> bool:
+        """Whether the exchanger ``host`` may be used (always, without ``mx_patterns``)."""
+        if not self.mx_patterns:
+            return True
+        host = host.lower().rstrip(".")
+        for pattern in self.mx_patterns:
+            if pattern.startswith("*."):
+                # RFC 8461 §4.1: the wildcard matches exactly one leftmost label.
+                head, _, tail = host.partition(".")
+                if head and tail == pattern[2:]:
+                    return True
+            elif host == pattern:
+                return True
+        return False
+
+
+#: The per-domain policy hook: ``tls_policy(ascii_domain)`` returns a :class:`TLS` value, an
+#: :class:`MXPolicy`, or ``None`` for the transport's defaults.
+TLSPolicyHook: TypeAlias = Callable[[str], "TLS | MXPolicy | None"]
+
+
+def opportunistic_context() -> ssl.SSLContext:
+    """A TLS context that encrypts without checking the certificate (RFC 7435).
+
+    Used for opportunistic MX delivery: it defeats passive eavesdropping, which is all
+    opportunistic STARTTLS can promise anyway (an active attacker can strip STARTTLS).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# -- planning (shared with mx_async) ------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Target:
+    """One address of one exchanger to try.
+
+    Attributes:
+        name: the exchanger's host name (for TLS: SNI and certificate checks).
+        address: the IP address to connect to.
+        port: the TCP port.
+    """
+
+    name: str
+    address: str
+    port: int
+
+    @property
+    def peer(self) -> str:
+        """``name[address]:port``, as results and logs show it."""
+        return f"{self.name}[{self.address}]:{self.port}"
+
+    @property
+    def tls_name(self) -> str:
+        """The name to check a certificate against: the exchanger, or the bare address."""
+        return self.address if self.name.startswith("[") else self.name
+
+
+@attrs.frozen(kw_only=True)
+class Verdict:
+    """A domain's recipients settled without a connection (by the DNS or the policy)."""
+
+    outcome: Outcome
+    reason: str
+
+    def results(self, recipients: Iterable[Address]) -> list[RecipientResult]:
+        """The same result for every recipient."""
+        return [
+            RecipientResult(address=address, outcome=self.outcome, reason=self.reason)
+            for address in recipients
+        ]
+
+
+def literal_hosts(ascii_domain: str) -> MailHosts | None:
+    """The one "exchanger" of an address literal (RFC 5321 §4.1.3), or ``None`` for a name."""
+    if not ascii_domain.startswith("["):
+        return None
+    text = ascii_domain[1:-1]
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    address = ipaddress.ip_address(text)
+    v4 = (str(address),) if address.version == 4 else ()
+    v6 = (str(address),) if address.version == 6 else ()
+    return MailHosts(
+        domain=ascii_domain,
+        status=DNSStatus.OK,
+        hosts=(MailHost(name=ascii_domain, status=DNSStatus.OK, ipv4=v4, ipv6=v6, preference=0),),
+        implicit=True,
+    )
+
+
+def plan(
+    domain: str,
+    found: MailHosts | ResolverError,
+    policy: MXPolicy,
+    *,
+    port: int,
+    max_addresses: int,
+) -> list[Target] | Verdict:
+    """The targets to try for ``domain``, in order, or the verdict when there are none."""
+    if isinstance(found, ResolverError):
+        if found.is_transient:
+            return Verdict(outcome=Outcome.TRANSIENT, reason=f"DNS lookup failed: {found}")
+        return Verdict(outcome=Outcome.PERMANENT, reason=f"not a mail domain: {found}")
+    if found.null_mx:
+        # RFC 7505 §3: a null MX means the domain accepts no mail; fail at once, no retries.
+        return Verdict(
+            outcome=Outcome.PERMANENT,
+            reason=f"{domain} publishes a null MX (RFC 7505): it accepts no mail",
+        )
+    if found.status is DNSStatus.NXDOMAIN:
+        return Verdict(outcome=Outcome.PERMANENT, reason=f"{domain} does not exist (NXDOMAIN)")
+    if found.status is DNSStatus.NODATA or not found.hosts:
+        # RFC 5321 §5.1: no MX and no address: there is nowhere to deliver.
+        return Verdict(
+            outcome=Outcome.PERMANENT,
+            reason=f"{domain} has no mail host: neither MX nor address records",
+        )
+    hosts = [host for host in found.hosts if policy.allows(host.name)]
+    if not hosts:
+        names = ", ".join(host.name for host in found.hosts)
+        return Verdict(
+            outcome=Outcome.TRANSIENT,
+            reason=f"no exchanger of {domain} ({names}) matches its MX policy",
+        )
+    targets: list[Target] = []
+    seen: set[str] = set()
+    for host in hosts:
+        for address in host.addresses:
+            if address not in seen and len(targets) < max_addresses:
+                seen.add(address)
+                targets.append(Target(name=host.name, address=address, port=port))
+    if targets:
+        return targets
+    failed = [host.name for host in hosts if host.status.is_transient]
+    if failed:
+        return Verdict(
+            outcome=Outcome.TRANSIENT,
+            reason=f"address lookups failed for the exchangers of {domain}: {', '.join(failed)}",
+        )
+    names = ", ".join(host.name for host in hosts)
+    # RFC 5321 §5.1: MX records none of which is usable is an error to report.
+    return Verdict(
+        outcome=Outcome.PERMANENT,
+        reason=f"no exchanger of {domain} has an address ({names})",
+    )
+
+
+class Trail:
+    """What the targets of one domain did, to explain the outcome when none took the mail."""
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+        self.notes: list[str] = []
+        self.transient = False
+        self.last: DeliveryError | None = None
+
+    def failed(
+        self, target: Target, error: DeliveryError, *, transient: bool | None = None
+    ) -> None:
+        """Record that ``target`` failed with ``error`` (``transient`` overrides its own)."""
+        self.notes.append(f"{target.peer}: {error}")
+        self.transient = self.transient or (error.is_transient if transient is None else transient)
+        self.last = error
+        log.info("MX delivery for %s: %s failed: %s", self.domain, target.peer, error)
+
+    def results(self, recipients: Iterable[Address]) -> list[RecipientResult]:
+        """Every recipient's result after every target failed."""
+        outcome = Outcome.TRANSIENT if self.transient or not self.notes else Outcome.PERMANENT
+        reason = f"no exchanger of {self.domain} took the message: " + "; ".join(self.notes)
+        reply: Reply | None = self.last.reply if self.last is not None else None
+        host = self.last.host if self.last is not None else None
+        return [
+            RecipientResult(address=address, outcome=outcome, reply=reply, reason=reason, host=host)
+            for address in recipients
+        ]
+
+
+def group_by_domain(envelope: Envelope) -> dict[str, list[int]]:
+    """Envelope positions per recipient domain (A-label form), in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for index, recipient in enumerate(envelope.recipients):
+        groups.setdefault(recipient.address.ascii_domain.lower(), []).append(index)
+    return groups
+
+
+def sub_envelope(envelope: Envelope, positions: list[int]) -> Envelope:
+    """The envelope restricted to the recipients at ``positions``."""
+    return Envelope(
+        envelope.sender,
+        [envelope.recipients[i] for i in positions],
+        ret=envelope.ret,
+        envid=envelope.envid,
+        notify=envelope.notify,
+        requiretls=envelope.requiretls,
+    )
+
+
+def merge(
+    envelope: Envelope, message: Message, parts: Iterable[tuple[list[int], list[RecipientResult]]]
+) -> DeliveryResult:
+    """One result, in envelope order, from the per-domain results."""
+    merged: list[RecipientResult | None] = [None] * len(envelope.recipients)
+    for positions, results in parts:
+        for index, result in zip(positions, results, strict=True):
+            merged[index] = result
+    final = tuple(result for result in merged if result is not None)
+    assert len(final) == len(envelope.recipients), "every recipient must have a result"
+    hosts = {result.host for result in final}
+    return DeliveryResult(
+        recipients=final,
+        message_id=message.message_id,
+        host=hosts.pop() if len(hosts) == 1 else None,
+    )
+
+
+def with_host(results: Iterable[RecipientResult], host: str) -> list[RecipientResult]:
+    """Results that name ``host`` when the session did not record one."""
+    return [r if r.host is not None else attrs.evolve(r, host=host) for r in results]
+
+
+class MXSettings:
+    """The checked configuration shared by the blocking and the asyncio MX transports."""
+
+    def __init__(
+        self,
+        *,
+        port: int,
+        tls: TLS,
+        ssl_context: ssl.SSLContext | None,
+        timeouts: Timeouts,
+        local_hostname: str | None,
+        tls_policy: TLSPolicyHook | None,
+        plaintext_fallback: bool,
+        pipelining: bool,
+        chunking: bool,
+        max_addresses: int,
+    ) -> None:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigurationError(f"port must be a number from 1 to 65535, not {port!r}")
+        if not isinstance(timeouts, Timeouts):
+            raise ConfigurationError("timeouts must be a Timeouts value (Timeouts.all(10), ...)")
+        if max_addresses < 1:
+            raise ConfigurationError("max_addresses must be at least 1")
+        if local_hostname is not None and (
+            not local_hostname or any(c in local_hostname for c in " \t\r\n\0<>")
+        ):
+            raise ConfigurationError(f"not a usable local host name: {local_hostname!r}")
+        self.port = port
+        self.default = MXPolicy(
+            tls=tls, ssl_context=ssl_context, plaintext_fallback=plaintext_fallback
+        )
+        self.timeouts = timeouts
+        self.local_hostname = local_hostname
+        self.tls_policy = tls_policy
+        self.pipelining = pipelining
+        self.chunking = chunking
+        self.max_addresses = max_addresses
+        self._opportunistic = opportunistic_context()
+        self._verifying: ssl.SSLContext | None = ssl_context
+
+    def policy(self, domain: str) -> MXPolicy:
+        """The policy for ``domain``: the hook's answer, or the transport's default."""
+        if self.tls_policy is None:
+            return self.default
+        answer = self.tls_policy(domain)
+        if answer is None:
+            return self.default
+        if isinstance(answer, TLS):
+            return attrs.evolve(self.default, tls=answer)
+        if isinstance(answer, MXPolicy):
+            return answer
+        raise ConfigurationError(
+            f"tls_policy({domain!r}) returned {answer!r}: expected TLS, MXPolicy or None"
+        )
+
+    def context(self, policy: MXPolicy, tls: TLS) -> ssl.SSLContext:
+        """The TLS context for a session under ``tls``: verifying only when TLS is required."""
+        if tls is not TLS.STARTTLS:
+            return self._opportunistic
+        if policy.ssl_context is not None:
+            return policy.ssl_context
+        if self._verifying is None:
+            self._verifying = ssl.create_default_context()
+        return self._verifying
+
+    def plan(
+        self, domain: str, found: MailHosts | ResolverError, policy: MXPolicy
+    ) -> list[Target] | Verdict:
+        """:func:`plan` with this transport's port and address limit."""
+        return plan(domain, found, policy, port=self.port, max_addresses=self.max_addresses)
+
+    def session_config(self, target: Target, tls: TLS, local_address: str | None) -> SessionConfig:
+        """The dialogue's configuration for one target."""
+        return SessionConfig(
+            local_hostname=self.local_hostname or local_address or "localhost",
+            server_hostname=target.tls_name,
+            tls=tls,
+            pipelining=self.pipelining,
+            chunking=self.chunking,
+            peer=target.peer,
+        )
+
+    def describe(self) -> str:
+        """A one-line description for ``repr``."""
+        return f"port={self.port} tls={self.default.tls.name}"
+
+
+def fallback(policy: MXPolicy, tls: TLS) -> bool:
+    """Whether a TLS failure under ``tls`` should be retried in plain text (RFC 7435 §3)."""
+    return tls is TLS.OPPORTUNISTIC and policy.plaintext_fallback
+
+
+# -- the blocking transport ---------------------------------------------------------------------
+
+
+class MXTransport(Transport):
+    """Deliver straight to each recipient domain's mail exchangers (MX), blocking.
+
+    Example::
+
+        with MXTransport() as mx:
+            result = mx.send(message)
+            for r in result.deferred:
+                ...  # retry these later (a queue, or DeliveryTracker, does it for you)
+
+    Args:
+        resolver: the :class:`~mailrelay.resolver.Resolver` to ask (share one with a
+            :class:`~mailrelay.validate.RecipientValidator` to share its cache); ``None``
+            makes one reading the system's resolver configuration.
+        port: the exchangers' port: 25, or a loopback test server's.
+        tls: the default TLS policy: ``TLS.OPPORTUNISTIC`` (encrypt when offered, certificates
+            not checked, see the module docs), ``TLS.STARTTLS`` (verified TLS required) or
+            ``TLS.NONE``.
+        ssl_context: the context that verifies certificates when TLS is required (default:
+            the system's CAs, host names checked against the exchanger's name).
+        timeouts: per-phase limits (RFC 5321 §4.5.3.2), for each target.
+        local_hostname: the name announced in EHLO (default: our address, as a literal).
+            Receivers check it; give the host's real name in production.
+        tls_policy: ``tls_policy(domain) -> TLS | MXPolicy | None``, a stricter policy per
+            domain (MTA-STS or DANE results, a static list); ``None`` keeps the defaults.
+        plaintext_fallback: under opportunistic TLS, retry an address in plain text after
+            its TLS handshake failed.
+        pipelining: use PIPELINING when offered (RFC 2920).
+        chunking: use BDAT when offered (RFC 3030).
+        max_addresses: the most addresses tried per domain and delivery.
+
+    Raises:
+        ConfigurationError: when the settings cannot work.
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver | None = None,
+        *,
+        port: int = 25,
+        tls: TLS = TLS.OPPORTUNISTIC,
+        ssl_context: ssl.SSLContext | None = None,
+        timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
+        local_hostname: str | None = None,
+        tls_policy: TLSPolicyHook | None = None,
+        plaintext_fallback: bool = True,
+        pipelining: bool = True,
+        chunking: bool = False,
+        max_addresses: int = DEFAULT_MAX_ADDRESSES,
+    ) -> None:
+        self.settings = MXSettings(
+            port=port,
+            tls=tls,
+            ssl_context=ssl_context,
+            timeouts=timeouts,
+            local_hostname=local_hostname,
+            tls_policy=tls_policy,
+            plaintext_fallback=plaintext_fallback,
+            pipelining=pipelining,
+            chunking=chunking,
+            max_addresses=max_addresses,
+        )
+        self.resolver = resolver if resolver is not None else Resolver()
+
+    def __repr__(self) -> str:
+        return f"<MXTransport {self.settings.describe()}>"
+
+    def deliver(self, message: Message, envelope: Envelope) -> DeliveryResult:
+        """Deliver to every recipient's exchangers, one domain after the other.
+
+        Returns:
+            one result per envelope recipient, in envelope order; DNS verdicts, unreachable
+            exchangers and refusals are all results (see the module docstring).
+        """
+        parts = []
+        for domain, positions in group_by_domain(envelope).items():
+            part = sub_envelope(envelope, positions)
+            parts.append((positions, self._deliver_domain(domain, message, part)))
+        return merge(envelope, message, parts)
+
+    def _deliver_domain(
+        self, domain: str, message: Message, envelope: Envelope
+    ) -> list[RecipientResult]:
+        recipients = [r.address for r in envelope.recipients]
+        policy = self.settings.policy(domain)
+        found = literal_hosts(domain)
+        if found is None:
+            try:
+                found = self.resolver.mail_hosts(domain)
+            except ResolverError as exc:
+                return _settle(self.settings.plan(domain, exc, policy), recipients)
+        targets = self.settings.plan(domain, found, policy)
+        if isinstance(targets, Verdict):
+            return targets.results(recipients)
+        trail = Trail(domain)
+        for target in targets:
+            result = self._try(target, policy, message, envelope, trail)
+            if result is not None:
+                return with_host(result.recipients, target.peer)
+        return trail.results(recipients)
+
+    def _try(
+        self,
+        target: Target,
+        policy: MXPolicy,
+        message: Message,
+        envelope: Envelope,
+        trail: Trail,
+    ) -> DeliveryResult | None:
+        """One target: the result, or ``None`` after recording why it failed."""
+        tls = policy.tls
+        for _ in range(2):  # at most: once with TLS, once in plain text
+            try:
+                return self._session(target, policy, tls, message, envelope)
+            except TLSError as exc:
+                if fallback(policy, tls):
+                    trail.notes.append(f"{target.peer}: {exc} (retried without TLS)")
+                    tls = TLS.NONE
+                    continue
+                # RFC 8461 §5: a TLS policy failure is temporary, never a bounce.
+                trail.failed(target, exc, transient=True)
+                return None
+            except DeliveryError as exc:
+                trail.failed(target, exc, transient=transient_failure(exc))
+                return None
+        return None  # pragma: no cover - the loop returns on its second pass
+
+    def _session(
+        self,
+        target: Target,
+        policy: MXPolicy,
+        tls: TLS,
+        message: Message,
+        envelope: Envelope,
+    ) -> DeliveryResult:
+        settings = self.settings
+        driver = connect(
+            target.address,
+            target.port,
+            timeouts=settings.timeouts,
+            ssl_context=settings.context(policy, tls),
+            server_hostname=target.tls_name,
+        )
+        try:
+            session = Session(settings.session_config(target, tls, driver.local_address))
+            driver.run(session.open())
+            result = driver.run(session.deliver(message, envelope))
+            try:
+                driver.run(session.quit())
+            except DeliveryError as exc:
+                log.debug("QUIT to %s failed: %s", target.peer, exc)
+            return result
+        finally:
+            driver.close()
+
+
+def transient_failure(error: DeliveryError) -> bool:
+    """Whether a target's failure leaves hope for a later attempt.
+
+    A 5xx greeting or EHLO refusal says "not from you, not ever"; everything else (connect
+    failures, timeouts, 421, lost connections, protocol violations) may pass.
+    """
+    if isinstance(error, SessionRefused) and error.reply is not None:
+        return not error.reply.is_permanent
+    return True
+
+
+def _settle(verdict: list[Target] | Verdict, recipients: list[Address]) -> list[RecipientResult]:
+    assert isinstance(verdict, Verdict), "a resolver error always gives a verdict"
+    return verdict.results(recipients)
