@@ -38,6 +38,8 @@ def _freeze(value: Mapping[str, str]) -> Mapping[str, str]:
 class Extensions:
     """What the server offers, parsed from its EHLO/LHLO reply.
 
+    Compared by value; not hashable (it holds a mapping).
+
     Attributes:
         size: the declared maximum message size in octets (RFC 1870), or None
             when no limit was declared (also for ``SIZE`` with no or zero value).

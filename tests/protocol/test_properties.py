@@ -409,7 +409,7 @@ class ConversationMachine(RuleBasedStateMachine):
             assert self.conn.state in (State.CLOSING, State.CLOSED)
 
 
-ConversationMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=50, deadline=None
-)
+# Examples come from the active Hypothesis profile (dev / ci / fuzz); runs are long
+# enough to reach DATA and BDAT through pipelined groups.
+ConversationMachine.TestCase.settings = settings(stateful_step_count=50, deadline=None)
 TestConversation = ConversationMachine.TestCase
