@@ -119,7 +119,6 @@ class ClientConnection:
         max_reply_length: the longest (multi-line) reply accepted, in octets.
 
     Attributes:
-        lmtp: whether this is an LMTP connection.
         extensions: what the last accepted EHLO/LHLO announced; None before it,
             after HELO, and after TLS is established.
         tls: whether :meth:`tls_established` was called.
@@ -129,6 +128,7 @@ class ClientConnection:
         "_accepted",
         "_eof",
         "_error",
+        "_lmtp",
         "_owed",
         "_pending",
         "_reader",
@@ -138,7 +138,6 @@ class ClientConnection:
         "_state",
         "_stuffer",
         "extensions",
-        "lmtp",
         "tls",
     )
 
@@ -149,7 +148,7 @@ class ClientConnection:
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         max_reply_length: int = DEFAULT_MAX_REPLY_LENGTH,
     ) -> None:
-        self.lmtp = lmtp
+        self._lmtp = lmtp
         self.extensions: Extensions | None = None
         self.tls = False
         self._state = State.GREETING
@@ -172,6 +171,11 @@ class ClientConnection:
         self._error: ProtocolError | None = None
 
     # -- state ---------------------------------------------------------------------------
+
+    @property
+    def lmtp(self) -> bool:
+        """Whether this is an LMTP connection (fixed at construction)."""
+        return self._lmtp
 
     @property
     def state(self) -> State:
@@ -376,7 +380,7 @@ class ClientConnection:
         command, kind, serial = pending[0]
         code = reply.code
         event: Event
-        if kind in _FINAL_DATA and self.lmtp:
+        if kind in _FINAL_DATA and self._lmtp:
             event = self._lmtp_response(command, reply)
         else:
             pending.popleft()
