@@ -1,0 +1,224 @@
+"""AsyncDeliveryTracker: the same decisions over an AsyncTransport, with async callbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from mailrelay.envelope import Envelope
+from mailrelay.errors import ConnectError
+from mailrelay.message import Message
+from mailrelay.reply import Reply
+from mailrelay.results import Outcome
+from mailrelay.tracker.async_engine import AsyncDeliveryTracker
+from mailrelay.tracker.dsn import DSNAction, DSNRecipient
+from mailrelay.tracker.dsn_build import build_dsn
+from mailrelay.tracker.dsn_parse import parse_dsn
+from mailrelay.tracker.engine import RunSummary
+from mailrelay.tracker.events import EventKind, TrackerEvent
+from mailrelay.tracker.retry import DomainLimits
+from mailrelay.tracker.sqlite_store import SQLiteStore
+from mailrelay.tracker.store import MemoryStore, State, Store
+from mailrelay.transport.memory import MemoryTransport
+from tests.tracker.test_engine import T0, FakeClock, message, no_jitter, scripted
+
+R = TypeVar("R")
+
+
+def run(coro: Coroutine[Any, Any, R]) -> R:
+    return asyncio.run(coro)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "t.db")
+    yield made
+    made.close()
+
+
+def make(
+    transport: MemoryTransport, store: Store, clock: FakeClock, **options: Any
+) -> AsyncDeliveryTracker:
+    return AsyncDeliveryTracker(
+        transport, store, clock=clock, random=no_jitter, worker_id="aw", **options
+    )
+
+
+def test_async_delivery_with_sync_and_async_callbacks(store: Store) -> None:
+    clock = FakeClock()
+    transport = MemoryTransport(scripted({"a@example.org": Reply.of(450, "4.2.1 later")}))
+    tracker = make(transport, store, clock)
+    seen: list[tuple[str, EventKind]] = []
+
+    async def async_callback(event: TrackerEvent) -> None:
+        await asyncio.sleep(0)
+        seen.append(("async", event.kind))
+
+    tracker.on("delivered", async_callback)
+    tracker.on("deferred", lambda event: seen.append(("sync", event.kind)))
+
+    async def scenario() -> tuple[str, RunSummary, RunSummary]:
+        tracking_id = await tracker.asubmit(message())
+        first = await tracker.arun_pending()
+        clock.advance(300)
+        second = await tracker.arun_pending()
+        return tracking_id, first, second
+
+    tracking_id, first, second = run(scenario())
+    assert first == RunSummary(messages=1, delivered=1, deferred=1)
+    assert second == RunSummary(messages=1, delivered=1)
+    assert sorted(seen) == [
+        ("async", EventKind.DELIVERED),
+        ("async", EventKind.DELIVERED),
+        ("sync", EventKind.DEFERRED),
+    ]
+    assert {r.state for r in tracker.status(tracking_id).recipients} == {State.DELIVERED}
+    assert [str(r.address) for r in transport.outbox[-1].envelope.recipients] == ["a@example.org"]
+
+
+def test_many_messages_concurrently(store: Store) -> None:
+    transport = MemoryTransport()
+    tracker = make(transport, store, FakeClock(), batch_size=7)
+
+    async def scenario() -> RunSummary:
+        for index in range(25):
+            await tracker.asubmit(message((f"r{index}@example.org",)))
+        return await tracker.arun_pending(concurrency=4)
+
+    summary = run(scenario())
+    assert (summary.messages, summary.delivered) == (25, 25)
+    sent = sorted(str(item.envelope.recipients[0].address) for item in transport.outbox)
+    assert sent == sorted(f"r{i}@example.org" for i in range(25))
+
+
+def test_a_raising_async_callback_is_logged(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    tracker = make(MemoryTransport(), store, FakeClock())
+
+    async def broken(event: TrackerEvent) -> None:
+        raise RuntimeError("async callback bug")
+
+    tracker.on("delivered", broken)
+
+    async def scenario() -> RunSummary:
+        await tracker.asubmit(message(("a@example.org",)))
+        return await tracker.arun_pending()
+
+    with caplog.at_level(logging.ERROR, logger="mailrelay.tracker.events"):
+        assert run(scenario()).delivered == 1
+    assert "async callback bug" in caplog.text
+
+
+def test_unexpected_errors_put_the_work_back_after_the_batch(store: Store) -> None:
+    async def handler(msg: Message, envelope: Envelope) -> dict[str, Outcome]:
+        if str(envelope.recipients[0].address) == "bad@bad.example":
+            raise RuntimeError("transport bug")
+        if str(envelope.recipients[0].address) == "down@down.example":
+            raise ConnectError("refused")
+        return {}
+
+    # One domain each: the transient failure's back-off must not hold the others.
+    tracker = make(MemoryTransport(handler), store, FakeClock(), split_by_domain=True)
+
+    async def scenario() -> tuple[str, str, str]:
+        ok = await tracker.asubmit(message(("ok@ok.example",)))
+        bad = await tracker.asubmit(message(("bad@bad.example",)))
+        down = await tracker.asubmit(message(("down@down.example",)))
+        with pytest.raises(RuntimeError, match="transport bug"):
+            await tracker.arun_pending()
+        return ok, bad, down
+
+    ok, bad, down = run(scenario())
+    assert tracker.status(ok).recipients[0].state is State.DELIVERED
+    assert tracker.status(down).recipients[0].state is State.DEFERRED
+    bad_record = tracker.status(bad).recipients[0]
+    assert (bad_record.state, bad_record.attempts, bad_record.lease_owner) == (
+        State.QUEUED,
+        (),
+        None,
+    )
+
+
+def test_async_ingest_and_generated_dsn(store: Store) -> None:
+    dsn_out = MemoryTransport()
+    transport = MemoryTransport(scripted({"b@example.net": Outcome.PERMANENT}))
+    tracker = make(transport, store, FakeClock(), dsn_transport=dsn_out, request_dsn=True)
+    seen: list[EventKind] = []
+
+    async def on_dsn(event: TrackerEvent) -> None:
+        seen.append(event.kind)
+
+    tracker.on("dsn_received", on_dsn)
+
+    async def scenario() -> str:
+        tracking_id = await tracker.asubmit(message())
+        await tracker.arun_pending()
+        raw = build_dsn(
+            original=store.content(tracking_id),
+            envelope_sender="sender@example.com",
+            recipients=[DSNRecipient(address="a@example.org", action=DSNAction.DELIVERED)],
+            reporting_mta="mx.example.org",
+            envid=tracking_id,
+        )
+        match = await tracker.aingest_dsn(raw)
+        assert match.tracking_id == tracking_id
+        return tracking_id
+
+    tracking_id = run(scenario())
+    a = tracker.status(tracking_id).recipient("a@example.org")
+    assert (a.state, a.confirmed) == (State.DELIVERED, True)
+    assert seen == [EventKind.DSN_RECEIVED]
+    report = parse_dsn(dsn_out.outbox[0].message.as_bytes())
+    assert [r.address for r in report.failed] == ["b@example.net"]
+
+
+def test_arun_forever_sleeps_until_due_and_stops(store: Store) -> None:
+    clock = FakeClock()
+    transport = MemoryTransport(scripted({"a@example.org": Outcome.TRANSIENT}))
+    tracker = make(transport, store, clock, limits=DomainLimits())
+    slept: list[float] = []
+
+    async def scenario() -> str:
+        tracking_id = await tracker.asubmit(message(("a@example.org",)))
+        stop = asyncio.Event()
+
+        async def sleep(seconds: float) -> None:
+            slept.append(seconds)
+            clock.advance(seconds)
+            if tracker.status(tracking_id).is_final:
+                stop.set()
+
+        await tracker.arun_forever(stop, sleep=sleep, idle=120, max_loops=10)
+        return tracking_id
+
+    tracking_id = run(scenario())
+    assert slept == [120.0, 120.0, 60.0, 120.0]
+    assert tracker.status(tracking_id).recipients[0].attempts[-1].at == T0 + dt.timedelta(
+        seconds=300
+    )
+
+
+def test_arun_forever_default_sleep_wakes_on_stop(store: Store) -> None:
+    tracker = make(MemoryTransport(), store, FakeClock())
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(tracker.arun_forever(stop, idle=30))
+        await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+    run(scenario())
+
+
+def test_aclose_closes_everything(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    tracker = make(MemoryTransport(), store, FakeClock())
+    run(tracker.aclose())
+    with pytest.raises(Exception, match="closed"):
+        store.get("x")
