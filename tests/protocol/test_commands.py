@@ -191,3 +191,25 @@ def test_valid_commands_are_one_line(text: str) -> None:
     wire = command.encode()
     assert wire.endswith(b"\r\n")
     assert wire.count(b"\r") == wire.count(b"\n") == 1
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        pytest.param((("SIZE", ["1"]),), id="unhashable-value"),
+        pytest.param((("SIZE", 1),), id="int-value"),
+        pytest.param(((b"SIZE", "1"),), id="bytes-keyword"),
+        pytest.param((("SIZE", "1", "2"),), id="triple"),
+        pytest.param(("SIZE",), id="not-a-pair"),
+    ],
+)
+def test_malformed_parameter_shapes_are_local_errors(parameters: object) -> None:
+    with pytest.raises(LocalProtocolError):
+        MailFrom(A, parameters)
+
+
+def test_checked_parameters_encode_the_same_each_time() -> None:
+    # Parameter checks are memoized; the second command must be identical on the wire.
+    first = MailFrom(A, (("SIZE", "77"), ("RET", None))).encode()
+    second = MailFrom(A, (("SIZE", "77"), ("RET", None))).encode()
+    assert first == second == b"MAIL FROM:<user@example.org> SIZE=77 RET\r\n"

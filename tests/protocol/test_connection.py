@@ -771,3 +771,16 @@ def test_limits_are_configurable() -> None:
     conn.receive_data(b"220 0123456789\r\n")
     with pytest.raises(RemoteProtocolError, match="longer than 10"):
         conn.next_event()
+
+
+def test_lmtp_data_taken_without_accepted_recipients_gets_one_reply() -> None:
+    conn = greeted(lmtp=True)
+    conn.send(MailFrom(A))
+    conn.send(RcptTo(B))
+    conn.send(Data())
+    assert codes(reply(conn, b"250 ok\r\n550 no\r\n354 go\r\n")) == [250, 550, 354]
+    end = EndOfData()
+    assert conn.send(end) == b".\r\n"
+    (event,) = reply(conn, b"554 5.5.1 no valid recipients\r\n")
+    assert event == Response(command=end, reply=Reply.of(554, "5.5.1 no valid recipients"))
+    assert pending_of(conn) == ()
