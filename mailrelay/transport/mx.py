@@ -71,6 +71,7 @@ from mailrelay.reply import Reply
 from mailrelay.resolver import DNSStatus, MailHost, MailHosts, Resolver
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.transport.base import Transport
+from mailrelay.transport.errors_map import peer_name
 from mailrelay.transport.sync_driver import connect
 
 __all__ = [
@@ -188,7 +189,9 @@ class Target:
 
     @property
     def peer(self) -> str:
-        """``name[address]:port``, as results and logs show it."""
+        """``name[address]:port`` as results and logs show it (``address:port`` for a literal)."""
+        if self.name.startswith("["):
+            return peer_name(self.address, self.port)
         return f"{self.name}[{self.address}]:{self.port}"
 
     @property
