@@ -11,11 +11,42 @@ The tracker engine and its store build on these pure tools:
 
 from __future__ import annotations
 
+from mailrelay.tracker.async_engine import AsyncDeliveryTracker
 from mailrelay.tracker.dsn import DSNAction, DSNKind, DSNRecipient, DSNReport, classify_hard
 from mailrelay.tracker.dsn_build import build_dsn, verp_decode, verp_encode
 from mailrelay.tracker.dsn_parse import parse_dsn
+from mailrelay.tracker.engine import VERP, DeliveryTracker, DSNMatch, DSNRequest, RunSummary
+from mailrelay.tracker.events import EventKind, TrackerEvent
+from mailrelay.tracker.retry import DomainLimits, DomainShaper, RetryPolicy
+from mailrelay.tracker.sqlite_store import SQLiteStore
+from mailrelay.tracker.store import (
+    Attempt,
+    MemoryStore,
+    MessageRecord,
+    RecipientRecord,
+    State,
+    Store,
+)
 
 __all__ = [
+    "AsyncDeliveryTracker",
+    "Attempt",
+    "DeliveryTracker",
+    "DomainLimits",
+    "DomainShaper",
+    "DSNMatch",
+    "DSNRequest",
+    "EventKind",
+    "MemoryStore",
+    "MessageRecord",
+    "RecipientRecord",
+    "RetryPolicy",
+    "RunSummary",
+    "SQLiteStore",
+    "State",
+    "Store",
+    "TrackerEvent",
+    "VERP",
     "DSNAction",
     "DSNKind",
     "DSNRecipient",
