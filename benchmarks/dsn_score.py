@@ -32,6 +32,7 @@ import collections
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,34 @@ def score(corpus: Path) -> Scores:
     return scores
 
 
+_HEAD = b"From: MAILER-DAEMON@x.example\r\nSubject: failure notice\r\n"
+#: Inputs that make naive regular expressions go quadratic (about 200 KB each).
+HOSTILE = {
+    "unclosed <": _HEAD + b"Content-Type: text/html\r\n\r\n" + b"<" * 200_000,
+    "unclosed <script>": _HEAD + b"Content-Type: text/html\r\n\r\n" + b"<script>" * 25_000,
+    "local-part run": _HEAD + b"\r\nerror " + b"!" * 200_000,
+    "@ without domains": _HEAD + b"\r\n" + b"a@" * 100_000,
+    "huge To header": b"From: MAILER-DAEMON@x.example\r\nTo: " + b"a" * 200_000 + b"\r\n\r\nerror",
+    "huge Diagnostic-Code": b"Content-Type: message/delivery-status\r\n\r\n"
+    b"Final-Recipient: rfc822; a@b.example\r\nAction: failed\r\nDiagnostic-Code: smtp; "
+    + b"user "
+    * 40_000,
+    "20000 recipients": _HEAD
+    + b"\r\nerror\r\n"
+    + b"".join(b"<u%d@example.org>: 550 5.1.1 unknown\r\n" % i for i in range(20_000)),
+}
+
+
+def time_hostile() -> dict[str, float]:
+    """Seconds to parse each of :data:`HOSTILE` (linear time keeps them small)."""
+    seconds = {}
+    for name, raw in HOSTILE.items():
+        start = time.perf_counter()
+        parse_dsn(raw)
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the scores; ``--misses`` also lists every wrong answer."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -187,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("corpus", nargs="?", type=Path, default=default)
     parser.add_argument("--misses", action="store_true", help="list every wrong answer")
     args = parser.parse_args(argv)
+    start = time.perf_counter()
     scores = score(args.corpus)
+    elapsed = time.perf_counter() - start
     print(f"corpus: {args.corpus}")
     print(
         f"RFC 3464 rows, recipient and status right: {scores.rfc_pct:.1f}% "
@@ -209,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"false bounces among non-bounces and auto-replies: {len(scores.false_bounces)}/"
         f"{scores.non_bounce_files} {scores.false_bounces}"
+    )
+    total = sum(scores.kinds.values())
+    print(f"speed: {total} messages scored in {elapsed:.2f} s ({total / elapsed:.0f} messages/s)")
+    hostile = time_hostile()
+    print(
+        "hostile inputs (~200 KB each), seconds: "
+        + ", ".join(f"{name} {seconds:.2f}" for name, seconds in hostile.items())
     )
     print(f"kinds: {dict(scores.kinds)}")
     print(f"formats: {dict(scores.formats)}")

@@ -123,7 +123,10 @@ _HEADER_LINE_RE = re.compile(
     re.IGNORECASE,
 )
 _ADDRESS_RE = re.compile(
-    r"(?<![\w.+=/-])([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    # The look-behind covers every local-part character, so a match can start
+    # only at the beginning of a run: linear time on hostile text.
+    r"(?<![\w.!#$%&'*+/=?^`{|}~-])"
+    r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
     r"\.)+[A-Za-z][A-Za-z0-9-]*[A-Za-z0-9]|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@\[[0-9.]+\])",
 )
 # Lines that name an address that is not a recipient of the failed message.
@@ -152,7 +155,7 @@ _GIVEN_UP_RE = re.compile(
 )
 _FAILURE_WORDS_RE = re.compile(
     r"undeliver|could\s+not\s+be\s+delivered|couldn'?t\s+be\s+delivered|not\s+(?:be\s+)?delivered|"
-    r"delivery\s+(?:to|has)\s+.*fail|failed|failure|permanent|unable\s+to\s+deliver|"
+    r"delivery\s+(?:to|has)\s+[^\n]{0,200}?fail|failed|failure|permanent|unable\s+to\s+deliver|"
     r"wasn'?t\s+able\s+to\s+deliver|did\s+not\s+reach|rejected|unknown|does\s+not\s+exist|"
     r"error|refused|returned|bounced|delayed|deferred|retry|aborted|warning",
     re.IGNORECASE,
@@ -353,11 +356,36 @@ def notice_text(parts: list[email.message.Message]) -> tuple[str, str]:
     return text, ""
 
 
+_BREAK_TAGS = frozenset({"br", "p", "/p", "div", "/div", "tr", "/tr", "li", "/li", "h1", "/h1"})
+
+
 def _strip_html(text: str) -> str:
-    text = re.sub(r"(?is)<(script|style)\b.*?</\1>", " ", text)
-    text = re.sub(r"(?i)<br\s*/?>|</p>|</div>|</tr>|</li>|</h\d>", "\n", text)
-    text = re.sub(r"<[^>]*>", " ", text)
-    return html.unescape(text)
+    """Visible text of an HTML part, in one linear pass (no regex backtracking
+    over hostile input such as thousands of unclosed ``<``)."""
+    lowered = text.lower()
+    out: list[str] = []
+    position = 0
+    while position < len(text):
+        start = text.find("<", position)
+        if start < 0:
+            out.append(text[position:])
+            break
+        out.append(text[position:start])
+        end = text.find(">", start + 1)
+        if end < 0:
+            out.append(text[start:])
+            break
+        name = lowered[start + 1 : end].split(None, 1)[0].rstrip("/") if end > start + 1 else ""
+        if name in ("script", "style"):
+            close = lowered.find(f"</{name}", end)
+            if close < 0:
+                break
+            end = lowered.find(">", close)
+            if end < 0:
+                break
+        out.append("\n" if name in _BREAK_TAGS else " ")
+        position = end + 1
+    return html.unescape("".join(out))
 
 
 def _addresses_in(text: str) -> list[str]:

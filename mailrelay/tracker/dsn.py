@@ -279,7 +279,9 @@ _ABOUT_SENDER_RE = re.compile(
     r"sender\s+(?:rejected|refused|denied|unknown|domain)",
     re.IGNORECASE,
 )
-_ADDRESS_IN_TEXT_RE = re.compile(r"[^\s<>()\[\]\"',;:]+@[^\s<>()\[\]\"',;:]+")
+_ADDRESS_IN_TEXT_RE = re.compile(
+    r"(?<![^\s<>()\[\]\"',;:])[^\s<>()\[\]\"',;:]+@[^\s<>()\[\]\"',;:]+"
+)
 # RFC 3463 §3.2: X.1.1 bad mailbox, X.1.2 bad system, X.1.3 bad mailbox syntax,
 # X.1.6 mailbox moved; RFC 7505 §4.2: X.1.10 null MX (accepts no mail).
 _HARD_STATUSES = frozenset({"1.1", "1.2", "1.3", "1.6", "1.10"})
@@ -392,7 +394,7 @@ def first_address(value: str | None) -> str | None:
     for _name, addr in pairs:
         if "@" in addr:
             return _clean(addr.strip())
-    match = re.search(r"[^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+", value)
+    match = re.search(r"(?<![^\s<>\"'(),;:])[^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+", value)
     return _clean(match.group(0)) if match else None
 
 

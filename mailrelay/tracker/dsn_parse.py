@@ -306,7 +306,7 @@ def _typed_value(value: str | None, *, address: bool = True) -> str | None:
     if value is None:
         return None
     kind, sep, rest = value.partition(";")
-    text = rest if sep and re.fullmatch(r"\s*[A-Za-z0-9-]*\s*", kind) else value
+    text = rest if sep and re.fullmatch(r"[A-Za-z0-9-]*", kind.strip()) else value
     if sep and kind.strip().lower() in ("utf-8", "x-utf-8"):
         text = _UTF8_ESCAPE_RE.sub(lambda m: _chr(m.group(1)), text)
     text = text.strip()
