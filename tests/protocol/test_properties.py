@@ -45,10 +45,17 @@ from mailrelay.protocol import (
     State,
     Vrfy,
 )
-from mailrelay.protocol.transitions import PIPELINE_CONTINUES, PIPELINE_JOINS, SEND
+from mailrelay.protocol.transitions import (
+    LMTP_ONLY,
+    PIPELINE_CONTINUES,
+    PIPELINE_JOINS,
+    SEND,
+    SMTP_ONLY,
+)
 
 A = Address.parse("a@example.org")
 B = Address.parse("b@example.org")
+RECIPIENTS = [Address.parse(f"r{i}@example.org") for i in range(5)]
 
 Outcome = list[Event] | type[ProtocolError]
 
@@ -170,6 +177,7 @@ def test_arbitrary_server_bytes_only_yield_events_or_remote_errors(
 
 COMMANDS: dict[str, Callable[[], Command]] = {
     "EHLO": lambda: Ehlo("client.example"),
+    "LHLO": lambda: Lhlo("client.example"),
     "HELO": lambda: Helo("client.example"),
     "STARTTLS": StartTLS,
     "AUTH": lambda: Auth("LOGIN"),
@@ -212,6 +220,7 @@ PROGRESS = {
 
 SENSIBLE = {
     "EHLO": b"250-mx\r\n250 PIPELINING\r\n",
+    "LHLO": b"250-mx\r\n250 PIPELINING\r\n",
     "STARTTLS": b"220 go\r\n",
     "AUTH": b"334 VXNlcm5hbWU6\r\n",
     "AUTH-CONTINUE": b"235 ok\r\n",
@@ -223,7 +232,8 @@ SENSIBLE = {
 
 class ConversationMachine(RuleBasedStateMachine):
     """Commands and scripted replies in any order: every reply goes to the oldest
-    command awaiting one, and ERROR and CLOSED never let go."""
+    command awaiting one (for LMTP, one per accepted recipient after the data, in
+    RCPT order), and ERROR and CLOSED never let go."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -234,12 +244,20 @@ class ConversationMachine(RuleBasedStateMachine):
         self.closed = False
         self.closing = False
         self.chaos = False
+        self.lmtp = False
+        self.rcpts = 0
+        # The LMTP model: recipients accepted in the transaction being answered,
+        # and those still owed a final reply once the data's replies began.
+        self.accepted: list[Address] = []
+        self.owed: list[Address] | None = None
 
-    @initialize(chaos=st.booleans())
-    def choose_mood(self, chaos: bool) -> None:
+    @initialize(chaos=st.booleans(), lmtp=st.booleans())
+    def choose_mood(self, chaos: bool, lmtp: bool) -> None:
         # Half the runs include illegal commands and garbage (which end in ERROR
         # quickly); the other half stay legal so they reach deep states.
         self.chaos = chaos
+        self.lmtp = lmtp
+        self.conn = ClientConnection(lmtp=lmtp)
 
     def check_failed_call(self, call: Callable[[], object]) -> None:
         try:
@@ -267,12 +285,37 @@ class ConversationMachine(RuleBasedStateMachine):
             self.greeted = True
         elif isinstance(event, Response | LMTPResponse):
             assert self.awaiting, "a reply matched to nothing"
-            assert event.command is self.awaiting[0], "replies are matched in order"
-            self.awaiting.pop(0)
+            head = self.awaiting[0]
+            assert event.command is head, "replies are matched in order"
+            kind = self.kind(head)
+            if self.lmtp and kind in ("END-OF-DATA", "BDAT-LAST"):
+                if self.owed is None:
+                    self.owed, self.accepted = self.accepted, []
+                if self.owed:
+                    assert isinstance(event, LMTPResponse)
+                    assert event.recipient == self.owed.pop(0), "LMTP replies in RCPT order"
+                else:
+                    assert isinstance(event, Response)
+                if not self.owed:
+                    self.owed = None
+                    self.awaiting.pop(0)
+            else:
+                assert isinstance(event, Response)
+                self.awaiting.pop(0)
+                if isinstance(head, RcptTo) and event.reply.code < 300:
+                    self.accepted.append(head.recipient)
+                elif kind in ("MAIL", "RSET"):
+                    self.accepted = []
         elif isinstance(event, ServiceClosing):
             assert not self.awaiting
         else:
             assert event.pending == tuple(self.awaiting)
+            final = self.awaiting and self.kind(self.awaiting[0]) in ("END-OF-DATA", "BDAT-LAST")
+            if self.lmtp and final:
+                expected = self.owed if self.owed is not None else self.accepted
+                assert event.unanswered == tuple(expected)
+            else:
+                assert event.unanswered == ()
             self.closed = True
         if not isinstance(event, ConnectionClosed) and event.reply.code == 421:
             self.closing = True
@@ -287,14 +330,26 @@ class ConversationMachine(RuleBasedStateMachine):
     def send_legal(self, data: st.DataObject) -> None:
         # Bias towards commands the tables allow, so runs go deep into the protocol.
         state = self.conn.state
-        kinds = sorted(kind for (source, kind) in SEND if source is state and kind in COMMANDS)
+        other = SMTP_ONLY if self.lmtp else LMTP_ONLY
+        kinds = sorted(
+            kind
+            for (source, kind) in SEND
+            if source is state and kind in COMMANDS and kind not in other
+        )
         self.send_legal_from(kinds, data)
+
+    @precondition(lambda self: self.failed)
+    @rule()
+    def failed_stays_failed(self) -> None:
+        self.check_failed_call(self.conn.next_event)
 
     @precondition(lambda self: not self.failed and self.conn.state in PROGRESS)
     @rule(data=st.data())
     def send_towards_delivery(self, data: st.DataObject) -> None:
         # A nudge along the usual path (EHLO, MAIL, RCPT, DATA, ...), pipelined or not.
         kinds = PROGRESS[self.conn.state]
+        if self.lmtp and kinds == ["EHLO"]:
+            kinds = ["LHLO"]
         self.send_legal_from(kinds, data)
 
     def send_legal_from(self, kinds: list[str], data: st.DataObject) -> None:
@@ -317,6 +372,10 @@ class ConversationMachine(RuleBasedStateMachine):
         return command.verb
 
     def send(self, command: Command) -> None:
+        if isinstance(command, RcptTo):
+            # Distinct recipients, so LMTP replies can be told apart.
+            command = RcptTo(RECIPIENTS[self.rcpts % len(RECIPIENTS)])
+            self.rcpts += 1
         if self.failed:
             self.check_failed_call(lambda: self.conn.send(command))
             return
