@@ -100,11 +100,16 @@ _BOUNCE_SUBJECT_RE = re.compile(
     re.IGNORECASE,
 )
 _REPLY_PREFIX_RE = re.compile(r"^\s*(?:re|fwd?|aw|wg|sv|vs|tr|rif|odp|antw)\s*:", re.IGNORECASE)
+# Subjects only auto-responders use ...
 _AUTO_SUBJECT_RE = re.compile(
     r"out\s+of\s+(?:the\s+)?office|automatic\s+reply|auto(?:matic)?[- ]?(?:reply|response|"
-    r"respon)|autoreply|^\s*auto:|vacation|away\s+from|on\s+leave|abwesen|absence|"
-    r"r[ée]ponse\s+automatique|respuesta\s+autom|自動|不在",
+    r"respon)|autoreply|^\s*auto:|abwesenheitsnotiz|r[ée]ponse\s+automatique|"
+    r"respuesta\s+autom|自動応答|自動返信",
     re.IGNORECASE,
+)
+# ... and words people use too ("Vacation photos"): believed with a sign of automation.
+_AWAY_SUBJECT_RE = re.compile(
+    r"vacation|away\s+from|\baway\b|on\s+leave|abwesen|absence|不在", re.IGNORECASE
 )
 _RETURNED_MARKER_RE = re.compile(
     r"^[\s\-=_*>|]*(?:below\s+this\s+line\s+is\s+a\s+copy|"
@@ -203,8 +208,9 @@ def auto_reply_strength(msg: email.message.Message) -> int:
 
     Returns:
         2 for explicit auto-reply markers (``X-Autoreply``, ``X-Autorespond``,
-        ``Precedence: auto_reply``, an out-of-office subject), 1 when only
-        ``Auto-Submitted`` says it is automatic (bounces say that too), else 0.
+        ``Precedence: auto_reply``, an out-of-office subject, or a "vacation"
+        subject on an automatic message), 1 when only ``Auto-Submitted`` says it
+        is automatic (bounces say that too), else 0.
     """
     # X-Auto-Response-Suppress is deliberately absent: Outlook puts it on
     # ordinary mail to *ask* for no auto-replies.
@@ -214,11 +220,17 @@ def auto_reply_strength(msg: email.message.Message) -> int:
             return 2
     if (header(msg, "Precedence") or "").lower() == "auto_reply":
         return 2
-    if _AUTO_SUBJECT_RE.search(header(msg, "Subject") or ""):
+    subject = header(msg, "Subject") or ""
+    if _AUTO_SUBJECT_RE.search(subject):
         return 2
     # RFC 3834 §5.1: any value other than "no" marks an automatic message.
-    auto = (header(msg, "Auto-Submitted") or "no").lower()
-    return 1 if not auto.startswith("no") else 0
+    automatic = not (header(msg, "Auto-Submitted") or "no").lower().startswith("no")
+    return_path = header(msg, "Return-Path")
+    if (automatic or (return_path or "x").strip() in ("<>", "")) and _AWAY_SUBJECT_RE.search(
+        subject
+    ):
+        return 2
+    return 1 if automatic else 0
 
 
 def read_prose(msg: email.message.Message, parts: list[email.message.Message]) -> Prose | None:

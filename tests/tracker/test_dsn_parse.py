@@ -447,6 +447,32 @@ Disposition: manual-action/MDN-sent-manually; displayed
 """)
 
 
+PROSE_DELAY = msg("""
+Return-Path: <>
+From: Mail Delivery System <Mailer-Daemon@slow.example.net>
+To: app@shop.example
+Subject: Warning: message 1abc-0001 delayed 24 hours
+
+This message was created automatically by mail delivery software.
+A message that you sent has not yet been delivered to one or more of its
+recipients after more than 24 hours on the queue on slow.example.net.
+
+  later@example.net
+    host mx.example.net [192.0.2.8]: 451 4.3.0 Temporary local problem
+
+No action is required on your part. Delivery attempts will continue for some time.
+""")
+
+VACATION_PHOTOS = msg("""
+From: Ivan <ivan@example.org>
+To: app@shop.example
+Subject: Vacation photos
+Message-ID: <photos@example.org>
+
+Here they are; the first upload failed with an error, sorry.
+""")
+
+
 FORMATS = [
     # (id, raw, kind, [(address, action, status, is_hard)], format)
     (
@@ -534,6 +560,14 @@ FORMATS = [
         "prose",
     ),
     ("read-receipt", READ_RECEIPT, DSNKind.NOT_A_REPORT, [], "none"),
+    (
+        "prose-delay",
+        PROSE_DELAY,
+        DSNKind.DELAY,
+        [("later@example.net", "delayed", "4.3.0", False)],
+        "prose",
+    ),
+    ("vacation-photos", VACATION_PHOTOS, DSNKind.NOT_A_REPORT, [], "none"),
     ("plain", PLAIN, DSNKind.NOT_A_REPORT, [], "none"),
     ("forwarded-bounce", FORWARDED_BOUNCE, DSNKind.NOT_A_REPORT, [], "none"),
 ]
