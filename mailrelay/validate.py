@@ -21,6 +21,10 @@ Rules of this module:
 - ``validate_many`` keeps input order, looks each domain up once, and runs at most
   ``concurrency`` lookups at a time (threads for the blocking validator, tasks for the
   async one).
+- An SMTP callout (:mod:`mailrelay.callout`) is off by default. When one is given, every
+  ``DELIVERABLE`` address is also probed at its mail server (RCPT, never DATA); a 5xx to RCPT
+  makes it ``UNDELIVERABLE`` with reason ``MAILBOX_REFUSED``; any other answer keeps the DNS
+  verdict, and the probe's result is in :attr:`Validation.callout`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Final, cast
 import attrs
 
 from mailrelay.address import Address
+from mailrelay.callout import AsyncCallout, Callout, CalloutResult, CalloutStatus
 from mailrelay.errors import InvalidAddress, ResolverError
 from mailrelay.resolver import AsyncResolver, DNSStatus, MailHosts, Resolver
 
@@ -101,6 +106,8 @@ class Reason(enum.Enum):
     TEMPFAIL = "tempfail"
     #: The domain is an address literal such as ``[192.0.2.1]``: nothing to look up.
     ADDRESS_LITERAL = "address-literal"
+    #: The mail server refused the address at RCPT (5xx) during an SMTP callout.
+    MAILBOX_REFUSED = "mailbox-refused"
 
     @property
     def verdict(self) -> Verdict:
@@ -117,6 +124,7 @@ _VERDICTS: Final = {
     Reason.NO_MAIL_HOST: Verdict.UNDELIVERABLE,
     Reason.TEMPFAIL: Verdict.UNKNOWN,
     Reason.ADDRESS_LITERAL: Verdict.UNKNOWN,
+    Reason.MAILBOX_REFUSED: Verdict.UNDELIVERABLE,
 }
 
 
@@ -138,6 +146,7 @@ class Validation:
         address: the normalized address, or ``None`` when the syntax is bad.
         mail_hosts: what the DNS said about the domain, when it was asked and answered.
         detail: a human-readable explanation (the syntax error, the DNS failure).
+        callout: the SMTP callout's answer, when a callout was configured and ran.
     """
 
     # attrs runs validators after every field is set, so the verdict can check the reason.
@@ -147,6 +156,7 @@ class Validation:
     address: Address | None = None
     mail_hosts: MailHosts | None = None
     detail: str = ""
+    callout: CalloutResult | None = None
 
     @property
     def is_deliverable(self) -> bool:
@@ -182,6 +192,25 @@ def _is_special(ascii_domain: str, special_use: frozenset[str]) -> bool:
             return False
         name = name[dot + 1 :]
     return False
+
+
+def _with_callout(validation: Validation, probe: CalloutResult) -> Validation:
+    """Fold a callout's answer into a DNS verdict: only a 5xx to RCPT changes it."""
+    if probe.status is CalloutStatus.REFUSED:
+        return attrs.evolve(
+            validation,
+            reason=Reason.MAILBOX_REFUSED,
+            verdict=Verdict.UNDELIVERABLE,
+            detail=f"{probe.host} refused it: {probe.reply}",
+            callout=probe,
+        )
+    return attrs.evolve(validation, callout=probe)
+
+
+def _deliverable(results: list[Validation]) -> tuple[list[int], list[Address]]:
+    """The positions and addresses of the results the DNS found deliverable."""
+    chosen = [(i, v.address) for i, v in enumerate(results) if v.reason is Reason.OK]
+    return [i for i, _ in chosen], [a for _, a in chosen if a is not None]
 
 
 class _ValidatorBase:
@@ -290,6 +319,8 @@ class RecipientValidator(_ValidatorBase):
             ``None`` makes one that reads the system's resolver configuration.
         special_use: domains (with everything below them) refused without a lookup.
         concurrency: the most DNS lookups :meth:`validate_many` runs at the same time.
+        callout: an SMTP :class:`~mailrelay.callout.Callout` to probe deliverable addresses
+            with (off by default: read its caveats first).
     """
 
     def __init__(
@@ -298,16 +329,21 @@ class RecipientValidator(_ValidatorBase):
         *,
         special_use: Iterable[str] = DEFAULT_SPECIAL_USE,
         concurrency: int = DEFAULT_CONCURRENCY,
+        callout: Callout | None = None,
     ) -> None:
         super().__init__(special_use, concurrency)
         self.resolver = resolver if resolver is not None else Resolver()
+        self.callout = callout
 
     def validate(self, address: str) -> Validation:
         """Validate one address; see the module documentation for the verdicts."""
         checked = self._check_syntax(address)
         if isinstance(checked, Validation):
             return checked
-        return self._judge(address, checked, self._lookup(checked.ascii_domain))
+        result = self._judge(address, checked, self._lookup(checked.ascii_domain))
+        if self.callout is not None and result.reason is Reason.OK:
+            result = _with_callout(result, self.callout.probe(checked))
+        return result
 
     def validate_many(self, addresses: Iterable[str]) -> list[Validation]:
         """Validate many addresses: results in input order, each domain looked up once."""
@@ -321,7 +357,13 @@ class RecipientValidator(_ValidatorBase):
             workers = min(self.concurrency, len(missing))
             with ThreadPoolExecutor(workers, thread_name_prefix="mailrelay-validate") as pool:
                 found.update(zip(missing, pool.map(self._lookup, missing), strict=True))
-        return self._finish(texts, pending, by_domain, [found[d] for d in by_domain])
+        results = self._finish(texts, pending, by_domain, [found[d] for d in by_domain])
+        if self.callout is not None:
+            chosen, probed = _deliverable(results)
+            probes = self.callout.probe_many(probed)
+            for index, probe in zip(chosen, probes, strict=True):
+                results[index] = _with_callout(results[index], probe)
+        return results
 
     def _lookup(self, domain: str) -> MailHosts | ResolverError:
         try:
@@ -338,6 +380,8 @@ class AsyncRecipientValidator(_ValidatorBase):
             that reads the system's resolver configuration.
         special_use: domains (with everything below them) refused without a lookup.
         concurrency: the most DNS lookups :meth:`validate_many` runs at the same time.
+        callout: an :class:`~mailrelay.callout.AsyncCallout` to probe deliverable addresses
+            with (off by default).
     """
 
     def __init__(
@@ -346,16 +390,21 @@ class AsyncRecipientValidator(_ValidatorBase):
         *,
         special_use: Iterable[str] = DEFAULT_SPECIAL_USE,
         concurrency: int = DEFAULT_CONCURRENCY,
+        callout: AsyncCallout | None = None,
     ) -> None:
         super().__init__(special_use, concurrency)
         self.resolver = resolver if resolver is not None else AsyncResolver()
+        self.callout = callout
 
     async def validate(self, address: str) -> Validation:
         """Validate one address; see :meth:`RecipientValidator.validate`."""
         checked = self._check_syntax(address)
         if isinstance(checked, Validation):
             return checked
-        return self._judge(address, checked, await self._lookup(checked.ascii_domain))
+        result = self._judge(address, checked, await self._lookup(checked.ascii_domain))
+        if self.callout is not None and result.reason is Reason.OK:
+            result = _with_callout(result, await self.callout.probe(checked))
+        return result
 
     async def validate_many(self, addresses: Iterable[str]) -> list[Validation]:
         """Validate many addresses; see :meth:`RecipientValidator.validate_many`."""
@@ -370,7 +419,13 @@ class AsyncRecipientValidator(_ValidatorBase):
         found, missing = self._cached(self.resolver, by_domain)
         looked_up = await asyncio.gather(*(gated(domain) for domain in missing))
         found.update(zip(missing, looked_up, strict=True))
-        return self._finish(texts, pending, by_domain, [found[d] for d in by_domain])
+        results = self._finish(texts, pending, by_domain, [found[d] for d in by_domain])
+        if self.callout is not None:
+            chosen, probed = _deliverable(results)
+            probes = await self.callout.probe_many(probed)
+            for index, probe in zip(chosen, probes, strict=True):
+                results[index] = _with_callout(results[index], probe)
+        return results
 
     async def _lookup(self, domain: str) -> MailHosts | ResolverError:
         try:

@@ -49,6 +49,7 @@ def layer_of(module: str) -> str:
         "transport": "transport",
         "resolver": "resolver",
         "validate": "validation",
+        "callout": "validation",
         "tracker": "tracker",
         "testing": "testing",
         "cli": "cli",

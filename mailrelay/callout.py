@@ -1,0 +1,594 @@
+"""SMTP callout: ask a recipient's own mail server whether it would take mail for an address.
+
+Theory of operation: :meth:`Callout.probe_many` groups the addresses by domain and, per
+domain, finds the mail exchangers exactly as MX delivery does (:mod:`mailrelay.transport.mx`:
+RFC 5321 §5.1 order, failover after a connect failure, 421 or refused greeting), opens one
+session with the dialogue (:mod:`mailrelay.flow`: greeting, EHLO, opportunistic STARTTLS) and
+then runs a *probe*: ``MAIL FROM:<>`` (or the configured sender), one ``RCPT TO`` per address,
+one more ``RCPT TO`` for a random local part at the same domain (catch-all detection), then
+``RSET`` and ``QUIT``. ``DATA`` is never sent: nothing is delivered.
+
+Rules:
+
+* A result is :attr:`CalloutStatus.ACCEPTED` only for a 2xx RCPT reply and
+  :attr:`CalloutStatus.REFUSED` only for a 5xx RCPT reply (RFC 5321 §4.2.1: permanent).
+  Everything else is :attr:`CalloutStatus.UNKNOWN`, with the reply or a ``detail``: a 4xx
+  (greylisting, RFC 6647, answers 4xx to the first attempt of every unknown client on
+  purpose), a refused ``MAIL`` (the server refuses *us*, not the address), a session that
+  ended early, no exchanger reachable, or DNS trouble. A callout never guesses.
+* Catch-all detection: when the random local part is accepted too, the domain accepts
+  everything at RCPT time (and may bounce later), so an ACCEPTED result carries
+  ``catch_all=True`` and proves nothing about the mailbox. ``catch_all`` is ``False`` when the
+  random local part got a 5xx, ``None`` when we could not tell.
+* Bounded: one session per domain per call; at most ``max_recipients`` RCPTs per transaction
+  (RFC 5321 §4.5.3.1.8 makes servers accept at least 100), with RSET between transactions;
+  every wait is bounded by ``timeouts``; at most ``max_addresses`` exchanger addresses tried.
+
+Caveats (say them to your users):
+
+* Servers that accept everything at RCPT time (catch-alls, many large providers, and anyone
+  who answers after DATA) make ACCEPTED weak; only REFUSED is strong evidence.
+* Greylisting answers 4xx on the first attempt: UNKNOWN, not REFUSED.
+* Probing looks like a directory-harvest attack: many callouts from one address get it
+  rate-limited or **blocklisted**, which then hurts that address's real mail. Probe from a
+  host that does not send your mail, slowly, and cache the answers.
+* Port 25 is blocked outbound on most consumer and many cloud networks.
+
+The probe uses :class:`~mailrelay.flow.Session`'s low-level ``_write``/``_event`` helpers for
+MAIL/RCPT without DATA (the dialogue has no public probe step yet); see :func:`_probe`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random as _random
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+
+from mailrelay.address import Address
+from mailrelay.errors import DeliveryError, ResolverError, TLSError
+from mailrelay.flow import Session, Step
+from mailrelay.options import TLS, Timeouts
+from mailrelay.protocol import ConnectionClosed, MailFrom, RcptTo, Response, ServiceClosing
+from mailrelay.reply import Reply
+from mailrelay.resolver import AsyncResolver, MailHosts, Resolver
+from mailrelay.transport import async_driver, sync_driver
+from mailrelay.transport.mx import MXSettings, Target, Verdict, fallback, literal_hosts
+
+if TYPE_CHECKING:
+    import ssl  # noqa: TID251 -- annotations only, never imported at run time
+
+__all__ = [
+    "DEFAULT_TIMEOUTS",
+    "AsyncCallout",
+    "Callout",
+    "CalloutResult",
+    "CalloutStatus",
+    "acallout",
+    "callout",
+]
+
+log = logging.getLogger(__name__)
+
+#: Probing should not wait the minutes RFC 5321 §4.5.3.2 allows a real delivery.
+DEFAULT_TIMEOUTS: Final = Timeouts(
+    connect=10, greeting=30, mail=30, rcpt=30, data_init=30, data_block=30, data_end=30
+)
+#: RCPTs per transaction (RFC 5321 §4.5.3.1.8: servers take at least 100).
+DEFAULT_MAX_RECIPIENTS: Final = 50
+#: Exchanger addresses tried per domain.
+DEFAULT_MAX_ADDRESSES: Final = 3
+
+
+class CalloutStatus(enum.Enum):
+    """What the recipient's server said about an address."""
+
+    #: RCPT got a 2xx reply (see ``catch_all`` before trusting it).
+    ACCEPTED = "accepted"
+    #: RCPT got a 5xx reply: the server refuses mail for this address.
+    REFUSED = "refused"
+    #: No verdict: a 4xx reply (greylisting?), MAIL refused, no server reached, DNS trouble.
+    UNKNOWN = "unknown"
+
+
+@attrs.frozen(kw_only=True)
+class CalloutResult:
+    """The answer of one probe.
+
+    Attributes:
+        address: the address probed.
+        status: accepted, refused or unknown.
+        reply: the reply that decided it (the RCPT reply, or MAIL's when MAIL was refused).
+        host: the exchanger that answered (``name[address]:port``), when one did.
+        catch_all: ``True`` when the server also accepted a random local part at the same
+            domain (so acceptance proves nothing), ``False`` when it refused it, ``None``
+            when that could not be told.
+        detail: a human-readable explanation.
+    """
+
+    address: Address
+    status: CalloutStatus
+    reply: Reply | None = None
+    host: str | None = None
+    catch_all: bool | None = None
+    detail: str = ""
+
+    @property
+    def conclusive(self) -> bool:
+        """A refusal, or an acceptance by a server known not to accept everything."""
+        if self.status is CalloutStatus.REFUSED:
+            return True
+        return self.status is CalloutStatus.ACCEPTED and self.catch_all is False
+
+
+@attrs.frozen(kw_only=True)
+class _Probe:
+    """What one probe transaction got: ``None`` for replies that never came."""
+
+    mail: Reply | None
+    rcpts: tuple[Reply | None, ...]
+    decoy: Reply | None
+    ended: str = ""
+
+
+def _reply(session: Session, phase: str) -> Step[Reply | None]:
+    """The next reply; ``None`` (and the session closed) on 421 or end of file."""
+    event = yield from session._event(phase)
+    if isinstance(event, ConnectionClosed):
+        yield from session._closed()
+        return None
+    if isinstance(event, ServiceClosing) or (
+        isinstance(event, Response) and event.reply.code == 421
+    ):
+        # RFC 5321 §3.8: 421 closes the channel; nothing more will be answered.
+        yield from session._closed()
+        return None
+    assert isinstance(event, Response)
+    return event.reply
+
+
+def _probe(
+    session: Session, sender: Address | None, recipients: Sequence[Address], decoy: Address | None
+) -> Step[_Probe]:
+    """MAIL, one RCPT per recipient and the decoy, then RSET: never DATA.
+
+    Commands go one at a time (no pipelining): a probe is short, and a server that drops
+    the connection after too many refused RCPTs then leaves clear, partial answers.
+    """
+    utf8 = session.extensions.smtputf8 and any(a.needs_smtputf8 for a in recipients)
+    params: tuple[tuple[str, str | None], ...] = (("SMTPUTF8", None),) if utf8 else ()
+    yield from session._write(
+        MailFrom(sender=sender, parameters=params, smtputf8=utf8), phase="mail"
+    )
+    mail = yield from _reply(session, "mail")
+    replies: list[Reply | None] = []
+    decoy_reply: Reply | None = None
+    if mail is not None and mail.is_positive:
+        for address in [*recipients, *([decoy] if decoy is not None else [])]:
+            if session.closed:
+                break
+            yield from session._write(RcptTo(recipient=address, smtputf8=utf8), phase="rcpt")
+            replies.append((yield from _reply(session, "rcpt")))
+        if decoy is not None and len(replies) > len(recipients):
+            decoy_reply = replies.pop()
+    if not session.closed:
+        # RFC 5321 §4.1.1.5: RSET abandons the transaction; no mail is sent.
+        try:
+            yield from session.reset()
+        except DeliveryError as exc:
+            log.debug("RSET after a probe failed: %s", exc)  # the answers are in already
+    ended = "the server ended the session during the probe" if session.closed else ""
+    replies += [None] * (len(recipients) - len(replies))
+    return _Probe(mail=mail, rcpts=tuple(replies), decoy=decoy_reply, ended=ended)
+
+
+def _judge(recipients: Sequence[Address], probe: _Probe, host: str) -> list[CalloutResult]:
+    catch_all: bool | None = None
+    if probe.decoy is not None and probe.decoy.is_positive:
+        catch_all = True
+    elif probe.decoy is not None and probe.decoy.is_permanent:
+        catch_all = False
+    results = []
+    for address, reply in zip(recipients, probe.rcpts, strict=True):
+        if probe.mail is None or not probe.mail.is_positive:
+            results.append(
+                CalloutResult(
+                    address=address,
+                    status=CalloutStatus.UNKNOWN,
+                    reply=probe.mail,
+                    host=host,
+                    detail="the server refused our MAIL FROM (it refuses the prober, "
+                    "not the address)"
+                    if probe.mail is not None
+                    else probe.ended or "no reply to MAIL FROM",
+                )
+            )
+        elif reply is None:
+            results.append(
+                CalloutResult(
+                    address=address,
+                    status=CalloutStatus.UNKNOWN,
+                    host=host,
+                    catch_all=catch_all,
+                    detail=probe.ended or "no reply to RCPT",
+                )
+            )
+        else:
+            if reply.is_positive:
+                status = CalloutStatus.ACCEPTED
+                detail = (
+                    "accepted, but so is a random address: the server accepts everything"
+                    if catch_all
+                    else "accepted"
+                )
+            elif reply.is_permanent:
+                status, detail = CalloutStatus.REFUSED, "refused"
+            else:
+                status = CalloutStatus.UNKNOWN
+                detail = "a temporary refusal (greylisting?): ask again later"
+            results.append(
+                CalloutResult(
+                    address=address,
+                    status=status,
+                    reply=reply,
+                    host=host,
+                    catch_all=catch_all,
+                    detail=detail,
+                )
+            )
+    return results
+
+
+def _unknown(recipients: Iterable[Address], detail: str) -> list[CalloutResult]:
+    return [
+        CalloutResult(address=a, status=CalloutStatus.UNKNOWN, detail=detail) for a in recipients
+    ]
+
+
+def _batches(items: Sequence[Address], size: int) -> list[Sequence[Address]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class _CalloutBase:
+    def __init__(
+        self,
+        *,
+        sender: str | Address | None,
+        port: int,
+        tls: TLS,
+        ssl_context: ssl.SSLContext | None,
+        timeouts: Timeouts,
+        local_hostname: str | None,
+        detect_catch_all: bool,
+        max_recipients: int,
+        max_addresses: int,
+        random: _random.Random | None,
+    ) -> None:
+        self.sender: Address | None
+        if sender is None or sender == "":
+            self.sender = None  # the null reverse-path <>
+        elif isinstance(sender, Address):
+            self.sender = sender
+        else:
+            self.sender = Address.parse(sender)
+        self.settings = MXSettings(
+            port=port,
+            tls=tls,
+            ssl_context=ssl_context,
+            timeouts=timeouts,
+            local_hostname=local_hostname,
+            tls_policy=None,
+            plaintext_fallback=True,
+            pipelining=False,
+            chunking=False,
+            max_addresses=max_addresses,
+        )
+        if max_recipients < 1:
+            raise ValueError("max_recipients must be at least 1")
+        self.detect_catch_all = detect_catch_all
+        self.max_recipients = max_recipients
+        self._random = random if random is not None else _random.SystemRandom()
+
+    def _group(
+        self, addresses: Iterable[str | Address]
+    ) -> tuple[list[Address], dict[str, list[int]]]:
+        parsed = [a if isinstance(a, Address) else Address.parse(a) for a in addresses]
+        groups: dict[str, list[int]] = {}
+        for index, address in enumerate(parsed):
+            groups.setdefault(address.ascii_domain.lower(), []).append(index)
+        return parsed, groups
+
+    def _decoy(self, domain: str) -> Address | None:
+        if not self.detect_catch_all:
+            return None
+        token = "".join(
+            self._random.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(16)
+        )
+        return Address.parse(f"nobody-{token}@{domain}")
+
+    def _targets(
+        self, domain: str, found: MailHosts | ResolverError, recipients: Sequence[Address]
+    ) -> list[Target] | list[CalloutResult]:
+        targets = self.settings.plan(domain, found, self.settings.default)
+        if isinstance(targets, Verdict):
+            return _unknown(recipients, f"no server to ask: {targets.reason}")
+        return targets
+
+    @staticmethod
+    def _merge(
+        parsed: list[Address], parts: Iterable[tuple[list[int], list[CalloutResult]]]
+    ) -> list[CalloutResult]:
+        merged: list[CalloutResult | None] = [None] * len(parsed)
+        for positions, results in parts:
+            for index, result in zip(positions, results, strict=True):
+                merged[index] = result
+        return [r for r in merged if r is not None]
+
+
+class Callout(_CalloutBase):
+    """SMTP callouts, blocking (read the module docstring's caveats first).
+
+    Example::
+
+        callout = Callout(resolver, sender="probe@example.com", local_hostname="probe.example.com")
+        result = callout.probe("someone@example.org")
+        if result.status is CalloutStatus.REFUSED: ...
+
+    Args:
+        resolver: the :class:`~mailrelay.resolver.Resolver` to find the exchangers with.
+        sender: the MAIL FROM address; ``None`` (the default) sends the null path ``<>``,
+            which servers must accept (RFC 5321 §4.5.5) but some refuse.
+        port: the exchangers' port (25; a loopback port in tests).
+        tls: ``TLS.OPPORTUNISTIC`` (default), ``TLS.STARTTLS`` or ``TLS.NONE``.
+        ssl_context: the verifying context for ``TLS.STARTTLS``.
+        timeouts: per-phase limits (shorter than a delivery's by default).
+        local_hostname: the EHLO name (give the probing host's real name: servers check it).
+        detect_catch_all: also probe a random local part at each domain.
+        max_recipients: RCPTs per transaction.
+        max_addresses: exchanger addresses tried per domain.
+        random: the source of the random local part (tests inject a seeded one).
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver | None = None,
+        *,
+        sender: str | Address | None = None,
+        port: int = 25,
+        tls: TLS = TLS.OPPORTUNISTIC,
+        ssl_context: ssl.SSLContext | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        local_hostname: str | None = None,
+        detect_catch_all: bool = True,
+        max_recipients: int = DEFAULT_MAX_RECIPIENTS,
+        max_addresses: int = DEFAULT_MAX_ADDRESSES,
+        random: _random.Random | None = None,
+    ) -> None:
+        super().__init__(
+            sender=sender, port=port, tls=tls, ssl_context=ssl_context, timeouts=timeouts,
+            local_hostname=local_hostname, detect_catch_all=detect_catch_all,
+            max_recipients=max_recipients, max_addresses=max_addresses, random=random,
+        )  # fmt: skip
+        self.resolver = resolver if resolver is not None else Resolver()
+
+    def probe(self, address: str | Address) -> CalloutResult:
+        """Probe one address.
+
+        Raises:
+            InvalidAddress: when ``address`` is not a valid address.
+        """
+        return self.probe_many([address])[0]
+
+    def probe_many(self, addresses: Iterable[str | Address]) -> list[CalloutResult]:
+        """Probe many addresses, one session per domain; results in input order.
+
+        Raises:
+            InvalidAddress: when an address is not valid (before anything is sent).
+        """
+        parsed, groups = self._group(addresses)
+        parts = []
+        for domain, positions in groups.items():
+            recipients = [parsed[i] for i in positions]
+            parts.append((positions, self._domain(domain, recipients)))
+        return self._merge(parsed, parts)
+
+    def _domain(self, domain: str, recipients: list[Address]) -> list[CalloutResult]:
+        found = literal_hosts(domain)
+        if found is None:
+            try:
+                found = self.resolver.mail_hosts(domain)
+            except ResolverError as exc:
+                return _unknown(recipients, f"DNS lookup failed: {exc}")
+        targets = self._targets(domain, found, recipients)
+        if targets and isinstance(targets[0], CalloutResult):
+            return [t for t in targets if isinstance(t, CalloutResult)]
+        failures = []
+        for target in targets:
+            assert isinstance(target, Target)
+            tls = self.settings.default.tls
+            for _ in range(2):
+                try:
+                    return self._session(target, tls, domain, recipients)
+                except TLSError as exc:
+                    failures.append(f"{target.peer}: {exc}")
+                    if not fallback(self.settings.default, tls):
+                        break
+                    tls = TLS.NONE
+                except DeliveryError as exc:
+                    failures.append(f"{target.peer}: {exc}")
+                    break
+        return _unknown(recipients, "no exchanger answered: " + "; ".join(failures))
+
+    def _session(
+        self, target: Target, tls: TLS, domain: str, recipients: list[Address]
+    ) -> list[CalloutResult]:
+        settings = self.settings
+        driver = sync_driver.connect(
+            target.address,
+            target.port,
+            timeouts=settings.timeouts,
+            ssl_context=settings.context(settings.default, tls),
+            server_hostname=target.tls_name,
+        )
+        try:
+            session = Session(settings.session_config(target, tls, driver.local_address))
+            driver.run(session.open())
+            results: list[CalloutResult] = []
+            decoy = self._decoy(domain)
+            for batch in _batches(recipients, self.max_recipients):
+                if session.closed:
+                    results += _unknown(batch, "the server ended the session")
+                    continue
+                probe = driver.run(_probe(session, self.sender, batch, decoy))
+                results += _judge(batch, probe, target.peer)
+                decoy = None  # once per domain is enough
+            _carry_catch_all(results)
+            try:
+                driver.run(session.quit())
+            except DeliveryError as exc:
+                log.debug("QUIT to %s failed: %s", target.peer, exc)
+            return results
+        finally:
+            driver.close()
+
+
+class AsyncCallout(_CalloutBase):
+    """SMTP callouts on asyncio: :class:`Callout` with awaited methods.
+
+    Args:
+        resolver: the :class:`~mailrelay.resolver.AsyncResolver` to find the exchangers with.
+        Other arguments: as :class:`Callout`.
+    """
+
+    def __init__(
+        self,
+        resolver: AsyncResolver | None = None,
+        *,
+        sender: str | Address | None = None,
+        port: int = 25,
+        tls: TLS = TLS.OPPORTUNISTIC,
+        ssl_context: ssl.SSLContext | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        local_hostname: str | None = None,
+        detect_catch_all: bool = True,
+        max_recipients: int = DEFAULT_MAX_RECIPIENTS,
+        max_addresses: int = DEFAULT_MAX_ADDRESSES,
+        random: _random.Random | None = None,
+    ) -> None:
+        super().__init__(
+            sender=sender, port=port, tls=tls, ssl_context=ssl_context, timeouts=timeouts,
+            local_hostname=local_hostname, detect_catch_all=detect_catch_all,
+            max_recipients=max_recipients, max_addresses=max_addresses, random=random,
+        )  # fmt: skip
+        self.resolver = resolver if resolver is not None else AsyncResolver()
+
+    async def probe(self, address: str | Address) -> CalloutResult:
+        """Probe one address; see :meth:`Callout.probe`."""
+        return (await self.probe_many([address]))[0]
+
+    async def probe_many(self, addresses: Iterable[str | Address]) -> list[CalloutResult]:
+        """Probe many addresses, one session per domain, domains one after the other.
+
+        Domains are probed in turn rather than all at once: a burst of callouts is what gets
+        a prober blocklisted.
+        """
+        parsed, groups = self._group(addresses)
+        parts = []
+        for domain, positions in groups.items():
+            recipients = [parsed[i] for i in positions]
+            parts.append((positions, await self._domain(domain, recipients)))
+        return self._merge(parsed, parts)
+
+    async def _domain(self, domain: str, recipients: list[Address]) -> list[CalloutResult]:
+        found = literal_hosts(domain)
+        if found is None:
+            try:
+                found = await self.resolver.mail_hosts(domain)
+            except ResolverError as exc:
+                return _unknown(recipients, f"DNS lookup failed: {exc}")
+        targets = self._targets(domain, found, recipients)
+        if targets and isinstance(targets[0], CalloutResult):
+            return [t for t in targets if isinstance(t, CalloutResult)]
+        failures = []
+        for target in targets:
+            assert isinstance(target, Target)
+            tls = self.settings.default.tls
+            for _ in range(2):
+                try:
+                    return await self._session(target, tls, domain, recipients)
+                except TLSError as exc:
+                    failures.append(f"{target.peer}: {exc}")
+                    if not fallback(self.settings.default, tls):
+                        break
+                    tls = TLS.NONE
+                except DeliveryError as exc:
+                    failures.append(f"{target.peer}: {exc}")
+                    break
+        return _unknown(recipients, "no exchanger answered: " + "; ".join(failures))
+
+    async def _session(
+        self, target: Target, tls: TLS, domain: str, recipients: list[Address]
+    ) -> list[CalloutResult]:
+        settings = self.settings
+        driver = await async_driver.connect(
+            target.address,
+            target.port,
+            timeouts=settings.timeouts,
+            ssl_context=settings.context(settings.default, tls),
+            server_hostname=target.tls_name,
+        )
+        try:
+            session = Session(settings.session_config(target, tls, driver.local_address))
+            await driver.run(session.open())
+            results: list[CalloutResult] = []
+            decoy = self._decoy(domain)
+            for batch in _batches(recipients, self.max_recipients):
+                if session.closed:
+                    results += _unknown(batch, "the server ended the session")
+                    continue
+                probe = await driver.run(_probe(session, self.sender, batch, decoy))
+                results += _judge(batch, probe, target.peer)
+                decoy = None
+            _carry_catch_all(results)
+            try:
+                await driver.run(session.quit())
+            except DeliveryError as exc:
+                log.debug("QUIT to %s failed: %s", target.peer, exc)
+            return results
+        finally:
+            driver.close()
+
+
+def _carry_catch_all(results: list[CalloutResult]) -> None:
+    """The decoy went with the first batch; later batches of the domain learn its answer."""
+    known = next((r.catch_all for r in results if r.catch_all is not None), None)
+    if known is None:
+        return
+    for index, result in enumerate(results):
+        if result.catch_all is None and result.status is not CalloutStatus.UNKNOWN:
+            results[index] = attrs.evolve(
+                result,
+                catch_all=known,
+                detail=(
+                    "accepted, but so is a random address: the server accepts everything"
+                    if known and result.status is CalloutStatus.ACCEPTED
+                    else result.detail
+                ),
+            )
+
+
+def callout(
+    address: str | Address, resolver: Resolver | None = None, **options: Any
+) -> CalloutResult:
+    """Probe one address with a one-off :class:`Callout` (``options`` as its arguments)."""
+    return Callout(resolver, **options).probe(address)
+
+
+async def acallout(
+    address: str | Address, resolver: AsyncResolver | None = None, **options: Any
+) -> CalloutResult:
+    """Probe one address with a one-off :class:`AsyncCallout` (``options`` as its arguments)."""
+    return await AsyncCallout(resolver, **options).probe(address)
