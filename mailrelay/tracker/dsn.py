@@ -38,7 +38,7 @@ import email.utils
 import enum
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -166,6 +166,10 @@ class DSNRecipient:
     is_hard: bool | None = attrs.field(default=None, validator=_opt_bool)
 
 
+def _recipient_tuple(value: Iterable[DSNRecipient]) -> tuple[DSNRecipient, ...]:
+    return tuple(value)
+
+
 @attrs.frozen(kw_only=True)
 class DSNReport:
     """What :func:`parse_dsn` learned from one message.
@@ -191,8 +195,12 @@ class DSNReport:
             ``"qmail"``, ``"arf"``, ...), for logs and statistics.
     """
 
-    kind: DSNKind
-    recipients: tuple[DSNRecipient, ...] = ()
+    kind: DSNKind = attrs.field(validator=attrs.validators.instance_of(DSNKind))
+    recipients: tuple[DSNRecipient, ...] = attrs.field(
+        default=(),
+        converter=_recipient_tuple,
+        validator=attrs.validators.deep_iterable(attrs.validators.instance_of(DSNRecipient)),
+    )
     envid: str | None = None
     original_message_id: str | None = None
     original_sender: str | None = None
