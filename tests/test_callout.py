@@ -1,0 +1,413 @@
+"""The SMTP callout against the scripted server, aiosmtpd, Postfix and the test DNS.
+
+Scripted servers listen on 127.0.0.1 at a free port, so most probes go to an address literal
+(``bob@[127.0.0.1]``) with the callout's ``port`` pointed at that server: no DNS involved.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+import pytest
+
+from mailrelay.address import Address
+from mailrelay.callout import (
+    AsyncCallout,
+    Callout,
+    CalloutResult,
+    CalloutStatus,
+    acallout,
+    callout,
+)
+from mailrelay.options import TLS, Timeouts
+from mailrelay.validate import AsyncRecipientValidator, Reason, RecipientValidator, Verdict
+from tests.peers.aiosmtpd_server import AiosmtpdServer
+from tests.peers.postfix import PostfixInstance
+from tests.peers.scripted import (
+    Action,
+    ScriptedServerFactory,
+    Step,
+    ehlo,
+    free_port,
+    greeting,
+    quit_step,
+)
+from tests.peers.unbound import UnboundServer
+from tests.transport.helpers import FLAVOURS, Flavour, run
+
+FAST = Timeouts.all(2)
+DECOY = r"RCPT TO:<nobody-[a-z0-9]{16}@\[127\.0\.0\.1\]>"
+
+
+def probe(
+    flavour: Flavour, addresses: list[str], *, unbound: UnboundServer, **kwargs: Any
+) -> list[CalloutResult]:
+    kwargs.setdefault("timeouts", FAST)
+    kwargs.setdefault("random", random.Random(1))
+    if flavour == "sync":
+        return Callout(unbound.resolver(timeout=0.5), **kwargs).probe_many(addresses)
+
+    async def main() -> list[CalloutResult]:
+        prober = AsyncCallout(unbound.async_resolver(timeout=0.5), **kwargs)
+        return await prober.probe_many(addresses)
+
+    return run(main())
+
+
+def ok(expect: str, text: bytes = b"250 2.1.5 Ok\r\n") -> Step:
+    return Step(expect=expect, reply=text)
+
+
+def rset() -> Step:
+    return ok("RSET", b"250 2.0.0 Ok\r\n")
+
+
+def mail(sender: str = "") -> Step:
+    return ok(f"MAIL FROM:<{re.escape(sender)}>", b"250 2.1.0 Ok\r\n")
+
+
+# -- the dialogue, exactly -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_probe_dialogue_never_sends_data(
+    flavour: Flavour, scripted_server: ScriptedServerFactory, unbound: UnboundServer
+) -> None:
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                ehlo("PIPELINING"),
+                mail(),
+                ok(r"RCPT TO:<bob@\[127\.0\.0\.1\]>"),
+                Step(expect=DECOY, reply=b"550 5.1.1 No such user\r\n"),
+                rset(),
+                quit_step(),
+            ]
+        ],
+        tls=None,
+    )
+    [result] = probe(flavour, ["bob@[127.0.0.1]"], unbound=unbound, port=server.port)
+    assert result.status is CalloutStatus.ACCEPTED
+    assert result.catch_all is False
+    assert result.conclusive
+    assert result.host == f"127.0.0.1:{server.port}"
+    session = server.session(0)
+    assert not [e for e in session.events if e.startswith("mismatch")], session.events
+    assert b"DATA" not in bytes(session.received)
+
+
+@pytest.mark.parametrize(
+    ("rcpt", "decoy", "status", "catch_all"),
+    [
+        (b"250 2.1.5 Ok\r\n", b"250 2.1.5 Ok\r\n", CalloutStatus.ACCEPTED, True),
+        (
+            b"550 5.1.1 Unknown user\r\n",
+            b"550 5.1.1 Unknown user\r\n",
+            CalloutStatus.REFUSED,
+            False,
+        ),
+        (b"450 4.2.0 Greylisted\r\n", b"450 4.2.0 Greylisted\r\n", CalloutStatus.UNKNOWN, None),
+        (b"553 5.1.3 Bad mailbox\r\n", b"451 4.3.0 Later\r\n", CalloutStatus.REFUSED, None),
+    ],
+)
+def test_rcpt_replies_decide_the_status(
+    rcpt: bytes,
+    decoy: bytes,
+    status: CalloutStatus,
+    catch_all: bool | None,
+    *,
+    scripted_server: ScriptedServerFactory,
+    unbound: UnboundServer,
+) -> None:
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                ehlo(),
+                mail(),
+                Step(expect="RCPT TO:<bob@.*>", reply=rcpt),
+                Step(expect=DECOY, reply=decoy),
+                rset(),
+                quit_step(),
+            ]
+        ],
+        tls=None,
+    )
+    [result] = probe("sync", ["bob@[127.0.0.1]"], unbound=unbound, port=server.port)
+    assert result.status is status
+    assert result.catch_all is catch_all
+    assert result.reply is not None
+    assert str(result.reply.code) == rcpt.decode()[:3]
+    assert result.conclusive is (
+        status is CalloutStatus.REFUSED or (status is CalloutStatus.ACCEPTED and not catch_all)
+    )
+
+
+def test_refused_mail_from_says_nothing_about_the_address(
+    scripted_server: ScriptedServerFactory, unbound: UnboundServer
+) -> None:
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                ehlo(),
+                Step(expect="MAIL FROM:<>", reply=b"550 5.7.1 No null senders here\r\n"),
+                rset(),
+                quit_step(),
+            ]
+        ],
+        tls=None,
+    )
+    [result] = probe("sync", ["bob@[127.0.0.1]"], unbound=unbound, port=server.port)
+    assert result.status is CalloutStatus.UNKNOWN
+    assert result.reply is not None
+    assert result.reply.code == 550
+    assert "MAIL FROM" in result.detail
+    assert b"RCPT" not in bytes(server.session(0).received)
+
+
+def test_configured_sender_and_no_catch_all_probe(
+    scripted_server: ScriptedServerFactory, unbound: UnboundServer
+) -> None:
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                ehlo(),
+                mail("probe@mailrelay.test"),
+                ok("RCPT TO:<bob@.*>"),
+                rset(),
+                quit_step(),
+            ]
+        ],
+        tls=None,
+    )
+    [result] = probe(
+        "sync",
+        ["bob@[127.0.0.1]"],
+        unbound=unbound,
+        port=server.port,
+        sender="probe@mailrelay.test",
+        detect_catch_all=False,
+    )
+    assert result.status is CalloutStatus.ACCEPTED
+    assert result.catch_all is None
+    assert not result.conclusive
+    assert not [e for e in server.session(0).events if e.startswith("mismatch")]
+
+
+def test_recipients_are_batched_with_rset_between(
+    scripted_server: ScriptedServerFactory, unbound: UnboundServer
+) -> None:
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                ehlo(),
+                mail(),
+                ok("RCPT TO:<a@.*>"),
+                Step(expect="RCPT TO:<b@.*>", reply=b"550 5.1.1 No\r\n"),
+                Step(expect=DECOY, reply=b"550 5.1.1 No\r\n"),
+                rset(),
+                mail(),
+                ok("RCPT TO:<c@.*>"),
+                rset(),
+                quit_step(),
+            ]
+        ],
+        tls=None,
+    )
+    results = probe(
+        "sync",
+        ["a@[127.0.0.1]", "b@[127.0.0.1]", "c@[127.0.0.1]"],
+        unbound=unbound,
+        port=server.port,
+        max_recipients=2,
+    )
+    assert [r.status for r in results] == [
+        CalloutStatus.ACCEPTED,
+        CalloutStatus.REFUSED,
+        CalloutStatus.ACCEPTED,
+    ]
+    # The decoy went with the first batch; the second batch learns its answer too.
+    assert [r.catch_all for r in results] == [False, False, False]
+    assert not [e for e in server.session(0).events if e.startswith("mismatch")]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_421_mid_probe_leaves_the_rest_unknown(
+    flavour: Flavour, scripted_server: ScriptedServerFactory, unbound: UnboundServer
+) -> None:
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                ehlo(),
+                mail(),
+                Step(expect="RCPT TO:<a@.*>", reply=b"550 5.1.1 No\r\n"),
+                Step(
+                    expect="RCPT TO:<b@.*>",
+                    reply=b"421 4.7.0 Too many errors\r\n",
+                    action=Action.CLOSE,
+                ),
+            ]
+        ],
+        tls=None,
+    )
+    results = probe(flavour, ["a@[127.0.0.1]", "b@[127.0.0.1]"], unbound=unbound, port=server.port)
+    assert [r.status for r in results] == [CalloutStatus.REFUSED, CalloutStatus.UNKNOWN]
+    assert "ended the session" in results[1].detail
+
+
+def test_failed_starttls_probes_again_in_plain_text(
+    scripted_server: ScriptedServerFactory, unbound: UnboundServer
+) -> None:
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                ehlo("STARTTLS"),
+                Step(expect="STARTTLS", reply=b"220 Go ahead\r\n", action=Action.FAIL_TLS),
+            ],
+            [
+                greeting(),
+                ehlo("STARTTLS"),
+                mail(),
+                ok("RCPT TO:<bob@.*>"),
+                Step(expect=DECOY, reply=b"550 5.1.1 No\r\n"),
+                rset(),
+                quit_step(),
+            ],
+        ]
+    )
+    [result] = probe("sync", ["bob@[127.0.0.1]"], unbound=unbound, port=server.port)
+    assert result.status is CalloutStatus.ACCEPTED
+    assert len(server.sessions) == 2
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize(
+    ("address", "detail"),
+    [
+        ("bob@nullmx.test", "null MX"),
+        ("bob@no-such-domain.test", "NXDOMAIN"),
+        ("bob@x.servfail.test", "DNS lookup failed"),
+        ("bob@[127.0.0.1]", "no exchanger answered"),  # nothing listens on the port
+    ],
+)
+def test_no_server_to_ask_is_unknown(
+    flavour: Flavour, address: str, detail: str, unbound: UnboundServer
+) -> None:
+    [result] = probe(flavour, [address], unbound=unbound, port=free_port())
+    assert result.status is CalloutStatus.UNKNOWN
+    assert detail in result.detail
+    assert result.reply is None
+
+
+# -- real servers ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_aiosmtpd_accepts_everything_so_acceptance_is_a_catch_all(
+    flavour: Flavour, aiosmtpd_server: AiosmtpdServer, unbound: UnboundServer
+) -> None:
+    results = probe(
+        flavour,
+        ["bob@[127.0.0.1]", "reject@[127.0.0.1]", "tempfail@[127.0.0.1]"],
+        unbound=unbound,
+        port=aiosmtpd_server.port,
+    )
+    assert [r.status for r in results] == [
+        CalloutStatus.ACCEPTED,
+        CalloutStatus.REFUSED,
+        CalloutStatus.UNKNOWN,
+    ]
+    assert results[0].catch_all is True
+    assert not results[0].conclusive
+    assert aiosmtpd_server.messages == []  # nothing was delivered
+
+
+@pytest.mark.postfix
+@pytest.mark.unbound
+def test_postfix_through_the_mx(postfix: PostfixInstance, unbound: UnboundServer) -> None:
+    results = probe(
+        "sync",
+        ["alice@mailrelay.test", "nobody-here@mailrelay.test"],
+        unbound=unbound,
+        port=postfix.smtp_port,
+        timeouts=Timeouts.all(10),
+    )
+    alice, nobody = results
+    assert alice.status is CalloutStatus.ACCEPTED
+    assert alice.catch_all is False
+    assert alice.conclusive
+    assert alice.host == f"mx.mailrelay.test[127.0.0.1]:{postfix.smtp_port}"
+    assert nobody.status is CalloutStatus.REFUSED
+    assert nobody.reply is not None
+    assert nobody.reply.code == 550
+
+
+def test_one_off_helpers(aiosmtpd_server: AiosmtpdServer, unbound: UnboundServer) -> None:
+    options = {"port": aiosmtpd_server.port, "timeouts": FAST, "tls": TLS.NONE}
+    result = callout("reject@[127.0.0.1]", unbound.resolver(), **options)
+    assert result.status is CalloutStatus.REFUSED
+    result = run(acallout(Address.parse("bob@[127.0.0.1]"), unbound.async_resolver(), **options))
+    assert result.status is CalloutStatus.ACCEPTED
+
+
+def test_bad_settings() -> None:
+    with pytest.raises(ValueError, match="max_recipients"):
+        Callout(max_recipients=0)
+    with pytest.raises(ValueError, match="TLS"):
+        Callout(tls=TLS.IMPLICIT)
+
+
+# -- the validator's optional hook -------------------------------------------------------------
+
+
+@pytest.mark.postfix
+@pytest.mark.unbound
+def test_validator_runs_the_callout_after_a_deliverable_dns_verdict(
+    postfix: PostfixInstance, unbound: UnboundServer
+) -> None:
+    prober = Callout(unbound.resolver(), port=postfix.smtp_port, timeouts=Timeouts.all(10))
+    validator = RecipientValidator(unbound.resolver(), special_use=(), callout=prober)
+    alice = validator.validate("alice@mailrelay.test")
+    assert alice.verdict is Verdict.DELIVERABLE
+    assert alice.callout is not None
+    assert alice.callout.status is CalloutStatus.ACCEPTED
+    texts = ["nobody-here@mailrelay.test", "x@nullmx.test", "alice@mailrelay.test"]
+    many = validator.validate_many(texts)
+    assert [v.reason for v in many] == [Reason.MAILBOX_REFUSED, Reason.NULL_MX, Reason.OK]
+    assert many[0].verdict is Verdict.UNDELIVERABLE
+    assert many[1].callout is None  # never probed: the DNS already said no
+    assert many[2].callout is not None
+
+
+@pytest.mark.unbound
+def test_async_validator_hook(aiosmtpd_server: AiosmtpdServer, unbound: UnboundServer) -> None:
+    # a-only.test is an implicit MX at 127.0.0.1, where aiosmtpd listens.
+    async def main() -> list[Any]:
+        prober = AsyncCallout(unbound.async_resolver(), port=aiosmtpd_server.port, timeouts=FAST)
+        validator = AsyncRecipientValidator(
+            unbound.async_resolver(), special_use=(), callout=prober
+        )
+        one = await validator.validate("reject@a-only.test")
+        return [one, *await validator.validate_many(["bob@a-only.test", "x@nullmx.test"])]
+
+    refused, accepted, null = run(main())
+    assert refused.reason is Reason.MAILBOX_REFUSED
+    assert accepted.reason is Reason.OK
+    assert accepted.callout.catch_all is True
+    assert null.callout is None
+
+
+def test_validator_without_a_callout_never_probes(unbound: UnboundServer) -> None:
+    validation = RecipientValidator(unbound.resolver(), special_use=()).validate(
+        "bob@mailrelay.test"
+    )
+    assert validation.reason is Reason.OK
+    assert validation.callout is None
