@@ -235,38 +235,47 @@ class SQLiteStore:
     def add(self, record: MessageRecord, content: Iterable[bytes]) -> None:
         """See :meth:`~mailrelay.tracker.store.Store.add` (streams the bytes into a BLOB)."""
         with self._write() as tx:
-            try:
-                cursor = tx.execute(
-                    "INSERT INTO messages (id, created_at, envelope, message_id, envid, size,"
-                    " content) VALUES (?, ?, ?, ?, ?, ?, zeroblob(?))",
-                    (
-                        record.id,
-                        to_micros(record.created_at),
-                        envelope_to_json(record.envelope),
-                        record.message_id,
-                        record.envelope.envid,
-                        record.size,
-                        record.size,
-                    ),
-                )
-            except sqlite3.IntegrityError:
-                raise ValueError(f"a message with id {record.id!r} is already stored") from None
-            rowid = cursor.lastrowid
-            assert rowid is not None
-            written = 0
-            if record.size:
-                with tx.blobopen("messages", "content", rowid) as blob:
-                    for chunk in content:
-                        if written + len(chunk) > record.size:
-                            raise ValueError(f"the content is longer than {record.size} bytes")
-                        blob.write(chunk)
-                        written += len(chunk)
-            else:
-                written = sum(len(chunk) for chunk in content)
-            if written != record.size:
-                raise ValueError(f"the content is {written} bytes, the record says {record.size}")
-            for position, recipient in enumerate(record.recipients):
-                self._insert_recipient(tx, record.id, position, recipient)
+            self._add(tx, record, content)
+
+    def add_many(self, entries: Sequence[tuple[MessageRecord, Iterable[bytes]]]) -> None:
+        """See :meth:`~mailrelay.tracker.store.Store.add_many`: one transaction, one commit."""
+        with self._write() as tx:
+            for record, content in entries:
+                self._add(tx, record, content)
+
+    def _add(self, tx: sqlite3.Connection, record: MessageRecord, content: Iterable[bytes]) -> None:
+        try:
+            cursor = tx.execute(
+                "INSERT INTO messages (id, created_at, envelope, message_id, envid, size,"
+                " content) VALUES (?, ?, ?, ?, ?, ?, zeroblob(?))",
+                (
+                    record.id,
+                    to_micros(record.created_at),
+                    envelope_to_json(record.envelope),
+                    record.message_id,
+                    record.envelope.envid,
+                    record.size,
+                    record.size,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a message with id {record.id!r} is already stored") from None
+        rowid = cursor.lastrowid
+        assert rowid is not None
+        written = 0
+        if record.size:
+            with tx.blobopen("messages", "content", rowid) as blob:
+                for chunk in content:
+                    if written + len(chunk) > record.size:
+                        raise ValueError(f"the content is longer than {record.size} bytes")
+                    blob.write(chunk)
+                    written += len(chunk)
+        else:
+            written = sum(len(chunk) for chunk in content)
+        if written != record.size:
+            raise ValueError(f"the content is {written} bytes, the record says {record.size}")
+        for position, recipient in enumerate(record.recipients):
+            self._insert_recipient(tx, record.id, position, recipient)
 
     def _insert_recipient(
         self, tx: sqlite3.Connection, tracking_id: str, position: int, recipient: RecipientRecord
@@ -425,38 +434,72 @@ class SQLiteStore:
         worker: str | None = None,
     ) -> tuple[Address, ...]:
         """See :meth:`~mailrelay.tracker.store.Store.apply`."""
-        changed = []
+        return self.apply_many([(tracking_id, changes)], worker=worker)[0]
+
+    def apply_many(
+        self,
+        batch: Sequence[tuple[str, Sequence[Change]]],
+        *,
+        worker: str | None = None,
+    ) -> list[tuple[Address, ...]]:
+        """See :meth:`~mailrelay.tracker.store.Store.apply_many`: one transaction, one commit."""
         with self._write() as tx:
-            record = self._read(tx, tracking_id)
-            if record is None:
-                raise KeyError(tracking_id)
-            positions = {r.address: (i, r) for i, r in enumerate(record.recipients)}
-            for change in changes:
-                found = positions.get(change.address)
-                if found is None:
-                    continue
-                position, recipient = found
-                updated, did = apply_change(recipient, change, worker=worker)
-                positions[change.address] = (position, updated)
-                if change.attempt is not None:
-                    self._insert_attempt(
-                        tx, tracking_id, position, len(updated.attempts) - 1, change.attempt
-                    )
-                if did:
-                    changed.append(change.address)
-                    tx.execute(
-                        "UPDATE recipients SET state = ?, next_attempt_at = ?, confirmed = ?,"
-                        " lease_owner = ?, lease_until = ? WHERE message = ? AND position = ?",
-                        (
-                            updated.state.value,
-                            _micros(updated.next_attempt_at),
-                            int(updated.confirmed),
-                            updated.lease_owner,
-                            _micros(updated.lease_until),
-                            tracking_id,
-                            position,
-                        ),
-                    )
+            return [self._apply(tx, tracking_id, changes, worker) for tracking_id, changes in batch]
+
+    def _apply(
+        self,
+        tx: sqlite3.Connection,
+        tracking_id: str,
+        changes: Sequence[Change],
+        worker: str | None,
+    ) -> tuple[Address, ...]:
+        # Only the recipient rows and attempt counts: the history itself is append-only.
+        rows = tx.execute(
+            "SELECT r.position, r.address, r.state, r.next_attempt_at, r.confirmed,"
+            " r.lease_owner, r.lease_until, (SELECT COUNT(*) FROM attempts a"
+            " WHERE a.message = r.message AND a.position = r.position)"
+            " FROM recipients r WHERE r.message = ?",
+            (tracking_id,),
+        ).fetchall()
+        if not rows:
+            raise KeyError(tracking_id)
+        positions: dict[Address, tuple[int, RecipientRecord, int]] = {}
+        for position, address, state, next_at, confirmed, owner, until, count in rows:
+            record = RecipientRecord(
+                address=Address.parse(address),
+                state=State(state),
+                next_attempt_at=_time(next_at),
+                confirmed=bool(confirmed),
+                lease_owner=owner,
+                lease_until=_time(until),
+            )
+            positions[record.address] = (position, record, count)
+        changed = []
+        for change in changes:
+            found = positions.get(change.address)
+            if found is None:
+                continue
+            position, recipient, count = found
+            updated, did = apply_change(recipient, change, worker=worker)
+            if change.attempt is not None:
+                self._insert_attempt(tx, tracking_id, position, count, change.attempt)
+                count += 1
+            positions[change.address] = (position, updated, count)
+            if did:
+                changed.append(change.address)
+                tx.execute(
+                    "UPDATE recipients SET state = ?, next_attempt_at = ?, confirmed = ?,"
+                    " lease_owner = ?, lease_until = ? WHERE message = ? AND position = ?",
+                    (
+                        updated.state.value,
+                        _micros(updated.next_attempt_at),
+                        int(updated.confirmed),
+                        updated.lease_owner,
+                        _micros(updated.lease_until),
+                        tracking_id,
+                        position,
+                    ),
+                )
         return tuple(changed)
 
     def lookup(self, *, envid: str | None = None, message_id: str | None = None) -> list[str]:

@@ -280,6 +280,14 @@ class Store(Protocol):
         """
         ...
 
+    def add_many(self, entries: Sequence[tuple[MessageRecord, Iterable[bytes]]]) -> None:
+        """Store several new messages in one atomic, durable step (all or none).
+
+        Raises:
+            ValueError: as :meth:`add`, for any entry; then nothing is stored.
+        """
+        ...
+
     def get(self, tracking_id: str) -> MessageRecord | None:
         """The record with this id, or ``None``."""
         ...
@@ -310,6 +318,19 @@ class Store(Protocol):
         Returns:
             The addresses whose state changed (a change for a lost lease or an
             unexpected state only appends its attempt, if any).
+        """
+        ...
+
+    def apply_many(
+        self,
+        batch: Sequence[tuple[str, Sequence[Change]]],
+        *,
+        worker: str | None = None,
+    ) -> list[tuple[Address, ...]]:
+        """:meth:`apply` for several messages in one transaction (one commit).
+
+        Returns:
+            For each entry of ``batch``, in order, the addresses whose state changed.
         """
         ...
 
@@ -425,14 +446,23 @@ class MemoryStore:
 
     def add(self, record: MessageRecord, content: Iterable[bytes]) -> None:
         """See :meth:`Store.add`."""
-        data = b"".join(content)
-        if len(data) != record.size:
-            raise ValueError(f"the content is {len(data)} bytes, the record says {record.size}")
+        self.add_many([(record, content)])
+
+    def add_many(self, entries: Sequence[tuple[MessageRecord, Iterable[bytes]]]) -> None:
+        """See :meth:`Store.add_many`."""
+        ready = []
+        for record, content in entries:
+            data = b"".join(content)
+            if len(data) != record.size:
+                raise ValueError(f"the content is {len(data)} bytes, the record says {record.size}")
+            ready.append((record, data))
         with self._lock:
-            if record.id in self._records:
-                raise ValueError(f"a message with id {record.id!r} is already stored")
-            self._records[record.id] = record
-            self._content[record.id] = data
+            ids = [record.id for record, _ in ready]
+            if len(set(ids)) != len(ids) or any(i in self._records for i in ids):
+                raise ValueError("a message with one of these ids is already stored")
+            for record, data in ready:
+                self._records[record.id] = record
+                self._content[record.id] = data
 
     def get(self, tracking_id: str) -> MessageRecord | None:
         """See :meth:`Store.get`."""
@@ -494,21 +524,36 @@ class MemoryStore:
         worker: str | None = None,
     ) -> tuple[Address, ...]:
         """See :meth:`Store.apply`."""
+        return self.apply_many([(tracking_id, changes)], worker=worker)[0]
+
+    def apply_many(
+        self,
+        batch: Sequence[tuple[str, Sequence[Change]]],
+        *,
+        worker: str | None = None,
+    ) -> list[tuple[Address, ...]]:
+        """See :meth:`Store.apply_many`."""
         with self._lock:
-            record = self._records.get(tracking_id)
-            if record is None:
-                raise KeyError(tracking_id)
-            recipients = list(record.recipients)
-            changed = []
-            for change in changes:
-                for index, recipient in enumerate(recipients):
-                    if recipient.address == change.address:
-                        recipients[index], did = apply_change(recipient, change, worker=worker)
-                        if did:
-                            changed.append(change.address)
-                        break
-            self._records[tracking_id] = attrs.evolve(record, recipients=tuple(recipients))
-            return tuple(changed)
+            missing = [tracking_id for tracking_id, _ in batch if tracking_id not in self._records]
+            if missing:
+                raise KeyError(missing[0])
+            return [self._apply(tracking_id, changes, worker) for tracking_id, changes in batch]
+
+    def _apply(
+        self, tracking_id: str, changes: Sequence[Change], worker: str | None
+    ) -> tuple[Address, ...]:
+        record = self._records[tracking_id]
+        recipients = list(record.recipients)
+        changed = []
+        for change in changes:
+            for index, recipient in enumerate(recipients):
+                if recipient.address == change.address:
+                    recipients[index], did = apply_change(recipient, change, worker=worker)
+                    if did:
+                        changed.append(change.address)
+                    break
+        self._records[tracking_id] = attrs.evolve(record, recipients=tuple(recipients))
+        return tuple(changed)
 
     def lookup(self, *, envid: str | None = None, message_id: str | None = None) -> list[str]:
         """See :meth:`Store.lookup`."""

@@ -327,3 +327,34 @@ def test_envelope_json_round_trip(
     assert envelope_from_json(envelope_to_json(envelope)) == envelope
     null = attrs.evolve(envelope, sender=None)
     assert envelope_from_json(envelope_to_json(null)) == null
+
+
+def test_add_many_is_all_or_nothing(store: Store) -> None:
+    store.add_many([(make_record("m1"), [b"12345"]), (make_record("m2"), [b"123", b"45"])])
+    assert store.content("m2") == b"12345"
+    with pytest.raises(ValueError):  # noqa: PT011 -- duplicate or size, worded per store
+        store.add_many([(make_record("m3"), [b"12345"]), (make_record("m1"), [b"12345"])])
+    assert store.get("m3") is None
+    with pytest.raises(ValueError, match="bytes"):
+        store.add_many([(make_record("m4"), [b"12345"]), (make_record("m5"), [b"1"])])
+    assert store.get("m4") is None
+
+
+def test_apply_many_commits_several_messages_at_once(store: Store) -> None:
+    store.add_many([(make_record(f"m{i}"), [b"12345"]) for i in range(3)])
+    claims = store.claim(worker="w", now=T0, lease=LEASE, limit=10)
+    attempt = Attempt(at=T0, code=250, text="ok")
+    batch = [
+        (claim.tracking_id, [Change(address=a, state=State.DELIVERED, attempt=attempt)])
+        for claim in claims
+        for a in claim.addresses[:1]
+    ]
+    changed = store.apply_many(batch, worker="w")
+    assert changed == [(addr("a@example.org"),)] * 3
+    for index in range(3):
+        record = store.get(f"m{index}")
+        assert record is not None
+        assert [r.state for r in record.recipients] == [State.DELIVERED, State.SENDING]
+        assert record.recipients[0].attempts == (attempt,)
+    with pytest.raises(KeyError):
+        store.apply_many([("m0", []), ("nope", [])])
