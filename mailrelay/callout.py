@@ -117,6 +117,11 @@ class CalloutResult:
     detail: str = ""
 
     @property
+    def refused(self) -> bool:
+        """Whether the server refused the address (a 5xx to RCPT)."""
+        return self.status is CalloutStatus.REFUSED
+
+    @property
     def conclusive(self) -> bool:
         """A refusal, or an acceptance by a server known not to accept everything."""
         if self.status is CalloutStatus.REFUSED:

@@ -33,14 +33,18 @@ import asyncio
 import enum
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import attrs
 
 from mailrelay.address import Address
-from mailrelay.callout import AsyncCallout, Callout, CalloutResult, CalloutStatus
 from mailrelay.errors import InvalidAddress, ResolverError
 from mailrelay.resolver import AsyncResolver, DNSStatus, MailHosts, Resolver
+
+if TYPE_CHECKING:
+    # Only for annotations: the validator calls the callout it is given, and importing the
+    # transports here would cost every validator user their import time.
+    from mailrelay.callout import AsyncCallout, Callout, CalloutResult
 
 __all__ = [
     "DEFAULT_SPECIAL_USE",
@@ -196,7 +200,7 @@ def _is_special(ascii_domain: str, special_use: frozenset[str]) -> bool:
 
 def _with_callout(validation: Validation, probe: CalloutResult) -> Validation:
     """Fold a callout's answer into a DNS verdict: only a 5xx to RCPT changes it."""
-    if probe.status is CalloutStatus.REFUSED:
+    if probe.refused:
         return attrs.evolve(
             validation,
             reason=Reason.MAILBOX_REFUSED,
