@@ -269,10 +269,15 @@ class AsyncDriver:
         return None
 
     def close(self) -> None:
-        """Close the connection (idempotent; does not wait)."""
+        """Close the connection (idempotent; does not wait).
+
+        ``abort``, not ``close``: by the time the dialogue asks to close, QUIT has had its
+        answer (or the session is dead), and a graceful TLS shutdown would wait for the
+        server's close_notify, possibly past the end of the event loop, leaking the socket.
+        """
         transport, self._transport = self._transport, None
         if transport is not None:
-            transport.close()
+            transport.abort()
 
     # -- the loop ----------------------------------------------------------------------------
 

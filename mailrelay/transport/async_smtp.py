@@ -227,6 +227,9 @@ class _AsyncSMTPBase(AsyncTransport):
             return
         for connection in idle:
             await connection.quit()
+        # Let the transports' close callbacks run, so the sockets are closed even when the
+        # event loop ends right after this (as at the end of asyncio.run).
+        await asyncio.sleep(0)
 
 
 class AsyncSMTPTransport(_AsyncSMTPBase):

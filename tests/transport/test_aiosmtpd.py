@@ -1,0 +1,270 @@
+"""SMTP and LMTP transports, both drivers, against aiosmtpd (a second real server)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import socket
+import threading
+from typing import Any
+
+import pytest
+
+from mailrelay.envelope import Envelope
+from mailrelay.errors import AuthenticationError, ConnectError
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
+from mailrelay.results import Outcome
+from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
+from tests.peers.aiosmtpd_server import AiosmtpdServer
+from tests.transport.helpers import (
+    FLAVOURS,
+    Flavour,
+    make_message,
+    run,
+    send_many_with,
+    send_with,
+)
+
+USER, PASSWORD = "alice@mailrelay.test", "alicepw"
+
+
+def tls_args(server: AiosmtpdServer, **extra: Any) -> dict[str, Any]:
+    """STARTTLS (required) to ``server``, trusting the test CA."""
+    import ssl
+
+    return {
+        "host": server.host,
+        "port": server.port,
+        "ssl_context": ssl.create_default_context(cafile=str(server.ca_file)),
+        "timeouts": Timeouts.all(10),
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_starttls_then_auth(
+    flavour: Flavour, mechanism: str, aiosmtpd_server: AiosmtpdServer
+) -> None:
+    message = make_message(to=("bob@mailrelay.test",), text="a line\n.a dot-started line\n")
+    result = send_with(
+        flavour,
+        message,
+        **tls_args(aiosmtpd_server, username=USER, password=PASSWORD, auth_mechanisms=[mechanism]),
+    )
+    assert result.ok
+    (received,) = aiosmtpd_server.messages
+    assert received.tls
+    assert received.auth_login == USER
+    assert received.content == message.as_bytes()
+    assert received.mail_from == "alice@example.com"
+    assert received.rcpt_tos == ("bob@mailrelay.test",)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_implicit_tls(flavour: Flavour, aiosmtpd_smtps: AiosmtpdServer) -> None:
+    result = send_with(
+        flavour,
+        make_message(to=("bob@mailrelay.test",)),
+        **tls_args(aiosmtpd_smtps, tls=TLS.IMPLICIT, username=USER, password=PASSWORD),
+    )
+    assert result.ok
+    assert aiosmtpd_smtps.messages[0].tls
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_per_recipient_outcomes_in_one_transaction(
+    flavour: Flavour, aiosmtpd_server: AiosmtpdServer
+) -> None:
+    message = make_message(to=("bob@mailrelay.test", "tempfail@mailrelay.test", "reject@x.test"))
+    result = send_with(flavour, message, **tls_args(aiosmtpd_server))
+    assert [r.outcome for r in result.recipients] == [
+        Outcome.ACCEPTED,
+        Outcome.TRANSIENT,
+        Outcome.PERMANENT,
+    ]
+    assert [r.reply.code if r.reply else None for r in result.recipients] == [250, 450, 550]
+    assert aiosmtpd_server.messages[0].rcpt_tos == ("bob@mailrelay.test",)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_smtputf8_and_8bitmime(flavour: Flavour, aiosmtpd_server: AiosmtpdServer) -> None:
+    message = Message.build(
+        sender="jörg@mailrelay.test",
+        to=["björn@mailrelay.test"],
+        subject="Grüße",
+        text="Schöne Grüße!\n",
+    )
+    result = send_with(flavour, message, **tls_args(aiosmtpd_server))
+    assert result.ok
+    (received,) = aiosmtpd_server.messages
+    assert received.smtputf8
+    assert received.mail_from == "jörg@mailrelay.test"
+    assert received.rcpt_tos == ("björn@mailrelay.test",)
+    assert received.content == message.as_bytes()
+    assert "SMTPUTF8" in received.mail_options
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_wrong_password_is_a_permanent_authentication_error(
+    flavour: Flavour, aiosmtpd_server: AiosmtpdServer
+) -> None:
+    with pytest.raises(AuthenticationError) as caught:
+        send_with(
+            flavour,
+            make_message(),
+            **tls_args(aiosmtpd_server, username=USER, password="wrong"),
+        )
+    assert not caught.value.is_transient
+    assert aiosmtpd_server.messages == []
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_no_auth_over_plain_text_unless_allowed(
+    flavour: Flavour, aiosmtpd_server: AiosmtpdServer
+) -> None:
+    args = tls_args(aiosmtpd_server, tls=TLS.NONE, username=USER, password=PASSWORD)
+    with pytest.raises(AuthenticationError, match="unencrypted"):
+        send_with(flavour, make_message(to=("bob@mailrelay.test",)), **args)
+    result = send_with(
+        flavour, make_message(to=("bob@mailrelay.test",)), allow_insecure_auth=True, **args
+    )
+    assert result.ok
+    assert not aiosmtpd_server.messages[0].tls
+    assert aiosmtpd_server.messages[0].auth_login == USER
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_credentials_never_reach_the_log(
+    flavour: Flavour,
+    mechanism: str,
+    aiosmtpd_server: AiosmtpdServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    result = send_with(
+        flavour,
+        make_message(to=("bob@mailrelay.test",)),
+        **tls_args(aiosmtpd_server, username=USER, password=PASSWORD, auth_mechanisms=[mechanism]),
+    )
+    assert result.ok
+    text = caplog.text
+    assert ">>> EHLO" in text  # the wire trace is on: the test is looking at something
+    secrets = [
+        PASSWORD,
+        base64.b64encode(PASSWORD.encode()).decode(),
+        base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode(),
+        base64.b64encode(USER.encode()).decode(),
+    ]
+    for secret in secrets:
+        assert secret not in text
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
+def test_lmtp_per_recipient_final_replies(
+    flavour: Flavour,
+    unix: bool,
+    aiosmtpd_lmtp: AiosmtpdServer,
+    aiosmtpd_lmtp_unix: AiosmtpdServer,
+) -> None:
+    server = aiosmtpd_lmtp_unix if unix else aiosmtpd_lmtp
+    where: dict[str, Any] = (
+        {"path": str(server.unix_socket)} if unix else {"host": server.host, "port": server.port}
+    )
+    envelope = Envelope(
+        "alice@example.com",
+        ["bob@mailrelay.test", "fail@mailrelay.test", "later@mailrelay.test", "reject@x.test"],
+    )
+    result = send_with(
+        flavour, make_message(), envelope, lmtp=True, timeouts=Timeouts.all(10), **where
+    )
+    assert [r.outcome for r in result.recipients] == [
+        Outcome.ACCEPTED,
+        Outcome.PERMANENT,
+        Outcome.TRANSIENT,
+        Outcome.PERMANENT,
+    ]
+    assert [r.reply.code if r.reply else None for r in result.recipients] == [250, 550, 452, 550]
+    assert server.messages[0].protocol == "LMTP"
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_send_many_reuses_connections_and_keeps_order(
+    flavour: Flavour, aiosmtpd_server: AiosmtpdServer
+) -> None:
+    messages = [make_message(to=("bob@mailrelay.test",), subject=f"n{n}") for n in range(12)]
+    results = send_many_with(
+        flavour, list(messages), pool=PoolSettings(size=3), **tls_args(aiosmtpd_server)
+    )
+    assert [r.message_id for r in results] == [m.message_id for m in messages]
+    assert all(r.ok for r in results)
+    received = sorted(m.content for m in aiosmtpd_server.messages)
+    assert received == sorted(m.as_bytes() for m in messages)
+
+
+def test_the_sync_pool_is_thread_safe(aiosmtpd_server: AiosmtpdServer) -> None:
+    errors: list[BaseException] = []
+    with SMTPTransport(pool=PoolSettings(size=2), **tls_args(aiosmtpd_server)) as transport:
+
+        def worker(n: int) -> None:
+            try:
+                for k in range(5):
+                    message = make_message(to=("bob@mailrelay.test",), subject=f"{n}-{k}")
+                    assert transport.send(message).ok
+            except BaseException as exc:  # reported below, not lost in the thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert errors == []
+    assert len(aiosmtpd_server.messages) == 20
+
+
+def test_concurrent_async_sends_share_the_pool(aiosmtpd_server: AiosmtpdServer) -> None:
+    transport = AsyncSMTPTransport(pool=PoolSettings(size=2), **tls_args(aiosmtpd_server))
+
+    async def main() -> list[bool]:
+        async with transport:
+            results = await asyncio.gather(
+                *(
+                    transport.asend(make_message(to=("bob@mailrelay.test",), subject=str(n)))
+                    for n in range(8)
+                )
+            )
+        return [r.ok for r in results]
+
+    assert run(main()) == [True] * 8
+    assert len(aiosmtpd_server.messages) == 8
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_every_address_of_the_host_is_tried(
+    flavour: Flavour, aiosmtpd_server: AiosmtpdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = socket.getaddrinfo
+    port = aiosmtpd_server.port
+
+    def two_addresses(host: str, *args: Any, **kwargs: Any) -> list[Any]:
+        if host != "dual.mailrelay.test":
+            return real(host, *args, **kwargs)
+        # ::1 first (nothing listens there on this port), then 127.0.0.1 (aiosmtpd).
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    args = tls_args(aiosmtpd_server, host="dual.mailrelay.test", server_hostname="localhost")
+    assert send_with(flavour, make_message(to=("bob@mailrelay.test",)), **args).ok
+
+    # And when no address answers, the error names each one.
+    aiosmtpd_server.stop()
+    with pytest.raises(ConnectError, match=r"\[::1\]:\d+: .*; 127\.0\.0\.1:\d+: "):
+        send_with(flavour, make_message(to=("bob@mailrelay.test",)), **args)
