@@ -141,7 +141,7 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
             refused = outcome.refused
         finally:
             self.shaper.release(group.key, self.clock(), refused=refused)
-        events, dsns = await asyncio.to_thread(self._commit, work, outcome.changes)
+        events, dsns = await asyncio.to_thread(self._commit_many, [(work, outcome.changes)])
         for event in events:
             await self.events.afire(event)
         for message, dsn_envelope in dsns:

@@ -466,3 +466,51 @@ def test_a_dead_workers_claim_is_taken_over_after_its_lease(store: Store) -> Non
 def test_bad_options_are_refused(store: Store, options: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="must"):
         tracker_for(MemoryTransport(), store, FakeClock(), **options)
+
+
+# -- batches --------------------------------------------------------------------------
+
+
+def test_submit_many_stores_all_in_one_step(store: Store) -> None:
+    tracker = tracker_for(MemoryTransport(), store, FakeClock())
+    first = message(("a@example.org",))
+    ids = tracker.submit_many([first, (message(), Envelope("x@example.com", ["c@example.com"]))])
+    assert len(ids) == len(set(ids)) == 2
+    assert [str(r.address) for r in tracker.status(ids[0]).recipients] == ["a@example.org"]
+    assert [str(r.address) for r in tracker.status(ids[1]).recipients] == ["c@example.com"]
+    assert store.content(ids[0]) == first.as_bytes()
+    with pytest.raises(TypeError):
+        tracker.submit_many([message(), "not a message"])  # type: ignore[list-item]
+    assert len(tracker.find()) == 2
+
+
+@pytest.mark.parametrize("commit_batch", [1, 3, 50])
+def test_batched_commits_keep_every_result_even_when_a_bug_interrupts(
+    store: Store, commit_batch: int
+) -> None:
+    def handler(msg: Message, envelope: Envelope) -> dict[str, Outcome]:
+        if str(envelope.recipients[0].address) == "r7@example.org":
+            raise RuntimeError("transport bug")
+        return {}
+
+    transport = MemoryTransport(handler)
+    tracker = tracker_for(transport, store, FakeClock(), commit_batch=commit_batch)
+    delivered: list[TrackerEvent] = []
+    tracker.on("delivered", delivered.append)
+    ids = [tracker.submit(message((f"r{i}@example.org",))) for i in range(10)]
+    with pytest.raises(RuntimeError, match="transport bug"):
+        tracker.run_pending()
+    states = {
+        str(tracker.status(i).recipients[0].address): tracker.status(i).recipients[0].state
+        for i in ids
+    }
+    # Every message the transport took is recorded as delivered; the rest wait, none lost.
+    sent = {str(item.envelope.recipients[0].address) for item in transport.outbox}
+    assert {a for a, s in states.items() if s is State.DELIVERED} == sent
+    assert {a for a, s in states.items() if s is not State.DELIVERED} == {
+        f"r{i}@example.org" for i in range(10)
+    } - sent
+    assert all(s in (State.DELIVERED, State.QUEUED) for s in states.values())
+    assert len(delivered) == len(sent)
+    transport.handler = None
+    assert tracker.run_pending().delivered == 10 - len(sent)
