@@ -548,7 +548,9 @@ class MXTransport(Transport):
             try:
                 found = self.resolver.mail_hosts(domain)
             except ResolverError as exc:
-                return _settle(self.settings.plan(domain, exc, policy), recipients)
+                verdict = self.settings.plan(domain, exc, policy)
+                assert isinstance(verdict, Verdict), "a resolver error always gives a verdict"
+                return verdict.results(recipients)
         targets = self.settings.plan(domain, found, policy)
         if isinstance(targets, Verdict):
             return targets.results(recipients)
@@ -623,8 +625,3 @@ def transient_failure(error: DeliveryError) -> bool:
     if isinstance(error, SessionRefused) and error.reply is not None:
         return not error.reply.is_permanent
     return True
-
-
-def _settle(verdict: list[Target] | Verdict, recipients: list[Address]) -> list[RecipientResult]:
-    assert isinstance(verdict, Verdict), "a resolver error always gives a verdict"
-    return verdict.results(recipients)

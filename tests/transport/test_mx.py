@@ -10,6 +10,7 @@ whole of 127/8 to the loopback interface).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import ssl
@@ -28,7 +29,14 @@ from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.resolver import DNSStatus, MailHost, MailHosts
 from mailrelay.results import DeliveryResult, Outcome
-from mailrelay.transport.mx import MXPolicy, MXTransport, Target, Verdict, plan
+from mailrelay.transport.mx import (
+    MXPolicy,
+    MXTransport,
+    Target,
+    Verdict,
+    opportunistic_context,
+    plan,
+)
 from mailrelay.transport.mx_async import AsyncMXTransport
 from tests.peers.aiosmtpd_server import HOSTNAME, RecordingHandler
 from tests.peers.postfix import PostfixInstance
@@ -672,8 +680,92 @@ def test_repr_names_the_policy() -> None:
 
 
 def test_opportunistic_context_does_not_verify() -> None:
-    from mailrelay.transport.mx import opportunistic_context
-
     context = opportunistic_context()
     assert context.verify_mode is ssl.CERT_NONE
     assert not context.check_hostname
+
+
+# -- address families, IDN, and the asyncio specifics ------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_ipv6_address_when_the_ipv4_one_is_down(
+    flavour: Flavour, unbound: UnboundServer, farm: Farm
+) -> None:
+    # mx.mailrelay.test is 127.0.0.1 (nothing listens) and ::1 (a server).
+    server = farm.start("::1")
+    message, envelope = to("bob@mailrelay.test")
+    result = send(flavour, unbound, message, envelope, port=farm.port)
+    assert result.ok
+    assert result.host == f"mx.mailrelay.test[::1]:{farm.port}"
+    assert len(server.messages) == 1
+
+
+def test_idn_domain_is_routed_by_its_a_label(unbound: UnboundServer, farm: Farm) -> None:
+    server = farm.start("127.0.0.1")
+    message, envelope = to("bob@café.test", "carol@xn--caf-dma.test")
+    result = send("sync", unbound, message, envelope, port=farm.port)
+    assert result.ok
+    [received] = server.messages  # one domain, so one transaction
+    assert received.rcpt_tos == ("bob@xn--caf-dma.test", "carol@xn--caf-dma.test")
+
+
+def test_cancelling_adeliver_closes_the_connection(
+    unbound: UnboundServer, scripted_at: ScriptedAt
+) -> None:
+    silent = scripted_at("127.0.0.1", [[Step(action=Action.SILENT, silence=5.0)]], tls=None)
+    message, envelope = to("bob@a-only.test")
+
+    async def main() -> None:
+        mx = AsyncMXTransport(
+            unbound.async_resolver(timeout=1.0), port=silent.port, timeouts=Timeouts.all(30)
+        )
+        task = asyncio.create_task(mx.asend(message, envelope))
+        for _ in range(500):  # bounded: until the server has the connection
+            if silent.sessions:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main())
+    session = silent.session(0, timeout=5.0)
+    assert "eof" in session.events  # we hung up; the server did not have to wait us out
+    assert "silence over" not in session.events
+
+
+class _CountingResolver:
+    """An AsyncResolver stand-in that counts how many lookups overlap."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.active = 0
+        self.most = 0
+
+    async def mail_hosts(self, domain: str) -> MailHosts:
+        self.active += 1
+        self.most = max(self.most, self.active)
+        try:
+            await asyncio.sleep(0.05)  # every admitted task arrives before any leaves
+            result: MailHosts = await self.inner.mail_hosts(domain)
+            return result
+        finally:
+            self.active -= 1
+
+
+@pytest.mark.parametrize(("concurrency", "expected"), [(1, 1), (2, 2), (8, 4)])
+def test_async_domains_run_concurrently_but_bounded(
+    concurrency: int, expected: int, unbound: UnboundServer, port: int
+) -> None:
+    domains = ("nullmx.test", "nomail.test", "dangling.test", "no-such-domain.test")
+    message, envelope = to(*(f"bob@{d}" for d in domains))
+    counter = _CountingResolver(unbound.async_resolver(timeout=1.0))
+
+    async def main() -> DeliveryResult:
+        mx = AsyncMXTransport(counter, port=port, concurrency=concurrency)  # type: ignore[arg-type]
+        return await mx.asend(message, envelope)
+
+    result = run(main())
+    assert [r.outcome for r in result.recipients] == [Outcome.PERMANENT] * 4
+    assert counter.most == expected
