@@ -37,6 +37,10 @@ Rules (RFC sections cited where they are enforced):
   verified against the exchanger's name with ``ssl_context`` (the system's CAs by default),
   a failure moves on to the next exchanger and never falls back to plain text, and a domain
   no exchanger of which passes is TRANSIENT (RFC 8461 §5: a policy failure is not a bounce).
+* REQUIRETLS (RFC 8689 §4.2.1): a message whose envelope asks for it is sent only with
+  verified TLS, whatever the policy; a server that lacks the REQUIRETLS keyword gets no
+  message (the dialogue refuses it before sending: PERMANENT, with the reason). We do not
+  check DNSSEC on the MX lookup, which the RFC also asks for.
 * Never an exception for the server's sake: :meth:`MXTransport.deliver` returns one result per
   envelope recipient whatever happened, because a message to several domains may reach some
   and not others. ``RecipientResult.host`` names the target that answered, Postfix style:
@@ -403,8 +407,18 @@ class MXSettings:
         self._opportunistic = opportunistic_context()
         self._verifying: ssl.SSLContext | None = ssl_context
 
-    def policy(self, domain: str) -> MXPolicy:
-        """The policy for ``domain``: the hook's answer, or the transport's default."""
+    def policy(self, domain: str, *, requiretls: bool = False) -> MXPolicy:
+        """The policy for ``domain``: the hook's answer, or the transport's default.
+
+        A message sent with REQUIRETLS gets verified TLS whatever the policy says
+        (RFC 8689 §4.2.1: the server's certificate must be valid for its name).
+        """
+        policy = self._hook(domain)
+        if requiretls and policy.tls is not TLS.STARTTLS:
+            policy = attrs.evolve(policy, tls=TLS.STARTTLS, plaintext_fallback=False)
+        return policy
+
+    def _hook(self, domain: str) -> MXPolicy:
         if self.tls_policy is None:
             return self.default
         answer = self.tls_policy(domain)
@@ -542,7 +556,7 @@ class MXTransport(Transport):
         self, domain: str, message: Message, envelope: Envelope
     ) -> list[RecipientResult]:
         recipients = [r.address for r in envelope.recipients]
-        policy = self.settings.policy(domain)
+        policy = self.settings.policy(domain, requiretls=envelope.requiretls)
         found = literal_hosts(domain)
         if found is None:
             try:

@@ -132,7 +132,7 @@ class AsyncMXTransport(AsyncTransport):
     ) -> list[RecipientResult]:
         recipients: list[Address] = [r.address for r in envelope.recipients]
         settings = self.settings
-        policy = settings.policy(domain)
+        policy = settings.policy(domain, requiretls=envelope.requiretls)
         found = literal_hosts(domain)
         if found is None:
             try:

@@ -769,3 +769,34 @@ def test_async_domains_run_concurrently_but_bounded(
     result = run(main())
     assert [r.outcome for r in result.recipients] == [Outcome.PERMANENT] * 4
     assert counter.most == expected
+
+
+@pytest.mark.parametrize(
+    ("tls", "outcome", "reason"),
+    [
+        # RFC 8689 §4.2.1: verified TLS, so the untrusted certificate stops it...
+        ("untrusted", Outcome.TRANSIENT, "certificate"),
+        # ...and a verified server without the REQUIRETLS keyword gets no message.
+        ("trusted", Outcome.PERMANENT, "REQUIRETLS"),
+    ],
+)
+def test_requiretls_demands_verified_tls(
+    tls: str,
+    outcome: Outcome,
+    reason: str,
+    *,
+    unbound: UnboundServer,
+    farm: Farm,
+    tls_files: TLSFiles,
+) -> None:
+    server = farm.start("127.0.0.1", tls=tls)
+    message = make_message(to=("bob@mailrelay.test",), sender="sender@mailrelay.test")
+    envelope = Envelope("sender@mailrelay.test", ["bob@mailrelay.test"], requiretls=True)
+    result = send(
+        "sync", unbound, message, envelope, port=farm.port, ssl_context=tls_files.client_context()
+    )
+    [recipient] = result.recipients
+    assert recipient.outcome is outcome
+    assert recipient.reason is not None
+    assert reason in recipient.reason
+    assert server.messages == []
