@@ -11,6 +11,8 @@ import re
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailrelay.address import Address
 from mailrelay.callout import (
@@ -18,10 +20,13 @@ from mailrelay.callout import (
     Callout,
     CalloutResult,
     CalloutStatus,
+    _judge,
+    _Probe,
     acallout,
     callout,
 )
 from mailrelay.options import TLS, Timeouts
+from mailrelay.reply import Reply
 from mailrelay.validate import AsyncRecipientValidator, Reason, RecipientValidator, Verdict
 from tests.peers.aiosmtpd_server import AiosmtpdServer
 from tests.peers.postfix import PostfixInstance
@@ -411,3 +416,39 @@ def test_validator_without_a_callout_never_probes(unbound: UnboundServer) -> Non
     )
     assert validation.reason is Reason.OK
     assert validation.callout is None
+
+
+# -- the judgement, as a property ---------------------------------------------------------------
+
+_codes = st.sampled_from([250, 251, 252, 421, 450, 451, 452, 550, 551, 552, 553, 554])
+
+
+@given(
+    mail=st.one_of(st.none(), _codes),
+    rcpts=st.lists(st.one_of(st.none(), _codes), min_size=1, max_size=5),
+    decoy=st.one_of(st.none(), _codes),
+)
+def test_judge_properties(mail: int | None, rcpts: list[int | None], decoy: int | None) -> None:
+    addresses = [Address.parse(f"u{i}@example.test") for i in range(len(rcpts))]
+    probe_result = _Probe(
+        mail=None if mail is None else Reply.of(mail, "x"),
+        rcpts=tuple(None if c is None else Reply.of(c, "x") for c in rcpts),
+        decoy=None if decoy is None else Reply.of(decoy, "x"),
+    )
+    results = _judge(addresses, probe_result, "mx.example.test[192.0.2.1]:25")
+    assert [r.address for r in results] == addresses
+    for result, code in zip(results, rcpts, strict=True):
+        if mail is None or mail >= 300:
+            expected = CalloutStatus.UNKNOWN  # MAIL refused: nothing learnt about addresses
+        elif code is not None and code < 300:
+            expected = CalloutStatus.ACCEPTED
+        elif code is not None and code >= 500:
+            expected = CalloutStatus.REFUSED
+        else:
+            expected = CalloutStatus.UNKNOWN
+        assert result.status is expected
+        assert result.refused is (expected is CalloutStatus.REFUSED)
+        if expected is not CalloutStatus.UNKNOWN:
+            assert result.catch_all is (
+                None if decoy is None or 300 <= decoy < 500 else decoy < 300
+            )
