@@ -121,6 +121,11 @@ class _AsyncSMTPBase(AsyncTransport):
             connection = self._idle.pop()
             idle = time.monotonic() - connection.last_used
             if not connection.usable or idle > self._pool.idle_timeout:
+                log.debug(
+                    "idle connection to %s %s; reconnecting",
+                    self._settings.peer,
+                    "expired" if connection.usable else "was closed by the server",
+                )
                 await connection.quit()
                 continue
             if idle > self._pool.health_check_after:
@@ -129,6 +134,9 @@ class _AsyncSMTPBase(AsyncTransport):
                 except DeliveryError:
                     healthy = False
                 if not healthy:
+                    log.debug(
+                        "idle connection to %s failed NOOP; reconnecting", self._settings.peer
+                    )
                     connection.driver.close()
                     continue
             return connection, True

@@ -140,6 +140,11 @@ class _SMTPBase(Transport):
                 return self._open(), False
             idle = time.monotonic() - connection.last_used
             if not connection.usable or idle > self._pool.idle_timeout:
+                log.debug(
+                    "idle connection to %s %s; reconnecting",
+                    self._settings.peer,
+                    "expired" if connection.usable else "was closed by the server",
+                )
                 connection.quit()
                 continue
             if idle > self._pool.health_check_after:
