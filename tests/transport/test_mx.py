@@ -800,3 +800,24 @@ def test_requiretls_demands_verified_tls(
     assert recipient.reason is not None
     assert reason in recipient.reason
     assert server.messages == []
+
+
+def test_max_addresses_bounds_the_attempts(unbound: UnboundServer, port: int) -> None:
+    # samepref.test has four exchangers; nothing listens on any of them.
+    message, envelope = to("bob@samepref.test")
+    result = send("sync", unbound, message, envelope, port=port, max_addresses=2)
+    [recipient] = result.recipients
+    assert recipient.outcome is Outcome.TRANSIENT
+    assert recipient.reason is not None
+    assert recipient.reason.count("could not connect") == 2
+
+
+def test_send_many_delivers_each_message_through_the_mx(unbound: UnboundServer, farm: Farm) -> None:
+    server = farm.start("127.0.0.1")
+    first, _ = to("bob@a-only.test")
+    second, _ = to("carol@nullmx.test", "dave@a-only.test")
+    with MXTransport(unbound.resolver(timeout=1.0), port=farm.port, timeouts=FAST) as mx:
+        results = mx.send_many([first, second])
+    assert [r.outcome for r in results[0].recipients] == [Outcome.ACCEPTED]
+    assert [r.outcome for r in results[1].recipients] == [Outcome.PERMANENT, Outcome.ACCEPTED]
+    assert [m.rcpt_tos for m in server.messages] == [("bob@a-only.test",), ("dave@a-only.test",)]
