@@ -101,23 +101,34 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _DUE = (State.QUEUED.value, State.DEFERRED.value)
-# Which recipients a claim takes (see the store rules). Both queries bind
-# (QUEUED, DEFERRED, now, SENDING, now) for the due test; written out in full so
-# that no SQL is ever assembled at run time.
-_CLAIM_MESSAGES = """
-    SELECT message,
-           MIN(COALESCE(CASE WHEN state = ? THEN lease_until ELSE next_attempt_at END, 0)) AS due
-    FROM recipients
-    WHERE (state IN (?, ?) AND (next_attempt_at IS NULL OR next_attempt_at <= ?))
-       OR (state = ? AND (lease_until IS NULL OR lease_until <= ?))
-    GROUP BY message ORDER BY due, message LIMIT ?
+# Which recipients a claim takes (see the store rules), written out in full so that no
+# SQL is ever assembled at run time. Both statements bind :queued, :deferred, :sending,
+# :now and :limit; the second also :worker and :until. The messages are chosen first (in
+# due order), then all their due recipients are leased in one UPDATE ... RETURNING.
+_DUE_MESSAGES = """
+    SELECT message FROM recipients
+    WHERE (state IN (:queued, :deferred) AND (next_attempt_at IS NULL OR next_attempt_at <= :now))
+       OR (state = :sending AND (lease_until IS NULL OR lease_until <= :now))
+    GROUP BY message
+    ORDER BY MIN(COALESCE(CASE WHEN state = :sending THEN lease_until
+                               ELSE next_attempt_at END, 0)), message
+    LIMIT :limit
 """
-_CLAIM_RECIPIENTS = """
-    SELECT position, address FROM recipients
-    WHERE message = ?
-      AND ((state IN (?, ?) AND (next_attempt_at IS NULL OR next_attempt_at <= ?))
-           OR (state = ? AND (lease_until IS NULL OR lease_until <= ?)))
-    ORDER BY position
+_LEASE_DUE = """
+    UPDATE recipients SET state = :sending, lease_owner = :worker, lease_until = :until
+    WHERE message IN (
+        SELECT message FROM recipients
+        WHERE (state IN (:queued, :deferred)
+               AND (next_attempt_at IS NULL OR next_attempt_at <= :now))
+           OR (state = :sending AND (lease_until IS NULL OR lease_until <= :now))
+        GROUP BY message
+        ORDER BY MIN(COALESCE(CASE WHEN state = :sending THEN lease_until
+                                   ELSE next_attempt_at END, 0)), message
+        LIMIT :limit)
+      AND ((state IN (:queued, :deferred)
+            AND (next_attempt_at IS NULL OR next_attempt_at <= :now))
+           OR (state = :sending AND (lease_until IS NULL OR lease_until <= :now)))
+    RETURNING message, position, address
 """
 
 
@@ -350,9 +361,12 @@ class SQLiteStore:
                     source=source,
                 )
             )
+        envelope = envelope_from_json(row[1])
+        # The envelope's recipients are already parsed: reuse them rather than parse again.
+        known = {str(r.address): r.address for r in envelope.recipients}
         recipients = tuple(
             RecipientRecord(
-                address=Address.parse(address),
+                address=known.get(address) or Address.parse(address),
                 state=State(state),
                 attempts=tuple(attempts.get(position, ())),
                 next_attempt_at=_time(next_at),
@@ -369,7 +383,7 @@ class SQLiteStore:
         return MessageRecord(
             id=tracking_id,
             created_at=from_micros(row[0]),
-            envelope=envelope_from_json(row[1]),
+            envelope=envelope,
             message_id=row[2],
             size=row[3],
             recipients=recipients,
@@ -390,41 +404,31 @@ class SQLiteStore:
         self, *, worker: str, now: dt.datetime, lease: dt.timedelta, limit: int
     ) -> list[Claim]:
         """See :meth:`~mailrelay.tracker.store.Store.claim`."""
-        now_us = to_micros(now)
         until = now + lease
-        until_us = to_micros(until)
-        due_args = (*_DUE, now_us, State.SENDING.value, now_us)
-        claims = []
+        args = {
+            "queued": State.QUEUED.value,
+            "deferred": State.DEFERRED.value,
+            "sending": State.SENDING.value,
+            "now": to_micros(now),
+            "limit": max(limit, 0),
+            "worker": worker,
+            "until": to_micros(until),
+        }
         with self._write() as tx:
-            messages = [
-                row[0]
-                for row in tx.execute(
-                    _CLAIM_MESSAGES,
-                    (State.SENDING.value, *due_args, max(limit, 0)),
-                )
-            ]
-            for tracking_id in messages:
-                rows = tx.execute(
-                    _CLAIM_RECIPIENTS,
-                    (tracking_id, *due_args),
-                ).fetchall()
-                tx.executemany(
-                    "UPDATE recipients SET state = ?, lease_owner = ?, lease_until = ?"
-                    " WHERE message = ? AND position = ?",
-                    [
-                        (State.SENDING.value, worker, until_us, tracking_id, position)
-                        for position, _ in rows
-                    ],
-                )
-                claims.append(
-                    Claim(
-                        tracking_id=tracking_id,
-                        worker=worker,
-                        lease_until=until,
-                        addresses=tuple(Address.parse(address) for _, address in rows),
-                    )
-                )
-        return claims
+            order = [row[0] for row in tx.execute(_DUE_MESSAGES, args)]
+            leased: dict[str, list[tuple[int, str]]] = {}
+            for message, position, address in tx.execute(_LEASE_DUE, args).fetchall():
+                leased.setdefault(message, []).append((position, address))
+        return [
+            Claim(
+                tracking_id=tracking_id,
+                worker=worker,
+                lease_until=until,
+                addresses=tuple(Address.parse(a) for _, a in sorted(leased[tracking_id])),
+            )
+            for tracking_id in order
+            if tracking_id in leased
+        ]
 
     def apply(
         self,
@@ -463,10 +467,13 @@ class SQLiteStore:
         ).fetchall()
         if not rows:
             raise KeyError(tracking_id)
+        wanted = {str(change.address): change.address for change in changes}
         positions: dict[Address, tuple[int, RecipientRecord, int]] = {}
         for position, address, state, next_at, confirmed, owner, until, count in rows:
+            if address not in wanted:
+                continue
             record = RecipientRecord(
-                address=Address.parse(address),
+                address=wanted[address],
                 state=State(state),
                 next_attempt_at=_time(next_at),
                 confirmed=bool(confirmed),
