@@ -222,6 +222,25 @@ def test_delivers_to_postfix_end_to_end(unbound: UnboundServer, postfix: Postfix
     assert any(b"mx-e2e-7f3a" in raw for raw in delivered)
 
 
+@pytest.mark.postfix
+def test_fails_over_to_postfix_when_the_preferred_mx_is_down(
+    unbound: UnboundServer, postfix: PostfixInstance
+) -> None:
+    # failover.test prefers 127.0.0.3 (nothing listens); Postfix is the backup on 127.0.0.1.
+    # Postfix does not relay for failover.test, so its answer is a refusal: the point is who
+    # gave it.
+    message, envelope = to("bob@failover.test", "sink@sink.mailrelay.test")
+    with MXTransport(unbound.resolver(), port=postfix.smtp_port, timeouts=Timeouts.all(10)) as mx:
+        result = mx.send(message, envelope)
+    refused, sunk = result.recipients
+    assert refused.host == f"up.failover.test[127.0.0.1]:{postfix.smtp_port}"
+    assert refused.outcome is Outcome.PERMANENT
+    assert refused.reply is not None
+    assert refused.reply.code == 554  # relay access denied, from the real Postfix
+    assert sunk.outcome is Outcome.ACCEPTED
+    assert sunk.host == f"mx.mailrelay.test[127.0.0.1]:{postfix.smtp_port}"
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_fails_over_when_the_preferred_mx_is_down(
     flavour: Flavour, unbound: UnboundServer, farm: Farm
