@@ -783,6 +783,11 @@ class DeliveryTracker(TrackerCore[Transport]):
         lease: how long a claim is held before another worker may take it over;
             longer than any delivery attempt can take.
         batch_size: messages claimed at once.
+        commit_batch: delivery transactions whose results are committed together
+            (one disk flush). 1, the default, commits each at once: a crash then
+            re-sends at most the one transaction in flight. ``n`` is faster and may
+            re-send up to ``n`` delivered transactions after a crash (at-least-once
+            either way). The async tracker commits each transaction at once.
     """
 
     def __repr__(self) -> str:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailrelay.address import Address
@@ -358,3 +359,72 @@ def test_apply_many_commits_several_messages_at_once(store: Store) -> None:
         assert record.recipients[0].attempts == (attempt,)
     with pytest.raises(KeyError):
         store.apply_many([("m0", []), ("nope", [])])
+
+
+# -- the two stores agree -----------------------------------------------------------
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("claim"),
+            st.sampled_from(["w1", "w2"]),
+            st.integers(min_value=0, max_value=20),  # minutes after T0
+            st.integers(min_value=1, max_value=3),  # limit
+        ),
+        st.tuples(
+            st.just("apply"),
+            st.sampled_from(["m0", "m1", "m2"]),
+            st.sampled_from(["a@example.org", "b@example.net"]),
+            st.sampled_from(list(State)),
+            st.sampled_from([None, "w1", "w2"]),
+        ),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_OPS)
+def test_memory_and_sqlite_stores_agree(ops: list[tuple[object, ...]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        stores: list[Store] = [MemoryStore(), SQLiteStore(Path(tmp) / "t.db")]
+        try:
+            for store in stores:
+                store.add_many(
+                    [
+                        (make_record(f"m{i}", due=T0 + dt.timedelta(minutes=i)), [b"12345"])
+                        for i in range(3)
+                    ]
+                )
+            for op in ops:
+                outcomes = []
+                for store in stores:
+                    if op[0] == "claim":
+                        _, worker, minutes, limit = op
+                        assert isinstance(worker, str)
+                        assert isinstance(minutes, int)
+                        assert isinstance(limit, int)
+                        now = T0 + dt.timedelta(minutes=minutes)
+                        outcomes.append(
+                            store.claim(worker=worker, now=now, lease=LEASE, limit=limit)
+                        )
+                    else:
+                        _, tracking_id, address, state, worker = op
+                        assert isinstance(tracking_id, str)
+                        assert isinstance(address, str)
+                        assert isinstance(state, State)
+                        assert worker is None or isinstance(worker, str)
+                        change = Change(
+                            address=addr(address),
+                            state=state,
+                            attempt=Attempt(at=T0, text="x"),
+                            next_attempt_at=T0 + dt.timedelta(minutes=5),
+                        )
+                        outcomes.append(store.apply(tracking_id, [change], worker=worker))
+                assert outcomes[0] == outcomes[1], op
+            for tracking_id in ("m0", "m1", "m2"):
+                assert stores[0].get(tracking_id) == stores[1].get(tracking_id)
+            assert stores[0].next_due() == stores[1].next_due()
+        finally:
+            for store in stores:
+                store.close()
