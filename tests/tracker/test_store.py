@@ -397,7 +397,7 @@ def test_memory_and_sqlite_stores_agree(ops: list[tuple[object, ...]]) -> None:
                     ]
                 )
             for op in ops:
-                outcomes = []
+                outcomes: list[object] = []
                 for store in stores:
                     if op[0] == "claim":
                         _, worker, minutes, limit = op
