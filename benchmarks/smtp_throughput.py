@@ -1,0 +1,291 @@
+"""SMTP throughput against Postfix's ``smtp-sink`` on loopback, side by side in one run.
+
+Run from the repository root (so ``tests.peers`` imports)::
+
+    python benchmarks/smtp_throughput.py [--scale 0.25] [--repeat 1]
+
+Scenarios (issue 4; the counts are multiplied by ``--scale``):
+
+1. 20,000 x 1 KB messages over one connection: mailrelay (``SMTPTransport.send_many``,
+   pipelined) beside the standard library's ``smtplib`` (``sendmail`` per message, no
+   pipelining) and Postfix's C client ``smtp-source`` (one session, ``-d``).
+2. The same over 4 connections: ``AsyncSMTPTransport.asend_many`` with a pool of 4, beside
+   aiosmtplib with 4 tasks (one connection each) and ``smtp-source -s 4``.
+3. 5,000 x 100 KB over one connection: mailrelay beside smtplib.
+4. Building a personalised message per recipient and sending it: ``Message.build`` +
+   ``send_many`` beside ``email.message.EmailMessage`` + ``smtplib.send_message``.
+
+For the in-process clients it also prints client CPU microseconds per message
+(``time.process_time``; smtp-sink runs in its own process, so this is the client alone).
+Goals, as ratios of the same run: (1) >= 3x smtplib, (2) >= 5x aiosmtplib,
+(3) >= 2.5x smtplib, (4) >= 3x smtplib. This script prints figures; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import smtplib
+import sys
+import time
+from collections.abc import Callable
+from email.message import EmailMessage
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiosmtplib  # type: ignore[import-untyped,unused-ignore]
+
+from mailrelay.envelope import Envelope
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
+from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
+from tests.peers.sink import SMTPSink, run_smtp_source
+
+SENDER = "bench@mailrelay.test"
+RECIPIENT = "sink@sink.mailrelay.test"
+TIMEOUTS = Timeouts.all(60)
+
+
+def raw_message(size: int) -> bytes:
+    """A message of about ``size`` bytes: a few headers and 78-character lines."""
+    head = (
+        f"From: {SENDER}\r\nTo: {RECIPIENT}\r\nSubject: benchmark\r\n"
+        "Message-ID: <bench@mailrelay.test>\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+    ).encode()
+    line = b"x" * 76 + b"\r\n"
+    body = line * max(1, (size - len(head)) // len(line))
+    return head + body
+
+
+class Figure:
+    """One measured run: messages, wall seconds, client CPU seconds."""
+
+    def __init__(self, name: str, messages: int, wall: float, cpu: float | None) -> None:
+        self.name = name
+        self.messages = messages
+        self.wall = wall
+        self.cpu = cpu
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.wall
+
+    def line(self) -> str:
+        cpu = f"{self.cpu / self.messages * 1e6:9.1f} µs CPU/msg" if self.cpu is not None else ""
+        return f"  {self.name:<44} {self.rate:10.0f} msg/s  {self.wall:7.2f} s  {cpu}"
+
+
+def measure(name: str, messages: int, work: Callable[[], object], *, cpu: bool = True) -> Figure:
+    started_cpu = time.process_time()
+    started = time.perf_counter()
+    work()
+    wall = time.perf_counter() - started
+    used = time.process_time() - started_cpu
+    return Figure(name, messages, wall, used if cpu else None)
+
+
+def best(figures: list[Figure]) -> Figure:
+    return max(figures, key=lambda f: f.rate)
+
+
+def repeat(times: int, run: Callable[[], Figure]) -> Figure:
+    return best([run() for _ in range(times)])
+
+
+# -- clients -------------------------------------------------------------------------------
+
+
+def mailrelay_sync(sink: SMTPSink, messages: list[tuple[Message, Envelope]]) -> None:
+    pool = PoolSettings(size=1, max_messages=10**9)
+    with SMTPTransport(sink.host, sink.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=pool) as smtp:
+        results = smtp.send_many(list(messages))
+    assert all(r.ok for r in results)
+
+
+def mailrelay_async(
+    sink: SMTPSink, messages: list[tuple[Message, Envelope]], connections: int
+) -> None:
+    pool = PoolSettings(size=connections, max_messages=10**9)
+
+    async def main() -> None:
+        async with AsyncSMTPTransport(
+            sink.host, sink.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=pool
+        ) as smtp:
+            results = await smtp.asend_many(list(messages))
+        assert all(r.ok for r in results)
+
+    asyncio.run(main())
+
+
+def smtplib_raw(sink: SMTPSink, raw: bytes, count: int) -> None:
+    with smtplib.SMTP(sink.host, sink.port, timeout=60) as client:
+        for _ in range(count):
+            client.sendmail(SENDER, [RECIPIENT], raw)
+
+
+def aiosmtplib_raw(sink: SMTPSink, raw: bytes, count: int, connections: int) -> None:
+    async def one(n: int) -> None:
+        client = aiosmtplib.SMTP(hostname=sink.host, port=sink.port, start_tls=False, timeout=60)
+        await client.connect()
+        for _ in range(n):
+            await client.sendmail(SENDER, [RECIPIENT], raw)
+        await client.quit()
+
+    async def main() -> None:
+        share = [
+            count // connections + (1 if i < count % connections else 0) for i in range(connections)
+        ]
+        await asyncio.gather(*(one(n) for n in share))
+
+    asyncio.run(main())
+
+
+def personalised_mailrelay(sink: SMTPSink, count: int) -> None:
+    pool = PoolSettings(size=1, max_messages=10**9)
+    with SMTPTransport(sink.host, sink.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=pool) as smtp:
+        messages = (
+            Message.build(
+                sender=SENDER,
+                to=[f"user{n}@sink.mailrelay.test"],
+                subject=f"Hello user {n}",
+                text=f"Dear user {n},\n\nyour code is {n * 7919 % 100000:05d}.\n",
+            )
+            for n in range(count)
+        )
+        results = smtp.send_many(messages)
+    assert all(r.ok for r in results)
+
+
+def personalised_smtplib(sink: SMTPSink, count: int) -> None:
+    with smtplib.SMTP(sink.host, sink.port, timeout=60) as client:
+        for n in range(count):
+            message = EmailMessage()
+            message["From"] = SENDER
+            message["To"] = f"user{n}@sink.mailrelay.test"
+            message["Subject"] = f"Hello user {n}"
+            message.set_content(f"Dear user {n},\n\nyour code is {n * 7919 % 100000:05d}.\n")
+            client.send_message(message)
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every count")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per client (best kept)")
+    options = parser.parse_args()
+
+    def scaled(count: int) -> int:
+        return max(10, int(count * options.scale))
+
+    r = options.repeat
+
+    print(f"Python {sys.version.split()[0]}, scale {options.scale}, best of {r}")
+    with SMTPSink() as sink:
+        # 1. one connection, 1 KB
+        n = scaled(20_000)
+        raw = raw_message(1024)
+        # Explicit envelopes, as smtplib.sendmail is given: no header parsing on either side.
+        envelope = Envelope(SENDER, [RECIPIENT])
+        message = Message.from_bytes(raw)
+        pair = (message, envelope)
+        print(f"\n1. {n} x 1 KB over one connection")
+        ours = repeat(
+            r,
+            lambda: measure(
+                "mailrelay SMTPTransport (pipelined)",
+                n,
+                lambda: mailrelay_sync(sink, [pair] * n),
+            ),
+        )
+        theirs = repeat(r, lambda: measure("smtplib", n, lambda: smtplib_raw(sink, raw, n)))
+        source = repeat(
+            r,
+            lambda: measure(
+                "smtp-source (C, Postfix)",
+                n,
+                lambda: run_smtp_source(sink.host, sink.port, messages=n, size=1024),
+                cpu=False,
+            ),
+        )
+        for figure in (ours, theirs, source):
+            print(figure.line())
+        print(
+            f"  ratio mailrelay/smtplib {ours.rate / theirs.rate:.2f}x (goal >= 3x); "
+            f"mailrelay/smtp-source {ours.rate / source.rate:.2f}x"
+        )
+
+        # 2. four connections
+        print(f"\n2. {n} x 1 KB over 4 connections")
+        ours4 = repeat(
+            r,
+            lambda: measure(
+                "mailrelay AsyncSMTPTransport (pool 4)",
+                n,
+                lambda: mailrelay_async(sink, [pair] * n, 4),
+            ),
+        )
+        aio4 = repeat(
+            r, lambda: measure("aiosmtplib (4 tasks)", n, lambda: aiosmtplib_raw(sink, raw, n, 4))
+        )
+        source4 = repeat(
+            r,
+            lambda: measure(
+                "smtp-source -s 4 (C, Postfix)",
+                n,
+                lambda: run_smtp_source(sink.host, sink.port, messages=n, size=1024, sessions=4),
+                cpu=False,
+            ),
+        )
+        for figure in (ours4, aio4, source4):
+            print(figure.line())
+        print(
+            f"  ratio mailrelay/aiosmtplib {ours4.rate / aio4.rate:.2f}x (goal >= 5x); "
+            f"mailrelay/smtp-source {ours4.rate / source4.rate:.2f}x"
+        )
+
+        # 3. 100 KB
+        m = scaled(5_000)
+        raw100 = raw_message(100 * 1024)
+        message100 = Message.from_bytes(raw100)
+        print(f"\n3. {m} x 100 KB over one connection")
+        ours100 = repeat(
+            r,
+            lambda: measure(
+                "mailrelay SMTPTransport",
+                m,
+                lambda: mailrelay_sync(sink, [(message100, envelope)] * m),
+            ),
+        )
+        lib100 = repeat(r, lambda: measure("smtplib", m, lambda: smtplib_raw(sink, raw100, m)))
+        for figure in (ours100, lib100):
+            print(figure.line())
+        print(f"  ratio mailrelay/smtplib {ours100.rate / lib100.rate:.2f}x (goal >= 2.5x)")
+
+        # 4. personalised
+        p = scaled(20_000)
+        print(f"\n4. {p} personalised messages (build one per recipient, then send)")
+        ours_p = repeat(
+            r,
+            lambda: measure(
+                "mailrelay Message.build + send_many", p, lambda: personalised_mailrelay(sink, p)
+            ),
+        )
+        lib_p = repeat(
+            r,
+            lambda: measure(
+                "smtplib EmailMessage + send_message", p, lambda: personalised_smtplib(sink, p)
+            ),
+        )
+        for figure in (ours_p, lib_p):
+            print(figure.line())
+        print(f"  ratio mailrelay/smtplib {ours_p.rate / lib_p.rate:.2f}x (goal >= 3x)")
+
+
+if __name__ == "__main__":
+    main()
