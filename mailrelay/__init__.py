@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from mailrelay import errors
 from mailrelay.address import Address
+from mailrelay.callout import AsyncCallout, Callout, CalloutResult, CalloutStatus
 from mailrelay.envelope import Envelope, Notify, Recipient, Ret
 from mailrelay.errors import MailRelayError
 from mailrelay.message import Attachment, Message
@@ -16,12 +17,20 @@ from mailrelay.reply import EnhancedStatus, Reply
 from mailrelay.resolver import AsyncResolver, Resolver
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.transport import (
+    AsyncLMTPTransport,
+    AsyncSMTPTransport,
     AsyncTransport,
     FileTransport,
+    LMTPTransport,
     MemoryTransport,
+    PoolSettings,
+    SMTPTransport,
     Transport,
+    async_transport_from_url,
     transport_from_url,
 )
+from mailrelay.transport.mx import MXPolicy, MXTransport
+from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.validate import (
     AsyncRecipientValidator,
     Reason,
@@ -33,6 +42,19 @@ from mailrelay.validate import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AsyncCallout",
+    "AsyncLMTPTransport",
+    "AsyncMXTransport",
+    "AsyncSMTPTransport",
+    "Callout",
+    "CalloutResult",
+    "CalloutStatus",
+    "LMTPTransport",
+    "MXPolicy",
+    "MXTransport",
+    "PoolSettings",
+    "SMTPTransport",
+    "async_transport_from_url",
     "TLS",
     "Address",
     "AsyncRecipientValidator",
