@@ -125,6 +125,9 @@ class ConnectionSettings:
             peer=self.peer,
         )
 
+    def __repr__(self) -> str:
+        return f"ConnectionSettings({self.describe()})"
+
     def describe(self) -> str:
         """A one-line description without the password, for ``repr``."""
         user = f" user={self.username!r}" if self.username is not None else ""

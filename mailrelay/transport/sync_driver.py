@@ -168,6 +168,7 @@ class SyncDriver:
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._pending_phase = "greeting"
+        self._timeout: float | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -261,7 +262,7 @@ class SyncDriver:
         phase = self._pending_phase
         timeout = self.timeouts.for_phase(phase)
         try:
-            sock.settimeout(timeout)
+            self._set_timeout(sock, timeout)
             sock.sendall(data)
         except (OSError, ValueError) as exc:
             raise map_io_error(exc, peer=self.peer, phase=phase, timeout=timeout) from exc
@@ -270,7 +271,7 @@ class SyncDriver:
         sock = self._socket()
         timeout = self.timeouts.for_phase(request.phase)
         try:
-            sock.settimeout(timeout)
+            self._set_timeout(sock, timeout)
             data = sock.recv(READ_SIZE)
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             # A TLS peer that closes without close_notify: SMTP servers do; it is an EOF.
@@ -289,6 +290,12 @@ class SyncDriver:
         self.bytes_received += len(data)
         return data
 
+    def _set_timeout(self, sock: socket.socket, timeout: float) -> None:
+        # settimeout() costs system calls every time; phases often share a limit.
+        if timeout != self._timeout:
+            sock.settimeout(timeout)
+            self._timeout = timeout
+
     def _before_greeting(self, request: Read) -> bool:
         return self.bytes_received == 0 and request.phase == "greeting" and not self.implicit_tls
 
@@ -302,6 +309,7 @@ class SyncDriver:
         probe.check_hostname = False
         probe.verify_mode = ssl.CERT_NONE  # only asking "do you speak TLS?", sending nothing
         try:
+            self._timeout = None
             sock.settimeout(min(_PROBE_TIMEOUT, self.timeouts.connect))
             wrapped = probe.wrap_socket(sock, do_handshake_on_connect=False)
             self._sock = wrapped
@@ -318,6 +326,7 @@ class SyncDriver:
         """
         sock = self._socket()
         try:
+            self._timeout = None
             sock.settimeout(self.timeouts.connect)
             wrapped = self.ssl_context.wrap_socket(
                 sock, server_hostname=server_hostname, do_handshake_on_connect=False
