@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import ssl
 import time
@@ -67,8 +68,12 @@ def assert_intact(copy: bytes, message: Message) -> None:
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256", None])
 def test_submission_starttls_then_auth(
-    flavour: Flavour, mechanism: str | None, postfix_clean: PostfixInstance
+    flavour: Flavour,
+    mechanism: str | None,
+    postfix_clean: PostfixInstance,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     message = unique_message()
     result = send_with(
         flavour,
@@ -85,6 +90,10 @@ def test_submission_starttls_then_auth(
     copy = delivered(postfix_clean, message)
     assert_intact(copy, message)
     assert b"with ESMTPSA" in copy  # TLS and authenticated (RFC 3848)
+    # Credentials never reach the log, even at DEBUG with the wire trace on.
+    assert ">>> AUTH" in caplog.text
+    for secret in ("alicepw", base64.b64encode(b"alicepw").decode(), "AGFsaWNl"):
+        assert secret not in caplog.text
 
 
 def test_implicit_tls(flavour: Flavour, postfix_clean: PostfixInstance) -> None:
