@@ -26,7 +26,7 @@ from mailrelay.envelope import Envelope
 from mailrelay.errors import DeliveryError
 from mailrelay.message import Message
 from mailrelay.tracker.engine import DSNMatch, RunSummary, TrackerCore, _Group, _summarize, _Work
-from mailrelay.tracker.store import Claim
+from mailrelay.tracker.store import Claim, MessageRecord
 from mailrelay.transport.base import AsyncTransport
 
 __all__ = ["AsyncDeliveryTracker"]
@@ -72,15 +72,25 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
         gate = asyncio.Semaphore(concurrency)
         summary = RunSummary()
 
-        async def one(claim: Claim) -> RunSummary:
+        async def one(claim: Claim, record: MessageRecord | None) -> RunSummary:
             async with gate:
-                return await self._aprocess(claim)
+                return await self._aprocess(claim, record)
 
         for _ in range(max_rounds):
             claims = await asyncio.to_thread(self._claim)
             if not claims:
                 break
-            results = await asyncio.gather(*(one(c) for c in claims), return_exceptions=True)
+            try:
+                records = await asyncio.to_thread(
+                    self.store.get_many, [c.tracking_id for c in claims]
+                )
+            except BaseException:
+                for claim in claims:
+                    await asyncio.to_thread(self._put_back_claim, claim)
+                raise
+            results = await asyncio.gather(
+                *(one(c, records.get(c.tracking_id)) for c in claims), return_exceptions=True
+            )
             failure: BaseException | None = None
             for result in results:
                 if isinstance(result, BaseException):
@@ -91,9 +101,9 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
                 raise failure
         return summary
 
-    async def _aprocess(self, claim: Claim) -> RunSummary:
+    async def _aprocess(self, claim: Claim, record: MessageRecord | None) -> RunSummary:
         try:
-            work = await asyncio.to_thread(self._load, claim)
+            work = await asyncio.to_thread(self._load, claim, record)
         except BaseException:
             await asyncio.to_thread(self._put_back_claim, claim)
             raise

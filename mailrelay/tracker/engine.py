@@ -407,8 +407,8 @@ class TrackerCore(Generic[T]):
             worker=self.worker_id, now=self.clock(), lease=self.lease, limit=self.batch_size
         )
 
-    def _load(self, claim: Claim) -> _Work | None:
-        record = self.store.get(claim.tracking_id)
+    def _load(self, claim: Claim, record: MessageRecord | None) -> _Work | None:
+        """The work for a claim, from the record read for its batch (``store.get_many``)."""
         if record is None:
             return None
         content = self.store.content(claim.tracking_id)
@@ -823,9 +823,14 @@ class DeliveryTracker(TrackerCore[Transport]):
                 break
             pending: list[tuple[_Work, Sequence[Change]]] = []
             try:
+                try:
+                    records = self.store.get_many([c.tracking_id for c in claims])
+                except BaseException:
+                    self._release_claims(claims)
+                    raise
                 for index, claim in enumerate(claims):
                     try:
-                        summary += self._process(claim, pending)
+                        summary += self._process(claim, records.get(claim.tracking_id), pending)
                     except BaseException:
                         # The claims after this one were never started: give them back.
                         self._release_claims(claims[index + 1 :])
@@ -859,9 +864,14 @@ class DeliveryTracker(TrackerCore[Transport]):
                 worker=claim.worker,
             )
 
-    def _process(self, claim: Claim, pending: list[tuple[_Work, Sequence[Change]]]) -> RunSummary:
+    def _process(
+        self,
+        claim: Claim,
+        record: MessageRecord | None,
+        pending: list[tuple[_Work, Sequence[Change]]],
+    ) -> RunSummary:
         try:
-            work = self._load(claim)
+            work = self._load(claim, record)
         except BaseException:
             self._release_claims([claim])
             raise

@@ -24,11 +24,13 @@ Rules of this module:
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from mailrelay.address import Address
 from mailrelay.errors import ConfigurationError
@@ -338,20 +340,37 @@ class SQLiteStore:
         finally:
             conn.execute("COMMIT")
 
+    def get_many(self, tracking_ids: Sequence[str]) -> dict[str, MessageRecord]:
+        """See :meth:`~mailrelay.tracker.store.Store.get_many` (three queries in all)."""
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            return self._read_many(conn, tracking_ids)
+        finally:
+            conn.execute("COMMIT")
+
     def _read(self, conn: sqlite3.Connection, tracking_id: str) -> MessageRecord | None:
-        row = conn.execute(
-            "SELECT created_at, envelope, message_id, size FROM messages WHERE id = ?",
-            (tracking_id,),
-        ).fetchone()
-        if row is None:
-            return None
-        attempts: dict[int, list[Attempt]] = {}
-        for position, at, host, code, enhanced, text, source in conn.execute(
-            "SELECT position, at, host, code, enhanced, text, source FROM attempts"
-            " WHERE message = ? ORDER BY position, seq",
-            (tracking_id,),
+        return self._read_many(conn, [tracking_id]).get(tracking_id)
+
+    def _read_many(
+        self, conn: sqlite3.Connection, tracking_ids: Sequence[str]
+    ) -> dict[str, MessageRecord]:
+        # The ids travel as one JSON array parameter (json_each), so the SQL is constant.
+        ids = json.dumps(list(tracking_ids))
+        messages = conn.execute(
+            "SELECT id, created_at, envelope, message_id, size FROM messages"
+            " WHERE id IN (SELECT value FROM json_each(?))",
+            (ids,),
+        ).fetchall()
+        if not messages:
+            return {}
+        attempts: dict[tuple[str, int], list[Attempt]] = {}
+        for message, position, at, host, code, enhanced, text, source in conn.execute(
+            "SELECT message, position, at, host, code, enhanced, text, source FROM attempts"
+            " WHERE message IN (SELECT value FROM json_each(?)) ORDER BY message, position, seq",
+            (ids,),
         ):
-            attempts.setdefault(position, []).append(
+            attempts.setdefault((message, position), []).append(
                 Attempt(
                     at=from_micros(at),
                     host=host,
@@ -361,33 +380,42 @@ class SQLiteStore:
                     source=source,
                 )
             )
-        envelope = envelope_from_json(row[1])
-        # The envelope's recipients are already parsed: reuse them rather than parse again.
-        known = {str(r.address): r.address for r in envelope.recipients}
-        recipients = tuple(
-            RecipientRecord(
-                address=known.get(address) or Address.parse(address),
-                state=State(state),
-                attempts=tuple(attempts.get(position, ())),
-                next_attempt_at=_time(next_at),
-                confirmed=bool(confirmed),
-                lease_owner=owner,
-                lease_until=_time(until),
+        rows: dict[str, list[Any]] = {}
+        for row in conn.execute(
+            "SELECT message, position, address, state, next_attempt_at, confirmed, lease_owner,"
+            " lease_until FROM recipients WHERE message IN (SELECT value FROM json_each(?))"
+            " ORDER BY message, position",
+            (ids,),
+        ):
+            rows.setdefault(row[0], []).append(row)
+        found = {}
+        for tracking_id, created_at, envelope_json, message_id, size in messages:
+            envelope = envelope_from_json(envelope_json)
+            # The envelope's recipients are already parsed: reuse them rather than parse again.
+            known = {str(r.address): r.address for r in envelope.recipients}
+            recipients = tuple(
+                RecipientRecord(
+                    address=known.get(address) or Address.parse(address),
+                    state=State(state),
+                    attempts=tuple(attempts.get((tracking_id, position), ())),
+                    next_attempt_at=_time(next_at),
+                    confirmed=bool(confirmed),
+                    lease_owner=owner,
+                    lease_until=_time(until),
+                )
+                for _m, position, address, state, next_at, confirmed, owner, until in rows.get(
+                    tracking_id, []
+                )
             )
-            for position, address, state, next_at, confirmed, owner, until in conn.execute(
-                "SELECT position, address, state, next_attempt_at, confirmed, lease_owner,"
-                " lease_until FROM recipients WHERE message = ? ORDER BY position",
-                (tracking_id,),
+            found[tracking_id] = MessageRecord(
+                id=tracking_id,
+                created_at=from_micros(created_at),
+                envelope=envelope,
+                message_id=message_id,
+                size=size,
+                recipients=recipients,
             )
-        )
-        return MessageRecord(
-            id=tracking_id,
-            created_at=from_micros(row[0]),
-            envelope=envelope,
-            message_id=row[2],
-            size=row[3],
-            recipients=recipients,
-        )
+        return found
 
     def content(self, tracking_id: str) -> bytes:
         """See :meth:`~mailrelay.tracker.store.Store.content`."""
@@ -548,10 +576,10 @@ class SQLiteStore:
                     ),
                 )
             ]
-            records = [self._read(conn, tracking_id) for tracking_id in ids]
+            records = self._read_many(conn, ids)
         finally:
             conn.execute("COMMIT")
-        return [record for record in records if record is not None]
+        return [records[tracking_id] for tracking_id in ids if tracking_id in records]
 
     def next_due(self) -> dt.datetime | None:
         """See :meth:`~mailrelay.tracker.store.Store.next_due`."""

@@ -103,6 +103,9 @@ def _opt_utc(value: dt.datetime | None) -> dt.datetime | None:
     return None if value is None else _utc(value)
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def to_micros(value: dt.datetime) -> int:
     """Microseconds since the Unix epoch: the exact integer form stores keep."""
     delta = _utc(value) - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -292,6 +295,10 @@ class Store(Protocol):
         """The record with this id, or ``None``."""
         ...
 
+    def get_many(self, tracking_ids: Sequence[str]) -> dict[str, MessageRecord]:
+        """The records with these ids (ids without a record are left out)."""
+        ...
+
     def content(self, tracking_id: str) -> bytes:
         """The stored message bytes.
 
@@ -469,6 +476,11 @@ class MemoryStore:
         with self._lock:
             return self._records.get(tracking_id)
 
+    def get_many(self, tracking_ids: Sequence[str]) -> dict[str, MessageRecord]:
+        """See :meth:`Store.get_many`."""
+        with self._lock:
+            return {i: self._records[i] for i in tracking_ids if i in self._records}
+
     def content(self, tracking_id: str) -> bytes:
         """See :meth:`Store.content`."""
         with self._lock:
@@ -482,10 +494,10 @@ class MemoryStore:
         with self._lock:
             candidates: list[tuple[dt.datetime, str]] = []
             for record in self._records.values():
-                due = [r.due_at for r in record.recipients if r.is_due(now)]
+                due = [r.due_at or _EPOCH for r in record.recipients if r.is_due(now)]
                 if due:
-                    oldest = min((d for d in due if d is not None), default=record.created_at)
-                    candidates.append((oldest, record.id))
+                    # A due time of None sorts first (SQL stores order it as 0, too).
+                    candidates.append((min(due), record.id))
             candidates.sort()
             claims = []
             for _when, tracking_id in candidates[: max(limit, 0)]:
