@@ -428,3 +428,21 @@ def test_memory_and_sqlite_stores_agree(ops: list[tuple[object, ...]]) -> None:
         finally:
             for store in stores:
                 store.close()
+
+
+def test_get_many(store: Store) -> None:
+    records = [make_record(f"m{i}", message_id=f"{i}@x") for i in range(3)]
+    store.add_many([(record, [b"12345"]) for record in records])
+    store.apply(
+        "m1",
+        [
+            Change(
+                address=addr("a@example.org"), state=State.BOUNCED, attempt=Attempt(at=T0, code=550)
+            )
+        ],
+    )
+    found = store.get_many(["m2", "nope", "m1"])
+    assert set(found) == {"m1", "m2"}
+    assert found["m1"] == store.get("m1")
+    assert found["m2"] == records[2]
+    assert store.get_many([]) == {}
