@@ -162,6 +162,29 @@ class PostfixInstance:
             )
         return messages
 
+    def wait_for_message(self, user: str, marker: bytes, timeout: float = 10.0) -> bytes:
+        """Poll ``user``'s Maildir until a message containing ``marker`` arrives; return it.
+
+        Prefer this to :meth:`wait_for_delivery` when other tests share the instance: a
+        message from an earlier test can still be in Postfix's queue after
+        :meth:`clear_maildirs`, so counting messages is racy, while a unique marker
+        (a subject, a Message-ID) is not.
+
+        Raises:
+            AssertionError: After ``timeout`` seconds, with the end of the mail log.
+        """
+        end = time.monotonic() + timeout
+        while True:
+            for raw in self.read_maildir(user):
+                if marker in raw:
+                    return raw
+            if time.monotonic() > end:
+                raise AssertionError(
+                    f"{user}: no message containing {marker!r} after {timeout}s; "
+                    f"end of the mail log:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
     def clear_maildirs(self) -> None:
         """Delete every delivered message (the Maildir folders stay)."""
         for user in self.users:

@@ -218,8 +218,9 @@ def test_delivers_to_postfix_end_to_end(unbound: UnboundServer, postfix: Postfix
         result = mx.send(message, Envelope("bob@mailrelay.test", ["alice@mailrelay.test"]))
     assert result.ok, result
     assert result.host == f"mx.mailrelay.test[127.0.0.1]:{postfix.smtp_port}"
-    delivered = postfix.wait_for_delivery("alice", count=1, timeout=10.0)
-    assert any(b"mx-e2e-7f3a" in raw for raw in delivered)
+    delivered = postfix.wait_for_message("alice", b"mx-e2e-7f3a", timeout=10.0)
+    assert message.message_id is not None
+    assert message.message_id.encode() in delivered
 
 
 @pytest.mark.postfix
