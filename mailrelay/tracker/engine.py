@@ -430,6 +430,8 @@ class TrackerCore(Generic[T]):
     def _envelope(record: MessageRecord, group: _Group) -> Envelope:
         # A retry goes only to the recipients still unresolved; each keeps its NOTIFY/ORCPT.
         original = record.envelope
+        if group.recipients == original.recipients:
+            return original
         return Envelope(
             original.sender,
             group.recipients,
