@@ -7,7 +7,8 @@ turns out to be dead), plus:
 * The pool is task-safe: a connection is used by one task at a time, and at most
   ``pool.size`` are open; tasks beyond that wait for one.
 * :meth:`AsyncSMTPTransport.asend_many` spreads a batch over ``pool.size`` connections at
-  once and still returns the results in item order, with the contract of
+  once (each worker takes the next item when it is free, so a streamed batch is never held
+  whole) and still returns the results in item order, with the contract of
   :mod:`mailrelay.transport.base` (a ``DeliveryError`` becomes that item's result; any other
   exception cancels the rest of the batch and propagates).
 * A pool belongs to one event loop. Used from another loop (a second ``asyncio.run``), the
@@ -29,7 +30,13 @@ from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult
 from mailrelay.transport.async_driver import AsyncDriver, connect
-from mailrelay.transport.base import AsyncTransport, BatchItem, failed_result, prepare_batch
+from mailrelay.transport.base import (
+    AsyncBatch,
+    AsyncTransport,
+    BatchItem,
+    failed_result,
+    note_progress,
+)
 from mailrelay.transport.settings import ConnectionSettings, PoolSettings, mechanisms
 from mailrelay.transport.smtp import is_stale_connection_error, no_greeting_hint
 
@@ -186,44 +193,38 @@ class _AsyncSMTPBase(AsyncTransport):
     ) -> list[DeliveryResult]:
         """Send many messages over up to ``pool.size`` connections; results in item order.
 
-        See :mod:`mailrelay.transport.base` for the contract.
+        See :mod:`mailrelay.transport.base` for the contract (a sequence is checked whole
+        first; other iterables are streamed, each worker taking the next item when it is
+        free).
         """
-        if isinstance(items, AsyncIterable):
-            collected = [item async for item in items]
-        else:
-            collected = list(items)
-        batch = prepare_batch(collected)
-        results: list[DeliveryResult | None] = [None] * len(batch)
-        pending = iter(range(len(batch)))
+        batch = AsyncBatch(items)
+        results: dict[int, DeliveryResult] = {}
 
         async def worker() -> None:
-            for index in pending:  # shared: each index is taken by exactly one worker
-                message, envelope = batch[index]
+            while (taken := await batch.next()) is not None:
+                index, message, envelope = taken
                 try:
                     results[index] = await self.adeliver(message, envelope)
                 except DeliveryError as error:
                     results[index] = failed_result(message, envelope, error)
 
-        tasks = [asyncio.ensure_future(worker()) for _ in range(min(self._pool.size, len(batch)))]
+        workers = self._pool.size if batch.total is None else min(self._pool.size, batch.total)
+        tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
+        if not tasks:
+            return []
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 exc = task.exception()
                 if exc is not None:
-                    finished = sum(result is not None for result in results)
-                    exc.add_note(
-                        f"asend_many: {finished} of {len(batch)} messages had been handed to "
-                        "the transport before this error; resending the whole batch may "
-                        "duplicate those"
-                    )
+                    note_progress(exc, len(results), batch.total)
                     raise exc
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        complete = [result for result in results if result is not None]
-        assert len(complete) == len(batch), "every item must have a result"
-        return complete
+        assert sorted(results) == list(range(len(results))), "every item must have a result"
+        return [results[index] for index in range(len(results))]
 
     async def aclose(self) -> None:
         """QUIT and close every idle connection; later sends raise ``ConnectionLost``."""

@@ -16,26 +16,33 @@ Rules of this module:
   :meth:`Envelope.from_message <mailrelay.envelope.Envelope.from_message>` when none is given.
 * ``send_many`` never loses a message silently. Its contract:
 
-  1. Every item is turned into a ``(message, envelope)`` pair *before anything is sent*, so a
-     malformed item (or a message whose envelope cannot be derived) raises before any mail
-     leaves, and the caller can fix the batch and resend it whole.
-  2. The items are then delivered in order, and there is one result per item, in item order.
+  1. A batch given as a *sequence* (a list, a tuple) is checked whole before anything is
+     sent: every item becomes a ``(message, envelope)`` pair first, so a malformed item (or a
+     message whose envelope cannot be derived) raises before any mail leaves, and the caller
+     can fix the batch and send it again whole. A batch given as any other iterable (a
+     generator, an async iterable) is *streamed*: items are taken one at a time as the
+     transport is ready for them, so a mail merge of a million messages never holds them all;
+     a bad item then raises when it is reached (see 4).
+  2. Items are delivered in order (pooled async transports: several at once), and there is
+     one result per item, in item order.
   3. A :class:`~mailrelay.errors.DeliveryError` for one item does not stop the batch: that
      item's result carries the error for each of its recipients (see :func:`failed_result`):
      outcome ``TRANSIENT`` or ``PERMANENT`` per :attr:`DeliveryError.is_transient`, the
      error's reply if it had one, and ``reason`` naming the error. ``result.ok`` is then false.
-  4. Any other exception (a bug, ``KeyboardInterrupt``, a cancelled task) propagates at once.
-     A note added to it (:pep:`678`) says how many items had already been handed over, so the
-     traceback tells whether a resend would duplicate mail.
+  4. Any other exception (a bad streamed item, a bug, ``KeyboardInterrupt``, a cancelled
+     task) stops the batch and propagates. A note added to it (:pep:`678`) says how many
+     messages had already been handed to the transport, so the traceback tells whether
+     sending the batch again would duplicate mail.
 
   Pooled transports override ``send_many`` to reuse and pipeline connections; they keep this
-  contract.
+  contract (:class:`AsyncBatch` is the shared, task-safe way to take items).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterable, Iterable
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Self, TypeAlias
 
@@ -44,7 +51,15 @@ from mailrelay.errors import DeliveryError
 from mailrelay.message import Message
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 
-__all__ = ["AsyncTransport", "BatchItem", "Transport", "failed_result", "prepare_batch"]
+__all__ = [
+    "AsyncBatch",
+    "AsyncTransport",
+    "BatchItem",
+    "Transport",
+    "failed_result",
+    "note_progress",
+    "prepare_batch",
+]
 
 #: One item of a batch for ``send_many``: a message (its envelope derived from its headers),
 #: or an explicit ``(message, envelope)`` pair.
@@ -101,11 +116,74 @@ def failed_result(message: Message, envelope: Envelope, error: DeliveryError) ->
     )
 
 
-def _note_progress(exc: BaseException, done: int, total: int) -> None:
+def note_progress(exc: BaseException, done: int, total: int | None) -> None:
+    """Add the "how far did the batch get" note to an exception that stops a batch."""
+    of = f" of {total}" if total is not None else ""
     exc.add_note(
-        f"send_many: {done} of {total} messages had been handed to the transport "
-        "before this error; resending the whole batch may duplicate those"
+        f"send_many: {done}{of} messages had been handed to the transport before this "
+        "error; sending the whole batch again may duplicate those"
     )
+
+
+def _pairs(items: Iterable[BatchItem]) -> tuple[Iterator[tuple[Message, Envelope]], int | None]:
+    """The batch as pairs: a sequence checked whole first, anything else streamed."""
+    if isinstance(items, Sequence):
+        prepared = prepare_batch(items)
+        return iter(prepared), len(prepared)
+    return (_pair(item, index) for index, item in enumerate(items)), None
+
+
+class AsyncBatch:
+    """The items of an ``asend_many`` batch, taken one at a time by one or more tasks.
+
+    A sequence is checked whole at construction (it may raise there); a plain or async
+    iterable is streamed. :meth:`next` is task-safe: concurrent callers each get a
+    different item, in order.
+
+    Attributes:
+        total: the number of items, when known (a sequence), else ``None``.
+    """
+
+    def __init__(self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]) -> None:
+        self._sync: Iterator[BatchItem] | None = None
+        self._async: AsyncIterator[BatchItem] | None = None
+        self.total: int | None = None
+        if isinstance(items, AsyncIterable):
+            self._async = aiter(items)
+        elif isinstance(items, Sequence):
+            prepared = prepare_batch(items)
+            self.total = len(prepared)
+            self._sync = iter(prepared)
+        else:
+            self._sync = iter(items)
+        self._index = 0
+        self._lock: asyncio.Lock | None = None
+
+    async def next(self) -> tuple[int, Message, Envelope] | None:
+        """The next item's index and pair, or ``None`` when the batch is exhausted.
+
+        Raises:
+            TypeError, InvalidAddress, MessageError: for a malformed streamed item.
+        """
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        # An async generator must not be advanced by two tasks at once.
+        async with self._lock:
+            index = self._index
+            if self._async is not None:
+                try:
+                    item = await anext(self._async)
+                except StopAsyncIteration:
+                    return None
+            else:
+                assert self._sync is not None
+                try:
+                    item = next(self._sync)
+                except StopIteration:
+                    return None
+            self._index += 1
+        message, envelope = _pair(item, index)
+        return index, message, envelope
 
 
 class Transport(abc.ABC):
@@ -151,17 +229,24 @@ class Transport(abc.ABC):
             :class:`~mailrelay.errors.DeliveryError` gets a result carrying that error for
             every recipient (:func:`failed_result`).
         """
-        batch = prepare_batch(items)
+        pairs, total = _pairs(items)
         results: list[DeliveryResult] = []
-        for message, envelope in batch:
+        while True:
+            try:
+                pair = next(pairs, None)
+            except BaseException as exc:
+                note_progress(exc, len(results), total)
+                raise
+            if pair is None:
+                return results
+            message, envelope = pair
             try:
                 results.append(self.deliver(message, envelope))
             except DeliveryError as error:
                 results.append(failed_result(message, envelope, error))
             except BaseException as exc:
-                _note_progress(exc, len(results), len(batch))
+                note_progress(exc, len(results), total)
                 raise
-        return results
 
     def close(self) -> None:  # noqa: B027 -- a no-op default is the point
         """Release whatever the transport holds (connections, files). Idempotent."""
@@ -202,21 +287,24 @@ class AsyncTransport(abc.ABC):
         Args:
             items: messages or ``(message, envelope)`` pairs, from a plain or an async iterable.
         """
-        if isinstance(items, AsyncIterable):
-            collected = [item async for item in items]
-        else:
-            collected = list(items)
-        batch = prepare_batch(collected)
+        batch = AsyncBatch(items)
         results: list[DeliveryResult] = []
-        for message, envelope in batch:
+        while True:
+            try:
+                taken = await batch.next()
+            except BaseException as exc:
+                note_progress(exc, len(results), batch.total)
+                raise
+            if taken is None:
+                return results
+            _, message, envelope = taken
             try:
                 results.append(await self.adeliver(message, envelope))
             except DeliveryError as error:
                 results.append(failed_result(message, envelope, error))
             except BaseException as exc:
-                _note_progress(exc, len(results), len(batch))
+                note_progress(exc, len(results), batch.total)
                 raise
-        return results
 
     async def aclose(self) -> None:  # noqa: B027 -- a no-op default is the point
         """Release whatever the transport holds. Idempotent."""

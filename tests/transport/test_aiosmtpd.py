@@ -7,6 +7,7 @@ import base64
 import logging
 import socket
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -268,3 +269,29 @@ def test_every_address_of_the_host_is_tried(
     aiosmtpd_server.stop()
     with pytest.raises(ConnectError, match=r"\[::1\]:\d+: .*; 127\.0\.0\.1:\d+: "):
         send_with(flavour, make_message(to=("bob@mailrelay.test",)), **args)
+
+
+def test_asend_many_streams_over_the_pool(aiosmtpd_server: AiosmtpdServer) -> None:
+    built: list[str | None] = []
+
+    async def items() -> AsyncIterator[Message]:
+        for n in range(9):
+            message = make_message(to=("bob@mailrelay.test",), subject=f"s{n}")
+            built.append(message.message_id)
+            yield message
+
+    async def main() -> list[str | None]:
+        transport = AsyncSMTPTransport(pool=PoolSettings(size=3), **tls_args(aiosmtpd_server))
+        async with transport:
+            assert await transport.asend_many([]) == []
+            results = await transport.asend_many(items())
+        assert all(r.ok for r in results)
+        return [r.message_id for r in results]
+
+    ids = run(main())
+    assert ids == built  # results in item order, though three connections sent them
+    sent = {
+        m.content.split(b"Message-ID: <")[1].split(b">")[0].decode()
+        for m in aiosmtpd_server.messages
+    }
+    assert sent == set(built)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from hypothesis import given
@@ -136,7 +136,7 @@ def test_send_single_message_raises_the_delivery_error() -> None:
     assert caught.value is error
 
 
-def test_send_many_prepares_every_item_before_sending_anything() -> None:
+def test_send_many_checks_a_list_whole_before_sending_anything() -> None:
     transport = Recorder()
     no_recipients = Message.build(sender="alice@example.com", subject="nobody")
     with pytest.raises(MessageError):
@@ -154,6 +154,61 @@ def test_send_many_rejects_a_malformed_item_before_sending(bad_item: object) -> 
     with pytest.raises(TypeError, match="item 1"):
         transport.send_many([make_message(), bad_item])  # type: ignore[list-item]
     assert transport.calls == []
+
+
+def test_a_generator_is_streamed_not_collected() -> None:
+    log: list[str] = []
+
+    class Logging(Recorder):
+        def deliver(self, message: Message, envelope: Envelope) -> DeliveryResult:
+            log.append(f"deliver {message.get('Subject')}")
+            return super().deliver(message, envelope)
+
+    def items() -> Iterator[Message]:
+        for n in range(3):
+            log.append(f"pull {n}")
+            yield make_message(subject=str(n))
+
+    results = Logging().send_many(items())
+    assert len(results) == 3
+    assert log == ["pull 0", "deliver 0", "pull 1", "deliver 1", "pull 2", "deliver 2"]
+
+
+def test_a_bad_streamed_item_stops_the_batch_with_a_progress_note() -> None:
+    transport = Recorder()
+
+    def items() -> Iterator[object]:
+        yield make_message(subject="one")
+        yield make_message(subject="two")
+        yield b"not a message"
+        yield make_message(subject="never")
+
+    with pytest.raises(TypeError, match="item 2") as caught:
+        transport.send_many(items())  # type: ignore[arg-type]
+    assert [m.get("Subject") for m, _ in transport.calls] == ["one", "two"]
+    assert any("2 messages had been handed" in note for note in caught.value.__notes__)
+
+
+def test_asend_many_streams_an_async_generator() -> None:
+    log: list[str] = []
+
+    class Logging(Recorder):
+        async def adeliver(self, message: Message, envelope: Envelope) -> DeliveryResult:
+            log.append(f"deliver {message.get('Subject')}")
+            return await super().adeliver(message, envelope)
+
+    async def items() -> AsyncIterator[Message]:
+        for n in range(2):
+            log.append(f"pull {n}")
+            yield make_message(subject=str(n))
+
+    assert len(run(Logging().asend_many(items()))) == 2
+    assert log == ["pull 0", "deliver 0", "pull 1", "deliver 1"]
+
+
+def test_empty_batches() -> None:
+    assert Recorder().send_many([]) == []
+    assert run(Recorder().asend_many([])) == []
 
 
 def test_send_many_propagates_other_exceptions_with_a_progress_note() -> None:
