@@ -25,12 +25,17 @@ Rules (RFC 5321 §4.2 unless noted):
   the limit (plus at most one ``feed``'s worth of data, which the caller held anyway).
 
 Theory of operation: :meth:`ReplyReader.feed` splits off every complete line
-at once (``bytes.split``) and parses it, so the cost is a few C-level calls per
-line. Parsed replies wait in a queue until taken with :meth:`ReplyReader.pop`; an
-error is queued after the replies that preceded it, so the caller sees
-everything the server said correctly before it sees what it said wrong. Small
-replies are memoized by their exact bytes: servers repeat the same few
-replies ("250 2.1.5 Ok") and a :class:`Reply` is immutable.
+at once and parses them in one loop, so the cost is a few C-level calls per line.
+Replies are nearly always ASCII: then the whole block of lines is decoded in one
+call and split as text (a block holding any other octet is split as bytes, measured
+in octets and decoded line by line instead). Parsed replies wait in a queue until
+taken with :meth:`ReplyReader.pop`; an error is queued after the replies that
+preceded it, so the caller sees everything the server said correctly before it
+sees what it said wrong. Two bounded caches spare repeated work, as servers repeat
+themselves: a line's *head* (its code, whether it ends the reply, and its enhanced
+status) is looked up by the line's first ten characters, which decide it for all
+common replies; and small single-line replies are memoized by their exact text
+("250 2.1.5 Ok" comes back for every recipient), since a :class:`Reply` is immutable.
 """
 
 from __future__ import annotations
@@ -49,18 +54,29 @@ DEFAULT_MAX_LINE_LENGTH: Final = 4096
 #: Default bound on a whole multi-line reply.
 DEFAULT_MAX_REPLY_LENGTH: Final = 65536
 
-_CACHE_SIZE: Final = 128
-_CACHE_LINE: Final = 200
+# The memo of single-line replies, per reader: entries, and the longest line kept.
+_MEMO_SIZE: Final = 128
+_MEMO_LINE: Final = 200
+# Judging the memo by one feed takes this many new replies; when it pays less than
+# one hit in four, it is left off for the next _MEMO_PAUSE lines.
+_MEMO_PROBE: Final = 32
+_MEMO_PAUSE: Final = 2048
+# The cache of line heads, shared by all readers (heads do not depend on limits).
+_HEADS_SIZE: Final = 512
+_HEAD_KEY: Final = 10
 
-# RFC 5321 §4.2: "ddd " ends a reply, "ddd-" continues it. One dict lookup on a
-# line's first four octets checks the digits, the 200-599 range and the separator.
-_PREFIXES: Final[dict[bytes, tuple[int, bool]]] = {
-    b"%d%s" % (code, separator): (code, separator == b" ")
+# RFC 5321 §4.2: "ddd " ends a reply, "ddd-" continues it, and a bare "ddd" is a
+# complete last line. One dict lookup on a line's first four characters checks the
+# digits, the 200-599 range and the separator, and gives the code and whether the
+# line is a reply's last.
+_PREFIXES: Final[dict[str, tuple[int, bool]]] = {
+    f"{code}{separator}": (code, separator != "-")
     for code in range(200, 600)
-    for separator in (b" ", b"-")
+    for separator in (" ", "-", "")
 }
 
-_STATUS_CACHE: dict[str, EnhancedStatus | None] = {}
+_Head = tuple[int, bool, EnhancedStatus | None]
+_HEADS: dict[str, _Head] = {}
 
 _new = object.__new__
 # Reply is a slotted attrs class: its fields are member descriptors, and setting
@@ -70,30 +86,62 @@ _set_lines = Reply.__dict__["lines"].__set__
 _set_enhanced = Reply.__dict__["enhanced"].__set__
 
 
-def _make_reply(code: int, lines: list[str]) -> Reply:
-    enhanced = None
-    first = lines[0]
-    # RFC 2034 §3 / RFC 3463 §2: only an enhanced code of the reply's own class
-    # counts (there is no class 3, so a 354 never has one). "d." starts every code.
-    if first[1:2] == "." and ord(first[0]) == 48 + code // 100:
-        # The code can only span the text up to the first space, and servers
-        # repeat a handful of codes: look that token up before parsing it.
-        token = first.partition(" ")[0]
-        try:
-            enhanced = _STATUS_CACHE[token]
-        except KeyError:
-            enhanced = EnhancedStatus.search(token)
-            if len(_STATUS_CACHE) >= _CACHE_SIZE:
-                _STATUS_CACHE.clear()
-            _STATUS_CACHE[token] = enhanced
+def _make_reply(code: int, lines: tuple[str, ...], enhanced: EnhancedStatus | None) -> Reply:
     # Reply's validators check the code range and a non-empty ``lines`` tuple;
     # the reader has checked both, so fill in the frozen instance directly, as
     # attrs' own __init__ does for frozen classes (it bypasses __setattr__ too).
     reply: Reply = _new(Reply)
     _set_code(reply, code)
-    _set_lines(reply, tuple(lines))
+    _set_lines(reply, lines)
     _set_enhanced(reply, enhanced)
     return reply
+
+
+def _malformed(line: str) -> RemoteProtocolError:
+    # A short line, a non-digit, a code outside 200-599 or an unknown separator.
+    return RemoteProtocolError(f"malformed reply line {line[:80]!r}")
+
+
+def _code_changed(code: int, new_code: int) -> RemoteProtocolError:
+    return RemoteProtocolError(f"multi-line reply changed its code from {code} to {new_code}")
+
+
+def _split_ascii(text: str) -> list[str]:
+    """Split ASCII text into lines, removing a CR directly before each LF."""
+    # splitlines() also ends a line at a lone CR, VT, FF and FS/GS/RS; when it
+    # finds no more lines than there are LFs, none of those was there.
+    lines = text.splitlines()
+    if len(lines) == text.count("\n") + 1:
+        return lines
+    return [line[:-1] if line[-1:] == "\r" else line for line in text.split("\n")]
+
+
+def _head(line: str) -> _Head:
+    """Parse the head of the first line of a reply; cache it when its start decides it."""
+    # RFC 5321 §4.2: Reply-line = *( Reply-code "-" [ textstring ] CRLF )
+    #                Reply-code [ SP textstring ] CRLF
+    prefix = _PREFIXES.get(line[:4])
+    if prefix is None:
+        raise _malformed(line)
+    code, last = prefix
+    text = line[4:]
+    enhanced = None
+    token = ""
+    # RFC 2034 §3 / RFC 3463 §2: only an enhanced code of the reply's own class
+    # counts (there is no class 3, so a 354 never has one); "d." starts every code.
+    if text[1:2] == "." and text[:1] == line[:1] and line[:1] != "3":
+        # The code can only span the text up to the first space.
+        token = text.partition(" ")[0]
+        enhanced = EnhancedStatus.search(token)
+    head = (code, last, enhanced)
+    # Another line with the same first ten characters has the same head when the
+    # line is shorter than that, or when no code can start it, or when the code's
+    # token and the space after it lie within them ("250 2.1.5 ", not "250 2.1.50").
+    if len(line) < _HEAD_KEY or len(token) <= _HEAD_KEY - 5:
+        if len(_HEADS) >= _HEADS_SIZE:
+            _HEADS.clear()
+        _HEADS[line[:_HEAD_KEY]] = head
+    return head
 
 
 class ReplyReader:
@@ -106,12 +154,14 @@ class ReplyReader:
 
     __slots__ = (
         "_buffer",
-        "_cache",
         "_code",
+        "_enhanced",
         "_error",
         "_lines",
         "_max_line",
         "_max_reply",
+        "_memo",
+        "_memo_pause",
         "_size",
         "replies",
     )
@@ -127,13 +177,18 @@ class ReplyReader:
         self._max_line = max_line_length
         self._max_reply = max_reply_length
         self._buffer = b""
+        # The multi-line reply being read: its text so far, code, size in octets
+        # and the enhanced status from its first line.
         self._lines: list[str] = []
         self._code = 0
         self._size = 0
+        self._enhanced: EnhancedStatus | None = None
         #: Parsed replies not yet taken, oldest first (``pop()`` takes them in order).
         self.replies: deque[Reply] = deque()
         self._error: RemoteProtocolError | None = None
-        self._cache: dict[bytes, Reply] = {}
+        self._memo: dict[str, Reply] = {}
+        # Lines to parse before the memo is used again (see _parse_lines).
+        self._memo_pause = 0
 
     @property
     def has_data(self) -> bool:
@@ -157,8 +212,9 @@ class ReplyReader:
         Raises:
             RemoteProtocolError: the bytes after the replies already taken are malformed.
         """
-        if self.replies:
-            return self.replies.popleft()
+        replies = self.replies
+        if replies:
+            return replies.popleft()
         if self._error is not None:
             raise self._error
         return None
@@ -175,15 +231,11 @@ class ReplyReader:
             return
         self._buffer = buffer[end + 1 :]
         complete = buffer[:end]
-        # Usually every line ends in CRLF: split on it and skip the per-line CR check.
-        if complete.count(b"\r\n") == complete.count(b"\n") and complete.endswith(b"\r"):
-            lines = complete[:-1].split(b"\r\n")
-            crlf = True
-        else:
-            lines = complete.split(b"\n")
-            crlf = False
         try:
-            self._parse_lines(lines, crlf)
+            if complete.isascii():
+                self._parse_lines(_split_ascii(complete.decode("ascii")))
+            else:
+                self._parse_octets(complete)
         except RemoteProtocolError as exc:
             self._error = exc
             self._buffer = b""
@@ -191,72 +243,130 @@ class ReplyReader:
             return
         self._check_partial()
 
-    def _parse_lines(self, lines: list[bytes], crlf: bool) -> None:
+    def _parse_octets(self, complete: bytes) -> None:
+        # Lines holding other octets than ASCII are decoded one by one, and their
+        # characters are no longer octets: the limits are checked here, on the
+        # octets, in a first pass; the main loop's own checks on characters (never
+        # more than octets) then cannot fail, except where this pass says so.
+        raw_lines = [line[:-1] if line[-1:] == b"\r" else line for line in complete.split(b"\n")]
+        lines = [line.decode("utf-8", "replace") for line in raw_lines]
+        max_line = self._max_line
+        max_reply = self._max_reply
+        size = self._size if self._lines else 0
+        for index, raw in enumerate(raw_lines):
+            length = len(raw)
+            size += length + 2
+            if length > max_line or size > max_reply:
+                # The lines before are parsed (and may fail) first, as in the main loop.
+                self._parse_lines(lines[:index])
+                if length > max_line:
+                    raise RemoteProtocolError(f"reply line longer than {max_line} octets")
+                # A malformed line is reported as such, in the main loop's order.
+                line = lines[index]
+                prefix = _PREFIXES.get(line[:4])
+                if prefix is None:
+                    raise _malformed(line)
+                if self._lines and prefix[0] != self._code:
+                    raise _code_changed(self._code, prefix[0])
+                raise RemoteProtocolError(f"reply longer than {max_reply} octets")
+            if raw[3:4] != b"-":
+                size = 0  # The last line of a reply (or a malformed one: see above).
+        self._parse_lines(lines)
+        self._size = size
+
+    def _parse_lines(self, lines: list[str]) -> None:
         # One loop with everything in locals: this is the hot path of the reader.
-        cache = self._cache
-        cache_get = cache.get
+        # Every line is CR-stripped; its length in characters is its length in
+        # octets (for ASCII), or _parse_octets has checked the limits on octets.
+        memo = self._memo
+        memo_get = memo.get
+        room = start_room = _MEMO_SIZE - len(memo)
+        hits = cleared = 0
+        memo_on = self._memo_pause <= 0
+        memo_line = _MEMO_LINE if memo_on else -1
+        head_get = _HEADS.get
+        head_key = _HEAD_KEY
         prefix_get = _PREFIXES.get
         add_reply = self.replies.append
         max_line = self._max_line
         max_reply = self._max_reply
+        # A single-line reply is at most this long: within the line limit, and
+        # within the reply limit with its CRLF.
+        single_line = min(max_line, max_reply - 2)
+        new = _new
+        set_code = _set_code
+        set_lines = _set_lines
+        set_enhanced = _set_enhanced
         text_lines = self._lines
         code = self._code
         size = self._size
-        for raw in lines:
-            if not text_lines:
-                # A single-line reply seen before: same bytes, same (immutable) value.
-                cached = cache_get(raw)
-                if cached is not None:
-                    add_reply(cached)
-                    continue
-                if crlf and len(raw) <= max_line:
-                    head = prefix_get(raw[:4])
-                    if head is not None and head[1] and len(raw) + 2 <= max_reply:
-                        # A new single-line reply ("250 text"): the common case,
-                        # with the checks below that cannot fail for it skipped.
-                        reply = _make_reply(head[0], [raw[4:].decode("utf-8", "replace")])
-                        if len(raw) <= _CACHE_LINE:
-                            if len(cache) >= _CACHE_SIZE:
-                                cache.clear()
-                            cache[raw] = reply
-                        add_reply(reply)
-                        continue
-            line = raw[:-1] if not crlf and raw[-1:] == b"\r" else raw
+        enhanced = self._enhanced
+        for line in lines:
             length = len(line)
-            if length > max_line:
-                raise RemoteProtocolError(f"reply line longer than {max_line} octets")
-            # RFC 5321 §4.2: Reply-line = *( Reply-code "-" [ textstring ] CRLF )
-            #                Reply-code [ SP textstring ] CRLF
-            head = prefix_get(line[:4])
-            if head is None:
-                # A bare "250" is a complete last line; anything else is malformed
-                # (short line, non-digit, code outside 200-599, unknown separator).
-                head = prefix_get(line + b" ") if length == 3 else None
-                if head is None:
-                    raise RemoteProtocolError(f"malformed reply line {line[:80]!r}")
-            line_code, last = head
-            if text_lines and line_code != code:
-                # RFC 5321 §4.2.1: every line of a multi-line reply has the same code.
-                raise RemoteProtocolError(
-                    f"multi-line reply changed its code from {code} to {line_code}"
-                )
-            code = line_code
-            size += length + 2
-            if size > max_reply:
+            if text_lines:
+                # The next line of a multi-line reply.
+                if length > max_line:
+                    raise RemoteProtocolError(f"reply line longer than {max_line} octets")
+                prefix = prefix_get(line[:4])
+                if prefix is None:
+                    raise _malformed(line)
+                if prefix[0] != code:
+                    # RFC 5321 §4.2.1: every line of a multi-line reply has the same code.
+                    raise _code_changed(code, prefix[0])
+                size += length + 2
+                if size > max_reply:
+                    raise RemoteProtocolError(f"reply longer than {max_reply} octets")
+                text_lines.append(line[4:])
+                if prefix[1]:
+                    add_reply(_make_reply(code, tuple(text_lines), enhanced))
+                    text_lines = []
+                continue
+            if memo_on:
+                # A single-line reply seen before: same text, same (immutable) value.
+                reply = memo_get(line)
+                if reply is not None:
+                    hits += 1
+                    add_reply(reply)
+                    continue
+            if length > single_line:
+                if length > max_line:
+                    raise RemoteProtocolError(f"reply line longer than {max_line} octets")
+                _head(line)  # A malformed line is reported as such.
                 raise RemoteProtocolError(f"reply longer than {max_reply} octets")
-            text_lines.append(line[4:].decode("utf-8", "replace"))
-            if last:
-                reply = _make_reply(code, text_lines)
-                if length <= _CACHE_LINE and len(text_lines) == 1:
-                    if len(cache) >= _CACHE_SIZE:
-                        cache.clear()
-                    cache[raw] = reply
-                add_reply(reply)
-                text_lines = []
-                size = 0
+            head = head_get(line[:head_key])
+            if head is None:
+                head = _head(line)
+            code, last, enhanced = head
+            if not last:
+                text_lines = [line[4:]]
+                size = length + 2
+                continue
+            # A new single-line reply ("250 2.1.5 Ok"), the common case, built inline.
+            reply = new(Reply)
+            set_code(reply, code)
+            set_lines(reply, (line[4:],))
+            set_enhanced(reply, enhanced)
+            if length <= memo_line:
+                if room:
+                    room -= 1
+                else:
+                    memo.clear()
+                    room = _MEMO_SIZE - 1
+                    cleared += 1
+                memo[line] = reply
+            add_reply(reply)
         self._lines = text_lines
         self._code = code
         self._size = size
+        self._enhanced = enhanced
+        if memo_on:
+            # The memo costs a lookup and an insertion per new reply: when the server
+            # hardly ever repeats itself, leave it off for a while, then try again.
+            misses = start_room - room + cleared * _MEMO_SIZE
+            if misses >= _MEMO_PROBE and hits * 4 < misses:
+                self._memo_pause = _MEMO_PAUSE
+        else:
+            self._memo_pause -= len(lines)
 
     def _check_partial(self) -> None:
         # The unfinished line may end with the CR of its CRLF: allow one octet more.
