@@ -107,7 +107,7 @@ def test_sigkill_at_random_moments_loses_nothing(
     make_aiosmtpd: AiosmtpdFactory, tmp_path: Path
 ) -> None:
     runs = int(os.environ.get("MAILRELAY_CRASH_RUNS", "5"))
-    count = int(os.environ.get("MAILRELAY_CRASH_COUNT", "2000"))
+    count = int(os.environ.get("MAILRELAY_CRASH_COUNT", "5000"))
     seed = int(os.environ.get("MAILRELAY_CRASH_SEED", str(random.randrange(1 << 30))))
     chooser = random.Random(seed)
     server = make_aiosmtpd(starttls=False, auth=False)
@@ -122,12 +122,24 @@ def test_sigkill_at_random_moments_loses_nothing(
         while len(_acked(ack)) == before and child.poll() is None:
             assert time.monotonic() < deadline, "the child never submitted anything"
             time.sleep(0.02)
-        time.sleep(chooser.uniform(0.05, 4.0))
+        time.sleep(chooser.uniform(0.05, 2.5))
         if child.poll() is None:
             os.kill(child.pid, signal.SIGKILL)
             kills += 1
         _out, err = child.communicate(timeout=60)
         assert child.returncode in (0, -signal.SIGKILL), err.decode(errors="replace")
+    # The kills left work behind (queued, or leased by a dead worker): resuming must do it.
+    snapshot = SQLiteStore(db)
+    try:
+        unfinished = sum(
+            1
+            for record in snapshot.find()
+            for r in record.recipients
+            if r.state in (State.QUEUED, State.SENDING)
+        )
+    finally:
+        snapshot.close()
+    assert unfinished > 0, f"seed={seed}: the kills left nothing to resume"
     resume = _spawn("resume", db, str(server.port))
     _out, err = resume.communicate(timeout=180)
     assert resume.returncode == 0, err.decode(errors="replace")
@@ -140,6 +152,7 @@ def test_sigkill_at_random_moments_loses_nothing(
     duplicates = {seq: n for seq, n in received.items() if n > 1}
     context = f"seed={seed} kills={kills} acked={len(acked)} received={sum(received.values())}"
     assert acked, context
+    assert kills >= 1, context  # a crash test that never crashed tests nothing
     assert lost == [], context
     assert all(n == 2 for n in duplicates.values()), context
     assert len(duplicates) <= kills, context
