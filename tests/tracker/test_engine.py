@@ -514,3 +514,13 @@ def test_batched_commits_keep_every_result_even_when_a_bug_interrupts(
     assert len(delivered) == len(sent)
     transport.handler = None
     assert tracker.run_pending().delivered == 10 - len(sent)
+
+
+def test_run_forever_default_sleep_wakes_when_stopped(store: Store) -> None:
+    tracker = tracker_for(MemoryTransport(), store, FakeClock())
+    stop = threading.Event()
+    thread = threading.Thread(target=tracker.run_forever, args=(stop,), kwargs={"idle": 30.0})
+    thread.start()
+    stop.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive()

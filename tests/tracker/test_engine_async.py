@@ -222,3 +222,37 @@ def test_aclose_closes_everything(tmp_path: Path) -> None:
     run(tracker.aclose())
     with pytest.raises(Exception, match="closed"):
         store.get("x")
+
+
+def test_per_domain_concurrency_holds_under_concurrent_claims(store: Store) -> None:
+    in_flight = {"now": 0, "most": 0}
+
+    async def handler(msg: Message, envelope: Envelope) -> dict[str, Outcome]:
+        in_flight["now"] += 1
+        in_flight["most"] = max(in_flight["most"], in_flight["now"])
+        await asyncio.sleep(0.01)
+        in_flight["now"] -= 1
+        return {}
+
+    clock = FakeClock()
+    transport = MemoryTransport(handler)
+    tracker = make(
+        transport,
+        store,
+        clock,
+        split_by_domain=True,
+        limits=DomainLimits(max_concurrent=2, busy_delay=5),
+    )
+
+    async def scenario() -> tuple[RunSummary, RunSummary]:
+        for index in range(6):
+            await tracker.asubmit(message((f"r{index}@one.example",)))
+        first = await tracker.arun_pending(concurrency=6)
+        clock.advance(5)
+        second = await tracker.arun_pending(concurrency=6)
+        return first, second
+
+    first, second = run(scenario())
+    assert in_flight["most"] == 2
+    assert (first.delivered, first.postponed) == (2, 4)
+    assert (second.delivered, second.postponed) == (2, 2)
