@@ -294,3 +294,16 @@ def test_a_report_about_an_unknown_message_matches_nothing() -> None:
     assert match.report.kind is DSNKind.BOUNCE
     assert match.tracking_id is None
     assert other_seen == []
+
+
+def test_a_callers_own_envid_still_correlates() -> None:
+    tracker, _clock, _ = make(request_dsn=True)
+    envelope = Envelope(SENDER, ["a@example.org"], envid="order-1234")
+    bare = Message.from_bytes(b"From: sender@example.com\r\nTo: a@example.org\r\n\r\nhi\r\n")
+    tracking_id = tracker.submit(bare, envelope)
+    tracker.run_pending()
+    match = tracker.ingest_dsn(
+        returned(tracker, tracking_id, DSNAction.DELIVERED, "2.0.0", envid="order-1234")
+    )
+    assert (match.tracking_id, match.matched_by) == (tracking_id, "envid")
+    assert tracker.status(tracking_id).recipients[0].confirmed
