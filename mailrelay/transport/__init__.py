@@ -8,6 +8,8 @@
   Maildir (for development).
 * :mod:`~mailrelay.transport.smtp`: :class:`SMTPTransport` and :class:`LMTPTransport`
   (blocking, pooled); :mod:`~mailrelay.transport.async_smtp`: their asyncio twins.
+* :mod:`~mailrelay.transport.mx`: :class:`MXTransport` (straight to each recipient domain's
+  mail exchangers); :mod:`~mailrelay.transport.mx_async`: :class:`AsyncMXTransport`.
 * :mod:`~mailrelay.transport.sync_driver` and :mod:`~mailrelay.transport.async_driver`: the two
   short loops that run the dialogue (:mod:`mailrelay.flow`) over sockets.
 * :mod:`~mailrelay.transport.url`: :func:`transport_from_url`, :func:`async_transport_from_url`.
@@ -21,16 +23,20 @@ from mailrelay.transport.async_smtp import AsyncLMTPTransport, AsyncSMTPTranspor
 from mailrelay.transport.base import AsyncTransport, Transport
 from mailrelay.transport.file import FileTransport
 from mailrelay.transport.memory import MemoryTransport, OutboxItem
+from mailrelay.transport.mx import MXTransport
+from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.settings import PoolSettings
 from mailrelay.transport.smtp import LMTPTransport, SMTPTransport
 from mailrelay.transport.url import TransportURL, async_transport_from_url, transport_from_url
 
 __all__ = [
     "AsyncLMTPTransport",
+    "AsyncMXTransport",
     "AsyncSMTPTransport",
     "AsyncTransport",
     "FileTransport",
     "LMTPTransport",
+    "MXTransport",
     "MemoryTransport",
     "OutboxItem",
     "PoolSettings",

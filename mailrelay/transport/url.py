@@ -5,8 +5,9 @@ Rules of this module:
 * Schemes: ``smtp://`` (default port 587, ``TLS.STARTTLS``), ``smtps://`` (implicit TLS,
   default port 465, RFC 8314 §3.3), ``lmtp://host[:port]`` (default port 24, RFC 2033 §5) and
   ``lmtp:///path/to/socket`` (a unix socket), ``mx://`` (straight to each recipient domain's
-  mail exchangers; not built yet), ``memory://`` and ``file:///path`` (``?format=maildir``
-  for a Maildir). :func:`async_transport_from_url` builds the asyncio twins.
+  mail exchangers: ``MXTransport``), ``memory://`` and ``file:///path``
+  (``?format=maildir`` for a Maildir). :func:`async_transport_from_url` builds the asyncio
+  twins.
 * Query parameters: ``tls`` (``none``, ``opportunistic``, ``starttls``, ``implicit``),
   ``timeout`` (seconds, every phase: :meth:`Timeouts.all <mailrelay.options.Timeouts.all>`),
   ``local_hostname``, ``port`` (``mx://`` only, where the URL has no host), ``format``
@@ -36,6 +37,8 @@ from mailrelay.transport.async_smtp import AsyncLMTPTransport, AsyncSMTPTranspor
 from mailrelay.transport.base import AsyncTransport, Transport
 from mailrelay.transport.file import FORMATS, FileTransport
 from mailrelay.transport.memory import MemoryTransport
+from mailrelay.transport.mx import MXTransport
+from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.smtp import LMTPTransport, SMTPTransport
 
 __all__ = ["TransportURL", "async_transport_from_url", "transport_from_url"]
@@ -258,16 +261,6 @@ def _timeouts(text: str, shown: str) -> Timeouts:
 Factory = Callable[[TransportURL, Mapping[str, Any], bool], Transport | AsyncTransport]
 
 
-def _not_yet(name: str) -> Factory:
-    def build(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool) -> Any:
-        raise ConfigurationError(
-            f"{parsed.scheme}:// transports ({name}) are not available in this version of "
-            f"mailrelay yet: {parsed.redacted()}"
-        )
-
-    return build
-
-
 def _memory(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool) -> Any:
     return MemoryTransport(**overrides)
 
@@ -307,13 +300,21 @@ def _lmtp(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool
     return AsyncLMTPTransport(**kwargs) if asynchronous else LMTPTransport(**kwargs)
 
 
+def _mx(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool) -> Any:
+    kwargs = _network_arguments(parsed)
+    if parsed.port is not None:
+        kwargs["port"] = parsed.port
+    kwargs.update(overrides)
+    return AsyncMXTransport(**kwargs) if asynchronous else MXTransport(**kwargs)
+
+
 _FACTORIES: dict[str, Factory] = {
     "memory": _memory,
     "file": _file,
     "smtp": _smtp,
     "smtps": _smtp,
     "lmtp": _lmtp,
-    "mx": _not_yet("MXTransport"),
+    "mx": _mx,
 }
 
 

@@ -27,6 +27,8 @@ from mailrelay.transport import (
     async_transport_from_url,
     transport_from_url,
 )
+from mailrelay.transport.mx import MXTransport
+from mailrelay.transport.mx_async import AsyncMXTransport
 from tests.transport.helpers import make_message
 
 
@@ -140,9 +142,22 @@ def test_an_unknown_override_is_a_configuration_error() -> None:
         transport_from_url("memory://", colour="blue")
 
 
-def test_mx_says_it_is_not_built_yet() -> None:
-    with pytest.raises(ConfigurationError, match="not available in this version"):
-        transport_from_url("mx://?port=2525")
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_mx_urls_build_mx_transports(asynchronous: bool) -> None:
+    build = async_transport_from_url if asynchronous else transport_from_url
+    transport = build("mx://?port=2525&tls=none&timeout=9&local_hostname=out.example")
+    assert type(transport) is (AsyncMXTransport if asynchronous else MXTransport)
+    assert isinstance(transport, MXTransport | AsyncMXTransport)
+    settings = transport.settings
+    assert (settings.port, settings.default.tls, settings.timeouts) == (
+        2525,
+        TLS.NONE,
+        Timeouts.all(9),
+    )
+    assert settings.local_hostname == "out.example"
+    default = transport_from_url("mx://")
+    assert isinstance(default, MXTransport)
+    assert (default.settings.port, default.settings.default.tls) == (25, TLS.OPPORTUNISTIC)
 
 
 @pytest.mark.parametrize(
