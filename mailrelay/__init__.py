@@ -16,6 +16,15 @@ from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import EnhancedStatus, Reply
 from mailrelay.resolver import AsyncResolver, Resolver
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.tracker import (
+    AsyncDeliveryTracker,
+    DeliveryTracker,
+    DomainLimits,
+    MemoryStore,
+    RetryPolicy,
+    SQLiteStore,
+    State,
+)
 from mailrelay.transport import (
     AsyncLMTPTransport,
     AsyncSMTPTransport,
@@ -42,6 +51,13 @@ from mailrelay.validate import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AsyncDeliveryTracker",
+    "DeliveryTracker",
+    "DomainLimits",
+    "MemoryStore",
+    "RetryPolicy",
+    "SQLiteStore",
+    "State",
     "AsyncCallout",
     "AsyncLMTPTransport",
     "AsyncMXTransport",
