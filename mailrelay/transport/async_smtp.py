@@ -11,8 +11,9 @@ turns out to be dead), plus:
   whole) and still returns the results in item order, with the contract of
   :mod:`mailrelay.transport.base` (a ``DeliveryError`` becomes that item's result; any other
   exception cancels the rest of the batch and propagates).
-* A pool belongs to one event loop. Used from another loop (a second ``asyncio.run``), the
-  transport drops the connections of the old loop and starts afresh.
+* A pool belongs to one event loop. A keeper task expires idle connections in the background
+  and closes every idle one when the loop ends (``asyncio.run`` cancels it), so a transport
+  used in a second ``asyncio.run`` starts afresh and no socket outlives its loop.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class _AsyncSMTPBase(AsyncTransport):
         self._idle: list[_Connection] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -92,12 +94,42 @@ class _AsyncSMTPBase(AsyncTransport):
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._slots is None:
             # A new event loop: the old loop's connections cannot be used from this one.
-            for connection in self._idle:
-                connection.driver.close()
-            self._idle = []
+            # (Normally there are none left: the keeper closed them when that loop ended.)
+            self._drop_idle()
             self._loop = loop
             self._slots = asyncio.Semaphore(self._pool.size)
+            self._keeper = loop.create_task(
+                self._keep(), name=f"mailrelay pool {self._settings.peer}"
+            )
         return self._slots
+
+    def _drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            try:
+                connection.driver.close()
+            except RuntimeError:  # pragma: no cover - the connection's loop is already closed
+                log.debug("could not close a connection of a closed event loop")
+
+    async def _keep(self) -> None:
+        """The pool's keeper task: expires idle connections in the background, and closes
+        them all when cancelled, which is what ``asyncio.run`` does to pending tasks as its
+        loop ends, so no socket outlives the loop even without ``aclose()``."""
+        try:
+            while True:
+                await asyncio.sleep(self._pool.idle_timeout / 2)
+                now = time.monotonic()
+                expired = [c for c in self._idle if now - c.last_used > self._pool.idle_timeout]
+                for connection in expired:
+                    self._idle.remove(connection)
+                    log.debug("idle connection to %s expired", self._settings.peer)
+                    try:
+                        async with asyncio.timeout(self._settings.timeouts.connect):
+                            await connection.quit()
+                    except TimeoutError:
+                        connection.driver.close()
+        finally:
+            self._drop_idle()
 
     async def _open(self) -> _Connection:
         settings = self._settings
@@ -230,10 +262,14 @@ class _AsyncSMTPBase(AsyncTransport):
         """QUIT and close every idle connection; later sends raise ``ConnectionLost``."""
         self._closed = True
         idle, self._idle = self._idle, []
+        keeper, self._keeper = self._keeper, None
         if self._loop is not None and self._loop is not asyncio.get_running_loop():
             for connection in idle:
                 connection.driver.close()
             return
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
         for connection in idle:
             await connection.quit()
         # Let the transports' close callbacks run, so the sockets are closed even when the
