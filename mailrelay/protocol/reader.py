@@ -106,16 +106,6 @@ def _code_changed(code: int, new_code: int) -> RemoteProtocolError:
     return RemoteProtocolError(f"multi-line reply changed its code from {code} to {new_code}")
 
 
-def _split_ascii(text: str) -> list[str]:
-    """Split ASCII text into lines, removing a CR directly before each LF."""
-    # splitlines() also ends a line at a lone CR, VT, FF and FS/GS/RS; when it
-    # finds no more lines than there are LFs, none of those was there.
-    lines = text.splitlines()
-    if len(lines) == text.count("\n") + 1:
-        return lines
-    return [line[:-1] if line[-1:] == "\r" else line for line in text.split("\n")]
-
-
 def _head(line: str) -> _Head:
     """Parse the head of the first line of a reply; cache it when its start decides it."""
     # RFC 5321 §4.2: Reply-line = *( Reply-code "-" [ textstring ] CRLF )
@@ -162,6 +152,7 @@ class ReplyReader:
         "_max_reply",
         "_memo",
         "_memo_pause",
+        "_single_line",
         "_size",
         "replies",
     )
@@ -176,6 +167,9 @@ class ReplyReader:
             raise ValueError("need max_line_length >= 3 and max_reply_length >= max_line_length")
         self._max_line = max_line_length
         self._max_reply = max_reply_length
+        # A single-line reply is at most this long: within the line limit, and
+        # within the reply limit with its CRLF.
+        self._single_line = min(max_line_length, max_reply_length - 2)
         self._buffer = b""
         # The multi-line reply being read: its text so far, code, size in octets
         # and the enhanced status from its first line.
@@ -233,7 +227,14 @@ class ReplyReader:
         complete = buffer[:end]
         try:
             if complete.isascii():
-                self._parse_lines(_split_ascii(complete.decode("ascii")))
+                # Characters are octets here: decode all lines in one call.
+                text = complete.decode("ascii")
+                # splitlines() also ends a line at a lone CR, VT, FF and FS/GS/RS;
+                # when it finds no more lines than there are LFs, none was there.
+                lines = text.splitlines()
+                if len(lines) != text.count("\n") + 1:
+                    lines = [line[:-1] if line[-1:] == "\r" else line for line in text.split("\n")]
+                self._parse_lines(lines)
             else:
                 self._parse_octets(complete)
         except RemoteProtocolError as exc:
@@ -241,7 +242,8 @@ class ReplyReader:
             self._buffer = b""
             self._lines = []
             return
-        self._check_partial()
+        if len(self._buffer) > self._max_line + 1:
+            self._check_partial()
 
     def _parse_octets(self, complete: bytes) -> None:
         # Lines holding other octets than ASCII are decoded one by one, and their
@@ -284,19 +286,11 @@ class ReplyReader:
         hits = cleared = 0
         memo_on = self._memo_pause <= 0
         memo_line = _MEMO_LINE if memo_on else -1
-        head_get = _HEADS.get
-        head_key = _HEAD_KEY
-        prefix_get = _PREFIXES.get
+        heads = _HEADS
         add_reply = self.replies.append
         max_line = self._max_line
         max_reply = self._max_reply
-        # A single-line reply is at most this long: within the line limit, and
-        # within the reply limit with its CRLF.
-        single_line = min(max_line, max_reply - 2)
-        new = _new
-        set_code = _set_code
-        set_lines = _set_lines
-        set_enhanced = _set_enhanced
+        single_line = self._single_line
         text_lines = self._lines
         code = self._code
         size = self._size
@@ -307,9 +301,10 @@ class ReplyReader:
                 # The next line of a multi-line reply.
                 if length > max_line:
                     raise RemoteProtocolError(f"reply line longer than {max_line} octets")
-                prefix = prefix_get(line[:4])
-                if prefix is None:
-                    raise _malformed(line)
+                try:
+                    prefix = _PREFIXES[line[:4]]
+                except KeyError:
+                    raise _malformed(line) from None
                 if prefix[0] != code:
                     # RFC 5321 §4.2.1: every line of a multi-line reply has the same code.
                     raise _code_changed(code, prefix[0])
@@ -333,8 +328,9 @@ class ReplyReader:
                     raise RemoteProtocolError(f"reply line longer than {max_line} octets")
                 _head(line)  # A malformed line is reported as such.
                 raise RemoteProtocolError(f"reply longer than {max_reply} octets")
-            head = head_get(line[:head_key])
-            if head is None:
+            try:
+                head = heads[line[:_HEAD_KEY]]
+            except KeyError:
                 head = _head(line)
             code, last, enhanced = head
             if not last:
@@ -342,10 +338,10 @@ class ReplyReader:
                 size = length + 2
                 continue
             # A new single-line reply ("250 2.1.5 Ok"), the common case, built inline.
-            reply = new(Reply)
-            set_code(reply, code)
-            set_lines(reply, (line[4:],))
-            set_enhanced(reply, enhanced)
+            reply = _new(Reply)
+            _set_code(reply, code)
+            _set_lines(reply, (line[4:],))
+            _set_enhanced(reply, enhanced)
             if length <= memo_line:
                 if room:
                     room -= 1
