@@ -49,6 +49,10 @@ class EnhancedStatus:
 
         RFC 2034 §3 puts the code first on each line of a reply, followed by a space.
         """
+        # RFC 3463 §2: every code starts with its class digit and a dot; most texts
+        # fail this cheap test, and need no regex.
+        if text[1:2] != "." or text[:1] not in ("2", "4", "5"):
+            return None
         match = _ENHANCED.match(text)
         if match is None:
             return None
