@@ -14,6 +14,8 @@ Rules:
   protocol core cuts it. And STARTTLS is safe: bytes the server sent after its ``220`` but
   before the handshake are visible in our buffer, and are refused (RFC 3207 §4.2, the
   response-injection attack) instead of being read later as if they had come encrypted.
+* Writes are queued and sent together before the next ``Read`` or ``StartTLS`` (or once
+  64 KiB are queued), as in the blocking driver.
 * Every wait is bounded by the request's phase limit (``asyncio.timeout``); connecting and
   TLS handshakes use ``Timeouts.connect``.
 * I/O errors are translated (:mod:`mailrelay.transport.errors_map`), the connection is
