@@ -113,6 +113,10 @@ class _Pipe(asyncio.Protocol):
                 return b""
             self._readable.clear()
             await self._readable.wait()
+        return self.take()
+
+    def take(self) -> bytes:
+        """Up to :data:`READ_SIZE` buffered bytes, without waiting (``b""`` if none)."""
         data = bytes(self._buffer[:READ_SIZE])
         del self._buffer[:READ_SIZE]
         if self._paused and len(self._buffer) < READ_SIZE and self.transport is not None:
@@ -120,11 +124,16 @@ class _Pipe(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
-    async def write(self, data: bytes) -> None:
-        """Write ``data`` and wait until the transport's buffer has drained."""
+    def write_now(self, data: bytes) -> bool:
+        """Hand ``data`` to the transport; ``True`` when there is no need to wait for it to
+        drain (the transport's buffer is below its high-water mark)."""
         if self.transport is None or self.transport.is_closing():
             raise self._error or ConnectionResetError("the connection is closed")
         self.transport.write(data)
+        return self._writable.is_set()
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer is below its high-water mark again."""
         await self._writable.wait()
         if self._error is not None:
             raise self._error
@@ -360,13 +369,17 @@ class AsyncDriver:
         phase = self._pending_phase
         timeout = self.timeouts.for_phase(phase)
         try:
-            async with asyncio.timeout(timeout):
-                await self._pipe.write(data)
+            # The common case needs no timer: the kernel took the bytes at once.
+            if not self._pipe.write_now(data):
+                async with asyncio.timeout(timeout):
+                    await self._pipe.drain()
         except (OSError, TimeoutError) as exc:
             raise map_io_error(exc, peer=self.peer, phase=phase, timeout=timeout) from exc
 
     async def _read(self, request: Read) -> bytes:
         self._live()
+        if self._pipe.buffered:
+            return self._pipe.take()  # already here: no timer needed
         timeout = self.timeouts.for_phase(request.phase)
         try:
             async with asyncio.timeout(timeout):
