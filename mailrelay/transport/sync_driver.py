@@ -36,6 +36,8 @@ import ssl
 from collections.abc import Generator
 from typing import TypeVar
 
+import attrs
+
 from mailrelay.errors import ConnectError, ConnectionLost, DeliveryError, TLSError
 from mailrelay.flow import Close, Read, Request, StartTLS, Write
 from mailrelay.options import Timeouts
@@ -172,6 +174,8 @@ class SyncDriver:
         self._pending_size = 0
         self._pending_phase = "greeting"
         self._timeout: float | None = None
+        # Timeouts.for_phase checks the name each time; the phases are a fixed set.
+        self._limits: dict[str, float] = attrs.asdict(timeouts)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -229,10 +233,22 @@ class SyncDriver:
                 self.close()
                 raise
             answer, error = None, None
+            kind = type(request)
             try:
-                if isinstance(request, Write):
-                    self._write(request)
-                elif isinstance(request, Read):
+                if kind is Write:
+                    assert isinstance(request, Write)
+                    if self._sock is None:
+                        raise ConnectionLost(
+                            f"the connection to {self.peer} is closed", host=self.peer
+                        )
+                    # Queue it; it goes out with the next flush (see the module docstring).
+                    self._pending.append(request.data)
+                    self._pending_size += len(request.data)
+                    self._pending_phase = request.phase
+                    if self._pending_size >= READ_SIZE:
+                        self._flush()
+                elif kind is Read:
+                    assert isinstance(request, Read)
                     if self._pending:
                         self._flush()
                     answer = self._read(request)
@@ -248,14 +264,6 @@ class SyncDriver:
                 self.close()
                 error = exc
 
-    def _write(self, request: Write) -> None:
-        self._socket()
-        self._pending.append(request.data)
-        self._pending_size += len(request.data)
-        self._pending_phase = request.phase
-        if self._pending_size >= READ_SIZE:
-            self._flush()
-
     def _flush(self) -> None:
         """Send every pending write, limited by the last write's phase timeout."""
         sock = self._socket()
@@ -263,7 +271,7 @@ class SyncDriver:
         self._pending.clear()
         self._pending_size = 0
         phase = self._pending_phase
-        timeout = self.timeouts.for_phase(phase)
+        timeout = self._limits[phase]
         try:
             self._set_timeout(sock, timeout)
             sock.sendall(data)
@@ -272,7 +280,7 @@ class SyncDriver:
 
     def _read(self, request: Read) -> bytes:
         sock = self._socket()
-        timeout = self.timeouts.for_phase(request.phase)
+        timeout = self._limits[request.phase]
         try:
             self._set_timeout(sock, timeout)
             data = sock.recv(READ_SIZE)
