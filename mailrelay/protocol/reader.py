@@ -75,6 +75,10 @@ _PREFIXES: Final[dict[str, tuple[int, bool]]] = {
     for separator in (" ", "-", "")
 }
 
+# What str.splitlines() ends a line at, in ASCII, besides CR and LF. ("" is in it:
+# an empty block is also split the slow way.)
+_OTHER_BREAKS: Final = "\x0b\x0c\x1c\x1d\x1e"
+
 _Head = tuple[int, bool, EnhancedStatus | None]
 _HEADS: dict[str, _Head] = {}
 
@@ -229,10 +233,12 @@ class ReplyReader:
             if complete.isascii():
                 # Characters are octets here: decode all lines in one call.
                 text = complete.decode("ascii")
-                # splitlines() also ends a line at a lone CR, VT, FF and FS/GS/RS;
-                # when it finds no more lines than there are LFs, none was there.
+                # splitlines() also ends a line at a lone CR, VT, FF and FS/GS/RS.
+                # One of those inside the text makes one line more than there are
+                # LFs; at its very end (where a CR is the one of a CRLF) it would be
+                # dropped silently, so that is checked apart.
                 lines = text.splitlines()
-                if len(lines) != text.count("\n") + 1:
+                if len(lines) != text.count("\n") + 1 or text[-1:] in _OTHER_BREAKS:
                     lines = [line[:-1] if line[-1:] == "\r" else line for line in text.split("\n")]
                 self._parse_lines(lines)
             else:

@@ -95,6 +95,54 @@ def status(text: str) -> EnhancedStatus:
             ],
             id="several-replies",
         ),
+        pytest.param(
+            b"250-a\r\n250\r\n",
+            [Reply(code=250, lines=("a", ""), enhanced=None)],
+            id="bare-code-ends-multi-line",
+        ),
+        pytest.param(
+            b"250 a\x0bb\x0cc\x1cd\x1de\x1ef\r\n",
+            [Reply(code=250, lines=("a\x0bb\x0cc\x1cd\x1de\x1ef",), enhanced=None)],
+            id="other-line-breaks-stay-in-text",
+        ),
+        pytest.param(
+            b"250-a\x1e\n250 b\x0c\n",
+            [Reply(code=250, lines=("a\x1e", "b\x0c"), enhanced=None)],
+            id="other-line-breaks-end-lines",
+        ),
+        pytest.param(
+            b"250 a\r\r\n", [Reply(code=250, lines=("a\r",), enhanced=None)], id="cr-before-crlf"
+        ),
+        pytest.param(
+            b"250-a\r\n250-b\n250 c\r\n",
+            [Reply(code=250, lines=("a", "b", "c"), enhanced=None)],
+            id="bare-lf-inside-crlf-block",
+        ),
+        pytest.param(
+            "250-Grüße\r\n250 2.0.0 ok\r\n".encode(),
+            [Reply(code=250, lines=("Grüße", "2.0.0 ok"), enhanced=None)],
+            id="utf8-multi-line",
+        ),
+        pytest.param(
+            "550 5.1.1 Empfänger unbekannt\r\n".encode(),
+            [Reply(code=550, lines=("5.1.1 Empfänger unbekannt",), enhanced=status("5.1.1"))],
+            id="utf8-with-enhanced-status",
+        ),
+        pytest.param(
+            b"250 2.1.50\r\n250 2.1.500 x\r\n250 2.1.5000 x\r\n250 2.1.5\r\n",
+            [
+                Reply(code=250, lines=("2.1.50",), enhanced=status("2.1.50")),
+                Reply(code=250, lines=("2.1.500 x",), enhanced=status("2.1.500")),
+                Reply(code=250, lines=("2.1.5000 x",), enhanced=None),
+                Reply(code=250, lines=("2.1.5",), enhanced=status("2.1.5")),
+            ],
+            id="enhanced-status-sharing-a-start",
+        ),
+        pytest.param(
+            b"250 2.1.5\tok\r\n",
+            [Reply(code=250, lines=("2.1.5\tok",), enhanced=status("2.1.5"))],
+            id="enhanced-status-then-tab",
+        ),
         pytest.param(b"599 x\r\n", [Reply(code=599, lines=("x",), enhanced=None)], id="code-599"),
         pytest.param(b"200 x\r\n", [Reply(code=200, lines=("x",), enhanced=None)], id="code-200"),
     ],
@@ -120,6 +168,10 @@ def test_parses(wire: bytes, expected: list[Reply]) -> None:
         pytest.param(b"250-first\r\n251 second\r\n", id="code-changes-in-multi-line"),
         pytest.param(b"250-first\r\n550-second\r\n550 third\r\n", id="code-changes-midway"),
         pytest.param("\uff12\uff15\uff10 fullwidth\r\n".encode(), id="non-ascii-digits"),
+        pytest.param("25\u00e9 x\r\n".encode(), id="non-ascii-in-code"),
+        pytest.param("250\u00a0x\r\n".encode(), id="non-ascii-separator"),
+        pytest.param(b"250-first\r\n251\r\n", id="bare-code-changes-code"),
+        pytest.param(b"250-first\r\n25\r\n", id="short-line-in-multi-line"),
     ],
 )
 def test_malformed_is_remote_error(wire: bytes) -> None:
@@ -154,6 +206,91 @@ def test_reply_length_limit() -> None:
     reader.feed(b"250-0123456789\r\n")  # 32 > 30
     with pytest.raises(RemoteProtocolError, match="reply longer than 30"):
         reader.pop()
+
+
+def test_line_length_limit_counts_octets() -> None:
+    # 13 characters, but "é" is two octets in UTF-8: 22 octets in all.
+    reader = ReplyReader(max_line_length=20, max_reply_length=100)
+    reader.feed(b"250 ok\r\n250 " + ("é" * 9).encode() + b"\r\n")
+    assert reader.pop() == Reply(code=250, lines=("ok",))
+    with pytest.raises(RemoteProtocolError, match="longer than 20"):
+        reader.pop()
+
+
+@pytest.mark.parametrize("utf8_first", [True, False], ids=["utf8-first", "utf8-second"])
+def test_reply_length_limit_counts_octets_across_feeds(utf8_first: bool) -> None:
+    # 16 octets each with CRLF, but only 11 characters for the UTF-8 line: 32 > 30.
+    reader = ReplyReader(max_line_length=20, max_reply_length=30)
+    lines = ["250-" + "é" * 5 + "\r\n", "250-0123456789\r\n"]
+    if not utf8_first:
+        lines.reverse()
+    reader.feed(lines[0].encode())
+    assert reader.pop() is None
+    reader.feed(lines[1].encode())
+    with pytest.raises(RemoteProtocolError, match="reply longer than 30"):
+        reader.pop()
+
+
+def test_over_long_line_after_replies_in_one_feed() -> None:
+    reader = ReplyReader(max_line_length=20, max_reply_length=100)
+    reader.feed(b"250 one\r\n250-two\r\n250 " + b"x" * 17 + b"\r\n")
+    assert reader.pop() == Reply(code=250, lines=("one",))
+    with pytest.raises(RemoteProtocolError, match="longer than 20"):
+        reader.pop()
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        pytest.param(["250-{}", "xyz {}"], "malformed", id="malformed-and-too-long"),
+        pytest.param(["250-{}", "251 {}"], "changed its code", id="code-change-and-too-long"),
+        pytest.param(["250-{}", "250 {}"], "reply longer", id="only-too-long"),
+    ],
+)
+@pytest.mark.parametrize("filler", ["x" * 12, "é" * 6], ids=["ascii", "utf8"])
+def test_errors_on_one_line_are_reported_in_the_same_order(
+    lines: list[str], message: str, filler: str
+) -> None:
+    # Each line is 16 (ASCII) or 22 (UTF-8) octets with CRLF; the second breaks the
+    # reply limit. A malformed line is reported as malformed whatever the text.
+    wire = "".join(line.format(filler) + "\r\n" for line in lines).encode()
+    with pytest.raises(RemoteProtocolError, match=message):
+        parse_replies(wire, max_line_length=20, max_reply_length=30)
+
+
+def test_single_line_reply_limit_when_it_is_below_a_line() -> None:
+    # max_reply_length may be as low as max_line_length: a full line then does
+    # not fit with its CRLF; this holds for a line seen (and memoized) before.
+    for wire in (b"250 " + b"x" * 16 + b"\r\n", ("250 " + "é" * 8 + "\r\n").encode()):
+        reader = ReplyReader(max_line_length=20, max_reply_length=20)
+        reader.feed(b"250 " + b"x" * 14 + b"\r\n")  # 18 + 2 octets: fits
+        assert reader.pop() == Reply(code=250, lines=("x" * 14,))
+        reader.feed(wire)
+        with pytest.raises(RemoteProtocolError, match="reply longer than 20"):
+            reader.pop()
+
+
+def test_memo_off_and_on_again_keeps_values() -> None:
+    # A long run of distinct replies turns the memo off for a while; repeated
+    # replies before, during and after that are parsed to the same values.
+    reader = ReplyReader()
+    expected: list[Reply] = []
+    wire = b""
+    for i in range(3000):
+        if i % 3:
+            wire += b"250 2.1.5 Recipient %d ok\r\n" % i
+            expected.append(Reply.of(250, f"2.1.5 Recipient {i} ok"))
+        else:
+            wire += b"250 2.1.5 Ok\r\n"
+            expected.append(Reply.of(250, "2.1.5 Ok"))
+    wire += b"250 2.1.5 Ok\r\n" * 300
+    expected += [Reply.of(250, "2.1.5 Ok")] * 300
+    replies = []
+    for offset in range(0, len(wire), 4096):
+        reader.feed(wire[offset : offset + 4096])
+        while (reply := reader.pop()) is not None:
+            replies.append(reply)
+    assert replies == expected
 
 
 def test_default_limits_allow_real_replies() -> None:
@@ -299,3 +436,48 @@ def test_arbitrary_bytes_only_yield_replies_or_remote_errors(
     pieces = data.draw(split_points(garbage))
     result = read_all(pieces)  # anything but RemoteProtocolError propagates and fails
     assert result == read_all([garbage])
+
+
+# Texts that start like enhanced status codes, often sharing their first characters
+# (the reader caches what a line's start decides), and a few that repeat verbatim
+# (it memoizes repeated replies).
+status_like_text = st.builds(
+    lambda klass, subject, detail, rest: f"{klass}.{subject}.{detail}{rest}",
+    st.sampled_from("2345"),
+    st.sampled_from(["0", "1", "10", "100", "01", "1000"]),
+    st.sampled_from(["0", "5", "50", "500", "5000"]),
+    st.sampled_from(["", " ", " ok", "ok", "\tok", ".1", " Grüße"]),
+)
+line_text = st.one_of(
+    reply_text, status_like_text, st.sampled_from(["Ok", "2.1.5 Ok", "PIPELINING", ""])
+)
+
+
+def expected_reply(code: int, lines: list[str]) -> Reply:
+    """What the rules say the reply is, computed without the reader."""
+    found = EnhancedStatus.search(lines[0])
+    enhanced = found if found is not None and found.klass == code // 100 else None
+    return Reply(code=code, lines=tuple(lines), enhanced=enhanced)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([220, 250, 354, 421, 451, 550, 599]),
+            st.lists(line_text, min_size=1, max_size=3),
+        ),
+        max_size=8,
+    ),
+    st.sampled_from([b"\r\n", b"\n"]),
+    st.data(),
+)
+def test_replies_follow_the_rules(
+    replies: list[tuple[int, list[str]]], ending: bytes, data: st.DataObject
+) -> None:
+    wire = b""
+    for code, lines in replies:
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            wire += f"{code}{sep}{line}".encode() + ending
+    pieces = data.draw(split_points(wire))
+    assert read_all(pieces) == [expected_reply(code, lines) for code, lines in replies]
