@@ -12,6 +12,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,8 @@ from mailrelay.options import TLS, Timeouts
 from mailrelay.transport.errors_map import peer_name
 
 __all__ = ["ConnectionSettings", "PoolSettings"]
+
+log = logging.getLogger(__name__)
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -91,6 +94,21 @@ class ConnectionSettings:
             raise ConfigurationError("give both a user name and a password (or token), or neither")
         if self.ssl_context is not None and not isinstance(self.ssl_context, ssl.SSLContext):
             raise ConfigurationError("ssl_context must be an ssl.SSLContext")
+        # The classic mistakes, said early (RFC 8314 §3.3: 465 speaks TLS from the first
+        # byte; 587 and 25 greet in plain text). A warning, not an error: ports are only
+        # conventions, and the drivers give a precise error if the guess is right.
+        if self.port == 465 and self.tls is not TLS.IMPLICIT:
+            log.warning(
+                "port 465 normally expects implicit TLS; tls=%s may hang until the "
+                "greeting timeout: consider TLS.IMPLICIT",
+                self.tls.name,
+            )
+        elif self.port in (25, 587) and self.tls is TLS.IMPLICIT:
+            log.warning(
+                "port %d normally speaks plain text first (then STARTTLS); "
+                "TLS.IMPLICIT will fail: consider TLS.STARTTLS",
+                self.port,
+            )
 
     @property
     def peer(self) -> str:

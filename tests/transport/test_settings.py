@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
@@ -111,3 +112,26 @@ def test_a_closed_transport_refuses_to_send() -> None:
 
     with pytest.raises(ConnectionLost, match="closed"):
         run(main())
+
+
+@pytest.mark.parametrize(
+    ("port", "tls", "warned"),
+    [
+        (465, TLS.STARTTLS, "port 465 normally expects implicit TLS"),
+        (465, TLS.NONE, "port 465 normally expects implicit TLS"),
+        (587, TLS.IMPLICIT, "port 587 normally speaks plain text first"),
+        (25, TLS.IMPLICIT, "port 25 normally speaks plain text first"),
+        (465, TLS.IMPLICIT, None),
+        (587, TLS.STARTTLS, None),
+        (2525, TLS.IMPLICIT, None),
+    ],
+)
+def test_port_and_policy_mismatches_are_logged(
+    port: int, tls: TLS, warned: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mailrelay.transport")
+    SMTPTransport("smtp.example.com", port, tls=tls)
+    if warned is None:
+        assert caplog.records == []
+    else:
+        assert warned in caplog.text
