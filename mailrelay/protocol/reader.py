@@ -65,22 +65,24 @@ _MEMO_PAUSE: Final = 2048
 _HEADS_SIZE: Final = 512
 _HEAD_KEY: Final = 10
 
-# RFC 5321 §4.2: "ddd " ends a reply, "ddd-" continues it, and a bare "ddd" is a
-# complete last line. One dict lookup on a line's first four characters checks the
-# digits, the 200-599 range and the separator, and gives the code and whether the
-# line is a reply's last.
-_PREFIXES: Final[dict[str, tuple[int, bool]]] = {
-    f"{code}{separator}": (code, separator != "-")
-    for code in range(200, 600)
-    for separator in (" ", "-", "")
-}
-
 # What str.splitlines() ends a line at, in ASCII, besides CR and LF. ("" is in it:
 # an empty block is also split the slow way.)
 _OTHER_BREAKS: Final = "\x0b\x0c\x1c\x1d\x1e"
 
+# A line's head: its code, whether it is its reply's last, and the enhanced status
+# code that starts its text.
 _Head = tuple[int, bool, EnhancedStatus | None]
 _HEADS: dict[str, _Head] = {}
+
+# RFC 5321 §4.2: "ddd " ends a reply, "ddd-" continues it, and a bare "ddd" is a
+# complete last line. One dict lookup on a line's first four characters checks the
+# digits, the 200-599 range and the separator, and gives the head of a line whose
+# text starts with no enhanced status code.
+_PREFIXES: Final[dict[str, _Head]] = {
+    f"{code}{separator}": (code, separator != "-", None)
+    for code in range(200, 600)
+    for separator in (" ", "-", "")
+}
 
 _new = object.__new__
 # Reply is a slotted attrs class: its fields are member descriptors, and setting
@@ -117,7 +119,7 @@ def _head(line: str) -> _Head:
     prefix = _PREFIXES.get(line[:4])
     if prefix is None:
         raise _malformed(line)
-    code, last = prefix
+    code, last, _ = prefix
     text = line[4:]
     enhanced = None
     token = ""
@@ -293,6 +295,7 @@ class ReplyReader:
         memo_on = self._memo_pause <= 0
         memo_line = _MEMO_LINE if memo_on else -1
         heads = _HEADS
+        heads_get = heads.get
         add_reply = self.replies.append
         max_line = self._max_line
         max_reply = self._max_reply
@@ -302,9 +305,9 @@ class ReplyReader:
         size = self._size
         enhanced = self._enhanced
         for line in lines:
-            length = len(line)
             if text_lines:
                 # The next line of a multi-line reply.
+                length = len(line)
                 if length > max_line:
                     raise RemoteProtocolError(f"reply line longer than {max_line} octets")
                 try:
@@ -329,15 +332,27 @@ class ReplyReader:
                     hits += 1
                     add_reply(reply)
                     continue
+            length = len(line)
             if length > single_line:
                 if length > max_line:
                     raise RemoteProtocolError(f"reply line longer than {max_line} octets")
                 _head(line)  # A malformed line is reported as such.
                 raise RemoteProtocolError(f"reply longer than {max_reply} octets")
-            try:
-                head = heads[line[:_HEAD_KEY]]
-            except KeyError:
-                head = _head(line)
+            key = line[:_HEAD_KEY]
+            head = heads_get(key)
+            if head is None:
+                if line[5:6] == ".":
+                    # An enhanced status code may start the text ("d.", RFC 3463 §2).
+                    head = _head(line)
+                else:
+                    # No code can: the head is in the prefix. Texts that vary from
+                    # their start could flood the cache, so only fill free room.
+                    try:
+                        head = _PREFIXES[line[:4]]
+                    except KeyError:
+                        raise _malformed(line) from None
+                    if len(heads) < _HEADS_SIZE:
+                        heads[key] = head
             code, last, enhanced = head
             if not last:
                 text_lines = [line[4:]]
