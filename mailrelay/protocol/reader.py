@@ -27,15 +27,27 @@ Rules (RFC 5321 §4.2 unless noted):
 Theory of operation: :meth:`ReplyReader.feed` splits off every complete line
 at once and parses them in one loop, so the cost is a few C-level calls per line.
 Replies are nearly always ASCII: then the whole block of lines is decoded in one
-call and split as text (a block holding any other octet is split as bytes, measured
-in octets and decoded line by line instead). Parsed replies wait in a queue until
-taken with :meth:`ReplyReader.pop`; an error is queued after the replies that
-preceded it, so the caller sees everything the server said correctly before it
-sees what it said wrong. Two bounded caches spare repeated work, as servers repeat
-themselves: a line's *head* (its code, whether it ends the reply, and its enhanced
-status) is looked up by the line's first ten characters, which decide it for all
-common replies; and small single-line replies are memoized by their exact text
-("250 2.1.5 Ok" comes back for every recipient), since a :class:`Reply` is immutable.
+call and split as text, and a line's characters are its octets. A block holding
+any other octet is split as bytes and decoded line by line, and the limits are
+checked on its octets in a first pass. Parsed replies wait in a queue until taken
+with :meth:`ReplyReader.pop`; an error is queued after the replies that preceded
+it, so the caller sees everything the server said correctly before it sees what
+it said wrong.
+
+Servers repeat themselves, and two bounded caches use that:
+
+* A line's *head* (its code, whether it ends its reply, and its enhanced status
+  code) is looked up by the line's first ten characters, which decide it for the
+  usual ``250 2.1.5 ...`` form. A line whose text cannot start with a status code
+  takes its head from the table of prefixes instead, and only fills free room in
+  the cache, so texts that vary from their first character cannot flush it.
+* Small single-line replies are memoized by their exact text ("250 2.1.5 Ok" comes
+  back for every recipient; a :class:`Reply` is immutable). When a feed brings
+  mostly new replies, the memo is paused for a while: looking up and storing
+  replies that never come back costs more than it saves.
+
+A :class:`Reply` is built by filling its slots directly, as attrs does, once the
+reader has checked what Reply's validators would.
 """
 
 from __future__ import annotations
@@ -61,7 +73,8 @@ _MEMO_LINE: Final = 200
 # one hit in four, it is left off for the next _MEMO_PAUSE lines.
 _MEMO_PROBE: Final = 32
 _MEMO_PAUSE: Final = 2048
-# The cache of line heads, shared by all readers (heads do not depend on limits).
+# The cache of line heads, shared by all readers (heads do not depend on limits;
+# its values are immutable, so a race between threads can only cost a lookup).
 _HEADS_SIZE: Final = 512
 _HEAD_KEY: Final = 10
 
@@ -133,8 +146,11 @@ def _head(line: str) -> _Head:
     # Another line with the same first ten characters has the same head when the
     # line is shorter than that, or when no code can start it, or when the code's
     # token and the space after it lie within them ("250 2.1.5 ", not "250 2.1.50").
+    # Only a line with a status code may flush a full cache to make room.
     if len(line) < _HEAD_KEY or len(token) <= _HEAD_KEY - 5:
         if len(_HEADS) >= _HEADS_SIZE:
+            if enhanced is None:
+                return head
             _HEADS.clear()
         _HEADS[line[:_HEAD_KEY]] = head
     return head

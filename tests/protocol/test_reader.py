@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailrelay.errors import RemoteProtocolError
+from mailrelay.protocol import reader as reader_module
 from mailrelay.protocol.reader import ReplyReader, parse_replies
 from mailrelay.reply import EnhancedStatus, Reply
 
@@ -270,6 +271,16 @@ def test_single_line_reply_limit_when_it_is_below_a_line() -> None:
             reader.pop()
 
 
+def parse_all(reader: ReplyReader, wire: bytes, size: int = 4096) -> list[Reply]:
+    """Feed ``wire`` in pieces of ``size`` octets; return every reply."""
+    replies = []
+    for offset in range(0, len(wire), size):
+        reader.feed(wire[offset : offset + size])
+        while (reply := reader.pop()) is not None:
+            replies.append(reply)
+    return replies
+
+
 def test_memo_off_and_on_again_keeps_values() -> None:
     # A long run of distinct replies turns the memo off for a while; repeated
     # replies before, during and after that are parsed to the same values.
@@ -285,12 +296,22 @@ def test_memo_off_and_on_again_keeps_values() -> None:
             expected.append(Reply.of(250, "2.1.5 Ok"))
     wire += b"250 2.1.5 Ok\r\n" * 300
     expected += [Reply.of(250, "2.1.5 Ok")] * 300
-    replies = []
-    for offset in range(0, len(wire), 4096):
-        reader.feed(wire[offset : offset + 4096])
-        while (reply := reader.pop()) is not None:
-            replies.append(reply)
-    assert replies == expected
+    assert parse_all(reader, wire) == expected
+
+
+def test_caches_stay_bounded() -> None:
+    # Texts that vary from their first character, and enhanced status codes that
+    # vary, cannot grow the reader's caches past their bounds.
+    reader = ReplyReader()
+    wire = b"".join(
+        b"250 %d ok\r\n250 2.%d.%d x\r\n250-%d\r\n250 a.%d\r\n" % (i, i % 10, i // 10 % 10, i, i)
+        for i in range(3000)
+    )
+    replies = parse_all(reader, wire)
+    assert len(replies) == 9000
+    assert replies[-1] == Reply.of(250, "2999", "a.2999")
+    assert len(reader_module._HEADS) <= reader_module._HEADS_SIZE
+    assert len(reader._memo) <= reader_module._MEMO_SIZE
 
 
 def test_default_limits_allow_real_replies() -> None:
