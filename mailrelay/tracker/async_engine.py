@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from mailrelay.envelope import Envelope
 from mailrelay.errors import DeliveryError
 from mailrelay.message import Message
-from mailrelay.tracker.engine import DSNMatch, RunSummary, TrackerCore, _Group, _summarize, _Work
+from mailrelay.tracker.engine import DSNMatch, RunSummary, TrackerCore, _Group, _Work
 from mailrelay.tracker.store import Claim, MessageRecord
 from mailrelay.transport.base import AsyncTransport
 
@@ -151,12 +151,14 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
             refused = outcome.refused
         finally:
             self.shaper.release(group.key, self.clock(), refused=refused)
-        events, dsns = await asyncio.to_thread(self._commit_many, [(work, outcome.changes)])
+        summary, events, dsns = await asyncio.to_thread(
+            self._commit_many, [(work, outcome.changes)]
+        )
         for event in events:
             await self.events.afire(event)
         for message, dsn_envelope in dsns:
             await self._asend_dsn(message, dsn_envelope)
-        return _summarize(events)
+        return summary
 
     async def _asend_dsn(self, message: Message, envelope: Envelope) -> None:
         assert self.dsn_transport is not None

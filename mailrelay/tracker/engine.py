@@ -39,7 +39,7 @@ import platform
 import random as _random
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, Protocol, TypeVar
 
 import attrs
@@ -50,6 +50,7 @@ from mailrelay.errors import DeliveryError, InvalidAddress, MessageError
 from mailrelay.message import Message
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.tracker.cache import MessageCache
 from mailrelay.tracker.dsn import DSNAction, DSNKind, DSNRecipient, DSNReport
 from mailrelay.tracker.dsn_build import build_dsn, verp_decode, verp_encode
 from mailrelay.tracker.dsn_parse import parse_dsn
@@ -200,7 +201,6 @@ class _Work:
     claim: Claim
     record: MessageRecord
     message: Message
-    content: bytes
 
 
 @attrs.frozen
@@ -240,7 +240,9 @@ class TrackerCore(Generic[T]):
         worker_id: str | None = None,
         lease: dt.timedelta = dt.timedelta(minutes=15),
         batch_size: int = 100,
-        commit_batch: int = 1,
+        commit_batch: int = 50,
+        commit_interval: dt.timedelta = dt.timedelta(seconds=1),
+        message_cache: int = 16 << 20,
     ) -> None:
         self.transport: T = transport
         self.dsn_transport: T | None = dsn_transport
@@ -265,6 +267,10 @@ class TrackerCore(Generic[T]):
         if commit_batch < 1:
             raise ValueError("commit_batch must be at least 1")
         self.commit_batch = commit_batch
+        if commit_interval < dt.timedelta(0):
+            raise ValueError("commit_interval must not be negative")
+        self.commit_interval = commit_interval
+        self.messages = MessageCache(message_cache)
         self.events = EventHub(allow_async=self._async_callbacks)
 
     # -- the public, storage-only operations ---------------------------------------
@@ -289,6 +295,7 @@ class TrackerCore(Generic[T]):
             envelope = Envelope.from_message(message)
         record = self._new_record(message, envelope, self.clock())
         self.store.add(record, message.chunks())
+        self.messages.put(record.id, message)
         log.debug("submitted %s (%d recipients)", record.id, len(record.recipients))
         return record.id
 
@@ -304,10 +311,13 @@ class TrackerCore(Generic[T]):
         """
         now = self.clock()
         entries = []
-        for message, envelope in prepare_batch(items):
+        pairs = prepare_batch(items)
+        for message, envelope in pairs:
             record = self._new_record(message, envelope, now)
             entries.append((record, message.chunks()))
         self.store.add_many(entries)
+        for (record, _chunks), (message, _envelope) in zip(entries, pairs, strict=True):
+            self.messages.put(record.id, message)
         return [record.id for record, _ in entries]
 
     def _new_record(self, message: Message, envelope: Envelope, now: dt.datetime) -> MessageRecord:
@@ -326,6 +336,8 @@ class TrackerCore(Generic[T]):
         )
 
     def _outgoing_envelope(self, envelope: Envelope, tracking_id: str) -> Envelope:
+        if self.verp is None and self.request_dsn is None:
+            return envelope  # nothing to add: skip re-validating every address
         sender: Address | str | None = envelope.sender
         if self.verp is not None and envelope.sender is not None:
             sender = verp_encode(
@@ -411,10 +423,10 @@ class TrackerCore(Generic[T]):
         """The work for a claim, from the record read for its batch (``store.get_many``)."""
         if record is None:
             return None
-        content = self.store.content(claim.tracking_id)
-        return _Work(
-            claim=claim, record=record, message=Message.from_bytes(content), content=content
-        )
+        message = self.messages.take(claim.tracking_id)
+        if message is None:
+            message = Message.from_bytes(self.store.content(claim.tracking_id))
+        return _Work(claim=claim, record=record, message=message)
 
     def _groups(self, work: _Work) -> list[_Group]:
         claimed = set(work.claim.addresses)
@@ -549,43 +561,64 @@ class TrackerCore(Generic[T]):
 
     def _commit_many(
         self, batch: Sequence[tuple[_Work, Sequence[Change]]]
-    ) -> tuple[list[TrackerEvent], list[tuple[Message, Envelope]]]:
-        """Apply several transactions' changes in one commit; return the events and DSNs.
+    ) -> tuple[RunSummary, list[TrackerEvent], list[tuple[Message, Envelope]]]:
+        """Apply several transactions' changes in one commit; return what they did.
 
-        Events are reported only for changes that carry an attempt (putting work back is
-        not an event), computed from the claim-time snapshot, so no second read is needed.
+        Returns the counts, the events to fire and the DSNs to send. Events are
+        reported only for changes that carry an attempt (putting work back is not an
+        event), computed from the claim-time snapshot, so no second read is needed;
+        an event nobody listens to is counted but not built.
         """
         if not batch:
-            return [], []
+            return RunSummary(), [], []
         changed_lists = self.store.apply_many(
             [(work.claim.tracking_id, changes) for work, changes in batch],
             worker=self.worker_id,
         )
+        counts = dict.fromkeys(EventKind, 0)
         events: list[TrackerEvent] = []
         dsns: list[tuple[Message, Envelope]] = []
         for (work, changes), changed_list in zip(batch, changed_lists, strict=True):
+            if not changed_list:
+                continue
             changed = set(changed_list)
-            snapshot = {r.address: r for r in work.record.recipients}
+            reports = self.dsn_transport is not None and work.record.envelope.sender is not None
+            snapshot: dict[Address, RecipientRecord] | None = None
             failed: list[RecipientRecord] = []
             for change in changes:
                 kind = _EVENT_KINDS.get(change.state)
                 if change.address not in changed or change.attempt is None or kind is None:
                     continue
+                counts[kind] += 1
+                wanted = self.events.wants(kind)
+                failure = reports and change.state in (State.BOUNCED, State.EXPIRED)
+                if not (wanted or failure):
+                    continue
+                if snapshot is None:
+                    snapshot = {r.address: r for r in work.record.recipients}
                 after, _did = apply_change(
                     snapshot[change.address], change, worker=work.claim.worker
                 )
-                events.append(
-                    TrackerEvent(
-                        kind=kind,
-                        tracking_id=work.record.id,
-                        recipient=after,
-                        attempt=change.attempt,
+                if wanted:
+                    events.append(
+                        TrackerEvent(
+                            kind=kind,
+                            tracking_id=work.record.id,
+                            recipient=after,
+                            attempt=change.attempt,
+                        )
                     )
-                )
-                if change.state in (State.BOUNCED, State.EXPIRED):
+                if failure:
                     failed.append(after)
-            dsns += self._failure_dsns(work.record, work.content, failed)
-        return events, dsns
+            if failed:
+                dsns += self._failure_dsns(work.record, work.message.as_bytes(), failed)
+        summary = RunSummary(
+            delivered=counts[EventKind.DELIVERED],
+            deferred=counts[EventKind.DEFERRED],
+            bounced=counts[EventKind.BOUNCED],
+            expired=counts[EventKind.EXPIRED],
+        )
+        return summary, events, dsns
 
     # -- DSNs ---------------------------------------------------------------------
 
@@ -785,11 +818,19 @@ class DeliveryTracker(TrackerCore[Transport]):
         lease: how long a claim is held before another worker may take it over;
             longer than any delivery attempt can take.
         batch_size: messages claimed at once.
-        commit_batch: delivery transactions whose results are committed together
-            (one disk flush). 1, the default, commits each at once: a crash then
-            re-sends at most the one transaction in flight. ``n`` is faster and may
-            re-send up to ``n`` delivered transactions after a crash (at-least-once
-            either way). The async tracker commits each transaction at once.
+        commit_batch: the most delivery transactions whose results are committed
+            together (default 50). Submissions are always committed before
+            :meth:`submit` returns; results may wait, because delivery is
+            at-least-once: a crash re-sends the transactions delivered but not yet
+            committed (at most ``commit_batch``, and at most ``commit_interval`` worth).
+            1 commits each result at once (at most the one transaction in flight is
+            re-sent). The async tracker commits each transaction at once.
+        commit_interval: the longest a result waits for its commit (default 1 s by
+            ``clock``), so that a slow server does not hold results (and their events)
+            back for ``commit_batch`` transactions.
+        message_cache: bytes of submitted messages kept in memory until they are
+            sent, so that sending them need not read and parse the stored copy
+            (default 16 MiB; 0 keeps none). See :mod:`mailrelay.tracker.cache`.
     """
 
     def __repr__(self) -> str:
@@ -824,6 +865,7 @@ class DeliveryTracker(TrackerCore[Transport]):
             if not claims:
                 break
             pending: list[tuple[_Work, Sequence[Change]]] = []
+            oldest: dt.datetime | None = None  # when the first uncommitted result came in
             try:
                 try:
                     records = self.store.get_many([c.tracking_id for c in claims])
@@ -837,8 +879,13 @@ class DeliveryTracker(TrackerCore[Transport]):
                         # The claims after this one were never started: give them back.
                         self._release_claims(claims[index + 1 :])
                         raise
-                    if len(pending) >= self.commit_batch:
+                    if not pending:
+                        continue
+                    now = self.clock()
+                    oldest = oldest or now
+                    if len(pending) >= self.commit_batch or now - oldest >= self.commit_interval:
                         summary += self._flush(pending)
+                        oldest = None
             finally:
                 # Results already in hand are committed even when an error propagates.
                 summary += self._flush(pending)
@@ -847,12 +894,12 @@ class DeliveryTracker(TrackerCore[Transport]):
     def _flush(self, pending: list[tuple[_Work, Sequence[Change]]]) -> RunSummary:
         batch = list(pending)
         pending.clear()
-        events, dsns = self._commit_many(batch)
+        summary, events, dsns = self._commit_many(batch)
         for event in events:
             self.events.fire(event)
         for message, envelope in dsns:
             self._send_dsn(message, envelope)
-        return _summarize(events)
+        return summary
 
     def _release_claims(self, claims: Sequence[Claim]) -> None:
         now = self.clock()
@@ -962,15 +1009,3 @@ class DeliveryTracker(TrackerCore[Transport]):
         self.transport.close()
         if self.dsn_transport is not None:
             self.dsn_transport.close()
-
-
-def _summarize(events: Iterator[TrackerEvent] | Sequence[TrackerEvent]) -> RunSummary:
-    counts = dict.fromkeys(EventKind, 0)
-    for event in events:
-        counts[event.kind] += 1
-    return RunSummary(
-        delivered=counts[EventKind.DELIVERED],
-        deferred=counts[EventKind.DEFERRED],
-        bounced=counts[EventKind.BOUNCED],
-        expired=counts[EventKind.EXPIRED],
-    )

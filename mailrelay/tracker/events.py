@@ -97,6 +97,10 @@ class EventHub:
         self._callbacks[kind].append(callback)
         return callback
 
+    def wants(self, kind: EventKind) -> bool:
+        """Whether any callback is registered for ``kind`` (events nobody hears are not built)."""
+        return bool(self._callbacks[kind])
+
     def off(self, kind: EventKind | str, callback: Callback) -> None:
         """Unregister a callback (no error when it is not registered)."""
         callbacks = self._callbacks[EventKind(kind)]

@@ -2,16 +2,25 @@
 
 Rules of this module:
 
-* The database runs in WAL mode (readers never block the writer) with
-  ``synchronous=FULL`` by default, so a commit that returned survives a crash
-  of the process *and* of the machine. Every write is an explicit
+* The database runs in WAL mode (readers never block the writer). Two
+  durability levels, chosen per transaction: what the application hands over
+  (submissions, ``cancel``, DSN results: writes without a ``worker``) commits
+  with ``synchronous`` (default ``FULL``: it survives a crash of the process
+  *and* of the machine); the runner's own bookkeeping (claims and attempt
+  results, written for a ``worker``) commits with ``work_synchronous`` (default
+  ``NORMAL``: no fsync, it survives a crash of the process but a power loss may
+  undo the last few). Undoing those can only make work due again, so a power
+  loss costs re-sent mail (at-least-once), never a lost submission: WAL frames
+  are replayed in order, and each ``FULL`` commit flushes everything before it.
+  Every write is an explicit
   ``BEGIN IMMEDIATE`` transaction: it takes the write lock up front, so two
   workers racing to claim work serialize at ``BEGIN`` instead of deadlocking
   on a read-to-write upgrade. A busy timeout makes waiting writers wait, not fail.
 * :meth:`SQLiteStore.add` writes the record and the message bytes in one
-  transaction; the bytes are streamed into a pre-sized BLOB
-  (``zeroblob`` + incremental blob I/O), so no second copy of a large message
-  is built in memory.
+  transaction. A message over :data:`STREAM_THRESHOLD` bytes is streamed into a
+  pre-sized BLOB (``zeroblob`` + incremental blob I/O), so no second copy of a
+  large message is built in memory; smaller ones are bound whole, and the rows
+  of a batch go in with ``executemany``.
 * Each thread gets its own connection (sqlite3 connections are not meant to be
   shared between threads); several processes may open the same file.
 * The schema carries a version (table ``schema_version``). Opening a database
@@ -35,20 +44,27 @@ from typing import Any
 from mailrelay.address import Address
 from mailrelay.errors import ConfigurationError
 from mailrelay.tracker.store import (
+    DUE_STATES,
+    FINAL_STATES,
     Attempt,
     Change,
     Claim,
     MessageRecord,
     RecipientRecord,
     State,
-    apply_change,
+    cached_address,
     envelope_from_json,
     envelope_to_json,
     from_micros,
     to_micros,
 )
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "STREAM_THRESHOLD", "SQLiteStore"]
+
+#: Messages larger than this (bytes) are streamed into their BLOB chunk by chunk; smaller
+#: ones are joined in memory and bound as one parameter (fewer statements per message).
+STREAM_THRESHOLD = 1 << 20
+_LEVELS = frozenset({"FULL", "NORMAL", "EXTRA"})
 
 #: The schema, one script per version: ``MIGRATIONS[n]`` takes version ``n`` to ``n + 1``.
 MIGRATIONS: tuple[str, ...] = (
@@ -97,36 +113,47 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_message_id ON messages(message_id);
     CREATE INDEX messages_envid ON messages(envid);
     """,
+    # 2 -> 3: due work in due order, then message id, so that a claim reads the index in
+    # order and stops after its batch instead of grouping the whole queue.
+    """
+    CREATE INDEX recipients_due_order ON recipients(state, next_attempt_at, message);
+    CREATE INDEX recipients_lease_order ON recipients(state, lease_until, message);
+    DROP INDEX recipients_due;
+    DROP INDEX recipients_lease;
+    """,
 )
 
 #: The version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _DUE = (State.QUEUED.value, State.DEFERRED.value)
+_SENDING = State.SENDING.value
 # Which recipients a claim takes (see the store rules), written out in full so that no
-# SQL is ever assembled at run time. Both statements bind :queued, :deferred, :sending,
-# :now and :limit; the second also :worker and :until. The messages are chosen first (in
-# due order), then all their due recipients are leased in one UPDATE ... RETURNING.
-_DUE_MESSAGES = """
-    SELECT message FROM recipients
-    WHERE (state IN (:queued, :deferred) AND (next_attempt_at IS NULL OR next_attempt_at <= :now))
-       OR (state = :sending AND (lease_until IS NULL OR lease_until <= :now))
-    GROUP BY message
-    ORDER BY MIN(COALESCE(CASE WHEN state = :sending THEN lease_until
-                               ELSE next_attempt_at END, 0)), message
-    LIMIT :limit
+# SQL is ever assembled at run time. A claim first reads due recipients in due order (then
+# message id): six index range scans merged, each a prefix of recipients_due_order or
+# recipients_lease_order, read lazily until ``limit`` distinct messages are seen, so its
+# cost follows the batch, not the queue. A message's first row carries its earliest due
+# time, so this is the order of "MIN(due), message". Then every due recipient of those
+# messages is leased in one UPDATE ... RETURNING. Both bind :queued, :deferred, :sending
+# and :now; the second also :ids (a JSON array), :worker and :until.
+_DUE_IN_ORDER = """
+    SELECT message, next_attempt_at FROM recipients
+        WHERE state = :queued AND next_attempt_at IS NULL
+    UNION ALL SELECT message, next_attempt_at FROM recipients
+        WHERE state = :queued AND next_attempt_at <= :now
+    UNION ALL SELECT message, next_attempt_at FROM recipients
+        WHERE state = :deferred AND next_attempt_at IS NULL
+    UNION ALL SELECT message, next_attempt_at FROM recipients
+        WHERE state = :deferred AND next_attempt_at <= :now
+    UNION ALL SELECT message, lease_until FROM recipients
+        WHERE state = :sending AND lease_until IS NULL
+    UNION ALL SELECT message, lease_until FROM recipients
+        WHERE state = :sending AND lease_until <= :now
+    ORDER BY 2, 1
 """
 _LEASE_DUE = """
     UPDATE recipients SET state = :sending, lease_owner = :worker, lease_until = :until
-    WHERE message IN (
-        SELECT message FROM recipients
-        WHERE (state IN (:queued, :deferred)
-               AND (next_attempt_at IS NULL OR next_attempt_at <= :now))
-           OR (state = :sending AND (lease_until IS NULL OR lease_until <= :now))
-        GROUP BY message
-        ORDER BY MIN(COALESCE(CASE WHEN state = :sending THEN lease_until
-                                   ELSE next_attempt_at END, 0)), message
-        LIMIT :limit)
+    WHERE message IN (SELECT value FROM json_each(:ids))
       AND ((state IN (:queued, :deferred)
             AND (next_attempt_at IS NULL OR next_attempt_at <= :now))
            OR (state = :sending AND (lease_until IS NULL OR lease_until <= :now)))
@@ -141,8 +168,13 @@ class SQLiteStore:
         path: the database file (created when missing). ``":memory:"`` is refused:
             each thread would get a different, empty database.
         busy_timeout: seconds a writer waits for another's lock before failing.
-        synchronous: SQLite's ``synchronous`` setting; ``"FULL"`` (the default)
-            survives power loss, ``"NORMAL"`` survives a process crash only.
+        synchronous: SQLite's ``synchronous`` setting for what the application
+            hands over (submissions, cancellations, DSN results); ``"FULL"`` (the
+            default) survives power loss, ``"NORMAL"`` survives a process crash only.
+        work_synchronous: the setting for the runner's claims and attempt results;
+            ``"NORMAL"`` (the default) skips the fsync: a power loss may undo the
+            last few, which makes their recipients due again (re-sent, never lost).
+            ``"FULL"`` makes every commit survive power loss, at a disk flush each.
 
     Raises:
         ConfigurationError: ``":memory:"``, an unknown ``synchronous`` value, or a
@@ -155,14 +187,17 @@ class SQLiteStore:
         *,
         busy_timeout: float = 30.0,
         synchronous: str = "FULL",
+        work_synchronous: str = "NORMAL",
     ) -> None:
         if str(path) == ":memory:":
             raise ConfigurationError("SQLiteStore needs a file; use MemoryStore for tests")
-        if synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
-            raise ConfigurationError(f"synchronous must be FULL, NORMAL or EXTRA: {synchronous!r}")
+        for name, value in (("synchronous", synchronous), ("work_synchronous", work_synchronous)):
+            if value.upper() not in _LEVELS:
+                raise ConfigurationError(f"{name} must be FULL, NORMAL or EXTRA: {value!r}")
         self.path = os.fspath(path)
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous.upper()
+        self._work_synchronous = work_synchronous.upper()
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
@@ -189,13 +224,20 @@ class SQLiteStore:
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
         self._local.conn = conn
+        self._local.level = self._synchronous
         with self._all_lock:
             self._all.append(conn)
         return conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, work: bool = False) -> Iterator[sqlite3.Connection]:
+        """A write transaction; ``work``: the runner's bookkeeping (``work_synchronous``)."""
         conn = self._connection()
+        level = self._work_synchronous if work else self._synchronous
+        if self._local.level != level:
+            # The level is read at COMMIT and may not change inside a transaction.
+            conn.execute(f"PRAGMA synchronous = {level}")
+            self._local.level = level
         # BEGIN IMMEDIATE takes the write lock now: a claim cannot interleave with another.
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -251,10 +293,65 @@ class SQLiteStore:
             self._add(tx, record, content)
 
     def add_many(self, entries: Sequence[tuple[MessageRecord, Iterable[bytes]]]) -> None:
-        """See :meth:`~mailrelay.tracker.store.Store.add_many`: one transaction, one commit."""
+        """See :meth:`~mailrelay.tracker.store.Store.add_many`: one transaction, one commit.
+
+        Small messages go in with one ``executemany`` per table; large ones are streamed.
+        """
+        small: list[tuple[MessageRecord, bytes]] = []
+        large: list[tuple[MessageRecord, Iterable[bytes]]] = []
+        for record, content in entries:
+            if record.size > STREAM_THRESHOLD:
+                large.append((record, content))
+                continue
+            data = b"".join(content)
+            if len(data) != record.size:
+                raise ValueError(f"the content is {len(data)} bytes, the record says {record.size}")
+            small.append((record, data))
         with self._write() as tx:
-            for record, content in entries:
+            if small:
+                self._add_small(tx, small)
+            for record, content in large:
                 self._add(tx, record, content)
+
+    def _add_small(
+        self, tx: sqlite3.Connection, entries: Sequence[tuple[MessageRecord, bytes]]
+    ) -> None:
+        try:
+            tx.executemany(
+                "INSERT INTO messages (id, created_at, envelope, message_id, envid, size,"
+                " content) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        record.id,
+                        to_micros(record.created_at),
+                        envelope_to_json(record.envelope),
+                        record.message_id,
+                        record.envelope.envid,
+                        record.size,
+                        data,
+                    )
+                    for record, data in entries
+                ],
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError("a message with one of these ids is already stored") from None
+        tx.executemany(
+            "INSERT INTO recipients (message, position, address, state, next_attempt_at,"
+            " confirmed, lease_owner, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                _recipient_row(record.id, position, recipient)
+                for record, _ in entries
+                for position, recipient in enumerate(record.recipients)
+            ],
+        )
+        attempts = [
+            _attempt_row(record.id, position, seq, attempt)
+            for record, _ in entries
+            for position, recipient in enumerate(record.recipients)
+            for seq, attempt in enumerate(recipient.attempts)
+        ]
+        if attempts:
+            tx.executemany(_INSERT_ATTEMPT, attempts)
 
     def _add(self, tx: sqlite3.Connection, record: MessageRecord, content: Iterable[bytes]) -> None:
         try:
@@ -296,39 +393,10 @@ class SQLiteStore:
         tx.execute(
             "INSERT INTO recipients (message, position, address, state, next_attempt_at,"
             " confirmed, lease_owner, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                tracking_id,
-                position,
-                str(recipient.address),
-                recipient.state.value,
-                _micros(recipient.next_attempt_at),
-                int(recipient.confirmed),
-                recipient.lease_owner,
-                _micros(recipient.lease_until),
-            ),
+            _recipient_row(tracking_id, position, recipient),
         )
         for seq, attempt in enumerate(recipient.attempts):
-            self._insert_attempt(tx, tracking_id, position, seq, attempt)
-
-    @staticmethod
-    def _insert_attempt(
-        tx: sqlite3.Connection, tracking_id: str, position: int, seq: int, attempt: Attempt
-    ) -> None:
-        tx.execute(
-            "INSERT INTO attempts (message, position, seq, at, host, code, enhanced, text,"
-            " source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                tracking_id,
-                position,
-                seq,
-                to_micros(attempt.at),
-                attempt.host,
-                attempt.code,
-                attempt.enhanced,
-                attempt.text,
-                attempt.source,
-            ),
-        )
+            tx.execute(_INSERT_ATTEMPT, _attempt_row(tracking_id, position, seq, attempt))
 
     def get(self, tracking_id: str) -> MessageRecord | None:
         """See :meth:`~mailrelay.tracker.store.Store.get`."""
@@ -395,7 +463,7 @@ class SQLiteStore:
             known = {str(r.address): r.address for r in envelope.recipients}
             recipients = tuple(
                 RecipientRecord(
-                    address=known.get(address) or Address.parse(address),
+                    address=known.get(address) or cached_address(address),
                     state=State(state),
                     attempts=tuple(attempts.get((tracking_id, position), ())),
                     next_attempt_at=_time(next_at),
@@ -433,26 +501,35 @@ class SQLiteStore:
     ) -> list[Claim]:
         """See :meth:`~mailrelay.tracker.store.Store.claim`."""
         until = now + lease
-        args = {
+        if limit < 1:
+            return []
+        args: dict[str, Any] = {
             "queued": State.QUEUED.value,
             "deferred": State.DEFERRED.value,
             "sending": State.SENDING.value,
             "now": to_micros(now),
-            "limit": max(limit, 0),
-            "worker": worker,
-            "until": to_micros(until),
         }
-        with self._write() as tx:
-            order = [row[0] for row in tx.execute(_DUE_MESSAGES, args)]
-            leased: dict[str, list[tuple[int, str]]] = {}
-            for message, position, address in tx.execute(_LEASE_DUE, args).fetchall():
-                leased.setdefault(message, []).append((position, address))
+        leased: dict[str, list[tuple[int, str]]] = {}
+        with self._write(work=True) as tx:
+            order: dict[str, None] = {}  # an ordered set
+            cursor = tx.execute(_DUE_IN_ORDER, args)
+            try:
+                for message, _due in cursor:
+                    order[message] = None
+                    if len(order) >= limit:
+                        break
+            finally:
+                cursor.close()
+            if order:
+                args.update(ids=json.dumps(list(order)), worker=worker, until=to_micros(until))
+                for message, position, address in tx.execute(_LEASE_DUE, args).fetchall():
+                    leased.setdefault(message, []).append((position, address))
         return [
             Claim(
                 tracking_id=tracking_id,
                 worker=worker,
                 lease_until=until,
-                addresses=tuple(Address.parse(a) for _, a in sorted(leased[tracking_id])),
+                addresses=tuple(cached_address(a) for _, a in sorted(leased[tracking_id])),
             )
             for tracking_id in order
             if tracking_id in leased
@@ -474,68 +551,67 @@ class SQLiteStore:
         *,
         worker: str | None = None,
     ) -> list[tuple[Address, ...]]:
-        """See :meth:`~mailrelay.tracker.store.Store.apply_many`: one transaction, one commit."""
-        with self._write() as tx:
-            return [self._apply(tx, tracking_id, changes, worker) for tracking_id, changes in batch]
+        """See :meth:`~mailrelay.tracker.store.Store.apply_many`: one transaction, one commit.
 
-    def _apply(
+        Three statements whatever the batch's size: one read of the recipients concerned,
+        one ``executemany`` for the new attempts, one for the new states. Changes for a
+        ``worker`` commit with ``work_synchronous``, the others with ``synchronous``.
+        """
+        if not batch:
+            return []
+        with self._write(work=worker is not None) as tx:
+            return self._apply_batch(tx, batch, worker)
+
+    def _apply_batch(
         self,
         tx: sqlite3.Connection,
-        tracking_id: str,
-        changes: Sequence[Change],
+        batch: Sequence[tuple[str, Sequence[Change]]],
         worker: str | None,
-    ) -> tuple[Address, ...]:
-        # Only the recipient rows and attempt counts: the history itself is append-only.
-        rows = tx.execute(
-            "SELECT r.position, r.address, r.state, r.next_attempt_at, r.confirmed,"
+    ) -> list[tuple[Address, ...]]:
+        ids = json.dumps(sorted({tracking_id for tracking_id, _ in batch}))
+        # Per message, per address text: the row as a list [position, state, next_attempt_at,
+        # confirmed, lease_owner, lease_until, attempt count], changed in place as the
+        # batch goes. Only the recipient rows and attempt counts are read: the history
+        # itself is append-only.
+        current: dict[str, dict[str, list[Any]]] = {}
+        for message, address, *row in tx.execute(
+            "SELECT r.message, r.address, r.position, r.state, r.next_attempt_at, r.confirmed,"
             " r.lease_owner, r.lease_until, (SELECT COUNT(*) FROM attempts a"
             " WHERE a.message = r.message AND a.position = r.position)"
-            " FROM recipients r WHERE r.message = ?",
-            (tracking_id,),
-        ).fetchall()
-        if not rows:
-            raise KeyError(tracking_id)
-        wanted = {str(change.address): change.address for change in changes}
-        positions: dict[Address, tuple[int, RecipientRecord, int]] = {}
-        for position, address, state, next_at, confirmed, owner, until, count in rows:
-            if address not in wanted:
-                continue
-            record = RecipientRecord(
-                address=wanted[address],
-                state=State(state),
-                next_attempt_at=_time(next_at),
-                confirmed=bool(confirmed),
-                lease_owner=owner,
-                lease_until=_time(until),
+            " FROM recipients r WHERE r.message IN (SELECT value FROM json_each(?))",
+            (ids,),
+        ):
+            current.setdefault(message, {})[address] = row
+        attempt_rows: list[tuple[Any, ...]] = []
+        state_rows: list[tuple[Any, ...]] = []
+        results: list[tuple[Address, ...]] = []
+        for tracking_id, changes in batch:
+            recipients = current.get(tracking_id)
+            if recipients is None:
+                raise KeyError(tracking_id)
+            changed = []
+            for change in changes:
+                row = recipients.get(str(change.address))
+                if row is None:
+                    continue
+                position = row[0]
+                if change.attempt is not None:
+                    attempt_rows.append(_attempt_row(tracking_id, position, row[6], change.attempt))
+                    row[6] += 1
+                if _apply_row(row, change, worker):
+                    changed.append(change.address)
+                    state_rows.append((*row[1:6], tracking_id, position))
+            results.append(tuple(changed))
+        if attempt_rows:
+            tx.executemany(_INSERT_ATTEMPT, attempt_rows)
+        if state_rows:
+            # Rows are updated in batch order, so a recipient changed twice ends as the last.
+            tx.executemany(
+                "UPDATE recipients SET state = ?, next_attempt_at = ?, confirmed = ?,"
+                " lease_owner = ?, lease_until = ? WHERE message = ? AND position = ?",
+                state_rows,
             )
-            positions[record.address] = (position, record, count)
-        changed = []
-        for change in changes:
-            found = positions.get(change.address)
-            if found is None:
-                continue
-            position, recipient, count = found
-            updated, did = apply_change(recipient, change, worker=worker)
-            if change.attempt is not None:
-                self._insert_attempt(tx, tracking_id, position, count, change.attempt)
-                count += 1
-            positions[change.address] = (position, updated, count)
-            if did:
-                changed.append(change.address)
-                tx.execute(
-                    "UPDATE recipients SET state = ?, next_attempt_at = ?, confirmed = ?,"
-                    " lease_owner = ?, lease_until = ? WHERE message = ? AND position = ?",
-                    (
-                        updated.state.value,
-                        _micros(updated.next_attempt_at),
-                        int(updated.confirmed),
-                        updated.lease_owner,
-                        _micros(updated.lease_until),
-                        tracking_id,
-                        position,
-                    ),
-                )
-        return tuple(changed)
+        return results
 
     def lookup(self, *, envid: str | None = None, message_id: str | None = None) -> list[str]:
         """See :meth:`~mailrelay.tracker.store.Store.lookup`."""
@@ -602,6 +678,63 @@ class SQLiteStore:
         for conn in connections:
             conn.close()
         self._local = threading.local()
+
+
+_INSERT_ATTEMPT = (
+    "INSERT INTO attempts (message, position, seq, at, host, code, enhanced, text, source)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _apply_row(row: list[Any], change: Change, worker: str | None) -> bool:
+    """:func:`~mailrelay.tracker.store.apply_change` on a row read by ``_apply_batch``.
+
+    The same rules, on the stored values, without building records: this is the hot
+    path of recording results. ``row`` is changed in place; returns whether it changed.
+    """
+    state = row[1]
+    if worker is not None:
+        allowed = state == _SENDING and row[4] == worker
+    elif change.expect is not None:
+        allowed = State(state) in change.expect
+    else:
+        allowed = State(state) not in FINAL_STATES
+    if not allowed:
+        return False
+    new = change.state
+    row[1] = new.value
+    row[2] = _micros(change.next_attempt_at) if new in DUE_STATES else None
+    if change.confirmed is not None:
+        row[3] = int(change.confirmed)
+    row[4] = row[5] = None
+    return True
+
+
+def _recipient_row(tracking_id: str, position: int, recipient: RecipientRecord) -> tuple[Any, ...]:
+    return (
+        tracking_id,
+        position,
+        str(recipient.address),
+        recipient.state.value,
+        _micros(recipient.next_attempt_at),
+        int(recipient.confirmed),
+        recipient.lease_owner,
+        _micros(recipient.lease_until),
+    )
+
+
+def _attempt_row(tracking_id: str, position: int, seq: int, attempt: Attempt) -> tuple[Any, ...]:
+    return (
+        tracking_id,
+        position,
+        seq,
+        to_micros(attempt.at),
+        attempt.host,
+        attempt.code,
+        attempt.enhanced,
+        attempt.text,
+        attempt.source,
+    )
 
 
 def _micros(value: dt.datetime | None) -> int | None:

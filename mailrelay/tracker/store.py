@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import json
 import threading
 from collections.abc import Iterable, Sequence
@@ -56,6 +57,7 @@ __all__ = [
     "RecipientRecord",
     "State",
     "Store",
+    "cached_address",
     "envelope_from_json",
     "envelope_to_json",
     "from_micros",
@@ -94,6 +96,8 @@ DUE_STATES = frozenset({State.QUEUED, State.DEFERRED})
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is dt.UTC:
+        return value  # already UTC: the common case, and astimezone would copy it
     if value.tzinfo is None:
         raise ValueError(f"times must be timezone-aware: {value!r}")
     return value.astimezone(dt.UTC)
@@ -108,13 +112,13 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 def to_micros(value: dt.datetime) -> int:
     """Microseconds since the Unix epoch: the exact integer form stores keep."""
-    delta = _utc(value) - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    delta = _utc(value) - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def from_micros(value: int) -> dt.datetime:
     """The inverse of :func:`to_micros`."""
-    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=value)
+    return _EPOCH + dt.timedelta(microseconds=value)
 
 
 @attrs.frozen(kw_only=True)
@@ -368,6 +372,17 @@ class Store(Protocol):
 # Envelope serialization, shared by the stores that keep text
 
 
+@functools.lru_cache(maxsize=4096)
+def cached_address(text: str) -> Address:
+    """:meth:`Address.parse`, remembered: stores read the same few addresses over and over
+    (every record of a sender, every claim), and an :class:`Address` is immutable.
+
+    Raises:
+        InvalidAddress: as :meth:`Address.parse` (failures are not remembered).
+    """
+    return Address.parse(text)
+
+
 def envelope_to_json(envelope: Envelope) -> str:
     """The envelope as JSON text (every recipient with its final NOTIFY and ORCPT)."""
     data: dict[str, Any] = {
@@ -392,11 +407,16 @@ def envelope_from_json(text: str) -> Envelope:
     """The inverse of :func:`envelope_to_json`."""
     data = json.loads(text)
     recipients = [
-        Recipient(item["address"], notify=item["notify"], orcpt=item["orcpt"])
+        Recipient(
+            cached_address(item["address"]),
+            notify=item["notify"],
+            orcpt=None if item["orcpt"] is None else cached_address(item["orcpt"]),
+        )
         for item in data["recipients"]
     ]
+    sender = data["sender"]
     return Envelope(
-        data["sender"],
+        None if sender is None else cached_address(sender),
         recipients,
         ret=data["ret"],
         envid=data["envid"],

@@ -1,0 +1,86 @@
+"""The messages a tracker submitted and has not sent yet, kept so they need not be read back.
+
+A tracker that submits a message and sends it soon after (the usual case for an
+application that submits and runs in one process) would otherwise read the stored bytes
+back and parse them again into a :class:`~mailrelay.message.Message` before sending. This
+module keeps the submitted object instead.
+
+Rules of this module:
+
+* The store stays the only source of truth. An entry is added only after the store has
+  committed the message, and it is an *equal* copy: the bytes the store holds are exactly
+  the object's wire form. A miss (another process submitted it, the entry was evicted,
+  this is a retry after a restart) just reads the store.
+* Only messages held in memory are kept. One from
+  :meth:`~mailrelay.message.Message.from_file` reads its file again on every
+  :meth:`~mailrelay.message.Message.chunks`, and the file may change or vanish once
+  :meth:`submit` has stored its bytes, so such a message is always read back from the store.
+* An entry is taken out when its message is claimed (:meth:`MessageCache.take`): a
+  retry reads the store. The cache is bounded in bytes, the oldest entries going first,
+  and is thread-safe (submissions may come from other threads than the runner's).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from mailrelay.message import Message
+
+__all__ = ["MessageCache"]
+
+
+def held_in_memory(message: Message) -> bool:
+    """Whether ``message`` hands out the same bytes every time (not a file re-read).
+
+    :meth:`Message.as_bytes` returns the one bytes object an in-memory message holds,
+    and reads a file-backed message's file again (a new object) on every call.
+    """
+    return message.as_bytes() is message.as_bytes()
+
+
+class MessageCache:
+    """Submitted messages by tracking id, at most ``max_bytes`` of them (0 keeps none).
+
+    Args:
+        max_bytes: the most message bytes kept; also the largest message kept.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError("max_bytes must not be negative")
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, Message] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, tracking_id: str, message: Message) -> None:
+        """Keep a message the store has just committed (when it fits and is in memory)."""
+        if message.size > self.max_bytes or not held_in_memory(message):
+            return
+        with self._lock:
+            old = self._entries.pop(tracking_id, None)
+            if old is not None:
+                self._bytes -= old.size
+            self._entries[tracking_id] = message
+            self._bytes += message.size
+            while self._bytes > self.max_bytes:
+                _id, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.size
+
+    def take(self, tracking_id: str) -> Message | None:
+        """Remove and return the message kept for ``tracking_id`` (``None`` if none)."""
+        with self._lock:
+            message = self._entries.pop(tracking_id, None)
+            if message is not None:
+                self._bytes -= message.size
+            return message
+
+    def clear(self) -> None:
+        """Forget every message."""
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
