@@ -374,6 +374,14 @@ class Envelope:
             MessageError: no sender or no recipient in those fields.
             InvalidAddress: an unusable address in those fields.
         """
+        recorded = message._envelope_addresses
+        if recorded is not None:
+            # Built by Message.build without Sender or Resent-* fields: the
+            # addresses it was given are the ones its From, To, Cc and Bcc hold.
+            sender, given = recorded
+            if not given:
+                raise MessageError("the message has no recipient address (To, Cc or Bcc)")
+            return cls(sender, given)
         fields = message.headers
         block = _latest_resent_block(fields)
         if block:

@@ -50,6 +50,7 @@ from typing import TypeAlias
 
 import attrs
 
+from mailrelay import _mime, _wire
 from mailrelay.address import Address
 from mailrelay.errors import MessageError
 
@@ -65,11 +66,6 @@ AddressLike: TypeAlias = "str | Address | tuple[str, str | Address]"
 #: would otherwise be read whole while looking for the end of its headers).
 MAX_HEADER_BYTES = 1 << 20
 
-# RFC 5321 §2.3.8: lines end in CRLF; a bare CR or LF is normalized to CRLF.
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-# RFC 5322 §2.2: a field name is printable US-ASCII except the colon. The
-# obsolete syntax (RFC 5322 §4.5) allows white space before the colon.
-_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 # RFC 6838 §4.2 restricted-name characters, for type and subtype.
 _CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
@@ -78,11 +74,8 @@ _CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z
 _MSG_ID = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+")
 _BRACKETED = re.compile(r"<([^<>]*)>")
 _NAME_ADDR = re.compile(r"(?P<name>.*?)\s*<(?P<addr>[^<>]*)>\s*", re.DOTALL)
-_UNFOLD = re.compile(rb"\r\n(?=[ \t])")
 _LINE_BREAKS = re.compile(r"[\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
-# Fields whose addresses go in the envelope only (RFC 5322 §3.6.3, §3.6.6).
-_BLIND_FIELDS = frozenset({"bcc", "resent-bcc"})
 # Fields build() writes from its own parameters; `headers` may not repeat them.
 _MANAGED_FIELDS = frozenset(
     {
@@ -99,7 +92,23 @@ _MANAGED_FIELDS = frozenset(
     }
 )
 
-_READ_SIZE = 1 << 16
+# Custom fields the email package parses as structured values (its header
+# registry) rather than unstructured text: the direct writer leaves them to it.
+_STRUCTURED_EXTRA = frozenset(
+    {
+        "date",
+        "orig-date",
+        "sender",
+        "message-id",
+        "resent-date",
+        "resent-sender",
+        "resent-from",
+        "resent-to",
+        "resent-cc",
+        "resent-bcc",
+    }
+)
+
 _ADDRESS_PARSER = email.headerregistry.HeaderRegistry()
 
 
@@ -185,6 +194,13 @@ class Message:
     _body_offset: int = 0
     _file_size: int = 0
     _file_mtime_ns: int = 0
+    # For a built message: the From address and the To, Cc and Bcc addresses it
+    # was given, so that Envelope.from_message need not parse header text. None
+    # when the headers must be read (parsed messages, or a Sender or Resent-*
+    # field among the custom headers).
+    _envelope_addresses: tuple[Address, tuple[Address, ...]] | None = attrs.field(
+        default=None, eq=False
+    )
 
     # -- constructors -------------------------------------------------------
 
@@ -269,6 +285,34 @@ class Message:
         # An address with a non-ASCII local part has no 7-bit spelling, so the
         # message can only be sent with SMTPUTF8: write it in RFC 6532 form.
         utf8 = any(addr.needs_smtputf8 for _, addr in all_boxes)
+        recorded: tuple[Address, tuple[Address, ...]] | None = None
+        if not any(name == "sender" or name.startswith("resent-") for name in extra_names):
+            recorded = (
+                author[1],
+                tuple(addr for _, addr in (*to_list, *cc_list, *bcc_list)),
+            )
+        when = date if date is not None else _dt.datetime.now(_dt.UTC)
+        if message_id is None and "message-id" not in extra_names:
+            message_id = make_msgid(domain=author[1].ascii_domain)[1:-1]
+        if not utf8:
+            try:
+                return cls._build_direct(
+                    author=author,
+                    reply_list=reply_list,
+                    to_list=to_list,
+                    cc_list=cc_list,
+                    bcc_list=bcc_list,
+                    subject=subject,
+                    date=None if "date" in extra_names else when,
+                    message_id=message_id,
+                    extra=extra,
+                    text=text,
+                    html=html,
+                    files=files,
+                    recorded=recorded,
+                )
+            except _mime.Unsupported:
+                pass  # a shape the direct writer leaves to the email package
         policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP.clone(cte_type="7bit")
 
         root = MIMEPart(policy=policy)
@@ -285,11 +329,8 @@ class Message:
             if subject is not None:
                 root["Subject"] = subject
             if "date" not in extra_names:
-                when = date if date is not None else _dt.datetime.now(_dt.UTC)
                 root["Date"] = format_datetime(when)
-            if "message-id" not in extra_names:
-                if message_id is None:
-                    message_id = make_msgid(domain=author[1].ascii_domain)[1:-1]
+            if message_id is not None:
                 root["Message-ID"] = f"<{message_id}>"
             for name, value in extra:
                 root[name] = value
@@ -309,7 +350,86 @@ class Message:
             wire = root.as_bytes(policy=policy)
         except (ValueError, TypeError, UnicodeError, email.errors.MessageError) as exc:
             raise MessageError(f"cannot build the message: {exc}") from exc
-        return cls._parse(wire, bcc=tuple(addr for _, addr in bcc_list))
+        return cls._parse(wire, bcc=tuple(addr for _, addr in bcc_list), recorded=recorded)
+
+    @classmethod
+    def _build_direct(
+        cls,
+        *,
+        author: tuple[str, Address],
+        reply_list: list[tuple[str, Address]],
+        to_list: list[tuple[str, Address]],
+        cc_list: list[tuple[str, Address]],
+        bcc_list: list[tuple[str, Address]],
+        subject: str | None,
+        date: _dt.datetime | None,
+        message_id: str | None,
+        extra: list[tuple[str, str]],
+        text: str | None,
+        html: str | None,
+        files: list[Attachment],
+        recorded: tuple[Address, tuple[Address, ...]] | None,
+    ) -> Message:
+        """Write a 7-bit message without the email package (see :mod:`mailrelay._mime`).
+
+        Produces the fields in the same order, and text that reads back the
+        same, as the general path in :meth:`build`.
+
+        Raises:
+            _mime.Unsupported: the general path must write this message.
+        """
+        # (field line, on the wire?) in the general path's order.
+        lines: list[tuple[str, bool]] = [(_mime.address_list("From", [_spec(author)]), True)]
+        if reply_list:
+            lines.append((_mime.address_list("Reply-To", [_spec(b) for b in reply_list]), True))
+        if to_list:
+            lines.append((_mime.address_list("To", [_spec(b) for b in to_list]), True))
+        if cc_list:
+            lines.append((_mime.address_list("Cc", [_spec(b) for b in cc_list]), True))
+        if bcc_list:
+            lines.append((_mime.address_list("Bcc", [_spec(b) for b in bcc_list]), False))
+        if subject is not None:
+            lines.append((_mime.unstructured("Subject", subject), True))
+        if date is not None:
+            offset = date.utcoffset()
+            if offset is None or offset.seconds % 60 or offset.microseconds:
+                # The email package rounds such zones its own way.
+                raise _mime.Unsupported("a zone offset in seconds")
+            lines.append(("Date: " + format_datetime(date), True))
+        if message_id is not None:
+            lines.append((f"Message-ID: <{message_id}>", True))
+        for name, value in extra:
+            if name.lower() in _STRUCTURED_EXTRA:
+                raise _mime.Unsupported("a structured custom field")
+            lines.append((_mime.unstructured(name, value), True))
+        content_head, body = _mime.write_body(
+            text,
+            html,
+            [(item.filename, item.data, item.resolved_content_type()) for item in files],
+        )
+        fields: list[tuple[str, str]] = []
+        wire_lines: list[str] = []
+        for line, on_wire in lines:
+            name, _, value = line.partition(":")
+            fields.append((name, value.replace("\r\n", "").strip(" \t")))
+            if on_wire:
+                wire_lines.append(line)
+        for line in content_head.split("\r\n"):
+            name, _, value = line.partition(":")
+            fields.append((name, value.strip(" \t")))
+        wire_lines.append(content_head)
+        wire_lines.append("\r\n")
+        head = "\r\n".join(wire_lines).encode("ascii")
+        wire = head + body
+        return cls(
+            headers=tuple(fields),
+            bcc=tuple(addr for _, addr in bcc_list),
+            size=len(wire),
+            needs_8bitmime=False,
+            needs_smtputf8=False,
+            wire=wire,
+            envelope_addresses=recorded,
+        )
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Message:
@@ -329,7 +449,7 @@ class Message:
                 :data:`MAX_HEADER_BYTES`.
             InvalidAddress: a ``Bcc`` field holding an unusable address.
         """
-        return cls._parse(bytes(raw), bcc=None)
+        return cls._parse(bytes(raw), bcc=None, recorded=None)
 
     @classmethod
     def from_email(cls, message: _StdlibMessage | Message) -> Message:
@@ -356,7 +476,7 @@ class Message:
             wire = message.as_bytes(policy=policy)
         except (ValueError, TypeError, UnicodeError, email.errors.MessageError) as exc:
             raise MessageError(f"cannot serialize the message: {exc}") from exc
-        return cls._parse(wire, bcc=None)
+        return cls._parse(wire, bcc=None, recorded=None)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Message:
@@ -384,26 +504,26 @@ class Message:
             stat = os.fstat(stream.fileno())
             buffer = b""
             while True:
-                data = stream.read(_READ_SIZE)
+                data = stream.read(_wire.READ_SIZE)
                 buffer += data
-                head_end = _find_head_end(buffer, final=not data)
+                head_end = _wire.find_head_end(buffer, final=not data)
                 if head_end is not None:
                     break
                 if len(buffer) > MAX_HEADER_BYTES:
                     raise MessageError(f"header block longer than {MAX_HEADER_BYTES} bytes")
             if not buffer:
                 raise MessageError("empty message")
-            head = _normalize(buffer[:head_end])
+            head = _wire.normalize(buffer[:head_end])
             stream.seek(head_end)
             body_size = 0
             eight_bit = False
-            normalizer = _Normalizer()
-            while data := stream.read(_READ_SIZE):
+            normalizer = _wire.Normalizer()
+            while data := stream.read(_wire.READ_SIZE):
                 piece = normalizer.feed(data)
                 body_size += len(piece)
                 eight_bit = eight_bit or not piece.isascii()
             body_size += len(normalizer.flush())
-        fields, wire_head = _split_head(head)
+        fields, wire_head = _wire.split_head(head)
         return cls(
             headers=fields,
             bcc=_blind_addresses(fields),
@@ -418,15 +538,21 @@ class Message:
         )
 
     @classmethod
-    def _parse(cls, raw: bytes, *, bcc: tuple[Address, ...] | None) -> Message:
+    def _parse(
+        cls,
+        raw: bytes,
+        *,
+        bcc: tuple[Address, ...] | None,
+        recorded: tuple[Address, tuple[Address, ...]] | None,
+    ) -> Message:
         if not raw:
             raise MessageError("empty message")
-        head_end = _find_head_end(raw, final=True)
+        head_end = _wire.find_head_end(raw, final=True)
         assert head_end is not None  # always found once the input is final
         if head_end > MAX_HEADER_BYTES:
             raise MessageError(f"header block longer than {MAX_HEADER_BYTES} bytes")
-        fields, wire_head = _split_head(_normalize(raw[:head_end]))
-        body = _normalize(raw[head_end:])
+        fields, wire_head = _wire.split_head(_wire.normalize(raw[:head_end]))
+        body = _wire.normalize(raw[head_end:])
         return cls(
             headers=fields,
             bcc=_blind_addresses(fields) if bcc is None else bcc,
@@ -434,6 +560,7 @@ class Message:
             needs_8bitmime=not body.isascii(),
             needs_smtputf8=not wire_head.isascii(),
             wire=wire_head + body,
+            envelope_addresses=recorded,
         )
 
     # -- header access ------------------------------------------------------
@@ -496,7 +623,7 @@ class Message:
         if size < 2:
             raise ValueError("chunk size must be at least 2")
         if self._path is None:
-            return _slices(self._wire, size)
+            return _wire.slices(self._wire, size)
         return self._file_chunks(size)
 
     def as_bytes(self) -> bytes:
@@ -504,7 +631,7 @@ class Message:
         whole file into memory; prefer :meth:`chunks`)."""
         if self._path is None:
             return self._wire
-        return b"".join(self._file_chunks(_READ_SIZE))
+        return b"".join(self._file_chunks(_wire.READ_SIZE))
 
     def _file_chunks(self, size: int) -> Iterator[bytes]:
         assert self._path is not None
@@ -514,7 +641,7 @@ class Message:
                 raise MessageError(f"{self._path} changed since the message was read")
             stream.seek(self._body_offset)
             total = 0
-            for piece in _rechunk(self._file_pieces(stream, size), size):
+            for piece in _wire.rechunk(self._file_pieces(stream, size), size):
                 total += len(piece)
                 yield piece
         if total != self.size:
@@ -522,7 +649,7 @@ class Message:
 
     def _file_pieces(self, stream: io.BufferedReader, size: int) -> Iterator[bytes]:
         yield self._wire
-        normalizer = _Normalizer()
+        normalizer = _wire.Normalizer()
         read_size = max(size, 4096)
         while data := stream.read(read_size):
             yield normalizer.feed(data)
@@ -533,124 +660,7 @@ class Message:
         return f"<Message message_id={self.message_id!r} size={self.size}{source}>"
 
 
-# -- wire helpers -------------------------------------------------------------
-
-
-class _Normalizer:
-    """Turns a stream of raw pieces into CRLF-normalized pieces.
-
-    A CR at the end of a piece is held back until the next piece shows whether
-    an LF follows, so no output piece ends in a bare CR.
-    """
-
-    def __init__(self) -> None:
-        self._pending_cr = False
-
-    def feed(self, data: bytes) -> bytes:
-        if self._pending_cr:
-            data = b"\r" + data
-            self._pending_cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self._pending_cr = True
-        return _normalize(data)
-
-    def flush(self) -> bytes:
-        if self._pending_cr:
-            self._pending_cr = False
-            return b"\r\n"
-        return b""
-
-
-def _normalize(data: bytes) -> bytes:
-    if b"\r" not in data:
-        # The common Unix case: only LFs, each bare.
-        return data.replace(b"\n", b"\r\n")
-    return _LINE_END.sub(b"\r\n", data)
-
-
-def _cut(data: bytes | bytearray, start: int, size: int) -> int:
-    # Normalized data has an LF after every CR, so moving the cut back by one
-    # when it would fall between them keeps each CRLF in one piece.
-    end = start + size
-    if end < len(data) and data[end - 1] == 0x0D:
-        end -= 1
-    return end
-
-
-def _slices(data: bytes, size: int) -> Iterator[bytes]:
-    start = 0
-    while start < len(data):
-        end = _cut(data, start, size)
-        yield data[start:end]
-        start = end
-
-
-def _rechunk(pieces: Iterable[bytes], size: int) -> Iterator[bytes]:
-    buffer = bytearray()
-    for piece in pieces:
-        buffer += piece
-        # Keep at least one byte beyond a cut so _cut can see what follows.
-        while len(buffer) > size:
-            end = _cut(buffer, 0, size)
-            yield bytes(buffer[:end])
-            del buffer[:end]
-    if buffer:
-        yield bytes(buffer)
-
-
-def _find_head_end(data: bytes, *, final: bool) -> int | None:
-    """Return where the body starts in raw ``data``, or ``None`` if more is needed.
-
-    The header block ends after its first empty line (RFC 5322 §2.1), or, in a
-    malformed message, before the first line that is neither a field nor a
-    continuation (the email package reads such messages the same way).
-    """
-    pos = 0
-    while True:
-        match = _LINE_END.search(data, pos)
-        if match is None:
-            if not final:
-                return None
-            line = data[pos:]
-            return len(data) if not line or _is_head_line(line, pos == 0) else pos
-        if not final and match.group() == b"\r" and match.end() == len(data):
-            return None  # a CR at the end may be the first half of a CRLF
-        line = data[pos : match.start()]
-        if not line:
-            return match.end()
-        if not _is_head_line(line, pos == 0):
-            return pos
-        pos = match.end()
-
-
-def _is_head_line(line: bytes, first: bool) -> bool:
-    if line[:1] in (b" ", b"\t"):
-        return not first  # RFC 5322 §2.2.3: a folded continuation line
-    return _FIELD_START.match(line) is not None
-
-
-def _split_head(head: bytes) -> tuple[tuple[tuple[str, str], ...], bytes]:
-    """Split a normalized header block into its fields and its wire form."""
-    raw_fields: list[bytes] = []
-    for line in head.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and raw_fields and raw_fields[-1] != b"\r\n":
-            raw_fields[-1] += line
-        else:
-            raw_fields.append(line)
-    fields: list[tuple[str, str]] = []
-    wire: list[bytes] = []
-    for raw in raw_fields:
-        name, colon, value = raw.partition(b":")
-        if not colon or raw == b"\r\n":
-            wire.append(raw)
-            continue
-        field_name = name.rstrip(b" \t").decode("ascii")
-        field_value = _UNFOLD.sub(b"", value).strip(b" \t\r\n").decode("utf-8", "replace")
-        fields.append((field_name, field_value))
-        if field_name.lower() not in _BLIND_FIELDS:
-            wire.append(raw)
-    return tuple(fields), b"".join(wire)
+# -- header addresses ---------------------------------------------------------
 
 
 def _blind_addresses(fields: tuple[tuple[str, str], ...]) -> tuple[Address, ...]:
@@ -660,6 +670,10 @@ def _blind_addresses(fields: tuple[tuple[str, str], ...]) -> tuple[Address, ...]
 def _addresses_in(values: Iterable[str]) -> tuple[Address, ...]:
     found: list[Address] = []
     for value in values:
+        simple = _simple_addresses(value)
+        if simple is not None:
+            found += map(Address.parse, simple)
+            continue
         # The email package's RFC 5322 parser copes with groups, comments and
         # quoted display names; only the addr-spec is kept.
         header = _ADDRESS_PARSER("to", value)
@@ -670,6 +684,29 @@ def _addresses_in(values: Iterable[str]) -> tuple[Address, ...]:
                 continue
             found.append(Address.parse(spec))
     return tuple(found)
+
+
+# The common address-list shapes, read without the email package's parser:
+# "a@b.example" and "Name <a@b.example>" separated by commas. The display name
+# may hold no character that changes how the list splits or where the address
+# is (quotes, comments, group syntax, escapes, brackets, "@", ",") and the
+# addr-spec must be a plain ASCII dot-atom (RFC 5322 §3.4.1); anything else goes
+# to the general parser.
+_DOT_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_SIMPLE_SPEC = _DOT_ATOM + "@" + _DOT_ATOM
+_SIMPLE_NAME = r"[^\x00-\x1f\x7f\"()<>\[\]:;@\\,]*"
+_SIMPLE_MAILBOX = re.compile(rf"[ \t]*(?:({_SIMPLE_SPEC})|{_SIMPLE_NAME}<({_SIMPLE_SPEC})>)[ \t]*")
+
+
+def _simple_addresses(value: str) -> list[str] | None:
+    """Return the addr-specs of a simple address list, or ``None`` if it is not one."""
+    specs: list[str] = []
+    for item in value.split(","):
+        match = _SIMPLE_MAILBOX.fullmatch(item)
+        if match is None:
+            return None
+        specs.append(match.group(1) or match.group(2))
+    return specs
 
 
 # -- build helpers ------------------------------------------------------------
@@ -716,6 +753,12 @@ def _mailbox(what: str, value: AddressLike) -> tuple[str, Address]:
     if len(name) >= 2 and name[0] == name[-1] == '"':
         name = re.sub(r"\\(.)", r"\1", name[1:-1])
     return name, Address.parse(match.group("addr").strip())
+
+
+def _spec(box: tuple[str, Address]) -> tuple[str, str]:
+    # The direct writer's (display name, addr-spec), the domain in A-labels.
+    name, address = box
+    return name, address.smtp_path(False)
 
 
 def _header_address(box: tuple[str, Address], utf8: bool) -> email.headerregistry.Address:

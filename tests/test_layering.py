@@ -22,6 +22,9 @@ VALUE_RANK = {
     "mailrelay.errors": 0,
     "mailrelay.address": 1,
     "mailrelay.options": 1,
+    # Private helpers of mailrelay.message (bytes and MIME text only).
+    "mailrelay._wire": 1,
+    "mailrelay._mime": 1,
     "mailrelay.message": 2,
     "mailrelay.envelope": 3,
     "mailrelay.reply": 4,

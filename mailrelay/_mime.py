@@ -1,0 +1,322 @@
+"""A direct MIME writer for the simple message shapes :meth:`Message.build` makes most.
+
+Private to the package. :mod:`mailrelay.message` tries :func:`write` first and
+falls back to the :mod:`email` package (the general path) whenever this raises
+:class:`Unsupported`. The writer therefore handles only what it can write
+exactly as the general path would be read back, and refuses everything else:
+
+* shapes: ``text/plain``, ``text/html``, ``multipart/alternative`` (text then
+  HTML), and any of these in a ``multipart/mixed`` with attachments;
+* header text: printable ASCII (written as it is, folded at spaces) or
+  non-ASCII (written as RFC 2047 encoded-words). Values holding ``=?`` (which a
+  reader would take for an encoded-word), control characters, runs of spaces
+  that folding would turn into blank lines, or words too long to fold within
+  78 characters are left to the general path;
+* addresses: given as ready ``(display name, addr-spec)`` pairs with ASCII
+  addr-specs (a non-ASCII local part needs the RFC 6532 form: general path).
+
+Rules this module keeps:
+
+* RFC 5322 §2.1.1: header lines are at most 78 characters; folding inserts CRLF
+  before a space (§2.2.3) and never leaves a line of white space only (§3.2.2).
+* RFC 2047 §2: an encoded-word is at most 75 characters and a line holding one
+  at most 76; §5(3): in a Q-encoded word only letters, digits and ``!*+-/``
+  stand for themselves (safe in phrases, comments and unstructured text alike);
+  words never split a character's UTF-8 bytes (§5).
+* RFC 2045 §2.7 / §6.7 / §6.8: a body goes out as ``7bit`` only when it is ASCII
+  with lines of at most 78 characters (the general path's limit); otherwise as
+  quoted-printable (lines of at most 76) or base64 (76-character lines, text
+  line breaks as CRLF), whichever is shorter.
+* RFC 2046 §5.1.1: a boundary is chosen that occurs in no part's encoded body.
+* RFC 2045 §4: only the top level says ``MIME-Version``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import random
+import re
+from collections.abc import Sequence
+from urllib.parse import quote
+
+__all__ = ["Part", "Unsupported", "address_list", "unstructured", "write_body"]
+
+# RFC 5322 §2.1.1: the recommended limit on a header line, CRLF excluded.
+_MAX_LINE = 78
+# RFC 2047 §2: encoded-words 75 characters, lines holding them 76.
+_MAX_EW = 75
+_MAX_EW_LINE = 76
+_EW_PREFIX_Q = "=?utf-8?q?"
+_EW_PREFIX_B = "=?utf-8?b?"
+_EW_OVERHEAD = len(_EW_PREFIX_Q) + len("?=")
+
+# RFC 5322 §3.2.3 atext: a display name of atext and single spaces needs no quotes.
+_ATEXT_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+# Printable ASCII, for values written as they are.
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
+
+# RFC 2047 §5(3): the characters a Q-encoded word may carry as themselves.
+_Q_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
+
+
+def _q_char(char: str) -> str:
+    if char == " ":
+        return "_"  # RFC 2047 §4.2(2)
+    out = []
+    for byte in char.encode("utf-8"):
+        out.append(chr(byte) if byte in _Q_SAFE else f"={byte:02X}")
+    return "".join(out)
+
+
+_HIGH_BYTES = bytes(range(0x80, 0x100))
+
+
+class Unsupported(Exception):
+    """The input is not a shape the direct writer handles: use the general path."""
+
+
+def _check_text(value: str) -> None:
+    if "=?" in value:
+        # A reader would decode it as an encoded-word (RFC 2047 §6.1).
+        raise Unsupported("looks like an encoded-word")
+
+
+def _encoded_words(text: str, first_room: int) -> list[str]:
+    """Return ``text`` as RFC 2047 encoded-words, one per line.
+
+    ``first_room`` is the room left on the first line (after the field name);
+    later lines start with one space. Q or B is chosen by which is shorter.
+    """
+    q_chars = [_q_char(char) for char in text]
+    q_length = sum(len(piece) for piece in q_chars)
+    b_length = (len(text.encode("utf-8")) + 2) // 3 * 4
+    words: list[str] = []
+    room = min(first_room, _MAX_EW) - _EW_OVERHEAD
+    if q_length <= b_length:
+        current = ""
+        for piece in q_chars:
+            if current and len(current) + len(piece) > room:
+                words.append(_EW_PREFIX_Q + current + "?=")
+                current = ""
+                room = min(_MAX_EW_LINE - 1, _MAX_EW) - _EW_OVERHEAD
+            current += piece
+        words.append(_EW_PREFIX_Q + current + "?=")
+    else:
+        chunk = b""
+        for char in text:
+            data = char.encode("utf-8")
+            if chunk and (len(chunk) + len(data) + 2) // 3 * 4 > room:
+                words.append(_EW_PREFIX_B + base64.b64encode(chunk).decode("ascii") + "?=")
+                chunk = b""
+                room = min(_MAX_EW_LINE - 1, _MAX_EW) - _EW_OVERHEAD
+            chunk += data
+        words.append(_EW_PREFIX_B + base64.b64encode(chunk).decode("ascii") + "?=")
+    if room <= 0 or any(len(word) > _MAX_EW for word in words):
+        raise Unsupported("no room for an encoded-word")
+    return words
+
+
+def unstructured(name: str, value: str) -> str:
+    """Return the folded field ``name: value`` (no final CRLF) for unstructured text.
+
+    Raises:
+        Unsupported: a value the general path should write.
+    """
+    _check_text(value)
+    if not value or value[0] == " " or value[-1] == " ":
+        raise Unsupported("empty value, or white space at either end")
+    if value.isascii():
+        if _PRINTABLE.fullmatch(value) is None:
+            raise Unsupported("control characters")
+        line = f"{name}: {value}"
+        if len(line) <= _MAX_LINE:
+            return line
+        if "  " in value:
+            # Folding at one of two spaces could leave a line of white space only.
+            raise Unsupported("runs of spaces in a long value")
+        # RFC 5322 §2.2.3: fold by putting CRLF before a space.
+        words = value.split(" ")
+        lines = [f"{name}: {words[0]}"]
+        for word in words[1:]:
+            if len(lines[-1]) + 1 + len(word) <= _MAX_LINE:
+                lines[-1] += " " + word
+            else:
+                lines.append(" " + word)
+        if any(len(one) > _MAX_LINE for one in lines):
+            raise Unsupported("a word too long to fold")
+        return "\r\n".join(lines)
+    if any(char < " " or char == "\x7f" for char in value):
+        raise Unsupported("control characters")
+    words = _encoded_words(value, _MAX_EW_LINE - len(name) - 2)
+    return f"{name}: " + "\r\n ".join(words)
+
+
+def _mailbox(display_name: str, addr_spec: str) -> str:
+    if not display_name:
+        return addr_spec
+    _check_text(display_name)
+    if display_name[0] == " " or display_name[-1] == " " or "  " in display_name:
+        raise Unsupported("display name with extra white space")
+    if display_name.isascii():
+        if _PRINTABLE.fullmatch(display_name) is None:
+            raise Unsupported("control characters in a display name")
+        if _ATEXT_PHRASE.fullmatch(display_name) is not None:
+            return f"{display_name} <{addr_spec}>"
+        # RFC 5322 §3.2.4: a quoted-string, with DQUOTE and backslash escaped.
+        escaped = display_name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}" <{addr_spec}>'
+    if any(char < " " or char == "\x7f" for char in display_name):
+        raise Unsupported("control characters in a display name")
+    words = _encoded_words(display_name, _MAX_EW)
+    if len(words) != 1:
+        raise Unsupported("a display name longer than one encoded-word")
+    return f"{words[0]} <{addr_spec}>"
+
+
+def address_list(name: str, mailboxes: Sequence[tuple[str, str]]) -> str:
+    """Return the folded field ``name: mailbox, ...`` (no final CRLF).
+
+    Args:
+        name: the field name.
+        mailboxes: ``(display name, addr-spec)`` pairs, the addr-spec ASCII.
+
+    Raises:
+        Unsupported: a mailbox the general path should write.
+    """
+    lines = [f"{name}: "]
+    for index, (display_name, addr_spec) in enumerate(mailboxes):
+        item = _mailbox(display_name, addr_spec)
+        if index == 0:
+            lines[0] += item
+        elif len(lines[-1]) + 2 + len(item) <= _MAX_LINE:
+            lines[-1] += ", " + item
+        else:
+            lines[-1] += ","
+            lines.append(" " + item)
+    # RFC 2047 §2: a line holding an encoded-word is at most 76 characters.
+    if any(len(line) > (_MAX_EW_LINE if "=?" in line else _MAX_LINE) for line in lines):
+        raise Unsupported("a mailbox too long for one line")
+    return "\r\n".join(lines)
+
+
+# -- bodies -------------------------------------------------------------------
+
+
+class Part:
+    """One leaf of the body: its header lines and its encoded content (CRLF)."""
+
+    __slots__ = ("content", "head", "is_7bit_text")
+
+    def __init__(self, head: str, content: bytes, is_7bit_text: bool) -> None:
+        self.head = head
+        self.content = content
+        # Only 7bit content can hold a boundary line: QP and base64 never hold "=_".
+        self.is_7bit_text = is_7bit_text
+
+
+def text_part(text: str, subtype: str) -> Part:
+    """Encode ``text`` as a ``text/<subtype>; charset="utf-8"`` part."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise Unsupported("not encodable") from exc  # the general path reports it
+    # bytes.splitlines: CR, LF and CRLF end lines (as in the general path); the
+    # body always ends with a line break.
+    lines = data.splitlines()
+    head = f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: '
+    if data.isascii() and all(len(line) <= _MAX_LINE for line in lines):
+        return Part(head + "7bit", b"\r\n".join(lines) + b"\r\n", True)
+    # QP costs two extra characters per byte it escapes; base64 a third of all.
+    size = len(data)
+    escaped = size - len(data.translate(None, _HIGH_BYTES)) + data.count(b"=")
+    if 3 * (size + 2 * escaped) <= 4 * size:
+        body = binascii.b2a_qp(b"\n".join(lines) + b"\n", istext=True)
+        return Part(head + "quoted-printable", body.replace(b"\n", b"\r\n"), False)
+    # RFC 2045 §6.8: text line breaks are CRLF before base64 encoding.
+    return Part(head + "base64", _base64_lines(b"\r\n".join(lines) + b"\r\n"), False)
+
+
+def _base64_lines(data: bytes) -> bytes:
+    # RFC 2045 §6.8: lines of at most 76 characters (57 bytes each).
+    return base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+
+def attachment_part(filename: str, data: bytes, content_type: str) -> Part:
+    """Encode an attachment as a base64 part with its Content-Disposition."""
+    if content_type != content_type.lower():
+        raise Unsupported("content type not in lower case")
+    if filename.isascii():
+        if _PRINTABLE.fullmatch(filename) is None or '"' in filename or "\\" in filename:
+            raise Unsupported("a file name that needs escaping")
+        _check_text(filename)
+        disposition = f'Content-Disposition: attachment; filename="{filename}"'
+    else:
+        if any(char < " " or char == "\x7f" for char in filename):
+            raise Unsupported("control characters in a file name")
+        # RFC 2231 §4: charset''percent-encoded octets.
+        disposition = "Content-Disposition: attachment; filename*=utf-8''" + quote(
+            filename, safe="", encoding="utf-8"
+        )
+    if len(disposition) > _MAX_LINE:
+        raise Unsupported("a file name too long for one line")
+    head = f"Content-Type: {content_type}\r\nContent-Transfer-Encoding: base64\r\n{disposition}"
+    return Part(head, _base64_lines(bytes(data)), False)
+
+
+def _boundary(parts: Sequence[Part]) -> str:
+    # "=_" never occurs in quoted-printable or base64 output; 7bit text is
+    # checked, and a colliding boundary (vanishingly rare) is drawn again.
+    for _ in range(100):
+        boundary = f"=_{random.getrandbits(96):024x}"
+        marker = b"--" + boundary.encode("ascii")
+        if not any(part.is_7bit_text and marker in part.content for part in parts):
+            return boundary
+    raise Unsupported("no free boundary")  # pragma: no cover - needs 100 collisions
+
+
+def _multipart(subtype: str, parts: Sequence[Part]) -> Part:
+    boundary = _boundary(parts)
+    delimiter = b"--" + boundary.encode("ascii")
+    pieces: list[bytes] = []
+    for part in parts:
+        pieces += [delimiter, b"\r\n", part.head.encode("ascii"), b"\r\n\r\n", part.content]
+        # RFC 2046 §5.1.1: the CRLF before a delimiter belongs to the delimiter.
+        pieces.append(b"\r\n")
+    pieces += [delimiter, b"--\r\n"]
+    head = f'Content-Type: multipart/{subtype}; boundary="{boundary}"'
+    return Part(head, b"".join(pieces), any(part.is_7bit_text for part in parts))
+
+
+def write_body(
+    text: str | None,
+    html: str | None,
+    attachments: Sequence[tuple[str, bytes, str]],
+) -> tuple[str, bytes]:
+    """Return the top-level content header lines and the encoded body.
+
+    Args:
+        text: the plain-text body, or ``None``.
+        html: the HTML body, or ``None``.
+        attachments: ``(filename, data, content type)`` triples.
+
+    Returns:
+        ``MIME-Version`` and the ``Content-*`` lines (CRLF-separated, no final
+        CRLF), and the body bytes.
+
+    Raises:
+        Unsupported: a body the general path should write.
+    """
+    parts: list[Part] = []
+    if text is not None and html is not None:
+        parts.append(_multipart("alternative", [text_part(text, "plain"), text_part(html, "html")]))
+    elif html is not None:
+        parts.append(text_part(html, "html"))
+    elif text is not None or not attachments:
+        parts.append(text_part(text or "", "plain"))
+    if attachments:
+        parts += [attachment_part(*item) for item in attachments]
+        top = _multipart("mixed", parts)
+    else:
+        (top,) = parts
+    return "MIME-Version: 1.0\r\n" + top.head, top.content
