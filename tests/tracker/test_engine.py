@@ -524,3 +524,43 @@ def test_run_forever_default_sleep_wakes_when_stopped(store: Store) -> None:
     stop.set()
     thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    ("step", "options", "seen"),
+    [
+        # Results wait for a batch of up to 50 (here: the end of the claim batch)...
+        (0.0, {}, [5, 5, 5, 5, 5]),
+        # ...or at most commit_interval: with 2 s per delivery, every second one commits.
+        (2.0, {"commit_interval": dt.timedelta(seconds=1)}, [2, 2, 4, 4, 5]),
+        (0.0, {"commit_batch": 2}, [2, 2, 4, 4, 5]),
+        (0.0, {"commit_batch": 1}, [1, 2, 3, 4, 5]),
+    ],
+)
+def test_results_are_committed_by_batch_or_by_age(
+    store: Store, step: float, options: dict[str, object], seen: list[int]
+) -> None:
+    clock = FakeClock()
+
+    def handler(_message: Message, _envelope: Envelope) -> dict[str, Outcome]:
+        clock.advance(step)
+        return {}
+
+    transport = MemoryTransport(handler)
+    tracker = tracker_for(transport, store, clock, **options)
+    sent_when_committed: list[int] = []
+    # Events fire right after the commit that recorded them.
+    tracker.on("delivered", lambda _event: sent_when_committed.append(len(transport.outbox)))
+    for index in range(5):
+        tracker.submit(message((f"r{index}@example.org",)))
+    assert tracker.run_pending().delivered == 5
+    assert sent_when_committed == seen
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"commit_batch": 0}, {"commit_interval": dt.timedelta(seconds=-1)}, {"message_cache": -1}],
+)
+def test_bad_commit_settings_are_refused(options: dict[str, object]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 -- each names its own setting
+        tracker_for(MemoryTransport(), MemoryStore(), FakeClock(), **options)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import ConfigurationError
+from mailrelay.tracker import sqlite_store
 from mailrelay.tracker.sqlite_store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 from mailrelay.tracker.store import (
     Attempt,
@@ -377,6 +378,10 @@ _OPS = st.lists(
             st.sampled_from(["a@example.org", "b@example.net"]),
             st.sampled_from(list(State)),
             st.sampled_from([None, "w1", "w2"]),
+            st.sampled_from(
+                [None, frozenset({State.DELIVERED}), frozenset({State.QUEUED, State.SENDING})]
+            ),
+            st.integers(min_value=1, max_value=2),  # batch entries (apply_many)
         ),
     ),
     max_size=12,
@@ -409,18 +414,23 @@ def test_memory_and_sqlite_stores_agree(ops: list[tuple[object, ...]]) -> None:
                             store.claim(worker=worker, now=now, lease=LEASE, limit=limit)
                         )
                     else:
-                        _, tracking_id, address, state, worker = op
+                        _, tracking_id, address, state, worker, expect, entries = op
                         assert isinstance(tracking_id, str)
                         assert isinstance(address, str)
                         assert isinstance(state, State)
                         assert worker is None or isinstance(worker, str)
+                        assert expect is None or isinstance(expect, frozenset)
+                        assert isinstance(entries, int)
                         change = Change(
                             address=addr(address),
                             state=state,
                             attempt=Attempt(at=T0, text="x"),
                             next_attempt_at=T0 + dt.timedelta(minutes=5),
+                            expect=expect,
                         )
-                        outcomes.append(store.apply(tracking_id, [change], worker=worker))
+                        outcomes.append(
+                            store.apply_many([(tracking_id, [change])] * entries, worker=worker)
+                        )
                 assert outcomes[0] == outcomes[1], op
             for tracking_id in ("m0", "m1", "m2"):
                 assert stores[0].get(tracking_id) == stores[1].get(tracking_id)
@@ -446,3 +456,110 @@ def test_get_many(store: Store) -> None:
     assert found["m1"] == store.get("m1")
     assert found["m2"] == records[2]
     assert store.get_many([]) == {}
+
+
+def test_apply_many_changes_one_recipient_twice_in_batch_order(store: Store) -> None:
+    store.add(make_record("m1"), [b"12345"])
+    a = addr("a@example.org")
+    first = Attempt(at=T0, code=451, text="later")
+    second = Attempt(at=T0 + dt.timedelta(minutes=1), code=250, text="ok")
+    changed = store.apply_many(
+        [
+            ("m1", [Change(address=a, state=State.DEFERRED, attempt=first, next_attempt_at=T0)]),
+            ("m1", [Change(address=a, state=State.DELIVERED, attempt=second)]),
+        ]
+    )
+    assert changed == [(a,), (a,)]
+    record = store.get("m1")
+    assert record is not None
+    assert record.recipient(a).state is State.DELIVERED
+    assert record.recipient(a).next_attempt_at is None
+    assert record.recipient(a).attempts == (first, second)
+
+
+def test_claim_orders_by_earliest_due_recipient_then_id(store: Store) -> None:
+    later = T0 + dt.timedelta(minutes=10)
+    store.add(make_record("b", due=later), [b"12345"])
+    store.add(make_record("a", due=later), [b"12345"])
+    store.add(make_record("c", due=None), [b"12345"])  # no due time: due first
+    mixed = make_record("d", due=later)
+    early = attrs.evolve(mixed.recipients[1], next_attempt_at=T0)
+    store.add(attrs.evolve(mixed, recipients=(mixed.recipients[0], early)), [b"12345"])
+    claims = store.claim(worker="w", now=later, lease=LEASE, limit=3)
+    assert [c.tracking_id for c in claims] == ["c", "d", "a"]
+    assert claims[1].addresses == (addr("a@example.org"), addr("b@example.net"))
+    assert [c.tracking_id for c in store.claim(worker="w", now=later, lease=LEASE, limit=3)] == [
+        "b"
+    ]
+    assert store.claim(worker="w", now=later, lease=LEASE, limit=0) == []
+
+
+def test_sqlite_streams_large_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_store, "STREAM_THRESHOLD", 6)
+    store = SQLiteStore(tmp_path / "t.db")
+    try:
+        store.add_many(
+            [
+                (make_record("big", size=10), [b"hello", b"world"]),
+                (make_record("small", size=5), [b"12345"]),
+            ]
+        )
+        assert store.content("big") == b"helloworld"
+        assert store.content("small") == b"12345"
+        with pytest.raises(ValueError, match="longer"):
+            store.add(make_record("long", size=8), [b"12345", b"6789"])
+        with pytest.raises(ValueError, match="bytes"):
+            store.add(make_record("short", size=8), [b"12345", b"6"])
+        assert store.get("long") is None
+        assert store.get("short") is None
+    finally:
+        store.close()
+
+
+def _synchronous(store: SQLiteStore) -> int:
+    # 1 = NORMAL, 2 = FULL: the level the connection commits with now.
+    return int(store._connection().execute("PRAGMA synchronous").fetchone()[0])
+
+
+def test_sqlite_commits_submissions_and_work_at_their_own_levels(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    try:
+        store.add(make_record("m1"), [b"12345"])
+        assert _synchronous(store) == 2
+        store.claim(worker="w", now=T0, lease=LEASE, limit=1)
+        assert _synchronous(store) == 1
+        attempt = Attempt(at=T0, code=250)
+        a = addr("a@example.org")
+        store.apply("m1", [Change(address=a, state=State.DELIVERED, attempt=attempt)], worker="w")
+        assert _synchronous(store) == 1
+        store.apply("m1", [Change(address=addr("b@example.net"), state=State.CANCELLED)])
+        assert _synchronous(store) == 2
+    finally:
+        store.close()
+    strict = SQLiteStore(tmp_path / "strict.db", work_synchronous="FULL")
+    try:
+        strict.add(make_record("m1"), [b"12345"])
+        strict.claim(worker="w", now=T0, lease=LEASE, limit=1)
+        assert _synchronous(strict) == 2
+    finally:
+        strict.close()
+
+
+def test_sqlite_refuses_a_bad_work_synchronous(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="work_synchronous"):
+        SQLiteStore(tmp_path / "t.db", work_synchronous="OFF")
+
+
+def test_sqlite_migration_three_replaces_the_due_indexes(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute("INSERT INTO schema_version VALUES (2)")
+    raw.executescript(MIGRATIONS[0] + MIGRATIONS[1])
+    raw.commit()
+    raw.close()
+    SQLiteStore(path).close()
+    with sqlite3.connect(path) as check:
+        names = {row[0] for row in check.execute("SELECT name FROM sqlite_master")}
+    assert {"recipients_due_order", "recipients_lease_order"} <= names
+    assert not {"recipients_due", "recipients_lease"} & names
