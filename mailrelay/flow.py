@@ -81,7 +81,8 @@ import base64
 import binascii
 import ipaddress
 import logging
-from collections.abc import Generator, Iterator, Sequence
+from collections import deque
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import TypeAlias, TypeVar
 
 import attrs
@@ -135,6 +136,9 @@ from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 
 __all__ = [
+    "WINDOW_BYTES",
+    "WINDOW_MESSAGES",
+    "BatchOutcome",
     "Close",
     "Read",
     "Request",
@@ -205,6 +209,8 @@ _HELO_FALLBACK = frozenset({500, 501, 502, 504, 550})
 # RFC 4954 §6: 534 "mechanism too weak"; 504 "mechanism not supported" (some servers).
 _NEXT_MECHANISM = frozenset({504, 534})
 _NO_EXTENSIONS = Extensions.parse(())
+# Messages up to this size are sent as one write with their terminator.
+_JOIN_LIMIT = 1 << 20
 
 
 def _check_hostname(instance: SessionConfig, attribute: attrs.Attribute[str], value: str) -> None:
@@ -217,6 +223,12 @@ def _check_credentials(
 ) -> None:
     if (instance.username is None) != (value is None):
         raise ConfigurationError("give both a user name and a password (or token), or neither")
+
+
+def _mechanism_tuple(value: Iterable[str] | None) -> tuple[str, ...] | None:
+    """``auth_mechanisms`` as a tuple (typed, unlike ``attrs.converters.optional(tuple)``,
+    so that mypy accepts any iterable of names)."""
+    return None if value is None else tuple(value)
 
 
 @attrs.frozen(kw_only=True)
@@ -244,10 +256,7 @@ class SessionConfig:
     tls: TLS = attrs.field(default=TLS.STARTTLS, validator=attrs.validators.instance_of(TLS))
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False, validator=_check_credentials)
-    auth_mechanisms: tuple[str, ...] | None = attrs.field(
-        default=None,
-        converter=attrs.converters.optional(tuple),
-    )
+    auth_mechanisms: tuple[str, ...] | None = attrs.field(default=None, converter=_mechanism_tuple)
     allow_insecure_auth: bool = False
     pipelining: bool = True
     chunking: bool = False
@@ -275,6 +284,30 @@ def _trace(command: Command, data: bytes) -> str:
     if isinstance(command, DataChunk | Bdat):
         return f"<{len(data)} bytes of message data>"
     return data.decode("utf-8", "replace").rstrip("\r\n")
+
+
+#: The most messages whose replies are outstanding in a BDAT window (RFC 3030 with
+#: RFC 2920): enough to hide the round trip, few enough that the replies never fill the
+#: socket buffers while we are still writing.
+WINDOW_MESSAGES = 32
+#: The most message bytes outstanding in a BDAT window.
+WINDOW_BYTES = 1 << 20
+# A message up to this size goes in one BDAT LAST (and may then share the window).
+_ONE_CHUNK = 1 << 20
+
+
+@attrs.frozen(kw_only=True)
+class BatchOutcome:
+    """What :meth:`Session.deliver_many` did with each message.
+
+    Attributes:
+        results: one entry per message, in order: its result, or ``None`` when it got no
+            final answer because the session ended first (see ``error``).
+        error: why the session ended before the batch did, or ``None``.
+    """
+
+    results: tuple[DeliveryResult | None, ...]
+    error: DeliveryError | None = None
 
 
 # -- the per-message bookkeeping ---------------------------------------------------------------
@@ -691,17 +724,8 @@ class Session:
 
     def _deliver(self, message: Message, envelope: Envelope) -> Step[DeliveryResult]:
         self._ensure_open()
-        recipients = [r.address for r in envelope.recipients]
-        transaction = _Transaction(recipients, self.config.peer)
-        refusal = self._precheck(message, envelope)
-        if refusal is not None:
-            log.debug("refusing the message before sending: %s", refusal)
-            transaction.unfinished(None, refusal)
-            for index, result in enumerate(transaction.final):
-                assert result is not None
-                transaction.final[index] = attrs.evolve(result, outcome=Outcome.PERMANENT)
-            return transaction.result(message.message_id)
-        if not recipients:
+        transaction = self._prepared(message, envelope)
+        if transaction.all_final():
             return transaction.result(message.message_id)
         try:
             if self._needs_rset:
@@ -712,7 +736,29 @@ class Session:
                 raise self._refuse(closed.reply, "before any recipient was answered") from None
             what = "closed the session (421)" if closed.reply else "closed the connection"
             transaction.unfinished(closed.reply, f"the server {what} before a final reply")
+        except DeliveryError as exc:
+            # A timeout or reset thrown in by the driver (or a protocol violation). Answers
+            # already given (LMTP finals, refused RCPTs) must not be lost with it: a retry of
+            # the whole message would deliver twice (RFC 2033 §4.2). The rest are TRANSIENT.
+            if not transaction.any_final():
+                raise
+            yield from self._closed()
+            transaction.unfinished(exc.reply, f"{type(exc).__name__} before a final reply: {exc}")
         return transaction.result(message.message_id)
+
+    def _prepared(self, message: Message, envelope: Envelope) -> _Transaction:
+        """The message's bookkeeping; already final when it cannot be sent here at all (or
+        has no recipient)."""
+        transaction = _Transaction([r.address for r in envelope.recipients], self.config.peer)
+        refusal = self._precheck(message, envelope)
+        if refusal is not None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("refusing the message before sending: %s", refusal)
+            transaction.unfinished(None, refusal)
+            for index, result in enumerate(transaction.final):
+                assert result is not None
+                transaction.final[index] = attrs.evolve(result, outcome=Outcome.PERMANENT)
+        return transaction
 
     def _precheck(self, message: Message, envelope: Envelope) -> str | None:
         """Why the message cannot be sent to this server at all, or None."""
@@ -742,12 +788,10 @@ class Session:
     def _needs_smtputf8(message: Message, envelope: Envelope) -> bool:
         return message.needs_smtputf8 or envelope.needs_smtputf8
 
-    def _transaction(
-        self, message: Message, envelope: Envelope, transaction: _Transaction
-    ) -> Step[None]:
+    def _commands(self, message: Message, envelope: Envelope) -> tuple[MailFrom, list[RcptTo]]:
+        """MAIL (with its parameters for this server) and one RCPT per recipient."""
         ext = self.extensions
         smtputf8 = ext.smtputf8 and self._needs_smtputf8(message, envelope)
-        bdat = self.config.chunking and ext.chunking
         body = "8BITMIME" if message.needs_8bitmime else None
         mail = MailFrom(
             sender=envelope.sender,
@@ -760,14 +804,23 @@ class Session:
             ),
             smtputf8=smtputf8,
         )
+        dsn = ext.dsn
         rcpts = [
             RcptTo(
                 recipient=r.address,
-                parameters=r.rcpt_parameters(dsn=ext.dsn, smtputf8=smtputf8),
+                parameters=r.rcpt_parameters(dsn=dsn, smtputf8=smtputf8),
                 smtputf8=smtputf8,
             )
             for r in envelope.recipients
         ]
+        return mail, rcpts
+
+    def _transaction(
+        self, message: Message, envelope: Envelope, transaction: _Transaction
+    ) -> Step[None]:
+        ext = self.extensions
+        bdat = self.config.chunking and ext.chunking
+        mail, rcpts = self._commands(message, envelope)
         # The transaction is open until its end-of-data reply: RSET before the next one if
         # anything stops it earlier (RFC 5321 §4.1.1.5).
         self._needs_rset = True
@@ -830,6 +883,15 @@ class Session:
             if transaction.all_final():
                 return  # MAIL or every RCPT refused: no DATA
             yield from self._write(Data(), phase="data_init")
+        if (yield from self._data_body(message, transaction)):
+            yield from self._finals(transaction)
+
+    def _data_body(self, message: Message, transaction: _Transaction) -> Step[bool]:
+        """DATA's reply, then the message and its terminator after a 354.
+
+        Returns:
+            whether the final reply(s) are still to be read (the message was sent).
+        """
         data_reply = yield from self._reply("data_init")
         if transaction.all_final():
             # RFC 2920 §3.1: DATA was pipelined and got 354 although nobody was accepted:
@@ -838,19 +900,29 @@ class Session:
                 yield from self._write(EndOfData(), phase="data_block")
                 yield from self._reply("data_end")
                 self._needs_rset = False
-            return
+            return False
         if data_reply.code != 354:
             if data_reply.is_positive:
                 # Not a go-ahead, whatever its code says: the message was not sent.
                 transaction.unfinished(data_reply, "the server answered DATA without 354")
             else:
                 transaction.settle_all(data_reply)
-            return
-        for chunk in message.chunks():
-            yield from self._write(DataChunk(data=chunk), phase="data_block")
-        yield from self._write(EndOfData(), phase="data_block")
+            return False
+        conn = self._conn
+        if message.size <= _JOIN_LIMIT:
+            # A small message goes out as one request with its terminator.
+            pieces = [conn.send(DataChunk(data=chunk)) for chunk in message.chunks()]
+            pieces.append(conn.send(EndOfData()))
+            yield Write(data=b"".join(pieces), phase="data_block")
+        else:
+            # Streamed: one request per chunk, so a huge message is never held whole.
+            for chunk in message.chunks():
+                yield Write(data=conn.send(DataChunk(data=chunk)), phase="data_block")
+            yield Write(data=conn.send(EndOfData()), phase="data_block")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(">>> <%d bytes of message data and the terminator>", message.size)
         self._needs_rset = False
-        yield from self._finals(transaction)
+        return True
 
     def _send_bdat(
         self,
@@ -901,6 +973,130 @@ class Session:
             event = yield from self._event("data_end")
             reply = yield from self._check_closing(event)
             transaction.settle(index, reply)
+
+    # -- many messages ---------------------------------------------------------------------------
+
+    def deliver_many(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
+        """Send several messages, pipelined across messages when the server allows it.
+
+        RFC 2920 §3.1 lets message content be the first "command" of a group, so with
+        PIPELINING the next message's RSET (if needed), MAIL, RCPTs and DATA follow the
+        previous message's data and terminator in one write, and the previous final reply
+        is read with them (one round trip per message instead of two). With CHUNKING
+        (``chunking=True``) a message that fits in one chunk goes as ``BDAT n LAST``, which
+        needs no 354, so up to :data:`WINDOW_MESSAGES` such messages (or
+        :data:`WINDOW_BYTES` of their data) are in flight at once; replies are read in
+        order as the window fills. Each message's result is the one :meth:`deliver` would
+        give it alone.
+
+        A session that ends early (421, end of file, timeout, reset, protocol violation)
+        does not raise: the outcome records the error, and each message then either has a
+        result (when any of its recipients got a final answer; the rest are TRANSIENT) or
+        ``None`` (no final answer: it was not sent, or its data got no reply; the caller may
+        send it again on a fresh connection).
+        """
+        return (yield from self._guarded(self._deliver_many(items)))
+
+    def _deliver_many(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
+        self._ensure_open()
+        count = len(items)
+        results: list[DeliveryResult | None] = [None] * count
+        transactions: list[_Transaction | None] = [None] * count
+        # Messages whose replies are still to be read, oldest first: (index, reader, bytes).
+        inflight: deque[tuple[int, Step[None], int]] = deque()
+        outstanding = 0
+        ext = self.extensions
+        pipelined = self.config.pipelining and ext.pipelining
+        bdat = self.config.chunking and ext.chunking
+        error: DeliveryError | None = None
+        reason = ""
+        try:
+            for index, (message, envelope) in enumerate(items):
+                transaction = self._prepared(message, envelope)
+                transactions[index] = transaction
+                if transaction.all_final():
+                    results[index] = transaction.result(message.message_id)
+                    continue
+                if not pipelined or (bdat and message.size > _ONE_CHUNK):
+                    # Nothing overlaps: read what is in flight, then one message alone.
+                    while inflight:
+                        done, reader, size = inflight.popleft()
+                        yield from reader
+                        outstanding -= size
+                        results[done] = _result_of(transactions[done], items[done][0])
+                    if self._needs_rset:
+                        yield from self._rset()
+                    yield from self._transaction(message, envelope, transaction)
+                    results[index] = transaction.result(message.message_id)
+                    continue
+                mail, rcpts = self._commands(message, envelope)
+                rset = self._needs_rset
+                group: list[Command] = [Rset(), mail, *rcpts] if rset else [mail, *rcpts]
+                if bdat:
+                    # RFC 3030 §2-4: BDAT LAST needs no 354, so it joins the group and the
+                    # whole message can be in flight; its replies are read later, in order.
+                    data = b"".join(message.chunks())
+                    group.append(Bdat(data=data, last=True))
+                    yield from self._write(*group, phase="mail")
+                    self._needs_rset = False
+                    inflight.append((index, self._bdat_replies(transaction, rset), len(data)))
+                    outstanding += len(data)
+                    while len(inflight) > WINDOW_MESSAGES or outstanding > WINDOW_BYTES:
+                        done, reader, size = inflight.popleft()
+                        yield from reader
+                        outstanding -= size
+                        results[done] = _result_of(transactions[done], items[done][0])
+                    continue
+                group.append(Data())
+                self._needs_rset = True
+                yield from self._write(*group, phase="mail")
+                # The previous message's final reply(s) come first (FIFO), then ours.
+                while inflight:
+                    done, reader, size = inflight.popleft()
+                    yield from reader
+                    outstanding -= size
+                    results[done] = _result_of(transactions[done], items[done][0])
+                if rset:
+                    yield from self._rset_reply()
+                yield from self._read_envelope_replies(transaction)
+                if (yield from self._data_body(message, transaction)):
+                    # The final reply is read with the next message's envelope replies.
+                    inflight.append((index, self._finals(transaction), 0))
+                else:
+                    results[index] = transaction.result(message.message_id)
+            while inflight:
+                done, reader, size = inflight.popleft()
+                yield from reader
+                results[done] = _result_of(transactions[done], items[done][0])
+        except _SessionClosed as closed:
+            error = self._refuse(closed.reply, "before every message was answered")
+            what = "closed the session (421)" if closed.reply else "closed the connection"
+            reason = f"the server {what} before a final reply"
+        except DeliveryError as exc:
+            yield from self._closed()
+            error = exc
+            reason = f"{type(exc).__name__} before a final reply: {exc}"
+        if error is not None:
+            for index, begun in enumerate(transactions):
+                if results[index] is None and begun is not None and begun.any_final():
+                    begun.unfinished(error.reply, reason)
+                    results[index] = begun.result(items[index][0].message_id)
+        return BatchOutcome(results=tuple(results), error=error)
+
+    def _bdat_replies(self, transaction: _Transaction, rset: bool) -> Step[None]:
+        """The replies to a pipelined [RSET,] MAIL, RCPTs and BDAT LAST, in order."""
+        if rset:
+            yield from self._rset_reply()
+        yield from self._read_envelope_replies(transaction)
+        if transaction.all_final():
+            yield from self._reply("data_end")  # one reply: nobody to deliver to
+        else:
+            yield from self._finals(transaction)
+
+    def _rset_reply(self) -> Step[None]:
+        reply = yield from self._reply("greeting")
+        if not reply.is_positive and log.isEnabledFor(logging.DEBUG):
+            log.debug("RSET refused with %d", reply.code)
 
     # -- between messages ----------------------------------------------------------------------
 
@@ -963,6 +1159,11 @@ class Session:
         except (ServerProtocolError, LocalProtocolError):
             pass  # the connection is unusable; closing is all that is left
         yield from self._closed()
+
+
+def _result_of(transaction: _Transaction | None, message: Message) -> DeliveryResult:
+    assert transaction is not None
+    return transaction.result(message.message_id)
 
 
 def _with_last(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, bool]]:

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mailrelay import flow
 from mailrelay.envelope import Envelope
 from mailrelay.errors import (
     AuthenticationError,
@@ -650,7 +651,7 @@ def test_pipelined_mail_rcpt_data_go_out_in_one_write() -> None:
         b"RCPT TO:<carol@example.net>",
         b"DATA",
     ]
-    assert driver.writes[-1].data == b".\r\n"  # the body ended with CRLF already
+    assert driver.writes[-1].data.endswith(b"\r\nHello.\r\n.\r\n")  # no extra CRLF
     assert [r.phase for r in driver.requests if isinstance(r, Read)] == ["mail", "data_end"]
     assert result.message_id == "m1@example.org"
     assert not session.closed
@@ -740,7 +741,8 @@ def test_final_reply_refuses() -> None:
     assert outcomes(result) == [("bob@example.net", Outcome.PERMANENT, 554)]
 
 
-def test_data_is_streamed_one_write_per_chunk() -> None:
+def test_large_data_is_streamed_one_write_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flow, "_JOIN_LIMIT", 100_000)
     body = ("x" * 998 + "\r\n") * 200  # about 200 KB: four chunks of 64 KiB
     msg = message(body)
     result, _, driver = deliver([OK + OK + GO_AHEAD, QUEUED], msg)
@@ -750,6 +752,15 @@ def test_data_is_streamed_one_write_per_chunk() -> None:
     assert len(chunks) > 1
     assert len(data_writes) == len(chunks) + 1  # and the terminator
     assert b"".join(w.data for w in data_writes) == msg.as_bytes() + b".\r\n"
+
+
+def test_small_data_and_its_terminator_go_out_in_one_write() -> None:
+    body = ("x" * 998 + "\r\n") * 200  # four chunks, but below the join limit
+    msg = message(body)
+    result, _, driver = deliver([OK + OK + GO_AHEAD, QUEUED], msg)
+    assert result.ok
+    data_writes = [w for w in driver.writes if w.phase == "data_block"]
+    assert [w.data for w in data_writes] == [msg.as_bytes() + b".\r\n"]
 
 
 def test_dot_stuffing_on_the_wire() -> None:

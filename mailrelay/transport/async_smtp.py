@@ -26,7 +26,7 @@ from collections.abc import AsyncIterable, Iterable, Sequence
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import ConnectionLost, DeliveryError
-from mailrelay.flow import Session
+from mailrelay.flow import BatchOutcome, Session
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult
@@ -39,7 +39,7 @@ from mailrelay.transport.base import (
     note_progress,
 )
 from mailrelay.transport.settings import ConnectionSettings, PoolSettings, mechanisms
-from mailrelay.transport.smtp import is_stale_connection_error, no_greeting_hint
+from mailrelay.transport.smtp import CHUNK, is_stale_connection_error, no_greeting_hint
 
 __all__ = ["AsyncLMTPTransport", "AsyncSMTPTransport"]
 
@@ -225,22 +225,93 @@ class _AsyncSMTPBase(AsyncTransport):
     ) -> list[DeliveryResult]:
         """Send many messages over up to ``pool.size`` connections; results in item order.
 
-        See :mod:`mailrelay.transport.base` for the contract (a sequence is checked whole
-        first; other iterables are streamed, each worker taking the next item when it is
-        free).
+        Each worker holds one connection and sends a run of items through it pipelined
+        across messages (:meth:`Session.deliver_many <mailrelay.flow.Session.deliver_many>`),
+        with the resend rules of :meth:`SMTPTransport.send_many
+        <mailrelay.transport.smtp.SMTPTransport.send_many>`. See
+        :mod:`mailrelay.transport.base` for the contract (a sequence is checked whole
+        first; other iterables are streamed, each worker taking items when it is free).
         """
         batch = AsyncBatch(items)
         results: dict[int, DeliveryResult] = {}
+        workers = self._pool.size if batch.total is None else min(self._pool.size, batch.total)
+        # Spread a known batch evenly; take a streamed one in bounded runs.
+        run_size = CHUNK if not batch.total else max(1, min(CHUNK, -(-batch.total // workers)))
 
         async def worker() -> None:
-            while (taken := await batch.next()) is not None:
-                index, message, envelope = taken
-                try:
-                    results[index] = await self.adeliver(message, envelope)
-                except DeliveryError as error:
-                    results[index] = failed_result(message, envelope, error)
+            ours: list[tuple[int, Message, Envelope]] = []
+            stream_error: BaseException | None = None
+            exhausted = False
+            connection: _Connection | None = None
+            try:
+                async with self._semaphore():
+                    while True:
+                        while not exhausted and stream_error is None and len(ours) < run_size:
+                            try:
+                                taken = await batch.next()
+                            except Exception as exc:
+                                stream_error = exc
+                                break
+                            if taken is None:
+                                exhausted = True
+                                break
+                            ours.append(taken)
+                        if not ours:
+                            break
+                        if connection is None:
+                            try:
+                                connection, _ = await self._checkout()
+                            except DeliveryError as exc:
+                                index, message, envelope = ours.pop(0)
+                                results[index] = failed_result(message, envelope, exc)
+                                continue
+                        room = max(1, self._pool.max_messages - connection.messages)
+                        chunk = ours[:room]
+                        carried = connection.messages
+                        try:
+                            outcome = await connection.driver.run(
+                                connection.session.deliver_many([(m, e) for _, m, e in chunk])
+                            )
+                        except DeliveryError as exc:
+                            outcome = BatchOutcome(results=(None,) * len(chunk), error=exc)
+                        except BaseException:
+                            connection.driver.close()
+                            connection = None
+                            raise
+                        done = 0
+                        for result in outcome.results:
+                            if result is None:
+                                break
+                            results[chunk[done][0]] = result
+                            done += 1
+                        error = outcome.error
+                        if error is not None and done < len(chunk):
+                            if carried + done > 0 and is_stale_connection_error(error):
+                                log.info(
+                                    "the connection to %s ended (%s); sending the %d "
+                                    "unanswered message(s) on a fresh one",
+                                    error.host,
+                                    error,
+                                    len(chunk) - done,
+                                )
+                            else:
+                                index, message, envelope = chunk[done]
+                                results[index] = failed_result(message, envelope, error)
+                                done += 1
+                        del ours[:done]
+                        connection.messages += done
+                        if error is not None:
+                            connection.driver.close()
+                            connection = None
+                        elif connection.messages >= self._pool.max_messages:
+                            await self._checkin(connection)
+                            connection = None
+            finally:
+                if connection is not None:
+                    await self._checkin(connection)
+            if stream_error is not None:
+                raise stream_error
 
-        workers = self._pool.size if batch.total is None else min(self._pool.size, batch.total)
         tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
         if not tasks:
             return []

@@ -57,6 +57,7 @@ __all__ = [
     "BatchItem",
     "Transport",
     "failed_result",
+    "iter_pairs",
     "note_progress",
     "prepare_batch",
 ]
@@ -125,8 +126,11 @@ def note_progress(exc: BaseException, done: int, total: int | None) -> None:
     )
 
 
-def _pairs(items: Iterable[BatchItem]) -> tuple[Iterator[tuple[Message, Envelope]], int | None]:
-    """The batch as pairs: a sequence checked whole first, anything else streamed."""
+def iter_pairs(
+    items: Iterable[BatchItem],
+) -> tuple[Iterator[tuple[Message, Envelope]], int | None]:
+    """The batch as pairs and its length when known: a sequence checked whole first
+    (it may raise here), anything else streamed."""
     if isinstance(items, Sequence):
         prepared = prepare_batch(items)
         return iter(prepared), len(prepared)
@@ -229,7 +233,7 @@ class Transport(abc.ABC):
             :class:`~mailrelay.errors.DeliveryError` gets a result carrying that error for
             every recipient (:func:`failed_result`).
         """
-        pairs, total = _pairs(items)
+        pairs, total = iter_pairs(items)
         results: list[DeliveryResult] = []
         while True:
             try:

@@ -135,7 +135,7 @@ class ConnectionSettings:
             username=self.username,
             password=self.password,
             # flow.py's converter (optional(tuple)) makes mypy expect Iterable[_T_co]: reported.
-            auth_mechanisms=self.auth_mechanisms,  # type: ignore[arg-type]
+            auth_mechanisms=self.auth_mechanisms,
             allow_insecure_auth=self.allow_insecure_auth,
             pipelining=self.pipelining,
             chunking=self.chunking,

@@ -24,19 +24,27 @@ Rules of this module:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import ConnectionLost, DeliveryError, SessionRefused
-from mailrelay.flow import Session
+from mailrelay.flow import BatchOutcome, Session
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult
-from mailrelay.transport.base import Transport
+from mailrelay.transport.base import (
+    BatchItem,
+    Transport,
+    failed_result,
+    iter_pairs,
+    note_progress,
+)
 from mailrelay.transport.errors_map import PLAIN_AGAINST_IMPLICIT
 from mailrelay.transport.settings import ConnectionSettings, PoolSettings, mechanisms
 from mailrelay.transport.sync_driver import SyncDriver, connect
@@ -59,6 +67,82 @@ def no_greeting_hint(exc: ConnectionLost, settings: ConnectionSettings) -> Conne
         f"{exc} without a greeting; if the server expects implicit TLS: {PLAIN_AGAINST_IMPLICIT}",
         host=settings.peer,
     )
+
+
+#: Items taken from a streamed batch at a time (the pipeline drains at each boundary).
+CHUNK = 256
+
+
+class _Batch:
+    """The items of a pipelined ``send_many`` not yet answered, taken from the stream in
+    bounded chunks; shared by the blocking and asyncio transports."""
+
+    def __init__(self, pairs: Iterator[tuple[Message, Envelope]]) -> None:
+        self._pairs: Iterator[tuple[Message, Envelope]] | None = pairs
+        self.pending: deque[tuple[Message, Envelope]] = deque()
+        self.stream_error: BaseException | None = None
+
+    def fill(self, size: int) -> bool:
+        """Take items until ``size`` are pending; whether any are pending. An exception from
+        the stream ends the taking (it is raised after the pending items are sent)."""
+        while self._pairs is not None and len(self.pending) < size:
+            try:
+                pair = next(self._pairs, None)
+            except Exception as exc:
+                self.stream_error = exc
+                pair = None
+            if pair is None:
+                self._pairs = None
+                break
+            self.pending.append(pair)
+        return bool(self.pending)
+
+    def add(self, pair: tuple[Message, Envelope]) -> None:
+        self.pending.append(pair)
+
+    def take(self, room: int) -> list[tuple[Message, Envelope]]:
+        return list(itertools.islice(self.pending, max(1, room)))
+
+    def fail_first(self, error: DeliveryError) -> DeliveryResult:
+        message, envelope = self.pending.popleft()
+        return failed_result(message, envelope, error)
+
+    def settle(
+        self,
+        chunk: list[tuple[Message, Envelope]],
+        outcome: BatchOutcome,
+        carried: int,
+        results: list[DeliveryResult],
+    ) -> int:
+        """Move the answered prefix of ``chunk`` to ``results``; returns how many.
+
+        After an early end, the first unanswered message is sent again (it stays pending)
+        when the connection had carried messages before it and the end looks like a
+        stale connection; otherwise it gets the error as its result. Results after the
+        first unanswered message can only be refusals made before sending (replies come
+        in order), so they are simply made again next time.
+        """
+        done = 0
+        for result in outcome.results:
+            if result is None:
+                break
+            results.append(result)
+            self.pending.popleft()
+            done += 1
+        error = outcome.error
+        if error is not None and done < len(chunk):
+            if not (carried + done > 0 and is_stale_connection_error(error)):
+                results.append(self.fail_first(error))
+                done += 1
+            else:
+                log.info(
+                    "the connection to %s ended (%s); sending the %d unanswered message(s) "
+                    "on a fresh one",
+                    error.host,
+                    error,
+                    len(chunk) - done,
+                )
+        return done
 
 
 class _Connection:
@@ -206,6 +290,58 @@ class _SMTPBase(Transport):
         connection.messages += 1
         self._checkin(connection)
         return result
+
+    def send_many(self, items: Iterable[BatchItem]) -> list[DeliveryResult]:
+        """Send many messages over one pooled connection at a time, pipelined across
+        messages (:meth:`Session.deliver_many <mailrelay.flow.Session.deliver_many>`);
+        results in item order, with the contract of :mod:`mailrelay.transport.base`.
+
+        Messages that got no final answer because the connection ended (421, end of file)
+        are sent again on a fresh connection when the connection had carried messages
+        before (the stale-connection rule of :meth:`deliver`); otherwise the first of them
+        gets the error as its result and the rest go on a fresh connection.
+        """
+        pairs, total = iter_pairs(items)
+        results: list[DeliveryResult] = []
+        batch = _Batch(pairs)
+        self._slots.acquire()
+        connection: _Connection | None = None
+        try:
+            while batch.fill(CHUNK):
+                if connection is None:
+                    try:
+                        connection, _ = self._checkout()
+                    except DeliveryError as exc:
+                        results.append(batch.fail_first(exc))
+                        continue
+                chunk = batch.take(self._pool.max_messages - connection.messages)
+                carried = connection.messages
+                try:
+                    outcome = connection.driver.run(connection.session.deliver_many(chunk))
+                except DeliveryError as exc:
+                    outcome = BatchOutcome(results=(None,) * len(chunk), error=exc)
+                except BaseException:
+                    connection.driver.close()
+                    raise
+                done = batch.settle(chunk, outcome, carried, results)
+                connection.messages += done
+                if outcome.error is not None:
+                    connection.driver.close()
+                    connection = None
+                elif connection.messages >= self._pool.max_messages:
+                    self._checkin(connection)
+                    connection = None
+        except BaseException as exc:
+            note_progress(exc, len(results), total)
+            raise
+        finally:
+            if connection is not None:
+                self._checkin(connection)
+            self._slots.release()
+        if batch.stream_error is not None:
+            note_progress(batch.stream_error, len(results), total)
+            raise batch.stream_error
+        return results
 
     def close(self) -> None:
         """QUIT and close every idle connection; later sends raise ``ConnectionLost``."""

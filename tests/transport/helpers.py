@@ -81,3 +81,23 @@ def send_many_with(
             return await transport.asend_many(items)
 
     return run(main())
+
+
+def send_each_with(
+    flavour: Flavour, items: list[Message], *, lmtp: bool = False, **kwargs: Any
+) -> list[DeliveryResult]:
+    """``send`` / ``asend`` once per message, in turn, on one fresh transport (so that the
+    pool checks a connection out for each message, unlike a pipelined ``send_many``)."""
+    if flavour == "sync":
+        cls: type[SMTPTransport | LMTPTransport] = LMTPTransport if lmtp else SMTPTransport
+        with cls(**kwargs) as transport:
+            return [transport.send(message) for message in items]
+
+    async def main() -> list[DeliveryResult]:
+        acls: type[AsyncSMTPTransport | AsyncLMTPTransport] = (
+            AsyncLMTPTransport if lmtp else AsyncSMTPTransport
+        )
+        async with acls(**kwargs) as transport:
+            return [await transport.asend(message) for message in items]
+
+    return run(main())

@@ -30,7 +30,14 @@ from tests.peers.scripted import (
     quit_step,
 )
 from tests.peers.tls import TLSFiles
-from tests.transport.helpers import FLAVOURS, Flavour, make_message, send_many_with, send_with
+from tests.transport.helpers import (
+    FLAVOURS,
+    Flavour,
+    make_message,
+    send_each_with,
+    send_many_with,
+    send_with,
+)
 
 pytestmark = pytest.mark.parametrize("flavour", FLAVOURS)
 
@@ -336,7 +343,7 @@ def test_a_noop_health_check_finds_a_dead_idle_connection(
     )
     pool = PoolSettings(size=1, health_check_after=1e-9)
     messages = [make_message(to=("bob@example.com",), subject=s) for s in ("one", "two")]
-    results = send_many_with(flavour, list(messages), **plain(server.port, pool=pool))
+    results = send_each_with(flavour, messages, **plain(server.port, pool=pool))
     assert [r.ok for r in results] == [True, True]
     assert server.session(0).lines[-1] == b"NOOP"
     # The second message never went to the dead connection.
