@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable
 from mailrelay.envelope import Envelope
 from mailrelay.errors import DeliveryError
 from mailrelay.message import Message
-from mailrelay.tracker.engine import DSNMatch, RunSummary, TrackerCore, _Group, _Work
-from mailrelay.tracker.store import Claim, MessageRecord
+from mailrelay.tracker.engine import DSNMatch, RunSummary, TrackerCore, _Entry, _Group, _Work
+from mailrelay.tracker.store import Claim
 from mailrelay.transport.base import AsyncTransport
 
 __all__ = ["AsyncDeliveryTracker"]
@@ -72,18 +72,16 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
         gate = asyncio.Semaphore(concurrency)
         summary = RunSummary()
 
-        async def one(claim: Claim, record: MessageRecord | None) -> RunSummary:
+        async def one(claim: Claim, entry: _Entry | None) -> RunSummary:
             async with gate:
-                return await self._aprocess(claim, record)
+                return await self._aprocess(claim, entry)
 
         for _ in range(max_rounds):
             claims = await asyncio.to_thread(self._claim)
             if not claims:
                 break
             try:
-                records = await asyncio.to_thread(
-                    self.store.get_many, [c.tracking_id for c in claims]
-                )
+                records = await asyncio.to_thread(self._read_batch, claims)
             except BaseException:
                 for claim in claims:
                     await asyncio.to_thread(self._put_back_claim, claim)
@@ -101,9 +99,9 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
                 raise failure
         return summary
 
-    async def _aprocess(self, claim: Claim, record: MessageRecord | None) -> RunSummary:
+    async def _aprocess(self, claim: Claim, entry: _Entry | None) -> RunSummary:
         try:
-            work = await asyncio.to_thread(self._load, claim, record)
+            work = await asyncio.to_thread(self._load, claim, entry)
         except BaseException:
             await asyncio.to_thread(self._put_back_claim, claim)
             raise

@@ -2,14 +2,17 @@
 
 A tracker that submits a message and sends it soon after (the usual case for an
 application that submits and runs in one process) would otherwise read the stored bytes
-back and parse them again into a :class:`~mailrelay.message.Message` before sending. This
-module keeps the submitted object instead.
+and record back, and parse them again into a :class:`~mailrelay.message.Message`, before
+sending. This module keeps the submitted objects instead: the message, and the record as
+submitted, which is still exact when the claim says so (:attr:`Claim.fresh
+<mailrelay.tracker.store.Claim.fresh>`: nothing has happened to its recipients yet).
 
 Rules of this module:
 
 * The store stays the only source of truth. An entry is added only after the store has
   committed the message, and it is an *equal* copy: the bytes the store holds are exactly
-  the object's wire form. A miss (another process submitted it, the entry was evicted,
+  the object's wire form, and the record is the one the store was given (the tracker
+  uses it only for a fresh claim). A miss (another process submitted it, the entry was evicted,
   this is a retry after a restart) just reads the store.
 * Only messages held in memory are kept. One from
   :meth:`~mailrelay.message.Message.from_file` reads its file again on every
@@ -26,6 +29,7 @@ import threading
 from collections import OrderedDict
 
 from mailrelay.message import Message
+from mailrelay.tracker.store import MessageRecord
 
 __all__ = ["MessageCache"]
 
@@ -51,33 +55,33 @@ class MessageCache:
             raise ValueError("max_bytes must not be negative")
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._entries: OrderedDict[str, Message] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[Message, MessageRecord]] = OrderedDict()
         self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, tracking_id: str, message: Message) -> None:
-        """Keep a message the store has just committed (when it fits and is in memory)."""
+    def put(self, message: Message, record: MessageRecord) -> None:
+        """Keep a message and its record, just committed (when it fits and is in memory)."""
         if message.size > self.max_bytes or not held_in_memory(message):
             return
         with self._lock:
-            old = self._entries.pop(tracking_id, None)
+            old = self._entries.pop(record.id, None)
             if old is not None:
-                self._bytes -= old.size
-            self._entries[tracking_id] = message
+                self._bytes -= old[0].size
+            self._entries[record.id] = (message, record)
             self._bytes += message.size
             while self._bytes > self.max_bytes:
-                _id, evicted = self._entries.popitem(last=False)
+                _id, (evicted, _record) = self._entries.popitem(last=False)
                 self._bytes -= evicted.size
 
-    def take(self, tracking_id: str) -> Message | None:
-        """Remove and return the message kept for ``tracking_id`` (``None`` if none)."""
+    def take(self, tracking_id: str) -> tuple[Message, MessageRecord] | None:
+        """Remove and return what is kept for ``tracking_id`` (``None`` if nothing)."""
         with self._lock:
-            message = self._entries.pop(tracking_id, None)
-            if message is not None:
-                self._bytes -= message.size
-            return message
+            entry = self._entries.pop(tracking_id, None)
+            if entry is not None:
+                self._bytes -= entry[0].size
+            return entry
 
     def clear(self) -> None:
         """Forget every message."""

@@ -211,6 +211,26 @@ class _Outcome:
     refused: bool | None
 
 
+#: A claimed message's record, and the message itself when still held in memory.
+_Entry = tuple[MessageRecord, Message | None]
+
+
+def _as_claimed(record: MessageRecord, claim: Claim) -> MessageRecord:
+    """The record as submitted, with a fresh claim's recipients leased as the store has them."""
+    claimed = set(claim.addresses)
+    return attrs.evolve(
+        record,
+        recipients=tuple(
+            attrs.evolve(
+                r, state=State.SENDING, lease_owner=claim.worker, lease_until=claim.lease_until
+            )
+            if r.address in claimed
+            else r
+            for r in record.recipients
+        ),
+    )
+
+
 T = TypeVar("T", Transport, AsyncTransport)
 
 
@@ -295,7 +315,7 @@ class TrackerCore(Generic[T]):
             envelope = Envelope.from_message(message)
         record = self._new_record(message, envelope, self.clock())
         self.store.add(record, message.chunks())
-        self.messages.put(record.id, message)
+        self.messages.put(message, record)
         log.debug("submitted %s (%d recipients)", record.id, len(record.recipients))
         return record.id
 
@@ -317,7 +337,7 @@ class TrackerCore(Generic[T]):
             entries.append((record, message.chunks()))
         self.store.add_many(entries)
         for (record, _chunks), (message, _envelope) in zip(entries, pairs, strict=True):
-            self.messages.put(record.id, message)
+            self.messages.put(message, record)
         return [record.id for record, _ in entries]
 
     def _new_record(self, message: Message, envelope: Envelope, now: dt.datetime) -> MessageRecord:
@@ -419,11 +439,34 @@ class TrackerCore(Generic[T]):
             worker=self.worker_id, now=self.clock(), lease=self.lease, limit=self.batch_size
         )
 
-    def _load(self, claim: Claim, record: MessageRecord | None) -> _Work | None:
-        """The work for a claim, from the record read for its batch (``store.get_many``)."""
-        if record is None:
+    def _read_batch(self, claims: Sequence[Claim]) -> dict[str, _Entry]:
+        """Each claim's record, and its message when still held from :meth:`submit`.
+
+        A fresh claim of a message this tracker submitted needs no read at all (see
+        :mod:`mailrelay.tracker.cache`); the other records come in one ``get_many``.
+        Claims whose message no longer exists are left out.
+        """
+        found: dict[str, _Entry] = {}
+        missing: list[tuple[str, Message | None]] = []
+        for claim in claims:
+            held = self.messages.take(claim.tracking_id)
+            if held is not None and claim.fresh:
+                message, record = held
+                found[claim.tracking_id] = (_as_claimed(record, claim), message)
+            else:
+                missing.append((claim.tracking_id, None if held is None else held[0]))
+        if missing:
+            records = self.store.get_many([tracking_id for tracking_id, _ in missing])
+            for tracking_id, kept in missing:
+                if tracking_id in records:
+                    found[tracking_id] = (records[tracking_id], kept)
+        return found
+
+    def _load(self, claim: Claim, entry: _Entry | None) -> _Work | None:
+        """The work for a claim, from what :meth:`_read_batch` found for it."""
+        if entry is None:
             return None
-        message = self.messages.take(claim.tracking_id)
+        record, message = entry
         if message is None:
             message = Message.from_bytes(self.store.content(claim.tracking_id))
         return _Work(claim=claim, record=record, message=message)
@@ -868,7 +911,7 @@ class DeliveryTracker(TrackerCore[Transport]):
             oldest: dt.datetime | None = None  # when the first uncommitted result came in
             try:
                 try:
-                    records = self.store.get_many([c.tracking_id for c in claims])
+                    records = self._read_batch(claims)
                 except BaseException:
                     self._release_claims(claims)
                     raise
@@ -916,11 +959,11 @@ class DeliveryTracker(TrackerCore[Transport]):
     def _process(
         self,
         claim: Claim,
-        record: MessageRecord | None,
+        entry: _Entry | None,
         pending: list[tuple[_Work, Sequence[Change]]],
     ) -> RunSummary:
         try:
-            work = self._load(claim, record)
+            work = self._load(claim, entry)
         except BaseException:
             self._release_claims([claim])
             raise

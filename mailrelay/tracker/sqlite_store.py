@@ -157,7 +157,9 @@ _LEASE_DUE = """
       AND ((state IN (:queued, :deferred)
             AND (next_attempt_at IS NULL OR next_attempt_at <= :now))
            OR (state = :sending AND (lease_until IS NULL OR lease_until <= :now)))
-    RETURNING message, position, address
+    RETURNING message, position, address, confirmed OR EXISTS (
+        SELECT 1 FROM attempts a
+        WHERE a.message = recipients.message AND a.position = recipients.position)
 """
 
 
@@ -510,6 +512,7 @@ class SQLiteStore:
             "now": to_micros(now),
         }
         leased: dict[str, list[tuple[int, str]]] = {}
+        touched: set[str] = set()  # messages with a claimed recipient that has a history
         with self._write(work=True) as tx:
             order: dict[str, None] = {}  # an ordered set
             cursor = tx.execute(_DUE_IN_ORDER, args)
@@ -522,14 +525,17 @@ class SQLiteStore:
                 cursor.close()
             if order:
                 args.update(ids=json.dumps(list(order)), worker=worker, until=to_micros(until))
-                for message, position, address in tx.execute(_LEASE_DUE, args).fetchall():
+                for message, position, address, used in tx.execute(_LEASE_DUE, args).fetchall():
                     leased.setdefault(message, []).append((position, address))
+                    if used:
+                        touched.add(message)
         return [
             Claim(
                 tracking_id=tracking_id,
                 worker=worker,
                 lease_until=until,
                 addresses=tuple(cached_address(a) for _, a in sorted(leased[tracking_id])),
+                fresh=tracking_id not in touched,
             )
             for tracking_id in order
             if tracking_id in leased

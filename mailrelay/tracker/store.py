@@ -241,12 +241,17 @@ class Claim:
         worker: the worker holding the lease.
         lease_until: when the lease expires.
         addresses: the claimed recipients, in envelope order.
+        fresh: whether no claimed recipient has any attempt in its history (nor a
+            confirmation): each is then exactly as submitted apart from its state,
+            lease and due time, so a worker that still holds the submitted record
+            need not read it back.
     """
 
     tracking_id: str
     worker: str
     lease_until: dt.datetime = attrs.field(converter=_utc)
     addresses: tuple[Address, ...]
+    fresh: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -524,9 +529,11 @@ class MemoryStore:
                 record = self._records[tracking_id]
                 taken = []
                 recipients = []
+                fresh = True
                 for recipient in record.recipients:
                     if recipient.is_due(now):
                         taken.append(recipient.address)
+                        fresh = fresh and not recipient.attempts and not recipient.confirmed
                         recipients.append(
                             attrs.evolve(
                                 recipient,
@@ -544,6 +551,7 @@ class MemoryStore:
                         worker=worker,
                         lease_until=until,
                         addresses=tuple(taken),
+                        fresh=fresh,
                     )
                 )
             return claims

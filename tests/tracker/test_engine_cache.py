@@ -12,13 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mailrelay.envelope import Envelope
 from mailrelay.message import Message
 from mailrelay.results import Outcome
 from mailrelay.tracker.async_engine import AsyncDeliveryTracker
 from mailrelay.tracker.cache import MessageCache, held_in_memory
 from mailrelay.tracker.engine import DeliveryTracker
+from mailrelay.tracker.events import TrackerEvent
 from mailrelay.tracker.sqlite_store import SQLiteStore
-from mailrelay.tracker.store import MemoryStore, State
+from mailrelay.tracker.store import Attempt, Change, MemoryStore, MessageRecord, State
 from mailrelay.transport.memory import MemoryTransport
 
 T0 = dt.datetime(2026, 3, 1, 8, 0, tzinfo=dt.UTC)
@@ -33,6 +35,11 @@ def message(index: int = 0, text: str = "hi\n") -> Message:
     return Message.build(
         sender="sender@example.com", to=[f"r{index}@example.org"], subject="s", text=text
     )
+
+
+def record(tracking_id: str) -> MessageRecord:
+    envelope = Envelope("sender@example.com", ["r@example.org"])
+    return MessageRecord(id=tracking_id, created_at=T0, envelope=envelope)
 
 
 class CountingStore(MemoryStore):
@@ -58,9 +65,9 @@ def test_built_messages_are_held_in_memory_and_file_messages_are_not(tmp_path: P
 def test_cache_takes_each_message_once() -> None:
     cache = MessageCache(1 << 20)
     first = message()
-    cache.put("a", first)
+    cache.put(first, record("a"))
     assert len(cache) == 1
-    assert cache.take("a") is first
+    assert cache.take("a") == (first, record("a"))
     assert cache.take("a") is None
     assert cache.take("unknown") is None
 
@@ -71,7 +78,7 @@ def test_cache_never_holds_more_than_its_bytes(keys: list[int], fit: int) -> Non
     same = message()
     cache = MessageCache(same.size * fit)
     for key in keys:
-        cache.put(str(key), same)
+        cache.put(same, record(str(key)))
         assert len(cache) <= fit
     # The most recently added (distinct) keys are the ones kept.
     recent = list(dict.fromkeys(reversed([str(k) for k in keys])))[:fit]
@@ -84,7 +91,7 @@ def test_cache_refuses_a_negative_size_and_clears() -> None:
     with pytest.raises(ValueError, match="negative"):
         MessageCache(-1)
     cache = MessageCache(1 << 20)
-    cache.put("a", message())
+    cache.put(message(), record("a"))
     cache.clear()
     assert cache.take("a") is None
 
@@ -148,3 +155,24 @@ def test_async_tracker_uses_the_cache_too() -> None:
 
     assert run(scenario()) == 1
     assert store.reads == 0
+
+
+def test_a_held_message_whose_recipients_have_a_history_is_read_back() -> None:
+    store = CountingStore()
+    transport = MemoryTransport()
+    tracker = DeliveryTracker(transport, store)
+    events: list[TrackerEvent] = []
+    tracker.on("delivered", events.append)
+    tracking_id = tracker.submit(message())
+    recipient = tracker.status(tracking_id).recipients[0].address
+    note = Attempt(at=T0, text="DSN delayed", source="dsn")
+    store.apply(
+        tracking_id,
+        [Change(address=recipient, state=State.QUEUED, attempt=note, expect=frozenset())],
+    )
+    assert tracker.run_pending().delivered == 1
+    # The held message is still sent (no bytes read), but the record came from the store.
+    assert store.reads == 0
+    assert events[0].recipient is not None
+    assert events[0].recipient.attempts[0] == note
+    assert [a.source for a in events[0].recipient.attempts] == ["dsn", "reply"]

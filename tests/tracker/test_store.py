@@ -563,3 +563,30 @@ def test_sqlite_migration_three_replaces_the_due_indexes(tmp_path: Path) -> None
         names = {row[0] for row in check.execute("SELECT name FROM sqlite_master")}
     assert {"recipients_due_order", "recipients_lease_order"} <= names
     assert not {"recipients_due", "recipients_lease"} & names
+
+
+def test_a_claim_is_fresh_until_a_recipient_has_a_history(store: Store) -> None:
+    store.add_many([(make_record("m1"), [b"12345"]), (make_record("m2"), [b"12345"])])
+    note = Attempt(at=T0, text="DSN delayed", source="dsn")
+    # History only (no state expects it): m2's first recipient stays QUEUED, with a past.
+    store.apply(
+        "m2",
+        [
+            Change(
+                address=addr("a@example.org"), state=State.QUEUED, attempt=note, expect=frozenset()
+            )
+        ],
+    )
+    claims = store.claim(worker="w", now=T0, lease=LEASE, limit=10)
+    assert {c.tracking_id: c.fresh for c in claims} == {"m1": True, "m2": False}
+    put_back = Change(
+        address=addr("b@example.net"),
+        state=State.DEFERRED,
+        attempt=Attempt(at=T0, code=451),
+        next_attempt_at=T0,
+    )
+    store.apply("m1", [put_back], worker="w")
+    again = store.claim(worker="w", now=T0, lease=LEASE, limit=10)
+    assert [(c.tracking_id, c.addresses, c.fresh) for c in again] == [
+        ("m1", (addr("b@example.net"),), False)
+    ]
