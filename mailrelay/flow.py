@@ -209,6 +209,7 @@ _HELO_FALLBACK = frozenset({500, 501, 502, 504, 550})
 # RFC 4954 §6: 534 "mechanism too weak"; 504 "mechanism not supported" (some servers).
 _NEXT_MECHANISM = frozenset({504, 534})
 _NO_EXTENSIONS = Extensions.parse(())
+_DATA = Data()
 # Messages up to this size are sent as one write with their terminator.
 _JOIN_LIMIT = 1 << 20
 
@@ -399,6 +400,9 @@ class Session:
         self._conn = ClientConnection(lmtp=config.lmtp)
         self._needs_rset = False
         self._extensions: Extensions | None = None
+        self._last_commands: (
+            tuple[Envelope, Extensions, tuple[int, str | None, bool], MailFrom, list[RcptTo]] | None
+        ) = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -789,10 +793,19 @@ class Session:
         return message.needs_smtputf8 or envelope.needs_smtputf8
 
     def _commands(self, message: Message, envelope: Envelope) -> tuple[MailFrom, list[RcptTo]]:
-        """MAIL (with its parameters for this server) and one RCPT per recipient."""
+        """MAIL (with its parameters for this server) and one RCPT per recipient.
+
+        The commands for the last envelope are kept: the same envelope again (a batch to
+        one list of recipients) reuses them, and so their encoded lines
+        (:class:`~mailrelay.protocol.MailFrom` encodes itself once).
+        """
         ext = self.extensions
         smtputf8 = ext.smtputf8 and self._needs_smtputf8(message, envelope)
         body = "8BITMIME" if message.needs_8bitmime else None
+        key = (message.size, body, smtputf8)
+        cached = self._last_commands
+        if cached is not None and cached[0] is envelope and cached[1] is ext and cached[2] == key:
+            return cached[3], cached[4]
         mail = MailFrom(
             sender=envelope.sender,
             parameters=envelope.mail_parameters(
@@ -813,6 +826,7 @@ class Session:
             )
             for r in envelope.recipients
         ]
+        self._last_commands = (envelope, ext, key, mail, rcpts)
         return mail, rcpts
 
     def _transaction(
@@ -886,13 +900,17 @@ class Session:
         if (yield from self._data_body(message, transaction)):
             yield from self._finals(transaction)
 
-    def _data_body(self, message: Message, transaction: _Transaction) -> Step[bool]:
-        """DATA's reply, then the message and its terminator after a 354.
+    def _data_body(
+        self, message: Message, transaction: _Transaction, data_reply: Reply | None = None
+    ) -> Step[bool]:
+        """DATA's reply (read here unless given), then the message and its terminator after
+        a 354.
 
         Returns:
             whether the final reply(s) are still to be read (the message was sent).
         """
-        data_reply = yield from self._reply("data_init")
+        if data_reply is None:
+            data_reply = yield from self._reply("data_init")
         if transaction.all_final():
             # RFC 2920 §3.1: DATA was pipelined and got 354 although nobody was accepted:
             # end the empty message with a lone "."; every recipient keeps its own reply.
@@ -1008,6 +1026,9 @@ class Session:
         ext = self.extensions
         pipelined = self.config.pipelining and ext.pipelining
         bdat = self.config.chunking and ext.chunking
+        lmtp = self.config.lmtp
+        # SMTP over DATA: the message whose final reply is still to be read.
+        previous: tuple[int, _Transaction] | None = None
         error: DeliveryError | None = None
         reason = ""
         try:
@@ -1047,10 +1068,36 @@ class Session:
                         outstanding -= size
                         results[done] = _result_of(transactions[done], items[done][0])
                     continue
-                group.append(Data())
+                group.append(_DATA)
                 self._needs_rset = True
                 yield from self._write(*group, phase="mail")
-                # The previous message's final reply(s) come first (FIFO), then ours.
+                if not lmtp:
+                    # The hot path: one collection of replies per message, in FIFO order:
+                    # the previous message's final reply, then RSET's, MAIL's, the RCPTs',
+                    # and DATA's.
+                    expected = len(group) + (previous is not None)
+                    replies, closed = yield from self._collect(
+                        expected, "data_end" if previous is not None else "mail"
+                    )
+                    got = len(replies)
+                    pos = 0
+                    if previous is not None:
+                        if not got:
+                            raise _short(closed)
+                        done, done_transaction = previous
+                        previous = None
+                        done_transaction.settle_all(replies[0])
+                        results[done] = done_transaction.result(items[done][0].message_id)
+                        pos = 1
+                    pos = _apply_envelope(transaction, replies, pos + rset)
+                    if pos >= got:
+                        raise _short(closed)
+                    if (yield from self._data_body(message, transaction, replies[pos])):
+                        previous = (index, transaction)
+                    else:
+                        results[index] = transaction.result(message.message_id)
+                    continue
+                # LMTP: the previous message's final replies come first (FIFO), then ours.
                 while inflight:
                     done, reader, size = inflight.popleft()
                     yield from reader
@@ -1068,6 +1115,10 @@ class Session:
                 done, reader, size = inflight.popleft()
                 yield from reader
                 results[done] = _result_of(transactions[done], items[done][0])
+            if previous is not None:
+                done, done_transaction = previous
+                done_transaction.settle_all((yield from self._reply("data_end")))
+                results[done] = done_transaction.result(items[done][0].message_id)
         except _SessionClosed as closed:
             error = self._refuse(closed.reply, "before every message was answered")
             what = "closed the session (421)" if closed.reply else "closed the connection"
@@ -1082,6 +1133,42 @@ class Session:
                     begun.unfinished(error.reply, reason)
                     results[index] = begun.result(items[index][0].message_id)
         return BatchOutcome(results=tuple(results), error=error)
+
+    def _collect(self, count: int, phase: str) -> Step[tuple[list[Reply], _SessionClosed | None]]:
+        """The replies to the next ``count`` commands in flight, reading as needed; fewer
+        (and the reason) when the server ends the session first (421 or end of file)."""
+        conn = self._conn
+        replies: list[Reply] = []
+        debug = log.isEnabledFor(logging.DEBUG)
+        while len(replies) < count:
+            try:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    data = yield Read(phase=phase)
+                    conn.receive_data(data if data is not None else b"")
+                    continue
+            except RemoteProtocolError as exc:
+                yield from self._closed()
+                raise ServerProtocolError(
+                    f"the server broke the protocol: {exc}", host=self.config.peer
+                ) from exc
+            if type(event) is Response:
+                reply = event.reply
+                if debug:
+                    log.debug("<<< %s", reply)
+                if reply.code != 421:
+                    replies.append(reply)
+                    continue
+                closed = _SessionClosed(reply)  # RFC 5321 §3.8
+            elif isinstance(event, ServiceClosing):
+                closed = _SessionClosed(event.reply)
+            elif isinstance(event, ConnectionClosed):
+                closed = _SessionClosed(None)
+            else:  # pragma: no cover - LMTP replies and greetings never come here
+                raise AssertionError(f"unexpected event {event!r}")
+            yield from self._closed()
+            return replies, closed
+        return replies, None
 
     def _bdat_replies(self, transaction: _Transaction, rset: bool) -> Step[None]:
         """The replies to a pipelined [RSET,] MAIL, RCPTs and BDAT LAST, in order."""
@@ -1159,6 +1246,36 @@ class Session:
         except (ServerProtocolError, LocalProtocolError):
             pass  # the connection is unusable; closing is all that is left
         yield from self._closed()
+
+
+def _apply_envelope(transaction: _Transaction, replies: list[Reply], pos: int) -> int:
+    """Record the replies to a pipelined MAIL and its RCPTs, from ``replies[pos]`` on (as
+    many as arrived); returns the position after them."""
+    got = len(replies)
+    if pos >= got:
+        return pos
+    mail_reply = replies[pos]
+    pos += 1
+    mail_ok = mail_reply.is_positive
+    if not mail_ok:
+        # RFC 2920 §3.1: the RCPTs' 503s only echo the refused MAIL.
+        transaction.settle_all(mail_reply)
+    rcpt_replies = transaction.rcpt_replies
+    for index in range(len(rcpt_replies)):
+        if pos >= got:
+            return pos
+        reply = replies[pos]
+        pos += 1
+        rcpt_replies[index] = reply
+        if mail_ok and not reply.is_positive:
+            transaction.settle(index, reply)
+    return pos
+
+
+def _short(closed: _SessionClosed | None) -> _SessionClosed:
+    """The reason a collection of replies came up short."""
+    assert closed is not None, "replies are only missing when the session ended"
+    return closed
 
 
 def _result_of(transaction: _Transaction | None, message: Message) -> DeliveryResult:

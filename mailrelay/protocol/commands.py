@@ -315,13 +315,20 @@ class MailFrom(Command):
         default=(), converter=_to_parameters, validator=_check_parameters
     )
     smtputf8: bool = False
+    _wire: bytes | None = attrs.field(init=False, default=None, eq=False, repr=False)
 
     def encode(self) -> bytes:
         """``MAIL FROM:<path>[ params]\\r\\n``; raises LocalProtocolError for a
         non-ASCII local part without ``smtputf8``."""
+        if self._wire is not None:
+            return self._wire
         path = "" if self.sender is None else _path(self.sender, self.smtputf8)
         line = f"MAIL FROM:<{path}>{_encode_parameters(self.parameters, self.smtputf8)}\r\n"
-        return line.encode("utf-8" if self.smtputf8 else "ascii")
+        wire = line.encode("utf-8" if self.smtputf8 else "ascii")
+        # A command is immutable, so its wire form is too: a command reused for many
+        # messages (the same sender or recipient again) is encoded once.
+        object.__setattr__(self, "_wire", wire)
+        return wire
 
 
 @attrs.frozen
@@ -340,12 +347,19 @@ class RcptTo(Command):
         default=(), converter=_to_parameters, validator=_check_parameters
     )
     smtputf8: bool = False
+    _wire: bytes | None = attrs.field(init=False, default=None, eq=False, repr=False)
 
     def encode(self) -> bytes:
         """``RCPT TO:<path>[ params]\\r\\n``."""
+        if self._wire is not None:
+            return self._wire
         path = _path(self.recipient, self.smtputf8)
         line = f"RCPT TO:<{path}>{_encode_parameters(self.parameters, self.smtputf8)}\r\n"
-        return line.encode("utf-8" if self.smtputf8 else "ascii")
+        wire = line.encode("utf-8" if self.smtputf8 else "ascii")
+        # A command is immutable, so its wire form is too: a command reused for many
+        # messages (the same sender or recipient again) is encoded once.
+        object.__setattr__(self, "_wire", wire)
+        return wire
 
 
 @attrs.frozen
