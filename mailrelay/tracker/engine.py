@@ -37,6 +37,7 @@ import logging
 import os
 import platform
 import random as _random
+import secrets
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -65,6 +66,7 @@ from mailrelay.tracker.store import (
     State,
     Store,
     apply_change,
+    to_micros,
 )
 from mailrelay.transport.base import AsyncTransport, BatchItem, Transport, prepare_batch
 
@@ -137,6 +139,10 @@ class RunSummary:
     postponed: int = 0
 
     def __add__(self, other: RunSummary) -> RunSummary:
+        if other is _NOTHING:
+            return self  # the common case in the run loop: no new object
+        if self is _NOTHING:
+            return other
         return RunSummary(
             messages=self.messages + other.messages,
             delivered=self.delivered + other.delivered,
@@ -145,6 +151,10 @@ class RunSummary:
             expired=self.expired + other.expired,
             postponed=self.postponed + other.postponed,
         )
+
+
+_NOTHING = RunSummary()
+_ONE_MESSAGE = RunSummary(messages=1)
 
 
 @attrs.frozen(kw_only=True)
@@ -180,6 +190,15 @@ class StopSignal(Protocol):
 
 def _utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _new_id(now: dt.datetime) -> str:
+    """A tracking id: 32 hex digits, the submission time in microseconds, then 72 random bits.
+
+    Ids of messages submitted later sort later, so the store's indexes (keyed by tracking
+    id) grow at their end instead of being written all over.
+    """
+    return f"{to_micros(now) & 0xFFFF_FFFF_FFFF_FF:014x}{secrets.token_hex(9)}"
 
 
 def _default_worker() -> str:
@@ -218,11 +237,20 @@ _Entry = tuple[MessageRecord, Message | None]
 def _as_claimed(record: MessageRecord, claim: Claim) -> MessageRecord:
     """The record as submitted, with a fresh claim's recipients leased as the store has them."""
     claimed = set(claim.addresses)
-    return attrs.evolve(
-        record,
+    # Built directly rather than with attrs.evolve: this runs for every message sent.
+    return MessageRecord(
+        id=record.id,
+        created_at=record.created_at,
+        envelope=record.envelope,
+        message_id=record.message_id,
+        size=record.size,
         recipients=tuple(
-            attrs.evolve(
-                r, state=State.SENDING, lease_owner=claim.worker, lease_until=claim.lease_until
+            RecipientRecord(
+                address=r.address,
+                state=State.SENDING,
+                next_attempt_at=r.next_attempt_at,
+                lease_owner=claim.worker,
+                lease_until=claim.lease_until,
             )
             if r.address in claimed
             else r
@@ -341,7 +369,7 @@ class TrackerCore(Generic[T]):
         return [record.id for record, _ in entries]
 
     def _new_record(self, message: Message, envelope: Envelope, now: dt.datetime) -> MessageRecord:
-        tracking_id = uuid.uuid4().hex
+        tracking_id = _new_id(now)
         envelope = self._outgoing_envelope(envelope, tracking_id)
         return MessageRecord(
             id=tracking_id,
@@ -902,7 +930,7 @@ class DeliveryTracker(TrackerCore[Transport]):
                 :class:`~mailrelay.errors.DeliveryError` (after putting the
                 claimed recipients back, due at once).
         """
-        summary = RunSummary()
+        summary = _NOTHING
         for _ in range(max_rounds):
             claims = self._claim()
             if not claims:
@@ -968,8 +996,8 @@ class DeliveryTracker(TrackerCore[Transport]):
             self._release_claims([claim])
             raise
         if work is None:
-            return RunSummary()
-        summary = RunSummary(messages=1)
+            return _NOTHING
+        summary = _ONE_MESSAGE
         groups = self._groups(work)
         for index, group in enumerate(groups):
             try:
@@ -1005,7 +1033,7 @@ class DeliveryTracker(TrackerCore[Transport]):
         finally:
             self.shaper.release(group.key, self.clock(), refused=refused)
         pending.append((work, outcome.changes))
-        return RunSummary()
+        return _NOTHING
 
     def _send_dsn(self, message: Message, envelope: Envelope) -> None:
         assert self.dsn_transport is not None
