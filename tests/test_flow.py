@@ -25,6 +25,7 @@ from mailrelay.errors import (
     ConfigurationError,
     ConnectionLost,
     DeliveryError,
+    DeliveryTimeout,
     LocalProtocolError,
     ServerProtocolError,
     SessionRefused,
@@ -1154,3 +1155,235 @@ def test_open_runs_once() -> None:
 def test_deliver_before_open_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         Driver([]).run(Session(config()).deliver(message(), envelope()))
+
+
+# -- many messages, pipelined across messages (deliver_many) -------------------------------------
+
+
+class ModelServer:
+    """A reactive fake server for whole batches: it answers what the client actually wrote,
+    each message (counted by MAIL) following its own script of reply codes."""
+
+    def __init__(self, scripts: Sequence[dict[str, object]], *, lmtp: bool = False) -> None:
+        self.scripts = list(scripts)
+        self.lmtp = lmtp
+        self.buffer = b""
+        self.out = b""
+        self.mails = -1
+        self.script: dict[str, object] = {}
+        self.mail_ok = False
+        self.accepted = 0
+        self.rcpt_index = 0
+        self.in_data = False
+        self.requests: list[Request] = []
+
+    def final(self) -> bytes:
+        finals = self.script["finals"]
+        assert isinstance(finals, list)
+        if self.lmtp:
+            return b"".join(lines(finals[i], f"final {i}") for i in range(self.accepted))
+        return lines(finals[0], "final")
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if self.in_data:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    return
+                self.buffer = self.buffer[end + 5 :]
+                self.in_data = False
+                self.out += self.final()
+                continue
+            line, sep, rest = self.buffer.partition(b"\r\n")
+            if not sep:
+                return
+            self.buffer = rest
+            verb = line.split(b" ")[0].split(b":")[0].upper()
+            if verb == b"MAIL":
+                self.mails += 1
+                self.script = self.scripts[self.mails]
+                code = self.script["mail"]
+                assert isinstance(code, int)
+                self.mail_ok = code < 300
+                self.accepted = 0
+                self.rcpt_index = 0
+                self.out += lines(code, "mail")
+            elif verb == b"RCPT":
+                codes = self.script["rcpts"]
+                assert isinstance(codes, list)
+                code = codes[self.rcpt_index] if self.mail_ok else 503
+                self.rcpt_index += 1
+                self.accepted += code < 300
+                self.out += lines(code, "rcpt")
+            elif verb == b"DATA":
+                if not self.mail_ok or not self.accepted:
+                    self.out += lines(503 if not self.mail_ok else 554, "no valid recipients")
+                else:
+                    self.out += GO_AHEAD
+                    self.in_data = True
+            elif verb == b"BDAT":
+                size = int(line.split()[1])
+                self.buffer = self.buffer[size:]  # chunks here always arrive whole
+                self.out += self.final() if self.mail_ok and self.accepted else lines(503, "no")
+            elif verb == b"RSET":
+                self.out += OK
+            else:
+                raise AssertionError(f"unexpected {line!r}")
+
+    def run(self, step: Step[T]) -> T:
+        value: bytes | None = None
+        for _ in range(MAX_REQUESTS):
+            try:
+                request = step.send(value)
+            except StopIteration as done:
+                result: T = done.value
+                return result
+            value = None
+            self.requests.append(request)
+            if isinstance(request, Write):
+                self.feed(request.data)
+            elif isinstance(request, Read):
+                value, self.out = self.out, b""
+        raise AssertionError("the step never finished")
+
+
+def model_session(
+    scripts: Sequence[dict[str, object]], **changes: object
+) -> tuple[Session, ModelServer]:
+    hello = ehlo("PIPELINING", "CHUNKING", "SIZE 1000000", "8BITMIME")
+    session = Session(config(**changes))
+    driver = Driver([GREETING, hello])
+    driver.run(session.open())
+    return session, ModelServer(scripts, lmtp=bool(changes.get("lmtp")))
+
+
+def batch_items(scripts: Sequence[dict[str, object]]) -> list[tuple[Message, Envelope]]:
+    items = []
+    for n, script in enumerate(scripts):
+        codes = script["rcpts"]
+        assert isinstance(codes, list)
+        recipients = [f"r{n}.{i}@example.net" for i in range(len(codes))]
+        items.append((message(f"message {n}\n"), envelope(*recipients)))
+    return items
+
+
+def test_deliver_many_writes_the_next_envelope_after_the_data_before_reading() -> None:
+    scripts = [{"mail": 250, "rcpts": [250], "finals": [250]}] * 3
+    session, server = model_session(scripts)
+    outcome = server.run(session.deliver_many(batch_items(scripts)))
+    assert outcome.error is None
+    assert [r is not None and r.ok for r in outcome.results] == [True] * 3
+    # Per message after the first: data + terminator, then the next envelope, then one read.
+    kinds = ["W" if isinstance(r, Write) else "R" for r in server.requests]
+    assert "".join(kinds) == "WR" + "WWR" * 2 + "WR"
+    second_group = server.requests[3]
+    assert isinstance(second_group, Write)
+    assert second_group.data.startswith(b"MAIL FROM:")
+
+
+def test_deliver_many_with_bdat_keeps_a_window_of_messages_in_flight() -> None:
+    scripts = [{"mail": 250, "rcpts": [250], "finals": [250]}] * 5
+    session, server = model_session(scripts, chunking=True)
+    outcome = server.run(session.deliver_many(batch_items(scripts)))
+    assert [r is not None and r.ok for r in outcome.results] == [True] * 5
+    kinds = "".join("W" if isinstance(r, Write) else "R" for r in server.requests)
+    assert kinds.startswith("WWWWW")  # every message written before the first read
+
+
+def test_deliver_many_lmtp_reads_each_final_reply() -> None:
+    scripts = [
+        {"mail": 250, "rcpts": [250, 550, 250], "finals": [250, 452]},
+        {"mail": 250, "rcpts": [250], "finals": [250]},
+    ]
+    session, server = model_session(scripts, lmtp=True)
+    outcome = server.run(session.deliver_many(batch_items(scripts)))
+    first, second = outcome.results
+    assert first is not None
+    assert second is not None
+    assert [r.outcome for r in first.recipients] == [
+        Outcome.ACCEPTED,
+        Outcome.PERMANENT,
+        Outcome.TRANSIENT,
+    ]
+    assert second.ok
+
+
+def after_throw(step: Step[T], exc: Exception) -> T:
+    """Throw a driver's error into ``step``; answer its ``Close``; return its result."""
+    assert isinstance(step.throw(exc), Close)
+    with pytest.raises(StopIteration) as done:
+        step.send(None)
+    result: T = done.value.value
+    return result
+
+
+def test_deliver_many_a_timeout_mid_window_keeps_what_was_answered() -> None:
+    session, driver = opened([GREETING, PIPE])
+    items = [(message(), envelope("a@example.net", "b@example.net")), (message(), envelope())]
+    step = session.deliver_many(items)
+    assert isinstance(next(step), Write)  # first envelope
+    assert isinstance(step.send(None), Read)
+    request = step.send(OK + OK + lines(550, "5.1.1 no b") + GO_AHEAD)
+    assert isinstance(request, Write)  # the data
+    assert isinstance(step.send(None), Write)  # the second envelope
+    assert isinstance(step.send(None), Read)
+    outcome = after_throw(step, DeliveryTimeout("data_end timed out", host="mx"))
+    first, second = outcome.results
+    assert isinstance(outcome.error, DeliveryTimeout)
+    assert first is not None
+    assert [r.outcome for r in first.recipients] == [Outcome.TRANSIENT, Outcome.PERMANENT]
+    assert second is None  # no answer at all: the transport may send it again
+    assert session.closed
+
+
+def test_lmtp_a_timeout_after_some_final_replies_keeps_them() -> None:
+    env = envelope("a@example.net", "b@example.net")
+    session, _ = opened([GREETING, ehlo("PIPELINING")], lmtp=True)
+    step = session.deliver(message(), env)
+    next(step)
+    step.send(None)
+    assert isinstance(step.send(OK + OK + OK + GO_AHEAD), Write)
+    assert isinstance(step.send(None), Read)
+    assert isinstance(step.send(lines(250, "2.1.5 a delivered")), Read)
+    result = after_throw(step, DeliveryTimeout("data_end timed out", host="mx"))
+    assert [r.outcome for r in result.recipients] == [Outcome.ACCEPTED, Outcome.TRANSIENT]
+    assert "DeliveryTimeout" in (result.recipients[1].reason or "")
+    assert session.closed
+
+
+def test_a_timeout_before_any_final_answer_still_raises() -> None:
+    session, _ = opened([GREETING, PIPE])
+    step = session.deliver(message(), envelope())
+    next(step)
+    step.send(None)
+    with pytest.raises(DeliveryTimeout):
+        step.throw(DeliveryTimeout("mail timed out", host="mx"))
+    assert session.closed
+
+
+_scripts = st.lists(
+    st.fixed_dictionaries(
+        {
+            "mail": st.sampled_from([250, 451, 553]),
+            "rcpts": st.lists(st.sampled_from([250, 250, 450, 550]), min_size=1, max_size=3),
+            "finals": st.lists(st.sampled_from([250, 451, 554]), min_size=3, max_size=3),
+        }
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+@given(scripts=_scripts, lmtp=st.booleans(), chunking=st.booleans(), pipelining=st.booleans())
+def test_deliver_many_gives_the_results_of_sending_one_by_one(
+    scripts: list[dict[str, object]], lmtp: bool, chunking: bool, pipelining: bool
+) -> None:
+    changes = {"lmtp": lmtp, "chunking": chunking, "pipelining": pipelining}
+    items = batch_items(scripts)
+    alone, server = model_session(scripts, **changes)
+    expected = [outcomes(server.run(alone.deliver(m, e))) for m, e in items]
+    together, server = model_session(scripts, **changes)
+    outcome = server.run(together.deliver_many(items))
+    assert outcome.error is None
+    assert [outcomes(r) if r is not None else None for r in outcome.results] == expected
