@@ -1319,7 +1319,7 @@ def after_throw(step: Step[T], exc: Exception) -> T:
 
 
 def test_deliver_many_a_timeout_mid_window_keeps_what_was_answered() -> None:
-    session, driver = opened([GREETING, PIPE])
+    session, _ = opened([GREETING, PIPE])
     items = [(message(), envelope("a@example.net", "b@example.net")), (message(), envelope())]
     step = session.deliver_many(items)
     assert isinstance(next(step), Write)  # first envelope
