@@ -11,6 +11,7 @@ already catches ``ValueError`` or ``TimeoutError`` keeps working::
     │   ├── LocalProtocolError             we asked for something the protocol forbids now
     │   └── RemoteProtocolError            the server sent something malformed or unexpected
     ├── ResolverError                      a DNS lookup failed (``is_transient`` says how)
+    ├── TransportClosed (RuntimeError)     a transport used after ``close()`` / ``aclose()``
     └── DeliveryError                      an attempt ended with no per-recipient answer
         ├── ConnectError (ConnectionError)       could not reach any address of the host
         ├── DeliveryTimeout (TimeoutError)       a phase outlasted its timeout
@@ -56,6 +57,7 @@ __all__ = [
     "ServerProtocolError",
     "SessionRefused",
     "TLSError",
+    "TransportClosed",
 ]
 
 
@@ -138,6 +140,15 @@ class ResolverError(MailRelayError):
         super().__init__(message)
         self.name = name
         self.is_transient = is_transient
+
+
+class TransportClosed(MailRelayError, RuntimeError):
+    """A transport was asked to send after it was closed.
+
+    A mistake in the calling code, not a delivery failure: it is deliberately *not* a
+    :class:`DeliveryError`, so ``send_many`` raises it instead of turning it into
+    (retryable) per-recipient results, and a tracker does not record it as an attempt.
+    """
 
 
 class DeliveryError(MailRelayError):

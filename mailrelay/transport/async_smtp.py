@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterable, Iterable, Sequence
 
 from mailrelay.envelope import Envelope
-from mailrelay.errors import ConnectionLost, DeliveryError
+from mailrelay.errors import ConnectionLost, DeliveryError, TransportClosed
 from mailrelay.flow import BatchOutcome, Session
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
@@ -154,7 +154,10 @@ class _AsyncSMTPBase(AsyncTransport):
     async def _checkout(self) -> tuple[_Connection, bool]:
         while True:
             if self._closed:
-                raise ConnectionLost(f"{type(self).__name__} is closed", host=self._settings.peer)
+                raise TransportClosed(
+                    f"{type(self).__name__} for {self._settings.peer} is closed: "
+                    "open a new transport to send"
+                )
             if not self._idle:
                 return await self._open(), False
             connection = self._idle.pop()
@@ -330,7 +333,8 @@ class _AsyncSMTPBase(AsyncTransport):
         return [results[index] for index in range(len(results))]
 
     async def aclose(self) -> None:
-        """QUIT and close every idle connection; later sends raise ``ConnectionLost``."""
+        """QUIT and close every idle connection; later sends raise
+        :class:`~mailrelay.errors.TransportClosed`."""
         self._closed = True
         idle, self._idle = self._idle, []
         keeper, self._keeper = self._keeper, None

@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 
 from mailrelay.envelope import Envelope
-from mailrelay.errors import ConnectionLost, DeliveryError, SessionRefused
+from mailrelay.errors import ConnectionLost, DeliveryError, SessionRefused, TransportClosed
 from mailrelay.flow import BatchOutcome, Session
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
@@ -216,8 +216,9 @@ class _SMTPBase(Transport):
         while True:
             with self._lock:
                 if self._closed:
-                    raise ConnectionLost(
-                        f"{type(self).__name__} is closed", host=self._settings.peer
+                    raise TransportClosed(
+                        f"{type(self).__name__} for {self._settings.peer} is closed: "
+                        "open a new transport to send"
                     )
                 connection = self._idle.pop() if self._idle else None
             if connection is None:
@@ -344,7 +345,8 @@ class _SMTPBase(Transport):
         return results
 
     def close(self) -> None:
-        """QUIT and close every idle connection; later sends raise ``ConnectionLost``."""
+        """QUIT and close every idle connection; later sends raise
+        :class:`~mailrelay.errors.TransportClosed`."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []

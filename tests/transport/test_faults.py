@@ -10,14 +10,16 @@ import pytest
 from mailrelay.errors import (
     ConnectError,
     ConnectionLost,
+    DeliveryError,
     DeliveryTimeout,
     ServerProtocolError,
     SessionRefused,
     TLSError,
+    TransportClosed,
 )
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import Outcome
-from mailrelay.transport import PoolSettings
+from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
 from tests.peers.scripted import (
     ANY,
     Action,
@@ -34,6 +36,7 @@ from tests.transport.helpers import (
     FLAVOURS,
     Flavour,
     make_message,
+    run,
     send_each_with,
     send_many_with,
     send_with,
@@ -399,3 +402,30 @@ def test_send_many_reports_a_failed_message_and_goes_on(
     assert [r.outcome for r in results[1].recipients] == [Outcome.TRANSIENT]
     assert results[1].recipients[0].reason is not None
     assert results[2].ok
+
+
+def test_sending_on_a_closed_transport_raises_transport_closed(flavour: Flavour) -> None:
+    settings = plain(free_port())  # nothing is ever connected to
+    message = make_message()
+    if flavour == "sync":
+        transport = SMTPTransport(**settings)
+        transport.close()
+        with pytest.raises(TransportClosed, match="is closed"):
+            transport.send(message)
+        # Not a delivery failure: send_many raises instead of reporting failed results.
+        with pytest.raises(TransportClosed) as caught:
+            transport.send_many([message])
+    else:
+
+        async def main() -> None:
+            transport = AsyncSMTPTransport(**settings)
+            await transport.aclose()
+            with pytest.raises(TransportClosed, match="is closed"):
+                await transport.asend(message)
+            with pytest.raises(TransportClosed) as caught:
+                await transport.asend_many([message])
+            assert not isinstance(caught.value, DeliveryError)
+
+        run(main())
+        return
+    assert not isinstance(caught.value, DeliveryError)
