@@ -113,11 +113,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_message_id ON messages(message_id);
     CREATE INDEX messages_envid ON messages(envid);
     """,
-    # 2 -> 3: due work in due order, then message id, so that a claim reads the index in
-    # order and stops after its batch instead of grouping the whole queue.
+    # 2 -> 3: due work in due order, then message id, so that a claim reads an index in
+    # order and stops after its batch instead of grouping the whole queue. The indexes are
+    # partial: a recipient is in the first while due (QUEUED, DEFERRED), in the second while
+    # SENDING, and in neither once final, so recording a result touches one index entry and
+    # the indexes stay the size of the queue, not of the history. (The state names are
+    # State's values.)
     """
-    CREATE INDEX recipients_due_order ON recipients(state, next_attempt_at, message);
-    CREATE INDEX recipients_lease_order ON recipients(state, lease_until, message);
+    CREATE INDEX recipients_due_order ON recipients(next_attempt_at, message)
+        WHERE state IN ('queued', 'deferred');
+    CREATE INDEX recipients_lease_order ON recipients(lease_until, message)
+        WHERE state = 'sending';
     DROP INDEX recipients_due;
     DROP INDEX recipients_lease;
     """,
@@ -126,40 +132,44 @@ MIGRATIONS: tuple[str, ...] = (
 #: The version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_DUE = (State.QUEUED.value, State.DEFERRED.value)
 _SENDING = State.SENDING.value
 # Which recipients a claim takes (see the store rules), written out in full so that no
-# SQL is ever assembled at run time. A claim first reads due recipients in due order (then
-# message id): six index range scans merged, each a prefix of recipients_due_order or
-# recipients_lease_order, read lazily until ``limit`` distinct messages are seen, so its
-# cost follows the batch, not the queue. A message's first row carries its earliest due
-# time, so this is the order of "MIN(due), message". Then every due recipient of those
-# messages is leased in one UPDATE ... RETURNING. Both bind :queued, :deferred, :sending
-# and :now; the second also :ids (a JSON array), :worker and :until.
+# SQL is ever assembled at run time. The WHERE clauses repeat the partial indexes' own
+# (literal state names), which is what lets SQLite use them. A claim first reads due
+# recipients in due order (then message id): four index range scans merged, read lazily
+# until ``limit`` distinct messages are seen, so its cost follows the batch, not the queue.
+# A message's first row carries its earliest due time, so this is the order of
+# "MIN(due), message" (no due time sorts first). Then every due recipient of those
+# messages is leased in one UPDATE ... RETURNING, which also says whether each has a
+# history (Claim.fresh). Both bind :now; the second also :ids (a JSON array), :worker and
+# :until.
 _DUE_IN_ORDER = """
     SELECT message, next_attempt_at FROM recipients
-        WHERE state = :queued AND next_attempt_at IS NULL
+        WHERE state IN ('queued', 'deferred') AND next_attempt_at IS NULL
     UNION ALL SELECT message, next_attempt_at FROM recipients
-        WHERE state = :queued AND next_attempt_at <= :now
-    UNION ALL SELECT message, next_attempt_at FROM recipients
-        WHERE state = :deferred AND next_attempt_at IS NULL
-    UNION ALL SELECT message, next_attempt_at FROM recipients
-        WHERE state = :deferred AND next_attempt_at <= :now
+        WHERE state IN ('queued', 'deferred') AND next_attempt_at <= :now
     UNION ALL SELECT message, lease_until FROM recipients
-        WHERE state = :sending AND lease_until IS NULL
+        WHERE state = 'sending' AND lease_until IS NULL
     UNION ALL SELECT message, lease_until FROM recipients
-        WHERE state = :sending AND lease_until <= :now
+        WHERE state = 'sending' AND lease_until <= :now
     ORDER BY 2, 1
 """
 _LEASE_DUE = """
-    UPDATE recipients SET state = :sending, lease_owner = :worker, lease_until = :until
+    UPDATE recipients SET state = 'sending', lease_owner = :worker, lease_until = :until
     WHERE message IN (SELECT value FROM json_each(:ids))
-      AND ((state IN (:queued, :deferred)
+      AND ((state IN ('queued', 'deferred')
             AND (next_attempt_at IS NULL OR next_attempt_at <= :now))
-           OR (state = :sending AND (lease_until IS NULL OR lease_until <= :now)))
+           OR (state = 'sending' AND (lease_until IS NULL OR lease_until <= :now)))
     RETURNING message, position, address, confirmed OR EXISTS (
         SELECT 1 FROM attempts a
         WHERE a.message = recipients.message AND a.position = recipients.position)
+"""
+# The earliest due time: the first entry of each partial index (MIN skips NULLs).
+_NEXT_DUE = """
+    SELECT MIN(due) FROM (
+        SELECT MIN(next_attempt_at) AS due FROM recipients
+            WHERE state IN ('queued', 'deferred')
+        UNION ALL SELECT MIN(lease_until) FROM recipients WHERE state = 'sending')
 """
 
 
@@ -505,12 +515,7 @@ class SQLiteStore:
         until = now + lease
         if limit < 1:
             return []
-        args: dict[str, Any] = {
-            "queued": State.QUEUED.value,
-            "deferred": State.DEFERRED.value,
-            "sending": State.SENDING.value,
-            "now": to_micros(now),
-        }
+        args: dict[str, Any] = {"now": to_micros(now)}
         leased: dict[str, list[tuple[int, str]]] = {}
         touched: set[str] = set()  # messages with a claimed recipient that has a history
         with self._write(work=True) as tx:
@@ -665,15 +670,7 @@ class SQLiteStore:
 
     def next_due(self) -> dt.datetime | None:
         """See :meth:`~mailrelay.tracker.store.Store.next_due`."""
-        row = (
-            self._connection()
-            .execute(
-                "SELECT MIN(CASE WHEN state = ? THEN lease_until ELSE next_attempt_at END)"
-                " FROM recipients WHERE state IN (?, ?, ?)",
-                (State.SENDING.value, *_DUE, State.SENDING.value),
-            )
-            .fetchone()
-        )
+        row = self._connection().execute(_NEXT_DUE).fetchone()
         return _time(row[0])
 
     def close(self) -> None:

@@ -590,3 +590,31 @@ def test_a_claim_is_fresh_until_a_recipient_has_a_history(store: Store) -> None:
     assert [(c.tracking_id, c.addresses, c.fresh) for c in again] == [
         ("m1", (addr("b@example.net"),), False)
     ]
+
+
+def test_sqlite_claims_and_next_due_read_the_partial_indexes(tmp_path: Path) -> None:
+    # The SQL names states literally (partial indexes need it): keep them State's values.
+    assert [State.QUEUED.value, State.DEFERRED.value, State.SENDING.value] == [
+        "queued",
+        "deferred",
+        "sending",
+    ]
+    store = SQLiteStore(tmp_path / "t.db")
+    try:
+        conn = store._connection()
+        plans = {
+            name: " ".join(
+                str(row[3])
+                for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", {"now": 0, "ids": "[]"})
+            )
+            for name, sql in [
+                ("due", sqlite_store._DUE_IN_ORDER),
+                ("next", sqlite_store._NEXT_DUE),
+            ]
+        }
+    finally:
+        store.close()
+    for plan in plans.values():
+        assert "recipients_due_order" in plan
+        assert "recipients_lease_order" in plan
+        assert "TEMP B-TREE" not in plan  # read in index order, never sorted whole
