@@ -34,8 +34,8 @@ Caveats (say them to your users):
   host that does not send your mail, slowly, and cache the answers.
 * Port 25 is blocked outbound on most consumer and many cloud networks.
 
-The probe uses :class:`~mailrelay.flow.Session`'s low-level ``_write``/``_event`` helpers for
-MAIL/RCPT without DATA (the dialogue has no public probe step yet); see :func:`_probe`.
+The probe is the dialogue's own :meth:`Session.probe <mailrelay.flow.Session.probe>` step
+(MAIL, RCPTs, RSET; never DATA); see :func:`_probe`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from mailrelay.address import Address
 from mailrelay.errors import DeliveryError, ResolverError, TLSError
 from mailrelay.flow import Session, Step
 from mailrelay.options import TLS, Timeouts
-from mailrelay.protocol import ConnectionClosed, MailFrom, RcptTo, Response, ServiceClosing
 from mailrelay.reply import Reply
 from mailrelay.resolver import AsyncResolver, MailHosts, Resolver
 from mailrelay.transport import async_driver, sync_driver
@@ -139,55 +138,17 @@ class _Probe:
     ended: str = ""
 
 
-def _reply(session: Session, phase: str) -> Step[Reply | None]:
-    """The next reply; ``None`` (and the session closed) on 421 or end of file."""
-    event = yield from session._event(phase)
-    if isinstance(event, ConnectionClosed):
-        yield from session._closed()
-        return None
-    if isinstance(event, ServiceClosing) or (
-        isinstance(event, Response) and event.reply.code == 421
-    ):
-        # RFC 5321 §3.8: 421 closes the channel; nothing more will be answered.
-        yield from session._closed()
-        return None
-    assert isinstance(event, Response)
-    return event.reply
-
-
 def _probe(
     session: Session, sender: Address | None, recipients: Sequence[Address], decoy: Address | None
 ) -> Step[_Probe]:
-    """MAIL, one RCPT per recipient and the decoy, then RSET: never DATA.
-
-    Commands go one at a time (no pipelining): a probe is short, and a server that drops
-    the connection after too many refused RCPTs then leaves clear, partial answers.
-    """
-    utf8 = session.extensions.smtputf8 and any(a.needs_smtputf8 for a in recipients)
-    params: tuple[tuple[str, str | None], ...] = (("SMTPUTF8", None),) if utf8 else ()
-    yield from session._write(
-        MailFrom(sender=sender, parameters=params, smtputf8=utf8), phase="mail"
-    )
-    mail = yield from _reply(session, "mail")
-    replies: list[Reply | None] = []
-    decoy_reply: Reply | None = None
-    if mail is not None and mail.is_positive:
-        for address in [*recipients, *([decoy] if decoy is not None else [])]:
-            if session.closed:
-                break
-            yield from session._write(RcptTo(recipient=address, smtputf8=utf8), phase="rcpt")
-            replies.append((yield from _reply(session, "rcpt")))
-        if decoy is not None and len(replies) > len(recipients):
-            decoy_reply = replies.pop()
-    if not session.closed:
-        # RFC 5321 §4.1.1.5: RSET abandons the transaction; no mail is sent.
-        try:
-            yield from session.reset()
-        except DeliveryError as exc:
-            log.debug("RSET after a probe failed: %s", exc)  # the answers are in already
-    ended = "the server ended the session during the probe" if session.closed else ""
-    replies += [None] * (len(recipients) - len(replies))
-    return _Probe(mail=mail, rcpts=tuple(replies), decoy=decoy_reply, ended=ended)
+    """MAIL, one RCPT per recipient and the decoy, then RSET: never DATA
+    (:meth:`Session.probe <mailrelay.flow.Session.probe>`)."""
+    asked = [*recipients, *([decoy] if decoy is not None else [])]
+    probe = yield from session.probe(sender, asked)
+    replies = list(probe.recipients)
+    decoy_reply = replies.pop() if decoy is not None else None
+    ended = "the server ended the session during the probe" if probe.ended else ""
+    return _Probe(mail=probe.mail, rcpts=tuple(replies), decoy=decoy_reply, ended=ended)
 
 
 def _judge(recipients: Sequence[Address], probe: _Probe, host: str) -> list[CalloutResult]:

@@ -140,6 +140,7 @@ __all__ = [
     "WINDOW_MESSAGES",
     "BatchOutcome",
     "Close",
+    "ProbeResult",
     "Read",
     "Request",
     "Session",
@@ -295,6 +296,22 @@ WINDOW_MESSAGES = 32
 WINDOW_BYTES = 1 << 20
 # A message up to this size goes in one BDAT LAST (and may then share the window).
 _ONE_CHUNK = 1 << 20
+
+
+@attrs.frozen(kw_only=True)
+class ProbeResult:
+    """What :meth:`Session.probe` learnt.
+
+    Attributes:
+        mail: the reply to MAIL, or ``None`` when the session ended before it came.
+        recipients: one reply per recipient, in order; ``None`` where no RCPT was answered
+            (MAIL refused, or the session ended first).
+        ended: whether the session ended during the probe (421 or end of file).
+    """
+
+    mail: Reply | None
+    recipients: tuple[Reply | None, ...]
+    ended: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -991,6 +1008,51 @@ class Session:
             event = yield from self._event("data_end")
             reply = yield from self._check_closing(event)
             transaction.settle(index, reply)
+
+    # -- probing -------------------------------------------------------------------------------
+
+    def probe(self, sender: Address | None, recipients: Sequence[Address]) -> Step[ProbeResult]:
+        """Ask whether the server would take mail for ``recipients``, sending none: MAIL,
+        one RCPT per recipient, then RSET (RFC 5321 §4.1.1.5); never DATA.
+
+        Commands go one at a time (no pipelining): a probe is short, and a server that
+        drops the connection after too many refused RCPTs then leaves clear, partial
+        answers. A 421 or end of file ends the probe early instead of raising.
+
+        Raises:
+            ConnectionLost: the session was already closed.
+            ServerProtocolError: the server broke the protocol before the RSET.
+        """
+        return (yield from self._guarded(self._probe(sender, tuple(recipients))))
+
+    def _probe(self, sender: Address | None, recipients: tuple[Address, ...]) -> Step[ProbeResult]:
+        self._ensure_open()
+        utf8 = self.extensions.smtputf8 and (
+            (sender is not None and sender.needs_smtputf8)
+            or any(a.needs_smtputf8 for a in recipients)
+        )
+        params: tuple[tuple[str, str | None], ...] = (("SMTPUTF8", None),) if utf8 else ()
+        mail: Reply | None = None
+        replies: list[Reply | None] = [None] * len(recipients)
+        try:
+            if self._needs_rset:
+                yield from self._rset()
+            self._needs_rset = True
+            yield from self._write(
+                MailFrom(sender=sender, parameters=params, smtputf8=utf8), phase="mail"
+            )
+            mail = yield from self._reply("mail")
+            if mail.is_positive:
+                for index, address in enumerate(recipients):
+                    yield from self._write(RcptTo(recipient=address, smtputf8=utf8), phase="rcpt")
+                    replies[index] = yield from self._reply("rcpt")
+            try:
+                yield from self._rset()  # RFC 5321 §4.1.1.5: abandon it; no mail is sent
+            except ServerProtocolError as exc:
+                log.debug("RSET after a probe failed: %s", exc)  # the answers are in already
+        except _SessionClosed:
+            pass  # partial answers; the session is closed
+        return ProbeResult(mail=mail, recipients=tuple(replies), ended=self.closed)
 
     # -- many messages ---------------------------------------------------------------------------
 

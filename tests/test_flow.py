@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailrelay import flow
+from mailrelay.address import Address
 from mailrelay.envelope import Envelope
 from mailrelay.errors import (
     AuthenticationError,
@@ -1387,3 +1388,71 @@ def test_deliver_many_gives_the_results_of_sending_one_by_one(
     outcome = server.run(together.deliver_many(items))
     assert outcome.error is None
     assert [outcomes(r) if r is not None else None for r in outcome.results] == expected
+
+
+# -- probe -------------------------------------------------------------------------------------
+
+
+def addresses(*texts: str) -> list[Address]:
+    return [Address.parse(t) for t in texts]
+
+
+def test_probe_asks_mail_and_each_rcpt_then_rsets_and_never_sends_data() -> None:
+    session, driver = opened(
+        [GREETING, PIPE, OK, OK, lines(550, "5.1.1 no such user"), lines(450, "4.2.0 later"), OK]
+    )
+    driver.requests.clear()
+    probe = driver.run(
+        session.probe(
+            Address.parse("probe@example.org"),
+            addresses("a@example.net", "b@example.net", "c@example.net"),
+        )
+    )
+    assert probe.mail is not None
+    assert probe.mail.code == 250
+    assert [r.code if r else None for r in probe.recipients] == [250, 550, 450]
+    assert not probe.ended
+    assert [w.data.split(b":")[0].split(b"\r")[0] for w in driver.writes] == [
+        b"MAIL FROM",
+        b"RCPT TO",
+        b"RCPT TO",
+        b"RCPT TO",
+        b"RSET",
+    ]
+    assert b"DATA" not in driver.sent
+    # The session is clean again: the next message needs no RSET first.
+    driver.pieces = [OK + OK + GO_AHEAD, QUEUED]
+    driver.requests.clear()
+    assert driver.run(session.deliver(message(), envelope())).ok
+    assert driver.writes[0].data.startswith(b"MAIL FROM")
+
+
+def test_probe_with_a_refused_mail_asks_no_rcpt() -> None:
+    session, driver = opened([GREETING, PIPE, lines(553, "5.7.1 go away"), OK])
+    probe = driver.run(session.probe(None, addresses("a@example.net")))
+    assert probe.mail is not None
+    assert probe.mail.code == 553
+    assert probe.recipients == (None,)
+    assert b"RCPT" not in driver.sent
+
+
+@pytest.mark.parametrize("ending", [lines(421, "4.7.0 too many errors"), b""])
+def test_probe_cut_short_keeps_the_answers_it_got(ending: bytes) -> None:
+    session, driver = opened([GREETING, PIPE, OK, lines(550, "5.1.1 no"), ending])
+    probe = driver.run(session.probe(None, addresses("a@example.net", "b@example.net")))
+    assert [r.code if r else None for r in probe.recipients] == [550, None]
+    assert probe.ended
+    assert session.closed
+
+
+def test_probe_on_a_closed_session_raises() -> None:
+    session, driver = opened([GREETING, PIPE, BYE])
+    driver.run(session.quit())
+    with pytest.raises(ConnectionLost):
+        driver.run(session.probe(None, addresses("a@example.net")))
+
+
+def test_config_takes_any_iterable_of_mechanisms_as_a_tuple() -> None:
+    assert config(auth_mechanisms=["PLAIN", "LOGIN"]).auth_mechanisms == ("PLAIN", "LOGIN")
+    assert config(auth_mechanisms=iter(["PLAIN"])).auth_mechanisms == ("PLAIN",)
+    assert config().auth_mechanisms is None
