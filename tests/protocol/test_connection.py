@@ -382,6 +382,75 @@ def test_end_of_data_pipelined_with_next_mail() -> None:
     assert state_of(conn) is State.MAIL
 
 
+def test_end_of_data_and_next_mail_need_pipelining() -> None:
+    conn = greeted(ehlo_reply=b"250 mx.example\r\n")
+    conn.send(MailFrom(A))
+    reply(conn, b"250 ok\r\n")
+    conn.send(RcptTo(A))
+    reply(conn, b"250 ok\r\n")
+    conn.send(Data())
+    reply(conn, b"354 go\r\n")
+    conn.send(EndOfData())
+    with pytest.raises(LocalProtocolError, match="PIPELINING"):
+        conn.send(MailFrom(B))
+
+
+def test_bdat_last_windows_across_messages() -> None:
+    # RFC 3030 §4 with RFC 2920: BDAT LAST needs no 354, so several whole messages may be
+    # in flight; a refusal in the middle touches only its own transaction.
+    conn = greeted()
+    sent = []
+    for sender in (A, B, C):
+        for command in (MailFrom(sender), RcptTo(A), Bdat(b"x\r\n", last=True)):
+            conn.send(command)
+            sent.append(command)
+        assert state_of(conn) is State.READY
+    events = reply(
+        conn,
+        b"250 ok\r\n250 ok\r\n250 queued\r\n"
+        b"553 no\r\n503 no\r\n503 no\r\n"
+        b"250 ok\r\n250 ok\r\n250 queued\r\n",
+    )
+    assert [e.command for e in events if isinstance(e, Response)] == sent
+    assert codes(events) == [250, 250, 250, 553, 503, 503, 250, 250, 250]
+    assert pending_of(conn) == ()
+    assert state_of(conn) is State.READY
+
+
+def test_rset_pipelined_after_a_refused_transaction_and_before_the_next() -> None:
+    conn = greeted()
+    conn.send(MailFrom(A))
+    conn.send(RcptTo(A))
+    conn.send(Data())
+    assert codes(reply(conn, b"250 ok\r\n550 no\r\n554 no valid recipients\r\n")) == [
+        250,
+        550,
+        554,
+    ]
+    for command in (Rset(), MailFrom(B), RcptTo(B), Data()):
+        conn.send(command)
+    events = reply(conn, b"250 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    assert codes(events) == [250, 250, 250, 354]
+    assert state_of(conn) is State.DATA
+
+
+def test_lmtp_end_of_data_pipelined_with_the_next_transaction() -> None:
+    conn = greeted(lmtp=True)
+    lmtp_transaction(conn)
+    end = EndOfData()
+    conn.send(end)
+    for command in (MailFrom(B), RcptTo(B), Data()):
+        conn.send(command)
+    events = reply(conn, b"250 a\r\n452 c\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    assert [(e.recipient, e.reply.code) for e in events if isinstance(e, LMTPResponse)] == [
+        (A, 250),
+        (C, 452),
+    ]
+    assert codes(events)[2:] == [250, 250, 354]
+    assert conn.accepted_recipients == (B,)
+    assert state_of(conn) is State.DATA
+
+
 # -- BDAT --------------------------------------------------------------------------------------
 
 
