@@ -56,6 +56,7 @@ from mailrelay.tracker.store import (
     envelope_from_json,
     envelope_to_json,
     from_micros,
+    remember_address,
     to_micros,
 )
 
@@ -714,10 +715,12 @@ def _apply_row(row: list[Any], change: Change, worker: str | None) -> bool:
 
 
 def _recipient_row(tracking_id: str, position: int, recipient: RecipientRecord) -> tuple[Any, ...]:
+    text = str(recipient.address)
+    remember_address(text, recipient.address)  # a claim reads it back soon
     return (
         tracking_id,
         position,
-        str(recipient.address),
+        text,
         recipient.state.value,
         _micros(recipient.next_attempt_at),
         int(recipient.confirmed),

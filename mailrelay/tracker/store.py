@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import functools
 import json
 import threading
 from collections.abc import Iterable, Sequence
@@ -58,6 +57,7 @@ __all__ = [
     "State",
     "Store",
     "cached_address",
+    "remember_address",
     "envelope_from_json",
     "envelope_to_json",
     "from_micros",
@@ -377,15 +377,34 @@ class Store(Protocol):
 # Envelope serialization, shared by the stores that keep text
 
 
-@functools.lru_cache(maxsize=4096)
+# Addresses by their canonical text (str(address)), for cached_address.
+_ADDRESSES: dict[str, Address] = {}
+_ADDRESS_CACHE_SIZE = 4096
+
+
 def cached_address(text: str) -> Address:
-    """:meth:`Address.parse`, remembered: stores read the same few addresses over and over
-    (every record of a sender, every claim), and an :class:`Address` is immutable.
+    """:meth:`Address.parse`, remembered: stores read the same addresses over and over
+    (every record of a sender, every claim of a message just stored), and an
+    :class:`Address` is immutable.
 
     Raises:
         InvalidAddress: as :meth:`Address.parse` (failures are not remembered).
     """
-    return Address.parse(text)
+    found = _ADDRESSES.get(text)
+    if found is None:
+        found = Address.parse(text)
+        remember_address(text, found)
+    return found
+
+
+def remember_address(text: str, address: Address) -> None:
+    """Let :func:`cached_address` answer ``text`` (which is ``str(address)``) at once."""
+    if len(_ADDRESSES) >= _ADDRESS_CACHE_SIZE:
+        _ADDRESSES.clear()  # simpler than LRU; the addresses in use come back at once
+    _ADDRESSES[text] = address
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
 def envelope_to_json(envelope: Envelope) -> str:
@@ -405,7 +424,7 @@ def envelope_to_json(envelope: Envelope) -> str:
         "notify": None if envelope.notify is None else sorted(n.value for n in envelope.notify),
         "requiretls": envelope.requiretls,
     }
-    return json.dumps(data, ensure_ascii=False, sort_keys=True)
+    return _JSON.encode(data)
 
 
 def envelope_from_json(text: str) -> Envelope:
