@@ -18,6 +18,7 @@ from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import Outcome
 from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
+from mailrelay.transport.base import BatchItem
 from tests.peers.aiosmtpd_server import AiosmtpdServer
 from tests.transport.helpers import (
     FLAVOURS,
@@ -295,3 +296,29 @@ def test_asend_many_streams_over_the_pool(aiosmtpd_server: AiosmtpdServer) -> No
         for m in aiosmtpd_server.messages
     }
     assert sent == set(built)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_lmtp_send_many_pipelined_keeps_each_message_final_replies(
+    flavour: Flavour, aiosmtpd_lmtp: AiosmtpdServer
+) -> None:
+    # aiosmtpd announces no PIPELINING, so the batch goes one command at a time over one
+    # connection; LMTP's per-recipient final replies (RFC 2033 §4.2) must still land on the
+    # right message. (The pipelined LMTP batch is covered against a model in test_flow.)
+    mixed = Envelope("alice@example.com", ["bob@mailrelay.test", "later@mailrelay.test"])
+    plain = Envelope("alice@example.com", ["bob@mailrelay.test"])
+    items: list[BatchItem] = [
+        (make_message(subject=f"n{n}"), mixed if n % 2 else plain) for n in range(6)
+    ]
+    results = send_many_with(
+        flavour,
+        items,
+        lmtp=True,
+        host=aiosmtpd_lmtp.host,
+        port=aiosmtpd_lmtp.port,
+        timeouts=Timeouts.all(10),
+        pool=PoolSettings(size=1),
+    )
+    for n, result in enumerate(results):
+        expected = [Outcome.ACCEPTED, Outcome.TRANSIENT] if n % 2 else [Outcome.ACCEPTED]
+        assert [r.outcome for r in result.recipients] == expected

@@ -306,3 +306,31 @@ def test_pool_reconnects_after_the_server_dropped_an_idle_connection(
     assert expected in caplog.text or (
         flavour == "async" and "was closed by the server; reconnecting" in caplog.text
     )
+
+
+@pytest.mark.parametrize("chunking", [False, True], ids=["data", "bdat"])
+@pytest.mark.parametrize("port_name", ["smtp_port", "no_pipelining_port"])
+def test_send_many_with_a_refused_message_in_the_middle(
+    flavour: Flavour, chunking: bool, port_name: str, postfix_clean: PostfixInstance
+) -> None:
+    # Pipelined across messages on smtp_port (RFC 2920 §3.1; with BDAT LAST, RFC 3030, a
+    # window of whole messages), one message at a time on no_pipelining_port: the same
+    # results either way, and the refused one leaves the others intact.
+    good = [unique_message() for _ in range(4)]
+    refused = unique_message()
+    items: list[Any] = [
+        *good[:2],
+        (refused, Envelope("carol@mailrelay.test", ["someone@reject.mailrelay.test"])),
+        *good[2:],
+    ]
+    port = getattr(postfix_clean, port_name)
+    pool = PoolSettings(size=1)
+    results = send_many_with(
+        flavour, items, **args(postfix_clean, port, chunking=chunking, pool=pool)
+    )
+    assert [r.ok for r in results] == [True, True, False, True, True]
+    assert [r.outcome for r in results[2].recipients] == [Outcome.PERMANENT]
+    for message in good:
+        assert_intact(delivered(postfix_clean, message), message)
+    if chunking and port_name == "smtp_port":
+        assert "BDAT " in postfix_clean.log_text()
