@@ -417,6 +417,7 @@ class Session:
         self._conn = ClientConnection(lmtp=config.lmtp)
         self._needs_rset = False
         self._extensions: Extensions | None = None
+        self._last_data: tuple[Message, bytes] | None = None
         self._last_commands: (
             tuple[Envelope, Extensions, tuple[int, str | None, bool], MailFrom, list[RcptTo]] | None
         ) = None
@@ -945,10 +946,15 @@ class Session:
             return False
         conn = self._conn
         if message.size <= _JOIN_LIMIT:
-            # A small message goes out as one request with its terminator.
-            pieces = [conn.send(DataChunk(data=chunk)) for chunk in message.chunks()]
-            pieces.append(conn.send(EndOfData()))
-            yield Write(data=b"".join(pieces), phase="data_block")
+            # A small message goes out as one request with its terminator. The same message
+            # again (one message, many envelopes) reuses its wire form: no second stuffing.
+            last = self._last_data
+            if last is not None and last[0] is message:
+                body = conn.send(DataChunk(data=last[1], stuffed=True))
+            else:
+                body = b"".join([conn.send(DataChunk(data=chunk)) for chunk in message.chunks()])
+                self._last_data = (message, body)
+            yield Write(data=body + conn.send(EndOfData()), phase="data_block")
         else:
             # Streamed: one request per chunk, so a huge message is never held whole.
             for chunk in message.chunks():

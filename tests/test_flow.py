@@ -1456,3 +1456,16 @@ def test_config_takes_any_iterable_of_mechanisms_as_a_tuple() -> None:
     assert config(auth_mechanisms=["PLAIN", "LOGIN"]).auth_mechanisms == ("PLAIN", "LOGIN")
     assert config(auth_mechanisms=iter(["PLAIN"])).auth_mechanisms == ("PLAIN",)
     assert config().auth_mechanisms is None
+
+
+def test_the_same_message_twice_goes_out_identically_stuffed_once() -> None:
+    msg = message(".hidden\r\nend\r\n")
+    session, driver = opened(
+        [GREETING, PIPE, OK + OK + GO_AHEAD, QUEUED, OK + OK + GO_AHEAD, QUEUED]
+    )
+    driver.requests.clear()
+    for _ in range(2):
+        assert driver.run(session.deliver(msg, envelope())).ok
+    data = [w.data for w in driver.writes if w.phase == "data_block"]
+    assert data[0] == data[1]
+    assert data[0].endswith(b"\r\n..hidden\r\nend\r\n.\r\n")

@@ -378,10 +378,14 @@ class DataChunk(Command):
 
     Attributes:
         data: the message bytes.
+        stuffed: ``data`` is already in wire form (what ``send()`` returned for the same
+            message before), so it passes through unchanged; it must start a line. This
+            lets a client send one message to many envelopes without stuffing it again.
     """
 
     verb: ClassVar[str] = "DATA-CHUNK"
     data: bytes
+    stuffed: bool = attrs.field(default=False, kw_only=True)
 
     def __repr__(self) -> str:
         return f"DataChunk(<{len(self.data)} bytes>)"

@@ -229,6 +229,8 @@ class ClientConnection:
             self._refuse(kind)
         if kind == "DATA-CHUNK":
             assert isinstance(command, DataChunk)
+            if command.stuffed:
+                return self._stuffed(command.data)
             return self._stuffer.chunk(command.data)
         if kind == "END-OF-DATA":
             data = self._stuffer.end()
@@ -243,6 +245,14 @@ class ClientConnection:
         pending.append((command, kind, self._serial))
         self._state = new_state
         return data
+
+    def _stuffed(self, data: bytes) -> bytes:
+        try:
+            return self._stuffer.stuffed(data)
+        except ValueError as exc:
+            error = LocalProtocolError(f"cannot send wire-form data here: {exc}")
+            self._fail(error)
+            raise error from None
 
     @property
     def _pipelining(self) -> bool:

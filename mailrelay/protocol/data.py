@@ -72,6 +72,20 @@ class DotStuffer:
         self._at_line_start = data.endswith(b"\r\n")
         return data
 
+    def stuffed(self, data: bytes) -> bytes:
+        """Pass through bytes already in wire form (from an earlier :meth:`chunk` of the same
+        content), keeping track of where the line ends.
+
+        Raises:
+            ValueError: a chunk boundary is pending (a held-back CR, or not at the start of
+                a line), so wire-form bytes cannot simply follow.
+        """
+        if self._held_cr or not self._at_line_start:
+            raise ValueError("wire-form data must start a line")
+        if data:
+            self._at_line_start = data.endswith(b"\r\n")
+        return data
+
     def end(self) -> bytes:
         """Return the bytes that finish the data: any held-back line end, a CRLF
         if the body did not end with one, and the ``.CRLF`` terminator."""

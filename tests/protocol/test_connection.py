@@ -853,3 +853,23 @@ def test_lmtp_data_taken_without_accepted_recipients_gets_one_reply() -> None:
     (event,) = reply(conn, b"554 5.5.1 no valid recipients\r\n")
     assert event == Response(command=end, reply=Reply.of(554, "5.5.1 no valid recipients"))
     assert pending_of(conn) == ()
+
+
+def test_data_chunk_in_wire_form_passes_through() -> None:
+    conn = greeted()
+    for command in (MailFrom(A), RcptTo(A), Data()):
+        conn.send(command)
+    reply(conn, b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert conn.send(DataChunk(b"..dot\r\nlast", stuffed=True)) == b"..dot\r\nlast"
+    assert conn.send(EndOfData()) == b"\r\n.\r\n"
+
+
+def test_data_chunk_in_wire_form_mid_line_is_a_local_error() -> None:
+    conn = greeted()
+    for command in (MailFrom(A), RcptTo(A), Data()):
+        conn.send(command)
+    reply(conn, b"250 ok\r\n250 ok\r\n354 go\r\n")
+    conn.send(DataChunk(b"half a line"))
+    with pytest.raises(LocalProtocolError, match="start a line"):
+        conn.send(DataChunk(b"x\r\n", stuffed=True))
+    assert state_of(conn) is State.ERROR

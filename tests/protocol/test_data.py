@@ -99,3 +99,20 @@ def test_round_trip_any_body_any_chunking(body: bytes, data: st.DataObject) -> N
     assert unstuff(wire) == expected_body(body)
     # No bare CR or LF anywhere on the wire.
     assert wire.count(b"\r") == wire.count(b"\n") == wire.count(b"\r\n")
+
+
+@given(body=st.binary(max_size=300))
+def test_wire_form_passed_through_gives_the_same_data(body: bytes) -> None:
+    first = DotStuffer()
+    wire = first.chunk(body)
+    end = first.end()
+    again = DotStuffer()
+    assert again.stuffed(wire) + again.end() == wire + end
+
+
+@pytest.mark.parametrize("before", [b"no line end", b"held CR\r"])
+def test_wire_form_must_start_a_line(before: bytes) -> None:
+    stuffer = DotStuffer()
+    stuffer.chunk(before)
+    with pytest.raises(ValueError, match="start a line"):
+        stuffer.stuffed(b"x\r\n")
