@@ -2,7 +2,7 @@
 
 Rules of this module:
 
-* Every decision is the shared :class:`~mailrelay.tracker.engine.TrackerCore`'s,
+* Every decision is the shared :class:`~mailrelay.tracker.core.TrackerCore`'s,
   so the sync and async trackers behave alike; only the I/O differs.
 * Store calls run in worker threads (:func:`asyncio.to_thread`) so that a
   commit's fsync never stalls the event loop; the stores are thread-safe.
@@ -25,7 +25,8 @@ from collections.abc import Awaitable, Callable
 from mailrelay.envelope import Envelope
 from mailrelay.errors import DeliveryError
 from mailrelay.message import Message
-from mailrelay.tracker.engine import DSNMatch, RunSummary, TrackerCore, _Entry, _Group, _Work
+from mailrelay.tracker.core import Entry, Group, RunSummary, TrackerCore, Work
+from mailrelay.tracker.notifications import DSNMatch
 from mailrelay.tracker.store import Claim
 from mailrelay.transport.base import AsyncTransport
 
@@ -72,7 +73,7 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
         gate = asyncio.Semaphore(concurrency)
         summary = RunSummary()
 
-        async def one(claim: Claim, entry: _Entry | None) -> RunSummary:
+        async def one(claim: Claim, entry: Entry | None) -> RunSummary:
             async with gate:
                 return await self._aprocess(claim, entry)
 
@@ -99,7 +100,7 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
                 raise failure
         return summary
 
-    async def _aprocess(self, claim: Claim, entry: _Entry | None) -> RunSummary:
+    async def _aprocess(self, claim: Claim, entry: Entry | None) -> RunSummary:
         try:
             work = await asyncio.to_thread(self._load, claim, entry)
         except BaseException:
@@ -127,7 +128,7 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
             changes = self._put_back(record, claim.addresses, self.clock())
             self.store.apply(claim.tracking_id, changes, worker=claim.worker)
 
-    async def _atransaction(self, work: _Work, group: _Group) -> RunSummary:
+    async def _atransaction(self, work: Work, group: Group) -> RunSummary:
         now = self.clock()
         wait = self.shaper.acquire(group.key, now)
         if wait is not None:

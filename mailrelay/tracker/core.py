@@ -1,0 +1,512 @@
+"""What the sync and async trackers share: configuration, submission, records, commits.
+
+Rules of this module (the theory of operation is in ``docs/tracker.md``):
+
+* The tracker holds no state between calls that matters for correctness: everything
+  lives in a :class:`~mailrelay.tracker.store.Store`, and no SQL (or any other storage
+  detail) appears here, so a store for another database fits unchanged. (What it does
+  keep, the messages it submitted and has not sent yet, only saves reading them back:
+  see :mod:`mailrelay.tracker.cache`.)
+* :meth:`TrackerCore.submit` returns only after the store has committed the message
+  bytes and its envelope: from then on the message is never lost.
+* Work is taken by *claiming* due recipients under a lease (see
+  :mod:`mailrelay.tracker.store`); a claim's recipients that share a domain go in one
+  transaction when ``split_by_domain`` is on (a transport that routes by domain, such
+  as ``MXTransport``), or all in one for a smart host.
+* What each attempt does to each recipient is decided in
+  :mod:`mailrelay.tracker.transitions`; DSN requests, reports and correlation live in
+  :mod:`mailrelay.tracker.notifications`. A retry is sent only to the recipients still
+  unresolved: the envelope is rebuilt with just those.
+* Results are committed in batches (:meth:`TrackerCore._commit_many`, one store
+  transaction), before their events fire. A crash between a server's acceptance and
+  that commit re-sends on restart (once the lease expires): delivery is at-least-once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import platform
+import random as _random
+import secrets
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Generic, TypeVar
+
+import attrs
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope, Recipient
+from mailrelay.errors import DeliveryError
+from mailrelay.message import Message
+from mailrelay.results import DeliveryResult
+from mailrelay.tracker.cache import MessageCache
+from mailrelay.tracker.events import Callback, EventHub, EventKind, TrackerEvent
+from mailrelay.tracker.notifications import (
+    VERP,
+    DSNMatch,
+    DSNRequest,
+    failure_dsns,
+    ingest,
+    outgoing_envelope,
+)
+from mailrelay.tracker.retry import DomainLimits, DomainShaper, RetryPolicy
+from mailrelay.tracker.store import (
+    Change,
+    Claim,
+    MessageRecord,
+    RecipientRecord,
+    State,
+    Store,
+    apply_change,
+    to_micros,
+)
+from mailrelay.tracker.transitions import Decision, from_error, from_result, put_back
+from mailrelay.transport.base import AsyncTransport, BatchItem, Transport, prepare_batch
+
+__all__ = ["RELAY_KEY", "Entry", "Group", "RunSummary", "TrackerCore", "Work"]
+
+log = logging.getLogger(__name__)
+
+# The shaper key for a smart-host transport: limits then apply to the relay as a whole.
+RELAY_KEY = "*"
+_EVENT_KINDS = {
+    State.DELIVERED: EventKind.DELIVERED,
+    State.DEFERRED: EventKind.DEFERRED,
+    State.BOUNCED: EventKind.BOUNCED,
+    State.EXPIRED: EventKind.EXPIRED,
+}
+
+
+@attrs.frozen(kw_only=True)
+class RunSummary:
+    """What one :meth:`DeliveryTracker.run_pending` call did.
+
+    Attributes:
+        messages: claims processed (a message counts once per claim).
+        delivered, deferred, bounced, expired: recipients that reached each state.
+        postponed: recipients put off by per-domain shaping, without an attempt.
+    """
+
+    messages: int = 0
+    delivered: int = 0
+    deferred: int = 0
+    bounced: int = 0
+    expired: int = 0
+    postponed: int = 0
+
+    def __add__(self, other: RunSummary) -> RunSummary:
+        if other is _NOTHING:
+            return self  # the common case in the run loop: no new object
+        if self is _NOTHING:
+            return other
+        return RunSummary(
+            messages=self.messages + other.messages,
+            delivered=self.delivered + other.delivered,
+            deferred=self.deferred + other.deferred,
+            bounced=self.bounced + other.bounced,
+            expired=self.expired + other.expired,
+            postponed=self.postponed + other.postponed,
+        )
+
+
+_NOTHING = RunSummary()
+_ONE_MESSAGE = RunSummary(messages=1)
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _new_id(now: dt.datetime) -> str:
+    """A tracking id: 32 hex digits, the submission time in microseconds, then 72 random bits.
+
+    Ids of messages submitted later sort later, so the store's indexes (keyed by tracking
+    id) grow at their end instead of being written all over.
+    """
+    return f"{to_micros(now) & 0xFFFF_FFFF_FFFF_FF:014x}{secrets.token_hex(9)}"
+
+
+def _default_worker() -> str:
+    return f"{platform.node() or 'host'}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@attrs.frozen
+class Group:
+    """One delivery transaction: a domain's (or all) claimed recipients."""
+
+    key: str
+    recipients: tuple[Recipient, ...]
+
+
+@attrs.frozen
+class Work:
+    """A claim with what is needed to act on it."""
+
+    claim: Claim
+    record: MessageRecord
+    message: Message
+
+
+#: A claimed message's record, and the message itself when still held in memory.
+Entry = tuple[MessageRecord, Message | None]
+
+
+def _as_claimed(record: MessageRecord, claim: Claim) -> MessageRecord:
+    """The record as submitted, with a fresh claim's recipients leased as the store has them."""
+    claimed = set(claim.addresses)
+    # Built directly rather than with attrs.evolve: this runs for every message sent.
+    return MessageRecord(
+        id=record.id,
+        created_at=record.created_at,
+        envelope=record.envelope,
+        message_id=record.message_id,
+        size=record.size,
+        recipients=tuple(
+            RecipientRecord(
+                address=r.address,
+                state=State.SENDING,
+                next_attempt_at=r.next_attempt_at,
+                lease_owner=claim.worker,
+                lease_until=claim.lease_until,
+            )
+            if r.address in claimed
+            else r
+            for r in record.recipients
+        ),
+    )
+
+
+T = TypeVar("T", Transport, AsyncTransport)
+
+
+class TrackerCore(Generic[T]):
+    """Everything the sync and async trackers share: configuration, records, decisions.
+
+    Not used directly: see :class:`DeliveryTracker` (its docstring describes the
+    arguments) and :class:`~mailrelay.tracker.async_engine.AsyncDeliveryTracker`.
+    """
+
+    _async_callbacks = False
+
+    def __init__(
+        self,
+        transport: T,
+        store: Store,
+        *,
+        dsn_transport: T | None = None,
+        clock: Callable[[], dt.datetime] = _utc_now,
+        random: Callable[[], float] = _random.random,
+        retry: RetryPolicy | None = None,
+        reporting_mta: str = "localhost",
+        request_dsn: DSNRequest | bool | None = None,
+        verp: VERP | None = None,
+        split_by_domain: bool = False,
+        limits: DomainLimits | DomainShaper | None = None,
+        worker_id: str | None = None,
+        lease: dt.timedelta = dt.timedelta(minutes=15),
+        batch_size: int = 100,
+        commit_batch: int = 50,
+        commit_interval: dt.timedelta = dt.timedelta(seconds=1),
+        message_cache: int = 16 << 20,
+    ) -> None:
+        self.transport: T = transport
+        self.dsn_transport: T | None = dsn_transport
+        self.store = store
+        self.clock = clock
+        self.random = random
+        self.retry = retry or RetryPolicy()
+        self.reporting_mta = reporting_mta
+        if request_dsn is True:
+            request_dsn = DSNRequest()
+        self.request_dsn = request_dsn or None
+        self.verp = verp
+        self.split_by_domain = split_by_domain
+        self.shaper = limits if isinstance(limits, DomainShaper) else DomainShaper(limits)
+        self.worker_id = worker_id or _default_worker()
+        if lease <= dt.timedelta(0):
+            raise ValueError("the lease must be positive")
+        self.lease = lease
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.batch_size = batch_size
+        if commit_batch < 1:
+            raise ValueError("commit_batch must be at least 1")
+        self.commit_batch = commit_batch
+        if commit_interval < dt.timedelta(0):
+            raise ValueError("commit_interval must not be negative")
+        self.commit_interval = commit_interval
+        self.messages = MessageCache(message_cache)
+        self.events = EventHub(allow_async=self._async_callbacks)
+
+    # -- the public, storage-only operations ---------------------------------------
+
+    def on(self, kind: EventKind | str, callback: Callback) -> Callback:
+        """Register a callback for ``"delivered"``, ``"deferred"``, ``"bounced"``,
+        ``"expired"`` or ``"dsn_received"`` (see :mod:`mailrelay.tracker.events`)."""
+        return self.events.on(kind, callback)
+
+    def submit(self, message: Message, envelope: Envelope | None = None) -> str:
+        """Store a message for delivery and return its tracking id.
+
+        Returns only after the store has durably committed the message bytes and
+        the envelope. With ``request_dsn`` the envelope asks for DSNs (its ENVID
+        is the tracking id unless it has one); with ``verp`` its sender becomes
+        the per-message VERP address (unless it is the null reverse-path).
+
+        Raises:
+            MessageError, InvalidAddress: the envelope cannot be derived or built.
+        """
+        if envelope is None:
+            envelope = Envelope.from_message(message)
+        record = self._new_record(message, envelope, self.clock())
+        self.store.add(record, message.chunks())
+        self.messages.put(message, record)
+        log.debug("submitted %s (%d recipients)", record.id, len(record.recipients))
+        return record.id
+
+    def submit_many(self, items: Iterable[BatchItem]) -> list[str]:
+        """Store several messages in one durable commit; return their tracking ids in order.
+
+        Much faster than calling :meth:`submit` for each (one commit, one disk flush),
+        with the same guarantee: every message is stored when this returns, and if it
+        raises, none is.
+
+        Args:
+            items: messages, or ``(message, envelope)`` pairs.
+        """
+        now = self.clock()
+        entries = []
+        pairs = prepare_batch(items)
+        for message, envelope in pairs:
+            record = self._new_record(message, envelope, now)
+            entries.append((record, message.chunks()))
+        self.store.add_many(entries)
+        for (record, _chunks), (message, _envelope) in zip(entries, pairs, strict=True):
+            self.messages.put(message, record)
+        return [record.id for record, _ in entries]
+
+    def _new_record(self, message: Message, envelope: Envelope, now: dt.datetime) -> MessageRecord:
+        tracking_id = _new_id(now)
+        envelope = outgoing_envelope(
+            envelope, tracking_id, request_dsn=self.request_dsn, verp=self.verp
+        )
+        return MessageRecord(
+            id=tracking_id,
+            created_at=now,
+            envelope=envelope,
+            message_id=message.message_id,
+            size=message.size,
+            recipients=tuple(
+                RecipientRecord(address=r.address, state=State.QUEUED, next_attempt_at=now)
+                for r in envelope.recipients
+            ),
+        )
+
+    def status(self, tracking_id: str) -> MessageRecord:
+        """The record of a tracked message: each recipient's state and attempts.
+
+        Raises:
+            KeyError: no message with this id.
+        """
+        record = self.store.get(tracking_id)
+        if record is None:
+            raise KeyError(tracking_id)
+        return record
+
+    def cancel(self, tracking_id: str) -> tuple[Address, ...]:
+        """Cancel every unresolved recipient of a message.
+
+        A recipient being sent right now is marked CANCELLED too, but its
+        attempt may still deliver (its result is then kept in the history only).
+
+        Returns:
+            The recipients cancelled.
+
+        Raises:
+            KeyError: no message with this id.
+        """
+        record = self.status(tracking_id)
+        changes = [
+            Change(address=r.address, state=State.CANCELLED)
+            for r in record.recipients
+            if not r.state.is_final
+        ]
+        return self.store.apply(tracking_id, changes)
+
+    def find(
+        self,
+        *,
+        state: State | None = None,
+        older_than: dt.timedelta | None = None,
+        limit: int | None = None,
+    ) -> list[MessageRecord]:
+        """Tracked messages with a recipient in ``state``, submitted more than
+        ``older_than`` ago, oldest first (for dashboards and clean-up)."""
+        before = None if older_than is None else self.clock() - older_than
+        return self.store.find(state=state, created_before=before, limit=limit)
+
+    def next_due(self) -> dt.datetime | None:
+        """When the next piece of work becomes due (``None`` when there is none)."""
+        return self.store.next_due()
+
+    def _sleep_for(self, idle: float) -> float:
+        """Seconds until the next due work, at most ``idle``."""
+        due = self.store.next_due()
+        if due is None:
+            return idle
+        return min(idle, max(0.0, (due - self.clock()).total_seconds()))
+
+    # -- attempts: the decisions, with no I/O of their own --------------------------
+
+    def _claim(self) -> list[Claim]:
+        return self.store.claim(
+            worker=self.worker_id, now=self.clock(), lease=self.lease, limit=self.batch_size
+        )
+
+    def _read_batch(self, claims: Sequence[Claim]) -> dict[str, Entry]:
+        """Each claim's record, and its message when still held from :meth:`submit`.
+
+        A fresh claim of a message this tracker submitted needs no read at all (see
+        :mod:`mailrelay.tracker.cache`); the other records come in one ``get_many``.
+        Claims whose message no longer exists are left out.
+        """
+        found: dict[str, Entry] = {}
+        missing: list[tuple[str, Message | None]] = []
+        for claim in claims:
+            held = self.messages.take(claim.tracking_id)
+            if held is not None and claim.fresh:
+                message, record = held
+                found[claim.tracking_id] = (_as_claimed(record, claim), message)
+            else:
+                missing.append((claim.tracking_id, None if held is None else held[0]))
+        if missing:
+            records = self.store.get_many([tracking_id for tracking_id, _ in missing])
+            for tracking_id, kept in missing:
+                if tracking_id in records:
+                    found[tracking_id] = (records[tracking_id], kept)
+        return found
+
+    def _load(self, claim: Claim, entry: Entry | None) -> Work | None:
+        """The work for a claim, from what :meth:`_read_batch` found for it."""
+        if entry is None:
+            return None
+        record, message = entry
+        if message is None:
+            message = Message.from_bytes(self.store.content(claim.tracking_id))
+        return Work(claim=claim, record=record, message=message)
+
+    def _groups(self, work: Work) -> list[Group]:
+        claimed = set(work.claim.addresses)
+        recipients = [r for r in work.record.envelope.recipients if r.address in claimed]
+        if not self.split_by_domain:
+            return [Group(RELAY_KEY, tuple(recipients))] if recipients else []
+        by_domain: dict[str, list[Recipient]] = {}
+        for recipient in recipients:
+            by_domain.setdefault(recipient.address.ascii_domain.lower(), []).append(recipient)
+        return [Group(key, tuple(group)) for key, group in by_domain.items()]
+
+    @staticmethod
+    def _envelope(record: MessageRecord, group: Group) -> Envelope:
+        # A retry goes only to the recipients still unresolved; each keeps its NOTIFY/ORCPT.
+        original = record.envelope
+        if group.recipients == original.recipients:
+            return original
+        return Envelope(
+            original.sender,
+            group.recipients,
+            ret=original.ret,
+            envid=original.envid,
+            requiretls=original.requiretls,
+        )
+
+    @staticmethod
+    def _put_back(
+        record: MessageRecord, addresses: Iterable[Address], when: dt.datetime
+    ) -> list[Change]:
+        return put_back(record, addresses, when)
+
+    def _from_result(
+        self, work: Work, group: Group, result: DeliveryResult, now: dt.datetime
+    ) -> Decision:
+        return from_result(
+            work.record, group.recipients, result, now=now, retry=self.retry, random=self.random
+        )
+
+    def _from_error(
+        self, work: Work, group: Group, error: DeliveryError, now: dt.datetime
+    ) -> Decision:
+        return from_error(
+            work.record, group.recipients, error, now=now, retry=self.retry, random=self.random
+        )
+
+    def _commit_many(
+        self, batch: Sequence[tuple[Work, Sequence[Change]]]
+    ) -> tuple[RunSummary, list[TrackerEvent], list[tuple[Message, Envelope]]]:
+        """Apply several transactions' changes in one commit; return what they did.
+
+        Returns the counts, the events to fire and the DSNs to send. Events are
+        reported only for changes that carry an attempt (putting work back is not an
+        event), computed from the claim-time snapshot, so no second read is needed;
+        an event nobody listens to is counted but not built.
+        """
+        if not batch:
+            return RunSummary(), [], []
+        changed_lists = self.store.apply_many(
+            [(work.claim.tracking_id, changes) for work, changes in batch],
+            worker=self.worker_id,
+        )
+        counts = dict.fromkeys(EventKind, 0)
+        events: list[TrackerEvent] = []
+        dsns: list[tuple[Message, Envelope]] = []
+        for (work, changes), changed_list in zip(batch, changed_lists, strict=True):
+            if not changed_list:
+                continue
+            changed = set(changed_list)
+            reports = self.dsn_transport is not None and work.record.envelope.sender is not None
+            snapshot: dict[Address, RecipientRecord] | None = None
+            failed: list[RecipientRecord] = []
+            for change in changes:
+                kind = _EVENT_KINDS.get(change.state)
+                if change.address not in changed or change.attempt is None or kind is None:
+                    continue
+                counts[kind] += 1
+                wanted = self.events.wants(kind)
+                failure = reports and change.state in (State.BOUNCED, State.EXPIRED)
+                if not (wanted or failure):
+                    continue
+                if snapshot is None:
+                    snapshot = {r.address: r for r in work.record.recipients}
+                after, _did = apply_change(
+                    snapshot[change.address], change, worker=work.claim.worker
+                )
+                if wanted:
+                    events.append(
+                        TrackerEvent(
+                            kind=kind,
+                            tracking_id=work.record.id,
+                            recipient=after,
+                            attempt=change.attempt,
+                        )
+                    )
+                if failure:
+                    failed.append(after)
+            if failed:
+                dsns += failure_dsns(
+                    work.record,
+                    work.message.as_bytes(),
+                    failed,
+                    reporting_mta=self.reporting_mta,
+                    date=self.clock(),
+                )
+        summary = RunSummary(
+            delivered=counts[EventKind.DELIVERED],
+            deferred=counts[EventKind.DEFERRED],
+            bounced=counts[EventKind.BOUNCED],
+            expired=counts[EventKind.EXPIRED],
+        )
+        return summary, events, dsns
+
+    def _ingest(self, raw: bytes) -> tuple[DSNMatch, list[TrackerEvent]]:
+        return ingest(self.store, raw, verp=self.verp, clock=self.clock)

@@ -1,0 +1,333 @@
+"""The tracker's side of delivery-status notifications: asking, reporting, correlating.
+
+Rules of this module (RFC 3461, RFC 3464; the parser and builder themselves live in
+:mod:`mailrelay.tracker.dsn_parse` and :mod:`mailrelay.tracker.dsn_build`):
+
+* *Asking*: with a :class:`DSNRequest`, envelopes carry NOTIFY (for recipients without
+  their own), RET, and ENVID = the tracking id unless the envelope has one (RFC 3461
+  §4.4: the ENVID comes back in every DSN, so it correlates). With a :class:`VERP`, the
+  envelope sender carries the tracking id too (a null reverse-path stays null).
+* *Reporting*: a recipient that bounces or expires is reported to the envelope sender in
+  an RFC 3464 report, sent from the null reverse-path; never for a message whose sender
+  is the null reverse-path (RFC 3461 §6.2), and not for a recipient whose NOTIFY
+  excludes FAILURE (RFC 3461 §4.1). An expired recipient is reported with its last
+  transient status, or 4.4.7 (RFC 3463 §3.5).
+* *Correlating*: a returned report is matched by ENVID, then by the original
+  Message-ID, then by the VERP address it was sent to; its recipients by
+  Final-Recipient, the address, or Original-Recipient. A success DSN marks the
+  recipient DELIVERED and confirmed; a failure DSN (after relay) BOUNCED; a delay or
+  relay report is history only. Auto-replies, feedback reports and non-reports match
+  nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope, Notify, Recipient, Ret
+from mailrelay.errors import InvalidAddress, MessageError
+from mailrelay.message import Message
+from mailrelay.tracker.dsn import DSNAction, DSNKind, DSNRecipient, DSNReport
+from mailrelay.tracker.dsn_build import build_dsn, verp_decode, verp_encode
+from mailrelay.tracker.dsn_parse import parse_dsn
+from mailrelay.tracker.events import EventKind, TrackerEvent
+from mailrelay.tracker.store import (
+    Attempt,
+    Change,
+    MessageRecord,
+    RecipientRecord,
+    State,
+    Store,
+)
+
+__all__ = [
+    "DSNMatch",
+    "DSNRequest",
+    "VERP",
+    "correlate",
+    "failure_dsns",
+    "ingest",
+    "outgoing_envelope",
+]
+
+log = logging.getLogger(__name__)
+
+_ALL_NOTIFY = frozenset({Notify.SUCCESS, Notify.FAILURE, Notify.DELAY})
+
+
+@attrs.frozen(kw_only=True)
+class DSNRequest:
+    """What the tracker asks receiving servers to report (RFC 3461).
+
+    Args:
+        notify: the NOTIFY default for recipients without their own
+            (default SUCCESS, FAILURE and DELAY).
+        ret: what a failure DSN should return (default the headers only).
+    """
+
+    notify: frozenset[Notify] = _ALL_NOTIFY
+    ret: Ret = Ret.HDRS
+
+
+@attrs.frozen(kw_only=True)
+class VERP:
+    """A per-message envelope sender that carries the tracking id (``local+id@domain``).
+
+    Args:
+        local: the bounce mailbox's local part.
+        domain: its domain (whose server delivers ``local+anything`` to ``local``).
+        separator: the sub-address delimiter.
+    """
+
+    local: str
+    domain: str
+    separator: str = "+"
+
+
+@attrs.frozen(kw_only=True)
+class DSNMatch:
+    """What :meth:`DeliveryTracker.ingest_dsn` made of a report.
+
+    Attributes:
+        report: the parsed report.
+        tracking_id: the tracked message it was matched to, or ``None``.
+        matched_by: ``"envid"``, ``"message-id"`` or ``"verp"`` (``None`` when unmatched).
+        recipients: the tracked recipients the report named.
+        changed: those whose state changed because of it.
+    """
+
+    report: DSNReport
+    tracking_id: str | None = None
+    matched_by: str | None = None
+    recipients: tuple[Address, ...] = ()
+    changed: tuple[Address, ...] = ()
+
+
+def outgoing_envelope(
+    envelope: Envelope, tracking_id: str, *, request_dsn: DSNRequest | None, verp: VERP | None
+) -> Envelope:
+    """The envelope as the tracker sends it: with DSN requests and the VERP sender, if asked."""
+    if verp is None and request_dsn is None:
+        return envelope  # nothing to add: skip re-validating every address
+    sender: Address | str | None = envelope.sender
+    if verp is not None and envelope.sender is not None:
+        sender = verp_encode(verp.local, verp.domain, tracking_id, separator=verp.separator)
+    ret, envid, notify = envelope.ret, envelope.envid, envelope.notify
+    if request_dsn is not None:
+        # RFC 3461 §4.4: ENVID comes back in every DSN; the tracking id correlates it.
+        envid = envid or tracking_id
+        ret = ret or request_dsn.ret
+        notify = notify or request_dsn.notify
+    return Envelope(
+        sender,
+        envelope.recipients,
+        ret=ret,
+        envid=envid,
+        notify=notify,
+        requiretls=envelope.requiretls,
+    )
+
+
+def failure_dsns(
+    record: MessageRecord,
+    content: bytes,
+    failed: Sequence[RecipientRecord],
+    *,
+    reporting_mta: str,
+    date: dt.datetime,
+) -> list[tuple[Message, Envelope]]:
+    """The failure DSN (with its envelope) reporting ``failed`` recipients, if one is due.
+
+    ``failed`` are the records of recipients that just bounced or expired; ``content`` is
+    the original message. Nothing for the null reverse-path, nor when every recipient's
+    NOTIFY excludes FAILURE; a report that cannot be built is logged and skipped.
+    """
+    sender = record.envelope.sender
+    if not failed or sender is None:
+        # RFC 3461 §6.2: never a DSN for a message from the null reverse-path.
+        return []
+    wanted = {r.address: r for r in record.envelope.recipients}
+    entries = []
+    for recipient in failed:
+        notify = wanted[recipient.address].notify
+        # RFC 3461 §4.1: NOTIFY without FAILURE (or NEVER) asks for no failure DSN.
+        if notify is not None and Notify.FAILURE not in notify:
+            continue
+        entries.append(_dsn_recipient(recipient, wanted[recipient.address]))
+    if not entries:
+        return []
+    try:
+        report = build_dsn(
+            original=content,
+            envelope_sender=str(sender),
+            recipients=entries,
+            reporting_mta=reporting_mta,
+            envid=record.envelope.envid,
+            ret=None if record.envelope.ret is None else record.envelope.ret.value,
+            arrival_date=record.created_at,
+            date=date,
+        )
+        message = Message.from_bytes(report)
+        # RFC 3461 §6.2 / RFC 5321 §4.5.5: a DSN goes out from the null reverse-path.
+        return [(message, Envelope(None, [sender]))]
+    except (MessageError, InvalidAddress):
+        log.exception("could not build a DSN for %s", record.id)
+        return []
+
+
+def correlate(store: Store, report: DSNReport, verp: VERP | None) -> tuple[str | None, str | None]:
+    """The tracking id a report is about, and how it was found (``None, None`` if not)."""
+    if report.envid:
+        if store.get(report.envid) is not None:
+            return report.envid, "envid"
+        found = store.lookup(envid=report.envid)
+        if found:
+            return found[-1], "envid"
+    if report.original_message_id:
+        found = store.lookup(message_id=report.original_message_id)
+        if found:
+            return found[-1], "message-id"
+    if verp is not None:
+        tracking_id = verp_decode(report.bounce_address, local=verp.local, separator=verp.separator)
+        if tracking_id is not None and store.get(tracking_id) is not None:
+            return tracking_id, "verp"
+    return None, None
+
+
+def ingest(
+    store: Store, raw: bytes, *, verp: VERP | None, clock: Callable[[], dt.datetime]
+) -> tuple[DSNMatch, list[TrackerEvent]]:
+    """Parse a returned report and fold it into the record it is about.
+
+    Returns what was matched and the events to fire once the change is committed (it is,
+    when this returns).
+    """
+    report = parse_dsn(raw)
+    if report.kind in (DSNKind.NOT_A_REPORT, DSNKind.AUTO_REPLY, DSNKind.FEEDBACK):
+        return DSNMatch(report=report), []
+    tracking_id, matched_by = correlate(store, report, verp)
+    if tracking_id is None:
+        return DSNMatch(report=report), []
+    record = _status(store, tracking_id)
+    now = clock()
+    changes: list[Change] = []
+    named: list[Address] = []
+    for item in report.recipients:
+        address = _match_recipient(record, item)
+        if address is None:
+            continue
+        named.append(address)
+        changes.append(_dsn_change(item, address, now))
+    changed = set(store.apply(tracking_id, changes)) if changes else set()
+    events = [TrackerEvent(kind=EventKind.DSN_RECEIVED, tracking_id=tracking_id, report=report)]
+    after = _status(store, tracking_id)
+    for change in changes:
+        if change.address in changed:
+            kind = EventKind.DELIVERED if change.state is State.DELIVERED else EventKind.BOUNCED
+            events.append(
+                TrackerEvent(
+                    kind=kind,
+                    tracking_id=tracking_id,
+                    recipient=after.recipient(change.address),
+                    attempt=change.attempt,
+                    report=report,
+                )
+            )
+    match = DSNMatch(
+        report=report,
+        tracking_id=tracking_id,
+        matched_by=matched_by,
+        recipients=tuple(named),
+        changed=tuple(a for a in named if a in changed),
+    )
+    return match, events
+
+
+def _status(store: Store, tracking_id: str) -> MessageRecord:
+    record = store.get(tracking_id)
+    if record is None:
+        raise KeyError(tracking_id)
+    return record
+
+
+def _dsn_recipient(record: RecipientRecord, recipient: Recipient) -> DSNRecipient:
+    last = next((a for a in reversed(record.attempts) if a.source != "dsn"), None)
+    expired = record.state is State.EXPIRED
+    status = last.enhanced if last is not None and last.enhanced else None
+    if status is None or (expired and not status.startswith("4.")):
+        # RFC 3463 §3.5: X.4.7 "delivery time expired".
+        status = "4.4.7" if expired else "5.0.0"
+    diagnostic = None
+    if last is not None and last.text:
+        text = " ".join(last.text.split())
+        diagnostic = f"smtp; {last.code} {text}" if last.code else text
+    return DSNRecipient(
+        address=str(record.address),
+        action=DSNAction.FAILED,
+        status=status,
+        diagnostic=diagnostic,
+        remote_mta=None if last is None or not last.host else last.host,
+        original_recipient=None if recipient.orcpt is None else f"rfc822;{recipient.orcpt}",
+        last_attempt_date=None if last is None else _rfc5322_date(last.at),
+    )
+
+
+def _rfc5322_date(when: dt.datetime) -> str:
+    return when.strftime("%a, %d %b %Y %H:%M:%S +0000")
+
+
+def _match_recipient(record: MessageRecord, item: DSNRecipient) -> Address | None:
+    candidates = [item.address, item.final_recipient, item.original_recipient]
+    for text in candidates:
+        if not text:
+            continue
+        # "rfc822;user@example.org" (RFC 3464 §2.3.2): drop the address type.
+        _type, _sep, value = text.rpartition(";")
+        try:
+            address = Address.parse(value.strip().strip("<>"))
+        except InvalidAddress:
+            continue
+        for recipient in record.recipients:
+            if recipient.address == address:
+                return address
+        # Some servers change the case of the local part: compare loosely as a last resort.
+        for recipient in record.recipients:
+            if str(recipient.address).lower() == str(address).lower():
+                return recipient.address
+    return None
+
+
+def _dsn_change(item: DSNRecipient, address: Address, now: dt.datetime) -> Change:
+    attempt = Attempt(
+        at=now,
+        host=item.remote_mta,
+        code=item.reply_code,
+        enhanced=item.status,
+        text=f"DSN {item.action.value}" + (f": {item.diagnostic}" if item.diagnostic else ""),
+        source="dsn",
+    )
+    if item.action is DSNAction.DELIVERED:
+        # A success DSN from the destination: delivered and confirmed.
+        return Change(
+            address=address,
+            state=State.DELIVERED,
+            attempt=attempt,
+            confirmed=True,
+            expect=frozenset({State.DELIVERED, State.DEFERRED, State.QUEUED, State.SENDING}),
+        )
+    if item.action is DSNAction.FAILED:
+        # A failure after relay (DESIGN.md §7): the accepted recipient bounced downstream.
+        return Change(
+            address=address,
+            state=State.BOUNCED,
+            attempt=attempt,
+            confirmed=False,
+            expect=frozenset({State.DELIVERED, State.DEFERRED, State.QUEUED, State.SENDING}),
+        )
+    # Delayed, relayed, expanded: history only (no state expects it).
+    return Change(address=address, state=State.DELIVERED, attempt=attempt, expect=frozenset())

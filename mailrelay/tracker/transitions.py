@@ -1,0 +1,189 @@
+"""What an attempt did to each recipient: the tracker's state transitions, with no I/O.
+
+Rules of this module (DESIGN.md §7; the diagram is in ``docs/tracker.md``):
+
+* These functions only decide. They turn what a transport returned (or raised) into
+  :class:`~mailrelay.tracker.store.Change` values, each carrying the
+  :class:`~mailrelay.tracker.store.Attempt` to record; the runners commit them through
+  the store, so every transition is decided here and nowhere else.
+* Each recipient's fate comes from its own reply: ``ACCEPTED`` → DELIVERED,
+  ``PERMANENT`` → BOUNCED, ``TRANSIENT`` → DEFERRED until the
+  :class:`~mailrelay.tracker.retry.RetryPolicy` gives up, then EXPIRED. A recipient the
+  transport left without a result is treated as TRANSIENT (the transport broke its
+  contract; retrying loses nothing).
+* A :class:`~mailrelay.errors.DeliveryError` decides for every recipient of the attempt
+  by its ``is_transient``.
+* Putting work back (an unexpected exception, or per-domain shaping holding a domain
+  off) records no attempt: a recipient never tried goes back to QUEUED, one tried
+  before to DEFERRED, due at the given time.
+* The retry count excludes DSN history: only replies and errors are tries.
+* Each decision also says what the per-domain shaper should learn (``refused``): a 421,
+  or a transaction refused whole for now, backs the domain off; an acceptance resets it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable, Sequence
+
+import attrs
+
+from mailrelay.address import Address
+from mailrelay.envelope import Recipient
+from mailrelay.errors import DeliveryError
+from mailrelay.reply import Reply
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.tracker.retry import RetryPolicy
+from mailrelay.tracker.store import Attempt, Change, MessageRecord, State
+
+__all__ = ["Decision", "from_error", "from_result", "put_back"]
+
+
+@attrs.frozen
+class Decision:
+    """The changes one delivery transaction produced, and what the shaper should learn.
+
+    Attributes:
+        changes: one change per recipient of the transaction.
+        refused: ``True`` when the domain refused (back off), ``False`` when it
+            accepted something (reset), ``None`` when neither.
+    """
+
+    changes: tuple[Change, ...]
+    refused: bool | None
+
+
+def put_back(
+    record: MessageRecord, addresses: Iterable[Address], when: dt.datetime
+) -> list[Change]:
+    """Changes that make ``addresses`` due again at ``when``, recording no attempt."""
+    states = {r.address: r for r in record.recipients}
+    changes = []
+    for address in addresses:
+        previous = states[address]
+        tried = any(a.source != "dsn" for a in previous.attempts)
+        changes.append(
+            Change(
+                address=address,
+                state=State.DEFERRED if tried else State.QUEUED,
+                next_attempt_at=when,
+            )
+        )
+    return changes
+
+
+def _failure_change(
+    record: MessageRecord,
+    address: Address,
+    attempt: Attempt,
+    reply: Reply | None,
+    *,
+    now: dt.datetime,
+    retry: RetryPolicy,
+    random: Callable[[], float],
+) -> Change:
+    previous = record.recipient(address)
+    tries = sum(1 for a in previous.attempts if a.source != "dsn") + 1
+    when = retry.next_attempt(
+        recipient=address,
+        reply=reply,
+        retry=tries,
+        created_at=record.created_at,
+        now=now,
+        random=random,
+    )
+    if when is None:
+        return Change(address=address, state=State.EXPIRED, attempt=attempt)
+    return Change(address=address, state=State.DEFERRED, attempt=attempt, next_attempt_at=when)
+
+
+def from_result(
+    record: MessageRecord,
+    recipients: Sequence[Recipient],
+    result: DeliveryResult,
+    *,
+    now: dt.datetime,
+    retry: RetryPolicy,
+    random: Callable[[], float],
+) -> Decision:
+    """What a transaction's per-recipient results do to ``recipients`` of ``record``."""
+    by_address: dict[Address, RecipientResult] = {r.address: r for r in result.recipients}
+    changes = []
+    any_accepted = False
+    all_transient = True
+    saw_421 = False
+    for recipient in recipients:
+        found = by_address.get(recipient.address)
+        if found is None:
+            # A transport that skipped a recipient broke its contract: retry it.
+            found = RecipientResult(
+                address=recipient.address,
+                outcome=Outcome.TRANSIENT,
+                reason="the transport returned no result for this recipient",
+                host=result.host,
+            )
+        reply = found.reply
+        attempt = Attempt(
+            at=now,
+            host=found.host or result.host,
+            code=None if reply is None else reply.code,
+            enhanced=None if reply is None or reply.enhanced is None else str(reply.enhanced),
+            text=(reply.text if reply is not None else "") or (found.reason or ""),
+            source="reply",
+        )
+        saw_421 = saw_421 or (reply is not None and reply.code == 421)
+        if found.outcome is Outcome.ACCEPTED:
+            any_accepted = True
+            all_transient = False
+            changes.append(
+                Change(address=recipient.address, state=State.DELIVERED, attempt=attempt)
+            )
+        elif found.outcome is Outcome.PERMANENT:
+            all_transient = False
+            changes.append(Change(address=recipient.address, state=State.BOUNCED, attempt=attempt))
+        else:
+            changes.append(
+                _failure_change(
+                    record, recipient.address, attempt, reply, now=now, retry=retry, random=random
+                )
+            )
+    refused: bool | None
+    if saw_421 or (all_transient and changes):
+        refused = True
+    elif any_accepted:
+        refused = False
+    else:
+        refused = None
+    return Decision(tuple(changes), refused)
+
+
+def from_error(
+    record: MessageRecord,
+    recipients: Sequence[Recipient],
+    error: DeliveryError,
+    *,
+    now: dt.datetime,
+    retry: RetryPolicy,
+    random: Callable[[], float],
+) -> Decision:
+    """What a transaction that raised ``error`` does to ``recipients`` of ``record``."""
+    reply = error.reply
+    attempt = Attempt(
+        at=now,
+        host=error.host,
+        code=None if reply is None else reply.code,
+        enhanced=None if reply is None or reply.enhanced is None else str(reply.enhanced),
+        text=f"{type(error).__name__}: {error}",
+        source="error",
+    )
+    changes = []
+    for recipient in recipients:
+        if error.is_transient:
+            changes.append(
+                _failure_change(
+                    record, recipient.address, attempt, reply, now=now, retry=retry, random=random
+                )
+            )
+        else:
+            changes.append(Change(address=recipient.address, state=State.BOUNCED, attempt=attempt))
+    return Decision(tuple(changes), True if error.is_transient else None)
