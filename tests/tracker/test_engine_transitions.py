@@ -1,0 +1,136 @@
+"""The tracker's state transitions (mailrelay.tracker.transitions): pure decisions, no I/O."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope
+from mailrelay.errors import ConnectError, SessionRefused
+from mailrelay.reply import Reply
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.tracker.retry import RetryPolicy
+from mailrelay.tracker.store import Attempt, MessageRecord, RecipientRecord, State
+from mailrelay.tracker.transitions import from_error, from_result, put_back
+
+T0 = dt.datetime(2026, 3, 1, 8, 0, tzinfo=dt.UTC)
+A = Address.parse("a@example.org")
+B = Address.parse("b@example.net")
+REPLIES = {
+    Outcome.ACCEPTED: Reply.of(250, "2.0.0 ok"),
+    Outcome.TRANSIENT: Reply.of(450, "4.2.0 busy"),
+    Outcome.PERMANENT: Reply.of(550, "5.1.1 no such user"),
+}
+
+
+def record(*attempts: tuple[Attempt, ...], created: dt.datetime = T0) -> MessageRecord:
+    envelope = Envelope("sender@example.com", [A, B])
+    histories = list(attempts) + [()] * (2 - len(attempts))
+    return MessageRecord(
+        id="m1",
+        created_at=created,
+        envelope=envelope,
+        recipients=tuple(
+            RecipientRecord(address=r.address, state=State.SENDING, attempts=history)
+            for r, history in zip(envelope.recipients, histories, strict=True)
+        ),
+    )
+
+
+def result(*outcomes: Outcome, code: int | None = None) -> DeliveryResult:
+    replies = [REPLIES[o] if code is None else Reply.of(code, "x") for o in outcomes]
+    return DeliveryResult(
+        recipients=tuple(
+            RecipientResult(address=address, outcome=outcome, reply=reply)
+            for address, outcome, reply in zip([A, B], outcomes, replies, strict=False)
+        ),
+        host="mx:25",
+    )
+
+
+def decide(rec: MessageRecord, res: DeliveryResult, now: dt.datetime = T0) -> tuple[object, ...]:
+    decision = from_result(
+        rec, rec.envelope.recipients, res, now=now, retry=RetryPolicy(jitter=0), random=lambda: 0.5
+    )
+    return tuple(c.state for c in decision.changes), decision.refused
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "states", "refused"),
+    [
+        ((Outcome.ACCEPTED, Outcome.ACCEPTED), (State.DELIVERED, State.DELIVERED), False),
+        ((Outcome.ACCEPTED, Outcome.PERMANENT), (State.DELIVERED, State.BOUNCED), False),
+        ((Outcome.ACCEPTED, Outcome.TRANSIENT), (State.DELIVERED, State.DEFERRED), False),
+        ((Outcome.TRANSIENT, Outcome.TRANSIENT), (State.DEFERRED, State.DEFERRED), True),
+        ((Outcome.PERMANENT, Outcome.TRANSIENT), (State.BOUNCED, State.DEFERRED), None),
+        ((Outcome.PERMANENT, Outcome.PERMANENT), (State.BOUNCED, State.BOUNCED), None),
+        # A recipient the transport skipped is retried, never lost.
+        ((Outcome.ACCEPTED,), (State.DELIVERED, State.DEFERRED), False),
+    ],
+)
+def test_each_recipient_follows_its_own_reply(
+    outcomes: tuple[Outcome, ...], states: tuple[State, ...], refused: bool | None
+) -> None:
+    assert decide(record(), result(*outcomes)) == (states, refused)
+
+
+def test_a_421_backs_the_domain_off_even_with_an_acceptance() -> None:
+    assert decide(record(), result(Outcome.ACCEPTED, Outcome.TRANSIENT, code=421))[1] is True
+
+
+def test_a_transient_reply_after_max_age_expires() -> None:
+    late = T0 + dt.timedelta(days=6)
+    assert decide(record(), result(Outcome.TRANSIENT, Outcome.ACCEPTED), now=late)[0] == (
+        State.EXPIRED,
+        State.DELIVERED,
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "state", "refused"),
+    [
+        (ConnectError("refused", host="mx:25"), State.DEFERRED, True),
+        (SessionRefused("go away", reply=Reply.of(554, "5.7.1 no")), State.BOUNCED, None),
+    ],
+)
+def test_a_delivery_error_decides_for_every_recipient(
+    error: ConnectError | SessionRefused, state: State, refused: bool | None
+) -> None:
+    rec = record()
+    decision = from_error(
+        rec, rec.envelope.recipients, error, now=T0, retry=RetryPolicy(), random=lambda: 0.5
+    )
+    assert [c.state for c in decision.changes] == [state, state]
+    assert decision.refused is refused
+    assert all(c.attempt is not None and c.attempt.source == "error" for c in decision.changes)
+
+
+@given(st.lists(st.sampled_from(["reply", "error", "dsn"]), max_size=4))
+def test_put_back_records_nothing_and_queues_only_the_never_tried(sources: list[str]) -> None:
+    history = tuple(Attempt(at=T0, text="x", source=s) for s in sources)
+    when = T0 + dt.timedelta(minutes=3)
+    changes = put_back(record(history), [A, B], when)
+    tried = any(s != "dsn" for s in sources)
+    assert [c.state for c in changes] == [State.DEFERRED if tried else State.QUEUED, State.QUEUED]
+    assert all(c.attempt is None and c.next_attempt_at == when for c in changes)
+
+
+def test_retries_count_only_replies_and_errors() -> None:
+    policy = RetryPolicy(initial=60, factor=2, jitter=0)
+    dsn = Attempt(at=T0, text="delayed", source="dsn")
+    reply = Attempt(at=T0, code=450, text="busy")
+    rec = record((dsn, dsn, reply))
+    decision = from_result(
+        rec,
+        rec.envelope.recipients[:1],
+        result(Outcome.TRANSIENT),
+        now=T0,
+        retry=policy,
+        random=lambda: 0.5,
+    )
+    # One earlier try (the DSNs do not count): this is the second retry, 120 s later.
+    assert decision.changes[0].next_attempt_at == T0 + dt.timedelta(seconds=120)
