@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 A :class:`Session` holds one sans-I/O :class:`~mailrelay.protocol.ClientConnection` and
 offers the steps of a session as generator methods: :meth:`Session.open`,
-:meth:`Session.deliver`, :meth:`Session.reset`, :meth:`Session.noop` and :meth:`Session.quit`.
+:meth:`Session.deliver`, :meth:`Session.deliver_many`, :meth:`Session.probe`,
+:meth:`Session.reset`, :meth:`Session.noop` and :meth:`Session.quit`.
 Each generator yields *I/O requests* and its ``return`` value is the step's result. A driver
 (blocking sockets or asyncio, in :mod:`mailrelay.transport`) runs a step like this::
 
@@ -61,7 +62,20 @@ Rules (the RFC sections are cited where they are enforced):
   chunks each wait for the previous chunk's reply. A refused MAIL gives every recipient the MAIL
   reply (not the 503s that follow). If every RCPT was refused but DATA still got 354, a lone
   "." ends the empty transaction (RFC 2920 §3.1) and each recipient keeps its own reply.
-* Message data is streamed from ``message.chunks()``, one :class:`Write` per chunk. BDAT
+* Many messages (:meth:`Session.deliver_many`): with PIPELINING, the next message's RSET
+  (when needed), MAIL, RCPTs and DATA follow the previous message's data and terminator
+  before its final reply is read (RFC 2920 §3.1: message content may start a group), so a
+  message costs one round trip; with CHUNKING, whole messages sent as ``BDAT n LAST`` (no
+  354 to wait for, RFC 3030 §4) share a bounded window (:data:`WINDOW_MESSAGES`,
+  :data:`WINDOW_BYTES`) whose replies are read in order as it fills. Each message's result
+  is what :meth:`Session.deliver` would have given it alone; when the session ends early,
+  messages without any final answer are handed back (``None``) for the transport to send
+  again on a fresh connection.
+* :meth:`Session.probe`: MAIL and RCPTs, then RSET, never DATA (recipient callouts).
+* Message data comes from ``message.chunks()``: a message up to 1 MiB goes out as one
+  :class:`Write` with its terminator (its wire form is kept, so the same message sent to
+  the next envelope is not dot-stuffed again); a larger one is streamed, one
+  :class:`Write` per chunk, and never held whole. BDAT
   (RFC 3030) is used when the server offers CHUNKING *and* the configuration asks for it
   (``chunking=True``); otherwise DATA.
 * LMTP: one final reply per accepted recipient, in RCPT order (RFC 2033 §4.2).
@@ -70,7 +84,10 @@ Rules (the RFC sections are cited where they are enforced):
 * 421 anywhere (and an unexpected end of the connection): the session is closed; recipients
   without a final answer become TRANSIENT. If *no* recipient got a final answer of its own,
   :class:`SessionRefused` (421) or :class:`ConnectionLost` (EOF) is raised instead of a
-  result, so that a transport may try another host for the whole message.
+  result, so that a transport may try another host for the whole message. A driver's error
+  (timeout, reset) thrown into a delivery is treated alike: once any recipient has a final
+  answer (an LMTP final reply, a refused RCPT), the result keeps it and the rest are
+  TRANSIENT, because sending the whole message again would deliver it twice.
 
 Wire traces go to the ``mailrelay.flow`` logger at DEBUG; AUTH lines are redacted.
 """

@@ -32,6 +32,8 @@ import ssl
 from collections.abc import Generator
 from typing import Any, TypeVar
 
+import attrs
+
 from mailrelay.errors import ConnectError, ConnectionLost, DeliveryError, TLSError
 from mailrelay.flow import Close, Read, Request, StartTLS, Write
 from mailrelay.options import Timeouts
@@ -260,6 +262,8 @@ class AsyncDriver:
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._pending_phase = "greeting"
+        # Timeouts.for_phase checks the name each time; the phases are a fixed set.
+        self._limits: dict[str, float] = attrs.asdict(timeouts)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -367,7 +371,7 @@ class AsyncDriver:
         self._pending.clear()
         self._pending_size = 0
         phase = self._pending_phase
-        timeout = self.timeouts.for_phase(phase)
+        timeout = self._limits[phase]
         try:
             # The common case needs no timer: the kernel took the bytes at once.
             if not self._pipe.write_now(data):
@@ -380,7 +384,7 @@ class AsyncDriver:
         self._live()
         if self._pipe.buffered:
             return self._pipe.take()  # already here: no timer needed
-        timeout = self.timeouts.for_phase(request.phase)
+        timeout = self._limits[request.phase]
         try:
             async with asyncio.timeout(timeout):
                 return await self._pipe.read()

@@ -186,6 +186,10 @@ class AsyncBatch:
                 except StopIteration:
                     return None
             self._index += 1
+        if self.total is not None:
+            # A sequence was made of pairs, and checked, at construction.
+            message, envelope = item  # type: ignore[misc]
+            return index, message, envelope
         message, envelope = _pair(item, index)
         return index, message, envelope
 
