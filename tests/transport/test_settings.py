@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mailrelay.errors import ConfigurationError, ConnectionLost
+from mailrelay.errors import ConfigurationError, TransportClosed
 from mailrelay.options import TLS
 from mailrelay.transport import (
     AsyncLMTPTransport,
@@ -102,7 +102,7 @@ def test_peer_name(host: str, port: int | None, expected: str) -> None:
 def test_a_closed_transport_refuses_to_send() -> None:
     transport = SMTPTransport("smtp.example.com")
     transport.close()
-    with pytest.raises(ConnectionLost, match="closed"):
+    with pytest.raises(TransportClosed, match="closed"):
         transport.send(make_message())
     async_transport = AsyncSMTPTransport("smtp.example.com")
 
@@ -110,7 +110,7 @@ def test_a_closed_transport_refuses_to_send() -> None:
         await async_transport.aclose()
         await async_transport.asend(make_message())
 
-    with pytest.raises(ConnectionLost, match="closed"):
+    with pytest.raises(TransportClosed, match="closed"):
         run(main())
 
 
