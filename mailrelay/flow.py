@@ -351,9 +351,14 @@ class BatchOutcome:
 class _Transaction:
     """Which reply each recipient of one message has, and which are final."""
 
-    def __init__(self, recipients: Sequence[Address], peer: str | None) -> None:
+    __slots__ = ("addresses", "final", "message_id", "peer", "rcpt_replies")
+
+    def __init__(
+        self, recipients: Sequence[Address], peer: str | None, message_id: str | None = None
+    ) -> None:
         self.addresses = tuple(recipients)
         self.peer = peer
+        self.message_id = message_id
         self.rcpt_replies: list[Reply | None] = [None] * len(self.addresses)
         self.final: list[RecipientResult | None] = [None] * len(self.addresses)
 
@@ -397,10 +402,10 @@ class _Transaction:
                     host=self.peer,
                 )
 
-    def result(self, message_id: str | None) -> DeliveryResult:
+    def result(self) -> DeliveryResult:
         results = tuple(r for r in self.final if r is not None)
         assert len(results) == len(self.addresses), "every recipient must be settled"
-        return DeliveryResult(recipients=results, message_id=message_id, host=self.peer)
+        return DeliveryResult(recipients=results, message_id=self.message_id, host=self.peer)
 
 
 class _SessionClosed(Exception):
@@ -435,6 +440,9 @@ class Session:
         self._needs_rset = False
         self._extensions: Extensions | None = None
         self._last_data: tuple[Message, bytes] | None = None
+        self._last_message: tuple[Message, Envelope, Extensions, str | None, str | None] | None = (
+            None
+        )
         self._last_commands: (
             tuple[Envelope, Extensions, tuple[int, str | None, bool], MailFrom, list[RcptTo]] | None
         ) = None
@@ -765,7 +773,7 @@ class Session:
         self._ensure_open()
         transaction = self._prepared(message, envelope)
         if transaction.all_final():
-            return transaction.result(message.message_id)
+            return transaction.result()
         try:
             if self._needs_rset:
                 yield from self._rset()
@@ -783,13 +791,23 @@ class Session:
                 raise
             yield from self._closed()
             transaction.unfinished(exc.reply, f"{type(exc).__name__} before a final reply: {exc}")
-        return transaction.result(message.message_id)
+        return transaction.result()
 
     def _prepared(self, message: Message, envelope: Envelope) -> _Transaction:
         """The message's bookkeeping; already final when it cannot be sent here at all (or
         has no recipient)."""
-        transaction = _Transaction([r.address for r in envelope.recipients], self.config.peer)
-        refusal = self._precheck(message, envelope)
+        last = self._last_message
+        ext = self.extensions
+        if last is not None and last[0] is message and last[1] is envelope and last[2] is ext:
+            # The same pair again (one message, one list, many sends): nothing to re-derive.
+            message_id, refusal = last[3], last[4]
+        else:
+            message_id = message.message_id
+            refusal = self._precheck(message, envelope)
+            self._last_message = (message, envelope, ext, message_id, refusal)
+        transaction = _Transaction(
+            [r.address for r in envelope.recipients], self.config.peer, message_id
+        )
         if refusal is not None:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("refusing the message before sending: %s", refusal)
@@ -1121,7 +1139,7 @@ class Session:
                 transaction = self._prepared(message, envelope)
                 transactions[index] = transaction
                 if transaction.all_final():
-                    results[index] = transaction.result(message.message_id)
+                    results[index] = transaction.result()
                     continue
                 if not pipelined or (bdat and message.size > _ONE_CHUNK):
                     # Nothing overlaps: read what is in flight, then one message alone.
@@ -1129,11 +1147,11 @@ class Session:
                         done, reader, size = inflight.popleft()
                         yield from reader
                         outstanding -= size
-                        results[done] = _result_of(transactions[done], items[done][0])
+                        results[done] = _result_of(transactions[done])
                     if self._needs_rset:
                         yield from self._rset()
                     yield from self._transaction(message, envelope, transaction)
-                    results[index] = transaction.result(message.message_id)
+                    results[index] = transaction.result()
                     continue
                 mail, rcpts = self._commands(message, envelope)
                 rset = self._needs_rset
@@ -1151,7 +1169,7 @@ class Session:
                         done, reader, size = inflight.popleft()
                         yield from reader
                         outstanding -= size
-                        results[done] = _result_of(transactions[done], items[done][0])
+                        results[done] = _result_of(transactions[done])
                     continue
                 group.append(_DATA)
                 self._needs_rset = True
@@ -1172,7 +1190,7 @@ class Session:
                         done, done_transaction = previous
                         previous = None
                         done_transaction.settle_all(replies[0])
-                        results[done] = done_transaction.result(items[done][0].message_id)
+                        results[done] = done_transaction.result()
                         pos = 1
                     pos = _apply_envelope(transaction, replies, pos + rset)
                     if pos >= got:
@@ -1180,14 +1198,14 @@ class Session:
                     if (yield from self._data_body(message, transaction, replies[pos])):
                         previous = (index, transaction)
                     else:
-                        results[index] = transaction.result(message.message_id)
+                        results[index] = transaction.result()
                     continue
                 # LMTP: the previous message's final replies come first (FIFO), then ours.
                 while inflight:
                     done, reader, size = inflight.popleft()
                     yield from reader
                     outstanding -= size
-                    results[done] = _result_of(transactions[done], items[done][0])
+                    results[done] = _result_of(transactions[done])
                 if rset:
                     yield from self._rset_reply()
                 yield from self._read_envelope_replies(transaction)
@@ -1195,15 +1213,15 @@ class Session:
                     # The final reply is read with the next message's envelope replies.
                     inflight.append((index, self._finals(transaction), 0))
                 else:
-                    results[index] = transaction.result(message.message_id)
+                    results[index] = transaction.result()
             while inflight:
                 done, reader, size = inflight.popleft()
                 yield from reader
-                results[done] = _result_of(transactions[done], items[done][0])
+                results[done] = _result_of(transactions[done])
             if previous is not None:
                 done, done_transaction = previous
                 done_transaction.settle_all((yield from self._reply("data_end")))
-                results[done] = done_transaction.result(items[done][0].message_id)
+                results[done] = done_transaction.result()
         except _SessionClosed as closed:
             error = self._refuse(closed.reply, "before every message was answered")
             what = "closed the session (421)" if closed.reply else "closed the connection"
@@ -1216,7 +1234,7 @@ class Session:
             for index, begun in enumerate(transactions):
                 if results[index] is None and begun is not None and begun.any_final():
                     begun.unfinished(error.reply, reason)
-                    results[index] = begun.result(items[index][0].message_id)
+                    results[index] = begun.result()
         return BatchOutcome(results=tuple(results), error=error)
 
     def _collect(self, count: int, phase: str) -> Step[tuple[list[Reply], _SessionClosed | None]]:
@@ -1363,9 +1381,9 @@ def _short(closed: _SessionClosed | None) -> _SessionClosed:
     return closed
 
 
-def _result_of(transaction: _Transaction | None, message: Message) -> DeliveryResult:
+def _result_of(transaction: _Transaction | None) -> DeliveryResult:
     assert transaction is not None
-    return transaction.result(message.message_id)
+    return transaction.result()
 
 
 def _with_last(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, bool]]:
