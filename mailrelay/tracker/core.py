@@ -142,7 +142,13 @@ class Group:
 
 @attrs.frozen
 class Work:
-    """A claim with what is needed to act on it."""
+    """A claim with what is needed to act on it.
+
+    ``record`` is the record read when the batch was claimed, or, for a fresh claim of a
+    message still held from submit, the record as submitted. The two differ only in the
+    claimed recipients' state and lease (QUEUED and none instead of SENDING and ours):
+    those recipients have no history either way, and no decision reads their state.
+    """
 
     claim: Claim
     record: MessageRecord
@@ -151,31 +157,6 @@ class Work:
 
 #: A claimed message's record, and the message itself when still held in memory.
 Entry = tuple[MessageRecord, Message | None]
-
-
-def _as_claimed(record: MessageRecord, claim: Claim) -> MessageRecord:
-    """The record as submitted, with a fresh claim's recipients leased as the store has them."""
-    claimed = set(claim.addresses)
-    # Built directly rather than with attrs.evolve: this runs for every message sent.
-    return MessageRecord(
-        id=record.id,
-        created_at=record.created_at,
-        envelope=record.envelope,
-        message_id=record.message_id,
-        size=record.size,
-        recipients=tuple(
-            RecipientRecord(
-                address=r.address,
-                state=State.SENDING,
-                next_attempt_at=r.next_attempt_at,
-                lease_owner=claim.worker,
-                lease_until=claim.lease_until,
-            )
-            if r.address in claimed
-            else r
-            for r in record.recipients
-        ),
-    )
 
 
 T = TypeVar("T", Transport, AsyncTransport)
@@ -378,7 +359,7 @@ class TrackerCore(Generic[T]):
             held = self.messages.take(claim.tracking_id)
             if held is not None and claim.fresh:
                 message, record = held
-                found[claim.tracking_id] = (_as_claimed(record, claim), message)
+                found[claim.tracking_id] = (record, message)
             else:
                 missing.append((claim.tracking_id, None if held is None else held[0]))
         if missing:
@@ -478,9 +459,10 @@ class TrackerCore(Generic[T]):
                     continue
                 if snapshot is None:
                     snapshot = {r.address: r for r in work.record.recipients}
-                after, _did = apply_change(
-                    snapshot[change.address], change, worker=work.claim.worker
-                )
+                # The store applied this change (it is in ``changed``), so apply it here
+                # the same way; no lease check, since the snapshot may be the submitted
+                # record (see Work).
+                after, _did = apply_change(snapshot[change.address], change, worker=None)
                 if wanted:
                     events.append(
                         TrackerEvent(
