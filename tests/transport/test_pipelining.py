@@ -162,3 +162,37 @@ def test_a_refused_recipient_survives_the_session_ending(
     assert [r.outcome for r in results[0].recipients] == [Outcome.PERMANENT, Outcome.TRANSIENT]
     # The second message had not been answered at all: it went on a fresh connection.
     assert results[1].ok
+
+
+def accept_bdat_message() -> list[Step]:
+    """MAIL, one RCPT and one ``BDAT n LAST`` chunk (RFC 3030), each answered positively."""
+    return [
+        Step(expect=r"MAIL FROM:<.*>.*", reply=b"250 2.1.0 Ok\r\n"),
+        Step(expect=r"RCPT TO:<.*>.*", reply=b"250 2.1.5 Ok\r\n"),
+        Step(expect=r"BDAT \d+ LAST", reply=b"250 2.0.0 Ok: queued\r\n"),
+    ]
+
+
+def test_a_bdat_window_with_a_421_in_the_middle_resends_the_rest(
+    flavour: Flavour, scripted_server: ScriptedServerFactory
+) -> None:
+    offers = ehlo("PIPELINING", "CHUNKING")
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                offers,
+                *accept_bdat_message(),
+                Step(expect=r"MAIL FROM:.*", reply=b"421 4.3.2 bye\r\n", action=Action.CLOSE),
+            ],
+            [greeting(), offers, *accept_bdat_message() * 3, quit_step()],
+        ]
+    )
+    batch = messages(4)
+    results = send_many_with(flavour, batch, **plain(server.port, chunking=True))
+    assert [r.ok for r in results] == [True] * 4
+    second = bytes(server.session(1).received)
+    # The four went out together on the first connection (a window); only the one answered
+    # there is not sent again.
+    assert b"Subject: m0" not in second
+    assert all(f"Subject: m{n}".encode() in second for n in (1, 2, 3))
