@@ -18,6 +18,10 @@ Rules of this module:
   :meth:`~mailrelay.message.Message.from_file` reads its file again on every
   :meth:`~mailrelay.message.Message.chunks`, and the file may change or vanish once
   :meth:`submit` has stored its bytes, so such a message is always read back from the store.
+* Only messages up to :data:`MAX_KEPT` bytes are kept: telling an in-memory message
+  from a file-backed one costs two reads of the file (see :func:`held_in_memory`), which
+  must stay cheap; and for a large message the per-message saving is small next to its
+  size anyway.
 * An entry is taken out when its message is claimed (:meth:`MessageCache.take`): a
   retry reads the store. The cache is bounded in bytes, the oldest entries going first,
   and is thread-safe (submissions may come from other threads than the runner's).
@@ -31,14 +35,19 @@ from collections import OrderedDict
 from mailrelay.message import Message
 from mailrelay.tracker.store import MessageRecord
 
-__all__ = ["MessageCache"]
+__all__ = ["MAX_KEPT", "MessageCache", "held_in_memory"]
+
+#: The largest message kept, in bytes.
+MAX_KEPT = 1 << 18
 
 
 def held_in_memory(message: Message) -> bool:
     """Whether ``message`` hands out the same bytes every time (not a file re-read).
 
     :meth:`Message.as_bytes` returns the one bytes object an in-memory message holds,
-    and reads a file-backed message's file again (a new object) on every call.
+    and reads a file-backed message's file again (a new object) on every call. (Message
+    has no public flag for this; if its internals change so that every call returns a
+    new object, nothing is kept: slower, never wrong.)
     """
     return message.as_bytes() is message.as_bytes()
 
@@ -47,7 +56,7 @@ class MessageCache:
     """Submitted messages by tracking id, at most ``max_bytes`` of them (0 keeps none).
 
     Args:
-        max_bytes: the most message bytes kept; also the largest message kept.
+        max_bytes: the most message bytes kept in all.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -63,7 +72,7 @@ class MessageCache:
 
     def put(self, message: Message, record: MessageRecord) -> None:
         """Keep a message and its record, just committed (when it fits and is in memory)."""
-        if message.size > self.max_bytes or not held_in_memory(message):
+        if message.size > min(self.max_bytes, MAX_KEPT) or not held_in_memory(message):
             return
         with self._lock:
             old = self._entries.pop(record.id, None)

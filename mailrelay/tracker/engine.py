@@ -101,7 +101,8 @@ class DeliveryTracker(TrackerCore[Transport]):
             back for ``commit_batch`` transactions.
         message_cache: bytes of submitted messages kept in memory until they are
             sent, so that sending them need not read and parse the stored copy
-            (default 16 MiB; 0 keeps none). See :mod:`mailrelay.tracker.cache`.
+            (default 16 MiB in all, messages up to 256 KiB each; 0 keeps none).
+            See :mod:`mailrelay.tracker.cache`.
     """
 
     def __repr__(self) -> str:

@@ -16,7 +16,7 @@ from mailrelay.envelope import Envelope
 from mailrelay.message import Message
 from mailrelay.results import Outcome
 from mailrelay.tracker.async_engine import AsyncDeliveryTracker
-from mailrelay.tracker.cache import MessageCache, held_in_memory
+from mailrelay.tracker.cache import MAX_KEPT, MessageCache, held_in_memory
 from mailrelay.tracker.engine import DeliveryTracker
 from mailrelay.tracker.events import TrackerEvent
 from mailrelay.tracker.sqlite_store import SQLiteStore
@@ -176,3 +176,14 @@ def test_a_held_message_whose_recipients_have_a_history_is_read_back() -> None:
     assert events[0].recipient is not None
     assert events[0].recipient.attempts[0] == note
     assert [a.source for a in events[0].recipient.attempts] == ["dsn", "reply"]
+
+
+def test_large_messages_are_not_kept() -> None:
+    big = Message.build(
+        sender="sender@example.com", to=["r@example.org"], subject="s", text="x" * MAX_KEPT
+    )
+    cache = MessageCache(16 << 20)
+    cache.put(big, record("big"))
+    assert cache.take("big") is None
+    cache.put(message(), record("small"))
+    assert cache.take("small") is not None
