@@ -97,9 +97,9 @@ class RunSummary:
     postponed: int = 0
 
     def __add__(self, other: RunSummary) -> RunSummary:
-        if other is _NOTHING:
+        if other is NOTHING_DONE:
             return self  # the common case in the run loop: no new object
-        if self is _NOTHING:
+        if self is NOTHING_DONE:
             return other
         return RunSummary(
             messages=self.messages + other.messages,
@@ -111,8 +111,9 @@ class RunSummary:
         )
 
 
-_NOTHING = RunSummary()
-_ONE_MESSAGE = RunSummary(messages=1)
+#: Shared summaries for the run loop's common cases (values are immutable, so sharing is safe).
+NOTHING_DONE = RunSummary()
+ONE_MESSAGE = RunSummary(messages=1)
 
 
 def _utc_now() -> dt.datetime:

@@ -31,8 +31,8 @@ from mailrelay.envelope import Envelope
 from mailrelay.errors import DeliveryError
 from mailrelay.message import Message
 from mailrelay.tracker.core import (
-    _NOTHING,
-    _ONE_MESSAGE,
+    NOTHING_DONE,
+    ONE_MESSAGE,
     Entry,
     Group,
     RunSummary,
@@ -131,7 +131,7 @@ class DeliveryTracker(TrackerCore[Transport]):
                 :class:`~mailrelay.errors.DeliveryError` (after putting the
                 claimed recipients back, due at once).
         """
-        summary = _NOTHING
+        summary = NOTHING_DONE
         for _ in range(max_rounds):
             claims = self._claim()
             if not claims:
@@ -197,8 +197,8 @@ class DeliveryTracker(TrackerCore[Transport]):
             self._release_claims([claim])
             raise
         if work is None:
-            return _NOTHING
-        summary = _ONE_MESSAGE
+            return NOTHING_DONE
+        summary = ONE_MESSAGE
         groups = self._groups(work)
         for index, group in enumerate(groups):
             try:
@@ -234,7 +234,7 @@ class DeliveryTracker(TrackerCore[Transport]):
         finally:
             self.shaper.release(group.key, self.clock(), refused=refused)
         pending.append((work, outcome.changes))
-        return _NOTHING
+        return NOTHING_DONE
 
     def _send_dsn(self, message: Message, envelope: Envelope) -> None:
         assert self.dsn_transport is not None
