@@ -979,26 +979,37 @@ class Session:
             else:
                 transaction.settle_all(data_reply)
             return False
-        conn = self._conn
         if message.size <= _JOIN_LIMIT:
-            # A small message goes out as one request with its terminator. The same message
-            # again (one message, many envelopes) reuses its wire form: no second stuffing.
-            last = self._last_data
-            if last is not None and last[0] is message:
-                body = conn.send(DataChunk(data=last[1], stuffed=True))
-            else:
-                body = b"".join([conn.send(DataChunk(data=chunk)) for chunk in message.chunks()])
-                self._last_data = (message, body)
-            yield Write(data=body + conn.send(EndOfData()), phase="data_block")
-        else:
-            # Streamed: one request per chunk, so a huge message is never held whole.
-            for chunk in message.chunks():
-                yield Write(data=conn.send(DataChunk(data=chunk)), phase="data_block")
-            yield Write(data=conn.send(EndOfData()), phase="data_block")
+            # A small message goes out as one request with its terminator.
+            yield Write(data=self._data_wire(message), phase="data_block")
+            return True
+        # Streamed: one request per chunk, so a huge message is never held whole.
+        conn = self._conn
+        for chunk in message.chunks():
+            yield Write(data=conn.send(DataChunk(data=chunk)), phase="data_block")
+        yield Write(data=conn.send(EndOfData()), phase="data_block")
         if log.isEnabledFor(logging.DEBUG):
             log.debug(">>> <%d bytes of message data and the terminator>", message.size)
         self._needs_rset = False
         return True
+
+    def _data_wire(self, message: Message) -> bytes:
+        """A small message's data and terminator, as one piece of wire bytes (after 354).
+
+        The same message again (one message, many envelopes) reuses its wire form: it is
+        not dot-stuffed a second time.
+        """
+        conn = self._conn
+        last = self._last_data
+        if last is not None and last[0] is message:
+            body = conn.send(DataChunk(data=last[1], stuffed=True))
+        else:
+            body = b"".join([conn.send(DataChunk(data=chunk)) for chunk in message.chunks()])
+            self._last_data = (message, body)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(">>> <%d bytes of message data and the terminator>", message.size)
+        self._needs_rset = False
+        return body + conn.send(EndOfData())
 
     def _send_bdat(
         self,
@@ -1132,6 +1143,8 @@ class Session:
         lmtp = self.config.lmtp
         # SMTP over DATA: the message whose final reply is still to be read.
         previous: tuple[int, _Transaction] | None = None
+        # ...and its data and terminator, not written yet: they go with the next write.
+        carry = b""
         error: DeliveryError | None = None
         reason = ""
         try:
@@ -1173,8 +1186,18 @@ class Session:
                     continue
                 group.append(_DATA)
                 self._needs_rset = True
-                yield from self._write(*group, phase="mail")
                 if not lmtp:
+                    # One write: the previous message's data and terminator (if any), then
+                    # this message's envelope (RFC 2920 §3.1).
+                    conn = self._conn
+                    wire = [conn.send(command) for command in group]
+                    if log.isEnabledFor(logging.DEBUG):
+                        for command, data in zip(group, wire, strict=True):
+                            log.debug(">>> %s", _trace(command, data))
+                    if carry:
+                        wire.insert(0, carry)
+                        carry = b""
+                    yield Write(data=b"".join(wire), phase="mail")
                     # The hot path: one collection of replies per message, in FIFO order:
                     # the previous message's final reply, then RSET's, MAIL's, the RCPTs',
                     # and DATA's.
@@ -1195,11 +1218,21 @@ class Session:
                     pos = _apply_envelope(transaction, replies, pos + rset)
                     if pos >= got:
                         raise _short(closed)
-                    if (yield from self._data_body(message, transaction, replies[pos])):
+                    data_reply = replies[pos]
+                    if (
+                        data_reply.code == 354
+                        and message.size <= _JOIN_LIMIT
+                        and not transaction.all_final()
+                    ):
+                        # Sent with the next message's envelope (or before the last read).
+                        carry = self._data_wire(message)
+                        previous = (index, transaction)
+                    elif (yield from self._data_body(message, transaction, data_reply)):
                         previous = (index, transaction)
                     else:
                         results[index] = transaction.result()
                     continue
+                yield from self._write(*group, phase="mail")
                 # LMTP: the previous message's final replies come first (FIFO), then ours.
                 while inflight:
                     done, reader, size = inflight.popleft()
@@ -1218,6 +1251,8 @@ class Session:
                 done, reader, size = inflight.popleft()
                 yield from reader
                 results[done] = _result_of(transactions[done])
+            if carry:
+                yield Write(data=carry, phase="data_block")
             if previous is not None:
                 done, done_transaction = previous
                 done_transaction.settle_all((yield from self._reply("data_end")))
