@@ -1001,15 +1001,18 @@ class Session:
         """
         conn = self._conn
         last = self._last_data
-        if last is not None and last[0] is message:
-            body = conn.send(DataChunk(data=last[1], stuffed=True))
-        else:
-            body = b"".join([conn.send(DataChunk(data=chunk)) for chunk in message.chunks()])
-            self._last_data = (message, body)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(">>> <%d bytes of message data and the terminator>", message.size)
         self._needs_rset = False
-        return body + conn.send(EndOfData())
+        if last is not None and last[0] is message:
+            return conn.send(DataChunk(data=last[1], stuffed=True)) + conn.send(EndOfData())
+        pieces = [conn.send(DataChunk(data=chunk)) for chunk in message.chunks()]
+        pieces.append(conn.send(EndOfData()))
+        wire = b"".join(pieces)
+        # Kept without the final ".CRLF" (but with any line end the terminator added), so
+        # that it ends a line and EndOfData() gives the same terminator again.
+        self._last_data = (message, wire[:-3])
+        return wire
 
     def _send_bdat(
         self,

@@ -1459,8 +1459,9 @@ def test_config_takes_any_iterable_of_mechanisms_as_a_tuple() -> None:
     assert config().auth_mechanisms is None
 
 
-def test_the_same_message_twice_goes_out_identically_stuffed_once() -> None:
-    msg = message(".hidden\r\nend\r\n")
+@pytest.mark.parametrize("body", [".hidden\r\nend\r\n", ".hidden\r\nno line end"])
+def test_the_same_message_twice_goes_out_identically_stuffed_once(body: str) -> None:
+    msg = message(body)
     session, driver = opened(
         [GREETING, PIPE, OK + OK + GO_AHEAD, QUEUED, OK + OK + GO_AHEAD, QUEUED]
     )
@@ -1469,4 +1470,4 @@ def test_the_same_message_twice_goes_out_identically_stuffed_once() -> None:
         assert driver.run(session.deliver(msg, envelope())).ok
     data = [w.data for w in driver.writes if w.phase == "data_block"]
     assert data[0] == data[1]
-    assert data[0].endswith(b"\r\n..hidden\r\nend\r\n.\r\n")
+    assert data[0].endswith(b"\r\n..hidden\r\n" + body[9:].rstrip("\r\n").encode() + b"\r\n.\r\n")

@@ -378,9 +378,10 @@ class DataChunk(Command):
 
     Attributes:
         data: the message bytes.
-        stuffed: ``data`` is already in wire form (what ``send()`` returned for the same
-            message before), so it passes through unchanged; it must start a line. This
-            lets a client send one message to many envelopes without stuffing it again.
+        stuffed: ``data`` is already in wire form, so it passes through unchanged: what
+            ``send()`` returned for the same message before, with the terminator's output
+            but its final ``.CRLF`` (so it ends a line). It must start a line. This lets a
+            client send one message to many envelopes without stuffing it again.
     """
 
     verb: ClassVar[str] = "DATA-CHUNK"

@@ -104,10 +104,10 @@ def test_round_trip_any_body_any_chunking(body: bytes, data: st.DataObject) -> N
 @given(body=st.binary(max_size=300))
 def test_wire_form_passed_through_gives_the_same_data(body: bytes) -> None:
     first = DotStuffer()
-    wire = first.chunk(body)
-    end = first.end()
+    wire = first.chunk(body) + first.end()
     again = DotStuffer()
-    assert again.stuffed(wire) + again.end() == wire + end
+    # Everything but the final ".CRLF": it ends a line, so the terminator is the same.
+    assert again.stuffed(wire[:-3]) + again.end() == wire
 
 
 @pytest.mark.parametrize("before", [b"no line end", b"held CR\r"])
