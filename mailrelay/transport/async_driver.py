@@ -16,7 +16,7 @@ Rules:
   response-injection attack) instead of being read later as if they had come encrypted.
 * Writes are queued and sent together before the next ``Read`` or ``StartTLS`` (or once
   64 KiB are queued), as in the blocking driver.
-* Every wait is bounded by the request's phase limit (``asyncio.timeout``); connecting and
+* Every wait is bounded by the request's phase limit (a timer on the read, ``asyncio.timeout`` elsewhere); connecting and
   TLS handshakes use ``Timeouts.connect``.
 * I/O errors are translated (:mod:`mailrelay.transport.errors_map`), the connection is
   closed, and the error is thrown into the step at the failed request.
@@ -54,6 +54,11 @@ T = TypeVar("T")
 READ_SIZE = 65536
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class _Pipe(asyncio.Protocol):
     """A byte pipe with a bounded receive buffer and write flow control."""
 
@@ -62,7 +67,9 @@ class _Pipe(asyncio.Protocol):
         self._buffer = bytearray()
         self._eof = False
         self._error: BaseException | None = None
-        self._readable = asyncio.Event()
+        # The reader waiting in read_within(), woken by the callbacks: a bare future and a
+        # timer handle cost less than an Event plus an asyncio.timeout scope per reply.
+        self._waiter: asyncio.Future[None] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
         self._paused = False
@@ -74,23 +81,28 @@ class _Pipe(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def data_received(self, data: bytes) -> None:
         self._buffer.extend(data)
         self.bytes_received += len(data)
-        self._readable.set()
+        self._wake()
         if len(self._buffer) >= READ_SIZE and self.transport is not None and not self._paused:
             self._paused = True
             self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self._eof = True
-        self._readable.set()
+        self._wake()
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self._error = exc
-        self._readable.set()
+        self._wake()
         self._writable.set()
 
     def pause_writing(self) -> None:
@@ -106,21 +118,35 @@ class _Pipe(asyncio.Protocol):
         """Bytes received and not read yet."""
         return len(self._buffer)
 
-    async def read(self) -> bytes:
-        """Up to :data:`READ_SIZE` bytes; ``b""`` at end of file."""
+    async def read_within(self, timeout: float) -> bytes:
+        """Up to :data:`READ_SIZE` bytes, ``b""`` at end of file; :class:`TimeoutError` when
+        nothing came within ``timeout`` seconds."""
+        if self._buffer:
+            return self.take()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while not self._buffer:
             if self._eof:
                 if self._error is not None and not isinstance(self._error, ssl.SSLError):
                     raise self._error
                 return b""
-            self._readable.clear()
-            await self._readable.wait()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_at(deadline, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
         return self.take()
 
     def take(self) -> bytes:
         """Up to :data:`READ_SIZE` buffered bytes, without waiting (``b""`` if none)."""
-        data = bytes(self._buffer[:READ_SIZE])
-        del self._buffer[:READ_SIZE]
+        if len(self._buffer) <= READ_SIZE:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        else:
+            data = bytes(self._buffer[:READ_SIZE])
+            del self._buffer[:READ_SIZE]
         if self._paused and len(self._buffer) < READ_SIZE and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
@@ -386,8 +412,7 @@ class AsyncDriver:
             return self._pipe.take()  # already here: no timer needed
         timeout = self._limits[request.phase]
         try:
-            async with asyncio.timeout(timeout):
-                return await self._pipe.read()
+            return await self._pipe.read_within(timeout)
         except TimeoutError as exc:
             if self._before_greeting(request) and await self._probe_tls():
                 raise TLSError(
