@@ -16,8 +16,8 @@ Rules:
   response-injection attack) instead of being read later as if they had come encrypted.
 * Writes are queued and sent together before the next ``Read`` or ``StartTLS`` (or once
   64 KiB are queued), as in the blocking driver.
-* Every wait is bounded by the request's phase limit (a timer on the read, ``asyncio.timeout`` elsewhere); connecting and
-  TLS handshakes use ``Timeouts.connect``.
+* Every wait is bounded by the request's phase limit (a timer handle while reading,
+  ``asyncio.timeout`` elsewhere); connecting and TLS handshakes use ``Timeouts.connect``.
 * I/O errors are translated (:mod:`mailrelay.transport.errors_map`), the connection is
   closed, and the error is thrown into the step at the failed request.
 * Cancellation is never swallowed: a cancelled ``run`` closes the connection and re-raises.
