@@ -8,13 +8,23 @@ asyncio runner (:mod:`mailrelay.tracker.async_engine`) is in :mod:`mailrelay.tra
 
 Rules of this module:
 
-* :meth:`DeliveryTracker.run_pending` claims a batch of due messages, delivers them one
-  transaction at a time, and commits the results in batches (``commit_batch``
-  transactions, or ``commit_interval``, whichever comes first), then fires their events
-  and sends their failure DSNs. Results already in hand are committed even when an
-  exception propagates.
-* Any exception other than a :class:`~mailrelay.errors.DeliveryError` puts the claimed
-  recipients not yet attempted back, due at once, and propagates: never a silent loss.
+* :meth:`DeliveryTracker.run_pending` claims a batch of due messages and hands its
+  delivery transactions to the transport's ``send_many`` in chunks, so a transport that
+  pipelines across messages (``SMTPTransport``, RFC 2920) does so for tracked mail too.
+  A chunk holds at most ``commit_batch`` transactions less the results still awaiting
+  their commit, and no more than the last chunk's pace fits in ``commit_interval`` (the
+  first chunk is one transaction). Results are committed when ``commit_batch`` of them
+  are in hand, when the oldest has waited ``commit_interval``, and at the end of the
+  claim batch; then their events fire and their failure DSNs go out. So a crash
+  re-sends at most ``commit_batch`` delivered transactions, as before.
+* ``send_many`` turns a :class:`~mailrelay.errors.DeliveryError` into that message's
+  result, which decides as the error would have. Any other exception puts back every
+  transaction of the chunk without a result and every one not yet sent, due at once,
+  commits the results already in hand, and propagates: the transport may have sent
+  some of that chunk (they go again: at-least-once), but nothing is lost.
+* A domain with a concurrency or rate limit (``DomainLimits.max_concurrent`` or
+  ``per_second``) has its transactions sent one at a time, so those limits count
+  transactions exactly; the adaptive back-off applies between chunks.
 * :meth:`DeliveryTracker.run_forever` checks its stop flag between batches, so an
   attempt in progress always finishes and is recorded.
 """
@@ -24,16 +34,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from mailrelay.envelope import Envelope
-from mailrelay.errors import DeliveryError
 from mailrelay.message import Message
 from mailrelay.tracker.core import (
     NOTHING_DONE,
-    ONE_MESSAGE,
-    Entry,
     Group,
     RunSummary,
     TrackerCore,
@@ -105,6 +113,9 @@ class DeliveryTracker(TrackerCore[Transport]):
             See :mod:`mailrelay.tracker.cache`.
     """
 
+    # Seconds per transaction of the last chunk sent, by ``clock`` (None: nothing sent yet).
+    _pace: float | None = None
+
     def __repr__(self) -> str:
         return f"<DeliveryTracker worker={self.worker_id!r} store={self.store!r}>"
 
@@ -124,43 +135,56 @@ class DeliveryTracker(TrackerCore[Transport]):
     def run_pending(self, *, max_rounds: int = 1000) -> RunSummary:
         """Send everything due now, then return what was done.
 
-        Claims batches until nothing is due (at most ``max_rounds`` batches).
+        Claims batches until nothing is due (at most ``max_rounds`` batches). Each
+        claimed batch goes to the transport's ``send_many`` in chunks (see the module
+        docstring), so a transport that pipelines across messages does so here too.
 
         Raises:
             Exception: whatever a transport raised that is not a
                 :class:`~mailrelay.errors.DeliveryError` (after putting the
-                claimed recipients back, due at once).
+                claimed recipients without a result back, due at once).
         """
         summary = NOTHING_DONE
         for _ in range(max_rounds):
             claims = self._claim()
             if not claims:
                 break
-            pending: list[tuple[Work, Sequence[Change]]] = []
-            oldest: dt.datetime | None = None  # when the first uncommitted result came in
-            try:
-                try:
-                    records = self._read_batch(claims)
-                except BaseException:
-                    self._release_claims(claims)
-                    raise
-                for index, claim in enumerate(claims):
-                    try:
-                        summary += self._process(claim, records.get(claim.tracking_id), pending)
-                    except BaseException:
-                        # The claims after this one were never started: give them back.
-                        self._release_claims(claims[index + 1 :])
-                        raise
-                    if not pending:
-                        continue
-                    now = self.clock()
-                    oldest = oldest or now
-                    if len(pending) >= self.commit_batch or now - oldest >= self.commit_interval:
-                        summary += self._flush(pending)
-                        oldest = None
-            finally:
-                # Results already in hand are committed even when an error propagates.
-                summary += self._flush(pending)
+            summary += self._run_batch(claims)
+        return summary
+
+    def _run_batch(self, claims: Sequence[Claim]) -> RunSummary:
+        try:
+            records = self._read_batch(claims)
+            works = [
+                work
+                for claim in claims
+                if (work := self._load(claim, records.get(claim.tracking_id))) is not None
+            ]
+        except BaseException:
+            self._release_claims(claims)
+            raise
+        summary = RunSummary(messages=len(works)) if works else NOTHING_DONE
+        queue = deque((work, group) for work in works for group in self._groups(work))
+        pending: list[tuple[Work, Sequence[Change]]] = []
+        oldest: dt.datetime | None = None  # when the first uncommitted result came in
+        try:
+            while queue:
+                chunk, postponed = self._take_chunk(queue, pending)
+                if postponed:
+                    summary += RunSummary(postponed=postponed)
+                if chunk:
+                    self._send_chunk(chunk, queue, pending)
+                if not pending:
+                    continue
+                now = self.clock()
+                oldest = oldest or now
+                if len(pending) >= self.commit_batch or now - oldest >= self.commit_interval:
+                    summary += self._flush(pending)
+                    oldest = None
+        finally:
+            # Results already in hand (and work put back) are committed even when an
+            # error propagates.
+            summary += self._flush(pending)
         return summary
 
     def _flush(self, pending: list[tuple[Work, Sequence[Change]]]) -> RunSummary:
@@ -185,56 +209,92 @@ class DeliveryTracker(TrackerCore[Transport]):
                 worker=claim.worker,
             )
 
-    def _process(
-        self,
-        claim: Claim,
-        entry: Entry | None,
-        pending: list[tuple[Work, Sequence[Change]]],
-    ) -> RunSummary:
-        try:
-            work = self._load(claim, entry)
-        except BaseException:
-            self._release_claims([claim])
-            raise
-        if work is None:
-            return NOTHING_DONE
-        summary = ONE_MESSAGE
-        groups = self._groups(work)
-        for index, group in enumerate(groups):
-            try:
-                summary += self._transaction(work, group, pending)
-            except BaseException:
-                unsent = [r.address for g in groups[index:] for r in g.recipients]
-                self.store.apply(
-                    claim.tracking_id,
-                    self._put_back(work.record, unsent, self.clock()),
-                    worker=claim.worker,
-                )
-                raise
-        return summary
+    def _chunk_limit(self, room: int) -> int:
+        """How many transactions the next ``send_many`` call may carry.
 
-    def _transaction(
-        self, work: Work, group: Group, pending: list[tuple[Work, Sequence[Change]]]
-    ) -> RunSummary:
+        At most ``room`` (``commit_batch`` less the results awaiting their commit), and
+        no more than take ``commit_interval`` at the pace of the last chunk: a slow
+        server then gets small chunks, so its results are not held back. The first
+        chunk a tracker sends, with no pace known yet, is a single transaction.
+        """
+        pace = self._pace
+        if pace is None:
+            return 1
+        if pace <= 0:
+            return room
+        return max(1, min(room, int(self.commit_interval.total_seconds() / pace)))
+
+    def _take_chunk(
+        self, queue: deque[tuple[Work, Group]], pending: list[tuple[Work, Sequence[Change]]]
+    ) -> tuple[list[tuple[Work, Group]], int]:
+        """Take the next transactions to send together, each with its shaper slot.
+
+        Returns the chunk and how many recipients were put off.
+
+        A transaction the shaper holds off is put back (into ``pending``) instead. A
+        domain with a concurrency or rate limit (:meth:`DomainShaper.paces`) ends the
+        chunk at its transaction, so that its limits count transactions one at a time.
+        """
+        limit = self._chunk_limit(max(1, self.commit_batch - len(pending)))
+        chunk: list[tuple[Work, Group]] = []
+        postponed = 0
         now = self.clock()
-        wait = self.shaper.acquire(group.key, now)
-        if wait is not None:
-            addresses = [r.address for r in group.recipients]
-            pending.append((work, self._put_back(work.record, addresses, wait)))
-            return RunSummary(postponed=len(addresses))
-        refused: bool | None = None
+        while queue and len(chunk) < limit:
+            work, group = queue.popleft()
+            wait = self.shaper.acquire(group.key, now)
+            if wait is not None:
+                addresses = [r.address for r in group.recipients]
+                pending.append((work, self._put_back(work.record, addresses, wait)))
+                postponed += len(addresses)
+                continue
+            chunk.append((work, group))
+            if self.shaper.paces(group.key):
+                break
+        return chunk, postponed
+
+    def _send_chunk(
+        self,
+        chunk: list[tuple[Work, Group]],
+        queue: deque[tuple[Work, Group]],
+        pending: list[tuple[Work, Sequence[Change]]],
+    ) -> None:
+        """Send a chunk with one ``send_many`` call; its decisions go into ``pending``.
+
+        Anything but a :class:`DeliveryError` (which ``send_many`` turns into that
+        message's result) puts back every transaction of the chunk without a decision,
+        and every one still queued, then propagates. Whether the transport had sent
+        them is unknown: they are sent again (at-least-once), never lost.
+        """
+        decided = 0
+        refused: list[bool | None] = [None] * len(chunk)
+        started = self.clock()
         try:
-            try:
-                result = self.transport.deliver(work.message, self._envelope(work.record, group))
-            except DeliveryError as error:
-                outcome = self._from_error(work, group, error, self.clock())
-            else:
-                outcome = self._from_result(work, group, result, self.clock())
-            refused = outcome.refused
+            results = self.transport.send_many(
+                [(work.message, self._envelope(work.record, group)) for work, group in chunk]
+            )
+            now = self.clock()
+            if len(results) != len(chunk):
+                raise RuntimeError(
+                    f"{type(self.transport).__name__}.send_many returned {len(results)}"
+                    f" results for {len(chunk)} messages"
+                )
+            for (work, group), result in zip(chunk, results, strict=True):
+                outcome = self._from_result(work, group, result, now)
+                pending.append((work, outcome.changes))
+                refused[decided] = outcome.refused
+                decided += 1
+            self._pace = (now - started).total_seconds() / len(chunk)
+        except BaseException:
+            when = self.clock()
+            for work, group in [*chunk[decided:], *queue]:
+                addresses = [r.address for r in group.recipients]
+                pending.append((work, self._put_back(work.record, addresses, when)))
+            queue.clear()
+            raise
         finally:
-            self.shaper.release(group.key, self.clock(), refused=refused)
-        pending.append((work, outcome.changes))
-        return NOTHING_DONE
+            released = self.clock()
+            for (_work, group), verdict in zip(chunk, refused, strict=True):
+                self.shaper.release(group.key, released, refused=verdict)
 
     def _send_dsn(self, message: Message, envelope: Envelope) -> None:
         assert self.dsn_transport is not None

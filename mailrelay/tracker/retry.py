@@ -170,6 +170,15 @@ class DomainShaper:
     def _state(self, domain: str) -> _DomainState:
         return self._domains.setdefault(domain, _DomainState())
 
+    def paces(self, domain: str) -> bool:
+        """Whether ``domain`` has a concurrency or rate limit (not just the back-off).
+
+        The sync tracker sends the transactions of such a domain one at a time, so that
+        the limits count transactions exactly; others go out pipelined in batches.
+        """
+        limits = self._limits(domain.lower())
+        return limits.max_concurrent is not None or limits.per_second is not None
+
     def acquire(self, domain: str, now: dt.datetime) -> dt.datetime | None:
         """Take a delivery slot for ``domain`` at ``now``.
 

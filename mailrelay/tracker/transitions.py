@@ -12,7 +12,9 @@ Rules of this module (DESIGN.md §7; the diagram is in ``docs/tracker.md``):
   transport left without a result is treated as TRANSIENT (the transport broke its
   contract; retrying loses nothing).
 * A :class:`~mailrelay.errors.DeliveryError` decides for every recipient of the attempt
-  by its ``is_transient``.
+  by its ``is_transient``. Through ``send_many`` such an error arrives as that message's
+  result (:func:`~mailrelay.transport.base.failed_result`: every recipient's ``reason``
+  is ``"<error class>: <error>"``); it is recorded the same way, as an ``"error"`` attempt.
 * Putting work back (an unexpected exception, or per-domain shaping holding a domain
   off) records no attempt: a recipient never tried goes back to QUEUED, one tried
   before to DEFERRED, due at the given time.
@@ -51,6 +53,26 @@ class Decision:
 
     changes: tuple[Change, ...]
     refused: bool | None
+
+
+def _delivery_error_names() -> frozenset[str]:
+    names = set()
+    todo: list[type[DeliveryError]] = [DeliveryError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return frozenset(names)
+
+
+def _from_error_result(found: RecipientResult) -> bool:
+    """Whether ``found`` is what ``failed_result`` made of a :class:`DeliveryError`."""
+    reason = found.reason
+    if reason is None or found.outcome is Outcome.ACCEPTED:
+        return False
+    name, colon, _rest = reason.partition(": ")
+    # Subclasses are looked up each time: an application may define its own.
+    return bool(colon) and name in _delivery_error_names()
 
 
 def put_back(
@@ -123,13 +145,18 @@ def from_result(
                 host=result.host,
             )
         reply = found.reply
+        if _from_error_result(found):
+            text, source = found.reason or "", "error"
+        else:
+            text = (reply.text if reply is not None else "") or (found.reason or "")
+            source = "reply"
         attempt = Attempt(
             at=now,
             host=found.host or result.host,
             code=None if reply is None else reply.code,
             enhanced=None if reply is None or reply.enhanced is None else str(reply.enhanced),
-            text=(reply.text if reply is not None else "") or (found.reason or ""),
-            source="reply",
+            text=text,
+            source=source,
         )
         saw_421 = saw_421 or (reply is not None and reply.code == 421)
         if found.outcome is Outcome.ACCEPTED:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -15,12 +15,13 @@ from mailrelay.envelope import Envelope
 from mailrelay.errors import AuthenticationError, ConnectError, SessionRefused
 from mailrelay.message import Message
 from mailrelay.reply import Reply
-from mailrelay.results import Outcome
+from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.tracker.engine import DeliveryTracker, RunSummary
 from mailrelay.tracker.events import EventKind, TrackerEvent
-from mailrelay.tracker.retry import DomainLimits, RetryPolicy
+from mailrelay.tracker.retry import DomainLimits, DomainShaper, RetryPolicy
 from mailrelay.tracker.sqlite_store import SQLiteStore
 from mailrelay.tracker.store import MemoryStore, State, Store
+from mailrelay.transport.base import BatchItem
 from mailrelay.transport.memory import MemoryTransport
 
 T0 = dt.datetime(2026, 3, 1, 8, 0, tzinfo=dt.UTC)
@@ -504,16 +505,23 @@ def test_batched_commits_keep_every_result_even_when_a_bug_interrupts(
         str(tracker.status(i).recipients[0].address): tracker.status(i).recipients[0].state
         for i in ids
     }
-    # Every message the transport took is recorded as delivered; the rest wait, none lost.
-    sent = {str(item.envelope.recipients[0].address) for item in transport.outbox}
-    assert {a for a, s in states.items() if s is State.DELIVERED} == sent
-    assert {a for a, s in states.items() if s is not State.DELIVERED} == {
-        f"r{i}@example.org" for i in range(10)
-    } - sent
+    # Every result in hand was committed; the chunk the bug interrupted (at most
+    # commit_batch messages, some of them sent: the transport does not say which) and
+    # everything after it waits, due at once. None is lost.
+    sent = [str(item.envelope.recipients[0].address) for item in transport.outbox]
+    recorded = {a for a, s in states.items() if s is State.DELIVERED}
+    assert recorded <= set(sent)
     assert all(s in (State.DELIVERED, State.QUEUED) for s in states.values())
-    assert len(delivered) == len(sent)
+    assert len(set(sent) - recorded) < commit_batch
+    assert "r7@example.org" not in recorded
+    assert len(delivered) == len(recorded)
     transport.handler = None
-    assert tracker.run_pending().delivered == 10 - len(sent)
+    assert tracker.run_pending().delivered == 10 - len(recorded)
+    # Resent: only what was sent but not recorded, at most commit_batch - 1 here.
+    again = [str(item.envelope.recipients[0].address) for item in transport.outbox]
+    duplicates = [a for a in set(again) if again.count(a) > 1]
+    assert set(duplicates) == set(sent) - recorded
+    assert set(again) == {f"r{i}@example.org" for i in range(10)}
 
 
 def test_run_forever_default_sleep_wakes_when_stopped(store: Store) -> None:
@@ -564,3 +572,97 @@ def test_results_are_committed_by_batch_or_by_age(
 def test_bad_commit_settings_are_refused(options: dict[str, object]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 -- each names its own setting
         tracker_for(MemoryTransport(), MemoryStore(), FakeClock(), **options)
+
+
+# -- sending a claimed batch through send_many -----------------------------------------
+
+
+class BatchRecorder(MemoryTransport):
+    """A memory transport that records the size of every ``send_many`` call."""
+
+    def __init__(self, handler: Callable[[Message, Envelope], Answer] | None = None) -> None:
+        super().__init__(handler)
+        self.batches: list[int] = []
+
+    def send_many(self, items: Iterable[BatchItem]) -> list[DeliveryResult]:
+        items = list(items)
+        self.batches.append(len(items))
+        return super().send_many(items)
+
+
+@pytest.mark.parametrize(
+    ("options", "batches"),
+    [
+        # The first chunk is one transaction (no pace known), then the claim batch whole.
+        ({}, [1, 9]),
+        ({"batch_size": 4}, [1, 3, 4, 2]),
+        # A chunk never makes more than commit_batch results wait for their commit.
+        ({"commit_batch": 3}, [1, 2, 3, 3, 1]),
+        ({"commit_batch": 1}, [1] * 10),
+    ],
+)
+def test_a_claimed_batch_goes_to_send_many_in_chunks(
+    store: Store, options: dict[str, object], batches: list[int]
+) -> None:
+    transport = BatchRecorder()
+    tracker = tracker_for(transport, store, FakeClock(), **options)
+    tracker.submit_many([message((f"r{i}@example.org",)) for i in range(10)])
+    assert tracker.run_pending().delivered == 10
+    assert transport.batches == batches
+    # Each message once.
+    assert sorted(str(i.envelope.recipients[0].address) for i in transport.outbox) == sorted(
+        f"r{i}@example.org" for i in range(10)
+    )
+
+
+def test_a_slow_server_gets_small_chunks(store: Store) -> None:
+    clock = FakeClock()
+
+    def handler(_message: Message, _envelope: Envelope) -> dict[str, Outcome]:
+        clock.advance(0.3)
+        return {}
+
+    transport = BatchRecorder(handler)
+    tracker = tracker_for(transport, store, clock)
+    tracker.submit_many([message((f"r{i}@example.org",)) for i in range(10)])
+    assert tracker.run_pending().delivered == 10
+    # 0.3 s a transaction: three fit in the one-second commit_interval.
+    assert transport.batches == [1, 3, 3, 3]
+
+
+def test_a_delivery_error_inside_a_batch_decides_for_its_message_only(store: Store) -> None:
+    # Permanent: a transient one would also back the relay off (and postpone the rest).
+    refused = SessionRefused("go away", reply=Reply.of(554, "5.7.1 no"), host="mx:25")
+
+    def handler(_message: Message, envelope: Envelope) -> Answer:
+        if str(envelope.recipients[0].address) == "r2@example.org":
+            raise refused
+        return {}
+
+    transport = BatchRecorder(handler)
+    tracker = tracker_for(transport, store, FakeClock())
+    ids = tracker.submit_many([message((f"r{i}@example.org",)) for i in range(5)])
+    summary = tracker.run_pending()
+    assert (summary.delivered, summary.bounced) == (4, 1)
+    failed = tracker.status(ids[2]).recipients[0]
+    assert failed.state is State.BOUNCED
+    (attempt,) = failed.attempts
+    assert (attempt.source, attempt.code, attempt.host) == ("error", 554, "mx:25")
+    assert attempt.text.startswith("SessionRefused: ")
+    others = [tracker.status(i).recipients[0] for i in ids if i != ids[2]]
+    assert all(r.state is State.DELIVERED and r.attempts[0].source == "reply" for r in others)
+
+
+def test_a_rate_limited_domain_is_sent_one_transaction_at_a_time(store: Store) -> None:
+    transport = BatchRecorder()
+    limits = DomainShaper(per_domain={"slow.example": DomainLimits(max_concurrent=1)})
+    clock = FakeClock()
+    tracker = tracker_for(transport, store, clock, split_by_domain=True, limits=limits)
+    addresses = ["a@fast.example", "r0@slow.example", "r1@slow.example", "r2@slow.example"]
+    for address in [*addresses, "b@fast.example", "c@fast.example"]:
+        tracker.submit(message((address,)))
+        clock.advance(0.001)  # claims go in due order: this order
+    summary = tracker.run_pending()
+    # Concurrency 1 holds: every transaction to slow.example went alone (and all went).
+    assert (summary.delivered, summary.postponed) == (6, 0)
+    assert transport.batches == [1, 1, 1, 1, 2]

@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
 from mailrelay.errors import ConnectError, SessionRefused
+from mailrelay.message import Message
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.tracker.retry import RetryPolicy
 from mailrelay.tracker.store import Attempt, MessageRecord, RecipientRecord, State
 from mailrelay.tracker.transitions import from_error, from_result, put_back
+from mailrelay.transport.base import failed_result
 
 T0 = dt.datetime(2026, 3, 1, 8, 0, tzinfo=dt.UTC)
 A = Address.parse("a@example.org")
@@ -134,3 +136,57 @@ def test_retries_count_only_replies_and_errors() -> None:
     )
     # One earlier try (the DSNs do not count): this is the second retry, 120 s later.
     assert decision.changes[0].next_attempt_at == T0 + dt.timedelta(seconds=120)
+
+
+@pytest.mark.parametrize(
+    ("reason", "outcome", "source"),
+    [
+        # What send_many's failed_result makes of a DeliveryError: an "error" attempt.
+        ("ConnectError: refused", Outcome.TRANSIENT, "error"),
+        ("SessionRefused: go away", Outcome.PERMANENT, "error"),
+        # A reason of the transport's own, or a name that is no DeliveryError: a reply.
+        ("server lacks SMTPUTF8", Outcome.PERMANENT, "reply"),
+        ("ValueError: nonsense", Outcome.TRANSIENT, "reply"),
+        ("ConnectError: accepted anyway", Outcome.ACCEPTED, "reply"),
+    ],
+)
+def test_a_result_made_from_a_delivery_error_is_recorded_as_an_error(
+    reason: str, outcome: Outcome, source: str
+) -> None:
+    res = DeliveryResult(
+        recipients=tuple(
+            RecipientResult(address=address, outcome=outcome, reason=reason) for address in (A, B)
+        )
+    )
+    decision = from_result(
+        record(), record().envelope.recipients, res, now=T0, retry=RetryPolicy(), random=lambda: 0.5
+    )
+    assert {c.attempt.source for c in decision.changes if c.attempt is not None} == {source}
+    assert all(c.attempt is not None and c.attempt.text == reason for c in decision.changes)
+
+
+def test_failed_result_decides_as_the_error_itself() -> None:
+    rec = record()
+    for error in (
+        ConnectError("refused", host="mx:25"),
+        SessionRefused("go away", reply=Reply.of(554, "5.7.1 no")),
+    ):
+        folded = from_result(
+            rec,
+            rec.envelope.recipients,
+            failed_result(
+                Message.build(sender="s@example.com", to=["a@example.org"]), rec.envelope, error
+            ),
+            now=T0,
+            retry=RetryPolicy(jitter=0),
+            random=lambda: 0.5,
+        )
+        raised = from_error(
+            rec,
+            rec.envelope.recipients,
+            error,
+            now=T0,
+            retry=RetryPolicy(jitter=0),
+            random=lambda: 0.5,
+        )
+        assert folded == raised
