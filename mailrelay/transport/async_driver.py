@@ -353,13 +353,25 @@ class AsyncDriver:
                 self.close()
                 raise
             answer, error = None, None
+            kind = type(request)
             try:
-                if isinstance(request, Write):
-                    await self._write(request)
-                elif isinstance(request, Read):
-                    if self._pending:
-                        await self._flush()
-                    answer = await self._read(request)
+                # Writes and already-buffered reads are answered without a coroutine call.
+                if kind is Write:
+                    assert isinstance(request, Write)
+                    self._live()
+                    self._pending.append(request.data)
+                    self._pending_size += len(request.data)
+                    self._pending_phase = request.phase
+                    if self._pending_size >= READ_SIZE and not self._send_pending():
+                        await self._drain()
+                elif kind is Read:
+                    assert isinstance(request, Read)
+                    if self._pending and not self._send_pending():
+                        await self._drain()
+                    if self._transport is not None and self._pipe.buffered:
+                        answer = self._pipe.take()
+                    else:
+                        answer = await self._read(request)
                 elif isinstance(request, StartTLS):
                     if self._pending:
                         await self._flush()
@@ -382,27 +394,33 @@ class AsyncDriver:
             raise ConnectionLost(f"the connection to {self.peer} is closed", host=self.peer)
         return self._transport
 
-    async def _write(self, request: Write) -> None:
-        self._live()
-        self._pending.append(request.data)
-        self._pending_size += len(request.data)
-        self._pending_phase = request.phase
-        if self._pending_size >= READ_SIZE:
-            await self._flush()
-
     async def _flush(self) -> None:
         """Send every pending write, limited by the last write's phase timeout."""
+        if not self._send_pending():
+            await self._drain()
+
+    def _send_pending(self) -> bool:
+        """Hand every pending write to the transport; ``True`` when there is no need to wait
+        for it to drain (the common case: the kernel took the bytes at once)."""
         self._live()
         data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
         self._pending.clear()
         self._pending_size = 0
+        try:
+            return self._pipe.write_now(data)
+        except OSError as exc:
+            phase = self._pending_phase
+            raise map_io_error(
+                exc, peer=self.peer, phase=phase, timeout=self._limits[phase]
+            ) from exc
+
+    async def _drain(self) -> None:
+        """Wait until the transport's buffer is low again, within the last write's phase."""
         phase = self._pending_phase
         timeout = self._limits[phase]
         try:
-            # The common case needs no timer: the kernel took the bytes at once.
-            if not self._pipe.write_now(data):
-                async with asyncio.timeout(timeout):
-                    await self._pipe.drain()
+            async with asyncio.timeout(timeout):
+                await self._pipe.drain()
         except (OSError, TimeoutError) as exc:
             raise map_io_error(exc, peer=self.peer, phase=phase, timeout=timeout) from exc
 
