@@ -80,6 +80,10 @@ def _check_text(value: str) -> None:
     if "=?" in value:
         # A reader would decode it as an encoded-word (RFC 2047 §6.1).
         raise Unsupported("looks like an encoded-word")
+    if value.split() != value.split(" "):
+        # White space other than single spaces between words: readers (the
+        # email package among them) collapse or strip it in their own ways.
+        raise Unsupported("unusual white space")
 
 
 def _encoded_words(text: str, first_room: int) -> list[str]:
@@ -123,10 +127,11 @@ def unstructured(name: str, value: str) -> str:
     Raises:
         Unsupported: a value the general path should write.
     """
-    _check_text(value)
     if not value or value[0] == " " or value[-1] == " ":
         raise Unsupported("empty value, or white space at either end")
     if value.isascii():
+        if "=?" in value:
+            raise Unsupported("looks like an encoded-word")
         if _PRINTABLE.fullmatch(value) is None:
             raise Unsupported("control characters")
         line = f"{name}: {value}"
@@ -146,6 +151,7 @@ def unstructured(name: str, value: str) -> str:
         if any(len(one) > _MAX_LINE for one in lines):
             raise Unsupported("a word too long to fold")
         return "\r\n".join(lines)
+    _check_text(value)
     if any(char < " " or char == "\x7f" for char in value):
         raise Unsupported("control characters")
     words = _encoded_words(value, _MAX_EW_LINE - len(name) - 2)
@@ -156,8 +162,6 @@ def _mailbox(display_name: str, addr_spec: str) -> str:
     if not display_name:
         return addr_spec
     _check_text(display_name)
-    if display_name[0] == " " or display_name[-1] == " " or "  " in display_name:
-        raise Unsupported("display name with extra white space")
     if display_name.isascii():
         if _PRINTABLE.fullmatch(display_name) is None:
             raise Unsupported("control characters in a display name")
@@ -185,11 +189,14 @@ def address_list(name: str, mailboxes: Sequence[tuple[str, str]]) -> str:
         Unsupported: a mailbox the general path should write.
     """
     lines = [f"{name}: "]
+    last = len(mailboxes) - 1
     for index, (display_name, addr_spec) in enumerate(mailboxes):
         item = _mailbox(display_name, addr_spec)
+        # Room for the comma that follows the item when the next one folds.
+        room = _MAX_LINE if index == last else _MAX_LINE - 1
         if index == 0:
             lines[0] += item
-        elif len(lines[-1]) + 2 + len(item) <= _MAX_LINE:
+        elif len(lines[-1]) + 2 + len(item) <= room:
             lines[-1] += ", " + item
         else:
             lines[-1] += ","

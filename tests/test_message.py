@@ -10,17 +10,28 @@ import re
 import tempfile
 import tracemalloc
 from collections.abc import Iterator
-from email.message import EmailMessage
+from contextlib import contextmanager
+from email.message import EmailMessage, MIMEPart
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import attrs
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from mailrelay import _mime
 from mailrelay.address import Address
+from mailrelay.envelope import Envelope
 from mailrelay.errors import InvalidAddress, MessageError
-from mailrelay.message import MAX_HEADER_BYTES, Attachment, Message
+from mailrelay.message import (
+    MAX_HEADER_BYTES,
+    Attachment,
+    Message,
+    _parsed_addr_specs,
+    _simple_addresses,
+)
 
 BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -745,3 +756,357 @@ def test_attachment_guesses_content_type() -> None:
     assert Attachment(filename="a", data=b"").resolved_content_type() == "application/octet-stream"
     given_type = Attachment(filename="a.csv", data=b"", content_type="text/plain")
     assert given_type.resolved_content_type() == "text/plain"
+
+
+# -- the direct writer against the email package ---------------------------------------
+
+FIXED: dict[str, Any] = {
+    "date": dt.datetime(2024, 2, 29, 13, 5, 9, tzinfo=dt.UTC),
+    "message_id": "fixed.1@x.example",
+}
+
+
+@contextmanager
+def general_path_only() -> Iterator[None]:
+    """Make Message.build take the email-package path for every message."""
+
+    def refuse(cls: type[Message], /, **kwargs: Any) -> Message:
+        raise _mime.Unsupported("forced by the test")
+
+    with mock.patch.object(Message, "_build_direct", classmethod(refuse)):
+        yield
+
+
+@contextmanager
+def direct_path_only() -> Iterator[None]:
+    """Fail the test if Message.build touches the email package."""
+    with mock.patch("mailrelay.message.MIMEPart", side_effect=AssertionError("general path")):
+        yield
+
+
+def both_paths(**kwargs: Any) -> tuple[Message, Message, bool]:
+    """Build the same message as build() chooses and through the email package.
+
+    Returns both and whether build() chose the direct writer.
+    """
+    arguments = {**FIXED, **kwargs}
+    with mock.patch("mailrelay.message.MIMEPart", wraps=MIMEPart) as general_used:
+        chosen = Message.build(**arguments)
+    with general_path_only():
+        general = Message.build(**arguments)
+    return chosen, general, not general_used.called
+
+
+def readable(message: Message) -> list[tuple[str, object]]:
+    """What a reader sees in a message: decoded fields and decoded leaves, in order."""
+    parsed = parse_back(message)
+    seen: list[tuple[str, object]] = []
+    for part in parsed.walk():
+        for name, value in part.items():
+            if hasattr(value, "addresses"):
+                shown: object = [(a.display_name, a.addr_spec) for a in value.addresses]
+            elif name.lower() == "content-type":
+                shown = (part.get_content_type(), part.get_param("charset"))
+            elif name.lower() == "content-transfer-encoding":
+                continue  # the direct writer may pick the other of QP and base64
+            else:
+                shown = str(value)
+            seen.append((name, shown))
+        if part.is_multipart():
+            continue
+        if part.get_content_maintype() == "text":
+            seen.append(("content", part.get_content().replace("\r\n", "\n")))
+        else:
+            seen.append(("content", part.get_payload(decode=True)))
+    return seen
+
+
+def boundaries(wire: bytes) -> list[bytes]:
+    return re.findall(rb'boundary="([^"]+)"', wire)
+
+
+def same_boundaries(wire: bytes, other: bytes) -> tuple[bytes, bytes]:
+    """``wire`` with its boundaries renamed to those of ``other``, and ``other``.
+
+    Both are unfolded: the email package's boundaries are long enough to push
+    the parameter onto a line of its own, and it lets a folded address list's
+    line reach 79 characters with its comma where the direct writer keeps to 78.
+    """
+    for mine, theirs in zip(boundaries(wire), boundaries(other), strict=True):
+        wire = wire.replace(mine, theirs)
+    return (
+        re.sub(rb"\r\n(?=[ \t])", b"", wire),
+        re.sub(rb"\r\n(?=[ \t])", b"", other),
+    )
+
+
+EXACT_CASES = [
+    pytest.param({"to": "b@y.example", "subject": "Hello", "text": "Hi\n"}, id="text"),
+    pytest.param({"to": ["b@y.example"], "text": "no final newline"}, id="newline-added"),
+    pytest.param({"to": "b@y.example", "html": "<p>x</p>"}, id="html"),
+    pytest.param({"to": "b@y.example", "text": "t", "html": "<b>h</b>"}, id="alternative"),
+    pytest.param({}, id="empty"),
+    pytest.param(
+        {"to": "b@y.example", "text": "a\r\nb\rc\n\n", "subject": "x" * 60 + " " + "y" * 60},
+        id="line-ends-and-folded-subject",
+    ),
+    pytest.param(
+        {
+            "sender": ("Alice Smith", "a@x.example"),
+            "to": ['"Doe, J" <j@x.example>', ("a.b", "c@bücher.example"), "X <x@x.example>"],
+            "cc": [f"user{n}@example.org" for n in range(8)],
+            "bcc": "hidden@x.example",
+            "reply_to": ("Help", "help@x.example"),
+        },
+        id="addresses-folded",
+    ),
+    pytest.param(
+        {"headers": [("X-Campaign", "autumn"), ("x-tag", "one two"), ("X-Tag", "3")]},
+        id="custom-headers",
+    ),
+    pytest.param(
+        {
+            "text": "t",
+            "html": "<p>h</p>",
+            "attachments": [("a b.pdf", b"%PDF" * 40), ("d.bin", b"\0\xff", "image/png")],
+        },
+        id="mixed",
+    ),
+    pytest.param({"attachments": [("résumé.bin", b"x")]}, id="attachment-rfc2231"),
+]
+
+
+@pytest.mark.parametrize("kwargs", EXACT_CASES)
+def test_direct_writer_matches_the_email_package_byte_for_byte(kwargs: dict[str, Any]) -> None:
+    # ASCII text with short lines: the direct writer makes the very bytes the
+    # email package makes, boundaries apart.
+    kwargs = {"sender": "a@x.example", **kwargs}
+    with direct_path_only():
+        direct = Message.build(**FIXED, **kwargs)
+    with general_path_only():
+        general = Message.build(**FIXED, **kwargs)
+    mine, theirs = same_boundaries(direct.as_bytes(), general.as_bytes())
+    assert mine == theirs
+    assert len(boundaries(direct.as_bytes())) == len(boundaries(general.as_bytes()))
+    if not boundaries(direct.as_bytes()):
+        assert direct.headers == general.headers
+    assert direct.bcc == general.bcc
+    assert [name for name, _ in direct.headers] == [name for name, _ in general.headers]
+    assert (direct.needs_8bitmime, direct.needs_smtputf8) == (False, False)
+    if "to" in kwargs:
+        assert Envelope.from_message(direct) == Envelope.from_message(general)
+
+
+READS_THE_SAME_CASES = [
+    pytest.param(
+        {
+            "sender": ("Zoë Ünïcode", "zoe@bücher.example"),
+            "to": [("Ελένη", "eleni@x.example")],
+            "subject": "Grüße aus Köln",
+            "text": "Grüße\n",
+            "html": "<p>Grüße</p>",
+        },
+        id="rfc2047",
+    ),
+    pytest.param({"subject": "日本語の件名" * 8, "text": "本文\n" * 50}, id="long-cjk"),
+    pytest.param({"subject": "é" + "a" * 200, "text": "é" + "x" * 300}, id="long-latin"),
+    pytest.param({"text": "x" * 100 + "\n" + "line  \n=\t\n"}, id="qp-ascii"),
+    pytest.param({"headers": {"X-Note": "naïve café " * 9 + "fin"}}, id="custom-non-ascii"),
+    pytest.param({"text": "--=_0\n--===============0==\n"}, id="boundary-like-text"),
+]
+
+
+@pytest.mark.parametrize("kwargs", READS_THE_SAME_CASES)
+def test_direct_writer_reads_back_as_the_email_package(kwargs: dict[str, Any]) -> None:
+    kwargs = {"sender": "a@x.example", "to": "b@y.example", **kwargs}
+    with direct_path_only():
+        direct = Message.build(**FIXED, **kwargs)
+    with general_path_only():
+        general = Message.build(**FIXED, **kwargs)
+    assert readable(direct) == readable(general)
+    assert [name for name, _ in direct.headers] == [name for name, _ in general.headers]
+    assert direct.as_bytes().isascii()
+    check_line_lengths(direct.as_bytes())
+
+
+def check_line_lengths(wire: bytes) -> None:
+    """RFC 5322 §2.1.1 and RFC 2047 §2 line limits on a 7-bit wire form."""
+    head, _, body = wire.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        assert len(line) <= (76 if b"=?" in line else 78), line
+        assert line.strip(b" \t"), "a header line of white space only"
+    for word in re.findall(rb"=\?[^?]+\?[qQbB]\?[^?]*\?=", head):
+        assert len(word) <= 75
+    for line in body.split(b"\r\n"):
+        assert len(line) <= 78, line
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"subject": "=?utf-8?q?x?="}, id="encoded-word-lookalike"),
+        pytest.param({"subject": ""}, id="empty-subject"),
+        pytest.param({"subject": " padded "}, id="padded-subject"),
+        pytest.param({"subject": "tab\there"}, id="tab"),
+        pytest.param({"subject": "w" * 100}, id="unfoldable-word"),
+        pytest.param({"headers": {"Resent-From": "r@x.example"}}, id="structured-custom"),
+        pytest.param({"headers": {"Sender": "s@x.example"}}, id="sender-field"),
+        pytest.param({"to": [("  spaced  name", "b@y.example")]}, id="spaced-name"),
+        pytest.param({"to": [("é" * 40, "b@y.example")]}, id="long-encoded-name"),
+        pytest.param({"to": "zoë@x.example"}, id="smtputf8"),
+        pytest.param({"attachments": [("a.txt", b"x", "Text/Plain")]}, id="type-case"),
+        pytest.param({"attachments": [('q"uote.txt', b"x")]}, id="quote-in-filename"),
+        pytest.param({"attachments": [("f" * 80 + ".txt", b"x")]}, id="long-filename"),
+        pytest.param(
+            {"date": dt.datetime(2024, 1, 1, tzinfo=dt.timezone(dt.timedelta(seconds=30)))},
+            id="odd-zone",
+        ),
+    ],
+)
+def test_unusual_input_takes_the_general_path(kwargs: dict[str, Any]) -> None:
+    arguments = {"sender": "a@x.example", "to": "b@y.example", **FIXED, **kwargs}
+    with mock.patch("mailrelay.message.MIMEPart", wraps=MIMEPart) as general:
+        message = Message.build(**arguments)
+    assert general.called
+    with general_path_only():
+        assert message.as_bytes() == Message.build(**arguments).as_bytes() or boundaries(
+            message.as_bytes()
+        )
+
+
+header_text = st.text(
+    st.one_of(
+        st.sampled_from(list("aZ09 .,;:<>@()\"\\'=?_-!*+/é€Ωü例😀")),
+        st.characters(codec="utf-8", exclude_categories=["Cc", "Cs", "Zl", "Zp"]),
+    ),
+    max_size=60,
+)
+body_text = st.text(
+    st.one_of(
+        st.sampled_from(list("ab =\t.\n\r-é例😀")),
+        st.characters(codec="utf-8", exclude_categories=["Cs"]),
+    ),
+    max_size=200,
+).map(lambda text: text.replace("\x00", ""))
+names = st.one_of(st.just(""), header_text.map(lambda text: text[:30]))
+mailboxes = st.tuples(names, addresses)
+filenames = st.text(st.sampled_from(list("abc. -_éü例")), min_size=1, max_size=20)
+
+
+build_arguments = st.fixed_dictionaries(
+    {
+        "sender": mailboxes,
+        "to": st.lists(mailboxes, max_size=3),
+        "cc": st.lists(mailboxes, max_size=2),
+        "bcc": st.lists(addresses, max_size=2),
+        "subject": st.none() | header_text,
+        "text": st.none() | body_text,
+        "html": st.none() | body_text,
+        "headers": st.lists(
+            st.tuples(st.sampled_from(["X-A", "List-Id", "x-b"]), header_text), max_size=2
+        ),
+        "attachments": st.lists(st.tuples(filenames, st.binary(max_size=100)), max_size=2),
+    }
+)
+
+
+@given(kwargs=build_arguments)
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_property_direct_and_general_paths_read_the_same(kwargs: dict[str, Any]) -> None:
+    to, cc, bcc, subject = kwargs["to"], kwargs["cc"], kwargs["bcc"], kwargs["subject"]
+    try:
+        direct, general, was_direct = both_paths(**kwargs)
+    except MessageError:
+        with pytest.raises(MessageError), general_path_only():
+            Message.build(**FIXED, **kwargs)
+        return
+    assert readable(direct) == readable(general)
+    assert [name for name, _ in direct.headers] == [name for name, _ in general.headers]
+    assert direct.bcc == general.bcc == tuple(bcc)
+    assert (direct.needs_8bitmime, direct.needs_smtputf8) == (False, False)
+    assert direct.as_bytes().isascii()
+    event("direct writer" if was_direct else "general path")
+    if was_direct:
+        # (The email package itself lets some lines with encoded-words reach 77.)
+        check_line_lengths(direct.as_bytes())
+    if to or cc or bcc:
+        assert Envelope.from_message(direct) == Envelope.from_message(general)
+    if (to or cc or bcc) and was_direct:
+        # The recorded addresses agree with what the header fields say. (Not
+        # always so for the email package: it can write a display name full of
+        # odd white space so that reading the field back loses a mailbox, which
+        # is why build() records the addresses instead of re-reading them.)
+        assert Envelope.from_message(direct) == Envelope.from_message(
+            attrs.evolve(direct, envelope_addresses=None)
+        )
+    # What the reader sees is what was given.
+    parsed = parse_back(direct)
+    if subject is not None:
+        assert str(parsed["Subject"]) == subject.strip()
+    assert [(a.display_name, a.addr_spec) for a in parsed["To"].addresses] if to else True
+
+
+# -- reading address fields ------------------------------------------------------------
+
+address_tokens = st.sampled_from(
+    [
+        "a@x.example",
+        "B.c@y.example",
+        "Name",
+        "J. Doe",
+        "Zoë",
+        " ",
+        ",",
+        "<",
+        ">",
+        '"',
+        "(",
+        ")",
+        ":",
+        ";",
+        "@",
+        "\\",
+        "[1.2.3.4]",
+        "=?utf-8?q?x?=",
+        ".",
+        "\t",
+    ]
+)
+
+
+@given(st.lists(address_tokens, max_size=12).map("".join))
+def test_property_simple_address_reading_agrees_with_the_email_package(value: str) -> None:
+    simple = _simple_addresses(value)
+    if simple is not None:
+        assert simple == _parsed_addr_specs(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "specs"),
+    [
+        pytest.param("a@x.example", ["a@x.example"], id="bare"),
+        pytest.param("Bob <b@x.example>, c@y.example", ["b@x.example", "c@y.example"], id="list"),
+        pytest.param("J. Doe <j@x.example>", ["j@x.example"], id="obsolete-phrase"),
+        pytest.param('"Doe, J" <j@x.example>', None, id="quoted"),
+        pytest.param("team: a@x.example;", None, id="group"),
+        pytest.param("a@x.example (comment)", None, id="comment"),
+        pytest.param("a@[127.0.0.1]", None, id="literal"),
+        pytest.param("a@x.example,,b@x.example", None, id="empty-item"),
+    ],
+)
+def test_simple_addresses(value: str, specs: list[str] | None) -> None:
+    assert _simple_addresses(value) == specs
+    if specs is not None:
+        assert _parsed_addr_specs(value) == specs
+
+
+# -- cached wire form ------------------------------------------------------------------
+
+
+def test_in_memory_wire_form_is_one_object() -> None:
+    message = Message.build(sender="a@x.example", to="b@y.example", text="hi")
+    wire = message.as_bytes()
+    assert message.as_bytes() is wire
+    (only,) = message.chunks()
+    assert only is wire
+    assert message.size == len(wire)
