@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from unittest import mock
 
 import attrs
 import pytest
@@ -592,3 +593,56 @@ def test_property_from_message_agrees_with_the_headers(
     assert [r.address for r in envelope.recipients] == expected
     # Blind fields never reach the wire, whatever the block.
     assert b"Bcc" not in message.as_bytes()
+
+
+# -- from_message on built messages: the recorded addresses ---------------------------------
+
+BUILT_CASES = [
+    pytest.param({"to": "b@x.example"}, id="to"),
+    pytest.param(
+        {"to": ["b@x.example", ("Doe, J", "j@y.test")], "cc": "c@x.example", "bcc": "d@x.example"},
+        id="to-cc-bcc",
+    ),
+    pytest.param({"bcc": ["d@x.example", "b@x.example"]}, id="only-bcc"),
+    pytest.param({"to": ["b@x.example", "B@x.example"], "cc": "b@x.example"}, id="duplicates"),
+    pytest.param({"to": "zoë@bücher.example"}, id="smtputf8-general-path"),
+    pytest.param({"to": "b@x.example", "subject": "=?x?="}, id="general-path"),
+]
+
+
+@pytest.mark.parametrize("kwargs", BUILT_CASES)
+def test_from_message_uses_the_addresses_build_was_given(kwargs: dict[str, Any]) -> None:
+    message = Message.build(sender=("Ann", "a@x.example"), text="t", **kwargs)
+    # No header text is parsed for a built message ...
+    with mock.patch("mailrelay.message._ADDRESS_PARSER", side_effect=AssertionError("parsed")):
+        envelope = Envelope.from_message(message)
+    # ... and the result is what reading the header fields gives.
+    assert envelope == Envelope.from_message(attrs.evolve(message, envelope_addresses=None))
+    assert envelope.sender == addr("a@x.example")
+
+
+@pytest.mark.parametrize(
+    ("headers", "sender", "recipients"),
+    [
+        pytest.param({"Sender": "s@x.example"}, "s@x.example", ["b@x.example"], id="sender"),
+        pytest.param(
+            {"Resent-From": "r@x.example", "Resent-To": "t@x.example"},
+            "r@x.example",
+            ["t@x.example"],
+            id="resent",
+        ),
+    ],
+)
+def test_built_messages_with_sender_or_resent_fields_read_their_headers(
+    headers: dict[str, str], sender: str, recipients: list[str]
+) -> None:
+    message = Message.build(sender="a@x.example", to="b@x.example", headers=headers)
+    envelope = Envelope.from_message(message)
+    assert envelope.sender == addr(sender)
+    assert [r.address for r in envelope.recipients] == [addr(r) for r in recipients]
+
+
+def test_built_message_without_recipients_is_refused() -> None:
+    message = Message.build(sender="a@x.example", text="t")
+    with pytest.raises(MessageError, match="no recipient"):
+        Envelope.from_message(message)

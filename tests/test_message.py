@@ -1015,35 +1015,46 @@ build_arguments = st.fixed_dictionaries(
 def test_property_direct_and_general_paths_read_the_same(kwargs: dict[str, Any]) -> None:
     to, cc, bcc, subject = kwargs["to"], kwargs["cc"], kwargs["bcc"], kwargs["subject"]
     try:
-        direct, general, was_direct = both_paths(**kwargs)
+        chosen, general, was_direct = both_paths(**kwargs)
     except MessageError:
         with pytest.raises(MessageError), general_path_only():
             Message.build(**FIXED, **kwargs)
         return
-    assert readable(direct) == readable(general)
-    assert [name for name, _ in direct.headers] == [name for name, _ in general.headers]
-    assert direct.bcc == general.bcc == tuple(bcc)
-    assert (direct.needs_8bitmime, direct.needs_smtputf8) == (False, False)
-    assert direct.as_bytes().isascii()
+    assert readable(chosen) == readable(general)
+    assert [name for name, _ in chosen.headers] == [name for name, _ in general.headers]
+    assert chosen.bcc == general.bcc == tuple(bcc)
+    assert (chosen.needs_8bitmime, chosen.needs_smtputf8) == (False, False)
+    assert chosen.as_bytes().isascii()
     event("direct writer" if was_direct else "general path")
     if was_direct:
         # (The email package itself lets some lines with encoded-words reach 77.)
-        check_line_lengths(direct.as_bytes())
+        check_line_lengths(chosen.as_bytes())
     if to or cc or bcc:
-        assert Envelope.from_message(direct) == Envelope.from_message(general)
+        assert Envelope.from_message(chosen) == Envelope.from_message(general)
     if (to or cc or bcc) and was_direct:
         # The recorded addresses agree with what the header fields say. (Not
         # always so for the email package: it can write a display name full of
         # odd white space so that reading the field back loses a mailbox, which
         # is why build() records the addresses instead of re-reading them.)
-        assert Envelope.from_message(direct) == Envelope.from_message(
-            attrs.evolve(direct, envelope_addresses=None)
+        assert Envelope.from_message(chosen) == Envelope.from_message(
+            attrs.evolve(chosen, envelope_addresses=None)
         )
-    # What the reader sees is what was given.
-    parsed = parse_back(direct)
-    if subject is not None:
-        assert str(parsed["Subject"]) == subject.strip()
-    assert [(a.display_name, a.addr_spec) for a in parsed["To"].addresses] if to else True
+    if was_direct:
+        # What the reader sees is what was given.
+        parsed = parse_back(chosen)
+        if subject is not None:
+            assert str(parsed["Subject"]) == subject
+        if to:
+            shown = [(a.display_name, a.addr_spec) for a in parsed["To"].addresses]
+            assert shown == [(name, address.smtp_path(False)) for name, address in to]
+        text = kwargs["text"]
+        if text is not None:
+            part = parsed.get_body(("plain",))
+            assert part is not None
+            # Line ends as bytes.splitlines() sees them; a final one is added.
+            lines = text.encode().splitlines()
+            expected = (b"\n".join(lines) + b"\n").decode()
+            assert part.get_content().replace("\r\n", "\n") == expected
 
 
 # -- reading address fields ------------------------------------------------------------
