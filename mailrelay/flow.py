@@ -1159,6 +1159,9 @@ class Session:
                     continue
                 if not pipelined or (bdat and message.size > _ONE_CHUNK):
                     # Nothing overlaps: read what is in flight, then one message alone.
+                    # (A DATA message waits in ``previous`` only with PIPELINING, without
+                    # BDAT, so never on the way here.)
+                    assert previous is None
                     while inflight:
                         done, reader, size = inflight.popleft()
                         yield from reader
