@@ -435,10 +435,28 @@ class TrackerCore(Generic[T]):
         """
         if not batch:
             return RunSummary(), [], []
-        changed_lists = self.store.apply_many(
+        return self._report(batch, self._store_results(batch))
+
+    def _store_results(
+        self, batch: Sequence[tuple[Work, Sequence[Change]]]
+    ) -> list[tuple[Address, ...]]:
+        """Apply several transactions' changes in one store transaction (no events).
+
+        Safe to call from another thread than the runner's: the stores are thread-safe.
+        """
+        if not batch:
+            return []
+        return self.store.apply_many(
             [(work.claim.tracking_id, changes) for work, changes in batch],
             worker=self.worker_id,
         )
+
+    def _report(
+        self,
+        batch: Sequence[tuple[Work, Sequence[Change]]],
+        changed_lists: Sequence[tuple[Address, ...]],
+    ) -> tuple[RunSummary, list[TrackerEvent], list[tuple[Message, Envelope]]]:
+        """What a committed batch did: its counts, the events to fire, the DSNs to send."""
         counts = dict.fromkeys(EventKind, 0)
         events: list[TrackerEvent] = []
         dsns: list[tuple[Message, Envelope]] = []

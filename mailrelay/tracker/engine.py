@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from mailrelay.address import Address
 from mailrelay.envelope import Envelope
 from mailrelay.message import Message
 from mailrelay.tracker.core import (
@@ -165,11 +166,14 @@ class DeliveryTracker(TrackerCore[Transport]):
             raise
         summary = RunSummary(messages=len(works)) if works else NOTHING_DONE
         queue = deque((work, group) for work in works for group in self._groups(work))
+        if not queue:
+            return summary
         pending: list[tuple[Work, Sequence[Change]]] = []
         oldest: dt.datetime | None = None  # when the first uncommitted result came in
         try:
             while queue:
-                chunk, postponed = self._take_chunk(queue, pending)
+                room = self.commit_batch - len(pending)
+                chunk, postponed = self._take_chunk(queue, pending, room)
                 if postponed:
                     summary += RunSummary(postponed=postponed)
                 if chunk:
@@ -188,9 +192,20 @@ class DeliveryTracker(TrackerCore[Transport]):
         return summary
 
     def _flush(self, pending: list[tuple[Work, Sequence[Change]]]) -> RunSummary:
+        """Commit what ``pending`` holds (one store transaction), then report it."""
         batch = list(pending)
         pending.clear()
-        summary, events, dsns = self._commit_many(batch)
+        return self._after_commit(batch, self._store_results(batch))
+
+    def _after_commit(
+        self,
+        batch: Sequence[tuple[Work, Sequence[Change]]],
+        changed: Sequence[tuple[Address, ...]],
+    ) -> RunSummary:
+        """Fire the events and send the failure DSNs of a committed batch."""
+        if not batch:
+            return NOTHING_DONE
+        summary, events, dsns = self._report(batch, changed)
         for event in events:
             self.events.fire(event)
         for message, envelope in dsns:
@@ -225,28 +240,38 @@ class DeliveryTracker(TrackerCore[Transport]):
         return max(1, min(room, int(self.commit_interval.total_seconds() / pace)))
 
     def _take_chunk(
-        self, queue: deque[tuple[Work, Group]], pending: list[tuple[Work, Sequence[Change]]]
+        self,
+        queue: deque[tuple[Work, Group]],
+        pending: list[tuple[Work, Sequence[Change]]],
+        room: int,
     ) -> tuple[list[tuple[Work, Group]], int]:
-        """Take the next transactions to send together, each with its shaper slot.
+        """Take the next transactions to send together, with a shaper slot per domain.
 
         Returns the chunk and how many recipients were put off.
 
-        A transaction the shaper holds off is put back (into ``pending``) instead. A
-        domain with a concurrency or rate limit (:meth:`DomainShaper.paces`) ends the
-        chunk at its transaction, so that its limits count transactions one at a time.
+        A chunk takes one slot per domain (:meth:`DomainShaper.acquire`): one
+        ``send_many`` call is one delivery to each of its domains, released once with
+        what the domain said last (see :meth:`_send_chunk`), so a chunk refused whole
+        backs its domain off once, not once per message. A transaction the shaper holds
+        off is put back (into ``pending``) instead. A domain with a concurrency or rate
+        limit (:meth:`DomainShaper.paces`) ends the chunk at its transaction, so that
+        its limits count transactions one at a time.
         """
-        limit = self._chunk_limit(max(1, self.commit_batch - len(pending)))
+        limit = self._chunk_limit(max(1, room))
         chunk: list[tuple[Work, Group]] = []
+        held: set[str] = set()  # the domains this chunk holds a slot for
         postponed = 0
         now = self.clock()
         while queue and len(chunk) < limit:
             work, group = queue.popleft()
-            wait = self.shaper.acquire(group.key, now)
-            if wait is not None:
-                addresses = [r.address for r in group.recipients]
-                pending.append((work, self._put_back(work.record, addresses, wait)))
-                postponed += len(addresses)
-                continue
+            if group.key not in held:
+                wait = self.shaper.acquire(group.key, now)
+                if wait is not None:
+                    addresses = [r.address for r in group.recipients]
+                    pending.append((work, self._put_back(work.record, addresses, wait)))
+                    postponed += len(addresses)
+                    continue
+                held.add(group.key)
             chunk.append((work, group))
             if self.shaper.paces(group.key):
                 break
@@ -266,7 +291,8 @@ class DeliveryTracker(TrackerCore[Transport]):
         them is unknown: they are sent again (at-least-once), never lost.
         """
         decided = 0
-        refused: list[bool | None] = [None] * len(chunk)
+        # Per domain, what it said last: True refused for now, False accepted, None neither.
+        verdicts: dict[str, bool | None] = {group.key: None for _work, group in chunk}
         started = self.clock()
         try:
             results = self.transport.send_many(
@@ -281,7 +307,8 @@ class DeliveryTracker(TrackerCore[Transport]):
             for (work, group), result in zip(chunk, results, strict=True):
                 outcome = self._from_result(work, group, result, now)
                 pending.append((work, outcome.changes))
-                refused[decided] = outcome.refused
+                if outcome.refused is not None:
+                    verdicts[group.key] = outcome.refused
                 decided += 1
             self._pace = (now - started).total_seconds() / len(chunk)
         except BaseException:
@@ -293,8 +320,8 @@ class DeliveryTracker(TrackerCore[Transport]):
             raise
         finally:
             released = self.clock()
-            for (_work, group), verdict in zip(chunk, refused, strict=True):
-                self.shaper.release(group.key, released, refused=verdict)
+            for key, verdict in verdicts.items():
+                self.shaper.release(key, released, refused=verdict)
 
     def _send_dsn(self, message: Message, envelope: Envelope) -> None:
         assert self.dsn_transport is not None

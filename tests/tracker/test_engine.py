@@ -16,6 +16,7 @@ from mailrelay.errors import AuthenticationError, ConnectError, SessionRefused
 from mailrelay.message import Message
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.tracker.core import RELAY_KEY
 from mailrelay.tracker.engine import DeliveryTracker, RunSummary
 from mailrelay.tracker.events import EventKind, TrackerEvent
 from mailrelay.tracker.retry import DomainLimits, DomainShaper, RetryPolicy
@@ -537,7 +538,8 @@ def test_run_forever_default_sleep_wakes_when_stopped(store: Store) -> None:
 @pytest.mark.parametrize(
     ("step", "options", "seen"),
     [
-        # Results wait for a batch of up to 50 (here: the end of the claim batch)...
+        # Results wait for a batch of up to 50 (here: the end of the claim batch; the
+        # first chunk of one message and the other four)...
         (0.0, {}, [5, 5, 5, 5, 5]),
         # ...or at most commit_interval: with 2 s per delivery, every second one commits.
         (2.0, {"commit_interval": dt.timedelta(seconds=1)}, [2, 2, 4, 4, 5]),
@@ -666,3 +668,19 @@ def test_a_rate_limited_domain_is_sent_one_transaction_at_a_time(store: Store) -
     # Concurrency 1 holds: every transaction to slow.example went alone (and all went).
     assert (summary.delivered, summary.postponed) == (6, 0)
     assert transport.batches == [1, 1, 1, 1, 2]
+
+
+def test_a_chunk_refused_whole_backs_its_domain_off_once(store: Store) -> None:
+    clock = FakeClock()
+    busy = Reply.of(421, "4.7.0 try later")
+    transport = BatchRecorder()
+    limits = DomainLimits(backoff_initial=60, backoff_max=3600)
+    tracker = tracker_for(transport, store, clock, limits=limits)
+    tracker.submit(message(("first@example.org",)))
+    assert tracker.run_pending().delivered == 1  # the one-message first chunk
+    transport.handler = lambda _m, e: {str(r.address): busy for r in e.recipients}
+    tracker.submit_many([message((f"r{i}@example.org",)) for i in range(5)])
+    summary = tracker.run_pending()
+    assert (summary.deferred, transport.batches) == (5, [1, 5])
+    # One send_many call is one delivery to the relay: backed off 60 s, not doubled 5 times.
+    assert tracker.shaper.blocked_until(RELAY_KEY) == T0 + dt.timedelta(seconds=60)
