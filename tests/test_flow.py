@@ -1165,11 +1165,16 @@ class ModelServer:
     """A reactive fake server for whole batches: it answers what the client actually wrote,
     each message (counted by MAIL) following its own script of reply codes."""
 
-    def __init__(self, scripts: Sequence[dict[str, object]], *, lmtp: bool = False) -> None:
+    def __init__(
+        self, scripts: Sequence[dict[str, object]], *, lmtp: bool = False, cut: int | None = None
+    ) -> None:
         self.scripts = list(scripts)
         self.lmtp = lmtp
+        self.cut = cut  # after this many replies: 421, then the end of the connection
+        self.emitted: list[int] = []  # per reply sent: the index of the message it belongs to
+        self.dead = False
         self.buffer = b""
-        self.out = b""
+        self.out: list[tuple[int, bytes]] = []
         self.mails = -1
         self.script: dict[str, object] = {}
         self.mail_ok = False
@@ -1177,6 +1182,25 @@ class ModelServer:
         self.rcpt_index = 0
         self.in_data = False
         self.requests: list[Request] = []
+
+    def emit(self, replies: bytes) -> None:
+        for line in replies.splitlines(keepends=True):
+            self.out.append((self.mails, line))
+
+    def take(self) -> bytes:
+        """What the server sends now, cut short (421, then nothing) after ``cut`` replies."""
+        if self.dead:
+            return b""
+        sent = []
+        for owner, line in self.out:
+            if self.cut is not None and len(self.emitted) == self.cut:
+                self.dead = True
+                sent.append(lines(421, "4.3.2 shutting down"))
+                break
+            self.emitted.append(owner)
+            sent.append(line)
+        self.out = []
+        return b"".join(sent)
 
     def final(self) -> bytes:
         finals = self.script["finals"]
@@ -1194,7 +1218,7 @@ class ModelServer:
                     return
                 self.buffer = self.buffer[end + 5 :]
                 self.in_data = False
-                self.out += self.final()
+                self.emit(self.final())
                 continue
             line, sep, rest = self.buffer.partition(b"\r\n")
             if not sep:
@@ -1209,26 +1233,26 @@ class ModelServer:
                 self.mail_ok = code < 300
                 self.accepted = 0
                 self.rcpt_index = 0
-                self.out += lines(code, "mail")
+                self.emit(lines(code, "mail"))
             elif verb == b"RCPT":
                 codes = self.script["rcpts"]
                 assert isinstance(codes, list)
                 code = codes[self.rcpt_index] if self.mail_ok else 503
                 self.rcpt_index += 1
                 self.accepted += code < 300
-                self.out += lines(code, "rcpt")
+                self.emit(lines(code, "rcpt"))
             elif verb == b"DATA":
                 if not self.mail_ok or not self.accepted:
-                    self.out += lines(503 if not self.mail_ok else 554, "no valid recipients")
+                    self.emit(lines(503 if not self.mail_ok else 554, "no valid recipients"))
                 else:
-                    self.out += GO_AHEAD
+                    self.emit(GO_AHEAD)
                     self.in_data = True
             elif verb == b"BDAT":
                 size = int(line.split()[1])
                 self.buffer = self.buffer[size:]  # chunks here always arrive whole
-                self.out += self.final() if self.mail_ok and self.accepted else lines(503, "no")
+                self.emit(self.final() if self.mail_ok and self.accepted else lines(503, "no"))
             elif verb == b"RSET":
-                self.out += OK
+                self.emit(OK)
             else:
                 raise AssertionError(f"unexpected {line!r}")
 
@@ -1243,20 +1267,21 @@ class ModelServer:
             value = None
             self.requests.append(request)
             if isinstance(request, Write):
-                self.feed(request.data)
+                if not self.dead:
+                    self.feed(request.data)
             elif isinstance(request, Read):
-                value, self.out = self.out, b""
+                value = self.take()
         raise AssertionError("the step never finished")
 
 
 def model_session(
-    scripts: Sequence[dict[str, object]], **changes: object
+    scripts: Sequence[dict[str, object]], *, cut: int | None = None, **changes: object
 ) -> tuple[Session, ModelServer]:
     hello = ehlo("PIPELINING", "CHUNKING", "SIZE 1000000", "8BITMIME")
     session = Session(config(**changes))
     driver = Driver([GREETING, hello])
     driver.run(session.open())
-    return session, ModelServer(scripts, lmtp=bool(changes.get("lmtp")))
+    return session, ModelServer(scripts, lmtp=bool(changes.get("lmtp")), cut=cut)
 
 
 def batch_items(scripts: Sequence[dict[str, object]]) -> list[tuple[Message, Envelope]]:
@@ -1471,3 +1496,39 @@ def test_the_same_message_twice_goes_out_identically_stuffed_once(body: str) -> 
     data = [w.data for w in driver.writes if w.phase == "data_block"]
     assert data[0] == data[1]
     assert data[0].endswith(b"\r\n..hidden\r\n" + body[9:].rstrip("\r\n").encode() + b"\r\n.\r\n")
+
+
+@given(
+    scripts=_scripts,
+    lmtp=st.booleans(),
+    chunking=st.booleans(),
+    pipelining=st.booleans(),
+    cut=st.integers(min_value=0, max_value=40),
+)
+def test_deliver_many_cut_short_keeps_every_answer_and_hands_back_the_rest(
+    scripts: list[dict[str, object]], lmtp: bool, chunking: bool, pipelining: bool, cut: int
+) -> None:
+    # The server says 421 and hangs up after ``cut`` replies, wherever that falls.
+    changes = {"lmtp": lmtp, "chunking": chunking, "pipelining": pipelining}
+    items = batch_items(scripts)
+    alone, server = model_session(scripts, **changes)
+    expected = [outcomes(server.run(alone.deliver(m, e))) for m, e in items]
+    together, server = model_session(scripts, cut=cut, **changes)
+    outcome = server.run(together.deliver_many(items))
+    if outcome.error is None:
+        assert [outcomes(r) if r else None for r in outcome.results] == expected
+        return
+    assert together.closed
+    for index, result in enumerate(outcome.results):
+        # Every reply of a message comes before the next message's first one (FIFO).
+        answered = any(owner > index for owner in server.emitted)
+        if answered:
+            assert result is not None
+            assert outcomes(result) == expected[index]
+        elif result is not None and outcomes(result) != expected[index]:
+            # Some answers came, not all: those are kept; the rest are TRANSIENT, saying why.
+            assert len(result.recipients) == len(items[index][1].recipients)
+            pending = [r for r in result.recipients if "before a final reply" in (r.reason or "")]
+            assert pending
+            assert all(r.outcome is Outcome.TRANSIENT for r in pending)
+        # else: None, no final answer at all: handed back for the transport to send again.
