@@ -97,9 +97,6 @@ class _Batch:
             self.pending.append(pair)
         return bool(self.pending)
 
-    def add(self, pair: tuple[Message, Envelope]) -> None:
-        self.pending.append(pair)
-
     def take(self, room: int) -> list[tuple[Message, Envelope]]:
         return list(itertools.islice(self.pending, max(1, room)))
 
