@@ -18,8 +18,14 @@ Rules of this module:
   closed it: EOF, reset, or a 421), the message is sent again at once on a fresh connection.
   The server had not taken the message (no final reply), so this is what a caller's retry
   would do, minus the wait. A fresh connection failing is reported, never retried here.
+* ``send_many`` sends a batch through one connection at a time, pipelined across messages
+  (:meth:`Session.deliver_many <mailrelay.flow.Session.deliver_many>`), taking a streamed
+  batch :data:`CHUNK` items at a time. Messages left without any final answer when the
+  connection ends are sent again on a fresh one under the rule above (the connection had
+  carried messages before them); otherwise the first of them gets the error as its result.
 * Errors: only :class:`~mailrelay.errors.DeliveryError` subclasses, raised when the attempt
-  produced no per-recipient answer.
+  produced no per-recipient answer; :class:`~mailrelay.errors.TransportClosed` after
+  ``close()``.
 """
 
 from __future__ import annotations
