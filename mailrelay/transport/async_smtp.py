@@ -7,8 +7,9 @@ turns out to be dead), plus:
 * The pool is task-safe: a connection is used by one task at a time, and at most
   ``pool.size`` are open; tasks beyond that wait for one.
 * :meth:`AsyncSMTPTransport.asend_many` spreads a batch over ``pool.size`` connections at
-  once (each worker takes the next item when it is free, so a streamed batch is never held
-  whole) and still returns the results in item order, with the contract of
+  once, each worker sending a run of items pipelined across messages (a known batch split
+  evenly, a streamed one taken a bounded run at a time, so it is never held whole), and
+  still returns the results in item order, with the contract of
   :mod:`mailrelay.transport.base` (a ``DeliveryError`` becomes that item's result; any other
   exception cancels the rest of the batch and propagates).
 * A pool belongs to one event loop. A keeper task expires idle connections in the background
