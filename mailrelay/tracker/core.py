@@ -62,7 +62,13 @@ from mailrelay.tracker.store import (
     apply_change,
     to_micros,
 )
-from mailrelay.tracker.transitions import Decision, from_error, from_result, put_back
+from mailrelay.tracker.transitions import (
+    AttemptMemo,
+    Decision,
+    from_error,
+    from_result,
+    put_back,
+)
 from mailrelay.transport.base import AsyncTransport, BatchItem, Transport, prepare_batch
 
 __all__ = ["RELAY_KEY", "Entry", "Group", "RunSummary", "TrackerCore", "Work"]
@@ -380,8 +386,15 @@ class TrackerCore(Generic[T]):
         return Work(claim=claim, record=record, message=message)
 
     def _groups(self, work: Work) -> list[Group]:
-        claimed = set(work.claim.addresses)
-        recipients = [r for r in work.record.envelope.recipients if r.address in claimed]
+        everyone = work.record.envelope.recipients
+        recipients: Sequence[Recipient]
+        if len(work.claim.addresses) == len(everyone):
+            # A claim holds at most one entry per recipient row: all of them (a first
+            # attempt, the common case) needs no filtering.
+            recipients = everyone
+        else:
+            claimed = set(work.claim.addresses)
+            recipients = [r for r in everyone if r.address in claimed]
         if not self.split_by_domain:
             return [Group(RELAY_KEY, tuple(recipients))] if recipients else []
         by_domain: dict[str, list[Recipient]] = {}
@@ -410,10 +423,21 @@ class TrackerCore(Generic[T]):
         return put_back(record, addresses, when)
 
     def _from_result(
-        self, work: Work, group: Group, result: DeliveryResult, now: dt.datetime
+        self,
+        work: Work,
+        group: Group,
+        result: DeliveryResult,
+        now: dt.datetime,
+        attempts: AttemptMemo | None = None,
     ) -> Decision:
         return from_result(
-            work.record, group.recipients, result, now=now, retry=self.retry, random=self.random
+            work.record,
+            group.recipients,
+            result,
+            now=now,
+            retry=self.retry,
+            random=self.random,
+            attempts=attempts,
         )
 
     def _from_error(

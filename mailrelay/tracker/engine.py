@@ -50,6 +50,7 @@ from mailrelay.tracker.core import (
 )
 from mailrelay.tracker.notifications import VERP, DSNMatch, DSNRequest
 from mailrelay.tracker.store import Change, Claim
+from mailrelay.tracker.transitions import AttemptMemo
 from mailrelay.transport.base import Transport
 
 __all__ = [
@@ -304,8 +305,9 @@ class DeliveryTracker(TrackerCore[Transport]):
                     f"{type(self.transport).__name__}.send_many returned {len(results)}"
                     f" results for {len(chunk)} messages"
                 )
+            attempts: AttemptMemo = {}
             for (work, group), result in zip(chunk, results, strict=True):
-                outcome = self._from_result(work, group, result, now)
+                outcome = self._from_result(work, group, result, now, attempts)
                 pending.append((work, outcome.changes))
                 if outcome.refused is not None:
                     verdicts[group.key] = outcome.refused

@@ -38,7 +38,7 @@ from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.tracker.retry import RetryPolicy
 from mailrelay.tracker.store import Attempt, Change, MessageRecord, State
 
-__all__ = ["Decision", "from_error", "from_result", "put_back"]
+__all__ = ["AttemptMemo", "Decision", "from_error", "from_result", "put_back"]
 
 
 @attrs.frozen
@@ -119,6 +119,57 @@ def _failure_change(
     return Change(address=address, state=State.DEFERRED, attempt=attempt, next_attempt_at=when)
 
 
+#: Attempts already built, for :func:`from_result`'s ``attempts`` argument.
+AttemptMemo = dict[tuple[object, ...], Attempt]
+
+
+def _matched(
+    recipients: Sequence[Recipient], result: DeliveryResult
+) -> list[RecipientResult | None]:
+    """Each recipient's result. The base contract puts them in envelope order, which is
+    checked here (the common case, no dict built); otherwise they are found by address."""
+    found = result.recipients
+    if len(found) == len(recipients) and all(
+        f.address is r.address or f.address == r.address
+        for f, r in zip(found, recipients, strict=True)
+    ):
+        return list(found)
+    by_address: dict[Address, RecipientResult] = {r.address: r for r in found}
+    return [by_address.get(r.address) for r in recipients]
+
+
+def _attempt(
+    found: RecipientResult, host: str | None, now: dt.datetime, memo: AttemptMemo | None
+) -> Attempt:
+    reply = found.reply
+    # Results of one send_many call often carry equal answers ("250 2.0.0 Ok" from one
+    # host): an Attempt is immutable, so one object serves them all.
+    # Everything the attempt is made of: the host, the outcome and reason (which say
+    # whether it came from an error), and the reply's code and lines; ``at`` is checked.
+    answer = None if reply is None else (reply.code, reply.lines)
+    key = (host, found.outcome, found.reason, answer)
+    if memo is not None:
+        known = memo.get(key)
+        if known is not None and known.at == now:
+            return known
+    if found.reason is not None and _from_error_result(found):
+        text, source = found.reason, "error"
+    else:
+        text = (reply.text if reply is not None else "") or (found.reason or "")
+        source = "reply"
+    attempt = Attempt(
+        at=now,
+        host=host,
+        code=None if reply is None else reply.code,
+        enhanced=None if reply is None or reply.enhanced is None else str(reply.enhanced),
+        text=text,
+        source=source,
+    )
+    if memo is not None:
+        memo[key] = attempt
+    return attempt
+
+
 def from_result(
     record: MessageRecord,
     recipients: Sequence[Recipient],
@@ -127,15 +178,19 @@ def from_result(
     now: dt.datetime,
     retry: RetryPolicy,
     random: Callable[[], float],
+    attempts: AttemptMemo | None = None,
 ) -> Decision:
-    """What a transaction's per-recipient results do to ``recipients`` of ``record``."""
-    by_address: dict[Address, RecipientResult] = {r.address: r for r in result.recipients}
+    """What a transaction's per-recipient results do to ``recipients`` of ``record``.
+
+    ``attempts``, a dict kept across the results of one ``send_many`` call, lets equal
+    answers share one :class:`Attempt` object.
+    """
     changes = []
     any_accepted = False
     all_transient = True
     saw_421 = False
-    for recipient in recipients:
-        found = by_address.get(recipient.address)
+    for recipient, matched in zip(recipients, _matched(recipients, result), strict=True):
+        found = matched
         if found is None:
             # A transport that skipped a recipient broke its contract: retry it.
             found = RecipientResult(
@@ -145,19 +200,7 @@ def from_result(
                 host=result.host,
             )
         reply = found.reply
-        if _from_error_result(found):
-            text, source = found.reason or "", "error"
-        else:
-            text = (reply.text if reply is not None else "") or (found.reason or "")
-            source = "reply"
-        attempt = Attempt(
-            at=now,
-            host=found.host or result.host,
-            code=None if reply is None else reply.code,
-            enhanced=None if reply is None or reply.enhanced is None else str(reply.enhanced),
-            text=text,
-            source=source,
-        )
+        attempt = _attempt(found, found.host or result.host, now, attempts)
         saw_421 = saw_421 or (reply is not None and reply.code == 421)
         if found.outcome is Outcome.ACCEPTED:
             any_accepted = True

@@ -190,3 +190,69 @@ def test_failed_result_decides_as_the_error_itself() -> None:
             random=lambda: 0.5,
         )
         assert folded == raised
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shared"),
+    [
+        (Outcome.ACCEPTED, Outcome.ACCEPTED, True),
+        (Outcome.TRANSIENT, Outcome.TRANSIENT, True),
+        # Different answers never share an attempt.
+        (Outcome.ACCEPTED, Outcome.PERMANENT, False),
+        (Outcome.TRANSIENT, Outcome.PERMANENT, False),
+    ],
+)
+def test_equal_answers_in_one_batch_share_one_attempt(
+    first: Outcome, second: Outcome, shared: bool
+) -> None:
+    memo: dict[tuple[object, ...], Attempt] = {}
+    rec = record()
+    decisions = [
+        from_result(
+            rec,
+            rec.envelope.recipients[:1],
+            result(outcome),
+            now=T0,
+            retry=RetryPolicy(jitter=0),
+            random=lambda: 0.5,
+            attempts=memo,
+        )
+        for outcome in (first, second)
+    ]
+    plain = [
+        from_result(
+            rec,
+            rec.envelope.recipients[:1],
+            result(outcome),
+            now=T0,
+            retry=RetryPolicy(jitter=0),
+            random=lambda: 0.5,
+        )
+        for outcome in (first, second)
+    ]
+    # The same decisions as without sharing.
+    assert decisions == plain
+    a, b = (d.changes[0].attempt for d in decisions)
+    assert (a is b) is shared
+    assert (a == b) is shared
+
+
+def test_a_shared_attempt_is_never_one_from_another_time() -> None:
+    memo: dict[tuple[object, ...], Attempt] = {}
+    rec = record()
+    later = T0 + dt.timedelta(seconds=1)
+    attempts = [
+        from_result(
+            rec,
+            rec.envelope.recipients,
+            result(Outcome.ACCEPTED, Outcome.ACCEPTED),
+            now=now,
+            retry=RetryPolicy(),
+            random=lambda: 0.5,
+            attempts=memo,
+        )
+        .changes[0]
+        .attempt
+        for now in (T0, later)
+    ]
+    assert [a.at for a in attempts if a is not None] == [T0, later]
