@@ -116,7 +116,7 @@ def _encoded_words(text: str, first_room: int) -> list[str]:
                 room = min(_MAX_EW_LINE - 1, _MAX_EW) - _EW_OVERHEAD
             chunk += data
         words.append(_EW_PREFIX_B + base64.b64encode(chunk).decode("ascii") + "?=")
-    if room <= 0 or any(len(word) > _MAX_EW for word in words):
+    if any(len(word) > _MAX_EW for word in words):
         raise Unsupported("no room for an encoded-word")
     return words
 
@@ -155,6 +155,8 @@ def unstructured(name: str, value: str) -> str:
     if any(char < " " or char == "\x7f" for char in value):
         raise Unsupported("control characters")
     words = _encoded_words(value, _MAX_EW_LINE - len(name) - 2)
+    if len(name) + 2 + len(words[0]) > _MAX_EW_LINE:
+        raise Unsupported("a field name too long for an encoded-word after it")
     return f"{name}: " + "\r\n ".join(words)
 
 

@@ -428,7 +428,10 @@ class Message:
             fields.append((name, value.strip(" \t")))
         wire_lines.append(content_head)
         wire_lines.append("\r\n")
-        head = "\r\n".join(wire_lines).encode("ascii")
+        try:
+            head = "\r\n".join(wire_lines).encode("ascii")
+        except UnicodeEncodeError as exc:  # pragma: no cover - every piece is checked
+            raise _mime.Unsupported("non-ASCII header text") from exc
         wire = head + body
         return cls(
             headers=tuple(fields),

@@ -995,7 +995,7 @@ body_text = st.text(
 ).map(lambda text: text.replace("\x00", ""))
 names = st.one_of(st.just(""), header_text.map(lambda text: text[:30]))
 mailboxes = st.tuples(names, addresses)
-filenames = st.text(st.sampled_from(list("abc. -_éü例")), min_size=1, max_size=20)
+filenames = st.text(st.sampled_from(list("abc. -_;=()'%*~éü例")), min_size=1, max_size=20)
 
 
 build_arguments = st.fixed_dictionaries(
@@ -1008,7 +1008,8 @@ build_arguments = st.fixed_dictionaries(
         "text": st.none() | body_text,
         "html": st.none() | body_text,
         "headers": st.lists(
-            st.tuples(st.sampled_from(["X-A", "List-Id", "x-b"]), header_text), max_size=2
+            st.tuples(st.sampled_from(["X-A", "List-Id", "x-b", "X-" + "N" * 60]), header_text),
+            max_size=2,
         ),
         "attachments": st.lists(st.tuples(filenames, st.binary(max_size=100)), max_size=2),
     }
