@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sqlite3
 import tempfile
 import threading
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailrelay.address import Address
-from mailrelay.envelope import Envelope, Recipient
+from mailrelay.envelope import Envelope, Notify, Recipient
 from mailrelay.errors import ConfigurationError
 from mailrelay.tracker import sqlite_store
 from mailrelay.tracker.sqlite_store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
@@ -329,6 +330,67 @@ def test_envelope_json_round_trip(
     assert envelope_from_json(envelope_to_json(envelope)) == envelope
     null = attrs.evolve(envelope, sender=None)
     assert envelope_from_json(envelope_to_json(null)) == null
+
+
+def _reference_json(envelope: Envelope) -> str:
+    """The stored form as json itself writes it (what envelope_to_json must equal)."""
+
+    def notify(values: frozenset[Notify] | None) -> list[str] | None:
+        return None if values is None else sorted(v.value for v in values)
+
+    data = {
+        "sender": None if envelope.sender is None else str(envelope.sender),
+        "recipients": [
+            {
+                "address": str(r.address),
+                "notify": notify(r.notify),
+                "orcpt": None if r.orcpt is None else str(r.orcpt),
+            }
+            for r in envelope.recipients
+        ],
+        "ret": None if envelope.ret is None else envelope.ret.value,
+        "envid": envelope.envid,
+        "notify": notify(envelope.notify),
+        "requiretls": envelope.requiretls,
+    }
+    return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+@given(
+    st.sampled_from([None, "s@example.com", '"a\\"b\\\\c"@example.com']),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a@example.org", "Ünï@bücher.example", '"a b"@[127.0.0.1]']),
+            st.sampled_from([None, "NEVER", "SUCCESS,FAILURE,DELAY"]),
+            st.sampled_from([None, "o@example.org", "Ø@example.org"]),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    st.tuples(
+        st.sampled_from([None, "SUCCESS", "FAILURE,DELAY"]),
+        st.sampled_from([None, "FULL", "HDRS"]),
+        st.sampled_from([None, "env-1", "0123abcd"]),
+        st.booleans(),
+    ),
+)
+def test_envelope_json_is_json_itself_would_write(
+    sender: str | None,
+    recipients: list[tuple[str, str | None, str | None]],
+    options: tuple[str | None, str | None, str | None, bool],
+) -> None:
+    notify, ret, envid, tls = options
+    envelope = Envelope(
+        sender,
+        [Recipient(a, notify=n, orcpt=o) for a, n, o in recipients],
+        notify=notify,
+        ret=ret,
+        envid=envid,
+        requiretls=tls,
+    )
+    text = envelope_to_json(envelope)
+    assert text == _reference_json(envelope)
+    assert envelope_from_json(text) == envelope
 
 
 def test_add_many_is_all_or_nothing(store: Store) -> None:
