@@ -104,11 +104,15 @@ class DeliveryTracker(TrackerCore[Transport]):
             :meth:`submit` returns; results may wait, because delivery is
             at-least-once: a crash re-sends the transactions delivered but not yet
             committed (at most ``commit_batch``, and at most ``commit_interval`` worth).
-            1 commits each result at once (at most the one transaction in flight is
-            re-sent). The async tracker commits each transaction at once.
+            It also bounds each ``send_many`` call (a chunk): results awaiting their
+            commit plus the chunk never exceed it. 1 commits each result at once (at
+            most the one transaction in flight is re-sent) and so sends one message per
+            ``send_many`` call, without pipelining across messages. The async tracker
+            commits each transaction at once.
         commit_interval: the longest a result waits for its commit (default 1 s by
-            ``clock``), so that a slow server does not hold results (and their events)
-            back for ``commit_batch`` transactions.
+            ``clock``), plus the chunk it came in; chunks are sized so that one takes
+            about this long at most, so that a slow server does not hold results (and
+            their events) back for ``commit_batch`` transactions.
         message_cache: bytes of submitted messages kept in memory until they are
             sent, so that sending them need not read and parse the stored copy
             (default 16 MiB in all, messages up to 256 KiB each; 0 keeps none).
