@@ -370,6 +370,10 @@ class Envelope:
         is used instead: ``Resent-Sender`` else ``Resent-From``, and
         ``Resent-To``, ``Resent-Cc``, ``Resent-Bcc``.
 
+        A message from :meth:`Message.build` (without custom ``Sender`` or
+        ``Resent-*`` fields) answers from the addresses it was given, which are
+        the ones those fields hold, without reading header text.
+
         Raises:
             MessageError: no sender or no recipient in those fields.
             InvalidAddress: an unusable address in those fields.
