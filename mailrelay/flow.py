@@ -1196,14 +1196,17 @@ class Session:
                     # One write: the previous message's data and terminator (if any), then
                     # this message's envelope (RFC 2920 §3.1).
                     conn = self._conn
-                    wire = [conn.send(command) for command in group]
                     if log.isEnabledFor(logging.DEBUG):
-                        for command, data in zip(group, wire, strict=True):
+                        pieces = [conn.send(command) for command in group]
+                        for command, data in zip(group, pieces, strict=True):
                             log.debug(">>> %s", _trace(command, data))
+                        wire = b"".join(pieces)
+                    else:
+                        wire = conn.send_group(group)
                     if carry:
-                        wire.insert(0, carry)
+                        wire = carry + wire
                         carry = b""
-                    yield Write(data=b"".join(wire), phase="mail")
+                    yield Write(data=wire, phase="mail")
                     # The hot path: one collection of replies per message, in FIFO order:
                     # the previous message's final reply, then RSET's, MAIL's, the RCPTs',
                     # and DATA's.
@@ -1285,6 +1288,15 @@ class Session:
         replies: list[Reply] = []
         debug = log.isEnabledFor(logging.DEBUG)
         while len(replies) < count:
+            # Plain replies to commands in flight, without events; anything else (a 421,
+            # the end of file, a need for more bytes) is left to next_event().
+            ready = conn.next_replies(count - len(replies))
+            if ready:
+                if debug:
+                    for reply in ready:
+                        log.debug("<<< %s", reply)
+                replies += ready
+                continue
             try:
                 event = conn.next_event()
                 if event is NEED_DATA:

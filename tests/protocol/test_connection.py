@@ -873,3 +873,134 @@ def test_data_chunk_in_wire_form_mid_line_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError, match="start a line"):
         conn.send(DataChunk(b"x\r\n", stuffed=True))
     assert state_of(conn) is State.ERROR
+
+
+# -- the batch fast paths: send_group() and next_replies() ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "group",
+    [
+        [MailFrom(A), RcptTo(A), RcptTo(B), Data()],
+        [Rset(), MailFrom(A), RcptTo(A), Data()],
+        [MailFrom(A), RcptTo(B), Bdat(b"Subject: x\r\n\r\nbody\r\n", last=True)],
+        [MailFrom(A), RcptTo(A), Bdat(b"12345"), Bdat(b"", last=True)],
+        [Noop()],
+        [],
+    ],
+)
+def test_send_group_is_send_of_each_joined(group: list[Command]) -> None:
+    one, many = greeted(), greeted()
+    assert many.send_group(group) == b"".join(one.send(c) for c in group)
+    assert pending_of(many) == pending_of(one)
+    assert state_of(many) is state_of(one)
+
+
+def test_send_group_passes_data_through_send() -> None:
+    one, many = greeted(), greeted()
+    for conn in (one, many):
+        for command in (MailFrom(A), RcptTo(A), Data()):
+            conn.send(command)
+        reply(conn, b"250 ok\r\n250 ok\r\n354 go\r\n")
+    group = [DataChunk(b".dot\nline"), EndOfData(), MailFrom(B), RcptTo(B), Data()]
+    wire = many.send_group(group)
+    assert wire == b"".join(one.send(c) for c in group)
+    assert wire.startswith(b"..dot\r\nline\r\n.\r\nMAIL FROM:<b@example.org>\r\n")
+    assert pending_of(many) == pending_of(one)
+    assert state_of(many) is state_of(one) is State.MAIL
+
+
+def send_each(conn: ClientConnection, group: list[Command]) -> None:
+    for command in group:
+        conn.send(command)
+
+
+@pytest.mark.parametrize(
+    ("ehlo_reply", "group", "message"),
+    [
+        (EHLO_REPLY, [MailFrom(A), RcptTo(A), Data(), RcptTo(B)], "nothing may follow DATA"),
+        (b"250 mx.example\r\n", [MailFrom(A), RcptTo(A)], "did not announce PIPELINING"),
+        (EHLO_REPLY, [RcptTo(A)], "cannot send RCPT in state READY"),
+        (EHLO_REPLY, [MailFrom(A), RcptTo(UTF8)], "SMTPUTF8"),
+        (EHLO_REPLY, [Rset(), StartTLS()], "cannot be pipelined"),
+    ],
+)
+def test_send_group_refuses_as_send_does(
+    ehlo_reply: bytes, group: list[Command], message: str
+) -> None:
+    one, many = greeted(ehlo_reply=ehlo_reply), greeted(ehlo_reply=ehlo_reply)
+    with pytest.raises(LocalProtocolError, match=message) as group_error:
+        many.send_group(group)
+    with pytest.raises(LocalProtocolError) as send_error:
+        send_each(one, group)
+    assert str(group_error.value) == str(send_error.value)
+    assert pending_of(many) == pending_of(one)
+    assert state_of(many) is state_of(one) is State.ERROR
+    with pytest.raises(LocalProtocolError, match="ERROR state"):
+        many.send_group([Noop()])
+
+
+def test_next_replies_takes_a_pipelined_groups_replies() -> None:
+    conn = greeted()
+    mail, rcpt_a, rcpt_b, data = MailFrom(A), RcptTo(A), RcptTo(B), Data()
+    conn.send_group([mail, rcpt_a, rcpt_b, data])
+    assert conn.next_replies(10) == []  # nothing read yet
+    conn.receive_data(b"250 2.1.0 ok\r\n550 5.1.1 no such user\r\n250 2.1.5 ok\r\n354 go\r\n")
+    first = conn.next_replies(2)
+    assert [r.code for r in first] == [250, 550]
+    assert pending_of(conn) == (rcpt_b, data)
+    assert [r.code for r in conn.next_replies(10)] == [250, 354]
+    assert conn.accepted_recipients == (B,)
+    assert state_of(conn) is State.DATA
+    assert pending_of(conn) == ()
+    assert conn.next_event() is NEED_DATA
+
+
+@pytest.mark.parametrize(
+    ("server", "taken", "then"),
+    [
+        # 421 is left to next_event (RFC 5321 §3.8), which also closes the connection.
+        (b"250 ok\r\n421 4.3.2 bye\r\n250 ok\r\n", [250], Response),
+        # A malformed line waits for next_event, which raises.
+        (b"250 ok\r\nxyz\r\n", [250], RemoteProtocolError),
+        # A reply nobody awaits is next_event's business too.
+        (b"250 ok\r\n250 ok\r\n354 go\r\n250 extra\r\n", [250, 250, 354], RemoteProtocolError),
+        # An unfinished reply is not taken.
+        (b"250 ok\r\n250-partial\r\n", [250], type(NEED_DATA)),
+    ],
+)
+def test_next_replies_stops_where_next_event_is_needed(
+    server: bytes, taken: list[int], then: type[object]
+) -> None:
+    conn = greeted()
+    conn.send_group([MailFrom(A), RcptTo(A), Data()])
+    conn.receive_data(server)
+    assert [r.code for r in conn.next_replies(10)] == taken
+    assert conn.next_replies(10) == []
+    if issubclass(then, Exception):
+        with pytest.raises(then):
+            conn.next_event()
+    else:
+        assert isinstance(conn.next_event(), then)
+
+
+def test_next_replies_leaves_lmtp_final_replies_to_next_event() -> None:
+    conn = greeted(lmtp=True)
+    conn.send_group([MailFrom(A), RcptTo(A), RcptTo(B), Data()])
+    conn.receive_data(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    assert [r.code for r in conn.next_replies(10)] == [250, 250, 250, 354]
+    conn.send_group([DataChunk(b"x\r\n"), EndOfData()])
+    conn.receive_data(b"250 a done\r\n452 b later\r\n")
+    assert conn.next_replies(10) == []
+    events = drain(conn)
+    assert [(e.recipient, e.reply.code) for e in events if isinstance(e, LMTPResponse)] == [
+        (A, 250),
+        (B, 452),
+    ]
+
+
+def test_next_replies_outside_matching_states_takes_nothing() -> None:
+    conn = ClientConnection()
+    conn.receive_data(b"220 mx.example ESMTP\r\n")
+    assert conn.next_replies(5) == []  # the greeting is an event of its own
+    assert isinstance(conn.next_event(), Greeting)

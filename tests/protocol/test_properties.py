@@ -129,6 +129,95 @@ def test_events_do_not_depend_on_how_server_bytes_are_split(
     assert run([bytes([b]) for b in stream]) == whole
 
 
+# What a reader of replies saw: ("reply", reply) for a plain Response, the event itself
+# otherwise, and the error class that ended it, if any.
+Seen = list[object]
+
+
+@given(
+    lmtp=st.booleans(),
+    messages=st.integers(1, 3),
+    recipients=st.integers(1, 3),
+    replies=st.lists(
+        st.sampled_from(
+            [
+                b"250 2.1.5 ok\r\n",
+                b"550 5.1.1 no\r\n",
+                b"250-a\n250 b\n",
+                b"451 later\r\n",
+                b"354 go\r\n",
+                b"421 4.3.2 bye\r\n",
+                b"503 5.5.1 sequence\r\n",
+                b"xyz\r\n",
+            ]
+        ),
+        max_size=16,
+    ),
+    eof=st.booleans(),
+    limits=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(0, 10_000), max_size=6),
+)
+def test_batch_fast_paths_change_nothing(
+    *,
+    lmtp: bool,
+    messages: int,
+    recipients: int,
+    replies: list[bytes],
+    eof: bool,
+    limits: list[int],
+    cuts: list[int],
+) -> None:
+    # send_group() and next_replies() (with next_event() for the rest) must give what
+    # send() of each command and next_event() alone give: the same wire bytes, the
+    # same replies in the same order, the same errors and the same state.
+    stream = b"".join(replies)
+
+    def run(fast: bool) -> tuple[list[bytes], Seen, State, tuple[Command, ...]]:
+        conn = ClientConnection(lmtp=lmtp)
+        conn.receive_data(GREETING)
+        take(conn)
+        conn.send(Lhlo("client.example") if lmtp else Ehlo("client.example"))
+        conn.receive_data(LHLO if lmtp else EHLO)
+        take(conn)
+        wire: list[bytes] = []
+        seen: Seen = []
+        try:
+            for number in range(messages):
+                # Earlier messages end in BDAT LAST, which may stay in flight; the last
+                # ends in DATA, which must end the pipelined group (RFC 2920 §3.1).
+                end: Command = Data() if number == messages - 1 else Bdat(b"x\r\n", last=True)
+                rcpts = [RcptTo(address) for address in RECIPIENTS[:recipients]]
+                group: list[Command] = [MailFrom(A), *rcpts, end]
+                if number:
+                    group.insert(0, Rset())
+                if fast:
+                    wire.append(conn.send_group(group))
+                else:
+                    wire.append(b"".join(conn.send(command) for command in group))
+        except LocalProtocolError:
+            seen.append(LocalProtocolError)
+        try:
+            for index, piece in enumerate([*pieces(stream, cuts), *([b""] if eof else [])]):
+                conn.receive_data(piece)
+                for _ in range(100):
+                    if fast:
+                        ready = conn.next_replies(limits[index % len(limits)])
+                        if ready:
+                            seen.extend(("reply", reply) for reply in ready)
+                            continue
+                    event = conn.next_event()
+                    if event is NEED_DATA:
+                        break
+                    seen.append(("reply", event.reply) if type(event) is Response else event)
+                    if isinstance(event, ConnectionClosed):
+                        break
+        except ProtocolError as exc:
+            seen.append(type(exc))
+        return wire, seen, conn.state, conn.pending
+
+    assert run(fast=True) == run(fast=False)
+
+
 @given(
     lmtp=st.booleans(),
     garbage=st.binary(max_size=200)
