@@ -99,8 +99,8 @@ import binascii
 import ipaddress
 import logging
 from collections import deque
-from collections.abc import Generator, Iterable, Iterator, Sequence
-from typing import TypeAlias, TypeVar
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from typing import TypeAlias, TypeVar, cast
 
 import attrs
 
@@ -228,8 +228,20 @@ _HELO_FALLBACK = frozenset({500, 501, 502, 504, 550})
 _NEXT_MECHANISM = frozenset({504, 534})
 _NO_EXTENSIONS = Extensions.parse(())
 _DATA = Data()
+_END_OF_DATA = EndOfData()
 # Messages up to this size are sent as one write with their terminator.
 _JOIN_LIMIT = 1 << 20
+
+
+# A Read is immutable and the phases are few: one request per phase serves every read.
+_READS: dict[str, Read] = {}
+
+
+def _read_request(phase: str) -> Read:
+    request = _READS.get(phase)
+    if request is None:
+        request = _READS[phase] = Read(phase=phase)
+    return request
 
 
 def _check_hostname(instance: SessionConfig, attribute: attrs.Attribute[str], value: str) -> None:
@@ -348,6 +360,50 @@ class BatchOutcome:
 # -- the per-message bookkeeping ---------------------------------------------------------------
 
 
+# Results are built on the hot path of every message; their classes have no validators
+# and no converters that could change known-good values (a tuple stays a tuple), so the
+# slots are filled directly, as attrs' __init__ would (a test checks the two agree).
+def _slot_setters(cls: type, names: tuple[str, ...]) -> list[Callable[[object, object], None]]:
+    if tuple(field.name for field in attrs.fields(cls)) != names:
+        raise AssertionError(f"{cls.__name__}'s fields changed: update its fast builder")
+    return [cls.__dict__[name].__set__ for name in names]
+
+
+_new = object.__new__
+_set_address, _set_outcome, _set_reply, _set_reason, _set_host = _slot_setters(
+    RecipientResult, ("address", "outcome", "reply", "reason", "host")
+)
+_set_recipients, _set_message_id, _set_result_host = _slot_setters(
+    DeliveryResult, ("recipients", "message_id", "host")
+)
+# Outcome.from_reply by the code's first digit; Outcome.TRANSIENT for anything else.
+_OUTCOME_BY_CLASS = {2: Outcome.ACCEPTED, 5: Outcome.PERMANENT}
+
+
+def _recipient_result(
+    address: Address, outcome: Outcome, reply: Reply | None, reason: str | None, host: str | None
+) -> RecipientResult:
+    """``RecipientResult(address=..., ...)`` for values known to be of the right types."""
+    result: RecipientResult = _new(RecipientResult)
+    _set_address(result, address)
+    _set_outcome(result, outcome)
+    _set_reply(result, reply)
+    _set_reason(result, reason)
+    _set_host(result, host)
+    return result
+
+
+def _delivery_result(
+    recipients: tuple[RecipientResult, ...], message_id: str | None, host: str | None
+) -> DeliveryResult:
+    """``DeliveryResult(recipients=..., ...)`` for a tuple of results (no conversion needed)."""
+    result: DeliveryResult = _new(DeliveryResult)
+    _set_recipients(result, recipients)
+    _set_message_id(result, message_id)
+    _set_result_host(result, host)
+    return result
+
+
 class _Transaction:
     """Which reply each recipient of one message has, and which are final."""
 
@@ -363,12 +419,12 @@ class _Transaction:
         self.final: list[RecipientResult | None] = [None] * len(self.addresses)
 
     def settle(self, index: int, reply: Reply, reason: str | None = None) -> None:
-        self.final[index] = RecipientResult(
-            address=self.addresses[index],
-            outcome=Outcome.from_reply(reply),
-            reply=reply,
-            reason=reason,
-            host=self.peer,
+        self.final[index] = _recipient_result(
+            self.addresses[index],
+            _OUTCOME_BY_CLASS.get(reply.code // 100, Outcome.TRANSIENT),
+            reply,
+            reason,
+            self.peer,
         )
 
     def settle_all(self, reply: Reply, reason: str | None = None) -> None:
@@ -385,10 +441,10 @@ class _Transaction:
         ]
 
     def all_final(self) -> bool:
-        return all(result is not None for result in self.final)
+        return None not in self.final
 
     def any_final(self) -> bool:
-        return any(result is not None for result in self.final)
+        return self.final.count(None) < len(self.final)
 
     def unfinished(self, reply: Reply | None, reason: str) -> None:
         """Every recipient still without a final answer becomes TRANSIENT."""
@@ -403,9 +459,9 @@ class _Transaction:
                 )
 
     def result(self) -> DeliveryResult:
-        results = tuple(r for r in self.final if r is not None)
-        assert len(results) == len(self.addresses), "every recipient must be settled"
-        return DeliveryResult(recipients=results, message_id=self.message_id, host=self.peer)
+        assert None not in self.final, "every recipient must be settled"
+        results = cast("tuple[RecipientResult, ...]", tuple(self.final))
+        return _delivery_result(results, self.message_id, self.peer)
 
 
 class _SessionClosed(Exception):
@@ -439,10 +495,11 @@ class Session:
         self._conn = ClientConnection(lmtp=config.lmtp)
         self._needs_rset = False
         self._extensions: Extensions | None = None
-        self._last_data: tuple[Message, bytes] | None = None
-        self._last_message: tuple[Message, Envelope, Extensions, str | None, str | None] | None = (
-            None
-        )
+        # The last small message sent by DATA, and its wire form (stuffed) and terminator.
+        self._last_data: tuple[Message, tuple[DataChunk, EndOfData]] | None = None
+        self._last_message: (
+            tuple[Message, Envelope, Extensions, str | None, str | None, tuple[Address, ...]] | None
+        ) = None
         self._last_commands: (
             tuple[Envelope, Extensions, tuple[int, str | None, bool], MailFrom, list[RcptTo]] | None
         ) = None
@@ -476,7 +533,7 @@ class Session:
             try:
                 event = self._conn.next_event()
                 if event is NEED_DATA:
-                    data = yield Read(phase=phase)
+                    data = yield _read_request(phase)
                     self._conn.receive_data(data if data is not None else b"")
                     continue
             except RemoteProtocolError as exc:
@@ -800,14 +857,13 @@ class Session:
         ext = self.extensions
         if last is not None and last[0] is message and last[1] is envelope and last[2] is ext:
             # The same pair again (one message, one list, many sends): nothing to re-derive.
-            message_id, refusal = last[3], last[4]
+            message_id, refusal, addresses = last[3], last[4], last[5]
         else:
             message_id = message.message_id
             refusal = self._precheck(message, envelope)
-            self._last_message = (message, envelope, ext, message_id, refusal)
-        transaction = _Transaction(
-            [r.address for r in envelope.recipients], self.config.peer, message_id
-        )
+            addresses = tuple(r.address for r in envelope.recipients)
+            self._last_message = (message, envelope, ext, message_id, refusal, addresses)
+        transaction = _Transaction(addresses, self.config.peer, message_id)
         if refusal is not None:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("refusing the message before sending: %s", refusal)
@@ -1005,13 +1061,13 @@ class Session:
             log.debug(">>> <%d bytes of message data and the terminator>", message.size)
         self._needs_rset = False
         if last is not None and last[0] is message:
-            return conn.send(DataChunk(data=last[1], stuffed=True)) + conn.send(EndOfData())
+            return conn.send_group(last[1])
         pieces = [conn.send(DataChunk(data=chunk)) for chunk in message.chunks()]
-        pieces.append(conn.send(EndOfData()))
+        pieces.append(conn.send(_END_OF_DATA))
         wire = b"".join(pieces)
         # Kept without the final ".CRLF" (but with any line end the terminator added), so
         # that it ends a line and EndOfData() gives the same terminator again.
-        self._last_data = (message, wire[:-3])
+        self._last_data = (message, (DataChunk(data=wire[:-3], stuffed=True), _END_OF_DATA))
         return wire
 
     def _send_bdat(
@@ -1300,7 +1356,7 @@ class Session:
             try:
                 event = conn.next_event()
                 if event is NEED_DATA:
-                    data = yield Read(phase=phase)
+                    data = yield _read_request(phase)
                     conn.receive_data(data if data is not None else b"")
                     continue
             except RemoteProtocolError as exc:

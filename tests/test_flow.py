@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import itertools
 import logging
+import pickle
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -36,7 +37,8 @@ from mailrelay.flow import Close, Read, Request, Session, SessionConfig, StartTL
 from mailrelay.message import Message
 from mailrelay.options import TLS
 from mailrelay.protocol import sasl
-from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.reply import Reply
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 
 T = TypeVar("T")
 
@@ -1532,3 +1534,66 @@ def test_deliver_many_cut_short_keeps_every_answer_and_hands_back_the_rest(
             assert pending
             assert all(r.outcome is Outcome.TRANSIENT for r in pending)
         # else: None, no final answer at all: handed back for the transport to send again.
+
+
+# -- the fast result builders ----------------------------------------------------------------
+
+
+@given(
+    code=st.integers(200, 599),
+    text=st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=20),
+    reason=st.none() | st.text(max_size=20),
+    host=st.none() | st.sampled_from(["mx.example:25", "[::1]:2525"]),
+    message_id=st.none() | st.sampled_from(["<a@b>", "<x.y@z>"]),
+)
+def test_fast_result_builders_equal_the_validated_construction(
+    code: int, text: str, reason: str | None, host: str | None, message_id: str | None
+) -> None:
+    address = Address.parse("user@example.org")
+    reply = Reply(code=code, lines=(text,), enhanced=None)
+    transaction = flow._Transaction((address,), host, message_id)
+    transaction.settle(0, reply, reason)
+    fast = transaction.result()
+    slow = DeliveryResult(
+        recipients=[
+            RecipientResult(
+                address=address,
+                outcome=Outcome.from_reply(reply),
+                reply=reply,
+                reason=reason,
+                host=host,
+            )
+        ],
+        message_id=message_id,
+        host=host,
+    )
+    assert fast == slow
+    assert repr(fast) == repr(slow)
+    assert hash(fast) == hash(slow)
+    assert pickle.loads(pickle.dumps(fast)) == slow
+    assert fast.ok is slow.ok
+    assert (fast.accepted, fast.deferred, fast.rejected) == (
+        slow.accepted,
+        slow.deferred,
+        slow.rejected,
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        (250, Outcome.ACCEPTED),
+        (251, Outcome.ACCEPTED),
+        (354, Outcome.TRANSIENT),
+        (421, Outcome.TRANSIENT),
+        (452, Outcome.TRANSIENT),
+        (550, Outcome.PERMANENT),
+        (554, Outcome.PERMANENT),
+    ],
+)
+def test_settle_gives_the_outcome_of_the_reply(code: int, outcome: Outcome) -> None:
+    transaction = flow._Transaction((Address.parse("a@example.org"),), None)
+    reply = Reply(code=code, lines=("x",), enhanced=None)
+    transaction.settle(0, reply)
+    (result,) = transaction.result().recipients
+    assert result.outcome is outcome is Outcome.from_reply(reply)
