@@ -131,6 +131,7 @@ from mailrelay.protocol import (
     ConnectionClosed,
     Data,
     DataChunk,
+    DotStuffer,
     Ehlo,
     EndOfData,
     Event,
@@ -1050,25 +1051,33 @@ class Session:
         return True
 
     def _data_wire(self, message: Message) -> bytes:
-        """A small message's data and terminator, as one piece of wire bytes (after 354).
+        """A small message's data and terminator, as one piece of wire bytes (after 354)."""
+        return self._conn.send_group(self._data_commands(message))
+
+    def _data_commands(self, message: Message) -> tuple[DataChunk, EndOfData]:
+        """A small message's data, in wire form, and its terminator: the commands that send
+        it after 354 (``send_group`` turns them into exactly the bytes ``send()`` would give
+        for its chunks and ``EndOfData()``).
 
         The same message again (one message, many envelopes) reuses its wire form: it is
         not dot-stuffed a second time.
         """
-        conn = self._conn
         last = self._last_data
         if log.isEnabledFor(logging.DEBUG):
             log.debug(">>> <%d bytes of message data and the terminator>", message.size)
         self._needs_rset = False
         if last is not None and last[0] is message:
-            return conn.send_group(last[1])
-        pieces = [conn.send(DataChunk(data=chunk)) for chunk in message.chunks()]
-        pieces.append(conn.send(_END_OF_DATA))
-        wire = b"".join(pieces)
+            return last[1]
+        # The connection's stuffer is a fresh one after 354, so a fresh one here gives the
+        # same bytes (RFC 5321 §4.5.2).
+        stuffer = DotStuffer()
+        pieces = [stuffer.chunk(chunk) for chunk in message.chunks()]
+        pieces.append(stuffer.end())
         # Kept without the final ".CRLF" (but with any line end the terminator added), so
         # that it ends a line and EndOfData() gives the same terminator again.
-        self._last_data = (message, (DataChunk(data=wire[:-3], stuffed=True), _END_OF_DATA))
-        return wire
+        commands = (DataChunk(data=b"".join(pieces)[:-3], stuffed=True), _END_OF_DATA)
+        self._last_data = (message, commands)
+        return commands
 
     def _send_bdat(
         self,
@@ -1203,7 +1212,7 @@ class Session:
         # SMTP over DATA: the message whose final reply is still to be read.
         previous: tuple[int, _Transaction] | None = None
         # ...and its data and terminator, not written yet: they go with the next write.
-        carry = b""
+        carry: tuple[Command, ...] = ()
         error: DeliveryError | None = None
         reason = ""
         try:
@@ -1252,16 +1261,15 @@ class Session:
                     # One write: the previous message's data and terminator (if any), then
                     # this message's envelope (RFC 2920 §3.1).
                     conn = self._conn
+                    commands = [*carry, *group] if carry else group
+                    carry = ()
                     if log.isEnabledFor(logging.DEBUG):
-                        pieces = [conn.send(command) for command in group]
-                        for command, data in zip(group, pieces, strict=True):
+                        pieces = [conn.send(command) for command in commands]
+                        for command, data in zip(commands, pieces, strict=True):
                             log.debug(">>> %s", _trace(command, data))
                         wire = b"".join(pieces)
                     else:
-                        wire = conn.send_group(group)
-                    if carry:
-                        wire = carry + wire
-                        carry = b""
+                        wire = conn.send_group(commands)
                     yield Write(data=wire, phase="mail")
                     # The hot path: one collection of replies per message, in FIFO order:
                     # the previous message's final reply, then RSET's, MAIL's, the RCPTs',
@@ -1290,7 +1298,7 @@ class Session:
                         and not transaction.all_final()
                     ):
                         # Sent with the next message's envelope (or before the last read).
-                        carry = self._data_wire(message)
+                        carry = self._data_commands(message)
                         previous = (index, transaction)
                     elif (yield from self._data_body(message, transaction, data_reply)):
                         previous = (index, transaction)
@@ -1317,7 +1325,7 @@ class Session:
                 yield from reader
                 results[done] = _result_of(transactions[done])
             if carry:
-                yield Write(data=carry, phase="data_block")
+                yield Write(data=self._conn.send_group(carry), phase="data_block")
             if previous is not None:
                 done, done_transaction = previous
                 done_transaction.settle_all((yield from self._reply("data_end")))
