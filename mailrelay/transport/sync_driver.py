@@ -5,7 +5,7 @@ host, IPv6 and IPv4, in the order the resolver gives them) or a unix socket, wra
 at once for ``TLS.IMPLICIT``, and returns a :class:`SyncDriver`. :meth:`SyncDriver.run`
 drives one step of a :class:`~mailrelay.flow.Session`: it answers each request the step
 yields (``Write`` → queued, then sent with one ``sendall`` before the next ``Read`` or
-``StartTLS``, or once 64 KiB are queued; ``Read`` → one ``recv``; ``StartTLS`` → wrap the
+``StartTLS``, or once 64 KiB are queued; ``Read`` → one ``recv_into``; ``StartTLS`` → wrap the
 socket and handshake; ``Close`` → close) until the step returns its result. Coalescing the
 writes saves a system call per message (the data and its terminator go together) and changes
 nothing on the wire that matters: the dialogue waits for replies only through ``Read``.
@@ -15,7 +15,7 @@ Rules:
 * Every wait is bounded by the request's phase limit
   (:meth:`Timeouts.for_phase <mailrelay.options.Timeouts.for_phase>`): the socket timeout is
   set before each ``recv`` and ``sendall``; connecting and TLS handshakes use ``connect``.
-* Reads are bounded: one ``recv`` of at most :data:`READ_SIZE` bytes per ``Read``. The
+* Reads are bounded: one ``recv_into`` of at most :data:`READ_SIZE` bytes per ``Read``. The
   protocol core cuts an over-long reply line (``max_line_length``), so a hostile server's
   endless line costs at most a line limit plus one read of memory.
 * An exception met while doing I/O is translated (:mod:`mailrelay.transport.errors_map`),
@@ -174,6 +174,8 @@ class SyncDriver:
         self._pending_size = 0
         self._pending_phase = "greeting"
         self._timeout: float | None = None
+        self._buffer = bytearray(READ_SIZE)
+        self._view = memoryview(self._buffer)
         # Timeouts.for_phase checks the name each time; the phases are a fixed set.
         self._limits: dict[str, float] = attrs.asdict(timeouts)
 
@@ -283,7 +285,9 @@ class SyncDriver:
         timeout = self._limits[request.phase]
         try:
             self._set_timeout(sock, timeout)
-            data = sock.recv(READ_SIZE)
+            # Into a buffer kept for the connection's life: recv() would allocate READ_SIZE
+            # bytes for every read and shrink them again.
+            data = self._view[: sock.recv_into(self._buffer)].tobytes()
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             # A TLS peer that closes without close_notify: SMTP servers do; it is an EOF.
             return b""
