@@ -684,3 +684,26 @@ def test_a_chunk_refused_whole_backs_its_domain_off_once(store: Store) -> None:
     assert (summary.deferred, transport.batches) == (5, [1, 5])
     # One send_many call is one delivery to the relay: backed off 60 s, not doubled 5 times.
     assert tracker.shaper.blocked_until(RELAY_KEY) == T0 + dt.timedelta(seconds=60)
+
+
+class ShortChanging(MemoryTransport):
+    """A transport whose ``send_many`` breaks the contract: one result too few."""
+
+    def send_many(self, items: Iterable[BatchItem]) -> list[DeliveryResult]:
+        return super().send_many(items)[:-1]
+
+
+def test_send_many_with_too_few_results_puts_the_batch_back(store: Store) -> None:
+    transport = ShortChanging()
+    tracker = tracker_for(transport, store, FakeClock())
+    ids = tracker.submit_many([message((f"r{i}@example.org",)) for i in range(3)])
+    with pytest.raises(RuntimeError, match="returned 0 results for 1 messages"):
+        tracker.run_pending()
+    # Nothing recorded, nothing lost: every recipient is due again, with no attempt.
+    for tracking_id in ids:
+        (recipient,) = tracker.status(tracking_id).recipients
+        assert (recipient.state, recipient.attempts, recipient.lease_owner) == (
+            State.QUEUED,
+            (),
+            None,
+        )
