@@ -17,7 +17,8 @@ smtp-sink offers it, no TLS) to the same ``smtp-sink``, which accepts and discar
   ``run_pending()``. First with the defaults (results committed in batches of up to 50,
   ``work_synchronous=NORMAL``), then with each durability knob turned up:
   ``work_synchronous=FULL`` (every result commit flushed to disk) and ``commit_batch=1``
-  (each result committed alone: at most one duplicate per crash).
+  (each result committed alone: at most one duplicate per crash, and so one message per
+  ``send_many`` call, without pipelining across messages).
 * **tracked, submit() one at a time**: the same, but each message its own durable commit
   (one fsync each): what an application pays that submits messages one by one.
 * **submit only**: ``submit`` one at a time and ``submit_many(100)``, no delivery.
