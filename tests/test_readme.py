@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from mailrelay.transport import settings as transport_settings
 from tests.peers.postfix import PostfixInstance
 from tests.peers.tls import TLSFiles
 
@@ -72,6 +73,9 @@ def test_readme_example_sends_through_postfix(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca_file))
+    # The transports build their verifying default context once per process; start from
+    # none and put the old one back, so the test CA is trusted by this test alone.
+    monkeypatch.setattr(transport_settings, "_DEFAULT_CONTEXT", None)
     namespace: dict[str, object] = {}
     exec(compile(readme_example(), str(README), "exec"), namespace)
 
