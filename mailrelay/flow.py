@@ -1195,7 +1195,12 @@ class Session:
         ``None`` (no final answer: it was not sent, or its data got no reply; the caller may
         send it again on a fresh connection).
         """
-        return (yield from self._guarded(self._deliver_many(items)))
+        # _guarded() inlined: every request of a long batch passes through this frame.
+        try:
+            return (yield from self._deliver_many(items))
+        except BaseException:
+            self.closed = True
+            raise
 
     def _deliver_many(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
         self._ensure_open()

@@ -103,8 +103,6 @@ _REPLY_BY_CLASS: Final = {
     for digit in range(2, 6)
     if reply_kind(digit * 100) is reply
 }
-# Kinds that send() handles apart (data, BDAT); send_group() hands them to it.
-_DATA_KINDS: Final = frozenset({"DATA-CHUNK", "END-OF-DATA", "BDAT"})
 _SMTP_SEND: Final = {key: state for key, state in SEND.items() if key[1] not in LMTP_ONLY}
 _LMTP_SEND: Final = {key: state for key, state in SEND.items() if key[1] not in SMTP_ONLY}
 
@@ -273,7 +271,7 @@ class ClientConnection:
         pieces: list[bytes] = []
         for command in commands:
             kind = command.verb
-            if kind in _DATA_KINDS:
+            if kind == "BDAT":
                 self._state = state
                 pieces.append(self.send(command))
                 state = self._state
@@ -288,12 +286,24 @@ class ClientConnection:
             ):
                 self._state = state
                 self._refuse(kind)
-            try:
-                data = command.encode()
-            except LocalProtocolError as exc:
-                self._state = state
-                self._fail(exc)
-                raise
+            if kind == "DATA-CHUNK":
+                # As in send(): no reply awaited, no change of state.
+                assert isinstance(command, DataChunk)
+                if command.stuffed:
+                    self._state = state
+                    pieces.append(self._stuffed(command.data))
+                else:
+                    pieces.append(self._stuffer.chunk(command.data))
+                continue
+            if kind == "END-OF-DATA":
+                data = self._stuffer.end()
+            else:
+                try:
+                    data = command.encode()
+                except LocalProtocolError as exc:
+                    self._state = state
+                    self._fail(exc)
+                    raise
             if kind == "MAIL":
                 self._serial += 1
             append((command, kind, self._serial))

@@ -1004,3 +1004,30 @@ def test_next_replies_outside_matching_states_takes_nothing() -> None:
     conn.receive_data(b"220 mx.example ESMTP\r\n")
     assert conn.next_replies(5) == []  # the greeting is an event of its own
     assert isinstance(conn.next_event(), Greeting)
+
+
+@pytest.mark.parametrize(
+    "group",
+    [
+        [DataChunk(b"ab\r\n.c\r\n", stuffed=True), EndOfData()],
+        [DataChunk(b"abc"), DataChunk(b"..x\r\n", stuffed=True)],  # not at a line start
+        [DataChunk(b"abc\r"), DataChunk(b"x\r\n", stuffed=True)],  # a CR held back
+        [DataChunk(b"abc"), EndOfData(), DataChunk(b"x")],  # no data after the end
+    ],
+)
+def test_send_group_sends_data_as_send_does(group: list[Command]) -> None:
+    one, many = greeted(), greeted()
+    for conn in (one, many):
+        conn.send_group([MailFrom(A), RcptTo(A), Data()])
+        reply(conn, b"250 ok\r\n250 ok\r\n354 go\r\n")
+    try:
+        expected: bytes | str = b"".join(one.send(c) for c in group)
+    except LocalProtocolError as exc:
+        expected = str(exc)
+    try:
+        got: bytes | str = many.send_group(group)
+    except LocalProtocolError as exc:
+        got = str(exc)
+    assert got == expected
+    assert state_of(many) is state_of(one)
+    assert pending_of(many) == pending_of(one)
