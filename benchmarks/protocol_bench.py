@@ -7,6 +7,10 @@ Run: ``python benchmarks/protocol_bench.py [--messages N] [--replies N]``.
    matched, a 1 KiB body dot-stuffed, the terminator sent and the final reply
    parsed. Commands are built inside the loop, as a dialogue would. Goal: at
    most 25 µs per message.
+   The same cycle once more through the batch forms the dialogue's ``send_many`` uses:
+   :meth:`~ClientConnection.send_group` for the group (and for the data with its
+   terminator, in wire form as a repeated message is sent) and
+   :meth:`~ClientConnection.next_replies` for the replies.
 2. Reply parsing in lines per second: :class:`ReplyReader` beside the parser of
    the standard library's ``smtplib`` (``SMTP.getreply`` reading from
    ``self.file``, here a ``BytesIO``) on the same bytes, once with the realistic
@@ -40,6 +44,7 @@ from mailrelay.protocol import (
     ReplyReader,
     Response,
 )
+from mailrelay.protocol.data import stuff
 
 BODY = (b"Subject: benchmark\r\n\r\n" + b"x" * 70 + b"\r\n.leading dot\r\n") * 11
 BODY = BODY[:1024]
@@ -89,6 +94,35 @@ def message_cycles(messages: int) -> float:
         events += drain(conn)
         assert events == 4
         assert wire.endswith(b"\r\n.\r\n")
+    return (time.process_time() - start) / messages
+
+
+def batch_cycles(messages: int) -> float:
+    """CPU seconds per pipelined message cycle through send_group() and next_replies()."""
+    conn = ClientConnection()
+    conn.receive_data(GREETING)
+    conn.next_event()
+    conn.send(Ehlo("client.example"))
+    conn.receive_data(EHLO_REPLY)
+    drain(conn)
+    sender = Address.parse("sender@example.org")
+    recipient = Address.parse("rcpt@example.net")
+    size = str(len(BODY))
+    # The wire form of the body, as the dialogue keeps it for a message sent again.
+    wire = stuff(BODY)[:-3]
+    start = time.process_time()
+    for _ in range(messages):
+        group = conn.send_group(
+            [MailFrom(sender, (("SIZE", size), ("BODY", "8BITMIME"))), RcptTo(recipient), Data()]
+        )
+        assert group.endswith(b"DATA\r\n")
+        conn.receive_data(GROUP_REPLIES)
+        events = len(conn.next_replies(3))
+        data = conn.send_group([DataChunk(wire, stuffed=True), EndOfData()])
+        conn.receive_data(FINAL_REPLY)
+        events += len(conn.next_replies(1))
+        assert events == 4
+        assert data.endswith(b"\r\n.\r\n")
     return (time.process_time() - start) / messages
 
 
@@ -152,6 +186,9 @@ def main() -> None:
     label = "pipelined MAIL/RCPT/DATA + 1 KiB body + replies"
     print(f"{label}: {per_message * 1e6:.1f} µs CPU/message")
     print(f"  ({1 / per_message:,.0f} messages/s; goal <= 25 µs)")
+    batch_cycles(min(2_000, args.messages))  # warm up
+    per_message = min(batch_cycles(args.messages) for _ in range(3))
+    print(f"the same through send_group/next_replies: {per_message * 1e6:.1f} µs CPU/message")
 
     for distinct in (False, True):
         data = reply_stream(args.replies, distinct)
