@@ -25,19 +25,20 @@ Rules of this module:
   wait on the first thread's future, tasks await the first task.
 - A cache hit touches no dnspython object: answers are stored as plain tuples and whole
   :class:`MailHosts` values, so a warm lookup is a dictionary read.
+
+The result values live in :mod:`mailrelay.mailhosts` and the cache in :mod:`mailrelay.dnscache`
+(neither touches dnspython); this module re-exports their public names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import enum
 import logging
 import random
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Generator, Hashable, Sequence
 from typing import Any, Final, NamedTuple
 
@@ -51,7 +52,9 @@ import dns.rdatatype
 import dns.resolver
 import idna
 
+from mailrelay.dnscache import _MISS, DEFAULT_CACHE_SIZE, DNSCache
 from mailrelay.errors import ResolverError
+from mailrelay.mailhosts import DNSStatus, HostAddresses, MailHost, MailHosts
 
 __all__ = [
     "AsyncResolver",
@@ -65,7 +68,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_SIZE: Final = 10_000
 DEFAULT_FAILURE_TTL: Final = 30.0
 #: RFC 2308 §5: one to three hours is a sensible upper bound for negative caching.
 DEFAULT_MAX_NEGATIVE_TTL: Final = 3 * 3600.0
@@ -84,99 +86,6 @@ _MAX_CNAME_HOPS: Final = 8
 _HOST_CHARS: Final = re.compile(r"[a-z0-9_.-]+")
 
 
-class DNSStatus(enum.Enum):
-    """What a DNS query told us."""
-
-    #: Records of the asked type exist.
-    OK = "ok"
-    #: The name does not exist (RCODE 3, RFC 1035 §4.1.1; RFC 8020: nor anything below it).
-    NXDOMAIN = "nxdomain"
-    #: The name exists but has no records of the asked type (RFC 2308 §2.2).
-    NODATA = "nodata"
-    #: The server could not answer (RCODE 2).
-    SERVFAIL = "servfail"
-    #: The server refused to answer (RCODE 5).
-    REFUSED = "refused"
-    #: No answer arrived in time.
-    TIMEOUT = "timeout"
-    #: Anything else: a malformed answer, an unreachable server.
-    ERROR = "error"
-
-    @property
-    def is_transient(self) -> bool:
-        """Whether asking again later may give a different answer."""
-        return self not in _FACTS
-
-
-_FACTS: Final = frozenset({DNSStatus.OK, DNSStatus.NXDOMAIN, DNSStatus.NODATA})
-
-
-@attrs.frozen(kw_only=True)
-class HostAddresses:
-    """The addresses of one host name.
-
-    Attributes:
-        name: the host name looked up (ASCII, lower case, no final dot).
-        status: ``OK`` when at least one address was found; otherwise why not (a transient
-            status when a lookup failed and no address was found).
-        ipv4: the A records, in the order the server gave them.
-        ipv6: the AAAA records, in the order the server gave them.
-    """
-
-    name: str
-    status: DNSStatus
-    ipv4: tuple[str, ...] = ()
-    ipv6: tuple[str, ...] = ()
-
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        """Every address, IPv4 first (still the family most likely to work), then IPv6."""
-        return self.ipv4 + self.ipv6
-
-
-@attrs.frozen(kw_only=True)
-class MailHost(HostAddresses):
-    """One mail exchanger of a domain, with its preference and addresses.
-
-    Attributes:
-        preference: the MX preference (lower is tried first); 0 for an implicit exchanger.
-    """
-
-    preference: int
-
-
-@attrs.frozen(kw_only=True)
-class MailHosts:
-    """Where mail for a domain goes (RFC 5321 §5.1).
-
-    Attributes:
-        domain: the domain looked up (ASCII A-label form, lower case, no final dot).
-        status: ``OK`` when the domain has MX records, or none but an address (implicit MX);
-            ``NXDOMAIN`` when the domain does not exist; ``NODATA`` when it exists but has
-            neither MX nor address records.
-        hosts: the exchangers in the order to try them: by preference, equal preferences
-            shuffled. Empty for a null MX, NXDOMAIN and NODATA.
-        null_mx: the domain publishes RFC 7505's null MX: it accepts no mail.
-        implicit: the domain has no MX records; its own address is the exchanger.
-    """
-
-    domain: str
-    status: DNSStatus
-    hosts: tuple[MailHost, ...] = ()
-    null_mx: bool = False
-    implicit: bool = False
-
-    @property
-    def exists(self) -> bool:
-        """Whether the domain exists in the DNS."""
-        return self.status is not DNSStatus.NXDOMAIN
-
-    @property
-    def usable_hosts(self) -> tuple[MailHost, ...]:
-        """The exchangers that have at least one address, in order."""
-        return tuple(host for host in self.hosts if host.ipv4 or host.ipv6)
-
-
 class _Answer(NamedTuple):
     """One query's outcome, as plain data (cached without any dnspython object)."""
 
@@ -184,59 +93,6 @@ class _Answer(NamedTuple):
     records: tuple[Any, ...]  # MX: (preference, target) with "" for "."; A/AAAA: address text
     ttl: float  # how long it may be cached; 0 = not at all
     detail: str = ""
-
-
-_MISS: Final = object()
-
-
-class DNSCache:
-    """A thread-safe, size-bounded LRU cache whose entries expire by TTL.
-
-    Args:
-        max_size: the most entries kept; the least recently used goes first.
-        clock: a monotonic clock in seconds (inject a fake one in tests).
-    """
-
-    def __init__(
-        self, max_size: int = DEFAULT_CACHE_SIZE, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if max_size < 1:
-            raise ValueError("max_size must be at least 1")
-        self.max_size = max_size
-        self.clock = clock
-        self._entries: OrderedDict[Hashable, tuple[object, float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> object:
-        """The live value under ``key``, or the module's private miss sentinel."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return _MISS
-            if entry[1] <= self.clock():
-                del self._entries[key]
-                return _MISS
-            self._entries.move_to_end(key)
-            return entry[0]
-
-    def put(self, key: Hashable, value: object, ttl: float) -> None:
-        """Keep ``value`` for ``ttl`` seconds (not at all when ``ttl <= 0``)."""
-        if ttl <= 0:
-            return
-        with self._lock:
-            self._entries[key] = (value, self.clock() + ttl)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_size:
-                self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        """Forget everything."""
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
 
 
 # -- turning dnspython's results into plain answers ------------------------------------------

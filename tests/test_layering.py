@@ -51,6 +51,9 @@ def layer_of(module: str) -> str:
         "flow": "flow",
         "transport": "transport",
         "resolver": "resolver",
+        # The resolver's own helpers: result values and the cache (no dnspython in either).
+        "mailhosts": "resolver",
+        "dnscache": "resolver",
         "validate": "validation",
         "callout": "validation",
         "tracker": "tracker",
@@ -83,7 +86,7 @@ def allowed(importer: str, imported: str) -> str | None:
             "protocol": {"values", "protocol"},
             "flow": {"values", "protocol", "flow"},
             "transport": {"values", "protocol", "flow", "resolver", "transport"},
-            "resolver": {"values"},
+            "resolver": {"values", "resolver"},
             "validation": {"values", "resolver", "protocol", "flow", "transport"},
             "tracker": {"values", "tracker", "transport"},
             "testing": {
