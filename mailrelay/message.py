@@ -20,7 +20,8 @@ Rules this module keeps:
   §3.6.6); their addresses are kept for the envelope.
 * :meth:`Message.build` refuses CR, LF or NUL in any header name, header value,
   display name, address, file name or content type it is given, so a caller's
-  input can never add header fields (header injection).
+  input can never add header fields (header injection); the checks are in
+  :mod:`mailrelay._buildargs`.
 * :meth:`Message.build` writes 7-bit headers: non-ASCII subjects, display names
   and other unstructured values become RFC 2047 encoded-words, IDN domains go
   out as A-labels, and non-ASCII text bodies are quoted-printable or base64, so
@@ -60,6 +61,18 @@ from typing import TypeAlias
 import attrs
 
 from mailrelay import _mime, _wire
+from mailrelay._buildargs import (
+    _address_items,
+    _check_content_type,
+    _check_data,
+    _check_field,
+    _check_filename,
+    _check_message_id,
+    _extra_headers,
+    _header_address,
+    _mailbox,
+    _spec,
+)
 from mailrelay.address import Address
 from mailrelay.errors import MessageError
 
@@ -75,31 +88,7 @@ AddressLike: TypeAlias = "str | Address | tuple[str, str | Address]"
 #: would otherwise be read whole while looking for the end of its headers).
 MAX_HEADER_BYTES = 1 << 20
 
-_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
-# RFC 6838 §4.2 restricted-name characters, for type and subtype.
-_CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
-# RFC 5322 §3.6.4: msg-id = "<" id-left "@" id-right ">" (printable ASCII, no
-# white space, no angle brackets inside).
-_MSG_ID = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+")
 _BRACKETED = re.compile(r"<([^<>]*)>")
-_NAME_ADDR = re.compile(r"(?P<name>.*?)\s*<(?P<addr>[^<>]*)>\s*", re.DOTALL)
-_LINE_BREAKS = re.compile(r"[\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
-
-# Fields build() writes from its own parameters; `headers` may not repeat them.
-_MANAGED_FIELDS = frozenset(
-    {
-        "from",
-        "to",
-        "cc",
-        "bcc",
-        "reply-to",
-        "subject",
-        "mime-version",
-        "content-type",
-        "content-transfer-encoding",
-        "content-disposition",
-    }
-)
 
 # Custom fields the email package parses as structured values (its header
 # registry) rather than unstructured text: the direct writer leaves them to it.
@@ -119,27 +108,6 @@ _STRUCTURED_EXTRA = frozenset(
 )
 
 _ADDRESS_PARSER = email.headerregistry.HeaderRegistry()
-
-
-def _check_filename(_instance: object, _attribute: object, value: str) -> None:
-    if not isinstance(value, str):
-        raise MessageError("an attachment's filename must be a string")
-    _check_field("attachment filename", value)
-
-
-def _check_data(_instance: object, _attribute: object, value: bytes) -> None:
-    if not isinstance(value, bytes | bytearray | memoryview):
-        raise MessageError("an attachment's data must be bytes")
-
-
-def _check_content_type(_instance: object, _attribute: object, value: str | None) -> None:
-    if value is None:
-        return
-    if not isinstance(value, str):
-        raise MessageError("an attachment's content type must be a string")
-    _check_field("attachment content type", value)
-    if _CONTENT_TYPE.fullmatch(value) is None:
-        raise MessageError(f"invalid content type {value!r} (RFC 6838 §4.2)")
 
 
 @attrs.frozen(kw_only=True)
@@ -724,95 +692,7 @@ def _simple_addresses(value: str) -> list[str] | None:
     return specs
 
 
-# -- build helpers ------------------------------------------------------------
-
-
-def _check_field(what: str, value: str) -> None:
-    # RFC 5322 §2.2: CR and LF only end header lines; a caller's value holding
-    # them could add fields of its own choosing. NUL is never allowed. The other
-    # characters Python's str.splitlines() breaks at (VT, FF, FS, GS, RS, NEL,
-    # LS, PS) are refused too: the email package and other line-splitting
-    # consumers would treat them as line ends.
-    if _LINE_BREAKS.search(value):
-        raise MessageError(f"{what} contains CR, LF, NUL or another line break")
-
-
-def _address_items(value: AddressLike | Iterable[AddressLike]) -> list[AddressLike]:
-    if isinstance(value, str | Address):
-        return [value]
-    return list(value)
-
-
-def _mailbox(what: str, value: AddressLike) -> tuple[str, Address]:
-    """Return ``(display name, address)`` for an address given to build()."""
-    if isinstance(value, Address):
-        return "", value
-    if isinstance(value, tuple):
-        if len(value) != 2:
-            raise MessageError(f"{what}: a tuple must be (display name, address)")
-        name, address = value
-        if not isinstance(name, str):
-            raise MessageError(f"{what}: the display name must be a string")
-        _check_field(what, name)
-        if isinstance(address, Address):
-            return name, address
-        _check_field(what, address)
-        return name, Address.parse(address.strip())
-    if not isinstance(value, str):
-        raise MessageError(f"{what}: expected an address, got {type(value).__name__}")
-    _check_field(what, value)
-    match = _NAME_ADDR.fullmatch(value.strip())
-    if match is None:
-        return "", Address.parse(value.strip())
-    name = match.group("name").strip()
-    if len(name) >= 2 and name[0] == name[-1] == '"':
-        name = re.sub(r"\\(.)", r"\1", name[1:-1])
-    return name, Address.parse(match.group("addr").strip())
-
-
-def _spec(box: tuple[str, Address]) -> tuple[str, str]:
-    # The direct writer's (display name, addr-spec), the domain in A-labels.
-    name, address = box
-    return name, address.smtp_path(False)
-
-
-def _header_address(box: tuple[str, Address], utf8: bool) -> email.headerregistry.Address:
-    name, address = box
-    # Without SMTPUTF8 the domain must be in A-label form (RFC 5890); the
-    # display name is left to the email package, which RFC 2047-encodes it.
-    domain = address.domain if utf8 else address.ascii_domain
-    return email.headerregistry.Address(
-        display_name=name, username=address.local_part, domain=domain
-    )
-
-
-def _extra_headers(
-    headers: Mapping[str, str] | Iterable[tuple[str, str]] | None,
-) -> list[tuple[str, str]]:
-    if headers is None:
-        return []
-    pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
-    for name, value in pairs:
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise MessageError("header names and values must be strings")
-        _check_field("header name", name)
-        _check_field(f"header {name!r}", value)
-        if _FIELD_NAME.fullmatch(name) is None:
-            # RFC 5322 §2.2: printable US-ASCII except the colon.
-            raise MessageError(f"invalid header name {name!r}")
-        if name.lower() in _MANAGED_FIELDS:
-            raise MessageError(f"header {name!r} is set by its own build() parameter")
-    return pairs
-
-
-def _check_message_id(value: str) -> str:
-    _check_field("message_id", value)
-    bare = value.strip()
-    if bare.startswith("<") and bare.endswith(">"):
-        bare = bare[1:-1]
-    if _MSG_ID.fullmatch(bare) is None:
-        raise MessageError(f"invalid Message-ID {value!r} (RFC 5322 §3.6.4: id-left@id-right)")
-    return bare
+# -- build helpers (the others are in mailrelay._buildargs) -------------------
 
 
 def _attachment(item: Attachment | tuple[str, bytes] | tuple[str, bytes, str | None]) -> Attachment:

@@ -25,10 +25,12 @@ VALUE_RANK = {
     # Private helpers of mailrelay.message (bytes and MIME text only).
     "mailrelay._wire": 1,
     "mailrelay._mime": 1,
-    "mailrelay.message": 2,
-    "mailrelay.envelope": 3,
-    "mailrelay.reply": 4,
-    "mailrelay.results": 5,
+    # Private helpers of mailrelay.message that work on addresses.
+    "mailrelay._buildargs": 2,
+    "mailrelay.message": 3,
+    "mailrelay.envelope": 4,
+    "mailrelay.reply": 5,
+    "mailrelay.results": 6,
 }
 
 # Standard-library modules that do I/O or read clocks: never in the protocol core or the dialogue.
