@@ -683,6 +683,11 @@ _SIMPLE_MAILBOX = re.compile(rf"[ \t]*(?:({_SIMPLE_SPEC})|{_SIMPLE_NAME}<({_SIMP
 
 def _simple_addresses(value: str) -> list[str] | None:
     """Return the addr-specs of a simple address list, or ``None`` if it is not one."""
+    if "=?" in value:
+        # An RFC 2047 encoded-word: the email package decodes it, even where RFC 2047 §5
+        # does not allow one (inside an addr-spec); leave such lists to it so both readers
+        # always agree.
+        return None
     specs: list[str] = []
     for item in value.split(","):
         match = _SIMPLE_MAILBOX.fullmatch(item)

@@ -1129,6 +1129,9 @@ def test_property_simple_address_reading_agrees_with_the_email_package(value: st
         pytest.param("a@x.example (comment)", None, id="comment"),
         pytest.param("a@[127.0.0.1]", None, id="literal"),
         pytest.param("a@x.example,,b@x.example", None, id="empty-item"),
+        # The email package decodes an encoded-word even inside an addr-spec.
+        pytest.param("=?utf-8?q?x?=a@x.example", None, id="encoded-word-in-addr-spec"),
+        pytest.param("=?utf-8?q?J=C3=B6rg?= <j@x.example>", None, id="encoded-word-name"),
     ],
 )
 def test_simple_addresses(value: str, specs: list[str] | None) -> None:
