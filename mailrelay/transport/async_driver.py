@@ -16,7 +16,8 @@ Rules:
   response-injection attack) instead of being read later as if they had come encrypted.
 * Writes are queued and sent together before the next ``Read`` or ``StartTLS`` (or once
   64 KiB are queued), as in the blocking driver.
-* Every wait is bounded by the request's phase limit (a timer handle while reading,
+* Every wait is bounded by the request's phase limit (while reading, one timer per connection,
+  set again only when a read needs an earlier deadline or outlives the one it was set for;
   ``asyncio.timeout`` elsewhere); connecting and TLS handshakes use ``Timeouts.connect``.
 * I/O errors are translated (:mod:`mailrelay.transport.errors_map`), the connection is
   closed, and the error is thrown into the step at the failed request.
@@ -54,9 +55,9 @@ T = TypeVar("T")
 READ_SIZE = 65536
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
+# A timer that fires this close to the deadline counts as on time (the event loop runs
+# timers up to its clock resolution early).
+_EARLY = 0.001
 
 
 class _Pipe(asyncio.Protocol):
@@ -70,6 +71,11 @@ class _Pipe(asyncio.Protocol):
         # The reader waiting in read_within(), woken by the callbacks: a bare future and a
         # timer handle cost less than an Event plus an asyncio.timeout scope per reply.
         self._waiter: asyncio.Future[None] | None = None
+        # One timer serves many reads (a timer handle per reply costs more than the rest
+        # of the wait): it fires at the latest deadline it was set for; if the read then
+        # waiting has a later one, it is set again for that (see _on_timer).
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._writable = asyncio.Event()
         self._writable.set()
         self._paused = False
@@ -104,6 +110,9 @@ class _Pipe(asyncio.Protocol):
         self._error = exc
         self._wake()
         self._writable.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -131,13 +140,31 @@ class _Pipe(asyncio.Protocol):
                     raise self._error
                 return b""
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_at(deadline, _expire, waiter)
+            self._deadline = deadline
+            timer = self._timer
+            if timer is None or timer.when() > deadline:
+                # No timer, or one too late for this read (a shorter phase limit).
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(deadline, self._on_timer)
             try:
                 await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
         return self.take()
+
+    def _on_timer(self) -> None:
+        """The read timer fired: time out the waiting read if its deadline has come, set the
+        timer again for a later deadline, or (nobody waiting) let the next read set one."""
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        loop = waiter.get_loop()
+        if self._deadline - loop.time() <= _EARLY:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = loop.call_at(self._deadline, self._on_timer)
 
     def take(self) -> bytes:
         """Up to :data:`READ_SIZE` buffered bytes, without waiting (``b""`` if none)."""

@@ -82,6 +82,19 @@ def test_a_slow_reply_times_out_in_its_phase(
     assert caught.value.is_transient
 
 
+def test_a_reply_slower_than_an_earlier_phase_limit_but_within_its_own_is_waited_for(
+    flavour: Flavour, scripted_server: ScriptedServerFactory
+) -> None:
+    # The greeting's short limit passes while the MAIL reply is awaited under a longer one:
+    # a read timer set for the earlier phase must not end this read.
+    mail, *rest = accept_message(2)
+    slow_mail = Step(expect=mail.expect, reply=mail.reply, delay=0.6)
+    server = scripted_server([[greeting(), ehlo(), slow_mail, *rest, quit_step()]])
+    timeouts = Timeouts(connect=5, greeting=0.3, mail=5, rcpt=5, data_init=5, data_end=5)
+    result = send_with(flavour, make_message(), **plain(server.port, timeouts=timeouts))
+    assert result.ok, result
+
+
 def test_a_silent_server_times_out_at_the_greeting(
     flavour: Flavour, scripted_server: ScriptedServerFactory
 ) -> None:
