@@ -231,6 +231,7 @@ def test_module_respects_layering(module: str, path: Path) -> None:
         ("mailrelay.protocol.connection", "import time", "reads no clock"),
         ("mailrelay.protocol.connection", "from mailrelay.transport import base", "transport"),
         ("mailrelay.flow", "import asyncio", "does no I/O"),
+        ("mailrelay.flow.transaction", "import time", "reads no clock"),
         ("mailrelay.address", "import dns.resolver", "only mailrelay.resolver"),
         ("mailrelay.address", "from mailrelay import reply", "lower-ranked"),
         ("mailrelay.validate", "import sqlite3", "only the tracker's store"),

@@ -1,0 +1,335 @@
+"""Many messages on one session, pipelined across transactions (``deliver_many``).
+
+Rules: RFC 2920 §3.1 lets a message's content start a group; the replies are read in order
+as the bounded window (:data:`WINDOW_MESSAGES`, :data:`WINDOW_BYTES`) fills. A session that
+ends mid-batch leaves later messages without a result. The join limit is read from the
+:mod:`mailrelay.flow` package at each use. No I/O here: only requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+
+import attrs
+
+import mailrelay.flow as _flow
+from mailrelay.envelope import Envelope
+from mailrelay.errors import (
+    DeliveryError,
+    RemoteProtocolError,
+    ServerProtocolError,
+)
+from mailrelay.flow.bookkeeping import (
+    _SessionClosed,
+    _Transaction,
+)
+from mailrelay.flow.core import _trace, log
+from mailrelay.flow.requests import Step, Write, _read_request
+from mailrelay.flow.transaction import _DATA, _Delivery
+from mailrelay.message import Message
+from mailrelay.protocol import (
+    NEED_DATA,
+    Bdat,
+    Command,
+    ConnectionClosed,
+    Response,
+    Rset,
+    ServiceClosing,
+)
+from mailrelay.reply import Reply
+from mailrelay.results import DeliveryResult
+
+#: The most messages whose replies are outstanding in a BDAT window (RFC 3030 with
+#: RFC 2920): enough to hide the round trip, few enough that the replies never fill the
+#: socket buffers while we are still writing.
+WINDOW_MESSAGES = 32
+#: The most message bytes outstanding in a BDAT window.
+WINDOW_BYTES = 1 << 20
+# A message up to this size goes in one BDAT LAST (and may then share the window).
+_ONE_CHUNK = 1 << 20
+
+
+@attrs.frozen(kw_only=True)
+class BatchOutcome:
+    """What :meth:`Session.deliver_many` did with each message.
+
+    Attributes:
+        results: one entry per message, in order: its result, or ``None`` when it got no
+            final answer because the session ended first (see ``error``).
+        error: why the session ended before the batch did, or ``None``.
+    """
+
+    results: tuple[DeliveryResult | None, ...]
+    error: DeliveryError | None = None
+
+
+def _apply_envelope(transaction: _Transaction, replies: list[Reply], pos: int) -> int:
+    """Record the replies to a pipelined MAIL and its RCPTs, from ``replies[pos]`` on (as
+    many as arrived); returns the position after them."""
+    got = len(replies)
+    if pos >= got:
+        return pos
+    mail_reply = replies[pos]
+    pos += 1
+    mail_ok = mail_reply.is_positive
+    if not mail_ok:
+        # RFC 2920 §3.1: the RCPTs' 503s only echo the refused MAIL.
+        transaction.settle_all(mail_reply)
+    rcpt_replies = transaction.rcpt_replies
+    for index in range(len(rcpt_replies)):
+        if pos >= got:
+            return pos
+        reply = replies[pos]
+        pos += 1
+        rcpt_replies[index] = reply
+        if mail_ok and not reply.is_positive:
+            transaction.settle(index, reply)
+    return pos
+
+
+def _short(closed: _SessionClosed | None) -> _SessionClosed:
+    """The reason a collection of replies came up short."""
+    assert closed is not None, "replies are only missing when the session ended"
+    return closed
+
+
+def _result_of(transaction: _Transaction | None) -> DeliveryResult:
+    assert transaction is not None
+    return transaction.result()
+
+
+class _Batch(_Delivery):
+    """Many messages, pipelined across transactions."""
+
+    # -- many messages ---------------------------------------------------------------------------
+
+    def deliver_many(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
+        """Send several messages, pipelined across messages when the server allows it.
+
+        RFC 2920 §3.1 lets message content be the first "command" of a group, so with
+        PIPELINING the next message's RSET (if needed), MAIL, RCPTs and DATA follow the
+        previous message's data and terminator in one write, and the previous final reply
+        is read with them (one round trip per message instead of two). With CHUNKING
+        (``chunking=True``) a message that fits in one chunk goes as ``BDAT n LAST``, which
+        needs no 354, so up to :data:`WINDOW_MESSAGES` such messages (or
+        :data:`WINDOW_BYTES` of their data) are in flight at once; replies are read in
+        order as the window fills. Each message's result is the one :meth:`deliver` would
+        give it alone.
+
+        A session that ends early (421, end of file, timeout, reset, protocol violation)
+        does not raise: the outcome records the error, and each message then either has a
+        result (when any of its recipients got a final answer; the rest are TRANSIENT) or
+        ``None`` (no final answer: it was not sent, or its data got no reply; the caller may
+        send it again on a fresh connection).
+        """
+        # _guarded() inlined: every request of a long batch passes through this frame.
+        try:
+            return (yield from self._deliver_many(items))
+        except BaseException:
+            self.closed = True
+            raise
+
+    def _deliver_many(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
+        self._ensure_open()
+        count = len(items)
+        results: list[DeliveryResult | None] = [None] * count
+        transactions: list[_Transaction | None] = [None] * count
+        # Messages whose replies are still to be read, oldest first: (index, reader, bytes).
+        inflight: deque[tuple[int, Step[None], int]] = deque()
+        outstanding = 0
+        ext = self.extensions
+        pipelined = self.config.pipelining and ext.pipelining
+        bdat = self.config.chunking and ext.chunking
+        lmtp = self.config.lmtp
+        # SMTP over DATA: the message whose final reply is still to be read.
+        previous: tuple[int, _Transaction] | None = None
+        # ...and its data and terminator, not written yet: they go with the next write.
+        carry: tuple[Command, ...] = ()
+        error: DeliveryError | None = None
+        reason = ""
+        try:
+            for index, (message, envelope) in enumerate(items):
+                transaction = self._prepared(message, envelope)
+                transactions[index] = transaction
+                if transaction.all_final():
+                    results[index] = transaction.result()
+                    continue
+                if not pipelined or (bdat and message.size > _ONE_CHUNK):
+                    # Nothing overlaps: read what is in flight, then one message alone.
+                    # (A DATA message waits in ``previous`` only with PIPELINING, without
+                    # BDAT, so never on the way here.)
+                    assert previous is None
+                    while inflight:
+                        done, reader, size = inflight.popleft()
+                        yield from reader
+                        outstanding -= size
+                        results[done] = _result_of(transactions[done])
+                    if self._needs_rset:
+                        yield from self._rset()
+                    yield from self._transaction(message, envelope, transaction)
+                    results[index] = transaction.result()
+                    continue
+                mail, rcpts = self._commands(message, envelope)
+                rset = self._needs_rset
+                group: list[Command] = [Rset(), mail, *rcpts] if rset else [mail, *rcpts]
+                if bdat:
+                    # RFC 3030 §2-4: BDAT LAST needs no 354, so it joins the group and the
+                    # whole message can be in flight; its replies are read later, in order.
+                    data = b"".join(message.chunks())
+                    group.append(Bdat(data=data, last=True))
+                    yield from self._write(*group, phase="mail")
+                    self._needs_rset = False
+                    inflight.append((index, self._bdat_replies(transaction, rset), len(data)))
+                    outstanding += len(data)
+                    while len(inflight) > WINDOW_MESSAGES or outstanding > WINDOW_BYTES:
+                        done, reader, size = inflight.popleft()
+                        yield from reader
+                        outstanding -= size
+                        results[done] = _result_of(transactions[done])
+                    continue
+                group.append(_DATA)
+                self._needs_rset = True
+                if not lmtp:
+                    # One write: the previous message's data and terminator (if any), then
+                    # this message's envelope (RFC 2920 §3.1).
+                    conn = self._conn
+                    commands = [*carry, *group] if carry else group
+                    carry = ()
+                    if log.isEnabledFor(logging.DEBUG):
+                        pieces = [conn.send(command) for command in commands]
+                        for command, data in zip(commands, pieces, strict=True):
+                            log.debug(">>> %s", _trace(command, data))
+                        wire = b"".join(pieces)
+                    else:
+                        wire = conn.send_group(commands)
+                    yield Write(data=wire, phase="mail")
+                    # The hot path: one collection of replies per message, in FIFO order:
+                    # the previous message's final reply, then RSET's, MAIL's, the RCPTs',
+                    # and DATA's.
+                    expected = len(group) + (previous is not None)
+                    replies, closed = yield from self._collect(
+                        expected, "data_end" if previous is not None else "mail"
+                    )
+                    got = len(replies)
+                    pos = 0
+                    if previous is not None:
+                        if not got:
+                            raise _short(closed)
+                        done, done_transaction = previous
+                        previous = None
+                        done_transaction.settle_all(replies[0])
+                        results[done] = done_transaction.result()
+                        pos = 1
+                    pos = _apply_envelope(transaction, replies, pos + rset)
+                    if pos >= got:
+                        raise _short(closed)
+                    data_reply = replies[pos]
+                    if (
+                        data_reply.code == 354
+                        and message.size <= _flow._JOIN_LIMIT
+                        and not transaction.all_final()
+                    ):
+                        # Sent with the next message's envelope (or before the last read).
+                        carry = self._data_commands(message)
+                        previous = (index, transaction)
+                    elif (yield from self._data_body(message, transaction, data_reply)):
+                        previous = (index, transaction)
+                    else:
+                        results[index] = transaction.result()
+                    continue
+                yield from self._write(*group, phase="mail")
+                # LMTP: the previous message's final replies come first (FIFO), then ours.
+                while inflight:
+                    done, reader, size = inflight.popleft()
+                    yield from reader
+                    outstanding -= size
+                    results[done] = _result_of(transactions[done])
+                if rset:
+                    yield from self._rset_reply()
+                yield from self._read_envelope_replies(transaction)
+                if (yield from self._data_body(message, transaction)):
+                    # The final reply is read with the next message's envelope replies.
+                    inflight.append((index, self._finals(transaction), 0))
+                else:
+                    results[index] = transaction.result()
+            while inflight:
+                done, reader, size = inflight.popleft()
+                yield from reader
+                results[done] = _result_of(transactions[done])
+            if carry:
+                yield Write(data=self._conn.send_group(carry), phase="data_block")
+            if previous is not None:
+                done, done_transaction = previous
+                done_transaction.settle_all((yield from self._reply("data_end")))
+                results[done] = done_transaction.result()
+        except _SessionClosed as closed:
+            error = self._refuse(closed.reply, "before every message was answered")
+            what = "closed the session (421)" if closed.reply else "closed the connection"
+            reason = f"the server {what} before a final reply"
+        except DeliveryError as exc:
+            yield from self._closed()
+            error = exc
+            reason = f"{type(exc).__name__} before a final reply: {exc}"
+        if error is not None:
+            for index, begun in enumerate(transactions):
+                if results[index] is None and begun is not None and begun.any_final():
+                    begun.unfinished(error.reply, reason)
+                    results[index] = begun.result()
+        return BatchOutcome(results=tuple(results), error=error)
+
+    def _collect(self, count: int, phase: str) -> Step[tuple[list[Reply], _SessionClosed | None]]:
+        """The replies to the next ``count`` commands in flight, reading as needed; fewer
+        (and the reason) when the server ends the session first (421 or end of file)."""
+        conn = self._conn
+        replies: list[Reply] = []
+        debug = log.isEnabledFor(logging.DEBUG)
+        while len(replies) < count:
+            # Plain replies to commands in flight, without events; anything else (a 421,
+            # the end of file, a need for more bytes) is left to next_event().
+            ready = conn.next_replies(count - len(replies))
+            if ready:
+                if debug:
+                    for reply in ready:
+                        log.debug("<<< %s", reply)
+                replies += ready
+                continue
+            try:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    data = yield _read_request(phase)
+                    conn.receive_data(data if data is not None else b"")
+                    continue
+            except RemoteProtocolError as exc:
+                yield from self._closed()
+                raise ServerProtocolError(
+                    f"the server broke the protocol: {exc}", host=self.config.peer
+                ) from exc
+            if type(event) is Response:
+                reply = event.reply
+                if debug:
+                    log.debug("<<< %s", reply)
+                if reply.code != 421:
+                    replies.append(reply)
+                    continue
+                closed = _SessionClosed(reply)  # RFC 5321 §3.8
+            elif isinstance(event, ServiceClosing):
+                closed = _SessionClosed(event.reply)
+            elif isinstance(event, ConnectionClosed):
+                closed = _SessionClosed(None)
+            else:  # pragma: no cover - LMTP replies and greetings never come here
+                raise AssertionError(f"unexpected event {event!r}")
+            yield from self._closed()
+            return replies, closed
+        return replies, None
+
+    def _bdat_replies(self, transaction: _Transaction, rset: bool) -> Step[None]:
+        """The replies to a pipelined [RSET,] MAIL, RCPTs and BDAT LAST, in order."""
+        if rset:
+            yield from self._rset_reply()
+        yield from self._read_envelope_replies(transaction)
+        if transaction.all_final():
+            yield from self._reply("data_end")  # one reply: nobody to deliver to
+        else:
+            yield from self._finals(transaction)

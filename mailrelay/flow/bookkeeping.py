@@ -1,0 +1,130 @@
+"""The per-message bookkeeping: which reply each recipient has, and the results built from it.
+
+Rules: no I/O and no wire knowledge; results are built with the fast slot builders, which
+check at import that the result classes' fields are the ones they fill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import cast
+
+import attrs
+
+from mailrelay.address import Address
+from mailrelay.reply import Reply
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+
+# -- the per-message bookkeeping ---------------------------------------------------------------
+
+
+# Results are built on the hot path of every message; their classes have no validators
+# and no converters that could change known-good values (a tuple stays a tuple), so the
+# slots are filled directly, as attrs' __init__ would (a test checks the two agree).
+def _slot_setters(cls: type, names: tuple[str, ...]) -> list[Callable[[object, object], None]]:
+    if tuple(field.name for field in attrs.fields(cls)) != names:
+        raise AssertionError(f"{cls.__name__}'s fields changed: update its fast builder")
+    return [cls.__dict__[name].__set__ for name in names]
+
+
+_new = object.__new__
+_set_address, _set_outcome, _set_reply, _set_reason, _set_host = _slot_setters(
+    RecipientResult, ("address", "outcome", "reply", "reason", "host")
+)
+_set_recipients, _set_message_id, _set_result_host = _slot_setters(
+    DeliveryResult, ("recipients", "message_id", "host")
+)
+# Outcome.from_reply by the code's first digit; Outcome.TRANSIENT for anything else.
+_OUTCOME_BY_CLASS = {2: Outcome.ACCEPTED, 5: Outcome.PERMANENT}
+
+
+def _recipient_result(
+    address: Address, outcome: Outcome, reply: Reply | None, reason: str | None, host: str | None
+) -> RecipientResult:
+    """``RecipientResult(address=..., ...)`` for values known to be of the right types."""
+    result: RecipientResult = _new(RecipientResult)
+    _set_address(result, address)
+    _set_outcome(result, outcome)
+    _set_reply(result, reply)
+    _set_reason(result, reason)
+    _set_host(result, host)
+    return result
+
+
+def _delivery_result(
+    recipients: tuple[RecipientResult, ...], message_id: str | None, host: str | None
+) -> DeliveryResult:
+    """``DeliveryResult(recipients=..., ...)`` for a tuple of results (no conversion needed)."""
+    result: DeliveryResult = _new(DeliveryResult)
+    _set_recipients(result, recipients)
+    _set_message_id(result, message_id)
+    _set_result_host(result, host)
+    return result
+
+
+class _Transaction:
+    """Which reply each recipient of one message has, and which are final."""
+
+    __slots__ = ("addresses", "final", "message_id", "peer", "rcpt_replies")
+
+    def __init__(
+        self, recipients: Sequence[Address], peer: str | None, message_id: str | None = None
+    ) -> None:
+        self.addresses = tuple(recipients)
+        self.peer = peer
+        self.message_id = message_id
+        self.rcpt_replies: list[Reply | None] = [None] * len(self.addresses)
+        self.final: list[RecipientResult | None] = [None] * len(self.addresses)
+
+    def settle(self, index: int, reply: Reply, reason: str | None = None) -> None:
+        self.final[index] = _recipient_result(
+            self.addresses[index],
+            _OUTCOME_BY_CLASS.get(reply.code // 100, Outcome.TRANSIENT),
+            reply,
+            reason,
+            self.peer,
+        )
+
+    def settle_all(self, reply: Reply, reason: str | None = None) -> None:
+        for index, result in enumerate(self.final):
+            if result is None:
+                self.settle(index, reply, reason)
+
+    def accepted(self) -> list[int]:
+        """Indices of recipients whose RCPT was accepted and that have no final result yet."""
+        return [
+            i
+            for i, reply in enumerate(self.rcpt_replies)
+            if reply is not None and reply.is_positive and self.final[i] is None
+        ]
+
+    def all_final(self) -> bool:
+        return None not in self.final
+
+    def any_final(self) -> bool:
+        return self.final.count(None) < len(self.final)
+
+    def unfinished(self, reply: Reply | None, reason: str) -> None:
+        """Every recipient still without a final answer becomes TRANSIENT."""
+        for index, result in enumerate(self.final):
+            if result is None:
+                self.final[index] = RecipientResult(
+                    address=self.addresses[index],
+                    outcome=Outcome.TRANSIENT,
+                    reply=reply,
+                    reason=reason,
+                    host=self.peer,
+                )
+
+    def result(self) -> DeliveryResult:
+        assert None not in self.final, "every recipient must be settled"
+        results = cast("tuple[RecipientResult, ...]", tuple(self.final))
+        return _delivery_result(results, self.message_id, self.peer)
+
+
+class _SessionClosed(Exception):
+    """Internal: the server ended the session (421 or EOF) in the middle of a step."""
+
+    def __init__(self, reply: Reply | None) -> None:
+        super().__init__("session closed")
+        self.reply = reply

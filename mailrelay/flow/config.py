@@ -1,0 +1,67 @@
+"""What a session needs to know: :class:`SessionConfig`.
+
+Rules: validated at construction (host names usable in EHLO and SNI; a user name only with a
+password); the password never appears in ``repr``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+from mailrelay.errors import (
+    ConfigurationError,
+)
+from mailrelay.options import TLS
+
+
+def _check_hostname(instance: SessionConfig, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value or any(c in value for c in " \t\r\n\0<>"):
+        raise ConfigurationError(f"{attribute.name} is not a usable host name: {value!r}")
+
+
+def _check_credentials(
+    instance: SessionConfig, attribute: attrs.Attribute[str | None], value: str | None
+) -> None:
+    if (instance.username is None) != (value is None):
+        raise ConfigurationError("give both a user name and a password (or token), or neither")
+
+
+def _mechanism_tuple(value: Iterable[str] | None) -> tuple[str, ...] | None:
+    """``auth_mechanisms`` as a tuple (typed, unlike ``attrs.converters.optional(tuple)``,
+    so that mypy accepts any iterable of names)."""
+    return None if value is None else tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class SessionConfig:
+    """What a :class:`Session` needs to know; the transport builds it.
+
+    Attributes:
+        local_hostname: our name for EHLO/HELO/LHLO. An IP address is sent as an address
+            literal.
+        server_hostname: the server's name, for TLS (SNI and certificate checks).
+        tls: the TLS policy.
+        username: the user name to authenticate as; ``None`` means no AUTH.
+        password: the password (or, for XOAUTH2, the access token). Never shown by ``repr``.
+        auth_mechanisms: the SASL mechanisms to use, in order; ``None`` means the strongest
+            both sides support (XOAUTH2 only when named here).
+        allow_insecure_auth: allow AUTH over an unencrypted connection.
+        pipelining: use PIPELINING when the server offers it (turn off for broken servers).
+        chunking: use BDAT when the server offers CHUNKING.
+        lmtp: speak LMTP (LHLO, one final reply per recipient).
+        peer: ``host:port`` of the server, recorded in the results.
+    """
+
+    local_hostname: str = attrs.field(validator=_check_hostname)
+    server_hostname: str = attrs.field(validator=_check_hostname)
+    tls: TLS = attrs.field(default=TLS.STARTTLS, validator=attrs.validators.instance_of(TLS))
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False, validator=_check_credentials)
+    auth_mechanisms: tuple[str, ...] | None = attrs.field(default=None, converter=_mechanism_tuple)
+    allow_insecure_auth: bool = False
+    pipelining: bool = True
+    chunking: bool = False
+    lmtp: bool = False
+    peer: str | None = None

@@ -1,0 +1,196 @@
+"""The session's state and the low-level steps every part of the dialogue uses.
+
+Rules: every write goes through ``_write`` (which traces it, credentials redacted, to the
+``mailrelay.flow`` logger) and every reply through ``_reply``/``_event``; 421 and end of file
+end the session (RFC 5321 §3.8) by raising ``_SessionClosed`` after yielding one
+:class:`~mailrelay.flow.Close`. No I/O here: only requests are yielded.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope
+from mailrelay.errors import (
+    ConnectionLost,
+    DeliveryError,
+    ProtocolError,
+    RemoteProtocolError,
+    ServerProtocolError,
+    SessionRefused,
+)
+from mailrelay.flow.bookkeeping import (
+    _SessionClosed,
+)
+from mailrelay.flow.config import SessionConfig
+from mailrelay.flow.requests import _T, Close, Step, Write, _read_request
+from mailrelay.message import Message
+from mailrelay.options import TLS
+from mailrelay.protocol import (
+    NEED_DATA,
+    Auth,
+    AuthContinue,
+    Bdat,
+    ClientConnection,
+    Command,
+    ConnectionClosed,
+    DataChunk,
+    EndOfData,
+    Event,
+    Extensions,
+    Greeting,
+    LMTPResponse,
+    MailFrom,
+    Quit,
+    RcptTo,
+    Response,
+    Rset,
+    ServiceClosing,
+)
+from mailrelay.reply import Reply
+
+# The ``mailrelay.flow`` logger, whichever module of the package writes the trace.
+log = logging.getLogger("mailrelay.flow")
+
+_NO_EXTENSIONS = Extensions.parse(())
+
+
+def _trace(command: Command, data: bytes) -> str:
+    """The wire trace of one write, with credentials redacted."""
+    if isinstance(command, Auth):
+        return f"AUTH {command.mechanism}" + (" <redacted>" if command.initial_response else "")
+    if isinstance(command, AuthContinue):
+        return "<redacted SASL response>"
+    if isinstance(command, DataChunk | Bdat):
+        return f"<{len(data)} bytes of message data>"
+    return data.decode("utf-8", "replace").rstrip("\r\n")
+
+
+class _SessionCore:
+    """The state of a :class:`~mailrelay.flow.Session` and the steps every other part uses:
+    writing commands, reading replies, noticing the end of the session, RSET."""
+
+    def __init__(self, config: SessionConfig) -> None:
+        self.config = config
+        self.encrypted = config.tls is TLS.IMPLICIT
+        self.authenticated = False
+        self.closed = False
+        self.greeting: Reply | None = None
+        self._conn = ClientConnection(lmtp=config.lmtp)
+        self._needs_rset = False
+        self._extensions: Extensions | None = None
+        # The last small message sent by DATA, and its wire form (stuffed) and terminator.
+        self._last_data: tuple[Message, tuple[DataChunk, EndOfData]] | None = None
+        self._last_message: (
+            tuple[Message, Envelope, Extensions, str | None, str | None, tuple[Address, ...]] | None
+        ) = None
+        self._last_commands: (
+            tuple[Envelope, Extensions, tuple[int, str | None, bool], MailFrom, list[RcptTo]] | None
+        ) = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Session {self.config.server_hostname} {state} encrypted={self.encrypted}>"
+
+    @property
+    def extensions(self) -> Extensions:
+        """What the server offered in its last EHLO/LHLO reply (nothing after HELO)."""
+        return self._extensions if self._extensions is not None else _NO_EXTENSIONS
+
+    # -- low-level helpers ---------------------------------------------------------------------
+
+    def _write(self, *commands: Command, phase: str) -> Step[None]:
+        """Send commands in one write."""
+        pieces = []
+        for command in commands:
+            data = self._conn.send(command)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(">>> %s", _trace(command, data))
+            pieces.append(data)
+        data = b"".join(pieces)
+        if data:
+            yield Write(data=data, phase=phase)
+
+    def _event(self, phase: str) -> Step[Event]:
+        """The next event from the connection, reading as needed."""
+        while True:
+            try:
+                event = self._conn.next_event()
+                if event is NEED_DATA:
+                    data = yield _read_request(phase)
+                    self._conn.receive_data(data if data is not None else b"")
+                    continue
+            except RemoteProtocolError as exc:
+                yield from self._closed()
+                raise ServerProtocolError(
+                    f"the server broke the protocol: {exc}", host=self.config.peer
+                ) from exc
+            if isinstance(event, Greeting | Response | LMTPResponse | ServiceClosing):
+                log.debug("<<< %s", event.reply)
+            return event
+
+    def _reply(self, phase: str) -> Step[Reply]:
+        """The reply to the oldest pending command; 421 and EOF raise ``_SessionClosed``."""
+        event = yield from self._event(phase)
+        reply = yield from self._check_closing(event)
+        return reply
+
+    def _check_closing(self, event: Event) -> Step[Reply]:
+        """The event's reply, unless the server is ending the session (``_SessionClosed``)."""
+        if isinstance(event, ConnectionClosed):
+            yield from self._closed()
+            raise _SessionClosed(None)
+        if isinstance(event, ServiceClosing) or event.reply.code == 421:
+            # RFC 5321 §3.8: 421 means the server is closing the channel.
+            yield from self._closed()
+            raise _SessionClosed(event.reply)
+        return event.reply
+
+    def _closed(self) -> Step[None]:
+        if not self.closed:
+            self.closed = True
+            yield Close()
+
+    def _refuse(self, reply: Reply | None, what: str) -> DeliveryError:
+        """The exception for a session that ended with no per-recipient answer."""
+        if reply is None:
+            return ConnectionLost(f"the server closed the connection {what}", host=self.config.peer)
+        return SessionRefused(
+            f"the server closed the session {what}: {reply}", reply=reply, host=self.config.peer
+        )
+
+    def _abort(self) -> Step[None]:
+        """End the session politely after a local decision to stop: QUIT, then close."""
+        if self.closed:
+            return
+        try:
+            yield from self._write(Quit(), phase="greeting")
+            yield from self._event("greeting")
+        except (DeliveryError, ProtocolError, _SessionClosed):
+            pass  # we are leaving anyway; the server's manners no longer matter
+        yield from self._closed()
+
+    def _guarded(self, step: Step[_T]) -> Step[_T]:
+        """Run a step; if anything escapes it, the session is dead (its state is unknown)."""
+        try:
+            return (yield from step)
+        except BaseException:
+            self.closed = True
+            raise
+
+    def _ensure_open(self) -> None:
+        if self.closed:
+            raise ConnectionLost("the session is closed", host=self.config.peer)
+
+    def _rset_reply(self) -> Step[None]:
+        reply = yield from self._reply("greeting")
+        if not reply.is_positive and log.isEnabledFor(logging.DEBUG):
+            log.debug("RSET refused with %d", reply.code)
+
+    def _rset(self) -> Step[None]:
+        yield from self._write(Rset(), phase="greeting")
+        reply = yield from self._reply("greeting")
+        if not reply.is_positive:
+            log.debug("RSET refused with %d", reply.code)
+        self._needs_rset = False

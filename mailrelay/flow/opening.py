@@ -1,0 +1,272 @@
+"""Opening a session: greeting, EHLO (HELO/LHLO), STARTTLS per the TLS policy, AUTH.
+
+Rules: the RFC sections are cited where they are enforced; a TLS policy that cannot be met
+and unsafe AUTH end the session politely (QUIT) and raise. No I/O here: only requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+
+from mailrelay.errors import (
+    AuthenticationError,
+    DeliveryError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    ServerProtocolError,
+    SessionRefused,
+    TLSError,
+)
+from mailrelay.flow.bookkeeping import (
+    _SessionClosed,
+)
+from mailrelay.flow.core import _SessionCore, log
+from mailrelay.flow.requests import StartTLS, Step
+from mailrelay.options import TLS
+from mailrelay.protocol import (
+    Auth,
+    AuthAbort,
+    AuthContinue,
+    ConnectionClosed,
+    Ehlo,
+    Greeting,
+    Helo,
+    Lhlo,
+)
+from mailrelay.protocol import StartTLS as StartTLSCommand
+from mailrelay.protocol.sasl import Mechanism, candidate_mechanisms
+from mailrelay.reply import Reply
+
+# RFC 5321 §4.1.4: EHLO refused with one of these means "try HELO".
+_HELO_FALLBACK = frozenset({500, 501, 502, 504, 550})
+# RFC 4954 §6: 534 "mechanism too weak"; 504 "mechanism not supported" (some servers).
+_NEXT_MECHANISM = frozenset({504, 534})
+
+
+def _hello_name(name: str) -> str:
+    """RFC 5321 §4.1.3: an IP address goes in EHLO as an address literal."""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    if address.version == 6:
+        return f"[IPv6:{address.compressed}]"
+    return f"[{address}]"
+
+
+class _Opening(_SessionCore):
+    """Opening the session: greeting, EHLO/HELO/LHLO, STARTTLS, AUTH."""
+
+    # -- open ----------------------------------------------------------------------------------
+
+    def open(self) -> Step[None]:
+        """Greeting, EHLO (or HELO/LHLO), STARTTLS per policy, EHLO again, AUTH.
+
+        Raises:
+            SessionRefused: the greeting refused the session, or the server sent 421.
+            TLSError: the TLS policy cannot be met, or the handshake failed.
+            AuthenticationError: AUTH failed or would have been unsafe.
+            ConnectionLost: the server closed the connection.
+            ServerProtocolError: the server broke the protocol.
+        """
+        return (yield from self._guarded(self._open_step()))
+
+    def _open_step(self) -> Step[None]:
+        self._ensure_open()
+        if self.greeting is not None:
+            raise LocalProtocolError("open() runs once per session")
+        try:
+            yield from self._open()
+        except _SessionClosed as closed:
+            raise self._refuse(closed.reply, "while opening the session") from None
+
+    def _open(self) -> Step[None]:
+        event = yield from self._event("greeting")
+        if isinstance(event, ConnectionClosed):
+            yield from self._closed()
+            raise _SessionClosed(None)
+        if not isinstance(event, Greeting):
+            raise AssertionError(f"the first event is always the greeting, not {event}")
+        self.greeting = event.reply
+        if event.reply.code != 220:
+            # RFC 5321 §3.1: a 554 greeting refuses the session; the server then waits for
+            # QUIT. 421 (and any other code) also means "not now".
+            if event.reply.code == 421:
+                yield from self._closed()
+            else:
+                yield from self._abort()
+            raise SessionRefused(
+                f"the server refused the session: {event.reply}",
+                reply=event.reply,
+                host=self.config.peer,
+            )
+        yield from self._hello()
+        if self._wants_starttls():
+            yield from self._starttls()
+        if self.config.username is not None:
+            yield from self._authenticate()
+
+    def _hello(self) -> Step[None]:
+        name = _hello_name(self.config.local_hostname)
+        if self.config.lmtp:
+            # RFC 2033 §4.1: LHLO only; an LMTP server refusing it is not an SMTP server.
+            yield from self._write(Lhlo(hostname=name), phase="greeting")
+            reply = yield from self._reply("greeting")
+            yield from self._check_hello(reply, "LHLO")
+            return
+        yield from self._write(Ehlo(hostname=name), phase="greeting")
+        reply = yield from self._reply("greeting")
+        if reply.code in _HELO_FALLBACK:
+            log.debug("EHLO refused with %d; falling back to HELO", reply.code)
+            yield from self._write(Helo(hostname=name), phase="greeting")
+            reply = yield from self._reply("greeting")
+            yield from self._check_hello(reply, "HELO")
+            self._extensions = None
+            return
+        yield from self._check_hello(reply, "EHLO")
+
+    def _check_hello(self, reply: Reply, verb: str) -> Step[None]:
+        if not reply.is_positive:
+            yield from self._abort()
+            raise SessionRefused(
+                f"the server refused {verb}: {reply}", reply=reply, host=self.config.peer
+            )
+        if verb != "HELO":
+            self._extensions = self._conn.extensions
+
+    def _wants_starttls(self) -> bool:
+        policy = self.config.tls
+        if policy in (TLS.NONE, TLS.IMPLICIT):
+            return False
+        return policy is TLS.STARTTLS or self.extensions.starttls
+
+    def _starttls(self) -> Step[None]:
+        required = self.config.tls is TLS.STARTTLS
+        if not self.extensions.starttls:
+            yield from self._abort()
+            raise TLSError(
+                "TLS is required but the server does not offer STARTTLS",
+                host=self.config.peer,
+            )
+        yield from self._write(StartTLSCommand(), phase="greeting")
+        reply = yield from self._reply("greeting")
+        if reply.code != 220:
+            if not required:
+                # RFC 3207 §4: the client may go on without TLS when the server cannot start it.
+                log.debug("STARTTLS refused (%d); going on in plain text", reply.code)
+                return
+            yield from self._abort()
+            raise TLSError(
+                f"TLS is required but the server refused STARTTLS: {reply}",
+                reply=reply,
+                host=self.config.peer,
+            )
+        try:
+            yield StartTLS(server_hostname=self.config.server_hostname)
+        except Exception as exc:
+            yield from self._closed()
+            transient = not required or (isinstance(exc, DeliveryError) and exc.is_transient)
+            raise TLSError(
+                f"the TLS handshake failed: {exc}", is_transient=transient, host=self.config.peer
+            ) from exc
+        try:
+            self._conn.tls_established()
+        except RemoteProtocolError as exc:
+            # RFC 3207 §4.2: bytes that came with the 220 are a response-injection attempt.
+            yield from self._closed()
+            raise ServerProtocolError(str(exc), host=self.config.peer) from exc
+        self.encrypted = True
+        self._extensions = None
+        # RFC 3207 §4.2: forget what the server said before TLS and ask again.
+        yield from self._hello()
+
+    # -- AUTH ----------------------------------------------------------------------------------
+
+    def _authenticate(self) -> Step[None]:
+        username, password = self.config.username, self.config.password
+        assert username is not None
+        assert password is not None
+        if not self.encrypted and not self.config.allow_insecure_auth:
+            yield from self._abort()
+            raise AuthenticationError(
+                "refusing to send credentials over an unencrypted connection "
+                "(use TLS, or allow_insecure_auth=True)",
+                host=self.config.peer,
+            )
+        try:
+            mechanisms = candidate_mechanisms(
+                self.extensions.auth, preferred=self.config.auth_mechanisms
+            )
+        except AuthenticationError as exc:
+            exc.host = self.config.peer
+            yield from self._abort()
+            raise
+        if not mechanisms:
+            yield from self._abort()
+            offered = ", ".join(sorted(self.extensions.auth)) or "no AUTH at all"
+            raise AuthenticationError(
+                f"no usable SASL mechanism in common with the server (it offers {offered})",
+                host=self.config.peer,
+            )
+        last: Reply | None = None
+        for mechanism in mechanisms:
+            reply = yield from self._sasl(mechanism, username, password)
+            if reply is None:
+                self.authenticated = True
+                return
+            last = reply
+            if reply.code not in _NEXT_MECHANISM:
+                break
+            log.debug(
+                "AUTH %s refused with %d; trying the next mechanism", mechanism.name, reply.code
+            )
+        yield from self._abort()
+        raise AuthenticationError(
+            f"the server refused authentication: {last}", reply=last, host=self.config.peer
+        )
+
+    def _sasl(self, mechanism: Mechanism, username: str, password: str) -> Step[Reply | None]:
+        """One AUTH exchange: ``None`` on success, else the refusing reply."""
+        exchange = mechanism.start(username, password)
+        try:
+            initial = next(exchange)
+        except AuthenticationError as exc:
+            exc.host = self.config.peer
+            yield from self._abort()
+            raise
+        yield from self._write(
+            Auth(mechanism=mechanism.name, initial_response=initial), phase="greeting"
+        )
+        while True:
+            reply = yield from self._reply("greeting")
+            if reply.code == 235:
+                try:
+                    exchange.send(None)
+                except StopIteration:
+                    return None
+                except AuthenticationError as exc:
+                    exc.host = self.config.peer
+                    yield from self._abort()
+                    raise
+                raise AssertionError("a SASL exchange must end when the server says 235")
+            if reply.code != 334:
+                exchange.close()
+                return reply
+            try:
+                challenge = base64.b64decode(reply.lines[0].strip(), validate=True)
+                response = exchange.send(challenge)
+            except (binascii.Error, ValueError, AuthenticationError, StopIteration) as exc:
+                # RFC 4954 §4: "*" cancels the exchange; the server answers 501.
+                yield from self._write(AuthAbort(), phase="greeting")
+                yield from self._reply("greeting")
+                yield from self._abort()
+                if isinstance(exc, AuthenticationError):
+                    exc.host = self.config.peer
+                    raise
+                raise AuthenticationError(
+                    f"AUTH {mechanism.name}: the server sent an unusable challenge",
+                    host=self.config.peer,
+                ) from None
+            yield from self._write(AuthContinue(data=response or b""), phase="greeting")

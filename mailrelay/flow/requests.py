@@ -1,0 +1,77 @@
+"""The I/O requests a step of the dialogue yields, and the ``Step`` type.
+
+Rules: these are plain values; nothing here performs I/O. A driver answers :class:`Write`,
+:class:`StartTLS` and :class:`Close` with ``None`` and :class:`Read` with bytes (``b""`` at end
+of file). One :class:`Read` per phase is shared, since a Read is immutable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TypeAlias, TypeVar
+
+import attrs
+
+_T = TypeVar("_T")
+
+# -- I/O requests ------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Write:
+    """Write all of ``data`` to the connection; the driver sends back ``None``.
+
+    Attributes:
+        data: the bytes to write (never shown by ``repr``: they may hold credentials).
+        phase: the :class:`~mailrelay.options.Timeouts` field that limits the write.
+    """
+
+    data: bytes = attrs.field(repr=False)
+    phase: str
+
+
+@attrs.frozen(kw_only=True)
+class Read:
+    """Read what the server has sent (at least one byte); the driver sends back the bytes,
+    or ``b""`` at end of file.
+
+    Attributes:
+        phase: the :class:`~mailrelay.options.Timeouts` field that limits the wait.
+    """
+
+    phase: str
+
+
+@attrs.frozen(kw_only=True)
+class StartTLS:
+    """Run the TLS handshake on the connection now; the driver sends back ``None``, or
+    throws the handshake's exception into the generator.
+
+    Attributes:
+        server_hostname: the name to send in SNI and to check the certificate against.
+    """
+
+    server_hostname: str
+
+
+@attrs.frozen(kw_only=True)
+class Close:
+    """Close the connection; the driver sends back ``None``."""
+
+
+#: Anything a step may yield.
+Request: TypeAlias = Write | Read | StartTLS | Close
+#: A step of the session: yields requests, is sent ``bytes`` (for :class:`Read`) or ``None``,
+#: and returns its result.
+Step: TypeAlias = Generator[Request, bytes | None, _T]
+
+
+# A Read is immutable and the phases are few: one request per phase serves every read.
+_READS: dict[str, Read] = {}
+
+
+def _read_request(phase: str) -> Read:
+    request = _READS.get(phase)
+    if request is None:
+        request = _READS[phase] = Read(phase=phase)
+    return request

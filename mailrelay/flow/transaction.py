@@ -1,0 +1,438 @@
+"""One mail transaction: MAIL, RCPT, DATA or BDAT, the final replies; and the probe.
+
+Rules: a message the server cannot take (size, 8BITMIME, SMTPUTF8, REQUIRETLS) is refused
+before anything is sent; a recipient keeps a final answer once it has one. The join limit
+is read from the :mod:`mailrelay.flow` package at each use (``_flow._JOIN_LIMIT``), where it
+is defined, so there is one value to tune. No I/O here: only requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import attrs
+
+import mailrelay.flow as _flow
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope
+from mailrelay.errors import (
+    DeliveryError,
+    ServerProtocolError,
+)
+from mailrelay.flow.bookkeeping import (
+    _SessionClosed,
+    _Transaction,
+)
+from mailrelay.flow.core import log
+from mailrelay.flow.opening import _Opening
+from mailrelay.flow.requests import Step, Write
+from mailrelay.message import Message
+from mailrelay.protocol import (
+    Bdat,
+    Command,
+    Data,
+    DataChunk,
+    DotStuffer,
+    EndOfData,
+    MailFrom,
+    RcptTo,
+)
+from mailrelay.reply import Reply
+from mailrelay.results import DeliveryResult, Outcome
+
+_DATA = Data()
+_END_OF_DATA = EndOfData()
+
+
+@attrs.frozen(kw_only=True)
+class ProbeResult:
+    """What :meth:`Session.probe` learnt.
+
+    Attributes:
+        mail: the reply to MAIL, or ``None`` when the session ended before it came.
+        recipients: one reply per recipient, in order; ``None`` where no RCPT was answered
+            (MAIL refused, or the session ended first).
+        ended: whether the session ended during the probe (421 or end of file).
+    """
+
+    mail: Reply | None
+    recipients: tuple[Reply | None, ...]
+    ended: bool = False
+
+
+def _with_last(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, bool]]:
+    """Each chunk with a flag telling whether it is the last; one empty chunk for no data."""
+    previous: bytes | None = None
+    for chunk in chunks:
+        if previous is not None:
+            yield previous, False
+        previous = chunk
+    yield (previous if previous is not None else b""), True
+
+
+class _Delivery(_Opening):
+    """One message (or one probe) per transaction."""
+
+    # -- per message ---------------------------------------------------------------------------
+
+    def deliver(self, message: Message, envelope: Envelope) -> Step[DeliveryResult]:
+        """Send one message to the envelope's recipients.
+
+        Returns:
+            one result per envelope recipient, in envelope order.
+
+        Raises:
+            SessionRefused: 421 before any recipient got a final answer.
+            ConnectionLost: the connection ended before any recipient got a final answer,
+                or the session was already closed.
+            ServerProtocolError: the server broke the protocol.
+        """
+        return (yield from self._guarded(self._deliver(message, envelope)))
+
+    def _deliver(self, message: Message, envelope: Envelope) -> Step[DeliveryResult]:
+        self._ensure_open()
+        transaction = self._prepared(message, envelope)
+        if transaction.all_final():
+            return transaction.result()
+        try:
+            if self._needs_rset:
+                yield from self._rset()
+            yield from self._transaction(message, envelope, transaction)
+        except _SessionClosed as closed:
+            if not transaction.any_final():
+                raise self._refuse(closed.reply, "before any recipient was answered") from None
+            what = "closed the session (421)" if closed.reply else "closed the connection"
+            transaction.unfinished(closed.reply, f"the server {what} before a final reply")
+        except DeliveryError as exc:
+            # A timeout or reset thrown in by the driver (or a protocol violation). Answers
+            # already given (LMTP finals, refused RCPTs) must not be lost with it: a retry of
+            # the whole message would deliver twice (RFC 2033 §4.2). The rest are TRANSIENT.
+            if not transaction.any_final():
+                raise
+            yield from self._closed()
+            transaction.unfinished(exc.reply, f"{type(exc).__name__} before a final reply: {exc}")
+        return transaction.result()
+
+    def _prepared(self, message: Message, envelope: Envelope) -> _Transaction:
+        """The message's bookkeeping; already final when it cannot be sent here at all (or
+        has no recipient)."""
+        last = self._last_message
+        ext = self.extensions
+        if last is not None and last[0] is message and last[1] is envelope and last[2] is ext:
+            # The same pair again (one message, one list, many sends): nothing to re-derive.
+            message_id, refusal, addresses = last[3], last[4], last[5]
+        else:
+            message_id = message.message_id
+            refusal = self._precheck(message, envelope)
+            addresses = tuple(r.address for r in envelope.recipients)
+            self._last_message = (message, envelope, ext, message_id, refusal, addresses)
+        transaction = _Transaction(addresses, self.config.peer, message_id)
+        if refusal is not None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("refusing the message before sending: %s", refusal)
+            transaction.unfinished(None, refusal)
+            for index, result in enumerate(transaction.final):
+                assert result is not None
+                transaction.final[index] = attrs.evolve(result, outcome=Outcome.PERMANENT)
+        return transaction
+
+    def _precheck(self, message: Message, envelope: Envelope) -> str | None:
+        """Why the message cannot be sent to this server at all, or None."""
+        ext = self.extensions
+        if ext.size and message.size > ext.size:
+            # RFC 1870 §6: the message is bigger than the server's fixed limit.
+            return (
+                f"the message is {message.size} bytes; the server accepts at most {ext.size} "
+                "(SIZE, RFC 1870)"
+            )
+        if self._needs_smtputf8(message, envelope) and not ext.smtputf8:
+            return (
+                "the message or an envelope address needs SMTPUTF8 (RFC 6531), "
+                "which the server does not offer"
+            )
+        if message.needs_8bitmime and not ext.eight_bit_mime:
+            return "the message has 8-bit content and the server does not offer 8BITMIME (RFC 6152)"
+        if envelope.requiretls:
+            # RFC 8689 §4.1: only over TLS, and only to a server that offers REQUIRETLS.
+            if not self.encrypted:
+                return "REQUIRETLS was requested but the connection is not encrypted (RFC 8689)"
+            if not ext.requiretls:
+                return "REQUIRETLS was requested but the server does not offer it (RFC 8689)"
+        return None
+
+    @staticmethod
+    def _needs_smtputf8(message: Message, envelope: Envelope) -> bool:
+        return message.needs_smtputf8 or envelope.needs_smtputf8
+
+    def _commands(self, message: Message, envelope: Envelope) -> tuple[MailFrom, list[RcptTo]]:
+        """MAIL (with its parameters for this server) and one RCPT per recipient.
+
+        The commands for the last envelope are kept: the same envelope again (a batch to
+        one list of recipients) reuses them, and so their encoded lines
+        (:class:`~mailrelay.protocol.MailFrom` encodes itself once).
+        """
+        ext = self.extensions
+        smtputf8 = ext.smtputf8 and self._needs_smtputf8(message, envelope)
+        body = "8BITMIME" if message.needs_8bitmime else None
+        key = (message.size, body, smtputf8)
+        cached = self._last_commands
+        if cached is not None and cached[0] is envelope and cached[1] is ext and cached[2] == key:
+            return cached[3], cached[4]
+        mail = MailFrom(
+            sender=envelope.sender,
+            parameters=envelope.mail_parameters(
+                size=message.size if "SIZE" in ext else None,  # RFC 1870 §6
+                body=body,
+                smtputf8=smtputf8,
+                dsn=ext.dsn,
+                requiretls=envelope.requiretls and ext.requiretls,
+            ),
+            smtputf8=smtputf8,
+        )
+        dsn = ext.dsn
+        rcpts = [
+            RcptTo(
+                recipient=r.address,
+                parameters=r.rcpt_parameters(dsn=dsn, smtputf8=smtputf8),
+                smtputf8=smtputf8,
+            )
+            for r in envelope.recipients
+        ]
+        self._last_commands = (envelope, ext, key, mail, rcpts)
+        return mail, rcpts
+
+    def _transaction(
+        self, message: Message, envelope: Envelope, transaction: _Transaction
+    ) -> Step[None]:
+        ext = self.extensions
+        bdat = self.config.chunking and ext.chunking
+        mail, rcpts = self._commands(message, envelope)
+        # The transaction is open until its end-of-data reply: RSET before the next one if
+        # anything stops it earlier (RFC 5321 §4.1.1.5).
+        self._needs_rset = True
+        chunks = _with_last(message.chunks())  # consumed only for BDAT
+        first: Bdat | None = None
+        pipelined = self.config.pipelining and ext.pipelining
+        if pipelined:
+            # RFC 2920 §3.1: MAIL, every RCPT and DATA (or the first BDAT, RFC 3030 §4)
+            # in one write; the replies come back in the same order.
+            group: list[Command] = [mail, *rcpts]
+            if bdat:
+                data, last = next(chunks)
+                first = Bdat(data=data, last=last)
+                group.append(first)
+            else:
+                group.append(Data())
+            yield from self._write(*group, phase="mail")
+            yield from self._read_envelope_replies(transaction)
+        else:
+            yield from self._send_envelope(mail, rcpts, transaction)
+        if bdat:
+            yield from self._send_bdat(chunks, first, transaction)
+        else:
+            yield from self._send_data(message, transaction, data_sent=pipelined)
+
+    def _read_envelope_replies(self, transaction: _Transaction) -> Step[None]:
+        """Read the replies to a pipelined group's MAIL and RCPTs."""
+        mail_reply = yield from self._reply("mail")
+        if not mail_reply.is_positive:
+            # RFC 2920 §3.1: the RCPTs' 503s only echo the refused MAIL; the MAIL reply is
+            # what each recipient needs to know.
+            transaction.settle_all(mail_reply)
+        for index in range(len(transaction.addresses)):
+            reply = yield from self._reply("rcpt")
+            transaction.rcpt_replies[index] = reply
+            if mail_reply.is_positive and not reply.is_positive:
+                transaction.settle(index, reply)
+
+    def _send_envelope(
+        self, mail: MailFrom, rcpts: list[RcptTo], transaction: _Transaction
+    ) -> Step[None]:
+        """MAIL and each RCPT, one at a time (no PIPELINING)."""
+        yield from self._write(mail, phase="mail")
+        mail_reply = yield from self._reply("mail")
+        if not mail_reply.is_positive:
+            transaction.settle_all(mail_reply)
+            return
+        for index, rcpt in enumerate(rcpts):
+            yield from self._write(rcpt, phase="rcpt")
+            reply = yield from self._reply("rcpt")
+            transaction.rcpt_replies[index] = reply
+            if not reply.is_positive:
+                transaction.settle(index, reply)
+
+    def _send_data(
+        self, message: Message, transaction: _Transaction, *, data_sent: bool
+    ) -> Step[None]:
+        """DATA (unless pipelined already), the message after 354, and the final reply(s)."""
+        if not data_sent:
+            if transaction.all_final():
+                return  # MAIL or every RCPT refused: no DATA
+            yield from self._write(Data(), phase="data_init")
+        if (yield from self._data_body(message, transaction)):
+            yield from self._finals(transaction)
+
+    def _data_body(
+        self, message: Message, transaction: _Transaction, data_reply: Reply | None = None
+    ) -> Step[bool]:
+        """DATA's reply (read here unless given), then the message and its terminator after
+        a 354.
+
+        Returns:
+            whether the final reply(s) are still to be read (the message was sent).
+        """
+        if data_reply is None:
+            data_reply = yield from self._reply("data_init")
+        if transaction.all_final():
+            # RFC 2920 §3.1: DATA was pipelined and got 354 although nobody was accepted:
+            # end the empty message with a lone "."; every recipient keeps its own reply.
+            if data_reply.code == 354:
+                yield from self._write(EndOfData(), phase="data_block")
+                yield from self._reply("data_end")
+                self._needs_rset = False
+            return False
+        if data_reply.code != 354:
+            if data_reply.is_positive:
+                # Not a go-ahead, whatever its code says: the message was not sent.
+                transaction.unfinished(data_reply, "the server answered DATA without 354")
+            else:
+                transaction.settle_all(data_reply)
+            return False
+        if message.size <= _flow._JOIN_LIMIT:
+            # A small message goes out as one request with its terminator.
+            yield Write(data=self._data_wire(message), phase="data_block")
+            return True
+        # Streamed: one request per chunk, so a huge message is never held whole.
+        conn = self._conn
+        for chunk in message.chunks():
+            yield Write(data=conn.send(DataChunk(data=chunk)), phase="data_block")
+        yield Write(data=conn.send(EndOfData()), phase="data_block")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(">>> <%d bytes of message data and the terminator>", message.size)
+        self._needs_rset = False
+        return True
+
+    def _data_wire(self, message: Message) -> bytes:
+        """A small message's data and terminator, as one piece of wire bytes (after 354)."""
+        return self._conn.send_group(self._data_commands(message))
+
+    def _data_commands(self, message: Message) -> tuple[DataChunk, EndOfData]:
+        """A small message's data, in wire form, and its terminator: the commands that send
+        it after 354 (``send_group`` turns them into exactly the bytes ``send()`` would give
+        for its chunks and ``EndOfData()``).
+
+        The same message again (one message, many envelopes) reuses its wire form: it is
+        not dot-stuffed a second time.
+        """
+        last = self._last_data
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(">>> <%d bytes of message data and the terminator>", message.size)
+        self._needs_rset = False
+        if last is not None and last[0] is message:
+            return last[1]
+        # The connection's stuffer is a fresh one after 354, so a fresh one here gives the
+        # same bytes (RFC 5321 §4.5.2).
+        stuffer = DotStuffer()
+        pieces = [stuffer.chunk(chunk) for chunk in message.chunks()]
+        pieces.append(stuffer.end())
+        # Kept without the final ".CRLF" (but with any line end the terminator added), so
+        # that it ends a line and EndOfData() gives the same terminator again.
+        commands = (DataChunk(data=b"".join(pieces)[:-3], stuffed=True), _END_OF_DATA)
+        self._last_data = (message, commands)
+        return commands
+
+    def _send_bdat(
+        self,
+        chunks: Iterator[tuple[bytes, bool]],
+        first: Bdat | None,
+        transaction: _Transaction,
+    ) -> Step[None]:
+        """The message in BDAT chunks (RFC 3030 §2), each chunk's reply read before the next.
+
+        ``first`` is the chunk already sent in the pipelined group, if any.
+        """
+        if first is not None:
+            if first.last:
+                self._needs_rset = False
+                if transaction.all_final():
+                    yield from self._reply("data_end")  # one reply: nobody to deliver to
+                else:
+                    yield from self._finals(transaction)
+                return
+            reply = yield from self._reply("data_block")
+            if transaction.all_final():
+                return
+            if not reply.is_positive:
+                transaction.settle_all(reply)
+                return
+        elif transaction.all_final():
+            return
+        for data, last in chunks:
+            yield from self._write(Bdat(data=data, last=last), phase="data_block")
+            if last:
+                self._needs_rset = False
+                yield from self._finals(transaction)
+                return
+            reply = yield from self._reply("data_block")
+            if not reply.is_positive:
+                # RFC 3030 §2: after a refused chunk, send no more (the RSET comes next time).
+                transaction.settle_all(reply)
+                return
+
+    def _finals(self, transaction: _Transaction) -> Step[None]:
+        """The reply after the message data: one for SMTP; for LMTP one per accepted
+        recipient, in RCPT order (RFC 2033 §4.2)."""
+        if not self.config.lmtp:
+            reply = yield from self._reply("data_end")
+            transaction.settle_all(reply)
+            return
+        for index in transaction.accepted():
+            event = yield from self._event("data_end")
+            reply = yield from self._check_closing(event)
+            transaction.settle(index, reply)
+
+    # -- probing -------------------------------------------------------------------------------
+
+    def probe(self, sender: Address | None, recipients: Sequence[Address]) -> Step[ProbeResult]:
+        """Ask whether the server would take mail for ``recipients``, sending none: MAIL,
+        one RCPT per recipient, then RSET (RFC 5321 §4.1.1.5); never DATA.
+
+        Commands go one at a time (no pipelining): a probe is short, and a server that
+        drops the connection after too many refused RCPTs then leaves clear, partial
+        answers. A 421 or end of file ends the probe early instead of raising.
+
+        Raises:
+            ConnectionLost: the session was already closed.
+            ServerProtocolError: the server broke the protocol before the RSET.
+        """
+        return (yield from self._guarded(self._probe(sender, tuple(recipients))))
+
+    def _probe(self, sender: Address | None, recipients: tuple[Address, ...]) -> Step[ProbeResult]:
+        self._ensure_open()
+        utf8 = self.extensions.smtputf8 and (
+            (sender is not None and sender.needs_smtputf8)
+            or any(a.needs_smtputf8 for a in recipients)
+        )
+        params: tuple[tuple[str, str | None], ...] = (("SMTPUTF8", None),) if utf8 else ()
+        mail: Reply | None = None
+        replies: list[Reply | None] = [None] * len(recipients)
+        try:
+            if self._needs_rset:
+                yield from self._rset()
+            self._needs_rset = True
+            yield from self._write(
+                MailFrom(sender=sender, parameters=params, smtputf8=utf8), phase="mail"
+            )
+            mail = yield from self._reply("mail")
+            if mail.is_positive:
+                for index, address in enumerate(recipients):
+                    yield from self._write(RcptTo(recipient=address, smtputf8=utf8), phase="rcpt")
+                    replies[index] = yield from self._reply("rcpt")
+            try:
+                yield from self._rset()  # RFC 5321 §4.1.1.5: abandon it; no mail is sent
+            except ServerProtocolError as exc:
+                log.debug("RSET after a probe failed: %s", exc)  # the answers are in already
+        except _SessionClosed:
+            pass  # partial answers; the session is closed
+        return ProbeResult(mail=mail, recipients=tuple(replies), ended=self.closed)
