@@ -134,7 +134,6 @@ class ConnectionSettings:
             tls=self.tls,
             username=self.username,
             password=self.password,
-            # flow.py's converter (optional(tuple)) makes mypy expect Iterable[_T_co]: reported.
             auth_mechanisms=self.auth_mechanisms,
             allow_insecure_auth=self.allow_insecure_auth,
             pipelining=self.pipelining,
