@@ -26,8 +26,8 @@ import time
 from collections.abc import AsyncIterable, Iterable, Sequence
 
 from mailrelay.envelope import Envelope
-from mailrelay.errors import ConnectionLost, DeliveryError, TransportClosed
-from mailrelay.flow import BatchOutcome, Session
+from mailrelay.errors import ConnectionLost, DeliveryError
+from mailrelay.flow import Session
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult
@@ -39,26 +39,23 @@ from mailrelay.transport.base import (
     failed_result,
     note_progress,
 )
+from mailrelay.transport.pooling import (
+    CHUNK,
+    IdleVerdict,
+    PooledConnection,
+    PoolPolicy,
+    no_greeting_hint,
+    unanswered,
+)
 from mailrelay.transport.settings import ConnectionSettings, PoolSettings, mechanisms
-from mailrelay.transport.smtp import CHUNK, is_stale_connection_error, no_greeting_hint
 
 __all__ = ["AsyncLMTPTransport", "AsyncSMTPTransport"]
 
 log = logging.getLogger(__name__)
 
 
-class _Connection:
+class _Connection(PooledConnection[AsyncDriver]):
     """One open session on one asyncio connection, with its bookkeeping."""
-
-    def __init__(self, driver: AsyncDriver, session: Session) -> None:
-        self.driver = driver
-        self.session = session
-        self.messages = 0
-        self.last_used = time.monotonic()
-
-    @property
-    def usable(self) -> bool:
-        return not self.driver.closed and not self.session.closed
 
     async def quit(self) -> None:
         """QUIT politely, then close; errors no longer matter."""
@@ -77,6 +74,7 @@ class _AsyncSMTPBase(AsyncTransport):
     def __init__(self, settings: ConnectionSettings, pool: PoolSettings) -> None:
         self._settings = settings
         self._pool = pool
+        self._policy = PoolPolicy(pool=pool, peer=settings.peer)
         self._idle: list[_Connection] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -120,7 +118,7 @@ class _AsyncSMTPBase(AsyncTransport):
             while True:
                 await asyncio.sleep(self._pool.idle_timeout / 2)
                 now = time.monotonic()
-                expired = [c for c in self._idle if now - c.last_used > self._pool.idle_timeout]
+                expired = [c for c in self._idle if self._policy.expired(c, now)]
                 for connection in expired:
                     self._idle.remove(connection)
                     log.debug("idle connection to %s expired", self._settings.peer)
@@ -155,38 +153,28 @@ class _AsyncSMTPBase(AsyncTransport):
     async def _checkout(self) -> tuple[_Connection, bool]:
         while True:
             if self._closed:
-                raise TransportClosed(
-                    f"{type(self).__name__} for {self._settings.peer} is closed: "
-                    "open a new transport to send"
-                )
+                raise self._policy.closed_error(type(self).__name__)
             if not self._idle:
                 return await self._open(), False
             connection = self._idle.pop()
-            idle = time.monotonic() - connection.last_used
-            if not connection.usable or idle > self._pool.idle_timeout:
-                log.debug(
-                    "idle connection to %s %s; reconnecting",
-                    self._settings.peer,
-                    "expired" if connection.usable else "was closed by the server",
-                )
+            verdict = self._policy.idle_verdict(connection, time.monotonic())
+            if verdict is IdleVerdict.DISCARD:
                 await connection.quit()
                 continue
-            if idle > self._pool.health_check_after:
+            if verdict is IdleVerdict.CHECK:
                 try:
                     healthy = await connection.driver.run(connection.session.noop())
                 except DeliveryError:
                     healthy = False
                 if not healthy:
-                    log.debug(
-                        "idle connection to %s failed NOOP; reconnecting", self._settings.peer
-                    )
+                    self._policy.failed_check()
                     connection.driver.close()
                     continue
             return connection, True
 
     async def _checkin(self, connection: _Connection) -> None:
         connection.last_used = time.monotonic()
-        if connection.usable and connection.messages < self._pool.max_messages and not self._closed:
+        if self._policy.keeps(connection) and not self._closed:
             self._idle.append(connection)
             return
         await connection.quit()
@@ -202,13 +190,8 @@ class _AsyncSMTPBase(AsyncTransport):
             try:
                 return await self._send_on(connection, message, envelope)
             except DeliveryError as exc:
-                if not (reused and is_stale_connection_error(exc)):
+                if not self._policy.resend_on_fresh(exc, reused=reused):
                     raise
-                log.info(
-                    "the reused connection to %s was dead (%s); sending on a fresh one",
-                    self._settings.peer,
-                    exc,
-                )
             connection = await self._open()
             return await self._send_on(connection, message, envelope)
 
@@ -269,45 +252,30 @@ class _AsyncSMTPBase(AsyncTransport):
                                 index, message, envelope = ours.pop(0)
                                 results[index] = failed_result(message, envelope, exc)
                                 continue
-                        room = max(1, self._pool.max_messages - connection.messages)
-                        chunk = ours[:room]
+                        chunk = ours[: self._policy.room(connection)]
                         carried = connection.messages
                         try:
                             outcome = await connection.driver.run(
                                 connection.session.deliver_many([(m, e) for _, m, e in chunk])
                             )
                         except DeliveryError as exc:
-                            outcome = BatchOutcome(results=(None,) * len(chunk), error=exc)
+                            outcome = unanswered(len(chunk), exc)
                         except BaseException:
                             connection.driver.close()
                             connection = None
                             raise
-                        done = 0
-                        for result in outcome.results:
-                            if result is None:
-                                break
-                            results[chunk[done][0]] = result
-                            done += 1
-                        error = outcome.error
-                        if error is not None and done < len(chunk):
-                            if carried + done > 0 and is_stale_connection_error(error):
-                                log.info(
-                                    "the connection to %s ended (%s); sending the %d "
-                                    "unanswered message(s) on a fresh one",
-                                    error.host,
-                                    error,
-                                    len(chunk) - done,
-                                )
-                            else:
-                                index, message, envelope = chunk[done]
-                                results[index] = failed_result(message, envelope, error)
-                                done += 1
-                        del ours[:done]
-                        connection.messages += done
-                        if error is not None:
+                        settlement = self._policy.settle(outcome, sent=len(chunk), carried=carried)
+                        for (index, _, _), result in zip(chunk, settlement.answered, strict=False):
+                            results[index] = result
+                        if settlement.failure is not None:
+                            index, message, envelope = chunk[len(settlement.answered)]
+                            results[index] = failed_result(message, envelope, settlement.failure)
+                        del ours[: settlement.done]
+                        connection.messages += settlement.done
+                        if outcome.error is not None:
                             connection.driver.close()
                             connection = None
-                        elif connection.messages >= self._pool.max_messages:
+                        elif self._policy.full(connection):
                             await self._checkin(connection)
                             connection = None
             finally:

@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 
 from mailrelay.envelope import Envelope
-from mailrelay.errors import ConnectionLost, DeliveryError, SessionRefused, TransportClosed
+from mailrelay.errors import ConnectionLost, DeliveryError
 from mailrelay.flow import BatchOutcome, Session
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
@@ -51,32 +51,21 @@ from mailrelay.transport.base import (
     iter_pairs,
     note_progress,
 )
-from mailrelay.transport.errors_map import PLAIN_AGAINST_IMPLICIT
+from mailrelay.transport.pooling import (
+    CHUNK,
+    IdleVerdict,
+    PooledConnection,
+    PoolPolicy,
+    is_stale_connection_error,  # noqa: F401 -- defined here before; still importable
+    no_greeting_hint,
+    unanswered,
+)
 from mailrelay.transport.settings import ConnectionSettings, PoolSettings, mechanisms
 from mailrelay.transport.sync_driver import SyncDriver, connect
 
 __all__ = ["LMTPTransport", "SMTPTransport"]
 
 log = logging.getLogger(__name__)
-
-
-def is_stale_connection_error(exc: DeliveryError) -> bool:
-    """Whether ``exc`` on a reused connection means "the server had dropped it"."""
-    if isinstance(exc, ConnectionLost):
-        return True
-    return isinstance(exc, SessionRefused) and exc.reply is not None and exc.reply.code == 421
-
-
-def no_greeting_hint(exc: ConnectionLost, settings: ConnectionSettings) -> ConnectionLost:
-    """A clearer error when the server hung up before greeting us (the implicit-TLS mistake)."""
-    return ConnectionLost(
-        f"{exc} without a greeting; if the server expects implicit TLS: {PLAIN_AGAINST_IMPLICIT}",
-        host=settings.peer,
-    )
-
-
-#: Items taken from a streamed batch at a time (the pipeline drains at each boundary).
-CHUNK = 256
 
 
 class _Batch:
@@ -116,50 +105,22 @@ class _Batch:
         outcome: BatchOutcome,
         carried: int,
         results: list[DeliveryResult],
+        policy: PoolPolicy,
     ) -> int:
-        """Move the answered prefix of ``chunk`` to ``results``; returns how many.
-
-        After an early end, the first unanswered message is sent again (it stays pending)
-        when the connection had carried messages before it and the end looks like a
-        stale connection; otherwise it gets the error as its result. Results after the
-        first unanswered message can only be refusals made before sending (replies come
-        in order), so they are simply made again next time.
-        """
-        done = 0
-        for result in outcome.results:
-            if result is None:
-                break
+        """Move the results of ``chunk`` that are settled (:meth:`PoolPolicy.settle
+        <mailrelay.transport.pooling.PoolPolicy.settle>`) to ``results``; returns how many.
+        A message to be sent again on a fresh connection stays pending."""
+        settlement = policy.settle(outcome, sent=len(chunk), carried=carried)
+        for result in settlement.answered:
             results.append(result)
             self.pending.popleft()
-            done += 1
-        error = outcome.error
-        if error is not None and done < len(chunk):
-            if not (carried + done > 0 and is_stale_connection_error(error)):
-                results.append(self.fail_first(error))
-                done += 1
-            else:
-                log.info(
-                    "the connection to %s ended (%s); sending the %d unanswered message(s) "
-                    "on a fresh one",
-                    error.host,
-                    error,
-                    len(chunk) - done,
-                )
-        return done
+        if settlement.failure is not None:
+            results.append(self.fail_first(settlement.failure))
+        return settlement.done
 
 
-class _Connection:
+class _Connection(PooledConnection[SyncDriver]):
     """One open session on one socket, with its bookkeeping."""
-
-    def __init__(self, driver: SyncDriver, session: Session) -> None:
-        self.driver = driver
-        self.session = session
-        self.messages = 0
-        self.last_used = time.monotonic()
-
-    @property
-    def usable(self) -> bool:
-        return not self.driver.closed and not self.session.closed
 
     def quit(self) -> None:
         """QUIT politely, then close; errors no longer matter."""
@@ -178,6 +139,7 @@ class _SMTPBase(Transport):
     def __init__(self, settings: ConnectionSettings, pool: PoolSettings) -> None:
         self._settings = settings
         self._pool = pool
+        self._policy = PoolPolicy(pool=pool, peer=settings.peer)
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(pool.size)
@@ -219,38 +181,28 @@ class _SMTPBase(Transport):
         while True:
             with self._lock:
                 if self._closed:
-                    raise TransportClosed(
-                        f"{type(self).__name__} for {self._settings.peer} is closed: "
-                        "open a new transport to send"
-                    )
+                    raise self._policy.closed_error(type(self).__name__)
                 connection = self._idle.pop() if self._idle else None
             if connection is None:
                 return self._open(), False
-            idle = time.monotonic() - connection.last_used
-            if not connection.usable or idle > self._pool.idle_timeout:
-                log.debug(
-                    "idle connection to %s %s; reconnecting",
-                    self._settings.peer,
-                    "expired" if connection.usable else "was closed by the server",
-                )
+            verdict = self._policy.idle_verdict(connection, time.monotonic())
+            if verdict is IdleVerdict.DISCARD:
                 connection.quit()
                 continue
-            if idle > self._pool.health_check_after:
+            if verdict is IdleVerdict.CHECK:
                 try:
                     healthy = connection.driver.run(connection.session.noop())
                 except DeliveryError:
                     healthy = False
                 if not healthy:
-                    log.debug(
-                        "idle connection to %s failed NOOP; reconnecting", self._settings.peer
-                    )
+                    self._policy.failed_check()
                     connection.driver.close()
                     continue
             return connection, True
 
     def _checkin(self, connection: _Connection) -> None:
         connection.last_used = time.monotonic()
-        if connection.usable and connection.messages < self._pool.max_messages:
+        if self._policy.keeps(connection):
             with self._lock:
                 if not self._closed:
                     self._idle.append(connection)
@@ -271,13 +223,8 @@ class _SMTPBase(Transport):
             try:
                 return self._send_on(connection, message, envelope)
             except DeliveryError as exc:
-                if not (reused and is_stale_connection_error(exc)):
+                if not self._policy.resend_on_fresh(exc, reused=reused):
                     raise
-                log.info(
-                    "the reused connection to %s was dead (%s); sending on a fresh one",
-                    self._settings.peer,
-                    exc,
-                )
             connection = self._open()
             return self._send_on(connection, message, envelope)
         finally:
@@ -318,21 +265,21 @@ class _SMTPBase(Transport):
                     except DeliveryError as exc:
                         results.append(batch.fail_first(exc))
                         continue
-                chunk = batch.take(self._pool.max_messages - connection.messages)
+                chunk = batch.take(self._policy.room(connection))
                 carried = connection.messages
                 try:
                     outcome = connection.driver.run(connection.session.deliver_many(chunk))
                 except DeliveryError as exc:
-                    outcome = BatchOutcome(results=(None,) * len(chunk), error=exc)
+                    outcome = unanswered(len(chunk), exc)
                 except BaseException:
                     connection.driver.close()
                     raise
-                done = batch.settle(chunk, outcome, carried, results)
+                done = batch.settle(chunk, outcome, carried, results, self._policy)
                 connection.messages += done
                 if outcome.error is not None:
                     connection.driver.close()
                     connection = None
-                elif connection.messages >= self._pool.max_messages:
+                elif self._policy.full(connection):
                     self._checkin(connection)
                     connection = None
         except BaseException as exc:

@@ -1,0 +1,227 @@
+"""The connection-pool policy shared by the blocking and the asyncio SMTP/LMTP transports.
+
+Rules of this module:
+
+* It decides, and never does I/O: whether an idle connection may be reused, must be checked
+  with NOOP first, or must be dropped; whether a used one goes back to the pool; how many
+  messages the next pipelined run may put on a connection; whether a failed send is made
+  again on a fresh connection; and how a pipelined run's outcome turns into results. The
+  transports (:mod:`mailrelay.transport.smtp`, :mod:`mailrelay.transport.async_smtp`) do
+  the connecting, the NOOP, the QUIT and the locking, each in its own way.
+* Time comes in as an argument (``now``, from :func:`time.monotonic` in the transports), so
+  every decision can be tested without waiting.
+* **Never lose a message to a stale connection** (lettre#743, nodemailer#511,
+  aiosmtplib#243): an error that means "the server had dropped the connection" (end of
+  file, reset, or a 421) on a connection that had carried messages before is answered by
+  sending again on a fresh connection; the server had given no final reply, so this is the
+  caller's retry minus the wait. Any other error, or one on a fresh connection, is reported.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from typing import Generic, Protocol, TypeVar
+
+import attrs
+
+from mailrelay.errors import ConnectionLost, DeliveryError, SessionRefused, TransportClosed
+from mailrelay.flow import BatchOutcome, Session
+from mailrelay.results import DeliveryResult
+from mailrelay.transport.errors_map import PLAIN_AGAINST_IMPLICIT
+from mailrelay.transport.settings import ConnectionSettings, PoolSettings
+
+__all__ = [
+    "CHUNK",
+    "IdleVerdict",
+    "PoolPolicy",
+    "PooledConnection",
+    "Settlement",
+    "is_stale_connection_error",
+    "no_greeting_hint",
+]
+
+log = logging.getLogger(__name__)
+
+#: Items taken from a streamed batch at a time (the pipeline drains at each boundary).
+CHUNK = 256
+
+
+def is_stale_connection_error(exc: DeliveryError) -> bool:
+    """Whether ``exc`` on a reused connection means "the server had dropped it"."""
+    if isinstance(exc, ConnectionLost):
+        return True
+    # RFC 5321 §3.8: 421 is how a server says it is closing the transmission channel.
+    return isinstance(exc, SessionRefused) and exc.reply is not None and exc.reply.code == 421
+
+
+def no_greeting_hint(exc: ConnectionLost, settings: ConnectionSettings) -> ConnectionLost:
+    """A clearer error when the server hung up before greeting us (the implicit-TLS mistake)."""
+    return ConnectionLost(
+        f"{exc} without a greeting; if the server expects implicit TLS: {PLAIN_AGAINST_IMPLICIT}",
+        host=settings.peer,
+    )
+
+
+class _Driver(Protocol):
+    """What the pool needs to know of a driver (blocking or asyncio)."""
+
+    @property
+    def closed(self) -> bool: ...  # pragma: no cover - a protocol
+
+
+D = TypeVar("D", bound=_Driver)
+
+
+class PooledConnection(Generic[D]):
+    """One open session on one driver, with the bookkeeping the policy reads.
+
+    Attributes:
+        driver: the blocking or asyncio driver.
+        session: the dialogue running on it.
+        messages: how many messages it has carried (final answers received).
+        last_used: :func:`time.monotonic` when it was last given back to the pool.
+    """
+
+    def __init__(self, driver: D, session: Session) -> None:
+        self.driver = driver
+        self.session = session
+        self.messages = 0
+        self.last_used = time.monotonic()
+
+    @property
+    def usable(self) -> bool:
+        """Whether neither the socket nor the session has been closed."""
+        return not self.driver.closed and not self.session.closed
+
+
+class IdleVerdict(enum.Enum):
+    """What to do with a connection taken from the idle list."""
+
+    #: Closed by the server, or idle too long: QUIT it (if it can) and take another.
+    DISCARD = "discard"
+    #: Idle long enough to doubt: send NOOP, and reuse it only if that succeeds.
+    CHECK = "check"
+    #: Use it as it is.
+    REUSE = "reuse"
+
+
+@attrs.frozen(kw_only=True)
+class Settlement:
+    """How a pipelined run's outcome turns into results.
+
+    Attributes:
+        answered: the results of the run's first messages, in order (those with a final
+            answer before anything went wrong).
+        failure: the error the first unanswered message gets as its result, or ``None``
+            when nothing failed or it is to be sent again on a fresh connection.
+    """
+
+    answered: tuple[DeliveryResult, ...]
+    failure: DeliveryError | None
+
+    @property
+    def done(self) -> int:
+        """How many of the run's messages have a result now (answered, plus the failed one)."""
+        return len(self.answered) + (self.failure is not None)
+
+
+@attrs.frozen(kw_only=True)
+class PoolPolicy:
+    """The pool's decisions for one server, without I/O (see the module docstring).
+
+    Attributes:
+        pool: the pool's settings.
+        peer: the server, for log messages.
+    """
+
+    pool: PoolSettings
+    peer: str
+
+    def closed_error(self, transport: str) -> TransportClosed:
+        """The error for a send after ``close()``."""
+        return TransportClosed(
+            f"{transport} for {self.peer} is closed: open a new transport to send"
+        )
+
+    def expired(self, connection: PooledConnection[D], now: float) -> bool:
+        """Whether an idle connection has been idle longer than ``idle_timeout``."""
+        return now - connection.last_used > self.pool.idle_timeout
+
+    def idle_verdict(self, connection: PooledConnection[D], now: float) -> IdleVerdict:
+        """What to do with ``connection``, just taken from the idle list."""
+        idle = now - connection.last_used
+        if not connection.usable or idle > self.pool.idle_timeout:
+            log.debug(
+                "idle connection to %s %s; reconnecting",
+                self.peer,
+                "expired" if connection.usable else "was closed by the server",
+            )
+            return IdleVerdict.DISCARD
+        if idle > self.pool.health_check_after:
+            return IdleVerdict.CHECK
+        return IdleVerdict.REUSE
+
+    def failed_check(self) -> None:
+        """Note that an idle connection failed its NOOP (the caller closes it)."""
+        log.debug("idle connection to %s failed NOOP; reconnecting", self.peer)
+
+    def keeps(self, connection: PooledConnection[D]) -> bool:
+        """Whether a connection just used may go back to the idle list (it is open and
+        has carried fewer than ``max_messages``)."""
+        return connection.usable and connection.messages < self.pool.max_messages
+
+    def full(self, connection: PooledConnection[D]) -> bool:
+        """Whether ``connection`` has carried ``max_messages`` and must be replaced."""
+        return connection.messages >= self.pool.max_messages
+
+    def room(self, connection: PooledConnection[D]) -> int:
+        """How many messages the next pipelined run may put on ``connection`` (at least one)."""
+        return max(1, self.pool.max_messages - connection.messages)
+
+    def resend_on_fresh(self, exc: DeliveryError, *, reused: bool) -> bool:
+        """Whether a single send that failed with ``exc`` is made again on a fresh
+        connection (only on a reused connection that turned out to be dead)."""
+        if not (reused and is_stale_connection_error(exc)):
+            return False
+        log.info(
+            "the reused connection to %s was dead (%s); sending on a fresh one", self.peer, exc
+        )
+        return True
+
+    def settle(self, outcome: BatchOutcome, *, sent: int, carried: int) -> Settlement:
+        """Turn the outcome of a pipelined run of ``sent`` messages, on a connection that
+        had carried ``carried`` before it, into results.
+
+        After an early end, the first unanswered message is sent again when the connection
+        had carried messages before it and the end looks like a stale connection; otherwise
+        it gets the error as its result. Results after the first unanswered message can only
+        be refusals made before sending (replies come in order), so they are simply made
+        again next time.
+        """
+        answered: list[DeliveryResult] = []
+        for result in outcome.results:
+            if result is None:
+                break
+            answered.append(result)
+        error = outcome.error
+        failure: DeliveryError | None = None
+        if error is not None and len(answered) < sent:
+            if carried + len(answered) > 0 and is_stale_connection_error(error):
+                log.info(
+                    "the connection to %s ended (%s); sending the %d unanswered message(s) "
+                    "on a fresh one",
+                    error.host,
+                    error,
+                    sent - len(answered),
+                )
+            else:
+                failure = error
+        return Settlement(answered=tuple(answered), failure=failure)
+
+
+def unanswered(size: int, error: DeliveryError) -> BatchOutcome:
+    """The outcome of a pipelined run of ``size`` messages that ended in ``error`` raised
+    by the driver before any answer was returned."""
+    return BatchOutcome(results=(None,) * size, error=error)
