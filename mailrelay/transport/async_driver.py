@@ -38,12 +38,18 @@ import attrs
 from mailrelay.errors import ConnectError, ConnectionLost, DeliveryError, TLSError
 from mailrelay.flow import Close, Read, Request, StartTLS, Write
 from mailrelay.options import Timeouts
-from mailrelay.transport.errors_map import (
-    PLAIN_AGAINST_IMPLICIT,
-    map_io_error,
-    map_tls_error,
-    peer_name,
+from mailrelay.transport.driver_common import (
+    PROBE_TIMEOUT,
+    WriteQueue,
+    all_addresses_failed,
+    attempt_failure,
+    before_greeting,
+    closed_error,
+    implicit_tls_error,
+    probe_context,
+    resolve_error,
 )
+from mailrelay.transport.errors_map import map_io_error, map_tls_error, peer_name
 
 __all__ = ["READ_SIZE", "AsyncDriver", "connect"]
 
@@ -207,10 +213,7 @@ async def _open_tcp(
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        permanent = exc.errno in {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)}
-        raise ConnectError(
-            f"cannot resolve {host!r}: {exc.strerror}", is_transient=not permanent, host=peer
-        ) from exc
+        raise resolve_error(exc, host, peer) from exc
     failures: list[str] = []
     last: BaseException | None = None
     for family, _kind, proto, _, address in infos:
@@ -230,12 +233,11 @@ async def _open_tcp(
             raise map_tls_error(exc, peer=peer, server_hostname=server_hostname or host) from exc
         except (OSError, TimeoutError) as exc:
             last = exc
-            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            failures.append(f"{peer_name(str(address[0]), int(address[1]))}: {reason}")
+            failures.append(attempt_failure(address, exc))
             continue
         assert isinstance(transport, asyncio.Transport)
         return transport, pipe
-    raise ConnectError(f"could not connect to {peer} ({'; '.join(failures)})", host=peer) from last
+    raise all_addresses_failed(peer, failures) from last
 
 
 async def _open_unix(path: str, timeout: float) -> tuple[asyncio.Transport, _Pipe]:
@@ -309,12 +311,8 @@ class AsyncDriver:
         self.ssl_context = ssl_context
         self.peer = peer
         self.implicit_tls = False
-        # Writes are coalesced until the dialogue waits for a reply (or a lot is pending):
-        # one send for "DATA chunk + terminator" instead of two. Nothing waits in here while
-        # the dialogue reads, so pipelining semantics are unchanged.
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._pending_phase = "greeting"
+        self._writes = WriteQueue(READ_SIZE)
+        self._pending = self._writes.chunks  # the same list: a cheap "anything queued?"
         # Timeouts.for_phase checks the name each time; the phases are a fixed set.
         self._limits: dict[str, float] = attrs.asdict(timeouts)
 
@@ -349,7 +347,7 @@ class AsyncDriver:
         answer (or the session is dead), and a graceful TLS shutdown would wait for the
         server's close_notify, possibly past the end of the event loop, leaking the socket.
         """
-        self._pending.clear()
+        self._writes.clear()
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.abort()
@@ -386,10 +384,7 @@ class AsyncDriver:
                 if kind is Write:
                     assert isinstance(request, Write)
                     self._live()
-                    self._pending.append(request.data)
-                    self._pending_size += len(request.data)
-                    self._pending_phase = request.phase
-                    if self._pending_size >= READ_SIZE and not self._send_pending():
+                    if self._writes.add(request) and not self._send_pending():
                         await self._drain()
                 elif kind is Read:
                     assert isinstance(request, Read)
@@ -418,7 +413,7 @@ class AsyncDriver:
 
     def _live(self) -> asyncio.Transport:
         if self._transport is None:
-            raise ConnectionLost(f"the connection to {self.peer} is closed", host=self.peer)
+            raise closed_error(self.peer)
         return self._transport
 
     async def _flush(self) -> None:
@@ -430,20 +425,18 @@ class AsyncDriver:
         """Hand every pending write to the transport; ``True`` when there is no need to wait
         for it to drain (the common case: the kernel took the bytes at once)."""
         self._live()
-        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending.clear()
-        self._pending_size = 0
+        data = self._writes.take()
         try:
             return self._pipe.write_now(data)
         except OSError as exc:
-            phase = self._pending_phase
+            phase = self._writes.phase
             raise map_io_error(
                 exc, peer=self.peer, phase=phase, timeout=self._limits[phase]
             ) from exc
 
     async def _drain(self) -> None:
         """Wait until the transport's buffer is low again, within the last write's phase."""
-        phase = self._pending_phase
+        phase = self._writes.phase
         timeout = self._limits[phase]
         try:
             async with asyncio.timeout(timeout):
@@ -460,26 +453,19 @@ class AsyncDriver:
             return await self._pipe.read_within(timeout)
         except TimeoutError as exc:
             if self._before_greeting(request) and await self._probe_tls():
-                raise TLSError(
-                    f"no SMTP greeting from {self.peer}, but it answered a TLS handshake: "
-                    f"{PLAIN_AGAINST_IMPLICIT}",
-                    is_transient=False,
-                    host=self.peer,
-                ) from exc
+                raise implicit_tls_error(self.peer) from exc
             raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
         except OSError as exc:
             raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
 
     def _before_greeting(self, request: Read) -> bool:
-        return self.bytes_received == 0 and request.phase == "greeting" and not self.implicit_tls
+        return before_greeting(self.bytes_received, request.phase, self.implicit_tls)
 
     async def _probe_tls(self) -> bool:
         """After a silent greeting: does the server answer a TLS handshake?"""
-        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        probe.check_hostname = False
-        probe.verify_mode = ssl.CERT_NONE  # only asking "do you speak TLS?", sending nothing
+        probe = probe_context()
         try:
-            await self._upgrade(probe, None, min(5.0, self.timeouts.connect))
+            await self._upgrade(probe, None, min(PROBE_TIMEOUT, self.timeouts.connect))
         except (OSError, TimeoutError):
             return False
         return True

@@ -38,15 +38,21 @@ from typing import TypeVar
 
 import attrs
 
-from mailrelay.errors import ConnectError, ConnectionLost, DeliveryError, TLSError
+from mailrelay.errors import ConnectError, DeliveryError
 from mailrelay.flow import Close, Read, Request, StartTLS, Write
 from mailrelay.options import Timeouts
-from mailrelay.transport.errors_map import (
-    PLAIN_AGAINST_IMPLICIT,
-    map_io_error,
-    map_tls_error,
-    peer_name,
+from mailrelay.transport.driver_common import (
+    PROBE_TIMEOUT,
+    WriteQueue,
+    all_addresses_failed,
+    attempt_failure,
+    before_greeting,
+    closed_error,
+    implicit_tls_error,
+    probe_context,
+    resolve_error,
 )
+from mailrelay.transport.errors_map import map_io_error, map_tls_error, peer_name
 
 __all__ = ["READ_SIZE", "SyncDriver", "connect"]
 
@@ -57,20 +63,13 @@ T = TypeVar("T")
 #: The most bytes one ``Read`` takes from the socket.
 READ_SIZE = 65536
 
-# How long the implicit-TLS probe waits for a ServerHello after a greeting timed out.
-_PROBE_TIMEOUT = 5.0
-
 
 def _connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
     peer = peer_name(host, port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        # "Name or service not known" will not fix itself; a resolver failure may.
-        permanent = exc.errno in {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)}
-        raise ConnectError(
-            f"cannot resolve {host!r}: {exc.strerror}", is_transient=not permanent, host=peer
-        ) from exc
+        raise resolve_error(exc, host, peer) from exc
     failures: list[str] = []
     last: OSError | None = None
     for family, kind, proto, _, address in infos:
@@ -81,12 +80,11 @@ def _connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
         except OSError as exc:
             sock.close()
             last = exc
-            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            failures.append(f"{peer_name(str(address[0]), int(address[1]))}: {reason}")
+            failures.append(attempt_failure(address, exc))
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
-    raise ConnectError(f"could not connect to {peer} ({'; '.join(failures)})", host=peer) from last
+    raise all_addresses_failed(peer, failures) from last
 
 
 def _connect_unix(path: str, timeout: float) -> socket.socket:
@@ -167,12 +165,8 @@ class SyncDriver:
         self.peer = peer
         self.bytes_received = 0
         self.implicit_tls = False
-        # Writes are coalesced until the dialogue waits for a reply (or a lot is pending):
-        # one send for "DATA chunk + terminator" instead of two. Nothing waits in here while
-        # the dialogue reads, so pipelining semantics are unchanged.
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._pending_phase = "greeting"
+        self._writes = WriteQueue(READ_SIZE)
+        self._pending = self._writes.chunks  # the same list: a cheap "anything queued?"
         self._timeout: float | None = None
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
@@ -197,7 +191,7 @@ class SyncDriver:
 
     def close(self) -> None:
         """Close the socket (idempotent)."""
-        self._pending.clear()
+        self._writes.clear()
         sock, self._sock = self._sock, None
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -205,7 +199,7 @@ class SyncDriver:
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
-            raise ConnectionLost(f"the connection to {self.peer} is closed", host=self.peer)
+            raise closed_error(self.peer)
         return self._sock
 
     # -- the loop ----------------------------------------------------------------------------
@@ -240,14 +234,9 @@ class SyncDriver:
                 if kind is Write:
                     assert isinstance(request, Write)
                     if self._sock is None:
-                        raise ConnectionLost(
-                            f"the connection to {self.peer} is closed", host=self.peer
-                        )
+                        raise closed_error(self.peer)
                     # Queue it; it goes out with the next flush (see the module docstring).
-                    self._pending.append(request.data)
-                    self._pending_size += len(request.data)
-                    self._pending_phase = request.phase
-                    if self._pending_size >= READ_SIZE:
+                    if self._writes.add(request):
                         self._flush()
                 elif kind is Read:
                     assert isinstance(request, Read)
@@ -269,10 +258,8 @@ class SyncDriver:
     def _flush(self) -> None:
         """Send every pending write, limited by the last write's phase timeout."""
         sock = self._socket()
-        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending.clear()
-        self._pending_size = 0
-        phase = self._pending_phase
+        data = self._writes.take()
+        phase = self._writes.phase
         timeout = self._limits[phase]
         try:
             self._set_timeout(sock, timeout)
@@ -293,12 +280,7 @@ class SyncDriver:
             return b""
         except TimeoutError as exc:
             if self._before_greeting(request) and self._probe_tls():
-                raise TLSError(
-                    f"no SMTP greeting from {self.peer}, but it answered a TLS handshake: "
-                    f"{PLAIN_AGAINST_IMPLICIT}",
-                    is_transient=False,
-                    host=self.peer,
-                ) from exc
+                raise implicit_tls_error(self.peer) from exc
             raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
         except (OSError, ValueError) as exc:
             raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
@@ -312,7 +294,7 @@ class SyncDriver:
             self._timeout = timeout
 
     def _before_greeting(self, request: Read) -> bool:
-        return self.bytes_received == 0 and request.phase == "greeting" and not self.implicit_tls
+        return before_greeting(self.bytes_received, request.phase, self.implicit_tls)
 
     def _probe_tls(self) -> bool:
         """After a silent greeting: does the server answer a TLS handshake? (It is dead to
@@ -320,12 +302,10 @@ class SyncDriver:
         sock = self._sock
         if sock is None or isinstance(sock, ssl.SSLSocket):
             return False
-        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        probe.check_hostname = False
-        probe.verify_mode = ssl.CERT_NONE  # only asking "do you speak TLS?", sending nothing
+        probe = probe_context()
         try:
             self._timeout = None
-            sock.settimeout(min(_PROBE_TIMEOUT, self.timeouts.connect))
+            sock.settimeout(min(PROBE_TIMEOUT, self.timeouts.connect))
             wrapped = probe.wrap_socket(sock, do_handshake_on_connect=False)
             self._sock = wrapped
             wrapped.do_handshake()

@@ -1,0 +1,127 @@
+"""What the blocking and the asyncio drivers share: errors, write coalescing, the TLS probe.
+
+Rules of this module:
+
+* Nothing here does I/O or waits: these are the decisions and the error texts that
+  :mod:`mailrelay.transport.sync_driver` and :mod:`mailrelay.transport.async_driver` would
+  otherwise each spell out, so the two drivers cannot drift apart in what they report.
+* Errors are built here and raised by the drivers (``raise X(...) from exc``), so the
+  original exception stays chained at the I/O boundary where it happened.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import Any
+
+from mailrelay.errors import ConnectError, ConnectionLost, TLSError
+from mailrelay.flow import Write
+from mailrelay.transport.errors_map import PLAIN_AGAINST_IMPLICIT, peer_name
+
+__all__ = [
+    "PROBE_TIMEOUT",
+    "WriteQueue",
+    "all_addresses_failed",
+    "attempt_failure",
+    "before_greeting",
+    "closed_error",
+    "implicit_tls_error",
+    "probe_context",
+    "resolve_error",
+]
+
+#: The most seconds the implicit-TLS probe waits for a ServerHello after a silent greeting.
+PROBE_TIMEOUT = 5.0
+
+
+def resolve_error(exc: socket.gaierror, host: str, peer: str) -> ConnectError:
+    """The error for a host name that did not resolve."""
+    # "Name or service not known" will not fix itself; a resolver failure may.
+    permanent = exc.errno in {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)}
+    return ConnectError(
+        f"cannot resolve {host!r}: {exc.strerror}", is_transient=not permanent, host=peer
+    )
+
+
+def attempt_failure(address: tuple[Any, ...], exc: BaseException) -> str:
+    """One address's failed connection attempt, for the error that lists them all."""
+    if isinstance(exc, TimeoutError):
+        reason = "timed out"
+    elif isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+    else:  # pragma: no cover - the drivers pass OSError or TimeoutError
+        reason = str(exc)
+    return f"{peer_name(str(address[0]), int(address[1]))}: {reason}"
+
+
+def all_addresses_failed(peer: str, failures: list[str]) -> ConnectError:
+    """The error when no address of the host accepted the connection."""
+    return ConnectError(f"could not connect to {peer} ({'; '.join(failures)})", host=peer)
+
+
+def closed_error(peer: str) -> ConnectionLost:
+    """The error for I/O asked of a connection that is already closed."""
+    return ConnectionLost(f"the connection to {peer} is closed", host=peer)
+
+
+def before_greeting(bytes_received: int, phase: str, implicit_tls: bool) -> bool:
+    """Whether a read that timed out was waiting for the greeting of a plain connection
+    that has sent nothing at all (the case worth probing for implicit TLS)."""
+    return bytes_received == 0 and phase == "greeting" and not implicit_tls
+
+
+def probe_context() -> ssl.SSLContext:
+    """A context that only asks "do you speak TLS?": it checks nothing and sends nothing."""
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    return probe
+
+
+def implicit_tls_error(peer: str) -> TLSError:
+    """The error when a server that sent no greeting answered a TLS handshake."""
+    return TLSError(
+        f"no SMTP greeting from {peer}, but it answered a TLS handshake: {PLAIN_AGAINST_IMPLICIT}",
+        is_transient=False,
+        host=peer,
+    )
+
+
+class WriteQueue:
+    """Writes waiting to go out together (see the drivers' module docstrings).
+
+    Writes are coalesced until the dialogue waits for a reply (or a lot is pending): one
+    send for "DATA chunk + terminator" instead of two. Nothing waits while the dialogue
+    reads, so pipelining semantics are unchanged.
+
+    Attributes:
+        chunks: the pending writes' bytes, in order (true when any are pending).
+        phase: the last pending write's phase, whose time limit bounds the send.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.chunks: list[bytes] = []
+        self.phase = "greeting"
+        self._size = 0
+        self._limit = limit
+
+    def add(self, request: Write) -> bool:
+        """Queue ``request``; whether so much is pending that it should go out now."""
+        self.chunks.append(request.data)
+        self._size += len(request.data)
+        self.phase = request.phase
+        return self._size >= self._limit
+
+    def take(self) -> bytes:
+        """Every pending byte, joined; the queue is empty afterwards."""
+        chunks = self.chunks
+        data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+        chunks.clear()
+        self._size = 0
+        return data
+
+    def clear(self) -> None:
+        """Drop every pending write (the connection is closing)."""
+        self.chunks.clear()
+        self._size = 0
