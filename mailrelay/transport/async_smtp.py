@@ -74,7 +74,7 @@ class _AsyncSMTPBase(AsyncTransport):
     def __init__(self, settings: ConnectionSettings, pool: PoolSettings) -> None:
         self._settings = settings
         self._pool = pool
-        self._policy = PoolPolicy(pool=pool, peer=settings.peer)
+        self._policy = PoolPolicy(pool=pool, peer=settings.peer, logger=log)
         self._idle: list[_Connection] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None

@@ -134,10 +134,13 @@ class PoolPolicy:
     Attributes:
         pool: the pool's settings.
         peer: the server, for log messages.
+        logger: where the decisions are logged (the transport's own logger, so records keep
+            the logger name they had before this policy was shared).
     """
 
     pool: PoolSettings
     peer: str
+    logger: logging.Logger = attrs.field(default=log, repr=False, eq=False)
 
     def closed_error(self, transport: str) -> TransportClosed:
         """The error for a send after ``close()``."""
@@ -153,7 +156,7 @@ class PoolPolicy:
         """What to do with ``connection``, just taken from the idle list."""
         idle = now - connection.last_used
         if not connection.usable or idle > self.pool.idle_timeout:
-            log.debug(
+            self.logger.debug(
                 "idle connection to %s %s; reconnecting",
                 self.peer,
                 "expired" if connection.usable else "was closed by the server",
@@ -165,7 +168,7 @@ class PoolPolicy:
 
     def failed_check(self) -> None:
         """Note that an idle connection failed its NOOP (the caller closes it)."""
-        log.debug("idle connection to %s failed NOOP; reconnecting", self.peer)
+        self.logger.debug("idle connection to %s failed NOOP; reconnecting", self.peer)
 
     def keeps(self, connection: PooledConnection[D]) -> bool:
         """Whether a connection just used may go back to the idle list (it is open and
@@ -185,7 +188,7 @@ class PoolPolicy:
         connection (only on a reused connection that turned out to be dead)."""
         if not (reused and is_stale_connection_error(exc)):
             return False
-        log.info(
+        self.logger.info(
             "the reused connection to %s was dead (%s); sending on a fresh one", self.peer, exc
         )
         return True
@@ -209,7 +212,7 @@ class PoolPolicy:
         failure: DeliveryError | None = None
         if error is not None and len(answered) < sent:
             if carried + len(answered) > 0 and is_stale_connection_error(error):
-                log.info(
+                self.logger.info(
                     "the connection to %s ended (%s); sending the %d unanswered message(s) "
                     "on a fresh one",
                     error.host,

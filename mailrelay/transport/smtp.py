@@ -139,7 +139,7 @@ class _SMTPBase(Transport):
     def __init__(self, settings: ConnectionSettings, pool: PoolSettings) -> None:
         self._settings = settings
         self._pool = pool
-        self._policy = PoolPolicy(pool=pool, peer=settings.peer)
+        self._policy = PoolPolicy(pool=pool, peer=settings.peer, logger=log)
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(pool.size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -204,3 +206,11 @@ def test_settle_takes_the_answered_prefix_and_fails_at_most_one(
         assert settlement.failure is error
     else:  # a stale end after messages went through: the rest go on a fresh connection
         assert settlement.failure is None
+
+
+def test_decisions_are_logged_to_the_given_logger(caplog: pytest.LogCaptureFixture) -> None:
+    policy = PoolPolicy(pool=POOL, peer="mx.example:25", logger=logging.getLogger("a.transport"))
+    with caplog.at_level(logging.INFO, logger="a.transport"):
+        assert policy.resend_on_fresh(STALE, reused=True)
+    assert [record.name for record in caplog.records] == ["a.transport"]
+    assert "sending on a fresh one" in caplog.text
