@@ -34,6 +34,7 @@ from mailrelay.errors import (
     TLSError,
 )
 from mailrelay.flow import Close, Read, Request, Session, SessionConfig, StartTLS, Step, Write
+from mailrelay.flow import requests as flow_requests
 from mailrelay.message import Message
 from mailrelay.options import TLS
 from mailrelay.protocol import sasl
@@ -746,7 +747,7 @@ def test_final_reply_refuses() -> None:
 
 
 def test_large_data_is_streamed_one_write_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(flow, "_JOIN_LIMIT", 100_000)
+    monkeypatch.setattr(flow_requests, "_JOIN_LIMIT", 100_000)
     body = ("x" * 998 + "\r\n") * 200  # about 200 KB: four chunks of 64 KiB
     msg = message(body)
     result, _, driver = deliver([OK + OK + GO_AHEAD, QUEUED], msg)

@@ -159,13 +159,10 @@ from mailrelay.flow.core import log as log
 from mailrelay.flow.opening import _HELO_FALLBACK as _HELO_FALLBACK
 from mailrelay.flow.opening import _NEXT_MECHANISM as _NEXT_MECHANISM
 from mailrelay.flow.opening import _hello_name as _hello_name
+from mailrelay.flow.requests import _JOIN_LIMIT as _JOIN_LIMIT
 from mailrelay.flow.requests import _READS as _READS
 from mailrelay.flow.requests import _T as _T
 from mailrelay.flow.requests import _read_request as _read_request
 from mailrelay.flow.transaction import _DATA as _DATA
 from mailrelay.flow.transaction import _END_OF_DATA as _END_OF_DATA
 from mailrelay.flow.transaction import _with_last as _with_last
-
-# Messages up to this size are sent as one write with their terminator. (Read at each use
-# by the transaction and batch modules as ``mailrelay.flow._JOIN_LIMIT``.)
-_JOIN_LIMIT = 1 << 20

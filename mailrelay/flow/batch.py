@@ -14,13 +14,13 @@ from collections.abc import Sequence
 
 import attrs
 
-import mailrelay.flow as _flow
 from mailrelay.envelope import Envelope
 from mailrelay.errors import (
     DeliveryError,
     RemoteProtocolError,
     ServerProtocolError,
 )
+from mailrelay.flow import requests as _requests
 from mailrelay.flow.bookkeeping import (
     _SessionClosed,
     _Transaction,
@@ -228,7 +228,7 @@ class _Batch(_Delivery):
                     data_reply = replies[pos]
                     if (
                         data_reply.code == 354
-                        and message.size <= _flow._JOIN_LIMIT
+                        and message.size <= _requests._JOIN_LIMIT
                         and not transaction.all_final()
                     ):
                         # Sent with the next message's envelope (or before the last read).

@@ -75,3 +75,8 @@ def _read_request(phase: str) -> Read:
     if request is None:
         request = _READS[phase] = Read(phase=phase)
     return request
+
+
+# Messages up to this size are sent as one write with their terminator. Read at each use
+# (``requests._JOIN_LIMIT``) by the transaction and batch modules, so tests can lower it.
+_JOIN_LIMIT = 1 << 20

@@ -2,8 +2,8 @@
 
 Rules: a message the server cannot take (size, 8BITMIME, SMTPUTF8, REQUIRETLS) is refused
 before anything is sent; a recipient keeps a final answer once it has one. The join limit
-is read from the :mod:`mailrelay.flow` package at each use (``_flow._JOIN_LIMIT``), where it
-is defined, so there is one value to tune. No I/O here: only requests.
+is read from :mod:`mailrelay.flow.requests` at each use, so there is one value to tune.
+No I/O here: only requests.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from collections.abc import Iterator, Sequence
 
 import attrs
 
-import mailrelay.flow as _flow
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
 from mailrelay.errors import (
     DeliveryError,
     ServerProtocolError,
 )
+from mailrelay.flow import requests as _requests
 from mailrelay.flow.bookkeeping import (
     _SessionClosed,
     _Transaction,
@@ -299,7 +299,7 @@ class _Delivery(_Opening):
             else:
                 transaction.settle_all(data_reply)
             return False
-        if message.size <= _flow._JOIN_LIMIT:
+        if message.size <= _requests._JOIN_LIMIT:
             # A small message goes out as one request with its terminator.
             yield Write(data=self._data_wire(message), phase="data_block")
             return True
