@@ -13,8 +13,18 @@ turns out to be dead), plus:
   :mod:`mailrelay.transport.base` (a ``DeliveryError`` becomes that item's result; any other
   exception cancels the rest of the batch and propagates).
 * A pool belongs to one event loop. A keeper task expires idle connections in the background
-  and closes every idle one when the loop ends (``asyncio.run`` cancels it), so a transport
-  used in a second ``asyncio.run`` starts afresh and no socket outlives its loop.
+  and, when the loop ends (``asyncio.run`` cancels it), sends QUIT on every idle connection
+  and closes it, so a transport used in a second ``asyncio.run`` starts afresh and no socket
+  outlives its loop. The keeper holds the transport only weakly: a transport dropped without
+  ``aclose()`` can be collected.
+* Closing (``aclose()``, leaving ``async with``) sends QUIT on every idle connection at once
+  and waits at most :func:`~mailrelay.transport.pooling.quit_timeout` for the replies (RFC
+  5321 §4.1.1.10: wait for QUIT's reply); a failed QUIT is logged, never raised. A connection
+  in use while the transport closes gets its QUIT when its task gives it back. A task
+  cancelled while it holds a connection aborts that connection (its transaction's state is
+  unknown, so there is nothing polite left to say) and frees its slot.
+* A transport that opened connections and is collected without ``aclose()`` emits a
+  :class:`ResourceWarning` (as asyncio's own transports do) and aborts what it still holds.
 """
 
 from __future__ import annotations
@@ -23,7 +33,10 @@ import asyncio
 import logging
 import ssl
 import time
+import warnings
+import weakref
 from collections.abc import AsyncIterable, Iterable, Sequence
+from typing import Any
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import ConnectionLost, DeliveryError
@@ -45,27 +58,88 @@ from mailrelay.transport.pooling import (
     PooledConnection,
     PoolPolicy,
     no_greeting_hint,
+    quit_timeout,
     unanswered,
 )
 from mailrelay.transport.settings import ConnectionSettings, PoolSettings, mechanisms
 
-__all__ = ["AsyncLMTPTransport", "AsyncSMTPTransport"]
+__all__ = ["AsyncLMTPTransport", "AsyncSMTPTransport", "PooledSession", "quit_all"]
 
 log = logging.getLogger(__name__)
 
 
-class _Connection(PooledConnection[AsyncDriver]):
-    """One open session on one asyncio connection, with its bookkeeping."""
+class PooledSession(PooledConnection[AsyncDriver]):
+    """One open session on one asyncio connection, with its bookkeeping (also pooled by
+    :class:`~mailrelay.transport.mx_async.AsyncMXTransport`)."""
 
     async def quit(self) -> None:
-        """QUIT politely, then close; errors no longer matter."""
+        """QUIT politely, then close; errors no longer matter (they are logged).
+
+        Bounded by the driver's ``greeting`` phase limit; cancelling it aborts the connection.
+        """
         try:
             if self.usable:
                 await self.driver.run(self.session.quit())
         except DeliveryError as exc:
             log.debug("QUIT to %s failed: %s", self.driver.peer, exc)
+        except Exception:  # a bug must not stop the other connections from closing
+            log.exception("QUIT to %s failed", self.driver.peer)
         finally:
             self.driver.close()
+
+
+async def quit_all(connections: Sequence[PooledSession], timeout: float) -> None:
+    """QUIT every connection at once and close them all, within ``timeout`` seconds.
+
+    Never raises for a connection's sake: failures are logged, and a connection whose QUIT
+    is still unanswered at the deadline is aborted. Cancelling the call aborts them all.
+    """
+    if not connections:
+        return
+    tasks = [asyncio.ensure_future(connection.quit()) for connection in connections]
+    try:
+        await asyncio.wait(tasks, timeout=timeout)
+        for connection, task in zip(connections, tasks, strict=True):
+            if not task.done():
+                log.debug(
+                    "QUIT to %s failed: no reply within %.1f s; closing",
+                    connection.driver.peer,
+                    timeout,
+                )
+    finally:
+        for task in tasks:
+            task.cancel()
+        for connection in connections:
+            connection.driver.close()
+    # Collect the cancelled ones (their drivers are closed: nothing is left to wait for).
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _keep(ref: weakref.ReferenceType[_AsyncSMTPBase], interval: float) -> None:
+    """The pool's keeper task: expires idle connections in the background and, when
+    cancelled (which is what ``asyncio.run`` does to pending tasks as its loop ends), QUITs
+    and closes every idle one, so no socket outlives the loop even without ``aclose()``.
+
+    It holds the transport weakly (a strong reference would keep a forgotten transport alive
+    for as long as the loop runs) and ends once the transport has been collected.
+    """
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            transport = ref()
+            if transport is None:
+                return
+            await transport._expire_idle()
+            del transport  # not across the next sleep
+    except asyncio.CancelledError:
+        transport = ref()
+        if transport is not None:
+            if transport._keeper is asyncio.current_task():
+                # The error's traceback holds this frame, hence the transport: the transport
+                # must not hold this task in turn, or the two would live on as a cycle.
+                transport._keeper = None
+            await transport._end_idle()
+        raise
 
 
 class _AsyncSMTPBase(AsyncTransport):
@@ -75,11 +149,18 @@ class _AsyncSMTPBase(AsyncTransport):
         self._settings = settings
         self._pool = pool
         self._policy = PoolPolicy(pool=pool, peer=settings.peer, logger=log)
-        self._idle: list[_Connection] = []
+        self._idle: list[PooledSession] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._opened = 0
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_closed", True) or not self._opened:
+            return  # closed, never connected, or never fully constructed
+        _warn(f"unclosed transport {self!r}: call aclose()", ResourceWarning, source=self)
+        self._drop_idle()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._settings.describe()}>"
@@ -98,11 +179,13 @@ class _AsyncSMTPBase(AsyncTransport):
             self._loop = loop
             self._slots = asyncio.Semaphore(self._pool.size)
             self._keeper = loop.create_task(
-                self._keep(), name=f"mailrelay pool {self._settings.peer}"
+                _keep(weakref.ref(self), self._pool.idle_timeout / 2),
+                name=f"mailrelay pool {self._settings.peer}",
             )
         return self._slots
 
     def _drop_idle(self) -> None:
+        """Abort every idle connection, without QUIT (their loop is gone or going)."""
         idle, self._idle = self._idle, []
         for connection in idle:
             try:
@@ -110,27 +193,22 @@ class _AsyncSMTPBase(AsyncTransport):
             except RuntimeError:  # pragma: no cover - the connection's loop is already closed
                 log.debug("could not close a connection of a closed event loop")
 
-    async def _keep(self) -> None:
-        """The pool's keeper task: expires idle connections in the background, and closes
-        them all when cancelled, which is what ``asyncio.run`` does to pending tasks as its
-        loop ends, so no socket outlives the loop even without ``aclose()``."""
-        try:
-            while True:
-                await asyncio.sleep(self._pool.idle_timeout / 2)
-                now = time.monotonic()
-                expired = [c for c in self._idle if self._policy.expired(c, now)]
-                for connection in expired:
-                    self._idle.remove(connection)
-                    log.debug("idle connection to %s expired", self._settings.peer)
-                    try:
-                        async with asyncio.timeout(self._settings.timeouts.connect):
-                            await connection.quit()
-                    except TimeoutError:
-                        connection.driver.close()
-        finally:
-            self._drop_idle()
+    async def _expire_idle(self) -> None:
+        """QUIT the idle connections older than ``idle_timeout`` (the keeper's tick)."""
+        now = time.monotonic()
+        expired = [c for c in self._idle if self._policy.expired(c, now)]
+        for connection in expired:
+            self._idle.remove(connection)
+        if expired:
+            log.debug("%d idle connection(s) to %s expired", len(expired), self._settings.peer)
+            await quit_all(expired, quit_timeout(self._settings.timeouts))
 
-    async def _open(self) -> _Connection:
+    async def _end_idle(self) -> None:
+        """QUIT every idle connection (the keeper, as the event loop ends)."""
+        idle, self._idle = self._idle, []
+        await quit_all(idle, quit_timeout(self._settings.timeouts))
+
+    async def _open(self) -> PooledSession:
         settings = self._settings
         driver = await connect(
             settings.host,
@@ -148,9 +226,10 @@ class _AsyncSMTPBase(AsyncTransport):
             if driver.bytes_received == 0 and settings.tls is not TLS.IMPLICIT:
                 raise no_greeting_hint(exc, settings) from exc
             raise
-        return _Connection(driver, session)
+        self._opened += 1
+        return PooledSession(driver, session)
 
-    async def _checkout(self) -> tuple[_Connection, bool]:
+    async def _checkout(self) -> tuple[PooledSession, bool]:
         while True:
             if self._closed:
                 raise self._policy.closed_error(type(self).__name__)
@@ -172,7 +251,7 @@ class _AsyncSMTPBase(AsyncTransport):
                     continue
             return connection, True
 
-    async def _checkin(self, connection: _Connection) -> None:
+    async def _checkin(self, connection: PooledSession) -> None:
         connection.last_used = time.monotonic()
         if self._policy.keeps(connection) and not self._closed:
             self._idle.append(connection)
@@ -196,7 +275,7 @@ class _AsyncSMTPBase(AsyncTransport):
             return await self._send_on(connection, message, envelope)
 
     async def _send_on(
-        self, connection: _Connection, message: Message, envelope: Envelope
+        self, connection: PooledSession, message: Message, envelope: Envelope
     ) -> DeliveryResult:
         try:
             result = await connection.driver.run(connection.session.deliver(message, envelope))
@@ -229,7 +308,7 @@ class _AsyncSMTPBase(AsyncTransport):
             ours: list[tuple[int, Message, Envelope]] = []
             stream_error: BaseException | None = None
             exhausted = False
-            connection: _Connection | None = None
+            connection: PooledSession | None = None
             try:
                 async with self._semaphore():
                     while True:
@@ -302,20 +381,23 @@ class _AsyncSMTPBase(AsyncTransport):
         return [results[index] for index in range(len(results))]
 
     async def aclose(self) -> None:
-        """QUIT and close every idle connection; later sends raise
-        :class:`~mailrelay.errors.TransportClosed`."""
+        """QUIT every idle connection (all at once, waiting at most
+        :func:`~mailrelay.transport.pooling.quit_timeout`) and close it; a connection in
+        use gets its QUIT when it is given back. Later sends raise
+        :class:`~mailrelay.errors.TransportClosed`. Never raises for a server's sake;
+        idempotent."""
         self._closed = True
         idle, self._idle = self._idle, []
         keeper, self._keeper = self._keeper, None
         if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            # Another loop's connections cannot be used from this one: abort them.
             for connection in idle:
                 connection.driver.close()
             return
         if keeper is not None:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
-        for connection in idle:
-            await connection.quit()
+        await quit_all(idle, quit_timeout(self._settings.timeouts))
         # Let the transports' close callbacks run, so the sockets are closed even when the
         # event loop ends right after this (as at the end of asyncio.run).
         await asyncio.sleep(0)

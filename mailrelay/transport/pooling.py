@@ -28,6 +28,7 @@ import attrs
 
 from mailrelay.errors import ConnectionLost, DeliveryError, SessionRefused, TransportClosed
 from mailrelay.flow import BatchOutcome, Session
+from mailrelay.options import Timeouts
 from mailrelay.results import DeliveryResult
 from mailrelay.transport.errors_map import PLAIN_AGAINST_IMPLICIT
 from mailrelay.transport.settings import ConnectionSettings, PoolSettings
@@ -40,6 +41,7 @@ __all__ = [
     "Settlement",
     "is_stale_connection_error",
     "no_greeting_hint",
+    "quit_timeout",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,16 @@ def is_stale_connection_error(exc: DeliveryError) -> bool:
         return True
     # RFC 5321 §3.8: 421 is how a server says it is closing the transmission channel.
     return isinstance(exc, SessionRefused) and exc.reply is not None and exc.reply.code == 421
+
+
+def quit_timeout(timeouts: Timeouts) -> float:
+    """The longest closing a pool may wait for the QUIT replies of its idle connections.
+
+    The dialogue reads QUIT's reply under the ``greeting`` phase limit, so closing several
+    connections at once (their QUITs sent concurrently) never waits longer than one QUIT may.
+    RFC 5321 §4.1.1.10: the client SHOULD wait for the reply to QUIT before closing.
+    """
+    return timeouts.greeting
 
 
 def no_greeting_hint(exc: ConnectionLost, settings: ConnectionSettings) -> ConnectionLost:

@@ -23,6 +23,13 @@ Rules of this module:
   batch :data:`CHUNK` items at a time. Messages left without any final answer when the
   connection ends are sent again on a fresh one under the rule above (the connection had
   carried messages before them); otherwise the first of them gets the error as its result.
+* Closing (``close()``, leaving ``with``) sends QUIT on every idle connection at once (one
+  thread each when there are several) and waits for the replies, each bounded by the
+  ``greeting`` phase limit the dialogue reads QUIT's reply under (RFC 5321 §4.1.1.10: wait
+  for the reply); a failed QUIT is logged, never raised. A connection in use while the
+  transport closes gets its QUIT when its thread gives it back. A transport that opened
+  connections and is collected without ``close()`` emits a :class:`ResourceWarning` and
+  closes the sockets it still holds (without QUIT: no blocking I/O in a finalizer).
 * Errors: only :class:`~mailrelay.errors.DeliveryError` subclasses, raised when the attempt
   produced no per-recipient answer; :class:`~mailrelay.errors.TransportClosed` after
   ``close()``.
@@ -35,8 +42,10 @@ import logging
 import ssl
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import ConnectionLost, DeliveryError
@@ -63,7 +72,7 @@ from mailrelay.transport.pooling import (
 from mailrelay.transport.settings import ConnectionSettings, PoolSettings, mechanisms
 from mailrelay.transport.sync_driver import SyncDriver, connect
 
-__all__ = ["LMTPTransport", "SMTPTransport"]
+__all__ = ["LMTPTransport", "PooledSession", "SMTPTransport", "quit_all"]
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +128,42 @@ class _Batch:
         return settlement.done
 
 
-class _Connection(PooledConnection[SyncDriver]):
-    """One open session on one socket, with its bookkeeping."""
+class PooledSession(PooledConnection[SyncDriver]):
+    """One open session on one socket, with its bookkeeping (also pooled by
+    :class:`~mailrelay.transport.mx.MXTransport`)."""
 
     def quit(self) -> None:
-        """QUIT politely, then close; errors no longer matter."""
+        """QUIT politely, then close; errors no longer matter (they are logged).
+
+        Bounded by the driver's ``greeting`` phase limit (the socket timeout while reading).
+        """
         try:
             if self.usable:
                 self.driver.run(self.session.quit())
         except DeliveryError as exc:
             log.debug("QUIT to %s failed: %s", self.driver.peer, exc)
+        except Exception:  # a bug must not stop the other connections from closing
+            log.exception("QUIT to %s failed", self.driver.peer)
         finally:
             self.driver.close()
+
+
+def quit_all(connections: Sequence[PooledSession]) -> None:
+    """QUIT every connection and close them all, at once: one thread per connection when
+    there are several, so closing waits for the slowest QUIT, not for their sum. Never
+    raises for a connection's sake (each QUIT is bounded by its driver's timeouts)."""
+    if len(connections) <= 1:
+        for connection in connections:
+            connection.quit()
+        return
+    threads = [
+        threading.Thread(target=c.quit, name=f"mailrelay QUIT {c.driver.peer}", daemon=True)
+        for c in connections
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 class _SMTPBase(Transport):
@@ -140,10 +173,19 @@ class _SMTPBase(Transport):
         self._settings = settings
         self._pool = pool
         self._policy = PoolPolicy(pool=pool, peer=settings.peer, logger=log)
-        self._idle: list[_Connection] = []
+        self._idle: list[PooledSession] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(pool.size)
         self._closed = False
+        self._opened = 0
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_closed", True) or not self._opened:
+            return  # closed, never connected, or never fully constructed
+        _warn(f"unclosed transport {self!r}: call close()", ResourceWarning, source=self)
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.driver.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._settings.describe()}>"
@@ -155,7 +197,7 @@ class _SMTPBase(Transport):
 
     # -- connections ---------------------------------------------------------------------------
 
-    def _open(self) -> _Connection:
+    def _open(self) -> PooledSession:
         settings = self._settings
         driver = connect(
             settings.host,
@@ -174,9 +216,10 @@ class _SMTPBase(Transport):
                 raise no_greeting_hint(exc, settings) from exc
             raise
         log.debug("connected to %s", settings.peer)
-        return _Connection(driver, session)
+        self._opened += 1
+        return PooledSession(driver, session)
 
-    def _checkout(self) -> tuple[_Connection, bool]:
+    def _checkout(self) -> tuple[PooledSession, bool]:
         """A connection to use, and whether it was reused."""
         while True:
             with self._lock:
@@ -200,7 +243,7 @@ class _SMTPBase(Transport):
                     continue
             return connection, True
 
-    def _checkin(self, connection: _Connection) -> None:
+    def _checkin(self, connection: PooledSession) -> None:
         connection.last_used = time.monotonic()
         if self._policy.keeps(connection):
             with self._lock:
@@ -231,7 +274,7 @@ class _SMTPBase(Transport):
             self._slots.release()
 
     def _send_on(
-        self, connection: _Connection, message: Message, envelope: Envelope
+        self, connection: PooledSession, message: Message, envelope: Envelope
     ) -> DeliveryResult:
         try:
             result = connection.driver.run(connection.session.deliver(message, envelope))
@@ -256,7 +299,7 @@ class _SMTPBase(Transport):
         results: list[DeliveryResult] = []
         batch = _Batch(pairs)
         self._slots.acquire()
-        connection: _Connection | None = None
+        connection: PooledSession | None = None
         try:
             while batch.fill(CHUNK):
                 if connection is None:
@@ -295,13 +338,14 @@ class _SMTPBase(Transport):
         return results
 
     def close(self) -> None:
-        """QUIT and close every idle connection; later sends raise
-        :class:`~mailrelay.errors.TransportClosed`."""
+        """QUIT every idle connection (all at once) and close it; a connection in use gets
+        its QUIT when it is given back. Later sends raise
+        :class:`~mailrelay.errors.TransportClosed`. Never raises for a server's sake;
+        idempotent."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.quit()
+        quit_all(idle)
 
 
 class SMTPTransport(_SMTPBase):
