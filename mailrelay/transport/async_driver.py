@@ -30,8 +30,8 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Generator
-from typing import Any, TypeVar
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar, cast
 
 import attrs
 
@@ -61,6 +61,11 @@ T = TypeVar("T")
 READ_SIZE = 65536
 
 
+# What stopped a step in AsyncDriver._advance: a Read with nothing buffered; a Read that
+# needs the ordinary (slow) read, at the end of the connection; a Read whose limit passed;
+# writes waiting for the transport to drain; StartTLS or Close; the step's end.
+_WAIT, _READ, _TIMEOUT, _DRAIN, _OTHER, _DONE = range(6)
+
 # A timer that fires this close to the deadline counts as on time (the event loop runs
 # timers up to its clock resolution early).
 _EARLY = 0.001
@@ -76,7 +81,7 @@ class _Pipe(asyncio.Protocol):
         self._error: BaseException | None = None
         # The reader waiting in read_within(), woken by the callbacks: a bare future and a
         # timer handle cost less than an Event plus an asyncio.timeout scope per reply.
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[Any] | None = None
         # One timer serves many reads (a timer handle per reply costs more than the rest
         # of the wait): it fires at the latest deadline it was set for; if the read then
         # waiting has a later one, it is set again for that (see _on_timer).
@@ -86,6 +91,9 @@ class _Pipe(asyncio.Protocol):
         self._writable.set()
         self._paused = False
         self.bytes_received = 0
+        # While the driver runs a step from the callbacks (AsyncDriver._wait): its function
+        # that answers the waiting Read as soon as bytes arrive, instead of waking a task.
+        self.feeder: Callable[[], None] | None = None
 
     # -- asyncio.Protocol callbacks -----------------------------------------------------------
 
@@ -101,10 +109,14 @@ class _Pipe(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buffer.extend(data)
         self.bytes_received += len(data)
-        self._wake()
         if len(self._buffer) >= READ_SIZE and self.transport is not None and not self._paused:
             self._paused = True
             self.transport.pause_reading()
+        feeder = self.feeder
+        if feeder is not None:
+            feeder()
+        else:
+            self._wake()
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -133,6 +145,28 @@ class _Pipe(asyncio.Protocol):
         """Bytes received and not read yet."""
         return len(self._buffer)
 
+    @property
+    def ended(self) -> bool:
+        """Whether the server has closed its side (or the connection is lost)."""
+        return self._eof
+
+    def arm(self, waiter: asyncio.Future[Any], deadline: float) -> None:
+        """Let ``waiter`` wait until ``deadline`` (loop time) at most: the timer then ends
+        it with :class:`TimeoutError`; end of file and loss of the connection end it with
+        ``None`` (see :meth:`_wake`)."""
+        self._waiter = waiter
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            # No timer, or one too late for this read (a shorter phase limit).
+            if timer is not None:
+                timer.cancel()
+            self._timer = waiter.get_loop().call_at(deadline, self._on_timer)
+
+    def disarm(self) -> None:
+        """Forget the waiter (the timer stays, for the next read)."""
+        self._waiter = None
+
     async def read_within(self, timeout: float) -> bytes:
         """Up to :data:`READ_SIZE` bytes, ``b""`` at end of file; :class:`TimeoutError` when
         nothing came within ``timeout`` seconds."""
@@ -145,14 +179,8 @@ class _Pipe(asyncio.Protocol):
                 if self._error is not None and not isinstance(self._error, ssl.SSLError):
                     raise self._error
                 return b""
-            waiter = self._waiter = loop.create_future()
-            self._deadline = deadline
-            timer = self._timer
-            if timer is None or timer.when() > deadline:
-                # No timer, or one too late for this read (a shorter phase limit).
-                if timer is not None:
-                    timer.cancel()
-                self._timer = loop.call_at(deadline, self._on_timer)
+            waiter: asyncio.Future[None] = loop.create_future()
+            self.arm(waiter, deadline)
             try:
                 await waiter
             finally:
@@ -315,6 +343,10 @@ class AsyncDriver:
         self._pending = self._writes.chunks  # the same list: a cheap "anything queued?"
         # Timeouts.for_phase checks the name each time; the phases are a fixed set.
         self._limits: dict[str, float] = attrs.asdict(timeouts)
+        # The step waiting in _wait(), its Read, and the future that wakes the task.
+        self._step: Generator[Request, bytes | None, Any] | None = None
+        self._waiting: Read | None = None
+        self._waiter: asyncio.Future[tuple[int, Any] | None] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -360,56 +392,141 @@ class AsyncDriver:
         Raises:
             DeliveryError: whatever the step raises, including translated I/O errors.
         """
-        answer: bytes | None = None
-        error: DeliveryError | None = None
+        try:
+            kind, payload = self._advance(step, None, None)
+            while True:
+                if kind is _WAIT:
+                    kind, payload = await self._wait(step, payload)
+                    continue
+                if kind is _DONE:
+                    if self._pending:
+                        await self._flush()
+                    return cast("T", payload)
+                answer: bytes | None = None
+                error: DeliveryError | None = None
+                try:
+                    if kind is _READ:
+                        answer = await self._read(payload)
+                    elif kind is _TIMEOUT:
+                        raise await self._read_failed(payload, TimeoutError())
+                    elif kind is _DRAIN:
+                        await self._drain()
+                        if payload is not None:  # a Read waited for the writes to drain
+                            kind = _WAIT
+                            continue
+                    elif isinstance(payload, StartTLS):
+                        if self._pending:
+                            await self._flush()
+                        await self.start_tls(payload.server_hostname)
+                    elif isinstance(payload, Close):
+                        self.close()
+                    else:  # pragma: no cover - the flow yields only the four requests
+                        raise TypeError(f"unknown I/O request {payload!r}")
+                except DeliveryError as exc:
+                    self.close()
+                    error = exc
+                kind, payload = self._advance(step, answer, error)
+        except BaseException:
+            # The step's own error, a cancellation (or a bug): the session is dead; never
+            # leave the socket open.
+            self.close()
+            step.close()
+            raise
+
+    def _advance(
+        self,
+        step: Generator[Request, bytes | None, Any],
+        answer: bytes | None,
+        error: DeliveryError | None,
+    ) -> tuple[int, Any]:
+        """Run ``step`` on as far as it goes without waiting; return what stopped it.
+
+        Writes are queued (and sent once 64 KiB are queued); a Read is answered from the
+        buffer when bytes are there. It stops at a Read with nothing buffered (``_WAIT``),
+        a write that must wait for the transport to drain (``_DRAIN``, with the Read that
+        was to follow, if any), a StartTLS or Close (``_OTHER``), or the step's end
+        (``_DONE`` with its value). A translated I/O error is thrown into the step, as the
+        waiting loop does. Called by :meth:`run` and, while a Read waits, from
+        ``data_received`` (:meth:`_fed`): one call answers a whole group of replies.
+        """
+        pipe = self._pipe
         while True:
             try:
                 request = step.throw(error) if error is not None else step.send(answer)
             except StopIteration as done:
-                value: T = done.value
-                if self._pending:
-                    try:
-                        await self._flush()
-                    except BaseException:
-                        self.close()
-                        raise
-                return value
-            except BaseException:
-                self.close()
-                raise
+                return _DONE, done.value
             answer, error = None, None
             kind = type(request)
             try:
-                # Writes and already-buffered reads are answered without a coroutine call.
                 if kind is Write:
                     assert isinstance(request, Write)
                     self._live()
                     if self._writes.add(request) and not self._send_pending():
-                        await self._drain()
+                        return _DRAIN, None
                 elif kind is Read:
-                    assert isinstance(request, Read)
                     if self._pending and not self._send_pending():
-                        await self._drain()
-                    if self._transport is not None and self._pipe.buffered:
-                        answer = self._pipe.take()
-                    else:
-                        answer = await self._read(request)
-                elif isinstance(request, StartTLS):
-                    if self._pending:
-                        await self._flush()
-                    await self.start_tls(request.server_hostname)
-                elif isinstance(request, Close):
-                    self.close()
-                else:  # pragma: no cover - the flow yields only the four requests
-                    raise TypeError(f"unknown I/O request {request!r}")
+                        return _DRAIN, request
+                    if self._transport is None or not pipe.buffered:
+                        return _WAIT, request
+                    answer = pipe.take()
+                else:
+                    return _OTHER, request
             except DeliveryError as exc:
                 self.close()
                 error = exc
-            except BaseException:
-                # Cancellation (or a bug): the session is dead; never leave the socket open.
-                self.close()
-                step.close()
-                raise
+
+    async def _wait(
+        self, step: Generator[Request, bytes | None, Any], request: Read
+    ) -> tuple[int, Any]:
+        """Wait for the bytes that answer ``request``; return what stops the step next.
+
+        While it waits, ``data_received`` hands the bytes straight to the step
+        (:meth:`_fed`), which may answer many Reads and Writes without waking this task: a
+        task wake-up per reply costs more than the rest of the work on a reply. Each Read
+        is bounded by its phase limit.
+        """
+        pipe = self._pipe
+        if self._transport is None or pipe.ended:
+            return _READ, request  # the ordinary read says what the end means
+        if pipe.buffered:
+            return self._advance(step, pipe.take(), None)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[tuple[int, Any] | None] = loop.create_future()
+        self._step = step
+        self._waiting = request
+        self._waiter = waiter
+        pipe.feeder = self._fed
+        pipe.arm(waiter, loop.time() + self._limits[request.phase])
+        try:
+            woken = await waiter
+        except TimeoutError:
+            return _TIMEOUT, self._waiting
+        finally:
+            pipe.feeder = None
+            pipe.disarm()
+            self._step = None
+            self._waiter = None
+        if woken is None:  # end of file or a lost connection: the ordinary read handles it
+            return _READ, self._waiting
+        return woken
+
+    def _fed(self) -> None:
+        """``data_received`` while a step waits: answer its Read and run it on."""
+        waiter = self._waiter
+        step = self._step
+        if waiter is None or waiter.done() or step is None:
+            return  # the task already has its answer; the bytes wait in the buffer
+        try:
+            kind, payload = self._advance(step, self._pipe.take(), None)
+        except BaseException as exc:  # the step's own error: the task re-raises it
+            self.close()
+            waiter.set_exception(exc)
+            return
+        if kind is _WAIT and self._transport is not None and not self._pipe.ended:
+            self._waiting = payload
+            self._pipe.arm(waiter, waiter.get_loop().time() + self._limits[payload.phase])
+            return
+        waiter.set_result((kind, payload))
 
     def _live(self) -> asyncio.Transport:
         if self._transport is None:
@@ -451,12 +568,22 @@ class AsyncDriver:
         timeout = self._limits[request.phase]
         try:
             return await self._pipe.read_within(timeout)
-        except TimeoutError as exc:
-            if self._before_greeting(request) and await self._probe_tls():
-                raise implicit_tls_error(self.peer) from exc
-            raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
-        except OSError as exc:
-            raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
+        except (TimeoutError, OSError) as exc:
+            raise await self._read_failed(request, exc) from exc
+
+    async def _read_failed(self, request: Read, exc: OSError) -> DeliveryError:
+        """The error a failed read means (a silent greeting may be a TLS port)."""
+        timeout = self._limits[request.phase]
+        if (
+            isinstance(exc, TimeoutError)
+            and self._before_greeting(request)
+            and await self._probe_tls()
+        ):
+            error: DeliveryError = implicit_tls_error(self.peer)
+        else:
+            error = map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout)
+        error.__cause__ = exc
+        return error
 
     def _before_greeting(self, request: Read) -> bool:
         return before_greeting(self.bytes_received, request.phase, self.implicit_tls)

@@ -169,23 +169,27 @@ class AsyncBatch:
         Raises:
             TypeError, InvalidAddress, MessageError: for a malformed streamed item.
         """
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        # An async generator must not be advanced by two tasks at once.
-        async with self._lock:
+        if self._async is None:
+            # A plain iterator is advanced without awaiting, so no other task can come in
+            # between: no lock needed (this runs once per message of a batch).
+            assert self._sync is not None
+            try:
+                item = next(self._sync)
+            except StopIteration:
+                return None
             index = self._index
-            if self._async is not None:
+            self._index += 1
+        else:
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            # An async generator must not be advanced by two tasks at once.
+            async with self._lock:
+                index = self._index
                 try:
                     item = await anext(self._async)
                 except StopAsyncIteration:
                     return None
-            else:
-                assert self._sync is not None
-                try:
-                    item = next(self._sync)
-                except StopIteration:
-                    return None
-            self._index += 1
+                self._index += 1
         if self.total is not None:
             # A sequence was made of pairs, and checked, at construction.
             message, envelope = item  # type: ignore[misc]
