@@ -36,7 +36,7 @@ import time
 import warnings
 import weakref
 from collections.abc import AsyncIterable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import ConnectionLost, DeliveryError
@@ -63,7 +63,14 @@ from mailrelay.transport.pooling import (
 )
 from mailrelay.transport.settings import ConnectionSettings, PoolSettings, mechanisms
 
-__all__ = ["AsyncLMTPTransport", "AsyncSMTPTransport", "PooledSession", "quit_all"]
+__all__ = [
+    "AsyncLMTPTransport",
+    "AsyncSMTPTransport",
+    "KeptPool",
+    "PooledSession",
+    "keep_pool",
+    "quit_all",
+]
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +122,21 @@ async def quit_all(connections: Sequence[PooledSession], timeout: float) -> None
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _keep(ref: weakref.ReferenceType[_AsyncSMTPBase], interval: float) -> None:
-    """The pool's keeper task: expires idle connections in the background and, when
-    cancelled (which is what ``asyncio.run`` does to pending tasks as its loop ends), QUITs
-    and closes every idle one, so no socket outlives the loop even without ``aclose()``.
+class KeptPool(Protocol):
+    """What :func:`keep_pool` needs of a pooled asyncio transport."""
+
+    _keeper: asyncio.Task[None] | None
+
+    async def _expire_idle(self) -> None: ...  # pragma: no cover - a protocol
+
+    async def _end_idle(self) -> None: ...  # pragma: no cover - a protocol
+
+
+async def keep_pool(ref: weakref.ReferenceType[KeptPool], interval: float) -> None:
+    """A pool's keeper task: expires idle connections in the background (every
+    ``interval`` seconds) and, when cancelled (which is what ``asyncio.run`` does to pending
+    tasks as its loop ends), QUITs and closes every idle one, so no socket outlives the loop
+    even without ``aclose()``.
 
     It holds the transport weakly (a strong reference would keep a forgotten transport alive
     for as long as the loop runs) and ends once the transport has been collected.
@@ -179,7 +197,7 @@ class _AsyncSMTPBase(AsyncTransport):
             self._loop = loop
             self._slots = asyncio.Semaphore(self._pool.size)
             self._keeper = loop.create_task(
-                _keep(weakref.ref(self), self._pool.idle_timeout / 2),
+                keep_pool(weakref.ref(self), self._pool.idle_timeout / 2),
                 name=f"mailrelay pool {self._settings.peer}",
             )
         return self._slots

@@ -38,24 +38,42 @@ Rules (RFC sections cited where they are enforced):
   a failure moves on to the next exchanger and never falls back to plain text, and a domain
   no exchanger of which passes is TRANSIENT (RFC 8461 §5: a policy failure is not a bounce).
 * REQUIRETLS (RFC 8689 §4.2.1): a message whose envelope asks for it is sent only with
-  verified TLS, whatever the policy; a server that lacks the REQUIRETLS keyword gets no
-  message (the dialogue refuses it before sending: PERMANENT, with the reason). We do not
-  check DNSSEC on the MX lookup, which the RFC also asks for.
+  verified TLS, whatever the policy, and only to a server that offers the REQUIRETLS
+  keyword after STARTTLS. A server that lacks it is skipped like a failed target: the next
+  exchanger (and address) is tried, and when none qualifies the message is not sent
+  (PERMANENT "REQUIRETLS support required", 5.7.30 in RFC 8689 §5, when every target lacked
+  the keyword; TRANSIENT when some target could not be reached or failed the TLS check).
+  We do not check DNSSEC on the MX lookup, which the RFC also asks for.
 * Never an exception for the server's sake: :meth:`MXTransport.deliver` returns one result per
   envelope recipient whatever happened, because a message to several domains may reach some
   and not others. ``RecipientResult.host`` names the target that answered, Postfix style:
   ``mx.example.com[192.0.2.1]:25``.
-* One connection per domain and message, closed with QUIT afterwards (no pooling: MX
-  delivery spreads over many hosts, and a queue runner above us batches by domain).
+* Connections are reused (:class:`ExchangerPool`, settings from
+  :class:`~mailrelay.transport.settings.PoolSettings`): after a transaction the session
+  stays open, keyed by :func:`reuse_key` (exchanger name, address, port, and the TLS
+  decision's inputs: the policy's mode, its verifying context and name under
+  ``TLS.STARTTLS``, its plaintext fallback under ``TLS.OPPORTUNISTIC``), so the next domain
+  or message that would make the same decisions at the same exchanger sends its
+  transaction on it (RSET first when the last one was left open) instead of connecting
+  again: domains hosted together, and the messages of a ``send_many`` batch. Idle sessions
+  are QUIT after ``idle_timeout`` (5 s by default: a public MX should not be held busy),
+  after ``max_messages``, beyond ``size`` idle ones (the least recently used goes), and on
+  ``close()``. A reused session found dead while sending (end of file, reset, 421) is
+  replaced by a fresh one to the same target, as the SMTP pool does
+  (:mod:`mailrelay.transport.pooling`). ``PoolSettings(max_messages=1)`` turns reuse off.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import logging
 import ssl
-from collections.abc import Callable, Iterable
-from typing import Final, TypeAlias
+import threading
+import time
+import warnings
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 import attrs
 
@@ -76,10 +94,20 @@ from mailrelay.resolver import DNSStatus, MailHost, MailHosts, Resolver
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.transport.base import Transport
 from mailrelay.transport.errors_map import peer_name
+from mailrelay.transport.pooling import (
+    IdleVerdict,
+    PooledConnection,
+    PoolPolicy,
+    is_stale_connection_error,
+)
+from mailrelay.transport.settings import PoolSettings
+from mailrelay.transport.smtp import PooledSession, quit_all
 from mailrelay.transport.sync_driver import connect
 
 __all__ = [
     "DEFAULT_MAX_ADDRESSES",
+    "MX_POOL",
+    "ExchangerPool",
     "MXPolicy",
     "MXSettings",
     "MXTransport",
@@ -88,12 +116,20 @@ __all__ = [
     "Trail",
     "Verdict",
     "opportunistic_context",
+    "Stale",
+    "requiretls_refusal",
+    "reuse_key",
 ]
 
 log = logging.getLogger(__name__)
 
 #: The most addresses tried for one domain in one delivery.
 DEFAULT_MAX_ADDRESSES: Final = 10
+
+#: How the MX transports reuse connections by default: at most 8 idle sessions, each idle
+#: at most 5 s (Postfix keeps an idle MX session 2 s: a public server's slots are not ours
+#: to hold), so a batch and the domains of one message share a session, and nothing lingers.
+MX_POOL: Final = PoolSettings(size=8, max_messages=100, idle_timeout=5.0, health_check_after=5.0)
 
 _MX_TLS: Final = frozenset({TLS.NONE, TLS.OPPORTUNISTIC, TLS.STARTTLS})
 
@@ -367,6 +403,120 @@ def with_host(results: Iterable[RecipientResult], host: str) -> list[RecipientRe
     return [r if r.host is not None else attrs.evolve(r, host=host) for r in results]
 
 
+def requiretls_refusal(session: Session, envelope: Envelope, peer: str) -> DeliveryError | None:
+    """Why a REQUIRETLS message must not go over ``session`` (so the next exchanger is
+    tried), or ``None`` when it may (or the envelope does not ask for REQUIRETLS)."""
+    if not envelope.requiretls:
+        return None
+    # RFC 8689 §4.2.1 (step 5): after STARTTLS, the server MUST offer REQUIRETLS; if not,
+    # QUIT and try the next MX host; with none left, do not send (§5: 5.7.30).
+    if not session.encrypted:
+        why = "the connection is not encrypted"
+    elif not session.extensions.requiretls:
+        why = "the server does not offer REQUIRETLS"
+    else:
+        return None
+    return DeliveryError(
+        f"REQUIRETLS support required (5.7.30, RFC 8689): {why}", is_transient=False, host=peer
+    )
+
+
+def reuse_key(target: Target, policy: MXPolicy, context: ssl.SSLContext) -> Hashable:
+    """What a session to ``target`` under ``policy`` may be reused for: another domain or
+    message whose key is equal would make the same decisions at the same exchanger.
+
+    The exchanger's name is part of it (results and the certificate check name it); under
+    ``TLS.STARTTLS`` the verifying ``context`` too (held, so its identity cannot be reused),
+    under ``TLS.OPPORTUNISTIC`` whether a failed handshake falls back to plain text.
+    """
+    if policy.tls is TLS.STARTTLS:
+        return (target.name, target.address, target.port, TLS.STARTTLS, context)
+    if policy.tls is TLS.OPPORTUNISTIC:
+        fallback_ = policy.plaintext_fallback
+        return (target.name, target.address, target.port, TLS.OPPORTUNISTIC, fallback_)
+    return (target.name, target.address, target.port, policy.tls)
+
+
+C = TypeVar("C", bound=PooledConnection[Any])
+
+
+class ExchangerPool(Generic[C]):
+    """Idle MX sessions by :func:`reuse_key`; decisions only, no I/O (the transports QUIT
+    what it hands back, and lock around it where threads share it).
+
+    Args:
+        settings: ``size`` is the most idle sessions kept (across exchangers), and
+            ``max_messages``, ``idle_timeout``, ``health_check_after`` mean what they mean
+            for the SMTP pool.
+    """
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        self.policy = PoolPolicy(pool=settings, peer="the exchangers", logger=log)
+        self._idle: dict[Hashable, list[C]] = {}
+        self.closed = False
+        self.opened = 0
+
+    def __len__(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    def take(self, key: Hashable, now: float) -> tuple[C | None, bool, list[C]]:
+        """An idle session for ``key`` (the most recently used), whether it must pass a NOOP
+        first, and the sessions found too old or closed on the way (to QUIT)."""
+        idle = self._idle.get(key)
+        stale: list[C] = []
+        while idle:
+            connection = idle.pop()
+            verdict = self.policy.idle_verdict(connection, now)
+            if verdict is IdleVerdict.DISCARD:
+                stale.append(connection)
+                continue
+            return connection, verdict is IdleVerdict.CHECK, stale
+        self._idle.pop(key, None)
+        return None, False, stale
+
+    def put(self, key: Hashable, connection: C, now: float) -> list[C]:
+        """Keep ``connection`` idle under ``key``; returns the sessions to QUIT: this one
+        if it may not be kept, the expired ones, and the least recently used beyond ``size``."""
+        connection.last_used = now
+        if self.closed or not self.policy.keeps(connection):
+            return [connection]
+        self._idle.setdefault(key, []).append(connection)
+        leaving = self.expired(now)
+        while len(self) > self.settings.size:
+            oldest_key = min(self._idle, key=lambda k: self._idle[k][0].last_used)
+            leaving.append(self._idle[oldest_key].pop(0))
+            if not self._idle[oldest_key]:
+                del self._idle[oldest_key]
+        return leaving
+
+    def expired(self, now: float) -> list[C]:
+        """Remove and return the idle sessions older than ``idle_timeout``."""
+        leaving: list[C] = []
+        for key in list(self._idle):
+            keep: list[C] = []
+            for connection in self._idle[key]:
+                (leaving if self.policy.expired(connection, now) else keep).append(connection)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        return leaving
+
+    def drain(self) -> list[C]:
+        """Remove and return every idle session."""
+        leaving = [c for idle in self._idle.values() for c in idle]
+        self._idle.clear()
+        return leaving
+
+
+class Stale(enum.Enum):
+    """What an attempt on a reused session returns when the session turned out to be dead
+    (the server had dropped it): open a fresh one to the same target."""
+
+    STALE = "stale"
+
+
 class MXSettings:
     """The checked configuration shared by the blocking and the asyncio MX transports."""
 
@@ -502,6 +652,8 @@ class MXTransport(Transport):
         pipelining: use PIPELINING when offered (RFC 2920).
         chunking: use BDAT when offered (RFC 3030).
         max_addresses: the most addresses tried per domain and delivery.
+        pool: how sessions are reused across domains and messages (:data:`MX_POOL`: at
+            most 8 idle, 5 s each); ``PoolSettings(max_messages=1)`` turns reuse off.
 
     Raises:
         ConfigurationError: when the settings cannot work.
@@ -521,7 +673,10 @@ class MXTransport(Transport):
         pipelining: bool = True,
         chunking: bool = False,
         max_addresses: int = DEFAULT_MAX_ADDRESSES,
+        pool: PoolSettings = MX_POOL,
     ) -> None:
+        if not isinstance(pool, PoolSettings):
+            raise ConfigurationError("pool must be a PoolSettings value")
         self.settings = MXSettings(
             port=port,
             tls=tls,
@@ -535,9 +690,27 @@ class MXTransport(Transport):
             max_addresses=max_addresses,
         )
         self.resolver = resolver if resolver is not None else Resolver()
+        self._pool: ExchangerPool[PooledSession] = ExchangerPool(pool)
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<MXTransport {self.settings.describe()}>"
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is None or pool.closed or not pool.opened:
+            return  # closed, never connected, or never fully constructed
+        _warn(f"unclosed transport {self!r}: call close()", ResourceWarning, source=self)
+        for connection in pool.drain():
+            connection.driver.close()
+
+    def close(self) -> None:
+        """QUIT every idle session (all at once) and close it; a session in use gets its
+        QUIT when it is given back. Idempotent; never raises for a server's sake."""
+        with self._lock:
+            self._pool.closed = True
+            idle = self._pool.drain()
+        quit_all(idle)
 
     def deliver(self, message: Message, envelope: Envelope) -> DeliveryResult:
         """Deliver to every recipient's exchangers, one domain after the other.
@@ -584,10 +757,18 @@ class MXTransport(Transport):
         trail: Trail,
     ) -> DeliveryResult | None:
         """One target: the result, or ``None`` after recording why it failed."""
+        key = reuse_key(target, policy, self.settings.context(policy, policy.tls))
+        connection = self._reuse(key)
+        if connection is not None:
+            outcome = self._attempt(
+                key, target, connection, message=message, envelope=envelope, trail=trail
+            )
+            if outcome is not Stale.STALE:
+                return outcome
         tls = policy.tls
         for _ in range(2):  # at most: once with TLS, once in plain text
             try:
-                return self._session(target, policy, tls, message, envelope)
+                connection = self._open(target, policy, tls)
             except TLSError as exc:
                 if fallback(policy, tls):
                     trail.notes.append(f"{target.peer}: {exc} (retried without TLS)")
@@ -599,16 +780,35 @@ class MXTransport(Transport):
             except DeliveryError as exc:
                 trail.failed(target, exc, transient=transient_failure(exc))
                 return None
+            outcome = self._attempt(
+                key, target, connection, message=message, envelope=envelope, trail=trail, fresh=True
+            )
+            return None if outcome is Stale.STALE else outcome
         return None  # pragma: no cover - the loop returns on its second pass
 
-    def _session(
-        self,
-        target: Target,
-        policy: MXPolicy,
-        tls: TLS,
-        message: Message,
-        envelope: Envelope,
-    ) -> DeliveryResult:
+    def _reuse(self, key: Hashable) -> PooledSession | None:
+        """An idle session for ``key`` that still works, or ``None``."""
+        while True:
+            with self._lock:
+                connection, check, stale = self._pool.take(key, time.monotonic())
+            quit_all(stale)
+            if connection is None or not check:
+                return connection
+            try:
+                healthy = connection.driver.run(connection.session.noop())
+            except DeliveryError:
+                healthy = False
+            if healthy:
+                return connection
+            self._pool.policy.failed_check()
+            connection.driver.close()
+
+    def _give_back(self, key: Hashable, connection: PooledSession) -> None:
+        with self._lock:
+            leaving = self._pool.put(key, connection, time.monotonic())
+        quit_all(leaving)
+
+    def _open(self, target: Target, policy: MXPolicy, tls: TLS) -> PooledSession:
         settings = self.settings
         driver = connect(
             target.address,
@@ -620,14 +820,46 @@ class MXTransport(Transport):
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))
             driver.run(session.open())
-            result = driver.run(session.deliver(message, envelope))
-            try:
-                driver.run(session.quit())
-            except DeliveryError as exc:
-                log.debug("QUIT to %s failed: %s", target.peer, exc)
-            return result
-        finally:
+        except BaseException:
             driver.close()
+            raise
+        with self._lock:
+            self._pool.opened += 1
+        return PooledSession(driver, session)
+
+    def _attempt(
+        self,
+        key: Hashable,
+        target: Target,
+        connection: PooledSession,
+        *,
+        message: Message,
+        envelope: Envelope,
+        trail: Trail,
+        fresh: bool = False,
+    ) -> DeliveryResult | Stale | None:
+        """Send on ``connection``: the result; ``None`` after recording why the target failed;
+        or ``Stale.STALE`` when a reused session turned out to be dead (open a fresh one)."""
+        refusal = requiretls_refusal(connection.session, envelope, target.peer)
+        if refusal is not None:
+            trail.failed(target, refusal, transient=False)
+            self._give_back(key, connection)  # the session is fine for other mail
+            return None
+        try:
+            result = connection.driver.run(connection.session.deliver(message, envelope))
+        except DeliveryError as exc:
+            connection.driver.close()
+            if not fresh and is_stale_connection_error(exc):
+                log.info("the reused session to %s was dead (%s); reconnecting", target.peer, exc)
+                return Stale.STALE
+            trail.failed(target, exc, transient=transient_failure(exc))
+            return None
+        except BaseException:
+            connection.driver.close()
+            raise
+        connection.messages += 1
+        self._give_back(key, connection)
+        return result
 
 
 def transient_failure(error: DeliveryError) -> bool:

@@ -4,9 +4,19 @@ The asyncio twin of :mod:`mailrelay.transport.mx`, with the same rules (read tha
 docstring); the planning and bookkeeping are shared, only the I/O loop is written again, with
 the asyncio driver (:mod:`mailrelay.transport.async_driver`).
 
-One difference: the domains of one envelope are delivered *concurrently*, at most
-``concurrency`` at a time, each domain trying its targets one after the other. Cancelling
-:meth:`AsyncMXTransport.adeliver` cancels every domain's attempt and closes its connection.
+Differences:
+
+* The domains of one envelope are delivered *concurrently*, at most ``concurrency`` at a
+  time, each domain trying its targets one after the other. All domains are resolved first;
+  then the domains whose first target has the same reuse key
+  (:func:`~mailrelay.transport.mx.reuse_key`: the same exchanger under the same TLS
+  decisions) form one *lane* and are sent one after the other, so they share one session
+  instead of racing to open one each. Cancelling :meth:`AsyncMXTransport.adeliver` cancels
+  every domain's attempt and closes its connection.
+* The pool of idle sessions belongs to one event loop, with the SMTP pool's keeper task
+  (:func:`~mailrelay.transport.async_smtp.keep_pool`): idle sessions expire in the
+  background and are QUIT when the loop ends; ``aclose()`` QUITs them all at once; a
+  transport that opened connections and is collected unclosed emits a ResourceWarning.
 """
 
 from __future__ import annotations
@@ -14,6 +24,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
+import warnings
+import weakref
+from collections.abc import Hashable
+from typing import Any, TypeAlias
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
@@ -24,11 +39,15 @@ from mailrelay.options import TLS, Timeouts
 from mailrelay.resolver import AsyncResolver
 from mailrelay.results import DeliveryResult, RecipientResult
 from mailrelay.transport.async_driver import connect
+from mailrelay.transport.async_smtp import PooledSession, keep_pool, quit_all
 from mailrelay.transport.base import AsyncTransport
 from mailrelay.transport.mx import (
     DEFAULT_MAX_ADDRESSES,
+    MX_POOL,
+    ExchangerPool,
     MXPolicy,
     MXSettings,
+    Stale,
     Target,
     TLSPolicyHook,
     Trail,
@@ -37,14 +56,21 @@ from mailrelay.transport.mx import (
     group_by_domain,
     literal_hosts,
     merge,
+    requiretls_refusal,
+    reuse_key,
     sub_envelope,
     transient_failure,
     with_host,
 )
+from mailrelay.transport.pooling import is_stale_connection_error, quit_timeout
+from mailrelay.transport.settings import PoolSettings
 
 __all__ = ["DEFAULT_CONCURRENCY", "AsyncMXTransport"]
 
 log = logging.getLogger(__name__)
+
+#: A routed domain: its policy and the targets to try, in order.
+_Route: TypeAlias = tuple[MXPolicy, list[Target]]
 
 #: The most domains of one envelope delivered at the same time.
 DEFAULT_CONCURRENCY = 8
@@ -62,6 +88,7 @@ class AsyncMXTransport(AsyncTransport):
         resolver: the :class:`~mailrelay.resolver.AsyncResolver` to ask; ``None`` makes one
             reading the system's resolver configuration.
         concurrency: the most domains of one envelope delivered at the same time.
+        pool: how sessions are reused (:data:`~mailrelay.transport.mx.MX_POOL`).
         Other arguments: as :class:`~mailrelay.transport.mx.MXTransport`.
 
     Raises:
@@ -83,9 +110,12 @@ class AsyncMXTransport(AsyncTransport):
         chunking: bool = False,
         max_addresses: int = DEFAULT_MAX_ADDRESSES,
         concurrency: int = DEFAULT_CONCURRENCY,
+        pool: PoolSettings = MX_POOL,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, not {concurrency!r}")
+        if not isinstance(pool, PoolSettings):
+            raise ConfigurationError("pool must be a PoolSettings value")
         self.settings = MXSettings(
             port=port,
             tls=tls,
@@ -100,9 +130,67 @@ class AsyncMXTransport(AsyncTransport):
         )
         self.resolver = resolver if resolver is not None else AsyncResolver()
         self.concurrency = concurrency
+        self._pool: ExchangerPool[PooledSession] = ExchangerPool(pool)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._keeper: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<AsyncMXTransport {self.settings.describe()}>"
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is None or pool.closed or not pool.opened:
+            return  # closed, never connected, or never fully constructed
+        _warn(f"unclosed transport {self!r}: call aclose()", ResourceWarning, source=self)
+        self._drop_idle()
+
+    # -- the pool ----------------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        """Tie the pool to the running loop (a new loop cannot use the old one's sessions)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        self._drop_idle()
+        self._loop = loop
+        self._keeper = loop.create_task(
+            keep_pool(weakref.ref(self), self._pool.settings.idle_timeout / 2),
+            name="mailrelay MX pool",
+        )
+
+    def _drop_idle(self) -> None:
+        for connection in self._pool.drain():
+            try:
+                connection.driver.close()
+            except RuntimeError:  # pragma: no cover - the connection's loop is already closed
+                log.debug("could not close a connection of a closed event loop")
+
+    async def _expire_idle(self) -> None:
+        await quit_all(self._pool.expired(time.monotonic()), self._quit_timeout)
+
+    async def _end_idle(self) -> None:
+        await quit_all(self._pool.drain(), self._quit_timeout)
+
+    @property
+    def _quit_timeout(self) -> float:
+        return quit_timeout(self.settings.timeouts)
+
+    async def aclose(self) -> None:
+        """QUIT every idle session (all at once, bounded by the ``greeting`` limit) and close
+        it; a session in use gets its QUIT when it is given back. Idempotent; never raises
+        for a server's sake."""
+        self._pool.closed = True
+        keeper, self._keeper = self._keeper, None
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            self._drop_idle()  # another loop's sessions cannot be used from this one
+            return
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+        await quit_all(self._pool.drain(), self._quit_timeout)
+        await asyncio.sleep(0)  # let the sockets' close callbacks run before the loop ends
+
+    # -- delivery ----------------------------------------------------------------------------
 
     async def adeliver(self, message: Message, envelope: Envelope) -> DeliveryResult:
         """Deliver to every recipient's exchangers, domains concurrently (bounded).
@@ -111,25 +199,50 @@ class AsyncMXTransport(AsyncTransport):
             one result per envelope recipient, in envelope order (see
             :meth:`MXTransport.deliver <mailrelay.transport.mx.MXTransport.deliver>`).
         """
+        self._bind()
         gate = asyncio.Semaphore(self.concurrency)
         groups = group_by_domain(envelope)
 
-        async def one(domain: str, positions: list[int]) -> list[RecipientResult]:
+        async def route(domain: str, part: Envelope) -> _Route | list[RecipientResult]:
             async with gate:
-                return await self._deliver_domain(
-                    domain, message, sub_envelope(envelope, positions)
-                )
+                return await self._route(domain, part)
 
         async with asyncio.TaskGroup() as group:
-            tasks = [
-                (positions, group.create_task(one(domain, positions)))
+            routing = [
+                (domain, positions, part, group.create_task(route(domain, part)))
                 for domain, positions in groups.items()
+                for part in (sub_envelope(envelope, positions),)
             ]
-        return merge(envelope, message, [(positions, task.result()) for positions, task in tasks])
+        parts: list[tuple[list[int], list[RecipientResult]]] = []
+        lanes: dict[Hashable, list[tuple[str, list[int], Envelope, _Route]]] = {}
+        for domain, positions, part, task in routing:
+            routed = task.result()
+            if isinstance(routed, list):
+                parts.append((positions, routed))
+                continue
+            policy, targets = routed
+            first = reuse_key(targets[0], policy, self.settings.context(policy, policy.tls))
+            lanes.setdefault(first, []).append((domain, positions, part, routed))
 
-    async def _deliver_domain(
-        self, domain: str, message: Message, envelope: Envelope
-    ) -> list[RecipientResult]:
+        async def lane(
+            domains: list[tuple[str, list[int], Envelope, _Route]],
+        ) -> list[tuple[list[int], list[RecipientResult]]]:
+            # Domains sharing their first exchanger go one after the other: the second
+            # finds the first's session idle and sends on it.
+            async with gate:
+                return [
+                    (positions, await self._deliver_domain(domain, routed, message, part))
+                    for domain, positions, part, routed in domains
+                ]
+
+        async with asyncio.TaskGroup() as group:
+            sending = [group.create_task(lane(domains)) for domains in lanes.values()]
+        for lane_task in sending:
+            parts.extend(lane_task.result())
+        return merge(envelope, message, parts)
+
+    async def _route(self, domain: str, envelope: Envelope) -> _Route | list[RecipientResult]:
+        """The domain's policy and targets, or its recipients' results (a DNS verdict)."""
         recipients: list[Address] = [r.address for r in envelope.recipients]
         settings = self.settings
         policy = settings.policy(domain, requiretls=envelope.requiretls)
@@ -144,12 +257,18 @@ class AsyncMXTransport(AsyncTransport):
         targets = settings.plan(domain, found, policy)
         if isinstance(targets, Verdict):
             return targets.results(recipients)
+        return policy, targets
+
+    async def _deliver_domain(
+        self, domain: str, routed: _Route, message: Message, envelope: Envelope
+    ) -> list[RecipientResult]:
+        policy, targets = routed
         trail = Trail(domain)
         for target in targets:
             result = await self._try(target, policy, message, envelope, trail)
             if result is not None:
                 return with_host(result.recipients, target.peer)
-        return trail.results(recipients)
+        return trail.results([r.address for r in envelope.recipients])
 
     async def _try(
         self,
@@ -159,10 +278,18 @@ class AsyncMXTransport(AsyncTransport):
         envelope: Envelope,
         trail: Trail,
     ) -> DeliveryResult | None:
+        key = reuse_key(target, policy, self.settings.context(policy, policy.tls))
+        connection = await self._reuse(key)
+        if connection is not None:
+            outcome = await self._attempt(
+                key, target, connection, message=message, envelope=envelope, trail=trail
+            )
+            if outcome is not Stale.STALE:
+                return outcome
         tls = policy.tls
         for _ in range(2):  # at most: once with TLS, once in plain text
             try:
-                return await self._session(target, policy, tls, message, envelope)
+                connection = await self._open(target, policy, tls)
             except TLSError as exc:
                 if fallback(policy, tls):
                     trail.notes.append(f"{target.peer}: {exc} (retried without TLS)")
@@ -173,16 +300,33 @@ class AsyncMXTransport(AsyncTransport):
             except DeliveryError as exc:
                 trail.failed(target, exc, transient=transient_failure(exc))
                 return None
+            outcome = await self._attempt(
+                key, target, connection, message=message, envelope=envelope, trail=trail, fresh=True
+            )
+            return None if outcome is Stale.STALE else outcome
         return None  # pragma: no cover - the loop returns on its second pass
 
-    async def _session(
-        self,
-        target: Target,
-        policy: MXPolicy,
-        tls: TLS,
-        message: Message,
-        envelope: Envelope,
-    ) -> DeliveryResult:
+    async def _reuse(self, key: Hashable) -> PooledSession | None:
+        """An idle session for ``key`` that still works, or ``None``."""
+        while True:
+            connection, check, stale = self._pool.take(key, time.monotonic())
+            await quit_all(stale, self._quit_timeout)
+            if connection is None or not check:
+                return connection
+            try:
+                healthy = await connection.driver.run(connection.session.noop())
+            except DeliveryError:
+                healthy = False
+            if healthy:
+                return connection
+            self._pool.policy.failed_check()
+            connection.driver.close()
+
+    async def _give_back(self, key: Hashable, connection: PooledSession) -> None:
+        leaving = self._pool.put(key, connection, time.monotonic())
+        await quit_all(leaving, self._quit_timeout)
+
+    async def _open(self, target: Target, policy: MXPolicy, tls: TLS) -> PooledSession:
         settings = self.settings
         driver = await connect(
             target.address,
@@ -194,11 +338,41 @@ class AsyncMXTransport(AsyncTransport):
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))
             await driver.run(session.open())
-            result = await driver.run(session.deliver(message, envelope))
-            try:
-                await driver.run(session.quit())
-            except DeliveryError as exc:
-                log.debug("QUIT to %s failed: %s", target.peer, exc)
-            return result
-        finally:
+        except BaseException:
             driver.close()
+            raise
+        self._pool.opened += 1
+        return PooledSession(driver, session)
+
+    async def _attempt(
+        self,
+        key: Hashable,
+        target: Target,
+        connection: PooledSession,
+        *,
+        message: Message,
+        envelope: Envelope,
+        trail: Trail,
+        fresh: bool = False,
+    ) -> DeliveryResult | Stale | None:
+        """As :meth:`MXTransport._attempt <mailrelay.transport.mx.MXTransport._attempt>`."""
+        refusal = requiretls_refusal(connection.session, envelope, target.peer)
+        if refusal is not None:
+            trail.failed(target, refusal, transient=False)
+            await self._give_back(key, connection)  # the session is fine for other mail
+            return None
+        try:
+            result = await connection.driver.run(connection.session.deliver(message, envelope))
+        except DeliveryError as exc:
+            connection.driver.close()
+            if not fresh and is_stale_connection_error(exc):
+                log.info("the reused session to %s was dead (%s); reconnecting", target.peer, exc)
+                return Stale.STALE
+            trail.failed(target, exc, transient=transient_failure(exc))
+            return None
+        except BaseException:
+            connection.driver.close()
+            raise
+        connection.messages += 1
+        await self._give_back(key, connection)
+        return result

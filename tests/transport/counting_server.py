@@ -11,6 +11,7 @@ connections one after the other misses the barrier, and one that QUITs them toge
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any
 
 from aiosmtpd.controller import Controller
@@ -80,14 +81,20 @@ class _LMTPController(Controller):
 
 
 def start_counting(
-    handler: CountingHandler, *, address: str = "127.0.0.1", port: int | None = None
+    handler: CountingHandler,
+    *,
+    address: str = "127.0.0.1",
+    port: int | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> Controller:
-    """Start an aiosmtpd server (LMTP when ``handler.lmtp``) on ``address``; no TLS, no AUTH.
+    """Start an aiosmtpd server (LMTP when ``handler.lmtp``) on ``address``; no AUTH, and
+    STARTTLS only when given a server ``tls_context``.
 
     Returns:
         The running controller; the caller stops it.
     """
     cls = _LMTPController if handler.lmtp else Controller
+    extra: dict[str, Any] = {} if tls_context is None else {"tls_context": tls_context}
     controller = cls(
         handler,
         hostname=address,
@@ -96,6 +103,8 @@ def start_counting(
         enable_SMTPUTF8=True,
         decode_data=False,
         timeout=10,
+        require_starttls=False,
+        **extra,
     )
     controller.start()
     return controller
