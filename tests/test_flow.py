@@ -1310,6 +1310,11 @@ def test_deliver_many_writes_the_next_envelope_after_the_data_before_reading() -
     second_group = server.requests[2]
     assert isinstance(second_group, Write)
     assert b"message 0\r\n.\r\nMAIL FROM:" in second_group.data
+    # Each group goes out at once: the step records results and prepares the next message
+    # while the server answers, before it reads.
+    groups = [r for r in server.requests if isinstance(r, Write) and b"MAIL FROM:" in r.data]
+    assert len(groups) == 3
+    assert all(group.flush for group in groups)
 
 
 def test_deliver_many_with_bdat_keeps_a_window_of_messages_in_flight() -> None:

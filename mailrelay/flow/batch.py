@@ -34,6 +34,8 @@ from mailrelay.protocol import (
     Bdat,
     Command,
     ConnectionClosed,
+    MailFrom,
+    RcptTo,
     Response,
     Rset,
     ServiceClosing,
@@ -147,11 +149,20 @@ class _Batch(_Delivery):
         previous: tuple[int, _Transaction] | None = None
         # ...and its data and terminator, not written yet: they go with the next write.
         carry: tuple[Command, ...] = ()
+        # Work done while the server answers (after a flushed write, before the read that
+        # waits for it), off the round trip's critical path: a message whose final reply
+        # came but is not recorded yet, and the next message's bookkeeping and commands.
+        unsettled: tuple[int, _Transaction, Reply] | None = None
+        ahead: tuple[int, _Transaction, MailFrom, list[RcptTo]] | None = None
         error: DeliveryError | None = None
         reason = ""
         try:
             for index, (message, envelope) in enumerate(items):
-                transaction = self._prepared(message, envelope)
+                if ahead is not None and ahead[0] == index:
+                    transaction = ahead[1]
+                else:
+                    transaction = self._prepared(message, envelope)
+                    ahead = None
                 transactions[index] = transaction
                 if transaction.all_final():
                     results[index] = transaction.result()
@@ -171,7 +182,11 @@ class _Batch(_Delivery):
                     yield from self._transaction(message, envelope, transaction)
                     results[index] = transaction.result()
                     continue
-                mail, rcpts = self._commands(message, envelope)
+                if ahead is not None:
+                    mail, rcpts = ahead[2], ahead[3]
+                    ahead = None
+                else:
+                    mail, rcpts = self._commands(message, envelope)
                 rset = self._needs_rset
                 group: list[Command] = [Rset(), mail, *rcpts] if rset else [mail, *rcpts]
                 if bdat:
@@ -204,7 +219,27 @@ class _Batch(_Delivery):
                         wire = b"".join(pieces)
                     else:
                         wire = conn.send_group(commands)
-                    yield Write(data=wire, phase="mail")
+                    yield Write(data=wire, phase="mail", flush=True)
+                    # While the server reads that: record the message answered last time,
+                    # and get the next one ready (its envelope cannot be sent before this
+                    # message's 354, but its bookkeeping and commands can be built now).
+                    if unsettled is not None:
+                        done, done_transaction, final = unsettled
+                        unsettled = None
+                        done_transaction.settle_all(final)
+                        results[done] = done_transaction.result()
+                    following = index + 1
+                    if following < count:
+                        next_message, next_envelope = items[following]
+                        next_transaction = self._prepared(next_message, next_envelope)
+                        if next_transaction.all_final():
+                            ahead = (following, next_transaction, mail, rcpts)
+                        else:
+                            ahead = (
+                                following,
+                                next_transaction,
+                                *self._commands(next_message, next_envelope),
+                            )
                     # The hot path: one collection of replies per message, in FIFO order:
                     # the previous message's final reply, then RSET's, MAIL's, the RCPTs',
                     # and DATA's.
@@ -217,10 +252,9 @@ class _Batch(_Delivery):
                     if previous is not None:
                         if not got:
                             raise _short(closed)
-                        done, done_transaction = previous
+                        # Recorded after the next write (see above).
+                        unsettled = (*previous, replies[0])
                         previous = None
-                        done_transaction.settle_all(replies[0])
-                        results[done] = done_transaction.result()
                         pos = 1
                     pos = _apply_envelope(transaction, replies, pos + rset)
                     if pos >= got:
@@ -254,6 +288,11 @@ class _Batch(_Delivery):
                     inflight.append((index, self._finals(transaction), 0))
                 else:
                     results[index] = transaction.result()
+            if unsettled is not None:
+                done, done_transaction, final = unsettled
+                unsettled = None
+                done_transaction.settle_all(final)
+                results[done] = done_transaction.result()
             while inflight:
                 done, reader, size = inflight.popleft()
                 yield from reader
@@ -272,6 +311,11 @@ class _Batch(_Delivery):
             yield from self._closed()
             error = exc
             reason = f"{type(exc).__name__} before a final reply: {exc}"
+        if unsettled is not None:
+            # The session ended before the next write: that final reply still counts.
+            done, done_transaction, final = unsettled
+            done_transaction.settle_all(final)
+            results[done] = done_transaction.result()
         if error is not None:
             for index, begun in enumerate(transactions):
                 if results[index] is None and begun is not None and begun.any_final():

@@ -21,13 +21,19 @@ _T = TypeVar("_T")
 class Write:
     """Write all of ``data`` to the connection; the driver sends back ``None``.
 
+    A driver may hold writes back and send them together before the next :class:`Read`
+    (one system call for a group); ``flush`` asks it to send this one, with any held before
+    it, now: the step has work to do before it reads, which then overlaps the round trip.
+
     Attributes:
         data: the bytes to write (never shown by ``repr``: they may hold credentials).
         phase: the :class:`~mailrelay.options.Timeouts` field that limits the write.
+        flush: send now rather than with the next Read.
     """
 
     data: bytes = attrs.field(repr=False)
     phase: str
+    flush: bool = False
 
 
 @attrs.frozen(kw_only=True)

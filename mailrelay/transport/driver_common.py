@@ -107,11 +107,12 @@ class WriteQueue:
         self._limit = limit
 
     def add(self, request: Write) -> bool:
-        """Queue ``request``; whether so much is pending that it should go out now."""
+        """Queue ``request``; whether it should all go out now (so much is pending, or the
+        request asks to be flushed)."""
         self.chunks.append(request.data)
         self._size += len(request.data)
         self.phase = request.phase
-        return self._size >= self._limit
+        return request.flush or self._size >= self._limit
 
     def take(self) -> bytes:
         """Every pending byte, joined; the queue is empty afterwards."""

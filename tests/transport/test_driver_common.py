@@ -101,6 +101,13 @@ def test_write_queue_asks_for_a_flush_at_the_limit() -> None:
     assert not queue.chunks
 
 
+def test_write_queue_asks_for_a_flush_when_a_write_does() -> None:
+    queue = WriteQueue(1 << 20)
+    assert not queue.add(Write(data=b"data\r\n.\r\n", phase="data_block"))
+    assert queue.add(Write(data=b"MAIL FROM:<>\r\n", phase="mail", flush=True))
+    assert queue.take() == b"data\r\n.\r\nMAIL FROM:<>\r\n"  # with what was held before it
+
+
 @given(st.lists(st.binary(min_size=1, max_size=50), min_size=1, max_size=20))
 def test_write_queue_keeps_bytes_in_order(pieces: list[bytes]) -> None:
     queue = WriteQueue(1 << 20)
