@@ -114,6 +114,7 @@ __all__ = [
     "TLSPolicyHook",
     "Target",
     "Trail",
+    "Unreachable",
     "Verdict",
     "opportunistic_context",
     "Stale",
@@ -330,14 +331,39 @@ def plan(
     )
 
 
-class Trail:
-    """What the targets of one domain did, to explain the outcome when none took the mail."""
+class Unreachable:
+    """The targets that could not be opened (connect failure, timeout, refused greeting)
+    during one delivery: the message's other domains skip them with the same failure instead
+    of waiting for the same timeout again (the domains of one exchanger are sent one after
+    the other, to share its session)."""
 
-    def __init__(self, domain: str) -> None:
+    def __init__(self) -> None:
+        self._failed: dict[tuple[str, int], DeliveryError] = {}
+
+    def get(self, target: Target) -> DeliveryError | None:
+        """How opening ``target`` failed earlier in this delivery, or ``None``."""
+        return self._failed.get((target.address, target.port))
+
+    def add(self, target: Target, error: DeliveryError) -> None:
+        """Remember that opening ``target`` failed with ``error``."""
+        self._failed[target.address, target.port] = error
+
+
+class Trail:
+    """What the targets of one domain did, to explain the outcome when none took the mail.
+
+    Args:
+        domain: the domain, for the reason text.
+        unreachable: the delivery's memory of targets that could not be opened (shared by
+            the trails of one message's domains; a fresh one by default).
+    """
+
+    def __init__(self, domain: str, unreachable: Unreachable | None = None) -> None:
         self.domain = domain
         self.notes: list[str] = []
         self.transient = False
         self.last: DeliveryError | None = None
+        self.unreachable = unreachable if unreachable is not None else Unreachable()
 
     def failed(
         self, target: Target, error: DeliveryError, *, transient: bool | None = None
@@ -720,13 +746,14 @@ class MXTransport(Transport):
             exchangers and refusals are all results (see the module docstring).
         """
         parts = []
+        unreachable = Unreachable()
         for domain, positions in group_by_domain(envelope).items():
             part = sub_envelope(envelope, positions)
-            parts.append((positions, self._deliver_domain(domain, message, part)))
+            parts.append((positions, self._deliver_domain(domain, message, part, unreachable)))
         return merge(envelope, message, parts)
 
     def _deliver_domain(
-        self, domain: str, message: Message, envelope: Envelope
+        self, domain: str, message: Message, envelope: Envelope, unreachable: Unreachable
     ) -> list[RecipientResult]:
         recipients = [r.address for r in envelope.recipients]
         policy = self.settings.policy(domain, requiretls=envelope.requiretls)
@@ -741,7 +768,7 @@ class MXTransport(Transport):
         targets = self.settings.plan(domain, found, policy)
         if isinstance(targets, Verdict):
             return targets.results(recipients)
-        trail = Trail(domain)
+        trail = Trail(domain, unreachable)
         for target in targets:
             result = self._try(target, policy, message, envelope, trail)
             if result is not None:
@@ -765,6 +792,10 @@ class MXTransport(Transport):
             )
             if outcome is not Stale.STALE:
                 return outcome
+        earlier = trail.unreachable.get(target)
+        if earlier is not None:
+            trail.failed(target, earlier, transient=transient_failure(earlier))
+            return None
         tls = policy.tls
         for _ in range(2):  # at most: once with TLS, once in plain text
             try:
@@ -778,6 +809,7 @@ class MXTransport(Transport):
                 trail.failed(target, exc, transient=True)
                 return None
             except DeliveryError as exc:
+                trail.unreachable.add(target, exc)
                 trail.failed(target, exc, transient=transient_failure(exc))
                 return None
             outcome = self._attempt(

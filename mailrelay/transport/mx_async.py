@@ -51,6 +51,7 @@ from mailrelay.transport.mx import (
     Target,
     TLSPolicyHook,
     Trail,
+    Unreachable,
     Verdict,
     fallback,
     group_by_domain,
@@ -202,6 +203,7 @@ class AsyncMXTransport(AsyncTransport):
         self._bind()
         gate = asyncio.Semaphore(self.concurrency)
         groups = group_by_domain(envelope)
+        unreachable = Unreachable()
 
         async def route(domain: str, part: Envelope) -> _Route | list[RecipientResult]:
             async with gate:
@@ -231,8 +233,9 @@ class AsyncMXTransport(AsyncTransport):
             # finds the first's session idle and sends on it.
             async with gate:
                 return [
-                    (positions, await self._deliver_domain(domain, routed, message, part))
+                    (positions, await self._deliver_domain(domain, routed, message, part, trail))
                     for domain, positions, part, routed in domains
+                    for trail in (Trail(domain, unreachable),)
                 ]
 
         async with asyncio.TaskGroup() as group:
@@ -260,10 +263,9 @@ class AsyncMXTransport(AsyncTransport):
         return policy, targets
 
     async def _deliver_domain(
-        self, domain: str, routed: _Route, message: Message, envelope: Envelope
+        self, domain: str, routed: _Route, message: Message, envelope: Envelope, trail: Trail
     ) -> list[RecipientResult]:
         policy, targets = routed
-        trail = Trail(domain)
         for target in targets:
             result = await self._try(target, policy, message, envelope, trail)
             if result is not None:
@@ -286,6 +288,10 @@ class AsyncMXTransport(AsyncTransport):
             )
             if outcome is not Stale.STALE:
                 return outcome
+        earlier = trail.unreachable.get(target)
+        if earlier is not None:
+            trail.failed(target, earlier, transient=transient_failure(earlier))
+            return None
         tls = policy.tls
         for _ in range(2):  # at most: once with TLS, once in plain text
             try:
@@ -298,6 +304,7 @@ class AsyncMXTransport(AsyncTransport):
                 trail.failed(target, exc, transient=True)  # RFC 8461 §5
                 return None
             except DeliveryError as exc:
+                trail.unreachable.add(target, exc)
                 trail.failed(target, exc, transient=transient_failure(exc))
                 return None
             outcome = await self._attempt(

@@ -23,6 +23,8 @@ from mailrelay.envelope import Envelope
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.transport import mx as mx_sync
+from mailrelay.transport import mx_async
 from mailrelay.transport.mx import (
     ExchangerPool,
     MXPolicy,
@@ -275,6 +277,30 @@ def test_a_session_the_server_dropped_is_replaced(
     assert server.errors == []
     assert [r.ok for r in results] == [True, True]
     assert len(server.sessions) == 2  # the dead session was replaced, not reported
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_an_exchanger_that_could_not_be_reached_is_not_retried_for_the_next_domain(
+    flavour: Flavour, unbound: UnboundServer, port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing listens at mx.mailrelay.test (127.0.0.1 and ::1) on this port.
+    module = mx_sync if flavour == "sync" else mx_async
+    real = module.connect
+    attempts: list[str | None] = []
+
+    def counting(host: str | None, *args: Any, **kwargs: Any) -> Any:
+        attempts.append(host)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(module, "connect", counting)
+    [result] = deliver_each(flavour, unbound, [to(*SHARED)], port=port)
+    assert [r.outcome for r in result.recipients] == [Outcome.TRANSIENT] * 3
+    # Each address was tried once for the message, not once per domain...
+    assert sorted(attempts) == ["127.0.0.1", "::1"]
+    # ...and every domain's reason still says what each target did.
+    for recipient in result.recipients:
+        assert recipient.reason is not None
+        assert recipient.reason.count("could not connect") == 2
 
 
 # -- REQUIRETLS: the next exchanger when one lacks the keyword ------------------------------------
