@@ -286,10 +286,10 @@ def test_an_exchanger_that_could_not_be_reached_is_not_retried_for_the_next_doma
     # Nothing listens at mx.mailrelay.test (127.0.0.1 and ::1) on this port.
     module = mx_sync if flavour == "sync" else mx_async
     real = module.connect
-    attempts: list[str | None] = []
+    attempts: list[str] = []
 
     def counting(host: str | None, *args: Any, **kwargs: Any) -> Any:
-        attempts.append(host)
+        attempts.append(str(host))
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(module, "connect", counting)
