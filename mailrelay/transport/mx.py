@@ -61,6 +61,8 @@ Rules (RFC sections cited where they are enforced):
   ``close()``. A reused session found dead while sending (end of file, reset, 421) is
   replaced by a fresh one to the same target, as the SMTP pool does
   (:mod:`mailrelay.transport.pooling`). ``PoolSettings(max_messages=1)`` turns reuse off.
+  A target that could not be opened is not tried again for the same message's other
+  domains (:class:`Unreachable`): they fail there at once, with the same error.
 """
 
 from __future__ import annotations
