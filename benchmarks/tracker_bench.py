@@ -26,11 +26,17 @@ smtp-sink offers it, no TLS) to the same ``smtp-sink``, which accepts and discar
 Rounds interleave the phases (direct, then each tracked variant, and again), so a burst of
 load from other processes on a shared machine hits all of them alike; each figure is the
 best of ``--repeat`` rounds. The tracking overhead is ``1 - tracked rate / direct rate``.
+
+Each phase also reports this process's CPU time per message (user + system, from
+``getrusage``; ``smtp-sink`` is another process and not counted), the lowest of its rounds:
+on loopback the client's CPU is what bounds the rates, and the difference between a tracked
+phase and the baseline is what the tracking itself costs per message.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -55,6 +61,27 @@ SUBMIT_BATCH = 100
 BASELINE = "direct: transport.send_many (baseline)"
 
 
+#: Seconds of wall-clock time and of this process's CPU time (user + system).
+Timing = tuple[float, float]
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Stopwatch:
+    """Wall-clock and CPU time from its creation to :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self._cpu = _cpu()
+        self._wall = time.perf_counter()
+
+    def stop(self) -> Timing:
+        """The wall-clock and CPU seconds since the stopwatch was created."""
+        return time.perf_counter() - self._wall, _cpu() - self._cpu
+
+
 def make_messages(count: int) -> list[Message]:
     """``count`` distinct small messages, one recipient each."""
     return [
@@ -73,25 +100,25 @@ def transport_for(sink: SMTPSink) -> SMTPTransport:
     return SMTPTransport(sink.host, sink.port, tls=TLS.NONE, timeouts=Timeouts.all(30))
 
 
-def direct(sink: SMTPSink, messages: list[Message]) -> float:
+def direct(sink: SMTPSink, messages: list[Message]) -> Timing:
     """Seconds to send every message straight through the transport's ``send_many``."""
     with transport_for(sink) as transport:
-        start = time.perf_counter()
+        watch = Stopwatch()
         results = transport.send_many(messages)
-        elapsed = time.perf_counter() - start
+        timing = watch.stop()
     assert len(results) == len(messages)
     assert all(r.ok for r in results), results
-    return elapsed
+    return timing
 
 
-def direct_one_by_one(sink: SMTPSink, messages: list[Message]) -> float:
+def direct_one_by_one(sink: SMTPSink, messages: list[Message]) -> Timing:
     """Seconds to send every message with its own ``transport.send`` call."""
     with transport_for(sink) as transport:
-        start = time.perf_counter()
+        watch = Stopwatch()
         for message in messages:
             result = transport.send(message)
             assert result.ok, result
-        return time.perf_counter() - start
+        return watch.stop()
 
 
 def tracked(
@@ -101,13 +128,13 @@ def tracked(
     one_by_one: bool = False,
     store_options: dict[str, Any] | None = None,
     tracker_options: dict[str, Any] | None = None,
-) -> float:
+) -> Timing:
     """Seconds from the first submission to the last delivery recorded in the store."""
     with tempfile.TemporaryDirectory() as tmp:
         store = SQLiteStore(Path(tmp) / "q.db", **(store_options or {}))
         with transport_for(sink) as transport:
             tracker = DeliveryTracker(transport, store, **(tracker_options or {}))
-            start = time.perf_counter()
+            watch = Stopwatch()
             if one_by_one:
                 for message in messages:
                     tracker.submit(message)
@@ -115,27 +142,27 @@ def tracked(
                 for index in range(0, len(messages), SUBMIT_BATCH):
                     tracker.submit_many(messages[index : index + SUBMIT_BATCH])
             summary = tracker.run_pending()
-            elapsed = time.perf_counter() - start
+            timing = watch.stop()
         assert summary.delivered == len(messages), summary
         store.close()
-    return elapsed
+    return timing
 
 
-def submit_only(messages: list[Message], *, one_by_one: bool) -> float:
+def submit_only(messages: list[Message], *, one_by_one: bool) -> Timing:
     """Seconds to submit every message (nothing is sent)."""
     with tempfile.TemporaryDirectory() as tmp:
         store = SQLiteStore(Path(tmp) / "q.db")
         tracker = DeliveryTracker(SMTPTransport("127.0.0.1", 9, tls=TLS.NONE), store)
-        start = time.perf_counter()
+        watch = Stopwatch()
         if one_by_one:
             for message in messages:
                 tracker.submit(message)
         else:
             for index in range(0, len(messages), SUBMIT_BATCH):
                 tracker.submit_many(messages[index : index + SUBMIT_BATCH])
-        elapsed = time.perf_counter() - start
+        timing = watch.stop()
         store.close()
-    return elapsed
+    return timing
 
 
 def main() -> None:
@@ -147,7 +174,7 @@ def main() -> None:
     count = len(messages)
 
     with SMTPSink() as sink:
-        phases: dict[str, Callable[[], float]] = {
+        phases: dict[str, Callable[[], Timing]] = {
             BASELINE: lambda: direct(sink, messages),
             "direct: transport.send per message": lambda: direct_one_by_one(sink, messages),
             "tracked, defaults": lambda: tracked(sink, messages),
@@ -164,20 +191,25 @@ def main() -> None:
             ),
         }
         best = dict.fromkeys(phases, float("inf"))
+        least_cpu = dict.fromkeys(phases, float("inf"))
         for _round in range(args.repeat):
             for label, phase in phases.items():
-                elapsed = phase()
+                elapsed, cpu = phase()
                 if elapsed > PHASE_LIMIT:
                     sys.exit(f"{label} took {elapsed:.0f}s; stopping")
                 best[label] = min(best[label], elapsed)
+                least_cpu[label] = min(least_cpu[label], cpu)
 
     print(f"{count} messages, best of {args.repeat} interleaved rounds\n")
     width = max(len(label) for label in best)
     base = count / best[BASELINE]
+    base_cpu = least_cpu[BASELINE] / count * 1e6
     for label, elapsed in best.items():
         rate = count / elapsed
-        ratio = f"{rate / base:6.2f} of direct" if label.startswith("tracked") else ""
-        print(f"{label:<{width}}  {rate:7.0f} msg/s  {ratio}")
+        cpu = least_cpu[label] / count * 1e6
+        ratio = f"{rate / base:6.2f} of direct" if label.startswith("tracked") else " " * 15
+        extra = f" ({cpu - base_cpu:+.0f})" if label.startswith("tracked") else ""
+        print(f"{label:<{width}}  {rate:7.0f} msg/s  {ratio}  {cpu:5.0f} µs CPU/msg{extra}")
     print("\ntracking overhead (1 - tracked / direct):")
     for label, elapsed in best.items():
         if label.startswith("tracked"):
