@@ -62,7 +62,7 @@ FAST = Timeouts.all(2)
 # -- servers on chosen loopback addresses ---------------------------------------------------------
 
 
-def _free_everywhere() -> int:
+def free_everywhere() -> int:
     """A TCP port free on every address in LOOPBACKS and on ::1 right now."""
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -82,7 +82,7 @@ def _free_everywhere() -> int:
 @pytest.fixture
 def port() -> int:
     """The exchangers' shared port for this test."""
-    return _free_everywhere()
+    return free_everywhere()
 
 
 class Farm:

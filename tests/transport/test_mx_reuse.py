@@ -48,6 +48,7 @@ from tests.peers.tls import TLSFiles
 from tests.peers.unbound import UnboundServer
 from tests.transport.counting_server import CountingHandler, start_counting
 from tests.transport.helpers import FLAVOURS, Flavour, make_message, run
+from tests.transport.test_mx import ScriptedAt, free_everywhere
 
 pytestmark = pytest.mark.unbound
 
@@ -55,26 +56,31 @@ FAST = Timeouts.all(2)
 SHARED = ("bob@mailrelay.test", "carol@sink.mailrelay.test", "dave@café.test")
 
 
-def _free_port() -> int:
-    """A TCP port free on 127.0.0.1, 127.0.0.2 and ::1 right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        try:
-            for family, address in ((socket.AF_INET, "127.0.0.2"), (socket.AF_INET6, "::1")):
-                with socket.socket(family, socket.SOCK_STREAM) as other:
-                    other.bind((address, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no port free on every loopback address in 50 tries")
-
-
 @pytest.fixture
 def port() -> int:
     """The exchangers' shared port for this test."""
-    return _free_port()
+    return free_everywhere()
+
+
+@pytest.fixture
+def scripted_at(port: int, tls_files: TLSFiles) -> Iterator[ScriptedAt]:
+    """``scripted_at(address, scripts, tls="trusted")``: the scripted server on ``address``."""
+    servers: list[ScriptedServer] = []
+
+    def make(address: str, scripts: list[list[Step]], *, tls: str | None = "trusted") -> Any:
+        context = None if tls is None else tls_files.server_context(trusted=tls == "trusted")
+        server = ScriptedServer(scripts, ssl_context=context, timeout=5.0)
+        server._listener.close()
+        server._listener = socket.create_server((address, port), backlog=16, reuse_port=False)
+        server._listener.settimeout(0.05)
+        server.host, server.port = address, port
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()
+    assert [e for server in servers for e in server.errors] == []
 
 
 Serve = Callable[..., CountingHandler]
@@ -94,32 +100,6 @@ def serve(port: int, tls_files: TLSFiles) -> Iterator[Serve]:
     yield start
     for controller in controllers:
         controller.stop()
-
-
-@pytest.fixture
-def scripted_127_0_0_2(port: int, tls_files: TLSFiles) -> Iterator[Callable[..., ScriptedServer]]:
-    """``scripted(scripts)``: the scripted server on 127.0.0.2 at ``port``, with TLS."""
-    servers: list[ScriptedServer] = []
-
-    def make(scripts: list[list[Step]]) -> ScriptedServer:
-        server = ScriptedServer(scripts, ssl_context=tls_files.server_context(), timeout=5.0)
-        server._listener.close()
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.2", port))
-        listener.listen(16)
-        listener.settimeout(0.05)
-        server._listener = listener
-        server.host, server.port = "127.0.0.2", port
-        servers.append(server)
-        return server.start()
-
-    yield make
-    errors = []
-    for server in servers:
-        server.stop()
-        errors.extend(server.errors)
-    assert not errors, f"scripted server errors: {errors}"
 
 
 def deliver_each(
@@ -248,7 +228,7 @@ def test_reuse_can_be_turned_off(
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_a_session_the_server_dropped_is_replaced(
-    flavour: Flavour, unbound: UnboundServer, port: int
+    flavour: Flavour, unbound: UnboundServer, scripted_at: ScriptedAt, port: int
 ) -> None:
     one_then_hang_up = [
         greeting(),
@@ -256,25 +236,14 @@ def test_a_session_the_server_dropped_is_replaced(
         *accept_message(1),
         Step(expect=r"(MAIL FROM:.*|NOOP|RSET)", reply=b"421 4.4.2 idle too long\r\n"),
     ]
-    server = ScriptedServer(
+    server = scripted_at(
+        "127.0.0.1",
         [one_then_hang_up, [greeting(), ehlo("PIPELINING"), *accept_message(1), quit_step()]],
-        timeout=5.0,
+        tls=None,
     )
-    server._listener.close()
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", port))
-    listener.listen(16)
-    listener.settimeout(0.05)
-    server._listener = listener
-    server.start()
-    try:
-        results = deliver_each(
-            flavour, unbound, [to("bob@mailrelay.test"), to("carol@sink.mailrelay.test")], port=port
-        )
-    finally:
-        server.stop()
-    assert server.errors == []
+    results = deliver_each(
+        flavour, unbound, [to("bob@mailrelay.test"), to("carol@sink.mailrelay.test")], port=port
+    )
     assert [r.ok for r in results] == [True, True]
     assert len(server.sessions) == 2  # the dead session was replaced, not reported
 
@@ -331,12 +300,12 @@ def test_requiretls_moves_on_to_an_exchanger_that_offers_it(
     *,
     unbound: UnboundServer,
     serve: Serve,
-    scripted_127_0_0_2: Callable[..., ScriptedServer],
+    scripted_at: ScriptedAt,
     port: int,
     tls_files: TLSFiles,
 ) -> None:
     lacking = serve("127.0.0.1", tls=True)  # mx1.mx2.test: verified TLS, no REQUIRETLS
-    offering = scripted_127_0_0_2([_with_requiretls()])  # mx2.mx2.test
+    offering = scripted_at("127.0.0.2", [_with_requiretls()])  # mx2.mx2.test
     policy = MXPolicy(tls=TLS.STARTTLS, ssl_context=_verifying_without_names(tls_files))
     [result] = deliver_each(
         flavour,
