@@ -376,6 +376,39 @@ class Trail:
         self.last = error
         log.info("MX delivery for %s: %s failed: %s", self.domain, target.peer, error)
 
+    def known_unreachable(self, target: Target) -> bool:
+        """Whether opening ``target`` already failed in this delivery (recorded again here)."""
+        earlier = self.unreachable.get(target)
+        if earlier is None:
+            return False
+        self.failed(target, earlier, transient=transient_failure(earlier))
+        return True
+
+    def open_failed(
+        self, target: Target, error: DeliveryError, policy: MXPolicy, tls: TLS
+    ) -> TLS | None:
+        """Record that opening ``target`` under ``tls`` failed; the TLS mode to try the
+        same target again with (plain text, RFC 7435 §3), or ``None`` to move on."""
+        if isinstance(error, TLSError):
+            if fallback(policy, tls):
+                self.notes.append(f"{target.peer}: {error} (retried without TLS)")
+                return TLS.NONE
+            # RFC 8461 §5: a TLS policy failure is temporary, never a bounce.
+            self.failed(target, error, transient=True)
+            return None
+        self.unreachable.add(target, error)
+        self.failed(target, error, transient=transient_failure(error))
+        return None
+
+    def send_failed(self, target: Target, error: DeliveryError, *, fresh: bool) -> Stale | None:
+        """Record that sending on a session to ``target`` failed, or, for a reused session
+        the server had dropped (the pool's stale-connection rule), say to open a fresh one."""
+        if not fresh and is_stale_connection_error(error):
+            log.info("the reused session to %s was dead (%s); reconnecting", target.peer, error)
+            return Stale.STALE
+        self.failed(target, error, transient=transient_failure(error))
+        return None
+
     def results(self, recipients: Iterable[Address]) -> list[RecipientResult]:
         """Every recipient's result after every target failed."""
         outcome = Outcome.TRANSIENT if self.transient or not self.notes else Outcome.PERMANENT
@@ -794,31 +827,20 @@ class MXTransport(Transport):
             )
             if outcome is not Stale.STALE:
                 return outcome
-        earlier = trail.unreachable.get(target)
-        if earlier is not None:
-            trail.failed(target, earlier, transient=transient_failure(earlier))
+        if trail.known_unreachable(target):
             return None
-        tls = policy.tls
-        for _ in range(2):  # at most: once with TLS, once in plain text
+        tls: TLS | None = policy.tls
+        while tls is not None:  # at most twice: with TLS, then in plain text
             try:
                 connection = self._open(target, policy, tls)
-            except TLSError as exc:
-                if fallback(policy, tls):
-                    trail.notes.append(f"{target.peer}: {exc} (retried without TLS)")
-                    tls = TLS.NONE
-                    continue
-                # RFC 8461 §5: a TLS policy failure is temporary, never a bounce.
-                trail.failed(target, exc, transient=True)
-                return None
             except DeliveryError as exc:
-                trail.unreachable.add(target, exc)
-                trail.failed(target, exc, transient=transient_failure(exc))
-                return None
+                tls = trail.open_failed(target, exc, policy, tls)
+                continue
             outcome = self._attempt(
                 key, target, connection, message=message, envelope=envelope, trail=trail, fresh=True
             )
             return None if outcome is Stale.STALE else outcome
-        return None  # pragma: no cover - the loop returns on its second pass
+        return None
 
     def _reuse(self, key: Hashable) -> PooledSession | None:
         """An idle session for ``key`` that still works, or ``None``."""
@@ -883,11 +905,7 @@ class MXTransport(Transport):
             result = connection.driver.run(connection.session.deliver(message, envelope))
         except DeliveryError as exc:
             connection.driver.close()
-            if not fresh and is_stale_connection_error(exc):
-                log.info("the reused session to %s was dead (%s); reconnecting", target.peer, exc)
-                return Stale.STALE
-            trail.failed(target, exc, transient=transient_failure(exc))
-            return None
+            return trail.send_failed(target, exc, fresh=fresh)
         except BaseException:
             connection.driver.close()
             raise

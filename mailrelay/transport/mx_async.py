@@ -32,7 +32,7 @@ from typing import Any, TypeAlias
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
-from mailrelay.errors import ConfigurationError, DeliveryError, ResolverError, TLSError
+from mailrelay.errors import ConfigurationError, DeliveryError, ResolverError
 from mailrelay.flow import Session
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
@@ -53,17 +53,15 @@ from mailrelay.transport.mx import (
     Trail,
     Unreachable,
     Verdict,
-    fallback,
     group_by_domain,
     literal_hosts,
     merge,
     requiretls_refusal,
     reuse_key,
     sub_envelope,
-    transient_failure,
     with_host,
 )
-from mailrelay.transport.pooling import is_stale_connection_error, quit_timeout
+from mailrelay.transport.pooling import quit_timeout
 from mailrelay.transport.settings import PoolSettings
 
 __all__ = ["DEFAULT_CONCURRENCY", "AsyncMXTransport"]
@@ -288,30 +286,20 @@ class AsyncMXTransport(AsyncTransport):
             )
             if outcome is not Stale.STALE:
                 return outcome
-        earlier = trail.unreachable.get(target)
-        if earlier is not None:
-            trail.failed(target, earlier, transient=transient_failure(earlier))
+        if trail.known_unreachable(target):
             return None
-        tls = policy.tls
-        for _ in range(2):  # at most: once with TLS, once in plain text
+        tls: TLS | None = policy.tls
+        while tls is not None:  # at most twice: with TLS, then in plain text
             try:
                 connection = await self._open(target, policy, tls)
-            except TLSError as exc:
-                if fallback(policy, tls):
-                    trail.notes.append(f"{target.peer}: {exc} (retried without TLS)")
-                    tls = TLS.NONE
-                    continue
-                trail.failed(target, exc, transient=True)  # RFC 8461 §5
-                return None
             except DeliveryError as exc:
-                trail.unreachable.add(target, exc)
-                trail.failed(target, exc, transient=transient_failure(exc))
-                return None
+                tls = trail.open_failed(target, exc, policy, tls)
+                continue
             outcome = await self._attempt(
                 key, target, connection, message=message, envelope=envelope, trail=trail, fresh=True
             )
             return None if outcome is Stale.STALE else outcome
-        return None  # pragma: no cover - the loop returns on its second pass
+        return None
 
     async def _reuse(self, key: Hashable) -> PooledSession | None:
         """An idle session for ``key`` that still works, or ``None``."""
@@ -372,11 +360,7 @@ class AsyncMXTransport(AsyncTransport):
             result = await connection.driver.run(connection.session.deliver(message, envelope))
         except DeliveryError as exc:
             connection.driver.close()
-            if not fresh and is_stale_connection_error(exc):
-                log.info("the reused session to %s was dead (%s); reconnecting", target.peer, exc)
-                return Stale.STALE
-            trail.failed(target, exc, transient=transient_failure(exc))
-            return None
+            return trail.send_failed(target, exc, fresh=fresh)
         except BaseException:
             connection.driver.close()
             raise
