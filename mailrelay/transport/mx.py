@@ -48,7 +48,7 @@ Rules (RFC sections cited where they are enforced):
   envelope recipient whatever happened, because a message to several domains may reach some
   and not others. ``RecipientResult.host`` names the target that answered, Postfix style:
   ``mx.example.com[192.0.2.1]:25``.
-* Connections are reused (:class:`ExchangerPool`, settings from
+* Connections are reused (:class:`~mailrelay.transport.pooling.ExchangerPool`, settings from
   :class:`~mailrelay.transport.settings.PoolSettings`): after a transaction the session
   stays open, keyed by :func:`reuse_key` (exchanger name, address, port, and the TLS
   decision's inputs: the policy's mode, its verifying context and name under
@@ -75,7 +75,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any, Final, Generic, TypeAlias, TypeVar
+from typing import Any, Final, TypeAlias
 
 import attrs
 
@@ -96,12 +96,7 @@ from mailrelay.resolver import DNSStatus, MailHost, MailHosts, Resolver
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.transport.base import Transport
 from mailrelay.transport.errors_map import peer_name
-from mailrelay.transport.pooling import (
-    IdleVerdict,
-    PooledConnection,
-    PoolPolicy,
-    is_stale_connection_error,
-)
+from mailrelay.transport.pooling import ExchangerPool, is_stale_connection_error
 from mailrelay.transport.settings import PoolSettings
 from mailrelay.transport.smtp import PooledSession, quit_all
 from mailrelay.transport.sync_driver import connect
@@ -109,7 +104,6 @@ from mailrelay.transport.sync_driver import connect
 __all__ = [
     "DEFAULT_MAX_ADDRESSES",
     "MX_POOL",
-    "ExchangerPool",
     "MXPolicy",
     "MXSettings",
     "MXTransport",
@@ -498,79 +492,6 @@ def reuse_key(target: Target, policy: MXPolicy, context: ssl.SSLContext) -> Hash
     return (target.name, target.address, target.port, policy.tls)
 
 
-C = TypeVar("C", bound=PooledConnection[Any])
-
-
-class ExchangerPool(Generic[C]):
-    """Idle MX sessions by :func:`reuse_key`; decisions only, no I/O (the transports QUIT
-    what it hands back, and lock around it where threads share it).
-
-    Args:
-        settings: ``size`` is the most idle sessions kept (across exchangers), and
-            ``max_messages``, ``idle_timeout``, ``health_check_after`` mean what they mean
-            for the SMTP pool.
-    """
-
-    def __init__(self, settings: PoolSettings) -> None:
-        self.settings = settings
-        self.policy = PoolPolicy(pool=settings, peer="the exchangers", logger=log)
-        self._idle: dict[Hashable, list[C]] = {}
-        self.closed = False
-        self.opened = 0
-
-    def __len__(self) -> int:
-        return sum(len(idle) for idle in self._idle.values())
-
-    def take(self, key: Hashable, now: float) -> tuple[C | None, bool, list[C]]:
-        """An idle session for ``key`` (the most recently used), whether it must pass a NOOP
-        first, and the sessions found too old or closed on the way (to QUIT)."""
-        idle = self._idle.get(key)
-        stale: list[C] = []
-        while idle:
-            connection = idle.pop()
-            verdict = self.policy.idle_verdict(connection, now)
-            if verdict is IdleVerdict.DISCARD:
-                stale.append(connection)
-                continue
-            return connection, verdict is IdleVerdict.CHECK, stale
-        self._idle.pop(key, None)
-        return None, False, stale
-
-    def put(self, key: Hashable, connection: C, now: float) -> list[C]:
-        """Keep ``connection`` idle under ``key``; returns the sessions to QUIT: this one
-        if it may not be kept, the expired ones, and the least recently used beyond ``size``."""
-        connection.last_used = now
-        if self.closed or not self.policy.keeps(connection):
-            return [connection]
-        self._idle.setdefault(key, []).append(connection)
-        leaving = self.expired(now)
-        while len(self) > self.settings.size:
-            oldest_key = min(self._idle, key=lambda k: self._idle[k][0].last_used)
-            leaving.append(self._idle[oldest_key].pop(0))
-            if not self._idle[oldest_key]:
-                del self._idle[oldest_key]
-        return leaving
-
-    def expired(self, now: float) -> list[C]:
-        """Remove and return the idle sessions older than ``idle_timeout``."""
-        leaving: list[C] = []
-        for key in list(self._idle):
-            keep: list[C] = []
-            for connection in self._idle[key]:
-                (leaving if self.policy.expired(connection, now) else keep).append(connection)
-            if keep:
-                self._idle[key] = keep
-            else:
-                del self._idle[key]
-        return leaving
-
-    def drain(self) -> list[C]:
-        """Remove and return every idle session."""
-        leaving = [c for idle in self._idle.values() for c in idle]
-        self._idle.clear()
-        return leaving
-
-
 class Stale(enum.Enum):
     """What an attempt on a reused session returns when the session turned out to be dead
     (the server had dropped it): open a fresh one to the same target."""
@@ -751,7 +672,7 @@ class MXTransport(Transport):
             max_addresses=max_addresses,
         )
         self.resolver = resolver if resolver is not None else Resolver()
-        self._pool: ExchangerPool[PooledSession] = ExchangerPool(pool)
+        self._pool: ExchangerPool[PooledSession] = ExchangerPool(pool, logger=log)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:

@@ -44,7 +44,6 @@ from mailrelay.transport.base import AsyncTransport
 from mailrelay.transport.mx import (
     DEFAULT_MAX_ADDRESSES,
     MX_POOL,
-    ExchangerPool,
     MXPolicy,
     MXSettings,
     Stale,
@@ -61,7 +60,7 @@ from mailrelay.transport.mx import (
     sub_envelope,
     with_host,
 )
-from mailrelay.transport.pooling import quit_timeout
+from mailrelay.transport.pooling import ExchangerPool, quit_timeout
 from mailrelay.transport.settings import PoolSettings
 
 __all__ = ["DEFAULT_CONCURRENCY", "AsyncMXTransport"]
@@ -129,7 +128,7 @@ class AsyncMXTransport(AsyncTransport):
         )
         self.resolver = resolver if resolver is not None else AsyncResolver()
         self.concurrency = concurrency
-        self._pool: ExchangerPool[PooledSession] = ExchangerPool(pool)
+        self._pool: ExchangerPool[PooledSession] = ExchangerPool(pool, logger=log)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._keeper: asyncio.Task[None] | None = None
 

@@ -1,4 +1,5 @@
-"""The connection-pool policy shared by the blocking and the asyncio SMTP/LMTP transports.
+"""The connection-pool policy shared by the blocking and the asyncio SMTP/LMTP transports,
+and the keyed pool of idle sessions the MX transports share across exchangers.
 
 Rules of this module:
 
@@ -6,8 +7,9 @@ Rules of this module:
   with NOOP first, or must be dropped; whether a used one goes back to the pool; how many
   messages the next pipelined run may put on a connection; whether a failed send is made
   again on a fresh connection; and how a pipelined run's outcome turns into results. The
-  transports (:mod:`mailrelay.transport.smtp`, :mod:`mailrelay.transport.async_smtp`) do
-  the connecting, the NOOP, the QUIT and the locking, each in its own way.
+  transports (:mod:`mailrelay.transport.smtp`, :mod:`mailrelay.transport.async_smtp`, and
+  for :class:`ExchangerPool` :mod:`mailrelay.transport.mx` / ``mx_async``) do the
+  connecting, the NOOP, the QUIT and the locking, each in its own way.
 * Time comes in as an argument (``now``, from :func:`time.monotonic` in the transports), so
   every decision can be tested without waiting.
 * **Never lose a message to a stale connection** (lettre#743, nodemailer#511,
@@ -22,7 +24,8 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Hashable
+from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 
@@ -35,6 +38,7 @@ from mailrelay.transport.settings import ConnectionSettings, PoolSettings
 
 __all__ = [
     "CHUNK",
+    "ExchangerPool",
     "IdleVerdict",
     "PoolPolicy",
     "PooledConnection",
@@ -234,6 +238,81 @@ class PoolPolicy:
             else:
                 failure = error
         return Settlement(answered=tuple(answered), failure=failure)
+
+
+C = TypeVar("C", bound=PooledConnection[Any])
+
+
+class ExchangerPool(Generic[C]):
+    """Idle sessions by key (the MX transports key them by
+    :func:`~mailrelay.transport.mx.reuse_key`); decisions only, no I/O (the transports QUIT
+    what it hands back, and lock around it where threads share it).
+
+    Args:
+        settings: ``size`` is the most idle sessions kept (across exchangers), and
+            ``max_messages``, ``idle_timeout``, ``health_check_after`` mean what they mean
+            for the SMTP pool.
+        logger: where the pool's decisions are logged (the transport's own logger).
+    """
+
+    def __init__(self, settings: PoolSettings, *, logger: logging.Logger = log) -> None:
+        self.settings = settings
+        self.policy = PoolPolicy(pool=settings, peer="the exchangers", logger=logger)
+        self._idle: dict[Hashable, list[C]] = {}
+        self.closed = False
+        self.opened = 0
+
+    def __len__(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    def take(self, key: Hashable, now: float) -> tuple[C | None, bool, list[C]]:
+        """An idle session for ``key`` (the most recently used), whether it must pass a NOOP
+        first, and the sessions found too old or closed on the way (to QUIT)."""
+        idle = self._idle.get(key)
+        stale: list[C] = []
+        while idle:
+            connection = idle.pop()
+            verdict = self.policy.idle_verdict(connection, now)
+            if verdict is IdleVerdict.DISCARD:
+                stale.append(connection)
+                continue
+            return connection, verdict is IdleVerdict.CHECK, stale
+        self._idle.pop(key, None)
+        return None, False, stale
+
+    def put(self, key: Hashable, connection: C, now: float) -> list[C]:
+        """Keep ``connection`` idle under ``key``; returns the sessions to QUIT: this one
+        if it may not be kept, the expired ones, and the least recently used beyond ``size``."""
+        connection.last_used = now
+        if self.closed or not self.policy.keeps(connection):
+            return [connection]
+        self._idle.setdefault(key, []).append(connection)
+        leaving = self.expired(now)
+        while len(self) > self.settings.size:
+            oldest_key = min(self._idle, key=lambda k: self._idle[k][0].last_used)
+            leaving.append(self._idle[oldest_key].pop(0))
+            if not self._idle[oldest_key]:
+                del self._idle[oldest_key]
+        return leaving
+
+    def expired(self, now: float) -> list[C]:
+        """Remove and return the idle sessions older than ``idle_timeout``."""
+        leaving: list[C] = []
+        for key in list(self._idle):
+            keep: list[C] = []
+            for connection in self._idle[key]:
+                (leaving if self.policy.expired(connection, now) else keep).append(connection)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        return leaving
+
+    def drain(self) -> list[C]:
+        """Remove and return every idle session."""
+        leaving = [c for idle in self._idle.values() for c in idle]
+        self._idle.clear()
+        return leaving
 
 
 def unanswered(size: int, error: DeliveryError) -> BatchOutcome:

@@ -16,8 +16,6 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from hypothesis import given
-from hypothesis import strategies as st
 
 from mailrelay.envelope import Envelope
 from mailrelay.message import Message
@@ -26,14 +24,12 @@ from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.transport import mx as mx_sync
 from mailrelay.transport import mx_async
 from mailrelay.transport.mx import (
-    ExchangerPool,
     MXPolicy,
     MXTransport,
     Target,
     reuse_key,
 )
 from mailrelay.transport.mx_async import AsyncMXTransport
-from mailrelay.transport.pooling import PooledConnection
 from mailrelay.transport.settings import PoolSettings
 from tests.peers.scripted import (
     Action,
@@ -347,68 +343,7 @@ def test_requiretls_with_no_exchanger_offering_it_is_not_sent(
     assert lacking.messages == []
 
 
-# -- the pool's decisions, without I/O -----------------------------------------------------------
-
-
-class _Driver:
-    closed = False
-
-
-class _Session:
-    closed = False
-
-
-def _connection(last_used: float, messages: int = 0) -> PooledConnection[_Driver]:
-    connection: PooledConnection[_Driver] = PooledConnection(_Driver(), _Session())  # type: ignore[arg-type]
-    connection.last_used = last_used
-    connection.messages = messages
-    return connection
-
-
-SETTINGS = PoolSettings(size=3, max_messages=10, idle_timeout=5.0, health_check_after=2.0)
-
-
-@pytest.mark.parametrize(
-    ("idle", "found", "check"),
-    [(0.5, True, False), (3.0, True, True), (6.0, False, False)],
-)
-def test_take_reuses_checks_or_discards_by_idle_time(idle: float, found: bool, check: bool) -> None:
-    pool: ExchangerPool[PooledConnection[_Driver]] = ExchangerPool(SETTINGS)
-    connection = _connection(0.0)
-    assert pool.put("k", connection, 0.0) == []
-    taken, must_check, stale = pool.take("k", idle)
-    assert (taken is connection, must_check, stale == [connection]) == (found, check, not found)
-    assert pool.take("other", idle)[0] is None
-
-
-def test_put_hands_back_what_may_not_be_kept() -> None:
-    pool: ExchangerPool[PooledConnection[_Driver]] = ExchangerPool(SETTINGS)
-    worn = _connection(0.0, messages=10)  # max_messages reached
-    assert pool.put("k", worn, 1.0) == [worn]
-    old = _connection(0.0)
-    assert pool.put("a", old, 0.0) == []
-    fresh = _connection(0.0)
-    assert pool.put("b", fresh, 6.0) == [old]  # expired meanwhile
-    pool.closed = True
-    late = _connection(0.0)
-    assert pool.put("b", late, 6.0) == [late]
-    assert pool.drain() == [fresh]
-    assert len(pool) == 0
-
-
-@given(st.lists(st.sampled_from("abcd"), max_size=30))
-def test_the_pool_keeps_the_most_recent_sessions_up_to_its_size(keys: list[str]) -> None:
-    pool: ExchangerPool[PooledConnection[_Driver]] = ExchangerPool(SETTINGS)
-    put: list[PooledConnection[_Driver]] = []
-    for index, key in enumerate(keys):
-        connection = _connection(0.0)
-        put.append(connection)
-        leaving = pool.put(key, connection, index / 10)  # never expired
-        assert connection not in leaving
-        assert len(pool) == min(len(put), SETTINGS.size)
-    # The least recently used left first: what is kept is the last ones put.
-    kept = pool.drain()
-    assert {id(c) for c in kept} == {id(c) for c in put[-SETTINGS.size :]}
+# -- reuse keys ----------------------------------------------------------------------------------
 
 
 def test_reuse_keys_follow_the_tls_decision() -> None:

@@ -20,6 +20,7 @@ from mailrelay.flow import BatchOutcome, Session, SessionConfig
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.transport.pooling import (
+    ExchangerPool,
     IdleVerdict,
     PooledConnection,
     PoolPolicy,
@@ -214,3 +215,55 @@ def test_decisions_are_logged_to_the_given_logger(caplog: pytest.LogCaptureFixtu
         assert policy.resend_on_fresh(STALE, reused=True)
     assert [record.name for record in caplog.records] == ["a.transport"]
     assert "sending on a fresh one" in caplog.text
+
+
+# -- the keyed pool of idle sessions (the MX transports') ----------------------------------------
+
+KEYED = PoolSettings(size=3, max_messages=10, idle_timeout=5.0, health_check_after=2.0)
+
+
+@pytest.mark.parametrize(
+    ("idle", "found", "check"),
+    [(0.5, True, False), (3.0, True, True), (6.0, False, False)],
+)
+def test_keyed_take_reuses_checks_or_discards_by_idle_time(
+    idle: float, found: bool, check: bool
+) -> None:
+    pool: ExchangerPool[PooledConnection[FakeDriver]] = ExchangerPool(KEYED)
+    pooled = connection(last_used=0.0)
+    assert pool.put("k", pooled, 0.0) == []
+    taken, must_check, stale = pool.take("k", idle)
+    assert (taken is pooled, must_check, stale == [pooled]) == (found, check, not found)
+    assert pool.take("other", idle)[0] is None
+
+
+def test_keyed_put_hands_back_what_may_not_be_kept() -> None:
+    pool: ExchangerPool[PooledConnection[FakeDriver]] = ExchangerPool(KEYED)
+    worn = connection(messages=10)  # max_messages reached
+    assert pool.put("k", worn, 1.0) == [worn]
+    dead = connection(driver_closed=True)
+    assert pool.put("k", dead, 1.0) == [dead]
+    old = connection()
+    assert pool.put("a", old, 0.0) == []
+    fresh = connection()
+    assert pool.put("b", fresh, 6.0) == [old]  # expired meanwhile
+    pool.closed = True
+    late = connection()
+    assert pool.put("b", late, 6.0) == [late]
+    assert pool.drain() == [fresh]
+    assert len(pool) == 0
+
+
+@given(st.lists(st.sampled_from("abcd"), max_size=30))
+def test_the_keyed_pool_keeps_the_most_recent_sessions_up_to_its_size(keys: list[str]) -> None:
+    pool: ExchangerPool[PooledConnection[FakeDriver]] = ExchangerPool(KEYED)
+    put: list[PooledConnection[FakeDriver]] = []
+    for index, key in enumerate(keys):
+        pooled = connection()
+        put.append(pooled)
+        leaving = pool.put(key, pooled, index / 10)  # never expired
+        assert pooled not in leaving
+        assert len(pool) == min(len(put), KEYED.size)
+    # The least recently used left first: what is kept is the last ones put.
+    kept = pool.drain()
+    assert {id(c) for c in kept} == {id(c) for c in put[-KEYED.size :]}
