@@ -13,8 +13,13 @@ nothing on the wire that matters: the dialogue waits for replies only through ``
 Rules:
 
 * Every wait is bounded by the request's phase limit
-  (:meth:`Timeouts.for_phase <mailrelay.options.Timeouts.for_phase>`): the socket timeout is
-  set before each ``recv`` and ``sendall``; connecting and TLS handshakes use ``connect``.
+  (:meth:`Timeouts.for_phase <mailrelay.options.Timeouts.for_phase>`); connecting and TLS
+  handshakes use ``connect``. Once connected, a plain-text socket is in blocking mode and the
+  limit is the kernel's (``SO_RCVTIMEO`` / ``SO_SNDTIMEO``, set when the phase's limit differs
+  from the last one): CPython polls before every call on a socket that has a Python-level
+  timeout, one more system call per read and per write. A TLS socket keeps CPython's timeout
+  (see :meth:`SyncDriver._blocking`). A write bigger than the kernel takes at once is bounded
+  as a whole: each further ``send`` gets only the time left.
 * Reads are bounded: one ``recv_into`` of at most :data:`READ_SIZE` bytes per ``Read``. The
   protocol core cuts an over-long reply line (``max_line_length``), so a hostile server's
   endless line costs at most a line limit plus one read of memory.
@@ -33,6 +38,9 @@ import contextlib
 import logging
 import socket
 import ssl
+import struct
+import sys
+import time
 from collections.abc import Generator
 from typing import TypeVar
 
@@ -62,6 +70,27 @@ T = TypeVar("T")
 
 #: The most bytes one ``Read`` takes from the socket.
 READ_SIZE = 65536
+
+# Kernel time limits take a ``struct timeval`` on Linux and the BSDs (Windows wants
+# milliseconds and is left to CPython's own timeouts).
+_KERNEL_TIMEOUTS = sys.platform != "win32" and hasattr(socket, "SO_RCVTIMEO")
+# What a blocking call that ran out of its kernel time limit raises.
+_EXPIRED = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    micro = int((seconds - whole) * 1_000_000)
+    if whole == 0 and micro == 0:
+        micro = 1  # a zero timeval means "no limit at all"
+    return struct.pack("ll", whole, micro)
+
+
+def _expired(exc: OSError) -> OSError:
+    """The error to report for ``exc``: a kernel time limit running out is a timeout."""
+    if isinstance(exc, _EXPIRED):
+        return TimeoutError("timed out")
+    return exc
 
 
 def _connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
@@ -167,11 +196,15 @@ class SyncDriver:
         self.implicit_tls = False
         self._writes = WriteQueue(READ_SIZE)
         self._pending = self._writes.chunks  # the same list: a cheap "anything queued?"
+        # The limit the socket has now (None: not set since the last change of mode), and
+        # whether it is the kernel's (see _blocking()).
         self._timeout: float | None = None
+        self._kernel_limits = False
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         # Timeouts.for_phase checks the name each time; the phases are a fixed set.
         self._limits: dict[str, float] = attrs.asdict(timeouts)
+        self._blocking(sock)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -263,9 +296,23 @@ class SyncDriver:
         timeout = self._limits[phase]
         try:
             self._set_timeout(sock, timeout)
-            sock.sendall(data)
+            sent = sock.send(data)
+            if sent < len(data):
+                self._send_rest(sock, memoryview(data)[sent:], timeout)
         except (OSError, ValueError) as exc:
-            raise map_io_error(exc, peer=self.peer, phase=phase, timeout=timeout) from exc
+            error = _expired(exc) if isinstance(exc, OSError) else exc
+            raise map_io_error(error, peer=self.peer, phase=phase, timeout=timeout) from exc
+
+    def _send_rest(self, sock: socket.socket, rest: memoryview, timeout: float) -> None:
+        """Send what the first ``send`` left, all of it within ``timeout`` of now (roughly:
+        the first ``send`` had its own limit)."""
+        deadline = time.monotonic() + timeout
+        while rest:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            self._set_timeout(sock, left)
+            rest = rest[sock.send(rest) :]
 
     def _read(self, request: Read) -> bytes:
         sock = self._socket()
@@ -278,20 +325,38 @@ class SyncDriver:
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             # A TLS peer that closes without close_notify: SMTP servers do; it is an EOF.
             return b""
-        except TimeoutError as exc:
+        except (TimeoutError, *_EXPIRED) as exc:
             if self._before_greeting(request) and self._probe_tls():
                 raise implicit_tls_error(self.peer) from exc
-            raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
+            error = _expired(exc)
+            raise map_io_error(error, peer=self.peer, phase=request.phase, timeout=timeout) from exc
         except (OSError, ValueError) as exc:
             raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
         self.bytes_received += len(data)
         return data
 
     def _set_timeout(self, sock: socket.socket, timeout: float) -> None:
-        # settimeout() costs system calls every time; phases often share a limit.
+        # Setting a limit costs system calls every time; phases often share a limit.
         if timeout != self._timeout:
-            sock.settimeout(timeout)
+            if self._kernel_limits:
+                value = _timeval(timeout)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+            else:
+                sock.settimeout(timeout)
             self._timeout = timeout
+
+    def _blocking(self, sock: socket.socket) -> None:
+        """Put ``sock`` in the mode the reads and writes expect (see the module docs).
+
+        Not for TLS: on a blocking socket CPython's TLS layer retries a read that ran out of
+        its kernel limit, forever. It needs no such help anyway: with a Python-level timeout
+        it reads first and polls only when nothing has come.
+        """
+        self._kernel_limits = _KERNEL_TIMEOUTS and not isinstance(sock, ssl.SSLSocket)
+        if self._kernel_limits:
+            sock.settimeout(None)
+        self._timeout = None
 
     def _before_greeting(self, request: Read) -> bool:
         return before_greeting(self.bytes_received, request.phase, self.implicit_tls)
@@ -331,6 +396,7 @@ class SyncDriver:
         except (OSError, ValueError) as exc:
             self.close()
             raise map_tls_error(exc, peer=self.peer, server_hostname=server_hostname) from exc
+        self._blocking(wrapped)
         log.debug("TLS established with %s: %s", self.peer, self._tls_description())
 
     def _tls_description(self) -> str:
