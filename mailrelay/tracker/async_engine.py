@@ -13,6 +13,8 @@ Rules of this module:
   exception is raised.
 * Callbacks may be plain functions or coroutine functions; both are called
   after the change they report is committed.
+* Failure DSNs are queued in the commit of the bounce or expiry they report, and sent
+  through ``dsn_transport`` by a later claim, as in the sync tracker.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
         try:
             envelope = self._envelope(work.record, group)
             try:
-                result = await self.transport.adeliver(work.message, envelope)
+                result = await self._transport_for(work).adeliver(work.message, envelope)
             except DeliveryError as error:
                 outcome = self._from_error(work, group, error, self.clock())
             else:
@@ -150,24 +152,12 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
             refused = outcome.refused
         finally:
             self.shaper.release(group.key, self.clock(), refused=refused)
-        summary, events, dsns = await asyncio.to_thread(
-            self._commit_many, [(work, outcome.changes)]
-        )
+        # The failure DSNs this calls for are queued in the same commit (see
+        # mailrelay.tracker.core); a later claim of this run sends them.
+        summary, events = await asyncio.to_thread(self._commit_many, [(work, outcome.changes)])
         for event in events:
             await self.events.afire(event)
-        for message, dsn_envelope in dsns:
-            await self._asend_dsn(message, dsn_envelope)
         return summary
-
-    async def _asend_dsn(self, message: Message, envelope: Envelope) -> None:
-        assert self.dsn_transport is not None
-        try:
-            result = await self.dsn_transport.adeliver(message, envelope)
-        except Exception:
-            log.exception("could not send a DSN to %s", envelope.recipients[0].address)
-            return
-        if not result.ok:
-            log.warning("the DSN to %s was refused", envelope.recipients[0].address)
 
     async def arun_forever(
         self,

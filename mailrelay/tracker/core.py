@@ -20,11 +20,18 @@ Rules of this module (the theory of operation is in ``docs/tracker.md``):
 * Results are committed in batches (:meth:`TrackerCore._commit_many`, one store
   transaction), before their events fire. A crash between a server's acceptance and
   that commit re-sends on restart (once the lease expires): delivery is at-least-once.
+* A failure DSN is queued in the very transaction that records the bounce or expiry it
+  reports (the store's ``then``): a tracked message of its own
+  (:attr:`MessageRecord.notification <mailrelay.tracker.store.MessageRecord.notification>`),
+  claimed, sent through ``dsn_transport`` (or ``transport`` when there is none), retried
+  and recorded like any other, but firing no events. A crash can lose neither the bounce
+  without its report nor the report of a recorded bounce; at worst both happen again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 import platform
@@ -83,6 +90,8 @@ _EVENT_KINDS = {
     State.BOUNCED: EventKind.BOUNCED,
     State.EXPIRED: EventKind.EXPIRED,
 }
+# The states a failure DSN reports.
+_FAILED = frozenset({State.BOUNCED, State.EXPIRED})
 
 
 @attrs.frozen(kw_only=True)
@@ -447,18 +456,24 @@ class TrackerCore(Generic[T]):
             work.record, group.recipients, error, now=now, retry=self.retry, random=self.random
         )
 
+    def _transport_for(self, work: Work) -> T:
+        """Where a claimed message goes: a generated DSN through ``dsn_transport``."""
+        if work.record.notification and self.dsn_transport is not None:
+            return self.dsn_transport
+        return self.transport
+
     def _commit_many(
         self, batch: Sequence[tuple[Work, Sequence[Change]]]
-    ) -> tuple[RunSummary, list[TrackerEvent], list[tuple[Message, Envelope]]]:
+    ) -> tuple[RunSummary, list[TrackerEvent]]:
         """Apply several transactions' changes in one commit; return what they did.
 
-        Returns the counts, the events to fire and the DSNs to send. Events are
-        reported only for changes that carry an attempt (putting work back is not an
-        event), computed from the claim-time snapshot, so no second read is needed;
-        an event nobody listens to is counted but not built.
+        Returns the counts and the events to fire. Events are reported only for changes
+        that carry an attempt (putting work back is not an event), computed from the
+        claim-time snapshot, so no second read is needed; an event nobody listens to is
+        counted but not built.
         """
         if not batch:
-            return RunSummary(), [], []
+            return RunSummary(), []
         return self._report(batch, self._store_results(batch))
 
     def _store_results(
@@ -466,39 +481,119 @@ class TrackerCore(Generic[T]):
     ) -> list[tuple[Address, ...]]:
         """Apply several transactions' changes in one store transaction (no events).
 
-        Safe to call from another thread than the runner's: the stores are thread-safe.
+        The failure DSNs they call for are queued in the same transaction (see the
+        module docstring). Safe to call from another thread than the runner's: the
+        stores and the message cache are thread-safe.
         """
         if not batch:
             return []
-        return self.store.apply_many(
+        reports: list[tuple[Message, MessageRecord]] = []
+        then = functools.partial(self._failure_reports, batch, reports)
+        changed = self.store.apply_many(
             [(work.claim.tracking_id, changes) for work, changes in batch],
             worker=self.worker_id,
+            then=then if self._may_report(batch) else None,
+        )
+        # Committed: hold the reports in memory, so that sending them reads nothing back.
+        for message, record in reports:
+            self.messages.put(message, record)
+        return changed
+
+    def _may_report(self, batch: Sequence[tuple[Work, Sequence[Change]]]) -> bool:
+        """Whether a failure DSN may follow from ``batch`` (if not, none is looked for)."""
+        if self.dsn_transport is None:
+            return False
+        return any(
+            work.record.envelope.sender is not None
+            and any(change.state in _FAILED and change.attempt is not None for change in changes)
+            for work, changes in batch
+        )
+
+    def _failure_reports(
+        self,
+        batch: Sequence[tuple[Work, Sequence[Change]]],
+        reports: list[tuple[Message, MessageRecord]],
+        changed_lists: Sequence[tuple[Address, ...]],
+    ) -> list[tuple[MessageRecord, Iterable[bytes]]]:
+        """The failure DSNs that the applied changes call for, as new messages to store.
+
+        Called by the store inside the transaction that records the changes, with what
+        it changed: only a bounce or expiry that is recorded is reported. Each DSN is
+        also appended to ``reports`` with its record.
+        """
+        now = self.clock()
+        entries: list[tuple[MessageRecord, Iterable[bytes]]] = []
+        for (work, changes), changed_list in zip(batch, changed_lists, strict=True):
+            if not changed_list or work.record.envelope.sender is None:
+                continue
+            changed = set(changed_list)
+            snapshot = {r.address: r for r in work.record.recipients}
+            failed = []
+            for change in changes:
+                reported = change.state in _FAILED and change.attempt is not None
+                if reported and change.address in changed:
+                    # Applied by the store, so applied here the same way (no lease check:
+                    # the snapshot may be the submitted record, see Work).
+                    after, _did = apply_change(snapshot[change.address], change, worker=None)
+                    failed.append(after)
+            if not failed:
+                continue
+            dsns = failure_dsns(
+                work.record,
+                work.message.as_bytes(),
+                failed,
+                reporting_mta=self.reporting_mta,
+                date=now,
+            )
+            for message, envelope in dsns:
+                record = self._notification_record(message, envelope, now)
+                reports.append((message, record))
+                entries.append((record, message.chunks()))
+        return entries
+
+    @staticmethod
+    def _notification_record(
+        message: Message, envelope: Envelope, now: dt.datetime
+    ) -> MessageRecord:
+        # Sent as built: no DSN request and no VERP sender (it goes from the null
+        # reverse-path, so nothing reports on it, RFC 3461 §6.2).
+        return MessageRecord(
+            id=_new_id(now),
+            created_at=now,
+            envelope=envelope,
+            message_id=message.message_id,
+            size=message.size,
+            recipients=tuple(
+                RecipientRecord(address=r.address, state=State.QUEUED, next_attempt_at=now)
+                for r in envelope.recipients
+            ),
+            notification=True,
         )
 
     def _report(
         self,
         batch: Sequence[tuple[Work, Sequence[Change]]],
         changed_lists: Sequence[tuple[Address, ...]],
-    ) -> tuple[RunSummary, list[TrackerEvent], list[tuple[Message, Envelope]]]:
-        """What a committed batch did: its counts, the events to fire, the DSNs to send."""
+    ) -> tuple[RunSummary, list[TrackerEvent]]:
+        """What a committed batch did: its counts and the events to fire.
+
+        A generated DSN (:attr:`MessageRecord.notification`) is counted but fires no
+        events: they are about the application's messages.
+        """
         counts = dict.fromkeys(EventKind, 0)
         events: list[TrackerEvent] = []
-        dsns: list[tuple[Message, Envelope]] = []
         for (work, changes), changed_list in zip(batch, changed_lists, strict=True):
             if not changed_list:
                 continue
             changed = set(changed_list)
-            reports = self.dsn_transport is not None and work.record.envelope.sender is not None
+            quiet = work.record.notification
             snapshot: dict[Address, RecipientRecord] | None = None
-            failed: list[RecipientRecord] = []
             for change in changes:
                 kind = _EVENT_KINDS.get(change.state)
                 if change.address not in changed or change.attempt is None or kind is None:
                     continue
                 counts[kind] += 1
-                wanted = self.events.wants(kind)
-                failure = reports and change.state in (State.BOUNCED, State.EXPIRED)
-                if not (wanted or failure):
+                if quiet or not self.events.wants(kind):
                     continue
                 if snapshot is None:
                     snapshot = {r.address: r for r in work.record.recipients}
@@ -506,24 +601,13 @@ class TrackerCore(Generic[T]):
                 # the same way; no lease check, since the snapshot may be the submitted
                 # record (see Work).
                 after, _did = apply_change(snapshot[change.address], change, worker=None)
-                if wanted:
-                    events.append(
-                        TrackerEvent(
-                            kind=kind,
-                            tracking_id=work.record.id,
-                            recipient=after,
-                            attempt=change.attempt,
-                        )
+                events.append(
+                    TrackerEvent(
+                        kind=kind,
+                        tracking_id=work.record.id,
+                        recipient=after,
+                        attempt=change.attempt,
                     )
-                if failure:
-                    failed.append(after)
-            if failed:
-                dsns += failure_dsns(
-                    work.record,
-                    work.message.as_bytes(),
-                    failed,
-                    reporting_mta=self.reporting_mta,
-                    date=self.clock(),
                 )
         summary = RunSummary(
             delivered=counts[EventKind.DELIVERED],
@@ -531,7 +615,7 @@ class TrackerCore(Generic[T]):
             bounced=counts[EventKind.BOUNCED],
             expired=counts[EventKind.EXPIRED],
         )
-        return summary, events, dsns
+        return summary, events
 
     def _ingest(self, raw: bytes) -> tuple[DSNMatch, list[TrackerEvent]]:
         return ingest(self.store, raw, verp=self.verp, clock=self.clock)

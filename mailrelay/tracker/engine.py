@@ -15,8 +15,11 @@ Rules of this module:
   their commit, and no more than the last chunk's pace fits in ``commit_interval`` (the
   first chunk is one transaction). Results are committed when ``commit_batch`` of them
   are in hand, when the oldest has waited ``commit_interval``, and at the end of the
-  claim batch; then their events fire and their failure DSNs go out. So a crash
-  re-sends at most ``commit_batch`` delivered transactions, as before.
+  claim batch, with the failure DSNs they call for queued in the same commit; then
+  their events fire. So a crash re-sends at most ``commit_batch`` delivered
+  transactions, as before, and loses no DSN.
+* A queued DSN is a claimed message like any other, sent through ``dsn_transport``: a
+  chunk holds either generated DSNs or the application's messages, never both.
 * ``send_many`` turns a :class:`~mailrelay.errors.DeliveryError` into that message's
   result, which decides as the error would have. Any other exception puts back every
   transaction of the chunk without a result and every one not yet sent, due at once,
@@ -39,8 +42,6 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from mailrelay.address import Address
-from mailrelay.envelope import Envelope
-from mailrelay.message import Message
 from mailrelay.tracker.core import (
     NOTHING_DONE,
     Group,
@@ -87,7 +88,9 @@ class DeliveryTracker(TrackerCore[Transport]):
         clock: returns the current time (timezone-aware); injected in tests.
         random: returns floats in ``[0, 1)`` for retry jitter; injected in tests.
         retry: the retry policy (default :class:`RetryPolicy()`).
-        dsn_transport: where failure DSNs go; ``None`` sends none.
+        dsn_transport: where failure DSNs go; ``None`` generates none. A DSN is queued
+            with the bounce or expiry it reports and sent by the runner like any
+            message (see :mod:`mailrelay.tracker.core`).
         reporting_mta: our host name for generated DSNs.
         request_dsn: ``True`` or a :class:`DSNRequest` to ask servers for DSNs.
         verp: a :class:`VERP` to use a per-message envelope sender.
@@ -207,14 +210,12 @@ class DeliveryTracker(TrackerCore[Transport]):
         batch: Sequence[tuple[Work, Sequence[Change]]],
         changed: Sequence[tuple[Address, ...]],
     ) -> RunSummary:
-        """Fire the events and send the failure DSNs of a committed batch."""
+        """Fire the events of a committed batch (its DSNs were queued in its commit)."""
         if not batch:
             return NOTHING_DONE
-        summary, events, dsns = self._report(batch, changed)
+        summary, events = self._report(batch, changed)
         for event in events:
             self.events.fire(event)
-        for message, envelope in dsns:
-            self._send_dsn(message, envelope)
         return summary
 
     def _release_claims(self, claims: Sequence[Claim]) -> None:
@@ -260,7 +261,8 @@ class DeliveryTracker(TrackerCore[Transport]):
         backs its domain off once, not once per message. A transaction the shaper holds
         off is put back (into ``pending``) instead. A domain with a concurrency or rate
         limit (:meth:`DomainShaper.paces`) ends the chunk at its transaction, so that
-        its limits count transactions one at a time.
+        its limits count transactions one at a time. A chunk goes to one transport, so
+        it ends where generated DSNs and the application's messages meet.
         """
         limit = self._chunk_limit(max(1, room))
         chunk: list[tuple[Work, Group]] = []
@@ -268,6 +270,8 @@ class DeliveryTracker(TrackerCore[Transport]):
         postponed = 0
         now = self.clock()
         while queue and len(chunk) < limit:
+            if chunk and queue[0][0].record.notification != chunk[0][0].record.notification:
+                break
             work, group = queue.popleft()
             if group.key not in held:
                 wait = self.shaper.acquire(group.key, now)
@@ -299,14 +303,15 @@ class DeliveryTracker(TrackerCore[Transport]):
         # Per domain, what it said last: True refused for now, False accepted, None neither.
         verdicts: dict[str, bool | None] = {group.key: None for _work, group in chunk}
         started = self.clock()
+        transport = self._transport_for(chunk[0][0])
         try:
-            results = self.transport.send_many(
+            results = transport.send_many(
                 [(work.message, self._envelope(work.record, group)) for work, group in chunk]
             )
             now = self.clock()
             if len(results) != len(chunk):
                 raise RuntimeError(
-                    f"{type(self.transport).__name__}.send_many returned {len(results)}"
+                    f"{type(transport).__name__}.send_many returned {len(results)}"
                     f" results for {len(chunk)} messages"
                 )
             attempts: AttemptMemo = {}
@@ -328,16 +333,6 @@ class DeliveryTracker(TrackerCore[Transport]):
             released = self.clock()
             for key, verdict in verdicts.items():
                 self.shaper.release(key, released, refused=verdict)
-
-    def _send_dsn(self, message: Message, envelope: Envelope) -> None:
-        assert self.dsn_transport is not None
-        try:
-            result = self.dsn_transport.deliver(message, envelope)
-        except Exception:
-            log.exception("could not send a DSN to %s", envelope.recipients[0].address)
-            return
-        if not result.ok:
-            log.warning("the DSN to %s was refused", envelope.recipients[0].address)
 
     def run_forever(
         self,

@@ -49,6 +49,7 @@ from mailrelay.tracker.store import (
     Attempt,
     Change,
     Claim,
+    FollowUp,
     MessageRecord,
     RecipientRecord,
     State,
@@ -127,6 +128,10 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE state = 'sending';
     DROP INDEX recipients_due;
     DROP INDEX recipients_lease;
+    """,
+    # 3 -> 4: which messages are failure DSNs the tracker generated (MessageRecord.notification).
+    """
+    ALTER TABLE messages ADD COLUMN notification INTEGER NOT NULL DEFAULT 0;
     """,
 )
 
@@ -310,21 +315,20 @@ class SQLiteStore:
 
         Small messages go in with one ``executemany`` per table; large ones are streamed.
         """
-        small: list[tuple[MessageRecord, bytes]] = []
-        large: list[tuple[MessageRecord, Iterable[bytes]]] = []
-        for record, content in entries:
-            if record.size > STREAM_THRESHOLD:
-                large.append((record, content))
-                continue
-            data = b"".join(content)
-            if len(data) != record.size:
-                raise ValueError(f"the content is {len(data)} bytes, the record says {record.size}")
-            small.append((record, data))
+        small, large = _split(entries)
         with self._write() as tx:
-            if small:
-                self._add_small(tx, small)
-            for record, content in large:
-                self._add(tx, record, content)
+            self._add_split(tx, small, large)
+
+    def _add_split(
+        self,
+        tx: sqlite3.Connection,
+        small: Sequence[tuple[MessageRecord, bytes]],
+        large: Sequence[tuple[MessageRecord, Iterable[bytes]]],
+    ) -> None:
+        if small:
+            self._add_small(tx, small)
+        for record, content in large:
+            self._add(tx, record, content)
 
     def _add_small(
         self, tx: sqlite3.Connection, entries: Sequence[tuple[MessageRecord, bytes]]
@@ -332,7 +336,7 @@ class SQLiteStore:
         try:
             tx.executemany(
                 "INSERT INTO messages (id, created_at, envelope, message_id, envid, size,"
-                " content) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " content, notification) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         record.id,
@@ -342,6 +346,7 @@ class SQLiteStore:
                         record.envelope.envid,
                         record.size,
                         data,
+                        int(record.notification),
                     )
                     for record, data in entries
                 ],
@@ -370,7 +375,7 @@ class SQLiteStore:
         try:
             cursor = tx.execute(
                 "INSERT INTO messages (id, created_at, envelope, message_id, envid, size,"
-                " content) VALUES (?, ?, ?, ?, ?, ?, zeroblob(?))",
+                " content, notification) VALUES (?, ?, ?, ?, ?, ?, zeroblob(?), ?)",
                 (
                     record.id,
                     to_micros(record.created_at),
@@ -379,6 +384,7 @@ class SQLiteStore:
                     record.envelope.envid,
                     record.size,
                     record.size,
+                    int(record.notification),
                 ),
             )
         except sqlite3.IntegrityError:
@@ -439,7 +445,7 @@ class SQLiteStore:
         # The ids travel as one JSON array parameter (json_each), so the SQL is constant.
         ids = json.dumps(list(tracking_ids))
         messages = conn.execute(
-            "SELECT id, created_at, envelope, message_id, size FROM messages"
+            "SELECT id, created_at, envelope, message_id, size, notification FROM messages"
             " WHERE id IN (SELECT value FROM json_each(?))",
             (ids,),
         ).fetchall()
@@ -470,7 +476,7 @@ class SQLiteStore:
         ):
             rows.setdefault(row[0], []).append(row)
         found = {}
-        for tracking_id, created_at, envelope_json, message_id, size in messages:
+        for tracking_id, created_at, envelope_json, message_id, size, notification in messages:
             envelope = envelope_from_json(envelope_json)
             # The envelope's recipients are already parsed: reuse them rather than parse again.
             known = {str(r.address): r.address for r in envelope.recipients}
@@ -495,6 +501,7 @@ class SQLiteStore:
                 message_id=message_id,
                 size=size,
                 recipients=recipients,
+                notification=bool(notification),
             )
         return found
 
@@ -562,17 +569,26 @@ class SQLiteStore:
         batch: Sequence[tuple[str, Sequence[Change]]],
         *,
         worker: str | None = None,
+        then: FollowUp | None = None,
     ) -> list[tuple[Address, ...]]:
         """See :meth:`~mailrelay.tracker.store.Store.apply_many`: one transaction, one commit.
 
         Three statements whatever the batch's size: one read of the recipients concerned,
-        one ``executemany`` for the new attempts, one for the new states. Changes for a
-        ``worker`` commit with ``work_synchronous``, the others with ``synchronous``.
+        one ``executemany`` for the new attempts, one for the new states (and the inserts
+        of what ``then`` returns). Changes for a ``worker`` commit with
+        ``work_synchronous``, the others with ``synchronous``: the messages ``then`` adds
+        share their changes' fate, so a power loss that undoes a bounce undoes its report
+        too, and the bounce happens again.
         """
         if not batch:
             return []
         with self._write(work=worker is not None) as tx:
-            return self._apply_batch(tx, batch, worker)
+            changed = self._apply_batch(tx, batch, worker)
+            if then is not None:
+                # In the same transaction: the follow-up messages and the changes they
+                # follow from are committed together or not at all.
+                self._add_split(tx, *_split(then(changed)))
+            return changed
 
     def _apply_batch(
         self,
@@ -712,6 +728,23 @@ def _apply_row(row: list[Any], change: Change, worker: str | None) -> bool:
         row[3] = int(change.confirmed)
     row[4] = row[5] = None
     return True
+
+
+def _split(
+    entries: Sequence[tuple[MessageRecord, Iterable[bytes]]],
+) -> tuple[list[tuple[MessageRecord, bytes]], list[tuple[MessageRecord, Iterable[bytes]]]]:
+    """The entries to bind whole (joined and checked) and those to stream (over the threshold)."""
+    small: list[tuple[MessageRecord, bytes]] = []
+    large: list[tuple[MessageRecord, Iterable[bytes]]] = []
+    for record, content in entries:
+        if record.size > STREAM_THRESHOLD:
+            large.append((record, content))
+            continue
+        data = b"".join(content)
+        if len(data) != record.size:
+            raise ValueError(f"the content is {len(data)} bytes, the record says {record.size}")
+        small.append((record, data))
+    return small, large
 
 
 def _recipient_row(tracking_id: str, position: int, recipient: RecipientRecord) -> tuple[Any, ...]:

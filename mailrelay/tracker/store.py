@@ -29,6 +29,10 @@ Rules of this module:
 * The message bytes are written with :meth:`Store.add` from an iterable of
   chunks (streamed where the store can), in the same atomic step as the record:
   a store never holds a record without its message or the reverse.
+* Messages that follow from changes (the failure DSNs the tracker generates for
+  recipients that bounced or expired) are added by :meth:`Store.apply_many`'s
+  ``then``, in the same atomic step as the changes: a bounce is recorded if and only
+  if its report is queued, so a crash can lose neither alone.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import datetime as dt
 import enum
 import json
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from json.encoder import encode_basestring as _json_str  # json's own string quoting
 from typing import Protocol
 
@@ -52,6 +56,7 @@ __all__ = [
     "Claim",
     "DUE_STATES",
     "FINAL_STATES",
+    "FollowUp",
     "MemoryStore",
     "MessageRecord",
     "RecipientRecord",
@@ -199,6 +204,9 @@ class MessageRecord:
         message_id: the message's Message-ID (without brackets), for correlating DSNs.
         size: the length of the stored message bytes.
         recipients: one record per envelope recipient, in envelope order.
+        notification: whether the tracker generated this message (a failure DSN to the
+            original sender) rather than the application: it goes out through the
+            tracker's ``dsn_transport`` and fires no events.
     """
 
     id: str
@@ -207,6 +215,7 @@ class MessageRecord:
     message_id: str | None = None
     size: int = 0
     recipients: tuple[RecipientRecord, ...] = ()
+    notification: bool = False
 
     @property
     def is_final(self) -> bool:
@@ -277,6 +286,13 @@ class Change:
     expect: frozenset[State] | None = None
 
 
+#: New messages that follow from applied changes (see :meth:`Store.apply_many`): given
+#: the addresses changed per entry of the batch, the records and contents to add.
+FollowUp = Callable[
+    [Sequence[tuple[Address, ...]]], Sequence[tuple[MessageRecord, Iterable[bytes]]]
+]
+
+
 class Store(Protocol):
     """Persistent storage for the tracker (see the module docstring for the rules)."""
 
@@ -343,8 +359,17 @@ class Store(Protocol):
         batch: Sequence[tuple[str, Sequence[Change]]],
         *,
         worker: str | None = None,
+        then: FollowUp | None = None,
     ) -> list[tuple[Address, ...]]:
         """:meth:`apply` for several messages in one transaction (one commit).
+
+        Args:
+            batch: per message, its changes.
+            worker: as for :meth:`apply`.
+            then: called inside the transaction with what this call returns; the new
+                messages it returns are added (as by :meth:`add_many`) in the same
+                transaction, so they are stored if and only if the changes are. If it
+                raises, nothing is stored and the exception propagates.
 
         Returns:
             For each entry of ``batch``, in order, the addresses whose state changed.
@@ -500,6 +525,19 @@ def apply_change(
     )
 
 
+def _joined(
+    entries: Sequence[tuple[MessageRecord, Iterable[bytes]]],
+) -> list[tuple[MessageRecord, bytes]]:
+    """Each entry's content in one piece, checked against its record's size."""
+    ready = []
+    for record, content in entries:
+        data = b"".join(content)
+        if len(data) != record.size:
+            raise ValueError(f"the content is {len(data)} bytes, the record says {record.size}")
+        ready.append((record, data))
+    return ready
+
+
 class MemoryStore:
     """A thread-safe store in memory: for tests and for processes that may lose their queue.
 
@@ -521,19 +559,17 @@ class MemoryStore:
 
     def add_many(self, entries: Sequence[tuple[MessageRecord, Iterable[bytes]]]) -> None:
         """See :meth:`Store.add_many`."""
-        ready = []
-        for record, content in entries:
-            data = b"".join(content)
-            if len(data) != record.size:
-                raise ValueError(f"the content is {len(data)} bytes, the record says {record.size}")
-            ready.append((record, data))
+        ready = _joined(entries)
         with self._lock:
-            ids = [record.id for record, _ in ready]
-            if len(set(ids)) != len(ids) or any(i in self._records for i in ids):
-                raise ValueError("a message with one of these ids is already stored")
-            for record, data in ready:
-                self._records[record.id] = record
-                self._content[record.id] = data
+            self._add_ready(ready)
+
+    def _add_ready(self, ready: Sequence[tuple[MessageRecord, bytes]]) -> None:
+        ids = [record.id for record, _ in ready]
+        if len(set(ids)) != len(ids) or any(i in self._records for i in ids):
+            raise ValueError("a message with one of these ids is already stored")
+        for record, data in ready:
+            self._records[record.id] = record
+            self._content[record.id] = data
 
     def get(self, tracking_id: str) -> MessageRecord | None:
         """See :meth:`Store.get`."""
@@ -610,13 +646,26 @@ class MemoryStore:
         batch: Sequence[tuple[str, Sequence[Change]]],
         *,
         worker: str | None = None,
+        then: FollowUp | None = None,
     ) -> list[tuple[Address, ...]]:
         """See :meth:`Store.apply_many`."""
         with self._lock:
             missing = [tracking_id for tracking_id, _ in batch if tracking_id not in self._records]
             if missing:
                 raise KeyError(missing[0])
-            return [self._apply(tracking_id, changes, worker) for tracking_id, changes in batch]
+            if then is None:
+                return [self._apply(tracking_id, changes, worker) for tracking_id, changes in batch]
+            # All or nothing: the records as they were, restored if ``then`` fails.
+            before = {tracking_id: self._records[tracking_id] for tracking_id, _ in batch}
+            try:
+                changed = [
+                    self._apply(tracking_id, changes, worker) for tracking_id, changes in batch
+                ]
+                self._add_ready(_joined(then(changed)))
+            except BaseException:
+                self._records.update(before)
+                raise
+            return changed
 
     def _apply(
         self, tracking_id: str, changes: Sequence[Change], worker: str | None

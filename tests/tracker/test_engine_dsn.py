@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -17,9 +19,10 @@ from mailrelay.tracker.dsn_parse import parse_dsn
 from mailrelay.tracker.engine import VERP, DeliveryTracker, DSNRequest
 from mailrelay.tracker.events import EventKind, TrackerEvent
 from mailrelay.tracker.retry import RetryPolicy
-from mailrelay.tracker.store import MemoryStore, State
+from mailrelay.tracker.sqlite_store import SQLiteStore
+from mailrelay.tracker.store import Change, FollowUp, MemoryStore, State, Store
 from mailrelay.transport.memory import MemoryTransport
-from tests.tracker.test_engine import FakeClock, message, no_jitter, scripted
+from tests.tracker.test_engine import Answer, FakeClock, message, no_jitter, scripted
 
 SENDER = "sender@example.com"
 
@@ -165,14 +168,147 @@ def test_no_dsn_when_none_may_be_sent(envelope: Envelope) -> None:
     assert dsn_out.outbox == []
 
 
-def test_a_failing_dsn_transport_does_not_disturb_the_record() -> None:
+def test_a_failing_dsn_transport_leaves_the_report_queued() -> None:
+    # Anything but a DeliveryError propagates, as for any message; the bounce stays
+    # recorded and the report stays queued until a later run sends it.
     dsn_out = MemoryTransport(scripted(RuntimeError("dsn relay down")))
     transport = MemoryTransport(scripted({"a@example.org": Outcome.PERMANENT}))
     tracker, _clock, seen = make(transport, dsn_transport=dsn_out)
     tracking_id = tracker.submit(message(("a@example.org",)))
-    tracker.run_pending()
+    with pytest.raises(RuntimeError, match="dsn relay down"):
+        tracker.run_pending()
     assert tracker.status(tracking_id).recipients[0].state is State.BOUNCED
     assert [e.kind for e in seen] == [EventKind.BOUNCED]
+    (queued,) = [r for r in tracker.find(state=State.QUEUED) if r.notification]
+    assert dsn_out.outbox == []
+    tracker.run_pending()
+    assert len(dsn_out.outbox) == 1
+    assert tracker.status(queued.id).recipients[0].state is State.DELIVERED
+    assert [e.kind for e in seen] == [EventKind.BOUNCED]  # a generated DSN fires no events
+
+
+class Killed(BaseException):
+    """The process dying at a chosen instant (a BaseException, as SIGKILL spares nothing)."""
+
+
+class DiesAfterCommit:
+    """A store that dies right after committing the first bounce it records."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def apply_many(
+        self,
+        batch: Sequence[tuple[str, Sequence[Change]]],
+        *,
+        worker: str | None = None,
+        then: FollowUp | None = None,
+    ) -> list[tuple[Address, ...]]:
+        changed = self.inner.apply_many(batch, worker=worker, then=then)
+        if any(c.state is State.BOUNCED for _id, changes in batch for c in changes):
+            raise Killed
+        return changed
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_report_survives_a_crash_right_after_its_bounce_is_committed(
+    kind: str, tmp_path: Path
+) -> None:
+    # Before DSNs were queued, this instant lost the report: the bounce was committed,
+    # and the report was to be sent just after.
+    path = tmp_path / "t.db"
+    store: Store = MemoryStore() if kind == "memory" else SQLiteStore(path)
+    clock = FakeClock()
+    transport = MemoryTransport(scripted({"a@example.org": Reply.of(550, "5.1.1 no such user")}))
+    first = DeliveryTracker(
+        transport,
+        DiesAfterCommit(store),  # type: ignore[arg-type]
+        clock=clock,
+        random=no_jitter,
+        dsn_transport=MemoryTransport(),
+        worker_id="first",
+    )
+    tracking_id = first.submit(message(("a@example.org",)))
+    with pytest.raises(Killed):
+        first.run_pending()
+    if kind == "sqlite":
+        store.close()
+        store = SQLiteStore(path)  # what a restarted process opens
+    # The restarted process: another worker, the same store.
+    dsn_out = MemoryTransport()
+    second = DeliveryTracker(
+        MemoryTransport(), store, clock=clock, random=no_jitter, dsn_transport=dsn_out
+    )
+    second.run_pending()
+    assert second.status(tracking_id).recipients[0].state is State.BOUNCED
+    assert len(transport.outbox) == 1  # the bounce was recorded: never tried again
+    assert len(dsn_out.outbox) == 1
+    report_message, envelope = dsn_out.outbox[0]
+    assert envelope.sender is None
+    assert [str(r.address) for r in envelope.recipients] == [SENDER]
+    report = parse_dsn(report_message.as_bytes())
+    assert [(r.address, r.status) for r in report.recipients] == [("a@example.org", "5.1.1")]
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("answers", "runs", "state"),
+    [
+        # Refused for now, then taken: retried like any message.
+        ([{SENDER: Reply.of(451, "4.3.0 try later")}], 2, State.DELIVERED),
+        # Refused for good: bounced, and no report about the report (null reverse-path).
+        ([{SENDER: Reply.of(550, "5.1.1 no such user")}], 1, State.BOUNCED),
+    ],
+)
+def test_a_generated_report_is_tracked_like_any_message(
+    answers: list[Answer], runs: int, state: State
+) -> None:
+    dsn_out = MemoryTransport(scripted(*answers))
+    transport = MemoryTransport(scripted({"a@example.org": Outcome.PERMANENT}))
+    tracker, clock, seen = make(
+        transport, dsn_transport=dsn_out, retry=RetryPolicy(initial=60, max_age=3600)
+    )
+    tracking_id = tracker.submit(message(("a@example.org",)))
+    for _ in range(runs):
+        tracker.run_pending()
+        due = tracker.next_due()
+        if due is not None:
+            clock.now = due
+    (report,) = [r for r in tracker.find() if r.notification]
+    assert report.recipients[0].state is state
+    assert len(report.recipients[0].attempts) == runs
+    assert len(dsn_out.outbox) == runs
+    assert not tracker.status(tracking_id).notification
+    assert [e.tracking_id for e in seen] == [tracking_id]  # the report fires no events
+    assert len([r for r in tracker.find() if r.notification]) == 1
+
+
+def test_a_report_goes_through_the_main_transport_without_a_dsn_transport(
+    tmp_path: Path,
+) -> None:
+    # Queued by a tracker that had a dsn_transport, sent by one that has none: not lost.
+    store = SQLiteStore(tmp_path / "t.db")
+    clock = FakeClock()
+    transport = MemoryTransport(scripted({"a@example.org": Outcome.PERMANENT}))
+    first = DeliveryTracker(
+        transport,
+        store,
+        clock=clock,
+        random=no_jitter,
+        dsn_transport=MemoryTransport(scripted(RuntimeError("down"))),
+    )
+    first.submit(message(("a@example.org",)))
+    with pytest.raises(RuntimeError):
+        first.run_pending()
+    second = DeliveryTracker(transport, store, clock=clock, random=no_jitter)
+    second.run_pending()
+    sent = transport.outbox[-1]
+    assert sent.envelope.sender is None
+    assert parse_dsn(sent.message.as_bytes()).kind is DSNKind.BOUNCE
+    store.close()
 
 
 # -- ingesting DSNs -------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -23,6 +23,7 @@ from mailrelay.tracker.sqlite_store import MIGRATIONS, SCHEMA_VERSION, SQLiteSto
 from mailrelay.tracker.store import (
     Attempt,
     Change,
+    Claim,
     MemoryStore,
     MessageRecord,
     RecipientRecord,
@@ -424,6 +425,67 @@ def test_apply_many_commits_several_messages_at_once(store: Store) -> None:
         store.apply_many([("m0", []), ("nope", [])])
 
 
+def _bounce(claims: list[Claim]) -> list[tuple[str, list[Change]]]:
+    attempt = Attempt(at=T0, code=550, text="5.1.1 no such user")
+    return [
+        (
+            claim.tracking_id,
+            [Change(address=claim.addresses[0], state=State.BOUNCED, attempt=attempt)],
+        )
+        for claim in claims
+    ]
+
+
+@pytest.mark.parametrize("size", [5, sqlite_store.STREAM_THRESHOLD + 1])
+def test_apply_many_adds_what_then_returns_in_the_same_commit(store: Store, size: int) -> None:
+    store.add(make_record("m1"), [b"12345"])
+    claims = store.claim(worker="w", now=T0, lease=LEASE, limit=10)
+    seen: list[list[tuple[Address, ...]]] = []
+    report = attrs.evolve(
+        make_record("r1", recipients=("sender@example.com",), size=size), notification=True
+    )
+
+    def then(changed: Sequence[tuple[Address, ...]]) -> list[tuple[MessageRecord, Iterable[bytes]]]:
+        seen.append(list(changed))
+        return [(report, [b"x" * size])]
+
+    changed = store.apply_many(_bounce(claims), worker="w", then=then)
+    assert seen == [changed] == [[(addr("a@example.org"),)]]
+    assert store.get("r1") == report
+    assert store.content("r1") == b"x" * size
+    due = store.claim(worker="w", now=T0, lease=LEASE, limit=10)
+    assert [c.tracking_id for c in due] == ["r1"]
+
+
+@pytest.mark.parametrize("failure", ["raises", "duplicate id", "wrong size"])
+def test_apply_many_stores_nothing_when_then_fails(store: Store, failure: str) -> None:
+    store.add(make_record("m1"), [b"12345"])
+    claims = store.claim(worker="w", now=T0, lease=LEASE, limit=10)
+    before = store.get("m1")
+
+    def then(
+        _changed: Sequence[tuple[Address, ...]],
+    ) -> list[tuple[MessageRecord, Iterable[bytes]]]:
+        if failure == "raises":
+            raise RuntimeError("no report")
+        record = make_record("m1" if failure == "duplicate id" else "r1")
+        return [(record, [b"12345" if failure == "duplicate id" else b"1"])]
+
+    with pytest.raises((RuntimeError, ValueError)):
+        store.apply_many(_bounce(claims), worker="w", then=then)
+    assert store.get("m1") == before
+    assert store.get("r1") is None
+
+
+def test_the_notification_flag_round_trips(store: Store) -> None:
+    plain = make_record("m1")
+    report = attrs.evolve(make_record("m2"), notification=True)
+    store.add_many([(plain, [b"12345"]), (report, [b"12345"])])
+    assert store.get("m1") == plain
+    assert store.get("m2") == report
+    assert [r.notification for r in store.find()] == [False, True]
+
+
 # -- the two stores agree -----------------------------------------------------------
 
 _OPS = st.lists(
@@ -625,6 +687,32 @@ def test_sqlite_migration_three_replaces_the_due_indexes(tmp_path: Path) -> None
         names = {row[0] for row in check.execute("SELECT name FROM sqlite_master")}
     assert {"recipients_due_order", "recipients_lease_order"} <= names
     assert not {"recipients_due", "recipients_lease"} & names
+
+
+def test_sqlite_migration_four_marks_existing_messages_as_the_applications(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v3.db"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute("INSERT INTO schema_version VALUES (3)")
+    raw.executescript(MIGRATIONS[0] + MIGRATIONS[1] + MIGRATIONS[2])
+    record = make_record("m1")
+    raw.execute(
+        "INSERT INTO messages (id, created_at, envelope, message_id, envid, size, content)"
+        " VALUES (?, ?, ?, NULL, NULL, 5, ?)",
+        ("m1", to_micros(T0), envelope_to_json(record.envelope), b"12345"),
+    )
+    raw.commit()
+    raw.close()
+    store = SQLiteStore(path)
+    try:
+        assert store.schema_version == SCHEMA_VERSION == 4
+        found = store.get("m1")
+        assert found is not None
+        assert found.notification is False
+    finally:
+        store.close()
 
 
 def test_a_claim_is_fresh_until_a_recipient_has_a_history(store: Store) -> None:
