@@ -24,6 +24,12 @@ previous message's terminator in one write). smtp-sink does not offer CHUNKING, 
 354 still costs one round trip per message; against a server with CHUNKING
 (``chunking=True``) whole messages are in flight at once.
 
+A *reference* row in scenarios 1-3 is a bare loop over a socket (or an asyncio Protocol)
+that pipelines exactly as mailrelay does and checks only the reply codes: no library, no
+per-recipient results. It shows what any RFC-compliant client can reach against this server
+on this machine at this moment, so how much of a ratio is left to the client and how much
+the server (and the one round trip per message) fixes.
+
 For the in-process clients it also prints client CPU microseconds per message
 (``time.process_time``; smtp-sink runs in its own process, so this is the client alone).
 Goals, as ratios of the same run: (1) >= 3x smtplib, (2) >= 5x aiosmtplib,
@@ -36,6 +42,7 @@ import argparse
 import asyncio
 import os
 import smtplib
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -51,6 +58,10 @@ from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
 from tests.peers.sink import SMTPSink, run_smtp_source
+
+#: The reference rows: the best an RFC-compliant client can do against this server here.
+FLOOR = "reference: bare pipelined socket loop"
+FLOOR_ASYNC = "reference: bare asyncio loop (4 conns)"
 
 SENDER = "bench@mailrelay.test"
 RECIPIENT = "sink@sink.mailrelay.test"
@@ -158,6 +169,130 @@ def aiosmtplib_raw(sink: SMTPSink, raw: bytes, count: int, connections: int) -> 
     asyncio.run(main())
 
 
+class _Replies:
+    """Reads whole SMTP replies from a byte stream and checks their codes (for the
+    reference clients below; no parsing beyond the code and the final-line marker)."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+
+    def take(self, data: bytes, expected: list[bytes]) -> bool:
+        """Add ``data``; ``True`` once ``expected`` (codes of final lines, in order) have all
+        arrived, which are then consumed; raises on any other code."""
+        self.buffer += data
+        finals: list[bytes] = []
+        start = 0
+        while len(finals) < len(expected):
+            end = self.buffer.find(b"\r\n", start)
+            if end < 0:
+                return False
+            line = self.buffer[start:end]
+            start = end + 2
+            if line[3:4] != b"-":
+                finals.append(line[:3])
+        if finals != expected:
+            raise RuntimeError(f"unexpected replies {finals}, wanted {expected}")
+        self.buffer = self.buffer[start:]
+        return True
+
+
+def _reference_groups(raw: bytes) -> tuple[bytes, bytes, list[bytes], list[bytes]]:
+    envelope = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode()
+    data = raw + b".\r\n"  # raw ends in CRLF and has no line starting with "."
+    return envelope, data, [b"250", b"250", b"354"], [b"250", b"250", b"250", b"354"]
+
+
+def reference_sync(sink: SMTPSink, raw: bytes, count: int) -> None:
+    """The floor for any RFC-compliant client on one connection: a bare socket loop that
+    pipelines exactly as mailrelay does (the message's data and terminator, then the next
+    MAIL/RCPT/DATA, in one write; one round trip per message, since DATA's 354 must come
+    before the data, RFC 2920 §3.1) and checks only the reply codes."""
+    envelope, data, first, then = _reference_groups(raw)
+    replies = _Replies()
+    with socket.create_connection((sink.host, sink.port), timeout=60) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def wait(expected: list[bytes]) -> None:
+            data_in = b""
+            while not replies.take(data_in, expected):
+                data_in = sock.recv(65536)
+                if not data_in:
+                    raise RuntimeError("the server closed the connection")
+
+        wait([b"220"])
+        sock.sendall(b"EHLO client.mailrelay.test\r\n")
+        wait([b"250"])
+        sock.sendall(envelope)
+        wait(first)
+        both = data + envelope
+        for _ in range(count - 1):
+            sock.sendall(both)
+            wait(then)
+        sock.sendall(data + b"QUIT\r\n")
+        wait([b"250", b"221"])
+
+
+class _ReferenceProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.replies = _Replies()
+        self.expected: list[bytes] = [b"220"]
+        self.waiter: asyncio.Future[None] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self.waiter
+        try:
+            done = self.replies.take(data, self.expected)
+        except RuntimeError as exc:
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+            return
+        if done and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc or ConnectionError("closed"))
+
+    async def exchange(self, data: bytes | None, expected: list[bytes]) -> None:
+        self.expected = expected
+        self.waiter = asyncio.get_running_loop().create_future()
+        if data is not None:
+            assert self.transport is not None
+            self.transport.write(data)
+        if not self.replies.take(b"", expected):
+            await asyncio.wait_for(self.waiter, 60)
+
+
+def reference_async(sink: SMTPSink, raw: bytes, count: int, connections: int) -> None:
+    """The same floor on ``connections`` asyncio connections (a bare Protocol each)."""
+    envelope, data, first, then = _reference_groups(raw)
+
+    async def one(n: int) -> None:
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_connection(_ReferenceProtocol, sink.host, sink.port)
+        await protocol.exchange(None, [b"220"])
+        await protocol.exchange(b"EHLO client.mailrelay.test\r\n", [b"250"])
+        await protocol.exchange(envelope, first)
+        both = data + envelope
+        for _ in range(n - 1):
+            await protocol.exchange(both, then)
+        await protocol.exchange(data + b"QUIT\r\n", [b"250", b"221"])
+        transport.close()
+
+    async def main() -> None:
+        share = [
+            count // connections + (1 if i < count % connections else 0) for i in range(connections)
+        ]
+        await asyncio.gather(*(one(n) for n in share if n))
+
+    asyncio.run(main())
+
+
 def personalised_mailrelay(sink: SMTPSink, count: int) -> None:
     pool = PoolSettings(size=1, max_messages=10**9)
     with SMTPTransport(sink.host, sink.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=pool) as smtp:
@@ -215,7 +350,7 @@ def main() -> None:
         message = Message.from_bytes(raw)
         pair = (message, envelope)
         print(f"\n1. {n} x 1 KB over one connection")
-        ours, theirs, source = compare(
+        ours, theirs, source, floor = compare(
             r,
             lambda: measure(
                 "mailrelay SMTPTransport (pipelined)",
@@ -229,17 +364,19 @@ def main() -> None:
                 lambda: run_smtp_source(sink.host, sink.port, messages=n, size=1024),
                 cpu=False,
             ),
+            lambda: measure(FLOOR, n, lambda: reference_sync(sink, raw, n)),
         )
-        for figure in (ours, theirs, source):
+        for figure in (ours, theirs, source, floor):
             print(figure.line())
         print(
             f"  ratio mailrelay/smtplib {ours.rate / theirs.rate:.2f}x (goal >= 3x); "
-            f"mailrelay/smtp-source {ours.rate / source.rate:.2f}x"
+            f"mailrelay/smtp-source {ours.rate / source.rate:.2f}x; "
+            f"floor/smtplib {floor.rate / theirs.rate:.2f}x"
         )
 
         # 2. four connections
         print(f"\n2. {n} x 1 KB over 4 connections")
-        ours4, aio4, source4 = compare(
+        ours4, aio4, source4, floor4 = compare(
             r,
             lambda: measure(
                 "mailrelay AsyncSMTPTransport (pool 4)",
@@ -253,12 +390,14 @@ def main() -> None:
                 lambda: run_smtp_source(sink.host, sink.port, messages=n, size=1024, sessions=4),
                 cpu=False,
             ),
+            lambda: measure(FLOOR_ASYNC, n, lambda: reference_async(sink, raw, n, 4)),
         )
-        for figure in (ours4, aio4, source4):
+        for figure in (ours4, aio4, source4, floor4):
             print(figure.line())
         print(
             f"  ratio mailrelay/aiosmtplib {ours4.rate / aio4.rate:.2f}x (goal >= 5x); "
-            f"mailrelay/smtp-source {ours4.rate / source4.rate:.2f}x"
+            f"mailrelay/smtp-source {ours4.rate / source4.rate:.2f}x; "
+            f"floor/aiosmtplib {floor4.rate / aio4.rate:.2f}x"
         )
 
         # 3. 100 KB
@@ -266,7 +405,7 @@ def main() -> None:
         raw100 = raw_message(100 * 1024)
         message100 = Message.from_bytes(raw100)
         print(f"\n3. {m} x 100 KB over one connection")
-        ours100, lib100 = compare(
+        ours100, lib100, floor100 = compare(
             r,
             lambda: measure(
                 "mailrelay SMTPTransport",
@@ -274,10 +413,14 @@ def main() -> None:
                 lambda: mailrelay_sync(sink, [(message100, envelope)] * m),
             ),
             lambda: measure("smtplib", m, lambda: smtplib_raw(sink, raw100, m)),
+            lambda: measure(FLOOR, m, lambda: reference_sync(sink, raw100, m)),
         )
-        for figure in (ours100, lib100):
+        for figure in (ours100, lib100, floor100):
             print(figure.line())
-        print(f"  ratio mailrelay/smtplib {ours100.rate / lib100.rate:.2f}x (goal >= 2.5x)")
+        print(
+            f"  ratio mailrelay/smtplib {ours100.rate / lib100.rate:.2f}x (goal >= 2.5x); "
+            f"floor/smtplib {floor100.rate / lib100.rate:.2f}x"
+        )
 
         # 4. personalised
         p = scaled(20_000)
