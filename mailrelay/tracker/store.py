@@ -369,7 +369,8 @@ class Store(Protocol):
             then: called inside the transaction with what this call returns; the new
                 messages it returns are added (as by :meth:`add_many`) in the same
                 transaction, so they are stored if and only if the changes are. If it
-                raises, nothing is stored and the exception propagates.
+                raises, nothing is stored and the exception propagates. It runs while
+                the store holds its write lock, so it must not call the store.
 
         Returns:
             For each entry of ``batch``, in order, the addresses whose state changed.
