@@ -286,6 +286,24 @@ def test_a_generated_report_is_tracked_like_any_message(
     assert len([r for r in tracker.find() if r.notification]) == 1
 
 
+def test_reports_and_the_applications_messages_go_through_their_own_transports() -> None:
+    dsn_out = MemoryTransport()
+    transport = MemoryTransport(scripted({"a@example.org": Outcome.PERMANENT}))
+    tracker, _clock, _ = make(transport, dsn_transport=dsn_out)
+    bounced = tracker.submit(message(("a@example.org",)))
+    tracker.run_pending(max_rounds=1)  # the bounce, and its report queued, not yet sent
+    later = tracker.submit(message(("b@example.net",)))
+    summary = tracker.run_pending()  # one claim batch: the report and the new message
+    assert summary.messages == 2
+    assert [str(r.address) for sent in dsn_out.outbox for r in sent.envelope.recipients] == [SENDER]
+    assert [str(r.address) for sent in transport.outbox for r in sent.envelope.recipients] == [
+        "a@example.org",
+        "b@example.net",
+    ]
+    assert tracker.status(bounced).recipients[0].state is State.BOUNCED
+    assert tracker.status(later).recipients[0].state is State.DELIVERED
+
+
 def test_a_report_goes_through_the_main_transport_without_a_dsn_transport(
     tmp_path: Path,
 ) -> None:
