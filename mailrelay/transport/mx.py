@@ -6,8 +6,11 @@ the resolver for the domain's mail hosts, turns them into an ordered list of *ta
 (exchanger name + one IP address), and tries the targets in turn until one of them gives an
 answer per recipient. The per-domain results are merged into one
 :class:`~mailrelay.results.DeliveryResult`, in envelope order. The planning and bookkeeping
-here are shared with :mod:`mailrelay.transport.mx_async`; only the short loops that do I/O are
-written twice.
+here are shared with :mod:`mailrelay.transport.mx_async`: a domain's delivery, every decision
+of it (reuse or open, TLS fallback, REQUIRETLS, when to move on), is one generator
+(:func:`deliver_plan`) that yields requests (:class:`ReuseIdle`, :class:`OpenSession`,
+:class:`SendMessage`, :class:`GiveBack`); only the short loops that carry them out with I/O
+are written twice.
 
 Rules (RFC sections cited where they are enforced):
 
@@ -74,8 +77,8 @@ import ssl
 import threading
 import time
 import warnings
-from collections.abc import Callable, Hashable, Iterable
-from typing import Any, Final, TypeAlias
+from collections.abc import Callable, Generator, Hashable, Iterable
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 import attrs
 
@@ -96,7 +99,7 @@ from mailrelay.resolver import DNSStatus, MailHost, MailHosts, Resolver
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.transport.base import Transport
 from mailrelay.transport.errors_map import peer_name
-from mailrelay.transport.pooling import ExchangerPool, is_stale_connection_error
+from mailrelay.transport.pooling import ExchangerPool, PooledConnection, is_stale_connection_error
 from mailrelay.transport.settings import PoolSettings
 from mailrelay.transport.smtp import PooledSession, quit_all
 from mailrelay.transport.sync_driver import connect
@@ -268,6 +271,18 @@ def literal_hosts(ascii_domain: str) -> MailHosts | None:
         hosts=(MailHost(name=ascii_domain, status=DNSStatus.OK, ipv4=v4, ipv6=v6, preference=0),),
         implicit=True,
     )
+
+
+def mail_hosts_of(resolver: Resolver, domain: str) -> MailHosts | ResolverError:
+    """Where ``domain``'s mail goes: an address literal's one host, or the resolver's answer
+    (its :class:`~mailrelay.errors.ResolverError` returned, for :func:`plan` to judge)."""
+    found = literal_hosts(domain)
+    if found is not None:
+        return found
+    try:
+        return resolver.mail_hosts(domain)
+    except ResolverError as exc:
+        return exc
 
 
 def plan(
@@ -499,6 +514,129 @@ class Stale(enum.Enum):
     STALE = "stale"
 
 
+# -- one domain's delivery as requests (shared with mx_async) ----------------------------------
+
+#: A routed domain: its policy and the targets to try, in order.
+Route: TypeAlias = tuple[MXPolicy, list[Target]]
+
+C = TypeVar("C", bound=PooledConnection[Any])
+
+
+@attrs.frozen
+class ReuseIdle:
+    """Take an idle session for ``key`` that still works from the pool (NOOP first when it
+    has been idle long). The answer: the session, or ``None``."""
+
+    key: Hashable
+
+
+@attrs.frozen
+class OpenSession:
+    """Connect to ``target`` and open a session under ``tls`` (greeting, EHLO, STARTTLS).
+    The answer: the session, or the :class:`~mailrelay.errors.DeliveryError` that stopped it."""
+
+    target: Target
+    policy: MXPolicy
+    tls: TLS
+
+
+@attrs.frozen
+class SendMessage(Generic[C]):
+    """Send the message on ``connection``. The answer: the result, or the
+    :class:`~mailrelay.errors.DeliveryError` that ended the attempt (the connection is then
+    closed)."""
+
+    connection: C
+
+
+@attrs.frozen
+class GiveBack(Generic[C]):
+    """Give ``connection`` back to the pool under ``key`` (it QUITs what it cannot keep).
+    The answer: ``None``."""
+
+    key: Hashable
+    connection: C
+
+
+#: What a domain's plan asks the transport to do, and what it is answered.
+MXRequest: TypeAlias = ReuseIdle | OpenSession | SendMessage[C] | GiveBack[C]
+MXAnswer: TypeAlias = C | DeliveryResult | DeliveryError | None
+DomainPlan: TypeAlias = Generator[MXRequest[C], MXAnswer[C], list[RecipientResult]]
+_TargetPlan: TypeAlias = Generator[MXRequest[C], MXAnswer[C], DeliveryResult | None]
+
+#: The most requests one target's plan makes (reuse, send, give back; two opens, send,
+#: give back): bounds the transports' loops.
+MAX_REQUESTS_PER_TARGET: Final = 8
+
+
+def deliver_plan(
+    routed: Route, envelope: Envelope, trail: Trail, settings: MXSettings
+) -> DomainPlan[C]:
+    """One domain's delivery, every decision of it, as requests the transport carries out.
+
+    The targets are tried in turn (each: a reused session first, then fresh ones, see
+    :func:`_target_plan`); the first answer per recipient ends it. Returns the recipients'
+    results, naming the target that answered, or the trail's account when none did.
+    """
+    policy, targets = routed
+    for target in targets:
+        key = reuse_key(target, policy, settings.context(policy, policy.tls))
+        result: DeliveryResult | None = yield from _target_plan(
+            key, target, policy, envelope, trail
+        )
+        if result is not None:
+            return with_host(result.recipients, target.peer)
+    return trail.results([r.address for r in envelope.recipients])
+
+
+def _target_plan(
+    key: Hashable, target: Target, policy: MXPolicy, envelope: Envelope, trail: Trail
+) -> _TargetPlan[C]:
+    """One target: the result, or ``None`` after ``trail`` recorded why it failed."""
+    idle = yield ReuseIdle(key)
+    if isinstance(idle, PooledConnection):
+        outcome = yield from _attempt_plan(key, target, idle, envelope, trail, fresh=False)
+        if outcome is not Stale.STALE:
+            return outcome
+    if trail.known_unreachable(target):
+        return None
+    tls: TLS | None = policy.tls
+    while tls is not None:  # at most twice: with TLS, then in plain text
+        opened = yield OpenSession(target, policy, tls)
+        if not isinstance(opened, PooledConnection):
+            assert isinstance(opened, DeliveryError), "OpenSession gives a session or an error"
+            tls = trail.open_failed(target, opened, policy, tls)
+            continue
+        outcome = yield from _attempt_plan(key, target, opened, envelope, trail, fresh=True)
+        return None if outcome is Stale.STALE else outcome
+    return None
+
+
+def _attempt_plan(
+    key: Hashable,
+    target: Target,
+    connection: C,
+    envelope: Envelope,
+    trail: Trail,
+    *,
+    fresh: bool,
+) -> Generator[MXRequest[C], MXAnswer[C], DeliveryResult | Stale | None]:
+    """Send on ``connection``: the result; ``None`` after recording why the target failed;
+    or ``Stale.STALE`` when a reused session turned out to be dead (open a fresh one)."""
+    refusal = requiretls_refusal(connection.session, envelope, target.peer)
+    if refusal is not None:
+        trail.failed(target, refusal, transient=False)
+        yield GiveBack(key, connection)  # the session is fine for other mail
+        return None
+    sent = yield SendMessage(connection)
+    if not isinstance(sent, DeliveryResult):
+        assert isinstance(sent, DeliveryError), "SendMessage gives a result or an error"
+        return trail.send_failed(target, sent, fresh=fresh)
+    connection.messages += 1
+    yield GiveBack(key, connection)
+    return sent
+
+
 class MXSettings:
     """The checked configuration shared by the blocking and the asyncio MX transports."""
 
@@ -579,6 +717,16 @@ class MXSettings:
     ) -> list[Target] | Verdict:
         """:func:`plan` with this transport's port and address limit."""
         return plan(domain, found, policy, port=self.port, max_addresses=self.max_addresses)
+
+    def route(
+        self, domain: str, envelope: Envelope, policy: MXPolicy, found: MailHosts | ResolverError
+    ) -> Route | list[RecipientResult]:
+        """The domain's policy and targets, or its recipients' results when the DNS (or the
+        policy) settles them without a connection."""
+        targets = self.plan(domain, found, policy)
+        if isinstance(targets, Verdict):
+            return targets.results([r.address for r in envelope.recipients])
+        return policy, targets
 
     def session_config(self, target: Target, tls: TLS, local_address: str | None) -> SessionConfig:
         """The dialogue's configuration for one target."""
@@ -711,57 +859,31 @@ class MXTransport(Transport):
     def _deliver_domain(
         self, domain: str, message: Message, envelope: Envelope, unreachable: Unreachable
     ) -> list[RecipientResult]:
-        recipients = [r.address for r in envelope.recipients]
-        policy = self.settings.policy(domain, requiretls=envelope.requiretls)
-        found = literal_hosts(domain)
-        if found is None:
+        settings = self.settings
+        policy = settings.policy(domain, requiretls=envelope.requiretls)
+        routed = settings.route(domain, envelope, policy, mail_hosts_of(self.resolver, domain))
+        if isinstance(routed, list):
+            return routed
+        plan: DomainPlan[PooledSession] = deliver_plan(
+            routed, envelope, Trail(domain, unreachable), settings
+        )
+        answer: MXAnswer[PooledSession] = None
+        for _ in range(len(routed[1]) * MAX_REQUESTS_PER_TARGET + 1):
             try:
-                found = self.resolver.mail_hosts(domain)
-            except ResolverError as exc:
-                verdict = self.settings.plan(domain, exc, policy)
-                assert isinstance(verdict, Verdict), "a resolver error always gives a verdict"
-                return verdict.results(recipients)
-        targets = self.settings.plan(domain, found, policy)
-        if isinstance(targets, Verdict):
-            return targets.results(recipients)
-        trail = Trail(domain, unreachable)
-        for target in targets:
-            result = self._try(target, policy, message, envelope, trail)
-            if result is not None:
-                return with_host(result.recipients, target.peer)
-        return trail.results(recipients)
-
-    def _try(
-        self,
-        target: Target,
-        policy: MXPolicy,
-        message: Message,
-        envelope: Envelope,
-        trail: Trail,
-    ) -> DeliveryResult | None:
-        """One target: the result, or ``None`` after recording why it failed."""
-        key = reuse_key(target, policy, self.settings.context(policy, policy.tls))
-        connection = self._reuse(key)
-        if connection is not None:
-            outcome = self._attempt(
-                key, target, connection, message=message, envelope=envelope, trail=trail
-            )
-            if outcome is not Stale.STALE:
-                return outcome
-        if trail.known_unreachable(target):
-            return None
-        tls: TLS | None = policy.tls
-        while tls is not None:  # at most twice: with TLS, then in plain text
-            try:
-                connection = self._open(target, policy, tls)
-            except DeliveryError as exc:
-                tls = trail.open_failed(target, exc, policy, tls)
-                continue
-            outcome = self._attempt(
-                key, target, connection, message=message, envelope=envelope, trail=trail, fresh=True
-            )
-            return None if outcome is Stale.STALE else outcome
-        return None
+                request = plan.send(answer)
+            except StopIteration as done:
+                results: list[RecipientResult] = done.value
+                return results
+            if isinstance(request, ReuseIdle):
+                answer = self._reuse(request.key)
+            elif isinstance(request, OpenSession):
+                answer = self._open(request.target, request.policy, request.tls)
+            elif isinstance(request, SendMessage):
+                answer = self._send(request.connection, message, envelope)
+            else:
+                self._give_back(request.key, request.connection)
+                answer = None
+        raise AssertionError("a domain's plan made too many requests")
 
     def _reuse(self, key: Hashable) -> PooledSession | None:
         """An idle session for ``key`` that still works, or ``None``."""
@@ -785,18 +907,24 @@ class MXTransport(Transport):
             leaving = self._pool.put(key, connection, time.monotonic())
         quit_all(leaving)
 
-    def _open(self, target: Target, policy: MXPolicy, tls: TLS) -> PooledSession:
+    def _open(self, target: Target, policy: MXPolicy, tls: TLS) -> PooledSession | DeliveryError:
         settings = self.settings
-        driver = connect(
-            target.address,
-            target.port,
-            timeouts=settings.timeouts,
-            ssl_context=settings.context(policy, tls),
-            server_hostname=target.tls_name,
-        )
+        try:
+            driver = connect(
+                target.address,
+                target.port,
+                timeouts=settings.timeouts,
+                ssl_context=settings.context(policy, tls),
+                server_hostname=target.tls_name,
+            )
+        except DeliveryError as exc:
+            return exc
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))
             driver.run(session.open())
+        except DeliveryError as exc:
+            driver.close()
+            return exc
         except BaseException:
             driver.close()
             raise
@@ -804,35 +932,17 @@ class MXTransport(Transport):
             self._pool.opened += 1
         return PooledSession(driver, session)
 
-    def _attempt(
-        self,
-        key: Hashable,
-        target: Target,
-        connection: PooledSession,
-        *,
-        message: Message,
-        envelope: Envelope,
-        trail: Trail,
-        fresh: bool = False,
-    ) -> DeliveryResult | Stale | None:
-        """Send on ``connection``: the result; ``None`` after recording why the target failed;
-        or ``Stale.STALE`` when a reused session turned out to be dead (open a fresh one)."""
-        refusal = requiretls_refusal(connection.session, envelope, target.peer)
-        if refusal is not None:
-            trail.failed(target, refusal, transient=False)
-            self._give_back(key, connection)  # the session is fine for other mail
-            return None
+    def _send(
+        self, connection: PooledSession, message: Message, envelope: Envelope
+    ) -> DeliveryResult | DeliveryError:
         try:
-            result = connection.driver.run(connection.session.deliver(message, envelope))
+            return connection.driver.run(connection.session.deliver(message, envelope))
         except DeliveryError as exc:
             connection.driver.close()
-            return trail.send_failed(target, exc, fresh=fresh)
+            return exc
         except BaseException:
             connection.driver.close()
             raise
-        connection.messages += 1
-        self._give_back(key, connection)
-        return result
 
 
 def transient_failure(error: DeliveryError) -> bool:

@@ -28,50 +28,62 @@ import time
 import warnings
 import weakref
 from collections.abc import Hashable
-from typing import Any, TypeAlias
+from typing import Any
 
-from mailrelay.address import Address
 from mailrelay.envelope import Envelope
 from mailrelay.errors import ConfigurationError, DeliveryError, ResolverError
 from mailrelay.flow import Session
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
-from mailrelay.resolver import AsyncResolver
+from mailrelay.resolver import AsyncResolver, MailHosts
 from mailrelay.results import DeliveryResult, RecipientResult
 from mailrelay.transport.async_driver import connect
 from mailrelay.transport.async_smtp import PooledSession, keep_pool, quit_all
 from mailrelay.transport.base import AsyncTransport
 from mailrelay.transport.mx import (
     DEFAULT_MAX_ADDRESSES,
+    MAX_REQUESTS_PER_TARGET,
     MX_POOL,
+    DomainPlan,
+    MXAnswer,
     MXPolicy,
     MXSettings,
-    Stale,
+    OpenSession,
+    ReuseIdle,
+    Route,
+    SendMessage,
     Target,
     TLSPolicyHook,
     Trail,
     Unreachable,
-    Verdict,
+    deliver_plan,
     group_by_domain,
     literal_hosts,
     merge,
-    requiretls_refusal,
     reuse_key,
     sub_envelope,
-    with_host,
 )
 from mailrelay.transport.pooling import ExchangerPool, quit_timeout
 from mailrelay.transport.settings import PoolSettings
 
-__all__ = ["DEFAULT_CONCURRENCY", "AsyncMXTransport"]
+__all__ = ["DEFAULT_CONCURRENCY", "AsyncMXTransport", "amail_hosts_of"]
 
 log = logging.getLogger(__name__)
 
-#: A routed domain: its policy and the targets to try, in order.
-_Route: TypeAlias = tuple[MXPolicy, list[Target]]
-
 #: The most domains of one envelope delivered at the same time.
 DEFAULT_CONCURRENCY = 8
+
+
+async def amail_hosts_of(resolver: AsyncResolver, domain: str) -> MailHosts | ResolverError:
+    """The asyncio :func:`~mailrelay.transport.mx.mail_hosts_of`: an address literal's one
+    host, or the resolver's answer (its :class:`~mailrelay.errors.ResolverError` returned)."""
+    found = literal_hosts(domain)
+    if found is not None:
+        return found
+    try:
+        return await resolver.mail_hosts(domain)
+    except ResolverError as exc:
+        return exc
 
 
 class AsyncMXTransport(AsyncTransport):
@@ -202,7 +214,7 @@ class AsyncMXTransport(AsyncTransport):
         groups = group_by_domain(envelope)
         unreachable = Unreachable()
 
-        async def route(domain: str, part: Envelope) -> _Route | list[RecipientResult]:
+        async def route(domain: str, part: Envelope) -> Route | list[RecipientResult]:
             async with gate:
                 return await self._route(domain, part)
 
@@ -213,7 +225,7 @@ class AsyncMXTransport(AsyncTransport):
                 for part in (sub_envelope(envelope, positions),)
             ]
         parts: list[tuple[list[int], list[RecipientResult]]] = []
-        lanes: dict[Hashable, list[tuple[str, list[int], Envelope, _Route]]] = {}
+        lanes: dict[Hashable, list[tuple[str, list[int], Envelope, Route]]] = {}
         for domain, positions, part, task in routing:
             routed = task.result()
             if isinstance(routed, list):
@@ -224,7 +236,7 @@ class AsyncMXTransport(AsyncTransport):
             lanes.setdefault(first, []).append((domain, positions, part, routed))
 
         async def lane(
-            domains: list[tuple[str, list[int], Envelope, _Route]],
+            domains: list[tuple[str, list[int], Envelope, Route]],
         ) -> list[tuple[list[int], list[RecipientResult]]]:
             # Domains sharing their first exchanger go one after the other: the second
             # finds the first's session idle and sends on it.
@@ -241,64 +253,33 @@ class AsyncMXTransport(AsyncTransport):
             parts.extend(lane_task.result())
         return merge(envelope, message, parts)
 
-    async def _route(self, domain: str, envelope: Envelope) -> _Route | list[RecipientResult]:
+    async def _route(self, domain: str, envelope: Envelope) -> Route | list[RecipientResult]:
         """The domain's policy and targets, or its recipients' results (a DNS verdict)."""
-        recipients: list[Address] = [r.address for r in envelope.recipients]
         settings = self.settings
         policy = settings.policy(domain, requiretls=envelope.requiretls)
-        found = literal_hosts(domain)
-        if found is None:
-            try:
-                found = await self.resolver.mail_hosts(domain)
-            except ResolverError as exc:
-                verdict = settings.plan(domain, exc, policy)
-                assert isinstance(verdict, Verdict)
-                return verdict.results(recipients)
-        targets = settings.plan(domain, found, policy)
-        if isinstance(targets, Verdict):
-            return targets.results(recipients)
-        return policy, targets
+        return settings.route(domain, envelope, policy, await amail_hosts_of(self.resolver, domain))
 
     async def _deliver_domain(
-        self, domain: str, routed: _Route, message: Message, envelope: Envelope, trail: Trail
+        self, domain: str, routed: Route, message: Message, envelope: Envelope, trail: Trail
     ) -> list[RecipientResult]:
-        policy, targets = routed
-        for target in targets:
-            result = await self._try(target, policy, message, envelope, trail)
-            if result is not None:
-                return with_host(result.recipients, target.peer)
-        return trail.results([r.address for r in envelope.recipients])
-
-    async def _try(
-        self,
-        target: Target,
-        policy: MXPolicy,
-        message: Message,
-        envelope: Envelope,
-        trail: Trail,
-    ) -> DeliveryResult | None:
-        key = reuse_key(target, policy, self.settings.context(policy, policy.tls))
-        connection = await self._reuse(key)
-        if connection is not None:
-            outcome = await self._attempt(
-                key, target, connection, message=message, envelope=envelope, trail=trail
-            )
-            if outcome is not Stale.STALE:
-                return outcome
-        if trail.known_unreachable(target):
-            return None
-        tls: TLS | None = policy.tls
-        while tls is not None:  # at most twice: with TLS, then in plain text
+        plan: DomainPlan[PooledSession] = deliver_plan(routed, envelope, trail, self.settings)
+        answer: MXAnswer[PooledSession] = None
+        for _ in range(len(routed[1]) * MAX_REQUESTS_PER_TARGET + 1):
             try:
-                connection = await self._open(target, policy, tls)
-            except DeliveryError as exc:
-                tls = trail.open_failed(target, exc, policy, tls)
-                continue
-            outcome = await self._attempt(
-                key, target, connection, message=message, envelope=envelope, trail=trail, fresh=True
-            )
-            return None if outcome is Stale.STALE else outcome
-        return None
+                request = plan.send(answer)
+            except StopIteration as done:
+                results: list[RecipientResult] = done.value
+                return results
+            if isinstance(request, ReuseIdle):
+                answer = await self._reuse(request.key)
+            elif isinstance(request, OpenSession):
+                answer = await self._open(request.target, request.policy, request.tls)
+            elif isinstance(request, SendMessage):
+                answer = await self._send(request.connection, message, envelope)
+            else:
+                await self._give_back(request.key, request.connection)
+                answer = None
+        raise AssertionError("a domain's plan made too many requests")
 
     async def _reuse(self, key: Hashable) -> PooledSession | None:
         """An idle session for ``key`` that still works, or ``None``."""
@@ -320,49 +301,40 @@ class AsyncMXTransport(AsyncTransport):
         leaving = self._pool.put(key, connection, time.monotonic())
         await quit_all(leaving, self._quit_timeout)
 
-    async def _open(self, target: Target, policy: MXPolicy, tls: TLS) -> PooledSession:
+    async def _open(
+        self, target: Target, policy: MXPolicy, tls: TLS
+    ) -> PooledSession | DeliveryError:
         settings = self.settings
-        driver = await connect(
-            target.address,
-            target.port,
-            timeouts=settings.timeouts,
-            ssl_context=settings.context(policy, tls),
-            server_hostname=target.tls_name,
-        )
+        try:
+            driver = await connect(
+                target.address,
+                target.port,
+                timeouts=settings.timeouts,
+                ssl_context=settings.context(policy, tls),
+                server_hostname=target.tls_name,
+            )
+        except DeliveryError as exc:
+            return exc
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))
             await driver.run(session.open())
+        except DeliveryError as exc:
+            driver.close()
+            return exc
         except BaseException:
             driver.close()
             raise
         self._pool.opened += 1
         return PooledSession(driver, session)
 
-    async def _attempt(
-        self,
-        key: Hashable,
-        target: Target,
-        connection: PooledSession,
-        *,
-        message: Message,
-        envelope: Envelope,
-        trail: Trail,
-        fresh: bool = False,
-    ) -> DeliveryResult | Stale | None:
-        """As :meth:`MXTransport._attempt <mailrelay.transport.mx.MXTransport._attempt>`."""
-        refusal = requiretls_refusal(connection.session, envelope, target.peer)
-        if refusal is not None:
-            trail.failed(target, refusal, transient=False)
-            await self._give_back(key, connection)  # the session is fine for other mail
-            return None
+    async def _send(
+        self, connection: PooledSession, message: Message, envelope: Envelope
+    ) -> DeliveryResult | DeliveryError:
         try:
-            result = await connection.driver.run(connection.session.deliver(message, envelope))
+            return await connection.driver.run(connection.session.deliver(message, envelope))
         except DeliveryError as exc:
             connection.driver.close()
-            return trail.send_failed(target, exc, fresh=fresh)
+            return exc
         except BaseException:
             connection.driver.close()
             raise
-        connection.messages += 1
-        await self._give_back(key, connection)
-        return result
