@@ -35,7 +35,10 @@ Caveats (say them to your users):
 * Port 25 is blocked outbound on most consumer and many cloud networks.
 
 The probe is the dialogue's own :meth:`Session.probe <mailrelay.flow.Session.probe>` step
-(MAIL, RCPTs, RSET; never DATA); see :func:`_probe`.
+(MAIL, RCPTs, RSET; never DATA); see :func:`_probe`. Every decision is written once, for both
+classes: which exchanger to try next and what a failure means (``_CalloutBase._plan``, a
+generator), and the probes of one session (``_CalloutBase._probe_all``, a dialogue step);
+:class:`Callout` and :class:`AsyncCallout` only connect, look up and wait.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ from __future__ import annotations
 import enum
 import logging
 import random as _random
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Generator, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import attrs
 
@@ -55,7 +58,8 @@ from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
 from mailrelay.resolver import AsyncResolver, MailHosts, Resolver
 from mailrelay.transport import async_driver, sync_driver
-from mailrelay.transport.mx import MXSettings, Target, Verdict, fallback, literal_hosts
+from mailrelay.transport.mx import MXSettings, Target, Verdict, fallback, mail_hosts_of
+from mailrelay.transport.mx_async import amail_hosts_of
 
 if TYPE_CHECKING:
     import ssl  # noqa: TID251 -- annotations only, never imported at run time
@@ -208,6 +212,12 @@ def _judge(recipients: Sequence[Address], probe: _Probe, host: str) -> list[Call
     return results
 
 
+#: One domain's callout (:meth:`_CalloutBase._plan`): yields what to probe, receives how it went.
+_DomainPlan: TypeAlias = Generator[
+    tuple[Target, TLS], list[CalloutResult] | DeliveryError | None, list[CalloutResult]
+]
+
+
 def _unknown(recipients: Iterable[Address], detail: str) -> list[CalloutResult]:
     return [
         CalloutResult(address=a, status=CalloutStatus.UNKNOWN, detail=detail) for a in recipients
@@ -275,13 +285,53 @@ class _CalloutBase:
         )
         return Address.parse(f"nobody-{token}@{domain}")
 
-    def _targets(
+    def _plan(
         self, domain: str, found: MailHosts | ResolverError, recipients: Sequence[Address]
-    ) -> list[Target] | list[CalloutResult]:
-        targets = self.settings.plan(domain, found, self.settings.default)
+    ) -> _DomainPlan:
+        """One domain's callout, every decision of it: yields the (target, TLS mode) to probe
+        next and receives the results or the :class:`~mailrelay.errors.DeliveryError` that
+        stopped the session; returns the recipients' results.
+
+        The exchangers are tried in order (RFC 5321 §5.1, as MX delivery does); a failed
+        handshake is retried in plain text when the policy allows (RFC 7435 §3); any other
+        failure moves on to the next exchanger.
+        """
+        if isinstance(found, ResolverError):
+            return _unknown(recipients, f"DNS lookup failed: {found}")
+        policy = self.settings.default
+        targets = self.settings.plan(domain, found, policy)
         if isinstance(targets, Verdict):
             return _unknown(recipients, f"no server to ask: {targets.reason}")
-        return targets
+        failures = []
+        for target in targets:
+            tls = policy.tls
+            for _ in range(2):  # with TLS, then (after a failed handshake) in plain text
+                outcome = yield target, tls
+                if not isinstance(outcome, DeliveryError):
+                    assert outcome is not None, "an attempt gives results or an error"
+                    return outcome
+                failures.append(f"{target.peer}: {outcome}")
+                if not isinstance(outcome, TLSError) or not fallback(policy, tls):
+                    break
+                tls = TLS.NONE
+        return _unknown(recipients, "no exchanger answered: " + "; ".join(failures))
+
+    def _probe_all(
+        self, session: Session, domain: str, recipients: Sequence[Address], peer: str
+    ) -> Step[list[CalloutResult]]:
+        """Probe every recipient on an open session, ``max_recipients`` per transaction,
+        with the catch-all decoy in the first."""
+        results: list[CalloutResult] = []
+        decoy = self._decoy(domain)
+        for batch in _batches(recipients, self.max_recipients):
+            if session.closed:
+                results += _unknown(batch, "the server ended the session")
+                continue
+            probe = yield from _probe(session, self.sender, batch, decoy)
+            results += _judge(batch, probe, peer)
+            decoy = None  # once per domain is enough
+        _carry_catch_all(results)
+        return results
 
     @staticmethod
     def _merge(
@@ -362,31 +412,19 @@ class Callout(_CalloutBase):
         return self._merge(parsed, parts)
 
     def _domain(self, domain: str, recipients: list[Address]) -> list[CalloutResult]:
-        found = literal_hosts(domain)
-        if found is None:
+        plan = self._plan(domain, mail_hosts_of(self.resolver, domain), recipients)
+        outcome: list[CalloutResult] | DeliveryError | None = None
+        for _ in range(2 * self.settings.max_addresses + 1):
             try:
-                found = self.resolver.mail_hosts(domain)
-            except ResolverError as exc:
-                return _unknown(recipients, f"DNS lookup failed: {exc}")
-        targets = self._targets(domain, found, recipients)
-        if targets and isinstance(targets[0], CalloutResult):
-            return [t for t in targets if isinstance(t, CalloutResult)]
-        failures = []
-        for target in targets:
-            assert isinstance(target, Target)
-            tls = self.settings.default.tls
-            for _ in range(2):
-                try:
-                    return self._session(target, tls, domain, recipients)
-                except TLSError as exc:
-                    failures.append(f"{target.peer}: {exc}")
-                    if not fallback(self.settings.default, tls):
-                        break
-                    tls = TLS.NONE
-                except DeliveryError as exc:
-                    failures.append(f"{target.peer}: {exc}")
-                    break
-        return _unknown(recipients, "no exchanger answered: " + "; ".join(failures))
+                target, tls = plan.send(outcome)
+            except StopIteration as done:
+                results: list[CalloutResult] = done.value
+                return results
+            try:
+                outcome = self._session(target, tls, domain, recipients)
+            except DeliveryError as exc:
+                outcome = exc
+        raise AssertionError("a callout plan made too many attempts")
 
     def _session(
         self, target: Target, tls: TLS, domain: str, recipients: list[Address]
@@ -402,16 +440,7 @@ class Callout(_CalloutBase):
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))
             driver.run(session.open())
-            results: list[CalloutResult] = []
-            decoy = self._decoy(domain)
-            for batch in _batches(recipients, self.max_recipients):
-                if session.closed:
-                    results += _unknown(batch, "the server ended the session")
-                    continue
-                probe = driver.run(_probe(session, self.sender, batch, decoy))
-                results += _judge(batch, probe, target.peer)
-                decoy = None  # once per domain is enough
-            _carry_catch_all(results)
+            results = driver.run(self._probe_all(session, domain, recipients, target.peer))
             try:
                 driver.run(session.quit())
             except DeliveryError as exc:
@@ -469,31 +498,19 @@ class AsyncCallout(_CalloutBase):
         return self._merge(parsed, parts)
 
     async def _domain(self, domain: str, recipients: list[Address]) -> list[CalloutResult]:
-        found = literal_hosts(domain)
-        if found is None:
+        plan = self._plan(domain, await amail_hosts_of(self.resolver, domain), recipients)
+        outcome: list[CalloutResult] | DeliveryError | None = None
+        for _ in range(2 * self.settings.max_addresses + 1):
             try:
-                found = await self.resolver.mail_hosts(domain)
-            except ResolverError as exc:
-                return _unknown(recipients, f"DNS lookup failed: {exc}")
-        targets = self._targets(domain, found, recipients)
-        if targets and isinstance(targets[0], CalloutResult):
-            return [t for t in targets if isinstance(t, CalloutResult)]
-        failures = []
-        for target in targets:
-            assert isinstance(target, Target)
-            tls = self.settings.default.tls
-            for _ in range(2):
-                try:
-                    return await self._session(target, tls, domain, recipients)
-                except TLSError as exc:
-                    failures.append(f"{target.peer}: {exc}")
-                    if not fallback(self.settings.default, tls):
-                        break
-                    tls = TLS.NONE
-                except DeliveryError as exc:
-                    failures.append(f"{target.peer}: {exc}")
-                    break
-        return _unknown(recipients, "no exchanger answered: " + "; ".join(failures))
+                target, tls = plan.send(outcome)
+            except StopIteration as done:
+                results: list[CalloutResult] = done.value
+                return results
+            try:
+                outcome = await self._session(target, tls, domain, recipients)
+            except DeliveryError as exc:
+                outcome = exc
+        raise AssertionError("a callout plan made too many attempts")
 
     async def _session(
         self, target: Target, tls: TLS, domain: str, recipients: list[Address]
@@ -509,16 +526,7 @@ class AsyncCallout(_CalloutBase):
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))
             await driver.run(session.open())
-            results: list[CalloutResult] = []
-            decoy = self._decoy(domain)
-            for batch in _batches(recipients, self.max_recipients):
-                if session.closed:
-                    results += _unknown(batch, "the server ended the session")
-                    continue
-                probe = await driver.run(_probe(session, self.sender, batch, decoy))
-                results += _judge(batch, probe, target.peer)
-                decoy = None
-            _carry_catch_all(results)
+            results = await driver.run(self._probe_all(session, domain, recipients, target.peer))
             try:
                 await driver.run(session.quit())
             except DeliveryError as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given
@@ -20,13 +20,19 @@ from mailrelay.callout import (
     Callout,
     CalloutResult,
     CalloutStatus,
+    _CalloutBase,
     _judge,
     _Probe,
     acallout,
     callout,
 )
+from mailrelay.errors import ConnectError, DeliveryError, ResolverError, TLSError
+from mailrelay.flow import ProbeResult, Session
+from mailrelay.flow import Step as DialogueStep
 from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
+from mailrelay.resolver import DNSStatus, MailHost, MailHosts
+from mailrelay.transport.mx import Target
 from mailrelay.validate import AsyncRecipientValidator, Reason, RecipientValidator, Verdict
 from tests.peers.aiosmtpd_server import AiosmtpdServer
 from tests.peers.postfix import PostfixInstance
@@ -452,3 +458,187 @@ def test_judge_properties(mail: int | None, rcpts: list[int | None], decoy: int 
             assert result.catch_all is (
                 None if decoy is None or 300 <= decoy < 500 else decoy < 300
             )
+
+
+# -- the decisions both classes share, without I/O --------------------------------------------
+
+MX_A = Target(name="mx1.example.com", address="192.0.2.1", port=25)
+MX_B = Target(name="mx2.example.com", address="192.0.2.2", port=25)
+TWO_HOSTS = MailHosts(
+    domain="example.com",
+    status=DNSStatus.OK,
+    hosts=(
+        MailHost(name=MX_A.name, status=DNSStatus.OK, ipv4=(MX_A.address,), preference=10),
+        MailHost(name=MX_B.name, status=DNSStatus.OK, ipv4=(MX_B.address,), preference=20),
+    ),
+)
+PEOPLE = [Address.parse("bob@example.com"), Address.parse("carol@example.com")]
+
+
+def prober(tls: TLS = TLS.OPPORTUNISTIC, **kwargs: Any) -> _CalloutBase:
+    options: dict[str, Any] = {
+        "sender": None,
+        "port": 25,
+        "tls": tls,
+        "ssl_context": None,
+        "timeouts": FAST,
+        "local_hostname": None,
+        "detect_catch_all": True,
+        "max_recipients": 50,
+        "max_addresses": 3,
+        "random": random.Random(1),
+    }
+    options.update(kwargs)
+    return _CalloutBase(**options)
+
+
+def answered(status: CalloutStatus) -> list[CalloutResult]:
+    return [CalloutResult(address=a, status=status, detail="scripted") for a in PEOPLE]
+
+
+BAD_HANDSHAKE = TLSError("handshake failed", host="peer")
+REFUSED = ConnectError("connection refused", host="peer")
+
+
+@pytest.mark.parametrize(
+    ("tls", "outcomes", "attempts", "detail"),
+    [
+        pytest.param(
+            TLS.OPPORTUNISTIC,
+            [answered(CalloutStatus.REFUSED)],
+            [(MX_A, TLS.OPPORTUNISTIC)],
+            "scripted",
+            id="the first exchanger answers",
+        ),
+        pytest.param(
+            TLS.OPPORTUNISTIC,
+            [REFUSED, answered(CalloutStatus.ACCEPTED)],
+            [(MX_A, TLS.OPPORTUNISTIC), (MX_B, TLS.OPPORTUNISTIC)],
+            "scripted",
+            id="a connect failure moves on",
+        ),
+        pytest.param(
+            TLS.OPPORTUNISTIC,
+            [BAD_HANDSHAKE, answered(CalloutStatus.ACCEPTED)],
+            [(MX_A, TLS.OPPORTUNISTIC), (MX_A, TLS.NONE)],
+            "scripted",
+            id="a failed handshake is retried in plain text",
+        ),
+        pytest.param(
+            TLS.STARTTLS,
+            [BAD_HANDSHAKE, BAD_HANDSHAKE],
+            [(MX_A, TLS.STARTTLS), (MX_B, TLS.STARTTLS)],
+            "no exchanger answered: mx1.example.com[192.0.2.1]:25: handshake failed; "
+            "mx2.example.com[192.0.2.2]:25: handshake failed",
+            id="required TLS never falls back",
+        ),
+        pytest.param(
+            TLS.OPPORTUNISTIC,
+            [BAD_HANDSHAKE, REFUSED, REFUSED],
+            [(MX_A, TLS.OPPORTUNISTIC), (MX_A, TLS.NONE), (MX_B, TLS.OPPORTUNISTIC)],
+            "no exchanger answered: mx1.example.com[192.0.2.1]:25: handshake failed; "
+            "mx1.example.com[192.0.2.1]:25: connection refused; "
+            "mx2.example.com[192.0.2.2]:25: connection refused",
+            id="every failure is listed",
+        ),
+    ],
+)
+def test_the_plan_tries_exchangers_in_order_with_tls_fallback(
+    tls: TLS,
+    outcomes: list[list[CalloutResult] | DeliveryError],
+    attempts: list[tuple[Target, TLS]],
+    detail: str,
+) -> None:
+    plan = prober(tls)._plan("example.com", TWO_HOSTS, PEOPLE)
+    asked = []
+    answer: list[CalloutResult] | DeliveryError | None = None
+    script = iter(outcomes)
+    while True:
+        try:
+            asked.append(plan.send(answer))
+        except StopIteration as done:
+            results: list[CalloutResult] = done.value
+            break
+        answer = next(script)
+    assert asked == attempts
+    assert next(script, None) is None
+    assert [r.address for r in results] == PEOPLE
+    assert {r.detail for r in results} == {detail}
+
+
+@pytest.mark.parametrize(
+    ("found", "detail"),
+    [
+        (
+            ResolverError("timed out", name="example.com", is_transient=True),
+            "DNS lookup failed: timed out",
+        ),
+        (
+            MailHosts(domain="example.com", status=DNSStatus.OK, null_mx=True),
+            "no server to ask: example.com publishes a null MX (RFC 7505): it accepts no mail",
+        ),
+    ],
+)
+def test_the_plan_needs_no_server_when_the_dns_settles_it(
+    found: MailHosts | ResolverError, detail: str
+) -> None:
+    plan = prober()._plan("example.com", found, PEOPLE)
+    with pytest.raises(StopIteration) as done:
+        next(plan)
+    assert [(r.status, r.detail) for r in done.value.value] == [(CalloutStatus.UNKNOWN, detail)] * 2
+
+
+class ScriptedProbes:
+    """A session stand-in whose probes answer from a list, one per transaction."""
+
+    def __init__(self, answers: list[tuple[int, bool]]) -> None:
+        self.answers = answers  # (RCPT reply code for everyone, whether the session then ends)
+        self.asked: list[list[str]] = []
+        self.closed = False
+
+    def probe(self, sender: Address | None, recipients: list[Address]) -> DialogueStep[ProbeResult]:
+        code, ends = self.answers[len(self.asked)]
+        self.asked.append([a.local_part for a in recipients])
+        self.closed = ends
+        reply = Reply(code=code, lines=("scripted",), enhanced=None)
+        mail = Reply(code=250, lines=("ok",), enhanced=None)
+        return ProbeResult(mail=mail, recipients=(reply,) * len(recipients), ended=ends)
+        yield  # a generator, like the dialogue's steps
+
+
+def probe_all(session: ScriptedProbes, count: int, max_recipients: int) -> list[CalloutResult]:
+    recipients = [Address.parse(f"user{i}@example.com") for i in range(count)]
+    step = prober(max_recipients=max_recipients)._probe_all(
+        cast(Session, session), "example.com", recipients, "mx.example.com[192.0.2.1]:25"
+    )
+    with pytest.raises(StopIteration) as done:
+        next(step)
+    results: list[CalloutResult] = done.value.value
+    return results
+
+
+def test_probe_all_batches_and_sends_the_decoy_once() -> None:
+    session = ScriptedProbes([(550, False), (550, False), (550, False)])
+    results = probe_all(session, 5, 2)
+    assert [len(batch) for batch in session.asked] == [3, 2, 1]  # the first with the decoy
+    assert session.asked[0][-1].startswith("nobody-")
+    assert {r.status for r in results} == {CalloutStatus.REFUSED}
+    # The decoy's refusal, learnt in the first batch, is carried to the later ones.
+    assert {r.catch_all for r in results} == {False}
+
+
+def test_probe_all_leaves_batches_unknown_after_the_server_ended_the_session() -> None:
+    session = ScriptedProbes([(250, True)])
+    results = probe_all(session, 3, 2)
+    assert len(session.asked) == 1
+    assert [r.status for r in results] == [CalloutStatus.ACCEPTED] * 2 + [CalloutStatus.UNKNOWN]
+    assert results[0].catch_all is True
+    assert results[2].detail == "the server ended the session"
+
+
+@given(count=st.integers(1, 12), size=st.integers(1, 5))
+def test_probe_all_gives_one_result_per_recipient_in_order(count: int, size: int) -> None:
+    session = ScriptedProbes([(550, False)] * count)
+    results = probe_all(session, count, size)
+    assert [r.address.local_part for r in results] == [f"user{i}" for i in range(count)]
+    assert len(session.asked) == -(-count // size)
