@@ -40,7 +40,7 @@ import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Hashable, Sequence
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 import attrs
 import dns.asyncresolver
@@ -287,6 +287,39 @@ def _check_name(key: str, domain: str) -> str:
     return key
 
 
+_Y = TypeVar("_Y")
+_S = TypeVar("_S")
+_R = TypeVar("_R")
+
+
+class _Steps(Generic[_Y, _S, _R]):
+    """A plan (a generator) as both resolvers drive it: :attr:`request` is what it asks
+    now; :meth:`answer` sends it what that gave, until :attr:`done`, with :attr:`result`.
+
+    The resolvers differ only in how they get the answers (blocking or awaited); the
+    generator protocol and the bound on the plan's steps live here once.
+    """
+
+    def __init__(self, plan: Generator[_Y, _S, _R], max_steps: int) -> None:
+        self._plan = plan
+        self._left = max_steps
+        self.request: _Y = next(plan)
+        self.done = False
+        self.result: _R
+
+    def answer(self, value: _S) -> None:
+        """Send ``value`` to the plan: it asks again (:attr:`request`), or it is done."""
+        try:
+            self.request = self._plan.send(value)
+        except StopIteration as stop:
+            self.done = True
+            self.result = stop.value
+            return
+        self._left -= 1
+        if self._left <= 0:
+            raise AssertionError("a lookup plan took too many steps")
+
+
 # -- the resolvers ---------------------------------------------------------------------------
 
 
@@ -438,14 +471,10 @@ class Resolver(_ResolverBase):
         )
 
     def _run(self, plan: _Plan) -> tuple[object, float]:
-        batch = next(plan)
-        for _ in range(_MAX_PLAN_STEPS):
-            try:
-                batch = plan.send([self._lookup(name, rdtype) for name, rdtype in batch])
-            except StopIteration as done:
-                result: tuple[object, float] = done.value
-                return result
-        raise AssertionError("a lookup plan took too many steps")
+        steps = _Steps(plan, _MAX_PLAN_STEPS)
+        while not steps.done:
+            steps.answer([self._lookup(name, rdtype) for name, rdtype in steps.request])
+        return steps.result
 
     def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Answer:
         key = (name, rdtype)
@@ -457,20 +486,17 @@ class Resolver(_ResolverBase):
 
     def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[object, float]:
         log.debug("DNS query %s %s", name, dns.rdatatype.to_text(rdtype))
-        plan = _plan_query(name, self._limits)
-        qname = next(plan)
-        for _ in range(_MAX_CNAME_HOPS + 1):
+        steps = _Steps(_plan_query(name, self._limits), _MAX_CNAME_HOPS + 1)
+        while not steps.done:
             outcome: dns.resolver.Answer | dns.exception.DNSException
             try:
-                outcome = self._dns.resolve(qname, rdtype, raise_on_no_answer=False, search=False)
+                outcome = self._dns.resolve(
+                    steps.request, rdtype, raise_on_no_answer=False, search=False
+                )
             except dns.exception.DNSException as exc:
                 outcome = exc
-            try:
-                qname = plan.send(outcome)
-            except StopIteration as done:
-                result: _Answer = done.value
-                return result, result.ttl
-        raise AssertionError("a query plan took too many steps")
+            steps.answer(outcome)
+        return steps.result, steps.result.ttl
 
     def _fetch(self, key: Hashable, compute: Callable[[], tuple[object, float]]) -> object:
         """Compute ``key`` once however many threads ask at the same time."""
@@ -543,18 +569,14 @@ class AsyncResolver(_ResolverBase):
         return self._addresses_result(value)
 
     async def _run(self, plan: _Plan) -> tuple[object, float]:
-        batch = next(plan)
-        for _ in range(_MAX_PLAN_STEPS):
+        steps = _Steps(plan, _MAX_PLAN_STEPS)
+        while not steps.done:
+            batch = steps.request
             if len(batch) == 1:
-                answers = [await self._lookup(*batch[0])]
+                steps.answer([await self._lookup(*batch[0])])
             else:
-                answers = list(await asyncio.gather(*(self._lookup(n, t) for n, t in batch)))
-            try:
-                batch = plan.send(answers)
-            except StopIteration as done:
-                result: tuple[object, float] = done.value
-                return result
-        raise AssertionError("a lookup plan took too many steps")
+                steps.answer(list(await asyncio.gather(*(self._lookup(n, t) for n, t in batch))))
+        return steps.result
 
     async def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Answer:
         key = (name, rdtype)
@@ -566,22 +588,17 @@ class AsyncResolver(_ResolverBase):
 
     async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[object, float]:
         log.debug("DNS query %s %s", name, dns.rdatatype.to_text(rdtype))
-        plan = _plan_query(name, self._limits)
-        qname = next(plan)
-        for _ in range(_MAX_CNAME_HOPS + 1):
+        steps = _Steps(_plan_query(name, self._limits), _MAX_CNAME_HOPS + 1)
+        while not steps.done:
             outcome: dns.resolver.Answer | dns.exception.DNSException
             try:
                 outcome = await self._dns.resolve(
-                    qname, rdtype, raise_on_no_answer=False, search=False
+                    steps.request, rdtype, raise_on_no_answer=False, search=False
                 )
             except dns.exception.DNSException as exc:
                 outcome = exc
-            try:
-                qname = plan.send(outcome)
-            except StopIteration as done:
-                result: _Answer = done.value
-                return result, result.ttl
-        raise AssertionError("a query plan took too many steps")
+            steps.answer(outcome)
+        return steps.result, steps.result.ttl
 
     async def _fetch(
         self, key: Hashable, compute: Callable[[], Awaitable[tuple[object, float]]]

@@ -7,7 +7,7 @@ import itertools
 import pickle
 import random
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Generator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailrelay.errors import ResolverError
-from mailrelay.resolver import DNSCache, DNSStatus, HostAddresses, MailHosts
+from mailrelay.resolver import DNSCache, DNSStatus, HostAddresses, MailHosts, _Steps
 from tests.peers import unbound as unbound_peer
 from tests.peers.unbound import NEGATIVE_TTL, SHORT_TTL, UnboundServer
 
@@ -551,3 +551,41 @@ def test_any_text_gives_mail_hosts_or_a_resolver_error(unbound: UnboundServer, t
         assert "not a valid domain name" in str(found)
     else:
         assert found.domain.isascii()
+
+
+# -- the plan stepper both resolvers drive their plans with -------------------------------------
+
+
+def counting_plan(asks: int) -> Generator[int, str, list[str]]:
+    """Asks ``asks`` numbered questions and returns the answers it got."""
+    got = []
+    for question in range(asks):
+        got.append((yield question))
+    return got
+
+
+@pytest.mark.parametrize("asks", [1, 2, 4])
+def test_steps_drive_a_plan_to_its_result(asks: int) -> None:
+    steps = _Steps(counting_plan(asks), max_steps=4)
+    asked = []
+    while not steps.done:
+        asked.append(steps.request)
+        steps.answer(f"answer {steps.request}")
+    assert asked == list(range(asks))
+    assert steps.result == [f"answer {i}" for i in range(asks)]
+
+
+@given(asks=st.integers(1, 10), bound=st.integers(1, 10))
+def test_steps_refuse_a_plan_that_asks_more_than_its_bound(asks: int, bound: int) -> None:
+    steps = _Steps(counting_plan(asks), max_steps=bound)
+    if asks > bound:
+        for _ in range(bound - 1):
+            steps.answer("x")
+        # The bound-th answer finds the plan asking yet again.
+        with pytest.raises(AssertionError, match="too many steps"):
+            steps.answer("x")
+    else:
+        for _ in range(asks):
+            steps.answer("x")
+        assert steps.done
+        assert steps.result == ["x"] * asks
