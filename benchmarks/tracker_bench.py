@@ -1,6 +1,6 @@
 """Delivery tracker throughput: submissions into SQLite, and end-to-end delivery to smtp-sink.
 
-Run: ``python benchmarks/tracker_bench.py [--messages N] [--repeat R]``
+Run: ``python benchmarks/tracker_bench.py [--messages N] [--repeat R] [--rtt MS]``
 (needs Postfix's ``smtp-sink``, started here on loopback).
 
 Every measurement sends the same ``N`` small messages (one recipient each, about 600 bytes)
@@ -23,6 +23,14 @@ smtp-sink offers it, no TLS) to the same ``smtp-sink``, which accepts and discar
   (one fsync each): what an application pays that submits messages one by one.
 * **submit only**: ``submit`` one at a time and ``submit_many(100)``, no delivery.
 
+With ``--rtt MS``, every phase that talks to the server goes through a relay on loopback
+that holds each chunk of bytes for half of that round-trip time in each direction (a
+network between client and server; the relay is a child process), and only the phases
+that stay within the time limit at such a delay run: the baseline and the tracked ones that
+send through ``send_many`` in chunks. (smtp-sink offers no CHUNKING, so every message waits
+one round trip for its ``354``; the relay's timers have about a millisecond's resolution, so
+round trips under 2 ms are not meaningful.)
+
 Rounds interleave the phases (direct, then each tracked variant, and again), so a burst of
 load from other processes on a shared machine hits all of them alike; each figure is the
 best of ``--repeat`` rounds. The tracking overhead is ``1 - tracked rate / direct rate``.
@@ -36,13 +44,18 @@ phase and the baseline is what the tracking itself costs per message.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import multiprocessing
 import resource
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol, Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -59,6 +72,106 @@ PHASE_LIMIT = 600.0
 SUBMIT_BATCH = 100
 #: The phase the tracked ones are compared with.
 BASELINE = "direct: transport.send_many (baseline)"
+
+
+#: The longest wait for the relay to start, in seconds.
+RELAY_START = 10.0
+
+
+class Server(Protocol):
+    """Where the phases send: ``smtp-sink`` itself, or the relay in front of it."""
+
+    host: str
+    port: int
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+    """Copy ``reader`` to ``writer``, each chunk ``delay`` seconds after it arrived, in order."""
+    loop = asyncio.get_running_loop()
+    held: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def deliver() -> None:
+        while True:
+            due, data = await held.get()
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if not data:
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+                return
+            writer.write(data)
+            await writer.drain()
+
+    delivering = asyncio.create_task(deliver())
+    while True:
+        data = await reader.read(1 << 16)
+        held.put_nowait((loop.time() + delay, data))
+        if not data:
+            break
+    await delivering
+
+
+async def _relay(target: tuple[str, int], delay: float, report: Connection) -> None:
+    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*target)
+        try:
+            await asyncio.gather(_pump(reader, up_writer, delay), _pump(up_reader, writer, delay))
+        except OSError:
+            pass  # one side went away: close both
+        finally:
+            up_writer.close()
+            writer.close()
+
+    server = await asyncio.start_server(connected, "127.0.0.1", 0)
+    report.send(server.sockets[0].getsockname()[1])
+    async with server:
+        await server.serve_forever()
+
+
+def _run_relay(target: tuple[str, int], delay: float, report: Connection) -> None:
+    asyncio.run(_relay(target, delay, report))
+
+
+class DelayRelay:
+    """A relay on 127.0.0.1 in front of ``target`` that adds ``rtt`` seconds per round trip.
+
+    Runs in a child process (so its work does not share this process's interpreter lock)
+    and is stopped by its PID.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(self, target: Server, rtt: float) -> None:
+        self.port = 0
+        receive, send = multiprocessing.Pipe(duplex=False)
+        self._receive = receive
+        self._process = multiprocessing.Process(
+            target=_run_relay, args=((target.host, target.port), rtt / 2, send), daemon=True
+        )
+
+    def __enter__(self) -> Self:
+        self._process.start()
+        if not self._receive.poll(RELAY_START):
+            self._stop()
+            raise RuntimeError("the delay relay did not start")
+        self.port = int(self._receive.recv())
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        self._process.terminate()
+        self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
 
 
 #: Seconds of wall-clock time and of this process's CPU time (user + system).
@@ -95,12 +208,12 @@ def make_messages(count: int) -> list[Message]:
     ]
 
 
-def transport_for(sink: SMTPSink) -> SMTPTransport:
+def transport_for(sink: Server) -> SMTPTransport:
     """The one transport configuration every phase uses."""
     return SMTPTransport(sink.host, sink.port, tls=TLS.NONE, timeouts=Timeouts.all(30))
 
 
-def direct(sink: SMTPSink, messages: list[Message]) -> Timing:
+def direct(sink: Server, messages: list[Message]) -> Timing:
     """Seconds to send every message straight through the transport's ``send_many``."""
     with transport_for(sink) as transport:
         watch = Stopwatch()
@@ -111,7 +224,7 @@ def direct(sink: SMTPSink, messages: list[Message]) -> Timing:
     return timing
 
 
-def direct_one_by_one(sink: SMTPSink, messages: list[Message]) -> Timing:
+def direct_one_by_one(sink: Server, messages: list[Message]) -> Timing:
     """Seconds to send every message with its own ``transport.send`` call."""
     with transport_for(sink) as transport:
         watch = Stopwatch()
@@ -122,7 +235,7 @@ def direct_one_by_one(sink: SMTPSink, messages: list[Message]) -> Timing:
 
 
 def tracked(
-    sink: SMTPSink,
+    sink: Server,
     messages: list[Message],
     *,
     one_by_one: bool = False,
@@ -169,11 +282,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--rtt", type=float, default=0.0, help="milliseconds of round trip to add (a relay)"
+    )
     args = parser.parse_args()
     messages = make_messages(args.messages)
     count = len(messages)
 
-    with SMTPSink() as sink:
+    with contextlib.ExitStack() as stack:
+        sink: Server = stack.enter_context(SMTPSink())
+        if args.rtt > 0:
+            sink = stack.enter_context(DelayRelay(sink, args.rtt / 1000))
         phases: dict[str, Callable[[], Timing]] = {
             BASELINE: lambda: direct(sink, messages),
             "direct: transport.send per message": lambda: direct_one_by_one(sink, messages),
@@ -190,6 +309,10 @@ def main() -> None:
                 messages, one_by_one=False
             ),
         }
+        if args.rtt > 0:
+            # One message per send_many call (or per send) pays whole round trips each.
+            slow = ("send per message", "commit_batch=1", "one at a time")
+            phases = {k: v for k, v in phases.items() if not any(w in k for w in slow)}
         best = dict.fromkeys(phases, float("inf"))
         least_cpu = dict.fromkeys(phases, float("inf"))
         for _round in range(args.repeat):
@@ -200,7 +323,8 @@ def main() -> None:
                 best[label] = min(best[label], elapsed)
                 least_cpu[label] = min(least_cpu[label], cpu)
 
-    print(f"{count} messages, best of {args.repeat} interleaved rounds\n")
+    delay = f", {args.rtt:g} ms round trip added" if args.rtt > 0 else ""
+    print(f"{count} messages, best of {args.repeat} interleaved rounds{delay}\n")
     width = max(len(label) for label in best)
     base = count / best[BASELINE]
     base_cpu = least_cpu[BASELINE] / count * 1e6
