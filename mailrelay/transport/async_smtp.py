@@ -57,7 +57,7 @@ from mailrelay.transport.pooling import (
     IdleVerdict,
     PooledConnection,
     PoolPolicy,
-    no_greeting_hint,
+    greeting_hint,
     quit_timeout,
     unanswered,
 )
@@ -241,8 +241,9 @@ class _AsyncSMTPBase(AsyncTransport):
         try:
             await driver.run(session.open())
         except ConnectionLost as exc:
-            if driver.bytes_received == 0 and settings.tls is not TLS.IMPLICIT:
-                raise no_greeting_hint(exc, settings) from exc
+            hint = greeting_hint(exc, settings, driver.bytes_received)
+            if hint is not None:
+                raise hint from exc
             raise
         self._opened += 1
         return PooledSession(driver, session)
@@ -350,10 +351,11 @@ class _AsyncSMTPBase(AsyncTransport):
                                 results[index] = failed_result(message, envelope, exc)
                                 continue
                         chunk = ours[: self._policy.room(connection)]
+                        pairs = [(m, e) for _, m, e in chunk]
                         carried = connection.messages
                         try:
                             outcome = await connection.driver.run(
-                                connection.session.deliver_many([(m, e) for _, m, e in chunk])
+                                connection.session.deliver_many(pairs)
                             )
                         except DeliveryError as exc:
                             outcome = unanswered(len(chunk), exc)
@@ -362,13 +364,11 @@ class _AsyncSMTPBase(AsyncTransport):
                             connection = None
                             raise
                         settlement = self._policy.settle(outcome, sent=len(chunk), carried=carried)
-                        for (index, _, _), result in zip(chunk, settlement.answered, strict=False):
+                        settled = settlement.results(pairs)
+                        for (index, _, _), result in zip(chunk, settled, strict=False):
                             results[index] = result
-                        if settlement.failure is not None:
-                            index, message, envelope = chunk[len(settlement.answered)]
-                            results[index] = failed_result(message, envelope, settlement.failure)
-                        del ours[: settlement.done]
-                        connection.messages += settlement.done
+                        del ours[: len(settled)]
+                        connection.messages += len(settled)
                         if outcome.error is not None:
                             connection.driver.close()
                             connection = None

@@ -24,15 +24,18 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 
+from mailrelay.envelope import Envelope
 from mailrelay.errors import ConnectionLost, DeliveryError, SessionRefused, TransportClosed
 from mailrelay.flow import BatchOutcome, Session
-from mailrelay.options import Timeouts
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult
+from mailrelay.transport.base import failed_result
 from mailrelay.transport.errors_map import PLAIN_AGAINST_IMPLICIT
 from mailrelay.transport.settings import ConnectionSettings, PoolSettings
 
@@ -43,6 +46,7 @@ __all__ = [
     "PoolPolicy",
     "PooledConnection",
     "Settlement",
+    "greeting_hint",
     "is_stale_connection_error",
     "no_greeting_hint",
     "quit_timeout",
@@ -78,6 +82,16 @@ def no_greeting_hint(exc: ConnectionLost, settings: ConnectionSettings) -> Conne
         f"{exc} without a greeting; if the server expects implicit TLS: {PLAIN_AGAINST_IMPLICIT}",
         host=settings.peer,
     )
+
+
+def greeting_hint(
+    exc: ConnectionLost, settings: ConnectionSettings, bytes_received: int
+) -> ConnectionLost | None:
+    """:func:`no_greeting_hint` when a plain connection ended before the server sent a
+    single byte (so perhaps it expected implicit TLS), or ``None`` for ``exc`` as it is."""
+    if bytes_received == 0 and settings.tls is not TLS.IMPLICIT:
+        return no_greeting_hint(exc, settings)
+    return None
 
 
 class _Driver(Protocol):
@@ -141,6 +155,15 @@ class Settlement:
     def done(self) -> int:
         """How many of the run's messages have a result now (answered, plus the failed one)."""
         return len(self.answered) + (self.failure is not None)
+
+    def results(self, run: Sequence[tuple[Message, Envelope]]) -> tuple[DeliveryResult, ...]:
+        """The results of the first :attr:`done` items of ``run`` (the messages sent, in
+        order): the answered ones, then the failed one, whose every recipient carries the
+        error (:func:`~mailrelay.transport.base.failed_result`)."""
+        if self.failure is None:
+            return self.answered
+        message, envelope = run[len(self.answered)]
+        return (*self.answered, failed_result(message, envelope, self.failure))
 
 
 @attrs.frozen(kw_only=True)

@@ -65,8 +65,8 @@ from mailrelay.transport.pooling import (
     IdleVerdict,
     PooledConnection,
     PoolPolicy,
+    greeting_hint,
     is_stale_connection_error,  # noqa: F401 -- defined here before; still importable
-    no_greeting_hint,
     unanswered,
 )
 from mailrelay.transport.settings import ConnectionSettings, PoolSettings, mechanisms
@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 
 class _Batch:
     """The items of a pipelined ``send_many`` not yet answered, taken from the stream in
-    bounded chunks; shared by the blocking and asyncio transports."""
+    bounded chunks."""
 
     def __init__(self, pairs: Iterator[tuple[Message, Envelope]]) -> None:
         self._pairs: Iterator[tuple[Message, Envelope]] | None = pairs
@@ -119,13 +119,11 @@ class _Batch:
         """Move the results of ``chunk`` that are settled (:meth:`PoolPolicy.settle
         <mailrelay.transport.pooling.PoolPolicy.settle>`) to ``results``; returns how many.
         A message to be sent again on a fresh connection stays pending."""
-        settlement = policy.settle(outcome, sent=len(chunk), carried=carried)
-        for result in settlement.answered:
-            results.append(result)
+        settled = policy.settle(outcome, sent=len(chunk), carried=carried).results(chunk)
+        results += settled
+        for _ in settled:
             self.pending.popleft()
-        if settlement.failure is not None:
-            results.append(self.fail_first(settlement.failure))
-        return settlement.done
+        return len(settled)
 
 
 class PooledSession(PooledConnection[SyncDriver]):
@@ -212,8 +210,9 @@ class _SMTPBase(Transport):
         try:
             driver.run(session.open())
         except ConnectionLost as exc:
-            if driver.bytes_received == 0 and settings.tls is not TLS.IMPLICIT:
-                raise no_greeting_hint(exc, settings) from exc
+            hint = greeting_hint(exc, settings, driver.bytes_received)
+            if hint is not None:
+                raise hint from exc
             raise
         log.debug("connected to %s", settings.peer)
         self._opened += 1

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailrelay.address import Address
+from mailrelay.envelope import Envelope
 from mailrelay.errors import (
     ConnectError,
     ConnectionLost,
@@ -17,18 +18,22 @@ from mailrelay.errors import (
     TransportClosed,
 )
 from mailrelay.flow import BatchOutcome, Session, SessionConfig
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.transport.base import failed_result
 from mailrelay.transport.pooling import (
     ExchangerPool,
     IdleVerdict,
     PooledConnection,
     PoolPolicy,
     Settlement,
+    greeting_hint,
     is_stale_connection_error,
     unanswered,
 )
-from mailrelay.transport.settings import PoolSettings
+from mailrelay.transport.settings import ConnectionSettings, PoolSettings
 
 POOL = PoolSettings(size=2, max_messages=3, idle_timeout=30.0, health_check_after=5.0)
 POLICY = PoolPolicy(pool=POOL, peer="mx.example:25")
@@ -171,6 +176,56 @@ def test_settle(
     assert settlement.answered == results[:answered]
     assert settlement.failure is failure
     assert settlement.done == answered + (failure is not None)
+
+
+def run_of(size: int) -> list[tuple[Message, Envelope]]:
+    pairs = []
+    for n in range(size):
+        message = Message.build(sender="alice@example.org", to=[f"user{n}@example.com"], text="hi")
+        pairs.append((message, Envelope.from_message(message)))
+    return pairs
+
+
+@pytest.mark.parametrize(
+    ("answered", "failure"), [(0, None), (2, None), (0, STALE), (1, BUSY), (2, BUSY)]
+)
+def test_a_settlement_gives_the_settled_items_their_results(
+    answered: int, failure: DeliveryError | None
+) -> None:
+    run = run_of(3)
+    answers = tuple(accepted(n) for n in range(answered))
+    settled = Settlement(answered=answers, failure=failure).results(run)
+    assert len(settled) == Settlement(answered=answers, failure=failure).done
+    assert settled[:answered] == answers
+    if failure is not None:
+        # The first unanswered item: each of its recipients carries the error.
+        failed = settled[answered]
+        message, envelope = run[answered]
+        assert failed == failed_result(message, envelope, failure)
+        assert [r.address for r in failed.recipients] == [r.address for r in envelope.recipients]
+        assert {r.outcome for r in failed.recipients} == {Outcome.TRANSIENT}
+
+
+@pytest.mark.parametrize(
+    ("tls", "received", "hinted"),
+    [
+        (TLS.STARTTLS, 0, True),
+        (TLS.NONE, 0, True),
+        (TLS.STARTTLS, 12, False),  # the server spoke first: not the implicit-TLS mistake
+        (TLS.IMPLICIT, 0, False),  # already TLS from the first byte
+    ],
+)
+def test_the_implicit_tls_hint_only_for_a_silent_plain_connection(
+    tls: TLS, received: int, hinted: bool
+) -> None:
+    settings = ConnectionSettings(host="mail.example", port=2525, tls=tls, timeouts=Timeouts())
+    hint = greeting_hint(STALE, settings, received)
+    if hinted:
+        assert hint is not None
+        assert hint.host == "mail.example:2525"
+        assert str(hint).startswith(f"{STALE} without a greeting")
+    else:
+        assert hint is None
 
 
 def test_unanswered_outcome() -> None:
