@@ -156,6 +156,59 @@ def outcomes(result: DeliveryResult) -> list[tuple[str, Outcome, int | None]]:
     ]
 
 
+# -- read deadlines ----------------------------------------------------------------------------
+
+
+def test_a_reply_read_in_pieces_resumes_one_wait() -> None:
+    # The greeting comes in three pieces, EHLO's reply whole: only the reads after bytes
+    # that completed no reply resume a wait (the driver keeps its deadline, Read.resume).
+    session = Session(config())
+    driver = Driver([[b"220 mx.exa", b"mple.net ESMTP", b" ready\r\n"], ehlo("PIPELINING")])
+    driver.run(session.open())
+    reads = [(r.phase, r.resume) for r in driver.requests if isinstance(r, Read)]
+    assert reads == [
+        ("greeting", False),
+        ("greeting", True),
+        ("greeting", True),
+        ("greeting", False),
+    ]
+
+
+def test_a_batch_resumes_a_wait_only_until_a_reply_completes() -> None:
+    scripts = [{"mail": 250, "rcpts": [250], "finals": [250]}] * 2
+    session, server = model_session(scripts)
+    step = session.deliver_many(batch_items(scripts))
+    reads: list[bool] = []
+    pieces: list[bytes] = []
+    value: bytes | None = None
+    pending = b""
+    for _ in range(MAX_REQUESTS):
+        try:
+            request = step.send(value)
+        except StopIteration as done:
+            outcome = done.value
+            break
+        value = None
+        if isinstance(request, Write):
+            server.feed(request.data)
+        elif isinstance(request, Read):
+            assert request.phase in ("mail", "data_end")
+            reads.append(request.resume)
+            # The replies, a few bytes at a time.
+            pending += server.take()
+            value, pending = pending[:9], pending[9:]
+            pieces.append(value)
+    else:
+        raise AssertionError("the step never finished")
+    assert outcome.error is None
+    assert all(r is not None and r.ok for r in outcome.results)
+    # A read resumes the wait exactly when the piece before it completed no reply (every
+    # reply here is one line).
+    expected = [False] + [b"\n" not in piece for piece in pieces[:-1]]
+    assert reads == expected
+    assert True in reads
+
+
 # -- greeting ----------------------------------------------------------------------------------
 
 

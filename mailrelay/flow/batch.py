@@ -329,6 +329,9 @@ class _Batch(_Delivery):
         conn = self._conn
         replies: list[Reply] = []
         debug = log.isEnabledFor(logging.DEBUG)
+        # Each reply is waited for under one deadline: a read after bytes that completed
+        # no reply resumes the wait (see Read.resume).
+        resume = False
         while len(replies) < count:
             # Plain replies to commands in flight, without events; anything else (a 421,
             # the end of file, a need for more bytes) is left to next_event().
@@ -338,12 +341,14 @@ class _Batch(_Delivery):
                     for reply in ready:
                         log.debug("<<< %s", reply)
                 replies += ready
+                resume = False
                 continue
             try:
                 event = conn.next_event()
                 if event is NEED_DATA:
-                    data = yield _read_request(phase)
+                    data = yield _read_request(phase, resume)
                     conn.receive_data(data if data is not None else b"")
+                    resume = True
                     continue
             except RemoteProtocolError as exc:
                 yield from self._closed()
@@ -356,6 +361,7 @@ class _Batch(_Delivery):
                     log.debug("<<< %s", reply)
                 if reply.code != 421:
                     replies.append(reply)
+                    resume = False
                     continue
                 closed = _SessionClosed(reply)  # RFC 5321 §3.8
             elif isinstance(event, ServiceClosing):

@@ -113,13 +113,16 @@ class _SessionCore:
             yield Write(data=data, phase=phase)
 
     def _event(self, phase: str) -> Step[Event]:
-        """The next event from the connection, reading as needed."""
+        """The next event from the connection, reading as needed (one deadline for the
+        whole wait: a read after bytes that did not complete the event resumes it)."""
+        resume = False
         while True:
             try:
                 event = self._conn.next_event()
                 if event is NEED_DATA:
-                    data = yield _read_request(phase)
+                    data = yield _read_request(phase, resume)
                     self._conn.receive_data(data if data is not None else b"")
+                    resume = True
                     continue
             except RemoteProtocolError as exc:
                 yield from self._closed()

@@ -43,9 +43,14 @@ class Read:
 
     Attributes:
         phase: the :class:`~mailrelay.options.Timeouts` field that limits the wait.
+        resume: the wait for the same reply goes on (the bytes read so far did not complete
+            it): the driver keeps the deadline of the Read that began the wait instead of
+            granting the phase's limit again, so a server that sends a reply a byte at a
+            time cannot stretch the wait (RFC 5321 §4.5.3.2 limits the wait for a reply).
     """
 
     phase: str
+    resume: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -72,14 +77,15 @@ Request: TypeAlias = Write | Read | StartTLS | Close
 Step: TypeAlias = Generator[Request, bytes | None, _T]
 
 
-# A Read is immutable and the phases are few: one request per phase serves every read.
-_READS: dict[str, Read] = {}
+# A Read is immutable and the phases are few: one request per phase (and resume flag)
+# serves every read.
+_READS: dict[tuple[str, bool], Read] = {}
 
 
-def _read_request(phase: str) -> Read:
-    request = _READS.get(phase)
+def _read_request(phase: str, resume: bool = False) -> Read:
+    request = _READS.get((phase, resume))
     if request is None:
-        request = _READS[phase] = Read(phase=phase)
+        request = _READS[phase, resume] = Read(phase=phase, resume=resume)
     return request
 
 

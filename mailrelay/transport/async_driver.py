@@ -16,7 +16,8 @@ Rules:
   response-injection attack) instead of being read later as if they had come encrypted.
 * Writes are queued and sent together before the next ``Read`` or ``StartTLS`` (or once
   64 KiB are queued), as in the blocking driver.
-* Every wait is bounded by the request's phase limit (while reading, one timer per connection,
+* Every wait is bounded by the request's phase limit (a reply read in several pieces by the
+  one deadline its first read set, ``Read.resume``; while reading, one timer per connection,
   set again only when a read needs an earlier deadline or outlives the one it was set for;
   ``asyncio.timeout`` elsewhere); connecting and TLS handshakes use ``Timeouts.connect``.
 * I/O errors are translated (:mod:`mailrelay.transport.errors_map`), the connection is
@@ -347,6 +348,8 @@ class AsyncDriver:
         self._step: Generator[Request, bytes | None, Any] | None = None
         self._waiting: Read | None = None
         self._waiter: asyncio.Future[tuple[int, Any] | None] | None = None
+        # When the reply being read must have come (loop time; see Read.resume).
+        self._read_deadline = 0.0
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -496,7 +499,7 @@ class AsyncDriver:
         self._waiting = request
         self._waiter = waiter
         pipe.feeder = self._fed
-        pipe.arm(waiter, loop.time() + self._limits[request.phase])
+        pipe.arm(waiter, self._deadline_for(request, loop.time()))
         try:
             woken = await waiter
         except TimeoutError:
@@ -524,7 +527,7 @@ class AsyncDriver:
             return
         if kind is _WAIT and self._transport is not None and not self._pipe.ended:
             self._waiting = payload
-            self._pipe.arm(waiter, waiter.get_loop().time() + self._limits[payload.phase])
+            self._pipe.arm(waiter, self._deadline_for(payload, waiter.get_loop().time()))
             return
         waiter.set_result((kind, payload))
 
@@ -561,11 +564,20 @@ class AsyncDriver:
         except (OSError, TimeoutError) as exc:
             raise map_io_error(exc, peer=self.peer, phase=phase, timeout=timeout) from exc
 
+    def _deadline_for(self, request: Read, now: float) -> float:
+        """When the bytes ``request`` waits for must have come (loop time): the phase's limit
+        from now, or, when the read resumes the wait for the same reply, the deadline that
+        wait began with (see ``Read.resume``)."""
+        if not request.resume:
+            self._read_deadline = now + self._limits[request.phase]
+        return self._read_deadline
+
     async def _read(self, request: Read) -> bytes:
         self._live()
         if self._pipe.buffered:
             return self._pipe.take()  # already here: no timer needed
-        timeout = self._limits[request.phase]
+        now = asyncio.get_running_loop().time()
+        timeout = max(0.0, self._deadline_for(request, now) - now)
         try:
             return await self._pipe.read_within(timeout)
         except (TimeoutError, OSError) as exc:

@@ -13,7 +13,8 @@ nothing on the wire that matters: the dialogue waits for replies only through ``
 Rules:
 
 * Every wait is bounded by the request's phase limit
-  (:meth:`Timeouts.for_phase <mailrelay.options.Timeouts.for_phase>`); connecting and TLS
+  (:meth:`Timeouts.for_phase <mailrelay.options.Timeouts.for_phase>`), a reply read in several
+  pieces by the one deadline its first read set (``Read.resume``); connecting and TLS
   handshakes use ``connect``. Once connected, a plain-text socket is in blocking mode and the
   limit is the kernel's (``SO_RCVTIMEO`` / ``SO_SNDTIMEO``, set when the phase's limit differs
   from the last one): CPython polls before every call on a socket that has a Python-level
@@ -84,6 +85,14 @@ def _timeval(seconds: float) -> bytes:
     if whole == 0 and micro == 0:
         micro = 1  # a zero timeval means "no limit at all"
     return struct.pack("ll", whole, micro)
+
+
+def _remaining(deadline: float) -> float:
+    """The time left until ``deadline``; a timeout at once when there is none."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
 
 
 def _expired(exc: OSError) -> OSError:
@@ -200,6 +209,8 @@ class SyncDriver:
         # whether it is the kernel's (see _blocking()).
         self._timeout: float | None = None
         self._kernel_limits = False
+        # When the reply being read must have come (see Read.resume).
+        self._deadline = 0.0
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         # Timeouts.for_phase checks the name each time; the phases are a fixed set.
@@ -318,7 +329,12 @@ class SyncDriver:
         sock = self._socket()
         timeout = self._limits[request.phase]
         try:
-            self._set_timeout(sock, timeout)
+            if request.resume:
+                # The same reply's wait goes on, under the deadline it began with.
+                self._set_timeout(sock, _remaining(self._deadline))
+            else:
+                self._deadline = time.monotonic() + timeout
+                self._set_timeout(sock, timeout)
             # Into a buffer kept for the connection's life: recv() would allocate READ_SIZE
             # bytes for every read and shrink them again.
             data = self._view[: sock.recv_into(self._buffer)].tobytes()

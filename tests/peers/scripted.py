@@ -110,6 +110,8 @@ class Step:
             case-insensitive). A mismatch is recorded and ends the session with a 500 reply.
         reply: Bytes written verbatim after the read (include the CRLFs).
         delay: Seconds to wait before writing the reply.
+        dribble: When positive, the reply goes out one byte at a time, this many seconds
+            apart (a server that keeps a client waiting while always sending something).
         action: What to do after the reply.
         silence: For :attr:`Action.SILENT`, the longest time to stay silent.
     """
@@ -117,6 +119,7 @@ class Step:
     expect: str | None = None
     reply: bytes = b""
     delay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
+    dribble: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
     action: Action = Action.NONE
     silence: float = attrs.field(default=10.0, validator=attrs.validators.ge(0.0))
 
@@ -219,7 +222,13 @@ class _Connection:
                 raise _Ended("mismatch")
         if step.delay:
             self.wait(step.delay)
-        self.send(step.reply)
+        if step.dribble:
+            for index in range(len(step.reply)):
+                if index:
+                    self.wait(step.dribble)
+                self.send(step.reply[index : index + 1])
+        else:
+            self.send(step.reply)
         self.act(step)
 
     def act(self, step: Step) -> None:

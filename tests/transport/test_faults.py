@@ -95,6 +95,48 @@ def test_a_reply_slower_than_an_earlier_phase_limit_but_within_its_own_is_waited
     assert result.ok, result
 
 
+def test_a_reply_sent_a_byte_at_a_time_cannot_stretch_its_phase_limit(
+    flavour: Flavour, scripted_server: ScriptedServerFactory
+) -> None:
+    # Every byte comes well within the limit, the whole reply (30 bytes, 0.1 s apart) does
+    # not: the limit bounds the wait for the reply, not each read (RFC 5321 §4.5.3.2).
+    slow = Step(expect=r"MAIL FROM:.*", reply=b"250 2.1.0 sender ok, go ahead\r\n", dribble=0.1)
+    server = scripted_server([[greeting(), ehlo(), slow]])
+    timeouts = Timeouts(connect=5, greeting=5, mail=0.8, rcpt=5)
+    with pytest.raises(DeliveryTimeout, match="phase 'mail'"):
+        send_with(flavour, make_message(), **plain(server.port, timeouts=timeouts))
+
+
+def test_a_batch_reply_sent_a_byte_at_a_time_cannot_stretch_its_phase_limit(
+    flavour: Flavour, scripted_server: ScriptedServerFactory
+) -> None:
+    # The same in the middle of a pipelined batch (send_many reads its replies its own way).
+    slow_data = Step(expect="DATA", reply=b"354 End data with <CR><LF>.<CR><LF>\r\n", dribble=0.1)
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                ehlo("PIPELINING"),
+                Step(expect=r"MAIL FROM:<.*>.*", reply=b"250 2.1.0 Ok\r\n"),
+                Step(expect=r"RCPT TO:<.*>.*", reply=b"250 2.1.5 Ok\r\n"),
+                slow_data,
+            ]
+        ]
+    )
+    timeouts = Timeouts(connect=5, greeting=5, mail=0.8, rcpt=0.8, data_init=0.8)
+    results = send_many_with(
+        flavour,
+        [make_message(to=("bob@example.com",)), make_message(to=("carol@example.com",))],
+        **plain(server.port, timeouts=timeouts, pool=PoolSettings(size=1)),
+    )
+    assert [r.ok for r in results] == [False, False]
+    # The first message's wait ran out (the group's replies are read in the "mail" phase);
+    # the second found no server on a fresh connection (the script has one session).
+    reason = results[0].recipients[0].reason or ""
+    assert reason.startswith("DeliveryTimeout"), reason
+    assert "phase 'mail'" in reason
+
+
 def test_a_silent_server_times_out_at_the_greeting(
     flavour: Flavour, scripted_server: ScriptedServerFactory
 ) -> None:
