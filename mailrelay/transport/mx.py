@@ -877,9 +877,15 @@ class MXTransport(Transport):
             if isinstance(request, ReuseIdle):
                 answer = self._reuse(request.key)
             elif isinstance(request, OpenSession):
-                answer = self._open(request.target, request.policy, request.tls)
+                try:
+                    answer = self._open(request.target, request.policy, request.tls)
+                except DeliveryError as exc:
+                    answer = exc
             elif isinstance(request, SendMessage):
-                answer = self._send(request.connection, message, envelope)
+                try:
+                    answer = self._send(request.connection, message, envelope)
+                except DeliveryError as exc:
+                    answer = exc
             else:
                 self._give_back(request.key, request.connection)
                 answer = None
@@ -907,24 +913,18 @@ class MXTransport(Transport):
             leaving = self._pool.put(key, connection, time.monotonic())
         quit_all(leaving)
 
-    def _open(self, target: Target, policy: MXPolicy, tls: TLS) -> PooledSession | DeliveryError:
+    def _open(self, target: Target, policy: MXPolicy, tls: TLS) -> PooledSession:
         settings = self.settings
-        try:
-            driver = connect(
-                target.address,
-                target.port,
-                timeouts=settings.timeouts,
-                ssl_context=settings.context(policy, tls),
-                server_hostname=target.tls_name,
-            )
-        except DeliveryError as exc:
-            return exc
+        driver = connect(
+            target.address,
+            target.port,
+            timeouts=settings.timeouts,
+            ssl_context=settings.context(policy, tls),
+            server_hostname=target.tls_name,
+        )
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))
             driver.run(session.open())
-        except DeliveryError as exc:
-            driver.close()
-            return exc
         except BaseException:
             driver.close()
             raise
@@ -934,12 +934,9 @@ class MXTransport(Transport):
 
     def _send(
         self, connection: PooledSession, message: Message, envelope: Envelope
-    ) -> DeliveryResult | DeliveryError:
+    ) -> DeliveryResult:
         try:
             return connection.driver.run(connection.session.deliver(message, envelope))
-        except DeliveryError as exc:
-            connection.driver.close()
-            return exc
         except BaseException:
             connection.driver.close()
             raise

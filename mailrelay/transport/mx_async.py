@@ -273,9 +273,15 @@ class AsyncMXTransport(AsyncTransport):
             if isinstance(request, ReuseIdle):
                 answer = await self._reuse(request.key)
             elif isinstance(request, OpenSession):
-                answer = await self._open(request.target, request.policy, request.tls)
+                try:
+                    answer = await self._open(request.target, request.policy, request.tls)
+                except DeliveryError as exc:
+                    answer = exc
             elif isinstance(request, SendMessage):
-                answer = await self._send(request.connection, message, envelope)
+                try:
+                    answer = await self._send(request.connection, message, envelope)
+                except DeliveryError as exc:
+                    answer = exc
             else:
                 await self._give_back(request.key, request.connection)
                 answer = None
@@ -301,26 +307,18 @@ class AsyncMXTransport(AsyncTransport):
         leaving = self._pool.put(key, connection, time.monotonic())
         await quit_all(leaving, self._quit_timeout)
 
-    async def _open(
-        self, target: Target, policy: MXPolicy, tls: TLS
-    ) -> PooledSession | DeliveryError:
+    async def _open(self, target: Target, policy: MXPolicy, tls: TLS) -> PooledSession:
         settings = self.settings
-        try:
-            driver = await connect(
-                target.address,
-                target.port,
-                timeouts=settings.timeouts,
-                ssl_context=settings.context(policy, tls),
-                server_hostname=target.tls_name,
-            )
-        except DeliveryError as exc:
-            return exc
+        driver = await connect(
+            target.address,
+            target.port,
+            timeouts=settings.timeouts,
+            ssl_context=settings.context(policy, tls),
+            server_hostname=target.tls_name,
+        )
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))
             await driver.run(session.open())
-        except DeliveryError as exc:
-            driver.close()
-            return exc
         except BaseException:
             driver.close()
             raise
@@ -329,12 +327,9 @@ class AsyncMXTransport(AsyncTransport):
 
     async def _send(
         self, connection: PooledSession, message: Message, envelope: Envelope
-    ) -> DeliveryResult | DeliveryError:
+    ) -> DeliveryResult:
         try:
             return await connection.driver.run(connection.session.deliver(message, envelope))
-        except DeliveryError as exc:
-            connection.driver.close()
-            return exc
         except BaseException:
             connection.driver.close()
             raise
