@@ -58,8 +58,8 @@ from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
 from mailrelay.resolver import AsyncResolver, MailHosts, Resolver
 from mailrelay.transport import async_driver, sync_driver
-from mailrelay.transport.mx import MXSettings, Target, Verdict, fallback, mail_hosts_of
 from mailrelay.transport.mx_async import amail_hosts_of
+from mailrelay.transport.mx_plan import MXSettings, Target, Verdict, fallback, mail_hosts_of
 
 if TYPE_CHECKING:
     import ssl  # noqa: TID251 -- annotations only, never imported at run time

@@ -40,7 +40,7 @@ from mailrelay.results import DeliveryResult, RecipientResult
 from mailrelay.transport.async_driver import connect
 from mailrelay.transport.async_smtp import PooledSession, keep_pool, quit_all
 from mailrelay.transport.base import AsyncTransport
-from mailrelay.transport.mx import (
+from mailrelay.transport.mx_plan import (
     DEFAULT_MAX_ADDRESSES,
     MAX_REQUESTS_PER_TARGET,
     MX_POOL,

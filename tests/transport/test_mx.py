@@ -35,9 +35,9 @@ from mailrelay.transport.mx import (
     Target,
     Verdict,
     opportunistic_context,
-    plan,
 )
 from mailrelay.transport.mx_async import AsyncMXTransport
+from mailrelay.transport.mx_plan import plan
 from tests.peers.aiosmtpd_server import HOSTNAME, RecordingHandler
 from tests.peers.postfix import PostfixInstance
 from tests.peers.scripted import (

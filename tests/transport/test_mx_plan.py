@@ -1,4 +1,4 @@
-"""The MX delivery plan (mailrelay.transport.mx.deliver_plan), without any I/O.
+"""The MX delivery plan (mailrelay.transport.mx_plan.deliver_plan), without any I/O.
 
 Both MX transports carry out the same plan; these tests answer its requests from a script
 and check what it asks for, in which order, and what it makes of the answers. Also the
@@ -29,7 +29,8 @@ from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
 from mailrelay.resolver import DNSStatus, MailHost, MailHosts
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
-from mailrelay.transport.mx import (
+from mailrelay.transport.mx_async import amail_hosts_of
+from mailrelay.transport.mx_plan import (
     MAX_REQUESTS_PER_TARGET,
     DomainPlan,
     GiveBack,
@@ -46,7 +47,6 @@ from mailrelay.transport.mx import (
     deliver_plan,
     mail_hosts_of,
 )
-from mailrelay.transport.mx_async import amail_hosts_of
 from mailrelay.transport.pooling import PooledConnection
 from tests.transport.helpers import run
 

@@ -1,0 +1,683 @@
+"""MX delivery's policy and plan, shared by :mod:`mailrelay.transport.mx` (blocking) and
+:mod:`mailrelay.transport.mx_async` (asyncio), and by :mod:`mailrelay.callout`.
+
+Theory of operation: everything MX delivery decides, with no I/O. :class:`MXPolicy` says how
+strict TLS is per domain; :meth:`MXSettings.route` turns a domain's mail hosts (or the DNS's
+verdict) into an ordered list of :class:`Target` values (exchanger name + one IP address);
+:func:`deliver_plan` is one domain's delivery as a generator that yields requests
+(:class:`ReuseIdle`, :class:`OpenSession`, :class:`SendMessage`, :class:`GiveBack`) and is
+sent what happened; a :class:`Trail` records each target's failure for the reason text, and
+:class:`Unreachable` remembers, for one message, the targets that could not be opened. The
+two transports only carry the requests out. The rules themselves (routing, order, moving
+on, TLS, REQUIRETLS, reuse) are stated in :mod:`mailrelay.transport.mx`, whose public names
+this module's are re-exported from.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable, Generator, Hashable, Iterable
+from typing import Any, Final, Generic, TypeAlias, TypeVar
+
+import attrs
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope
+from mailrelay.errors import (
+    ConfigurationError,
+    DeliveryError,
+    ResolverError,
+    SessionRefused,
+    TLSError,
+)
+from mailrelay.flow import Session, SessionConfig
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
+from mailrelay.reply import Reply
+from mailrelay.resolver import DNSStatus, MailHost, MailHosts, Resolver
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.transport.errors_map import peer_name
+from mailrelay.transport.pooling import PooledConnection, is_stale_connection_error
+from mailrelay.transport.settings import PoolSettings
+
+# Logged under the transports' name: what users configure is "mailrelay.transport.mx".
+log = logging.getLogger("mailrelay.transport.mx")
+
+#: The most addresses tried for one domain in one delivery.
+DEFAULT_MAX_ADDRESSES: Final = 10
+
+#: How the MX transports reuse connections by default: at most 8 idle sessions, each idle
+#: at most 5 s (Postfix keeps an idle MX session 2 s: a public server's slots are not ours
+#: to hold), so a batch and the domains of one message share a session, and nothing lingers.
+MX_POOL: Final = PoolSettings(size=8, max_messages=100, idle_timeout=5.0, health_check_after=5.0)
+
+_MX_TLS: Final = frozenset({TLS.NONE, TLS.OPPORTUNISTIC, TLS.STARTTLS})
+
+
+def _check_tls(instance: object, attribute: attrs.Attribute[TLS], value: TLS) -> None:
+    if value not in _MX_TLS:
+        raise ConfigurationError(
+            f"MX delivery supports TLS.NONE, TLS.OPPORTUNISTIC and TLS.STARTTLS, not {value!r} "
+            "(port 25 has no implicit TLS)"
+        )
+
+
+def _patterns(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    return tuple(pattern.lower().rstrip(".") for pattern in value)
+
+
+def _check_context(
+    instance: object, attribute: attrs.Attribute[ssl.SSLContext | None], value: object
+) -> None:
+    if value is not None and not isinstance(value, ssl.SSLContext):
+        raise ConfigurationError("ssl_context must be an ssl.SSLContext")
+
+
+@attrs.frozen(kw_only=True)
+class MXPolicy:
+    """How to deliver to one domain: what the ``tls_policy`` hook may return.
+
+    Attributes:
+        tls: ``TLS.OPPORTUNISTIC`` (encrypt when offered, certificates not checked),
+            ``TLS.STARTTLS`` (encryption with a verified certificate is required) or
+            ``TLS.NONE`` (never encrypt).
+        ssl_context: the context that verifies certificates under ``TLS.STARTTLS``;
+            ``None`` means the transport's ``ssl_context`` (by default the system's CAs).
+        plaintext_fallback: under ``TLS.OPPORTUNISTIC``, after a failed handshake, try the
+            same address again without TLS (RFC 7435 §3). Never done under ``TLS.STARTTLS``.
+        mx_patterns: when not empty, only exchangers whose names match one of these are used
+            (``mail.example.com``, or ``*.example.com`` for one label, as MTA-STS's ``mx:``
+            lines, RFC 8461 §4.1); the others are skipped.
+    """
+
+    tls: TLS = attrs.field(default=TLS.OPPORTUNISTIC, validator=_check_tls)
+    ssl_context: ssl.SSLContext | None = attrs.field(default=None, validator=_check_context)
+    plaintext_fallback: bool = True
+    mx_patterns: tuple[str, ...] = attrs.field(default=(), converter=_patterns)
+
+    def allows(self, host: str) -> bool:
+        """Whether the exchanger ``host`` may be used (always, without ``mx_patterns``)."""
+        if not self.mx_patterns:
+            return True
+        host = host.lower().rstrip(".")
+        for pattern in self.mx_patterns:
+            if pattern.startswith("*."):
+                # RFC 8461 §4.1: the wildcard matches exactly one leftmost label.
+                head, _, tail = host.partition(".")
+                if head and tail == pattern[2:]:
+                    return True
+            elif host == pattern:
+                return True
+        return False
+
+
+#: The per-domain policy hook: ``tls_policy(ascii_domain)`` returns a :class:`TLS` value, an
+#: :class:`MXPolicy`, or ``None`` for the transport's defaults.
+TLSPolicyHook: TypeAlias = Callable[[str], "TLS | MXPolicy | None"]
+
+
+def opportunistic_context() -> ssl.SSLContext:
+    """A TLS context that encrypts without checking the certificate (RFC 7435).
+
+    Used for opportunistic MX delivery: it defeats passive eavesdropping, which is all
+    opportunistic STARTTLS can promise anyway (an active attacker can strip STARTTLS).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# -- planning (shared with mx_async) ------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Target:
+    """One address of one exchanger to try.
+
+    Attributes:
+        name: the exchanger's host name (for TLS: SNI and certificate checks).
+        address: the IP address to connect to.
+        port: the TCP port.
+    """
+
+    name: str
+    address: str
+    port: int
+
+    @property
+    def peer(self) -> str:
+        """``name[address]:port`` as results and logs show it (``address:port`` for a literal)."""
+        if self.name.startswith("["):
+            return peer_name(self.address, self.port)
+        return f"{self.name}[{self.address}]:{self.port}"
+
+    @property
+    def tls_name(self) -> str:
+        """The name to check a certificate against: the exchanger, or the bare address."""
+        return self.address if self.name.startswith("[") else self.name
+
+
+@attrs.frozen(kw_only=True)
+class Verdict:
+    """A domain's recipients settled without a connection (by the DNS or the policy)."""
+
+    outcome: Outcome
+    reason: str
+
+    def results(self, recipients: Iterable[Address]) -> list[RecipientResult]:
+        """The same result for every recipient."""
+        return [
+            RecipientResult(address=address, outcome=self.outcome, reason=self.reason)
+            for address in recipients
+        ]
+
+
+def literal_hosts(ascii_domain: str) -> MailHosts | None:
+    """The one "exchanger" of an address literal (RFC 5321 §4.1.3), or ``None`` for a name."""
+    if not ascii_domain.startswith("["):
+        return None
+    text = ascii_domain[1:-1]
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    address = ipaddress.ip_address(text)
+    v4 = (str(address),) if address.version == 4 else ()
+    v6 = (str(address),) if address.version == 6 else ()
+    return MailHosts(
+        domain=ascii_domain,
+        status=DNSStatus.OK,
+        hosts=(MailHost(name=ascii_domain, status=DNSStatus.OK, ipv4=v4, ipv6=v6, preference=0),),
+        implicit=True,
+    )
+
+
+def mail_hosts_of(resolver: Resolver, domain: str) -> MailHosts | ResolverError:
+    """Where ``domain``'s mail goes: an address literal's one host, or the resolver's answer
+    (its :class:`~mailrelay.errors.ResolverError` returned, for :func:`plan` to judge)."""
+    found = literal_hosts(domain)
+    if found is not None:
+        return found
+    try:
+        return resolver.mail_hosts(domain)
+    except ResolverError as exc:
+        return exc
+
+
+def plan(
+    domain: str,
+    found: MailHosts | ResolverError,
+    policy: MXPolicy,
+    *,
+    port: int,
+    max_addresses: int,
+) -> list[Target] | Verdict:
+    """The targets to try for ``domain``, in order, or the verdict when there are none."""
+    if isinstance(found, ResolverError):
+        if found.is_transient:
+            return Verdict(outcome=Outcome.TRANSIENT, reason=f"DNS lookup failed: {found}")
+        return Verdict(outcome=Outcome.PERMANENT, reason=f"not a mail domain: {found}")
+    if found.null_mx:
+        # RFC 7505 §3: a null MX means the domain accepts no mail; fail at once, no retries.
+        return Verdict(
+            outcome=Outcome.PERMANENT,
+            reason=f"{domain} publishes a null MX (RFC 7505): it accepts no mail",
+        )
+    if found.status is DNSStatus.NXDOMAIN:
+        return Verdict(outcome=Outcome.PERMANENT, reason=f"{domain} does not exist (NXDOMAIN)")
+    if found.status is DNSStatus.NODATA or not found.hosts:
+        # RFC 5321 §5.1: no MX and no address: there is nowhere to deliver.
+        return Verdict(
+            outcome=Outcome.PERMANENT,
+            reason=f"{domain} has no mail host: neither MX nor address records",
+        )
+    hosts = [host for host in found.hosts if policy.allows(host.name)]
+    if not hosts:
+        names = ", ".join(host.name for host in found.hosts)
+        return Verdict(
+            outcome=Outcome.TRANSIENT,
+            reason=f"no exchanger of {domain} ({names}) matches its MX policy",
+        )
+    targets: list[Target] = []
+    seen: set[str] = set()
+    for host in hosts:
+        for address in host.addresses:
+            if address not in seen and len(targets) < max_addresses:
+                seen.add(address)
+                targets.append(Target(name=host.name, address=address, port=port))
+    if targets:
+        return targets
+    failed = [host.name for host in hosts if host.status.is_transient]
+    if failed:
+        return Verdict(
+            outcome=Outcome.TRANSIENT,
+            reason=f"address lookups failed for the exchangers of {domain}: {', '.join(failed)}",
+        )
+    names = ", ".join(host.name for host in hosts)
+    # RFC 5321 §5.1: MX records none of which is usable is an error to report.
+    return Verdict(
+        outcome=Outcome.PERMANENT,
+        reason=f"no exchanger of {domain} has an address ({names})",
+    )
+
+
+class Unreachable:
+    """The targets that could not be opened (connect failure, timeout, refused greeting)
+    during one delivery: the message's other domains skip them with the same failure instead
+    of waiting for the same timeout again (the domains of one exchanger are sent one after
+    the other, to share its session)."""
+
+    def __init__(self) -> None:
+        self._failed: dict[tuple[str, int], DeliveryError] = {}
+
+    def get(self, target: Target) -> DeliveryError | None:
+        """How opening ``target`` failed earlier in this delivery, or ``None``."""
+        return self._failed.get((target.address, target.port))
+
+    def add(self, target: Target, error: DeliveryError) -> None:
+        """Remember that opening ``target`` failed with ``error``."""
+        self._failed[target.address, target.port] = error
+
+
+class Trail:
+    """What the targets of one domain did, to explain the outcome when none took the mail.
+
+    Args:
+        domain: the domain, for the reason text.
+        unreachable: the delivery's memory of targets that could not be opened (shared by
+            the trails of one message's domains; a fresh one by default).
+    """
+
+    def __init__(self, domain: str, unreachable: Unreachable | None = None) -> None:
+        self.domain = domain
+        self.notes: list[str] = []
+        self.transient = False
+        self.last: DeliveryError | None = None
+        self.unreachable = unreachable if unreachable is not None else Unreachable()
+
+    def failed(
+        self, target: Target, error: DeliveryError, *, transient: bool | None = None
+    ) -> None:
+        """Record that ``target`` failed with ``error`` (``transient`` overrides its own)."""
+        self.notes.append(f"{target.peer}: {error}")
+        self.transient = self.transient or (error.is_transient if transient is None else transient)
+        self.last = error
+        log.info("MX delivery for %s: %s failed: %s", self.domain, target.peer, error)
+
+    def known_unreachable(self, target: Target) -> bool:
+        """Whether opening ``target`` already failed in this delivery (recorded again here)."""
+        earlier = self.unreachable.get(target)
+        if earlier is None:
+            return False
+        self.failed(target, earlier, transient=transient_failure(earlier))
+        return True
+
+    def open_failed(
+        self, target: Target, error: DeliveryError, policy: MXPolicy, tls: TLS
+    ) -> TLS | None:
+        """Record that opening ``target`` under ``tls`` failed; the TLS mode to try the
+        same target again with (plain text, RFC 7435 §3), or ``None`` to move on."""
+        if isinstance(error, TLSError):
+            if fallback(policy, tls):
+                self.notes.append(f"{target.peer}: {error} (retried without TLS)")
+                return TLS.NONE
+            # RFC 8461 §5: a TLS policy failure is temporary, never a bounce.
+            self.failed(target, error, transient=True)
+            return None
+        self.unreachable.add(target, error)
+        self.failed(target, error, transient=transient_failure(error))
+        return None
+
+    def send_failed(self, target: Target, error: DeliveryError, *, fresh: bool) -> Stale | None:
+        """Record that sending on a session to ``target`` failed, or, for a reused session
+        the server had dropped (the pool's stale-connection rule), say to open a fresh one."""
+        if not fresh and is_stale_connection_error(error):
+            log.info("the reused session to %s was dead (%s); reconnecting", target.peer, error)
+            return Stale.STALE
+        self.failed(target, error, transient=transient_failure(error))
+        return None
+
+    def results(self, recipients: Iterable[Address]) -> list[RecipientResult]:
+        """Every recipient's result after every target failed."""
+        outcome = Outcome.TRANSIENT if self.transient or not self.notes else Outcome.PERMANENT
+        reason = f"no exchanger of {self.domain} took the message: " + "; ".join(self.notes)
+        reply: Reply | None = self.last.reply if self.last is not None else None
+        host = self.last.host if self.last is not None else None
+        return [
+            RecipientResult(address=address, outcome=outcome, reply=reply, reason=reason, host=host)
+            for address in recipients
+        ]
+
+
+def group_by_domain(envelope: Envelope) -> dict[str, list[int]]:
+    """Envelope positions per recipient domain (A-label form), in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for index, recipient in enumerate(envelope.recipients):
+        groups.setdefault(recipient.address.ascii_domain.lower(), []).append(index)
+    return groups
+
+
+def sub_envelope(envelope: Envelope, positions: list[int]) -> Envelope:
+    """The envelope restricted to the recipients at ``positions``."""
+    return Envelope(
+        envelope.sender,
+        [envelope.recipients[i] for i in positions],
+        ret=envelope.ret,
+        envid=envelope.envid,
+        notify=envelope.notify,
+        requiretls=envelope.requiretls,
+    )
+
+
+def merge(
+    envelope: Envelope, message: Message, parts: Iterable[tuple[list[int], list[RecipientResult]]]
+) -> DeliveryResult:
+    """One result, in envelope order, from the per-domain results."""
+    merged: list[RecipientResult | None] = [None] * len(envelope.recipients)
+    for positions, results in parts:
+        for index, result in zip(positions, results, strict=True):
+            merged[index] = result
+    final = tuple(result for result in merged if result is not None)
+    assert len(final) == len(envelope.recipients), "every recipient must have a result"
+    hosts = {result.host for result in final}
+    return DeliveryResult(
+        recipients=final,
+        message_id=message.message_id,
+        host=hosts.pop() if len(hosts) == 1 else None,
+    )
+
+
+def with_host(results: Iterable[RecipientResult], host: str) -> list[RecipientResult]:
+    """Results that name ``host`` when the session did not record one."""
+    return [r if r.host is not None else attrs.evolve(r, host=host) for r in results]
+
+
+def requiretls_refusal(session: Session, envelope: Envelope, peer: str) -> DeliveryError | None:
+    """Why a REQUIRETLS message must not go over ``session`` (so the next exchanger is
+    tried), or ``None`` when it may (or the envelope does not ask for REQUIRETLS)."""
+    if not envelope.requiretls:
+        return None
+    # RFC 8689 §4.2.1 (step 5): after STARTTLS, the server MUST offer REQUIRETLS; if not,
+    # QUIT and try the next MX host; with none left, do not send (§5: 5.7.30).
+    if not session.encrypted:
+        why = "the connection is not encrypted"
+    elif not session.extensions.requiretls:
+        why = "the server does not offer REQUIRETLS"
+    else:
+        return None
+    return DeliveryError(
+        f"REQUIRETLS support required (5.7.30, RFC 8689): {why}", is_transient=False, host=peer
+    )
+
+
+def reuse_key(target: Target, policy: MXPolicy, context: ssl.SSLContext) -> Hashable:
+    """What a session to ``target`` under ``policy`` may be reused for: another domain or
+    message whose key is equal would make the same decisions at the same exchanger.
+
+    The exchanger's name is part of it (results and the certificate check name it); under
+    ``TLS.STARTTLS`` the verifying ``context`` too (held, so its identity cannot be reused),
+    under ``TLS.OPPORTUNISTIC`` whether a failed handshake falls back to plain text.
+    """
+    if policy.tls is TLS.STARTTLS:
+        return (target.name, target.address, target.port, TLS.STARTTLS, context)
+    if policy.tls is TLS.OPPORTUNISTIC:
+        fallback_ = policy.plaintext_fallback
+        return (target.name, target.address, target.port, TLS.OPPORTUNISTIC, fallback_)
+    return (target.name, target.address, target.port, policy.tls)
+
+
+class Stale(enum.Enum):
+    """What an attempt on a reused session returns when the session turned out to be dead
+    (the server had dropped it): open a fresh one to the same target."""
+
+    STALE = "stale"
+
+
+# -- one domain's delivery as requests (shared with mx_async) ----------------------------------
+
+#: A routed domain: its policy and the targets to try, in order.
+Route: TypeAlias = tuple[MXPolicy, list[Target]]
+
+C = TypeVar("C", bound=PooledConnection[Any])
+
+
+@attrs.frozen
+class ReuseIdle:
+    """Take an idle session for ``key`` that still works from the pool (NOOP first when it
+    has been idle long). The answer: the session, or ``None``."""
+
+    key: Hashable
+
+
+@attrs.frozen
+class OpenSession:
+    """Connect to ``target`` and open a session under ``tls`` (greeting, EHLO, STARTTLS).
+    The answer: the session, or the :class:`~mailrelay.errors.DeliveryError` that stopped it."""
+
+    target: Target
+    policy: MXPolicy
+    tls: TLS
+
+
+@attrs.frozen
+class SendMessage(Generic[C]):
+    """Send the message on ``connection``. The answer: the result, or the
+    :class:`~mailrelay.errors.DeliveryError` that ended the attempt (the connection is then
+    closed)."""
+
+    connection: C
+
+
+@attrs.frozen
+class GiveBack(Generic[C]):
+    """Give ``connection`` back to the pool under ``key`` (it QUITs what it cannot keep).
+    The answer: ``None``."""
+
+    key: Hashable
+    connection: C
+
+
+#: What a domain's plan asks the transport to do, and what it is answered.
+MXRequest: TypeAlias = ReuseIdle | OpenSession | SendMessage[C] | GiveBack[C]
+MXAnswer: TypeAlias = C | DeliveryResult | DeliveryError | None
+DomainPlan: TypeAlias = Generator[MXRequest[C], MXAnswer[C], list[RecipientResult]]
+_TargetPlan: TypeAlias = Generator[MXRequest[C], MXAnswer[C], DeliveryResult | None]
+
+#: The most requests one target's plan makes (reuse, send, give back; two opens, send,
+#: give back): bounds the transports' loops.
+MAX_REQUESTS_PER_TARGET: Final = 8
+
+
+def deliver_plan(
+    routed: Route, envelope: Envelope, trail: Trail, settings: MXSettings
+) -> DomainPlan[C]:
+    """One domain's delivery, every decision of it, as requests the transport carries out.
+
+    The targets are tried in turn (each: a reused session first, then fresh ones, see
+    :func:`_target_plan`); the first answer per recipient ends it. Returns the recipients'
+    results, naming the target that answered, or the trail's account when none did.
+    """
+    policy, targets = routed
+    for target in targets:
+        key = reuse_key(target, policy, settings.context(policy, policy.tls))
+        result: DeliveryResult | None = yield from _target_plan(
+            key, target, policy, envelope, trail
+        )
+        if result is not None:
+            return with_host(result.recipients, target.peer)
+    return trail.results([r.address for r in envelope.recipients])
+
+
+def _target_plan(
+    key: Hashable, target: Target, policy: MXPolicy, envelope: Envelope, trail: Trail
+) -> _TargetPlan[C]:
+    """One target: the result, or ``None`` after ``trail`` recorded why it failed."""
+    idle = yield ReuseIdle(key)
+    if isinstance(idle, PooledConnection):
+        outcome = yield from _attempt_plan(key, target, idle, envelope, trail, fresh=False)
+        if outcome is not Stale.STALE:
+            return outcome
+    if trail.known_unreachable(target):
+        return None
+    tls: TLS | None = policy.tls
+    while tls is not None:  # at most twice: with TLS, then in plain text
+        opened = yield OpenSession(target, policy, tls)
+        if not isinstance(opened, PooledConnection):
+            assert isinstance(opened, DeliveryError), "OpenSession gives a session or an error"
+            tls = trail.open_failed(target, opened, policy, tls)
+            continue
+        outcome = yield from _attempt_plan(key, target, opened, envelope, trail, fresh=True)
+        return None if outcome is Stale.STALE else outcome
+    return None
+
+
+def _attempt_plan(
+    key: Hashable,
+    target: Target,
+    connection: C,
+    envelope: Envelope,
+    trail: Trail,
+    *,
+    fresh: bool,
+) -> Generator[MXRequest[C], MXAnswer[C], DeliveryResult | Stale | None]:
+    """Send on ``connection``: the result; ``None`` after recording why the target failed;
+    or ``Stale.STALE`` when a reused session turned out to be dead (open a fresh one)."""
+    refusal = requiretls_refusal(connection.session, envelope, target.peer)
+    if refusal is not None:
+        trail.failed(target, refusal, transient=False)
+        yield GiveBack(key, connection)  # the session is fine for other mail
+        return None
+    sent = yield SendMessage(connection)
+    if not isinstance(sent, DeliveryResult):
+        assert isinstance(sent, DeliveryError), "SendMessage gives a result or an error"
+        return trail.send_failed(target, sent, fresh=fresh)
+    connection.messages += 1
+    yield GiveBack(key, connection)
+    return sent
+
+
+class MXSettings:
+    """The checked configuration shared by the blocking and the asyncio MX transports."""
+
+    def __init__(
+        self,
+        *,
+        port: int,
+        tls: TLS,
+        ssl_context: ssl.SSLContext | None,
+        timeouts: Timeouts,
+        local_hostname: str | None,
+        tls_policy: TLSPolicyHook | None,
+        plaintext_fallback: bool,
+        pipelining: bool,
+        chunking: bool,
+        max_addresses: int,
+    ) -> None:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigurationError(f"port must be a number from 1 to 65535, not {port!r}")
+        if not isinstance(timeouts, Timeouts):
+            raise ConfigurationError("timeouts must be a Timeouts value (Timeouts.all(10), ...)")
+        if max_addresses < 1:
+            raise ConfigurationError("max_addresses must be at least 1")
+        if local_hostname is not None and (
+            not local_hostname or any(c in local_hostname for c in " \t\r\n\0<>")
+        ):
+            raise ConfigurationError(f"not a usable local host name: {local_hostname!r}")
+        self.port = port
+        self.default = MXPolicy(
+            tls=tls, ssl_context=ssl_context, plaintext_fallback=plaintext_fallback
+        )
+        self.timeouts = timeouts
+        self.local_hostname = local_hostname
+        self.tls_policy = tls_policy
+        self.pipelining = pipelining
+        self.chunking = chunking
+        self.max_addresses = max_addresses
+        self._opportunistic = opportunistic_context()
+        self._verifying: ssl.SSLContext | None = ssl_context
+
+    def policy(self, domain: str, *, requiretls: bool = False) -> MXPolicy:
+        """The policy for ``domain``: the hook's answer, or the transport's default.
+
+        A message sent with REQUIRETLS gets verified TLS whatever the policy says
+        (RFC 8689 §4.2.1: the server's certificate must be valid for its name).
+        """
+        policy = self._hook(domain)
+        if requiretls and policy.tls is not TLS.STARTTLS:
+            policy = attrs.evolve(policy, tls=TLS.STARTTLS, plaintext_fallback=False)
+        return policy
+
+    def _hook(self, domain: str) -> MXPolicy:
+        if self.tls_policy is None:
+            return self.default
+        answer = self.tls_policy(domain)
+        if answer is None:
+            return self.default
+        if isinstance(answer, TLS):
+            return attrs.evolve(self.default, tls=answer)
+        if isinstance(answer, MXPolicy):
+            return answer
+        raise ConfigurationError(
+            f"tls_policy({domain!r}) returned {answer!r}: expected TLS, MXPolicy or None"
+        )
+
+    def context(self, policy: MXPolicy, tls: TLS) -> ssl.SSLContext:
+        """The TLS context for a session under ``tls``: verifying only when TLS is required."""
+        if tls is not TLS.STARTTLS:
+            return self._opportunistic
+        if policy.ssl_context is not None:
+            return policy.ssl_context
+        if self._verifying is None:
+            self._verifying = ssl.create_default_context()
+        return self._verifying
+
+    def plan(
+        self, domain: str, found: MailHosts | ResolverError, policy: MXPolicy
+    ) -> list[Target] | Verdict:
+        """:func:`plan` with this transport's port and address limit."""
+        return plan(domain, found, policy, port=self.port, max_addresses=self.max_addresses)
+
+    def route(
+        self, domain: str, envelope: Envelope, policy: MXPolicy, found: MailHosts | ResolverError
+    ) -> Route | list[RecipientResult]:
+        """The domain's policy and targets, or its recipients' results when the DNS (or the
+        policy) settles them without a connection."""
+        targets = self.plan(domain, found, policy)
+        if isinstance(targets, Verdict):
+            return targets.results([r.address for r in envelope.recipients])
+        return policy, targets
+
+    def session_config(self, target: Target, tls: TLS, local_address: str | None) -> SessionConfig:
+        """The dialogue's configuration for one target."""
+        return SessionConfig(
+            local_hostname=self.local_hostname or local_address or "localhost",
+            server_hostname=target.tls_name,
+            tls=tls,
+            pipelining=self.pipelining,
+            chunking=self.chunking,
+            peer=target.peer,
+        )
+
+    def describe(self) -> str:
+        """A one-line description for ``repr``."""
+        return f"port={self.port} tls={self.default.tls.name}"
+
+
+def fallback(policy: MXPolicy, tls: TLS) -> bool:
+    """Whether a TLS failure under ``tls`` should be retried in plain text (RFC 7435 §3)."""
+    return tls is TLS.OPPORTUNISTIC and policy.plaintext_fallback
+
+
+def transient_failure(error: DeliveryError) -> bool:
+    """Whether a target's failure leaves hope for a later attempt.
+
+    A 5xx greeting or EHLO refusal says "not from you, not ever"; everything else (connect
+    failures, timeouts, 421, lost connections, protocol violations) may pass.
+    """
+    if isinstance(error, SessionRefused) and error.reply is not None:
+        return not error.reply.is_permanent
+    return True
