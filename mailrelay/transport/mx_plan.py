@@ -9,8 +9,8 @@ verdict) into an ordered list of :class:`Target` values (exchanger name + one IP
 sent what happened; a :class:`Trail` records each target's failure for the reason text, and
 :class:`Unreachable` remembers, for one message, the targets that could not be opened. The
 two transports only carry the requests out. The rules themselves (routing, order, moving
-on, TLS, REQUIRETLS, reuse) are stated in :mod:`mailrelay.transport.mx`, whose public names
-this module's are re-exported from.
+on, TLS, REQUIRETLS, reuse) are stated in :mod:`mailrelay.transport.mx`, which re-exports
+this module's public names (:class:`MXPolicy`, :data:`MX_POOL`, ...): import them from there.
 """
 
 from __future__ import annotations
