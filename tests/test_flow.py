@@ -35,6 +35,7 @@ from mailrelay.errors import (
 )
 from mailrelay.flow import Close, Read, Request, Session, SessionConfig, StartTLS, Step, Write
 from mailrelay.flow import requests as flow_requests
+from mailrelay.flow.batch import _flushed_write
 from mailrelay.message import Message
 from mailrelay.options import TLS
 from mailrelay.protocol import sasl
@@ -1636,6 +1637,17 @@ def test_fast_result_builders_equal_the_validated_construction(
         slow.deferred,
         slow.rejected,
     )
+
+
+@given(data=st.binary(max_size=64), phase=st.sampled_from(["mail", "data_block", "data_end"]))
+def test_fast_write_builder_equals_the_attrs_construction(data: bytes, phase: str) -> None:
+    fast = _flushed_write(data, phase)
+    slow = Write(data=data, phase=phase, flush=True)
+    assert type(fast) is Write
+    assert fast == slow
+    assert repr(fast) == repr(slow)
+    assert hash(fast) == hash(slow)
+    assert pickle.loads(pickle.dumps(fast)) == slow
 
 
 @pytest.mark.parametrize(

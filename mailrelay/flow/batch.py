@@ -22,7 +22,9 @@ from mailrelay.errors import (
 )
 from mailrelay.flow import requests as _requests
 from mailrelay.flow.bookkeeping import (
+    _new,
     _SessionClosed,
+    _slot_setters,
     _Transaction,
 )
 from mailrelay.flow.core import _trace, log
@@ -65,6 +67,22 @@ class BatchOutcome:
 
     results: tuple[DeliveryResult | None, ...]
     error: DeliveryError | None = None
+
+
+# The hot loop yields one flushed Write per message; attrs' frozen __init__ costs more than
+# the rest of the request's handling, and Write has no validators or converters, so its
+# slots are filled directly (bookkeeping's builders do the same, with the same import-time
+# check of the fields).
+_set_data, _set_phase, _set_flush = _slot_setters(Write, ("data", "phase", "flush"))
+
+
+def _flushed_write(data: bytes, phase: str) -> Write:
+    """``Write(data=data, phase=phase, flush=True)``, built directly."""
+    request: Write = _new(Write)
+    _set_data(request, data)
+    _set_phase(request, phase)
+    _set_flush(request, True)
+    return request
 
 
 def _apply_envelope(transaction: _Transaction, replies: list[Reply], pos: int) -> int:
@@ -219,7 +237,7 @@ class _Batch(_Delivery):
                         wire = b"".join(pieces)
                     else:
                         wire = conn.send_group(commands)
-                    yield Write(data=wire, phase="mail", flush=True)
+                    yield _flushed_write(wire, "mail")
                     # While the server reads that: record the message answered last time,
                     # and get the next one ready (its envelope cannot be sent before this
                     # message's 354, but its bookkeeping and commands can be built now).
