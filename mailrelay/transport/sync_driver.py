@@ -5,8 +5,9 @@ host, IPv6 and IPv4, in the order the resolver gives them) or a unix socket, wra
 at once for ``TLS.IMPLICIT``, and returns a :class:`SyncDriver`. :meth:`SyncDriver.run`
 drives one step of a :class:`~mailrelay.flow.Session`: it answers each request the step
 yields (``Write`` → queued, then sent with one ``sendall`` before the next ``Read`` or
-``StartTLS``, or once 64 KiB are queued; ``Read`` → one ``recv_into``; ``StartTLS`` → wrap the
-socket and handshake; ``Close`` → close) until the step returns its result. Coalescing the
+``StartTLS``, or once 64 KiB are queued, or at once when it asks to be (``Write.flush``);
+``Read`` → one ``recv_into``; ``StartTLS`` → wrap the socket and handshake; ``Close`` →
+close) until the step returns its result. Coalescing the
 writes saves a system call per message (the data and its terminator go together) and changes
 nothing on the wire that matters: the dialogue waits for replies only through ``Read``.
 
@@ -279,8 +280,12 @@ class SyncDriver:
                     assert isinstance(request, Write)
                     if self._sock is None:
                         raise closed_error(self.peer)
+                    if request.flush and not self._pending:
+                        # Nothing is held back: it goes out as it is, without the queue
+                        # (deliver_many's one write per message).
+                        self._send(request.data, request.phase)
                     # Queue it; it goes out with the next flush (see the module docstring).
-                    if self._writes.add(request):
+                    elif self._writes.add(request):
                         self._flush()
                 elif kind is Read:
                     assert isinstance(request, Read)
@@ -301,12 +306,17 @@ class SyncDriver:
 
     def _flush(self) -> None:
         """Send every pending write, limited by the last write's phase timeout."""
-        sock = self._socket()
-        data = self._writes.take()
-        phase = self._writes.phase
+        self._socket()
+        self._send(self._writes.take(), self._writes.phase)
+
+    def _send(self, data: bytes, phase: str) -> None:
+        """Send all of ``data``, limited by ``phase``'s timeout (the socket is open)."""
+        sock = self._sock
+        assert sock is not None
         timeout = self._limits[phase]
         try:
-            self._set_timeout(sock, timeout)
+            if timeout != self._timeout:
+                self._set_timeout(sock, timeout)
             sent = sock.send(data)
             if sent < len(data):
                 self._send_rest(sock, memoryview(data)[sent:], timeout)
@@ -326,7 +336,9 @@ class SyncDriver:
             rest = rest[sock.send(rest) :]
 
     def _read(self, request: Read) -> bytes:
-        sock = self._socket()
+        sock = self._sock
+        if sock is None:
+            raise closed_error(self.peer)
         timeout = self._limits[request.phase]
         try:
             if request.resume:
@@ -334,7 +346,8 @@ class SyncDriver:
                 self._set_timeout(sock, _remaining(self._deadline))
             else:
                 self._deadline = time.monotonic() + timeout
-                self._set_timeout(sock, timeout)
+                if timeout != self._timeout:  # _set_timeout's own test, without the call
+                    self._set_timeout(sock, timeout)
             # Into a buffer kept for the connection's life: recv() would allocate READ_SIZE
             # bytes for every read and shrink them again.
             data = self._view[: sock.recv_into(self._buffer)].tobytes()
