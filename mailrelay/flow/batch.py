@@ -115,8 +115,12 @@ def _short(closed: _SessionClosed | None) -> _SessionClosed:
     return closed
 
 
-def _result_of(transaction: _Transaction | None) -> DeliveryResult:
+def _result_of(transactions: list[_Transaction | None], index: int) -> DeliveryResult:
+    """The result of message ``index``, now answered; its bookkeeping is let go (see
+    ``transactions`` in ``_deliver_many``)."""
+    transaction = transactions[index]
     assert transaction is not None
+    transactions[index] = None
     return transaction.result()
 
 
@@ -155,6 +159,10 @@ class _Batch(_Delivery):
         self._ensure_open()
         count = len(items)
         results: list[DeliveryResult | None] = [None] * count
+        # Each message's bookkeeping from its first command until its result is recorded;
+        # then None: only unanswered messages' is needed (when the session ends early),
+        # and every object a long batch keeps alive makes the garbage collector's rounds
+        # more frequent and longer.
         transactions: list[_Transaction | None] = [None] * count
         # Messages whose replies are still to be read, oldest first: (index, reader, bytes).
         inflight: deque[tuple[int, Step[None], int]] = deque()
@@ -181,10 +189,10 @@ class _Batch(_Delivery):
                 else:
                     transaction = self._prepared(message, envelope)
                     ahead = None
-                transactions[index] = transaction
                 if transaction.all_final():
                     results[index] = transaction.result()
                     continue
+                transactions[index] = transaction
                 if not pipelined or (bdat and message.size > _ONE_CHUNK):
                     # Nothing overlaps: read what is in flight, then one message alone.
                     # (A DATA message waits in ``previous`` only with PIPELINING, without
@@ -194,11 +202,11 @@ class _Batch(_Delivery):
                         done, reader, size = inflight.popleft()
                         yield from reader
                         outstanding -= size
-                        results[done] = _result_of(transactions[done])
+                        results[done] = _result_of(transactions, done)
                     if self._needs_rset:
                         yield from self._rset()
                     yield from self._transaction(message, envelope, transaction)
-                    results[index] = transaction.result()
+                    results[index] = _result_of(transactions, index)
                     continue
                 if ahead is not None:
                     mail, rcpts = ahead[2], ahead[3]
@@ -220,7 +228,7 @@ class _Batch(_Delivery):
                         done, reader, size = inflight.popleft()
                         yield from reader
                         outstanding -= size
-                        results[done] = _result_of(transactions[done])
+                        results[done] = _result_of(transactions, done)
                     continue
                 group.append(_DATA)
                 self._needs_rset = True
@@ -245,7 +253,7 @@ class _Batch(_Delivery):
                         done, done_transaction, final = unsettled
                         unsettled = None
                         done_transaction.settle_all(final)
-                        results[done] = done_transaction.result()
+                        results[done] = _result_of(transactions, done)
                     following = index + 1
                     if following < count:
                         next_message, next_envelope = items[following]
@@ -289,7 +297,7 @@ class _Batch(_Delivery):
                     elif (yield from self._data_body(message, transaction, data_reply)):
                         previous = (index, transaction)
                     else:
-                        results[index] = transaction.result()
+                        results[index] = _result_of(transactions, index)
                     continue
                 yield from self._write(*group, phase="mail")
                 # LMTP: the previous message's final replies come first (FIFO), then ours.
@@ -297,7 +305,7 @@ class _Batch(_Delivery):
                     done, reader, size = inflight.popleft()
                     yield from reader
                     outstanding -= size
-                    results[done] = _result_of(transactions[done])
+                    results[done] = _result_of(transactions, done)
                 if rset:
                     yield from self._rset_reply()
                 yield from self._read_envelope_replies(transaction)
@@ -305,22 +313,22 @@ class _Batch(_Delivery):
                     # The final reply is read with the next message's envelope replies.
                     inflight.append((index, self._finals(transaction), 0))
                 else:
-                    results[index] = transaction.result()
+                    results[index] = _result_of(transactions, index)
             if unsettled is not None:
                 done, done_transaction, final = unsettled
                 unsettled = None
                 done_transaction.settle_all(final)
-                results[done] = done_transaction.result()
+                results[done] = _result_of(transactions, done)
             while inflight:
                 done, reader, size = inflight.popleft()
                 yield from reader
-                results[done] = _result_of(transactions[done])
+                results[done] = _result_of(transactions, done)
             if carry:
                 yield Write(data=self._conn.send_group(carry), phase="data_block")
             if previous is not None:
                 done, done_transaction = previous
                 done_transaction.settle_all((yield from self._reply("data_end")))
-                results[done] = done_transaction.result()
+                results[done] = _result_of(transactions, done)
         except _SessionClosed as closed:
             error = self._refuse(closed.reply, "before every message was answered")
             what = "closed the session (421)" if closed.reply else "closed the connection"
@@ -333,7 +341,7 @@ class _Batch(_Delivery):
             # The session ended before the next write: that final reply still counts.
             done, done_transaction, final = unsettled
             done_transaction.settle_all(final)
-            results[done] = done_transaction.result()
+            results[done] = _result_of(transactions, done)
         if error is not None:
             for index, begun in enumerate(transactions):
                 if results[index] is None and begun is not None and begun.any_final():
