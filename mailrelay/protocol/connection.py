@@ -103,6 +103,8 @@ _REPLY_BY_CLASS: Final = {
     for digit in range(2, 6)
     if reply_kind(digit * 100) is reply
 }
+# The command kinds whose replies _match() records something about.
+_RECORDED: Final = frozenset({"RCPT", "MAIL", "RSET", "EHLO", "LHLO", "HELO"})
 _SMTP_SEND: Final = {key: state for key, state in SEND.items() if key[1] not in LMTP_ONLY}
 _LMTP_SEND: Final = {key: state for key, state in SEND.items() if key[1] not in SMTP_ONLY}
 
@@ -266,7 +268,8 @@ class ClientConnection:
         table = self._send_table
         pending = self._pending
         append = pending.append
-        pipelining = self._pipelining
+        extensions = self.extensions
+        pipelining = extensions is not None and extensions.pipelining  # _pipelining, inlined
         state = self._state
         pieces: list[bytes] = []
         for command in commands:
@@ -463,8 +466,10 @@ class ClientConnection:
         to commands (greeting, STARTTLS, closed, error). It never raises: a malformed
         reply waits for :meth:`next_event` too.
         """
-        taken: list[Reply] = []
         replies = self._replies
+        if not replies:
+            return []  # the usual answer before each read
+        taken: list[Reply] = []
         pending = self._pending
         match = self._match
         lmtp = self._lmtp
@@ -491,7 +496,9 @@ class ClientConnection:
         reply); record what the reply tells; return the command."""
         command, kind, serial = self._pending.popleft()
         code = reply.code
-        if kind == "RCPT":
+        if kind not in _RECORDED:
+            pass  # DATA, the end of the data, ...: nothing to record (half the replies)
+        elif kind == "RCPT":
             if code < 300:
                 assert isinstance(command, RcptTo)
                 self._accepted.append(command)
@@ -509,7 +516,8 @@ class ClientConnection:
             new_state = _REPLY_BY_CLASS.get((self._state, kind, code // 100))
             if new_state is not None:
                 if new_state is State.DATA:
-                    self._stuffer = DotStuffer()
+                    # A new message's data begins (reset, not a new stuffer: every message).
+                    self._stuffer.reset()
                 self._state = new_state
         return command
 
@@ -522,7 +530,7 @@ class ClientConnection:
             new_state = _REPLY_BY_CLASS.get((self._state, kind, code // 100))
             if new_state is not None:
                 if new_state is State.DATA:
-                    self._stuffer = DotStuffer()
+                    self._stuffer.reset()
                 self._state = new_state
 
     def _lmtp_response(self, command: Command, reply: Reply) -> Event:

@@ -53,6 +53,11 @@ class DotStuffer:
         self._at_line_start = True
         self._held_cr = False
 
+    def reset(self) -> None:
+        """Start over for a new message (as a new DotStuffer would)."""
+        self._at_line_start = True
+        self._held_cr = False
+
     def chunk(self, data: bytes) -> bytes:
         """Return the wire bytes for the next piece of the message."""
         if self._held_cr:

@@ -116,3 +116,14 @@ def test_wire_form_must_start_a_line(before: bytes) -> None:
     stuffer.chunk(before)
     with pytest.raises(ValueError, match="start a line"):
         stuffer.stuffed(b"x\r\n")
+
+
+@given(first=st.binary(max_size=50), body=st.binary(max_size=200))
+def test_reset_starts_over_as_a_new_stuffer(first: bytes, body: bytes) -> None:
+    # Whatever the last message left (a held-back CR, a line not ended), a reset stuffer
+    # gives what a new one does.
+    reused = DotStuffer()
+    reused.chunk(first)
+    reused.reset()
+    fresh = DotStuffer()
+    assert reused.chunk(body) + reused.end() == fresh.chunk(body) + fresh.end()
