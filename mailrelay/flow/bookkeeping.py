@@ -65,7 +65,7 @@ def _delivery_result(
 class _Transaction:
     """Which reply each recipient of one message has, and which are final."""
 
-    __slots__ = ("addresses", "final", "message_id", "peer", "rcpt_replies")
+    __slots__ = ("addresses", "final", "message_id", "open", "peer", "rcpt_replies")
 
     def __init__(
         self, recipients: Sequence[Address], peer: str | None, message_id: str | None = None
@@ -75,9 +75,15 @@ class _Transaction:
         self.message_id = message_id
         self.rcpt_replies: list[Reply | None] = [None] * len(self.addresses)
         self.final: list[RecipientResult | None] = [None] * len(self.addresses)
+        # How many recipients have no final result yet, kept as ``final`` is filled: every
+        # message asks, and ``None in final`` would call each result's (attrs) __eq__.
+        self.open = len(self.addresses)
 
     def settle(self, index: int, reply: Reply, reason: str | None = None) -> None:
-        self.final[index] = _recipient_result(
+        final = self.final
+        if final[index] is None:
+            self.open -= 1
+        final[index] = _recipient_result(
             self.addresses[index],
             _OUTCOME_BY_CLASS.get(reply.code // 100, Outcome.TRANSIENT),
             reply,
@@ -86,9 +92,18 @@ class _Transaction:
         )
 
     def settle_all(self, reply: Reply, reason: str | None = None) -> None:
-        for index, result in enumerate(self.final):
+        """Every recipient still without a final result gets ``reply`` as its own."""
+        if not self.open:
+            return
+        # settle() for each, with what they share looked up once (every message ends here).
+        final = self.final
+        addresses = self.addresses
+        outcome = _OUTCOME_BY_CLASS.get(reply.code // 100, Outcome.TRANSIENT)
+        peer = self.peer
+        for index, result in enumerate(final):
             if result is None:
-                self.settle(index, reply, reason)
+                final[index] = _recipient_result(addresses[index], outcome, reply, reason, peer)
+        self.open = 0
 
     def accepted(self) -> list[int]:
         """Indices of recipients whose RCPT was accepted and that have no final result yet."""
@@ -99,10 +114,10 @@ class _Transaction:
         ]
 
     def all_final(self) -> bool:
-        return None not in self.final
+        return not self.open
 
     def any_final(self) -> bool:
-        return self.final.count(None) < len(self.final)
+        return self.open < len(self.final)
 
     def unfinished(self, reply: Reply | None, reason: str) -> None:
         """Every recipient still without a final answer becomes TRANSIENT."""
@@ -115,9 +130,10 @@ class _Transaction:
                     reason=reason,
                     host=self.peer,
                 )
+        self.open = 0
 
     def result(self) -> DeliveryResult:
-        assert None not in self.final, "every recipient must be settled"
+        assert not self.open, "every recipient must be settled"
         results = cast("tuple[RecipientResult, ...]", tuple(self.final))
         return _delivery_result(results, self.message_id, self.peer)
 
