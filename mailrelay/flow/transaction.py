@@ -332,9 +332,10 @@ class _Delivery(_Opening):
         if last is not None and last[0] is message:
             return last[1]
         # The connection's stuffer is a fresh one after 354, so a fresh one here gives the
-        # same bytes (RFC 5321 §4.5.2).
+        # same bytes (RFC 5321 §4.5.2). Message.chunks() yields CRLF-normalized pieces, none
+        # ending inside a CRLF (as BDAT relies on too), so the stuffer need not check them.
         stuffer = DotStuffer()
-        pieces = [stuffer.chunk(chunk) for chunk in message.chunks()]
+        pieces = [stuffer.chunk(chunk, normalized=True) for chunk in message.chunks()]
         pieces.append(stuffer.end())
         # Kept without the final ".CRLF" (but with any line end the terminator added), so
         # that it ends a line and EndOfData() gives the same terminator again.

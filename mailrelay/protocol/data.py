@@ -11,7 +11,9 @@ Rules:
 
 Theory of operation: each chunk is transformed with whole-buffer ``bytes``
 operations (``count``, ``replace`` and one compiled regular expression when the
-line endings are mixed), never a Python loop per byte. Two facts survive
+line endings are mixed), never a Python loop per byte. A caller whose pieces are
+already CRLF-normalized (``Message.chunks()``) says so, and the line endings are
+then not counted again. Two facts survive
 between chunks, which is all a chunk boundary can split:
 
 * a trailing CR is held back, because the next chunk may start with its LF;
@@ -58,8 +60,15 @@ class DotStuffer:
         self._at_line_start = True
         self._held_cr = False
 
-    def chunk(self, data: bytes) -> bytes:
-        """Return the wire bytes for the next piece of the message."""
+    def chunk(self, data: bytes, *, normalized: bool = False) -> bytes:
+        """Return the wire bytes for the next piece of the message.
+
+        Args:
+            data: the piece.
+            normalized: ``data`` is known to hold no bare CR or LF (``Message.chunks()``
+                promises it for every piece): the line endings are not checked again, which
+                is most of the cost of a piece. Wrong bytes would go out as they are.
+        """
         if self._held_cr:
             data = b"\r" + data
             self._held_cr = False
@@ -69,7 +78,8 @@ class DotStuffer:
             self._held_cr = True
         if not data:
             return b""
-        data = normalize_line_endings(data)
+        if not normalized:
+            data = normalize_line_endings(data)
         # RFC 5321 §4.5.2: a leading period on any line is doubled.
         data = data.replace(b"\r\n.", b"\r\n..")
         if self._at_line_start and data[0] == 0x2E:

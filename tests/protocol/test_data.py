@@ -127,3 +127,21 @@ def test_reset_starts_over_as_a_new_stuffer(first: bytes, body: bytes) -> None:
     reused.reset()
     fresh = DotStuffer()
     assert reused.chunk(body) + reused.end() == fresh.chunk(body) + fresh.end()
+
+
+@given(
+    st.lists(st.sampled_from([b"a", b".", b"..", b"x.", b"\x00\xff", b""]), max_size=12),
+    st.data(),
+)
+def test_normalized_pieces_give_what_the_checked_ones_do(
+    lines: list[bytes], data: st.DataObject
+) -> None:
+    # What Message.chunks() yields: CRLF line ends, and no piece ends inside a CRLF.
+    body = b"\r\n".join(lines) + data.draw(st.sampled_from([b"", b"\r\n"]))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=6)))
+    cuts = [cut for cut in cuts if body[cut - 1 : cut + 1] != b"\r\n"]
+    chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    checked, trusted = DotStuffer(), DotStuffer()
+    assert [trusted.chunk(c, normalized=True) for c in chunks] + [trusted.end()] == [
+        checked.chunk(c) for c in chunks
+    ] + [checked.end()]
