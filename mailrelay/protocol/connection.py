@@ -408,8 +408,13 @@ class ClientConnection:
                 because of a local error.
         """
         # Hot path: a reply is ready and a command awaits it.
-        if self._replies and self._pending and self._state in _MATCHING:
-            return self._response(self._replies.popleft())
+        if self._replies:
+            if self._pending and self._state in _MATCHING:
+                return self._response(self._replies.popleft())
+        elif self._state in _MATCHING and not self._eof and self._reader.error is None:
+            # The other hot path, before every read: no reply is ready (what _next_event()
+            # finds after asking the reader, in these states).
+            return NEED_DATA
         if self._state is State.ERROR:
             if isinstance(self._error, RemoteProtocolError):
                 raise RemoteProtocolError(
@@ -471,14 +476,35 @@ class ClientConnection:
             return []  # the usual answer before each read
         taken: list[Reply] = []
         pending = self._pending
-        match = self._match
         lmtp = self._lmtp
+        # _match() inlined (keep the two alike): this loop takes nearly every reply of a
+        # pipelined session, and a call per reply is a good part of the cost of one.
         while replies and pending and len(taken) < limit and self._state in _MATCHING:
             reply = replies[0]
-            if reply.code == CLOSING_CODE or (lmtp and pending[0][1] in _FINAL_DATA):
+            code = reply.code
+            if code == CLOSING_CODE or (lmtp and pending[0][1] in _FINAL_DATA):
                 break
             replies.popleft()
-            match(reply)
+            command, kind, serial = pending.popleft()
+            if kind not in _RECORDED:
+                pass
+            elif kind == "RCPT":
+                if code < 300:
+                    assert isinstance(command, RcptTo)
+                    self._accepted.append(command)
+            elif kind in ("MAIL", "RSET"):
+                self._accepted = []
+            elif kind in ("EHLO", "LHLO"):
+                if code < 300:
+                    self.extensions = Extensions.parse(reply.lines)
+            elif kind == "HELO" and code < 300:
+                self.extensions = None
+            if serial == self._serial:  # (never a 421 here: see above)
+                new_state = _REPLY_BY_CLASS.get((self._state, kind, code // 100))
+                if new_state is not None:
+                    if new_state is State.DATA:
+                        self._stuffer.reset()
+                    self._state = new_state
             taken.append(reply)
         return taken
 
@@ -493,7 +519,8 @@ class ClientConnection:
 
     def _match(self, reply: Reply) -> Command:
         """Take the oldest command in flight as answered by ``reply`` (not an LMTP final
-        reply); record what the reply tells; return the command."""
+        reply); record what the reply tells; return the command. (next_replies() has its
+        own copy of this: keep the two alike.)"""
         command, kind, serial = self._pending.popleft()
         code = reply.code
         if kind not in _RECORDED:

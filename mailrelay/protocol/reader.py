@@ -162,13 +162,17 @@ class ReplyReader:
     Args:
         max_line_length: the longest line accepted, in octets, CRLF excluded.
         max_reply_length: the longest reply accepted, in octets, all lines included.
+
+    Attributes:
+        replies: parsed replies not yet taken, oldest first.
+        error: the error in the bytes after those replies (``pop()`` raises it once they
+            are taken), or ``None``. Read-only for callers.
     """
 
     __slots__ = (
         "_buffer",
         "_code",
         "_enhanced",
-        "_error",
         "_lines",
         "_max_line",
         "_max_reply",
@@ -176,6 +180,7 @@ class ReplyReader:
         "_memo_pause",
         "_single_line",
         "_size",
+        "error",
         "replies",
     )
 
@@ -201,7 +206,7 @@ class ReplyReader:
         self._enhanced: EnhancedStatus | None = None
         #: Parsed replies not yet taken, oldest first (``pop()`` takes them in order).
         self.replies: deque[Reply] = deque()
-        self._error: RemoteProtocolError | None = None
+        self.error: RemoteProtocolError | None = None
         self._memo: dict[str, Reply] = {}
         # Lines to parse before the memo is used again (see _parse_lines).
         self._memo_pause = 0
@@ -210,7 +215,7 @@ class ReplyReader:
     def has_data(self) -> bool:
         """Whether any byte has been received that was not yet taken as a reply:
         a queued reply, a partial line or reply, or a queued error."""
-        return bool(self.replies or self._buffer or self._lines or self._error)
+        return bool(self.replies or self._buffer or self._lines or self.error)
 
     @property
     def has_partial(self) -> bool:
@@ -231,13 +236,13 @@ class ReplyReader:
         replies = self.replies
         if replies:
             return replies.popleft()
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
         return None
 
     def feed(self, data: bytes) -> None:
         """Take more bytes from the server and parse every complete line in them."""
-        if self._error is not None:
+        if self.error is not None:
             return  # Nothing after a malformed reply can be trusted.
         buffer = self._buffer + data if self._buffer else data
         end = buffer.rfind(b"\n")
@@ -262,7 +267,7 @@ class ReplyReader:
             else:
                 self._parse_octets(complete)
         except RemoteProtocolError as exc:
-            self._error = exc
+            self.error = exc
             self._buffer = b""
             self._lines = []
             return
@@ -404,7 +409,7 @@ class ReplyReader:
     def _check_partial(self) -> None:
         # The unfinished line may end with the CR of its CRLF: allow one octet more.
         if len(self._buffer) > self._max_line + 1:
-            self._error = RemoteProtocolError(
+            self.error = RemoteProtocolError(
                 f"reply line longer than {self._max_line} octets without an end"
             )
             self._buffer = b""
