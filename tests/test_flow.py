@@ -1639,6 +1639,24 @@ def test_fast_result_builders_equal_the_validated_construction(
     )
 
 
+@given(
+    final=st.integers(200, 599),
+    refused=st.lists(st.none() | st.integers(400, 599), min_size=1, max_size=4),
+)
+def test_finish_is_settle_all_then_result(final: int, refused: list[int | None]) -> None:
+    addresses = [Address.parse(f"r{i}@example.org") for i in range(len(refused))]
+    reply = Reply(code=final, lines=("final",), enhanced=None)
+    one, two = (flow._Transaction(addresses, "mx:25", "<id@x>") for _ in range(2))
+    for index, code in enumerate(refused):
+        if code is not None:
+            for transaction in (one, two):
+                transaction.settle(index, Reply(code=code, lines=("no",), enhanced=None))
+    two.settle_all(reply)
+    assert one.finish(reply) == two.result()
+    assert one.all_final()
+    assert not one.open
+
+
 @given(data=st.binary(max_size=64), phase=st.sampled_from(["mail", "data_block", "data_end"]))
 def test_fast_write_builder_equals_the_attrs_construction(data: bytes, phase: str) -> None:
     fast = _flushed_write(data, phase)

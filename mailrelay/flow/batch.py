@@ -190,7 +190,7 @@ class _Batch(_Delivery):
                 else:
                     transaction = self._prepared(message, envelope)
                     ahead = None
-                if transaction.all_final():
+                if not transaction.open:  # all_final(), inlined
                     results[index] = transaction.result()
                     continue
                 transactions[index] = transaction
@@ -255,13 +255,13 @@ class _Batch(_Delivery):
                     if unsettled is not None:
                         done, done_transaction, final = unsettled
                         unsettled = None
-                        done_transaction.settle_all(final)
-                        results[done] = _result_of(transactions, done)
+                        results[done] = done_transaction.finish(final)
+                        transactions[done] = None  # answered (see above)
                     following = index + 1
                     if following < count:
                         next_message, next_envelope = items[following]
                         next_transaction = self._prepared(next_message, next_envelope)
-                        if next_transaction.all_final():
+                        if not next_transaction.open:  # all_final(), inlined
                             ahead = (following, next_transaction, mail, rcpts)
                         else:
                             ahead = (
@@ -292,10 +292,10 @@ class _Batch(_Delivery):
                     if (
                         data_reply.code == 354
                         and message.size <= _requests._JOIN_LIMIT
-                        and not transaction.all_final()
+                        and transaction.open  # not all_final(), inlined
                     ):
                         # Sent with the next message's envelope (or before the last read).
-                        carry = self._data_commands(message)
+                        carry = self._data_commands(message, debug)
                         previous = (index, transaction)
                     elif (yield from self._data_body(message, transaction, data_reply)):
                         previous = (index, transaction)

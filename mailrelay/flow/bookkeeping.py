@@ -105,6 +105,23 @@ class _Transaction:
                 final[index] = _recipient_result(addresses[index], outcome, reply, reason, peer)
         self.open = 0
 
+    def finish(self, reply: Reply) -> DeliveryResult:
+        """The result, once every recipient still open has taken ``reply`` (the message's
+        final reply) as its own: :meth:`settle_all` then :meth:`result`, in one call, as
+        every message ends."""
+        final = self.final
+        if self.open:
+            addresses = self.addresses
+            outcome = _OUTCOME_BY_CLASS.get(reply.code // 100, Outcome.TRANSIENT)
+            peer = self.peer
+            for index, result in enumerate(final):
+                if result is None:
+                    final[index] = _recipient_result(addresses[index], outcome, reply, None, peer)
+            self.open = 0
+        # Every slot is set now (typing.cast would be a function call on every message).
+        results: tuple[RecipientResult, ...] = tuple(final)  # type: ignore[arg-type]
+        return _delivery_result(results, self.message_id, self.peer)
+
     def accepted(self) -> list[int]:
         """Indices of recipients whose RCPT was accepted and that have no final result yet."""
         return [

@@ -317,16 +317,19 @@ class _Delivery(_Opening):
         """A small message's data and terminator, as one piece of wire bytes (after 354)."""
         return self._conn.send_group(self._data_commands(message))
 
-    def _data_commands(self, message: Message) -> tuple[DataChunk, EndOfData]:
+    def _data_commands(
+        self, message: Message, debug: bool | None = None
+    ) -> tuple[DataChunk, EndOfData]:
         """A small message's data, in wire form, and its terminator: the commands that send
         it after 354 (``send_group`` turns them into exactly the bytes ``send()`` would give
-        for its chunks and ``EndOfData()``).
+        for its chunks and ``EndOfData()``). ``debug``: whether to trace them, when the
+        caller has asked the logger already.
 
         The same message again (one message, many envelopes) reuses its wire form: it is
         not dot-stuffed a second time.
         """
         last = self._last_data
-        if log.isEnabledFor(logging.DEBUG):
+        if debug if debug is not None else log.isEnabledFor(logging.DEBUG):
             log.debug(">>> <%d bytes of message data and the terminator>", message.size)
         self._needs_rset = False
         if last is not None and last[0] is message:
