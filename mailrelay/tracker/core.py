@@ -135,6 +135,29 @@ def _utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _queued_record(
+    tracking_id: str,
+    message: Message,
+    envelope: Envelope,
+    now: dt.datetime,
+    *,
+    notification: bool = False,
+) -> MessageRecord:
+    """A new message's record: every recipient QUEUED and due ``now``."""
+    return MessageRecord(
+        id=tracking_id,
+        created_at=now,
+        envelope=envelope,
+        message_id=message.message_id,
+        size=message.size,
+        recipients=tuple(
+            RecipientRecord(address=r.address, state=State.QUEUED, next_attempt_at=now)
+            for r in envelope.recipients
+        ),
+        notification=notification,
+    )
+
+
 def _new_id(now: dt.datetime) -> str:
     """A tracking id: 32 hex digits, the submission time in microseconds, then 72 random bits.
 
@@ -289,17 +312,7 @@ class TrackerCore(Generic[T]):
         envelope = outgoing_envelope(
             envelope, tracking_id, request_dsn=self.request_dsn, verp=self.verp
         )
-        return MessageRecord(
-            id=tracking_id,
-            created_at=now,
-            envelope=envelope,
-            message_id=message.message_id,
-            size=message.size,
-            recipients=tuple(
-                RecipientRecord(address=r.address, state=State.QUEUED, next_attempt_at=now)
-                for r in envelope.recipients
-            ),
-        )
+        return _queued_record(tracking_id, message, envelope, now)
 
     def status(self, tracking_id: str) -> MessageRecord:
         """The record of a tracked message: each recipient's state and attempts.
@@ -557,18 +570,7 @@ class TrackerCore(Generic[T]):
     ) -> MessageRecord:
         # Sent as built: no DSN request and no VERP sender (it goes from the null
         # reverse-path, so nothing reports on it, RFC 3461 §6.2).
-        return MessageRecord(
-            id=_new_id(now),
-            created_at=now,
-            envelope=envelope,
-            message_id=message.message_id,
-            size=message.size,
-            recipients=tuple(
-                RecipientRecord(address=r.address, state=State.QUEUED, next_attempt_at=now)
-                for r in envelope.recipients
-            ),
-            notification=True,
-        )
+        return _queued_record(_new_id(now), message, envelope, now, notification=True)
 
     def _report(
         self,
