@@ -1371,6 +1371,27 @@ def test_deliver_many_writes_the_next_envelope_after_the_data_before_reading() -
     assert all(group.flush for group in groups)
 
 
+def test_deliver_many_skips_a_message_refused_before_sending_and_goes_on() -> None:
+    # The middle message is bigger than the server's SIZE (1,000,000 in model_session): it
+    # is refused without a command (RFC 1870 §6), and the pipelined messages around it,
+    # whose commands are prepared ahead, go out as usual.
+    scripts = [{"mail": 250, "rcpts": [250], "finals": [250]}] * 2
+    session, server = model_session(scripts)
+    small = batch_items(scripts)
+    big = (message("x" * 1_000_100 + "\n"), envelope("big@example.net"))
+    outcome = server.run(session.deliver_many([small[0], big, small[1]]))
+    assert outcome.error is None
+    first, refused, last = outcome.results
+    assert first is not None
+    assert first.ok
+    assert last is not None
+    assert last.ok
+    assert refused is not None
+    assert [r.outcome for r in refused.recipients] == [Outcome.PERMANENT]
+    assert "SIZE" in (refused.recipients[0].reason or "")
+    assert server.mails == 1  # two transactions reached the server, not three
+
+
 def test_deliver_many_with_bdat_keeps_a_window_of_messages_in_flight() -> None:
     scripts = [{"mail": 250, "rcpts": [250], "finals": [250]}] * 5
     session, server = model_session(scripts, chunking=True)

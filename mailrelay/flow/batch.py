@@ -180,7 +180,8 @@ class _Batch(_Delivery):
         # waits for it), off the round trip's critical path: a message whose final reply
         # came but is not recorded yet, and the next message's bookkeeping and commands.
         unsettled: tuple[int, _Transaction, Reply] | None = None
-        ahead: tuple[int, _Transaction, MailFrom, list[RcptTo]] | None = None
+        # (index, bookkeeping, its MAIL and RCPTs: None when it will not be sent)
+        ahead: tuple[int, _Transaction, tuple[MailFrom, list[RcptTo]] | None] | None = None
         error: DeliveryError | None = None
         reason = ""
         try:
@@ -209,11 +210,11 @@ class _Batch(_Delivery):
                     yield from self._transaction(message, envelope, transaction)
                     results[index] = _result_of(transactions, index)
                     continue
-                if ahead is not None:
-                    mail, rcpts = ahead[2], ahead[3]
-                    ahead = None
+                if ahead is not None and ahead[2] is not None:
+                    mail, rcpts = ahead[2]
                 else:
                     mail, rcpts = self._commands(message, envelope)
+                ahead = None
                 rset = self._needs_rset
                 group: list[Command] = [Rset(), mail, *rcpts] if rset else [mail, *rcpts]
                 if bdat:
@@ -261,14 +262,15 @@ class _Batch(_Delivery):
                     if following < count:
                         next_message, next_envelope = items[following]
                         next_transaction = self._prepared(next_message, next_envelope)
-                        if not next_transaction.open:  # all_final(), inlined
-                            ahead = (following, next_transaction, mail, rcpts)
-                        else:
-                            ahead = (
-                                following,
-                                next_transaction,
-                                *self._commands(next_message, next_envelope),
-                            )
+                        ahead = (
+                            following,
+                            next_transaction,
+                            # all_final(), inlined: a message refused before sending has
+                            # no commands.
+                            self._commands(next_message, next_envelope)
+                            if next_transaction.open
+                            else None,
+                        )
                     # The hot path: one collection of replies per message, in FIFO order:
                     # the previous message's final reply, then RSET's, MAIL's, the RCPTs',
                     # and DATA's.
