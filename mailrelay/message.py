@@ -56,7 +56,7 @@ from email.message import Message as _StdlibMessage
 from email.message import MIMEPart
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 import attrs
 
@@ -139,6 +139,15 @@ class Attachment:
         return guessed or "application/octet-stream"
 
 
+class _Unknown:
+    """The type of :data:`_UNKNOWN`: a cached value not computed yet."""
+
+    __slots__ = ()
+
+
+_UNKNOWN: Final = _Unknown()
+
+
 @attrs.frozen(kw_only=True, repr=False)
 class Message:
     """An email message ready for the wire.
@@ -178,6 +187,9 @@ class Message:
     _envelope_addresses: tuple[Address, tuple[Address, ...]] | None = attrs.field(
         default=None, eq=False
     )
+    # message_id, once asked for (a message is immutable: it is read from the headers once;
+    # the dialogue and the tracker ask for it for every message they send).
+    _message_id: str | _Unknown | None = attrs.field(init=False, default=_UNKNOWN, eq=False)
 
     # -- constructors -------------------------------------------------------
 
@@ -573,12 +585,16 @@ class Message:
     @property
     def message_id(self) -> str | None:
         """The Message-ID without its angle brackets, or ``None``."""
+        known = self._message_id
+        if not isinstance(known, _Unknown):
+            return known
         value = self.get("Message-ID")
-        if value is None:
-            return None
-        match = _BRACKETED.search(value)
-        found = match.group(1).strip() if match else value.strip()
-        return found or None
+        found: str | None = None
+        if value is not None:
+            match = _BRACKETED.search(value)
+            found = (match.group(1).strip() if match else value.strip()) or None
+        object.__setattr__(self, "_message_id", found)
+        return found
 
     # -- wire form ----------------------------------------------------------
 

@@ -1150,3 +1150,16 @@ def test_in_memory_wire_form_is_one_object() -> None:
     (only,) = message.chunks()
     assert only is wire
     assert message.size == len(wire)
+
+
+def test_reading_the_message_id_changes_neither_equality_nor_hash() -> None:
+    # message_id is read from the headers once and kept; the kept value is no part of the
+    # message's identity.
+    raw = b"From: a@example.com\r\nMessage-ID: <x@example.com>\r\n\r\nhi\r\n"
+    first, second = Message.from_bytes(raw), Message.from_bytes(raw)
+    assert first.message_id == "x@example.com"
+    assert first.message_id == "x@example.com"
+    assert first == second
+    assert hash(first) == hash(second)
+    assert second.message_id == "x@example.com"
+    assert Message.from_bytes(b"From: a@example.com\r\n\r\nhi\r\n").message_id is None
