@@ -81,12 +81,16 @@ class Timeouts:
     Attributes:
         connect: opening the connection (and the TLS handshake, for implicit TLS / STARTTLS).
         greeting: waiting for the server's 220 greeting (RFC 5321 §4.5.3.2.1: 5 minutes).
-            The driver also uses it for EHLO, STARTTLS, AUTH, RSET, NOOP and QUIT replies.
+            The driver also uses it for EHLO, STARTTLS, AUTH, RSET and NOOP replies.
         mail: the reply to MAIL FROM (§4.5.3.2.2: 5 minutes).
         rcpt: the reply to each RCPT TO (§4.5.3.2.3: 5 minutes).
         data_init: the 354 after DATA (§4.5.3.2.4: 2 minutes).
         data_block: each write of message data (§4.5.3.2.5: 3 minutes).
         data_end: the final reply after the data (§4.5.3.2.6: 10 minutes).
+        quit: sending QUIT and waiting for its reply when a session ends (RFC 5321 sets no
+            limit; §4.1.1.10 only asks the client to wait for the reply). Every message is
+            answered by then, so this is a courtesy that closing a transport (or the end of
+            an event loop) should not wait minutes for: 10 seconds by default.
     """
 
     connect: float = _timeout(30.0)
@@ -96,6 +100,7 @@ class Timeouts:
     data_init: float = _timeout(120.0)
     data_block: float = _timeout(180.0)
     data_end: float = _timeout(600.0)
+    quit: float = _timeout(10.0)
 
     @classmethod
     def all(cls, seconds: float) -> Timeouts:
@@ -108,6 +113,7 @@ class Timeouts:
             data_init=seconds,
             data_block=seconds,
             data_end=seconds,
+            quit=seconds,
         )
 
     def for_phase(self, phase: str) -> float:

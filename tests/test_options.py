@@ -12,15 +12,22 @@ from hypothesis import strategies as st
 
 from mailrelay.options import TLS, Timeouts
 
-PHASES = ("connect", "greeting", "mail", "rcpt", "data_init", "data_block", "data_end")
+PHASES = ("connect", "greeting", "mail", "rcpt", "data_init", "data_block", "data_end", "quit")
 
 
 def test_defaults_are_the_rfc_5321_values() -> None:
-    # RFC 5321 §4.5.3.2; connect is ours.
+    # RFC 5321 §4.5.3.2; connect and quit are ours (the RFC sets no limit for them).
     assert Timeouts() == Timeouts(
-        connect=30, greeting=300, mail=300, rcpt=300, data_init=120, data_block=180, data_end=600
+        connect=30,
+        greeting=300,
+        mail=300,
+        rcpt=300,
+        data_init=120,
+        data_block=180,
+        data_end=600,
+        quit=10,
     )
-    assert [Timeouts().for_phase(p) for p in PHASES] == [30, 300, 300, 300, 120, 180, 600]
+    assert [Timeouts().for_phase(p) for p in PHASES] == [30, 300, 300, 300, 120, 180, 600, 10]
 
 
 def test_fields_are_exactly_the_phases() -> None:

@@ -168,8 +168,8 @@ class _SessionCore:
         if self.closed:
             return
         try:
-            yield from self._write(Quit(), phase="greeting")
-            yield from self._event("greeting")
+            yield from self._write(Quit(), phase="quit")
+            yield from self._event("quit")
         except (DeliveryError, ProtocolError, _SessionClosed):
             pass  # we are leaving anyway; the server's manners no longer matter
         yield from self._closed()

@@ -82,8 +82,8 @@ class Session(_Batch):
         if self.closed:
             return
         try:
-            yield from self._write(Quit(), phase="greeting")
-            event = yield from self._event("greeting")
+            yield from self._write(Quit(), phase="quit")
+            event = yield from self._event("quit")
             if isinstance(event, ConnectionClosed):
                 log.debug("the server closed the connection without answering QUIT")
         except (ServerProtocolError, LocalProtocolError):

@@ -69,11 +69,11 @@ def is_stale_connection_error(exc: DeliveryError) -> bool:
 def quit_timeout(timeouts: Timeouts) -> float:
     """The longest closing a pool may wait for the QUIT replies of its idle connections.
 
-    The dialogue reads QUIT's reply under the ``greeting`` phase limit, so closing several
-    connections at once (their QUITs sent concurrently) never waits longer than one QUIT may.
-    RFC 5321 §4.1.1.10: the client SHOULD wait for the reply to QUIT before closing.
+    The dialogue sends QUIT and reads its reply under the ``quit`` phase limit, so closing
+    several connections at once (their QUITs sent concurrently) never waits longer than one
+    QUIT may. RFC 5321 §4.1.1.10: the client SHOULD wait for the reply to QUIT before closing.
     """
-    return timeouts.greeting
+    return timeouts.quit
 
 
 def no_greeting_hint(exc: ConnectionLost, settings: ConnectionSettings) -> ConnectionLost:

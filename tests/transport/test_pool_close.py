@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 
+import attrs
 import pytest
 from aiosmtpd.controller import Controller
 
@@ -131,8 +132,8 @@ def _quit_answered_by(step: Step) -> list[Step]:
 
 
 QUIT_FAULTS = {
-    # Never answers: closing gives up after the greeting-phase limit (1 s here), long
-    # before the server's silence ends (4 s).
+    # Never answers: closing gives up after the quit limit (1 s here), long before the
+    # server's silence ends (4 s), although every other limit is longer than that silence.
     "silent": Step(expect="QUIT", action=Action.SILENT, silence=4),
     "reset": Step(expect="QUIT", action=Action.RESET),
     "hangs up": Step(expect="QUIT", action=Action.CLOSE),
@@ -150,7 +151,7 @@ def test_a_misbehaving_quit_neither_hangs_nor_raises(
 ) -> None:
     server = scripted_server([_quit_answered_by(QUIT_FAULTS[fault])])
     kwargs = {"host": "127.0.0.1", "port": server.port, "tls": TLS.NONE}
-    timeouts = Timeouts.all(1)
+    timeouts = attrs.evolve(Timeouts.all(30), quit=1)
     caplog.set_level(logging.DEBUG, logger="mailrelay")
     if flavour == "sync":
         with SMTPTransport(**kwargs, timeouts=timeouts) as transport:  # type: ignore[arg-type]
