@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from mailrelay.message import Message
 from mailrelay.tracker.store import MessageRecord
@@ -72,14 +73,25 @@ class MessageCache:
 
     def put(self, message: Message, record: MessageRecord) -> None:
         """Keep a message and its record, just committed (when it fits and is in memory)."""
-        if message.size > min(self.max_bytes, MAX_KEPT) or not held_in_memory(message):
+        self.put_many([(message, record)])
+
+    def put_many(self, entries: Iterable[tuple[Message, MessageRecord]]) -> None:
+        """:meth:`put` for each of ``entries``, in order (one lock for them all)."""
+        largest = min(self.max_bytes, MAX_KEPT)
+        kept = [
+            (message, record)
+            for message, record in entries
+            if message.size <= largest and held_in_memory(message)
+        ]
+        if not kept:
             return
         with self._lock:
-            old = self._entries.pop(record.id, None)
-            if old is not None:
-                self._bytes -= old[0].size
-            self._entries[record.id] = (message, record)
-            self._bytes += message.size
+            for message, record in kept:
+                old = self._entries.pop(record.id, None)
+                if old is not None:
+                    self._bytes -= old[0].size
+                self._entries[record.id] = (message, record)
+                self._bytes += message.size
             while self._bytes > self.max_bytes:
                 _id, (evicted, _record) = self._entries.popitem(last=False)
                 self._bytes -= evicted.size

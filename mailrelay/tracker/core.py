@@ -67,6 +67,7 @@ from mailrelay.tracker.store import (
     State,
     Store,
     apply_change,
+    queued_record,
     to_micros,
 )
 from mailrelay.tracker.transitions import (
@@ -144,18 +145,20 @@ def _queued_record(
     notification: bool = False,
 ) -> MessageRecord:
     """A new message's record: every recipient QUEUED and due ``now``."""
-    return MessageRecord(
+    return queued_record(
         id=tracking_id,
         created_at=now,
         envelope=envelope,
         message_id=message.message_id,
         size=message.size,
-        recipients=tuple(
-            RecipientRecord(address=r.address, state=State.QUEUED, next_attempt_at=now)
-            for r in envelope.recipients
-        ),
+        addresses=[r.address for r in envelope.recipients],
         notification=notification,
     )
+
+
+def _id_prefix(now: dt.datetime) -> str:
+    """The first 14 hex digits of the tracking ids made at ``now``: the time in microseconds."""
+    return f"{to_micros(now) & 0xFFFF_FFFF_FFFF_FF:014x}"
 
 
 def _new_id(now: dt.datetime) -> str:
@@ -164,7 +167,15 @@ def _new_id(now: dt.datetime) -> str:
     Ids of messages submitted later sort later, so the store's indexes (keyed by tracking
     id) grow at their end instead of being written all over.
     """
-    return f"{to_micros(now) & 0xFFFF_FFFF_FFFF_FF:014x}{secrets.token_hex(9)}"
+    return _id_prefix(now) + secrets.token_hex(9)
+
+
+def _new_ids(now: dt.datetime, count: int) -> list[str]:
+    """``count`` ids as :func:`_new_id` makes them, at ``now``: the time is formatted once
+    and the random bits drawn in one call (a batch of submissions shares its time)."""
+    prefix = _id_prefix(now)
+    random = secrets.token_hex(9 * count)
+    return [prefix + random[i : i + 18] for i in range(0, 18 * count, 18)]
 
 
 def _default_worker() -> str:
@@ -297,18 +308,24 @@ class TrackerCore(Generic[T]):
             items: messages, or ``(message, envelope)`` pairs.
         """
         now = self.clock()
-        entries = []
         pairs = prepare_batch(items)
-        for message, envelope in pairs:
-            record = self._new_record(message, envelope, now)
-            entries.append((record, message.chunks()))
-        self.store.add_many(entries)
-        for (record, _chunks), (message, _envelope) in zip(entries, pairs, strict=True):
-            self.messages.put(message, record)
-        return [record.id for record, _ in entries]
+        ids = _new_ids(now, len(pairs))
+        held = [
+            (message, self._new_record(message, envelope, now, tracking_id))
+            for (message, envelope), tracking_id in zip(pairs, ids, strict=True)
+        ]
+        self.store.add_many([(record, message.chunks()) for message, record in held])
+        self.messages.put_many(held)
+        return ids
 
-    def _new_record(self, message: Message, envelope: Envelope, now: dt.datetime) -> MessageRecord:
-        tracking_id = _new_id(now)
+    def _new_record(
+        self,
+        message: Message,
+        envelope: Envelope,
+        now: dt.datetime,
+        tracking_id: str | None = None,
+    ) -> MessageRecord:
+        tracking_id = tracking_id or _new_id(now)
         envelope = outgoing_envelope(
             envelope, tracking_id, request_dsn=self.request_dsn, verp=self.verp
         )

@@ -57,6 +57,7 @@ from mailrelay.tracker.store import (
     envelope_from_json,
     envelope_to_json,
     from_micros,
+    new_claim,
     remember_address,
     to_micros,
 )
@@ -543,12 +544,12 @@ class SQLiteStore:
                     if used:
                         touched.add(message)
         return [
-            Claim(
-                tracking_id=tracking_id,
-                worker=worker,
-                lease_until=until,
-                addresses=tuple(cached_address(a) for _, a in sorted(leased[tracking_id])),
-                fresh=tracking_id not in touched,
+            new_claim(
+                tracking_id,
+                worker,
+                until,
+                tuple(cached_address(a) for _, a in sorted(leased[tracking_id])),
+                tracking_id not in touched,
             )
             for tracking_id in order
             if tracking_id in leased

@@ -286,6 +286,145 @@ class Change:
     expect: frozenset[State] | None = None
 
 
+# -- Fast builders for the tracker's hot paths ------------------------------------------
+#
+# The tracker builds a few of these values for every message it submits and sends. attrs'
+# __init__ runs each field's converter (``_utc``, ``_opt_utc``) on every call; where the
+# values are known to be in final form already (UTC times, tuples), these builders fill the
+# slots directly, as __init__ would. The field check at import keeps them in step with the
+# classes, and tests hold them equal to the constructors.
+
+
+def _slot_setters(cls: type, names: tuple[str, ...]) -> list[Callable[[object, object], None]]:
+    if tuple(field.name for field in attrs.fields(cls)) != names:
+        raise AssertionError(f"{cls.__name__}'s fields changed: update its fast builder")
+    return [cls.__dict__[name].__set__ for name in names]
+
+
+_new = object.__new__
+(
+    _set_r_address,
+    _set_r_state,
+    _set_r_attempts,
+    _set_r_next,
+    _set_r_confirmed,
+    _set_r_owner,
+    _set_r_until,
+) = _slot_setters(
+    RecipientRecord,
+    (
+        "address",
+        "state",
+        "attempts",
+        "next_attempt_at",
+        "confirmed",
+        "lease_owner",
+        "lease_until",
+    ),
+)
+(
+    _set_m_id,
+    _set_m_created,
+    _set_m_envelope,
+    _set_m_message_id,
+    _set_m_size,
+    _set_m_recipients,
+    _set_m_notification,
+) = _slot_setters(
+    MessageRecord,
+    ("id", "created_at", "envelope", "message_id", "size", "recipients", "notification"),
+)
+_set_c_address, _set_c_state, _set_c_attempt, _set_c_next, _set_c_confirmed, _set_c_expect = (
+    _slot_setters(Change, ("address", "state", "attempt", "next_attempt_at", "confirmed", "expect"))
+)
+_set_l_id, _set_l_worker, _set_l_until, _set_l_addresses, _set_l_fresh = _slot_setters(
+    Claim, ("tracking_id", "worker", "lease_until", "addresses", "fresh")
+)
+
+
+def queued_record(
+    *,
+    id: str,
+    created_at: dt.datetime,
+    envelope: Envelope,
+    message_id: str | None,
+    size: int,
+    addresses: Iterable[Address],
+    notification: bool = False,
+) -> MessageRecord:
+    """A new message's record, every recipient QUEUED and due at ``created_at``.
+
+    Equal to ``MessageRecord(..., recipients=tuple(RecipientRecord(address=a,
+    state=State.QUEUED, next_attempt_at=created_at) for a in addresses))``, built without
+    attrs' __init__ (see above): the one conversion there is, of ``created_at`` to UTC,
+    is made once for the record and its recipients.
+    """
+    created_at = _utc(created_at)
+    recipients = []
+    for address in addresses:
+        recipient: RecipientRecord = _new(RecipientRecord)
+        _set_r_address(recipient, address)
+        _set_r_state(recipient, State.QUEUED)
+        _set_r_attempts(recipient, ())
+        _set_r_next(recipient, created_at)
+        _set_r_confirmed(recipient, False)
+        _set_r_owner(recipient, None)
+        _set_r_until(recipient, None)
+        recipients.append(recipient)
+    record: MessageRecord = _new(MessageRecord)
+    _set_m_id(record, id)
+    _set_m_created(record, created_at)
+    _set_m_envelope(record, envelope)
+    _set_m_message_id(record, message_id)
+    _set_m_size(record, size)
+    _set_m_recipients(record, tuple(recipients))
+    _set_m_notification(record, notification)
+    return record
+
+
+def new_change(
+    address: Address,
+    state: State,
+    attempt: Attempt | None = None,
+    next_attempt_at: dt.datetime | None = None,
+) -> Change:
+    """``Change(address=..., state=..., attempt=..., next_attempt_at=...)``, built directly.
+
+    The same value as the constructor's (see above); ``next_attempt_at`` is converted to UTC
+    as there, without the call when it already is (the common case).
+    """
+    change: Change = _new(Change)
+    _set_c_address(change, address)
+    _set_c_state(change, state)
+    _set_c_attempt(change, attempt)
+    _set_c_next(
+        change,
+        next_attempt_at
+        if next_attempt_at is None or next_attempt_at.tzinfo is dt.UTC
+        else _utc(next_attempt_at),
+    )
+    _set_c_confirmed(change, None)
+    _set_c_expect(change, None)
+    return change
+
+
+def new_claim(
+    tracking_id: str,
+    worker: str,
+    lease_until: dt.datetime,
+    addresses: tuple[Address, ...],
+    fresh: bool,
+) -> Claim:
+    """``Claim(tracking_id=..., ...)`` for a store's claim, built directly (see above)."""
+    claim: Claim = _new(Claim)
+    _set_l_id(claim, tracking_id)
+    _set_l_worker(claim, worker)
+    _set_l_until(claim, _utc(lease_until))
+    _set_l_addresses(claim, addresses)
+    _set_l_fresh(claim, fresh)
+    return claim
+
+
 #: New messages that follow from applied changes (see :meth:`Store.apply_many`): given
 #: the addresses changed per entry of the batch, the records and contents to add.
 FollowUp = Callable[

@@ -36,7 +36,7 @@ from mailrelay.errors import DeliveryError
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.tracker.retry import RetryPolicy
-from mailrelay.tracker.store import Attempt, Change, MessageRecord, State
+from mailrelay.tracker.store import Attempt, Change, MessageRecord, State, new_change
 
 __all__ = ["AttemptMemo", "Decision", "from_error", "from_result", "put_back"]
 
@@ -115,8 +115,8 @@ def _failure_change(
         random=random,
     )
     if when is None:
-        return Change(address=address, state=State.EXPIRED, attempt=attempt)
-    return Change(address=address, state=State.DEFERRED, attempt=attempt, next_attempt_at=when)
+        return new_change(address, State.EXPIRED, attempt)
+    return new_change(address, State.DEFERRED, attempt, when)
 
 
 #: Attempts already built, for :func:`from_result`'s ``attempts`` argument.
@@ -205,12 +205,10 @@ def from_result(
         if found.outcome is Outcome.ACCEPTED:
             any_accepted = True
             all_transient = False
-            changes.append(
-                Change(address=recipient.address, state=State.DELIVERED, attempt=attempt)
-            )
+            changes.append(new_change(recipient.address, State.DELIVERED, attempt))
         elif found.outcome is Outcome.PERMANENT:
             all_transient = False
-            changes.append(Change(address=recipient.address, state=State.BOUNCED, attempt=attempt))
+            changes.append(new_change(recipient.address, State.BOUNCED, attempt))
         else:
             changes.append(
                 _failure_change(

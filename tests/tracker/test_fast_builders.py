@@ -1,0 +1,207 @@
+"""The tracker's hot-path shortcuts give exactly what the slow paths give.
+
+The fast record builders in :mod:`mailrelay.tracker.store` fill attrs slots directly;
+the batch id maker and the message cache's ``put_many`` do per batch what was done per
+message. Each is held equal to the plain way (or a model of it) here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable
+
+import attrs
+import pytest
+from attrs import AttrsInstance
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope
+from mailrelay.message import Message
+from mailrelay.tracker.cache import MAX_KEPT, MessageCache
+from mailrelay.tracker.core import _new_id, _new_ids
+from mailrelay.tracker.store import (
+    Attempt,
+    Change,
+    Claim,
+    MessageRecord,
+    RecipientRecord,
+    State,
+    new_change,
+    new_claim,
+    queued_record,
+    to_micros,
+)
+
+ADDRESSES = [Address.parse(text) for text in ("a@example.org", "b@x.example", "Ünï@bücher.example")]
+ZONES = st.sampled_from(
+    [dt.UTC, dt.timezone(dt.timedelta(hours=2)), dt.timezone(dt.timedelta(hours=-7, minutes=-30))]
+)
+TIMES = st.datetimes(min_value=dt.datetime(1971, 1, 1), timezones=ZONES)
+ATTEMPTS = st.one_of(
+    st.none(),
+    st.builds(
+        Attempt,
+        at=TIMES,
+        host=st.sampled_from([None, "mx.example:25"]),
+        code=st.sampled_from([None, 250, 451]),
+        text=st.text(max_size=5),
+        source=st.sampled_from(["reply", "error", "dsn"]),
+    ),
+)
+
+
+def _same(fast: AttrsInstance, slow: AttrsInstance) -> None:
+    """Equal, of the same class, with every field equal in value and type."""
+    assert type(fast) is type(slow)
+    assert fast == slow
+    for field in attrs.fields(type(slow)):
+        a, b = getattr(fast, field.name), getattr(slow, field.name)
+        assert type(a) is type(b), field.name
+        assert a == b, field.name
+        if isinstance(b, dt.datetime):
+            assert a.tzinfo is b.tzinfo is dt.UTC, field.name
+
+
+@given(
+    st.lists(st.sampled_from(ADDRESSES), min_size=1, max_size=3, unique=True),
+    TIMES,
+    st.sampled_from([None, "id@example.org"]),
+    st.integers(min_value=0, max_value=1 << 20),
+    st.booleans(),
+)
+def test_queued_record_equals_the_constructors(
+    addresses: list[Address], now: dt.datetime, message_id: str | None, size: int, note: bool
+) -> None:
+    envelope = Envelope("sender@example.org", addresses)
+    fast = queued_record(
+        id="t1",
+        created_at=now,
+        envelope=envelope,
+        message_id=message_id,
+        size=size,
+        addresses=addresses,
+        notification=note,
+    )
+    slow = MessageRecord(
+        id="t1",
+        created_at=now,
+        envelope=envelope,
+        message_id=message_id,
+        size=size,
+        recipients=tuple(
+            RecipientRecord(address=a, state=State.QUEUED, next_attempt_at=now) for a in addresses
+        ),
+        notification=note,
+    )
+    _same(fast, slow)
+    assert len(fast.recipients) == len(slow.recipients)
+    for fast_recipient, slow_recipient in zip(fast.recipients, slow.recipients, strict=True):
+        _same(fast_recipient, slow_recipient)
+    assert hash(fast) == hash(slow)
+
+
+@given(st.sampled_from(ADDRESSES), st.sampled_from(list(State)), ATTEMPTS, st.none() | TIMES)
+def test_new_change_equals_the_constructor(
+    address: Address, state: State, attempt: Attempt | None, when: dt.datetime | None
+) -> None:
+    fast = new_change(address, state, attempt, when)
+    slow = Change(address=address, state=state, attempt=attempt, next_attempt_at=when)
+    _same(fast, slow)
+    assert hash(fast) == hash(slow)
+
+
+@given(st.lists(st.sampled_from(ADDRESSES), max_size=3), TIMES, st.booleans())
+def test_new_claim_equals_the_constructor(
+    addresses: list[Address], until: dt.datetime, fresh: bool
+) -> None:
+    fast = new_claim("t1", "w", until, tuple(addresses), fresh)
+    slow = Claim(
+        tracking_id="t1", worker="w", lease_until=until, addresses=tuple(addresses), fresh=fresh
+    )
+    _same(fast, slow)
+
+
+NAIVE = dt.datetime(2030, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: queued_record(
+            id="t",
+            created_at=NAIVE,
+            envelope=Envelope(None, "a@example.org"),
+            message_id=None,
+            size=0,
+            addresses=[ADDRESSES[0]],
+        ),
+        lambda: new_change(ADDRESSES[0], State.DEFERRED, None, NAIVE),
+        lambda: new_claim("t", "w", NAIVE, (), True),
+    ],
+    ids=["queued_record", "new_change", "new_claim"],
+)
+def test_the_fast_builders_refuse_naive_times_as_the_constructors_do(
+    build: Callable[[], object],
+) -> None:
+    with pytest.raises(ValueError, match="aware"):
+        build()
+
+
+@given(TIMES, st.integers(min_value=0, max_value=50))
+def test_batch_ids_have_the_single_ids_form(now: dt.datetime, count: int) -> None:
+    ids = _new_ids(now, count)
+    single = _new_id(now)
+    assert len(ids) == count
+    assert len(set(ids)) == count  # 72 random bits each: a repeat would be a bug
+    for tracking_id in [*ids, single]:
+        assert re.fullmatch(r"[0-9a-f]{32}", tracking_id)
+        assert tracking_id[:14] == single[:14] == f"{to_micros(now) & (1 << 56) - 1:014x}"
+
+
+def _message(size: int, tag: int) -> Message:
+    return Message.build(
+        sender="s@example.org", to=["r@example.org"], subject=f"m{tag}", text="x" * size
+    )
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(min_value=0, max_value=4), st.integers(0, 2000)),
+        max_size=12,
+    ),
+    st.integers(min_value=0, max_value=8000),
+)
+def test_put_many_keeps_what_puts_one_by_one_keep(
+    entries: list[tuple[int, int]], max_bytes: int
+) -> None:
+    now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    pairs = []
+    for tag, (key, size) in enumerate(entries):
+        message = _message(size, tag)
+        record = queued_record(
+            id=f"id{key}",
+            created_at=now,
+            envelope=Envelope.from_message(message),
+            message_id=message.message_id,
+            size=message.size,
+            addresses=[ADDRESSES[0]],
+        )
+        pairs.append((message, record))
+    # The rule put one message at a time (as MessageCache.put did before put_many): keep it
+    # if it fits and is in memory, then evict the oldest until the total fits.
+    model: dict[str, Message] = {}
+    for message, record in pairs:
+        if message.size <= min(max_bytes, MAX_KEPT):
+            model.pop(record.id, None)
+            model[record.id] = message
+            while sum(m.size for m in model.values()) > max_bytes:
+                del model[next(iter(model))]
+    cache = MessageCache(max_bytes)
+    cache.put_many(pairs)
+    assert len(cache) == len(model)
+    for key in range(5):
+        taken = cache.take(f"id{key}")
+        assert (None if taken is None else taken[0]) is model.get(f"id{key}")
