@@ -104,6 +104,17 @@ class MessageCache:
                 self._bytes -= entry[0].size
             return entry
 
+    def take_many(self, tracking_ids: Iterable[str]) -> dict[str, tuple[Message, MessageRecord]]:
+        """:meth:`take` for each of ``tracking_ids`` (one lock for them all): what was kept."""
+        taken = {}
+        with self._lock:
+            for tracking_id in tracking_ids:
+                entry = self._entries.pop(tracking_id, None)
+                if entry is not None:
+                    self._bytes -= entry[0].size
+                    taken[tracking_id] = entry
+        return taken
+
     def clear(self) -> None:
         """Forget every message."""
         with self._lock:

@@ -401,8 +401,9 @@ class TrackerCore(Generic[T]):
         """
         found: dict[str, Entry] = {}
         missing: list[tuple[str, Message | None]] = []
+        taken = self.messages.take_many([claim.tracking_id for claim in claims])
         for claim in claims:
-            held = self.messages.take(claim.tracking_id)
+            held = taken.get(claim.tracking_id)
             if held is not None and claim.fresh:
                 message, record = held
                 found[claim.tracking_id] = (record, message)
@@ -601,18 +602,23 @@ class TrackerCore(Generic[T]):
         """
         counts = dict.fromkeys(EventKind, 0)
         events: list[TrackerEvent] = []
+        heard = {kind for kind in EventKind if self.events.wants(kind)}
         for (work, changes), changed_list in zip(batch, changed_lists, strict=True):
             if not changed_list:
                 continue
-            changed = set(changed_list)
+            # One changed recipient (the common case) needs no set: the store returns the
+            # change's own Address object, which a tuple finds by identity.
+            changed = changed_list if len(changed_list) == 1 else set(changed_list)
             quiet = work.record.notification
             snapshot: dict[Address, RecipientRecord] | None = None
             for change in changes:
+                if change.attempt is None:
+                    continue
                 kind = _EVENT_KINDS.get(change.state)
-                if change.address not in changed or change.attempt is None or kind is None:
+                if kind is None or change.address not in changed:
                     continue
                 counts[kind] += 1
-                if quiet or not self.events.wants(kind):
+                if quiet or kind not in heard:
                     continue
                 if snapshot is None:
                     snapshot = {r.address: r for r in work.record.recipients}

@@ -273,14 +273,18 @@ class DeliveryTracker(TrackerCore[Transport]):
             if chunk and queue[0][0].record.notification != chunk[0][0].record.notification:
                 break
             work, group = queue.popleft()
-            if group.key not in held:
-                wait = self.shaper.acquire(group.key, now)
-                if wait is not None:
-                    addresses = [r.address for r in group.recipients]
-                    pending.append((work, self._put_back(work.record, addresses, wait)))
-                    postponed += len(addresses)
-                    continue
-                held.add(group.key)
+            if group.key in held:
+                # A domain already in this chunk does not pace (the chunk would have ended
+                # at its first transaction), so it needs no second look at the shaper.
+                chunk.append((work, group))
+                continue
+            wait = self.shaper.acquire(group.key, now)
+            if wait is not None:
+                addresses = [r.address for r in group.recipients]
+                pending.append((work, self._put_back(work.record, addresses, wait)))
+                postponed += len(addresses)
+                continue
+            held.add(group.key)
             chunk.append((work, group))
             if self.shaper.paces(group.key):
                 break

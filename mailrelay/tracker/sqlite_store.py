@@ -614,6 +614,10 @@ class SQLiteStore:
         attempt_rows: list[tuple[Any, ...]] = []
         state_rows: list[tuple[Any, ...]] = []
         results: list[tuple[Address, ...]] = []
+        # The changes of one send_many call share their Attempt objects (see transitions):
+        # the stored form of the last one seen is reused while they do.
+        last_attempt: Attempt | None = None
+        last_values: tuple[Any, ...] = ()
         for tracking_id, changes in batch:
             recipients = current.get(tracking_id)
             if recipients is None:
@@ -624,8 +628,11 @@ class SQLiteStore:
                 if row is None:
                     continue
                 position = row[0]
-                if change.attempt is not None:
-                    attempt_rows.append(_attempt_row(tracking_id, position, row[6], change.attempt))
+                attempt = change.attempt
+                if attempt is not None:
+                    if attempt is not last_attempt:
+                        last_attempt, last_values = attempt, _attempt_values(attempt)
+                    attempt_rows.append((tracking_id, position, row[6], *last_values))
                     row[6] += 1
                 if _apply_row(row, change, worker):
                     changed.append(change.address)
@@ -764,10 +771,12 @@ def _recipient_row(tracking_id: str, position: int, recipient: RecipientRecord) 
 
 
 def _attempt_row(tracking_id: str, position: int, seq: int, attempt: Attempt) -> tuple[Any, ...]:
+    return (tracking_id, position, seq, *_attempt_values(attempt))
+
+
+def _attempt_values(attempt: Attempt) -> tuple[Any, ...]:
+    """An attempt's columns after ``(message, position, seq)`` in ``_INSERT_ATTEMPT``."""
     return (
-        tracking_id,
-        position,
-        seq,
         to_micros(attempt.at),
         attempt.host,
         attempt.code,

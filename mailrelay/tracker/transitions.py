@@ -129,11 +129,13 @@ def _matched(
     """Each recipient's result. The base contract puts them in envelope order, which is
     checked here (the common case, no dict built); otherwise they are found by address."""
     found = result.recipients
-    if len(found) == len(recipients) and all(
-        f.address is r.address or f.address == r.address
-        for f, r in zip(found, recipients, strict=True)
-    ):
-        return list(found)
+    if len(found) == len(recipients):
+        # A loop rather than all(generator): this runs for every message sent.
+        for f, r in zip(found, recipients, strict=True):
+            if f.address is not r.address and f.address != r.address:
+                break
+        else:
+            return list(found)
     by_address: dict[Address, RecipientResult] = {r.address: r for r in found}
     return [by_address.get(r.address) for r in recipients]
 
@@ -147,7 +149,9 @@ def _attempt(
     # Everything the attempt is made of: the host, the outcome and reason (which say
     # whether it came from an error), and the reply's code and lines; ``at`` is checked.
     answer = None if reply is None else (reply.code, reply.lines)
-    key = (host, found.outcome, found.reason, answer)
+    # The outcome by identity (its members are singletons): Enum's own __hash__ is a Python
+    # function, and this key is hashed for every recipient.
+    key = (host, id(found.outcome), found.reason, answer)
     if memo is not None:
         known = memo.get(key)
         if known is not None and known.at == now:

@@ -331,6 +331,12 @@ class _AsyncSMTPBase(AsyncTransport):
             try:
                 async with self._semaphore():
                     while True:
+                        if not exhausted and len(ours) < run_size:
+                            # A sequence: the run at once (no await per item).
+                            taken_run = batch.take(run_size - len(ours))
+                            if taken_run is not None:
+                                ours += taken_run
+                                exhausted = not taken_run
                         while not exhausted and stream_error is None and len(ours) < run_size:
                             try:
                                 taken = await batch.next()

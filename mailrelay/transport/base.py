@@ -152,16 +152,29 @@ class AsyncBatch:
         self._sync: Iterator[BatchItem] | None = None
         self._async: AsyncIterator[BatchItem] | None = None
         self.total: int | None = None
+        # A sequence's checked pairs (next() and take() index them); None when streamed.
+        self._prepared: list[tuple[Message, Envelope]] | None = None
         if isinstance(items, AsyncIterable):
             self._async = aiter(items)
         elif isinstance(items, Sequence):
-            prepared = prepare_batch(items)
-            self.total = len(prepared)
-            self._sync = iter(prepared)
+            self._prepared = prepare_batch(items)
+            self.total = len(self._prepared)
         else:
             self._sync = iter(items)
         self._index = 0
         self._lock: asyncio.Lock | None = None
+
+    def take(self, limit: int) -> list[tuple[int, Message, Envelope]] | None:
+        """Up to ``limit`` next items at once, without awaiting, for a sequence (checked
+        at construction); ``None`` for a streamed batch (use :meth:`next`). Task-safe: it
+        never suspends, so concurrent callers each get different items, in order."""
+        prepared = self._prepared
+        if prepared is None:
+            return None
+        start = self._index
+        end = min(len(prepared), start + max(0, limit))
+        self._index = end
+        return [(index, *prepared[index]) for index in range(start, end)]
 
     async def next(self) -> tuple[int, Message, Envelope] | None:
         """The next item's index and pair, or ``None`` when the batch is exhausted.
@@ -169,9 +182,17 @@ class AsyncBatch:
         Raises:
             TypeError, InvalidAddress, MessageError: for a malformed streamed item.
         """
+        prepared = self._prepared
+        if prepared is not None:
+            # A sequence, checked at construction: no await, so no other task comes in.
+            index = self._index
+            if index >= len(prepared):
+                return None
+            self._index = index + 1
+            return (index, *prepared[index])
         if self._async is None:
             # A plain iterator is advanced without awaiting, so no other task can come in
-            # between: no lock needed (this runs once per message of a batch).
+            # between: no lock needed.
             assert self._sync is not None
             try:
                 item = next(self._sync)
@@ -190,10 +211,6 @@ class AsyncBatch:
                 except StopAsyncIteration:
                     return None
                 self._index += 1
-        if self.total is not None:
-            # A sequence was made of pairs, and checked, at construction.
-            message, envelope = item  # type: ignore[misc]
-            return index, message, envelope
         message, envelope = _pair(item, index)
         return index, message, envelope
 

@@ -22,6 +22,7 @@ from mailrelay.message import Message
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.transport.base import (
+    AsyncBatch,
     AsyncTransport,
     BatchItem,
     Transport,
@@ -335,3 +336,52 @@ def test_send_many_never_loses_an_item(plan: list[str]) -> None:
         "permanent": Outcome.PERMANENT,
     }
     assert [r.recipients[0].outcome for r in results] == [expected[kind] for kind in plan]
+
+
+# -- AsyncBatch: the items of asend_many, shared by the pool's workers ------------------------
+
+
+@given(st.integers(min_value=0, max_value=9), st.lists(st.integers(0, 4), max_size=8))
+def test_async_batch_take_and_next_share_one_order(size: int, plan: list[int]) -> None:
+    """Mixing ``take(n)`` (0 for ``next()``) hands out every item of a sequence exactly
+    once, with its own index and pair, in order; then both report the end."""
+    pairs = [
+        (make_message(subject=str(i)), Envelope("a@example.com", ["b@example.com"]))
+        for i in range(size)
+    ]
+
+    async def main() -> list[tuple[int, Message, Envelope]]:
+        batch = AsyncBatch(pairs)
+        got: list[tuple[int, Message, Envelope]] = []
+        for limit in [*plan, *[1] * size]:
+            if limit:
+                taken = batch.take(limit)
+                assert taken is not None
+                assert len(taken) == min(limit, size - len(got))
+                got += taken
+            else:
+                item = await batch.next()
+                if item is not None:
+                    got.append(item)
+        assert batch.take(3) == []
+        assert await batch.next() is None
+        return got
+
+    got = run(main())
+    assert [index for index, _, _ in got] == list(range(size))
+    assert [(m, e) for _, m, e in got] == pairs
+
+
+def test_async_batch_take_is_only_for_sequences() -> None:
+    def stream() -> Iterator[BatchItem]:
+        yield make_message(to=("b@example.com",))
+
+    async def main() -> None:
+        batch = AsyncBatch(stream())
+        assert batch.take(5) is None  # a streamed batch is taken one item at a time
+        item = await batch.next()
+        assert item is not None
+        assert item[0] == 0
+        assert await batch.next() is None
+
+    run(main())
