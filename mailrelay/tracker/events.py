@@ -43,6 +43,9 @@ class EventKind(enum.Enum):
     #: A DSN was ingested and matched a tracked message.
     DSN_RECEIVED = "dsn_received"
 
+    # Hashed by identity, in C, as State is (see there): counted per recipient sent.
+    __hash__ = object.__hash__
+
 
 @attrs.frozen(kw_only=True)
 class TrackerEvent:

@@ -140,6 +140,9 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _SENDING = State.SENDING.value
+# Each state's stored text: a dict lookup costs less than the ``value`` property, and rows
+# are written for every recipient submitted and every result.
+_STATE_TEXT = {state: state.value for state in State}
 # Which recipients a claim takes (see the store rules), written out in full so that no
 # SQL is ever assembled at run time. The WHERE clauses repeat the partial indexes' own
 # (literal state names), which is what lets SQLite use them. A claim first reads due
@@ -543,17 +546,17 @@ class SQLiteStore:
                     leased.setdefault(message, []).append((position, address))
                     if used:
                         touched.add(message)
-        return [
-            new_claim(
-                tracking_id,
-                worker,
-                until,
-                tuple(cached_address(a) for _, a in sorted(leased[tracking_id])),
-                tracking_id not in touched,
-            )
-            for tracking_id in order
-            if tracking_id in leased
-        ]
+        claims = []
+        for tracking_id in order:
+            rows = leased.get(tracking_id)
+            if rows is None:
+                continue
+            if len(rows) > 1:
+                rows.sort()  # envelope order (RETURNING gives no order)
+            addresses = tuple([cached_address(address) for _, address in rows])
+            fresh = tracking_id not in touched
+            claims.append(new_claim(tracking_id, worker, until, addresses, fresh))
+        return claims
 
     def apply(
         self,
@@ -730,7 +733,7 @@ def _apply_row(row: list[Any], change: Change, worker: str | None) -> bool:
     if not allowed:
         return False
     new = change.state
-    row[1] = new.value
+    row[1] = _STATE_TEXT[new]
     row[2] = _micros(change.next_attempt_at) if new in DUE_STATES else None
     if change.confirmed is not None:
         row[3] = int(change.confirmed)
@@ -762,7 +765,7 @@ def _recipient_row(tracking_id: str, position: int, recipient: RecipientRecord) 
         tracking_id,
         position,
         text,
-        recipient.state.value,
+        _STATE_TEXT[recipient.state],
         _micros(recipient.next_attempt_at),
         int(recipient.confirmed),
         recipient.lease_owner,

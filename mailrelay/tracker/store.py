@@ -89,6 +89,11 @@ class State(enum.Enum):
     #: Cancelled by the application before it was resolved.
     CANCELLED = "cancelled"
 
+    # Members are singletons, equal only to themselves: hashing by identity agrees with
+    # equality and stays in C (Enum's own __hash__, of the name, is a Python function, and
+    # the tracker looks states up in sets and dicts several times per message).
+    __hash__ = object.__hash__
+
     @property
     def is_final(self) -> bool:
         """Whether the tracker will never try this recipient again."""
