@@ -92,9 +92,9 @@ class MessageCache:
                     self._bytes -= old[0].size
                 self._entries[record.id] = (message, record)
                 self._bytes += message.size
-            while self._bytes > self.max_bytes:
-                _id, (evicted, _record) = self._entries.popitem(last=False)
-                self._bytes -= evicted.size
+                while self._bytes > self.max_bytes:
+                    _id, (evicted, _record) = self._entries.popitem(last=False)
+                    self._bytes -= evicted.size
 
     def take(self, tracking_id: str) -> tuple[Message, MessageRecord] | None:
         """Remove and return what is kept for ``tracking_id`` (``None`` if nothing)."""

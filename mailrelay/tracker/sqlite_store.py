@@ -33,6 +33,7 @@ Rules of this module:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import sqlite3
@@ -344,7 +345,7 @@ class SQLiteStore:
                 [
                     (
                         record.id,
-                        to_micros(record.created_at),
+                        _batch_micros(record.created_at),
                         envelope_to_json(record.envelope),
                         record.message_id,
                         record.envelope.envid,
@@ -766,7 +767,7 @@ def _recipient_row(tracking_id: str, position: int, recipient: RecipientRecord) 
         position,
         text,
         _STATE_TEXT[recipient.state],
-        _micros(recipient.next_attempt_at),
+        None if recipient.next_attempt_at is None else _batch_micros(recipient.next_attempt_at),
         int(recipient.confirmed),
         recipient.lease_owner,
         _micros(recipient.lease_until),
@@ -787,6 +788,12 @@ def _attempt_values(attempt: Attempt) -> tuple[Any, ...]:
         attempt.text,
         attempt.source,
     )
+
+
+# to_micros for the times a batch of submissions shares: every record of a submit_many
+# call has one creation time, which is also its recipients' due time (a pure function of an
+# immutable value, so remembering a few is safe).
+_batch_micros = functools.lru_cache(maxsize=16)(to_micros)
 
 
 def _micros(value: dt.datetime | None) -> int | None:

@@ -8,6 +8,7 @@ message. Each is held equal to the plain way (or a model of it) here.
 from __future__ import annotations
 
 import datetime as dt
+import pickle
 import re
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ from mailrelay.envelope import Envelope
 from mailrelay.message import Message
 from mailrelay.tracker.cache import MAX_KEPT, MessageCache
 from mailrelay.tracker.core import _new_id, _new_ids
+from mailrelay.tracker.events import EventKind
 from mailrelay.tracker.store import (
     Attempt,
     Change,
@@ -205,3 +207,48 @@ def test_put_many_keeps_what_puts_one_by_one_keep(
     for key in range(5):
         taken = cache.take(f"id{key}")
         assert (None if taken is None else taken[0]) is model.get(f"id{key}")
+
+
+def test_put_many_evicts_as_each_put_would_when_an_id_comes_again_smaller() -> None:
+    # Found by the property above: evicting only once at the end would keep ``first``,
+    # since the total fits once ``again`` replaces ``second``; one put at a time evicts
+    # ``first`` when ``second`` arrives.
+    now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    first, second, again = _message(1000, 0), _message(100, 1), _message(0, 2)
+    assert again.size < second.size
+
+    def record(tracking_id: str, message: Message) -> MessageRecord:
+        return queued_record(
+            id=tracking_id,
+            created_at=now,
+            envelope=Envelope.from_message(message),
+            message_id=None,
+            size=message.size,
+            addresses=[ADDRESSES[0]],
+        )
+
+    cache = MessageCache(first.size + again.size)
+    cache.put_many([(first, record("a", first)), (second, record("b", second))])
+    cache.put_many([(again, record("b", again))])
+    batched = MessageCache(first.size + again.size)
+    batched.put_many(
+        [(first, record("a", first)), (second, record("b", second)), (again, record("b", again))]
+    )
+    for kept in (cache, batched):
+        assert kept.take("a") is None
+        taken = kept.take("b")
+        assert taken is not None
+        assert taken[0] is again
+
+
+@pytest.mark.parametrize("member", [*State, *EventKind], ids=str)
+def test_states_and_event_kinds_are_found_in_sets_and_dicts_however_obtained(
+    member: State | EventKind,
+) -> None:
+    # They hash by identity (see State): every way of getting a member gives the one object.
+    kind = type(member)
+    for same in (kind(member.value), kind[member.name], pickle.loads(pickle.dumps(member))):
+        assert same is member
+        assert same in {member}
+        assert {member: 1}[same] == 1
+    assert member not in {other for other in kind if other is not member}
