@@ -70,6 +70,14 @@ __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "STREAM_THRESHOLD", "SQLiteStore"]
 STREAM_THRESHOLD = 1 << 20
 _LEVELS = frozenset({"FULL", "NORMAL", "EXTRA"})
 
+# Binding parameters: the sqlite3 module binds an exact int, float, str or bytearray as it
+# is, but looks for an adapter (PEP 246) for anything else, None and bytes included, and in
+# CPython 3.11 that lookup raises and clears an AttributeError per value: it costs about as
+# much as binding three ints. So the statements run for every message write the NULLs they
+# always store as SQL literals, and a small message's bytes are bound as a bytearray (the
+# copy costs less than the lookup up to this size; the column stores the same BLOB).
+_COPY_LIMIT = 8192
+
 #: The schema, one script per version: ``MIGRATIONS[n]`` takes version ``n`` to ``n + 1``.
 MIGRATIONS: tuple[str, ...] = (
     # 0 -> 1: the tables.
@@ -350,7 +358,7 @@ class SQLiteStore:
                         record.message_id,
                         record.envelope.envid,
                         record.size,
-                        data,
+                        bytearray(data) if len(data) <= _COPY_LIMIT else data,
                         int(record.notification),
                     )
                     for record, data in entries
@@ -358,15 +366,25 @@ class SQLiteStore:
             )
         except sqlite3.IntegrityError:
             raise ValueError("a message with one of these ids is already stored") from None
-        tx.executemany(
-            "INSERT INTO recipients (message, position, address, state, next_attempt_at,"
-            " confirmed, lease_owner, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                _recipient_row(record.id, position, recipient)
-                for record, _ in entries
-                for position, recipient in enumerate(record.recipients)
-            ],
-        )
+        # Recipients without a lease (every new one the tracker submits) go in with their
+        # NULLs written in the SQL, not bound (see _COPY_LIMIT).
+        unleased: list[tuple[Any, ...]] = []
+        leased: list[tuple[Any, ...]] = []
+        for record, _ in entries:
+            for position, recipient in enumerate(record.recipients):
+                values = _recipient_values(record.id, position, recipient)
+                if recipient.lease_owner is None and recipient.lease_until is None:
+                    unleased.append(values)
+                else:
+                    leased.append((*values, recipient.lease_owner, _micros(recipient.lease_until)))
+        if unleased:
+            tx.executemany(
+                "INSERT INTO recipients (message, position, address, state, next_attempt_at,"
+                " confirmed, lease_owner, lease_until) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+                unleased,
+            )
+        if leased:
+            tx.executemany(_INSERT_RECIPIENT, leased)
         attempts = [
             _attempt_row(record.id, position, seq, attempt)
             for record, _ in entries
@@ -415,9 +433,12 @@ class SQLiteStore:
         self, tx: sqlite3.Connection, tracking_id: str, position: int, recipient: RecipientRecord
     ) -> None:
         tx.execute(
-            "INSERT INTO recipients (message, position, address, state, next_attempt_at,"
-            " confirmed, lease_owner, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            _recipient_row(tracking_id, position, recipient),
+            _INSERT_RECIPIENT,
+            (
+                *_recipient_values(tracking_id, position, recipient),
+                recipient.lease_owner,
+                _micros(recipient.lease_until),
+            ),
         )
         for seq, attempt in enumerate(recipient.attempts):
             tx.execute(_INSERT_ATTEMPT, _attempt_row(tracking_id, position, seq, attempt))
@@ -640,15 +661,17 @@ class SQLiteStore:
                     row[6] += 1
                 if _apply_row(row, change, worker):
                     changed.append(change.address)
-                    state_rows.append((*row[1:6], tracking_id, position))
+                    state_rows.append((row[1], row[2], row[3], tracking_id, position))
             results.append(tuple(changed))
         if attempt_rows:
             tx.executemany(_INSERT_ATTEMPT, attempt_rows)
         if state_rows:
             # Rows are updated in batch order, so a recipient changed twice ends as the last.
+            # A change that applies always ends the lease (_apply_row): its NULLs are
+            # written in the SQL, not bound (see _COPY_LIMIT).
             tx.executemany(
                 "UPDATE recipients SET state = ?, next_attempt_at = ?, confirmed = ?,"
-                " lease_owner = ?, lease_until = ? WHERE message = ? AND position = ?",
+                " lease_owner = NULL, lease_until = NULL WHERE message = ? AND position = ?",
                 state_rows,
             )
         return results
@@ -712,6 +735,10 @@ class SQLiteStore:
         self._local = threading.local()
 
 
+_INSERT_RECIPIENT = (
+    "INSERT INTO recipients (message, position, address, state, next_attempt_at,"
+    " confirmed, lease_owner, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (message, position, seq, at, host, code, enhanced, text, source)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -759,7 +786,10 @@ def _split(
     return small, large
 
 
-def _recipient_row(tracking_id: str, position: int, recipient: RecipientRecord) -> tuple[Any, ...]:
+def _recipient_values(
+    tracking_id: str, position: int, recipient: RecipientRecord
+) -> tuple[Any, ...]:
+    """A recipient's columns before ``lease_owner, lease_until`` in ``_INSERT_RECIPIENT``."""
     text = str(recipient.address)
     remember_address(text, recipient.address)  # a claim reads it back soon
     return (
@@ -769,8 +799,6 @@ def _recipient_row(tracking_id: str, position: int, recipient: RecipientRecord) 
         _STATE_TEXT[recipient.state],
         None if recipient.next_attempt_at is None else _batch_micros(recipient.next_attempt_at),
         int(recipient.confirmed),
-        recipient.lease_owner,
-        _micros(recipient.lease_until),
     )
 
 
