@@ -347,16 +347,18 @@ class SQLiteStore:
         self, tx: sqlite3.Connection, entries: Sequence[tuple[MessageRecord, bytes]]
     ) -> None:
         try:
+            # An absent ENVID is bound as "" (an Envelope refuses an empty one, RFC 3461
+            # §4.4) and stored as NULL by the SQL: see _COPY_LIMIT for why.
             tx.executemany(
                 "INSERT INTO messages (id, created_at, envelope, message_id, envid, size,"
-                " content, notification) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " content, notification) VALUES (?, ?, ?, ?, NULLIF(?, ''), ?, ?, ?)",
                 [
                     (
                         record.id,
                         _batch_micros(record.created_at),
                         envelope_to_json(record.envelope),
                         record.message_id,
-                        record.envelope.envid,
+                        record.envelope.envid or "",
                         record.size,
                         bytearray(data) if len(data) <= _COPY_LIMIT else data,
                         int(record.notification),

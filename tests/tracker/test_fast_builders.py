@@ -320,5 +320,9 @@ def test_sqlite_add_stores_every_record_and_content_exactly(
             for record, data in entries:
                 assert store.get(record.id) == record
                 assert store.content(record.id) == data
+            # The ENVID column (bound as "" when absent, stored as NULL) finds what it should.
+            with_envid = [record.id for record, _ in entries if record.envelope.envid]
+            assert store.lookup(envid="env-1") == with_envid
+            assert store.lookup(envid="") == []
         finally:
             store.close()
