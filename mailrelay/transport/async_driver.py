@@ -93,8 +93,10 @@ class _Pipe(asyncio.Protocol):
         self._paused = False
         self.bytes_received = 0
         # While the driver runs a step from the callbacks (AsyncDriver._wait): its function
-        # that answers the waiting Read as soon as bytes arrive, instead of waking a task.
-        self.feeder: Callable[[], None] | None = None
+        # that answers the waiting Read as soon as bytes arrive, instead of waking a task;
+        # called with the bytes when they can go straight to the step, else with None
+        # (the bytes are in the buffer).
+        self.feeder: Callable[[bytes | None], None] | None = None
 
     # -- asyncio.Protocol callbacks -----------------------------------------------------------
 
@@ -108,16 +110,25 @@ class _Pipe(asyncio.Protocol):
             waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        self._buffer.extend(data)
         self.bytes_received += len(data)
+        feeder = self.feeder
+        if feeder is not None and not self._buffer and len(data) <= READ_SIZE:
+            # The hot path: a step waits and nothing is buffered, so these bytes are the
+            # whole answer to its Read (no copy into the buffer and out again).
+            feeder(data)
+            return
+        self.keep(data)
+        if feeder is not None:
+            feeder(None)
+        else:
+            self._wake()
+
+    def keep(self, data: bytes) -> None:
+        """Buffer ``data`` for later reads (reading pauses while a lot is buffered)."""
+        self._buffer.extend(data)
         if len(self._buffer) >= READ_SIZE and self.transport is not None and not self._paused:
             self._paused = True
             self.transport.pause_reading()
-        feeder = self.feeder
-        if feeder is not None:
-            feeder()
-        else:
-            self._wake()
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -463,13 +474,20 @@ class AsyncDriver:
             try:
                 if kind is Write:
                     assert isinstance(request, Write)
-                    self._live()
-                    if self._writes.add(request) and not self._send_pending():
+                    if self._transport is None:
+                        raise closed_error(self.peer)
+                    if request.flush and not self._pending:
+                        # The hot path (a pipelined group, nothing queued before it):
+                        # straight to the transport, without the queue.
+                        self._writes.phase = request.phase
+                        if not self._send(request.data):
+                            return _DRAIN, None
+                    elif self._writes.add(request) and not self._send_pending():
                         return _DRAIN, None
                 elif kind is Read:
                     if self._pending and not self._send_pending():
                         return _DRAIN, request
-                    if self._transport is None or not pipe.buffered:
+                    if self._transport is None or not pipe._buffer:
                         return _WAIT, request
                     answer = pipe.take()
                 else:
@@ -513,21 +531,36 @@ class AsyncDriver:
             return _READ, self._waiting
         return woken
 
-    def _fed(self) -> None:
-        """``data_received`` while a step waits: answer its Read and run it on."""
+    def _fed(self, data: bytes | None) -> None:
+        """``data_received`` while a step waits: answer its Read with ``data`` (or, when
+        ``None``, from the buffer) and run it on."""
         waiter = self._waiter
         step = self._step
         if waiter is None or waiter.done() or step is None:
-            return  # the task already has its answer; the bytes wait in the buffer
+            # The task already has its answer; the bytes wait in the buffer.
+            if data is not None:
+                self._pipe.keep(data)
+            return
         try:
-            kind, payload = self._advance(step, self._pipe.take(), None)
+            kind, payload = self._advance(
+                step, data if data is not None else self._pipe.take(), None
+            )
         except BaseException as exc:  # the step's own error: the task re-raises it
             self.close()
             waiter.set_exception(exc)
             return
-        if kind is _WAIT and self._transport is not None and not self._pipe.ended:
+        pipe = self._pipe
+        if kind is _WAIT and self._transport is not None and not pipe._eof:
+            # The step waits again (the next message's replies): the same waiter, a new
+            # deadline. Usually the connection's timer is set no later than that, and then
+            # only the deadline changes (see _Pipe.arm and _Pipe._on_timer).
             self._waiting = payload
-            self._pipe.arm(waiter, self._deadline_for(payload, waiter.get_loop().time()))
+            deadline = self._deadline_for(payload, waiter.get_loop().time())
+            timer = pipe._timer
+            if timer is not None and timer.when() <= deadline:
+                pipe._deadline = deadline
+            else:
+                pipe.arm(waiter, deadline)
             return
         waiter.set_result((kind, payload))
 
@@ -545,7 +578,11 @@ class AsyncDriver:
         """Hand every pending write to the transport; ``True`` when there is no need to wait
         for it to drain (the common case: the kernel took the bytes at once)."""
         self._live()
-        data = self._writes.take()
+        return self._send(self._writes.take())
+
+    def _send(self, data: bytes) -> bool:
+        """Hand ``data`` to the transport (the last write's phase bounds it); as
+        :meth:`_send_pending`."""
         try:
             return self._pipe.write_now(data)
         except OSError as exc:

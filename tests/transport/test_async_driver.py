@@ -9,6 +9,7 @@ re-raised by ``run`` with the connection closed; cancellation closing the connec
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Generator
 
 import pytest
@@ -17,7 +18,7 @@ from mailrelay.envelope import Envelope
 from mailrelay.errors import DeliveryTimeout
 from mailrelay.flow import Read, Request, Session, SessionConfig, Write
 from mailrelay.options import TLS, Timeouts
-from mailrelay.transport.async_driver import AsyncDriver, connect
+from mailrelay.transport.async_driver import READ_SIZE, AsyncDriver, _Pipe, connect
 from tests.peers.scripted import (
     MESSAGE,
     Action,
@@ -134,3 +135,82 @@ def test_cancelling_a_run_that_waits_for_a_reply_closes_the_connection(
         assert closed == [True]  # the step was closed, its cleanup ran
 
     run(main())
+
+
+class _QuietTransport(asyncio.Transport):
+    """What the driver uses of a transport, for bytes handed to the protocol by the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self._closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def abort(self) -> None:
+        self._closing = True
+
+    def close(self) -> None:
+        self._closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _one_exchange(
+    line: bytes, got: list[bytes | None], reads: int = 1
+) -> Generator[Request, bytes | None, None]:
+    yield Write(data=line, phase="greeting", flush=True)
+    for _ in range(reads):
+        got.append((yield Read(phase="greeting")))
+
+
+@pytest.mark.parametrize(
+    "first_bytes", [b"250 first\r\n", b"250 " + b"x" * READ_SIZE + b"\r\n"], ids=["small", "large"]
+)
+def test_bytes_that_come_after_the_step_has_its_answer_wait_for_the_next_read(
+    first_bytes: bytes,
+) -> None:
+    """Two deliveries in one turn of the loop: the first answers the step (which then
+    ends), the second comes before the task resumes. Its bytes are kept for the next run,
+    whether the first went straight to the step (small) or through the buffer (more than
+    one read's worth)."""
+    second_bytes = b"250 second\r\n"
+
+    async def main() -> tuple[list[bytes | None], list[bytes | None], int]:
+        loop = asyncio.get_running_loop()
+        pipe = _Pipe()
+        transport = _QuietTransport()
+        pipe.connection_made(transport)
+        driver = AsyncDriver(
+            transport,
+            pipe,
+            timeouts=Timeouts.all(5),
+            ssl_context=ssl.create_default_context(),
+            peer="test:25",
+        )
+
+        def deliver() -> None:
+            pipe.data_received(first_bytes)
+            pipe.data_received(second_bytes)  # the step has ended by now
+
+        first: list[bytes | None] = []
+        loop.call_soon(deliver)
+        await driver.run(_one_exchange(b"NOOP\r\n", first))
+        buffered = pipe.buffered
+        second: list[bytes | None] = []
+        await driver.run(_one_exchange(b"NOOP\r\n", second))
+        return first, second, buffered
+
+    first, second, buffered = run(main())
+    assert first == [first_bytes[:READ_SIZE]]
+    rest = first_bytes[READ_SIZE:] + second_bytes
+    assert buffered == len(rest)
+    assert second == [rest]
