@@ -161,6 +161,18 @@ def _id_prefix(now: dt.datetime) -> str:
     return f"{to_micros(now) & 0xFFFF_FFFF_FFFF_FF:014x}"
 
 
+def _recipient_record(record: MessageRecord, address: Address) -> RecipientRecord:
+    """The record of one recipient of ``record`` (which has it).
+
+    Like :meth:`MessageRecord.recipient`, for the Address objects the tracker's changes
+    carry, which are the record's own (found by identity, before any comparison).
+    """
+    for recipient in record.recipients:
+        if recipient.address is address:
+            return recipient
+    return record.recipient(address)
+
+
 def _new_id(now: dt.datetime) -> str:
     """A tracking id: 32 hex digits, the submission time in microseconds, then 72 random bits.
 
@@ -610,7 +622,6 @@ class TrackerCore(Generic[T]):
             # change's own Address object, which a tuple finds by identity.
             changed = changed_list if len(changed_list) == 1 else set(changed_list)
             quiet = work.record.notification
-            snapshot: dict[Address, RecipientRecord] | None = None
             for change in changes:
                 if change.attempt is None:
                     continue
@@ -620,12 +631,11 @@ class TrackerCore(Generic[T]):
                 counts[kind] += 1
                 if quiet or kind not in heard:
                     continue
-                if snapshot is None:
-                    snapshot = {r.address: r for r in work.record.recipients}
                 # The store applied this change (it is in ``changed``), so apply it here
                 # the same way; no lease check, since the snapshot may be the submitted
                 # record (see Work).
-                after, _did = apply_change(snapshot[change.address], change, worker=None)
+                before = _recipient_record(work.record, change.address)
+                after, _did = apply_change(before, change, worker=None)
                 events.append(
                     TrackerEvent(
                         kind=kind,

@@ -115,7 +115,8 @@ class EventHub:
         for callback in list(self._callbacks[event.kind]):
             try:
                 result = callback(event)
-                if inspect.isawaitable(result):
+                # (None, what a sync callback returns, is checked first: it costs less.)
+                if result is not None and inspect.isawaitable(result):
                     # Registered while allow_async was on, but fired from sync code.
                     close = getattr(result, "close", None)
                     if close is not None:

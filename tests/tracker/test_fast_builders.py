@@ -29,12 +29,14 @@ from mailrelay.tracker.core import _new_id, _new_ids
 from mailrelay.tracker.events import EventKind
 from mailrelay.tracker.sqlite_store import _COPY_LIMIT, SQLiteStore
 from mailrelay.tracker.store import (
+    DUE_STATES,
     Attempt,
     Change,
     Claim,
     MessageRecord,
     RecipientRecord,
     State,
+    apply_change,
     new_change,
     new_claim,
     queued_record,
@@ -326,3 +328,52 @@ def test_sqlite_add_stores_every_record_and_content_exactly(
             assert store.lookup(envid="") == []
         finally:
             store.close()
+
+
+def _apply_change_by_evolve(
+    record: RecipientRecord, change: Change, *, worker: str | None
+) -> tuple[RecipientRecord, bool]:
+    """apply_change as written before its fast builder: attrs.evolve throughout."""
+    attempts = record.attempts + ((change.attempt,) if change.attempt is not None else ())
+    if worker is not None:
+        allowed = record.state is State.SENDING and record.lease_owner == worker
+    elif change.expect is not None:
+        allowed = record.state in change.expect
+    else:
+        allowed = not record.state.is_final
+    if not allowed:
+        return attrs.evolve(record, attempts=attempts), False
+    return (
+        attrs.evolve(
+            record,
+            state=change.state,
+            attempts=attempts,
+            next_attempt_at=change.next_attempt_at if change.state in DUE_STATES else None,
+            confirmed=record.confirmed if change.confirmed is None else change.confirmed,
+            lease_owner=None,
+            lease_until=None,
+        ),
+        True,
+    )
+
+
+@given(
+    RECIPIENTS,
+    st.builds(
+        Change,
+        address=st.sampled_from(ADDRESSES),
+        state=st.sampled_from(list(State)),
+        attempt=ATTEMPTS,
+        next_attempt_at=st.none() | TIMES,
+        confirmed=st.none() | st.booleans(),
+        expect=st.none() | st.frozensets(st.sampled_from(list(State))),
+    ),
+    st.sampled_from([None, "worker-1", "worker-2"]),
+)
+def test_apply_change_equals_its_evolve_form(
+    record: RecipientRecord, change: Change, worker: str | None
+) -> None:
+    fast, fast_did = apply_change(record, change, worker=worker)
+    slow, slow_did = _apply_change_by_evolve(record, change, worker=worker)
+    assert fast_did == slow_did
+    _same(fast, slow)
