@@ -22,7 +22,7 @@ Rules of this module:
   from a file-backed one costs two reads of the file (see :func:`held_in_memory`), which
   must stay cheap; and for a large message the per-message saving is small next to its
   size anyway.
-* An entry is taken out when its message is claimed (:meth:`MessageCache.take`): a
+* An entry is taken out when its message is claimed (:meth:`MessageCache.take_many`): a
   retry reads the store. The cache is bounded in bytes, the oldest entries going first,
   and is thread-safe (submissions may come from other threads than the runner's).
 """

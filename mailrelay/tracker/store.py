@@ -9,6 +9,9 @@ Rules of this module:
 
 * Records are immutable values. A store hands out copies; changing a
   recipient goes through :meth:`Store.apply`, atomically, never by mutation.
+  (The fast builders that follow the value classes fill a new value's slots
+  directly, for the tracker's hot paths; they build exactly what the constructors
+  build, checked at import and by tests, and never change a value once built.)
 * **Claims are leases.** :meth:`Store.claim` atomically moves every due
   recipient of up to ``limit`` messages to :attr:`State.SENDING`, stamped with
   the worker's id and a lease expiry. No two claims ever hold the same recipient
