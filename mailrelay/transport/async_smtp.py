@@ -324,7 +324,9 @@ class _AsyncSMTPBase(AsyncTransport):
         run_size = CHUNK if not batch.total else max(1, min(CHUNK, -(-batch.total // workers)))
 
         async def worker() -> None:
-            ours: list[tuple[int, Message, Envelope]] = []
+            # This worker's items not yet sent: their indices in the batch, and the pairs.
+            ours: list[int] = []
+            pairs: list[tuple[Message, Envelope]] = []
             stream_error: BaseException | None = None
             exhausted = False
             connection: PooledSession | None = None
@@ -335,8 +337,10 @@ class _AsyncSMTPBase(AsyncTransport):
                             # A sequence: the run at once (no await per item).
                             taken_run = batch.take(run_size - len(ours))
                             if taken_run is not None:
-                                ours += taken_run
-                                exhausted = not taken_run
+                                start, run = taken_run
+                                ours += range(start, start + len(run))
+                                pairs += run
+                                exhausted = not run
                         while not exhausted and stream_error is None and len(ours) < run_size:
                             try:
                                 taken = await batch.next()
@@ -346,22 +350,22 @@ class _AsyncSMTPBase(AsyncTransport):
                             if taken is None:
                                 exhausted = True
                                 break
-                            ours.append(taken)
+                            ours.append(taken[0])
+                            pairs.append(taken[1:])
                         if not ours:
                             break
                         if connection is None:
                             try:
                                 connection, _ = await self._checkout()
                             except DeliveryError as exc:
-                                index, message, envelope = ours.pop(0)
-                                results[index] = failed_result(message, envelope, exc)
+                                message, envelope = pairs.pop(0)
+                                results[ours.pop(0)] = failed_result(message, envelope, exc)
                                 continue
-                        chunk = ours[: self._policy.room(connection)]
-                        pairs = [(m, e) for _, m, e in chunk]
+                        chunk = pairs[: self._policy.room(connection)]
                         carried = connection.messages
                         try:
                             outcome = await connection.driver.run(
-                                connection.session.deliver_many(pairs)
+                                connection.session.deliver_many(chunk)
                             )
                         except DeliveryError as exc:
                             outcome = unanswered(len(chunk), exc)
@@ -370,10 +374,11 @@ class _AsyncSMTPBase(AsyncTransport):
                             connection = None
                             raise
                         settlement = self._policy.settle(outcome, sent=len(chunk), carried=carried)
-                        settled = settlement.results(pairs)
-                        for (index, _, _), result in zip(chunk, settled, strict=False):
+                        settled = settlement.results(chunk)
+                        for index, result in zip(ours, settled, strict=False):
                             results[index] = result
                         del ours[: len(settled)]
+                        del pairs[: len(settled)]
                         connection.messages += len(settled)
                         if outcome.error is not None:
                             connection.driver.close()

@@ -68,6 +68,10 @@ BatchItem: TypeAlias = Message | tuple[Message, Envelope]
 
 
 def _pair(item: BatchItem, index: int) -> tuple[Message, Envelope]:
+    if type(item) is tuple and len(item) == 2:
+        message, envelope = item
+        if isinstance(message, Message) and isinstance(envelope, Envelope):
+            return item  # already a pair: kept, not copied
     if isinstance(item, Message):
         return item, Envelope.from_message(item)
     if (
@@ -164,17 +168,18 @@ class AsyncBatch:
         self._index = 0
         self._lock: asyncio.Lock | None = None
 
-    def take(self, limit: int) -> list[tuple[int, Message, Envelope]] | None:
+    def take(self, limit: int) -> tuple[int, list[tuple[Message, Envelope]]] | None:
         """Up to ``limit`` next items at once, without awaiting, for a sequence (checked
-        at construction); ``None`` for a streamed batch (use :meth:`next`). Task-safe: it
-        never suspends, so concurrent callers each get different items, in order."""
+        at construction): the first one's index and the pairs, in order (none at the end);
+        ``None`` for a streamed batch (use :meth:`next`). Task-safe: it never suspends, so
+        concurrent callers each get different items."""
         prepared = self._prepared
         if prepared is None:
             return None
         start = self._index
         end = min(len(prepared), start + max(0, limit))
         self._index = end
-        return [(index, *prepared[index]) for index in range(start, end)]
+        return start, prepared[start:end]
 
     async def next(self) -> tuple[int, Message, Envelope] | None:
         """The next item's index and pair, or ``None`` when the batch is exhausted.

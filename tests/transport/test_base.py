@@ -357,19 +357,22 @@ def test_async_batch_take_and_next_share_one_order(size: int, plan: list[int]) -
             if limit:
                 taken = batch.take(limit)
                 assert taken is not None
-                assert len(taken) == min(limit, size - len(got))
-                got += taken
+                start, run_of = taken
+                assert start == len(got)
+                assert len(run_of) == min(limit, size - len(got))
+                got += [(start + offset, *pair) for offset, pair in enumerate(run_of)]
             else:
                 item = await batch.next()
                 if item is not None:
                     got.append(item)
-        assert batch.take(3) == []
+        assert batch.take(3) == (size, [])
         assert await batch.next() is None
         return got
 
     got = run(main())
     assert [index for index, _, _ in got] == list(range(size))
     assert [(m, e) for _, m, e in got] == pairs
+    assert all(got[i][1] is pairs[i][0] and got[i][2] is pairs[i][1] for i in range(size))
 
 
 def test_async_batch_take_is_only_for_sequences() -> None:
