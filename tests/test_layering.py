@@ -20,6 +20,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mailrelay"
 # The value types, lowest first: a value module may import only values of a lower rank.
 VALUE_RANK = {
     "mailrelay.errors": 0,
+    # Private helper of the fast value builders (attrs only).
+    "mailrelay._slots": 0,
     "mailrelay.address": 1,
     "mailrelay.options": 1,
     # Private helpers of mailrelay.message (bytes and MIME text only).

@@ -138,7 +138,6 @@ from mailrelay.flow.batch import _result_of as _result_of
 from mailrelay.flow.batch import _short as _short
 from mailrelay.flow.bookkeeping import _OUTCOME_BY_CLASS as _OUTCOME_BY_CLASS
 from mailrelay.flow.bookkeeping import _delivery_result as _delivery_result
-from mailrelay.flow.bookkeeping import _new as _new
 from mailrelay.flow.bookkeeping import _recipient_result as _recipient_result
 from mailrelay.flow.bookkeeping import _SessionClosed as _SessionClosed
 from mailrelay.flow.bookkeeping import _set_address as _set_address
@@ -149,7 +148,6 @@ from mailrelay.flow.bookkeeping import _set_reason as _set_reason
 from mailrelay.flow.bookkeeping import _set_recipients as _set_recipients
 from mailrelay.flow.bookkeeping import _set_reply as _set_reply
 from mailrelay.flow.bookkeeping import _set_result_host as _set_result_host
-from mailrelay.flow.bookkeeping import _slot_setters as _slot_setters
 from mailrelay.flow.bookkeeping import _Transaction as _Transaction
 from mailrelay.flow.config import _check_credentials as _check_credentials
 from mailrelay.flow.config import _check_hostname as _check_hostname

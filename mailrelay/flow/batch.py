@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import attrs
 
+from mailrelay._slots import new_instance, slot_setters
 from mailrelay.envelope import Envelope
 from mailrelay.errors import (
     DeliveryError,
@@ -22,9 +23,7 @@ from mailrelay.errors import (
 )
 from mailrelay.flow import requests as _requests
 from mailrelay.flow.bookkeeping import (
-    _new,
     _SessionClosed,
-    _slot_setters,
     _Transaction,
 )
 from mailrelay.flow.core import _trace, log
@@ -71,14 +70,14 @@ class BatchOutcome:
 
 # The hot loop yields one flushed Write per message; attrs' frozen __init__ costs more than
 # the rest of the request's handling, and Write has no validators or converters, so its
-# slots are filled directly (bookkeeping's builders do the same, with the same import-time
-# check of the fields).
-_set_data, _set_phase, _set_flush = _slot_setters(Write, ("data", "phase", "flush"))
+# slots are filled directly (:mod:`mailrelay._slots`, as bookkeeping's builders do, with
+# the same import-time check of the fields).
+_set_data, _set_phase, _set_flush = slot_setters(Write, ("data", "phase", "flush"))
 
 
 def _flushed_write(data: bytes, phase: str) -> Write:
     """``Write(data=data, phase=phase, flush=True)``, built directly."""
-    request: Write = _new(Write)
+    request: Write = new_instance(Write)
     _set_data(request, data)
     _set_phase(request, phase)
     _set_flush(request, True)

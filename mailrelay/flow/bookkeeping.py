@@ -6,11 +6,10 @@ check at import that the result classes' fields are the ones they fill.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import cast
 
-import attrs
-
+from mailrelay._slots import new_instance, slot_setters
 from mailrelay.address import Address
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
@@ -21,17 +20,10 @@ from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 # Results are built on the hot path of every message; their classes have no validators
 # and no converters that could change known-good values (a tuple stays a tuple), so the
 # slots are filled directly, as attrs' __init__ would (a test checks the two agree).
-def _slot_setters(cls: type, names: tuple[str, ...]) -> list[Callable[[object, object], None]]:
-    if tuple(field.name for field in attrs.fields(cls)) != names:
-        raise AssertionError(f"{cls.__name__}'s fields changed: update its fast builder")
-    return [cls.__dict__[name].__set__ for name in names]
-
-
-_new = object.__new__
-_set_address, _set_outcome, _set_reply, _set_reason, _set_host = _slot_setters(
+_set_address, _set_outcome, _set_reply, _set_reason, _set_host = slot_setters(
     RecipientResult, ("address", "outcome", "reply", "reason", "host")
 )
-_set_recipients, _set_message_id, _set_result_host = _slot_setters(
+_set_recipients, _set_message_id, _set_result_host = slot_setters(
     DeliveryResult, ("recipients", "message_id", "host")
 )
 # Outcome.from_reply by the code's first digit; Outcome.TRANSIENT for anything else.
@@ -42,7 +34,7 @@ def _recipient_result(
     address: Address, outcome: Outcome, reply: Reply | None, reason: str | None, host: str | None
 ) -> RecipientResult:
     """``RecipientResult(address=..., ...)`` for values known to be of the right types."""
-    result: RecipientResult = _new(RecipientResult)
+    result: RecipientResult = new_instance(RecipientResult)
     _set_address(result, address)
     _set_outcome(result, outcome)
     _set_reply(result, reply)
@@ -55,7 +47,7 @@ def _delivery_result(
     recipients: tuple[RecipientResult, ...], message_id: str | None, host: str | None
 ) -> DeliveryResult:
     """``DeliveryResult(recipients=..., ...)`` for a tuple of results (no conversion needed)."""
-    result: DeliveryResult = _new(DeliveryResult)
+    result: DeliveryResult = new_instance(DeliveryResult)
     _set_recipients(result, recipients)
     _set_message_id(result, message_id)
     _set_result_host(result, host)

@@ -55,6 +55,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Final
 
+from mailrelay._slots import new_instance, slot_setters
 from mailrelay.errors import RemoteProtocolError
 from mailrelay.reply import EnhancedStatus, Reply
 
@@ -97,12 +98,10 @@ _PREFIXES: Final[dict[str, _Head]] = {
     for separator in (" ", "-", "")
 }
 
-_new = object.__new__
+_new = new_instance
 # Reply is a slotted attrs class: its fields are member descriptors, and setting
 # through them directly is the cheapest way to fill a new instance.
-_set_code = Reply.__dict__["code"].__set__
-_set_lines = Reply.__dict__["lines"].__set__
-_set_enhanced = Reply.__dict__["enhanced"].__set__
+_set_code, _set_lines, _set_enhanced = slot_setters(Reply, ("code", "lines", "enhanced"))
 
 
 def _make_reply(code: int, lines: tuple[str, ...], enhanced: EnhancedStatus | None) -> Reply:

@@ -50,6 +50,7 @@ from typing import Protocol
 
 import attrs
 
+from mailrelay._slots import new_instance, slot_setters
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Recipient
 
@@ -299,17 +300,10 @@ class Change:
 # The tracker builds a few of these values for every message it submits and sends. attrs'
 # __init__ runs each field's converter (``_utc``, ``_opt_utc``) on every call; where the
 # values are known to be in final form already (UTC times, tuples), these builders fill the
-# slots directly, as __init__ would. The field check at import keeps them in step with the
-# classes, and tests hold them equal to the constructors.
+# slots directly, as __init__ would (:mod:`mailrelay._slots`). The field check at import
+# keeps them in step with the classes, and tests hold them equal to the constructors.
 
 
-def _slot_setters(cls: type, names: tuple[str, ...]) -> list[Callable[[object, object], None]]:
-    if tuple(field.name for field in attrs.fields(cls)) != names:
-        raise AssertionError(f"{cls.__name__}'s fields changed: update its fast builder")
-    return [cls.__dict__[name].__set__ for name in names]
-
-
-_new = object.__new__
 (
     _set_r_address,
     _set_r_state,
@@ -318,7 +312,7 @@ _new = object.__new__
     _set_r_confirmed,
     _set_r_owner,
     _set_r_until,
-) = _slot_setters(
+) = slot_setters(
     RecipientRecord,
     (
         "address",
@@ -338,14 +332,14 @@ _new = object.__new__
     _set_m_size,
     _set_m_recipients,
     _set_m_notification,
-) = _slot_setters(
+) = slot_setters(
     MessageRecord,
     ("id", "created_at", "envelope", "message_id", "size", "recipients", "notification"),
 )
 _set_c_address, _set_c_state, _set_c_attempt, _set_c_next, _set_c_confirmed, _set_c_expect = (
-    _slot_setters(Change, ("address", "state", "attempt", "next_attempt_at", "confirmed", "expect"))
+    slot_setters(Change, ("address", "state", "attempt", "next_attempt_at", "confirmed", "expect"))
 )
-_set_l_id, _set_l_worker, _set_l_until, _set_l_addresses, _set_l_fresh = _slot_setters(
+_set_l_id, _set_l_worker, _set_l_until, _set_l_addresses, _set_l_fresh = slot_setters(
     Claim, ("tracking_id", "worker", "lease_until", "addresses", "fresh")
 )
 
@@ -370,7 +364,7 @@ def queued_record(
     created_at = _utc(created_at)
     recipients = []
     for address in addresses:
-        recipient: RecipientRecord = _new(RecipientRecord)
+        recipient: RecipientRecord = new_instance(RecipientRecord)
         _set_r_address(recipient, address)
         _set_r_state(recipient, State.QUEUED)
         _set_r_attempts(recipient, ())
@@ -379,7 +373,7 @@ def queued_record(
         _set_r_owner(recipient, None)
         _set_r_until(recipient, None)
         recipients.append(recipient)
-    record: MessageRecord = _new(MessageRecord)
+    record: MessageRecord = new_instance(MessageRecord)
     _set_m_id(record, id)
     _set_m_created(record, created_at)
     _set_m_envelope(record, envelope)
@@ -401,7 +395,7 @@ def new_change(
     The same value as the constructor's (see above); ``next_attempt_at`` is converted to UTC
     as there, without the call when it already is (the common case).
     """
-    change: Change = _new(Change)
+    change: Change = new_instance(Change)
     _set_c_address(change, address)
     _set_c_state(change, state)
     _set_c_attempt(change, attempt)
@@ -424,7 +418,7 @@ def new_claim(
     fresh: bool,
 ) -> Claim:
     """``Claim(tracking_id=..., ...)`` for a store's claim, built directly (see above)."""
-    claim: Claim = _new(Claim)
+    claim: Claim = new_instance(Claim)
     _set_l_id(claim, tracking_id)
     _set_l_worker(claim, worker)
     _set_l_until(claim, _utc(lease_until))
@@ -655,7 +649,7 @@ def apply_change(
     # What ``attrs.evolve`` would build, filled directly (see the fast builders): this
     # runs for every event the tracker reports. Every value comes from a record or a
     # change, whose times are UTC already.
-    after: RecipientRecord = _new(RecipientRecord)
+    after: RecipientRecord = new_instance(RecipientRecord)
     _set_r_address(after, record.address)
     _set_r_state(after, change.state)
     _set_r_attempts(after, attempts)
