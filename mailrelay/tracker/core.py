@@ -43,6 +43,7 @@ from typing import Generic, TypeVar
 
 import attrs
 
+from mailrelay._slots import new_instance, slot_setters
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import DeliveryError
@@ -215,6 +216,31 @@ class Work:
     claim: Claim
     record: MessageRecord
     message: Message
+
+
+# Fast builders (see mailrelay._slots): a Work per claimed message and a Group per
+# transaction, for every message the runner sends. Neither class has a validator.
+_set_group_key, _set_group_recipients = slot_setters(Group, ("key", "recipients"))
+_set_work_claim, _set_work_record, _set_work_message = slot_setters(
+    Work, ("claim", "record", "message")
+)
+
+
+def new_group(key: str, recipients: tuple[Recipient, ...]) -> Group:
+    """``Group(key, recipients)``, built without attrs' ``__init__``."""
+    group: Group = new_instance(Group)
+    _set_group_key(group, key)
+    _set_group_recipients(group, recipients)
+    return group
+
+
+def new_work(claim: Claim, record: MessageRecord, message: Message) -> Work:
+    """``Work(claim=claim, record=record, message=message)``, built without attrs' ``__init__``."""
+    work: Work = new_instance(Work)
+    _set_work_claim(work, claim)
+    _set_work_record(work, record)
+    _set_work_message(work, message)
+    return work
 
 
 #: A claimed message's record, and the message itself when still held in memory.
@@ -435,7 +461,7 @@ class TrackerCore(Generic[T]):
         record, message = entry
         if message is None:
             message = Message.from_bytes(self.store.content(claim.tracking_id))
-        return Work(claim=claim, record=record, message=message)
+        return new_work(claim, record, message)
 
     def _groups(self, work: Work) -> list[Group]:
         everyone = work.record.envelope.recipients
@@ -448,11 +474,15 @@ class TrackerCore(Generic[T]):
             claimed = set(work.claim.addresses)
             recipients = [r for r in everyone if r.address in claimed]
         if not self.split_by_domain:
-            return [Group(RELAY_KEY, tuple(recipients))] if recipients else []
+            if not recipients:
+                return []
+            return [
+                new_group(RELAY_KEY, recipients if type(recipients) is tuple else tuple(recipients))
+            ]
         by_domain: dict[str, list[Recipient]] = {}
         for recipient in recipients:
             by_domain.setdefault(recipient.address.ascii_domain.lower(), []).append(recipient)
-        return [Group(key, tuple(group)) for key, group in by_domain.items()]
+        return [new_group(key, tuple(group)) for key, group in by_domain.items()]
 
     @staticmethod
     def _envelope(record: MessageRecord, group: Group) -> Envelope:

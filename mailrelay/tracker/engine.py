@@ -51,7 +51,7 @@ from mailrelay.tracker.core import (
 )
 from mailrelay.tracker.notifications import VERP, DSNMatch, DSNRequest
 from mailrelay.tracker.store import Change, Claim
-from mailrelay.tracker.transitions import AttemptMemo
+from mailrelay.tracker.transitions import AttemptMemo, from_result
 from mailrelay.transport.base import Transport
 
 __all__ = [
@@ -319,8 +319,18 @@ class DeliveryTracker(TrackerCore[Transport]):
                     f" results for {len(chunk)} messages"
                 )
             attempts: AttemptMemo = {}
+            retry, random = self.retry, self.random
             for (work, group), result in zip(chunk, results, strict=True):
-                outcome = self._from_result(work, group, result, now, attempts)
+                # TrackerCore._from_result, inlined: this runs for every message sent.
+                outcome = from_result(
+                    work.record,
+                    group.recipients,
+                    result,
+                    now=now,
+                    retry=retry,
+                    random=random,
+                    attempts=attempts,
+                )
                 pending.append((work, outcome.changes))
                 if outcome.refused is not None:
                     verdicts[group.key] = outcome.refused

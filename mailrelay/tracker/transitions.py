@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
+from mailrelay._slots import new_instance, slot_setters
 from mailrelay.address import Address
 from mailrelay.envelope import Recipient
 from mailrelay.errors import DeliveryError
@@ -53,6 +54,18 @@ class Decision:
 
     changes: tuple[Change, ...]
     refused: bool | None
+
+
+_set_changes, _set_refused = slot_setters(Decision, ("changes", "refused"))
+
+
+def new_decision(changes: tuple[Change, ...], refused: bool | None) -> Decision:
+    """``Decision(changes, refused)``, built without attrs' ``__init__`` (one per
+    transaction sent; see :mod:`mailrelay._slots`)."""
+    decision: Decision = new_instance(Decision)
+    _set_changes(decision, changes)
+    _set_refused(decision, refused)
+    return decision
 
 
 def _delivery_error_names() -> frozenset[str]:
@@ -189,6 +202,21 @@ def from_result(
     ``attempts``, a dict kept across the results of one ``send_many`` call, lets equal
     answers share one :class:`Attempt` object.
     """
+    found_all = result.recipients
+    if len(recipients) == 1 and len(found_all) == 1:
+        # One recipient, accepted: the common case, decided without the general loop's
+        # bookkeeping (the same decision it would reach).
+        only = found_all[0]
+        address = recipients[0].address
+        if only.outcome is Outcome.ACCEPTED and (
+            only.address is address or only.address == address
+        ):
+            reply = only.reply
+            attempt = _attempt(only, only.host or result.host, now, attempts)
+            return new_decision(
+                (new_change(address, State.DELIVERED, attempt),),
+                reply is not None and reply.code == 421,  # 421: back off all the same
+            )
     changes = []
     any_accepted = False
     all_transient = True
@@ -226,7 +254,7 @@ def from_result(
         refused = False
     else:
         refused = None
-    return Decision(tuple(changes), refused)
+    return new_decision(tuple(changes), refused)
 
 
 def from_error(
