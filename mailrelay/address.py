@@ -503,6 +503,10 @@ class Address:
     domain: str
     ascii_domain: str = attrs.field(init=False, eq=False, repr=False)
     needs_smtputf8: bool = attrs.field(init=False, eq=False, repr=False)
+    # The canonical text (str(self)), made once: an address is immutable, and its text is
+    # asked for several times per message (stored, logged, sent), each time quoting the
+    # local part again otherwise.
+    _text: str = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         local, domain = self.local_part, self.domain
@@ -529,6 +533,7 @@ class Address:
             ) from None
         object.__setattr__(self, "ascii_domain", ascii_domain)
         object.__setattr__(self, "needs_smtputf8", not local.isascii())
+        object.__setattr__(self, "_text", f"{_render_local(local)}@{domain}")
 
     @classmethod
     def _make(cls, local: str, domain: str, ascii_domain: str) -> Address:
@@ -539,6 +544,7 @@ class Address:
         object.__setattr__(self, "domain", domain)
         object.__setattr__(self, "ascii_domain", ascii_domain)
         object.__setattr__(self, "needs_smtputf8", not local.isascii())
+        object.__setattr__(self, "_text", f"{_render_local(local)}@{domain}")
         return self
 
     @classmethod
@@ -591,17 +597,20 @@ class Address:
             InvalidAddress: when the local part is non-ASCII and ``smtputf8`` is
                 false, since such an address cannot be sent without SMTPUTF8.
         """
-        local = _render_local(self.local_part)
         if smtputf8:
-            return f"{local}@{self.domain}"
+            return self._text  # the canonical form is exactly this path
         if self.needs_smtputf8:
             raise InvalidAddress(
                 f"the address {_shown(str(self))} has a non-ASCII local part and can only "
                 "be sent with SMTPUTF8 (RFC 6531)",
                 address=str(self),
             )
+        if self.ascii_domain == self.domain:
+            return self._text
+        # The canonical text is the rendered local part, "@", then the U-label domain.
+        local = self._text[: len(self._text) - len(self.domain) - 1]
         return f"{local}@{self.ascii_domain}"
 
     def __str__(self) -> str:
         """The canonical form: ``local@domain``, local part quoted only when needed."""
-        return f"{_render_local(self.local_part)}@{self.domain}"
+        return self._text

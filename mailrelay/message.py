@@ -413,7 +413,7 @@ class Message:
         except UnicodeEncodeError as exc:  # pragma: no cover - every piece is checked
             raise _mime.Unsupported("non-ASCII header text") from exc
         wire = head + body
-        return cls(
+        message = cls(
             headers=tuple(fields),
             bcc=tuple(addr for _, addr in bcc_list),
             size=len(wire),
@@ -422,6 +422,12 @@ class Message:
             wire=wire,
             envelope_addresses=recorded,
         )
+        if message_id is not None:
+            # The Message-ID field written above holds exactly ``<message_id>`` (checked
+            # id-left@id-right, no white space), so the header scan of message_id would
+            # find this value: keep it instead of scanning for every message sent.
+            object.__setattr__(message, "_message_id", message_id)
+        return message
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Message:

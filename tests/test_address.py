@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailrelay.address import Address, _parse
+from mailrelay.address import Address, _parse, _render_local
 from mailrelay.errors import InvalidAddress
 
 ATEXT_SPECIALS = "!#$%&'*+-/=?^_`{|}~"
@@ -670,3 +670,29 @@ def test_isemail_usable_addresses_are_accepted(case: Case) -> None:
     else:
         address = Address.parse(case.address)
         assert Address.parse(str(address)) == address
+
+
+@given(addresses)
+def test_kept_text_is_the_rendering_of_the_parts(text: str) -> None:
+    # str() and smtp_path() answer from the canonical text kept at construction: it must be
+    # what rendering the parts gives, however the address was made.
+    address = Address.parse(text)
+    local = _render_local(address.local_part)
+    made = [
+        address,
+        Address(local_part=address.local_part, domain=address.domain),
+        attrs.evolve(address),
+        pickle.loads(pickle.dumps(address)),
+    ]
+    for each in made:
+        assert str(each) == f"{local}@{address.domain}"
+        assert each.smtp_path(True) == f"{local}@{address.domain}"
+        if address.needs_smtputf8:
+            with pytest.raises(InvalidAddress):
+                each.smtp_path(False)
+        else:
+            assert each.smtp_path(False) == f"{local}@{address.ascii_domain}"
+        assert each == address
+        assert hash(each) == hash(address)
+        parts = f"local_part={address.local_part!r}, domain={address.domain!r}"
+        assert repr(each) == f"Address({parts})"

@@ -1163,3 +1163,40 @@ def test_reading_the_message_id_changes_neither_equality_nor_hash() -> None:
     assert hash(first) == hash(second)
     assert second.message_id == "x@example.com"
     assert Message.from_bytes(b"From: a@example.com\r\n\r\nhi\r\n").message_id is None
+
+
+message_ids = st.from_regex(r"[a-zA-Z0-9.$%_+-]{1,40}@[a-z0-9.-]{1,30}", fullmatch=True)
+
+
+@given(kwargs=build_arguments, message_id=st.none() | message_ids, bracketed=st.booleans())
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_property_built_message_id_is_the_one_its_header_holds(
+    kwargs: dict[str, Any], message_id: str | None, bracketed: bool
+) -> None:
+    # Message.build keeps the Message-ID it writes (the direct writer does), so that
+    # message_id need not scan the headers: the kept value must be what the scan finds.
+    given_id = f"<{message_id}>" if bracketed and message_id is not None else message_id
+    message = Message.build(**kwargs, message_id=given_id)
+    scanned = attrs.evolve(message)  # an equal message that has kept nothing: scans
+    reparsed = Message.from_bytes(message.as_bytes())
+    assert message.message_id == scanned.message_id == reparsed.message_id
+    assert message.message_id is not None
+    if message_id is not None:
+        assert message.message_id == message_id
+    assert message == scanned
+    assert hash(message) == hash(scanned)
+
+
+@pytest.mark.parametrize("path", ["direct", "general"])
+def test_a_message_id_in_custom_headers_is_read_from_them(path: str) -> None:
+    kwargs: dict[str, Any] = {
+        "sender": "a@x.example",
+        "to": "b@y.example",
+        "headers": {"Message-ID": " <given@x.example> "},
+    }
+    if path == "general":
+        with general_path_only():
+            message = Message.build(**kwargs)
+    else:
+        message = Message.build(**kwargs)
+    assert message.message_id == "given@x.example"
