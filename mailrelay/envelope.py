@@ -35,6 +35,7 @@ from typing import TypeAlias
 
 import attrs
 
+from mailrelay._slots import new_instance, slot_setters
 from mailrelay.address import Address
 from mailrelay.errors import MessageError
 from mailrelay.message import Message, _addresses_in
@@ -341,6 +342,13 @@ class Envelope:
         chosen: list[Recipient] = []
         seen: set[Address] = set()
         for item in recipients:
+            if isinstance(item, Address):
+                # Recipient(item, notify=default_notify), without its converters' calls.
+                if item in seen:
+                    continue
+                seen.add(item)
+                chosen.append(_new_recipient(item, default_notify))
+                continue
             recipient = item if isinstance(item, Recipient) else Recipient(item)
             if recipient.address in seen:
                 continue
@@ -385,6 +393,8 @@ class Envelope:
             sender, given = recorded
             if not given:
                 raise MessageError("the message has no recipient address (To, Cc or Bcc)")
+            if cls is Envelope:
+                return _plain_envelope(sender, given)
             return cls(sender, given)
         fields = message.headers
         block = _latest_resent_block(fields)
@@ -460,6 +470,52 @@ class Envelope:
         if self.requiretls and requiretls:
             params.append(("REQUIRETLS", None))
         return tuple(params)
+
+
+# -- Fast builders --------------------------------------------------------------
+#
+# Every message sent or tracked gets an envelope, most of them from Envelope.from_message
+# for a built message, whose addresses are Address values already: the converters and
+# checks of the constructors have nothing to do for them. These builders fill the slots
+# directly (mailrelay._slots): the same values as the constructors build, which tests hold.
+
+_set_r_address, _set_r_notify, _set_r_orcpt = slot_setters(
+    Recipient, ("address", "notify", "orcpt")
+)
+(
+    _set_e_sender,
+    _set_e_recipients,
+    _set_e_ret,
+    _set_e_envid,
+    _set_e_notify,
+    _set_e_requiretls,
+) = slot_setters(Envelope, ("sender", "recipients", "ret", "envid", "notify", "requiretls"))
+
+
+def _new_recipient(address: Address, notify: frozenset[Notify] | None) -> Recipient:
+    """``Recipient(address, notify=notify)`` for an Address and a checked NOTIFY set."""
+    recipient: Recipient = new_instance(Recipient)
+    _set_r_address(recipient, address)
+    _set_r_notify(recipient, notify)
+    _set_r_orcpt(recipient, None)
+    return recipient
+
+
+def _plain_envelope(sender: Address, addresses: tuple[Address, ...]) -> Envelope:
+    """``Envelope(sender, addresses)`` for Address values, at least one."""
+    if len(addresses) == 1:
+        recipients: tuple[Recipient, ...] = (_new_recipient(addresses[0], None),)
+    else:
+        # Repeats dropped, the first kept (dict keys keep their order).
+        recipients = tuple([_new_recipient(a, None) for a in dict.fromkeys(addresses)])
+    envelope: Envelope = new_instance(Envelope)
+    _set_e_sender(envelope, sender)
+    _set_e_recipients(envelope, recipients)
+    _set_e_ret(envelope, None)
+    _set_e_envid(envelope, None)
+    _set_e_notify(envelope, None)
+    _set_e_requiretls(envelope, False)
+    return envelope
 
 
 def _latest_resent_block(fields: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:

@@ -17,6 +17,8 @@ from mailrelay.envelope import (
     Notify,
     Recipient,
     Ret,
+    _new_recipient,
+    _plain_envelope,
     utf8_addr_xtext_decode,
     utf8_addr_xtext_encode,
     xtext_decode,
@@ -646,3 +648,74 @@ def test_built_message_without_recipients_is_refused() -> None:
     message = Message.build(sender="a@x.example", text="t")
     with pytest.raises(MessageError, match="no recipient"):
         Envelope.from_message(message)
+
+
+# -- fast builders: the same values as the constructors --------------------------------------
+
+
+def same_value(fast: Envelope | Recipient, slow: Envelope | Recipient) -> None:
+    """Equal, of the same class, every field equal in value and type, same hash and repr."""
+    assert type(fast) is type(slow)
+    assert fast == slow
+    for field in attrs.fields(type(slow)):
+        a, b = getattr(fast, field.name), getattr(slow, field.name)
+        assert type(a) is type(b), field.name
+        assert a == b, field.name
+    assert hash(fast) == hash(slow)
+    assert repr(fast) == repr(slow)
+
+
+notify_sets = st.none() | st.sampled_from(
+    [
+        frozenset({Notify.NEVER}),
+        frozenset({Notify.SUCCESS, Notify.FAILURE}),
+        frozenset({Notify.SUCCESS, Notify.FAILURE, Notify.DELAY}),
+    ]
+)
+
+
+@given(addresses, st.lists(addresses, min_size=1, max_size=4))
+def test_plain_envelope_equals_the_constructor(sender: Address, recipients: list[Address]) -> None:
+    fast = _plain_envelope(sender, tuple(recipients))
+    slow = Envelope(str(sender), [str(a) for a in recipients])
+    same_value(fast, slow)
+    for fast_recipient, slow_recipient in zip(fast.recipients, slow.recipients, strict=True):
+        same_value(fast_recipient, slow_recipient)
+
+
+@given(st.lists(addresses, min_size=1, max_size=4), notify_sets)
+def test_address_recipients_equal_parsed_ones(
+    recipients: list[Address], notify: frozenset[Notify] | None
+) -> None:
+    # Envelope builds the Recipient of an Address item directly (_new_recipient).
+    fast = Envelope(None, recipients, notify=notify)
+    slow = Envelope(None, [Recipient(str(a)) for a in recipients], notify=notify)
+    same_value(fast, slow)
+    for fast_recipient, slow_recipient in zip(fast.recipients, slow.recipients, strict=True):
+        same_value(fast_recipient, slow_recipient)
+    for address in recipients:
+        same_value(_new_recipient(address, notify), Recipient(address, notify=notify))
+
+
+@given(addresses, st.lists(addresses, min_size=1, max_size=3), st.lists(addresses, max_size=2))
+def test_from_message_of_a_built_message_equals_the_constructor(
+    sender: Address, to: list[Address], bcc: list[Address]
+) -> None:
+    message = Message.build(sender=sender, to=to, bcc=bcc, text="t")
+    fast = Envelope.from_message(message)
+    slow = Envelope(str(sender), [str(a) for a in (*to, *bcc)])
+    same_value(fast, slow)
+    for fast_recipient, slow_recipient in zip(fast.recipients, slow.recipients, strict=True):
+        same_value(fast_recipient, slow_recipient)
+
+
+def test_from_message_builds_the_class_it_is_called_on() -> None:
+    class Mine(Envelope):
+        pass
+
+    message = Message.build(sender="a@x.example", to="b@x.example", text="t")
+    envelope = Mine.from_message(message)
+    assert type(envelope) is Mine
+    assert attrs.astuple(envelope, recurse=False) == attrs.astuple(
+        Envelope("a@x.example", "b@x.example"), recurse=False
+    )
