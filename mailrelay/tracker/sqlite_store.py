@@ -21,6 +21,12 @@ Rules of this module:
   pre-sized BLOB (``zeroblob`` + incremental blob I/O), so no second copy of a
   large message is built in memory; smaller ones are bound whole, and the rows
   of a batch go in with ``executemany``.
+* A worker's results (``apply_many`` with a ``worker``) for recipients that this
+  store's own ``claim`` leased are written without reading the recipients first: a
+  worker's change applies exactly when the recipient is SENDING under its lease, which
+  the UPDATE states in its WHERE; when its row counts show a change that did not apply,
+  the transaction is rolled back and the batch takes the general path, which reads the
+  rows and applies the rules in Python. Either way the results are the rules' own.
 * Each thread gets its own connection (sqlite3 connections are not meant to be
   shared between threads); several processes may open the same file.
 * The schema carries a version (table ``schema_version``). Opening a database
@@ -230,6 +236,12 @@ class SQLiteStore:
         self._synchronous = synchronous.upper()
         self._work_synchronous = work_synchronous.upper()
         self._local = threading.local()
+        # Per claimed message, its claimed addresses and their (position, address text)
+        # rows, from this store's own claims: what apply_many's fast path needs to write a
+        # worker's results without reading the recipients first (see _apply_fast). A
+        # recipient's position never changes, so an entry can only be missing, never wrong.
+        self._claimed: dict[str, tuple[tuple[Address, ...], list[tuple[int, str]]]] = {}
+        self._claimed_lock = threading.Lock()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._closed = False
@@ -571,6 +583,7 @@ class SQLiteStore:
                     if used:
                         touched.add(message)
         claims = []
+        claimed = {}
         for tracking_id in order:
             rows = leased.get(tracking_id)
             if rows is None:
@@ -578,8 +591,16 @@ class SQLiteStore:
             if len(rows) > 1:
                 rows.sort()  # envelope order (RETURNING gives no order)
             addresses = tuple([cached_address(address) for _, address in rows])
+            claimed[tracking_id] = (addresses, rows)
             fresh = tracking_id not in touched
             claims.append(new_claim(tracking_id, worker, until, addresses, fresh))
+        if claimed:
+            with self._claimed_lock:
+                if len(self._claimed) + len(claimed) > _CLAIMED_LIMIT:
+                    # Claims whose results never came (a worker that stopped): forget
+                    # them all, simpler than LRU; their results take the slow path.
+                    self._claimed.clear()
+                self._claimed.update(claimed)
         return claims
 
     def apply(
@@ -603,13 +624,25 @@ class SQLiteStore:
 
         Three statements whatever the batch's size: one read of the recipients concerned,
         one ``executemany`` for the new attempts, one for the new states (and the inserts
-        of what ``then`` returns). Changes for a ``worker`` commit with
+        of what ``then`` returns). A worker's results for what this store leased to it
+        skip the read (see :meth:`_apply_fast`). Changes for a ``worker`` commit with
         ``work_synchronous``, the others with ``synchronous``: the messages ``then`` adds
         share their changes' fate, so a power loss that undoes a bounce undoes its report
         too, and the bounce happens again.
         """
         if not batch:
             return []
+        if worker is not None:
+            fast = self._fast_rows(batch, worker)
+            if fast is not None:
+                try:
+                    with self._write(work=True) as tx:
+                        changed = self._apply_fast(tx, batch, fast)
+                        if then is not None:
+                            self._add_split(tx, *_split(then(changed)))
+                        return changed
+                except _NotFast:
+                    pass  # rolled back: the slow path decides, on what is stored now
         with self._write(work=worker is not None) as tx:
             changed = self._apply_batch(tx, batch, worker)
             if then is not None:
@@ -617,6 +650,84 @@ class SQLiteStore:
                 # follow from are committed together or not at all.
                 self._add_split(tx, *_split(then(changed)))
             return changed
+
+    def _fast_rows(
+        self, batch: Sequence[tuple[str, Sequence[Change]]], worker: str
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]] | None:
+        """The rows of :meth:`_apply_fast` for a worker's batch, or None if it cannot take it.
+
+        It can when every change is for a recipient this store's ``claim`` leased (so its
+        position is known without a read) and sets no ``confirmed``. Each message's entry
+        is taken out of the claims remembered: its results come once.
+        """
+        with self._claimed_lock:
+            pop = self._claimed.pop
+            entries = [pop(tracking_id, None) for tracking_id, _ in batch]
+        due_rows: list[tuple[Any, ...]] = []
+        done_rows: list[tuple[Any, ...]] = []
+        attempt_rows: list[tuple[Any, ...]] = []
+        last_attempt: Attempt | None = None
+        last_values: tuple[Any, ...] = ()
+        for (tracking_id, changes), entry in zip(batch, entries, strict=True):
+            if entry is None or not changes:
+                return None
+            addresses, rows = entry
+            for change in changes:
+                try:
+                    # By identity first (the claim's addresses are the ones the worker
+                    # holds), else by equality, which implies the same address text.
+                    position = rows[addresses.index(change.address)][0]
+                except ValueError:
+                    return None
+                if change.confirmed is not None:
+                    return None
+                attempt = change.attempt
+                if attempt is not None:
+                    if attempt is not last_attempt:
+                        last_attempt, last_values = attempt, _attempt_values(attempt)
+                    attempt_rows.append((tracking_id, position, *last_values))
+                new = change.state
+                if new in DUE_STATES:
+                    due_rows.append(
+                        (
+                            _STATE_TEXT[new],
+                            _micros(change.next_attempt_at),
+                            tracking_id,
+                            position,
+                            worker,
+                        )
+                    )
+                else:
+                    done_rows.append((_STATE_TEXT[new], tracking_id, position, worker))
+        return due_rows, done_rows, attempt_rows
+
+    def _apply_fast(
+        self,
+        tx: sqlite3.Connection,
+        batch: Sequence[tuple[str, Sequence[Change]]],
+        rows: tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]],
+    ) -> list[tuple[Address, ...]]:
+        """A worker's results when every change applies, without reading the recipients.
+
+        A worker's change applies iff the recipient is SENDING under its lease
+        (:func:`~mailrelay.tracker.store.apply_change`): the UPDATEs say so in their
+        WHERE, and their row counts say whether every change applied. If one did not (a
+        lease lost, a recipient changed twice, a message gone), raises :class:`_NotFast`
+        before anything else is written, and the caller rolls back and takes the slow
+        path, whose results are the rules' own. Otherwise each change's attempt is
+        appended with its sequence number counted in SQL, as the slow path counts it.
+        """
+        due_rows, done_rows, attempt_rows = rows
+        count = 0
+        if due_rows:
+            count += tx.executemany(_UPDATE_LEASED_DUE, due_rows).rowcount
+        if done_rows:
+            count += tx.executemany(_UPDATE_LEASED_DONE, done_rows).rowcount
+        if count != len(due_rows) + len(done_rows):
+            raise _NotFast
+        if attempt_rows:
+            tx.executemany(_APPEND_ATTEMPT, attempt_rows)
+        return [tuple([change.address for change in changes]) for _, changes in batch]
 
     def _apply_batch(
         self,
@@ -735,6 +846,34 @@ class SQLiteStore:
         for conn in connections:
             conn.close()
         self._local = threading.local()
+
+
+# A worker's result, applied only under its lease (see _apply_fast); the lease's NULLs
+# are written in the SQL (see _COPY_LIMIT). One statement for the due states, which keep
+# a due time, one for the others, which clear it.
+_UPDATE_LEASED_DUE = (
+    "UPDATE recipients SET state = ?, next_attempt_at = ?, lease_owner = NULL,"
+    " lease_until = NULL WHERE message = ? AND position = ? AND state = 'sending'"
+    " AND lease_owner = ?"
+)
+_UPDATE_LEASED_DONE = (
+    "UPDATE recipients SET state = ?, next_attempt_at = NULL, lease_owner = NULL,"
+    " lease_until = NULL WHERE message = ? AND position = ? AND state = 'sending'"
+    " AND lease_owner = ?"
+)
+# An attempt appended after the recipient's history: its seq is the count of the attempts
+# stored before it (a stale worker may have appended one since the claim: never assume).
+_APPEND_ATTEMPT = (
+    "INSERT INTO attempts (message, position, seq, at, host, code, enhanced, text, source)"
+    " VALUES (?1, ?2, (SELECT COUNT(*) FROM attempts WHERE message = ?1 AND position = ?2),"
+    " ?3, ?4, ?5, ?6, ?7, ?8)"
+)
+#: How many claimed messages a store remembers for the fast path (see SQLiteStore._claimed).
+_CLAIMED_LIMIT = 65536
+
+
+class _NotFast(Exception):
+    """A worker's batch that the fast path cannot apply (see ``_apply_fast``)."""
 
 
 _INSERT_RECIPIENT = (
