@@ -166,8 +166,8 @@ _STATE_TEXT = {state: state.value for state in State}
 # A message's first row carries its earliest due time, so this is the order of
 # "MIN(due), message" (no due time sorts first). Then every due recipient of those
 # messages is leased in one UPDATE ... RETURNING, which also says whether each has a
-# history (Claim.fresh). Both bind :now; the second also :ids (a JSON array), :worker and
-# :until.
+# history (Claim.fresh): its confirmation and attempt count. Both bind :now; the second
+# also :ids (a JSON array), :worker and :until.
 _DUE_IN_ORDER = """
     SELECT message, next_attempt_at FROM recipients
         WHERE state IN ('queued', 'deferred') AND next_attempt_at IS NULL
@@ -185,8 +185,8 @@ _LEASE_DUE = """
       AND ((state IN ('queued', 'deferred')
             AND (next_attempt_at IS NULL OR next_attempt_at <= :now))
            OR (state = 'sending' AND (lease_until IS NULL OR lease_until <= :now)))
-    RETURNING message, position, address, confirmed OR EXISTS (
-        SELECT 1 FROM attempts a
+    RETURNING message, position, address, confirmed, (
+        SELECT COUNT(*) FROM attempts a
         WHERE a.message = recipients.message AND a.position = recipients.position)
 """
 # The earliest due time: the first entry of each partial index (MIN skips NULLs).
@@ -236,11 +236,13 @@ class SQLiteStore:
         self._synchronous = synchronous.upper()
         self._work_synchronous = work_synchronous.upper()
         self._local = threading.local()
-        # Per claimed message, its claimed addresses and their (position, address text)
-        # rows, from this store's own claims: what apply_many's fast path needs to write a
-        # worker's results without reading the recipients first (see _apply_fast). A
-        # recipient's position never changes, so an entry can only be missing, never wrong.
-        self._claimed: dict[str, tuple[tuple[Address, ...], list[tuple[int, str]]]] = {}
+        # Per claimed message, its claimed addresses and their (position, address text,
+        # attempt count) rows, from this store's own claims: what apply_many's fast path
+        # needs to write a worker's results without reading the recipients first (see
+        # _apply_fast). A recipient's position never changes; its attempt count only
+        # grows, and a count grown since the claim makes the fast path's insert collide
+        # with the attempt stored meanwhile (primary key), never skip a number.
+        self._claimed: dict[str, tuple[tuple[Address, ...], list[tuple[int, str, int]]]] = {}
         self._claimed_lock = threading.Lock()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
@@ -564,7 +566,7 @@ class SQLiteStore:
         if limit < 1:
             return []
         args: dict[str, Any] = {"now": to_micros(now)}
-        leased: dict[str, list[tuple[int, str]]] = {}
+        leased: dict[str, list[tuple[int, str, int]]] = {}
         touched: set[str] = set()  # messages with a claimed recipient that has a history
         with self._write(work=True) as tx:
             order: dict[str, None] = {}  # an ordered set
@@ -578,9 +580,11 @@ class SQLiteStore:
                 cursor.close()
             if order:
                 args.update(ids=json.dumps(list(order)), worker=worker, until=to_micros(until))
-                for message, position, address, used in tx.execute(_LEASE_DUE, args).fetchall():
-                    leased.setdefault(message, []).append((position, address))
-                    if used:
+                for message, position, address, confirmed, seq in tx.execute(
+                    _LEASE_DUE, args
+                ).fetchall():
+                    leased.setdefault(message, []).append((position, address, seq))
+                    if confirmed or seq:
                         touched.add(message)
         claims = []
         claimed = {}
@@ -590,7 +594,7 @@ class SQLiteStore:
                 continue
             if len(rows) > 1:
                 rows.sort()  # envelope order (RETURNING gives no order)
-            addresses = tuple([cached_address(address) for _, address in rows])
+            addresses = tuple([cached_address(row[1]) for row in rows])
             claimed[tracking_id] = (addresses, rows)
             fresh = tracking_id not in touched
             claims.append(new_claim(tracking_id, worker, until, addresses, fresh))
@@ -676,7 +680,7 @@ class SQLiteStore:
                 try:
                     # By identity first (the claim's addresses are the ones the worker
                     # holds), else by equality, which implies the same address text.
-                    position = rows[addresses.index(change.address)][0]
+                    position, _, seq = rows[addresses.index(change.address)]
                 except ValueError:
                     return None
                 if change.confirmed is not None:
@@ -685,7 +689,7 @@ class SQLiteStore:
                 if attempt is not None:
                     if attempt is not last_attempt:
                         last_attempt, last_values = attempt, _attempt_values(attempt)
-                    attempt_rows.append((tracking_id, position, *last_values))
+                    attempt_rows.append((tracking_id, position, seq, *last_values))
                 new = change.state
                 if new in DUE_STATES:
                     due_rows.append(
@@ -712,10 +716,12 @@ class SQLiteStore:
         A worker's change applies iff the recipient is SENDING under its lease
         (:func:`~mailrelay.tracker.store.apply_change`): the UPDATEs say so in their
         WHERE, and their row counts say whether every change applied. If one did not (a
-        lease lost, a recipient changed twice, a message gone), raises :class:`_NotFast`
-        before anything else is written, and the caller rolls back and takes the slow
-        path, whose results are the rules' own. Otherwise each change's attempt is
-        appended with its sequence number counted in SQL, as the slow path counts it.
+        lease lost, a recipient changed twice, a message gone), raises :class:`_NotFast`,
+        and the caller rolls back and takes the slow path, whose results are the rules'
+        own. Otherwise each change's attempt is appended with the sequence number its
+        claim counted; if an attempt was stored since (a stale worker's late result, a
+        DSN), that number is taken, the insert fails on the primary key, and the slow
+        path, which counts again, takes the batch too.
         """
         due_rows, done_rows, attempt_rows = rows
         count = 0
@@ -726,7 +732,10 @@ class SQLiteStore:
         if count != len(due_rows) + len(done_rows):
             raise _NotFast
         if attempt_rows:
-            tx.executemany(_APPEND_ATTEMPT, attempt_rows)
+            try:
+                tx.executemany(_INSERT_ATTEMPT, attempt_rows)
+            except sqlite3.IntegrityError:
+                raise _NotFast from None
         return [tuple([change.address for change in changes]) for _, changes in batch]
 
     def _apply_batch(
@@ -860,13 +869,6 @@ _UPDATE_LEASED_DONE = (
     "UPDATE recipients SET state = ?, next_attempt_at = NULL, lease_owner = NULL,"
     " lease_until = NULL WHERE message = ? AND position = ? AND state = 'sending'"
     " AND lease_owner = ?"
-)
-# An attempt appended after the recipient's history: its seq is the count of the attempts
-# stored before it (a stale worker may have appended one since the claim: never assume).
-_APPEND_ATTEMPT = (
-    "INSERT INTO attempts (message, position, seq, at, host, code, enhanced, text, source)"
-    " VALUES (?1, ?2, (SELECT COUNT(*) FROM attempts WHERE message = ?1 AND position = ?2),"
-    " ?3, ?4, ?5, ?6, ?7, ?8)"
 )
 #: How many claimed messages a store remembers for the fast path (see SQLiteStore._claimed).
 _CLAIMED_LIMIT = 65536
