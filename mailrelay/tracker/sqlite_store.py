@@ -349,51 +349,24 @@ class SQLiteStore:
     def _add_split(
         self,
         tx: sqlite3.Connection,
-        small: Sequence[tuple[MessageRecord, bytes]],
+        small: _Rows,
         large: Sequence[tuple[MessageRecord, Iterable[bytes]]],
     ) -> None:
-        if small:
-            self._add_small(tx, small)
-        for record, content in large:
-            self._add(tx, record, content)
-
-    def _add_small(
-        self, tx: sqlite3.Connection, entries: Sequence[tuple[MessageRecord, bytes]]
-    ) -> None:
-        try:
-            # An absent ENVID is bound as "" (an Envelope refuses an empty one, RFC 3461
-            # §4.4) and stored as NULL by the SQL: see _COPY_LIMIT for why.
-            tx.executemany(
-                "INSERT INTO messages (id, created_at, envelope, message_id, envid, size,"
-                " content, notification) VALUES (?, ?, ?, ?, NULLIF(?, ''), ?, ?, ?)",
-                [
-                    (
-                        record.id,
-                        _batch_micros(record.created_at),
-                        envelope_to_json(record.envelope),
-                        record.message_id,
-                        record.envelope.envid or "",
-                        record.size,
-                        bytearray(data) if len(data) <= _COPY_LIMIT else data,
-                        int(record.notification),
-                    )
-                    for record, data in entries
-                ],
-            )
-        except sqlite3.IntegrityError:
-            raise ValueError("a message with one of these ids is already stored") from None
-        # Recipients without a lease (every new one the tracker submits) go in with their
-        # NULLs written in the SQL, not bound (see _COPY_LIMIT).
-        unleased: list[tuple[Any, ...]] = []
-        leased: list[tuple[Any, ...]] = []
-        for record, _ in entries:
-            for position, recipient in enumerate(record.recipients):
-                values = _recipient_values(record.id, position, recipient)
-                if recipient.lease_owner is None and recipient.lease_until is None:
-                    unleased.append(values)
-                else:
-                    leased.append((*values, recipient.lease_owner, _micros(recipient.lease_until)))
+        messages, unleased, leased, attempts = small
+        if messages:
+            try:
+                # An absent ENVID is bound as "" (an Envelope refuses an empty one, RFC 3461
+                # §4.4) and stored as NULL by the SQL: see _COPY_LIMIT for why.
+                tx.executemany(
+                    "INSERT INTO messages (id, created_at, envelope, message_id, envid, size,"
+                    " content, notification) VALUES (?, ?, ?, ?, NULLIF(?, ''), ?, ?, ?)",
+                    messages,
+                )
+            except sqlite3.IntegrityError:
+                raise ValueError("a message with one of these ids is already stored") from None
         if unleased:
+            # Recipients without a lease (every new one the tracker submits) go in with
+            # their NULLs written in the SQL, not bound (see _COPY_LIMIT).
             tx.executemany(
                 "INSERT INTO recipients (message, position, address, state, next_attempt_at,"
                 " confirmed, lease_owner, lease_until) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
@@ -401,14 +374,10 @@ class SQLiteStore:
             )
         if leased:
             tx.executemany(_INSERT_RECIPIENT, leased)
-        attempts = [
-            _attempt_row(record.id, position, seq, attempt)
-            for record, _ in entries
-            for position, recipient in enumerate(record.recipients)
-            for seq, attempt in enumerate(recipient.attempts)
-        ]
         if attempts:
             tx.executemany(_INSERT_ATTEMPT, attempts)
+        for record, content in large:
+            self._add(tx, record, content)
 
     def _add(self, tx: sqlite3.Connection, record: MessageRecord, content: Iterable[bytes]) -> None:
         try:
@@ -912,21 +881,71 @@ def _apply_row(row: list[Any], change: Change, worker: str | None) -> bool:
     return True
 
 
+# The rows of small messages' submission, one list per statement: messages, recipients
+# without and with a lease, attempts.
+_Rows = tuple[
+    list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]
+]
+
+
 def _split(
     entries: Sequence[tuple[MessageRecord, Iterable[bytes]]],
-) -> tuple[list[tuple[MessageRecord, bytes]], list[tuple[MessageRecord, Iterable[bytes]]]]:
-    """The entries to bind whole (joined and checked) and those to stream (over the threshold)."""
-    small: list[tuple[MessageRecord, bytes]] = []
+) -> tuple[_Rows, list[tuple[MessageRecord, Iterable[bytes]]]]:
+    """The rows of the entries to bind whole (joined and checked), and those to stream.
+
+    Built before the transaction, so that the write lock is held for the statements
+    only; one pass per entry, for every message submitted.
+    """
+    messages: list[tuple[Any, ...]] = []
+    unleased: list[tuple[Any, ...]] = []
+    leased: list[tuple[Any, ...]] = []
+    attempts: list[tuple[Any, ...]] = []
     large: list[tuple[MessageRecord, Iterable[bytes]]] = []
     for record, content in entries:
-        if record.size > STREAM_THRESHOLD:
+        size = record.size
+        if size > STREAM_THRESHOLD:
             large.append((record, content))
             continue
         data = b"".join(content)
-        if len(data) != record.size:
-            raise ValueError(f"the content is {len(data)} bytes, the record says {record.size}")
-        small.append((record, data))
-    return small, large
+        if len(data) != size:
+            raise ValueError(f"the content is {len(data)} bytes, the record says {size}")
+        tracking_id = record.id
+        envelope = record.envelope
+        messages.append(
+            (
+                tracking_id,
+                _batch_micros(record.created_at),
+                envelope_to_json(envelope),
+                record.message_id,
+                envelope.envid or "",
+                size,
+                bytearray(data) if size <= _COPY_LIMIT else data,
+                1 if record.notification else 0,
+            )
+        )
+        for position, recipient in enumerate(record.recipients):
+            address = recipient.address
+            text = str(address)
+            remember_address(text, address)  # a claim reads it back soon
+            due = recipient.next_attempt_at
+            values = (
+                tracking_id,
+                position,
+                text,
+                recipient.state._value_,
+                None if due is None else _batch_micros(due),
+                1 if recipient.confirmed else 0,
+            )
+            if recipient.lease_owner is None and recipient.lease_until is None:
+                unleased.append(values)
+            else:
+                leased.append((*values, recipient.lease_owner, _micros(recipient.lease_until)))
+            if recipient.attempts:
+                attempts.extend(
+                    _attempt_row(tracking_id, position, seq, attempt)
+                    for seq, attempt in enumerate(recipient.attempts)
+                )
+    return (messages, unleased, leased, attempts), large
 
 
 def _recipient_values(
