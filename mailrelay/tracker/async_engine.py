@@ -11,6 +11,10 @@ Rules of this module:
   transport raised something other than a ``DeliveryError`` puts its recipients
   back, due at once; the other claims finish and are recorded, then that
   exception is raised.
+* Results are committed as the sync tracker commits them: when ``commit_batch`` are
+  in hand, when the oldest has waited ``commit_interval``, and when the claimed batch
+  ends (one store transaction in a worker thread each time, one at a time), then
+  their events fire. A batch's claims are read and loaded in one worker-thread call.
 * Callbacks may be plain functions or coroutine functions; both are called
   after the change they report is committed.
 * Failure DSNs are queued in the commit of the bounce or expiry they report, and sent
@@ -21,20 +25,64 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import DeliveryError
 from mailrelay.message import Message
-from mailrelay.tracker.core import Entry, Group, RunSummary, TrackerCore, Work
+from mailrelay.tracker.core import NOTHING_DONE, ONE_MESSAGE, Group, RunSummary, TrackerCore, Work
 from mailrelay.tracker.notifications import DSNMatch
-from mailrelay.tracker.store import Claim
+from mailrelay.tracker.store import Change, Claim
 from mailrelay.transport.base import AsyncTransport
 
 __all__ = ["AsyncDeliveryTracker"]
 
 log = logging.getLogger(__name__)
+
+
+class _Commits:
+    """The results of one claimed batch awaiting their commit, as in the sync runner.
+
+    Results are committed (in a worker thread, one store transaction) when
+    ``commit_batch`` of them are in hand, when the oldest has waited ``commit_interval``,
+    and when the batch ends; then their events fire. One commit at a time: a result
+    that comes in meanwhile waits for the next.
+    """
+
+    def __init__(self, tracker: AsyncDeliveryTracker) -> None:
+        self._tracker = tracker
+        self._pending: list[tuple[Work, Sequence[Change]]] = []
+        self._oldest: dt.datetime | None = None
+        self._lock = asyncio.Lock()
+
+    def add(self, work: Work, changes: Sequence[Change]) -> None:
+        """Hold ``changes`` (of ``work``) for the next commit."""
+        if changes:
+            self._pending.append((work, changes))
+            self._oldest = self._oldest or self._tracker.clock()
+
+    async def maybe_flush(self) -> RunSummary:
+        """Commit what is held if it is enough, or the oldest has waited long enough."""
+        tracker = self._tracker
+        if len(self._pending) >= tracker.commit_batch or (
+            self._oldest is not None and tracker.clock() - self._oldest >= tracker.commit_interval
+        ):
+            return await self.flush()
+        return NOTHING_DONE
+
+    async def flush(self) -> RunSummary:
+        """Commit everything held now, then fire its events."""
+        summary = NOTHING_DONE
+        async with self._lock:
+            while self._pending:
+                batch, self._pending, self._oldest = self._pending, [], None
+                done, events = await asyncio.to_thread(self._tracker._commit_many, batch)
+                summary += done
+                for event in events:
+                    await self._tracker.events.afire(event)
+        return summary
 
 
 class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
@@ -75,52 +123,66 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
         gate = asyncio.Semaphore(concurrency)
         summary = RunSummary()
 
-        async def one(claim: Claim, entry: Entry | None) -> RunSummary:
-            async with gate:
-                return await self._aprocess(claim, entry)
-
         for _ in range(max_rounds):
             claims = await asyncio.to_thread(self._claim)
             if not claims:
                 break
+            results = await asyncio.to_thread(self._load_all, claims)
+            commits = _Commits(self)
+
+            async def one(work: Work, commits: _Commits = commits) -> RunSummary:
+                async with gate:
+                    return await self._aprocess(work, commits)
+
+            outcomes: list[RunSummary | BaseException] = []
             try:
-                records = await asyncio.to_thread(self._read_batch, claims)
-            except BaseException:
-                for claim in claims:
-                    await asyncio.to_thread(self._put_back_claim, claim)
-                raise
-            results = await asyncio.gather(
-                *(one(c, records.get(c.tracking_id)) for c in claims), return_exceptions=True
-            )
+                outcomes = await asyncio.gather(
+                    *(one(r) for r in results if isinstance(r, Work)), return_exceptions=True
+                )
+            finally:
+                # Results in hand are committed (and their events fired) even when the
+                # batch was cancelled.
+                summary += await commits.flush()
             failure: BaseException | None = None
-            for result in results:
-                if isinstance(result, BaseException):
-                    failure = failure or result
-                else:
-                    summary += result
+            for outcome in [*results, *outcomes]:
+                if isinstance(outcome, BaseException):
+                    failure = failure or outcome
+                elif isinstance(outcome, RunSummary):
+                    summary += outcome
             if failure is not None:
                 raise failure
         return summary
 
-    async def _aprocess(self, claim: Claim, entry: Entry | None) -> RunSummary:
+    def _load_all(self, claims: Sequence[Claim]) -> list[Work | BaseException | None]:
+        """Each claim's work (``None``: its message is gone), in one worker-thread call.
+
+        A claim whose message cannot be read or parsed is put back and stands as the
+        exception, raised once the rest of the batch is done.
+        """
         try:
-            work = await asyncio.to_thread(self._load, claim, entry)
+            records = self._read_batch(claims)
         except BaseException:
-            await asyncio.to_thread(self._put_back_claim, claim)
+            for claim in claims:
+                self._put_back_claim(claim)
             raise
-        if work is None:
-            return RunSummary()
-        summary = RunSummary(messages=1)
+        loaded: list[Work | BaseException | None] = []
+        for claim in claims:
+            try:
+                loaded.append(self._load(claim, records.get(claim.tracking_id)))
+            except Exception as exc:
+                self._put_back_claim(claim)
+                loaded.append(exc)
+        return loaded
+
+    async def _aprocess(self, work: Work, commits: _Commits) -> RunSummary:
+        summary = ONE_MESSAGE
         groups = self._groups(work)
         for index, group in enumerate(groups):
             try:
-                summary += await self._atransaction(work, group)
+                summary += await self._atransaction(work, group, commits)
             except BaseException:
                 pending = [r.address for g in groups[index:] for r in g.recipients]
-                changes = self._put_back(work.record, pending, self.clock())
-                await asyncio.to_thread(
-                    self.store.apply, claim.tracking_id, changes, worker=claim.worker
-                )
+                commits.add(work, self._put_back(work.record, pending, self.clock()))
                 raise
         return summary
 
@@ -130,15 +192,12 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
             changes = self._put_back(record, claim.addresses, self.clock())
             self.store.apply(claim.tracking_id, changes, worker=claim.worker)
 
-    async def _atransaction(self, work: Work, group: Group) -> RunSummary:
+    async def _atransaction(self, work: Work, group: Group, commits: _Commits) -> RunSummary:
         now = self.clock()
         wait = self.shaper.acquire(group.key, now)
         if wait is not None:
             addresses = [r.address for r in group.recipients]
-            changes = self._put_back(work.record, addresses, wait)
-            await asyncio.to_thread(
-                self.store.apply, work.claim.tracking_id, changes, worker=work.claim.worker
-            )
+            commits.add(work, self._put_back(work.record, addresses, wait))
             return RunSummary(postponed=len(addresses))
         refused: bool | None = None
         try:
@@ -154,10 +213,8 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
             self.shaper.release(group.key, self.clock(), refused=refused)
         # The failure DSNs this calls for are queued in the same commit (see
         # mailrelay.tracker.core); a later claim of this run sends them.
-        summary, events = await asyncio.to_thread(self._commit_many, [(work, outcome.changes)])
-        for event in events:
-            await self.events.afire(event)
-        return summary
+        commits.add(work, outcome.changes)
+        return await commits.maybe_flush()
 
     async def arun_forever(
         self,

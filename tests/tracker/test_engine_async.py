@@ -256,3 +256,113 @@ def test_per_domain_concurrency_holds_under_concurrent_claims(store: Store) -> N
     assert in_flight["most"] == 2
     assert (first.delivered, first.postponed) == (2, 4)
     assert (second.delivered, second.postponed) == (2, 2)
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that counts the commits of results (``apply_many`` calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commits: list[int] = []
+
+    def apply_many(self, batch: Any, **options: Any) -> Any:
+        self.commits.append(len(batch))
+        return super().apply_many(batch, **options)
+
+
+@pytest.mark.parametrize(("concurrency", "count", "commit_batch"), [(1, 12, 5), (4, 12, 5)])
+def test_results_are_committed_in_batches(concurrency: int, count: int, commit_batch: int) -> None:
+    store = CountingStore()
+    tracker = make(MemoryTransport(), store, FakeClock(), commit_batch=commit_batch)
+
+    async def scenario() -> RunSummary:
+        tracker.submit_many([message((f"r{i}@example.org",)) for i in range(count)])
+        return await tracker.arun_pending(concurrency=concurrency)
+
+    assert run(scenario()).delivered == count
+    # Full batches while results come in, the rest when the claimed batch ends; never
+    # more than commit_batch plus what was in flight when the batch filled.
+    assert sum(store.commits) == count
+    assert len(store.commits) < count
+    assert all(size <= commit_batch + concurrency - 1 for size in store.commits)
+    assert store.commits[0] >= commit_batch
+
+
+def test_a_result_waits_no_longer_than_commit_interval() -> None:
+    store = CountingStore()
+    clock = FakeClock()
+
+    async def slow(msg: Message, envelope: Envelope) -> dict[str, Outcome]:
+        clock.advance(2)  # each delivery takes longer than commit_interval
+        return {}
+
+    tracker = make(
+        MemoryTransport(slow),
+        store,
+        clock,
+        commit_batch=50,
+        commit_interval=dt.timedelta(seconds=1),
+    )
+
+    async def scenario() -> RunSummary:
+        tracker.submit_many([message((f"r{i}@example.org",)) for i in range(4)])
+        return await tracker.arun_pending(concurrency=1)
+
+    assert run(scenario()).delivered == 4
+    # As in the sync runner, the wait is noticed when the next result comes in: each
+    # commit holds a result that waited past commit_interval and the one that noticed.
+    # (Without the interval, all four would wait for the end of the batch: [4].)
+    assert store.commits == [2, 2]
+
+
+def test_events_fire_after_their_commit(store: Store) -> None:
+    tracker = make(MemoryTransport(), store, FakeClock(), commit_batch=3)
+    seen: list[State] = []
+
+    async def check(event: TrackerEvent) -> None:
+        # The change an event reports is already in the store.
+        seen.append(tracker.status(event.tracking_id).recipients[0].state)
+
+    tracker.on("delivered", check)
+
+    async def scenario() -> RunSummary:
+        tracker.submit_many([message((f"r{i}@example.org",)) for i in range(7)])
+        return await tracker.arun_pending(concurrency=2)
+
+    assert run(scenario()).delivered == 7
+    assert seen == [State.DELIVERED] * 7
+
+
+def test_a_cancelled_run_commits_the_results_in_hand() -> None:
+    store = CountingStore()
+    started = asyncio.Event()
+
+    async def stuck(msg: Message, envelope: Envelope) -> dict[str, Outcome]:
+        if str(envelope.recipients[0].address) == "slow@example.org":
+            started.set()
+            await asyncio.sleep(3600)
+        return {}
+
+    tracker = make(MemoryTransport(stuck), store, FakeClock(), commit_batch=50)
+
+    async def scenario() -> tuple[str, str]:
+        fast = await tracker.asubmit(message(("fast@example.org",)))
+        slow = await tracker.asubmit(message(("slow@example.org",)))
+        task = asyncio.create_task(tracker.arun_pending(concurrency=2))
+        await started.wait()
+        await asyncio.sleep(0.01)  # the fast one's result is in hand, not yet committed
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return fast, slow
+
+    fast, slow = run(scenario())
+    assert tracker.status(fast).recipients[0].state is State.DELIVERED
+    # The interrupted one is put back, due at once, in the same commit: never lost.
+    interrupted = tracker.status(slow).recipients[0]
+    assert (interrupted.state, interrupted.attempts, interrupted.lease_owner) == (
+        State.QUEUED,
+        (),
+        None,
+    )
+    assert store.commits == [2]
