@@ -6,11 +6,18 @@ Rules of this module:
   so the sync and async trackers behave alike; only the I/O differs.
 * Store calls run in worker threads (:func:`asyncio.to_thread`) so that a
   commit's fsync never stalls the event loop; the stores are thread-safe.
-* Claims of one batch are delivered concurrently, at most ``concurrency`` at a
-  time (per-domain limits still apply through the shaper). A claim whose
-  transport raised something other than a ``DeliveryError`` puts its recipients
-  back, due at once; the other claims finish and are recorded, then that
-  exception is raised.
+* A claimed batch is delivered in chunks taken as the sync tracker takes them
+  (:meth:`~mailrelay.tracker.core.TrackerCore._take_chunk`: per-domain slots and
+  pacing, at most ``commit_batch`` transactions awaiting their commit or in flight),
+  each sent with one ``asend_many`` call, so the SMTP pool pipelines and spreads
+  them over its connections; at most ``concurrency`` chunks are in flight at once (a
+  domain with a concurrency or rate limit has one transaction per chunk, so its
+  limits count transactions). For a transport that keeps the base class's
+  ``asend_many`` (one message at a time), chunks are an even share of
+  ``commit_batch`` among ``concurrency``, so that many messages are still in flight.
+* A chunk whose ``asend_many`` raised something other than a ``DeliveryError`` puts
+  back its transactions without a decision and every one still queued, due at once;
+  the chunks in flight finish and are recorded, then that exception is raised.
 * Results are committed as the sync tracker commits them: when ``commit_batch`` are
   in hand, when the oldest has waited ``commit_interval``, and when the claimed batch
   ends (one store transaction in a worker thread each time, one at a time), then
@@ -27,12 +34,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from mailrelay.envelope import Envelope
-from mailrelay.errors import DeliveryError
 from mailrelay.message import Message
-from mailrelay.tracker.core import NOTHING_DONE, ONE_MESSAGE, Group, RunSummary, TrackerCore, Work
+from mailrelay.tracker.core import NOTHING_DONE, Group, RunSummary, TrackerCore, Work
 from mailrelay.tracker.notifications import DSNMatch
 from mailrelay.tracker.store import Change, Claim
 from mailrelay.transport.base import AsyncTransport
@@ -47,27 +54,34 @@ class _Commits:
 
     Results are committed (in a worker thread, one store transaction) when
     ``commit_batch`` of them are in hand, when the oldest has waited ``commit_interval``,
-    and when the batch ends; then their events fire. One commit at a time: a result
-    that comes in meanwhile waits for the next.
+    and when the batch ends; then their events fire. One commit at a time: results that
+    come in meanwhile wait for the next.
     """
 
     def __init__(self, tracker: AsyncDeliveryTracker) -> None:
         self._tracker = tracker
-        self._pending: list[tuple[Work, Sequence[Change]]] = []
+        #: what awaits the next commit (work put back by the chunk taker goes here too)
+        self.pending: list[tuple[Work, Sequence[Change]]] = []
         self._oldest: dt.datetime | None = None
         self._lock = asyncio.Lock()
 
-    def add(self, work: Work, changes: Sequence[Change]) -> None:
-        """Hold ``changes`` (of ``work``) for the next commit."""
-        if changes:
-            self._pending.append((work, changes))
-            self._oldest = self._oldest or self._tracker.clock()
+    def add(self, decisions: Iterable[tuple[Work, Sequence[Change]]]) -> None:
+        """Hold ``decisions`` for the next commit."""
+        before = len(self.pending)
+        self.pending.extend(decisions)
+        if self._oldest is None and len(self.pending) > before:
+            self._oldest = self._tracker.clock()
 
     async def maybe_flush(self) -> RunSummary:
         """Commit what is held if it is enough, or the oldest has waited long enough."""
         tracker = self._tracker
-        if len(self._pending) >= tracker.commit_batch or (
-            self._oldest is not None and tracker.clock() - self._oldest >= tracker.commit_interval
+        if not self.pending:
+            return NOTHING_DONE
+        if self._oldest is None:
+            self._oldest = tracker.clock()  # put back by the chunk taker
+        if (
+            len(self.pending) >= tracker.commit_batch
+            or tracker.clock() - self._oldest >= tracker.commit_interval
         ):
             return await self.flush()
         return NOTHING_DONE
@@ -76,8 +90,10 @@ class _Commits:
         """Commit everything held now, then fire its events."""
         summary = NOTHING_DONE
         async with self._lock:
-            while self._pending:
-                batch, self._pending, self._oldest = self._pending, [], None
+            while self.pending:
+                batch = list(self.pending)
+                self.pending.clear()
+                self._oldest = None
                 done, events = await asyncio.to_thread(self._tracker._commit_many, batch)
                 summary += done
                 for event in events:
@@ -112,45 +128,32 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
         return match
 
     async def arun_pending(self, *, concurrency: int = 10, max_rounds: int = 1000) -> RunSummary:
-        """Send everything due now, ``concurrency`` claims at a time.
+        """Send everything due now, at most ``concurrency`` ``asend_many`` calls at a time.
 
         Raises:
             Exception: the first exception other than a ``DeliveryError`` that a
-                claim's delivery raised, after every claim of its batch finished.
+                chunk's delivery raised (or a claim's loading), once the rest of its
+                batch is done and recorded.
         """
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        gate = asyncio.Semaphore(concurrency)
-        summary = RunSummary()
-
+        summary = NOTHING_DONE
         for _ in range(max_rounds):
             claims = await asyncio.to_thread(self._claim)
             if not claims:
                 break
-            results = await asyncio.to_thread(self._load_all, claims)
+            loaded = await asyncio.to_thread(self._load_all, claims)
+            works = [work for work in loaded if isinstance(work, Work)]
             commits = _Commits(self)
-
-            async def one(work: Work, commits: _Commits = commits) -> RunSummary:
-                async with gate:
-                    return await self._aprocess(work, commits)
-
-            outcomes: list[RunSummary | BaseException] = []
             try:
-                outcomes = await asyncio.gather(
-                    *(one(r) for r in results if isinstance(r, Work)), return_exceptions=True
-                )
+                summary += await self._arun_batch(works, concurrency, commits)
             finally:
-                # Results in hand are committed (and their events fired) even when the
-                # batch was cancelled.
+                # Results in hand (and work put back) are committed, and their events
+                # fired, even when an error propagates or the run is cancelled.
                 summary += await commits.flush()
-            failure: BaseException | None = None
-            for outcome in [*results, *outcomes]:
+            for outcome in loaded:
                 if isinstance(outcome, BaseException):
-                    failure = failure or outcome
-                elif isinstance(outcome, RunSummary):
-                    summary += outcome
-            if failure is not None:
-                raise failure
+                    raise outcome
         return summary
 
     def _load_all(self, claims: Sequence[Claim]) -> list[Work | BaseException | None]:
@@ -174,47 +177,102 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
                 loaded.append(exc)
         return loaded
 
-    async def _aprocess(self, work: Work, commits: _Commits) -> RunSummary:
-        summary = ONE_MESSAGE
-        groups = self._groups(work)
-        for index, group in enumerate(groups):
-            try:
-                summary += await self._atransaction(work, group, commits)
-            except BaseException:
-                pending = [r.address for g in groups[index:] for r in g.recipients]
-                commits.add(work, self._put_back(work.record, pending, self.clock()))
-                raise
-        return summary
-
     def _put_back_claim(self, claim: Claim) -> None:
         record = self.store.get(claim.tracking_id)
         if record is not None:
             changes = self._put_back(record, claim.addresses, self.clock())
             self.store.apply(claim.tracking_id, changes, worker=claim.worker)
 
-    async def _atransaction(self, work: Work, group: Group, commits: _Commits) -> RunSummary:
-        now = self.clock()
-        wait = self.shaper.acquire(group.key, now)
-        if wait is not None:
-            addresses = [r.address for r in group.recipients]
-            commits.add(work, self._put_back(work.record, addresses, wait))
-            return RunSummary(postponed=len(addresses))
-        refused: bool | None = None
+    async def _arun_batch(
+        self, works: Sequence[Work], concurrency: int, commits: _Commits
+    ) -> RunSummary:
+        """Deliver a claimed batch in chunks, up to ``concurrency`` of them at once.
+
+        Chunks are taken as the sync runner takes them (per-domain slots, pacing, at
+        most ``commit_batch`` transactions awaiting their commit or in flight). For a
+        transport that keeps the base class's ``asend_many`` (one message at a time),
+        each chunk is at most an even share of ``commit_batch`` among ``concurrency``
+        chunks, so that ``concurrency`` messages are still in flight at once.
+        """
+        summary = RunSummary(messages=len(works)) if works else NOTHING_DONE
+        queue = deque((work, group) for work in works for group in self._groups(work))
+        share = self.commit_batch
+        if type(self.transport).asend_many is AsyncTransport.asend_many:
+            # The base asend_many sends one message at a time: smaller chunks, so that
+            # ``concurrency`` of them are in flight. (A transport with its own, such as
+            # the SMTP pool, spreads and pipelines a chunk itself.)
+            share = max(1, self.commit_batch // concurrency)
+        running: dict[asyncio.Task[None], int] = {}  # each chunk, and its transactions
+        failure: BaseException | None = None
         try:
-            envelope = self._envelope(work.record, group)
-            try:
-                result = await self._transport_for(work).adeliver(work.message, envelope)
-            except DeliveryError as error:
-                outcome = self._from_error(work, group, error, self.clock())
-            else:
-                outcome = self._from_result(work, group, result, self.clock())
-            refused = outcome.refused
+            while True:
+                while queue and failure is None and len(running) < concurrency:
+                    room = self.commit_batch - len(commits.pending) - sum(running.values())
+                    if room < 1:
+                        break
+                    chunk, postponed = self._take_chunk(queue, commits.pending, min(room, share))
+                    if postponed:
+                        summary += RunSummary(postponed=postponed)
+                    if chunk:
+                        task = asyncio.create_task(self._asend_chunk(chunk, commits))
+                        running[task] = len(chunk)
+                if not running:
+                    if not queue or failure is not None:
+                        break
+                    # Nothing in flight and no room: commit what is held, then go on.
+                    summary += await commits.flush()
+                    continue
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    del running[task]
+                    error = task.exception()
+                    if error is not None and failure is None:
+                        failure = error
+                        # Nothing more is sent: what is still queued goes back, due now.
+                        when = self.clock()
+                        for work, group in queue:
+                            addresses = [r.address for r in group.recipients]
+                            commits.add([(work, self._put_back(work.record, addresses, when))])
+                        queue.clear()
+                summary += await commits.maybe_flush()
         finally:
-            self.shaper.release(group.key, self.clock(), refused=refused)
-        # The failure DSNs this calls for are queued in the same commit (see
-        # mailrelay.tracker.core); a later claim of this run sends them.
-        commits.add(work, outcome.changes)
-        return await commits.maybe_flush()
+            if running:  # cancelled: the chunks in flight put back what they hold
+                for task in running:
+                    task.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
+        if failure is not None:
+            raise failure
+        return summary
+
+    async def _asend_chunk(self, chunk: list[tuple[Work, Group]], commits: _Commits) -> None:
+        """Send a chunk with one ``asend_many`` call; its decisions go to ``commits``.
+
+        Anything but a :class:`DeliveryError` (which ``asend_many`` turns into that
+        message's result) puts back every transaction of the chunk without a decision,
+        then propagates, as in the sync runner.
+        """
+        decided = 0
+        verdicts: dict[str, bool | None] = {group.key: None for _work, group in chunk}
+        started = self.clock()
+        transport = self._transport_for(chunk[0][0])
+        try:
+            results = await transport.asend_many(
+                [(work.message, self._envelope(work.record, group)) for work, group in chunk]
+            )
+            decisions = self._decide_chunk(transport, chunk, results, started, verdicts)
+            commits.add(decisions)
+            decided = len(decisions)
+        except BaseException:
+            when = self.clock()
+            commits.add(
+                (work, self._put_back(work.record, [r.address for r in group.recipients], when))
+                for work, group in chunk[decided:]
+            )
+            raise
+        finally:
+            released = self.clock()
+            for key, verdict in verdicts.items():
+                self.shaper.release(key, released, refused=verdict)
 
     async def arun_forever(
         self,
@@ -232,7 +290,7 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
                 attempt in progress always finishes and is recorded.
             sleep: ``await sleep(seconds)``; tests pass one that advances a fake clock.
             idle: the longest sleep.
-            concurrency: claims delivered at once.
+            concurrency: ``asend_many`` calls (chunks) in flight at once.
             max_loops: stop after this many loops (``None``: only ``stop`` ends it).
         """
         stop = stop or asyncio.Event()

@@ -38,6 +38,7 @@ import platform
 import random as _random
 import secrets
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
@@ -258,6 +259,8 @@ class TrackerCore(Generic[T]):
     """
 
     _async_callbacks = False
+    # Seconds per transaction of the last chunk sent, by ``clock`` (None: nothing sent yet).
+    _pace: float | None = None
 
     def __init__(
         self,
@@ -503,6 +506,106 @@ class TrackerCore(Generic[T]):
         record: MessageRecord, addresses: Iterable[Address], when: dt.datetime
     ) -> list[Change]:
         return put_back(record, addresses, when)
+
+    def _chunk_limit(self, room: int) -> int:
+        """How many transactions the next ``send_many`` (``asend_many``) call may carry.
+
+        At most ``room`` (``commit_batch`` less the results awaiting their commit), and
+        no more than take ``commit_interval`` at the pace of the last chunk: a slow
+        server then gets small chunks, so its results are not held back. The first
+        chunk a tracker sends, with no pace known yet, is a single transaction.
+        """
+        pace = self._pace
+        if pace is None:
+            return 1
+        if pace <= 0:
+            return room
+        return max(1, min(room, int(self.commit_interval.total_seconds() / pace)))
+
+    def _take_chunk(
+        self,
+        queue: deque[tuple[Work, Group]],
+        pending: list[tuple[Work, Sequence[Change]]],
+        room: int,
+    ) -> tuple[list[tuple[Work, Group]], int]:
+        """Take the next transactions to send together, with a shaper slot per domain.
+
+        Returns the chunk and how many recipients were put off.
+
+        A chunk takes one slot per domain (:meth:`DomainShaper.acquire`): one
+        ``send_many`` call is one delivery to each of its domains, released once with
+        what the domain said last (see :meth:`_send_chunk`), so a chunk refused whole
+        backs its domain off once, not once per message. A transaction the shaper holds
+        off is put back (into ``pending``) instead. A domain with a concurrency or rate
+        limit (:meth:`DomainShaper.paces`) ends the chunk at its transaction, so that
+        its limits count transactions one at a time. A chunk goes to one transport, so
+        it ends where generated DSNs and the application's messages meet.
+        """
+        limit = self._chunk_limit(max(1, room))
+        chunk: list[tuple[Work, Group]] = []
+        held: set[str] = set()  # the domains this chunk holds a slot for
+        postponed = 0
+        now = self.clock()
+        while queue and len(chunk) < limit:
+            if chunk and queue[0][0].record.notification != chunk[0][0].record.notification:
+                break
+            work, group = queue.popleft()
+            if group.key in held:
+                # A domain already in this chunk does not pace (the chunk would have ended
+                # at its first transaction), so it needs no second look at the shaper.
+                chunk.append((work, group))
+                continue
+            wait = self.shaper.acquire(group.key, now)
+            if wait is not None:
+                addresses = [r.address for r in group.recipients]
+                pending.append((work, self._put_back(work.record, addresses, wait)))
+                postponed += len(addresses)
+                continue
+            held.add(group.key)
+            chunk.append((work, group))
+            if self.shaper.paces(group.key):
+                break
+        return chunk, postponed
+
+    def _decide_chunk(
+        self,
+        transport: object,
+        chunk: Sequence[tuple[Work, Group]],
+        results: Sequence[DeliveryResult],
+        started: dt.datetime,
+        verdicts: dict[str, bool | None],
+    ) -> list[tuple[Work, Sequence[Change]]]:
+        """Each transaction's decision from a chunk's results (in order), noting in
+        ``verdicts`` what each domain said last and the pace of the chunk.
+
+        Raises:
+            RuntimeError: the transport returned a result count other than the chunk's.
+        """
+        now = self.clock()
+        if len(results) != len(chunk):
+            raise RuntimeError(
+                f"{type(transport).__name__}.send_many returned {len(results)}"
+                f" results for {len(chunk)} messages"
+            )
+        attempts: AttemptMemo = {}
+        retry, random = self.retry, self.random
+        decisions: list[tuple[Work, Sequence[Change]]] = []
+        for (work, group), result in zip(chunk, results, strict=True):
+            # from_result directly, not _from_result: this runs for every message sent.
+            outcome = from_result(
+                work.record,
+                group.recipients,
+                result,
+                now=now,
+                retry=retry,
+                random=random,
+                attempts=attempts,
+            )
+            decisions.append((work, outcome.changes))
+            if outcome.refused is not None:
+                verdicts[group.key] = outcome.refused
+        self._pace = (now - started).total_seconds() / len(chunk)
+        return decisions
 
     def _from_result(
         self,
