@@ -33,16 +33,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
+from mailrelay.address import Address
 from mailrelay.envelope import Envelope
 from mailrelay.message import Message
 from mailrelay.tracker.core import NOTHING_DONE, Group, RunSummary, TrackerCore, Work
 from mailrelay.tracker.notifications import DSNMatch
-from mailrelay.tracker.store import Change, Claim
-from mailrelay.transport.base import AsyncTransport
+from mailrelay.tracker.store import Change, Claim, MessageRecord, State
+from mailrelay.transport.base import AsyncTransport, BatchItem
 
 __all__ = ["AsyncDeliveryTracker"]
 
@@ -116,6 +118,42 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
     async def asubmit(self, message: Message, envelope: Envelope | None = None) -> str:
         """:meth:`submit`, with the store's commit in a worker thread."""
         return await asyncio.to_thread(self.submit, message, envelope)
+
+    async def asubmit_many(self, items: Iterable[BatchItem]) -> list[str]:
+        """:meth:`submit_many` (one durable commit for them all), in a worker thread."""
+        return await asyncio.to_thread(self.submit_many, list(items))
+
+    async def astatus(self, tracking_id: str) -> MessageRecord:
+        """:meth:`status`, with the store's read in a worker thread.
+
+        Raises:
+            KeyError: no message with this id.
+        """
+        return await asyncio.to_thread(self.status, tracking_id)
+
+    async def acancel(self, tracking_id: str) -> tuple[Address, ...]:
+        """:meth:`cancel`, with the store's commit in a worker thread.
+
+        Raises:
+            KeyError: no message with this id.
+        """
+        return await asyncio.to_thread(self.cancel, tracking_id)
+
+    async def afind(
+        self,
+        *,
+        state: State | None = None,
+        older_than: dt.timedelta | None = None,
+        limit: int | None = None,
+    ) -> list[MessageRecord]:
+        """:meth:`find`, with the store's query in a worker thread."""
+        return await asyncio.to_thread(
+            functools.partial(self.find, state=state, older_than=older_than, limit=limit)
+        )
+
+    async def anext_due(self) -> dt.datetime | None:
+        """:meth:`next_due`, with the store's query in a worker thread."""
+        return await asyncio.to_thread(self.next_due)
 
     async def aingest_dsn(self, raw: bytes) -> DSNMatch:
         """Read a returned report and fold it into its tracked message.

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from mailrelay.address import Address
 from mailrelay.envelope import Envelope
 from mailrelay.errors import ConnectError
 from mailrelay.message import Message
@@ -457,3 +459,48 @@ def test_an_unexpected_error_in_one_chunk_puts_back_it_and_the_queue(store: Stor
         assert transport.calls == [1, 7]
         assert len(delivered) == 1
         assert sorted(delivered + queued) == list(range(8))
+
+
+class ThreadRecordingStore(MemoryStore):
+    """A MemoryStore that records which threads called it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in {"add_many", "get", "apply", "apply_many", "find", "next_due"}:
+            object.__getattribute__(self, "threads").add(threading.get_ident())
+        return object.__getattribute__(self, name)
+
+
+def test_the_async_queries_and_changes_run_off_the_event_loop() -> None:
+    store = ThreadRecordingStore()
+    clock = FakeClock()
+    tracker = make(MemoryTransport(), store, clock)
+
+    async def scenario() -> int:
+        loop_thread = threading.get_ident()
+        first, second = await tracker.asubmit_many(
+            [
+                message(("a@example.org",)),
+                (message(("b@example.org",)), Envelope("s@x.example", ["c@example.org"])),
+            ]
+        )
+        assert [str(r.address) for r in (await tracker.astatus(second)).recipients] == [
+            "c@example.org"
+        ]
+        assert await tracker.anext_due() == T0
+        assert await tracker.acancel(first) == (Address.parse("a@example.org"),)
+        clock.advance(60)
+        found = await tracker.afind(state=State.CANCELLED, older_than=dt.timedelta(seconds=30))
+        assert [record.id for record in found] == [first]
+        with pytest.raises(KeyError):
+            await tracker.astatus("no-such-id")
+        with pytest.raises(KeyError):
+            await tracker.acancel("no-such-id")
+        return loop_thread
+
+    loop_thread = run(scenario())
+    assert store.threads
+    assert loop_thread not in store.threads
