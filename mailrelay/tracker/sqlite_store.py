@@ -41,6 +41,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import operator
 import os
 import sqlite3
 import threading
@@ -155,6 +156,11 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _SENDING = State.SENDING.value
+# The due states' stored texts: a member's ``_value_`` and a set of str cost less than
+# hashing the member (Enum.__hash__ is Python code), and a worker's results are checked
+# one by one.
+_DUE_TEXTS = frozenset(state.value for state in DUE_STATES)
+_address_of = operator.attrgetter("address")
 # Each state's stored text: a dict lookup costs less than the ``value`` property, and rows
 # are written for every recipient submitted and every result.
 _STATE_TEXT = {state: state.value for state in State}
@@ -561,9 +567,11 @@ class SQLiteStore:
             rows = leased.get(tracking_id)
             if rows is None:
                 continue
-            if len(rows) > 1:
+            if len(rows) == 1:
+                addresses: tuple[Address, ...] = (cached_address(rows[0][1]),)
+            else:
                 rows.sort()  # envelope order (RETURNING gives no order)
-            addresses = tuple([cached_address(row[1]) for row in rows])
+                addresses = tuple([cached_address(row[1]) for row in rows])
             claimed[tracking_id] = (addresses, rows)
             fresh = tracking_id not in touched
             claims.append(new_claim(tracking_id, worker, until, addresses, fresh))
@@ -659,19 +667,13 @@ class SQLiteStore:
                     if attempt is not last_attempt:
                         last_attempt, last_values = attempt, _attempt_values(attempt)
                     attempt_rows.append((tracking_id, position, seq, *last_values))
-                new = change.state
-                if new in DUE_STATES:
+                state = change.state._value_
+                if state in _DUE_TEXTS:
                     due_rows.append(
-                        (
-                            _STATE_TEXT[new],
-                            _micros(change.next_attempt_at),
-                            tracking_id,
-                            position,
-                            worker,
-                        )
+                        (state, _micros(change.next_attempt_at), tracking_id, position, worker)
                     )
                 else:
-                    done_rows.append((_STATE_TEXT[new], tracking_id, position, worker))
+                    done_rows.append((state, tracking_id, position, worker))
         return due_rows, done_rows, attempt_rows
 
     def _apply_fast(
@@ -705,7 +707,7 @@ class SQLiteStore:
                 tx.executemany(_INSERT_ATTEMPT, attempt_rows)
             except sqlite3.IntegrityError:
                 raise _NotFast from None
-        return [tuple([change.address for change in changes]) for _, changes in batch]
+        return [tuple(map(_address_of, changes)) for _, changes in batch]
 
     def _apply_batch(
         self,
