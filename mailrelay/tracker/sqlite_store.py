@@ -161,6 +161,7 @@ _SENDING = State.SENDING.value
 # one by one.
 _DUE_TEXTS = frozenset(state.value for state in DUE_STATES)
 _address_of = operator.attrgetter("address")
+_first = operator.itemgetter(0)
 # Each state's stored text: a dict lookup costs less than the ``value`` property, and rows
 # are written for every recipient submitted and every result.
 _STATE_TEXT = {state: state.value for state in State}
@@ -242,13 +243,14 @@ class SQLiteStore:
         self._synchronous = synchronous.upper()
         self._work_synchronous = work_synchronous.upper()
         self._local = threading.local()
-        # Per claimed message, its claimed addresses and their (position, address text,
-        # attempt count) rows, from this store's own claims: what apply_many's fast path
-        # needs to write a worker's results without reading the recipients first (see
-        # _apply_fast). A recipient's position never changes; its attempt count only
-        # grows, and a count grown since the claim makes the fast path's insert collide
-        # with the attempt stored meanwhile (primary key), never skip a number.
-        self._claimed: dict[str, tuple[tuple[Address, ...], list[tuple[int, str, int]]]] = {}
+        # Per claimed message, its claimed addresses and their rows (message, position,
+        # address text, confirmed, attempt count), from this store's own claims: what
+        # apply_many's fast path needs to write a worker's results without reading the
+        # recipients first (see _apply_fast). A recipient's position never changes; its
+        # attempt count only grows, and a count grown since the claim makes the fast
+        # path's insert collide with the attempt stored meanwhile (primary key), never
+        # skip a number.
+        self._claimed: dict[str, tuple[tuple[Address, ...], Sequence[tuple[Any, ...]]]] = {}
         self._claimed_lock = threading.Lock()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
@@ -541,40 +543,52 @@ class SQLiteStore:
         if limit < 1:
             return []
         args: dict[str, Any] = {"now": to_micros(now)}
-        leased: dict[str, list[tuple[int, str, int]]] = {}
-        touched: set[str] = set()  # messages with a claimed recipient that has a history
+        order: dict[str, None] = {}  # an ordered set
+        rows: list[tuple[Any, ...]] = []
         with self._write(work=True) as tx:
-            order: dict[str, None] = {}  # an ordered set
             cursor = tx.execute(_DUE_IN_ORDER, args)
             try:
-                for message, _due in cursor:
-                    order[message] = None
-                    if len(order) >= limit:
+                # Each row adds at most one message: fetching as many rows as messages
+                # are missing never reads past the batch.
+                need = limit
+                while True:
+                    due = cursor.fetchmany(need)
+                    order.update(dict.fromkeys(map(_first, due)))
+                    if len(due) < need or len(order) >= limit:
                         break
+                    need = limit - len(order)
             finally:
                 cursor.close()
             if order:
                 args.update(ids=json.dumps(list(order)), worker=worker, until=to_micros(until))
-                for message, position, address, confirmed, seq in tx.execute(
-                    _LEASE_DUE, args
-                ).fetchall():
-                    leased.setdefault(message, []).append((position, address, seq))
-                    if confirmed or seq:
-                        touched.add(message)
+                rows = tx.execute(_LEASE_DUE, args).fetchall()
+        # Each row: message, position, address, confirmed, attempt count.
         claims = []
-        claimed = {}
-        for tracking_id in order:
-            rows = leased.get(tracking_id)
-            if rows is None:
-                continue
-            if len(rows) == 1:
-                addresses: tuple[Address, ...] = (cached_address(rows[0][1]),)
-            else:
-                rows.sort()  # envelope order (RETURNING gives no order)
-                addresses = tuple([cached_address(row[1]) for row in rows])
-            claimed[tracking_id] = (addresses, rows)
-            fresh = tracking_id not in touched
-            claims.append(new_claim(tracking_id, worker, until, addresses, fresh))
+        claimed: dict[str, tuple[tuple[Address, ...], Sequence[tuple[Any, ...]]]] = {}
+        by_id = dict(zip(map(_first, rows), rows, strict=True))
+        if len(by_id) == len(rows):
+            # One recipient per message (the common case): no grouping, no sorting.
+            for tracking_id in order:
+                row = by_id.get(tracking_id)
+                if row is None:
+                    continue
+                addresses: tuple[Address, ...] = (cached_address(row[2]),)
+                claimed[tracking_id] = (addresses, (row,))
+                fresh = not (row[3] or row[4])
+                claims.append(new_claim(tracking_id, worker, until, addresses, fresh))
+        else:
+            grouped: dict[str, list[tuple[Any, ...]]] = {}
+            for row in rows:
+                grouped.setdefault(row[0], []).append(row)
+            for tracking_id in order:
+                group = grouped.get(tracking_id)
+                if group is None:
+                    continue
+                group.sort()  # envelope order (RETURNING gives no order)
+                addresses = tuple([cached_address(row[2]) for row in group])
+                claimed[tracking_id] = (addresses, group)
+                fresh = not any(row[3] or row[4] for row in group)
+                claims.append(new_claim(tracking_id, worker, until, addresses, fresh))
         if claimed:
             with self._claimed_lock:
                 if len(self._claimed) + len(claimed) > _CLAIMED_LIMIT:
@@ -657,7 +671,7 @@ class SQLiteStore:
                 try:
                     # By identity first (the claim's addresses are the ones the worker
                     # holds), else by equality, which implies the same address text.
-                    position, _, seq = rows[addresses.index(change.address)]
+                    _, position, _, _, seq = rows[addresses.index(change.address)]
                 except ValueError:
                     return None
                 if change.confirmed is not None:
