@@ -361,7 +361,8 @@ def queued_record(
     attrs' __init__ (see above): the one conversion there is, of ``created_at`` to UTC,
     is made once for the record and its recipients.
     """
-    created_at = _utc(created_at)
+    if created_at.tzinfo is not dt.UTC:
+        created_at = _utc(created_at)
     recipients = []
     for address in addresses:
         recipient: RecipientRecord = new_instance(RecipientRecord)
@@ -421,7 +422,7 @@ def new_claim(
     claim: Claim = new_instance(Claim)
     _set_l_id(claim, tracking_id)
     _set_l_worker(claim, worker)
-    _set_l_until(claim, _utc(lease_until))
+    _set_l_until(claim, lease_until if lease_until.tzinfo is dt.UTC else _utc(lease_until))
     _set_l_addresses(claim, addresses)
     _set_l_fresh(claim, fresh)
     return claim
@@ -588,14 +589,23 @@ def envelope_to_json(envelope: Envelope) -> str:
     the encoding itself. (One f-string per object, and no call for an absent NOTIFY, for
     the same reason.)
     """
-    recipients = ",".join(
-        [
+    if len(envelope.recipients) == 1:
+        # The common case, without the comprehension's call and the join.
+        (r,) = envelope.recipients
+        recipients = (
             f'{{"address":{_json_str(str(r.address))},"notify":'
             f'{"null" if r.notify is None else _json_notify(r.notify)},"orcpt":'
             f"{'null' if r.orcpt is None else _json_str(str(r.orcpt))}}}"
-            for r in envelope.recipients
-        ]
-    )
+        )
+    else:
+        recipients = ",".join(
+            [
+                f'{{"address":{_json_str(str(r.address))},"notify":'
+                f'{"null" if r.notify is None else _json_notify(r.notify)},"orcpt":'
+                f"{'null' if r.orcpt is None else _json_str(str(r.orcpt))}}}"
+                for r in envelope.recipients
+            ]
+        )
     envid, notify, ret, sender = envelope.envid, envelope.notify, envelope.ret, envelope.sender
     return (
         f'{{"envid":{"null" if envid is None else _json_str(envid)},'

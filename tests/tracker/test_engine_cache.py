@@ -62,6 +62,22 @@ def test_built_messages_are_held_in_memory_and_file_messages_are_not(tmp_path: P
     assert not held_in_memory(Message.from_file(path))
 
 
+def test_put_many_keeps_exactly_the_messages_held_in_memory(tmp_path: Path) -> None:
+    # put_many writes held_in_memory's test out; it must keep the same messages.
+    path = tmp_path / "m.eml"
+    path.write_bytes(message().as_bytes())
+    messages = {
+        "built": message(),
+        "file": Message.from_file(path),
+        "bytes": Message.from_bytes(message(1).as_bytes()),
+    }
+    cache = MessageCache(1 << 20)
+    cache.put_many([(m, record(name)) for name, m in messages.items()])
+    kept = {name for name in messages if cache.take(name) is not None}
+    assert kept == {name for name, m in messages.items() if held_in_memory(m)}
+    assert kept == {"built", "bytes"}
+
+
 def test_cache_takes_each_message_once() -> None:
     cache = MessageCache(1 << 20)
     first = message()
