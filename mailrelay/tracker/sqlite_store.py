@@ -150,6 +150,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE messages ADD COLUMN notification INTEGER NOT NULL DEFAULT 0;
     """,
+    # 4 -> 5: the ENVID index holds only the messages that have one (most have none), so
+    # storing a message without one writes no entry. Lookups ask "envid = ?", which
+    # implies "envid IS NOT NULL": SQLite still uses the index for them.
+    """
+    DROP INDEX messages_envid;
+    CREATE INDEX messages_envid ON messages(envid) WHERE envid IS NOT NULL;
+    """,
 )
 
 #: The version this code writes.

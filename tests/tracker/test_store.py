@@ -707,10 +707,53 @@ def test_sqlite_migration_four_marks_existing_messages_as_the_applications(
     raw.close()
     store = SQLiteStore(path)
     try:
-        assert store.schema_version == SCHEMA_VERSION == 4
+        assert store.schema_version == SCHEMA_VERSION
         found = store.get("m1")
         assert found is not None
         assert found.notification is False
+    finally:
+        store.close()
+
+
+def test_sqlite_migration_five_keeps_only_envids_in_their_index(tmp_path: Path) -> None:
+    path = tmp_path / "v4.db"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute("INSERT INTO schema_version VALUES (4)")
+    raw.executescript("".join(MIGRATIONS[:4]))
+    # Written before the migration: one message with an ENVID, one without.
+    for tracking_id, envid in (("m1", "E"), ("m2", None)):
+        record = make_record(tracking_id, envid=envid)
+        raw.execute(
+            "INSERT INTO messages (id, created_at, envelope, message_id, envid, size, content)"
+            " VALUES (?, ?, ?, NULL, ?, 5, ?)",
+            (tracking_id, to_micros(T0), envelope_to_json(record.envelope), envid, b"12345"),
+        )
+    raw.commit()
+    raw.close()
+    store = SQLiteStore(path)
+    try:
+        assert store.schema_version == SCHEMA_VERSION == 5
+        store.add(make_record("m3", envid="E"), [b"12345"])
+        store.add(make_record("m4"), [b"12345"])
+        assert store.lookup(envid="E") == ["m1", "m3"]
+        conn = store._connection()
+        (sql,) = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'messages_envid'"
+        ).fetchone()
+        assert sql.endswith("WHERE envid IS NOT NULL")
+        # The partial index answers for the messages stored before and after, and the
+        # lookups' "envid = ?" (which implies "IS NOT NULL") still reads it.
+        assert conn.execute(
+            "SELECT COUNT(*) FROM messages INDEXED BY messages_envid WHERE envid IS NOT NULL"
+        ).fetchone() == (2,)
+        plan = " ".join(
+            str(row[3])
+            for row in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT id FROM messages WHERE envid = ?", ("E",)
+            )
+        )
+        assert "messages_envid" in plan
     finally:
         store.close()
 
