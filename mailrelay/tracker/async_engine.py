@@ -297,7 +297,9 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
             results = await transport.asend_many(
                 [(work.message, self._envelope(work.record, group)) for work, group in chunk]
             )
-            decisions = self._decide_chunk(transport, chunk, results, started, verdicts)
+            decisions = self._decide_chunk(
+                f"{type(transport).__name__}.asend_many", chunk, results, started, verdicts
+            )
             commits.add(decisions)
             decided = len(decisions)
         except BaseException:

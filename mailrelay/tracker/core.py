@@ -569,14 +569,15 @@ class TrackerCore(Generic[T]):
 
     def _decide_chunk(
         self,
-        transport: object,
+        sent_by: str,
         chunk: Sequence[tuple[Work, Group]],
         results: Sequence[DeliveryResult],
         started: dt.datetime,
         verdicts: dict[str, bool | None],
     ) -> list[tuple[Work, Sequence[Change]]]:
         """Each transaction's decision from a chunk's results (in order), noting in
-        ``verdicts`` what each domain said last and the pace of the chunk.
+        ``verdicts`` what each domain said last and the pace of the chunk. ``sent_by``
+        names the call that returned the results, for the error.
 
         Raises:
             RuntimeError: the transport returned a result count other than the chunk's.
@@ -584,8 +585,7 @@ class TrackerCore(Generic[T]):
         now = self.clock()
         if len(results) != len(chunk):
             raise RuntimeError(
-                f"{type(transport).__name__}.send_many returned {len(results)}"
-                f" results for {len(chunk)} messages"
+                f"{sent_by} returned {len(results)} results for {len(chunk)} messages"
             )
         attempts: AttemptMemo = {}
         retry, random = self.retry, self.random

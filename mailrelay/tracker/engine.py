@@ -248,7 +248,9 @@ class DeliveryTracker(TrackerCore[Transport]):
             results = transport.send_many(
                 [(work.message, self._envelope(work.record, group)) for work, group in chunk]
             )
-            decisions = self._decide_chunk(transport, chunk, results, started, verdicts)
+            decisions = self._decide_chunk(
+                f"{type(transport).__name__}.send_many", chunk, results, started, verdicts
+            )
             pending.extend(decisions)
             decided = len(decisions)
         except BaseException:

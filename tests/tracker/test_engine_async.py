@@ -504,3 +504,29 @@ def test_the_async_queries_and_changes_run_off_the_event_loop() -> None:
     loop_thread = run(scenario())
     assert store.threads
     assert loop_thread not in store.threads
+
+
+class ShortChangingAsync(MemoryTransport):
+    """A transport whose ``asend_many`` breaks the contract: one result too few."""
+
+    async def asend_many(self, items: Any) -> Any:
+        return (await super().asend_many(items))[:-1]
+
+
+def test_asend_many_with_too_few_results_puts_the_chunk_back(store: Store) -> None:
+    tracker = make(ShortChangingAsync(), store, FakeClock())
+
+    async def scenario() -> list[str]:
+        ids = await tracker.asubmit_many([message((f"r{i}@example.org",)) for i in range(3)])
+        with pytest.raises(RuntimeError, match=r"ShortChangingAsync\.asend_many returned 0"):
+            await tracker.arun_pending()
+        return ids
+
+    # Nothing recorded, nothing lost: every recipient is due again, with no attempt.
+    for tracking_id in run(scenario()):
+        (recipient,) = tracker.status(tracking_id).recipients
+        assert (recipient.state, recipient.attempts, recipient.lease_owner) == (
+            State.QUEUED,
+            (),
+            None,
+        )
