@@ -9,6 +9,7 @@ and compare what each returns and every stored row, attempts included.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sqlite3
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
+from mailrelay.tracker import sqlite_store
 from mailrelay.tracker.sqlite_store import SQLiteStore
 from mailrelay.tracker.store import (
     Attempt,
@@ -241,6 +243,27 @@ def test_changes_the_fast_path_does_not_take(pair: tuple[CountingStore, SlowStor
     assert pair[0].slow == 4
 
 
+def test_claims_past_the_limit_are_forgotten_and_take_the_slow_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "_CLAIMED_LIMIT", 2)
+    fast, slow = CountingStore(tmp_path / "fast.db"), SlowStore(tmp_path / "slow.db")
+    try:
+        for store in (fast, slow):
+            store.add_many([(make_record(f"m{i}", ADDRESSES[:1]), [b"12345"]) for i in range(3)])
+        pair = (fast, slow)
+        both(pair, "claim", worker="w", now=T0, lease=LEASE, limit=2)
+        # A third remembered claim would pass the limit: the first two are forgotten.
+        both(pair, "claim", worker="w", now=T0, lease=LEASE, limit=1)
+        assert list(fast._claimed) == ["m2"]
+        for tracking_id in ("m0", "m1", "m2"):
+            both(pair, "apply", tracking_id, [delivered(ADDRESSES[0])], worker="w")
+        assert (fast.fast, fast.slow) == (1, 2)
+    finally:
+        fast.close()
+        slow.close()
+
+
 _CHANGES = st.lists(
     st.tuples(
         st.sampled_from(["m0", "m1", "m2", "m5", "nope"]),
@@ -361,3 +384,17 @@ def test_fast_and_slow_paths_agree(ops: list[tuple[Any, ...]]) -> None:
         finally:
             for store in stores:
                 store.close()
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.text(),
+            st.text(alphabet='0123456789abcdef", \\\x7f\né'),
+            st.from_regex(r"[0-9a-f]{32}", fullmatch=True),
+        ),
+        max_size=5,
+    )
+)
+def test_the_ids_json_is_json_dumps_own(ids: list[str]) -> None:
+    assert sqlite_store._json_ids(ids) == json.dumps(ids)
