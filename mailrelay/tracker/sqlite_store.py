@@ -24,9 +24,11 @@ Rules of this module:
 * A worker's results (``apply_many`` with a ``worker``) for recipients that this
   store's own ``claim`` leased are written without reading the recipients first: a
   worker's change applies exactly when the recipient is SENDING under its lease, which
-  the UPDATE states in its WHERE; when its row counts show a change that did not apply,
-  the transaction is rolled back and the batch takes the general path, which reads the
-  rows and applies the rules in Python. Either way the results are the rules' own.
+  the UPDATE states in its WHERE. Each attempt is appended with the number its claim
+  counted (the primary key refuses it if an attempt was stored since). When a row count
+  shows a change that did not apply, or the key refuses an attempt, the transaction is
+  rolled back and the batch takes the general path, which reads the rows and applies
+  the rules in Python. Either way the results are the rules' own.
 * Each thread gets its own connection (sqlite3 connections are not meant to be
   shared between threads); several processes may open the same file.
 * The schema carries a version (table ``schema_version``). Opening a database

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,49 @@ def test_claims_past_the_limit_are_forgotten_and_take_the_slow_path(
     finally:
         fast.close()
         slow.close()
+
+
+def test_workers_on_threads_share_one_store(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / "t.db")
+    try:
+        store.add_many([(make_record(f"m{i:02}"), [b"12345"]) for i in range(40)])
+        errors: list[BaseException] = []
+
+        def work(worker: str) -> None:
+            try:
+                for _ in range(50):  # bounded; 40 messages in batches of 3 need fewer
+                    claims = store.claim(worker=worker, now=T0, lease=LEASE, limit=3)
+                    if not claims:
+                        return
+                    store.apply_many(
+                        [
+                            (
+                                claim.tracking_id,
+                                [delivered(str(a), text=worker) for a in claim.addresses],
+                            )
+                            for claim in claims
+                        ],
+                        worker=worker,
+                    )
+            except BaseException as exc:  # reported below, on the test's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not errors
+        assert not any(thread.is_alive() for thread in threads)
+        recipients, attempts = rows(store)
+        assert len(recipients) == 80
+        assert {r[3] for r in recipients} == {"delivered"}
+        # One attempt each (seq 0), all written by the fast path.
+        assert len(attempts) == 80
+        assert {a[2] for a in attempts} == {0}
+        assert store.slow == 0
+    finally:
+        store.close()
 
 
 _CHANGES = st.lists(
