@@ -630,7 +630,12 @@ class Message:
         if size < 2:
             raise ValueError("chunk size must be at least 2")
         if self._path is None:
-            return _wire.slices(self._wire, size)
+            wire = self._wire
+            if wire and len(wire) <= size:
+                # What _wire.slices yields then (the one bytes object), without a generator:
+                # the common case, once for every message sent or stored.
+                return iter((wire,))
+            return _wire.slices(wire, size)
         return self._file_chunks(size)
 
     def as_bytes(self) -> bytes:
