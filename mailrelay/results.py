@@ -39,6 +39,13 @@ class Outcome(enum.Enum):
         return cls.TRANSIENT
 
 
+# The members as globals for the checks every result gets: in CPython 3.11 reading
+# ``Outcome.X`` costs about 100 ns (EnumType defines __getattr__), a global a few.
+_ACCEPTED = Outcome.ACCEPTED
+_TRANSIENT = Outcome.TRANSIENT
+_PERMANENT = Outcome.PERMANENT
+
+
 @attrs.frozen(kw_only=True)
 class RecipientResult:
     """The outcome for one envelope recipient.
@@ -61,7 +68,7 @@ class RecipientResult:
     @property
     def accepted(self) -> bool:
         """True when the outcome is :attr:`Outcome.ACCEPTED`."""
-        return self.outcome is Outcome.ACCEPTED
+        return self.outcome is _ACCEPTED
 
 
 def _to_tuple(value: Iterable[RecipientResult]) -> tuple[RecipientResult, ...]:
@@ -85,17 +92,17 @@ class DeliveryResult:
     @property
     def accepted(self) -> tuple[RecipientResult, ...]:
         """The recipients the server accepted."""
-        return tuple(r for r in self.recipients if r.outcome is Outcome.ACCEPTED)
+        return tuple(r for r in self.recipients if r.outcome is _ACCEPTED)
 
     @property
     def deferred(self) -> tuple[RecipientResult, ...]:
         """The recipients refused for now (worth retrying)."""
-        return tuple(r for r in self.recipients if r.outcome is Outcome.TRANSIENT)
+        return tuple(r for r in self.recipients if r.outcome is _TRANSIENT)
 
     @property
     def rejected(self) -> tuple[RecipientResult, ...]:
         """The recipients refused for good."""
-        return tuple(r for r in self.recipients if r.outcome is Outcome.PERMANENT)
+        return tuple(r for r in self.recipients if r.outcome is _PERMANENT)
 
     @property
     def ok(self) -> bool:

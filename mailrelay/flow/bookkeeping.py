@@ -26,8 +26,11 @@ _set_address, _set_outcome, _set_reply, _set_reason, _set_host = slot_setters(
 _set_recipients, _set_message_id, _set_result_host = slot_setters(
     DeliveryResult, ("recipients", "message_id", "host")
 )
-# Outcome.from_reply by the code's first digit; Outcome.TRANSIENT for anything else.
+# Outcome.from_reply by the code's first digit; Outcome.TRANSIENT for anything else. (The
+# default is a global: in CPython 3.11 reading ``Outcome.X`` costs about 100 ns, since
+# EnumType defines __getattr__, and this runs for every recipient.)
 _OUTCOME_BY_CLASS = {2: Outcome.ACCEPTED, 5: Outcome.PERMANENT}
+_TRANSIENT = Outcome.TRANSIENT
 
 
 def _recipient_result(
@@ -77,7 +80,7 @@ class _Transaction:
             self.open -= 1
         final[index] = _recipient_result(
             self.addresses[index],
-            _OUTCOME_BY_CLASS.get(reply.code // 100, Outcome.TRANSIENT),
+            _OUTCOME_BY_CLASS.get(reply.code // 100, _TRANSIENT),
             reply,
             reason,
             self.peer,
@@ -90,7 +93,7 @@ class _Transaction:
         # settle() for each, with what they share looked up once (every message ends here).
         final = self.final
         addresses = self.addresses
-        outcome = _OUTCOME_BY_CLASS.get(reply.code // 100, Outcome.TRANSIENT)
+        outcome = _OUTCOME_BY_CLASS.get(reply.code // 100, _TRANSIENT)
         peer = self.peer
         for index, result in enumerate(final):
             if result is None:
@@ -104,7 +107,7 @@ class _Transaction:
         final = self.final
         if self.open:
             addresses = self.addresses
-            outcome = _OUTCOME_BY_CLASS.get(reply.code // 100, Outcome.TRANSIENT)
+            outcome = _OUTCOME_BY_CLASS.get(reply.code // 100, _TRANSIENT)
             peer = self.peer
             for index, result in enumerate(final):
                 if result is None:
