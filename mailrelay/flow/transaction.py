@@ -24,7 +24,7 @@ from mailrelay.flow.bookkeeping import (
     _SessionClosed,
     _Transaction,
 )
-from mailrelay.flow.core import log
+from mailrelay.flow.core import _NO_EXTENSIONS, log
 from mailrelay.flow.opening import _Opening
 from mailrelay.flow.requests import Step, Write
 from mailrelay.message import Message
@@ -118,7 +118,10 @@ class _Delivery(_Opening):
         """The message's bookkeeping; already final when it cannot be sent here at all (or
         has no recipient)."""
         last = self._last_message
-        ext = self.extensions
+        # self.extensions, without the property call (this runs for every message).
+        ext = self._extensions
+        if ext is None:
+            ext = _NO_EXTENSIONS
         if last is not None and last[0] is message and last[1] is envelope and last[2] is ext:
             # The same pair again (one message, one list, many sends): nothing to re-derive.
             message_id, refusal, addresses = last[3], last[4], last[5]
@@ -172,7 +175,9 @@ class _Delivery(_Opening):
         one list of recipients) reuses them, and so their encoded lines
         (:class:`~mailrelay.protocol.MailFrom` encodes itself once).
         """
-        ext = self.extensions
+        ext = self._extensions  # self.extensions, without the property call (per message)
+        if ext is None:
+            ext = _NO_EXTENSIONS
         smtputf8 = ext.smtputf8 and self._needs_smtputf8(message, envelope)
         body = "8BITMIME" if message.needs_8bitmime else None
         key = (message.size, body, smtputf8)
