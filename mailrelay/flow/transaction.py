@@ -35,6 +35,7 @@ from mailrelay.protocol import (
     DataChunk,
     DotStuffer,
     EndOfData,
+    Extensions,
     MailFrom,
     RcptTo,
 )
@@ -127,7 +128,7 @@ class _Delivery(_Opening):
             message_id, refusal, addresses = last[3], last[4], last[5]
         else:
             message_id = message.message_id
-            refusal = self._precheck(message, envelope)
+            refusal = self._precheck(message, envelope, ext)
             addresses = tuple(r.address for r in envelope.recipients)
             self._last_message = (message, envelope, ext, message_id, refusal, addresses)
         transaction = _Transaction(addresses, self.config.peer, message_id)
@@ -140,9 +141,9 @@ class _Delivery(_Opening):
                 transaction.final[index] = attrs.evolve(result, outcome=Outcome.PERMANENT)
         return transaction
 
-    def _precheck(self, message: Message, envelope: Envelope) -> str | None:
-        """Why the message cannot be sent to this server at all, or None."""
-        ext = self.extensions
+    def _precheck(self, message: Message, envelope: Envelope, ext: Extensions) -> str | None:
+        """Why the message cannot be sent to this server at all (which offered ``ext``),
+        or None."""
         if ext.size and message.size > ext.size:
             # RFC 1870 §6: the message is bigger than the server's fixed limit.
             return (
