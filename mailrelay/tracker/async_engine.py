@@ -267,10 +267,7 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
                     if error is not None and failure is None:
                         failure = error
                         # Nothing more is sent: what is still queued goes back, due now.
-                        when = self.clock()
-                        for work, group in queue:
-                            addresses = [r.address for r in group.recipients]
-                            commits.add([(work, self._put_back(work.record, addresses, when))])
+                        commits.add(self._put_back_groups(queue))
                         queue.clear()
                 summary += await commits.maybe_flush()
         finally:
@@ -294,25 +291,17 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
         started = self.clock()
         transport = self._transport_for(chunk[0][0])
         try:
-            results = await transport.asend_many(
-                [(work.message, self._envelope(work.record, group)) for work, group in chunk]
-            )
+            results = await transport.asend_many(self._chunk_items(chunk))
             decisions = self._decide_chunk(
                 f"{type(transport).__name__}.asend_many", chunk, results, started, verdicts
             )
             commits.add(decisions)
             decided = len(decisions)
         except BaseException:
-            when = self.clock()
-            commits.add(
-                (work, self._put_back(work.record, [r.address for r in group.recipients], when))
-                for work, group in chunk[decided:]
-            )
+            commits.add(self._put_back_groups(chunk[decided:]))
             raise
         finally:
-            released = self.clock()
-            for key, verdict in verdicts.items():
-                self.shaper.release(key, released, refused=verdict)
+            self._release_domains(verdicts)
 
     async def arun_forever(
         self,

@@ -567,6 +567,26 @@ class TrackerCore(Generic[T]):
                 break
         return chunk, postponed
 
+    def _chunk_items(self, chunk: Sequence[tuple[Work, Group]]) -> list[tuple[Message, Envelope]]:
+        """What one ``send_many`` / ``asend_many`` call sends for ``chunk``."""
+        return [(work.message, self._envelope(work.record, group)) for work, group in chunk]
+
+    def _put_back_groups(
+        self, undecided: Iterable[tuple[Work, Group]]
+    ) -> list[tuple[Work, Sequence[Change]]]:
+        """Changes that make every recipient of ``undecided`` due again now (no attempt)."""
+        when = self.clock()
+        return [
+            (work, self._put_back(work.record, [r.address for r in group.recipients], when))
+            for work, group in undecided
+        ]
+
+    def _release_domains(self, verdicts: dict[str, bool | None]) -> None:
+        """Give back a chunk's shaper slots, with what each domain said last."""
+        released = self.clock()
+        for key, verdict in verdicts.items():
+            self.shaper.release(key, released, refused=verdict)
+
     def _decide_chunk(
         self,
         sent_by: str,

@@ -245,25 +245,18 @@ class DeliveryTracker(TrackerCore[Transport]):
         started = self.clock()
         transport = self._transport_for(chunk[0][0])
         try:
-            results = transport.send_many(
-                [(work.message, self._envelope(work.record, group)) for work, group in chunk]
-            )
+            results = transport.send_many(self._chunk_items(chunk))
             decisions = self._decide_chunk(
                 f"{type(transport).__name__}.send_many", chunk, results, started, verdicts
             )
             pending.extend(decisions)
             decided = len(decisions)
         except BaseException:
-            when = self.clock()
-            for work, group in [*chunk[decided:], *queue]:
-                addresses = [r.address for r in group.recipients]
-                pending.append((work, self._put_back(work.record, addresses, when)))
+            pending.extend(self._put_back_groups([*chunk[decided:], *queue]))
             queue.clear()
             raise
         finally:
-            released = self.clock()
-            for key, verdict in verdicts.items():
-                self.shaper.release(key, released, refused=verdict)
+            self._release_domains(verdicts)
 
     def run_forever(
         self,
