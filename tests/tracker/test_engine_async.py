@@ -226,16 +226,23 @@ def test_aclose_closes_everything(tmp_path: Path) -> None:
         store.get("x")
 
 
-def test_per_domain_concurrency_holds_under_concurrent_claims(store: Store) -> None:
+def counting(delay: float) -> tuple[Any, dict[str, int]]:
+    """A handler that accepts after ``delay`` seconds, and its count of deliveries in
+    flight (``now``) and the most at once (``most``)."""
     in_flight = {"now": 0, "most": 0}
 
     async def handler(msg: Message, envelope: Envelope) -> dict[str, Outcome]:
         in_flight["now"] += 1
         in_flight["most"] = max(in_flight["most"], in_flight["now"])
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(delay)
         in_flight["now"] -= 1
         return {}
 
+    return handler, in_flight
+
+
+def test_per_domain_concurrency_holds_under_concurrent_claims(store: Store) -> None:
+    handler, in_flight = counting(0.01)
     clock = FakeClock()
     transport = MemoryTransport(handler)
     tracker = make(
@@ -404,15 +411,7 @@ def test_a_transport_with_its_own_asend_many_gets_whole_chunks(store: Store) -> 
 
 
 def test_the_base_asend_many_gets_shares_so_messages_overlap() -> None:
-    in_flight = {"now": 0, "most": 0}
-
-    async def slow(msg: Message, envelope: Envelope) -> dict[str, Outcome]:
-        in_flight["now"] += 1
-        in_flight["most"] = max(in_flight["most"], in_flight["now"])
-        await asyncio.sleep(0.002)
-        in_flight["now"] -= 1
-        return {}
-
+    slow, in_flight = counting(0.002)
     tracker = make(MemoryTransport(slow), MemoryStore(), FakeClock(), commit_batch=40)
 
     async def scenario() -> RunSummary:
