@@ -145,6 +145,20 @@ _EXPIRED = State.EXPIRED
 AttemptMemo = dict[tuple[object, ...], Attempt]
 
 
+def _about_one_mailbox(reply: Reply | None) -> bool:
+    """Whether a transient refusal concerns the recipient's address or mailbox only, not
+    the server or domain: an enhanced status about addressing or the mailbox (RFC 3463 §3.2,
+    §3.3: X.1.x, X.2.x, such as 4.2.2 mailbox full), or, without one, ``450`` (mailbox
+    unavailable, RFC 5321 §4.2.3). Such a reply defers that recipient and does not back the
+    domain off; no reply (a failed connection, a timeout) is about the server."""
+    if reply is None:
+        return False
+    enhanced = reply.enhanced
+    if enhanced is not None:
+        return enhanced.subject in (1, 2)
+    return reply.code == 450
+
+
 def _matched(
     recipients: Sequence[Recipient], result: DeliveryResult
 ) -> list[RecipientResult | None]:
@@ -227,6 +241,7 @@ def from_result(
     changes = []
     any_accepted = False
     all_transient = True
+    about_the_server = False  # a transient refusal that is not about one mailbox
     saw_421 = False
     for recipient, matched in zip(recipients, _matched(recipients, result), strict=True):
         found = matched
@@ -249,13 +264,14 @@ def from_result(
             all_transient = False
             changes.append(new_change(recipient.address, _BOUNCED, attempt))
         else:
+            about_the_server = about_the_server or not _about_one_mailbox(reply)
             changes.append(
                 _failure_change(
                     record, recipient.address, attempt, reply, now=now, retry=retry, random=random
                 )
             )
     refused: bool | None
-    if saw_421 or (all_transient and changes):
+    if saw_421 or (all_transient and about_the_server):
         refused = True
     elif any_accepted:
         refused = False

@@ -67,7 +67,8 @@ def decide(rec: MessageRecord, res: DeliveryResult, now: dt.datetime = T0) -> tu
         ((Outcome.ACCEPTED, Outcome.ACCEPTED), (State.DELIVERED, State.DELIVERED), False),
         ((Outcome.ACCEPTED, Outcome.PERMANENT), (State.DELIVERED, State.BOUNCED), False),
         ((Outcome.ACCEPTED, Outcome.TRANSIENT), (State.DELIVERED, State.DEFERRED), False),
-        ((Outcome.TRANSIENT, Outcome.TRANSIENT), (State.DEFERRED, State.DEFERRED), True),
+        # "4.2.0 busy" is about the mailboxes: deferred, the domain not backed off.
+        ((Outcome.TRANSIENT, Outcome.TRANSIENT), (State.DEFERRED, State.DEFERRED), None),
         ((Outcome.PERMANENT, Outcome.TRANSIENT), (State.BOUNCED, State.DEFERRED), None),
         ((Outcome.PERMANENT, Outcome.PERMANENT), (State.BOUNCED, State.BOUNCED), None),
         # A recipient the transport skipped is retried, never lost.
@@ -78,6 +79,40 @@ def test_each_recipient_follows_its_own_reply(
     outcomes: tuple[Outcome, ...], states: tuple[State, ...], refused: bool | None
 ) -> None:
     assert decide(record(), result(*outcomes)) == (states, refused)
+
+
+@pytest.mark.parametrize(
+    ("texts", "refused"),
+    [
+        # About one address or mailbox (RFC 3463 X.1.x, X.2.x; a bare 450): not the domain.
+        (("450 4.2.2 mailbox full", "450 4.2.1 mailbox busy"), None),
+        (("450 4.1.1 no such mailbox here yet", "450 4.2.0 try later"), None),
+        (("450 mailbox unavailable", "450 mailbox unavailable"), None),
+        # About the server or the domain (mail system, network, policy, or no detail).
+        (("451 4.3.0 local error in processing", "451 4.3.0 local error"), True),
+        (("452 4.3.1 insufficient system storage", "450 4.2.2 mailbox full"), True),
+        (("450 4.7.1 greylisted, try again later", "450 4.2.2 mailbox full"), True),
+        (("451 local error", "451 local error"), True),
+        (("421 4.7.0 too many connections", "450 4.2.2 mailbox full"), True),
+    ],
+)
+def test_a_transient_refusal_backs_the_domain_off_unless_it_is_about_one_mailbox(
+    texts: tuple[str, str], refused: bool | None
+) -> None:
+    replies = [_reply(text) for text in texts]
+    res = DeliveryResult(
+        recipients=tuple(
+            RecipientResult(address=address, outcome=Outcome.TRANSIENT, reply=reply)
+            for address, reply in zip([A, B], replies, strict=True)
+        ),
+        host="mx:25",
+    )
+    assert decide(record(), res) == ((State.DEFERRED, State.DEFERRED), refused)
+
+
+def _reply(text: str) -> Reply:
+    code, _, rest = text.partition(" ")
+    return Reply.of(int(code), rest)
 
 
 def test_a_421_backs_the_domain_off_even_with_an_acceptance() -> None:
