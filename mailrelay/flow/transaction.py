@@ -345,10 +345,12 @@ class _Delivery(_Opening):
         # ending inside a CRLF (as BDAT relies on too), so the stuffer need not check them.
         stuffer = DotStuffer()
         pieces = [stuffer.chunk(chunk, normalized=True) for chunk in message.chunks()]
-        pieces.append(stuffer.end())
         # Kept without the final ".CRLF" (but with any line end the terminator added), so
-        # that it ends a line and EndOfData() gives the same terminator again.
-        commands = (DataChunk(data=b"".join(pieces)[:-3], stuffed=True), _END_OF_DATA)
+        # that it ends a line and EndOfData() gives the same terminator again. (Cut from
+        # the terminator, not from the joined bytes: one copy of the message, not two.)
+        pieces.append(stuffer.end()[:-3])
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        commands = (DataChunk(data=data, stuffed=True), _END_OF_DATA)
         self._last_data = (message, commands)
         return commands
 
