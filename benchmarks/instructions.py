@@ -13,10 +13,16 @@ message and envelope), and the difference divided by the difference in messages 
 cost of one more message: start-up, imports and connecting cancel out.
 
 Cases: ``SMTPTransport.send_many`` over one connection, and
-``AsyncSMTPTransport.asend_many`` with a pool of four. Figures agree between runs to about
-0.1%; compare a change against its parent in the same sitting (the machine's kernel and
-Python are part of the count). This script prints figures; it asserts nothing but that
-every message was accepted.
+``AsyncSMTPTransport.asend_many`` with a pool of four. With ``--tracker``, also the delivery
+tracker's own work (``tracker_bench.py``'s distinct small messages, a fresh ``SQLiteStore``
+in a temporary directory): ``submit_many`` in batches of 100, and ``run_pending`` over
+already submitted messages through a ``MemoryTransport`` (which answers at once, so the
+figure is the tracker's work plus that transport's small share).
+
+Figures agree between runs to about 0.1% (every child runs with ``PYTHONHASHSEED=0``: with
+random string hashes they move by about 1.5%); compare a change against its parent in the
+same sitting (the machine's kernel and Python are part of the count). This script prints
+figures; it asserts nothing but that every message was accepted or delivered.
 """
 
 from __future__ import annotations
@@ -57,6 +63,43 @@ def child(port: int, mode: str, count: int) -> None:
         bench.mailrelay_async(Sink, items, int(mode))  # type: ignore[arg-type]
 
 
+#: The tracker cases (``--tracker``): name, and the child's mode.
+TRACKER_CASES = (("tracker submit_many(100)", "submit"), ("tracker run_pending", "run"))
+#: Messages made for a tracker child, whatever its count (making them is not measured
+#: apart: the same number is made in both runs of a case).
+_TRACKER_MADE = 3200
+
+
+def tracker_child(mode: str, count: int) -> None:
+    """Submit ``count`` messages, or deliver ``count`` submitted ones (under valgrind)."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import tracker_bench
+
+    from mailrelay.tracker.engine import DeliveryTracker
+    from mailrelay.tracker.sqlite_store import SQLiteStore
+    from mailrelay.transport import MemoryTransport
+
+    messages = tracker_bench.make_messages(_TRACKER_MADE)
+    warm, rest = messages[:100], messages[100:]
+    if count > len(rest):
+        raise SystemExit(f"at most {len(rest)} messages for the tracker cases")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteStore(Path(tmp) / "q.db")
+        tracker = DeliveryTracker(MemoryTransport(), store)
+        tracker.submit_many(warm)
+        tracker.run_pending()  # the first claim, commit and chunk: same in both runs
+        # Submitted in both runs alike (the run case delivers ``count`` of them).
+        submitted = count if mode == "submit" else len(rest)
+        for index in range(0, submitted, 100):
+            tracker.submit_many(rest[index : index + 100])
+        if mode == "run":
+            summary = tracker.run_pending(max_rounds=count // tracker.batch_size)
+            assert summary.delivered == count, summary
+        store.close()
+
+
 def instructions(port: int, mode: str, count: int) -> int:
     """User-space instructions of one child run."""
     result = subprocess.run(
@@ -91,12 +134,18 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=1000, help="messages in the first run")
     parser.add_argument("--large", type=int, default=3000, help="messages in the second run")
     parser.add_argument(
+        "--tracker", action="store_true", help="also the delivery tracker's submit and run"
+    )
+    parser.add_argument(
         "--child", nargs=3, metavar=("PORT", "MODE", "COUNT"), help=argparse.SUPPRESS
     )
     options = parser.parse_args()
     if options.child:
         port, mode, count = options.child
-        child(int(port), mode, int(count))
+        if mode in ("submit", "run"):
+            tracker_child(mode, int(count))
+        else:
+            child(int(port), mode, int(count))
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is needed (Debian package: valgrind)")
@@ -108,8 +157,9 @@ def main() -> None:
         f"Python {sys.version.split()[0]}; instructions per message "
         f"(runs of {options.large} and {options.small} messages):"
     )
+    cases = CASES + (TRACKER_CASES if options.tracker else ())
     with SMTPSink() as sink:
-        for name, mode in CASES:
+        for name, mode in cases:
             small = instructions(sink.port, mode, options.small)
             large = instructions(sink.port, mode, options.large)
             per_message = (large - small) / (options.large - options.small)
