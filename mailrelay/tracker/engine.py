@@ -110,7 +110,8 @@ class DeliveryTracker(TrackerCore[Transport]):
             commit plus the chunk never exceed it. 1 commits each result at once (at
             most the one transaction in flight is re-sent) and so sends one message per
             ``send_many`` call, without pipelining across messages. The async tracker
-            commits the same way (with at most ``concurrency`` more in flight).
+            commits the same way, with the same bound on results awaiting their commit
+            plus transactions in flight.
         commit_interval: the longest a result waits for its commit (default 1 s by
             ``clock``), plus the chunk it came in; chunks are sized so that one takes
             about this long at most, so that a slow server does not hold results (and
