@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
@@ -9,6 +10,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
@@ -707,3 +710,57 @@ def test_send_many_with_too_few_results_puts_the_batch_back(store: Store) -> Non
             (),
             None,
         )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    fates=st.lists(st.sampled_from(["ok", "450", "550", "down", "bug"]), min_size=1, max_size=30),
+    commit_batch=st.integers(1, 12),
+    batch_size=st.integers(1, 12),
+)
+def test_the_sync_runner_loses_nothing(
+    fates: list[str], commit_batch: int, batch_size: int
+) -> None:
+    # Whatever the outcomes and batch sizes: when run_pending returns or raises, no
+    # recipient is left SENDING; each one tried is in the state its answer calls for, and
+    # each one not tried is due again with no attempt ("bug": an exception that is not a
+    # DeliveryError stops the run, and its chunk and the rest of the batch go back untried).
+    fate_of = {
+        "ok": State.DELIVERED,
+        "450": State.DEFERRED,
+        "550": State.BOUNCED,
+        "down": State.DEFERRED,
+    }
+    answers = {"450": Reply.of(450, "4.3.2 system busy"), "550": Reply.of(550, "5.1.1 no user")}
+
+    def handler(_message: Message, envelope: Envelope) -> Answer:
+        address = str(envelope.recipients[0].address)
+        fate = address.split("-", maxsplit=1)[0]
+        if fate == "bug":
+            raise RuntimeError("transport bug")
+        if fate == "down":
+            raise ConnectError("refused", host="mx:25")
+        reply = answers.get(fate)
+        return {} if reply is None else {address: reply}
+
+    tracker = tracker_for(
+        BatchRecorder(handler),
+        MemoryStore(),
+        FakeClock(),
+        commit_batch=commit_batch,
+        batch_size=batch_size,
+    )
+    ids = tracker.submit_many(
+        [message((f"{fate}-{index}@example.org",)) for index, fate in enumerate(fates)]
+    )
+    with contextlib.suppress(RuntimeError):
+        tracker.run_pending()
+    for fate, tracking_id in zip(fates, ids, strict=True):
+        (recipient,) = tracker.status(tracking_id).recipients
+        assert recipient.state is not State.SENDING
+        assert recipient.lease_owner is None
+        if recipient.attempts:
+            assert fate != "bug"
+            assert recipient.state is fate_of[fate], (fate, recipient)
+        else:
+            assert recipient.state is State.QUEUED, (fate, recipient)
