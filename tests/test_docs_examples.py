@@ -18,7 +18,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 NAMES = (
     "address.md",
     "dialogue.md",
-    # "dsn.md",
+    "dsn.md",
     # "messages.md",
     # "mx.md",
     # "protocol.md",
