@@ -19,7 +19,7 @@ NAMES = (
     "address.md",
     "dialogue.md",
     "dsn.md",
-    # "messages.md",
+    "messages.md",
     # "mx.md",
     # "protocol.md",
     # "testing.md",
