@@ -20,7 +20,7 @@ NAMES = (
     "dialogue.md",
     "dsn.md",
     "messages.md",
-    # "mx.md",
+    "mx.md",
     # "protocol.md",
     # "testing.md",
     # "validation.md",
