@@ -21,7 +21,7 @@ NAMES = (
     "dsn.md",
     "messages.md",
     "mx.md",
-    # "protocol.md",
+    "protocol.md",
     # "testing.md",
     # "validation.md",
 )
