@@ -22,7 +22,7 @@ NAMES = (
     "messages.md",
     "mx.md",
     "protocol.md",
-    # "testing.md",
+    "testing.md",
     # "validation.md",
 )
 
