@@ -23,7 +23,7 @@ NAMES = (
     "mx.md",
     "protocol.md",
     "testing.md",
-    # "validation.md",
+    "validation.md",
 )
 
 
