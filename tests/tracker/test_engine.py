@@ -19,6 +19,7 @@ from mailrelay.errors import AuthenticationError, ConnectError, SessionRefused
 from mailrelay.message import Message
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.tracker.async_engine import AsyncDeliveryTracker
 from mailrelay.tracker.core import RELAY_KEY
 from mailrelay.tracker.engine import DeliveryTracker, RunSummary
 from mailrelay.tracker.events import EventKind, TrackerEvent
@@ -712,55 +713,72 @@ def test_send_many_with_too_few_results_puts_the_batch_back(store: Store) -> Non
         )
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    fates=st.lists(st.sampled_from(["ok", "450", "550", "down", "bug"]), min_size=1, max_size=30),
-    commit_batch=st.integers(1, 12),
-    batch_size=st.integers(1, 12),
-)
-def test_the_sync_runner_loses_nothing(
-    fates: list[str], commit_batch: int, batch_size: int
+#: What each fate in the loses-nothing properties leaves a tried recipient in ("down" is a
+#: ConnectError, a DeliveryError: that message's result; "bug" is any other exception,
+#: which stops the run and leaves its chunk untried).
+FATE_OF = {
+    "ok": State.DELIVERED,
+    "450": State.DEFERRED,
+    "550": State.BOUNCED,
+    "down": State.DEFERRED,
+}
+FATES = [*FATE_OF, "bug"]
+_FATE_REPLIES = {
+    "450": Reply.of(450, "4.3.2 system busy"),  # about the server: the domain backs off
+    "550": Reply.of(550, "5.1.1 no such user"),
+}
+
+
+def fated(_message: Message, envelope: Envelope) -> Answer:
+    """A handler answering each recipient ``<fate>-<n>@...`` as its fate says."""
+    address = str(envelope.recipients[0].address)
+    fate = address.split("-", maxsplit=1)[0]
+    if fate == "bug":
+        raise RuntimeError("transport bug")
+    if fate == "down":
+        raise ConnectError("refused", host="mx:25")
+    reply = _FATE_REPLIES.get(fate)
+    return {} if reply is None else {address: reply}
+
+
+def fated_messages(fates: list[str]) -> list[Message]:
+    return [message((f"{fate}-{index}@example.org",)) for index, fate in enumerate(fates)]
+
+
+def assert_nothing_lost(
+    tracker: DeliveryTracker | AsyncDeliveryTracker, fates: list[str], ids: list[str]
 ) -> None:
-    # Whatever the outcomes and batch sizes: when run_pending returns or raises, no
-    # recipient is left SENDING; each one tried is in the state its answer calls for, and
-    # each one not tried is due again with no attempt ("bug": an exception that is not a
-    # DeliveryError stops the run, and its chunk and the rest of the batch go back untried).
-    fate_of = {
-        "ok": State.DELIVERED,
-        "450": State.DEFERRED,
-        "550": State.BOUNCED,
-        "down": State.DEFERRED,
-    }
-    answers = {"450": Reply.of(450, "4.3.2 system busy"), "550": Reply.of(550, "5.1.1 no user")}
-
-    def handler(_message: Message, envelope: Envelope) -> Answer:
-        address = str(envelope.recipients[0].address)
-        fate = address.split("-", maxsplit=1)[0]
-        if fate == "bug":
-            raise RuntimeError("transport bug")
-        if fate == "down":
-            raise ConnectError("refused", host="mx:25")
-        reply = answers.get(fate)
-        return {} if reply is None else {address: reply}
-
-    tracker = tracker_for(
-        BatchRecorder(handler),
-        MemoryStore(),
-        FakeClock(),
-        commit_batch=commit_batch,
-        batch_size=batch_size,
-    )
-    ids = tracker.submit_many(
-        [message((f"{fate}-{index}@example.org",)) for index, fate in enumerate(fates)]
-    )
-    with contextlib.suppress(RuntimeError):
-        tracker.run_pending()
+    """No recipient left SENDING; each tried one in its answer's state; each untried one
+    due again with no attempt."""
     for fate, tracking_id in zip(fates, ids, strict=True):
         (recipient,) = tracker.status(tracking_id).recipients
         assert recipient.state is not State.SENDING
         assert recipient.lease_owner is None
         if recipient.attempts:
             assert fate != "bug"
-            assert recipient.state is fate_of[fate], (fate, recipient)
+            assert recipient.state is FATE_OF[fate], (fate, recipient)
         else:
             assert recipient.state is State.QUEUED, (fate, recipient)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    fates=st.lists(st.sampled_from(FATES), min_size=1, max_size=30),
+    commit_batch=st.integers(1, 12),
+    batch_size=st.integers(1, 12),
+)
+def test_the_sync_runner_loses_nothing(
+    fates: list[str], commit_batch: int, batch_size: int
+) -> None:
+    # Whatever the outcomes and batch sizes, when run_pending returns or raises.
+    tracker = tracker_for(
+        BatchRecorder(fated),
+        MemoryStore(),
+        FakeClock(),
+        commit_batch=commit_batch,
+        batch_size=batch_size,
+    )
+    ids = tracker.submit_many(fated_messages(fates))
+    with contextlib.suppress(RuntimeError):
+        tracker.run_pending()
+    assert_nothing_lost(tracker, fates, ids)

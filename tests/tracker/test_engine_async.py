@@ -31,7 +31,17 @@ from mailrelay.tracker.retry import DomainLimits
 from mailrelay.tracker.sqlite_store import SQLiteStore
 from mailrelay.tracker.store import MemoryStore, State, Store
 from mailrelay.transport.memory import MemoryTransport
-from tests.tracker.test_engine import T0, FakeClock, message, no_jitter, scripted
+from tests.tracker.test_engine import (
+    FATES,
+    T0,
+    FakeClock,
+    assert_nothing_lost,
+    fated,
+    fated_messages,
+    message,
+    no_jitter,
+    scripted,
+)
 
 R = TypeVar("R")
 
@@ -535,17 +545,9 @@ def test_asend_many_with_too_few_results_puts_the_chunk_back(store: Store) -> No
         )
 
 
-FATE_OF = {
-    "ok": State.DELIVERED,
-    "450": State.DEFERRED,
-    "550": State.BOUNCED,
-    "down": State.DEFERRED,  # a ConnectError: a DeliveryError, so that message's result
-}
-
-
 @settings(max_examples=40, deadline=None)
 @given(
-    fates=st.lists(st.sampled_from([*FATE_OF, "bug"]), min_size=1, max_size=30),
+    fates=st.lists(st.sampled_from(FATES), min_size=1, max_size=30),
     concurrency=st.integers(1, 5),
     commit_batch=st.integers(1, 12),
     batch_size=st.integers(1, 12),
@@ -558,47 +560,17 @@ def test_the_async_runner_loses_nothing(
     batch_size: int,
     own_asend_many: bool,
 ) -> None:
-    # Whatever the outcomes, chunking and concurrency: when arun_pending returns or raises,
-    # no recipient is left SENDING; each one tried is in the state its answer calls for,
-    # and each one not tried is due again with no attempt (a "bug" is an exception that is
-    # not a DeliveryError: it stops the run, and its chunk goes back untried).
-    answers = {
-        "450": Reply.of(450, "4.3.2 system busy"),  # about the server: the domain backs off
-        "550": Reply.of(550, "5.1.1 no such user"),
-    }
-
-    async def handler(msg: Message, envelope: Envelope) -> dict[str, Reply]:
-        local = str(envelope.recipients[0].address).split("@")[0]
-        fate = local.split("-")[0]
-        if fate == "bug":
-            raise RuntimeError("transport bug")
-        if fate == "down":
-            raise ConnectError("refused", host="mx:25")
-        reply = answers.get(fate)
-        return {} if reply is None else {str(envelope.recipients[0].address): reply}
-
-    transport = BatchingTransport(handler) if own_asend_many else MemoryTransport(handler)
-    store = MemoryStore()
-    tracker = make(transport, store, FakeClock(), commit_batch=commit_batch, batch_size=batch_size)
-    ids = tracker.submit_many(
-        [message((f"{fate}-{index}@example.org",)) for index, fate in enumerate(fates)]
+    # Whatever the outcomes, chunking and concurrency, when arun_pending returns or raises
+    # (the same property as the sync runner's, test_engine.py).
+    transport = BatchingTransport(fated) if own_asend_many else MemoryTransport(fated)
+    tracker = make(
+        transport, MemoryStore(), FakeClock(), commit_batch=commit_batch, batch_size=batch_size
     )
+    ids = tracker.submit_many(fated_messages(fates))
 
     async def scenario() -> None:
         with contextlib.suppress(RuntimeError):
             await tracker.arun_pending(concurrency=concurrency)
 
     run(scenario())
-    for fate, tracking_id in zip(fates, ids, strict=True):
-        (recipient,) = tracker.status(tracking_id).recipients
-        assert recipient.state is not State.SENDING
-        assert recipient.lease_owner is None
-        if recipient.attempts:
-            assert fate != "bug"
-            assert recipient.state is FATE_OF[fate], (fate, recipient)
-        else:
-            assert recipient.state is State.QUEUED, (fate, recipient)
-    if "bug" not in fates:
-        # Nothing stopped the run: every message was tried (back-off may postpone some,
-        # and those are QUEUED with no attempt, as checked above).
-        assert all(tracker.status(i).recipients[0].state is not State.SENDING for i in ids)
+    assert_nothing_lost(tracker, fates, ids)
