@@ -2,7 +2,7 @@
 
 Run from the repository root (so ``tests.peers`` imports)::
 
-    python benchmarks/smtp_throughput.py [--scale 0.25] [--repeat 3]
+    python benchmarks/smtp_throughput.py [--scale 0.25] [--repeat 3] [--placement split]
 
 Scenarios (issue 4; the counts are multiplied by ``--scale``):
 
@@ -30,6 +30,12 @@ per-recipient results. It shows what any RFC-compliant client can reach against 
 on this machine at this moment, so how much of a ratio is left to the client and how much
 the server (and the one round trip per message) fixes.
 
+CPU placement (``--placement``, see ``benchmarks/placement.py``): by default the clients
+(this process, and ``smtp-source``) run on one CPU and ``smtp-sink`` on another, as a server
+across a network would; ``shared`` puts them all on one CPU (every client is then several
+times faster on this kind of machine, and each figure counts the server's work too), and
+``free`` leaves it to the scheduler, whose choice can change within a run.
+
 For the in-process clients it also prints client CPU microseconds per message
 (``time.process_time``; smtp-sink runs in its own process, so this is the client alone).
 Goals, as ratios of the same run: (1) >= 3x smtplib, (2) >= 5x aiosmtplib,
@@ -52,6 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiosmtplib  # type: ignore[import-untyped,unused-ignore]
+from placement import MODES, default_mode, place
 
 from mailrelay.envelope import Envelope
 from mailrelay.message import Message
@@ -329,6 +336,12 @@ def main() -> None:
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every count")
     parser.add_argument("--repeat", type=int, default=3, help="runs per client (best kept)")
+    parser.add_argument(
+        "--placement",
+        choices=MODES,
+        default=default_mode(),
+        help="where client and server run (see benchmarks/placement.py)",
+    )
     options = parser.parse_args()
 
     def scaled(count: int) -> int:
@@ -342,6 +355,8 @@ def main() -> None:
         f"(clients run round-robin), {os.cpu_count()} CPUs, load average {load}"
     )
     with SMTPSink() as sink:
+        assert sink.pid is not None
+        print(place(options.placement, [sink.pid]))
         # 1. one connection, 1 KB
         n = scaled(20_000)
         raw = raw_message(1024)

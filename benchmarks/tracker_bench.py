@@ -1,7 +1,7 @@
 """Delivery tracker throughput: submissions into SQLite, and end-to-end delivery to smtp-sink.
 
-Run: ``python benchmarks/tracker_bench.py [--messages N] [--repeat R] [--rtt MS]``
-(needs Postfix's ``smtp-sink``, started here on loopback).
+Run: ``python benchmarks/tracker_bench.py [--messages N] [--repeat R] [--rtt MS]
+[--placement split]`` (needs Postfix's ``smtp-sink``, started here on loopback).
 
 Every measurement sends the same ``N`` small messages (one recipient each, about 600 bytes)
 through an ``SMTPTransport`` built the same way (one pooled connection, PIPELINING as
@@ -39,6 +39,10 @@ send through ``send_many`` in chunks. (smtp-sink offers no CHUNKING, so every me
 one round trip for its ``354``; the relay's timers have about a millisecond's resolution, so
 round trips under 2 ms are not meaningful.)
 
+By default this process runs on one CPU and ``smtp-sink`` (and the relay) on another, as a
+server across a network would (``--placement``; see ``benchmarks/placement.py``: left to
+the scheduler, a run's figures change with whether it puts client and server on one CPU).
+
 Rounds interleave the phases (direct, then each tracked variant, and again), so a burst of
 load from other processes on a shared machine hits all of them alike; each figure is the
 best of ``--repeat`` rounds. The tracking overhead is ``1 - tracked rate / direct rate``.
@@ -66,6 +70,8 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from placement import MODES, default_mode, place
 
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
@@ -158,6 +164,7 @@ class DelayRelay:
 
     def __init__(self, target: Server, rtt: float) -> None:
         self.port = 0
+        self.pid: int | None = None
         receive, send = multiprocessing.Pipe(duplex=False)
         self._receive = receive
         self._process = multiprocessing.Process(
@@ -170,6 +177,7 @@ class DelayRelay:
             self._stop()
             raise RuntimeError("the delay relay did not start")
         self.port = int(self._receive.recv())
+        self.pid = self._process.pid
         return self
 
     def __exit__(
@@ -345,14 +353,25 @@ def main() -> None:
     parser.add_argument(
         "--rtt", type=float, default=0.0, help="milliseconds of round trip to add (a relay)"
     )
+    parser.add_argument(
+        "--placement",
+        choices=MODES,
+        default=default_mode(),
+        help="where client and server run (see benchmarks/placement.py)",
+    )
     args = parser.parse_args()
     messages = make_messages(args.messages)
     count = len(messages)
 
     with contextlib.ExitStack() as stack:
-        sink: Server = stack.enter_context(SMTPSink())
+        smtp_sink = stack.enter_context(SMTPSink())
+        sink: Server = smtp_sink
+        servers = [smtp_sink.pid]
         if args.rtt > 0:
-            sink = stack.enter_context(DelayRelay(sink, args.rtt / 1000))
+            relay = stack.enter_context(DelayRelay(sink, args.rtt / 1000))
+            servers.append(relay.pid)
+            sink = relay
+        where = place(args.placement, [pid for pid in servers if pid is not None])
         phases: dict[str, Callable[[], Timing]] = {
             BASELINE: lambda: direct(sink, messages),
             "direct: transport.send per message": lambda: direct_one_by_one(sink, messages),
@@ -387,7 +406,7 @@ def main() -> None:
                 least_cpu[label] = min(least_cpu[label], cpu)
 
     delay = f", {args.rtt:g} ms round trip added" if args.rtt > 0 else ""
-    print(f"{count} messages, best of {args.repeat} interleaved rounds{delay}\n")
+    print(f"{count} messages, best of {args.repeat} interleaved rounds{delay}; {where}\n")
     width = max(len(label) for label in best)
 
     def baseline(label: str) -> str | None:
