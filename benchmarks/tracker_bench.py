@@ -45,7 +45,10 @@ the scheduler, a run's figures change with whether it puts client and server on 
 
 Rounds interleave the phases (direct, then each tracked variant, and again), so a burst of
 load from other processes on a shared machine hits all of them alike; each figure is the
-best of ``--repeat`` rounds. The tracking overhead is ``1 - tracked rate / direct rate``.
+best of ``--repeat`` rounds. The tracking overhead is ``1 - tracked rate / direct rate``,
+also taken round by round (each tracked phase against the baseline's run of the same
+round) and summarised by the median: on a shared machine the best runs of two phases may
+come from different moments.
 
 Each phase also reports this process's CPU time per message (user + system, from
 ``getrusage``; ``smtp-sink`` is another process and not counted), the lowest of its rounds:
@@ -60,6 +63,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -395,15 +399,16 @@ def main() -> None:
             # One message per send_many call (or per send) pays whole round trips each.
             slow = ("send per message", "commit_batch=1", "one at a time")
             phases = {k: v for k, v in phases.items() if not any(w in k for w in slow)}
-        best = dict.fromkeys(phases, float("inf"))
+        runs: dict[str, list[float]] = {label: [] for label in phases}
         least_cpu = dict.fromkeys(phases, float("inf"))
         for _round in range(args.repeat):
             for label, phase in phases.items():
                 elapsed, cpu = phase()
                 if elapsed > PHASE_LIMIT:
                     sys.exit(f"{label} took {elapsed:.0f}s; stopping")
-                best[label] = min(best[label], elapsed)
+                runs[label].append(elapsed)
                 least_cpu[label] = min(least_cpu[label], cpu)
+        best = {label: min(times) for label, times in runs.items()}
 
     delay = f", {args.rtt:g} ms round trip added" if args.rtt > 0 else ""
     print(f"{count} messages, best of {args.repeat} interleaved rounds{delay}; {where}\n")
@@ -426,11 +431,18 @@ def main() -> None:
             ratio = f"{rate / (count / best[against]):6.2f} of direct"
             extra = f" ({cpu - least_cpu[against] / count * 1e6:+.0f})"
         print(f"{label:<{width}}  {rate:7.0f} msg/s  {ratio}  {cpu:5.0f} µs CPU/msg{extra}")
-    print("\ntracking overhead (1 - tracked / direct, each against its own baseline):")
-    for label, elapsed in best.items():
+    print(
+        "\nof direct, round by round (each tracked phase against its own baseline's run in the"
+        "\nsame round, so a change in the machine's speed between rounds cancels out), and the"
+        "\ntracking overhead of the median (1 - tracked / direct):"
+    )
+    for label, times in runs.items():
         against = baseline(label)
         if against is not None:
-            print(f"{label:<{width}}  {1 - best[against] / elapsed:6.0%}")
+            rounds = [base / mine for base, mine in zip(runs[against], times, strict=True)]
+            median = statistics.median(rounds)
+            listed = " ".join(f"{r:.2f}" for r in rounds)
+            print(f"{label:<{width}}  median {median:.2f}  overhead {1 - median:4.0%}  ({listed})")
 
 
 if __name__ == "__main__":
