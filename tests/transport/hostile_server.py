@@ -1,0 +1,629 @@
+"""A hostile SMTP server on loopback whose misbehaviour is chosen, command by command, by a plan.
+
+Theory of operation: unlike :mod:`tests.peers.scripted`, whose scripts spell out one
+connection's bytes in order, this server *understands* the client's commands (greeting,
+EHLO, HELO, MAIL, RCPT, DATA and its content, BDAT, RSET, NOOP, QUIT) and answers each as a
+:class:`Plan` says: the ``n``-th time the server reaches a :class:`Point` (counted across
+all its connections) it behaves as the plan's ``n``-th :class:`Behaviour` for that point,
+and normally once the plan's list for the point runs out. So a plan drawn by Hypothesis
+says "the second RCPT is answered 452, the first end of data waits, then resets" without
+knowing how many connections the client will open or how it pipelines.
+
+What the server did is recorded per connection (:class:`ConnectionRecord`): the extensions
+it offered, each transaction (:class:`TransactionRecord`: the sender, the code it gave MAIL,
+each RCPT and DATA, the data it took and the code of its final reply), how many commands it
+read, and how the connection ended. A code is recorded only for a well-formed reply the
+server actually wrote; a malformed one, garbage, silence or a hang-up records ``None``.
+Tests compare the client's results with these records.
+
+Rules:
+
+- Loopback only (``127.0.0.1``); blocking sockets, one thread per connection plus one accept
+  thread. Every wait has a timeout, every loop a bound in count or time (a connection's
+  whole life is bounded by ``session_limit``); :meth:`HostileServer.stop` wakes and joins
+  every thread and fails loudly when one does not end. Every socket is closed by its own
+  thread.
+- Faults are terminal where the protocol gives no way back: after a malformed reply,
+  garbage or a reply without its line end the server goes silent, closes or resets (its
+  :class:`Ending`); after 421 it closes (RFC 5321 §3.8); an endless reply runs until the
+  client hangs up or ``endless_limit`` octets have gone out. The server never sends a
+  well-formed reply the client did not ask for, so the client's reading of the replies and
+  the records always agree on which reply answered which command.
+- A socket error (the client hung up or reset) ends a connection and is recorded in
+  :attr:`ConnectionRecord.ended`, never an error: hostile tests expect clients to give up.
+  Any other exception inside the server is a bug in the test and is collected in
+  :attr:`HostileServer.errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Mapping
+
+import attrs
+
+__all__ = [
+    "MALFORMED_REPLIES",
+    "NORMAL",
+    "NORMAL_CODES",
+    "Behaviour",
+    "ConnectionRecord",
+    "Ending",
+    "HostileServer",
+    "Kind",
+    "Plan",
+    "Point",
+    "TransactionRecord",
+]
+
+_MAX_LINE = 65536
+_MAX_CONTENT = 4 * 1024 * 1024
+_MAX_COMMANDS = 10_000
+_MARKER = re.compile(rb"MARK-(\d+)\b")
+_BDAT = re.compile(rb"^BDAT\s+(\d+)(\s+LAST)?\s*$", re.IGNORECASE)
+_PATH = re.compile(rb"<([^>]*)>")
+
+
+class Point(enum.Enum):
+    """A place in the dialogue where the server answers."""
+
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    DATA_END = "data-end"
+    """The final reply, after DATA's content or a ``BDAT ... LAST`` chunk."""
+    BDAT = "bdat"
+    """The reply to a BDAT chunk that is not the last (RFC 3030 §2)."""
+    RSET = "rset"
+    NOOP = "noop"
+    QUIT = "quit"
+    OTHER = "other"
+    """Any other command line."""
+
+
+#: What a well-behaved server answers at each point.
+NORMAL_CODES: Mapping[Point, int] = {
+    Point.GREETING: 220,
+    Point.EHLO: 250,
+    Point.HELO: 250,
+    Point.MAIL: 250,
+    Point.RCPT: 250,
+    Point.DATA: 354,
+    Point.DATA_END: 250,
+    Point.BDAT: 250,
+    Point.RSET: 250,
+    Point.NOOP: 250,
+    Point.QUIT: 221,
+    Point.OTHER: 500,
+}
+
+
+class Kind(enum.Enum):
+    """How the server answers at one point."""
+
+    REPLY = "reply"
+    """A well-formed reply (after ``delay``), single- or multi-line."""
+    MALFORMED = "malformed"
+    """``payload``, a reply the RFC 5321 §4.2 grammar rejects, then the ``ending``."""
+    GARBAGE = "garbage"
+    """``payload``, arbitrary bytes starting with a letter (never a reply), then the ``ending``."""
+    NO_CRLF = "no-crlf"
+    """A reply with no line end, then the ``ending``."""
+    SILENT = "silent"
+    """No answer at all: wait until the client hangs up (bounded), then close."""
+    CLOSE = "close"
+    """Close the connection without answering (the client reads end of file)."""
+    RESET = "reset"
+    """Abort the connection with a TCP RST (SO_LINGER 0)."""
+    ENDLESS_LINE = "endless-line"
+    """A reply line that never ends: its code, then ``x`` for ever (bounded)."""
+    ENDLESS_REPLY = "endless-reply"
+    """A multi-line reply that never ends: ``250-xxx`` lines for ever (bounded)."""
+
+
+class Ending(enum.Enum):
+    """What follows a malformed reply, garbage or a reply without its line end."""
+
+    SILENT = "silent"
+    CLOSE = "close"
+    RESET = "reset"
+
+
+#: Replies the RFC 5321 §4.2 grammar rejects (a letter in the code, 1xx, 6xx, an unknown
+#: separator, a multi-line reply that changes its code, a short or empty line, plain text).
+MALFORMED_REPLIES: tuple[bytes, ...] = (
+    b"25O 2.0.0 a letter in the code\r\n",
+    b"199 one hundred and ninety-nine\r\n",
+    b"600 six hundred\r\n",
+    b"250x an unknown separator\r\n",
+    b"250-first line\r\n550 second line with another code\r\n",
+    b"25\r\n",
+    b"\r\n",
+    b"hello there\r\n",
+    b"2500 four digits\r\n",
+)
+
+
+@attrs.frozen(kw_only=True)
+class Behaviour:
+    """How the server answers once, at one point.
+
+    Attributes:
+        kind: what it does.
+        code: for :attr:`Kind.REPLY` and :attr:`Kind.NO_CRLF`, the reply code; ``None`` is the
+            point's usual code (:data:`NORMAL_CODES`).
+        multiline: for :attr:`Kind.REPLY`, send the reply as two lines.
+        delay: seconds to wait before doing anything.
+        payload: the bytes of :attr:`Kind.MALFORMED` and :attr:`Kind.GARBAGE`.
+        ending: what follows :attr:`Kind.MALFORMED`, :attr:`Kind.GARBAGE`, :attr:`Kind.NO_CRLF`.
+    """
+
+    kind: Kind = Kind.REPLY
+    code: int | None = None
+    multiline: bool = False
+    delay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
+    payload: bytes = b""
+    ending: Ending = Ending.CLOSE
+
+
+#: Answer as a well-behaved server would.
+NORMAL = Behaviour()
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """How the server misbehaves.
+
+    Attributes:
+        behaviours: per point, the behaviours of its first occurrences (across connections),
+            in order; later occurrences, and points not named, are answered normally.
+        extensions: the EHLO keywords offered (``"PIPELINING"``, ``"SIZE 1000"``, ...).
+    """
+
+    behaviours: Mapping[Point, tuple[Behaviour, ...]] = attrs.field(factory=dict)
+    extensions: tuple[str, ...] = ()
+
+
+@attrs.define
+class TransactionRecord:
+    """One mail transaction as the server saw it (from MAIL to its final reply or RSET).
+
+    Attributes:
+        sender: the reverse-path of MAIL (``None`` when the data came without a MAIL).
+        mail: the code MAIL was answered with.
+        recipients: each RCPT's forward-path and the code it was answered with.
+        data: the code DATA was answered with.
+        chunks: the codes each non-last BDAT chunk was answered with.
+        content: the message data taken (DATA content, or the BDAT chunks).
+        final: the code of the final reply after the data.
+    """
+
+    sender: str | None
+    mail: int | None = None
+    recipients: list[tuple[str, int | None]] = attrs.field(factory=list)
+    data: int | None = None
+    chunks: list[int | None] = attrs.field(factory=list)
+    content: bytearray = attrs.field(factory=bytearray)
+    final: int | None = None
+
+    @property
+    def marker(self) -> int | None:
+        """The number ``n`` of the ``MARK-n`` in the data taken, if any."""
+        found = _MARKER.search(bytes(self.content))
+        return int(found.group(1)) if found else None
+
+    def codes(self) -> list[int | None]:
+        """Every code the server gave in this transaction."""
+        return [
+            self.mail,
+            *(code for _, code in self.recipients),
+            self.data,
+            *self.chunks,
+            self.final,
+        ]
+
+
+@attrs.define(eq=False)
+class ConnectionRecord:
+    """What happened on one accepted connection.
+
+    Attributes:
+        index: the connection's number, in accept order.
+        offered: each extension set in force after a positive EHLO (the plan's) or HELO
+            (none), in order.
+        session_codes: the codes given to the greeting, EHLO and HELO.
+        transactions: the transactions, in order.
+        commands: how many command lines (and message contents) the server read.
+        ended: how the connection ended.
+        endless_bytes: how many octets an endless reply sent.
+        endless_cut: whether an endless reply ended because the client hung up.
+    """
+
+    index: int
+    offered: list[tuple[str, ...]] = attrs.field(factory=list)
+    session_codes: list[tuple[Point, int | None]] = attrs.field(factory=list)
+    transactions: list[TransactionRecord] = attrs.field(factory=list)
+    commands: int = 0
+    ended: str = ""
+    endless_bytes: int = 0
+    endless_cut: bool = False
+    done: threading.Event = attrs.field(factory=threading.Event, repr=False)
+
+
+class _Ended(Exception):
+    """The connection is over (the client hung up, a terminal behaviour, the server stops)."""
+
+
+def _text(code: int) -> str:
+    if code == 354:
+        return "end data with <CR><LF>.<CR><LF>"
+    if 200 <= code < 600:
+        klass = code // 100
+        return f"{klass}.0.0 hostile says {code}" if klass != 3 else f"hostile says {code}"
+    return "hostile"
+
+
+class _Peer:
+    """The server side of one connection."""
+
+    def __init__(
+        self, sock: socket.socket, record: ConnectionRecord, server: HostileServer
+    ) -> None:
+        self.sock = sock
+        self.record = record
+        self.server = server
+        self.buffer = bytearray()
+        self.deadline = time.monotonic() + server.session_limit
+        self.current: TransactionRecord | None = None
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _recv(self) -> bytes:
+        if self.server.stopping.is_set():
+            raise _Ended("server stopping")
+        if time.monotonic() > self.deadline:
+            raise _Ended("session time limit")
+        data = self.sock.recv(65536)
+        if not data:
+            raise _Ended("client hung up")
+        return data
+
+    def read_line(self) -> bytes:
+        while b"\n" not in self.buffer:
+            if len(self.buffer) > _MAX_LINE:
+                raise _Ended("command line too long")
+            self.buffer += self._recv()
+        line, _, rest = bytes(self.buffer).partition(b"\n")
+        self.buffer = bytearray(rest)
+        return line.rstrip(b"\r")
+
+    def read_exact(self, count: int) -> bytes:
+        while len(self.buffer) < count:
+            self.buffer += self._recv()
+        data = bytes(self.buffer[:count])
+        del self.buffer[:count]
+        return data
+
+    def read_content(self) -> bytes:
+        lines: list[bytes] = []
+        size = 0
+        while True:
+            line = self.read_line()
+            if line == b".":
+                return b"\r\n".join(lines)
+            size += len(line) + 2
+            if size > _MAX_CONTENT:
+                raise _Ended("message content too long")
+            lines.append(line)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if data:
+            self.sock.sendall(data)
+
+    def wait(self, seconds: float) -> None:
+        if self.server.stopping.wait(seconds):
+            raise _Ended("server stopping")
+
+    def answer(self, point: Point, extensions: tuple[str, ...] = ()) -> int | None:
+        """Answer at ``point`` as the plan says; the code of the well-formed reply written,
+        or ``None``. Raises ``_Ended`` after a terminal behaviour (the caller has recorded
+        ``None`` for this answer before calling)."""
+        behaviour = self.server.next_behaviour(point)
+        if behaviour.delay:
+            self.wait(behaviour.delay)
+        code = behaviour.code if behaviour.code is not None else NORMAL_CODES[point]
+        match behaviour.kind:
+            case Kind.REPLY:
+                self.send(self._reply(code, behaviour.multiline, point, extensions))
+                return code
+            case Kind.MALFORMED | Kind.GARBAGE:
+                self.send(behaviour.payload)
+                self.end(behaviour.ending)
+            case Kind.NO_CRLF:
+                self.send(f"{code} {_text(code)}".encode())
+                self.end(behaviour.ending)
+            case Kind.SILENT:
+                self.end(Ending.SILENT)
+            case Kind.CLOSE:
+                self.end(Ending.CLOSE)
+            case Kind.RESET:
+                self.end(Ending.RESET)
+            case Kind.ENDLESS_LINE:
+                self.endless(f"{code} ".encode(), b"x" * 4096)
+            case Kind.ENDLESS_REPLY:
+                self.endless(b"", b"250-" + b"x" * 60 + b"\r\n")
+        raise AssertionError(f"unhandled behaviour {behaviour}")  # pragma: no cover
+
+    @staticmethod
+    def _reply(code: int, multiline: bool, point: Point, extensions: tuple[str, ...]) -> bytes:
+        if point is Point.EHLO and 200 <= code < 300:
+            lines = ["hostile.mailrelay.test", *extensions]
+        elif multiline:
+            lines = [_text(code), "and a second line"]
+        else:
+            lines = [_text(code)]
+        return b"".join(
+            f"{code}{' ' if i == len(lines) - 1 else '-'}{line}\r\n".encode()
+            for i, line in enumerate(lines)
+        )
+
+    def end(self, ending: Ending) -> None:
+        match ending:
+            case Ending.CLOSE:
+                raise _Ended("closed by plan")
+            case Ending.RESET:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                raise _Ended("reset by plan")
+            case Ending.SILENT:
+                end = time.monotonic() + self.server.silence_limit
+                while time.monotonic() < end:
+                    self.sock.settimeout(max(0.01, min(0.1, end - time.monotonic())))
+                    try:
+                        self._recv()
+                    except TimeoutError:
+                        continue
+                raise _Ended("silence limit reached")
+
+    def endless(self, head: bytes, piece: bytes) -> None:
+        record = self.record
+        try:
+            self.send(head)
+            while record.endless_bytes < self.server.endless_limit:
+                if self.server.stopping.is_set():
+                    raise _Ended("server stopping")
+                self.send(piece)
+                record.endless_bytes += len(piece)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            record.endless_cut = True
+            raise _Ended(f"endless reply cut by the client: {exc!r}") from exc
+        raise _Ended("endless limit reached")
+
+    # -- the dialogue ------------------------------------------------------------------------
+
+    def transaction(self) -> TransactionRecord:
+        """The transaction in progress (one is begun for commands sent without MAIL)."""
+        if self.current is None:
+            self.current = TransactionRecord(sender=None)
+            self.record.transactions.append(self.current)
+        return self.current
+
+    def run(self) -> None:
+        record = self.record
+        record.session_codes.append((Point.GREETING, None))
+        record.session_codes[-1] = (Point.GREETING, self.answer(Point.GREETING))
+        if record.session_codes[-1][1] == 421:
+            raise _Ended("421 greeting")
+        for _ in range(_MAX_COMMANDS):
+            line = self.read_line()
+            record.commands += 1
+            verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
+            code = self.command(verb, line)
+            if code == 421:
+                raise _Ended("closed after 421")  # RFC 5321 §3.8
+        raise _Ended("too many commands")
+
+    def command(self, verb: bytes, line: bytes) -> int | None:
+        record = self.record
+        if verb in (b"EHLO", b"HELO"):
+            point = Point.EHLO if verb == b"EHLO" else Point.HELO
+            offered = self.server.plan.extensions if point is Point.EHLO else ()
+            record.session_codes.append((point, None))
+            code = self.answer(point, offered)
+            record.session_codes[-1] = (point, code)
+            if code is not None and 200 <= code < 300:
+                record.offered.append(offered)
+            return code
+        if verb == b"MAIL":
+            path = _PATH.search(line)
+            sender = path.group(1).decode("utf-8", "replace") if path else ""
+            self.current = TransactionRecord(sender=sender)
+            record.transactions.append(self.current)
+            self.current.mail = code = self.answer(Point.MAIL)
+            return code
+        if verb == b"RCPT":
+            path = _PATH.search(line)
+            address = path.group(1).decode("utf-8", "replace") if path else ""
+            transaction = self.transaction()
+            transaction.recipients.append((address, None))
+            code = self.answer(Point.RCPT)
+            transaction.recipients[-1] = (address, code)
+            return code
+        if verb == b"DATA":
+            transaction = self.transaction()
+            transaction.data = code = self.answer(Point.DATA)
+            if code != 354:
+                return code
+            content = self.read_content()
+            record.commands += 1
+            transaction.content += content
+            transaction.final = code = self.answer(Point.DATA_END)
+            self.current = None
+            return code
+        if verb == b"BDAT":
+            bdat = _BDAT.match(line)
+            if bdat is None:
+                return self.answer(Point.OTHER)
+            transaction = self.transaction()
+            transaction.content += self.read_exact(int(bdat.group(1)))
+            if bdat.group(2):
+                transaction.final = code = self.answer(Point.DATA_END)
+                self.current = None
+                return code
+            transaction.chunks.append(None)
+            code = self.answer(Point.BDAT)
+            transaction.chunks[-1] = code
+            return code
+        if verb == b"RSET":
+            self.current = None
+            return self.answer(Point.RSET)
+        if verb == b"NOOP":
+            return self.answer(Point.NOOP)
+        if verb == b"QUIT":
+            self.answer(Point.QUIT)
+            raise _Ended("QUIT")
+        return self.answer(Point.OTHER)
+
+
+class HostileServer:
+    """An SMTP server on 127.0.0.1 that misbehaves as a :class:`Plan` says (see the module
+    docstring).
+
+    Args:
+        plan: the misbehaviour.
+        silence_limit: the longest a silent connection waits for the client to hang up.
+        endless_limit: the most octets an endless reply sends.
+        timeout: seconds any single socket wait may take.
+        session_limit: seconds a whole connection may take.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        silence_limit: float = 10.0,
+        endless_limit: int = 32 * 1024 * 1024,
+        timeout: float = 10.0,
+        session_limit: float = 30.0,
+    ) -> None:
+        self.plan = plan
+        self.silence_limit = silence_limit
+        self.endless_limit = endless_limit
+        self.timeout = timeout
+        self.session_limit = session_limit
+        self.host = "127.0.0.1"
+        self.connections: list[ConnectionRecord] = []
+        """One record per accepted connection, in order."""
+        self.errors: list[str] = []
+        """Unexpected exceptions inside the server (bugs in the test)."""
+        self.stopping = threading.Event()
+        self._counters: dict[Point, int] = {}
+        self._lock = threading.Lock()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind((self.host, 0))
+        self._listener.listen(32)
+        self._listener.settimeout(0.05)
+        self.port: int = self._listener.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
+        self._acceptor = threading.Thread(target=self._accept_loop, name="hostile-accept")
+
+    def next_behaviour(self, point: Point) -> Behaviour:
+        """The behaviour for the next occurrence of ``point`` (thread-safe)."""
+        with self._lock:
+            count = self._counters.get(point, 0)
+            self._counters[point] = count + 1
+        planned = self.plan.behaviours.get(point, ())
+        return planned[count] if count < len(planned) else NORMAL
+
+    def start(self) -> HostileServer:
+        """Start accepting connections; returns the server itself."""
+        self._acceptor.start()
+        return self
+
+    def __enter__(self) -> HostileServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until every connection accepted so far has ended."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            records = list(self.connections)
+        for record in records:
+            if not record.done.wait(max(0.0, end - time.monotonic())):
+                raise AssertionError(f"connection {record.index} still open after {timeout}s")
+
+    def stop(self) -> None:
+        """Stop accepting, end every connection, and join every thread."""
+        self.stopping.set()
+        if self._acceptor.ident is not None:
+            self._acceptor.join(timeout=5.0)
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                # Wake a thread blocked in recv/send; the socket is closed by its own thread.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            threads = list(self._threads)
+        stuck = []
+        for thread in threads:
+            thread.join(timeout=self.timeout + 5.0)
+            if thread.is_alive():
+                stuck.append(thread.name)
+        if self._acceptor.is_alive():
+            stuck.append(self._acceptor.name)
+        if stuck:
+            raise AssertionError(f"hostile server threads did not end: {stuck}")
+
+    def _accept_loop(self) -> None:
+        for _ in range(1_000_000):
+            if self.stopping.is_set():
+                return
+            try:
+                conn, _addr = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if not self.stopping.is_set():
+                    self.errors.append(f"accept failed: {exc!r}")
+                return
+            conn.settimeout(self.timeout)
+            with self._lock:
+                record = ConnectionRecord(index=len(self.connections))
+                self.connections.append(record)
+                thread = threading.Thread(
+                    target=self._serve, args=(conn, record), name=f"hostile-{record.index}"
+                )
+                self._sockets.append(conn)
+                self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, sock: socket.socket, record: ConnectionRecord) -> None:
+        peer = _Peer(sock, record, self)
+        try:
+            peer.run()
+        except _Ended as ended:
+            record.ended = str(ended)
+        except OSError as exc:
+            record.ended = f"socket error: {exc!r}"
+        except Exception as exc:
+            record.ended = f"server error: {exc!r}"
+            self.errors.append(f"connection {record.index}: {exc!r}")
+        finally:
+            try:
+                sock.close()
+            finally:
+                record.done.set()
