@@ -109,9 +109,10 @@ def _apply_envelope(transaction: _Transaction, replies: list[Reply], pos: int) -
     return pos
 
 
-def _short(closed: _SessionClosed | None) -> _SessionClosed:
-    """The reason a collection of replies came up short."""
-    assert closed is not None, "replies are only missing when the session ended"
+def _short(closed: _SessionClosed | DeliveryError | None) -> _SessionClosed | DeliveryError:
+    """The reason a collection of replies came up short (to raise once the replies that did
+    come are recorded)."""
+    assert closed is not None, "replies are only missing when the session ended or a read failed"
     return closed
 
 
@@ -355,9 +356,13 @@ class _Batch(_Delivery):
 
     def _collect(
         self, count: int, phase: str, debug: bool
-    ) -> Step[tuple[list[Reply], _SessionClosed | None]]:
+    ) -> Step[tuple[list[Reply], _SessionClosed | DeliveryError | None]]:
         """The replies to the next ``count`` commands in flight, reading as needed; fewer
-        (and the reason) when the server ends the session first (421 or end of file).
+        (and the reason) when the server ends the session first (421 or end of file) or a
+        read fails (a timeout or reset thrown in by the driver, a protocol violation): the
+        replies that came before still count, since one may be the previous message's final
+        reply (dropping it would report a delivered message as failed, and a retry would
+        deliver it twice).
         ``debug``: trace the replies (the ``mailrelay.flow`` logger's DEBUG level is on)."""
         conn = self._conn
         replies: list[Reply] = []
@@ -384,9 +389,13 @@ class _Batch(_Delivery):
                     continue
             except RemoteProtocolError as exc:
                 yield from self._closed()
-                raise ServerProtocolError(
+                error = ServerProtocolError(
                     f"the server broke the protocol: {exc}", host=self.config.peer
-                ) from exc
+                )
+                error.__cause__ = exc
+                return replies, error
+            except DeliveryError as exc:
+                return replies, exc
             if type(event) is Response:
                 reply = event.reply
                 if debug:
