@@ -33,6 +33,10 @@ and the extensions offered) and a batch of messages, and drives ``SMTPTransport.
    for each recipient whose RCPT got 2xx (the only excuse is a timeout: the reply may have
    come just after the client stopped waiting). Otherwise a retry would deliver it twice.
 
+7. A refused recipient is a result, never an exception (docs/transports.md): when the
+   server answered a message (refused MAIL, an RCPT or DATA, or gave a final reply) on a
+   connection it did not then reset, ``send`` returns a result (again, a timeout excuses).
+
 Plus: once the transport is closed, every connection the server accepted has ended (no
 socket outlives the transport), and no plan makes the client open more than two
 connections per message (plus one per pool slot).
@@ -67,6 +71,7 @@ from tests.transport.hostile_server import (
     Kind,
     Plan,
     Point,
+    TransactionRecord,
 )
 
 T = TypeVar("T")
@@ -113,9 +118,14 @@ def sender_of(index: int) -> str:
     return f"sender{index}@example.com"
 
 
+#: Padding that makes a message span several BDAT chunks (65536 octets each) when sent alone.
+BIG = 150_000
+
+
 def make_item(index: int, recipients: tuple[str, ...], eight_bit: bool, padding: int) -> Item:
-    """Message ``index``: 8-bit text or ASCII, ``padding`` more octets (for SIZE)."""
-    body = ("h\u00e9llo " if eight_bit else "hello ") + "x" * padding
+    """Message ``index``: 8-bit text or ASCII, about ``padding`` more octets (for SIZE, and
+    for BDAT chunks), in lines of 78 octets."""
+    body = ("h\u00e9llo " if eight_bit else "hello ") + ("x" * 76 + "\r\n") * (padding // 78)
     raw = (
         f"From: {sender_of(index)}\r\n"
         f"Subject: MARK-{index}\r\n"
@@ -147,7 +157,7 @@ def batches(draw: st.DrawFn, min_size: int, max_size: int) -> list[Item]:
         if draw(one_in(4)):
             recipients.append(RECIPIENTS[3])  # needs SMTPUTF8
         eight_bit = draw(one_in(3))
-        padding = draw(st.sampled_from([0, 200]))
+        padding = BIG if draw(one_in(6)) else draw(st.sampled_from([0, 234]))
         items.append(make_item(index, tuple(recipients), eight_bit, padding))
     return items
 
@@ -406,6 +416,40 @@ def check_answers_kept(server: HostileServer, item: Item, result: object) -> Non
         )
 
 
+def answered_on(transaction: TransactionRecord) -> bool:
+    """Whether the server gave this transaction an answer per recipient that the client
+    keeps as a result: a refusal of MAIL, an RCPT or DATA (anything but 421, which ends the
+    session), a final reply, or a refused BDAT chunk."""
+
+    def refusal(code: int | None) -> bool:
+        return code is not None and code != 421 and not _positive(code)
+
+    return (
+        refusal(transaction.mail)
+        or any(refusal(code) for _, code in transaction.recipients)
+        or (transaction.data is not None and transaction.data not in (354, 421))
+        or any(refusal(code) for code in transaction.chunks)
+        or (transaction.final is not None and transaction.final != 421)
+    )
+
+
+def check_refusals_are_results(server: HostileServer, item: Item, result: object) -> None:
+    """Property 7, for ``send``: a refused recipient is a result, never an exception. When
+    the server answered the message (:func:`answered_on`) on a connection it did not then
+    reset, ``send`` returns a result; the only excuse is a timeout (the answer may have come
+    just after the client stopped waiting)."""
+    if not isinstance(result, DeliveryError) or isinstance(result, DeliveryTimeout):
+        return
+    for connection in server.connections:
+        if "reset" in connection.ended:
+            continue  # a RST can make the kernel drop replies the client had not read yet
+        for transaction in connection.transactions:
+            assert not (transaction.sender == item.sender and answered_on(transaction)), (
+                f"message {item.index}: the server answered it ({transaction}), yet send "
+                f"raised {result!r}:\n{describe(server)}"
+            )
+
+
 def refused_before_sending(offered: tuple[str, ...], item: Item) -> bool:
     """Whether a server offering ``offered`` cannot take the message at all."""
     message, envelope = item.message, item.envelope
@@ -504,6 +548,7 @@ def check_each(
     assert len(outcomes) == len(items)
     for item, result in zip(items, outcomes, strict=True):
         check_answers_kept(server, item, result)
+        check_refusals_are_results(server, item, result)
         if isinstance(result, DeliveryError):
             continue  # property 2: only DeliveryError escapes send (checked in send_each)
         check_result(server, item, result)
