@@ -26,6 +26,10 @@ Rules of this module:
   after the change they report is committed.
 * Failure DSNs are queued in the commit of the bounce or expiry they report, and sent
   through ``dsn_transport`` by a later claim, as in the sync tracker.
+* :meth:`AsyncDeliveryTracker.arun_forever`'s default sleep ends at once when its stop
+  flag is set or when this tracker stores new work (``submit``, ``asubmit`` and their
+  ``_many`` forms, from the loop or from any thread: the news reaches the loop through
+  ``call_soon_threadsafe``).
 """
 
 from __future__ import annotations
@@ -111,9 +115,22 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
     """
 
     _async_callbacks = True
+    # While arun_forever sleeps with its default sleep: its loop and the event that ends
+    # the sleep when new work is stored (see _wake).
+    _waking: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
     def __repr__(self) -> str:
         return f"<AsyncDeliveryTracker worker={self.worker_id!r} store={self.store!r}>"
+
+    def _wake(self) -> None:
+        super()._wake()
+        waking = self._waking
+        if waking is not None:
+            loop, event = waking
+            # From the loop's own thread (submit called in a coroutine) or from a worker
+            # thread (asubmit) or any other: the event is set by the loop.
+            with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+                loop.call_soon_threadsafe(event.set)
 
     async def asubmit(self, message: Message, envelope: Envelope | None = None) -> str:
         """:meth:`submit`, with the store's commit in a worker thread."""
@@ -317,25 +334,44 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
         Args:
             stop: the stop flag; setting it wakes the default sleep at once, and an
                 attempt in progress always finishes and is recorded.
-            sleep: ``await sleep(seconds)``; tests pass one that advances a fake clock.
-            idle: the longest sleep.
+            sleep: ``await sleep(seconds)``; the default also ends at once when this
+                tracker stores new work. Tests pass one that advances a fake clock.
+            idle: the longest sleep (new submissions from other processes are noticed
+                at least this often).
             concurrency: ``asend_many`` calls (chunks) in flight at once.
             max_loops: stop after this many loops (``None``: only ``stop`` ends it).
         """
         stop = stop or asyncio.Event()
+        submitted = asyncio.Event()
 
-        async def wait_for_stop(seconds: float) -> None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=seconds)
+        async def nap(seconds: float) -> None:
+            if self._submitted.is_set():
+                return  # stored during the run: no sleep
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(submitted.wait())]
+            try:
+                await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
 
-        sleeper = sleep or wait_for_stop
-        loops = 0
-        while not stop.is_set() and (max_loops is None or loops < max_loops):
-            loops += 1
-            await self.arun_pending(concurrency=concurrency)
-            if stop.is_set():
-                break
-            await sleeper(await asyncio.to_thread(self._sleep_for, idle))
+        sleeper = sleep or nap
+        if sleep is None:
+            self._waking = (asyncio.get_running_loop(), submitted)
+        try:
+            loops = 0
+            while not stop.is_set() and (max_loops is None or loops < max_loops):
+                loops += 1
+                # Cleared before the run: a submission from now on ends the next sleep.
+                self._submitted.clear()
+                submitted.clear()
+                await self.arun_pending(concurrency=concurrency)
+                if stop.is_set():
+                    break
+                await sleeper(await asyncio.to_thread(self._sleep_for, idle))
+        finally:
+            if sleep is None:
+                self._waking = None
 
     async def aclose(self) -> None:
         """Close the store and the transports."""

@@ -37,6 +37,7 @@ import os
 import platform
 import random as _random
 import secrets
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -311,6 +312,12 @@ class TrackerCore(Generic[T]):
         self.commit_interval = commit_interval
         self.messages = MessageCache(message_cache)
         self.events = EventHub(allow_async=self._async_callbacks)
+        # Set when this tracker stores new work (submit, submit_many), from any thread:
+        # it ends the runner's sleep between batches (run_forever, arun_forever), so that
+        # a message submitted to an idle runner in this process goes out at once instead
+        # of after ``idle`` seconds. Work stored by other processes is still noticed by
+        # polling (``idle``).
+        self._submitted = threading.Event()
 
     # -- the public, storage-only operations ---------------------------------------
 
@@ -335,6 +342,7 @@ class TrackerCore(Generic[T]):
         record = self._new_record(message, envelope, self.clock())
         self.store.add(record, message.chunks())
         self.messages.put(message, record)
+        self._wake()
         log.debug("submitted %s (%d recipients)", record.id, len(record.recipients))
         return record.id
 
@@ -357,7 +365,12 @@ class TrackerCore(Generic[T]):
         ]
         self.store.add_many([(record, message.chunks()) for message, record in held])
         self.messages.put_many(held)
+        self._wake()
         return ids
+
+    def _wake(self) -> None:
+        """Tell a sleeping runner of this tracker that new work is stored (see ``_submitted``)."""
+        self._submitted.set()
 
     def _new_record(
         self,

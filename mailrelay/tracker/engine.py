@@ -29,14 +29,20 @@ Rules of this module:
   ``per_second``) has its transactions sent one at a time, so those limits count
   transactions exactly; the adaptive back-off applies between chunks.
 * :meth:`DeliveryTracker.run_forever` checks its stop flag between batches, so an
-  attempt in progress always finishes and is recorded.
+  attempt in progress always finishes and is recorded. Its default sleep ends at once
+  when the flag is set, and within :data:`WAKE_CHECK` seconds when this tracker stores
+  new work (from any thread): a ``threading.Event`` given by the caller cannot wake two
+  waits at once, so the sleep waits on the flag in slices and looks at the submissions
+  between them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -60,9 +66,15 @@ __all__ = [
     "RunSummary",
     "StopSignal",
     "VERP",
+    "WAKE_CHECK",
 ]
 
 log = logging.getLogger(__name__)
+
+
+#: The longest that :meth:`DeliveryTracker.run_forever`'s default sleep takes to notice
+#: new work submitted in this process (seconds).
+WAKE_CHECK = 0.05
 
 
 class StopSignal(Protocol):
@@ -273,20 +285,34 @@ class DeliveryTracker(TrackerCore[Transport]):
             stop: the stop flag (a ``threading.Event``); checked between batches, so
                 an attempt in progress always finishes and is recorded.
             sleep: ``sleep(seconds)``; the default waits on ``stop`` so that setting it
-                wakes the loop at once. Tests pass one that advances a fake clock.
+                wakes the loop at once, and also ends when this tracker's ``submit`` or
+                ``submit_many`` stores new work (within :data:`WAKE_CHECK` seconds).
+                Tests pass one that advances a fake clock.
             idle: the longest sleep (new submissions from other processes are noticed
                 at least this often).
             max_loops: stop after this many loops (``None``: only ``stop`` ends it).
         """
-        stop = stop or threading.Event()
-        sleeper = sleep or stop.wait
+        flag = stop or threading.Event()
+        sleeper = sleep or functools.partial(self._nap, flag)
         loops = 0
-        while not stop.is_set() and (max_loops is None or loops < max_loops):
+        while not flag.is_set() and (max_loops is None or loops < max_loops):
             loops += 1
+            # Cleared before the run: a submission from now on (during the run, say) ends
+            # the sleep that follows it.
+            self._submitted.clear()
             self.run_pending()
-            if stop.is_set():
+            if flag.is_set():
                 break
             sleeper(self._sleep_for(idle))
+
+    def _nap(self, stop: StopSignal, seconds: float) -> None:
+        """Wait ``seconds``, less when ``stop`` is set (at once) or when this tracker
+        stores new work (within :data:`WAKE_CHECK`)."""
+        deadline = time.monotonic() + seconds
+        while not self._submitted.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or stop.wait(min(left, WAKE_CHECK)):
+                return
 
     def close(self) -> None:
         """Close the store and the transports."""

@@ -539,6 +539,69 @@ def test_run_forever_default_sleep_wakes_when_stopped(store: Store) -> None:
     assert not thread.is_alive()
 
 
+#: How long a test waits for the runner to notice a submission: far below the runner's
+#: ``idle`` sleep (an hour), so only the wake-up can deliver within it (not a speed check).
+NOTICE_LIMIT = 30.0
+
+
+def wait_until_delivered(tracker: DeliveryTracker, tracking_id: str) -> None:
+    """Poll ``tracking_id``'s state until every recipient is DELIVERED (or give up)."""
+    done = threading.Event()
+    for _ in range(int(NOTICE_LIMIT / 0.01)):
+        if all(r.state is State.DELIVERED for r in tracker.status(tracking_id).recipients):
+            return
+        done.wait(0.01)
+    raise AssertionError(f"not delivered within {NOTICE_LIMIT} s: {tracker.status(tracking_id)}")
+
+
+@pytest.mark.parametrize("how", ["submit", "submit_many", "submit from another thread"])
+def test_run_forever_wakes_when_this_tracker_stores_new_work(store: Store, how: str) -> None:
+    transport = MemoryTransport()
+    tracker = tracker_for(transport, store, FakeClock())
+    stop = threading.Event()
+    runner = threading.Thread(target=tracker.run_forever, args=(stop,), kwargs={"idle": 3600.0})
+    runner.start()
+    try:
+        # Until nothing is due, the runner sleeps its idle hour; its first loop finds the
+        # queue empty.
+        stop.wait(0.1)
+        if how == "submit":
+            tracking_id = tracker.submit(message())
+        elif how == "submit_many":
+            [tracking_id] = tracker.submit_many([message()])
+        else:
+            ids: list[str] = []
+            submitter = threading.Thread(target=lambda: ids.append(tracker.submit(message())))
+            submitter.start()
+            submitter.join(timeout=10)
+            [tracking_id] = ids
+        wait_until_delivered(tracker, tracking_id)
+    finally:
+        stop.set()
+        runner.join(timeout=10)
+    assert not runner.is_alive()
+    assert len(transport.outbox) == 1
+
+
+def test_a_caller_sleep_is_not_cut_short_by_submissions(store: Store) -> None:
+    """A ``sleep`` given by the caller (tests advancing a fake clock) is called as asked."""
+    clock = FakeClock()
+    tracker = tracker_for(MemoryTransport(), store, clock)
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        tracker.submit(message())  # stored while "asleep": the next loop sends it
+        clock.advance(seconds)
+
+    tracker.run_forever(sleep=sleep, idle=5.0, max_loops=3)
+    # Each loop sends what the sleep before it stored, then sleeps the whole idle time
+    # again: nothing is due, and the caller's sleep is the caller's.
+    assert slept == [5.0, 5.0, 5.0]
+    assert len(tracker.find(state=State.DELIVERED)) == 2
+    assert len(tracker.find(state=State.QUEUED)) == 1
+
+
 @pytest.mark.parametrize(
     ("step", "options", "seen"),
     [

@@ -33,6 +33,7 @@ from mailrelay.tracker.store import MemoryStore, State, Store
 from mailrelay.transport.memory import MemoryTransport
 from tests.tracker.test_engine import (
     FATES,
+    NOTICE_LIMIT,
     T0,
     FakeClock,
     assert_nothing_lost,
@@ -229,6 +230,50 @@ def test_arun_forever_default_sleep_wakes_on_stop(store: Store) -> None:
         await asyncio.wait_for(task, timeout=10)
 
     run(scenario())
+
+
+@pytest.mark.parametrize("how", ["asubmit", "asubmit_many", "submit in the loop", "thread"])
+def test_arun_forever_wakes_when_this_tracker_stores_new_work(store: Store, how: str) -> None:
+    transport = MemoryTransport()
+    tracker = make(transport, store, FakeClock())
+
+    async def submit() -> str:
+        if how == "asubmit":
+            return await tracker.asubmit(message())
+        if how == "asubmit_many":
+            [tracking_id] = await tracker.asubmit_many([message()])
+            return tracking_id
+        if how == "submit in the loop":
+            return tracker.submit(message())
+        # From a thread of the application's own (not one of asyncio's workers).
+        ids: list[str] = []
+        submitter = threading.Thread(target=lambda: ids.append(tracker.submit(message())))
+        submitter.start()
+        await asyncio.to_thread(submitter.join, 10)
+        return ids[0]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        runner = asyncio.create_task(tracker.arun_forever(stop, idle=3600))
+        try:
+            await asyncio.sleep(0.1)  # the first loop finds nothing: the runner sleeps
+            tracking_id = await submit()
+
+            async def delivered() -> None:
+                while not all(
+                    r.state is State.DELIVERED
+                    for r in (await tracker.astatus(tracking_id)).recipients
+                ):
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(delivered(), timeout=NOTICE_LIMIT)
+        finally:
+            stop.set()
+            await asyncio.wait_for(runner, timeout=10)
+        assert tracker._waking is None  # arun_forever let go of its loop
+
+    run(scenario())
+    assert len(transport.outbox) == 1
 
 
 def test_aclose_closes_everything(tmp_path: Path) -> None:
