@@ -29,6 +29,9 @@ Rules:
   client hangs up or ``endless_limit`` octets have gone out. The server never sends a
   well-formed reply the client did not ask for, so the client's reading of the replies and
   the records always agree on which reply answered which command.
+- Every connection the plan does not reset ends with a lingering close (our side shut, the
+  client's input taken until it hangs up, bounded): closing with unread input would make
+  the kernel send a RST, which can destroy replies the client had not read yet.
 - A socket error (the client hung up or reset) ends a connection and is recorded in
   :attr:`ConnectionRecord.ended`, never an error: hostile tests expect clients to give up.
   Any other exception inside the server is a bug in the test and is collected in
@@ -284,6 +287,7 @@ class _Peer:
         self.buffer = bytearray()
         self.deadline = time.monotonic() + server.session_limit
         self.current: TransactionRecord | None = None
+        self.reset = False
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -384,6 +388,7 @@ class _Peer:
                 raise _Ended("closed by plan")
             case Ending.RESET:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.reset = True
                 raise _Ended("reset by plan")
             case Ending.SILENT:
                 end = time.monotonic() + self.server.silence_limit
@@ -408,6 +413,25 @@ class _Peer:
             record.endless_cut = True
             raise _Ended(f"endless reply cut by the client: {exc!r}") from exc
         raise _Ended("endless limit reached")
+
+    def linger(self) -> None:
+        """End a connection the plan does not reset with a FIN the client can read up to:
+        shut our side, then take what the client still sends until it hangs up (bounded).
+        Closing a socket with unread input makes the kernel send a RST instead, which may
+        destroy replies the client had not read yet (as a pipelining client still writing
+        would), and the records would then claim replies the client could never see."""
+        if self.reset:
+            return
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+            end = time.monotonic() + self.server.linger_limit
+            while time.monotonic() < end and not self.server.stopping.is_set():
+                self.sock.settimeout(max(0.01, min(0.1, end - time.monotonic())))
+                try:
+                    if not self.sock.recv(65536):
+                        return
+                except TimeoutError:
+                    continue
 
     # -- the dialogue ------------------------------------------------------------------------
 
@@ -502,6 +526,8 @@ class HostileServer:
     Args:
         plan: the misbehaviour.
         silence_limit: the longest a silent connection waits for the client to hang up.
+        linger_limit: the longest a closing connection takes the client's input (see
+            ``_Peer.linger``) before it closes anyway.
         endless_limit: the most octets an endless reply sends.
         timeout: seconds any single socket wait may take.
         session_limit: seconds a whole connection may take.
@@ -512,12 +538,14 @@ class HostileServer:
         plan: Plan,
         *,
         silence_limit: float = 10.0,
+        linger_limit: float = 5.0,
         endless_limit: int = 32 * 1024 * 1024,
         timeout: float = 10.0,
         session_limit: float = 30.0,
     ) -> None:
         self.plan = plan
         self.silence_limit = silence_limit
+        self.linger_limit = linger_limit
         self.endless_limit = endless_limit
         self.timeout = timeout
         self.session_limit = session_limit
@@ -624,6 +652,7 @@ class HostileServer:
             self.errors.append(f"connection {record.index}: {exc!r}")
         finally:
             try:
-                sock.close()
+                peer.linger()
+                peer.sock.close()
             finally:
                 record.done.set()

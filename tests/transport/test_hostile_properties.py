@@ -100,7 +100,7 @@ BATCH_EXAMPLES = settings(EXAMPLES, max_examples=50)
 # -- what is sent ----------------------------------------------------------------------------
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, repr=False)
 class Item:
     """One message of a batch, numbered: its sender and ``MARK-n`` subject name it on the
     server's side."""
@@ -112,6 +112,19 @@ class Item:
     @property
     def sender(self) -> str:
         return sender_of(self.index)
+
+    def __repr__(self) -> str:
+        # Short: Hypothesis prints (and warns about the size of) the examples it draws, and
+        # a message's repr holds its wire bytes.
+        recipients = [str(r.address) for r in self.envelope.recipients]
+        return (
+            f"Item(index={self.index}, size={self.message.size}, "
+            f"needs_8bitmime={self.message.needs_8bitmime}, recipients={recipients})"
+        )
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        # Hypothesis's printer would list an attrs instance's fields instead of its repr.
+        printer.text(repr(self))
 
 
 def sender_of(index: int) -> str:
