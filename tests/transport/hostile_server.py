@@ -247,6 +247,7 @@ class ConnectionRecord:
         transactions: the transactions, in order.
         commands: how many command lines (and message contents) the server read.
         ended: how the connection ended.
+        reset: whether the plan ended it with a RST.
         endless_bytes: how many octets an endless reply sent.
         endless_cut: whether an endless reply ended because the client hung up.
     """
@@ -257,6 +258,7 @@ class ConnectionRecord:
     transactions: list[TransactionRecord] = attrs.field(factory=list)
     commands: int = 0
     ended: str = ""
+    reset: bool = False
     endless_bytes: int = 0
     endless_cut: bool = False
     done: threading.Event = attrs.field(factory=threading.Event, repr=False)
@@ -287,7 +289,6 @@ class _Peer:
         self.buffer = bytearray()
         self.deadline = time.monotonic() + server.session_limit
         self.current: TransactionRecord | None = None
-        self.reset = False
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -388,7 +389,7 @@ class _Peer:
                 raise _Ended("closed by plan")
             case Ending.RESET:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.reset = True
+                self.record.reset = True
                 raise _Ended("reset by plan")
             case Ending.SILENT:
                 end = time.monotonic() + self.server.silence_limit
@@ -420,7 +421,7 @@ class _Peer:
         Closing a socket with unread input makes the kernel send a RST instead, which may
         destroy replies the client had not read yet (as a pipelining client still writing
         would), and the records would then claim replies the client could never see."""
-        if self.reset:
+        if self.record.reset:
             return
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)

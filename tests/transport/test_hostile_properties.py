@@ -27,12 +27,10 @@ and the extensions offered) and a batch of messages, and drives ``SMTPTransport.
    got a 2xx is never reported as a permanent failure unless the server also refused it.
 5. Bounded memory: an endless reply line or multi-line reply is cut by the client (it hangs
    up) long before the server's cap on what it sends.
-
 6. A final reply the client received is never lost: when the server answered a message's
    data 2xx on a connection it did not then reset, the client reports the message ACCEPTED
    for each recipient whose RCPT got 2xx (the only excuse is a timeout: the reply may have
    come just after the client stopped waiting). Otherwise a retry would deliver it twice.
-
 7. A refused recipient is a result, never an exception (docs/transports.md): when the
    server answered a message (refused MAIL, an RCPT or DATA, or gave a final reply) on a
    connection it did not then reset, ``send`` returns a result (again, a timeout excuses).
@@ -48,7 +46,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import attrs
 import pytest
@@ -73,8 +71,6 @@ from tests.transport.hostile_server import (
     Point,
     TransactionRecord,
 )
-
-T = TypeVar("T")
 
 #: Every phase's limit: short, so that a plan with silence costs little.
 TIMEOUT = 0.3
@@ -368,41 +364,39 @@ def _positive(code: int | None) -> bool:
     return code is not None and 200 <= code < 300
 
 
+def accepts(transaction: TransactionRecord, item: Item, address: str) -> bool:
+    """Whether ``transaction`` is one of ``item``'s, took its data, and answered 2xx to MAIL,
+    to the recipient's RCPT, to every BDAT chunk and to the data."""
+    return (
+        transaction.sender == item.sender
+        and transaction.marker == item.index
+        and _positive(transaction.mail)
+        and any(a == address and _positive(c) for a, c in transaction.recipients)
+        and all(_positive(code) for code in transaction.chunks)
+        and _positive(transaction.final)
+    )
+
+
 def accepted_by_server(server: HostileServer, item: Item, address: str) -> bool:
-    """Whether some transaction of ``item`` took its data and answered 2xx to MAIL, to the
-    recipient's RCPT and to the data (property 4)."""
-    for connection in server.connections:
-        for transaction in connection.transactions:
-            if (
-                transaction.sender == item.sender
-                and transaction.marker == item.index
-                and _positive(transaction.mail)
-                and any(a == address and _positive(c) for a, c in transaction.recipients)
-                and all(_positive(code) for code in transaction.chunks)
-                and _positive(transaction.final)
-            ):
-                return True
-    return False
+    """Whether some transaction accepted ``item`` for the recipient (property 4)."""
+    return any(
+        accepts(transaction, item, address)
+        for connection in server.connections
+        for transaction in connection.transactions
+    )
 
 
 def surely_received(server: HostileServer, item: Item, address: str) -> bool:
-    """Whether a 2xx final reply for the recipient (as :func:`accepted_by_server`) went out
-    on a connection the server did not then reset: the client's kernel has it, so the
-    client can have missed it only by giving up waiting first (property 6)."""
-    for connection in server.connections:
-        if "reset" in connection.ended:
-            continue  # a RST can make the kernel drop replies the client had not read yet
-        for transaction in connection.transactions:
-            if (
-                transaction.sender == item.sender
-                and transaction.marker == item.index
-                and _positive(transaction.mail)
-                and any(a == address and _positive(c) for a, c in transaction.recipients)
-                and all(_positive(code) for code in transaction.chunks)
-                and _positive(transaction.final)
-            ):
-                return True
-    return False
+    """Whether a transaction accepted ``item`` for the recipient on a connection the plan
+    did not then reset: the client's kernel has the reply, so the client can have missed
+    it only by giving up waiting first (property 6). (A RST can make the kernel drop
+    replies the client had not read yet.)"""
+    return any(
+        accepts(transaction, item, address)
+        for connection in server.connections
+        if not connection.reset
+        for transaction in connection.transactions
+    )
 
 
 def check_answers_kept(server: HostileServer, item: Item, result: object) -> None:
@@ -454,7 +448,7 @@ def check_refusals_are_results(server: HostileServer, item: Item, result: object
     if not isinstance(result, DeliveryError) or isinstance(result, DeliveryTimeout):
         return
     for connection in server.connections:
-        if "reset" in connection.ended:
+        if connection.reset:
             continue  # a RST can make the kernel drop replies the client had not read yet
         for transaction in connection.transactions:
             assert not (transaction.sender == item.sender and answered_on(transaction)), (
