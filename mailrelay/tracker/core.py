@@ -48,7 +48,6 @@ import attrs
 from mailrelay._slots import new_instance, slot_setters
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Recipient
-from mailrelay.errors import DeliveryError
 from mailrelay.message import Message
 from mailrelay.results import DeliveryResult
 from mailrelay.tracker.cache import MessageCache
@@ -76,7 +75,6 @@ from mailrelay.tracker.store import (
 from mailrelay.tracker.transitions import (
     AttemptMemo,
     Decision,
-    from_error,
     from_result,
     put_back,
 )
@@ -656,13 +654,6 @@ class TrackerCore(Generic[T]):
             retry=self.retry,
             random=self.random,
             attempts=attempts,
-        )
-
-    def _from_error(
-        self, work: Work, group: Group, error: DeliveryError, now: dt.datetime
-    ) -> Decision:
-        return from_error(
-            work.record, group.recipients, error, now=now, retry=self.retry, random=self.random
         )
 
     def _transport_for(self, work: Work) -> T:

@@ -12,6 +12,14 @@ Rules of this module:
   after submission *expires* (RFC 5321 §4.5.4.1: "the give-up time generally
   needs to be at least 4-5 days"; the default is 5 days). The last retry is
   scheduled at the deadline itself, so every recipient gets a try at its end.
+* Errors about our own side defer, even when permanent: ``defer_errors`` (by default
+  :class:`~mailrelay.errors.AuthenticationError` and :class:`~mailrelay.errors.TLSError`)
+  say that this client cannot deliver now (refused credentials, a TLS policy or
+  certificate that cannot be met), which its operator can fix, not that the message or
+  its recipients are refused. Bouncing on them would turn one wrong password into a
+  bounce for every queued message; like Postfix (``smtp_sasl_auth_soft_bounce``, on by
+  default; a failed TLS policy is a deferral there too), they are retried until the
+  maximum age. Every other permanent error and reply bounces.
 * A hook ``(recipient, reply) -> delay | None`` may choose the delay for a
   particular answer (say, a longer one for ``4.2.2`` mailbox full); ``None``
   means "no opinion" and the exponential schedule applies. The maximum age
@@ -28,11 +36,12 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import attrs
 
 from mailrelay.address import Address
+from mailrelay.errors import AuthenticationError, DeliveryError, TLSError
 from mailrelay.reply import Reply
 
 __all__ = ["DomainLimits", "DomainShaper", "RetryHook", "RetryPolicy"]
@@ -50,6 +59,14 @@ def _seconds(value: float | dt.timedelta) -> float:
     return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
 
 
+def _error_classes(value: Iterable[type[DeliveryError]]) -> tuple[type[DeliveryError], ...]:
+    classes = tuple(value)
+    for kind in classes:
+        if not (isinstance(kind, type) and issubclass(kind, DeliveryError)):
+            raise TypeError(f"defer_errors takes DeliveryError subclasses, not {kind!r}")
+    return classes
+
+
 @attrs.frozen(kw_only=True)
 class RetryPolicy:
     """How long to wait before retrying a deferred recipient, and when to give up.
@@ -62,9 +79,14 @@ class RetryPolicy:
         max_age: how long after submission a recipient may be retried, in seconds
             (default 5 days, RFC 5321 §4.5.4.1).
         hook: an optional ``(recipient, reply) -> delay | None`` policy hook.
+        defer_errors: the :class:`~mailrelay.errors.DeliveryError` classes that defer
+            the recipients of their attempt even when permanent (default:
+            ``AuthenticationError`` and ``TLSError``, see the module rules); ``()``
+            bounces on every permanent error.
 
     Raises:
         ValueError: a non-positive delay, factor below 1, or jitter outside 0..1.
+        TypeError: ``defer_errors`` holds something other than ``DeliveryError`` classes.
     """
 
     initial: float = attrs.field(default=300.0, converter=_seconds, validator=_positive)
@@ -75,6 +97,18 @@ class RetryPolicy:
     )
     max_age: float = attrs.field(default=5 * 86400.0, converter=_seconds, validator=_positive)
     hook: RetryHook | None = None
+    defer_errors: tuple[type[DeliveryError], ...] = attrs.field(
+        default=(AuthenticationError, TLSError), converter=_error_classes
+    )
+
+    def defers(self, error: DeliveryError) -> bool:
+        """Whether ``error`` defers the recipients of its attempt (else it bounces them):
+        it is transient, or one of ``defer_errors``."""
+        return error.is_transient or isinstance(error, self.defer_errors)
+
+    def defers_class(self, kind: type[DeliveryError]) -> bool:
+        """Whether a permanent error of class ``kind`` defers (is one of ``defer_errors``)."""
+        return issubclass(kind, self.defer_errors)
 
     def delay(self, retry: int, random: Callable[[], float]) -> float:
         """The delay before the ``retry``-th retry (1 for the first), in seconds."""

@@ -12,9 +12,12 @@ Rules of this module (DESIGN.md §7; the diagram is in ``docs/tracker.md``):
   transport left without a result is treated as TRANSIENT (the transport broke its
   contract; retrying loses nothing).
 * A :class:`~mailrelay.errors.DeliveryError` decides for every recipient of the attempt
-  by its ``is_transient``. Through ``send_many`` such an error arrives as that message's
-  result (:func:`~mailrelay.transport.base.failed_result`: every recipient's ``reason``
-  is ``"<error class>: <error>"``); it is recorded the same way, as an ``"error"`` attempt.
+  by its ``is_transient``, except that the policy's ``defer_errors`` (refused credentials,
+  TLS: our side, not the recipients) defer even when permanent
+  (:meth:`~mailrelay.tracker.retry.RetryPolicy.defers`). Through ``send_many`` such an
+  error arrives as that message's result (:func:`~mailrelay.transport.base.failed_result`:
+  every recipient's ``reason`` is ``"<error class>: <error>"``); it is recorded the same
+  way, as an ``"error"`` attempt, and decided the same way.
 * Putting work back (an unexpected exception, or per-domain shaping holding a domain
   off) records no attempt: a recipient never tried goes back to QUEUED, one tried
   before to DEFERRED, due at the given time.
@@ -86,6 +89,27 @@ def _from_error_result(found: RecipientResult) -> bool:
     name, colon, _rest = reason.partition(": ")
     # Subclasses are looked up each time: an application may define its own.
     return bool(colon) and name in _delivery_error_names()
+
+
+def _error_classes_named(name: str) -> list[type[DeliveryError]]:
+    found = []
+    todo: list[type[DeliveryError]] = [DeliveryError]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == name:
+            found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def _deferring_error(found: RecipientResult, retry: RetryPolicy) -> bool:
+    """Whether a PERMANENT ``found`` is what ``failed_result`` made of one of the policy's
+    ``defer_errors`` (so it defers, as :func:`from_error` decides for the error itself)."""
+    reason = found.reason
+    if reason is None or not retry.defer_errors or not _from_error_result(found):
+        return False
+    name = reason.partition(": ")[0]
+    return any(retry.defers_class(cls) for cls in _error_classes_named(name))
 
 
 def put_back(
@@ -260,7 +284,7 @@ def from_result(
             any_accepted = True
             all_transient = False
             changes.append(new_change(recipient.address, _DELIVERED, attempt))
-        elif found.outcome is _PERMANENT:
+        elif found.outcome is _PERMANENT and not _deferring_error(found, retry):
             all_transient = False
             changes.append(new_change(recipient.address, _BOUNCED, attempt))
         else:
@@ -299,9 +323,10 @@ def from_error(
         text=f"{type(error).__name__}: {error}",
         source="error",
     )
+    defers = retry.defers(error)
     changes = []
     for recipient in recipients:
-        if error.is_transient:
+        if defers:
             changes.append(
                 _failure_change(
                     record, recipient.address, attempt, reply, now=now, retry=retry, random=random
@@ -309,4 +334,4 @@ def from_error(
             )
         else:
             changes.append(Change(address=recipient.address, state=State.BOUNCED, attempt=attempt))
-    return Decision(tuple(changes), True if error.is_transient else None)
+    return Decision(tuple(changes), True if defers else None)

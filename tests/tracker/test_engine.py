@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
-from mailrelay.errors import AuthenticationError, ConnectError, SessionRefused
+from mailrelay.errors import AuthenticationError, ConnectError, SessionRefused, TLSError
 from mailrelay.message import Message
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome
@@ -171,20 +171,30 @@ def test_each_recipient_gets_its_own_outcome_and_retries_go_only_to_the_unresolv
     assert [x.code for x in a.attempts] == [452, 250]
 
 
+BAD_CREDENTIALS = AuthenticationError("bad credentials", reply=Reply.of(535, "5.7.8 no"))
+UNTRUSTED = TLSError("certificate verify failed", host="mx:25")
+
+
 @pytest.mark.parametrize(
-    ("error", "state"),
+    ("error", "policy", "state"),
     [
-        (ConnectError("refused", host="mx:25"), State.DEFERRED),
-        (SessionRefused("busy", reply=Reply.of(421, "4.3.2 busy")), State.DEFERRED),
-        (AuthenticationError("bad credentials", reply=Reply.of(535, "5.7.8 no")), State.BOUNCED),
-        (SessionRefused("go away", reply=Reply.of(554, "5.7.1 no")), State.BOUNCED),
+        (ConnectError("refused", host="mx:25"), RetryPolicy(), State.DEFERRED),
+        (SessionRefused("busy", reply=Reply.of(421, "4.3.2 busy")), RetryPolicy(), State.DEFERRED),
+        (SessionRefused("go away", reply=Reply.of(554, "5.7.1 no")), RetryPolicy(), State.BOUNCED),
+        # Permanent, but about our side (credentials, TLS): deferred by default, so that a
+        # wrong password does not bounce the whole queue...
+        (BAD_CREDENTIALS, RetryPolicy(), State.DEFERRED),
+        (UNTRUSTED, RetryPolicy(), State.DEFERRED),
+        # ...and bounced when the policy says so.
+        (BAD_CREDENTIALS, RetryPolicy(defer_errors=()), State.BOUNCED),
+        (UNTRUSTED, RetryPolicy(defer_errors=[AuthenticationError]), State.BOUNCED),
     ],
 )
 def test_a_delivery_error_decides_for_every_recipient(
-    store: Store, error: Exception, state: State
+    store: Store, error: Exception, policy: RetryPolicy, state: State
 ) -> None:
     clock = FakeClock()
-    tracker = tracker_for(MemoryTransport(scripted(error)), store, clock)
+    tracker = tracker_for(MemoryTransport(scripted(error)), store, clock, retry=policy)
     tracking_id = tracker.submit(message())
     tracker.run_pending()
     record = tracker.status(tracking_id)

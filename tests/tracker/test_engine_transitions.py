@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
-from mailrelay.errors import ConnectError, SessionRefused
+from mailrelay.errors import (
+    AuthenticationError,
+    ConnectError,
+    DeliveryError,
+    NoRoute,
+    SessionRefused,
+    TLSError,
+)
 from mailrelay.message import Message
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
@@ -132,10 +139,13 @@ def test_a_transient_reply_after_max_age_expires() -> None:
     [
         (ConnectError("refused", host="mx:25"), State.DEFERRED, True),
         (SessionRefused("go away", reply=Reply.of(554, "5.7.1 no")), State.BOUNCED, None),
+        # Our side, not the recipients': deferred (and the host backed off) by default.
+        (AuthenticationError("no", reply=Reply.of(535, "5.7.8 no")), State.DEFERRED, True),
+        (TLSError("certificate verify failed"), State.DEFERRED, True),
     ],
 )
 def test_a_delivery_error_decides_for_every_recipient(
-    error: ConnectError | SessionRefused, state: State, refused: bool | None
+    error: DeliveryError, state: State, refused: bool | None
 ) -> None:
     rec = record()
     decision = from_error(
@@ -200,11 +210,28 @@ def test_a_result_made_from_a_delivery_error_is_recorded_as_an_error(
     assert all(c.attempt is not None and c.attempt.text == reason for c in decision.changes)
 
 
-def test_failed_result_decides_as_the_error_itself() -> None:
+class RelayLoginRefused(AuthenticationError):
+    """An application's own kind of AuthenticationError (found by its name in a result)."""
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        RetryPolicy(jitter=0),
+        RetryPolicy(jitter=0, defer_errors=()),
+        RetryPolicy(jitter=0, defer_errors=[TLSError]),
+    ],
+    ids=["default", "bounce on every permanent error", "defer TLS only"],
+)
+def test_failed_result_decides_as_the_error_itself(policy: RetryPolicy) -> None:
     rec = record()
     for error in (
         ConnectError("refused", host="mx:25"),
         SessionRefused("go away", reply=Reply.of(554, "5.7.1 no")),
+        AuthenticationError("no", reply=Reply.of(535, "5.7.8 no")),
+        RelayLoginRefused("no", reply=Reply.of(535, "5.7.8 no")),
+        TLSError("certificate verify failed", host="mx:25"),
+        NoRoute("null MX"),
     ):
         folded = from_result(
             rec,
@@ -213,18 +240,22 @@ def test_failed_result_decides_as_the_error_itself() -> None:
                 Message.build(sender="s@example.com", to=["a@example.org"]), rec.envelope, error
             ),
             now=T0,
-            retry=RetryPolicy(jitter=0),
+            retry=policy,
             random=lambda: 0.5,
         )
         raised = from_error(
-            rec,
-            rec.envelope.recipients,
-            error,
-            now=T0,
-            retry=RetryPolicy(jitter=0),
-            random=lambda: 0.5,
+            rec, rec.envelope.recipients, error, now=T0, retry=policy, random=lambda: 0.5
         )
-        assert folded == raised
+        assert folded == raised, error
+        deferred = error.is_transient or isinstance(error, policy.defer_errors)
+        expected = State.DEFERRED if deferred else State.BOUNCED
+        assert [c.state for c in raised.changes] == [expected, expected], error
+
+
+def test_defer_errors_takes_delivery_error_classes_only() -> None:
+    assert RetryPolicy(defer_errors=[TLSError]).defer_errors == (TLSError,)
+    with pytest.raises(TypeError, match="DeliveryError subclasses"):
+        RetryPolicy(defer_errors=[ValueError])  # type: ignore[list-item]
 
 
 @pytest.mark.parametrize(
