@@ -182,8 +182,18 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
             await self.events.afire(event)
         return match
 
-    async def arun_pending(self, *, concurrency: int = 10, max_rounds: int = 1000) -> RunSummary:
+    async def arun_pending(
+        self,
+        *,
+        concurrency: int = 10,
+        max_rounds: int = 1000,
+        stop: asyncio.Event | None = None,
+    ) -> RunSummary:
         """Send everything due now, at most ``concurrency`` ``asend_many`` calls at a time.
+
+        ``stop``, looked at before each chunk starts: once it is set, no chunk starts;
+        the ones in flight finish and are recorded, the rest of the claimed batch is put
+        back (due at once, no attempt recorded), and the run returns.
 
         Raises:
             Exception: the first exception other than a ``DeliveryError`` that a
@@ -194,6 +204,8 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
             raise ValueError("concurrency must be at least 1")
         summary = NOTHING_DONE
         for _ in range(max_rounds):
+            if stop is not None and stop.is_set():
+                break
             claims = await asyncio.to_thread(self._claim)
             if not claims:
                 break
@@ -201,7 +213,7 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
             works = [work for work in loaded if isinstance(work, Work)]
             commits = _Commits(self)
             try:
-                summary += await self._arun_batch(works, concurrency, commits)
+                summary += await self._arun_batch(works, concurrency, commits, stop)
             finally:
                 # Results in hand (and work put back) are committed, and their events
                 # fired, even when an error propagates or the run is cancelled.
@@ -239,7 +251,11 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
             self.store.apply(claim.tracking_id, changes, worker=claim.worker)
 
     async def _arun_batch(
-        self, works: Sequence[Work], concurrency: int, commits: _Commits
+        self,
+        works: Sequence[Work],
+        concurrency: int,
+        commits: _Commits,
+        stop: asyncio.Event | None = None,
     ) -> RunSummary:
         """Deliver a claimed batch in chunks, up to ``concurrency`` of them at once.
 
@@ -261,6 +277,10 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
         failure: BaseException | None = None
         try:
             while True:
+                if queue and stop is not None and stop.is_set():
+                    # Stopping: nothing more starts; what is not sent goes back, due now.
+                    commits.add(self._put_back_groups(queue))
+                    queue.clear()
                 while queue and failure is None and len(running) < concurrency:
                     room = self.commit_batch - len(commits.pending) - sum(running.values())
                     if room < 1:
@@ -332,8 +352,9 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
         """Send due work until ``stop`` is set, sleeping until the next due time.
 
         Args:
-            stop: the stop flag; setting it wakes the default sleep at once, and an
-                attempt in progress always finishes and is recorded.
+            stop: the stop flag; setting it wakes the default sleep at once; the chunks
+                in flight finish and are recorded, and the rest of the claimed batch is
+                put back, due at once (see :meth:`arun_pending`).
             sleep: ``await sleep(seconds)``; the default also ends at once when this
                 tracker stores new work. Tests pass one that advances a fake clock.
             idle: the longest sleep (new submissions from other processes are noticed
@@ -365,7 +386,7 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
                 # Cleared before the run: a submission from now on ends the next sleep.
                 self._submitted.clear()
                 submitted.clear()
-                await self.arun_pending(concurrency=concurrency)
+                await self.arun_pending(concurrency=concurrency, stop=stop)
                 if stop.is_set():
                     break
                 await sleeper(await asyncio.to_thread(self._sleep_for, idle))

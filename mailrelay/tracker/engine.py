@@ -28,12 +28,13 @@ Rules of this module:
 * A domain with a concurrency or rate limit (``DomainLimits.max_concurrent`` or
   ``per_second``) has its transactions sent one at a time, so those limits count
   transactions exactly; the adaptive back-off applies between chunks.
-* :meth:`DeliveryTracker.run_forever` checks its stop flag between batches, so an
-  attempt in progress always finishes and is recorded. Its default sleep ends at once
-  when the flag is set, and within :data:`WAKE_CHECK` seconds when this tracker stores
-  new work (from any thread): a ``threading.Event`` given by the caller cannot wake two
-  waits at once, so the sleep waits on the flag in slices and looks at the submissions
-  between them.
+* :meth:`DeliveryTracker.run_forever` checks its stop flag between chunks, so an
+  attempt in progress always finishes and is recorded, and what the claimed batch still
+  holds goes back, due at once (stopping takes about one chunk, not one batch). Its
+  default sleep ends at once when the flag is set, and within :data:`WAKE_CHECK` seconds
+  when this tracker stores new work (from any thread): a ``threading.Event`` given by
+  the caller cannot wake two waits at once, so the sleep waits on the flag in slices and
+  looks at the submissions between them.
 """
 
 from __future__ import annotations
@@ -150,12 +151,20 @@ class DeliveryTracker(TrackerCore[Transport]):
             self.events.fire(event)
         return match
 
-    def run_pending(self, *, max_rounds: int = 1000) -> RunSummary:
+    def run_pending(self, *, max_rounds: int = 1000, stop: StopSignal | None = None) -> RunSummary:
         """Send everything due now, then return what was done.
 
         Claims batches until nothing is due (at most ``max_rounds`` batches). Each
         claimed batch goes to the transport's ``send_many`` in chunks (see the module
         docstring), so a transport that pipelines across messages does so here too.
+
+        Args:
+            max_rounds: the most batches to claim.
+            stop: a stop flag, looked at between chunks: once it is set, the rest of the
+                claimed batch is put back (due at once, no attempt recorded), the results
+                in hand are committed, and the run returns. A chunk is at most
+                ``commit_batch`` transactions and about ``commit_interval`` of work, so
+                stopping takes about that long, not a whole batch.
 
         Raises:
             Exception: whatever a transport raised that is not a
@@ -164,13 +173,15 @@ class DeliveryTracker(TrackerCore[Transport]):
         """
         summary = NOTHING_DONE
         for _ in range(max_rounds):
+            if stop is not None and stop.is_set():
+                break
             claims = self._claim()
             if not claims:
                 break
-            summary += self._run_batch(claims)
+            summary += self._run_batch(claims, stop)
         return summary
 
-    def _run_batch(self, claims: Sequence[Claim]) -> RunSummary:
+    def _run_batch(self, claims: Sequence[Claim], stop: StopSignal | None = None) -> RunSummary:
         try:
             records = self._read_batch(claims)
             works = [
@@ -189,6 +200,12 @@ class DeliveryTracker(TrackerCore[Transport]):
         oldest: dt.datetime | None = None  # when the first uncommitted result came in
         try:
             while queue:
+                if stop is not None and stop.is_set():
+                    # Stopping: what is not sent yet goes back, due at once (committed
+                    # with the results in hand, below).
+                    pending.extend(self._put_back_groups(queue))
+                    queue.clear()
+                    break
                 room = self.commit_batch - len(pending)
                 chunk, postponed = self._take_chunk(queue, pending, room)
                 if postponed:
@@ -282,8 +299,9 @@ class DeliveryTracker(TrackerCore[Transport]):
         """Send due work until ``stop`` is set, sleeping until the next due time in between.
 
         Args:
-            stop: the stop flag (a ``threading.Event``); checked between batches, so
-                an attempt in progress always finishes and is recorded.
+            stop: the stop flag (a ``threading.Event``); checked between chunks (see
+                :meth:`run_pending`): the chunk in flight finishes and is recorded, the
+                rest of the claimed batch is put back, due at once.
             sleep: ``sleep(seconds)``; the default waits on ``stop`` so that setting it
                 wakes the loop at once, and also ends when this tracker's ``submit`` or
                 ``submit_many`` stores new work (within :data:`WAKE_CHECK` seconds).
@@ -300,7 +318,7 @@ class DeliveryTracker(TrackerCore[Transport]):
             # Cleared before the run: a submission from now on (during the run, say) ends
             # the sleep that follows it.
             self._submitted.clear()
-            self.run_pending()
+            self.run_pending(stop=flag)
             if flag.is_set():
                 break
             sleeper(self._sleep_for(idle))

@@ -593,6 +593,56 @@ def test_run_forever_wakes_when_this_tracker_stores_new_work(store: Store, how: 
     assert len(transport.outbox) == 1
 
 
+def stopping_after(count: int, stop: threading.Event) -> Callable[[Message, Envelope], Answer]:
+    """A handler that accepts everything and sets ``stop`` while delivering message ``count``."""
+    seen = [0]
+
+    def handler(_message: Message, _envelope: Envelope) -> Answer:
+        seen[0] += 1
+        if seen[0] == count:
+            stop.set()
+        return {}
+
+    return handler
+
+
+def assert_stopped_between_chunks(tracker: DeliveryTracker, transport: MemoryTransport) -> None:
+    """Everything sent was recorded DELIVERED; everything else is QUEUED, due at once, with
+    no attempt; a later run sends the rest, each message once."""
+    sent = len(transport.outbox)
+    assert 3 <= sent < 10  # the chunk in flight finished; the batch did not
+    delivered = tracker.find(state=State.DELIVERED)
+    queued = tracker.find(state=State.QUEUED)
+    assert len(delivered) == sent
+    assert len(queued) == 10 - sent
+    assert all(not r.attempts for q in queued for r in q.recipients)
+    due = tracker.next_due()
+    assert due is not None
+    assert due <= tracker.clock()
+    assert tracker.run_pending().delivered == 10 - sent
+    subjects = [str(item.message.get("Subject")) for item in transport.outbox]
+    assert sorted(subjects) == sorted(f"m{i}" for i in range(10))  # no duplicate
+
+
+@pytest.mark.parametrize("runner", ["run_pending", "run_forever"])
+def test_stopping_puts_back_what_the_claimed_batch_has_not_sent(store: Store, runner: str) -> None:
+    stop = threading.Event()
+    transport = MemoryTransport(stopping_after(3, stop))
+    tracker = tracker_for(transport, store, FakeClock(), commit_batch=2)
+    tracker.submit_many(
+        [
+            Message.build(sender="s@example.com", to=[f"r{i}@example.org"], subject=f"m{i}")
+            for i in range(10)
+        ]
+    )
+    if runner == "run_pending":
+        summary = tracker.run_pending(stop=stop)
+        assert summary.delivered == len(transport.outbox)
+    else:
+        tracker.run_forever(stop, idle=3600.0)  # returns once the chunk in flight is done
+    assert_stopped_between_chunks(tracker, transport)
+
+
 def test_a_caller_sleep_is_not_cut_short_by_submissions(store: Store) -> None:
     """A ``sleep`` given by the caller (tests advancing a fake clock) is called as asked."""
     clock = FakeClock()

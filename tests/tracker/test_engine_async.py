@@ -276,6 +276,50 @@ def test_arun_forever_wakes_when_this_tracker_stores_new_work(store: Store, how:
     assert len(transport.outbox) == 1
 
 
+@pytest.mark.parametrize("runner", ["arun_pending", "arun_forever"])
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_stopping_puts_back_what_the_claimed_batch_has_not_sent(
+    store: Store, runner: str, concurrency: int
+) -> None:
+    stop = asyncio.Event()
+    seen = [0]
+
+    def handler(_message: Message, _envelope: Envelope) -> dict[str, Outcome]:
+        seen[0] += 1
+        if seen[0] == 3:
+            stop.set()  # on the loop's thread: MemoryTransport calls it in asend
+        return {}
+
+    transport = MemoryTransport(handler)
+    tracker = make(transport, store, FakeClock(), commit_batch=2)
+    tracker.submit_many(
+        [
+            Message.build(sender="s@example.com", to=[f"r{i}@example.org"], subject=f"m{i}")
+            for i in range(10)
+        ]
+    )
+
+    async def scenario() -> None:
+        if runner == "arun_pending":
+            summary = await tracker.arun_pending(concurrency=concurrency, stop=stop)
+            assert summary.delivered == len(transport.outbox)
+        else:
+            await asyncio.wait_for(
+                tracker.arun_forever(stop, idle=3600, concurrency=concurrency), timeout=10
+            )
+
+    run(scenario())
+    sent = len(transport.outbox)
+    assert 3 <= sent < 10  # the chunks in flight finished; the batch did not
+    assert len(tracker.find(state=State.DELIVERED)) == sent
+    queued = tracker.find(state=State.QUEUED)
+    assert len(queued) == 10 - sent
+    assert all(not r.attempts for q in queued for r in q.recipients)
+    assert run(tracker.arun_pending()).delivered == 10 - sent
+    subjects = sorted(str(item.message.get("Subject")) for item in transport.outbox)
+    assert subjects == sorted(f"m{i}" for i in range(10))  # each sent once
+
+
 def test_aclose_closes_everything(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "t.db")
     tracker = make(MemoryTransport(), store, FakeClock())
