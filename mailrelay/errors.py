@@ -12,6 +12,7 @@ already catches ``ValueError`` or ``TimeoutError`` keeps working::
     │   └── RemoteProtocolError            the server sent something malformed or unexpected
     ├── ResolverError                      a DNS lookup failed (``is_transient`` says how)
     ├── TransportClosed (RuntimeError)     a transport used after ``close()`` / ``aclose()``
+    ├── StoreError                         the tracker's store could not be read or written
     └── DeliveryError                      an attempt ended with no per-recipient answer
         ├── ConnectError (ConnectionError)       could not reach any address of the host
         ├── DeliveryTimeout (TimeoutError)       a phase outlasted its timeout
@@ -56,6 +57,7 @@ __all__ = [
     "ResolverError",
     "ServerProtocolError",
     "SessionRefused",
+    "StoreError",
     "TLSError",
     "TransportClosed",
 ]
@@ -149,6 +151,23 @@ class TransportClosed(MailRelayError, RuntimeError):
     :class:`DeliveryError`, so ``send_many`` raises it instead of turning it into
     (retryable) per-recipient results, and a tracker does not record it as an attempt.
     """
+
+
+class StoreError(MailRelayError):
+    """The delivery tracker's store could not be opened, read or written: the disk is
+    full, the database stayed locked past the busy timeout, the file is corrupt, read-only
+    or in a directory that does not exist. What was being stored was not stored (a
+    ``submit`` that raises this did not submit).
+
+    Attributes:
+        is_transient: ``True`` when trying again later may help (locked, busy, full, an
+            I/O error); ``False`` when the database itself is unusable (corrupt, not a
+            database, cannot be opened, read-only).
+    """
+
+    def __init__(self, message: str, *, is_transient: bool = True) -> None:
+        super().__init__(message)
+        self.is_transient = is_transient
 
 
 class DeliveryError(MailRelayError):

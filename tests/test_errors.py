@@ -21,6 +21,7 @@ from mailrelay.errors import (
     RemoteProtocolError,
     ResolverError,
     SessionRefused,
+    StoreError,
     TLSError,
 )
 from mailrelay.reply import Reply
@@ -67,6 +68,8 @@ def _samples() -> list[MailRelayError]:
         AuthenticationError("535", reply=Reply.of(535, "5.7.8 no")),
         SessionRefused("421", reply=Reply.of(421, "4.3.2 shutting down")),
         NoRoute("null MX"),
+        StoreError("the SQLite store could not store a message: database or disk is full"),
+        StoreError("the SQLite store could not open the database", is_transient=False),
     ]
 
 

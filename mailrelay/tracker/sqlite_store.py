@@ -29,6 +29,11 @@ Rules of this module:
   shows a change that did not apply, or the key refuses an attempt, the transaction is
   rolled back and the batch takes the general path, which reads the rows and applies
   the rules in Python. Either way the results are the rules' own.
+* Every public method turns a failure of SQLite itself (``sqlite3.Error``: disk full,
+  locked past the busy timeout, an I/O error, a corrupt, read-only or unopenable file)
+  into :class:`~mailrelay.errors.StoreError`, transient or not by SQLite's result code,
+  with the original as its cause. A transaction that fails, at any statement or at its
+  ``COMMIT``, is rolled back, so the thread's connection is ready for the next one.
 * Each thread gets its own connection (sqlite3 connections are not meant to be
   shared between threads); several processes may open the same file.
 * The schema carries a version (table ``schema_version``). Opening a database
@@ -47,12 +52,12 @@ import operator
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any, ParamSpec, TypeVar
 
 from mailrelay.address import Address
-from mailrelay.errors import ConfigurationError
+from mailrelay.errors import ConfigurationError, StoreError
 from mailrelay.tracker.store import (
     DUE_STATES,
     FINAL_STATES,
@@ -86,6 +91,39 @@ _LEVELS = frozenset({"FULL", "NORMAL", "EXTRA"})
 # always store as SQL literals, and a small message's bytes are bound as a bytearray (the
 # copy costs less than the lookup up to this size; the column stores the same BLOB).
 _COPY_LIMIT = 8192
+
+# SQLite's primary result codes after which trying again later may help: BUSY, LOCKED,
+# NOMEM, IOERR, FULL, PROTOCOL (https://sqlite.org/rescode.html). The others (CORRUPT,
+# NOTADB, CANTOPEN, READONLY, PERM, a plain ERROR) say the database is unusable as it is.
+_TRANSIENT_CODES = frozenset({5, 6, 7, 10, 13, 15})
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _store_error(exc: sqlite3.Error, what: str) -> StoreError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+    transient = code is not None and code & 0xFF in _TRANSIENT_CODES
+    return StoreError(f"the SQLite store could not {what}: {exc} ({name})", is_transient=transient)
+
+
+def _translated(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Raise :class:`StoreError` (from the original) for any ``sqlite3.Error`` the method
+    lets out; ``what`` says what it was doing, for the message."""
+
+    def decorate(method: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(method)
+        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return method(*args, **kwargs)
+            except sqlite3.Error as exc:
+                raise _store_error(exc, what) from exc
+
+        return wrapper
+
+    return decorate
+
 
 #: The schema, one script per version: ``MIGRATIONS[n]`` takes version ``n`` to ``n + 1``.
 MIGRATIONS: tuple[str, ...] = (
@@ -234,6 +272,7 @@ class SQLiteStore:
             database whose schema is newer than this code.
     """
 
+    @_translated("open the database")
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -304,10 +343,15 @@ class SQLiteStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (after SQLITE_FULL, say); a failed
+            # COMMIT may leave the transaction open. Either way the connection must come
+            # out of it, and the original error is the one to report.
+            if conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -342,6 +386,7 @@ class SQLiteStore:
                 tx.execute("UPDATE schema_version SET version = ?", (version,))
 
     @property
+    @_translated("read its schema version")
     def schema_version(self) -> int:
         """The database's schema version."""
         row = self._connection().execute("SELECT version FROM schema_version").fetchone()
@@ -349,11 +394,13 @@ class SQLiteStore:
 
     # -- the Store protocol -----------------------------------------------------
 
+    @_translated("store a message")
     def add(self, record: MessageRecord, content: Iterable[bytes]) -> None:
         """See :meth:`~mailrelay.tracker.store.Store.add` (streams the bytes into a BLOB)."""
         with self._write() as tx:
             self._add(tx, record, content)
 
+    @_translated("store messages")
     def add_many(self, entries: Sequence[tuple[MessageRecord, Iterable[bytes]]]) -> None:
         """See :meth:`~mailrelay.tracker.store.Store.add_many`: one transaction, one commit.
 
@@ -445,6 +492,7 @@ class SQLiteStore:
         for seq, attempt in enumerate(recipient.attempts):
             tx.execute(_INSERT_ATTEMPT, _attempt_row(tracking_id, position, seq, attempt))
 
+    @_translated("read a message record")
     def get(self, tracking_id: str) -> MessageRecord | None:
         """See :meth:`~mailrelay.tracker.store.Store.get`."""
         conn = self._connection()
@@ -455,6 +503,7 @@ class SQLiteStore:
         finally:
             conn.execute("COMMIT")
 
+    @_translated("read message records")
     def get_many(self, tracking_ids: Sequence[str]) -> dict[str, MessageRecord]:
         """See :meth:`~mailrelay.tracker.store.Store.get_many` (three queries in all)."""
         conn = self._connection()
@@ -533,6 +582,7 @@ class SQLiteStore:
             )
         return found
 
+    @_translated("read a message's content")
     def content(self, tracking_id: str) -> bytes:
         """See :meth:`~mailrelay.tracker.store.Store.content`."""
         row = (
@@ -544,6 +594,7 @@ class SQLiteStore:
             raise KeyError(tracking_id)
         return bytes(row[0])
 
+    @_translated("claim due work")
     def claim(
         self, *, worker: str, now: dt.datetime, lease: dt.timedelta, limit: int
     ) -> list[Claim]:
@@ -607,6 +658,7 @@ class SQLiteStore:
                 self._claimed.update(claimed)
         return claims
 
+    @_translated("record changes")
     def apply(
         self,
         tracking_id: str,
@@ -617,6 +669,7 @@ class SQLiteStore:
         """See :meth:`~mailrelay.tracker.store.Store.apply`."""
         return self.apply_many([(tracking_id, changes)], worker=worker)[0]
 
+    @_translated("record changes")
     def apply_many(
         self,
         batch: Sequence[tuple[str, Sequence[Change]]],
@@ -792,6 +845,7 @@ class SQLiteStore:
             )
         return results
 
+    @_translated("look messages up")
     def lookup(self, *, envid: str | None = None, message_id: str | None = None) -> list[str]:
         """See :meth:`~mailrelay.tracker.store.Store.lookup`."""
         rows = (
@@ -805,6 +859,7 @@ class SQLiteStore:
         )
         return [row[0] for row in rows]
 
+    @_translated("find messages")
     def find(
         self,
         *,
@@ -836,6 +891,7 @@ class SQLiteStore:
             conn.execute("COMMIT")
         return [records[tracking_id] for tracking_id in ids if tracking_id in records]
 
+    @_translated("read the next due time")
     def next_due(self) -> dt.datetime | None:
         """See :meth:`~mailrelay.tracker.store.Store.next_due`."""
         row = self._connection().execute(_NEXT_DUE).fetchone()

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Notify, Recipient
-from mailrelay.errors import ConfigurationError
+from mailrelay.errors import ConfigurationError, StoreError
 from mailrelay.tracker import sqlite_store
 from mailrelay.tracker.sqlite_store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 from mailrelay.tracker.store import (
@@ -811,3 +811,61 @@ def test_sqlite_claims_and_next_due_read_the_partial_indexes(tmp_path: Path) -> 
         assert "recipients_due_order" in plan
         assert "recipients_lease_order" in plan
         assert "TEMP B-TREE" not in plan  # read in index order, never sorted whole
+
+
+# -- SQLite failures become StoreError --------------------------------------------------------
+
+
+def test_a_database_in_a_missing_directory_is_a_permanent_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="open the database") as caught:
+        SQLiteStore(tmp_path / "missing" / "t.db")
+    assert caught.value.is_transient is False
+    assert isinstance(caught.value.__cause__, sqlite3.Error)
+
+
+def test_a_file_that_is_not_a_database_is_a_permanent_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    path.write_bytes(b"this is not an SQLite database, just some text " * 200)
+    with pytest.raises(StoreError, match="SQLITE_NOTADB") as caught:
+        SQLiteStore(path)
+    assert caught.value.is_transient is False
+
+
+def test_a_lock_held_past_the_busy_timeout_is_a_transient_store_error(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db", busy_timeout=0.05)
+    other = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with pytest.raises(StoreError, match="SQLITE_BUSY") as caught:
+            store.add(make_record("m1"), [b"hello"])
+        assert caught.value.is_transient is True
+        other.execute("ROLLBACK")
+        # Nothing was stored, and the store's connection is usable again.
+        assert store.get("m1") is None
+        store.add(make_record("m1"), [b"hello"])
+        assert store.content("m1") == b"hello"
+    finally:
+        other.close()
+        store.close()
+
+
+def test_a_full_database_is_a_transient_store_error_and_leaves_the_store_usable(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    try:
+        store.add(make_record("m1"), [b"hello"])
+        # This thread's connection may not grow the file any more (as on a full disk).
+        conn = store._connection()  # this thread's
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        big = b"x" * 200_000
+        with pytest.raises(StoreError, match="SQLITE_FULL") as caught:
+            store.add(make_record("m2", size=len(big)), [big])
+        assert caught.value.is_transient is True
+        assert store.get("m2") is None  # all or nothing
+        conn.execute("PRAGMA max_page_count = 1073741823")
+        store.add(make_record("m2", size=len(big)), [big])
+        assert store.content("m2") == big
+    finally:
+        store.close()
