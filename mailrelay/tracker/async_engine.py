@@ -44,8 +44,17 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
+from mailrelay.errors import StoreError
 from mailrelay.message import Message
-from mailrelay.tracker.core import NOTHING_DONE, Group, RunSummary, TrackerCore, Work
+from mailrelay.tracker.core import (
+    NOTHING_DONE,
+    STORE_RETRY,
+    Group,
+    RunSummary,
+    TrackerCore,
+    Work,
+    store_failed,
+)
 from mailrelay.tracker.notifications import DSNMatch
 from mailrelay.tracker.store import Change, Claim, MessageRecord, State
 from mailrelay.transport.base import AsyncTransport, BatchItem
@@ -361,6 +370,11 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
                 at least this often).
             concurrency: ``asend_many`` calls (chunks) in flight at once.
             max_loops: stop after this many loops (``None``: only ``stop`` ends it).
+
+        Raises:
+            StoreError: the store failed for good; a transient failure is logged and
+                retried after a pause, as in the sync runner's ``run_forever``.
+            Exception: whatever :meth:`arun_pending` raises that is not a store failure.
         """
         stop = stop or asyncio.Event()
         submitted = asyncio.Event()
@@ -381,15 +395,24 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
             self._waking = (asyncio.get_running_loop(), submitted)
         try:
             loops = 0
+            pause = STORE_RETRY
             while not stop.is_set() and (max_loops is None or loops < max_loops):
                 loops += 1
                 # Cleared before the run: a submission from now on ends the next sleep.
                 self._submitted.clear()
                 submitted.clear()
-                await self.arun_pending(concurrency=concurrency, stop=stop)
-                if stop.is_set():
-                    break
-                await sleeper(await asyncio.to_thread(self._sleep_for, idle))
+                try:
+                    await self.arun_pending(concurrency=concurrency, stop=stop)
+                    if stop.is_set():
+                        break
+                    wait = await asyncio.to_thread(self._sleep_for, idle)
+                    pause = STORE_RETRY
+                except StoreError as exc:
+                    # Locked, full or failing for now: wait and go on (see the sync runner).
+                    if not exc.is_transient:
+                        raise
+                    wait, pause = store_failed(exc, pause, idle)
+                await sleeper(wait)
         finally:
             if sleep is None:
                 self._waking = None

@@ -48,6 +48,7 @@ import attrs
 from mailrelay._slots import new_instance, slot_setters
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Recipient
+from mailrelay.errors import StoreError
 from mailrelay.message import Message
 from mailrelay.results import DeliveryResult
 from mailrelay.tracker.cache import MessageCache
@@ -126,6 +127,19 @@ class RunSummary:
             expired=self.expired + other.expired,
             postponed=self.postponed + other.postponed,
         )
+
+
+#: The first pause (seconds) of ``run_forever`` / ``arun_forever`` after a transient store
+#: failure; each further failure in a row doubles it, up to the loop's ``idle``.
+STORE_RETRY = 1.0
+
+
+def store_failed(exc: StoreError, pause: float, idle: float) -> tuple[float, float]:
+    """Log a transient store failure of the run loop; return how long to wait now and
+    the pause after a further failure."""
+    wait = min(pause, idle)
+    log.warning("the store failed (%s); the run loop tries again in %.0f s", exc, wait)
+    return wait, min(pause * 2, idle)
 
 
 #: Shared summaries for the run loop's common cases (values are immutable, so sharing is safe).

@@ -49,12 +49,15 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from mailrelay.address import Address
+from mailrelay.errors import StoreError
 from mailrelay.tracker.core import (
     NOTHING_DONE,
+    STORE_RETRY,
     Group,
     RunSummary,
     TrackerCore,
     Work,
+    store_failed,
 )
 from mailrelay.tracker.notifications import VERP, DSNMatch, DSNRequest
 from mailrelay.tracker.store import Change, Claim
@@ -309,19 +312,36 @@ class DeliveryTracker(TrackerCore[Transport]):
             idle: the longest sleep (new submissions from other processes are noticed
                 at least this often).
             max_loops: stop after this many loops (``None``: only ``stop`` ends it).
+
+        Raises:
+            StoreError: the store failed for good (``is_transient`` false). A transient
+                failure (locked past its busy timeout, a full disk) is logged and the
+                loop tries again after a pause that doubles from :data:`STORE_RETRY`
+                seconds up to ``idle``.
+            Exception: whatever :meth:`run_pending` raises that is not a store failure.
         """
         flag = stop or threading.Event()
         sleeper = sleep or functools.partial(self._nap, flag)
         loops = 0
+        pause = STORE_RETRY
         while not flag.is_set() and (max_loops is None or loops < max_loops):
             loops += 1
             # Cleared before the run: a submission from now on (during the run, say) ends
             # the sleep that follows it.
             self._submitted.clear()
-            self.run_pending(stop=flag)
-            if flag.is_set():
-                break
-            sleeper(self._sleep_for(idle))
+            try:
+                self.run_pending(stop=flag)
+                if flag.is_set():
+                    break
+                wait = self._sleep_for(idle)
+                pause = STORE_RETRY
+            except StoreError as exc:
+                # A store that is locked, full or failing for now: wait and go on (what
+                # was sent and not recorded is due again once its lease expires).
+                if not exc.is_transient:
+                    raise
+                wait, pause = store_failed(exc, pause, idle)
+            sleeper(wait)
 
     def _nap(self, stop: StopSignal, seconds: float) -> None:
         """Wait ``seconds``, less when ``stop`` is set (at once) or when this tracker

@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -15,7 +16,13 @@ from hypothesis import strategies as st
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
-from mailrelay.errors import AuthenticationError, ConnectError, SessionRefused, TLSError
+from mailrelay.errors import (
+    AuthenticationError,
+    ConnectError,
+    SessionRefused,
+    StoreError,
+    TLSError,
+)
 from mailrelay.message import Message
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome
@@ -25,7 +32,7 @@ from mailrelay.tracker.engine import DeliveryTracker, RunSummary
 from mailrelay.tracker.events import EventKind, TrackerEvent
 from mailrelay.tracker.retry import DomainLimits, DomainShaper, RetryPolicy
 from mailrelay.tracker.sqlite_store import SQLiteStore
-from mailrelay.tracker.store import MemoryStore, State, Store
+from mailrelay.tracker.store import Claim, MemoryStore, State, Store
 from mailrelay.transport.base import BatchItem
 from mailrelay.transport.memory import MemoryTransport
 
@@ -641,6 +648,42 @@ def test_stopping_puts_back_what_the_claimed_batch_has_not_sent(store: Store, ru
     else:
         tracker.run_forever(stop, idle=3600.0)  # returns once the chunk in flight is done
     assert_stopped_between_chunks(tracker, transport)
+
+
+class FlakyStore(MemoryStore):
+    """A MemoryStore whose first ``failures`` claims fail as a locked database does."""
+
+    def __init__(self, failures: int, *, transient: bool = True) -> None:
+        super().__init__()
+        self.failures = failures
+        self.transient = transient
+
+    def claim(self, **kwargs: Any) -> list[Claim]:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("database is locked", is_transient=self.transient)
+        return super().claim(**kwargs)
+
+
+def test_run_forever_waits_out_a_transient_store_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FlakyStore(3)
+    tracker = tracker_for(MemoryTransport(), store, FakeClock())
+    tracking_id = tracker.submit(message())
+    slept: list[float] = []
+    with caplog.at_level(logging.WARNING, logger="mailrelay.tracker"):
+        tracker.run_forever(sleep=slept.append, idle=3.0, max_loops=5)
+    # 1, 2, then the pause is capped at idle; then a run that delivers, and an idle sleep.
+    assert slept == [1.0, 2.0, 3.0, 3.0, 3.0]
+    assert tracker.status(tracking_id).recipients[0].state is State.DELIVERED
+    assert sum("the store failed" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_run_forever_raises_a_permanent_store_failure() -> None:
+    tracker = tracker_for(MemoryTransport(), FlakyStore(1, transient=False), FakeClock())
+    with pytest.raises(StoreError, match="locked"):
+        tracker.run_forever(sleep=lambda _s: None, idle=3.0, max_loops=5)
 
 
 def test_a_caller_sleep_is_not_cut_short_by_submissions(store: Store) -> None:

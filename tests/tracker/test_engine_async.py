@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
-from mailrelay.errors import ConnectError
+from mailrelay.errors import ConnectError, StoreError
 from mailrelay.message import Message
 from mailrelay.reply import Reply
 from mailrelay.results import Outcome
@@ -36,6 +36,7 @@ from tests.tracker.test_engine import (
     NOTICE_LIMIT,
     T0,
     FakeClock,
+    FlakyStore,
     assert_nothing_lost,
     fated,
     fated_messages,
@@ -318,6 +319,23 @@ def test_stopping_puts_back_what_the_claimed_batch_has_not_sent(
     assert run(tracker.arun_pending()).delivered == 10 - sent
     subjects = sorted(str(item.message.get("Subject")) for item in transport.outbox)
     assert subjects == sorted(f"m{i}" for i in range(10))  # each sent once
+
+
+def test_arun_forever_waits_out_a_transient_store_failure() -> None:
+    tracker = make(MemoryTransport(), FlakyStore(2), FakeClock())
+    tracking_id = tracker.submit(message())
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    run(tracker.arun_forever(sleep=sleep, idle=5.0, max_loops=4))
+    assert slept == [1.0, 2.0, 5.0, 5.0]
+    assert tracker.status(tracking_id).recipients[0].state is State.DELIVERED
+
+    broken = make(MemoryTransport(), FlakyStore(1, transient=False), FakeClock())
+    with pytest.raises(StoreError, match="locked"):
+        run(broken.arun_forever(sleep=sleep, idle=5.0, max_loops=4))
 
 
 def test_aclose_closes_everything(tmp_path: Path) -> None:
