@@ -406,8 +406,11 @@ class _AsyncSMTPBase(AsyncTransport):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        assert sorted(results) == list(range(len(results))), "every item must have a result"
-        return [results[index] for index in range(len(results))]
+        # Every item handed out (the whole batch, once it is exhausted) has its result.
+        handed_out = batch.handed_out
+        assert sorted(results) == list(range(handed_out)), "every item must have a result"
+        assert batch.total is None or handed_out == batch.total, "every item must be sent"
+        return [results[index] for index in range(handed_out)]
 
     async def aclose(self) -> None:
         """QUIT every idle connection (all at once, waiting at most

@@ -168,6 +168,11 @@ class AsyncBatch:
         self._index = 0
         self._lock: asyncio.Lock | None = None
 
+    @property
+    def handed_out(self) -> int:
+        """How many items :meth:`take` and :meth:`next` have given out so far."""
+        return self._index
+
     def take(self, limit: int) -> tuple[int, list[tuple[Message, Envelope]]] | None:
         """Up to ``limit`` next items at once, without awaiting, for a sequence (checked
         at construction): the first one's index and the pairs, in order (none at the end);
