@@ -34,11 +34,13 @@ from mailrelay.errors import (
     TLSError,
 )
 from mailrelay.flow import Close, Read, Request, Session, SessionConfig, StartTLS, Step, Write
+from mailrelay.flow import batch as batch_module
 from mailrelay.flow import requests as flow_requests
 from mailrelay.flow.batch import _flushed_write
 from mailrelay.message import Message
 from mailrelay.options import TLS
 from mailrelay.protocol import sasl
+from mailrelay.protocol.data import stuff
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 
@@ -1341,14 +1343,55 @@ def model_session(
     return session, ModelServer(scripts, lmtp=bool(changes.get("lmtp")), cut=cut)
 
 
+#: A body over the size whose data goes out on its own as soon as its 354 comes.
+BIG_BODY = ".dotted first line\n" + "y" * 76 + "\n" + ("z" * 78 + "\n") * 250
+
+
 def batch_items(scripts: Sequence[dict[str, object]]) -> list[tuple[Message, Envelope]]:
     items = []
     for n, script in enumerate(scripts):
         codes = script["rcpts"]
         assert isinstance(codes, list)
         recipients = [f"r{n}.{i}@example.net" for i in range(len(codes))]
-        items.append((message(f"message {n}\n"), envelope(*recipients)))
+        body = f"message {n}\n" + (BIG_BODY if script.get("big") else "")
+        items.append((message(body), envelope(*recipients)))
     return items
+
+
+def test_deliver_many_writes_a_large_message_data_at_its_354_and_its_terminator_later() -> None:
+    scripts = [{"mail": 250, "rcpts": [250], "finals": [250], "big": True}] * 3
+    items = batch_items(scripts)
+    assert all(m.size > batch_module._EARLY_DATA for m, _ in items)
+    session, server = model_session(scripts)
+    outcome = server.run(session.deliver_many(items))
+    assert outcome.error is None
+    assert [r is not None and r.ok for r in outcome.results] == [True] * 3
+    writes = [r for r in server.requests if isinstance(r, Write)]
+    # The first envelope; then per message its data alone (at once), and its terminator
+    # with the next envelope (the last one's alone).
+    assert [w.data.split(b"\r\n", 1)[0] for w in writes] == [
+        b"MAIL FROM:<alice@example.org> SIZE=" + str(items[0][0].size).encode(),
+        b"From: alice@example.org",
+        b".",
+        b"From: alice@example.org",
+        b".",
+        b"From: alice@example.org",
+        b".",
+    ]
+    data_writes = writes[1::2]
+    assert all(w.flush and w.phase == "data_block" for w in data_writes)
+    for (msg, _), write in zip(items, data_writes, strict=True):
+        assert write.data == stuff(msg.as_bytes())[: -len(b".\r\n")]  # stuffed, no terminator
+    assert writes[2].data.startswith(b".\r\nMAIL FROM:")
+    assert writes[-1].data == b".\r\n"
+    # On the wire, the same bytes as when each data went out with the next envelope.
+    small_session, small_server = model_session(scripts)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch_module, "_EARLY_DATA", 1 << 30)
+        small_server.run(small_session.deliver_many(items))
+    joined = [r.data for r in small_server.requests if isinstance(r, Write)]
+    assert b"".join(w.data for w in writes) == b"".join(joined)
+    assert len(joined) == 4
 
 
 def test_deliver_many_writes_the_next_envelope_after_the_data_before_reading() -> None:
@@ -1478,6 +1521,7 @@ _scripts = st.lists(
             "mail": st.sampled_from([250, 451, 553]),
             "rcpts": st.lists(st.sampled_from([250, 250, 450, 550]), min_size=1, max_size=3),
             "finals": st.lists(st.sampled_from([250, 451, 554]), min_size=3, max_size=3),
+            "big": st.booleans(),
         }
     ),
     min_size=1,

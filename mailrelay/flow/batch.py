@@ -52,6 +52,12 @@ WINDOW_MESSAGES = 32
 WINDOW_BYTES = 1 << 20
 # A message up to this size goes in one BDAT LAST (and may then share the window).
 _ONE_CHUNK = 1 << 20
+# Over DATA, a message larger than this has its data written as soon as its 354 arrives,
+# alone, and its terminator with the next message's envelope: the server reads the data
+# while the next envelope is got ready, instead of after, and the data is written as it
+# is (no copy joining it to the envelope). For a smaller one, the extra system call would
+# cost more than the overlap gains.
+_EARLY_DATA = 16384
 
 
 @attrs.frozen(kw_only=True)
@@ -136,7 +142,9 @@ class _Batch(_Delivery):
         RFC 2920 §3.1 lets message content be the first "command" of a group, so with
         PIPELINING the next message's RSET (if needed), MAIL, RCPTs and DATA follow the
         previous message's data and terminator in one write, and the previous final reply
-        is read with them (one round trip per message instead of two). With CHUNKING
+        is read with them (one round trip per message instead of two). (A message over
+        :data:`_EARLY_DATA` bytes has its data written on its own as soon as its 354
+        comes, and only its terminator goes with the next envelope.) With CHUNKING
         (``chunking=True``) a message that fits in one chunk goes as ``BDAT n LAST``, which
         needs no 354, so up to :data:`WINDOW_MESSAGES` such messages (or
         :data:`WINDOW_BYTES` of their data) are in flight at once; replies are read in
@@ -299,6 +307,10 @@ class _Batch(_Delivery):
                         # Sent with the next message's envelope (or before the last read).
                         carry = self._data_commands(message, debug)
                         previous = (index, transaction)
+                        if message.size > _EARLY_DATA:
+                            # The data now, the terminator later (see _EARLY_DATA).
+                            yield _flushed_write(conn.send_group(carry[:1]), "data_block")
+                            carry = carry[1:]
                     elif (yield from self._data_body(message, transaction, data_reply)):
                         previous = (index, transaction)
                     else:
