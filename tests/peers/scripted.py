@@ -13,14 +13,15 @@ after TLS), with events (``tls``, ``eof``, mismatches) in :attr:`Session.events`
 
 Rules:
 
-- Blocking sockets, one thread per connection plus one accept thread; every blocking call has
-  a timeout (``timeout``), every loop is bounded in count or time, and :meth:`ScriptedServer.stop`
+- Blocking sockets, one thread per connection plus one accept thread (the listener, threads
+  and line reading are :mod:`tests.peers.threaded`'s); every blocking call has a timeout
+  (``timeout``), every loop is bounded in count or time, and :meth:`ScriptedServer.stop`
   joins every thread (failing loudly if one does not end).
 - Lines are read from a buffer, so a pipelined group (RFC 2920) is consumed one command per
   step, exactly as a real server would, and a reply can be sent in the middle of the group.
 - A command line matching ``BDAT <n>`` (RFC 3030) makes the step also read the ``n`` chunk
   bytes before replying; the :data:`MESSAGE` expectation reads DATA content up to and
-  including the ``CRLF.CRLF`` terminator (RFC 5321 §4.1.1.4).
+  including the ``CRLF.CRLF`` terminator (RFC 5321 §4.1.1.4), at most 64 MiB of it.
 - A socket error (the client hung up) ends the session and is recorded as an event, not an
   error: fault-injection tests expect clients to give up. Any *other* exception inside the
   server is a bug in the test and is collected in :attr:`ScriptedServer.errors`; the fixture
@@ -31,12 +32,10 @@ The module also offers :func:`free_port`, which the other peers use to pick run-
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import re
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 import attrs
 import pytest
 
+from tests.peers.threaded import Ended, LinePeer, ThreadedServer
 from tests.peers.tls import TLSFiles
 
 ANY = "any"
@@ -53,6 +53,7 @@ MESSAGE = "<message>"
 """Expectation: read DATA content up to and including the ``CRLF.CRLF`` line."""
 
 _MAX_LINE = 65536
+_MAX_CONTENT = 64 * 1024 * 1024
 _ENDLESS_LIMIT = 16 * 1024 * 1024
 _BDAT = re.compile(rb"^BDAT\s+(\d+)", re.IGNORECASE)
 
@@ -145,70 +146,42 @@ class Session:
         return f"<Session {self.index} events={self.events!r} received={bytes(self.received)!r}>"
 
 
-class _Ended(Exception):
-    """The session is over (client hung up, script mismatch, server stopping)."""
+class _Connection(LinePeer):
+    max_line = _MAX_LINE
 
-
-class _Connection:
     def __init__(
         self, sock: socket.socket, session: Session, server: ScriptedServer, deadline: float
     ) -> None:
-        self.sock: socket.socket = sock
+        super().__init__(sock, stopping=server.stopping, deadline=deadline)
         self.session = session
         self.server = server
-        self.buffer = bytearray()
-        self.deadline = deadline
 
-    def _recv(self) -> bytes:
-        if self.server.stopping.is_set():
-            raise _Ended("server stopping")
-        if time.monotonic() > self.deadline:
-            self.session.events.append("session time limit reached")
-            raise _Ended("time limit")
-        data = self.sock.recv(65536)
-        if not data:
-            self.session.events.append("eof")
-            raise _Ended("eof")
+    def on_received(self, data: bytes) -> None:
         self.session.received += data
-        return data
 
-    def read_line(self) -> bytes:
-        while b"\n" not in self.buffer:
-            if len(self.buffer) > _MAX_LINE:
-                self.session.events.append("line too long")
-                raise _Ended("line too long")
-            self.buffer += self._recv()
-        line, _, rest = bytes(self.buffer).partition(b"\n")
-        self.buffer = bytearray(rest)
-        return line.rstrip(b"\r")
+    def on_event(self, event: str) -> None:
+        self.session.events.append(event)
 
-    def read_exact(self, count: int) -> bytes:
-        while len(self.buffer) < count:
-            self.buffer += self._recv()
-        data = bytes(self.buffer[:count])
-        del self.buffer[:count]
-        return data
+    def on_end(self, reason: str, exc: Exception) -> None:
+        # The steps record the ends that matter to tests as events; a socket error is one too
+        # (a bug in the server goes to ``errors`` instead, an ordinary end to nothing).
+        if isinstance(exc, OSError):
+            self.session.events.append(reason)
 
-    def read_message(self) -> bytes:
-        lines: list[bytes] = []
-        for _ in range(1_000_000):
-            line = self.read_line()
-            if line == b".":
-                return b"\r\n".join(lines)
-            lines.append(line)
-        raise _Ended("message too long")
-
-    def send(self, data: bytes) -> None:
-        if data:
-            self.sock.sendall(data)
-
-    def wait(self, seconds: float) -> None:
-        if self.server.stopping.wait(seconds):
-            raise _Ended("server stopping")
+    def run(self) -> None:
+        session, server = self.session, self.server
+        if session.index >= len(server.scripts):
+            session.events.append("unscripted connection closed")
+            return
+        if server.implicit_tls:
+            self.start_tls()
+        for step in server.scripts[session.index]:
+            self.run_step(step)
+        session.events.append("script finished")
 
     def run_step(self, step: Step) -> None:
         if step.expect == MESSAGE:
-            self.read_message()
+            self.read_content(_MAX_CONTENT)
         elif step.expect is not None:
             line = self.read_line()
             bdat = _BDAT.match(line)
@@ -219,7 +192,7 @@ class _Connection:
             ):
                 self.session.events.append(f"mismatch: expected {step.expect!r}, got {line!r}")
                 self.send(b"500 5.5.1 scripted server: unexpected command\r\n")
-                raise _Ended("mismatch")
+                raise Ended("mismatch")
         if step.delay:
             self.wait(step.delay)
         if step.dribble:
@@ -237,29 +210,23 @@ class _Connection:
                 return
             case Action.CLOSE:
                 self.session.events.append("closed by script")
-                raise _Ended("close")
+                raise Ended("close")
             case Action.RESET:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.arm_reset()
                 self.session.events.append("reset by script")
-                raise _Ended("reset")
+                raise Ended("reset")
             case Action.START_TLS:
                 self.start_tls()
             case Action.FAIL_TLS:
                 hello = self.sock.recv(16384)
                 self.session.events.append(f"tls refused after {len(hello)} bytes")
                 self.send(b"this is not TLS\r\n")
-                raise _Ended("fail-tls")
+                raise Ended("fail-tls")
             case Action.SILENT:
                 self.session.events.append("silent")
-                end = time.monotonic() + step.silence
-                while time.monotonic() < end:
-                    self.sock.settimeout(max(0.01, min(0.2, end - time.monotonic())))
-                    try:
-                        self._recv()
-                    except TimeoutError:
-                        continue
+                self.take_until_quiet(step.silence, poll=0.2)
                 self.session.events.append("silence over")
-                raise _Ended("silence over")
+                raise Ended("silence over")
             case Action.ENDLESS:
                 self.session.events.append("endless")
                 chunk = b"x" * 4096
@@ -268,7 +235,7 @@ class _Connection:
                         break
                     self.send(chunk)
                 self.session.events.append("endless limit reached")
-                raise _Ended("endless")
+                raise Ended("endless")
 
     def start_tls(self) -> None:
         if self.buffer:
@@ -283,20 +250,23 @@ class _Connection:
             self.sock = context.wrap_socket(self.sock, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             self.session.events.append(f"tls-failed: {exc}")
-            raise _Ended("tls failed") from exc
+            raise Ended("tls failed") from exc
         self.session.events.append("tls")
 
 
-class ScriptedServer:
+class ScriptedServer(ThreadedServer[Session]):
     """A scripted SMTP server on 127.0.0.1 (see the module docstring).
 
     Args:
         scripts: One script (a sequence of steps) per expected connection, in order.
         ssl_context: The server TLS context for :attr:`Action.START_TLS` and implicit TLS.
         implicit_tls: Start TLS right after accepting, before the script (SMTPS, RFC 8314).
-        timeout: Seconds any single socket wait may take.
-        session_limit: Seconds a whole session may take.
+        timeout, session_limit: The socket wait and session time limits, in seconds (see
+            :class:`tests.peers.threaded.ThreadedServer`).
     """
+
+    name = "scripted"
+    record_name = "session"
 
     def __init__(
         self,
@@ -310,34 +280,7 @@ class ScriptedServer:
         self.scripts = [tuple(script) for script in scripts]
         self.ssl_context = ssl_context
         self.implicit_tls = implicit_tls
-        self.timeout = timeout
-        self.session_limit = session_limit
-        self.host = "127.0.0.1"
-        self.sessions: list[Session] = []
-        """One :class:`Session` per accepted connection, in order."""
-        self.errors: list[str] = []
-        """Unexpected exceptions inside the server (bugs in a test's script)."""
-        self.stopping = threading.Event()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind((self.host, 0))
-        self._listener.listen(16)
-        self._listener.settimeout(0.05)
-        self.port: int = self._listener.getsockname()[1]
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._acceptor = threading.Thread(target=self._accept_loop, name="scripted-accept")
-
-    def start(self) -> ScriptedServer:
-        """Start accepting connections; returns the server itself."""
-        self._acceptor.start()
-        return self
-
-    def __enter__(self) -> ScriptedServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        super().__init__(timeout=timeout, session_limit=session_limit)
 
     def session(self, index: int = 0, timeout: float = 5.0) -> Session:
         """The ``index``-th session once it has ended (waits at most ``timeout`` seconds)."""
@@ -351,73 +294,18 @@ class ScriptedServer:
             raise AssertionError(f"session {index} still running after {timeout}s: {session!r}")
         return session
 
-    def stop(self) -> None:
-        """Stop accepting, end every session, and join every thread."""
-        self.stopping.set()
-        if self._acceptor.is_alive():
-            self._acceptor.join(timeout=5.0)
-        self._listener.close()
-        with self._lock:
-            for sock in self._sockets:
-                # Wake a thread blocked in recv/send; the socket is closed by its own thread.
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-            threads = list(self._threads)
-        stuck = []
-        for thread in threads:
-            thread.join(timeout=self.timeout + 5.0)
-            if thread.is_alive():
-                stuck.append(thread.name)
-        if self._acceptor.is_alive():
-            stuck.append(self._acceptor.name)
-        if stuck:
-            raise AssertionError(f"scripted server threads did not end: {stuck}")
+    @property
+    def sessions(self) -> list[Session]:
+        """One :class:`Session` per accepted connection, in order."""
+        return self.records
 
-    def _accept_loop(self) -> None:
-        for _ in range(100_000):
-            if self.stopping.is_set():
-                return
-            try:
-                conn, _addr = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                if not self.stopping.is_set():
-                    self.errors.append(f"accept failed: {exc!r}")
-                return
-            conn.settimeout(self.timeout)
-            session = Session(len(self.sessions))
-            self.sessions.append(session)
-            thread = threading.Thread(
-                target=self._serve, args=(conn, session), name=f"scripted-{session.index}"
-            )
-            with self._lock:
-                self._sockets.append(conn)
-                self._threads.append(thread)
-            thread.start()
+    def new_record(self, index: int) -> Session:
+        """A new :class:`Session`."""
+        return Session(index)
 
-    def _serve(self, sock: socket.socket, session: Session) -> None:
-        conn = _Connection(sock, session, self, time.monotonic() + self.session_limit)
-        try:
-            if session.index >= len(self.scripts):
-                session.events.append("unscripted connection closed")
-                return
-            if self.implicit_tls:
-                conn.start_tls()
-            for step in self.scripts[session.index]:
-                conn.run_step(step)
-            session.events.append("script finished")
-        except _Ended:
-            pass
-        except (OSError, ssl.SSLError) as exc:
-            session.events.append(f"socket error: {exc!r}")
-        except Exception as exc:
-            self.errors.append(f"session {session.index}: {exc!r}")
-        finally:
-            try:
-                conn.sock.close()
-            finally:
-                session.done.set()
+    def new_peer(self, sock: socket.socket, session: Session) -> LinePeer:
+        """The peer that runs the session's script."""
+        return _Connection(sock, session, self, self.deadline())
 
 
 # -- script building blocks ---------------------------------------------------------------

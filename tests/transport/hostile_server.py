@@ -19,10 +19,10 @@ Tests compare the client's results with these records.
 Rules:
 
 - Loopback only (``127.0.0.1``); blocking sockets, one thread per connection plus one accept
-  thread. Every wait has a timeout, every loop a bound in count or time (a connection's
-  whole life is bounded by ``session_limit``); :meth:`HostileServer.stop` wakes and joins
-  every thread and fails loudly when one does not end. Every socket is closed by its own
-  thread.
+  thread (the listener, threads and line reading are :mod:`tests.peers.threaded`'s). Every
+  wait has a timeout, every loop a bound in count or time (a connection's whole life is
+  bounded by ``session_limit``); :meth:`HostileServer.stop` wakes and joins every thread and
+  fails loudly when one does not end. Every socket is closed by its own thread.
 - Faults are terminal where the protocol gives no way back: after a malformed reply,
   garbage or a reply without its line end the server goes silent, closes or resets (its
   :class:`Ending`); after 421 it closes (RFC 5321 §3.8); an endless reply runs until the
@@ -44,12 +44,13 @@ import contextlib
 import enum
 import re
 import socket
-import struct
 import threading
 import time
 from collections.abc import Mapping
 
 import attrs
+
+from tests.peers.threaded import Ended, LinePeer, ThreadedServer
 
 __all__ = [
     "MALFORMED_REPLIES",
@@ -264,10 +265,6 @@ class ConnectionRecord:
     done: threading.Event = attrs.field(factory=threading.Event, repr=False)
 
 
-class _Ended(Exception):
-    """The connection is over (the client hung up, a terminal behaviour, the server stops)."""
-
-
 def _text(code: int) -> str:
     if code == 354:
         return "end data with <CR><LF>.<CR><LF>"
@@ -277,72 +274,24 @@ def _text(code: int) -> str:
     return "hostile"
 
 
-class _Peer:
+class _Peer(LinePeer):
     """The server side of one connection."""
+
+    max_line = _MAX_LINE
 
     def __init__(
         self, sock: socket.socket, record: ConnectionRecord, server: HostileServer
     ) -> None:
-        self.sock = sock
+        super().__init__(sock, stopping=server.stopping, deadline=server.deadline())
         self.record = record
         self.server = server
-        self.buffer = bytearray()
-        self.deadline = time.monotonic() + server.session_limit
         self.current: TransactionRecord | None = None
-
-    # -- reading -----------------------------------------------------------------------------
-
-    def _recv(self) -> bytes:
-        if self.server.stopping.is_set():
-            raise _Ended("server stopping")
-        if time.monotonic() > self.deadline:
-            raise _Ended("session time limit")
-        data = self.sock.recv(65536)
-        if not data:
-            raise _Ended("client hung up")
-        return data
-
-    def read_line(self) -> bytes:
-        while b"\n" not in self.buffer:
-            if len(self.buffer) > _MAX_LINE:
-                raise _Ended("command line too long")
-            self.buffer += self._recv()
-        line, _, rest = bytes(self.buffer).partition(b"\n")
-        self.buffer = bytearray(rest)
-        return line.rstrip(b"\r")
-
-    def read_exact(self, count: int) -> bytes:
-        while len(self.buffer) < count:
-            self.buffer += self._recv()
-        data = bytes(self.buffer[:count])
-        del self.buffer[:count]
-        return data
-
-    def read_content(self) -> bytes:
-        lines: list[bytes] = []
-        size = 0
-        while True:
-            line = self.read_line()
-            if line == b".":
-                return b"\r\n".join(lines)
-            size += len(line) + 2
-            if size > _MAX_CONTENT:
-                raise _Ended("message content too long")
-            lines.append(line)
 
     # -- writing -----------------------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
-        if data:
-            self.sock.sendall(data)
-
-    def wait(self, seconds: float) -> None:
-        if self.server.stopping.wait(seconds):
-            raise _Ended("server stopping")
-
     def answer(self, point: Point, extensions: tuple[str, ...] = ()) -> int | None:
         """Answer at ``point`` as the plan says; the code of the well-formed reply written,
-        or ``None``. Raises ``_Ended`` after a terminal behaviour (the caller has recorded
+        or ``None``. Raises ``Ended`` after a terminal behaviour (the caller has recorded
         ``None`` for this answer before calling)."""
         behaviour = self.server.next_behaviour(point)
         if behaviour.delay:
@@ -386,20 +335,14 @@ class _Peer:
     def end(self, ending: Ending) -> None:
         match ending:
             case Ending.CLOSE:
-                raise _Ended("closed by plan")
+                raise Ended("closed by plan")
             case Ending.RESET:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.arm_reset()
                 self.record.reset = True
-                raise _Ended("reset by plan")
+                raise Ended("reset by plan")
             case Ending.SILENT:
-                end = time.monotonic() + self.server.silence_limit
-                while time.monotonic() < end:
-                    self.sock.settimeout(max(0.01, min(0.1, end - time.monotonic())))
-                    try:
-                        self._recv()
-                    except TimeoutError:
-                        continue
-                raise _Ended("silence limit reached")
+                self.take_until_quiet(self.server.silence_limit, poll=0.1)
+                raise Ended("silence limit reached")
 
     def endless(self, head: bytes, piece: bytes) -> None:
         record = self.record
@@ -407,13 +350,20 @@ class _Peer:
             self.send(head)
             while record.endless_bytes < self.server.endless_limit:
                 if self.server.stopping.is_set():
-                    raise _Ended("server stopping")
+                    raise Ended("server stopping")
                 self.send(piece)
                 record.endless_bytes += len(piece)
         except (BrokenPipeError, ConnectionResetError) as exc:
             record.endless_cut = True
-            raise _Ended(f"endless reply cut by the client: {exc!r}") from exc
-        raise _Ended("endless limit reached")
+            raise Ended(f"endless reply cut by the client: {exc!r}") from exc
+        raise Ended("endless limit reached")
+
+    def on_end(self, reason: str, exc: Exception) -> None:
+        self.record.ended = reason
+
+    def close(self) -> None:
+        self.linger()
+        self.sock.close()
 
     def linger(self) -> None:
         """End a connection the plan does not reset with a FIN the client can read up to:
@@ -448,15 +398,15 @@ class _Peer:
         record.session_codes.append((Point.GREETING, None))
         record.session_codes[-1] = (Point.GREETING, self.answer(Point.GREETING))
         if record.session_codes[-1][1] == 421:
-            raise _Ended("421 greeting")
+            raise Ended("421 greeting")
         for _ in range(_MAX_COMMANDS):
             line = self.read_line()
             record.commands += 1
             verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
             code = self.command(verb, line)
             if code == 421:
-                raise _Ended("closed after 421")  # RFC 5321 §3.8
-        raise _Ended("too many commands")
+                raise Ended("closed after 421")  # RFC 5321 §3.8
+        raise Ended("too many commands")
 
     def command(self, verb: bytes, line: bytes) -> int | None:
         record = self.record
@@ -489,7 +439,7 @@ class _Peer:
             transaction.data = code = self.answer(Point.DATA)
             if code != 354:
                 return code
-            content = self.read_content()
+            content = self.read_content(_MAX_CONTENT)
             record.commands += 1
             transaction.content += content
             transaction.final = code = self.answer(Point.DATA_END)
@@ -516,11 +466,11 @@ class _Peer:
             return self.answer(Point.NOOP)
         if verb == b"QUIT":
             self.answer(Point.QUIT)
-            raise _Ended("QUIT")
+            raise Ended("QUIT")
         return self.answer(Point.OTHER)
 
 
-class HostileServer:
+class HostileServer(ThreadedServer[ConnectionRecord]):
     """An SMTP server on 127.0.0.1 that misbehaves as a :class:`Plan` says (see the module
     docstring).
 
@@ -530,9 +480,13 @@ class HostileServer:
         linger_limit: the longest a closing connection takes the client's input (see
             ``_Peer.linger``) before it closes anyway.
         endless_limit: the most octets an endless reply sends.
-        timeout: seconds any single socket wait may take.
-        session_limit: seconds a whole connection may take.
+        timeout, session_limit: the socket wait and connection time limits, in seconds (see
+            :class:`tests.peers.threaded.ThreadedServer`).
     """
+
+    name = "hostile"
+    backlog = 32
+    max_polls = 1_000_000
 
     def __init__(
         self,
@@ -548,24 +502,8 @@ class HostileServer:
         self.silence_limit = silence_limit
         self.linger_limit = linger_limit
         self.endless_limit = endless_limit
-        self.timeout = timeout
-        self.session_limit = session_limit
-        self.host = "127.0.0.1"
-        self.connections: list[ConnectionRecord] = []
-        """One record per accepted connection, in order."""
-        self.errors: list[str] = []
-        """Unexpected exceptions inside the server (bugs in the test)."""
-        self.stopping = threading.Event()
         self._counters: dict[Point, int] = {}
-        self._lock = threading.Lock()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind((self.host, 0))
-        self._listener.listen(32)
-        self._listener.settimeout(0.05)
-        self.port: int = self._listener.getsockname()[1]
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        self._acceptor = threading.Thread(target=self._accept_loop, name="hostile-accept")
+        super().__init__(timeout=timeout, session_limit=session_limit)
 
     def next_behaviour(self, point: Point) -> Behaviour:
         """The behaviour for the next occurrence of ``point`` (thread-safe)."""
@@ -574,17 +512,6 @@ class HostileServer:
             self._counters[point] = count + 1
         planned = self.plan.behaviours.get(point, ())
         return planned[count] if count < len(planned) else NORMAL
-
-    def start(self) -> HostileServer:
-        """Start accepting connections; returns the server itself."""
-        self._acceptor.start()
-        return self
-
-    def __enter__(self) -> HostileServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Wait until every connection accepted so far has ended."""
@@ -595,65 +522,15 @@ class HostileServer:
             if not record.done.wait(max(0.0, end - time.monotonic())):
                 raise AssertionError(f"connection {record.index} still open after {timeout}s")
 
-    def stop(self) -> None:
-        """Stop accepting, end every connection, and join every thread."""
-        self.stopping.set()
-        if self._acceptor.ident is not None:
-            self._acceptor.join(timeout=5.0)
-        self._listener.close()
-        with self._lock:
-            for sock in self._sockets:
-                # Wake a thread blocked in recv/send; the socket is closed by its own thread.
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-            threads = list(self._threads)
-        stuck = []
-        for thread in threads:
-            thread.join(timeout=self.timeout + 5.0)
-            if thread.is_alive():
-                stuck.append(thread.name)
-        if self._acceptor.is_alive():
-            stuck.append(self._acceptor.name)
-        if stuck:
-            raise AssertionError(f"hostile server threads did not end: {stuck}")
+    @property
+    def connections(self) -> list[ConnectionRecord]:
+        """One record per accepted connection, in order."""
+        return self.records
 
-    def _accept_loop(self) -> None:
-        for _ in range(1_000_000):
-            if self.stopping.is_set():
-                return
-            try:
-                conn, _addr = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                if not self.stopping.is_set():
-                    self.errors.append(f"accept failed: {exc!r}")
-                return
-            conn.settimeout(self.timeout)
-            with self._lock:
-                record = ConnectionRecord(index=len(self.connections))
-                self.connections.append(record)
-                thread = threading.Thread(
-                    target=self._serve, args=(conn, record), name=f"hostile-{record.index}"
-                )
-                self._sockets.append(conn)
-                self._threads.append(thread)
-            thread.start()
+    def new_record(self, index: int) -> ConnectionRecord:
+        """A new :class:`ConnectionRecord`."""
+        return ConnectionRecord(index=index)
 
-    def _serve(self, sock: socket.socket, record: ConnectionRecord) -> None:
-        peer = _Peer(sock, record, self)
-        try:
-            peer.run()
-        except _Ended as ended:
-            record.ended = str(ended)
-        except OSError as exc:
-            record.ended = f"socket error: {exc!r}"
-        except Exception as exc:
-            record.ended = f"server error: {exc!r}"
-            self.errors.append(f"connection {record.index}: {exc!r}")
-        finally:
-            try:
-                peer.linger()
-                peer.sock.close()
-            finally:
-                record.done.set()
+    def new_peer(self, sock: socket.socket, record: ConnectionRecord) -> LinePeer:
+        """The peer that answers the connection as the plan says."""
+        return _Peer(sock, record, self)
