@@ -538,20 +538,37 @@ def check_server_side(
     assert not server.errors, server.errors
 
 
-def check_each(
-    flavour: Flavour, plan: Plan, client: Client, items: list[Item]
-) -> tuple[HostileServer, list[Any]]:
+def run_against(
+    plan: Plan,
+    client: Client,
+    items: list[Item],
+    send: Callable[[int], Any],
+    refusal: str,
+) -> tuple[HostileServer, Any]:
+    """Run ``send(port)`` against a hostile server playing ``plan``, under the hang bound,
+    check the server's side, and return the server and what ``send`` returned.
+    ``refusal`` says why raising at all is wrong for this call."""
     server = HostileServer(plan).start()
     try:
-        outcome = call_bounded(server, lambda: send_each(flavour, client, server.port, items))
+        outcome = call_bounded(server, lambda: send(server.port))
         if outcome.error is not None:
-            raise AssertionError(
-                f"send raised {outcome.error!r}, not a DeliveryError"
-            ) from outcome.error
+            raise AssertionError(f"raised {outcome.error!r}: {refusal}") from outcome.error
         check_server_side(server, outcome, len(items), client.pool.size)
     finally:
         server.stop()
-    outcomes: list[Any] = outcome.value
+    return server, outcome.value
+
+
+def check_each(
+    flavour: Flavour, plan: Plan, client: Client, items: list[Item]
+) -> tuple[HostileServer, list[Any]]:
+    server, outcomes = run_against(
+        plan,
+        client,
+        items,
+        lambda port: send_each(flavour, client, port, items),
+        "send may raise only a DeliveryError",
+    )
     assert len(outcomes) == len(items)
     for item, result in zip(items, outcomes, strict=True):
         check_answers_kept(server, item, result)
@@ -563,17 +580,13 @@ def check_each(
 
 
 def check_batch(flavour: Flavour, plan: Plan, client: Client, items: list[Item]) -> None:
-    server = HostileServer(plan).start()
-    try:
-        outcome = call_bounded(server, lambda: send_batch(flavour, client, server.port, items))
-        if outcome.error is not None:
-            raise AssertionError(
-                f"send_many raised {outcome.error!r}: a batch of good items must not raise"
-            ) from outcome.error
-        check_server_side(server, outcome, len(items), client.pool.size)
-    finally:
-        server.stop()
-    results = outcome.value
+    server, results = run_against(
+        plan,
+        client,
+        items,
+        lambda port: send_batch(flavour, client, port, items),
+        "a batch of good items must not raise",
+    )
     assert isinstance(results, list)
     assert len(results) == len(items), (len(results), len(items), describe(server))
     for item, result in zip(items, results, strict=True):
@@ -584,30 +597,24 @@ def check_batch(flavour: Flavour, plan: Plan, client: Client, items: list[Item])
 # -- the Hypothesis tests --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
 @EXAMPLES
 @given(plan=plans(), client=clients, items=batches(min_size=1, max_size=3))
-def test_send_never_hangs_loses_or_lies(plan: Plan, client: Client, items: list[Item]) -> None:
-    check_each("sync", plan, client, items)
-
-
-@EXAMPLES
-@given(plan=plans(), client=clients, items=batches(min_size=1, max_size=3))
-def test_asend_never_hangs_loses_or_lies(plan: Plan, client: Client, items: list[Item]) -> None:
-    check_each("async", plan, client, items)
-
-
-@BATCH_EXAMPLES
-@given(plan=plans(), client=clients, items=batches(min_size=2, max_size=4))
-def test_send_many_never_hangs_loses_or_lies(plan: Plan, client: Client, items: list[Item]) -> None:
-    check_batch("sync", plan, client, items)
-
-
-@BATCH_EXAMPLES
-@given(plan=plans(), client=clients, items=batches(min_size=2, max_size=4))
-def test_asend_many_never_hangs_loses_or_lies(
-    plan: Plan, client: Client, items: list[Item]
+def test_send_never_hangs_loses_or_lies(
+    flavour: Flavour, plan: Plan, client: Client, items: list[Item]
 ) -> None:
-    check_batch("async", plan, client, items)
+    """``send`` (sync) and ``asend`` (async), one message at a time."""
+    check_each(flavour, plan, client, items)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@BATCH_EXAMPLES
+@given(plan=plans(), client=clients, items=batches(min_size=2, max_size=4))
+def test_send_many_never_hangs_loses_or_lies(
+    flavour: Flavour, plan: Plan, client: Client, items: list[Item]
+) -> None:
+    """``send_many`` (sync) and ``asend_many`` (async)."""
+    check_batch(flavour, plan, client, items)
 
 
 # -- examples: the server and the checks themselves ------------------------------------------
