@@ -157,6 +157,10 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
         """
         return await asyncio.to_thread(self.status, tracking_id)
 
+    async def arelease_leases(self) -> int:
+        """:meth:`release_leases`, with the store's work in a worker thread."""
+        return await asyncio.to_thread(self.release_leases)
+
     async def acancel(self, tracking_id: str) -> tuple[Address, ...]:
         """:meth:`cancel`, with the store's commit in a worker thread.
 

@@ -428,6 +428,34 @@ class TrackerCore(Generic[T]):
         ]
         return self.store.apply(tracking_id, changes)
 
+    def release_leases(self) -> int:
+        """Make every recipient leased to this tracker's ``worker_id`` due again at once;
+        return how many.
+
+        For a worker whose ``worker_id`` stays the same across restarts: called at
+        start-up, before the runner, it sends what the previous run had claimed when it
+        died now, instead of once its leases expire (``lease``, 15 minutes by default).
+        Each recipient goes back as a put-back does: QUEUED if never tried, DEFERRED if
+        tried, no attempt recorded. Never call it while another live process uses the
+        same ``worker_id``: what that process is sending would be sent again.
+        """
+        now = self.clock()
+        worker = self.worker_id
+        released = 0
+        for record in self.store.find(state=State.SENDING):
+            mine = [
+                r.address
+                for r in record.recipients
+                if r.state is State.SENDING and r.lease_owner == worker
+            ]
+            if mine:
+                changes = self._put_back(record, mine, now)
+                released += len(self.store.apply(record.id, changes, worker=worker))
+        if released:
+            log.info("released %d recipients leased to %s by an earlier run", released, worker)
+            self._wake()
+        return released
+
     def find(
         self,
         *,

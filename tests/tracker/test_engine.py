@@ -650,6 +650,41 @@ def test_stopping_puts_back_what_the_claimed_batch_has_not_sent(store: Store, ru
     assert_stopped_between_chunks(tracker, transport)
 
 
+def test_release_leases_sends_at_once_what_a_dead_run_of_this_worker_had_claimed(
+    store: Store,
+) -> None:
+    clock = FakeClock()
+    first = tracker_for(
+        MemoryTransport(scripted({"a@example.org": Outcome.TRANSIENT})), store, clock
+    )
+    tried = first.submit(message(("a@example.org",)))
+    first.run_pending()  # a@ deferred, with an attempt
+    clock.advance(3600)
+    fresh, other = first.submit_many([message(("b@example.net",)), message(("c@example.org",))])
+    # The run that dies: worker w1 (this tracker's id) claims two messages; w2 the third.
+    lease = dt.timedelta(minutes=15)
+    mine = store.claim(worker="w1", now=clock(), lease=lease, limit=2)
+    assert {c.tracking_id for c in mine} == {tried, fresh}
+    assert [c.tracking_id for c in store.claim(worker="w2", now=clock(), lease=lease, limit=5)] == [
+        other
+    ]
+
+    transport = MemoryTransport()
+    restarted = tracker_for(transport, store, clock)  # the same worker_id, "w1"
+    assert restarted.run_pending().delivered == 0  # everything is leased
+    assert restarted.release_leases() == 2
+    assert restarted.status(tried).recipients[0].state is State.DEFERRED  # tried before
+    assert restarted.status(fresh).recipients[0].state is State.QUEUED  # never tried
+    assert restarted.status(other).recipients[0].state is State.SENDING  # w2's, untouched
+    assert [a.code for a in restarted.status(tried).recipients[0].attempts] == [450]
+    assert restarted.run_pending().delivered == 2
+    assert restarted.release_leases() == 0
+    assert sorted(str(item.envelope.recipients[0].address) for item in transport.outbox) == [
+        "a@example.org",
+        "b@example.net",
+    ]
+
+
 class FlakyStore(MemoryStore):
     """A MemoryStore whose first ``failures`` claims fail as a locked database does."""
 

@@ -338,6 +338,16 @@ def test_arun_forever_waits_out_a_transient_store_failure() -> None:
         run(broken.arun_forever(sleep=sleep, idle=5.0, max_loops=4))
 
 
+def test_arelease_leases_puts_back_this_worker_s_leases(store: Store) -> None:
+    clock = FakeClock()
+    tracker = make(MemoryTransport(), store, clock)
+    tracking_id = tracker.submit(message(("a@example.org",)))
+    store.claim(worker=tracker.worker_id, now=clock(), lease=dt.timedelta(minutes=15), limit=9)
+    assert run(tracker.arelease_leases()) == 1
+    assert run(tracker.arun_pending()).delivered == 1
+    assert tracker.status(tracking_id).recipients[0].state is State.DELIVERED
+
+
 def test_aclose_closes_everything(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "t.db")
     tracker = make(MemoryTransport(), store, FakeClock())
