@@ -660,7 +660,9 @@ def test_release_leases_sends_at_once_what_a_dead_run_of_this_worker_had_claimed
     tried = first.submit(message(("a@example.org",)))
     first.run_pending()  # a@ deferred, with an attempt
     clock.advance(3600)
-    fresh, other = first.submit_many([message(("b@example.net",)), message(("c@example.org",))])
+    fresh = first.submit(message(("b@example.net",)))
+    clock.advance(1)  # due one second after fresh: the claims below take them in that order
+    other = first.submit(message(("c@example.org",)))
     # The run that dies: worker w1 (this tracker's id) claims two messages; w2 the third.
     lease = dt.timedelta(minutes=15)
     mine = store.claim(worker="w1", now=clock(), lease=lease, limit=2)
