@@ -71,45 +71,42 @@ def new_decision(changes: tuple[Change, ...], refused: bool | None) -> Decision:
     return decision
 
 
-def _delivery_error_names() -> frozenset[str]:
-    names = set()
+def _delivery_error_classes() -> list[type[DeliveryError]]:
+    """:class:`DeliveryError` and every subclass defined now (an application may add its
+    own at any time, so they are looked up at each use)."""
+    found: list[type[DeliveryError]] = []
     todo: list[type[DeliveryError]] = [DeliveryError]
     while todo:
         cls = todo.pop()
-        names.add(cls.__name__)
+        found.append(cls)
         todo.extend(cls.__subclasses__())
-    return frozenset(names)
+    return found
+
+
+def _error_name(found: RecipientResult) -> str | None:
+    """The error class name ``failed_result`` put in ``found``'s reason, if it looks like one."""
+    reason = found.reason
+    if reason is None or found.outcome is _ACCEPTED:
+        return None
+    name, colon, _rest = reason.partition(": ")
+    return name if colon else None
 
 
 def _from_error_result(found: RecipientResult) -> bool:
     """Whether ``found`` is what ``failed_result`` made of a :class:`DeliveryError`."""
-    reason = found.reason
-    if reason is None or found.outcome is _ACCEPTED:
-        return False
-    name, colon, _rest = reason.partition(": ")
-    # Subclasses are looked up each time: an application may define its own.
-    return bool(colon) and name in _delivery_error_names()
-
-
-def _error_classes_named(name: str) -> list[type[DeliveryError]]:
-    found = []
-    todo: list[type[DeliveryError]] = [DeliveryError]
-    while todo:
-        cls = todo.pop()
-        if cls.__name__ == name:
-            found.append(cls)
-        todo.extend(cls.__subclasses__())
-    return found
+    name = _error_name(found)
+    return name is not None and any(cls.__name__ == name for cls in _delivery_error_classes())
 
 
 def _deferring_error(found: RecipientResult, retry: RetryPolicy) -> bool:
     """Whether a PERMANENT ``found`` is what ``failed_result`` made of one of the policy's
     ``defer_errors`` (so it defers, as :func:`from_error` decides for the error itself)."""
-    reason = found.reason
-    if reason is None or not retry.defer_errors or not _from_error_result(found):
+    name = _error_name(found) if retry.defer_errors else None
+    if name is None:
         return False
-    name = reason.partition(": ")[0]
-    return any(retry.defers_class(cls) for cls in _error_classes_named(name))
+    return any(
+        cls.__name__ == name and retry.defers_class(cls) for cls in _delivery_error_classes()
+    )
 
 
 def put_back(
