@@ -193,6 +193,12 @@ HOSTILE = {
     b"Final-Recipient: rfc822; a@b.example\r\nAction: failed\r\nDiagnostic-Code: smtp; "
     + b"user "
     * 40_000,
+    "rule of stars": _HEAD + b"\r\nerror\r\n" + b"*" * 200_000,
+    "8-bit words in a 7bit status part": b"Content-Type: message/delivery-status\r\n"
+    b"Content-Transfer-Encoding: 7bit\r\n\r\n"
+    b"Final-Recipient: rfc822; a@b.example\r\nAction: failed\r\nDiagnostic-Code: smtp; "
+    + b"a\xc3\xa9 "
+    * 50_000,
     "20000 recipients": _HEAD
     + b"\r\nerror\r\n"
     + b"".join(b"<u%d@example.org>: 550 5.1.1 unknown\r\n" % i for i in range(20_000)),

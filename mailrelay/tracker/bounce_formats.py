@@ -111,10 +111,14 @@ _AUTO_SUBJECT_RE = re.compile(
 _AWAY_SUBJECT_RE = re.compile(
     r"vacation|away\s+from|\baway\b|on\s+leave|abwesen|absence|不在", re.IGNORECASE
 )
+# A line that starts the returned copy: decoration (spaces, rules, quote marks), then
+# words. The decoration is split off in Python (see _is_returned_marker): as one regex,
+# a decoration class followed by "two or more rule characters" backtracks quadratically
+# over a long run of them (a line of 10,000 stars took seconds).
+_MARKER_DECORATION_RE = re.compile(r"[\s\-=_*>|]*")  # one greedy run: linear
 _RETURNED_MARKER_RE = re.compile(
-    r"^[\s\-=_*>|]*(?:below\s+this\s+line\s+is\s+a\s+copy|"
+    r"(?:below\s+this\s+line\s+is\s+a\s+copy|"
     r"this\s+is\s+a\s+copy\s+of\s+the\s+(?:original\s+)?message|"
-    r"[-=_*]{2,}\s*(?:the\s+)?(?:original|returned|unsent)\s+message|"
     r"(?:the\s+)?original\s+message\s+(?:follows|headers|below)|"
     r"headers\s+of\s+(?:the\s+)?(?:original|returned)|message\s+headers\s+follow|"
     r"the\s+header\s+of\s+the\s+original|here\s+is\s+a\s+copy|included\s+is\s+a\s+copy|"
@@ -122,6 +126,8 @@ _RETURNED_MARKER_RE = re.compile(
     r"content-type:\s*message/rfc822|unsent\s+message\s+below)",
     re.IGNORECASE,
 )
+# After a rule ("---- Original message"), these words are enough.
+_RULED_MARKER_RE = re.compile(r"(?:the\s+)?(?:original|returned|unsent)\s+message", re.IGNORECASE)
 _HEADER_LINE_RE = re.compile(
     r"^(?:Return-Path|Received|Message-I[dD]|From|Date|Subject|To|"
     r"DKIM-Signature|X-[A-Za-z-]+|MIME-Version|Delivered-To)\s*:",
@@ -359,13 +365,30 @@ def notice_text(parts: list[email.message.Message]) -> tuple[str, str]:
     text = "\n".join(chunks).replace("\r\n", "\n").replace("\r", "\n")
     lines = text.split("\n")
     for index, line in enumerate(lines):
-        if index > 0 and _RETURNED_MARKER_RE.match(line):
+        if index > 0 and _is_returned_marker(line):
             return "\n".join(lines[:index]), "\n".join(lines[index + 1 :])
     # No marker: a returned header block still ends the notice.
     for index, line in enumerate(lines):
         if index > 2 and re.match(r"^(?:Return-Path|Received):", line, re.IGNORECASE):
             return "\n".join(lines[:index]), "\n".join(lines[index:])
     return text, ""
+
+
+def _is_returned_marker(line: str) -> bool:
+    """Whether ``line`` starts the returned copy ("------ Original message ------",
+    "Below this line is a copy of the message."), in time linear in its length."""
+    decoration = _MARKER_DECORATION_RE.match(line)  # always matches, maybe ""
+    end = decoration.end() if decoration else 0
+    words = line[end:]
+    if _RETURNED_MARKER_RE.match(words):
+        return True
+    rule = line[:end].rstrip()
+    return (
+        len(rule) >= 2
+        and rule[-1] in "-=_*"
+        and rule[-2] in "-=_*"
+        and bool(_RULED_MARKER_RE.match(words))
+    )
 
 
 _BREAK_TAGS = frozenset({"br", "p", "/p", "div", "/div", "tr", "/tr", "li", "/li", "h1", "/h1"})

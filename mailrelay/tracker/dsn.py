@@ -36,6 +36,7 @@ import email.message
 import email.policy
 import email.utils
 import enum
+import functools
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -319,6 +320,9 @@ def find_reply_code(text: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# Cached: a report often gives many recipients the same status and text (a mailing to
+# one domain refused whole), and the regular expressions run over up to a kilobyte each.
+@functools.lru_cache(maxsize=512)
 def classify_hard(
     status: str | None, diagnostic: str | None, *, permanent: bool, context: str | None = None
 ) -> bool:

@@ -27,10 +27,12 @@ RFC 6533 §6) part, else the copy appended to the prose, else the report's own
 from __future__ import annotations
 
 import email
+import email.header
 import email.message
 import email.policy
 import logging
 import re
+from email.errors import MissingHeaderBodySeparatorDefect
 
 import attrs
 
@@ -237,7 +239,8 @@ def _structured(
 def _blocks(part: email.message.Message) -> list[list[tuple[str, str]]]:
     """The field groups of a delivery-status body, as (lower name, value) pairs."""
     payload = part.get_payload()
-    if isinstance(payload, list) and payload and part.get("Content-Transfer-Encoding") is None:
+    encoding = " ".join(str(part.get("Content-Transfer-Encoding", "")).split()).lower()
+    if isinstance(payload, list) and payload and encoding in _IDENTITY_ENCODINGS:
         # compat32 already split message/delivery-status into one Message per block.
         blocks = []
         for sub in payload:
@@ -253,13 +256,54 @@ def _blocks(part: email.message.Message) -> list[list[tuple[str, str]]]:
                     blocks.extend(_parse_blocks(body.decode("utf-8", "replace")))
         return blocks
     if isinstance(payload, list):
-        text = "\n\n".join(str(sub) for sub in payload)
+        # Transfer-encoded (quoted-printable, base64): the feedparser split the body
+        # without decoding it. Put its source back together and decode that.
+        source = "\n\n".join(_source_text(sub) for sub in payload)
+        leaf = email.message.Message()
+        leaf["Content-Transfer-Encoding"] = encoding
+        leaf.set_payload(source.encode("utf-8", "surrogateescape").decode("latin-1"))
+        text = part_text(leaf)
     else:
         text = part_text(part)
     return _parse_blocks(text)
 
 
+def _source_text(sub: object) -> str:
+    """A parsed block as the text it was parsed from (its fields, then any body).
+
+    Not ``str(sub)``: the generator re-folds and re-encodes the fields, which takes time
+    quadratic in a long field's length in the standard library and raises on an unknown
+    or mismatched charset; a hostile report could stall or blind the parser that way.
+    """
+    if not isinstance(sub, email.message.Message):
+        return str(sub)
+    lines = [f"{name}: {value}" for name, value in sub.items()]
+    # The body began at a blank line, or at the first line that was not a field (a
+    # quoted-printable soft line break, say), which must not gain a blank line.
+    separator = (
+        [] if any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in sub.defects) else [""]
+    )
+    body = sub.get_payload()
+    if isinstance(body, list):
+        lines += [*separator, *(_source_text(inner) for inner in body)]
+    elif isinstance(body, str) and body:
+        lines += [*separator, body]
+    return "\n".join(lines)
+
+
+# Transfer encodings that leave the text as it is: the feedparser's split into blocks
+# can be read directly.
+_IDENTITY_ENCODINGS = frozenset({"", "7bit", "8bit", "binary"})
+
+
 def _field_text(value: object) -> str:
+    if isinstance(value, email.header.Header):
+        # compat32 wraps a field with 8-bit bytes in a Header ("unknown-8bit"), whose
+        # str() replaces them; the bytes are most often UTF-8 (RFC 6533 §3).
+        return "".join(
+            chunk.decode("utf-8", "replace") if isinstance(chunk, bytes) else chunk
+            for chunk, _charset in email.header.decode_header(value)
+        )
     text = str(value)
     # compat32 keeps undecodable bytes as surrogates; RFC 6533 §3 text is UTF-8.
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

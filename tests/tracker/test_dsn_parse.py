@@ -6,6 +6,10 @@ where the address and the reason sit); their text is our own.
 
 from __future__ import annotations
 
+import base64
+import quopri
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -742,3 +746,66 @@ def test_arbitrary_bytes_never_raise(raw: bytes) -> None:
     # that raises shows up here instead of being swallowed.
     assert isinstance(_parse(raw), DSNReport)
     assert isinstance(parse_dsn(raw), DSNReport)
+
+
+STATUS_BLOCKS = (
+    "Reporting-MTA: dns; relay.example.net\r\n\r\n"
+    "Final-Recipient: rfc822; ann@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+    "Diagnostic-Code: smtp; 550 5.1.1 Postfach unbekannt \u00fcber=gr\u00fc\u00dfe\r\n"
+).encode()
+
+
+def report_with_status(ctype: str, encoding: str | None, body: bytes) -> bytes:
+    """A multipart/report whose status part is ``body`` under ``encoding``."""
+    cte = f"Content-Transfer-Encoding: {encoding}\r\n" if encoding else ""
+    return (
+        (
+            "From: MAILER-DAEMON@relay.example.net\r\nTo: shop@shop.example\r\n"
+            "Subject: failure\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n"
+            "--B\r\nContent-Type: text/plain\r\n\r\nIt failed.\r\n"
+            f"--B\r\nContent-Type: {ctype}\r\n{cte}\r\n"
+        ).encode()
+        + body
+        + b"\r\n--B--\r\n"
+    )
+
+
+@pytest.mark.parametrize("ctype", ["message/delivery-status", "message/global-delivery-status"])
+@pytest.mark.parametrize(
+    ("encoding", "encode"),
+    [
+        (None, lambda data: data),
+        ("7bit", lambda data: data),
+        ("8bit", lambda data: data),
+        ("quoted-printable", quopri.encodestring),
+        ("base64", base64.encodebytes),
+    ],
+    ids=["none", "7bit", "8bit", "quoted-printable", "base64"],
+)
+def test_status_part_in_any_transfer_encoding(
+    ctype: str, encoding: str | None, encode: Callable[[bytes], bytes]
+) -> None:
+    # Seen in the wild: status parts sent quoted-printable or base64 (the feedparser
+    # splits them into blocks without decoding), and UTF-8 in a plain delivery-status.
+    report = _parse(report_with_status(ctype, encoding, encode(STATUS_BLOCKS)))
+    assert report.kind is DSNKind.BOUNCE
+    [recipient] = report.recipients
+    assert recipient.address == "ann@example.org"
+    assert recipient.status == "5.1.1"
+    assert recipient.diagnostic == "550 5.1.1 Postfach unbekannt über=grüße"
+
+
+def test_status_block_the_generator_cannot_write_is_still_read() -> None:
+    # A block with a text type, a charset its bytes do not fit and a line that is not
+    # a field (so the block has a body): the standard library's generator raises on
+    # it, and the parser, which used to write blocks back out with it, read the whole
+    # report as "unreadable".
+    body = (
+        b"Reporting-MTA: dns; relay.example.net\r\n\r\n"
+        b"Final-Recipient: rfc822; ann@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        b"Content-Type: text/plain; charset=us-ascii\r\nbyte \xff here\r\n"
+    )
+    report = _parse(report_with_status("message/delivery-status", "quoted-printable", body))
+    assert report.kind is DSNKind.BOUNCE
+    assert [(r.address, r.status) for r in report.recipients] == [("ann@example.org", "5.1.1")]
