@@ -42,7 +42,8 @@ class Extensions:
 
     Attributes:
         size: the declared maximum message size in octets (RFC 1870), or None
-            when no limit was declared (also for ``SIZE`` with no or zero value).
+            when no limit was declared (also for ``SIZE`` with no or zero value, or a
+            value of more than 20 digits).
         pipelining: PIPELINING (RFC 2920).
         eight_bit_mime: 8BITMIME (RFC 6152).
         smtputf8: SMTPUTF8 (RFC 6531).
@@ -102,7 +103,9 @@ class Extensions:
             keywords["AUTH"] = old_auth
         size: int | None = None
         size_text = keywords.get("SIZE", "")
-        if size_text.isdecimal() and size_text.isascii():
+        # Up to 20 digits (10^20 octets is no limit in practice): int() refuses a string
+        # of over 4,300 digits, and a server's reply line may be longer than that.
+        if size_text.isdecimal() and size_text.isascii() and len(size_text) <= 20:
             size = int(size_text) or None  # RFC 1870 §4: 0 means no fixed maximum.
         return cls(
             size=size,

@@ -48,6 +48,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 import stringprep
 import unicodedata
@@ -210,6 +211,7 @@ class XOAuth2:
 #: More PBKDF2 iterations than this are refused: a hostile server could otherwise make us
 #: spend minutes of CPU. RFC 7677 §4 asks for at least 4096; real servers use 4096 to 100k.
 MAX_SCRAM_ITERATIONS = 1_000_000
+_POSIT_NUMBER = re.compile(r"[1-9][0-9]{0,6}")  # up to 9,999,999
 
 
 def _default_nonce() -> str:
@@ -289,7 +291,11 @@ class ScramSHA256:
         # RFC 5802 §5.1: the server's nonce MUST start with ours (and add something).
         if not nonce.startswith(client_nonce) or len(nonce) == len(client_nonce):
             raise _unexpected(name, "the server's nonce does not extend ours")
-        if not iterations_text.isdigit() or not 1 <= int(iterations_text) <= MAX_SCRAM_ITERATIONS:
+        # RFC 5802 §7 posit-number, in ASCII digits (str.isdigit would also take "²", which
+        # int() refuses, and other scripts' digits) and short enough for the maximum.
+        if _POSIT_NUMBER.fullmatch(iterations_text) is None or not (
+            int(iterations_text) <= MAX_SCRAM_ITERATIONS
+        ):
             raise _unexpected(name, "the server's iteration count is out of range")
         salt = _b64decode(name, salt_text)
 

@@ -229,7 +229,8 @@ class TransportURL:
 
 
 def _port(text: str, shown: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    # ASCII digits, few enough for int(): str.isdigit alone also takes "²" (int() refuses).
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) < 65536:
         raise ConfigurationError(f"port must be a number from 1 to 65535 in {shown}")
     return int(text)
 

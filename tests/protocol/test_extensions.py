@@ -60,6 +60,8 @@ def test_empty_by_default() -> None:
         ("SIZE 0", None, True),  # RFC 1870 §4: no fixed maximum
         ("SIZE lots", None, True),
         ("SIZE \uff15", None, True),  # non-ASCII digits are not a number here
+        ("SIZE " + "9" * 20, 10**20 - 1, True),
+        ("SIZE " + "9" * 5000, None, True),  # over int()'s 4,300 digits: no limit, no error
         ("NOTSIZE 5", None, False),
     ],
 )

@@ -202,6 +202,15 @@ def test_scram_refuses_success_without_server_signature() -> None:
         (b"r=rOprNGfwEbeRWgbNEkqOxx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=0", "iteration"),
         (b"r=rOprNGfwEbeRWgbNEkqOxx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=99999999", "iteration"),
         (b"r=rOprNGfwEbeRWgbNEkqOxx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=x", "iteration"),
+        # Digits str.isdigit takes but int() refuses or RFC 5802 does not allow, and more
+        # digits than int() converts: each once escaped as a bare ValueError.
+        ("r=rOprNGfwEbeRWgbNEkqOxx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=\u00b2".encode(), "iteration"),
+        (
+            "r=rOprNGfwEbeRWgbNEkqOxx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=\u0661\u0662".encode(),
+            "iteration",
+        ),
+        (b"r=rOprNGfwEbeRWgbNEkqOxx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=" + b"9" * 5000, "iteration"),
+        (b"r=rOprNGfwEbeRWgbNEkqOxx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=04096", "iteration"),
         (b"r=rOprNGfwEbeRWgbNEkqOxx,s=!!!,i=4096", "base64"),
         (b"r=rOprNGfwEbeRWgbNEkqOxx,i=4096", "lacks"),
         (b"m=ext,r=rOprNGfwEbeRWgbNEkqOxx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", "extension"),

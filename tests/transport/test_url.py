@@ -101,6 +101,9 @@ def test_parse(url: str, expected: dict[str, Any]) -> None:
         ("mx://mx.example.com", "takes no host"),
         ("mx://?port=70000", "port must be a number"),
         ("mx://?port=x", "port must be a number"),
+        ("mx://?port=\u00b25", "port must be a number"),  # int() refuses it: not a ValueError
+        ("mx://?port=\u0662\u0665", "port must be a number"),  # not read as 25
+        ("mx://?port=" + "9" * 5000, "port must be a number"),  # over int()'s 4,300 digits
         ("mx://u:p@", "takes no user name"),
         ("memory://somewhere", "takes no host"),
         ("memory://?x=1", "unknown parameter 'x' for memory:// .* \\(allowed: none\\)"),
