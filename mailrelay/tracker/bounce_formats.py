@@ -573,7 +573,7 @@ def message_id_in_text(parts: list[email.message.Message]) -> str | None:
 def _returned_part(parts: list[email.message.Message]) -> email.message.Message | None:
     for part in parts:
         if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
-            payload = part.get_payload()
+            payload = part.get_payload() if part.is_multipart() else None
             if (
                 isinstance(payload, list)
                 and payload

@@ -432,9 +432,10 @@ def walk(
     yield msg
     if msg.get_content_maintype() == "message" and not into_returned:
         return
-    payload = msg.get_payload()
-    if isinstance(payload, list):
-        for sub in payload:
+    # is_multipart() first: on a leaf, get_payload() decodes the text by its charset
+    # parameter, and raises on one like "us-ascii\0".
+    if msg.is_multipart():
+        for sub in msg.get_payload():
             if isinstance(sub, email.message.Message):
                 yield from walk(sub, into_returned=into_returned)
 
@@ -446,7 +447,10 @@ def part_text(part: email.message.Message) -> str:
     except Exception:
         data = None
     if not isinstance(data, bytes):
-        payload = part.get_payload()
+        try:
+            payload = part.get_payload()
+        except (LookupError, UnicodeError, ValueError):  # a charset like "us-ascii\0"
+            return ""
         return payload if isinstance(payload, str) else ""
     charset = part.get_content_charset() or "utf-8"
     try:

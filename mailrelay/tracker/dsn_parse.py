@@ -238,7 +238,9 @@ def _structured(
 
 def _blocks(part: email.message.Message) -> list[list[tuple[str, str]]]:
     """The field groups of a delivery-status body, as (lower name, value) pairs."""
-    payload = part.get_payload()
+    # Only a split body (a list) is taken from get_payload(): on a leaf it decodes the
+    # text by its charset parameter and raises on one like "us-ascii\0".
+    payload = part.get_payload() if part.is_multipart() else None
     encoding = " ".join(str(part.get("Content-Transfer-Encoding", "")).split()).lower()
     if isinstance(payload, list) and payload and encoding in _IDENTITY_ENCODINGS:
         # compat32 already split message/delivery-status into one Message per block.
@@ -258,37 +260,39 @@ def _blocks(part: email.message.Message) -> list[list[tuple[str, str]]]:
     if isinstance(payload, list):
         # Transfer-encoded (quoted-printable, base64): the feedparser split the body
         # without decoding it. Put its source back together and decode that.
-        source = "\n\n".join(_source_text(sub) for sub in payload)
+        source = b"\n\n".join(_source_bytes(sub) for sub in payload)
         leaf = email.message.Message()
         leaf["Content-Transfer-Encoding"] = encoding
-        leaf.set_payload(source.encode("utf-8", "surrogateescape").decode("latin-1"))
+        leaf.set_payload(source.decode("latin-1"))  # one character per byte
         text = part_text(leaf)
     else:
         text = part_text(part)
     return _parse_blocks(text)
 
 
-def _source_text(sub: object) -> str:
-    """A parsed block as the text it was parsed from (its fields, then any body).
+def _source_bytes(sub: object) -> bytes:
+    """A parsed block as the bytes it was parsed from (its fields, then any body).
 
     Not ``str(sub)``: the generator re-folds and re-encodes the fields, which takes time
     quadratic in a long field's length in the standard library and raises on an unknown
     or mismatched charset; a hostile report could stall or blind the parser that way.
     """
     if not isinstance(sub, email.message.Message):
-        return str(sub)
-    lines = [f"{name}: {value}" for name, value in sub.items()]
+        return str(sub).encode("utf-8", "surrogateescape")
+    lines = [f"{name}: {_field_text(value)}".encode() for name, value in sub.items()]
     # The body began at a blank line, or at the first line that was not a field (a
     # quoted-printable soft line break, say), which must not gain a blank line.
     separator = (
-        [] if any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in sub.defects) else [""]
+        [] if any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in sub.defects) else [b""]
     )
-    body = sub.get_payload()
-    if isinstance(body, list):
-        lines += [*separator, *(_source_text(inner) for inner in body)]
-    elif isinstance(body, str) and body:
-        lines += [*separator, body]
-    return "\n".join(lines)
+    if sub.is_multipart():
+        lines += [*separator, *(_source_bytes(inner) for inner in sub.get_payload())]
+    else:
+        # decode=True: the bytes as they came (no charset decoding, which can raise).
+        body = sub.get_payload(decode=True)
+        if isinstance(body, bytes) and body:
+            lines += [*separator, body]
+    return b"\n".join(lines)
 
 
 # Transfer encodings that leave the text as it is: the feedparser's split into blocks
@@ -452,7 +456,11 @@ def _feedback(base: DSNReport, parts: list[email.message.Message]) -> DSNReport:
 def _attached_reports(parts: list[email.message.Message]) -> list[email.message.Message]:
     found = []
     for part in parts:
-        payload = part.get_payload() if part.get_content_type() == "message/rfc822" else None
+        payload = (
+            part.get_payload()
+            if part.get_content_type() == "message/rfc822" and part.is_multipart()
+            else None
+        )
         if isinstance(payload, list) and payload and isinstance(payload[0], email.message.Message):
             inner = payload[0]
             if inner.get_content_type() == "multipart/report":
@@ -486,7 +494,7 @@ def _returned_headers(parts: list[email.message.Message]) -> email.message.Messa
         ctype = part.get_content_type()
         if ctype not in _RETURNED_TYPES:
             continue
-        payload = part.get_payload()
+        payload = part.get_payload() if part.is_multipart() else None
         if isinstance(payload, list) and payload:
             first = payload[0]
             if isinstance(first, email.message.Message):

@@ -809,3 +809,33 @@ def test_status_block_the_generator_cannot_write_is_still_read() -> None:
     report = _parse(report_with_status("message/delivery-status", "quoted-printable", body))
     assert report.kind is DSNKind.BOUNCE
     assert [(r.address, r.status) for r in report.recipients] == [("ann@example.org", "5.1.1")]
+
+
+@pytest.mark.parametrize("where", ["notice", "status"])
+def test_charset_with_a_nul_is_not_fatal(where: str) -> None:
+    # A charset parameter with a NUL makes the standard library's get_payload() raise
+    # ValueError on a leaf part with 8-bit text; the parser once asked every part for its
+    # payload while walking the message, and read the whole report as "unreadable".
+    notice_type = 'text/plain; charset="us-ascii\0"' if where == "notice" else "text/plain"
+    status_type = (
+        'message/delivery-status; charset="us-ascii\0"'
+        if where == "status"
+        else "message/delivery-status"
+    )
+    raw = (
+        (
+            "From: MAILER-DAEMON@relay.example.net\r\nTo: shop@shop.example\r\n"
+            "Subject: failure\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n"
+            f"--B\r\nContent-Type: {notice_type}\r\n\r\n"
+        ).encode()
+        + b"It failed: caf\xc3\xa9.\r\n"
+        + (
+            f"--B\r\nContent-Type: {status_type}\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        ).encode()
+        + STATUS_BLOCKS
+        + b"\r\n--B--\r\n"
+    )
+    report = _parse(raw)
+    assert report.kind is DSNKind.BOUNCE
+    assert [(r.address, r.status) for r in report.recipients] == [("ann@example.org", "5.1.1")]
