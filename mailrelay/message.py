@@ -75,7 +75,7 @@ from mailrelay._buildargs import (
     _spec,
 )
 from mailrelay.address import Address
-from mailrelay.errors import MessageError
+from mailrelay.errors import InvalidAddress, MessageError
 
 __all__ = ["AddressLike", "Attachment", "Message", "MAX_HEADER_BYTES"]
 
@@ -694,11 +694,24 @@ def _parsed_addr_specs(value: str) -> list[str]:
     """Return the addr-specs of an address list, read by the email package."""
     # Its RFC 5322 parser copes with groups, comments and quoted display
     # names; only the addr-spec is kept.
-    header = _ADDRESS_PARSER("to", value)
+    try:
+        header = _ADDRESS_PARSER("to", value)
+    except (IndexError, AttributeError, ValueError, RecursionError) as exc:
+        # Its parser has bugs on malformed lists (IndexError on an unclosed "<",
+        # AttributeError when a mailbox follows a group, RecursionError on deeply
+        # nested comments): a field it cannot read holds no usable address.
+        raise InvalidAddress(
+            f"cannot read the address list {_excerpt(value)}", address=value
+        ) from exc
     assert isinstance(header, email.headerregistry.AddressHeader)
     return [
         mailbox.addr_spec for mailbox in header.addresses if mailbox.addr_spec not in ("", "<>")
     ]
+
+
+def _excerpt(value: str, limit: int = 60) -> str:
+    """``value`` for an error message: quoted, and cut short when long."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
 
 
 # The common address-list shapes, read without the email package's parser:
