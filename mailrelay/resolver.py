@@ -7,7 +7,9 @@ Rules of this module:
   shuffled on every call (an injectable :class:`random.Random`), no MX records but an A or
   AAAA record makes the domain its own *implicit* exchanger, and a lone MX whose target is
   ``.`` is RFC 7505's *null MX*: the domain accepts no mail. Every exchanger's A and AAAA
-  records are looked up; CNAME chains are followed (dnspython does so).
+  records are looked up; CNAME chains are followed (dnspython does so). At most
+  :data:`MAX_MAIL_HOSTS` exchangers are kept, the best by preference: each costs two
+  queries, and a zone with thousands of MX records must not cost thousands of queries.
 - Facts are values, ignorance is an exception. NXDOMAIN and NODATA are answers about the
   domain and come back inside :class:`MailHosts` / :class:`HostAddresses` (their
   :class:`DNSStatus` says which). Timeouts, SERVFAIL, REFUSED and malformed answers mean we
@@ -57,6 +59,7 @@ from mailrelay.errors import ResolverError
 from mailrelay.mailhosts import DNSStatus, HostAddresses, MailHost, MailHosts
 
 __all__ = [
+    "MAX_MAIL_HOSTS",
     "AsyncResolver",
     "DNSCache",
     "DNSStatus",
@@ -83,6 +86,8 @@ _MAIL_HOSTS: Final = -1
 _MAX_PLAN_STEPS: Final = 4
 #: CNAMEs we follow ourselves when a server stops at one (dnspython's own chain limit is 16).
 _MAX_CNAME_HOPS: Final = 8
+#: The most exchangers of one domain kept (and looked up): the best by preference.
+MAX_MAIL_HOSTS: Final = 16
 _HOST_CHARS: Final = re.compile(r"[a-z0-9_.-]+")
 
 
@@ -225,7 +230,9 @@ def _plan_mail_hosts(domain: str) -> _Plan:
         # RFC 5321 §5.1: lowest preference first. Ties are put in name order here (servers
         # rotate RRsets) and shuffled on every read. A target listed twice keeps its best one.
         exchangers.sort()
-        targets = list(dict.fromkeys(target for _, target in exchangers))
+        # Each exchanger costs two queries: a hostile or broken zone's thousands of MX
+        # records must not turn one lookup into thousands. The best ones are kept.
+        targets = list(dict.fromkeys(target for _, target in exchangers))[:MAX_MAIL_HOSTS]
         best = {target: pref for pref, target in reversed(exchangers)}
         answers = yield [(t, _A) for t in targets] + [(t, _AAAA) for t in targets]
         count = len(targets)
