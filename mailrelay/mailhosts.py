@@ -91,8 +91,10 @@ class MailHosts:
             ``NXDOMAIN`` when the domain does not exist; ``NODATA`` when it exists but has
             neither MX nor address records.
         hosts: the exchangers in the order to try them: by preference, equal preferences
-            shuffled. Empty for a null MX, NXDOMAIN and NODATA.
-        null_mx: the domain publishes RFC 7505's null MX: it accepts no mail.
+            shuffled. Empty for a null MX, NXDOMAIN and NODATA, and when every MX record's
+            target is ``.`` without being a null MX (``MX 10 .``): no usable exchanger.
+        null_mx: the domain publishes RFC 7505's null MX (its one MX record is ``0 .``):
+            it accepts no mail.
         implicit: the domain has no MX records; its own address is the exchanger.
     """
 

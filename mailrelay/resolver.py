@@ -5,11 +5,11 @@ Rules of this module:
 - :meth:`Resolver.mail_hosts` answers "which hosts take mail for this domain, at which
   addresses" following RFC 5321 §5.1: exchangers sorted by preference, equal preferences
   shuffled on every call (an injectable :class:`random.Random`), no MX records but an A or
-  AAAA record makes the domain its own *implicit* exchanger, and a lone MX whose target is
-  ``.`` is RFC 7505's *null MX*: the domain accepts no mail. Every exchanger's A and AAAA
-  records are looked up; CNAME chains are followed (dnspython does so). At most
-  :data:`MAX_MAIL_HOSTS` exchangers are kept, the best by preference: each costs two
-  queries, and a zone with thousands of MX records must not cost thousands of queries.
+  AAAA record makes the domain its own *implicit* exchanger, and a lone MX ``0 .`` is
+  RFC 7505's *null MX*: the domain accepts no mail. Any other ``.`` target is skipped.
+  Every exchanger's A and AAAA records are looked up; CNAME chains are followed (dnspython
+  does so). At most :data:`MAX_MAIL_HOSTS` exchangers are kept, the best by preference: each
+  costs two queries, and a zone with thousands of MX records must not cost thousands.
 - Facts are values, ignorance is an exception. NXDOMAIN and NODATA are answers about the
   domain and come back inside :class:`MailHosts` / :class:`HostAddresses` (their
   :class:`DNSStatus` says which). Timeouts, SERVFAIL, REFUSED and malformed answers mean we
@@ -222,11 +222,15 @@ def _plan_mail_hosts(domain: str) -> _Plan:
     if mx.status is DNSStatus.NXDOMAIN:
         return MailHosts(domain=domain, status=DNSStatus.NXDOMAIN), mx.ttl
     if mx.status is DNSStatus.OK:
-        # RFC 7505 §3: a null MX is the domain's only MX, with target "."; a "." among real
-        # exchangers is a misconfiguration and is skipped.
+        # RFC 7505 §3: a null MX is the domain's only MX record, preference 0, target ".".
+        if mx.records == ((0, ""),):
+            return MailHosts(domain=domain, status=DNSStatus.OK, null_mx=True), mx.ttl
+        # Any other "." (next to real exchangers, or at another preference) is a
+        # misconfiguration naming no host: it is skipped. MX records none of which names a
+        # host leave no exchanger, and no implicit MX either (RFC 5321 §5.1: report it).
         exchangers = [(pref, target) for pref, target in mx.records if target]
         if not exchangers:
-            return MailHosts(domain=domain, status=DNSStatus.OK, null_mx=True), mx.ttl
+            return MailHosts(domain=domain, status=DNSStatus.OK), mx.ttl
         # RFC 5321 §5.1: lowest preference first. Ties are put in name order here (servers
         # rotate RRsets) and shuffled on every read. A target listed twice keeps its best one.
         exchangers.sort()

@@ -257,6 +257,10 @@ class _ValidatorBase:
             return _result(
                 Reason.NO_MAIL_HOST, text, address, found, "no MX and no address records"
             )
+        if not found.hosts:
+            # MX records whose targets are all "." without being a null MX (RFC 7505 §3).
+            detail = "its MX records name no exchanger"
+            return _result(Reason.NO_MAIL_HOST, text, address, found, detail)
         for host in found.hosts:
             if host.ipv4 or host.ipv6:
                 return _result(Reason.OK, text, address, found)

@@ -300,6 +300,9 @@ def test_thousands_of_mx_records_are_cut_to_the_best_few(server: HostileDNS, mod
         # A "." among real exchangers is a misconfiguration: it is skipped.
         ([(0, "."), (10, "mx1.d.test.")], False, ["mx1.d.test"], Reason.OK),
         ([(5, "."), (10, "mx1.d.test.")], False, ["mx1.d.test"], Reason.OK),
+        # "." at another preference is no null MX: MX records naming no usable exchanger.
+        ([(10, ".")], False, [], Reason.NO_MAIL_HOST),
+        ([(0, "."), (10, ".")], False, [], Reason.NO_MAIL_HOST),
     ],
 )
 def test_null_mx_is_only_the_sole_mx_0_dot(  # noqa: PLR0917 -- one argument per table column
@@ -324,6 +327,8 @@ def test_null_mx_is_only_the_sole_mx_0_dot(  # noqa: PLR0917 -- one argument per
         assert isinstance(planned, Verdict)
         assert planned.outcome is Outcome.PERMANENT
         assert ("null MX" in planned.reason) is null_mx
+        assert ("name no exchanger" in planned.reason) is (not null_mx)
+        assert ("name no exchanger" in result.detail) is (not null_mx)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -229,11 +229,18 @@ def plan(
         )
     if found.status is DNSStatus.NXDOMAIN:
         return Verdict(outcome=Outcome.PERMANENT, reason=f"{domain} does not exist (NXDOMAIN)")
-    if found.status is DNSStatus.NODATA or not found.hosts:
+    if found.status is DNSStatus.NODATA:
         # RFC 5321 §5.1: no MX and no address: there is nowhere to deliver.
         return Verdict(
             outcome=Outcome.PERMANENT,
             reason=f"{domain} has no mail host: neither MX nor address records",
+        )
+    if not found.hosts:
+        # Every MX target is "." without being RFC 7505's null MX ("MX 10 ."): RFC 5321
+        # §5.1, MX records none of which is usable are an error to report.
+        return Verdict(
+            outcome=Outcome.PERMANENT,
+            reason=f"{domain} has no mail host: its MX records name no exchanger",
         )
     hosts = [host for host in found.hosts if policy.allows(host.name)]
     if not hosts:
