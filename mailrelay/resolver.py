@@ -370,6 +370,13 @@ class _ResolverBase:
         resolver.lifetime = self.timeout
         resolver.cache = None  # ours is in front
 
+    def _time_left(self, deadline: float) -> float:
+        """What is left of one lookup's ``timeout``, as dnspython's ``lifetime``: it covers
+        every CNAME hop we follow ourselves, not each hop anew (a server answering each hop
+        late must not stretch a lookup to :data:`_MAX_CNAME_HOPS` timeouts). At 0 dnspython
+        raises its lifetime timeout before sending anything."""
+        return max(deadline - time.monotonic(), 0.0)
+
     def cached_mail_hosts(self, domain: str) -> MailHosts | None:
         """What :meth:`mail_hosts` would return from the cache alone, without asking the DNS.
 
@@ -423,7 +430,8 @@ class Resolver(_ResolverBase):
         nameservers: the servers to ask (IP addresses); ``None`` reads the system's
             ``/etc/resolv.conf``.
         port: the servers' port.
-        timeout: seconds a single lookup may take in all (every server and retry included).
+        timeout: seconds a single lookup may take in all (every server, retry and CNAME
+            hop included).
         cache_size: entries the cache holds, when this resolver makes its own cache.
         cache: a :class:`DNSCache` to share (with an :class:`AsyncResolver`, say).
         clock: the monotonic clock of the cache this resolver makes (tests inject one).
@@ -498,11 +506,16 @@ class Resolver(_ResolverBase):
     def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[object, float]:
         log.debug("DNS query %s %s", name, dns.rdatatype.to_text(rdtype))
         steps = _Steps(_plan_query(name, self._limits), _MAX_CNAME_HOPS + 1)
+        deadline = time.monotonic() + self.timeout
         while not steps.done:
             outcome: dns.resolver.Answer | dns.exception.DNSException
             try:
                 outcome = self._dns.resolve(
-                    steps.request, rdtype, raise_on_no_answer=False, search=False
+                    steps.request,
+                    rdtype,
+                    raise_on_no_answer=False,
+                    search=False,
+                    lifetime=self._time_left(deadline),
                 )
             except dns.exception.DNSException as exc:
                 outcome = exc
@@ -600,11 +613,16 @@ class AsyncResolver(_ResolverBase):
     async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[object, float]:
         log.debug("DNS query %s %s", name, dns.rdatatype.to_text(rdtype))
         steps = _Steps(_plan_query(name, self._limits), _MAX_CNAME_HOPS + 1)
+        deadline = time.monotonic() + self.timeout
         while not steps.done:
             outcome: dns.resolver.Answer | dns.exception.DNSException
             try:
                 outcome = await self._dns.resolve(
-                    steps.request, rdtype, raise_on_no_answer=False, search=False
+                    steps.request,
+                    rdtype,
+                    raise_on_no_answer=False,
+                    search=False,
+                    lifetime=self._time_left(deadline),
                 )
             except dns.exception.DNSException as exc:
                 outcome = exc

@@ -584,3 +584,26 @@ def test_addresses_return_facts_or_raise_typed_errors(
     assert found.status is DNSStatus.OK
     kept = found.ipv6 if rdtype == "A" else found.ipv4
     assert kept  # the other family's answer is never lost to this one's failure
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_timeout_bounds_a_lookup_across_the_cname_hops_it_follows(
+    server: HostileDNS, mode: str
+) -> None:
+    # The server stops at each CNAME and answers every hop after 0.6 of the timeout; the
+    # chain ends in an address six hops on. The timeout is for the whole lookup (Resolver's
+    # documentation), so the chain cannot be walked in time: the second hop already ends
+    # past it. Before, each hop had a timeout of its own and the lookup took 6 x 0.6 of it.
+    server.chase_cnames = False
+    server.delay = 0.6 * TIMEOUT
+    for hop in range(6):
+        server.add(f"hop{hop}.test", "CNAME", f"hop{hop + 1}.test.")
+        server.fault(f"hop{hop}.test", "*", Fault.SLOW)
+    server.add("hop6.test", "A", "192.0.2.6")
+    resolver = make_resolver(server, mode)
+    with pytest.raises(ResolverError) as raised:
+        guarded(TIMEOUT * 2, lambda: resolver.addresses("hop0.test"))
+    assert raised.value.is_transient
+    assert "(timeout)" in str(raised.value)
+    # A and AAAA each give up within their timeout: at most two hops each.
+    assert server.count() <= 4

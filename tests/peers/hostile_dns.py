@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import socket
 import struct
 import threading
@@ -126,6 +127,7 @@ class HostileDNS:
         self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._threads: list[threading.Thread] = []
+        self._late_threads: list[threading.Thread] = []
         self.port = 0
 
     # -- scripting -------------------------------------------------------------------------
@@ -145,6 +147,7 @@ class HostileDNS:
             self.faults.clear()
             self.queries.clear()
             self._parsed.clear()
+            self._late_threads = [t for t in self._late_threads if t.is_alive()]
             self.chase_cnames = True
             self.delay = DEFAULT_DELAY
 
@@ -300,7 +303,7 @@ class HostileDNS:
     def stop(self) -> None:
         """Stop both threads and close the sockets."""
         self._stopping.set()
-        for thread in self._threads:
+        for thread in self._threads + self._late_threads:
             thread.join(5)
             if thread.is_alive():
                 raise RuntimeError("a hostile DNS thread did not stop")
@@ -334,11 +337,26 @@ class HostileDNS:
                 wire, peer = self._udp.recvfrom(65535)
             except TimeoutError:
                 continue
-            self._wait(self._is_slow(wire))
-            answer = self.respond(wire, tcp=False)
-            if answer is not None:
-                with contextlib.suppress(OSError):
-                    self._udp.sendto(answer, peer)
+            if self._is_slow(wire):
+                # Late, but without holding up the answers to other queries meanwhile.
+                late = threading.Thread(
+                    target=self._guard, args=(functools.partial(self._late, wire, peer),)
+                )
+                late.daemon = True
+                late.start()
+                self._late_threads.append(late)
+            else:
+                self._send_udp(wire, peer)
+
+    def _late(self, wire: bytes, peer: tuple[str, int]) -> None:
+        self._stopping.wait(self.delay)
+        self._send_udp(wire, peer)
+
+    def _send_udp(self, wire: bytes, peer: tuple[str, int]) -> None:
+        answer = self.respond(wire, tcp=False)
+        if answer is not None:
+            with contextlib.suppress(OSError):
+                self._udp.sendto(answer, peer)
 
     def _serve_tcp(self) -> None:
         while not self._stopping.is_set():
