@@ -36,6 +36,11 @@ Rules this module keeps:
   that reads back the same (the tests compare them). A built message remembers
   the addresses it was given, so :meth:`Envelope.from_message` reads no header
   text for it.
+* Address fields (for :attr:`Message.bcc`, :meth:`Message.get_addresses` and
+  :meth:`Envelope.from_message`) are read in time linear in their length: the list
+  is split into mailboxes first and each is read alone, and a mailbox longer than
+  :data:`MAX_MAILBOX_CHARS` raises :class:`~mailrelay.errors.InvalidAddress`, as does
+  one the email package's parser cannot read.
 * :meth:`Message.from_file` never holds the file's body in memory: it parses the
   header block, measures the body in one streaming pass, and reads the body
   again piece by piece whenever :meth:`Message.chunks` is called.
@@ -77,7 +82,7 @@ from mailrelay._buildargs import (
 from mailrelay.address import Address
 from mailrelay.errors import InvalidAddress, MessageError
 
-__all__ = ["AddressLike", "Attachment", "Message", "MAX_HEADER_BYTES"]
+__all__ = ["AddressLike", "Attachment", "Message", "MAX_HEADER_BYTES", "MAX_MAILBOX_CHARS"]
 
 #: An address as :meth:`Message.build` accepts it: an :class:`Address`, its text
 #: (``"a@example.org"`` or ``"Name <a@example.org>"``) or a ``(display name,
@@ -88,6 +93,13 @@ AddressLike: TypeAlias = "str | Address | tuple[str, str | Address]"
 #: :meth:`Message.from_file` accept before giving up (a file with no blank line
 #: would otherwise be read whole while looking for the end of its headers).
 MAX_HEADER_BYTES = 1 << 20
+
+#: The longest mailbox (one item of an address list: display name, comments and
+#: address) that header fields may hold for :meth:`Message.get_addresses`,
+#: :attr:`Message.bcc` and :meth:`Envelope.from_message`: the longest line RFC 5322
+#: §2.1.1 allows. A longer one raises :class:`~mailrelay.errors.InvalidAddress`; the
+#: bound keeps reading a hostile field linear in its length.
+MAX_MAILBOX_CHARS = 998
 
 _BRACKETED = re.compile(r"<([^<>]*)>")
 
@@ -692,21 +704,87 @@ def _addresses_in(values: Iterable[str]) -> tuple[Address, ...]:
 
 def _parsed_addr_specs(value: str) -> list[str]:
     """Return the addr-specs of an address list, read by the email package."""
-    # Its RFC 5322 parser copes with groups, comments and quoted display
-    # names; only the addr-spec is kept.
-    try:
-        header = _ADDRESS_PARSER("to", value)
-    except (IndexError, AttributeError, ValueError, RecursionError) as exc:
-        # Its parser has bugs on malformed lists (IndexError on an unclosed "<",
-        # AttributeError when a mailbox follows a group, RecursionError on deeply
-        # nested comments): a field it cannot read holds no usable address.
-        raise InvalidAddress(
-            f"cannot read the address list {_excerpt(value)}", address=value
-        ) from exc
-    assert isinstance(header, email.headerregistry.AddressHeader)
-    return [
-        mailbox.addr_spec for mailbox in header.addresses if mailbox.addr_spec not in ("", "<>")
-    ]
+    # Its RFC 5322 parser copes with groups, comments and quoted display names; only
+    # the addr-spec is kept. It is given one mailbox at a time, of bounded length: it
+    # copies the rest of its input at every token it reads, so a whole field of n
+    # characters would take time quadratic in n (a 20 KB field of dots took 3 s).
+    specs: list[str] = []
+    for item in _list_items(value):
+        if not item.strip(" \t"):
+            continue  # an empty item, or a group's empty member list
+        if len(item) > MAX_MAILBOX_CHARS:
+            raise InvalidAddress(
+                f"an address longer than {MAX_MAILBOX_CHARS} characters: {_excerpt(item)}",
+                address=item,
+            )
+        try:
+            header = _ADDRESS_PARSER("to", item)
+        except (IndexError, AttributeError, ValueError, RecursionError) as exc:
+            # Its parser has bugs on malformed lists (IndexError on an unclosed "<",
+            # AttributeError when a mailbox follows a group, RecursionError on deeply
+            # nested comments): a field it cannot read holds no usable address.
+            raise InvalidAddress(f"cannot read the address {_excerpt(item)}", address=item) from exc
+        assert isinstance(header, email.headerregistry.AddressHeader)
+        specs += [
+            mailbox.addr_spec for mailbox in header.addresses if mailbox.addr_spec not in ("", "<>")
+        ]
+    return specs
+
+
+# RFC 5322 §3.2: the characters that enclose (quoted strings, comments, domain
+# literals, angle brackets), escape, or separate (",", and ":" ";" around a group's
+# members) the items of an address list.
+_LIST_SPECIAL = re.compile(r'[\\"()\[\]<>,:;]')
+
+
+def _list_items(value: str) -> list[str]:
+    """Split an address list into its mailboxes, in one linear pass.
+
+    RFC 5322 §3.4: items are separated by commas; a group (``name: a, b;``) holds
+    its members between its colon and semicolon, and its name is dropped here (only
+    addresses are wanted). Separators inside a quoted string, a (nested) comment, a
+    domain literal or angle brackets (an obsolete route, ``<@a,@b:x@y>``) do not
+    count, nor does a character escaped with a backslash (RFC 5322 §3.2.1).
+    """
+    items: list[str] = []
+    start = 0
+    quoted = literal = angle = False
+    depth = 0  # of comments, which nest (RFC 5322 §3.2.2)
+    skip_to = 0
+    for match in _LIST_SPECIAL.finditer(value):
+        pos = match.start()
+        if pos < skip_to:
+            continue  # the character after a backslash
+        char = match.group()
+        if char == "\\":
+            if quoted or depth or literal:
+                skip_to = pos + 2
+        elif quoted:
+            quoted = char != '"'
+        elif depth:
+            if char == "(":
+                depth += 1
+            elif char == ")":
+                depth -= 1
+        elif literal:
+            literal = char != "]"
+        elif char == '"':
+            quoted = True
+        elif char == "(":
+            depth = 1
+        elif char == "[":
+            literal = True
+        elif char in "<>":
+            angle = char == "<"
+        elif angle:
+            continue
+        elif char == ":":
+            start = pos + 1
+        elif char in ",;":
+            items.append(value[start:pos])
+            start = pos + 1
+    items.append(value[start:])
+    return items
 
 
 def _excerpt(value: str, limit: int = 60) -> str:
@@ -736,8 +814,8 @@ def _simple_addresses(value: str) -> list[str] | None:
     specs: list[str] = []
     for item in value.split(","):
         match = _SIMPLE_MAILBOX.fullmatch(item)
-        if match is None:
-            return None
+        if match is None or len(item) > MAX_MAILBOX_CHARS:
+            return None  # (the general reader refuses an over-long mailbox)
         specs.append(match.group(1) or match.group(2))
     return specs
 

@@ -11,23 +11,27 @@ the wire form. A mutation fuzzer over the sisimai corpus found the regressions b
 
 from __future__ import annotations
 
+import email.headerregistry
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import InvalidAddress, MailRelayError
-from mailrelay.message import Message
+from mailrelay.message import MAX_MAILBOX_CHARS, Message, _list_items, _parsed_addr_specs
 
 HEAD = b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: hostile\r\n"
 
 # Address fields the standard library's header parser crashes on (IndexError in
-# get_angle_addr for an unclosed "<", AttributeError when a mailbox or group follows a
-# group, RecursionError in nested comments).
+# get_angle_addr for an unclosed "<", RecursionError in deeply nested comments).
 UNREADABLE_ADDRESS_FIELDS = [
     pytest.param(b"<", id="lone-angle"),
     pytest.param(b"Message-ID: <", id="group-then-unclosed-angle"),
-    pytest.param(b"g:; d:;", id="two-groups"),
-    pytest.param(b"g: a@b.example; x <k@e.example>;", id="mailbox-after-group"),
-    pytest.param(b"g: a@b.example;;", id="group-then-semicolon"),
     pytest.param(b"a@b.example " + b"(" * 1200 + b")" * 1200, id="deeply-nested-comments"),
 ]
 
@@ -44,3 +48,197 @@ def test_an_unreadable_address_field_is_a_typed_error(field: bytes, value: bytes
     message = Message.from_bytes(field + b": " + value + b"\r\n" + HEAD + b"\r\nbody\r\n")
     with pytest.raises(MailRelayError):
         Envelope.from_message(message)
+
+
+# Lists the email package's parser, given the whole field, crashed on (AttributeError when a
+# mailbox or a group follows a group); read one mailbox at a time, they hold these addresses.
+@pytest.mark.parametrize(
+    ("value", "specs"),
+    [
+        pytest.param(b"g:; d:;", [], id="two-groups"),
+        pytest.param(
+            b"g: a@b.example; x <k@e.example>;", ["a@b.example", "k@e.example"], id="after-group"
+        ),
+        pytest.param(b"g: a@b.example;;", ["a@b.example"], id="group-then-semicolon"),
+    ],
+)
+def test_lists_after_a_group_are_read(value: bytes, specs: list[str]) -> None:
+    message = Message.from_bytes(HEAD + b"Bcc: " + value + b"\r\n\r\nbody\r\n")
+    assert [str(a) for a in message.bcc] == specs
+    recipients = Envelope.from_message(message).recipients
+    assert [str(r.address) for r in recipients] == ["bob@example.net", *specs]
+
+
+# -- address lists: read one mailbox at a time, in linear time --------------------------------
+
+LOCALS = st.from_regex(r"[a-z0-9]{1,6}(\.[a-z0-9]{1,6})?", fullmatch=True)
+DOMAINS = st.sampled_from(["x.example", "y.test", "[192.0.2.7]", "[IPv6:2001:db8::1]"])
+SPECS = st.builds(lambda local, domain: f"{local}@{domain}", LOCALS, DOMAINS)
+# Pieces that would split a list if a reader missed the quoting or comment around them.
+QUOTED_PIECES = st.sampled_from(["Doe", " ", ",", ";", ":", "<", ">", "@", "(", ")", '\\"', "\\\\"])
+COMMENT_PIECES = st.sampled_from(
+    ["a", " ", ",", ";", ":", "<", ">", "@", '"', "\\)", "\\(", "(b, c)", "(d; (e:))"]
+)
+
+
+@st.composite
+def mailboxes(draw: st.DrawFn) -> tuple[str, str]:
+    """One mailbox in one of RFC 5322's spellings, and its addr-spec."""
+    spec = draw(SPECS)
+    form = draw(st.sampled_from(["bare", "comment", "quoted", "atom", "route"]))
+    if form == "comment":
+        comment = "".join(draw(st.lists(COMMENT_PIECES, max_size=6)))
+        return f"{spec} ({comment})", spec
+    if form == "quoted":
+        name = "".join(draw(st.lists(QUOTED_PIECES, max_size=6)))
+        return f'"{name}" <{spec}>', spec
+    if form == "route":
+        return f"<@relay1.example,@relay2.example:{spec}>", spec  # RFC 5322 §4.4 obs-route
+    return (f"Ann Lee <{spec}>" if form == "atom" else spec), spec
+
+
+@st.composite
+def address_lists(draw: st.DrawFn) -> tuple[str, list[str]]:
+    """An address list of mailboxes and groups, and its addr-specs in order."""
+    items: list[str] = []
+    specs: list[str] = []
+    for _ in range(draw(st.integers(1, 4))):
+        if draw(st.booleans()):
+            members = draw(st.lists(mailboxes(), max_size=3))
+            items.append('"Team, A": ' + ", ".join(text for text, _ in members) + ";")
+            specs += [spec for _, spec in members]
+        else:
+            text, spec = draw(mailboxes())
+            items.append(text)
+            specs.append(spec)
+    return ", ".join(items), specs
+
+
+@given(address_lists())
+def test_property_address_lists_are_read_mailbox_by_mailbox(case: tuple[str, list[str]]) -> None:
+    value, specs = case
+    assert _parsed_addr_specs(value) == specs
+    # What the email package reads from the whole field at once (on lists it can read).
+    whole = email.headerregistry.HeaderRegistry()("to", value)
+    assert isinstance(whole, email.headerregistry.AddressHeader)
+    assert [m.addr_spec for m in whole.addresses] == specs
+
+
+@pytest.mark.parametrize(
+    ("value", "items"),
+    [
+        pytest.param("a@x.example", ["a@x.example"], id="one"),
+        pytest.param("a@x.example,b@x.example", ["a@x.example", "b@x.example"], id="two"),
+        pytest.param('"a,b" <c@x.example>', ['"a,b" <c@x.example>'], id="comma-in-quotes"),
+        pytest.param('"a\\",b" <c@x.example>', ['"a\\",b" <c@x.example>'], id="escaped-quote"),
+        pytest.param("c@x.example (a, (b, c))", ["c@x.example (a, (b, c))"], id="nested-comment"),
+        pytest.param("<@r.example,@s.example:c@x.example>", None, id="route"),
+        pytest.param("c@[IPv6:2001:db8::1]", ["c@[IPv6:2001:db8::1]"], id="literal"),
+        pytest.param("team: a@x.example, b@x.example;", [" a@x.example", " b@x.example", ""],
+                     id="group"),
+        pytest.param("undisclosed-recipients:;", ["", ""], id="empty-group"),
+        pytest.param("<a@x.example", ["<a@x.example"], id="unclosed-angle"),
+        pytest.param('"a, b', ['"a, b'], id="unclosed-quote"),
+    ],
+)  # fmt: skip
+def test_list_items(value: str, items: list[str] | None) -> None:
+    # None: the value is one item.
+    assert _list_items(value) == (items if items is not None else [value])
+
+
+def test_a_mailbox_longer_than_a_line_is_an_invalid_address() -> None:
+    # RFC 5322 §2.1.1's line limit bounds one mailbox; a list may hold many of them.
+    name = "N" * (MAX_MAILBOX_CHARS - len(" <a@x.example>"))
+    longest = f"{name} <a@x.example>"
+    assert len(longest) == MAX_MAILBOX_CHARS
+    message = Message.from_bytes(
+        b"From: s@x.example\r\nTo: " + ",".join([longest] * 3).encode() + b"\r\n\r\nhi\r\n"
+    )
+    assert [str(r.address) for r in Envelope.from_message(message).recipients] == ["a@x.example"]
+    too_long = Message.from_bytes(
+        b"From: s@x.example\r\nTo: N" + longest.encode() + b"\r\n\r\nhi\r\n"
+    )
+    with pytest.raises(InvalidAddress, match="longer than"):
+        Envelope.from_message(too_long)
+
+
+# -- hang guard: hostile fields are read in time linear in their size -------------------------
+
+#: Seconds the child may take for every input before it counts as hung; a linear reader
+#: needs a few seconds for all of them on a busy two-core machine.
+HANG_BOUND = 60.0
+#: Characters in each hostile field: a quadratic reader of most of these shapes would
+#: take many minutes (a 20 KB field of dots took 3 s when the whole field was parsed).
+RUN = 200_000
+
+# Each hostile field, and what reading it as To or Bcc ends in: "ok", "InvalidAddress", or
+# "none" (no address: a To field alone leaves no recipient, MessageError; Bcc is fine).
+HOSTILE_FIELDS = {
+    "dots in one address": ("a" + "." * RUN + "@b.example", "InvalidAddress"),
+    "obsolete phrase": ("x. " * (RUN // 3) + "<a@b.example>", "InvalidAddress"),
+    "comment of words": ("(" + "x " * (RUN // 2) + ") a@b.example", "InvalidAddress"),
+    "unclosed angle of dots": ("<" + "a." * (RUN // 2), "InvalidAddress"),
+    "quoted run": ('"' + "x" * RUN + '" <a@b.example>', "InvalidAddress"),
+    "opening parentheses": ("(" * RUN, "InvalidAddress"),
+    # Many mailboxes, each just within MAX_MAILBOX_CHARS: linear in their number.
+    "phrases under the limit": (("x. " * 300 + "<a@b.example>, ") * (RUN // 1830), "ok"),
+    "dots under the limit": (("a" + "." * 900 + "@b.example, ") * (RUN // 1826), "InvalidAddress"),
+    "commas": ("," * RUN, "none"),
+    "colons": (":" * RUN, "none"),
+}
+
+
+def hostile_messages() -> dict[str, bytes]:
+    """Each hostile field as a To field, and as a Bcc field (read by from_bytes itself)."""
+    out: dict[str, bytes] = {}
+    for name, (value, _) in HOSTILE_FIELDS.items():
+        field = value.encode()
+        out["To: " + name] = HEAD.replace(b"To: bob@example.net", b"To: " + field) + b"\r\nhi\r\n"
+        out["Bcc: " + name] = HEAD + b"Bcc: " + field + b"\r\n\r\nhi\r\n"
+    return out
+
+
+def main() -> None:
+    """The child: read each hostile message, one JSON line per result as soon as it is known."""
+    for name, raw in hostile_messages().items():
+        outcome = "ok"
+        try:
+            Envelope.from_message(Message.from_bytes(raw))
+        except MailRelayError as exc:
+            outcome = type(exc).__name__
+        except Exception as exc:  # reported, and failed by the parent
+            outcome = "untyped " + type(exc).__name__
+        print(json.dumps({"name": name, "outcome": outcome}), flush=True)
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> dict[str, str]:
+    """Each input's outcome from the child, or none for those it had not reached when the
+    bound ran out (the first of them is the one that hung)."""
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "tests.test_message_hostile"]
+    try:
+        done = subprocess.run(
+            command, cwd=root, capture_output=True, text=True, timeout=HANG_BOUND, check=True
+        ).stdout
+    except subprocess.TimeoutExpired as exc:  # the child is killed by subprocess.run
+        out = exc.stdout or b""
+        done = out.decode() if isinstance(out, bytes) else out
+    lines = [json.loads(line) for line in done.splitlines()]
+    return {line["name"]: line["outcome"] for line in lines}
+
+
+@pytest.mark.parametrize("field", ["To", "Bcc"])
+@pytest.mark.parametrize("shape", list(HOSTILE_FIELDS))
+def test_hostile_fields_are_read_in_time(field: str, shape: str, outcomes: dict[str, str]) -> None:
+    name = f"{field}: {shape}"
+    if name not in outcomes:
+        pytest.fail(f"reading had not finished {name!r} after {HANG_BOUND} s (all inputs)")
+    expected = HOSTILE_FIELDS[shape][1]
+    if expected == "none":
+        expected = "MessageError" if field == "To" else "ok"
+    assert outcomes[name] == expected
+
+
+if __name__ == "__main__":
+    main()
