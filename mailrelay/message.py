@@ -615,7 +615,9 @@ class Message:
         found: str | None = None
         if value is not None:
             match = _BRACKETED.search(value)
-            found = (match.group(1).strip() if match else value.strip()) or None
+            # Without a bracketed id (an unclosed "<" in a malformed field), the value
+            # less any stray angle bracket: the id is never returned with one.
+            found = (match.group(1).strip() if match else value.strip(" \t<>")) or None
         object.__setattr__(self, "_message_id", found)
         return found
 

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import email.headerregistry
 import json
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from mailrelay import _wire
 from mailrelay.envelope import Envelope
 from mailrelay.errors import InvalidAddress, MailRelayError
+from mailrelay.flow import Read, Session, SessionConfig, Write
 from mailrelay.message import (
     MAX_HEADER_BYTES,
     MAX_MAILBOX_CHARS,
@@ -31,6 +34,8 @@ from mailrelay.message import (
     _list_items,
     _parsed_addr_specs,
 )
+from mailrelay.options import TLS
+from mailrelay.results import DeliveryResult
 
 HEAD = b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: hostile\r\n"
 
@@ -74,6 +79,20 @@ def test_lists_after_a_group_are_read(value: bytes, specs: list[str]) -> None:
     assert [str(a) for a in message.bcc] == specs
     recipients = Envelope.from_message(message).recipients
     assert [str(r.address) for r in recipients] == ["bob@example.net", *specs]
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        pytest.param(b"Message-ID: <", None, id="lone-angle"),
+        pytest.param(b"Message-ID: <abc@x.example", "abc@x.example", id="unclosed"),
+        pytest.param(b"Message-ID: abc@x.example>", "abc@x.example", id="unopened"),
+        pytest.param(b"Message-ID: <<abc@x.example>>", "abc@x.example", id="doubled"),
+    ],
+)
+def test_message_id_never_holds_an_angle_bracket(field: bytes, expected: str | None) -> None:
+    # As the DSN parser reads the original's Message-ID, so that the tracker matches them.
+    assert Message.from_bytes(field + b"\r\n\r\nbody\r\n").message_id == expected
 
 
 # -- address lists: read one mailbox at a time, in linear time --------------------------------
@@ -167,6 +186,196 @@ def test_a_mailbox_longer_than_a_line_is_an_invalid_address() -> None:
     )
     with pytest.raises(InvalidAddress, match="longer than"):
         Envelope.from_message(too_long)
+
+
+# -- hostile messages end to end: parse, envelope, and the bytes that reach the wire ----------
+
+HEADER_LINES = st.sampled_from(
+    [
+        b"From: a@x.example",
+        b"To: b@y.test",
+        b'Cc: "c, d" <c@y.test>',
+        b"Bcc: hidden@z.example",
+        b"bcc:hidden2@z.example",
+        b"BCC \t: hidden3@z.example",
+        b"Resent-Bcc: rb@z.example",
+        b"Resent-To: rt@y.test",
+        b"Resent-From: rf@x.example",
+        b"Sender: s@x.example",
+        b"Message-ID: <m@x.example>",
+        b"Message-ID: <",
+        b"Message-ID:",
+        b"To: <",
+        b"To: g:;",
+        b"Bcc: (((",
+        b'Content-Type: multipart/mixed; boundary=""',
+        b"Subject: \xff\xfe",
+        b"Subject: caf\xc3\xa9",
+        b"X-Dot: .",
+        b".",
+        b"..",
+        b" folded",
+        b"\tBcc: folded@z.example",
+        b"\x00",
+        b"Not a field",
+        b"",
+    ]
+)
+BODY_PIECES = st.sampled_from(
+    [
+        b"text",
+        b".",
+        b"..",
+        b"\r\n.\r\n",
+        b".\r\n",
+        b"\n.\n",
+        b"\r.\r",
+        b"\r",
+        b"\n",
+        b"\r\n",
+        b"\x00",
+        b"\xff",
+        b"Bcc: in-body@z.example",
+        b"--b--",
+        b"From x",
+    ]
+)
+LINE_ENDS = st.sampled_from([b"\r\n", b"\n", b"\r", b""])
+
+
+@st.composite
+def hostile_raw(draw: st.DrawFn) -> bytes:
+    """A message from pieces that break naive readers and writers of mail (most of them
+    with a sender and a recipient, so that they reach the wire)."""
+    out = b"From: a@x.example\r\nTo: b@y.test\r\n" if draw(st.integers(0, 3)) else b""
+    for _ in range(draw(st.integers(0, 8))):
+        out += draw(HEADER_LINES) + draw(LINE_ENDS)
+    out += draw(st.sampled_from([b"\r\n", b"\n", b"\r", b""]))
+    out += b"".join(draw(st.lists(BODY_PIECES, max_size=12)))
+    return out or b"X: y"
+
+
+def reply(code: int, *texts: str) -> bytes:
+    """A (multi-line) SMTP reply."""
+    texts = texts or ("ok",)
+    return "".join(
+        f"{code}{'-' if i < len(texts) - 1 else ' '}{t}\r\n" for i, t in enumerate(texts)
+    ).encode()
+
+
+def sent_by_client(message: Message, envelope: Envelope, *, pipelining: bool, bdat: bool) -> bytes:
+    """What the client writes to a server that accepts everything (no sockets: the dialogue
+    is run against scripted replies)."""
+    keywords = ["SIZE 100000000", "8BITMIME", "SMTPUTF8", "DSN"]
+    keywords += ["PIPELINING"] * pipelining + ["CHUNKING"] * bdat
+    turns = [reply(220, "mx"), reply(250, "mx", *keywords), reply(250)]
+    turns += [reply(250)] * len(envelope.recipients)
+    turns += [reply(250)] * 100 if bdat else [reply(354, "go"), reply(250)]
+    config = SessionConfig(
+        local_hostname="client.example", server_hostname="mx.example", tls=TLS.NONE, chunking=bdat
+    )
+    session = Session(config)
+    written: list[bytes] = []
+    results: list[object] = []
+    for step in (session.open(), session.deliver(message, envelope)):
+        answer: bytes | None = None
+        for _ in range(10_000):
+            try:
+                request = step.send(answer)
+            except StopIteration as done:
+                results.append(done.value)
+                break
+            answer = None
+            if isinstance(request, Write):
+                written.append(request.data)
+            elif isinstance(request, Read):
+                answer = turns.pop(0)
+        else:
+            raise AssertionError("the dialogue did not finish")
+    result = results[-1]
+    assert isinstance(result, DeliveryResult)
+    assert result.ok
+    return b"".join(written)
+
+
+def head_of(wire: bytes) -> bytes:
+    """The header block of CRLF wire bytes, as a receiving server reads it."""
+    end = _wire.find_head_end(wire, final=True)
+    assert end is not None
+    return wire[:end]
+
+
+BLIND_FIELD = re.compile(rb"(?im)^(resent-)?bcc[ \t]*:")
+COMMAND = re.compile(rb"(EHLO|MAIL FROM:<|RCPT TO:<)[^\r\n]*\r\n")
+
+
+def check_data_section(sent: bytes, message: Message, envelope: Envelope) -> None:
+    """DATA: the commands before it are single lines; the payload unstuffs to the message and
+    holds one terminator, at its end."""
+    commands, marker, payload = sent.partition(b"DATA\r\n")
+    assert marker
+    assert COMMAND.sub(b"", commands) == b""  # every command one line, no CR/LF inside
+    assert commands.count(b"RCPT TO:") == len(envelope.recipients)
+    wire = message.as_bytes()
+    expected = wire if wire.endswith(b"\r\n") or not wire else wire + b"\r\n"
+    assert payload.endswith(b".\r\n")
+    lines = payload[:-3].split(b"\r\n")
+    assert lines[-1] == b""
+    assert b"." not in lines[:-1]  # no line "." before the terminator (RFC 5321 §4.5.2)
+    unstuffed = b"\r\n".join(line[1:] if line[:1] == b"." else line for line in lines)
+    assert unstuffed == expected
+
+
+def check_bdat(sent: bytes, message: Message) -> None:
+    """BDAT: the chunks, each exactly as long as it says, add up to the message."""
+    received = b""
+    rest = sent[sent.index(b"BDAT ") :]
+    for _ in range(10_000):
+        match = re.match(rb"BDAT (\d+)( LAST)?\r\n", rest)
+        assert match is not None
+        size = int(match.group(1))
+        received += rest[match.end() : match.end() + size]
+        rest = rest[match.end() + size :]
+        if match.group(2):
+            break
+    assert rest == b""
+    assert received == message.as_bytes()
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(raw=hostile_raw(), size=st.integers(2, 64), pipelining=st.booleans())
+def test_property_hostile_messages_keep_every_promise(
+    raw: bytes, size: int, pipelining: bool
+) -> None:
+    try:
+        message = Message.from_bytes(raw)
+    except MailRelayError:
+        return  # a typed refusal (an unusable Bcc address) is a kept promise
+    wire = message.as_bytes()
+    assert len(wire) == message.size
+    assert b"".join(message.chunks(size)) == wire
+    assert re.search(rb"\r(?!\n)|(?<!\r)\n", wire) is None
+    assert BLIND_FIELD.search(head_of(wire)) is None
+    message_id = message.message_id
+    assert message_id is None or not re.search(r"[\r\n<>]", message_id)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "m.eml"
+        path.write_bytes(raw)
+        from_file = Message.from_file(path)
+        assert (from_file.as_bytes(), from_file.headers, from_file.bcc) == (
+            wire,
+            message.headers,
+            message.bcc,
+        )
+    try:
+        envelope = Envelope.from_message(message)
+    except MailRelayError:
+        return
+    event("reached the wire")
+    assert set(message.bcc) <= {r.address for r in envelope.recipients}
+    sent = sent_by_client(message, envelope, pipelining=pipelining, bdat=False)
+    check_data_section(sent, message, envelope)
+    check_bdat(sent_by_client(message, envelope, pipelining=pipelining, bdat=True), message)
 
 
 # -- hang guard: hostile fields are read in time linear in their size -------------------------
