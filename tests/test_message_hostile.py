@@ -34,8 +34,10 @@ from mailrelay.message import (
     _list_items,
     _parsed_addr_specs,
 )
-from mailrelay.options import TLS
+from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult
+from mailrelay.transport import FileTransport, MemoryTransport, SMTPTransport
+from tests.peers.aiosmtpd_server import AiosmtpdServer
 
 HEAD = b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: hostile\r\n"
 
@@ -376,6 +378,66 @@ def test_property_hostile_messages_keep_every_promise(
     sent = sent_by_client(message, envelope, pipelining=pipelining, bdat=False)
     check_data_section(sent, message, envelope)
     check_bdat(sent_by_client(message, envelope, pipelining=pipelining, bdat=True), message)
+
+
+# -- hostile messages through the real sending paths -------------------------------------------
+
+SENDER_HEAD = b"From: alice@mailrelay.test\r\nTo: bob@mailrelay.test\r\n"
+WIRE_CASES = {
+    "dot lines": SENDER_HEAD + b"\r\n.\r\n..\r\n.x\r\nmid\r\n.\r\nend\r\n.",
+    "terminator as the body": SENDER_HEAD + b"\r\n.\r\n",
+    "bare CR and LF": b"From: alice@mailrelay.test\rTo: bob@mailrelay.test\n\r.\r.\n\r\n.\rx\r",
+    "blind fields": SENDER_HEAD
+    + b"Bcc: hidden@mailrelay.test\r\nbcc\t: other@mailrelay.test\r\n\r\nBcc: in@body.test\r\n",
+    "8-bit and NUL": SENDER_HEAD + b"Subject: caf\xc3\xa9\r\n\r\n\x00\xff\xfe\r\n.\x00\r\n",
+    "no body": SENDER_HEAD,
+    "no final line end": SENDER_HEAD + b"\r\nlast line",
+}
+
+
+def delivered_data(wire: bytes) -> bytes:
+    """What a server stores after unstuffing: the wire form, ending in CRLF."""
+    return wire if wire.endswith(b"\r\n") else wire + b"\r\n"
+
+
+@pytest.mark.parametrize("name", list(WIRE_CASES))
+def test_memory_and_file_transports_keep_hostile_messages_as_they_are(
+    name: str, tmp_path: Path
+) -> None:
+    message = Message.from_bytes(WIRE_CASES[name])
+    wire = message.as_bytes()
+    memory = MemoryTransport()
+    assert memory.send(message).ok
+    assert memory.outbox[0].message.as_bytes() == wire
+    eml = FileTransport(tmp_path / "eml")
+    assert eml.send(message).ok
+    (stored,) = (tmp_path / "eml").glob("*.eml")
+    assert stored.read_bytes() == wire
+    assert Message.from_file(stored).bcc == ()
+    maildir = FileTransport(tmp_path / "maildir", format="maildir")
+    assert maildir.send(message).ok
+    (delivered,) = (tmp_path / "maildir" / "new").iterdir()
+    expected = b"Return-Path: <alice@mailrelay.test>\n" + wire.replace(b"\r\n", b"\n")
+    assert delivered.read_bytes() == expected
+
+
+def test_smtp_server_receives_hostile_messages_as_they_are(aiosmtpd_server: AiosmtpdServer) -> None:
+    # One connection for every case: RSET between them, and each dot-stuffed anew.
+    messages = [Message.from_bytes(raw) for raw in WIRE_CASES.values()]
+    with SMTPTransport(
+        aiosmtpd_server.host, aiosmtpd_server.port, tls=TLS.NONE, timeouts=Timeouts.all(10)
+    ) as transport:
+        results = [transport.send(message) for message in messages]
+    assert all(result.ok for result in results)
+    received = aiosmtpd_server.messages
+    assert [r.content for r in received] == [delivered_data(m.as_bytes()) for m in messages]
+    blind = received[list(WIRE_CASES).index("blind fields")]
+    assert blind.rcpt_tos == (
+        "bob@mailrelay.test",
+        "hidden@mailrelay.test",
+        "other@mailrelay.test",
+    )
+    assert BLIND_FIELD.search(head_of(blind.content)) is None
 
 
 # -- hang guard: hostile fields are read in time linear in their size -------------------------
