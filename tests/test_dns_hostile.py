@@ -53,6 +53,9 @@ T = TypeVar("T")
 TIMEOUT = 0.3
 #: Added to every hang guard: start-up, a busy machine, the garbage collector.
 MARGIN = 5.0
+#: dnspython pauses this long before it gives up on a server that never answered, even
+#: when the lifetime is spent (its first retry backoff), so a silent lookup costs this more.
+DNSPYTHON_BACKOFF = 0.1
 MODES = ["sync", "async"]
 SPECIAL_USE = DEFAULT_SPECIAL_USE - {"test"}
 
@@ -62,6 +65,9 @@ TRANSIENT: frozenset[Fault] = frozenset(
         Fault.SILENCE,
         Fault.SERVFAIL,
         Fault.REFUSED,
+        Fault.FORMERR,
+        Fault.NOTIMP,
+        Fault.YXDOMAIN,
         Fault.GARBAGE,
         Fault.WRONG_ID,
         Fault.OTHER_NAME,
@@ -107,6 +113,11 @@ def make_resolver(server: HostileDNS, mode: str, **kwargs: Any) -> Resolver | As
     return (sync_resolver if mode == "sync" else async_resolver)(server, **kwargs)
 
 
+def budget(lookups: int, timeout: float = TIMEOUT) -> float:
+    """The most seconds ``lookups`` lookups may take one after another (no margin)."""
+    return lookups * (timeout + DNSPYTHON_BACKOFF)
+
+
 def guarded(seconds: float, call: Any) -> Any:
     """``call()`` (awaited when it is a coroutine), failing if it took longer than ``seconds``.
 
@@ -126,7 +137,7 @@ def guarded(seconds: float, call: Any) -> Any:
 
 def mail_hosts(server: HostileDNS, mode: str, domain: str, *, lookups: int = 3) -> MailHosts:
     resolver = make_resolver(server, mode)
-    found = guarded(TIMEOUT * lookups, lambda: resolver.mail_hosts(domain))
+    found = guarded(budget(lookups), lambda: resolver.mail_hosts(domain))
     assert isinstance(found, MailHosts)
     return found
 
@@ -140,7 +151,7 @@ def outcome(server: HostileDNS, mode: str, domain: str, *, lookups: int = 3) -> 
 
 
 def validate(server: HostileDNS, mode: str, address: str, *, lookups: int = 3) -> Validation:
-    seconds = TIMEOUT * lookups
+    seconds = budget(lookups)
     if mode == "sync":
         sync = RecipientValidator(sync_resolver(server), special_use=SPECIAL_USE)
         result = guarded(seconds, lambda: sync.validate(address))
@@ -157,10 +168,10 @@ def route(
     """The MX transport's plan for ``domain`` (no connection is made)."""
     if mode == "sync":
         sync = sync_resolver(server)
-        found = guarded(TIMEOUT * lookups, lambda: mail_hosts_of(sync, domain))
+        found = guarded(budget(lookups), lambda: mail_hosts_of(sync, domain))
     else:
         asyn = async_resolver(server)
-        found = guarded(TIMEOUT * lookups, lambda: amail_hosts_of(asyn, domain))
+        found = guarded(budget(lookups), lambda: amail_hosts_of(asyn, domain))
     return plan(domain, found, MXPolicy(), port=25, max_addresses=10)
 
 
@@ -181,6 +192,9 @@ def simple_zone(server: HostileDNS, domain: str = "d.test") -> None:
         (Fault.SILENCE, DNSStatus.TIMEOUT),
         (Fault.SERVFAIL, DNSStatus.SERVFAIL),
         (Fault.REFUSED, DNSStatus.REFUSED),
+        (Fault.FORMERR, DNSStatus.ERROR),
+        (Fault.NOTIMP, DNSStatus.ERROR),
+        (Fault.YXDOMAIN, DNSStatus.ERROR),
         (Fault.GARBAGE, DNSStatus.TIMEOUT),  # dnspython drops what does not parse, waits on
         (Fault.WRONG_ID, DNSStatus.TIMEOUT),  # ... and what answers another query
         (Fault.OTHER_NAME, DNSStatus.TIMEOUT),  # ... or another question
@@ -281,7 +295,7 @@ def test_thousands_of_mx_records_are_cut_to_the_best_few(server: HostileDNS, mod
     for i in range(count):
         server.add(f"mx{i}.many.test", "A", f"192.0.2.{i % 250 + 1}")
     resolver = make_resolver(server, mode, timeout=2.0)  # 2,000 records take a while to parse
-    found = guarded(2.0 * (1 + 2 * MAX_MAIL_HOSTS), lambda: resolver.mail_hosts("many.test"))
+    found = guarded(budget(1 + 2 * MAX_MAIL_HOSTS, 2.0), lambda: resolver.mail_hosts("many.test"))
     assert isinstance(found, MailHosts)
     assert 0 < len(found.hosts) <= MAX_MAIL_HOSTS
     # The best preferences are the ones kept (RFC 5321 §5.1: lowest first).
@@ -399,7 +413,7 @@ def test_ttls_are_bounded(server: HostileDNS, mode: str, ttl: int, kept: float) 
     resolver = make_resolver(server, mode, clock=clock, max_ttl=3600.0)
 
     def ask() -> MailHosts:
-        found = guarded(TIMEOUT * 3, lambda: resolver.mail_hosts("d.test"))
+        found = guarded(budget(3), lambda: resolver.mail_hosts("d.test"))
         assert isinstance(found, MailHosts)
         return found
 
@@ -517,7 +531,7 @@ def test_validation_follows_the_dns_and_never_blames_trouble_on_the_address(
 ) -> None:
     apply(server, script)
     reason = expected_reason(server, "d.test")
-    seconds = TIMEOUT * len(script) * 2  # every query once, two domains at most
+    seconds = budget(len(script) * 2)  # every query once, two domains at most
     texts = ["user@d.test", "other@d.test", "x@nowhere.test"]
     results: list[Validation]
     if mode == "sync":
@@ -578,7 +592,7 @@ def test_addresses_return_facts_or_raise_typed_errors(
     server.fault("h.test", rdtype, fault)
     resolver = make_resolver(server, mode)
     try:
-        found = guarded(TIMEOUT * 2, lambda: resolver.addresses("h.test"))
+        found = guarded(budget(2), lambda: resolver.addresses("h.test"))
     except MailRelayError as exc:
         pytest.fail(f"one good family is enough, yet it raised {exc!r}")
     assert found.status is DNSStatus.OK
@@ -602,8 +616,26 @@ def test_the_timeout_bounds_a_lookup_across_the_cname_hops_it_follows(
     server.add("hop6.test", "A", "192.0.2.6")
     resolver = make_resolver(server, mode)
     with pytest.raises(ResolverError) as raised:
-        guarded(TIMEOUT * 2, lambda: resolver.addresses("hop0.test"))
+        guarded(budget(2), lambda: resolver.addresses("hop0.test"))
     assert raised.value.is_transient
     assert "(timeout)" in str(raised.value)
     # A and AAAA each give up within their timeout: at most two hops each.
     assert server.count() <= 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_silent_exchangers_cost_bounded_time_and_queries(server: HostileDNS, mode: str) -> None:
+    # 40 exchangers, none of whose names the server answers: only the best MAX_MAIL_HOSTS
+    # are asked about, and the lookup ends within a timeout per query it made.
+    timeout = 0.05
+    names = [f"mx{i:02}.d.test" for i in range(40)]
+    server.add("d.test", "MX", *mx_records([(i, f"{name}.") for i, name in enumerate(names)]))
+    for name in names:
+        server.fault(name, "*", Fault.SILENCE)
+    resolver = make_resolver(server, mode, timeout=timeout)
+    found = guarded(budget(1 + 2 * MAX_MAIL_HOSTS, timeout), lambda: resolver.mail_hosts("d.test"))
+    assert isinstance(found, MailHosts)
+    assert [h.name for h in found.hosts] == names[:MAX_MAIL_HOSTS]
+    assert all(h.status is DNSStatus.TIMEOUT for h in found.hosts)
+    asked = {q.name for q in server.queries} - {"d.test"}
+    assert asked == set(names[:MAX_MAIL_HOSTS])

@@ -71,6 +71,12 @@ class Fault(enum.Enum):
     SERVFAIL = "servfail"
     #: RCODE 5.
     REFUSED = "refused"
+    #: RCODE 1 (the server says our query is malformed).
+    FORMERR = "formerr"
+    #: RCODE 4.
+    NOTIMP = "notimp"
+    #: RCODE 6, which no answer to a query should carry.
+    YXDOMAIN = "yxdomain"
     #: RCODE 3 with the SOA, whatever the zone says.
     NXDOMAIN = "nxdomain"
     #: NOERROR, no answer records, the SOA: "no data", whatever the zone says.
@@ -87,6 +93,15 @@ class Fault(enum.Enum):
     GARBAGE = "garbage"
     #: The zone's answer, after :attr:`HostileDNS.delay` seconds.
     SLOW = "slow"
+
+
+_RCODES = {
+    Fault.SERVFAIL: dns.rcode.SERVFAIL,
+    Fault.REFUSED: dns.rcode.REFUSED,
+    Fault.FORMERR: dns.rcode.FORMERR,
+    Fault.NOTIMP: dns.rcode.NOTIMP,
+    Fault.YXDOMAIN: dns.rcode.YXDOMAIN,
+}
 
 
 class Query(NamedTuple):
@@ -228,8 +243,8 @@ class HostileDNS:
             return None
         if fault is Fault.GARBAGE:
             return _framed(wire_id(query) + b"\xff\x00garbage, not a DNS message\x07", tcp=tcp)
-        if fault in {Fault.SERVFAIL, Fault.REFUSED}:
-            response.set_rcode(dns.rcode.SERVFAIL if fault is Fault.SERVFAIL else dns.rcode.REFUSED)
+        if fault is not None and fault in _RCODES:
+            response.set_rcode(_RCODES[fault])
             return _framed(response.to_wire(), tcp=tcp)
         if fault is Fault.NXDOMAIN:
             response.set_rcode(dns.rcode.NXDOMAIN)
