@@ -639,3 +639,18 @@ def test_silent_exchangers_cost_bounded_time_and_queries(server: HostileDNS, mod
     assert all(h.status is DNSStatus.TIMEOUT for h in found.hosts)
     asked = {q.name for q in server.queries} - {"d.test"}
     assert asked == set(names[:MAX_MAIL_HOSTS])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unasked_for_records_are_never_believed(server: HostileDNS, mode: str) -> None:
+    # RFC 2181 §5.4.1: data in the additional section ranks below an authoritative answer;
+    # a resolver that took it would let any server it asks redirect others' mail.
+    simple_zone(server)
+    server.glue = [("mx1.d.test", "A", "203.0.113.66"), ("victim.test", "A", "203.0.113.66")]
+    server.add("victim.test", "A", "192.0.2.77")
+    resolver = make_resolver(server, mode)
+    found = guarded(budget(5), lambda: resolver.mail_hosts("d.test"))
+    assert isinstance(found, MailHosts)
+    assert [h.ipv4 for h in found.hosts] == [("192.0.2.1",), ("192.0.2.2",)]
+    victim = guarded(budget(2), lambda: resolver.addresses("victim.test"))
+    assert victim.ipv4 == ("192.0.2.77",)

@@ -124,6 +124,8 @@ class HostileDNS:
         records: ``(name, type) -> (ttl, [rdata text, ...])``; edit freely between queries.
         faults: ``(name, type) -> Fault``; the type ``"*"`` matches every type of the name.
         chase_cnames: put a CNAME's target records in the same answer (default True).
+        glue: ``(name, type, rdata text)`` records put in the additional section of every
+            zone answer: unasked-for data a careful client never believes or caches.
         delay: seconds a :attr:`Fault.SLOW` answer waits.
         queries: every query received, in order.
         errors: exceptions raised while serving (a test bug when not empty).
@@ -134,6 +136,7 @@ class HostileDNS:
         self.faults: dict[tuple[str, str], Fault] = {}
         self.chase_cnames = True
         self.delay = DEFAULT_DELAY
+        self.glue: list[tuple[str, str, str]] = []
         self.queries: list[Query] = []
         self._parsed: dict[tuple[dns.name.Name, str], tuple[object, dns.rrset.RRset]] = {}
         self.errors: list[BaseException] = []
@@ -165,6 +168,7 @@ class HostileDNS:
             self._late_threads = [t for t in self._late_threads if t.is_alive()]
             self.chase_cnames = True
             self.delay = DEFAULT_DELAY
+            self.glue.clear()
 
     def count(self, name: str | None = None) -> int:
         """How many queries arrived (for ``name``, when given)."""
@@ -267,6 +271,12 @@ class HostileDNS:
                 rrset.name = other
             return _framed(response.to_wire(), tcp=tcp)
         self._fill(response, qname, rdtype)
+        for name, glue_type, rdata in self.glue:
+            response.additional.append(
+                dns.rrset.from_text_list(
+                    name + ".", 3600, "IN", glue_type, [rdata], origin=_ROOT, relativize=False
+                )
+            )
         if fault is Fault.WRONG_ID:
             response.id = (query.id + 1) % 65536
         if tcp:
