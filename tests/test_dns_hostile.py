@@ -654,3 +654,43 @@ def test_unasked_for_records_are_never_believed(server: HostileDNS, mode: str) -
     assert [h.ipv4 for h in found.hosts] == [("192.0.2.1",), ("192.0.2.2",)]
     victim = guarded(budget(2), lambda: resolver.addresses("victim.test"))
     assert victim.ipv4 == ("192.0.2.77",)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    records=st.lists(
+        st.tuples(st.sampled_from([0, 1, 10, 65535]), st.sampled_from([".", "mx1", "mx2", "mx3"])),
+        min_size=1,
+        max_size=6,
+        unique=True,
+    ),
+    mode=st.sampled_from(MODES),
+)
+def test_mx_records_give_hosts_by_preference_and_null_mx_only_when_alone(
+    server: HostileDNS, records: list[tuple[int, str]], mode: str
+) -> None:
+    server.reset()
+    server.add("d.test", "A", "192.0.2.99")
+    server.add(
+        "d.test", "MX", *mx_records([(p, t if t == "." else f"{t}.d.test.") for p, t in records])
+    )
+    for name in ("mx1", "mx2", "mx3"):
+        server.add(f"{name}.d.test", "A", f"192.0.2.{name[-1]}")
+    found = mail_hosts(server, mode, "d.test", lookups=7)
+    # RFC 7505 §3: only the lone record "0 ." is a null MX; other "." records are skipped.
+    assert found.null_mx is (records == [(0, ".")])
+    assert not found.implicit  # MX records exist, so the domain's A record is no exchanger
+    best: dict[str, int] = {}
+    for preference, target in records:
+        if target != ".":
+            best[target] = min(preference, best.get(target, preference))
+    # RFC 5321 §5.1: lowest preference first (ties in any order); a target listed twice
+    # keeps its best preference.
+    hosts = [(h.preference, h.name.removesuffix(".d.test")) for h in found.hosts]
+    assert sorted(hosts) == sorted((preference, name) for name, preference in best.items())
+    assert [preference for preference, _ in hosts] == sorted(best.values())
+    result = validate(server, mode, "user@d.test", lookups=7)
+    expected = Reason.NULL_MX if found.null_mx else Reason.OK if best else Reason.NO_MAIL_HOST
+    assert result.reason is expected
