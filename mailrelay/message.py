@@ -102,6 +102,7 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_MAILBOX_CHARS = 998
 
 _BRACKETED = re.compile(r"<([^<>]*)>")
+_ANGLE = re.compile(r"[<>]")
 
 # Custom fields the email package parses as structured values (its header
 # registry) rather than unstructured text: the direct writer leaves them to it.
@@ -622,9 +623,13 @@ class Message:
         found: str | None = None
         if value is not None:
             match = _BRACKETED.search(value)
-            # Without a bracketed id (an unclosed "<" in a malformed field), the value
-            # less any stray angle bracket: the id is never returned with one.
-            found = (match.group(1).strip() if match else value.strip(" \t<>")) or None
+            if match:
+                found = match.group(1).strip() or None
+            else:
+                # No bracketed id (an unclosed "<" in a malformed field): the last text
+                # between stray angle brackets, so the id is never returned with one.
+                pieces = [piece.strip() for piece in _ANGLE.split(value)]
+                found = next((piece for piece in reversed(pieces) if piece), None)
         object.__setattr__(self, "_message_id", found)
         return found
 

@@ -93,6 +93,8 @@ def test_lists_after_a_group_are_read(value: bytes, specs: list[str]) -> None:
         pytest.param(b"Message-ID: <abc@x.example", "abc@x.example", id="unclosed"),
         pytest.param(b"Message-ID: abc@x.example>", "abc@x.example", id="unopened"),
         pytest.param(b"Message-ID: <<abc@x.example>>", "abc@x.example", id="doubled"),
+        pytest.param(b"Message-ID: <a <abc@x.example", "abc@x.example", id="two-unclosed"),
+        pytest.param(b"Message-ID: bare@x.example (c)", "bare@x.example (c)", id="bare"),
     ],
 )
 def test_message_id_never_holds_an_angle_bracket(field: bytes, expected: str | None) -> None:
