@@ -150,13 +150,19 @@ def outcome(server: HostileDNS, mode: str, domain: str, *, lookups: int = 3) -> 
         return exc
 
 
-def validate(server: HostileDNS, mode: str, address: str, *, lookups: int = 3) -> Validation:
-    seconds = budget(lookups)
+def validate(
+    server: HostileDNS, mode: str, address: str, *, lookups: int = 3, timeout: float = TIMEOUT
+) -> Validation:
+    """Validate ``address`` against the server (the validator lets only ResolverError pass
+    into a verdict, so any other exception from the DNS layer fails the test)."""
+    seconds = budget(lookups, timeout)
     if mode == "sync":
-        sync = RecipientValidator(sync_resolver(server), special_use=SPECIAL_USE)
+        sync = RecipientValidator(sync_resolver(server, timeout=timeout), special_use=SPECIAL_USE)
         result = guarded(seconds, lambda: sync.validate(address))
     else:
-        asyn = AsyncRecipientValidator(async_resolver(server), special_use=SPECIAL_USE)
+        asyn = AsyncRecipientValidator(
+            async_resolver(server, timeout=timeout), special_use=SPECIAL_USE
+        )
         result = guarded(seconds, lambda: asyn.validate(address))
     assert isinstance(result, Validation)
     return result
@@ -694,3 +700,56 @@ def test_mx_records_give_hosts_by_preference_and_null_mx_only_when_alone(
     result = validate(server, mode, "user@d.test", lookups=7)
     expected = Reason.NULL_MX if found.null_mx else Reason.OK if best else Reason.NO_MAIL_HOST
     assert result.reason is expected
+
+
+@st.composite
+def manglers(draw: st.DrawFn) -> tuple[list[tuple[int, int]], int | None, bytes]:
+    """Byte changes (position past the id, new value), a cut, and bytes added at the end."""
+    changes = draw(st.lists(st.tuples(st.integers(2, 300), st.integers(0, 255)), max_size=6))
+    cut = draw(st.none() | st.integers(2, 120))
+    return changes, cut, draw(st.binary(max_size=40))
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    mangler=manglers(),
+    rdtype=st.sampled_from(RDTYPES),
+    truncate=st.booleans(),
+    mode=st.sampled_from(MODES),
+)
+def test_mangled_answers_give_values_or_typed_errors(
+    server: HostileDNS,
+    mangler: tuple[list[tuple[int, int]], int | None, bytes],
+    rdtype: str,
+    truncate: bool,
+    mode: str,
+) -> None:
+    changes, cut, tail = mangler
+
+    def mangle(wire: bytes) -> bytes:
+        data = bytearray(wire)
+        for position, value in changes:
+            if position < len(data):
+                data[position] = value
+        return bytes(data[:cut] if cut is not None else data) + tail
+
+    server.reset()
+    simple_zone(server)
+    server.add("d.test", "A", "192.0.2.100")
+    server.mangle = mangle
+    server.mangle_over_tcp = truncate  # TC over UDP first, the mangled bytes over TCP
+    for name in ["d.test"] if rdtype == "MX" else ["mx1.d.test", "mx2.d.test"]:
+        server.fault(name, rdtype, Fault.MANGLE)
+    # dnspython drops a UDP answer it cannot parse and waits on: a short timeout keeps the
+    # many examples that end that way quick.
+    result = validate(server, mode, "user@d.test", lookups=5, timeout=0.1)
+    # Whatever the bytes said, the verdict is one the DNS could give; trouble is TEMPFAIL.
+    assert result.reason in {
+        Reason.OK,
+        Reason.TEMPFAIL,
+        Reason.NO_SUCH_DOMAIN,
+        Reason.NULL_MX,
+        Reason.NO_MAIL_HOST,
+    }

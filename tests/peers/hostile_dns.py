@@ -93,6 +93,9 @@ class Fault(enum.Enum):
     GARBAGE = "garbage"
     #: The zone's answer, after :attr:`HostileDNS.delay` seconds.
     SLOW = "slow"
+    #: The zone's answer passed through :attr:`HostileDNS.mangle`, which may change, cut or
+    #: extend its bytes; with :attr:`HostileDNS.mangle_over_tcp` UDP gets TC, TCP the bytes.
+    MANGLE = "mangle"
 
 
 _RCODES = {
@@ -124,6 +127,8 @@ class HostileDNS:
         records: ``(name, type) -> (ttl, [rdata text, ...])``; edit freely between queries.
         faults: ``(name, type) -> Fault``; the type ``"*"`` matches every type of the name.
         chase_cnames: put a CNAME's target records in the same answer (default True).
+        mangle: what :attr:`Fault.MANGLE` does to an answer's bytes (the identity by default).
+        mangle_over_tcp: :attr:`Fault.MANGLE` answers UDP with TC, TCP with the bytes.
         glue: ``(name, type, rdata text)`` records put in the additional section of every
             zone answer: unasked-for data a careful client never believes or caches.
         delay: seconds a :attr:`Fault.SLOW` answer waits.
@@ -137,6 +142,8 @@ class HostileDNS:
         self.chase_cnames = True
         self.delay = DEFAULT_DELAY
         self.glue: list[tuple[str, str, str]] = []
+        self.mangle: Callable[[bytes], bytes] = bytes
+        self.mangle_over_tcp = False
         self.queries: list[Query] = []
         self._parsed: dict[tuple[dns.name.Name, str], tuple[object, dns.rrset.RRset]] = {}
         self.errors: list[BaseException] = []
@@ -169,6 +176,8 @@ class HostileDNS:
             self.chase_cnames = True
             self.delay = DEFAULT_DELAY
             self.glue.clear()
+            self.mangle = bytes
+            self.mangle_over_tcp = False
 
     def count(self, name: str | None = None) -> int:
         """How many queries arrived (for ``name``, when given)."""
@@ -257,7 +266,10 @@ class HostileDNS:
         if fault is Fault.NODATA:
             response.authority.append(self._soa())
             return _framed(response.to_wire(), tcp=tcp)
-        if fault in {Fault.TRUNCATE, Fault.TCP_CLOSE} and not tcp:
+        truncating = {Fault.TRUNCATE, Fault.TCP_CLOSE} | (
+            {Fault.MANGLE} if self.mangle_over_tcp else set()
+        )
+        if fault in truncating and not tcp:
             response.flags |= dns.flags.TC
             return response.to_wire()
         if fault is Fault.OTHER_NAME:
@@ -279,6 +291,8 @@ class HostileDNS:
             )
         if fault is Fault.WRONG_ID:
             response.id = (query.id + 1) % 65536
+        if fault is Fault.MANGLE:
+            return _framed(self.mangle(response.to_wire()), tcp=tcp)
         if tcp:
             wire = response.to_wire()
             if fault is Fault.TCP_CLOSE:
