@@ -28,6 +28,7 @@ __all__ = [
     "find_head_end",
     "normalize",
     "rechunk",
+    "scan_head",
     "slices",
     "split_head",
 ]
@@ -126,21 +127,32 @@ def find_head_end(data: bytes, *, final: bool) -> int | None:
     malformed message, before the first line that is neither a field nor a
     continuation (the email package reads such messages the same way).
     """
-    pos = 0
+    return scan_head(data, final=final)[0]
+
+
+def scan_head(data: bytes, *, final: bool, start: int = 0) -> tuple[int | None, int]:
+    """:func:`find_head_end` for data that grows: scan ``data`` from ``start``.
+
+    Returns:
+        where the body starts (or ``None`` if more is needed), and where to start the
+        scan of the same data with more appended: the lines before it are all header
+        lines, so a streaming reader scans each byte once, not once per read.
+    """
+    pos = start
     while True:
         match = _LINE_END.search(data, pos)
         if match is None:
             if not final:
-                return None
+                return None, pos
             line = data[pos:]
-            return len(data) if not line or _is_head_line(line, pos == 0) else pos
+            return (len(data) if not line or _is_head_line(line, pos == 0) else pos), pos
         if not final and match.group() == b"\r" and match.end() == len(data):
-            return None  # a CR at the end may be the first half of a CRLF
+            return None, pos  # a CR at the end may be the first half of a CRLF
         line = data[pos : match.start()]
         if not line:
-            return match.end()
+            return match.end(), pos
         if not _is_head_line(line, pos == 0):
-            return pos
+            return pos, pos
         pos = match.end()
 
 

@@ -526,10 +526,11 @@ class Message:
         with file_path.open("rb") as stream:
             stat = os.fstat(stream.fileno())
             buffer = b""
+            scanned = 0  # each read's scan resumes here: linear in the header block's size
             while True:
                 data = stream.read(_wire.READ_SIZE)
                 buffer += data
-                head_end = _wire.find_head_end(buffer, final=not data)
+                head_end, scanned = _wire.scan_head(buffer, final=not data, start=scanned)
                 if head_end is not None:
                     break
                 if len(buffer) > MAX_HEADER_BYTES:

@@ -396,6 +396,38 @@ def test_property_hostile_messages_keep_every_promise(
     check_bdat(sent_by_client(message, envelope, pipelining=pipelining, bdat=True), message)
 
 
+TAIL_LINES = st.sampled_from(
+    [b"To: b@y.test", b" folded", b"Bcc: h@z.example", b"", b"Not a field", b"body", b"."]
+)
+
+
+@given(
+    pad=st.integers(_wire.READ_SIZE - 24, _wire.READ_SIZE + 8),
+    first_end=LINE_ENDS,
+    tail=st.lists(st.tuples(TAIL_LINES, LINE_ENDS), max_size=6),
+)
+def test_property_from_file_reads_a_header_block_across_reads(
+    pad: int, first_end: bytes, tail: list[tuple[bytes, bytes]]
+) -> None:
+    # The header block's scan resumes where the last read's stopped (each byte scanned
+    # once); a line or a CRLF cut by a read boundary reads as from_bytes reads it whole.
+    raw = b"X-Pad: " + b"p" * (pad - 7) + first_end + b"".join(a + b for a, b in tail)
+    try:
+        expected = Message.from_bytes(raw)
+    except MailRelayError:
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "m.eml"
+        path.write_bytes(raw)
+        message = Message.from_file(path)
+        assert message.as_bytes() == expected.as_bytes()  # (read from the file)
+    assert (message.headers, message.bcc, message.size) == (
+        expected.headers,
+        expected.bcc,
+        expected.size,
+    )
+
+
 # -- hostile messages through the real sending paths -------------------------------------------
 
 SENDER_HEAD = b"From: alice@mailrelay.test\r\nTo: bob@mailrelay.test\r\n"
