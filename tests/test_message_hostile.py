@@ -390,7 +390,9 @@ def test_property_hostile_messages_keep_every_promise(
     except MailRelayError:
         return
     event("reached the wire")
-    assert set(message.bcc) <= {r.address for r in envelope.recipients}
+    if not any(name.lower().startswith("resent-") for name, _ in message.headers):
+        # (With a resent block, its fields name the recipients instead.)
+        assert set(message.bcc) <= {r.address for r in envelope.recipients}
     sent = sent_by_client(message, envelope, pipelining=pipelining, bdat=False)
     check_data_section(sent, message, envelope)
     check_bdat(sent_by_client(message, envelope, pipelining=pipelining, bdat=True), message)
