@@ -50,7 +50,7 @@ from tests.peers.hostile_dns import Fault, HostileDNS, mx_records
 T = TypeVar("T")
 
 #: Seconds one lookup may take (dnspython's lifetime): short, the server is on loopback.
-TIMEOUT = 0.3
+TIMEOUT = 0.2
 #: Added to every hang guard: start-up, a busy machine, the garbage collector.
 MARGIN = 5.0
 #: dnspython pauses this long before it gives up on a server that never answered, even
@@ -526,7 +526,7 @@ def apply(server: HostileDNS, script: dict[tuple[str, str], Fault | None]) -> No
 
 
 PROPERTY = settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
