@@ -1,12 +1,15 @@
 """Hostile messages: what apps hand to mailrelay from anywhere, and what goes on the wire.
 
-Apps parse messages from untrusted sources (``Message.from_bytes``, ``Message.from_file``)
-and let mailrelay derive their envelopes (``Envelope.from_message``). Whatever the bytes,
-these tests hold the promises made for them: a refusal is a typed error from
-:mod:`mailrelay.errors` (never a bare ``IndexError`` from the standard library's parser),
-the DATA payload is dot-stuffed and terminated exactly once, no CR or LF reaches a
-``MAIL`` or ``RCPT`` command, ``Bcc`` stays off the wire, and ``size`` is the length of
-the wire form. A mutation fuzzer over the sisimai corpus found the regressions below.
+Apps parse messages from untrusted sources (``Message.from_bytes``, ``Message.from_file``,
+``Message.from_email``) and let mailrelay derive their envelopes (``Envelope.from_message``).
+Whatever the bytes, these tests hold the promises made for them: a refusal is a typed error
+from :mod:`mailrelay.errors` (never a bare ``IndexError`` from the standard library's
+parser), the DATA payload is dot-stuffed and terminated exactly once, no CR or LF reaches a
+``MAIL`` or ``RCPT`` command, ``Bcc`` stays off the wire, ``size`` is the length of the wire
+form, and reading takes time linear in the input. A mutation fuzzer over the sisimai corpus
+found the regressions below. The time bounds are hang guards, not speed measurements: the
+hostile inputs are read in a child process (``python -m`` this module), since a parser
+stuck in a loop holds the GIL and a thread of the test process could not notice.
 """
 
 from __future__ import annotations
