@@ -25,6 +25,9 @@ Rules of this module:
   never sleep.
 - Lookups of the same key that overlap share one query (in-flight de-duplication): threads
   wait on the first thread's future, tasks await the first task.
+- A domain's exchangers are looked up at the same time (tasks in :class:`AsyncResolver`,
+  threads in :class:`Resolver` when more than two answers are not cached), so a domain
+  whose exchangers never answer costs about two timeouts, not one per query.
 - A cache hit touches no dnspython object: answers are stored as plain tuples and whole
   :class:`MailHosts` values, so a warm lookup is a dictionary read.
 
@@ -492,8 +495,23 @@ class Resolver(_ResolverBase):
     def _run(self, plan: _Plan) -> tuple[object, float]:
         steps = _Steps(plan, _MAX_PLAN_STEPS)
         while not steps.done:
-            steps.answer([self._lookup(name, rdtype) for name, rdtype in steps.request])
+            steps.answer(self._lookups(steps.request))
         return steps.result
+
+    def _lookups(self, batch: list[_Query]) -> list[_Answer]:
+        """One plan step's answers. When more than two are not cached (the exchangers' A
+        and AAAA), they are asked at the same time, in threads, as :class:`AsyncResolver`
+        asks them in tasks: one after another, 16 exchangers that never answer would cost
+        33 timeouts instead of about two."""
+        found: dict[_Query, _Answer] = {}
+        missing = [query for query in batch if self.cache.get(query) is _MISS]
+        if len(missing) > 2:
+            with concurrent.futures.ThreadPoolExecutor(
+                len(missing), thread_name_prefix="mailrelay-dns"
+            ) as pool:
+                answers = pool.map(lambda query: self._lookup(*query), missing)
+                found.update(zip(missing, answers, strict=True))
+        return [found[query] if query in found else self._lookup(*query) for query in batch]
 
     def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Answer:
         key = (name, rdtype)

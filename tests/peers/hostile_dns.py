@@ -133,6 +133,8 @@ class HostileDNS:
             zone answer: unasked-for data a careful client never believes or caches.
         delay: seconds a :attr:`Fault.SLOW` answer waits.
         queries: every query received, in order.
+        most_waiting: the most :attr:`Fault.SLOW` UDP queries ever waiting for their answer
+            at the same time (1 for a client that asks one thing at a time).
         errors: exceptions raised while serving (a test bug when not empty).
     """
 
@@ -144,6 +146,8 @@ class HostileDNS:
         self.glue: list[tuple[str, str, str]] = []
         self.mangle: Callable[[bytes], bytes] = bytes
         self.mangle_over_tcp = False
+        self.most_waiting = 0
+        self._waiting = 0
         self.queries: list[Query] = []
         self._parsed: dict[tuple[dns.name.Name, str], tuple[object, dns.rrset.RRset]] = {}
         self.errors: list[BaseException] = []
@@ -178,6 +182,7 @@ class HostileDNS:
             self.glue.clear()
             self.mangle = bytes
             self.mangle_over_tcp = False
+            self.most_waiting = 0
 
     def count(self, name: str | None = None) -> int:
         """How many queries arrived (for ``name``, when given)."""
@@ -388,7 +393,12 @@ class HostileDNS:
                 self._send_udp(wire, peer)
 
     def _late(self, wire: bytes, peer: tuple[str, int]) -> None:
+        with self._lock:
+            self._waiting += 1
+            self.most_waiting = max(self.most_waiting, self._waiting)
         self._stopping.wait(self.delay)
+        with self._lock:
+            self._waiting -= 1
         self._send_udp(wire, peer)
 
     def _send_udp(self, wire: bytes, peer: tuple[str, int]) -> None:
