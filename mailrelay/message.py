@@ -38,9 +38,10 @@ Rules this module keeps:
   text for it.
 * Address fields (for :attr:`Message.bcc`, :meth:`Message.get_addresses` and
   :meth:`Envelope.from_message`) are read in time linear in their length: the list
-  is split into mailboxes first and each is read alone, and a mailbox longer than
-  :data:`MAX_MAILBOX_CHARS` raises :class:`~mailrelay.errors.InvalidAddress`, as does
-  one the email package's parser cannot read.
+  is split into mailboxes first and each is read alone; a mailbox longer than
+  :data:`MAX_MAILBOX_CHARS` is read by the ``<addr-spec>`` it ends with, and raises
+  :class:`~mailrelay.errors.InvalidAddress` without one, as does one the email
+  package's parser cannot read.
 * :meth:`Message.from_file` never holds the file's body in memory: it parses the
   header block, measures the body in one streaming pass, and reads the body
   again piece by piece whenever :meth:`Message.chunks` is called.
@@ -96,8 +97,10 @@ MAX_HEADER_BYTES = 1 << 20
 
 #: The longest mailbox (one item of an address list: display name, comments and
 #: address) that header fields may hold for :meth:`Message.get_addresses`,
-#: :attr:`Message.bcc` and :meth:`Envelope.from_message`: the longest line RFC 5322
-#: §2.1.1 allows. A longer one raises :class:`~mailrelay.errors.InvalidAddress`; the
+#: :attr:`Message.bcc` and :meth:`Envelope.from_message` read whole: the longest line
+#: RFC 5322 §2.1.1 allows. A longer one is read by the ``<addr-spec>`` it ends with (a
+#: long display name is legal in a folded field), and raises
+#: :class:`~mailrelay.errors.InvalidAddress` if it has none of at most this length; the
 #: bound keeps reading a hostile field linear in its length.
 MAX_MAILBOX_CHARS = 998
 
@@ -727,13 +730,9 @@ def _parsed_addr_specs(value: str) -> list[str]:
     for item in _list_items(value):
         if not item.strip(" \t"):
             continue  # an empty item, or a group's empty member list
-        if len(item) > MAX_MAILBOX_CHARS:
-            raise InvalidAddress(
-                f"an address longer than {MAX_MAILBOX_CHARS} characters: {_excerpt(item)}",
-                address=item,
-            )
+        text = item if len(item) <= MAX_MAILBOX_CHARS else _angle_addr(item)
         try:
-            header = _ADDRESS_PARSER("to", item)
+            header = _ADDRESS_PARSER("to", text)
         except (IndexError, AttributeError, ValueError, RecursionError) as exc:
             # Its parser has bugs on malformed lists (IndexError on an unclosed "<",
             # AttributeError when a mailbox follows a group, RecursionError on deeply
@@ -744,6 +743,26 @@ def _parsed_addr_specs(value: str) -> list[str]:
             mailbox.addr_spec for mailbox in header.addresses if mailbox.addr_spec not in ("", "<>")
         ]
     return specs
+
+
+def _angle_addr(item: str) -> str:
+    """The ``<addr-spec>`` that ends a mailbox too long to read whole.
+
+    Only the address is wanted, and a display name has no length limit of its own (a
+    folded field can carry a long one, RFC 5322 §2.2.3), so a long ``name <addr>`` is
+    read by its angle-addr alone.
+
+    Raises:
+        InvalidAddress: the mailbox does not end in one, or that too is too long.
+    """
+    tail = item.rstrip(" \t\r\n")
+    start = tail.rfind("<")
+    if not tail.endswith(">") or start < 0 or len(tail) - start > MAX_MAILBOX_CHARS:
+        raise InvalidAddress(
+            f"an address longer than {MAX_MAILBOX_CHARS} characters: {_excerpt(item)}",
+            address=item,
+        )
+    return tail[start:]
 
 
 # RFC 5322 §3.2: the characters that enclose (quoted strings, comments, domain
