@@ -20,8 +20,6 @@ import email.message
 import email.policy
 import json
 import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from mailrelay.message import (
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult
 from mailrelay.transport import FileTransport, MemoryTransport, SMTPTransport
+from tests.hang_guard import HANG_BOUND, results_of
 from tests.peers.aiosmtpd_server import AiosmtpdServer
 
 HEAD = b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: hostile\r\n"
@@ -509,7 +508,6 @@ def test_smtp_server_receives_hostile_messages_as_they_are(aiosmtpd_server: Aios
 
 #: Seconds the child may take for every input before it counts as hung; a linear reader
 #: needs a few seconds for all of them on a busy two-core machine.
-HANG_BOUND = 60.0
 #: Characters in each hostile field: a quadratic reader of most of these shapes would
 #: take many minutes (a 20 KB field of dots took 3 s when the whole field was parsed).
 RUN = 200_000
@@ -594,19 +592,10 @@ def main() -> None:
 
 @pytest.fixture(scope="module")
 def outcomes() -> dict[str, str]:
-    """Each input's outcome from the child, or none for those it had not reached when the
-    bound ran out (the first of them is the one that hung)."""
-    root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "tests.test_message_hostile"]
-    try:
-        done = subprocess.run(
-            command, cwd=root, capture_output=True, text=True, timeout=HANG_BOUND, check=True
-        ).stdout
-    except subprocess.TimeoutExpired as exc:  # the child is killed by subprocess.run
-        out = exc.stdout or b""
-        done = out.decode() if isinstance(out, bytes) else out
-    lines = [json.loads(line) for line in done.splitlines()]
-    return {line["name"]: line["outcome"] for line in lines}
+    """Each input's outcome from the child (none for those it had not reached)."""
+    return {
+        name: line["outcome"] for name, line in results_of("tests.test_message_hostile").items()
+    }
 
 
 @pytest.mark.parametrize("name", list(hostile_messages()))

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -30,10 +27,10 @@ from mailrelay.tracker.bounce_formats import (
     _RULED_MARKER_RE,
     _is_returned_marker,
 )
+from tests.hang_guard import HANG_BOUND, results_of
 
 #: Seconds a parse may take before it counts as hung; a linear parse of these inputs
 #: takes well under one on this project's CI machine.
-HANG_BOUND = 60.0
 #: Characters in the hostile runs: a quadratic step over this many is ~10^11 operations.
 RUN = 300_000
 
@@ -124,18 +121,8 @@ def main() -> None:
 
 @pytest.fixture(scope="module")
 def parsed() -> dict[str, dict[str, object]]:
-    """Each input's result from the child, or none for those it had not reached when
-    the bound ran out (the first of them is the one that hung)."""
-    root = Path(__file__).resolve().parents[2]
-    command = [sys.executable, "-m", "tests.tracker.test_dsn_hostile"]
-    try:
-        done = subprocess.run(
-            command, cwd=root, capture_output=True, text=True, timeout=HANG_BOUND, check=True
-        ).stdout
-    except subprocess.TimeoutExpired as exc:  # the child is killed by subprocess.run
-        out = exc.stdout or b""
-        done = out.decode() if isinstance(out, bytes) else out
-    return {line["name"]: line for line in map(json.loads, done.splitlines())}
+    """Each input's result from the child (none for those it had not reached)."""
+    return results_of("tests.tracker.test_dsn_hostile")
 
 
 @pytest.mark.parametrize("name", [name for name, _ in inputs()])
