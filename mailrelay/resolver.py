@@ -467,6 +467,7 @@ class Resolver(_ResolverBase):
         self._configure(self._dns)
         self._lock = threading.Lock()
         self._inflight: dict[Hashable, concurrent.futures.Future[object]] = {}
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def mail_hosts(self, domain: str) -> MailHosts:
         """The exchangers of ``domain`` in the order to try them (RFC 5321 §5.1).
@@ -506,12 +507,20 @@ class Resolver(_ResolverBase):
         found: dict[_Query, _Answer] = {}
         missing = [query for query in batch if self.cache.get(query) is _MISS]
         if len(missing) > 2:
-            with concurrent.futures.ThreadPoolExecutor(
-                len(missing), thread_name_prefix="mailrelay-dns"
-            ) as pool:
-                answers = pool.map(lambda query: self._lookup(*query), missing)
-                found.update(zip(missing, answers, strict=True))
+            answers = self._pool().map(lambda query: self._lookup(*query), missing)
+            found.update(zip(missing, answers, strict=True))
         return [found[query] if query in found else self._lookup(*query) for query in batch]
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads that ask a domain's exchangers' queries at the same time, made on
+        first use and kept (idle threads exit when the resolver is dropped): starting
+        threads for every lookup cost more than the queries on a fast network."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    2 * MAX_MAIL_HOSTS, thread_name_prefix="mailrelay-dns"
+                )
+            return self._executor
 
     def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Answer:
         key = (name, rdtype)
