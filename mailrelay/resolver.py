@@ -229,9 +229,11 @@ def _plan_mail_hosts(domain: str) -> _Plan:
         if mx.records == ((0, ""),):
             return MailHosts(domain=domain, status=DNSStatus.OK, null_mx=True), mx.ttl
         # Any other "." (next to real exchangers, or at another preference) is a
-        # misconfiguration naming no host: it is skipped. MX records none of which names a
-        # host leave no exchanger, and no implicit MX either (RFC 5321 §5.1: report it).
-        exchangers = [(pref, target) for pref, target in mx.records if target]
+        # misconfiguration naming no host: it is skipped, and so is a target that is not a
+        # host name ("*.example", "mx\\032x.example": the name would also be the TLS
+        # server name), as Postfix skips them. MX records none of which names a host leave
+        # no exchanger, and no implicit MX either (RFC 5321 §5.1: report it).
+        exchangers = [(pref, target) for pref, target in mx.records if _is_host_name(target)]
         if not exchangers:
             return MailHosts(domain=domain, status=DNSStatus.OK), mx.ttl
         # RFC 5321 §5.1: lowest preference first. Ties are put in name order here (servers
@@ -286,17 +288,24 @@ def _domain_key(domain: str) -> str:
     return key
 
 
+def _is_host_name(key: str) -> bool:
+    """Whether ``key`` (lower-case, no final dot) is a name mail may be sent to.
+
+    RFC 1035 §2.3.4: labels of 1 to 63 octets, names of at most 255 (253 as text). Mail
+    domains are host names (RFC 5321 §2.3.5): letters, digits and hyphens; we also let
+    "_" through, which some operators use in names they look up.
+    """
+    return (
+        bool(key)
+        and len(key) <= 253
+        and _HOST_CHARS.fullmatch(key) is not None
+        and all(0 < len(label) < 64 for label in key.split("."))
+    )
+
+
 def _check_name(key: str, domain: str) -> str:
     """``key`` if it can be asked of the DNS; checked on cache misses only (hits were checked)."""
-    if (
-        not key
-        or len(key) > 253
-        or not _HOST_CHARS.fullmatch(key)
-        or any(not 0 < len(label) < 64 for label in key.split("."))
-    ):
-        # RFC 1035 §2.3.4: labels of 1 to 63 octets, names of at most 255 (253 as text).
-        # Mail domains are host names (RFC 5321 §2.3.5): letters, digits and hyphens; we
-        # also let "_" through, which some operators use in names they look up.
+    if not _is_host_name(key):
         raise ResolverError(f"not a valid domain name: {domain!r}", name=domain, is_transient=False)
     return key
 

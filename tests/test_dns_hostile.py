@@ -366,6 +366,30 @@ def test_an_mx_target_that_looks_like_an_ip_address_is_a_name(
     assert planned.outcome is Outcome.PERMANENT
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("targets", "hosts"),
+    [
+        # Not host names: skipped (as Postfix skips them), so nothing is looked up for them
+        # and no such name becomes a TLS server name.
+        (["*.d.test.", "mx\\032x.d.test.", "mx\\040x.d.test."], []),
+        (["*.d.test.", "mx1.d.test."], ["mx1.d.test"]),
+        (["mx\\@x.d.test.", "mx_1.d.test."], ["mx_1.d.test"]),
+    ],
+)
+def test_mx_targets_that_are_not_host_names_are_skipped(
+    server: HostileDNS, mode: str, targets: list[str], hosts: list[str]
+) -> None:
+    simple_zone(server)
+    server.add("d.test", "MX", *mx_records([(10, target) for target in targets]))
+    for target in targets:
+        server.add(target, "A", "127.0.0.1")
+    found = mail_hosts(server, mode, "d.test")
+    assert ([h.name for h in found.hosts], found.null_mx, found.implicit) == (hosts, False, False)
+    result = validate(server, mode, "user@d.test")
+    assert result.reason is (Reason.OK if hosts else Reason.NO_MAIL_HOST)
+
+
 # -- CNAMEs, TTLs, long names ------------------------------------------------------------------
 
 
