@@ -1,0 +1,560 @@
+"""The delivery tracker as a state machine: random operation sequences, every store in step.
+
+A Hypothesis :class:`~hypothesis.stateful.RuleBasedStateMachine` drives the same
+operations, in lock-step, on a :class:`DeliveryTracker` over :class:`MemoryStore` and one
+over :class:`SQLiteStore` (a temporary file), each with its own :class:`MemoryTransport`
+scripted identically, the same fake clock and the same seeded random. The operations:
+submissions (one message or a batch, 1-4 recipients over three domains, some shared
+between messages, with or without a null sender and per-recipient NOTIFY), scripting
+the transport (per recipient: accept, 4xx, 5xx; per attempt: a transient or permanent
+``DeliveryError``, refused credentials, or a non-``DeliveryError`` "bug"), runs, clock
+moves (seconds to days, past the retry delays and the 5-day maximum age), cancellations,
+returned success and failure DSNs, and crashes (a new tracker over the same store, maybe
+after a claim that was never recorded, maybe releasing its leases).
+
+Tracking ids are normally 72 random bits after the time, so two stores order messages
+submitted at the same instant differently, and with them what the transport is sent in
+which order, which random draw each retry gets and what the per-domain back-off learns.
+The machine makes ids deterministic (a counter in place of ``secrets`` in
+:mod:`mailrelay.tracker.core`, one per store), so both stores get the same ids and must
+agree on everything, to the microsecond.
+
+What must hold after every step (besides equal records in both stores):
+
+* nothing submitted is ever lost; ``find(state=...)`` agrees with the records;
+* attempts only grow (the history before a step is a prefix of the history after it);
+* a final state never changes, except as docs/tracker.md allows: a DELIVERED recipient
+  becomes BOUNCED by a failure DSN (after relay), and a success DSN confirms it;
+* DELIVERED only for a recipient the transport accepted at some attempt, or that a
+  success DSN reported delivered;
+* every transaction the transport receives goes to recipients leased to the running
+  worker, each once (so a retry goes only to the unresolved ones);
+* a run that returns leaves nothing due, so nothing queued or deferred past the maximum
+  age unless the per-domain back-off holds it off; a run that raises (the transport's
+  bug) leaves the recipients of the failed transaction due again at once, with no
+  attempt recorded.
+
+``MAILRELAY_STATEFUL_EXAMPLES`` and ``MAILRELAY_STATEFUL_STEPS`` scale the exploration.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import random
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import attrs
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+)
+
+import mailrelay.tracker.core as tracker_core
+from mailrelay.envelope import Envelope, Recipient
+from mailrelay.errors import AuthenticationError, ConnectError, DeliveryError, NoRoute
+from mailrelay.message import Message
+from mailrelay.reply import Reply
+from mailrelay.tracker.dsn import DSNAction, DSNRecipient
+from mailrelay.tracker.dsn_build import build_dsn
+from mailrelay.tracker.engine import DeliveryTracker
+from mailrelay.tracker.retry import RetryPolicy
+from mailrelay.tracker.sqlite_store import SQLiteStore
+from mailrelay.tracker.store import FINAL_STATES, MemoryStore, MessageRecord, State, Store
+from mailrelay.transport.memory import MemoryTransport
+
+T0 = dt.datetime(2026, 3, 1, 8, 0, tzinfo=dt.UTC)
+SENDER = "sender@example.com"
+#: Recipients over three domains; messages draw from the same few, so they share some.
+POOL = (
+    "ann@one.example",
+    "bob@one.example",
+    "cy@two.example",
+    "di@two.example",
+    "ed@three.example",
+)
+LEASE = dt.timedelta(minutes=10)
+POLICY = RetryPolicy()
+MAX_AGE = dt.timedelta(seconds=POLICY.max_age)
+MAX_MESSAGES = 10
+
+REPLIES = {
+    "accept": Reply.of(250, "2.0.0 Ok"),
+    "mailbox-full": Reply.of(452, "4.2.2 Mailbox full"),
+    "try-later": Reply.of(451, "4.3.0 Try again later"),
+    "busy": Reply.of(421, "4.7.0 Too busy, closing"),
+    "no-such-user": Reply.of(550, "5.1.1 No such user"),
+}
+
+
+class TransportBug(RuntimeError):
+    """What the scripted transport raises for a "bug": not a DeliveryError."""
+
+
+def _attempt_error(kind: str) -> DeliveryError:
+    if kind == "transient":
+        return ConnectError("connection refused", host="mx.test")
+    if kind == "permanent":
+        return NoRoute("null MX", host="mx.test")
+    return AuthenticationError("535 5.7.8 credentials refused", host="mx.test")
+
+
+ATTEMPT_KINDS = ("transient", "permanent", "auth", "bug")
+
+
+class CountingIds:
+    """Stands in for ``secrets`` in :mod:`mailrelay.tracker.core`: tracking ids from a
+    counter per participant, so that every store gets the same ids in the same order."""
+
+    def __init__(self) -> None:
+        self.current = ""
+        self._next: dict[str, int] = {}
+
+    def token_hex(self, nbytes: int) -> str:
+        # core draws 9 bytes per id (_new_ids draws 9 * count at once and slices them).
+        count = max(1, nbytes // 9)
+        start = self._next.get(self.current, 0)
+        self._next[self.current] = start + count
+        return "".join(f"{n:018x}" for n in range(start, start + count))
+
+
+@attrs.define
+class Side:
+    """One participant of the lock-step comparison."""
+
+    name: str
+    store: Store
+    tracker: DeliveryTracker
+    transport: MemoryTransport
+    dsn_transport: MemoryTransport
+    path: Path | None = None
+    #: Per (label, address), the replies scripted for its next attempts.
+    replies: dict[tuple[str, str], deque[str]] = attrs.Factory(dict)
+    #: Per label, what its next transactions raise.
+    raises: dict[str, deque[str]] = attrs.Factory(dict)
+    #: (label, address) pairs the transport accepted at some attempt.
+    accepted: set[tuple[str, str]] = attrs.Factory(set)
+    #: Every transaction the transport was handed: (label, addresses).
+    sent: list[tuple[str, tuple[str, ...]]] = attrs.Factory(list)
+    #: The transactions whose attempt raised the bug.
+    bugged: list[tuple[str, tuple[str, ...]]] = attrs.Factory(list)
+
+
+def _normal(record: MessageRecord) -> MessageRecord:
+    """What two stores must agree on: all of it, but a generated DSN's own Message-ID
+    (drawn at random by the DSN builder) and so its size."""
+    return attrs.evolve(record, message_id=None, size=0) if record.notification else record
+
+
+class TrackerMachine(RuleBasedStateMachine):
+    """Lock-step operations on trackers over MemoryStore and SQLiteStore."""
+
+    messages = Bundle("messages")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="mailrelay-stateful-"))
+        self.ids = CountingIds()
+        self._patch = mock.patch.object(tracker_core, "secrets", self.ids)
+        self._patch.start()
+        self.now = T0
+        self.sides: list[Side] = []
+        self.options: dict[str, Any] = {}
+        self.workers = 0
+        self.labels: dict[str, str] = {}  # Message-ID -> label
+        self.tracking: dict[str, str] = {}  # label -> tracking id
+        self.addresses: dict[str, tuple[str, ...]] = {}
+        self.contents: dict[str, bytes] = {}
+        self.confirmed_by_dsn: set[tuple[str, str]] = set()
+        self.failed_by_dsn: set[tuple[str, str]] = set()  # this step's failure DSNs
+        self.before: dict[str, MessageRecord] = {}  # the memory side's records, last step
+        self.reports = 0
+
+    def teardown(self) -> None:
+        self._patch.stop()
+        for side in self.sides:
+            side.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- set-up -----------------------------------------------------------------------
+
+    def clock(self) -> dt.datetime:
+        return self.now
+
+    @contextmanager
+    def acting(self, side: Side) -> Iterator[Side]:
+        """Make ``side`` the one whose tracking ids are drawn."""
+        self.ids.current = side.name
+        try:
+            yield side
+        finally:
+            self.ids.current = ""
+
+    def _tracker(self, side: Side, worker: str) -> DeliveryTracker:
+        return DeliveryTracker(
+            side.transport,
+            side.store,
+            dsn_transport=side.dsn_transport,
+            clock=self.clock,
+            random=random.Random(self.options["seed"] + self.workers).random,
+            reporting_mta="relay.example.com",
+            worker_id=worker,
+            lease=LEASE,
+            **{k: v for k, v in self.options.items() if k != "seed"},
+        )
+
+    def _side(self, name: str) -> Side:
+        path = self.dir / f"{name}.db" if name == "sqlite" else None
+        store: Store = SQLiteStore(path) if path is not None else MemoryStore()
+        transport = MemoryTransport()
+        side = Side(
+            name=name,
+            store=store,
+            tracker=None,  # type: ignore[arg-type]  # set below, once the handler exists
+            transport=transport,
+            dsn_transport=MemoryTransport(),
+            path=path,
+        )
+        transport.handler = self._handler(side)
+        side.tracker = self._tracker(side, "w0")
+        return side
+
+    @initialize(
+        request_dsn=st.booleans(),
+        split_by_domain=st.booleans(),
+        batch_size=st.sampled_from([1, 2, 100]),
+        commit_batch=st.sampled_from([1, 3, 50]),
+        seed=st.integers(0, 2**16),
+    )
+    def setup(
+        self,
+        request_dsn: bool,
+        split_by_domain: bool,
+        batch_size: int,
+        commit_batch: int,
+        seed: int,
+    ) -> None:
+        self.options = {
+            "request_dsn": request_dsn,
+            "split_by_domain": split_by_domain,
+            "batch_size": batch_size,
+            "commit_batch": commit_batch,
+            "seed": seed,
+        }
+        self.sides = [self._side("memory"), self._side("sqlite")]
+
+    def _handler(self, side: Side) -> Any:
+        def handler(message: Message, envelope: Envelope) -> dict[str, Reply]:
+            assert message.message_id is not None
+            label = self.labels[message.message_id]
+            record = side.store.get(self.tracking[label])
+            assert record is not None
+            addresses = tuple(str(r.address) for r in envelope.recipients)
+            assert len(set(addresses)) == len(addresses), f"{label}: sent twice in {addresses}"
+            for recipient in envelope.recipients:
+                stored = record.recipient(recipient.address)
+                # Only what this worker has claimed is sent: never a resolved recipient.
+                assert stored.state is State.SENDING, (side.name, label, stored)
+                assert stored.lease_owner == side.tracker.worker_id, (side.name, label, stored)
+            side.sent.append((label, addresses))
+            planned = side.raises.get(label)
+            if planned:
+                kind = planned.popleft()
+                if kind == "bug":
+                    side.bugged.append((label, addresses))
+                    raise TransportBug(f"bug while sending {label}")
+                raise _attempt_error(kind)
+            answer = {}
+            for address in addresses:
+                queue = side.replies.get((label, address))
+                reply = REPLIES[queue.popleft() if queue else "accept"]
+                if reply.is_positive:
+                    side.accepted.add((label, address))
+                answer[address] = reply
+            return answer
+
+        return handler
+
+    # -- operations -------------------------------------------------------------------
+
+    def _submit_all(self, specs: list[tuple[list[str], bool, str | None]]) -> list[str]:
+        items: list[tuple[Message, Envelope]] = []
+        labels: list[str] = []
+        for recipients, null_sender, notify in specs:
+            label = f"m{len(self.tracking) + len(labels)}"
+            message = Message.build(
+                sender=SENDER, to=recipients, subject=label, text=f"body of {label}\n"
+            )
+            envelope = Envelope(
+                None if null_sender else SENDER,
+                [Recipient(address, notify=notify) for address in recipients],
+            )
+            assert message.message_id is not None
+            self.labels[message.message_id] = label
+            self.addresses[label] = tuple(recipients)
+            self.contents[label] = message.as_bytes()
+            items.append((message, envelope))
+            labels.append(label)
+        got = []
+        for side in self.sides:
+            with self.acting(side):
+                if len(items) == 1:
+                    got.append([side.tracker.submit(*items[0])])
+                else:
+                    got.append(side.tracker.submit_many(items))
+        assert all(ids == got[0] for ids in got), got
+        self.tracking.update(zip(labels, got[0], strict=True))
+        return labels
+
+    message_spec = st.tuples(
+        st.lists(st.sampled_from(POOL), min_size=1, max_size=4, unique=True),
+        st.booleans(),
+        st.sampled_from([None, None, "NEVER", "FAILURE", "SUCCESS,FAILURE,DELAY"]),
+    )
+
+    @precondition(lambda self: len(self.tracking) < MAX_MESSAGES)
+    @rule(target=messages, spec=message_spec)
+    def submit(self, spec: tuple[list[str], bool, str | None]) -> str:
+        return self._submit_all([spec])[0]
+
+    @precondition(lambda self: len(self.tracking) < MAX_MESSAGES)
+    @rule(target=messages, specs=st.lists(message_spec, min_size=2, max_size=3))
+    def submit_many(self, specs: list[tuple[list[str], bool, str | None]]) -> Any:
+        return multiple(*self._submit_all(specs))
+
+    @rule(
+        label=messages,
+        index=st.integers(0, 3),
+        replies=st.lists(st.sampled_from(sorted(REPLIES)), min_size=1, max_size=3),
+    )
+    def script_replies(self, label: str, index: int, replies: list[str]) -> None:
+        addresses = self.addresses[label]
+        address = addresses[index % len(addresses)]
+        for side in self.sides:
+            side.replies.setdefault((label, address), deque()).extend(replies)
+
+    @rule(label=messages, kind=st.sampled_from(ATTEMPT_KINDS))
+    def script_attempt(self, label: str, kind: str) -> None:
+        for side in self.sides:
+            side.raises.setdefault(label, deque()).append(kind)
+
+    @rule()
+    def run_pending(self) -> None:
+        outcomes: list[tuple[str, object]] = []
+        for side in self.sides:
+            side.sent.clear()
+            side.bugged.clear()
+            with self.acting(side):
+                try:
+                    outcomes.append(("returned", side.tracker.run_pending()))
+                except TransportBug as exc:
+                    outcomes.append(("raised", str(exc)))
+        assert all(o == outcomes[0] for o in outcomes), outcomes
+        assert all(s.sent == self.sides[0].sent for s in self.sides), [s.sent for s in self.sides]
+        for side in self.sides:
+            if outcomes[0][0] == "returned":
+                self._check_nothing_due(side)
+            else:
+                self._check_put_back(side)
+
+    def _check_nothing_due(self, side: Side) -> None:
+        due = side.tracker.next_due()
+        assert due is None or due > self.now, (side.name, due, self.now)
+        for record in side.store.find():
+            for recipient in record.recipients:
+                if recipient.state in (State.QUEUED, State.DEFERRED):
+                    # Past the maximum age only while the per-domain back-off holds it off.
+                    assert recipient.next_attempt_at is not None
+                    assert record.created_at + MAX_AGE > self.now or (
+                        recipient.next_attempt_at > self.now
+                    ), (side.name, record.id, recipient)
+
+    def _check_put_back(self, side: Side) -> None:
+        assert side.bugged, side.name
+        for label, addresses in side.bugged:
+            record = side.tracker.status(self.tracking[label])
+            for address in addresses:
+                recipient = record.recipient(address)
+                assert recipient.state in (State.QUEUED, State.DEFERRED), (side.name, recipient)
+                assert recipient.is_due(self.now), (side.name, recipient)
+                assert recipient.lease_owner is None, (side.name, recipient)
+
+    @rule(
+        seconds=st.one_of(
+            st.integers(1, 900),
+            st.sampled_from([3600, 4 * 3600, 86400, 2 * 86400, 5 * 86400, 6 * 86400]),
+        )
+    )
+    def advance(self, seconds: int) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+    @rule(label=messages)
+    def cancel(self, label: str) -> None:
+        results = []
+        for side in self.sides:
+            with self.acting(side):
+                results.append(side.tracker.cancel(self.tracking[label]))
+        assert all(r == results[0] for r in results), results
+        before = self.before[label]
+        expected = tuple(r.address for r in before.recipients if not r.state.is_final)
+        assert results[0] == expected, (results[0], expected)
+
+    @rule(label=messages, index=st.integers(0, 3), success=st.booleans())
+    def ingest_dsn(self, label: str, index: int, success: bool) -> None:
+        addresses = self.addresses[label]
+        address = addresses[index % len(addresses)]
+        self.reports += 1
+        raw = build_dsn(
+            original=self.contents[label],
+            envelope_sender=SENDER,
+            recipients=[
+                DSNRecipient(
+                    address=address,
+                    action=DSNAction.DELIVERED if success else DSNAction.FAILED,
+                    status="2.0.0" if success else "5.1.1",
+                    diagnostic=None if success else "smtp; 550 5.1.1 gone",
+                    remote_mta="mx.downstream.example",
+                )
+            ],
+            reporting_mta="mx.downstream.example",
+            envid=self.tracking[label] if self.options["request_dsn"] else None,
+            date=self.now,
+            message_id=f"report-{self.reports}@downstream.example",
+        )
+        matches = []
+        for side in self.sides:
+            with self.acting(side):
+                matches.append(side.tracker.ingest_dsn(raw))
+        assert all(m == matches[0] for m in matches), matches
+        match = matches[0]
+        assert match.tracking_id == self.tracking[label], match
+        # docs/tracker.md, Ingesting: success -> DELIVERED and confirmed, failure (after
+        # relay) -> BOUNCED, from any state but BOUNCED, EXPIRED and CANCELLED.
+        before = self.before[label].recipient(address)
+        may_change = before.state not in (State.BOUNCED, State.EXPIRED, State.CANCELLED)
+        if may_change:
+            if success:
+                self.confirmed_by_dsn.add((label, address))
+            else:
+                self.failed_by_dsn.add((label, address))
+        # (A success DSN for a DELIVERED recipient changes it too: it confirms it.)
+        assert bool(match.changed) == may_change, (before, match)
+        after = self.sides[0].tracker.status(self.tracking[label]).recipient(address)
+        if may_change:
+            assert after.state is (State.DELIVERED if success else State.BOUNCED), after
+            assert after.confirmed is success, after
+        else:
+            assert after.state is before.state, (before, after)
+
+    @rule(
+        claimed=st.integers(0, 3),
+        same_worker=st.booleans(),
+        release=st.booleans(),
+        reopen=st.booleans(),
+    )
+    def crash(self, claimed: int, same_worker: bool, release: bool, reopen: bool) -> None:
+        """A tracker dies (maybe holding a claim it never recorded) and a new one starts."""
+        old = self.sides[0].tracker.worker_id
+        if not same_worker:
+            self.workers += 1
+        worker = old if same_worker else f"w{self.workers}"
+        claims = []
+        released = []
+        for side in self.sides:
+            with self.acting(side):
+                if claimed:
+                    claims.append(
+                        side.store.claim(worker=old, now=self.now, lease=LEASE, limit=claimed)
+                    )
+                if reopen and side.path is not None:
+                    side.store.close()
+                    side.store = SQLiteStore(side.path)
+                side.tracker = self._tracker(side, worker)
+                if release:
+                    released.append(side.tracker.release_leases())
+        assert all(c == claims[0] for c in claims), claims
+        assert all(r == released[0] for r in released), released
+        if release:
+            for side in self.sides:
+                for record in side.store.find(state=State.SENDING):
+                    for recipient in record.recipients:
+                        assert recipient.lease_owner != worker, (side.name, recipient)
+
+    # -- what must hold after every step ----------------------------------------------
+
+    @invariant()
+    def stores_agree_and_nothing_is_lost(self) -> None:
+        if not self.sides:
+            return
+        reference = self.sides[0]
+        for side in self.sides:
+            everything = side.store.find()
+            by_id = {record.id: record for record in everything}
+            for state in State:
+                found = [r.id for r in side.store.find(state=state)]
+                wanted = [r.id for r in everything if any(x.state is state for x in r.recipients)]
+                assert found == wanted, (side.name, state, found, wanted)
+            for label, tracking_id in self.tracking.items():
+                record = side.tracker.status(tracking_id)
+                assert by_id[tracking_id] == record
+                assert tuple(str(r.address) for r in record.recipients) == self.addresses[label]
+            if side is not reference:
+                mine = [_normal(r) for r in everything]
+                theirs = [_normal(r) for r in reference.store.find()]
+                assert mine == theirs, (side.name, mine, theirs)
+
+    @invariant()
+    def histories_and_final_states_hold(self) -> None:
+        if not self.sides:
+            return
+        for label, tracking_id in self.tracking.items():
+            for side in self.sides:
+                record = side.tracker.status(tracking_id)
+                for recipient in record.recipients:
+                    address = str(recipient.address)
+                    if recipient.state is State.DELIVERED:
+                        assert (label, address) in side.accepted or (
+                            label,
+                            address,
+                        ) in self.confirmed_by_dsn, (side.name, label, recipient)
+                    previous = self.before.get(label)
+                    if previous is None:
+                        continue
+                    was = previous.recipient(address)
+                    assert recipient.attempts[: len(was.attempts)] == was.attempts, (
+                        side.name,
+                        was,
+                        recipient,
+                    )
+                    if was.state in FINAL_STATES and recipient.state is not was.state:
+                        # docs/tracker.md: only a failure DSN after relay changes a final
+                        # state (DELIVERED -> BOUNCED).
+                        assert was.state is State.DELIVERED, (side.name, was, recipient)
+                        assert recipient.state is State.BOUNCED, (side.name, was, recipient)
+                        assert (label, address) in self.failed_by_dsn, (side.name, recipient)
+        self.failed_by_dsn.clear()
+        reference = self.sides[0].tracker
+        self.before = {label: reference.status(i) for label, i in self.tracking.items()}
+
+
+TrackerMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("MAILRELAY_STATEFUL_EXAMPLES", "150")),
+    stateful_step_count=int(os.environ.get("MAILRELAY_STATEFUL_STEPS", "30")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestTrackerMachine = TrackerMachine.TestCase
