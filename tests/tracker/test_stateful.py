@@ -72,7 +72,8 @@ from mailrelay.reply import Reply
 from mailrelay.tracker.dsn import DSNAction, DSNRecipient
 from mailrelay.tracker.dsn_build import build_dsn
 from mailrelay.tracker.engine import DeliveryTracker
-from mailrelay.tracker.retry import RetryPolicy
+from mailrelay.tracker.events import EventKind, TrackerEvent
+from mailrelay.tracker.retry import DomainLimits, RetryPolicy
 from mailrelay.tracker.sqlite_store import SQLiteStore
 from mailrelay.tracker.store import FINAL_STATES, MemoryStore, MessageRecord, State, Store
 from mailrelay.transport.memory import MemoryTransport
@@ -91,6 +92,13 @@ LEASE = dt.timedelta(minutes=10)
 POLICY = RetryPolicy()
 MAX_AGE = dt.timedelta(seconds=POLICY.max_age)
 MAX_MESSAGES = 10
+#: Per-domain shaping: none, or limits that hold domains off within one run.
+LIMITS = (
+    None,
+    DomainLimits(backoff_initial=30, backoff_max=120),
+    DomainLimits(per_second=0.5),
+    DomainLimits(max_concurrent=1),
+)
 
 REPLIES = {
     "accept": Reply.of(250, "2.0.0 Ok"),
@@ -152,6 +160,10 @@ class Side:
     sent: list[tuple[str, tuple[str, ...]]] = attrs.Factory(list)
     #: The transactions whose attempt raised the bug.
     bugged: list[tuple[str, tuple[str, ...]]] = attrs.Factory(list)
+    #: What the DSN transport answers to the next generated reports.
+    report_answers: deque[str] = attrs.Factory(deque)
+    #: The events fired, as (kind, tracking id, recipient record).
+    events: list[tuple[EventKind, str, object]] = attrs.Factory(list)
 
 
 def _normal(record: MessageRecord) -> MessageRecord:
@@ -205,7 +217,7 @@ class TrackerMachine(RuleBasedStateMachine):
             self.ids.current = ""
 
     def _tracker(self, side: Side, worker: str) -> DeliveryTracker:
-        return DeliveryTracker(
+        tracker = DeliveryTracker(
             side.transport,
             side.store,
             dsn_transport=side.dsn_transport,
@@ -216,6 +228,25 @@ class TrackerMachine(RuleBasedStateMachine):
             lease=LEASE,
             **{k: v for k, v in self.options.items() if k != "seed"},
         )
+        for kind in EventKind:
+            tracker.on(kind, self._listener(side))
+        return tracker
+
+    def _listener(self, side: Side) -> Any:
+        def listen(event: TrackerEvent) -> None:
+            # Fired after the commit: the store shows what the event says.
+            assert event.tracking_id in self.tracking.values(), event  # none for reports
+            if event.recipient is not None:
+                stored = side.store.get(event.tracking_id)
+                assert stored is not None
+                now = stored.recipient(event.recipient.address)
+                assert (now.state, now.attempts[: len(event.recipient.attempts)]) == (
+                    event.recipient.state,
+                    event.recipient.attempts,
+                ), (side.name, event, now)
+            side.events.append((event.kind, event.tracking_id, event.recipient))
+
+        return listen
 
     def _side(self, name: str) -> Side:
         path = self.dir / f"{name}.db" if name == "sqlite" else None
@@ -230,6 +261,7 @@ class TrackerMachine(RuleBasedStateMachine):
             path=path,
         )
         transport.handler = self._handler(side)
+        side.dsn_transport.handler = self._report_handler(side)
         side.tracker = self._tracker(side, "w0")
         return side
 
@@ -238,14 +270,17 @@ class TrackerMachine(RuleBasedStateMachine):
         split_by_domain=st.booleans(),
         batch_size=st.sampled_from([1, 2, 100]),
         commit_batch=st.sampled_from([1, 3, 50]),
+        limits=st.sampled_from(LIMITS),
         seed=st.integers(0, 2**16),
     )
     def setup(
         self,
+        *,
         request_dsn: bool,
         split_by_domain: bool,
         batch_size: int,
         commit_batch: int,
+        limits: DomainLimits | None,
         seed: int,
     ) -> None:
         self.options = {
@@ -253,9 +288,33 @@ class TrackerMachine(RuleBasedStateMachine):
             "split_by_domain": split_by_domain,
             "batch_size": batch_size,
             "commit_batch": commit_batch,
+            "limits": limits,
             "seed": seed,
         }
         self.sides = [self._side("memory"), self._side("sqlite")]
+
+    def _report_handler(self, side: Side) -> Any:
+        def handler(message: Message, envelope: Envelope) -> dict[str, Reply]:
+            assert message.message_id is not None
+            assert message.message_id not in self.labels, "a report went to the DSN transport"
+            (tracking_id,) = side.store.lookup(message_id=message.message_id)
+            record = side.store.get(tracking_id)
+            assert record is not None
+            assert record.notification, record
+            assert envelope.sender is None, envelope  # RFC 3461 §6.2
+            for recipient in envelope.recipients:
+                stored = record.recipient(recipient.address)
+                assert stored.state is State.SENDING, (side.name, stored)
+                assert stored.lease_owner == side.tracker.worker_id, (side.name, stored)
+            side.sent.append(("report", tuple(str(r.address) for r in envelope.recipients)))
+            kind = side.report_answers.popleft() if side.report_answers else "accept"
+            if kind == "bug":
+                raise TransportBug("bug while sending a report")
+            if kind in ATTEMPT_KINDS:
+                raise _attempt_error(kind)
+            return {str(r.address): REPLIES[kind] for r in envelope.recipients}
+
+        return handler
 
     def _handler(self, side: Side) -> Any:
         def handler(message: Message, envelope: Envelope) -> dict[str, Reply]:
@@ -352,12 +411,27 @@ class TrackerMachine(RuleBasedStateMachine):
         for side in self.sides:
             side.raises.setdefault(label, deque()).append(kind)
 
+    @rule(answers=st.lists(st.sampled_from([*sorted(REPLIES), *ATTEMPT_KINDS]), max_size=3))
+    def script_reports(self, answers: list[str]) -> None:
+        for side in self.sides:
+            side.report_answers.extend(answers)
+
     @rule()
     def run_pending(self) -> None:
+        self._run()
+
+    @rule(seconds=st.sampled_from([330, 700, 3 * 3600, 5 * 86400]))
+    def advance_and_run(self, seconds: int) -> None:
+        """A shortcut through the retry schedule (5 min, then 10, ..., the maximum age)."""
+        self.now += dt.timedelta(seconds=seconds)
+        self._run()
+
+    def _run(self) -> None:
         outcomes: list[tuple[str, object]] = []
         for side in self.sides:
             side.sent.clear()
             side.bugged.clear()
+            side.events.clear()
             with self.acting(side):
                 try:
                     outcomes.append(("returned", side.tracker.run_pending()))
@@ -365,6 +439,7 @@ class TrackerMachine(RuleBasedStateMachine):
                     outcomes.append(("raised", str(exc)))
         assert all(o == outcomes[0] for o in outcomes), outcomes
         assert all(s.sent == self.sides[0].sent for s in self.sides), [s.sent for s in self.sides]
+        assert all(s.events == self.sides[0].events for s in self.sides)
         for side in self.sides:
             if outcomes[0][0] == "returned":
                 self._check_nothing_due(side)
@@ -384,7 +459,6 @@ class TrackerMachine(RuleBasedStateMachine):
                     ), (side.name, record.id, recipient)
 
     def _check_put_back(self, side: Side) -> None:
-        assert side.bugged, side.name
         for label, addresses in side.bugged:
             record = side.tracker.status(self.tracking[label])
             for address in addresses:
@@ -437,9 +511,11 @@ class TrackerMachine(RuleBasedStateMachine):
         )
         matches = []
         for side in self.sides:
+            side.events.clear()
             with self.acting(side):
                 matches.append(side.tracker.ingest_dsn(raw))
         assert all(m == matches[0] for m in matches), matches
+        assert all(s.events == self.sides[0].events for s in self.sides)
         match = matches[0]
         assert match.tracking_id == self.tracking[label], match
         # docs/tracker.md, Ingesting: success -> DELIVERED and confirmed, failure (after
