@@ -346,6 +346,7 @@ class _Batch(_Delivery):
                 done, done_transaction = previous
                 done_transaction.settle_all((yield from self._reply("data_end")))
                 results[done] = _result_of(transactions, done)
+            yield from self._close_if_unsolicited()
         except _SessionClosed as closed:
             error = self._refuse(closed.reply, "before every message was answered")
             what = "closed the session (421)" if closed.reply else "closed the connection"
@@ -433,6 +434,6 @@ class _Batch(_Delivery):
             yield from self._rset_reply()
         yield from self._read_envelope_replies(transaction)
         if transaction.all_final():
-            yield from self._reply("data_end")  # one reply: nobody to deliver to
+            yield from self._empty_finals()  # nobody to deliver to
         else:
             yield from self._finals(transaction)

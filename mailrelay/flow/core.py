@@ -150,6 +150,26 @@ class _SessionCore:
             raise _SessionClosed(event.reply)
         return event.reply
 
+    def _close_if_unsolicited(self) -> Step[None]:
+        """At the end of an exchange, with no command in flight: close the session when the
+        server has already sent something nobody asked for. Such a reply (an LMTP server
+        answering more often than it accepted recipients, RFC 2033 §4.2) would otherwise be
+        taken as the answer to the next command on this connection, and every reply after
+        it would answer the wrong command. A 421 announced meanwhile (RFC 5321 §3.8) or an
+        end of file closes it too. Only bytes already received can be judged; the results
+        of the exchange that just ended stand (its replies came first, in order)."""
+        if self.closed or self._conn.pending:
+            return
+        try:
+            event = self._conn.next_event()
+        except ProtocolError as exc:
+            log.debug("closing the session: %s", exc)
+            yield from self._closed()
+            return
+        if event is not NEED_DATA:
+            log.debug("closing the session: the server sent %r unasked", event)
+            yield from self._closed()
+
     def _closed(self) -> Step[None]:
         if not self.closed:
             self.closed = True

@@ -100,6 +100,7 @@ class _Delivery(_Opening):
             if self._needs_rset:
                 yield from self._rset()
             yield from self._transaction(message, envelope, transaction)
+            yield from self._close_if_unsolicited()
         except _SessionClosed as closed:
             if not transaction.any_final():
                 raise self._refuse(closed.reply, "before any recipient was answered") from None
@@ -295,7 +296,7 @@ class _Delivery(_Opening):
             # end the empty message with a lone "."; every recipient keeps its own reply.
             if data_reply.code == 354:
                 yield from self._write(EndOfData(), phase="data_block")
-                yield from self._reply("data_end")
+                yield from self._empty_finals()
                 self._needs_rset = False
             return False
         if data_reply.code != 354:
@@ -391,6 +392,16 @@ class _Delivery(_Opening):
                 # RFC 3030 §2: after a refused chunk, send no more (the RSET comes next time).
                 transaction.settle_all(reply)
                 return
+
+    def _empty_finals(self) -> Step[None]:
+        """The reply(s) after the data of a transaction nobody is delivered in (every
+        recipient already has its answer): one for SMTP. LMTP owes one per RCPT the server
+        answered 2xx (RFC 2033 §4.2), which a broken server may do even after refusing
+        MAIL, or one when it accepted none; the connection expects exactly that many, and
+        reading fewer would leave the rest to answer the next command."""
+        owed = len(self._conn.accepted_recipients) if self.config.lmtp else 0
+        for _ in range(max(1, owed)):
+            yield from self._reply("data_end")
 
     def _finals(self, transaction: _Transaction) -> Step[None]:
         """The reply after the message data: one for SMTP; for LMTP one per accepted

@@ -18,17 +18,19 @@ Tests compare the client's results with these records.
 
 Rules:
 
-- Loopback only (``127.0.0.1``); blocking sockets, one thread per connection plus one accept
-  thread (the listener, threads and line reading are :mod:`tests.peers.threaded`'s). Every
-  wait has a timeout, every loop a bound in count or time (a connection's whole life is
-  bounded by ``session_limit``); :meth:`HostileServer.stop` wakes and joins every thread and
-  fails loudly when one does not end. Every socket is closed by its own thread.
+- Loopback only (``127.0.0.1``, or another 127.0.0.0/8 address given as ``host``);
+  blocking sockets, one thread per connection plus one accept thread (the listener,
+  threads and line reading are :mod:`tests.peers.threaded`'s). Every wait has a timeout,
+  every loop a bound in count or time (a connection's whole life is bounded by
+  ``session_limit``); :meth:`HostileServer.stop` wakes and joins every thread and fails
+  loudly when one does not end. Every socket is closed by its own thread.
 - Faults are terminal where the protocol gives no way back: after a malformed reply,
   garbage or a reply without its line end the server goes silent, closes or resets (its
   :class:`Ending`); after 421 it closes (RFC 5321 §3.8); an endless reply runs until the
   client hangs up or ``endless_limit`` octets have gone out. The server never sends a
-  well-formed reply the client did not ask for, so the client's reading of the replies and
-  the records always agree on which reply answered which command.
+  well-formed reply the client did not ask for (except an LMTP plan's ``extra_finals``, which
+  is that fault on purpose), so the client's reading of the replies and the records always
+  agree on which reply answered which command.
 - Every connection the plan does not reset ends with a lingering close (our side shut, the
   client's input taken until it hangs up, bounded): closing with unread input would make
   the kernel send a RST, which can destroy replies the client had not read yet.
@@ -191,10 +193,13 @@ class Plan:
         behaviours: per point, the behaviours of its first occurrences (across connections),
             in order; later occurrences, and points not named, are answered normally.
         extensions: the EHLO keywords offered (``"PIPELINING"``, ``"SIZE 1000"``, ...).
+        extra_finals: LMTP only: after the first transaction's finals, this many more
+            well-formed ``250`` replies nobody asked for (more replies than recipients).
     """
 
     behaviours: Mapping[Point, tuple[Behaviour, ...]] = attrs.field(factory=dict)
     extensions: tuple[str, ...] = ()
+    extra_finals: int = 0
 
 
 @attrs.define
@@ -208,7 +213,12 @@ class TransactionRecord:
         data: the code DATA was answered with.
         chunks: the codes each non-last BDAT chunk was answered with.
         content: the message data taken (DATA content, or the BDAT chunks).
-        final: the code of the final reply after the data.
+        final: the code of the final reply after the data (SMTP).
+        finals: LMTP (RFC 2033 §4.2): each accepted recipient's forward-path and the code of
+            its own final reply, in RCPT order; a reply never sent records ``None``, a
+            recipient the server gave up before (421, a fault) is missing.
+        extras: LMTP: how many unasked-for replies followed the finals
+            (:attr:`Plan.extra_finals`).
     """
 
     sender: str | None
@@ -218,6 +228,8 @@ class TransactionRecord:
     chunks: list[int | None] = attrs.field(factory=list)
     content: bytearray = attrs.field(factory=bytearray)
     final: int | None = None
+    finals: list[tuple[str, int | None]] = attrs.field(factory=list)
+    extras: int = 0
 
     @property
     def marker(self) -> int | None:
@@ -470,6 +482,60 @@ class _Peer(LinePeer):
         return self.answer(Point.OTHER)
 
 
+class _LMTPPeer(_Peer):
+    """The server side of one LMTP connection (RFC 2033): LHLO is answered as EHLO, and
+    after the data each recipient whose RCPT got 2xx gets a final reply of its own, each
+    one the next :attr:`Point.DATA_END` behaviour (§4.2); a fault or 421 among them ends
+    the connection with the rest unsent. The plan's ``extra_finals`` go out once, with the
+    last final reply of the first transaction that gets that far."""
+
+    trailer = b""
+
+    def command(self, verb: bytes, line: bytes) -> int | None:
+        if verb == b"LHLO":
+            return super().command(b"EHLO", line)
+        if verb in (b"EHLO", b"HELO", b"BDAT"):
+            return self.answer(Point.OTHER)  # RFC 2033 §4.1: LHLO only; no CHUNKING offered
+        if verb != b"DATA":
+            return super().command(verb, line)
+        transaction = self.transaction()
+        accepted = [address for address, code in transaction.recipients if _positive(code)]
+        if not accepted:
+            # RFC 2033 §4.2: DATA with no successful RCPT is answered 503.
+            self.send(b"503 5.5.1 no valid recipients\r\n")
+            transaction.data = 503
+            return 503
+        transaction.data = code = self.answer(Point.DATA)
+        if code != 354:
+            return code
+        transaction.content += self.read_content(_MAX_CONTENT)
+        self.record.commands += 1
+        self.current = None
+        extra = self.server.take_extra_finals()
+        for position, address in enumerate(accepted, 1):
+            transaction.finals.append((address, None))
+            if extra and position == len(accepted):
+                # In the same write as the last final reply, as a server answering all at
+                # once would: the client has them all when it has read that reply.
+                self.trailer = b"250 2.0.0 a reply nobody asked for\r\n" * extra
+            code = self.answer(Point.DATA_END)
+            transaction.finals[-1] = (address, code)
+            if extra and position == len(accepted) and not self.trailer:
+                transaction.extras = extra
+            self.trailer = b""
+            if code == 421:
+                return code
+        return code
+
+    def send(self, data: bytes) -> None:
+        trailer, self.trailer = self.trailer, b""
+        super().send(data + trailer)
+
+
+def _positive(code: int | None) -> bool:
+    return code is not None and 200 <= code < 300
+
+
 class HostileServer(ThreadedServer[ConnectionRecord]):
     """An SMTP server on 127.0.0.1 that misbehaves as a :class:`Plan` says (see the module
     docstring).
@@ -482,6 +548,8 @@ class HostileServer(ThreadedServer[ConnectionRecord]):
         endless_limit: the most octets an endless reply sends.
         timeout, session_limit: the socket wait and connection time limits, in seconds (see
             :class:`tests.peers.threaded.ThreadedServer`).
+        host, port: where to listen (any loopback address; port 0: the kernel picks).
+        lmtp: speak LMTP (RFC 2033): see :class:`_LMTPPeer`.
     """
 
     name = "hostile"
@@ -497,13 +565,34 @@ class HostileServer(ThreadedServer[ConnectionRecord]):
         endless_limit: int = 32 * 1024 * 1024,
         timeout: float = 10.0,
         session_limit: float = 30.0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        lmtp: bool = False,
     ) -> None:
         self.plan = plan
+        self.lmtp = lmtp
+        self._extra_finals = plan.extra_finals
         self.silence_limit = silence_limit
         self.linger_limit = linger_limit
         self.endless_limit = endless_limit
         self._counters: dict[Point, int] = {}
         super().__init__(timeout=timeout, session_limit=session_limit)
+        if (host, port) != (self.host, 0):
+            # Another loopback address (an MX test's second exchanger) or a given port
+            # (every exchanger of an MX test listens on one port).
+            self._listener.close()
+            self.host = host
+            self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._listener.bind((host, port))
+            self._listener.listen(self.backlog)
+            self._listener.settimeout(0.05)
+            self.port = self._listener.getsockname()[1]
+
+    def take_extra_finals(self) -> int:
+        """How many unasked-for replies to send now (the plan's, once; thread-safe)."""
+        with self._lock:
+            extra, self._extra_finals = self._extra_finals, 0
+        return extra
 
     def next_behaviour(self, point: Point) -> Behaviour:
         """The behaviour for the next occurrence of ``point`` (thread-safe)."""
@@ -533,4 +622,4 @@ class HostileServer(ThreadedServer[ConnectionRecord]):
 
     def new_peer(self, sock: socket.socket, record: ConnectionRecord) -> LinePeer:
         """The peer that answers the connection as the plan says."""
-        return _Peer(sock, record, self)
+        return _LMTPPeer(sock, record, self) if self.lmtp else _Peer(sock, record, self)
