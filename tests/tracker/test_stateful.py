@@ -1,9 +1,12 @@
 """The delivery tracker as a state machine: random operation sequences, every store in step.
 
 A Hypothesis :class:`~hypothesis.stateful.RuleBasedStateMachine` drives the same
-operations, in lock-step, on a :class:`DeliveryTracker` over :class:`MemoryStore` and one
-over :class:`SQLiteStore` (a temporary file), each with its own :class:`MemoryTransport`
-scripted identically, the same fake clock and the same seeded random. The operations:
+operations, in lock-step, on a :class:`DeliveryTracker` over :class:`MemoryStore`, one
+over :class:`SQLiteStore` (a temporary file) and an :class:`AsyncDeliveryTracker` over
+:class:`MemoryStore` (each call run with ``asyncio.run``; ``arun_pending`` with one chunk
+in flight, so that it sends what the sync runner sends in the same order), each with its
+own :class:`MemoryTransport` scripted identically, the same fake clock and the same
+seeded random. The operations:
 submissions (one message or a batch, 1-4 recipients over three domains, some shared
 between messages, with or without a null sender and per-recipient NOTIFY), scripting
 the transport (per recipient: accept, 4xx, 5xx; per attempt: a transient or permanent
@@ -39,6 +42,7 @@ What must hold after every step (besides equal records in both stores):
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import random
@@ -69,6 +73,7 @@ from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import AuthenticationError, ConnectError, DeliveryError, NoRoute
 from mailrelay.message import Message
 from mailrelay.reply import Reply
+from mailrelay.tracker.async_engine import AsyncDeliveryTracker
 from mailrelay.tracker.dsn import DSNAction, DSNRecipient
 from mailrelay.tracker.dsn_build import build_dsn
 from mailrelay.tracker.engine import DeliveryTracker
@@ -92,6 +97,8 @@ LEASE = dt.timedelta(minutes=10)
 POLICY = RetryPolicy()
 MAX_AGE = dt.timedelta(seconds=POLICY.max_age)
 MAX_MESSAGES = 10
+#: The participants: sync trackers over each store, and the async one over MemoryStore.
+SIDES = ("memory", "sqlite", "async")
 #: Per-domain shaping: none, or limits that hold domains off within one run.
 LIMITS = (
     None,
@@ -100,6 +107,7 @@ LIMITS = (
     DomainLimits(max_concurrent=1),
 )
 
+STATUSES = {DSNAction.DELIVERED: "2.0.0", DSNAction.FAILED: "5.1.1", DSNAction.DELAYED: "4.4.1"}
 REPLIES = {
     "accept": Reply.of(250, "2.0.0 Ok"),
     "mailbox-full": Reply.of(452, "4.2.2 Mailbox full"),
@@ -146,7 +154,7 @@ class Side:
 
     name: str
     store: Store
-    tracker: DeliveryTracker
+    tracker: DeliveryTracker | AsyncDeliveryTracker
     transport: MemoryTransport
     dsn_transport: MemoryTransport
     path: Path | None = None
@@ -164,6 +172,15 @@ class Side:
     report_answers: deque[str] = attrs.Factory(deque)
     #: The events fired, as (kind, tracking id, recipient record).
     events: list[tuple[EventKind, str, object]] = attrs.Factory(list)
+
+    def call(self, name: str, *args: Any) -> Any:
+        """The tracker's ``name`` method; for the async tracker its ``a`` twin, run to
+        its end (``arun_pending`` one chunk at a time, as the sync runner sends)."""
+        tracker = self.tracker
+        if isinstance(tracker, AsyncDeliveryTracker):
+            options = {"concurrency": 1} if name == "run_pending" else {}
+            return asyncio.run(getattr(tracker, f"a{name}")(*args, **options))
+        return getattr(tracker, name)(*args)
 
 
 def _normal(record: MessageRecord) -> MessageRecord:
@@ -216,8 +233,9 @@ class TrackerMachine(RuleBasedStateMachine):
         finally:
             self.ids.current = ""
 
-    def _tracker(self, side: Side, worker: str) -> DeliveryTracker:
-        tracker = DeliveryTracker(
+    def _tracker(self, side: Side, worker: str) -> DeliveryTracker | AsyncDeliveryTracker:
+        runner = AsyncDeliveryTracker if side.name == "async" else DeliveryTracker
+        tracker = runner(
             side.transport,
             side.store,
             dsn_transport=side.dsn_transport,
@@ -291,7 +309,7 @@ class TrackerMachine(RuleBasedStateMachine):
             "limits": limits,
             "seed": seed,
         }
-        self.sides = [self._side("memory"), self._side("sqlite")]
+        self.sides = [self._side(name) for name in SIDES]
 
     def _report_handler(self, side: Side) -> Any:
         def handler(message: Message, envelope: Envelope) -> dict[str, Reply]:
@@ -372,9 +390,9 @@ class TrackerMachine(RuleBasedStateMachine):
         for side in self.sides:
             with self.acting(side):
                 if len(items) == 1:
-                    got.append([side.tracker.submit(*items[0])])
+                    got.append([side.call("submit", *items[0])])
                 else:
-                    got.append(side.tracker.submit_many(items))
+                    got.append(side.call("submit_many", items))
         assert all(ids == got[0] for ids in got), got
         self.tracking.update(zip(labels, got[0], strict=True))
         return labels
@@ -434,7 +452,7 @@ class TrackerMachine(RuleBasedStateMachine):
             side.events.clear()
             with self.acting(side):
                 try:
-                    outcomes.append(("returned", side.tracker.run_pending()))
+                    outcomes.append(("returned", side.call("run_pending")))
                 except TransportBug as exc:
                     outcomes.append(("raised", str(exc)))
         assert all(o == outcomes[0] for o in outcomes), outcomes
@@ -481,14 +499,19 @@ class TrackerMachine(RuleBasedStateMachine):
         results = []
         for side in self.sides:
             with self.acting(side):
-                results.append(side.tracker.cancel(self.tracking[label]))
+                results.append(side.call("cancel", self.tracking[label]))
         assert all(r == results[0] for r in results), results
         before = self.before[label]
         expected = tuple(r.address for r in before.recipients if not r.state.is_final)
         assert results[0] == expected, (results[0], expected)
 
-    @rule(label=messages, index=st.integers(0, 3), success=st.booleans())
-    def ingest_dsn(self, label: str, index: int, success: bool) -> None:
+    @rule(
+        label=messages,
+        index=st.integers(0, 3),
+        action=st.sampled_from([DSNAction.DELIVERED, DSNAction.FAILED, DSNAction.DELAYED]),
+    )
+    def ingest_dsn(self, label: str, index: int, action: DSNAction) -> None:
+        success = action is DSNAction.DELIVERED
         addresses = self.addresses[label]
         address = addresses[index % len(addresses)]
         self.reports += 1
@@ -498,9 +521,9 @@ class TrackerMachine(RuleBasedStateMachine):
             recipients=[
                 DSNRecipient(
                     address=address,
-                    action=DSNAction.DELIVERED if success else DSNAction.FAILED,
-                    status="2.0.0" if success else "5.1.1",
-                    diagnostic=None if success else "smtp; 550 5.1.1 gone",
+                    action=action,
+                    status=STATUSES[action],
+                    diagnostic="smtp; 550 5.1.1 gone" if action is DSNAction.FAILED else None,
                     remote_mta="mx.downstream.example",
                 )
             ],
@@ -513,14 +536,22 @@ class TrackerMachine(RuleBasedStateMachine):
         for side in self.sides:
             side.events.clear()
             with self.acting(side):
-                matches.append(side.tracker.ingest_dsn(raw))
+                matches.append(side.call("ingest_dsn", raw))
         assert all(m == matches[0] for m in matches), matches
         assert all(s.events == self.sides[0].events for s in self.sides)
         match = matches[0]
         assert match.tracking_id == self.tracking[label], match
         # docs/tracker.md, Ingesting: success -> DELIVERED and confirmed, failure (after
-        # relay) -> BOUNCED, from any state but BOUNCED, EXPIRED and CANCELLED.
+        # relay) -> BOUNCED, from any state but BOUNCED, EXPIRED and CANCELLED; a delay
+        # is history only.
         before = self.before[label].recipient(address)
+        after = self.sides[0].tracker.status(self.tracking[label]).recipient(address)
+        assert after.attempts[-1].source == "dsn", after
+        assert len(after.attempts) == len(before.attempts) + 1, (before, after)
+        if action is DSNAction.DELAYED:
+            assert not match.changed, match
+            assert (after.state, after.confirmed) == (before.state, before.confirmed), after
+            return
         may_change = before.state not in (State.BOUNCED, State.EXPIRED, State.CANCELLED)
         if may_change:
             if success:
@@ -529,7 +560,6 @@ class TrackerMachine(RuleBasedStateMachine):
                 self.failed_by_dsn.add((label, address))
         # (A success DSN for a DELIVERED recipient changes it too: it confirms it.)
         assert bool(match.changed) == may_change, (before, match)
-        after = self.sides[0].tracker.status(self.tracking[label]).recipient(address)
         if may_change:
             assert after.state is (State.DELIVERED if success else State.BOUNCED), after
             assert after.confirmed is success, after
@@ -561,7 +591,7 @@ class TrackerMachine(RuleBasedStateMachine):
                     side.store = SQLiteStore(side.path)
                 side.tracker = self._tracker(side, worker)
                 if release:
-                    released.append(side.tracker.release_leases())
+                    released.append(side.call("release_leases"))
         assert all(c == claims[0] for c in claims), claims
         assert all(r == released[0] for r in released), released
         if release:
