@@ -52,7 +52,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from unittest import mock
 
 import attrs
@@ -121,6 +121,26 @@ class TransportBug(RuntimeError):
     """What the scripted transport raises for a "bug": not a DeliveryError."""
 
 
+class Killed(Exception):
+    """The process died: a :class:`MortalStore` write that never happens."""
+
+
+class MortalStore:
+    """A store whose process can die: once :attr:`dead`, every write raises
+    :class:`Killed` and changes nothing (the kill came before the commit)."""
+
+    WRITES = frozenset({"add", "add_many", "apply", "apply_many", "claim"})
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.dead = False
+
+    def __getattr__(self, name: str) -> Any:
+        if self.dead and name in self.WRITES:
+            raise Killed(name)
+        return getattr(self.inner, name)
+
+
 def _attempt_error(kind: str) -> DeliveryError:
     if kind == "transient":
         return ConnectError("connection refused", host="mx.test")
@@ -130,6 +150,18 @@ def _attempt_error(kind: str) -> DeliveryError:
 
 
 ATTEMPT_KINDS = ("transient", "permanent", "auth", "bug")
+
+
+def _countdown(side: Side) -> None:
+    """Count a transaction toward the kill scripted for ``side``: the kill comes once the
+    transport took it, before the tracker could record anything more."""
+    if side.kill_after is None:
+        return
+    side.kill_after -= 1
+    if side.kill_after <= 0:
+        side.kill_after = None
+        assert side.mortal is not None
+        side.mortal.dead = True
 
 
 def _yielding(handler: Any, side: Side) -> Any:
@@ -180,6 +212,10 @@ class Side:
     sent: list[tuple[str, tuple[str, ...]]] = attrs.Factory(list)
     #: The transactions whose attempt raised the bug.
     bugged: list[tuple[str, tuple[str, ...]]] = attrs.Factory(list)
+    #: The store as the tracker sees it (it can die).
+    mortal: MortalStore | None = None
+    #: Die once this many more transactions were sent (None: live on).
+    kill_after: int | None = None
     #: What the DSN transport answers to the next generated reports.
     report_answers: deque[str] = attrs.Factory(deque)
     #: The events fired, as (kind, tracking id, recipient record).
@@ -253,9 +289,10 @@ class TrackerMachine(RuleBasedStateMachine):
 
     def _tracker(self, side: Side, worker: str) -> DeliveryTracker | AsyncDeliveryTracker:
         runner = AsyncDeliveryTracker if side.name == "async" else DeliveryTracker
+        side.mortal = MortalStore(side.store)
         tracker = runner(
             side.transport,
-            side.store,
+            cast(Store, side.mortal),
             dsn_transport=side.dsn_transport,
             clock=self.clock,
             random=random.Random(self.options["seed"] + self.workers).random,
@@ -348,6 +385,7 @@ class TrackerMachine(RuleBasedStateMachine):
                 assert stored.state is State.SENDING, (side.name, stored)
                 assert stored.lease_owner == side.tracker.worker_id, (side.name, stored)
             side.sent.append(("report", tuple(str(r.address) for r in envelope.recipients)))
+            _countdown(side)
             kind = side.report_answers.popleft() if side.report_answers else "accept"
             if kind == "bug":
                 raise TransportBug("bug while sending a report")
@@ -371,6 +409,7 @@ class TrackerMachine(RuleBasedStateMachine):
                 assert stored.state is State.SENDING, (side.name, label, stored)
                 assert stored.lease_owner == side.tracker.worker_id, (side.name, label, stored)
             side.sent.append((label, addresses))
+            _countdown(side)
             planned = side.raises.get(label)
             if planned:
                 kind = planned.popleft()
@@ -457,6 +496,12 @@ class TrackerMachine(RuleBasedStateMachine):
         for side in self.sides:
             side.report_answers.extend(answers)
 
+    @rule(after=st.integers(1, 4))
+    def script_kill(self, after: int) -> None:
+        """The process dies after the transport takes this many more transactions."""
+        for side in self.sides:
+            side.kill_after = after
+
     @rule()
     def run_pending(self) -> None:
         self._run()
@@ -478,14 +523,29 @@ class TrackerMachine(RuleBasedStateMachine):
                     outcomes.append(("returned", side.call("run_pending")))
                 except TransportBug as exc:
                     outcomes.append(("raised", str(exc)))
+                except Killed:
+                    outcomes.append(("killed", None))
         assert all(o == outcomes[0] for o in outcomes), outcomes
         assert all(s.sent == self.sides[0].sent for s in self.sides), [s.sent for s in self.sides]
         assert all(s.events == self.sides[0].events for s in self.sides)
+        if outcomes[0][0] == "killed":
+            self._restart()
+            return
         for side in self.sides:
             if outcomes[0][0] == "returned":
                 self._check_nothing_due(side)
             else:
                 self._check_put_back(side)
+
+    def _restart(self) -> None:
+        """A killed tracker's process starts again: a new worker over the same store
+        (reopened), whose leases the dead one's are not."""
+        self.workers += 1
+        for side in self.sides:
+            if side.path is not None:
+                side.store.close()
+                side.store = SQLiteStore(side.path)
+            side.tracker = self._tracker(side, f"w{self.workers}")
 
     def _check_nothing_due(self, side: Side) -> None:
         due = side.tracker.next_due()
