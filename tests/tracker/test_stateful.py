@@ -154,7 +154,9 @@ ATTEMPT_KINDS = ("transient", "permanent", "auth", "bug")
 
 def _countdown(side: Side) -> None:
     """Count a transaction toward the kill scripted for ``side``: the kill comes once the
-    transport took it, before the tracker could record anything more."""
+    transport took it, before the tracker could record anything more. The transaction
+    took ``tick`` of the side's clock."""
+    side.now += side.tick
     if side.kill_after is None:
         return
     side.kill_after -= 1
@@ -212,6 +214,10 @@ class Side:
     sent: list[tuple[str, tuple[str, ...]]] = attrs.Factory(list)
     #: The transactions whose attempt raised the bug.
     bugged: list[tuple[str, tuple[str, ...]]] = attrs.Factory(list)
+    #: This tracker's clock: the machine's time, moved on by each transaction sent.
+    now: dt.datetime = T0
+    #: How long a transaction takes by that clock.
+    tick: dt.timedelta = dt.timedelta(0)
     #: The store as the tracker sees it (it can die).
     mortal: MortalStore | None = None
     #: Die once this many more transactions were sent (None: live on).
@@ -275,13 +281,12 @@ class TrackerMachine(RuleBasedStateMachine):
 
     # -- set-up -----------------------------------------------------------------------
 
-    def clock(self) -> dt.datetime:
-        return self.now
-
     @contextmanager
     def acting(self, side: Side) -> Iterator[Side]:
-        """Make ``side`` the one whose tracking ids are drawn."""
+        """Make ``side`` the one whose tracking ids are drawn, its clock at the machine's
+        time (each transaction it sends moves it on by the tick)."""
         self.ids.current = side.name
+        side.now = self.now
         try:
             yield side
         finally:
@@ -294,7 +299,7 @@ class TrackerMachine(RuleBasedStateMachine):
             side.transport,
             cast(Store, side.mortal),
             dsn_transport=side.dsn_transport,
-            clock=self.clock,
+            clock=lambda: side.now,
             random=random.Random(self.options["seed"] + self.workers).random,
             reporting_mta="relay.example.com",
             worker_id=worker,
@@ -344,6 +349,7 @@ class TrackerMachine(RuleBasedStateMachine):
         batch_size=st.sampled_from([1, 2, 100]),
         commit_batch=st.sampled_from([1, 3, 50]),
         limits=st.sampled_from(LIMITS),
+        tick_ms=st.sampled_from([0, 0, 300, 1500]),
         seed=st.integers(0, 2**16),
     )
     def setup(
@@ -354,6 +360,7 @@ class TrackerMachine(RuleBasedStateMachine):
         batch_size: int,
         commit_batch: int,
         limits: DomainLimits | None,
+        tick_ms: int,
         seed: int,
     ) -> None:
         self.options = {
@@ -367,6 +374,7 @@ class TrackerMachine(RuleBasedStateMachine):
         self.sides = [self._side(name) for name in self.SIDES]
         for side in self.sides:
             side.concurrency = self.CONCURRENCY
+            side.tick = dt.timedelta(milliseconds=tick_ms)
             if self.CONCURRENCY > 1:
                 side.transport.handler = _yielding(self._handler(side), side)
                 side.dsn_transport.handler = _yielding(self._report_handler(side), side)
@@ -528,6 +536,9 @@ class TrackerMachine(RuleBasedStateMachine):
         assert all(o == outcomes[0] for o in outcomes), outcomes
         assert all(s.sent == self.sides[0].sent for s in self.sides), [s.sent for s in self.sides]
         assert all(s.events == self.sides[0].events for s in self.sides)
+        ends = {side.now for side in self.sides}
+        assert len(ends) == 1, ends
+        self.now = ends.pop()
         if outcomes[0][0] == "killed":
             self._restart()
             return
