@@ -702,6 +702,7 @@ class TrackerMachine(RuleBasedStateMachine):
             return
         reference = self.sides[0]
         for side in self.sides:
+            side.now = self.now  # the trackers' clocks between steps
             everything = side.store.find()
             by_id = {record.id: record for record in everything}
             for state in State:
@@ -712,6 +713,13 @@ class TrackerMachine(RuleBasedStateMachine):
                 record = side.tracker.status(tracking_id)
                 assert by_id[tracking_id] == record
                 assert tuple(str(r.address) for r in record.recipients) == self.addresses[label]
+            # The queries the tracker offers agree with the records.
+            assert [r.id for r in side.tracker.find(limit=2)] == [r.id for r in everything[:2]]
+            day = dt.timedelta(days=1)
+            old = [r.id for r in side.tracker.find(older_than=day)]
+            assert old == [r.id for r in everything if r.created_at < self.now - day], old
+            due = [r.due_at for record in everything for r in record.recipients if r.due_at]
+            assert side.tracker.next_due() == min(due, default=None), side.name
             if side is not reference:
                 mine = [_normal(r) for r in everything]
                 theirs = [_normal(r) for r in reference.store.find()]
