@@ -99,11 +99,15 @@ from tests.transport.test_hostile_properties import (
     refused_before_sending,
 )
 
+#: ``HOSTILE_LMTP_MX_EXAMPLES=500`` explores longer (each test's example count).
+_EXPLORE = os.environ.get("HOSTILE_LMTP_MX_EXAMPLES")
 EXAMPLES = settings(
-    max_examples=int(os.environ.get("HOSTILE_LMTP_MX_EXAMPLES", "25")),
+    max_examples=int(_EXPLORE or 25),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+#: MX examples are cheaper (most plans fail fast at one exchanger and move on).
+MX_EXAMPLES = settings(EXAMPLES, max_examples=int(_EXPLORE or 40))
 
 
 def _positive(code: int | None) -> bool:
@@ -464,7 +468,6 @@ def zone(dns: HostileDNS, count: int) -> None:
     dns.add(DOMAIN, "MX", *mx_records([(10 * (n + 1), exchanger(n) + ".") for n in range(count)]))
     for n in range(count):
         dns.add(exchanger(n), "A", address_of(n))
-        dns.add(exchanger(n), "AAAA")  # NODATA: IPv4 only
 
 
 @attrs.frozen(kw_only=True)
@@ -620,7 +623,7 @@ def check_mx_item(servers: list[HostileServer | None], port: int, item: Item, re
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
-@EXAMPLES
+@MX_EXAMPLES
 @given(setup=mx_setups(), client=mx_clients, items=mx_items())
 def test_mx_failover_never_hangs_duplicates_or_lies(
     dns_server: HostileDNS,
@@ -726,3 +729,54 @@ def test_lmtp_a_connection_with_unasked_replies_is_not_reused(
     assert len(server.connections) == 2
     for item, result in zip(items, results, strict=True):
         check_lmtp_result(server, item, result)
+
+
+# -- examples: the MX checks themselves ------------------------------------------------------
+
+
+def run_mx(
+    dns: HostileDNS, setup: list[Plan | None], flavour: Flavour, items: list[Item]
+) -> tuple[int, list[HostileServer | None], list[DeliveryResult]]:
+    zone(dns, len(setup))
+    port, servers = start_exchangers(setup)
+    try:
+        client = MXClient(pipelining=True, reuse=True)
+        results = mx_send(flavour, client, dns, port, items)
+    finally:
+        for server in servers:
+            if server is not None:
+                server.stop()
+    return port, servers, results
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_mx_moves_on_after_a_421_greeting_and_stops_at_a_refused_rcpt(
+    dns_server: HostileDNS, flavour: Flavour
+) -> None:
+    # docs/mx.md: a 421 greeting moves on; a 5xx to RCPT is the recipient's final answer.
+    # Exchanger 1 says 421, exchanger 2 refuses carol and takes bob, exchanger 3 never
+    # hears of the message; and the checks fail on a result that names the wrong exchanger.
+    item = make_item(0, ("bob@mx.test", "carol@mx.test"), False, 0)
+    setup: list[Plan | None] = [
+        Plan(behaviours={Point.GREETING: (Behaviour(code=421),)}),
+        Plan(behaviours={Point.RCPT: (NORMAL, Behaviour(code=550))}, extensions=("PIPELINING",)),
+        Plan(),
+    ]
+    port, servers, (result,) = run_mx(dns_server, setup, flavour, [item])
+    assert [(r.outcome, r.reply and r.reply.code) for r in result.recipients] == [
+        (Outcome.ACCEPTED, 250),
+        (Outcome.PERMANENT, 550),
+    ]
+    assert result.host == f"{exchanger(1)}[{address_of(1)}]:{port}"
+    check_mx_item(servers, port, item, result)
+    assert servers[2] is not None
+    assert not servers[2].connections
+    forged = attrs.evolve(
+        result,
+        recipients=tuple(
+            attrs.evolve(r, host=f"{exchanger(2)}[{address_of(2)}]:{port}")
+            for r in result.recipients
+        ),
+    )
+    with pytest.raises(AssertionError):
+        check_mx_item(servers, port, item, forged)
