@@ -76,11 +76,19 @@ from mailrelay.reply import Reply
 from mailrelay.tracker.async_engine import AsyncDeliveryTracker
 from mailrelay.tracker.dsn import DSNAction, DSNRecipient
 from mailrelay.tracker.dsn_build import build_dsn
+from mailrelay.tracker.dsn_parse import parse_dsn
 from mailrelay.tracker.engine import DeliveryTracker
 from mailrelay.tracker.events import EventKind, TrackerEvent
 from mailrelay.tracker.retry import DomainLimits, RetryPolicy
 from mailrelay.tracker.sqlite_store import SQLiteStore
-from mailrelay.tracker.store import FINAL_STATES, MemoryStore, MessageRecord, State, Store
+from mailrelay.tracker.store import (
+    FINAL_STATES,
+    MemoryStore,
+    MessageRecord,
+    RecipientRecord,
+    State,
+    Store,
+)
 from mailrelay.transport.memory import MemoryTransport
 
 T0 = dt.datetime(2026, 3, 1, 8, 0, tzinfo=dt.UTC)
@@ -107,6 +115,8 @@ LIMITS = (
     DomainLimits(max_concurrent=1),
 )
 
+#: The NOTIFY values drawn that ask for failure reports.
+REPORTING = ("FAILURE", "SUCCESS,FAILURE,DELAY")
 STATUSES = {DSNAction.DELIVERED: "2.0.0", DSNAction.FAILED: "5.1.1", DSNAction.DELAYED: "4.4.1"}
 REPLIES = {
     "accept": Reply.of(250, "2.0.0 Ok"),
@@ -272,6 +282,7 @@ class TrackerMachine(RuleBasedStateMachine):
         self.failed_by_dsn: set[tuple[str, str]] = set()  # this step's failure DSNs
         self.before: dict[str, MessageRecord] = {}  # the memory side's records, last step
         self.reports = 0
+        self.reported: dict[str, bool] = {}  # label -> whether its failures are reported
 
     def teardown(self) -> None:
         self._patch.stop()
@@ -452,6 +463,9 @@ class TrackerMachine(RuleBasedStateMachine):
             )
             assert message.message_id is not None
             self.labels[message.message_id] = label
+            # RFC 3461 §6.2, §4.1: failures are reported unless the sender is null or
+            # NOTIFY leaves FAILURE out.
+            self.reported[label] = not null_sender and notify in (None, *REPORTING)
             self.addresses[label] = tuple(recipients)
             self.contents[label] = message.as_bytes()
             items.append((message, envelope))
@@ -522,6 +536,9 @@ class TrackerMachine(RuleBasedStateMachine):
 
     def _run(self) -> None:
         outcomes: list[tuple[str, object]] = []
+        reports_before = {
+            side.name: {r.id for r in side.store.find() if r.notification} for side in self.sides
+        }
         for side in self.sides:
             side.sent.clear()
             side.bugged.clear()
@@ -543,6 +560,7 @@ class TrackerMachine(RuleBasedStateMachine):
             self._restart()
             return
         for side in self.sides:
+            self._check_reports(side, reports_before[side.name])
             if outcomes[0][0] == "returned":
                 self._check_nothing_due(side)
             else:
@@ -557,6 +575,32 @@ class TrackerMachine(RuleBasedStateMachine):
                 side.store.close()
                 side.store = SQLiteStore(side.path)
             side.tracker = self._tracker(side, f"w{self.workers}")
+
+    def _check_reports(self, side: Side, before: set[str]) -> None:
+        """The failure reports this run queued are exactly about the failures it recorded
+        that ask for one (docs/tracker.md, DSNs: Generating)."""
+        by_id = {i: label for label, i in self.tracking.items()}
+        failed = {
+            (by_id[tracking_id], str(recipient.address))
+            for kind, tracking_id, recipient in side.events
+            if kind in (EventKind.BOUNCED, EventKind.EXPIRED)
+            and isinstance(recipient, RecipientRecord)
+            and self.reported[by_id[tracking_id]]
+        }
+        reported = set()
+        for record in side.store.find():
+            if not record.notification or record.id in before:
+                continue
+            assert [str(r.address) for r in record.recipients] == [SENDER], record
+            report = parse_dsn(side.store.content(record.id))
+            assert report.original_message_id is not None, report
+            label = self.labels[report.original_message_id]
+            if self.options["request_dsn"]:
+                assert report.envid == self.tracking[label], report
+            for item in report.recipients:
+                assert item.action is DSNAction.FAILED, item
+                reported.add((label, item.address))
+        assert reported == failed, (side.name, reported, failed)
 
     def _check_nothing_due(self, side: Side) -> None:
         due = side.tracker.next_due()
