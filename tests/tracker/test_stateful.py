@@ -48,6 +48,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -167,6 +168,12 @@ def _countdown(side: Side) -> None:
     transport took it, before the tracker could record anything more. The transaction
     took ``tick`` of the side's clock."""
     side.now += side.tick
+    if side.stop_after is not None:
+        side.stop_after -= 1
+        if side.stop_after <= 0:
+            side.stop_after = None
+            assert side.stop is not None
+            side.stop.set()
     if side.kill_after is None:
         return
     side.kill_after -= 1
@@ -232,6 +239,10 @@ class Side:
     mortal: MortalStore | None = None
     #: Die once this many more transactions were sent (None: live on).
     kill_after: int | None = None
+    #: Ask the runner to stop once this many more transactions were sent (None: never).
+    stop_after: int | None = None
+    #: The stop flag of the current (or last) run.
+    stop: threading.Event | asyncio.Event | None = None
     #: What the DSN transport answers to the next generated reports.
     report_answers: deque[str] = attrs.Factory(deque)
     #: The events fired, as (kind, tracking id, recipient record).
@@ -245,9 +256,24 @@ class Side:
         its end (``arun_pending`` with :attr:`concurrency`)."""
         tracker = self.tracker
         if isinstance(tracker, AsyncDeliveryTracker):
-            options = {"concurrency": self.concurrency} if name == "run_pending" else {}
-            return asyncio.run(getattr(tracker, f"a{name}")(*args, **options))
+            if name == "run_pending":
+                return asyncio.run(self._arun(tracker))
+            return asyncio.run(getattr(tracker, f"a{name}")(*args))
+        if name == "run_pending":
+            flag = threading.Event()
+            self.stop = flag
+            return tracker.run_pending(stop=flag)
         return getattr(tracker, name)(*args)
+
+    async def _arun(self, tracker: AsyncDeliveryTracker) -> Any:
+        flag = asyncio.Event()  # made in the loop that runs
+        self.stop = flag
+        return await tracker.arun_pending(concurrency=self.concurrency, stop=flag)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the last run was asked to stop."""
+        return self.stop is not None and self.stop.is_set()
 
 
 def _normal(record: MessageRecord) -> MessageRecord:
@@ -524,6 +550,13 @@ class TrackerMachine(RuleBasedStateMachine):
         for side in self.sides:
             side.kill_after = after
 
+    @rule(after=st.integers(1, 4))
+    def script_stop(self, after: int) -> None:
+        """The runner is asked to stop after the transport takes this many more
+        transactions (as ``run_forever``'s flag, between chunks)."""
+        for side in self.sides:
+            side.stop_after = after
+
     @rule()
     def run_pending(self) -> None:
         self._run()
@@ -539,13 +572,15 @@ class TrackerMachine(RuleBasedStateMachine):
         reports_before = {
             side.name: {r.id for r in side.store.find() if r.notification} for side in self.sides
         }
+        leases_before = {side.name: self._leases(side) for side in self.sides}
         for side in self.sides:
             side.sent.clear()
             side.bugged.clear()
             side.events.clear()
             with self.acting(side):
                 try:
-                    outcomes.append(("returned", side.call("run_pending")))
+                    summary = side.call("run_pending")
+                    outcomes.append(("stopped" if side.stopped else "returned", summary))
                 except TransportBug as exc:
                     outcomes.append(("raised", str(exc)))
                 except Killed:
@@ -561,6 +596,9 @@ class TrackerMachine(RuleBasedStateMachine):
             return
         for side in self.sides:
             self._check_reports(side, reports_before[side.name])
+            self._check_no_lease_left(side, leases_before[side.name])
+            if outcomes[0][0] == "stopped":
+                continue
             if outcomes[0][0] == "returned":
                 self._check_nothing_due(side)
             else:
@@ -601,6 +639,25 @@ class TrackerMachine(RuleBasedStateMachine):
                 assert item.action is DSNAction.FAILED, item
                 reported.add((label, item.address))
         assert reported == failed, (side.name, reported, failed)
+
+    @staticmethod
+    def _leases(side: Side) -> set[tuple[str, str, object, object]]:
+        return {
+            (record.id, str(r.address), r.lease_owner, r.lease_until)
+            for record in side.store.find(state=State.SENDING)
+            for r in record.recipients
+            if r.state is State.SENDING
+        }
+
+    def _check_no_lease_left(
+        self, side: Side, before: set[tuple[str, str, object, object]]
+    ) -> None:
+        """However a run ends (but a kill), it leaves no lease of its own: what it claimed
+        and did not decide went back. (Leases from before it, of a crashed tracker with the
+        same worker id, not expired yet, may stay.)"""
+        worker = side.tracker.worker_id
+        for lease in self._leases(side) - before:
+            assert lease[2] != worker, (side.name, lease)
 
     def _check_nothing_due(self, side: Side) -> None:
         due = side.tracker.next_due()
