@@ -243,6 +243,12 @@ class Side:
     stop_after: int | None = None
     #: The stop flag of the current (or last) run.
     stop: threading.Event | asyncio.Event | None = None
+    #: Messages that callbacks cancel, one per event, during the next runs.
+    cancel_on_event: deque[str] = attrs.Factory(deque)
+    #: What those cancels returned.
+    callback_cancels: list[tuple[object, ...]] = attrs.Factory(list)
+    #: The messages callbacks cancelled during the current run.
+    cancelled_mid_run: set[str] = attrs.Factory(set)
     #: What the DSN transport answers to the next generated reports.
     report_answers: deque[str] = attrs.Factory(deque)
     #: The events fired, as (kind, tracking id, recipient record).
@@ -351,7 +357,7 @@ class TrackerMachine(RuleBasedStateMachine):
         def listen(event: TrackerEvent) -> None:
             # Fired after the commit: the store shows what the event says.
             assert event.tracking_id in self.tracking.values(), event  # none for reports
-            if event.recipient is not None:
+            if event.recipient is not None and event.tracking_id not in side.cancelled_mid_run:
                 stored = side.store.get(event.tracking_id)
                 assert stored is not None
                 now = stored.recipient(event.recipient.address)
@@ -360,6 +366,11 @@ class TrackerMachine(RuleBasedStateMachine):
                     event.recipient.attempts,
                 ), (side.name, event, now)
             side.events.append((event.kind, event.tracking_id, event.recipient))
+            if side.cancel_on_event and event.kind is not EventKind.DSN_RECEIVED:
+                # An application that cancels a message from a callback, mid-run.
+                tracking_id = self.tracking[side.cancel_on_event.popleft()]
+                side.cancelled_mid_run.add(tracking_id)
+                side.callback_cancels.append(side.tracker.cancel(tracking_id))
 
         return listen
 
@@ -450,7 +461,11 @@ class TrackerMachine(RuleBasedStateMachine):
             assert len(set(addresses)) == len(addresses), f"{label}: sent twice in {addresses}"
             for recipient in envelope.recipients:
                 stored = record.recipient(recipient.address)
-                # Only what this worker has claimed is sent: never a resolved recipient.
+                # Only what this worker has claimed is sent: never a resolved recipient
+                # (but one that a callback cancelled after the claim: docs/tracker.md,
+                # Queries, cancel).
+                if record.id in side.cancelled_mid_run and stored.state is State.CANCELLED:
+                    continue
                 assert stored.state is State.SENDING, (side.name, label, stored)
                 assert stored.lease_owner == side.tracker.worker_id, (side.name, label, stored)
             side.sent.append((label, addresses))
@@ -550,6 +565,12 @@ class TrackerMachine(RuleBasedStateMachine):
         for side in self.sides:
             side.kill_after = after
 
+    @rule(label=messages)
+    def cancel_from_callback(self, label: str) -> None:
+        """The next event a run fires has its callback cancel ``label``."""
+        for side in self.sides:
+            side.cancel_on_event.append(label)
+
     @rule(after=st.integers(1, 4))
     def script_stop(self, after: int) -> None:
         """The runner is asked to stop after the transport takes this many more
@@ -577,6 +598,8 @@ class TrackerMachine(RuleBasedStateMachine):
             side.sent.clear()
             side.bugged.clear()
             side.events.clear()
+            side.cancelled_mid_run.clear()
+            side.callback_cancels.clear()
             with self.acting(side):
                 try:
                     summary = side.call("run_pending")
@@ -588,6 +611,7 @@ class TrackerMachine(RuleBasedStateMachine):
         assert all(o == outcomes[0] for o in outcomes), outcomes
         assert all(s.sent == self.sides[0].sent for s in self.sides), [s.sent for s in self.sides]
         assert all(s.events == self.sides[0].events for s in self.sides)
+        assert all(s.callback_cancels == self.sides[0].callback_cancels for s in self.sides)
         ends = {side.now for side in self.sides}
         assert len(ends) == 1, ends
         self.now = ends.pop()
