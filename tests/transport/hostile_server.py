@@ -490,6 +490,7 @@ class _LMTPPeer(_Peer):
     last final reply of the first transaction that gets that far."""
 
     trailer = b""
+    trailed = False
 
     def command(self, verb: bytes, line: bytes) -> int | None:
         if verb == b"LHLO":
@@ -520,16 +521,20 @@ class _LMTPPeer(_Peer):
                 self.trailer = b"250 2.0.0 a reply nobody asked for\r\n" * extra
             code = self.answer(Point.DATA_END)
             transaction.finals[-1] = (address, code)
-            if extra and position == len(accepted) and not self.trailer:
+            if self.trailed:
                 transaction.extras = extra
-            self.trailer = b""
+            self.trailer, self.trailed = b"", False
             if code == 421:
                 return code
         return code
 
     def send(self, data: bytes) -> None:
         trailer, self.trailer = self.trailer, b""
-        super().send(data + trailer)
+        # Only after a whole reply (not glued to a reply without its line end).
+        if trailer and data.endswith(b"\r\n"):
+            data += trailer
+            self.trailed = True
+        super().send(data)
 
 
 def _positive(code: int | None) -> bool:
@@ -583,7 +588,11 @@ class HostileServer(ThreadedServer[ConnectionRecord]):
             self._listener.close()
             self.host = host
             self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self._listener.bind((host, port))
+            try:
+                self._listener.bind((host, port))
+            except OSError:
+                self._listener.close()  # the caller may try another port
+                raise
             self._listener.listen(self.backlog)
             self._listener.settimeout(0.05)
             self.port = self._listener.getsockname()[1]
