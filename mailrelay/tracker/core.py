@@ -95,6 +95,8 @@ _EVENT_KINDS = {
 }
 # The states a failure DSN reports.
 _FAILED = frozenset({State.BOUNCED, State.EXPIRED})
+# The most cancelled messages a tracker remembers (see TrackerCore.cancel).
+_CANCELLED_LIMIT = 4096
 
 
 @attrs.frozen(kw_only=True)
@@ -330,6 +332,10 @@ class TrackerCore(Generic[T]):
         # of after ``idle`` seconds. Work stored by other processes is still noticed by
         # polling (``idle``).
         self._submitted = threading.Event()
+        # The messages cancelled through this tracker (see cancel): a transaction of a
+        # claimed batch whose message was cancelled after the claim is not sent. (Cancels
+        # by other processes are seen only through the store, at the next claim.)
+        self._cancelled: set[str] = set()
 
     # -- the public, storage-only operations ---------------------------------------
 
@@ -413,6 +419,8 @@ class TrackerCore(Generic[T]):
 
         A recipient being sent right now is marked CANCELLED too, but its
         attempt may still deliver (its result is then kept in the history only).
+        A batch this tracker's runner claimed and has not sent yet leaves the
+        message out; through another tracker or process, only later claims see it.
 
         Returns:
             The recipients cancelled.
@@ -426,7 +434,15 @@ class TrackerCore(Generic[T]):
             for r in record.recipients
             if not r.state.is_final
         ]
-        return self.store.apply(tracking_id, changes)
+        cancelled = self.store.apply(tracking_id, changes)
+        if cancelled:
+            # Committed: a batch this tracker's runner claimed before may hold the message,
+            # not sent yet; the runner now leaves it out (see _take_chunk). Every
+            # unresolved recipient is cancelled, so no later claim can hold it again.
+            if len(self._cancelled) >= _CANCELLED_LIMIT:
+                self._cancelled.clear()  # forgetting only lets a claimed copy go out
+            self._cancelled.add(tracking_id)
+        return cancelled
 
     def release_leases(self) -> int:
         """Make every recipient leased to this tracker's ``worker_id`` due again at once;
@@ -599,10 +615,15 @@ class TrackerCore(Generic[T]):
         held: set[str] = set()  # the domains this chunk holds a slot for
         postponed = 0
         now = self.clock()
+        cancelled = self._cancelled
         while queue and len(chunk) < limit:
             if chunk and queue[0][0].record.notification != chunk[0][0].record.notification:
                 break
             work, group = queue.popleft()
+            if cancelled and work.claim.tracking_id in cancelled:
+                # Cancelled through this tracker since the claim (its recipients are
+                # CANCELLED in the store already): nothing to send or record.
+                continue
             if group.key in held:
                 # A domain already in this chunk does not pace (the chunk would have ended
                 # at its first transaction), so it needs no second look at the shaper.
