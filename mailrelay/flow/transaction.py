@@ -301,8 +301,19 @@ class _Delivery(_Opening):
             return False
         if data_reply.code != 354:
             if data_reply.is_positive:
-                # Not a go-ahead, whatever its code says: the message was not sent.
+                # Not a go-ahead, whatever its code says: the message was not sent. And no
+                # answer DATA may get (RFC 5321 §4.3.2: 354, or a refusal): replies and
+                # commands no longer match (a server that answered something twice, say),
+                # so every later reply would answer the wrong command. End the session;
+                # messages without an answer can go again on a fresh connection.
                 transaction.unfinished(data_reply, "the server answered DATA without 354")
+                yield from self._closed()
+                raise ServerProtocolError(
+                    f"the server answered DATA with {data_reply} (RFC 5321 §4.3.2: 354 or "
+                    "a refusal); its replies no longer match the commands",
+                    reply=data_reply,
+                    host=self.config.peer,
+                )
             else:
                 transaction.settle_all(data_reply)
             return False

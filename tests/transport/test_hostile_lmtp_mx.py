@@ -782,3 +782,32 @@ def test_mx_moves_on_after_a_421_greeting_and_stops_at_a_refused_rcpt(
     )
     with pytest.raises(AssertionError):
         check_mx_item(servers, port, item, forged)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_lmtp_a_2xx_to_data_ends_the_session(flavour: Flavour) -> None:
+    # A pipelined batch: message 0's final reply comes with two replies nobody asked for,
+    # and message 1's MAIL, RCPT and DATA are already on their way, so those replies answer
+    # them, and DATA gets MAIL's 250. The client took that 2xx as "not sent" and went on,
+    # every reply now answering the command before: message 2's RCPT got the 500 the server
+    # gave message 1's DATA, and message 2 was bounced although nobody refused it. A 2xx to
+    # DATA (RFC 5321 §4.3.2: 354 or a refusal) now ends the session; the messages without
+    # an answer go again on a fresh connection.
+    items = [make_item(n, ("bob@example.com",), False, 0) for n in range(3)]
+    plan = Plan(
+        behaviours={Point.DATA: (NORMAL, Behaviour(code=500))},
+        extensions=("PIPELINING",),
+        extra_finals=2,
+    )
+    client = LMTPClient(
+        pipelining=True, pool=PoolSettings(size=1, max_messages=3, health_check_after=1e-9)
+    )
+    server, results = run_lmtp(
+        plan, client, items, lambda port: lmtp_send_batch(flavour, client, port, items), "none"
+    )
+    for item, result in zip(items, results, strict=True):
+        check_lmtp_result(server, item, result)
+    assert results[0].recipients[0].outcome is Outcome.ACCEPTED
+    assert results[1].recipients[0].outcome is Outcome.TRANSIENT
+    assert "without 354" in (results[1].recipients[0].reason or "")
+    assert results[2].recipients[0].outcome is not Outcome.PERMANENT
