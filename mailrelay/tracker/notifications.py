@@ -222,7 +222,7 @@ def ingest(
         if address is None:
             continue
         named.append(address)
-        changes.append(_dsn_change(item, address, now))
+        changes.append(_dsn_change(item, record.recipient(address), now))
     changed = set(store.apply(tracking_id, changes)) if changes else set()
     events = [TrackerEvent(kind=EventKind.DSN_RECEIVED, tracking_id=tracking_id, report=report)]
     after = _status(store, tracking_id)
@@ -302,7 +302,8 @@ def _match_recipient(record: MessageRecord, item: DSNRecipient) -> Address | Non
     return None
 
 
-def _dsn_change(item: DSNRecipient, address: Address, now: dt.datetime) -> Change:
+def _dsn_change(item: DSNRecipient, current: RecipientRecord, now: dt.datetime) -> Change:
+    address = current.address
     attempt = Attempt(
         at=now,
         host=item.remote_mta,
@@ -311,8 +312,11 @@ def _dsn_change(item: DSNRecipient, address: Address, now: dt.datetime) -> Chang
         text=f"DSN {item.action.value}" + (f": {item.diagnostic}" if item.diagnostic else ""),
         source="dsn",
     )
-    if item.action is DSNAction.DELIVERED:
-        # A success DSN from the destination: delivered and confirmed.
+    confirmed_already = current.state is State.DELIVERED and current.confirmed
+    if item.action is DSNAction.DELIVERED and not confirmed_already:
+        # A success DSN from the destination: delivered and confirmed. (Once confirmed,
+        # another one, such as a report sent twice, changes nothing: history only, as a
+        # second failure DSN for a BOUNCED recipient.)
         return Change(
             address=address,
             state=State.DELIVERED,
@@ -329,5 +333,6 @@ def _dsn_change(item: DSNRecipient, address: Address, now: dt.datetime) -> Chang
             confirmed=False,
             expect=frozenset({State.DELIVERED, State.DEFERRED, State.QUEUED, State.SENDING}),
         )
-    # Delayed, relayed, expanded: history only (no state expects it).
+    # Delayed, relayed, expanded, or a confirmation repeated: history only (no state
+    # expects it).
     return Change(address=address, state=State.DELIVERED, attempt=attempt, expect=frozenset())

@@ -779,8 +779,8 @@ class TrackerMachine(RuleBasedStateMachine):
         match = matches[0]
         assert match.tracking_id == self.tracking[label], match
         # docs/tracker.md, Ingesting: success -> DELIVERED and confirmed, failure (after
-        # relay) -> BOUNCED, from any state but BOUNCED, EXPIRED and CANCELLED; a delay
-        # is history only.
+        # relay) -> BOUNCED, from any state but BOUNCED, EXPIRED and CANCELLED; a delay,
+        # or a success for a recipient confirmed already, is history only.
         before = self.before[label].recipient(address)
         after = self.sides[0].tracker.status(self.tracking[label]).recipient(address)
         assert after.attempts[-1].source == "dsn", after
@@ -789,7 +789,9 @@ class TrackerMachine(RuleBasedStateMachine):
             assert not match.changed, match
             assert (after.state, after.confirmed) == (before.state, before.confirmed), after
             return
-        may_change = before.state not in (State.BOUNCED, State.EXPIRED, State.CANCELLED)
+        may_change = before.state not in (State.BOUNCED, State.EXPIRED, State.CANCELLED) and not (
+            success and before.state is State.DELIVERED and before.confirmed
+        )
         if may_change:
             if success:
                 self.confirmed_by_dsn.add((label, address))
@@ -801,7 +803,8 @@ class TrackerMachine(RuleBasedStateMachine):
             assert after.state is (State.DELIVERED if success else State.BOUNCED), after
             assert after.confirmed is success, after
         else:
-            assert after.state is before.state, (before, after)
+            assert (after.state, after.confirmed) == (before.state, before.confirmed), after
+            assert [e[0] for e in self.sides[0].events] == [EventKind.DSN_RECEIVED]
 
     @rule(
         claimed=st.integers(0, 3),
@@ -952,6 +955,41 @@ def test_a_message_cancelled_after_its_claim_is_not_sent(
     assert len(transport.outbox) == 1
     assert [(r.state, r.attempts) for r in record.recipients] == [(State.CANCELLED, ())]
     assert summary.delivered == 1
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_repeated_success_dsn_changes_nothing(kind: str, tmp_path: Path) -> None:
+    """Found by the state machine: the same success DSN ingested twice reported the
+    recipient as changed again and fired a second ``delivered`` event, though it was
+    DELIVERED and confirmed already. A repeat is history only, as a second failure DSN
+    for a BOUNCED recipient is."""
+    store: Store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "t.db")
+    tracker = DeliveryTracker(MemoryTransport(), store, clock=lambda: T0, request_dsn=True)
+    seen: list[EventKind] = []
+    for event_kind in EventKind:
+        tracker.on(event_kind, lambda event: seen.append(event.kind))
+    content = Message.build(sender=SENDER, to=["a@example.org"], subject="s", text="hi\n")
+    tracking_id = tracker.submit(content)
+    tracker.run_pending()
+    raw = build_dsn(
+        original=content.as_bytes(),
+        envelope_sender=SENDER,
+        recipients=[DSNRecipient(address="a@example.org", action=DSNAction.DELIVERED)],
+        reporting_mta="mx.downstream.example",
+        envid=tracking_id,
+        date=T0,
+        message_id="report@downstream.example",
+    )
+    first = tracker.ingest_dsn(raw)
+    seen.clear()
+    again = tracker.ingest_dsn(raw)
+    (recipient,) = tracker.status(tracking_id).recipients
+    assert [str(a) for a in first.changed] == ["a@example.org"]
+    assert (again.recipients, again.changed) == (first.recipients, ())
+    assert seen == [EventKind.DSN_RECEIVED]
+    assert (recipient.state, recipient.confirmed) == (State.DELIVERED, True)
+    assert [a.source for a in recipient.attempts] == ["reply", "dsn", "dsn"]
     store.close()
 
 
