@@ -87,6 +87,7 @@ from tests.transport.test_hostile_properties import (
     TIMEOUTS,
     Flavour,
     Item,
+    _positive,
     accepts,
     answered_on,
     batches,
@@ -97,6 +98,8 @@ from tests.transport.test_hostile_properties import (
     one_in,
     plans,
     refused_before_sending,
+    send_batch,
+    send_each,
 )
 
 #: ``HOSTILE_LMTP_MX_EXAMPLES=500`` explores longer (each test's example count).
@@ -108,10 +111,6 @@ EXAMPLES = settings(
 )
 #: MX examples are cheaper (most plans fail fast at one exchanger and move on).
 MX_EXAMPLES = settings(EXAMPLES, max_examples=int(_EXPLORE or 40))
-
-
-def _positive(code: int | None) -> bool:
-    return code is not None and 200 <= code < 300
 
 
 def _klass(code: int) -> Outcome:
@@ -207,42 +206,6 @@ lmtp_clients = st.builds(
         health_check_after=st.sampled_from([1e-9, 86400.0]),
     ),
 )
-
-
-def lmtp_send_each(flavour: Flavour, client: LMTPClient, port: int, items: list[Item]) -> Any:
-    outcomes: list[Any] = []
-    if flavour == "sync":
-        with client.transport(flavour, port) as transport:
-            for item in items:
-                try:
-                    outcomes.append(transport.send(item.message, item.envelope))
-                except DeliveryError as exc:
-                    outcomes.append(exc)
-        return outcomes
-
-    async def main() -> None:
-        async with client.transport(flavour, port) as transport:
-            for item in items:
-                try:
-                    outcomes.append(await transport.asend(item.message, item.envelope))
-                except DeliveryError as exc:
-                    outcomes.append(exc)
-
-    asyncio.run(main())
-    return outcomes
-
-
-def lmtp_send_batch(flavour: Flavour, client: LMTPClient, port: int, items: list[Item]) -> Any:
-    pairs = [(item.message, item.envelope) for item in items]
-    if flavour == "sync":
-        with client.transport(flavour, port) as transport:
-            return transport.send_many(pairs)
-
-    async def main() -> list[DeliveryResult]:
-        async with client.transport(flavour, port) as transport:
-            return list(await transport.asend_many(pairs))
-
-    return asyncio.run(main())
 
 
 def _mine(transaction: TransactionRecord, item: Item) -> bool:
@@ -364,7 +327,7 @@ def test_lmtp_send_never_hangs_loses_or_lies(
         plan,
         client,
         items,
-        lambda port: lmtp_send_each(flavour, client, port, items),
+        lambda port: send_each(flavour, client, port, items),
         "send may raise only a DeliveryError",
     )
     assert len(outcomes) == len(items)
@@ -382,7 +345,7 @@ def test_lmtp_send_many_never_hangs_loses_or_lies(
         plan,
         client,
         items,
-        lambda port: lmtp_send_batch(flavour, client, port, items),
+        lambda port: send_batch(flavour, client, port, items),
         "a batch of good items must not raise",
     )
     assert len(results) == len(items)
@@ -683,7 +646,7 @@ def test_lmtp_refused_mail_with_accepted_rcpts_reads_every_final(
     client = LMTPClient(
         pipelining=True, pool=PoolSettings(size=1, max_messages=2, health_check_after=1e-9)
     )
-    send = lmtp_send_batch if batch else lmtp_send_each
+    send = send_batch if batch else send_each
     server, results = run_lmtp(
         plan, client, items, lambda port: send(flavour, client, port, items), "no error"
     )
@@ -722,7 +685,7 @@ def test_lmtp_a_connection_with_unasked_replies_is_not_reused(
         pool=PoolSettings(size=1, max_messages=4, health_check_after=health_check_after),
     )
     server, results = run_lmtp(
-        plan, client, items, lambda port: lmtp_send_each(flavour, client, port, items), "none"
+        plan, client, items, lambda port: send_each(flavour, client, port, items), "none"
     )
     assert [[r.outcome for r in result.recipients] for result in results] == [
         [Outcome.ACCEPTED],
@@ -803,7 +766,7 @@ def test_lmtp_a_2xx_to_data_ends_the_session(flavour: Flavour) -> None:
         pipelining=True, pool=PoolSettings(size=1, max_messages=3, health_check_after=1e-9)
     )
     server, results = run_lmtp(
-        plan, client, items, lambda port: lmtp_send_batch(flavour, client, port, items), "none"
+        plan, client, items, lambda port: send_batch(flavour, client, port, items), "none"
     )
     for item, result in zip(items, results, strict=True):
         check_lmtp_result(server, item, result)

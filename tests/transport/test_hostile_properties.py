@@ -46,7 +46,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import attrs
 import pytest
@@ -245,6 +245,9 @@ def plans(draw: st.DrawFn) -> Plan:
     return Plan(behaviours=planned, extensions=tuple(offered))
 
 
+Flavour = Literal["sync", "async"]
+
+
 @attrs.frozen(kw_only=True)
 class Client:
     """The transport's settings for one example."""
@@ -253,16 +256,18 @@ class Client:
     chunking: bool
     pool: PoolSettings
 
-    def kwargs(self, port: int) -> dict[str, Any]:
-        return {
-            "host": "127.0.0.1",
-            "port": port,
-            "tls": TLS.NONE,
-            "timeouts": TIMEOUTS,
-            "pipelining": self.pipelining,
-            "chunking": self.chunking,
-            "pool": self.pool,
-        }
+    def transport(self, flavour: Flavour, port: int) -> Any:
+        """A new ``SMTPTransport`` (sync) or ``AsyncSMTPTransport`` with these settings."""
+        cls = SMTPTransport if flavour == "sync" else AsyncSMTPTransport
+        return cls(
+            "127.0.0.1",
+            port,
+            tls=TLS.NONE,
+            timeouts=TIMEOUTS,
+            pipelining=self.pipelining,
+            chunking=self.chunking,
+            pool=self.pool,
+        )
 
 
 clients = st.builds(
@@ -315,15 +320,18 @@ def call_bounded(server: HostileServer, call: Callable[[], Any]) -> CallRecord:
     return outcome
 
 
-Flavour = Literal["sync", "async"]
+class MakesTransports(Protocol):
+    """A client's settings: makes the transport of a flavour (SMTP here, LMTP elsewhere)."""
+
+    def transport(self, flavour: Flavour, port: int) -> Any: ...
 
 
-def send_each(flavour: Flavour, client: Client, port: int, items: list[Item]) -> list[Any]:
+def send_each(flavour: Flavour, client: MakesTransports, port: int, items: list[Item]) -> list[Any]:
     """``send`` / ``asend`` each item in turn on one transport: per item, its result or the
     ``DeliveryError`` it raised (anything else propagates)."""
     outcomes: list[Any] = []
     if flavour == "sync":
-        with SMTPTransport(**client.kwargs(port)) as transport:
+        with client.transport(flavour, port) as transport:
             for item in items:
                 try:
                     outcomes.append(transport.send(item.message, item.envelope))
@@ -332,7 +340,7 @@ def send_each(flavour: Flavour, client: Client, port: int, items: list[Item]) ->
         return outcomes
 
     async def main() -> None:
-        async with AsyncSMTPTransport(**client.kwargs(port)) as transport:
+        async with client.transport(flavour, port) as transport:
             for item in items:
                 try:
                     outcomes.append(await transport.asend(item.message, item.envelope))
@@ -343,16 +351,16 @@ def send_each(flavour: Flavour, client: Client, port: int, items: list[Item]) ->
     return outcomes
 
 
-def send_batch(flavour: Flavour, client: Client, port: int, items: list[Item]) -> Any:
+def send_batch(flavour: Flavour, client: MakesTransports, port: int, items: list[Item]) -> Any:
     """``send_many`` / ``asend_many`` of the items' pairs on a fresh transport."""
     pairs = [(item.message, item.envelope) for item in items]
     if flavour == "sync":
-        with SMTPTransport(**client.kwargs(port)) as transport:
+        with client.transport(flavour, port) as transport:
             return transport.send_many(pairs)
 
     async def main() -> list[DeliveryResult]:
-        async with AsyncSMTPTransport(**client.kwargs(port)) as transport:
-            return await transport.asend_many(pairs)
+        async with client.transport(flavour, port) as transport:
+            return list(await transport.asend_many(pairs))
 
     return asyncio.run(main())
 
