@@ -55,7 +55,7 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -85,6 +85,7 @@ from tests.transport.test_hostile_properties import (
     SLACK,
     TIMEOUT,
     TIMEOUTS,
+    CallRecord,
     Flavour,
     Item,
     _positive,
@@ -585,31 +586,29 @@ def check_mx_item(servers: list[HostileServer | None], port: int, item: Item, re
         )
 
 
-@pytest.mark.parametrize("flavour", ["sync", "async"])
-@MX_EXAMPLES
-@given(setup=mx_setups(), client=mx_clients, items=mx_items())
-def test_mx_failover_never_hangs_duplicates_or_lies(
-    dns_server: HostileDNS,
-    flavour: Flavour,
-    setup: list[Plan | None],
-    client: MXClient,
-    items: list[Item],
-) -> None:
-    zone(dns_server, len(setup))
+def call_exchangers(
+    dns: HostileDNS, setup: list[Plan | None], call: Callable[[int], Any], rounds: int
+) -> tuple[CallRecord, int, list[HostileServer | None]]:
+    """Serve ``setup``'s exchangers behind ``dns``, run ``call(port)`` under the hang guard
+    and stop them; fails unless the call returned (no exception) within the bound its
+    servers' connections and commands allow (each exchanger tried ``rounds`` times at most),
+    every endless reply was cut and no server thread failed. Returns what the call did,
+    the exchangers' port and their servers (``None``: down)."""
+    zone(dns, len(setup))
     port, servers = start_exchangers(setup)
     up = [s for s in servers if s is not None]
     # The hang guard stops a server to wake the client; with every exchanger down, a
     # stand-in (started, so that stopping it is clean).
     guard = up[0] if up else HostileServer(Plan()).start()
     try:
-        outcome = call_bounded(guard, lambda: mx_send(flavour, client, dns_server, port, items))
+        outcome = call_bounded(guard, lambda: call(port))
         if outcome.error is not None:
-            raise AssertionError(f"MX send raised {outcome.error!r}") from outcome.error
+            raise AssertionError(f"the call raised {outcome.error!r}") from outcome.error
         for server in up:
             server.wait_idle(timeout=10.0)
         connections = sum(len(s.connections) for s in up)
         commands = sum(c.commands for s in up for c in s.connections)
-        targets = len(servers) * len(items)
+        targets = len(servers) * rounds
         bound = TIMEOUT * (3 * connections + 2 * commands + 4 * targets + 4) + 4.0 + SLACK
         assert outcome.elapsed <= bound, (outcome.elapsed, bound, describe_all(servers))
         for server in up:
@@ -620,6 +619,25 @@ def test_mx_failover_never_hangs_duplicates_or_lies(
     finally:
         for server in {id(s): s for s in [*up, guard]}.values():
             server.stop()
+    return outcome, port, servers
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@MX_EXAMPLES
+@given(setup=mx_setups(), client=mx_clients, items=mx_items())
+def test_mx_failover_never_hangs_duplicates_or_lies(
+    dns_server: HostileDNS,
+    flavour: Flavour,
+    setup: list[Plan | None],
+    client: MXClient,
+    items: list[Item],
+) -> None:
+    outcome, port, servers = call_exchangers(
+        dns_server,
+        setup,
+        lambda port: mx_send(flavour, client, dns_server, port, items),
+        len(items),
+    )
     assert not dns_server.errors
     for item, result in zip(items, outcome.value, strict=True):
         check_mx_item(servers, port, item, result)
