@@ -376,6 +376,14 @@ class AsyncDriver:
         """How many bytes the server has sent (0 means not even a greeting)."""
         return self._pipe.bytes_received
 
+    def has_input(self) -> bool:
+        """Whether the server has sent something not read yet, or closed its side (or the
+        connection is gone). The event loop has already received whatever arrived, so this
+        only looks at the buffer. As for the blocking driver: on a connection between
+        exchanges, anything there is unsolicited."""
+        pipe = self._pipe
+        return self.closed or pipe.buffered > 0 or pipe.ended
+
     @property
     def local_address(self) -> str | None:
         """Our end's IP address (for EHLO), or ``None`` for a unix socket."""

@@ -259,6 +259,10 @@ class _AsyncSMTPBase(AsyncTransport):
             if verdict is IdleVerdict.DISCARD:
                 await connection.quit()
                 continue
+            if connection.driver.has_input():
+                self._policy.heard_while_idle()
+                connection.driver.close()
+                continue
             if verdict is IdleVerdict.CHECK:
                 try:
                     healthy = await connection.driver.run(connection.session.noop())

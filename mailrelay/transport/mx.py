@@ -287,7 +287,13 @@ class MXTransport(Transport):
             with self._lock:
                 connection, check, stale = self._pool.take(key, time.monotonic())
             quit_all(stale)
-            if connection is None or not check:
+            if connection is None:
+                return None
+            if connection.driver.has_input():
+                self._pool.policy.heard_while_idle()
+                connection.driver.close()
+                continue
+            if not check:
                 return connection
             try:
                 healthy = connection.driver.run(connection.session.noop())

@@ -292,7 +292,13 @@ class AsyncMXTransport(AsyncTransport):
         while True:
             connection, check, stale = self._pool.take(key, time.monotonic())
             await quit_all(stale, self._quit_timeout)
-            if connection is None or not check:
+            if connection is None:
+                return None
+            if connection.driver.has_input():
+                self._pool.policy.heard_while_idle()
+                connection.driver.close()
+                continue
+            if not check:
                 return connection
             try:
                 healthy = await connection.driver.run(connection.session.noop())

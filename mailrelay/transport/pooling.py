@@ -10,6 +10,11 @@ Rules of this module:
   transports (:mod:`mailrelay.transport.smtp`, :mod:`mailrelay.transport.async_smtp`, and
   for :class:`ExchangerPool` :mod:`mailrelay.transport.mx` / ``mx_async``) do the
   connecting, the NOOP, the QUIT and the locking, each in its own way.
+* A connection taken from the idle list is dropped when its server has sent anything, or
+  closed, since it was put there (the driver's ``has_input``, which does not wait): nothing
+  was owed, so whatever came is unsolicited, and the replies read after it would answer the
+  wrong commands. The transports ask this before any NOOP (which would read the stray reply
+  as its own).
 * Time comes in as an argument (``now``, from :func:`time.monotonic` in the transports), so
   every decision can be tested without waiting.
 * **Never lose a message to a stale connection** (lettre#743, nodemailer#511,
@@ -99,6 +104,8 @@ class _Driver(Protocol):
 
     @property
     def closed(self) -> bool: ...  # pragma: no cover - a protocol
+
+    def has_input(self) -> bool: ...  # pragma: no cover - a protocol
 
 
 D = TypeVar("D", bound=_Driver)
@@ -208,6 +215,14 @@ class PoolPolicy:
     def failed_check(self) -> None:
         """Note that an idle connection failed its NOOP (the caller closes it)."""
         self.logger.debug("idle connection to %s failed NOOP; reconnecting", self.peer)
+
+    def heard_while_idle(self) -> None:
+        """Note that the server sent something, or closed, while a connection was idle
+        (``has_input``; the caller closes it, without QUIT: its replies would be misread)."""
+        self.logger.debug(
+            "idle connection to %s: the server sent something unasked or closed; reconnecting",
+            self.peer,
+        )
 
     def keeps(self, connection: PooledConnection[D]) -> bool:
         """Whether a connection just used may go back to the idle list (it is open and

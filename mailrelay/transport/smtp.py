@@ -231,6 +231,10 @@ class _SMTPBase(Transport):
             if verdict is IdleVerdict.DISCARD:
                 connection.quit()
                 continue
+            if connection.driver.has_input():
+                self._policy.heard_while_idle()
+                connection.driver.close()
+                continue
             if verdict is IdleVerdict.CHECK:
                 try:
                     healthy = connection.driver.run(connection.session.noop())

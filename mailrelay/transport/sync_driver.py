@@ -247,6 +247,33 @@ class SyncDriver:
             raise closed_error(self.peer)
         return self._sock
 
+    def has_input(self) -> bool:
+        """Whether the server has sent something not read yet, or closed its side (or the
+        connection is gone), found without waiting.
+
+        For a connection between exchanges, where nothing is owed: anything there is
+        unsolicited (a late extra reply, a ``421`` announced while idle, an end of file),
+        so the connection cannot be trusted to pair the next replies with their commands.
+        Plain text is peeked at; over TLS a record may be only the protocol's own (a
+        session ticket), so application data is read, and counts only if there is some.
+        """
+        sock = self._sock
+        if sock is None:
+            return True
+        try:
+            if self._kernel_limits:
+                # A blocking socket: this one call does not wait, and leaves the bytes.
+                sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            elif not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                self._timeout = 0.0  # the next read or write sets its own limit again
+                sock.settimeout(0.0)
+                sock.recv_into(self._buffer, 1)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False  # nothing there (or a TLS record with no data for us)
+        except (OSError, ValueError):
+            return True  # reset, or a TLS end: gone
+        return True  # data, or b"" at end of file
+
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self, step: Generator[Request, bytes | None, T]) -> T:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from typing import Any, Literal, TypeVar
 
@@ -84,20 +85,36 @@ def send_many_with(
 
 
 def send_each_with(
-    flavour: Flavour, items: list[Message], *, lmtp: bool = False, **kwargs: Any
+    flavour: Flavour,
+    items: list[Message],
+    *,
+    lmtp: bool = False,
+    pause: float = 0.0,
+    **kwargs: Any,
 ) -> list[DeliveryResult]:
     """``send`` / ``asend`` once per message, in turn, on one fresh transport (so that the
-    pool checks a connection out for each message, unlike a pipelined ``send_many``)."""
+    pool checks a connection out for each message, unlike a pipelined ``send_many``),
+    waiting ``pause`` seconds between two sends (the connection idle in the pool)."""
     if flavour == "sync":
         cls: type[SMTPTransport | LMTPTransport] = LMTPTransport if lmtp else SMTPTransport
         with cls(**kwargs) as transport:
-            return [transport.send(message) for message in items]
+            results = []
+            for n, message in enumerate(items):
+                if n and pause:
+                    time.sleep(pause)
+                results.append(transport.send(message))
+            return results
 
     async def main() -> list[DeliveryResult]:
         acls: type[AsyncSMTPTransport | AsyncLMTPTransport] = (
             AsyncLMTPTransport if lmtp else AsyncSMTPTransport
         )
         async with acls(**kwargs) as transport:
-            return [await transport.asend(message) for message in items]
+            results = []
+            for n, message in enumerate(items):
+                if n and pause:
+                    await asyncio.sleep(pause)
+                results.append(await transport.asend(message))
+            return results
 
     return run(main())

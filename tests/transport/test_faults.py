@@ -409,6 +409,76 @@ def test_a_noop_health_check_finds_a_dead_idle_connection(
     assert b"Subject: two" not in bytes(server.session(0).received)
 
 
+@pytest.mark.parametrize(
+    "unasked",
+    [b"250 2.0.0 one reply too many\r\n", b"421 4.4.2 shutting down\r\n", b"garbage"],
+    ids=["extra-reply", "421", "garbage"],
+)
+@pytest.mark.parametrize("health_check_after", [86400.0, 1e-9], ids=["reuse", "noop-check"])
+def test_a_connection_the_server_spoke_on_while_idle_is_not_reused(
+    flavour: Flavour,
+    scripted_server: ScriptedServerFactory,
+    unasked: bytes,
+    health_check_after: float,
+) -> None:
+    # While the connection sits in the pool the server sends something nobody asked for,
+    # and keeps the connection open. Reused, every reply after it would answer the wrong
+    # command (the extra reply would be taken as MAIL's, or NOOP's): the transport must
+    # drop it without sending anything more, and send the message on a fresh one.
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                ehlo("PIPELINING"),
+                *accept_message(1),
+                Step(reply=unasked, delay=0.05),
+                *accept_message(1),
+                quit_step(),
+            ],
+            second_message_steps(),
+        ]
+    )
+    pool = PoolSettings(size=1, health_check_after=health_check_after)
+    messages = [make_message(to=("bob@example.com",), subject=s) for s in ("one", "two")]
+    results = send_each_with(flavour, messages, pause=0.5, **plain(server.port, pool=pool))
+    assert [r.ok for r in results] == [True, True]
+    lines = server.session(0).lines
+    assert sum(line.startswith(b"MAIL") for line in lines) == 1
+    assert b"NOOP" not in lines
+    assert b"Subject: two" in bytes(server.session(1).received)
+
+
+def test_an_idle_tls_connection_is_reused(
+    flavour: Flavour, scripted_server: ScriptedServerFactory, tls_files: TLSFiles
+) -> None:
+    # Over TLS the idle check reads without waiting (a TLS record may carry no data for
+    # us); a quiet connection must come out of it usable, and the same session carry on.
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                ehlo("PIPELINING", "STARTTLS"),
+                Step(expect="STARTTLS", reply=b"220 2.0.0 Ready\r\n", action=Action.START_TLS),
+                ehlo("PIPELINING"),
+                *accept_message(1),
+                *accept_message(1),
+                quit_step(),
+            ]
+        ]
+    )
+    pool = PoolSettings(size=1, health_check_after=86400)
+    messages = [make_message(to=("bob@example.com",), subject=s) for s in ("one", "two")]
+    results = send_each_with(
+        flavour,
+        messages,
+        pause=0.2,
+        **plain(server.port, pool=pool, tls=TLS.STARTTLS, ssl_context=tls_files.client_context()),
+    )
+    assert [r.ok for r in results] == [True, True]
+    assert len(server.sessions) == 1
+    assert b"Subject: two" in bytes(server.session(0).received)
+
+
 def test_a_fresh_connection_failing_is_not_retried(
     flavour: Flavour, scripted_server: ScriptedServerFactory
 ) -> None:

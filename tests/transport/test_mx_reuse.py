@@ -9,8 +9,10 @@ and count the connections they get (tests/transport/counting_server.py).
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -99,17 +101,33 @@ def serve(port: int, tls_files: TLSFiles) -> Iterator[Serve]:
 
 
 def deliver_each(
-    flavour: Flavour, unbound: UnboundServer, items: list[tuple[Message, Envelope]], **kwargs: Any
+    flavour: Flavour,
+    unbound: UnboundServer,
+    items: list[tuple[Message, Envelope]],
+    *,
+    pause: float = 0.0,
+    **kwargs: Any,
 ) -> list[DeliveryResult]:
-    """One ``send`` per item, in turn, on one fresh MX transport (closed at the end)."""
+    """One ``send`` per item, in turn, on one fresh MX transport (closed at the end),
+    ``pause`` seconds apart."""
     kwargs.setdefault("timeouts", FAST)
     if flavour == "sync":
         with MXTransport(unbound.resolver(timeout=1.0), **kwargs) as mx:
-            return [mx.send(message, envelope) for message, envelope in items]
+            results = []
+            for n, (message, envelope) in enumerate(items):
+                if n and pause:
+                    time.sleep(pause)
+                results.append(mx.send(message, envelope))
+            return results
 
     async def main() -> list[DeliveryResult]:
         async with AsyncMXTransport(unbound.async_resolver(timeout=1.0), **kwargs) as mx:
-            return [await mx.asend(message, envelope) for message, envelope in items]
+            results = []
+            for n, (message, envelope) in enumerate(items):
+                if n and pause:
+                    await asyncio.sleep(pause)
+                results.append(await mx.asend(message, envelope))
+            return results
 
     return run(main())
 
@@ -242,6 +260,34 @@ def test_a_session_the_server_dropped_is_replaced(
     )
     assert [r.ok for r in results] == [True, True]
     assert len(server.sessions) == 2  # the dead session was replaced, not reported
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_session_the_server_spoke_on_while_idle_is_replaced(
+    flavour: Flavour, unbound: UnboundServer, scripted_at: ScriptedAt, port: int
+) -> None:
+    # An extra reply while the session waits in the pool: reused, it would be read as the
+    # next MAIL's reply and pair every later reply with the wrong command.
+    one_then_an_extra_reply = [
+        greeting(),
+        ehlo("PIPELINING"),
+        *accept_message(1),
+        Step(reply=b"250 2.0.0 one reply too many\r\n", delay=0.05),
+        *accept_message(1),
+        quit_step(),
+    ]
+    one_message = [greeting(), ehlo("PIPELINING"), *accept_message(1), quit_step()]
+    server = scripted_at("127.0.0.1", [one_then_an_extra_reply, one_message], tls=None)
+    results = deliver_each(
+        flavour,
+        unbound,
+        [to("bob@mailrelay.test"), to("carol@sink.mailrelay.test")],
+        pause=0.5,
+        port=port,
+    )
+    assert [r.ok for r in results] == [True, True]
+    assert len(server.sessions) == 2
+    assert sum(line.startswith(b"MAIL") for line in server.session(0).lines) == 1
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)

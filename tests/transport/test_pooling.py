@@ -45,6 +45,9 @@ class FakeDriver:
     def __init__(self, *, closed: bool = False) -> None:
         self.closed = closed
 
+    def has_input(self) -> bool:
+        return False
+
 
 def connection(
     *, last_used: float = 100.0, messages: int = 0, driver_closed: bool = False
