@@ -52,6 +52,7 @@ import operator
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, ParamSpec, TypeVar
@@ -96,6 +97,8 @@ _COPY_LIMIT = 8192
 # NOMEM, IOERR, FULL, PROTOCOL (https://sqlite.org/rescode.html). The others (CORRUPT,
 # NOTADB, CANTOPEN, READONLY, PERM, a plain ERROR) say the database is unusable as it is.
 _TRANSIENT_CODES = frozenset({5, 6, 7, 10, 13, 15})
+# BUSY and LOCKED: another connection holds a lock the statement needs.
+_BUSY_CODES = frozenset({5, 6})
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -321,7 +324,7 @@ class SQLiteStore:
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        self._use_wal(conn)
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
         self._local.conn = conn
@@ -329,6 +332,30 @@ class SQLiteStore:
         with self._all_lock:
             self._all.append(conn)
         return conn
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Put the database in WAL mode (the file keeps it).
+
+        SQLite does not wait out the busy timeout to change the journal mode: while another
+        connection holds a lock on the file (several workers opening a new database at
+        once), the change fails at once with SQLITE_BUSY. So the mode is read first (a
+        database already in WAL needs no change, and most opens find it so), and a change
+        that found the file busy is tried again, for up to the busy timeout.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.001
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", None)
+                busy = code is not None and code & 0xFF in _BUSY_CODES
+                if not busy or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     @contextmanager
     def _write(self, *, work: bool = False) -> Iterator[sqlite3.Connection]:

@@ -256,6 +256,46 @@ def test_sqlite_persists_across_reopen_and_uses_wal(tmp_path: Path) -> None:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.parametrize("existing", [False, True], ids=["new-file", "existing-table"])
+def test_sqlite_opens_a_file_another_connection_is_writing(tmp_path: Path, existing: bool) -> None:
+    # Another writer holds the lock of a database still in rollback-journal mode (as when
+    # several workers open a new database at once, or an old file is being written).
+    # SQLite refuses the switch to WAL at once, without the busy timeout: the store must
+    # wait for the lock as for any other write, not fail.
+    path = tmp_path / "t.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    if existing:
+        holder.execute("CREATE TABLE other (a)")
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        store = SQLiteStore(path, busy_timeout=30)
+    finally:
+        release.join()
+        holder.close()
+    try:
+        store.add(make_record("m1"), [b"12345"])
+        assert store.get("m1") == make_record("m1")
+    finally:
+        store.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_sqlite_gives_up_on_a_lock_held_past_the_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreError, match="locked") as caught:
+            SQLiteStore(path, busy_timeout=0.2)
+        assert caught.value.is_transient
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+
+
 def test_sqlite_migrates_an_old_schema(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     raw = sqlite3.connect(path)
