@@ -1096,12 +1096,52 @@ def test_reset_answered_with_421_raises() -> None:
 
 @pytest.mark.parametrize(
     ("turn", "healthy"),
-    [(OK, True), (lines(421, "4.3.2 bye"), False), (b"", False), (b"garbage\r\n", False)],
+    [
+        (OK, True),
+        (lines(421, "4.3.2 bye"), False),
+        (b"", False),
+        (b"garbage\r\n", False),
+        # More than one reply: the second would answer the next command (MAIL).
+        (OK + OK, False),
+        (OK + lines(421, "4.3.2 bye"), False),
+        (OK + b"garbage\r\n", False),
+    ],
 )
 def test_noop_as_a_health_check(turn: bytes, healthy: bool) -> None:
     session, driver = opened([GREETING, PIPE, turn])
     assert driver.run(session.noop()) is healthy
     assert session.closed is not healthy
+
+
+@pytest.mark.parametrize(
+    ("unasked", "error"),
+    [
+        (OK, ServerProtocolError),
+        (lines(550, "5.7.1 no"), ServerProtocolError),
+        (b"garbage\r\n", ServerProtocolError),
+        (lines(421, "4.3.2 going down"), SessionRefused),
+    ],
+)
+@pytest.mark.parametrize("step", ["open", "reset"])
+def test_a_reply_nobody_asked_for_fails_the_opening_or_rset(
+    step: str, unasked: bytes, error: type[DeliveryError]
+) -> None:
+    # Left in the buffer, it would be read as the first MAIL's reply (a 550 would refuse a
+    # message the server never saw) and shift every reply after it.
+    session = Session(config())
+    if step == "open":
+        driver = Driver([GREETING, PIPE + unasked])
+        with pytest.raises(error, match="opening the session"):
+            driver.run(session.open())
+        assert driver.writes[-1].data.startswith(b"EHLO ")
+    else:
+        driver = Driver([GREETING, PIPE, OK + unasked])
+        driver.run(session.open())
+        with pytest.raises(error, match="after RSET"):
+            driver.run(session.reset())
+    assert session.closed
+    assert driver.closed
+    assert not any(w.data.startswith(b"MAIL") for w in driver.writes)
 
 
 def test_quit_reads_the_reply_and_closes() -> None:

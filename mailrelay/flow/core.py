@@ -150,25 +150,39 @@ class _SessionCore:
             raise _SessionClosed(event.reply)
         return event.reply
 
-    def _close_if_unsolicited(self) -> Step[None]:
+    def _close_if_unsolicited(self, when: str = "between commands") -> Step[DeliveryError | None]:
         """At the end of an exchange, with no command in flight: close the session when the
         server has already sent something nobody asked for. Such a reply (an LMTP server
         answering more often than it accepted recipients, RFC 2033 §4.2) would otherwise be
         taken as the answer to the next command on this connection, and every reply after
         it would answer the wrong command. A 421 announced meanwhile (RFC 5321 §3.8) or an
         end of file closes it too. Only bytes already received can be judged; the results
-        of the exchange that just ended stand (its replies came first, in order)."""
+        of the exchange that just ended stand (its replies came first, in order).
+
+        Returns the error that describes what was found, ``when`` saying where the dialogue
+        was (for a step that must fail for it, such as opening the session), or ``None``
+        when nothing was."""
         if self.closed or self._conn.pending:
-            return
+            return None
         try:
             event = self._conn.next_event()
         except ProtocolError as exc:
             log.debug("closing the session: %s", exc)
             yield from self._closed()
-            return
-        if event is not NEED_DATA:
-            log.debug("closing the session: the server sent %r unasked", event)
-            yield from self._closed()
+            return ServerProtocolError(
+                f"the server broke the protocol {when}: {exc}", host=self.config.peer
+            )
+        if event is NEED_DATA:
+            return None
+        log.debug("closing the session: the server sent %r unasked", event)
+        yield from self._closed()
+        if isinstance(event, ConnectionClosed):
+            return self._refuse(None, when)
+        if isinstance(event, ServiceClosing):
+            return self._refuse(event.reply, when)
+        return ServerProtocolError(
+            f"the server sent a reply nobody asked for {when}: {event}", host=self.config.peer
+        )
 
     def _closed(self) -> Step[None]:
         if not self.closed:

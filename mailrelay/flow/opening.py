@@ -107,6 +107,10 @@ class _Opening(_SessionCore):
             yield from self._starttls()
         if self.config.username is not None:
             yield from self._authenticate()
+        # A reply beyond the last one asked for would answer the first transaction's MAIL.
+        unasked = yield from self._close_if_unsolicited("while opening the session")
+        if unasked is not None:
+            raise unasked
 
     def _hello(self) -> Step[None]:
         name = _hello_name(self.config.local_hostname)

@@ -41,8 +41,10 @@ class Session(_Batch):
         """RSET: abandon any transaction in progress.
 
         Raises:
-            SessionRefused: the server answered 421.
+            SessionRefused: the server answered 421 (or announced it with its reply).
             ConnectionLost: the connection ended.
+            ServerProtocolError: the server sent more replies than RSET asked for (the
+                session is closed: they would answer the next commands).
         """
         return (yield from self._guarded(self._reset()))
 
@@ -52,6 +54,9 @@ class Session(_Batch):
             yield from self._rset()
         except _SessionClosed as closed:
             raise self._refuse(closed.reply, "in answer to RSET") from None
+        unasked = yield from self._close_if_unsolicited("after RSET")
+        if unasked is not None:
+            raise unasked
 
     def noop(self) -> Step[bool]:
         """NOOP, as a health check: ``True`` when the server answered 250.
@@ -72,7 +77,9 @@ class Session(_Batch):
             # left the connection where NOOP is not allowed: the session is unusable.
             yield from self._closed()
             return False
-        return reply.is_positive
+        # A second reply with NOOP's would answer the next command: not healthy.
+        unasked = yield from self._close_if_unsolicited("after NOOP")
+        return reply.is_positive and unasked is None
 
     def quit(self) -> Step[None]:
         """QUIT, read the reply (an end of file instead is fine), and close."""

@@ -448,6 +448,54 @@ def test_a_connection_the_server_spoke_on_while_idle_is_not_reused(
     assert b"Subject: two" in bytes(server.session(1).received)
 
 
+def test_a_noop_answered_twice_fails_the_health_check(
+    flavour: Flavour, scripted_server: ScriptedServerFactory
+) -> None:
+    # The second reply came with the first: trusted, it would answer the next MAIL.
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                ehlo("PIPELINING"),
+                *accept_message(1),
+                Step(expect="NOOP", reply=b"250 2.0.0 Ok\r\n250 2.0.0 Ok again\r\n"),
+                *accept_message(1),
+                quit_step(),
+            ],
+            second_message_steps(),
+        ]
+    )
+    pool = PoolSettings(size=1, health_check_after=1e-9)
+    messages = [make_message(to=("bob@example.com",), subject=s) for s in ("one", "two")]
+    results = send_each_with(flavour, messages, **plain(server.port, pool=pool))
+    assert [r.ok for r in results] == [True, True]
+    assert sum(line.startswith(b"MAIL") for line in server.session(0).lines) == 1
+    assert b"Subject: two" in bytes(server.session(1).received)
+
+
+def test_a_reply_after_the_ehlo_reply_fails_the_session_before_mail(
+    flavour: Flavour, scripted_server: ScriptedServerFactory
+) -> None:
+    # A 550 nobody asked for, sent with the EHLO reply: read as MAIL's reply it would bounce
+    # a message the server never saw. The session is refused as broken instead.
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                Step(
+                    expect=r"EHLO .+",
+                    reply=b"250-scripted\r\n250 PIPELINING\r\n550 5.7.1 nobody asked\r\n",
+                ),
+                *accept_message(1),
+                quit_step(),
+            ]
+        ]
+    )
+    with pytest.raises(ServerProtocolError, match="while opening the session"):
+        send_with(flavour, make_message(to=("bob@example.com",)), **plain(server.port))
+    assert not any(line.startswith(b"MAIL") for line in server.session(0).lines)
+
+
 def test_an_idle_tls_connection_is_reused(
     flavour: Flavour, scripted_server: ScriptedServerFactory, tls_files: TLSFiles
 ) -> None:
