@@ -41,6 +41,7 @@ import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TypeVar
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
@@ -55,6 +56,7 @@ from mailrelay.tracker.core import (
     Work,
     store_failed,
 )
+from mailrelay.tracker.events import TrackerEvent
 from mailrelay.tracker.notifications import DSNMatch
 from mailrelay.tracker.store import Change, Claim, MessageRecord, State
 from mailrelay.transport.base import AsyncTransport, BatchItem
@@ -62,6 +64,26 @@ from mailrelay.transport.base import AsyncTransport, BatchItem
 __all__ = ["AsyncDeliveryTracker"]
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+async def _seen_through(call: Callable[[], R], settle: Callable[[R], Awaitable[object]]) -> R:
+    """``await asyncio.to_thread(call)``, except that a cancellation does not abandon the call.
+
+    A cancelled ``to_thread`` stops the waiting, not the thread: a claim or a commit made
+    there would be done with nobody to act on it (the claimed recipients leased until the
+    lease expires, the committed results' events never fired). So when the caller is
+    cancelled, this waits for the call to end, hands its result to ``settle``, and then
+    lets the cancellation go on. A call that failed has nothing to settle.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(call))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):  # the call failed: nothing was done
+            await settle(await future)
+        raise
 
 
 class _Commits:
@@ -109,11 +131,17 @@ class _Commits:
                 batch = list(self.pending)
                 self.pending.clear()
                 self._oldest = None
-                done, events = await asyncio.to_thread(self._tracker._commit_many, batch)
+                # Cancelled during the commit, the events of what it committed still fire.
+                done, events = await _seen_through(
+                    functools.partial(self._tracker._commit_many, batch), self._fire
+                )
                 summary += done
-                for event in events:
-                    await self._tracker.events.afire(event)
+                await self._fire((done, events))
         return summary
+
+    async def _fire(self, committed: tuple[RunSummary, list[TrackerEvent]]) -> None:
+        for event in committed[1]:
+            await self._tracker.events.afire(event)
 
 
 class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
@@ -219,10 +247,14 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
         for _ in range(max_rounds):
             if stop is not None and stop.is_set():
                 break
-            claims = await asyncio.to_thread(self._claim)
+            # Cancelled while claiming or loading, the claim goes back (due at once).
+            claims = await _seen_through(self._claim, self._aput_back_claims)
             if not claims:
                 break
-            loaded = await asyncio.to_thread(self._load_all, claims)
+            loaded = await _seen_through(
+                functools.partial(self._load_all, claims),
+                functools.partial(self._aput_back_loaded, claims),
+            )
             works = [work for work in loaded if isinstance(work, Work)]
             commits = _Commits(self)
             try:
@@ -256,6 +288,18 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
                 self._put_back_claim(claim)
                 loaded.append(exc)
         return loaded
+
+    async def _aput_back_claims(self, claims: Sequence[Claim]) -> None:
+        await asyncio.to_thread(self._put_back_claims, claims)
+
+    async def _aput_back_loaded(
+        self, claims: Sequence[Claim], _loaded: Sequence[Work | BaseException | None]
+    ) -> None:
+        await self._aput_back_claims(claims)
+
+    def _put_back_claims(self, claims: Sequence[Claim]) -> None:
+        for claim in claims:
+            self._put_back_claim(claim)
 
     def _put_back_claim(self, claim: Claim) -> None:
         record = self.store.get(claim.tracking_id)
@@ -321,6 +365,11 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
                         queue.clear()
                 summary += await commits.maybe_flush()
         finally:
+            if queue:
+                # Cancelled: what is not sent goes back, due now (committed by the caller
+                # with the results in hand), as when a chunk fails.
+                commits.add(self._put_back_groups(queue))
+                queue.clear()
             if running:  # cancelled: the chunks in flight put back what they hold
                 for task in running:
                     task.cancel()

@@ -1,0 +1,512 @@
+"""The trackers' runners under real concurrency: threads, tasks, a real server, a real store.
+
+An application embeds the tracker: ``run_forever`` runs in a background thread (or
+``arun_forever`` as a task) while request handlers submit, cancel and read from other
+threads or tasks, and event callbacks fire. Every test here does that for real, with an
+aiosmtpd server on loopback that records what it accepts (each message carries a unique
+``X-Seq`` header, so deliveries are counted by the server's record) and a ``SQLiteStore``
+in a temporary directory. Properties, by the server's record and the store:
+
+* no exception escapes any thread or task;
+* a message not cancelled is delivered exactly once and is DELIVERED, its recipients'
+  final event fired exactly once each;
+* a cancelled message (docs/tracker.md, Queries: "an attempt already in flight may still
+  deliver; its result is then kept in the history only") is CANCELLED and never
+  received, or received and then either DELIVERED (the cancel came too late) or
+  CANCELLED with the server's 250 in its history; it fires no ``delivered`` event unless
+  it ended DELIVERED;
+* the runner returns soon after its stop flag, and picks up submissions of its own
+  process without waiting for its idle timeout (60 s here: the test's bound is far less,
+  so a missed wake-up fails it);
+* a cancelled async runner leaves nothing leased behind (the unsent rest of its claimed
+  batch goes back, due at once, as for a stop flag or any other exception), so a new
+  tracker resumes at once; the only duplicates are transactions in flight at a cancel.
+
+Every wait is bounded (:data:`BOUND`); the bounds are hang guards, never assertions on
+speed. ``MAILRELAY_CONCURRENCY_SEED`` replays a run's random choices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import functools
+import os
+import random
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
+from mailrelay.results import DeliveryResult
+from mailrelay.tracker.async_engine import AsyncDeliveryTracker
+from mailrelay.tracker.engine import DeliveryTracker
+from mailrelay.tracker.events import TrackerEvent
+from mailrelay.tracker.sqlite_store import SQLiteStore
+from mailrelay.tracker.store import Claim, MessageRecord, State
+from mailrelay.transport import AsyncSMTPTransport, SMTPTransport
+from mailrelay.transport.base import BatchItem
+from tests.peers.aiosmtpd_server import AiosmtpdFactory, AiosmtpdServer
+
+R = TypeVar("R")
+
+#: The longest any thread, task or loop of a test may take (seconds): a hang guard.
+BOUND = 20.0
+#: The runners' idle sleep: far longer than BOUND, so a missed wake-up fails a test.
+IDLE = 60.0
+SEED = int(os.environ.get("MAILRELAY_CONCURRENCY_SEED", random.randrange(1 << 32)))
+_SEQ = re.compile(rb"^X-Seq: (\d+)\r?$", re.MULTILINE)
+_FINAL_EVENTS = ("delivered", "bounced", "expired")
+
+
+def run(coro: Coroutine[Any, Any, R]) -> R:
+    """Run a coroutine on a fresh event loop."""
+    return asyncio.run(coro)
+
+
+class Sequencer:
+    """Makes messages with unique ``X-Seq`` headers, from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next = 0
+
+    def message(self, recipients: int = 1) -> tuple[int, Message]:
+        """A new message with ``recipients`` recipients, and its sequence number."""
+        with self._lock:
+            seq = self._next
+            self._next += 1
+        message = Message.build(
+            sender="app@mailrelay.test",
+            to=[f"user{seq}-{n}@mailrelay.test" for n in range(recipients)],
+            subject=f"concurrent {seq}",
+            text=f"message {seq}\n",
+            headers={"X-Seq": str(seq)},
+        )
+        return seq, message
+
+
+class Events:
+    """Every event fired, counted per (tracking id, address, kind), from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.fired: Counter[tuple[str, str, str]] = Counter()
+
+    def record(self, event: TrackerEvent) -> None:
+        """A callback for every kind."""
+        address = "" if event.recipient is None else str(event.recipient.address)
+        with self._lock:
+            self.fired[(event.tracking_id, address, event.kind.value)] += 1
+
+    def listen(self, tracker: DeliveryTracker | AsyncDeliveryTracker) -> None:
+        """Register :meth:`record` for every recipient event."""
+        for kind in ("delivered", "deferred", "bounced", "expired"):
+            tracker.on(kind, self.record)
+
+
+class Threads:
+    """Threads whose exceptions are kept, joined within a bound."""
+
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+
+    def start(self, target: Callable[[], object], name: str) -> threading.Thread:
+        """Start ``target`` in a daemon thread (a hang must not keep pytest alive)."""
+
+        def guarded() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=guarded, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def join(self, threads: Iterable[threading.Thread], deadline: float) -> None:
+        """Join ``threads`` by ``deadline`` (monotonic); fail on one still running."""
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            assert not thread.is_alive(), f"{thread.name} did not finish within the bound"
+
+
+def received(server: AiosmtpdServer) -> Counter[tuple[int, str]]:
+    """How often the server accepted each (X-Seq, recipient)."""
+    counts: Counter[tuple[int, str]] = Counter()
+    for message in list(server.messages):
+        match = _SEQ.search(message.content)
+        assert match is not None, message.content[:200]
+        for rcpt in message.rcpt_tos:
+            counts[(int(match.group(1)), rcpt)] += 1
+    return counts
+
+
+def smtp(server: AiosmtpdServer) -> SMTPTransport:
+    """A plain (no TLS) blocking transport to ``server``."""
+    return SMTPTransport(server.host, server.port, tls=TLS.NONE, timeouts=Timeouts.all(10))
+
+
+def async_smtp(server: AiosmtpdServer) -> AsyncSMTPTransport:
+    """A plain (no TLS) asyncio transport to ``server``."""
+    return AsyncSMTPTransport(server.host, server.port, tls=TLS.NONE, timeouts=Timeouts.all(10))
+
+
+def check_record(record: MessageRecord) -> None:
+    """What any snapshot of a record read while the runner works must satisfy."""
+    for recipient in record.recipients:
+        codes = [attempt.code for attempt in recipient.attempts]
+        if recipient.state is State.DELIVERED:
+            assert codes, recipient
+            assert codes[-1] == 250, recipient
+        if recipient.state is State.QUEUED:
+            assert not codes, recipient  # put back without an attempt, never tried
+        if recipient.state is State.SENDING:
+            assert recipient.lease_owner is not None, recipient
+            assert recipient.lease_until is not None, recipient
+        else:
+            assert recipient.lease_owner is None, recipient
+
+
+def check_outcome(
+    records: dict[str, MessageRecord],
+    seqs: dict[str, int],
+    cancelled: set[str],
+    server: AiosmtpdServer,
+    events: Events,
+    *,
+    duplicates_allowed: int = 0,
+) -> int:
+    """The end-of-test properties (see the module docstring); returns the duplicates."""
+    counts = received(server)
+    duplicates = 0
+    for tracking_id, record in records.items():
+        check_record(record)
+        seq = seqs[tracking_id]
+        for recipient in record.recipients:
+            address = str(recipient.address)
+            got = counts.get((seq, address), 0)
+            fired = {k: events.fired[(tracking_id, address, k)] for k in _FINAL_EVENTS}
+            codes = [attempt.code for attempt in recipient.attempts]
+            if recipient.state is State.DELIVERED:
+                assert got >= 1, (tracking_id, recipient)
+                assert fired == {"delivered": 1, "bounced": 0, "expired": 0}, fired
+            else:
+                assert tracking_id in cancelled, (tracking_id, recipient)
+                assert recipient.state is State.CANCELLED, recipient
+                # Received only if an attempt was in flight at the cancel, and then the
+                # server's answer is in the history (kept there only).
+                assert (got > 0) == (250 in codes), (tracking_id, got, recipient)
+                assert fired == {"delivered": 0, "bounced": 0, "expired": 0}, fired
+            assert got <= 1 + duplicates_allowed, (tracking_id, address, got)
+            duplicates += max(0, got - 1)
+    # Nothing the server accepted is unknown to the store.
+    known = {(seqs[t], str(r.address)) for t, rec in records.items() for r in rec.recipients}
+    assert set(counts) <= known
+    return duplicates
+
+
+# -- 1. the sync runner in a thread, submitters, a canceller and a dashboard ----------------
+
+
+@pytest.mark.parametrize("commit_batch", [1, 10])
+def test_run_forever_with_concurrent_submitters_cancels_and_readers(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path, commit_batch: int
+) -> None:
+    rng = random.Random(SEED)
+    server = make_aiosmtpd(starttls=False, auth=False)
+    store = SQLiteStore(tmp_path / "outbox.db")
+    tracker = DeliveryTracker(smtp(server), store, batch_size=10, commit_batch=commit_batch)
+    events = Events()
+    events.listen(tracker)
+    sequencer = Sequencer()
+    seqs: dict[str, int] = {}
+    submitted: list[str] = []
+    lock = threading.Lock()
+    cancelled: set[str] = set()
+    submitters_done = threading.Event()
+    stop = threading.Event()
+    threads = Threads()
+    deadline = time.monotonic() + BOUND
+
+    def submitter(index: int) -> None:
+        local = random.Random(SEED + index)
+        for _ in range(8):
+            if local.random() < 0.5:
+                seq, message = sequencer.message(local.choice((1, 1, 2)))
+                ids = [tracker.submit(message)]
+                made = [seq]
+            else:
+                pairs = [sequencer.message(local.choice((1, 2))) for _ in range(3)]
+                ids = tracker.submit_many(message for _, message in pairs)
+                made = [seq for seq, _ in pairs]
+            with lock:
+                for tracking_id, seq in zip(ids, made, strict=True):
+                    seqs[tracking_id] = seq
+                    submitted.append(tracking_id)
+            time.sleep(local.random() * 0.01)
+
+    def dashboard() -> None:
+        for _ in range(10_000):
+            if submitters_done.is_set() or time.monotonic() > deadline:
+                break
+            with lock:
+                choices = list(submitted)
+            if choices and rng.random() < 0.3:
+                tracking_id = rng.choice(choices)
+                taken = tracker.cancel(tracking_id)
+                if taken:
+                    with lock:
+                        cancelled.add(tracking_id)
+                after = tracker.status(tracking_id)
+                for recipient in after.recipients:
+                    # Whatever the race, a cancelled recipient stays cancelled, and one
+                    # the cancel did not take was final already.
+                    if recipient.address in taken:
+                        assert recipient.state is State.CANCELLED, recipient
+                    else:
+                        assert recipient.state.is_final, recipient
+            for record in tracker.find(limit=20):
+                check_record(record)
+            for record in tracker.find(state=State.SENDING, limit=5):
+                check_record(record)
+            tracker.next_due()
+            time.sleep(0.002)
+
+    runner = threads.start(lambda: tracker.run_forever(stop, idle=IDLE), "runner")
+    submitters = [
+        threads.start(functools.partial(submitter, i), f"submitter-{i}") for i in range(4)
+    ]
+    reader = threads.start(dashboard, "dashboard")
+    threads.join(submitters, deadline)
+    submitters_done.set()
+    threads.join([reader], deadline)
+    assert not threads.errors, threads.errors
+    # Every submission is picked up by the running loop, with no help: its idle sleep is
+    # longer than the bound, so a missed wake-up ends here.
+    for _ in range(10_000):
+        if store.next_due() is None and not store.find(state=State.SENDING, limit=1):
+            break
+        assert time.monotonic() < deadline, "the runner left work undone"
+        assert runner.is_alive(), threads.errors
+        time.sleep(0.01)
+    stop.set()
+    threads.join([runner], deadline)
+    assert not threads.errors, threads.errors
+    records = store.get_many(list(seqs))
+    assert set(records) == set(seqs)
+    check_outcome(records, seqs, cancelled, server, events)
+    tracker.close()
+
+
+# -- 2. the async runner, cancelled at random moments, and resumed --------------------------
+
+
+def test_arun_forever_cancelled_at_random_moments_then_resumed(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path
+) -> None:
+    rng = random.Random(SEED)
+    server = make_aiosmtpd(starttls=False, auth=False)
+    path = tmp_path / "outbox.db"
+    sequencer = Sequencer()
+    seqs: dict[str, int] = {}
+    events = Events()
+    cancels = 4
+    commit_batch = 5
+
+    async def submit_some(tracker: AsyncDeliveryTracker, count: int) -> None:
+        for _ in range(count):
+            if rng.random() < 0.5:
+                seq, message = sequencer.message()
+                seqs[await tracker.asubmit(message)] = seq
+            else:
+                pairs = [sequencer.message() for _ in range(3)]
+                ids = await tracker.asubmit_many(message for _, message in pairs)
+                seqs.update(zip(ids, (seq for seq, _ in pairs), strict=True))
+            await asyncio.sleep(rng.random() * 0.005)
+
+    def submit_from_thread(tracker: AsyncDeliveryTracker, count: int) -> None:
+        for _ in range(count):
+            seq, message = sequencer.message()
+            seqs[tracker.submit(message)] = seq
+
+    async def main() -> None:
+        for round_ in range(cancels + 1):
+            # Each round a new tracker (and worker id) on the same file, as after a restart.
+            tracker = AsyncDeliveryTracker(
+                async_smtp(server), SQLiteStore(path), batch_size=8, commit_batch=commit_batch
+            )
+            events.listen(tracker)
+            stop = asyncio.Event()
+            runner = asyncio.create_task(tracker.arun_forever(stop, idle=IDLE, concurrency=3))
+            async with asyncio.timeout(BOUND):
+                await asyncio.gather(
+                    submit_some(tracker, 6),
+                    asyncio.to_thread(submit_from_thread, tracker, 4),
+                )
+                if round_ < cancels:
+                    await asyncio.sleep(rng.random() * 0.05)
+                    runner.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await runner
+                    assert runner.cancelled() or runner.exception() is None
+                    # Nothing is left leased: results in hand were committed, and what
+                    # was claimed and not decided went back, due at once.
+                    leased = await tracker.afind(state=State.SENDING)
+                    assert not leased, [r.recipients for r in leased]
+                else:
+                    while await tracker.anext_due() is not None:
+                        await asyncio.sleep(0.01)
+                    stop.set()
+                    await runner
+            await tracker.aclose()
+
+    run(main())
+    store = SQLiteStore(path)
+    records = store.get_many(list(seqs))
+    store.close()
+    assert set(records) == set(seqs)
+    # Delivered more than once only when in flight at a cancel: at most commit_batch
+    # transactions per cancel, each at most once more per cancel.
+    duplicates = check_outcome(records, seqs, set(), server, events, duplicates_allowed=cancels)
+    assert duplicates <= cancels * commit_batch
+
+
+# -- 2b. cancelling the async runner at each await that holds claimed work -------------------
+
+
+class _GatedStore(SQLiteStore):
+    """A SQLiteStore whose ``claim`` or worker ``apply_many`` waits at a gate (once).
+
+    ``entered`` is set when the gated call starts and ``left`` when it has returned, so
+    a test can cancel the runner while the call runs in its worker thread, then look at
+    the store once the call is over, whether or not the runner waited for it.
+    """
+
+    def __init__(self, path: Path, *, gate: str) -> None:
+        super().__init__(path)
+        self.gate = gate
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.left = threading.Event()
+
+    def _gated(self, name: str) -> bool:
+        if self.gate != name or self.entered.is_set():
+            return False
+        self.entered.set()
+        assert self.release.wait(BOUND), "never released"
+        return True
+
+    def claim(
+        self, *, worker: str, now: dt.datetime, lease: dt.timedelta, limit: int
+    ) -> list[Claim]:
+        gated = self._gated("claim")
+        try:
+            return super().claim(worker=worker, now=now, lease=lease, limit=limit)
+        finally:
+            if gated:
+                self.left.set()
+
+    def get_many(self, tracking_ids: Sequence[str]) -> dict[str, MessageRecord]:
+        gated = self._gated("load")
+        try:
+            return super().get_many(tracking_ids)
+        finally:
+            if gated:
+                self.left.set()
+
+    def apply_many(self, batch: Any, *, worker: str | None = None, then: Any = None) -> Any:
+        gated = worker is not None and self._gated("commit")
+        try:
+            return super().apply_many(batch, worker=worker, then=then)
+        finally:
+            if gated:
+                self.left.set()
+
+
+class _HeldTransport(AsyncSMTPTransport):
+    """Sends through the real server, but its first ``asend_many`` call never returns."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered = asyncio.Event()
+
+    async def asend_many(
+        self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]
+    ) -> list[DeliveryResult]:
+        if not self.entered.is_set():
+            self.entered.set()
+            await asyncio.Event().wait()  # held until cancelled
+        return await super().asend_many(items)
+
+
+@pytest.mark.parametrize("gate", ["claim", "load", "commit", "send"])
+def test_a_cancelled_async_run_leaves_nothing_leased_and_loses_no_event(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path, gate: str
+) -> None:
+    """``task.cancel()`` while the runner claims, loads, commits (each in a worker thread)
+    or sends: once that call is over, nothing is left SENDING under the cancelled runner's
+    lease (the rest of its claim is due again at once, as after a stop or any other
+    exception: docs/tracker.md, Lifecycle), and every result committed fired its event."""
+    server = make_aiosmtpd(starttls=False, auth=False)
+    store = _GatedStore(tmp_path / "outbox.db", gate="none" if gate == "send" else gate)
+    transport = _HeldTransport(server.host, server.port, tls=TLS.NONE, timeouts=Timeouts.all(10))
+    # Chunks of one: the first transaction is committed alone (gate "commit") and, held in
+    # the transport (gate "send"), keeps the rest of the claimed batch queued.
+    # Gate "load": no messages held from submit, so the claim's records are read.
+    cache = 0 if gate == "load" else 16 << 20
+    tracker = AsyncDeliveryTracker(transport, store, commit_batch=1, message_cache=cache)
+    events = Events()
+    events.listen(tracker)
+    sequencer = Sequencer()
+
+    async def main() -> dict[str, int]:
+        pairs = [sequencer.message() for _ in range(4)]
+        ids = await tracker.asubmit_many(message for _, message in pairs)
+        if gate == "commit":
+            transport.entered.set()  # not held: the first result reaches the gated commit
+        task = asyncio.create_task(tracker.arun_pending(concurrency=1))
+        async with asyncio.timeout(BOUND):
+            if gate == "send":
+                await transport.entered.wait()
+            else:
+                await asyncio.to_thread(store.entered.wait, BOUND)
+            task.cancel()
+            store.release.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert task.cancelled()
+            if gate != "send":
+                await asyncio.to_thread(store.left.wait, BOUND)
+        return dict(zip(ids, (seq for seq, _ in pairs), strict=True))
+
+    try:
+        seqs = run(main())
+        records = store.get_many(list(seqs))
+        leased = [r for record in records.values() for r in record.recipients if r.lease_owner]
+        assert not leased, leased
+        for record in records.values():
+            check_record(record)
+        counts = received(server)
+        for tracking_id, record in records.items():
+            (recipient,) = record.recipients
+            address = str(recipient.address)
+            delivered = recipient.state is State.DELIVERED
+            assert recipient.state is (State.DELIVERED if delivered else State.QUEUED)
+            assert events.fired[(tracking_id, address, "delivered")] == delivered
+            assert counts[(seqs[tracking_id], address)] == delivered
+        assert store.next_due() is not None or gate == "commit"
+    finally:
+        store.release.set()
+        store.close()
+        run(transport.aclose())
