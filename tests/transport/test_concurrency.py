@@ -1,0 +1,391 @@
+"""The SMTP pools under real concurrency: threads sharing a sync transport, tasks sharing an
+async one, closing and cancelling at arbitrary moments, against a real server on loopback.
+
+Every message carries a unique tag (a header); the server (tests/transport/
+concurrency_server.py) records which tags it received, and how many connections the client
+held open at once. The properties:
+
+* every result of an undisturbed send is ACCEPTED, and a message reported ACCEPTED was
+  received exactly once; no message is ever received twice (a send that was cancelled may or
+  may not have arrived, but never twice);
+* never more connections open at once than the pool's ``size``;
+* every thread and task ends (joins and waits are bounded: hang guards, not timings);
+* after ``close()`` / ``aclose()`` every connection ends server-side, no ResourceWarning
+  (pytest turns it into an error), and a send begun after closing raises ``TransportClosed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import random
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+
+import attrs
+import pytest
+
+from mailrelay.errors import TransportClosed
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
+from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
+from tests.transport.concurrency_server import (
+    TAG_HEADER,
+    ConcurrencyHandler,
+    start_concurrency_server,
+)
+from tests.transport.helpers import run
+
+TIMEOUTS = Timeouts.all(10)
+#: The hang guard for joining threads and waiting for tasks (never reached when all is well).
+GUARD = 30.0
+
+
+@attrs.frozen(kw_only=True)
+class Server:
+    """A running concurrency server: its port and its handler (what it saw)."""
+
+    port: int
+    seen: ConcurrencyHandler
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    """A fresh counting aiosmtpd server on 127.0.0.1, stopped at teardown."""
+    handler = ConcurrencyHandler()
+    controller = start_concurrency_server(handler)
+    yield Server(port=int(controller.port), seen=handler)
+    controller.stop()
+
+
+def tagged(tag: str) -> Message:
+    """A one-recipient message carrying ``tag``."""
+    return Message.build(
+        sender="alice@example.com",
+        to=["bob@example.com"],
+        subject=tag,
+        text=f"message {tag}\n",
+        headers={TAG_HEADER: tag},
+    )
+
+
+def sync_transport(server: Server, pool: PoolSettings) -> SMTPTransport:
+    return SMTPTransport("127.0.0.1", server.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=pool)
+
+
+class Ledger:
+    """What the senders were told, per tag (thread- and task-safe: one lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.results: dict[str, DeliveryResult] = {}
+        """The result each tag got."""
+        self.unsent: set[str] = set()
+        """Tags whose single send raised TransportClosed (nothing may have left)."""
+        self.unknown: set[str] = set()
+        """Tags whose call ended without a result (cancelled, or a batch cut short)."""
+        self.errors: list[BaseException] = []
+        """Anything a sender met that it should not have."""
+
+    def record(self, tags: list[str], results: list[DeliveryResult]) -> None:
+        with self._lock:
+            assert len(results) == len(tags), (tags, results)
+            self.results.update(zip(tags, results, strict=True))
+            self.unknown.difference_update(tags)
+
+    def mark(self, which: set[str], tags: list[str]) -> None:
+        with self._lock:
+            which.update(tags)
+
+    def error(self, exc: BaseException) -> None:
+        with self._lock:
+            self.errors.append(exc)
+
+    def check(self, received: Counter[str]) -> None:
+        """The properties every scenario shares (see the module docstring)."""
+        assert not self.errors, self.errors
+        twice = {tag: n for tag, n in received.items() if n > 1}
+        assert not twice, f"received more than once: {twice}"
+        for tag, result in self.results.items():
+            assert result.ok, (tag, result)
+            assert [r.outcome for r in result.recipients] == [Outcome.ACCEPTED]
+            assert received[tag] == 1, f"{tag} reported ACCEPTED but received {received[tag]}x"
+        sent_unasked = {tag for tag in self.unsent if received[tag]}
+        assert not sent_unasked, f"TransportClosed, yet received: {sorted(sent_unasked)}"
+        known = set(self.results) | self.unsent | self.unknown
+        assert set(received) <= known, f"received, never sent: {set(received) - known}"
+
+
+def join_all(threads: list[threading.Thread]) -> None:
+    """Join every thread, within :data:`GUARD` seconds in all."""
+    deadline = threading.Event()
+    timer = threading.Timer(GUARD, deadline.set)
+    timer.start()
+    try:
+        for thread in threads:
+            while thread.is_alive() and not deadline.is_set():
+                thread.join(timeout=0.05)
+    finally:
+        timer.cancel()
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"threads still running after {GUARD} s: {stuck}"
+
+
+def send_some(
+    transport: SMTPTransport, tags: list[str], rng: random.Random
+) -> list[DeliveryResult]:
+    """``tags`` sent as one ``send``, a ``send_many`` of a list, or a streamed one."""
+    if len(tags) == 1 and rng.random() < 0.7:
+        return [transport.send(tagged(tags[0]))]
+    if rng.random() < 0.5:
+        return transport.send_many([tagged(tag) for tag in tags])
+    return transport.send_many(tagged(tag) for tag in tags)
+
+
+# -- 1. threads share one sync pool ---------------------------------------------------------------
+
+THREADS = 8
+ROUNDS = 6
+
+SYNC_POOLS = {
+    # Connections replaced often (QUIT after 5 messages) while others wait for a slot.
+    "replaced": PoolSettings(size=3, max_messages=5),
+    # Every reuse checked with NOOP first; two connections for eight threads.
+    "noop-checked": PoolSettings(size=2, health_check_after=1e-6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYNC_POOLS))
+def test_threads_sharing_a_sync_pool_each_message_arrives_once(name: str, server: Server) -> None:
+    pool = SYNC_POOLS[name]
+    transport = sync_transport(server, pool)
+    ledger = Ledger()
+    start = threading.Barrier(THREADS, timeout=GUARD)
+
+    def worker(n: int) -> None:
+        rng = random.Random(n)
+        try:
+            start.wait()
+            for r in range(ROUNDS):
+                tags = [f"s{n}-{r}-{i}" for i in range(rng.choice([1, 1, 2, 3, 4]))]
+                ledger.record(tags, send_some(transport, tags, rng))
+        except BaseException as exc:  # any exception is a failure: report it to the test
+            ledger.error(exc)
+
+    threads = [
+        threading.Thread(target=worker, args=(n,), name=f"sender {n}") for n in range(THREADS)
+    ]
+    for thread in threads:
+        thread.start()
+    join_all(threads)
+    transport.close()
+    received = server.seen.tags()
+    ledger.check(received)
+    assert len(ledger.results) == len(received) > THREADS * ROUNDS - 1
+    assert server.seen.most_at_once <= pool.size
+    assert server.seen.wait_all_closed(), "a connection outlived close()"
+
+
+# -- 2. close() from another thread while threads send ---------------------------------------------
+
+
+def test_close_while_threads_send(server: Server) -> None:
+    pool = PoolSettings(size=3, max_messages=7)
+    transport = sync_transport(server, pool)
+    ledger = Ledger()
+    closed = threading.Event()  # set once close() has returned
+    after_close: list[str] = []  # tags first sent after close() returned
+
+    def worker(n: int) -> None:
+        rng = random.Random(100 + n)
+        try:
+            for r in range(200):  # bounded; TransportClosed ends it long before
+                tags = [f"c{n}-{r}-{i}" for i in range(rng.choice([1, 1, 2, 3]))]
+                began_closed = closed.is_set()
+                try:
+                    results = send_some(transport, tags, rng)
+                except TransportClosed:
+                    # A single send refused by a closed pool sent nothing; a batch may have
+                    # handed some of its messages over before the pool closed.
+                    ledger.mark(ledger.unsent if len(tags) == 1 else ledger.unknown, tags)
+                    return
+                if began_closed:
+                    after_close.extend(tags)
+                ledger.record(tags, results)
+        except BaseException as exc:  # any other exception is a failure
+            ledger.error(exc)
+
+    threads = [
+        threading.Thread(target=worker, args=(n,), name=f"sender {n}") for n in range(THREADS)
+    ]
+    for thread in threads:
+        thread.start()
+    for _ in range(1000):  # bounded: at most 10 s
+        if len(server.seen.messages) >= 30:
+            break
+        threading.Event().wait(0.01)
+    transport.close()
+    closed.set()
+    join_all(threads)
+    assert not after_close, f"sent after close() returned: {after_close}"
+    with pytest.raises(TransportClosed):
+        transport.send(tagged("late"))
+    ledger.check(server.seen.tags())
+    assert server.seen.most_at_once <= pool.size
+    assert server.seen.wait_all_closed(), "a connection outlived close()"
+    gc.collect()  # a socket left unclosed warns here (an error under pytest)
+
+
+# -- 3. tasks share one async pool; cancellations, timeouts and aclose() at random moments ---------
+
+
+@attrs.frozen(kw_only=True)
+class TaskPlan:
+    """What one sending task does, drawn from a seeded random.
+
+    Attributes:
+        tags: the tags of its messages.
+        call: ``"send"`` (``asend``, one message), ``"many"`` (``asend_many`` of a list) or
+            ``"stream"`` (``asend_many`` of an async generator).
+        start: ``asyncio.sleep(0)`` calls before it begins.
+        deadline: an ``asyncio.timeout`` around the call (seconds), or ``None``.
+        cancel_after: cancel the task after this many ``asyncio.sleep(0)`` calls (an ``int``)
+            or this many seconds (a ``float``), or never (``None``).
+    """
+
+    tags: list[str]
+    call: str
+    start: int
+    deadline: float | None
+    cancel_after: int | float | None
+
+
+def draw_plans(rng: random.Random, tasks: int) -> list[TaskPlan]:
+    plans = []
+    for n in range(tasks):
+        call = rng.choice(["send", "send", "many", "stream"])
+        count = 1 if call == "send" else rng.randint(1, 5)
+        disturb = rng.random()
+        plans.append(
+            TaskPlan(
+                tags=[f"a{n}-{i}" for i in range(count)],
+                call=call,
+                start=rng.randint(0, 20),
+                deadline=rng.uniform(0.0, 0.03) if 0.2 <= disturb < 0.35 else None,
+                cancel_after=(
+                    rng.randint(0, 60)
+                    if disturb < 0.1
+                    else rng.uniform(0.0, 0.03)
+                    if disturb < 0.2
+                    else None
+                ),
+            )
+        )
+    return plans
+
+
+async def _messages(tags: list[str]) -> AsyncIterator[Message]:
+    for tag in tags:
+        await asyncio.sleep(0)  # another task may run between two items
+        yield tagged(tag)
+
+
+async def call_plan(transport: AsyncSMTPTransport, plan: TaskPlan) -> list[DeliveryResult]:
+    if plan.call == "send":
+        return [await transport.asend(tagged(plan.tags[0]))]
+    if plan.call == "many":
+        return await transport.asend_many([tagged(tag) for tag in plan.tags])
+    return await transport.asend_many(_messages(plan.tags))
+
+
+async def sender(transport: AsyncSMTPTransport, plan: TaskPlan, ledger: Ledger) -> None:
+    ledger.mark(ledger.unknown, plan.tags)  # until it has a result
+    for _ in range(plan.start):
+        await asyncio.sleep(0)
+    try:
+        if plan.deadline is None:
+            results = await call_plan(transport, plan)
+        else:
+            try:
+                async with asyncio.timeout(plan.deadline) as scope:
+                    results = await call_plan(transport, plan)
+            except TimeoutError:
+                if not scope.expired():
+                    raise
+                return  # our own deadline: the messages' fate is unknown
+    except TransportClosed:
+        if plan.call == "send":
+            ledger.mark(ledger.unsent, plan.tags)
+        return
+    except asyncio.CancelledError:
+        raise  # the test cancelled it: unknown
+    except BaseException as exc:  # anything else is a failure
+        ledger.error(exc)
+        return
+    ledger.record(plan.tags, results)
+
+
+async def cancel_later(task: asyncio.Task[None], after: int | float) -> None:
+    if isinstance(after, int):
+        for _ in range(after):
+            await asyncio.sleep(0)
+    else:
+        await asyncio.sleep(after)
+    task.cancel()
+
+
+#: Seeds of the async scenario; ``CONCURRENCY_SEEDS=500`` searches longer (about 0.1 s each).
+ASYNC_SEEDS = range(int(os.environ.get("CONCURRENCY_SEEDS", "16")))
+
+
+@pytest.mark.parametrize("seed", ASYNC_SEEDS)
+def test_async_tasks_with_cancellations_and_aclose(seed: int, server: Server) -> None:
+    rng = random.Random(seed)
+    pool = PoolSettings(
+        size=rng.randint(2, 4),
+        max_messages=rng.choice([2, 5, 100]),
+        # Every reuse NOOP-checked, or none; the keeper expiring idle connections as
+        # tasks take them, or not.
+        health_check_after=rng.choice([1e-6, 5.0]),
+        idle_timeout=rng.choice([0.01, 0.05, 30.0]),
+    )
+    plans = draw_plans(rng, tasks=24)
+    close_after = rng.choice([rng.randint(0, 200), rng.uniform(0.0, 0.1)])
+    ledger = Ledger()
+
+    async def main() -> None:
+        transport = AsyncSMTPTransport(
+            "127.0.0.1", server.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=pool
+        )
+        tasks = [asyncio.ensure_future(sender(transport, plan, ledger)) for plan in plans]
+        helpers = [
+            asyncio.ensure_future(cancel_later(task, plan.cancel_after))
+            for task, plan in zip(tasks, plans, strict=True)
+            if plan.cancel_after is not None
+        ]
+        if isinstance(close_after, int):
+            for _ in range(close_after):
+                await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(close_after)
+        async with asyncio.timeout(GUARD):
+            await transport.aclose()
+        _, pending = await asyncio.wait([*tasks, *helpers], timeout=GUARD)
+        assert not pending, f"{len(pending)} task(s) still running after {GUARD} s"
+        with pytest.raises(TransportClosed):
+            await transport.asend(tagged("late"))
+        # A fresh transport works at once.
+        async with AsyncSMTPTransport(
+            "127.0.0.1", server.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=PoolSettings(size=1)
+        ) as fresh:
+            result = await fresh.asend(tagged(f"fresh-{seed}"))
+        ledger.record([f"fresh-{seed}"], [result])
+
+    run(main())
+    ledger.check(server.seen.tags())
+    assert server.seen.most_at_once <= pool.size
+    assert server.seen.wait_all_closed(), "a connection outlived aclose()"
+    gc.collect()  # a socket left unclosed warns here (an error under pytest)
