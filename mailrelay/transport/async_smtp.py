@@ -432,7 +432,15 @@ class _AsyncSMTPBase(AsyncTransport):
             return
         if keeper is not None:
             keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
+            try:
+                await asyncio.gather(keeper, return_exceptions=True)
+            except BaseException:
+                # aclose() itself cancelled before the QUITs went out: the idle connections
+                # are ours alone now (neither the pool nor the keeper has them), so abort
+                # them rather than leave their sockets to the garbage collector.
+                for connection in idle:
+                    connection.driver.close()
+                raise
         await quit_all(idle, quit_timeout(self._settings.timeouts))
         # Let the transports' close callbacks run, so the sockets are closed even when the
         # event loop ends right after this (as at the end of asyncio.run).

@@ -389,3 +389,37 @@ def test_async_tasks_with_cancellations_and_aclose(seed: int, server: Server) ->
     assert server.seen.most_at_once <= pool.size
     assert server.seen.wait_all_closed(), "a connection outlived aclose()"
     gc.collect()  # a socket left unclosed warns here (an error under pytest)
+
+
+# -- 4. aclose() itself cancelled ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ticks", range(5))
+def test_a_cancelled_aclose_leaves_no_connection_open(ticks: int, server: Server) -> None:
+    # aclose() cancelled `ticks` turns of the event loop after it began (as a shutdown that cancels
+    # the task closing the pool, or an asyncio.timeout around it, would): whatever it had
+    # not QUIT yet is still closed, not left to the garbage collector.
+    tags = [f"k{ticks}-{n}" for n in range(3)]
+    ledger = Ledger()
+
+    async def main() -> None:
+        transport = AsyncSMTPTransport(
+            "127.0.0.1", server.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=PoolSettings(size=3)
+        )
+        # Three sends at once leave three connections idle in the pool.
+        results = await asyncio.gather(*(transport.asend(tagged(tag)) for tag in tags))
+        ledger.record(tags, list(results))
+        closing = asyncio.ensure_future(transport.aclose())
+        for _ in range(1 + ticks):  # the first turn starts it
+            await asyncio.sleep(0)
+        closing.cancel()
+        await asyncio.wait([closing], timeout=GUARD)
+        assert closing.done()
+        with pytest.raises(TransportClosed):
+            await transport.asend(tagged("late"))
+        await asyncio.sleep(0)  # the aborted connections' close callbacks
+
+    run(main())
+    gc.collect()  # a socket left unclosed warns here (an error under pytest)
+    ledger.check(server.seen.tags())
+    assert server.seen.wait_all_closed(), "a connection outlived aclose()"
