@@ -91,6 +91,8 @@ _MAX_PLAN_STEPS: Final = 4
 _MAX_CNAME_HOPS: Final = 8
 #: The most exchangers of one domain kept (and looked up): the best by preference.
 MAX_MAIL_HOSTS: Final = 16
+#: Threads a blocking resolver keeps for its exchangers' queries: one domain's worth.
+_POOL_SIZE: Final = 2 * MAX_MAIL_HOSTS
 _HOST_CHARS: Final = re.compile(r"[a-z0-9_.-]+")
 
 
@@ -477,6 +479,7 @@ class Resolver(_ResolverBase):
         self._lock = threading.Lock()
         self._inflight: dict[Hashable, concurrent.futures.Future[object]] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pooled = 0  # queries handed to the kept pool and not answered yet
 
     def mail_hosts(self, domain: str) -> MailHosts:
         """The exchangers of ``domain`` in the order to try them (RFC 5321 §5.1).
@@ -516,9 +519,28 @@ class Resolver(_ResolverBase):
         found: dict[_Query, _Answer] = {}
         missing = [query for query in batch if self.cache.get(query) is _MISS]
         if len(missing) > 2:
-            answers = self._pool().map(lambda query: self._lookup(*query), missing)
-            found.update(zip(missing, answers, strict=True))
+            found.update(zip(missing, self._at_once(missing), strict=True))
         return [found[query] if query in found else self._lookup(*query) for query in batch]
+
+    def _at_once(self, queries: list[_Query]) -> list[_Answer]:
+        """Ask ``queries`` at the same time: in the kept pool when it has a thread free for
+        each, else in threads of this call's own. Queued behind other calls' queries (other
+        threads' domains whose exchangers are slow), a domain's lookups would wait for those
+        to be answered or time out first, one pool-full after another."""
+        with self._lock:
+            shared = self._pooled + len(queries) <= _POOL_SIZE
+            if shared:
+                self._pooled += len(queries)
+        if not shared:
+            with concurrent.futures.ThreadPoolExecutor(
+                len(queries), thread_name_prefix="mailrelay-dns-extra"
+            ) as own:
+                return list(own.map(lambda query: self._lookup(*query), queries))
+        try:
+            return list(self._pool().map(lambda query: self._lookup(*query), queries))
+        finally:
+            with self._lock:
+                self._pooled -= len(queries)
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         """The threads that ask a domain's exchangers' queries at the same time, made on
@@ -527,7 +549,7 @@ class Resolver(_ResolverBase):
         with self._lock:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
-                    2 * MAX_MAIL_HOSTS, thread_name_prefix="mailrelay-dns"
+                    _POOL_SIZE, thread_name_prefix="mailrelay-dns"
                 )
             return self._executor
 

@@ -1,0 +1,359 @@
+"""One validator, resolver and cache shared by many threads or tasks, against real name servers.
+
+Apps validate bulk lists from many threads or tasks at once with one shared
+:class:`~mailrelay.validate.RecipientValidator` (or its async twin), one resolver and one
+:class:`~mailrelay.dnscache.DNSCache`. The name servers are real: unbound serving the test
+zone (``tests/peers/unbound.py``) and the scriptable hostile server
+(``tests/peers/hostile_dns.py``: slow answers, silence, error codes). What must hold however
+the calls overlap:
+
+- every verdict is the one a single-threaded run on a fresh validator gives, and nothing
+  but a verdict comes out;
+- the cache holds each answer under its own question: never an A answer for an AAAA or MX
+  question, never one name's answer under another's;
+- a waiter that is cancelled or times out does not cancel or poison the lookup other
+  waiters share, nor leave anything behind that makes later lookups hang or answer wrong;
+- each call ends within the bound its timeout documents, and a slow domain does not hold
+  up the lookups of another domain;
+- DNS trouble is ``UNKNOWN``, never ``UNDELIVERABLE``;
+- the blocking resolver's threads are bounded and go when the resolver goes, and a
+  process with lookups in flight still exits.
+
+Bounds are hang guards (the configured timeouts times the queries a call may make, plus a
+margin), never speed measurements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import threading
+import time
+from collections.abc import Callable, Coroutine, Hashable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from mailrelay.dnscache import DNSCache
+from mailrelay.errors import ResolverError
+from mailrelay.resolver import MAX_MAIL_HOSTS, MailHosts, Resolver
+from mailrelay.validate import (
+    DEFAULT_SPECIAL_USE,
+    AsyncRecipientValidator,
+    RecipientValidator,
+    Validation,
+)
+from tests.peers.hostile_dns import Fault, HostileDNS, mx_records
+from tests.peers.unbound import BULK_DOMAINS, UnboundServer
+
+T = TypeVar("T")
+
+#: The test zones live under .test, a special-use name: these tests allow it.
+ALLOW_TEST = DEFAULT_SPECIAL_USE - {"test"}
+#: Threads sharing one validator.
+THREADS = 8
+#: Seconds one lookup may take against unbound on loopback (generous: CI is loaded).
+UNBOUND_TIMEOUT = 1.0
+#: Seconds one lookup may take against the hostile server.
+TIMEOUT = 0.3
+#: dnspython pauses this long before it gives up on a server that never answered.
+DNSPYTHON_BACKOFF = 0.1
+#: Added to every hang guard: start-up, a loaded machine, the garbage collector.
+MARGIN = 5.0
+
+_DNS_THREAD_PREFIX = "mailrelay-dns"
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one coroutine to completion in a fresh event loop (no pytest plugin)."""
+    return asyncio.run(coro)
+
+
+def budget(lookups: int, timeout: float = TIMEOUT) -> float:
+    """The most seconds ``lookups`` lookups may take one after another, plus the margin."""
+    return lookups * (timeout + DNSPYTHON_BACKOFF) + MARGIN
+
+
+def in_threads(count: int, work: Callable[[int], object], bound: float) -> list[object]:
+    """``work(i)`` for ``i`` in ``range(count)``, each in a thread, all started at once.
+
+    Returns each call's result, or the exception it raised (so the test can say which).
+    Fails when a thread is still running after ``bound`` seconds (the hang guard).
+    """
+    results: list[object] = [None] * count
+    barrier = threading.Barrier(count, timeout=bound)
+
+    def target(index: int) -> None:
+        try:
+            barrier.wait()
+            results[index] = work(index)
+        except BaseException as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + bound
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+    assert not any(thread.is_alive() for thread in threads), f"still running after {bound} s"
+    return results
+
+
+def dns_threads() -> int:
+    """How many of the blocking resolvers' query threads are alive."""
+    return sum(1 for t in threading.enumerate() if t.name.startswith(_DNS_THREAD_PREFIX))
+
+
+# -- comparing verdicts and cache entries -----------------------------------------------------
+
+
+def normal_hosts(found: MailHosts | None) -> object:
+    """``found`` without what may differ between two correct runs: the shuffle of equal
+    preferences (RFC 5321 §5.1) and the order in which a server rotates an RRset."""
+    if found is None:
+        return None
+    assert [h.preference for h in found.hosts] == sorted(h.preference for h in found.hosts)
+    hosts = sorted(
+        (h.preference, h.name, h.status, sorted(h.ipv4), sorted(h.ipv6)) for h in found.hosts
+    )
+    return (found.domain, found.status, found.null_mx, found.implicit, hosts)
+
+
+def verdict_of(result: object) -> object:
+    """A validation as two correct runs must agree on it."""
+    assert isinstance(result, Validation), f"not a verdict: {result!r}"
+    assert result.verdict is result.reason.verdict
+    address = None if result.address is None else str(result.address)
+    hosts = normal_hosts(result.mail_hosts)
+    return (result.input, result.verdict, result.reason, address, result.detail, hosts)
+
+
+class RecordingCache(DNSCache):
+    """A cache that remembers every entry put into it, to check each against its key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.puts: list[tuple[Hashable, object]] = []
+        self._puts_lock = threading.Lock()
+
+    def put(self, key: Hashable, value: object, ttl: float) -> None:
+        with self._puts_lock:
+            self.puts.append((key, value))
+        super().put(key, value, ttl)
+
+
+def normal_entry(key: Hashable, value: object) -> object:
+    """A cache entry in a comparable form, after checking it answers its own question.
+
+    The resolver keys a query's answer by ``(name, type)`` and a domain's assembled mail
+    hosts by ``(domain, -1)``; an answer is a plain ``(status, records, ttl, detail)`` tuple.
+    """
+    assert isinstance(key, tuple)
+    name, kind = key
+    assert isinstance(name, str)
+    if isinstance(value, MailHosts):
+        assert kind == -1, f"mail hosts of {value.domain} under {key}"
+        assert value.domain == name, f"mail hosts of {value.domain} under {key}"
+        return normal_hosts(value)
+    if isinstance(value, ResolverError):
+        assert kind == -1, f"a domain's failure under {key}"
+        assert value.name == name, f"the failure of {value.name} under {key}"
+        return str(value)
+    assert isinstance(value, tuple)
+    status, records, ttl, detail = value
+    if int(kind) == 1:  # A
+        assert all(ipaddress.ip_address(r).version == 4 for r in records), (key, records)
+    elif int(kind) == 28:  # AAAA
+        assert all(ipaddress.ip_address(r).version == 6 for r in records), (key, records)
+    else:
+        assert int(kind) == 15, f"an answer under {key}"  # MX: (preference, target) pairs
+        assert all(isinstance(r, tuple) and len(r) == 2 for r in records), (key, records)
+    return (status, sorted(records), ttl, detail)
+
+
+def check_cache(cache: RecordingCache, reference: RecordingCache) -> None:
+    """Every entry put under a key is the entry a single-threaded run put under it."""
+    expected = {key: normal_entry(key, value) for key, value in reference.puts}
+    assert cache.puts
+    for key, value in cache.puts:
+        assert key in expected, f"{key} was never asked in the single-threaded run"
+        assert normal_entry(key, value) == expected[key], key
+
+
+# -- 1. one blocking validator shared by many threads -------------------------------------------
+
+#: Valid, null MX, implicit MX, NXDOMAIN, IDN (both forms), no mail host, CNAMEs, equal
+#: preferences, DNS trouble, literals, special-use names and syntax errors; duplicates and
+#: case variants included on purpose.
+ADDRESSES = [
+    "user@mailrelay.test",
+    "User.Name@MailRelay.TEST",
+    "u@nullmx.test",
+    "u@a-only.test",
+    "u@aaaa-only.test",
+    "u@both.test",
+    "u@nx.test",
+    "u@deeper.nx.test",
+    "u@café.test",
+    "usér@xn--caf-dma.test",
+    "u@nomail.test",
+    "u@dangling.test",
+    "u@halfdangling.test",
+    "u@mxcname.test",
+    "u@cname.test",
+    "u@samepref.test",
+    "u@failover.test",
+    "u@mx2.test",
+    "u@refused.test",
+    "u@timeout.test",
+    "u@[127.0.0.1]",
+    "user",
+    "us er@mailrelay.test",
+    "<u@mailrelay.test>",
+    "u@-bad-.test",
+    "u@example.com",
+    *(f"u{i}@{domain}" for i, domain in enumerate(BULK_DOMAINS[:12])),
+    "user@mailrelay.test",
+    "u@samepref.test",
+]
+
+
+def recording_validator(unbound: UnboundServer) -> RecipientValidator:
+    resolver = unbound.resolver(timeout=UNBOUND_TIMEOUT, cache=RecordingCache())
+    return RecipientValidator(resolver, special_use=ALLOW_TEST)
+
+
+@pytest.fixture(scope="module")
+def reference(unbound: UnboundServer) -> tuple[dict[str, object], RecordingCache]:
+    """Each address's verdict from a single-threaded run on a fresh validator, and its cache."""
+    validator = recording_validator(unbound)
+    verdicts = {a: verdict_of(validator.validate(a)) for a in ADDRESSES}
+    assert isinstance(validator.resolver.cache, RecordingCache)
+    return verdicts, validator.resolver.cache
+
+
+def test_threads_sharing_a_validator_get_the_single_threaded_verdicts(
+    unbound: UnboundServer, reference: tuple[dict[str, object], RecordingCache]
+) -> None:
+    verdicts, reference_cache = reference
+    validator = recording_validator(unbound)
+
+    def work(index: int) -> list[tuple[str, object]]:
+        # Each thread its own order of the list, one by one, then the whole list in bulk.
+        order = ADDRESSES * 2
+        random.Random(index).shuffle(order)
+        seen = [(a, verdict_of(validator.validate(a))) for a in order]
+        bulk = validator.validate_many(order)
+        return seen + [(a, verdict_of(r)) for a, r in zip(order, bulk, strict=True)]
+
+    # Every domain is looked up once (in-flight sharing, then the cache): the failing ones
+    # cost a timeout each, one after another at worst.
+    results = in_threads(THREADS, work, budget(len(ADDRESSES), UNBOUND_TIMEOUT))
+    for result in results:
+        assert isinstance(result, list), f"a thread raised {result!r}"
+        for address, verdict in result:
+            assert verdict == verdicts[address], address
+    assert isinstance(validator.resolver.cache, RecordingCache)
+    check_cache(validator.resolver.cache, reference_cache)
+
+
+def test_threads_sharing_one_cache_through_their_own_resolvers(
+    unbound: UnboundServer, reference: tuple[dict[str, object], RecordingCache]
+) -> None:
+    # Blocking and async resolvers of several threads, one cache.
+    verdicts, reference_cache = reference
+    cache = RecordingCache()
+
+    def work(index: int) -> list[tuple[str, object]]:
+        order = list(ADDRESSES)
+        random.Random(index).shuffle(order)
+        if index % 2:
+            resolver = unbound.async_resolver(timeout=UNBOUND_TIMEOUT, cache=cache)
+            validator = AsyncRecipientValidator(resolver, special_use=ALLOW_TEST)
+            bulk = run(validator.validate_many(order))
+            return [(a, verdict_of(r)) for a, r in zip(order, bulk, strict=True)]
+        blocking = RecipientValidator(
+            unbound.resolver(timeout=UNBOUND_TIMEOUT, cache=cache), special_use=ALLOW_TEST
+        )
+        return [(a, verdict_of(blocking.validate(a))) for a in order]
+
+    results = in_threads(THREADS, work, budget(len(ADDRESSES), UNBOUND_TIMEOUT))
+    for result in results:
+        assert isinstance(result, list), f"a thread raised {result!r}"
+        for address, verdict in result:
+            assert verdict == verdicts[address], address
+    check_cache(cache, reference_cache)
+
+
+# -- 3. slow and silent name servers ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dns_server() -> Iterator[HostileDNS]:
+    with HostileDNS() as server:
+        yield server
+    assert not server.errors
+
+
+@pytest.fixture
+def server(dns_server: HostileDNS) -> HostileDNS:
+    dns_server.reset()
+    return dns_server
+
+
+def exchangers(server: HostileDNS, domain: str, count: int, fault: Fault | None = None) -> None:
+    """``domain`` with ``count`` exchangers of equal preference, each with an IPv4 address,
+    each answering with ``fault`` (none: at once)."""
+    names = [f"mx{i}.{domain}" for i in range(count)]
+    server.add(domain, "MX", *mx_records([(10, f"{name}.") for name in names]))
+    for i, name in enumerate(names):
+        server.add(name, "A", f"192.0.2.{i + 1}")
+        if fault is not None:
+            server.fault(name, "*", fault)
+
+
+def test_a_slow_domain_does_not_hold_up_another_domains_exchangers() -> None:
+    # One domain's 16 exchangers answer only when the test lets them (when the server
+    # stops), so their 32 queries keep threads busy; meanwhile another domain, whose server
+    # answers at once, is looked up with the same resolver. Its exchangers' queries must not
+    # wait for threads the slow domain holds: a blocking mail_hosts call costs about two
+    # timeouts (docs/validation.md), not one per other caller's slow queries. Before the fix
+    # the resolver's one pool of 32 threads was full, so the fast domain's lookup could not
+    # end before the slow answers came.
+    hold = 5.0  # the slow answers come when the server stops, at the latest after this
+    guard = 3.0  # the fast lookup's hang guard: it needs a few milliseconds
+    with HostileDNS() as held:
+        held.delay = hold
+        exchangers(held, "slow.test", MAX_MAIL_HOSTS, Fault.SLOW)
+        exchangers(held, "fast.test", 4)
+        resolver = Resolver(["127.0.0.1"], port=held.port, timeout=hold + 1.0)
+        slow: list[object] = []
+        fast: list[object] = []
+        slow_thread = threading.Thread(
+            target=lambda: slow.append(resolver.mail_hosts("slow.test")), daemon=True
+        )
+        slow_thread.start()
+        for _ in range(200):  # until every slow query has reached the server (at most 10 s)
+            if held.most_waiting >= 2 * MAX_MAIL_HOSTS or not slow_thread.is_alive():
+                break
+            time.sleep(0.05)
+        assert held.most_waiting == 2 * MAX_MAIL_HOSTS
+        fast_thread = threading.Thread(
+            target=lambda: fast.append(resolver.mail_hosts("fast.test")), daemon=True
+        )
+        fast_thread.start()
+        fast_thread.join(guard)
+        fast_done_first = not fast_thread.is_alive() and slow_thread.is_alive()
+    # The server has stopped: the held answers went out, and every lookup can end.
+    for thread in (slow_thread, fast_thread):
+        thread.join(hold + MARGIN)
+        assert not thread.is_alive()
+    assert fast_done_first, "the fast domain waited for the slow domain's answers"
+    (found,) = fast
+    assert isinstance(found, MailHosts)
+    assert sorted(h.name for h in found.usable_hosts) == [f"mx{i}.fast.test" for i in range(4)]
+    (found,) = slow
+    assert isinstance(found, MailHosts)
+    assert len(found.usable_hosts) == MAX_MAIL_HOSTS
