@@ -423,3 +423,63 @@ def test_a_cancelled_aclose_leaves_no_connection_open(ticks: int, server: Server
     gc.collect()  # a socket left unclosed warns here (an error under pytest)
     ledger.check(server.seen.tags())
     assert server.seen.wait_all_closed(), "a connection outlived aclose()"
+
+
+# -- 5. one send cancelled at every turn of the event loop ---------------------------------------
+
+SWEEP_POOLS = {
+    # The send opens a connection.
+    "fresh": PoolSettings(size=1),
+    # The send takes an idle connection as it is.
+    "reused": PoolSettings(size=1),
+    # The send checks an idle connection with NOOP first.
+    "noop-checked": PoolSettings(size=1, health_check_after=1e-6),
+    # The send QUITs the connection after its message (one message per connection).
+    "replaced": PoolSettings(size=1, max_messages=1),
+}
+#: Cancellation points swept: turns of the event loop, and moments up to 30 ms.
+SWEEP = 60
+
+
+@pytest.mark.parametrize("call", ["send", "many"])
+@pytest.mark.parametrize("mode", sorted(SWEEP_POOLS))
+def test_a_send_cancelled_at_any_turn_leaves_the_pool_sound(
+    mode: str, call: str, server: Server
+) -> None:
+    pool = SWEEP_POOLS[mode]
+    ledger = Ledger()
+
+    async def once(turns: int) -> None:
+        transport = AsyncSMTPTransport(
+            "127.0.0.1", server.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=pool
+        )
+        async with transport:
+            if mode != "fresh":
+                before = f"before-{mode}-{call}-{turns}"
+                ledger.record([before], [await transport.asend(tagged(before))])
+            plan = TaskPlan(
+                tags=[f"cut-{mode}-{call}-{turns}-{i}" for i in range(1 if call == "send" else 3)],
+                call=call,
+                start=0,
+                deadline=None,
+                cancel_after=turns,
+            )
+            task = asyncio.ensure_future(sender(transport, plan, ledger))
+            # Turns of the loop, and (connecting takes a thread's getaddrinfo) moments.
+            await cancel_later(task, turns if turns % 2 == 0 else turns * 0.0005)
+            await asyncio.wait([task], timeout=GUARD)
+            assert task.done()
+            # The slot is free and the pool sound: the next message goes through.
+            after = f"after-{mode}-{call}-{turns}"
+            async with asyncio.timeout(GUARD):
+                ledger.record([after], [await transport.asend(tagged(after))])
+
+    async def main() -> None:
+        for turns in range(SWEEP):
+            await once(turns)
+
+    run(main())
+    gc.collect()  # a socket left unclosed warns here (an error under pytest)
+    ledger.check(server.seen.tags())
+    assert server.seen.most_at_once <= pool.size
+    assert server.seen.wait_all_closed(), "a connection outlived aclose()"
