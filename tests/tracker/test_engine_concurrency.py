@@ -72,6 +72,12 @@ def run(coro: Coroutine[Any, Any, R]) -> R:
     return asyncio.run(coro)
 
 
+@pytest.fixture(autouse=True)
+def _replayable() -> None:
+    """Name the seed of the random choices (pytest shows it with a failure's output)."""
+    print(f"MAILRELAY_CONCURRENCY_SEED={SEED}")
+
+
 class Sequencer:
     """Makes messages with unique ``X-Seq`` headers, from any thread."""
 
@@ -321,7 +327,7 @@ def test_arun_forever_cancelled_at_random_moments_then_resumed(
     sequencer = Sequencer()
     seqs: dict[str, int] = {}
     events = Events()
-    cancels = 4
+    cancels = 8
     commit_batch = 5
 
     async def submit_some(tracker: AsyncDeliveryTracker, count: int) -> None:
@@ -510,3 +516,278 @@ def test_a_cancelled_async_run_leaves_nothing_leased_and_loses_no_event(
         store.release.set()
         store.close()
         run(transport.aclose())
+
+
+# -- 3. callbacks that call back into the tracker --------------------------------------------
+
+
+class Reentrant:
+    """What the re-entrant callbacks do and saw, for one tracker.
+
+    Messages come in pairs (two one-recipient messages submitted together); the first of
+    a pair to be delivered cancels the other, which the runner holds in the same claimed
+    batch, not sent yet (``commit_batch=1``: each result is committed, and its event
+    fired, before the next transaction is taken). Every delivered original submits one
+    follow-up (a follow-up submits nothing). Every callback reads ``status`` and expects
+    what the event reports (events fire after the commit).
+    """
+
+    def __init__(self, sequencer: Sequencer) -> None:
+        self.sequencer = sequencer
+        self.partner: dict[str, str] = {}
+        self.seqs: dict[str, int] = {}
+        self.followups: set[str] = set()
+        self.cancelled: set[str] = set()
+        self.errors: list[BaseException] = []
+
+    def add_pairs(self, ids: Sequence[str], seqs: Sequence[int]) -> None:
+        """Remember messages submitted in pairs, in order."""
+        self.seqs.update(zip(ids, seqs, strict=True))
+        for first, second in zip(ids[::2], ids[1::2], strict=True):
+            self.partner[first], self.partner[second] = second, first
+
+    def seen(self, event: TrackerEvent, record: MessageRecord) -> None:
+        """The snapshot ``status`` gave a callback of ``event`` must show the event."""
+        assert event.recipient is not None
+        assert record.recipient(event.recipient.address).state is event.recipient.state
+
+    def boom(self, event: TrackerEvent) -> None:
+        """A callback that always raises (logged and skipped by the runner)."""
+        raise RuntimeError(f"a broken callback ({event.tracking_id})")
+
+
+def check_broken_logged(
+    caplog: pytest.LogCaptureFixture, events: Events, *, per_event: int
+) -> None:
+    """Each broken callback's failure for each ``delivered`` event was logged, and only those."""
+    failures = [r for r in caplog.records if r.name == "mailrelay.tracker.events"]
+    delivered = sum(count for key, count in events.fired.items() if key[2] == "delivered")
+    assert len(failures) == per_event * delivered
+    for record in failures:
+        assert record.exc_info is not None
+        assert isinstance(record.exc_info[1], RuntimeError), record.exc_info
+
+
+def _check_reentrant(
+    records: dict[str, MessageRecord], calls: Reentrant, server: AiosmtpdServer, events: Events
+) -> None:
+    assert not calls.errors, calls.errors
+    assert set(records) == set(calls.seqs)
+    check_outcome(records, calls.seqs, calls.cancelled, server, events)
+    for first, second in calls.partner.items():
+        states = {records[first].recipients[0].state, records[second].recipients[0].state}
+        assert states == {State.DELIVERED, State.CANCELLED}, (first, second, states)
+    counts = received(server)
+    # A partner cancelled from the callback was left out of the batch: never sent.
+    for tracking_id in calls.cancelled:
+        (recipient,) = records[tracking_id].recipients
+        assert not recipient.attempts, recipient
+        assert counts[(calls.seqs[tracking_id], str(recipient.address))] == 0
+    delivered_originals = sum(
+        record.recipients[0].state is State.DELIVERED
+        for tracking_id, record in records.items()
+        if tracking_id in calls.partner
+    )
+    assert len(calls.followups) == delivered_originals == len(calls.partner) // 2
+
+
+def test_sync_callbacks_that_submit_cancel_and_read_during_run_forever(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_aiosmtpd(starttls=False, auth=False)
+    store = SQLiteStore(tmp_path / "outbox.db")
+    tracker = DeliveryTracker(smtp(server), store, batch_size=20, commit_batch=1)
+    calls = Reentrant(Sequencer())
+    events = Events()
+    tracker.on("delivered", calls.boom)  # registered first: the others still run
+    events.listen(tracker)
+
+    def delivered(event: TrackerEvent) -> None:
+        try:
+            calls.seen(event, tracker.status(event.tracking_id))
+            partner = calls.partner.get(event.tracking_id)
+            if partner is None:
+                return  # a follow-up
+            if tracker.cancel(partner):
+                calls.cancelled.add(partner)
+            seq, message = calls.sequencer.message()
+            followup = tracker.submit(message)
+            calls.seqs[followup] = seq
+            calls.followups.add(followup)
+        except BaseException as exc:
+            calls.errors.append(exc)
+            raise
+
+    tracker.on("delivered", delivered)
+    stop = threading.Event()
+    threads = Threads()
+    deadline = time.monotonic() + BOUND
+    pairs = [calls.sequencer.message() for _ in range(12)]
+    # Submitted before the runner starts, so each pair is in one claimed batch.
+    calls.add_pairs(tracker.submit_many(m for _, m in pairs), [seq for seq, _ in pairs])
+    runner = threads.start(lambda: tracker.run_forever(stop, idle=IDLE), "runner")
+    for _ in range(10_000):
+        followed = len(calls.followups) == len(pairs) // 2
+        if followed and store.next_due() is None and not store.find(state=State.SENDING):
+            break
+        assert time.monotonic() < deadline, "the runner left work undone"
+        assert runner.is_alive(), threads.errors
+        time.sleep(0.01)
+    stop.set()
+    threads.join([runner], deadline)
+    assert not threads.errors, threads.errors
+    _check_reentrant(store.get_many(list(calls.seqs)), calls, server, events)
+    check_broken_logged(caplog, events, per_event=1)
+    tracker.close()
+
+
+def test_async_callbacks_that_submit_cancel_and_read_during_arun_forever(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_aiosmtpd(starttls=False, auth=False)
+    path = tmp_path / "outbox.db"
+    calls = Reentrant(Sequencer())
+    events = Events()
+
+    async def main() -> dict[str, MessageRecord]:
+        tracker = AsyncDeliveryTracker(
+            async_smtp(server), SQLiteStore(path), batch_size=20, commit_batch=1
+        )
+        tracker.on("delivered", calls.boom)
+
+        async def broken(event: TrackerEvent) -> None:
+            await asyncio.sleep(0)
+            raise RuntimeError("a broken coroutine callback")
+
+        tracker.on("delivered", broken)
+        events.listen(tracker)
+
+        async def delivered(event: TrackerEvent) -> None:
+            try:
+                calls.seen(event, await tracker.astatus(event.tracking_id))
+                calls.seen(event, tracker.status(event.tracking_id))  # blocking, in the loop
+                partner = calls.partner.get(event.tracking_id)
+                if partner is None:
+                    return
+                if await tracker.acancel(partner):
+                    calls.cancelled.add(partner)
+                seq, message = calls.sequencer.message()
+                followup = await tracker.asubmit(message)
+                calls.seqs[followup] = seq
+                calls.followups.add(followup)
+            except BaseException as exc:
+                calls.errors.append(exc)
+                raise
+
+        tracker.on("delivered", delivered)
+        pairs = [calls.sequencer.message() for _ in range(12)]
+        ids = await tracker.asubmit_many(m for _, m in pairs)
+        calls.add_pairs(ids, [seq for seq, _ in pairs])
+        stop = asyncio.Event()
+        runner = asyncio.create_task(tracker.arun_forever(stop, idle=IDLE, concurrency=1))
+        async with asyncio.timeout(BOUND):
+            while not (
+                len(calls.followups) == len(pairs) // 2 and await tracker.anext_due() is None
+            ):
+                assert not runner.done(), runner
+                await asyncio.sleep(0.01)
+            stop.set()
+            await runner
+        records = tracker.store.get_many(list(calls.seqs))
+        await tracker.aclose()
+        return records
+
+    records = run(main())
+    _check_reentrant(records, calls, server, events)
+    check_broken_logged(caplog, events, per_event=2)
+
+
+# -- 4. a sync and an async tracker on one SQLite file, both running --------------------------
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["two-stores", "one-store-object"])
+def test_a_sync_and_an_async_runner_on_one_database(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path, shared: bool
+) -> None:
+    """``run_forever`` in a thread and ``arun_forever`` in the main thread's loop, over one
+    file (through two ``SQLiteStore`` objects, or one shared); each tracker gets
+    submissions, and cancels go through the other tracker (so they reach the runner only
+    through the store: a message it claimed before may still go out, and is then
+    CANCELLED with the server's answer in its history)."""
+    rng = random.Random(SEED)
+    server = make_aiosmtpd(starttls=False, auth=False)
+    path = tmp_path / "outbox.db"
+    sync_store = SQLiteStore(path)
+    sync_tracker = DeliveryTracker(smtp(server), sync_store, batch_size=5, commit_batch=5)
+    events = Events()
+    events.listen(sync_tracker)
+    sequencer = Sequencer()
+    seqs: dict[str, int] = {}
+    owner: dict[str, DeliveryTracker | AsyncDeliveryTracker] = {}
+    cancelled: set[str] = set()
+    stop = threading.Event()
+    threads = Threads()
+    deadline = time.monotonic() + BOUND
+
+    def submit_sync(count: int) -> list[str]:
+        made = []
+        for index in range(count):
+            if index % 2:
+                seq, message = sequencer.message(2)
+                ids, numbers = [sync_tracker.submit(message)], [seq]
+            else:
+                pairs = [sequencer.message() for _ in range(3)]
+                ids = sync_tracker.submit_many(m for _, m in pairs)
+                numbers = [seq for seq, _ in pairs]
+            seqs.update(zip(ids, numbers, strict=True))
+            made.extend(ids)
+            time.sleep(0.002)
+        return made
+
+    async def main() -> None:
+        store = sync_store if shared else SQLiteStore(path)
+        tracker = AsyncDeliveryTracker(async_smtp(server), store, batch_size=5, commit_batch=5)
+        events.listen(tracker)
+        astop = asyncio.Event()
+        arunner = asyncio.create_task(tracker.arun_forever(astop, idle=IDLE, concurrency=2))
+        async with asyncio.timeout(BOUND):
+            for _ in range(6):
+                from_sync = asyncio.create_task(asyncio.to_thread(submit_sync, 4))
+                pairs = [sequencer.message(rng.choice((1, 2))) for _ in range(4)]
+                ids = await tracker.asubmit_many(m for _, m in pairs)
+                seqs.update(zip(ids, (seq for seq, _ in pairs), strict=True))
+                owner.update(dict.fromkeys(ids, tracker))
+                owner.update(dict.fromkeys(await from_sync, sync_tracker))
+                # Cancel a few of the newest through the tracker that did not submit them.
+                for tracking_id in rng.sample(sorted(owner)[-12:], 3):
+                    if owner[tracking_id] is tracker:
+                        taken = await asyncio.to_thread(sync_tracker.cancel, tracking_id)
+                    else:
+                        taken = await tracker.acancel(tracking_id)
+                    if taken:
+                        cancelled.add(tracking_id)
+                await asyncio.sleep(rng.random() * 0.02)
+            # Both runners together empty the queue: each woken by its own submissions.
+            while await tracker.anext_due() is not None or await tracker.afind(
+                state=State.SENDING, limit=1
+            ):
+                assert not arunner.done(), arunner
+                await asyncio.sleep(0.01)
+            astop.set()
+            await arunner
+        if shared:
+            await tracker.transport.aclose()  # the store is the sync tracker's to close
+        else:
+            await tracker.aclose()
+
+    runner = threads.start(lambda: sync_tracker.run_forever(stop, idle=IDLE), "sync-runner")
+    run(main())
+    stop.set()
+    threads.join([runner], deadline)
+    assert not threads.errors, threads.errors
+    reopened = SQLiteStore(path)
+    records = reopened.get_many(list(seqs))
+    reopened.close()
+    sync_tracker.close()
+    assert set(records) == set(seqs)
+    check_outcome(records, seqs, cancelled, server, events)
