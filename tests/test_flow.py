@@ -1434,6 +1434,57 @@ def test_deliver_many_writes_a_large_message_data_at_its_354_and_its_terminator_
     assert len(joined) == 4
 
 
+@pytest.mark.parametrize("stray", [QUEUED, lines(250, "2.0.0 Ok"), b"2"])
+@pytest.mark.parametrize("how", ["pipelined", "one at a time", "batch", "lmtp batch"])
+def test_bytes_after_the_354_end_the_session_before_the_message(stray: bytes, how: str) -> None:
+    # After 354 the server waits for the data: a reply then answers nothing, and read as
+    # the message's final reply it would report a delivery the server never confirmed.
+    lmtp = how == "lmtp batch"
+    hello = lines(250, "mx.example.net", "PIPELINING") if how != "one at a time" else PLAIN_EHLO
+    session = Session(config(lmtp=lmtp))
+    driver = Driver([GREETING, hello])
+    driver.run(session.open())
+    refused = lines(550, "5.1.1 no such user")
+    if how == "one at a time":
+        driver.pieces = [OK, refused, OK, GO_AHEAD + stray, QUEUED]
+    else:
+        driver.pieces = [OK + refused + OK + GO_AHEAD + stray, QUEUED]
+    item = (message(), envelope("gone@example.net", "bob@example.net"))
+    if how.endswith("batch"):
+        outcome = driver.run(session.deliver_many([item]))
+        (result,) = outcome.results
+        assert result is not None
+    else:
+        result = driver.run(session.deliver(*item))
+    # The refused recipient keeps its own answer; the other was never sent the message.
+    assert outcomes(result) == [
+        ("gone@example.net", Outcome.PERMANENT, 550),
+        ("bob@example.net", Outcome.TRANSIENT, None),
+    ]
+    assert "354" in (result.recipients[1].reason or "")
+    assert session.closed
+    assert driver.closed
+    assert b"Subject: test" not in driver.sent
+
+
+def test_bytes_after_the_354_leave_every_recipient_transient() -> None:
+    # As for a 2xx to DATA: the message was not sent, so it may go again later.
+    session, driver = opened([GREETING, PIPE, OK + OK + GO_AHEAD + QUEUED, QUEUED])
+    result = driver.run(session.deliver(message(), envelope()))
+    assert outcomes(result) == [("bob@example.net", Outcome.TRANSIENT, None)]
+    assert "354" in (result.recipients[0].reason or "")
+    assert session.closed
+    assert b"Subject: test" not in driver.sent
+
+
+def test_one_at_a_time_a_reply_beyond_mail_s_raises_before_rcpt() -> None:
+    session, driver = opened([GREETING, PLAIN_EHLO, OK + lines(550, "5.1.1 no"), OK])
+    with pytest.raises(ServerProtocolError, match="after MAIL"):
+        driver.run(session.deliver(message(), envelope()))
+    assert session.closed
+    assert b"RCPT" not in driver.sent
+
+
 def test_deliver_many_writes_the_next_envelope_after_the_data_before_reading() -> None:
     scripts = [{"mail": 250, "rcpts": [250], "finals": [250]}] * 3
     session, server = model_session(scripts)
@@ -1636,6 +1687,20 @@ def test_probe_cut_short_keeps_the_answers_it_got(ending: bytes) -> None:
     assert [r.code if r else None for r in probe.recipients] == [550, None]
     assert probe.ended
     assert session.closed
+
+
+@pytest.mark.parametrize("stray", [OK, lines(550, "5.1.1 no such user"), b"x\r\n"])
+def test_probe_stops_at_a_reply_nobody_asked_for(stray: bytes) -> None:
+    # Without pipelining each reply answers the one command in flight; one more, received
+    # with MAIL's, would be read as the first RCPT's verdict.
+    session, driver = opened([GREETING, PIPE, OK + stray, lines(550, "5.1.1 no"), OK])
+    probe = driver.run(session.probe(None, addresses("a@example.net")))
+    assert probe.mail is not None
+    assert probe.mail.code == 250
+    assert probe.recipients == (None,)
+    assert probe.ended
+    assert session.closed
+    assert b"RCPT" not in driver.sent
 
 
 def test_probe_on_a_closed_session_raises() -> None:

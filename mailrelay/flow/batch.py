@@ -303,6 +303,7 @@ class _Batch(_Delivery):
                         data_reply.code == 354
                         and message.size <= _requests._JOIN_LIMIT
                         and transaction.open  # not all_final(), inlined
+                        and not conn.has_unread  # else _data_body ends the session
                     ):
                         # Sent with the next message's envelope (or before the last read).
                         carry = self._data_commands(message, debug)

@@ -139,6 +139,21 @@ class _SessionCore:
         reply = yield from self._check_closing(event)
         return reply
 
+    def _sole_reply(self, phase: str, verb: str) -> Step[Reply]:
+        """The reply to the one command in flight, without pipelining (see
+        :meth:`_nothing_more`)."""
+        reply = yield from self._reply(phase)
+        yield from self._nothing_more(verb)
+        return reply
+
+    def _nothing_more(self, verb: str) -> Step[None]:
+        """After the reply to ``verb``, with nothing else in flight: a reply beyond it,
+        already received with it, closes the session and raises (see
+        :meth:`_close_if_unsolicited`), since it would answer the next command."""
+        unasked = yield from self._close_if_unsolicited(f"after {verb}")
+        if unasked is not None:
+            raise unasked
+
     def _check_closing(self, event: Event) -> Step[Reply]:
         """The event's reply, unless the server is ending the session (``_SessionClosed``)."""
         if isinstance(event, ConnectionClosed):

@@ -258,13 +258,13 @@ class _Delivery(_Opening):
     ) -> Step[None]:
         """MAIL and each RCPT, one at a time (no PIPELINING)."""
         yield from self._write(mail, phase="mail")
-        mail_reply = yield from self._reply("mail")
+        mail_reply = yield from self._sole_reply("mail", "MAIL")
         if not mail_reply.is_positive:
             transaction.settle_all(mail_reply)
             return
         for index, rcpt in enumerate(rcpts):
             yield from self._write(rcpt, phase="rcpt")
-            reply = yield from self._reply("rcpt")
+            reply = yield from self._sole_reply("rcpt", "RCPT")
             transaction.rcpt_replies[index] = reply
             if not reply.is_positive:
                 transaction.settle(index, reply)
@@ -317,6 +317,18 @@ class _Delivery(_Opening):
             else:
                 transaction.settle_all(data_reply)
             return False
+        if self._conn.has_unread:
+            # After 354 the server waits for the data (RFC 5321 §4.1.1.4): nothing it sends
+            # now answers anything, and it would be read as the message's final reply, a
+            # delivery the server never confirmed. The session is out of step: end it.
+            transaction.unfinished(None, "the server sent more after its 354")
+            yield from self._closed()
+            raise ServerProtocolError(
+                "the server sent more after its 354 to DATA, before the message; its "
+                "replies no longer match the commands",
+                reply=data_reply,
+                host=self.config.peer,
+            )
         if message.size <= _requests._JOIN_LIMIT:
             # A small message goes out as one request with its terminator.
             yield Write(data=self._data_wire(message), phase="data_block")
@@ -459,14 +471,21 @@ class _Delivery(_Opening):
                 MailFrom(sender=sender, parameters=params, smtputf8=utf8), phase="mail"
             )
             mail = yield from self._reply("mail")
+            yield from self._nothing_more("MAIL")
             if mail.is_positive:
                 for index, address in enumerate(recipients):
                     yield from self._write(RcptTo(recipient=address, smtputf8=utf8), phase="rcpt")
-                    replies[index] = yield from self._reply("rcpt")
+                    replies[index] = yield from self._sole_reply("rcpt", "RCPT")
             try:
                 yield from self._rset()  # RFC 5321 §4.1.1.5: abandon it; no mail is sent
             except ServerProtocolError as exc:
                 log.debug("RSET after a probe failed: %s", exc)  # the answers are in already
         except _SessionClosed:
             pass  # partial answers; the session is closed
+        except ServerProtocolError as exc:
+            if not self.closed:
+                raise
+            # A reply beyond the one owed (_sole_reply): the answers read before it stand,
+            # the rest are unknown; the session is closed.
+            log.debug("probe ended: %s", exc)
         return ProbeResult(mail=mail, recipients=tuple(replies), ended=self.closed)

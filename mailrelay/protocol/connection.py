@@ -200,6 +200,13 @@ class ClientConnection:
         return tuple(entry[0] for entry in self._pending)
 
     @property
+    def has_unread(self) -> bool:
+        """Whether bytes have been received that no event has consumed yet (a reply, part
+        of one, or an error to report). With nothing in :attr:`pending`, anything here was
+        sent unasked."""
+        return self._reader.has_data
+
+    @property
     def accepted_recipients(self) -> tuple[Address, ...]:
         """Recipients whose RCPT got a 2xx in the transaction being answered (LMTP bookkeeping)."""
         return tuple(rcpt.recipient for rcpt in self._accepted)

@@ -22,6 +22,7 @@ from mailrelay.results import Outcome
 from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
 from tests.peers.scripted import (
     ANY,
+    MESSAGE,
     Action,
     ScriptedServerFactory,
     Step,
@@ -494,6 +495,34 @@ def test_a_reply_after_the_ehlo_reply_fails_the_session_before_mail(
     with pytest.raises(ServerProtocolError, match="while opening the session"):
         send_with(flavour, make_message(to=("bob@example.com",)), **plain(server.port))
     assert not any(line.startswith(b"MAIL") for line in server.session(0).lines)
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["send", "send_many"])
+def test_a_reply_sent_with_the_354_is_not_taken_for_the_final_one(
+    flavour: Flavour, scripted_server: ScriptedServerFactory, many: bool
+) -> None:
+    # The server sends a 250 with its 354, then refuses the message: read as the final
+    # reply, that 250 would report a delivery the server never made. The message must not
+    # be sent on a session that is out of step; it stays TRANSIENT (to try again).
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                ehlo("PIPELINING"),
+                Step(expect=r"MAIL FROM:.*", reply=b"250 2.1.0 Ok\r\n"),
+                Step(expect=r"RCPT TO:.*", reply=b"250 2.1.5 Ok\r\n"),
+                Step(expect="DATA", reply=b"354 go ahead\r\n250 2.0.0 Ok: queued as EARLY\r\n"),
+                Step(expect=MESSAGE, reply=b"550 5.7.1 refused after all\r\n"),
+                quit_step(),
+            ]
+        ]
+    )
+    message = make_message(to=("bob@example.com",))
+    sender = send_many_with if many else send_each_with
+    (result,) = sender(flavour, [message], **plain(server.port))
+    assert [r.outcome for r in result.recipients] == [Outcome.TRANSIENT]
+    assert "354" in (result.recipients[0].reason or "")
+    assert b"Subject: Hello" not in bytes(server.session(0).received)
 
 
 def test_an_idle_tls_connection_is_reused(
