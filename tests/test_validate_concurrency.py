@@ -34,13 +34,16 @@ from collections.abc import Callable, Coroutine, Hashable, Iterator
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mailrelay.dnscache import DNSCache
 from mailrelay.errors import ResolverError
-from mailrelay.resolver import MAX_MAIL_HOSTS, MailHosts, Resolver
+from mailrelay.resolver import MAX_MAIL_HOSTS, AsyncResolver, MailHosts, Resolver
 from mailrelay.validate import (
     DEFAULT_SPECIAL_USE,
     AsyncRecipientValidator,
+    Reason,
     RecipientValidator,
     Validation,
 )
@@ -357,3 +360,105 @@ def test_a_slow_domain_does_not_hold_up_another_domains_exchangers() -> None:
     (found,) = slow
     assert isinstance(found, MailHosts)
     assert len(found.usable_hosts) == MAX_MAIL_HOSTS
+
+
+# -- 2. async waiters cancelled at random moments ---------------------------------------------
+
+#: Each domain of the cancellation zone and the reason a validation of it must give.
+CANCEL_ZONE = {
+    "good.test": Reason.OK,
+    "null.test": Reason.NULL_MX,
+    "implicit.test": Reason.OK,
+    "nx.test": Reason.NO_SUCH_DOMAIN,
+    "broken.test": Reason.TEMPFAIL,
+    "halfbroken.test": Reason.OK,
+}
+#: Seconds a slow answer waits: long enough for waiters to pile up and be cancelled.
+SLOW_DELAY = 0.05
+#: The async tests' lookup timeout: well above SLOW_DELAY, even on a loaded machine.
+ASYNC_TIMEOUT = 2.0
+
+
+def cancel_zone(server: HostileDNS) -> None:
+    """Slow answers wherever a lookup can be shared: MX queries and exchangers' A/AAAA."""
+    server.reset()
+    server.delay = SLOW_DELAY
+    server.add("good.test", "MX", *mx_records([(10, "mx1.good.test."), (20, "mx2.good.test.")]))
+    server.add("mx1.good.test", "A", "192.0.2.1")
+    server.add("mx2.good.test", "A", "192.0.2.2")
+    server.add("null.test", "MX", "0 .")
+    server.add("implicit.test", "A", "192.0.2.3")
+    server.add("broken.test", "A", "192.0.2.4")
+    server.add(
+        "halfbroken.test", "MX", *mx_records([(10, "bad.halfbroken.test."), (20, "mx1.good.test.")])
+    )
+    for name in ("good.test", "mx1.good.test", "null.test", "implicit.test"):
+        server.fault(name, "*", Fault.SLOW)
+    server.fault("broken.test", "MX", Fault.SERVFAIL)
+    server.fault("bad.halfbroken.test", "*", Fault.SERVFAIL)
+
+
+async def cancel_at_random(validator: AsyncRecipientValidator, rng: random.Random) -> None:
+    """Many tasks for the few domains of the zone, some under ``asyncio.timeout``, some
+    cancelled at random moments; those left alone must get the zone's verdicts."""
+    domains = sorted(CANCEL_ZONE)
+
+    async def within(seconds: float, address: str) -> Validation | None:
+        try:
+            async with asyncio.timeout(seconds):
+                return await validator.validate(address)
+        except TimeoutError:
+            return None
+
+    tasks: list[tuple[str, asyncio.Task[Validation | None]]] = []
+    for index in range(40):
+        domain = rng.choice(domains)
+        address = f"user{index}@{domain}"
+        if rng.random() < 0.3:
+            coro = within(rng.uniform(0.0, 3 * SLOW_DELAY), address)
+        else:
+            coro = validator.validate(address)
+        tasks.append((domain, asyncio.ensure_future(coro)))
+    cancelled: set[int] = set()
+    for _ in range(12):
+        await asyncio.sleep(rng.uniform(0.0, SLOW_DELAY / 2))
+        index = rng.randrange(len(tasks))
+        if tasks[index][1].cancel():
+            cancelled.add(index)
+    async with asyncio.timeout(budget(3, ASYNC_TIMEOUT)):
+        results = await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
+    for index, ((domain, _), result) in enumerate(zip(tasks, results, strict=True)):
+        if index in cancelled:
+            assert isinstance(result, asyncio.CancelledError), (domain, result)
+        elif result is not None:  # None: its own asyncio.timeout ran out
+            assert isinstance(result, Validation), (domain, result)
+            assert result.reason is CANCEL_ZONE[domain], (domain, result)
+
+
+async def fresh_verdicts(validator: AsyncRecipientValidator) -> dict[str, Reason]:
+    """Each domain of the zone validated again, all at once, under a hang guard."""
+    domains = sorted(CANCEL_ZONE)
+    async with asyncio.timeout(budget(3, ASYNC_TIMEOUT)):
+        results = await asyncio.gather(*(validator.validate(f"again@{d}") for d in domains))
+    return {domain: result.reason for domain, result in zip(domains, results, strict=True)}
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(min_value=0, max_value=2**32 - 1))
+def test_cancelled_waiters_leave_the_shared_lookups_whole(server: HostileDNS, seed: int) -> None:
+    cancel_zone(server)
+    resolver = AsyncResolver(["127.0.0.1"], port=server.port, timeout=ASYNC_TIMEOUT)
+    validator = AsyncRecipientValidator(resolver, special_use=ALLOW_TEST)
+
+    async def scenario() -> dict[str, Reason]:
+        await cancel_at_random(validator, random.Random(seed))
+        return await fresh_verdicts(validator)
+
+    assert run(scenario()) == CANCEL_ZONE
+    # In a new event loop too (what the first loop left in flight must not get in the way).
+    assert run(fresh_verdicts(validator)) == CANCEL_ZONE
+    # However many waiters gave up, each lookup was made once and shared.
+    assert server.count("good.test") == 1
+    assert server.count("mx1.good.test") == 2  # A and AAAA, shared by two domains
