@@ -799,3 +799,206 @@ def test_a_sync_and_an_async_runner_on_one_database(
     sync_tracker.close()
     assert set(records) == set(seqs)
     check_outcome(records, seqs, cancelled, server, events)
+
+
+# -- 5. stopping the runners at random moments -----------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_runners_stopped_at_random_moments_send_each_message_once(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path, flavour: str
+) -> None:
+    """A stop flag set while submissions go on: the runner returns with nothing leased
+    (the chunks in flight finish and are recorded, the rest of the claim goes back: unlike
+    a cancel, a stop re-sends nothing), and a new tracker on the file carries on. In the
+    end every message was received exactly once."""
+    rng = random.Random(SEED)
+    server = make_aiosmtpd(starttls=False, auth=False)
+    path = tmp_path / "outbox.db"
+    sequencer = Sequencer()
+    seqs: dict[str, int] = {}
+    events = Events()
+    rounds = 6
+    threads = Threads()
+
+    def submit(tracker: DeliveryTracker | AsyncDeliveryTracker, count: int) -> None:
+        for _ in range(count):
+            pairs = [sequencer.message(rng.choice((1, 2))) for _ in range(rng.choice((1, 4)))]
+            ids = tracker.submit_many(m for _, m in pairs)
+            seqs.update(zip(ids, (seq for seq, _ in pairs), strict=True))
+            time.sleep(rng.random() * 0.003)
+
+    def sync_round(last: bool) -> None:
+        deadline = time.monotonic() + BOUND
+        tracker = DeliveryTracker(smtp(server), SQLiteStore(path), batch_size=8, commit_batch=4)
+        events.listen(tracker)
+        stop = threading.Event()
+        runner = threads.start(lambda: tracker.run_forever(stop, idle=IDLE), "runner")
+        feeder = threads.start(lambda: submit(tracker, 8), "feeder")
+        if last:
+            threads.join([feeder], deadline)
+            while tracker.next_due() is not None:
+                assert time.monotonic() < deadline, "the runner left work undone"
+                time.sleep(0.01)
+        else:
+            time.sleep(rng.random() * 0.03)
+        stop.set()
+        threads.join([runner, feeder], deadline)
+        assert not threads.errors, threads.errors
+        leased = tracker.find(state=State.SENDING)
+        assert not leased, [r.recipients for r in leased]
+        tracker.close()
+
+    async def async_round(last: bool) -> None:
+        tracker = AsyncDeliveryTracker(
+            async_smtp(server), SQLiteStore(path), batch_size=8, commit_batch=4
+        )
+        events.listen(tracker)
+        stop = asyncio.Event()
+        runner = asyncio.create_task(tracker.arun_forever(stop, idle=IDLE, concurrency=2))
+        async with asyncio.timeout(BOUND):
+            feeder = asyncio.create_task(asyncio.to_thread(submit, tracker, 8))
+            if last:
+                await feeder
+                while await tracker.anext_due() is not None:
+                    await asyncio.sleep(0.01)
+            else:
+                await asyncio.sleep(rng.random() * 0.03)
+            stop.set()
+            await runner
+            await feeder
+        leased = await tracker.afind(state=State.SENDING)
+        assert not leased, [r.recipients for r in leased]
+        await tracker.aclose()
+
+    for round_ in range(rounds + 1):
+        if flavour == "sync":
+            sync_round(round_ == rounds)
+        else:
+            run(async_round(round_ == rounds))
+    store = SQLiteStore(path)
+    records = store.get_many(list(seqs))
+    store.close()
+    assert set(records) == set(seqs)
+    assert check_outcome(records, seqs, set(), server, events) == 0
+
+
+# -- 6. a cancel from another thread or task while the runner holds the message ---------------
+
+
+class _HeldSyncTransport(SMTPTransport):
+    """Sends through the real server, but its first ``send_many`` waits for ``release``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def send_many(self, items: Iterable[BatchItem]) -> list[DeliveryResult]:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(BOUND), "never released"
+        return super().send_many(items)
+
+
+class _PausedTransport(AsyncSMTPTransport):
+    """Sends through the real server, but its first ``asend_many`` waits for ``release``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def asend_many(
+        self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]
+    ) -> list[DeliveryResult]:
+        if not self.entered.is_set():
+            self.entered.set()
+            await self.release.wait()
+        return await super().asend_many(items)
+
+
+def _check_left_out(
+    records: dict[str, MessageRecord], seqs: dict[str, int], server: AiosmtpdServer
+) -> None:
+    """Every message was cancelled while the first transaction of the claimed batch was
+    held in the transport: only that one went out (CANCELLED, the server's answer in its
+    history only); the others were left out of the batch (no attempt, never received)."""
+    counts = received(server)
+    assert sum(counts.values()) == 1, counts
+    for tracking_id, record in records.items():
+        (recipient,) = record.recipients
+        assert recipient.state is State.CANCELLED, recipient
+        sent = counts[(seqs[tracking_id], str(recipient.address))]
+        assert [a.code for a in recipient.attempts] == [250] * sent, recipient
+
+
+def test_a_cancel_from_another_thread_leaves_the_message_out_of_the_claimed_batch(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path
+) -> None:
+    """docs/tracker.md, Queries: a message cancelled through the tracker whose runner holds
+    it in a claimed batch, not sent yet, is left out of that batch (here from another
+    thread during ``run_forever``)."""
+    server = make_aiosmtpd(starttls=False, auth=False)
+    transport = _HeldSyncTransport(
+        server.host, server.port, tls=TLS.NONE, timeouts=Timeouts.all(10)
+    )
+    store = SQLiteStore(tmp_path / "outbox.db")
+    tracker = DeliveryTracker(transport, store, batch_size=10)
+    sequencer = Sequencer()
+    pairs = [sequencer.message() for _ in range(6)]
+    seqs = dict(zip(tracker.submit_many(m for _, m in pairs), (s for s, _ in pairs), strict=True))
+    stop = threading.Event()
+    threads = Threads()
+    deadline = time.monotonic() + BOUND
+    runner = threads.start(lambda: tracker.run_forever(stop, idle=IDLE), "runner")
+    try:
+        assert transport.entered.wait(BOUND)
+        cancelled = [tracking_id for tracking_id in seqs if tracker.cancel(tracking_id)]
+        # The held one is SENDING: cancelled too (its attempt may still deliver).
+        assert len(cancelled) == len(seqs)
+    finally:
+        transport.release.set()
+    while store.find(state=State.SENDING, limit=1):
+        assert time.monotonic() < deadline, "the held transaction was never recorded"
+        time.sleep(0.01)
+    stop.set()
+    threads.join([runner], deadline)
+    assert not threads.errors, threads.errors
+    _check_left_out(store.get_many(list(seqs)), seqs, server)
+    tracker.close()
+
+
+def test_a_cancel_from_another_task_or_thread_leaves_the_message_out_of_the_claimed_batch(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path
+) -> None:
+    """The same for ``arun_forever``: ``acancel`` from another task and ``cancel`` from
+    another thread while the first chunk is held in the transport."""
+    server = make_aiosmtpd(starttls=False, auth=False)
+    transport = _PausedTransport(server.host, server.port, tls=TLS.NONE, timeouts=Timeouts.all(10))
+    store = SQLiteStore(tmp_path / "outbox.db")
+    sequencer = Sequencer()
+    pairs = [sequencer.message() for _ in range(6)]
+
+    async def main() -> dict[str, int]:
+        tracker = AsyncDeliveryTracker(transport, store, batch_size=10)
+        ids = await tracker.asubmit_many(m for _, m in pairs)
+        stop = asyncio.Event()
+        runner = asyncio.create_task(tracker.arun_forever(stop, idle=IDLE, concurrency=1))
+        async with asyncio.timeout(BOUND):
+            await transport.entered.wait()
+            taken = [await tracker.acancel(tracking_id) for tracking_id in ids[::2]]
+            taken += await asyncio.to_thread(lambda: [tracker.cancel(t) for t in ids[1::2]])
+            assert all(taken), taken
+            transport.release.set()
+            while await tracker.afind(state=State.SENDING, limit=1):
+                await asyncio.sleep(0.01)
+            stop.set()
+            await runner
+        await tracker.aclose()
+        return dict(zip(ids, (seq for seq, _ in pairs), strict=True))
+
+    seqs = run(main())
+    reopened = SQLiteStore(tmp_path / "outbox.db")
+    _check_left_out(reopened.get_many(list(seqs)), seqs, server)
+    reopened.close()
