@@ -133,6 +133,15 @@ class ConcurrencyHandler(RecordingHandler):
                 found[match.group(1).decode()] += 1
         return found
 
+    def deliveries(self) -> Counter[tuple[str, str]]:
+        """How many times each tagged message was received for each recipient."""
+        found: Counter[tuple[str, str]] = Counter()
+        for message in list(self.messages):
+            match = _TAG.search(message.content)
+            if match is not None:
+                found.update((match.group(1).decode(), rcpt) for rcpt in message.rcpt_tos)
+        return found
+
     def wait_all_closed(self, timeout: float = 10.0) -> bool:
         """Wait (at most ``timeout`` seconds) until every connection has ended."""
         deadline = time.monotonic() + timeout
@@ -161,16 +170,19 @@ class _Controller(Controller):
         return _CountingSMTP(self.handler, **self.SMTP_kwargs)
 
 
-def start_concurrency_server(handler: ConcurrencyHandler) -> Controller:
-    """Start the server on 127.0.0.1 and a free port (plain text, no AUTH).
+def start_concurrency_server(
+    handler: ConcurrencyHandler, *, address: str = "127.0.0.1", port: int | None = None
+) -> Controller:
+    """Start the server on ``address`` (a loopback one) and ``port`` (by default a free one),
+    in plain text, without AUTH.
 
     Returns:
         The running controller; the caller stops it.
     """
     controller = _Controller(
         handler,
-        hostname="127.0.0.1",
-        port=free_port(),
+        hostname=address,
+        port=port if port is not None else free_port(),
         server_hostname=HOSTNAME,
         enable_SMTPUTF8=True,
         decode_data=False,

@@ -26,12 +26,17 @@ from collections.abc import AsyncIterator, Iterator
 
 import attrs
 import pytest
+from aiosmtpd.controller import Controller
 
 from mailrelay.errors import TransportClosed
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
+from mailrelay.transport.mx import MXTransport
+from mailrelay.transport.mx_async import AsyncMXTransport
+from tests.peers.scripted import free_port
+from tests.peers.unbound import UnboundServer
 from tests.transport.concurrency_server import (
     TAG_HEADER,
     ConcurrencyHandler,
@@ -483,3 +488,193 @@ def test_a_send_cancelled_at_any_turn_leaves_the_pool_sound(
     ledger.check(server.seen.tags())
     assert server.seen.most_at_once <= pool.size
     assert server.seen.wait_all_closed(), "a connection outlived aclose()"
+
+
+# -- 6. MX transports shared by threads and tasks, several domains per message ---------------------
+
+#: Test-zone domains (tests/peers/unbound.py) and the address of each one's exchanger:
+#: mailrelay.test and sink.mailrelay.test share mx.mailrelay.test (so they share sessions),
+#: a-only.test is its own exchanger at the same address, dom00/dom01 have their own addresses.
+MX_DOMAINS = {
+    "mailrelay.test": "127.0.0.1",
+    "sink.mailrelay.test": "127.0.0.1",
+    "a-only.test": "127.0.0.1",
+    "dom00.test": "127.0.1.1",
+    "dom01.test": "127.0.1.2",
+}
+MX_POOL = PoolSettings(size=2, max_messages=3, idle_timeout=30.0, health_check_after=1e-6)
+
+
+@attrs.frozen(kw_only=True)
+class Exchangers:
+    """The servers behind :data:`MX_DOMAINS`, all on one port."""
+
+    port: int
+    servers: dict[str, ConcurrencyHandler]
+
+    def deliveries(self) -> Counter[tuple[str, str]]:
+        total: Counter[tuple[str, str]] = Counter()
+        for handler in self.servers.values():
+            total += handler.deliveries()
+        return total
+
+    def all_closed(self) -> bool:
+        return all(handler.wait_all_closed() for handler in self.servers.values())
+
+
+@pytest.fixture
+def exchangers() -> Iterator[Exchangers]:
+    """A concurrency server on every exchanger address of :data:`MX_DOMAINS`, one port."""
+    addresses = sorted(set(MX_DOMAINS.values()))
+    controllers: list[Controller] = []
+    try:
+        for _ in range(20):  # a port free on every address (bounded tries)
+            for controller in controllers:
+                controller.stop()
+            controllers, handlers = [], {}
+            port = free_port()
+            try:
+                for address in addresses:
+                    handlers[address] = ConcurrencyHandler()
+                    controllers.append(
+                        start_concurrency_server(handlers[address], address=address, port=port)
+                    )
+            except (OSError, RuntimeError):
+                continue
+            break
+        yield Exchangers(port=port, servers=handlers)
+    finally:
+        for controller in controllers:
+            controller.stop()
+
+
+class MXLedger(Ledger):
+    """A :class:`Ledger` of MX sends: a message reaches each of its domains separately."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recipients: dict[str, list[str]] = {}
+
+    def check_mx(self, received: Counter[tuple[str, str]]) -> None:
+        assert not self.errors, self.errors
+        twice = {key: n for key, n in received.items() if n > 1}
+        assert not twice, f"received more than once: {twice}"
+        for tag, result in self.results.items():
+            for r in result.recipients:
+                assert r.outcome is Outcome.ACCEPTED, (tag, r)
+                assert received[tag, str(r.address)] == 1, (tag, r, received[tag, str(r.address)])
+        known = set(self.results) | self.unknown
+        assert {tag for tag, _ in received} <= known
+
+
+def mx_message(tag: str, rng: random.Random, ledger: MXLedger) -> Message:
+    """A message to one to three random domains of :data:`MX_DOMAINS`."""
+    domains = rng.sample(sorted(MX_DOMAINS), rng.randint(1, 3))
+    to = [f"user{rng.randint(0, 9)}@{domain}" for domain in domains]
+    ledger.recipients[tag] = to
+    return Message.build(
+        sender="sender@mailrelay.test",
+        to=to,
+        subject=tag,
+        text=f"message {tag}\n",
+        headers={TAG_HEADER: tag},
+    )
+
+
+@pytest.mark.unbound
+def test_threads_sharing_an_mx_transport(unbound: UnboundServer, exchangers: Exchangers) -> None:
+    ledger = MXLedger()
+    transport = MXTransport(
+        unbound.resolver(timeout=2.0), port=exchangers.port, timeouts=TIMEOUTS, pool=MX_POOL
+    )
+    start = threading.Barrier(6, timeout=GUARD)
+
+    def worker(n: int) -> None:
+        rng = random.Random(1000 + n)
+        try:
+            start.wait()
+            for r in range(5):
+                tags = [f"m{n}-{r}-{i}" for i in range(rng.choice([1, 1, 2]))]
+                messages = [mx_message(tag, rng, ledger) for tag in tags]
+                if len(messages) == 1:
+                    results = [transport.send(messages[0])]
+                else:
+                    results = transport.send_many(messages)
+                ledger.record(tags, results)
+                assert len(transport._pool) <= MX_POOL.size
+        except BaseException as exc:  # any exception is a failure: report it to the test
+            ledger.error(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,), name=f"mx {n}") for n in range(6)]
+    for thread in threads:
+        thread.start()
+    join_all(threads)
+    transport.close()
+    ledger.check_mx(exchangers.deliveries())
+    assert len(ledger.results) >= 30
+    assert exchangers.all_closed(), "a connection outlived close()"
+    gc.collect()
+
+
+@pytest.mark.unbound
+@pytest.mark.parametrize("seed", range(int(os.environ.get("CONCURRENCY_MX_SEEDS", "6"))))
+def test_async_mx_tasks_with_cancellations_and_aclose(
+    seed: int, unbound: UnboundServer, exchangers: Exchangers
+) -> None:
+    rng = random.Random(seed)
+    ledger = MXLedger()
+    plans = draw_plans(rng, tasks=16)
+    close_after = rng.choice([rng.randint(0, 200), rng.uniform(0.0, 0.1)])
+    messages = {tag: mx_message(tag, rng, ledger) for plan in plans for tag in plan.tags}
+
+    async def call(transport: AsyncMXTransport, plan: TaskPlan) -> list[DeliveryResult]:
+        if plan.call == "send":
+            return [await transport.asend(messages[plan.tags[0]])]
+        return await transport.asend_many([messages[tag] for tag in plan.tags])
+
+    async def mx_sender(transport: AsyncMXTransport, plan: TaskPlan) -> None:
+        ledger.mark(ledger.unknown, plan.tags)
+        for _ in range(plan.start):
+            await asyncio.sleep(0)
+        try:
+            async with asyncio.timeout(plan.deadline) as scope:
+                results = await call(transport, plan)
+        except TimeoutError:
+            if not scope.expired():
+                ledger.error(AssertionError(f"{plan.tags}: a timeout that was not ours"))
+            return
+        except asyncio.CancelledError:
+            raise  # the test cancelled it: unknown
+        except BaseException as exc:  # anything else is a failure
+            ledger.error(exc)
+            return
+        ledger.record(plan.tags, results)
+
+    async def main() -> None:
+        transport = AsyncMXTransport(
+            unbound.async_resolver(timeout=2.0),
+            port=exchangers.port,
+            timeouts=TIMEOUTS,
+            pool=MX_POOL,
+        )
+        tasks = [asyncio.ensure_future(mx_sender(transport, plan)) for plan in plans]
+        helpers = [
+            asyncio.ensure_future(cancel_later(task, plan.cancel_after))
+            for task, plan in zip(tasks, plans, strict=True)
+            if plan.cancel_after is not None
+        ]
+        if isinstance(close_after, int):
+            for _ in range(close_after):
+                await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(close_after)
+        async with asyncio.timeout(GUARD):
+            await transport.aclose()
+        _, pending = await asyncio.wait([*tasks, *helpers], timeout=GUARD)
+        assert not pending, f"{len(pending)} task(s) still running after {GUARD} s"
+        assert len(transport._pool) == 0  # closed: nothing kept idle
+
+    run(main())
+    gc.collect()  # a socket left unclosed warns here (an error under pytest)
+    ledger.check_mx(exchangers.deliveries())
+    assert exchangers.all_closed(), "a connection outlived aclose()"
