@@ -35,7 +35,9 @@ Rules of this module:
   with the original as its cause. A transaction that fails, at any statement or at its
   ``COMMIT``, is rolled back, so the thread's connection is ready for the next one.
 * Each thread gets its own connection (sqlite3 connections are not meant to be
-  shared between threads); several processes may open the same file.
+  shared between threads), closed once the thread has ended (when another thread
+  opens one), so submitting from a thread per request leaks nothing; several
+  processes may open the same file.
 * The schema carries a version (table ``schema_version``). Opening a database
   applies the migrations it lacks, in order, each in its own transaction; a
   database written by a newer mailrelay is refused rather than misread.
@@ -303,7 +305,8 @@ class SQLiteStore:
         # skip a number.
         self._claimed: dict[str, tuple[tuple[Address, ...], Sequence[tuple[Any, ...]]]] = {}
         self._claimed_lock = threading.Lock()
-        self._all: list[sqlite3.Connection] = []
+        # Every thread's connection, by thread (see _connection).
+        self._all: dict[threading.Thread, sqlite3.Connection] = {}
         self._all_lock = threading.Lock()
         self._closed = False
         self._migrate(self._connection())
@@ -330,7 +333,13 @@ class SQLiteStore:
         self._local.conn = conn
         self._local.level = self._synchronous
         with self._all_lock:
-            self._all.append(conn)
+            # A thread that has ended never uses its connection again: close those now,
+            # or an application that submits from a thread per request would leak one
+            # connection (and its file descriptors) per thread until the store is closed.
+            for thread in [thread for thread in self._all if not thread.is_alive()]:
+                with suppress(sqlite3.Error):
+                    self._all.pop(thread).close()
+            self._all[threading.current_thread()] = conn
         return conn
 
     def _use_wal(self, conn: sqlite3.Connection) -> None:
@@ -928,7 +937,7 @@ class SQLiteStore:
         """Close every thread's connection. The store cannot be used afterwards."""
         self._closed = True
         with self._all_lock:
-            connections, self._all = self._all, []
+            connections, self._all = list(self._all.values()), {}
         for conn in connections:
             conn.close()
         self._local = threading.local()

@@ -1002,3 +1002,52 @@ def test_a_cancel_from_another_task_or_thread_leaves_the_message_out_of_the_clai
     reopened = SQLiteStore(tmp_path / "outbox.db")
     _check_left_out(reopened.get_many(list(seqs)), seqs, server)
     reopened.close()
+
+
+# -- 7. a thread per request --------------------------------------------------------------------
+
+
+def _open_files_under(directory: Path) -> int:
+    """How many of this process's file descriptors are open on files under ``directory``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(directory)):
+                count += 1
+    return count
+
+
+def test_submitting_from_a_thread_per_request_leaks_no_connections(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path
+) -> None:
+    """An application server that runs each request in a new thread (``ThreadingHTTPServer``)
+    submits and reads from many short-lived threads: each opens its own SQLite connection,
+    which must not outlive its thread (it did until the store was closed: two or three file
+    descriptors per request, until the process ran out of them)."""
+    server = make_aiosmtpd(starttls=False, auth=False)
+    store = SQLiteStore(tmp_path / "outbox.db")
+    tracker = DeliveryTracker(smtp(server), store)
+    one_connection = _open_files_under(tmp_path)  # the store's first, this thread's
+    assert one_connection > 0
+    sequencer = Sequencer()
+    seqs: dict[str, int] = {}
+    threads = Threads()
+    deadline = time.monotonic() + BOUND
+
+    def request() -> None:
+        seq, message = sequencer.message()
+        tracking_id = tracker.submit(message)
+        seqs[tracking_id] = seq
+        assert tracker.status(tracking_id).recipients[0].state is State.QUEUED
+
+    for index in range(40):
+        threads.join([threads.start(request, f"request-{index}")], deadline)
+    assert not threads.errors, threads.errors
+    # This thread's connection, and at most the last request's (closed when the next
+    # thread opens one).
+    assert _open_files_under(tmp_path) <= 2 * one_connection
+    summary = tracker.run_pending()
+    assert summary.delivered == len(seqs) == 40
+    assert set(received(server)) == {(seq, f"user{seq}-0@mailrelay.test") for seq in seqs.values()}
+    tracker.close()
+    assert _open_files_under(tmp_path) == 0
