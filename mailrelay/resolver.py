@@ -317,6 +317,38 @@ _S = TypeVar("_S")
 _R = TypeVar("_R")
 
 
+def _each_at_once(
+    pool: concurrent.futures.Executor, call: Callable[[_Y], _R], items: Sequence[_Y]
+) -> list[_R]:
+    """``[call(item) for item in items]``, the calls made at the same time in ``pool``.
+
+    Calls the pool refuses get a plain thread each: concurrent.futures takes no new work
+    once the main thread has ended (Python 3.9+), yet the interpreter waits for the other
+    non-daemon threads (and the threads they start), and a lookup in one of them must
+    still be answered, within its timeout, not fail with a RuntimeError.
+    """
+    futures: list[concurrent.futures.Future[_R]] = []
+    try:
+        for item in items:
+            futures.append(pool.submit(call, item))
+    except RuntimeError as exc:
+        log.debug("the thread pool refused work (%s): asking in threads of our own", exc)
+        for item in items[len(futures) :]:
+            future: concurrent.futures.Future[_R] = concurrent.futures.Future()
+            threading.Thread(
+                target=_settle, args=(future, call, item), name="mailrelay-dns-late"
+            ).start()
+            futures.append(future)
+    return [future.result() for future in futures]
+
+
+def _settle(future: concurrent.futures.Future[_R], call: Callable[[_Y], _R], item: _Y) -> None:
+    try:
+        future.set_result(call(item))
+    except BaseException as exc:
+        future.set_exception(exc)
+
+
 class _Steps(Generic[_Y, _S, _R]):
     """A plan (a generator) as both resolvers drive it: :attr:`request` is what it asks
     now; :meth:`answer` sends it what that gave, until :attr:`done`, with :attr:`result`.
@@ -535,9 +567,9 @@ class Resolver(_ResolverBase):
             with concurrent.futures.ThreadPoolExecutor(
                 len(queries), thread_name_prefix="mailrelay-dns-extra"
             ) as own:
-                return list(own.map(lambda query: self._lookup(*query), queries))
+                return _each_at_once(own, lambda query: self._lookup(*query), queries)
         try:
-            return list(self._pool().map(lambda query: self._lookup(*query), queries))
+            return _each_at_once(self._pool(), lambda query: self._lookup(*query), queries)
         finally:
             with self._lock:
                 self._pooled -= len(queries)

@@ -39,7 +39,7 @@ import attrs
 
 from mailrelay.address import Address
 from mailrelay.errors import InvalidAddress, ResolverError
-from mailrelay.resolver import AsyncResolver, DNSStatus, MailHosts, Resolver
+from mailrelay.resolver import AsyncResolver, DNSStatus, MailHosts, Resolver, _each_at_once
 
 if TYPE_CHECKING:
     # Only for annotations: the validator calls the callout it is given, and importing the
@@ -364,7 +364,8 @@ class RecipientValidator(_ValidatorBase):
             # Blocking lookups overlap only in threads; the pool lives for this call only.
             workers = min(self.concurrency, len(missing))
             with ThreadPoolExecutor(workers, thread_name_prefix="mailrelay-validate") as pool:
-                found.update(zip(missing, pool.map(self._lookup, missing), strict=True))
+                answers = _each_at_once(pool, self._lookup, missing)
+            found.update(zip(missing, answers, strict=True))
         results = self._finish(texts, pending, by_domain, [found[d] for d in by_domain])
         if self.callout is not None:
             chosen, probed = _deliverable(results)

@@ -26,8 +26,11 @@ margin), never speed measurements.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Hashable, Iterator
@@ -462,3 +465,164 @@ def test_cancelled_waiters_leave_the_shared_lookups_whole(server: HostileDNS, se
     # However many waiters gave up, each lookup was made once and shared.
     assert server.count("good.test") == 1
     assert server.count("mx1.good.test") == 2  # A and AAAA, shared by two domains
+
+
+# -- 3 (continued). DNS trouble under concurrency -----------------------------------------------
+
+#: Domains of the trouble zone and the reason a validation must give; what the DNS could not
+#: tell is TEMPFAIL (UNKNOWN), never UNDELIVERABLE (docs/validation.md).
+TROUBLE_ZONE = {
+    "silent.test": Reason.TEMPFAIL,  # the MX query is never answered
+    "silentmx.test": Reason.TEMPFAIL,  # neither are any of its 16 exchangers' A/AAAA queries
+    "servfail.test": Reason.TEMPFAIL,
+    "fast1.test": Reason.OK,
+    "fast2.test": Reason.OK,
+    "nx.test": Reason.NO_SUCH_DOMAIN,
+}
+#: The most lookups one validation makes one after another (the MX query, then the
+#: exchangers' A and AAAA queries, asked at the same time).
+STEPS = 2
+
+
+def trouble_zone(server: HostileDNS) -> None:
+    server.fault("silent.test", "*", Fault.SILENCE)
+    exchangers(server, "silentmx.test", MAX_MAIL_HOSTS)
+    for i in range(MAX_MAIL_HOSTS):
+        server.fault(f"mx{i}.silentmx.test", "*", Fault.SILENCE)
+    server.fault("servfail.test", "*", Fault.SERVFAIL)
+    exchangers(server, "fast1.test", 4)
+    exchangers(server, "fast2.test", 3)
+
+
+def timed(validate: Callable[[str], Validation], address: str) -> tuple[Validation, float]:
+    """The validation of ``address``, and the seconds it took."""
+    start = time.monotonic()
+    result = validate(address)
+    return result, time.monotonic() - start
+
+
+async def atimed(
+    validate: Callable[[str], Coroutine[Any, Any, Validation]], address: str
+) -> tuple[Validation, float]:
+    """The async validation of ``address``, and the seconds it took."""
+    start = time.monotonic()
+    result = await validate(address)
+    return result, time.monotonic() - start
+
+
+def check_trouble(results: list[tuple[str, tuple[Validation, float]]]) -> None:
+    for domain, (result, seconds) in results:
+        assert result.reason is TROUBLE_ZONE[domain], (domain, result)
+        # A hang guard per call: its own lookups take about STEPS timeouts; a lookup it
+        # joins in flight ends no later than that.
+        assert seconds < budget(STEPS), (domain, seconds)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_dns_trouble_under_concurrency_is_bounded_and_never_undeliverable(
+    server: HostileDNS, mode: str
+) -> None:
+    trouble_zone(server)
+    # failure_ttl=0: nothing failed is remembered, so every pass asks again.
+    domains = sorted(TROUBLE_ZONE) * 2
+    if mode == "sync":
+        resolver = Resolver(["127.0.0.1"], port=server.port, timeout=TIMEOUT, failure_ttl=0)
+        validator = RecipientValidator(resolver, special_use=ALLOW_TEST)
+        before = dns_threads()
+
+        def work(index: int) -> list[tuple[str, tuple[Validation, float]]]:
+            order = list(domains)
+            random.Random(index).shuffle(order)
+            return [(d, timed(validator.validate, f"u{index}@{d}")) for d in order]
+
+        results = in_threads(THREADS, work, budget(STEPS * len(domains)))
+        # The threads a call starts when the kept ones are busy go with the call.
+        assert dns_threads() - before <= 2 * MAX_MAIL_HOSTS
+    else:
+        aresolver = AsyncResolver(["127.0.0.1"], port=server.port, timeout=TIMEOUT, failure_ttl=0)
+        avalidator = AsyncRecipientValidator(aresolver, special_use=ALLOW_TEST)
+
+        async def task(index: int) -> list[tuple[str, tuple[Validation, float]]]:
+            order = list(domains)
+            random.Random(index).shuffle(order)
+            return [(d, await atimed(avalidator.validate, f"u{index}@{d}")) for d in order]
+
+        async def tasks() -> list[list[tuple[str, tuple[Validation, float]]]]:
+            async with asyncio.timeout(budget(STEPS * len(domains))):
+                return await asyncio.gather(*(task(i) for i in range(THREADS)))
+
+        results = list(run(tasks()))
+    for result in results:
+        assert isinstance(result, list), f"a thread raised {result!r}"
+        check_trouble(result)
+
+
+# -- 4. the blocking resolver's threads ---------------------------------------------------------
+
+
+def test_resolvers_made_and_dropped_leave_no_threads(server: HostileDNS) -> None:
+    exchangers(server, "fast1.test", 4)
+    exchangers(server, "fast2.test", 3)
+    gc.collect()
+    before = dns_threads()
+    for _ in range(20):
+        resolver = Resolver(["127.0.0.1"], port=server.port, timeout=2.0)
+        validator = RecipientValidator(resolver, special_use=ALLOW_TEST)
+        found = validator.validate_many(["a@fast1.test", "b@fast2.test", "c@nx.test"])
+        assert [r.reason for r in found] == [Reason.OK, Reason.OK, Reason.NO_SUCH_DOMAIN]
+        assert dns_threads() - before <= 2 * MAX_MAIL_HOSTS  # this resolver's, at most
+        del resolver, validator
+    gc.collect()
+    for _ in range(100):  # the idle threads notice their pool is gone (at most 5 s)
+        if dns_threads() <= before:
+            break
+        time.sleep(0.05)
+    assert dns_threads() <= before
+
+
+#: A child whose main thread starts a validating thread and returns at once (the process
+#: stays while that thread runs). A daemon thread is left behind at exit, with the
+#: exchangers' queries waiting in the resolver's threads for answers that never come; a
+#: non-daemon thread must finish its work: the interpreter waits for it.
+EXIT_CHILD = """
+import sys, threading, time
+from mailrelay.resolver import Resolver
+from mailrelay.validate import RecipientValidator
+port, timeout, daemon = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "daemon"
+validator = RecipientValidator(Resolver(["127.0.0.1"], port=port, timeout=timeout), special_use=())
+main = threading.main_thread()
+
+def work():
+    if daemon:
+        validator.validate("u@silentmx.test")
+        return
+    main.join(5.0)  # validate once the main thread has ended, as a worker of a script may
+    many = validator.validate_many(["a@fast1.test", "b@fast2.test", "c@nx.test"])
+    one = validator.validate("d@silentmx.test")
+    print(*(r.reason.value for r in [*many, one]), flush=True)
+
+threading.Thread(target=work, daemon=daemon).start()
+if daemon:
+    for _ in range(200):  # until the exchangers are being asked
+        if any(t.name.startswith("mailrelay-dns") for t in threading.enumerate()):
+            break
+        time.sleep(0.01)
+print("main ends", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["daemon", "worker"])
+def test_a_process_ends_with_validations_in_threads(server: HostileDNS, kind: str) -> None:
+    trouble_zone(server)
+    command = [sys.executable, "-c", EXIT_CHILD, str(server.port), str(TIMEOUT), kind]
+    # The hang guard: the resolver's threads are joined at exit, each within its timeout.
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=budget(2 * STEPS) + 5, check=False
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    if kind == "daemon":
+        assert done.stdout == "main ends\n"
+    else:
+        # The worker went on after the main thread ended, and its lookups ran as ever
+        # (concurrent.futures takes no new work then, Python 3.9+).
+        assert done.stdout == "main ends\nok ok no-such-domain tempfail\n"
