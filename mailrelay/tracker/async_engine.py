@@ -18,6 +18,11 @@ Rules of this module:
 * A chunk whose ``asend_many`` raised something other than a ``DeliveryError`` puts
   back its transactions without a decision and every one still queued, due at once;
   the chunks in flight finish and are recorded, then that exception is raised.
+* A cancelled run (``task.cancel()``) leaves nothing leased: a claim, load or commit
+  running in its worker thread is waited for (a cancelled ``to_thread`` abandons the
+  thread, not its work), what was claimed and not decided goes back, due at once (the
+  chunks in flight too: the server may have taken them, and they go again), and the
+  results in hand are committed and their events fired before the cancellation goes on.
 * Results are committed as the sync tracker commits them: when ``commit_batch`` are
   in hand, when the oldest has waited ``commit_interval``, and when the claimed batch
   ends (one store transaction in a worker thread each time, one at a time), then
@@ -234,7 +239,10 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
 
         ``stop``, looked at before each chunk starts: once it is set, no chunk starts;
         the ones in flight finish and are recorded, the rest of the claimed batch is put
-        back (due at once, no attempt recorded), and the run returns.
+        back (due at once, no attempt recorded), and the run returns. Cancelling the
+        task that runs it puts back what it claimed and has no result for (the chunks in
+        flight included), commits the results in hand and fires their events; it leaves
+        nothing leased.
 
         Raises:
             Exception: the first exception other than a ``DeliveryError`` that a
