@@ -626,3 +626,59 @@ def test_a_process_ends_with_validations_in_threads(server: HostileDNS, kind: st
         # The worker went on after the main thread ended, and its lookups ran as ever
         # (concurrent.futures takes no new work then, Python 3.9+).
         assert done.stdout == "main ends\nok ok no-such-domain tempfail\n"
+
+
+# -- 5. bulk validation from several threads; the concurrency limit ------------------------------
+
+
+def test_bulk_lists_from_several_threads_look_each_name_up_once(unbound: UnboundServer) -> None:
+    domains = BULK_DOMAINS[30:]
+    addresses = [f"user{i}@{domains[i % len(domains)]}" for i in range(300)]
+    before = {d: (unbound.queries_for(d), unbound.queries_for(f"mx.{d}")) for d in domains}
+    validator = RecipientValidator(
+        unbound.resolver(timeout=UNBOUND_TIMEOUT), special_use=ALLOW_TEST, concurrency=8
+    )
+
+    def work(index: int) -> list[Validation]:
+        order = list(addresses)
+        random.Random(index).shuffle(order)
+        found = validator.validate_many(order)
+        assert [r.input for r in found] == order
+        return found
+
+    results = in_threads(4, work, budget(3 * len(domains), UNBOUND_TIMEOUT))
+    for result in results:
+        assert isinstance(result, list), f"a thread raised {result!r}"
+        for validation in result:
+            assert validation.reason is Reason.OK, validation
+            assert validation.mail_hosts is not None
+            assert validation.address is not None
+            (host,) = validation.mail_hosts.hosts
+            assert host.name == f"mx.{validation.address.domain}"
+    # One MX query per domain, and an A and an AAAA query per exchanger, for all threads:
+    # overlapping lookups waited for the first one, later ones found the cache.
+    after = {d: (unbound.queries_for(d), unbound.queries_for(f"mx.{d}")) for d in domains}
+    asked = {d: (a[0] - before[d][0], a[1] - before[d][1]) for d, a in after.items()}
+    assert asked == dict.fromkeys(domains, (1, 2))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_validate_many_keeps_to_its_concurrency(server: HostileDNS, mode: str) -> None:
+    # Every domain's MX answer comes late; the server counts how many wait at once.
+    domains = [f"d{i}.test" for i in range(12)]
+    for domain in domains:
+        server.add(domain, "MX", f"10 mx.{domain}.")
+        server.add(f"mx.{domain}", "A", "192.0.2.1")
+        server.fault(domain, "MX", Fault.SLOW)
+    addresses = [f"u@{domain}" for domain in domains]
+    if mode == "sync":
+        resolver = Resolver(["127.0.0.1"], port=server.port, timeout=ASYNC_TIMEOUT)
+        validator = RecipientValidator(resolver, special_use=ALLOW_TEST, concurrency=3)
+        results = in_threads(1, lambda _: validator.validate_many(addresses), budget(12))[0]
+    else:
+        aresolver = AsyncResolver(["127.0.0.1"], port=server.port, timeout=ASYNC_TIMEOUT)
+        avalidator = AsyncRecipientValidator(aresolver, special_use=ALLOW_TEST, concurrency=3)
+        results = run(avalidator.validate_many(addresses))
+    assert isinstance(results, list)
+    assert [r.reason for r in results] == [Reason.OK] * len(domains)
+    assert 1 < server.most_waiting <= 3
