@@ -47,15 +47,21 @@ class DNSCache:
 
     def get(self, key: Hashable) -> object:
         """The live value under ``key``, or the module's private miss sentinel."""
+        return self.get_with_ttl(key)[0]
+
+    def get_with_ttl(self, key: Hashable) -> tuple[object, float]:
+        """The live value under ``key`` and the seconds it has left (a TTL counts down while
+        the record is cached, RFC 2181 §8), or the private miss sentinel and 0."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                return _MISS
-            if entry[1] <= self.clock():
+                return _MISS, 0.0
+            left = entry[1] - self.clock()
+            if left <= 0:
                 del self._entries[key]
-                return _MISS
+                return _MISS, 0.0
             self._entries.move_to_end(key)
-            return entry[0]
+            return entry[0], left
 
     def put(self, key: Hashable, value: object, ttl: float) -> None:
         """Keep ``value`` for ``ttl`` seconds (not at all when ``ttl <= 0``)."""

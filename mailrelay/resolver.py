@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import random
 import re
 import threading
@@ -143,6 +144,14 @@ def _from_answer(answer: dns.resolver.Answer, limits: _Limits) -> _Answer:
     else:
         records = tuple(rd.address for rd in rrset)
     return _Answer(DNSStatus.OK, records, ttl)
+
+
+def _aged(value: object, left: float) -> _Answer:
+    """A cached answer with the TTL it has ``left``: what is built from it (a domain's mail
+    hosts, cached whole) must not outlive it, however long ago it was asked for another
+    domain (RFC 2181 §8: a TTL counts down while the record is cached)."""
+    assert isinstance(value, _Answer)
+    return value._replace(ttl=left) if left < value.ttl else value
 
 
 def _from_error(exc: dns.exception.DNSException, limits: _Limits) -> _Answer:
@@ -587,11 +596,10 @@ class Resolver(_ResolverBase):
 
     def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Answer:
         key = (name, rdtype)
-        value = self.cache.get(key)
+        value, left = self.cache.get_with_ttl(key)
         if value is _MISS:
-            value = self._fetch(key, lambda: self._query(name, rdtype))
-        assert isinstance(value, _Answer)
-        return value
+            value, left = self._fetch(key, lambda: self._query(name, rdtype)), math.inf
+        return _aged(value, left)
 
     def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[object, float]:
         log.debug("DNS query %s %s", name, dns.rdatatype.to_text(rdtype))
@@ -694,11 +702,10 @@ class AsyncResolver(_ResolverBase):
 
     async def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Answer:
         key = (name, rdtype)
-        value = self.cache.get(key)
+        value, left = self.cache.get_with_ttl(key)
         if value is _MISS:
-            value = await self._fetch(key, lambda: self._query(name, rdtype))
-        assert isinstance(value, _Answer)
-        return value
+            value, left = await self._fetch(key, lambda: self._query(name, rdtype)), math.inf
+        return _aged(value, left)
 
     async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[object, float]:
         log.debug("DNS query %s %s", name, dns.rdatatype.to_text(rdtype))

@@ -682,3 +682,53 @@ def test_validate_many_keeps_to_its_concurrency(server: HostileDNS, mode: str) -
     assert isinstance(results, list)
     assert [r.reason for r in results] == [Reason.OK] * len(domains)
     assert 1 < server.most_waiting <= 3
+
+
+# -- the shared cache: answers reused across domains count their TTL down ---------------------
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (shared by everything using the cache)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_mail_hosts_built_from_cached_answers_expire_with_them(
+    server: HostileDNS, mode: str
+) -> None:
+    # Two domains share an exchanger whose address records live 60 s; their MX records
+    # live 300 s. The second domain is looked up 50 s after the first, from the cached
+    # address answers: its mail hosts may live 10 s more, not another 60 (RFC 2181 §8: a
+    # TTL counts down while the record is cached). Before the fix, the second domain kept
+    # the exchanger's old address for 50 s after its record had expired and it had moved.
+    for domain in ("first.test", "second.test"):
+        server.add(domain, "MX", "10 mx.shared.test.", ttl=300)
+    server.add("mx.shared.test", "A", "192.0.2.1", ttl=60)
+    server.add("mx.shared.test", "AAAA", "2001:db8::1", ttl=60)
+    clock = FakeClock()
+
+    def ipv4(domain: str) -> tuple[str, ...]:
+        if mode == "sync":
+            sync = Resolver(["127.0.0.1"], port=server.port, timeout=ASYNC_TIMEOUT, cache=cache)
+            found = sync.mail_hosts(domain)
+        else:
+            asyn = AsyncResolver(
+                ["127.0.0.1"], port=server.port, timeout=ASYNC_TIMEOUT, cache=cache
+            )
+            found = run(asyn.mail_hosts(domain))
+        (host,) = found.hosts
+        return host.ipv4
+
+    cache = DNSCache(clock=clock)
+    assert ipv4("first.test") == ("192.0.2.1",)
+    clock.now += 50
+    assert ipv4("second.test") == ("192.0.2.1",)
+    server.add("mx.shared.test", "A", "192.0.2.99", ttl=60)  # the exchanger moves
+    clock.now += 11  # the first answer's 60 s are over
+    assert ipv4("first.test") == ("192.0.2.99",)
+    assert ipv4("second.test") == ("192.0.2.99",)
