@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import ssl
 from collections.abc import Callable, Generator
@@ -70,6 +71,20 @@ _WAIT, _READ, _TIMEOUT, _DRAIN, _OTHER, _DONE = range(6)
 # A timer that fires this close to the deadline counts as on time (the event loop runs
 # timers up to its clock resolution early).
 _EARLY = 0.001
+
+
+def _readable(fd: int) -> bool:
+    """Whether the kernel holds bytes (or an end of file, or an error) for socket ``fd``,
+    asked without waiting."""
+    try:
+        if hasattr(select, "poll"):  # no limit on the descriptor's number, unlike select()
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError):
+        return True  # a socket the kernel will not even poll is no use
+    return bool(readable)
 
 
 class _Pipe(asyncio.Protocol):
@@ -378,11 +393,21 @@ class AsyncDriver:
 
     def has_input(self) -> bool:
         """Whether the server has sent something not read yet, or closed its side (or the
-        connection is gone). The event loop has already received whatever arrived, so this
-        only looks at the buffer. As for the blocking driver: on a connection between
-        exchanges, anything there is unsolicited."""
+        connection is gone), found without waiting. As for the blocking driver: on a
+        connection between exchanges, anything there is unsolicited.
+
+        The buffer holds what the event loop has read; bytes that arrived since its last
+        turn are still in the kernel (a task may take the connection from the pool in the
+        very turn they came in), so the socket is asked too, without reading from it. Over
+        TLS a record that carries no data for us would count as well: the connection is
+        then replaced, which costs a connect, never a misread reply.
+        """
         pipe = self._pipe
-        return self.closed or pipe.buffered > 0 or pipe.ended
+        if self.closed or pipe.buffered > 0 or pipe.ended:
+            return True
+        assert self._transport is not None  # not closed
+        sock = self._transport.get_extra_info("socket")
+        return sock is not None and _readable(sock.fileno())
 
     @property
     def local_address(self) -> str | None:

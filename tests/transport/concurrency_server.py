@@ -171,10 +171,15 @@ class _Controller(Controller):
 
 
 def start_concurrency_server(
-    handler: ConcurrencyHandler, *, address: str = "127.0.0.1", port: int | None = None
+    handler: ConcurrencyHandler,
+    *,
+    address: str = "127.0.0.1",
+    port: int | None = None,
+    idle_timeout: float = 30.0,
 ) -> Controller:
     """Start the server on ``address`` (a loopback one) and ``port`` (by default a free one),
-    in plain text, without AUTH.
+    in plain text, without AUTH; it hangs up on a client silent for ``idle_timeout`` seconds
+    (aiosmtpd closes without a word, as a server whose idle timer fires may).
 
     Returns:
         The running controller; the caller stops it.
@@ -186,7 +191,7 @@ def start_concurrency_server(
         server_hostname=HOSTNAME,
         enable_SMTPUTF8=True,
         decode_data=False,
-        timeout=30,
+        timeout=idle_timeout,
     )
     controller.start()
     return controller

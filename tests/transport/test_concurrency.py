@@ -20,6 +20,7 @@ import asyncio
 import gc
 import os
 import random
+import select
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -35,7 +36,16 @@ from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
-from tests.peers.scripted import free_port
+from tests.peers.scripted import (
+    Action,
+    ScriptedServerFactory,
+    Step,
+    accept_message,
+    ehlo,
+    free_port,
+    greeting,
+    quit_step,
+)
 from tests.peers.unbound import UnboundServer
 from tests.transport.concurrency_server import (
     TAG_HEADER,
@@ -109,12 +119,18 @@ class Ledger:
         with self._lock:
             self.errors.append(exc)
 
-    def check(self, received: Counter[str]) -> None:
-        """The properties every scenario shares (see the module docstring)."""
+    def check(self, received: Counter[str], *, hangups: bool = False) -> None:
+        """The properties every scenario shares (see the module docstring); with
+        ``hangups`` (the server drops connections), a result may also be a transient
+        failure, for a message that did not arrive."""
         assert not self.errors, self.errors
         twice = {tag: n for tag, n in received.items() if n > 1}
         assert not twice, f"received more than once: {twice}"
         for tag, result in self.results.items():
+            if hangups and not result.ok:
+                assert [r.outcome for r in result.recipients] == [Outcome.TRANSIENT]
+                assert not received[tag], f"{tag} reported failed but received"
+                continue
             assert result.ok, (tag, result)
             assert [r.outcome for r in result.recipients] == [Outcome.ACCEPTED]
             assert received[tag] == 1, f"{tag} reported ACCEPTED but received {received[tag]}x"
@@ -242,6 +258,91 @@ def test_close_while_threads_send(server: Server) -> None:
     assert server.seen.most_at_once <= pool.size
     assert server.seen.wait_all_closed(), "a connection outlived close()"
     gc.collect()  # a socket left unclosed warns here (an error under pytest)
+
+
+# -- 2b. the server hangs up on idle connections while threads and tasks use the pool ------------
+
+#: The server's idle limit in the hang-up scenario: shorter than some pauses between sends.
+HANGUP_AFTER = 0.02
+
+
+@pytest.fixture
+def impatient_server() -> Iterator[Server]:
+    """A counting server that hangs up on a client silent for :data:`HANGUP_AFTER` seconds."""
+    handler = ConcurrencyHandler()
+    controller = start_concurrency_server(handler, idle_timeout=HANGUP_AFTER)
+    yield Server(port=int(controller.port), seen=handler)
+    controller.stop()
+
+
+HANGUP_POOLS = {
+    "as-is": PoolSettings(size=3),
+    "noop-checked": PoolSettings(size=3, health_check_after=1e-6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HANGUP_POOLS))
+def test_threads_meet_connections_the_server_dropped(name: str, impatient_server: Server) -> None:
+    # Pauses around the server's idle limit: a connection taken from the pool may have been
+    # dropped while idle, or be dropped as it is taken. Nothing is lost silently (a reused
+    # dead connection means sending again on a fresh one) and nothing arrives twice.
+    pool = HANGUP_POOLS[name]
+    transport = sync_transport(impatient_server, pool)
+    ledger = Ledger()
+
+    def worker(n: int) -> None:
+        rng = random.Random(200 + n)
+        try:
+            for r in range(10):
+                threading.Event().wait(rng.uniform(0.6, 1.4) * HANGUP_AFTER)
+                tags = [f"h{n}-{r}-{i}" for i in range(rng.choice([1, 1, 2, 3]))]
+                ledger.record(tags, send_some(transport, tags, rng))
+        except BaseException as exc:  # any exception is a failure: report it to the test
+            ledger.error(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,), name=f"sender {n}") for n in range(4)]
+    for thread in threads:
+        thread.start()
+    join_all(threads)
+    transport.close()
+    ledger.check(impatient_server.seen.tags(), hangups=True)
+    assert impatient_server.seen.most_at_once <= pool.size
+    assert impatient_server.seen.wait_all_closed(), "a connection outlived close()"
+
+
+@pytest.mark.parametrize("name", sorted(HANGUP_POOLS))
+def test_tasks_meet_connections_the_server_dropped(name: str, impatient_server: Server) -> None:
+    pool = HANGUP_POOLS[name]
+    ledger = Ledger()
+
+    async def worker(transport: AsyncSMTPTransport, n: int) -> None:
+        rng = random.Random(300 + n)
+        for r in range(10):
+            await asyncio.sleep(rng.uniform(0.6, 1.4) * HANGUP_AFTER)
+            plan = TaskPlan(
+                tags=[f"h{n}-{r}-{i}" for i in range(rng.choice([1, 1, 2, 3]))],
+                call=rng.choice(["send", "many", "stream"]),
+                start=0,
+                deadline=None,
+                cancel_after=None,
+            )
+            if plan.call == "send":
+                plan = attrs.evolve(plan, tags=plan.tags[:1])
+            await sender(transport, plan, ledger)
+
+    async def main() -> None:
+        async with AsyncSMTPTransport(
+            "127.0.0.1", impatient_server.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=pool
+        ) as transport:
+            async with asyncio.timeout(GUARD):
+                await asyncio.gather(*(worker(transport, n) for n in range(4)))
+
+    run(main())
+    gc.collect()
+    ledger.check(impatient_server.seen.tags(), hangups=True)
+    assert not ledger.unknown
+    assert impatient_server.seen.most_at_once <= pool.size
+    assert impatient_server.seen.wait_all_closed(), "a connection outlived aclose()"
 
 
 # -- 3. tasks share one async pool; cancellations, timeouts and aclose() at random moments ---------
@@ -678,3 +779,63 @@ def test_async_mx_tasks_with_cancellations_and_aclose(
     gc.collect()  # a socket left unclosed warns here (an error under pytest)
     ledger.check_mx(exchangers.deliveries())
     assert exchangers.all_closed(), "a connection outlived aclose()"
+
+
+# -- 7. bytes the server sent while idle that the event loop has not read yet -------------------
+
+STRAY = {
+    "extra-reply": b"250 2.0.0 one reply too many\r\n",
+    "421": b"421 4.4.2 shutting down\r\n",
+}
+
+
+def _await_readable(transport: AsyncSMTPTransport) -> None:
+    """Block (the event loop too, on purpose) until the kernel holds bytes for the idle
+    connection, without reading them: the loop has not seen them when the next send starts."""
+    [idle] = transport._idle
+    driver_transport = idle.driver._transport
+    assert driver_transport is not None
+    sock = driver_transport.get_extra_info("socket")
+    readable, _, _ = select.select([sock], [], [], GUARD)
+    assert readable, "the server never sent its stray bytes"
+
+
+@pytest.mark.parametrize("stray", sorted(STRAY))
+def test_stray_bytes_not_yet_read_by_the_loop_keep_a_connection_out_of_use(
+    stray: str, scripted_server: ScriptedServerFactory
+) -> None:
+    # A task takes a connection from the pool in the same turn of the event loop in which
+    # the server's unasked bytes arrived (the loop has not called data_received yet). Looking
+    # at the pipe's buffer alone says "nothing there": the connection must still not be
+    # used, or the stray reply answers the next MAIL and every reply after it the wrong
+    # command (the blocking driver peeks at the socket itself and never reuses it).
+    server = scripted_server(
+        [
+            [
+                greeting(),
+                ehlo("PIPELINING"),
+                *accept_message(1),
+                Step(reply=STRAY[stray], delay=0.05, action=Action.SILENT, silence=GUARD),
+            ],
+            [greeting(), ehlo("PIPELINING"), *accept_message(1), quit_step()],
+        ],
+        tls=None,
+    )
+
+    async def main() -> list[bool]:
+        async with AsyncSMTPTransport(
+            "127.0.0.1",
+            server.port,
+            tls=TLS.NONE,
+            timeouts=Timeouts.all(3),
+            pool=PoolSettings(size=1, health_check_after=86400.0),
+        ) as transport:
+            first = await transport.asend(tagged("one"))
+            _await_readable(transport)
+            second = await transport.asend(tagged("two"))  # no turn of the loop in between
+            return [first.ok, second.ok]
+
+    assert run(main()) == [True, True]
+    lines = server.session(0).lines
+    assert sum(line.startswith(b"MAIL") for line in lines) == 1  # nothing more sent on it
+    assert b"X-Test-Tag: two" in bytes(server.session(1).received)
