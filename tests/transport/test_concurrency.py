@@ -781,6 +781,45 @@ def test_async_mx_tasks_with_cancellations_and_aclose(
     assert exchangers.all_closed(), "a connection outlived aclose()"
 
 
+@pytest.mark.unbound
+@pytest.mark.parametrize("ticks", range(5))
+def test_a_cancelled_mx_aclose_leaves_no_connection_open(
+    ticks: int, unbound: UnboundServer, exchangers: Exchangers
+) -> None:
+    # As test_a_cancelled_aclose_leaves_no_connection_open, for the MX pool.
+    ledger = MXLedger()
+    tag = f"mk{ticks}"
+    message = Message.build(
+        sender="sender@mailrelay.test",
+        to=["a@mailrelay.test", "b@dom00.test", "c@dom01.test"],
+        subject=tag,
+        text="three exchangers\n",
+        headers={TAG_HEADER: tag},
+    )
+
+    async def main() -> None:
+        transport = AsyncMXTransport(
+            unbound.async_resolver(timeout=2.0),
+            port=exchangers.port,
+            timeouts=TIMEOUTS,
+            pool=PoolSettings(size=3, idle_timeout=30.0),
+        )
+        ledger.record([tag], [await transport.asend(message)])
+        assert len(transport._pool) == 3  # one idle session per exchanger
+        closing = asyncio.ensure_future(transport.aclose())
+        for _ in range(1 + ticks):  # the first turn starts it
+            await asyncio.sleep(0)
+        closing.cancel()
+        await asyncio.wait([closing], timeout=GUARD)
+        assert closing.done()
+        await asyncio.sleep(0)  # the aborted connections' close callbacks
+
+    run(main())
+    gc.collect()  # a socket left unclosed warns here (an error under pytest)
+    ledger.check_mx(exchangers.deliveries())
+    assert exchangers.all_closed(), "a connection outlived aclose()"
+
+
 # -- 7. bytes the server sent while idle that the event loop has not read yet -------------------
 
 STRAY = {
