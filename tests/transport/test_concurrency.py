@@ -718,6 +718,41 @@ def test_threads_sharing_an_mx_transport(unbound: UnboundServer, exchangers: Exc
 
 
 @pytest.mark.unbound
+def test_mx_close_while_threads_send(unbound: UnboundServer, exchangers: Exchangers) -> None:
+    # close() from the main thread while six threads send: an MX transport keeps answering
+    # every recipient (sessions opened after close() are QUIT when given back), every copy
+    # arrives once, and no session outlives the senders.
+    ledger = MXLedger()
+    transport = MXTransport(
+        unbound.resolver(timeout=2.0), port=exchangers.port, timeouts=TIMEOUTS, pool=MX_POOL
+    )
+
+    def worker(n: int) -> None:
+        rng = random.Random(2000 + n)
+        try:
+            for r in range(6):
+                tag = f"mc{n}-{r}"
+                ledger.record([tag], [transport.send(mx_message(tag, rng, ledger))])
+        except BaseException as exc:  # any exception is a failure: report it to the test
+            ledger.error(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,), name=f"mx {n}") for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for _ in range(1000):  # bounded: at most 10 s
+        if sum(len(h.messages) for h in exchangers.servers.values()) >= 10:
+            break
+        threading.Event().wait(0.01)
+    transport.close()
+    join_all(threads)
+    assert len(transport._pool) == 0
+    ledger.check_mx(exchangers.deliveries())
+    assert len(ledger.results) == 36
+    assert exchangers.all_closed(), "a connection outlived close()"
+    gc.collect()
+
+
+@pytest.mark.unbound
 @pytest.mark.parametrize("seed", range(int(os.environ.get("CONCURRENCY_MX_SEEDS", "6"))))
 def test_async_mx_tasks_with_cancellations_and_aclose(
     seed: int, unbound: UnboundServer, exchangers: Exchangers
