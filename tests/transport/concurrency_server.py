@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -176,14 +177,19 @@ def start_concurrency_server(
     address: str = "127.0.0.1",
     port: int | None = None,
     idle_timeout: float = 30.0,
+    tls_context: ssl.SSLContext | None = None,
 ) -> Controller:
     """Start the server on ``address`` (a loopback one) and ``port`` (by default a free one),
     in plain text, without AUTH; it hangs up on a client silent for ``idle_timeout`` seconds
-    (aiosmtpd closes without a word, as a server whose idle timer fires may).
+    (aiosmtpd closes without a word, as a server whose idle timer fires may). With a server
+    ``tls_context`` it offers STARTTLS (RFC 3207).
 
     Returns:
         The running controller; the caller stops it.
     """
+    extra: dict[str, Any] = {}
+    if tls_context is not None:
+        extra = {"tls_context": tls_context, "require_starttls": False}
     controller = _Controller(
         handler,
         hostname=address,
@@ -192,6 +198,7 @@ def start_concurrency_server(
         enable_SMTPUTF8=True,
         decode_data=False,
         timeout=idle_timeout,
+        **extra,
     )
     controller.start()
     return controller

@@ -46,6 +46,7 @@ from tests.peers.scripted import (
     greeting,
     quit_step,
 )
+from tests.peers.tls import TLSFiles
 from tests.peers.unbound import UnboundServer
 from tests.transport.concurrency_server import (
     TAG_HEADER,
@@ -589,6 +590,58 @@ def test_a_send_cancelled_at_any_turn_leaves_the_pool_sound(
     ledger.check(server.seen.tags())
     assert server.seen.most_at_once <= pool.size
     assert server.seen.wait_all_closed(), "a connection outlived aclose()"
+
+
+@pytest.mark.parametrize("mode", ["fresh", "reused"])
+def test_a_send_cancelled_during_starttls_leaves_the_pool_sound(
+    mode: str, tls_files: TLSFiles
+) -> None:
+    # As above, over STARTTLS: cancelled while connecting, in the TLS handshake, or in the
+    # encrypted dialogue, the connection is closed (no ResourceWarning from a half-made TLS
+    # transport) and the pool goes on.
+    handler = ConcurrencyHandler()
+    controller = start_concurrency_server(handler, tls_context=tls_files.server_context())
+    ledger = Ledger()
+
+    async def once(turns: int) -> None:
+        async with AsyncSMTPTransport(
+            "127.0.0.1",
+            int(controller.port),
+            tls=TLS.STARTTLS,
+            ssl_context=tls_files.client_context(),
+            timeouts=TIMEOUTS,
+            pool=PoolSettings(size=1),
+        ) as transport:
+            if mode == "reused":
+                before = f"tls-before-{turns}"
+                ledger.record([before], [await transport.asend(tagged(before))])
+            plan = TaskPlan(
+                tags=[f"tls-cut-{mode}-{turns}"],
+                call="send",
+                start=0,
+                deadline=None,
+                cancel_after=0,
+            )
+            task = asyncio.ensure_future(sender(transport, plan, ledger))
+            await cancel_later(task, turns if turns % 2 == 0 else turns * 0.0005)
+            await asyncio.wait([task], timeout=GUARD)
+            assert task.done()
+            after = f"tls-after-{mode}-{turns}"
+            async with asyncio.timeout(GUARD):
+                ledger.record([after], [await transport.asend(tagged(after))])
+
+    async def main() -> None:
+        for turns in range(SWEEP):
+            await once(turns)
+
+    try:
+        run(main())
+        gc.collect()  # a socket or TLS transport left unclosed warns here
+        ledger.check(handler.tags())
+        assert handler.most_at_once <= 1
+        assert handler.wait_all_closed(), "a connection outlived aclose()"
+    finally:
+        controller.stop()
 
 
 # -- 6. MX transports shared by threads and tasks, several domains per message ---------------------
