@@ -204,7 +204,9 @@ class ClientConnection:
         """Whether bytes have been received that no event has consumed yet (a reply, part
         of one, or an error to report). With nothing in :attr:`pending`, anything here was
         sent unasked."""
-        return self._reader.has_data
+        # The reader's has_data, read in place: the dialogue asks after every DATA's 354.
+        reader = self._reader
+        return bool(self._replies or reader._buffer or reader._lines or reader.error)
 
     @property
     def accepted_recipients(self) -> tuple[Address, ...]:
