@@ -32,6 +32,7 @@ from collections import Counter
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.peers.aiosmtpd_server import HOSTNAME, RecordingHandler
@@ -58,10 +59,14 @@ def _established(transport: asyncio.BaseTransport) -> bool:
 
 
 class ConcurrencyHandler(RecordingHandler):
-    """Records transactions and counts the connections the client holds open at once."""
+    """Records transactions and counts the connections the client holds open at once.
 
-    def __init__(self) -> None:
-        super().__init__()
+    Args:
+        lmtp: answer DATA per recipient (RFC 2033 §4.2).
+    """
+
+    def __init__(self, *, lmtp: bool = False) -> None:
+        super().__init__(lmtp=lmtp)
         self._lock = threading.Lock()
         self._open: dict[int, asyncio.BaseTransport] = {}
         self._quit: set[int] = set()
@@ -166,9 +171,14 @@ class _CountingSMTP(SMTP):
         super().connection_lost(error)
 
 
+class _CountingLMTP(_CountingSMTP, LMTP):
+    """aiosmtpd's LMTP, telling its handler when a connection begins and ends."""
+
+
 class _Controller(Controller):
     def factory(self) -> SMTP:
-        return _CountingSMTP(self.handler, **self.SMTP_kwargs)
+        cls = _CountingLMTP if self.handler.lmtp else _CountingSMTP
+        return cls(self.handler, **self.SMTP_kwargs)
 
 
 def start_concurrency_server(
@@ -179,10 +189,10 @@ def start_concurrency_server(
     idle_timeout: float = 30.0,
     tls_context: ssl.SSLContext | None = None,
 ) -> Controller:
-    """Start the server on ``address`` (a loopback one) and ``port`` (by default a free one),
-    in plain text, without AUTH; it hangs up on a client silent for ``idle_timeout`` seconds
-    (aiosmtpd closes without a word, as a server whose idle timer fires may). With a server
-    ``tls_context`` it offers STARTTLS (RFC 3207).
+    """Start the server (LMTP when ``handler.lmtp``) on ``address`` (a loopback one) and
+    ``port`` (by default a free one), in plain text, without AUTH; it hangs up on a client
+    silent for ``idle_timeout`` seconds (aiosmtpd closes without a word, as a server whose
+    idle timer fires may). With a server ``tls_context`` it offers STARTTLS (RFC 3207).
 
     Returns:
         The running controller; the caller stops it.

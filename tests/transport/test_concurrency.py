@@ -33,7 +33,13 @@ from mailrelay.errors import TransportClosed
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
-from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
+from mailrelay.transport import (
+    AsyncLMTPTransport,
+    AsyncSMTPTransport,
+    LMTPTransport,
+    PoolSettings,
+    SMTPTransport,
+)
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from tests.peers.scripted import (
@@ -54,6 +60,9 @@ from tests.transport.concurrency_server import (
     start_concurrency_server,
 )
 from tests.transport.helpers import run
+
+#: Either pooled asyncio transport (they share their pool).
+AsyncSMTPBase = AsyncSMTPTransport | AsyncLMTPTransport
 
 TIMEOUTS = Timeouts.all(10)
 #: The hang guard for joining threads and waiting for tasks (never reached when all is well).
@@ -77,11 +86,23 @@ def server() -> Iterator[Server]:
     controller.stop()
 
 
-def tagged(tag: str) -> Message:
-    """A one-recipient message carrying ``tag``."""
+@pytest.fixture
+def lmtp_server() -> Iterator[Server]:
+    """The same in LMTP (one reply per recipient after the data)."""
+    handler = ConcurrencyHandler(lmtp=True)
+    controller = start_concurrency_server(handler)
+    yield Server(port=int(controller.port), seen=handler)
+    controller.stop()
+
+
+RECIPIENTS = ("bob@example.com", "carol@example.org", "dave@example.net")
+
+
+def tagged(tag: str, recipients: int = 1) -> Message:
+    """A message to the first ``recipients`` of :data:`RECIPIENTS`, carrying ``tag``."""
     return Message.build(
         sender="alice@example.com",
-        to=["bob@example.com"],
+        to=list(RECIPIENTS[:recipients]),
         subject=tag,
         text=f"message {tag}\n",
         headers={TAG_HEADER: tag},
@@ -129,11 +150,11 @@ class Ledger:
         assert not twice, f"received more than once: {twice}"
         for tag, result in self.results.items():
             if hangups and not result.ok:
-                assert [r.outcome for r in result.recipients] == [Outcome.TRANSIENT]
+                assert {r.outcome for r in result.recipients} == {Outcome.TRANSIENT}
                 assert not received[tag], f"{tag} reported failed but received"
                 continue
             assert result.ok, (tag, result)
-            assert [r.outcome for r in result.recipients] == [Outcome.ACCEPTED]
+            assert {r.outcome for r in result.recipients} == {Outcome.ACCEPTED}
             assert received[tag] == 1, f"{tag} reported ACCEPTED but received {received[tag]}x"
         sent_unasked = {tag for tag in self.unsent if received[tag]}
         assert not sent_unasked, f"TransportClosed, yet received: {sorted(sent_unasked)}"
@@ -157,14 +178,17 @@ def join_all(threads: list[threading.Thread]) -> None:
 
 
 def send_some(
-    transport: SMTPTransport, tags: list[str], rng: random.Random
+    transport: SMTPTransport | LMTPTransport,
+    tags: list[str],
+    rng: random.Random,
+    recipients: int = 1,
 ) -> list[DeliveryResult]:
     """``tags`` sent as one ``send``, a ``send_many`` of a list, or a streamed one."""
     if len(tags) == 1 and rng.random() < 0.7:
-        return [transport.send(tagged(tags[0]))]
+        return [transport.send(tagged(tags[0], recipients))]
     if rng.random() < 0.5:
-        return transport.send_many([tagged(tag) for tag in tags])
-    return transport.send_many(tagged(tag) for tag in tags)
+        return transport.send_many([tagged(tag, recipients) for tag in tags])
+    return transport.send_many(tagged(tag, recipients) for tag in tags)
 
 
 # -- 1. threads share one sync pool ---------------------------------------------------------------
@@ -180,10 +204,15 @@ SYNC_POOLS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SYNC_POOLS))
-def test_threads_sharing_a_sync_pool_each_message_arrives_once(name: str, server: Server) -> None:
-    pool = SYNC_POOLS[name]
-    transport = sync_transport(server, pool)
+def threads_sharing(server: Server, pool: PoolSettings, *, lmtp: bool = False) -> None:
+    """Eight threads send through one transport at once (see the section's tests)."""
+    transport: SMTPTransport | LMTPTransport
+    if lmtp:
+        transport = LMTPTransport(
+            "127.0.0.1", server.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=pool
+        )
+    else:
+        transport = sync_transport(server, pool)
     ledger = Ledger()
     start = threading.Barrier(THREADS, timeout=GUARD)
 
@@ -193,7 +222,8 @@ def test_threads_sharing_a_sync_pool_each_message_arrives_once(name: str, server
             start.wait()
             for r in range(ROUNDS):
                 tags = [f"s{n}-{r}-{i}" for i in range(rng.choice([1, 1, 2, 3, 4]))]
-                ledger.record(tags, send_some(transport, tags, rng))
+                recipients = rng.randint(1, 3) if lmtp else 1
+                ledger.record(tags, send_some(transport, tags, rng, recipients))
         except BaseException as exc:  # any exception is a failure: report it to the test
             ledger.error(exc)
 
@@ -209,6 +239,16 @@ def test_threads_sharing_a_sync_pool_each_message_arrives_once(name: str, server
     assert len(ledger.results) == len(received) > THREADS * ROUNDS - 1
     assert server.seen.most_at_once <= pool.size
     assert server.seen.wait_all_closed(), "a connection outlived close()"
+
+
+@pytest.mark.parametrize("name", sorted(SYNC_POOLS))
+def test_threads_sharing_a_sync_pool_each_message_arrives_once(name: str, server: Server) -> None:
+    threads_sharing(server, SYNC_POOLS[name])
+
+
+def test_threads_sharing_a_sync_lmtp_pool(lmtp_server: Server) -> None:
+    # LMTP: one final reply per recipient after the data, one to three recipients.
+    threads_sharing(lmtp_server, SYNC_POOLS["replaced"], lmtp=True)
 
 
 # -- 2. close() from another thread while threads send ---------------------------------------------
@@ -361,6 +401,7 @@ class TaskPlan:
         deadline: an ``asyncio.timeout`` around the call (seconds), or ``None``.
         cancel_after: cancel the task after this many ``asyncio.sleep(0)`` calls (an ``int``)
             or this many seconds (a ``float``), or never (``None``).
+        recipients: the recipients of each message (:func:`tagged`).
     """
 
     tags: list[str]
@@ -368,9 +409,10 @@ class TaskPlan:
     start: int
     deadline: float | None
     cancel_after: int | float | None
+    recipients: int = 1
 
 
-def draw_plans(rng: random.Random, tasks: int) -> list[TaskPlan]:
+def draw_plans(rng: random.Random, tasks: int, recipients: int = 1) -> list[TaskPlan]:
     plans = []
     for n in range(tasks):
         call = rng.choice(["send", "send", "many", "stream"])
@@ -389,26 +431,27 @@ def draw_plans(rng: random.Random, tasks: int) -> list[TaskPlan]:
                     if disturb < 0.2
                     else None
                 ),
+                recipients=recipients,
             )
         )
     return plans
 
 
-async def _messages(tags: list[str]) -> AsyncIterator[Message]:
-    for tag in tags:
+async def _messages(plan: TaskPlan) -> AsyncIterator[Message]:
+    for tag in plan.tags:
         await asyncio.sleep(0)  # another task may run between two items
-        yield tagged(tag)
+        yield tagged(tag, plan.recipients)
 
 
-async def call_plan(transport: AsyncSMTPTransport, plan: TaskPlan) -> list[DeliveryResult]:
+async def call_plan(transport: AsyncSMTPBase, plan: TaskPlan) -> list[DeliveryResult]:
     if plan.call == "send":
-        return [await transport.asend(tagged(plan.tags[0]))]
+        return [await transport.asend(tagged(plan.tags[0], plan.recipients))]
     if plan.call == "many":
-        return await transport.asend_many([tagged(tag) for tag in plan.tags])
-    return await transport.asend_many(_messages(plan.tags))
+        return await transport.asend_many([tagged(tag, plan.recipients) for tag in plan.tags])
+    return await transport.asend_many(_messages(plan))
 
 
-async def sender(transport: AsyncSMTPTransport, plan: TaskPlan, ledger: Ledger) -> None:
+async def sender(transport: AsyncSMTPBase, plan: TaskPlan, ledger: Ledger) -> None:
     ledger.mark(ledger.unknown, plan.tags)  # until it has a result
     for _ in range(plan.start):
         await asyncio.sleep(0)
@@ -448,8 +491,8 @@ async def cancel_later(task: asyncio.Task[None], after: int | float) -> None:
 ASYNC_SEEDS = range(int(os.environ.get("CONCURRENCY_SEEDS", "16")))
 
 
-@pytest.mark.parametrize("seed", ASYNC_SEEDS)
-def test_async_tasks_with_cancellations_and_aclose(seed: int, server: Server) -> None:
+def tasks_cancellations_and_aclose(seed: int, server: Server, *, lmtp: bool = False) -> None:
+    """The async scenario for ``seed`` (see the section's tests)."""
     rng = random.Random(seed)
     pool = PoolSettings(
         size=rng.randint(2, 4),
@@ -459,14 +502,15 @@ def test_async_tasks_with_cancellations_and_aclose(seed: int, server: Server) ->
         health_check_after=rng.choice([1e-6, 5.0]),
         idle_timeout=rng.choice([0.01, 0.05, 30.0]),
     )
-    plans = draw_plans(rng, tasks=24)
+    plans = draw_plans(rng, tasks=24, recipients=rng.randint(1, 3) if lmtp else 1)
     close_after = rng.choice([rng.randint(0, 200), rng.uniform(0.0, 0.1)])
     ledger = Ledger()
+    cls: type[AsyncSMTPTransport] | type[AsyncLMTPTransport] = (
+        AsyncLMTPTransport if lmtp else AsyncSMTPTransport
+    )
 
     async def main() -> None:
-        transport = AsyncSMTPTransport(
-            "127.0.0.1", server.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=pool
-        )
+        transport = cls("127.0.0.1", server.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=pool)
         tasks = [asyncio.ensure_future(sender(transport, plan, ledger)) for plan in plans]
         helpers = [
             asyncio.ensure_future(cancel_later(task, plan.cancel_after))
@@ -485,9 +529,8 @@ def test_async_tasks_with_cancellations_and_aclose(seed: int, server: Server) ->
         with pytest.raises(TransportClosed):
             await transport.asend(tagged("late"))
         # A fresh transport works at once.
-        async with AsyncSMTPTransport(
-            "127.0.0.1", server.port, tls=TLS.NONE, timeouts=TIMEOUTS, pool=PoolSettings(size=1)
-        ) as fresh:
+        fresh = cls("127.0.0.1", server.port, tls=TLS.NONE, timeouts=TIMEOUTS)
+        async with fresh:
             result = await fresh.asend(tagged(f"fresh-{seed}"))
         ledger.record([f"fresh-{seed}"], [result])
 
@@ -496,6 +539,17 @@ def test_async_tasks_with_cancellations_and_aclose(seed: int, server: Server) ->
     assert server.seen.most_at_once <= pool.size
     assert server.seen.wait_all_closed(), "a connection outlived aclose()"
     gc.collect()  # a socket left unclosed warns here (an error under pytest)
+
+
+@pytest.mark.parametrize("seed", ASYNC_SEEDS)
+def test_async_tasks_with_cancellations_and_aclose(seed: int, server: Server) -> None:
+    tasks_cancellations_and_aclose(seed, server)
+
+
+@pytest.mark.parametrize("seed", ASYNC_SEEDS[: len(ASYNC_SEEDS) // 2])
+def test_async_lmtp_tasks_with_cancellations_and_aclose(seed: int, lmtp_server: Server) -> None:
+    # LMTP: one final reply per recipient after the data, several recipients per message.
+    tasks_cancellations_and_aclose(1000 + seed, lmtp_server, lmtp=True)
 
 
 # -- 4. aclose() itself cancelled ---------------------------------------------------------------
