@@ -732,7 +732,9 @@ class AsyncResolver(_ResolverBase):
         """Compute ``key`` once however many tasks of this loop ask at the same time."""
         loop = asyncio.get_running_loop()
         task = self._inflight.get(key)
-        if task is None or task.get_loop() is not loop:
+        # A done task here was cancelled before it ever ran (so it could not remove
+        # itself): someone cancelled every task of the loop. It is no lookup to share.
+        if task is None or task.done() or task.get_loop() is not loop:
             task = loop.create_task(self._fill(key, compute))
             self._inflight[key] = task
         # Shielded: one caller's cancellation must not cancel the lookup the others await.

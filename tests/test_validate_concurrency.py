@@ -467,6 +467,33 @@ def test_cancelled_waiters_leave_the_shared_lookups_whole(server: HostileDNS, se
     assert server.count("mx1.good.test") == 2  # A and AAAA, shared by two domains
 
 
+def test_a_lookup_cancelled_before_it_started_is_not_shared(server: HostileDNS) -> None:
+    # An app that cancels every task of its loop (a shutdown of one component, a test
+    # harness) may cancel a shared lookup's own task before it ever ran: then the task
+    # never gets to clear its in-flight entry. Before the fix, every later validation of
+    # the domain in that loop awaited the cancelled task and raised CancelledError,
+    # though nobody had cancelled it.
+    cancel_zone(server)
+    resolver = AsyncResolver(["127.0.0.1"], port=server.port, timeout=ASYNC_TIMEOUT)
+    validator = AsyncRecipientValidator(resolver, special_use=ALLOW_TEST)
+
+    async def scenario() -> list[Reason]:
+        first = asyncio.ensure_future(validator.validate("first@good.test"))
+        await asyncio.sleep(0)  # it asked: the shared lookup's task exists, not yet started
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        async with asyncio.timeout(budget(3, ASYNC_TIMEOUT)):
+            again = await asyncio.gather(
+                validator.validate("again@good.test"), validator.validate("more@good.test")
+            )
+        return [result.reason for result in again]
+
+    assert run(scenario()) == [Reason.OK, Reason.OK]
+
+
 # -- 3 (continued). DNS trouble under concurrency -----------------------------------------------
 
 #: Domains of the trouble zone and the reason a validation must give; what the DNS could not
