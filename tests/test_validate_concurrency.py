@@ -16,8 +16,12 @@ the calls overlap:
 - each call ends within the bound its timeout documents, and a slow domain does not hold
   up the lookups of another domain;
 - DNS trouble is ``UNKNOWN``, never ``UNDELIVERABLE``;
-- the blocking resolver's threads are bounded and go when the resolver goes, and a
-  process with lookups in flight still exits.
+- ``validate_many`` keeps to its ``concurrency``, and threads validating bulk lists at once
+  ask each name once;
+- the blocking resolver's threads are bounded and go when the resolver goes; a process
+  with lookups in flight in a daemon thread still exits, and a thread that validates after
+  the main thread has ended gets its verdicts;
+- an answer the cache serves again, for another domain, counts its TTL down.
 
 Bounds are hang guards (the configured timeouts times the queries a call may make, plus a
 margin), never speed measurements.
@@ -112,7 +116,7 @@ def dns_threads() -> int:
     return sum(1 for t in threading.enumerate() if t.name.startswith(_DNS_THREAD_PREFIX))
 
 
-# -- comparing verdicts and cache entries -----------------------------------------------------
+# -- comparing verdicts and cache entries ----------------------------------------------------------
 
 
 def normal_hosts(found: MailHosts | None) -> object:
@@ -188,7 +192,7 @@ def check_cache(cache: RecordingCache, reference: RecordingCache) -> None:
         assert normal_entry(key, value) == expected[key], key
 
 
-# -- 1. one blocking validator shared by many threads -------------------------------------------
+# -- one blocking validator shared by many threads -------------------------------------------------
 
 #: Valid, null MX, implicit MX, NXDOMAIN, IDN (both forms), no mail host, CNAMEs, equal
 #: preferences, DNS trouble, literals, special-use names and syntax errors; duplicates and
@@ -293,7 +297,7 @@ def test_threads_sharing_one_cache_through_their_own_resolvers(
     check_cache(cache, reference_cache)
 
 
-# -- 3. slow and silent name servers ----------------------------------------------------------
+# -- a slow domain and the blocking resolver's threads ---------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +369,7 @@ def test_a_slow_domain_does_not_hold_up_another_domains_exchangers() -> None:
     assert len(found.usable_hosts) == MAX_MAIL_HOSTS
 
 
-# -- 2. async waiters cancelled at random moments ---------------------------------------------
+# -- async waiters cancelled at random moments -----------------------------------------------------
 
 #: Each domain of the cancellation zone and the reason a validation of it must give.
 CANCEL_ZONE = {
@@ -494,7 +498,7 @@ def test_a_lookup_cancelled_before_it_started_is_not_shared(server: HostileDNS) 
     assert run(scenario()) == [Reason.OK, Reason.OK]
 
 
-# -- 3 (continued). DNS trouble under concurrency -----------------------------------------------
+# -- DNS trouble under concurrency -----------------------------------------------------------------
 
 #: Domains of the trouble zone and the reason a validation must give; what the DNS could not
 #: tell is TEMPFAIL (UNKNOWN), never UNDELIVERABLE (docs/validation.md).
@@ -584,7 +588,7 @@ def test_dns_trouble_under_concurrency_is_bounded_and_never_undeliverable(
         check_trouble(result)
 
 
-# -- 4. the blocking resolver's threads ---------------------------------------------------------
+# -- threads at the end of a resolver and of a process ---------------------------------------------
 
 
 def test_resolvers_made_and_dropped_leave_no_threads(server: HostileDNS) -> None:
@@ -655,7 +659,7 @@ def test_a_process_ends_with_validations_in_threads(server: HostileDNS, kind: st
         assert done.stdout == "main ends\nok ok no-such-domain tempfail\n"
 
 
-# -- 5. bulk validation from several threads; the concurrency limit ------------------------------
+# -- bulk validation from several threads; the concurrency limit -----------------------------------
 
 
 def test_bulk_lists_from_several_threads_look_each_name_up_once(unbound: UnboundServer) -> None:
@@ -711,7 +715,7 @@ def test_validate_many_keeps_to_its_concurrency(server: HostileDNS, mode: str) -
     assert 1 < server.most_waiting <= 3
 
 
-# -- the shared cache: answers reused across domains count their TTL down ---------------------
+# -- the shared cache: answers reused across domains count their TTL down --------------------------
 
 
 class FakeClock:
