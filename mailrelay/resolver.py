@@ -333,8 +333,9 @@ def _each_at_once(
 
     Calls the pool refuses get a plain thread each: concurrent.futures takes no new work
     once the main thread has ended (Python 3.9+), yet the interpreter waits for the other
-    non-daemon threads (and the threads they start), and a lookup in one of them must
-    still be answered, within its timeout, not fail with a RuntimeError.
+    non-daemon threads, and a lookup in one of them must still be answered, within its
+    timeout, not fail with a RuntimeError. Those threads are daemons: the caller waits for
+    them; the interpreter need not (a daemon caller must not hold up the exit).
     """
     futures: list[concurrent.futures.Future[_R]] = []
     try:
@@ -345,7 +346,7 @@ def _each_at_once(
         for item in items[len(futures) :]:
             future: concurrent.futures.Future[_R] = concurrent.futures.Future()
             threading.Thread(
-                target=_settle, args=(future, call, item), name="mailrelay-dns-late"
+                target=_settle, args=(future, call, item), name="mailrelay-dns-late", daemon=True
             ).start()
             futures.append(future)
     return [future.result() for future in futures]
