@@ -57,6 +57,7 @@ from mailrelay.transport.pooling import (
     IdleVerdict,
     PooledConnection,
     PoolPolicy,
+    answer_lost,
     greeting_hint,
     quit_timeout,
     unanswered,
@@ -292,7 +293,8 @@ class _AsyncSMTPBase(AsyncTransport):
             try:
                 return await self._send_on(connection, message, envelope)
             except DeliveryError as exc:
-                if not self._policy.resend_on_fresh(exc, reused=reused):
+                lost = answer_lost(connection.session)
+                if not self._policy.resend_on_fresh(exc, reused=reused, answer_lost=lost):
                     raise
             connection = await self._open()
             return await self._send_on(connection, message, envelope)
@@ -377,7 +379,12 @@ class _AsyncSMTPBase(AsyncTransport):
                             connection.driver.close()
                             connection = None
                             raise
-                        settlement = self._policy.settle(outcome, sent=len(chunk), carried=carried)
+                        settlement = self._policy.settle(
+                            outcome,
+                            sent=len(chunk),
+                            carried=carried,
+                            answer_lost=answer_lost(connection.session),
+                        )
                         settled = settlement.results(chunk)
                         for index, result in zip(ours, settled, strict=False):
                             results[index] = result

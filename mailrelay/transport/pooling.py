@@ -22,6 +22,12 @@ Rules of this module:
   file, reset, or a 421) on a connection that had carried messages before is answered by
   sending again on a fresh connection; the server had given no final reply, so this is the
   caller's retry minus the wait. Any other error, or one on a fresh connection, is reported.
+* **Never deliver a message twice that way**: when the connection ended (without a 421)
+  after the server had the whole message, with its final reply still owed
+  (:func:`answer_lost`), the server may have taken it and the reply been lost with the
+  connection (RFC 1047). That message is not sent again: it gets the error as its result
+  (TRANSIENT), and the caller decides. A connection that died while idle fails before any
+  message data goes out, so the rule above still covers it.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from mailrelay.errors import ConnectionLost, DeliveryError, SessionRefused, Tran
 from mailrelay.flow import BatchOutcome, Session
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
+from mailrelay.protocol import Bdat, EndOfData
 from mailrelay.results import DeliveryResult
 from mailrelay.transport.base import failed_result
 from mailrelay.transport.errors_map import PLAIN_AGAINST_IMPLICIT
@@ -51,6 +58,7 @@ __all__ = [
     "PoolPolicy",
     "PooledConnection",
     "Settlement",
+    "answer_lost",
     "greeting_hint",
     "is_stale_connection_error",
     "no_greeting_hint",
@@ -69,6 +77,19 @@ def is_stale_connection_error(exc: DeliveryError) -> bool:
         return True
     # RFC 5321 §3.8: 421 is how a server says it is closing the transmission channel.
     return isinstance(exc, SessionRefused) and exc.reply is not None and exc.reply.code == 421
+
+
+def answer_lost(session: Session) -> bool:
+    """Whether the oldest command still awaiting its reply on ``session`` is the end of a
+    message's data (the ``.`` line, RFC 5321 §4.1.1.4, or ``BDAT ... LAST``, RFC 3030): the
+    session ended after the server had the whole message and before its final reply came,
+    so the server may have taken the message (RFC 1047), and sending it again could
+    deliver it twice."""
+    pending = session._conn.pending  # the dialogue's own record of the replies owed
+    if not pending:
+        return False
+    oldest = pending[0]
+    return isinstance(oldest, EndOfData) or (isinstance(oldest, Bdat) and oldest.last)
 
 
 def quit_timeout(timeouts: Timeouts) -> float:
@@ -237,25 +258,42 @@ class PoolPolicy:
         """How many messages the next pipelined run may put on ``connection`` (at least one)."""
         return max(1, self.pool.max_messages - connection.messages)
 
-    def resend_on_fresh(self, exc: DeliveryError, *, reused: bool) -> bool:
+    def resend_on_fresh(
+        self, exc: DeliveryError, *, reused: bool, answer_lost: bool = False
+    ) -> bool:
         """Whether a single send that failed with ``exc`` is made again on a fresh
-        connection (only on a reused connection that turned out to be dead)."""
+        connection (only on a reused connection that turned out to be dead, and not when
+        the message's final reply was lost: ``answer_lost``, see the module docstring)."""
         if not (reused and is_stale_connection_error(exc)):
+            return False
+        if answer_lost and exc.reply is None:
+            self._taken_maybe(exc)
             return False
         self.logger.info(
             "the reused connection to %s was dead (%s); sending on a fresh one", self.peer, exc
         )
         return True
 
-    def settle(self, outcome: BatchOutcome, *, sent: int, carried: int) -> Settlement:
+    def _taken_maybe(self, exc: DeliveryError) -> None:
+        self.logger.info(
+            "the connection to %s ended (%s) after the server had a whole message and before "
+            "its reply; not sending that message again (it may have been delivered)",
+            self.peer,
+            exc,
+        )
+
+    def settle(
+        self, outcome: BatchOutcome, *, sent: int, carried: int, answer_lost: bool = False
+    ) -> Settlement:
         """Turn the outcome of a pipelined run of ``sent`` messages, on a connection that
         had carried ``carried`` before it, into results.
 
         After an early end, the first unanswered message is sent again when the connection
-        had carried messages before it and the end looks like a stale connection; otherwise
-        it gets the error as its result. Results after the first unanswered message can only
-        be refusals made before sending (replies come in order), so they are simply made
-        again next time.
+        had carried messages before it and the end looks like a stale connection, unless its
+        final reply was lost (``answer_lost``, see the module docstring); otherwise it gets
+        the error as its result. Results after the first unanswered message can only be
+        refusals made before sending (replies come in order), so they are simply made again
+        next time.
         """
         answered: list[DeliveryResult] = []
         for result in outcome.results:
@@ -265,7 +303,11 @@ class PoolPolicy:
         error = outcome.error
         failure: DeliveryError | None = None
         if error is not None and len(answered) < sent:
-            if carried + len(answered) > 0 and is_stale_connection_error(error):
+            stale = carried + len(answered) > 0 and is_stale_connection_error(error)
+            if stale and answer_lost and error.reply is None:
+                self._taken_maybe(error)
+                failure = error
+            elif stale:
                 self.logger.info(
                     "the connection to %s ended (%s); sending the %d unanswered message(s) "
                     "on a fresh one",

@@ -17,7 +17,9 @@ Rules of this module:
   aiosmtplib#243): when a *reused* connection turns out to be dead while sending (the server
   closed it: EOF, reset, or a 421), the message is sent again at once on a fresh connection.
   The server had not taken the message (no final reply), so this is what a caller's retry
-  would do, minus the wait. A fresh connection failing is reported, never retried here.
+  would do, minus the wait. A fresh connection failing is reported, never retried here; so
+  is a connection that ended after the whole message went out, with its final reply still
+  owed: the server may have taken it (RFC 1047), and sending it again could deliver it twice.
 * ``send_many`` sends a batch through one connection at a time, pipelined across messages
   (:meth:`Session.deliver_many <mailrelay.flow.Session.deliver_many>`), taking a streamed
   batch :data:`CHUNK` items at a time. Messages left without any final answer when the
@@ -65,6 +67,7 @@ from mailrelay.transport.pooling import (
     IdleVerdict,
     PooledConnection,
     PoolPolicy,
+    answer_lost,
     greeting_hint,
     is_stale_connection_error,  # noqa: F401 -- defined here before; still importable
     unanswered,
@@ -115,11 +118,16 @@ class _Batch:
         carried: int,
         results: list[DeliveryResult],
         policy: PoolPolicy,
+        *,
+        lost: bool,
     ) -> int:
         """Move the results of ``chunk`` that are settled (:meth:`PoolPolicy.settle
         <mailrelay.transport.pooling.PoolPolicy.settle>`) to ``results``; returns how many.
-        A message to be sent again on a fresh connection stays pending."""
-        settled = policy.settle(outcome, sent=len(chunk), carried=carried).results(chunk)
+        A message to be sent again on a fresh connection stays pending; ``lost``: the
+        final reply to a whole message was lost (``answer_lost`` in
+        :mod:`mailrelay.transport.pooling`)."""
+        settlement = policy.settle(outcome, sent=len(chunk), carried=carried, answer_lost=lost)
+        settled = settlement.results(chunk)
         results += settled
         for _ in settled:
             self.pending.popleft()
@@ -269,7 +277,8 @@ class _SMTPBase(Transport):
             try:
                 return self._send_on(connection, message, envelope)
             except DeliveryError as exc:
-                if not self._policy.resend_on_fresh(exc, reused=reused):
+                lost = answer_lost(connection.session)
+                if not self._policy.resend_on_fresh(exc, reused=reused, answer_lost=lost):
                     raise
             connection = self._open()
             return self._send_on(connection, message, envelope)
@@ -320,7 +329,8 @@ class _SMTPBase(Transport):
                 except BaseException:
                     connection.driver.close()
                     raise
-                done = batch.settle(chunk, outcome, carried, results, self._policy)
+                lost = answer_lost(connection.session)
+                done = batch.settle(chunk, outcome, carried, results, self._policy, lost=lost)
                 connection.messages += done
                 if outcome.error is not None:
                     connection.driver.close()
