@@ -223,6 +223,11 @@ class DeliveryTracker(TrackerCore[Transport]):
                     summary += self._flush(pending)
                     oldest = None
         finally:
+            if queue:
+                # Interrupted between chunks (a KeyboardInterrupt, say, in a commit or an
+                # event callback): what is not sent goes back, due now, as when a chunk fails.
+                pending.extend(self._put_back_groups(queue))
+                queue.clear()
             # Results already in hand (and work put back) are committed even when an
             # error propagates.
             summary += self._flush(pending)

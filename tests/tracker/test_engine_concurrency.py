@@ -1067,3 +1067,39 @@ def test_submitting_from_a_thread_per_request_leaks_no_connections(
     assert set(received(server)) == {(seq, f"user{seq}-0@mailrelay.test") for seq in seqs.values()}
     tracker.close()
     assert _open_files_under(tmp_path) == 0
+
+
+# -- 8. the sync runner interrupted between chunks ----------------------------------------------
+
+
+def test_a_sync_run_interrupted_between_chunks_leaves_nothing_leased(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path
+) -> None:
+    """docs/tracker.md, Lifecycle: any exception other than a delivery error (a
+    ``KeyboardInterrupt``) puts the claimed recipients without a result back, due at once.
+    Here it comes from an event callback, between chunks (a Ctrl-C lands there as well as
+    in the transport): the rest of the claimed batch must not stay leased."""
+    server = make_aiosmtpd(starttls=False, auth=False)
+    store = SQLiteStore(tmp_path / "outbox.db")
+    tracker = DeliveryTracker(smtp(server), store, commit_batch=1)
+    sequencer = Sequencer()
+    pairs = [sequencer.message() for _ in range(5)]
+    seqs = dict(zip(tracker.submit_many(m for _, m in pairs), (s for s, _ in pairs), strict=True))
+
+    def interrupt(event: TrackerEvent) -> None:
+        raise KeyboardInterrupt
+
+    tracker.on("delivered", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.run_pending()
+    records = store.get_many(list(seqs))
+    leased = [r for record in records.values() for r in record.recipients if r.lease_owner]
+    assert not leased, leased
+    states = Counter(record.recipients[0].state for record in records.values())
+    assert states == {State.DELIVERED: 1, State.QUEUED: 4}, states
+    tracker.events.off("delivered", interrupt)
+    assert tracker.run_pending().delivered == 4
+    records = store.get_many(list(seqs))
+    assert all(record.recipients[0].state is State.DELIVERED for record in records.values())
+    assert Counter(received(server).values()) == {1: 5}
+    tracker.close()
