@@ -1070,6 +1070,14 @@ def _ends_after_data(action: Action) -> list[Step]:
 ENDINGS = {"eof": Action.CLOSE, "reset": Action.RESET}
 
 
+def quick_sync(port: int, pool: PoolSettings) -> SMTPTransport:
+    return SMTPTransport("127.0.0.1", port, tls=TLS.NONE, timeouts=Timeouts.all(5), pool=pool)
+
+
+def quick_async(port: int, pool: PoolSettings) -> AsyncSMTPTransport:
+    return AsyncSMTPTransport("127.0.0.1", port, tls=TLS.NONE, timeouts=Timeouts.all(5), pool=pool)
+
+
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 @pytest.mark.parametrize("ending", sorted(ENDINGS))
 def test_a_message_the_server_may_have_taken_is_not_sent_again(
@@ -1087,11 +1095,10 @@ def test_a_message_the_server_may_have_taken_is_not_sent_again(
         tls=None,
     )
     pool = PoolSettings(size=1, health_check_after=86400.0)
-    kwargs = {"tls": TLS.NONE, "timeouts": Timeouts.all(5), "pool": pool}
     messages = [tagged("one"), tagged("two")]
     outcomes: list[bool | str] = []
     if flavour == "sync":
-        with SMTPTransport("127.0.0.1", server.port, **kwargs) as transport:  # type: ignore[arg-type]
+        with quick_sync(server.port, pool) as transport:
             outcomes.append(transport.send(messages[0]).ok)
             try:
                 outcomes.append(transport.send(messages[1]).ok)
@@ -1100,7 +1107,7 @@ def test_a_message_the_server_may_have_taken_is_not_sent_again(
     else:
 
         async def main() -> None:
-            async with AsyncSMTPTransport("127.0.0.1", server.port, **kwargs) as transport:  # type: ignore[arg-type]
+            async with quick_async(server.port, pool) as transport:
                 outcomes.append((await transport.asend(messages[0])).ok)
                 try:
                     outcomes.append((await transport.asend(messages[1])).ok)
@@ -1129,15 +1136,14 @@ def test_a_batch_message_the_server_may_have_taken_is_not_sent_again(
         tls=None,
     )
     pool = PoolSettings(size=1)
-    kwargs = {"tls": TLS.NONE, "timeouts": Timeouts.all(5), "pool": pool}
     batch = [tagged("one"), tagged("two"), tagged("three")]
     if flavour == "sync":
-        with SMTPTransport("127.0.0.1", server.port, **kwargs) as transport:  # type: ignore[arg-type]
+        with quick_sync(server.port, pool) as transport:
             results = transport.send_many(batch)
     else:
 
         async def main() -> list[DeliveryResult]:
-            async with AsyncSMTPTransport("127.0.0.1", server.port, **kwargs) as transport:  # type: ignore[arg-type]
+            async with quick_async(server.port, pool) as transport:
                 return await transport.asend_many(batch)
 
         results = run(main())
