@@ -30,6 +30,11 @@ Rules (RFC sections cited where they are enforced):
   a recipient's 4xx is that recipient's TRANSIENT result, not a reason to ask another host.
   When every target failed, the recipients are TRANSIENT, unless every failure was permanent
   (5xx greetings from every host): then PERMANENT. The ``reason`` lists what each target did.
+  One exception: a connection that ends (or times out) after the exchanger had the whole
+  message, before its final reply, is an answer: the recipients are TRANSIENT and no other
+  target (nor a fresh session) is tried, since the exchanger may have taken the message and
+  sending it again could deliver it twice (RFC 1047; RFC 5321 §4.5.3.2.6 is why that wait is
+  so long).
 * TLS (:class:`MXPolicy`): by default opportunistic (RFC 3207, RFC 7435): STARTTLS whenever
   offered, with a context that does not verify certificates, because a public MX's certificate
   rarely matches anything an MTA can check without MTA-STS (RFC 8461) or DANE (RFC 7672), and
@@ -115,7 +120,7 @@ from mailrelay.transport.mx_plan import (
     reuse_key,
     sub_envelope,
 )
-from mailrelay.transport.pooling import ExchangerPool
+from mailrelay.transport.pooling import ExchangerPool, answer_lost, reply_lost
 from mailrelay.transport.settings import PoolSettings
 from mailrelay.transport.smtp import PooledSession, quit_all
 from mailrelay.transport.sync_driver import connect
@@ -333,6 +338,14 @@ class MXTransport(Transport):
     ) -> DeliveryResult:
         try:
             return connection.driver.run(connection.session.deliver(message, envelope))
+        except DeliveryError as exc:
+            connection.driver.close()
+            if exc.reply is None and answer_lost(connection.session):
+                # The exchanger had the whole message when the connection ended: it may
+                # have taken it (RFC 1047). Sending it again, on a fresh session or to the
+                # next exchanger, could deliver it twice: an answer that ends the search.
+                return reply_lost(message, envelope, exc)
+            raise
         except BaseException:
             connection.driver.close()
             raise

@@ -63,7 +63,7 @@ from mailrelay.transport.mx_plan import (
     reuse_key,
     sub_envelope,
 )
-from mailrelay.transport.pooling import ExchangerPool, quit_timeout
+from mailrelay.transport.pooling import ExchangerPool, answer_lost, quit_timeout, reply_lost
 from mailrelay.transport.settings import PoolSettings
 
 __all__ = ["DEFAULT_CONCURRENCY", "AsyncMXTransport", "amail_hosts_of"]
@@ -336,6 +336,14 @@ class AsyncMXTransport(AsyncTransport):
     ) -> DeliveryResult:
         try:
             return await connection.driver.run(connection.session.deliver(message, envelope))
+        except DeliveryError as exc:
+            connection.driver.close()
+            if exc.reply is None and answer_lost(connection.session):
+                # The exchanger had the whole message when the connection ended: it may
+                # have taken it (RFC 1047). Sending it again, on a fresh session or to the
+                # next exchanger, could deliver it twice: an answer that ends the search.
+                return reply_lost(message, envelope, exc)
+            raise
         except BaseException:
             connection.driver.close()
             raise

@@ -63,6 +63,7 @@ __all__ = [
     "is_stale_connection_error",
     "no_greeting_hint",
     "quit_timeout",
+    "reply_lost",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,18 @@ def answer_lost(session: Session) -> bool:
         return False
     oldest = pending[0]
     return isinstance(oldest, EndOfData) or (isinstance(oldest, Bdat) and oldest.last)
+
+
+def reply_lost(message: Message, envelope: Envelope, error: DeliveryError) -> DeliveryResult:
+    """The result of a message whose final reply was lost with the connection
+    (:func:`answer_lost`): every recipient carries ``error`` (TRANSIENT for a lost
+    connection or a timeout), with no host named (the MX plan names the target)."""
+    result = failed_result(message, envelope, error)
+    return attrs.evolve(
+        result,
+        recipients=tuple(attrs.evolve(r, host=None) for r in result.recipients),
+        host=None,
+    )
 
 
 def quit_timeout(timeouts: Timeouts) -> float:

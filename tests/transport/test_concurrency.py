@@ -27,9 +27,10 @@ import gc
 import os
 import random
 import select
+import socket
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import attrs
 import pytest
@@ -53,6 +54,7 @@ from mailrelay.transport.mx_async import AsyncMXTransport
 from tests.peers.scripted import (
     MESSAGE,
     Action,
+    ScriptedServer,
     ScriptedServerFactory,
     Step,
     accept_message,
@@ -69,6 +71,7 @@ from tests.transport.concurrency_server import (
     start_concurrency_server,
 )
 from tests.transport.helpers import run
+from tests.transport.test_mx import free_everywhere
 
 #: Either pooled asyncio transport (they share their pool).
 AsyncSMTPBase = AsyncSMTPTransport | AsyncLMTPTransport
@@ -1152,3 +1155,122 @@ def test_a_batch_message_the_server_may_have_taken_is_not_sent_again(
     fresh = bytes(server.session(1).received)
     assert b"X-Test-Tag: two" not in fresh  # never sent twice
     assert b"X-Test-Tag: three" in fresh
+
+
+@pytest.fixture
+def mx_port() -> int:
+    """The exchangers' shared port for one test."""
+    return free_everywhere()
+
+
+ScriptedMX = Callable[[str, list[list[Step]]], ScriptedServer]
+
+
+@pytest.fixture
+def scripted_mx(mx_port: int) -> Iterator[ScriptedMX]:
+    """``scripted_mx(address, scripts)``: a plain-text scripted server on an exchanger's
+    address and :func:`mx_port` (its listener swapped before it starts, as test_mx does)."""
+    servers: list[ScriptedServer] = []
+
+    def make(address: str, scripts: list[list[Step]]) -> ScriptedServer:
+        server = ScriptedServer(scripts, ssl_context=None, timeout=5.0)
+        server._listener.close()
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((address, mx_port))
+        listener.listen(16)
+        listener.settimeout(0.05)
+        server._listener = listener
+        server.host, server.port = address, mx_port
+        servers.append(server)
+        return server.start()
+
+    yield make
+    errors = []
+    for server in servers:
+        server.stop()
+        errors.extend(server.errors)
+    assert not errors, f"scripted server errors: {errors}"
+
+
+def _mx_send_each(
+    flavour: str, unbound: UnboundServer, port: int, messages: list[Message]
+) -> list[DeliveryResult]:
+    """``send`` / ``asend`` each message in turn on one MX transport (closed at the end)."""
+    pool = PoolSettings(size=2, health_check_after=86400.0)
+    if flavour == "sync":
+        resolver = unbound.resolver(timeout=1.0)
+        with MXTransport(resolver, port=port, timeouts=Timeouts.all(3), pool=pool) as mx:
+            return [mx.send(message) for message in messages]
+
+    async def main() -> list[DeliveryResult]:
+        resolver = unbound.async_resolver(timeout=1.0)
+        async with AsyncMXTransport(resolver, port=port, timeouts=Timeouts.all(3), pool=pool) as mx:
+            return [await mx.asend(message) for message in messages]
+
+    return run(main())
+
+
+def _to_mx(domain: str, tag: str) -> Message:
+    return Message.build(
+        sender="sender@mailrelay.test",
+        to=[f"bob@{domain}"],
+        subject=tag,
+        text="one copy only\n",
+        headers={TAG_HEADER: tag},
+    )
+
+
+@pytest.mark.unbound
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_an_mx_message_the_exchanger_may_have_taken_is_not_sent_again(
+    flavour: str, unbound: UnboundServer, scripted_mx: ScriptedMX, mx_port: int
+) -> None:
+    # The second message goes on the session the first left idle; the exchanger has all of
+    # it, then hangs up before its final reply. A fresh session to the same exchanger (the
+    # stale-session rule) would deliver it twice: the recipient is TRANSIENT instead.
+    server = scripted_mx(
+        "127.0.0.1",
+        [
+            _ends_after_data(Action.CLOSE),
+            [greeting(), ehlo("PIPELINING"), *accept_message(1), quit_step()],
+        ],
+    )
+    first, second = _mx_send_each(
+        flavour,
+        unbound,
+        mx_port,
+        [_to_mx("mailrelay.test", "one"), _to_mx("mailrelay.test", "two")],
+    )
+    assert first.ok
+    assert [r.outcome for r in second.recipients] == [Outcome.TRANSIENT]
+    assert second.recipients[0].host == f"mx.mailrelay.test[127.0.0.1]:{mx_port}"
+    assert b"X-Test-Tag: two" in bytes(server.session(0).received)
+    assert len(server.sessions) == 1  # not sent a second time
+
+
+@pytest.mark.unbound
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_an_mx_message_the_exchanger_may_have_taken_is_not_sent_to_the_next(
+    flavour: str, unbound: UnboundServer, scripted_mx: ScriptedMX, mx_port: int
+) -> None:
+    # mx2.test prefers 127.0.0.1 over 127.0.0.2. The first exchanger has the whole message
+    # and hangs up before its final reply: trying the second would deliver it twice.
+    first = scripted_mx(
+        "127.0.0.1",
+        [
+            [
+                greeting(),
+                ehlo("PIPELINING"),
+                *accept_message(1)[:-1],
+                Step(expect=MESSAGE, action=Action.CLOSE),
+            ]
+        ],
+    )
+    second = scripted_mx(
+        "127.0.0.2", [[greeting(), ehlo("PIPELINING"), *accept_message(1), quit_step()]]
+    )
+    [result] = _mx_send_each(flavour, unbound, mx_port, [_to_mx("mx2.test", "once")])
+    assert [r.outcome for r in result.recipients] == [Outcome.TRANSIENT]
+    assert b"X-Test-Tag: once" in bytes(first.session(0).received)
+    assert not second.sessions  # the next exchanger was not asked
