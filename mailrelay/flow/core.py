@@ -98,6 +98,13 @@ class _SessionCore:
         """What the server offered in its last EHLO/LHLO reply (nothing after HELO)."""
         return self._extensions if self._extensions is not None else _NO_EXTENSIONS
 
+    @property
+    def unanswered(self) -> tuple[Command, ...]:
+        """The commands sent and not answered yet, oldest first; once the session has ended,
+        those the server never answered (a pool reads it to tell whether a lost reply was a
+        message's final one)."""
+        return self._conn.pending
+
     # -- low-level helpers ---------------------------------------------------------------------
 
     def _write(self, *commands: Command, phase: str) -> Step[None]:

@@ -86,7 +86,7 @@ def answer_lost(session: Session) -> bool:
     session ended after the server had the whole message and before its final reply came,
     so the server may have taken the message (RFC 1047), and sending it again could
     deliver it twice."""
-    pending = session._conn.pending  # the dialogue's own record of the replies owed
+    pending = session.unanswered
     if not pending:
         return False
     oldest = pending[0]
