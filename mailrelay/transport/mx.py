@@ -243,7 +243,12 @@ class MXTransport(Transport):
         Returns:
             one result per envelope recipient, in envelope order; DNS verdicts, unreachable
             exchangers and refusals are all results (see the module docstring).
+
+        Raises:
+            TransportClosed: the transport was closed (as for the SMTP transports).
         """
+        if self._pool.closed:
+            raise self._pool.policy.closed_error(type(self).__name__)
         parts = []
         unreachable = Unreachable()
         for domain, positions in group_by_domain(envelope).items():

@@ -208,7 +208,12 @@ class AsyncMXTransport(AsyncTransport):
         Returns:
             one result per envelope recipient, in envelope order (see
             :meth:`MXTransport.deliver <mailrelay.transport.mx.MXTransport.deliver>`).
+
+        Raises:
+            TransportClosed: the transport was closed (as for the SMTP transports).
         """
+        if self._pool.closed:
+            raise self._pool.policy.closed_error(type(self).__name__)
         self._bind()
         gate = asyncio.Semaphore(self.concurrency)
         groups = group_by_domain(envelope)
