@@ -622,29 +622,46 @@ class Resolver(_ResolverBase):
         return steps.result, steps.result.ttl
 
     def _fetch(self, key: Hashable, compute: Callable[[], tuple[object, float]]) -> object:
-        """Compute ``key`` once however many threads ask at the same time."""
-        with self._lock:
-            # Re-check under the lock: the owner caches before it leaves the in-flight table.
-            value = self.cache.get(key)
-            if value is not _MISS:
-                return value
-            future = self._inflight.get(key)
-            owner = future is None
-            if future is None:
-                future = self._inflight[key] = concurrent.futures.Future()
-        if not owner:
-            return future.result()
-        try:
-            value, ttl = compute()
-            self.cache.put(key, value, ttl)
-            future.set_result(value)
-            return value
-        except BaseException as exc:
-            future.set_exception(exc)
-            raise
-        finally:
+        """Compute ``key`` once however many threads ask at the same time.
+
+        The threads waiting for another's lookup share its answer or its error, but not
+        its interruption (``KeyboardInterrupt``, ``SystemExit``: the owner's own business,
+        which would otherwise surface in threads that were never interrupted): they ask
+        again, one of them in its place.
+        """
+        while True:
             with self._lock:
-                del self._inflight[key]
+                # Re-check under the lock: the owner caches before it leaves the table.
+                value = self.cache.get(key)
+                if value is not _MISS:
+                    return value
+                future = self._inflight.get(key)
+                owner = future is None
+                if future is None:
+                    future = self._inflight[key] = concurrent.futures.Future()
+            if not owner:
+                try:
+                    return future.result()
+                except _Interrupted:
+                    continue
+            try:
+                value, ttl = compute()
+                self.cache.put(key, value, ttl)
+                future.set_result(value)
+                return value
+            except Exception as exc:
+                future.set_exception(exc)
+                raise
+            except BaseException:
+                future.set_exception(_Interrupted())
+                raise
+            finally:
+                with self._lock:
+                    del self._inflight[key]
+
+
+class _Interrupted(Exception):
+    """Internal: the thread computing a shared lookup was interrupted; ask again."""
 
 
 class AsyncResolver(_ResolverBase):

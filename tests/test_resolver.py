@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import pickle
 import random
@@ -589,3 +590,50 @@ def test_steps_refuse_a_plan_that_asks_more_than_its_bound(asks: int, bound: int
             steps.answer("x")
         assert steps.done
         assert steps.result == ["x"] * asks
+
+
+def test_threads_waiting_on_an_interrupted_lookup_ask_again_instead_of_sharing_it() -> None:
+    # The thread that owns a shared lookup is interrupted (KeyboardInterrupt reaches the
+    # main thread, SystemExit a thread that exits): that is its own business. A thread
+    # waiting for the same name must not get the interruption; it asks again itself.
+    from mailrelay.resolver import Resolver
+
+    resolver = Resolver(["127.0.0.1"], port=9)  # never asked: both computations are given
+    started, release = threading.Event(), threading.Event()
+
+    def interrupted() -> tuple[object, float]:
+        started.set()
+        release.wait(10)
+        raise KeyboardInterrupt
+
+    answers: list[object] = []
+    errors: list[BaseException] = []
+
+    def owner() -> None:
+        with contextlib.suppress(KeyboardInterrupt):
+            resolver._fetch("key", interrupted)
+
+    def waiter() -> None:
+        try:
+            answers.append(resolver._fetch("key", lambda: ("answer", 60.0)))
+        except BaseException as exc:  # reported below, on the test's thread
+            errors.append(exc)
+
+    first = threading.Thread(target=owner)
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=waiter)
+    second.start()
+    for _ in range(1000):  # bounded: until the waiter waits on the owner's lookup
+        if second.is_alive() and resolver._inflight:
+            break
+        threading.Event().wait(0.001)
+    threading.Event().wait(0.05)
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert not first.is_alive()
+    assert not second.is_alive()
+    assert errors == []
+    assert answers == ["answer"]
+    assert resolver._fetch("key", lambda: ("never", 60.0)) == "answer"  # cached
