@@ -766,5 +766,8 @@ class AsyncResolver(_ResolverBase):
             self.cache.put(key, value, ttl)
             return value
         finally:
+            # pop, not del: a resolver used from several threads' loops may see another
+            # loop's task replace or remove the entry in between (that loop's lookup is
+            # then merely not shared).
             if self._inflight.get(key) is asyncio.current_task():
-                del self._inflight[key]
+                self._inflight.pop(key, None)
