@@ -28,9 +28,11 @@ Rules:
   garbage or a reply without its line end the server goes silent, closes or resets (its
   :class:`Ending`); after 421 it closes (RFC 5321 §3.8); an endless reply runs until the
   client hangs up or ``endless_limit`` octets have gone out. The server never sends a
-  well-formed reply the client did not ask for (except an LMTP plan's ``extra_finals``, which
-  is that fault on purpose), so the client's reading of the replies and the records always
-  agree on which reply answered which command.
+  well-formed reply the client did not ask for, nor leaves a command unanswered, except
+  where the plan asks for that fault on purpose (an LMTP plan's ``extra_finals``, a
+  behaviour's ``strays``, :attr:`Kind.SKIP`; each recorded in
+  :attr:`ConnectionRecord.events`), so without those the client's reading of the replies
+  and the records always agree on which reply answered which command.
 - Every connection the plan does not reset ends with a lingering close (our side shut, the
   client's input taken until it hangs up, bounded): closing with unread input would make
   the kernel send a RST, which can destroy replies the client had not read yet.
@@ -134,6 +136,9 @@ class Kind(enum.Enum):
     """A reply line that never ends: its code, then ``x`` for ever (bounded)."""
     ENDLESS_REPLY = "endless-reply"
     """A multi-line reply that never ends: ``250-xxx`` lines for ever (bounded)."""
+    SKIP = "skip"
+    """No answer to this command, and carry on reading the next one: one reply too few
+    (the next reply the server writes answers a later command in the client's count)."""
 
 
 class Ending(enum.Enum):
@@ -171,6 +176,17 @@ class Behaviour:
         delay: seconds to wait before doing anything.
         payload: the bytes of :attr:`Kind.MALFORMED` and :attr:`Kind.GARBAGE`.
         ending: what follows :attr:`Kind.MALFORMED`, :attr:`Kind.GARBAGE`, :attr:`Kind.NO_CRLF`.
+        split: for :attr:`Kind.REPLY`, write the reply in two pieces (cut inside its first
+            line), :data:`SPLIT_PAUSE` apart.
+        strays: for :attr:`Kind.REPLY`, this many well-formed ``stray_code`` replies nobody
+            asked for after the reply (a pairing fault on purpose; recorded in
+            :attr:`ConnectionRecord.events`). After a ``421`` stray the server closes.
+        stray_code: the code of the strays.
+        stray_delay: ``0``: the strays go in the same write as the reply. Otherwise the
+            server waits up to this long for the client's next bytes, then writes them:
+            ``"stray-idle"`` when nothing came (the client is idle, or about to be),
+            ``"stray-mid"`` when the client's next command came first (the strays then
+            precede its answer).
     """
 
     kind: Kind = Kind.REPLY
@@ -179,7 +195,14 @@ class Behaviour:
     delay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
     payload: bytes = b""
     ending: Ending = Ending.CLOSE
+    split: bool = False
+    strays: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    stray_code: int = 250
+    stray_delay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
 
+
+#: The pause between the two pieces of a :attr:`Behaviour.split` reply.
+SPLIT_PAUSE = 0.02
 
 #: Answer as a well-behaved server would.
 NORMAL = Behaviour()
@@ -219,6 +242,8 @@ class TransactionRecord:
             recipient the server gave up before (421, a fault) is missing.
         extras: LMTP: how many unasked-for replies followed the finals
             (:attr:`Plan.extra_finals`).
+        complete: whether the server took the whole data (DATA's content up to its
+            terminator, or every BDAT chunk up to ``LAST``).
     """
 
     sender: str | None
@@ -230,6 +255,7 @@ class TransactionRecord:
     final: int | None = None
     finals: list[tuple[str, int | None]] = attrs.field(factory=list)
     extras: int = 0
+    complete: bool = False
 
     @property
     def marker(self) -> int | None:
@@ -263,6 +289,10 @@ class ConnectionRecord:
         reset: whether the plan ended it with a RST.
         endless_bytes: how many octets an endless reply sent.
         endless_cut: whether an endless reply ended because the client hung up.
+        events: in order, each command's verb as read (upper case; ``"CONTENT"`` for a
+            DATA content), ``"skip"`` for a command left unanswered (:attr:`Kind.SKIP`), and
+            ``"stray-<point>"``, ``"stray-idle"`` or ``"stray-mid"`` for replies nobody
+            asked for (:attr:`Behaviour.strays`; ``<point>``: glued to the answer there).
     """
 
     index: int
@@ -274,6 +304,7 @@ class ConnectionRecord:
     reset: bool = False
     endless_bytes: int = 0
     endless_cut: bool = False
+    events: list[str] = attrs.field(factory=list)
     done: threading.Event = attrs.field(factory=threading.Event, repr=False)
 
 
@@ -298,6 +329,7 @@ class _Peer(LinePeer):
         self.record = record
         self.server = server
         self.current: TransactionRecord | None = None
+        self.point = ""
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -306,13 +338,19 @@ class _Peer(LinePeer):
         or ``None``. Raises ``Ended`` after a terminal behaviour (the caller has recorded
         ``None`` for this answer before calling)."""
         behaviour = self.server.next_behaviour(point)
+        self.point = point.value
         if behaviour.delay:
             self.wait(behaviour.delay)
         code = behaviour.code if behaviour.code is not None else NORMAL_CODES[point]
         match behaviour.kind:
             case Kind.REPLY:
-                self.send(self._reply(code, behaviour.multiline, point, extensions))
+                self.reply(behaviour, self._reply(code, behaviour.multiline, point, extensions))
+                if behaviour.strays and behaviour.stray_delay:
+                    self.late_strays(behaviour)
                 return code
+            case Kind.SKIP:
+                self.record.events.append("skip")
+                return None
             case Kind.MALFORMED | Kind.GARBAGE:
                 self.send(behaviour.payload)
                 self.end(behaviour.ending)
@@ -330,6 +368,35 @@ class _Peer(LinePeer):
             case Kind.ENDLESS_REPLY:
                 self.endless(b"", b"250-" + b"x" * 60 + b"\r\n")
         raise AssertionError(f"unhandled behaviour {behaviour}")  # pragma: no cover
+
+    def reply(self, behaviour: Behaviour, data: bytes) -> None:
+        """Write a well-formed reply as ``behaviour`` says: whole or split, with any strays
+        glued on. A ``421`` stray ends the connection afterwards (RFC 5321 §3.8)."""
+        strays = _stray(behaviour) if not behaviour.stray_delay else b""
+        if behaviour.split:
+            self.send(data[:2])
+            self.wait(SPLIT_PAUSE)
+            self.send(data[2:] + strays)
+        else:
+            self.send(data + strays)
+        if strays:
+            self.record.events.append(f"stray-{self.point}")
+            if behaviour.stray_code == 421:
+                raise Ended("closed after a stray 421")
+
+    def late_strays(self, behaviour: Behaviour) -> None:
+        """Wait up to ``stray_delay`` for the client's next bytes, then write the strays."""
+        idle = not self.buffer
+        if idle:
+            self.sock.settimeout(behaviour.stray_delay)
+            with contextlib.suppress(TimeoutError):
+                self.buffer += self.recv()
+                idle = False
+            self.sock.settimeout(self.server.timeout)
+        self.send(_stray(behaviour))
+        self.record.events.append("stray-idle" if idle else "stray-mid")
+        if behaviour.stray_code == 421:
+            raise Ended("closed after a stray 421")
 
     @staticmethod
     def _reply(code: int, multiline: bool, point: Point, extensions: tuple[str, ...]) -> bytes:
@@ -415,6 +482,7 @@ class _Peer(LinePeer):
             line = self.read_line()
             record.commands += 1
             verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
+            record.events.append(verb.decode("ascii", "replace"))
             code = self.command(verb, line)
             if code == 421:
                 raise Ended("closed after 421")  # RFC 5321 §3.8
@@ -453,7 +521,9 @@ class _Peer(LinePeer):
                 return code
             content = self.read_content(_MAX_CONTENT)
             record.commands += 1
+            record.events.append("CONTENT")
             transaction.content += content
+            transaction.complete = True
             transaction.final = code = self.answer(Point.DATA_END)
             self.current = None
             return code
@@ -464,6 +534,7 @@ class _Peer(LinePeer):
             transaction = self.transaction()
             transaction.content += self.read_exact(int(bdat.group(1)))
             if bdat.group(2):
+                transaction.complete = True
                 transaction.final = code = self.answer(Point.DATA_END)
                 self.current = None
                 return code
@@ -511,6 +582,8 @@ class _LMTPPeer(_Peer):
             return code
         transaction.content += self.read_content(_MAX_CONTENT)
         self.record.commands += 1
+        self.record.events.append("CONTENT")
+        transaction.complete = True
         self.current = None
         extra = self.server.take_extra_finals()
         for position, address in enumerate(accepted, 1):
@@ -535,6 +608,11 @@ class _LMTPPeer(_Peer):
             data += trailer
             self.trailed = True
         super().send(data)
+
+
+def _stray(behaviour: Behaviour) -> bytes:
+    code = behaviour.stray_code
+    return f"{code} {_text(code)} (nobody asked)\r\n".encode() * behaviour.strays
 
 
 def _positive(code: int | None) -> bool:

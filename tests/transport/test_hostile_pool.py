@@ -1,0 +1,426 @@
+"""Properties: several messages at once through pooled SMTP and LMTP transports cannot be
+paired with the wrong replies, reported delivered or bounced falsely, or sent twice, however
+the server miscounts its replies.
+
+Replies pair with commands by their order alone (docs/dialogue.md, "Replies nobody asked
+for"), so this suite's :class:`~tests.transport.hostile_server.HostileServer` plans are made
+of the faults that break the count: replies nobody asked for (glued to a reply, or a little
+later: while the connection waits in the pool, or just before the answer to the client's
+next command), a command left unanswered (:attr:`~tests.transport.hostile_server.Kind.SKIP`),
+a reply split across two writes, a 421 in the middle of a pipelined group (or as a stray,
+followed by the server closing), and a hang-up or reset after the data. They drive, with and
+without PIPELINING and CHUNKING (``chunking=True``):
+
+- ``SMTPTransport.send_many``, and ``send`` from several threads sharing one pool;
+- ``AsyncSMTPTransport.asend_many`` with a pool of 2-4, and ``asend`` from several tasks;
+- ``LMTPTransport.send_many`` / ``AsyncLMTPTransport.asend_many`` and ``send`` from threads.
+
+For every plan, per message, against the server's own records (per connection: which
+message's data it took, what it answered to every command and to the end of the data, and
+:attr:`~tests.transport.hostile_server.ConnectionRecord.events`):
+
+1. Every call ends within a bound derived from the timeouts and what the server saw; a
+   ``send`` raises only ``DeliveryError``, a batch nothing; one result per message.
+2. No false delivery: ``ACCEPTED`` only when the server answered that very message's data
+   with 2xx (LMTP: that recipient's own final reply), after a 2xx to its MAIL and RCPT.
+3. No false bounce: ``PERMANENT`` only with a 5xx the server gave that message or
+   recipient (or the session).
+4. No duplicate from the transport itself: the server takes each message's whole data at
+   most once (no test here retries; RFC 1047: once the data went out, the message is
+   answered, never sent again).
+5. A 2xx final reply that reached the client is kept (reported ACCEPTED; a timeout excuses).
+6. No connection is reused after a pairing violation the client could see: after replies
+   nobody asked for glued to the answer of EHLO/LHLO, NOOP or DATA (354), the connection
+   carries no further MAIL, RSET, data or BDAT.
+
+What no client can tell apart (docs/dialogue.md): a stray or a missing reply *in the middle
+of an exchange* — a stray glued to a reply the client reads others after, one that arrives
+while the client waits for the next answer, or a command the server skips — shifts every
+later reply by one, and the shifted replies may look like plausible answers (a pipelined
+batch reads the next message's MAIL 250 as the skipped final reply). Properties 2, 3 and
+5 therefore hold only for messages on connections without such a fault
+(:func:`blind_fault`); properties 1, 4 and 6 hold always.
+
+Knobs: ``HOSTILE_POOL_EXAMPLES`` (default 6) is each test's ``max_examples``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Literal
+
+import attrs
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mailrelay.errors import DeliveryError
+from mailrelay.options import TLS
+from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.transport import (
+    AsyncLMTPTransport,
+    AsyncSMTPTransport,
+    LMTPTransport,
+    PoolSettings,
+    SMTPTransport,
+)
+from tests.transport.hostile_server import (
+    NORMAL,
+    Behaviour,
+    HostileServer,
+    Kind,
+    Plan,
+    Point,
+)
+from tests.transport.test_hostile_lmtp_mx import lmtp_accepts, lmtp_permanent_codes
+from tests.transport.test_hostile_properties import (
+    TIMEOUTS,
+    Item,
+    accepted_by_server,
+    call_bounded,
+    check_server_side,
+    describe,
+    make_item,
+    one_in,
+    permanent_explained,
+    surely_received,
+)
+
+EXAMPLES = settings(
+    max_examples=int(os.environ.get("HOSTILE_POOL_EXAMPLES", "6")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+#: Replies the plans give instead of the usual one (no 354: a 354 where the client did not
+#: send DATA would be a different fault, one the other hostile suites draw).
+CODES = (250, 421, 450, 451, 452, 550, 554)
+#: How long a late stray waits for the client's next bytes (well within the timeouts).
+LATE = 0.05
+#: Glued strays after these answers are the last replies the client is owed in its step,
+#: and arrive with them: the client can always see them (property 6).
+VISIBLE_GLUED = frozenset({"stray-ehlo", "stray-noop", "stray-data"})
+#: What a reused connection carries: a new transaction or its data.
+REUSE = frozenset({"MAIL", "RSET", "CONTENT", "BDAT"})
+
+
+# -- plans -----------------------------------------------------------------------------------
+
+
+@st.composite
+def pairing_faults(draw: st.DrawFn) -> Behaviour:
+    """Normal (4 in 10), a split reply, strays glued on, strays a little later, another
+    code (421 among them), no reply at all, or a hang-up or reset (1 in 10 each)."""
+    roll = draw(st.integers(0, 9))
+    stray_code = 421 if draw(one_in(4)) else 250
+    strays = draw(st.integers(1, 2))
+    if roll < 4:
+        return NORMAL
+    if roll == 4:
+        return Behaviour(split=True, multiline=draw(st.booleans()))
+    if roll == 5:
+        return Behaviour(strays=strays, stray_code=stray_code, split=draw(one_in(3)))
+    if roll == 6:
+        return Behaviour(strays=strays, stray_code=stray_code, stray_delay=LATE)
+    if roll == 7:
+        return Behaviour(code=draw(st.sampled_from(CODES)))
+    if roll == 8:
+        return Behaviour(kind=Kind.SKIP)
+    return Behaviour(kind=draw(st.sampled_from([Kind.CLOSE, Kind.RESET])))
+
+
+#: Where the plans misbehave (the greeting is the other suites').
+POINTS = (
+    Point.EHLO,
+    Point.MAIL,
+    Point.RCPT,
+    Point.DATA,
+    Point.DATA_END,
+    Point.BDAT,
+    Point.RSET,
+    Point.NOOP,
+)
+
+
+@st.composite
+def plans(draw: st.DrawFn, lmtp: bool = False) -> Plan:
+    """Each point misbehaves with a chance of one in three, in some of its first 1-4
+    occurrences; PIPELINING is offered three times in four, CHUNKING (not to LMTP) half the
+    time."""
+    planned = {
+        point: tuple(draw(st.lists(pairing_faults(), min_size=1, max_size=4)))
+        for point in POINTS
+        if draw(one_in(3))
+    }
+    offered = ["8BITMIME", "SMTPUTF8"]
+    if not draw(one_in(4)):
+        offered.append("PIPELINING")
+    if not lmtp and draw(st.booleans()):
+        offered.append("CHUNKING")
+    return Plan(behaviours=planned, extensions=tuple(offered))
+
+
+@st.composite
+def items(draw: st.DrawFn) -> list[Item]:
+    """Two to six small ASCII messages, each to one or two recipients."""
+    count = draw(st.integers(2, 6))
+    return [
+        make_item(
+            index,
+            tuple(
+                draw(
+                    st.lists(
+                        st.sampled_from(("a@example.com", "b@example.org")),
+                        min_size=1,
+                        max_size=2,
+                        unique=True,
+                    )
+                )
+            ),
+            False,
+            0,
+        )
+        for index in range(count)
+    ]
+
+
+Way = Literal["many", "threads"]
+Flavour = Literal["sync", "async"]
+
+
+@attrs.frozen(kw_only=True)
+class Client:
+    """A transport's settings for one example."""
+
+    lmtp: bool
+    pipelining: bool
+    chunking: bool
+    pool: PoolSettings
+
+    def transport(self, flavour: Flavour, port: int) -> Any:
+        if self.lmtp:
+            lmtp = LMTPTransport if flavour == "sync" else AsyncLMTPTransport
+            return lmtp(
+                "127.0.0.1",
+                port,
+                tls=TLS.NONE,
+                timeouts=TIMEOUTS,
+                pipelining=self.pipelining,
+                pool=self.pool,
+            )
+        smtp = SMTPTransport if flavour == "sync" else AsyncSMTPTransport
+        return smtp(
+            "127.0.0.1",
+            port,
+            tls=TLS.NONE,
+            timeouts=TIMEOUTS,
+            pipelining=self.pipelining,
+            chunking=self.chunking,
+            pool=self.pool,
+        )
+
+
+def clients(lmtp: bool) -> st.SearchStrategy[Client]:
+    return st.builds(
+        Client,
+        lmtp=st.just(lmtp),
+        pipelining=one_in(4).map(lambda off: not off),
+        chunking=st.just(False) if lmtp else st.booleans(),
+        pool=st.builds(
+            PoolSettings,
+            size=st.integers(2, 4),
+            max_messages=st.integers(1, 6),
+            # Tiny: every reused connection is checked with NOOP first; a day: never.
+            health_check_after=st.sampled_from([1e-9, 86400.0]),
+        ),
+    )
+
+
+# -- sending ---------------------------------------------------------------------------------
+
+
+def send_all(flavour: Flavour, way: Way, client: Client, port: int, batch: list[Item]) -> Any:
+    """Every item through one transport: ``send_many``/``asend_many`` (one list of
+    results), or each item's ``send`` in a thread of its own / ``asend`` in a task of its
+    own (per item, its result or the ``DeliveryError`` it raised)."""
+    pairs = [(item.message, item.envelope) for item in batch]
+    if flavour == "sync":
+        with client.transport(flavour, port) as transport:
+            if way == "many":
+                return transport.send_many(pairs)
+            return in_threads(transport.send, pairs)
+
+    async def main() -> list[Any]:
+        async with client.transport(flavour, port) as transport:
+            if way == "many":
+                return list(await transport.asend_many(pairs))
+            return list(await asyncio.gather(*(caught(transport.asend, p) for p in pairs)))
+
+    return asyncio.run(main())
+
+
+async def caught(asend: Callable[..., Any], pair: tuple[Any, Any]) -> Any:
+    try:
+        return await asend(*pair)
+    except DeliveryError as exc:
+        return exc
+
+
+def in_threads(send: Callable[..., Any], pairs: list[tuple[Any, Any]]) -> list[Any]:
+    """``send`` each pair in a thread of its own, all sharing one pool."""
+    outcomes: list[Any] = [None] * len(pairs)
+    start = threading.Barrier(len(pairs), timeout=10.0)
+
+    def target(index: int) -> None:
+        start.wait()
+        try:
+            outcomes[index] = send(*pairs[index])
+        except DeliveryError as exc:
+            outcomes[index] = exc
+        except BaseException as exc:  # judged in the test's thread
+            outcomes[index] = AssertionError(f"send raised {exc!r}")
+
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(len(pairs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(50.0)
+    assert not any(thread.is_alive() for thread in threads), "a sending thread hung"
+    return outcomes
+
+
+# -- the properties --------------------------------------------------------------------------
+
+
+def blind_fault(event: str) -> bool:
+    """Whether a recorded fault is one no client can see before it reads a shifted reply
+    (see the module docstring): a skipped command, a stray that came mid-exchange, or one
+    glued to a reply the client reads more replies after."""
+    return event in ("skip", "stray-mid") or (
+        event.startswith("stray-") and event not in VISIBLE_GLUED and event != "stray-idle"
+    )
+
+
+def blinded(server: HostileServer, item: Item) -> bool:
+    """Whether the item was sent on a connection with a :func:`blind_fault`."""
+    return any(
+        any(t.sender == item.sender for t in connection.transactions)
+        and any(blind_fault(event) for event in connection.events)
+        for connection in server.connections
+    )
+
+
+def check_no_duplicate(server: HostileServer, item: Item) -> None:
+    """Property 4."""
+    taken = [
+        connection.index
+        for connection in server.connections
+        for transaction in connection.transactions
+        if transaction.complete and transaction.marker == item.index
+    ]
+    assert len(taken) <= 1, (
+        f"message {item.index}: the server took its data on connections {taken}:\n"
+        f"{describe(server)}"
+    )
+
+
+def check_no_reuse(server: HostileServer) -> None:
+    """Property 6."""
+    for connection in server.connections:
+        events = connection.events
+        for at, event in enumerate(events):
+            if event in VISIBLE_GLUED:
+                later = [e for e in events[at + 1 :] if e in REUSE]
+                assert not later, (
+                    f"connection {connection.index} carried {later} after {event}:\n"
+                    f"{describe(server)}"
+                )
+
+
+def check_item(server: HostileServer, client: Client, item: Item, outcome: Any) -> None:
+    """Properties 2-5 for one message (``outcome``: its result or the error ``send``
+    raised)."""
+    check_no_duplicate(server, item)
+    if isinstance(outcome, DeliveryError):
+        return
+    assert isinstance(outcome, DeliveryResult), outcome
+    assert outcome.message_id == item.message.message_id
+    assert [r.address for r in outcome.recipients] == [r.address for r in item.envelope.recipients]
+    if blinded(server, item):
+        return
+    for recipient in outcome.recipients:
+        address = str(recipient.address)
+        if recipient.outcome is Outcome.ACCEPTED:
+            if client.lmtp:
+                ok = any(
+                    lmtp_accepts(t, item, address)
+                    for c in server.connections
+                    for t in c.transactions
+                )
+            else:
+                ok = accepted_by_server(server, item, address)
+            assert ok, (
+                f"message {item.index}: {recipient} ACCEPTED, but the server never accepted "
+                f"it:\n{describe(server)}"
+            )
+        elif recipient.outcome is Outcome.PERMANENT:
+            if client.lmtp and recipient.reply is not None:
+                ok = recipient.reply.code in lmtp_permanent_codes(server, item, address)
+            else:
+                ok = permanent_explained(server, item, recipient)
+            assert ok, (
+                f"message {item.index}: {recipient} PERMANENT, but the server never refused "
+                f"it so:\n{describe(server)}"
+            )
+        elif not client.lmtp and surely_received(server, item, address):
+            assert "DeliveryTimeout" in (recipient.reason or ""), (
+                f"message {item.index}: the server accepted {address} and the reply reached "
+                f"the client, yet it reports {recipient}:\n{describe(server)}"
+            )
+
+
+def run(flavour: Flavour, way: Way, plan: Plan, client: Client, batch: list[Item]) -> None:
+    server = HostileServer(plan, lmtp=client.lmtp).start()
+    try:
+        outcome = call_bounded(server, lambda: send_all(flavour, way, client, server.port, batch))
+        if outcome.error is not None:
+            raise AssertionError(f"raised {outcome.error!r}") from outcome.error
+        check_server_side(server, outcome, len(batch), client.pool.size)
+    finally:
+        server.stop()
+    outcomes = outcome.value
+    assert isinstance(outcomes, list)
+    assert len(outcomes) == len(batch)
+    for value in outcomes:
+        assert not isinstance(value, AssertionError), value
+    check_no_reuse(server)
+    for item, value in zip(batch, outcomes, strict=True):
+        check_item(server, client, item, value)
+
+
+# -- the Hypothesis tests --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("way", ["many", "threads"])
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@EXAMPLES
+@given(plan=plans(), client=clients(lmtp=False), batch=items())
+def test_smtp_pool_pairs_every_reply(
+    flavour: Flavour, way: Way, plan: Plan, client: Client, batch: list[Item]
+) -> None:
+    """SMTP: ``send_many``/``asend_many``, and ``send``/``asend`` from threads/tasks."""
+    run(flavour, way, plan, client, batch)
+
+
+@pytest.mark.parametrize("way", ["many", "threads"])
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@EXAMPLES
+@given(plan=plans(lmtp=True), client=clients(lmtp=True), batch=items())
+def test_lmtp_pool_pairs_every_reply(
+    flavour: Flavour, way: Way, plan: Plan, client: Client, batch: list[Item]
+) -> None:
+    """LMTP: the same, one final reply per recipient."""
+    run(flavour, way, plan, client, batch)
