@@ -77,6 +77,7 @@ from mailrelay.tracker.store import (
     from_micros,
     new_claim,
     remember_address,
+    repeats_confirmation,
     to_micros,
 )
 
@@ -990,6 +991,8 @@ def _apply_row(row: list[Any], change: Change, worker: str | None) -> bool:
     if not allowed:
         return False
     new = change.state
+    if change.confirmed is not None and repeats_confirmation(State(state), bool(row[3]), change):
+        return False
     row[1] = _STATE_TEXT[new]
     row[2] = _micros(change.next_attempt_at) if new in DUE_STATES else None
     if change.confirmed is not None:

@@ -27,6 +27,9 @@ Rules of this module:
 * Terminal states (DELIVERED, BOUNCED, EXPIRED, CANCELLED) change only through
   an explicit ``expect`` on the change (the tracker uses it for DSNs that report
   what happened after relay, DESIGN.md §7).
+* A change that sets ``confirmed`` and would leave a recipient's state and ``confirmed``
+  as they are (a report confirmed twice at the same moment) is not a change: its attempt
+  goes to the history, and it is not reported as changed (:func:`repeats_confirmation`).
 * Times are timezone-aware UTC :class:`~datetime.datetime` values, kept to the
   microsecond, so every store returns exactly what it was given.
 * The message bytes are written with :meth:`Store.add` from an iterable of
@@ -68,6 +71,7 @@ __all__ = [
     "Store",
     "cached_address",
     "remember_address",
+    "repeats_confirmation",
     "envelope_from_json",
     "envelope_to_json",
     "from_micros",
@@ -675,6 +679,16 @@ def apply_change(
     return after, True
 
 
+def repeats_confirmation(state: State, confirmed: bool, change: Change) -> bool:
+    """Whether ``change`` would confirm a recipient already confirmed in that state.
+
+    Such a change (a report ingested twice at the same moment, both copies read before
+    either was written) is history only: stores append its attempt and report no change
+    (see the module docstring).
+    """
+    return change.confirmed is not None and change.state is state and change.confirmed is confirmed
+
+
 def _joined(
     entries: Sequence[tuple[MessageRecord, Iterable[bytes]]],
 ) -> list[tuple[MessageRecord, bytes]]:
@@ -827,6 +841,11 @@ class MemoryStore:
             for index, recipient in enumerate(recipients):
                 if recipient.address == change.address:
                     recipients[index], did = apply_change(recipient, change, worker=worker)
+                    if did and repeats_confirmation(recipient.state, recipient.confirmed, change):
+                        recipients[index] = attrs.evolve(
+                            recipient, attempts=recipients[index].attempts
+                        )
+                        did = False
                     if did:
                         changed.append(change.address)
                     break

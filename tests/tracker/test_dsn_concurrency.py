@@ -1,0 +1,494 @@
+"""The tracker's DSNs under real concurrency, crashes and cancellation.
+
+Returned reports are ingested (``ingest_dsn``) from several threads while ``run_forever``
+delivers in another and more threads submit and cancel; generated failure DSNs are made
+by a child process killed with SIGKILL at random moments, and by an async runner whose
+task is cancelled at random moments. Real peers throughout: aiosmtpd servers on loopback
+(one as the relay, which refuses ``reject@`` with 550 and ``tempfail@`` with 450, one
+where generated DSNs go), each recording what it accepts, and a ``SQLiteStore`` in a
+temporary directory. Properties, by the store, the events and the servers' records
+(docs/tracker.md, DSNs and Durability):
+
+* no exception escapes any thread or task;
+* a success DSN makes a recipient DELIVERED and confirmed unless it was final otherwise
+  already; once confirmed, another one (a report sent twice, even ingested at the same
+  moment from two threads) is history only; a failure DSN makes it BOUNCED unless it
+  was BOUNCED, EXPIRED or CANCELLED already; a DSN for a CANCELLED or EXPIRED
+  recipient is history only;
+* every state change fires its event exactly once (``delivered`` once for the delivery
+  and once for the confirmation, ``bounced`` once), and ``dsn_received`` once per
+  matched report;
+* every recipient bounced or expired by an attempt has exactly one generated DSN, which
+  reached the DSN server (copies only from a crash's re-sends, at most one claim batch
+  per kill), none is made for a message from the null reverse-path, nor for a
+  recipient that was not bounced or expired.
+
+``MAILRELAY_DSN_CRASH_RUNS`` and ``MAILRELAY_DSN_CRASH_COUNT`` scale up the kills and the
+messages of each child; ``MAILRELAY_DSN_CANCELS`` the async cancellations;
+``MAILRELAY_DSN_SEED`` replays a run's random choices (each test prints the seed). Every
+wait is bounded (:data:`BOUND`): the bounds are hang guards, never assertions on speed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope, Recipient
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
+from mailrelay.tracker.dsn import DSNAction, DSNKind, DSNRecipient
+from mailrelay.tracker.dsn_build import build_dsn
+from mailrelay.tracker.dsn_parse import parse_dsn
+from mailrelay.tracker.engine import DeliveryTracker, DSNMatch
+from mailrelay.tracker.events import TrackerEvent
+from mailrelay.tracker.sqlite_store import SQLiteStore
+from mailrelay.tracker.store import Attempt, Change, MemoryStore, RecipientRecord, State
+from mailrelay.transport import SMTPTransport
+from tests.peers.aiosmtpd_server import AiosmtpdFactory, AiosmtpdServer
+
+#: The longest any thread, process or loop of a test may take (seconds): a hang guard.
+BOUND = 30.0
+SEED = int(os.environ.get("MAILRELAY_DSN_SEED", random.randrange(1 << 32)))
+SENDER = "app@mailrelay.test"
+REPORTING_MTA = "relay.mailrelay.test"
+
+
+@pytest.fixture(autouse=True)
+def _replayable() -> None:
+    """Name the seed of the random choices (pytest shows it with a failure's output)."""
+    print(f"MAILRELAY_DSN_SEED={SEED}")
+
+
+class Events:
+    """Every event fired, from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.fired: list[TrackerEvent] = []
+
+    def record(self, event: TrackerEvent) -> None:
+        """A callback for every kind."""
+        with self._lock:
+            self.fired.append(event)
+
+    def count(self) -> Counter[tuple[str, str, str, bool]]:
+        """Per (tracking id, address, kind, recipient confirmed), how often it fired."""
+        with self._lock:
+            return Counter(
+                (
+                    e.tracking_id,
+                    "" if e.recipient is None else str(e.recipient.address),
+                    e.kind.value,
+                    e.recipient is not None and e.recipient.confirmed,
+                )
+                for e in self.fired
+            )
+
+
+def _smtp(server: AiosmtpdServer) -> SMTPTransport:
+    return SMTPTransport(server.host, server.port, tls=TLS.NONE, timeouts=Timeouts.all(10))
+
+
+def _tracker(
+    db: Path, relay: AiosmtpdServer, dsn_server: AiosmtpdServer | None, **options: Any
+) -> tuple[DeliveryTracker, Events]:
+    store = options.pop("store", None)
+    tracker = DeliveryTracker(
+        _smtp(relay),
+        SQLiteStore(db) if store is None else store,
+        dsn_transport=None if dsn_server is None else _smtp(dsn_server),
+        reporting_mta=REPORTING_MTA,
+        request_dsn=True,
+        **options,
+    )
+    events = Events()
+    for kind in ("delivered", "deferred", "bounced", "expired", "dsn_received"):
+        tracker.on(kind, events.record)
+    return tracker, events
+
+
+def _report(message: Message, tracking_id: str, addresses: list[str], action: DSNAction) -> bytes:
+    """A returned report about ``addresses`` of a tracked message, as a relay sends it."""
+    status = {DSNAction.DELIVERED: "2.0.0", DSNAction.FAILED: "5.1.1"}.get(action, "4.2.0")
+    return build_dsn(
+        original=message.as_bytes(),
+        envelope_sender=SENDER,
+        recipients=[
+            DSNRecipient(
+                address=address,
+                action=action,
+                status=status,
+                diagnostic=f"smtp; {status[0]}50 {status} downstream (test)",
+                remote_mta="mx.downstream.test",
+            )
+            for address in addresses
+        ],
+        reporting_mta="mx.downstream.test",
+        envid=tracking_id,
+    )
+
+
+class Gate:
+    """A barrier that a store's ``apply`` (the DSN path's write) waits at while set.
+
+    Two reports ingested at once then both read the record before either writes: the
+    interleaving that real threads reach only by chance.
+    """
+
+    barrier: threading.Barrier | None = None
+
+    def wait(self) -> None:
+        """Wait at the barrier, if one is set."""
+        barrier = self.barrier
+        if barrier is not None:
+            barrier.wait(BOUND)
+
+
+class GatedSQLiteStore(SQLiteStore):
+    """A ``SQLiteStore`` whose ``apply`` waits at its :class:`Gate` first."""
+
+    gate = Gate()
+
+    def apply(
+        self, tracking_id: str, changes: Sequence[Change], *, worker: str | None = None
+    ) -> tuple[Address, ...]:
+        """See :meth:`SQLiteStore.apply`."""
+        self.gate.wait()
+        return super().apply(tracking_id, changes, worker=worker)
+
+
+class GatedMemoryStore(MemoryStore):
+    """A ``MemoryStore`` whose ``apply`` waits at its :class:`Gate` first."""
+
+    gate = Gate()
+
+    def apply(
+        self, tracking_id: str, changes: Sequence[Change], *, worker: str | None = None
+    ) -> tuple[Address, ...]:
+        """See :meth:`MemoryStore.apply`."""
+        self.gate.wait()
+        return super().apply(tracking_id, changes, worker=worker)
+
+
+# -- a report ingested twice at the same moment ---------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_a_success_dsn_ingested_twice_at_once_confirms_once(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path, kind: str
+) -> None:
+    relay = make_aiosmtpd(starttls=False, auth=False)
+    store: GatedSQLiteStore | GatedMemoryStore = (
+        GatedSQLiteStore(tmp_path / "queue.db") if kind == "sqlite" else GatedMemoryStore()
+    )
+    store.gate = Gate()
+    tracker, events = _tracker(tmp_path / "queue.db", relay, None, store=store)
+    message = Message.build(sender=SENDER, to=["ann@mailrelay.test"], subject="s", text="t\n")
+    tracking_id = tracker.submit(message)
+    assert tracker.run_pending().delivered == 1
+    raw = _report(message, tracking_id, ["ann@mailrelay.test"], DSNAction.DELIVERED)
+
+    store.gate.barrier = threading.Barrier(2)
+    matches: list[Any] = []
+    errors: list[BaseException] = []
+
+    def ingest() -> None:
+        try:
+            matches.append(tracker.ingest_dsn(raw))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ingest) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(BOUND)
+    assert not any(thread.is_alive() for thread in threads)
+    store.gate.barrier = None
+    assert errors == []
+    # One confirmation: one of the two reports changed the recipient, the other is a
+    # report sent twice (docs/tracker.md, DSNs: "history only").
+    assert sorted(len(m.changed) for m in matches) == [0, 1]
+    fired = events.count()
+    assert fired[(tracking_id, "ann@mailrelay.test", "delivered", True)] == 1
+    assert fired[(tracking_id, "", "dsn_received", False)] == 2
+    recipient = tracker.status(tracking_id).recipient("ann@mailrelay.test")
+    assert recipient.state is State.DELIVERED
+    assert recipient.confirmed
+    assert [a.source for a in recipient.attempts] == ["reply", "dsn", "dsn"]
+    tracker.close()
+
+
+# -- replaying a recipient's history by the documented rules --------------------------------
+
+
+def _dsn_action(attempt: Attempt) -> str:
+    """``delivered``, ``failed``, ``delayed``... for an attempt a DSN added (its text)."""
+    return (attempt.text or "").removeprefix("DSN ").partition(":")[0]
+
+
+def replay(
+    attempts: Sequence[Attempt], cancel_at: int | None
+) -> tuple[State, bool, Counter[tuple[str, bool]]]:
+    """The state, ``confirmed`` and events that the documented rules give for a history.
+
+    docs/tracker.md: a server's 2xx makes an unresolved recipient DELIVERED, its 5xx
+    BOUNCED; a success DSN makes an unresolved or DELIVERED (unconfirmed) recipient
+    DELIVERED and confirmed; a failure DSN makes an unresolved or DELIVERED one BOUNCED;
+    anything else, or for another state, is history only; ``cancel_at`` is where the
+    cancel came (between which attempts), ``None`` if it never did. The events are
+    counted by (kind, recipient confirmed).
+    """
+    state, confirmed = State.QUEUED, False
+    events: Counter[tuple[str, bool]] = Counter()
+    for index in range(len(attempts) + 1):
+        if index == cancel_at and not state.is_final:
+            state = State.CANCELLED
+        if index == len(attempts):
+            break
+        attempt = attempts[index]
+        unresolved = not state.is_final
+        if attempt.source == "reply" and unresolved:
+            assert attempt.code is not None
+            if attempt.code < 300:
+                state = State.DELIVERED
+                events["delivered", False] += 1
+            elif attempt.code >= 500:
+                state = State.BOUNCED
+                events["bounced", False] += 1
+        elif attempt.source == "dsn":
+            action = _dsn_action(attempt)
+            delivered = state is State.DELIVERED
+            if action == "delivered" and (unresolved or (delivered and not confirmed)):
+                state, confirmed = State.DELIVERED, True
+                events["delivered", True] += 1
+            elif action == "failed" and (unresolved or delivered):
+                state, confirmed = State.BOUNCED, False
+                events["bounced", False] += 1
+    return state, confirmed, events
+
+
+def check_history(
+    recipient: RecipientRecord, fired: Counter[tuple[str, bool]], cancelled: bool
+) -> None:
+    """The recipient's state and events are what its history gives by the rules.
+
+    When its message was cancelled, the cancel may have come between any two attempts
+    (the store does not record it): one of those places must explain what is stored.
+    """
+    places = range(len(recipient.attempts) + 1) if cancelled else [None]
+    outcomes = [replay(recipient.attempts, place) for place in places]
+    assert (recipient.state, recipient.confirmed, fired) in outcomes, (recipient, fired, outcomes)
+
+
+def generated_dsns(server: AiosmtpdServer) -> Counter[tuple[str | None, str]]:
+    """Per (ENVID, reported recipient), how many generated DSNs the server accepted.
+
+    Each accepted DSN must come from the null reverse-path (RFC 3461 §6.2) and report
+    failures only; copies of one DSN (a crash's re-send) count once each.
+    """
+    counts: Counter[tuple[str | None, str]] = Counter()
+    for received in server.messages:
+        report = parse_dsn(received.content)
+        assert received.mail_from in ("", "<>"), received.mail_from  # as aiosmtpd records it
+        assert report.kind is DSNKind.BOUNCE, report
+        for item in report.recipients:
+            assert item.action is DSNAction.FAILED, item
+            counts[report.envid, item.address] += 1
+    return counts
+
+
+# -- 1. ingest_dsn from several threads while run_forever delivers ----------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """What happens to one submitted message."""
+
+    seq: int
+    null_sender: bool
+    reject: bool
+    reports: tuple[tuple[str, DSNAction, int], ...]  # (local part, action, copies)
+    cancel: bool
+
+
+def _plan(seq: int, chooser: random.Random) -> Plan:
+    reject = chooser.random() < 0.5
+    reports: list[tuple[str, DSNAction, int]] = []
+    if chooser.random() < 0.5:
+        reports.append(("ok", DSNAction.DELIVERED, chooser.choice((1, 2, 2))))
+    if chooser.random() < 0.25:
+        reports.append(("ok", DSNAction.FAILED, chooser.choice((1, 2))))
+    if chooser.random() < 0.2:
+        reports.append(("ok", DSNAction.DELAYED, 1))
+    if reject and chooser.random() < 0.3:
+        action = chooser.choice((DSNAction.DELIVERED, DSNAction.FAILED))
+        reports.append(("reject", action, chooser.choice((1, 2))))
+    chooser.shuffle(reports)
+    return Plan(
+        seq=seq,
+        null_sender=chooser.random() < 0.15,
+        reject=reject,
+        reports=tuple(reports),
+        cancel=chooser.random() < 0.2,
+    )
+
+
+def _plan_message(plan: Plan) -> tuple[Message, Envelope]:
+    to = [f"ok@m{plan.seq}.test"] + ([f"reject@m{plan.seq}.test"] if plan.reject else [])
+    message = Message.build(
+        sender=SENDER, to=to, subject=f"dsn {plan.seq}", text=f"message {plan.seq}\n"
+    )
+    sender = None if plan.null_sender else SENDER
+    return message, Envelope(sender, [Recipient(address) for address in to])
+
+
+class Failures:
+    """Exceptions raised in the test's threads, for the test thread to report."""
+
+    def __init__(self) -> None:
+        self.caught: list[BaseException] = []
+
+    def guard(self, work: Callable[[], object]) -> Callable[[], None]:
+        """``work`` as a thread target that keeps what it raises."""
+
+        def target() -> None:
+            try:
+                work()
+            except BaseException as exc:
+                self.caught.append(exc)
+
+        return target
+
+
+def test_dsns_ingested_from_threads_while_run_forever_delivers(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path
+) -> None:
+    count = int(os.environ.get("MAILRELAY_DSN_MESSAGES", "60"))
+    chooser = random.Random(SEED)
+    plans = [_plan(seq, chooser) for seq in range(count)]
+    relay = make_aiosmtpd(starttls=False, auth=False)
+    dsn_server = make_aiosmtpd(starttls=False, auth=False)
+    tracker, events = _tracker(tmp_path / "queue.db", relay, dsn_server, commit_batch=5)
+    failures = Failures()
+    reports: queue.Queue[bytes | None] = queue.Queue()
+    cancels: queue.Queue[str | None] = queue.Queue()
+    ids: dict[int, str] = {}
+    matches: list[DSNMatch] = []
+    cancelled: set[str] = set()
+    lock = threading.Lock()
+
+    def submit(share: Sequence[Plan]) -> None:
+        pick = random.Random(SEED + share[0].seq)
+        for plan in share:
+            message, envelope = _plan_message(plan)
+            tracking_id = tracker.submit(message, envelope)
+            with lock:
+                ids[plan.seq] = tracking_id
+            for local, action, copies in plan.reports:
+                raw = _report(message, tracking_id, [f"{local}@m{plan.seq}.test"], action)
+                for _ in range(copies):
+                    reports.put(raw)  # copies side by side: ingested at the same moment
+            if plan.cancel:
+                cancels.put(tracking_id)
+            time.sleep(pick.uniform(0, 0.01))
+
+    def ingest() -> None:
+        for _ in range(10 * count):
+            raw = reports.get(timeout=BOUND)
+            if raw is None:
+                return
+            match = tracker.ingest_dsn(raw)
+            with lock:
+                matches.append(match)
+
+    def cancel() -> None:
+        for _ in range(count + 1):
+            tracking_id = cancels.get(timeout=BOUND)
+            if tracking_id is None:
+                return
+            if tracker.cancel(tracking_id):
+                with lock:
+                    cancelled.add(tracking_id)
+
+    stop = threading.Event()
+    runner = threading.Thread(target=failures.guard(lambda: tracker.run_forever(stop)))
+    submitters = [
+        threading.Thread(target=failures.guard(functools.partial(submit, plans[n::2])))
+        for n in range(2)
+    ]
+    ingesters = [threading.Thread(target=failures.guard(ingest)) for _ in range(3)]
+    canceller = threading.Thread(target=failures.guard(cancel))
+    workers = [*submitters, *ingesters, canceller]
+    runner.start()
+    for thread in workers:
+        thread.start()
+    for thread in submitters:
+        thread.join(BOUND)
+    for _ in ingesters:
+        reports.put(None)
+    cancels.put(None)
+    for thread in workers:
+        thread.join(BOUND)
+    # Everything is submitted: wait (bounded) until the runner has finished it all,
+    # generated DSNs included.
+    deadline = time.monotonic() + BOUND
+    while tracker.next_due() is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    runner.join(BOUND)
+    assert not any(thread.is_alive() for thread in [runner, *workers])
+    assert failures.caught == []
+    assert tracker.next_due() is None
+
+    fired = events.count()
+    matched = Counter(m.tracking_id for m in matches if m.tracking_id is not None)
+    reported: set[tuple[str | None, str]] = set()
+    for plan in plans:
+        tracking_id = ids[plan.seq]
+        assert fired[tracking_id, "", "dsn_received", False] == matched[tracking_id]
+        record = tracker.status(tracking_id)
+        for recipient in record.recipients:
+            address = str(recipient.address)
+            mine = Counter(
+                {
+                    (kind, conf): n
+                    for (t, a, kind, conf), n in fired.items()
+                    if (t, a) == (tracking_id, address)
+                }
+            )
+            check_history(recipient, mine, tracking_id in cancelled)
+            # At most one attempt by the relay: no lease was lost, nothing sent twice.
+            assert [a.source for a in recipient.attempts].count("reply") <= 1, recipient
+            bounced_by_reply = any(
+                e.kind.value == "bounced"
+                and e.tracking_id == tracking_id
+                and e.recipient is not None
+                and e.recipient.address == recipient.address
+                and e.attempt is not None
+                and e.attempt.source == "reply"
+                for e in events.fired
+            )
+            if bounced_by_reply and not plan.null_sender:
+                reported.add((tracking_id, address))
+    # One generated DSN for each recipient an attempt bounced (not for one a returned
+    # report bounced, nor for a message from the null reverse-path), and no other.
+    assert generated_dsns(dsn_server) == Counter(dict.fromkeys(reported, 1))
+    # The generated DSNs are tracked messages, all sent.
+    notifications = [r for r in tracker.find() if r.notification]
+    assert len(notifications) == len(dsn_server.messages)
+    assert {r.state for n in notifications for r in n.recipients} <= {State.DELIVERED}
+    tracker.close()
