@@ -31,10 +31,14 @@ wait is bounded (:data:`BOUND`): the bounds are hang guards, never assertions on
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import os
 import queue
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -54,8 +58,16 @@ from mailrelay.tracker.dsn_build import build_dsn
 from mailrelay.tracker.dsn_parse import parse_dsn
 from mailrelay.tracker.engine import DeliveryTracker, DSNMatch
 from mailrelay.tracker.events import TrackerEvent
+from mailrelay.tracker.retry import RetryPolicy
 from mailrelay.tracker.sqlite_store import SQLiteStore
-from mailrelay.tracker.store import Attempt, Change, MemoryStore, RecipientRecord, State
+from mailrelay.tracker.store import (
+    Attempt,
+    Change,
+    MemoryStore,
+    MessageRecord,
+    RecipientRecord,
+    State,
+)
 from mailrelay.transport import SMTPTransport
 from tests.peers.aiosmtpd_server import AiosmtpdFactory, AiosmtpdServer
 
@@ -492,3 +504,205 @@ def test_dsns_ingested_from_threads_while_run_forever_delivers(
     assert len(notifications) == len(dsn_server.messages)
     assert {r.state for n in notifications for r in n.recipients} <= {State.DELIVERED}
     tracker.close()
+
+
+# -- 2. generated DSNs, the runner killed with SIGKILL at random moments ----------------------
+
+#: Messages claimed at once by the crash children: with the default commit_batch (50), the
+#: most results awaiting their commit, so the most transactions one kill re-sends.
+BATCH_SIZE = 10
+LEASE_SECONDS = 1.0
+#: How long a ``tempfail@`` recipient is retried before it expires (seconds).
+MAX_AGE = 1.0
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def crash_plan(seq: int) -> tuple[str | None, list[str]]:
+    """Message ``seq``'s envelope sender and recipients, the same in the child and the test.
+
+    Each recipient's domain names its message, so a DSN's recipients say what it is about;
+    ``reject@`` bounces at the relay, ``tempfail@`` is refused for now until it expires.
+    """
+    pick = random.Random(seq)
+    to = [f"ok@s{seq}.test"]
+    if pick.random() < 0.4:
+        to.append(f"reject@s{seq}.test")
+    if pick.random() < 0.3:
+        to.append(f"tempfail@s{seq}.test")
+    return (None if pick.random() < 0.15 else SENDER), to
+
+
+def _crash_tracker(db: str, relay_port: int, dsn_port: int) -> DeliveryTracker:
+    def smtp(port: int) -> SMTPTransport:
+        return SMTPTransport("127.0.0.1", port, tls=TLS.NONE, timeouts=Timeouts.all(10))
+
+    return DeliveryTracker(
+        smtp(relay_port),
+        SQLiteStore(db),
+        dsn_transport=smtp(dsn_port),
+        reporting_mta=REPORTING_MTA,
+        retry=RetryPolicy(initial=0.1, max_delay=0.2, jitter=0, max_age=MAX_AGE),
+        lease=dt.timedelta(seconds=LEASE_SECONDS),
+        worker_id=f"dsn-crash-{os.getpid()}",
+        batch_size=BATCH_SIZE,
+    )
+
+
+def _drain(tracker: DeliveryTracker, bound: float) -> None:
+    """Run until nothing is left to do (retries, expiries, reports), within ``bound`` s."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        tracker.run_pending()
+        due = tracker.next_due()
+        if due is None:
+            return
+        wait = (due - dt.datetime.now(dt.UTC)).total_seconds()
+        time.sleep(min(0.5, max(0.02, wait)))
+
+
+def child_work(
+    db: str, relay_port: int, dsn_port: int, *, start: int, count: int, ack: str
+) -> None:
+    """Submit ``count`` messages, sending what is due after every five, then drain."""
+    tracker = _crash_tracker(db, relay_port, dsn_port)
+    with open(ack, "a", buffering=1, encoding="ascii") as acks:
+        for seq in range(start, start + count):
+            sender, to = crash_plan(seq)
+            message = Message.build(sender=SENDER, to=to, subject=f"m {seq}", text=f"{seq}\n")
+            tracker.submit(message, Envelope(sender, [Recipient(a) for a in to]))
+            acks.write(f"{seq}\n")  # after submit() returned: the message is durable
+            if seq % 5 == 4:
+                tracker.run_pending()
+    _drain(tracker, 60)
+    tracker.close()
+
+
+def child_resume(db: str, relay_port: int, dsn_port: int) -> None:
+    """Finish everything left, waiting out dead workers' leases."""
+    tracker = _crash_tracker(db, relay_port, dsn_port)
+    _drain(tracker, 120)
+    tracker.close()
+
+
+def _spawn(*args: object) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.tracker.test_dsn_concurrency", *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _acked(path: Path) -> list[int]:
+    if not path.exists():
+        return []
+    return [int(line) for line in path.read_text(encoding="ascii").split("\n") if line.strip()]
+
+
+def check_generated(
+    dsn_server: AiosmtpdServer, records: Sequence[MessageRecord], copies_allowed: int
+) -> int:
+    """Each bounce or expiry has exactly one generated DSN at ``dsn_server``, and no other.
+
+    Copies of one DSN (the same Message-ID: re-sent after a crash or cancel) may arrive,
+    at most ``copies_allowed`` extra in all. Returns how many copies arrived.
+    """
+    distinct: dict[bytes, Counter[str]] = {}
+    copies = Counter[bytes]()
+    for received in dsn_server.messages:
+        message = Message.from_bytes(received.content)
+        key = (message.message_id or "").encode()
+        copies[key] += 1
+        report = parse_dsn(received.content)
+        assert received.mail_from in ("", "<>"), received.mail_from  # as aiosmtpd records it
+        assert report.kind is DSNKind.BOUNCE, report
+        distinct[key] = Counter(item.address for item in report.recipients)
+    reported = Counter[str]()
+    for counted in distinct.values():
+        reported.update(counted)
+    expected: set[str] = set()
+    for record in records:
+        if record.notification:
+            # The generated DSNs themselves: sent, and none reported (null reverse-path).
+            assert {r.state for r in record.recipients} == {State.DELIVERED}, record
+            continue
+        for recipient in record.recipients:
+            failed = recipient.state in (State.BOUNCED, State.EXPIRED)
+            if failed and record.envelope.sender is not None:
+                expected.add(str(recipient.address))
+    assert reported == Counter(dict.fromkeys(expected, 1)), (
+        sorted(set(reported) ^ expected),
+        {a: n for a, n in reported.items() if n > 1},
+    )
+    extra = sum(copies.values()) - len(copies)
+    assert extra <= copies_allowed, (extra, copies_allowed)
+    assert all(n <= 2 for n in copies.values()), copies
+    return extra
+
+
+def check_final(records: Sequence[MessageRecord]) -> None:
+    """Each application recipient ended as its address says: delivered, bounced, expired."""
+    wanted = {"ok": State.DELIVERED, "reject": State.BOUNCED, "tempfail": State.EXPIRED}
+    for record in records:
+        if record.notification:
+            continue
+        for recipient in record.recipients:
+            assert recipient.state is wanted[recipient.address.local_part], recipient
+
+
+def test_generated_dsns_survive_sigkill_at_random_moments(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path
+) -> None:
+    runs = int(os.environ.get("MAILRELAY_DSN_CRASH_RUNS", "3"))
+    count = int(os.environ.get("MAILRELAY_DSN_CRASH_COUNT", "80"))
+    chooser = random.Random(SEED)
+    relay = make_aiosmtpd(starttls=False, auth=False)
+    dsn_server = make_aiosmtpd(starttls=False, auth=False)
+    db = str(tmp_path / "queue.db")
+    ack = tmp_path / "acked.txt"
+    kills = 0
+    for run in range(runs):
+        child = _spawn("work", db, relay.port, dsn_server.port, run * count, count, ack)
+        before = len(_acked(ack))
+        deadline = time.monotonic() + BOUND
+        while len(_acked(ack)) == before and child.poll() is None:
+            assert time.monotonic() < deadline, "the child never submitted anything"
+            time.sleep(0.02)
+        time.sleep(chooser.uniform(0.05, 1.2))
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            kills += 1
+        _out, err = child.communicate(timeout=BOUND * 2)
+        assert child.returncode in (0, -signal.SIGKILL), err.decode(errors="replace")
+    resume = _spawn("resume", db, relay.port, dsn_server.port)
+    _out, err = resume.communicate(timeout=BOUND * 4)
+    assert resume.returncode == 0, err.decode(errors="replace")
+
+    store = SQLiteStore(db)
+    try:
+        records = store.find()
+    finally:
+        store.close()
+    context = f"seed={SEED} kills={kills} records={len(records)}"
+    assert kills >= 1, context  # a crash test that never crashed tests nothing
+    domains = {r.address.domain for record in records for r in record.recipients}
+    assert {f"s{seq}.test" for seq in _acked(ack)} <= domains, context  # nothing lost
+    check_final(records)
+    # A kill re-sends at most one claim batch's transactions, generated DSNs included.
+    copies = check_generated(dsn_server, records, kills * BATCH_SIZE)
+    print(context, f"generated={len(dsn_server.messages)} copies={copies}")
+    assert any(r.notification for r in records), context  # some DSN was generated
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "work":
+        child_work(
+            sys.argv[2],
+            int(sys.argv[3]),
+            int(sys.argv[4]),
+            start=int(sys.argv[5]),
+            count=int(sys.argv[6]),
+            ack=sys.argv[7],
+        )
+    else:
+        child_resume(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
