@@ -184,9 +184,12 @@ class Behaviour:
         stray_code: the code of the strays.
         stray_delay: ``0``: the strays go in the same write as the reply. Otherwise the
             server waits up to this long for the client's next bytes, then writes them:
-            ``"stray-idle"`` when nothing came (the client is idle, or about to be),
             ``"stray-mid"`` when the client's next command came first (the strays then
-            precede its answer).
+            precede its answer); otherwise, after a ``421`` stray (the server then closes)
+            or when nothing more comes for :data:`IDLE_GRACE` after them, ``"stray-idle"``
+            (the client was idle: it had them long before it wrote again), and
+            ``"stray-raced"`` when the client wrote within that grace (it may have looked
+            before they came).
     """
 
     kind: Kind = Kind.REPLY
@@ -200,6 +203,9 @@ class Behaviour:
     stray_code: int = 250
     stray_delay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
 
+
+#: How long the client must stay quiet after a late stray for it to count as idle.
+IDLE_GRACE = 0.5
 
 #: The pause between the two pieces of a :attr:`Behaviour.split` reply.
 SPLIT_PAUSE = 0.02
@@ -291,8 +297,9 @@ class ConnectionRecord:
         endless_cut: whether an endless reply ended because the client hung up.
         events: in order, each command's verb as read (upper case; ``"CONTENT"`` for a
             DATA content), ``"skip"`` for a command left unanswered (:attr:`Kind.SKIP`), and
-            ``"stray-<point>"``, ``"stray-idle"`` or ``"stray-mid"`` for replies nobody
-            asked for (:attr:`Behaviour.strays`; ``<point>``: glued to the answer there).
+            ``"stray-<point>"``, ``"stray-idle"``, ``"stray-raced"`` or ``"stray-mid"`` for
+            replies nobody asked for (:attr:`Behaviour.strays`; ``<point>``: glued to the
+            answer there).
     """
 
     index: int
@@ -330,6 +337,7 @@ class _Peer(LinePeer):
         self.server = server
         self.current: TransactionRecord | None = None
         self.point = ""
+        self.hangup = ""
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -381,8 +389,7 @@ class _Peer(LinePeer):
             self.send(data + strays)
         if strays:
             self.record.events.append(f"stray-{self.point}")
-            if behaviour.stray_code == 421:
-                raise Ended("closed after a stray 421")
+            self.hang_up_after(behaviour)
 
     def late_strays(self, behaviour: Behaviour) -> None:
         """Wait up to ``stray_delay`` for the client's next bytes, then write the strays."""
@@ -394,9 +401,23 @@ class _Peer(LinePeer):
                 idle = False
             self.sock.settimeout(self.server.timeout)
         self.send(_stray(behaviour))
-        self.record.events.append("stray-idle" if idle else "stray-mid")
+        if not idle:
+            self.record.events.append("stray-mid")
+        elif behaviour.stray_code == 421:
+            self.record.events.append("stray-idle")
+        else:
+            self.sock.settimeout(IDLE_GRACE)
+            with contextlib.suppress(TimeoutError):
+                self.buffer += self.recv()
+                idle = False
+            self.sock.settimeout(self.server.timeout)
+            self.record.events.append("stray-idle" if idle else "stray-raced")
+        self.hang_up_after(behaviour)
+
+    def hang_up_after(self, behaviour: Behaviour) -> None:
+        """After a ``421`` stray, close once the answer in hand is recorded (RFC 5321 §3.8)."""
         if behaviour.stray_code == 421:
-            raise Ended("closed after a stray 421")
+            self.hangup = "closed after a stray 421"
 
     @staticmethod
     def _reply(code: int, multiline: bool, point: Point, extensions: tuple[str, ...]) -> bytes:
@@ -478,6 +499,8 @@ class _Peer(LinePeer):
         record.session_codes[-1] = (Point.GREETING, self.answer(Point.GREETING))
         if record.session_codes[-1][1] == 421:
             raise Ended("421 greeting")
+        if self.hangup:
+            raise Ended(self.hangup)
         for _ in range(_MAX_COMMANDS):
             line = self.read_line()
             record.commands += 1
@@ -486,6 +509,8 @@ class _Peer(LinePeer):
             code = self.command(verb, line)
             if code == 421:
                 raise Ended("closed after 421")  # RFC 5321 §3.8
+            if self.hangup:
+                raise Ended(self.hangup)
         raise Ended("too many commands")
 
     def command(self, verb: bytes, line: bytes) -> int | None:
@@ -597,7 +622,7 @@ class _LMTPPeer(_Peer):
             if self.trailed:
                 transaction.extras = extra
             self.trailer, self.trailed = b"", False
-            if code == 421:
+            if code == 421 or self.hangup:
                 return code
         return code
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -68,6 +69,7 @@ from mailrelay.transport import (
     SMTPTransport,
 )
 from tests.transport.hostile_server import (
+    IDLE_GRACE,
     NORMAL,
     Behaviour,
     HostileServer,
@@ -101,8 +103,15 @@ CODES = (250, 421, 450, 451, 452, 550, 554)
 #: How long a late stray waits for the client's next bytes (well within the timeouts).
 LATE = 0.05
 #: Glued strays after these answers are the last replies the client is owed in its step,
-#: and arrive with them: the client can always see them (property 6).
-VISIBLE_GLUED = frozenset({"stray-ehlo", "stray-noop", "stray-data"})
+#: and arrive with them; idle ones came while it waited in the pool: the client can always
+#: see them (property 6).
+VISIBLE = frozenset({"stray-ehlo", "stray-noop", "stray-data", "stray-idle"})
+#: A single SMTP send's final reply is also the last it is owed (a batch's is not: the next
+#: message's commands may be on their way, LMTP's neither: more finals may follow).
+VISIBLE_SINGLE = VISIBLE | {"stray-data-end"}
+#: The pause between the two waves of the "waves" way: longer than a late stray's wait plus
+#: the server's idle grace, so the second wave meets connections idle strays came on.
+WAVE_PAUSE = LATE + IDLE_GRACE + 0.1
 #: What a reused connection carries: a new transaction or its data.
 REUSE = frozenset({"MAIL", "RSET", "CONTENT", "BDAT"})
 
@@ -111,10 +120,14 @@ REUSE = frozenset({"MAIL", "RSET", "CONTENT", "BDAT"})
 
 
 @st.composite
-def pairing_faults(draw: st.DrawFn) -> Behaviour:
+def pairing_faults(draw: st.DrawFn, point: Point) -> Behaviour:
     """Normal (4 in 10), a split reply, strays glued on, strays a little later, another
-    code (421 among them), no reply at all, or a hang-up or reset (1 in 10 each)."""
-    roll = draw(st.integers(0, 9))
+    code (421 among them), no reply at all, or a hang-up or reset (1 in 10 each); strays
+    come a little later twice as often after the answers a connection may go idle after
+    (the end of the data, NOOP)."""
+    roll = draw(st.integers(0, 10 if point in (Point.DATA_END, Point.NOOP) else 9))
+    if roll == 10:
+        roll = 6
     stray_code = 421 if draw(one_in(4)) else 250
     strays = draw(st.integers(1, 2))
     if roll < 4:
@@ -151,7 +164,7 @@ def plans(draw: st.DrawFn, lmtp: bool = False) -> Plan:
     occurrences; PIPELINING is offered three times in four, CHUNKING (not to LMTP) half the
     time."""
     planned = {
-        point: tuple(draw(st.lists(pairing_faults(), min_size=1, max_size=4)))
+        point: tuple(draw(st.lists(pairing_faults(point), min_size=1, max_size=4)))
         for point in POINTS
         if draw(one_in(3))
     }
@@ -187,7 +200,7 @@ def items(draw: st.DrawFn) -> list[Item]:
     ]
 
 
-Way = Literal["many", "threads"]
+Way = Literal["many", "threads", "waves"]
 Flavour = Literal["sync", "async"]
 
 
@@ -245,19 +258,30 @@ def clients(lmtp: bool) -> st.SearchStrategy[Client]:
 def send_all(flavour: Flavour, way: Way, client: Client, port: int, batch: list[Item]) -> Any:
     """Every item through one transport: ``send_many``/``asend_many`` (one list of
     results), or each item's ``send`` in a thread of its own / ``asend`` in a task of its
-    own (per item, its result or the ``DeliveryError`` it raised)."""
+    own (per item, its result or the ``DeliveryError`` it raised), all at once ("threads")
+    or in two waves :data:`WAVE_PAUSE` apart ("waves": the second meets idle connections)."""
     pairs = [(item.message, item.envelope) for item in batch]
+    waves = [pairs] if way != "waves" else [pairs[: len(pairs) // 2], pairs[len(pairs) // 2 :]]
+    outcomes: list[Any] = []
     if flavour == "sync":
         with client.transport(flavour, port) as transport:
             if way == "many":
                 return transport.send_many(pairs)
-            return in_threads(transport.send, pairs)
+            for number, wave in enumerate(waves):
+                if number:
+                    time.sleep(WAVE_PAUSE)
+                outcomes += in_threads(transport.send, wave)
+        return outcomes
 
     async def main() -> list[Any]:
         async with client.transport(flavour, port) as transport:
             if way == "many":
                 return list(await transport.asend_many(pairs))
-            return list(await asyncio.gather(*(caught(transport.asend, p) for p in pairs)))
+            for number, wave in enumerate(waves):
+                if number:
+                    await asyncio.sleep(WAVE_PAUSE)
+                outcomes.extend(await asyncio.gather(*(caught(transport.asend, p) for p in wave)))
+        return outcomes
 
     return asyncio.run(main())
 
@@ -295,20 +319,20 @@ def in_threads(send: Callable[..., Any], pairs: list[tuple[Any, Any]]) -> list[A
 # -- the properties --------------------------------------------------------------------------
 
 
-def blind_fault(event: str) -> bool:
+def blind_fault(event: str, visible: frozenset[str]) -> bool:
     """Whether a recorded fault is one no client can see before it reads a shifted reply
     (see the module docstring): a skipped command, a stray that came mid-exchange, or one
     glued to a reply the client reads more replies after."""
-    return event in ("skip", "stray-mid") or (
-        event.startswith("stray-") and event not in VISIBLE_GLUED and event != "stray-idle"
+    return event in ("skip", "stray-mid", "stray-raced") or (
+        event.startswith("stray-") and event not in visible
     )
 
 
-def blinded(server: HostileServer, item: Item) -> bool:
+def blinded(server: HostileServer, item: Item, visible: frozenset[str]) -> bool:
     """Whether the item was sent on a connection with a :func:`blind_fault`."""
     return any(
         any(t.sender == item.sender for t in connection.transactions)
-        and any(blind_fault(event) for event in connection.events)
+        and any(blind_fault(event, visible) for event in connection.events)
         for connection in server.connections
     )
 
@@ -327,12 +351,12 @@ def check_no_duplicate(server: HostileServer, item: Item) -> None:
     )
 
 
-def check_no_reuse(server: HostileServer) -> None:
+def check_no_reuse(server: HostileServer, visible: frozenset[str]) -> None:
     """Property 6."""
     for connection in server.connections:
         events = connection.events
         for at, event in enumerate(events):
-            if event in VISIBLE_GLUED:
+            if event in visible:
                 later = [e for e in events[at + 1 :] if e in REUSE]
                 assert not later, (
                     f"connection {connection.index} carried {later} after {event}:\n"
@@ -340,7 +364,9 @@ def check_no_reuse(server: HostileServer) -> None:
                 )
 
 
-def check_item(server: HostileServer, client: Client, item: Item, outcome: Any) -> None:
+def check_item(
+    server: HostileServer, client: Client, item: Item, outcome: Any, visible: frozenset[str]
+) -> None:
     """Properties 2-5 for one message (``outcome``: its result or the error ``send``
     raised)."""
     check_no_duplicate(server, item)
@@ -349,7 +375,7 @@ def check_item(server: HostileServer, client: Client, item: Item, outcome: Any) 
     assert isinstance(outcome, DeliveryResult), outcome
     assert outcome.message_id == item.message.message_id
     assert [r.address for r in outcome.recipients] == [r.address for r in item.envelope.recipients]
-    if blinded(server, item):
+    if blinded(server, item, visible):
         return
     for recipient in outcome.recipients:
         address = str(recipient.address)
@@ -396,15 +422,16 @@ def run(flavour: Flavour, way: Way, plan: Plan, client: Client, batch: list[Item
     assert len(outcomes) == len(batch)
     for value in outcomes:
         assert not isinstance(value, AssertionError), value
-    check_no_reuse(server)
+    visible = VISIBLE_SINGLE if way != "many" and not client.lmtp else VISIBLE
+    check_no_reuse(server, visible)
     for item, value in zip(batch, outcomes, strict=True):
-        check_item(server, client, item, value)
+        check_item(server, client, item, value, visible)
 
 
 # -- the Hypothesis tests --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("way", ["many", "threads"])
+@pytest.mark.parametrize("way", ["many", "threads", "waves"])
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 @EXAMPLES
 @given(plan=plans(), client=clients(lmtp=False), batch=items())
