@@ -18,6 +18,10 @@ Rules of this module:
 * Every recipient is accepted with a synthetic ``250`` reply naming the file. An ``OSError``
   while writing (disk full, permissions) becomes a transient
   :class:`~mailrelay.errors.DeliveryError`, and no partial file is left behind.
+* ``adeliver`` writes in a worker thread. Cancelled, it tells the writer to stop before its
+  next piece (and before the rename that completes the message) and waits for it: a message
+  not complete by then leaves nothing behind, and nothing is written after the call ends
+  (else the caller, told the message was not sent, would send it again: twice delivered).
 """
 
 from __future__ import annotations
@@ -118,6 +122,24 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+class _Abandoned(Exception):
+    """The caller of :meth:`FileTransport.adeliver` was cancelled: stop, leave nothing."""
+
+
+def _watch(chunks: Iterable[bytes], abandon: threading.Event | None) -> Iterator[bytes]:
+    """``chunks``, stopping before each piece and after the last once ``abandon`` is set."""
+    if abandon is None:
+        yield from chunks
+        return
+    for chunk in chunks:
+        if abandon.is_set():
+            raise _Abandoned
+        yield chunk
+    # Checked once more after the last piece: before the rename that completes the file.
+    if abandon.is_set():
+        raise _Abandoned
+
+
 def _write_atomically(final: Path, temporary: Path, chunks: Iterable[bytes]) -> None:
     """Write ``chunks`` to ``temporary``, fsync, then rename it to ``final``."""
     try:
@@ -189,12 +211,17 @@ class FileTransport(Transport, AsyncTransport):
         Raises:
             DeliveryError: (transient) when the files cannot be written.
         """
+        return self._deliver(message, envelope, None)
+
+    def _deliver(
+        self, message: Message, envelope: Envelope, abandon: threading.Event | None
+    ) -> DeliveryResult:
         now = dt.datetime.now(dt.UTC)
         try:
             if self.format == "maildir":
-                name = self._write_maildir(message, envelope, now)
+                name = self._write_maildir(message, envelope, now, abandon)
             else:
-                name = self._write_eml(message, envelope, now)
+                name = self._write_eml(message, envelope, now, abandon)
         except OSError as exc:
             raise DeliveryError(
                 f"could not write the message to {self.path}: {exc.strerror or exc}",
@@ -210,14 +237,35 @@ class FileTransport(Transport, AsyncTransport):
         )
 
     async def adeliver(self, message: Message, envelope: Envelope) -> DeliveryResult:
-        """Like :meth:`deliver`, with the disk writes in a worker thread."""
-        return await asyncio.to_thread(self.deliver, message, envelope)
+        """Like :meth:`deliver`, with the disk writes in a worker thread.
 
-    def _write_eml(self, message: Message, envelope: Envelope, now: dt.datetime) -> str:
+        Cancelled, it stops the writer before its next piece and waits for it, so a message
+        not complete by then leaves nothing behind and nothing is written after the call.
+        """
+        abandon = threading.Event()
+        writer = asyncio.ensure_future(asyncio.to_thread(self._deliver, message, envelope, abandon))
+        try:
+            return await asyncio.shield(writer)
+        except asyncio.CancelledError:
+            abandon.set()
+            # The thread cannot be interrupted; it stops at its next piece. Waiting for it
+            # means no file appears once the caller has been told the send was cancelled.
+            await asyncio.wait([writer])
+            if not writer.cancelled():
+                writer.exception()  # retrieved: _Abandoned, a DeliveryError or None
+            raise
+
+    def _write_eml(
+        self,
+        message: Message,
+        envelope: Envelope,
+        now: dt.datetime,
+        abandon: threading.Event | None,
+    ) -> str:
         # The time first so that a directory listing sorts in sending order.
         ident = f"{now:%Y%m%dT%H%M%S.%fZ}-{uuid.uuid4().hex}"
         eml = self.path / f"{ident}.eml"
-        _write_atomically(eml, self.path / f".{ident}.eml.tmp", message.chunks())
+        _write_atomically(eml, self.path / f".{ident}.eml.tmp", _watch(message.chunks(), abandon))
         record = json.dumps(
             {"id": ident, **envelope_record(envelope, message=message, when=now)},
             ensure_ascii=False,
@@ -225,7 +273,10 @@ class FileTransport(Transport, AsyncTransport):
         ).encode("utf-8")
         json_path = self.path / f"{ident}.json"
         try:
-            _write_atomically(json_path, self.path / f".{ident}.json.tmp", [record])
+            # The .json completes the message: its rename is the last moment to stop.
+            _write_atomically(
+                json_path, self.path / f".{ident}.json.tmp", _watch([record], abandon)
+            )
             _fsync_directory(self.path)
         except BaseException:
             # A failure reported to the caller must leave no message behind, or a retry
@@ -235,7 +286,13 @@ class FileTransport(Transport, AsyncTransport):
             raise
         return eml.name
 
-    def _write_maildir(self, message: Message, envelope: Envelope, now: dt.datetime) -> str:
+    def _write_maildir(
+        self,
+        message: Message,
+        envelope: Envelope,
+        now: dt.datetime,
+        abandon: threading.Event | None,
+    ) -> str:
         # Maildir spec: time, then M<microseconds>P<pid> (and our own counter Q and random R
         # so two deliveries in one microsecond from one process still differ), then host.
         seconds = int(now.timestamp())
@@ -248,7 +305,8 @@ class FileTransport(Transport, AsyncTransport):
         header = f"Return-Path: {sender}\n".encode()
         chunks = _to_lf(message.chunks())
         delivered = self.path / "new" / name
-        _write_atomically(delivered, self.path / "tmp" / name, _prepend(header, chunks))
+        pieces = _watch(_prepend(header, chunks), abandon)
+        _write_atomically(delivered, self.path / "tmp" / name, pieces)
         try:
             _fsync_directory(self.path / "new")
         except BaseException:

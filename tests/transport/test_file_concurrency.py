@@ -31,14 +31,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import pytest
 
 from mailrelay.message import Message
 from mailrelay.transport import FileTransport
+from mailrelay.transport import file as file_module
 from tests.transport.helpers import run
 
 Format = Literal["eml", "maildir"]
@@ -317,3 +318,43 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_cancelled_asend_writes_nothing_after_it_ends(
+    tmp_path: Path, fmt: Format, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: ``adeliver`` left its worker thread writing after the caller was
+    cancelled (or timed out), so the message appeared later, once the caller had been told
+    it was not sent; a retry then delivered it twice. Now the writer is stopped at its next
+    piece and waited for: a message not complete when the call was cancelled leaves nothing
+    behind. Deterministic: the writer is held at its first piece until the cancellation has
+    been delivered."""
+    directory = tmp_path / "out"
+    transport = FileTransport(directory, format=fmt)
+    started = threading.Event()
+    go = threading.Event()
+    copy = file_module._copy
+
+    def held_copy(chunks: Iterable[bytes], out: IO[bytes]) -> None:
+        if not started.is_set():  # the message's first file only
+            started.set()
+            assert go.wait(GUARD), "the test never let the writer go on"
+        copy(chunks, out)
+
+    monkeypatch.setattr(file_module, "_copy", held_copy)
+
+    async def main() -> None:
+        task = asyncio.create_task(transport.asend(make("cancelled")))
+        assert await asyncio.to_thread(started.wait, GUARD)
+        task.cancel()
+        for _ in range(5):  # the task's turns: the cancellation reaches adeliver
+            await asyncio.sleep(0)
+        go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        check_directory(directory, fmt, [], [])  # the writer has stopped: nothing, not half
+
+    run(main())  # asyncio.run waits for the worker threads too
+    check_directory(directory, fmt, [], [])  # and nothing came later
+    assert started.is_set()
