@@ -221,12 +221,21 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
     async def aingest_dsn(self, raw: bytes) -> DSNMatch:
         """Read a returned report and fold it into its tracked message.
 
-        See :meth:`mailrelay.tracker.engine.DeliveryTracker.ingest_dsn`.
+        See :meth:`mailrelay.tracker.engine.DeliveryTracker.ingest_dsn`. Cancelled
+        while the report is being recorded (in a worker thread), it waits for that
+        commit and fires its events before the cancellation goes on.
         """
-        match, events = await asyncio.to_thread(self._ingest, raw)
-        for event in events:
-            await self.events.afire(event)
+        # Cancelled while the report is folded in, the change it commits still fires
+        # its events: the same report ingested again would be history only.
+        match, events = await _seen_through(
+            functools.partial(self._ingest, raw), self._fire_ingested
+        )
+        await self._fire_ingested((match, events))
         return match
+
+    async def _fire_ingested(self, ingested: tuple[DSNMatch, list[TrackerEvent]]) -> None:
+        for event in ingested[1]:
+            await self.events.afire(event)
 
     async def arun_pending(
         self,

@@ -156,19 +156,30 @@ def _report(message: Message, tracking_id: str, addresses: list[str], action: DS
 
 
 class Gate:
-    """A barrier that a store's ``apply`` (the DSN path's write) waits at while set.
+    """What a store's ``apply`` (the DSN path's write) waits for before it writes.
 
-    Two reports ingested at once then both read the record before either writes: the
-    interleaving that real threads reach only by chance.
+    With a ``barrier``, two reports ingested at once both read the record before either
+    writes: the interleaving that real threads reach only by chance. With ``held``, an
+    ``apply`` says it has ``entered`` and waits until ``held`` is cleared (``release``).
     """
 
-    barrier: threading.Barrier | None = None
+    def __init__(self, *, barrier: threading.Barrier | None = None, held: bool = False) -> None:
+        self.barrier = barrier
+        self.entered = threading.Event()
+        self._released = threading.Event()
+        if not held:
+            self._released.set()
+
+    def release(self) -> None:
+        """Let a held ``apply`` go on."""
+        self._released.set()
 
     def wait(self) -> None:
-        """Wait at the barrier, if one is set."""
-        barrier = self.barrier
-        if barrier is not None:
-            barrier.wait(BOUND)
+        """Wait at the barrier, if one is set, and until released."""
+        self.entered.set()
+        if self.barrier is not None:
+            self.barrier.wait(BOUND)
+        assert self._released.wait(BOUND)
 
 
 class GatedSQLiteStore(SQLiteStore):
@@ -215,7 +226,7 @@ def test_a_success_dsn_ingested_twice_at_once_confirms_once(
     assert tracker.run_pending().delivered == 1
     raw = _report(message, tracking_id, ["ann@mailrelay.test"], DSNAction.DELIVERED)
 
-    store.gate.barrier = threading.Barrier(2)
+    store.gate = Gate(barrier=threading.Barrier(2))
     matches: list[Any] = []
     errors: list[BaseException] = []
 
@@ -231,7 +242,7 @@ def test_a_success_dsn_ingested_twice_at_once_confirms_once(
     for thread in threads:
         thread.join(BOUND)
     assert not any(thread.is_alive() for thread in threads)
-    store.gate.barrier = None
+    store.gate = Gate()
     assert errors == []
     # One confirmation: one of the two reports changed the recipient, the other is a
     # report sent twice (docs/tracker.md, DSNs: "history only").
@@ -244,6 +255,48 @@ def test_a_success_dsn_ingested_twice_at_once_confirms_once(
     assert recipient.confirmed
     assert [a.source for a in recipient.attempts] == ["reply", "dsn", "dsn"]
     tracker.close()
+
+
+def test_a_cancelled_aingest_dsn_still_fires_the_events_of_what_it_recorded(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path
+) -> None:
+    relay = make_aiosmtpd(starttls=False, auth=False)
+    store = GatedSQLiteStore(tmp_path / "queue.db")
+    events = Events()
+    tracker = AsyncDeliveryTracker(
+        AsyncSMTPTransport(relay.host, relay.port, tls=TLS.NONE, timeouts=Timeouts.all(10)),
+        store,
+        request_dsn=True,
+    )
+    for kind in ("delivered", "bounced", "dsn_received"):
+        tracker.on(kind, events.record)
+    message = Message.build(sender=SENDER, to=["ann@mailrelay.test"], subject="s", text="t\n")
+
+    async def scenario() -> tuple[str, RecipientRecord]:
+        tracking_id = await tracker.asubmit(message)
+        assert (await tracker.arun_pending()).delivered == 1
+        raw = _report(message, tracking_id, ["ann@mailrelay.test"], DSNAction.FAILED)
+        store.gate = Gate(held=True)
+        task = asyncio.create_task(tracker.aingest_dsn(raw))
+        # Cancelled while its worker thread is about to commit the bounce.
+        assert await asyncio.to_thread(store.gate.entered.wait, BOUND)
+        task.cancel()
+        await asyncio.sleep(0)
+        store.gate.release()
+        done, _ = await asyncio.wait([task], timeout=BOUND)
+        assert done
+        assert task.cancelled()
+        record = await tracker.astatus(tracking_id)
+        await tracker.aclose()
+        return tracking_id, record.recipient("ann@mailrelay.test")
+
+    tracking_id, recipient = asyncio.run(scenario())
+    assert recipient.state is State.BOUNCED
+    # The bounce was recorded, so its events fired, cancelled or not: a report ingested
+    # again is history only, and would never fire them.
+    fired = events.count()
+    assert fired[tracking_id, "ann@mailrelay.test", "bounced", False] == 1
+    assert fired[tracking_id, "", "dsn_received", False] == 1
 
 
 # -- replaying a recipient's history by the documented rules --------------------------------
