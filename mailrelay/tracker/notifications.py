@@ -43,6 +43,7 @@ from mailrelay.tracker.store import (
     RecipientRecord,
     State,
     Store,
+    apply_change,
 )
 
 __all__ = [
@@ -229,11 +230,16 @@ def ingest(
     for change in changes:
         if change.address in changed:
             kind = EventKind.DELIVERED if change.state is State.DELIVERED else EventKind.BOUNCED
+            recipient = after.recipient(change.address)
+            if recipient.state is not change.state or recipient.confirmed != change.confirmed:
+                # Changed again since this commit (another report, from another thread or
+                # process): the event shows the recipient as this change left it.
+                recipient = apply_change(record.recipient(change.address), change, worker=None)[0]
             events.append(
                 TrackerEvent(
                     kind=kind,
                     tracking_id=tracking_id,
-                    recipient=after.recipient(change.address),
+                    recipient=recipient,
                     attempt=change.attempt,
                     report=report,
                 )

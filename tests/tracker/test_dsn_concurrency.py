@@ -257,6 +257,49 @@ def test_a_success_dsn_ingested_twice_at_once_confirms_once(
     tracker.close()
 
 
+class HookedSQLiteStore(SQLiteStore):
+    """A ``SQLiteStore`` that calls ``hook`` once, right after the next ``apply``."""
+
+    hook: Callable[[], object] | None = None
+
+    def apply(
+        self, tracking_id: str, changes: Sequence[Change], *, worker: str | None = None
+    ) -> tuple[Address, ...]:
+        """See :meth:`SQLiteStore.apply`."""
+        changed = super().apply(tracking_id, changes, worker=worker)
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+        return changed
+
+
+def test_an_event_carries_the_recipient_as_its_report_left_it(
+    make_aiosmtpd: AiosmtpdFactory, tmp_path: Path
+) -> None:
+    relay = make_aiosmtpd(starttls=False, auth=False)
+    store = HookedSQLiteStore(tmp_path / "queue.db")
+    tracker, events = _tracker(tmp_path / "queue.db", relay, None, store=store)
+    message = Message.build(sender=SENDER, to=["ann@mailrelay.test"], subject="s", text="t\n")
+    tracking_id = tracker.submit(message)
+    assert tracker.run_pending().delivered == 1
+    success = _report(message, tracking_id, ["ann@mailrelay.test"], DSNAction.DELIVERED)
+    failure = _report(message, tracking_id, ["ann@mailrelay.test"], DSNAction.FAILED)
+    # The failure report is recorded between the success report's commit and its events
+    # (as another thread or process may do at any moment).
+    store.hook = lambda: tracker.ingest_dsn(failure)
+    tracker.ingest_dsn(success)
+    by_kind = {e.kind.value: e.recipient for e in events.fired if e.recipient is not None}
+    delivered, bounced = by_kind["delivered"], by_kind["bounced"]
+    assert delivered is not None
+    assert bounced is not None
+    # Each event shows what its own change did (docs/tracker.md, Events), as the runner's
+    # events do: the confirmation, then the bounce after relay.
+    assert (delivered.state, delivered.confirmed) == (State.DELIVERED, True)
+    assert (bounced.state, bounced.confirmed) == (State.BOUNCED, False)
+    assert tracker.status(tracking_id).recipient("ann@mailrelay.test").state is State.BOUNCED
+    tracker.close()
+
+
 def test_a_cancelled_aingest_dsn_still_fires_the_events_of_what_it_recorded(
     make_aiosmtpd: AiosmtpdFactory, tmp_path: Path
 ) -> None:
