@@ -58,6 +58,7 @@ from mailrelay.transport.pooling import (
     PooledConnection,
     PoolPolicy,
     answer_lost,
+    answers_lost,
     greeting_hint,
     quit_timeout,
     unanswered,
@@ -383,7 +384,9 @@ class _AsyncSMTPBase(AsyncTransport):
                             outcome,
                             sent=len(chunk),
                             carried=carried,
-                            answer_lost=answer_lost(connection.session),
+                            answer_lost=answers_lost(connection.session)
+                            if outcome.error is not None
+                            else 0,
                         )
                         settled = settlement.results(chunk)
                         for index, result in zip(ours, settled, strict=False):

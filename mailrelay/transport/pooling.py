@@ -26,8 +26,12 @@ Rules of this module:
   after the server had the whole message, with its final reply still owed
   (:func:`answer_lost`), the server may have taken it and the reply been lost with the
   connection (RFC 1047). That message is not sent again: it gets the error as its result
-  (TRANSIENT), and the caller decides. A connection that died while idle fails before any
-  message data goes out, so the rule above still covers it.
+  (TRANSIENT), and the caller decides. This holds for every such message of a pipelined
+  run (with CHUNKING several may be in flight, :func:`answers_lost`), and for a message
+  whose ``BDAT LAST`` went out with its MAIL: a reset can destroy replies the server had
+  sent, so an unanswered MAIL before it does not prove the server never read it. A
+  connection that died while idle fails before any message data goes out, so the rule
+  above still covers it.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ __all__ = [
     "PooledConnection",
     "Settlement",
     "answer_lost",
+    "answers_lost",
     "greeting_hint",
     "is_stale_connection_error",
     "no_greeting_hint",
@@ -81,16 +86,23 @@ def is_stale_connection_error(exc: DeliveryError) -> bool:
 
 
 def answer_lost(session: Session) -> bool:
-    """Whether the oldest command still awaiting its reply on ``session`` is the end of a
-    message's data (the ``.`` line, RFC 5321 §4.1.1.4, or ``BDAT ... LAST``, RFC 3030): the
-    session ended after the server had the whole message and before its final reply came,
-    so the server may have taken the message (RFC 1047), and sending it again could
-    deliver it twice."""
-    pending = session.unanswered
-    if not pending:
-        return False
-    oldest = pending[0]
-    return isinstance(oldest, EndOfData) or (isinstance(oldest, Bdat) and oldest.last)
+    """Whether a command still awaiting its reply on ``session`` is the end of a message's
+    data (the ``.`` line, RFC 5321 §4.1.1.4, or ``BDAT ... LAST``, RFC 3030): the session
+    ended after the server had the whole message and before its final reply came, so the
+    server may have taken the message (RFC 1047), and sending it again could deliver it
+    twice. Not only the oldest: a pipelined ``MAIL``, ``RCPT``, ``BDAT ... LAST`` group
+    whose replies a reset destroyed leaves MAIL unanswered first."""
+    return answers_lost(session) > 0
+
+
+def answers_lost(session: Session) -> int:
+    """How many messages' whole data went out on ``session`` with their final reply still
+    owed (see :func:`answer_lost`; a pipelined run with CHUNKING has several in flight).
+    Asked only after a session ended early."""
+    return sum(
+        isinstance(command, EndOfData) or (isinstance(command, Bdat) and command.last)
+        for command in session.unanswered
+    )
 
 
 def reply_lost(message: Message, envelope: Envelope, error: DeliveryError) -> DeliveryResult:
@@ -191,20 +203,27 @@ class Settlement:
 
     answered: tuple[DeliveryResult, ...]
     failure: DeliveryError | None
+    failed: int = 1
+    """How many messages after the answered ones get :attr:`failure` (the first, and any
+    later one whose whole data went out too: see :func:`answers_lost`)."""
 
     @property
     def done(self) -> int:
-        """How many of the run's messages have a result now (answered, plus the failed one)."""
-        return len(self.answered) + (self.failure is not None)
+        """How many of the run's messages have a result now (answered, plus the failed ones)."""
+        return len(self.answered) + (self.failed if self.failure is not None else 0)
 
     def results(self, run: Sequence[tuple[Message, Envelope]]) -> tuple[DeliveryResult, ...]:
         """The results of the first :attr:`done` items of ``run`` (the messages sent, in
-        order): the answered ones, then the failed one, whose every recipient carries the
+        order): the answered ones, then the failed ones, whose every recipient carries the
         error (:func:`~mailrelay.transport.base.failed_result`)."""
         if self.failure is None:
             return self.answered
-        message, envelope = run[len(self.answered)]
-        return (*self.answered, failed_result(message, envelope, self.failure))
+        first = len(self.answered)
+        failure = self.failure
+        return (
+            *self.answered,
+            *(failed_result(m, e, failure) for m, e in run[first : first + self.failed]),
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -296,17 +315,18 @@ class PoolPolicy:
         )
 
     def settle(
-        self, outcome: BatchOutcome, *, sent: int, carried: int, answer_lost: bool = False
+        self, outcome: BatchOutcome, *, sent: int, carried: int, answer_lost: int = 0
     ) -> Settlement:
         """Turn the outcome of a pipelined run of ``sent`` messages, on a connection that
         had carried ``carried`` before it, into results.
 
         After an early end, the first unanswered message is sent again when the connection
         had carried messages before it and the end looks like a stale connection, unless its
-        final reply was lost (``answer_lost``, see the module docstring); otherwise it gets
-        the error as its result. Results after the first unanswered message can only be
-        refusals made before sending (replies come in order), so they are simply made again
-        next time.
+        final reply was lost (``answer_lost``: how many messages' whole data went out
+        unanswered, :func:`answers_lost`; see the module docstring); otherwise it gets the
+        error as its result, and so does each later one of those ``answer_lost`` messages
+        (never sent again either). Results after them can only be refusals made before
+        sending (replies come in order), so they are simply made again next time.
         """
         answered: list[DeliveryResult] = []
         for result in outcome.results:
@@ -315,8 +335,12 @@ class PoolPolicy:
             answered.append(result)
         error = outcome.error
         failure: DeliveryError | None = None
+        failed = 1
         if error is not None and len(answered) < sent:
             stale = carried + len(answered) > 0 and is_stale_connection_error(error)
+            if answer_lost and error.reply is None:
+                # RFC 1047: none of them goes again, stale connection or not.
+                failed = max(1, min(answer_lost, sent - len(answered)))
             if stale and answer_lost and error.reply is None:
                 self._taken_maybe(error)
                 failure = error
@@ -330,7 +354,7 @@ class PoolPolicy:
                 )
             else:
                 failure = error
-        return Settlement(answered=tuple(answered), failure=failure)
+        return Settlement(answered=tuple(answered), failure=failure, failed=failed)
 
 
 C = TypeVar("C", bound=PooledConnection[Any])

@@ -68,6 +68,7 @@ from mailrelay.transport.pooling import (
     PooledConnection,
     PoolPolicy,
     answer_lost,
+    answers_lost,
     greeting_hint,
     is_stale_connection_error,  # noqa: F401 -- defined here before; still importable
     unanswered,
@@ -119,12 +120,12 @@ class _Batch:
         results: list[DeliveryResult],
         policy: PoolPolicy,
         *,
-        lost: bool,
+        lost: int,
     ) -> int:
         """Move the results of ``chunk`` that are settled (:meth:`PoolPolicy.settle
         <mailrelay.transport.pooling.PoolPolicy.settle>`) to ``results``; returns how many.
-        A message to be sent again on a fresh connection stays pending; ``lost``: the
-        final reply to a whole message was lost (``answer_lost`` in
+        A message to be sent again on a fresh connection stays pending; ``lost``: how many
+        final replies to whole messages were lost (``answers_lost`` in
         :mod:`mailrelay.transport.pooling`)."""
         settlement = policy.settle(outcome, sent=len(chunk), carried=carried, answer_lost=lost)
         settled = settlement.results(chunk)
@@ -329,7 +330,7 @@ class _SMTPBase(Transport):
                 except BaseException:
                     connection.driver.close()
                     raise
-                lost = answer_lost(connection.session)
+                lost = answers_lost(connection.session) if outcome.error is not None else 0
                 done = batch.settle(chunk, outcome, carried, results, self._policy, lost=lost)
                 connection.messages += done
                 if outcome.error is not None:

@@ -451,3 +451,91 @@ def test_lmtp_pool_pairs_every_reply(
 ) -> None:
     """LMTP: the same, one final reply per recipient."""
     run(flavour, way, plan, client, batch)
+
+
+# -- minimal examples of what the properties found -------------------------------------------
+
+#: Replies and the message go out, the server takes the message and then ends the
+#: connection before its final reply: with a reset, the replies it had written may be lost
+#: with it; with skipped replies (a deterministic stand-in), they never existed.
+LOST_REPLIES = {
+    "reset": {Point.DATA_END: (NORMAL, Behaviour(kind=Kind.RESET))},
+    "skipped": {
+        Point.MAIL: (NORMAL, Behaviour(kind=Kind.SKIP)),
+        Point.RCPT: (NORMAL, Behaviour(kind=Kind.SKIP)),
+        Point.DATA_END: (NORMAL, Behaviour(kind=Kind.CLOSE)),
+    },
+}
+
+
+def taken(server: HostileServer, index: int) -> int:
+    """On how many connections the server took message ``index``'s whole data."""
+    return sum(t.complete and t.marker == index for c in server.connections for t in c.transactions)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("lost", sorted(LOST_REPLIES))
+def test_a_pipelined_bdat_whose_mail_reply_was_lost_is_not_sent_again(
+    flavour: Flavour, lost: str
+) -> None:
+    # With PIPELINING and CHUNKING a single send writes MAIL, RCPT and BDAT LAST at once.
+    # The second message goes on the reused connection; the server takes it whole, and
+    # the connection ends with MAIL's reply not read (lost with a reset, or never sent).
+    # The pool looked only at the oldest unanswered command (MAIL), took the connection
+    # for a stale one and sent the message again on a fresh one: delivered twice. Its
+    # whole data went out, so it is TRANSIENT instead (RFC 1047).
+    plan = Plan(behaviours=LOST_REPLIES[lost], extensions=("PIPELINING", "CHUNKING"))
+    client = Client(
+        lmtp=False,
+        pipelining=True,
+        chunking=True,
+        pool=PoolSettings(size=1, health_check_after=86400.0),
+    )
+    batch = [make_item(n, ("a@example.com",), False, 0) for n in range(2)]
+    server = HostileServer(plan).start()
+    try:
+        outcome = call_bounded(
+            server, lambda: send_all(flavour, "waves", client, server.port, batch)
+        )
+        check_server_side(server, outcome, len(batch), 1)
+    finally:
+        server.stop()
+    first, second = outcome.value
+    assert isinstance(first, DeliveryResult), first
+    assert first.ok, first
+    assert isinstance(second, DeliveryError), second
+    assert second.is_transient
+    assert [taken(server, n) for n in range(2)] == [1, 1], describe(server)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("lost", sorted(LOST_REPLIES))
+def test_every_whole_message_in_flight_is_answered_not_sent_again(
+    flavour: Flavour, lost: str
+) -> None:
+    # A pipelined send_many with CHUNKING has several messages in flight (BDAT LAST needs
+    # no 354). The server takes the first two whole and the connection ends with their
+    # final replies (and the second one's MAIL and RCPT replies) not read. The pool kept
+    # only the first from being sent again: the second went again on a fresh connection
+    # and was delivered twice. Both are TRANSIENT now. The third's BDAT LAST went out too
+    # (the client cannot tell that the server closed before reading it), so it is
+    # TRANSIENT as well; delivered only if it is sent afresh, never twice.
+    behaviours = dict(LOST_REPLIES[lost])
+    behaviours[Point.DATA_END] = (Behaviour(kind=Kind.SKIP), *behaviours[Point.DATA_END][1:])
+    plan = Plan(behaviours=behaviours, extensions=("PIPELINING", "CHUNKING"))
+    client = Client(lmtp=False, pipelining=True, chunking=True, pool=PoolSettings(size=1))
+    batch = [make_item(n, ("a@example.com",), False, 0) for n in range(3)]
+    server = HostileServer(plan).start()
+    try:
+        outcome = call_bounded(
+            server, lambda: send_all(flavour, "many", client, server.port, batch)
+        )
+        check_server_side(server, outcome, len(batch), 1)
+    finally:
+        server.stop()
+    results = outcome.value
+    assert [taken(server, n) for n in range(2)] == [1, 1], describe(server)
+    assert taken(server, 2) <= 1, describe(server)
+    for result in results[:2]:
+        assert {r.outcome for r in result.recipients} == {Outcome.TRANSIENT}, results
+    assert results[2].ok == bool(taken(server, 2)), results
