@@ -77,6 +77,7 @@ from tests.peers.aiosmtpd_server import AiosmtpdFactory, AiosmtpdServer
 BOUND = 30.0
 SEED = int(os.environ.get("MAILRELAY_DSN_SEED", random.randrange(1 << 32)))
 SENDER = "app@mailrelay.test"
+REFUSED_SENDER = "reject@mailrelay.test"
 REPORTING_MTA = "relay.mailrelay.test"
 
 
@@ -628,6 +629,8 @@ def crash_plan(seq: int) -> tuple[str | None, list[str]]:
 
     Each recipient's domain names its message, so a DSN's recipients say what it is about;
     ``reject@`` bounces at the relay, ``tempfail@`` is refused for now until it expires.
+    The sender is the null reverse-path for some (no report then), and for some a
+    mailbox that refuses the reports.
     """
     pick = random.Random(seq)
     to = [f"ok@s{seq}.test"]
@@ -635,7 +638,9 @@ def crash_plan(seq: int) -> tuple[str | None, list[str]]:
         to.append(f"reject@s{seq}.test")
     if pick.random() < 0.3:
         to.append(f"tempfail@s{seq}.test")
-    return (None if pick.random() < 0.15 else SENDER), to
+    roll = pick.random()
+    # A report to reject@ is itself refused for good: BOUNCED, with no report about it.
+    return (None if roll < 0.15 else REFUSED_SENDER if roll < 0.25 else SENDER), to
 
 
 def _crash_tracker(db: str, relay_port: int, dsn_port: int) -> DeliveryTracker:
@@ -705,15 +710,26 @@ def _acked(path: Path) -> list[int]:
     return [int(line) for line in path.read_text(encoding="ascii").split("\n") if line.strip()]
 
 
-def check_generated(
-    dsn_server: AiosmtpdServer, records: Sequence[MessageRecord], interruptions: int, batch: int
-) -> int:
+def check_generated(dsn_server: AiosmtpdServer, db: Path, interruptions: int, batch: int) -> int:
     """Each bounce or expiry has exactly one generated DSN at ``dsn_server``, and no other.
+
+    ``db`` is the store, read once everything is done. A report to a sender that refuses
+    it is generated and stored, not received, and BOUNCED.
 
     Copies of one DSN (the same Message-ID) arrive only when it was in flight at one of
     the ``interruptions`` (kills or cancels): at most one more each, and at most
     ``batch`` in all for each. Returns how many copies arrived.
     """
+    store = SQLiteStore(db)
+    try:
+        records = store.find()
+        refused = [
+            parse_dsn(store.content(record.id))
+            for record in records
+            if record.notification and {r.state for r in record.recipients} == {State.BOUNCED}
+        ]
+    finally:
+        store.close()
     distinct: dict[bytes, Counter[str]] = {}
     copies = Counter[bytes]()
     for received in dsn_server.messages:
@@ -728,21 +744,32 @@ def check_generated(
     for counted in distinct.values():
         reported.update(counted)
     expected: set[str] = set()
+    refused_reports = 0
     for record in records:
         if record.notification:
-            # The generated DSNs themselves: sent, and none reported (null reverse-path).
-            assert {r.state for r in record.recipients} == {State.DELIVERED}, record
+            # The generated DSNs themselves: sent, or refused for good, and none
+            # reported in turn (they are from the null reverse-path).
+            to_refuser = str(record.envelope.recipients[0].address) == REFUSED_SENDER
+            wanted = State.BOUNCED if to_refuser else State.DELIVERED
+            assert {r.state for r in record.recipients} == {wanted}, record
+            assert record.envelope.sender is None, record
             continue
+        sender = record.envelope.sender
         for recipient in record.recipients:
             failed = recipient.state in (State.BOUNCED, State.EXPIRED)
             # Bounced by a returned report (ingested for ok@ only): none is generated.
             by_report = any(_dsn_action(a) == "failed" for a in recipient.attempts)
-            if failed and not by_report and record.envelope.sender is not None:
-                expected.add(str(recipient.address))
+            if failed and not by_report and sender is not None:
+                if str(sender) != REFUSED_SENDER:
+                    expected.add(str(recipient.address))
+                else:
+                    refused_reports += 1
     assert reported == Counter(dict.fromkeys(expected, 1)), (
         sorted(set(reported) ^ expected),
         {a: n for a, n in reported.items() if n > 1},
     )
+    # Each report refused by its recipient was generated and stored all the same.
+    assert sum(len(report.recipients) for report in refused) == refused_reports
     extra = sum(copies.values()) - len(copies)
     assert extra <= interruptions * batch, (extra, interruptions)
     assert all(n <= 1 + interruptions for n in copies.values()), copies
@@ -804,7 +831,7 @@ def test_generated_dsns_survive_sigkill_at_random_moments(
     assert {f"s{seq}.test" for seq in _acked(ack)} <= domains, context  # nothing lost
     check_final(records)
     # A kill re-sends at most one claim batch's transactions, generated DSNs included.
-    copies = check_generated(dsn_server, records, kills, BATCH_SIZE)
+    copies = check_generated(dsn_server, Path(db), kills, BATCH_SIZE)
     print(context, f"generated={len(dsn_server.messages)} copies={copies}")
     assert any(r.notification for r in records), context  # some DSN was generated
 
@@ -891,7 +918,7 @@ def test_async_generated_dsns_survive_cancellation_at_random_moments(
     context = f"seed={SEED} interrupted={interrupted} records={len(records)}"
     check_final(records)
     # Only what was in flight at a cancel goes again: at most commit_batch a cancel.
-    copies = check_generated(dsn_server, records, interrupted, commit_batch)
+    copies = check_generated(dsn_server, tmp_path / "queue.db", interrupted, commit_batch)
     print(context, f"generated={len(dsn_server.messages)} copies={copies}")
     # Each application recipient's final event fired exactly once, none for a report.
     fired = events.count()
