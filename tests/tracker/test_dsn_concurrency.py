@@ -2,31 +2,43 @@
 
 Returned reports are ingested (``ingest_dsn``) from several threads while ``run_forever``
 delivers in another and more threads submit and cancel; generated failure DSNs are made
-by a child process killed with SIGKILL at random moments, and by an async runner whose
-task is cancelled at random moments. Real peers throughout: aiosmtpd servers on loopback
-(one as the relay, which refuses ``reject@`` with 550 and ``tempfail@`` with 450, one
-where generated DSNs go), each recording what it accepts, and a ``SQLiteStore`` in a
-temporary directory. Properties, by the store, the events and the servers' records
-(docs/tracker.md, DSNs and Durability):
+by a child process (this module run as ``python -m tests.tracker.test_dsn_concurrency``)
+killed with SIGKILL at random moments and then resumed, and by an async runner whose task
+is cancelled at random moments while other tasks ingest reports (some of them cancelled
+too). Real peers throughout: aiosmtpd servers on loopback (one as the relay, which
+refuses ``reject@`` with 550 and ``tempfail@`` with 450 until it expires, one where
+generated DSNs go, which refuses those to ``reject@``), each recording what it accepts,
+and a ``SQLiteStore`` in a temporary directory. Properties, by the store, the events and
+the servers' records (docs/tracker.md, DSNs, Events and Durability):
 
 * no exception escapes any thread or task;
-* a success DSN makes a recipient DELIVERED and confirmed unless it was final otherwise
-  already; once confirmed, another one (a report sent twice, even ingested at the same
-  moment from two threads) is history only; a failure DSN makes it BOUNCED unless it
-  was BOUNCED, EXPIRED or CANCELLED already; a DSN for a CANCELLED or EXPIRED
-  recipient is history only;
+* each recipient's state, ``confirmed`` flag and events are what its attempt history
+  gives by the documented rules, whatever the interleaving (:func:`replay`): a success
+  DSN makes an unresolved or delivered recipient DELIVERED and confirmed, and once
+  confirmed another one (a report sent twice, even ingested at the same moment from two
+  threads) is history only; a failure DSN makes an unresolved or delivered one BOUNCED;
+  a DSN for a BOUNCED, EXPIRED or CANCELLED recipient, or a delay, is history only; a
+  cancel may come between any two attempts;
 * every state change fires its event exactly once (``delivered`` once for the delivery
-  and once for the confirmation, ``bounced`` once), and ``dsn_received`` once per
-  matched report;
+  and once for the confirmation, ``bounced`` once), each showing the recipient as that
+  change left it, also when the async ``aingest_dsn`` is cancelled while it records;
+  ``dsn_received`` once per matched report;
 * every recipient bounced or expired by an attempt has exactly one generated DSN, which
-  reached the DSN server (copies only from a crash's re-sends, at most one claim batch
-  per kill), none is made for a message from the null reverse-path, nor for a
-  recipient that was not bounced or expired.
+  reached the DSN server (copies of it only from what a kill or cancel re-sent: at most
+  one more per interruption, at most a claim batch or ``commit_batch`` per
+  interruption in all); none for a message from the null reverse-path, for a recipient
+  bounced by a returned report, or for one not bounced or expired; a DSN refused for
+  good is BOUNCED with no report about it.
 
-``MAILRELAY_DSN_CRASH_RUNS`` and ``MAILRELAY_DSN_CRASH_COUNT`` scale up the kills and the
-messages of each child; ``MAILRELAY_DSN_CANCELS`` the async cancellations;
-``MAILRELAY_DSN_SEED`` replays a run's random choices (each test prints the seed). Every
-wait is bounded (:data:`BOUND`): the bounds are hang guards, never assertions on speed.
+The deterministic regression tests hold two reports at a store's ``apply`` so that both
+read the record before either writes, record a second report between a report's commit
+and its events, and cancel ``aingest_dsn`` while its worker thread commits.
+
+``MAILRELAY_DSN_MESSAGES`` scales the thread and task scenarios, ``MAILRELAY_DSN_CANCELS``
+the async cancellations, ``MAILRELAY_DSN_CRASH_RUNS`` and ``MAILRELAY_DSN_CRASH_COUNT`` the
+kills and the messages of each child; ``MAILRELAY_DSN_SEED`` replays a run's random
+choices (each test prints the seed). Every wait is bounded (:data:`BOUND`): the bounds
+are hang guards, never assertions on speed.
 """
 
 from __future__ import annotations
