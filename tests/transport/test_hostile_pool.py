@@ -25,9 +25,10 @@ message's data it took, what it answered to every command and to the end of the 
    with 2xx (LMTP: that recipient's own final reply), after a 2xx to its MAIL and RCPT.
 3. No false bounce: ``PERMANENT`` only with a 5xx the server gave that message or
    recipient (or the session).
-4. No duplicate from the transport itself: the server takes each message's whole data at
+4. No duplicate from the transport itself: the server keeps each message's whole data at
    most once (no test here retries; RFC 1047: once the data went out, the message is
-   answered, never sent again).
+   answered, never sent again), where keeping is any answer to the data but a refusal (a
+   message refused with 421 after its data may go again on a fresh connection).
 5. A 2xx final reply that reached the client is kept (reported ACCEPTED; a timeout excuses).
 6. No connection is reused after a pairing violation the client could see: after replies
    nobody asked for glued to the answer of EHLO/LHLO, NOOP or DATA (354), the connection
@@ -76,6 +77,7 @@ from tests.transport.hostile_server import (
     Kind,
     Plan,
     Point,
+    TransactionRecord,
 )
 from tests.transport.test_hostile_lmtp_mx import lmtp_accepts, lmtp_permanent_codes
 from tests.transport.test_hostile_properties import (
@@ -337,13 +339,22 @@ def blinded(server: HostileServer, item: Item, visible: frozenset[str]) -> bool:
     )
 
 
+def kept(transaction: TransactionRecord) -> bool:
+    """Whether the server took the transaction's whole data and did not refuse it: no
+    final reply (it may have kept the message), or a 2xx (LMTP: any recipient's)."""
+    if not transaction.complete:
+        return False
+    finals = [code for _, code in transaction.finals] or [transaction.final]
+    return any(code is None or 200 <= code < 300 for code in finals)
+
+
 def check_no_duplicate(server: HostileServer, item: Item) -> None:
-    """Property 4."""
+    """Property 4 (a message refused after its data, 421 included, may go again)."""
     taken = [
         connection.index
         for connection in server.connections
         for transaction in connection.transactions
-        if transaction.complete and transaction.marker == item.index
+        if kept(transaction) and transaction.marker == item.index
     ]
     assert len(taken) <= 1, (
         f"message {item.index}: the server took its data on connections {taken}:\n"
