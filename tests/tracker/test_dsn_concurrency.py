@@ -90,6 +90,8 @@ BOUND = 30.0
 SEED = int(os.environ.get("MAILRELAY_DSN_SEED", random.randrange(1 << 32)))
 SENDER = "app@mailrelay.test"
 REFUSED_SENDER = "reject@mailrelay.test"
+#: How long a ``tempfail@`` recipient is retried before it expires (seconds).
+MAX_AGE = 1.0
 REPORTING_MTA = "relay.mailrelay.test"
 
 
@@ -364,12 +366,13 @@ def _dsn_action(attempt: Attempt) -> str:
 
 
 def replay(
-    attempts: Sequence[Attempt], cancel_at: int | None
+    attempts: Sequence[Attempt], cancel_at: int | None, *, expires: bool = False
 ) -> tuple[State, bool, Counter[tuple[str, bool]]]:
     """The state, ``confirmed`` and events that the documented rules give for a history.
 
     docs/tracker.md: a server's 2xx makes an unresolved recipient DELIVERED, its 5xx
-    BOUNCED; a success DSN makes an unresolved or DELIVERED (unconfirmed) recipient
+    BOUNCED, its 4xx DEFERRED, or EXPIRED when ``expires`` and it is the last answer; a
+    success DSN makes an unresolved or DELIVERED (unconfirmed) recipient
     DELIVERED and confirmed; a failure DSN makes an unresolved or DELIVERED one BOUNCED;
     anything else, or for another state, is history only; ``cancel_at`` is where the
     cancel came (between which attempts), ``None`` if it never did. The events are
@@ -377,6 +380,7 @@ def replay(
     """
     state, confirmed = State.QUEUED, False
     events: Counter[tuple[str, bool]] = Counter()
+    replies = [index for index, attempt in enumerate(attempts) if attempt.source == "reply"]
     for index in range(len(attempts) + 1):
         if index == cancel_at and not state.is_final:
             state = State.CANCELLED
@@ -392,6 +396,11 @@ def replay(
             elif attempt.code >= 500:
                 state = State.BOUNCED
                 events["bounced", False] += 1
+            elif expires and index == replies[-1]:
+                state = State.EXPIRED
+                events["expired", False] += 1
+            else:
+                state = State.DEFERRED
         elif attempt.source == "dsn":
             action = _dsn_action(attempt)
             delivered = state is State.DELIVERED
@@ -427,7 +436,11 @@ def check_history(
     (the store does not record it): one of those places must explain what is stored.
     """
     places = range(len(recipient.attempts) + 1) if cancelled else [None]
-    outcomes = [replay(recipient.attempts, place) for place in places]
+    outcomes = [
+        replay(recipient.attempts, place, expires=expires)
+        for place in places
+        for expires in (False, True)
+    ]
     assert (recipient.state, recipient.confirmed, fired) in outcomes, (recipient, fired, outcomes)
 
 
@@ -458,12 +471,14 @@ class Plan:
     seq: int
     null_sender: bool
     reject: bool
+    tempfail: bool
     reports: tuple[tuple[str, DSNAction, int], ...]  # (local part, action, copies)
     cancel: bool
 
 
 def _plan(seq: int, chooser: random.Random) -> Plan:
     reject = chooser.random() < 0.5
+    tempfail = chooser.random() < 0.25
     reports: list[tuple[str, DSNAction, int]] = []
     if chooser.random() < 0.5:
         reports.append(("ok", DSNAction.DELIVERED, chooser.choice((1, 2, 2))))
@@ -474,18 +489,23 @@ def _plan(seq: int, chooser: random.Random) -> Plan:
     if reject and chooser.random() < 0.3:
         action = chooser.choice((DSNAction.DELIVERED, DSNAction.FAILED))
         reports.append(("reject", action, chooser.choice((1, 2))))
+    if tempfail and chooser.random() < 0.5:
+        action = chooser.choice((DSNAction.DELIVERED, DSNAction.FAILED, DSNAction.DELAYED))
+        reports.append(("tempfail", action, chooser.choice((1, 2))))
     chooser.shuffle(reports)
     return Plan(
         seq=seq,
         null_sender=chooser.random() < 0.15,
         reject=reject,
+        tempfail=tempfail,
         reports=tuple(reports),
         cancel=chooser.random() < 0.2,
     )
 
 
 def _plan_message(plan: Plan) -> tuple[Message, Envelope]:
-    to = [f"ok@m{plan.seq}.test"] + ([f"reject@m{plan.seq}.test"] if plan.reject else [])
+    to = [f"ok@m{plan.seq}.test"]
+    to += [f"{local}@m{plan.seq}.test" for local in ("reject", "tempfail") if getattr(plan, local)]
     message = Message.build(
         sender=SENDER, to=to, subject=f"dsn {plan.seq}", text=f"message {plan.seq}\n"
     )
@@ -519,7 +539,13 @@ def test_dsns_ingested_from_threads_while_run_forever_delivers(
     plans = [_plan(seq, chooser) for seq in range(count)]
     relay = make_aiosmtpd(starttls=False, auth=False)
     dsn_server = make_aiosmtpd(starttls=False, auth=False)
-    tracker, events = _tracker(tmp_path / "queue.db", relay, dsn_server, commit_batch=5)
+    tracker, events = _tracker(
+        tmp_path / "queue.db",
+        relay,
+        dsn_server,
+        commit_batch=5,
+        retry=RetryPolicy(initial=0.1, max_delay=0.2, jitter=0, max_age=MAX_AGE),
+    )
     failures = Failures()
     reports: queue.Queue[bytes | None] = queue.Queue()
     cancels: queue.Queue[str | None] = queue.Queue()
@@ -602,10 +628,11 @@ def test_dsns_ingested_from_threads_while_run_forever_delivers(
             address = str(recipient.address)
             mine = _events_of(fired, tracking_id, recipient)
             check_history(recipient, mine, tracking_id in cancelled)
-            # At most one attempt by the relay: no lease was lost, nothing sent twice.
-            assert [a.source for a in recipient.attempts].count("reply") <= 1, recipient
-            bounced_by_reply = any(
-                e.kind.value == "bounced"
+            # At most one final answer by the relay: no lease was lost, nothing sent twice.
+            answers = [a.code for a in recipient.attempts if a.source == "reply"]
+            assert sum(1 for code in answers if not 400 <= (code or 0) < 500) <= 1, recipient
+            failed_by_reply = any(
+                e.kind.value in ("bounced", "expired")
                 and e.tracking_id == tracking_id
                 and e.recipient is not None
                 and e.recipient.address == recipient.address
@@ -613,7 +640,7 @@ def test_dsns_ingested_from_threads_while_run_forever_delivers(
                 and e.attempt.source == "reply"
                 for e in events.fired
             )
-            if bounced_by_reply and not plan.null_sender:
+            if failed_by_reply and not plan.null_sender:
                 reported.add((tracking_id, address))
     # One generated DSN for each recipient an attempt bounced (not for one a returned
     # report bounced, nor for a message from the null reverse-path), and no other.
@@ -631,8 +658,6 @@ def test_dsns_ingested_from_threads_while_run_forever_delivers(
 #: most results awaiting their commit, so the most transactions one kill re-sends.
 BATCH_SIZE = 10
 LEASE_SECONDS = 1.0
-#: How long a ``tempfail@`` recipient is retried before it expires (seconds).
-MAX_AGE = 1.0
 ROOT = Path(__file__).resolve().parents[2]
 
 
