@@ -7,7 +7,8 @@ killed with SIGKILL at random moments and then resumed, and by an async runner w
 is cancelled at random moments while other tasks ingest reports (some of them cancelled
 too). Real peers throughout: aiosmtpd servers on loopback (one as the relay, which
 refuses ``reject@`` with 550 and ``tempfail@`` with 450 until it expires, one where
-generated DSNs go, which refuses those to ``reject@``), each recording what it accepts,
+generated DSNs go, which refuses those to ``reject@`` and ``tempfail@`` likewise), each
+recording what it accepts,
 and a ``SQLiteStore`` in a temporary directory. Properties, by the store, the events and
 the servers' records (docs/tracker.md, DSNs, Events and Durability):
 
@@ -28,7 +29,7 @@ the servers' records (docs/tracker.md, DSNs, Events and Durability):
   one more per interruption, at most a claim batch or ``commit_batch`` per
   interruption in all); none for a message from the null reverse-path, for a recipient
   bounced by a returned report, or for one not bounced or expired; a DSN refused for
-  good is BOUNCED with no report about it.
+  good is BOUNCED, one refused for now EXPIRED in the end, with no report about either.
 
 The deterministic regression tests hold two reports at a store's ``apply`` so that both
 read the record before either writes, record a second report between a report's commit
@@ -90,6 +91,7 @@ BOUND = 30.0
 SEED = int(os.environ.get("MAILRELAY_DSN_SEED", random.randrange(1 << 32)))
 SENDER = "app@mailrelay.test"
 REFUSED_SENDER = "reject@mailrelay.test"
+DEFERRING_SENDER = "tempfail@mailrelay.test"
 #: How long a ``tempfail@`` recipient is retried before it expires (seconds).
 MAX_AGE = 1.0
 REPORTING_MTA = "relay.mailrelay.test"
@@ -676,8 +678,13 @@ def crash_plan(seq: int) -> tuple[str | None, list[str]]:
     if pick.random() < 0.3:
         to.append(f"tempfail@s{seq}.test")
     roll = pick.random()
-    # A report to reject@ is itself refused for good: BOUNCED, with no report about it.
-    return (None if roll < 0.15 else REFUSED_SENDER if roll < 0.25 else SENDER), to
+    # A report to reject@ is itself refused for good (BOUNCED), one to tempfail@ for now
+    # until it expires (EXPIRED), with no report about either.
+    if roll < 0.15:
+        return None, to
+    if roll < 0.3:
+        return (REFUSED_SENDER if roll < 0.25 else DEFERRING_SENDER), to
+    return SENDER, to
 
 
 def _crash_tracker(db: str, relay_port: int, dsn_port: int) -> DeliveryTracker:
@@ -751,7 +758,8 @@ def check_generated(dsn_server: AiosmtpdServer, db: Path, interruptions: int, ba
     """Each bounce or expiry has exactly one generated DSN at ``dsn_server``, and no other.
 
     ``db`` is the store, read once everything is done. A report to a sender that refuses
-    it is generated and stored, not received, and BOUNCED.
+    it is generated and stored, not received, and BOUNCED (or EXPIRED, when refused for
+    now).
 
     Copies of one DSN (the same Message-ID) arrive only when it was in flight at one of
     the ``interruptions`` (kills or cancels): at most one more each, and at most
@@ -763,7 +771,7 @@ def check_generated(dsn_server: AiosmtpdServer, db: Path, interruptions: int, ba
         refused = [
             parse_dsn(store.content(record.id))
             for record in records
-            if record.notification and {r.state for r in record.recipients} == {State.BOUNCED}
+            if record.notification and record.recipients[0].state is not State.DELIVERED
         ]
     finally:
         store.close()
@@ -786,8 +794,10 @@ def check_generated(dsn_server: AiosmtpdServer, db: Path, interruptions: int, ba
         if record.notification:
             # The generated DSNs themselves: sent, or refused for good, and none
             # reported in turn (they are from the null reverse-path).
-            to_refuser = str(record.envelope.recipients[0].address) == REFUSED_SENDER
-            wanted = State.BOUNCED if to_refuser else State.DELIVERED
+            to = str(record.envelope.recipients[0].address)
+            wanted = {REFUSED_SENDER: State.BOUNCED, DEFERRING_SENDER: State.EXPIRED}.get(
+                to, State.DELIVERED
+            )
             assert {r.state for r in record.recipients} == {wanted}, record
             assert record.envelope.sender is None, record
             continue
@@ -797,7 +807,7 @@ def check_generated(dsn_server: AiosmtpdServer, db: Path, interruptions: int, ba
             # Bounced by a returned report (ingested for ok@ only): none is generated.
             by_report = any(_dsn_action(a) == "failed" for a in recipient.attempts)
             if failed and not by_report and sender is not None:
-                if str(sender) != REFUSED_SENDER:
+                if str(sender) not in (REFUSED_SENDER, DEFERRING_SENDER):
                     expected.add(str(recipient.address))
                 else:
                     refused_reports += 1
