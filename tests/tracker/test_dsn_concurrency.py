@@ -8,9 +8,9 @@ is cancelled at random moments while other tasks ingest reports (some of them ca
 too). Real peers throughout: aiosmtpd servers on loopback (one as the relay, which
 refuses ``reject@`` with 550 and ``tempfail@`` with 450 until it expires, one where
 generated DSNs go, which refuses those to ``reject@`` and ``tempfail@`` likewise), each
-recording what it accepts,
-and a ``SQLiteStore`` in a temporary directory. Properties, by the store, the events and
-the servers' records (docs/tracker.md, DSNs, Events and Durability):
+recording what it accepts, and a ``SQLiteStore`` in a temporary directory. Properties,
+by the store, the events and the servers' records (docs/tracker.md, DSNs, Events and
+Durability):
 
 * no exception escapes any thread or task;
 * each recipient's state, ``confirmed`` flag and events are what its attempt history
