@@ -501,7 +501,8 @@ class Store(Protocol):
 
         Returns:
             The addresses whose state changed (a change for a lost lease or an
-            unexpected state only appends its attempt, if any).
+            unexpected state, or a confirmation already made, only appends its
+            attempt, if any).
         """
         ...
 
