@@ -59,6 +59,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _ALL_NOTIFY = frozenset({Notify.SUCCESS, Notify.FAILURE, Notify.DELAY})
+#: The ``expect`` of a change that only adds its attempt to the history.
+_HISTORY_ONLY: frozenset[State] = frozenset()
 
 
 @attrs.frozen(kw_only=True)
@@ -222,13 +224,15 @@ def ingest(
         address = _match_recipient(record, item)
         if address is None:
             continue
-        named.append(address)
+        if address not in named:
+            named.append(address)
         changes.append(_dsn_change(item, record.recipient(address), now))
+    changes = _one_change_each(changes)
     changed = set(store.apply(tracking_id, changes)) if changes else set()
     events = [TrackerEvent(kind=EventKind.DSN_RECEIVED, tracking_id=tracking_id, report=report)]
     after = _status(store, tracking_id)
     for change in changes:
-        if change.address in changed:
+        if change.expect != _HISTORY_ONLY and change.address in changed:
             kind = EventKind.DELIVERED if change.state is State.DELIVERED else EventKind.BOUNCED
             recipient = after.recipient(change.address)
             if recipient.state is not change.state or recipient.confirmed != change.confirmed:
@@ -252,6 +256,34 @@ def ingest(
         changed=tuple(a for a in named if a in changed),
     )
     return match, events
+
+
+def _one_change_each(changes: list[Change]) -> list[Change]:
+    """At most one state change per recipient: a report naming one several times.
+
+    An expanded address (RFC 3464 §2.3.1: several Final-Recipients, one
+    Original-Recipient) can name a tracked recipient in several blocks. Each block
+    stays in the history, but only one changes the state, so one report fires at most
+    one event per recipient: a failure if any block failed, else the first success.
+    The state reached is the one the blocks would reach one after another.
+    """
+    deciding: dict[Address, int] = {}
+    for index, change in enumerate(changes):
+        if change.expect == _HISTORY_ONLY:
+            continue
+        first = deciding.get(change.address)
+        if first is None or (
+            change.state is State.BOUNCED and changes[first].state is not State.BOUNCED
+        ):
+            deciding[change.address] = index
+    if len(deciding) == sum(1 for change in changes if change.expect != _HISTORY_ONLY):
+        return changes  # one each already (the common case)
+    return [
+        change
+        if deciding.get(change.address) == index
+        else attrs.evolve(change, expect=_HISTORY_ONLY, confirmed=None)
+        for index, change in enumerate(changes)
+    ]
 
 
 def _status(store: Store, tracking_id: str) -> MessageRecord:
@@ -341,4 +373,4 @@ def _dsn_change(item: DSNRecipient, current: RecipientRecord, now: dt.datetime) 
         )
     # Delayed, relayed, expanded, or a confirmation repeated: history only (no state
     # expects it).
-    return Change(address=address, state=State.DELIVERED, attempt=attempt, expect=frozenset())
+    return Change(address=address, state=State.DELIVERED, attempt=attempt, expect=_HISTORY_ONLY)

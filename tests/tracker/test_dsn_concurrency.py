@@ -274,6 +274,69 @@ def test_a_success_dsn_ingested_twice_at_once_confirms_once(
     tracker.close()
 
 
+_F, _D, _W = DSNAction.FAILED, DSNAction.DELIVERED, DSNAction.DELAYED
+
+
+@pytest.mark.parametrize(
+    ("actions", "state", "kind"),
+    [
+        ((_F, _F), State.BOUNCED, "bounced"),
+        ((_W, _F), State.BOUNCED, "bounced"),
+        ((_D, _F), State.BOUNCED, "bounced"),
+        ((_F, _D), State.BOUNCED, "bounced"),
+        ((_D, _D), State.DELIVERED, "delivered"),
+        ((_D, _W), State.DELIVERED, "delivered"),
+    ],
+)
+def test_a_report_naming_a_recipient_twice_changes_it_once(
+    make_aiosmtpd: AiosmtpdFactory,
+    tmp_path: Path,
+    actions: tuple[DSNAction, ...],
+    state: State,
+    kind: str,
+) -> None:
+    # An address expanded downstream (RFC 3464 §2.3.1) names the tracked recipient in
+    # two blocks, through their Original-Recipient.
+    relay = make_aiosmtpd(starttls=False, auth=False)
+    tracker, events = _tracker(tmp_path / "queue.db", relay, None)
+    message = Message.build(sender=SENDER, to=["ann@mailrelay.test"], subject="s", text="t\n")
+    tracking_id = tracker.submit(message)
+    assert tracker.run_pending().delivered == 1
+    statuses = {_F: "5.1.1", _D: "2.0.0", _W: "4.2.0"}
+    raw = build_dsn(
+        original=message.as_bytes(),
+        envelope_sender=SENDER,
+        recipients=[
+            DSNRecipient(
+                address=f"box{n}@downstream.test",
+                action=action,
+                status=statuses[action],
+                original_recipient="rfc822;ann@mailrelay.test",
+            )
+            for n, action in enumerate(actions)
+        ],
+        reporting_mta="mx.downstream.test",
+        envid=tracking_id,
+    )
+    before = Counter(events.count())
+    match = tracker.ingest_dsn(raw)
+    fired = events.count() - before
+    ann = Address.parse("ann@mailrelay.test")
+    assert match.recipients == (ann,)
+    assert match.changed == (ann,)
+    # One state change, one event (no "delivered" for a delay block).
+    assert fired == Counter(
+        {
+            (tracking_id, "", "dsn_received", False): 1,
+            (tracking_id, "ann@mailrelay.test", kind, state is State.DELIVERED): 1,
+        }
+    )
+    recipient = tracker.status(tracking_id).recipient(ann)
+    assert recipient.state is state
+    assert [a.source for a in recipient.attempts] == ["reply", "dsn", "dsn"]
+    tracker.close()
+
+
 class HookedSQLiteStore(SQLiteStore):
     """A ``SQLiteStore`` that calls ``hook`` once, right after the next ``apply``."""
 
