@@ -16,7 +16,9 @@ Rules of this module (RFC 3461, RFC 3464; the parser and builder themselves live
   Message-ID, then by the VERP address it was sent to; its recipients by
   Final-Recipient, the address, or Original-Recipient. A success DSN marks the
   recipient DELIVERED and confirmed; a failure DSN (after relay) BOUNCED; a delay or
-  relay report is history only. Auto-replies, feedback reports and non-reports match
+  relay report is history only. A report changes each recipient at most once (a
+  failure if any of its blocks about it failed), however many blocks name it; every
+  block goes to the history. Auto-replies, feedback reports and non-reports match
   nothing.
 """
 
