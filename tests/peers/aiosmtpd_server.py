@@ -141,7 +141,8 @@ class RecordingHandler:
         content = envelope.original_content or b""
         self.messages.append(
             ReceivedMessage(
-                mail_from=envelope.mail_from or "",
+                # aiosmtpd keeps the null reverse-path as "<>": recorded as documented, "".
+                mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
                 mail_options=tuple(envelope.mail_options),
                 rcpt_tos=tuple(envelope.rcpt_tos),
                 rcpt_options=tuple(self._rcpt_options.get(envelope, [])),
