@@ -295,6 +295,16 @@ class _Delivery(_Opening):
             # RFC 2920 §3.1: DATA was pipelined and got 354 although nobody was accepted:
             # end the empty message with a lone "."; every recipient keeps its own reply.
             if data_reply.code == 354:
+                if self._conn.has_unread:
+                    # Out of step, as below: the "." would be answered by what came with
+                    # the 354. Every recipient keeps its own reply; the session ends.
+                    yield from self._closed()
+                    raise ServerProtocolError(
+                        "the server sent more after its 354 to DATA, before the empty "
+                        "message; its replies no longer match the commands",
+                        reply=data_reply,
+                        host=self.config.peer,
+                    )
                 yield from self._write(EndOfData(), phase="data_block")
                 yield from self._empty_finals()
                 self._needs_rset = False

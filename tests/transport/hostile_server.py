@@ -30,7 +30,7 @@ Rules:
   client hangs up or ``endless_limit`` octets have gone out. The server never sends a
   well-formed reply the client did not ask for, nor leaves a command unanswered, except
   where the plan asks for that fault on purpose (an LMTP plan's ``extra_finals``, a
-  behaviour's ``strays``, :attr:`Kind.SKIP`; each recorded in
+  behaviour's ``strays``, :attr:`Behaviour.skip`; each recorded in
   :attr:`ConnectionRecord.events`), so without those the client's reading of the replies
   and the records always agree on which reply answered which command.
 - Every connection the plan does not reset ends with a lingering close (our side shut, the
@@ -136,9 +136,6 @@ class Kind(enum.Enum):
     """A reply line that never ends: its code, then ``x`` for ever (bounded)."""
     ENDLESS_REPLY = "endless-reply"
     """A multi-line reply that never ends: ``250-xxx`` lines for ever (bounded)."""
-    SKIP = "skip"
-    """No answer to this command, and carry on reading the next one: one reply too few
-    (the next reply the server writes answers a later command in the client's count)."""
 
 
 class Ending(enum.Enum):
@@ -176,14 +173,19 @@ class Behaviour:
         delay: seconds to wait before doing anything.
         payload: the bytes of :attr:`Kind.MALFORMED` and :attr:`Kind.GARBAGE`.
         ending: what follows :attr:`Kind.MALFORMED`, :attr:`Kind.GARBAGE`, :attr:`Kind.NO_CRLF`.
+        skip: no answer at all to this command, and carry on reading the next one: one
+            reply too few (the next reply the server writes answers a later command in the
+            client's count). Not a :class:`Kind`, so that strategies drawing every kind
+            never meet it.
         split: for :attr:`Kind.REPLY`, write the reply in two pieces (cut inside its first
             line), :data:`SPLIT_PAUSE` apart.
         strays: for :attr:`Kind.REPLY`, this many well-formed ``stray_code`` replies nobody
             asked for after the reply (a pairing fault on purpose; recorded in
             :attr:`ConnectionRecord.events`). After a ``421`` stray the server closes.
         stray_code: the code of the strays.
-        stray_delay: ``0``: the strays go in the same write as the reply. Otherwise the
-            server waits up to this long for the client's next bytes, then writes them:
+        stray_delay: ``0``: the strays go in the same write as the reply. Otherwise, once
+            the command is answered (an LMTP data's every final reply), the server waits up
+            to this long for the client's next bytes, then writes them:
             ``"stray-mid"`` when the client's next command came first (the strays then
             precede its answer); otherwise, after a ``421`` stray (the server then closes)
             or when nothing more comes for :data:`IDLE_GRACE` after them, ``"stray-idle"``
@@ -198,6 +200,7 @@ class Behaviour:
     delay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
     payload: bytes = b""
     ending: Ending = Ending.CLOSE
+    skip: bool = False
     split: bool = False
     strays: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     stray_code: int = 250
@@ -296,7 +299,7 @@ class ConnectionRecord:
         endless_bytes: how many octets an endless reply sent.
         endless_cut: whether an endless reply ended because the client hung up.
         events: in order, each command's verb as read (upper case; ``"CONTENT"`` for a
-            DATA content), ``"skip"`` for a command left unanswered (:attr:`Kind.SKIP`), and
+            DATA content), ``"skip"`` for a command left unanswered (:attr:`Behaviour.skip`), and
             ``"stray-<point>"``, ``"stray-idle"``, ``"stray-raced"`` or ``"stray-mid"`` for
             replies nobody asked for (:attr:`Behaviour.strays`; ``<point>``: glued to the
             answer there).
@@ -338,6 +341,7 @@ class _Peer(LinePeer):
         self.current: TransactionRecord | None = None
         self.point = ""
         self.hangup = ""
+        self.later: Behaviour | None = None
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -350,15 +354,16 @@ class _Peer(LinePeer):
         if behaviour.delay:
             self.wait(behaviour.delay)
         code = behaviour.code if behaviour.code is not None else NORMAL_CODES[point]
+        if behaviour.skip:
+            self.record.events.append("skip")
+            return None
         match behaviour.kind:
             case Kind.REPLY:
                 self.reply(behaviour, self._reply(code, behaviour.multiline, point, extensions))
                 if behaviour.strays and behaviour.stray_delay:
-                    self.late_strays(behaviour)
+                    # Once the answer in hand is recorded (the client may hang up meanwhile).
+                    self.later = behaviour
                 return code
-            case Kind.SKIP:
-                self.record.events.append("skip")
-                return None
             case Kind.MALFORMED | Kind.GARBAGE:
                 self.send(behaviour.payload)
                 self.end(behaviour.ending)
@@ -390,6 +395,14 @@ class _Peer(LinePeer):
         if strays:
             self.record.events.append(f"stray-{self.point}")
             self.hang_up_after(behaviour)
+
+    def after_answer(self) -> None:
+        """Late strays planned by the last answer, then any hang-up a stray 421 asked for."""
+        if self.later is not None:
+            behaviour, self.later = self.later, None
+            self.late_strays(behaviour)
+        if self.hangup:
+            raise Ended(self.hangup)
 
     def late_strays(self, behaviour: Behaviour) -> None:
         """Wait up to ``stray_delay`` for the client's next bytes, then write the strays."""
@@ -499,8 +512,7 @@ class _Peer(LinePeer):
         record.session_codes[-1] = (Point.GREETING, self.answer(Point.GREETING))
         if record.session_codes[-1][1] == 421:
             raise Ended("421 greeting")
-        if self.hangup:
-            raise Ended(self.hangup)
+        self.after_answer()
         for _ in range(_MAX_COMMANDS):
             line = self.read_line()
             record.commands += 1
@@ -509,8 +521,7 @@ class _Peer(LinePeer):
             code = self.command(verb, line)
             if code == 421:
                 raise Ended("closed after 421")  # RFC 5321 §3.8
-            if self.hangup:
-                raise Ended(self.hangup)
+            self.after_answer()
         raise Ended("too many commands")
 
     def command(self, verb: bytes, line: bytes) -> int | None:

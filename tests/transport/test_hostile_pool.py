@@ -6,7 +6,7 @@ Replies pair with commands by their order alone (docs/dialogue.md, "Replies nobo
 for"), so this suite's :class:`~tests.transport.hostile_server.HostileServer` plans are made
 of the faults that break the count: replies nobody asked for (glued to a reply, or a little
 later: while the connection waits in the pool, or just before the answer to the client's
-next command), a command left unanswered (:attr:`~tests.transport.hostile_server.Kind.SKIP`),
+next command), a command left unanswered (:attr:`~tests.transport.hostile_server.Behaviour.skip`),
 a reply split across two writes, a 421 in the middle of a pipelined group (or as a stray,
 followed by the server closing), and a hang-up or reset after the data. They drive, with and
 without PIPELINING and CHUNKING (``chunking=True``):
@@ -143,7 +143,7 @@ def pairing_faults(draw: st.DrawFn, point: Point) -> Behaviour:
     if roll == 7:
         return Behaviour(code=draw(st.sampled_from(CODES)))
     if roll == 8:
-        return Behaviour(kind=Kind.SKIP)
+        return Behaviour(skip=True)
     return Behaviour(kind=draw(st.sampled_from([Kind.CLOSE, Kind.RESET])))
 
 
@@ -472,8 +472,8 @@ def test_lmtp_pool_pairs_every_reply(
 LOST_REPLIES = {
     "reset": {Point.DATA_END: (NORMAL, Behaviour(kind=Kind.RESET))},
     "skipped": {
-        Point.MAIL: (NORMAL, Behaviour(kind=Kind.SKIP)),
-        Point.RCPT: (NORMAL, Behaviour(kind=Kind.SKIP)),
+        Point.MAIL: (NORMAL, Behaviour(skip=True)),
+        Point.RCPT: (NORMAL, Behaviour(skip=True)),
         Point.DATA_END: (NORMAL, Behaviour(kind=Kind.CLOSE)),
     },
 }
@@ -532,7 +532,7 @@ def test_every_whole_message_in_flight_is_answered_not_sent_again(
     # (the client cannot tell that the server closed before reading it), so it is
     # TRANSIENT as well; delivered only if it is sent afresh, never twice.
     behaviours = dict(LOST_REPLIES[lost])
-    behaviours[Point.DATA_END] = (Behaviour(kind=Kind.SKIP), *behaviours[Point.DATA_END][1:])
+    behaviours[Point.DATA_END] = (Behaviour(skip=True), *behaviours[Point.DATA_END][1:])
     plan = Plan(behaviours=behaviours, extensions=("PIPELINING", "CHUNKING"))
     client = Client(lmtp=False, pipelining=True, chunking=True, pool=PoolSettings(size=1))
     batch = [make_item(n, ("a@example.com",), False, 0) for n in range(3)]
@@ -550,3 +550,45 @@ def test_every_whole_message_in_flight_is_answered_not_sent_again(
     for result in results[:2]:
         assert {r.outcome for r in result.recipients} == {Outcome.TRANSIENT}, results
     assert results[2].ok == bool(taken(server, 2)), results
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_a_stray_with_the_354_to_a_refused_envelope_ends_the_session(
+    flavour: Flavour, lmtp: bool
+) -> None:
+    # Pipelined: MAIL is refused but the RCPT accepted and DATA pipelined gets 354 with a
+    # reply nobody asked for in the same packet. The client ended the empty message with a
+    # lone "." anyway (it checked for such bytes only when someone was to get the message)
+    # and read the stray as its answer, the server's own answer then waiting to be taken
+    # for the next command's. The session ends at the 354 now; the refusal stands and the
+    # next message goes on a fresh connection.
+    plan = Plan(
+        behaviours={
+            Point.MAIL: (Behaviour(code=550),),
+            Point.DATA: (Behaviour(strays=1),),
+        },
+        extensions=("PIPELINING",),
+    )
+    client = Client(
+        lmtp=lmtp,
+        pipelining=True,
+        chunking=False,
+        pool=PoolSettings(size=1, health_check_after=86400.0),
+    )
+    batch = [make_item(n, ("a@example.com",), False, 0) for n in range(2)]
+    server = HostileServer(plan, lmtp=lmtp).start()
+    try:
+        outcome = call_bounded(
+            server, lambda: send_all(flavour, "waves", client, server.port, batch)
+        )
+        check_server_side(server, outcome, len(batch), 1)
+    finally:
+        server.stop()
+    first, second = outcome.value
+    assert isinstance(first, DeliveryResult), first
+    assert [r.outcome for r in first.recipients] == [Outcome.PERMANENT], first
+    assert isinstance(second, DeliveryResult), second
+    assert second.ok, second
+    assert "CONTENT" not in server.connections[0].events, describe(server)
+    check_no_reuse(server, VISIBLE_SINGLE)
