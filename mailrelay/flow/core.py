@@ -249,7 +249,8 @@ class _SessionCore:
 
     def _rset(self) -> Step[None]:
         yield from self._write(Rset(), phase="greeting")
-        reply = yield from self._reply("greeting")
+        # Alone in flight: a reply beyond RSET's would answer the next command (MAIL).
+        reply = yield from self._sole_reply("greeting", "RSET")
         if not reply.is_positive:
             log.debug("RSET refused with %d", reply.code)
         self._needs_rset = False

@@ -31,7 +31,8 @@ message's data it took, what it answered to every command and to the end of the 
    message refused with 421 after its data may go again on a fresh connection).
 5. A 2xx final reply that reached the client is kept (reported ACCEPTED; a timeout excuses).
 6. No connection is reused after a pairing violation the client could see: after replies
-   nobody asked for glued to the answer of EHLO/LHLO, NOOP or DATA (354), the connection
+   nobody asked for glued to the answer of EHLO/LHLO, NOOP, DATA (354) or an RSET sent
+   alone (or a single SMTP send's final reply), or come while it was idle, the connection
    carries no further MAIL, RSET, data or BDAT.
 
 What no client can tell apart (docs/dialogue.md): a stray or a missing reply *in the middle
@@ -59,7 +60,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailrelay.errors import DeliveryError
+from mailrelay.errors import DeliveryError, ServerProtocolError
 from mailrelay.options import TLS
 from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.transport import (
@@ -108,9 +109,11 @@ LATE = 0.05
 #: and arrive with them; idle ones came while it waited in the pool: the client can always
 #: see them (property 6).
 VISIBLE = frozenset({"stray-ehlo", "stray-noop", "stray-data", "stray-idle"})
+#: RSET goes alone in a single send (a pipelined batch groups it with the next envelope).
+ALONE_RSET = VISIBLE | {"stray-rset"}
 #: A single SMTP send's final reply is also the last it is owed (a batch's is not: the next
 #: message's commands may be on their way, LMTP's neither: more finals may follow).
-VISIBLE_SINGLE = VISIBLE | {"stray-data-end"}
+VISIBLE_SINGLE = ALONE_RSET | {"stray-data-end"}
 #: The pause between the two waves of the "waves" way: longer than a late stray's wait plus
 #: the server's idle grace, so the second wave meets connections idle strays came on.
 WAVE_PAUSE = LATE + IDLE_GRACE + 0.1
@@ -433,7 +436,11 @@ def run(flavour: Flavour, way: Way, plan: Plan, client: Client, batch: list[Item
     assert len(outcomes) == len(batch)
     for value in outcomes:
         assert not isinstance(value, AssertionError), value
-    visible = VISIBLE_SINGLE if way != "many" and not client.lmtp else VISIBLE
+    if way != "many":
+        visible = ALONE_RSET if client.lmtp else VISIBLE_SINGLE
+    else:
+        pipelined = client.pipelining and "PIPELINING" in plan.extensions
+        visible = VISIBLE if pipelined else ALONE_RSET
     check_no_reuse(server, visible)
     for item, value in zip(batch, outcomes, strict=True):
         check_item(server, client, item, value, visible)
@@ -592,3 +599,44 @@ def test_a_stray_with_the_354_to_a_refused_envelope_ends_the_session(
     assert second.ok, second
     assert "CONTENT" not in server.connections[0].events, describe(server)
     check_no_reuse(server, VISIBLE_SINGLE)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("way", ["waves", "many"])
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_a_stray_with_the_rset_reply_ends_the_session(
+    flavour: Flavour, way: Way, lmtp: bool
+) -> None:
+    # Without PIPELINING: the first message's RCPT is refused, so the reused connection
+    # gets RSET before the second message, answered with a reply nobody asked for in the
+    # same packet. The client sent MAIL, RCPT and DATA anyway, each reading the previous
+    # command's reply, until DATA got a 250 (a protocol error). The session ends at the
+    # RSET now, before a command of the second message goes out.
+    plan = Plan(
+        behaviours={
+            Point.RCPT: (Behaviour(code=550),),
+            Point.RSET: (Behaviour(strays=1),),
+        },
+    )
+    client = Client(
+        lmtp=lmtp,
+        pipelining=True,
+        chunking=False,
+        pool=PoolSettings(size=1, health_check_after=86400.0),
+    )
+    batch = [make_item(n, ("a@example.com",), False, 0) for n in range(2)]
+    server = HostileServer(plan, lmtp=lmtp).start()
+    try:
+        outcome = call_bounded(server, lambda: send_all(flavour, way, client, server.port, batch))
+        check_server_side(server, outcome, len(batch), 1)
+    finally:
+        server.stop()
+    first, second = outcome.value
+    assert isinstance(first, DeliveryResult), first
+    assert [r.outcome for r in first.recipients] == [Outcome.PERMANENT], first
+    if isinstance(second, DeliveryResult):
+        assert [r.outcome for r in second.recipients] == [Outcome.TRANSIENT], second
+    else:
+        assert isinstance(second, ServerProtocolError), second
+    assert server.connections[0].events[-1] == "stray-rset", describe(server)
+    check_no_reuse(server, ALONE_RSET)
