@@ -43,7 +43,7 @@ batch reads the next message's MAIL 250 as the skipped final reply). Properties 
 5 therefore hold only for messages on connections without such a fault
 (:func:`blind_fault`); properties 1, 4 and 6 hold always.
 
-Knobs: ``HOSTILE_POOL_EXAMPLES`` (default 6) is each test's ``max_examples``.
+Knobs: ``HOSTILE_POOL_EXAMPLES`` (default 5) is each test's ``max_examples``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ from tests.transport.test_hostile_properties import (
 )
 
 EXAMPLES = settings(
-    max_examples=int(os.environ.get("HOSTILE_POOL_EXAMPLES", "6")),
+    max_examples=int(os.environ.get("HOSTILE_POOL_EXAMPLES", "5")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
