@@ -70,6 +70,7 @@ from mailrelay.transport import (
     PoolSettings,
     SMTPTransport,
 )
+from mailrelay.transport.sync_driver import SyncDriver
 from tests.transport.hostile_server import (
     IDLE_GRACE,
     NORMAL,
@@ -640,3 +641,42 @@ def test_a_stray_with_the_rset_reply_ends_the_session(
         assert isinstance(second, ServerProtocolError), second
     assert server.connections[0].events[-1] == "stray-rset", describe(server)
     check_no_reuse(server, ALONE_RSET)
+
+
+def idle_stray_plan(code: int) -> Plan:
+    """The first message's final reply is followed, a little later, by a stray ``code``."""
+    return Plan(
+        behaviours={Point.DATA_END: (Behaviour(strays=1, stray_code=code, stray_delay=LATE),)},
+        extensions=("PIPELINING",),
+    )
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("code", [250, 421])
+def test_a_connection_a_stray_came_on_while_idle_is_not_reused(flavour: Flavour, code: int) -> None:
+    # Property 6 made concrete: the second wave finds the connection the stray came on
+    # (after the first message's final reply, while it waited in the pool) and opens
+    # another; both messages are delivered once.
+    client = Client(
+        lmtp=False,
+        pipelining=True,
+        chunking=False,
+        pool=PoolSettings(size=1, health_check_after=86400.0),
+    )
+    batch = [make_item(n, ("a@example.com",), False, 0) for n in range(2)]
+    run(flavour, "waves", idle_stray_plan(code), client, batch)
+
+
+def test_the_reuse_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the pool's look at idle connections disabled, the connection the idle stray
+    # came on is reused, and property 6 says so.
+    monkeypatch.setattr(SyncDriver, "has_input", lambda self: False)
+    client = Client(
+        lmtp=False,
+        pipelining=True,
+        chunking=False,
+        pool=PoolSettings(size=1, health_check_after=86400.0),
+    )
+    batch = [make_item(n, ("a@example.com",), False, 0) for n in range(2)]
+    with pytest.raises(AssertionError, match=r"carried \['MAIL'.*after stray-idle"):
+        run("sync", "waves", idle_stray_plan(250), client, batch)
