@@ -102,6 +102,9 @@ class _Opening(_SessionCore):
                 reply=event.reply,
                 host=self.config.peer,
             )
+        # RFC 5321 §3.1: the client waits for the greeting, so nothing is owed after it; a
+        # reply beyond it would answer EHLO, and every reply after it the wrong command.
+        yield from self._nothing_more("the greeting")
         yield from self._hello()
         if self._wants_starttls():
             yield from self._starttls()

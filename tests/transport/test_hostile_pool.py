@@ -680,3 +680,35 @@ def test_the_reuse_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     batch = [make_item(n, ("a@example.com",), False, 0) for n in range(2)]
     with pytest.raises(AssertionError, match=r"carried \['MAIL'.*after stray-idle"):
         run("sync", "waves", idle_stray_plan(250), client, batch)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("lmtp", [False, True], ids=["smtp", "lmtp"])
+def test_a_stray_with_the_greeting_ends_the_session(flavour: Flavour, lmtp: bool) -> None:
+    # A reply nobody asked for in the same packet as the greeting. The client sent EHLO
+    # (LHLO) anyway and took the stray for its answer (no extensions), the real answer was
+    # then read as MAIL's, and so on until a reply made no sense. The session ends before
+    # EHLO now (ServerProtocolError: a fresh connection is not tried again); the next
+    # message opens another connection and is delivered.
+    plan = Plan(behaviours={Point.GREETING: (Behaviour(strays=1),)}, extensions=("PIPELINING",))
+    client = Client(
+        lmtp=lmtp,
+        pipelining=True,
+        chunking=False,
+        pool=PoolSettings(size=1, health_check_after=86400.0),
+    )
+    batch = [make_item(n, ("a@example.com",), False, 0) for n in range(2)]
+    server = HostileServer(plan, lmtp=lmtp).start()
+    try:
+        outcome = call_bounded(
+            server, lambda: send_all(flavour, "waves", client, server.port, batch)
+        )
+        check_server_side(server, outcome, len(batch), 1)
+    finally:
+        server.stop()
+    first, second = outcome.value
+    assert isinstance(first, ServerProtocolError), first
+    assert "after the greeting" in str(first)
+    assert isinstance(second, DeliveryResult), second
+    assert second.ok, second
+    assert server.connections[0].events == ["stray-greeting"], describe(server)
