@@ -208,7 +208,7 @@ class Behaviour:
 
 
 #: How long the client must stay quiet after a late stray for it to count as idle.
-IDLE_GRACE = 0.5
+IDLE_GRACE = 0.3
 
 #: The pause between the two pieces of a :attr:`Behaviour.split` reply.
 SPLIT_PAUSE = 0.02

@@ -31,9 +31,9 @@ message's data it took, what it answered to every command and to the end of the 
    message refused with 421 after its data may go again on a fresh connection).
 5. A 2xx final reply that reached the client is kept (reported ACCEPTED; a timeout excuses).
 6. No connection is reused after a pairing violation the client could see: after replies
-   nobody asked for glued to the answer of EHLO/LHLO, NOOP, DATA (354) or an RSET sent
-   alone (or a single SMTP send's final reply), or come while it was idle, the connection
-   carries no further MAIL, RSET, data or BDAT.
+   nobody asked for glued to the greeting, to the answer of EHLO/LHLO, NOOP, DATA (354)
+   or an RSET sent alone (or of a single SMTP send's final reply), or come while it was
+   idle, the connection carries no further MAIL, RSET, data or BDAT.
 
 What no client can tell apart (docs/dialogue.md): a stray or a missing reply *in the middle
 of an exchange* — a stray glued to a reply the client reads others after, one that arrives
@@ -109,7 +109,7 @@ LATE = 0.05
 #: Glued strays after these answers are the last replies the client is owed in its step,
 #: and arrive with them; idle ones came while it waited in the pool: the client can always
 #: see them (property 6).
-VISIBLE = frozenset({"stray-ehlo", "stray-noop", "stray-data", "stray-idle"})
+VISIBLE = frozenset({"stray-greeting", "stray-ehlo", "stray-noop", "stray-data", "stray-idle"})
 #: RSET goes alone in a single send (a pipelined batch groups it with the next envelope).
 ALONE_RSET = VISIBLE | {"stray-rset"}
 #: A single SMTP send's final reply is also the last it is owed (a batch's is not: the next
@@ -151,8 +151,9 @@ def pairing_faults(draw: st.DrawFn, point: Point) -> Behaviour:
     return Behaviour(kind=draw(st.sampled_from([Kind.CLOSE, Kind.RESET])))
 
 
-#: Where the plans misbehave (the greeting is the other suites').
+#: Where the plans misbehave.
 POINTS = (
+    Point.GREETING,
     Point.EHLO,
     Point.MAIL,
     Point.RCPT,
