@@ -424,6 +424,23 @@ def check_item(
             )
 
 
+def send_against(
+    flavour: Flavour, way: Way, plan: Plan, client: Client, batch: list[Item]
+) -> tuple[HostileServer, list[Any]]:
+    """Send ``batch`` ``way`` to a hostile server following ``plan`` over one connection at
+    a time, check what the server saw, and return the stopped server (its records) and
+    what each item got."""
+    server = HostileServer(plan, lmtp=client.lmtp).start()
+    try:
+        outcome = call_bounded(server, lambda: send_all(flavour, way, client, server.port, batch))
+        check_server_side(server, outcome, len(batch), 1)
+    finally:
+        server.stop()
+    values = outcome.value
+    assert isinstance(values, list)
+    return server, values
+
+
 def run(flavour: Flavour, way: Way, plan: Plan, client: Client, batch: list[Item]) -> None:
     server = HostileServer(plan, lmtp=client.lmtp).start()
     try:
@@ -512,15 +529,8 @@ def test_a_pipelined_bdat_whose_mail_reply_was_lost_is_not_sent_again(
         pool=PoolSettings(size=1, health_check_after=86400.0),
     )
     batch = [make_item(n, ("a@example.com",), False, 0) for n in range(2)]
-    server = HostileServer(plan).start()
-    try:
-        outcome = call_bounded(
-            server, lambda: send_all(flavour, "waves", client, server.port, batch)
-        )
-        check_server_side(server, outcome, len(batch), 1)
-    finally:
-        server.stop()
-    first, second = outcome.value
+    server, values = send_against(flavour, "waves", plan, client, batch)
+    first, second = values
     assert isinstance(first, DeliveryResult), first
     assert first.ok, first
     assert isinstance(second, DeliveryError), second
@@ -545,15 +555,7 @@ def test_every_whole_message_in_flight_is_answered_not_sent_again(
     plan = Plan(behaviours=behaviours, extensions=("PIPELINING", "CHUNKING"))
     client = Client(lmtp=False, pipelining=True, chunking=True, pool=PoolSettings(size=1))
     batch = [make_item(n, ("a@example.com",), False, 0) for n in range(3)]
-    server = HostileServer(plan).start()
-    try:
-        outcome = call_bounded(
-            server, lambda: send_all(flavour, "many", client, server.port, batch)
-        )
-        check_server_side(server, outcome, len(batch), 1)
-    finally:
-        server.stop()
-    results = outcome.value
+    server, results = send_against(flavour, "many", plan, client, batch)
     assert [taken(server, n) for n in range(2)] == [1, 1], describe(server)
     assert taken(server, 2) <= 1, describe(server)
     for result in results[:2]:
@@ -586,15 +588,8 @@ def test_a_stray_with_the_354_to_a_refused_envelope_ends_the_session(
         pool=PoolSettings(size=1, health_check_after=86400.0),
     )
     batch = [make_item(n, ("a@example.com",), False, 0) for n in range(2)]
-    server = HostileServer(plan, lmtp=lmtp).start()
-    try:
-        outcome = call_bounded(
-            server, lambda: send_all(flavour, "waves", client, server.port, batch)
-        )
-        check_server_side(server, outcome, len(batch), 1)
-    finally:
-        server.stop()
-    first, second = outcome.value
+    server, values = send_against(flavour, "waves", plan, client, batch)
+    first, second = values
     assert isinstance(first, DeliveryResult), first
     assert [r.outcome for r in first.recipients] == [Outcome.PERMANENT], first
     assert isinstance(second, DeliveryResult), second
@@ -627,13 +622,8 @@ def test_a_stray_with_the_rset_reply_ends_the_session(
         pool=PoolSettings(size=1, health_check_after=86400.0),
     )
     batch = [make_item(n, ("a@example.com",), False, 0) for n in range(2)]
-    server = HostileServer(plan, lmtp=lmtp).start()
-    try:
-        outcome = call_bounded(server, lambda: send_all(flavour, way, client, server.port, batch))
-        check_server_side(server, outcome, len(batch), 1)
-    finally:
-        server.stop()
-    first, second = outcome.value
+    server, values = send_against(flavour, way, plan, client, batch)
+    first, second = values
     assert isinstance(first, DeliveryResult), first
     assert [r.outcome for r in first.recipients] == [Outcome.PERMANENT], first
     if isinstance(second, DeliveryResult):
@@ -699,15 +689,8 @@ def test_a_stray_with_the_greeting_ends_the_session(flavour: Flavour, lmtp: bool
         pool=PoolSettings(size=1, health_check_after=86400.0),
     )
     batch = [make_item(n, ("a@example.com",), False, 0) for n in range(2)]
-    server = HostileServer(plan, lmtp=lmtp).start()
-    try:
-        outcome = call_bounded(
-            server, lambda: send_all(flavour, "waves", client, server.port, batch)
-        )
-        check_server_side(server, outcome, len(batch), 1)
-    finally:
-        server.stop()
-    first, second = outcome.value
+    server, values = send_against(flavour, "waves", plan, client, batch)
+    first, second = values
     assert isinstance(first, ServerProtocolError), first
     assert "after the greeting" in str(first)
     assert isinstance(second, DeliveryResult), second
