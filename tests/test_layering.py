@@ -61,6 +61,8 @@ def layer_of(module: str) -> str:
         "validate": "validation",
         "callout": "validation",
         "tracker": "tracker",
+        # DKIM signing (RFC 6376): works on messages only; the one user of `cryptography`.
+        "dkim": "dkim",
         "testing": "testing",
         "cli": "cli",
         "__main__": "cli",
@@ -89,7 +91,8 @@ def allowed(importer: str, imported: str) -> str | None:
         permitted = {
             "protocol": {"values", "protocol"},
             "flow": {"values", "protocol", "flow"},
-            "transport": {"values", "protocol", "flow", "resolver", "transport"},
+            "transport": {"values", "protocol", "flow", "resolver", "transport", "dkim"},
+            "dkim": {"values"},
             "resolver": {"values", "resolver"},
             "validation": {"values", "resolver", "protocol", "flow", "transport"},
             "tracker": {"values", "tracker", "transport"},
@@ -101,6 +104,7 @@ def allowed(importer: str, imported: str) -> str | None:
                 "resolver",
                 "validation",
                 "tracker",
+                "dkim",
                 "testing",
                 "root",
             },
@@ -112,6 +116,7 @@ def allowed(importer: str, imported: str) -> str | None:
                 "resolver",
                 "validation",
                 "tracker",
+                "dkim",
                 "testing",
                 "root",
                 "cli",
@@ -124,6 +129,7 @@ def allowed(importer: str, imported: str) -> str | None:
                 "resolver",
                 "validation",
                 "tracker",
+                "dkim",
                 "testing",
                 "root",
             },
@@ -140,8 +146,16 @@ def allowed(importer: str, imported: str) -> str | None:
         return "only the tracker's store module imports sqlite3"
     if layer in {"values", "protocol", "flow"} and root in CORE_FORBIDDEN:
         return f"the {layer} layer does no I/O and reads no clock ({root})"
+    if layer == "dkim" and root in IO_MODULES:
+        return f"DKIM signing works on bytes only and does no I/O ({root})"
     if layer in {"validation", "tracker"} and root in {"socket", "ssl", "selectors"}:
         return f"the {layer} layer reaches the network only through transports/resolver"
+    # Optional extras, each behind one module: signatures (mailrelay[dkim]) and the
+    # Hypothesis strategies for users' tests (mailrelay[testing]).
+    if root == "cryptography":
+        return None if layer == "dkim" else "only mailrelay.dkim imports cryptography"
+    if root == "hypothesis":
+        return None if layer == "testing" else "only mailrelay.testing imports hypothesis"
     if root in sys.stdlib_module_names or root in THIRD_PARTY_OK:
         return None
     if root == "dns":
@@ -240,12 +254,31 @@ def test_module_respects_layering(module: str, path: Path) -> None:
         ("mailrelay.tracker.engine", "from mailrelay.protocol import connection", "protocol"),
         ("mailrelay.tracker.engine", "from mailrelay.transport.smtp import X", "base"),
         ("mailrelay.resolver", "import requests", "not a runtime dependency"),
+        ("mailrelay.message", "import cryptography", "only mailrelay.dkim"),
+        ("mailrelay.transport.smtp", "from cryptography.hazmat import x", "only mailrelay.dkim"),
+        ("mailrelay.dkim", "from mailrelay.transport import base", "transport"),
+        ("mailrelay.dkim", "import socket", "does no I/O"),
+        ("mailrelay.tracker.engine", "import hypothesis", "only mailrelay.testing"),
+        ("mailrelay.cli", "from hypothesis import strategies", "only mailrelay.testing"),
     ],
 )
 def test_forbidden_edges_are_caught(module: str, source: str, expected: str) -> None:
     found = violations(module, source)
     assert found
     assert expected in found[0]
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("mailrelay.dkim", "from cryptography.hazmat.primitives import hashes"),
+        ("mailrelay.dkim", "from mailrelay.message import Message"),
+        ("mailrelay.transport.signing", "from mailrelay.dkim import DKIMSigner"),
+        ("mailrelay.testing.strategies", "from hypothesis import strategies as st"),
+    ],
+)
+def test_optional_extras_stay_behind_their_modules(module: str, source: str) -> None:
+    assert violations(module, source) == []
 
 
 def test_type_checking_imports_are_exempt() -> None:
