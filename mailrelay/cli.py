@@ -1,0 +1,983 @@
+"""The ``mailrelay`` command line: send a message, validate addresses, read a bounce, and
+look at (or run) a delivery tracker's queue. ``docs/cli.md`` is its manual.
+
+Rules of this module:
+
+* Standard library :mod:`argparse` only. :func:`main` parses, runs one subcommand and
+  *returns* its exit status; it never calls :func:`sys.exit` (so tests and other programs
+  can call it), and ``python -m mailrelay`` / the console script exit with what it returns.
+* Exit statuses come from BSD's ``sysexits.h`` (the convention of mail programs since
+  sendmail): one table, :func:`error_status`, maps every error to one, and each subcommand
+  documents the statuses of its own verdicts. Bad arguments are ``EX_USAGE`` (64) with a
+  usage line, never argparse's own 2.
+* A password is never taken from the command line, where every local user can read it
+  (``ps``, ``/proc/<pid>/cmdline``): it comes from the environment (``--password-env VAR``,
+  else ``MAILRELAY_PASSWORD``). A URL that carries one still works, with a warning on
+  stderr. The password is never printed or logged: the transports redact it in their
+  reprs, errors and wire traces, and nothing here prints a URL but its redacted form.
+* Certificates are verified (the transports' default); ``--ca-file`` trusts a private CA in
+  addition to nothing else (it replaces the system's CAs for that run).
+* Everything that came from outside (server replies, DSN fields, addresses read from a
+  file) is printed with control characters escaped (:func:`printable`), so a hostile reply
+  cannot forge output lines (CR, LF, TAB are the field and line separators) or send escape
+  sequences to the terminal. ``--json`` output is JSON, escaped by :mod:`json`.
+* An error is one line on stderr: ``mailrelay: <ErrorClass>: <text>``, the class being the
+  :mod:`mailrelay.errors` name; the traceback is shown only with ``--debug``, which also
+  turns on the library's DEBUG logging (the SMTP wire trace, AUTH redacted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import email.utils
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import ssl  # noqa: TID251 - the CLI builds the SSLContext for --ca-file; it does no I/O itself
+import sys
+import tempfile
+import threading
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn, TextIO
+
+import mailrelay
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope
+from mailrelay.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectError,
+    DeliveryError,
+    InvalidAddress,
+    MailRelayError,
+    MessageError,
+    ResolverError,
+    ServerProtocolError,
+    StoreError,
+    TLSError,
+)
+from mailrelay.message import Message
+from mailrelay.resolver import Resolver
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.tracker import (
+    DeliveryTracker,
+    DSNReport,
+    MessageRecord,
+    SQLiteStore,
+    State,
+    TrackerEvent,
+    parse_dsn,
+)
+from mailrelay.tracker.store import Attempt, RecipientRecord
+from mailrelay.transport import Transport, TransportURL, transport_from_url
+from mailrelay.validate import DEFAULT_SPECIAL_USE, RecipientValidator, Validation, Verdict
+
+__all__ = [
+    "EX_CONFIG",
+    "EX_DATAERR",
+    "EX_NOINPUT",
+    "EX_NOPERM",
+    "EX_NOUSER",
+    "EX_OK",
+    "EX_PROTOCOL",
+    "EX_SOFTWARE",
+    "EX_TEMPFAIL",
+    "EX_UNAVAILABLE",
+    "EX_USAGE",
+    "EX_IOERR",
+    "UNDELIVERABLE",
+    "error_status",
+    "main",
+    "printable",
+]
+
+log = logging.getLogger(__name__)
+
+# sysexits.h values (os.EX_* exists on Unix only; these are the same numbers everywhere).
+#: Success.
+EX_OK = 0
+#: ``validate``: some address is undeliverable.
+UNDELIVERABLE = 1
+#: Bad arguments: an unknown option, a missing operand, no transport URL.
+EX_USAGE = 64
+#: Bad input data: an unparsable message, address or input file.
+EX_DATAERR = 65
+#: An input file (message, address list, tracker database) does not exist or cannot be read.
+EX_NOINPUT = 66
+#: ``send``: some recipient was refused for good (5xx).
+EX_NOUSER = 67
+#: The server could not be reached, or refused the session or the message for good.
+EX_UNAVAILABLE = 69
+#: An unexpected error (a bug): please report it, with ``--debug`` output.
+EX_SOFTWARE = 70
+#: A local file could not be written or read (other than the input), or the store failed.
+EX_IOERR = 74
+#: Try again later: a recipient refused for now (4xx), a transient delivery error, an
+#: address whose DNS could not be asked.
+EX_TEMPFAIL = 75
+#: TLS could not be established as required, or the server broke the protocol.
+EX_PROTOCOL = 76
+#: Authentication failed (credentials refused, or AUTH would have gone out in plain text).
+EX_NOPERM = 77
+#: The configuration makes no sense: a malformed URL, a password variable that is not set.
+EX_CONFIG = 78
+
+#: The environment variable holding the default transport URL.
+URL_VARIABLE = "MAILRELAY_URL"
+#: The environment variable holding the password when ``--password-env`` is not given.
+PASSWORD_VARIABLE = "MAILRELAY_PASSWORD"  # noqa: S105 - a variable's name, not a password
+
+_AUTH_SCHEMES = frozenset({"smtp", "smtps", "lmtp"})
+_NETWORK_SCHEMES = frozenset({"smtp", "smtps", "lmtp", "mx"})
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class UsageError(Exception):
+    """Bad arguments: reported with the usage line and :data:`EX_USAGE`."""
+
+
+class InputError(Exception):
+    """An input file could not be read: reported with :data:`EX_NOINPUT`."""
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\r``, ``\\t``, ``\\x1b``, ...).
+
+    Spaces stay. Used for every field of the text output, so that text from a server, a
+    report or an input file can neither forge lines or fields nor drive the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
+def _field(value: object) -> str:
+    """One tab-separated output field: ``-`` for nothing, escaped text otherwise."""
+    if value is None or value == "":
+        return "-"
+    return printable(str(value))
+
+
+def _row(*fields: object) -> str:
+    return "\t".join(_field(f) for f in fields)
+
+
+def _emit_json(document: object) -> None:
+    print(json.dumps(document, ensure_ascii=False, indent=2))
+
+
+def _one_line(text: str) -> str:
+    return printable(" ".join(text.split("\n")))
+
+
+def _time(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# -- errors and exit statuses --------------------------------------------------------------
+
+
+def error_status(exc: BaseException) -> int:
+    """The exit status for an error that ended a command (the table in ``docs/cli.md``)."""
+    if isinstance(exc, UsageError):
+        return EX_USAGE
+    if isinstance(exc, InputError):
+        return EX_NOINPUT
+    if isinstance(exc, ConnectError):
+        return EX_UNAVAILABLE  # nothing answered: check the host and port, or try later
+    if isinstance(exc, AuthenticationError):
+        return EX_NOPERM
+    if isinstance(exc, DeliveryError):
+        if exc.is_transient:
+            return EX_TEMPFAIL
+        if isinstance(exc, TLSError | ServerProtocolError):
+            return EX_PROTOCOL
+        return EX_UNAVAILABLE  # a 554 greeting, no route to the domain, ...
+    if isinstance(exc, InvalidAddress | MessageError | UnicodeDecodeError):
+        return EX_DATAERR
+    if isinstance(exc, ConfigurationError):
+        return EX_CONFIG
+    if isinstance(exc, StoreError):
+        return EX_TEMPFAIL if exc.is_transient else EX_IOERR
+    if isinstance(exc, ResolverError):
+        return EX_TEMPFAIL if exc.is_transient else EX_DATAERR
+    if isinstance(exc, OSError):
+        return EX_IOERR
+    return EX_SOFTWARE
+
+
+def _describe(exc: BaseException) -> str:
+    """The one-line error message: the error's class name and its text."""
+    if isinstance(exc, UsageError | InputError):
+        return _one_line(str(exc))
+    if isinstance(exc, MailRelayError):
+        return _one_line(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _one_line(f"{type(exc).__name__}: {exc.strerror}{where}")
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+# -- argument parsing ----------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise :class:`UsageError` instead of exiting with 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.format_usage().rstrip()}\n{self.prog}: error: {message}")
+
+
+def _duration(text: str) -> dt.timedelta:
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (a number with s, m, h, d or w, e.g. 90s, 2h, 5d)"
+        )
+    return dt.timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535: {text!r}")
+    return int(text)
+
+
+def _positive_int(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive whole number: {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``mailrelay`` and its subcommands."""
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        help="log at DEBUG (SMTP wire trace, AUTH redacted) and show tracebacks",
+    )
+    common.add_argument("--json", action="store_true", help="print one JSON document")
+
+    parser = _Parser(
+        prog="mailrelay",
+        description="Send mail, validate addresses, read bounces, inspect a delivery tracker.",
+        epilog="Exit statuses follow sysexits.h; see docs/cli.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"mailrelay {mailrelay.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    send = commands.add_parser(
+        "send",
+        parents=[common],
+        help="send one RFC 5322 message through a transport URL",
+        description="Send one RFC 5322 message (FILE, or standard input) through a transport.",
+    )
+    _transport_options(send)
+    send.add_argument(
+        "--from",
+        dest="sender",
+        metavar="ADDR",
+        help='envelope sender (MAIL FROM); "" is the null sender <>; default: the headers',
+    )
+    send.add_argument(
+        "--to",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="envelope recipient (RCPT TO); repeat for more; default: To, Cc and Bcc",
+    )
+    send.add_argument(
+        "--notify",
+        metavar="LIST",
+        help="DSN NOTIFY for every recipient: NEVER, or some of SUCCESS,FAILURE,DELAY",
+    )
+    send.add_argument("--ret", choices=["FULL", "HDRS"], type=str.upper, help="DSN RET")
+    send.add_argument("--envid", metavar="ID", help="DSN ENVID, echoed in the reports")
+    send.add_argument(
+        "--requiretls", action="store_true", help="REQUIRETLS (RFC 8689): TLS on every hop"
+    )
+    send.add_argument(
+        "file", nargs="?", default="-", metavar="FILE", help="the message; - is stdin"
+    )
+    send.set_defaults(parser=send, handler=_cmd_send)
+
+    validate = commands.add_parser(
+        "validate",
+        parents=[common],
+        help="check that addresses can receive mail (syntax and DNS)",
+        description="Check addresses: syntax, special-use names, and where the DNS says "
+        "their domain's mail goes.",
+    )
+    validate.add_argument(
+        "--nameserver",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="ask this name server (repeatable); default: /etc/resolv.conf",
+    )
+    validate.add_argument("--port", type=_port, default=53, help="name server port (53)")
+    validate.add_argument(
+        "--timeout", type=_positive_float, default=5.0, metavar="S", help="per lookup (5 s)"
+    )
+    validate.add_argument(
+        "--allow-special",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="treat this special-use name (e.g. test) as an ordinary domain (repeatable)",
+    )
+    validate.add_argument(
+        "--file", dest="address_file", metavar="F", help="read addresses, one a line; - is stdin"
+    )
+    validate.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    validate.set_defaults(parser=validate, handler=_cmd_validate)
+
+    dsn = commands.add_parser(
+        "parse-dsn",
+        parents=[common],
+        help="read a returned message (bounce, delay, delivery report)",
+        description="Parse a delivery-status notification or other returned message.",
+    )
+    dsn.add_argument("file", metavar="FILE", help="the returned message; - is stdin")
+    dsn.set_defaults(parser=dsn, handler=_cmd_parse_dsn)
+
+    tracker = commands.add_parser(
+        "tracker",
+        help="inspect or run a delivery tracker's SQLite store",
+        description="Inspect (status, list) or run a delivery tracker's SQLite store.",
+    )
+    tracker.add_argument("--db", required=True, metavar="PATH", help="the SQLite store")
+    actions = tracker.add_subparsers(dest="action", metavar="ACTION", required=True)
+    status = actions.add_parser(
+        "status", parents=[common], help="one message's recipients and attempts"
+    )
+    status.add_argument("tracking_id", metavar="ID")
+    status.set_defaults(parser=status, handler=_cmd_tracker_status)
+    listing = actions.add_parser("list", parents=[common], help="tracked messages, oldest first")
+    listing.add_argument(
+        "--state",
+        choices=[s.value for s in State],
+        help="only messages with a recipient in this state",
+    )
+    listing.add_argument(
+        "--older-than",
+        type=_duration,
+        metavar="AGE",
+        help="only messages submitted more than AGE ago (90s, 15m, 2h, 5d, 1w)",
+    )
+    listing.add_argument("--limit", type=_positive_int, metavar="N", help="at most N messages")
+    listing.set_defaults(parser=listing, handler=_cmd_tracker_list)
+    run = actions.add_parser(
+        "run", parents=[common], help="send what is due through a transport URL"
+    )
+    _transport_options(run)
+    run.add_argument(
+        "--forever",
+        action="store_true",
+        help="keep running, sleeping until work is due, until SIGINT or SIGTERM",
+    )
+    run.add_argument(
+        "--idle",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="with --forever: look for work from other processes at least this often (60 s)",
+    )
+    run.set_defaults(parser=run, handler=_cmd_tracker_run)
+    return parser
+
+
+def _transport_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", help=f"transport URL (smtp://, smtps://, lmtp://, mx://, file://); ${URL_VARIABLE}"
+    )
+    parser.add_argument("--user", metavar="NAME", help="AUTH user name (instead of the URL's)")
+    parser.add_argument(
+        "--password-env",
+        metavar="VAR",
+        help=f"take the AUTH password from this environment variable (${PASSWORD_VARIABLE})",
+    )
+    parser.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        help="trust this CA certificate file instead of the system's CAs (a private CA)",
+    )
+
+
+# -- transports ----------------------------------------------------------------------------
+
+
+def _open_transport(args: argparse.Namespace) -> Transport:
+    """The transport ``--url`` (or ``$MAILRELAY_URL``) names, with the password from the
+    environment and ``--ca-file``'s context."""
+    url = args.url or os.environ.get(URL_VARIABLE)
+    if not url:
+        raise UsageError(f"no transport URL: pass --url or set {URL_VARIABLE}")
+    parsed = TransportURL.parse(url)  # ConfigurationError; its text never holds the password
+    overrides: dict[str, Any] = {}
+    if parsed.password is not None:
+        print(
+            f"mailrelay: warning: the URL {parsed.redacted()} carries a password, which other "
+            f"users can read in the process list; use --password-env or ${PASSWORD_VARIABLE}",
+            file=sys.stderr,
+        )
+    if parsed.scheme in _AUTH_SCHEMES:
+        username = args.user if args.user is not None else parsed.username
+        password = _password(args, username)
+        if username is not None and password is None:
+            password = parsed.password
+        if username is not None:
+            if password is None:
+                raise ConfigurationError(
+                    f"user {username!r} has no password: set ${PASSWORD_VARIABLE} "
+                    "or name a variable with --password-env"
+                )
+            overrides.update(username=username, password=password)
+    elif args.user is not None or args.password_env is not None:
+        raise UsageError("--user and --password-env apply to smtp://, smtps:// and lmtp:// only")
+    if args.ca_file is not None:
+        if parsed.scheme not in _NETWORK_SCHEMES:
+            raise UsageError(f"--ca-file applies to network transports, not {parsed.scheme}://")
+        try:
+            overrides["ssl_context"] = ssl.create_default_context(cafile=args.ca_file)
+        except FileNotFoundError as exc:
+            raise InputError(f"cannot read the CA file {args.ca_file!r}: {exc.strerror}") from exc
+        except ssl.SSLError as exc:
+            raise ConfigurationError(f"not a CA certificate file: {args.ca_file!r}") from exc
+    return transport_from_url(url, **overrides)
+
+
+def _password(args: argparse.Namespace, username: str | None) -> str | None:
+    """The password from the environment: ``--password-env``'s variable (which must be set),
+    else ``$MAILRELAY_PASSWORD`` when there is a user to go with it."""
+    if args.password_env is not None:
+        value = os.environ.get(args.password_env)
+        if not value:
+            raise ConfigurationError(
+                f"--password-env names {args.password_env}, which is not set or empty"
+            )
+        if username is None:
+            raise ConfigurationError("a password needs a user name: in the URL or --user")
+        return value
+    if username is None:
+        return None
+    return os.environ.get(PASSWORD_VARIABLE) or None
+
+
+# -- send ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _message_from(name: str) -> Iterator[Message]:
+    """The message in file ``name``, or on standard input for ``-``; streamed either way
+    (standard input is spooled to a private temporary file, never held in memory)."""
+    if name != "-":
+        try:
+            yield Message.from_file(name)
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            raise InputError(f"cannot read {name!r}: {exc.strerror}") from exc
+        return
+    if sys.stdin is None:
+        raise MessageError("no message: standard input is closed")
+    # mkdtemp makes the directory 0700: the message is nobody else's to read.
+    with tempfile.TemporaryDirectory(prefix="mailrelay-send-") as directory:
+        path = Path(directory) / "message.eml"
+        with path.open("wb") as spool:
+            shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 16)
+        yield Message.from_file(path)
+
+
+def _envelope(args: argparse.Namespace, message: Message) -> Envelope:
+    """The envelope: ``--from`` / ``--to`` where given, the message's headers otherwise."""
+    extra: dict[str, Any] = {
+        "notify": args.notify,
+        "ret": args.ret,
+        "envid": args.envid,
+        "requiretls": args.requiretls,
+    }
+    if args.sender is not None and args.to:
+        return Envelope(args.sender or None, args.to, **extra)
+    try:
+        derived = Envelope.from_message(message)
+    except MessageError:
+        if not args.to:
+            raise
+        # Recipients come from --to: only the sender is needed from the headers.
+        return Envelope(_header_sender(message), args.to, **extra)
+    sender = derived.sender if args.sender is None else (args.sender or None)
+    recipients = args.to or [r.address for r in derived.recipients]
+    return Envelope(sender, recipients, **extra)
+
+
+def _header_sender(message: Message) -> Address:
+    for name in ("Sender", "From"):
+        value = message.get(name)
+        if value:
+            pairs = email.utils.getaddresses([str(value)])
+            if pairs and pairs[0][1]:
+                return Address.parse(pairs[0][1])
+    raise MessageError("the message has no sender address (Sender or From): use --from")
+
+
+def _recipient_json(result: RecipientResult) -> dict[str, Any]:
+    reply = result.reply
+    return {
+        "address": str(result.address),
+        "outcome": result.outcome.value,
+        "code": reply.code if reply else None,
+        "enhanced": str(reply.enhanced) if reply and reply.enhanced else None,
+        "text": reply.text if reply else None,
+        "reason": result.reason,
+        "host": result.host,
+    }
+
+
+def send_status(result: DeliveryResult) -> int:
+    """``send``'s status for a result: :data:`EX_NOUSER` when any recipient was refused
+    for good, else :data:`EX_TEMPFAIL` when any was refused for now, else 0."""
+    outcomes = {r.outcome for r in result.recipients}
+    if Outcome.PERMANENT in outcomes:
+        return EX_NOUSER
+    if Outcome.TRANSIENT in outcomes:
+        return EX_TEMPFAIL
+    return EX_OK
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    # The transport first: a missing or malformed URL is reported before stdin is read.
+    with _open_transport(args) as transport, _message_from(args.file) as message:
+        result = transport.send(message, _envelope(args, message))
+    if args.json:
+        _emit_json(
+            {
+                "message_id": result.message_id,
+                "host": result.host,
+                "ok": result.ok,
+                "recipients": [_recipient_json(r) for r in result.recipients],
+            }
+        )
+    else:
+        for r in result.recipients:
+            reply = r.reply
+            print(
+                _row(
+                    r.address,
+                    r.outcome.value,
+                    reply.code if reply else None,
+                    reply.enhanced if reply else None,
+                    _one_line(reply.text) if reply else r.reason,
+                )
+            )
+    return send_status(result)
+
+
+# -- validate ------------------------------------------------------------------------------
+
+
+def _read_lines(name: str) -> list[str]:
+    if name == "-":
+        if sys.stdin is None:
+            raise InputError("no addresses: standard input is closed")
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = Path(name).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            raise InputError(f"cannot read {name!r}: {exc.strerror}") from exc
+    text = data.decode("utf-8")  # UnicodeDecodeError: EX_DATAERR
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _validation_json(v: Validation) -> dict[str, Any]:
+    hosts = v.mail_hosts
+    return {
+        "input": v.input,
+        "address": None if v.address is None else str(v.address),
+        "verdict": v.verdict.value,
+        "reason": v.reason.value,
+        "detail": v.detail,
+        "null_mx": None if hosts is None else hosts.null_mx,
+        "implicit_mx": None if hosts is None else hosts.implicit,
+        "mail_hosts": None
+        if hosts is None
+        else [
+            {
+                "name": h.name,
+                "preference": h.preference,
+                "status": h.status.value,
+                "addresses": [*h.ipv4, *h.ipv6],
+            }
+            for h in hosts.hosts
+        ],
+    }
+
+
+def validate_status(results: Sequence[Validation]) -> int:
+    """``validate``'s status: 1 when any address is undeliverable, else
+    :data:`EX_TEMPFAIL` when any is unknown, else 0."""
+    verdicts = {v.verdict for v in results}
+    if Verdict.UNDELIVERABLE in verdicts:
+        return UNDELIVERABLE
+    if Verdict.UNKNOWN in verdicts:
+        return EX_TEMPFAIL
+    return EX_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    addresses = list(args.addresses)
+    if args.address_file is not None:
+        addresses.extend(_read_lines(args.address_file))
+    elif not addresses:
+        raise UsageError("give addresses, or --file F (- for standard input)")
+    resolver = Resolver(nameservers=args.nameserver or None, port=args.port, timeout=args.timeout)
+    special = DEFAULT_SPECIAL_USE - {name.lower().strip(".") for name in args.allow_special}
+    results = RecipientValidator(resolver, special_use=special).validate_many(addresses)
+    if args.json:
+        _emit_json([_validation_json(v) for v in results])
+    else:
+        for v in results:
+            hosts = ",".join(h.name for h in v.mail_hosts.hosts) if v.mail_hosts else None
+            print(_row(v.input, v.verdict.value, v.reason.value, hosts, v.detail))
+    return validate_status(results)
+
+
+# -- parse-dsn -----------------------------------------------------------------------------
+
+
+def _report_json(report: DSNReport) -> dict[str, Any]:
+    return {
+        "kind": report.kind.value,
+        "format": report.format,
+        "envid": report.envid,
+        "original_message_id": report.original_message_id,
+        "original_sender": report.original_sender,
+        "original_recipient": report.original_recipient,
+        "reporting_mta": report.reporting_mta,
+        "bounce_address": report.bounce_address,
+        "feedback_type": report.feedback_type,
+        "recipients": [
+            {
+                "address": r.address,
+                "action": r.action.value,
+                "status": r.status,
+                "reply_code": r.reply_code,
+                "diagnostic": r.diagnostic,
+                "remote_mta": r.remote_mta,
+                "is_permanent": r.is_permanent,
+                "is_hard": r.is_hard,
+            }
+            for r in report.recipients
+        ],
+    }
+
+
+def _hardness(is_hard: bool | None) -> str | None:
+    return None if is_hard is None else ("hard" if is_hard else "soft")
+
+
+def _cmd_parse_dsn(args: argparse.Namespace) -> int:
+    if args.file == "-":
+        if sys.stdin is None:
+            raise InputError("no message: standard input is closed")
+        raw = sys.stdin.buffer.read()
+    else:
+        try:
+            raw = Path(args.file).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            raise InputError(f"cannot read {args.file!r}: {exc.strerror}") from exc
+    report = parse_dsn(raw)
+    if args.json:
+        _emit_json(_report_json(report))
+        return EX_OK
+    for key, value in (
+        ("kind", report.kind.value),
+        ("format", report.format),
+        ("envid", report.envid),
+        ("original-message-id", report.original_message_id),
+        ("reporting-mta", report.reporting_mta),
+    ):
+        print(f"{key}: {_field(value)}")
+    for r in report.recipients:
+        print(
+            _row(
+                r.address,
+                r.action.value,
+                r.status,
+                _hardness(r.is_hard),
+                r.remote_mta,
+                r.diagnostic,
+            )
+        )
+    return EX_OK
+
+
+# -- tracker -------------------------------------------------------------------------------
+
+
+def _open_store(path: str) -> SQLiteStore:
+    """An existing store (a mistyped path must not create an empty database)."""
+    if not Path(path).is_file():
+        raise InputError(f"no tracker database at {path!r}")
+    return SQLiteStore(path)
+
+
+def _attempt_json(a: Attempt) -> dict[str, Any]:
+    return {
+        "at": _time(a.at),
+        "source": a.source,
+        "host": a.host,
+        "code": a.code,
+        "enhanced": a.enhanced,
+        "text": a.text,
+    }
+
+
+def _recipient_record_json(r: RecipientRecord) -> dict[str, Any]:
+    return {
+        "address": str(r.address),
+        "state": r.state.value,
+        "confirmed": r.confirmed,
+        "next_attempt_at": _time(r.next_attempt_at),
+        "attempts": [_attempt_json(a) for a in r.attempts],
+    }
+
+
+def _states(record: MessageRecord) -> str:
+    return ",".join(f"{state.value}={count}" for state, count in record.states().items())
+
+
+def _record_json(record: MessageRecord, *, attempts: bool) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "id": record.id,
+        "created_at": _time(record.created_at),
+        "message_id": record.message_id,
+        "sender": None if record.envelope.sender is None else str(record.envelope.sender),
+        "size": record.size,
+        "notification": record.notification,
+        "states": {state.value: count for state, count in record.states().items()},
+    }
+    if attempts:
+        document["recipients"] = [_recipient_record_json(r) for r in record.recipients]
+    return document
+
+
+def _last_attempt(r: RecipientRecord) -> str | None:
+    if not r.attempts:
+        return None
+    a = r.attempts[-1]
+    words = [str(a.code) if a.code else "", a.enhanced or "", _one_line(a.text)]
+    return " ".join(w for w in words if w) or a.source
+
+
+def _cmd_tracker_status(args: argparse.Namespace) -> int:
+    store = _open_store(args.db)
+    try:
+        record = store.get(args.tracking_id)
+    finally:
+        store.close()
+    if record is None:
+        raise InputError(f"no tracked message with id {args.tracking_id!r}")
+    if args.json:
+        _emit_json(_record_json(record, attempts=True))
+        return EX_OK
+    sender = record.envelope.sender
+    for key, value in (
+        ("id", record.id),
+        ("created", _time(record.created_at)),
+        ("message-id", record.message_id),
+        ("sender", "<>" if sender is None else sender),
+        ("size", record.size),
+        ("states", _states(record)),
+    ):
+        print(f"{key}: {_field(value)}")
+    for r in record.recipients:
+        state = f"{r.state.value}+confirmed" if r.confirmed else r.state.value
+        print(_row(r.address, state, len(r.attempts), _time(r.next_attempt_at), _last_attempt(r)))
+    return EX_OK
+
+
+def _cmd_tracker_list(args: argparse.Namespace) -> int:
+    store = _open_store(args.db)
+    try:
+        before = None
+        if args.older_than is not None:
+            before = dt.datetime.now(dt.UTC) - args.older_than
+        state = None if args.state is None else State(args.state)
+        records = store.find(state=state, created_before=before, limit=args.limit)
+    finally:
+        store.close()
+    if args.json:
+        _emit_json([_record_json(r, attempts=False) for r in records])
+        return EX_OK
+    for record in records:
+        sender = record.envelope.sender
+        print(
+            _row(
+                record.id,
+                _time(record.created_at),
+                _states(record),
+                "<>" if sender is None else sender,
+                record.message_id,
+            )
+        )
+    return EX_OK
+
+
+def _print_event(event: TrackerEvent, out: TextIO) -> None:
+    attempt = event.attempt
+    recipient = event.recipient
+    line = _row(
+        event.tracking_id,
+        None if recipient is None else recipient.address,
+        event.kind.value,
+        None if attempt is None else attempt.code,
+        None if attempt is None else attempt.enhanced,
+        None if attempt is None else _one_line(attempt.text),
+    )
+    print(line, file=out, flush=True)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Set ``stop`` on SIGINT and SIGTERM while the block runs (main thread only; elsewhere
+    the caller's own signal handling stays as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        log.info("%s: stopping after the attempt in progress", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _cmd_tracker_run(args: argparse.Namespace) -> int:
+    store = _open_store(args.db)
+    try:
+        transport = _open_transport(args)
+    except BaseException:
+        store.close()
+        raise
+    tracker = DeliveryTracker(transport, store)
+    try:
+        if not args.json:
+            out = sys.stdout
+            for kind in ("delivered", "deferred", "bounced", "expired"):
+                tracker.on(kind, lambda event: _print_event(event, out))
+        if args.forever:
+            stop = threading.Event()
+            with _stop_on_signals(stop):
+                tracker.run_forever(stop, idle=args.idle)
+            return EX_OK
+        summary = tracker.run_pending()
+    finally:
+        tracker.close()
+    counts = {
+        "messages": summary.messages,
+        "delivered": summary.delivered,
+        "deferred": summary.deferred,
+        "bounced": summary.bounced,
+        "expired": summary.expired,
+        "postponed": summary.postponed,
+    }
+    if args.json:
+        _emit_json(counts)
+    else:
+        print(" ".join(f"{key}={value}" for key, value in counts.items()))
+    return EX_OK
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _logging(debug: bool) -> Iterator[None]:
+    """Library log records to stderr while a command runs: WARNING and up, or everything
+    with ``--debug``. The handler is removed afterwards (``main`` may be called again)."""
+    logger = logging.getLogger("mailrelay")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mailrelay: %(levelname)s %(name)s: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``mailrelay`` command line and return its exit status (never exits itself).
+
+    Args:
+        argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status (``docs/cli.md`` has the table). The console script
+        ``mailrelay = "mailrelay.cli:main"`` passes it to :func:`sys.exit`.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EX_USAGE
+    except SystemExit as exc:  # --help and --version print and "exit" 0
+        return exc.code if isinstance(exc.code, int) else EX_OK
+    debug: bool = getattr(args, "debug", False)
+    with _logging(debug):
+        try:
+            status: int = args.handler(args)
+        except KeyboardInterrupt:
+            print("mailrelay: interrupted", file=sys.stderr)
+            return 130  # 128 + SIGINT, as a shell reports it
+        except BrokenPipeError:
+            # The reader went away (``mailrelay validate ... | head``): nothing more to say.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EX_IOERR
+        except Exception as exc:
+            if debug:
+                traceback.print_exc(file=sys.stderr)
+            if isinstance(exc, UsageError):
+                leaf: argparse.ArgumentParser = args.parser
+                print(leaf.format_usage().rstrip(), file=sys.stderr)
+                print(f"{leaf.prog}: error: {_describe(exc)}", file=sys.stderr)
+            else:
+                print(f"mailrelay: {_describe(exc)}", file=sys.stderr)
+            return error_status(exc)
+    return status
