@@ -15,8 +15,8 @@ Rules of this module:
   else ``MAILRELAY_PASSWORD``). A URL that carries one still works, with a warning on
   stderr. The password is never printed or logged: the transports redact it in their
   reprs, errors and wire traces, and nothing here prints a URL but its redacted form.
-* Certificates are verified (the transports' default); ``--ca-file`` trusts a private CA in
-  addition to nothing else (it replaces the system's CAs for that run).
+* Certificates are verified, host names checked (the transports' default); ``--ca-file``
+  names the CA to trust instead of the system's (a private CA), never "trust anything".
 * Everything that came from outside (server replies, DSN fields, addresses read from a
   file) is printed with control characters escaped (:func:`printable`), so a hostile reply
   cannot forge output lines (CR, LF, TAB are the field and line separators) or send escape
@@ -792,7 +792,10 @@ def _last_attempt(r: RecipientRecord) -> str | None:
     if not r.attempts:
         return None
     a = r.attempts[-1]
-    words = [str(a.code) if a.code else "", a.enhanced or "", _one_line(a.text)]
+    text = _one_line(a.text)
+    # A reply's text usually starts with its enhanced status already: say it once.
+    enhanced = "" if not a.enhanced or text.startswith(a.enhanced) else a.enhanced
+    words = [str(a.code) if a.code else "", enhanced, text]
     return " ".join(w for w in words if w) or a.source
 
 

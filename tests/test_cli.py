@@ -7,15 +7,18 @@ prove the entry point, one of them stopping ``tracker run --forever`` with SIGTE
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -763,3 +766,78 @@ def test_tracker_run_forever_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     store.close()
     assert record is not None
     assert [r.state for r in record.recipients] == [State.DELIVERED]
+
+
+# -- docs/cli.md stays true ------------------------------------------------------------------
+
+DOC = REPO / "docs" / "cli.md"
+
+
+def doc_blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```$", DOC.read_text(encoding="utf-8"), re.M | re.S)
+
+
+def test_the_console_examples_print_what_the_doc_shows(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)  # the examples name files under tests/data
+    blocks = doc_blocks("console")
+    assert blocks
+    for block in blocks:
+        status = None
+        for command, *expected in (chunk.split("\n") for chunk in block.split("$ ")[1:]):
+            want = [re.split(r"\t| {2,}", line) for line in expected if line]
+            if command == "echo $?":
+                assert [[str(status)]] == want
+                continue
+            argv = shlex.split(command)
+            assert argv[0] == "mailrelay"
+            status, out, _ = run(*argv[1:])
+            assert rows(out) == want, command
+
+
+def doc_commands() -> list[list[str]]:
+    """The argument lists of every ``mailrelay`` command in the doc's examples."""
+    commands = []
+    for block in doc_blocks("sh") + doc_blocks("console"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.removeprefix("$ "), comments=True)
+            if words[:1] == ["mailrelay"]:
+                cut = [i for i, w in enumerate(words) if w in {"<", "|", ">"}]
+                commands.append(words[1 : cut[0] if cut else None])
+    return commands
+
+
+def test_every_command_in_the_doc_parses() -> None:
+    commands = doc_commands()
+    assert len(commands) >= 8
+    for argv in commands:
+        cli.build_parser().parse_args(argv)  # raises UsageError when an example is stale
+
+
+def leaf_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub
+                yield from leaf_parsers(sub)
+
+
+def test_every_option_is_documented() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    options = {
+        option
+        for leaf in leaf_parsers(cli.build_parser())
+        for action in leaf._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
+    assert len(options) > 15
+    assert sorted(o for o in options if f"`{o}" not in text) == []
+
+
+def test_the_exit_status_table_matches_the_code() -> None:
+    table = re.findall(r"^\| (\d+) \| `(EX_\w+)` \|", DOC.read_text(encoding="utf-8"), re.M)
+    assert {name: int(number) for number, name in table} == {
+        name: getattr(cli, name) for name in cli.__all__ if name.startswith("EX_")
+    }
