@@ -500,9 +500,10 @@ def _message_from(name: str) -> Iterator[Message]:
     (standard input is spooled to a private temporary file, never held in memory)."""
     if name != "-":
         try:
-            yield Message.from_file(name)
+            message = Message.from_file(name)
         except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
             raise InputError(f"cannot read {name!r}: {exc.strerror}") from exc
+        yield message  # (errors while sending are not the input's: they pass unchanged)
         return
     if sys.stdin is None:
         raise MessageError("no message: standard input is closed")

@@ -19,10 +19,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mailrelay
 from mailrelay import cli
@@ -136,6 +139,29 @@ def test_help_exits_0(run: Run) -> None:
 )
 def test_printable_escapes_what_could_forge_output(text: str, expected: str) -> None:
     assert cli.printable(text) == expected
+
+
+@given(st.text())
+def test_printable_output_is_one_field_on_one_line(text: str) -> None:
+    shown = cli.printable(text)
+    assert shown.isprintable()
+    assert "\t" not in shown
+    assert "\n" not in shown
+    if text.isprintable():
+        assert shown == text
+
+
+@given(st.lists(st.text(max_size=30).map(lambda t: t + "@example.com"), min_size=1, max_size=5))
+def test_any_address_text_gives_exactly_one_row_of_five_fields(addresses: list[str]) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        # "--": an address may start with "-"; example.com is special-use: no DNS is asked.
+        status = cli.main(["validate", "--", *addresses])
+    assert (status, err.getvalue()) == (1, "")
+    lines = rows(out.getvalue())
+    assert [line[0] for line in lines] == [cli.printable(a) for a in addresses]
+    assert all(len(line) == 5 for line in lines)
+    assert {line[1] for line in lines} == {"undeliverable"}
 
 
 # -- send ------------------------------------------------------------------------------------
