@@ -55,6 +55,29 @@ SHORT_TTL = 5
 #: Bulk domains ``domNN.test`` for throughput runs: each has ``MX 10 mx.domNN.test``.
 BULK_DOMAINS = tuple(f"dom{i:02d}.test" for i in range(60))
 
+#: The DKIM key records (RFC 6376 §3.6.1) of the public test keys in ``tests/data/dkim``.
+DKIM_RSA_2048 = (
+    "v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAy1K+oMMh"
+    "QenGWU9tvO1ZG9UbJCNPfLR8wA2itzAsOwvrCkas1tOQEV1qfpAUdccjIMsHcvJJqO2+Dv"
+    "dGOq3HFwsCMGq6X9X1iqjG74UMsJBX9WGNe9tZP68f8jazKb1HWt1yHl2CW2/H1Qz3WY7m"
+    "ZPRSQlBDMYqp4Oab1DGwyo+BqmakWqHfiZwruZIznU1goKiaGlkLCpdJnNRzHSVhNybLPF"
+    "vOvPS7aLeupNXl+U6uBG9NIhrIqLkHpD75n6qnNKzFYxgi77sd3NfQ0KYHKfQbP6ZL4zKP"
+    "AGdkyD0UxfxcCsyt+VCWevjK6VsNKHJPYHIa4Ke6RTFtqQFglkbdsQIDAQAB"
+)
+DKIM_ED25519 = "v=DKIM1; k=ed25519; p=dh7PQGuZ6JAVgoIv0DnNc1AAqWLoXNyLG5E+E/HD+vQ="
+DKIM_RSA_1024 = (
+    "v=DKIM1; k=rsa; p=MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQC2MwENB2B6vrMv"
+    "pQnAZbTk4UN+MVbDBSC/sU3bQyCWdnDs9pWl/eyWXwldeShxgLVCdzO0naqL7wUsceNpKT"
+    "nOYFX34O9actoNBecNBxpge0/ke6COGcsrlRzQmfT1r00F5BgAmLidXYqVb217TUHGa5wS"
+    "v7n3R9vPZyRLmJfknwIDAQAB"
+)
+
+
+def txt_strings(text: str) -> str:
+    """TXT rdata for ``text``: quoted strings of at most 255 octets each (RFC 1035 §3.3)."""
+    return " ".join(f'"{text[i : i + 255]}"' for i in range(0, len(text), 255))
+
+
 #: (owner, ttl, type, rdata) of every record in the zone.
 RECORDS: tuple[tuple[str, int, str, str], ...] = (
     ("test.", SOA_TTL, "SOA", f"ns.test. hostmaster.test. 1 3600 900 86400 {SOA_MINIMUM}"),
@@ -108,6 +131,12 @@ RECORDS: tuple[tuple[str, int, str, str], ...] = (
     # Short TTLs for cache tests.
     ("short.ttl.test.", SHORT_TTL, "MX", "10 mx.ttl.test."),
     ("mx.ttl.test.", 60, "A", "127.0.0.1"),
+    # DKIM public keys of the test keys in tests/data/dkim (tests/test_dkim.py). DNS
+    # splits TXT data into strings of at most 255 octets, so a long record is several
+    # quoted strings; verifiers join them (RFC 6376 §3.6.2.2).
+    ("sel-rsa._domainkey.dkim.test.", TTL, "TXT", txt_strings(DKIM_RSA_2048)),
+    ("sel-ed._domainkey.dkim.test.", TTL, "TXT", txt_strings(DKIM_ED25519)),
+    ("sel-rsa1024._domainkey.dkim.test.", TTL, "TXT", txt_strings(DKIM_RSA_1024)),
     *(
         record
         for index, domain in enumerate(BULK_DOMAINS)
