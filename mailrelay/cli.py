@@ -93,10 +93,17 @@ __all__ = [
     "EX_UNAVAILABLE",
     "EX_USAGE",
     "EX_IOERR",
+    "PASSWORD_VARIABLE",
     "UNDELIVERABLE",
+    "URL_VARIABLE",
+    "InputError",
+    "UsageError",
+    "build_parser",
     "error_status",
     "main",
     "printable",
+    "send_status",
+    "validate_status",
 ]
 
 log = logging.getLogger(__name__)

@@ -174,7 +174,7 @@ def test_send_to_files_derives_the_envelope_and_requests_dsns(run: Run, tmp_path
     outbox = tmp_path / "outbox"
     status, out, err = run(
         "send", "--url", outbox.as_uri(), "--notify", "SUCCESS,FAILURE", "--ret", "hdrs",
-        "--envid", "cli-42", str(source),
+        "--envid", "cli-42", "--requiretls", str(source),
     )  # fmt: skip
     assert (status, err) == (0, "")
     assert [r[:4] for r in rows(out)] == [
@@ -189,7 +189,7 @@ def test_send_to_files_derives_the_envelope_and_requests_dsns(run: Run, tmp_path
         "carol@mailrelay.test",
         "dan@x.test",
     ]
-    assert (envelope["ret"], envelope["envid"]) == ("HDRS", "cli-42")
+    assert (envelope["ret"], envelope["envid"], envelope["requiretls"]) == ("HDRS", "cli-42", True)
     assert all(r["notify"] == ["SUCCESS", "FAILURE"] for r in envelope["recipients"])
     eml = record.with_suffix(".eml").read_bytes()
     assert eml == Message.from_file(source).as_bytes()
@@ -276,6 +276,33 @@ def test_send_text_output_has_one_line_per_recipient(
     assert bob[:3] == ["bob@mailrelay.test", "accepted", "250"]
     assert reject[:4] == ["reject@mailrelay.test", "permanent", "550", "5.1.1"]
     assert "No such user" in reject[4]
+
+
+def test_send_over_lmtp_reports_each_recipients_final_reply(
+    run: Run, tmp_path: Path, aiosmtpd_lmtp: AiosmtpdServer
+) -> None:
+    recipients = ["bob@mailrelay.test", "later@mailrelay.test", "fail@mailrelay.test"]
+    source = write_message(tmp_path / "m.eml", to=", ".join(recipients))
+    url = f"lmtp://{aiosmtpd_lmtp.host}:{aiosmtpd_lmtp.port}"
+    status, out, err = run("send", "--url", url, str(source))
+    assert (status, err) == (cli.EX_NOUSER, "")
+    assert [r[:4] for r in rows(out)] == [
+        ["bob@mailrelay.test", "accepted", "250", "2.0.0"],
+        ["later@mailrelay.test", "transient", "452", "4.2.2"],
+        ["fail@mailrelay.test", "permanent", "550", "5.1.1"],
+    ]
+    assert list(aiosmtpd_lmtp.messages[0].rcpt_tos) == recipients
+
+
+def test_ca_file_problems(run: Run, tmp_path: Path) -> None:
+    source = write_message(tmp_path / "m.eml")
+    url = "smtp://mx.mailrelay.test"
+    status, _, err = run("send", "--url", url, "--ca-file", str(tmp_path / "none.pem"), str(source))
+    assert status == cli.EX_NOINPUT
+    assert "none.pem" in err
+    status, _, err = run("send", "--url", url, "--ca-file", str(source), str(source))
+    assert status == cli.EX_CONFIG
+    assert err.startswith("mailrelay: ConfigurationError: not a CA certificate file")
 
 
 def forms_of(password: str) -> list[str]:
@@ -714,6 +741,11 @@ def test_tracker_run_sends_what_is_due(run: Run, tmp_path: Path) -> None:
     store.close()
     assert record is not None
     assert [r.state for r in record.recipients] == [State.DELIVERED]
+    status, out, _ = run("tracker", "--db", str(db), "run", "--url", outbox.as_uri(), "--json")
+    assert status == 0
+    assert json.loads(out) == {
+        "messages": 0, "delivered": 0, "deferred": 0, "bounced": 0, "expired": 0, "postponed": 0,
+    }  # fmt: skip
 
 
 # -- the entry point, as a real process ------------------------------------------------------
