@@ -14,7 +14,10 @@ Rules of this module:
   (``ps``, ``/proc/<pid>/cmdline``): it comes from the environment (``--password-env VAR``,
   else ``MAILRELAY_PASSWORD``). A URL that carries one still works, with a warning on
   stderr. The password is never printed or logged: the transports redact it in their
-  reprs, errors and wire traces, and nothing here prints a URL but its redacted form.
+  reprs, errors and wire traces, and nothing here prints a URL but its redacted form. As a
+  second line of defence, the passwords a run met are replaced by ``***`` in its log lines,
+  error line and ``--debug`` traceback (whose chained causes come from other libraries:
+  urllib quotes a whole netloc it cannot normalize).
 * Certificates are verified, host names checked (the transports' default); ``--ca-file``
   names the CA to trust instead of the system's (a private CA), never "trust anything".
 * Everything that came from outside (server replies, DSN fields, addresses read from a
@@ -47,6 +50,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TextIO
+from urllib.parse import unquote
 
 import mailrelay
 from mailrelay.address import Address
@@ -102,6 +106,7 @@ __all__ = [
     "error_status",
     "main",
     "printable",
+    "redact",
     "send_status",
     "validate_status",
 ]
@@ -189,6 +194,37 @@ def _emit_json(document: object) -> None:
 
 def _one_line(text: str) -> str:
     return printable(" ".join(text.split("\n")))
+
+
+def _url_secrets(url: str) -> set[str]:
+    """The password a URL's text may carry, raw and percent-decoded, found as the library's
+    own redaction finds it (between the first ``:`` after the scheme and the last ``@``), so
+    that even a URL too broken to parse has its password kept out of a traceback."""
+    _, sep, rest = url.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    if not (sep and at and ":" in userinfo):
+        return set()
+    raw = userinfo.split(":", 1)[1]
+    return {raw, unquote(raw)} - {""}
+
+
+def redact(text: str, secrets: set[str]) -> str:
+    """``text`` with every secret replaced by ``***`` (longest first)."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Log lines with the run's secrets replaced: the library never logs a password, and
+    this keeps it so should a message from elsewhere (a traceback's cause) quote one."""
+
+    def __init__(self, fmt: str, secrets: set[str]) -> None:
+        super().__init__(fmt)
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self.secrets)
 
 
 def _time(value: dt.datetime | None) -> str | None:
@@ -447,6 +483,7 @@ def _open_transport(args: argparse.Namespace) -> Transport:
     url = args.url or os.environ.get(URL_VARIABLE)
     if not url:
         raise UsageError(f"no transport URL: pass --url or set {URL_VARIABLE}")
+    args.secrets |= _url_secrets(url)
     parsed = TransportURL.parse(url)  # ConfigurationError; its text never holds the password
     overrides: dict[str, Any] = {}
     if parsed.password is not None:
@@ -458,6 +495,8 @@ def _open_transport(args: argparse.Namespace) -> Transport:
     if parsed.scheme in _AUTH_SCHEMES:
         username = args.user if args.user is not None else parsed.username
         password = _password(args, username)
+        if password is not None:
+            args.secrets.add(password)
         if username is not None and password is None:
             password = parsed.password
         if username is not None:
@@ -935,12 +974,14 @@ def _cmd_tracker_run(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _logging(debug: bool) -> Iterator[None]:
+def _logging(debug: bool, secrets: set[str]) -> Iterator[None]:
     """Library log records to stderr while a command runs: WARNING and up, or everything
     with ``--debug``. The handler is removed afterwards (``main`` may be called again)."""
     logger = logging.getLogger("mailrelay")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("mailrelay: %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        _RedactingFormatter("mailrelay: %(levelname)s %(name)s: %(message)s", secrets)
+    )
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)
@@ -970,7 +1011,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help and --version print and "exit" 0
         return exc.code if isinstance(exc.code, int) else EX_OK
     debug: bool = getattr(args, "debug", False)
-    with _logging(debug):
+    # Passwords met during the run (the environment's, the URL's): kept out of every
+    # traceback and log line, whatever quoted them.
+    secrets: set[str] = set()
+    args.secrets = secrets
+    with _logging(debug, secrets):
         try:
             status: int = args.handler(args)
         except KeyboardInterrupt:
@@ -983,12 +1028,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EX_IOERR
         except Exception as exc:
             if debug:
-                traceback.print_exc(file=sys.stderr)
+                trace = "".join(traceback.format_exception(exc))
+                print(redact(trace, secrets), end="", file=sys.stderr)
             if isinstance(exc, UsageError):
                 leaf: argparse.ArgumentParser = args.parser
                 print(leaf.format_usage().rstrip(), file=sys.stderr)
                 print(f"{leaf.prog}: error: {_describe(exc)}", file=sys.stderr)
             else:
-                print(f"mailrelay: {_describe(exc)}", file=sys.stderr)
+                print(f"mailrelay: {redact(_describe(exc), secrets)}", file=sys.stderr)
             return error_status(exc)
     return status

@@ -389,6 +389,26 @@ def test_a_wrong_password_is_an_authentication_error(
     assert aiosmtpd_server.messages == []
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "smtp://alice:s3\uff03cret@mx.mailrelay.test",  # urllib's own error quotes the netloc
+        "smtp://alice:s3%23cret@mx.mailrelay.test:99999",
+        "smtp://alice:s3#cret@mx.mailrelay.test?tls=sometimes",
+    ],
+)
+def test_a_debug_traceback_never_shows_the_urls_password(
+    run: Run, tmp_path: Path, url: str
+) -> None:
+    source = write_message(tmp_path / "m.eml")
+    status, out, err = run("send", "--debug", "--url", url, str(source))
+    assert status == cli.EX_CONFIG
+    assert "Traceback" in err
+    assert "ConfigurationError" in err
+    for form in ("s3\uff03cret", "s3%23cret", "s3#cret", "cret"):
+        assert form not in out + err
+
+
 def test_certificates_are_verified_by_default(
     run: Run, tmp_path: Path, aiosmtpd_server: AiosmtpdServer
 ) -> None:
