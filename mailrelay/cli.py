@@ -569,18 +569,21 @@ def _envelope(args: argparse.Namespace, message: Message) -> Envelope:
         "envid": args.envid,
         "requiretls": args.requiretls,
     }
-    if args.sender is not None and args.to:
-        return Envelope(args.sender or None, args.to, **extra)
-    try:
-        derived = Envelope.from_message(message)
-    except MessageError:
-        if not args.to:
-            raise
-        # Recipients come from --to: only the sender is needed from the headers.
-        return Envelope(_header_sender(message), args.to, **extra)
+    sender: Address | str | None
+    if args.to:
+        if args.sender is not None:
+            sender = args.sender or None
+        else:
+            try:
+                sender = Envelope.from_message(message).sender
+            except (MessageError, InvalidAddress):
+                # The header recipients (absent or unusable) do not matter here: --to
+                # replaces them; only the sender is needed from the headers.
+                sender = _header_sender(message)
+        return Envelope(sender, args.to, **extra)
+    derived = Envelope.from_message(message)
     sender = derived.sender if args.sender is None else (args.sender or None)
-    recipients = args.to or [r.address for r in derived.recipients]
-    return Envelope(sender, recipients, **extra)
+    return Envelope(sender, [r.address for r in derived.recipients], **extra)
 
 
 def _header_sender(message: Message) -> Address:
@@ -1023,8 +1026,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130  # 128 + SIGINT, as a shell reports it
         except BrokenPipeError:
             # The reader went away (``mailrelay validate ... | head``): nothing more to say.
+            # Point stdout at /dev/null so that the interpreter's final flush cannot fail.
             with contextlib.suppress(OSError, ValueError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                stdout = sys.stdout.fileno()
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stdout)
+                os.close(devnull)
             return EX_IOERR
         except Exception as exc:
             if debug:

@@ -215,14 +215,26 @@ def test_send_reads_standard_input_and_takes_the_envelope_from_options(
     assert record.with_suffix(".eml").read_bytes() == Message.from_bytes(raw).as_bytes()
 
 
-def test_send_with_only_to_takes_the_sender_from_from(run: Run, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"From: Alice <alice@mailrelay.test>\r\n",  # no To at all
+        b"From: Alice <alice@mailrelay.test>\r\nTo: not really an address\r\n",
+        b"Sender: alice@mailrelay.test\r\nFrom: Team <team@mailrelay.test>\r\nTo: x@y.test\r\n",
+    ],
+)
+def test_send_with_only_to_takes_the_sender_from_the_headers(
+    run: Run, tmp_path: Path, head: bytes
+) -> None:
     source = tmp_path / "m.eml"
-    source.write_bytes(b"From: Alice <alice@mailrelay.test>\r\nSubject: x\r\n\r\nno To field\r\n")
+    source.write_bytes(head + b"Subject: x\r\n\r\nbody\r\n")
     outbox = tmp_path / "outbox"
-    status, _, _ = run("send", "--url", outbox.as_uri(), "--to", "bob@x.test", str(source))
-    assert status == 0
+    status, _, err = run("send", "--url", outbox.as_uri(), "--to", "bob@x.test", str(source))
+    assert (status, err) == (0, "")
     (record,) = outbox.glob("*.json")
-    assert json.loads(record.read_text())["sender"] == USER
+    envelope = json.loads(record.read_text())
+    assert envelope["sender"] == USER
+    assert [r["address"] for r in envelope["recipients"]] == ["bob@x.test"]
 
 
 @pytest.mark.parametrize(
