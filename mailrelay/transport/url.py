@@ -137,9 +137,10 @@ class TransportURL:
             port = parts.port
             if port == 0:
                 raise ValueError("port 0")
-        except ValueError as exc:
-            # urllib's messages may quote the netloc, password included: say it ourselves.
-            raise ConfigurationError(f"not a valid transport URL: {shown}") from exc
+        except ValueError:
+            # urllib's messages may quote the netloc, password included: say it ourselves,
+            # and do not chain its error (a logged traceback would show it).
+            raise ConfigurationError(f"not a valid transport URL: {shown}") from None
         scheme = parts.scheme.lower()
         if scheme not in _PARAMETERS:
             raise ConfigurationError(
@@ -151,8 +152,8 @@ class TransportURL:
 
         try:
             pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-        except ValueError as exc:
-            raise ConfigurationError(f"malformed query in transport URL {shown}") from exc
+        except ValueError:
+            raise ConfigurationError(f"malformed query in transport URL {shown}") from None
         params: dict[str, str] = {}
         for key, value in pairs:
             name = key.lower()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import traceback
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -246,14 +247,21 @@ def test_repr_and_redacted_hide_the_password() -> None:
         "gopher://alice:hunter2@h",
         "mx://alice:hunter2@",
         "smtp://alice:hunter2@h?unknown=1",
+        "smtp://alice:hunter2\uff03@h",  # urllib refuses the netloc (NFKC), quoting it whole
+        "smtp://alice:hunter2@[::1",
+        "smtp://alice:hunter2@h:99999",
+        "smtp://alice:hunter2@h?tls&&",
     ],
 )
 def test_errors_never_show_the_password(url: str) -> None:
     with pytest.raises(ConfigurationError) as caught:
         transport_from_url(url)
     message = str(caught.value)
+    # Nor anywhere in the traceback an application would log (chained errors included).
+    logged = "".join(traceback.format_exception(caught.value))
     for fragment in ("hunter", "er2"):
         assert fragment not in message
+        assert fragment not in logged
     assert "***" in message
 
 
