@@ -48,6 +48,7 @@ from mailrelay.transport.base import BatchItem
 from mailrelay.transport.signing import AsyncSigningTransport, SigningTransport
 from tests.peers.aiosmtpd_server import AiosmtpdServer
 from tests.peers.unbound import DKIM_ED25519, DKIM_RSA_1024, DKIM_RSA_2048, UnboundServer
+from tests.transport.test_docs import python_blocks, server_blocks
 
 pytestmark = pytest.mark.unbound
 
@@ -869,6 +870,21 @@ def test_a_naive_clock_is_refused() -> None:
     naive = signer(now=lambda: dt.datetime(2026, 1, 1))
     with pytest.raises(ConfigurationError, match="aware datetime"):
         naive.sign(Message.from_bytes(SHAPES["plain"]))
+
+
+# -- the documentation --------------------------------------------------------------------
+
+
+def test_the_docs_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "dkim.md").read_text(encoding="utf-8")
+    blocks = python_blocks(text)
+    assert len(blocks) >= 6
+    monkeypatch.chdir(tmp_path)  # the examples write keys and a tracker database
+    namespace: dict[str, object] = {"__name__": "docs_dkim"}
+    for number, block in enumerate(blocks, start=1):
+        exec(compile(block, f"dkim.md block {number}", "exec"), namespace)  # our own docs
+    for number, block in enumerate(server_blocks(text), start=1):
+        compile(block, f"dkim.md server block {number}", "exec")
 
 
 # -- the optional dependency ----------------------------------------------------------------
