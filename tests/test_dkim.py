@@ -40,6 +40,7 @@ from mailrelay.errors import ConfigurationError, DeliveryError, MessageError
 from mailrelay.message import Message
 from mailrelay.options import Timeouts
 from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.testing import strategies
 from mailrelay.tracker.engine import DeliveryTracker
 from mailrelay.tracker.sqlite_store import SQLiteStore
 from mailrelay.tracker.store import State
@@ -468,6 +469,22 @@ def test_property_signed_verifies_and_tampering_fails(
     head_end = data.find(b"\r\n\r\n") + 4
     tampered = data[:head_end] + b"X" + data[head_end:] if head_end > 3 else data + b"\r\nX\r\n"
     assert not verifies(tampered, dnsfunc)
+
+
+@given(
+    message=strategies.messages(eight_bit=True, utf8_headers=True, max_size=8192),
+    selector=st.sampled_from(["sel-rsa", "sel-ed"]),
+    canonicalization=st.sampled_from(CANONICALIZATIONS),
+)
+def test_property_generated_messages_verify(
+    message: Message, selector: str, canonicalization: str, dnsfunc: DNSFunc
+) -> None:
+    """mailrelay.testing's messages: parsed edge cases (dot lines, 998-octet lines, mixed
+    line ends, Bcc) and built ones (IDN and UTF-8 addresses, attachments)."""
+    signed = signer(selector, canonicalization=canonicalization).sign(message)
+    data = on_the_wire(signed.as_bytes())
+    assert verifies(data, dnsfunc)
+    assert not verifies(data.replace(b"\r\nFrom:", b"\r\nFrom:X", 1), dnsfunc)
 
 
 # -- canonicalization (RFC 6376 §3.4) -------------------------------------------------
