@@ -41,6 +41,7 @@ from mailrelay.message import Message
 from mailrelay.options import Timeouts
 from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.testing import strategies
+from mailrelay.tracker.async_engine import AsyncDeliveryTracker
 from mailrelay.tracker.engine import DeliveryTracker
 from mailrelay.tracker.sqlite_store import SQLiteStore
 from mailrelay.tracker.store import State
@@ -719,6 +720,28 @@ def test_tracker_over_a_signing_transport(dnsfunc: DNSFunc, tmp_path: Path) -> N
         "carol@example.org",
         "audit@dkim.test",
     }
+
+
+def test_async_tracker_over_an_async_signing_transport(dnsfunc: DNSFunc, tmp_path: Path) -> None:
+    inner = MemoryTransport()
+    messages = [built_message(), Message.from_bytes(SHAPES["8-bit body"])]
+
+    async def scenario() -> None:
+        tracker = AsyncDeliveryTracker(
+            AsyncSigningTransport(inner, signer("sel-ed")), SQLiteStore(tmp_path / "q.db")
+        )
+        try:
+            await tracker.asubmit_many(messages)
+            summary = await tracker.arun_pending()
+            assert (summary.messages, summary.delivered) == (2, 4)  # recipients: 3 + 1
+        finally:
+            await tracker.aclose()
+
+    run(scenario())
+    assert len(inner.outbox) == 2
+    for (sent, _envelope), message in zip(inner.outbox, messages, strict=True):
+        assert sent.as_bytes().endswith(message.as_bytes())
+        assert verifies(sent.as_bytes(), dnsfunc)
 
 
 # -- end to end: a real SMTP server -----------------------------------------------------
