@@ -9,6 +9,7 @@ from __future__ import annotations
 from mailrelay import errors
 from mailrelay.address import Address
 from mailrelay.callout import AsyncCallout, Callout, CalloutResult, CalloutStatus
+from mailrelay.dkim import DKIMSigner
 from mailrelay.envelope import Envelope, Notify, Recipient, Ret
 from mailrelay.errors import MailRelayError
 from mailrelay.message import Attachment, Message
@@ -28,12 +29,14 @@ from mailrelay.tracker import (
 from mailrelay.transport import (
     AsyncLMTPTransport,
     AsyncSMTPTransport,
+    AsyncSigningTransport,
     AsyncTransport,
     FileTransport,
     LMTPTransport,
     MemoryTransport,
     PoolSettings,
     SMTPTransport,
+    SigningTransport,
     Transport,
     async_transport_from_url,
     transport_from_url,
@@ -62,6 +65,7 @@ __all__ = [
     "AsyncLMTPTransport",
     "AsyncMXTransport",
     "AsyncSMTPTransport",
+    "AsyncSigningTransport",
     "Callout",
     "CalloutResult",
     "CalloutStatus",
@@ -70,6 +74,7 @@ __all__ = [
     "MXTransport",
     "PoolSettings",
     "SMTPTransport",
+    "SigningTransport",
     "async_transport_from_url",
     "TLS",
     "Address",
@@ -77,6 +82,7 @@ __all__ = [
     "AsyncResolver",
     "AsyncTransport",
     "Attachment",
+    "DKIMSigner",
     "DeliveryResult",
     "EnhancedStatus",
     "Envelope",

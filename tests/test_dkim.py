@@ -659,18 +659,99 @@ def test_send_many_signs_every_message(dnsfunc: DNSFunc) -> None:
         assert verifies(sent.as_bytes(), dnsfunc)
 
 
-def test_send_many_checks_and_signs_a_sequence_before_sending() -> None:
+NO_FROM = b"Sender: a@dkim.test\nTo: b@example.net\n\nhi\n"
+
+
+def test_send_refuses_a_message_it_cannot_sign() -> None:
     inner = MemoryTransport()
     transport = SigningTransport(inner, signer())
-    no_from = Message.from_bytes(b"Sender: a@dkim.test\nTo: b@example.net\n\nhi\n")
-    good = Message.from_bytes(SHAPES["plain"])
+    no_from = Message.from_bytes(NO_FROM)
     with pytest.raises(MessageError, match="without a From field"):
-        transport.send_many([good, no_from])
-    assert inner.outbox == []  # a list: nothing was sent
-    with pytest.raises(MessageError, match="without a From field") as caught:
-        transport.send_many(iter([good, no_from]))
-    assert len(inner.outbox) == 1  # streamed: the first one went
-    assert any("1 messages had been handed" in note for note in caught.value.__notes__)
+        transport.send(no_from)
+    with pytest.raises(MessageError, match="without a From field"):
+        transport.deliver(no_from, Envelope.from_message(no_from))
+    assert inner.outbox == []
+
+
+def unsigned_was_refused(result: DeliveryResult) -> bool:
+    return bool(result.recipients) and all(
+        r.outcome is Outcome.PERMANENT
+        and r.reply is None
+        and "cannot be DKIM-signed" in str(r.reason)
+        and "without a From field" in str(r.reason)
+        for r in result.recipients
+    )
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_send_many_refuses_only_the_messages_it_cannot_sign(
+    streamed: bool, dnsfunc: DNSFunc
+) -> None:
+    inner = MemoryTransport()
+    transport = SigningTransport(inner, signer())
+    no_from = Message.from_bytes(NO_FROM)
+    good = Message.from_bytes(SHAPES["plain"])
+    items: list[BatchItem] = [
+        no_from,
+        good,
+        (no_from, Envelope(None, ["c@example.net", "d@example.net"])),
+        good,
+    ]
+    results = transport.send_many(iter(items) if streamed else items)
+    assert len(results) == 4
+    assert unsigned_was_refused(results[0])
+    assert results[1].ok
+    assert results[3].ok
+    assert unsigned_was_refused(results[2])
+    assert [str(r.address) for r in results[2].recipients] == ["c@example.net", "d@example.net"]
+    assert len(inner.outbox) == 2
+    assert all(verifies(sent.as_bytes(), dnsfunc) for sent, _ in inner.outbox)
+    assert [r.ok for r in transport.send_many([no_from])] == [False]
+
+
+@pytest.mark.parametrize("kind", ["sequence", "iterator", "async iterable"])
+def test_asend_many_refuses_only_the_messages_it_cannot_sign(kind: str) -> None:
+    no_from = Message.from_bytes(NO_FROM)
+    good = Message.from_bytes(SHAPES["plain"])
+    items: list[BatchItem] = [good, no_from, good]
+
+    async def stream() -> Any:
+        for item in items:
+            yield item
+
+    async def scenario() -> tuple[list[DeliveryResult], int]:
+        inner = ClosingMemory()
+        transport = AsyncSigningTransport(inner, signer("sel-ed"))
+        batch: Any = {"sequence": items, "iterator": iter(items), "async iterable": stream()}
+        results = await transport.asend_many(batch[kind])
+        return results, len(inner.outbox)
+
+    results, sent = run(scenario())
+    assert [r.ok for r in results] == [True, False, True]
+    assert unsigned_was_refused(results[1])
+    assert sent == 2
+
+
+def test_a_tracker_bounces_a_message_it_cannot_sign_and_sends_the_rest(tmp_path: Path) -> None:
+    # Raised from send_many, the error would put the whole batch back at every run: the
+    # good message would never go, and run_pending would raise for ever.
+    inner = MemoryTransport()
+    tracker = DeliveryTracker(SigningTransport(inner, signer()), SQLiteStore(tmp_path / "q.db"))
+    try:
+        no_from = Message.from_bytes(NO_FROM)
+        bad = tracker.submit(no_from, Envelope("a@dkim.test", ["b@example.net"]))
+        good = tracker.submit(built_message())
+        summary = tracker.run_pending()
+        assert summary.delivered == 3
+        assert summary.bounced == 1
+        assert [r.state for r in tracker.status(bad).recipients] == [State.BOUNCED]
+        (attempt,) = tracker.status(bad).recipients[0].attempts
+        assert "cannot be DKIM-signed" in attempt.text
+        assert all(r.state is State.DELIVERED for r in tracker.status(good).recipients)
+        assert tracker.run_pending().messages == 0
+    finally:
+        tracker.close()
+    assert len(inner.outbox) == 1
 
 
 def test_async_signing_transport(dnsfunc: DNSFunc, tmp_path: Path) -> None:

@@ -13,6 +13,9 @@
 * :mod:`~mailrelay.transport.sync_driver` and :mod:`~mailrelay.transport.async_driver`: the two
   short loops that run the dialogue (:mod:`mailrelay.flow`) over sockets.
 * :mod:`~mailrelay.transport.url`: :func:`transport_from_url`, :func:`async_transport_from_url`.
+* :mod:`~mailrelay.transport.signing`: :class:`SigningTransport` and
+  :class:`AsyncSigningTransport`, which DKIM-sign every message before another transport
+  sends it.
 
 Only the drivers in this package touch sockets, ssl and asyncio (DESIGN.md §2).
 """
@@ -26,6 +29,7 @@ from mailrelay.transport.memory import MemoryTransport, OutboxItem
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.settings import PoolSettings
+from mailrelay.transport.signing import AsyncSigningTransport, SigningTransport
 from mailrelay.transport.smtp import LMTPTransport, SMTPTransport
 from mailrelay.transport.url import TransportURL, async_transport_from_url, transport_from_url
 
@@ -33,6 +37,7 @@ __all__ = [
     "AsyncLMTPTransport",
     "AsyncMXTransport",
     "AsyncSMTPTransport",
+    "AsyncSigningTransport",
     "AsyncTransport",
     "FileTransport",
     "LMTPTransport",
@@ -41,6 +46,7 @@ __all__ = [
     "OutboxItem",
     "PoolSettings",
     "SMTPTransport",
+    "SigningTransport",
     "Transport",
     "TransportURL",
     "async_transport_from_url",

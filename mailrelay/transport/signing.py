@@ -15,9 +15,12 @@ Rules of this module:
   ``aclose`` and the context managers, which close the wrapped transport.
 * Batches keep the :mod:`base <mailrelay.transport.base>` contract, and go to the wrapped
   transport's own ``send_many`` / ``asend_many`` (so pooled transports still pipeline): a
-  sequence is checked *and signed* whole before anything is sent, so a message that cannot
-  be signed (no ``From`` field) raises before any mail leaves; any other iterable is
-  streamed, each message signed as the wrapped transport takes it.
+  sequence is signed whole before anything is sent; any other iterable is streamed, each
+  message signed as the wrapped transport takes it. In a batch, a message that cannot be
+  signed (no ``From`` field: a :class:`~mailrelay.errors.MessageError`) is not sent and
+  gets a result, every recipient PERMANENT with the reason, while the others go: one bad
+  message must not stop a batch, nor a tracker's queue, where an exception would put the
+  whole batch back to fail again at every run. ``send`` and ``deliver`` raise it.
 * The async wrapper signs big messages (over :data:`THREAD_THRESHOLD` bytes, which may be
   read from a file) in a worker thread, so the event loop never waits on the disk or on
   hashing megabytes; small ones are signed in line (an RSA-2048 signature takes about a
@@ -32,8 +35,9 @@ from typing import Final
 
 from mailrelay.dkim import DKIMSigner
 from mailrelay.envelope import Envelope
+from mailrelay.errors import MessageError
 from mailrelay.message import Message
-from mailrelay.results import DeliveryResult
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.transport.base import (
     AsyncBatch,
     AsyncTransport,
@@ -47,6 +51,30 @@ __all__ = ["THREAD_THRESHOLD", "AsyncSigningTransport", "SigningTransport"]
 #: Messages larger than this (bytes on the wire) are signed in a worker thread by
 #: :class:`AsyncSigningTransport`.
 THREAD_THRESHOLD: Final = 256 * 1024
+
+
+def _unsignable(message: Message, envelope: Envelope, error: MessageError) -> DeliveryResult:
+    """The result of a batch's message that could not be signed: nothing was sent, and
+    signing it again will not succeed, so every recipient is PERMANENT with the reason."""
+    reason = f"not sent: the message cannot be DKIM-signed: {error}"
+    return DeliveryResult(
+        recipients=tuple(
+            RecipientResult(address=recipient.address, outcome=Outcome.PERMANENT, reason=reason)
+            for recipient in envelope.recipients
+        ),
+        message_id=message.message_id,
+    )
+
+
+def _merged(sent: list[DeliveryResult], refused: dict[int, DeliveryResult]) -> list[DeliveryResult]:
+    """The wrapped transport's results with the unsigned messages' put back in place."""
+    if not refused:
+        return sent
+    others = iter(sent)
+    return [
+        refused[index] if index in refused else next(others)
+        for index in range(len(sent) + len(refused))
+    ]
 
 
 class SigningTransport(Transport):
@@ -63,9 +91,11 @@ class SigningTransport(Transport):
         transport: the wrapped transport, which sends the signed messages.
         signer: the signer.
 
-    ``send`` and ``send_many`` raise what the wrapped transport raises, and also
-    :class:`~mailrelay.errors.MessageError` for a message that cannot be signed (no
-    ``From`` field), before it is handed on.
+    ``send`` and ``send_many`` raise what the wrapped transport raises; ``send`` and
+    ``deliver`` also raise :class:`~mailrelay.errors.MessageError` for a message that
+    cannot be signed (no ``From`` field), before it is handed on, where ``send_many``
+    gives such a message a PERMANENT result and sends the others (see the module
+    docstring).
     """
 
     def __init__(self, transport: Transport, signer: DKIMSigner) -> None:
@@ -90,16 +120,25 @@ class SigningTransport(Transport):
 
     def send_many(self, items: Iterable[BatchItem]) -> list[DeliveryResult]:
         """Sign each message and send the batch through the wrapped transport's
-        ``send_many`` (a sequence is checked and signed whole first; see the module
-        docstring)."""
+        ``send_many`` (a sequence is signed whole first; a message that cannot be signed
+        gets a PERMANENT result; see the module docstring)."""
         pairs, total = iter_pairs(items)
+        refused: dict[int, DeliveryResult] = {}
+        signed: Iterable[BatchItem] = self._signed(pairs, refused)
         if total is not None:
-            return self.transport.send_many([(self.signer.sign(m), e) for m, e in pairs])
-        return self.transport.send_many(self._signed(pairs))
+            signed = list(signed)
+        return _merged(self.transport.send_many(signed), refused)
 
-    def _signed(self, pairs: Iterator[tuple[Message, Envelope]]) -> Iterator[BatchItem]:
-        for message, envelope in pairs:
-            yield self.signer.sign(message), envelope
+    def _signed(
+        self, pairs: Iterator[tuple[Message, Envelope]], refused: dict[int, DeliveryResult]
+    ) -> Iterator[BatchItem]:
+        for index, (message, envelope) in enumerate(pairs):
+            try:
+                signed = self.signer.sign(message)
+            except MessageError as exc:
+                refused[index] = _unsignable(message, envelope, exc)
+                continue
+            yield signed, envelope
 
     def close(self) -> None:
         """Close the wrapped transport."""
@@ -144,17 +183,32 @@ class AsyncSigningTransport(AsyncTransport):
         self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]
     ) -> list[DeliveryResult]:
         """Sign each message and send the batch through the wrapped transport's
-        ``asend_many`` (a sequence is checked and signed whole first)."""
+        ``asend_many`` (a sequence is signed whole first; a message that cannot be signed
+        gets a PERMANENT result)."""
+        refused: dict[int, DeliveryResult] = {}
         if isinstance(items, Sequence):
             pairs, _total = iter_pairs(items)
-            signed: list[BatchItem] = [(await self._sign(m), e) for m, e in pairs]
-            return await self.transport.asend_many(signed)
-        return await self.transport.asend_many(self._signed(AsyncBatch(items)))
+            signed: list[BatchItem] = []
+            for index, (message, envelope) in enumerate(pairs):
+                try:
+                    signed.append((await self._sign(message), envelope))
+                except MessageError as exc:
+                    refused[index] = _unsignable(message, envelope, exc)
+            return _merged(await self.transport.asend_many(signed), refused)
+        sent = await self.transport.asend_many(self._signed(AsyncBatch(items), refused))
+        return _merged(sent, refused)
 
-    async def _signed(self, batch: AsyncBatch) -> AsyncIterator[BatchItem]:
+    async def _signed(
+        self, batch: AsyncBatch, refused: dict[int, DeliveryResult]
+    ) -> AsyncIterator[BatchItem]:
         while (taken := await batch.next()) is not None:
-            _index, message, envelope = taken
-            yield await self._sign(message), envelope
+            index, message, envelope = taken
+            try:
+                signed = await self._sign(message)
+            except MessageError as exc:
+                refused[index] = _unsignable(message, envelope, exc)
+                continue
+            yield signed, envelope
 
     async def aclose(self) -> None:
         """Close the wrapped transport."""
