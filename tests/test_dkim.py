@@ -13,7 +13,9 @@ import re
 import ssl
 import subprocess
 import sys
+import time
 import tracemalloc
+import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +51,7 @@ from mailrelay.transport import AsyncSMTPTransport, MemoryTransport, SMTPTranspo
 from mailrelay.transport.base import BatchItem
 from mailrelay.transport.signing import AsyncSigningTransport, SigningTransport
 from tests.peers.aiosmtpd_server import AiosmtpdServer
+from tests.peers.postfix import PostfixInstance
 from tests.peers.unbound import DKIM_ED25519, DKIM_RSA_1024, DKIM_RSA_2048, UnboundServer
 from tests.transport.test_docs import python_blocks, server_blocks
 
@@ -875,6 +878,56 @@ def test_async_what_the_server_received_verifies(
     (got,) = aiosmtpd_server.messages
     assert dkim.verify(got.content, dnsfunc=dnsfunc)
     assert "audit@dkim.test" in got.rcpt_tos
+
+
+def delivered_by_postfix(postfix: PostfixInstance, message: Message) -> bytes:
+    """The Maildir copy of ``message`` (found by its Message-ID), with CRLF line ends again."""
+    marker = f"<{message.message_id}>".encode()
+    deadline = time.monotonic() + 15
+    while not (found := [m for m in postfix.read_maildir("alice") if marker in m]):
+        assert time.monotonic() < deadline, f"not delivered; log:\n{postfix.log_tail()}"
+        time.sleep(0.05)
+    return found[0].replace(b"\n", b"\r\n")
+
+
+@pytest.mark.postfix
+@pytest.mark.parametrize("chunking", [False, True])
+def test_what_postfix_delivered_verifies(
+    chunking: bool, postfix_clean: PostfixInstance, dnsfunc: DNSFunc
+) -> None:
+    # Postfix adds its trace fields on top and stores LF line ends: the signature must
+    # survive a real MTA's handling, over DATA and over BDAT.
+    raw = (
+        "From: Ann <ann@dkim.test>\nTo: alice@mailrelay.test\nSubject: 8-bit, spaced  out \n"
+        "Message-ID: <{}@dkim.test>\nContent-Type: text/plain; charset=utf-8\n"
+        "Content-Transfer-Encoding: 8bit\n\n.dot first\nGr\u00fc\u00dfe \t \n\n\n"
+    )
+    messages = [
+        Message.from_bytes(raw.format(uuid.uuid4().hex).encode()),
+        Message.build(
+            sender="ann@dkim.test",
+            to=["alice@mailrelay.test"],
+            subject=f"built {uuid.uuid4().hex}",
+            text="line one\n.line two\n" * 500,
+        ),
+    ]
+    transport = SMTPTransport(
+        host=postfix_clean.host,
+        port=postfix_clean.smtp_port,
+        ssl_context=ssl.create_default_context(cafile=str(postfix_clean.ca_file)),
+        timeouts=Timeouts.all(15),
+        chunking=chunking,
+    )
+    with SigningTransport(transport, signer("sel-ed" if chunking else "sel-rsa")) as smtp:
+        assert all(result.ok for result in smtp.send_many(messages))
+    for message in messages:
+        copy = delivered_by_postfix(postfix_clean, message)
+        assert copy.startswith(b"Return-Path:")  # Postfix's fields came first
+        assert dkim.verify(copy, dnsfunc=dnsfunc)
+        head, _, body = copy.partition(b"\r\n\r\n")
+        assert not dkim.verify(head + b"\r\n\r\nX" + body, dnsfunc=dnsfunc)  # can fail
+    if chunking:
+        assert "BDAT " in postfix_clean.log_text()
 
 
 # -- the key stays secret ------------------------------------------------------------------
