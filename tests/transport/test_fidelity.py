@@ -43,7 +43,7 @@ from mailrelay.envelope import Envelope
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
-from mailrelay.testing.strategies import addresses, envelopes, message_bytes
+from mailrelay.testing.strategies import addresses, domains, envelopes, message_bytes
 from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
 from tests.peers.aiosmtpd_server import ReceivedMessage
 from tests.transport.fidelity_helpers import (
@@ -368,5 +368,74 @@ def test_aiosmtpd_receives_exactly_the_promised_message(
                 assert result.ok, result
                 check_received(*next(arrived), raw=raw, message=message, envelope=envelope)
             assert next(arrived, None) is None
+
+        check()
+
+
+# -- 2. aiosmtpd: recipients scripted to be refused -------------------------------------------
+
+#: What aiosmtpd answers a scripted local part (tests.peers.aiosmtpd_server).
+_SCRIPT = {"tempfail": (Outcome.TRANSIENT, 450), "reject": (Outcome.PERMANENT, 550)}
+
+_scripted_addresses = st.builds(
+    lambda local, domain: Address.parse(f"{local}@{domain}"),
+    st.sampled_from(["tempfail", "reject", "TempFail", "REJECT"]),
+    domains().filter(lambda domain: len(domain.encode()) < 240),  # RFC 5321 §4.5.3.1.3
+)
+
+
+@st.composite
+def scripted_envelopes(draw: st.DrawFn) -> Envelope:
+    """Envelopes whose recipients mix accepted and scripted refused ones."""
+    recipients = draw(
+        st.lists(
+            st.one_of(addresses().filter(plain_recipient), _scripted_addresses),
+            min_size=1,
+            max_size=4,
+            unique=True,
+        )
+    )
+    return Envelope(draw(st.none() | addresses()), recipients)
+
+
+def scripted(address: Address) -> tuple[Outcome, int]:
+    """The outcome and reply code the server's script gives ``address``."""
+    return _SCRIPT.get(address.local_part.lower(), (Outcome.ACCEPTED, 250))
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_send_many_with_refused_recipients_delivers_exactly_the_accepted(
+    flavour: Flavour, fidelity_server: FidelityServer
+) -> None:
+    records = fidelity_server.handler.messages
+    commands = fidelity_server.handler.commands
+    messages = st.one_of(message_bytes(utf8_headers=True), odd_message_bytes(long_lines=False))
+    with sender(flavour, "many", **fidelity_server.transport_args()) as transport:
+
+        @settings(max_examples=EXAMPLES, **_SETTINGS)
+        @given(batch=st.lists(st.tuples(messages, scripted_envelopes()), min_size=2, max_size=5))
+        def check(batch: list[tuple[bytes, Envelope]]) -> None:
+            pairs = [(Message.from_bytes(raw), envelope) for raw, envelope in batch]
+            seen = len(records)
+            results = transport.send(pairs)
+            arrived = iter(zip(records[seen:], commands[seen:], strict=True))
+            for (raw, envelope), (message, _), result in zip(batch, pairs, results, strict=True):
+                script = [scripted(r.address) for r in envelope.recipients]
+                assert [r.address for r in result.recipients] == [
+                    r.address for r in envelope.recipients
+                ]
+                assert [
+                    (r.outcome, r.reply.code if r.reply else None) for r in result.recipients
+                ] == (script), result
+                accepted = sum(outcome is Outcome.ACCEPTED for outcome, _ in script)
+                if accepted:
+                    check_received(
+                        *next(arrived),
+                        raw=raw,
+                        message=message,
+                        envelope=envelope,
+                        accepted=accepted,
+                    )
+            assert next(arrived, None) is None  # nothing else arrived, nothing twice
 
         check()
