@@ -54,6 +54,7 @@ from urllib.parse import unquote
 
 import mailrelay
 from mailrelay.address import Address
+from mailrelay.dkim import DKIMSigner
 from mailrelay.envelope import Envelope
 from mailrelay.errors import (
     AuthenticationError,
@@ -81,7 +82,7 @@ from mailrelay.tracker import (
     parse_dsn,
 )
 from mailrelay.tracker.store import Attempt, RecipientRecord
-from mailrelay.transport import Transport, TransportURL, transport_from_url
+from mailrelay.transport import SigningTransport, Transport, TransportURL, transport_from_url
 from mailrelay.validate import DEFAULT_SPECIAL_USE, RecipientValidator, Validation, Verdict
 
 __all__ = [
@@ -256,6 +257,8 @@ def error_status(exc: BaseException) -> int:
         return EX_DATAERR
     if isinstance(exc, ConfigurationError):
         return EX_CONFIG
+    if isinstance(exc, ImportError):
+        return EX_CONFIG  # an optional extra is not installed (mailrelay[dkim])
     if isinstance(exc, StoreError):
         return EX_TEMPFAIL if exc.is_transient else EX_IOERR
     if isinstance(exc, ResolverError):
@@ -472,6 +475,14 @@ def _transport_options(parser: argparse.ArgumentParser) -> None:
         metavar="PEM",
         help="trust this CA certificate file instead of the system's CAs (a private CA)",
     )
+    parser.add_argument(
+        "--dkim-key",
+        metavar="PEM",
+        help="DKIM-sign every message with this private key file (RSA or Ed25519; "
+        "needs mailrelay[dkim]); with --dkim-domain and --dkim-selector",
+    )
+    parser.add_argument("--dkim-domain", metavar="DOMAIN", help="the signing domain (d=)")
+    parser.add_argument("--dkim-selector", metavar="NAME", help="the key's selector (s=)")
 
 
 # -- transports ----------------------------------------------------------------------------
@@ -517,7 +528,28 @@ def _open_transport(args: argparse.Namespace) -> Transport:
             raise InputError(f"cannot read the CA file {args.ca_file!r}: {exc.strerror}") from exc
         except ssl.SSLError as exc:
             raise ConfigurationError(f"not a CA certificate file: {args.ca_file!r}") from exc
-    return transport_from_url(url, **overrides)
+    transport = transport_from_url(url, **overrides)
+    try:
+        signer = _signer(args)
+    except BaseException:
+        transport.close()
+        raise
+    return transport if signer is None else SigningTransport(transport, signer)
+
+
+def _signer(args: argparse.Namespace) -> DKIMSigner | None:
+    """The DKIM signer ``--dkim-key``, ``--dkim-domain`` and ``--dkim-selector`` describe
+    (all three, or none); the key is read from a file, never from the command line."""
+    given = [args.dkim_key, args.dkim_domain, args.dkim_selector]
+    if all(value is None for value in given):
+        return None
+    if any(value is None for value in given):
+        raise UsageError("DKIM signing needs --dkim-key, --dkim-domain and --dkim-selector")
+    try:
+        key = Path(args.dkim_key).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read the DKIM key {args.dkim_key!r}: {exc.strerror}") from None
+    return DKIMSigner(domain=args.dkim_domain, selector=args.dkim_selector, private_key=key)
 
 
 def _password(args: argparse.Namespace, username: str | None) -> str | None:

@@ -40,7 +40,7 @@ from mailrelay.validate import DEFAULT_SPECIAL_USE, RecipientValidator
 from tests.peers.aiosmtpd_server import AiosmtpdServer
 from tests.peers.postfix import USERS
 from tests.peers.scripted import free_port
-from tests.peers.unbound import UnboundServer
+from tests.peers.unbound import DKIM_ED25519, DKIM_RSA_2048, UnboundServer
 
 REPO = Path(__file__).resolve().parent.parent
 SISIMAI = REPO / "tests" / "data" / "sisimai" / "maildir"
@@ -165,6 +165,136 @@ def test_any_address_text_gives_exactly_one_row_of_five_fields(addresses: list[s
 
 
 # -- send ------------------------------------------------------------------------------------
+
+
+DKIM_KEYS = REPO / "tests" / "data" / "dkim"
+
+
+def dkim_records(name: bytes | str, timeout: int = 5) -> bytes:
+    """dkimpy's key lookup, answered from the test zone's records (the keys are static)."""
+    text = name.decode() if isinstance(name, bytes) else name
+    records = {
+        "sel-rsa._domainkey.dkim.test.": DKIM_RSA_2048,
+        "sel-ed._domainkey.dkim.test.": DKIM_ED25519,
+    }
+    return records[text].encode()
+
+
+@pytest.mark.parametrize(
+    ("selector", "key"), [("sel-rsa", "rsa2048.pem"), ("sel-ed", "ed25519.pem")]
+)
+def test_send_signs_with_dkim(run: Run, tmp_path: Path, selector: str, key: str) -> None:
+    import dkim  # type: ignore[import-untyped]  # dkimpy ships no type information
+
+    source = write_message(tmp_path / "m.eml")
+    outbox = tmp_path / "outbox"
+    status, out, err = run(
+        "send", "--url", outbox.as_uri(), "--dkim-key", str(DKIM_KEYS / key),
+        "--dkim-domain", "dkim.test", "--dkim-selector", selector, str(source),
+    )  # fmt: skip
+    assert (status, err) == (0, "")
+    assert [r[1] for r in rows(out)] == ["accepted"]
+    (eml,) = outbox.glob("*.eml")
+    signed = eml.read_bytes()
+    assert signed.startswith(b"DKIM-Signature: ")
+    assert signed.endswith(Message.from_file(source).as_bytes())
+    assert dkim.verify(signed, dnsfunc=dkim_records)
+    assert not dkim.verify(signed.replace(b"Hello", b"Jello"), dnsfunc=dkim_records)
+
+
+@pytest.mark.parametrize(
+    ("options", "status", "text"),
+    [
+        (["--dkim-key", "{keys}/rsa2048.pem"], cli.EX_USAGE, "needs --dkim-key, --dkim-domain"),
+        (["--dkim-domain", "dkim.test", "--dkim-selector", "s"], cli.EX_USAGE, "needs --dkim-key"),
+        (
+            [
+                "--dkim-key",
+                "{keys}/missing.pem",
+                "--dkim-domain",
+                "dkim.test",
+                "--dkim-selector",
+                "s",
+            ],
+            cli.EX_NOINPUT,
+            "cannot read the DKIM key",
+        ),
+        (
+            [
+                "--dkim-key",
+                "{keys}/README.md",
+                "--dkim-domain",
+                "dkim.test",
+                "--dkim-selector",
+                "s",
+            ],
+            cli.EX_CONFIG,
+            "ConfigurationError",
+        ),
+        (
+            [
+                "--dkim-key",
+                "{keys}/rsa512.pem",
+                "--dkim-domain",
+                "dkim.test",
+                "--dkim-selector",
+                "s",
+            ],
+            cli.EX_CONFIG,
+            "ConfigurationError",
+        ),
+    ],
+)
+def test_dkim_options_are_checked_before_sending(
+    run: Run, tmp_path: Path, options: list[str], status: int, text: str
+) -> None:
+    source = write_message(tmp_path / "m.eml")
+    outbox = tmp_path / "outbox"
+    argv = [o.format(keys=DKIM_KEYS) for o in options]
+    got, out, err = run("send", "--url", outbox.as_uri(), *argv, str(source))
+    assert (got, out) == (status, "")
+    assert text in err
+    assert not list(outbox.glob("*.eml"))
+
+
+def test_an_unsignable_message_is_bad_input(run: Run, tmp_path: Path) -> None:
+    source = tmp_path / "m.eml"
+    source.write_bytes(b"Sender: a@dkim.test\r\nTo: b@dkim.test\r\n\r\nno From\r\n")
+    outbox = tmp_path / "outbox"
+    status, out, err = run(
+        "send", "--url", outbox.as_uri(), "--dkim-key", str(DKIM_KEYS / "ed25519.pem"),
+        "--dkim-domain", "dkim.test", "--dkim-selector", "sel-ed", str(source),
+    )  # fmt: skip
+    assert (status, out) == (cli.EX_DATAERR, "")
+    assert "MessageError" in err
+    assert "From" in err
+    assert not list(outbox.glob("*.eml"))
+
+
+def test_dkim_without_the_extra_says_what_to_install(tmp_path: Path) -> None:
+    source = write_message(tmp_path / "m.eml")
+    argv = [
+        "send", "--url", (tmp_path / "outbox").as_uri(), "--dkim-key",
+        str(DKIM_KEYS / "ed25519.pem"), "--dkim-domain", "dkim.test", "--dkim-selector",
+        "sel-ed", str(source),
+    ]  # fmt: skip
+    code = (
+        "import sys; sys.modules['cryptography'] = None\n"
+        "from mailrelay import cli\n"
+        f"sys.exit(cli.main({argv!r}))\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=CHILD_TIMEOUT,
+        check=False,
+    )
+    assert child.returncode == cli.EX_CONFIG, child.stderr
+    assert 'pip install "mailrelay[dkim]"' in child.stderr
+    assert "Traceback" not in child.stderr
 
 
 def test_send_to_files_derives_the_envelope_and_requests_dsns(run: Run, tmp_path: Path) -> None:
