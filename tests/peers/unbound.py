@@ -73,6 +73,27 @@ DKIM_RSA_1024 = (
 )
 
 
+#: MTA-STS test domains (tests/transport/test_mtasts.py): each has ``MX 10 mx.mailrelay.test``
+#: and ``mta-sts.<domain> A 127.0.0.1`` (where the tests' HTTPS policy server listens), and
+#: these ``_mta-sts.<domain>`` TXT records (RFC 8461 §3.1). ``notxt`` has none;
+#: ``malformed`` has a bad id; ``twotxt`` has two STSv1 records (so: no policy); ``spf`` has
+#: one next to an SPF record (which is discarded); ``badcert``'s policy host is not named in
+#: the tests' certificate; ``noaddr`` has a record but no ``mta-sts`` host address.
+STS_DOMAINS: dict[str, tuple[str, ...]] = {
+    "enforce.sts.test": ("v=STSv1; id=enforce1",),
+    "mismatch.sts.test": ("v=STSv1; id=mismatch1",),
+    "testing.sts.test": ("v=STSv1; id=testing1;",),
+    "malformed.sts.test": ("v=STSv1; id=not_alnum!",),
+    "twotxt.sts.test": ("v=STSv1; id=first1", "v=STSv1; id=second2"),
+    "spf.sts.test": ("v=spf1 -all", "v=STSv1; id=spf1"),
+    "notxt.sts.test": (),
+    "badcert.sts.test": ("v=STSv1; id=badcert1",),
+    "noaddr.sts.test": ("v=STSv1; id=noaddr1",),
+}
+#: The address of every ``mta-sts.<domain>`` above (except ``noaddr``'s, which has none).
+STS_POLICY_HOST = "127.0.0.1"
+
+
 def txt_strings(text: str) -> str:
     """TXT rdata for ``text``: quoted strings of at most 255 octets each (RFC 1035 §3.3)."""
     return " ".join(f'"{text[i : i + 255]}"' for i in range(0, len(text), 255))
@@ -137,6 +158,20 @@ RECORDS: tuple[tuple[str, int, str, str], ...] = (
     ("sel-rsa._domainkey.dkim.test.", TTL, "TXT", txt_strings(DKIM_RSA_2048)),
     ("sel-ed._domainkey.dkim.test.", TTL, "TXT", txt_strings(DKIM_ED25519)),
     ("sel-rsa1024._domainkey.dkim.test.", TTL, "TXT", txt_strings(DKIM_RSA_1024)),
+    # MTA-STS (RFC 8461) test domains: see STS_DOMAINS.
+    *(
+        record
+        for domain, texts in STS_DOMAINS.items()
+        for record in (
+            (f"{domain}.", TTL, "MX", "10 mx.mailrelay.test."),
+            *((f"_mta-sts.{domain}.", TTL, "TXT", txt_strings(text)) for text in texts),
+            *(
+                ((f"mta-sts.{domain}.", TTL, "A", STS_POLICY_HOST),)
+                if domain != "noaddr.sts.test"
+                else ()
+            ),
+        )
+    ),
     *(
         record
         for index, domain in enumerate(BULK_DOMAINS)
