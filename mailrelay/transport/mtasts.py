@@ -679,6 +679,15 @@ async def alookup_txt(resolver: AsyncResolver, name: str) -> tuple[str, ...]:
 _MAX_PLAN_STEPS: Final = 3
 
 
+def _loop_running() -> bool:
+    """Whether this thread is running an event loop (a hook call from inside a coroutine)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class MTASTS:
     """MTA-STS for :class:`~mailrelay.transport.mx.MXTransport`: pass it as ``tls_policy``.
 
@@ -717,6 +726,8 @@ class MTASTS:
         fallback: TLSPolicyHook | None = None,
         retry_delay: float = FETCH_RETRY_DELAY,
     ) -> None:
+        if resolver is not None and not isinstance(resolver, Resolver):
+            raise ConfigurationError("MTASTS needs a mailrelay.resolver.Resolver")
         self.resolver = resolver if resolver is not None else Resolver()
         self._core = _Core(
             port=port, timeout=timeout, ssl_context=ssl_context, mx_ssl_context=mx_ssl_context,
@@ -732,7 +743,10 @@ class MTASTS:
         return self._core.cache
 
     def __call__(self, domain: str) -> TLS | MXPolicy | None:
-        """The ``tls_policy`` answer for ``domain`` (its A-label form)."""
+        """The ``tls_policy`` answer for ``domain`` (its A-label form).
+
+        It waits for DNS and HTTPS: give :class:`AsyncMTASTS` to an ``AsyncMXTransport``.
+        """
         name = _policy_domain(domain)
         if name is None:
             return self._core.fallback(domain) if self._core.fallback is not None else None
@@ -826,6 +840,8 @@ class AsyncMTASTS:
         fallback: TLSPolicyHook | None = None,
         retry_delay: float = FETCH_RETRY_DELAY,
     ) -> None:
+        if resolver is not None and not isinstance(resolver, AsyncResolver):
+            raise ConfigurationError("AsyncMTASTS needs a mailrelay.resolver.AsyncResolver")
         self.resolver = resolver if resolver is not None else AsyncResolver()
         self._core = _Core(
             port=port, timeout=timeout, ssl_context=ssl_context, mx_ssl_context=mx_ssl_context,
@@ -839,7 +855,16 @@ class AsyncMTASTS:
         return self._core.cache
 
     def __call__(self, domain: str) -> TLS | MXPolicy | None:
-        """The ``tls_policy`` answer for ``domain``, from the cache; never waits."""
+        """The ``tls_policy`` answer for ``domain``, from the cache; never waits.
+
+        Raises:
+            ConfigurationError: called outside a running event loop, where no check could
+                ever run (:class:`MTASTS` is the blocking hook).
+        """
+        if not _loop_running():
+            raise ConfigurationError(
+                "AsyncMTASTS answers inside an event loop: use MTASTS with MXTransport"
+            )
         name = _policy_domain(domain)
         if name is None:
             return self._core.fallback(domain) if self._core.fallback is not None else None
@@ -851,17 +876,17 @@ class AsyncMTASTS:
             hosts = tuple(h.name for h in found.hosts) if found is not None else None
         return self._core.decide(name, entry, hosts)
 
-    def _check_in_background(self, name: str) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # called outside a loop: nothing can run the check
+    def _check_in_background(self, name: str) -> asyncio.Task[CachedPolicy | None]:
+        """The check of ``name`` under way in this loop, or a new one: overlapping checks of
+        one domain share one lookup and fetch."""
+        loop = asyncio.get_running_loop()
         running = self._checks.get(name)
         if running is not None and not running.done() and running.get_loop() is loop:
-            return
-        task = loop.create_task(self.apolicy(name), name=f"mta-sts {name}")
+            return running
+        task = loop.create_task(self._refresh(name), name=f"mta-sts {name}")
         self._checks[name] = task
         task.add_done_callback(lambda done: self._check_done(name, done))
+        return task
 
     def _check_done(self, name: str, task: asyncio.Task[CachedPolicy | None]) -> None:
         if self._checks.get(name) is task:
@@ -874,6 +899,10 @@ class AsyncMTASTS:
         name = _policy_domain(domain)
         if name is None:
             return None
+        # Shielded: one caller's cancellation must not cancel the check others await.
+        return await asyncio.shield(self._check_in_background(name))
+
+    async def _refresh(self, name: str) -> CachedPolicy | None:
         plan = self._core.refresh_plan(name)
         answer: _Answer | None = None
         for _ in range(_MAX_PLAN_STEPS):

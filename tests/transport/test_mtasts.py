@@ -10,6 +10,7 @@ loopback (tests/peers/https_policy.py) with a certificate the test CA signed for
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
 import ssl
@@ -300,6 +301,19 @@ def test_bad_configuration_is_refused(kwargs: dict[str, Any]) -> None:
         MTASTS(**kwargs)
 
 
+def test_the_resolver_must_match_the_hook(unbound: UnboundServer) -> None:
+    with pytest.raises(ConfigurationError, match="AsyncResolver"):
+        AsyncMTASTS(unbound.resolver())  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="Resolver"):
+        MTASTS(unbound.async_resolver())  # type: ignore[arg-type]
+
+
+def test_the_async_hook_needs_a_running_loop(unbound: UnboundServer) -> None:
+    sts = AsyncMTASTS(unbound.async_resolver())
+    with pytest.raises(ConfigurationError, match="event loop"):
+        sts(ENFORCE)
+
+
 def test_the_cache_is_bounded_and_drops_expired_policies() -> None:
     cache = PolicyCache(size=2)
     for name in ("a.test", "b.test", "c.test"):
@@ -360,6 +374,17 @@ def test_unchanged_id_is_not_fetched_again(
     first = sts(ENFORCE)
     clock.now += 3600
     assert sts(ENFORCE) == first
+    assert server.fetches(ENFORCE) == 1
+
+
+def test_threads_asking_at_once_share_one_fetch(
+    unbound: UnboundServer, server: PolicyServer, tls_files: TLSFiles
+) -> None:
+    server.serve(ENFORCE, policy_text())
+    sts = hook(unbound, server.port, tls_files)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(sts, [ENFORCE] * 8, timeout=30))
+    assert all(isinstance(answer, MXPolicy) for answer in answers)
     assert server.fetches(ENFORCE) == 1
 
 
@@ -541,6 +566,25 @@ def test_async_hook_answers_from_the_cache_and_checks_in_the_background(
     assert second.mx_patterns == (MX,)
     assert isinstance(entry, CachedPolicy)
     assert entry.id == "enforce1"
+    assert server.fetches(ENFORCE) == 1
+
+
+def test_overlapping_async_checks_share_one_fetch(
+    unbound: UnboundServer, server: PolicyServer, tls_files: TLSFiles
+) -> None:
+    server.serve(ENFORCE, policy_text())
+
+    async def main() -> list[CachedPolicy | None]:
+        sts = AsyncMTASTS(
+            unbound.async_resolver(timeout=1.0),
+            port=server.port,
+            ssl_context=tls_files.client_context(),
+        )
+        return await asyncio.gather(*(sts.apolicy(ENFORCE) for _ in range(5)))
+
+    entries = run(main())
+    assert len({id(entry) for entry in entries}) == 1
+    assert entries[0] is not None
     assert server.fetches(ENFORCE) == 1
 
 
