@@ -29,6 +29,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import ipaddress
 import random
 import string
@@ -104,17 +105,36 @@ def _octets(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
+# Strategies are immutable and reusable: the composites below draw from cached ones
+# rather than building (and Hypothesis validating) new ones for every draw, which
+# would cost more than the drawing itself.
+@functools.cache
+def _ints(low: int, high: int) -> st.SearchStrategy[int]:
+    return st.integers(low, high)
+
+
+@functools.cache
+def _text(
+    alphabet: str | st.SearchStrategy[str], min_size: int = 0, max_size: int | None = None
+) -> st.SearchStrategy[str]:
+    return st.text(alphabet=alphabet, min_size=min_size, max_size=max_size)
+
+
+_BOOL: Final = st.booleans()
+
+
 # -- domains ------------------------------------------------------------------
 
 
+@functools.cache
 @st.composite
 def _ascii_label(draw: st.DrawFn, min_size: int = 1, max_size: int = MAX_LABEL) -> str:
     """An LDH label (RFC 5321 §4.1.2 sub-domain), mixed case, not an R-LDH label."""
-    size = draw(st.integers(min_size, max_size))
+    size = draw(_ints(min_size, max_size))
     first = draw(st.sampled_from(_ALNUM))
     if size == 1:
         return first
-    middle = draw(st.text(alphabet=_LDH_INNER, min_size=size - 2, max_size=size - 2))
+    middle = draw(_text(_LDH_INNER, min_size=size - 2, max_size=size - 2))
     label = first + middle + draw(st.sampled_from(_ALNUM))
     if label[2:4] == "--":
         # RFC 5891 §4.2.3.1: "--" in the third and fourth positions marks a
@@ -134,34 +154,36 @@ def _valid_u_label(label: str) -> bool:
         return False
 
 
+@functools.cache
+def _script_chars(script: str) -> st.SearchStrategy[list[str]]:
+    return st.lists(st.sampled_from(script + string.ascii_lowercase + string.digits), max_size=14)
+
+
+@functools.cache
 @st.composite
 def _u_label_text(draw: st.DrawFn) -> str:
     script = draw(st.sampled_from(_IDN_SCRIPTS))
-    chars = draw(
-        st.lists(
-            st.sampled_from(script + string.ascii_lowercase + string.digits),
-            min_size=0,
-            max_size=14,
-        )
-    )
+    chars = draw(_script_chars(script))
     # At least one letter of the script, so that the label is an IDN.
-    chars.insert(draw(st.integers(0, len(chars))), draw(st.sampled_from(script)))
-    if len(chars) >= 3 and draw(st.booleans()):
+    chars.insert(draw(_ints(0, len(chars))), draw(st.sampled_from(script)))
+    if len(chars) >= 3 and draw(_BOOL):
         # One hyphen inside the label (never first or last).
-        chars.insert(draw(st.integers(1, len(chars) - 1)), "-")
+        chars.insert(draw(_ints(1, len(chars) - 1)), "-")
     return unicodedata.normalize("NFC", "".join(chars))
 
 
+@functools.cache
 def _u_label() -> st.SearchStrategy[str]:
     """An IDNA 2008 U-label, lowercase and NFC."""
     return _u_label_text().filter(_valid_u_label)
 
 
+@functools.cache
 @st.composite
 def _idn_label(draw: st.DrawFn) -> str:
     label = draw(_u_label())
     # Sometimes written as its A-label ("xn--..."): the same domain.
-    return _a_label(label) if draw(st.integers(0, 3)) == 0 else label
+    return _a_label(label) if draw(_ints(0, 3)) == 0 else label
 
 
 def _domain_octets(labels: list[str]) -> int:
@@ -170,21 +192,27 @@ def _domain_octets(labels: list[str]) -> int:
     return max(_octets(text), len(".".join(_a_label(label) for label in labels)))
 
 
+@functools.cache
+def _domain_labels(idn: bool) -> st.SearchStrategy[list[str]]:
+    label = st.one_of(_ascii_label(max_size=20), _idn_label()) if idn else _ascii_label()
+    return st.lists(label, min_size=1, max_size=3)
+
+
+@functools.cache
 @st.composite
 def _domain_name(draw: st.DrawFn, idn: bool, max_octets: int) -> str:
-    label = st.one_of(_ascii_label(max_size=20), _idn_label()) if idn else _ascii_label()
-    if idn and draw(st.integers(0, 5)) == 0:
+    if idn and draw(_ints(0, 5)) == 0:
         tld = draw(_u_label())
     else:
-        tld = draw(st.text(alphabet=string.ascii_letters, min_size=2, max_size=10))
+        tld = draw(_text(string.ascii_letters, min_size=2, max_size=10))
     labels = [tld]
-    if draw(st.integers(0, 7)) == 0:
+    if draw(_ints(0, 7)) == 0:
         # Near the length limit: fill with ASCII labels up to a target close to it.
-        target = draw(st.integers(max(1, max_octets - 8), max_octets))
+        target = draw(_ints(max(1, max_octets - 8), max_octets))
         while (room := target - _domain_octets(labels) - 1) >= 1:
             labels.insert(0, draw(_ascii_label(min_size=min(room, 40), max_size=min(room, 63))))
     else:
-        labels[:0] = draw(st.lists(label, min_size=1, max_size=3))
+        labels[:0] = draw(_domain_labels(idn))
     # Too long (long labels drawn, or a short max_octets): drop labels from the left.
     while len(labels) > 2 and _domain_octets(labels) > max_octets:
         del labels[0]
@@ -205,6 +233,7 @@ def _ipv6_text(address: ipaddress.IPv6Address, form: int) -> str:
     return ":".join(group.lstrip("0") or "0" for group in groups) + f":{tail}"
 
 
+@functools.cache
 @st.composite
 def _address_literal(draw: st.DrawFn) -> str:
     kind = draw(st.sampled_from(("ipv4", "ipv6", "mapped")))
@@ -214,9 +243,10 @@ def _address_literal(draw: st.DrawFn) -> str:
         # RFC 5321 §4.1.3 IPv6v4-comp, the usual spelling of an IPv4-mapped address.
         return f"[IPv6:::ffff:{draw(st.ip_addresses(v=4))}]"
     address = ipaddress.IPv6Address(int(draw(st.ip_addresses(v=6))))
-    return f"[IPv6:{_ipv6_text(address, draw(st.integers(0, 2)))}]"
+    return f"[IPv6:{_ipv6_text(address, draw(_ints(0, 2)))}]"
 
 
+@functools.cache
 def _domains(idn: bool, literals: bool, max_octets: int) -> st.SearchStrategy[str]:
     names = _domain_name(idn, max_octets)
     return st.one_of(names, _address_literal()) if literals else names
@@ -234,7 +264,8 @@ def domains(*, idn: bool = True, literals: bool = False) -> st.SearchStrategy[st
     IDNA 2008 U-labels (Latin, Greek, Cyrillic, CJK, kana, Hangul), some
     written as A-labels (``xn--...``). About one in eight is close to the
     252 octets (``x@`` and the domain make the 254-octet maximum). Every one is accepted by
-    ``Address.parse(f"x@{domain}")``.
+    ``Address.parse(f"x@{domain}")``; with a longer local part the whole may
+    pass the 254-octet limit of an address, which :func:`address_texts` keeps.
 
     Args:
         idn: also draw internationalized names.
@@ -276,34 +307,45 @@ def _quote(value: str, extra: frozenset[int] = frozenset()) -> str:
     return "".join(out)
 
 
+@functools.cache
+def _local_char(utf8: bool) -> st.SearchStrategy[str]:
+    atext = st.sampled_from(_ATEXT)
+    return st.one_of(atext, _NON_ASCII_LOCAL) if utf8 else atext
+
+
+@functools.cache
+def _quoted_char(utf8: bool) -> st.SearchStrategy[str]:
+    # The characters that make quoting necessary come up often: specials and space.
+    specials = st.sampled_from(' "\\(),:;@[].')
+    return st.one_of(specials, st.sampled_from(_QUOTED_ASCII), _local_char(utf8))
+
+
+@functools.cache
 @st.composite
 def _local_part(draw: st.DrawFn, utf8: bool, quoted: bool) -> str:
     limit = MAX_LOCAL_PART
-    if draw(st.integers(0, 7)) == 0:
+    if draw(_ints(0, 7)) == 0:
         # At (or just under) the RFC 5321 §4.5.3.1.1 limit of 64 octets.
-        size = draw(st.integers(limit - 4, limit))
-        return draw(st.text(alphabet=_ATEXT, min_size=size, max_size=size))
-    char = st.one_of(st.sampled_from(_ATEXT), _NON_ASCII_LOCAL) if utf8 else st.sampled_from(_ATEXT)
-    if quoted and draw(st.integers(0, 2)) == 0:
+        size = draw(_ints(limit - 4, limit))
+        return draw(_text(_ATEXT, min_size=size, max_size=size))
+    char = _local_char(utf8)
+    if quoted and draw(_ints(0, 2)) == 0:
         # A value that must be quoted (or that may be: quoting a dot-string is allowed).
-        inner = st.sampled_from(_QUOTED_ASCII)
-        value = draw(st.text(alphabet=st.one_of(inner, char), max_size=24))
+        value = draw(_text(_quoted_char(utf8), max_size=24))
     else:
-        atoms = draw(
-            st.lists(st.text(alphabet=char, min_size=1, max_size=12), min_size=1, max_size=4)
-        )
+        atoms = draw(st.lists(_text(char, min_size=1, max_size=12), min_size=1, max_size=4))
         value = ".".join(atoms)
     value = unicodedata.normalize("NFC", value)
     dot_string = _is_dot_string(value)
-    if dot_string and not (quoted and draw(st.integers(0, 5)) == 0):
+    if dot_string and not (quoted and draw(_ints(0, 5)) == 0):
         text = value
     elif quoted:
-        extra = frozenset(draw(st.sets(st.integers(0, max(0, len(value) - 1)), max_size=3)))
+        extra = frozenset(draw(st.sets(_ints(0, max(0, len(value) - 1)), max_size=3)))
         text = _quote(value, extra if value else frozenset())
     else:
         # NFC turned a character into one that needs quotes (U+037E is ";"), or the
         # quoted branch was not allowed: fall back to a plain atom.
-        text = draw(st.text(alphabet=_ATEXT, min_size=1, max_size=12))
+        text = draw(_text(_ATEXT, min_size=1, max_size=12))
     # Shorten what is too long, keeping it valid.
     while _octets(text) > limit:
         value = unicodedata.normalize("NFC", value[: len(value) - 1])
@@ -338,6 +380,7 @@ def local_parts(*, utf8: bool = True, quoted: bool = True) -> st.SearchStrategy[
 # -- addresses ------------------------------------------------------------------
 
 
+@functools.cache
 @st.composite
 def _address_text(draw: st.DrawFn, utf8: bool, idn: bool, quoted: bool, literals: bool) -> str:
     local = draw(local_parts(utf8=utf8, quoted=quoted))
@@ -385,7 +428,12 @@ def addresses(
     Returns:
         A strategy for addresses.
     """
-    return address_texts(utf8=utf8, idn=idn, quoted=quoted, literals=literals).map(Address.parse)
+    return _addresses(utf8, idn, quoted, literals)
+
+
+@functools.cache
+def _addresses(utf8: bool, idn: bool, quoted: bool, literals: bool) -> st.SearchStrategy[Address]:
+    return _address_text(utf8, idn, quoted, literals).map(Address.parse)
 
 
 # -- invalid addresses -------------------------------------------------------------
@@ -401,13 +449,13 @@ def _injected(draw: st.DrawFn) -> str:
     # LF would end the command line early: command injection).
     text = draw(address_texts(literals=True))
     piece = draw(st.sampled_from(("\r", "\n", "\r\n", "\x00", "\r\nRCPT TO:<x@example.org>")))
-    return _insert(text, draw(st.integers(0, len(text))), piece)
+    return _insert(text, draw(_ints(0, len(text))), piece)
 
 
 @st.composite
 def _missing_at(draw: st.DrawFn) -> str:
     local = draw(local_parts(utf8=True, quoted=False))
-    choice = draw(st.integers(0, 2))
+    choice = draw(_ints(0, 2))
     if choice == 0:
         return local
     if choice == 1:
@@ -418,10 +466,10 @@ def _missing_at(draw: st.DrawFn) -> str:
 
 @st.composite
 def _bad_dots(draw: st.DrawFn) -> str:
-    atoms = draw(st.lists(st.text(alphabet=_ATEXT, min_size=1, max_size=8), min_size=2, max_size=3))
+    atoms = draw(st.lists(_text(_ATEXT, min_size=1, max_size=8), min_size=2, max_size=3))
     labels = draw(st.lists(_ascii_label(max_size=10), min_size=2, max_size=3))
     local, domain = ".".join(atoms), ".".join(labels)
-    where = draw(st.integers(0, 5))
+    where = draw(_ints(0, 5))
     # RFC 5321 §4.1.2: Dot-string = Atom *("." Atom); Domain = sub-domain *("." sub-domain).
     if where == 0:
         local = "." + local
@@ -442,29 +490,29 @@ def _bad_dots(draw: st.DrawFn) -> str:
 def _long_local(draw: st.DrawFn) -> str:
     # RFC 5321 §4.5.3.1.1: at most 64 octets; counted in octets, so 33 two-octet
     # letters (33 characters) are too many as well.
-    if draw(st.booleans()):
-        local = draw(st.text(alphabet=_ATEXT, min_size=MAX_LOCAL_PART + 1, max_size=90))
+    if draw(_BOOL):
+        local = draw(_text(_ATEXT, min_size=MAX_LOCAL_PART + 1, max_size=90))
     else:
-        size = draw(st.integers(MAX_LOCAL_PART // 2 + 1, 45))
-        local = draw(st.text(alphabet="éüßδж", min_size=size, max_size=size))
+        size = draw(_ints(MAX_LOCAL_PART // 2 + 1, 45))
+        local = draw(_text("éüßδж", min_size=size, max_size=size))
     return f"{local}@{draw(domains(idn=False))}"
 
 
 @st.composite
 def _long_domain(draw: st.DrawFn) -> str:
-    if draw(st.booleans()):
+    if draw(_BOOL):
         # RFC 1035 §2.3.4: a label is at most 63 octets.
         label = draw(_ascii_label(min_size=MAX_LABEL + 1, max_size=80))
         return f"user@{label}.example"
     # RFC 5321 §4.5.3.1.2: a domain is at most 255 octets (and the address 254).
-    count = draw(st.integers(5, 6))
+    count = draw(_ints(5, 6))
     labels = [draw(_ascii_label(min_size=60, max_size=63)) for _ in range(count)]
     return "user@" + ".".join(labels) + ".com"
 
 
 @st.composite
 def _unbalanced_quotes(draw: st.DrawFn) -> str:
-    word = draw(st.text(alphabet=string.ascii_letters, min_size=1, max_size=8))
+    word = draw(_text(string.ascii_letters, min_size=1, max_size=8))
     domain = draw(domains(idn=False))
     # RFC 5321 §4.1.2: a Quoted-string is DQUOTE *QcontentSMTP DQUOTE, and is the
     # whole local part; a quote inside a Dot-string is not atext.
@@ -484,7 +532,7 @@ def _unbalanced_quotes(draw: st.DrawFn) -> str:
 
 @st.composite
 def _spaces(draw: st.DrawFn) -> str:
-    local = draw(st.text(alphabet=string.ascii_letters, min_size=2, max_size=8))
+    local = draw(_text(string.ascii_letters, min_size=2, max_size=8))
     domain = draw(domains(idn=False))
     space = draw(st.sampled_from((" ", "  ", "\u00a0", "\u3000")))
     # RFC 5321 §4.1.2 has no white space outside a Quoted-string (no CFWS, unlike RFC 5322).
@@ -620,16 +668,17 @@ _NOTIFY: Final = st.one_of(
 )
 # RFC 3461 §4.4: printable ASCII, at most 100 characters once xtext-encoded (each
 # character is at most 3 then).
-_ENVID: Final = st.text(
-    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=33
+_ENVID: Final = _text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=33
 )
 
 
+@functools.cache
 @st.composite
 def _envelope(
     draw: st.DrawFn, *, utf8: bool, idn: bool, quoted: bool, dsn: bool, max_recipients: int
 ) -> Envelope:
-    address = addresses(utf8=utf8, idn=idn, quoted=quoted)
+    address = _addresses(utf8, idn, quoted, False)
     # RFC 5321 §4.5.5: the null reverse-path <> (bounces and other automatic mail).
     sender = draw(st.one_of(st.none(), address))
     targets = draw(st.lists(address, min_size=1, max_size=max_recipients, unique=True))
@@ -691,7 +740,7 @@ _MIN_MESSAGE_SIZE: Final = 4096
 _MAX_LINE: Final = 998
 _LINE_ENDS: Final = (b"\r\n", b"\n", b"\r")
 _PRINTABLE: Final = "".join(chr(c) for c in range(0x20, 0x7F)) + "\t"
-_WORD: Final = st.text(alphabet=string.ascii_letters + string.digits, min_size=1, max_size=10)
+_WORD: Final = _text(string.ascii_letters + string.digits, min_size=1, max_size=10)
 _DATES: Final = st.datetimes(
     min_value=_dt.datetime(1990, 1, 1),
     max_value=_dt.datetime(2099, 12, 31),
@@ -705,21 +754,23 @@ _DATES: Final = st.datetimes(
 )
 
 
+@functools.cache
 def _header_text(utf8: bool, max_size: int) -> st.SearchStrategy[str]:
     alphabet = (
         st.one_of(st.sampled_from(_PRINTABLE), _NON_ASCII_TEXT)
         if utf8
         else st.sampled_from(_PRINTABLE)
     )
-    return st.text(alphabet=alphabet, max_size=max_size).map(lambda text: text.strip())
+    return _text(alphabet, max_size=max_size).map(lambda text: text.strip())
 
 
+@functools.cache
 @st.composite
 def _mailbox(draw: st.DrawFn, utf8: bool) -> str:
     """An RFC 5322 mailbox whose address is a valid envelope address."""
-    address = draw(addresses(utf8=utf8, idn=True, quoted=False))
+    address = draw(_addresses(utf8, True, False, False))
     spec = address.smtp_path(smtputf8=utf8)
-    shape = draw(st.integers(0, 3))
+    shape = draw(_ints(0, 3))
     if shape == 0:
         return spec
     if shape == 1:
@@ -728,10 +779,11 @@ def _mailbox(draw: st.DrawFn, utf8: bool) -> str:
         return f'"{draw(_WORD)}, {draw(_WORD)}" <{spec}>'
     if utf8:
         # RFC 6532 §3.2: raw UTF-8 in a display name.
-        return f"{draw(st.text(alphabet=_IDN_SCRIPTS[1], min_size=1, max_size=8))} <{spec}>"
+        return f"{draw(_text(_IDN_SCRIPTS[1], min_size=1, max_size=8))} <{spec}>"
     return f"=?utf-8?b?w6lsw6ht?= <{spec}>"
 
 
+@functools.cache
 @st.composite
 def _header_lines(
     draw: st.DrawFn, utf8: bool, eight_bit_body: bool
@@ -745,11 +797,11 @@ def _header_lines(
     fields.append(line("To: " + ", ".join(draw(st.lists(_mailbox(utf8), min_size=1, max_size=3)))))
     subject = draw(_header_text(utf8, 60))
     words = subject.split(" ")
-    if len(words) > 2 and draw(st.booleans()):
+    if len(words) > 2 and draw(_BOOL):
         # RFC 5322 §2.2.3: a folded field; the continuation starts with white space.
-        cut = draw(st.integers(1, len(words) - 1))
+        cut = draw(_ints(1, len(words) - 1))
         fields.append(line("Subject: " + " ".join(words[:cut])))
-        fields.append(line((" " if draw(st.booleans()) else "\t") + " ".join(words[cut:])))
+        fields.append(line((" " if draw(_BOOL) else "\t") + " ".join(words[cut:])))
     else:
         fields.append(line(f"Subject: {subject}"))
     fields.append(line(f"Date: {format_datetime(draw(_DATES))}"))
@@ -762,41 +814,42 @@ def _header_lines(
             b"Content-Transfer-Encoding: 8bit",
         ]
     extra: list[bytes] = []
-    for _ in range(draw(st.integers(0, 3))):
-        name = "X-" + draw(st.text(alphabet=_LDH_INNER, min_size=1, max_size=12))
-        kind = draw(st.integers(0, 3))
+    for _ in range(draw(_ints(0, 3))):
+        name = "X-" + draw(_text(_LDH_INNER, min_size=1, max_size=12))
+        kind = draw(_ints(0, 3))
         if kind == 0:
             extra.append(line(f"{name}:"))  # an empty value
         elif kind == 1:
             # The longest line RFC 5322 §2.1.1 allows: 998 octets.
             extra.append(line(f"{name}: ".ljust(_MAX_LINE, "v")))
         elif kind == 2:
-            blind = draw(addresses(utf8=False, idn=False, quoted=False))
+            blind = draw(_addresses(False, False, False, False))
             extra.append(line(f"Bcc: {blind}"))  # RFC 5322 §3.6.3: never on the wire
         else:
             extra.append(line(f"{name}: {draw(_header_text(utf8, 40))}"))
     return fields, extra
 
 
+@functools.cache
 def _body_line(eight_bit: bool) -> st.SearchStrategy[bytes]:
-    plain = st.text(alphabet=_PRINTABLE, max_size=78).map(lambda text: text.encode("ascii"))
+    plain = _text(_PRINTABLE, max_size=78).map(lambda text: text.encode("ascii"))
     # RFC 5321 §4.5.2: lines the client must dot-stuff, and the would-be terminator.
     dots = st.one_of(
         st.sampled_from((b".", b"..", b"...", b". ", b".\t")),
         plain.map(lambda line: b"." + line),
         plain.map(lambda line: b".." + line),
     )
-    long_size = st.one_of(st.just(_MAX_LINE), st.integers(79, _MAX_LINE))
+    long_size = st.one_of(st.just(_MAX_LINE), _ints(79, _MAX_LINE))
     long = st.builds(
         lambda size, char, dot: (b"." if dot else b"") + char * (size - dot),
         long_size,
         st.sampled_from((b"x", b" ", b"=")),
-        st.booleans(),
+        _BOOL,
     )
     kinds = [plain, dots, long, st.sampled_from((b"", b" ", b"\t", b"From here", b"-- "))]
     if eight_bit:
         # RFC 6152: any octet but NUL, CR and LF; valid UTF-8 or not.
-        utf8_text = st.text(alphabet=_NON_ASCII_TEXT, min_size=1, max_size=30).map(
+        utf8_text = _text(_NON_ASCII_TEXT, min_size=1, max_size=30).map(
             lambda text: text.encode("utf-8")
         )
         raw = st.binary(min_size=1, max_size=30).map(lambda data: bytes(b | 0x80 for b in data))
@@ -804,6 +857,7 @@ def _body_line(eight_bit: bool) -> st.SearchStrategy[bytes]:
     return st.one_of(kinds)
 
 
+@functools.cache
 @st.composite
 def _message_bytes(draw: st.DrawFn, eight_bit: bool, utf8_headers: bool, max_size: int) -> bytes:
     body = draw(st.lists(_body_line(eight_bit), max_size=20))
@@ -819,7 +873,7 @@ def _message_bytes(draw: st.DrawFn, eight_bit: bool, utf8_headers: bool, max_siz
     while wire_size() > max_size and extra:
         extra.pop()
     head = fields + extra
-    separator = bool(body) or draw(st.booleans())  # an empty body may lack the blank line
+    separator = bool(body) or draw(_BOOL)  # an empty body may lack the blank line
     lines = head + ([b""] if separator else []) + body
     ends = draw(st.lists(st.sampled_from(_LINE_ENDS), min_size=len(lines), max_size=len(lines)))
     for index in range(1, len(lines)):
@@ -827,7 +881,7 @@ def _message_bytes(draw: st.DrawFn, eight_bit: bool, utf8_headers: bool, max_siz
             # A bare CR then an empty line ended by LF would read as one CRLF: the
             # empty line (maybe the header/body separator) would vanish.
             ends[index] = b"\r\n"
-    if draw(st.booleans()):
+    if draw(_BOOL):
         ends[-1] = b""  # no line end after the last line
     return b"".join(line + end for line, end in zip(lines, ends, strict=True))
 
@@ -868,39 +922,41 @@ def message_bytes(
     return _message_bytes(eight_bit, utf8_headers, max_size)
 
 
+@functools.cache
+def _body_text(ascii_only: bool) -> st.SearchStrategy[str]:
+    printable = st.sampled_from(_PRINTABLE)
+    char = printable if ascii_only else st.one_of(printable, _NON_ASCII_TEXT)
+    line = st.one_of(_text(char, max_size=80), st.sampled_from((".", "..", ".x", "")))
+    return st.lists(line, max_size=12).map("\n".join)
+
+
+_SUBJECT_CHAR: Final = st.one_of(st.sampled_from(_PRINTABLE[:-1]), _NON_ASCII_TEXT)
+_ATTACHMENT: Final = st.builds(
+    Attachment,
+    filename=_text(string.ascii_letters + string.digits + "._- é", min_size=1, max_size=20)
+    .map(str.strip)
+    .filter(bool),
+    data=st.binary(max_size=2048),
+    content_type=st.sampled_from((None, "application/octet-stream", "text/plain", "image/png")),
+)
+
+
+@functools.cache
 @st.composite
 def _built_message(draw: st.DrawFn, eight_bit: bool, utf8_headers: bool) -> Message:
-    address = addresses(utf8=utf8_headers, idn=True, quoted=True)
+    address = _addresses(utf8_headers, True, True, False)
     recipients = st.lists(address, max_size=2)
     # In the RFC 6532 form (a non-ASCII local part anywhere) bodies go out 8-bit:
     # keep them ASCII when 8-bit bodies are not wanted.
-    ascii_only = utf8_headers and not eight_bit
-    char = (
-        st.sampled_from(_PRINTABLE)
-        if ascii_only
-        else st.one_of(st.sampled_from(_PRINTABLE), _NON_ASCII_TEXT)
-    )
-    line = st.one_of(st.text(alphabet=char, max_size=80), st.sampled_from((".", "..", ".x", "")))
-    text = st.lists(line, max_size=12).map("\n".join)
-    subject_char = st.one_of(st.sampled_from(_PRINTABLE[:-1]), _NON_ASCII_TEXT)
-    attachment = st.builds(
-        Attachment,
-        filename=st.text(
-            alphabet=string.ascii_letters + string.digits + "._- é", min_size=1, max_size=20
-        )
-        .map(str.strip)
-        .filter(bool),
-        data=st.binary(max_size=2048),
-        content_type=st.sampled_from((None, "application/octet-stream", "text/plain", "image/png")),
-    )
+    text = _body_text(ascii_only=utf8_headers and not eight_bit)
     sender = draw(address)
     to = draw(st.lists(address, min_size=1, max_size=3))
     cc = draw(recipients)
     bcc = draw(recipients)
-    subject = draw(st.one_of(st.none(), st.text(alphabet=subject_char, max_size=60)))
+    subject = draw(st.one_of(st.none(), _text(_SUBJECT_CHAR, max_size=60)))
     body = draw(st.one_of(st.none(), text))
     html = draw(st.one_of(st.none(), text.map(lambda body: f"<p>{body}</p>")))
-    files = draw(st.lists(attachment, max_size=2))
+    files = draw(st.lists(_ATTACHMENT, max_size=2))
     message_id = f"{draw(_WORD)}@{draw(_domain_name(idn=False, max_octets=60))}"
     date = draw(_DATES)
     # Message.build draws MIME boundaries from the global random module; Hypothesis
@@ -971,11 +1027,12 @@ _COMMON_CODES: Final = {
 }
 
 
+@functools.cache
 def _reply_text(utf8: bool) -> st.SearchStrategy[str]:
     # RFC 5321 §4.2 textstring: HT, SP and printable ASCII; RFC 6531 §3.7.3 adds UTF-8.
     ascii_char = st.sampled_from(_PRINTABLE)
     char = st.one_of(ascii_char, _NON_ASCII_TEXT) if utf8 else ascii_char
-    return st.text(alphabet=char, max_size=60)
+    return _text(char, max_size=60)
 
 
 def _code_strategy(codes: Iterable[int] | None, klass: int | None) -> st.SearchStrategy[int]:
@@ -991,15 +1048,14 @@ def _code_strategy(codes: Iterable[int] | None, klass: int | None) -> st.SearchS
     else:
         classes = (2, 3, 4, 5)
     common = st.sampled_from([code for digit in classes for code in _COMMON_CODES[digit]])
-    anything = st.sampled_from(classes).flatmap(
-        lambda digit: st.integers(digit * 100, digit * 100 + 99)
-    )
+    anything = st.sampled_from(classes).flatmap(lambda digit: _ints(digit * 100, digit * 100 + 99))
     return st.one_of(common, anything)
 
 
+@functools.cache
 @st.composite
 def _status(draw: st.DrawFn, digit: int) -> EnhancedStatus:
-    part = st.one_of(st.integers(0, 7), st.integers(0, 999))
+    part = st.one_of(_ints(0, 7), _ints(0, 999))
     return EnhancedStatus(klass=digit, subject=draw(part), detail=draw(part))
 
 
@@ -1015,21 +1071,21 @@ def _reply_lines(
 ) -> tuple[tuple[bytes, ...], Reply]:
     code = draw(codes)
     digit = code // 100
-    count = draw(st.integers(1, max_lines))
+    count = draw(_ints(1, max_lines))
     texts = draw(st.lists(_reply_text(utf8), min_size=count, max_size=count))
     status: EnhancedStatus | None = None
     # RFC 3463 has no class 3: a 3xx reply never carries an enhanced status code.
-    if digit != 3 and (enhanced or (enhanced is None and draw(st.booleans()))):
+    if digit != 3 and (enhanced or (enhanced is None and draw(_BOOL))):
         status = draw(_status(digit))
         prefix = str(status)
         # RFC 2034 §3: the code starts every line; some servers put it on the first only.
-        prefixed = len(texts) if draw(st.booleans()) else 1
+        prefixed = len(texts) if draw(_BOOL) else 1
         texts = [
             (f"{prefix} {text}" if text else prefix) if index < prefixed else text
             for index, text in enumerate(texts)
         ]
     else:
-        decoy = draw(st.integers(0, 4))
+        decoy = draw(_ints(0, 4))
         other = draw(st.sampled_from([d for d in (2, 4, 5) if d != digit]))
         if decoy == 1:
             texts[0] = f"{other}.1.1 {texts[0]}"  # another class: not this reply's code
@@ -1045,7 +1101,7 @@ def _reply_lines(
     wire: list[bytes] = []
     for index, text in enumerate(texts):
         last = index == len(texts) - 1
-        if last and not text and draw(st.booleans()):
+        if last and not text and draw(_BOOL):
             line = str(code)  # RFC 5321 §4.2: a bare code is a whole last line
         else:
             line = f"{code}{' ' if last else '-'}{text}"
@@ -1172,7 +1228,7 @@ def _ehlo_reply(draw: st.DrawFn) -> tuple[bytes, Extensions]:
         written = draw(st.sampled_from((keyword, keyword.lower(), keyword.title())))
         if keyword == "SIZE":
             # RFC 1870 §4: "SIZE" alone or "SIZE 0" declares no fixed maximum.
-            value = draw(st.one_of(st.just(""), st.just("0"), st.integers(1, 10**12).map(str)))
+            value = draw(st.one_of(st.just(""), st.just("0"), _ints(1, 10**12).map(str)))
             size = (int(value) or None) if value else None
             keywords["SIZE"] = value
             lines.append(f"{written} {value}".rstrip())
@@ -1185,7 +1241,7 @@ def _ehlo_reply(draw: st.DrawFn) -> tuple[bytes, Extensions]:
             keywords["AUTH"] = " ".join(shown)
             auth.update(mechs)
             lines.append(f"{written} {' '.join(shown)}")
-            if draw(st.booleans()):
+            if draw(_BOOL):
                 # The pre-standard "AUTH=" form old servers send next to the standard line.
                 old = draw(
                     st.lists(st.sampled_from(_MECHANISMS), min_size=1, max_size=2, unique=True)
@@ -1196,8 +1252,8 @@ def _ehlo_reply(draw: st.DrawFn) -> tuple[bytes, Extensions]:
             keywords[keyword] = ""
             lines.append(written)
     greeting = draw(domains(idn=False))
-    if draw(st.booleans()):
-        greeting += " " + draw(st.text(alphabet=string.ascii_letters + " ,!", max_size=30)).strip()
+    if draw(_BOOL):
+        greeting += " " + draw(_text(string.ascii_letters + " ,!", max_size=30)).strip()
     all_lines = [greeting, *lines]
     wire = b"".join(
         f"250{'-' if index < len(all_lines) - 1 else ' '}{text}\r\n".encode("ascii")
