@@ -50,13 +50,18 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import attrs
 
 from mailrelay.errors import ConfigurationError, MailRelayError, ResolverError
 from mailrelay.options import TLS
-from mailrelay.resolver import AsyncResolver, Resolver
+from mailrelay.resolver import (
+    AsyncResolver,
+    Resolver,
+    _from_error,  # the resolver's own rules, for the TXT lookups below
+    _negative_ttl,
+)
 from mailrelay.transport.mx_plan import MXPolicy, TLSPolicyHook
 
 __all__ = [
@@ -622,26 +627,44 @@ def fetch_policy(
 # -- TXT lookups -----------------------------------------------------------------------------
 # The resolver has no TXT lookup of its own yet (it looks up MX, A and AAAA), and only it
 # may import dnspython. Until it has one, these ask through its dnspython resolver object,
-# with the resolver's servers, port and timeout, and tell NXDOMAIN (no record: an answer)
-# from failures (no answer) by the exception's class name.
+# with the resolver's servers, port and timeout, tell NXDOMAIN (no record: an answer) from
+# failures (no answer) by the exception's class name, and keep answers in the resolver's
+# cache for their TTL (negative answers for RFC 2308's negative TTL, with the resolver's
+# own helpers), so a warm delivery costs no query. Failures are not kept.
+
+_TXT_KEY: Final = "mta-sts TXT"
 
 
 def _is_nxdomain(exc: BaseException) -> bool:
     return any(cls.__name__ == "NXDOMAIN" for cls in type(exc).__mro__)
 
 
-def _texts(answer: object) -> tuple[str, ...]:
-    rrset = getattr(answer, "rrset", None)
+def _cached_txt(resolver: Resolver | AsyncResolver, name: str) -> tuple[str, ...] | None:
+    value = resolver.cache.get((_TXT_KEY, name))
+    return value if isinstance(value, tuple) else None  # anything else is the miss sentinel
+
+
+def _keep_answer(resolver: Resolver | AsyncResolver, name: str, answer: Any) -> tuple[str, ...]:
+    """The texts of a TXT answer (NODATA: none), kept in the resolver's cache."""
+    limits = resolver._limits
+    rrset = answer.rrset
     if rrset is None:
-        return ()  # NODATA
-    # DNS splits TXT data into strings of at most 255 octets; a record is their join.
-    return tuple(
-        b"".join(getattr(rdata, "strings", ())).decode("utf-8", "replace") for rdata in rrset
-    )
+        texts: tuple[str, ...] = ()
+        ttl = _negative_ttl(answer.response, limits.negative)
+    else:
+        # DNS splits TXT data into strings of at most 255 octets; a record is their join.
+        texts = tuple(b"".join(rdata.strings).decode("utf-8", "replace") for rdata in rrset)
+        ttl = min(float(rrset.ttl), limits.positive)
+    resolver.cache.put((_TXT_KEY, name), texts, ttl)
+    return texts
 
 
-def _txt_failure(name: str, exc: Exception) -> ResolverError:
-    return ResolverError(f"TXT lookup for {name} failed: {exc}", name=name, is_transient=True)
+def _keep_failure(resolver: Resolver | AsyncResolver, name: str, exc: Any) -> tuple[str, ...]:
+    """``()`` for NXDOMAIN (kept for its negative TTL); a ResolverError raised otherwise."""
+    if not _is_nxdomain(exc):
+        raise ResolverError(f"TXT lookup for {name} failed: {exc}", name=name, is_transient=True)
+    resolver.cache.put((_TXT_KEY, name), (), _from_error(exc, resolver._limits).ttl)
+    return ()
 
 
 def lookup_txt(resolver: Resolver, name: str) -> tuple[str, ...]:
@@ -650,28 +673,30 @@ def lookup_txt(resolver: Resolver, name: str) -> tuple[str, ...]:
     Raises:
         ResolverError: the DNS could not tell (timeout, SERVFAIL, REFUSED).
     """
+    cached = _cached_txt(resolver, name)
+    if cached is not None:
+        return cached
     try:
         answer = resolver._dns.resolve(
             name + ".", "TXT", raise_on_no_answer=False, search=False, lifetime=resolver.timeout
         )
     except Exception as exc:  # dnspython's errors: NXDOMAIN is an answer, the rest is not
-        if _is_nxdomain(exc):
-            return ()
-        raise _txt_failure(name, exc) from None
-    return _texts(answer)
+        return _keep_failure(resolver, name, exc)
+    return _keep_answer(resolver, name, answer)
 
 
 async def alookup_txt(resolver: AsyncResolver, name: str) -> tuple[str, ...]:
     """:func:`lookup_txt`, awaited, through an :class:`~mailrelay.resolver.AsyncResolver`."""
+    cached = _cached_txt(resolver, name)
+    if cached is not None:
+        return cached
     try:
         answer = await resolver._dns.resolve(
             name + ".", "TXT", raise_on_no_answer=False, search=False, lifetime=resolver.timeout
         )
     except Exception as exc:  # as in lookup_txt
-        if _is_nxdomain(exc):
-            return ()
-        raise _txt_failure(name, exc) from None
-    return _texts(answer)
+        return _keep_failure(resolver, name, exc)
+    return _keep_answer(resolver, name, answer)
 
 
 # -- the hooks -------------------------------------------------------------------------------

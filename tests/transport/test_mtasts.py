@@ -377,6 +377,19 @@ def test_unchanged_id_is_not_fetched_again(
     assert server.fetches(ENFORCE) == 1
 
 
+@pytest.mark.parametrize("domain", [ENFORCE, "notxt.sts.test", "nosuchdomain.sts.test"])
+def test_txt_answers_are_cached(
+    unbound: UnboundServer, server: PolicyServer, tls_files: TLSFiles, domain: str
+) -> None:
+    server.serve(domain, policy_text())
+    sts = hook(unbound, server.port, tls_files)
+    before = unbound.queries_for(f"_mta-sts.{domain}")
+    for _ in range(3):
+        sts(domain)
+    # Positive answers for their TTL, NODATA and NXDOMAIN for the negative TTL (RFC 2308).
+    assert unbound.queries_for(f"_mta-sts.{domain}") == before + 1
+
+
 def test_threads_asking_at_once_share_one_fetch(
     unbound: UnboundServer, server: PolicyServer, tls_files: TLSFiles
 ) -> None:
