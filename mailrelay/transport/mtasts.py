@@ -4,8 +4,8 @@ Theory of operation: :class:`MTASTS` (blocking) and :class:`AsyncMTASTS` (asynci
 ``tls_policy`` hooks for the MX transports (``MXTransport(tls_policy=MTASTS(...))``). Asked
 about a domain, they find its policy, keep it, and answer with an
 :class:`~mailrelay.transport.mx.MXPolicy` when the policy says ``mode: enforce``. The steps
-are written once, without I/O, as a generator (:func:`_refresh_plan`) that yields two kinds of
-request, a TXT lookup and a policy fetch; each class carries them out with its own I/O.
+are written once, without I/O, as a generator (``_Core.refresh_plan``) that yields two kinds
+of request, a TXT lookup and a policy fetch; each class carries them out with its own I/O.
 
 Rules of this module:
 
@@ -24,11 +24,14 @@ Rules of this module:
   CRLF or LF line ends; unknown keys ignored; a repeated single-valued key keeps its first
   value. Anything else raises :class:`PolicyError`, and an invalid policy is no policy.
 - Caching (§5.1, §10.2): the last good policy per domain is kept until its ``max_age`` runs
-  out, in memory. An unchanged TXT ``id`` means no fetch; a changed one means a fetch; a fetch
-  that fails keeps the cached policy (never a downgrade because a refresh failed), and the
-  same ``id`` is not fetched again for :data:`FETCH_RETRY_DELAY` seconds (§3.3 suggests
-  at least five minutes). A missing or broken TXT record keeps the cached policy too: §8.3
-  removes a policy only through a new one with ``mode: none``.
+  out, in memory. An unchanged TXT ``id`` means no fetch, until the policy is older than
+  ``refresh_after`` (a day, :data:`DEFAULT_REFRESH_AFTER`): then it is fetched again, so a
+  policy in use is renewed long before it expires (§10.2: every discovery is a moment an
+  attacker who blocks DNS or HTTPS can exploit; fewer and earlier is safer). A changed ``id``
+  means a fetch. A fetch that fails keeps the cached policy (never a downgrade because a
+  refresh failed), and the same ``id`` is not fetched again for :data:`FETCH_RETRY_DELAY`
+  seconds (§3.3 suggests at least five minutes). A missing or broken TXT record keeps the
+  cached policy too: §8.3 removes a policy only through a new one with ``mode: none``.
 - Applying (§5): ``enforce`` → ``MXPolicy(tls=TLS.STARTTLS, mx_patterns=<the policy's mx>,
   plaintext_fallback=False)``: only exchangers matching a pattern, verified TLS, and when none
   passes the recipients are ``TRANSIENT`` (§5: a policy failure defers, it never bounces).
@@ -66,6 +69,7 @@ from mailrelay.transport.mx_plan import MXPolicy, TLSPolicyHook
 
 __all__ = [
     "DEFAULT_FETCH_TIMEOUT",
+    "DEFAULT_REFRESH_AFTER",
     "FETCH_RETRY_DELAY",
     "MAX_MAX_AGE",
     "MAX_POLICY_SIZE",
@@ -92,6 +96,9 @@ MAX_MAX_AGE: Final = 31_557_600
 #: Seconds before a failed fetch of the same policy ``id`` is tried again (RFC 8461 §3.3:
 #: "five minutes or longer per version ID").
 FETCH_RETRY_DELAY: Final = 300.0
+#: Seconds after which a cached policy whose ``id`` is unchanged is fetched again, to renew
+#: it long before its ``max_age`` runs out.
+DEFAULT_REFRESH_AFTER: Final = 86_400.0
 #: The well-known path of the policy (RFC 8461 §3.2).
 POLICY_PATH: Final = "/.well-known/mta-sts.txt"
 
@@ -396,6 +403,7 @@ class _Core:
         cache: PolicyCache | None,
         fallback: TLSPolicyHook | None,
         retry_delay: float,
+        refresh_after: float,
     ) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigurationError(f"port must be a number from 1 to 65535, not {port!r}")
@@ -412,6 +420,7 @@ class _Core:
         self.cache = cache if cache is not None else PolicyCache()
         self.fallback = fallback
         self.retry_delay = retry_delay
+        self.refresh_after = refresh_after
         self._failed_lock = threading.Lock()
         self._failed: dict[tuple[str, str], float] = {}  # (domain, id) -> when it failed
 
@@ -440,7 +449,9 @@ class _Core:
                 log.info("MTA-STS: %s publishes no usable record: %s", domain, exc)
             return cached
         if cached is not None and cached.id == record.id:
-            return cached  # RFC 8461 §5.1: same id, same policy: no fetch
+            if now - cached.fetched_at < self.refresh_after:
+                return cached  # RFC 8461 §5.1: same id, same policy: no fetch
+            log.info("MTA-STS: renewing the policy of %s (id %s)", domain, record.id)
         if self._recently_failed(domain, record.id, now):
             return cached
         fetched = yield _Fetch(domain)
@@ -736,6 +747,8 @@ class MTASTS:
         cache: a :class:`PolicyCache` to share; ``None`` makes one.
         fallback: a ``tls_policy`` hook asked for domains without an ``enforce`` policy.
         retry_delay: seconds before a policy whose fetch failed is fetched again.
+        refresh_after: seconds after which a cached policy is fetched again even though its
+            ``id`` is unchanged (renewing it before it expires; a failure keeps it).
     """
 
     def __init__(
@@ -750,6 +763,7 @@ class MTASTS:
         cache: PolicyCache | None = None,
         fallback: TLSPolicyHook | None = None,
         retry_delay: float = FETCH_RETRY_DELAY,
+        refresh_after: float = DEFAULT_REFRESH_AFTER,
     ) -> None:
         if resolver is not None and not isinstance(resolver, Resolver):
             raise ConfigurationError("MTASTS needs a mailrelay.resolver.Resolver")
@@ -757,6 +771,7 @@ class MTASTS:
         self._core = _Core(
             port=port, timeout=timeout, ssl_context=ssl_context, mx_ssl_context=mx_ssl_context,
             clock=clock, cache=cache, fallback=fallback, retry_delay=retry_delay,
+            refresh_after=refresh_after,
         )  # fmt: skip
         # Striped locks: one domain's refreshes run one at a time (the second finds the
         # first's policy cached); different domains rarely wait for each other.
@@ -850,6 +865,7 @@ class AsyncMTASTS:
         cache: as for :class:`MTASTS`.
         fallback: as for :class:`MTASTS`.
         retry_delay: as for :class:`MTASTS`.
+        refresh_after: as for :class:`MTASTS`.
     """
 
     def __init__(
@@ -864,6 +880,7 @@ class AsyncMTASTS:
         cache: PolicyCache | None = None,
         fallback: TLSPolicyHook | None = None,
         retry_delay: float = FETCH_RETRY_DELAY,
+        refresh_after: float = DEFAULT_REFRESH_AFTER,
     ) -> None:
         if resolver is not None and not isinstance(resolver, AsyncResolver):
             raise ConfigurationError("AsyncMTASTS needs a mailrelay.resolver.AsyncResolver")
@@ -871,6 +888,7 @@ class AsyncMTASTS:
         self._core = _Core(
             port=port, timeout=timeout, ssl_context=ssl_context, mx_ssl_context=mx_ssl_context,
             clock=clock, cache=cache, fallback=fallback, retry_delay=retry_delay,
+            refresh_after=refresh_after,
         )  # fmt: skip
         self._checks: dict[str, asyncio.Task[CachedPolicy | None]] = {}
 

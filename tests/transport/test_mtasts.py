@@ -401,6 +401,30 @@ def test_threads_asking_at_once_share_one_fetch(
     assert server.fetches(ENFORCE) == 1
 
 
+def test_a_policy_in_use_is_renewed_before_it_expires(
+    unbound: UnboundServer, server: PolicyServer, tls_files: TLSFiles
+) -> None:
+    server.serve(ENFORCE, policy_text(max_age=7 * 86400))
+    clock = Clock()
+    sts = hook(unbound, server.port, tls_files, clock=clock, refresh_after=86400.0)
+    assert sts(ENFORCE) is not None
+    clock.now += 86399
+    assert sts(ENFORCE) is not None
+    assert server.fetches(ENFORCE) == 1
+    clock.now += 1  # a day old: fetched again though the id is unchanged
+    assert sts(ENFORCE) is not None
+    assert server.fetches(ENFORCE) == 2
+    entry = sts.cache.get(ENFORCE, clock.now)
+    assert entry is not None
+    assert entry.fetched_at == clock.now  # max_age counts from the renewal
+    # A renewal that fails keeps the policy in force.
+    server.serve(ENFORCE, FAILURES["404"])
+    clock.now += 86400
+    answer = sts(ENFORCE)
+    assert isinstance(answer, MXPolicy)
+    assert server.fetches(ENFORCE) == 3
+
+
 def test_changed_id_is_fetched_again(
     unbound: UnboundServer, server: PolicyServer, tls_files: TLSFiles
 ) -> None:
