@@ -52,7 +52,7 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Hashable, Iterable
 from typing import Any, Final, TypeAlias
 
 import attrs
@@ -423,6 +423,7 @@ class _Core:
         self.refresh_after = refresh_after
         self._failed_lock = threading.Lock()
         self._failed: dict[tuple[str, str], float] = {}  # (domain, id) -> when it failed
+        self._findings: set[Hashable] = set()  # testing-mode findings already logged
 
     def context(self) -> ssl.SSLContext:
         """The context verifying ``mta-sts.<domain>``'s certificate (system CAs by default)."""
@@ -497,6 +498,16 @@ class _Core:
                 self._failed.clear()  # bounded: at worst some fetches are tried early
             self._failed[domain, record_id] = now
 
+    def _reported(self, finding: Hashable) -> bool:
+        """Whether ``finding`` was logged before (and remember it from now on)."""
+        with self._failed_lock:
+            if finding in self._findings:
+                return True
+            if len(self._findings) >= _DEFAULT_CACHE_SIZE:
+                self._findings.clear()  # bounded: at worst a finding is logged again
+            self._findings.add(finding)
+            return False
+
     def decide(
         self, domain: str, entry: CachedPolicy | None, mx_hosts: Iterable[str] | None
     ) -> TLS | MXPolicy | None:
@@ -510,8 +521,11 @@ class _Core:
             if policy.mode is Mode.TESTING and mx_hosts is not None:
                 refused = [host for host in mx_hosts if not policy.allows(host)]
                 if refused:
-                    # RFC 8461 §5: testing mode delivers anyway; say what enforce would not.
-                    log.warning(
+                    # RFC 8461 §5: testing mode delivers anyway; say what enforce would not
+                    # (a WARNING once per policy and finding, then at DEBUG: not per message).
+                    finding = (domain, entry.id, entry.fetched_at, tuple(refused))
+                    log.log(
+                        logging.DEBUG if self._reported(finding) else logging.WARNING,
                         "MTA-STS testing policy of %s: enforce would skip %s (mx: %s)",
                         domain,
                         ", ".join(refused),
