@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -46,11 +47,13 @@ from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.testing.strategies import addresses, domains, envelopes, message_bytes
 from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
 from tests.peers.aiosmtpd_server import ReceivedMessage
+from tests.peers.postfix import PostfixInstance
 from tests.transport.fidelity_helpers import (
     Commands,
     FidelityHandler,
     expected_path,
     expected_wire,
+    split_delivered,
     start_fidelity_server,
 )
 
@@ -439,3 +442,123 @@ def test_send_many_with_refused_recipients_delivers_exactly_the_accepted(
             assert next(arrived, None) is None  # nothing else arrived, nothing twice
 
         check()
+
+
+# -- 3. Postfix: the delivered copy --------------------------------------------------------------
+
+POSTFIX_USERS = ("alice@mailrelay.test", "bob@mailrelay.test")
+
+#: (driver, port attribute, chunking, pipelining): DATA and BDAT, pipelined and not.
+POSTFIX_WAYS = [
+    pytest.param("sync", "smtp_port", False, True, id="sync-data-pipelined"),
+    pytest.param("async", "smtp_port", True, True, id="async-bdat-pipelined"),
+    pytest.param("sync", "smtp_port", True, False, id="sync-bdat-one-by-one"),
+    pytest.param(
+        "async", "no_pipelining_port", False, True, id="async-data-server-without-pipelining"
+    ),
+]
+
+
+postfix_extra_lines = st.lists(
+    st.tuples(
+        st.one_of(
+            st.integers(999, 5000).map(lambda n: b"z" * n),
+            st.just(b".\x00."),
+            st.binary(max_size=30).map(_no_breaks),
+        ),
+        _eol,
+    ),
+    max_size=2,
+).map(lambda lines: b"\r\n" + b"".join(text + end for text, end in lines))
+
+
+@st.composite
+def postfix_envelopes(draw: st.DrawFn, marker: str) -> Envelope:
+    """A generated sender (or none) to one or both Maildir users; the marker as ENVID, so
+    the MAIL line can be found in the log."""
+    recipients = draw(st.lists(st.sampled_from(POSTFIX_USERS), min_size=1, max_size=2, unique=True))
+    return Envelope(draw(st.none() | addresses()), recipients, envid=marker)
+
+
+@pytest.mark.postfix
+@pytest.mark.parametrize(("flavour", "port_name", "chunking", "pipelining"), POSTFIX_WAYS)
+def test_postfix_delivers_exactly_the_promised_message(
+    flavour: Flavour,
+    port_name: str,
+    chunking: bool,
+    pipelining: bool,
+    postfix: PostfixInstance,
+) -> None:
+    args: dict[str, Any] = {
+        "host": postfix.host,
+        "port": getattr(postfix, port_name),
+        "tls": TLS.NONE,
+        "timeouts": Timeouts.all(15),
+        "chunking": chunking,
+        "pipelining": pipelining,
+        "pool": PoolSettings(size=1),
+    }
+    with sender(flavour, "many", **args) as transport:
+
+        @settings(max_examples=POSTFIX_EXAMPLES, **_SETTINGS)
+        @given(data=st.data())
+        def check(data: st.DataObject) -> None:
+            batch: list[tuple[str, bytes, Envelope]] = []
+            for _ in range(data.draw(st.integers(1, 3), label="messages")):
+                marker = uuid.uuid4().hex
+                raw = f"X-Fidelity-Marker: {marker}\r\n".encode() + data.draw(
+                    message_bytes(utf8_headers=True), label="raw"
+                )
+                if expected_wire(raw).head.endswith(b"\r\n\r\n"):
+                    # Lines longer than RFC 5321 §4.5.3.1.6 allows go out as they are, and
+                    # Postfix takes them (docs/messages.md); NUL passes through too.
+                    raw += data.draw(postfix_extra_lines, label="extra lines")
+                batch.append((marker, raw, data.draw(postfix_envelopes(marker), label="envelope")))
+            results = transport.send([(Message.from_bytes(raw), env) for _, raw, env in batch])
+            for (marker, raw, envelope), result in zip(batch, results, strict=True):
+                assert result.ok, result
+                # Only smtp_port runs ``smtpd -v`` (tests.peers.postfix).
+                check_delivered(postfix, marker, raw, envelope, logged=port_name == "smtp_port")
+
+        check()
+
+
+def check_delivered(
+    postfix: PostfixInstance, marker: str, raw: bytes, envelope: Envelope, *, logged: bool
+) -> None:
+    """Each recipient's copy is Postfix's trace fields, then exactly the promised message;
+    when the port logs commands (``logged``), the MAIL line is the promised one."""
+    expected = expected_wire(raw)
+    utf8 = needs_smtputf8(raw, envelope)
+    for recipient in envelope.recipients:
+        user = str(recipient.address)
+        copy = postfix.wait_for_message(user, f"X-Fidelity-Marker: {marker}\n".encode())
+        trace, rest = split_delivered(copy)
+        assert rest == expected.received.replace(b"\r\n", b"\n")
+        values = dict(trace)
+        return_path = values["Return-Path"].decode().strip()
+        assert return_path.startswith("<"), return_path
+        assert return_path.endswith(">"), return_path
+        if envelope.sender is None:
+            assert return_path == "<>"
+        else:
+            # Postfix writes the path in its own quoting: compare as addresses.
+            assert Address.parse(return_path[1:-1]) == envelope.sender, return_path
+        assert values["Delivered-To"] == f"{user}\n".encode()
+        assert values["X-Original-To"] == f"{user}\n".encode()
+        # RFC 6531 §4.3: the Received field's protocol says whether SMTPUTF8 was used.
+        assert (b" with UTF8SMTP" in values["Received"]) == utf8, values["Received"]
+    if not logged:
+        return
+    # smtpd -v logs each command as received: the MAIL line, found by the ENVID it carries.
+    log = postfix.wait_for_log(f"ENVID={marker}")
+    (line,) = [line for line in log.splitlines() if f"ENVID={marker}" in line]
+    parameters = [f"SIZE={len(expected.wire)}"]
+    if expected.eight_bit_body:
+        parameters.append("BODY=8BITMIME")
+    if utf8:
+        parameters.append("SMTPUTF8")
+    mail = " ".join(
+        [f"MAIL FROM:<{expected_path(envelope.sender, utf8)}>", *parameters, f"ENVID={marker}"]
+    )
+    assert line.endswith(": " + mail), (line, mail)
