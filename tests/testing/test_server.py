@@ -8,6 +8,7 @@ bytes of a dialogue).
 
 from __future__ import annotations
 
+import ast
 import base64
 import re
 import smtplib
@@ -53,7 +54,7 @@ from tests.transport.helpers import (
     send_many_with,
     send_with,
 )
-from tests.transport.test_docs import python_blocks
+from tests.transport.test_docs import python_blocks, server_blocks
 
 USERS = {"alice@example.com": "alicepw", "bob": "s3cret"}
 DOC = Path(__file__).resolve().parents[2] / "docs" / "test-server.md"
@@ -861,3 +862,15 @@ def test_the_docs_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     namespace: dict[str, object] = {"__name__": "docs_test_server"}
     for number, block in enumerate(blocks, start=1):
         exec(compile(block, f"{DOC.name} block {number}", "exec"), namespace)  # our own doc
+
+
+def test_the_docs_tls_example_compiles_and_its_imports_resolve() -> None:
+    blocks = server_blocks(DOC.read_text(encoding="utf-8"))
+    assert blocks
+    for number, block in enumerate(blocks, start=1):
+        tree = ast.parse(block, f"{DOC.name} py block {number}")
+        imports = ast.Module(
+            body=[node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)],
+            type_ignores=[],
+        )
+        exec(compile(imports, f"{DOC.name} py block {number}", "exec"), {})
