@@ -43,6 +43,7 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import http.client
 import logging
@@ -74,6 +75,7 @@ __all__ = [
     "MAX_MAX_AGE",
     "MAX_POLICY_SIZE",
     "MTASTS",
+    "POLICY_PATH",
     "AsyncMTASTS",
     "CachedPolicy",
     "Mode",
@@ -82,6 +84,7 @@ __all__ = [
     "PolicyFetchError",
     "STSPolicy",
     "STSRecord",
+    "fetch_policy",
 ]
 
 log = logging.getLogger(__name__)
@@ -579,12 +582,24 @@ def _read_body(
             raise PolicyFetchError(f"the policy is more than {MAX_POLICY_SIZE} bytes")
 
 
+def _cut(conn: http.client.HTTPConnection) -> None:
+    """Shut the connection's socket down: a read blocked in another thread returns at once."""
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 def _fetch_at(
     host: str, address: str, port: int, context: ssl.SSLContext, deadline: float
 ) -> bytes:
-    conn = _PinnedHTTPSConnection(
-        host, address, port, context, max(deadline - time.monotonic(), 0.001)
-    )
+    left = max(deadline - time.monotonic(), 0.001)
+    conn = _PinnedHTTPSConnection(host, address, port, context, left)
+    # A socket timeout bounds each read, not the fetch: a server that sends its headers a
+    # byte at a time could hold us for hours. At the deadline the watchdog cuts it off.
+    watchdog = threading.Timer(left, _cut, args=(conn,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         conn.request(
             "GET",
@@ -603,7 +618,12 @@ def _fetch_at(
         if kind is None or kind.split(";", 1)[0].strip().lower() != "text/plain":
             raise PolicyFetchError(f"media type {kind!r}, not text/plain")
         return _read_body(response, conn, deadline)
+    except (OSError, http.client.HTTPException) as exc:
+        if time.monotonic() >= deadline:
+            raise PolicyFetchError(f"timed out ({type(exc).__name__}: {exc})") from None
+        raise
     finally:
+        watchdog.cancel()
         conn.close()
 
 
@@ -692,7 +712,7 @@ def _keep_failure(resolver: Resolver | AsyncResolver, name: str, exc: Any) -> tu
     return ()
 
 
-def lookup_txt(resolver: Resolver, name: str) -> tuple[str, ...]:
+def _lookup_txt(resolver: Resolver, name: str) -> tuple[str, ...]:
     """The TXT records at ``name`` (each one's strings joined); ``()`` when it has none.
 
     Raises:
@@ -710,8 +730,8 @@ def lookup_txt(resolver: Resolver, name: str) -> tuple[str, ...]:
     return _keep_answer(resolver, name, answer)
 
 
-async def alookup_txt(resolver: AsyncResolver, name: str) -> tuple[str, ...]:
-    """:func:`lookup_txt`, awaited, through an :class:`~mailrelay.resolver.AsyncResolver`."""
+async def _alookup_txt(resolver: AsyncResolver, name: str) -> tuple[str, ...]:
+    """:func:`_lookup_txt`, awaited, through an :class:`~mailrelay.resolver.AsyncResolver`."""
     cached = _cached_txt(resolver, name)
     if cached is not None:
         return cached
@@ -719,7 +739,7 @@ async def alookup_txt(resolver: AsyncResolver, name: str) -> tuple[str, ...]:
         answer = await resolver._dns.resolve(
             name + ".", "TXT", raise_on_no_answer=False, search=False, lifetime=resolver.timeout
         )
-    except Exception as exc:  # as in lookup_txt
+    except Exception as exc:  # as in _lookup_txt
         return _keep_failure(resolver, name, exc)
     return _keep_answer(resolver, name, answer)
 
@@ -830,7 +850,7 @@ class MTASTS:
     def _carry_out(self, request: _Request) -> _Answer:
         if isinstance(request, _LookupTXT):
             try:
-                return lookup_txt(self.resolver, request.name)
+                return _lookup_txt(self.resolver, request.name)
             except ResolverError as exc:
                 return exc
         try:
@@ -982,7 +1002,7 @@ class AsyncMTASTS:
     async def _carry_out(self, request: _Request) -> _Answer:
         if isinstance(request, _LookupTXT):
             try:
-                return await alookup_txt(self.resolver, request.name)
+                return await _alookup_txt(self.resolver, request.name)
             except ResolverError as exc:
                 return exc
         try:

@@ -21,6 +21,7 @@ import socketserver
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -81,12 +82,19 @@ class Response:
         body: the body.
         content_type: the Content-Type header (``None``: no such header).
         headers: more headers.
+        drip: when above 0, the headers are sent one byte every ``drip`` seconds (with a
+            padding header of :data:`DRIP_PADDING` bytes), as a slow server would.
     """
 
     status: int = 200
     body: bytes = b""
     content_type: str | None = "text/plain"
     headers: tuple[tuple[str, str], ...] = ()
+    drip: float = 0.0
+
+
+#: The padding header's size in a dripping answer: 1000 bytes at 0.01 s are 10 s in all.
+DRIP_PADDING = 1000
 
 
 def policy_response(text: str) -> Response:
@@ -105,14 +113,36 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             response = owner.routes.get(host)
         if response is None or self.path != "/.well-known/mta-sts.txt":
             response = Response(status=404, body=b"not found\n")
-        self.send_response(response.status)
+        headers = list(response.headers)
         if response.content_type is not None:
-            self.send_header("Content-Type", response.content_type)
-        for name, value in response.headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(response.body)))
-        self.end_headers()
-        self.wfile.write(response.body)
+            headers.append(("Content-Type", response.content_type))
+        headers.append(("Content-Length", str(len(response.body))))
+        if response.drip <= 0:
+            self.send_response(response.status)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(response.body)
+            return
+        headers.append(("X-Padding", "x" * DRIP_PADDING))
+        lines = [f"HTTP/1.1 {response.status} Slow", *(f"{n}: {v}" for n, v in headers), "", ""]
+        head = "\r\n".join(lines).encode()
+        owner = self.server.owner
+        try:
+            for index in range(len(head)):  # bounded: the headers' length
+                if owner.stopping.is_set():
+                    return
+                self.wfile.write(head[index : index + 1])
+                self.wfile.flush()
+                time.sleep(response.drip)
+            self.wfile.write(response.body)
+            self.wfile.flush()
+        except OSError:
+            owner.drips.append("cut")  # the client hung up before the headers were out
+        else:
+            owner.drips.append("complete")
+        finally:
+            owner.drip_done.set()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the requests are recorded; stderr stays quiet
@@ -152,6 +182,10 @@ class PolicyServer:
         self.routes: dict[str, Response] = {}
         self.requests: list[tuple[str, str]] = []
         self.tls_failures: list[str] = []
+        self.stopping = threading.Event()
+        self.drips: list[str] = []
+        """How each dripping answer ended: "cut" by the client, or "complete"."""
+        self.drip_done = threading.Event()
         self._server = _Server((HOST, 0), _Handler)
         self._server.owner = self
         self.port = int(self._server.server_address[1])
@@ -178,7 +212,8 @@ class PolicyServer:
             return sum(1 for host, _path in self.requests if host == f"mta-sts.{domain}")
 
     def stop(self) -> None:
-        """Stop serving and close the listening socket."""
+        """Stop serving (a dripping answer stops too) and close the listening socket."""
+        self.stopping.set()
         if self._thread.is_alive():
             self._server.shutdown()
             self._thread.join(timeout=5)

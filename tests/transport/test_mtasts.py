@@ -519,6 +519,19 @@ def test_failed_connection_is_no_policy_unless_one_is_cached(  # noqa: PLR0917 -
         assert answer is None
 
 
+def test_a_fetch_has_one_deadline_however_slowly_the_server_talks(
+    unbound: UnboundServer, server: PolicyServer, tls_files: TLSFiles
+) -> None:
+    # Each byte comes well within a read timeout, but all of them take 10 s: the fetch's
+    # deadline (0.5 s) cuts it off.
+    server.serve(ENFORCE, Response(body=policy_text().encode(), drip=0.01))
+    sts = hook(unbound, server.port, tls_files, timeout=0.5)
+    assert sts(ENFORCE) is None
+    assert server.fetches(ENFORCE) == 1
+    assert server.drip_done.wait(15)
+    assert server.drips == ["cut"]  # we hung up before the server had sent its headers
+
+
 def test_failed_fetch_is_not_retried_at_once(
     unbound: UnboundServer, server: PolicyServer, tls_files: TLSFiles
 ) -> None:
