@@ -45,8 +45,15 @@ from mailrelay.errors import InvalidAddress
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
-from mailrelay.testing.strategies import addresses, domains, envelopes, message_bytes
+from mailrelay.testing.strategies import (
+    addresses,
+    domains,
+    envelopes,
+    message_bytes,
+    messages,
+)
 from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
+from mailrelay.transport.base import BatchItem
 from tests.peers.aiosmtpd_server import ReceivedMessage
 from tests.peers.postfix import PostfixInstance
 from tests.transport.fidelity_helpers import (
@@ -71,7 +78,6 @@ _SETTINGS: dict[str, Any] = {
     "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
 }
 
-Pair = tuple[Message, Envelope]
 Flavour = Literal["sync", "async"]
 Mode = Literal["send", "many"]
 
@@ -181,6 +187,10 @@ def plain_envelopes() -> st.SearchStrategy[Envelope]:
 # -- sending ----------------------------------------------------------------------------------
 
 
+def _split(item: BatchItem) -> tuple[Message, Envelope | None]:
+    return item if isinstance(item, tuple) else (item, None)
+
+
 class Sender:
     """One pooled transport (sync, or async on one event loop) kept across examples."""
 
@@ -200,22 +210,23 @@ class Sender:
     async def _make_async(kwargs: dict[str, Any]) -> AsyncSMTPTransport:
         return AsyncSMTPTransport(**kwargs)
 
-    def send(self, pairs: Sequence[Pair]) -> list[DeliveryResult]:
-        """Send the pairs in order: one ``send`` each, or one ``send_many``."""
+    def send(self, pairs: Sequence[BatchItem]) -> list[DeliveryResult]:
+        """Send messages (with their envelopes, or without: derived) in order: one ``send``
+        each, or one ``send_many``."""
         if self._sync is not None:
             if self.mode == "many":
                 return self._sync.send_many(list(pairs))
-            return [self._sync.send(m, e) for m, e in pairs]
+            return [self._sync.send(*_split(item)) for item in pairs]
         assert self._runner is not None
         assert self._async is not None
         return self._runner.run(self._asend(self._async, pairs))
 
     async def _asend(
-        self, transport: AsyncSMTPTransport, pairs: Sequence[Pair]
+        self, transport: AsyncSMTPTransport, pairs: Sequence[BatchItem]
     ) -> list[DeliveryResult]:
         if self.mode == "many":
             return await transport.asend_many(list(pairs))
-        return [await transport.asend(m, e) for m, e in pairs]
+        return [await transport.asend(*_split(item)) for item in pairs]
 
     def close(self) -> None:
         """Close the transport (QUIT) and the event loop."""
@@ -265,15 +276,14 @@ def too_long_for_aiosmtpd(raw: bytes) -> bool:
     return False
 
 
-def check_message_promise(raw: bytes) -> Message:
-    """``Message.from_bytes`` keeps the promise itself (wire form, 8BITMIME, SMTPUTF8)."""
-    message = Message.from_bytes(raw)
+def check_message_promise(raw: bytes, message: Message) -> None:
+    """The message keeps the promise for ``raw`` itself (wire form, size, 8BITMIME,
+    SMTPUTF8) before anything is sent."""
     expected = expected_wire(raw)
     assert message.as_bytes() == expected.wire
     assert message.size == len(expected.wire)
     assert message.needs_8bitmime == expected.eight_bit_body
     assert message.needs_smtputf8 == expected.utf8_head
-    return message
 
 
 def check_received(
@@ -339,6 +349,43 @@ def fidelity_server(request: pytest.FixtureRequest) -> Iterator[FidelityServer]:
 # -- 1. aiosmtpd: everything accepted ---------------------------------------------------------
 
 
+@attrs.frozen(kw_only=True)
+class Item:
+    """One message to send and what the server must see.
+
+    Attributes:
+        raw: the bytes the promise is computed from (for a :class:`Message` value drawn
+            whole, its own wire form, which must then be a fixed point of the promise).
+        message: the message sent.
+        envelope: the envelope the server must see.
+        given: whether ``envelope`` is passed to the transport (else it derives it from the
+            message's header fields, Bcc included).
+    """
+
+    raw: bytes
+    message: Message
+    envelope: Envelope
+    given: bool
+
+
+@st.composite
+def items(draw: st.DrawFn) -> Item:
+    """Raw messages with drawn envelopes, and built or parsed :class:`Message` values sent
+    with or without an envelope (then derived from their header fields)."""
+    if draw(st.booleans()):
+        raw = draw(raw_messages())
+        return Item(
+            raw=raw, message=Message.from_bytes(raw), envelope=draw(plain_envelopes()), given=True
+        )
+    message = draw(messages(utf8_headers=True))
+    derived = Envelope.from_message(message)
+    if not all(plain_recipient(r.address) for r in derived.recipients):
+        envelope = draw(plain_envelopes())
+        return Item(raw=message.as_bytes(), message=message, envelope=envelope, given=True)
+    given: bool = draw(st.booleans())
+    return Item(raw=message.as_bytes(), message=message, envelope=derived, given=given)
+
+
 @pytest.mark.parametrize(("flavour", "mode"), DRIVERS)
 def test_aiosmtpd_receives_exactly_the_promised_message(
     flavour: Flavour, mode: Mode, fidelity_server: FidelityServer
@@ -348,18 +395,27 @@ def test_aiosmtpd_receives_exactly_the_promised_message(
     with sender(flavour, mode, **fidelity_server.transport_args()) as transport:
 
         @settings(max_examples=EXAMPLES, **_SETTINGS)
-        @given(batch=st.lists(st.tuples(raw_messages(), plain_envelopes()), min_size=1, max_size=3))
-        def check(batch: list[tuple[bytes, Envelope]]) -> None:
-            pairs = [(check_message_promise(raw), envelope) for raw, envelope in batch]
+        @given(batch=st.lists(items(), min_size=1, max_size=3))
+        def check(batch: list[Item]) -> None:
+            for item in batch:
+                check_message_promise(item.raw, item.message)
+                # Blind recipients get the message: they are in the envelope (derived or
+                # drawn) but never in the data (checked with the rest below).
+                if not item.given:
+                    assert set(item.message.bcc) <= {r.address for r in item.envelope.recipients}
             seen = len(records)
-            results = transport.send(pairs)
-            assert len(results) == len(pairs)
+            sent: list[BatchItem] = [
+                (item.message, item.envelope) if item.given else item.message for item in batch
+            ]
+            results = transport.send(sent)
+            assert len(results) == len(batch)
             arrived = iter(zip(records[seen:], commands[seen:], strict=True))
-            for (raw, envelope), (message, _), result in zip(batch, pairs, results, strict=True):
+            for item, result in zip(batch, results, strict=True):
+                envelope = item.envelope
                 assert [r.address for r in result.recipients] == [
                     r.address for r in envelope.recipients
                 ]
-                if too_long_for_aiosmtpd(raw):
+                if too_long_for_aiosmtpd(item.raw):
                     # docs/messages.md: long lines go out as they are; aiosmtpd refuses them
                     # after the data (500), and the refusal is the message's result.
                     assert [r.outcome for r in result.recipients] == [
@@ -370,7 +426,9 @@ def test_aiosmtpd_receives_exactly_the_promised_message(
                     )
                     continue
                 assert result.ok, result
-                check_received(*next(arrived), raw=raw, message=message, envelope=envelope)
+                check_received(
+                    *next(arrived), raw=item.raw, message=item.message, envelope=envelope
+                )
             assert next(arrived, None) is None
 
         check()
