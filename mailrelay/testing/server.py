@@ -21,10 +21,11 @@ Rules:
 - Standard library only (``socket``, ``ssl``, ``threading``) and mailrelay's own values; no
   asyncio, no third-party server.
 - Bounded: a command line may hold 512 octets with its CRLF (RFC 5321 §4.5.3.1.4; AUTH
-  exchanges 12288, RFC 4954 §4), a message ``max_size`` octets (``552`` beyond, 64 MiB when no
-  SIZE is set), a transaction ``max_recipients`` recipients (``452`` beyond, RFC 5321
-  §4.5.3.1.8), a connection 100,000 commands. Every socket wait lasts at most ``timeout``
-  seconds: a client silent that long gets ``421 4.4.2`` and is disconnected (RFC 5321 §4.5.3.2.7).
+  lines and SASL responses 12288, RFC 4954 §4), a message ``max_size`` octets (``552``
+  beyond; 64 MiB when no SIZE is set), a transaction ``max_recipients`` recipients (``452``
+  beyond, RFC 5321 §4.5.3.1.10), a connection 100,000 commands. Every socket wait lasts at
+  most ``timeout`` seconds: a client silent that long gets ``421 4.4.2`` and is disconnected
+  (RFC 5321 §4.5.3.2.7).
 - Replies go out as the commands are read; a connection the server ends is half-closed first
   and drained for a moment (bounded), so the client reads the replies already sent instead of
   a TCP reset.
@@ -390,6 +391,8 @@ def _to_reply(value: ReplyLike) -> tuple[int, list[str]]:
     code, text = value
     if not 200 <= code <= 599:
         raise ValueError(f"a reply code is 200-599, not {code}")
+    if "\r" in text or "\0" in text:
+        raise ValueError(f"a reply text must not contain CR or NUL: {text!r}")
     return code, text.split("\n")
 
 
@@ -557,7 +560,10 @@ class _Connection:
                 raise _End("greeting fault")
         try:
             for _ in range(_MAX_COMMANDS):
-                line = self._read_line(_COMMAND_LIMIT)
+                line = self._read_line(_AUTH_LIMIT)
+                if line is not None and len(line) + 2 > _COMMAND_LIMIT:
+                    # RFC 4954 §4: only an AUTH line (its initial response) may be longer.
+                    line = line if line[:5].upper() == b"AUTH " else None
                 if line is None:
                     self._reply(500, "5.5.2 Line too long")
                 else:

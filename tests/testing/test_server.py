@@ -523,6 +523,25 @@ def test_sasl_exchanges(lines: list[bytes], code: int, raw: Any) -> None:
             assert client.command(lines[0]) == 503  # once per session (RFC 4954 §4)
 
 
+def test_an_auth_line_may_be_longer_than_a_command(raw: Any) -> None:
+    users = {"bob": "p" * 3000}
+    initial = base64.b64encode(b"\0bob\0" + b"p" * 3000)
+    with SMTPTestServer(auth=users, allow_insecure_auth=True) as server:
+        client = raw(server)
+        assert client.command(b"EHLO c") == 250
+        assert client.command(b"NOOP " + b"x" * len(initial)) == 500
+        assert client.command(b"AUTH PLAIN " + initial) == 235
+
+
+def test_ipv6_loopback() -> None:
+    with SMTPTestServer(host="::1") as server:
+        assert server.url == f"smtp://[::1]:{server.port}?tls=none"
+        with transport_from_url(server.url) as transport:
+            assert transport.send(make_message()).ok
+        (received,) = server.wait_for(1)
+    assert received.peer[0] == "::1"
+
+
 def test_plaintext_pipelined_after_starttls_is_recorded_and_dropped(
     raw: Any, tls_files: TLSFiles
 ) -> None:
