@@ -14,7 +14,9 @@ Rules this module keeps:
 * Valid strategies are valid by construction, not by filtering what a parser
   accepts: the generators follow the grammars themselves (RFC 5321 §4.1.2,
   §4.1.3, RFC 6531 §3.3, IDNA 2008), so a parser that wrongly refuses one of
-  their values is caught by a test rather than hidden by the strategy.
+  their values is caught by a test rather than hidden by the strategy. (The
+  one filter on validity is the ``idna`` package's IDNA 2008 check of drawn
+  U-labels, an independent implementation.)
 * Generated domains are valid everywhere, not just for mailrelay: at least two
   labels, a top-level label of letters, no ``--`` in the third and fourth
   positions of an ASCII label (RFC 5891 §4.2.3.1), U-labels that the ``idna``
@@ -262,10 +264,11 @@ def domains(*, idn: bool = True, literals: bool = False) -> st.SearchStrategy[st
 
     Names have two or more labels: LDH labels in mixed case, and with ``idn``
     IDNA 2008 U-labels (Latin, Greek, Cyrillic, CJK, kana, Hangul), some
-    written as A-labels (``xn--...``). About one in eight is close to the
-    252 octets (``x@`` and the domain make the 254-octet maximum). Every one is accepted by
+    written as A-labels (``xn--...``). About one in eight is within 8 octets
+    of 252, the longest domain that makes an address (``x@`` and the domain:
+    254 octets, RFC 5321 §4.5.3.1.3). Every one is accepted by
     ``Address.parse(f"x@{domain}")``; with a longer local part the whole may
-    pass the 254-octet limit of an address, which :func:`address_texts` keeps.
+    pass the 254-octet limit, which :func:`address_texts` keeps.
 
     Args:
         idn: also draw internationalized names.
