@@ -166,6 +166,51 @@ def odd_message_bytes(draw: st.DrawFn, *, long_lines: bool) -> bytes:
     return raw or b"."
 
 
+#: The piece size of ``Message.chunks()`` as the dialogue reads it (its default).
+PIECE = 65536
+
+
+def padding(length: int) -> bytes:
+    """Filler lines, each ended by CRLF and at most 1,000 octets, of exactly ``length``
+    (at least 2) octets."""
+    lines: list[bytes] = []
+    while length > 1002:
+        lines.append(b"f" * 998 + b"\r\n")
+        length -= 1000
+    if length > 1000:
+        lines.append(b"f" * (length // 2 - 2) + b"\r\n")
+        length -= length // 2
+    lines.append(b"f" * (length - 2) + b"\r\n")
+    return b"".join(lines)
+
+
+@st.composite
+def boundary_tail(draw: st.DrawFn, offset: int) -> bytes:
+    """Bytes to append to a message whose wire form so far is ``offset`` octets long
+    (ending in CRLF), so that a drawn line of dots, empty lines or bare line ends starts
+    within three octets of a piece boundary: dot-stuffing and CRLF normalization across
+    pieces (RFC 5321 §4.5.2, a CR never split from its LF)."""
+    first = offset // PIECE + 1
+    if first * PIECE - 3 - offset < 2:
+        first += 1  # room for at least one filler line
+    boundary = PIECE * draw(st.integers(first, first + 1))
+    start = boundary + draw(st.integers(-3, 3))
+    lines = draw(
+        st.lists(
+            st.tuples(st.sampled_from([b".", b"..", b".x", b"", b"x", b"\x00"]), _eol),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    tail = b"".join(text + end for text, end in lines)
+    if draw(st.booleans()):
+        tail = tail.rstrip(b"\r\n")
+    return padding(start - offset) + tail
+
+
+_BOUNDARY_HEAD = b"Subject: piece boundaries\r\n\r\n"
+
+
 def raw_messages() -> st.SearchStrategy[bytes]:
     """What the aiosmtpd properties send: mostly the public strategy's messages."""
     return st.one_of(
@@ -173,6 +218,7 @@ def raw_messages() -> st.SearchStrategy[bytes]:
         message_bytes(utf8_headers=True, eight_bit=False),
         odd_message_bytes(long_lines=False),
         odd_message_bytes(long_lines=True),
+        boundary_tail(len(_BOUNDARY_HEAD)).map(lambda tail: _BOUNDARY_HEAD + tail),
     )
 
 
@@ -592,6 +638,11 @@ def test_postfix_delivers_exactly_the_promised_message(
                     # Lines longer than RFC 5321 §4.5.3.1.6 allows go out as they are, and
                     # Postfix takes them (docs/messages.md); NUL passes through too.
                     raw += data.draw(postfix_extra_lines, label="extra lines")
+                    if data.draw(st.integers(0, 3), label="piece boundary") == 0:
+                        offset = len(expected_wire(raw).received)
+                        raw = expected_wire(raw).received + data.draw(
+                            boundary_tail(offset), label="tail"
+                        )
                 batch.append((marker, raw, data.draw(postfix_envelopes(marker), label="envelope")))
             results = transport.send([(Message.from_bytes(raw), env) for _, raw, env in batch])
             for (marker, raw, envelope), result in zip(batch, results, strict=True):
