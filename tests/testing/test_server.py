@@ -82,7 +82,9 @@ def plain(server: SMTPTestServer, **extra: Any) -> dict[str, Any]:
 
 def secure(server: SMTPTestServer, tls_files: TLSFiles, **extra: Any) -> dict[str, Any]:
     """Transport arguments for STARTTLS (required) to ``server``, trusting the test CA."""
-    return plain(server, tls=TLS.STARTTLS, ssl_context=tls_files.client_context(), **extra)
+    return plain(
+        server, **{"tls": TLS.STARTTLS, "ssl_context": tls_files.client_context(), **extra}
+    )
 
 
 class RawClient:
@@ -553,6 +555,9 @@ def test_plaintext_pipelined_after_starttls_is_recorded_and_dropped(
         assert client.code() == 220
         context = tls_files.client_context()
         with context.wrap_socket(client.sock, server_hostname="localhost") as tls:
+            # RFC 3207 §4.2: the EHLO before the handshake is forgotten.
+            tls.sendall(b"MAIL FROM:<>\r\n")
+            assert tls.recv(4096).startswith(b"503 5.5.1")
             tls.sendall(b"EHLO c\r\n")
             reply = b""
             for _ in range(50):
@@ -692,6 +697,28 @@ def test_the_pool_reconnects_after_a_421_on_a_reused_connection(flavour: Flavour
     assert "fault: shutdown at MAIL" in sessions[0].events
 
 
+def test_a_554_greeting_refuses_everything_but_quit(raw: Any) -> None:
+    with SMTPTestServer(faults=[Fault.greeting(554, "5.3.2 closed (test)")]) as server:
+        client = raw(server, greeting=554)
+        assert client.command(b"EHLO c") == 503
+        assert client.command(b"MAIL FROM:<>") == 503
+        assert client.command(b"QUIT") == 221
+        # The fault was used once: the next connection is greeted normally.
+        raw(server, greeting=220)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_failed_starttls_with_opportunistic_tls_goes_on_in_plain_text(
+    flavour: Flavour, tls_files: TLSFiles
+) -> None:
+    with SMTPTestServer(tls=tls_files.server_context(), faults=[Fault.fail_starttls()]) as server:
+        options = secure(server, tls_files, tls=TLS.OPPORTUNISTIC)
+        assert send_with(flavour, make_message(), **options).ok
+        (received,) = server.wait_for(1)
+    assert not received.tls
+    assert server.sessions[0].lines[1] == b"STARTTLS"
+
+
 def test_fault_times_and_every_time() -> None:
     faults = [Fault.reply("RCPT", 451, "4.3.0 again", times=2, match="bob")]
     with SMTPTestServer(faults=faults) as server, SMTPTransport(**plain(server)) as transport:
@@ -814,6 +841,34 @@ def test_every_thread_and_socket_ends_with_the_block() -> None:
         socket.create_connection((server.host, server.port), timeout=5),
     ):
         pass
+
+
+def test_messages_can_be_read_while_threads_send() -> None:
+    subjects = [f"thread {t} message {n}" for t in range(4) for n in range(5)]
+    seen_counts: list[int] = []
+    with SMTPTestServer() as server, SMTPTransport(**plain(server)) as transport:
+
+        def send(thread: int) -> None:
+            for subject in subjects[thread * 5 : thread * 5 + 5]:
+                assert transport.send(make_message(subject=subject)).ok
+
+        threads = [threading.Thread(target=send, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for _ in range(50):
+            seen_counts.append(len(server.messages))
+            if seen_counts[-1] == len(subjects):
+                break
+            server.wait_for(min(len(subjects), seen_counts[-1] + 1), timeout=10)
+        for thread in threads:
+            thread.join(timeout=30)
+        received = server.wait_for(len(subjects))
+    assert seen_counts == sorted(seen_counts)
+    arrived = sorted(
+        re.search(rb"Subject: (.*?)\r\n", m.data).group(1).decode()  # type: ignore[union-attr]
+        for m in received
+    )
+    assert arrived == sorted(subjects)
 
 
 def test_wait_for_is_bounded() -> None:
