@@ -7,6 +7,8 @@ already catches ``ValueError`` or ``TimeoutError`` keeps working::
     ├── InvalidAddress (ValueError)        an address that is not a usable envelope address
     ├── MessageError (ValueError)          a message that cannot be built, parsed or sent as is
     ├── ConfigurationError (ValueError)    a transport, URL or policy that makes no sense
+    ├── PolicyError (ValueError)           an MTA-STS record or policy text that is not valid
+    ├── PolicyFetchError                   an MTA-STS policy could not be fetched
     ├── ProtocolError                      the SMTP dialogue itself went wrong
     │   ├── LocalProtocolError             we asked for something the protocol forbids now
     │   └── RemoteProtocolError            the server sent something malformed or unexpected
@@ -52,6 +54,8 @@ __all__ = [
     "MailRelayError",
     "MessageError",
     "NoRoute",
+    "PolicyError",
+    "PolicyFetchError",
     "ProtocolError",
     "RemoteProtocolError",
     "ResolverError",
@@ -113,6 +117,16 @@ class MessageError(MailRelayError, ValueError):
 
 class ConfigurationError(MailRelayError, ValueError):
     """A transport, URL or policy was configured in a way that cannot work."""
+
+
+class PolicyError(MailRelayError, ValueError):
+    """An MTA-STS TXT record or policy text that is not valid (RFC 8461 §3.1, §3.2)."""
+
+
+class PolicyFetchError(MailRelayError):
+    """An MTA-STS policy could not be fetched (RFC 8461 §3.3): no address, a connection,
+    TLS or certificate failure, a redirect, a status other than 200, the wrong media type,
+    a body too large, a timeout, or a policy that does not parse."""
 
 
 class ProtocolError(MailRelayError):

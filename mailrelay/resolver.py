@@ -84,6 +84,7 @@ _MX: Final = dns.rdatatype.MX
 _A: Final = dns.rdatatype.A
 _AAAA: Final = dns.rdatatype.AAAA
 _SOA: Final = dns.rdatatype.SOA
+_TXT: Final = dns.rdatatype.TXT
 #: Cache key "type" of an assembled MailHosts value (not a DNS type).
 _MAIL_HOSTS: Final = -1
 #: A plan asks for at most one batch per exchanger plus the MX query; bounds the driver loops.
@@ -141,6 +142,10 @@ def _from_answer(answer: dns.resolver.Answer, limits: _Limits) -> _Answer:
             )
             for rd in rrset
         )
+    elif rrset.rdtype == _TXT:
+        # RFC 1035 §3.3.14: a TXT record is one or more strings of at most 255 octets;
+        # the record's text is their concatenation (RFC 7208 §3.3, RFC 8461 §3.1).
+        records = tuple(b"".join(rd.strings).decode("utf-8", "replace") for rd in rrset)
     else:
         records = tuple(rd.address for rd in rrset)
     return _Answer(DNSStatus.OK, records, ttl)
@@ -226,6 +231,15 @@ def _transient(domain: str, answer: _Answer, what: str) -> ResolverError:
         name=domain,
         is_transient=True,
     )
+
+
+def _texts(name: str, answer: _Answer) -> tuple[str, ...]:
+    """The records of a TXT answer; ``()`` for a name without any (NXDOMAIN, NODATA)."""
+    if answer.status is DNSStatus.OK:
+        return answer.records
+    if answer.status in (DNSStatus.NXDOMAIN, DNSStatus.NODATA):
+        return ()
+    raise _transient(name, answer, "TXT")
 
 
 def _plan_mail_hosts(domain: str) -> _Plan:
@@ -547,6 +561,18 @@ class Resolver(_ResolverBase):
             self._run(_plan_addresses(_check_name(_domain_key(host), host)))[0]
         )
 
+    def txt(self, name: str) -> tuple[str, ...]:
+        """The TXT records of ``name`` (CNAMEs followed; cached for their TTL), each one's
+        strings joined and decoded as UTF-8 (an invalid byte becomes U+FFFD); ``()`` when
+        the name has none or does not exist.
+
+        Raises:
+            ResolverError: ``is_transient=True`` when the DNS could not tell (timeout,
+                SERVFAIL, REFUSED); ``is_transient=False`` when ``name`` is not a valid name.
+        """
+        key = _check_name(_domain_key(name), name)
+        return _texts(key, self._lookup(key, _TXT))
+
     def _run(self, plan: _Plan) -> tuple[object, float]:
         steps = _Steps(plan, _MAX_PLAN_STEPS)
         while not steps.done:
@@ -707,6 +733,11 @@ class AsyncResolver(_ResolverBase):
         """The addresses of ``host``; see :meth:`Resolver.addresses`."""
         value, _ttl = await self._run(_plan_addresses(_check_name(_domain_key(host), host)))
         return self._addresses_result(value)
+
+    async def txt(self, name: str) -> tuple[str, ...]:
+        """The TXT records of ``name``; see :meth:`Resolver.txt`."""
+        key = _check_name(_domain_key(name), name)
+        return _texts(key, await self._lookup(key, _TXT))
 
     async def _run(self, plan: _Plan) -> tuple[object, float]:
         steps = _Steps(plan, _MAX_PLAN_STEPS)

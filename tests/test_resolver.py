@@ -637,3 +637,53 @@ def test_threads_waiting_on_an_interrupted_lookup_ask_again_instead_of_sharing_i
     assert errors == []
     assert answers == ["answer"]
     assert resolver._fetch("key", lambda: ("never", 60.0)) == "answer"  # cached
+
+
+# -- TXT records ---------------------------------------------------------------------------
+
+TXT_CASES = [
+    # A record longer than one string (RFC 1035 §3.3.14): its strings are joined.
+    ("sel-rsa._domainkey.dkim.test", (unbound_peer.DKIM_RSA_2048,)),
+    ("SEL-ED._domainkey.DKIM.test.", (unbound_peer.DKIM_ED25519,)),
+    ("_mta-sts.twotxt.sts.test", ("v=STSv1; id=first1", "v=STSv1; id=second2")),
+    ("mailrelay.test", ()),  # the name exists, with no TXT (NODATA)
+    ("no-such-name.mailrelay.test", ()),  # NXDOMAIN
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), TXT_CASES)
+def test_txt(unbound: UnboundServer, name: str, expected: tuple[str, ...]) -> None:
+    assert sorted(unbound.resolver().txt(name)) == sorted(expected)
+    assert sorted(run(unbound.async_resolver().txt(name))) == sorted(expected)
+
+
+def test_txt_answers_are_cached(unbound: UnboundServer) -> None:
+    resolver = unbound.resolver()
+    name = "_mta-sts.enforce.sts.test"
+    before = unbound.queries_for(name)
+    assert resolver.txt(name) == ("v=STSv1; id=enforce1",)
+    assert resolver.txt(name.upper()) == ("v=STSv1; id=enforce1",)
+    assert unbound.queries_for(name) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [
+        (f"x.{unbound_peer.TIMEOUT_ZONE}", "timeout"),
+        (f"x.{unbound_peer.SERVFAIL_ZONE}", "servfail"),
+        (f"x.{unbound_peer.REFUSED_ZONE}", "refused"),
+    ],
+)
+def test_txt_trouble_is_a_transient_error(unbound: UnboundServer, name: str, status: str) -> None:
+    with pytest.raises(ResolverError, match=rf"TXT lookup .*\({status}\)") as caught:
+        unbound.resolver(timeout=0.5).txt(name)
+    assert caught.value.is_transient
+    with pytest.raises(ResolverError, match=rf"\({status}\)"):
+        run(unbound.async_resolver(timeout=0.5).txt(name))
+
+
+@pytest.mark.parametrize("name", ["", "a..test", "a b.test", "x" * 64 + ".test"])
+def test_txt_refuses_invalid_names(unbound: UnboundServer, name: str) -> None:
+    with pytest.raises(ResolverError, match="not a valid domain name") as caught:
+        unbound.resolver().txt(name)
+    assert not caught.value.is_transient
