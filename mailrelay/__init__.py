@@ -28,19 +28,20 @@ from mailrelay.tracker import (
 )
 from mailrelay.transport import (
     AsyncLMTPTransport,
-    AsyncSMTPTransport,
     AsyncSigningTransport,
+    AsyncSMTPTransport,
     AsyncTransport,
     FileTransport,
     LMTPTransport,
     MemoryTransport,
     PoolSettings,
-    SMTPTransport,
     SigningTransport,
+    SMTPTransport,
     Transport,
     async_transport_from_url,
     transport_from_url,
 )
+from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
 from mailrelay.transport.mx import MXPolicy, MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.validate import (
@@ -63,6 +64,7 @@ __all__ = [
     "State",
     "AsyncCallout",
     "AsyncLMTPTransport",
+    "AsyncMTASTS",
     "AsyncMXTransport",
     "AsyncSMTPTransport",
     "AsyncSigningTransport",
@@ -70,6 +72,7 @@ __all__ = [
     "CalloutResult",
     "CalloutStatus",
     "LMTPTransport",
+    "MTASTS",
     "MXPolicy",
     "MXTransport",
     "PoolSettings",

@@ -13,6 +13,8 @@
 * :mod:`~mailrelay.transport.sync_driver` and :mod:`~mailrelay.transport.async_driver`: the two
   short loops that run the dialogue (:mod:`mailrelay.flow`) over sockets.
 * :mod:`~mailrelay.transport.url`: :func:`transport_from_url`, :func:`async_transport_from_url`.
+* :mod:`~mailrelay.transport.mtasts`: :class:`MTASTS` and :class:`AsyncMTASTS`, MTA-STS
+  (RFC 8461) policies for the MX transports' ``tls_policy`` hook.
 * :mod:`~mailrelay.transport.signing`: :class:`SigningTransport` and
   :class:`AsyncSigningTransport`, which DKIM-sign every message before another transport
   sends it.
@@ -26,6 +28,7 @@ from mailrelay.transport.async_smtp import AsyncLMTPTransport, AsyncSMTPTranspor
 from mailrelay.transport.base import AsyncTransport, Transport
 from mailrelay.transport.file import FileTransport
 from mailrelay.transport.memory import MemoryTransport, OutboxItem
+from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.settings import PoolSettings
@@ -35,12 +38,14 @@ from mailrelay.transport.url import TransportURL, async_transport_from_url, tran
 
 __all__ = [
     "AsyncLMTPTransport",
+    "AsyncMTASTS",
     "AsyncMXTransport",
     "AsyncSMTPTransport",
     "AsyncSigningTransport",
     "AsyncTransport",
     "FileTransport",
     "LMTPTransport",
+    "MTASTS",
     "MXTransport",
     "MemoryTransport",
     "OutboxItem",

@@ -54,18 +54,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Hashable, Iterable
-from typing import Any, Final, TypeAlias
+from typing import Final, TypeAlias
 
 import attrs
 
-from mailrelay.errors import ConfigurationError, MailRelayError, ResolverError
+from mailrelay.errors import ConfigurationError, PolicyError, PolicyFetchError, ResolverError
 from mailrelay.options import TLS
-from mailrelay.resolver import (
-    AsyncResolver,
-    Resolver,
-    _from_error,  # the resolver's own rules, for the TXT lookups below
-    _negative_ttl,
-)
+from mailrelay.resolver import AsyncResolver, Resolver
 from mailrelay.transport.mx_plan import MXPolicy, TLSPolicyHook
 
 __all__ = [
@@ -116,16 +111,6 @@ _TXT_EXTENSION: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}=[\x21-\x3a\
 _POLICY_KEY: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 _MAX_AGE: Final = re.compile(r"[0-9]{1,10}")
 _LABEL: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-
-class PolicyError(MailRelayError, ValueError):
-    """An MTA-STS TXT record or policy text that is not valid (RFC 8461 §3.1, §3.2)."""
-
-
-class PolicyFetchError(MailRelayError):
-    """A policy could not be fetched (RFC 8461 §3.3): no address, a connection, TLS or
-    certificate failure, a redirect, a status other than 200, the wrong media type, a body
-    too large, a timeout, or a policy that does not parse."""
 
 
 class Mode(enum.Enum):
@@ -669,93 +654,9 @@ def fetch_policy(
     raise PolicyFetchError(f"https://{host}{POLICY_PATH}: " + "; ".join(failures))
 
 
-# -- TXT lookups -----------------------------------------------------------------------------
-# The resolver has no TXT lookup of its own yet (it looks up MX, A and AAAA), and only it
-# may import dnspython. Until it has one, these ask through its dnspython resolver object,
-# with the resolver's servers, port and timeout, tell NXDOMAIN (no record: an answer) from
-# failures (no answer) by the exception's class name, and keep answers in the resolver's
-# cache for their TTL (negative answers for RFC 2308's negative TTL, with the resolver's
-# own helpers), so a warm delivery costs no query. Failures are not kept.
-
-_TXT_KEY: Final = "mta-sts TXT"
-
-
-def _is_nxdomain(exc: BaseException) -> bool:
-    return any(cls.__name__ == "NXDOMAIN" for cls in type(exc).__mro__)
-
-
-def _cached_txt(resolver: Resolver | AsyncResolver, name: str) -> tuple[str, ...] | None:
-    value = resolver.cache.get((_TXT_KEY, name))
-    return value if isinstance(value, tuple) else None  # anything else is the miss sentinel
-
-
-def _keep_answer(resolver: Resolver | AsyncResolver, name: str, answer: Any) -> tuple[str, ...]:
-    """The texts of a TXT answer (NODATA: none), kept in the resolver's cache."""
-    limits = resolver._limits
-    rrset = answer.rrset
-    if rrset is None:
-        texts: tuple[str, ...] = ()
-        ttl = _negative_ttl(answer.response, limits.negative)
-    else:
-        # DNS splits TXT data into strings of at most 255 octets; a record is their join.
-        texts = tuple(b"".join(rdata.strings).decode("utf-8", "replace") for rdata in rrset)
-        ttl = min(float(rrset.ttl), limits.positive)
-    resolver.cache.put((_TXT_KEY, name), texts, ttl)
-    return texts
-
-
-def _keep_failure(resolver: Resolver | AsyncResolver, name: str, exc: Any) -> tuple[str, ...]:
-    """``()`` for NXDOMAIN (kept for its negative TTL); a ResolverError raised otherwise."""
-    if not _is_nxdomain(exc):
-        raise ResolverError(f"TXT lookup for {name} failed: {exc}", name=name, is_transient=True)
-    resolver.cache.put((_TXT_KEY, name), (), _from_error(exc, resolver._limits).ttl)
-    return ()
-
-
-def _lookup_txt(resolver: Resolver, name: str) -> tuple[str, ...]:
-    """The TXT records at ``name`` (each one's strings joined); ``()`` when it has none.
-
-    Raises:
-        ResolverError: the DNS could not tell (timeout, SERVFAIL, REFUSED).
-    """
-    cached = _cached_txt(resolver, name)
-    if cached is not None:
-        return cached
-    try:
-        answer = resolver._dns.resolve(
-            name + ".", "TXT", raise_on_no_answer=False, search=False, lifetime=resolver.timeout
-        )
-    except Exception as exc:  # dnspython's errors: NXDOMAIN is an answer, the rest is not
-        return _keep_failure(resolver, name, exc)
-    return _keep_answer(resolver, name, answer)
-
-
-async def _alookup_txt(resolver: AsyncResolver, name: str) -> tuple[str, ...]:
-    """:func:`_lookup_txt`, awaited, through an :class:`~mailrelay.resolver.AsyncResolver`."""
-    cached = _cached_txt(resolver, name)
-    if cached is not None:
-        return cached
-    try:
-        answer = await resolver._dns.resolve(
-            name + ".", "TXT", raise_on_no_answer=False, search=False, lifetime=resolver.timeout
-        )
-    except Exception as exc:  # as in _lookup_txt
-        return _keep_failure(resolver, name, exc)
-    return _keep_answer(resolver, name, answer)
-
-
 # -- the hooks -------------------------------------------------------------------------------
 
 _MAX_PLAN_STEPS: Final = 3
-
-
-def _loop_running() -> bool:
-    """Whether this thread is running an event loop (a hook call from inside a coroutine)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 class MTASTS:
@@ -850,7 +751,7 @@ class MTASTS:
     def _carry_out(self, request: _Request) -> _Answer:
         if isinstance(request, _LookupTXT):
             try:
-                return _lookup_txt(self.resolver, request.name)
+                return self.resolver.txt(request.name)
             except ResolverError as exc:
                 return exc
         try:
@@ -881,13 +782,12 @@ class MTASTS:
 class AsyncMTASTS:
     """MTA-STS for :class:`~mailrelay.transport.mx_async.AsyncMXTransport`.
 
-    The transport asks its ``tls_policy`` hook synchronously, inside the event loop, so the
-    hook must not wait for DNS or HTTPS. Calling this object answers from the cache at once
-    and, when the domain is due for a check, starts one in the background (a task: DNS
-    through the :class:`~mailrelay.resolver.AsyncResolver`, the HTTPS fetch in a worker
-    thread); the answer of that check serves the next delivery. To have a domain's policy in
-    force for its *first* delivery, ``await mta_sts.prepare(domains)`` before sending (or
-    call :meth:`apolicy`). The arguments are :class:`MTASTS`'s.
+    A coroutine-function hook: the transport awaits it before each domain's delivery, so a
+    domain's policy holds from its first delivery, as with :class:`MTASTS`. The check is
+    :class:`MTASTS`'s (DNS through the :class:`~mailrelay.resolver.AsyncResolver`, the
+    HTTPS fetch in a worker thread, so the event loop never blocks); concurrent deliveries
+    to one domain share one check. ``await mta_sts.prepare(domains)`` checks domains ahead
+    of time, at the same time. The arguments are :class:`MTASTS`'s.
 
     Args:
         resolver: an :class:`~mailrelay.resolver.AsyncResolver` (share the transport's).
@@ -931,22 +831,16 @@ class AsyncMTASTS:
         """The policies kept."""
         return self._core.cache
 
-    def __call__(self, domain: str) -> TLS | MXPolicy | None:
-        """The ``tls_policy`` answer for ``domain``, from the cache; never waits.
-
-        Raises:
-            ConfigurationError: called outside a running event loop, where no check could
-                ever run (:class:`MTASTS` is the blocking hook).
-        """
-        if not _loop_running():
-            raise ConfigurationError(
-                "AsyncMTASTS answers inside an event loop: use MTASTS with MXTransport"
-            )
+    async def __call__(self, domain: str) -> TLS | MXPolicy | None:
+        """The ``tls_policy`` answer for ``domain``, once its check (when due) is done."""
         name = _policy_domain(domain)
         if name is None:
             return self._core.fallback(domain) if self._core.fallback is not None else None
+        # Shielded: a cancelled delivery must not cancel the check others await. A check
+        # that failed is logged by _check_done; what the cache holds decides.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._check_in_background(name))
         entry = self._core.cache.get(name, self._core.clock())
-        self._check_in_background(name)
         hosts = None
         if entry is not None and entry.policy.mode is Mode.TESTING:
             found = self.resolver.cached_mail_hosts(name)
@@ -1002,7 +896,7 @@ class AsyncMTASTS:
     async def _carry_out(self, request: _Request) -> _Answer:
         if isinstance(request, _LookupTXT):
             try:
-                return await _alookup_txt(self.resolver, request.name)
+                return await self.resolver.txt(request.name)
             except ResolverError as exc:
                 return exc
         try:

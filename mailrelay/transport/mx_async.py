@@ -44,6 +44,7 @@ from mailrelay.transport.mx_plan import (
     DEFAULT_MAX_ADDRESSES,
     MAX_REQUESTS_PER_TARGET,
     MX_POOL,
+    AsyncTLSPolicyHook,
     DomainPlan,
     MXAnswer,
     MXPolicy,
@@ -53,7 +54,6 @@ from mailrelay.transport.mx_plan import (
     Route,
     SendMessage,
     Target,
-    TLSPolicyHook,
     Trail,
     Unreachable,
     deliver_plan,
@@ -97,6 +97,10 @@ class AsyncMXTransport(AsyncTransport):
     Args:
         resolver: the :class:`~mailrelay.resolver.AsyncResolver` to ask; ``None`` makes one
             reading the system's resolver configuration.
+        tls_policy: as :class:`~mailrelay.transport.mx.MXTransport`'s, or a coroutine
+            function answering the same (awaited before the domain's delivery, so a policy
+            that must be looked up, such as
+            :class:`~mailrelay.transport.mtasts.AsyncMTASTS`'s, holds from the first one).
         concurrency: the most domains of one envelope delivered at the same time.
         pool: how sessions are reused (:data:`~mailrelay.transport.mx.MX_POOL`).
         Other arguments: as :class:`~mailrelay.transport.mx.MXTransport`.
@@ -114,7 +118,7 @@ class AsyncMXTransport(AsyncTransport):
         ssl_context: ssl.SSLContext | None = None,
         timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
         local_hostname: str | None = None,
-        tls_policy: TLSPolicyHook | None = None,
+        tls_policy: AsyncTLSPolicyHook | None = None,
         plaintext_fallback: bool = True,
         pipelining: bool = True,
         chunking: bool = False,
@@ -261,7 +265,7 @@ class AsyncMXTransport(AsyncTransport):
     async def _route(self, domain: str, envelope: Envelope) -> Route | list[RecipientResult]:
         """The domain's policy and targets, or its recipients' results (a DNS verdict)."""
         settings = self.settings
-        policy = settings.policy(domain, requiretls=envelope.requiretls)
+        policy = await settings.apolicy(domain, requiretls=envelope.requiretls)
         return settings.route(domain, envelope, policy, await amail_hosts_of(self.resolver, domain))
 
     async def _deliver_domain(

@@ -16,10 +16,11 @@ this module's public names (:class:`MXPolicy`, :data:`MX_POOL`, ...): import the
 from __future__ import annotations
 
 import enum
+import inspect
 import ipaddress
 import logging
 import ssl
-from collections.abc import Callable, Generator, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Generator, Hashable, Iterable
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 import attrs
@@ -119,6 +120,11 @@ class MXPolicy:
 #: The per-domain policy hook: ``tls_policy(ascii_domain)`` returns a :class:`TLS` value, an
 #: :class:`MXPolicy`, or ``None`` for the transport's defaults.
 TLSPolicyHook: TypeAlias = Callable[[str], "TLS | MXPolicy | None"]
+#: The asyncio MX transport's hook: the same, or a coroutine function giving the same (so
+#: that a policy that must be looked up, such as MTA-STS's, holds from the first delivery).
+AsyncTLSPolicyHook: TypeAlias = Callable[
+    [str], "TLS | MXPolicy | Awaitable[TLS | MXPolicy | None] | None"
+]
 
 
 def opportunistic_context() -> ssl.SSLContext:
@@ -578,7 +584,7 @@ class MXSettings:
         ssl_context: ssl.SSLContext | None,
         timeouts: Timeouts,
         local_hostname: str | None,
-        tls_policy: TLSPolicyHook | None,
+        tls_policy: TLSPolicyHook | AsyncTLSPolicyHook | None,
         plaintext_fallback: bool,
         pipelining: bool,
         chunking: bool,
@@ -613,15 +619,35 @@ class MXSettings:
         A message sent with REQUIRETLS gets verified TLS whatever the policy says
         (RFC 8689 §4.2.1: the server's certificate must be valid for its name).
         """
-        policy = self._hook(domain)
+        if self.tls_policy is None:
+            return self._required(self.default, requiretls)
+        answer = self.tls_policy(domain)
+        if inspect.isawaitable(answer):
+            if inspect.iscoroutine(answer):
+                answer.close()  # never to be awaited: no "never awaited" warning
+            raise ConfigurationError(
+                f"tls_policy({domain!r}) returned an awaitable: a coroutine hook (such as "
+                "AsyncMTASTS) works with AsyncMXTransport; MXTransport needs a plain one "
+                "(such as MTASTS)"
+            )
+        return self._required(self._decided(domain, answer), requiretls)
+
+    async def apolicy(self, domain: str, *, requiretls: bool = False) -> MXPolicy:
+        """:meth:`policy`, for the asyncio transport: a hook's awaitable answer is awaited."""
+        if self.tls_policy is None:
+            return self._required(self.default, requiretls)
+        answer = self.tls_policy(domain)
+        if inspect.isawaitable(answer):
+            answer = await answer
+        return self._required(self._decided(domain, answer), requiretls)
+
+    @staticmethod
+    def _required(policy: MXPolicy, requiretls: bool) -> MXPolicy:
         if requiretls and policy.tls is not TLS.STARTTLS:
             policy = attrs.evolve(policy, tls=TLS.STARTTLS, plaintext_fallback=False)
         return policy
 
-    def _hook(self, domain: str) -> MXPolicy:
-        if self.tls_policy is None:
-            return self.default
-        answer = self.tls_policy(domain)
+    def _decided(self, domain: str, answer: object) -> MXPolicy:
         if answer is None:
             return self.default
         if isinstance(answer, TLS):

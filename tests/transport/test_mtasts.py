@@ -308,10 +308,14 @@ def test_the_resolver_must_match_the_hook(unbound: UnboundServer) -> None:
         MTASTS(unbound.async_resolver())  # type: ignore[arg-type]
 
 
-def test_the_async_hook_needs_a_running_loop(unbound: UnboundServer) -> None:
+def test_the_async_hook_is_refused_by_the_blocking_transport(unbound: UnboundServer) -> None:
     sts = AsyncMTASTS(unbound.async_resolver())
-    with pytest.raises(ConfigurationError, match="event loop"):
-        sts(ENFORCE)
+    message = Message.build(sender="a@mailrelay.test", to=[f"bob@{ENFORCE}"], text="Hi\n")
+    with (
+        MXTransport(unbound.resolver(), tls_policy=sts) as transport,  # type: ignore[arg-type]
+        pytest.raises(ConfigurationError, match=r"returned an awaitable: .*MTASTS"),
+    ):
+        transport.send(message)
 
 
 def test_the_cache_is_bounded_and_drops_expired_policies() -> None:
@@ -592,33 +596,54 @@ def test_fallback_answers_for_domains_without_an_enforce_policy(
     assert enforced.mx_patterns == (MX,)
 
 
-def test_async_hook_answers_from_the_cache_and_checks_in_the_background(
+def test_async_hook_waits_for_the_check_then_answers_from_the_cache(
     unbound: UnboundServer, server: PolicyServer, tls_files: TLSFiles
 ) -> None:
     server.serve(ENFORCE, policy_text())
 
-    async def main() -> tuple[object, object, object]:
+    async def main() -> tuple[object, object, object, object]:
         sts = AsyncMTASTS(
             unbound.async_resolver(timeout=1.0),
             port=server.port,
             ssl_context=tls_files.client_context(),
             timeout=5.0,
         )
-        first = sts(ENFORCE)  # nothing cached yet: the default, and a check starts
-        for _ in range(200):  # bounded: the check is a DNS query and a loopback fetch
-            if sts.cache.get(ENFORCE, 0.0) is not None:
-                break
-            await asyncio.sleep(0.01)
-        second = sts(ENFORCE)
+        first = await sts(ENFORCE)  # nothing cached: the check runs, and decides
+        second = await sts(ENFORCE)  # the same id in DNS: no fetch
+        none = await sts("notxt.sts.test")
         await sts.prepare([ENFORCE, "notxt.sts.test", "[127.0.0.1]"])
-        return first, second, await sts.apolicy(ENFORCE)
+        return first, second, none, await sts.apolicy(ENFORCE)
 
-    first, second, entry = run(main())
-    assert first is None
-    assert isinstance(second, MXPolicy)
-    assert second.mx_patterns == (MX,)
+    first, second, none, entry = run(main())
+    assert isinstance(first, MXPolicy)
+    assert first.tls is TLS.STARTTLS
+    assert first.mx_patterns == (MX,)
+    assert second == first
+    assert none is None
     assert isinstance(entry, CachedPolicy)
     assert entry.id == "enforce1"
+    assert server.fetches(ENFORCE) == 1
+
+
+def test_a_cancelled_delivery_does_not_cancel_the_shared_check(
+    unbound: UnboundServer, server: PolicyServer, tls_files: TLSFiles
+) -> None:
+    server.serve(ENFORCE, policy_text())
+
+    async def main() -> object:
+        sts = AsyncMTASTS(
+            unbound.async_resolver(timeout=1.0),
+            port=server.port,
+            ssl_context=tls_files.client_context(),
+            timeout=5.0,
+        )
+        first = asyncio.ensure_future(sts(ENFORCE))
+        second = asyncio.ensure_future(sts(ENFORCE))
+        await asyncio.sleep(0)
+        first.cancel()
+        return await asyncio.wait_for(second, 10)
+
+    assert isinstance(run(main()), MXPolicy)
     assert server.fetches(ENFORCE) == 1
 
 
@@ -725,8 +750,8 @@ class World:
 
         async def main() -> DeliveryResult:
             aresolver = self.unbound.async_resolver(timeout=1.0)
+            # No prepare(): the transport awaits the hook, so the first delivery is checked.
             asts = AsyncMTASTS(aresolver, **sts_options)
-            await asts.prepare([domain])
             async with AsyncMXTransport(aresolver, tls_policy=asts, **options) as transport:
                 return await transport.asend(message, envelope)
 
