@@ -186,7 +186,10 @@ class Fault:
         if needs_command and self.command is None:
             raise ValueError(f"a {self.kind.value} fault needs a command")
         if self.match is not None:
-            re.compile(self.match)
+            try:
+                re.compile(self.match)
+            except re.error as exc:
+                raise ValueError(f"match is not a regular expression: {exc}") from exc
 
     @classmethod
     def reply(

@@ -741,6 +741,7 @@ def test_fault_times_and_every_time() -> None:
         (lambda: Fault.disconnect("RCPT", times=0), "at least 1"),
         (lambda: Fault.delay("MAIL", -1.0), "0.0"),
         (lambda: Fault(kind=FaultKind.DISCONNECT), "needs a command"),
+        (lambda: Fault.reply("RCPT", 450, "x", match="(unclosed"), "regular expression"),
         (lambda: SMTPTestServer(extensions={"XFOO"}), "unknown extensions"),
         (lambda: SMTPTestServer(implicit_tls=True), "needs a tls context"),
         (lambda: SMTPTestServer(hostname="a b"), "not a host name"),
