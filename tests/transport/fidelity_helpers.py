@@ -27,6 +27,7 @@ prepends, then the message as received, with LF line ends.
 from __future__ import annotations
 
 import re
+import ssl
 from typing import Any
 
 import attrs
@@ -209,11 +210,17 @@ class _Controller(Controller):
         return _CommandRecordingSMTP(self.handler, **self.SMTP_kwargs)
 
 
-def start_fidelity_server(*, pipelining: bool) -> tuple[Controller, FidelityHandler]:
-    """Start aiosmtpd on 127.0.0.1 and a free port: plain text, no AUTH, SMTPUTF8, 8BITMIME,
-    SIZE, and PIPELINING when asked (aiosmtpd reads one command at a time, so a pipelined
-    group is answered in order). The caller stops the controller."""
+def start_fidelity_server(
+    *, pipelining: bool, tls_context: ssl.SSLContext | None = None
+) -> tuple[Controller, FidelityHandler]:
+    """Start aiosmtpd on 127.0.0.1 and a free port: no AUTH; SMTPUTF8, 8BITMIME, SIZE;
+    PIPELINING when asked (aiosmtpd reads one command at a time, so a pipelined group is
+    answered in order); STARTTLS (RFC 3207, not required) with a server ``tls_context``.
+    The caller stops the controller."""
     handler = FidelityHandler(pipelining=pipelining)
+    extra: dict[str, Any] = {}
+    if tls_context is not None:
+        extra = {"tls_context": tls_context, "require_starttls": False}
     controller = _Controller(
         handler,
         hostname="127.0.0.1",
@@ -223,6 +230,7 @@ def start_fidelity_server(*, pipelining: bool) -> tuple[Controller, FidelityHand
         decode_data=False,
         data_size_limit=DATA_SIZE_LIMIT,
         timeout=30,
+        **extra,
     )
     controller.start()
     return controller, handler

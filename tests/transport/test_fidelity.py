@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -64,6 +65,7 @@ from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
 from mailrelay.transport.base import BatchItem
 from tests.peers.aiosmtpd_server import ReceivedMessage
 from tests.peers.postfix import PostfixInstance
+from tests.peers.tls import TLSFiles
 from tests.transport.fidelity_helpers import (
     Commands,
     FidelityHandler,
@@ -378,24 +380,39 @@ class FidelityServer:
     host: str
     port: int
     handler: FidelityHandler
+    client_context: ssl.SSLContext | None
 
     def transport_args(self) -> dict[str, Any]:
-        """Arguments for one pooled connection in plain text."""
+        """Arguments for one pooled connection: STARTTLS when the server offers it."""
+        tls: dict[str, Any] = {"tls": TLS.NONE}
+        if self.client_context is not None:
+            tls = {"tls": TLS.STARTTLS, "ssl_context": self.client_context}
         return {
             "host": self.host,
             "port": self.port,
-            "tls": TLS.NONE,
             "timeouts": Timeouts.all(10),
             "pool": PoolSettings(size=1),
+            **tls,
         }
 
 
-@pytest.fixture(params=[False, True], ids=["no-pipelining", "pipelining"])
-def fidelity_server(request: pytest.FixtureRequest) -> Iterator[FidelityServer]:
-    """aiosmtpd recording command lines, with and without PIPELINING."""
-    controller, handler = start_fidelity_server(pipelining=request.param)
+@pytest.fixture(params=["plain", "starttls-pipelining"])
+def fidelity_server(
+    request: pytest.FixtureRequest, tls_files: TLSFiles
+) -> Iterator[FidelityServer]:
+    """aiosmtpd recording command lines: in plain text without PIPELINING, and with
+    STARTTLS and PIPELINING (the sockets' TLS write paths carry the data)."""
+    secure = request.param != "plain"
+    controller, handler = start_fidelity_server(
+        pipelining=secure, tls_context=tls_files.server_context() if secure else None
+    )
     try:
-        yield FidelityServer(host="127.0.0.1", port=controller.port, handler=handler)
+        yield FidelityServer(
+            host="127.0.0.1",
+            port=controller.port,
+            handler=handler,
+            client_context=tls_files.client_context() if secure else None,
+        )
     finally:
         controller.stop()
 
@@ -480,9 +497,9 @@ def test_aiosmtpd_receives_exactly_the_promised_message(
                     )
                     continue
                 assert result.ok, result
-                check_received(
-                    *next(arrived), raw=item.raw, message=item.message, envelope=envelope
-                )
+                record, lines = next(arrived)
+                assert record.tls == (fidelity_server.client_context is not None)
+                check_received(record, lines, raw=item.raw, message=item.message, envelope=envelope)
             assert next(arrived, None) is None
 
         check()
