@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, Phase, find, given, settings
 from hypothesis import strategies as st
 
 from mailrelay.address import MAX_ADDRESS, MAX_LOCAL_PART, Address
-from mailrelay.envelope import Envelope, Notify
+from mailrelay.envelope import Envelope, Notify, utf8_addr_xtext_decode, xtext_decode
 from mailrelay.errors import InvalidAddress
 from mailrelay.message import Message
 from mailrelay.protocol import (
@@ -122,10 +122,26 @@ def test_without_hypothesis_the_error_names_the_extra(statement: str) -> None:
     assert 'pip install "mailrelay[testing]"' in done.stdout
 
 
+def test_without_hypothesis_the_package_and_a_star_import_work() -> None:
+    statement = "exec('from mailrelay.testing import *')"
+    code = textwrap.dedent(_HIDDEN).format(statement=statement)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "imported"
+
+
 def test_the_package_points_to_the_strategies_lazily() -> None:
     import mailrelay.testing
 
     assert mailrelay.testing.strategies is s
+    assert mailrelay.testing.server.__name__ == "mailrelay.testing.server"
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         mailrelay.testing.nothing  # noqa: B018
 
@@ -284,10 +300,21 @@ def test_envelopes_encode_their_parameters(envelope: Envelope) -> None:
     assert 1 <= len(envelope.recipients) <= 3
     assert len({r.address for r in envelope.recipients}) == len(envelope.recipients)
     smtputf8 = envelope.needs_smtputf8
-    envelope.mail_parameters(size=100, smtputf8=smtputf8)
+    mail = dict(envelope.mail_parameters(size=100, smtputf8=smtputf8))
+    # The DSN parameters decode back to what was drawn.
+    assert ("ENVID" in mail) == (envelope.envid is not None)
+    if envelope.envid is not None:
+        assert xtext_decode(str(mail["ENVID"])) == envelope.envid
+    assert mail.get("RET") == (envelope.ret.value if envelope.ret else None)
     for recipient in envelope.recipients:
-        for name, value in recipient.rcpt_parameters(smtputf8=smtputf8):
-            assert value is None or value.isascii(), name
+        rcpt = dict(recipient.rcpt_parameters(smtputf8=smtputf8))
+        assert all(value is None or value.isascii() for value in rcpt.values())
+        if recipient.orcpt is not None:
+            kind, _, value = str(rcpt["ORCPT"]).partition(";")
+            decoded = xtext_decode(value) if kind == "rfc822" else utf8_addr_xtext_decode(value)
+            assert Address.parse(decoded) == recipient.orcpt
+        else:
+            assert "ORCPT" not in rcpt
 
 
 @FEW
@@ -341,6 +368,8 @@ def test_message_bytes_are_accepted(raw: bytes, size: int) -> None:
     chunks = list(message.chunks(size))
     assert b"".join(chunks) == wire
     assert not any(has_bare_cr_or_lf(chunk) for chunk in chunks)
+    # The wire form is a fixed point: parsed again, it comes out unchanged.
+    assert Message.from_bytes(wire).as_bytes() == wire
     # From and To hold valid addresses: the envelope can come from the headers.
     envelope = Envelope.from_message(message)
     assert envelope.recipients
@@ -397,6 +426,8 @@ def test_messages_dot_stuff_and_round_trip(message: Message, size: int) -> None:
     wire = message.as_bytes()
     assert not has_bare_cr_or_lf(wire)
     assert all(not has_bare_cr_or_lf(chunk) for chunk in message.chunks(size))
+    if wire:
+        assert Message.from_bytes(wire).as_bytes() == wire
     data = send_through_dot_stuffer(message, size)
     expected = wire if not wire or wire.endswith(b"\r\n") else wire + b"\r\n"
     assert unstuff(data) == expected
