@@ -41,7 +41,7 @@ import os
 import re
 import shutil
 import signal
-import ssl  # noqa: TID251 - the CLI builds the SSLContext for --ca-file; it does no I/O itself
+import ssl  # the SSLContext for --ca-file (pyproject's per-file-ignores allow it here)
 import sys
 import tempfile
 import threading
