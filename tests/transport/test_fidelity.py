@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import ssl
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import attrs
@@ -431,12 +433,15 @@ class Item:
         envelope: the envelope the server must see.
         given: whether ``envelope`` is passed to the transport (else it derives it from the
             message's header fields, Bcc included).
+        from_file: send ``raw`` as :meth:`Message.from_file` reads it from a file (the body
+            streamed from the file again while it is sent) instead of ``message``.
     """
 
     raw: bytes
     message: Message
     envelope: Envelope
     given: bool
+    from_file: bool = False
 
 
 @st.composite
@@ -446,7 +451,11 @@ def items(draw: st.DrawFn) -> Item:
     if draw(st.booleans()):
         raw = draw(raw_messages())
         return Item(
-            raw=raw, message=Message.from_bytes(raw), envelope=draw(plain_envelopes()), given=True
+            raw=raw,
+            message=Message.from_bytes(raw),
+            envelope=draw(plain_envelopes()),
+            given=True,
+            from_file=draw(st.booleans()),
         )
     message = draw(messages(utf8_headers=True))
     derived = Envelope.from_message(message)
@@ -459,15 +468,25 @@ def items(draw: st.DrawFn) -> Item:
 
 @pytest.mark.parametrize(("flavour", "mode"), DRIVERS)
 def test_aiosmtpd_receives_exactly_the_promised_message(
-    flavour: Flavour, mode: Mode, fidelity_server: FidelityServer
+    flavour: Flavour, mode: Mode, fidelity_server: FidelityServer, tmp_path: Path
 ) -> None:
+    files = itertools.count()
+
+    def load(item: Item) -> Item:
+        if not item.from_file:
+            return item
+        path = tmp_path / f"{next(files)}.eml"
+        path.write_bytes(item.raw)
+        return attrs.evolve(item, message=Message.from_file(path))
+
     records = fidelity_server.handler.messages
     commands = fidelity_server.handler.commands
     with sender(flavour, mode, **fidelity_server.transport_args()) as transport:
 
         @settings(max_examples=EXAMPLES, **_SETTINGS)
-        @given(batch=st.lists(items(), min_size=1, max_size=3))
-        def check(batch: list[Item]) -> None:
+        @given(drawn=st.lists(items(), min_size=1, max_size=3))
+        def check(drawn: list[Item]) -> None:
+            batch = [load(item) for item in drawn]
             for item in batch:
                 check_message_promise(item.raw, item.message)
                 # Blind recipients get the message: they are in the envelope (derived or
