@@ -264,9 +264,9 @@ def domains(*, idn: bool = True, literals: bool = False) -> st.SearchStrategy[st
 
     Names have two or more labels: LDH labels in mixed case, and with ``idn``
     IDNA 2008 U-labels (Latin, Greek, Cyrillic, CJK, kana, Hangul), some
-    written as A-labels (``xn--...``). About one in eight is within 8 octets
-    of 252, the longest domain that makes an address (``x@`` and the domain:
-    254 octets, RFC 5321 §4.5.3.1.3). Every one is accepted by
+    written as A-labels (``xn--...``). Some are within 8 octets of 252, the
+    longest domain that makes an address (``x@`` and the domain: 254 octets,
+    RFC 5321 §4.5.3.1.3). Every one is accepted by
     ``Address.parse(f"x@{domain}")``; with a longer local part the whole may
     pass the 254-octet limit, which :func:`address_texts` keeps.
 
@@ -310,17 +310,36 @@ def _quote(value: str, extra: frozenset[int] = frozenset()) -> str:
     return "".join(out)
 
 
-@functools.cache
-def _local_char(utf8: bool) -> st.SearchStrategy[str]:
-    atext = st.sampled_from(_ATEXT)
-    return st.one_of(atext, _NON_ASCII_LOCAL) if utf8 else atext
+_ATEXT_CHAR: Final = st.sampled_from(_ATEXT)
+# The characters that make quoting necessary: specials and space.
+_SPECIAL_CHAR: Final = st.sampled_from(' "\\(),:;@[].')
+_QUOTED_ASCII_CHAR: Final = st.sampled_from(_QUOTED_ASCII)
 
 
 @functools.cache
-def _quoted_char(utf8: bool) -> st.SearchStrategy[str]:
-    # The characters that make quoting necessary come up often: specials and space.
-    specials = st.sampled_from(' "\\(),:;@[].')
-    return st.one_of(specials, st.sampled_from(_QUOTED_ASCII), _local_char(utf8))
+@st.composite
+def _mixed_text(draw: st.DrawFn, kinds: tuple[st.SearchStrategy[str], ...], max_size: int) -> str:
+    """Text whose every character comes from one of ``kinds``, each kind equally likely.
+
+    (Hypothesis's own ``one_of`` weighs its branches by their size, so a few special
+    characters next to all of Unicode would hardly ever be drawn.)
+    """
+    size = draw(_ints(0, max_size))
+    last = len(kinds) - 1
+    return "".join(draw(kinds[draw(_ints(0, last))]) for _ in range(size))
+
+
+@functools.cache
+@st.composite
+def _atom(draw: st.DrawFn, utf8: bool) -> str:
+    """An RFC 5321 §4.1.2 Atom: ASCII atext, with ``utf8`` also non-ASCII (RFC 6531 §3.3)."""
+    mode = draw(_ints(0, 2)) if utf8 else 0
+    if mode == 0:
+        return draw(_text(_ATEXT, min_size=1, max_size=12))
+    if mode == 1:
+        return draw(_text(_NON_ASCII_LOCAL, min_size=1, max_size=8))
+    atom = draw(_mixed_text((_ATEXT_CHAR, _NON_ASCII_LOCAL), 11))
+    return atom + draw(_ATEXT_CHAR)
 
 
 @functools.cache
@@ -331,13 +350,14 @@ def _local_part(draw: st.DrawFn, utf8: bool, quoted: bool) -> str:
         # At (or just under) the RFC 5321 §4.5.3.1.1 limit of 64 octets.
         size = draw(_ints(limit - 4, limit))
         return draw(_text(_ATEXT, min_size=size, max_size=size))
-    char = _local_char(utf8)
-    if quoted and draw(_ints(0, 2)) == 0:
+    if quoted and draw(_ints(0, 4)) == 0:
         # A value that must be quoted (or that may be: quoting a dot-string is allowed).
-        value = draw(_text(_quoted_char(utf8), max_size=24))
+        kinds = (_SPECIAL_CHAR, _QUOTED_ASCII_CHAR, _ATEXT_CHAR)
+        value = draw(_mixed_text((*kinds, _NON_ASCII_LOCAL) if utf8 else kinds, 24))
     else:
-        atoms = draw(st.lists(_text(char, min_size=1, max_size=12), min_size=1, max_size=4))
-        value = ".".join(atoms)
+        # Half the UTF-8 local parts are all ASCII all the same.
+        atoms = _atom(utf8 and draw(_BOOL))
+        value = ".".join(draw(st.lists(atoms, min_size=1, max_size=4)))
     value = unicodedata.normalize("NFC", value)
     dot_string = _is_dot_string(value)
     if dot_string and not (quoted and draw(_ints(0, 5)) == 0):
@@ -367,7 +387,7 @@ def local_parts(*, utf8: bool = True, quoted: bool = True) -> st.SearchStrategy[
     numbers, punctuation and symbols (RFC 6531 §3.3); with ``quoted`` also
     quoted strings with spaces, specials, quoted-pairs (some needless, such as
     ``\\a``), the empty ``""``, and dot-strings quoted although they need not
-    be. About one in eight is 60 to 64 octets long (RFC 5321 §4.5.3.1.1). Text
+    be. Some are 60 to 64 octets long (RFC 5321 §4.5.3.1.1). Text
     is NFC.
 
     Args:
@@ -934,19 +954,24 @@ def _body_text(ascii_only: bool) -> st.SearchStrategy[str]:
 
 
 _SUBJECT_CHAR: Final = st.one_of(st.sampled_from(_PRINTABLE[:-1]), _NON_ASCII_TEXT)
-_ATTACHMENT: Final = st.builds(
-    Attachment,
-    filename=_text(string.ascii_letters + string.digits + "._- é", min_size=1, max_size=20)
-    .map(str.strip)
-    .filter(bool),
-    data=st.binary(max_size=2048),
-    content_type=st.sampled_from((None, "application/octet-stream", "text/plain", "image/png")),
-)
+
+
+@functools.cache
+def _attachments(max_data: int) -> st.SearchStrategy[list[Attachment]]:
+    attachment = st.builds(
+        Attachment,
+        filename=_text(string.ascii_letters + string.digits + "._- é", min_size=1, max_size=20)
+        .map(str.strip)
+        .filter(bool),
+        data=st.binary(max_size=max_data),
+        content_type=st.sampled_from((None, "application/octet-stream", "text/plain", "image/png")),
+    )
+    return st.lists(attachment, max_size=2)
 
 
 @functools.cache
 @st.composite
-def _built_message(draw: st.DrawFn, eight_bit: bool, utf8_headers: bool) -> Message:
+def _built_message(draw: st.DrawFn, eight_bit: bool, utf8_headers: bool, max_size: int) -> Message:
     address = _addresses(utf8_headers, True, True, False)
     recipients = st.lists(address, max_size=2)
     # In the RFC 6532 form (a non-ASCII local part anywhere) bodies go out 8-bit:
@@ -959,7 +984,8 @@ def _built_message(draw: st.DrawFn, eight_bit: bool, utf8_headers: bool) -> Mess
     subject = draw(st.one_of(st.none(), _text(_SUBJECT_CHAR, max_size=60)))
     body = draw(st.one_of(st.none(), text))
     html = draw(st.one_of(st.none(), text.map(lambda body: f"<p>{body}</p>")))
-    files = draw(st.lists(_ATTACHMENT, max_size=2))
+    # Base64 makes 4 octets of 3: two attachments of max_size / 8 leave room for the rest.
+    files = draw(_attachments(min(2048, max_size // 8)))
     message_id = f"{draw(_WORD)}@{draw(_domain_name(idn=False, max_octets=60))}"
     date = draw(_DATES)
     # Message.build draws MIME boundaries from the global random module; Hypothesis
@@ -1016,7 +1042,9 @@ def messages(
     )
     if not built:
         return parsed
-    made = _built_message(eight_bit, utf8_headers).filter(lambda message: message.size <= max_size)
+    made = _built_message(eight_bit, utf8_headers, max_size).filter(
+        lambda message: message.size <= max_size
+    )
     return st.one_of(parsed, made)
 
 
@@ -1216,6 +1244,11 @@ _FLAG_KEYWORDS: Final = (
     "VRFY",
     "HELP",
 )
+# RFC 1870 §4: no value, 0 (no fixed maximum), any size, and the sizes servers announce.
+_SIZE_VALUES: Final = st.one_of(
+    st.sampled_from(("", "0", "10240000", "35882577", "52428800", "157286400", "1000000000000")),
+    _ints(1, 10**12).map(str),
+)
 _MECHANISMS: Final = ("PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2", "SCRAM-SHA-256", "GSSAPI")
 
 
@@ -1231,7 +1264,7 @@ def _ehlo_reply(draw: st.DrawFn) -> tuple[bytes, Extensions]:
         written = draw(st.sampled_from((keyword, keyword.lower(), keyword.title())))
         if keyword == "SIZE":
             # RFC 1870 §4: "SIZE" alone or "SIZE 0" declares no fixed maximum.
-            value = draw(st.one_of(st.just(""), st.just("0"), _ints(1, 10**12).map(str)))
+            value = draw(_SIZE_VALUES)
             size = (int(value) or None) if value else None
             keywords["SIZE"] = value
             lines.append(f"{written} {value}".rstrip())
