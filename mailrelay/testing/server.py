@@ -20,8 +20,9 @@ Rules:
 
 - Standard library only (``socket``, ``ssl``, ``threading``) and mailrelay's own values; no
   asyncio, no third-party server.
-- Bounded: a command line may hold 512 octets with its CRLF (RFC 5321 §4.5.3.1.4; AUTH
-  lines and SASL responses 12288, RFC 4954 §4), a message ``max_size`` octets (``552``
+- Bounded: a command line may hold 512 octets with its CRLF (RFC 5321 §4.5.3.1.4; with DSN
+  offered, MAIL 100 more and RCPT 500 more, RFC 3461; AUTH lines and SASL responses 12288,
+  RFC 4954 §4), a message ``max_size`` octets (``552``
   beyond; 64 MiB when no SIZE is set), a transaction ``max_recipients`` recipients (``452``
   beyond, RFC 5321 §4.5.3.1.10), a connection 100,000 commands. Every socket wait lasts at
   most ``timeout`` seconds: a client silent that long gets ``421 4.4.2`` and is disconnected
@@ -90,6 +91,9 @@ EXTENSIONS = (
 ``STARTTLS`` is added when a TLS context is given, ``AUTH PLAIN LOGIN`` when users are."""
 
 _COMMAND_LIMIT = 512  # RFC 5321 §4.5.3.1.4: a command line, CRLF included
+# RFC 5321 §4.5.3.1.4 lets extensions lengthen command lines; RFC 3461 (DSN) does, by 100
+# octets for MAIL (ENVID, RET) and 500 for RCPT (NOTIFY, ORCPT).
+_DSN_ALLOWANCE = {b"MAIL ": 100, b"RCPT ": 500}
 _AUTH_LIMIT = 12288  # RFC 4954 §4: a SASL response line
 _DEFAULT_DATA_CAP = 64 * 1024 * 1024
 _DISCARD_LIMIT = 1024 * 1024  # an over-long line is skipped up to this size, then we hang up
@@ -565,8 +569,7 @@ class _Connection:
             for _ in range(_MAX_COMMANDS):
                 line = self._read_line(_AUTH_LIMIT)
                 if line is not None and len(line) + 2 > _COMMAND_LIMIT:
-                    # RFC 4954 §4: only an AUTH line (its initial response) may be longer.
-                    line = line if line[:5].upper() == b"AUTH " else None
+                    line = line if len(line) + 2 <= self._line_limit(line) else None
                 if line is None:
                     self._reply(500, "5.5.2 Line too long")
                 else:
@@ -576,6 +579,15 @@ class _Connection:
             self.session._event("timeout")
             with contextlib.suppress(OSError):
                 self._reply(421, f"4.4.2 {server.hostname} Timeout, closing connection")
+
+    def _line_limit(self, line: bytes) -> int:
+        """How long ``line`` may be, CRLF included."""
+        verb = line[:5].upper()
+        if verb == b"AUTH ":
+            return _AUTH_LIMIT  # RFC 4954 §4: an AUTH line carries an initial response
+        if "DSN" in self.server.extensions:
+            return _COMMAND_LIMIT + _DSN_ALLOWANCE.get(verb, 0)
+        return _COMMAND_LIMIT
 
     def _command(self, line: bytes) -> None:
         try:

@@ -256,6 +256,26 @@ DIALOGUES: list[tuple[str, dict[str, Any], list[tuple[bytes, int]]]] = [
     ("rset, noop, vrfy", {}, [(b"RSET", 250), (b"NOOP", 250), (b"VRFY bob", 252)]),
     ("unknown command", {}, [(b"XYZZY", 500), (b"", 500), (b"EXPN list", 502)]),
     ("command line over 512 octets", {}, [(b"NOOP " + b"x" * 508, 500), (b"NOOP", 250)]),
+    # RFC 3461: with DSN, MAIL may be 100 octets longer and RCPT 500 (NOTIFY and ORCPT).
+    (
+        "dsn lengthens mail and rcpt lines",
+        {},
+        [
+            (b"EHLO c", 250),
+            (b"MAIL FROM:<> ENVID=" + b"e" * 591, 250),
+            (b"RSET", 250),
+            (b"MAIL FROM:<> ENVID=" + b"e" * 592, 500),
+            (b"MAIL FROM:<>", 250),
+            (b"RCPT TO:<a@b.example> NOTIFY=NEVER ORCPT=rfc822;" + b"o" * 962, 250),
+            (b"RCPT TO:<a@b.example> NOTIFY=NEVER ORCPT=rfc822;" + b"o" * 963, 500),
+            (b"NOOP " + b"x" * 508, 500),
+        ],
+    ),
+    (
+        "no dsn, no longer lines",
+        {"extensions": set(EXTENSIONS) - {"DSN"}},
+        [(b"EHLO c", 250), (b"MAIL FROM:<> X=" + b"e" * 500, 500)],
+    ),
     ("ehlo without a name", {}, [(b"EHLO", 501), (b"HELO", 501)]),
     ("lhlo to an smtp server", {}, [(b"LHLO c", 500)]),
     ("ehlo to an lmtp server", {"lmtp": True}, [(b"EHLO c", 500), (b"LHLO c", 250)]),
