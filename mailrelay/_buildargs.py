@@ -20,6 +20,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 import email.headerregistry
+import email.utils
 import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -133,6 +134,29 @@ def _header_address(box: tuple[str, Address], utf8: bool) -> email.headerregistr
     domain = address.domain if utf8 else address.ascii_domain
     return email.headerregistry.Address(
         display_name=name, username=address.local_part, domain=domain
+    )
+
+
+def _header_addresses(
+    boxes: Iterable[tuple[str, Address]], utf8: bool
+) -> list[email.headerregistry.Address] | str:
+    """The value the email package is given for an address field.
+
+    Its ``Address`` objects, unless one of them would be written wrongly: the package
+    leaves some local parts that need quotes without them (``"."`` becomes ``.``, which
+    is no address, and then fails to read its own field back). Such a list goes as text,
+    each addr-spec written by :class:`~mailrelay.address.Address` (quoted as RFC 5322
+    §3.4.1 requires), which the package reads and keeps as written.
+    """
+    boxes = list(boxes)
+    objects = [_header_address(box, utf8) for box in boxes]
+    if all(
+        obj.addr_spec == box[1].smtp_path(utf8) for obj, box in zip(objects, boxes, strict=True)
+    ):
+        return objects
+    return ", ".join(
+        email.utils.formataddr((name, address.smtp_path(utf8)), charset="utf-8")
+        for name, address in boxes
     )
 
 

@@ -47,6 +47,8 @@ _MAX_LINE = 78
 # RFC 2047 §2: encoded-words 75 characters, lines holding them 76.
 _MAX_EW = 75
 _MAX_EW_LINE = 76
+#: RFC 5322 §2.1.1: no line of a message may be longer (without its CRLF).
+_MAX_TEXT_LINE = 998
 _EW_PREFIX_Q = "=?utf-8?q?"
 _EW_PREFIX_B = "=?utf-8?b?"
 _EW_OVERHEAD = len(_EW_PREFIX_Q) + len("?=")
@@ -191,6 +193,8 @@ def address_list(name: str, mailboxes: Sequence[tuple[str, str]]) -> str:
         Unsupported: a mailbox the general path should write.
     """
     lines = [f"{name}: "]
+    # Lines holding one mailbox that has no white space to fold at (a long addr-spec).
+    unfoldable: set[int] = set()
     last = len(mailboxes) - 1
     for index, (display_name, addr_spec) in enumerate(mailboxes):
         item = _mailbox(display_name, addr_spec)
@@ -200,12 +204,23 @@ def address_list(name: str, mailboxes: Sequence[tuple[str, str]]) -> str:
             lines[0] += item
         elif len(lines[-1]) + 2 + len(item) <= room:
             lines[-1] += ", " + item
+            continue
         else:
             lines[-1] += ","
             lines.append(" " + item)
-    # RFC 2047 §2: a line holding an encoded-word is at most 76 characters.
-    if any(len(line) > (_MAX_EW_LINE if "=?" in line else _MAX_LINE) for line in lines):
-        raise Unsupported("a mailbox too long for one line")
+        if " " not in item:
+            unfoldable.add(len(lines) - 1)
+    for number, line in enumerate(lines):
+        if "=?" in line:
+            # RFC 2047 §2: a line holding an encoded-word is at most 76 characters.
+            if len(line) > _MAX_EW_LINE:
+                raise Unsupported("a mailbox too long for one line")
+        elif len(line) > _MAX_LINE and (number not in unfoldable or len(line) > _MAX_TEXT_LINE):
+            # RFC 5322 §2.1.1: 78 characters is a SHOULD, 998 a MUST. A mailbox with no
+            # white space in it cannot be folded, by this writer or any other, so its line
+            # may be longer (the email package's folder fails on some of those: CPython
+            # gh-75171); anything else that does not fit is left to the general path.
+            raise Unsupported("a mailbox too long for one line")
     return "\r\n".join(lines)
 
 

@@ -76,7 +76,7 @@ from mailrelay._buildargs import (
     _check_filename,
     _check_message_id,
     _extra_headers,
-    _header_address,
+    _header_addresses,
     _mailbox,
     _spec,
 )
@@ -327,15 +327,15 @@ class Message:
 
         root = MIMEPart(policy=policy)
         try:
-            root["From"] = _header_address(author, utf8)
+            root["From"] = _header_addresses([author], utf8)
             if reply_list:
-                root["Reply-To"] = [_header_address(b, utf8) for b in reply_list]
+                root["Reply-To"] = _header_addresses(reply_list, utf8)
             if to_list:
-                root["To"] = [_header_address(b, utf8) for b in to_list]
+                root["To"] = _header_addresses(to_list, utf8)
             if cc_list:
-                root["Cc"] = [_header_address(b, utf8) for b in cc_list]
+                root["Cc"] = _header_addresses(cc_list, utf8)
             if bcc_list:
-                root["Bcc"] = [_header_address(b, utf8) for b in bcc_list]
+                root["Bcc"] = _header_addresses(bcc_list, utf8)
             if subject is not None:
                 root["Subject"] = subject
             if "date" not in extra_names:

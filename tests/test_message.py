@@ -1200,3 +1200,49 @@ def test_a_message_id_in_custom_headers_is_read_from_them(path: str) -> None:
     else:
         message = Message.build(**kwargs)
     assert message.message_id == "given@x.example"
+
+
+# -- address fields the email package writes wrongly ------------------------------------------
+
+
+@pytest.mark.parametrize("sender", ["ann@a.example", "jörg@a.example"])  # 7-bit and UTF-8 paths
+@pytest.mark.parametrize(
+    "to",
+    [
+        # A long first line (the field folds) and a local part that needs its quotes: the
+        # email package wrote "." without them and could not read its own field back.
+        ["0" * 64 + "@a.example", '"."@a.aa'],
+        ['"."@a.aa'],
+        ['Bjørn Ø <"."@a.aa>', "x" * 60 + "@b.example"],
+        ['Jo "x" <"a..b"@c.example>', '"a b"@c.example'],
+    ],
+)
+def test_build_writes_quoted_local_parts_that_read_back(sender: str, to: list[str]) -> None:
+    message = Message.build(sender=sender, to=to, cc=['"."@cc.example'], subject="quoted")
+    expected = [str(parse_box(item)) for item in to]
+    recipients = [str(r.address) for r in Envelope.from_message(message).recipients]
+    assert recipients == [*expected, '"."@cc.example']
+    head = message.as_bytes().split(b"\r\n\r\n", 1)[0]
+    assert all(len(line) <= 998 for line in head.split(b"\r\n"))
+    for address in expected:
+        local = address.rpartition("@")[0]
+        assert local.encode() in head  # the quotes are kept on the wire
+
+
+def parse_box(item: str) -> Address:
+    """The address of a ``name <addr>`` or bare addr-spec item."""
+    inner = item.rpartition("<")[2].rstrip(">") if item.endswith(">") else item
+    return Address.parse(inner)
+
+
+def test_the_direct_writer_keeps_an_unfoldable_mailbox_on_a_long_line() -> None:
+    # RFC 5322 §2.1.1: 78 is a SHOULD; a mailbox without white space cannot fold anyway.
+    field = _mime.address_list("To", [("", "0" * 64 + "@a.example"), ("", '"."@a.aa')])
+    first, second = field.split("\r\n")
+    assert len(first) == 79
+    assert second == ' "."@a.aa'
+    # Anything that could fold is left to the general path; 998 is the hard limit.
+    with pytest.raises(_mime.Unsupported):
+        _mime.address_list("To", [("A long display name " * 4, "a@b.example")])
+    with pytest.raises(_mime.Unsupported):
+        _mime.address_list("To", [("", "x" * 990 + "@b.example")])
