@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.peers.sink",
     "tests.peers.aiosmtpd_server",
     "tests.peers.unbound",
+    "tests.peers.postgres",
 ]
 
 # Profiles: `dev` for quick local runs, `ci` (chosen when CI=true) for a deeper

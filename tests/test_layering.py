@@ -156,6 +156,10 @@ def allowed(importer: str, imported: str) -> str | None:
         return None if layer == "dkim" else "only mailrelay.dkim imports cryptography"
     if root == "hypothesis":
         return None if layer == "testing" else "only mailrelay.testing imports hypothesis"
+    if root == "psycopg":  # mailrelay[postgres]
+        if importer == "mailrelay.tracker.postgres_store":
+            return None
+        return "only mailrelay.tracker.postgres_store imports psycopg"
     if root in sys.stdlib_module_names or root in THIRD_PARTY_OK:
         return None
     if root == "dns":
@@ -260,6 +264,7 @@ def test_module_respects_layering(module: str, path: Path) -> None:
         ("mailrelay.dkim", "import socket", "does no I/O"),
         ("mailrelay.tracker.engine", "import hypothesis", "only mailrelay.testing"),
         ("mailrelay.cli", "from hypothesis import strategies", "only mailrelay.testing"),
+        ("mailrelay.tracker.sqlite_store", "import psycopg", "only mailrelay.tracker.postgres"),
     ],
 )
 def test_forbidden_edges_are_caught(module: str, source: str, expected: str) -> None:
@@ -275,6 +280,7 @@ def test_forbidden_edges_are_caught(module: str, source: str, expected: str) -> 
         ("mailrelay.dkim", "from mailrelay.message import Message"),
         ("mailrelay.transport.signing", "from mailrelay.dkim import DKIMSigner"),
         ("mailrelay.testing.strategies", "from hypothesis import strategies as st"),
+        ("mailrelay.tracker.postgres_store", "from psycopg import sql"),
     ],
 )
 def test_optional_extras_stay_behind_their_modules(module: str, source: str) -> None:

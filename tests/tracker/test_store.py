@@ -1,4 +1,4 @@
-"""The Store contract, run against MemoryStore and SQLiteStore alike."""
+"""The Store contract, run against MemoryStore, SQLiteStore and PostgresStore alike."""
 
 from __future__ import annotations
 
@@ -63,8 +63,11 @@ def make_record(
     )
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "postgres":  # tests/peers/postgres.py: a fresh schema, dropped after
+        yield request.getfixturevalue("postgres_store")
+        return
     made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "t.db")
     yield made
     made.close()
