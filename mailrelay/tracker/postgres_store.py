@@ -439,6 +439,8 @@ class PostgresStore:
                     f"schema {self.schema!r} has version {version}; this mailrelay knows up "
                     f"to {SCHEMA_VERSION}: upgrade mailrelay"
                 )
+            if version == SCHEMA_VERSION:
+                return  # up to date: a role without DDL rights may open it
             # PostgreSQL's DDL is transactional: every step commits together or not at all.
             while version < SCHEMA_VERSION:
                 for statement in MIGRATIONS[version].split(";"):

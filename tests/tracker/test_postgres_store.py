@@ -12,6 +12,7 @@ Run as ``python -m tests.tracker.test_postgres_store ...`` it is one worker proc
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import datetime as dt
 import os
@@ -52,7 +53,7 @@ from tests.peers.postgres import PostgresInstance
 from tests.peers.scripted import free_port
 from tests.tracker.test_engine_workers import _SEQ, _DyingTransport, _message, _wait_for
 from tests.tracker.test_store import _OPS, LEASE, T0, make_record
-from tests.transport.test_docs import python_blocks
+from tests.transport.test_docs import python_blocks, server_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "postgres.md"
@@ -408,6 +409,38 @@ def test_a_missing_permission_is_a_permanent_store_error(
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
+def test_a_role_with_only_data_rights_can_use_a_migrated_schema(
+    postgres: PostgresInstance, schema: str
+) -> None:
+    # docs/postgres.md: the owner migrates once; the senders need no DDL rights.
+    PostgresStore(postgres.dsn, schema=schema).close()
+    role = f"r_{schema}"
+    grants = [
+        "CREATE ROLE {role} LOGIN",
+        "GRANT USAGE ON SCHEMA {schema} TO {role}",
+        "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} TO {role}",
+    ]
+    with _admin(postgres) as conn:
+        for grant in grants:
+            conn.execute(
+                sql.SQL(grant).format(role=sql.Identifier(role), schema=sql.Identifier(schema))
+            )
+    try:
+        dsn = postgres.dsn.replace("user=postgres", f"user={role}")
+        store = PostgresStore(dsn, schema=schema)
+        try:
+            tracker = DeliveryTracker(MemoryTransport(), store)
+            tracking_id = tracker.submit(_message_to("a@example.org"))
+            assert tracker.run_pending().delivered == 1
+            assert tracker.status(tracking_id).recipients[0].state is State.DELIVERED
+        finally:
+            store.close()
+    finally:
+        with _admin(postgres) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
 @pytest.mark.parametrize(
     ("sqlstate", "transient"),
     [
@@ -706,6 +739,17 @@ def test_the_docs_example_runs(
             exec(compile(block, f"postgres.md block {number}", "exec"), namespace)  # our docs
     finally:
         postgres.drop_schema("mailrelay")
+
+
+def test_the_docs_setup_block_compiles_and_its_imports_resolve() -> None:
+    blocks = server_blocks(DOC.read_text(encoding="utf-8"))
+    assert blocks
+    for number, block in enumerate(blocks, start=1):
+        tree = ast.parse(block, f"postgres.md py block {number}")
+        imports: list[ast.stmt] = [
+            node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)
+        ]
+        exec(compile(ast.Module(body=imports, type_ignores=[]), "imports", "exec"), {})
 
 
 if __name__ == "__main__":
