@@ -84,8 +84,9 @@ from mailrelay.tracker.store import (
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresStore"]
+__all__ = ["INSTALL_HINT", "MIGRATIONS", "SCHEMA_VERSION", "PostgresStore", "is_transient_sqlstate"]
 
+#: How to install what this module needs (said by the ImportError without it).
 INSTALL_HINT = 'pip install "mailrelay[postgres]"'
 
 #: The schema, one script per version: ``MIGRATIONS[n]`` takes version ``n`` to ``n + 1``.
@@ -509,6 +510,9 @@ class PostgresStore:
                         )
                     copy.write("\n")
         except self._psycopg.errors.UniqueViolation:
+            # Worded as SQLiteStore words it.
+            if len(entries) == 1:
+                raise ValueError(f"a message with id {ids[0]!r} is already stored") from None
             raise ValueError("a message with one of these ids is already stored") from None
         finally:
             cursor.close()
