@@ -49,7 +49,7 @@ from mailrelay.tracker.postgres_store import (
 from mailrelay.tracker.store import Attempt, Change, MemoryStore, State, Store
 from mailrelay.transport import MemoryTransport, SMTPTransport
 from tests.peers.aiosmtpd_server import AiosmtpdFactory
-from tests.peers.postgres import PostgresInstance
+from tests.peers.postgres import PostgresInstance, find_binaries
 from tests.peers.scripted import free_port
 from tests.tracker.test_engine_workers import _SEQ, _DyingTransport, _message, _wait_for
 from tests.tracker.test_store import _OPS, LEASE, T0, make_record
@@ -333,6 +333,50 @@ def test_a_dead_machines_lease_expires_and_another_takes_the_work(
         assert alive.next_due() == T0 + LEASE + LEASE
     finally:
         alive.close()
+
+
+def test_writers_of_the_same_messages_in_opposite_orders_never_deadlock(
+    postgres: PostgresInstance, schema: str
+) -> None:
+    # Each batch names the messages in the opposite order of the other machine's: without
+    # the store locking them in id order, the two would deadlock (SQLSTATE 40P01).
+    machines = [PostgresStore(postgres.dsn, schema=schema) for _ in range(2)]
+    ids = [f"m{i}" for i in range(8)]
+    try:
+        machines[0].add_many([(make_record(i), [b"12345"]) for i in ids])
+        barrier = threading.Barrier(2)
+        failures: list[BaseException] = []
+
+        def write(store: PostgresStore, order: list[str], text: str) -> None:
+            barrier.wait(timeout=30)
+            note = Change(
+                address=Address.parse("a@example.org"),
+                state=State.QUEUED,
+                attempt=Attempt(at=T0, text=text, source="dsn"),
+                expect=frozenset(),  # history only
+            )
+            try:
+                for _ in range(15):
+                    store.apply_many([(i, [note]) for i in order])
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [
+            threading.Thread(target=write, args=(machines[0], ids, "one")),
+            threading.Thread(target=write, args=(machines[1], ids[::-1], "two")),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert failures == []
+        record = machines[0].get("m0")
+        assert record is not None
+        texts = Counter(a.text for a in record.recipient("a@example.org").attempts)
+        assert texts == Counter({"one": 15, "two": 15})
+    finally:
+        for machine in machines:
+            machine.close()
 
 
 # -- errors become StoreError -----------------------------------------------------------
@@ -704,6 +748,14 @@ def test_memory_and_postgres_stores_agree(
 
 
 # -- without psycopg, and the docs -------------------------------------------------------
+
+
+def test_the_fixture_says_how_to_install_missing_binaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAILRELAY_PG_BIN", str(tmp_path))  # no initdb there
+    with pytest.raises(FileNotFoundError, match=r"apt-get install .*postgresql"):
+        find_binaries()
 
 
 def test_without_psycopg_the_store_says_what_to_install() -> None:
