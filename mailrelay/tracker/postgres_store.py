@@ -130,9 +130,9 @@ MIGRATIONS: tuple[str, ...] = (
         FOREIGN KEY (message, position) REFERENCES recipients(message, position)
             ON DELETE CASCADE
     );
-    CREATE INDEX recipients_due_order ON recipients(next_attempt_at, message)
+    CREATE INDEX recipients_due_order ON recipients((COALESCE(next_attempt_at, 0)), message)
         WHERE state IN ('queued', 'deferred');
-    CREATE INDEX recipients_lease_order ON recipients(lease_until, message)
+    CREATE INDEX recipients_lease_order ON recipients((COALESCE(lease_until, 0)), message)
         WHERE state = 'sending';
     CREATE INDEX messages_created ON messages(created_at, id);
     CREATE INDEX messages_message_id ON messages(message_id);
@@ -145,8 +145,9 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _COMMIT_LEVELS = frozenset({"on", "off", "local", "remote_write", "remote_apply"})
-#: How many times a claim looks again for messages when some it locked had nothing due.
-_CLAIM_ROUNDS = 4
+#: How many times a claim reads further for messages when those it read were taken by other
+#: claims meanwhile (or had many due recipients each): a bound, rarely reached.
+_CLAIM_ROUNDS = 8
 
 # SQLSTATE classes and codes after which trying again later may help (PostgreSQL's
 # "Appendix A. Error Codes"): 08 connection exception, 40 transaction rollback
@@ -160,24 +161,28 @@ _UNIQUE_VIOLATION = "23505"
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
-# Which recipients are due (see the store rules; the partial indexes' own conditions),
-# written out in both statements so that no SQL is assembled at run time. _PICK: the due
-# messages in due order (a message's earliest due recipient; no due time sorts first, as
-# 0), skipping those another transaction holds. _LEASE: their due recipients, leased.
-_PICK = """
-    SELECT m.id FROM messages m JOIN (
-        SELECT message, MIN(COALESCE(CASE WHEN state = 'sending' THEN lease_until
-                                          ELSE next_attempt_at END, 0)) AS due
-        FROM recipients WHERE (
-            (state IN ('queued', 'deferred')
-             AND (next_attempt_at IS NULL OR next_attempt_at <= %(now)s))
-            OR (state = 'sending' AND (lease_until IS NULL OR lease_until <= %(now)s)))
-        GROUP BY message) d ON d.message = m.id
-    WHERE NOT (m.id = ANY(%(tried)s))
-    ORDER BY d.due, m.id
-    LIMIT %(limit)s
-    FOR NO KEY UPDATE OF m SKIP LOCKED
+# A claim, in three statements (see the module docstring), written out in full so that no
+# SQL is assembled at run time. _DUE_ROWS: due recipients in due order, then message id,
+# from the two partial indexes (one per kind of due: QUEUED/DEFERRED by next_attempt_at,
+# SENDING by lease_until), merged and read only as far as LIMIT: its cost follows the
+# batch, not the queue. A message's first row carries its earliest due time, so this is
+# the order of "MIN(due), message". No due time counts as 0 (the epoch), as in MemoryStore;
+# so "COALESCE(x, 0) <= now" means "x IS NULL OR x <= now" for any claim made after 1970.
+# _LOCK: of the messages picked, those no other transaction holds, locked. _LEASE: their
+# due recipients leased, the "due" condition checked again on the newest rows.
+_DUE_ROWS = """
+    SELECT message FROM (
+        SELECT message, COALESCE(next_attempt_at, 0) AS due FROM recipients
+            WHERE state IN ('queued', 'deferred') AND COALESCE(next_attempt_at, 0) <= %(now)s
+        UNION ALL
+        SELECT message, COALESCE(lease_until, 0) AS due FROM recipients
+            WHERE state = 'sending' AND COALESCE(lease_until, 0) <= %(now)s
+    ) due_rows
+    WHERE message <> ALL(%(tried)s)
+    ORDER BY due, message
+    LIMIT %(rows)s
 """
+_LOCK = "SELECT id FROM messages WHERE id = ANY(%(ids)s) FOR NO KEY UPDATE SKIP LOCKED"
 _LEASE = """
     UPDATE recipients SET state = 'sending', lease_owner = %(worker)s, lease_until = %(until)s
     WHERE message = ANY(%(ids)s) AND (
@@ -188,11 +193,14 @@ _LEASE = """
         SELECT COUNT(*) FROM attempts a
         WHERE a.message = recipients.message AND a.position = recipients.position)
 """
+# The earliest due time (recipients without one are left out, as by SQLiteStore): the
+# first entry of each partial index that has a time.
 _NEXT_DUE = """
     SELECT MIN(due) FROM (
-        SELECT MIN(next_attempt_at) AS due FROM recipients
-            WHERE state IN ('queued', 'deferred')
-        UNION ALL SELECT MIN(lease_until) FROM recipients WHERE state = 'sending') t
+        SELECT MIN(COALESCE(next_attempt_at, 0)) AS due FROM recipients
+            WHERE state IN ('queued', 'deferred') AND next_attempt_at IS NOT NULL
+        UNION ALL SELECT MIN(COALESCE(lease_until, 0)) FROM recipients
+            WHERE state = 'sending' AND lease_until IS NOT NULL) t
 """
 _INSERT_RECIPIENT = (
     "INSERT INTO recipients (message, position, address, state, next_attempt_at,"
@@ -647,20 +655,24 @@ class PostgresStore:
         order: list[str] = []  # the messages leased, in due order
         grouped: dict[str, list[tuple[Any, ...]]] = {}
         tried: list[str] = []
+        rows = max(4 * limit, 64)
         with self._transaction(work=True) as tx:
             for _ in range(_CLAIM_ROUNDS):
                 need = limit - len(order)
-                picked = [
-                    row[0] for row in tx.execute(_PICK, {**args, "tried": tried, "limit": need})
-                ]
+                due = tx.execute(_DUE_ROWS, {**args, "tried": tried, "rows": rows}).fetchall()
+                # The first ``need`` messages, in due order.
+                picked = list(dict.fromkeys(row[0] for row in due))[:need]
                 if not picked:
                     break
                 tried.extend(picked)
-                for row in tx.execute(_LEASE, {**args, "ids": picked}):
-                    grouped.setdefault(row[0], []).append(row)
-                order.extend(tracking_id for tracking_id in picked if tracking_id in grouped)
-                if len(picked) < need or len(order) >= limit:
-                    break
+                locked = {row[0] for row in tx.execute(_LOCK, {"ids": picked})}
+                if locked:
+                    for row in tx.execute(_LEASE, {**args, "ids": list(locked)}):
+                        grouped.setdefault(row[0], []).append(row)
+                    order.extend(tracking_id for tracking_id in picked if tracking_id in grouped)
+                if len(due) < rows or len(order) >= limit:
+                    break  # the due rows are all read, or the batch is full
+                rows *= 2  # messages with many recipients, or taken by others: read further
         claims = []
         for tracking_id in order:
             group = sorted(grouped[tracking_id], key=lambda row: row[1])  # envelope order

@@ -38,6 +38,7 @@ from mailrelay.errors import ConfigurationError, StoreError
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
+from mailrelay.tracker import postgres_store as postgres_store_module
 from mailrelay.tracker.async_engine import AsyncDeliveryTracker
 from mailrelay.tracker.engine import DeliveryTracker
 from mailrelay.tracker.postgres_store import (
@@ -251,6 +252,49 @@ def test_text_that_copy_must_escape_round_trips(postgres_store: PostgresStore) -
     assert postgres_store.get(record.id) == record
     assert postgres_store.content(record.id) == b"a\tb"
     assert postgres_store.lookup(envid="E\\1") == [record.id]
+
+
+def test_a_claim_reads_past_messages_with_many_recipients(postgres_store: PostgresStore) -> None:
+    # A claim reads due rows in batches (64 rows at first, for a small limit): messages with
+    # more due recipients than that still come whole, and as many as the limit asks.
+    many = tuple(f"r{n:03}@example.org" for n in range(150))
+    for index, minutes in enumerate([3, 1, 2]):
+        record = make_record(f"m{index}", recipients=many, due=T0 + dt.timedelta(minutes=minutes))
+        postgres_store.add(record, [b"12345"])
+    now = T0 + dt.timedelta(hours=1)
+    claims = postgres_store.claim(worker="w", now=now, lease=LEASE, limit=2)
+    assert [c.tracking_id for c in claims] == ["m1", "m2"]
+    assert [len(c.addresses) for c in claims] == [150, 150]
+    assert [str(a) for a in claims[0].addresses] == list(many)
+    assert [
+        c.tracking_id for c in postgres_store.claim(worker="v", now=now, lease=LEASE, limit=5)
+    ] == ["m0"]
+
+
+def test_claims_and_next_due_can_read_the_partial_indexes(postgres_store: PostgresStore) -> None:
+    # The SQL names states literally (partial indexes need it): keep them State's values.
+    assert [State.QUEUED.value, State.DEFERRED.value, State.SENDING.value] == [
+        "queued",
+        "deferred",
+        "sending",
+    ]
+    conn = postgres_store._connection()
+    args = {"now": 0, "tried": [], "rows": 10, "ids": []}
+    plans = {}
+    with conn.transaction():
+        # With sequential scans priced out, a plan that still scans the table whole would
+        # mean the statements' expressions do not match the indexes'.
+        conn.execute("SET LOCAL enable_seqscan = off")
+        for name, statement in [
+            ("due", postgres_store_module._DUE_ROWS),
+            ("next", postgres_store_module._NEXT_DUE),
+        ]:
+            rows = conn.execute(f"EXPLAIN {statement}", args).fetchall()
+            plans[name] = "\n".join(str(row[0]) for row in rows)
+    for plan in plans.values():
+        assert "recipients_due_order" in plan, plan
+        assert "recipients_lease_order" in plan, plan
+        assert "Seq Scan" not in plan, plan
 
 
 # -- several machines -------------------------------------------------------------------
