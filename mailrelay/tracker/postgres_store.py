@@ -17,14 +17,15 @@ Rules of this module:
   ``messages`` it changes (``FOR NO KEY UPDATE``, in id order): whoever changes a message's
   recipients holds its message row, so writers of one message serialize and two writers
   can never deadlock on each other's recipients.
-* **Claims are atomic across machines.** A claim picks the due messages in due order
-  (earliest due recipient, then id) with ``FOR NO KEY UPDATE ... SKIP LOCKED``: a message
-  another claim or write holds is skipped, not waited for. Then one ``UPDATE ...
-  RETURNING`` leases the due recipients of the messages it locked, with a WHERE that
-  states "due" again: PostgreSQL re-checks it on the newest row version, so a recipient
-  leased (or cancelled) by a transaction that committed meanwhile is not taken. Messages
-  that turned out to have nothing due any more are replaced by the next ones (a bounded
-  number of rounds), so a claim racing another still fills its batch.
+* **Claims are atomic across machines.** A claim reads due recipients in due order
+  (earliest due time, then message id) from two partial indexes, only as far as its
+  batch needs; locks the messages it picked with ``FOR NO KEY UPDATE SKIP LOCKED`` (a
+  message another claim or write holds is skipped, not waited for); then one ``UPDATE
+  ... RETURNING`` leases the due recipients of the messages it locked, with a WHERE that
+  states "due" again: PostgreSQL checks it on the newest row versions, so a recipient
+  leased (or cancelled) by a transaction that committed meanwhile is not taken. When
+  some picked messages were taken by others, the claim reads further (a bounded number
+  of rounds), so a claim racing another still fills its batch.
 * Reads run in a REPEATABLE READ, READ ONLY transaction, so a record and its recipients
   and attempts are one snapshot.
 * The message bytes are a ``BYTEA``, sent with ``COPY ... FROM STDIN`` chunk by chunk as
@@ -233,13 +234,36 @@ def is_transient_sqlstate(sqlstate: str | None) -> bool:
     return sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate in _TRANSIENT_CODES
 
 
+# A server that answers a new connection with FATAL refuses it for good (no such database
+# or role, failed authentication, no pg_hba.conf entry), unless it is one of these, which
+# pass: starting up or shutting down (57P03), too many connections (53300). Read from the
+# server's message, libpq's only account of it; a server whose messages are translated
+# (lc_messages) has every refusal taken as transient, the safe side: the tracker retries.
+_FATAL = "FATAL:"
+_PASSING_REFUSALS = (
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "too many clients",
+    "too many connections",
+    "connection slots are reserved",
+    "terminating connection",
+)
+
+
+def _refused_for_good(message: str) -> bool:
+    """Whether a connection error's message is a server's lasting refusal."""
+    return _FATAL in message and not any(text in message for text in _PASSING_REFUSALS)
+
+
 def _store_error(exc: Exception, what: str) -> StoreError:
     psycopg = _import_psycopg()
     sqlstate: str | None = getattr(exc, "sqlstate", None)
     if sqlstate is None:
-        # No answer from the server: the connection could not be made or broke (refused,
-        # timed out, reset). psycopg reports those as OperationalError.
-        transient = isinstance(exc, psycopg.OperationalError)
+        # The connection could not be made or broke: psycopg reports those as
+        # OperationalError, without an SQLSTATE (libpq gives none for connection errors).
+        transient = isinstance(exc, psycopg.OperationalError) and not _refused_for_good(str(exc))
     else:
         transient = is_transient_sqlstate(sqlstate)
     code = f"SQLSTATE {sqlstate}" if sqlstate else type(exc).__name__

@@ -467,6 +467,53 @@ def test_timeouts_are_transient_and_leave_the_store_usable(
         store.close()
 
 
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (("dbname=mailrelay_test", "dbname=no_such_db"), "does not exist"),
+        (("user=postgres", "user=no_such_role"), "does not exist"),
+    ],
+    ids=["database", "role"],
+)
+def test_a_server_refusing_the_connection_for_good_is_a_permanent_store_error(
+    postgres: PostgresInstance, change: tuple[str, str], match: str
+) -> None:
+    with pytest.raises(StoreError, match=match) as caught:
+        PostgresStore(postgres.dsn.replace(*change))
+    assert caught.value.is_transient is False
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+
+
+def test_a_server_with_no_connection_slot_left_is_a_transient_store_error(
+    postgres: PostgresInstance, schema: str
+) -> None:
+    # A role limited to one connection, which another client holds (53300, "too many
+    # connections for role"): the server refuses with FATAL, but only for now.
+    PostgresStore(postgres.dsn, schema=schema).close()
+    role = f"r_{schema}"
+    grants = [
+        "CREATE ROLE {role} LOGIN CONNECTION LIMIT 1",  # superusers have no limit
+        "GRANT USAGE ON SCHEMA {schema} TO {role}",
+        "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} TO {role}",
+    ]
+    with _admin(postgres) as conn:
+        for grant in grants:
+            conn.execute(
+                sql.SQL(grant).format(role=sql.Identifier(role), schema=sql.Identifier(schema))
+            )
+    dsn = postgres.dsn.replace("user=postgres", f"user={role}")
+    try:
+        with psycopg.connect(dsn):
+            with pytest.raises(StoreError, match="too many connections") as caught:
+                PostgresStore(dsn, schema=schema)
+            assert caught.value.is_transient is True
+        PostgresStore(dsn, schema=schema).close()  # the slot is free again
+    finally:
+        with _admin(postgres) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
 def test_a_connection_killed_by_the_server_is_transient_and_reopened(
     postgres: PostgresInstance, postgres_store: PostgresStore
 ) -> None:
