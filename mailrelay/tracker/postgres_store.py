@@ -157,7 +157,6 @@ _CLAIM_ROUNDS = 8
 # server shutting down), 58 system error (I/O); and 55P03 lock_not_available (lock_timeout).
 _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 _TRANSIENT_CODES = frozenset({"55P03"})
-_UNIQUE_VIOLATION = "23505"
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -397,10 +396,10 @@ class PostgresStore:
                 ("lock_timeout", self._lock_timeout),
                 ("statement_timeout", self._statement_timeout),
             ):
-                if value is not None:
+                if value is not None:  # at least 1 ms: 0 would mean no limit at all
                     conn.execute(
                         sql.SQL("SET {} = {}").format(
-                            sql.Identifier(name), sql.Literal(f"{round(value * 1000)}ms")
+                            sql.Identifier(name), sql.Literal(f"{max(1, round(value * 1000))}ms")
                         )
                     )
         except BaseException:
