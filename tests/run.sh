@@ -4,14 +4,14 @@
 #   bash tests/run.sh [pytest args...]
 #
 # The tests start their own throw-away servers on loopback (Postfix, unbound,
-# aiosmtpd, smtp-sink) and stop them by PID; those need the Debian packages
+# aiosmtpd, smtp-sink, PostgreSQL) and stop them by PID; those need the Debian packages
 # below. Run as root, this script installs whatever is missing; otherwise it
 # prints the exact command to run and stops. Nothing is skipped: a missing
 # peer fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(postfix sasl2-bin libsasl2-modules unbound openssl)
+PACKAGES=(postfix sasl2-bin libsasl2-modules unbound openssl postgresql)
 missing=()
 for cmd in postfix:postfix saslpasswd2:sasl2-bin unbound:unbound openssl:openssl; do
     bin="${cmd%%:*}"
@@ -19,6 +19,9 @@ for cmd in postfix:postfix saslpasswd2:sasl2-bin unbound:unbound openssl:openssl
         missing+=("${cmd#*:}")
     fi
 done
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    missing+=(postgresql)
+fi
 if [ ! -d /usr/lib/x86_64-linux-gnu/sasl2 ] && [ ! -d /usr/lib/aarch64-linux-gnu/sasl2 ] \
     && ! compgen -G "/usr/lib/*/sasl2/libsasldb*" >/dev/null; then
     missing+=(libsasl2-modules)

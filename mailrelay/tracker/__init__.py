@@ -17,6 +17,7 @@ from mailrelay.tracker.dsn_build import build_dsn, verp_decode, verp_encode
 from mailrelay.tracker.dsn_parse import parse_dsn
 from mailrelay.tracker.engine import VERP, DeliveryTracker, DSNMatch, DSNRequest, RunSummary
 from mailrelay.tracker.events import EventKind, TrackerEvent
+from mailrelay.tracker.postgres_store import PostgresStore
 from mailrelay.tracker.retry import DomainLimits, DomainShaper, RetryPolicy
 from mailrelay.tracker.sqlite_store import SQLiteStore
 from mailrelay.tracker.store import (
@@ -42,6 +43,7 @@ __all__ = [
     "RecipientRecord",
     "RetryPolicy",
     "RunSummary",
+    "PostgresStore",
     "SQLiteStore",
     "State",
     "Store",

@@ -79,8 +79,11 @@ def scripted(*answers: Answer | Exception) -> Callable[[Message, Envelope], Answ
     return handler
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "postgres":  # tests/peers/postgres.py: a fresh schema, dropped after
+        yield request.getfixturevalue("postgres_store")
+        return
     made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "t.db")
     yield made
     made.close()
