@@ -18,8 +18,9 @@ promise is computed here a second time, independently of :mod:`mailrelay.message
   does, or an envelope address has a non-ASCII local part.
 
 Also here: :func:`start_fidelity_server`, aiosmtpd that also records each transaction's
-MAIL and RCPT lines as they arrived and, when asked, offers PIPELINING (RFC 2920), so the
-client's pipelined paths meet a real server in-process; and :func:`split_delivered`, which
+MAIL and RCPT lines as they arrived and, when asked, offers PIPELINING (RFC 2920) and
+STARTTLS (RFC 3207), so the client's pipelined and TLS paths meet a real server
+in-process; and :func:`split_delivered`, which
 takes apart a message Postfix delivered to a Maildir: the trace fields its delivery agent
 prepends, then the message as received, with LF line ends.
 """
