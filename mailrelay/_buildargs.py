@@ -20,7 +20,6 @@ Rules this module keeps:
 from __future__ import annotations
 
 import email.headerregistry
-import email.utils
 import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -155,9 +154,24 @@ def _header_addresses(
     ):
         return objects
     return ", ".join(
-        email.utils.formataddr((name, address.smtp_path(utf8)), charset="utf-8")
+        f"{_phrase(name)} <{address.smtp_path(utf8)}>" if name else address.smtp_path(utf8)
         for name, address in boxes
     )
+
+
+# RFC 5322 §3.2.3 atext, and RFC 6532 §3.2's UTF-8 characters, with the spaces between words.
+_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\- \u0080-\U0010ffff]+")
+
+
+def _phrase(name: str) -> str:
+    """A display name as a phrase: its words as they are, or one quoted-string.
+
+    Non-ASCII text is written as is; the email package turns it into encoded-words
+    (RFC 2047) when the message is not UTF-8.
+    """
+    if _PHRASE.fullmatch(name) and name == name.strip(" ") and "  " not in name:
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _extra_headers(

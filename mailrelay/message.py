@@ -80,7 +80,7 @@ from mailrelay._buildargs import (
     _mailbox,
     _spec,
 )
-from mailrelay.address import Address
+from mailrelay.address import Address, _render_local
 from mailrelay.errors import InvalidAddress, MessageError
 
 __all__ = ["AddressLike", "Attachment", "Message", "MAX_HEADER_BYTES", "MAX_MAILBOX_CHARS"]
@@ -739,8 +739,13 @@ def _parsed_addr_specs(value: str) -> list[str]:
             # nested comments): a field it cannot read holds no usable address.
             raise InvalidAddress(f"cannot read the address {_excerpt(item)}", address=item) from exc
         assert isinstance(header, email.headerregistry.AddressHeader)
+        # Written from the parts, not taken from addr_spec: the package leaves out the
+        # quotes some local parts need ('"john..doe"' comes back as john..doe, which is
+        # no address), and its local part is the value inside them (RFC 5322 §3.4.1).
         specs += [
-            mailbox.addr_spec for mailbox in header.addresses if mailbox.addr_spec not in ("", "<>")
+            f"{_render_local(mailbox.username)}@{mailbox.domain}"
+            for mailbox in header.addresses
+            if mailbox.addr_spec not in ("", "<>")
         ]
     return specs
 

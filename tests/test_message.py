@@ -1246,3 +1246,46 @@ def test_the_direct_writer_keeps_an_unfoldable_mailbox_on_a_long_line() -> None:
         _mime.address_list("To", [("A long display name " * 4, "a@b.example")])
     with pytest.raises(_mime.Unsupported):
         _mime.address_list("To", [("", "x" * 990 + "@b.example")])
+
+
+# Local parts that need their quotes only for their dots, or because they are empty.
+QUOTED_FOR_DOTS = ['""', '"."', '"john..doe"', '".john"', '"john."', '"jörg..doe"']
+
+
+@pytest.mark.parametrize("local", QUOTED_FOR_DOTS)
+def test_address_fields_keep_the_quotes_a_local_part_needs(local: str) -> None:
+    # The email package reads '"john..doe"' as john..doe: read from its parts, requoted.
+    address = Address.parse(f"{local}@example.com")
+    hidden = Address.parse(f"{local}@bcc.example")
+    raw = (
+        b"From: a@example.com\r\nTo: Name <" + str(address).encode() + b">\r\nBcc: "
+        + str(hidden).encode() + b"\r\n\r\nHi\r\n"
+    )  # fmt: skip
+    message = Message.from_bytes(raw)
+    assert message.bcc == (hidden,)
+    assert [r.address for r in Envelope.from_message(message).recipients] == [address, hidden]
+
+
+@pytest.mark.parametrize(
+    ("sender", "to", "name"),
+    [
+        ("jörg@example.com", '"."@bücher.example', ""),
+        ("jörg@example.com", '""@bücher.example', "Bjørn, Ø"),
+        ("ann@example.com", '"jö..b"@example.com', 'say "hi"'),
+        ("ann@example.com", '"."@example.com', "Bjørn \\ Ø"),
+    ],
+)
+def test_build_writes_quoted_utf8_addresses_and_any_display_name(
+    sender: str, to: str, name: str
+) -> None:
+    address = Address.parse(to)
+    message = Message.build(sender=sender, to=[(name, to)], subject="quoted", text="hi\n")
+    assert [r.address for r in Envelope.from_message(message).recipients] == [address]
+    # Read as text: the email package reads the raw UTF-8 of RFC 6532 fields from bytes as
+    # surrogate escapes.
+    parsed = email.message_from_string(
+        message.as_bytes().decode("utf-8"), policy=email.policy.SMTPUTF8
+    )
+    (mailbox,) = parsed["To"].addresses
+    assert mailbox.display_name == name
+    assert mailbox.username == address.local_part
