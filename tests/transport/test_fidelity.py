@@ -31,7 +31,7 @@ exactly what mailrelay promises, computed independently in
    refused MAIL) get their outcome. DATA and BDAT (CHUNKING), pipelined and not, both
    drivers.
 
-The findings are at the end, as plain regression tests (xfail until the library is fixed).
+The findings (both fixed since) are at the end, as plain regression tests.
 
 Knobs: ``MAILRELAY_FIDELITY_EXAMPLES`` (default 30) examples per aiosmtpd property; the
 Postfix properties run half as many.
@@ -56,7 +56,6 @@ from hypothesis import strategies as st
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
-from mailrelay.errors import InvalidAddress, MessageError
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
@@ -108,24 +107,10 @@ Mode = Literal["send", "many"]
 
 _EOLS = (b"\r\n", b"\n", b"\r")
 _eol = st.sampled_from(_EOLS)
-_ATEXT = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-"
-)
 
 
 def _no_breaks(data: bytes) -> bytes:
     return data.replace(b"\r", b"").replace(b"\n", b"")
-
-
-def readable_in_a_field(address: Address) -> bool:
-    """Whether mailrelay reads ``address`` back from a header field: not a quoted local part
-    that is empty or all atext (UTF-8 included) and dots (``"a..b"``), which it cannot (the
-    finding in :func:`test_finding_a_quoted_dotted_local_part_in_an_address_field`)."""
-    local = address.local_part
-    if not local:
-        return False
-    quoted = str(address).startswith('"')
-    return not (quoted and all(c in _ATEXT or c == "." or not c.isascii() for c in local))
 
 
 _odd_text = st.one_of(
@@ -138,7 +123,7 @@ _odd_text = st.one_of(
 def _odd_field(draw: st.DrawFn) -> bytes:
     name = draw(st.sampled_from([b"X-Odd", b"Comments", b"bcc", b"BCC ", b"Resent-Bcc"]))
     if name.strip().lower() in {b"bcc", b"resent-bcc"}:
-        readable = addresses(literals=True).filter(readable_in_a_field)
+        readable = addresses(literals=True)
         boxes = draw(st.lists(readable, max_size=2))
         line = name + b": " + b",".join(str(a).encode() for a in boxes) + draw(_eol)
         folded: bool = draw(st.booleans())
@@ -462,9 +447,7 @@ def items(draw: st.DrawFn) -> Item:
             given=True,
             from_file=draw(st.booleans()),
         )
-    # Built in the RFC 6532 form, some quoted addresses cannot be built today (the finding
-    # in test_finding_build_with_a_quoted_utf8_address): UTF-8 messages come parsed only.
-    message = draw(st.one_of(messages(utf8_headers=True, built=False), messages()))
+    message = draw(messages(utf8_headers=True))
     derived = Envelope.from_message(message)
     if not all(plain_recipient(r.address) for r in derived.recipients):
         envelope = draw(plain_envelopes())
@@ -786,45 +769,36 @@ def check_delivered(
 #: Local parts that must be quoted only because of their dots, or because they are empty:
 #: valid envelope addresses (RFC 5321 §4.1.2 Quoted-string) that Address.parse accepts.
 _QUOTED_FOR_DOTS = ['""', '"."', '"john..doe"', '".john"', '"john."', '"jörg..doe"']
-# mailrelay reads address fields through the email package, whose addr_spec drops the
-# quotes such a local part needs, so the address it reads back is invalid. Found by the
-# fidelity properties; marked xfail because the fix (library code) was not made before the
-# deadline: remove the marks with the fix.
-_UNREAD = "quoted local part read back unquoted from a header field (finding, not fixed yet)"
+# Found by the fidelity properties: mailrelay read address fields through the email package,
+# whose addr_spec drops the quotes such a local part needs, so the address it read back was
+# invalid (InvalidAddress from Message.from_bytes for a Bcc field, from
+# Envelope.from_message for To). Fixed in 7122a19.
 
 
-@pytest.mark.xfail(strict=True, raises=InvalidAddress, reason=_UNREAD)
 @pytest.mark.parametrize("local", _QUOTED_FOR_DOTS)
-def test_finding_a_quoted_dotted_local_part_in_a_bcc_field(local: str) -> None:
+def test_a_quoted_dotted_local_part_in_a_bcc_field_reads_back(local: str) -> None:
     address = Address.parse(f"{local}@example.com")
     raw = b"From: a@example.com\r\nBcc: " + str(address).encode() + b"\r\n\r\nHi\r\n"
-    # Today: InvalidAddress ("the local part has two dots in a row", ...) from from_bytes.
     message = Message.from_bytes(raw)
     assert message.bcc == (address,)
     assert message.as_bytes() == b"From: a@example.com\r\n\r\nHi\r\n"
 
 
-@pytest.mark.xfail(strict=True, raises=InvalidAddress, reason=_UNREAD)
 @pytest.mark.parametrize("local", _QUOTED_FOR_DOTS)
-def test_finding_a_quoted_dotted_local_part_in_an_address_field(local: str) -> None:
+def test_a_quoted_dotted_local_part_in_an_address_field_reads_back(local: str) -> None:
     address = Address.parse(f"{local}@example.com")
     raw = b"From: a@example.com\r\nTo: Name <" + str(address).encode() + b">\r\n\r\nHi\r\n"
-    # Today: InvalidAddress from Envelope.from_message, so send(message) without an envelope
-    # cannot send this message at all.
     envelope = Envelope.from_message(Message.from_bytes(raw))
     assert [r.address for r in envelope.recipients] == [address]
 
 
-# Message.build writes a local part the email package would leave unquoted ("." and the
-# like) through email.utils.formataddr (commit c770b7e), which refuses a non-ASCII address
-# (UnicodeEncodeError, raised as MessageError), so in the RFC 6532 form such an address with
-# a UTF-8 domain or local part cannot be built. Found by the fidelity properties (the public
-# messages(utf8_headers=True) strategy raised while drawing); marked xfail because the fix
-# (library code) was not made before the deadline: remove the mark with the fix.
-_UNBUILT = "quoted local part with a UTF-8 domain or local part in Message.build (finding)"
+# Found by the fidelity properties (the public messages(utf8_headers=True) strategy raised
+# while drawing): Message.build wrote a local part the email package would leave unquoted
+# ("." and the like) through email.utils.formataddr (c770b7e), which refuses a non-ASCII
+# address, so in the RFC 6532 form such an address with a UTF-8 domain or local part raised
+# MessageError. Fixed in 7122a19.
 
 
-@pytest.mark.xfail(strict=True, raises=MessageError, reason=_UNBUILT)
 @pytest.mark.parametrize(
     ("sender", "to"),
     [
@@ -833,9 +807,8 @@ _UNBUILT = "quoted local part with a UTF-8 domain or local part in Message.build
         ("ann@example.com", '"jö..b"@example.com'),
     ],
 )
-def test_finding_build_with_a_quoted_utf8_address(sender: str, to: str) -> None:
+def test_build_writes_a_quoted_local_part_with_utf8(sender: str, to: str) -> None:
     address = Address.parse(to)
-    # Today: MessageError ("cannot build the message: 'ascii' codec can't encode ...").
     message = Message.build(sender=sender, to=[to], subject="quoted", text="hi\n")
     assert message.needs_smtputf8
     assert f"To: {address}\r\n".encode() in message.as_bytes()
