@@ -66,19 +66,19 @@ from mailrelay.errors import ConfigurationError, StoreError
 from mailrelay.tracker.store import (
     DUE_STATES,
     FINAL_STATES,
-    Attempt,
     Change,
     Claim,
     FollowUp,
     MessageRecord,
-    RecipientRecord,
     State,
+    attempt_values,
     cached_address,
-    envelope_from_json,
     envelope_to_json,
-    from_micros,
+    micros_or_none,
     new_claim,
+    records_from_rows,
     repeats_confirmation,
+    time_or_none,
     to_micros,
 )
 
@@ -557,14 +557,14 @@ class PostgresStore:
                         position,
                         str(r.address),
                         r.state.value,
-                        _micros(r.next_attempt_at),
+                        micros_or_none(r.next_attempt_at),
                         r.confirmed,
                         r.lease_owner,
-                        _micros(r.lease_until),
+                        micros_or_none(r.lease_until),
                     )
                 )
                 attempts.extend(
-                    (record.id, position, seq, *_attempt_values(attempt))
+                    (record.id, position, seq, *attempt_values(attempt))
                     for seq, attempt in enumerate(r.attempts)
                 )
         with tx.cursor() as cur:
@@ -598,57 +598,19 @@ class PostgresStore:
         ).fetchall()
         if not messages:
             return {}
-        attempts: dict[tuple[str, int], list[Attempt]] = {}
-        for message, position, at, host, code, enhanced, text, source in conn.execute(
-            "SELECT message, position, at, host, code, enhanced, text, source FROM attempts"
-            " WHERE message = ANY(%s) ORDER BY message, position, seq",
-            (ids,),
-        ):
-            attempts.setdefault((message, position), []).append(
-                Attempt(
-                    at=from_micros(at),
-                    host=host,
-                    code=code,
-                    enhanced=enhanced,
-                    text=text,
-                    source=source,
-                )
-            )
-        rows: dict[str, list[tuple[Any, ...]]] = {}
-        for row in conn.execute(
-            "SELECT message, position, address, state, next_attempt_at, confirmed, lease_owner,"
-            " lease_until FROM recipients WHERE message = ANY(%s) ORDER BY message, position",
-            (ids,),
-        ):
-            rows.setdefault(row[0], []).append(row)
-        found = {}
-        for tracking_id, created_at, envelope_json, message_id, size, notification in messages:
-            envelope = envelope_from_json(envelope_json)
-            known = {str(r.address): r.address for r in envelope.recipients}
-            recipients = tuple(
-                RecipientRecord(
-                    address=known.get(address) or cached_address(address),
-                    state=State(state),
-                    attempts=tuple(attempts.get((tracking_id, position), ())),
-                    next_attempt_at=_time(next_at),
-                    confirmed=bool(confirmed),
-                    lease_owner=owner,
-                    lease_until=_time(until),
-                )
-                for _m, position, address, state, next_at, confirmed, owner, until in rows.get(
-                    tracking_id, []
-                )
-            )
-            found[tracking_id] = MessageRecord(
-                id=tracking_id,
-                created_at=from_micros(created_at),
-                envelope=envelope,
-                message_id=message_id,
-                size=size,
-                recipients=recipients,
-                notification=bool(notification),
-            )
-        return found
+        return records_from_rows(
+            messages,
+            conn.execute(
+                "SELECT message, position, at, host, code, enhanced, text, source FROM attempts"
+                " WHERE message = ANY(%s) ORDER BY message, position, seq",
+                (ids,),
+            ),
+            conn.execute(
+                "SELECT message, position, address, state, next_attempt_at, confirmed, lease_owner,"
+                " lease_until FROM recipients WHERE message = ANY(%s) ORDER BY message, position",
+                (ids,),
+            ),
+        )
 
     @_translated("read a message's content")
     def content(self, tracking_id: str) -> bytes:
@@ -775,7 +737,7 @@ class PostgresStore:
                         continue
                     if change.attempt is not None:
                         attempt_rows.append(
-                            (tracking_id, row[0], row[6], *_attempt_values(change.attempt))
+                            (tracking_id, row[0], row[6], *attempt_values(change.attempt))
                         )
                         row[6] += 1
                     if _apply_row(row, change, worker):
@@ -833,7 +795,7 @@ class PostgresStore:
                     " ORDER BY created_at, id LIMIT %(limit)s",
                     {
                         "state": None if state is None else state.value,
-                        "before": _micros(created_before),
+                        "before": micros_or_none(created_before),
                         "limit": limit,
                     },
                 )
@@ -845,7 +807,7 @@ class PostgresStore:
     def next_due(self) -> dt.datetime | None:
         """See :meth:`~mailrelay.tracker.store.Store.next_due`."""
         row = self._connection().execute(_NEXT_DUE).fetchone()
-        return None if row is None else _time(row[0])
+        return None if row is None else time_or_none(row[0])
 
     def close(self) -> None:
         """Close every connection the store opened. The store cannot be used afterwards."""
@@ -875,28 +837,8 @@ def _apply_row(row: list[Any], change: Change, worker: str | None) -> bool:
     if repeats_confirmation(state, bool(row[3]), change):
         return False
     row[1] = change.state.value
-    row[2] = _micros(change.next_attempt_at) if change.state in DUE_STATES else None
+    row[2] = micros_or_none(change.next_attempt_at) if change.state in DUE_STATES else None
     if change.confirmed is not None:
         row[3] = change.confirmed
     row[4] = row[5] = None
     return True
-
-
-def _attempt_values(attempt: Attempt) -> tuple[Any, ...]:
-    """An attempt's columns after ``(message, position, seq)`` in ``_INSERT_ATTEMPT``."""
-    return (
-        to_micros(attempt.at),
-        attempt.host,
-        attempt.code,
-        attempt.enhanced,
-        attempt.text,
-        attempt.source,
-    )
-
-
-def _micros(value: dt.datetime | None) -> int | None:
-    return None if value is None else to_micros(value)
-
-
-def _time(value: int | None) -> dt.datetime | None:
-    return None if value is None else from_micros(value)

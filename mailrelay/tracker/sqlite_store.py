@@ -71,13 +71,15 @@ from mailrelay.tracker.store import (
     MessageRecord,
     RecipientRecord,
     State,
+    attempt_values,
     cached_address,
-    envelope_from_json,
     envelope_to_json,
-    from_micros,
+    micros_or_none,
     new_claim,
+    records_from_rows,
     remember_address,
     repeats_confirmation,
+    time_or_none,
     to_micros,
 )
 
@@ -523,7 +525,7 @@ class SQLiteStore:
             (
                 *_recipient_values(tracking_id, position, recipient),
                 recipient.lease_owner,
-                _micros(recipient.lease_until),
+                micros_or_none(recipient.lease_until),
             ),
         )
         for seq, attempt in enumerate(recipient.attempts):
@@ -565,59 +567,21 @@ class SQLiteStore:
         ).fetchall()
         if not messages:
             return {}
-        attempts: dict[tuple[str, int], list[Attempt]] = {}
-        for message, position, at, host, code, enhanced, text, source in conn.execute(
-            "SELECT message, position, at, host, code, enhanced, text, source FROM attempts"
-            " WHERE message IN (SELECT value FROM json_each(?)) ORDER BY message, position, seq",
-            (ids,),
-        ):
-            attempts.setdefault((message, position), []).append(
-                Attempt(
-                    at=from_micros(at),
-                    host=host,
-                    code=code,
-                    enhanced=enhanced,
-                    text=text,
-                    source=source,
-                )
-            )
-        rows: dict[str, list[Any]] = {}
-        for row in conn.execute(
-            "SELECT message, position, address, state, next_attempt_at, confirmed, lease_owner,"
-            " lease_until FROM recipients WHERE message IN (SELECT value FROM json_each(?))"
-            " ORDER BY message, position",
-            (ids,),
-        ):
-            rows.setdefault(row[0], []).append(row)
-        found = {}
-        for tracking_id, created_at, envelope_json, message_id, size, notification in messages:
-            envelope = envelope_from_json(envelope_json)
-            # The envelope's recipients are already parsed: reuse them rather than parse again.
-            known = {str(r.address): r.address for r in envelope.recipients}
-            recipients = tuple(
-                RecipientRecord(
-                    address=known.get(address) or cached_address(address),
-                    state=State(state),
-                    attempts=tuple(attempts.get((tracking_id, position), ())),
-                    next_attempt_at=_time(next_at),
-                    confirmed=bool(confirmed),
-                    lease_owner=owner,
-                    lease_until=_time(until),
-                )
-                for _m, position, address, state, next_at, confirmed, owner, until in rows.get(
-                    tracking_id, []
-                )
-            )
-            found[tracking_id] = MessageRecord(
-                id=tracking_id,
-                created_at=from_micros(created_at),
-                envelope=envelope,
-                message_id=message_id,
-                size=size,
-                recipients=recipients,
-                notification=bool(notification),
-            )
-        return found
+        return records_from_rows(
+            messages,
+            conn.execute(
+                "SELECT message, position, at, host, code, enhanced, text, source FROM attempts"
+                " WHERE message IN (SELECT value FROM json_each(?))"
+                " ORDER BY message, position, seq",
+                (ids,),
+            ),
+            conn.execute(
+                "SELECT message, position, address, state, next_attempt_at, confirmed, lease_owner,"
+                " lease_until FROM recipients WHERE message IN (SELECT value FROM json_each(?))"
+                " ORDER BY message, position",
+                (ids,),
+            ),
+        )
 
     @_translated("read a message's content")
     def content(self, tracking_id: str) -> bytes:
@@ -778,12 +742,18 @@ class SQLiteStore:
                 attempt = change.attempt
                 if attempt is not None:
                     if attempt is not last_attempt:
-                        last_attempt, last_values = attempt, _attempt_values(attempt)
+                        last_attempt, last_values = attempt, attempt_values(attempt)
                     attempt_rows.append((tracking_id, position, seq, *last_values))
                 state = change.state._value_
                 if state in _DUE_TEXTS:
                     due_rows.append(
-                        (state, _micros(change.next_attempt_at), tracking_id, position, worker)
+                        (
+                            state,
+                            micros_or_none(change.next_attempt_at),
+                            tracking_id,
+                            position,
+                            worker,
+                        )
                     )
                 else:
                     done_rows.append((state, tracking_id, position, worker))
@@ -862,7 +832,7 @@ class SQLiteStore:
                 attempt = change.attempt
                 if attempt is not None:
                     if attempt is not last_attempt:
-                        last_attempt, last_values = attempt, _attempt_values(attempt)
+                        last_attempt, last_values = attempt, attempt_values(attempt)
                     attempt_rows.append((tracking_id, position, row[6], *last_values))
                     row[6] += 1
                 if _apply_row(row, change, worker):
@@ -917,8 +887,8 @@ class SQLiteStore:
                     (
                         None if state is None else state.value,
                         None if state is None else state.value,
-                        _micros(created_before),
-                        _micros(created_before),
+                        micros_or_none(created_before),
+                        micros_or_none(created_before),
                         -1 if limit is None else limit,
                     ),
                 )
@@ -932,7 +902,7 @@ class SQLiteStore:
     def next_due(self) -> dt.datetime | None:
         """See :meth:`~mailrelay.tracker.store.Store.next_due`."""
         row = self._connection().execute(_NEXT_DUE).fetchone()
-        return _time(row[0])
+        return time_or_none(row[0])
 
     def close(self) -> None:
         """Close every thread's connection. The store cannot be used afterwards."""
@@ -994,7 +964,7 @@ def _apply_row(row: list[Any], change: Change, worker: str | None) -> bool:
     if change.confirmed is not None and repeats_confirmation(State(state), bool(row[3]), change):
         return False
     row[1] = _STATE_TEXT[new]
-    row[2] = _micros(change.next_attempt_at) if new in DUE_STATES else None
+    row[2] = micros_or_none(change.next_attempt_at) if new in DUE_STATES else None
     if change.confirmed is not None:
         row[3] = int(change.confirmed)
     row[4] = row[5] = None
@@ -1059,7 +1029,9 @@ def _split(
             if recipient.lease_owner is None and recipient.lease_until is None:
                 unleased.append(values)
             else:
-                leased.append((*values, recipient.lease_owner, _micros(recipient.lease_until)))
+                leased.append(
+                    (*values, recipient.lease_owner, micros_or_none(recipient.lease_until))
+                )
             if recipient.attempts:
                 attempts.extend(
                     _attempt_row(tracking_id, position, seq, attempt)
@@ -1085,19 +1057,7 @@ def _recipient_values(
 
 
 def _attempt_row(tracking_id: str, position: int, seq: int, attempt: Attempt) -> tuple[Any, ...]:
-    return (tracking_id, position, seq, *_attempt_values(attempt))
-
-
-def _attempt_values(attempt: Attempt) -> tuple[Any, ...]:
-    """An attempt's columns after ``(message, position, seq)`` in ``_INSERT_ATTEMPT``."""
-    return (
-        to_micros(attempt.at),
-        attempt.host,
-        attempt.code,
-        attempt.enhanced,
-        attempt.text,
-        attempt.source,
-    )
+    return (tracking_id, position, seq, *attempt_values(attempt))
 
 
 # to_micros for the times a batch of submissions shares: every record of a submit_many
@@ -1125,11 +1085,3 @@ def _json_ids(ids: list[str]) -> str:
     ):
         return '["' + joined + '"]'
     return json.dumps(ids)
-
-
-def _micros(value: dt.datetime | None) -> int | None:
-    return None if value is None else to_micros(value)
-
-
-def _time(value: int | None) -> dt.datetime | None:
-    return None if value is None else from_micros(value)

@@ -49,7 +49,7 @@ import json
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from json.encoder import encode_basestring as _json_str  # json's own string quoting
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -74,7 +74,11 @@ __all__ = [
     "repeats_confirmation",
     "envelope_from_json",
     "envelope_to_json",
+    "attempt_values",
     "from_micros",
+    "micros_or_none",
+    "records_from_rows",
+    "time_or_none",
     "to_micros",
 ]
 
@@ -143,6 +147,16 @@ def to_micros(value: dt.datetime) -> int:
 def from_micros(value: int) -> dt.datetime:
     """The inverse of :func:`to_micros`."""
     return _EPOCH + dt.timedelta(microseconds=value)
+
+
+def micros_or_none(value: dt.datetime | None) -> int | None:
+    """:func:`to_micros`, or ``None`` for ``None`` (an optional time column)."""
+    return None if value is None else to_micros(value)
+
+
+def time_or_none(value: int | None) -> dt.datetime | None:
+    """:func:`from_micros`, or ``None`` for ``None`` (an optional time column)."""
+    return None if value is None else from_micros(value)
 
 
 @attrs.frozen(kw_only=True)
@@ -647,6 +661,83 @@ def envelope_from_json(text: str) -> Envelope:
         notify=data["notify"],
         requiretls=data["requiretls"],
     )
+
+
+# ---------------------------------------------------------------------------
+# Rows, shared by the stores that keep records as SQL rows (SQLite, PostgreSQL)
+
+
+def attempt_values(attempt: Attempt) -> tuple[Any, ...]:
+    """An attempt's columns after ``(message, position, seq)``: at (µs), host, code,
+    enhanced, text, source."""
+    return (
+        to_micros(attempt.at),
+        attempt.host,
+        attempt.code,
+        attempt.enhanced,
+        attempt.text,
+        attempt.source,
+    )
+
+
+def records_from_rows(
+    messages: Iterable[Sequence[Any]],
+    attempt_rows: Iterable[Sequence[Any]],
+    recipient_rows: Iterable[Sequence[Any]],
+) -> dict[str, MessageRecord]:
+    """The records a store's rows describe, by tracking id.
+
+    Args:
+        messages: ``(id, created_at µs, envelope JSON, message_id, size, notification)``.
+        attempt_rows: ``(message, position, at µs, host, code, enhanced, text, source)``,
+            in ``(message, position, seq)`` order.
+        recipient_rows: ``(message, position, address, state, next_attempt_at µs,
+            confirmed, lease_owner, lease_until µs)``, in ``(message, position)`` order.
+    """
+    attempts: dict[tuple[str, int], list[Attempt]] = {}
+    for message, position, at, host, code, enhanced, text, source in attempt_rows:
+        attempts.setdefault((message, position), []).append(
+            Attempt(
+                at=from_micros(at),
+                host=host,
+                code=code,
+                enhanced=enhanced,
+                text=text,
+                source=source,
+            )
+        )
+    rows: dict[str, list[Sequence[Any]]] = {}
+    for row in recipient_rows:
+        rows.setdefault(row[0], []).append(row)
+    found = {}
+    for tracking_id, created_at, envelope_json, message_id, size, notification in messages:
+        envelope = envelope_from_json(envelope_json)
+        # The envelope's recipients are already parsed: reuse them rather than parse again.
+        known = {str(r.address): r.address for r in envelope.recipients}
+        recipients = tuple(
+            RecipientRecord(
+                address=known.get(address) or cached_address(address),
+                state=State(state),
+                attempts=tuple(attempts.get((tracking_id, position), ())),
+                next_attempt_at=time_or_none(next_at),
+                confirmed=bool(confirmed),
+                lease_owner=owner,
+                lease_until=time_or_none(until),
+            )
+            for _m, position, address, state, next_at, confirmed, owner, until in rows.get(
+                tracking_id, []
+            )
+        )
+        found[tracking_id] = MessageRecord(
+            id=tracking_id,
+            created_at=from_micros(created_at),
+            envelope=envelope,
+            message_id=message_id,
+            size=size,
+            recipients=recipients,
+            notification=bool(notification),
+        )
+    return found
 
 
 def apply_change(
