@@ -30,6 +30,10 @@ smtp-sink offers it, no TLS) to the same ``smtp-sink``, which accepts and discar
   ``AsyncDeliveryTracker.arun_pending()`` through an equal transport once everything is
   submitted; the async tracked row is compared with the async baseline.
 * **submit only**: ``submit`` one at a time and ``submit_many(100)``, no delivery.
+* with ``--postgres``, **tracked, PostgresStore** end to end and delivery only: the same
+  tracker on a ``PostgresStore`` (a PostgreSQL server started here on loopback, placed with
+  the other servers, a fresh schema per phase), so the store's SQL runs in the server's
+  processes and the client's CPU figure counts only the driver's side of it.
 
 With ``--rtt MS``, every phase that talks to the server goes through a relay on loopback
 that holds each chunk of bytes for half of that round-trip time in each direction (a
@@ -67,7 +71,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import TracebackType
@@ -82,6 +86,7 @@ from mailrelay.options import TLS, Timeouts
 from mailrelay.tracker.async_engine import AsyncDeliveryTracker
 from mailrelay.tracker.engine import DeliveryTracker
 from mailrelay.tracker.sqlite_store import SQLiteStore
+from mailrelay.tracker.store import Store
 from mailrelay.transport import AsyncSMTPTransport, SMTPTransport
 from tests.peers.sink import SMTPSink
 
@@ -268,11 +273,17 @@ def tracked(
     delivery_only: bool = False,
     store_options: dict[str, Any] | None = None,
     tracker_options: dict[str, Any] | None = None,
+    make_store: Callable[[], contextlib.AbstractContextManager[Store]] | None = None,
 ) -> Timing:
     """Seconds from the first submission to the last delivery recorded in the store
-    (``delivery_only``: from the first claim, once everything is submitted)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        store = SQLiteStore(Path(tmp) / "q.db", **(store_options or {}))
+    (``delivery_only``: from the first claim, once everything is submitted). The store is
+    a fresh ``SQLiteStore`` unless ``make_store`` gives another (``--postgres``)."""
+    with contextlib.ExitStack() as stack:
+        if make_store is None:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
+            store: Store = SQLiteStore(Path(tmp) / "q.db", **(store_options or {}))
+        else:
+            store = stack.enter_context(make_store())
         with transport_for(sink) as transport:
             tracker = DeliveryTracker(transport, store, **(tracker_options or {}))
             watch = Stopwatch()
@@ -350,12 +361,44 @@ def submit_only(messages: list[Message], *, one_by_one: bool) -> Timing:
     return timing
 
 
+@contextlib.contextmanager
+def _postgres() -> Iterator[Callable[[], contextlib.AbstractContextManager[Store]]]:
+    """A PostgreSQL server on loopback (tests/peers/postgres.py), as a maker of fresh
+    ``PostgresStore`` values, each on a schema of its own dropped afterwards. The maker
+    carries the server's ``pid`` (for the placement)."""
+    from mailrelay.tracker.postgres_store import PostgresStore
+    from tests.peers.postgres import start_postgres
+
+    server = start_postgres()
+
+    @contextlib.contextmanager
+    def fresh_store() -> Iterator[Store]:
+        schema = server.new_schema()
+        store = PostgresStore(server.dsn, schema=schema)
+        try:
+            yield store
+        finally:
+            store.close()
+            server.drop_schema(schema)
+
+    fresh_store.pid = server.pid  # type: ignore[attr-defined]
+    try:
+        yield fresh_store
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument(
         "--rtt", type=float, default=0.0, help="milliseconds of round trip to add (a relay)"
+    )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="also run the tracked phases on a PostgresStore (PostgreSQL started on loopback)",
     )
     parser.add_argument(
         "--placement",
@@ -375,6 +418,10 @@ def main() -> None:
             relay = stack.enter_context(DelayRelay(sink, args.rtt / 1000))
             servers.append(relay.pid)
             sink = relay
+        postgres_store = None
+        if args.postgres:
+            postgres_store = stack.enter_context(_postgres())
+            servers.append(postgres_store.pid)  # type: ignore[attr-defined]
         where = place(args.placement, [pid for pid in servers if pid is not None])
         phases: dict[str, Callable[[], Timing]] = {
             BASELINE: lambda: direct(sink, messages),
@@ -395,6 +442,12 @@ def main() -> None:
                 messages, one_by_one=False
             ),
         }
+        if postgres_store is not None:
+            make = postgres_store
+            phases["tracked, PostgresStore"] = lambda: tracked(sink, messages, make_store=make)
+            phases["tracked, PostgresStore, delivery only"] = lambda: tracked(
+                sink, messages, delivery_only=True, make_store=make
+            )
         if args.rtt > 0:
             # One message per send_many call (or per send) pays whole round trips each.
             slow = ("send per message", "commit_batch=1", "one at a time")
