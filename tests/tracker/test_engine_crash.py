@@ -9,9 +9,10 @@ kills the child at a random moment, several times, then runs it once more to res
 by the server's own record:
 
 * every acknowledged message was delivered at least once (none lost);
-* a message was delivered twice only if it was in flight at a kill: delivered, but its
-  result not yet committed. The tracker commits results in batches (``commit_batch``, at
-  most one claim batch of ``BATCH_SIZE`` here), so that is at most ``BATCH_SIZE`` per kill;
+* a message was delivered more than once only if it was in flight at a kill: delivered, but
+  its result not yet committed. The tracker commits results in batches (``commit_batch``, at
+  most one claim batch of ``BATCH_SIZE`` here), so that is at most ``BATCH_SIZE`` extra
+  copies per kill (a message caught by two kills arrives three times);
 * every message in the store is DELIVERED.
 
 ``MAILRELAY_CRASH_RUNS`` and ``MAILRELAY_CRASH_COUNT`` change the number of kills and the
@@ -169,8 +170,14 @@ def test_sigkill_at_random_moments_loses_nothing(
     assert acked, context
     assert kills >= 1, context  # a crash test that never crashed tests nothing
     assert lost == [], context
-    assert all(n == 2 for n in duplicates.values()), context
-    assert len(duplicates) <= kills * BATCH_SIZE, context
+    # A copy beyond the first comes only from a kill that caught the message in flight (sent,
+    # its result not committed): at most BATCH_SIZE per kill. A message may be caught by two
+    # kills (re-sent by the next child once the dead one's lease expired, and that child is
+    # killed before committing it too), so it may arrive up to kills + 1 times.
+    extra = sum(n - 1 for n in duplicates.values())
+    context += f" duplicates={duplicates}"
+    assert all(n <= kills + 1 for n in duplicates.values()), context
+    assert extra <= kills * BATCH_SIZE, context
 
     store = SQLiteStore(db)
     try:
