@@ -44,7 +44,13 @@ class SessionConfig:
         server_hostname: the server's name, for TLS (SNI and certificate checks).
         tls: the TLS policy.
         username: the user name to authenticate as; ``None`` means no AUTH.
-        password: the password (or, for XOAUTH2, the access token). Never shown by ``repr``.
+        password: the password (or, for XOAUTH2 and OAUTHBEARER, the access token). Never
+            shown by ``repr``.
+        password_renewable: the password came from a provider that can give a fresh one
+            (an OAuth 2.0 token): a refused AUTH (535, or a transient 4xx) does not end
+            :meth:`Session.open <mailrelay.flow.Session.open>`; it is kept in
+            ``Session.auth_refusal`` for the transport to call
+            ``Session.retry_authentication`` once with a renewed password.
         auth_mechanisms: the SASL mechanisms to use, in order; ``None`` means the strongest
             both sides support (XOAUTH2 only when named here).
         allow_insecure_auth: allow AUTH over an unencrypted connection.
@@ -59,6 +65,7 @@ class SessionConfig:
     tls: TLS = attrs.field(default=TLS.STARTTLS, validator=attrs.validators.instance_of(TLS))
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False, validator=_check_credentials)
+    password_renewable: bool = False
     auth_mechanisms: tuple[str, ...] | None = attrs.field(default=None, converter=_mechanism_tuple)
     allow_insecure_auth: bool = False
     pipelining: bool = True

@@ -36,7 +36,12 @@ from mailrelay.protocol import (
     Lhlo,
 )
 from mailrelay.protocol import StartTLS as StartTLSCommand
-from mailrelay.protocol.sasl import Mechanism, candidate_mechanisms
+from mailrelay.protocol.sasl import (
+    BEARER_MECHANISMS,
+    Mechanism,
+    candidate_mechanisms,
+    oauth_error_details,
+)
 from mailrelay.reply import Reply
 
 # RFC 5321 §4.1.4: EHLO refused with one of these means "try HELO".
@@ -191,8 +196,41 @@ class _Opening(_SessionCore):
 
     # -- AUTH ----------------------------------------------------------------------------------
 
-    def _authenticate(self) -> Step[None]:
-        username, password = self.config.username, self.config.password
+    #: After :meth:`open` with a renewable password (``SessionConfig.password_renewable``):
+    #: the error the server's refusal would have raised, while the connection stays open for
+    #: :meth:`retry_authentication`; ``None`` otherwise.
+    auth_refusal: AuthenticationError | None = None
+
+    def retry_authentication(self, password: str | None) -> Step[None]:
+        """AUTH once more after :attr:`auth_refusal`, with a renewed password (a fresh token).
+
+        ``None`` means there is nothing new to try: the session ends politely (QUIT) and the
+        refusal is raised. A second refusal always raises: one retry per connection, never a
+        loop.
+
+        Raises:
+            AuthenticationError: the refusal, or the new password's.
+            LocalProtocolError: there is no refusal to retry.
+        """
+        return (yield from self._guarded(self._retry_authentication(password)))
+
+    def _retry_authentication(self, password: str | None) -> Step[None]:
+        self._ensure_open()
+        refusal, self.auth_refusal = self.auth_refusal, None
+        if refusal is None:
+            raise LocalProtocolError("no refused AUTH to retry")
+        if password is None:
+            yield from self._abort()
+            raise refusal
+        yield from self._authenticate(password, final=True)
+        unasked = yield from self._close_if_unsolicited("after AUTH")
+        if unasked is not None:
+            raise unasked
+
+    def _authenticate(self, password: str | None = None, *, final: bool = False) -> Step[None]:
+        username = self.config.username
+        if password is None:
+            password = self.config.password
         assert username is not None
         assert password is not None
         if not self.encrypted and not self.config.allow_insecure_auth:
@@ -218,8 +256,9 @@ class _Opening(_SessionCore):
                 host=self.config.peer,
             )
         last: Reply | None = None
+        detail: str | None = None
         for mechanism in mechanisms:
-            reply = yield from self._sasl(mechanism, username, password)
+            reply, detail = yield from self._sasl(mechanism, username, password)
             if reply is None:
                 self.authenticated = True
                 return
@@ -229,13 +268,27 @@ class _Opening(_SessionCore):
             log.debug(
                 "AUTH %s refused with %d; trying the next mechanism", mechanism.name, reply.code
             )
-        yield from self._abort()
-        raise AuthenticationError(
-            f"the server refused authentication: {last}", reply=last, host=self.config.peer
+        assert last is not None
+        # RFC 7628 §3.2.2: the server's JSON error (status, scope) says why a token failed.
+        why = f" ({detail})" if detail else ""
+        refusal = AuthenticationError(
+            f"the server refused authentication: {last}{why}", reply=last, host=self.config.peer
         )
+        if not final and self.config.password_renewable and _renewable(last):
+            # An expired token looks like bad credentials (535) or a temporary failure
+            # (454): the transport may ask its provider for a fresh one and retry once on
+            # this connection (RFC 4954 §4 allows AUTH again after a failed exchange).
+            log.debug("AUTH refused with %d; the password may be renewed", last.code)
+            self.auth_refusal = refusal
+            return
+        yield from self._abort()
+        raise refusal
 
-    def _sasl(self, mechanism: Mechanism, username: str, password: str) -> Step[Reply | None]:
-        """One AUTH exchange: ``None`` on success, else the refusing reply."""
+    def _sasl(
+        self, mechanism: Mechanism, username: str, password: str
+    ) -> Step[tuple[Reply | None, str | None]]:
+        """One AUTH exchange: ``(None, None)`` on success, else the refusing reply and, for a
+        bearer-token mechanism, what the server's error challenge said."""
         exchange = mechanism.start(username, password)
         try:
             initial = next(exchange)
@@ -246,13 +299,14 @@ class _Opening(_SessionCore):
         yield from self._write(
             Auth(mechanism=mechanism.name, initial_response=initial), phase="greeting"
         )
+        detail: str | None = None
         while True:
             reply = yield from self._reply("greeting")
             if reply.code == 235:
                 try:
                     exchange.send(None)
                 except StopIteration:
-                    return None
+                    return None, None
                 except AuthenticationError as exc:
                     exc.host = self.config.peer
                     yield from self._abort()
@@ -260,7 +314,7 @@ class _Opening(_SessionCore):
                 raise AssertionError("a SASL exchange must end when the server says 235")
             if reply.code != 334:
                 exchange.close()
-                return reply
+                return reply, detail
             try:
                 challenge = base64.b64decode(reply.lines[0].strip(), validate=True)
                 response = exchange.send(challenge)
@@ -276,4 +330,12 @@ class _Opening(_SessionCore):
                     f"AUTH {mechanism.name}: the server sent an unusable challenge",
                     host=self.config.peer,
                 ) from None
+            if mechanism.name in BEARER_MECHANISMS:
+                detail = oauth_error_details(challenge)
             yield from self._write(AuthContinue(data=response or b""), phase="greeting")
+
+
+def _renewable(reply: Reply) -> bool:
+    """Whether a fresh password (token) might fix this refusal: RFC 4954 §6's 535
+    "credentials invalid" or a transient 4xx such as 454; not 534/538 (mechanism, encryption)."""
+    return reply.code == 535 or reply.is_transient

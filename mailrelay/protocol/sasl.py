@@ -39,8 +39,18 @@ client SHOULD abort).
 Choosing a mechanism
 --------------------
 :func:`candidate_mechanisms` orders the mechanisms both sides support, strongest first:
-SCRAM-SHA-256 > CRAM-MD5 > PLAIN > LOGIN. XOAUTH2 takes a bearer token instead of a password,
-so it is used only when the caller names it. :func:`choose_mechanism` returns the first.
+SCRAM-SHA-256 > CRAM-MD5 > PLAIN > LOGIN. XOAUTH2 and OAUTHBEARER (RFC 7628) take an OAuth 2.0
+bearer token instead of a password, so they are used only when the caller names them.
+:func:`choose_mechanism` returns the first.
+
+Bearer tokens
+-------------
+XOAUTH2 and OAUTHBEARER refuse a token that is empty or holds ^A, a control character, a space
+or non-ASCII (RFC 6750 §2.1), and a user name with NUL, ^A, CR or LF, before anything is sent.
+A refused token is answered with a ``334`` carrying a JSON error document; the exchange sends
+the mechanism's dummy response (XOAUTH2: empty; OAUTHBEARER: ``^A``, RFC 7628 §3.2.3) and the
+server ends with a 5xx. :func:`oauth_error_details` turns the document into a short, bounded,
+printable text (``status``, ``scope``) for the error message; the dialogue adds it.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import stringprep
@@ -60,16 +71,20 @@ import attrs
 from mailrelay.errors import AuthenticationError
 
 __all__ = [
+    "BEARER_MECHANISMS",
     "CramMD5",
     "Exchange",
     "Login",
+    "MAX_OAUTH_ERROR",
     "MECHANISMS",
     "Mechanism",
+    "OAuthBearer",
     "Plain",
     "ScramSHA256",
     "XOAuth2",
     "candidate_mechanisms",
     "choose_mechanism",
+    "oauth_error_details",
     "saslprep",
 ]
 
@@ -178,7 +193,54 @@ class CramMD5:
         _expect_success(self.name, (yield f"{username} {digest}".encode()))
 
 
-# -- XOAUTH2 -----------------------------------------------------------------------------------
+# -- OAuth 2.0 bearer tokens: XOAUTH2 and OAUTHBEARER ----------------------------------------
+
+#: How much of a server's error challenge is parsed as JSON; a longer one is not read.
+MAX_OAUTH_ERROR = 4096
+#: How many characters of each error field are kept.
+_OAUTH_FIELD = 100
+
+
+def _check_bearer(name: str, username: str, token: str) -> None:
+    """Refuse a user name or token that would break the mechanism's framing."""
+    if any(c in username for c in "\x00\x01\r\n"):
+        raise AuthenticationError(f"{name}: a user name cannot contain NUL, ^A, CR or LF")
+    # RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=";
+    # we refuse only what breaks the framing or cannot be a token: ^A (the separator), other
+    # controls, spaces and non-ASCII. The message never shows the token.
+    if not token or not all(0x21 <= ord(c) <= 0x7E for c in token):
+        raise AuthenticationError(
+            f"{name}: the token is empty or holds a character a bearer token cannot contain "
+            "(^A, a control character, a space or non-ASCII)"
+        )
+
+
+def oauth_error_details(challenge: bytes) -> str | None:
+    """The useful part of an XOAUTH2 / OAUTHBEARER error challenge, or ``None``.
+
+    RFC 7628 §3.2.2: a refused token is answered with a ``334`` carrying a JSON object with
+    ``status`` (an HTTP-style code such as ``"401"`` or ``"invalid_token"``), ``scope`` and
+    ``schemes``; Google and Microsoft send the same shape for XOAUTH2. Only ``status`` and
+    ``scope`` are kept, each cut to 100 printable characters; anything that is not a small
+    JSON object gives ``None``. The challenge never holds the token, but the result is still
+    bounded and printable: it goes into an exception message and the logs.
+    """
+    if len(challenge) > MAX_OAUTH_ERROR:
+        return None
+    try:
+        document = json.loads(challenge.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    parts = []
+    for key in ("status", "scope"):
+        value = document.get(key)
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            text = "".join(c for c in str(value) if c.isprintable())[:_OAUTH_FIELD]
+            if text:
+                parts.append(f"{key}={text}")
+    return ", ".join(parts) or None
 
 
 @attrs.frozen(kw_only=True)
@@ -187,7 +249,8 @@ class XOAuth2:
 
     The "password" given to :meth:`start` is the OAuth 2.0 access token. When the token is
     refused the server sends a 334 whose challenge is a JSON error document; the client must
-    answer it with an empty response, after which the server sends the final 5xx.
+    answer it with an empty response, after which the server sends the final 5xx
+    (:func:`oauth_error_details` reads the document).
     """
 
     name: str = attrs.field(default="XOAUTH2", init=False)
@@ -197,13 +260,66 @@ class XOAuth2:
         return self._run(username, password)
 
     def _run(self, username: str, token: str) -> Exchange:
-        if "\x01" in username or "\x01" in token:
-            raise AuthenticationError("XOAUTH2: a user name or token cannot contain ^A")
+        _check_bearer(self.name, username, token)
         sent = yield f"user={username}\x01auth=Bearer {token}\x01\x01".encode()
         if sent is None:
             return
         # The error JSON: answer with an empty response so that the server sends its 5xx.
         _expect_success(self.name, (yield b""))
+
+
+@attrs.frozen(kw_only=True)
+class OAuthBearer:
+    """OAUTHBEARER (RFC 7628): ``n,a=<user>,^A[host=<host>^Aport=<port>^A]auth=Bearer <token>^A^A``.
+
+    The "password" given to :meth:`start` is the OAuth 2.0 access token. The GS2 header
+    (RFC 5801 §4) names the user as the authorization identity (``a=``), with ``=`` and ``,``
+    escaped as ``=3D`` and ``=2C``; no channel binding (``n``). RFC 7628 §3.1 makes ``host``
+    and ``port`` optional; the registered instance (chosen by name) sends neither, as Gmail,
+    Microsoft 365 and Dovecot need neither; build ``OAuthBearer(host=..., port=...)`` to send
+    them. A refused token is answered with a 334 carrying a JSON error (RFC 7628 §3.2.2); the
+    client then sends the dummy response ``^A`` and the server ends with a 5xx (§3.2.3).
+
+    Attributes:
+        host: the server's host name to send as ``host=``, or ``None``.
+        port: the server's port to send as ``port=``, or ``None``.
+    """
+
+    host: str | None = attrs.field(default=None)
+    port: int | None = attrs.field(default=None)
+    name: str = attrs.field(default="OAUTHBEARER", init=False)
+
+    @host.validator
+    def _check_host(self, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+        if value is not None and (
+            not value or not all(0x21 <= ord(c) <= 0x7E and c != "," for c in value)
+        ):
+            raise ValueError("OAUTHBEARER: host must be printable ASCII without spaces or ','")
+
+    @port.validator
+    def _check_port(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not 0 < value < 65536):
+            raise ValueError("OAUTHBEARER: port must be a number from 1 to 65535")
+
+    def start(self, username: str, password: str) -> Exchange:
+        """Return the exchange; ``password`` is the bearer token."""
+        return self._run(username, password)
+
+    def _run(self, username: str, token: str) -> Exchange:
+        _check_bearer(self.name, username, token)
+        # RFC 7628 §3.1: gs2-header (RFC 5801) then kvpairs, each ended by ^A, then ^A.
+        pairs = []
+        if self.host is not None:
+            pairs.append(f"host={self.host}")
+        if self.port is not None:
+            pairs.append(f"port={self.port}")
+        pairs.append(f"auth=Bearer {token}")
+        kvpairs = "".join(f"{pair}\x01" for pair in pairs)
+        sent = yield f"n,a={_saslname(username)},\x01{kvpairs}\x01".encode()
+        if sent is None:
+            return
+        # RFC 7628 §3.2.3: the error JSON is answered with the dummy response %x01.
+        _expect_success(self.name, (yield b"\x01"))
 
 
 # -- SCRAM-SHA-256 -----------------------------------------------------------------------------
@@ -382,10 +498,13 @@ def saslprep(text: str, *, what: str = "string") -> str:
 # -- choosing ----------------------------------------------------------------------------------
 
 #: Every mechanism we implement, by name; the order is our preference, strongest first.
-#: XOAUTH2 is last and is never chosen unless the caller names it.
+#: XOAUTH2 and OAUTHBEARER come last and are never chosen unless the caller names them.
 MECHANISMS: dict[str, Mechanism] = {
-    m.name: m for m in (ScramSHA256(), CramMD5(), Plain(), Login(), XOAuth2())
+    m.name: m for m in (ScramSHA256(), CramMD5(), Plain(), Login(), XOAuth2(), OAuthBearer())
 }
+
+#: The mechanisms whose "password" is an OAuth 2.0 bearer token.
+BEARER_MECHANISMS = frozenset({"XOAUTH2", "OAUTHBEARER"})
 
 _AUTOMATIC = ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN")
 
@@ -398,7 +517,7 @@ def candidate_mechanisms(
     Args:
         offered: the server's mechanism names (the EHLO ``AUTH`` keyword's parameters).
         preferred: the caller's choice, in order of preference; ``None`` means "strongest
-            first" (SCRAM-SHA-256, CRAM-MD5, PLAIN, LOGIN; never XOAUTH2).
+            first" (SCRAM-SHA-256, CRAM-MD5, PLAIN, LOGIN; never XOAUTH2 or OAUTHBEARER).
 
     Raises:
         AuthenticationError: when ``preferred`` names a mechanism we do not implement.

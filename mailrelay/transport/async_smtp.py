@@ -30,6 +30,7 @@ turns out to be dead), plus:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -39,7 +40,7 @@ from collections.abc import AsyncIterable, Iterable, Sequence
 from typing import Any, Protocol
 
 from mailrelay.envelope import Envelope
-from mailrelay.errors import ConnectionLost, DeliveryError
+from mailrelay.errors import AuthenticationError, ConnectionLost, DeliveryError
 from mailrelay.flow import Session
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
@@ -63,7 +64,12 @@ from mailrelay.transport.pooling import (
     quit_timeout,
     unanswered,
 )
-from mailrelay.transport.settings import ConnectionSettings, PoolSettings, mechanisms
+from mailrelay.transport.settings import (
+    AsyncPasswordProvider,
+    ConnectionSettings,
+    PoolSettings,
+    mechanisms,
+)
 
 __all__ = [
     "AsyncLMTPTransport",
@@ -230,6 +236,9 @@ class _AsyncSMTPBase(AsyncTransport):
 
     async def _open(self) -> PooledSession:
         settings = self._settings
+        # A provider is asked for each new connection (a pool reconnecting hours later gets
+        # a current token); before connecting, so that its failure leaves nothing open.
+        secret = await settings.asecret()
         driver = await connect(
             settings.host,
             settings.port,
@@ -239,9 +248,11 @@ class _AsyncSMTPBase(AsyncTransport):
             server_hostname=settings.server_hostname,
             unix_path=settings.unix_path,
         )
-        session = Session(settings.session_config(driver.local_address))
+        session = Session(settings.session_config(driver.local_address, secret=secret))
         try:
             await driver.run(session.open())
+            if session.auth_refusal is not None:
+                await self._renew(driver, session, secret)
         except ConnectionLost as exc:
             hint = greeting_hint(exc, settings, driver.bytes_received)
             if hint is not None:
@@ -249,6 +260,23 @@ class _AsyncSMTPBase(AsyncTransport):
             raise
         self._opened += 1
         return PooledSession(driver, session)
+
+    async def _renew(self, driver: AsyncDriver, session: Session, secret: str | None) -> None:
+        """The server refused the provider's token: ask once more and, given a different
+        one, AUTH again on this connection (RFC 4954 §4); otherwise end it and raise."""
+        refusal = session.auth_refusal
+        assert refusal is not None
+        try:
+            fresh = await self._settings.arenew(refusal)
+        except AuthenticationError:
+            with contextlib.suppress(DeliveryError):
+                await driver.run(session.retry_authentication(None))  # QUIT politely
+            driver.close()
+            raise
+        if fresh == secret:
+            log.debug("the password provider gave the refused token again; not retrying")
+            fresh = None
+        await driver.run(session.retry_authentication(fresh))
 
     async def _checkout(self) -> tuple[PooledSession, bool]:
         while True:
@@ -459,7 +487,9 @@ class _AsyncSMTPBase(AsyncTransport):
 
 class AsyncSMTPTransport(_AsyncSMTPBase):
     """Send through one SMTP server with asyncio; the arguments are
-    :class:`~mailrelay.transport.smtp.SMTPTransport`'s.
+    :class:`~mailrelay.transport.smtp.SMTPTransport`'s, except that a ``password`` provider
+    may also be a coroutine function (``async def token() -> str``), awaited each time a new
+    connection authenticates.
 
     Example::
 
@@ -474,7 +504,7 @@ class AsyncSMTPTransport(_AsyncSMTPBase):
         *,
         tls: TLS = TLS.STARTTLS,
         username: str | None = None,
-        password: str | None = None,
+        password: str | AsyncPasswordProvider | None = None,
         ssl_context: ssl.SSLContext | None = None,
         timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
         local_hostname: str | None = None,
@@ -515,7 +545,7 @@ class AsyncLMTPTransport(_AsyncSMTPBase):
         path: str | None = None,
         tls: TLS = TLS.NONE,
         username: str | None = None,
-        password: str | None = None,
+        password: str | AsyncPasswordProvider | None = None,
         ssl_context: ssl.SSLContext | None = None,
         timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
         local_hostname: str | None = None,

@@ -6,27 +6,99 @@ Rules of this module:
   (a port out of range, ``TLS.IMPLICIT`` with a unix socket, a password without a user)
   is a :class:`~mailrelay.errors.ConfigurationError` at construction, not at the first send.
 * The password is never shown: not in ``repr``, not in any message built here.
+* The password may be a *provider*: a callable returning the secret (an OAuth 2.0 access
+  token), and for the async transports also a coroutine function. It is called each time a
+  new connection authenticates (:meth:`ConnectionSettings.secret`,
+  :meth:`ConnectionSettings.asecret`), never at construction, so that a pool reconnecting
+  hours later gets a current token; once more when the server refuses the token
+  (:meth:`ConnectionSettings.renew`, :meth:`ConnectionSettings.arenew`). What it returns must
+  be a non-empty ``str`` without CR, LF or NUL (a permanent
+  :class:`~mailrelay.errors.AuthenticationError` otherwise: a bug, retrying will not help).
+  A provider that raises is a *transient* ``AuthenticationError`` chained to the original
+  (an identity provider out of reach is a temporary problem), unless it raised a
+  :class:`~mailrelay.errors.DeliveryError` of its own, whose ``is_transient`` is kept. No
+  message shows the secret or the provider's repr.
 * Certificate verification is on by default: without ``ssl_context`` the transports use
   :func:`ssl.create_default_context` (the system's trusted CAs, host name checking).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import ssl
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeAlias
 
 import attrs
 
-from mailrelay.errors import ConfigurationError
+from mailrelay.errors import AuthenticationError, ConfigurationError, DeliveryError
 from mailrelay.flow import SessionConfig
 from mailrelay.options import TLS, Timeouts
 from mailrelay.transport.errors_map import peer_name
 
-__all__ = ["ConnectionSettings", "PoolSettings"]
+__all__ = [
+    "AsyncPasswordProvider",
+    "ConnectionSettings",
+    "PasswordProvider",
+    "PoolSettings",
+    "is_async_provider",
+]
 
 log = logging.getLogger(__name__)
+
+PasswordProvider: TypeAlias = Callable[[], str]
+"""A callable returning the password (an OAuth 2.0 access token), called for each new
+connection that authenticates; for :class:`~mailrelay.transport.smtp.SMTPTransport` and
+:class:`~mailrelay.transport.smtp.LMTPTransport`."""
+
+AsyncPasswordProvider: TypeAlias = Callable[[], Awaitable[str]] | Callable[[], str]
+"""A coroutine function (or a plain callable) returning the password, for
+:class:`~mailrelay.transport.async_smtp.AsyncSMTPTransport` and
+:class:`~mailrelay.transport.async_smtp.AsyncLMTPTransport`."""
+
+
+def is_async_provider(provider: object) -> bool:
+    """Whether ``provider`` is a coroutine function (or an object with an ``async
+    __call__``): usable by the async transports only."""
+    return inspect.iscoroutinefunction(provider) or inspect.iscoroutinefunction(
+        getattr(provider, "__call__", None)  # noqa: B004 -- the method itself, not callable()
+    )
+
+
+def _checked_secret(value: object) -> str:
+    """What a provider returned, if usable as a password; never shows the value."""
+    if not isinstance(value, str):
+        raise AuthenticationError(
+            f"the password provider returned {type(value).__name__}, not str",
+            is_transient=False,
+        )
+    if not value or any(c in value for c in "\r\n\0"):
+        raise AuthenticationError(
+            "the password provider returned an empty secret or one holding CR, LF or NUL",
+            is_transient=False,
+        )
+    return value
+
+
+def _provider_failed(
+    exc: Exception, refusal: AuthenticationError | None, host: str
+) -> AuthenticationError:
+    """The error for a provider that raised: transient unless it said otherwise."""
+    transient = exc.is_transient if isinstance(exc, DeliveryError) else True
+    # The original's text is the caller's own code speaking (a token provider knows better
+    # than to put a token in its messages); it is cut short and kept printable, and the
+    # original stays chained (``from``) for the whole story.
+    text = "".join(c for c in str(exc) if c.isprintable())[:200]
+    what = f"the password provider failed: {type(exc).__name__}" + (f": {text}" if text else "")
+    if refusal is not None:
+        what = f"{refusal}; asked for a fresh token, {what}"
+    return AuthenticationError(
+        what,
+        is_transient=transient,
+        reply=refusal.reply if refusal is not None else None,
+        host=host,
+    )
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -67,7 +139,7 @@ class ConnectionSettings:
     local_hostname: str | None = None
     server_hostname: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | AsyncPasswordProvider | None = None
     auth_mechanisms: tuple[str, ...] | None = None
     allow_insecure_auth: bool = False
     pipelining: bool = True
@@ -92,6 +164,13 @@ class ConnectionSettings:
             raise ConfigurationError("implicit TLS over a unix socket makes no sense")
         if (self.username is None) != (self.password is None):
             raise ConfigurationError("give both a user name and a password (or token), or neither")
+        if self.password is not None and not (
+            isinstance(self.password, str) or callable(self.password)
+        ):
+            raise ConfigurationError(
+                "password must be a str or a callable returning one (a token provider), "
+                f"not {type(self.password).__name__}"
+            )
         if self.ssl_context is not None and not isinstance(self.ssl_context, ssl.SSLContext):
             raise ConfigurationError("ssl_context must be an ssl.SSLContext")
         # The classic mistakes, said early (RFC 8314 §3.3: 465 speaks TLS from the first
@@ -122,18 +201,87 @@ class ConnectionSettings:
         """The TLS context: the caller's, or a verifying default one."""
         return self.ssl_context if self.ssl_context is not None else _default_context()
 
-    def session_config(self, local_address: str | None) -> SessionConfig:
+    @property
+    def renewable(self) -> bool:
+        """Whether the password is a provider (asked again when the server refuses it)."""
+        return self.password is not None and not isinstance(self.password, str)
+
+    def secret(self) -> str | None:
+        """The password for a new connection: the string, or what the provider returns now.
+
+        Raises:
+            AuthenticationError: the provider raised (transient unless it said otherwise),
+                returned an awaitable (use the async transports), or something unusable.
+        """
+        return self._call_provider(None)
+
+    async def asecret(self) -> str | None:
+        """:meth:`secret` for the async transports: a coroutine provider is awaited."""
+        return await self._acall_provider(None)
+
+    def renew(self, refusal: AuthenticationError) -> str | None:
+        """Ask the provider again after the server refused its secret (``refusal``).
+
+        Raises:
+            AuthenticationError: as :meth:`secret`; the message also tells the refusal.
+        """
+        return self._call_provider(refusal)
+
+    async def arenew(self, refusal: AuthenticationError) -> str | None:
+        """:meth:`renew` for the async transports."""
+        return await self._acall_provider(refusal)
+
+    def _call_provider(self, refusal: AuthenticationError | None) -> str | None:
+        provider = self.password
+        if provider is None or isinstance(provider, str):
+            return provider
+        try:
+            value: object = provider()
+        except Exception as exc:
+            raise _provider_failed(exc, refusal, self.peer) from exc
+        if inspect.isawaitable(value):
+            if inspect.iscoroutine(value):
+                value.close()  # never awaited: close it so that no warning follows
+            raise AuthenticationError(
+                "the password provider returned an awaitable: use an async transport",
+                is_transient=False,
+                host=self.peer,
+            )
+        return _checked_secret(value)
+
+    async def _acall_provider(self, refusal: AuthenticationError | None) -> str | None:
+        provider = self.password
+        if provider is None or isinstance(provider, str):
+            return provider
+        try:
+            value: object = provider()
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as exc:
+            raise _provider_failed(exc, refusal, self.peer) from exc
+        return _checked_secret(value)
+
+    def session_config(
+        self, local_address: str | None, *, secret: str | None = None
+    ) -> SessionConfig:
         """The dialogue's configuration for a connection whose local end is ``local_address``.
 
         Without an explicit ``local_hostname`` we announce our address as a literal
         (``[192.0.2.1]``, RFC 5321 §4.1.3): always true, and needs no DNS lookup.
+
+        Args:
+            local_address: our end's address, or ``None``.
+            secret: the password for this connection (:meth:`secret`); needed when the
+                password is a provider, ignored otherwise.
         """
+        password = self.password if isinstance(self.password, str) else secret
         return SessionConfig(
             local_hostname=self.local_hostname or local_address or "localhost",
             server_hostname=self.server_hostname or self.host or "localhost",
             tls=self.tls,
             username=self.username,
-            password=self.password,
+            password=password,
+            password_renewable=self.renewable,
             auth_mechanisms=self.auth_mechanisms,
             allow_insecure_auth=self.allow_insecure_auth,
             pipelining=self.pipelining,

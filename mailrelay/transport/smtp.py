@@ -39,6 +39,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import ssl
@@ -50,7 +51,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from mailrelay.envelope import Envelope
-from mailrelay.errors import ConnectionLost, DeliveryError
+from mailrelay.errors import AuthenticationError, ConfigurationError, ConnectionLost, DeliveryError
 from mailrelay.flow import BatchOutcome, Session
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
@@ -73,7 +74,13 @@ from mailrelay.transport.pooling import (
     is_stale_connection_error,  # noqa: F401 -- defined here before; still importable
     unanswered,
 )
-from mailrelay.transport.settings import ConnectionSettings, PoolSettings, mechanisms
+from mailrelay.transport.settings import (
+    ConnectionSettings,
+    PasswordProvider,
+    PoolSettings,
+    is_async_provider,
+    mechanisms,
+)
 from mailrelay.transport.sync_driver import SyncDriver, connect
 
 __all__ = ["LMTPTransport", "PooledSession", "SMTPTransport", "quit_all"]
@@ -177,6 +184,11 @@ class _SMTPBase(Transport):
     """The pooled, blocking transport shared by SMTP and LMTP."""
 
     def __init__(self, settings: ConnectionSettings, pool: PoolSettings) -> None:
+        if is_async_provider(settings.password):
+            raise ConfigurationError(
+                f"{type(self).__name__} cannot await a coroutine password provider: "
+                "use a plain callable, or the Async transport"
+            )
         self._settings = settings
         self._pool = pool
         self._policy = PoolPolicy(pool=pool, peer=settings.peer, logger=log)
@@ -206,6 +218,9 @@ class _SMTPBase(Transport):
 
     def _open(self) -> PooledSession:
         settings = self._settings
+        # A provider is asked for each new connection (a pool reconnecting hours later gets
+        # a current token); before connecting, so that its failure leaves nothing open.
+        secret = settings.secret()
         driver = connect(
             settings.host,
             settings.port,
@@ -215,9 +230,11 @@ class _SMTPBase(Transport):
             server_hostname=settings.server_hostname,
             unix_path=settings.unix_path,
         )
-        session = Session(settings.session_config(driver.local_address))
+        session = Session(settings.session_config(driver.local_address, secret=secret))
         try:
             driver.run(session.open())
+            if session.auth_refusal is not None:
+                self._renew(driver, session, secret)
         except ConnectionLost as exc:
             hint = greeting_hint(exc, settings, driver.bytes_received)
             if hint is not None:
@@ -226,6 +243,23 @@ class _SMTPBase(Transport):
         log.debug("connected to %s", settings.peer)
         self._opened += 1
         return PooledSession(driver, session)
+
+    def _renew(self, driver: SyncDriver, session: Session, secret: str | None) -> None:
+        """The server refused the provider's token: ask once more and, given a different
+        one, AUTH again on this connection (RFC 4954 §4); otherwise end it and raise."""
+        refusal = session.auth_refusal
+        assert refusal is not None
+        try:
+            fresh = self._settings.renew(refusal)
+        except AuthenticationError:
+            with contextlib.suppress(DeliveryError):
+                driver.run(session.retry_authentication(None))  # QUIT politely
+            driver.close()
+            raise
+        if fresh == secret:
+            log.debug("the password provider gave the refused token again; not retrying")
+            fresh = None
+        driver.run(session.retry_authentication(fresh))
 
     def _checkout(self) -> tuple[PooledSession, bool]:
         """A connection to use, and whether it was reused."""
@@ -375,7 +409,13 @@ class SMTPTransport(_SMTPBase):
         port: 587 (submission, STARTTLS), 465 (implicit TLS), 25 (relay).
         tls: the TLS policy; ``TLS.STARTTLS`` (required) by default, ``TLS.IMPLICIT`` for 465.
         username, password: credentials for AUTH (sent only over TLS unless
-            ``allow_insecure_auth``). Never shown in ``repr``, logs or errors.
+            ``allow_insecure_auth``). Never shown in ``repr``, logs or errors. ``password``
+            may be a callable returning the secret (a *token provider* for OAuth 2.0 with
+            ``auth_mechanisms=["XOAUTH2"]`` or ``["OAUTHBEARER"]``): it is called each time
+            a new connection authenticates, and once more when the server refuses what it
+            gave (an expired token; AUTH is retried once if the new secret differs). A
+            provider that raises makes the attempt fail with a transient
+            :class:`~mailrelay.errors.AuthenticationError`.
         ssl_context: the TLS context; by default one that verifies certificates against the
             system's CAs and checks the host name.
         timeouts: per-phase limits (RFC 5321 §4.5.3.2).
@@ -398,7 +438,7 @@ class SMTPTransport(_SMTPBase):
         *,
         tls: TLS = TLS.STARTTLS,
         username: str | None = None,
-        password: str | None = None,
+        password: str | PasswordProvider | None = None,
         ssl_context: ssl.SSLContext | None = None,
         timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
         local_hostname: str | None = None,
@@ -449,7 +489,7 @@ class LMTPTransport(_SMTPBase):
         path: str | None = None,
         tls: TLS = TLS.NONE,
         username: str | None = None,
-        password: str | None = None,
+        password: str | PasswordProvider | None = None,
         ssl_context: ssl.SSLContext | None = None,
         timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
         local_hostname: str | None = None,
