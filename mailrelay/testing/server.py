@@ -36,6 +36,7 @@ Rules:
 
 from __future__ import annotations
 
+import base64
 import binascii
 import contextlib
 import enum
@@ -88,7 +89,8 @@ EXTENSIONS = (
     "SIZE",
 )
 """The extensions the server implements and, by default, advertises (in this order).
-``STARTTLS`` is added when a TLS context is given, ``AUTH PLAIN LOGIN`` when users are."""
+``STARTTLS`` is added when a TLS context is given, ``AUTH PLAIN LOGIN`` when users are,
+``XOAUTH2 OAUTHBEARER`` after them when OAuth tokens are."""
 
 _COMMAND_LIMIT = 512  # RFC 5321 §4.5.3.1.4: a command line, CRLF included
 # RFC 5321 §4.5.3.1.4 lets extensions lengthen command lines; RFC 3461 (DSN) does, by 100
@@ -436,6 +438,63 @@ def _parameters(text: str) -> Parameters:
     return tuple(params)
 
 
+_BEARER = frozenset({"XOAUTH2", "OAUTHBEARER"})
+# What Google and Microsoft send for a refused token (RFC 7628 §3.2.2's shape).
+_TOKEN_ERROR = b'{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}'
+_BEARER_AUTH = re.compile(r"Bearer ([\x21-\x7e]+)")
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError("not UTF-8") from exc
+
+
+def _parse_xoauth2(response: bytes) -> tuple[str, str]:
+    """``user=<user>^Aauth=Bearer <token>^A^A`` -> (user, token); ValueError if malformed."""
+    text = _text(response)
+    if not text.endswith("\x01\x01"):
+        raise ValueError("not ended by ^A^A")
+    fields = text[:-2].split("\x01")
+    if len(fields) != 2 or not fields[0].startswith("user="):
+        raise ValueError("not user= then auth=")
+    auth = _BEARER_AUTH.fullmatch(fields[1].removeprefix("auth="))
+    if not fields[1].startswith("auth=") or auth is None:
+        raise ValueError("no bearer token")
+    return fields[0].removeprefix("user="), auth.group(1)
+
+
+def _parse_oauthbearer(response: bytes) -> tuple[str, str]:
+    """RFC 7628 §3.1: ``gs2-header ^A *(kvpair ^A) ^A`` -> (user, token)."""
+    text = _text(response)
+    header, sep, rest = text.partition("\x01")
+    # RFC 5801 §4: gs2-cb-flag "n" (no channel binding), then the authzid and an empty field.
+    parts = header.split(",")
+    if not sep or len(parts) != 3 or parts[0] != "n" or parts[2] != "":
+        raise ValueError("bad gs2 header")
+    if parts[1] and not parts[1].startswith("a="):
+        raise ValueError("bad authzid")
+    user = parts[1].removeprefix("a=")
+    if "=" in user.replace("=3D", "").replace("=2C", ""):
+        raise ValueError("bad saslname escape")
+    user = user.replace("=2C", ",").replace("=3D", "=")
+    # After the header: one or more "key=value^A", then the final ^A.
+    body = rest[:-1]
+    if not rest.endswith("\x01") or not body.endswith("\x01"):
+        raise ValueError("not ended by ^A^A")
+    pairs: dict[str, str] = {}
+    for pair in body[:-1].split("\x01"):
+        key, eq, value = pair.partition("=")
+        if not eq or not key.isascii() or not key.isalpha() or key in pairs:
+            raise ValueError("bad kvpair")
+        pairs[key] = value
+    auth = _BEARER_AUTH.fullmatch(pairs.get("auth", ""))
+    if auth is None:
+        raise ValueError("no bearer token")
+    return user, auth.group(1)
+
+
 class _Connection:
     """Serves one accepted connection (runs in its own thread)."""
 
@@ -469,7 +528,9 @@ class _Connection:
         offered = list(server.extensions)
         if server.tls is not None and not self.tls:
             offered.append("STARTTLS")
-        if server.auth is not None and (self.tls or server.allow_insecure_auth):
+        if (server.auth is not None or server.oauth_tokens is not None) and (
+            self.tls or server.allow_insecure_auth
+        ):
             offered.append("AUTH")
         return offered
 
@@ -685,7 +746,7 @@ class _Connection:
             if keyword == "SIZE" and server.max_size is not None:
                 lines.append(f"SIZE {server.max_size}")
             elif keyword == "AUTH":
-                lines.append("AUTH PLAIN LOGIN")
+                lines.append(f"AUTH {' '.join(server._mechanisms())}")
             else:
                 lines.append(keyword)
         self._reply(250, lines)
@@ -982,7 +1043,7 @@ class _Connection:
 
     def _auth(self, verb: str, arg: str) -> None:
         server = self.server
-        if server.auth is None or not self.esmtp:
+        if not server._mechanisms() or not self.esmtp:
             self._reply(502, "5.5.1 AUTH not available")
             return
         if "AUTH" not in self._offered():
@@ -993,6 +1054,13 @@ class _Connection:
             self._reply(503, "5.5.1 AUTH not allowed now")
             return
         mechanism, _, initial = arg.strip().partition(" ")
+        if mechanism.upper() not in server._mechanisms():
+            self._reply(504, "5.5.4 Unrecognized authentication mechanism")
+            return
+        if mechanism.upper() in _BEARER:
+            self._bearer(mechanism.upper(), initial)
+            return
+        assert server.auth is not None
         try:
             if mechanism.upper() == "PLAIN":
                 response = self._sasl(initial, "")
@@ -1023,6 +1091,37 @@ class _Connection:
             self._reply(235, "2.7.0 Authentication successful")
         else:
             self._reply(535, "5.7.8 Authentication credentials invalid")
+
+    def _bearer(self, mechanism: str, initial: str) -> None:
+        """XOAUTH2 or OAUTHBEARER (RFC 7628): a bearer token checked against the server's
+        tokens; a refused one gets the 334 JSON error, the dummy response, then 535."""
+        try:
+            response = self._sasl(initial, "")
+            if mechanism == "XOAUTH2":
+                user, token = _parse_xoauth2(response)
+            else:
+                user, token = _parse_oauthbearer(response)
+        except _Cancelled:
+            self._reply(501, "5.0.0 Authentication cancelled")
+            return
+        except ValueError:
+            self._reply(501, f"5.5.2 Malformed {mechanism} response")
+            return
+        self.session._event(f"{mechanism} token offered for {user}")
+        if self.server._token_valid(user, token):
+            self.user = user
+            self.session._event(f"authenticated as {user}")
+            self._reply(235, "2.7.0 Authentication successful")
+            return
+        # RFC 7628 §3.2.2: the error is a 334 with a JSON document; §3.2.3: the client
+        # answers with the dummy response (^A; an empty line for XOAUTH2), then 535.
+        self._reply(334, base64.b64encode(_TOKEN_ERROR).decode("ascii"))
+        line = self._read_line(_AUTH_LIMIT)
+        dummy = b"AQ==" if mechanism == "OAUTHBEARER" else b""
+        if line is None or line.strip() != dummy:
+            self._reply(501, "5.5.2 Expected the dummy response after the error")
+            return
+        self._reply(535, "5.7.8 Username and Password not accepted (token refused)")
 
     def _sasl(self, initial: str, challenge: str) -> bytes:
         """The client's response: the initial one if given, else the answer to ``challenge``."""
@@ -1066,6 +1165,12 @@ class SMTPTestServer:
         implicit_tls: TLS from the first byte (RFC 8314), like port 465.
         auth: Users and their passwords for AUTH PLAIN and LOGIN (RFC 4954); offered only over
             TLS unless ``allow_insecure_auth``.
+        oauth_tokens: Users and the OAuth 2.0 bearer tokens each may use, for AUTH XOAUTH2
+            and OAUTHBEARER (RFC 7628); change them while the server runs with
+            :meth:`grant_token` and :meth:`revoke_token` (an expired token). A refused
+            token gets the mechanism's failure path: ``334`` with a JSON error (``status``
+            ``"401"``), the client's dummy response (OAUTHBEARER: ``^A``; XOAUTH2: an
+            empty line; anything else gets ``501``), then ``535``.
         allow_insecure_auth: Offer AUTH over plain text too.
         max_size: The SIZE limit (RFC 1870) advertised and enforced with ``552``; ``None``
             advertises SIZE without a number and caps messages at 64 MiB.
@@ -1091,6 +1196,7 @@ class SMTPTestServer:
         tls: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
         auth: Mapping[str, str] | None = None,
+        oauth_tokens: Mapping[str, Collection[str]] | None = None,
         allow_insecure_auth: bool = False,
         max_size: int | None = None,
         max_recipients: int = 100,
@@ -1120,6 +1226,11 @@ class SMTPTestServer:
         self.tls = tls
         self.implicit_tls = implicit_tls
         self.auth = dict(auth) if auth is not None else None
+        self.oauth_tokens: dict[str, set[str]] | None = (
+            {user: set(tokens) for user, tokens in oauth_tokens.items()}
+            if oauth_tokens is not None
+            else None
+        )
         self.allow_insecure_auth = allow_insecure_auth
         self.max_size = max_size
         self.max_recipients = max_recipients
@@ -1263,12 +1374,47 @@ class SMTPTestServer:
                 )
             return list(self._messages)
 
+    def grant_token(self, user: str, token: str) -> None:
+        """Accept ``token`` for ``user`` from now on (XOAUTH2, OAUTHBEARER).
+
+        Raises:
+            ValueError: the server was made without ``oauth_tokens``.
+        """
+        with self._lock:
+            if self.oauth_tokens is None:
+                raise ValueError("this server takes no OAuth tokens (oauth_tokens=None)")
+            self.oauth_tokens.setdefault(user, set()).add(token)
+
+    def revoke_token(self, token: str) -> None:
+        """Refuse ``token`` from now on, for every user (it expired or was revoked).
+
+        Raises:
+            ValueError: the server was made without ``oauth_tokens``.
+        """
+        with self._lock:
+            if self.oauth_tokens is None:
+                raise ValueError("this server takes no OAuth tokens (oauth_tokens=None)")
+            for tokens in self.oauth_tokens.values():
+                tokens.discard(token)
+
     def clear(self) -> None:
         """Forget the messages recorded so far (sessions and fault counts are kept)."""
         with self._lock:
             self._messages.clear()
 
     # -- internals --------------------------------------------------------------------------
+
+    def _mechanisms(self) -> list[str]:
+        """The AUTH mechanisms offered, in EHLO order."""
+        names = ["PLAIN", "LOGIN"] if self.auth is not None else []
+        if self.oauth_tokens is not None:
+            names += ["XOAUTH2", "OAUTHBEARER"]
+        return names
+
+    def _token_valid(self, user: str, token: str) -> bool:
+        with self._lock:
+            tokens = (self.oauth_tokens or {}).get(user, set())
+            return any(hmac.compare_digest(token.encode(), known.encode()) for known in tokens)
 
     @property
     def _listening(self) -> socket.socket:
