@@ -17,7 +17,7 @@ from typing import Final
 
 import attrs
 
-__all__ = ["DNSStatus", "HostAddresses", "MailHost", "MailHosts"]
+__all__ = ["DNSStatus", "HostAddresses", "MailHost", "MailHosts", "TLSARecord", "TLSARecords"]
 
 
 class DNSStatus(enum.Enum):
@@ -57,12 +57,17 @@ class HostAddresses:
             status when a lookup failed and no address was found).
         ipv4: the A records, in the order the server gave them.
         ipv6: the AAAA records, in the order the server gave them.
+        secure: every address answer that was an answer (records, NODATA, NXDOMAIN) came
+            with the AD bit from the resolver, and at least one did: DNSSEC-validated
+            (RFC 4035 §3.2.3; meaningful only from a validating resolver on a trusted path,
+            see :mod:`mailrelay.resolver`). RFC 7672 §2.2.2 uses it for MX hosts.
     """
 
     name: str
     status: DNSStatus
     ipv4: tuple[str, ...] = ()
     ipv6: tuple[str, ...] = ()
+    secure: bool = False
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -96,6 +101,9 @@ class MailHosts:
         null_mx: the domain publishes RFC 7505's null MX (its one MX record is ``0 .``):
             it accepts no mail.
         implicit: the domain has no MX records; its own address is the exchanger.
+        secure: the MX answer (for an implicit MX: the MX denial and the address answers)
+            was DNSSEC-validated (the AD bit, see :attr:`HostAddresses.secure`): RFC 7672
+            §2.2.1 applies DANE only to exchangers found through a secure MX RRset.
     """
 
     domain: str
@@ -103,6 +111,7 @@ class MailHosts:
     hosts: tuple[MailHost, ...] = ()
     null_mx: bool = False
     implicit: bool = False
+    secure: bool = False
 
     @property
     def exists(self) -> bool:
@@ -113,3 +122,48 @@ class MailHosts:
     def usable_hosts(self) -> tuple[MailHost, ...]:
         """The exchangers that have at least one address, in order."""
         return tuple(host for host in self.hosts if host.ipv4 or host.ipv6)
+
+
+def _usage_field(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+        raise ValueError(f"{attribute.name} must be a number from 0 to 255, not {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class TLSARecord:
+    """One TLSA record (RFC 6698 §2.1), as plain data.
+
+    Attributes:
+        usage: the certificate usage: 0 PKIX-TA, 1 PKIX-EE, 2 DANE-TA, 3 DANE-EE
+            (RFC 7218 §2.1 names).
+        selector: 0 the whole certificate, 1 its SubjectPublicKeyInfo (RFC 6698 §2.1.2).
+        matching_type: 0 the selected content itself, 1 its SHA-256, 2 its SHA-512
+            (RFC 6698 §2.1.3).
+        data: the certificate association data.
+    """
+
+    usage: int = attrs.field(validator=_usage_field)
+    selector: int = attrs.field(validator=_usage_field)
+    matching_type: int = attrs.field(validator=_usage_field)
+    data: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
+
+    def __str__(self) -> str:
+        return f"{self.usage} {self.selector} {self.matching_type} {self.data.hex()}"
+
+
+@attrs.frozen(kw_only=True)
+class TLSARecords:
+    """The TLSA RRset of one service (``_<port>._tcp.<host>``, RFC 6698 §3).
+
+    Attributes:
+        name: the name looked up (``_25._tcp.mx.example.com``).
+        status: ``OK`` (records found), ``NODATA`` or ``NXDOMAIN`` (none).
+        records: the records, in the order the server gave them.
+        secure: the answer (records or denial) was DNSSEC-validated (the AD bit). RFC 7672
+            §2.2: only a secure TLSA RRset counts; insecure records are ignored.
+    """
+
+    name: str
+    status: DNSStatus
+    records: tuple[TLSARecord, ...] = ()
+    secure: bool = False

@@ -31,6 +31,19 @@ Rules of this module:
 - A cache hit touches no dnspython object: answers are stored as plain tuples and whole
   :class:`MailHosts` values, so a warm lookup is a dictionary read.
 
+- DNSSEC (RFC 6840 §5.7, RFC 4035 §3.2.3): queries carry the AD bit, which asks a
+  validating recursive resolver to say, with AD in its answer, that it validated the
+  records. Every answer records that bit (``secure`` on :class:`HostAddresses`,
+  :class:`MailHosts` and :class:`TLSARecords`); an answer assembled from several (a CNAME
+  chain we follow ourselves, a domain's MX and address records) is secure only when all its
+  parts are. We do not validate signatures ourselves: the AD bit is only as trustworthy as
+  the path to the resolver that set it, so give :class:`Resolver` a validating resolver on
+  the same host (unbound or BIND on ``127.0.0.1``) or on a network path you trust. A
+  validating resolver answers SERVFAIL for *bogus* data (RFC 4035 §5.5), which is a
+  transient failure here, as every SERVFAIL is.
+- :meth:`Resolver.tlsa` looks up a service's TLSA records (``_<port>._tcp.<host>``,
+  RFC 6698 §3) for DANE (:mod:`mailrelay.transport.dane`).
+
 The result values live in :mod:`mailrelay.mailhosts` and the cache in :mod:`mailrelay.dnscache`
 (neither touches dnspython); this module re-exports their public names.
 """
@@ -51,6 +64,7 @@ from typing import Any, Final, Generic, NamedTuple, TypeVar
 import attrs
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
@@ -60,7 +74,14 @@ import idna
 
 from mailrelay.dnscache import _MISS, DEFAULT_CACHE_SIZE, DNSCache
 from mailrelay.errors import ResolverError
-from mailrelay.mailhosts import DNSStatus, HostAddresses, MailHost, MailHosts
+from mailrelay.mailhosts import (
+    DNSStatus,
+    HostAddresses,
+    MailHost,
+    MailHosts,
+    TLSARecord,
+    TLSARecords,
+)
 
 __all__ = [
     "MAX_MAIL_HOSTS",
@@ -71,6 +92,8 @@ __all__ = [
     "MailHost",
     "MailHosts",
     "Resolver",
+    "TLSARecord",
+    "TLSARecords",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,6 +108,9 @@ _A: Final = dns.rdatatype.A
 _AAAA: Final = dns.rdatatype.AAAA
 _SOA: Final = dns.rdatatype.SOA
 _TXT: Final = dns.rdatatype.TXT
+_TLSA: Final = dns.rdatatype.TLSA
+#: RFC 6840 §5.7: a stub sets AD in its queries to ask for the AD bit in the answers.
+_QUERY_FLAGS: Final = dns.flags.RD | dns.flags.AD
 #: Cache key "type" of an assembled MailHosts value (not a DNS type).
 _MAIL_HOSTS: Final = -1
 #: A plan asks for at most one batch per exchanger plus the MX query; bounds the driver loops.
@@ -105,6 +131,7 @@ class _Answer(NamedTuple):
     records: tuple[Any, ...]  # MX: (preference, target) with "" for "."; A/AAAA: address text
     ttl: float  # how long it may be cached; 0 = not at all
     detail: str = ""
+    secure: bool = False  # the answer came with the AD bit (RFC 4035 §3.2.3)
 
 
 # -- turning dnspython's results into plain answers ------------------------------------------
@@ -129,10 +156,17 @@ def _negative_ttl(response: dns.message.Message | None, cap: float) -> float:
         return 0.0
 
 
+def _validated(response: dns.message.Message | None) -> bool:
+    """Whether the resolver said it validated the answer (AD, RFC 4035 §3.2.3)."""
+    return response is not None and bool(response.flags & dns.flags.AD)
+
+
 def _from_answer(answer: dns.resolver.Answer, limits: _Limits) -> _Answer:
     rrset = answer.rrset
+    secure = _validated(answer.response)
     if rrset is None:
-        return _Answer(DNSStatus.NODATA, (), _negative_ttl(answer.response, limits.negative))
+        ttl = _negative_ttl(answer.response, limits.negative)
+        return _Answer(DNSStatus.NODATA, (), ttl, secure=secure)
     ttl = float(min(answer.chaining_result.minimum_ttl, limits.positive))
     if rrset.rdtype == _MX:
         records: tuple[Any, ...] = tuple(
@@ -146,9 +180,11 @@ def _from_answer(answer: dns.resolver.Answer, limits: _Limits) -> _Answer:
         # RFC 1035 §3.3.14: a TXT record is one or more strings of at most 255 octets;
         # the record's text is their concatenation (RFC 7208 §3.3, RFC 8461 §3.1).
         records = tuple(b"".join(rd.strings).decode("utf-8", "replace") for rd in rrset)
+    elif rrset.rdtype == _TLSA:
+        records = tuple((rd.usage, rd.selector, rd.mtype, bytes(rd.cert)) for rd in rrset)
     else:
         records = tuple(rd.address for rd in rrset)
-    return _Answer(DNSStatus.OK, records, ttl)
+    return _Answer(DNSStatus.OK, records, ttl, secure=secure)
 
 
 def _aged(value: object, left: float) -> _Answer:
@@ -162,8 +198,9 @@ def _aged(value: object, left: float) -> _Answer:
 def _from_error(exc: dns.exception.DNSException, limits: _Limits) -> _Answer:
     if isinstance(exc, dns.resolver.NXDOMAIN):
         responses = list(exc.kwargs.get("responses", {}).values())
-        ttl = _negative_ttl(responses[-1] if responses else None, limits.negative)
-        return _Answer(DNSStatus.NXDOMAIN, (), ttl)
+        last = responses[-1] if responses else None
+        ttl = _negative_ttl(last, limits.negative)
+        return _Answer(DNSStatus.NXDOMAIN, (), ttl, secure=_validated(last))
     if isinstance(exc, dns.exception.Timeout):
         return _Answer(DNSStatus.TIMEOUT, (), limits.failure, "timed out")
     status = DNSStatus.ERROR
@@ -190,16 +227,20 @@ def _plan_query(
     """
     qname = name + "."
     chain_ttl = limits.positive
+    chain_secure = True  # every hop so far came with AD
     for _ in range(_MAX_CNAME_HOPS):
         outcome = yield qname
         if isinstance(outcome, dns.exception.DNSException):
             result = _from_error(outcome, limits)
         elif outcome.rrset is None and outcome.canonical_name != outcome.qname:
             chain_ttl = min(chain_ttl, *(c.ttl for c in outcome.chaining_result.cnames))
+            chain_secure = chain_secure and _validated(outcome.response)
             qname = outcome.canonical_name.to_text()
             continue
         else:
             result = _from_answer(outcome, limits)
+        if not chain_secure:
+            result = result._replace(secure=False)
         return result._replace(ttl=chain_ttl) if chain_ttl < result.ttl else result
     return _Answer(DNSStatus.ERROR, (), limits.failure, f"CNAME chain from {name} too long")
 
@@ -221,7 +262,21 @@ def _host(name: str, preference: int, a: _Answer, aaaa: _Answer) -> MailHost:
         status = DNSStatus.NXDOMAIN
     else:
         status = DNSStatus.NODATA
-    return MailHost(name=name, preference=preference, status=status, ipv4=ipv4, ipv6=ipv6)
+    return MailHost(
+        name=name,
+        preference=preference,
+        status=status,
+        ipv4=ipv4,
+        ipv6=ipv6,
+        secure=_all_secure(a, aaaa),
+    )
+
+
+def _all_secure(*answers: _Answer) -> bool:
+    """Whether the answers that are answers (not failures) were all validated, and at
+    least one was: a failed AAAA lookup does not make secure A records insecure."""
+    facts = [answer for answer in answers if not answer.status.is_transient]
+    return bool(facts) and all(answer.secure for answer in facts)
 
 
 def _transient(domain: str, answer: _Answer, what: str) -> ResolverError:
@@ -252,7 +307,8 @@ def _plan_mail_hosts(domain: str) -> _Plan:
     if mx.status is DNSStatus.OK:
         # RFC 7505 §3: a null MX is the domain's only MX record, preference 0, target ".".
         if mx.records == ((0, ""),):
-            return MailHosts(domain=domain, status=DNSStatus.OK, null_mx=True), mx.ttl
+            null = MailHosts(domain=domain, status=DNSStatus.OK, null_mx=True, secure=mx.secure)
+            return null, mx.ttl
         # Any other "." (next to real exchangers, or at another preference) is a
         # misconfiguration naming no host: it is skipped, and so is a target that is not a
         # host name ("*.example", "mx\\032x.example": the name would also be the TLS
@@ -260,7 +316,7 @@ def _plan_mail_hosts(domain: str) -> _Plan:
         # no exchanger, and no implicit MX either (RFC 5321 §5.1: report it).
         exchangers = [(pref, target) for pref, target in mx.records if _is_host_name(target)]
         if not exchangers:
-            return MailHosts(domain=domain, status=DNSStatus.OK), mx.ttl
+            return MailHosts(domain=domain, status=DNSStatus.OK, secure=mx.secure), mx.ttl
         # RFC 5321 §5.1: lowest preference first. Ties are put in name order here (servers
         # rotate RRsets) and shuffled on every read. A target listed twice keeps its best one.
         exchangers.sort()
@@ -274,13 +330,20 @@ def _plan_mail_hosts(domain: str) -> _Plan:
             _host(t, best[t], answers[i], answers[count + i]) for i, t in enumerate(targets)
         )
         ttl = min([mx.ttl, *(answer.ttl for answer in answers)])
-        return MailHosts(domain=domain, status=DNSStatus.OK, hosts=hosts), ttl
+        # RFC 7672 §2.2.1: what counts for DANE is the MX RRset; each host's own address
+        # answers are its MailHost.secure (§2.2.2).
+        found = MailHosts(domain=domain, status=DNSStatus.OK, hosts=hosts, secure=mx.secure)
+        return found, ttl
     # RFC 5321 §5.1: no MX records, so the domain's own address is an implicit MX.
     a, aaaa = yield [(domain, _A), (domain, _AAAA)]
     host = _host(domain, 0, a, aaaa)
     ttl = min(mx.ttl, a.ttl, aaaa.ttl)
     if host.status is DNSStatus.OK:
-        return MailHosts(domain=domain, status=DNSStatus.OK, hosts=(host,), implicit=True), ttl
+        secure = mx.secure and host.secure  # a secure denial of MX, then secure addresses
+        implicit = MailHosts(
+            domain=domain, status=DNSStatus.OK, hosts=(host,), implicit=True, secure=secure
+        )
+        return implicit, ttl
     if host.status.is_transient:
         failed = a if a.status.is_transient else aaaa
         return _transient(domain, failed, "address"), ttl
@@ -292,8 +355,31 @@ def _plan_addresses(name: str) -> _Plan:
     host = _host(name, 0, a, aaaa)
     if host.status.is_transient:
         return _transient(name, a if a.status.is_transient else aaaa, "address"), 0.0
-    value = HostAddresses(name=name, status=host.status, ipv4=host.ipv4, ipv6=host.ipv6)
+    value = HostAddresses(
+        name=name, status=host.status, ipv4=host.ipv4, ipv6=host.ipv6, secure=host.secure
+    )
     return value, 0.0
+
+
+def _tlsa_name(host: str, port: int) -> str:
+    """RFC 6698 §3: the TLSA owner name of a TCP service, ``_<port>._tcp.<host>``."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"port must be a number from 1 to 65535, not {port!r}")
+    return f"_{port}._tcp.{host}"
+
+
+def _tlsa(name: str, answer: _Answer) -> TLSARecords:
+    """The TLSA records of an answer; a lookup that failed raises (RFC 7672 §2.1.1: a
+    bogus or indeterminate answer is no answer, and never "no TLSA records")."""
+    if answer.status is DNSStatus.OK:
+        records = tuple(
+            TLSARecord(usage=usage, selector=selector, matching_type=mtype, data=data)
+            for usage, selector, mtype, data in answer.records
+        )
+        return TLSARecords(name=name, status=answer.status, records=records, secure=answer.secure)
+    if answer.status in (DNSStatus.NXDOMAIN, DNSStatus.NODATA):
+        return TLSARecords(name=name, status=answer.status, secure=answer.secure)
+    raise _transient(name, answer, "TLSA")
 
 
 def _domain_key(domain: str) -> str:
@@ -439,6 +525,7 @@ class _ResolverBase:
         resolver.timeout = self.timeout
         resolver.lifetime = self.timeout
         resolver.cache = None  # ours is in front
+        resolver.flags = _QUERY_FLAGS
 
     def _time_left(self, deadline: float) -> float:
         """What is left of one lookup's ``timeout``, as dnspython's ``lifetime``: it covers
@@ -572,6 +659,20 @@ class Resolver(_ResolverBase):
         """
         key = _check_name(_domain_key(name), name)
         return _texts(key, self._lookup(key, _TXT))
+
+    def tlsa(self, host: str, port: int = 25) -> TLSARecords:
+        """The TLSA records of the TCP service ``port`` at ``host`` (``_25._tcp.<host>``,
+        RFC 6698 §3; CNAMEs followed; cached for their TTL), with whether the answer was
+        DNSSEC-validated.
+
+        Raises:
+            ResolverError: ``is_transient=True`` when the DNS could not tell (timeout,
+                SERVFAIL, which is how a validating resolver reports *bogus* data,
+                REFUSED); ``is_transient=False`` when ``host`` is not a valid name.
+            ValueError: ``port`` is not a TCP port number.
+        """
+        key = _check_name(_tlsa_name(_domain_key(host), port), host)
+        return _tlsa(key, self._lookup(key, _TLSA))
 
     def _run(self, plan: _Plan) -> tuple[object, float]:
         steps = _Steps(plan, _MAX_PLAN_STEPS)
@@ -738,6 +839,11 @@ class AsyncResolver(_ResolverBase):
         """The TXT records of ``name``; see :meth:`Resolver.txt`."""
         key = _check_name(_domain_key(name), name)
         return _texts(key, await self._lookup(key, _TXT))
+
+    async def tlsa(self, host: str, port: int = 25) -> TLSARecords:
+        """The TLSA records of ``_<port>._tcp.<host>``; see :meth:`Resolver.tlsa`."""
+        key = _check_name(_tlsa_name(_domain_key(host), port), host)
+        return _tlsa(key, await self._lookup(key, _TLSA))
 
     async def _run(self, plan: _Plan) -> tuple[object, float]:
         steps = _Steps(plan, _MAX_PLAN_STEPS)

@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.peers.sink",
     "tests.peers.aiosmtpd_server",
     "tests.peers.unbound",
+    "tests.peers.dnssec",
     "tests.peers.postgres",
 ]
 
