@@ -419,6 +419,25 @@ class Envelope:
             raise MessageError("the message has no recipient address (To, Cc or Bcc)")
         return cls(senders[0], recipients)
 
+    def subset(self, positions: Iterable[int]) -> Envelope:
+        """This envelope for some of its recipients: those at ``positions`` (indexes into
+        :attr:`recipients`), in that order, with the same sender, RET, ENVID, NOTIFY
+        default and REQUIRETLS, each recipient keeping its own NOTIFY and ORCPT.
+
+        Raises:
+            MessageError: no position given.
+            IndexError: a position out of range.
+        """
+        recipients = self.recipients
+        return Envelope(
+            self.sender,
+            [recipients[i] for i in positions],
+            ret=self.ret,
+            envid=self.envid,
+            notify=self.notify,
+            requiretls=self.requiretls,
+        )
+
     @property
     def needs_smtputf8(self) -> bool:
         """Whether the sender or any recipient has a non-ASCII local part."""

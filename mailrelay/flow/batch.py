@@ -25,6 +25,7 @@ from mailrelay.flow import requests as _requests
 from mailrelay.flow.bookkeeping import (
     _SessionClosed,
     _Transaction,
+    too_many_recipients,
 )
 from mailrelay.flow.core import _trace, log
 from mailrelay.flow.requests import Step, Write, _read_request
@@ -111,7 +112,7 @@ def _apply_envelope(transaction: _Transaction, replies: list[Reply], pos: int) -
         pos += 1
         rcpt_replies[index] = reply
         if mail_ok and not 200 <= reply.code < 300:
-            transaction.settle(index, reply)
+            transaction.refused(index, reply)
     return pos
 
 
@@ -159,10 +160,68 @@ class _Batch(_Delivery):
         """
         # _guarded() inlined: every request of a long batch passes through this frame.
         try:
-            return (yield from self._deliver_many(items))
+            ext = self._extensions
+            if ext is not None and (ext.rcpt_max is not None or ext.rcpt_domain_max is not None):
+                return (yield from self._many_within_limits(items))
+            self._too_many_seen = False
+            outcome = yield from self._deliver_many(items)
+            if self._too_many_seen:
+                outcome = yield from self._send_the_rest(items, outcome)
+            return outcome
         except BaseException:
             self.closed = True
             raise
+
+    def _send_the_rest(
+        self, items: Sequence[tuple[Message, Envelope]], outcome: BatchOutcome
+    ) -> Step[BatchOutcome]:
+        """After a batch: each message's recipients that a server refused as one too many
+        (RFC 5321 §4.5.3.1.10) in further transactions on this session (see
+        :meth:`_in_parts`), while it lasts."""
+        results = list(outcome.results)
+        for index, result in enumerate(results):
+            if self.closed:
+                break
+            if result is None or not any(
+                r.reply is not None and too_many_recipients(r.reply) for r in result.deferred
+            ):
+                continue
+            message, envelope = items[index]
+            results[index] = yield from self._in_parts(message, envelope, [], result)
+        return BatchOutcome(results=tuple(results), error=outcome.error)
+
+    def _many_within_limits(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
+        """A batch to a server that announced recipient LIMITS (RFC 9422): the messages
+        whose envelopes keep to them are pipelined as usual; each of the others then goes
+        alone, in as many transactions as the limits need (:meth:`deliver`)."""
+        over = [i for i, (_, envelope) in enumerate(items) if self._recipient_parts(envelope)]
+        if not over:
+            self._too_many_seen = False
+            outcome = yield from self._deliver_many(items)
+            if self._too_many_seen:
+                outcome = yield from self._send_the_rest(items, outcome)
+            return outcome
+        skip = set(over)
+        within = [i for i in range(len(items)) if i not in skip]
+        results: list[DeliveryResult | None] = [None] * len(items)
+        error: DeliveryError | None = None
+        if within:
+            chosen = [items[i] for i in within]
+            self._too_many_seen = False
+            outcome = yield from self._deliver_many(chosen)
+            if self._too_many_seen:
+                outcome = yield from self._send_the_rest(chosen, outcome)
+            for index, result in zip(within, outcome.results, strict=True):
+                results[index] = result
+            error = outcome.error
+        if error is None:
+            for index in over:
+                try:
+                    results[index] = yield from self._deliver(*items[index])
+                except DeliveryError as exc:
+                    error = exc
+                    break
+        return BatchOutcome(results=tuple(results), error=error)
 
     def _deliver_many(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
         self._ensure_open()
@@ -296,6 +355,8 @@ class _Batch(_Delivery):
                         previous = None
                         pos = 1
                     pos = _apply_envelope(transaction, replies, pos + rset)
+                    if transaction.too_many:
+                        self._too_many_seen = True
                     if pos >= got:
                         raise _short(closed)
                     data_reply = replies[pos]

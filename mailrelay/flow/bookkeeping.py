@@ -33,6 +33,25 @@ _OUTCOME_BY_CLASS = {2: Outcome.ACCEPTED, 5: Outcome.PERMANENT}
 _TRANSIENT = Outcome.TRANSIENT
 
 
+def too_many_recipients(reply: Reply) -> bool:
+    """Whether a refused RCPT's ``reply`` says the transaction has all the recipients the
+    server will take (RFC 5321 §4.5.3.1.10), so that the rest can go in another one.
+
+    The code for it is 452; RFC 821 wrongly listed 552, which some servers still send, and
+    a client should take that as temporary too. 452 and 552 also mean other things
+    (insufficient storage, a full mailbox), so an enhanced status code, when there is one,
+    must be X.5.3 "too many recipients" (RFC 3463 §3.6); without one, a 452 counts, and a
+    552 only when its text says so.
+    """
+    code = reply.code
+    if code not in {452, 552}:
+        return False
+    enhanced = reply.enhanced
+    if enhanced is not None:
+        return enhanced.subject == 5 and enhanced.detail == 3
+    return code == 452 or "too many recipients" in reply.text.lower()
+
+
 def _recipient_result(
     address: Address, outcome: Outcome, reply: Reply | None, reason: str | None, host: str | None
 ) -> RecipientResult:
@@ -60,7 +79,7 @@ def _delivery_result(
 class _Transaction:
     """Which reply each recipient of one message has, and which are final."""
 
-    __slots__ = ("addresses", "final", "message_id", "open", "peer", "rcpt_replies")
+    __slots__ = ("addresses", "final", "message_id", "open", "peer", "rcpt_replies", "too_many")
 
     def __init__(
         self, recipients: Sequence[Address], peer: str | None, message_id: str | None = None
@@ -73,6 +92,25 @@ class _Transaction:
         # How many recipients have no final result yet, kept as ``final`` is filled: every
         # message asks, and ``None in final`` would call each result's (attrs) __eq__.
         self.open = len(self.addresses)
+        # Whether a RCPT was refused as one too many (see refused()).
+        self.too_many = False
+
+    def refused(self, index: int, reply: Reply) -> None:
+        """Recipient ``index``'s RCPT was refused with ``reply`` (after an accepted MAIL):
+        its final result, TRANSIENT when the server has reached its recipient limit
+        (:func:`too_many_recipients`; RFC 5321 §4.5.3.1.10 asks that a 552 for it be taken
+        as temporary), and the transaction notes it so the recipient can be sent in
+        another one."""
+        if too_many_recipients(reply):
+            self.too_many = True
+            final = self.final
+            if final[index] is None:
+                self.open -= 1
+            final[index] = _recipient_result(
+                self.addresses[index], _TRANSIENT, reply, None, self.peer
+            )
+            return
+        self.settle(index, reply)
 
     def settle(self, index: int, reply: Reply, reason: str | None = None) -> None:
         final = self.final

@@ -80,6 +80,9 @@ class _SessionCore:
         self._conn = ClientConnection(lmtp=config.lmtp)
         self._needs_rset = False
         self._extensions: Extensions | None = None
+        # Whether a RCPT was refused as one too many since deliver_many began (its
+        # recipients are then sent in further transactions once the batch is done).
+        self._too_many_seen = False
         # The last small message sent by DATA, and its wire form (stuffed) and terminator.
         self._last_data: tuple[Message, tuple[DataChunk, EndOfData]] | None = None
         self._last_message: (

@@ -9,7 +9,9 @@ No I/O here: only requests.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import cast
 
 import attrs
 
@@ -23,6 +25,7 @@ from mailrelay.flow import requests as _requests
 from mailrelay.flow.bookkeeping import (
     _SessionClosed,
     _Transaction,
+    too_many_recipients,
 )
 from mailrelay.flow.core import _NO_EXTENSIONS, log
 from mailrelay.flow.opening import _Opening
@@ -40,7 +43,7 @@ from mailrelay.protocol import (
     RcptTo,
 )
 from mailrelay.reply import Reply
-from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 
 _DATA = Data()
 _END_OF_DATA = EndOfData()
@@ -60,6 +63,30 @@ class ProbeResult:
     mail: Reply | None
     recipients: tuple[Reply | None, ...]
     ended: bool = False
+
+
+def _unfinished(
+    envelope: Envelope,
+    *,
+    finals: list[RecipientResult | None],
+    parts: Iterable[list[int]],
+    reply: Reply | None,
+    reason: str,
+    host: str | None,
+) -> None:
+    """The recipients of ``parts`` that have no result yet are TRANSIENT: the session
+    ended before their transaction did. (One already refused as too many keeps that
+    TRANSIENT result.)"""
+    for part in parts:
+        for index in part:
+            if finals[index] is None:
+                finals[index] = RecipientResult(
+                    address=envelope.recipients[index].address,
+                    outcome=Outcome.TRANSIENT,
+                    reply=reply,
+                    reason=reason,
+                    host=host,
+                )
 
 
 def _with_last(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, bool]]:
@@ -93,9 +120,20 @@ class _Delivery(_Opening):
 
     def _deliver(self, message: Message, envelope: Envelope) -> Step[DeliveryResult]:
         self._ensure_open()
+        parts = self._recipient_parts(envelope)
+        if parts is None:
+            transaction = yield from self._attempt(message, envelope)
+            if not transaction.too_many:
+                return transaction.result()
+            first = transaction.result()
+            return (yield from self._in_parts(message, envelope, [], first))
+        return (yield from self._in_parts(message, envelope, parts, None))
+
+    def _attempt(self, message: Message, envelope: Envelope) -> Step[_Transaction]:
+        """One transaction for every recipient of ``envelope``; its bookkeeping, settled."""
         transaction = self._prepared(message, envelope)
         if transaction.all_final():
-            return transaction.result()
+            return transaction
         try:
             if self._needs_rset:
                 yield from self._rset()
@@ -114,7 +152,128 @@ class _Delivery(_Opening):
                 raise
             yield from self._closed()
             transaction.unfinished(exc.reply, f"{type(exc).__name__} before a final reply: {exc}")
-        return transaction.result()
+        return transaction
+
+    # -- recipient limits ----------------------------------------------------------------------
+
+    def _recipient_parts(self, envelope: Envelope) -> list[list[int]] | None:
+        """The envelope's recipient positions in groups that keep to the server's LIMITS
+        (RFC 9422: ``RCPTMAX``, ``RCPTDOMAINMAX``), or None when one transaction may take
+        them all.
+
+        Recipients are grouped by domain (A-label form, in order of first appearance) so
+        that a domain limit costs as few transactions as it can; each group is filled up
+        to ``RCPTMAX``.
+        """
+        ext = self._extensions
+        if ext is None:
+            return None
+        most, domains = ext.rcpt_max, ext.rcpt_domain_max
+        if most is None and domains is None:
+            return None
+        recipients = envelope.recipients
+        few = most is None or len(recipients) <= most
+        if few and (domains is None or len(recipients) <= domains):
+            return None
+        by_domain: dict[str, list[int]] = {}
+        for index, recipient in enumerate(recipients):
+            by_domain.setdefault(recipient.address.ascii_domain.lower(), []).append(index)
+        if few and (domains is None or len(by_domain) <= domains):
+            return None
+        parts: list[list[int]] = []
+        current: list[int] = []
+        seen = 0  # domains in ``current``
+        for positions in by_domain.values():
+            if current and domains is not None and seen >= domains:
+                parts.append(current)
+                current, seen = [], 0
+            seen += 1
+            for index in positions:
+                if most is not None and len(current) >= most:
+                    parts.append(current)
+                    current, seen = [], 1
+                current.append(index)
+        if current:
+            parts.append(current)
+        return parts
+
+    def _in_parts(
+        self,
+        message: Message,
+        envelope: Envelope,
+        parts: list[list[int]],
+        first: DeliveryResult | None,
+    ) -> Step[DeliveryResult]:
+        """The message to the envelope's recipients in several transactions on this session:
+        the ``parts`` (recipient positions) in turn, after ``first`` (the result of a
+        transaction for every recipient, already made), and again for the recipients a
+        server refused as one too many (RFC 5321 §4.5.3.1.10: "the client ... sends the
+        remaining recipients in another transaction"), for as long as each transaction
+        gets at least one of its recipients answered otherwise.
+
+        Raises the errors of :meth:`deliver` only when no recipient has an answer yet.
+        """
+        count = len(envelope.recipients)
+        finals: list[RecipientResult | None] = [None] * count
+        queue = deque(parts)
+        if first is not None:
+            self._record_part(finals, range(count), first.recipients, queue)
+        while queue:
+            positions = queue.popleft()
+            if self.closed:
+                reason = "the session ended before this recipient's transaction"
+                _unfinished(
+                    envelope,
+                    finals=finals,
+                    parts=[positions, *queue],
+                    reply=None,
+                    reason=reason,
+                    host=self.config.peer,
+                )
+                break
+            try:
+                transaction = yield from self._attempt(message, envelope.subset(positions))
+            except DeliveryError as exc:
+                if all(result is None for result in finals):
+                    raise
+                reason = f"{type(exc).__name__} before a final reply: {exc}"
+                _unfinished(
+                    envelope,
+                    finals=finals,
+                    parts=[positions, *queue],
+                    reply=exc.reply,
+                    reason=reason,
+                    host=exc.host,
+                )
+                break
+            self._record_part(finals, positions, transaction.result().recipients, queue)
+        results = cast("tuple[RecipientResult, ...]", tuple(finals))
+        return DeliveryResult(
+            recipients=results, message_id=message.message_id, host=self.config.peer
+        )
+
+    @staticmethod
+    def _record_part(
+        finals: list[RecipientResult | None],
+        positions: Iterable[int],
+        results: Sequence[RecipientResult],
+        queue: deque[list[int]],
+    ) -> None:
+        """Record one transaction's results; its recipients refused as too many go to the
+        front of ``queue`` when the transaction answered any of the others (else they
+        keep their TRANSIENT result: a server that takes none would refuse them forever)."""
+        again: list[int] = []
+        for index, result in zip(positions, results, strict=True):
+            finals[index] = result
+            reply = result.reply
+            if (
+                result.outcome is Outcome.TRANSIENT
+                and reply is not None
+                and too_many_recipients(reply)
+            ):
+                again.append(index)
+        if again and len(again) < len(results):
+            queue.appendleft(again)
 
     def _prepared(self, message: Message, envelope: Envelope) -> _Transaction:
         """The message's bookkeeping; already final when it cannot be sent here at all (or
@@ -251,7 +410,9 @@ class _Delivery(_Opening):
             reply = yield from self._reply("rcpt")
             transaction.rcpt_replies[index] = reply
             if mail_reply.is_positive and not reply.is_positive:
-                transaction.settle(index, reply)
+                transaction.refused(index, reply)
+                if transaction.too_many:
+                    self._too_many_seen = True
 
     def _send_envelope(
         self, mail: MailFrom, rcpts: list[RcptTo], transaction: _Transaction
@@ -267,7 +428,9 @@ class _Delivery(_Opening):
             reply = yield from self._sole_reply("rcpt", "RCPT")
             transaction.rcpt_replies[index] = reply
             if not reply.is_positive:
-                transaction.settle(index, reply)
+                transaction.refused(index, reply)
+                if transaction.too_many:
+                    self._too_many_seen = True
 
     def _send_data(
         self, message: Message, transaction: _Transaction, *, data_sent: bool

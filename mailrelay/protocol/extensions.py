@@ -10,6 +10,11 @@ Rules (RFC 5321 §4.1.1.1, §4.1.2):
   ``AUTH=mech ...`` form some old servers still send; both are merged.
 * ``SIZE`` (RFC 1870 §4): ``SIZE n`` declares a maximum; ``SIZE`` alone or
   ``SIZE 0`` means "no fixed maximum" (``size`` is None, ``"SIZE" in ext`` is True).
+* ``LIMITS`` (RFC 9422 §3): ``LIMITS name[=value] ...``; the three limits RFC 9422
+  registers are read: ``RCPTMAX`` (RCPTs per transaction), ``RCPTDOMAINMAX`` (recipient
+  domains per transaction) and ``MAILMAX`` (transactions per session). A malformed value
+  (not a positive decimal number of at most 9 digits) is ignored, as RFC 9422 asks of a
+  limit the client cannot read; unknown limits stay in :attr:`Extensions.keywords`.
 * Lines that are not a keyword at all are ignored: servers send odd things, and
   an extension we cannot read is one we do not use.
 """
@@ -34,6 +39,26 @@ def _freeze(value: Mapping[str, str]) -> Mapping[str, str]:
     return types.MappingProxyType(dict(value))
 
 
+# RFC 9422: the registered limits, whose values we use, each a count (1*DIGIT); more than 9 digits
+# is no limit in practice, and int() of a huge string is slow.
+_COUNTED_LIMITS: Final = frozenset({"RCPTMAX", "RCPTDOMAINMAX", "MAILMAX"})
+_COUNT: Final = re.compile(r"[0-9]{1,9}")
+
+
+def _limits(params: str | None) -> dict[str, int]:
+    """The counted limits of a ``LIMITS`` keyword's parameters (RFC 9422 §3:
+    ``limit-name ["=" limit-value]``, separated by spaces), by upper-cased name."""
+    found: dict[str, int] = {}
+    if not params:
+        return found
+    for item in params.split(" "):
+        name, _, value = item.partition("=")
+        name = name.upper()
+        if name in _COUNTED_LIMITS and _COUNT.fullmatch(value) and int(value) > 0:
+            found.setdefault(name, int(value))
+    return found
+
+
 @attrs.frozen(kw_only=True, eq=True, hash=False)
 class Extensions:
     """What the server offers, parsed from its EHLO/LHLO reply.
@@ -54,6 +79,12 @@ class Extensions:
         chunking: CHUNKING, i.e. BDAT (RFC 3030).
         binary_mime: BINARYMIME (RFC 3030).
         requiretls: REQUIRETLS (RFC 8689).
+        rcpt_max: LIMITS ``RCPTMAX`` (RFC 9422): the most RCPT commands the server
+            takes in one transaction, or None.
+        rcpt_domain_max: LIMITS ``RCPTDOMAINMAX`` (RFC 9422): the most different
+            recipient domains in one transaction, or None.
+        mail_max: LIMITS ``MAILMAX`` (RFC 9422): the most transactions in one
+            session, or None.
         keywords: every keyword announced (upper-cased) -> its parameter text
             (``""`` when it had none).
     """
@@ -69,6 +100,9 @@ class Extensions:
     chunking: bool = False
     binary_mime: bool = False
     requiretls: bool = False
+    rcpt_max: int | None = None
+    rcpt_domain_max: int | None = None
+    mail_max: int | None = None
     keywords: Mapping[str, str] = attrs.field(default=_EMPTY, converter=_freeze)
 
     @classmethod
@@ -107,6 +141,7 @@ class Extensions:
         # of over 4,300 digits, and a server's reply line may be longer than that.
         if size_text.isdecimal() and size_text.isascii() and len(size_text) <= 20:
             size = int(size_text) or None  # RFC 1870 §4: 0 means no fixed maximum.
+        limits = _limits(keywords.get("LIMITS"))
         return cls(
             size=size,
             pipelining="PIPELINING" in keywords,
@@ -119,6 +154,9 @@ class Extensions:
             chunking="CHUNKING" in keywords,
             binary_mime="BINARYMIME" in keywords,
             requiretls="REQUIRETLS" in keywords,
+            rcpt_max=limits.get("RCPTMAX"),
+            rcpt_domain_max=limits.get("RCPTDOMAINMAX"),
+            mail_max=limits.get("MAILMAX"),
             keywords=keywords,
         )
 
