@@ -23,6 +23,9 @@ and ::1)                     ``smtpd -v``, so every command and reply is in :met
 ``idle_timeout_port``        STARTTLS and AUTH offered, ``smtpd_timeout`` = :data:`IDLE_TIMEOUT`
                              seconds: an idle connection gets ``421 4.4.2`` and is closed (the
                              pool's reconnect path, against a real server)
+``limited_port``             no STARTTLS, no AUTH; ``smtpd_recipient_limit`` =
+                             :data:`RECIPIENT_LIMIT`: each RCPT beyond it in a transaction gets
+                             ``452 4.5.3 Error: too many recipients``
 ============================ ==================================================================
 
 Domains: ``mailrelay.test`` (virtual Maildirs ``alice``, ``bob``; other users 550 5.1.1),
@@ -85,6 +88,8 @@ SASL_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256")
 MESSAGE_SIZE_LIMIT = 10_240_000
 """Postfix's ``message_size_limit`` here, in bytes (advertised in the EHLO SIZE keyword)."""
 IDLE_TIMEOUT = 2
+RECIPIENT_LIMIT = 3
+"""Recipients per transaction ``limited_port`` takes (``smtpd_recipient_limit``)."""
 """Seconds ``idle_timeout_port`` waits for a command before it says 421 and hangs up."""
 
 _SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/bin")
@@ -125,6 +130,7 @@ class PostfixInstance:
         self.no_pipelining_port = free_port()
         self.helo_only_port = free_port()
         self.idle_timeout_port = free_port()
+        self.limited_port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
         self.master_pid: int | None = None
 
@@ -299,6 +305,7 @@ class PostfixInstance:
             (self.host, self.no_pipelining_port, False),
             (self.host, self.helo_only_port, False),
             (self.host, self.idle_timeout_port, False),
+            (self.host, self.limited_port, False),
         ]
         while probes:
             if self._process.poll() is not None or time.monotonic() > end:
@@ -455,6 +462,11 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 {self.host}:{self.idle_timeout_port} inet n - n - - smtpd
   -o syslog_name=postfix/idle
   -o smtpd_timeout={IDLE_TIMEOUT}s
+{self.host}:{self.limited_port} inet n - n - - smtpd
+  -o syslog_name=postfix/limited
+  -o smtpd_tls_security_level=none
+  -o smtpd_sasl_auth_enable=no
+  -o smtpd_recipient_limit={RECIPIENT_LIMIT}
 """
         return services + listeners
 

@@ -1,0 +1,219 @@
+"""Recipient limits against real servers: Postfix's ``smtpd_recipient_limit`` (452 4.5.3 for
+each RCPT over it) and an aiosmtpd that announces LIMITS RCPTMAX (RFC 9422) and enforces it.
+
+What must hold: every recipient is delivered, in as many transactions as the server needs,
+through both drivers, the smart-host and MX transports, one message and batches; a refusal
+that is not "too many" keeps its own answer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import Envelope as ServerEnvelope
+from aiosmtpd.smtp import Session as ServerSession
+
+from mailrelay.envelope import Envelope
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
+from mailrelay.results import Outcome
+from mailrelay.transport.mx import MXTransport
+from mailrelay.transport.mx_async import AsyncMXTransport
+from tests.peers.aiosmtpd_server import HOSTNAME, RecordingHandler
+from tests.peers.postfix import RECIPIENT_LIMIT, PostfixInstance
+from tests.peers.scripted import free_port
+from tests.peers.unbound import UnboundServer
+from tests.transport.helpers import FLAVOURS, Flavour, run, send_many_with, send_with
+
+SINK = "sink.mailrelay.test"  # Postfix accepts and discards this domain
+
+
+def postfix_args(postfix: PostfixInstance) -> dict[str, Any]:
+    return {
+        "host": postfix.host,
+        "port": postfix.limited_port,
+        "tls": TLS.NONE,
+        "timeouts": Timeouts.all(15),
+    }
+
+
+def tagged(to: list[str]) -> Message:
+    return Message.build(
+        sender="carol@mailrelay.test",
+        to=to,
+        subject=f"limits {uuid.uuid4().hex}",
+        text="Hello.\n",
+    )
+
+
+def queue_ids(texts: list[str]) -> set[str]:
+    """Postfix's queue ids in "250 2.0.0 Ok: queued as 4Xyz" replies."""
+    return {text.rsplit(" ", 1)[-1] for text in texts if "queued as" in text}
+
+
+@pytest.mark.postfix
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_postfix_recipient_limit_one_message(
+    flavour: Flavour, postfix_clean: PostfixInstance
+) -> None:
+    sinks = [f"r{i}@{SINK}" for i in range(6)]
+    to = ["alice@mailrelay.test", *sinks, "bob@mailrelay.test"]
+    message = tagged(to)
+    result = send_with(flavour, message, **postfix_args(postfix_clean))
+    assert result.ok, result
+    assert [str(r.address) for r in result.recipients] == to
+    texts = [r.reply.text for r in result.recipients if r.reply is not None]
+    # 8 recipients, 3 a transaction: three transactions, three queue ids.
+    assert len(queue_ids(texts)) == -(-len(to) // RECIPIENT_LIMIT)
+    marker = message.message_id
+    assert marker is not None
+    postfix_clean.wait_for_message("alice", marker.encode())
+    postfix_clean.wait_for_message("bob", marker.encode())
+
+
+@pytest.mark.postfix
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_postfix_recipient_limit_in_a_batch(
+    flavour: Flavour, postfix_clean: PostfixInstance
+) -> None:
+    counts = [1, 7, 2, 4]
+    messages = [tagged([f"m{n}.{i}@{SINK}" for i in range(c)]) for n, c in enumerate(counts)]
+    results = send_many_with(flavour, list(messages), **postfix_args(postfix_clean))
+    for message, result, count in zip(messages, results, counts, strict=True):
+        assert result.ok, result
+        assert len(result.recipients) == count
+        assert result.message_id == message.message_id
+
+
+@pytest.mark.postfix
+@pytest.mark.unbound
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_mx_delivery_keeps_each_refusal(
+    flavour: Flavour, unbound: UnboundServer, postfix_clean: PostfixInstance
+) -> None:
+    # alice, bob and a user Postfix does not know fill the first transaction; the fourth
+    # recipient, refused as too many, goes in a second one, where it gets its own answer:
+    # 550 5.1.1 (unknown user), not the 452.
+    to = ["alice@mailrelay.test", "bob@mailrelay.test", "nobody1@mailrelay.test"]
+    to.append("nobody2@mailrelay.test")
+    message = tagged(to)
+    envelope = Envelope("carol@mailrelay.test", to)
+    options: dict[str, Any] = {"port": postfix_clean.limited_port, "timeouts": Timeouts.all(10)}
+    if flavour == "sync":
+        with MXTransport(unbound.resolver(), **options) as mx:
+            result = mx.send(message, envelope)
+    else:
+
+        async def main() -> Any:
+            async with AsyncMXTransport(unbound.async_resolver(), **options) as mx:
+                return await mx.asend(message, envelope)
+
+        result = run(main())
+    outcomes = [(r.outcome, r.reply.code if r.reply else None) for r in result.recipients]
+    assert outcomes == [
+        (Outcome.ACCEPTED, 250),
+        (Outcome.ACCEPTED, 250),
+        (Outcome.PERMANENT, 550),
+        (Outcome.PERMANENT, 550),
+    ], result
+    marker = message.message_id
+    assert marker is not None
+    postfix_clean.wait_for_message("alice", marker.encode())
+
+
+# -- an aiosmtpd that announces its limit ---------------------------------------------------------
+
+
+class LimitsHandler(RecordingHandler):
+    """Announces ``LIMITS RCPTMAX=n`` and refuses each RCPT over it with 452 4.5.3."""
+
+    def __init__(self, rcpt_max: int) -> None:
+        super().__init__()
+        self.rcpt_max = rcpt_max
+        self.refused = 0
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: ServerSession,
+        envelope: ServerEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], f"250-LIMITS RCPTMAX={self.rcpt_max}", responses[-1]]
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: ServerSession,
+        envelope: ServerEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.rcpt_max:
+            self.refused += 1
+            return "452 4.5.3 Too many recipients"
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+@pytest.fixture
+def limited_aiosmtpd() -> Iterator[tuple[LimitsHandler, int]]:
+    handler = LimitsHandler(rcpt_max=2)
+    port = free_port()
+    controller = Controller(
+        handler, hostname="127.0.0.1", port=port, server_hostname=HOSTNAME, decode_data=False
+    )
+    controller.start()
+    try:
+        yield handler, port
+    finally:
+        controller.stop()
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_announced_limit_is_kept_before_sending(
+    flavour: Flavour, limited_aiosmtpd: tuple[LimitsHandler, int]
+) -> None:
+    handler, port = limited_aiosmtpd
+    to = [f"user{i}@example.net" for i in range(5)]
+    result = send_with(
+        flavour,
+        tagged(to),
+        host="127.0.0.1",
+        port=port,
+        tls=TLS.NONE,
+        timeouts=Timeouts.all(10),
+    )
+    assert result.ok, result
+    assert handler.refused == 0  # never asked for a third recipient
+    assert [m.rcpt_tos for m in handler.messages] == [tuple(to[0:2]), tuple(to[2:4]), (to[4],)]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_announced_limit_in_a_batch(
+    flavour: Flavour, limited_aiosmtpd: tuple[LimitsHandler, int]
+) -> None:
+    handler, port = limited_aiosmtpd
+    counts = [3, 1, 2, 5]
+    messages = [tagged([f"m{n}.{i}@example.net" for i in range(c)]) for n, c in enumerate(counts)]
+    results = send_many_with(
+        flavour,
+        list(messages),
+        host="127.0.0.1",
+        port=port,
+        tls=TLS.NONE,
+        timeouts=Timeouts.all(10),
+    )
+    assert all(r.ok for r in results), results
+    assert handler.refused == 0
+    received = sorted(rcpt for m in handler.messages for rcpt in m.rcpt_tos)
+    assert received == sorted(
+        f"m{n}.{i}@example.net" for n, c in enumerate(counts) for i in range(c)
+    )
+    assert all(len(m.rcpt_tos) <= 2 for m in handler.messages)
