@@ -32,7 +32,11 @@ Facts about aiosmtpd 1.4 that tests meet (read from its source):
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import tempfile
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,7 +46,7 @@ import attrs
 import pytest
 from aiosmtpd.controller import Controller, UnixSocketController
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from tests.peers.postfix import USERS
 from tests.peers.scripted import free_port
@@ -175,6 +179,112 @@ def authenticate(
     return AuthResult(success=False, handled=False)
 
 
+# -- OAuth 2.0 bearer tokens (XOAUTH2, OAUTHBEARER) --------------------------------------------
+
+#: The exact wire forms mailrelay must send (RFC 7628 §3.1 for OAUTHBEARER; Google's XOAUTH2).
+_XOAUTH2 = re.compile(rb"user=([^\x00-\x1f]+)\x01auth=Bearer ([\x21-\x7e]+)\x01\x01")
+_OAUTHBEARER = re.compile(
+    rb"n,a=([^,\x00-\x1f]*),\x01(?:host=[\x21-\x7e]+\x01)?(?:port=[1-9][0-9]{0,4}\x01)?"
+    rb"auth=Bearer ([\x21-\x7e]+)\x01\x01"
+)
+#: RFC 7628 §3.2.2's error document, as Google sends it for a refused token.
+TOKEN_ERROR = b'{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}'
+_DUMMY = {"XOAUTH2": b"", "OAUTHBEARER": b"\x01"}  # RFC 7628 §3.2.3 (XOAUTH2: empty)
+
+
+class TokenTable:
+    """The bearer tokens the server accepts, per user; tests grant and revoke them while the
+    server runs (an expiring token). Thread-safe: the server runs in its own thread.
+
+    Attributes:
+        responses: every decoded AUTH response the server read, as ``(mechanism, bytes)``:
+            initial responses and the dummy responses after an error, in order.
+    """
+
+    def __init__(self, tokens: dict[str, set[str]]) -> None:
+        self._tokens = {user: set(each) for user, each in tokens.items()}
+        self._lock = threading.Lock()
+        self.responses: list[tuple[str, bytes]] = []
+
+    def grant(self, user: str, token: str) -> None:
+        """Accept ``token`` for ``user`` from now on."""
+        with self._lock:
+            self._tokens.setdefault(user, set()).add(token)
+
+    def revoke(self, token: str) -> None:
+        """Refuse ``token`` from now on (it expired)."""
+        with self._lock:
+            for each in self._tokens.values():
+                each.discard(token)
+
+    def valid(self, user: str, token: str) -> bool:
+        """Whether ``token`` is accepted for ``user`` now."""
+        with self._lock:
+            return token in self._tokens.get(user, set())
+
+    def record(self, mechanism: str, response: bytes) -> None:
+        with self._lock:
+            self.responses.append((mechanism, response))
+
+
+class OAuthHandler(RecordingHandler):
+    """:class:`RecordingHandler` that also offers AUTH XOAUTH2 and OAUTHBEARER (aiosmtpd
+    finds ``auth_<NAME>`` methods on the handler), checking the exact wire form and the
+    token against a :class:`TokenTable`. A refused token gets the real servers' failure
+    path: ``334`` with base64 JSON, the client's dummy response, then ``535``; a wrong dummy
+    response gets ``501``."""
+
+    def __init__(self, tokens: TokenTable, *, lmtp: bool = False) -> None:
+        super().__init__(lmtp=lmtp)
+        self.tokens = tokens
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        """AUTH XOAUTH2 (aiosmtpd's naming: ``auth_`` + the mechanism)."""
+        return await self._bearer(server, args, "XOAUTH2", _XOAUTH2)
+
+    async def auth_OAUTHBEARER(self, server: SMTP, args: list[str]) -> AuthResult:
+        """AUTH OAUTHBEARER (RFC 7628)."""
+        return await self._bearer(server, args, "OAUTHBEARER", _OAUTHBEARER)
+
+    async def _bearer(
+        self, server: SMTP, args: list[str], mechanism: str, form: re.Pattern[bytes]
+    ) -> AuthResult:
+        if len(args) == 2:
+            try:
+                response = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        else:
+            challenged = await server.challenge_auth("")
+            if challenged is MISSING:
+                return AuthResult(success=False, handled=True)  # 501 already sent
+            assert isinstance(challenged, bytes)
+            response = challenged
+        self.tokens.record(mechanism, response)
+        match = form.fullmatch(response)
+        if match is None:
+            await server.push(f"501 5.5.2 Malformed {mechanism} response")
+            return AuthResult(success=False, handled=True)
+        raw_user, token = match.group(1), match.group(2).decode("ascii")
+        user = raw_user.decode("utf-8", "replace")
+        if mechanism == "OAUTHBEARER":
+            user = user.replace("=2C", ",").replace("=3D", "=")
+        if self.tokens.valid(user, token):
+            return AuthResult(success=True, auth_data=LoginPassword(user.encode(), b""))
+        dummy = await server.challenge_auth(TOKEN_ERROR)
+        if dummy is MISSING:
+            return AuthResult(success=False, handled=True)
+        assert isinstance(dummy, bytes)
+        self.tokens.record(mechanism, dummy)
+        if dummy != _DUMMY[mechanism]:
+            await server.push("501 5.5.2 Expected the dummy response after the error")
+            return AuthResult(success=False, handled=True)
+        return AuthResult(
+            success=False, handled=False, message="535 5.7.8 Username and Password not accepted"
+        )
+
+
 class _LMTPController(Controller):
     def factory(self) -> SMTP:
         return LMTP(self.handler, **self.SMTP_kwargs)
@@ -237,6 +347,7 @@ def start_aiosmtpd(
     implicit_tls: bool = False,
     auth: bool = True,
     unix_socket: Path | None = None,
+    oauth_tokens: TokenTable | None = None,
 ) -> AiosmtpdServer:
     """Start an aiosmtpd server in a thread on 127.0.0.1 (or ``unix_socket``).
 
@@ -247,11 +358,17 @@ def start_aiosmtpd(
         implicit_tls: TLS from the first byte (RFC 8314) instead of STARTTLS.
         auth: Offer AUTH PLAIN and LOGIN (RFC 4954), before TLS too.
         unix_socket: Listen on this unix socket path instead of TCP.
+        oauth_tokens: Also offer AUTH XOAUTH2 and OAUTHBEARER, accepting these tokens
+            (:class:`OAuthHandler`).
 
     Returns:
         The running server; call ``stop()`` when done.
     """
-    handler = RecordingHandler(lmtp=lmtp)
+    handler = (
+        RecordingHandler(lmtp=lmtp)
+        if oauth_tokens is None
+        else OAuthHandler(oauth_tokens, lmtp=lmtp)
+    )
     smtp_kwargs: dict[str, Any] = {
         "server_hostname": HOSTNAME,
         "enable_SMTPUTF8": True,
