@@ -48,6 +48,7 @@ from mailrelay.transport.driver_common import (
     before_greeting,
     closed_error,
     implicit_tls_error,
+    peer_chain,
     probe_context,
     resolve_error,
 )
@@ -696,6 +697,14 @@ class AsyncDriver:
             raise ConnectionLost("the connection cannot start TLS", host=self.peer)
         self._transport = new
         self._pipe.transport = new  # flow control now goes through the TLS transport
+
+    def peer_chain(self) -> tuple[bytes, ...]:
+        """The certificates the server presented (DER, leaf first; see
+        :func:`~mailrelay.transport.driver_common.peer_chain`); ``()`` without TLS."""
+        if self._transport is None:
+            return ()
+        tls = self._transport.get_extra_info("ssl_object")
+        return peer_chain(tls if isinstance(tls, ssl.SSLObject | ssl.SSLSocket) else None)
 
     async def start_tls(self, server_hostname: str) -> None:
         """Run the TLS handshake on the connection (bounded by ``Timeouts.connect``).

@@ -27,6 +27,7 @@ __all__ = [
     "before_greeting",
     "closed_error",
     "implicit_tls_error",
+    "peer_chain",
     "probe_context",
     "resolve_error",
 ]
@@ -126,3 +127,25 @@ class WriteQueue:
         """Drop every pending write (the connection is closing)."""
         self.chunks.clear()
         self._size = 0
+
+
+def peer_chain(tls: ssl.SSLSocket | ssl.SSLObject | None) -> tuple[bytes, ...]:
+    """The certificates the server presented in the handshake (DER, leaf first), whether
+    or not they were verified: what DANE matches (RFC 7672 §3.1).
+
+    Python 3.13 has ``get_unverified_chain()``; 3.10 to 3.12 have it on the private
+    ``_sslobj`` only. Where neither exists, the leaf alone (``getpeercert``).
+    """
+    if tls is None:
+        return ()
+    getter = getattr(tls, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(tls, "_sslobj", None), "get_unverified_chain", None)
+    if getter is not None:
+        chain = getter() or []
+        return tuple(
+            cert if isinstance(cert, bytes) else cert.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
+            for cert in chain
+        )
+    leaf = tls.getpeercert(binary_form=True)
+    return (leaf,) if leaf else ()

@@ -87,6 +87,7 @@ from mailrelay.envelope import Envelope
 from mailrelay.errors import (
     ConfigurationError,
     DeliveryError,
+    TLSError,
 )
 from mailrelay.flow import Session
 from mailrelay.message import Message
@@ -94,6 +95,7 @@ from mailrelay.options import TLS, Timeouts
 from mailrelay.resolver import Resolver
 from mailrelay.results import DeliveryResult, RecipientResult
 from mailrelay.transport.base import Transport
+from mailrelay.transport.dane import HostState, check_chain, trust_anchor_context
 from mailrelay.transport.mx_plan import (
     DEFAULT_MAX_ADDRESSES,
     MAX_REQUESTS_PER_TARGET,
@@ -111,6 +113,8 @@ from mailrelay.transport.mx_plan import (
     Trail,
     Unreachable,
     Verdict,
+    dane_required,
+    dane_ta_failed,
     deliver_plan,
     group_by_domain,
     mail_hosts_of,
@@ -320,12 +324,34 @@ class MXTransport(Transport):
         quit_all(leaving)
 
     def _open(self, target: Target, policy: MXPolicy, tls: TLS) -> PooledSession:
+        connection = self._connect(target, self.settings.context(policy, tls, target), tls)
+        host = dane_required(policy, target)
+        if host is None or host.state is not HostState.AUTHENTICATE:
+            return connection
+        # RFC 7672 §3: the certificate is checked against the TLSA records before the
+        # session carries anything (no MAIL FROM on an unauthenticated session).
+        try:
+            match = check_chain(host, connection.driver.peer_chain(), peer=target.peer)
+        except TLSError:
+            connection.driver.close()
+            raise
+        if match.trust_anchor is not None:
+            # DANE-TA: OpenSSL verifies the chain to that certificate, and the name.
+            connection.driver.close()
+            try:
+                connection = self._connect(target, trust_anchor_context(match.trust_anchor), tls)
+            except TLSError as exc:
+                raise dane_ta_failed(target, exc) from exc
+        log.info("DANE: %s authenticated by its TLSA records: %s", target.peer, match)
+        return connection
+
+    def _connect(self, target: Target, context: ssl.SSLContext, tls: TLS) -> PooledSession:
         settings = self.settings
         driver = connect(
             target.address,
             target.port,
             timeouts=settings.timeouts,
-            ssl_context=settings.context(policy, tls),
+            ssl_context=context,
             server_hostname=target.tls_name,
         )
         try:

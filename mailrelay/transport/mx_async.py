@@ -31,7 +31,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from mailrelay.envelope import Envelope
-from mailrelay.errors import ConfigurationError, DeliveryError, ResolverError
+from mailrelay.errors import ConfigurationError, DeliveryError, ResolverError, TLSError
 from mailrelay.flow import Session
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
@@ -40,6 +40,7 @@ from mailrelay.results import DeliveryResult, RecipientResult
 from mailrelay.transport.async_driver import connect
 from mailrelay.transport.async_smtp import PooledSession, keep_pool, quit_all
 from mailrelay.transport.base import AsyncTransport
+from mailrelay.transport.dane import HostState, check_chain, trust_anchor_context
 from mailrelay.transport.mx_plan import (
     DEFAULT_MAX_ADDRESSES,
     MAX_REQUESTS_PER_TARGET,
@@ -56,6 +57,8 @@ from mailrelay.transport.mx_plan import (
     Target,
     Trail,
     Unreachable,
+    dane_required,
+    dane_ta_failed,
     deliver_plan,
     group_by_domain,
     literal_hosts,
@@ -323,12 +326,36 @@ class AsyncMXTransport(AsyncTransport):
         await quit_all(leaving, self._quit_timeout)
 
     async def _open(self, target: Target, policy: MXPolicy, tls: TLS) -> PooledSession:
+        connection = await self._connect(target, self.settings.context(policy, tls, target), tls)
+        host = dane_required(policy, target)
+        if host is None or host.state is not HostState.AUTHENTICATE:
+            return connection
+        # RFC 7672 §3: the certificate is checked against the TLSA records before the
+        # session carries anything (no MAIL FROM on an unauthenticated session).
+        try:
+            match = check_chain(host, connection.driver.peer_chain(), peer=target.peer)
+        except TLSError:
+            connection.driver.close()
+            raise
+        if match.trust_anchor is not None:
+            # DANE-TA: OpenSSL verifies the chain to that certificate, and the name.
+            connection.driver.close()
+            try:
+                connection = await self._connect(
+                    target, trust_anchor_context(match.trust_anchor), tls
+                )
+            except TLSError as exc:
+                raise dane_ta_failed(target, exc) from exc
+        log.info("DANE: %s authenticated by its TLSA records: %s", target.peer, match)
+        return connection
+
+    async def _connect(self, target: Target, context: ssl.SSLContext, tls: TLS) -> PooledSession:
         settings = self.settings
         driver = await connect(
             target.address,
             target.port,
             timeouts=settings.timeouts,
-            ssl_context=settings.context(policy, tls),
+            ssl_context=context,
             server_hostname=target.tls_name,
         )
         try:

@@ -40,6 +40,7 @@ from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
 from mailrelay.resolver import DNSStatus, MailHost, MailHosts, Resolver
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.transport.dane import DANEHost, DANEPolicy, HostState
 from mailrelay.transport.errors_map import peer_name
 from mailrelay.transport.pooling import PooledConnection, is_stale_connection_error
 from mailrelay.transport.settings import PoolSettings
@@ -94,12 +95,19 @@ class MXPolicy:
         mx_patterns: when not empty, only exchangers whose names match one of these are used
             (``mail.example.com``, or ``*.example.com`` for one label, as MTA-STS's ``mx:``
             lines, RFC 8461 §4.1); the others are skipped.
+        dane: what DANE (RFC 7672, :mod:`mailrelay.transport.dane`) demands of the
+            exchangers it applies to; they are treated by it whatever ``tls`` says (the
+            others follow ``tls``). Made by the :class:`~mailrelay.transport.dane.DANE`
+            hooks.
     """
 
     tls: TLS = attrs.field(default=TLS.OPPORTUNISTIC, validator=_check_tls)
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, validator=_check_context)
     plaintext_fallback: bool = True
     mx_patterns: tuple[str, ...] = attrs.field(default=(), converter=_patterns)
+    dane: DANEPolicy | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(DANEPolicy))
+    )
 
     def allows(self, host: str) -> bool:
         """Whether the exchanger ``host`` may be used (always, without ``mx_patterns``)."""
@@ -427,14 +435,42 @@ def requiretls_refusal(session: Session, envelope: Envelope, peer: str) -> Deliv
     )
 
 
+def dane_host(policy: MXPolicy, target: Target) -> DANEHost | None:
+    """DANE's verdict on ``target``'s exchanger under ``policy``, or ``None`` (no DANE)."""
+    return policy.dane.for_host(target.name) if policy.dane is not None else None
+
+
+def dane_required(policy: MXPolicy, target: Target) -> DANEHost | None:
+    """DANE's verdict when it requires TLS of ``target`` (RFC 7672 §2.2: usable records,
+    or only unusable ones), else ``None``."""
+    host = dane_host(policy, target)
+    if host is not None and host.state in (HostState.AUTHENTICATE, HostState.ENCRYPT):
+        return host
+    return None
+
+
+def dane_ta_failed(target: Target, error: TLSError) -> TLSError:
+    """The error when the second handshake of DANE-TA failed: the chain did not verify to
+    the matched certificate, or the leaf does not name the exchanger (RFC 7672 §3.2.2)."""
+    return TLSError(
+        f"DANE: {target.peer} did not verify against its DANE-TA certificate: {error}",
+        is_transient=True,
+        host=target.peer,
+    )
+
+
 def reuse_key(target: Target, policy: MXPolicy, context: ssl.SSLContext) -> Hashable:
     """What a session to ``target`` under ``policy`` may be reused for: another domain or
     message whose key is equal would make the same decisions at the same exchanger.
 
     The exchanger's name is part of it (results and the certificate check name it); under
     ``TLS.STARTTLS`` the verifying ``context`` too (held, so its identity cannot be reused),
-    under ``TLS.OPPORTUNISTIC`` whether a failed handshake falls back to plain text.
+    under ``TLS.OPPORTUNISTIC`` whether a failed handshake falls back to plain text; for a
+    DANE host, the TLSA records its certificate was matched against.
     """
+    host = dane_required(policy, target)
+    if host is not None:
+        return (target.name, target.address, target.port, "DANE", host.state, host.records)
     if policy.tls is TLS.STARTTLS:
         return (target.name, target.address, target.port, TLS.STARTTLS, context)
     if policy.tls is TLS.OPPORTUNISTIC:
@@ -537,6 +573,15 @@ def _target_plan(
     if trail.known_unreachable(target):
         return None
     tls: TLS | None = policy.tls
+    host = dane_host(policy, target)
+    if host is not None and host.state is HostState.FAILED:
+        # RFC 7672 §2.1.1: a failed TLSA lookup: neither DANE nor a downgrade; next MX.
+        why = f"DANE: the TLSA lookup for {target.name} failed ({host.reason})"
+        trail.failed(target, TLSError(why, is_transient=True, host=target.peer), transient=True)
+        return None
+    if host is not None:
+        # RFC 7672 §2.2: a DANE host gets STARTTLS or nothing (never plain text).
+        tls = TLS.STARTTLS
     while tls is not None:  # at most twice: with TLS, then in plain text
         opened = yield OpenSession(target, policy, tls)
         if not isinstance(opened, PooledConnection):
@@ -658,9 +703,13 @@ class MXSettings:
             f"tls_policy({domain!r}) returned {answer!r}: expected TLS, MXPolicy or None"
         )
 
-    def context(self, policy: MXPolicy, tls: TLS) -> ssl.SSLContext:
-        """The TLS context for a session under ``tls``: verifying only when TLS is required."""
-        if tls is not TLS.STARTTLS:
+    def context(self, policy: MXPolicy, tls: TLS, target: Target | None = None) -> ssl.SSLContext:
+        """The TLS context for a session under ``tls``: verifying only when TLS is required,
+        and then not for a DANE host (``target``'s TLSA records authenticate it, not the
+        WebPKI: RFC 7672 §3.1.1; the check runs once the session is open)."""
+        if tls is not TLS.STARTTLS or (
+            target is not None and dane_required(policy, target) is not None
+        ):
             return self._opportunistic
         if policy.ssl_context is not None:
             return policy.ssl_context

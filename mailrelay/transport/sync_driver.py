@@ -59,6 +59,7 @@ from mailrelay.transport.driver_common import (
     before_greeting,
     closed_error,
     implicit_tls_error,
+    peer_chain,
     probe_context,
     resolve_error,
 )
@@ -454,6 +455,12 @@ class SyncDriver:
             raise map_tls_error(exc, peer=self.peer, server_hostname=server_hostname) from exc
         self._blocking(wrapped)
         log.debug("TLS established with %s: %s", self.peer, self._tls_description())
+
+    def peer_chain(self) -> tuple[bytes, ...]:
+        """The certificates the server presented (DER, leaf first; see
+        :func:`~mailrelay.transport.driver_common.peer_chain`); ``()`` without TLS."""
+        sock = self._sock
+        return peer_chain(sock if isinstance(sock, ssl.SSLSocket) else None)
 
     def _tls_description(self) -> str:
         sock = self._sock
