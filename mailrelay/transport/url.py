@@ -10,15 +10,20 @@ Rules of this module:
   twins.
 * Query parameters: ``tls`` (``none``, ``opportunistic``, ``starttls``, ``implicit``),
   ``timeout`` (seconds, every phase: :meth:`Timeouts.all <mailrelay.options.Timeouts.all>`),
-  ``local_hostname``, ``port`` (``mx://`` only, where the URL has no host), ``format``
-  (``file://`` only). An unknown, repeated or misplaced parameter is a
-  :class:`~mailrelay.errors.ConfigurationError`, never silently ignored.
+  ``local_hostname``, ``auth`` (``smtp://``, ``smtps://``, ``lmtp://``: the SASL mechanisms
+  to use, comma-separated, e.g. ``?auth=xoauth2`` or ``?auth=oauthbearer``; the only way to
+  pick XOAUTH2 or OAUTHBEARER, which are never chosen unnamed), ``port`` (``mx://`` only,
+  where the URL has no host), ``format`` (``file://`` only). An unknown, repeated or
+  misplaced parameter is a :class:`~mailrelay.errors.ConfigurationError`, never silently
+  ignored.
 * User and password are percent-decoded (RFC 3986 §2.1), so ``p%40ss`` is ``p@ss``.
 * The password never appears in a repr or an error message: both show the URL with the
   password replaced by ``***`` (:meth:`TransportURL.redacted`). The user name is kept, since
   it tells which account was meant.
 * Keyword ``overrides`` go to the transport's constructor and win over the URL
-  (``transport_from_url(url, ssl_context=ctx)``).
+  (``transport_from_url(url, ssl_context=ctx)``); a token provider is given this way:
+  ``transport_from_url("smtp://me%40example.com@smtp.example.com?auth=xoauth2",
+  password=get_token)``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import attrs
 
 from mailrelay.errors import ConfigurationError
 from mailrelay.options import TLS, Timeouts
+from mailrelay.protocol.sasl import MECHANISMS
 from mailrelay.transport.async_smtp import AsyncLMTPTransport, AsyncSMTPTransport
 from mailrelay.transport.base import AsyncTransport, Transport
 from mailrelay.transport.file import FORMATS, FileTransport
@@ -51,9 +57,9 @@ _DEFAULT_TLS = {
     "mx": TLS.OPPORTUNISTIC,
 }
 _PARAMETERS = {
-    "smtp": {"tls", "timeout", "local_hostname"},
-    "smtps": {"tls", "timeout", "local_hostname"},
-    "lmtp": {"tls", "timeout", "local_hostname"},
+    "smtp": {"tls", "timeout", "local_hostname", "auth"},
+    "smtps": {"tls", "timeout", "local_hostname", "auth"},
+    "lmtp": {"tls", "timeout", "local_hostname", "auth"},
     "mx": {"tls", "timeout", "local_hostname", "port"},
     "memory": set[str](),
     "file": {"format"},
@@ -91,6 +97,7 @@ class TransportURL:
         tls: the TLS policy (for network schemes), or ``None``.
         timeouts: every-phase timeouts from ``?timeout=``, or ``None``.
         local_hostname: the name to announce in EHLO, or ``None``.
+        auth_mechanisms: the SASL mechanisms from ``?auth=``, upper case, or ``None``.
         format: ``eml`` or ``maildir`` (``file`` only).
     """
 
@@ -103,6 +110,7 @@ class TransportURL:
     tls: TLS | None = None
     timeouts: Timeouts | None = None
     local_hostname: str | None = None
+    auth_mechanisms: tuple[str, ...] | None = None
     format: str | None = None
 
     def redacted(self) -> str:
@@ -226,6 +234,8 @@ class TransportURL:
             if not params["local_hostname"]:
                 raise ConfigurationError(f"empty local_hostname in {shown}")
             fields["local_hostname"] = params["local_hostname"]
+        if "auth" in params:
+            fields["auth_mechanisms"] = _mechanisms(params["auth"], shown)
         return cls(**fields)
 
 
@@ -248,6 +258,16 @@ def _tls(scheme: str, text: str | None, shown: str) -> TLS:
             f"smtps:// means implicit TLS; use smtp://...?tls={policy.value} instead: {shown}"
         )
     return policy
+
+
+def _mechanisms(text: str, shown: str) -> tuple[str, ...]:
+    names = tuple(name.strip().upper() for name in text.split(","))
+    unknown = [name for name in names if name not in MECHANISMS]
+    if not text or unknown:
+        raise ConfigurationError(
+            f"auth must name SASL mechanisms ({', '.join(MECHANISMS)}), comma-separated, in {shown}"
+        )
+    return names
 
 
 def _timeouts(text: str, shown: str) -> Timeouts:
@@ -283,6 +303,8 @@ def _network_arguments(parsed: TransportURL) -> dict[str, Any]:
         kwargs["timeouts"] = parsed.timeouts
     if parsed.local_hostname is not None:
         kwargs["local_hostname"] = parsed.local_hostname
+    if parsed.auth_mechanisms is not None:
+        kwargs["auth_mechanisms"] = parsed.auth_mechanisms
     return kwargs
 
 

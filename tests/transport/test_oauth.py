@@ -29,6 +29,9 @@ from mailrelay.transport import (
     LMTPTransport,
     PoolSettings,
     SMTPTransport,
+    TransportURL,
+    async_transport_from_url,
+    transport_from_url,
 )
 from tests.peers.aiosmtpd_server import AiosmtpdFactory, AiosmtpdServer, TokenTable
 from tests.transport.helpers import make_message, run
@@ -567,6 +570,67 @@ def test_lmtp_takes_a_provider_too() -> None:
         args = plain_args(server, password=provider, auth_mechanisms=["OAUTHBEARER"])
         with LMTPTransport(**args) as transport:
             assert transport.send(make_message()).ok
+        (received,) = server.wait_for(1)
+    assert received.authenticated == "me@example.com"
+    assert provider.calls == 1
+
+
+# -- naming the mechanism in a URL --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("auth=xoauth2", ("XOAUTH2",)),
+        ("auth=OAuthBearer", ("OAUTHBEARER",)),
+        ("auth=oauthbearer,xoauth2", ("OAUTHBEARER", "XOAUTH2")),
+        ("auth=scram-sha-256, plain", ("SCRAM-SHA-256", "PLAIN")),
+        ("local_hostname=me.example.com", None),
+    ],
+)
+def test_the_url_names_the_mechanisms(query: str, expected: tuple[str, ...] | None) -> None:
+    for scheme in ("smtp", "smtps", "lmtp"):
+        parsed = TransportURL.parse(f"{scheme}://u:p@mail.example.com?timeout=5&{query}")
+        assert parsed.auth_mechanisms == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "smtp://mail.example.com?auth=",
+        "smtp://mail.example.com?auth=gssapi",
+        "smtp://mail.example.com?auth=xoauth2,",
+        "smtp://mail.example.com?auth=xoauth2&auth=plain",
+        "mx://?auth=xoauth2",
+        "memory://?auth=xoauth2",
+    ],
+)
+def test_bad_auth_parameters(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="auth"):
+        TransportURL.parse(url)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_url_with_a_token_provider_override(asynchronous: bool) -> None:
+    provider = Tokens("t")
+    with SMTPTestServer(oauth_tokens={"me@example.com": {"t"}}, allow_insecure_auth=True) as server:
+        url = f"smtp://me%40example.com@{server.host}:{server.port}?tls=none&auth=oauthbearer"
+        if not asynchronous:
+            with transport_from_url(url, password=provider, allow_insecure_auth=True) as sync:
+                assert isinstance(sync, SMTPTransport)
+                assert sync.settings.auth_mechanisms == ("OAUTHBEARER",)
+                assert sync.send(make_message()).ok
+        else:
+
+            async def main() -> bool:
+                transport = async_transport_from_url(
+                    url, password=provider.coroutine, allow_insecure_auth=True
+                )
+                assert isinstance(transport, AsyncSMTPTransport)
+                async with transport:
+                    return (await transport.asend(make_message())).ok
+
+            assert run(main())
         (received,) = server.wait_for(1)
     assert received.authenticated == "me@example.com"
     assert provider.calls == 1
