@@ -21,7 +21,9 @@ Rules:
   ``catch_all=True`` and proves nothing about the mailbox. ``catch_all`` is ``False`` when the
   random local part got a 5xx, ``None`` when we could not tell.
 * Bounded: one session per domain per call; at most ``max_recipients`` RCPTs per transaction
-  (RFC 5321 §4.5.3.1.8 makes servers accept at least 100), with RSET between transactions;
+  (RFC 5321 §4.5.3.1.8 makes servers accept at least 100), the decoy on top, and never more
+  than a server announces in ``LIMITS RCPTMAX`` (RFC 9422), the decoy included (left out
+  when only one RCPT fits); RSET between transactions;
   every wait is bounded by ``timeouts``; at most ``max_addresses`` exchanger addresses tried.
 
 Caveats (say them to your users):
@@ -322,8 +324,19 @@ class _CalloutBase:
         """Probe every recipient on an open session, ``max_recipients`` per transaction,
         with the catch-all decoy in the first."""
         results: list[CalloutResult] = []
-        decoy = self._decoy(domain)
-        for batch in _batches(recipients, self.max_recipients):
+        decoy: Address | None = self._decoy(domain)
+        size = first = self.max_recipients
+        announced = session.extensions.rcpt_max
+        if announced is not None:
+            # RFC 9422: the server takes at most RCPTMAX RCPTs a transaction, the decoy's
+            # included; with room for only one, the decoy is left out (catch_all unknown).
+            size = first = min(size, announced)
+            if decoy is not None and size + 1 > announced:
+                first = size - 1
+                if not first:
+                    decoy, first = None, size
+        batches = [recipients[:first], *_batches(recipients[first:], size)]
+        for batch in batches:
             if session.closed:
                 results += _unknown(batch, "the server ended the session")
                 continue

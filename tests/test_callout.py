@@ -30,6 +30,7 @@ from mailrelay.errors import ConnectError, DeliveryError, ResolverError, TLSErro
 from mailrelay.flow import ProbeResult, Session
 from mailrelay.flow import Step as DialogueStep
 from mailrelay.options import TLS, Timeouts
+from mailrelay.protocol import Extensions
 from mailrelay.reply import Reply
 from mailrelay.resolver import DNSStatus, MailHost, MailHosts
 from mailrelay.transport.mx import Target
@@ -591,10 +592,11 @@ def test_the_plan_needs_no_server_when_the_dns_settles_it(
 class ScriptedProbes:
     """A session stand-in whose probes answer from a list, one per transaction."""
 
-    def __init__(self, answers: list[tuple[int, bool]]) -> None:
+    def __init__(self, answers: list[tuple[int, bool]], *, ehlo: tuple[str, ...] = ()) -> None:
         self.answers = answers  # (RCPT reply code for everyone, whether the session then ends)
         self.asked: list[list[str]] = []
         self.closed = False
+        self.extensions = Extensions.parse(["mx.example.com", *ehlo])
 
     def probe(self, sender: Address | None, recipients: list[Address]) -> DialogueStep[ProbeResult]:
         code, ends = self.answers[len(self.asked)]
@@ -625,6 +627,29 @@ def test_probe_all_batches_and_sends_the_decoy_once() -> None:
     assert {r.status for r in results} == {CalloutStatus.REFUSED}
     # The decoy's refusal, learnt in the first batch, is carried to the later ones.
     assert {r.catch_all for r in results} == {False}
+
+
+@pytest.mark.parametrize(
+    ("rcpt_max", "max_recipients", "sizes", "catch_all"),
+    [
+        (2, 10, [2, 2, 2], False),  # 1 + decoy, then 2 and 2
+        (3, 10, [3, 3], False),  # 2 + decoy, then 3
+        (10, 2, [3, 2, 1], False),  # the announced limit leaves room: as without it
+        (3, 3, [3, 3], False),  # max_recipients = RCPTMAX: the decoy takes a place
+        (1, 10, [1, 1, 1, 1, 1], None),  # no room for the decoy: left out
+    ],
+)
+def test_probe_all_keeps_to_the_announced_rcptmax(
+    rcpt_max: int, max_recipients: int, sizes: list[int], catch_all: bool | None
+) -> None:
+    # RFC 9422: never more RCPTs in a transaction than the server said it takes.
+    session = ScriptedProbes([(550, False)] * 5, ehlo=(f"LIMITS RCPTMAX={rcpt_max}",))
+    results = probe_all(session, 5, max_recipients)
+    assert [len(batch) for batch in session.asked] == sizes
+    assert [r.address.local_part for r in results] == [f"user{i}" for i in range(5)]
+    assert {r.catch_all for r in results} == {catch_all}
+    decoys = [part for batch in session.asked for part in batch if part.startswith("nobody-")]
+    assert len(decoys) == (catch_all is not None)
 
 
 def test_probe_all_leaves_batches_unknown_after_the_server_ended_the_session() -> None:
