@@ -579,6 +579,12 @@ def _target_plan(
         why = f"DANE: the TLSA lookup for {target.name} failed ({host.reason})"
         trail.failed(target, TLSError(why, is_transient=True, host=target.peer), transient=True)
         return None
+    if host is not None and host.state is HostState.ENCRYPT and envelope.requiretls:
+        # RFC 8689 §4.2.1: REQUIRETLS needs an authenticated server; TLSA records none of
+        # which is usable cannot authenticate it (RFC 7672 §2.2).
+        why = f"REQUIRETLS: {target.name} cannot be authenticated (its TLSA records are unusable)"
+        trail.failed(target, TLSError(why, is_transient=False, host=target.peer), transient=False)
+        return None
     if host is not None:
         # RFC 7672 §2.2: a DANE host gets STARTTLS or nothing (never plain text).
         tls = TLS.STARTTLS

@@ -17,10 +17,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from mailrelay.envelope import Envelope as MailEnvelope
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.resolver import AsyncResolver
@@ -146,10 +148,17 @@ class World:
         self.server = servers
 
     def deliver(
-        self, flavour: Flavour, domain: str, *, fallback: Callable[[Any], Any] | None = None
+        self,
+        flavour: Flavour,
+        domain: str,
+        *,
+        fallback: Callable[[Any], Any] | None = None,
+        requiretls: bool = False,
     ) -> DeliveryResult:
         """Send one message to ``bob@<domain>`` through an MX transport under DANE."""
-        return deliver(flavour, self.dnssec, self.port, domain, fallback=fallback)
+        return deliver(
+            flavour, self.dnssec, self.port, domain, fallback=fallback, requiretls=requiretls
+        )
 
 
 @pytest.fixture
@@ -164,23 +173,25 @@ def deliver(
     domain: str,
     *,
     fallback: Callable[[Any], Any] | None = None,
+    requiretls: bool = False,
 ) -> DeliveryResult:
     """Send one message to ``bob@<domain>`` through an MX transport under DANE."""
     message = Message.build(
         sender="sender@mailrelay.test", to=[f"bob@{domain}"], subject="DANE", text="Hi\n"
     )
+    envelope = attrs.evolve(MailEnvelope.from_message(message), requiretls=requiretls)
     options: dict[str, Any] = {"port": port, "timeouts": Timeouts.all(3)}
     if flavour == "sync":
         resolver = dnssec.resolver(timeout=2.0)
         hook = DANE(resolver, fallback=fallback(resolver) if fallback else None)
         with MXTransport(resolver, tls_policy=hook, **options) as transport:
-            return transport.send(message)
+            return transport.send(message, envelope)
 
     async def main() -> DeliveryResult:
         aresolver = dnssec.async_resolver(timeout=2.0)
         ahook = AsyncDANE(aresolver, fallback=fallback(aresolver) if fallback else None)
         async with AsyncMXTransport(aresolver, tls_policy=ahook, **options) as transport:
-            return await transport.asend(message)
+            return await transport.asend(message, envelope)
 
     return run(main())
 
@@ -332,6 +343,19 @@ def test_only_pkix_records_still_refuse_plain_text(
     handler = world.server(FIRST, None)
     reason = deferred_reason(world.deliver(flavour, f"pkix.{SIGNED}"))
     assert "STARTTLS" in reason
+    assert handler.mail_commands == 0
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_requiretls_is_not_met_by_unusable_records(flavour: Flavour, world: World) -> None:
+    # RFC 8689 §4.2.1: REQUIRETLS needs an authenticated server; unusable TLSA records
+    # cannot authenticate one.
+    handler = world.server(FIRST, "untrusted")
+    result = world.deliver(flavour, f"pkix.{SIGNED}", requiretls=True)
+    [recipient] = result.recipients
+    assert recipient.outcome is Outcome.PERMANENT
+    assert recipient.reason is not None
+    assert "REQUIRETLS" in recipient.reason
     assert handler.mail_commands == 0
 
 
