@@ -45,6 +45,11 @@ Rules (RFC sections cited where they are enforced):
   verified against the exchanger's name with ``ssl_context`` (the system's CAs by default),
   a failure moves on to the next exchanger and never falls back to plain text, and a domain
   no exchanger of which passes is TRANSIENT (RFC 8461 §5: a policy failure is not a bounce).
+  DANE (RFC 7672, :mod:`mailrelay.transport.dane`, opt-in as the hook): an exchanger with
+  secure, usable TLSA records gets STARTTLS without WebPKI checks, and its certificate is
+  matched against the records once the session is open, before any transaction (no MAIL
+  FROM on an unauthenticated session); one that fails is skipped like a failed TLS check;
+  one whose TLSA lookup failed is not tried (RFC 7672 §2.1.1).
 * REQUIRETLS (RFC 8689 §4.2.1): a message whose envelope asks for it is sent only with
   verified TLS, whatever the policy, and only to a server that offers the REQUIRETLS
   keyword after STARTTLS. A server that lacks it is skipped like a failed target: the next
