@@ -18,6 +18,12 @@ Rules of this module:
   second line of defence, the passwords a run met are replaced by ``***`` in its log lines,
   error line and ``--debug`` traceback (whose chained causes come from other libraries:
   urllib quotes a whole netloc it cannot normalize).
+* OAuth 2.0 (Gmail, Microsoft 365): ``--auth-mechanism XOAUTH2`` (or ``OAUTHBEARER``, or
+  ``?auth=`` in the URL) with the access token as the password; or ``--oauth2-token-command
+  CMD``, a command run (without a shell, standard input closed, at most 60 seconds) each
+  time a connection authenticates, whose standard output is the token, so that a long
+  ``tracker run --forever`` never sends an expired one. A command that fails makes the
+  attempt a transient authentication error (the tracker retries later).
 * Certificates are verified, host names checked (the transports' default); ``--ca-file``
   names the CA to trust instead of the system's (a private CA), never "trust anything".
 * Everything that came from outside (server replies, DSN fields, addresses read from a
@@ -39,9 +45,11 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import ssl  # the SSLContext for --ca-file (pyproject's per-file-ignores allow it here)
+import subprocess  # --oauth2-token-command runs the user's token command (no shell)
 import sys
 import tempfile
 import threading
@@ -70,6 +78,7 @@ from mailrelay.errors import (
     TLSError,
 )
 from mailrelay.message import Message
+from mailrelay.protocol.sasl import MECHANISMS
 from mailrelay.resolver import Resolver
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.tracker import (
@@ -83,6 +92,7 @@ from mailrelay.tracker import (
 )
 from mailrelay.tracker.store import Attempt, RecipientRecord
 from mailrelay.transport import SigningTransport, Transport, TransportURL, transport_from_url
+from mailrelay.transport.settings import PasswordProvider
 from mailrelay.validate import DEFAULT_SPECIAL_USE, RecipientValidator, Validation, Verdict
 
 __all__ = [
@@ -245,8 +255,8 @@ def error_status(exc: BaseException) -> int:
         return EX_NOINPUT
     if isinstance(exc, ConnectError):
         return EX_UNAVAILABLE  # nothing answered: check the host and port, or try later
-    if isinstance(exc, AuthenticationError):
-        return EX_NOPERM
+    if isinstance(exc, AuthenticationError) and not exc.is_transient:
+        return EX_NOPERM  # a transient one (a token command that failed) is EX_TEMPFAIL
     if isinstance(exc, DeliveryError):
         if exc.is_transient:
             return EX_TEMPFAIL
@@ -471,6 +481,20 @@ def _transport_options(parser: argparse.ArgumentParser) -> None:
         help=f"take the AUTH password from this environment variable (${PASSWORD_VARIABLE})",
     )
     parser.add_argument(
+        "--auth-mechanism",
+        action="append",
+        type=_mechanism,
+        metavar="NAME",
+        help="the SASL mechanism to use (repeat for several, in order): e.g. XOAUTH2 or "
+        "OAUTHBEARER for an OAuth 2.0 token; default: the strongest both sides support",
+    )
+    parser.add_argument(
+        "--oauth2-token-command",
+        metavar="CMD",
+        help="run CMD (no shell) each time a connection authenticates; its output is the "
+        "OAuth 2.0 access token (default mechanism XOAUTH2)",
+    )
+    parser.add_argument(
         "--ca-file",
         metavar="PEM",
         help="trust this CA certificate file instead of the system's CAs (a private CA)",
@@ -505,20 +529,22 @@ def _open_transport(args: argparse.Namespace) -> Transport:
         )
     if parsed.scheme in _AUTH_SCHEMES:
         username = args.user if args.user is not None else parsed.username
-        password = _password(args, username)
-        if password is not None:
-            args.secrets.add(password)
-        if username is not None and password is None:
-            password = parsed.password
-        if username is not None:
-            if password is None:
-                raise ConfigurationError(
-                    f"user {username!r} has no password: set ${PASSWORD_VARIABLE} "
-                    "or name a variable with --password-env"
-                )
-            overrides.update(username=username, password=password)
-    elif args.user is not None or args.password_env is not None:
-        raise UsageError("--user and --password-env apply to smtp://, smtps:// and lmtp:// only")
+        if args.auth_mechanism is not None:
+            overrides["auth_mechanisms"] = tuple(args.auth_mechanism)
+        overrides.update(_credentials(args, parsed, username))
+    elif any(
+        option is not None
+        for option in (
+            args.user,
+            args.password_env,
+            args.auth_mechanism,
+            args.oauth2_token_command,
+        )
+    ):
+        raise UsageError(
+            "--user, --password-env, --auth-mechanism and --oauth2-token-command apply to "
+            "smtp://, smtps:// and lmtp:// only"
+        )
     if args.ca_file is not None:
         if parsed.scheme not in _NETWORK_SCHEMES:
             raise UsageError(f"--ca-file applies to network transports, not {parsed.scheme}://")
@@ -528,13 +554,96 @@ def _open_transport(args: argparse.Namespace) -> Transport:
             raise InputError(f"cannot read the CA file {args.ca_file!r}: {exc.strerror}") from exc
         except ssl.SSLError as exc:
             raise ConfigurationError(f"not a CA certificate file: {args.ca_file!r}") from exc
-    transport = transport_from_url(url, **overrides)
+    return _with_signer(transport_from_url(url, **overrides), args)
+
+
+def _credentials(
+    args: argparse.Namespace, parsed: TransportURL, username: str | None
+) -> dict[str, Any]:
+    """The transport's ``username`` and ``password`` (a token command's provider, or the
+    password from the environment, else the URL's), when there is a user."""
+    if args.oauth2_token_command is not None:
+        if args.password_env is not None:
+            raise UsageError("give --oauth2-token-command or --password-env, not both")
+        if username is None:
+            raise ConfigurationError("an OAuth 2.0 token needs a user name: in the URL or --user")
+        credentials: dict[str, Any] = {
+            "username": username,
+            "password": _token_command(args.oauth2_token_command, args.secrets),
+        }
+        if args.auth_mechanism is None and parsed.auth_mechanisms is None:
+            credentials["auth_mechanisms"] = ("XOAUTH2",)  # Gmail's and Microsoft 365's
+        return credentials
+    password = _password(args, username)
+    if password is not None:
+        args.secrets.add(password)
+    if username is None:
+        return {}
+    if password is None:
+        password = parsed.password
+    if password is None:
+        raise ConfigurationError(
+            f"user {username!r} has no password: set ${PASSWORD_VARIABLE} "
+            "or name a variable with --password-env"
+        )
+    return {"username": username, "password": password}
+
+
+def _with_signer(transport: Transport, args: argparse.Namespace) -> Transport:
+    """``transport``, DKIM-signing when the ``--dkim-*`` options ask for it."""
     try:
         signer = _signer(args)
     except BaseException:
         transport.close()
         raise
     return transport if signer is None else SigningTransport(transport, signer)
+
+
+#: How long ``--oauth2-token-command`` may run.
+TOKEN_COMMAND_TIMEOUT = 60.0
+
+
+def _mechanism(text: str) -> str:
+    """An ``--auth-mechanism`` value: a SASL mechanism mailrelay implements, upper case."""
+    name = text.strip().upper()
+    if name not in MECHANISMS:
+        raise argparse.ArgumentTypeError(
+            f"unknown SASL mechanism {text!r} (choose from {', '.join(MECHANISMS)})"
+        )
+    return name
+
+
+def _token_command(command: str, secrets: set[str]) -> PasswordProvider:
+    """A token provider running ``command`` (split like a shell would, never run by one).
+
+    Its standard output, stripped, is the token; its standard error goes to ours (it is the
+    command's own report). A failure raises, which the transport turns into a transient
+    :class:`~mailrelay.errors.AuthenticationError`. Each token is added to ``secrets`` so
+    that the log lines of the run never show it.
+    """
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise UsageError(f"--oauth2-token-command cannot be split into words: {exc}") from None
+    if not argv:
+        raise UsageError("--oauth2-token-command is empty")
+
+    def token() -> str:
+        done = subprocess.run(  # noqa: S603 -- the user's own command, no shell, argv list
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            timeout=TOKEN_COMMAND_TIMEOUT,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise OSError(f"the token command {argv[0]!r} exited with status {done.returncode}")
+        value = done.stdout.decode("utf-8", "replace").strip()
+        if value:
+            secrets.add(value)
+        return value
+
+    return token
 
 
 def _signer(args: argparse.Namespace) -> DKIMSigner | None:

@@ -37,7 +37,7 @@ from mailrelay.results import Outcome
 from mailrelay.tracker import DeliveryTracker, SQLiteStore, State, parse_dsn
 from mailrelay.transport import MemoryTransport
 from mailrelay.validate import DEFAULT_SPECIAL_USE, RecipientValidator
-from tests.peers.aiosmtpd_server import AiosmtpdServer
+from tests.peers.aiosmtpd_server import AiosmtpdServer, TokenTable
 from tests.peers.postfix import USERS
 from tests.peers.scripted import free_port
 from tests.peers.unbound import DKIM_ED25519, DKIM_RSA_2048, UnboundServer
@@ -1061,3 +1061,133 @@ def test_the_exit_status_table_matches_the_code() -> None:
     assert {name: int(number) for number, name in table} == {
         name: getattr(cli, name) for name in cli.__all__ if name.startswith("EX_")
     }
+
+
+# -- OAuth 2.0: --auth-mechanism and --oauth2-token-command ------------------------------------
+
+
+def token_command(tmp_path: Path, *tokens: str, status: int = 0) -> str:
+    """A command printing the next of ``tokens`` each run (the last repeats), or exiting
+    with ``status``; it counts its runs in ``runs``."""
+    script = tmp_path / "token.py"
+    script.write_text(
+        "import pathlib, sys\n"
+        f"runs = pathlib.Path({str(tmp_path / 'runs')!r})\n"
+        "count = int(runs.read_text()) if runs.exists() else 0\n"
+        "runs.write_text(str(count + 1))\n"
+        f"if {status}:\n"
+        "    print('token service unreachable', file=sys.stderr)\n"
+        f"    sys.exit({status})\n"
+        f"tokens = {list(tokens)!r}\n"
+        "print(tokens[min(count, len(tokens) - 1)])\n",
+        encoding="utf-8",
+    )
+    return shlex.join([sys.executable, str(script)])
+
+
+def runs(tmp_path: Path) -> int:
+    return int((tmp_path / "runs").read_text())
+
+
+@pytest.mark.parametrize(
+    ("options", "mechanism"),
+    [([], "XOAUTH2"), (["--auth-mechanism", "oauthbearer"], "OAUTHBEARER")],
+)
+def test_send_with_an_oauth2_token_command(
+    run: Run,
+    tmp_path: Path,
+    *,
+    make_aiosmtpd: Callable[..., AiosmtpdServer],
+    caplog: pytest.LogCaptureFixture,
+    options: list[str],
+    mechanism: str,
+) -> None:
+    tokens = TokenTable({USER: {"ya29.cli-token"}})
+    server = make_aiosmtpd(oauth_tokens=tokens)
+    source = write_message(tmp_path / "m.eml")
+    with caplog.at_level("DEBUG", logger="mailrelay"):
+        status, out, err = run(
+            "send", "--url", smtp_url(server, user=USER), *options,
+            "--oauth2-token-command", token_command(tmp_path, "ya29.cli-token"),
+            "--ca-file", str(server.ca_file), "--debug", str(source),
+        )  # fmt: skip
+    assert status == 0, err
+    assert server.messages[0].auth_login == USER
+    assert [name for name, _ in tokens.responses] == [mechanism]
+    assert runs(tmp_path) == 1
+    assert f"AUTH {mechanism}" in err
+    for form in ["ya29.cli-token", *(base64.b64encode(r).decode() for _, r in tokens.responses)]:
+        assert form not in out
+        assert form not in err
+        assert form not in caplog.text
+
+
+def test_an_expired_token_from_the_command_is_renewed(
+    run: Run, tmp_path: Path, make_aiosmtpd: Callable[..., AiosmtpdServer]
+) -> None:
+    tokens = TokenTable({USER: {"fresh"}})
+    server = make_aiosmtpd(oauth_tokens=tokens)
+    status, _, err = run(
+        "send", "--url", smtp_url(server, user=USER),
+        "--oauth2-token-command", token_command(tmp_path, "stale", "fresh"),
+        "--ca-file", str(server.ca_file), str(write_message(tmp_path / "m.eml")),
+    )  # fmt: skip
+    assert (status, err) == (0, "")
+    assert runs(tmp_path) == 2
+    assert len(server.messages) == 1
+
+
+def test_a_failing_token_command_is_a_temporary_failure(
+    run: Run, tmp_path: Path, make_aiosmtpd: Callable[..., AiosmtpdServer]
+) -> None:
+    server = make_aiosmtpd(oauth_tokens=TokenTable({}))
+    status, out, err = run(
+        "send", "--url", smtp_url(server, user=USER),
+        "--oauth2-token-command", token_command(tmp_path, status=3),
+        "--ca-file", str(server.ca_file), str(write_message(tmp_path / "m.eml")),
+    )  # fmt: skip
+    assert status == cli.EX_TEMPFAIL
+    assert out == ""
+    assert err.splitlines()[-1].startswith("mailrelay: AuthenticationError: ")
+    assert "exited with status 3" in err
+    assert server.messages == []
+
+
+def test_a_static_token_with_auth_mechanism(
+    run: Run,
+    tmp_path: Path,
+    make_aiosmtpd: Callable[..., AiosmtpdServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tokens = TokenTable({USER: {"static-token"}})
+    server = make_aiosmtpd(oauth_tokens=tokens)
+    monkeypatch.setenv(cli.PASSWORD_VARIABLE, "static-token")
+    status, _, err = run(
+        "send", "--url", smtp_url(server, user=USER), "--auth-mechanism", "XOAUTH2",
+        "--ca-file", str(server.ca_file), str(write_message(tmp_path / "m.eml")),
+    )  # fmt: skip
+    assert (status, err) == (0, "")
+    assert [name for name, _ in tokens.responses] == ["XOAUTH2"]
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "status"),
+    [
+        ("smtp://a@mx.mailrelay.test", ["--auth-mechanism", "GSSAPI"], cli.EX_USAGE),
+        ("memory://", ["--auth-mechanism", "XOAUTH2"], cli.EX_USAGE),
+        ("memory://", ["--oauth2-token-command", "true"], cli.EX_USAGE),
+        (
+            "smtp://a@mx.mailrelay.test",
+            ["--oauth2-token-command", "true", "--password-env", "X"],
+            cli.EX_USAGE,
+        ),
+        ("smtp://a@mx.mailrelay.test", ["--oauth2-token-command", "'unclosed"], cli.EX_USAGE),
+        ("smtp://a@mx.mailrelay.test", ["--oauth2-token-command", ""], cli.EX_USAGE),
+        ("smtp://mx.mailrelay.test", ["--oauth2-token-command", "true"], cli.EX_CONFIG),
+    ],
+)
+def test_oauth2_option_errors(
+    run: Run, tmp_path: Path, url: str, options: list[str], status: int
+) -> None:
+    got, out, _ = run("send", "--url", url, *options, str(write_message(tmp_path / "m.eml")))
+    assert (got, out) == (status, "")
