@@ -13,8 +13,9 @@ Rules of this module:
   the ``trust-anchor:`` for that key. Validated answers carry the AD bit (RFC 4035 §3.2.3).
 - :data:`INSECURE` is an unsigned auth-zone no trust anchor covers (unbound has no root
   anchor here): its answers are insecure, without AD, never SERVFAIL.
-- In the signed zone, ``_25._tcp.mx-bogus`` has TLSA data that does not match its
-  signature: unbound finds that RRset bogus and answers SERVFAIL (RFC 4035 §5.5).
+- In the signed zone, ``_25._tcp.mx-bogus`` has TLSA data, and ``bogusmx`` an MX record,
+  that do not match their signatures: unbound finds those RRsets bogus and answers SERVFAIL
+  (RFC 4035 §5.5).
 - Nothing leaves the machine: ``"."`` is a static local zone (every other name is
   NXDOMAIN) and the two test zones are ``transparent`` holes in it.
 
@@ -126,6 +127,7 @@ def signed_records(certs: Certificates) -> list[tuple[str, str, str]]:
     domain("notls", (10, "mx-notls", HOST, (good,)))
     domain("notlsa", (10, "mx-notlsa", HOST, ()))
     domain("bogus", (10, "mx-bogus", HOST, (good,)))
+    domain("bogusmx", (10, "mx-ee", HOST, (good,)))  # its MX RRset is broken after signing
     domain("ta", (10, "mx-ta", HOST, (tlsa_data(2, 0, 1, certs.ca),)))
     domain(
         "pkix",
@@ -279,6 +281,7 @@ def start_dnssec(directory: Path, certs: Certificates) -> DNSSECServer:
     signed = build_zone(SIGNED, signed_records(certs))
     anchor = sign(signed)
     break_rrset(signed, "_25._tcp.mx-bogus", "TLSA", tlsa_data(3, 1, 1, certs.other))
+    break_rrset(signed, "bogusmx", "MX", f"10 mx-bogus.{SIGNED}.")
     (directory / f"{SIGNED}.zone").write_text(signed.to_text(relativize=False))
     plain = build_zone(INSECURE, insecure_records(certs))
     (directory / f"{INSECURE}.zone").write_text(plain.to_text(relativize=False))

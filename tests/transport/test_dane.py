@@ -289,6 +289,14 @@ def test_a_bogus_tlsa_rrset_defers(
     assert handler.mail_commands == 0
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_bogus_mx_rrset_defers(flavour: Flavour, world: World) -> None:
+    handler = world.server(FIRST, "leaf")
+    reason = deferred_reason(world.deliver(flavour, f"bogusmx.{SIGNED}"))
+    assert "DNS lookup failed" in reason
+    assert handler.mail_commands == 0
+
+
 # -- no DANE: the usual opportunistic TLS ----------------------------------------------------------
 
 
