@@ -15,7 +15,6 @@ pytest_plugins = [
     "tests.peers.sink",
     "tests.peers.aiosmtpd_server",
     "tests.peers.unbound",
-    "tests.peers.dnssec",
     "tests.peers.postgres",
 ]
 

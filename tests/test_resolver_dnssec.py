@@ -3,6 +3,7 @@ real validating resolver (:mod:`tests.peers.dnssec`) and the unsigned test zone'
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,11 +13,24 @@ from hypothesis import strategies as st
 from mailrelay.errors import ResolverError
 from mailrelay.mailhosts import DNSStatus, MailHosts, TLSARecords
 from mailrelay.resolver import AsyncResolver, Resolver, _tlsa_name
-from tests.peers.dnssec import INSECURE, SIGNED, DNSSECServer, tlsa_data
+from tests.peers.dnssec import (
+    INSECURE,
+    SIGNED,
+    DNSSECServer,
+    serve_dnssec,
+    tlsa_data,
+)
+from tests.peers.tls import TLSFiles
 from tests.peers.unbound import UnboundServer
 from tests.transport.helpers import FLAVOURS, Flavour, run
 
 pytestmark = pytest.mark.unbound
+
+
+@pytest.fixture(scope="module")
+def dnssec(tls_files: TLSFiles) -> Iterator[DNSSECServer]:
+    """The validating resolver serving the signed test zone (tests.peers.dnssec)."""
+    yield from serve_dnssec(tls_files)
 
 
 def ask(flavour: Flavour, server: UnboundServer, method: str, *args: Any) -> Any:

@@ -19,8 +19,8 @@ Rules of this module:
 - Nothing leaves the machine: ``"."`` is a static local zone (every other name is
   NXDOMAIN) and the two test zones are ``transparent`` holes in it.
 
-The session fixture ``dnssec`` gives a :class:`DNSSECServer`; list ``"tests.peers.dnssec"``
-in ``pytest_plugins``.
+:func:`serve_dnssec` starts one and stops it; the test modules that need it wrap it in a
+module fixture named ``dnssec`` (it gives a :class:`DNSSECServer`).
 """
 
 from __future__ import annotations
@@ -315,9 +315,10 @@ def start_dnssec(directory: Path, certs: Certificates) -> DNSSECServer:
     raise RuntimeError("unbound (DNSSEC) could not bind a loopback port after 3 attempts")
 
 
-@pytest.fixture(scope="session")
-def dnssec(tls_files: TLSFiles) -> Iterator[DNSSECServer]:
-    """The validating test resolver, started once per session."""
+def serve_dnssec(tls_files: TLSFiles) -> Iterator[DNSSECServer]:
+    """Start the validating test resolver, yield it, stop it: the body of the test modules'
+    ``dnssec`` fixtures (``yield from serve_dnssec(tls_files)``). It is not registered in
+    ``tests/conftest.py``'s ``pytest_plugins``, whose list docs/testing.md shows."""
     if find_unbound() is None:
         where = "CI must install it" if os.environ.get("CI") == "true" else "install it"
         pytest.fail(f"unbound (the test DNS server) is missing; {where}: {INSTALL_HINT}")

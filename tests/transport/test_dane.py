@@ -39,11 +39,24 @@ from mailrelay.transport.mtasts import (
 from mailrelay.transport.mx import MXPolicy, MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from tests.peers.aiosmtpd_server import HOSTNAME, RecordingHandler
-from tests.peers.dnssec import INSECURE, SECOND, SIGNED, DNSSECServer
+from tests.peers.dnssec import (
+    INSECURE,
+    SECOND,
+    SIGNED,
+    DNSSECServer,
+    serve_dnssec,
+)
 from tests.peers.tls import TLSFiles
 from tests.transport.helpers import FLAVOURS, Flavour, run
 
 pytestmark = pytest.mark.unbound
+
+
+@pytest.fixture(scope="module")
+def dnssec(tls_files: TLSFiles) -> Iterator[DNSSECServer]:
+    """The validating resolver serving the signed test zone (tests.peers.dnssec)."""
+    yield from serve_dnssec(tls_files)
+
 
 FIRST = "127.0.0.1"
 
