@@ -368,6 +368,39 @@ def _tlsa_name(host: str, port: int) -> str:
     return f"_{port}._tcp.{host}"
 
 
+def _tlsa_queries(
+    hosts: Sequence[str], port: int
+) -> tuple[list[TLSARecords | ResolverError | None], list[tuple[int, str]]]:
+    """For :meth:`Resolver.tlsa_many`: a slot per host (an invalid name's error already in
+    it) and the (slot, owner name) pairs to ask."""
+    found: list[TLSARecords | ResolverError | None] = [None] * len(hosts)
+    queries: list[tuple[int, str]] = []
+    for index, host in enumerate(hosts):
+        try:
+            queries.append((index, _check_name(_tlsa_name(_domain_key(host), port), host)))
+        except ResolverError as exc:
+            found[index] = exc
+    return found, queries
+
+
+def _queries_of(queries: list[tuple[int, str]]) -> list[_Query]:
+    """The TLSA queries of :func:`_tlsa_queries`' pairs."""
+    return [(key, _TLSA) for _, key in queries]
+
+
+def _tlsa_or_error(key: str, answer: _Answer) -> TLSARecords | ResolverError:
+    try:
+        return _tlsa(key, answer)
+    except ResolverError as exc:
+        return exc
+
+
+def _settled(found: list[TLSARecords | ResolverError | None]) -> list[TLSARecords | ResolverError]:
+    settled = [item for item in found if item is not None]
+    assert len(settled) == len(found), "every host has an answer"
+    return settled
+
+
 def _tlsa(name: str, answer: _Answer) -> TLSARecords:
     """The TLSA records of an answer; a lookup that failed raises (RFC 7672 §2.1.1: a
     bogus or indeterminate answer is no answer, and never "no TLSA records")."""
@@ -674,6 +707,21 @@ class Resolver(_ResolverBase):
         key = _check_name(_tlsa_name(_domain_key(host), port), host)
         return _tlsa(key, self._lookup(key, _TLSA))
 
+    def tlsa_many(self, hosts: Sequence[str], port: int = 25) -> list[TLSARecords | ResolverError]:
+        """:meth:`tlsa` for several hosts (a domain's exchangers), asked at the same time
+        when more than two are not cached, as the exchangers' addresses are: a zone whose
+        servers never answer TLSA queries (RFC 7672 §2.1.1 warns of them) costs about one
+        timeout, not one per exchanger. One answer per host, in order: its records, or the
+        :class:`~mailrelay.errors.ResolverError` its lookup raised.
+
+        Raises:
+            ValueError: ``port`` is not a TCP port number.
+        """
+        found, queries = _tlsa_queries(hosts, port)
+        for (index, key), answer in zip(queries, self._lookups(_queries_of(queries)), strict=True):
+            found[index] = _tlsa_or_error(key, answer)
+        return _settled(found)
+
     def _run(self, plan: _Plan) -> tuple[object, float]:
         steps = _Steps(plan, _MAX_PLAN_STEPS)
         while not steps.done:
@@ -844,6 +892,17 @@ class AsyncResolver(_ResolverBase):
         """The TLSA records of ``_<port>._tcp.<host>``; see :meth:`Resolver.tlsa`."""
         key = _check_name(_tlsa_name(_domain_key(host), port), host)
         return _tlsa(key, await self._lookup(key, _TLSA))
+
+    async def tlsa_many(
+        self, hosts: Sequence[str], port: int = 25
+    ) -> list[TLSARecords | ResolverError]:
+        """The TLSA records of several hosts, looked up at the same time; see
+        :meth:`Resolver.tlsa_many`."""
+        found, queries = _tlsa_queries(hosts, port)
+        answers = await asyncio.gather(*(self._lookup(n, t) for n, t in _queries_of(queries)))
+        for (index, key), answer in zip(queries, answers, strict=True):
+            found[index] = _tlsa_or_error(key, answer)
+        return _settled(found)
 
     async def _run(self, plan: _Plan) -> tuple[object, float]:
         steps = _Steps(plan, _MAX_PLAN_STEPS)

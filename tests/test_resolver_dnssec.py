@@ -135,6 +135,32 @@ def test_tlsa_refuses_what_is_not_a_port(port: int) -> None:
         Resolver(nameservers=["127.0.0.1"]).tlsa("mx.example", port)
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_tlsa_many_answers_each_host_in_order(flavour: Flavour, dnssec: DNSSECServer) -> None:
+    hosts = [
+        f"mx-ee.{SIGNED}",
+        f"mx-bogus.{SIGNED}",
+        "not a host name",
+        f"mx-notlsa.{SIGNED}",
+        f"mx.{INSECURE}",
+    ]
+    found = ask(flavour, dnssec, "tlsa_many", hosts)
+    assert len(found) == len(hosts)
+    assert isinstance(found[0], TLSARecords)
+    assert found[0].secure
+    assert found[0].records
+    assert isinstance(found[1], ResolverError)
+    assert found[1].is_transient
+    assert isinstance(found[2], ResolverError)
+    assert not found[2].is_transient
+    assert isinstance(found[3], TLSARecords)
+    assert found[3].secure
+    assert not found[3].records
+    assert isinstance(found[4], TLSARecords)
+    assert not found[4].secure
+    assert found[0] == ask(flavour, dnssec, "tlsa", hosts[0])
+
+
 def test_tlsa_answers_are_cached(dnssec: DNSSECServer) -> None:
     resolver = dnssec.resolver()
     first = resolver.tlsa(f"mx-ee.{SIGNED}")

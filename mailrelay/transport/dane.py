@@ -60,7 +60,6 @@ Rules of this module (RFC sections cited where they are enforced):
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import hashlib
 import inspect
@@ -381,15 +380,9 @@ class DANE:
             found = self.resolver.mail_hosts(domain)
         except ResolverError:
             return None  # the transport meets the same failure: TRANSIENT
-        verdicts = []
-        for host in _candidates(found):
-            tlsa: TLSARecords | ResolverError
-            try:
-                tlsa = self.resolver.tlsa(host.name, self.port)
-            except ResolverError as exc:
-                tlsa = exc
-            verdicts.append(_host_verdict(host, tlsa))
-        return _policy(verdicts)
+        hosts = _candidates(found)
+        answers = self.resolver.tlsa_many([host.name for host in hosts], self.port)
+        return _policy(map(_host_verdict, hosts, answers))
 
     def __repr__(self) -> str:
         return f"<DANE port={self.port}>"
@@ -441,16 +434,8 @@ class AsyncDANE:
         except ResolverError:
             return None
         hosts = _candidates(found)
-        answers = await asyncio.gather(
-            *(self.resolver.tlsa(host.name, self.port) for host in hosts), return_exceptions=True
-        )
-        verdicts = []
-        for host, answer in zip(hosts, answers, strict=True):
-            if isinstance(answer, BaseException) and not isinstance(answer, ResolverError):
-                raise answer
-            assert isinstance(answer, TLSARecords | ResolverError)
-            verdicts.append(_host_verdict(host, answer))
-        return _policy(verdicts)
+        answers = await self.resolver.tlsa_many([host.name for host in hosts], self.port)
+        return _policy(map(_host_verdict, hosts, answers))
 
     def __repr__(self) -> str:
         return f"<AsyncDANE port={self.port}>"

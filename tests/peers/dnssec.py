@@ -100,6 +100,12 @@ class Certificates:
     ca: bytes  # the test CA
     ta_chain: Path  # PEM: a leaf for TA_HOST signed by the test CA, then the CA
     ta_key: Path
+    expired: Path  # PEM: self-signed, for another name, expired in 2002
+    expired_key: Path
+
+    @property
+    def expired_der(self) -> bytes:
+        return _pem_to_der(self.expired)
 
 
 def signed_records(certs: Certificates) -> list[tuple[str, str, str]]:
@@ -127,7 +133,11 @@ def signed_records(certs: Certificates) -> list[tuple[str, str, str]]:
     domain("notls", (10, "mx-notls", HOST, (good,)))
     domain("notlsa", (10, "mx-notlsa", HOST, ()))
     domain("bogus", (10, "mx-bogus", HOST, (good,)))
-    domain("bogusmx", (10, "mx-ee", HOST, (good,)))  # its MX RRset is broken after signing
+    domain("bogusmx", (10, "mx-ee", HOST, (good,)))
+    # RFC 7672 §3.1.1: DANE-EE checks neither names nor dates.
+    domain(
+        "expired", (10, "mx-expired", HOST, (tlsa_data(3, 1, 1, certs.expired_der),))
+    )  # its MX RRset is broken after signing
     domain("ta", (10, "mx-ta", HOST, (tlsa_data(2, 0, 1, certs.ca),)))
     domain(
         "pkix",
@@ -260,11 +270,46 @@ class DNSSECServer(UnboundServer):
         return AsyncResolver(nameservers=[self.host], port=self.port, **kwargs)
 
 
+def expired_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for ``expired.invalid``, valid in 2001 only: (cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "expired.invalid")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime(2001, 1, 1, tzinfo=datetime.UTC))
+        .not_valid_after(datetime.datetime(2002, 1, 1, tzinfo=datetime.UTC))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("expired.invalid")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "expired.pem", directory / "expired.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
 def make_certificates(tls_files: TLSFiles, directory: Path) -> Certificates:
     cert, key = issue_certificate(tls_files, [TA_HOST], directory)
     chain = directory / "ta-chain.pem"
     chain.write_text(cert.read_text() + tls_files.ca_file.read_text())
+    expired, expired_key = expired_certificate(directory)
     return Certificates(
+        expired=expired,
+        expired_key=expired_key,
         leaf=_pem_to_der(tls_files.cert_file),
         other=_pem_to_der(tls_files.untrusted_cert_file),
         ca=_pem_to_der(tls_files.ca_file),

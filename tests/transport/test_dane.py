@@ -110,6 +110,7 @@ def chains(
         "untrusted": (tls_files.untrusted_cert_file, tls_files.untrusted_key_file),
         "leaf+ca": (leaf_and_ca, tls_files.key_file),
         "ta": (dnssec.certs.ta_chain, dnssec.certs.ta_key),
+        "expired": (dnssec.certs.expired, dnssec.certs.expired_key),
     }
 
 
@@ -238,6 +239,17 @@ def test_a_matching_dane_ee_record_authenticates_the_exchanger(
     assert any(
         "authenticated by its TLSA records: DANE-EE" in r.getMessage() for r in caplog.records
     )
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_dane_ee_checks_neither_names_nor_dates(flavour: Flavour, world: World) -> None:
+    # RFC 7672 §3.1.1: an expired, self-signed certificate for another name is fine when its
+    # key is the one the signed TLSA record names.
+    handler = world.server(FIRST, "expired")
+    result = world.deliver(flavour, f"expired.{SIGNED}")
+    assert result.ok, result.recipients
+    assert len(handler.messages) == 1
+    assert handler.messages[0].tls
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
