@@ -33,12 +33,13 @@ from tests.transport.helpers import FLAVOURS, Flavour, run, send_many_with, send
 SINK = "sink.mailrelay.test"  # Postfix accepts and discards this domain
 
 
-def postfix_args(postfix: PostfixInstance) -> dict[str, Any]:
+def postfix_args(postfix: PostfixInstance, *, chunking: bool = False) -> dict[str, Any]:
     return {
         "host": postfix.host,
         "port": postfix.limited_port,
         "tls": TLS.NONE,
         "timeouts": Timeouts.all(15),
+        "chunking": chunking,  # BDAT (Postfix offers CHUNKING) or DATA
     }
 
 
@@ -57,14 +58,15 @@ def queue_ids(texts: list[str]) -> set[str]:
 
 
 @pytest.mark.postfix
+@pytest.mark.parametrize("chunking", [False, True])
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_postfix_recipient_limit_one_message(
-    flavour: Flavour, postfix_clean: PostfixInstance
+    flavour: Flavour, chunking: bool, postfix_clean: PostfixInstance
 ) -> None:
     sinks = [f"r{i}@{SINK}" for i in range(6)]
     to = ["alice@mailrelay.test", *sinks, "bob@mailrelay.test"]
     message = tagged(to)
-    result = send_with(flavour, message, **postfix_args(postfix_clean))
+    result = send_with(flavour, message, **postfix_args(postfix_clean, chunking=chunking))
     assert result.ok, result
     assert [str(r.address) for r in result.recipients] == to
     texts = [r.reply.text for r in result.recipients if r.reply is not None]
@@ -77,13 +79,16 @@ def test_postfix_recipient_limit_one_message(
 
 
 @pytest.mark.postfix
+@pytest.mark.parametrize("chunking", [False, True])
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_postfix_recipient_limit_in_a_batch(
-    flavour: Flavour, postfix_clean: PostfixInstance
+    flavour: Flavour, chunking: bool, postfix_clean: PostfixInstance
 ) -> None:
     counts = [1, 7, 2, 4]
     messages = [tagged([f"m{n}.{i}@{SINK}" for i in range(c)]) for n, c in enumerate(counts)]
-    results = send_many_with(flavour, list(messages), **postfix_args(postfix_clean))
+    results = send_many_with(
+        flavour, list(messages), **postfix_args(postfix_clean, chunking=chunking)
+    )
     for message, result, count in zip(messages, results, counts, strict=True):
         assert result.ok, result
         assert len(result.recipients) == count
