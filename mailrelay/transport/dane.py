@@ -54,8 +54,9 @@ Rules of this module (RFC sections cited where they are enforced):
 - Precedence over MTA-STS (RFC 8461 §2: where DANE TLSA records apply, they win): when DANE
   applies to at least one exchanger of the domain, the hook answers and ``fallback``
   (an :class:`~mailrelay.transport.mtasts.MTASTS`, say) is never asked; otherwise the
-  domain is ``fallback``'s. Exchangers of a DANE domain without TLSA records get
-  opportunistic TLS.
+  domain is ``fallback``'s. Exchangers of a DANE domain without TLSA records get the
+  transport's defaults (``tls=``, ``plaintext_fallback=``: opportunistic TLS unless told
+  otherwise).
 """
 
 from __future__ import annotations
@@ -330,7 +331,8 @@ def _policy(hosts: Iterable[DANEHost | None]) -> MXPolicy | None:
     verdicts = tuple(host for host in hosts if host is not None)
     if not verdicts:
         return None
-    return MXPolicy(tls=TLS.OPPORTUNISTIC, dane=DANEPolicy(hosts=verdicts))
+    # Nothing but the verdicts: the transport keeps its defaults for the other exchangers.
+    return MXPolicy(dane=DANEPolicy(hosts=verdicts))
 
 
 def _check_port(port: int) -> int:

@@ -704,6 +704,10 @@ class MXSettings:
         if isinstance(answer, TLS):
             return attrs.evolve(self.default, tls=answer)
         if isinstance(answer, MXPolicy):
+            if answer.dane is not None and answer == MXPolicy(dane=answer.dane):
+                # A DANE verdict and nothing else (what the DANE hooks answer): the
+                # exchangers DANE does not apply to keep the transport's own defaults.
+                return attrs.evolve(self.default, dane=answer.dane)
             return answer
         raise ConfigurationError(
             f"tls_policy({domain!r}) returned {answer!r}: expected TLS, MXPolicy or None"

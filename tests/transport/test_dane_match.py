@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from mailrelay.errors import TLSError
 from mailrelay.mailhosts import TLSARecord
+from mailrelay.options import TLS, Timeouts
 from mailrelay.transport.dane import (
     DANEHost,
     DANEPolicy,
@@ -26,8 +27,11 @@ from mailrelay.transport.dane import (
     matches,
     spki,
 )
+from mailrelay.transport.mx_plan import MXPolicy, MXSettings, Target, reuse_key
 from tests.peers.dnssec import spki_of
 from tests.peers.tls import TLSFiles
+
+VERDICTS = DANEPolicy(hosts=(DANEHost(name="mx.example", state=HostState.ENCRYPT),))
 
 
 def der(path: Path) -> bytes:
@@ -179,3 +183,45 @@ def test_a_truncated_certificate_has_no_spki(certs: dict[str, bytes], data: st.D
         spki(leaf[:cut])
     made = record(3, 1, 1, spki_of(leaf))
     assert not matches(made, leaf[:cut])
+
+
+@pytest.mark.parametrize("tls", [TLS.NONE, TLS.OPPORTUNISTIC, TLS.STARTTLS])
+def test_a_dane_verdict_keeps_the_transport_defaults_for_other_exchangers(tls: TLS) -> None:
+    settings = MXSettings(
+        port=25, tls=tls, ssl_context=None, timeouts=Timeouts(), local_hostname=None,
+        tls_policy=lambda domain: MXPolicy(dane=VERDICTS), plaintext_fallback=False,
+        pipelining=True, chunking=False, max_addresses=10,
+    )  # fmt: skip
+    policy = settings.policy("example.com")
+    assert policy == MXPolicy(tls=tls, plaintext_fallback=False, dane=VERDICTS)
+    # A hook that says more than the verdicts is taken as it is.
+    strict = MXPolicy(tls=TLS.STARTTLS, plaintext_fallback=False, dane=VERDICTS)
+    settings.tls_policy = lambda domain: strict
+    assert settings.policy("example.com") is strict
+
+
+@pytest.mark.parametrize(
+    ("state", "tls", "key_kind"),
+    [
+        (HostState.AUTHENTICATE, TLS.STARTTLS, "DANE"),
+        (HostState.ENCRYPT, TLS.STARTTLS, "DANE"),
+        (HostState.FAILED, TLS.OPPORTUNISTIC, TLS.OPPORTUNISTIC),
+    ],
+)
+def test_dane_hosts_get_their_own_context_and_reuse_key(
+    state: HostState, tls: TLS, key_kind: object
+) -> None:
+    target = Target(name="mx.example", address="192.0.2.1", port=25)
+    policy = MXPolicy(dane=DANEPolicy(hosts=(DANEHost(name="mx.example", state=state),)))
+    settings = MXSettings(
+        port=25, tls=TLS.OPPORTUNISTIC, ssl_context=None, timeouts=Timeouts(),
+        local_hostname=None, tls_policy=None, plaintext_fallback=True, pipelining=True,
+        chunking=False, max_addresses=10,
+    )  # fmt: skip
+    context = settings.context(policy, tls, target)
+    # No WebPKI for a DANE host: the TLSA records authenticate it (RFC 7672 §3.1.1).
+    assert context.verify_mode is ssl.CERT_NONE
+    assert not context.check_hostname
+    key = reuse_key(target, policy, context)
+    assert isinstance(key, tuple)
+    assert key[3] == key_kind
