@@ -52,7 +52,10 @@ Rules (the RFC sections are cited where they are enforced):
 * AUTH when a user name is configured, never over plain text unless ``allow_insecure_auth``.
   The strongest mechanism both sides offer, unless the caller names its own order; after 534
   "mechanism too weak" (or 504 "not supported") the next one is tried (RFC 4954 §6); other
-  refusals raise :class:`AuthenticationError`.
+  refusals raise :class:`AuthenticationError` (with the ``status`` and ``scope`` of an
+  XOAUTH2 / OAUTHBEARER JSON error, RFC 7628 §3.2.2). When the password is renewable (an
+  OAuth 2.0 token provider), a 535 or 4xx refusal is kept in ``Session.auth_refusal`` instead,
+  the connection left open, for the transport to call ``Session.retry_authentication`` once.
 * Per message, refused *before sending* with a PERMANENT result for every recipient and a
   ``reason`` when the server lacks what the message needs: SIZE (RFC 1870 §6), SMTPUTF8
   (RFC 6531 §3.4, for the message or any envelope address), 8BITMIME (RFC 6152 §3; we do not

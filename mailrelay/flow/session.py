@@ -31,6 +31,8 @@ class Session(_Batch):
         config: the configuration.
         encrypted: whether the connection is protected by TLS (implicit or after STARTTLS).
         authenticated: whether AUTH succeeded.
+        auth_refusal: after :meth:`open` with a renewable password, the refusal that
+            :meth:`retry_authentication` may answer with a fresh one; else ``None``.
         closed: whether the session is over (QUIT sent, 421 received, or the connection lost).
         greeting: the server's greeting, once read.
     """
