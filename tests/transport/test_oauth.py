@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import logging
 import ssl
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
@@ -24,6 +26,7 @@ from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.testing.server import SMTPTestServer
+from mailrelay.tracker import DeliveryTracker, SQLiteStore, State
 from mailrelay.transport import (
     AsyncSMTPTransport,
     LMTPTransport,
@@ -634,3 +637,31 @@ def test_a_url_with_a_token_provider_override(asynchronous: bool) -> None:
         (received,) = server.wait_for(1)
     assert received.authenticated == "me@example.com"
     assert provider.calls == 1
+
+
+# -- a tracker over a token provider --------------------------------------------------------------
+
+
+def test_a_tracker_defers_while_the_provider_fails_and_delivers_after(
+    tmp_path: Path, oauth_server: AiosmtpdServer
+) -> None:
+    provider = Tokens(OSError("identity provider down"))
+    transport = SMTPTransport(
+        **tls_args(oauth_server, password=provider, auth_mechanisms=["XOAUTH2"])
+    )
+    now = [dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)]
+    store = SQLiteStore(tmp_path / "queue.sqlite")
+    tracker = DeliveryTracker(transport, store, clock=lambda: now[0])
+    try:
+        tracking_id = tracker.submit(make_message(to=("bob@example.com",)))
+        tracker.run_pending()
+        (recipient,) = tracker.status(tracking_id).recipients
+        assert recipient.state is State.DEFERRED  # a transient failure: not bounced
+        provider.script = ["t1"]  # the identity provider is back
+        now[0] += dt.timedelta(days=1)  # past any retry delay
+        tracker.run_pending()
+        (recipient,) = tracker.status(tracking_id).recipients
+        assert recipient.state is State.DELIVERED
+    finally:
+        tracker.close()  # the store and the transport too
+    assert len(oauth_server.messages) == 1
