@@ -25,7 +25,7 @@ from mailrelay.errors import AuthenticationError, ConfigurationError, DeliveryEr
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
-from mailrelay.testing.server import SMTPTestServer
+from mailrelay.testing.server import Fault, SMTPTestServer
 from mailrelay.tracker import DeliveryTracker, SQLiteStore, State
 from mailrelay.transport import (
     AsyncSMTPTransport,
@@ -546,6 +546,34 @@ def test_the_retry_happens_on_the_same_connection(kind: Kind, mechanism: str) ->
     offers = [e for e in session.events if e.startswith(f"{mechanism} token offered")]
     assert len(offers) == 2
     assert received.authenticated == "me@example.com"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_dropped_idle_connection_is_replaced_with_a_current_token(kind: Kind) -> None:
+    provider = Tokens("t1")
+    with SMTPTestServer(
+        oauth_tokens={"me@example.com": {"t1"}},
+        allow_insecure_auth=True,
+        # The server ends the pooled connection when the second message starts (421).
+        faults=[Fault.shutdown("MAIL", match="<second@")],
+    ) as server:
+
+        def expire(index: int) -> None:
+            server.revoke_token("t1")
+            server.grant_token("me@example.com", "t2")
+            provider.script = ["t2"]
+
+        results = send_each(
+            kind,
+            [make_message(sender="first@example.com"), make_message(sender="second@example.com")],
+            between=expire,
+            **plain_args(server, password=provider.provider(kind), auth_mechanisms=["XOAUTH2"]),
+        )
+        received = server.wait_for(2)
+    assert [r.ok for r in results] == [True, True]
+    assert provider.calls == 2  # the fresh connection asked for a token again
+    assert [m.authenticated for m in received] == ["me@example.com"] * 2
+    assert len(server.sessions) == 2
 
 
 def test_a_refused_retry_ends_the_session_with_quit() -> None:
