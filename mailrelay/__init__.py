@@ -42,6 +42,7 @@ from mailrelay.transport import (
     async_transport_from_url,
     transport_from_url,
 )
+from mailrelay.transport.dane import DANE, AsyncDANE
 from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
 from mailrelay.transport.mx import MXPolicy, MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
@@ -66,6 +67,7 @@ __all__ = [
     "State",
     "AsyncCallout",
     "AsyncLMTPTransport",
+    "AsyncDANE",
     "AsyncMTASTS",
     "AsyncMXTransport",
     "AsyncSMTPTransport",
@@ -74,6 +76,7 @@ __all__ = [
     "CalloutResult",
     "CalloutStatus",
     "LMTPTransport",
+    "DANE",
     "MTASTS",
     "MXPolicy",
     "MXTransport",

@@ -15,6 +15,8 @@
 * :mod:`~mailrelay.transport.url`: :func:`transport_from_url`, :func:`async_transport_from_url`.
 * :mod:`~mailrelay.transport.mtasts`: :class:`MTASTS` and :class:`AsyncMTASTS`, MTA-STS
   (RFC 8461) policies for the MX transports' ``tls_policy`` hook.
+* :mod:`~mailrelay.transport.dane`: :class:`DANE` and :class:`AsyncDANE`, DANE for SMTP
+  (RFC 7672) for the same hook.
 * :mod:`~mailrelay.transport.signing`: :class:`SigningTransport` and
   :class:`AsyncSigningTransport`, which DKIM-sign every message before another transport
   sends it.
@@ -26,17 +28,20 @@ from __future__ import annotations
 
 from mailrelay.transport.async_smtp import AsyncLMTPTransport, AsyncSMTPTransport
 from mailrelay.transport.base import AsyncTransport, Transport
+from mailrelay.transport.dane import DANE, AsyncDANE
 from mailrelay.transport.file import FileTransport
 from mailrelay.transport.memory import MemoryTransport, OutboxItem
 from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
-from mailrelay.transport.settings import PoolSettings
+from mailrelay.transport.settings import AsyncPasswordProvider, PasswordProvider, PoolSettings
 from mailrelay.transport.signing import AsyncSigningTransport, SigningTransport
 from mailrelay.transport.smtp import LMTPTransport, SMTPTransport
 from mailrelay.transport.url import TransportURL, async_transport_from_url, transport_from_url
 
 __all__ = [
+    "DANE",
+    "AsyncDANE",
     "AsyncLMTPTransport",
     "AsyncMTASTS",
     "AsyncMXTransport",
@@ -49,6 +54,8 @@ __all__ = [
     "MXTransport",
     "MemoryTransport",
     "OutboxItem",
+    "PasswordProvider",
+    "AsyncPasswordProvider",
     "PoolSettings",
     "SMTPTransport",
     "SigningTransport",
