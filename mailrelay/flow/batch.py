@@ -224,7 +224,7 @@ class _Batch(_Delivery):
         return BatchOutcome(results=tuple(results), error=error)
 
     def _deliver_many(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
-        self._ensure_open()
+        self._ensure_ready()
         count = len(items)
         results: list[DeliveryResult | None] = [None] * count
         # Each message's bookkeeping from its first command until its result is recorded;

@@ -201,6 +201,14 @@ class _Opening(_SessionCore):
     #: :meth:`retry_authentication`; ``None`` otherwise.
     auth_refusal: AuthenticationError | None = None
 
+    def _ensure_ready(self) -> None:
+        """Open, and not left unauthenticated by a refused AUTH that waits for
+        :meth:`retry_authentication`: mail is never sent on such a session, whatever the
+        caller forgot (the refusal is raised instead)."""
+        self._ensure_open()
+        if self.auth_refusal is not None:
+            raise self.auth_refusal
+
     def retry_authentication(self, password: str | None) -> Step[None]:
         """AUTH once more after :attr:`auth_refusal`, with a renewed password (a fresh token).
 

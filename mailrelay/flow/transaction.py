@@ -119,7 +119,7 @@ class _Delivery(_Opening):
         return (yield from self._guarded(self._deliver(message, envelope)))
 
     def _deliver(self, message: Message, envelope: Envelope) -> Step[DeliveryResult]:
-        self._ensure_open()
+        self._ensure_ready()
         parts = self._recipient_parts(envelope)
         if parts is None:
             transaction = yield from self._attempt(message, envelope)
@@ -628,7 +628,7 @@ class _Delivery(_Opening):
         return (yield from self._guarded(self._probe(sender, tuple(recipients))))
 
     def _probe(self, sender: Address | None, recipients: tuple[Address, ...]) -> Step[ProbeResult]:
-        self._ensure_open()
+        self._ensure_ready()
         utf8 = self.extensions.smtputf8 and (
             (sender is not None and sender.needs_smtputf8)
             or any(a.needs_smtputf8 for a in recipients)
