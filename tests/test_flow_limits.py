@@ -491,3 +491,23 @@ def test_every_recipient_arrives_exactly_once_whatever_the_limits(
     assert sorted(delivered_to(server)) == sorted(addresses)
     if announce:
         assert server.refused == []
+
+
+# -- counting transactions (what MAILMAX counts) ----------------------------------------------
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_the_session_counts_its_transactions(pipelining: bool) -> None:
+    keywords = ["PIPELINING"] if pipelining else []
+    server = LimitServer(limit=2, keywords=keywords)
+    session = session_for(server)
+    assert session.transactions == 0
+    server.run(session.deliver(message(), Envelope("a@example.org", recipients(5))))
+    assert session.transactions == 3 == len(server.delivered)
+    items = [(message(n), Envelope("a@example.org", recipients(1))) for n in range(4)]
+    server.run(session.deliver_many(items))
+    assert session.transactions == 7 == len(server.delivered)
+    server.run(
+        session.probe(None, [Envelope("a@example.org", recipients(1)).recipients[0].address])
+    )
+    assert session.transactions == 8

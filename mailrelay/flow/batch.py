@@ -290,6 +290,7 @@ class _Batch(_Delivery):
                     data = b"".join(message.chunks())
                     group.append(Bdat(data=data, last=True))
                     yield from self._write(*group, phase="mail")
+                    self.transactions += 1
                     self._needs_rset = False
                     inflight.append((index, self._bdat_replies(transaction, rset), len(data)))
                     outstanding += len(data)
@@ -317,6 +318,7 @@ class _Batch(_Delivery):
                     else:
                         wire = conn.send_group(commands)
                     yield _flushed_write(wire, "mail")
+                    self.transactions += 1
                     # While the server reads that: record the message answered last time,
                     # and get the next one ready (its envelope cannot be sent before this
                     # message's 354, but its bookkeeping and commands can be built now).
@@ -379,6 +381,7 @@ class _Batch(_Delivery):
                         results[index] = _result_of(transactions, index)
                     continue
                 yield from self._write(*group, phase="mail")
+                self.transactions += 1
                 # LMTP: the previous message's final replies come first (FIFO), then ours.
                 while inflight:
                     done, reader, size = inflight.popleft()

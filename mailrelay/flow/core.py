@@ -77,6 +77,9 @@ class _SessionCore:
         self.authenticated = False
         self.closed = False
         self.greeting: Reply | None = None
+        #: How many mail transactions (MAIL commands) this session has begun: what a
+        #: server's LIMITS MAILMAX (RFC 9422) counts.
+        self.transactions = 0
         self._conn = ClientConnection(lmtp=config.lmtp)
         self._needs_rset = False
         self._extensions: Extensions | None = None

@@ -35,6 +35,8 @@ class Session(_Batch):
             :meth:`retry_authentication` may answer with a fresh one; else ``None``.
         closed: whether the session is over (QUIT sent, 421 received, or the connection lost).
         greeting: the server's greeting, once read.
+        transactions: how many mail transactions (MAIL commands) the session has begun,
+            probes included: what a server's ``LIMITS MAILMAX`` (RFC 9422) counts.
     """
 
     # -- between messages ----------------------------------------------------------------------

@@ -377,6 +377,7 @@ class _Delivery(_Opening):
         # The transaction is open until its end-of-data reply: RSET before the next one if
         # anything stops it earlier (RFC 5321 §4.1.1.5).
         self._needs_rset = True
+        self.transactions += 1
         chunks = _with_last(message.chunks())  # consumed only for BDAT
         first: Bdat | None = None
         pipelined = self.config.pipelining and ext.pipelining
@@ -643,6 +644,7 @@ class _Delivery(_Opening):
             yield from self._write(
                 MailFrom(sender=sender, parameters=params, smtputf8=utf8), phase="mail"
             )
+            self.transactions += 1
             mail = yield from self._reply("mail")
             yield from self._nothing_more("MAIL")
             if mail.is_positive:

@@ -179,6 +179,13 @@ class PooledConnection(Generic[D]):
         return not self.driver.closed and not self.session.closed
 
 
+def _transactions_left(session: Session) -> int | None:
+    """How many more transactions the server's ``LIMITS MAILMAX`` (RFC 9422) lets
+    ``session`` begin, or None when it announced no such limit."""
+    most = session.extensions.mail_max
+    return None if most is None else most - session.transactions
+
+
 class IdleVerdict(enum.Enum):
     """What to do with a connection taken from the idle list."""
 
@@ -279,16 +286,27 @@ class PoolPolicy:
 
     def keeps(self, connection: PooledConnection[D]) -> bool:
         """Whether a connection just used may go back to the idle list (it is open and
-        has carried fewer than ``max_messages``)."""
-        return connection.usable and connection.messages < self.pool.max_messages
+        has carried fewer than ``max_messages``, and fewer transactions than the server's
+        ``LIMITS MAILMAX``)."""
+        return connection.usable and not self.full(connection)
 
     def full(self, connection: PooledConnection[D]) -> bool:
-        """Whether ``connection`` has carried ``max_messages`` and must be replaced."""
-        return connection.messages >= self.pool.max_messages
+        """Whether ``connection`` has carried ``max_messages``, or begun as many
+        transactions as the server's ``LIMITS MAILMAX`` allows (RFC 9422), and must be
+        replaced."""
+        if connection.messages >= self.pool.max_messages:
+            return True
+        left = _transactions_left(connection.session)
+        return left is not None and left <= 0
 
     def room(self, connection: PooledConnection[D]) -> int:
-        """How many messages the next pipelined run may put on ``connection`` (at least one)."""
-        return max(1, self.pool.max_messages - connection.messages)
+        """How many messages the next pipelined run may put on ``connection`` (at least one):
+        what ``max_messages`` and the server's ``MAILMAX`` leave."""
+        room = self.pool.max_messages - connection.messages
+        left = _transactions_left(connection.session)
+        if left is not None and left < room:
+            room = left
+        return max(1, room)
 
     def resend_on_fresh(
         self, exc: DeliveryError, *, reused: bool, answer_lost: bool = False

@@ -21,7 +21,8 @@ from aiosmtpd.smtp import Session as ServerSession
 from mailrelay.envelope import Envelope
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
-from mailrelay.results import Outcome
+from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.transport import AsyncSMTPTransport, SMTPTransport
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from tests.peers.aiosmtpd_server import HOSTNAME, RecordingHandler
@@ -222,3 +223,81 @@ def test_announced_limit_in_a_batch(
         f"m{n}.{i}@example.net" for n, c in enumerate(counts) for i in range(c)
     )
     assert all(len(m.rcpt_tos) <= 2 for m in handler.messages)
+
+
+# -- MAILMAX: transactions per connection -------------------------------------------------------
+
+
+class MailMaxHandler(RecordingHandler):
+    """Announces ``LIMITS MAILMAX=n`` and answers a MAIL beyond it with 421."""
+
+    def __init__(self, mail_max: int) -> None:
+        super().__init__()
+        self.mail_max = mail_max
+        self.per_session: dict[int, int] = {}
+        self.over = 0
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: ServerSession,
+        envelope: ServerEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], f"250-LIMITS MAILMAX={self.mail_max}", responses[-1]]
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: ServerSession,
+        envelope: ServerEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        count = self.per_session.get(id(session), 0) + 1
+        self.per_session[id(session)] = count
+        if count > self.mail_max:
+            self.over += 1
+            return "421 4.7.0 Too many transactions on one connection"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+
+@pytest.mark.parametrize("bulk", [True, False])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_announced_mailmax_replaces_the_connection_in_time(flavour: Flavour, bulk: bool) -> None:
+    handler = MailMaxHandler(mail_max=2)
+    port = free_port()
+    controller = Controller(
+        handler, hostname="127.0.0.1", port=port, server_hostname=HOSTNAME, decode_data=False
+    )
+    controller.start()
+    try:
+        messages = [tagged([f"user{n}@example.net"]) for n in range(7)]
+        options: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": port,
+            "tls": TLS.NONE,
+            "timeouts": Timeouts.all(10),
+        }
+        if bulk:
+            results = send_many_with(flavour, list(messages), **options)
+        elif flavour == "sync":
+            with SMTPTransport(**options) as transport:
+                results = [transport.send(m) for m in messages]
+        else:
+
+            async def main() -> list[DeliveryResult]:
+                async with AsyncSMTPTransport(**options) as transport:
+                    return [await transport.asend(m) for m in messages]
+
+            results = run(main())
+    finally:
+        controller.stop()
+    assert all(r.ok for r in results), results
+    assert handler.over == 0  # never a third MAIL on one connection
+    assert sum(handler.per_session.values()) == len(handler.messages)
+    assert max(handler.per_session.values()) == 2
