@@ -532,6 +532,8 @@ class _Connection:
             self.tls or server.allow_insecure_auth
         ):
             offered.append("AUTH")
+        if server.announce_limits:
+            offered.append("LIMITS")
         return offered
 
     # -- I/O --------------------------------------------------------------------------------
@@ -747,6 +749,8 @@ class _Connection:
                 lines.append(f"SIZE {server.max_size}")
             elif keyword == "AUTH":
                 lines.append(f"AUTH {' '.join(server._mechanisms())}")
+            elif keyword == "LIMITS":
+                lines.append(f"LIMITS RCPTMAX={server.max_recipients}")  # RFC 9422
             else:
                 lines.append(keyword)
         self._reply(250, lines)
@@ -1175,6 +1179,8 @@ class SMTPTestServer:
         max_size: The SIZE limit (RFC 1870) advertised and enforced with ``552``; ``None``
             advertises SIZE without a number and caps messages at 64 MiB.
         max_recipients: The most recipients of one transaction (more get ``452``).
+        announce_limits: Announce ``max_recipients`` in the EHLO reply as
+            ``LIMITS RCPTMAX=n`` (RFC 9422), so that a client keeps to it before sending.
         lmtp: Speak LMTP (RFC 2033): LHLO, and one final reply per accepted recipient.
         timeout: Seconds each socket wait may take; a client silent that long is
             disconnected with ``421``. Also bounds ``Fault.silence``.
@@ -1200,6 +1206,7 @@ class SMTPTestServer:
         allow_insecure_auth: bool = False,
         max_size: int | None = None,
         max_recipients: int = 100,
+        announce_limits: bool = False,
         lmtp: bool = False,
         timeout: float = 10.0,
         rcpt: RcptHook | None = None,
@@ -1234,6 +1241,7 @@ class SMTPTestServer:
         self.allow_insecure_auth = allow_insecure_auth
         self.max_size = max_size
         self.max_recipients = max_recipients
+        self.announce_limits = announce_limits
         self.lmtp = lmtp
         self.timeout = timeout
         self.rcpt = rcpt
