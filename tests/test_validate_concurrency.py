@@ -158,7 +158,8 @@ def normal_entry(key: Hashable, value: object) -> object:
     """A cache entry in a comparable form, after checking it answers its own question.
 
     The resolver keys a query's answer by ``(name, type)`` and a domain's assembled mail
-    hosts by ``(domain, -1)``; an answer is a plain ``(status, records, ttl, detail)`` tuple.
+    hosts by ``(domain, -1)``; an answer is a plain ``(status, records, ttl, detail, secure)``
+    tuple (``secure``: the resolver's AD bit, RFC 6840 §5.7).
     """
     assert isinstance(key, tuple)
     name, kind = key
@@ -172,7 +173,7 @@ def normal_entry(key: Hashable, value: object) -> object:
         assert value.name == name, f"the failure of {value.name} under {key}"
         return str(value)
     assert isinstance(value, tuple)
-    status, records, ttl, detail = value
+    status, records, ttl, detail, secure = value
     if int(kind) == 1:  # A
         assert all(ipaddress.ip_address(r).version == 4 for r in records), (key, records)
     elif int(kind) == 28:  # AAAA
@@ -180,7 +181,7 @@ def normal_entry(key: Hashable, value: object) -> object:
     else:
         assert int(kind) == 15, f"an answer under {key}"  # MX: (preference, target) pairs
         assert all(isinstance(r, tuple) and len(r) == 2 for r in records), (key, records)
-    return (status, sorted(records), ttl, detail)
+    return (status, sorted(records), ttl, detail, secure)
 
 
 def check_cache(cache: RecordingCache, reference: RecordingCache) -> None:
