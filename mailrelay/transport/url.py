@@ -13,7 +13,11 @@ Rules of this module:
   ``local_hostname``, ``auth`` (``smtp://``, ``smtps://``, ``lmtp://``: the SASL mechanisms
   to use, comma-separated, e.g. ``?auth=xoauth2`` or ``?auth=oauthbearer``; the only way to
   pick XOAUTH2 or OAUTHBEARER, which are never chosen unnamed), ``port`` (``mx://`` only,
-  where the URL has no host), ``format`` (``file://`` only). An unknown, repeated or
+  where the URL has no host), ``tls_policy`` (``mx://`` only: ``dane``, ``mta-sts``, or
+  both comma-separated, for :class:`~mailrelay.transport.dane.DANE` and
+  :class:`~mailrelay.transport.mtasts.MTASTS` hooks sharing the transport's resolver; with
+  both, DANE decides wherever it applies and MTA-STS elsewhere, RFC 8461 §2), ``format``
+  (``file://`` only). An unknown, repeated or
   misplaced parameter is a :class:`~mailrelay.errors.ConfigurationError`, never silently
   ignored.
 * User and password are percent-decoded (RFC 3986 §2.1), so ``p%40ss`` is ``p@ss``.
@@ -39,10 +43,13 @@ import attrs
 from mailrelay.errors import ConfigurationError
 from mailrelay.options import TLS, Timeouts
 from mailrelay.protocol.sasl import MECHANISMS
+from mailrelay.resolver import AsyncResolver, Resolver
 from mailrelay.transport.async_smtp import AsyncLMTPTransport, AsyncSMTPTransport
 from mailrelay.transport.base import AsyncTransport, Transport
+from mailrelay.transport.dane import DANE, AsyncDANE
 from mailrelay.transport.file import FORMATS, FileTransport
 from mailrelay.transport.memory import MemoryTransport
+from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.smtp import LMTPTransport, SMTPTransport
@@ -60,11 +67,13 @@ _PARAMETERS = {
     "smtp": {"tls", "timeout", "local_hostname", "auth"},
     "smtps": {"tls", "timeout", "local_hostname", "auth"},
     "lmtp": {"tls", "timeout", "local_hostname", "auth"},
-    "mx": {"tls", "timeout", "local_hostname", "port"},
+    "mx": {"tls", "timeout", "local_hostname", "port", "tls_policy"},
     "memory": set[str](),
     "file": {"format"},
 }
 SCHEMES = tuple(_PARAMETERS)
+#: ``?tls_policy=`` names for ``mx://``.
+TLS_POLICIES = ("dane", "mta-sts")
 
 
 def _redact(url: str) -> str:
@@ -98,6 +107,8 @@ class TransportURL:
         timeouts: every-phase timeouts from ``?timeout=``, or ``None``.
         local_hostname: the name to announce in EHLO, or ``None``.
         auth_mechanisms: the SASL mechanisms from ``?auth=``, upper case, or ``None``.
+        tls_policies: the ``mx://`` TLS policies from ``?tls_policy=`` (``dane``,
+            ``mta-sts``), or ``None``.
         format: ``eml`` or ``maildir`` (``file`` only).
     """
 
@@ -111,6 +122,7 @@ class TransportURL:
     timeouts: Timeouts | None = None
     local_hostname: str | None = None
     auth_mechanisms: tuple[str, ...] | None = None
+    tls_policies: tuple[str, ...] | None = None
     format: str | None = None
 
     def redacted(self) -> str:
@@ -209,6 +221,8 @@ class TransportURL:
                 )
             if "port" in params:
                 fields["port"] = _port(params["port"], shown)
+            if "tls_policy" in params:
+                fields["tls_policies"] = _tls_policies(params["tls_policy"], shown)
         elif scheme == "lmtp" and host is None:
             if path is None or path == "/":
                 raise ConfigurationError(
@@ -294,6 +308,15 @@ def _file(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool
     return FileTransport(**kwargs)
 
 
+def _tls_policies(text: str, shown: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",")))
+    if not names or not all(names) or set(names) - set(TLS_POLICIES):
+        raise ConfigurationError(
+            f"tls_policy must name dane, mta-sts or both (comma-separated), not {text!r}: {shown}"
+        )
+    return names
+
+
 def _network_arguments(parsed: TransportURL) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"tls": parsed.tls}
     if parsed.username is not None:
@@ -329,7 +352,35 @@ def _mx(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool) 
     if parsed.port is not None:
         kwargs["port"] = parsed.port
     kwargs.update(overrides)
+    if parsed.tls_policies and "tls_policy" not in overrides:
+        # The hooks share the transport's resolver (and so its cache and its DNSSEC view).
+        if asynchronous:
+            aresolver = kwargs.get("resolver") or AsyncResolver()
+            kwargs["resolver"] = aresolver
+            kwargs["tls_policy"] = _async_policy_hook(parsed.tls_policies, aresolver)
+        else:
+            resolver = kwargs.get("resolver") or Resolver()
+            kwargs["resolver"] = resolver
+            kwargs["tls_policy"] = _policy_hook(parsed.tls_policies, resolver)
     return AsyncMXTransport(**kwargs) if asynchronous else MXTransport(**kwargs)
+
+
+def _policy_hook(names: tuple[str, ...], resolver: Resolver) -> DANE | MTASTS:
+    """The ``tls_policy`` hook for ``?tls_policy=`` (DANE first: RFC 8461 §2)."""
+    mta_sts = MTASTS(resolver) if "mta-sts" in names else None
+    if "dane" in names:
+        return DANE(resolver, fallback=mta_sts)
+    assert mta_sts is not None
+    return mta_sts
+
+
+def _async_policy_hook(names: tuple[str, ...], resolver: AsyncResolver) -> AsyncDANE | AsyncMTASTS:
+    """:func:`_policy_hook` for the asyncio transport."""
+    mta_sts = AsyncMTASTS(resolver) if "mta-sts" in names else None
+    if "dane" in names:
+        return AsyncDANE(resolver, fallback=mta_sts)
+    assert mta_sts is not None
+    return mta_sts
 
 
 _FACTORIES: dict[str, Factory] = {

@@ -61,6 +61,9 @@ from tests.transport.helpers import make_message
         ("lmtp:///run/my%20socket", {"path": "/run/my socket"}),
         ("mx://", {"host": None, "port": None, "tls": TLS.OPPORTUNISTIC}),
         ("mx://?port=2525&tls=none", {"port": 2525, "tls": TLS.NONE}),
+        ("mx://?tls_policy=dane", {"tls_policies": ("dane",)}),
+        ("mx://?tls_policy=MTA-STS,dane", {"tls_policies": ("mta-sts", "dane")}),
+        ("mx://?tls_policy=dane,dane", {"tls_policies": ("dane",)}),
         ("memory://", {"host": None, "path": None, "tls": None}),
         ("file:///var/mail/out", {"path": "/var/mail/out", "format": "eml"}),
         (
@@ -106,6 +109,10 @@ def test_parse(url: str, expected: dict[str, Any]) -> None:
         ("mx://?port=\u0662\u0665", "port must be a number"),  # not read as 25
         ("mx://?port=" + "9" * 5000, "port must be a number"),  # over int()'s 4,300 digits
         ("mx://u:p@", "takes no user name"),
+        ("mx://?tls_policy=", "tls_policy must name dane, mta-sts or both"),
+        ("mx://?tls_policy=dnssec", "tls_policy must name dane, mta-sts or both"),
+        ("mx://?tls_policy=dane,", "tls_policy must name dane, mta-sts or both"),
+        ("smtp://h?tls_policy=dane", "unknown parameter 'tls_policy'"),
         ("memory://somewhere", "takes no host"),
         ("memory://?x=1", "unknown parameter 'x' for memory:// .* \\(allowed: none\\)"),
         ("file://", "needs a directory path"),
@@ -162,6 +169,43 @@ def test_mx_urls_build_mx_transports(asynchronous: bool) -> None:
     default = transport_from_url("mx://")
     assert isinstance(default, MXTransport)
     assert (default.settings.port, default.settings.default.tls) == (25, TLS.OPPORTUNISTIC)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+@pytest.mark.parametrize(
+    ("query", "first", "fallback"),
+    [
+        ("dane", "DANE", None),
+        ("mta-sts", "MTASTS", None),
+        ("dane,mta-sts", "DANE", "MTASTS"),
+        ("mta-sts,dane", "DANE", "MTASTS"),  # DANE decides first whatever the order
+    ],
+)
+def test_mx_url_tls_policies_share_the_transport_resolver(
+    asynchronous: bool, query: str, first: str, fallback: str | None
+) -> None:
+    build = async_transport_from_url if asynchronous else transport_from_url
+    transport = build(f"mx://?tls_policy={query}")
+    assert isinstance(transport, MXTransport | AsyncMXTransport)
+    hook = transport.settings.tls_policy
+    prefix = "Async" if asynchronous else ""
+    assert type(hook).__name__ == prefix + first
+    assert hook.resolver is transport.resolver  # type: ignore[union-attr]
+    chained = getattr(hook, "fallback", None)
+    if fallback is None:
+        assert chained is None
+    else:
+        assert type(chained).__name__ == prefix + fallback
+        assert chained.resolver is transport.resolver  # type: ignore[union-attr]
+
+
+def test_mx_url_tls_policy_yields_to_an_override() -> None:
+    def mine(domain: str) -> TLS:
+        return TLS.STARTTLS
+
+    transport = transport_from_url("mx://?tls_policy=dane", tls_policy=mine)
+    assert isinstance(transport, MXTransport)
+    assert transport.settings.tls_policy is mine
 
 
 @pytest.mark.parametrize(
