@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import DeliveryError
-from mailrelay.flow import Read, Session, SessionConfig, Step, Write
+from mailrelay.flow import BatchOutcome, Read, Session, SessionConfig, Step, Write
 from mailrelay.flow.bookkeeping import too_many_recipients
 from mailrelay.message import Message
 from mailrelay.options import TLS
@@ -396,43 +396,42 @@ def test_a_batch_sends_every_recipient_of_every_message(announced: bool) -> None
         assert f"body {n}".encode() in data
 
 
-def test_a_batch_whose_session_ends_hands_back_the_messages_not_sent() -> None:
-    # Messages 0 and 2 fit and are pipelined first; message 1 needs three transactions
-    # after them, and the server hangs up (421) before it can begin: it is handed back
-    # unsent (None), with the error, for the transport to send on a fresh connection.
-    server = LimitServer(limit=2, keywords=["PIPELINING", "LIMITS RCPTMAX=2"], close_after=2)
+def batch_cut_short(close_after: int) -> tuple[LimitServer, Session, BatchOutcome]:
+    """Three messages of 1, 5 and 1 recipients to a server that takes two a transaction
+    (and says so) and hangs up (421) after ``close_after`` transactions. Messages 0 and 2
+    fit and are pipelined first; message 1 then needs three transactions of its own."""
+    server = LimitServer(
+        limit=2, keywords=["PIPELINING", "LIMITS RCPTMAX=2"], close_after=close_after
+    )
     session = session_for(server)
     items = [
         (message(n), Envelope("a@example.org", [f"m{n}.{i}@x.example" for i in range(k)]))
         for n, k in enumerate([1, 5, 1])
     ]
     outcome = server.run(session.deliver_many(items))
-    first, second, third = outcome.results
+    first, _, third = outcome.results
     assert first is not None
     assert first.ok
     assert third is not None
     assert third.ok
-    assert second is None
+    return server, session, outcome
+
+
+def test_a_batch_whose_session_ends_hands_back_the_messages_not_sent() -> None:
+    # The hang-up comes before message 1 can begin: it is handed back unsent (None),
+    # with the error, for the transport to send on a fresh connection.
+    server, _, outcome = batch_cut_short(close_after=2)
+    assert outcome.results[1] is None
     assert outcome.error is not None
     assert delivered_to(server) == ["m0.0@x.example", "m2.0@x.example"]
 
 
 def test_a_batch_whose_session_ends_between_parts_keeps_the_answers() -> None:
-    # Now the server hangs up after message 1's first transaction: its first two
-    # recipients are delivered, the rest are TRANSIENT (sending the whole message again
-    # would deliver twice).
-    server = LimitServer(limit=2, keywords=["PIPELINING", "LIMITS RCPTMAX=2"], close_after=3)
-    session = session_for(server)
-    items = [
-        (message(n), Envelope("a@example.org", [f"m{n}.{i}@x.example" for i in range(k)]))
-        for n, k in enumerate([1, 5, 1])
-    ]
-    outcome = server.run(session.deliver_many(items))
-    first, second, third = outcome.results
-    assert first is not None
-    assert first.ok
-    assert third is not None
-    assert third.ok
+    # The hang-up comes after message 1's first transaction: its first two recipients
+    # are delivered, the rest are TRANSIENT (sending the whole message again would
+    # deliver twice).
+    _, session, outcome = batch_cut_short(close_after=3)
+    second = outcome.results[1]
     assert second is not None
     assert [r.outcome for r in second.recipients] == [Outcome.ACCEPTED] * 2 + [
         Outcome.TRANSIENT

@@ -8,6 +8,7 @@ that is not "too many" keeps its own answer.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -136,12 +137,16 @@ def test_mx_delivery_keeps_each_refusal(
 
 
 class LimitsHandler(RecordingHandler):
-    """Announces ``LIMITS RCPTMAX=n`` and refuses each RCPT over it with 452 4.5.3."""
+    """Announces ``LIMITS RCPTMAX=n`` and/or ``MAILMAX=n`` (RFC 9422) and enforces them: a
+    RCPT over the limit gets 452 4.5.3, a MAIL over it 421."""
 
-    def __init__(self, rcpt_max: int) -> None:
+    def __init__(self, *, rcpt_max: int | None = None, mail_max: int | None = None) -> None:
         super().__init__()
         self.rcpt_max = rcpt_max
-        self.refused = 0
+        self.mail_max = mail_max
+        self.refused = 0  # RCPTs refused as too many
+        self.per_session: dict[int, int] = {}  # MAILs per connection
+        self.over = 0  # MAILs refused as too many
 
     async def handle_EHLO(
         self,
@@ -152,7 +157,29 @@ class LimitsHandler(RecordingHandler):
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
-        return [*responses[:-1], f"250-LIMITS RCPTMAX={self.rcpt_max}", responses[-1]]
+        limits = [
+            f"{name}={value}"
+            for name, value in (("RCPTMAX", self.rcpt_max), ("MAILMAX", self.mail_max))
+            if value is not None
+        ]
+        return [*responses[:-1], f"250-LIMITS {' '.join(limits)}", responses[-1]]
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: ServerSession,
+        envelope: ServerEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        count = self.per_session.get(id(session), 0) + 1
+        self.per_session[id(session)] = count
+        if self.mail_max is not None and count > self.mail_max:
+            self.over += 1
+            return "421 4.7.0 Too many transactions on one connection"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
 
     async def handle_RCPT(
         self,
@@ -162,24 +189,31 @@ class LimitsHandler(RecordingHandler):
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        if len(envelope.rcpt_tos) >= self.rcpt_max:
+        if self.rcpt_max is not None and len(envelope.rcpt_tos) >= self.rcpt_max:
             self.refused += 1
             return "452 4.5.3 Too many recipients"
         return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
 
 
-@pytest.fixture
-def limited_aiosmtpd() -> Iterator[tuple[LimitsHandler, int]]:
-    handler = LimitsHandler(rcpt_max=2)
+@contextlib.contextmanager
+def serving(handler: LimitsHandler) -> Iterator[int]:
+    """An aiosmtpd with ``handler`` on loopback, for the ``with`` block; its port."""
     port = free_port()
     controller = Controller(
         handler, hostname="127.0.0.1", port=port, server_hostname=HOSTNAME, decode_data=False
     )
     controller.start()
     try:
-        yield handler, port
+        yield port
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def limited_aiosmtpd() -> Iterator[tuple[LimitsHandler, int]]:
+    handler = LimitsHandler(rcpt_max=2)
+    with serving(handler) as port:
+        yield handler, port
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -228,55 +262,12 @@ def test_announced_limit_in_a_batch(
 # -- MAILMAX: transactions per connection -------------------------------------------------------
 
 
-class MailMaxHandler(RecordingHandler):
-    """Announces ``LIMITS MAILMAX=n`` and answers a MAIL beyond it with 421."""
-
-    def __init__(self, mail_max: int) -> None:
-        super().__init__()
-        self.mail_max = mail_max
-        self.per_session: dict[int, int] = {}
-        self.over = 0
-
-    async def handle_EHLO(
-        self,
-        server: SMTP,
-        session: ServerSession,
-        envelope: ServerEnvelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname
-        return [*responses[:-1], f"250-LIMITS MAILMAX={self.mail_max}", responses[-1]]
-
-    async def handle_MAIL(
-        self,
-        server: SMTP,
-        session: ServerSession,
-        envelope: ServerEnvelope,
-        address: str,
-        mail_options: list[str],
-    ) -> str:
-        count = self.per_session.get(id(session), 0) + 1
-        self.per_session[id(session)] = count
-        if count > self.mail_max:
-            self.over += 1
-            return "421 4.7.0 Too many transactions on one connection"
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 OK"
-
-
 @pytest.mark.parametrize("bulk", [True, False])
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_announced_mailmax_replaces_the_connection_in_time(flavour: Flavour, bulk: bool) -> None:
-    handler = MailMaxHandler(mail_max=2)
-    port = free_port()
-    controller = Controller(
-        handler, hostname="127.0.0.1", port=port, server_hostname=HOSTNAME, decode_data=False
-    )
-    controller.start()
-    try:
-        messages = [tagged([f"user{n}@example.net"]) for n in range(7)]
+    handler = LimitsHandler(mail_max=2)
+    messages = [tagged([f"user{n}@example.net"]) for n in range(7)]
+    with serving(handler) as port:
         options: dict[str, Any] = {
             "host": "127.0.0.1",
             "port": port,
@@ -295,8 +286,6 @@ def test_announced_mailmax_replaces_the_connection_in_time(flavour: Flavour, bul
                     return [await transport.asend(m) for m in messages]
 
             results = run(main())
-    finally:
-        controller.stop()
     assert all(r.ok for r in results), results
     assert handler.over == 0  # never a third MAIL on one connection
     assert sum(handler.per_session.values()) == len(handler.messages)
