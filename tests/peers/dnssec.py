@@ -30,9 +30,7 @@ import datetime
 import hashlib
 import os
 import ssl
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mailrelay.resolver import AsyncResolver, Resolver
 from tests.peers.https_policy import issue_certificate
 from tests.peers.tls import TLSFiles
-from tests.peers.unbound import HOST, INSTALL_HINT, UnboundServer, find_unbound, free_port
+from tests.peers.unbound import HOST, INSTALL_HINT, UnboundServer, find_unbound, launch
 
 SIGNED = "dane.test"
 INSECURE = "insecure.test"
@@ -320,9 +318,6 @@ def make_certificates(tls_files: TLSFiles, directory: Path) -> Certificates:
 
 def start_dnssec(directory: Path, certs: Certificates) -> DNSSECServer:
     """Build and sign the zones in ``directory``, start unbound, wait until it answers."""
-    binary = find_unbound()
-    if binary is None:
-        raise FileNotFoundError(f"unbound is not installed; install it with: {INSTALL_HINT}")
     signed = build_zone(SIGNED, signed_records(certs))
     anchor = sign(signed)
     break_rrset(signed, "_25._tcp.mx-bogus", "TLSA", tlsa_data(3, 1, 1, certs.other))
@@ -330,34 +325,15 @@ def start_dnssec(directory: Path, certs: Certificates) -> DNSSECServer:
     (directory / f"{SIGNED}.zone").write_text(signed.to_text(relativize=False))
     plain = build_zone(INSECURE, insecure_records(certs))
     (directory / f"{INSECURE}.zone").write_text(plain.to_text(relativize=False))
-    for _attempt in range(3):
-        port = free_port()
-        conf = directory / "unbound.conf"
-        conf.write_text(config_text(directory, port, anchor), encoding="utf-8")
-        stderr = directory / "unbound.stderr"
-        with stderr.open("wb") as sink:
-            process = subprocess.Popen(  # the binary path is ours, the arguments fixed
-                [binary, "-d", "-c", str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=sink,
-            )
-        server = DNSSECServer(process, directory, port)
-        server.certs = certs
-        server.anchor = anchor
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline and process.poll() is None:
-            if server.answers():
-                return server
-            time.sleep(0.05)
-        server.stop()
-        error = stderr.read_text(errors="replace")
-        log = directory / "unbound.log"
-        if log.exists():
-            error += log.read_text(errors="replace")
-        if "bind" not in error and "address already in use" not in error.lower():
-            raise RuntimeError(f"unbound (DNSSEC) did not start on {HOST}:{port}: {error.strip()}")
-    raise RuntimeError("unbound (DNSSEC) could not bind a loopback port after 3 attempts")
+    server = launch(
+        directory,
+        lambda port: config_text(directory, port, anchor),
+        DNSSECServer,
+        "unbound (DNSSEC)",
+    )
+    server.certs = certs
+    server.anchor = anchor
+    return server
 
 
 def serve_dnssec(tls_files: TLSFiles) -> Iterator[DNSSECServer]:

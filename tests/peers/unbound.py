@@ -27,9 +27,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dns.exception
 import dns.message
@@ -324,13 +324,33 @@ def start_unbound(directory: Path, *, log_queries: bool = False) -> UnboundServe
         FileNotFoundError: when unbound is not installed (the message says how to install it).
         RuntimeError: when it does not come up within a few seconds.
     """
+    return launch(
+        directory,
+        lambda port: config_text(directory, port, log_queries=log_queries),
+        UnboundServer,
+        "unbound",
+    )
+
+
+_S = TypeVar("_S", bound=UnboundServer)
+
+
+def launch(directory: Path, config: Callable[[int], str], server_class: type[_S], what: str) -> _S:
+    """Start unbound in ``directory`` with ``config(port)`` on a free loopback port and wait
+    until it answers (another port, up to three times, when the one picked was taken
+    meanwhile); stopped by PID if it never does.
+
+    Raises:
+        FileNotFoundError: when unbound is not installed (the message says how to install it).
+        RuntimeError: when it does not come up within a few seconds.
+    """
     binary = find_unbound()
     if binary is None:
         raise FileNotFoundError(f"unbound is not installed; install it with: {INSTALL_HINT}")
     for _attempt in range(3):
         port = free_port()
         conf = directory / "unbound.conf"
-        conf.write_text(config_text(directory, port, log_queries=log_queries), encoding="utf-8")
+        conf.write_text(config(port), encoding="utf-8")
         stderr = directory / "unbound.stderr"
         with stderr.open("wb") as sink:
             process = subprocess.Popen(  # the binary path is ours, the arguments fixed
@@ -339,7 +359,7 @@ def start_unbound(directory: Path, *, log_queries: bool = False) -> UnboundServe
                 stdout=subprocess.DEVNULL,
                 stderr=sink,
             )
-        server = UnboundServer(process, directory, port)
+        server = server_class(process, directory, port)
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline and process.poll() is None:
             if server.answers():
@@ -351,8 +371,8 @@ def start_unbound(directory: Path, *, log_queries: bool = False) -> UnboundServe
         if log.exists():
             error += log.read_text(errors="replace")
         if "bind" not in error and "address already in use" not in error.lower():
-            raise RuntimeError(f"unbound did not start on {HOST}:{port}: {error.strip()}")
-    raise RuntimeError("unbound could not bind a loopback port after 3 attempts")
+            raise RuntimeError(f"{what} did not start on {HOST}:{port}: {error.strip()}")
+    raise RuntimeError(f"{what} could not bind a loopback port after 3 attempts")
 
 
 @pytest.fixture(scope="session")
