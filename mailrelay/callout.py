@@ -244,6 +244,7 @@ class _CalloutBase:
         max_recipients: int,
         max_addresses: int,
         random: _random.Random | None,
+        source_address: str | None = None,
     ) -> None:
         self.sender: Address | None
         if sender is None or sender == "":
@@ -258,6 +259,7 @@ class _CalloutBase:
             ssl_context=ssl_context,
             timeouts=timeouts,
             local_hostname=local_hostname,
+            source_address=source_address,
             tls_policy=None,
             plaintext_fallback=True,
             pipelining=False,
@@ -375,6 +377,8 @@ class Callout(_CalloutBase):
         ssl_context: the verifying context for ``TLS.STARTTLS``.
         timeouts: per-phase limits (shorter than a delivery's by default).
         local_hostname: the EHLO name (give the probing host's real name: servers check it).
+        source_address: the local IP address to probe from (one that does not send your
+            mail: see the caveats above); by default the system's choice.
         detect_catch_all: also probe a random local part at each domain.
         max_recipients: RCPTs per transaction.
         max_addresses: exchanger addresses tried per domain.
@@ -391,6 +395,7 @@ class Callout(_CalloutBase):
         ssl_context: ssl.SSLContext | None = None,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
         local_hostname: str | None = None,
+        source_address: str | None = None,
         detect_catch_all: bool = True,
         max_recipients: int = DEFAULT_MAX_RECIPIENTS,
         max_addresses: int = DEFAULT_MAX_ADDRESSES,
@@ -398,7 +403,8 @@ class Callout(_CalloutBase):
     ) -> None:
         super().__init__(
             sender=sender, port=port, tls=tls, ssl_context=ssl_context, timeouts=timeouts,
-            local_hostname=local_hostname, detect_catch_all=detect_catch_all,
+            local_hostname=local_hostname, source_address=source_address,
+            detect_catch_all=detect_catch_all,
             max_recipients=max_recipients, max_addresses=max_addresses, random=random,
         )  # fmt: skip
         self.resolver = resolver if resolver is not None else Resolver()
@@ -449,6 +455,7 @@ class Callout(_CalloutBase):
             timeouts=settings.timeouts,
             ssl_context=settings.context(settings.default, tls),
             server_hostname=target.tls_name,
+            source_address=settings.source_address,
         )
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))
@@ -481,6 +488,7 @@ class AsyncCallout(_CalloutBase):
         ssl_context: ssl.SSLContext | None = None,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
         local_hostname: str | None = None,
+        source_address: str | None = None,
         detect_catch_all: bool = True,
         max_recipients: int = DEFAULT_MAX_RECIPIENTS,
         max_addresses: int = DEFAULT_MAX_ADDRESSES,
@@ -488,7 +496,8 @@ class AsyncCallout(_CalloutBase):
     ) -> None:
         super().__init__(
             sender=sender, port=port, tls=tls, ssl_context=ssl_context, timeouts=timeouts,
-            local_hostname=local_hostname, detect_catch_all=detect_catch_all,
+            local_hostname=local_hostname, source_address=source_address,
+            detect_catch_all=detect_catch_all,
             max_recipients=max_recipients, max_addresses=max_addresses, random=random,
         )  # fmt: skip
         self.resolver = resolver if resolver is not None else AsyncResolver()
@@ -535,6 +544,7 @@ class AsyncCallout(_CalloutBase):
             timeouts=settings.timeouts,
             ssl_context=settings.context(settings.default, tls),
             server_hostname=target.tls_name,
+            source_address=settings.source_address,
         )
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))

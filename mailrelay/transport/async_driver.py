@@ -47,6 +47,7 @@ from mailrelay.transport.driver_common import (
     attempt_failure,
     before_greeting,
     closed_error,
+    for_source,
     implicit_tls_error,
     peer_chain,
     probe_context,
@@ -263,6 +264,7 @@ async def _open_tcp(
     timeout: float,
     ssl_context: ssl.SSLContext | None,
     server_hostname: str | None,
+    source: str | None,
 ) -> tuple[asyncio.Transport, _Pipe]:
     loop = asyncio.get_running_loop()
     peer = peer_name(host, port)
@@ -272,7 +274,8 @@ async def _open_tcp(
         raise resolve_error(exc, host, peer) from exc
     failures: list[str] = []
     last: BaseException | None = None
-    for family, _kind, proto, _, address in infos:
+    local = (source, 0) if source is not None else None
+    for family, _kind, proto, _, address in for_source(infos, source, host, peer):
         try:
             async with asyncio.timeout(timeout):
                 transport, pipe = await loop.create_connection(
@@ -281,6 +284,7 @@ async def _open_tcp(
                     port=int(address[1]),
                     family=family,
                     proto=proto,
+                    local_addr=local,
                     ssl=ssl_context,
                     server_hostname=server_hostname if ssl_context is not None else None,
                     ssl_handshake_timeout=timeout if ssl_context is not None else None,
@@ -317,6 +321,7 @@ async def connect(
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
     unix_path: str | None = None,
+    source_address: str | None = None,
 ) -> AsyncDriver:
     """Open a connection and return its driver (see :func:`sync_driver.connect`).
 
@@ -337,6 +342,7 @@ async def connect(
             timeout=timeouts.connect,
             ssl_context=context if implicit_tls else None,
             server_hostname=server_hostname or host,
+            source=source_address,
         )
         peer = peer_name(host, port)
     driver = AsyncDriver(transport, pipe, timeouts=timeouts, ssl_context=context, peer=peer)

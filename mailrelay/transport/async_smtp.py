@@ -247,6 +247,7 @@ class _AsyncSMTPBase(AsyncTransport):
             ssl_context=settings.context(),
             server_hostname=settings.server_hostname,
             unix_path=settings.unix_path,
+            source_address=settings.source_address,
         )
         session = Session(settings.session_config(driver.local_address, secret=secret))
         try:
@@ -509,6 +510,7 @@ class AsyncSMTPTransport(_AsyncSMTPBase):
         timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
         local_hostname: str | None = None,
         server_hostname: str | None = None,
+        source_address: str | None = None,
         auth_mechanisms: Sequence[str] | None = None,
         allow_insecure_auth: bool = False,
         pipelining: bool = True,
@@ -523,6 +525,7 @@ class AsyncSMTPTransport(_AsyncSMTPBase):
             timeouts=timeouts,
             local_hostname=local_hostname,
             server_hostname=server_hostname,
+            source_address=source_address,
             username=username,
             password=password,
             auth_mechanisms=mechanisms(auth_mechanisms),
@@ -550,6 +553,7 @@ class AsyncLMTPTransport(_AsyncSMTPBase):
         timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
         local_hostname: str | None = None,
         server_hostname: str | None = None,
+        source_address: str | None = None,
         auth_mechanisms: Sequence[str] | None = None,
         allow_insecure_auth: bool = False,
         pipelining: bool = True,
@@ -565,6 +569,7 @@ class AsyncLMTPTransport(_AsyncSMTPBase):
             timeouts=timeouts,
             local_hostname=local_hostname,
             server_hostname=server_hostname,
+            source_address=source_address,
             username=username,
             password=password,
             auth_mechanisms=mechanisms(auth_mechanisms),

@@ -11,11 +11,13 @@ Rules of this module:
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
-from mailrelay.errors import ConnectError, ConnectionLost, TLSError
+from mailrelay.errors import ConfigurationError, ConnectError, ConnectionLost, TLSError
 from mailrelay.flow import Write
 from mailrelay.transport.errors_map import PLAIN_AGAINST_IMPLICIT, peer_name
 
@@ -25,7 +27,9 @@ __all__ = [
     "all_addresses_failed",
     "attempt_failure",
     "before_greeting",
+    "check_source_address",
     "closed_error",
+    "for_source",
     "implicit_tls_error",
     "peer_chain",
     "probe_context",
@@ -43,6 +47,46 @@ def resolve_error(exc: socket.gaierror, host: str, peer: str) -> ConnectError:
     return ConnectError(
         f"cannot resolve {host!r}: {exc.strerror}", is_transient=not permanent, host=peer
     )
+
+
+def check_source_address(value: object) -> str | None:
+    """``value`` as a source address to bind outgoing connections to (an IPv4 or IPv6
+    address, in its canonical text), or None.
+
+    Raises:
+        ConfigurationError: not an IP address (a host name would need a DNS lookup per
+            connection, and could name an address this host does not have).
+    """
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value if isinstance(value, str) else ""))
+    except ValueError:
+        raise ConfigurationError(
+            f"source_address must be an IPv4 or IPv6 address of this host, not {value!r}"
+        ) from None
+
+
+def for_source(
+    infos: Sequence[tuple[Any, ...]], source: str | None, host: str, peer: str
+) -> list[tuple[Any, ...]]:
+    """The ``getaddrinfo`` results a connection from ``source`` can reach: those of its
+    address family (an IPv4 source cannot reach an IPv6 address), all without a source.
+
+    Raises:
+        ConnectError: (transient) none of ``host``'s addresses is of the source's family.
+    """
+    if source is None:
+        return list(infos)
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    usable = [info for info in infos if info[0] == family]
+    if not usable:
+        version = "IPv6" if family == socket.AF_INET6 else "IPv4"
+        raise ConnectError(
+            f"{host} has no {version} address, and connections go from {source}",
+            host=peer,
+        )
+    return usable
 
 
 def attempt_failure(address: tuple[Any, ...], exc: BaseException) -> str:

@@ -178,6 +178,9 @@ class MXTransport(Transport):
             the system's CAs, host names checked against the exchanger's name).
         timeouts: per-phase limits (RFC 5321 §4.5.3.2), for each target.
         local_hostname: the name announced in EHLO (default: our address, as a literal).
+        source_address: the local IP address to connect from, on a host with several (the
+            one whose reverse DNS and SPF record the receivers check, or a warmed-up one);
+            only the exchangers' addresses of its family are tried.
             Receivers check it; give the host's real name in production.
         tls_policy: ``tls_policy(domain) -> TLS | MXPolicy | None``, a stricter policy per
             domain (MTA-STS or DANE results, a static list); ``None`` keeps the defaults.
@@ -202,6 +205,7 @@ class MXTransport(Transport):
         ssl_context: ssl.SSLContext | None = None,
         timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
         local_hostname: str | None = None,
+        source_address: str | None = None,
         tls_policy: TLSPolicyHook | None = None,
         plaintext_fallback: bool = True,
         pipelining: bool = True,
@@ -217,6 +221,7 @@ class MXTransport(Transport):
             ssl_context=ssl_context,
             timeouts=timeouts,
             local_hostname=local_hostname,
+            source_address=source_address,
             tls_policy=tls_policy,
             plaintext_fallback=plaintext_fallback,
             pipelining=pipelining,
@@ -358,6 +363,7 @@ class MXTransport(Transport):
             timeouts=settings.timeouts,
             ssl_context=context,
             server_hostname=target.tls_name,
+            source_address=settings.source_address,
         )
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))

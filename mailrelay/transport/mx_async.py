@@ -121,6 +121,7 @@ class AsyncMXTransport(AsyncTransport):
         ssl_context: ssl.SSLContext | None = None,
         timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
         local_hostname: str | None = None,
+        source_address: str | None = None,
         tls_policy: AsyncTLSPolicyHook | None = None,
         plaintext_fallback: bool = True,
         pipelining: bool = True,
@@ -139,6 +140,7 @@ class AsyncMXTransport(AsyncTransport):
             ssl_context=ssl_context,
             timeouts=timeouts,
             local_hostname=local_hostname,
+            source_address=source_address,
             tls_policy=tls_policy,
             plaintext_fallback=plaintext_fallback,
             pipelining=pipelining,
@@ -357,6 +359,7 @@ class AsyncMXTransport(AsyncTransport):
             timeouts=settings.timeouts,
             ssl_context=context,
             server_hostname=target.tls_name,
+            source_address=settings.source_address,
         )
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))

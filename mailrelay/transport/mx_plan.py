@@ -41,6 +41,7 @@ from mailrelay.reply import Reply
 from mailrelay.resolver import DNSStatus, MailHost, MailHosts, Resolver
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.transport.dane import DANEHost, DANEPolicy, HostState
+from mailrelay.transport.driver_common import check_source_address
 from mailrelay.transport.errors_map import peer_name
 from mailrelay.transport.pooling import PooledConnection, is_stale_connection_error
 from mailrelay.transport.settings import PoolSettings
@@ -640,6 +641,7 @@ class MXSettings:
         pipelining: bool,
         chunking: bool,
         max_addresses: int,
+        source_address: str | None = None,
     ) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigurationError(f"port must be a number from 1 to 65535, not {port!r}")
@@ -661,6 +663,7 @@ class MXSettings:
         self.pipelining = pipelining
         self.chunking = chunking
         self.max_addresses = max_addresses
+        self.source_address = check_source_address(source_address)
         self._opportunistic = opportunistic_context()
         self._verifying: ssl.SSLContext | None = ssl_context
 

@@ -35,6 +35,7 @@ import attrs
 from mailrelay.errors import AuthenticationError, ConfigurationError, DeliveryError
 from mailrelay.flow import SessionConfig
 from mailrelay.options import TLS, Timeouts
+from mailrelay.transport.driver_common import check_source_address
 from mailrelay.transport.errors_map import peer_name
 
 __all__ = [
@@ -138,6 +139,7 @@ class ConnectionSettings:
     timeouts: Timeouts
     local_hostname: str | None = None
     server_hostname: str | None = None
+    source_address: str | None = attrs.field(default=None, converter=check_source_address)
     username: str | None = None
     password: str | AsyncPasswordProvider | None = None
     auth_mechanisms: tuple[str, ...] | None = None
@@ -162,6 +164,8 @@ class ConnectionSettings:
                 )
         elif self.tls is TLS.IMPLICIT:
             raise ConfigurationError("implicit TLS over a unix socket makes no sense")
+        elif self.source_address is not None:
+            raise ConfigurationError("a unix socket has no source address")
         if (self.username is None) != (self.password is None):
             raise ConfigurationError("give both a user name and a password (or token), or neither")
         if self.password is not None and not (

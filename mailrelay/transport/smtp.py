@@ -229,6 +229,7 @@ class _SMTPBase(Transport):
             ssl_context=settings.context(),
             server_hostname=settings.server_hostname,
             unix_path=settings.unix_path,
+            source_address=settings.source_address,
         )
         session = Session(settings.session_config(driver.local_address, secret=secret))
         try:
@@ -421,6 +422,9 @@ class SMTPTransport(_SMTPBase):
         timeouts: per-phase limits (RFC 5321 §4.5.3.2).
         local_hostname: the name to announce in EHLO; by default our address, as a literal.
         server_hostname: the name to check the certificate against (default ``host``).
+        source_address: the local IP address to connect from (a host with several, e.g. to
+            send from the address the EHLO name and SPF record belong to); only the
+            server's addresses of its family are tried. Not with a unix socket.
         auth_mechanisms: SASL mechanisms to use, in order (default: strongest in common).
         allow_insecure_auth: allow AUTH over plain text (for test servers only).
         pipelining: use PIPELINING when offered (RFC 2920).
@@ -443,6 +447,7 @@ class SMTPTransport(_SMTPBase):
         timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
         local_hostname: str | None = None,
         server_hostname: str | None = None,
+        source_address: str | None = None,
         auth_mechanisms: Sequence[str] | None = None,
         allow_insecure_auth: bool = False,
         pipelining: bool = True,
@@ -457,6 +462,7 @@ class SMTPTransport(_SMTPBase):
             timeouts=timeouts,
             local_hostname=local_hostname,
             server_hostname=server_hostname,
+            source_address=source_address,
             username=username,
             password=password,
             auth_mechanisms=mechanisms(auth_mechanisms),
@@ -494,6 +500,7 @@ class LMTPTransport(_SMTPBase):
         timeouts: Timeouts = Timeouts(),  # noqa: B008 -- an immutable value
         local_hostname: str | None = None,
         server_hostname: str | None = None,
+        source_address: str | None = None,
         auth_mechanisms: Sequence[str] | None = None,
         allow_insecure_auth: bool = False,
         pipelining: bool = True,
@@ -509,6 +516,7 @@ class LMTPTransport(_SMTPBase):
             timeouts=timeouts,
             local_hostname=local_hostname,
             server_hostname=server_hostname,
+            source_address=source_address,
             username=username,
             password=password,
             auth_mechanisms=mechanisms(auth_mechanisms),

@@ -58,6 +58,7 @@ from mailrelay.transport.driver_common import (
     attempt_failure,
     before_greeting,
     closed_error,
+    for_source,
     implicit_tls_error,
     peer_chain,
     probe_context,
@@ -104,7 +105,7 @@ def _expired(exc: OSError) -> OSError:
     return exc
 
 
-def _connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
+def _connect_tcp(host: str, port: int, timeout: float, source: str | None) -> socket.socket:
     peer = peer_name(host, port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -112,10 +113,12 @@ def _connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
         raise resolve_error(exc, host, peer) from exc
     failures: list[str] = []
     last: OSError | None = None
-    for family, kind, proto, _, address in infos:
+    for family, kind, proto, _, address in for_source(infos, source, host, peer):
         sock = socket.socket(family, kind, proto)
         try:
             sock.settimeout(timeout)
+            if source is not None:
+                sock.bind((source, 0))  # "Cannot assign requested address" if not ours
             sock.connect(address)
         except OSError as exc:
             sock.close()
@@ -149,6 +152,7 @@ def connect(
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
     unix_path: str | None = None,
+    source_address: str | None = None,
 ) -> SyncDriver:
     """Open a connection and return its driver.
 
@@ -160,9 +164,13 @@ def connect(
         ssl_context: the context for implicit TLS and STARTTLS.
         server_hostname: the name to check the certificate against (default ``host``).
         unix_path: a unix socket path instead of ``host``/``port``.
+        source_address: the local IP address to connect from (see
+            :func:`~mailrelay.transport.driver_common.check_source_address`); only the
+            server's addresses of its family are tried.
 
     Raises:
-        ConnectError: no address accepted the connection.
+        ConnectError: no address accepted the connection (or could be reached from
+            ``source_address``).
         TLSError: the implicit-TLS handshake failed.
     """
     if unix_path is not None:
@@ -171,7 +179,7 @@ def connect(
     else:
         assert host is not None
         assert port is not None
-        sock = _connect_tcp(host, port, timeouts.connect)
+        sock = _connect_tcp(host, port, timeouts.connect, source_address)
         peer = peer_name(host, port)
     name = server_hostname or host or "localhost"
     context = ssl_context if ssl_context is not None else ssl.create_default_context()

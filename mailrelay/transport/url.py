@@ -10,14 +10,14 @@ Rules of this module:
   twins.
 * Query parameters: ``tls`` (``none``, ``opportunistic``, ``starttls``, ``implicit``),
   ``timeout`` (seconds, every phase: :meth:`Timeouts.all <mailrelay.options.Timeouts.all>`),
-  ``local_hostname``, ``auth`` (``smtp://``, ``smtps://``, ``lmtp://``: the SASL mechanisms
-  to use, comma-separated, e.g. ``?auth=xoauth2`` or ``?auth=oauthbearer``; the only way to
-  pick XOAUTH2 or OAUTHBEARER, which are never chosen unnamed), ``port`` (``mx://`` only,
-  where the URL has no host), ``tls_policy`` (``mx://`` only: ``dane``, ``mta-sts``, or
-  both comma-separated, for :class:`~mailrelay.transport.dane.DANE` and
-  :class:`~mailrelay.transport.mtasts.MTASTS` hooks sharing the transport's resolver; with
-  both, DANE decides wherever it applies and MTA-STS elsewhere, RFC 8461 §2), ``format``
-  (``file://`` only). An unknown, repeated or
+  ``local_hostname``, ``source_address`` (the local IP address to connect from), ``auth``
+  (``smtp://``, ``smtps://``, ``lmtp://``: the SASL mechanisms to use, comma-separated, e.g.
+  ``?auth=xoauth2`` or ``?auth=oauthbearer``; the only way to pick XOAUTH2 or OAUTHBEARER,
+  which are never chosen unnamed), ``port`` (``mx://`` only, where the URL has no host),
+  ``tls_policy`` (``mx://`` only: ``dane``, ``mta-sts``, or both comma-separated, for
+  :class:`~mailrelay.transport.dane.DANE` and :class:`~mailrelay.transport.mtasts.MTASTS`
+  hooks sharing the transport's resolver; with both, DANE decides wherever it applies and
+  MTA-STS elsewhere, RFC 8461 §2), ``format`` (``file://`` only). An unknown, repeated or
   misplaced parameter is a :class:`~mailrelay.errors.ConfigurationError`, never silently
   ignored.
 * User and password are percent-decoded (RFC 3986 §2.1), so ``p%40ss`` is ``p@ss``.
@@ -47,6 +47,7 @@ from mailrelay.resolver import AsyncResolver, Resolver
 from mailrelay.transport.async_smtp import AsyncLMTPTransport, AsyncSMTPTransport
 from mailrelay.transport.base import AsyncTransport, Transport
 from mailrelay.transport.dane import DANE, AsyncDANE
+from mailrelay.transport.driver_common import check_source_address
 from mailrelay.transport.file import FORMATS, FileTransport
 from mailrelay.transport.memory import MemoryTransport
 from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
@@ -64,10 +65,10 @@ _DEFAULT_TLS = {
     "mx": TLS.OPPORTUNISTIC,
 }
 _PARAMETERS = {
-    "smtp": {"tls", "timeout", "local_hostname", "auth"},
-    "smtps": {"tls", "timeout", "local_hostname", "auth"},
-    "lmtp": {"tls", "timeout", "local_hostname", "auth"},
-    "mx": {"tls", "timeout", "local_hostname", "port", "tls_policy"},
+    "smtp": {"tls", "timeout", "local_hostname", "source_address", "auth"},
+    "smtps": {"tls", "timeout", "local_hostname", "source_address", "auth"},
+    "lmtp": {"tls", "timeout", "local_hostname", "source_address", "auth"},
+    "mx": {"tls", "timeout", "local_hostname", "source_address", "port", "tls_policy"},
     "memory": set[str](),
     "file": {"format"},
 }
@@ -106,6 +107,7 @@ class TransportURL:
         tls: the TLS policy (for network schemes), or ``None``.
         timeouts: every-phase timeouts from ``?timeout=``, or ``None``.
         local_hostname: the name to announce in EHLO, or ``None``.
+        source_address: the local IP address to connect from, or ``None``.
         auth_mechanisms: the SASL mechanisms from ``?auth=``, upper case, or ``None``.
         tls_policies: the ``mx://`` TLS policies from ``?tls_policy=`` (``dane``,
             ``mta-sts``), or ``None``.
@@ -121,6 +123,7 @@ class TransportURL:
     tls: TLS | None = None
     timeouts: Timeouts | None = None
     local_hostname: str | None = None
+    source_address: str | None = None
     auth_mechanisms: tuple[str, ...] | None = None
     tls_policies: tuple[str, ...] | None = None
     format: str | None = None
@@ -248,6 +251,11 @@ class TransportURL:
             if not params["local_hostname"]:
                 raise ConfigurationError(f"empty local_hostname in {shown}")
             fields["local_hostname"] = params["local_hostname"]
+        if "source_address" in params:
+            try:
+                fields["source_address"] = check_source_address(params["source_address"])
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{exc}: {shown}") from None
         if "auth" in params:
             fields["auth_mechanisms"] = _mechanisms(params["auth"], shown)
         return cls(**fields)
@@ -326,6 +334,8 @@ def _network_arguments(parsed: TransportURL) -> dict[str, Any]:
         kwargs["timeouts"] = parsed.timeouts
     if parsed.local_hostname is not None:
         kwargs["local_hostname"] = parsed.local_hostname
+    if parsed.source_address is not None:
+        kwargs["source_address"] = parsed.source_address
     if parsed.auth_mechanisms is not None:
         kwargs["auth_mechanisms"] = parsed.auth_mechanisms
     return kwargs
