@@ -282,6 +282,17 @@ class STSPolicy:
             mx_patterns=self.mx,
             ssl_context=ssl_context,
             plaintext_fallback=False,
+            sts_policy_string=self.policy_string(),
+        )
+
+    def policy_string(self) -> tuple[str, ...]:
+        """The policy as TLS reports show it (RFC 8460 §4.4 ``policy-string``): one string
+        per line, each ``mx`` pattern on a line of its own, in the order of RFC 8461 §3.2."""
+        return (
+            "version: STSv1",
+            f"mode: {self.mode.value}",
+            *(f"mx: {pattern}" for pattern in self.mx),
+            f"max_age: {self.max_age}",
         )
 
 

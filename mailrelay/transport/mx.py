@@ -115,6 +115,7 @@ from mailrelay.transport.mx_plan import (
     Stale,
     Target,
     TLSPolicyHook,
+    TLSReporter,
     Trail,
     Unreachable,
     Verdict,
@@ -191,6 +192,9 @@ class MXTransport(Transport):
         max_addresses: the most addresses tried per domain and delivery.
         pool: how sessions are reused across domains and messages (:data:`MX_POOL`: at
             most 8 idle, 5 s each); ``PoolSettings(max_messages=1)`` turns reuse off.
+        tls_reporter: told how TLS went on every fresh session (a
+            :class:`~mailrelay.transport.tlsrpt.TLSReportCollector`, for SMTP TLS Reporting,
+            RFC 8460); ``None``: nothing is collected.
 
     Raises:
         ConfigurationError: when the settings cannot work.
@@ -212,6 +216,7 @@ class MXTransport(Transport):
         chunking: bool = False,
         max_addresses: int = DEFAULT_MAX_ADDRESSES,
         pool: PoolSettings = MX_POOL,
+        tls_reporter: TLSReporter | None = None,
     ) -> None:
         if not isinstance(pool, PoolSettings):
             raise ConfigurationError("pool must be a PoolSettings value")
@@ -227,6 +232,7 @@ class MXTransport(Transport):
             pipelining=pipelining,
             chunking=chunking,
             max_addresses=max_addresses,
+            tls_reporter=tls_reporter,
         )
         self.resolver = resolver if resolver is not None else Resolver()
         self._pool: ExchangerPool[PooledSession] = ExchangerPool(pool, logger=log)

@@ -55,6 +55,7 @@ from mailrelay.transport.mx_plan import (
     Route,
     SendMessage,
     Target,
+    TLSReporter,
     Trail,
     Unreachable,
     dane_required,
@@ -106,6 +107,9 @@ class AsyncMXTransport(AsyncTransport):
             :class:`~mailrelay.transport.mtasts.AsyncMTASTS`'s, holds from the first one).
         concurrency: the most domains of one envelope delivered at the same time.
         pool: how sessions are reused (:data:`~mailrelay.transport.mx.MX_POOL`).
+        tls_reporter: as :class:`~mailrelay.transport.mx.MXTransport`'s (it is called on
+            the event loop; a :class:`~mailrelay.transport.tlsrpt.TLSReportCollector` never
+            waits there).
         Other arguments: as :class:`~mailrelay.transport.mx.MXTransport`.
 
     Raises:
@@ -129,6 +133,7 @@ class AsyncMXTransport(AsyncTransport):
         max_addresses: int = DEFAULT_MAX_ADDRESSES,
         concurrency: int = DEFAULT_CONCURRENCY,
         pool: PoolSettings = MX_POOL,
+        tls_reporter: TLSReporter | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, not {concurrency!r}")
@@ -146,6 +151,7 @@ class AsyncMXTransport(AsyncTransport):
             pipelining=pipelining,
             chunking=chunking,
             max_addresses=max_addresses,
+            tls_reporter=tls_reporter,
         )
         self.resolver = resolver if resolver is not None else AsyncResolver()
         self.concurrency = concurrency

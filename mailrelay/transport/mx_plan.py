@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Generator, Hashable, Iterable
-from typing import Any, Final, Generic, TypeAlias, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
 
 import attrs
 
@@ -74,6 +74,10 @@ def _patterns(value: Iterable[str]) -> tuple[str, ...]:
     return tuple(pattern.lower().rstrip(".") for pattern in value)
 
 
+def _strings(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 def _check_context(
     instance: object, attribute: attrs.Attribute[ssl.SSLContext | None], value: object
 ) -> None:
@@ -100,6 +104,10 @@ class MXPolicy:
             exchangers it applies to; they are treated by it whatever ``tls`` says (the
             others follow ``tls``). Made by the :class:`~mailrelay.transport.dane.DANE`
             hooks.
+        sts_policy_string: the lines of the MTA-STS policy this policy enforces, for TLS
+            reporting (RFC 8460 §4.4's ``policy-string``, :mod:`mailrelay.transport.tlsrpt`);
+            empty when no MTA-STS policy made it. Not part of equality: it changes nothing
+            about delivery.
     """
 
     tls: TLS = attrs.field(default=TLS.OPPORTUNISTIC, validator=_check_tls)
@@ -109,6 +117,7 @@ class MXPolicy:
     dane: DANEPolicy | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(DANEPolicy))
     )
+    sts_policy_string: tuple[str, ...] = attrs.field(default=(), converter=_strings, eq=False)
 
     def allows(self, host: str) -> bool:
         """Whether the exchanger ``host`` may be used (always, without ``mx_patterns``)."""
@@ -176,6 +185,40 @@ class Target:
     def tls_name(self) -> str:
         """The name to check a certificate against: the exchanger, or the bare address."""
         return self.address if self.name.startswith("[") else self.name
+
+
+@attrs.frozen(kw_only=True)
+class TLSAttempt:
+    """What happened to TLS on one fresh session to one target, for TLS reporting
+    (:mod:`mailrelay.transport.tlsrpt`): told to the transport's ``tls_reporter``.
+
+    Attributes:
+        domain: the recipient (policy) domain, A-label form.
+        policy: the domain's policy the session was opened under.
+        target: the exchanger and address.
+        tls: the TLS mode the session was opened with.
+        error: the :class:`~mailrelay.errors.TLSError` that ended the attempt, or ``None``
+            when a session opened.
+        encrypted: whether the session that opened is encrypted.
+        sending_ip: our address on the session, when known.
+    """
+
+    domain: str
+    policy: MXPolicy
+    target: Target
+    tls: TLS
+    error: TLSError | None = None
+    encrypted: bool = False
+    sending_ip: str | None = None
+
+
+class TLSReporter(Protocol):
+    """What the MX transports' ``tls_reporter`` must do (a
+    :class:`~mailrelay.transport.tlsrpt.TLSReportCollector` does): take note of one
+    attempt, quickly, without blocking or awaiting (it is called on the event loop)."""
+
+    def tls_attempt(self, attempt: TLSAttempt) -> None:
+        """Record ``attempt``."""
 
 
 @attrs.frozen(kw_only=True)
@@ -555,15 +598,20 @@ def deliver_plan(
     for target in targets:
         key = reuse_key(target, policy, settings.context(policy, policy.tls))
         result: DeliveryResult | None = yield from _target_plan(
-            key, target, policy, envelope, trail
+            key, target, policy, envelope, trail, settings
         )
         if result is not None:
             return with_host(result.recipients, target.peer)
     return trail.results([r.address for r in envelope.recipients])
 
 
-def _target_plan(
-    key: Hashable, target: Target, policy: MXPolicy, envelope: Envelope, trail: Trail
+def _target_plan(  # noqa: PLR0917 -- private; the plan's state
+    key: Hashable,
+    target: Target,
+    policy: MXPolicy,
+    envelope: Envelope,
+    trail: Trail,
+    settings: MXSettings | None = None,
 ) -> _TargetPlan[C]:
     """One target: the result, or ``None`` after ``trail`` recorded why it failed."""
     idle = yield ReuseIdle(key)
@@ -578,7 +626,10 @@ def _target_plan(
     if host is not None and host.state is HostState.FAILED:
         # RFC 7672 §2.1.1: a failed TLSA lookup: neither DANE nor a downgrade; next MX.
         why = f"DANE: the TLSA lookup for {target.name} failed ({host.reason})"
-        trail.failed(target, TLSError(why, is_transient=True, host=target.peer), transient=True)
+        failure = TLSError(why, is_transient=True, host=target.peer)
+        if settings is not None:
+            settings.report_tls(trail.domain, policy, target, TLS.STARTTLS, failure)
+        trail.failed(target, failure, transient=True)
         return None
     if host is not None and host.state is HostState.ENCRYPT and envelope.requiretls:
         # RFC 8689 §4.2.1: REQUIRETLS needs an authenticated server; TLSA records none of
@@ -591,6 +642,8 @@ def _target_plan(
         tls = TLS.STARTTLS
     while tls is not None:  # at most twice: with TLS, then in plain text
         opened = yield OpenSession(target, policy, tls)
+        if settings is not None:
+            settings.report_tls(trail.domain, policy, target, tls, opened)
         if not isinstance(opened, PooledConnection):
             assert isinstance(opened, DeliveryError), "OpenSession gives a session or an error"
             tls = trail.open_failed(target, opened, policy, tls)
@@ -642,6 +695,7 @@ class MXSettings:
         chunking: bool,
         max_addresses: int,
         source_address: str | None = None,
+        tls_reporter: TLSReporter | None = None,
     ) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigurationError(f"port must be a number from 1 to 65535, not {port!r}")
@@ -664,6 +718,11 @@ class MXSettings:
         self.chunking = chunking
         self.max_addresses = max_addresses
         self.source_address = check_source_address(source_address)
+        if tls_reporter is not None and not callable(getattr(tls_reporter, "tls_attempt", None)):
+            raise ConfigurationError(
+                "tls_reporter must have a tls_attempt(attempt) method (a TLSReportCollector)"
+            )
+        self.tls_reporter = tls_reporter
         self._opportunistic = opportunistic_context()
         self._verifying: ssl.SSLContext | None = ssl_context
 
@@ -756,6 +815,34 @@ class MXSettings:
             chunking=self.chunking,
             peer=target.peer,
         )
+
+    def report_tls(
+        self, domain: str, policy: MXPolicy, target: Target, tls: TLS, opened: object
+    ) -> None:
+        """Tell the ``tls_reporter`` (if any) how TLS went on a fresh session: ``opened`` is
+        the session, or the error that stopped it (only TLS failures are TLS attempts: a
+        refused connection never reached TLS). A plain-text session the policy chose
+        (``TLS.NONE``, the fallback after a failed handshake) is no attempt. A reporter that
+        fails is logged, never allowed to change a delivery."""
+        if self.tls_reporter is None or tls is TLS.NONE:
+            return
+        if isinstance(opened, PooledConnection):
+            attempt = TLSAttempt(
+                domain=domain, policy=policy, target=target, tls=tls,
+                encrypted=bool(opened.session.encrypted),
+                sending_ip=opened.driver.local_address,
+            )  # fmt: skip
+        elif isinstance(opened, TLSError):
+            attempt = TLSAttempt(
+                domain=domain, policy=policy, target=target, tls=tls, error=opened,
+                sending_ip=self.source_address,
+            )  # fmt: skip
+        else:
+            return
+        try:
+            self.tls_reporter.tls_attempt(attempt)
+        except Exception:
+            log.exception("the TLS reporter failed on %s (delivery goes on)", target.peer)
 
     def describe(self) -> str:
         """A one-line description for ``repr``."""
