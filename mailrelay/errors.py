@@ -7,8 +7,9 @@ already catches ``ValueError`` or ``TimeoutError`` keeps working::
     ├── InvalidAddress (ValueError)        an address that is not a usable envelope address
     ├── MessageError (ValueError)          a message that cannot be built, parsed or sent as is
     ├── ConfigurationError (ValueError)    a transport, URL or policy that makes no sense
-    ├── PolicyError (ValueError)           an MTA-STS record or policy text that is not valid
+    ├── PolicyError (ValueError)           an MTA-STS or TLS-RPT record or policy that is not valid
     ├── PolicyFetchError                   an MTA-STS policy could not be fetched
+    ├── ReportError                        a TLS report could not be submitted over HTTPS
     ├── ProtocolError                      the SMTP dialogue itself went wrong
     │   ├── LocalProtocolError             we asked for something the protocol forbids now
     │   └── RemoteProtocolError            the server sent something malformed or unexpected
@@ -58,6 +59,7 @@ __all__ = [
     "PolicyFetchError",
     "ProtocolError",
     "RemoteProtocolError",
+    "ReportError",
     "ResolverError",
     "ServerProtocolError",
     "SessionRefused",
@@ -120,13 +122,19 @@ class ConfigurationError(MailRelayError, ValueError):
 
 
 class PolicyError(MailRelayError, ValueError):
-    """An MTA-STS TXT record or policy text that is not valid (RFC 8461 §3.1, §3.2)."""
+    """An MTA-STS TXT record or policy text that is not valid (RFC 8461 §3.1, §3.2), or a
+    TLS-RPT record that is not (RFC 8460 §3)."""
 
 
 class PolicyFetchError(MailRelayError):
     """An MTA-STS policy could not be fetched (RFC 8461 §3.3): no address, a connection,
     TLS or certificate failure, a redirect, a status other than 200, the wrong media type,
     a body too large, a timeout, or a policy that does not parse."""
+
+
+class ReportError(MailRelayError):
+    """A TLS report (RFC 8460 §5.4) could not be submitted over HTTPS: a connection or TLS
+    failure, a redirect, a status other than 2xx, or a timeout."""
 
 
 class ProtocolError(MailRelayError):
