@@ -780,6 +780,7 @@ def post_report(
     context: ssl.SSLContext | None = None,
     timeout: float = DEFAULT_POST_TIMEOUT,
     address: str | None = None,
+    port: int | None = None,
 ) -> int:
     """POST the gzipped report to an ``https:`` rua (RFC 8460 §5.4).
 
@@ -789,6 +790,7 @@ def post_report(
         context: verifies the server's certificate (default: the system's CAs).
         timeout: seconds the whole exchange may take.
         address: the IP address to connect to (default: the host's, from the system).
+        port: the port to connect to instead of the URL's (tests use another).
 
     Returns:
         The 2xx status the server answered.
@@ -801,7 +803,7 @@ def post_report(
     if parts.scheme.lower() != "https" or not parts.hostname:
         raise ReportError(f"not an https: URL: {url!r}")
     host = parts.hostname
-    port = parts.port or 443
+    port = port if port is not None else (parts.port or 443)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     context = context if context is not None else ssl.create_default_context()
     body = report.gzipped()

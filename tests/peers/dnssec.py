@@ -137,6 +137,11 @@ def signed_records(certs: Certificates) -> list[tuple[str, str, str]]:
         "expired", (10, "mx-expired", HOST, (tlsa_data(3, 1, 1, certs.expired_der),))
     )  # its MX RRset is broken after signing
     domain("ta", (10, "mx-ta", HOST, (tlsa_data(2, 0, 1, certs.ca),)))
+    # TLS-RPT (RFC 8460 §3): where the DANE domains' reports go (tests/transport/test_tlsrpt.py).
+    records.extend(
+        (f"_smtp._tls.{name}", "TXT", f'"v=TLSRPTv1; rua=mailto:tlsrpt@{name}.{SIGNED}"')
+        for name in ("ee", "failover", "notls", "bogus")
+    )
     domain(
         "pkix",
         (10, "mx-pkix", HOST, (tlsa_data(0, 0, 1, certs.ca), tlsa_data(1, 1, 1, certs.leaf))),

@@ -1,4 +1,5 @@
-"""An HTTPS server for MTA-STS policies (RFC 8461 §3.3), on loopback, for the tests.
+"""An HTTPS server for MTA-STS policies (RFC 8461 §3.3), on loopback, for the tests; it also
+takes TLS-RPT reports POSTed to it (RFC 8460 §5.4), recorded in :attr:`PolicyServer.posts`.
 
 Rules of this module:
 
@@ -95,6 +96,25 @@ class Response:
 
 #: The padding header's size in a dripping answer: 1000 bytes at 0.01 s are 10 s in all.
 DRIP_PADDING = 1000
+#: The most bytes of a POST body the server reads.
+MAX_POST_SIZE = 1024 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class Posted:
+    """One POST the server received (TLS-RPT reports, RFC 8460 §5.4).
+
+    Attributes:
+        host: the ``Host`` name.
+        path: the request path.
+        content_type: the media type of the body (parameters left out).
+        body: the body.
+    """
+
+    host: str
+    path: str
+    content_type: str
+    body: bytes
 
 
 def policy_response(text: str) -> Response:
@@ -144,6 +164,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         finally:
             owner.drip_done.set()
 
+    def do_POST(self) -> None:
+        # TLS-RPT (RFC 8460 §5.4): reports are POSTed; the body is read up to its declared
+        # length (bounded) and recorded with the host, path and media type.
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].lower()
+        length = min(int(self.headers.get("Content-Length") or 0), MAX_POST_SIZE)
+        body = self.rfile.read(length)
+        owner = self.server.owner
+        with owner.lock:
+            owner.requests.append((host, self.path))
+            owner.posts.append(
+                Posted(host=host, path=self.path, content_type=self.headers.get_content_type(),
+                       body=body)
+            )  # fmt: skip
+            response = owner.post_routes.get(host, Response(status=404, body=b"not found\n"))
+        self.send_response(response.status)
+        for name, value in response.headers:
+            self.send_header(name, value)
+        if response.content_type is not None:
+            self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.end_headers()
+        self.wfile.write(response.body)
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the requests are recorded; stderr stays quiet
 
@@ -181,6 +224,8 @@ class PolicyServer:
         self.lock = threading.Lock()
         self.routes: dict[str, Response] = {}
         self.requests: list[tuple[str, str]] = []
+        self.posts: list[Posted] = []
+        self.post_routes: dict[str, Response] = {}
         self.tls_failures: list[str] = []
         self.stopping = threading.Event()
         self.drips: list[str] = []
@@ -205,6 +250,11 @@ class PolicyServer:
             response = policy_response(response)
         with self.lock:
             self.routes[f"mta-sts.{domain}"] = response
+
+    def accept_posts(self, host: str, response: Response | None = None) -> None:
+        """Answer POSTs for ``host`` with ``response`` (default: ``200``, empty)."""
+        with self.lock:
+            self.post_routes[host] = response if response is not None else Response(body=b"")
 
     def fetches(self, domain: str) -> int:
         """How many requests for ``mta-sts.<domain>`` arrived."""

@@ -99,6 +99,23 @@ def txt_strings(text: str) -> str:
     return " ".join(f'"{text[i : i + 255]}"' for i in range(0, len(text), 255))
 
 
+#: TLS-RPT (RFC 8460 §3) records, ``_smtp._tls.<domain>``: as for ``_mta-sts``, each domain's
+#: TXT strings (tests/transport/test_tlsrpt.py). ``enforce`` has a valid record with a
+#: mailto and an https URI; ``mismatch`` two TLSRPTv1 records (so: none); ``testing`` one
+#: record split across two strings (joined) next to an unrelated one; ``malformed`` one whose
+#: only URI has an unsupported scheme.
+TLSRPT_RECORDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "enforce.sts.test": (
+        ("v=TLSRPTv1; rua=mailto:tlsrpt@mailrelay.test,https://reports.mailrelay.test/tlsrpt",),
+    ),
+    "mismatch.sts.test": (
+        ("v=TLSRPTv1; rua=mailto:one@mailrelay.test",),
+        ("v=TLSRPTv1; rua=mailto:two@mailrelay.test",),
+    ),
+    "testing.sts.test": (("v=TLSRPTv1;", "rua=mailto:tlsrpt@mailrelay.test"), ("v=spf1 -all",)),
+    "malformed.sts.test": (("v=TLSRPTv1; rua=ftp://reports.mailrelay.test/x",),),
+}
+
 #: (owner, ttl, type, rdata) of every record in the zone.
 RECORDS: tuple[tuple[str, int, str, str], ...] = (
     ("test.", SOA_TTL, "SOA", f"ns.test. hostmaster.test. 1 3600 900 86400 {SOA_MINIMUM}"),
@@ -171,6 +188,11 @@ RECORDS: tuple[tuple[str, int, str, str], ...] = (
                 else ()
             ),
         )
+    ),
+    *(
+        (f"_smtp._tls.{domain}.", TTL, "TXT", " ".join(f'"{part}"' for part in strings))
+        for domain, records in TLSRPT_RECORDS.items()
+        for strings in records
     ),
     *(
         record
