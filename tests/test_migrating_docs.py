@@ -454,3 +454,16 @@ def test_the_some_refused_row_tells_4xx_from_5xx(tls_files: TLSFiles) -> None:
         Outcome.PERMANENT,
         Outcome.TRANSIENT,
     ]
+
+
+def test_aiosmtplib_421_at_the_only_recipient(tls_files: TLSFiles) -> None:
+    """The ``421`` at ``RCPT`` row's aside: with a single recipient aiosmtplib reports the 421
+    as a refused recipient; smtplib does so whatever the count."""
+    case = attrs.evolve(CASES["`421` at `RCPT` (server shutting down)"], to=("ann@example.net",))
+    _, aiosmtplib_cell, _ = _table()["`421` at `RCPT` (server shutting down)"]
+    context = tls_files.client_context()
+    with SMTPTestServer(**case.server) as server:
+        observed, _ = _observe(lambda: _with_aiosmtplib(case, server.host, server.port, context))
+        smtplib_observed, _ = _observe(lambda: _with_smtplib(case, server.host, server.port, None))
+    assert observed == smtplib_observed == "SMTPRecipientsRefused"
+    assert "(`SMTPRecipientsRefused` for a single recipient)" in aiosmtplib_cell
