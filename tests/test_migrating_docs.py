@@ -74,6 +74,11 @@ def test_every_example_runs(
     # Whatever logged in did so over TLS (the page's point about credentials).
     assert all(m.tls for m in received if m.authenticated)
     assert {m.authenticated for m in received} >= {USER}
+    # asend_many spread the reminders over the pool's two connections (reminders 3 to 9
+    # went only through asend_many; 0 to 2 were sent again by asyncio.gather).
+    only_batched = (b"Reminder %d\r\n" % n for n in range(3, 10))
+    sessions = {m.session for text in only_batched for m in received if text in m.data}
+    assert len(sessions) == 2
     # The "localhost:25" example sent in plain text without logging in.
     assert any(not m.tls and m.authenticated is None for m in received)
 
