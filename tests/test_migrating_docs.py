@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import email.mime.text
 import logging
@@ -218,10 +219,12 @@ def test_server_examples_compile_and_their_imports_resolve(
     assert len(blocks) >= 2
     for number, block in enumerate(blocks, start=1):
         label = f"{DOC.name} server block {number}"
-        code = compile(block, label, "exec")
-        assert code is not None
-        imports = [line for line in block.splitlines() if line.startswith(("import ", "from "))]
-        exec(compile("\n".join(imports), label, "exec"), {})
+        tree = ast.parse(block, label)
+        imports = ast.Module(
+            body=[node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)],
+            type_ignores=[],
+        )
+        exec(compile(imports, label, "exec"), {})
 
 
 # -- what the page says about defaults ----------------------------------------------------------
