@@ -37,6 +37,10 @@ Rules of this module:
   passes the recipients are ``TRANSIENT`` (§5: a policy failure defers, it never bounces).
   ``testing`` and ``none`` keep the transport's opportunistic default; in ``testing`` mode the
   exchangers that ``enforce`` would skip are logged (a WARNING).
+- Reporting (RFC 8460 §4.3.2.2): with ``tls_reporter=`` (a
+  :class:`~mailrelay.transport.tlsrpt.TLSReportCollector`), each failed fetch is told to it
+  (``sts_policy_failure``): once per fetch attempt, not per message (``retry_delay`` spaces
+  them).
 - The hook composes: ``fallback=`` is asked for every domain without an ``enforce`` policy.
 """
 
@@ -54,7 +58,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Hashable, Iterable
-from typing import Final, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
 import attrs
 
@@ -403,7 +407,15 @@ class _Core:
         fallback: TLSPolicyHook | None,
         retry_delay: float,
         refresh_after: float,
+        tls_reporter: STSFailureReporter | None = None,
     ) -> None:
+        if tls_reporter is not None and not callable(
+            getattr(tls_reporter, "sts_policy_failure", None)
+        ):
+            raise ConfigurationError(
+                "tls_reporter must have an sts_policy_failure method (a TLSReportCollector)"
+            )
+        self.tls_reporter = tls_reporter
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigurationError(f"port must be a number from 1 to 65535, not {port!r}")
         if not timeout > 0:
@@ -457,6 +469,7 @@ class _Core:
         fetched = yield _Fetch(domain)
         if isinstance(fetched, PolicyFetchError):
             self._remember_failure(domain, record.id, now)
+            self._report(domain, fetched)
             # RFC 8461 §5.1: a failed refresh never downgrades a valid cached policy.
             log.warning(
                 "MTA-STS: could not fetch the policy of %s (id %s): %s%s",
@@ -478,6 +491,15 @@ class _Core:
             fetched.max_age,
         )
         return entry
+
+    def _report(self, domain: str, error: PolicyFetchError) -> None:
+        """Tell the TLS reporter (RFC 8460 §4.3.2.2); a reporter that fails is only logged."""
+        if self.tls_reporter is None:
+            return
+        try:
+            self.tls_reporter.sts_policy_failure(domain, error)
+        except Exception:
+            log.exception("MTA-STS: the TLS reporter failed on %s", domain)
 
     def _recently_failed(self, domain: str, record_id: str, now: float) -> bool:
         with self._failed_lock:
@@ -670,6 +692,15 @@ def fetch_policy(
 _MAX_PLAN_STEPS: Final = 3
 
 
+class STSFailureReporter(Protocol):
+    """What the hooks' ``tls_reporter`` must do (a
+    :class:`~mailrelay.transport.tlsrpt.TLSReportCollector` does): take note of a failed
+    policy fetch, quickly, without blocking or awaiting."""
+
+    def sts_policy_failure(self, domain: str, error: PolicyFetchError) -> None:
+        """Record that ``domain``'s policy could not be fetched (or parsed)."""
+
+
 class MTASTS:
     """MTA-STS for :class:`~mailrelay.transport.mx.MXTransport`: pass it as ``tls_policy``.
 
@@ -695,6 +726,8 @@ class MTASTS:
         retry_delay: seconds before a policy whose fetch failed is fetched again.
         refresh_after: seconds after which a cached policy is fetched again even though its
             ``id`` is unchanged (renewing it before it expires; a failure keeps it).
+        tls_reporter: told about each failed policy fetch, for TLS reporting (RFC 8460,
+            a :class:`~mailrelay.transport.tlsrpt.TLSReportCollector`); ``None``: not told.
     """
 
     def __init__(
@@ -710,6 +743,7 @@ class MTASTS:
         fallback: TLSPolicyHook | None = None,
         retry_delay: float = FETCH_RETRY_DELAY,
         refresh_after: float = DEFAULT_REFRESH_AFTER,
+        tls_reporter: STSFailureReporter | None = None,
     ) -> None:
         if resolver is not None and not isinstance(resolver, Resolver):
             raise ConfigurationError("MTASTS needs a mailrelay.resolver.Resolver")
@@ -717,7 +751,7 @@ class MTASTS:
         self._core = _Core(
             port=port, timeout=timeout, ssl_context=ssl_context, mx_ssl_context=mx_ssl_context,
             clock=clock, cache=cache, fallback=fallback, retry_delay=retry_delay,
-            refresh_after=refresh_after,
+            refresh_after=refresh_after, tls_reporter=tls_reporter,
         )  # fmt: skip
         # Striped locks: one domain's refreshes run one at a time (the second finds the
         # first's policy cached); different domains rarely wait for each other.
@@ -811,6 +845,7 @@ class AsyncMTASTS:
         fallback: as for :class:`MTASTS`.
         retry_delay: as for :class:`MTASTS`.
         refresh_after: as for :class:`MTASTS`.
+        tls_reporter: as for :class:`MTASTS`.
     """
 
     def __init__(
@@ -826,6 +861,7 @@ class AsyncMTASTS:
         fallback: TLSPolicyHook | None = None,
         retry_delay: float = FETCH_RETRY_DELAY,
         refresh_after: float = DEFAULT_REFRESH_AFTER,
+        tls_reporter: STSFailureReporter | None = None,
     ) -> None:
         if resolver is not None and not isinstance(resolver, AsyncResolver):
             raise ConfigurationError("AsyncMTASTS needs a mailrelay.resolver.AsyncResolver")
@@ -833,7 +869,7 @@ class AsyncMTASTS:
         self._core = _Core(
             port=port, timeout=timeout, ssl_context=ssl_context, mx_ssl_context=mx_ssl_context,
             clock=clock, cache=cache, fallback=fallback, retry_delay=retry_delay,
-            refresh_after=refresh_after,
+            refresh_after=refresh_after, tls_reporter=tls_reporter,
         )  # fmt: skip
         self._checks: dict[str, asyncio.Task[CachedPolicy | None]] = {}
 

@@ -34,8 +34,12 @@ Rules of this module (RFC 8460 sections cited where they are enforced):
   failure; ``tlsa-invalid`` is kept for records none of which is usable); secure TLSA records
   none of which is usable (encryption without authentication) ``tlsa-invalid``; a TLSA lookup
   that failed (bogus or SERVFAIL) ``dnssec-invalid``; any other failed handshake
-  ``validation-failure``. The ``sts-*`` types and ``dane-required`` are not seen by the
-  transports: :meth:`TLSReportCollector.record` takes them from the application.
+  ``validation-failure``. MTA-STS policy fetches are the MTA-STS hooks' (their
+  ``tls_reporter=``, :meth:`TLSReportCollector.sts_policy_failure`): a policy that does not
+  parse ``sts-policy-invalid``, a policy host whose certificate fails ``sts-webpki-invalid``,
+  any other failure ``sts-policy-fetch-error`` (§4.3.2.2), one per fetch attempt, counted
+  under an ``sts`` policy without text. ``dane-required`` is never seen (no DANE-only mode):
+  :meth:`TLSReportCollector.record` takes it, and anything else, from the application.
 - Aggregation (§4.4): counters per (policy domain, policy); failure details per (result
   type, sending IP, exchanger, receiving IP, reason code) with ``failed-session-count``.
 - Bounded memory: at most ``max_failure_details`` detail rows per policy (100 by default;
@@ -61,6 +65,7 @@ Rules of this module (RFC 8460 sections cited where they are enforced):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as _dt
 import enum
@@ -89,6 +94,7 @@ from mailrelay.errors import (
     ConfigurationError,
     InvalidAddress,
     PolicyError,
+    PolicyFetchError,
     ReportError,
     ResolverError,
 )
@@ -110,10 +116,13 @@ __all__ = [
     "TLSReport",
     "TLSReportCollector",
     "adiscover",
+    "apost_report",
     "classify",
     "discover",
     "post_report",
     "report_message",
+    "result_of",
+    "sts_result_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -397,6 +406,18 @@ def result_of(text: str) -> tuple[ResultType, str | None]:
     return ResultType.VALIDATION_FAILURE, code
 
 
+def sts_result_of(text: str) -> ResultType:
+    """The RFC 8460 §4.3.2.2 result type of a :class:`~mailrelay.errors.PolicyFetchError`'s
+    text: a policy that does not parse ``sts-policy-invalid``; a policy host whose
+    certificate failed verification ``sts-webpki-invalid``; anything else (no address, no
+    connection, an HTTP error, a timeout) ``sts-policy-fetch-error``."""
+    if "serves an invalid policy" in text:
+        return ResultType.STS_POLICY_INVALID
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return ResultType.STS_WEBPKI_INVALID
+    return ResultType.STS_POLICY_FETCH_ERROR
+
+
 def classify(attempt: TLSAttempt) -> SessionRecord:
     """What an MX transport's attempt means for the report (see the module rules)."""
     policy, dane_state = _policy_of(attempt)
@@ -471,6 +492,16 @@ class TLSReportCollector:
     def tls_attempt(self, attempt: TLSAttempt) -> None:
         """What the MX transports call: classify ``attempt`` and count it."""
         self.record(classify(attempt))
+
+    def sts_policy_failure(self, domain: str, error: PolicyFetchError) -> None:
+        """What the MTA-STS hooks call when a policy fetch failed (their ``tls_reporter``):
+        counted as one failure under an ``sts`` policy without text (RFC 8460 §4.3.2.2)."""
+        self.record(
+            SessionRecord(
+                policy=ReportPolicy(policy_type=PolicyType.STS, policy_domain=domain),
+                result=sts_result_of(str(error)),
+            )
+        )
 
     def record(self, session: SessionRecord) -> None:
         """Count one session (the application's way to add policy failures the transports
@@ -803,7 +834,10 @@ def post_report(
     if parts.scheme.lower() != "https" or not parts.hostname:
         raise ReportError(f"not an https: URL: {url!r}")
     host = parts.hostname
-    port = port if port is not None else (parts.port or 443)
+    try:
+        port = port if port is not None else (parts.port or 443)
+    except ValueError:  # urlsplit's port: not a number, or out of range
+        raise ReportError(f"not a usable port in {url!r}") from None
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     context = context if context is not None else ssl.create_default_context()
     body = report.gzipped()
@@ -837,3 +871,19 @@ def post_report(
     finally:
         watchdog.cancel()
         conn.close()
+
+
+async def apost_report(
+    report: TLSReport,
+    url: str,
+    *,
+    context: ssl.SSLContext | None = None,
+    timeout: float = DEFAULT_POST_TIMEOUT,
+    address: str | None = None,
+    port: int | None = None,
+) -> int:
+    """:func:`post_report` from asyncio: it runs in a worker thread (``http.client`` blocks),
+    so the event loop never waits on the network."""
+    return await asyncio.to_thread(
+        post_report, report, url, context=context, timeout=timeout, address=address, port=port
+    )

@@ -42,6 +42,7 @@ from mailrelay.transport.tlsrpt import (
     TLSReport,
     TLSReportCollector,
     adiscover,
+    apost_report,
     discover,
     post_report,
     report_message,
@@ -361,6 +362,52 @@ def test_mta_sts_enforce_sessions_are_counted_by_result(  # noqa: PLR0917 -- fix
         assert row["receiving-ip"] == FIRST
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize(
+    ("domain", "served", "result_type"),
+    [
+        (ENFORCE, "version: STSv1\r\nmode: enforce\r\n", "sts-policy-invalid"),  # no max_age
+        (ENFORCE, None, "sts-policy-fetch-error"),  # HTTP 404
+        ("noaddr.sts.test", STS_TEXT, "sts-policy-fetch-error"),  # no mta-sts host address
+        ("badcert.sts.test", STS_TEXT, "sts-webpki-invalid"),  # the certificate names others
+    ],
+)
+def test_failed_policy_fetches_are_reported(  # noqa: PLR0917 -- fixtures and table columns
+    flavour: Flavour,
+    domain: str,
+    served: str | None,
+    result_type: str,
+    unbound: UnboundServer,
+    https_server: PolicyServer,
+    tls_files: TLSFiles,
+) -> None:
+    if served is not None:
+        https_server.serve(domain, served)
+    collector = TLSReportCollector()
+    options: dict[str, Any] = {
+        "port": https_server.port,
+        "ssl_context": tls_files.client_context(),
+        "timeout": 5.0,
+        "tls_reporter": collector,
+    }
+    if flavour == "sync":
+        sts = MTASTS(unbound.resolver(timeout=1.0), **options)
+        assert sts(domain) is None  # no policy: the transport's defaults
+        assert sts(domain) is None  # not fetched again at once: not reported again
+    else:
+
+        async def main() -> None:
+            asts = AsyncMTASTS(unbound.async_resolver(timeout=1.0), **options)
+            assert await asts(domain) is None
+            assert await asts(domain) is None
+
+        run(main())
+    [entry] = only_report(collector)["policies"]
+    assert entry["policy"] == {"policy-type": "sts", "policy-domain": domain}
+    assert summary(entry) == (0, 1)
+    assert entry["failure-details"] == [{"result-type": result_type, "failed-session-count": 1}]
+
+
 # -- discovery and delivery of the reports ---------------------------------------------------------
 
 
@@ -483,6 +530,18 @@ def test_a_post_that_is_not_taken_is_an_error(
     assert len(https_server.posts) == 1  # the redirect was not followed
 
 
+def test_the_report_is_posted_from_asyncio(https_server: PolicyServer, tls_files: TLSFiles) -> None:
+    https_server.accept_posts(REPORTS_HOST, Response(status=202))
+    report = _a_report()
+    url = f"https://{REPORTS_HOST}/v1/tlsrpt?x=1"
+    context = tls_files.client_context()
+    posting = apost_report(report, url, context=context, address=FIRST, port=https_server.port)
+    assert run(posting) == 202
+    [posted] = https_server.posts
+    assert posted.path == "/v1/tlsrpt?x=1"
+    assert json.loads(gzip.decompress(posted.body)) == report.to_dict()
+
+
 def test_a_post_checks_the_servers_certificate(https_server: PolicyServer) -> None:
     https_server.accept_posts(REPORTS_HOST)
     with pytest.raises(ReportError, match="TLS failure"):
@@ -493,7 +552,9 @@ def test_a_post_checks_the_servers_certificate(https_server: PolicyServer) -> No
     assert https_server.posts == []
 
 
-@pytest.mark.parametrize("url", ["http://reports.test/x", "mailto:a@b.test", "https:///x"])
+@pytest.mark.parametrize(
+    "url", ["http://reports.test/x", "mailto:a@b.test", "https:///x", "https://r.test:99999/x"]
+)
 def test_only_https_urls_are_posted_to(url: str) -> None:
     with pytest.raises(ReportError):
         post_report(_a_report(), url)

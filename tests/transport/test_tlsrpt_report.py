@@ -40,6 +40,7 @@ from mailrelay.transport.tlsrpt import (
     classify,
     report_message,
     result_of,
+    sts_result_of,
 )
 
 START = dt.datetime(2026, 11, 28, tzinfo=dt.UTC)
@@ -245,6 +246,23 @@ def _dane_mismatch() -> TLSError:
 )  # fmt: skip
 def test_transport_errors_map_onto_result_types(make: Any, result: ResultType) -> None:
     assert result_of(str(make()))[0] is result
+
+
+@pytest.mark.parametrize(
+    ("text", "result"),
+    [
+        ("mta-sts.example.com serves an invalid policy: line 1 is not 'key: value'",
+         ResultType.STS_POLICY_INVALID),
+        ("https://mta-sts.example.com/.well-known/mta-sts.txt: 192.0.2.1: TLS failure: "
+         "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: Hostname mismatch",
+         ResultType.STS_WEBPKI_INVALID),
+        ("https://mta-sts.example.com/.well-known/mta-sts.txt: 192.0.2.1: HTTP 404 Not Found",
+         ResultType.STS_POLICY_FETCH_ERROR),
+        ("mta-sts.example.com has no address", ResultType.STS_POLICY_FETCH_ERROR),
+    ],
+)  # fmt: skip
+def test_policy_fetch_failures_map_onto_sts_result_types(text: str, result: ResultType) -> None:
+    assert sts_result_of(text) is result
 
 
 def test_the_verify_message_is_the_reason_code() -> None:
