@@ -27,8 +27,9 @@ Rules of this module:
   carried messages before them); otherwise the first of them gets the error as its result.
 * Closing (``close()``, leaving ``with``) sends QUIT on every idle connection at once (one
   thread each when there are several) and waits for the replies, each bounded by the
-  ``greeting`` phase limit the dialogue reads QUIT's reply under (RFC 5321 §4.1.1.10: wait
-  for the reply); a failed QUIT is logged, never raised. A connection in use while the
+  ``quit`` phase limit (:attr:`Timeouts.quit <mailrelay.options.Timeouts.quit>`, 10 s by
+  default) the dialogue writes QUIT and reads its reply under (RFC 5321 §4.1.1.10: wait for
+  the reply); a failed QUIT is logged, never raised. A connection in use while the
   transport closes gets its QUIT when its thread gives it back. A transport that opened
   connections and is collected without ``close()`` emits a :class:`ResourceWarning` and
   closes the sockets it still holds (without QUIT: no blocking I/O in a finalizer).
@@ -149,7 +150,8 @@ class PooledSession(PooledConnection[SyncDriver]):
     def quit(self) -> None:
         """QUIT politely, then close; errors no longer matter (they are logged).
 
-        Bounded by the driver's ``greeting`` phase limit (the socket timeout while reading).
+        Bounded by the ``quit`` phase limit (:attr:`Timeouts.quit
+        <mailrelay.options.Timeouts.quit>`).
         """
         try:
             if self.usable:
