@@ -167,6 +167,32 @@ def _domain(value: str) -> str:
     return value.lower().rstrip(".")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DOMAIN_TEXT = re.compile(r"[a-z0-9_.\[\]:-]+")
+_REPORT_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def _check_text(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    # Values that reach mail headers and file names: CR/LF injection dies here.
+    if not isinstance(value, str) or _CONTROL.search(value):
+        raise ConfigurationError(f"{attribute.name} must be text without control characters")
+
+
+def _check_domain(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not _DOMAIN_TEXT.fullmatch(value):
+        raise ConfigurationError(f"{attribute.name} is not a domain (A-label form): {value!r}")
+
+
+def _check_report_id(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not _REPORT_ID.fullmatch(value):
+        raise ConfigurationError("report_id: 1 to 200 letters, digits, '.', '_' or '-'")
+
+
+def _check_time(instance: object, attribute: attrs.Attribute[_dt.datetime], value: object) -> None:
+    if not isinstance(value, _dt.datetime) or value.tzinfo is None:
+        raise ConfigurationError(f"{attribute.name} must be a timezone-aware datetime")
+
+
 def _strings(value: Iterable[str]) -> tuple[str, ...]:
     if isinstance(value, str):
         raise TypeError("a sequence of strings, not one string")
@@ -185,7 +211,7 @@ class ReportPolicy:
     """
 
     policy_type: PolicyType = attrs.field(validator=attrs.validators.instance_of(PolicyType))
-    policy_domain: str = attrs.field(converter=_domain)
+    policy_domain: str = attrs.field(converter=_domain, validator=_check_domain)
     policy_string: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     mx_host: tuple[str, ...] = attrs.field(default=(), converter=_strings)
 
@@ -307,13 +333,17 @@ class TLSReport:
         policies: its policies' results.
     """
 
-    organization_name: str
-    start: _dt.datetime
-    end: _dt.datetime
-    contact_info: str
-    report_id: str
-    policy_domain: str = attrs.field(converter=_domain)
+    organization_name: str = attrs.field(validator=_check_text)
+    start: _dt.datetime = attrs.field(validator=_check_time)
+    end: _dt.datetime = attrs.field(validator=_check_time)
+    contact_info: str = attrs.field(validator=_check_text)
+    report_id: str = attrs.field(validator=_check_report_id)
+    policy_domain: str = attrs.field(converter=_domain, validator=_check_domain)
     policies: tuple[PolicyResult, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        if self.end < self.start:
+            raise ConfigurationError("a report's period ends before it starts")
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON values, in the order of RFC 8460 §4.4."""
@@ -339,7 +369,7 @@ class TLSReport:
     def filename(self, submitter: str) -> str:
         """RFC 8460 §5.3's file name: ``submitter!policy-domain!begin!end!id.json.gz``
         (times in seconds since the epoch; the id without characters the name cannot take)."""
-        unique = re.sub(r"[^A-Za-z0-9._-]", "", self.report_id)[:64] or "1"
+        unique = self.report_id[:64]
         begin, end = int(self.start.timestamp()), int(self.end.timestamp())
         return f"{_domain(submitter)}!{self.policy_domain}!{begin}!{end}!{unique}.json.gz"
 
@@ -544,7 +574,12 @@ class TLSReportCollector:
             organization: ``organization-name``.
             contact: ``contact-info``.
         """
-        _rfc3339(start), _rfc3339(end)  # refuse naive times before dropping anything
+        # Refuse what cannot make a report before dropping anything.
+        if start.tzinfo is None or end.tzinfo is None or end < start:
+            raise ConfigurationError("start and end: timezone-aware, end not before start")
+        for name, text in (("organization", organization), ("contact", contact)):
+            if _CONTROL.search(text):
+                raise ConfigurationError(f"{name} must be text without control characters")
         with self._lock:
             tallies, self._tallies = self._tallies, {}
             self.dropped = 0
@@ -751,10 +786,16 @@ def report_message(
     Returns:
         A message any transport can send (sign it with DKIM: RFC 8460 §5.3).
     """
-    recipients = [str(address) for address in to]
+    try:
+        recipients = [str(a if isinstance(a, Address) else Address.parse(a)) for a in to]
+        sender = str(Address.parse(sender))
+    except InvalidAddress as exc:
+        raise ConfigurationError(f"not a usable report address: {exc}") from None
     if not recipients:
         raise ConfigurationError("a report message needs at least one recipient")
     submitter = _domain(submitter)
+    if not _DOMAIN_TEXT.fullmatch(submitter):
+        raise ConfigurationError(f"submitter is not a domain: {submitter!r}")
     outer = MIMEMultipart("report", report_type="tlsrpt")
     outer["From"] = sender
     outer["To"] = ", ".join(recipients)

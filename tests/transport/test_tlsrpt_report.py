@@ -525,3 +525,42 @@ def test_the_report_email_has_the_rfc_form() -> None:
 def test_a_report_email_needs_a_recipient() -> None:
     with pytest.raises(ConfigurationError):
         report_message(_report(), sender="a@b.example", to=[], submitter="b.example")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"organization_name": "Org\r\nBcc: x@y.example"},
+        {"contact_info": "a@b.example\n"},
+        {"report_id": "id\r\nX-Injected: 1"},
+        {"report_id": ""},
+        {"policy_domain": "example.com\r\nBcc: x@y.example"},
+        {"start": START.replace(tzinfo=None)},
+        {"end": START - dt.timedelta(seconds=1)},
+    ],
+)
+def test_reports_refuse_values_that_could_inject_headers(changes: dict[str, Any]) -> None:
+    fields: dict[str, Any] = {
+        "organization_name": "Org", "start": START, "end": END, "contact_info": "c@o.example",
+        "report_id": "r1", "policy_domain": "example.com",
+    }  # fmt: skip
+    fields.update(changes)
+    with pytest.raises(ConfigurationError):
+        TLSReport(**fields)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"sender": "not an address"},
+        {"to": ["bob@example.com\r\nBcc: x@y.example"]},
+        {"submitter": "sender.example\r\nX: y"},
+    ],
+)
+def test_the_report_email_refuses_bad_addresses(kwargs: dict[str, Any]) -> None:
+    options: dict[str, Any] = {
+        "sender": "a@b.example", "to": ["tls@example.com"], "submitter": "b.example",
+    }  # fmt: skip
+    options.update(kwargs)
+    with pytest.raises(ConfigurationError):
+        report_message(_report(), **options)
