@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 
 from mailrelay.address import Address
 from mailrelay.reply import Reply
+
+if TYPE_CHECKING:
+    from mailrelay.errors import MailRelayError
 
 __all__ = ["DeliveryResult", "Outcome", "RecipientResult"]
 
@@ -83,11 +87,19 @@ class DeliveryResult:
         recipients: one :class:`RecipientResult` per envelope recipient, in envelope order.
         message_id: the message's Message-ID, when known.
         host: the server that took the transaction (``host:port``), when known.
+        error: when the attempt ended in an exception that the transport turned into this
+            result (``send_many`` reports a message's failure so instead of raising it, so
+            that the other messages' results are not lost), that exception: a
+            :class:`~mailrelay.errors.DeliveryError` (its type and ``is_transient`` tell a
+            configuration or authentication problem from a refused recipient), or the
+            :class:`~mailrelay.errors.MessageError` of a message that could not be
+            DKIM-signed. ``None`` when the server answered. Not compared by ``==``.
     """
 
     recipients: tuple[RecipientResult, ...] = attrs.field(converter=_to_tuple)
     message_id: str | None = None
     host: str | None = None
+    error: MailRelayError | None = attrs.field(default=None, eq=False)
 
     @property
     def accepted(self) -> tuple[RecipientResult, ...]:

@@ -677,6 +677,9 @@ def test_send_refuses_a_message_it_cannot_sign() -> None:
 
 
 def unsigned_was_refused(result: DeliveryResult) -> bool:
+    # The exception itself is kept (DeliveryResult.error), not only its text.
+    if not isinstance(result.error, MessageError):
+        return False
     return bool(result.recipients) and all(
         r.outcome is Outcome.PERMANENT
         and r.reply is None

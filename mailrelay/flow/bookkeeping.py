@@ -23,8 +23,8 @@ from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 _set_address, _set_outcome, _set_reply, _set_reason, _set_host = slot_setters(
     RecipientResult, ("address", "outcome", "reply", "reason", "host")
 )
-_set_recipients, _set_message_id, _set_result_host = slot_setters(
-    DeliveryResult, ("recipients", "message_id", "host")
+_set_recipients, _set_message_id, _set_result_host, _set_error = slot_setters(
+    DeliveryResult, ("recipients", "message_id", "host", "error")
 )
 # Outcome.from_reply by the code's first digit; Outcome.TRANSIENT for anything else. (The
 # default is a global: in CPython 3.11 reading ``Outcome.X`` costs about 100 ns, since
@@ -73,6 +73,7 @@ def _delivery_result(
     _set_recipients(result, recipients)
     _set_message_id(result, message_id)
     _set_result_host(result, host)
+    _set_error(result, None)
     return result
 
 

@@ -101,7 +101,8 @@ def failed_result(message: Message, envelope: Envelope, error: DeliveryError) ->
     """The result of an attempt that raised ``error``: every recipient carries the failure.
 
     Used by ``send_many`` so that one failed message does not hide the results of the
-    others; a caller retrying ``result.deferred`` retries exactly the recipients it should.
+    others; a caller retrying ``result.deferred`` retries exactly the recipients it should,
+    and ``result.error`` keeps the exception itself.
     """
     outcome = Outcome.TRANSIENT if error.is_transient else Outcome.PERMANENT
     reason = f"{type(error).__name__}: {error}"
@@ -118,6 +119,7 @@ def failed_result(message: Message, envelope: Envelope, error: DeliveryError) ->
         ),
         message_id=message.message_id,
         host=error.host,
+        error=error,
     )
 
 

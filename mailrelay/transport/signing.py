@@ -63,6 +63,7 @@ def _unsignable(message: Message, envelope: Envelope, error: MessageError) -> De
             for recipient in envelope.recipients
         ),
         message_id=message.message_id,
+        error=error,
     )
 
 
