@@ -26,7 +26,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from mailrelay.envelope import Envelope
-from mailrelay.errors import ReportError
+from mailrelay.errors import ConfigurationError, ReportError
 from mailrelay.message import Message
 from mailrelay.options import Timeouts
 from mailrelay.resolver import AsyncResolver, Resolver
@@ -406,6 +406,89 @@ def test_failed_policy_fetches_are_reported(  # noqa: PLR0917 -- fixtures and ta
     assert entry["policy"] == {"policy-type": "sts", "policy-domain": domain}
     assert summary(entry) == (0, 1)
     assert entry["failure-details"] == [{"result-type": result_type, "failed-session-count": 1}]
+
+
+# -- opportunistic TLS (no policy), reuse, a failing reporter ------------------------------------
+
+
+def deliver_plain(
+    flavour: Flavour, unbound: UnboundServer, smtp_port: int, reporter: Any, messages: int = 1
+) -> list[DeliveryResult]:
+    """``messages`` messages to ``bob@mailrelay.test`` through one opportunistic MX transport."""
+    batch = [message_to("mailrelay.test") for _ in range(messages)]
+    options: dict[str, Any] = {
+        "port": smtp_port,
+        "timeouts": Timeouts.all(2),
+        "tls_reporter": reporter,
+    }
+    if flavour == "sync":
+        with MXTransport(unbound.resolver(timeout=1.0), **options) as transport:
+            return [transport.send(message, envelope) for message, envelope in batch]
+
+    async def main() -> list[DeliveryResult]:
+        async with AsyncMXTransport(unbound.async_resolver(timeout=1.0), **options) as transport:
+            return [await transport.asend(message, envelope) for message, envelope in batch]
+
+    return run(main())
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize(("cert", "expected"), [("untrusted", (1, 0)), (None, (0, 1))])
+def test_opportunistic_sessions_count_once_per_connection(  # noqa: PLR0917 -- fixtures, table
+    flavour: Flavour,
+    cert: str | None,
+    expected: tuple[int, int],
+    unbound: UnboundServer,
+    smtp_port: int,
+    mx_server: ServerFactory,
+) -> None:
+    # No policy: any certificate will do (RFC 7435); no STARTTLS is starttls-not-supported.
+    # The second and third messages reuse the first one's session: not new TLS sessions.
+    handler = mx_server(FIRST, cert)
+    collector = TLSReportCollector()
+    results = deliver_plain(flavour, unbound, smtp_port, collector, messages=3)
+    assert all(result.ok for result in results)
+    assert len(handler.messages) == 3
+    [entry] = only_report(collector)["policies"]
+    assert entry["policy"] == {"policy-type": "no-policy-found", "policy-domain": "mailrelay.test"}
+    assert summary(entry) == expected
+    rows = entry.get("failure-details", [])
+    assert [row["result-type"] for row in rows] == ["starttls-not-supported"] * expected[1]
+
+
+class BrokenReporter:
+    """A reporter that fails every time."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def tls_attempt(self, attempt: object) -> None:
+        self.calls += 1
+        raise RuntimeError("reporter bug")
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_failing_reporter_never_changes_a_delivery(
+    flavour: Flavour,
+    unbound: UnboundServer,
+    smtp_port: int,
+    mx_server: ServerFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    handler = mx_server(FIRST, "leaf")
+    reporter = BrokenReporter()
+    with caplog.at_level("ERROR", logger="mailrelay.transport.mx"):
+        [result] = deliver_plain(flavour, unbound, smtp_port, reporter)
+    assert result.ok
+    assert len(handler.messages) == 1
+    assert reporter.calls == 1
+    assert any("TLS reporter failed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("transport", [MXTransport, AsyncMXTransport])
+def test_a_reporter_must_take_attempts(transport: Any) -> None:
+    with pytest.raises(ConfigurationError, match="tls_attempt"):
+        transport(tls_reporter=object())
 
 
 # -- discovery and delivery of the reports ---------------------------------------------------------
