@@ -334,6 +334,44 @@ def test_an_opportunistic_session_without_starttls_is_reported_as_such() -> None
     assert record.result is ResultType.STARTTLS_NOT_SUPPORTED
 
 
+_error_texts = st.sampled_from([
+    str(_verify_error("certificate has expired")),
+    str(_verify_error("self-signed certificate")),
+    str(_dane_mismatch()),
+    "TLS is required but the server does not offer STARTTLS",
+    "DANE: the TLSA lookup for mx.example.com failed (SERVFAIL)",
+    "the TLS handshake with x failed: EOF",
+])  # fmt: skip
+
+
+@given(
+    st.sampled_from(["none", "sts", "dane-authenticate", "dane-encrypt"]),
+    st.one_of(st.none(), _error_texts),
+    st.booleans(),
+)
+def test_classification_is_total_and_consistent(
+    kind: str, error_text: str | None, encrypted: bool
+) -> None:
+    if kind == "sts":
+        policy = STS.mx_policy()
+        assert policy is not None
+    elif kind.startswith("dane"):
+        state = HostState.AUTHENTICATE if kind == "dane-authenticate" else HostState.ENCRYPT
+        host = DANEHost(name=TARGET.name, state=state)
+        policy = MXPolicy(dane=DANEPolicy(hosts=(host,)))
+    else:
+        policy = MXPolicy()
+    error = TLSError(error_text, host=TARGET.peer) if error_text is not None else None
+    record = classify(_attempt(policy, error=error, encrypted=encrypted and error is None))
+    expected_type = {"none": PolicyType.NO_POLICY_FOUND, "sts": PolicyType.STS}.get(
+        kind, PolicyType.TLSA
+    )
+    assert record.policy.policy_type is expected_type
+    success = error is None and encrypted and kind != "dane-encrypt"
+    assert (record.result is None) is success
+    assert record.receiving_ip == TARGET.address
+
+
 # -- counting -----------------------------------------------------------------------------------
 
 POLICY = ReportPolicy(policy_type=PolicyType.NO_POLICY_FOUND, policy_domain="example.com")
