@@ -57,6 +57,12 @@ Rules (RFC sections cited where they are enforced):
   (PERMANENT "REQUIRETLS support required", 5.7.30 in RFC 8689 §5, when every target lacked
   the keyword; TRANSIENT when some target could not be reached or failed the TLS check).
   We do not check DNSSEC on the MX lookup, which the RFC also asks for.
+* TLS reporting (RFC 8460, opt-in): with ``tls_reporter=`` (a
+  :class:`~mailrelay.transport.tlsrpt.TLSReportCollector`) the transport tells it how TLS
+  went on every fresh session (:class:`~mailrelay.transport.mx_plan.TLSAttempt`: the policy,
+  the target, the TLS error or whether the session is encrypted); reused sessions and
+  plain-text sessions the policy chose are not attempts. A reporter that raises is logged and
+  never changes a delivery. The rules of counting are in :mod:`mailrelay.transport.tlsrpt`.
 * Never an exception for the server's sake: :meth:`MXTransport.deliver` returns one result per
   envelope recipient whatever happened, because a message to several domains may reach some
   and not others. ``RecipientResult.host`` names the target that answered, Postfix style:
