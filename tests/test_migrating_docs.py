@@ -30,7 +30,7 @@ import attrs
 import pytest
 
 from mailrelay import TLS, DeliveryResult, Message, Outcome, SMTPTransport, Timeouts
-from mailrelay.errors import DeliveryError, TLSError
+from mailrelay.errors import ConnectError, DeliveryError, TLSError
 from mailrelay.testing.server import Fault, SMTPTestServer
 from tests.peers.scripted import free_port
 from tests.peers.tls import TLSFiles
@@ -205,9 +205,32 @@ def test_the_django_backend_raises_unless_fail_silently(
     _, backend_class, _ = django_backend
     ok = DjangoLikeMessage(from_email="app@example.com", to=("ann@example.net",))
     lost = DjangoLikeMessage(from_email="app@example.com", to=("full@example.net",))
-    with pytest.raises(smtplib.SMTPException, match="1 of 2 messages"):
+    with pytest.raises(smtplib.SMTPException, match="1 of 2 messages") as info:
         backend_class().send_messages([ok, lost])
+    assert info.value.__cause__ is None  # the server answered: nothing failed outright
     assert backend_class(fail_silently=True).send_messages([ok, lost]) == 1
+
+
+def test_the_django_backend_chains_the_failure_that_stopped_a_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No server at all: each message's attempt fails with a ConnectError, which
+    # send_many keeps in result.error and the backend chains to its SMTPException.
+    url = f"smtp://127.0.0.1:{free_port()}?tls=none&timeout=5"
+    for name, module in _django_stand_ins(url).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr("atexit.register", lambda close: None)
+    (block,) = [b for b in server_blocks(_text()) if "class MailrelayBackend" in b]
+    namespace: dict[str, Any] = {"__name__": "myproject.mail"}
+    exec(compile(block, f"{DOC.name} Django block", "exec"), namespace)  # our docs
+    message = DjangoLikeMessage(from_email="app@example.com", to=("ann@example.net",))
+    try:
+        with pytest.raises(smtplib.SMTPException, match="1 of 1 messages") as info:
+            namespace["MailrelayBackend"]().send_messages([message])
+    finally:
+        namespace["shared_transport"]().close()
+        namespace["shared_transport"].cache_clear()
+    assert isinstance(info.value.__cause__, ConnectError)
 
 
 def test_server_examples_compile_and_their_imports_resolve(
