@@ -123,7 +123,8 @@ class Mode(enum.Enum):
     ENFORCE = "enforce"
     """Deliver only over verified TLS to exchangers matching an ``mx`` pattern."""
     TESTING = "testing"
-    """Report failures (TLSRPT, not done here) but deliver as usual."""
+    """Deliver as usual; senders report failures (TLS-RPT). Here its sessions are
+    opportunistic, so :mod:`mailrelay.transport.tlsrpt` counts them as ``no-policy-found``."""
     NONE = "none"
     """No policy: the way a domain withdraws one (RFC 8461 §8.3)."""
 
