@@ -17,6 +17,9 @@
   (RFC 8461) policies for the MX transports' ``tls_policy`` hook.
 * :mod:`~mailrelay.transport.dane`: :class:`DANE` and :class:`AsyncDANE`, DANE for SMTP
   (RFC 7672) for the same hook.
+* :mod:`~mailrelay.transport.tlsrpt`: :class:`TLSReportCollector`, SMTP TLS Reporting
+  (RFC 8460) for the MX transports and MTA-STS hooks (``tls_reporter=``): counting, JSON
+  reports, ``_smtp._tls`` discovery, the report email and the HTTPS POST.
 * :mod:`~mailrelay.transport.signing`: :class:`SigningTransport` and
   :class:`AsyncSigningTransport`, which DKIM-sign every message before another transport
   sends it.
@@ -37,6 +40,7 @@ from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.settings import AsyncPasswordProvider, PasswordProvider, PoolSettings
 from mailrelay.transport.signing import AsyncSigningTransport, SigningTransport
 from mailrelay.transport.smtp import LMTPTransport, SMTPTransport
+from mailrelay.transport.tlsrpt import TLSReport, TLSReportCollector, TLSRPTRecord
 from mailrelay.transport.url import TransportURL, async_transport_from_url, transport_from_url
 
 __all__ = [
@@ -59,6 +63,9 @@ __all__ = [
     "PoolSettings",
     "SMTPTransport",
     "SigningTransport",
+    "TLSRPTRecord",
+    "TLSReport",
+    "TLSReportCollector",
     "Transport",
     "TransportURL",
     "async_transport_from_url",
