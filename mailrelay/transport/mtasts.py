@@ -35,8 +35,13 @@ Rules of this module:
 - Applying (§5): ``enforce`` → ``MXPolicy(tls=TLS.STARTTLS, mx_patterns=<the policy's mx>,
   plaintext_fallback=False)``: only exchangers matching a pattern, verified TLS, and when none
   passes the recipients are ``TRANSIENT`` (§5: a policy failure defers, it never bounces).
-  ``testing`` and ``none`` keep the transport's opportunistic default; in ``testing`` mode the
-  exchangers that ``enforce`` would skip are logged (a WARNING).
+  ``none`` keeps the transport's opportunistic default. ``testing`` (§5: report failures,
+  deliver anyway): the exchangers that ``enforce`` would skip are logged (a WARNING); with
+  ``tls_reporter=`` the answer is :meth:`STSPolicy.testing_policy` (``sts_testing``), and an
+  MX transport that has a ``tls_reporter`` too verifies each exchanger once in a while,
+  reports the verdict under the ``sts`` policy and delivers under its own defaults whatever
+  the verdict (:mod:`mailrelay.transport.mx`); without a reporter the answer is the
+  transport's default, as for ``none`` (nobody to tell: no extra connection).
 - Reporting (RFC 8460 §4.3.2.2): with ``tls_reporter=`` (a
   :class:`~mailrelay.transport.tlsrpt.TLSReportCollector`), each failed fetch is told to it
   (``sts_policy_failure``): once per fetch attempt, not per message (``retry_delay`` spaces
@@ -123,8 +128,10 @@ class Mode(enum.Enum):
     ENFORCE = "enforce"
     """Deliver only over verified TLS to exchangers matching an ``mx`` pattern."""
     TESTING = "testing"
-    """Deliver as usual; senders report failures (TLS-RPT). Here its sessions are
-    opportunistic, so :mod:`mailrelay.transport.tlsrpt` counts them as ``no-policy-found``."""
+    """Deliver as usual; senders report failures (TLS-RPT). With a ``tls_reporter`` on the
+    hook and the transport, each exchanger is verified (now and then) and the verdict
+    counted under the ``sts`` policy; without one the sessions are plain opportunistic
+    ones, counted (if at all) as ``no-policy-found``."""
     NONE = "none"
     """No policy: the way a domain withdraws one (RFC 8461 §8.3)."""
 
@@ -288,6 +295,26 @@ class STSPolicy:
             ssl_context=ssl_context,
             plaintext_fallback=False,
             sts_policy_string=self.policy_string(),
+        )
+
+    def testing_policy(self, ssl_context: ssl.SSLContext | None = None) -> MXPolicy | None:
+        """For a ``testing`` policy, what the MX transports need to verify and report
+        without enforcing (RFC 8461 §5): an :class:`MXPolicy` marked ``sts_testing`` (the
+        transports deliver under their own defaults, see :mod:`mailrelay.transport.mx`);
+        ``None`` for the other modes.
+
+        Args:
+            ssl_context: the context verifying the exchangers' certificates for the report
+                (``None``: the transport's ``ssl_context``).
+        """
+        if self.mode is not Mode.TESTING:
+            return None
+        return MXPolicy(
+            tls=TLS.OPPORTUNISTIC,
+            mx_patterns=self.mx,
+            ssl_context=ssl_context,
+            sts_policy_string=self.policy_string(),
+            sts_testing=True,
         )
 
     def policy_string(self) -> tuple[str, ...]:
@@ -553,7 +580,27 @@ class _Core:
                         ", ".join(refused),
                         ", ".join(policy.mx),
                     )
+            if policy.mode is Mode.TESTING and self.tls_reporter is not None:
+                return self._testing(domain, policy)
         return self.fallback(domain) if self.fallback is not None else None
+
+    def _testing(self, domain: str, policy: STSPolicy) -> TLS | MXPolicy | None:
+        """A testing policy's answer when there is a reporter to tell (RFC 8461 §5): the
+        policy marked for verifying and reporting, composed with the fallback's answer (a
+        DANE verdict is kept beside it; any other answer of the fallback wins, as without
+        a reporter)."""
+        testing = policy.testing_policy(self.mx_ssl_context)
+        assert testing is not None, "a testing policy has a testing MXPolicy"
+        other = self.fallback(domain) if self.fallback is not None else None
+        if other is None:
+            return testing
+        if (
+            isinstance(other, MXPolicy)
+            and other.dane is not None
+            and other == MXPolicy(dane=other.dane)
+        ):
+            return attrs.evolve(testing, dane=other.dane)
+        return other
 
 
 # -- fetching over HTTPS (stdlib only) -----------------------------------------------------
@@ -729,6 +776,9 @@ class MTASTS:
             ``id`` is unchanged (renewing it before it expires; a failure keeps it).
         tls_reporter: told about each failed policy fetch, for TLS reporting (RFC 8460,
             a :class:`~mailrelay.transport.tlsrpt.TLSReportCollector`); ``None``: not told.
+            With one, a ``testing`` policy is answered with
+            :meth:`STSPolicy.testing_policy`, so that an MX transport given the same
+            reporter verifies and reports its exchangers (and still delivers).
     """
 
     def __init__(

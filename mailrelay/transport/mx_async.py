@@ -64,7 +64,6 @@ from mailrelay.transport.mx_plan import (
     group_by_domain,
     literal_hosts,
     merge,
-    reuse_key,
     sub_envelope,
 )
 from mailrelay.transport.pooling import ExchangerPool, answer_lost, quit_timeout, reply_lost
@@ -252,7 +251,7 @@ class AsyncMXTransport(AsyncTransport):
                 parts.append((positions, routed))
                 continue
             policy, targets = routed
-            first = reuse_key(targets[0], policy, self.settings.context(policy, policy.tls))
+            first = self.settings.reuse_key(targets[0], policy)
             lanes.setdefault(first, []).append((domain, positions, part, routed))
 
         async def lane(

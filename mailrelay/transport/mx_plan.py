@@ -20,6 +20,9 @@ import inspect
 import ipaddress
 import logging
 import ssl
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Generator, Hashable, Iterable
 from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
 
@@ -108,6 +111,11 @@ class MXPolicy:
             reporting (RFC 8460 §4.4's ``policy-string``, :mod:`mailrelay.transport.tlsrpt`);
             empty when no MTA-STS policy made it. Not part of equality: it changes nothing
             about delivery.
+        sts_testing: the MTA-STS policy is in ``testing`` mode (RFC 8461 §5): ``mx_patterns``
+            skip no exchanger, delivery follows ``tls``; with a ``tls_reporter``, each
+            exchanger matching the patterns is first tried with verified TLS (``ssl_context``)
+            and the verdict reported, and one that does not match is reported as a failure,
+            the message delivered anyway (:func:`deliver_plan`). Made by the MTA-STS hooks.
     """
 
     tls: TLS = attrs.field(default=TLS.OPPORTUNISTIC, validator=_check_tls)
@@ -118,6 +126,7 @@ class MXPolicy:
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(DANEPolicy))
     )
     sts_policy_string: tuple[str, ...] = attrs.field(default=(), converter=_strings, eq=False)
+    sts_testing: bool = False
 
     def allows(self, host: str) -> bool:
         """Whether the exchanger ``host`` may be used (always, without ``mx_patterns``)."""
@@ -300,7 +309,8 @@ def plan(
             outcome=Outcome.PERMANENT,
             reason=f"{domain} has no mail host: its MX records name no exchanger",
         )
-    hosts = [host for host in found.hosts if policy.allows(host.name)]
+    # RFC 8461 §5: a testing policy's mx patterns are reported against, never enforced.
+    hosts = [host for host in found.hosts if policy.sts_testing or policy.allows(host.name)]
     if not hosts:
         names = ", ".join(host.name for host in found.hosts)
         return Verdict(
@@ -503,18 +513,26 @@ def dane_ta_failed(target: Target, error: TLSError) -> TLSError:
     )
 
 
-def reuse_key(target: Target, policy: MXPolicy, context: ssl.SSLContext) -> Hashable:
+def reuse_key(
+    target: Target, policy: MXPolicy, context: ssl.SSLContext, *, sts_testing: bool = False
+) -> Hashable:
     """What a session to ``target`` under ``policy`` may be reused for: another domain or
     message whose key is equal would make the same decisions at the same exchanger.
 
     The exchanger's name is part of it (results and the certificate check name it); under
     ``TLS.STARTTLS`` the verifying ``context`` too (held, so its identity cannot be reused),
     under ``TLS.OPPORTUNISTIC`` whether a failed handshake falls back to plain text; for a
-    DANE host, the TLSA records its certificate was matched against.
+    DANE host, the TLSA records its certificate was matched against. ``sts_testing``: the
+    session was opened by an MTA-STS testing-mode probe (:func:`deliver_plan`; ``context``
+    is then the verifying one): kept apart from plain opportunistic sessions, so that a
+    testing domain's fresh sessions are verified and reported, whatever other domains do.
     """
     host = dane_required(policy, target)
     if host is not None:
         return (target.name, target.address, target.port, "DANE", host.state, host.records)
+    if sts_testing:
+        fallback_ = policy.plaintext_fallback
+        return (target.name, target.address, target.port, "STS-testing", context, fallback_)
     if policy.tls is TLS.STARTTLS:
         return (target.name, target.address, target.port, TLS.STARTTLS, context)
     if policy.tls is TLS.OPPORTUNISTIC:
@@ -596,7 +614,7 @@ def deliver_plan(
     """
     policy, targets = routed
     for target in targets:
-        key = reuse_key(target, policy, settings.context(policy, policy.tls))
+        key = settings.reuse_key(target, policy)
         result: DeliveryResult | None = yield from _target_plan(
             key, target, policy, envelope, trail, settings
         )
@@ -621,6 +639,8 @@ def _target_plan(  # noqa: PLR0917 -- private; the plan's state
             return outcome
     if trail.known_unreachable(target):
         return None
+    if settings is not None and settings.sts_probes(policy, target):
+        return (yield from _sts_testing_plan(key, target, policy, envelope, trail, settings))
     tls: TLS | None = policy.tls
     host = dane_host(policy, target)
     if host is not None and host.state is HostState.FAILED:
@@ -651,6 +671,144 @@ def _target_plan(  # noqa: PLR0917 -- private; the plan's state
         outcome = yield from _attempt_plan(key, target, opened, envelope, trail, fresh=True)
         return None if outcome is Stale.STALE else outcome
     return None
+
+
+def _sts_testing_plan(  # noqa: PLR0917 -- private; the plan's state
+    key: Hashable,
+    target: Target,
+    policy: MXPolicy,
+    envelope: Envelope,
+    trail: Trail,
+    settings: MXSettings,
+) -> _TargetPlan[C]:
+    """One target of a domain whose MTA-STS policy is in testing mode, with a TLS reporter.
+
+    RFC 8461 §5: "testing" asks a sender that supports TLSRPT to report what ``enforce``
+    would have refused, and to deliver anyway. So: an exchanger matching the policy's
+    ``mx`` patterns is first opened with verified TLS (as ``enforce`` would); the verdict
+    is reported under the ``sts`` policy and kept (:class:`STSVerdicts`). Verified, the
+    session carries the message. Failed (certificate, name, no STARTTLS), a fresh session
+    is opened as opportunistic delivery would (plain text after a failed handshake, when
+    the policy allows it) and carries it: never a deferral for testing's sake. An
+    exchanger outside the patterns, or one whose failure is still kept, is not probed: its
+    fresh session is reported as that failure (it is what ``enforce`` would have met).
+    """
+    verifying = settings.context(policy, TLS.STARTTLS, target)
+    known: TLSError | None
+    if not policy.allows(target.name):
+        known = mx_mismatch(target, policy)
+    else:
+        known = settings.sts_verdicts.get(target, policy, verifying)
+    if known is None:
+        probed = yield OpenSession(target, policy, TLS.STARTTLS)
+        settings.report_tls(trail.domain, policy, target, TLS.STARTTLS, probed)
+        if isinstance(probed, PooledConnection):
+            settings.sts_verdicts.put(target, policy, verifying, None)
+            outcome = yield from _attempt_plan(key, target, probed, envelope, trail, fresh=True)
+            return None if outcome is Stale.STALE else outcome
+        assert isinstance(probed, DeliveryError), "OpenSession gives a session or an error"
+        if not isinstance(probed, TLSError):
+            # Nothing reached TLS (refused, timed out): the target failed, whatever the mode.
+            trail.open_failed(target, probed, policy, TLS.STARTTLS)
+            return None
+        settings.sts_verdicts.put(target, policy, verifying, probed)
+        log.info(
+            "MTA-STS testing policy of %s: %s fails verification (%s); delivering anyway",
+            trail.domain, target.peer, probed,
+        )  # fmt: skip
+    tls: TLS | None = policy.tls
+    while tls is not None:  # at most twice: opportunistic TLS, then in plain text
+        opened = yield OpenSession(target, policy, tls)
+        if known is not None and isinstance(opened, PooledConnection | TLSError):
+            # One session, one report (RFC 8460 §4.4): the failure enforce would have met;
+            # the opportunistic session itself is not a second attempt.
+            settings.report_tls(trail.domain, policy, target, TLS.STARTTLS, known)
+            known = None
+        if not isinstance(opened, PooledConnection):
+            assert isinstance(opened, DeliveryError), "OpenSession gives a session or an error"
+            tls = trail.open_failed(target, opened, policy, tls)
+            continue
+        outcome = yield from _attempt_plan(key, target, opened, envelope, trail, fresh=True)
+        return None if outcome is Stale.STALE else outcome
+    return None
+
+
+def mx_mismatch(target: Target, policy: MXPolicy) -> TLSError:
+    """The failure an MTA-STS policy's exchanger outside its ``mx`` patterns is reported as
+    (:mod:`mailrelay.transport.tlsrpt` reads it as ``certificate-host-mismatch``)."""
+    return TLSError(
+        f"MTA-STS: {target.name} matches no mx pattern of the policy "
+        f"({', '.join(policy.mx_patterns)})",
+        is_transient=True,
+        host=target.peer,
+    )
+
+
+#: Seconds an MTA-STS testing-mode verdict on an exchanger is kept by default.
+DEFAULT_STS_VERDICT_TTL: Final = 3600.0
+#: The most verdicts kept by default (the least recently stored go first).
+DEFAULT_STS_VERDICTS: Final = 1024
+
+
+class STSVerdicts:
+    """What verifying each exchanger gave under an MTA-STS testing policy, for a while, so
+    that a failing exchanger is not probed (an extra connection) for every message.
+
+    Keyed by the exchanger (name, address, port), the policy's text and the verifying
+    context: a new policy (a changed text) is probed afresh. Thread-safe; bounded in size
+    and age.
+
+    Args:
+        ttl: seconds a verdict is kept.
+        size: the most verdicts kept.
+        clock: a monotonic clock in seconds (tests inject one).
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl: float = DEFAULT_STS_VERDICT_TTL,
+        size: int = DEFAULT_STS_VERDICTS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not ttl > 0 or size < 1:
+            raise ConfigurationError("an STS verdict cache needs a positive ttl and size")
+        self.ttl = ttl
+        self.size = size
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[Hashable, tuple[float, TLSError | None]] = OrderedDict()
+
+    @staticmethod
+    def _key(target: Target, policy: MXPolicy, context: ssl.SSLContext) -> Hashable:
+        return (target.name, target.address, target.port, policy.sts_policy_string, context)
+
+    def get(self, target: Target, policy: MXPolicy, context: ssl.SSLContext) -> TLSError | None:
+        """The failure kept for ``target``, or ``None`` (verified, or nothing kept: probe)."""
+        key = self._key(target, policy, context)
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is None:
+                return None
+            if self.clock() - kept[0] >= self.ttl:
+                del self._kept[key]
+                return None
+            return kept[1]
+
+    def put(
+        self, target: Target, policy: MXPolicy, context: ssl.SSLContext, error: TLSError | None
+    ) -> None:
+        """Keep the verdict on ``target``: its failure, or ``None`` when it verified."""
+        key = self._key(target, policy, context)
+        with self._lock:
+            self._kept[key] = (self.clock(), error)
+            self._kept.move_to_end(key)
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._kept)
 
 
 def _attempt_plan(
@@ -723,6 +881,8 @@ class MXSettings:
                 "tls_reporter must have a tls_attempt(attempt) method (a TLSReportCollector)"
             )
         self.tls_reporter = tls_reporter
+        #: MTA-STS testing mode's verdicts (:func:`deliver_plan`), shared by the sessions.
+        self.sts_verdicts = STSVerdicts()
         self._opportunistic = opportunistic_context()
         self._verifying: ssl.SSLContext | None = ssl_context
 
@@ -765,6 +925,17 @@ class MXSettings:
             return self.default
         if isinstance(answer, TLS):
             return attrs.evolve(self.default, tls=answer)
+        if isinstance(answer, MXPolicy) and answer.sts_testing:
+            # RFC 8461 §5: testing mode delivers as the sender would without the policy:
+            # the transport's own defaults, with the policy kept for verifying and reporting.
+            return attrs.evolve(
+                self.default,
+                mx_patterns=answer.mx_patterns,
+                sts_policy_string=answer.sts_policy_string,
+                sts_testing=True,
+                dane=answer.dane,
+                ssl_context=answer.ssl_context or self.default.ssl_context,
+            )
         if isinstance(answer, MXPolicy):
             if answer.dane is not None and answer == MXPolicy(dane=answer.dane):
                 # A DANE verdict and nothing else (what the DANE hooks answer): the
@@ -788,6 +959,25 @@ class MXSettings:
         if self._verifying is None:
             self._verifying = ssl.create_default_context()
         return self._verifying
+
+    def sts_probes(self, policy: MXPolicy, target: Target) -> bool:
+        """Whether ``target`` gets MTA-STS testing mode's verified probe: a testing policy,
+        opportunistic delivery, no DANE for the exchanger (DANE's own rules apply then), and
+        a ``tls_reporter`` (without one nobody would learn the verdict: the extra connection
+        would be pure cost, so delivery stays exactly opportunistic)."""
+        return (
+            self.tls_reporter is not None
+            and policy.sts_testing
+            and policy.tls is TLS.OPPORTUNISTIC
+            and dane_host(policy, target) is None
+        )
+
+    def reuse_key(self, target: Target, policy: MXPolicy) -> Hashable:
+        """:func:`reuse_key` for a session to ``target`` under ``policy`` on this transport."""
+        if self.sts_probes(policy, target):
+            verifying = self.context(policy, TLS.STARTTLS, target)
+            return reuse_key(target, policy, verifying, sts_testing=True)
+        return reuse_key(target, policy, self.context(policy, policy.tls))
 
     def plan(
         self, domain: str, found: MailHosts | ResolverError, policy: MXPolicy

@@ -21,14 +21,21 @@ Rules of this module (RFC 8460 sections cited where they are enforced):
   (TLS required, DANE, or opportunistic). A reused pooled session is not a new TLS
   negotiation and is not counted; neither is a plain-text session the policy chose (``TLS.NONE``,
   or the plain-text retry after a failed opportunistic handshake, which was already counted as
-  the failure it was), nor a connection that never reached TLS (refused, timed out).
+  the failure it was), nor a connection that never reached TLS (refused, timed out). Under
+  an MTA-STS ``testing`` policy the session counted is the verified attempt (or the known
+  failure, see :mod:`mailrelay.transport.mx`); the opportunistic session that then carries
+  the message is the same session for the report, not a second one.
 - Which policy (§4.4 ``policy-type``): ``tlsa`` when DANE applied to the exchanger (its
   usable TLSA records as ``policy-string``, the exchanger as ``mx-host``); ``sts`` when an
-  MTA-STS ``enforce`` policy made the domain's policy (its lines as ``policy-string``, its
-  ``mx`` patterns as ``mx-host``); ``no-policy-found`` otherwise.
+  MTA-STS ``enforce`` policy made the domain's policy, or a ``testing`` one whose exchangers
+  were verified for the report (its lines as ``policy-string``, its ``mx`` patterns as
+  ``mx-host``); ``no-policy-found`` otherwise (a ``testing`` policy whose transport or hook
+  has no reporter is not seen here).
 - Result types (§4.3), from what the transports saw: STARTTLS not offered or refused, or an
   opportunistic session that stayed plain text, ``starttls-not-supported``; a WebPKI check that
-  failed on the name ``certificate-host-mismatch``, on the dates ``certificate-expired``, on
+  failed on the name, or an exchanger outside an MTA-STS policy's ``mx`` patterns (reason
+  code ``mx-not-in-sts-policy``; §4.3.1: the certificate cannot meet the policy's
+  constraints), ``certificate-host-mismatch``, on the dates ``certificate-expired``, on
   anything else ``certificate-not-trusted``; a DANE certificate that matches no TLSA record
   (or a DANE-TA chain that does not verify) ``validation-failure`` (§4.3.1: the general
   failure; ``tlsa-invalid`` is kept for records none of which is usable); secure TLSA records
@@ -410,6 +417,10 @@ def _policy_of(attempt: TLSAttempt) -> tuple[ReportPolicy, HostState | None]:
 # STARTTLS step, errors_map.map_tls_error with OpenSSL's verify message, dane.check_chain,
 # mx_plan.dane_ta_failed and the failed-TLSA-lookup step).
 _ERROR_TEXTS: Final = (
+    # RFC 8460 §4.3.1: the certificate "did not adhere to the constraints specified in the
+    # MTA-STS ... policy": no certificate can, for an exchanger outside its mx patterns
+    # (RFC 8461 §4.1: the name checked must match a pattern). mx_plan.mx_mismatch's text.
+    ("matches no mx pattern", ResultType.CERTIFICATE_HOST_MISMATCH),
     ("the TLSA lookup for", ResultType.DNSSEC_INVALID),
     ("does not offer STARTTLS", ResultType.STARTTLS_NOT_SUPPORTED),
     ("refused STARTTLS", ResultType.STARTTLS_NOT_SUPPORTED),
@@ -429,6 +440,8 @@ def result_of(text: str) -> tuple[ResultType, str | None]:
     short reason code (OpenSSL's verify message) when there is one."""
     found = _VERIFY_MESSAGE.search(text)
     code = found.group(1)[:100] if found else None
+    if code is None and "matches no mx pattern" in text:
+        code = "mx-not-in-sts-policy"
     for needle, result in _ERROR_TEXTS:
         if needle in text:
             return result, code
