@@ -26,6 +26,12 @@ Rules of this module (the theory of operation is in ``docs/tracker.md``):
   claimed, sent through ``dsn_transport`` (or ``transport`` when there is none), retried
   and recorded like any other, but firing no events. A crash can lose neither the bounce
   without its report nor the report of a recorded bounce; at worst both happen again.
+* A delay warning (``delay_warning_after``) is queued the same way, in the transaction
+  that records the deferral calling for it together with the recipient's
+  ``delay_warned`` mark: one report per message for the recipients of one commit, at
+  most one per recipient ever, none lost by a crash. With ``delay_warning_after=None``
+  (the default) the only cost per result is the ``None`` check where a deferral is
+  decided.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from mailrelay.tracker.notifications import (
     VERP,
     DSNMatch,
     DSNRequest,
+    delay_dsns,
     failure_dsns,
     ingest,
     outgoing_envelope,
@@ -287,6 +294,7 @@ class TrackerCore(Generic[T]):
         random: Callable[[], float] = _random.random,
         retry: RetryPolicy | None = None,
         reporting_mta: str = "localhost",
+        delay_warning_after: dt.timedelta | None = None,
         request_dsn: DSNRequest | bool | None = None,
         verp: VERP | None = None,
         split_by_domain: bool = False,
@@ -305,6 +313,14 @@ class TrackerCore(Generic[T]):
         self.random = random
         self.retry = retry or RetryPolicy()
         self.reporting_mta = reporting_mta
+        if delay_warning_after is not None:
+            if dsn_transport is None:
+                # Reports are generated only with a dsn_transport (as failure reports):
+                # without one, the setting would mark recipients warned and warn nobody.
+                raise ValueError("delay_warning_after needs a dsn_transport")
+            if delay_warning_after < dt.timedelta(0):
+                raise ValueError("delay_warning_after must not be negative")
+        self.delay_warning_after = delay_warning_after
         if request_dsn is True:
             request_dsn = DSNRequest()
         self.request_dsn = request_dsn or None
@@ -682,7 +698,7 @@ class TrackerCore(Generic[T]):
                 f"{sent_by} returned {len(results)} results for {len(chunk)} messages"
             )
         attempts: AttemptMemo = {}
-        retry, random = self.retry, self.random
+        retry, random, warn_after = self.retry, self.random, self.delay_warning_after
         decisions: list[tuple[Work, Sequence[Change]]] = []
         for (work, group), result in zip(chunk, results, strict=True):
             # from_result directly, not _from_result: this runs for every message sent.
@@ -694,6 +710,7 @@ class TrackerCore(Generic[T]):
                 retry=retry,
                 random=random,
                 attempts=attempts,
+                delay_warning_after=warn_after,
             )
             decisions.append((work, outcome.changes))
             if outcome.refused is not None:
@@ -717,6 +734,7 @@ class TrackerCore(Generic[T]):
             retry=self.retry,
             random=self.random,
             attempts=attempts,
+            delay_warning_after=self.delay_warning_after,
         )
 
     def _transport_for(self, work: Work) -> T:
@@ -763,12 +781,16 @@ class TrackerCore(Generic[T]):
         return changed
 
     def _may_report(self, batch: Sequence[tuple[Work, Sequence[Change]]]) -> bool:
-        """Whether a failure DSN may follow from ``batch`` (if not, none is looked for)."""
+        """Whether a failure DSN or delay warning may follow from ``batch`` (if not, none
+        is looked for)."""
         if self.dsn_transport is None:
             return False
         return any(
             work.record.envelope.sender is not None
-            and any(change.state in _FAILED and change.attempt is not None for change in changes)
+            and any(
+                (change.state in _FAILED and change.attempt is not None) or change.delay_warned
+                for change in changes
+            )
             for work, changes in batch
         )
 
@@ -778,10 +800,12 @@ class TrackerCore(Generic[T]):
         reports: list[tuple[Message, MessageRecord]],
         changed_lists: Sequence[tuple[Address, ...]],
     ) -> list[tuple[MessageRecord, Iterable[bytes]]]:
-        """The failure DSNs that the applied changes call for, as new messages to store.
+        """The failure DSNs and delay warnings that the applied changes call for, as new
+        messages to store.
 
         Called by the store inside the transaction that records the changes, with what
-        it changed: only a bounce or expiry that is recorded is reported. Each DSN is
+        it changed: only a bounce or expiry that is recorded is reported, and only a
+        deferral whose ``delay_warned`` mark is recorded is warned about. Each DSN is
         also appended to ``reports`` with its record.
         """
         now = self.clock()
@@ -791,23 +815,32 @@ class TrackerCore(Generic[T]):
                 continue
             changed = set(changed_list)
             snapshot = {r.address: r for r in work.record.recipients}
-            failed = []
+            failed: list[RecipientRecord] = []
+            delayed: list[RecipientRecord] = []
             for change in changes:
                 reported = change.state in _FAILED and change.attempt is not None
-                if reported and change.address in changed:
+                if (reported or change.delay_warned) and change.address in changed:
                     # Applied by the store, so applied here the same way (no lease check:
                     # the snapshot may be the submitted record, see Work).
                     after, _did = apply_change(snapshot[change.address], change, worker=None)
-                    failed.append(after)
-            if not failed:
+                    (delayed if change.delay_warned else failed).append(after)
+            if not failed and not delayed:
                 continue
+            content = work.message.as_bytes()
             dsns = failure_dsns(
-                work.record,
-                work.message.as_bytes(),
-                failed,
-                reporting_mta=self.reporting_mta,
-                date=now,
+                work.record, content, failed, reporting_mta=self.reporting_mta, date=now
             )
+            if delayed:
+                dsns += delay_dsns(
+                    work.record,
+                    content,
+                    delayed,
+                    reporting_mta=self.reporting_mta,
+                    date=now,
+                    # The retry policy's deadline (RetryPolicy.next_attempt): the last
+                    # try is made then, and a recipient still refused expires.
+                    retry_until=work.record.created_at + dt.timedelta(seconds=self.retry.max_age),
+                )
             for message, envelope in dsns:
                 record = self._notification_record(message, envelope, now)
                 reports.append((message, record))

@@ -12,6 +12,11 @@ Rules of this module (RFC 3461, RFC 3464; the parser and builder themselves live
   is the null reverse-path (RFC 3461 §6.2), and not for a recipient whose NOTIFY
   excludes FAILURE (RFC 3461 §4.1). An expired recipient is reported with its last
   transient status, or 4.4.7 (RFC 3463 §3.5).
+* *Warning*: a recipient deferred for longer than the tracker's ``delay_warning_after``
+  is reported once in a delay report (``Action: delayed``, RFC 3464 §2.3.3) with its
+  last transient status (or 4.0.0), the last reply, and ``Will-Retry-Until`` (RFC 3464
+  §2.3.9), when it will expire; under the same rules of who gets a report, with DELAY
+  for FAILURE (the decision is :func:`~mailrelay.tracker.transitions.wants_delay_warning`).
 * *Correlating*: a returned report is matched by ENVID, then by the original
   Message-ID, then by the VERP address it was sent to; its recipients by
   Final-Recipient, the address, or Original-Recipient. A success DSN marks the
@@ -53,6 +58,7 @@ __all__ = [
     "DSNRequest",
     "VERP",
     "correlate",
+    "delay_dsns",
     "failure_dsns",
     "ingest",
     "outgoing_envelope",
@@ -166,6 +172,49 @@ def failure_dsns(
         entries.append(_dsn_recipient(recipient, wanted[recipient.address]))
     if not entries:
         return []
+    return _report(record, content, entries, sender, reporting_mta=reporting_mta, date=date)
+
+
+def delay_dsns(
+    record: MessageRecord,
+    content: bytes,
+    delayed: Sequence[RecipientRecord],
+    *,
+    reporting_mta: str,
+    date: dt.datetime,
+    retry_until: dt.datetime,
+) -> list[tuple[Message, Envelope]]:
+    """The delay report (with its envelope) warning about ``delayed`` recipients.
+
+    ``delayed`` are the records of recipients just deferred whose change set
+    ``delay_warned`` (the decision, NOTIFY and null reverse-path included, was made
+    then); ``retry_until`` is when they will expire. One report for them all; nothing
+    for the null reverse-path; a report that cannot be built is logged and skipped.
+    """
+    sender = record.envelope.sender
+    if not delayed or sender is None:
+        # RFC 3461 §6.2: never a DSN for a message from the null reverse-path.
+        return []
+    wanted = {r.address: r for r in record.envelope.recipients}
+    until = _rfc5322_date(retry_until)
+    entries = [
+        _dsn_recipient(
+            recipient, wanted[recipient.address], action=DSNAction.DELAYED, retry_until=until
+        )
+        for recipient in delayed
+    ]
+    return _report(record, content, entries, sender, reporting_mta=reporting_mta, date=date)
+
+
+def _report(
+    record: MessageRecord,
+    content: bytes,
+    entries: list[DSNRecipient],
+    sender: Address,
+    *,
+    reporting_mta: str,
+    date: dt.datetime,
+) -> list[tuple[Message, Envelope]]:
     try:
         report = build_dsn(
             original=content,
@@ -295,11 +344,22 @@ def _status(store: Store, tracking_id: str) -> MessageRecord:
     return record
 
 
-def _dsn_recipient(record: RecipientRecord, recipient: Recipient) -> DSNRecipient:
+def _dsn_recipient(
+    record: RecipientRecord,
+    recipient: Recipient,
+    *,
+    action: DSNAction = DSNAction.FAILED,
+    retry_until: str | None = None,
+) -> DSNRecipient:
     last = next((a for a in reversed(record.attempts) if a.source != "dsn"), None)
     expired = record.state is State.EXPIRED
     status = last.enhanced if last is not None and last.enhanced else None
-    if status is None or (expired and not status.startswith("4.")):
+    if action is DSNAction.DELAYED:
+        # RFC 3464 §2.3.4: a delay carries a transient (4.x.x) status; 4.0.0 when the
+        # last answer gave none (an error, or a reply without an enhanced code).
+        if status is None or not status.startswith("4."):
+            status = "4.0.0"
+    elif status is None or (expired and not status.startswith("4.")):
         # RFC 3463 §3.5: X.4.7 "delivery time expired".
         status = "4.4.7" if expired else "5.0.0"
     diagnostic = None
@@ -308,12 +368,14 @@ def _dsn_recipient(record: RecipientRecord, recipient: Recipient) -> DSNRecipien
         diagnostic = f"smtp; {last.code} {text}" if last.code else text
     return DSNRecipient(
         address=str(record.address),
-        action=DSNAction.FAILED,
+        action=action,
         status=status,
         diagnostic=diagnostic,
         remote_mta=None if last is None or not last.host else last.host,
         original_recipient=None if recipient.orcpt is None else f"rfc822;{recipient.orcpt}",
         last_attempt_date=None if last is None else _rfc5322_date(last.at),
+        # RFC 3464 §2.3.9: a per-recipient field, for delays only.
+        will_retry_until=retry_until,
     )
 
 

@@ -139,6 +139,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_message_id ON messages(message_id);
     CREATE INDEX messages_envid ON messages(envid) WHERE envid IS NOT NULL;
     """,
+    # 1 -> 2: which recipients a delay warning was queued for (RecipientRecord.delay_warned).
+    """
+    ALTER TABLE recipients ADD COLUMN delay_warned BOOLEAN NOT NULL DEFAULT FALSE;
+    """,
 )
 
 #: The version this code writes.
@@ -204,7 +208,8 @@ _NEXT_DUE = """
 """
 _INSERT_RECIPIENT = (
     "INSERT INTO recipients (message, position, address, state, next_attempt_at,"
-    " confirmed, lease_owner, lease_until) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+    " confirmed, lease_owner, lease_until, delay_warned)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (message, position, seq, at, host, code, enhanced, text, source)"
@@ -561,6 +566,7 @@ class PostgresStore:
                         r.confirmed,
                         r.lease_owner,
                         micros_or_none(r.lease_until),
+                        r.delay_warned,
                     )
                 )
                 attempts.extend(
@@ -607,7 +613,8 @@ class PostgresStore:
             ),
             conn.execute(
                 "SELECT message, position, address, state, next_attempt_at, confirmed, lease_owner,"
-                " lease_until FROM recipients WHERE message = ANY(%s) ORDER BY message, position",
+                " lease_until, delay_warned FROM recipients WHERE message = ANY(%s)"
+                " ORDER BY message, position",
                 (ids,),
             ),
         )
@@ -715,12 +722,13 @@ class PostgresStore:
                 if tracking_id not in locked:
                     raise KeyError(tracking_id)
             # Per message, per address text: [position, state, next_attempt_at, confirmed,
-            # lease_owner, lease_until, attempt count], changed in place as the batch goes.
+            # lease_owner, lease_until, attempt count, delay_warned], changed in place as
+            # the batch goes.
             current: dict[str, dict[str, list[Any]]] = {}
             for message, address, *row in tx.execute(
                 "SELECT r.message, r.address, r.position, r.state, r.next_attempt_at,"
                 " r.confirmed, r.lease_owner, r.lease_until, (SELECT COUNT(*) FROM attempts a"
-                " WHERE a.message = r.message AND a.position = r.position)"
+                " WHERE a.message = r.message AND a.position = r.position), r.delay_warned"
                 " FROM recipients r WHERE r.message = ANY(%s)",
                 (ids,),
             ):
@@ -742,7 +750,7 @@ class PostgresStore:
                         row[6] += 1
                     if _apply_row(row, change, worker):
                         changed.append(change.address)
-                        state_rows.append((row[1], row[2], row[3], tracking_id, row[0]))
+                        state_rows.append((row[1], row[2], row[3], row[7], tracking_id, row[0]))
                 results.append(tuple(changed))
             with tx.cursor() as cur:
                 if attempt_rows:
@@ -751,7 +759,7 @@ class PostgresStore:
                     # In batch order: a recipient changed twice ends as the last change.
                     cur.executemany(
                         "UPDATE recipients SET state = %s, next_attempt_at = %s, confirmed = %s,"
-                        " lease_owner = NULL, lease_until = NULL"
+                        " delay_warned = %s, lease_owner = NULL, lease_until = NULL"
                         " WHERE message = %s AND position = %s",
                         state_rows,
                     )
@@ -840,5 +848,7 @@ def _apply_row(row: list[Any], change: Change, worker: str | None) -> bool:
     row[2] = micros_or_none(change.next_attempt_at) if change.state in DUE_STATES else None
     if change.confirmed is not None:
         row[3] = change.confirmed
+    if change.delay_warned is not None:
+        row[7] = change.delay_warned
     row[4] = row[5] = None
     return True

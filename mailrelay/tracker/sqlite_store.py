@@ -205,6 +205,10 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX messages_envid;
     CREATE INDEX messages_envid ON messages(envid) WHERE envid IS NOT NULL;
     """,
+    # 5 -> 6: which recipients a delay warning was queued for (RecipientRecord.delay_warned).
+    """
+    ALTER TABLE recipients ADD COLUMN delay_warned INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 #: The version this code writes.
@@ -526,6 +530,7 @@ class SQLiteStore:
                 *_recipient_values(tracking_id, position, recipient),
                 recipient.lease_owner,
                 micros_or_none(recipient.lease_until),
+                1 if recipient.delay_warned else 0,
             ),
         )
         for seq, attempt in enumerate(recipient.attempts):
@@ -577,8 +582,8 @@ class SQLiteStore:
             ),
             conn.execute(
                 "SELECT message, position, address, state, next_attempt_at, confirmed, lease_owner,"
-                " lease_until FROM recipients WHERE message IN (SELECT value FROM json_each(?))"
-                " ORDER BY message, position",
+                " lease_until, delay_warned FROM recipients"
+                " WHERE message IN (SELECT value FROM json_each(?)) ORDER BY message, position",
                 (ids,),
             ),
         )
@@ -715,8 +720,10 @@ class SQLiteStore:
         """The rows of :meth:`_apply_fast` for a worker's batch, or None if it cannot take it.
 
         It can when every change is for a recipient this store's ``claim`` leased (so its
-        position is known without a read) and sets no ``confirmed``. Each message's entry
-        is taken out of the claims remembered: its results come once.
+        position is known without a read) and sets neither ``confirmed`` nor
+        ``delay_warned`` (a delay warning is once per recipient: the general path takes
+        it). Each message's entry is taken out of the claims remembered: its results
+        come once.
         """
         with self._claimed_lock:
             pop = self._claimed.pop
@@ -737,7 +744,7 @@ class SQLiteStore:
                     _, position, _, _, seq = rows[addresses.index(change.address)]
                 except ValueError:
                     return None
-                if change.confirmed is not None:
+                if change.confirmed is not None or change.delay_warned is not None:
                     return None
                 attempt = change.attempt
                 if attempt is not None:
@@ -800,14 +807,14 @@ class SQLiteStore:
     ) -> list[tuple[Address, ...]]:
         ids = _json_ids(sorted({tracking_id for tracking_id, _ in batch}))
         # Per message, per address text: the row as a list [position, state, next_attempt_at,
-        # confirmed, lease_owner, lease_until, attempt count], changed in place as the
-        # batch goes. Only the recipient rows and attempt counts are read: the history
+        # confirmed, lease_owner, lease_until, attempt count, delay_warned], changed in
+        # place as the batch goes. Only the recipient rows and attempt counts are read: the history
         # itself is append-only.
         current: dict[str, dict[str, list[Any]]] = {}
         for message, address, *row in tx.execute(
             "SELECT r.message, r.address, r.position, r.state, r.next_attempt_at, r.confirmed,"
             " r.lease_owner, r.lease_until, (SELECT COUNT(*) FROM attempts a"
-            " WHERE a.message = r.message AND a.position = r.position)"
+            " WHERE a.message = r.message AND a.position = r.position), r.delay_warned"
             " FROM recipients r WHERE r.message IN (SELECT value FROM json_each(?))",
             (ids,),
         ):
@@ -837,7 +844,7 @@ class SQLiteStore:
                     row[6] += 1
                 if _apply_row(row, change, worker):
                     changed.append(change.address)
-                    state_rows.append((row[1], row[2], row[3], tracking_id, position))
+                    state_rows.append((row[1], row[2], row[3], row[7], tracking_id, position))
             results.append(tuple(changed))
         if attempt_rows:
             tx.executemany(_INSERT_ATTEMPT, attempt_rows)
@@ -847,7 +854,8 @@ class SQLiteStore:
             # written in the SQL, not bound (see _COPY_LIMIT).
             tx.executemany(
                 "UPDATE recipients SET state = ?, next_attempt_at = ?, confirmed = ?,"
-                " lease_owner = NULL, lease_until = NULL WHERE message = ? AND position = ?",
+                " delay_warned = ?, lease_owner = NULL, lease_until = NULL"
+                " WHERE message = ? AND position = ?",
                 state_rows,
             )
         return results
@@ -937,7 +945,7 @@ class _NotFast(Exception):
 
 _INSERT_RECIPIENT = (
     "INSERT INTO recipients (message, position, address, state, next_attempt_at,"
-    " confirmed, lease_owner, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " confirmed, lease_owner, lease_until, delay_warned) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (message, position, seq, at, host, code, enhanced, text, source)"
@@ -967,6 +975,8 @@ def _apply_row(row: list[Any], change: Change, worker: str | None) -> bool:
     row[2] = micros_or_none(change.next_attempt_at) if new in DUE_STATES else None
     if change.confirmed is not None:
         row[3] = int(change.confirmed)
+    if change.delay_warned is not None:
+        row[7] = int(change.delay_warned)
     row[4] = row[5] = None
     return True
 
@@ -1026,11 +1036,20 @@ def _split(
                 None if due is None else _batch_micros(due),
                 1 if recipient.confirmed else 0,
             )
-            if recipient.lease_owner is None and recipient.lease_until is None:
+            if (
+                recipient.lease_owner is None
+                and recipient.lease_until is None
+                and not recipient.delay_warned
+            ):
                 unleased.append(values)
             else:
                 leased.append(
-                    (*values, recipient.lease_owner, micros_or_none(recipient.lease_until))
+                    (
+                        *values,
+                        recipient.lease_owner,
+                        micros_or_none(recipient.lease_until),
+                        1 if recipient.delay_warned else 0,
+                    )
                 )
             if recipient.attempts:
                 attempts.extend(

@@ -39,6 +39,10 @@ Rules of this module:
   recipients that bounced or expired) are added by :meth:`Store.apply_many`'s
   ``then``, in the same atomic step as the changes: a bounce is recorded if and only
   if its report is queued, so a crash can lose neither alone.
+* A recipient's ``delay_warned`` mark (a delay warning was queued for it) is set by a
+  change's ``delay_warned``, only when that change applies, and in the same step as the
+  warning ``then`` queues: the mark is stored if and only if the warning is, so a
+  recipient is warned about at most once, and a crash loses neither alone.
 """
 
 from __future__ import annotations
@@ -196,6 +200,8 @@ class RecipientRecord:
             recipient ("delivered and confirmed").
         lease_owner: the worker holding it while SENDING.
         lease_until: when that worker's lease expires.
+        delay_warned: whether a delay warning (an RFC 3464 ``Action: delayed`` report
+            to the sender) was queued for it; set once, never cleared by the tracker.
     """
 
     address: Address
@@ -205,6 +211,7 @@ class RecipientRecord:
     confirmed: bool = False
     lease_owner: str | None = None
     lease_until: dt.datetime | None = attrs.field(default=None, converter=_opt_utc)
+    delay_warned: bool = False
 
     def is_due(self, now: dt.datetime) -> bool:
         """Whether a claim at ``now`` would take this recipient."""
@@ -308,6 +315,9 @@ class Change:
         confirmed: a new value for ``confirmed`` (``None`` keeps it).
         expect: apply only when the recipient is in one of these states
             (``None``: any non-final state).
+        delay_warned: a new value for the recipient's ``delay_warned`` (``None`` keeps
+            it); set with the delay warning queued in the same step (see the module
+            docstring).
     """
 
     address: Address
@@ -316,6 +326,7 @@ class Change:
     next_attempt_at: dt.datetime | None = attrs.field(default=None, converter=_opt_utc)
     confirmed: bool | None = None
     expect: frozenset[State] | None = None
+    delay_warned: bool | None = None
 
 
 # -- Fast builders for the tracker's hot paths ------------------------------------------
@@ -335,6 +346,7 @@ class Change:
     _set_r_confirmed,
     _set_r_owner,
     _set_r_until,
+    _set_r_warned,
 ) = slot_setters(
     RecipientRecord,
     (
@@ -345,6 +357,7 @@ class Change:
         "confirmed",
         "lease_owner",
         "lease_until",
+        "delay_warned",
     ),
 )
 (
@@ -359,8 +372,17 @@ class Change:
     MessageRecord,
     ("id", "created_at", "envelope", "message_id", "size", "recipients", "notification"),
 )
-_set_c_address, _set_c_state, _set_c_attempt, _set_c_next, _set_c_confirmed, _set_c_expect = (
-    slot_setters(Change, ("address", "state", "attempt", "next_attempt_at", "confirmed", "expect"))
+(
+    _set_c_address,
+    _set_c_state,
+    _set_c_attempt,
+    _set_c_next,
+    _set_c_confirmed,
+    _set_c_expect,
+    _set_c_warned,
+) = slot_setters(
+    Change,
+    ("address", "state", "attempt", "next_attempt_at", "confirmed", "expect", "delay_warned"),
 )
 _set_l_id, _set_l_worker, _set_l_until, _set_l_addresses, _set_l_fresh = slot_setters(
     Claim, ("tracking_id", "worker", "lease_until", "addresses", "fresh")
@@ -396,6 +418,7 @@ def queued_record(
         _set_r_confirmed(recipient, False)
         _set_r_owner(recipient, None)
         _set_r_until(recipient, None)
+        _set_r_warned(recipient, False)
         recipients.append(recipient)
     record: MessageRecord = new_instance(MessageRecord)
     _set_m_id(record, id)
@@ -431,6 +454,7 @@ def new_change(
     )
     _set_c_confirmed(change, None)
     _set_c_expect(change, None)
+    _set_c_warned(change, None)
     return change
 
 
@@ -692,7 +716,8 @@ def records_from_rows(
         attempt_rows: ``(message, position, at µs, host, code, enhanced, text, source)``,
             in ``(message, position, seq)`` order.
         recipient_rows: ``(message, position, address, state, next_attempt_at µs,
-            confirmed, lease_owner, lease_until µs)``, in ``(message, position)`` order.
+            confirmed, lease_owner, lease_until µs, delay_warned)``, in
+            ``(message, position)`` order.
     """
     attempts: dict[tuple[str, int], list[Attempt]] = {}
     for message, position, at, host, code, enhanced, text, source in attempt_rows:
@@ -723,8 +748,9 @@ def records_from_rows(
                 confirmed=bool(confirmed),
                 lease_owner=owner,
                 lease_until=time_or_none(until),
+                delay_warned=bool(warned),
             )
-            for _m, position, address, state, next_at, confirmed, owner, until in rows.get(
+            for _m, position, address, state, next_at, confirmed, owner, until, warned in rows.get(
                 tracking_id, []
             )
         )
@@ -768,6 +794,9 @@ def apply_change(
     _set_r_confirmed(after, record.confirmed if change.confirmed is None else change.confirmed)
     _set_r_owner(after, None)
     _set_r_until(after, None)
+    _set_r_warned(
+        after, record.delay_warned if change.delay_warned is None else change.delay_warned
+    )
     return after, True
 
 

@@ -24,6 +24,13 @@ Rules of this module (DESIGN.md §7; the diagram is in ``docs/tracker.md``):
 * The retry count excludes DSN history: only replies and errors are tries.
 * Each decision also says what the per-domain shaper should learn (``refused``): a 421,
   or a transaction refused whole for now, backs the domain off; an acceptance resets it.
+* Delay warnings (``delay_warning_after``, off when ``None``) are decided with the
+  deferral that calls for one (:func:`wants_delay_warning`): a recipient that an attempt
+  leaves DEFERRED gets a change with ``delay_warned=True`` when the message is at least
+  that old, it has not been warned about, its NOTIFY asks for delays and the sender is
+  not the null reverse-path. The change carries the mark; the runner queues the warning
+  in the transaction that stores it. Putting work back (no attempt) never warns, and an
+  expiry is a failure, reported as one.
 """
 
 from __future__ import annotations
@@ -35,14 +42,28 @@ import attrs
 
 from mailrelay._slots import new_instance, slot_setters
 from mailrelay.address import Address
-from mailrelay.envelope import Recipient
+from mailrelay.envelope import Notify, Recipient
 from mailrelay.errors import DeliveryError
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.tracker.retry import RetryPolicy
-from mailrelay.tracker.store import Attempt, Change, MessageRecord, State, new_change
+from mailrelay.tracker.store import (
+    Attempt,
+    Change,
+    MessageRecord,
+    RecipientRecord,
+    State,
+    new_change,
+)
 
-__all__ = ["AttemptMemo", "Decision", "from_error", "from_result", "put_back"]
+__all__ = [
+    "AttemptMemo",
+    "Decision",
+    "from_error",
+    "from_result",
+    "put_back",
+    "wants_delay_warning",
+]
 
 
 @attrs.frozen
@@ -128,6 +149,34 @@ def put_back(
     return changes
 
 
+def wants_delay_warning(
+    record: MessageRecord,
+    recipient: RecipientRecord,
+    *,
+    now: dt.datetime,
+    after: dt.timedelta,
+) -> bool:
+    """Whether deferring ``recipient`` of ``record`` at ``now`` calls for a delay warning.
+
+    Yes when the message was submitted at least ``after`` ago, the recipient has not been
+    warned about (``delay_warned``: once ever), the sender is not the null reverse-path
+    (RFC 3461 §6.2) and the recipient's NOTIFY asks for delays: NOTIFY=DELAY, or no NOTIFY
+    at all, which RFC 3461 §4.1 lets an MTA read as FAILURE,DELAY (as Postfix does; a
+    failure report is sent without a NOTIFY too).
+    """
+    if recipient.delay_warned or now - record.created_at < after:
+        return False
+    envelope = record.envelope
+    if envelope.sender is None:
+        return False
+    for wanted in envelope.recipients:
+        if wanted.address == recipient.address:
+            # RFC 3461 §4.1: NOTIFY without DELAY (NEVER, or SUCCESS/FAILURE only) asks
+            # for no delay report.
+            return wanted.notify is None or Notify.DELAY in wanted.notify
+    return False
+
+
 def _failure_change(
     record: MessageRecord,
     address: Address,
@@ -137,6 +186,7 @@ def _failure_change(
     now: dt.datetime,
     retry: RetryPolicy,
     random: Callable[[], float],
+    delay_warning_after: dt.timedelta | None = None,
 ) -> Change:
     previous = record.recipient(address)
     tries = sum(1 for a in previous.attempts if a.source != "dsn") + 1
@@ -150,7 +200,14 @@ def _failure_change(
     )
     if when is None:
         return new_change(address, _EXPIRED, attempt)
-    return new_change(address, _DEFERRED, attempt, when)
+    change = new_change(address, _DEFERRED, attempt, when)
+    if delay_warning_after is not None and wants_delay_warning(
+        record, previous, now=now, after=delay_warning_after
+    ):
+        # The mark travels with the deferral: stored with it, and with the warning the
+        # runner queues for it (see the module docstring).
+        return attrs.evolve(change, delay_warned=True)
+    return change
 
 
 # Members read for every result, as globals: in CPython 3.11 reading ``Outcome.X`` or
@@ -240,11 +297,13 @@ def from_result(
     retry: RetryPolicy,
     random: Callable[[], float],
     attempts: AttemptMemo | None = None,
+    delay_warning_after: dt.timedelta | None = None,
 ) -> Decision:
     """What a transaction's per-recipient results do to ``recipients`` of ``record``.
 
     ``attempts``, a dict kept across the results of one ``send_many`` call, lets equal
-    answers share one :class:`Attempt` object.
+    answers share one :class:`Attempt` object. With ``delay_warning_after``, a deferral
+    that calls for a delay warning carries ``delay_warned=True`` (see the module docstring).
     """
     found_all = result.recipients
     if len(recipients) == 1 and len(found_all) == 1:
@@ -288,7 +347,14 @@ def from_result(
             about_the_server = about_the_server or not _about_one_mailbox(reply)
             changes.append(
                 _failure_change(
-                    record, recipient.address, attempt, reply, now=now, retry=retry, random=random
+                    record,
+                    recipient.address,
+                    attempt,
+                    reply,
+                    now=now,
+                    retry=retry,
+                    random=random,
+                    delay_warning_after=delay_warning_after,
                 )
             )
     refused: bool | None
@@ -309,8 +375,10 @@ def from_error(
     now: dt.datetime,
     retry: RetryPolicy,
     random: Callable[[], float],
+    delay_warning_after: dt.timedelta | None = None,
 ) -> Decision:
-    """What a transaction that raised ``error`` does to ``recipients`` of ``record``."""
+    """What a transaction that raised ``error`` does to ``recipients`` of ``record``
+    (``delay_warning_after`` as for :func:`from_result`)."""
     reply = error.reply
     attempt = Attempt(
         at=now,
@@ -326,7 +394,14 @@ def from_error(
         if defers:
             changes.append(
                 _failure_change(
-                    record, recipient.address, attempt, reply, now=now, retry=retry, random=random
+                    record,
+                    recipient.address,
+                    attempt,
+                    reply,
+                    now=now,
+                    retry=retry,
+                    random=random,
+                    delay_warning_after=delay_warning_after,
                 )
             )
         else:

@@ -776,7 +776,7 @@ def test_sqlite_migration_five_keeps_only_envids_in_their_index(tmp_path: Path) 
     raw.close()
     store = SQLiteStore(path)
     try:
-        assert store.schema_version == SCHEMA_VERSION == 5
+        assert store.schema_version == SCHEMA_VERSION
         store.add(make_record("m3", envid="E"), [b"12345"])
         store.add(make_record("m4"), [b"12345"])
         assert store.lookup(envid="E") == ["m1", "m3"]
@@ -910,5 +910,146 @@ def test_a_full_database_is_a_transient_store_error_and_leaves_the_store_usable(
         conn.execute("PRAGMA max_page_count = 1073741823")
         store.add(make_record("m2", size=len(big)), [big])
         assert store.content("m2") == big
+    finally:
+        store.close()
+
+
+# -- the delay-warning mark (RecipientRecord.delay_warned) ------------------------------
+
+
+def _deferred(address: Address, *, warned: bool | None) -> Change:
+    return Change(
+        address=address,
+        state=State.DEFERRED,
+        attempt=Attempt(at=T0, code=450, enhanced="4.2.1", text="later"),
+        next_attempt_at=T0 + dt.timedelta(hours=1),
+        delay_warned=warned,
+    )
+
+
+def test_a_new_recipient_is_not_delay_warned(store: Store) -> None:
+    store.add(make_record("m1"), [b"12345"])
+    found = store.get("m1")
+    assert found is not None
+    assert [r.delay_warned for r in found.recipients] == [False, False]
+
+
+def test_the_delay_warned_mark_round_trips_through_add(store: Store) -> None:
+    record = make_record("m1")
+    marked = attrs.evolve(
+        record, recipients=(attrs.evolve(record.recipients[0], delay_warned=True),)
+    )
+    marked = attrs.evolve(marked, recipients=(*marked.recipients, record.recipients[1]))
+    store.add(marked, [b"12345"])
+    assert store.get("m1") == marked
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        (True, None, True),  # set, then kept by a change that does not say
+        (None, None, False),  # never set
+        (True, True, True),
+        (None, True, True),  # set by a later deferral
+    ],
+)
+def test_a_workers_change_sets_the_delay_warned_mark_and_later_ones_keep_it(
+    store: Store, first: bool | None, second: bool | None, expected: bool
+) -> None:
+    store.add(make_record("m1", recipients=("a@example.org",)), [b"12345"])
+    a = addr("a@example.org")
+    store.claim(worker="w", now=T0, lease=LEASE, limit=1)
+    assert store.apply_many([("m1", [_deferred(a, warned=first)])], worker="w") == [(a,)]
+    later = T0 + dt.timedelta(hours=1)
+    store.claim(worker="w", now=later, lease=LEASE, limit=1)
+    assert store.apply_many([("m1", [_deferred(a, warned=second)])], worker="w") == [(a,)]
+    found = store.get("m1")
+    assert found is not None
+    (recipient,) = found.recipients
+    assert recipient.state is State.DEFERRED
+    assert len(recipient.attempts) == 2
+    assert recipient.delay_warned is expected
+
+
+def test_a_change_that_does_not_apply_sets_no_delay_warned_mark(store: Store) -> None:
+    # The lease was lost (another worker holds the recipient now): history only.
+    store.add(make_record("m1", recipients=("a@example.org",)), [b"12345"])
+    a = addr("a@example.org")
+    store.claim(worker="w1", now=T0, lease=LEASE, limit=1)
+    store.claim(worker="w2", now=T0 + LEASE, lease=LEASE, limit=1)
+    assert store.apply_many([("m1", [_deferred(a, warned=True)])], worker="w1") == [()]
+    found = store.get("m1")
+    assert found is not None
+    (recipient,) = found.recipients
+    assert (recipient.state, recipient.lease_owner) == (State.SENDING, "w2")
+    assert recipient.delay_warned is False
+    assert len(recipient.attempts) == 1
+
+
+def test_the_delay_warned_mark_is_stored_with_what_then_adds_or_not_at_all(
+    store: Store,
+) -> None:
+    store.add(make_record("m1", recipients=("a@example.org",)), [b"12345"])
+    a = addr("a@example.org")
+    store.claim(worker="w", now=T0, lease=LEASE, limit=1)
+
+    def failing(_changed: Sequence[tuple[Address, ...]]) -> list[tuple[MessageRecord, list[bytes]]]:
+        raise RuntimeError("the warning could not be built")
+
+    with pytest.raises(RuntimeError):
+        store.apply_many([("m1", [_deferred(a, warned=True)])], worker="w", then=failing)
+    found = store.get("m1")
+    assert found is not None
+    assert found.recipients[0].delay_warned is False
+    assert found.recipients[0].state is State.SENDING  # nothing applied
+    warning = make_record("warning", recipients=("sender@example.com",))
+
+    def queued(changed: Sequence[tuple[Address, ...]]) -> list[tuple[MessageRecord, list[bytes]]]:
+        assert changed == [(a,)]
+        return [(warning, [b"12345"])]
+
+    store.apply_many([("m1", [_deferred(a, warned=True)])], worker="w", then=queued)
+    found = store.get("m1")
+    assert found is not None
+    assert found.recipients[0].delay_warned is True
+    assert store.get("warning") == warning
+
+
+def test_sqlite_migration_six_adds_the_delay_warned_mark(tmp_path: Path) -> None:
+    path = tmp_path / "v5.db"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute("INSERT INTO schema_version VALUES (5)")
+    raw.executescript("".join(MIGRATIONS[:5]))
+    record = make_record("m1")
+    raw.execute(
+        "INSERT INTO messages (id, created_at, envelope, message_id, envid, size, content)"
+        " VALUES (?, ?, ?, NULL, NULL, 5, ?)",
+        ("m1", to_micros(T0), envelope_to_json(record.envelope), b"12345"),
+    )
+    for position, recipient in enumerate(record.recipients):
+        raw.execute(
+            "INSERT INTO recipients (message, position, address, state, next_attempt_at)"
+            " VALUES (?, ?, ?, 'deferred', ?)",
+            ("m1", position, str(recipient.address), to_micros(T0)),
+        )
+    raw.commit()
+    raw.close()
+    store = SQLiteStore(path)
+    try:
+        assert store.schema_version == SCHEMA_VERSION == 6
+        found = store.get("m1")
+        assert found is not None
+        assert [(r.state, r.delay_warned) for r in found.recipients] == [
+            (State.DEFERRED, False),
+            (State.DEFERRED, False),
+        ]
+        # The column takes the mark from now on.
+        a = found.recipients[0].address
+        store.claim(worker="w", now=T0, lease=LEASE, limit=1)
+        store.apply_many([("m1", [_deferred(a, warned=True)])], worker="w")
+        found = store.get("m1")
+        assert found is not None
+        assert [r.delay_warned for r in found.recipients] == [True, False]
     finally:
         store.close()
