@@ -57,6 +57,23 @@ Rules (RFC sections cited where they are enforced):
   (PERMANENT "REQUIRETLS support required", 5.7.30 in RFC 8689 §5, when every target lacked
   the keyword; TRANSIENT when some target could not be reached or failed the TLS check).
   We do not check DNSSEC on the MX lookup, which the RFC also asks for.
+* MTA-STS ``testing`` mode (RFC 8461 §5: report failures, deliver anyway), for a policy the
+  MTA-STS hooks marked ``sts_testing`` (they do when they have a ``tls_reporter``) and only
+  when this transport has a ``tls_reporter`` too (without one nobody would learn anything:
+  delivery stays exactly opportunistic, one connection). Under opportunistic delivery and
+  without DANE for the exchanger: the policy's ``mx`` patterns skip no exchanger; one that
+  matches is first opened with STARTTLS required and its certificate verified against its
+  name (the policy's context, as ``enforce`` would); the verdict is reported under the
+  ``sts`` policy; verified, that session carries the message; failed (a
+  :class:`~mailrelay.errors.TLSError`: certificate, name, no STARTTLS), a fresh
+  opportunistic session does (plain text where opportunistic delivery falls back to it):
+  never a deferral or a bounce for testing's sake. One that does not match is not probed
+  (``enforce`` would not connect) and is reported as ``certificate-host-mismatch``. The
+  verdict is kept per exchanger, address, policy text and context for an hour
+  (:class:`~mailrelay.transport.mx_plan.STSVerdicts`, bounded): a kept failure means no
+  probe, and each fresh session is reported as that failure; such sessions are pooled under
+  their own :func:`reuse_key`. A connection that never reached TLS is the target's failure,
+  as in any mode.
 * TLS reporting (RFC 8460, opt-in): with ``tls_reporter=`` (a
   :class:`~mailrelay.transport.tlsrpt.TLSReportCollector`) the transport tells it how TLS
   went on every fresh session (:class:`~mailrelay.transport.mx_plan.TLSAttempt`: the policy,
@@ -119,6 +136,7 @@ from mailrelay.transport.mx_plan import (
     ReuseIdle,
     SendMessage,
     Stale,
+    STSVerdicts,
     Target,
     TLSAttempt,
     TLSPolicyHook,
@@ -148,6 +166,7 @@ __all__ = [
     "MXPolicy",
     "MXSettings",
     "MXTransport",
+    "STSVerdicts",
     "TLSAttempt",
     "TLSPolicyHook",
     "TLSReporter",

@@ -6,8 +6,10 @@ strict TLS is per domain; :meth:`MXSettings.route` turns a domain's mail hosts (
 verdict) into an ordered list of :class:`Target` values (exchanger name + one IP address);
 :func:`deliver_plan` is one domain's delivery as a generator that yields requests
 (:class:`ReuseIdle`, :class:`OpenSession`, :class:`SendMessage`, :class:`GiveBack`) and is
-sent what happened; a :class:`Trail` records each target's failure for the reason text, and
-:class:`Unreachable` remembers, for one message, the targets that could not be opened. The
+sent what happened; a :class:`Trail` records each target's failure for the reason text,
+:class:`Unreachable` remembers, for one message, the targets that could not be opened, and
+:class:`STSVerdicts` remembers, for a while, what verifying an exchanger under an MTA-STS
+testing policy gave (RFC 8461 §5: verify and report, deliver anyway). The
 two transports only carry the requests out. The rules themselves (routing, order, moving
 on, TLS, REQUIRETLS, reuse) are stated in :mod:`mailrelay.transport.mx`, which re-exports
 this module's public names (:class:`MXPolicy`, :data:`MX_POOL`, ...): import them from there.
