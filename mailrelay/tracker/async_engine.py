@@ -29,8 +29,9 @@ Rules of this module:
   their events fire. A batch's claims are read and loaded in one worker-thread call.
 * Callbacks may be plain functions or coroutine functions; both are called
   after the change they report is committed.
-* Failure DSNs are queued in the commit of the bounce or expiry they report, and sent
-  through ``dsn_transport`` by a later claim, as in the sync tracker.
+* Failure DSNs are queued in the commit of the bounce or expiry they report (delay
+  warnings in the commit of the deferral that calls for one), and sent through
+  ``dsn_transport`` by a later claim, as in the sync tracker.
 * :meth:`AsyncDeliveryTracker.arun_forever`'s default sleep ends at once when its stop
   flag is set or when this tracker stores new work (``submit``, ``asubmit`` and their
   ``_many`` forms, from the loop or from any thread: the news reaches the loop through

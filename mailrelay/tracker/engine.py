@@ -15,9 +15,9 @@ Rules of this module:
   their commit, and no more than the last chunk's pace fits in ``commit_interval`` (the
   first chunk is one transaction). Results are committed when ``commit_batch`` of them
   are in hand, when the oldest has waited ``commit_interval``, and at the end of the
-  claim batch, with the failure DSNs they call for queued in the same commit; then
-  their events fire. So a crash re-sends at most ``commit_batch`` delivered
-  transactions, as before, and loses no DSN.
+  claim batch, with the failure DSNs (and delay warnings) they call for queued in the
+  same commit; then their events fire. So a crash re-sends at most ``commit_batch``
+  delivered transactions, as before, and loses no DSN.
 * A queued DSN is a claimed message like any other, sent through ``dsn_transport``: a
   chunk holds either generated DSNs or the application's messages, never both.
 * ``send_many`` turns a :class:`~mailrelay.errors.DeliveryError` into that message's
@@ -107,6 +107,11 @@ class DeliveryTracker(TrackerCore[Transport]):
             with the bounce or expiry it reports and sent by the runner like any
             message (see :mod:`mailrelay.tracker.core`).
         reporting_mta: our host name for generated DSNs.
+        delay_warning_after: warn the sender once (an RFC 3464 ``Action: delayed``
+            report, sent through ``dsn_transport``, which it needs) about a recipient
+            deferred when its message is at least this old; ``None`` (the default)
+            sends no warnings. Decided where a deferral is (see
+            :mod:`mailrelay.tracker.transitions`), queued with it.
         request_dsn: ``True`` or a :class:`DSNRequest` to ask servers for DSNs.
         verp: a :class:`VERP` to use a per-message envelope sender.
         split_by_domain: one transaction per recipient domain (for per-domain
