@@ -68,7 +68,7 @@ Rules (RFC sections cited where they are enforced):
   :class:`~mailrelay.errors.TLSError`: certificate, name, no STARTTLS), a fresh
   opportunistic session does (plain text where opportunistic delivery falls back to it):
   never a deferral or a bounce for testing's sake. One that does not match is not probed
-  (``enforce`` would not connect) and is reported as ``certificate-host-mismatch``. The
+  (``enforce`` would not connect) and is reported as ``validation-failure`` (``mx-mismatch``). The
   verdict is kept per exchanger, address, policy text and context for an hour
   (:class:`~mailrelay.transport.mx_plan.STSVerdicts`, bounded): a kept failure means no
   probe, and each fresh session is reported as that failure; such sessions are pooled under

@@ -737,7 +737,7 @@ def _sts_testing_plan(  # noqa: PLR0917 -- private; the plan's state
 
 def mx_mismatch(target: Target, policy: MXPolicy) -> TLSError:
     """The failure an MTA-STS policy's exchanger outside its ``mx`` patterns is reported as
-    (:mod:`mailrelay.transport.tlsrpt` reads it as ``certificate-host-mismatch``)."""
+    (:mod:`mailrelay.transport.tlsrpt` reads it as ``validation-failure``, ``mx-mismatch``)."""
     return TLSError(
         f"MTA-STS: {target.name} matches no mx pattern of the policy "
         f"({', '.join(policy.mx_patterns)})",

@@ -33,13 +33,14 @@ Rules of this module (RFC 8460 sections cited where they are enforced):
   has no reporter is not seen here).
 - Result types (§4.3), from what the transports saw: STARTTLS not offered or refused, or an
   opportunistic session that stayed plain text, ``starttls-not-supported``; a WebPKI check that
-  failed on the name, or an exchanger outside an MTA-STS policy's ``mx`` patterns (reason
-  code ``mx-not-in-sts-policy``; §4.3.1: the certificate cannot meet the policy's
-  constraints), ``certificate-host-mismatch``, on the dates ``certificate-expired``, on
+  failed on the name ``certificate-host-mismatch``, on the dates ``certificate-expired``, on
   anything else ``certificate-not-trusted``; a DANE certificate that matches no TLSA record
   (or a DANE-TA chain that does not verify) ``validation-failure`` (§4.3.1: the general
   failure; ``tlsa-invalid`` is kept for records none of which is usable); secure TLSA records
-  none of which is usable (encryption without authentication) ``tlsa-invalid``; a TLSA lookup
+  none of which is usable (encryption without authentication) ``tlsa-invalid``; an
+  exchanger outside an MTA-STS ``testing`` policy's ``mx`` patterns ``validation-failure``
+  with the reason code ``mx-mismatch`` (no certificate was presented: §4.3.1's general
+  failure, not ``certificate-host-mismatch``); a TLSA lookup
   that failed (bogus or SERVFAIL) ``dnssec-invalid``; any other failed handshake
   ``validation-failure``. MTA-STS policy fetches are the MTA-STS hooks' (their
   ``tls_reporter=``, :meth:`TLSReportCollector.sts_policy_failure`): a policy that does not
@@ -417,10 +418,11 @@ def _policy_of(attempt: TLSAttempt) -> tuple[ReportPolicy, HostState | None]:
 # STARTTLS step, errors_map.map_tls_error with OpenSSL's verify message, dane.check_chain,
 # mx_plan.dane_ta_failed and the failed-TLSA-lookup step).
 _ERROR_TEXTS: Final = (
-    # RFC 8460 §4.3.1: the certificate "did not adhere to the constraints specified in the
-    # MTA-STS ... policy": no certificate can, for an exchanger outside its mx patterns
-    # (RFC 8461 §4.1: the name checked must match a pattern). mx_plan.mx_mismatch's text.
-    ("matches no mx pattern", ResultType.CERTIFICATE_HOST_MISMATCH),
+    # An exchanger outside an MTA-STS policy's mx patterns (mx_plan.mx_mismatch's text): no
+    # certificate was presented (enforce would not connect), so not certificate-host-mismatch
+    # (RFC 8460 §4.3.1: "the certificate presented did not adhere..."), but the general
+    # validation-failure with a reason code, as the §4.3.1 SHOULD asks.
+    ("matches no mx pattern", ResultType.VALIDATION_FAILURE),
     ("the TLSA lookup for", ResultType.DNSSEC_INVALID),
     ("does not offer STARTTLS", ResultType.STARTTLS_NOT_SUPPORTED),
     ("refused STARTTLS", ResultType.STARTTLS_NOT_SUPPORTED),
@@ -441,7 +443,7 @@ def result_of(text: str) -> tuple[ResultType, str | None]:
     found = _VERIFY_MESSAGE.search(text)
     code = found.group(1)[:100] if found else None
     if code is None and "matches no mx pattern" in text:
-        code = "mx-not-in-sts-policy"
+        code = "mx-mismatch"
     for needle, result in _ERROR_TEXTS:
         if needle in text:
             return result, code

@@ -283,8 +283,8 @@ def test_an_exchanger_outside_the_mx_patterns_is_reported_and_used(  # noqa: PLR
     assert entry["policy"]["mx-host"] == list(mx)
     assert summary(entry) == (0, 1)
     [row] = entry["failure-details"]
-    assert row["result-type"] == "certificate-host-mismatch"
-    assert row["failure-reason-code"] == "mx-not-in-sts-policy"
+    assert row["result-type"] == "validation-failure"
+    assert row["failure-reason-code"] == "mx-mismatch"
     assert row["receiving-mx-hostname"] == MX
 
 

@@ -231,8 +231,8 @@ def test_an_exchanger_outside_the_patterns_is_reported_without_a_probe() -> None
     assert seen == ["reuse", OPPORTUNISTIC, "send", "give back"]
     assert [r.outcome for r in results] == [Outcome.ACCEPTED]
     [record] = [classify(a) for a in reporter.attempts]
-    assert record.result is ResultType.CERTIFICATE_HOST_MISMATCH
-    assert record.failure_reason_code == "mx-not-in-sts-policy"
+    assert record.result is ResultType.VALIDATION_FAILURE
+    assert record.failure_reason_code == "mx-mismatch"
 
 
 def test_a_kept_failure_spares_the_probe_until_it_expires() -> None:
