@@ -25,10 +25,11 @@ from aiosmtpd.controller import Controller
 
 from mailrelay.envelope import Envelope
 from mailrelay.message import Message
-from mailrelay.options import Timeouts
+from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult
+from mailrelay.transport.dane import DANEHost, DANEPolicy, HostState
 from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
-from mailrelay.transport.mx import MXTransport
+from mailrelay.transport.mx import MXPolicy, MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.settings import PoolSettings
 from mailrelay.transport.tlsrpt import TLSReportCollector
@@ -360,3 +361,41 @@ def test_the_verification_is_not_repeated_per_message(  # noqa: PLR0917
     [entry] = only_report(collector)["policies"]
     assert entry["policy"]["policy-type"] == "sts"
     assert summary(entry) == counts
+
+
+DANE_ELSEWHERE = DANEPolicy(hosts=(DANEHost(name="mx.other.test", state=HostState.ENCRYPT),))
+
+
+@pytest.mark.parametrize(
+    ("fallback", "expected"),
+    [
+        (None, "testing"),
+        (MXPolicy(dane=DANE_ELSEWHERE), "testing+dane"),  # DANE's verdict kept beside it
+        (TLS.NONE, "fallback"),  # any other answer of the fallback wins, as without reporter
+    ],
+)
+def test_the_hook_answers_a_testing_policy_when_it_has_a_reporter(
+    fallback: TLS | MXPolicy | None,
+    expected: str,
+    unbound: UnboundServer,
+    https_server: PolicyServer,
+    tls_files: TLSFiles,
+) -> None:
+    https_server.serve(TESTING, policy_text())
+    sts = MTASTS(
+        unbound.resolver(timeout=1.0),
+        port=https_server.port,
+        ssl_context=tls_files.client_context(),
+        timeout=5.0,
+        tls_reporter=TLSReportCollector(),
+        fallback=(lambda domain: fallback),
+    )
+    answer = sts(TESTING)
+    if expected == "fallback":
+        assert answer is fallback
+        return
+    assert isinstance(answer, MXPolicy)
+    assert answer.sts_testing
+    assert answer.mx_patterns == ("*.mailrelay.test",)
+    assert list(answer.sts_policy_string) == policy_string()
+    assert answer.dane == (DANE_ELSEWHERE if expected == "testing+dane" else None)
