@@ -365,7 +365,8 @@ def _dsn_recipient(
     diagnostic = None
     if last is not None and last.text:
         text = " ".join(last.text.split())
-        diagnostic = f"smtp; {last.code} {text}" if last.code else text
+        # build_dsn writes the diagnostic-type itself ("smtp; ", RFC 3464 §2.3.6).
+        diagnostic = f"{last.code} {text}" if last.code else text
     return DSNRecipient(
         address=str(record.address),
         action=action,

@@ -278,7 +278,11 @@ def test_one_warning_after_the_threshold_then_the_failure_report(store: Store) -
     sent = dsn_out.outbox[0]
     assert sent.envelope.sender is None  # RFC 3461 §6.2: from the null reverse-path
     assert [str(r.address) for r in sent.envelope.recipients] == [SENDER]
-    assert b"is delayed" in sent.message.as_bytes()
+    raw = sent.message.as_bytes()
+    assert b"is delayed" in raw
+    assert b"Subject: Delivery Status Notification (Delay)" in raw
+    # RFC 3464 §2.3.6: one diagnostic-type, then the reply.
+    assert b"Diagnostic-Code: smtp; 450 4.2.1 Mailbox temporarily unavailable" in raw
     # A later deferral (T0+3h30m) sends no second warning.
     run_until_done(tracker, clock, until=T0 + 3.75 * HOUR)
     recipient = tracker.status(tracking_id).recipient("a@example.org")
