@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Recipient
@@ -372,6 +374,57 @@ def test_off_by_default(store: Store) -> None:
     run_until_done(tracker, clock, until=DEADLINE + HOUR)
     assert warnings(dsn_out.outbox) == []
     assert len(bounces(dsn_out.outbox)) == 1
+
+
+_ANSWERS = {"450": TEMPFAIL, "250": Reply.of(250, "2.0.0 ok"), "550": Reply.of(550, "5.1.1 no")}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    answers=st.lists(
+        st.lists(st.sampled_from(["450", "450", "250", "550"]), max_size=6),
+        min_size=2,
+        max_size=2,
+    ),
+    lateness=st.lists(st.integers(min_value=0, max_value=90), min_size=8, max_size=8),
+    after_minutes=st.integers(min_value=0, max_value=300),
+)
+def test_a_recipient_is_warned_about_once_exactly_when_deferred_late_enough(
+    answers: list[list[str]], lateness: list[int], after_minutes: int
+) -> None:
+    """Whatever the answers and however late the runner comes: a recipient is warned
+    about iff some attempt deferred it (a 450 before the deadline) when the message was at
+    least ``delay_warning_after`` old, and then in exactly one report."""
+    addresses = ["a@example.org", "b@example.net"]
+    queues = {Address.parse(a): list(q) for a, q in zip(addresses, answers, strict=True)}
+
+    def handler(_m: Message, envelope: Envelope) -> dict[Address, Reply]:
+        return {
+            r.address: _ANSWERS[queues[r.address].pop(0) if queues[r.address] else "450"]
+            for r in envelope.recipients
+        }
+
+    dsn_out = MemoryTransport()
+    clock = FakeClock()
+    after = dt.timedelta(minutes=after_minutes)
+    tracker = make(
+        MemoryTransport(handler), MemoryStore(), clock, dsn_out, delay_warning_after=after
+    )
+    tracking_id = tracker.submit(message(*addresses))
+    for late in lateness:
+        tracker.run_pending()
+        due = tracker.next_due()
+        if due is None:
+            break
+        clock.now = max(clock.now, due) + dt.timedelta(minutes=late)
+    tracker.run_pending()  # the reports queued by the last commit
+    warned_in = [r.address for report in warnings(dsn_out.outbox) for r in report.recipients]
+    for recipient in tracker.status(tracking_id).recipients:
+        late_deferral = any(
+            a.code == 450 and a.at - T0 >= after and a.at < DEADLINE for a in recipient.attempts
+        )
+        assert recipient.delay_warned is late_deferral
+        assert warned_in.count(str(recipient.address)) == (1 if late_deferral else 0)
 
 
 # -- crashes ----------------------------------------------------------------------------
