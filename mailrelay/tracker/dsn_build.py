@@ -269,6 +269,8 @@ def _explanation(host: str, recipients: Sequence[DSNRecipient]) -> str:
 
 def _line(recipient: DSNRecipient) -> str:
     detail = recipient.diagnostic or recipient.status or recipient.action.value
+    if recipient.action is DSNAction.DELAYED and recipient.will_retry_until:
+        detail += f" (retried until {recipient.will_retry_until})"
     # Keep the text part's lines short (RFC 5322 §2.1.1).
     return textwrap.fill(
         f"<{recipient.address}>: {detail}", width=_FOLD_WIDTH, subsequent_indent="    "

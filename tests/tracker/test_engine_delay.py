@@ -282,6 +282,9 @@ def test_one_warning_after_the_threshold_then_the_failure_report(store: Store) -
     assert [str(r.address) for r in sent.envelope.recipients] == [SENDER]
     raw = sent.message.as_bytes()
     assert b"is delayed" in raw
+    # The text says until when (its lines are wrapped: compare the words).
+    words = " ".join(raw.decode().split())
+    assert "(retried until Sun, 01 Mar 2026 12:00:00 +0000)" in words
     assert b"Subject: Delivery Status Notification (Delay)" in raw
     # RFC 3464 §2.3.6: one diagnostic-type, then the reply.
     assert b"Diagnostic-Code: smtp; 450 4.2.1 Mailbox temporarily unavailable" in raw
