@@ -19,6 +19,15 @@ Rules of this module:
   system's resolver), the certificate verified against ``mta-sts.<domain>`` (by default with
   the system's CAs), redirects never followed, only a ``200`` with media type ``text/plain``
   accepted, at most :data:`MAX_POLICY_SIZE` bytes, and the whole fetch bounded by ``timeout``.
+- Where fetches may go (server-side request forgery): ``mta-sts.<domain>`` is named by the
+  recipient domain's DNS, so by default every address it resolves to must be public
+  (:func:`~mailrelay.transport.netguard.is_public_address`: no loopback, RFC 1918,
+  link-local, CGNAT, unique-local...); one that is not fails the fetch with
+  :class:`PolicyFetchError` before any connection, which is then like any other failed
+  fetch (no new policy, a cached one kept, ``sts-policy-fetch-error`` for TLS-RPT). The
+  connection goes to the very address checked, never resolved again (DNS rebinding).
+  ``allow_private_addresses=True`` lifts the guard, for deployments whose policy hosts are
+  internal.
 - Parsing (§3.2): :meth:`STSPolicy.parse`. ``version: STSv1``, ``mode``, ``max_age``
   (0 to :data:`MAX_MAX_AGE`) and, unless the mode is ``none``, at least one ``mx`` pattern;
   CRLF or LF line ends; unknown keys ignored; a repeated single-valued key keeps its first
@@ -71,6 +80,7 @@ from mailrelay.errors import ConfigurationError, PolicyError, PolicyFetchError, 
 from mailrelay.options import TLS
 from mailrelay.resolver import AsyncResolver, Resolver
 from mailrelay.transport.mx_plan import MXPolicy, TLSPolicyHook
+from mailrelay.transport.netguard import non_public_addresses
 
 __all__ = [
     "DEFAULT_FETCH_TIMEOUT",
@@ -436,6 +446,7 @@ class _Core:
         retry_delay: float,
         refresh_after: float,
         tls_reporter: STSFailureReporter | None = None,
+        allow_private_addresses: bool = False,
     ) -> None:
         if tls_reporter is not None and not callable(
             getattr(tls_reporter, "sts_policy_failure", None)
@@ -453,6 +464,7 @@ class _Core:
                 raise ConfigurationError(f"{name} must be an ssl.SSLContext")
         self.port = port
         self.timeout = timeout
+        self.allow_private_addresses = bool(allow_private_addresses)
         self.ssl_context = ssl_context
         self.mx_ssl_context = mx_ssl_context
         self.clock = clock if clock is not None else time.monotonic
@@ -694,7 +706,13 @@ def _fetch_at(
 
 
 def fetch_policy(
-    domain: str, addresses: Iterable[str], *, port: int, context: ssl.SSLContext, timeout: float
+    domain: str,
+    addresses: Iterable[str],
+    *,
+    port: int,
+    context: ssl.SSLContext,
+    timeout: float,
+    allow_private_addresses: bool = False,
 ) -> STSPolicy:
     """Fetch and parse ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` (RFC 8461 §3.3).
 
@@ -704,11 +722,26 @@ def fetch_policy(
         port: the HTTPS port (443; tests use another).
         context: the context verifying the certificate against ``mta-sts.<domain>``.
         timeout: seconds the whole fetch may take.
+        allow_private_addresses: connect to addresses that are not public too (loopback,
+            private networks...); by default one such address fails the fetch before any
+            connection (a guard against server-side request forgery).
 
     Raises:
-        PolicyFetchError: no address answered with a valid policy.
+        PolicyFetchError: an address is not public (unless allowed), or no address answered
+            with a valid policy.
     """
     host = f"mta-sts.{domain}"
+    addresses = tuple(addresses)
+    if not allow_private_addresses:
+        # Every address that would be tried is checked before the first connection, and
+        # only these very addresses are connected to: a second lookup could answer
+        # differently (DNS rebinding).
+        refused = non_public_addresses(addresses)
+        if refused:
+            raise PolicyFetchError(
+                f"{host} resolves to {', '.join(refused)}, not a public address: refused "
+                "(pass allow_private_addresses=True to fetch from internal hosts)"
+            )
     deadline = time.monotonic() + timeout
     failures: list[str] = []
     for address in addresses:
@@ -779,6 +812,11 @@ class MTASTS:
             With one, a ``testing`` policy is answered with
             :meth:`STSPolicy.testing_policy`, so that an MX transport given the same
             reporter verifies and reports its exchangers (and still delivers).
+        allow_private_addresses: fetch policies from hosts that resolve to addresses that
+            are not public (loopback, RFC 1918, link-local, CGNAT, unique-local...). By
+            default such a fetch fails (a :class:`PolicyFetchError`, like any failed fetch)
+            before any connection: the domain's DNS chooses the host, and must not make
+            the sender reach internal services. Set it for internal deployments only.
     """
 
     def __init__(
@@ -795,6 +833,7 @@ class MTASTS:
         retry_delay: float = FETCH_RETRY_DELAY,
         refresh_after: float = DEFAULT_REFRESH_AFTER,
         tls_reporter: STSFailureReporter | None = None,
+        allow_private_addresses: bool = False,
     ) -> None:
         if resolver is not None and not isinstance(resolver, Resolver):
             raise ConfigurationError("MTASTS needs a mailrelay.resolver.Resolver")
@@ -803,6 +842,7 @@ class MTASTS:
             port=port, timeout=timeout, ssl_context=ssl_context, mx_ssl_context=mx_ssl_context,
             clock=clock, cache=cache, fallback=fallback, retry_delay=retry_delay,
             refresh_after=refresh_after, tls_reporter=tls_reporter,
+            allow_private_addresses=allow_private_addresses,
         )  # fmt: skip
         # Striped locks: one domain's refreshes run one at a time (the second finds the
         # first's policy cached); different domains rarely wait for each other.
@@ -858,7 +898,7 @@ class MTASTS:
         try:
             return fetch_policy(
                 request.domain, found.addresses, port=core.port, context=core.context(),
-                timeout=core.timeout,
+                timeout=core.timeout, allow_private_addresses=core.allow_private_addresses,
             )  # fmt: skip
         except PolicyFetchError as exc:
             return exc
@@ -897,6 +937,7 @@ class AsyncMTASTS:
         retry_delay: as for :class:`MTASTS`.
         refresh_after: as for :class:`MTASTS`.
         tls_reporter: as for :class:`MTASTS`.
+        allow_private_addresses: as for :class:`MTASTS`.
     """
 
     def __init__(
@@ -913,6 +954,7 @@ class AsyncMTASTS:
         retry_delay: float = FETCH_RETRY_DELAY,
         refresh_after: float = DEFAULT_REFRESH_AFTER,
         tls_reporter: STSFailureReporter | None = None,
+        allow_private_addresses: bool = False,
     ) -> None:
         if resolver is not None and not isinstance(resolver, AsyncResolver):
             raise ConfigurationError("AsyncMTASTS needs a mailrelay.resolver.AsyncResolver")
@@ -921,6 +963,7 @@ class AsyncMTASTS:
             port=port, timeout=timeout, ssl_context=ssl_context, mx_ssl_context=mx_ssl_context,
             clock=clock, cache=cache, fallback=fallback, retry_delay=retry_delay,
             refresh_after=refresh_after, tls_reporter=tls_reporter,
+            allow_private_addresses=allow_private_addresses,
         )  # fmt: skip
         self._checks: dict[str, asyncio.Task[CachedPolicy | None]] = {}
 
@@ -1007,6 +1050,7 @@ class AsyncMTASTS:
             return await asyncio.to_thread(
                 fetch_policy, request.domain, found.addresses, port=core.port,
                 context=core.context(), timeout=core.timeout,
+                allow_private_addresses=core.allow_private_addresses,
             )  # fmt: skip
         except PolicyFetchError as exc:
             return exc

@@ -69,6 +69,13 @@ Rules of this module (RFC 8460 sections cited where they are enforced):
 - HTTPS (§5.4): POST of the gzipped JSON, ``Content-Type: application/tlsrpt+gzip``, the
   server's certificate verified, redirects not followed, the whole exchange bounded in time
   and the answer read to at most 64 KiB; any 2xx is success.
+- Where POSTs may go (server-side request forgery): the ``rua`` host is named by the
+  recipient domain's DNS, so by default every address it resolves to (or the ``address=``
+  given) must be public (:func:`~mailrelay.transport.netguard.is_public_address`: no
+  loopback, RFC 1918, link-local, CGNAT, unique-local...); one that is not raises
+  :class:`~mailrelay.errors.ReportError` before any connection. The connection goes only to
+  the addresses checked, never resolved again (DNS rebinding).
+  ``allow_private_addresses=True`` lifts the guard, for internal deployments.
 """
 
 from __future__ import annotations
@@ -110,6 +117,7 @@ from mailrelay.message import Message
 from mailrelay.resolver import AsyncResolver, Resolver
 from mailrelay.transport.dane import HostState
 from mailrelay.transport.mx_plan import TLSAttempt
+from mailrelay.transport.netguard import non_public_addresses
 
 __all__ = [
     "DEFAULT_MAX_FAILURE_DETAILS",
@@ -834,18 +842,33 @@ def report_message(
 
 
 class _HTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to ``host``, optionally at an address we resolved ourselves (certificate and
-    SNI for ``host``)."""
+    """HTTPS to ``host`` at addresses resolved (and checked) beforehand, tried in turn until
+    one accepts the TCP connection (certificate and SNI for ``host``)."""
 
     def __init__(
-        self, host: str, address: str, port: int, context: ssl.SSLContext, timeout: float
+        self,
+        host: str,
+        addresses: tuple[str, ...],
+        port: int,
+        context: ssl.SSLContext,
+        timeout: float,
     ) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
-        self._address = address
+        self._addresses = addresses
         self._verifying = context
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
+        sock: socket.socket | None = None
+        failure: OSError = OSError(f"{self.host} has no address")
+        for address in self._addresses:
+            try:
+                # An address literal: create_connection does not resolve anything again.
+                sock = socket.create_connection((address, self.port), self.timeout)
+                break
+            except OSError as exc:
+                failure = exc
+        if sock is None:
+            raise failure
         try:
             self.sock = self._verifying.wrap_socket(sock, server_hostname=self.host)
         except BaseException:
@@ -860,6 +883,15 @@ def _cut(conn: http.client.HTTPConnection) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
+def _addresses_of(host: str, port: int) -> tuple[str, ...]:
+    """``host``'s addresses from the system's resolver, in its order, without repeats."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ReportError(f"{host}: cannot resolve: {exc}") from None
+    return tuple(dict.fromkeys(str(info[4][0]) for info in found))
+
+
 def post_report(
     report: TLSReport,
     url: str,
@@ -868,6 +900,7 @@ def post_report(
     timeout: float = DEFAULT_POST_TIMEOUT,
     address: str | None = None,
     port: int | None = None,
+    allow_private_addresses: bool = False,
 ) -> int:
     """POST the gzipped report to an ``https:`` rua (RFC 8460 §5.4).
 
@@ -876,15 +909,22 @@ def post_report(
         url: the ``https:`` URI from the record.
         context: verifies the server's certificate (default: the system's CAs).
         timeout: seconds the whole exchange may take.
-        address: the IP address to connect to (default: the host's, from the system).
+        address: the IP address to connect to (default: the host's, from the system's
+            resolver, tried in turn).
         port: the port to connect to instead of the URL's (tests use another).
+        allow_private_addresses: connect to addresses that are not public too (loopback,
+            private networks...). By default one such address among the host's (or
+            ``address``) raises :class:`~mailrelay.errors.ReportError` before any
+            connection: the recipient domain's DNS chooses the host, and must not make the
+            sender reach internal services. Set it for internal deployments only.
 
     Returns:
         The 2xx status the server answered.
 
     Raises:
-        ReportError: not an https URL, a connection or TLS failure, a redirect (not
-            followed), a status other than 2xx, or the time ran out.
+        ReportError: not an https URL, an address that is not public (unless allowed), a
+            connection or TLS failure, a redirect (not followed), a status other than 2xx,
+            or the time ran out.
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() != "https" or not parts.hostname:
@@ -898,9 +938,21 @@ def post_report(
     context = context if context is not None else ssl.create_default_context()
     body = report.gzipped()
     deadline = time.monotonic() + timeout
-    conn = _HTTPSConnection(host, address or host, port, context, timeout)
+    addresses = (address,) if address is not None else _addresses_of(host, port)
+    if not allow_private_addresses:
+        # Every address that would be tried is checked before the first connection, and
+        # the connection goes only to these (a second lookup could answer differently:
+        # DNS rebinding). The URL itself is not named: its query may hold a token.
+        refused = non_public_addresses(addresses)
+        if refused:
+            raise ReportError(
+                f"{host} resolves to {', '.join(refused)}, not a public address: refused "
+                "(pass allow_private_addresses=True to post to internal hosts)"
+            )
+    left = max(deadline - time.monotonic(), 0.001)
+    conn = _HTTPSConnection(host, addresses, port, context, left)
     # A socket timeout bounds each read, not the exchange: the watchdog cuts it at the deadline.
-    watchdog = threading.Timer(timeout, _cut, args=(conn,))
+    watchdog = threading.Timer(left, _cut, args=(conn,))
     watchdog.daemon = True
     watchdog.start()
     try:
@@ -937,9 +989,12 @@ async def apost_report(
     timeout: float = DEFAULT_POST_TIMEOUT,
     address: str | None = None,
     port: int | None = None,
+    allow_private_addresses: bool = False,
 ) -> int:
-    """:func:`post_report` from asyncio: it runs in a worker thread (``http.client`` blocks),
-    so the event loop never waits on the network."""
+    """:func:`post_report` from asyncio: it runs in a worker thread (``http.client`` blocks,
+    and so does the system's resolver), so the event loop never waits on the network. The
+    arguments are :func:`post_report`'s, ``allow_private_addresses`` included."""
     return await asyncio.to_thread(
-        post_report, report, url, context=context, timeout=timeout, address=address, port=port
-    )
+        post_report, report, url, context=context, timeout=timeout, address=address, port=port,
+        allow_private_addresses=allow_private_addresses,
+    )  # fmt: skip

@@ -106,6 +106,8 @@ def self_signed_server(tls_files: TLSFiles) -> Iterator[PolicyServer]:
 
 def hook(unbound: UnboundServer, server_port: int, tls_files: TLSFiles, **kwargs: Any) -> MTASTS:
     kwargs.setdefault("timeout", 5.0)
+    # The policy server is on loopback: the hook must be allowed to reach it.
+    kwargs.setdefault("allow_private_addresses", True)
     return MTASTS(
         unbound.resolver(timeout=1.0),
         port=server_port,
@@ -607,6 +609,7 @@ def test_async_hook_waits_for_the_check_then_answers_from_the_cache(
             port=server.port,
             ssl_context=tls_files.client_context(),
             timeout=5.0,
+            allow_private_addresses=True,
         )
         first = await sts(ENFORCE)  # nothing cached: the check runs, and decides
         second = await sts(ENFORCE)  # the same id in DNS: no fetch
@@ -636,6 +639,7 @@ def test_a_cancelled_delivery_does_not_cancel_the_shared_check(
             port=server.port,
             ssl_context=tls_files.client_context(),
             timeout=5.0,
+            allow_private_addresses=True,
         )
         first = asyncio.ensure_future(sts(ENFORCE))
         second = asyncio.ensure_future(sts(ENFORCE))
@@ -657,6 +661,7 @@ def test_overlapping_async_checks_share_one_fetch(
             unbound.async_resolver(timeout=1.0),
             port=server.port,
             ssl_context=tls_files.client_context(),
+            allow_private_addresses=True,
         )
         return await asyncio.gather(*(sts.apolicy(ENFORCE) for _ in range(5)))
 
@@ -741,6 +746,7 @@ class World:
             "port": self.server.port,
             "ssl_context": self.tls_files.client_context(),
             "timeout": 5.0,
+            "allow_private_addresses": True,
         }
         if flavour == "sync":
             resolver = self.unbound.resolver(timeout=1.0)

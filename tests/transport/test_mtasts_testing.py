@@ -157,6 +157,7 @@ def deliver(
         "ssl_context": tls_files.client_context(),
         "timeout": 5.0,
         "tls_reporter": hook_reporter,
+        "allow_private_addresses": True,  # the policy server is on loopback
     }
     if flavour == "sync":
         resolver = unbound.resolver(timeout=1.0)
@@ -389,6 +390,7 @@ def test_the_hook_answers_a_testing_policy_when_it_has_a_reporter(
         timeout=5.0,
         tls_reporter=TLSReportCollector(),
         fallback=(lambda domain: fallback),
+        allow_private_addresses=True,
     )
     answer = sts(TESTING)
     if expected == "fallback":

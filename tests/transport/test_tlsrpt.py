@@ -193,6 +193,7 @@ def deliver_sts(
         "port": https_port,
         "ssl_context": tls_files.client_context(),
         "timeout": 5.0,
+        "allow_private_addresses": True,  # the policy server is on loopback
     }
     if flavour == "sync":
         resolver = unbound.resolver(timeout=1.0)
@@ -389,6 +390,7 @@ def test_failed_policy_fetches_are_reported(  # noqa: PLR0917 -- fixtures and ta
         "ssl_context": tls_files.client_context(),
         "timeout": 5.0,
         "tls_reporter": collector,
+        "allow_private_addresses": True,
     }
     if flavour == "sync":
         sts = MTASTS(unbound.resolver(timeout=1.0), **options)
@@ -584,7 +586,7 @@ def test_the_report_is_posted_to_the_https_rua(
     report = _a_report()
     status = post_report(
         report, url, context=tls_files.client_context(), timeout=5.0, address=FIRST,
-        port=https_server.port,
+        port=https_server.port, allow_private_addresses=True,
     )  # fmt: skip
     assert status == 200
     [posted] = https_server.posts
@@ -608,7 +610,7 @@ def test_a_post_that_is_not_taken_is_an_error(
     with pytest.raises(ReportError, match=complaint):
         post_report(
             _a_report(), f"https://{REPORTS_HOST}/tlsrpt", context=tls_files.client_context(),
-            timeout=5.0, address=FIRST, port=https_server.port,
+            timeout=5.0, address=FIRST, port=https_server.port, allow_private_addresses=True,
         )  # fmt: skip
     assert len(https_server.posts) == 1  # the redirect was not followed
 
@@ -618,7 +620,10 @@ def test_the_report_is_posted_from_asyncio(https_server: PolicyServer, tls_files
     report = _a_report()
     url = f"https://{REPORTS_HOST}/v1/tlsrpt?x=1"
     context = tls_files.client_context()
-    posting = apost_report(report, url, context=context, address=FIRST, port=https_server.port)
+    posting = apost_report(
+        report, url, context=context, address=FIRST, port=https_server.port,
+        allow_private_addresses=True,
+    )  # fmt: skip
     assert run(posting) == 202
     [posted] = https_server.posts
     assert posted.path == "/v1/tlsrpt?x=1"
@@ -630,7 +635,7 @@ def test_a_post_checks_the_servers_certificate(https_server: PolicyServer) -> No
     with pytest.raises(ReportError, match="TLS failure"):
         post_report(
             _a_report(), f"https://{REPORTS_HOST}/tlsrpt", context=ssl.create_default_context(),
-            timeout=5.0, address=FIRST, port=https_server.port,
+            timeout=5.0, address=FIRST, port=https_server.port, allow_private_addresses=True,
         )  # fmt: skip
     assert https_server.posts == []
 
