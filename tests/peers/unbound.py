@@ -93,6 +93,19 @@ STS_DOMAINS: dict[str, tuple[str, ...]] = {
 #: The address of every ``mta-sts.<domain>`` above (except ``noaddr``'s, which has none).
 STS_POLICY_HOST = "127.0.0.1"
 
+#: MTA-STS domains whose policy host is on a network a hostile domain must not make the
+#: sender reach (server-side request forgery, tests/transport/test_mtasts_ssrf.py): each has
+#: ``MX 10 mx.mailrelay.test``, a valid ``_mta-sts`` TXT record and ``mta-sts.<domain>`` at
+#: these addresses (A or AAAA by their form).
+SSRF_STS_DOMAINS: dict[str, tuple[str, ...]] = {
+    "loopback.ssrf.sts.test": ("127.0.0.2",),
+    "rfc1918.ssrf.sts.test": ("10.20.30.40",),
+    "metadata.ssrf.sts.test": ("169.254.169.254",),
+    "ipv6loop.ssrf.sts.test": ("::1",),
+    "ula.ssrf.sts.test": ("fd00::1",),
+    "mixed.ssrf.sts.test": ("127.0.0.2", "10.20.30.40", "::1"),
+}
+
 
 def txt_strings(text: str) -> str:
     """TXT rdata for ``text``: quoted strings of at most 255 octets each (RFC 1035 §3.3)."""
@@ -186,6 +199,18 @@ RECORDS: tuple[tuple[str, int, str, str], ...] = (
                 ((f"mta-sts.{domain}.", TTL, "A", STS_POLICY_HOST),)
                 if domain != "noaddr.sts.test"
                 else ()
+            ),
+        )
+    ),
+    *(
+        record
+        for domain, addresses in SSRF_STS_DOMAINS.items()
+        for record in (
+            (f"{domain}.", TTL, "MX", "10 mx.mailrelay.test."),
+            (f"_mta-sts.{domain}.", TTL, "TXT", '"v=STSv1; id=ssrf1"'),
+            *(
+                (f"mta-sts.{domain}.", TTL, "AAAA" if ":" in address else "A", address)
+                for address in addresses
             ),
         )
     ),

@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailrelay.envelope import Envelope
-from mailrelay.errors import ConfigurationError
+from mailrelay.errors import ConfigurationError, PolicyFetchError
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
@@ -39,13 +39,15 @@ from mailrelay.transport.mtasts import (
     PolicyError,
     STSPolicy,
     STSRecord,
+    fetch_policy,
 )
 from mailrelay.transport.mx import MXPolicy, MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
+from mailrelay.transport.tlsrpt import ResultType, sts_result_of
 from tests.peers.aiosmtpd_server import HOSTNAME, RecordingHandler
 from tests.peers.https_policy import PolicyServer, Response, closed_port, issue_certificate
 from tests.peers.tls import TLSFiles
-from tests.peers.unbound import REFUSED_ZONE, STS_DOMAINS, UnboundServer
+from tests.peers.unbound import REFUSED_ZONE, SSRF_STS_DOMAINS, STS_DOMAINS, UnboundServer
 from tests.transport.helpers import FLAVOURS, Flavour, run
 
 pytestmark = pytest.mark.unbound
@@ -731,8 +733,11 @@ class World:
         self.tls_files = tls_files
         self.smtp_port = smtp_port
 
-    def deliver(self, flavour: Flavour, domain: str) -> DeliveryResult:
-        """Send one message to ``bob@<domain>`` through an MX transport under MTA-STS."""
+    def deliver(
+        self, flavour: Flavour, domain: str, *, allow_private_addresses: bool = True
+    ) -> DeliveryResult:
+        """Send one message to ``bob@<domain>`` through an MX transport under MTA-STS (the
+        policy server is on loopback: the hook may reach it unless told otherwise)."""
         message = Message.build(
             sender="sender@mailrelay.test", to=[f"bob@{domain}"], subject="STS", text="Hi\n"
         )
@@ -746,7 +751,7 @@ class World:
             "port": self.server.port,
             "ssl_context": self.tls_files.client_context(),
             "timeout": 5.0,
-            "allow_private_addresses": True,
+            "allow_private_addresses": allow_private_addresses,
         }
         if flavour == "sync":
             resolver = self.unbound.resolver(timeout=1.0)
@@ -824,3 +829,220 @@ def test_testing_mode_delivers_opportunistically(
     [received] = handler.messages
     assert received.tls  # encrypted, unauthenticated (RFC 7435)
     assert server.fetches("testing.sts.test") == 1
+
+
+# -- where fetches may go: no private networks by default (server-side request forgery) ----------
+
+_LOOPBACK_FAMILIES = {"127.0.0.2": socket.AF_INET, "::1": socket.AF_INET6}
+
+
+class Listeners:
+    """Plain TCP listeners, one port, on the loopback addresses among a policy host's: they
+    never answer, they only show whether anything connected."""
+
+    def __init__(self, addresses: tuple[str, ...]) -> None:
+        self.sockets: list[socket.socket] = []
+        wanted = [a for a in addresses if a in _LOOPBACK_FAMILIES]
+        for _ in range(50):
+            self.port = free_port()
+            try:
+                for address in wanted:
+                    listener = socket.socket(_LOOPBACK_FAMILIES[address], socket.SOCK_STREAM)
+                    self.sockets.append(listener)
+                    listener.bind((address, self.port))
+                    listener.listen(8)
+                    listener.setblocking(False)
+                return
+            except OSError:
+                self.close()
+        raise RuntimeError("no port free on the loopback addresses in 50 tries")
+
+    def connections(self) -> int:
+        """How many connections arrived (each accepted and closed)."""
+        count = 0
+        for listener in self.sockets:
+            for _ in range(100):
+                try:
+                    accepted, _peer = listener.accept()
+                except BlockingIOError:
+                    break
+                accepted.close()
+                count += 1
+        return count
+
+    def close(self) -> None:
+        for listener in self.sockets:
+            listener.close()
+        self.sockets = []
+
+
+class FailureLog:
+    """A ``tls_reporter`` that keeps the failed fetches' errors."""
+
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, PolicyFetchError]] = []
+
+    def sts_policy_failure(self, domain: str, error: PolicyFetchError) -> None:
+        self.errors.append((domain, error))
+
+
+@pytest.fixture
+def connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every ``socket.create_connection`` from now on, recorded; made for real to loopback
+    only (a guard that let one through must not send the test off the machine)."""
+    made: list[tuple[str, int]] = []
+    real = socket.create_connection
+
+    def recording(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        made.append((str(address[0]), int(address[1])))
+        if address[0] not in {"127.0.0.1", "127.0.0.2", "::1"}:
+            raise ConnectionRefusedError("the tests connect to loopback only")
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", recording)
+    return made
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("domain", sorted(SSRF_STS_DOMAINS))
+def test_a_policy_host_on_a_private_address_is_never_contacted(
+    flavour: Flavour,
+    domain: str,
+    unbound: UnboundServer,
+    tls_files: TLSFiles,
+    connects: list[tuple[str, int]],
+) -> None:
+    addresses = SSRF_STS_DOMAINS[domain]
+    listeners = Listeners(addresses)
+    failures = FailureLog()
+    options: dict[str, Any] = {
+        "port": listeners.port,
+        "ssl_context": tls_files.client_context(),
+        "timeout": 5.0,
+        "tls_reporter": failures,
+    }
+    try:
+        if flavour == "sync":
+            sts = MTASTS(unbound.resolver(timeout=1.0), **options)
+            answer = sts(domain)
+            entry = sts.policy(domain)  # not fetched again at once either
+        else:
+
+            async def main() -> tuple[TLS | MXPolicy | None, CachedPolicy | None]:
+                asts = AsyncMTASTS(unbound.async_resolver(timeout=1.0), **options)
+                return await asts(domain), await asts.apolicy(domain)
+
+            answer, entry = run(main())
+        assert answer is None  # no policy: the transport's defaults
+        assert entry is None
+        assert listeners.connections() == 0
+    finally:
+        listeners.close()
+    assert [port for _host, port in connects if port == listeners.port] == []
+    [(failed_domain, error)] = failures.errors
+    assert failed_domain == domain
+    text = str(error)
+    assert f"mta-sts.{domain}" in text
+    assert "not a public address" in text
+    for address in addresses:
+        assert address in text
+    # RFC 8460 §4.3.2.2: counted as a failed fetch, like any other.
+    assert sts_result_of(text) is ResultType.STS_POLICY_FETCH_ERROR
+
+
+def test_allowed_private_addresses_are_contacted(
+    unbound: UnboundServer, tls_files: TLSFiles
+) -> None:
+    # The control for the test above: the same listener does see the fetch once allowed.
+    domain = "loopback.ssrf.sts.test"
+    listeners = Listeners(SSRF_STS_DOMAINS[domain])
+    try:
+        sts = MTASTS(
+            unbound.resolver(timeout=1.0),
+            port=listeners.port,
+            ssl_context=tls_files.client_context(),
+            timeout=0.5,  # the listener never answers the TLS handshake
+            allow_private_addresses=True,
+        )
+        assert sts(domain) is None
+        assert listeners.connections() == 1
+    finally:
+        listeners.close()
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_refused_fetch_keeps_the_cached_policy(
+    flavour: Flavour, unbound: UnboundServer, tls_files: TLSFiles
+) -> None:
+    domain = "metadata.ssrf.sts.test"
+    cache = PolicyCache()
+    cache.put(seeded(domain, "old1"))  # DNS now says id=ssrf1: a fetch is due, and refused
+    failures = FailureLog()
+    options: dict[str, Any] = {
+        "port": closed_port(),
+        "ssl_context": tls_files.client_context(),
+        "cache": cache,
+        "clock": Clock(),
+        "tls_reporter": failures,
+    }
+    if flavour == "sync":
+        answer = MTASTS(unbound.resolver(timeout=1.0), **options)(domain)
+    else:
+        answer = run(AsyncMTASTS(unbound.async_resolver(timeout=1.0), **options)(domain))
+    assert isinstance(answer, MXPolicy)
+    assert answer.mx_patterns == ("cached.example",)
+    [(_domain, error)] = failures.errors  # the fetch was due, and refused
+    assert "169.254.169.254, not a public address" in str(error)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_delivery_goes_on_as_without_a_policy(
+    flavour: Flavour, world: World, mx_server: Any
+) -> None:
+    handler = mx_server(trusted=False)  # what no policy accepts: opportunistic TLS
+    result = world.deliver(flavour, "rfc1918.ssrf.sts.test", allow_private_addresses=False)
+    assert result.ok, result.recipients
+    [received] = handler.messages
+    assert received.tls
+    assert received.rcpt_tos == ("bob@rfc1918.ssrf.sts.test",)
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        ("93.184.216.34", "127.0.0.2"),
+        ("169.254.169.254", "93.184.216.34"),
+        ("2606:2800:220:1::1", "::ffff:10.0.0.1"),
+        ("64:ff9b::7f00:1",),
+    ],
+)
+def test_fetch_policy_checks_every_address_before_the_first_connection(
+    addresses: tuple[str, ...], connects: list[tuple[str, int]], tls_files: TLSFiles
+) -> None:
+    with pytest.raises(PolicyFetchError, match="not a public address") as caught:
+        fetch_policy(
+            "example.test", addresses, port=closed_port(), context=tls_files.client_context(),
+            timeout=5.0,
+        )  # fmt: skip
+    assert connects == []
+    assert "mta-sts.example.test" in str(caught.value)
+
+
+def test_fetch_policy_connects_to_public_addresses_in_turn(
+    monkeypatch: pytest.MonkeyPatch, tls_files: TLSFiles
+) -> None:
+    # The guard lets public addresses through, and the fetch goes to exactly those
+    # (no connection is made: the test refuses each one itself).
+    tried: list[tuple[str, int]] = []
+
+    def refuse(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        tried.append((str(address[0]), int(address[1])))
+        raise ConnectionRefusedError("refused by the test")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    public = ("93.184.216.34", "2606:2800:220:1::1")
+    with pytest.raises(PolicyFetchError, match="ConnectionRefusedError"):
+        fetch_policy(
+            "example.test", public, port=443, context=tls_files.client_context(), timeout=5.0
+        )
+    assert tried == [(address, 443) for address in public]
