@@ -18,6 +18,7 @@ import gzip
 import json
 import socket
 import ssl
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -646,3 +647,111 @@ def test_a_post_checks_the_servers_certificate(https_server: PolicyServer) -> No
 def test_only_https_urls_are_posted_to(url: str) -> None:
     with pytest.raises(ReportError):
         post_report(_a_report(), url)
+
+
+# -- where POSTs may go: no private networks by default (server-side request forgery) ------------
+
+
+@pytest.fixture
+def tried(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every connection attempt from now on, recorded and refused (none leaves the test)."""
+    attempts: list[tuple[str, int]] = []
+
+    def refuse(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        attempts.append((str(address[0]), int(address[1])))
+        raise ConnectionRefusedError("refused by the test")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+def _post(flavour: Flavour, url: str, **kwargs: Any) -> int:
+    if flavour == "sync":
+        return post_report(_a_report(), url, timeout=5.0, **kwargs)
+    return run(apost_report(_a_report(), url, timeout=5.0, **kwargs))
+
+
+_SECRET_URL = "https://{host}/v1/tlsrpt?token=s3cret"
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize(
+    ("host", "address", "named"),
+    [
+        ("127.0.0.2", None, "127.0.0.2"),
+        ("[::1]", None, "::1"),
+        ("10.1.2.3:8443", None, "10.1.2.3"),
+        ("localhost", None, None),  # the system's resolver: 127.0.0.1 and/or ::1
+        (REPORTS_HOST, "169.254.169.254", "169.254.169.254"),
+        (REPORTS_HOST, "fd00::1", "fd00::1"),
+        (REPORTS_HOST, "100.64.0.1", "100.64.0.1"),
+        (REPORTS_HOST, "::ffff:127.0.0.1", "::ffff:127.0.0.1"),
+    ],
+)
+def test_a_rua_on_a_private_address_is_refused_without_a_connection(
+    flavour: Flavour, host: str, address: str | None, named: str | None, tried: list[object]
+) -> None:
+    url = _SECRET_URL.format(host=host)
+    with pytest.raises(ReportError, match="not a public address: refused") as caught:
+        _post(flavour, url, address=address)
+    assert tried == []
+    text = str(caught.value)
+    assert f"{urllib.parse.urlsplit(url).hostname} resolves to" in text
+    if named is not None:
+        assert named in text
+    # The URL's path and query are not repeated: a query may carry a token.
+    assert "s3cret" not in text
+    assert "/v1/tlsrpt" not in text
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_an_allowed_private_rua_is_connected_to(flavour: Flavour, tried: list[object]) -> None:
+    # The control for the test above: the same attempt is seen once allowed.
+    with pytest.raises(ReportError, match="ConnectionRefusedError"):
+        _post(flavour, _SECRET_URL.format(host="127.0.0.2"), allow_private_addresses=True)
+    assert tried == [("127.0.0.2", 443)]
+
+
+def _resolving_to(monkeypatch: pytest.MonkeyPatch, addresses: tuple[str, ...]) -> list[str]:
+    """Make the system's resolver answer ``addresses`` for any name; the names asked."""
+    asked: list[str] = []
+
+    def getaddrinfo(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        asked.append(host)
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, port, 0, 0))
+            if ":" in a
+            else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+            for a in addresses
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        ("93.184.216.34", "10.0.0.1"),
+        ("2606:2800:220:1::1", "93.184.216.34", "169.254.169.254"),
+        ("93.184.216.34", "93.184.216.34", "fd00::1"),
+    ],
+)
+def test_every_address_of_the_rua_host_is_checked(
+    addresses: tuple[str, ...], monkeypatch: pytest.MonkeyPatch, tried: list[object]
+) -> None:
+    _resolving_to(monkeypatch, addresses)
+    with pytest.raises(ReportError, match=f"{REPORTS_HOST} resolves to {addresses[-1]}, not"):
+        post_report(_a_report(), f"https://{REPORTS_HOST}/tlsrpt")
+    assert tried == []
+
+
+def test_a_public_rua_is_tried_at_its_checked_addresses_only(
+    monkeypatch: pytest.MonkeyPatch, tried: list[tuple[str, int]]
+) -> None:
+    public = ("93.184.216.34", "2606:2800:220:1::1", "93.184.216.34")
+    asked = _resolving_to(monkeypatch, public)
+    with pytest.raises(ReportError, match="ConnectionRefusedError"):
+        post_report(_a_report(), f"https://{REPORTS_HOST}/tlsrpt")
+    assert asked == [REPORTS_HOST]  # resolved once: no second answer to be rebound
+    assert tried == [("93.184.216.34", 443), ("2606:2800:220:1::1", 443)]
