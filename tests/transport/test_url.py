@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 import traceback
 from pathlib import Path
@@ -30,7 +31,8 @@ from mailrelay.transport import (
 )
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
-from tests.transport.helpers import make_message
+from tests.peers.unbound import UnboundServer
+from tests.transport.helpers import make_message, run
 
 
 @pytest.mark.parametrize(
@@ -344,3 +346,29 @@ def test_reply_import_is_used() -> None:
         "memory://", handler=lambda m, e: {"carol@example.org": Reply.of(550, "5.1.1 no")}
     )
     assert transport.send(make_message()).rejected[0].reply == Reply.of(550, "5.1.1 no")
+
+
+@pytest.mark.unbound
+@pytest.mark.parametrize("asynchronous", [False, True])
+@pytest.mark.parametrize("query", ["mta-sts", "dane,mta-sts"])
+def test_mx_url_mta_sts_hooks_keep_the_private_address_guard(
+    asynchronous: bool, query: str, unbound: UnboundServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # mta-sts.loopback.ssrf.sts.test is 127.0.0.2 in the test zone: a URL-built hook refuses it.
+    domain = "loopback.ssrf.sts.test"
+    with caplog.at_level(logging.WARNING, logger="mailrelay.transport.mtasts"):
+        if asynchronous:
+            transport = async_transport_from_url(
+                f"mx://?tls_policy={query}", resolver=unbound.async_resolver(timeout=1.0)
+            )
+            assert isinstance(transport, AsyncMXTransport)
+            hook: Any = transport.settings.tls_policy
+            answer = run(hook(domain))
+        else:
+            built = transport_from_url(
+                f"mx://?tls_policy={query}", resolver=unbound.resolver(timeout=1.0)
+            )
+            assert isinstance(built, MXTransport)
+            answer = built.settings.tls_policy(domain)  # type: ignore[misc]
+    assert answer is None
+    assert "mta-sts.loopback.ssrf.sts.test resolves to 127.0.0.2, not a public" in caplog.text
