@@ -219,6 +219,9 @@ class _Batch(_Delivery):
                 try:
                     results[index] = yield from self._deliver(*items[index])
                 except DeliveryError as exc:
+                    # As in _deliver_many: the session is out of step after an error
+                    # thrown in by the driver (one that closed it is closed already).
+                    yield from self._closed()
                     error = exc
                     break
         return BatchOutcome(results=tuple(results), error=error)

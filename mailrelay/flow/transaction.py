@@ -236,6 +236,10 @@ class _Delivery(_Opening):
             except DeliveryError as exc:
                 if all(result is None for result in finals):
                     raise
+                # A timeout or reset thrown in by the driver leaves the session open but
+                # out of step (_attempt re-raises it when this part had no answer yet):
+                # the answers so far stand, and the session must not be used again.
+                yield from self._closed()
                 reason = f"{type(exc).__name__} before a final reply: {exc}"
                 _unfinished(
                     envelope,

@@ -1,0 +1,82 @@
+"""Review of recipient limits in the dialogue: edge cases probed with :class:`LimitServer`
+and a driver that throws its errors in (a timeout, a reset) at a chosen read.
+
+Each test states a behaviour that must hold: the ones that failed on the code as first
+written are regression tests for the fix that followed them.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from mailrelay.envelope import Envelope
+from mailrelay.errors import DeliveryTimeout
+from mailrelay.flow import Close, Read, Session, Step, Write
+from mailrelay.results import Outcome
+from tests.test_flow_limits import LimitServer, delivered_to, message, recipients, session_for
+
+T = TypeVar("T")
+
+MAX_REQUESTS = 20_000
+
+
+def run_throwing(server: LimitServer, step: Step[T], *, at_read: int) -> tuple[T, list[object]]:
+    """Run ``step`` against ``server``, throwing a timeout in at its ``at_read``-th read
+    (0-based) instead of answering it; also returns the requests it made after that."""
+    value: bytes | None = None
+    throw: Exception | None = None
+    reads = 0
+    after: list[object] = []
+    thrown = False
+    for _ in range(MAX_REQUESTS):
+        try:
+            request = step.throw(throw) if throw is not None else step.send(value)
+        except StopIteration as done:
+            result: T = done.value
+            return result, after
+        throw, value = None, None
+        if thrown:
+            after.append(request)
+        if isinstance(request, Write):
+            server.feed(request.data)
+        elif isinstance(request, Read):
+            if reads == at_read:
+                throw = DeliveryTimeout("read timed out", host="test.example")
+                thrown = True
+            else:
+                value = server.take()
+            reads += 1
+    raise AssertionError("the step never finished")
+
+
+def limited(limit: int, *extra: str) -> LimitServer:
+    return LimitServer(limit=limit, keywords=["PIPELINING", f"LIMITS RCPTMAX={limit}", *extra])
+
+
+def test_a_timeout_in_a_later_part_ends_the_session() -> None:
+    # Part 1 (r0) is delivered: two reads (envelope replies, final reply). The timeout at
+    # part 2's envelope replies leaves the connection out of step: r0 keeps its answer,
+    # r1 is TRANSIENT, and the session must be closed (Close yielded), never reused.
+    server = limited(1)
+    session = session_for(server)
+    addresses = recipients(2)
+    step = session.deliver(message(), Envelope("a@example.org", addresses))
+    result, after = run_throwing(server, step, at_read=2)
+    assert [r.outcome for r in result.recipients] == [Outcome.ACCEPTED, Outcome.TRANSIENT]
+    assert "DeliveryTimeout" in (result.recipients[1].reason or "")
+    assert delivered_to(server) == addresses[:1]
+    assert session.closed
+    assert any(isinstance(r, Close) for r in after)
+
+
+def test_a_timeout_in_a_batch_message_sent_in_parts_ends_the_session() -> None:
+    # A batch whose only message needs parts: the timeout on its first part (no answer
+    # yet) hands it back with the error, and the session is closed.
+    server = limited(1)
+    session = session_for(server)
+    items = [(message(), Envelope("a@example.org", recipients(2)))]
+    outcome, after = run_throwing(server, session.deliver_many(items), at_read=0)
+    assert outcome.results == (None,)
+    assert isinstance(outcome.error, DeliveryTimeout)
+    assert session.closed
+    assert any(isinstance(r, Close) for r in after)
