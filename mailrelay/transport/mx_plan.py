@@ -634,6 +634,17 @@ def _target_plan(  # noqa: PLR0917 -- private; the plan's state
     settings: MXSettings | None = None,
 ) -> _TargetPlan[C]:
     """One target: the result, or ``None`` after ``trail`` recorded why it failed."""
+    host = dane_host(policy, target)
+    if host is not None and host.state is HostState.FAILED:
+        # RFC 7672 §2.1.1: a failed TLSA lookup: neither DANE nor a downgrade; next MX.
+        # Checked before the pool is asked: an idle session to this exchanger (opened for a
+        # domain without DANE, perhaps in plain text) must not carry this domain's mail.
+        why = f"DANE: the TLSA lookup for {target.name} failed ({host.reason})"
+        failure = TLSError(why, is_transient=True, host=target.peer)
+        if settings is not None:
+            settings.report_tls(trail.domain, policy, target, TLS.STARTTLS, failure)
+        trail.failed(target, failure, transient=True)
+        return None
     idle = yield ReuseIdle(key)
     if isinstance(idle, PooledConnection):
         outcome = yield from _attempt_plan(key, target, idle, envelope, trail, fresh=False)
@@ -644,15 +655,6 @@ def _target_plan(  # noqa: PLR0917 -- private; the plan's state
     if settings is not None and settings.sts_probes(policy, target):
         return (yield from _sts_testing_plan(key, target, policy, envelope, trail, settings))
     tls: TLS | None = policy.tls
-    host = dane_host(policy, target)
-    if host is not None and host.state is HostState.FAILED:
-        # RFC 7672 §2.1.1: a failed TLSA lookup: neither DANE nor a downgrade; next MX.
-        why = f"DANE: the TLSA lookup for {target.name} failed ({host.reason})"
-        failure = TLSError(why, is_transient=True, host=target.peer)
-        if settings is not None:
-            settings.report_tls(trail.domain, policy, target, TLS.STARTTLS, failure)
-        trail.failed(target, failure, transient=True)
-        return None
     if host is not None and host.state is HostState.ENCRYPT and envelope.requiretls:
         # RFC 8689 §4.2.1: REQUIRETLS needs an authenticated server; TLSA records none of
         # which is usable cannot authenticate it (RFC 7672 §2.2).

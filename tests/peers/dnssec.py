@@ -158,6 +158,11 @@ def insecure_records(certs: Certificates) -> list[tuple[str, str, str]]:
         ("plain", "MX", f"10 mx.{INSECURE}."),
         ("mx", "A", HOST),
         ("_25._tcp.mx", "TLSA", tlsa_data(3, 1, 1, certs.other)),
+        # An insecure MX RRset naming exchangers of the signed zone: no DANE for this
+        # domain (RFC 7672 §2.2.1), whatever those exchangers' TLSA records say
+        # (tests/transport/test_tls_policy_review.py: sessions it leaves in the pool).
+        ("viabogus", "MX", f"10 mx-bogus.{SIGNED}."),
+        ("viaee", "MX", f"10 mx-ee.{SIGNED}."),
     ]
 
 
