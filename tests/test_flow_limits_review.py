@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+import pytest
+
 from mailrelay.envelope import Envelope
-from mailrelay.errors import DeliveryTimeout
-from mailrelay.flow import Close, Read, Session, Step, Write
+from mailrelay.errors import DeliveryTimeout, SessionRefused
+from mailrelay.flow import Close, Read, Step, Write
 from mailrelay.results import Outcome
 from tests.test_flow_limits import LimitServer, delivered_to, message, recipients, session_for
 
@@ -80,3 +82,42 @@ def test_a_timeout_in_a_batch_message_sent_in_parts_ends_the_session() -> None:
     assert isinstance(outcome.error, DeliveryTimeout)
     assert session.closed
     assert any(isinstance(r, Close) for r in after)
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_a_batch_whose_last_message_is_cut_between_parts_records_the_error(
+    announced: bool,
+) -> None:
+    # The split message comes last; the server hangs up (421) after its first part. The
+    # batch did not finish: the outcome must say why (the 421), as any early end does.
+    keywords = ["PIPELINING"] + (["LIMITS RCPTMAX=2"] if announced else [])
+    server = LimitServer(limit=2, keywords=keywords, close_after=3)
+    session = session_for(server)
+    items = [
+        (message(n), Envelope("a@example.org", [f"m{n}.{i}@x.example" for i in range(k)]))
+        for n, k in enumerate([1, 1, 5])
+    ]
+    outcome = server.run(session.deliver_many(items))
+    last = outcome.results[2]
+    assert last is not None
+    assert [r.outcome for r in last.recipients] == [Outcome.ACCEPTED] * 2 + [Outcome.TRANSIENT] * 3
+    assert session.closed
+    assert isinstance(outcome.error, SessionRefused)
+    assert outcome.error.reply is not None
+    assert outcome.error.reply.code == 421
+
+
+def test_a_batch_cut_in_a_split_message_reports_the_421_not_a_closed_session() -> None:
+    # The split message is followed by another: that one is handed back, and the error is
+    # the server's 421, not "the session is closed" (which a pool would take for a stale
+    # connection).
+    server = limited(2)
+    server.close_after = 3
+    session = session_for(server)
+    items = [
+        (message(n), Envelope("a@example.org", [f"m{n}.{i}@x.example" for i in range(k)]))
+        for n, k in enumerate([1, 1, 5, 3])
+    ]
+    outcome = server.run(session.deliver_many(items))
+    assert outcome.results[3] is None
+    assert isinstance(outcome.error, SessionRefused)

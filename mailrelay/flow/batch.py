@@ -17,6 +17,7 @@ import attrs
 from mailrelay._slots import new_instance, slot_setters
 from mailrelay.envelope import Envelope
 from mailrelay.errors import (
+    ConnectionLost,
     DeliveryError,
     RemoteProtocolError,
     ServerProtocolError,
@@ -160,6 +161,7 @@ class _Batch(_Delivery):
         """
         # _guarded() inlined: every request of a long batch passes through this frame.
         try:
+            self._ended_by = self._closing_error = None
             ext = self._extensions
             if ext is not None and (ext.rcpt_max is not None or ext.rcpt_domain_max is not None):
                 return (yield from self._many_within_limits(items))
@@ -180,15 +182,22 @@ class _Batch(_Delivery):
         :meth:`_in_parts`), while it lasts."""
         results = list(outcome.results)
         for index, result in enumerate(results):
-            if self.closed:
-                break
             if result is None or not any(
                 r.reply is not None and too_many_recipients(r.reply) for r in result.deferred
             ):
                 continue
+            if self.closed:
+                # These recipients keep their TRANSIENT 452; the batch says why.
+                self._ended_by = (
+                    self._ended_by
+                    or self._closing_error
+                    or ConnectionLost("the session is closed", host=self.config.peer)
+                )
+                break
             message, envelope = items[index]
             results[index] = yield from self._in_parts(message, envelope, [], result)
-        return BatchOutcome(results=tuple(results), error=outcome.error)
+        # A session that ended between a message's parts ended the batch too.
+        return BatchOutcome(results=tuple(results), error=outcome.error or self._ended_by)
 
     def _many_within_limits(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
         """A batch to a server that announced recipient LIMITS (RFC 9422): the messages
@@ -222,9 +231,12 @@ class _Batch(_Delivery):
                     # As in _deliver_many: the session is out of step after an error
                     # thrown in by the driver (one that closed it is closed already).
                     yield from self._closed()
-                    error = exc
+                    # Once an earlier message's parts were cut short, the session was
+                    # closed already: the error is what closed it.
+                    error = self._ended_by or exc
                     break
-        return BatchOutcome(results=tuple(results), error=error)
+        # A session that ended between the last message's parts ended the batch too.
+        return BatchOutcome(results=tuple(results), error=error or self._ended_by)
 
     def _deliver_many(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
         self._ensure_ready()
@@ -414,7 +426,8 @@ class _Batch(_Delivery):
                 done, done_transaction = previous
                 done_transaction.settle_all((yield from self._reply("data_end")))
                 results[done] = _result_of(transactions, done)
-            yield from self._close_if_unsolicited()
+            # (Every message has its answers; _send_the_rest may still need the session.)
+            self._closing_error = yield from self._close_if_unsolicited()
         except _SessionClosed as closed:
             error = self._refuse(closed.reply, "before every message was answered")
             what = "closed the session (421)" if closed.reply else "closed the connection"

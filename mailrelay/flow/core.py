@@ -86,6 +86,11 @@ class _SessionCore:
         # Whether a RCPT was refused as one too many since deliver_many began (its
         # recipients are then sent in further transactions once the batch is done).
         self._too_many_seen = False
+        # What ended the session in (or right after) a transaction whose answers were kept
+        # (_Delivery._attempt), and what cut a message's parts short (_Delivery._in_parts):
+        # a batch reports the latter as its error.
+        self._closing_error: DeliveryError | None = None
+        self._ended_by: DeliveryError | None = None
         # The last small message sent by DATA, and its wire form (stuffed) and terminator.
         self._last_data: tuple[Message, tuple[DataChunk, EndOfData]] | None = None
         self._last_message: (

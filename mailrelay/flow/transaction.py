@@ -18,6 +18,7 @@ import attrs
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
 from mailrelay.errors import (
+    ConnectionLost,
     DeliveryError,
     ServerProtocolError,
 )
@@ -138,12 +139,15 @@ class _Delivery(_Opening):
             if self._needs_rset:
                 yield from self._rset()
             yield from self._transaction(message, envelope, transaction)
-            yield from self._close_if_unsolicited()
+            unasked = yield from self._close_if_unsolicited()
+            if unasked is not None:
+                self._closing_error = unasked
         except _SessionClosed as closed:
             if not transaction.any_final():
                 raise self._refuse(closed.reply, "before any recipient was answered") from None
             what = "closed the session (421)" if closed.reply else "closed the connection"
             transaction.unfinished(closed.reply, f"the server {what} before a final reply")
+            self._closing_error = self._refuse(closed.reply, "before every recipient was answered")
         except DeliveryError as exc:
             # A timeout or reset thrown in by the driver (or a protocol violation). Answers
             # already given (LMTP finals, refused RCPTs) must not be lost with it: a retry of
@@ -152,6 +156,7 @@ class _Delivery(_Opening):
                 raise
             yield from self._closed()
             transaction.unfinished(exc.reply, f"{type(exc).__name__} before a final reply: {exc}")
+            self._closing_error = exc
         return transaction
 
     # -- recipient limits ----------------------------------------------------------------------
@@ -221,6 +226,9 @@ class _Delivery(_Opening):
         while queue:
             positions = queue.popleft()
             if self.closed:
+                self._ended_by = self._closing_error or ConnectionLost(
+                    "the session is closed", host=self.config.peer
+                )
                 reason = "the session ended before this recipient's transaction"
                 _unfinished(
                     envelope,
@@ -240,6 +248,7 @@ class _Delivery(_Opening):
                 # out of step (_attempt re-raises it when this part had no answer yet):
                 # the answers so far stand, and the session must not be used again.
                 yield from self._closed()
+                self._ended_by = exc
                 reason = f"{type(exc).__name__} before a final reply: {exc}"
                 _unfinished(
                     envelope,
