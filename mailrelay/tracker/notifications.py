@@ -17,6 +17,8 @@ Rules of this module (RFC 3461, RFC 3464; the parser and builder themselves live
   last transient status (or 4.0.0), the last reply, and ``Will-Retry-Until`` (RFC 3464
   §2.3.9), when it will expire; under the same rules of who gets a report, with DELAY
   for FAILURE (the decision is :func:`~mailrelay.tracker.transitions.wants_delay_warning`).
+  It returns the message's headers only, whatever RET asked: RFC 3461 §4.3's FULL is
+  for a *failed* DSN.
 * *Correlating*: a returned report is matched by ENVID, then by the original
   Message-ID, then by the VERP address it was sent to; its recipients by
   Final-Recipient, the address, or Original-Recipient. A success DSN marks the
@@ -203,7 +205,12 @@ def delay_dsns(
         )
         for recipient in delayed
     ]
-    return _report(record, content, entries, sender, reporting_mta=reporting_mta, date=date)
+    # RFC 3461 §4.3: RET=FULL asks for the whole message in a *failed* DSN. A warning is
+    # about a message still queued, which may yet be delivered: its headers are enough
+    # (as Postfix's delay warnings do), and a large message is not sent back early.
+    return _report(
+        record, content, entries, sender, reporting_mta=reporting_mta, date=date, ret="HDRS"
+    )
 
 
 def _report(
@@ -214,7 +221,10 @@ def _report(
     *,
     reporting_mta: str,
     date: dt.datetime,
+    ret: str | None = None,
 ) -> list[tuple[Message, Envelope]]:
+    if ret is None and record.envelope.ret is not None:
+        ret = record.envelope.ret.value
     try:
         report = build_dsn(
             original=content,
@@ -222,7 +232,7 @@ def _report(
             recipients=entries,
             reporting_mta=reporting_mta,
             envid=record.envelope.envid,
-            ret=None if record.envelope.ret is None else record.envelope.ret.value,
+            ret=ret,
             arrival_date=record.created_at,
             date=date,
         )
