@@ -645,6 +645,14 @@ def _target_plan(  # noqa: PLR0917 -- private; the plan's state
             settings.report_tls(trail.domain, policy, target, TLS.STARTTLS, failure)
         trail.failed(target, failure, transient=True)
         return None
+    if host is not None and host.state is HostState.ENCRYPT and envelope.requiretls:
+        # RFC 8689 §4.2.1: REQUIRETLS needs an authenticated server; TLSA records none of
+        # which is usable cannot authenticate it (RFC 7672 §2.2). Checked before the pool
+        # is asked: an idle session under this key carried mail without REQUIRETLS, and
+        # nothing authenticated it.
+        why = f"REQUIRETLS: {target.name} cannot be authenticated (its TLSA records are unusable)"
+        trail.failed(target, TLSError(why, is_transient=False, host=target.peer), transient=False)
+        return None
     idle = yield ReuseIdle(key)
     if isinstance(idle, PooledConnection):
         outcome = yield from _attempt_plan(key, target, idle, envelope, trail, fresh=False)
@@ -655,12 +663,6 @@ def _target_plan(  # noqa: PLR0917 -- private; the plan's state
     if settings is not None and settings.sts_probes(policy, target):
         return (yield from _sts_testing_plan(key, target, policy, envelope, trail, settings))
     tls: TLS | None = policy.tls
-    if host is not None and host.state is HostState.ENCRYPT and envelope.requiretls:
-        # RFC 8689 §4.2.1: REQUIRETLS needs an authenticated server; TLSA records none of
-        # which is usable cannot authenticate it (RFC 7672 §2.2).
-        why = f"REQUIRETLS: {target.name} cannot be authenticated (its TLSA records are unusable)"
-        trail.failed(target, TLSError(why, is_transient=False, host=target.peer), transient=False)
-        return None
     if host is not None:
         # RFC 7672 §2.2: a DANE host gets STARTTLS or nothing (never plain text).
         tls = TLS.STARTTLS

@@ -21,11 +21,21 @@ import pytest
 from mailrelay.envelope import Envelope as MailEnvelope
 from mailrelay.mailhosts import TLSARecord
 from mailrelay.message import Message
-from mailrelay.options import Timeouts
-from mailrelay.results import DeliveryResult, Outcome
-from mailrelay.transport.dane import DANE, AsyncDANE, DANEPolicy, spki
+from mailrelay.options import TLS, Timeouts
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.transport.dane import DANE, AsyncDANE, DANEHost, DANEPolicy, HostState, spki
 from mailrelay.transport.mx import MXPolicy, MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
+from mailrelay.transport.mx_plan import (
+    MAX_REQUESTS_PER_TARGET,
+    DomainPlan,
+    MXAnswer,
+    OpenSession,
+    ReuseIdle,
+    SendMessage,
+    Trail,
+    deliver_plan,
+)
 from tests.peers.dnssec import INSECURE, SIGNED, DNSSECServer
 from tests.transport.helpers import FLAVOURS, Flavour, run
 
@@ -41,6 +51,7 @@ from tests.transport.test_dane import (  # noqa: F401
     smtp_port,
     world,
 )
+from tests.transport.test_mx_plan import MX1, Conn, accepted, conn, describe, envelope, settings
 
 Wrap = Callable[[int, MXPolicy | None], MXPolicy | None]
 
@@ -185,3 +196,52 @@ def test_a_dane_host_is_never_sent_to_in_plain_text_even_with_fallback(
     )
     assert outcome(result) is Outcome.TRANSIENT, result.recipients
     assert handler.mail_commands == 0
+
+
+# -- DANE: the plan's order of checks (no I/O) ---------------------------------------------------
+
+
+def dane_policy(state: HostState, *, tls: TLS = TLS.OPPORTUNISTIC) -> MXPolicy:
+    """A policy whose only verdict is ``state`` for MX1 (``reason`` for a failed lookup)."""
+    reason = "SERVFAIL" if state is HostState.FAILED else ""
+    host = DANEHost(name=MX1.name, state=state, reason=reason)
+    return MXPolicy(tls=tls, dane=DANEPolicy(hosts=(host,)))
+
+
+@pytest.mark.parametrize(
+    ("state", "requiretls", "outcome_"),
+    [
+        pytest.param(HostState.FAILED, False, Outcome.TRANSIENT, id="failed TLSA lookup"),
+        pytest.param(HostState.FAILED, True, Outcome.TRANSIENT, id="failed lookup, REQUIRETLS"),
+        pytest.param(HostState.ENCRYPT, True, Outcome.PERMANENT, id="unusable TLSA, REQUIRETLS"),
+    ],
+)
+def test_a_host_dane_refuses_is_refused_before_the_pool_is_asked(
+    state: HostState, requiretls: bool, outcome_: Outcome
+) -> None:
+    # The pool answers with an idle, encrypted session that offers REQUIRETLS: one opened
+    # for other mail, never authenticated. Nothing may be sent on it.
+    env = envelope(requiretls=requiretls)
+    config = settings()
+    plan: DomainPlan[Conn] = deliver_plan(
+        (dane_policy(state), [MX1]), env, Trail("example.com"), config
+    )
+    seen: list[str] = []
+    answer: MXAnswer[Conn] = None
+    for _ in range(MAX_REQUESTS_PER_TARGET + 1):
+        try:
+            request = plan.send(answer)
+        except StopIteration as done:
+            results: list[RecipientResult] = done.value
+            break
+        seen.append(describe(request))
+        if isinstance(request, ReuseIdle | OpenSession):
+            answer = conn()
+        elif isinstance(request, SendMessage):
+            answer = accepted(env)
+        else:
+            answer = None
+    else:
+        raise AssertionError("the plan made too many requests")
+    assert "send" not in seen, seen
+    assert {r.outcome for r in results} == {outcome_}
