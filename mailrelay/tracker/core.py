@@ -810,22 +810,35 @@ class TrackerCore(Generic[T]):
         """
         now = self.clock()
         entries: list[tuple[MessageRecord, Iterable[bytes]]] = []
+        # Gathered by message first: with split_by_domain one message is several
+        # transactions of the batch, and its recipients of one commit share one report.
+        gathered: dict[
+            str,
+            tuple[
+                Work, dict[Address, RecipientRecord], list[RecipientRecord], list[RecipientRecord]
+            ],
+        ] = {}
         for (work, changes), changed_list in zip(batch, changed_lists, strict=True):
             if not changed_list or work.record.envelope.sender is None:
                 continue
             changed = set(changed_list)
-            snapshot = {r.address: r for r in work.record.recipients}
-            failed: list[RecipientRecord] = []
-            delayed: list[RecipientRecord] = []
             for change in changes:
                 reported = change.state in _FAILED and change.attempt is not None
                 if (reported or change.delay_warned) and change.address in changed:
+                    slot = gathered.get(work.record.id)
+                    if slot is None:
+                        snapshot = {r.address: r for r in work.record.recipients}
+                        slot = gathered[work.record.id] = (work, snapshot, [], [])
                     # Applied by the store, so applied here the same way (no lease check:
                     # the snapshot may be the submitted record, see Work).
-                    after, _did = apply_change(snapshot[change.address], change, worker=None)
-                    (delayed if change.delay_warned else failed).append(after)
-            if not failed and not delayed:
-                continue
+                    after, _did = apply_change(slot[1][change.address], change, worker=None)
+                    (slot[3] if change.delay_warned else slot[2]).append(after)
+        for work, _snapshot, failed, delayed in gathered.values():
+            if len(failed) + len(delayed) > 1:
+                # In envelope order, whichever transaction each came from.
+                order = {r.address: i for i, r in enumerate(work.record.recipients)}
+                failed.sort(key=lambda r: order[r.address])
+                delayed.sort(key=lambda r: order[r.address])
             content = work.message.as_bytes()
             dsns = failure_dsns(
                 work.record, content, failed, reporting_mta=self.reporting_mta, date=now
