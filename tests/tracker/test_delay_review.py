@@ -1,0 +1,369 @@
+"""An adversarial review of delay warnings: the once-only promise on every path, and the
+report itself.
+
+Each test either reproduces a bug found in review (now fixed; its commit names it) or
+pins a property that was probed and held: one report per message per commit even when
+a message goes out in several transactions (``split_by_domain``), headers only in a
+delay report whatever RET says (RFC 3461 §4.3), two workers racing on an expired lease
+(memory, SQLite through two connections, PostgreSQL), a generated report that is itself
+deferred (RFC 3461 §6.2), a database upgraded from schema 5 with recipients long
+deferred, aware non-UTC clocks, non-ASCII recipients and shaping put-backs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope
+from mailrelay.message import Message
+from mailrelay.reply import Reply
+from mailrelay.tracker.dsn import DSNAction
+from mailrelay.tracker.dsn_parse import parse_dsn
+from mailrelay.tracker.engine import DeliveryTracker
+from mailrelay.tracker.sqlite_store import MIGRATIONS, SQLiteStore
+from mailrelay.tracker.store import (
+    MemoryStore,
+    State,
+    Store,
+    envelope_to_json,
+    queued_record,
+    to_micros,
+)
+from mailrelay.tracker.transitions import put_back
+from mailrelay.transport.memory import MemoryTransport
+from tests.tracker.test_engine import T0, FakeClock, no_jitter
+from tests.tracker.test_engine_delay import (
+    DEADLINE,
+    HOUR,
+    SENDER,
+    TEMPFAIL,
+    bounces,
+    deferring,
+    make,
+    message,
+    run_until_done,
+    warnings,
+)
+
+BODY = b"THE-BODY-LINE"
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "postgres":  # tests/peers/postgres.py: a fresh schema, dropped after
+        yield request.getfixturevalue("postgres_store")
+        return
+    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "t.db")
+    yield made
+    made.close()
+
+
+# -- one report per message per commit --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind"),
+    [(TEMPFAIL, "delay"), (Reply.of(550, "5.1.1 no such user"), "failure")],
+)
+def test_split_transactions_of_one_message_share_one_report(
+    store: Store, reply: Reply, kind: str
+) -> None:
+    """Bug: with ``split_by_domain`` a message's domains are separate transactions of one
+    commit, and each got its own report: two delay warnings (or bounces) for one message
+    in one commit, where the docs promise one report for the recipients of one commit."""
+    dsn_out = MemoryTransport()
+    clock = FakeClock()
+    tracker = make(
+        deferring("a@example.org", "b@example.net", reply=reply),
+        store,
+        clock,
+        dsn_out,
+        split_by_domain=True,
+    )
+    tracking_id = tracker.submit(message("a@example.org", "b@example.net", "c@example.com"))
+    clock.now = T0 + 3 * HOUR  # late at the first try: warned at once
+    tracker.run_pending()
+    tracker.run_pending()  # sends what the first run queued
+    reports = warnings(dsn_out.outbox) if kind == "delay" else bounces(dsn_out.outbox)
+    (report,) = reports
+    # In envelope order, as a single transaction's report names them.
+    assert [r.address for r in report.recipients] == ["a@example.org", "b@example.net"]
+    assert len([r for r in tracker.find() if r.notification]) == 1
+    states = [r.state for r in tracker.status(tracking_id).recipients]
+    expected = State.DEFERRED if kind == "delay" else State.BOUNCED
+    assert states == [expected, expected, State.DELIVERED]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    refused=st.lists(st.sampled_from(["450", "550", "250"]), min_size=1, max_size=4),
+    split=st.booleans(),
+)
+def test_at_most_one_report_of_each_kind_per_message_per_commit(
+    refused: list[str], split: bool
+) -> None:
+    """Whatever each recipient's answer and however the message is split: the first
+    commit queues at most one delay report and one failure report, naming exactly the
+    recipients deferred (late) and bounced."""
+    domains = ["a.example", "b.example", "c.example", "d.example"]
+    addresses = [f"u{i}@{domains[i]}" for i in range(len(refused))]
+    answers = {
+        Address.parse(a): Reply.of(int(code), "4.2.1 x" if code == "450" else "5.1.1 x")
+        for a, code in zip(addresses, refused, strict=True)
+        if code != "250"
+    }
+    transport = MemoryTransport(
+        lambda _m, e: {r.address: answers[r.address] for r in e.recipients if r.address in answers}
+    )
+    dsn_out = MemoryTransport()
+    clock = FakeClock()
+    tracker = make(transport, MemoryStore(), clock, dsn_out, split_by_domain=split)
+    tracker.submit(message(*addresses))
+    clock.now = T0 + 3 * HOUR
+    tracker.run_pending()
+    tracker.run_pending()
+    delayed = [a for a, code in zip(addresses, refused, strict=True) if code == "450"]
+    bounced = [a for a, code in zip(addresses, refused, strict=True) if code == "550"]
+    assert [[r.address for r in w.recipients] for w in warnings(dsn_out.outbox)] == (
+        [delayed] if delayed else []
+    )
+    assert [[r.address for r in b.recipients] for b in bounces(dsn_out.outbox)] == (
+        [bounced] if bounced else []
+    )
+
+
+# -- what the report returns ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("ret", ["FULL", "HDRS", None])
+def test_a_delay_report_returns_headers_only_whatever_ret_says(ret: str | None) -> None:
+    """Bug: RET=FULL made every delay warning carry the whole message. RFC 3461 §4.3:
+    FULL asks for the message in a *failed* DSN; a warning (the message is still
+    queued and may well be delivered) returns the headers only, as Postfix does. The
+    failure report that follows still honours RET=FULL."""
+    dsn_out = MemoryTransport()
+    clock = FakeClock()
+    tracker = make(deferring("a@example.org"), MemoryStore(), clock, dsn_out)
+    original = Message.build(
+        sender=SENDER, to=["a@example.org"], subject="big", text=(BODY.decode() + "\n") * 400
+    )
+    tracker.submit(original, Envelope(SENDER, ["a@example.org"], ret=ret))
+    run_until_done(tracker, clock, until=DEADLINE + HOUR)
+    (warning,) = [
+        s for s in dsn_out.outbox if parse_dsn(s.message.as_bytes()).kind.value == "delay"
+    ]
+    raw = warning.message.as_bytes()
+    assert BODY not in raw
+    assert b"Content-Type: text/rfc822-headers" in raw
+    assert b"Subject: big" in raw
+    assert len(raw) < original.size
+    (bounce,) = bounces(dsn_out.outbox)
+    bounce_raw = next(
+        s.message.as_bytes()
+        for s in dsn_out.outbox
+        if parse_dsn(s.message.as_bytes()).kind is bounce.kind
+    )
+    assert (BODY in bounce_raw) is (ret == "FULL")
+
+
+def test_a_non_ascii_recipient_gets_a_global_delivery_status() -> None:
+    dsn_out = MemoryTransport()
+    clock = FakeClock()
+    tracker = make(deferring("jörg@example.org"), MemoryStore(), clock, dsn_out)
+    tracker.submit(message("jörg@example.org"))
+    clock.now = T0 + 3 * HOUR
+    tracker.run_pending()
+    (sent,) = dsn_out.outbox
+    raw = sent.message.as_bytes()
+    assert b"Content-Type: message/global-delivery-status" in raw
+    assert "Final-Recipient: utf-8; jörg@example.org".encode() in raw
+    (warning,) = warnings(dsn_out.outbox)
+    assert [(r.address, r.action) for r in warning.recipients] == [
+        ("jörg@example.org", DSNAction.DELAYED)
+    ]
+
+
+@pytest.mark.parametrize("offset_hours", [0, 5, -8])
+def test_report_times_are_right_with_an_aware_non_utc_clock(offset_hours: int) -> None:
+    """Every time in the report is the real instant (written as +0000 or with its own
+    offset), whatever zone the injected clock answers in."""
+    zone = dt.timezone(dt.timedelta(hours=offset_hours))
+    clock = FakeClock(T0.astimezone(zone))
+    dsn_out = MemoryTransport()
+    tracker = make(deferring("a@example.org"), MemoryStore(), clock, dsn_out)
+    tracker.submit(message("a@example.org"))
+    clock.now = (T0 + 3 * HOUR).astimezone(zone)
+    tracker.run_pending()
+    (warning,) = warnings(dsn_out.outbox)
+    (about,) = warning.recipients
+    assert about.will_retry_until is not None
+    assert about.last_attempt_date is not None
+    assert email.utils.parsedate_to_datetime(about.will_retry_until) == DEADLINE
+    assert email.utils.parsedate_to_datetime(about.last_attempt_date) == T0 + 3 * HOUR
+    assert warning.arrival_date is not None
+    assert email.utils.parsedate_to_datetime(warning.arrival_date) == T0
+
+
+# -- who is never warned ----------------------------------------------------------------
+
+
+def test_a_generated_report_that_is_deferred_is_never_warned_about() -> None:
+    """RFC 3461 §6.2: no DSN about a DSN. A bounce whose own delivery is deferred past
+    the threshold (its sender is the null reverse-path) queues nothing more."""
+    clock = FakeClock()
+    tries: list[dt.datetime] = []
+
+    def slow_dsn(_m: Message, envelope: Envelope) -> dict[Address, Reply]:
+        tries.append(clock.now)
+        # Deferred for hours, then taken.
+        if clock.now < T0 + 3 * HOUR:
+            return {r.address: TEMPFAIL for r in envelope.recipients}
+        return {}
+
+    dsn_out = MemoryTransport(slow_dsn)
+    tracker = make(
+        deferring("a@example.org", reply=Reply.of(550, "5.1.1 no")),
+        MemoryStore(),
+        clock,
+        dsn_out,
+        delay_warning_after=dt.timedelta(0),
+    )
+    tracker.submit(message("a@example.org"))
+    run_until_done(tracker, clock, until=DEADLINE)
+    notes = [r for r in tracker.find() if r.notification]
+    assert len(notes) == 1  # the bounce, and nothing about it
+    (note,) = notes
+    assert note.envelope.sender is None
+    assert note.recipients[0].state is State.DELIVERED
+    assert note.recipients[0].delay_warned is False
+    assert len(tries) >= 3  # it was deferred, late, more than once
+
+
+def test_putting_work_back_never_carries_the_mark() -> None:
+    envelope = Envelope(SENDER, ["a@example.org"])
+    record = queued_record(
+        id="m1",
+        created_at=T0 - 30 * HOUR,
+        envelope=envelope,
+        message_id=None,
+        size=1,
+        addresses=[r.address for r in envelope.recipients],
+    )
+    (change,) = put_back(record, [record.recipients[0].address], T0)
+    assert change.delay_warned is None
+    assert change.attempt is None
+
+
+# -- two workers, one recipient ---------------------------------------------------------
+
+
+def _race(first: Store, second: Store) -> None:
+    """Worker A sends, stalls past its lease; worker B claims the message again, defers
+    it (warning once) and commits; then A's late result comes."""
+    clock = FakeClock()
+    dsn_out = MemoryTransport()
+    b = make(deferring("a@example.org"), second, clock, dsn_out, worker_id="b")
+    ran_b: list[bool] = []
+
+    def stalls(_m: Message, envelope: Envelope) -> dict[Address, Reply]:
+        if not ran_b:
+            ran_b.append(True)
+            clock.now += dt.timedelta(minutes=16)  # A's 15-minute lease runs out
+            b.run_pending()  # B takes the message, defers it, warns
+        return {r.address: TEMPFAIL for r in envelope.recipients}
+
+    a = make(MemoryTransport(stalls), first, clock, dsn_out, worker_id="a")
+    tracking_id = a.submit(message("a@example.org"))
+    clock.now = T0 + 3 * HOUR
+    a.run_pending()
+    assert ran_b
+    b.run_pending()
+    a.run_pending()
+    (recipient,) = a.status(tracking_id).recipients
+    assert (recipient.state, recipient.delay_warned) == (State.DEFERRED, True)
+    # A's late 450 is history (two tries), but its change was refused: one warning.
+    assert [x.code for x in recipient.attempts] == [450, 450]
+    assert len(warnings(dsn_out.outbox)) == 1
+    assert len([r for r in a.find() if r.notification]) == 1
+
+
+def test_a_worker_whose_lease_expired_cannot_warn_a_second_time(store: Store) -> None:
+    """A's change is refused (its lease was lost): one warning in all, on every store."""
+    _race(store, store)
+
+
+def test_two_sqlite_connections_race_for_one_warning(tmp_path: Path) -> None:
+    """The same race between two processes' stores on one SQLite file."""
+    first = SQLiteStore(tmp_path / "q.db")
+    second = SQLiteStore(tmp_path / "q.db")
+    try:
+        _race(first, second)
+    finally:
+        first.close()
+        second.close()
+
+
+# -- an upgraded database ---------------------------------------------------------------
+
+
+def test_recipients_deferred_before_the_upgrade_are_warned_once_at_their_next_deferral(
+    tmp_path: Path,
+) -> None:
+    """A schema-5 database (no mark) with a message deferred for a day already: after
+    the upgrade (migration 6), the recipient has never been warned about, so its next
+    deferral warns, once; a recipient delivered since needs nothing."""
+    path = tmp_path / "v5.db"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute("INSERT INTO schema_version VALUES (5)")
+    raw.executescript("".join(MIGRATIONS[:5]))
+    created = T0 - 24 * HOUR
+    content = message("a@example.org", "b@example.net")
+    envelope = Envelope(SENDER, ["a@example.org", "b@example.net"])
+    raw.execute(
+        "INSERT INTO messages (id, created_at, envelope, message_id, envid, size, content)"
+        " VALUES (?, ?, ?, NULL, NULL, ?, ?)",
+        ("m1", to_micros(created), envelope_to_json(envelope), content.size, content.as_bytes()),
+    )
+    for position, address in enumerate(["a@example.org", "b@example.net"]):
+        raw.execute(
+            "INSERT INTO recipients (message, position, address, state, next_attempt_at)"
+            " VALUES (?, ?, ?, 'deferred', ?)",
+            ("m1", position, address, to_micros(T0)),
+        )
+        raw.execute(
+            "INSERT INTO attempts (message, position, seq, at, host, code, enhanced, text,"
+            " source) VALUES (?, ?, 0, ?, 'mx.example', 450, '4.2.1', 'busy', 'reply')",
+            ("m1", position, to_micros(T0 - HOUR)),
+        )
+    raw.commit()
+    raw.close()
+    store = SQLiteStore(path)
+    dsn_out = MemoryTransport()
+    clock = FakeClock()
+    tracker = DeliveryTracker(
+        deferring("a@example.org"),
+        store,
+        clock=clock,
+        random=no_jitter,
+        dsn_transport=dsn_out,  # the default retry policy: five days
+        delay_warning_after=HOUR,
+    )
+    run_until_done(tracker, clock, until=T0 + 6 * HOUR)
+    (warning,) = warnings(dsn_out.outbox)
+    assert [r.address for r in warning.recipients] == ["a@example.org"]
+    record = tracker.status("m1")
+    assert [(r.state, r.delay_warned) for r in record.recipients] == [
+        (State.DEFERRED, True),
+        (State.DELIVERED, False),
+    ]
+    store.close()
