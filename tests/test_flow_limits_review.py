@@ -121,3 +121,29 @@ def test_a_batch_cut_in_a_split_message_reports_the_421_not_a_closed_session() -
     outcome = server.run(session.deliver_many(items))
     assert outcome.results[3] is None
     assert isinstance(outcome.error, SessionRefused)
+
+
+@pytest.mark.parametrize("close_after", [1, 2, 3, 4, 5])
+def test_a_batch_with_limits_keeps_its_order_so_no_message_is_sent_twice(
+    close_after: int,
+) -> None:
+    # A pool hands back the messages from the first one without a result and sends them
+    # again on a fresh connection (replies come in order, so later ones were not sent).
+    # Messages that need parts must therefore not be put after later messages: a hang-up
+    # in their parts would leave a delivered later message behind a None.
+    server = limited(2)
+    server.close_after = close_after
+    session = session_for(server)
+    items = [
+        (message(n), Envelope("a@example.org", [f"m{n}.{i}@x.example" for i in range(k)]))
+        for n, k in enumerate([5, 1, 3, 2])
+    ]
+    outcome = server.run(session.deliver_many(items))
+    results = list(outcome.results)
+    first_none = results.index(None) if None in results else len(results)
+    assert all(result is None for result in results[first_none:]), results
+    # Every message the server took has a result: none would be sent twice.
+    taken = {rcpts[0].split(".")[0] for _, rcpts, _ in server.delivered}
+    answered = {f"m{n}" for n, result in enumerate(results) if result is not None}
+    assert taken <= answered
+    assert outcome.error is not None

@@ -200,42 +200,47 @@ class _Batch(_Delivery):
         return BatchOutcome(results=tuple(results), error=outcome.error or self._ended_by)
 
     def _many_within_limits(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
-        """A batch to a server that announced recipient LIMITS (RFC 9422): the messages
-        whose envelopes keep to them are pipelined as usual; each of the others then goes
-        alone, in as many transactions as the limits need (:meth:`deliver`)."""
-        over = [i for i, (_, envelope) in enumerate(items) if self._recipient_parts(envelope)]
-        if not over:
-            self._too_many_seen = False
-            outcome = yield from self._deliver_many(items)
-            if self._too_many_seen:
-                outcome = yield from self._send_the_rest(items, outcome)
-            return outcome
-        skip = set(over)
-        within = [i for i in range(len(items)) if i not in skip]
-        results: list[DeliveryResult | None] = [None] * len(items)
+        """A batch to a server that announced recipient LIMITS (RFC 9422): each run of
+        messages whose envelopes keep to them is pipelined as usual; each of the others
+        goes alone, in as many transactions as the limits need (:meth:`deliver`).
+
+        The messages go in their order: when the session ends early, the messages from the
+        first one without a result on were not sent (a pool sends them again on a fresh
+        connection, so none after it may have been delivered)."""
+        count = len(items)
+        over = {i for i, (_, envelope) in enumerate(items) if self._recipient_parts(envelope)}
+        results: list[DeliveryResult | None] = [None] * count
         error: DeliveryError | None = None
-        if within:
-            chosen = [items[i] for i in within]
-            self._too_many_seen = False
-            outcome = yield from self._deliver_many(chosen)
-            if self._too_many_seen:
-                outcome = yield from self._send_the_rest(chosen, outcome)
-            for index, result in zip(within, outcome.results, strict=True):
-                results[index] = result
-            error = outcome.error
-        if error is None:
-            for index in over:
+        index = 0
+        while index < count and error is None and self._ended_by is None:
+            if self.closed:
+                # Ended with the last message answered (a 421 after its final reply).
+                error = self._closing_error or ConnectionLost(
+                    "the session is closed", host=self.config.peer
+                )
+                break
+            if index in over:
                 try:
                     results[index] = yield from self._deliver(*items[index])
                 except DeliveryError as exc:
                     # As in _deliver_many: the session is out of step after an error
                     # thrown in by the driver (one that closed it is closed already).
                     yield from self._closed()
-                    # Once an earlier message's parts were cut short, the session was
-                    # closed already: the error is what closed it.
-                    error = self._ended_by or exc
-                    break
-        # A session that ended between the last message's parts ended the batch too.
+                    error = exc
+                index += 1
+                continue
+            end = index
+            while end < count and end not in over:
+                end += 1
+            chosen = items[index:end]
+            self._too_many_seen = False
+            outcome = yield from self._deliver_many(chosen)
+            if self._too_many_seen:
+                outcome = yield from self._send_the_rest(chosen, outcome)
+            results[index:end] = outcome.results
+            error = outcome.error
+            index = end
+        # A session that ended between a message's parts ended the batch too.
         return BatchOutcome(results=tuple(results), error=error or self._ended_by)
 
     def _deliver_many(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
