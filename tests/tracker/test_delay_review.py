@@ -12,11 +12,14 @@ deferred, aware non-UTC clocks, non-ASCII recipients and shaping put-backs.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import email.utils
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -26,11 +29,15 @@ from mailrelay.address import Address
 from mailrelay.envelope import Envelope
 from mailrelay.message import Message
 from mailrelay.reply import Reply
+from mailrelay.tracker.async_engine import AsyncDeliveryTracker
 from mailrelay.tracker.dsn import DSNAction
 from mailrelay.tracker.dsn_parse import parse_dsn
 from mailrelay.tracker.engine import DeliveryTracker
+from mailrelay.tracker.postgres_store import PostgresStore
 from mailrelay.tracker.sqlite_store import MIGRATIONS, SQLiteStore
 from mailrelay.tracker.store import (
+    Change,
+    FollowUp,
     MemoryStore,
     State,
     Store,
@@ -40,10 +47,12 @@ from mailrelay.tracker.store import (
 )
 from mailrelay.tracker.transitions import put_back
 from mailrelay.transport.memory import MemoryTransport
+from tests.peers.postgres import PostgresInstance
 from tests.tracker.test_engine import T0, FakeClock, no_jitter
 from tests.tracker.test_engine_delay import (
     DEADLINE,
     HOUR,
+    RETRY,
     SENDER,
     TEMPFAIL,
     bounces,
@@ -55,6 +64,11 @@ from tests.tracker.test_engine_delay import (
 )
 
 BODY = b"THE-BODY-LINE"
+R = TypeVar("R")
+
+
+def run(coro: Coroutine[Any, Any, R]) -> R:
+    return asyncio.run(coro)
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
@@ -367,3 +381,85 @@ def test_recipients_deferred_before_the_upgrade_are_warned_once_at_their_next_de
         (State.DELIVERED, False),
     ]
     store.close()
+
+
+def test_two_postgres_stores_race_for_one_warning(postgres: PostgresInstance) -> None:
+    """The same race between two processes' PostgresStores on one schema."""
+    schema = postgres.new_schema()
+    first = PostgresStore(postgres.dsn, schema=schema)
+    second = PostgresStore(postgres.dsn, schema=schema)
+    try:
+        _race(first, second)
+    finally:
+        first.close()
+        second.close()
+        postgres.drop_schema(schema)
+
+
+# -- the async tracker cancelled inside the commit that queues a warning ----------------
+
+
+class SlowFollowUp:
+    """A store whose ``then`` (the follow-up that builds the warning, inside the commit)
+    waits until the test lets it go, so the runner can be cancelled meanwhile."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.inside = threading.Event()
+        self.go = threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def apply_many(
+        self,
+        batch: Sequence[tuple[str, Sequence[Change]]],
+        *,
+        worker: str | None = None,
+        then: FollowUp | None = None,
+    ) -> list[tuple[Address, ...]]:
+        if then is not None:
+            inner_then = then
+
+            def slow(changed: Sequence[tuple[Address, ...]]) -> Any:
+                self.inside.set()
+                self.go.wait(10)
+                return inner_then(changed)
+
+            then = slow
+        return self.inner.apply_many(batch, worker=worker, then=then)
+
+
+def test_the_async_tracker_cancelled_mid_commit_warns_once(store: Store) -> None:
+    slow = SlowFollowUp(store)
+    dsn_out = MemoryTransport()
+    clock = FakeClock()
+    tracker = AsyncDeliveryTracker(
+        deferring("a@example.org"),
+        slow,  # type: ignore[arg-type]
+        clock=clock,
+        random=no_jitter,
+        retry=RETRY,
+        dsn_transport=dsn_out,
+        reporting_mta="relay.example.com",
+        delay_warning_after=HOUR,
+    )
+
+    async def scenario() -> str:
+        tracking_id = await tracker.asubmit(message("a@example.org"))
+        clock.now = T0 + 3 * HOUR
+        task = asyncio.create_task(tracker.arun_pending())
+        assert await asyncio.to_thread(slow.inside.wait, 10)
+        task.cancel()
+        slow.go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await tracker.arun_pending()  # sends the warning queued by the cancelled run
+        await tracker.arun_pending()
+        return tracking_id
+
+    tracking_id = run(scenario())
+    (recipient,) = tracker.status(tracking_id).recipients
+    assert (recipient.state, recipient.delay_warned) == (State.DEFERRED, True)
+    assert len(warnings(dsn_out.outbox)) == 1
+    assert len([r for r in tracker.find() if r.notification]) == 1
