@@ -146,6 +146,26 @@ def signed_records(certs: Certificates) -> list[tuple[str, str, str]]:
         "pkix",
         (10, "mx-pkix", HOST, (tlsa_data(0, 0, 1, certs.ca), tlsa_data(1, 1, 1, certs.leaf))),
     )
+    # Whole certificates (matching type 0): a TLSA RRset too large for a 1232-byte UDP
+    # answer, so the resolver retries over TCP (tests/transport/test_tls_policy_review.py).
+    domain(
+        "big",
+        (
+            10,
+            "mx-big",
+            HOST,
+            tuple(tlsa_data(3, 0, 0, der) for der in (certs.other, certs.ca, certs.leaf)),
+        ),
+    )
+    # Usable and unusable records side by side: only the usable ones count (RFC 7672 §3.1):
+    # PKIX-TA (unusable for SMTP), a private matching type, a private selector, DANE-EE.
+    # (A digest of the wrong length cannot be served: dnspython refuses such an rdata.)
+    unusable = (
+        tlsa_data(0, 0, 1, certs.leaf),
+        f"3 1 255 {hashlib.sha256(spki_of(certs.leaf)).hexdigest()}",
+        f"3 255 1 {hashlib.sha256(certs.leaf).hexdigest()}",
+    )
+    domain("mixed", (10, "mx-mixed", HOST, (*unusable, tlsa_data(3, 1, 2, certs.leaf))))
     return records
 
 

@@ -16,10 +16,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
+import dns.flags
+import dns.message
+import dns.query
 import pytest
 
 from mailrelay.envelope import Envelope as MailEnvelope
-from mailrelay.mailhosts import TLSARecord
+from mailrelay.mailhosts import TLSARecord, TLSARecords
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
@@ -245,3 +248,69 @@ def test_a_host_dane_refuses_is_refused_before_the_pool_is_asked(
         raise AssertionError("the plan made too many requests")
     assert "send" not in seen, seen
     assert {r.outcome for r in results} == {outcome_}
+
+
+# -- DANE: DNS answers ----------------------------------------------------------------------------
+
+
+@pytest.mark.unbound
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_tlsa_answer_too_large_for_udp_keeps_its_ad_bit(flavour: Flavour, world: World) -> None:
+    # The RRset does not fit a UDP answer (checked first, so the test is not vacuous): the
+    # resolver asks again over TCP, and that answer's AD bit must still make it secure.
+    query = dns.message.make_query(f"_25._tcp.mx-big.{SIGNED}.", "TLSA", want_dnssec=True)
+    query.flags |= dns.flags.AD
+    query.use_edns(0, dns.flags.DO, 1232)
+    udp = dns.query.udp(query, world.dnssec.host, port=world.dnssec.port, timeout=2.0)
+    assert udp.flags & dns.flags.TC
+    if flavour == "sync":
+        found = world.dnssec.resolver(timeout=2.0).tlsa(f"mx-big.{SIGNED}", 25)
+    else:
+        found = run(world.dnssec.async_resolver(timeout=2.0).tlsa(f"mx-big.{SIGNED}", 25))
+    assert isinstance(found, TLSARecords)
+    assert found.secure
+    assert {r.data for r in found.records} == {
+        world.dnssec.certs.other, world.dnssec.certs.ca, world.dnssec.certs.leaf
+    }  # fmt: skip
+    handler = world.server(FIRST, "leaf")
+    [result] = deliver_each(flavour, world.dnssec, world.port, [f"big.{SIGNED}"])
+    assert result.ok, result.recipients
+    assert handler.messages[0].tls
+
+
+@pytest.mark.unbound
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize(("cert", "ok"), [("leaf", True), ("untrusted", False)])
+def test_in_a_mixed_tlsa_rrset_only_usable_records_count(
+    flavour: Flavour, world: World, cert: str, ok: bool
+) -> None:
+    # mx-mixed: PKIX-TA naming the leaf (unusable for SMTP, RFC 7672 §3.1.3), DANE-EE with
+    # a private matching type and with a private selector (both naming the leaf's key or
+    # certificate: unusable all the same), and DANE-EE 3 1 2 of the leaf.
+    # The host is authenticated by the last alone: never merely encrypted.
+    verdict = DANE(world.dnssec.resolver(timeout=2.0)).policy(f"mixed.{SIGNED}")
+    assert verdict is not None
+    assert verdict.dane is not None
+    [host] = verdict.dane.hosts
+    assert host.state is HostState.AUTHENTICATE
+    assert [(r.usage, r.selector, r.matching_type) for r in host.records] == [(3, 1, 2)]
+    handler = world.server(FIRST, cert)
+    [result] = deliver_each(flavour, world.dnssec, world.port, [f"mixed.{SIGNED}"])
+    assert result.ok is ok, result.recipients
+    assert handler.mail_commands == (1 if ok else 0)
+
+
+@pytest.mark.unbound
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_an_insecure_mx_rrset_means_no_dane_even_for_secure_tlsa(
+    flavour: Flavour, world: World
+) -> None:
+    # RFC 7672 §2.2.1 makes DANE for an insecure MX RRset a MAY; this library (like Postfix)
+    # does not apply it: viaee.insecure.test names mx-ee.dane.test, whose TLSA RRset is
+    # secure, and gets plain opportunistic TLS (any certificate; plain text if no STARTTLS).
+    verdict = DANE(world.dnssec.resolver(timeout=2.0)).policy(f"viaee.{INSECURE}")
+    assert verdict is None
+    handler = world.server(FIRST, None)
+    [result] = deliver_each(flavour, world.dnssec, world.port, [f"viaee.{INSECURE}"])
+    assert result.ok, result.recipients
+    assert not handler.messages[0].tls
