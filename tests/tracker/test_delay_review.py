@@ -26,13 +26,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailrelay.address import Address
-from mailrelay.envelope import Envelope
+from mailrelay.envelope import Envelope, Notify, Recipient
 from mailrelay.message import Message
 from mailrelay.reply import Reply
 from mailrelay.tracker.async_engine import AsyncDeliveryTracker
 from mailrelay.tracker.dsn import DSNAction
 from mailrelay.tracker.dsn_parse import parse_dsn
 from mailrelay.tracker.engine import DeliveryTracker
+from mailrelay.tracker.notifications import VERP, DSNRequest
 from mailrelay.tracker.postgres_store import PostgresStore
 from mailrelay.tracker.sqlite_store import MIGRATIONS, SQLiteStore
 from mailrelay.tracker.store import (
@@ -64,6 +65,7 @@ from tests.tracker.test_engine_delay import (
 )
 
 BODY = b"THE-BODY-LINE"
+A = "a@example.org"
 R = TypeVar("R")
 
 
@@ -463,3 +465,125 @@ def test_the_async_tracker_cancelled_mid_commit_warns_once(store: Store) -> None
     assert (recipient.state, recipient.delay_warned) == (State.DEFERRED, True)
     assert len(warnings(dsn_out.outbox)) == 1
     assert len([r for r in tracker.find() if r.notification]) == 1
+
+
+# -- NOTIFY, VERP, settings -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("envelope", "request_dsn", "warned"),
+    [
+        # The envelope's NOTIFY is the default of recipients without their own.
+        (Envelope(SENDER, ["a@example.org"], notify="NEVER"), None, False),
+        (Envelope(SENDER, ["a@example.org"], notify="FAILURE"), None, False),
+        (Envelope(SENDER, ["a@example.org"], notify="DELAY,FAILURE"), None, True),
+        # A recipient's own NOTIFY wins over the envelope's.
+        (
+            Envelope(SENDER, [Recipient("a@example.org", notify="FAILURE")], notify="DELAY"),
+            None,
+            False,
+        ),
+        (
+            Envelope(SENDER, [Recipient("a@example.org", notify="DELAY")], notify="NEVER"),
+            None,
+            True,
+        ),
+        # A DSN request fills in NOTIFY where the envelope has none.
+        (
+            Envelope(SENDER, ["a@example.org"]),
+            DSNRequest(notify=frozenset({Notify.FAILURE})),
+            False,
+        ),
+        (Envelope(SENDER, ["a@example.org"]), DSNRequest(), True),
+    ],
+)
+def test_notify_as_the_envelope_carries_it(
+    store: Store, envelope: Envelope, request_dsn: DSNRequest | None, warned: bool
+) -> None:
+    dsn_out = MemoryTransport()
+    clock = FakeClock()
+    tracker = make(deferring("a@example.org"), store, clock, dsn_out, request_dsn=request_dsn)
+    tracking_id = tracker.submit(message("a@example.org"), envelope)
+    clock.now = T0 + 3 * HOUR
+    tracker.run_pending()
+    tracker.run_pending()
+    assert tracker.status(tracking_id).recipients[0].delay_warned is warned
+    assert len(warnings(dsn_out.outbox)) == (1 if warned else 0)
+
+
+def test_a_verp_warning_goes_to_the_verp_address_and_ingesting_it_changes_nothing(
+    store: Store,
+) -> None:
+    """The warning goes to the per-message VERP sender; a bounce processor that feeds it
+    back (``ingest_dsn``) adds history only: no state change, no second warning."""
+    dsn_out = MemoryTransport()
+    clock = FakeClock()
+    verp = VERP(local="bounces", domain="shop.example")
+    tracker = make(deferring("a@example.org"), store, clock, dsn_out, verp=verp)
+    tracking_id = tracker.submit(message("a@example.org"))
+    clock.now = T0 + 3 * HOUR
+    tracker.run_pending()
+    (sent,) = dsn_out.outbox
+    assert [str(r.address) for r in sent.envelope.recipients] == [
+        f"bounces+{tracking_id}@shop.example"
+    ]
+    match = tracker.ingest_dsn(sent.message.as_bytes())
+    assert match.tracking_id == tracking_id
+    assert match.changed == ()
+    clock.now = T0 + 3.75 * HOUR
+    run_until_done(tracker, clock, until=DEADLINE - dt.timedelta(minutes=1))
+    (recipient,) = tracker.status(tracking_id).recipients
+    assert (recipient.state, recipient.delay_warned) == (State.DEFERRED, True)
+    assert len(warnings(dsn_out.outbox)) == 1
+
+
+@pytest.mark.parametrize(
+    ("after", "expected"),
+    [(dt.timedelta(0), 1), (dt.timedelta.max, 0), (dt.timedelta(days=365), 0)],
+)
+def test_extreme_thresholds(after: dt.timedelta, expected: int) -> None:
+    dsn_out = MemoryTransport()
+    clock = FakeClock()
+    tracker = make(
+        deferring("a@example.org"), MemoryStore(), clock, dsn_out, delay_warning_after=after
+    )
+    tracker.submit(message("a@example.org"))
+    run_until_done(tracker, clock, until=DEADLINE + HOUR)
+    assert len(warnings(dsn_out.outbox)) == expected
+    assert len(bounces(dsn_out.outbox)) == 1  # the expiry is reported either way
+
+
+# -- batches mixing the fast and general paths --------------------------------------------
+
+
+def test_a_batch_mixing_delivered_warned_and_plain_messages(store: Store) -> None:
+    """One commit holds a message whose recipients are delivered and warned, a message
+    only delivered, and a message deferred late: on SQLite the fast path refuses the
+    batch (a mark to set) and the general path records each change exactly once."""
+    dsn_out = MemoryTransport()
+    clock = FakeClock()
+    tracker = make(deferring("a@example.org", "late@example.org"), store, clock, dsn_out)
+    mixed = tracker.submit(message("a@example.org", "b@example.net"))
+    plain = tracker.submit(message("c@example.net"))
+    late = tracker.submit(message("late@example.org"))
+    clock.now = T0 + 3 * HOUR
+    summary = tracker.run_pending()
+    # b@ and c@, then the two warnings that commit queued (sent in the same run).
+    assert (summary.delivered, summary.deferred) == (4, 2)
+    recipients = tracker.status(mixed).recipients
+    assert [(r.state, r.delay_warned, len(r.attempts)) for r in recipients] == [
+        (State.DEFERRED, True, 1),
+        (State.DELIVERED, False, 1),
+    ]
+    assert [(r.state, r.delay_warned) for r in tracker.status(plain).recipients] == [
+        (State.DELIVERED, False)
+    ]
+    assert [(r.state, r.delay_warned) for r in tracker.status(late).recipients] == [
+        (State.DEFERRED, True)
+    ]
+    tracker.run_pending()
+    about = sorted(r.address for w in warnings(dsn_out.outbox) for r in w.recipients)
+    assert about == ["a@example.org", "late@example.org"]
+    # The next deferrals (fast path again on SQLite: no mark to set) warn nobody.
+    run_until_done(tracker, clock, until=DEADLINE - dt.timedelta(minutes=1))
+    assert len(warnings(dsn_out.outbox)) == 2
