@@ -118,6 +118,11 @@ class _Opening(_SessionCore):
         # A reply beyond the last one asked for would answer the first transaction's MAIL.
         unasked = yield from self._close_if_unsolicited("while opening the session")
         if unasked is not None:
+            refusal, self.auth_refusal = self.auth_refusal, None
+            if refusal is not None:
+                # AUTH was refused, then the server hung up: no retry can follow, and the
+                # refusal is the news (as for a password that is not renewable).
+                raise refusal from unasked
             raise unasked
 
     def _hello(self) -> Step[None]:
@@ -230,7 +235,11 @@ class _Opening(_SessionCore):
         if password is None:
             yield from self._abort()
             raise refusal
-        yield from self._authenticate(password, final=True)
+        try:
+            yield from self._authenticate(password, final=True)
+        except _SessionClosed as closed:
+            # As in open(): the internal signal never leaves the dialogue.
+            raise self._refuse(closed.reply, "during AUTH") from None
         unasked = yield from self._close_if_unsolicited("after AUTH")
         if unasked is not None:
             raise unasked
