@@ -32,6 +32,7 @@ Rules of this module (RFC 3461, RFC 3464; the parser and builder themselves live
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import logging
 from collections.abc import Callable, Sequence
 
@@ -391,7 +392,9 @@ def _dsn_recipient(
 
 
 def _rfc5322_date(when: dt.datetime) -> str:
-    return when.strftime("%a, %d %b %Y %H:%M:%S +0000")
+    # RFC 5322 §3.3: English day and month names. Not strftime, whose %a and %b follow
+    # the process's LC_TIME (an application may set it); and in UTC whatever the zone.
+    return email.utils.format_datetime(when.astimezone(dt.UTC))
 
 
 def _match_recipient(record: MessageRecord, item: DSNRecipient) -> Address | None:
