@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import email.utils
+import locale
 import sqlite3
+import subprocess
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -587,3 +589,60 @@ def test_a_batch_mixing_delivered_warned_and_plain_messages(store: Store) -> Non
     # The next deferrals (fast path again on SQLite: no mark to set) warn nobody.
     run_until_done(tracker, clock, until=DEADLINE - dt.timedelta(minutes=1))
     assert len(warnings(dsn_out.outbox)) == 2
+
+
+# -- the process locale -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def german_locales(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding a compiled ``de_DE.UTF-8`` locale (glibc's ``localedef``, from
+    Debian's ``locales`` sources), for ``LOCPATH``: the image has no locale but C."""
+    where = tmp_path_factory.mktemp("locales")
+    done = subprocess.run(
+        ["localedef", "-i", "de_DE", "-f", "UTF-8", str(where / "de_DE.UTF-8")],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert (where / "de_DE.UTF-8").is_dir(), (
+        f"localedef failed ({done.returncode}): {done.stderr!r}; apt-get install locales"
+    )
+    return where
+
+
+@pytest.fixture
+def german_time(german_locales: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """LC_TIME set to German for the test (as an application may set it), then restored."""
+    monkeypatch.setenv("LOCPATH", str(german_locales))  # glibc reads it at each setlocale
+    saved = locale.setlocale(locale.LC_TIME)
+    locale.setlocale(locale.LC_TIME, "de_DE.UTF-8")
+    try:
+        assert dt.datetime(2026, 3, 1, tzinfo=dt.UTC).strftime("%a %b") == "So Mär"
+        yield
+    finally:
+        locale.setlocale(locale.LC_TIME, saved)
+
+
+@pytest.mark.usefixtures("german_time")
+def test_report_dates_do_not_follow_the_process_locale() -> None:
+    """Bug: ``Will-Retry-Until``, ``Last-Attempt-Date`` and the text's "(retried until
+    ...)" were written with ``strftime``, whose day and month names follow LC_TIME: an
+    application running in a German locale sent "So, 01 Mär 2026 ..." (not an RFC 5322
+    date, and not even ASCII). RFC 5322 §3.3 names the days and months in English."""
+    dsn_out = MemoryTransport()
+    clock = FakeClock()
+    tracker = make(deferring("a@example.org"), MemoryStore(), clock, dsn_out)
+    tracker.submit(message("a@example.org"))
+    clock.now = T0 + 3 * HOUR
+    tracker.run_pending()
+    (sent,) = dsn_out.outbox
+    raw = sent.message.as_bytes()
+    assert raw.isascii()
+    assert b"Will-Retry-Until: Sun, 01 Mar 2026 12:00:00 +0000" in raw
+    assert b"Last-Attempt-Date: Sun, 01 Mar 2026 11:00:00 +0000" in raw
+    assert "(retried until Sun, 01 Mar 2026 12:00:00 +0000)" in " ".join(raw.decode().split())
+    (warning,) = warnings(dsn_out.outbox)
+    (about,) = warning.recipients
+    assert about.will_retry_until is not None
+    assert email.utils.parsedate_to_datetime(about.will_retry_until) == DEADLINE
