@@ -67,19 +67,23 @@ def is_async_provider(provider: object) -> bool:
     )
 
 
-def _checked_secret(value: object) -> str:
-    """What a provider returned, if usable as a password; never shows the value."""
+def _checked_secret(value: object, refusal: AuthenticationError | None, host: str) -> str:
+    """What a provider returned, if usable as a password; never shows the value. On renewal
+    (``refusal``: the server's refusal that led to it) the error tells the refusal too."""
+    if isinstance(value, str) and value and not any(c in value for c in "\r\n\0"):
+        return value
     if not isinstance(value, str):
-        raise AuthenticationError(
-            f"the password provider returned {type(value).__name__}, not str",
-            is_transient=False,
-        )
-    if not value or any(c in value for c in "\r\n\0"):
-        raise AuthenticationError(
-            "the password provider returned an empty secret or one holding CR, LF or NUL",
-            is_transient=False,
-        )
-    return value
+        what = f"the password provider returned {type(value).__name__}, not str"
+    else:
+        what = "the password provider returned an empty secret or one holding CR, LF or NUL"
+    if refusal is not None:
+        what = f"{refusal}; asked for a fresh token, {what}"
+    raise AuthenticationError(
+        what,
+        is_transient=False,
+        reply=refusal.reply if refusal is not None else None,
+        host=host,
+    )
 
 
 def _provider_failed(
@@ -251,7 +255,7 @@ class ConnectionSettings:
                 is_transient=False,
                 host=self.peer,
             )
-        return _checked_secret(value)
+        return _checked_secret(value, refusal, self.peer)
 
     async def _acall_provider(self, refusal: AuthenticationError | None) -> str | None:
         provider = self.password
@@ -263,7 +267,7 @@ class ConnectionSettings:
                 value = await value
         except Exception as exc:
             raise _provider_failed(exc, refusal, self.peer) from exc
-        return _checked_secret(value)
+        return _checked_secret(value, refusal, self.peer)
 
     def session_config(
         self, local_address: str | None, *, secret: str | None = None

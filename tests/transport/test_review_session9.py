@@ -1,0 +1,73 @@
+"""Review of this session's transport changes: token providers' bad answers on renewal.
+
+What must hold: an unusable secret from a provider (on a new connection or on renewal
+after a refusal) is an :class:`AuthenticationError` that names the server and, on renewal,
+tells the refusal that led to it, never the secret itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from mailrelay.errors import AuthenticationError
+from mailrelay.options import TLS, Timeouts
+from mailrelay.reply import Reply
+from mailrelay.transport.settings import ConnectionSettings
+
+T = TypeVar("T")
+
+REFUSAL = AuthenticationError(
+    "the server refused authentication: 535 5.7.8 expired",
+    reply=Reply(code=535, lines=("5.7.8 expired",), enhanced=None),
+    host="smtp.example.net:587",
+)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def settings_returning(value: object) -> ConnectionSettings:
+    def provider() -> str:
+        return value  # type: ignore[return-value]  # a provider that breaks its promise
+
+    return ConnectionSettings(
+        host="smtp.example.net",
+        port=587,
+        tls=TLS.STARTTLS,
+        timeouts=Timeouts.all(5),
+        username="alice",
+        password=provider,
+    )
+
+
+BAD = ["tok\r\nen", "tok\nMAIL FROM:<x>", "", "tok\0", 42, None]
+
+
+@pytest.mark.parametrize("value", BAD)
+def test_a_bad_secret_names_the_server(value: object) -> None:
+    settings = settings_returning(value)
+    with pytest.raises(AuthenticationError) as info:
+        settings.secret()
+    assert info.value.host == settings.peer
+    assert not info.value.is_transient
+    with pytest.raises(AuthenticationError) as info:
+        run(settings.asecret())
+    assert info.value.host == settings.peer
+
+
+@pytest.mark.parametrize("value", BAD)
+def test_a_bad_renewed_secret_tells_the_refusal(value: object) -> None:
+    settings = settings_returning(value)
+    for renewing in (settings.renew, lambda r: run(settings.arenew(r))):
+        with pytest.raises(AuthenticationError) as info:
+            renewing(REFUSAL)
+        assert info.value.host == settings.peer
+        assert "535" in str(info.value)
+        assert info.value.reply == REFUSAL.reply
+        if isinstance(value, str) and value:
+            assert value not in str(info.value)
