@@ -11,8 +11,11 @@ Hypothesis properties.
 # ruff: noqa: F811
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
+import ssl
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -20,13 +23,30 @@ import dns.flags
 import dns.message
 import dns.query
 import pytest
+from aiosmtpd.controller import Controller
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from mailrelay.envelope import Envelope as MailEnvelope
+from mailrelay.errors import ConfigurationError, TLSError
 from mailrelay.mailhosts import TLSARecord, TLSARecords
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
-from mailrelay.transport.dane import DANE, AsyncDANE, DANEHost, DANEPolicy, HostState, spki
+from mailrelay.transport.dane import (
+    DANE,
+    DANE_EE,
+    DANE_TA,
+    AsyncDANE,
+    DANEHost,
+    DANEPolicy,
+    HostState,
+    check_chain,
+    is_usable,
+    matches,
+    spki,
+)
 from mailrelay.transport.mx import MXPolicy, MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.mx_plan import (
@@ -36,9 +56,22 @@ from mailrelay.transport.mx_plan import (
     OpenSession,
     ReuseIdle,
     SendMessage,
+    STSVerdicts,
+    Target,
     Trail,
     deliver_plan,
 )
+from mailrelay.transport.netguard import non_public_addresses
+from mailrelay.transport.tlsrpt import (
+    PolicyType,
+    ReportPolicy,
+    ResultType,
+    SessionRecord,
+    TLSReport,
+    TLSReportCollector,
+    report_message,
+)
+from tests.peers.aiosmtpd_server import HOSTNAME
 from tests.peers.dnssec import INSECURE, SIGNED, DNSSECServer
 from tests.transport.helpers import FLAVOURS, Flavour, run
 
@@ -47,6 +80,7 @@ from tests.transport.helpers import FLAVOURS, Flavour, run
 # of the same names (what F811, silenced for this file at its top, reports).
 from tests.transport.test_dane import (  # noqa: F401
     FIRST,
+    MailCountingHandler,
     World,
     chains,
     dnssec,
@@ -314,3 +348,216 @@ def test_an_insecure_mx_rrset_means_no_dane_even_for_secure_tlsa(
     [result] = deliver_each(flavour, world.dnssec, world.port, [f"viaee.{INSECURE}"])
     assert result.ok, result.recipients
     assert not handler.messages[0].tls
+
+
+@pytest.mark.unbound
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize(("domain", "sni"), [("ee", "mx-ee"), ("ta", "mx-ta")])
+def test_dane_sends_the_exchanger_s_name_as_sni(
+    flavour: Flavour,
+    world: World,
+    chains: dict[str, tuple[Path, Path]],
+    domain: str,
+    sni: str,
+) -> None:
+    # RFC 7672 §8.1: the client sends SNI, the TLSA base domain (the MX host name), on every
+    # handshake, the DANE-TA one's second handshake included.
+    names: list[str | None] = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*chains["leaf" if domain == "ee" else "ta"])
+    context.sni_callback = lambda _sock, name, _ctx: names.append(name)
+    handler = MailCountingHandler()
+    controller = Controller(
+        handler, hostname=FIRST, port=world.port, server_hostname=HOSTNAME,
+        decode_data=False, tls_context=context, timeout=10,
+    )  # fmt: skip
+    controller.start()
+    try:
+        [result] = deliver_each(flavour, world.dnssec, world.port, [f"{domain}.{SIGNED}"])
+    finally:
+        controller.stop()
+    assert result.ok, result.recipients
+    assert names, "no handshake"
+    assert set(names) == {f"{sni}.{SIGNED}"}
+    assert len(names) == (1 if domain == "ee" else 2)
+
+
+# -- DANE matching: properties --------------------------------------------------------------------
+
+_records = st.builds(
+    TLSARecord,
+    usage=st.sampled_from([DANE_TA, DANE_EE]),
+    selector=st.sampled_from([0, 1]),
+    matching_type=st.sampled_from([0, 1, 2]),
+    data=st.binary(min_size=1, max_size=80),
+)
+
+
+@given(
+    records=st.lists(_records, min_size=1, max_size=4),
+    chain=st.lists(st.binary(max_size=120), max_size=4),
+)
+def test_check_chain_on_garbage_raises_tls_error_or_really_matched(
+    records: list[TLSARecord], chain: list[bytes]
+) -> None:
+    # Malformed DER anywhere in the chain: a clean TLSError, or a match that is genuine
+    # (DANE-EE on the leaf, DANE-TA on a certificate above it): never another exception.
+    host = DANEHost(name="mx.example", state=HostState.AUTHENTICATE, records=tuple(records))
+    try:
+        found = check_chain(host, chain)
+    except TLSError:
+        return  # nothing matched (transient: test_dane_match checks the flag)
+    assert matches(found.record, chain[0] if found.trust_anchor is None else found.trust_anchor)
+    if found.trust_anchor is None:
+        assert found.record.usage == DANE_EE
+    else:
+        assert found.record.usage == DANE_TA
+        assert found.trust_anchor in chain[1:]
+
+
+@given(leaf=st.binary(min_size=1, max_size=200))
+def test_a_dane_ta_record_naming_the_leaf_alone_is_no_trust_anchor(leaf: bytes) -> None:
+    # RFC 7672 §3.1.2: a trust anchor is a certificate *above* the leaf; a chain of the
+    # leaf alone matches no DANE-TA record, even one made from that very leaf.
+    digest = hashlib.sha256(leaf).digest()
+    ta = TLSARecord(usage=DANE_TA, selector=0, matching_type=1, data=digest)
+    host = DANEHost(name="mx.example", state=HostState.AUTHENTICATE, records=(ta,))
+    with pytest.raises(TLSError):
+        check_chain(host, [leaf])
+
+
+@given(
+    usage=st.integers(0, 255),
+    selector=st.integers(0, 255),
+    mtype=st.integers(0, 255),
+    size=st.integers(0, 80),
+)
+def test_usable_means_dane_usage_known_selector_and_exact_digest_length(
+    usage: int, selector: int, mtype: int, size: int
+) -> None:
+    made = TLSARecord(usage=usage, selector=selector, matching_type=mtype, data=b"\x00" * size)
+    # RFC 6698 §2.1.3: matching type 0 is the content itself, 1 and 2 digests of a fixed size.
+    right_size = size > 0 if mtype == 0 else size == {1: 32, 2: 64}.get(mtype)
+    expected = usage in (DANE_TA, DANE_EE) and selector in (0, 1) and right_size
+    assert is_usable(made) is expected
+
+
+# -- TLS-RPT: headers and memory bounds -----------------------------------------------------------
+
+_START = _dt.datetime(2026, 11, 28, tzinfo=_dt.UTC)
+_END = _dt.datetime(2026, 11, 28, 23, 59, 59, tzinfo=_dt.UTC)
+
+
+@given(domain=st.text(max_size=40), submitter=st.text(max_size=40))
+def test_hostile_domains_never_reach_report_headers_with_line_breaks(
+    domain: str, submitter: str
+) -> None:
+    # The policy domain comes from the recipient's address and the DNS; it goes into
+    # TLS-Report-Domain and Subject. Refused at construction, or a header without CR/LF.
+    try:
+        report = TLSReport(
+            organization_name="Org", start=_START, end=_END, contact_info="tls@example.org",
+            report_id="r1", policy_domain=domain, policies=(),
+        )  # fmt: skip
+        message = report_message(
+            report, sender="tls@example.org", to=["rua@example.net"], submitter=submitter
+        )
+    except ConfigurationError:
+        return
+    head = message.as_bytes().split(b"\r\n\r\n", 1)[0]
+    for line in head.split(b"\r\n"):
+        assert b"\r" not in line
+        assert b"\n" not in line
+        if line[:1] not in (b" ", b"\t"):  # not a folded continuation
+            name = line.split(b":", 1)[0]
+            assert name.isascii(), line
+            assert b" " not in name, line
+
+
+_sessions = st.builds(
+    SessionRecord,
+    policy=st.builds(
+        ReportPolicy,
+        policy_type=st.sampled_from(list(PolicyType)),
+        policy_domain=st.from_regex(r"[a-z]{1,3}\.example", fullmatch=True),
+    ),
+    result=st.none() | st.sampled_from(list(ResultType)),
+    receiving_mx_hostname=st.text(max_size=8),
+    receiving_ip=st.ip_addresses().map(str),
+    sending_ip=st.ip_addresses().map(str),
+    failure_reason_code=st.none() | st.text(max_size=8),
+)
+
+
+@hypothesis_settings(max_examples=50)
+@given(
+    sessions=st.lists(_sessions, max_size=200),
+    max_policies=st.integers(1, 5),
+    max_details=st.integers(1, 5),
+)
+def test_the_collector_stays_bounded_under_a_flood(
+    sessions: list[SessionRecord], max_policies: int, max_details: int
+) -> None:
+    collector = TLSReportCollector(max_policies=max_policies, max_failure_details=max_details)
+    for session in sessions:
+        collector.record(session)
+    dropped = collector.dropped
+    reports = collector.reports(_START, _END, organization="Org", contact="c")
+    results = [result for report in reports for result in report.policies]
+    assert len(results) <= max_policies
+    assert all(len(result.failure_details) <= max_details for result in results)
+    # Nothing is lost silently: counted, or counted as dropped.
+    assert sum(r.successful + r.failed for r in results) + dropped == len(sessions)
+
+
+# -- MTA-STS testing: the verdict cache -----------------------------------------------------------
+
+
+@given(
+    puts=st.lists(
+        st.tuples(st.integers(0, 30), st.sampled_from(["a", "b"]), st.booleans()), max_size=60
+    ),
+    size=st.integers(1, 8),
+)
+def test_sts_verdicts_are_bounded_and_keyed_by_the_policy_text(
+    puts: list[tuple[int, str, bool]], size: int
+) -> None:
+    context = ssl.create_default_context()
+    verdicts = STSVerdicts(size=size, ttl=100.0, clock=lambda: 0.0)
+    failure = TLSError("certificate verify failed", is_transient=True, host="p")
+    for index, text, failed in puts:
+        target = Target(name=f"mx{index}.example", address="192.0.2.1", port=25)
+        policy = MXPolicy(tls=TLS.OPPORTUNISTIC, sts_policy_string=(f"mode: testing {text}",))
+        verdicts.put(target, policy, context, failure if failed else None)
+        assert len(verdicts) <= size
+        # A changed policy text is a different key: probed again, whatever was kept.
+        other = MXPolicy(tls=TLS.OPPORTUNISTIC, sts_policy_string=(f"mode: testing {text}!",))
+        assert verdicts.get(target, other, context) is None
+        assert verdicts.get(target, policy, context) is (failure if failed else None)
+
+
+# -- SSRF guard: more address forms ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::ffff:127.0.0.1%eth0",  # mapped loopback with a zone
+        "::ffff:7f00:1",  # the same, written in hex
+        "::ffff:0:7f00:1",  # IPv4-translated (RFC 2765), outside 2000::/3
+        "::127.0.0.1",  # IPv4-compatible (deprecated)
+        "64:ff9b::10.0.0.1",  # NAT64 of RFC 1918, dotted form
+        "2002:a9fe:a9fe::1",  # 6to4 of the metadata service
+        "2001::1",  # Teredo (RFC 4380): not global
+        "fe80::1%1",  # link-local, numeric zone
+        "ff02::1",  # multicast
+        "0.0.0.0",
+        "255.255.255.255",
+        "127.1",  # no IP address to ipaddress (inet_aton would read loopback)
+        "0x7f.0.0.1",
+        "2130706433",  # loopback as one number, to inet_aton
+        "1.2.3.4 ",  # trailing space
+    ],
+)
+def test_more_non_public_forms(address: str) -> None:
+    assert non_public_addresses([address]) == (address,)
