@@ -60,11 +60,17 @@ def check_source_address(value: object) -> str | None:
     if value is None:
         return None
     try:
-        return str(ipaddress.ip_address(value if isinstance(value, str) else ""))
+        address = ipaddress.ip_address(value if isinstance(value, str) else "")
     except ValueError:
         raise ConfigurationError(
             f"source_address must be an IPv4 or IPv6 address of this host, not {value!r}"
         ) from None
+    # An IPv4-mapped IPv6 address (RFC 4291 §2.5.5.2, ``::ffff:192.0.2.1``) is an IPv4
+    # address: kept as such, it binds an IPv4 socket and reaches the server's IPv4
+    # addresses (as IPv6 it would rule them all out, see for_source).
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def for_source(

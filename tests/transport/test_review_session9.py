@@ -15,8 +15,12 @@ import pytest
 
 from mailrelay.errors import AuthenticationError
 from mailrelay.options import TLS, Timeouts
+from mailrelay.message import Message
 from mailrelay.reply import Reply
+from mailrelay.testing.server import SMTPTestServer
+from mailrelay.transport.driver_common import check_source_address
 from mailrelay.transport.settings import ConnectionSettings
+from tests.transport.helpers import FLAVOURS, Flavour, send_with
 
 T = TypeVar("T")
 
@@ -71,3 +75,36 @@ def test_a_bad_renewed_secret_tells_the_refusal(value: object) -> None:
         assert info.value.reply == REFUSAL.reply
         if isinstance(value, str) and value:
             assert value not in str(info.value)
+
+
+# -- source_address -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("::ffff:127.0.0.2", "127.0.0.2"),  # an IPv4 address written as IPv6 is IPv4
+        ("::FFFF:7f00:2", "127.0.0.2"),
+        ("::1", "::1"),
+        ("fe80::1%eth0", "fe80::1%eth0"),  # a scope stays: a link-local address needs it
+    ],
+)
+def test_a_source_address_is_kept_in_the_family_it_binds_in(given: str, kept: str) -> None:
+    assert check_source_address(given) == kept
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_an_ipv4_mapped_source_reaches_an_ipv4_server(flavour: Flavour) -> None:
+    with SMTPTestServer() as server:
+        result = send_with(
+            flavour,
+            Message.build(sender="a@example.org", to=["b@example.net"], subject="s", text="Hi.\n"),
+            host=server.host,
+            port=server.port,
+            tls=TLS.NONE,
+            timeouts=Timeouts.all(10),
+            source_address="::ffff:127.0.0.2",
+        )
+        (received,) = server.wait_for(1)
+    assert result.ok, result
+    assert received.peer[0] == "127.0.0.2"
