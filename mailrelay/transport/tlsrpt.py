@@ -843,7 +843,8 @@ def report_message(
 
 class _HTTPSConnection(http.client.HTTPSConnection):
     """HTTPS to ``host`` at addresses resolved (and checked) beforehand, tried in turn until
-    one accepts the TCP connection (certificate and SNI for ``host``)."""
+    one accepts the TCP connection (certificate and SNI for ``host``), all before
+    ``deadline`` (a :func:`time.monotonic` time)."""
 
     def __init__(
         self,
@@ -851,19 +852,28 @@ class _HTTPSConnection(http.client.HTTPSConnection):
         addresses: tuple[str, ...],
         port: int,
         context: ssl.SSLContext,
-        timeout: float,
+        deadline: float,
     ) -> None:
-        super().__init__(host, port, timeout=timeout, context=context)
+        super().__init__(
+            host, port, timeout=max(deadline - time.monotonic(), 0.001), context=context
+        )
         self._addresses = addresses
         self._verifying = context
+        self._deadline = deadline
 
     def connect(self) -> None:
         sock: socket.socket | None = None
         failure: OSError = OSError(f"{self.host} has no address")
         for address in self._addresses:
+            # Each attempt gets only the time left: a host with many addresses that never
+            # answer must not stretch the exchange to ``timeout`` per address.
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                failure = TimeoutError(f"{self.host}: no address answered in time")
+                break
             try:
                 # An address literal: create_connection does not resolve anything again.
-                sock = socket.create_connection((address, self.port), self.timeout)
+                sock = socket.create_connection((address, self.port), left)
                 break
             except OSError as exc:
                 failure = exc
@@ -950,7 +960,7 @@ def post_report(
                 "(pass allow_private_addresses=True to post to internal hosts)"
             )
     left = max(deadline - time.monotonic(), 0.001)
-    conn = _HTTPSConnection(host, addresses, port, context, left)
+    conn = _HTTPSConnection(host, addresses, port, context, deadline)
     # A socket timeout bounds each read, not the exchange: the watchdog cuts it at the deadline.
     watchdog = threading.Timer(left, _cut, args=(conn,))
     watchdog.daemon = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,11 +30,12 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from mailrelay.envelope import Envelope as MailEnvelope
-from mailrelay.errors import ConfigurationError, TLSError
+from mailrelay.errors import ConfigurationError, ReportError, TLSError
 from mailrelay.mailhosts import TLSARecord, TLSARecords
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.transport import tlsrpt
 from mailrelay.transport.dane import (
     DANE,
     DANE_EE,
@@ -69,6 +71,7 @@ from mailrelay.transport.tlsrpt import (
     SessionRecord,
     TLSReport,
     TLSReportCollector,
+    post_report,
     report_message,
 )
 from tests.peers.aiosmtpd_server import HOSTNAME
@@ -561,3 +564,48 @@ def test_sts_verdicts_are_bounded_and_keyed_by_the_policy_text(
 )
 def test_more_non_public_forms(address: str) -> None:
     assert non_public_addresses([address]) == (address,)
+
+
+# -- TLS-RPT: the HTTPS POST's time bound ---------------------------------------------------------
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a (fake) connection attempt waits."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("count", [1, 3, 8])
+def test_a_post_to_many_unresponsive_addresses_stays_within_its_timeout(
+    count: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hostile rua host resolves to many public addresses that never answer (SYNs dropped).
+    # The whole exchange may take ``timeout`` seconds, not ``timeout`` per address: each
+    # attempt gets only the time that is left, and none starts after the deadline.
+    addresses = tuple(f"93.184.216.{index}" for index in range(1, count + 1))
+    clock = FakeClock()
+    waited: list[float] = []
+
+    def getaddrinfo(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addresses]
+
+    def hang(address: tuple[str, int], timeout: float, *args: Any, **kwargs: Any) -> Any:
+        waited.append(timeout)
+        clock.now += timeout  # the SYN is never answered: the whole timeout passes
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket, "create_connection", hang)
+    monkeypatch.setattr(tlsrpt, "time", clock)
+    report = TLSReport(
+        organization_name="Org", start=_START, end=_END, contact_info="tls@example.org",
+        report_id="r1", policy_domain="example.com",
+    )  # fmt: skip
+    with pytest.raises(ReportError, match="timed out"):
+        post_report(report, "https://reports.example.com/tlsrpt", timeout=5.0)
+    assert waited
+    assert sum(waited) <= 5.0
