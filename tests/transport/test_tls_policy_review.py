@@ -76,6 +76,8 @@ from mailrelay.transport.tlsrpt import (
 )
 from tests.peers.aiosmtpd_server import HOSTNAME
 from tests.peers.dnssec import INSECURE, SIGNED, DNSSECServer
+from tests.peers.https_policy import issue_certificate
+from tests.peers.tls import TLSFiles
 from tests.transport.helpers import FLAVOURS, Flavour, run
 
 # The DANE tests' fixtures (the validating unbound, certificate chains, the aiosmtpd factory)
@@ -609,3 +611,61 @@ def test_a_post_to_many_unresponsive_addresses_stays_within_its_timeout(
         post_report(report, "https://reports.example.com/tlsrpt", timeout=5.0)
     assert waited
     assert sum(waited) <= 5.0
+
+
+# -- DANE-TA: wildcard names (RFC 7672 §3.2.3) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wildcard_chains(
+    tls_files: TLSFiles, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, Path]]:
+    """Leaves signed by the test CA (the DANE-TA anchor of mx-ta.dane.test), each naming
+    only a wildcard pattern, chained with the CA: {pattern: (chain, key)}."""
+    made = {}
+    for index, pattern in enumerate(WILDCARDS):
+        directory = tmp_path_factory.mktemp(f"wildcard{index}")
+        cert, key = issue_certificate(tls_files, [pattern], directory)
+        chain = directory / "chain.pem"
+        chain.write_text(cert.read_text() + tls_files.ca_file.read_text())
+        made[pattern] = (chain, key)
+    return made
+
+
+WILDCARDS = {
+    f"*.{SIGNED}": True,  # the leftmost label alone: mx-ta
+    f"mx-*.{SIGNED}": False,  # a partial label
+    "*.test": False,  # one label only, not mx-ta.dane
+    f"mx-ta.*.{SIGNED.split('.', 1)[1]}": False,  # not the leftmost label
+    f"*.mx-ta.{SIGNED}": False,  # a label the name does not have
+}
+
+
+@pytest.mark.unbound
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("pattern", list(WILDCARDS))
+def test_dane_ta_accepts_a_wildcard_in_the_leftmost_label_only(
+    flavour: Flavour,
+    world: World,
+    wildcard_chains: dict[str, tuple[Path, Path]],
+    pattern: str,
+) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*wildcard_chains[pattern])
+    handler = MailCountingHandler()
+    controller = Controller(
+        handler, hostname=FIRST, port=world.port, server_hostname=HOSTNAME,
+        decode_data=False, tls_context=context, timeout=10,
+    )  # fmt: skip
+    controller.start()
+    try:
+        [result] = deliver_each(flavour, world.dnssec, world.port, [f"ta.{SIGNED}"])
+    finally:
+        controller.stop()
+    assert result.ok is WILDCARDS[pattern], result.recipients
+    assert handler.mail_commands == (1 if WILDCARDS[pattern] else 0)
+    if not result.ok:
+        # The anchor matched; the leaf's name is what failed, in the second handshake.
+        assert "did not verify against its DANE-TA certificate" in (
+            result.recipients[0].reason or ""
+        )
