@@ -147,3 +147,92 @@ def test_a_batch_with_limits_keeps_its_order_so_no_message_is_sent_twice(
     answered = {f"m{n}" for n, result in enumerate(results) if result is not None}
     assert taken <= answered
     assert outcome.error is not None
+
+
+class FaultyServer(LimitServer):
+    """A LimitServer that answers ``verb`` of its ``at``-th transaction with ``answer``
+    (and hangs up after a 421 or an empty answer: the end of the connection)."""
+
+    def __init__(self, verb: str, answer: bytes, at: int, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.verb, self.answer, self.at = verb, answer, at
+        self.mails = 0
+
+    def _command(self, line: str) -> None:
+        verb = line.split(" ", 1)[0].upper()
+        if verb == "MAIL":
+            self.mails += 1
+        if self.mails == self.at and verb == self.verb:
+            self.out += self.answer
+            self.dead = not self.answer.startswith(b"550")
+            if verb == "MAIL":
+                self.mail = None  # the RCPTs then get 503
+            return
+        super()._command(line)
+
+
+@pytest.mark.parametrize("lmtp", [False, True])
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize(
+    ("verb", "answer"),
+    [
+        ("MAIL", b"550 5.7.1 not from you\r\n"),
+        ("MAIL", b"421 4.3.2 bye\r\n"),
+        ("RCPT", b"421 4.3.2 bye\r\n"),
+        ("DATA", b"421 4.3.2 bye\r\n"),
+        ("DATA", b""),
+    ],
+)
+def test_a_fault_in_a_later_part_keeps_the_earlier_answers(
+    verb: str, answer: bytes, pipelining: bool, lmtp: bool
+) -> None:
+    keywords = ["LIMITS RCPTMAX=2"] + (["PIPELINING"] if pipelining else [])
+    server = FaultyServer(verb, answer, 2, limit=2, keywords=keywords, lmtp=lmtp)
+    session = session_for(server)
+    addresses = recipients(5)
+    result = server.run(session.deliver(message(), Envelope("a@example.org", addresses)))
+    outcomes = [r.outcome for r in result.recipients]
+    assert outcomes[:2] == [Outcome.ACCEPTED] * 2
+    if answer.startswith(b"550"):
+        # MAIL refused for part 2 only: its recipients get the refusal, part 3 goes on.
+        assert outcomes[2:] == [Outcome.PERMANENT] * 2 + [Outcome.ACCEPTED]
+        assert not session.closed
+    else:
+        assert outcomes[2:] == [Outcome.TRANSIENT] * 3
+        assert session.closed
+    assert len(delivered_to(server)) == len(set(delivered_to(server)))
+    assert session.transactions == server.mails
+
+
+class FullMailboxServer(LimitServer):
+    """An LMTP LimitServer whose final reply for a recipient named ``full@...`` is
+    ``452 mailbox full``: a per-recipient delivery result (RFC 2033 §4.2), not "too many
+    recipients" (which only a RCPT gets)."""
+
+    def _data_line(self, line: bytes) -> None:
+        if line != b".":
+            super()._data_line(line)
+            return
+        self.in_data = False
+        assert self.mail is not None
+        self.delivered.append((self.mail, list(self.rcpts), b""))
+        for rcpt in self.rcpts:
+            self._reply("452 mailbox full" if rcpt.startswith("full@") else "250 2.0.0 ok")
+        self._end_transaction()
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_an_lmtp_final_452_is_not_taken_for_too_many_recipients(announced: bool) -> None:
+    keywords = ["PIPELINING"] + (["LIMITS RCPTMAX=2"] if announced else [])
+    server = FullMailboxServer(limit=2, keywords=keywords, lmtp=True)
+    session = session_for(server)
+    addresses = ["a@x.example", "full@x.example", "c@x.example"]
+    result = server.run(session.deliver(message(), Envelope("a@example.org", addresses)))
+    assert [r.outcome for r in result.recipients] == [
+        Outcome.ACCEPTED,
+        Outcome.TRANSIENT,
+        Outcome.ACCEPTED,
+    ]
+    # The full mailbox got the message once; only c went in a second transaction.
+    assert sorted(delivered_to(server)) == sorted(addresses)
+    assert len(server.delivered) == 2

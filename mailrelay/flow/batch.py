@@ -24,9 +24,9 @@ from mailrelay.errors import (
 )
 from mailrelay.flow import requests as _requests
 from mailrelay.flow.bookkeeping import (
+    TOO_MANY_REASON,
     _SessionClosed,
     _Transaction,
-    too_many_recipients,
 )
 from mailrelay.flow.core import _trace, log
 from mailrelay.flow.requests import Step, Write, _read_request
@@ -182,9 +182,7 @@ class _Batch(_Delivery):
         :meth:`_in_parts`), while it lasts."""
         results = list(outcome.results)
         for index, result in enumerate(results):
-            if result is None or not any(
-                r.reply is not None and too_many_recipients(r.reply) for r in result.deferred
-            ):
+            if result is None or not any(r.reason == TOO_MANY_REASON for r in result.deferred):
                 continue
             if self.closed:
                 # These recipients keep their TRANSIENT 452; the batch says why.

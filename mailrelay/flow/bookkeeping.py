@@ -33,6 +33,12 @@ _OUTCOME_BY_CLASS = {2: Outcome.ACCEPTED, 5: Outcome.PERMANENT}
 _TRANSIENT = Outcome.TRANSIENT
 
 
+#: The reason of a recipient whose RCPT was refused as one too many (:func:`too_many_recipients`):
+#: it is sent again in another transaction. A 452 that answers anything else (MAIL, DATA, an
+#: LMTP recipient's final reply: "mailbox full") has no such reason, and is not sent again.
+TOO_MANY_REASON = "refused as one recipient too many for the transaction (RFC 5321 §4.5.3.1.10)"
+
+
 def too_many_recipients(reply: Reply) -> bool:
     """Whether a refused RCPT's ``reply`` says the transaction has all the recipients the
     server will take (RFC 5321 §4.5.3.1.10), so that the rest can go in another one.
@@ -108,7 +114,7 @@ class _Transaction:
             if final[index] is None:
                 self.open -= 1
             final[index] = _recipient_result(
-                self.addresses[index], _TRANSIENT, reply, None, self.peer
+                self.addresses[index], _TRANSIENT, reply, TOO_MANY_REASON, self.peer
             )
             return
         self.settle(index, reply)

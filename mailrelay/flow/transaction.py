@@ -24,9 +24,9 @@ from mailrelay.errors import (
 )
 from mailrelay.flow import requests as _requests
 from mailrelay.flow.bookkeeping import (
+    TOO_MANY_REASON,
     _SessionClosed,
     _Transaction,
-    too_many_recipients,
 )
 from mailrelay.flow.core import _NO_EXTENSIONS, log
 from mailrelay.flow.opening import _Opening
@@ -278,12 +278,9 @@ class _Delivery(_Opening):
         again: list[int] = []
         for index, result in zip(positions, results, strict=True):
             finals[index] = result
-            reply = result.reply
-            if (
-                result.outcome is Outcome.TRANSIENT
-                and reply is not None
-                and too_many_recipients(reply)
-            ):
+            # Only a RCPT refused as too many (not a 452 to MAIL, DATA, or an LMTP
+            # recipient's final reply, which may say "mailbox full").
+            if result.reason == TOO_MANY_REASON:
                 again.append(index)
         if again and len(again) < len(results):
             queue.appendleft(again)
