@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import pytest
 
 from mailrelay.errors import AuthenticationError
-from mailrelay.options import TLS, Timeouts
 from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
 from mailrelay.testing.server import SMTPTestServer
 from mailrelay.transport.driver_common import check_source_address
