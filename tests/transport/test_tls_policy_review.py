@@ -15,6 +15,8 @@ import datetime as _dt
 import hashlib
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from mailrelay.envelope import Envelope as MailEnvelope
-from mailrelay.errors import ConfigurationError, ReportError, TLSError
+from mailrelay.errors import ConfigurationError, PolicyFetchError, ReportError, TLSError
 from mailrelay.mailhosts import TLSARecord, TLSARecords
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
@@ -49,6 +51,7 @@ from mailrelay.transport.dane import (
     matches,
     spki,
 )
+from mailrelay.transport.mtasts import fetch_policy
 from mailrelay.transport.mx import MXPolicy, MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.mx_plan import (
@@ -669,3 +672,76 @@ def test_dane_ta_accepts_a_wildcard_in_the_leftmost_label_only(
         assert "did not verify against its DANE-TA certificate" in (
             result.recipients[0].reason or ""
         )
+
+
+# -- HTTPS: a handshake fed a byte at a time ------------------------------------------------------
+
+_DRIP_BYTES = 60
+_DRIP_PAUSE = 0.1
+
+
+class DripServer:
+    """A TCP server on 127.0.0.1 that answers a TLS ClientHello with the header of a large
+    handshake record and then one byte every ``_DRIP_PAUSE`` seconds, at most
+    ``_DRIP_BYTES`` (so each read a client makes returns long before a per-read timeout).
+    ``dripped`` counts the bytes sent before the client hung up."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10.0)
+        self.port = int(self.listener.getsockname()[1])
+        self.dripped = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10.0)
+            try:
+                conn.recv(4096)  # the ClientHello
+                conn.sendall(b"\x16\x03\x03\x40\x00")  # a handshake record of 16 KiB follows
+                for _ in range(_DRIP_BYTES):
+                    conn.sendall(b"\x02")
+                    self.dripped += 1
+                    time.sleep(_DRIP_PAUSE)
+            except OSError:
+                return  # the client hung up
+
+    def close(self) -> None:
+        self.thread.join(timeout=_DRIP_BYTES * _DRIP_PAUSE + 10.0)
+        self.listener.close()
+
+
+@pytest.mark.parametrize("what", ["mta-sts fetch", "tls-rpt post"])
+def test_a_handshake_fed_a_byte_at_a_time_is_cut_at_the_deadline(what: str) -> None:
+    # The policy host (MTA-STS) or the rua host (TLS-RPT) is chosen by the recipient domain.
+    # The fetch or POST may take ``timeout`` seconds in all; a server that never lets a
+    # single read time out must not hold the handshake (and the delivery waiting on the
+    # policy) for as long as it likes. The server would drip for 6 s; the timeout is 0.5 s.
+    server = DripServer()
+    try:
+        if what == "mta-sts fetch":
+            with pytest.raises(PolicyFetchError):
+                fetch_policy(
+                    "example.com", ["127.0.0.1"], port=server.port,
+                    context=ssl.create_default_context(), timeout=0.5,
+                    allow_private_addresses=True,
+                )  # fmt: skip
+        else:
+            report = TLSReport(
+                organization_name="Org", start=_START, end=_END, contact_info="t@example.org",
+                report_id="r1", policy_domain="example.com",
+            )  # fmt: skip
+            with pytest.raises(ReportError):
+                post_report(
+                    report, "https://reports.example.com/tlsrpt", address="127.0.0.1",
+                    port=server.port, timeout=0.5, allow_private_addresses=True,
+                )  # fmt: skip
+    finally:
+        server.close()
+    # The client hung up while the server still had bytes to drip.
+    assert server.dripped < _DRIP_BYTES
