@@ -274,6 +274,11 @@ class _AsyncSMTPBase(AsyncTransport):
                 await driver.run(session.retry_authentication(None))  # QUIT politely
             driver.close()
             raise
+        except BaseException:
+            # Cancelled (a caller's timeout) while the provider fetched a token: the
+            # connection is nobody's now.
+            driver.close()
+            raise
         if fresh == secret:
             log.debug("the password provider gave the refused token again; not retrying")
             fresh = None

@@ -259,6 +259,9 @@ class _SMTPBase(Transport):
                 driver.run(session.retry_authentication(None))  # QUIT politely
             driver.close()
             raise
+        except BaseException:
+            driver.close()  # interrupted while the provider fetched a token
+            raise
         if fresh == secret:
             log.debug("the password provider gave the refused token again; not retrying")
             fresh = None

@@ -18,6 +18,7 @@ from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
 from mailrelay.testing.server import SMTPTestServer
+from mailrelay.transport import AsyncSMTPTransport
 from mailrelay.transport.driver_common import check_source_address
 from mailrelay.transport.settings import ConnectionSettings
 from tests.transport.helpers import FLAVOURS, Flavour, send_with
@@ -108,3 +109,49 @@ def test_an_ipv4_mapped_source_reaches_an_ipv4_server(flavour: Flavour) -> None:
         (received,) = server.wait_for(1)
     assert result.ok, result
     assert received.peer[0] == "127.0.0.2"
+
+
+# -- a token renewal cut short ------------------------------------------------------------------
+
+
+def test_a_renewal_cancelled_meanwhile_closes_the_connection() -> None:
+    # The server refuses the first token; while the provider fetches a fresh one the
+    # caller gives up (a timeout cancels the send). The connection must not be left open.
+    calls = 0
+    forever = asyncio.Event()
+
+    async def provider() -> str:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            await forever.wait()  # a token endpoint that never answers
+        return "stale"
+
+    with SMTPTestServer(
+        oauth_tokens={"me@example.com": {"fresh"}}, allow_insecure_auth=True
+    ) as server:
+
+        async def main() -> None:
+            transport = AsyncSMTPTransport(
+                server.host,
+                server.port,
+                tls=TLS.NONE,
+                allow_insecure_auth=True,
+                timeouts=Timeouts.all(5),
+                username="me@example.com",
+                password=provider,
+                auth_mechanisms=["XOAUTH2"],
+            )
+            message = Message.build(
+                sender="a@example.org", to=["b@example.net"], subject="s", text="Hi.\n"
+            )
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(transport.asend(message), 1.0)
+            await transport.aclose()
+
+        run(main())
+        (session,) = server.sessions
+        session.wait_closed(timeout=5.0)
+        assert session.closed
+    assert calls == 2
+    assert server.messages == []
