@@ -32,7 +32,13 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from mailrelay.envelope import Envelope as MailEnvelope
-from mailrelay.errors import ConfigurationError, PolicyFetchError, ReportError, TLSError
+from mailrelay.errors import (
+    ConfigurationError,
+    DeliveryError,
+    PolicyFetchError,
+    ReportError,
+    TLSError,
+)
 from mailrelay.mailhosts import TLSARecord, TLSARecords
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
@@ -266,11 +272,17 @@ def test_a_host_dane_refuses_is_refused_before_the_pool_is_asked(
 ) -> None:
     # The pool answers with an idle, encrypted session that offers REQUIRETLS: one opened
     # for other mail, never authenticated. Nothing may be sent on it.
-    env = envelope(requiretls=requiretls)
-    config = settings()
-    plan: DomainPlan[Conn] = deliver_plan(
-        (dane_policy(state), [MX1]), env, Trail("example.com"), config
-    )
+    seen, results = run_plan(dane_policy(state), envelope(requiretls=requiretls), idle=True)
+    assert "send" not in seen, seen
+    assert {r.outcome for r in results} == {outcome_}
+
+
+def run_plan(
+    policy: MXPolicy, env: MailEnvelope, *, idle: bool, opened: object = "session"
+) -> tuple[list[str], list[RecipientResult]]:
+    """Run one domain's plan for MX1 alone: the pool has an idle session (``idle``) or none;
+    opening one gives a session, or ``opened`` when that is an error; sending succeeds."""
+    plan: DomainPlan[Conn] = deliver_plan((policy, [MX1]), env, Trail("example.com"), settings())
     seen: list[str] = []
     answer: MXAnswer[Conn] = None
     for _ in range(MAX_REQUESTS_PER_TARGET + 1):
@@ -278,18 +290,36 @@ def test_a_host_dane_refuses_is_refused_before_the_pool_is_asked(
             request = plan.send(answer)
         except StopIteration as done:
             results: list[RecipientResult] = done.value
-            break
+            return seen, results
         seen.append(describe(request))
-        if isinstance(request, ReuseIdle | OpenSession):
-            answer = conn()
+        if isinstance(request, ReuseIdle):
+            answer = conn() if idle else None
+        elif isinstance(request, OpenSession):
+            answer = opened if isinstance(opened, DeliveryError) else conn()
         elif isinstance(request, SendMessage):
             answer = accepted(env)
         else:
             answer = None
-    else:
-        raise AssertionError("the plan made too many requests")
-    assert "send" not in seen, seen
-    assert {r.outcome for r in results} == {outcome_}
+    raise AssertionError("the plan made too many requests")
+
+
+@pytest.mark.parametrize("state", [HostState.AUTHENTICATE, HostState.ENCRYPT])
+@pytest.mark.parametrize(
+    "error",
+    [
+        TLSError("handshake failed", host="peer"),
+        TLSError("the server does not offer STARTTLS", host="peer"),
+    ],
+)
+def test_a_dane_host_s_tls_failure_never_falls_back_to_plain_text(
+    state: HostState, error: TLSError
+) -> None:
+    # The policy asks for opportunistic TLS with plain-text fallback (the transport's
+    # default); a DANE host overrides both (RFC 7672 §2.2): the failure defers.
+    policy = attrs.evolve(dane_policy(state), plaintext_fallback=True)
+    seen, results = run_plan(policy, envelope(), idle=False, opened=error)
+    assert seen == ["reuse mx1.example.com", "open mx1.example.com STARTTLS"]
+    assert {r.outcome for r in results} == {Outcome.TRANSIENT}
 
 
 # -- DANE: DNS answers ----------------------------------------------------------------------------
