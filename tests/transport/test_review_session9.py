@@ -13,15 +13,15 @@ from typing import Any, TypeVar
 
 import pytest
 
-from mailrelay.errors import AuthenticationError
+from mailrelay.errors import AuthenticationError, SessionRefused
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
-from mailrelay.testing.server import SMTPTestServer
+from mailrelay.testing.server import Fault, SMTPTestServer
 from mailrelay.transport import AsyncSMTPTransport
 from mailrelay.transport.driver_common import check_source_address
 from mailrelay.transport.settings import ConnectionSettings
-from tests.transport.helpers import FLAVOURS, Flavour, send_with
+from tests.transport.helpers import FLAVOURS, Flavour, send_many_with, send_with
 
 T = TypeVar("T")
 
@@ -155,3 +155,39 @@ def test_a_renewal_cancelled_meanwhile_closes_the_connection() -> None:
         assert session.closed
     assert calls == 2
     assert server.messages == []
+
+
+# -- a batch with LIMITS through the pool ----------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_hang_up_in_a_split_message_sends_no_later_message_twice(flavour: Flavour) -> None:
+    # The first message needs two transactions (RCPTMAX=2); the server hangs up (421)
+    # at its first MAIL. The second message must reach the server once, on the fresh
+    # connection, however the batch was ordered on the first.
+    with SMTPTestServer(
+        max_recipients=2,
+        announce_limits=True,
+        faults=[Fault.shutdown("MAIL", match="<over@")],
+    ) as server:
+        split = Message.build(
+            sender="over@example.org",
+            to=[f"r{i}@example.net" for i in range(3)],
+            subject="split",
+            text="Hi.\n",
+        )
+        single = Message.build(
+            sender="within@example.org", to=["s@example.net"], subject="single", text="Hi.\n"
+        )
+        results = send_many_with(
+            flavour,
+            [split, single],
+            host=server.host,
+            port=server.port,
+            tls=TLS.NONE,
+            timeouts=Timeouts.all(10),
+        )
+        received = server.wait_for(1)
+    assert [r.ok for r in results] == [False, True]
+    assert isinstance(results[0].error, SessionRefused)
+    assert [m.mail_from for m in received] == ["within@example.org"]
