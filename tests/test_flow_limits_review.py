@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import TypeVar
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import DeliveryTimeout, SessionRefused
@@ -236,3 +238,47 @@ def test_an_lmtp_final_452_is_not_taken_for_too_many_recipients(announced: bool)
     # The full mailbox got the message once; only c went in a second transaction.
     assert sorted(delivered_to(server)) == sorted(addresses)
     assert len(server.delivered) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@example(counts=[3, 1], limit=2, announce=True, close_after=1, pipelining=True)
+@given(
+    counts=st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=6),
+    limit=st.integers(min_value=1, max_value=3),
+    announce=st.booleans(),
+    close_after=st.none() | st.integers(min_value=1, max_value=12),
+    pipelining=st.booleans(),
+)
+def test_a_batch_cut_anywhere_hands_back_only_unsent_messages(
+    *,
+    counts: list[int],
+    limit: int,
+    announce: bool,
+    close_after: int | None,
+    pipelining: bool,
+) -> None:
+    keywords = (["PIPELINING"] if pipelining else []) + (
+        [f"LIMITS RCPTMAX={limit}"] if announce else []
+    )
+    server = LimitServer(limit=limit, keywords=keywords, close_after=close_after)
+    session = session_for(server)
+    items = [
+        (message(n), Envelope("a@example.org", [f"m{n}.{i}@x.example" for i in range(k)]))
+        for n, k in enumerate(counts)
+    ]
+    outcome = server.run(session.deliver_many(items))
+    results = list(outcome.results)
+    first_none = results.index(None) if None in results else len(results)
+    # From the first message handed back on, none was sent (a pool sends them again).
+    assert all(result is None for result in results[first_none:])
+    taken = {rcpts[0].split(".")[0] for _, rcpts, _ in server.delivered}
+    assert taken <= {f"m{n}" for n in range(first_none)}
+    # No recipient got the message twice, and every delivered one is ACCEPTED.
+    delivered = delivered_to(server)
+    assert len(delivered) == len(set(delivered))
+    accepted = {str(r.address) for result in results if result for r in result.accepted}
+    assert accepted == set(delivered)
+    if None in results or any(result and not result.ok for result in results):
+        assert outcome.error is not None
+    else:
+        assert outcome.error is None
