@@ -18,6 +18,7 @@ import email.utils
 import locale
 import sqlite3
 import subprocess
+import tempfile
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from mailrelay.tracker.dsn_parse import parse_dsn
 from mailrelay.tracker.engine import DeliveryTracker
 from mailrelay.tracker.notifications import VERP, DSNRequest
 from mailrelay.tracker.postgres_store import PostgresStore
+from mailrelay.tracker.retry import RetryPolicy
 from mailrelay.tracker.sqlite_store import MIGRATIONS, SQLiteStore
 from mailrelay.tracker.store import (
     Change,
@@ -646,3 +648,111 @@ def test_report_dates_do_not_follow_the_process_locale() -> None:
     (about,) = warning.recipients
     assert about.will_retry_until is not None
     assert email.utils.parsedate_to_datetime(about.will_retry_until) == DEADLINE
+
+
+# -- Will-Retry-Until is when the tracker really gives up ----------------------------
+
+
+def test_will_retry_until_is_the_next_attempt_a_hook_cannot_pass() -> None:
+    """A hook asking for a ten-day wait is held to the deadline (the last try is made
+    then): the warning's Will-Retry-Until is that very time, and the try at it expires
+    the recipient."""
+    policy = RetryPolicy(initial=1800, max_age=4 * 3600, hook=lambda _a, _r: 10 * 86400.0)
+    dsn_out = MemoryTransport()
+    clock = FakeClock()
+    tracker = DeliveryTracker(
+        deferring("a@example.org"),
+        MemoryStore(),
+        clock=clock,
+        random=no_jitter,
+        retry=policy,
+        dsn_transport=dsn_out,
+        delay_warning_after=HOUR,
+    )
+    tracking_id = tracker.submit(message("a@example.org"))
+    clock.now = T0 + 3 * HOUR
+    tracker.run_pending()
+    (recipient,) = tracker.status(tracking_id).recipients
+    (warning,) = warnings(dsn_out.outbox)
+    (about,) = warning.recipients
+    assert about.will_retry_until is not None
+    assert email.utils.parsedate_to_datetime(about.will_retry_until) == DEADLINE
+    assert recipient.next_attempt_at == DEADLINE
+    clock.now = DEADLINE
+    tracker.run_pending()
+    (recipient,) = tracker.status(tracking_id).recipients
+    assert recipient.state is State.EXPIRED
+    assert recipient.attempts[-1].at == DEADLINE
+
+
+# -- the once-only promise, SQLite, split or not, over many rounds -------------------------
+
+
+_CODES = {"450": TEMPFAIL, "550": Reply.of(550, "5.1.1 no")}
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    answers=st.lists(
+        st.lists(st.sampled_from(["450", "450", "250", "550"]), max_size=5),
+        min_size=3,
+        max_size=3,
+    ),
+    lateness=st.lists(st.integers(min_value=0, max_value=90), min_size=6, max_size=6),
+    after_minutes=st.integers(min_value=0, max_value=240),
+    split=st.booleans(),
+)
+def test_sqlite_warns_each_recipient_once_exactly_when_deferred_late(
+    answers: list[list[str]], lateness: list[int], after_minutes: int, split: bool
+) -> None:
+    """The property of ``test_engine_delay`` on SQLite, where results take the fast path
+    (no mark to set) or the general one (a mark), with ``split_by_domain`` or not: each
+    recipient is warned about iff an attempt deferred it late, in exactly one report, and
+    no commit queues two delay reports for one message."""
+    addresses = ["a@one.example", "b@two.example", "c@one.example"]
+    queues = {Address.parse(a): list(q) for a, q in zip(addresses, answers, strict=True)}
+
+    def handler(_m: Message, envelope: Envelope) -> dict[Address, Reply]:
+        out = {}
+        for r in envelope.recipients:
+            code = queues[r.address].pop(0) if queues[r.address] else "450"
+            if code != "250":
+                out[r.address] = _CODES[code]
+        return out
+
+    with tempfile.TemporaryDirectory() as where:
+        store = SQLiteStore(Path(where) / "q.db")
+        try:
+            dsn_out = MemoryTransport()
+            clock = FakeClock()
+            after = dt.timedelta(minutes=after_minutes)
+            tracker = make(
+                MemoryTransport(handler),
+                store,
+                clock,
+                dsn_out,
+                delay_warning_after=after,
+                split_by_domain=split,
+            )
+            tracking_id = tracker.submit(message(*addresses))
+            for late in lateness:
+                tracker.run_pending()
+                due = tracker.next_due()
+                if due is None:
+                    break
+                clock.now = max(clock.now, due) + dt.timedelta(minutes=late)
+            tracker.run_pending()
+            reports = warnings(dsn_out.outbox)
+            warned_in = [r.address for report in reports for r in report.recipients]
+            for recipient in tracker.status(tracking_id).recipients:
+                late_deferral = any(
+                    a.code == 450 and a.at - T0 >= after and a.at < DEADLINE
+                    for a in recipient.attempts
+                )
+                assert recipient.delay_warned is late_deferral
+                assert warned_in.count(str(recipient.address)) == (1 if late_deferral else 0)
+            # One report per commit: no two reports from one instant.
+            dates = [report.recipients[0].last_attempt_date for report in reports]
+            assert len(dates) == len(set(dates))
+        finally:
+            store.close()
