@@ -2,12 +2,15 @@
 report itself.
 
 Each test either reproduces a bug found in review (now fixed; its commit names it) or
-pins a property that was probed and held: one report per message per commit even when
-a message goes out in several transactions (``split_by_domain``), headers only in a
-delay report whatever RET says (RFC 3461 §4.3), two workers racing on an expired lease
-(memory, SQLite through two connections, PostgreSQL), a generated report that is itself
-deferred (RFC 3461 §6.2), a database upgraded from schema 5 with recipients long
-deferred, aware non-UTC clocks, non-ASCII recipients and shaping put-backs.
+pins a property that was probed and held. Bugs: two reports for one message in one
+commit under ``split_by_domain``; the whole message returned in a warning with RET=FULL
+(RFC 3461 §4.3 asks for it in failed DSNs only); report dates following the process's
+LC_TIME. Held: two workers racing on an expired lease (every store, two SQLite
+connections, two PostgreSQL stores), a generated report that is itself deferred (RFC 3461
+§6.2), NOTIFY from the envelope default, the recipient or a DSN request, VERP, a batch
+mixing the SQLite fast and general paths, the async tracker cancelled mid-commit, a
+database upgraded from schema 5 with recipients long deferred, Will-Retry-Until under a
+hook, aware non-UTC clocks, non-ASCII recipients, put-backs and extreme thresholds.
 """
 
 from __future__ import annotations
