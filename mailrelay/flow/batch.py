@@ -68,7 +68,9 @@ class BatchOutcome:
 
     Attributes:
         results: one entry per message, in order: its result, or ``None`` when it got no
-            final answer because the session ended first (see ``error``).
+            final answer because the session ended first (see ``error``), or, with
+            ``error`` None, because the server's LIMITS MAILMAX (RFC 9422) was reached
+            by messages sent in several transactions (send it on another session).
         error: why the session ended before the batch did, or ``None``.
     """
 
@@ -216,6 +218,11 @@ class _Batch(_Delivery):
                 error = self._closing_error or ConnectionLost(
                     "the session is closed", host=self.config.peer
                 )
+                break
+            if index and self._mail_max_reached():
+                # A split message used up the server's MAILMAX (RFC 9422): the rest are
+                # handed back unsent, without an error, for a fresh connection (a pool
+                # replaces this one: it is full).
                 break
             if index in over:
                 try:

@@ -239,6 +239,20 @@ class _Delivery(_Opening):
                     host=self.config.peer,
                 )
                 break
+            if self._mail_max_reached() and any(result is not None for result in finals):
+                # RFC 9422: the server takes no more transactions on this session (it
+                # would refuse the MAIL, often with 421). The rest wait for another
+                # connection; the answers so far stand.
+                _unfinished(
+                    envelope,
+                    finals=finals,
+                    parts=[positions, *queue],
+                    reply=None,
+                    reason="the server's LIMITS MAILMAX (RFC 9422) allows no more "
+                    "transactions on this connection",
+                    host=self.config.peer,
+                )
+                break
             try:
                 transaction = yield from self._attempt(message, envelope.subset(positions))
             except DeliveryError as exc:
@@ -264,6 +278,13 @@ class _Delivery(_Opening):
         return DeliveryResult(
             recipients=results, message_id=message.message_id, host=self.config.peer
         )
+
+    def _mail_max_reached(self) -> bool:
+        """Whether the session has begun as many transactions as the server's LIMITS
+        MAILMAX (RFC 9422) allows."""
+        ext = self._extensions
+        most = ext.mail_max if ext is not None else None
+        return most is not None and self.transactions >= most
 
     @staticmethod
     def _record_part(

@@ -17,11 +17,13 @@ from mailrelay.errors import AuthenticationError, SessionRefused
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
+from mailrelay.results import Outcome
 from mailrelay.testing.server import Fault, SMTPTestServer
 from mailrelay.transport import AsyncSMTPTransport
 from mailrelay.transport.driver_common import check_source_address
 from mailrelay.transport.settings import ConnectionSettings
 from tests.transport.helpers import FLAVOURS, Flavour, send_many_with, send_with
+from tests.transport.test_recipient_limits import LimitsHandler, serving
 
 T = TypeVar("T")
 
@@ -191,3 +193,33 @@ def test_a_hang_up_in_a_split_message_sends_no_later_message_twice(flavour: Flav
     assert [r.ok for r in results] == [False, True]
     assert isinstance(results[0].error, SessionRefused)
     assert [m.mail_from for m in received] == ["within@example.org"]
+
+
+# -- MAILMAX and messages sent in several transactions -------------------------------------
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_split_message_never_goes_over_mailmax(flavour: Flavour) -> None:
+    # RCPTMAX=2, MAILMAX=2: a message to five recipients needs three transactions, one
+    # more than a connection may carry. The third is not attempted on it (the server
+    # would 421 it): those recipients are TRANSIENT; the next message goes on a fresh
+    # connection, and the server never sees a MAIL over its limit.
+    handler = LimitsHandler(rcpt_max=2, mail_max=2)
+    to = [f"r{i}@example.net" for i in range(5)]
+    split = Message.build(sender="a@example.org", to=to, subject="split", text="Hi.\n")
+    single = Message.build(sender="a@example.org", to=["s@example.net"], subject="1", text=".\n")
+    with serving(handler) as port:
+        results = send_many_with(
+            flavour,
+            [split, single],
+            host="127.0.0.1",
+            port=port,
+            tls=TLS.NONE,
+            timeouts=Timeouts.all(10),
+        )
+    first, second = results
+    assert [r.outcome for r in first.recipients] == [Outcome.ACCEPTED] * 4 + [Outcome.TRANSIENT]
+    assert "MAILMAX" in (first.recipients[4].reason or "")
+    assert second.ok
+    assert handler.over == 0
+    assert max(handler.per_session.values()) == 2
