@@ -282,3 +282,20 @@ def test_a_batch_cut_anywhere_hands_back_only_unsent_messages(
         assert outcome.error is not None
     else:
         assert outcome.error is None
+
+
+def test_a_split_message_stops_at_mailmax_and_the_batch_hands_back_the_rest() -> None:
+    server = LimitServer(limit=2, keywords=["PIPELINING", "LIMITS RCPTMAX=2 MAILMAX=2"])
+    session = session_for(server)
+    items = [
+        (message(0), Envelope("a@example.org", recipients(5))),
+        (message(1), Envelope("a@example.org", ["s@x.example"])),
+    ]
+    outcome = server.run(session.deliver_many(items))
+    first, second = outcome.results
+    assert first is not None
+    assert [r.outcome for r in first.recipients] == [Outcome.ACCEPTED] * 4 + [Outcome.TRANSIENT]
+    assert second is None  # unsent: for another session
+    assert outcome.error is None
+    assert session.transactions == 2 == len(server.delivered)
+    assert not session.closed
