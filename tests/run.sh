@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(postfix sasl2-bin libsasl2-modules unbound openssl postgresql)
+PACKAGES=(postfix sasl2-bin libsasl2-modules unbound openssl postgresql locales)
 missing=()
 for cmd in postfix:postfix saslpasswd2:sasl2-bin unbound:unbound openssl:openssl; do
     bin="${cmd%%:*}"
@@ -21,6 +21,9 @@ for cmd in postfix:postfix saslpasswd2:sasl2-bin unbound:unbound openssl:openssl
 done
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     missing+=(postgresql)
+fi
+if [ ! -d /usr/share/i18n/locales ]; then
+    missing+=(locales)  # locale sources: a test compiles de_DE with localedef
 fi
 if [ ! -d /usr/lib/x86_64-linux-gnu/sasl2 ] && [ ! -d /usr/lib/aarch64-linux-gnu/sasl2 ] \
     && ! compgen -G "/usr/lib/*/sasl2/libsasldb*" >/dev/null; then
