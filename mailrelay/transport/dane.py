@@ -294,9 +294,20 @@ def check_chain(host: DANEHost, chain: Sequence[bytes], *, peer: str | None = No
 def trust_anchor_context(trust_anchor: bytes) -> ssl.SSLContext:
     """A context that trusts only ``trust_anchor`` (DER) and checks the host name: the
     second handshake of DANE-TA (RFC 7672 §3.2.2). Partial chains are allowed, since a
-    DANE-TA certificate is often an intermediate, not a self-signed root."""
+    DANE-TA certificate is often an intermediate, not a self-signed root.
+
+    Raises:
+        TLSError: (transient) OpenSSL cannot load the certificate as a trust anchor (it
+            came from the server: the exchanger fails DANE, never the whole delivery).
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_verify_locations(cadata=trust_anchor)
+    try:
+        context.load_verify_locations(cadata=trust_anchor)
+    except (ssl.SSLError, ValueError) as exc:
+        raise TLSError(
+            f"DANE-TA: the matched certificate cannot serve as a trust anchor: {exc}",
+            is_transient=True,
+        ) from exc
     context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED

@@ -26,6 +26,7 @@ from mailrelay.transport.dane import (
     is_usable,
     matches,
     spki,
+    trust_anchor_context,
 )
 from mailrelay.transport.mx_plan import MXPolicy, MXSettings, Target, reuse_key
 from tests.peers.dnssec import spki_of
@@ -225,3 +226,21 @@ def test_dane_hosts_get_their_own_context_and_reuse_key(
     key = reuse_key(target, policy, context)
     assert isinstance(key, tuple)
     assert key[3] == key_kind
+
+
+@given(junk=st.binary(max_size=64))
+def test_an_anchor_openssl_cannot_load_fails_dane_not_the_delivery(junk: bytes) -> None:
+    # A certificate from the server that matched a DANE-TA record but cannot be loaded as a
+    # trust anchor is that exchanger's TLSError (the transports skip it), never a bare
+    # ssl.SSLError out of the delivery.
+    with pytest.raises(TLSError, match="cannot serve as a trust anchor") as info:
+        trust_anchor_context(junk)
+    assert info.value.is_transient
+
+
+def test_a_real_anchor_gives_a_verifying_context(tls_files: TLSFiles) -> None:
+    der = ssl.PEM_cert_to_DER_cert(Path(tls_files.ca_file).read_text())
+    context = trust_anchor_context(der)
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    assert context.check_hostname
+    assert context.verify_flags & ssl.VERIFY_X509_PARTIAL_CHAIN
