@@ -42,7 +42,12 @@ Rules of this module:
   validating resolver answers SERVFAIL for *bogus* data (RFC 4035 §5.5), which is a
   transient failure here, as every SERVFAIL is.
 - :meth:`Resolver.tlsa` looks up a service's TLSA records (``_<port>._tcp.<host>``,
-  RFC 6698 §3) for DANE (:mod:`mailrelay.transport.dane`).
+  RFC 6698 §3) for DANE (:mod:`mailrelay.transport.dane`). A TLSA record dnspython refuses
+  (a digest whose length does not fit its matching type) makes dnspython refuse the whole
+  answer; TLSA queries therefore go through :class:`_TLSANameserver`, which reads such an
+  answer's TLSA RDATA itself, so the record reaches DANE as an *unusable* one (RFC 7671
+  §4, RFC 7672 §2.1.1) instead of failing the exchanger's lookup. Only this resolver's
+  TLSA queries use it: dnspython's global state (its rdata type registry) is untouched.
 
 The result values live in :mod:`mailrelay.mailhosts` and the cache in :mod:`mailrelay.dnscache`
 (neither touches dnspython); this module re-exports their public names.
@@ -56,6 +61,8 @@ import logging
 import math
 import random
 import re
+import socket
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Hashable, Sequence
@@ -65,9 +72,13 @@ import attrs
 import dns.asyncresolver
 import dns.exception
 import dns.flags
+import dns.inet
 import dns.message
 import dns.name
+import dns.nameserver
 import dns.rcode
+import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 import idna
@@ -181,10 +192,19 @@ def _from_answer(answer: dns.resolver.Answer, limits: _Limits) -> _Answer:
         # the record's text is their concatenation (RFC 7208 §3.3, RFC 8461 §3.1).
         records = tuple(b"".join(rd.strings).decode("utf-8", "replace") for rd in rrset)
     elif rrset.rdtype == _TLSA:
-        records = tuple((rd.usage, rd.selector, rd.mtype, bytes(rd.cert)) for rd in rrset)
+        records = tuple(_tlsa_fields(rd) for rd in rrset)
     else:
         records = tuple(rd.address for rd in rrset)
     return _Answer(DNSStatus.OK, records, ttl, secure=secure)
+
+
+def _tlsa_fields(rd: Any) -> tuple[int, int, int, bytes]:
+    """(usage, selector, matching type, data) of a TLSA rdata: a parsed one, or the raw
+    RDATA :func:`_lenient_tlsa` kept (RFC 6698 §2.1: three octets, then the data)."""
+    if isinstance(rd, dns.rdata.GenericRdata):
+        data = bytes(rd.data)
+        return data[0], data[1], data[2], data[3:]
+    return rd.usage, rd.selector, rd.mtype, bytes(rd.cert)
 
 
 def _aged(value: object, left: float) -> _Answer:
@@ -520,6 +540,222 @@ class _Steps(Generic[_Y, _S, _R]):
             raise AssertionError("a lookup plan took too many steps")
 
 
+# -- TLSA answers dnspython refuses ----------------------------------------------------------
+
+#: Stray datagrams (another id) read while waiting for one UDP answer.
+_MAX_STRAY: Final = 16
+_HEADER: Final = struct.Struct("!HHHHHH")
+_RR: Final = struct.Struct("!HHIH")  # TYPE, CLASS, TTL, RDLENGTH (RFC 1035 §4.1.3)
+_MAX_NAME: Final = 255  # RFC 1035 §2.3.4: octets of a name on the wire
+
+
+class _Malformed(dns.exception.FormError):
+    """A response this module cannot read (a FormError, as dnspython's own are)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)  # type: ignore[no-untyped-call]
+
+
+def _read_name(wire: bytes, offset: int) -> tuple[dns.name.Name, int]:
+    """The name at ``offset`` and the offset after it (RFC 1035 §4.1.4 compression).
+
+    A pointer must point before the pointer itself (to a "prior occurrence"), so each jump
+    goes strictly backwards and a pointer loop cannot exist; a name stays within 255 octets.
+    """
+    labels: list[bytes] = []
+    size = 0
+    end: int | None = None  # the offset after the name where it began
+    while True:
+        if offset >= len(wire):
+            raise _Malformed("name runs past the message")
+        length = wire[offset]
+        if length >= 0xC0:
+            if offset + 1 >= len(wire):
+                raise _Malformed("pointer runs past the message")
+            target = ((length & 0x3F) << 8) | wire[offset + 1]
+            if target >= offset:
+                raise _Malformed("name pointer does not point backwards")
+            if end is None:
+                end = offset + 2
+            offset = target
+            continue
+        if length > 63:
+            raise _Malformed("unknown label type")
+        size += length + 1
+        if size > _MAX_NAME or offset + 1 + length > len(wire):
+            raise _Malformed("name too long or past the message")
+        labels.append(wire[offset + 1 : offset + 1 + length])
+        offset += 1 + length
+        if length == 0:
+            return dns.name.Name(labels), offset if end is None else end
+
+
+def _tlsa_rdata(wire: bytes) -> tuple[list[tuple[dns.name.Name, int, bytes]], int]:
+    """The answer section's TLSA records (owner, TTL, RDATA) of a response, and how many
+    other records it holds. RDATA is taken as it is: RFC 7671 §4 / RFC 7672 §2.1.1 make a
+    record that cannot be used *unusable*, which the DANE matcher decides, not the parser.
+
+    Raises:
+        dns.exception.FormError: the message is malformed outside a TLSA record's data
+            (header, question, names, lengths), or a TLSA RDATA is shorter than its three
+            fixed octets (RFC 6698 §2.1), which no reading can make into a record.
+    """
+    if len(wire) < _HEADER.size:
+        raise _Malformed("message shorter than a DNS header")
+    _id, _flags, qdcount, ancount, _ns, _ar = _HEADER.unpack_from(wire)
+    offset = _HEADER.size
+    for _ in range(qdcount):  # at most 65,535; each consumes at least five octets
+        _name, offset = _read_name(wire, offset)
+        offset += 4
+    records: list[tuple[dns.name.Name, int, bytes]] = []
+    others = 0
+    for _ in range(ancount):
+        owner, offset = _read_name(wire, offset)
+        if offset + _RR.size > len(wire):
+            raise _Malformed("record header past the message")
+        rdtype, rdclass, ttl, rdlength = _RR.unpack_from(wire, offset)
+        offset += _RR.size
+        if offset + rdlength > len(wire):
+            raise _Malformed("RDLENGTH past the message")
+        if rdtype == _TLSA and rdclass == dns.rdataclass.IN:
+            if rdlength < 3:
+                raise _Malformed("TLSA RDATA shorter than three octets")
+            records.append((owner, ttl, wire[offset : offset + rdlength]))
+        else:
+            others += 1
+        offset += rdlength
+    return records, others
+
+
+def _lenient_tlsa(wire: bytes) -> dns.message.Message:
+    """A response dnspython refused for one of its TLSA records, with every TLSA record
+    of its answer section kept as raw RDATA (:class:`dns.rdata.GenericRdata`).
+
+    dnspython reads the rest (``continue_on_error``); should it have dropped anything in
+    the answer section but TLSA records (a CNAME of the chain, say), the answer could
+    read as "no TLSA records", which would turn DANE off (RFC 7672 §2.2): then the
+    response stays refused.
+
+    Raises:
+        dns.exception.FormError: the response cannot be read so.
+    """
+    records, others = _tlsa_rdata(wire)
+    try:
+        message = dns.message.from_wire(wire, continue_on_error=True)
+    except dns.exception.FormError:
+        raise
+    except (dns.exception.DNSException, ValueError, IndexError, struct.error) as exc:
+        raise _Malformed(f"unreadable response: {exc}") from exc
+    kept = [rrset for rrset in message.answer if rrset.rdtype != _TLSA]
+    if sum(len(rrset) for rrset in kept) != others:
+        raise _Malformed("the answer section holds malformed records")
+    message.answer = kept
+    for owner, ttl, rdata in records:
+        rrset = message.find_rrset(message.answer, owner, dns.rdataclass.IN, _TLSA, create=True)
+        rrset.add(dns.rdata.GenericRdata(dns.rdataclass.IN, _TLSA, rdata), ttl)
+    return message
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise dns.exception.Timeout
+    return left
+
+
+def _exchange(request: bytes, address: str, port: int, timeout: float, *, tcp: bool) -> bytes:
+    """One query's raw answer from ``address`` (UDP, or TCP with its length prefix,
+    RFC 7766 §8), within ``timeout`` seconds.
+
+    Raises:
+        dns.exception.Timeout: no answer in time.
+        OSError: the network said no.
+    """
+    deadline = time.monotonic() + timeout
+    family = dns.inet.af_for_address(address)
+    try:
+        if tcp:
+            with socket.create_connection((address, port), timeout=_left(deadline)) as sock:
+                sock.settimeout(_left(deadline))
+                sock.sendall(struct.pack("!H", len(request)) + request)
+                (length,) = struct.unpack("!H", _read_exactly(sock, 2, deadline))
+                return _read_exactly(sock, length, deadline)
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect((address, port))  # connected: the kernel drops other sources
+            sock.send(request)
+            for _ in range(_MAX_STRAY):
+                sock.settimeout(_left(deadline))
+                wire = sock.recv(65535)
+                if wire[:2] == request[:2]:  # the query id
+                    return wire
+            raise dns.exception.Timeout
+    except TimeoutError as exc:
+        raise dns.exception.Timeout from exc
+
+
+def _read_exactly(sock: socket.socket, count: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < count:  # each pass reads at least one octet or ends
+        sock.settimeout(_left(deadline))
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise EOFError("the server closed the connection")
+        data += chunk
+    return data
+
+
+class _TLSANameserver(dns.nameserver.Do53Nameserver):
+    """A plain-DNS server for TLSA queries whose answers dnspython may refuse: it reads
+    them itself (:func:`_lenient_tlsa`) when dnspython cannot. dnspython's resolver still
+    does the rest (rcodes, truncation and the retry over TCP, timeouts, CNAMEs)."""
+
+    def query(  # noqa: PLR0917 (dnspython's signature)
+        self,
+        request: dns.message.QueryMessage,
+        timeout: float,
+        source: str | None,
+        source_port: int,
+        max_size: bool,
+        one_rr_per_rrset: bool = False,
+        ignore_trailing: bool = False,
+    ) -> dns.message.Message:
+        wire = _exchange(request.to_wire(), self.address, self.port, timeout, tcp=max_size)
+        try:
+            # raise_on_truncation: dnspython then asks again over TCP (RFC 7766 §5).
+            response = dns.message.from_wire(wire, raise_on_truncation=not max_size)
+        except dns.message.Truncated:
+            raise
+        except dns.exception.FormError:
+            response = _lenient_tlsa(wire)
+            if response.flags & dns.flags.TC and not max_size:
+                raise dns.message.Truncated(message=response) from None  # type: ignore[no-untyped-call]
+        if not request.is_response(response):
+            raise _Malformed("not the answer to the query")
+        return response
+
+    async def async_query(  # noqa: PLR0917 (dnspython's signature)
+        self,
+        request: dns.message.QueryMessage,
+        timeout: float,
+        source: str | None,
+        source_port: int,
+        max_size: bool,
+        backend: Any,
+        one_rr_per_rrset: bool = False,
+        ignore_trailing: bool = False,
+    ) -> dns.message.Message:
+        # In a thread: a rare query type, and the blocking exchange is bounded by timeout.
+        return await asyncio.to_thread(self.query, request, timeout, source, source_port, max_size)
+
+
+def _tlsa_resolver(resolver: dns.resolver.BaseResolver, port: int) -> None:
+    """Make ``resolver`` ask through :class:`_TLSANameserver` (plain-DNS servers only)."""
+    resolver.nameservers = [
+        _TLSANameserver(server, port) if isinstance(server, str) else server
+        for server in resolver.nameservers
+    ]
+
+
 # -- the resolvers ---------------------------------------------------------------------------
 
 
@@ -652,6 +888,10 @@ class Resolver(_ResolverBase):
         )  # fmt: skip
         self._dns = dns.resolver.Resolver(configure=nameservers is None)
         self._configure(self._dns)
+        # TLSA queries only: a resolver whose servers read answers dnspython refuses.
+        self._tlsa_dns = dns.resolver.Resolver(configure=nameservers is None)
+        self._configure(self._tlsa_dns)
+        _tlsa_resolver(self._tlsa_dns, port)
         self._lock = threading.Lock()
         self._inflight: dict[Hashable, concurrent.futures.Future[object]] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -784,7 +1024,7 @@ class Resolver(_ResolverBase):
         while not steps.done:
             outcome: dns.resolver.Answer | dns.exception.DNSException
             try:
-                outcome = self._dns.resolve(
+                outcome = (self._tlsa_dns if rdtype == _TLSA else self._dns).resolve(
                     steps.request,
                     rdtype,
                     raise_on_no_answer=False,
@@ -867,6 +1107,10 @@ class AsyncResolver(_ResolverBase):
         )  # fmt: skip
         self._dns = dns.asyncresolver.Resolver(configure=nameservers is None)
         self._configure(self._dns)
+        # TLSA queries only: a resolver whose servers read answers dnspython refuses.
+        self._tlsa_dns = dns.asyncresolver.Resolver(configure=nameservers is None)
+        self._configure(self._tlsa_dns)
+        _tlsa_resolver(self._tlsa_dns, port)
         self._inflight: dict[Hashable, asyncio.Task[object]] = {}
 
     async def mail_hosts(self, domain: str) -> MailHosts:
@@ -928,7 +1172,7 @@ class AsyncResolver(_ResolverBase):
         while not steps.done:
             outcome: dns.resolver.Answer | dns.exception.DNSException
             try:
-                outcome = await self._dns.resolve(
+                outcome = await (self._tlsa_dns if rdtype == _TLSA else self._dns).resolve(
                     steps.request,
                     rdtype,
                     raise_on_no_answer=False,
