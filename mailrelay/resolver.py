@@ -559,11 +559,13 @@ class _Malformed(dns.exception.FormError):
 def _read_name(wire: bytes, offset: int) -> tuple[dns.name.Name, int]:
     """The name at ``offset`` and the offset after it (RFC 1035 §4.1.4 compression).
 
-    A pointer must point before the pointer itself (to a "prior occurrence"), so each jump
-    goes strictly backwards and a pointer loop cannot exist; a name stays within 255 octets.
+    A pointer refers to a "prior occurrence" of a name: it must point before the start of
+    the labels it ends, so each jump lands strictly lower than the last and a pointer loop
+    cannot exist; a name stays within 255 octets.
     """
     labels: list[bytes] = []
     size = 0
+    start = offset  # where the labels being read began
     end: int | None = None  # the offset after the name where it began
     while True:
         if offset >= len(wire):
@@ -573,11 +575,11 @@ def _read_name(wire: bytes, offset: int) -> tuple[dns.name.Name, int]:
             if offset + 1 >= len(wire):
                 raise _Malformed("pointer runs past the message")
             target = ((length & 0x3F) << 8) | wire[offset + 1]
-            if target >= offset:
-                raise _Malformed("name pointer does not point backwards")
+            if target >= start:
+                raise _Malformed("name pointer does not point before its name")
             if end is None:
                 end = offset + 2
-            offset = target
+            offset = start = target
             continue
         if length > 63:
             raise _Malformed("unknown label type")
@@ -650,6 +652,9 @@ def _lenient_tlsa(wire: bytes) -> dns.message.Message:
     if sum(len(rrset) for rrset in kept) != others:
         raise _Malformed("the answer section holds malformed records")
     message.answer = kept
+    # find_rrset trusts the message's index alone, which still holds the TLSA RRsets dnspython
+    # read without the refused records: they go, else Answer would miss ours (NODATA: no DANE).
+    message.index = {key: rrset for key, rrset in message.index.items() if rrset.rdtype != _TLSA}
     for owner, ttl, rdata in records:
         rrset = message.find_rrset(message.answer, owner, dns.rdataclass.IN, _TLSA, create=True)
         rrset.add(dns.rdata.GenericRdata(dns.rdataclass.IN, _TLSA, rdata), ttl)
