@@ -159,14 +159,36 @@ def signed_records(certs: Certificates) -> list[tuple[str, str, str]]:
     )
     # Usable and unusable records side by side: only the usable ones count (RFC 7672 §3.1):
     # PKIX-TA (unusable for SMTP), a private matching type, a private selector, DANE-EE.
-    # (A digest of the wrong length cannot be served: dnspython refuses such an rdata.)
+    # (A digest of the wrong length: "short" below, added as raw RDATA by add_short_digest.)
     unusable = (
         tlsa_data(0, 0, 1, certs.leaf),
         f"3 1 255 {hashlib.sha256(spki_of(certs.leaf)).hexdigest()}",
         f"3 255 1 {hashlib.sha256(certs.leaf).hexdigest()}",
     )
     domain("mixed", (10, "mx-mixed", HOST, (*unusable, tlsa_data(3, 1, 2, certs.leaf))))
+    # A valid record; add_short_digest puts one dnspython refuses beside it after the build.
+    domain("short", (10, "mx-short", HOST, (tlsa_data(3, 1, 2, certs.leaf),)))
     return records
+
+
+#: The owner (relative to :data:`SIGNED`) whose TLSA RRset holds a digest of the wrong length.
+SHORT_DIGEST = "_25._tcp.mx-short"
+
+
+def short_digest_rdata(certs: Certificates) -> bytes:
+    """TLSA RDATA ``3 1 1`` with a 31-octet "SHA-256" (RFC 6698 §2.1.3 wants 32): unusable."""
+    return bytes((3, 1, 1)) + hashlib.sha256(spki_of(certs.leaf)).digest()[:31]
+
+
+def add_short_digest(zone: dns.zone.Zone, certs: Certificates) -> None:
+    """Add :func:`short_digest_rdata` to :data:`SHORT_DIGEST`'s RRset before signing. As raw
+    RDATA (``GenericRdata``): dnspython's TLSA type refuses the record, so neither its
+    presentation form nor its wire form can be read into one (the zone file then writes it
+    in RFC 3597 ``\\#`` form, which unbound loads and signs' RRSIG covers)."""
+    name = dns.name.from_text(SHORT_DIGEST, zone.origin)
+    rdata = dns.rdata.GenericRdata(dns.rdataclass.IN, dns.rdatatype.TLSA, short_digest_rdata(certs))
+    with zone.writer() as txn:
+        txn.add(name, TTL, rdata)
 
 
 def insecure_records(certs: Certificates) -> list[tuple[str, str, str]]:
@@ -349,6 +371,7 @@ def make_certificates(tls_files: TLSFiles, directory: Path) -> Certificates:
 def start_dnssec(directory: Path, certs: Certificates) -> DNSSECServer:
     """Build and sign the zones in ``directory``, start unbound, wait until it answers."""
     signed = build_zone(SIGNED, signed_records(certs))
+    add_short_digest(signed, certs)
     anchor = sign(signed)
     break_rrset(signed, "_25._tcp.mx-bogus", "TLSA", tlsa_data(3, 1, 1, certs.other))
     break_rrset(signed, "bogusmx", "MX", f"10 mx-bogus.{SIGNED}.")
