@@ -725,18 +725,7 @@ class _TLSANameserver(dns.nameserver.Do53Nameserver):
         ignore_trailing: bool = False,
     ) -> dns.message.Message:
         wire = _exchange(request.to_wire(), self.address, self.port, timeout, tcp=max_size)
-        try:
-            # raise_on_truncation: dnspython then asks again over TCP (RFC 7766 §5).
-            response = dns.message.from_wire(wire, raise_on_truncation=not max_size)
-        except dns.message.Truncated:
-            raise
-        except dns.exception.FormError:
-            response = _lenient_tlsa(wire)
-            if response.flags & dns.flags.TC and not max_size:
-                raise dns.message.Truncated(message=response) from None  # type: ignore[no-untyped-call]
-        if not request.is_response(response):
-            raise _Malformed("not the answer to the query")
-        return response
+        return _read_answer(request, wire, tcp=max_size)
 
     async def async_query(  # noqa: PLR0917 (dnspython's signature)
         self,
@@ -749,8 +738,58 @@ class _TLSANameserver(dns.nameserver.Do53Nameserver):
         one_rr_per_rrset: bool = False,
         ignore_trailing: bool = False,
     ) -> dns.message.Message:
-        # In a thread: a rare query type, and the blocking exchange is bounded by timeout.
-        return await asyncio.to_thread(self.query, request, timeout, source, source_port, max_size)
+        try:
+            wire = await asyncio.wait_for(
+                _aexchange(request.to_wire(), self.address, self.port, tcp=max_size), timeout
+            )
+        except TimeoutError as exc:
+            raise dns.exception.Timeout from exc
+        return _read_answer(request, wire, tcp=max_size)
+
+
+async def _aexchange(request: bytes, address: str, port: int, *, tcp: bool) -> bytes:
+    """:func:`_exchange` awaited (its caller bounds the time)."""
+    if tcp:
+        reader, writer = await asyncio.open_connection(address, port)
+        try:
+            writer.write(struct.pack("!H", len(request)) + request)
+            await writer.drain()
+            # IncompleteReadError is an EOFError: dnspython drops the server, as for its own.
+            (length,) = struct.unpack("!H", await reader.readexactly(2))
+            return await reader.readexactly(length)
+        finally:
+            writer.close()
+    loop = asyncio.get_running_loop()
+    with socket.socket(dns.inet.af_for_address(address), socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (address, port))  # the kernel drops other sources
+        await loop.sock_sendall(sock, request)
+        for _ in range(_MAX_STRAY):
+            wire = await loop.sock_recv(sock, 65535)
+            if wire[:2] == request[:2]:  # the query id
+                return wire
+    raise dns.exception.Timeout
+
+
+def _read_answer(request: dns.message.Message, wire: bytes, *, tcp: bool) -> dns.message.Message:
+    """The response in ``wire``: dnspython's reading, or ours when dnspython refuses it.
+
+    Raises:
+        dns.message.Truncated: a UDP answer with TC: dnspython asks again over TCP
+            (RFC 7766 §5).
+        dns.exception.FormError: unreadable, or not the answer to ``request``.
+    """
+    try:
+        response = dns.message.from_wire(wire, raise_on_truncation=not tcp)
+    except dns.message.Truncated:
+        raise
+    except dns.exception.FormError:
+        response = _lenient_tlsa(wire)
+        if response.flags & dns.flags.TC and not tcp:
+            raise dns.message.Truncated(message=response) from None  # type: ignore[no-untyped-call]
+    if not request.is_response(response):
+        raise _Malformed("not the answer to the query")
+    return response
 
 
 def _tlsa_resolver(resolver: dns.resolver.BaseResolver, port: int) -> None:
