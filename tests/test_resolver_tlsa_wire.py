@@ -21,7 +21,7 @@ import dns.name
 import dns.rdata
 import dns.rdatatype
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailrelay.errors import ResolverError
@@ -199,10 +199,10 @@ def server(dns_server: HostileDNS) -> HostileDNS:
     return dns_server
 
 
-def tlsa_of(server: HostileDNS, mode: str) -> TLSARecords:
+def tlsa_of(server: HostileDNS, mode: str, timeout: float = 2.0) -> TLSARecords:
     if mode == "sync":
-        return Resolver(["127.0.0.1"], port=server.port, timeout=2.0).tlsa("mx.test")
-    resolver = AsyncResolver(["127.0.0.1"], port=server.port, timeout=2.0)
+        return Resolver(["127.0.0.1"], port=server.port, timeout=timeout).tlsa("mx.test")
+    resolver = AsyncResolver(["127.0.0.1"], port=server.port, timeout=timeout)
     return asyncio.run(resolver.tlsa("mx.test"))
 
 
@@ -261,3 +261,52 @@ def test_unreadable_answers_are_still_transient_failures(
     with pytest.raises(ResolverError) as caught:
         tlsa_of(server, mode)
     assert caught.value.is_transient
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("fault", "status"),
+    [
+        (Fault.SILENCE, "timeout"),
+        (Fault.SERVFAIL, "servfail"),
+        (Fault.WRONG_ID, "timeout"),
+        (Fault.OTHER_NAME, "error"),
+        (Fault.TCP_CLOSE, "error"),
+        (Fault.GARBAGE, "error"),
+    ],
+)
+def test_tlsa_lookups_that_fail_stay_transient(
+    dns_server: HostileDNS, mode: str, fault: Fault, status: str
+) -> None:
+    # The TLSA queries' own exchange keeps dnspython's outcomes: no answer, no records.
+    dns_server.reset()
+    dns_server.add("_25._tcp.mx.test", "TLSA", GOOD_TEXT)
+    dns_server.fault("_25._tcp.mx.test", "TLSA", fault)
+    with pytest.raises(ResolverError) as caught:
+        tlsa_of(dns_server, mode, timeout=0.3)
+    assert caught.value.is_transient
+    assert f"({status})" in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(wire=st.binary(max_size=200), keep=st.integers(min_value=0, max_value=120))
+def test_whatever_the_server_sends_only_records_or_resolver_errors_come_out(
+    dns_server: HostileDNS, mode: str, wire: bytes, keep: int
+) -> None:
+    dns_server.reset()
+    dns_server.add("_25._tcp.mx.test", "TLSA", GOOD_TEXT, CUT_TEXT)
+    dns_server.fault("_25._tcp.mx.test", "TLSA", Fault.MANGLE)
+    # The real answer's first ``keep`` octets (its id and question: it reaches the reader),
+    # then arbitrary bytes.
+    dns_server.mangle = lambda real: cut_digest(real)[:keep] + wire
+    try:
+        found: TLSARecords | ResolverError = tlsa_of(dns_server, mode, timeout=0.3)
+    except ResolverError as exc:
+        found = exc
+    if isinstance(found, ResolverError):
+        assert found.is_transient
+    else:
+        assert found.status in {DNSStatus.OK, DNSStatus.NODATA, DNSStatus.NXDOMAIN}
