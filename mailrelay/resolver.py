@@ -45,8 +45,9 @@ Rules of this module:
   RFC 6698 §3) for DANE (:mod:`mailrelay.transport.dane`). A TLSA record dnspython refuses
   (a digest whose length does not fit its matching type) makes dnspython refuse the whole
   answer; TLSA queries therefore go through :class:`_TLSANameserver`, which reads such an
-  answer's TLSA RDATA itself, so the record reaches DANE as an *unusable* one (RFC 7671
-  §4, RFC 7672 §2.1.1) instead of failing the exchanger's lookup. Only this resolver's
+  answer's TLSA RDATA itself (bounded: name pointers must point backwards, lengths must
+  fit), so the record reaches DANE as an *unusable* one (RFC 7671 §4, RFC 7672 §2.1.1)
+  instead of failing the exchanger's lookup. Only this resolver's
   TLSA queries use it: dnspython's global state (its rdata type registry) is untouched.
 
 The result values live in :mod:`mailrelay.mailhosts` and the cache in :mod:`mailrelay.dnscache`
@@ -711,8 +712,10 @@ def _read_exactly(sock: socket.socket, count: int, deadline: float) -> bytes:
 
 class _TLSANameserver(dns.nameserver.Do53Nameserver):
     """A plain-DNS server for TLSA queries whose answers dnspython may refuse: it reads
-    them itself (:func:`_lenient_tlsa`) when dnspython cannot. dnspython's resolver still
-    does the rest (rcodes, truncation and the retry over TCP, timeouts, CNAMEs)."""
+    them itself (:func:`_lenient_tlsa`) when dnspython cannot. The exchange is ours
+    (:func:`_exchange`, :func:`_aexchange`) because dnspython's ignores a UDP answer it
+    cannot read and waits out the timeout, the bytes lost. dnspython's resolver still does
+    the rest (rcodes, the retry over TCP after TC, lifetimes, CNAMEs)."""
 
     def query(  # noqa: PLR0917 (dnspython's signature)
         self,
