@@ -50,7 +50,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mailrelay.resolver import AsyncResolver, Resolver
 from tests.peers.https_policy import issue_certificate
 from tests.peers.tls import TLSFiles
-from tests.peers.unbound import HOST, INSTALL_HINT, UnboundServer, find_unbound, launch
+from tests.peers.unbound import (
+    HOST,
+    INSTALL_HINT,
+    UnboundServer,
+    find_unbound,
+    launch,
+    server_lines,
+)
 
 SIGNED = "dane.test"
 INSECURE = "insecure.test"
@@ -247,20 +254,7 @@ def break_rrset(zone: dns.zone.Zone, owner: str, rtype: str, rdata: str) -> None
 
 def config_text(directory: Path, port: int, anchor: str) -> str:
     lines = [
-        "server:",
-        f"    interface: {HOST}@{port}",
-        f"    port: {port}",
-        "    do-daemonize: no",
-        '    username: ""',
-        '    chroot: ""',
-        f'    directory: "{directory}"',
-        '    pidfile: ""',
-        "    use-syslog: no",
-        f'    logfile: "{directory / "unbound.log"}"',
-        "    verbosity: 1",
-        "    num-threads: 1",
-        "    do-ip6: no",
-        f"    access-control: {HOST}/8 allow",
+        *server_lines(directory, port, verbosity=1),
         '    module-config: "validator iterator"',
         "    do-not-query-localhost: no",
         "    minimal-responses: no",

@@ -244,9 +244,10 @@ def find_unbound() -> str | None:
     return shutil.which("unbound", path=path)
 
 
-def config_text(directory: Path, port: int, *, log_queries: bool = False) -> str:
-    """The unbound configuration serving the test zone on ``HOST:port``."""
-    lines = [
+def server_lines(directory: Path, port: int, *, verbosity: int) -> list[str]:
+    """The start of a ``server:`` clause every test unbound shares: loopback ``HOST:port``
+    only, in the foreground, everything in ``directory``, one thread, no IPv6."""
+    return [
         "server:",
         f"    interface: {HOST}@{port}",
         f"    port: {port}",
@@ -257,11 +258,18 @@ def config_text(directory: Path, port: int, *, log_queries: bool = False) -> str
         '    pidfile: ""',
         "    use-syslog: no",
         f'    logfile: "{directory / "unbound.log"}"',
-        "    verbosity: 0",
-        f"    log-queries: {'yes' if log_queries else 'no'}",
+        f"    verbosity: {verbosity}",
         "    num-threads: 1",
         "    do-ip6: no",
         f"    access-control: {HOST}/8 allow",
+    ]
+
+
+def config_text(directory: Path, port: int, *, log_queries: bool = False) -> str:
+    """The unbound configuration serving the test zone on ``HOST:port``."""
+    lines = [
+        *server_lines(directory, port, verbosity=0),
+        f"    log-queries: {'yes' if log_queries else 'no'}",
         '    module-config: "iterator"',
         # The servfail.test forwarder is a loopback port; allow it and make it fail fast.
         "    do-not-query-localhost: no",
