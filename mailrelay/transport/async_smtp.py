@@ -505,9 +505,10 @@ class AsyncSMTPTransport(_AsyncSMTPBase):
 
     def __init__(
         self,
-        host: str,
+        host: str | None = None,
         port: int = 587,
         *,
+        path: str | None = None,
         tls: TLS = TLS.STARTTLS,
         username: str | None = None,
         password: str | AsyncPasswordProvider | None = None,
@@ -524,7 +525,8 @@ class AsyncSMTPTransport(_AsyncSMTPBase):
     ) -> None:
         settings = ConnectionSettings(
             host=host,
-            port=port,
+            port=None if path is not None else port,
+            unix_path=path,
             tls=tls,
             ssl_context=ssl_context,
             timeouts=timeouts,

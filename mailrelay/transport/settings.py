@@ -160,12 +160,18 @@ class ConnectionSettings:
         if not isinstance(self.timeouts, Timeouts):
             raise ConfigurationError("timeouts must be a Timeouts value (Timeouts.all(10), ...)")
         if self.unix_path is None:
+            if self.host is None:
+                raise ConfigurationError("give the server's host (or path= for a unix socket)")
             if not self.host or any(c in self.host for c in " \t\r\n\0/"):
                 raise ConfigurationError(f"not a usable host: {self.host!r}")
             if self.port is None or isinstance(self.port, bool) or not 0 < self.port < 65536:
                 raise ConfigurationError(
                     f"port must be a number from 1 to 65535, not {self.port!r}"
                 )
+        elif self.host is not None:
+            raise ConfigurationError("give a host or a unix socket path, not both")
+        elif not self.unix_path or "\0" in self.unix_path:
+            raise ConfigurationError(f"not a usable socket path: {self.unix_path!r}")
         elif self.tls is TLS.IMPLICIT:
             raise ConfigurationError("implicit TLS over a unix socket makes no sense")
         elif self.source_address is not None:

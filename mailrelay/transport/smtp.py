@@ -411,8 +411,12 @@ class SMTPTransport(_SMTPBase):
             result = smtp.send(message)
 
     Args:
-        host: the server's name or address.
+        host: the server's name or address (or ``None`` with ``path``).
         port: 587 (submission, STARTTLS), 465 (implicit TLS), 25 (relay).
+        path: a unix socket path instead of ``host``/``port`` (a local MTA's listener; as
+            aiosmtplib's ``socket_path``). TLS and AUTH rules are the same as over TCP:
+            STARTTLS checks the certificate against ``server_hostname`` (default
+            ``localhost``); give ``tls=TLS.NONE`` for a plain-text local socket.
         tls: the TLS policy; ``TLS.STARTTLS`` (required) by default, ``TLS.IMPLICIT`` for 465.
         username, password: credentials for AUTH (sent only over TLS unless
             ``allow_insecure_auth``). Never shown in ``repr``, logs or errors. ``password``
@@ -442,9 +446,10 @@ class SMTPTransport(_SMTPBase):
 
     def __init__(
         self,
-        host: str,
+        host: str | None = None,
         port: int = 587,
         *,
+        path: str | None = None,
         tls: TLS = TLS.STARTTLS,
         username: str | None = None,
         password: str | PasswordProvider | None = None,
@@ -461,7 +466,8 @@ class SMTPTransport(_SMTPBase):
     ) -> None:
         settings = ConnectionSettings(
             host=host,
-            port=port,
+            port=None if path is not None else port,
+            unix_path=path,
             tls=tls,
             ssl_context=ssl_context,
             timeouts=timeouts,

@@ -3,11 +3,11 @@
 Rules of this module:
 
 * Schemes: ``smtp://`` (default port 587, ``TLS.STARTTLS``), ``smtps://`` (implicit TLS,
-  default port 465, RFC 8314 §3.3), ``lmtp://host[:port]`` (default port 24, RFC 2033 §5) and
-  ``lmtp:///path/to/socket`` (a unix socket), ``mx://`` (straight to each recipient domain's
-  mail exchangers: ``MXTransport``), ``memory://`` and ``file:///path``
-  (``?format=maildir`` for a Maildir). :func:`async_transport_from_url` builds the asyncio
-  twins.
+  default port 465, RFC 8314 §3.3), ``lmtp://host[:port]`` (default port 24, RFC 2033 §5),
+  ``lmtp:///path/to/socket`` and ``smtp:///path/to/socket`` (a unix socket), ``mx://``
+  (straight to each recipient domain's mail exchangers: ``MXTransport``), ``memory://`` and
+  ``file:///path`` (``?format=maildir`` for a Maildir). :func:`async_transport_from_url`
+  builds the asyncio twins.
 * Query parameters: ``tls`` (``none``, ``opportunistic``, ``starttls``, ``implicit``),
   ``timeout`` (seconds, every phase: :meth:`Timeouts.all <mailrelay.options.Timeouts.all>`),
   ``local_hostname``, ``source_address`` (the local IP address to connect from), ``auth``
@@ -99,11 +99,11 @@ class TransportURL:
 
     Attributes:
         scheme: one of ``smtp``, ``smtps``, ``lmtp``, ``mx``, ``memory``, ``file``.
-        host: the server, for ``smtp``, ``smtps`` and TCP ``lmtp``.
+        host: the server, for ``smtps`` and TCP ``smtp`` and ``lmtp``.
         port: the port (the scheme's default when the URL names none).
         username: the percent-decoded user name, or ``None``.
         password: the percent-decoded password, or ``None``.
-        path: the directory (``file``) or unix socket path (``lmtp``), or ``None``.
+        path: the directory (``file``) or unix socket path (``lmtp``, ``smtp``), or ``None``.
         tls: the TLS policy (for network schemes), or ``None``.
         timeouts: every-phase timeouts from ``?timeout=``, or ``None``.
         local_hostname: the name to announce in EHLO, or ``None``.
@@ -226,14 +226,16 @@ class TransportURL:
                 fields["port"] = _port(params["port"], shown)
             if "tls_policy" in params:
                 fields["tls_policies"] = _tls_policies(params["tls_policy"], shown)
-        elif scheme == "lmtp" and host is None:
+        elif scheme in {"lmtp", "smtp"} and host is None:
             if path is None or path == "/":
                 raise ConfigurationError(
-                    "lmtp:// needs a host (lmtp://host:24) or a socket path (lmtp:///path): "
-                    + shown
+                    f"{scheme}:// needs a host ({scheme}://host:{_DEFAULT_PORTS[scheme]}) "
+                    f"or a socket path ({scheme}:///path): {shown}"
                 )
             if port is not None:
-                raise ConfigurationError(f"a unix-socket lmtp:// URL has no port: {shown}")
+                raise ConfigurationError(f"a unix-socket {scheme}:// URL has no port: {shown}")
+            if "source_address" in params:
+                raise ConfigurationError(f"a unix socket has no source address: {shown}")
             fields["path"] = path
         else:
             if host is None:
@@ -342,7 +344,11 @@ def _network_arguments(parsed: TransportURL) -> dict[str, Any]:
 
 
 def _smtp(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool) -> Any:
-    kwargs = {"host": parsed.host, "port": parsed.port, **_network_arguments(parsed)}
+    kwargs = _network_arguments(parsed)
+    if parsed.path is not None:
+        kwargs["path"] = parsed.path
+    else:
+        kwargs.update(host=parsed.host, port=parsed.port)
     kwargs.update(overrides)
     return AsyncSMTPTransport(**kwargs) if asynchronous else SMTPTransport(**kwargs)
 

@@ -51,7 +51,7 @@ def test_lmtp_settings(cls: type[Any]) -> None:
     assert cls("store.example").settings.peer == "store.example:24"
     with pytest.raises(ConfigurationError, match="implicit TLS over a unix socket"):
         cls(path="/run/lmtp", tls=TLS.IMPLICIT)
-    with pytest.raises(ConfigurationError, match="not a usable host"):
+    with pytest.raises(ConfigurationError, match="give the server's host"):
         cls()
 
 
