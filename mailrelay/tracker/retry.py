@@ -23,7 +23,9 @@ Rules of this module:
 * A hook ``(recipient, reply) -> delay | None`` may choose the delay for a
   particular answer (say, a longer one for ``4.2.2`` mailbox full); ``None``
   means "no opinion" and the exponential schedule applies. The maximum age
-  still applies to what the hook chooses.
+  still applies to what the hook chooses. A hook that raises, or returns something
+  that is not a delay (not a number, NaN, negative), is logged and the schedule
+  applies; an infinite or enormous delay is held to the deadline.
 * :class:`DomainShaper` keeps per-domain limits for one tracker: at most
   ``max_concurrent`` deliveries in flight, at most ``per_second`` delivery
   transactions a second, and an adaptive back-off that doubles (up to a cap)
@@ -35,6 +37,8 @@ Rules of this module:
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import math
 import threading
 from collections.abc import Callable, Iterable
 
@@ -45,6 +49,8 @@ from mailrelay.errors import AuthenticationError, DeliveryError, TLSError
 from mailrelay.reply import Reply
 
 __all__ = ["DomainLimits", "DomainShaper", "RetryHook", "RetryPolicy"]
+
+log = logging.getLogger(__name__)
 
 #: A policy hook: ``(recipient, reply) -> delay`` in seconds (or a timedelta), or ``None``.
 RetryHook = Callable[[Address, Reply | None], "float | dt.timedelta | None"]
@@ -57,6 +63,14 @@ def _positive(_instance: object, attribute: attrs.Attribute[float], value: float
 
 def _seconds(value: float | dt.timedelta) -> float:
     return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
+
+
+def _int_seconds(value: int) -> float:
+    """An int delay as a float; one too large for a float is infinite (held to the deadline)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _error_classes(value: Iterable[type[DeliveryError]]) -> tuple[type[DeliveryError], ...]:
@@ -143,9 +157,50 @@ class RetryPolicy:
         if now >= deadline:
             # RFC 5321 §4.5.4.1: give up after the maximum age.
             return None
-        chosen = self.hook(recipient, reply) if self.hook is not None else None
-        seconds = self.delay(retry, random) if chosen is None else max(0.0, _seconds(chosen))
-        return min(now + dt.timedelta(seconds=seconds), deadline)
+        seconds = self._hooked(recipient, reply)
+        if seconds is None:
+            seconds = self.delay(retry, random)
+        left = (deadline - now).total_seconds()
+        if seconds >= left:
+            # Also what keeps an enormous (or infinite) delay from overflowing a timedelta.
+            return deadline
+        return now + dt.timedelta(seconds=seconds)
+
+    def _hooked(self, recipient: Address, reply: Reply | None) -> float | None:
+        """The hook's delay in seconds, or ``None`` for the schedule's.
+
+        The hook is the application's code, called while a transaction's results are
+        decided: if it raised, or returned something that is not a delay (not a number,
+        NaN, negative), the whole transaction would be thrown away (its accepted
+        recipients sent again at every run, nothing recorded, so it would never expire).
+        Such an answer is logged and the schedule decides instead; ``+inf`` or an
+        enormous delay means "as late as allowed": the deadline.
+        """
+        if self.hook is None:
+            return None
+        try:
+            chosen = self.hook(recipient, reply)
+            if chosen is None:
+                return None
+            if isinstance(chosen, dt.timedelta):
+                seconds = chosen.total_seconds()
+            elif isinstance(chosen, int | float) and not isinstance(chosen, bool):
+                seconds = _int_seconds(chosen) if isinstance(chosen, int) else chosen
+            else:
+                raise TypeError(f"not a delay: {chosen!r}")
+        except Exception:
+            log.warning(
+                "the retry hook failed for %s; the retry schedule decides", recipient, exc_info=True
+            )
+            return None
+        if math.isnan(seconds) or seconds < 0:
+            log.warning(
+                "the retry hook returned %r for %s, not a delay; the retry schedule decides",
+                chosen,
+                recipient,
+            )
+            return None
+        return seconds
 
 
 @attrs.frozen(kw_only=True)
