@@ -8,7 +8,7 @@ Rules:
   phase of every read and write it asks for; the driver looks the limit up with
   :meth:`Timeouts.for_phase` and applies it. Nothing here reads a clock.
 
-This is a values-layer module: stdlib and attrs only.
+This is a values-layer module: stdlib, attrs and :mod:`mailrelay.errors` only.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import enum
 import math
 
 import attrs
+
+from mailrelay.errors import ConfigurationError
 
 __all__ = ["TLS", "Timeouts"]
 
@@ -47,18 +49,22 @@ class TLS(enum.Enum):
         """Return the policy named by ``text`` (case-insensitive), as used in transport URLs.
 
         Raises:
-            ValueError: when ``text`` names no policy.
+            ConfigurationError: when ``text`` names no policy (a ``ValueError``).
         """
         try:
             return cls(text.strip().lower())
         except ValueError:
             names = ", ".join(member.value for member in cls)
-            raise ValueError(f"unknown TLS policy {text!r} (expected one of: {names})") from None
+            raise ConfigurationError(
+                f"unknown TLS policy {text!r} (expected one of: {names})"
+            ) from None
 
 
 def _seconds(instance: Timeouts, attribute: attrs.Attribute[float], value: float) -> None:
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"timeout {attribute.name} must be a positive number of seconds: {value}")
+        raise ConfigurationError(
+            f"timeout {attribute.name} must be a positive number of seconds: {value}"
+        )
 
 
 def _to_float(value: float) -> float:
@@ -120,10 +126,10 @@ class Timeouts:
         """The limit for a dialogue phase name (``"greeting"``, ``"rcpt"``, ``"data_end"``, ...).
 
         Raises:
-            ValueError: when ``phase`` is not one of this class's fields.
+            ConfigurationError: when ``phase`` is not one of this class's fields.
         """
         if phase not in _PHASES:
-            raise ValueError(f"unknown dialogue phase {phase!r}")
+            raise ConfigurationError(f"unknown dialogue phase {phase!r}")
         value: float = getattr(self, phase)
         return value
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mailrelay.errors import ConfigurationError
 from mailrelay.options import TLS, Timeouts
 
 PHASES = ("connect", "greeting", "mail", "rcpt", "data_init", "data_block", "data_end", "quit")
@@ -42,7 +43,7 @@ def test_all_sets_every_phase(seconds: float) -> None:
 
 @pytest.mark.parametrize("bad", [0, -1, -0.5, math.inf, math.nan])
 def test_non_positive_or_non_finite_refused(bad: float) -> None:
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ConfigurationError, match="positive"):
         Timeouts(rcpt=bad)
 
 
@@ -59,7 +60,7 @@ def test_ints_become_floats() -> None:
 
 
 def test_unknown_phase_refused() -> None:
-    with pytest.raises(ValueError, match="unknown dialogue phase"):
+    with pytest.raises(ConfigurationError, match="unknown dialogue phase"):
         Timeouts().for_phase("lunch")
 
 
@@ -84,7 +85,7 @@ def test_tls_parse(text: str, policy: TLS) -> None:
 
 
 def test_tls_parse_refuses_unknown_names() -> None:
-    with pytest.raises(ValueError, match="unknown TLS policy 'ssl'"):
+    with pytest.raises(ConfigurationError, match="unknown TLS policy 'ssl'"):
         TLS.parse("ssl")
 
 
