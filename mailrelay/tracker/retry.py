@@ -31,7 +31,9 @@ Rules of this module:
   transactions a second, and an adaptive back-off that doubles (up to a cap)
   each time a domain answers 421 or refuses a whole transaction for now, and
   resets on the next success. It is thread-safe; it does not coordinate
-  between processes (each worker shapes its own traffic).
+  between processes (each worker shapes its own traffic). A hold-off or a rate
+  limit's next slot is never further from ``now`` than its length, so a clock
+  stepped back does not stretch it by the step.
 """
 
 from __future__ import annotations
@@ -280,8 +282,18 @@ class DomainShaper:
         with self._lock:
             state = self._state(domain)
             if state.blocked_until is not None and now < state.blocked_until:
+                # Never further than the hold-off from now: a clock stepped back since
+                # the refusal would otherwise hold the domain off (and the recipients put
+                # back, whose due times are stored) for as long as the step.
+                state.blocked_until = min(
+                    state.blocked_until, now + dt.timedelta(seconds=state.backoff)
+                )
                 return state.blocked_until
             if state.next_slot is not None and now < state.next_slot:
+                if limits.per_second is not None:  # as above: one spacing at most
+                    state.next_slot = min(
+                        state.next_slot, now + dt.timedelta(seconds=1.0 / limits.per_second)
+                    )
                 return state.next_slot
             if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
                 return now + dt.timedelta(seconds=limits.busy_delay)

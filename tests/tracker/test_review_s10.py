@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from mailrelay.address import Address
+from mailrelay.errors import SessionRefused
 from mailrelay.reply import Reply
 from mailrelay.tracker.engine import DeliveryTracker
-from mailrelay.tracker.retry import RetryPolicy
+from mailrelay.tracker.retry import DomainLimits, DomainShaper, RetryPolicy
 from mailrelay.tracker.sqlite_store import SQLiteStore
 from mailrelay.tracker.store import MemoryStore, State, Store
 from mailrelay.transport.memory import MemoryTransport
@@ -107,3 +108,53 @@ def test_a_hook_that_asks_for_no_wait_is_still_obeyed(store: Store) -> None:
         random=no_jitter,
     )
     assert when == T0 + dt.timedelta(hours=1)
+
+
+# -- a clock that goes backwards ------------------------------------------------------
+
+
+def test_a_clock_stepped_back_does_not_stretch_a_domains_hold_off(store: Store) -> None:
+    """A domain held off for 60 s, then the clock steps back a day (an NTP correction, a
+    VM restored): the hold-off is still 60 s from now, not a day and 60 s, and the
+    recipients it puts back (whose due time is stored, and outlives the process) are due
+    then."""
+    clock = FakeClock(T0 + dt.timedelta(days=1))
+    busy = SessionRefused("busy", reply=Reply.of(421, "4.7.0 too many connections"))
+    transport = MemoryTransport(scripted(busy))
+    tracker = DeliveryTracker(
+        transport,
+        store,
+        clock=clock,
+        random=no_jitter,
+        worker_id="w1",
+        split_by_domain=True,
+        limits=DomainLimits(backoff_initial=60),
+        retry=RetryPolicy(initial=10, jitter=0),
+    )
+    first = tracker.submit(message(("a@one.example",)))
+    tracker.run_pending()  # refused: one.example held off for 60 s
+    clock.now = T0  # a day back
+    second = tracker.submit(message(("b@one.example",)))
+    assert tracker.run_pending().postponed == 1
+    held = tracker.status(second).recipients[0]
+    assert (held.state, held.attempts) == (State.QUEUED, ())
+    assert held.next_attempt_at == T0 + dt.timedelta(seconds=60)
+    clock.advance(60)
+    assert tracker.run_pending().delivered == 1
+    assert tracker.status(second).recipients[0].state is State.DELIVERED
+    # The refused recipient's own retry was stored by the clock of its attempt (10 s
+    # after it, a day ahead): the store keeps due times, whatever the clock does later.
+    assert tracker.status(first).recipients[0].next_attempt_at == T0 + dt.timedelta(
+        days=1, seconds=10
+    )
+
+
+def test_a_clock_stepped_back_does_not_stretch_a_rate_limit() -> None:
+    """``per_second`` spaces transactions from the last one: a step back leaves the next
+    slot at most one spacing away."""
+    shaper = DomainShaper(DomainLimits(per_second=0.5))
+    later = T0 + dt.timedelta(days=1)
+    assert shaper.acquire("one.example", later) is None
+    shaper.release("one.example", later, refused=None)
+    assert shaper.acquire("one.example", T0) == T0 + dt.timedelta(seconds=2)
+    assert shaper.acquire("one.example", T0 + dt.timedelta(seconds=2)) is None
