@@ -15,6 +15,17 @@ Rules this module keeps:
 * RFC 5322 §3.6.4: a Message-ID is ``id-left@id-right``; RFC 6838 §4.2: a
   content type is ``type/subtype`` of restricted-name characters.
 * Without SMTPUTF8 an address's domain is written in A-label form (RFC 5890).
+* Mailing-list fields (:class:`~mailrelay.message.ListHeaders`): every URI is
+  written between angle brackets (RFC 2369 §2), is ``mailto:``, ``https:`` or
+  ``http:``, and holds only the characters RFC 3986 §2 allows (so no white
+  space, ``<``, ``>`` or line break can end it or the field early); a
+  ``mailto:`` URI's non-ASCII text becomes percent-encoded UTF-8 and its domain
+  A-labels (RFC 6068 §2); other URIs must be ASCII already. One-click
+  unsubscribe (RFC 8058 §3.1) needs a ``List-Unsubscribe`` field holding exactly
+  one HTTPS URI and no HTTP one. A List-Id is an optional phrase and
+  ``<list-label.namespace>``, a dot-atom of at most 255 octets (RFC 2919 §2).
+  The fields are written here, folded, in 7 bits, and both writers put this
+  text on the wire unchanged.
 """
 
 from __future__ import annotations
@@ -23,12 +34,14 @@ import email.headerregistry
 import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
 
+from mailrelay import _mime
 from mailrelay.address import Address
-from mailrelay.errors import MessageError
+from mailrelay.errors import InvalidAddress, MessageError
 
 if TYPE_CHECKING:
-    from mailrelay.message import AddressLike
+    from mailrelay.message import AddressLike, ListHeaders
 
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 # RFC 6838 §4.2 restricted-name characters, for type and subtype.
@@ -201,3 +214,281 @@ def _check_message_id(value: str) -> str:
     if _MSG_ID.fullmatch(bare) is None:
         raise MessageError(f"invalid Message-ID {value!r} (RFC 5322 §3.6.4: id-left@id-right)")
     return bare
+
+
+# -- mailing-list fields (RFC 2369, RFC 2919, RFC 8058) -------------------------------
+
+#: The fields a :class:`~mailrelay.message.ListHeaders` writes, in the order written
+#: (RFC 2919's List-Id, then RFC 2369 §3's order, RFC 8058's field after the one it
+#: qualifies); ``headers`` may not repeat them beside it.
+LIST_FIELDS = (
+    "List-Id",
+    "List-Help",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "List-Subscribe",
+    "List-Post",
+    "List-Owner",
+    "List-Archive",
+)
+_LIST_FIELD_NAMES = frozenset(name.lower() for name in LIST_FIELDS)
+# RFC 8058 §3.1: the single key/value pair List-Unsubscribe-Post holds.
+ONE_CLICK = "List-Unsubscribe=One-Click"
+_LIST_SCHEMES = ("mailto", "https", "http")
+# RFC 3986 §3.1: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ).
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+# RFC 3986 §2: unreserved, reserved and "%" are all a URI may hold. Neither white
+# space, "<", ">" nor a line break is among them, so a URI can end neither its angle
+# brackets nor the field.
+_NOT_URI_CHAR = re.compile(r"[^A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]")
+# RFC 3986 §2.1: "%" only starts a pct-encoded octet.
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# RFC 2919 §2: list-id = list-label "." list-id-namespace, both dot-atom-text
+# (RFC 5322 §3.2.3), so at least two atoms.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LIST_ID = re.compile(rf"{_ATOM}(?:\.{_ATOM})+")
+_LIST_ID_FIELD = re.compile(r"(?P<phrase>[^<>]*?)[ \t]*<(?P<id>[^<>]*)>")
+_ATEXT_WORDS = re.compile(rf"{_ATOM}(?: {_ATOM})*")
+# RFC 5322 §2.1.1: lines SHOULD be at most 78 characters and MUST be at most 998;
+# RFC 2047 §2: a line holding an encoded-word at most 76.
+_FOLD_AT = 78
+_FOLD_AT_EW = 76
+_MAX_LINE = 998
+
+
+def list_uris(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Converter of :class:`~mailrelay.message.ListHeaders`' URI fields: one URI or
+    several, each checked and in its written form (see :func:`list_uri`)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(list_uri(item) for item in items)
+
+
+def list_post(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Converter of ``ListHeaders.post``: URIs, or ``"NO"`` alone (RFC 2369 §3.4: a
+    list that takes no posts)."""
+    items = [] if value is None else [value] if isinstance(value, str) else list(value)
+    if "NO" in items:
+        if len(items) != 1:
+            raise MessageError('List-Post "NO" cannot be given beside URIs (RFC 2369 §3.4)')
+        return ("NO",)
+    return tuple(list_uri(item) for item in items)
+
+
+def list_uri(value: str) -> str:
+    """Check one list URI and return it as it goes between the angle brackets.
+
+    Enclosing angle brackets are dropped; the scheme is lower-cased (RFC 3986 §3.1);
+    a ``mailto:`` URI's non-ASCII characters become percent-encoded UTF-8 and a
+    non-ASCII domain in its addresses A-labels (RFC 6068 §2).
+
+    Raises:
+        MessageError: not a string, a line break, no or another scheme, a character
+            a URI cannot hold (white space, ``<``, ``>``, ``"``...), a bad ``%``
+            escape, an ``http(s)`` URI with no host or with non-ASCII text.
+    """
+    if not isinstance(value, str):
+        raise MessageError(f"a list URI must be a string, got {type(value).__name__}")
+    _check_field("list URI", value)
+    uri = value
+    if len(uri) >= 2 and uri[0] == "<" and uri[-1] == ">":
+        uri = uri[1:-1]
+    match = _SCHEME.match(uri)
+    scheme = match.group(1).lower() if match is not None else ""
+    if match is None or scheme not in _LIST_SCHEMES:
+        raise MessageError(
+            f"list URI {value!r} must be a mailto:, https: or http: URI (RFC 2369 §2)"
+        )
+    uri = scheme + uri[match.end(1) :]
+    if not uri.isascii():
+        if scheme != "mailto":
+            raise MessageError(
+                f"list URI {value!r} holds non-ASCII text: percent-encode its path and query "
+                "(RFC 3986 §2.1) and write its host in A-labels"
+            )
+        uri = _ascii_mailto(uri)
+    bad = _NOT_URI_CHAR.search(uri)
+    if bad is not None:
+        raise MessageError(
+            f"list URI {value!r} holds {bad.group()!r}, which a URI cannot hold "
+            "(RFC 3986 §2; RFC 2369 §2: nothing may break its angle brackets): percent-encode it"
+        )
+    if _BAD_PERCENT.search(uri):
+        raise MessageError(
+            f"list URI {value!r}: '%' not followed by two hex digits (RFC 3986 §2.1)"
+        )
+    rest = uri[len(scheme) + 1 :]
+    if scheme == "mailto":
+        if not rest:
+            raise MessageError(f"list URI {value!r} names no address (RFC 6068 §2)")
+    else:
+        try:
+            host = urlsplit(uri).hostname
+        except ValueError as exc:  # a malformed port or IPv6 literal
+            raise MessageError(f"list URI {value!r}: {exc}") from exc
+        if not rest.startswith("//") or not host:
+            raise MessageError(f"list URI {value!r} has no host (RFC 9110 §4.2)")
+    return uri
+
+
+def _ascii_mailto(uri: str) -> str:
+    """A mailto URI's non-ASCII text in 7 bits (RFC 6068 §2)."""
+    to, question, query = uri[len("mailto:") :].partition("?")
+    addresses = []
+    for item in to.split(","):
+        local, at, domain = item.rpartition("@")
+        if at and not domain.isascii():
+            try:
+                domain = Address.parse(f"x@{domain}").ascii_domain
+            except InvalidAddress as exc:
+                raise MessageError(f"list URI {uri!r}: {exc}") from exc
+            addresses.append(f"{local}@{domain}")
+        else:
+            addresses.append(item)
+    text = "mailto:" + ",".join(addresses) + question + query
+    # Only non-ASCII characters are encoded: the rest is checked as it is, so
+    # white space or a bracket is still refused rather than hidden.
+    return "".join(char if char.isascii() else quote(char, safe="") for char in text)
+
+
+def check_list_id(_instance: object, _attribute: object, value: str | None) -> None:
+    """Validator of ``ListHeaders.id`` (see :func:`list_id_parts`)."""
+    if value is not None:
+        list_id_parts(value)
+
+
+def list_id_parts(value: str) -> tuple[str, str]:
+    """``(phrase, list-id)`` of a List-Id given as ``"list.example.org"``,
+    ``"<list.example.org>"`` or ``"Description <list.example.org>"``.
+
+    Raises:
+        MessageError: not a string, a line break or other control character, or a
+            list-id that is not ``list-label.namespace`` (RFC 2919 §2) or is longer than
+            255 octets.
+    """
+    if not isinstance(value, str):
+        raise MessageError(f"a List-Id must be a string, got {type(value).__name__}")
+    _check_field("List-Id", value)
+    text = value.strip(" \t")
+    match = _LIST_ID_FIELD.fullmatch(text)
+    phrase, ident = (match.group("phrase").strip(" \t"), match.group("id")) if match else ("", text)
+    if _LIST_ID.fullmatch(ident) is None:
+        raise MessageError(
+            f"invalid List-Id {value!r} (RFC 2919 §2: [description] <list-label.namespace>, "
+            "the id a dot-atom such as 'news.example.org')"
+        )
+    if len(ident) > 255:
+        raise MessageError(f"List-Id {ident[:40]!r}... is longer than 255 octets (RFC 2919 §2)")
+    if any(char < " " or char == "\x7f" for char in phrase):
+        raise MessageError(f"List-Id {value!r}: control characters in its description")
+    return phrase, ident
+
+
+def check_list_headers(value: ListHeaders) -> None:
+    """The rules between :class:`~mailrelay.message.ListHeaders`' fields.
+
+    Raises:
+        MessageError: ``one_click`` that is not a bool, or asked for without exactly
+            one HTTPS and no HTTP unsubscribe URI.
+    """
+    if not isinstance(value.one_click, bool):
+        raise MessageError("one_click must be True or False")
+    if not value.one_click:
+        return
+    if not value.unsubscribe:
+        raise MessageError(
+            "one_click needs an unsubscribe URI: List-Unsubscribe-Post qualifies the "
+            "List-Unsubscribe field (RFC 8058 §3.1)"
+        )
+    # RFC 8058 §3.1: "The List-Unsubscribe header field MUST contain one HTTPS URI";
+    # the receiver POSTs to it, so two would be ambiguous and plain HTTP would send the
+    # request in the clear.
+    https = [uri for uri in value.unsubscribe if uri.startswith("https:")]
+    if len(https) != 1 or any(uri.startswith("http:") for uri in value.unsubscribe):
+        raise MessageError(
+            "one-click unsubscribe needs exactly one https: URI and no http: one in "
+            f"unsubscribe (RFC 8058 §3.1), got {list(value.unsubscribe)!r}"
+        )
+
+
+def _fold(name: str, items: list[str], limit: int) -> str:
+    """``items`` joined by single spaces after ``name: ``, folded before a space
+    (RFC 5322 §2.2.3) where a line would pass ``limit`` characters; returns the value
+    (folds as CRLF SP) without the name.
+
+    Raises:
+        MessageError: an item too long for a line of 998 characters (RFC 5322 §2.1.1).
+    """
+    lines = [f"{name}: {items[0]}"]
+    for item in items[1:]:
+        if len(lines[-1]) + 1 + len(item) <= limit:
+            lines[-1] += " " + item
+        else:
+            lines.append(" " + item)
+    if any(len(line) > _MAX_LINE for line in lines):
+        raise MessageError(
+            f"{name}: an item too long for one header line (RFC 5322 §2.1.1: 998 characters)"
+        )
+    return "\r\n".join(lines)[len(name) + 2 :]
+
+
+def _uri_field(name: str, uris: tuple[str, ...]) -> str:
+    # RFC 2369 §2: angle-bracketed URIs separated by commas, in order of preference;
+    # folding only between them (never inside the brackets).
+    items = [f"<{uri}>," for uri in uris[:-1]] + [f"<{uris[-1]}>"]
+    return _fold(name, items, _FOLD_AT)
+
+
+def _phrase_items(phrase: str, name: str) -> tuple[list[str], int]:
+    """A List-Id description as phrase words (RFC 5322 §3.2.5) and the fold limit."""
+    if not phrase:
+        return [], _FOLD_AT
+    if phrase.isascii():
+        if _ATEXT_WORDS.fullmatch(phrase):
+            return phrase.split(" "), _FOLD_AT
+        # RFC 5322 §3.2.4: a quoted-string, with DQUOTE and backslash escaped; "=?"
+        # inside one is no encoded-word (RFC 2047 §5).
+        return ['"' + phrase.replace("\\", "\\\\").replace('"', '\\"') + '"'], _FOLD_AT
+    # RFC 2047 §5(3): encoded-words of phrase-safe characters, each on its own line
+    # when needed, in lines of at most 76 characters.
+    return _mime._encoded_words(phrase, _FOLD_AT_EW - len(name) - 2), _FOLD_AT_EW
+
+
+def list_fields(value: ListHeaders) -> list[tuple[str, str]]:
+    """The fields ``value`` asks for, as ``(name, folded value)`` pairs in
+    :data:`LIST_FIELDS` order: 7-bit text both writers put on the wire as it is.
+
+    Raises:
+        MessageError: a field too long to write (a URI over 998 characters).
+    """
+    fields: list[tuple[str, str]] = []
+    if value.id is not None:
+        phrase, ident = list_id_parts(value.id)
+        items, limit = _phrase_items(phrase, "List-Id")
+        fields.append(("List-Id", _fold("List-Id", [*items, f"<{ident}>"], limit)))
+    if value.help:
+        fields.append(("List-Help", _uri_field("List-Help", value.help)))
+    if value.unsubscribe:
+        fields.append(("List-Unsubscribe", _uri_field("List-Unsubscribe", value.unsubscribe)))
+    if value.one_click:
+        fields.append(("List-Unsubscribe-Post", ONE_CLICK))
+    if value.subscribe:
+        fields.append(("List-Subscribe", _uri_field("List-Subscribe", value.subscribe)))
+    if value.post == ("NO",):
+        fields.append(("List-Post", "NO"))
+    elif value.post:
+        fields.append(("List-Post", _uri_field("List-Post", value.post)))
+    if value.owner:
+        fields.append(("List-Owner", _uri_field("List-Owner", value.owner)))
+    if value.archive:
+        fields.append(("List-Archive", _uri_field("List-Archive", value.archive)))
+    return fields
+
+
+def check_no_list_fields(extra: list[tuple[str, str]]) -> None:
+    """With ``list_headers`` given, ``headers`` may not hold a list field too (RFC 8058
+    §3.1 wants one List-Unsubscribe and one List-Unsubscribe-Post field)."""
+    for name, _ in extra:
+        if name.lower() in _LIST_FIELD_NAMES:
+            raise MessageError(f"header {name!r} is set by list_headers; leave it out of headers")

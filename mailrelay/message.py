@@ -22,6 +22,13 @@ Rules this module keeps:
   display name, address, file name or content type it is given, so a caller's
   input can never add header fields (header injection); the checks are in
   :mod:`mailrelay._buildargs`.
+* Mailing-list fields come from one :class:`ListHeaders` value, checked when it is
+  made: angle-bracketed ``mailto:``/``https:``/``http:`` URIs (RFC 2369 §2) that no
+  character can break out of, a List-Id of RFC 2919 §2's form, and one-click
+  unsubscribe (RFC 8058 §3.1) only beside exactly one HTTPS unsubscribe URI. Both
+  writers put the same pre-folded 7-bit text on the wire (RFC 8058 §4 wants
+  ``List-Unsubscribe`` and ``List-Unsubscribe-Post`` DKIM-signed:
+  :data:`mailrelay.dkim.DEFAULT_HEADERS` names both).
 * :meth:`Message.build` writes 7-bit headers: non-ASCII subjects, display names
   and other unstructured values become RFC 2047 encoded-words, IDN domains go
   out as A-labels, and non-ASCII text bodies are quoted-printable or base64, so
@@ -79,11 +86,24 @@ from mailrelay._buildargs import (
     _header_addresses,
     _mailbox,
     _spec,
+    check_list_headers,
+    check_list_id,
+    check_no_list_fields,
+    list_fields,
+    list_post,
+    list_uris,
 )
 from mailrelay.address import Address, _render_local
 from mailrelay.errors import InvalidAddress, MessageError
 
-__all__ = ["AddressLike", "Attachment", "Message", "MAX_HEADER_BYTES", "MAX_MAILBOX_CHARS"]
+__all__ = [
+    "AddressLike",
+    "Attachment",
+    "ListHeaders",
+    "Message",
+    "MAX_HEADER_BYTES",
+    "MAX_MAILBOX_CHARS",
+]
 
 #: An address as :meth:`Message.build` accepts it: an :class:`Address`, its text
 #: (``"a@example.org"`` or ``"Name <a@example.org>"``) or a ``(display name,
@@ -154,6 +174,70 @@ class Attachment:
             return self.content_type
         guessed, _ = mimetypes.guess_type(self.filename, strict=False)
         return guessed or "application/octet-stream"
+
+
+@attrs.frozen(kw_only=True)
+class ListHeaders:
+    """The mailing-list header fields of a built message: RFC 2369's ``List-*``
+    fields, RFC 2919's ``List-Id`` and RFC 8058's one-click unsubscribe.
+
+    Give it to :meth:`Message.build` as ``list_headers``. Every URI field takes one
+    URI or several (in order of preference), with or without angle brackets; each is
+    written between angle brackets, comma-separated (RFC 2369 §2). Only ``mailto:``,
+    ``https:`` and ``http:`` URIs are taken. A list's fixed fields can be made once
+    and the per-recipient unsubscribe URI added with :func:`attrs.evolve`.
+
+    Raises:
+        MessageError: from the constructor: a URI with another scheme, a line break,
+            white space, ``<``, ``>`` or any other character a URI cannot hold
+            (RFC 3986 §2), non-ASCII text in an ``http(s)`` URI, an ``http(s)`` URI
+            without a host; a List-Id that is not ``[description]
+            <list-label.namespace>`` or whose id passes 255 octets (RFC 2919 §2);
+            ``one_click`` without exactly one ``https:`` unsubscribe URI, or beside an
+            ``http:`` one (RFC 8058 §3.1), a ``mailto:`` URI whose IDN domain is
+            not valid.
+
+    Attributes:
+        id: ``List-Id``: ``"news.example.org"``, ``"<news.example.org>"`` or
+            ``"Autumn news <news.example.org>"`` (a non-ASCII description becomes
+            RFC 2047 encoded-words).
+        unsubscribe: ``List-Unsubscribe`` URIs. In a ``mailto:`` URI non-ASCII text
+            is percent-encoded as UTF-8 and a non-ASCII domain written in A-labels
+            (RFC 6068 §2); the stored value is that encoded form.
+        one_click: also write ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``
+            (RFC 8058): the receiver may then POST to the ``https:`` URI without
+            asking the reader to confirm. Sign the message with DKIM (RFC 8058 §4):
+            :class:`~mailrelay.dkim.DKIMSigner` covers both fields by default.
+        help: ``List-Help`` URIs.
+        subscribe: ``List-Subscribe`` URIs.
+        post: ``List-Post`` URIs, or ``"NO"`` for a list that takes no posts
+            (RFC 2369 §3.4).
+        owner: ``List-Owner`` URIs.
+        archive: ``List-Archive`` URIs.
+    """
+
+    id: str | None = attrs.field(default=None, validator=check_list_id)
+    unsubscribe: tuple[str, ...] = attrs.field(default=(), converter=list_uris)
+    one_click: bool = False
+    help: tuple[str, ...] = attrs.field(default=(), converter=list_uris)
+    subscribe: tuple[str, ...] = attrs.field(default=(), converter=list_uris)
+    post: tuple[str, ...] = attrs.field(default=(), converter=list_post)
+    owner: tuple[str, ...] = attrs.field(default=(), converter=list_uris)
+    archive: tuple[str, ...] = attrs.field(default=(), converter=list_uris)
+
+    def __attrs_post_init__(self) -> None:
+        check_list_headers(self)
+
+    def fields(self) -> list[tuple[str, str]]:
+        """Return the header fields as ``(name, value)`` pairs, in the order
+        :meth:`Message.build` writes them; values are 7-bit text, folded with CRLF SP
+        where a line would pass 78 characters (never inside angle brackets).
+
+        Raises:
+            MessageError: a URI too long for a header line (RFC 5322 §2.1.1: 998
+                characters).
+        """
+        return list_fields(self)
 
 
 class _Unknown(enum.Enum):
@@ -230,6 +314,7 @@ class Message:
         headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
         message_id: str | None = None,
         date: _dt.datetime | None = None,
+        list_headers: ListHeaders | None = None,
     ) -> Message:
         """Build a new message.
 
@@ -256,6 +341,10 @@ class Message:
             message_id: the Message-ID, with or without angle brackets; generated
                 from the sender's domain when omitted (and not in ``headers``).
             date: an aware datetime for ``Date``; now (UTC) when omitted.
+            list_headers: mailing-list and unsubscribe fields (``List-Id``,
+                ``List-Unsubscribe``, one-click ``List-Unsubscribe-Post``...), written
+                after ``Message-ID``; ``headers`` may then hold none of the
+                ``List-*`` fields it writes.
 
         Returns:
             The message.
@@ -263,7 +352,9 @@ class Message:
         Raises:
             MessageError: CR, LF or NUL in any field (header injection), a bad
                 header name, a repeated managed field, a bad content type,
-                Message-ID or date.
+                Message-ID or date, ``list_headers`` that is not a
+                :class:`ListHeaders` or beside a ``List-*`` field in ``headers``,
+                or a list field too long for a line.
             InvalidAddress: an address that is not a valid envelope address.
         """
         author = _mailbox("sender", sender)
@@ -290,6 +381,14 @@ class Message:
             if date.tzinfo is None or date.utcoffset() is None:
                 raise MessageError("date must be an aware datetime (RFC 5322 §3.3 needs a zone)")
         files = [_attachment(item) for item in attachments]
+        listed: list[tuple[str, str]] = []
+        if list_headers is not None:
+            if not isinstance(list_headers, ListHeaders):
+                raise MessageError(
+                    f"list_headers must be a ListHeaders, got {type(list_headers).__name__}"
+                )
+            check_no_list_fields(extra)
+            listed = list_headers.fields()
 
         all_boxes = [author, *to_list, *cc_list, *bcc_list, *reply_list]
         # An address with a non-ASCII local part has no 7-bit spelling, so the
@@ -315,6 +414,7 @@ class Message:
                     subject=subject,
                     date=None if "date" in extra_names else when,
                     message_id=message_id,
+                    listed=listed,
                     extra=extra,
                     text=text,
                     html=html,
@@ -324,6 +424,11 @@ class Message:
             except _mime.Unsupported:
                 pass  # a shape the direct writer leaves to the email package
         policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP.clone(cte_type="7bit")
+        if listed:
+            # The list fields are set as raw text (set_raw), already folded; "none" keeps
+            # the package from refolding a line a long URI makes longer than 78
+            # characters. It changes nothing else: every other field is a header object.
+            policy = policy.clone(refold_source="none")
 
         root = MIMEPart(policy=policy)
         try:
@@ -342,6 +447,8 @@ class Message:
                 root["Date"] = format_datetime(when)
             if message_id is not None:
                 root["Message-ID"] = f"<{message_id}>"
+            for name, value in listed:
+                root.set_raw(name, value)
             for name, value in extra:
                 root[name] = value
             root["MIME-Version"] = "1.0"
@@ -374,6 +481,7 @@ class Message:
         subject: str | None,
         date: _dt.datetime | None,
         message_id: str | None,
+        listed: list[tuple[str, str]],
         extra: list[tuple[str, str]],
         text: str | None,
         html: str | None,
@@ -408,6 +516,8 @@ class Message:
             lines.append(("Date: " + format_datetime(date), True))
         if message_id is not None:
             lines.append((f"Message-ID: <{message_id}>", True))
+        # Written and folded by ListHeaders.fields, the same text the general path sets.
+        lines += [(f"{name}: {value}", True) for name, value in listed]
         for name, value in extra:
             if name.lower() in _STRUCTURED_EXTRA:
                 raise _mime.Unsupported("a structured custom field")
