@@ -9,20 +9,28 @@ never expired, and the runner stopped).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterator
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 from mailrelay.address import Address
+from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import SessionRefused
+from mailrelay.message import Message
 from mailrelay.reply import Reply
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.tracker.async_engine import AsyncDeliveryTracker
 from mailrelay.tracker.engine import DeliveryTracker
 from mailrelay.tracker.retry import DomainLimits, DomainShaper, RetryPolicy
-from mailrelay.tracker.sqlite_store import SQLiteStore
-from mailrelay.tracker.store import MemoryStore, State, Store
+from mailrelay.tracker.sqlite_store import MIGRATIONS, SQLiteStore
+from mailrelay.tracker.store import MemoryStore, State, Store, envelope_to_json, to_micros
+from mailrelay.transport.base import BatchItem, Transport
 from mailrelay.transport.memory import MemoryTransport
 from tests.tracker.test_engine import T0, FakeClock, message, no_jitter, scripted
 
@@ -158,3 +166,319 @@ def test_a_clock_stepped_back_does_not_stretch_a_rate_limit() -> None:
     shaper.release("one.example", later, refused=None)
     assert shaper.acquire("one.example", T0) == T0 + dt.timedelta(seconds=2)
     assert shaper.acquire("one.example", T0 + dt.timedelta(seconds=2)) is None
+
+
+# -- transports that break the result contract ------------------------------------------
+
+
+class Scrambled(Transport):
+    """Answers each envelope recipient by a rule on its local part, then scrambles the
+    results: reversed, the first one repeated with the opposite outcome after it, and
+    a result for an address that was never asked."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, ...]] = []
+
+    def deliver(self, message: Message, envelope: Envelope) -> DeliveryResult:
+        self.sent.append(tuple(str(r.address) for r in envelope.recipients))
+        fates = {"ok": Outcome.ACCEPTED, "later": Outcome.TRANSIENT, "no": Outcome.PERMANENT}
+        found = [
+            RecipientResult(
+                address=r.address,
+                outcome=fates[r.address.local_part.lower().rstrip("0123456789")],
+                reply=Reply.of(250, "2.0.0 ok"),
+            )
+            for r in envelope.recipients
+        ]
+        found.reverse()
+        found.append(
+            attrs.evolve(
+                found[0],
+                outcome=Outcome.ACCEPTED
+                if found[0].outcome is not Outcome.ACCEPTED
+                else Outcome.PERMANENT,
+            )
+        )
+        found.append(
+            RecipientResult(address=Address.parse("stranger@example.org"), outcome=Outcome.ACCEPTED)
+        )
+        return DeliveryResult(recipients=found)
+
+
+def test_results_out_of_order_repeated_or_foreign_still_decide_each_recipient(
+    store: Store,
+) -> None:
+    """Results are matched by address when they are not in envelope order; a foreign
+    result changes nothing; and a recipient answered twice gets one of its answers (the
+    transport broke its contract: either is a decision, neither loses the recipient)."""
+    transport = Scrambled()
+    tracker = DeliveryTracker(transport, store, clock=FakeClock(), random=no_jitter)
+    envelope = Envelope(
+        Address.parse("sender@example.com"),
+        [
+            Recipient(Address.parse(text))
+            for text in (
+                "ok1@one.example",
+                "later@two.example",
+                "no@three.example",
+                "OK2@b\u00fccher.example",
+            )
+        ],
+    )
+    tracking_id = tracker.submit(message(), envelope)
+    tracker.run_pending()
+    states = {str(r.address): r.state for r in tracker.status(tracking_id).recipients}
+    assert states == {
+        "ok1@one.example": State.DELIVERED,
+        "later@two.example": State.DEFERRED,
+        "no@three.example": State.BOUNCED,
+        # Answered twice (accepted, then refused for good): either is a final state.
+        "OK2@b\u00fccher.example": states["OK2@b\u00fccher.example"],
+    }
+    assert states["OK2@b\u00fccher.example"] in {State.DELIVERED, State.BOUNCED}
+    assert len(transport.sent) == 1
+
+
+@pytest.mark.parametrize(
+    ("asked", "answered"),
+    [
+        ("u@xn--bcher-kva.example", "u@b\u00fccher.example"),  # A-label asked, U-label answered
+        ("u@b\u00fccher.example", "u@XN--BCHER-KVA.EXAMPLE"),
+        ("u@Example.ORG", "u@example.org"),
+    ],
+)
+def test_a_result_naming_the_domain_in_another_form_is_the_recipients(
+    store: Store, asked: str, answered: str
+) -> None:
+    """The domain is compared in one form (IDNA, case): a transport that reports the
+    recipient with its domain spelled otherwise still decides it."""
+
+    def handler(_message: Message, envelope: Envelope) -> DeliveryResult:
+        return DeliveryResult(
+            recipients=[RecipientResult(address=Address.parse(answered), outcome=Outcome.PERMANENT)]
+        )
+
+    tracker = DeliveryTracker(MemoryTransport(handler), store, clock=FakeClock())
+    tracking_id = tracker.submit(
+        message(), Envelope(Address.parse("s@example.com"), [Recipient(Address.parse(asked))])
+    )
+    tracker.run_pending()
+    assert tracker.status(tracking_id).recipients[0].state is State.BOUNCED
+
+
+# -- two workers, one lease -----------------------------------------------------------
+
+
+def _two_workers(
+    tmp_path: Path, late: Outcome, second: Outcome
+) -> tuple[DeliveryTracker, str, list[str]]:
+    """Worker A's send outlives its lease: during it, worker B (another connection to
+    the same database, as another process) claims the recipient and settles it with
+    ``second``; then A's send returns ``late``. Returns B and the message's id."""
+    path = tmp_path / "shared.db"
+    clock = FakeClock()
+    lease = dt.timedelta(minutes=1)
+    reports: list[str] = []
+    dsn = MemoryTransport(lambda m, _e: reports.append(m.as_bytes().decode()) or {})
+    replies = {
+        Outcome.ACCEPTED: Reply.of(250, "2.0.0 ok"),
+        Outcome.TRANSIENT: Reply.of(451, "4.3.0 later"),
+        Outcome.PERMANENT: Reply.of(550, "5.1.1 no such user"),
+    }
+    b = DeliveryTracker(
+        MemoryTransport(lambda _m, _e: {"a@example.org": replies[second]}),
+        SQLiteStore(path),
+        clock=clock,
+        random=no_jitter,
+        worker_id="B",
+        lease=lease,
+        dsn_transport=dsn,
+    )
+
+    def slow(_message: Message, _envelope: Envelope) -> dict[str, Reply]:
+        clock.advance(61)  # A's lease runs out while it sends
+        assert b.run_pending().messages >= 1  # the message (and a report it bounced)
+        return {"a@example.org": replies[late]}
+
+    a = DeliveryTracker(
+        MemoryTransport(slow),
+        SQLiteStore(path),
+        clock=clock,
+        random=no_jitter,
+        worker_id="A",
+        lease=lease,
+        dsn_transport=dsn,
+    )
+    tracking_id = a.submit(message(("a@example.org",)))
+    a.run_pending()
+    a.close()
+    return b, tracking_id, reports
+
+
+@pytest.mark.parametrize(
+    ("late", "second", "final"),
+    [
+        (Outcome.PERMANENT, Outcome.ACCEPTED, State.DELIVERED),
+        (Outcome.TRANSIENT, Outcome.ACCEPTED, State.DELIVERED),
+        (Outcome.ACCEPTED, Outcome.PERMANENT, State.BOUNCED),
+        # A's acceptance came after B's deferral: kept in the history only (the rule for a
+        # lost lease); the recipient is sent again, a duplicate, never a loss.
+        (Outcome.ACCEPTED, Outcome.TRANSIENT, State.DEFERRED),
+    ],
+)
+def test_a_late_result_for_a_lost_lease_never_overwrites_the_new_owners(
+    tmp_path: Path, late: Outcome, second: Outcome, final: State
+) -> None:
+    b, tracking_id, reports = _two_workers(tmp_path, late, second)
+    recipient = b.status(tracking_id).recipients[0]
+    assert recipient.state is final
+    assert [a.code for a in recipient.attempts] == [
+        {Outcome.ACCEPTED: 250, Outcome.TRANSIENT: 451, Outcome.PERMANENT: 550}[o]
+        for o in (second, late)
+    ]
+    # The late bounce reports nothing; B's own bounce is reported once.
+    b.run_pending()
+    assert len(reports) == (1 if final is State.BOUNCED else 0)
+    b.close()
+
+
+# -- a transport raising what is not an Exception ---------------------------------------
+
+
+class Raising(MemoryTransport):
+    """Raises ``error`` from every send (sync and async)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def send_many(self, items: Iterable[BatchItem]) -> list[DeliveryResult]:
+        raise self.error
+
+    async def asend_many(self, items: Iterable[BatchItem]) -> list[DeliveryResult]:
+        await asyncio.sleep(0)
+        raise self.error
+
+
+def _left_due(store: Store, tracking_id: str) -> None:
+    record = store.get(tracking_id)
+    assert record is not None
+    for recipient in record.recipients:
+        assert (recipient.state, recipient.attempts, recipient.lease_owner) == (
+            State.QUEUED,
+            (),
+            None,
+        )
+        assert recipient.next_attempt_at == T0
+
+
+@pytest.mark.parametrize(
+    "error", [KeyboardInterrupt(), SystemExit(3), asyncio.CancelledError(), GeneratorExit()]
+)
+def test_a_sync_transport_raising_a_base_exception_leaves_the_work_due(
+    store: Store, error: BaseException
+) -> None:
+    tracker = DeliveryTracker(Raising(error), store, clock=FakeClock())
+    tracking_id = tracker.submit(message())
+    with pytest.raises(type(error)):
+        tracker.run_pending()
+    _left_due(store, tracking_id)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), SystemExit(3), asyncio.CancelledError()])
+def test_an_async_transport_raising_a_base_exception_leaves_the_work_due(
+    tmp_path: Path, error: BaseException
+) -> None:
+    """``KeyboardInterrupt`` and ``SystemExit`` escape the event loop from the chunk's
+    task (asyncio re-raises them at once); ``CancelledError`` raised by the transport
+    itself (say, a timeout inside it), not by a cancel of the run. Either way what was
+    claimed goes back, due at once, nothing leased, no attempt recorded."""
+    path = tmp_path / "t.db"
+    store = SQLiteStore(path)
+    tracker = AsyncDeliveryTracker(Raising(error), store, clock=FakeClock())
+    tracking_id = tracker.submit(message())
+
+    async def main() -> None:
+        await tracker.arun_pending()
+
+    with pytest.raises(type(error)):
+        asyncio.run(main())
+    store.close()
+    reopened = SQLiteStore(path)  # what is stored, as a restarted process reads it
+    _left_due(reopened, tracking_id)
+    reopened.close()
+
+
+# -- schema migration with work in flight -----------------------------------------------
+
+
+def test_a_version_1_database_with_work_in_flight_is_migrated_and_resumed(
+    tmp_path: Path,
+) -> None:
+    """A database from the first schema, left by a worker that died holding a lease: the
+    migrations keep every row, the lease expires as before, only the unresolved are sent,
+    and the migrated rows read as the application's messages, never warned about."""
+    path = tmp_path / "old.db"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute("INSERT INTO schema_version VALUES (1)")
+    raw.executescript(MIGRATIONS[0])
+    rows = {
+        "m1": [
+            (
+                "a@example.org",
+                "sending",
+                None,
+                "dead-worker",
+                to_micros(T0 - dt.timedelta(minutes=1)),
+            ),
+            ("b@example.net", "delivered", None, None, None),
+        ],
+        "m2": [("c@example.org", "queued", to_micros(T0), None, None)],
+        "m3": [("d@example.org", "deferred", to_micros(T0 + dt.timedelta(hours=1)), None, None)],
+    }
+    for tracking_id, recipients in rows.items():
+        content = message(tuple(r[0] for r in recipients))
+        envelope = Envelope(Address.parse("sender@example.com"), [r[0] for r in recipients])
+        raw.execute(
+            "INSERT INTO messages (id, created_at, envelope, message_id, envid, size, content)"
+            " VALUES (?, ?, ?, ?, NULL, ?, ?)",
+            (
+                tracking_id,
+                to_micros(T0 - dt.timedelta(hours=2)),
+                envelope_to_json(envelope),
+                content.message_id,
+                content.size,
+                content.as_bytes(),
+            ),
+        )
+        for position, (address, state, due, owner, until) in enumerate(recipients):
+            raw.execute(
+                "INSERT INTO recipients (message, position, address, state, next_attempt_at,"
+                " lease_owner, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (tracking_id, position, address, state, due, owner, until),
+            )
+    raw.commit()
+    raw.close()
+    store = SQLiteStore(path)
+    assert store.schema_version == len(MIGRATIONS)
+    transport = MemoryTransport()
+    tracker = DeliveryTracker(transport, store, clock=FakeClock(), random=no_jitter)
+    assert tracker.run_pending().delivered == 2
+    sent = sorted(str(r.address) for item in transport.outbox for r in item.envelope.recipients)
+    assert sent == ["a@example.org", "c@example.org"]
+    states = {
+        str(r.address): r.state
+        for tracking_id in rows
+        for r in tracker.status(tracking_id).recipients
+    }
+    assert states == {
+        "a@example.org": State.DELIVERED,
+        "b@example.net": State.DELIVERED,
+        "c@example.org": State.DELIVERED,
+        "d@example.org": State.DEFERRED,
+    }
+    records = [tracker.status(tracking_id) for tracking_id in rows]
+    assert not any(r.notification for r in records)
+    assert not any(r.delay_warned for record in records for r in record.recipients)
+    tracker.close()
