@@ -173,10 +173,25 @@ def _validated(response: dns.message.Message | None) -> bool:
     return response is not None and bool(response.flags & dns.flags.AD)
 
 
+def _is_referral(response: dns.message.Message | None) -> bool:
+    """RFC 2308 §2.2: an answer without records, with NS records and no SOA in its
+    authority section, is a referral, not NODATA: the server did not recurse (it is not
+    a recursive resolver, or a broken forwarder passed an authoritative server's referral
+    on). It says nothing about whether the records exist."""
+    if response is None:
+        return False
+    authority = {rrset.rdtype for rrset in response.authority}
+    return dns.rdatatype.NS in authority and _SOA not in authority
+
+
 def _from_answer(answer: dns.resolver.Answer, limits: _Limits) -> _Answer:
     rrset = answer.rrset
     secure = _validated(answer.response)
     if rrset is None:
+        if _is_referral(answer.response):
+            # Read as NODATA it would make a deliverable domain "no mail host" (a bounce).
+            detail = "a referral, not an answer: the name server does not recurse"
+            return _Answer(DNSStatus.ERROR, (), limits.failure, detail)
         ttl = _negative_ttl(answer.response, limits.negative)
         return _Answer(DNSStatus.NODATA, (), ttl, secure=secure)
     ttl = float(min(answer.chaining_result.minimum_ttl, limits.positive))
