@@ -18,7 +18,9 @@ Rules of this module:
   addresses resolved by mailrelay's own :class:`~mailrelay.resolver.Resolver` (never the
   system's resolver), the certificate verified against ``mta-sts.<domain>`` (by default with
   the system's CAs), redirects never followed, only a ``200`` with media type ``text/plain``
-  accepted, at most :data:`MAX_POLICY_SIZE` bytes, and the whole fetch bounded by ``timeout``.
+  accepted, at most :data:`MAX_POLICY_SIZE` bytes, and the whole fetch bounded by ``timeout``,
+  the lookup of ``mta-sts.<domain>``'s addresses included (a lookup still blocked at the
+  deadline is left to finish in the background: :mod:`mailrelay.transport._https`).
 - Where fetches may go (server-side request forgery): ``mta-sts.<domain>`` is named by the
   recipient domain's DNS, so by default every address it resolves to must be public
   (:func:`~mailrelay.transport.netguard.is_public_address`: no loopback, RFC 1918,
@@ -66,7 +68,6 @@ import enum
 import http.client
 import logging
 import re
-import socket
 import ssl
 import threading
 import time
@@ -79,8 +80,8 @@ import attrs
 from mailrelay.errors import ConfigurationError, PolicyError, PolicyFetchError, ResolverError
 from mailrelay.options import TLS
 from mailrelay.resolver import AsyncResolver, Resolver
+from mailrelay.transport import _https
 from mailrelay.transport.mx_plan import MXPolicy, TLSPolicyHook
-from mailrelay.transport.netguard import non_public_addresses
 
 __all__ = [
     "DEFAULT_FETCH_TIMEOUT",
@@ -103,8 +104,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Seconds one policy fetch may take in all (connect, TLS, request, body). RFC 8461 §3.3
-#: asks for a timeout "on the order of a minute".
+#: Seconds one policy fetch may take in all (address lookup, connect, TLS, request, body).
+#: RFC 8461 §3.3 asks for a timeout "on the order of a minute".
 DEFAULT_FETCH_TIMEOUT: Final = 60.0
 #: RFC 8461 §3.3: a policy larger than 64 KB is not a policy.
 MAX_POLICY_SIZE: Final = 64 * 1024
@@ -615,27 +616,7 @@ class _Core:
         return other
 
 
-# -- fetching over HTTPS (stdlib only) -----------------------------------------------------
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to ``host`` at one address we resolved ourselves: TCP to ``address``, SNI,
-    certificate check and ``Host:`` header for ``host``."""
-
-    def __init__(
-        self, host: str, address: str, port: int, context: ssl.SSLContext, timeout: float
-    ) -> None:
-        super().__init__(host, port, timeout=timeout, context=context)
-        self._address = address
-        self._verifying = context
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        try:
-            self.sock = self._verifying.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
+# -- fetching over HTTPS (stdlib only; the machinery is transport._https's) ----------------
 
 
 def _read_body(
@@ -645,64 +626,41 @@ def _read_body(
     length = response.getheader("Content-Length")
     if length is not None and length.strip().isdigit() and int(length) > MAX_POLICY_SIZE:
         raise PolicyFetchError(f"the policy is {int(length)} bytes, more than {MAX_POLICY_SIZE}")
-    body = bytearray()
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise PolicyFetchError("timed out reading the policy")
-        if conn.sock is not None:
-            conn.sock.settimeout(left)
-        chunk = response.read1(MAX_POLICY_SIZE + 1 - len(body))
-        if not chunk:
-            return bytes(body)
-        body += chunk
-        if len(body) > MAX_POLICY_SIZE:
-            raise PolicyFetchError(f"the policy is more than {MAX_POLICY_SIZE} bytes")
-
-
-def _cut(conn: http.client.HTTPConnection) -> None:
-    """Shut the connection's socket down: a read blocked in another thread returns at once."""
-    sock = conn.sock
-    if sock is not None:
-        with contextlib.suppress(OSError):  # already closed
-            sock.shutdown(socket.SHUT_RDWR)
+    try:
+        # One byte more than a policy may have tells a policy too large.
+        body = _https.read_limited(response, conn, deadline, MAX_POLICY_SIZE + 1)
+    except TimeoutError:
+        raise PolicyFetchError("timed out reading the policy") from None
+    if len(body) > MAX_POLICY_SIZE:
+        raise PolicyFetchError(f"the policy is more than {MAX_POLICY_SIZE} bytes")
+    return body
 
 
 def _fetch_at(
     host: str, address: str, port: int, context: ssl.SSLContext, deadline: float
 ) -> bytes:
-    left = max(deadline - time.monotonic(), 0.001)
-    conn = _PinnedHTTPSConnection(host, address, port, context, left)
-    # A socket timeout bounds each read, not the fetch: a server that sends its headers a
-    # byte at a time could hold us for hours. At the deadline the watchdog cuts it off.
-    watchdog = threading.Timer(left, _cut, args=(conn,))
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        conn.request(
-            "GET",
-            POLICY_PATH,
-            headers={"Accept": "text/plain", "User-Agent": "mailrelay (MTA-STS)"},
-        )
-        response = conn.getresponse()
-        if 300 <= response.status < 400:
-            # RFC 8461 §3.3: redirects MUST NOT be followed.
-            where = response.getheader("Location", "?")
-            raise PolicyFetchError(f"HTTP {response.status} redirect to {where} (not followed)")
-        if response.status != 200:
-            raise PolicyFetchError(f"HTTP {response.status} {response.reason}")
-        kind = response.getheader("Content-Type")
-        # RFC 8461 §3.2: the policy is served as text/plain (parameters such as charset allowed).
-        if kind is None or kind.split(";", 1)[0].strip().lower() != "text/plain":
-            raise PolicyFetchError(f"media type {kind!r}, not text/plain")
-        return _read_body(response, conn, deadline)
-    except (OSError, http.client.HTTPException) as exc:
-        if time.monotonic() >= deadline:
-            raise PolicyFetchError(f"timed out ({type(exc).__name__}: {exc})") from None
-        raise
-    finally:
-        watchdog.cancel()
-        conn.close()
+    with _https.pinned_connection(host, (address,), port, context, deadline) as conn:
+        try:
+            conn.request(
+                "GET",
+                POLICY_PATH,
+                headers={"Accept": "text/plain", "User-Agent": "mailrelay (MTA-STS)"},
+            )
+            response = conn.getresponse()
+            # RFC 8461 §3.3: redirects MUST NOT be followed; only a 200 is a policy.
+            refusal = _https.status_refusal(response, lambda status: status == 200)
+            if refusal is not None:
+                raise PolicyFetchError(refusal)
+            kind = response.getheader("Content-Type")
+            # RFC 8461 §3.2: the policy is served as text/plain (parameters such as charset
+            # allowed).
+            if kind is None or kind.split(";", 1)[0].strip().lower() != "text/plain":
+                raise PolicyFetchError(f"media type {kind!r}, not text/plain")
+            return _read_body(response, conn, deadline)
+        except (OSError, http.client.HTTPException) as exc:
+            if time.monotonic() >= deadline:
+                raise PolicyFetchError(f"timed out ({type(exc).__name__}: {exc})") from None
+            raise
 
 
 def fetch_policy(
@@ -732,16 +690,10 @@ def fetch_policy(
     """
     host = f"mta-sts.{domain}"
     addresses = tuple(addresses)
-    if not allow_private_addresses:
-        # Every address that would be tried is checked before the first connection, and
-        # only these very addresses are connected to: a second lookup could answer
-        # differently (DNS rebinding).
-        refused = non_public_addresses(addresses)
-        if refused:
-            raise PolicyFetchError(
-                f"{host} resolves to {', '.join(refused)}, not a public address: refused "
-                "(pass allow_private_addresses=True to fetch from internal hosts)"
-            )
+    _https.refuse_private(
+        host, addresses, allow_private_addresses=allow_private_addresses,
+        error=PolicyFetchError, action="fetch from",
+    )  # fmt: skip
     deadline = time.monotonic() + timeout
     failures: list[str] = []
     for address in addresses:
@@ -773,6 +725,11 @@ def fetch_policy(
 _MAX_PLAN_STEPS: Final = 3
 
 
+def _lookup_timed_out(host: str, timeout: float) -> PolicyFetchError:
+    """The failed fetch of a policy host whose addresses were not found within ``timeout``."""
+    return PolicyFetchError(f"{host}: timed out resolving the name ({timeout:g} s)")
+
+
 class STSFailureReporter(Protocol):
     """What the hooks' ``tls_reporter`` must do (a
     :class:`~mailrelay.transport.tlsrpt.TLSReportCollector` does): take note of a failed
@@ -796,7 +753,8 @@ class MTASTS:
             addresses (share the transport's); ``None`` makes one reading the system's
             resolver configuration.
         port: the HTTPS port of the policy hosts (443; tests point it elsewhere).
-        timeout: seconds one policy fetch may take in all.
+        timeout: seconds one policy fetch may take in all, the lookup of
+            ``mta-sts.<domain>``'s addresses included.
         ssl_context: the context verifying the policy hosts' certificates; ``None``: the
             system's CAs.
         mx_ssl_context: the context verifying exchangers under an ``enforce`` policy;
@@ -890,15 +848,22 @@ class MTASTS:
                 return self.resolver.txt(request.name)
             except ResolverError as exc:
                 return exc
-        try:
-            found = self.resolver.addresses(f"mta-sts.{request.domain}")
-        except ResolverError as exc:
-            return PolicyFetchError(f"mta-sts.{request.domain}: {exc}")
         core = self._core
+        host = f"mta-sts.{request.domain}"
+        # The lookup of the policy host counts against the fetch's timeout: it runs in a
+        # worker thread, waited for until the deadline (see transport._https).
+        deadline = time.monotonic() + core.timeout
+        try:
+            found = _https.resolve_before(deadline, lambda: self.resolver.addresses(host))
+        except ResolverError as exc:
+            return PolicyFetchError(f"{host}: {exc}")
+        except TimeoutError:
+            return _lookup_timed_out(host, core.timeout)
         try:
             return fetch_policy(
                 request.domain, found.addresses, port=core.port, context=core.context(),
-                timeout=core.timeout, allow_private_addresses=core.allow_private_addresses,
+                timeout=max(deadline - time.monotonic(), 0.0),
+                allow_private_addresses=core.allow_private_addresses,
             )  # fmt: skip
         except PolicyFetchError as exc:
             return exc
@@ -1040,16 +1005,21 @@ class AsyncMTASTS:
                 return await self.resolver.txt(request.name)
             except ResolverError as exc:
                 return exc
-        try:
-            found = await self.resolver.addresses(f"mta-sts.{request.domain}")
-        except ResolverError as exc:
-            return PolicyFetchError(f"mta-sts.{request.domain}: {exc}")
         core = self._core
+        host = f"mta-sts.{request.domain}"
+        # The lookup of the policy host counts against the fetch's timeout.
+        deadline = time.monotonic() + core.timeout
+        try:
+            found = await asyncio.wait_for(self.resolver.addresses(host), core.timeout)
+        except ResolverError as exc:
+            return PolicyFetchError(f"{host}: {exc}")
+        except TimeoutError:
+            return _lookup_timed_out(host, core.timeout)
         try:
             # http.client blocks: the fetch runs in a worker thread, not on the loop.
             return await asyncio.to_thread(
                 fetch_policy, request.domain, found.addresses, port=core.port,
-                context=core.context(), timeout=core.timeout,
+                context=core.context(), timeout=max(deadline - time.monotonic(), 0.0),
                 allow_private_addresses=core.allow_private_addresses,
             )  # fmt: skip
         except PolicyFetchError as exc:

@@ -68,7 +68,8 @@ Rules of this module (RFC 8460 sections cited where they are enforced):
   ``TLS-Report-Submitter`` headers; Subject ``Report Domain: … Submitter: … Report-ID: <…>``.
 - HTTPS (§5.4): POST of the gzipped JSON, ``Content-Type: application/tlsrpt+gzip``, the
   server's certificate verified, redirects not followed, the whole exchange bounded in time
-  and the answer read to at most 64 KiB; any 2xx is success.
+  (the host's name resolution included: :mod:`mailrelay.transport._https`) and the answer
+  read to at most 64 KiB; any 2xx is success.
 - Where POSTs may go (server-side request forgery): the ``rua`` host is named by the
   recipient domain's DNS, so by default every address it resolves to (or the ``address=``
   given) must be public (:func:`~mailrelay.transport.netguard.is_public_address`: no
@@ -81,7 +82,6 @@ Rules of this module (RFC 8460 sections cited where they are enforced):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as _dt
 import enum
 import gzip
@@ -115,9 +115,9 @@ from mailrelay.errors import (
 )
 from mailrelay.message import Message
 from mailrelay.resolver import AsyncResolver, Resolver
+from mailrelay.transport import _https
 from mailrelay.transport.dane import HostState
 from mailrelay.transport.mx_plan import TLSAttempt
-from mailrelay.transport.netguard import non_public_addresses
 
 __all__ = [
     "DEFAULT_MAX_FAILURE_DETAILS",
@@ -838,59 +838,13 @@ def report_message(
     return Message.from_email(outer)
 
 
-# -- the HTTPS POST (RFC 8460 §5.4) -------------------------------------------------------------
+# -- the HTTPS POST (RFC 8460 §5.4; the machinery is transport._https's) ------------------------
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to ``host`` at addresses resolved (and checked) beforehand, tried in turn until
-    one accepts the TCP connection (certificate and SNI for ``host``), all before
-    ``deadline`` (a :func:`time.monotonic` time)."""
-
-    def __init__(
-        self,
-        host: str,
-        addresses: tuple[str, ...],
-        port: int,
-        context: ssl.SSLContext,
-        deadline: float,
-    ) -> None:
-        super().__init__(
-            host, port, timeout=max(deadline - time.monotonic(), 0.001), context=context
-        )
-        self._addresses = addresses
-        self._verifying = context
-        self._deadline = deadline
-
-    def connect(self) -> None:
-        sock: socket.socket | None = None
-        failure: OSError = OSError(f"{self.host} has no address")
-        for address in self._addresses:
-            # Each attempt gets only the time left: a host with many addresses that never
-            # answer must not stretch the exchange to ``timeout`` per address.
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                failure = TimeoutError(f"{self.host}: no address answered in time")
-                break
-            try:
-                # An address literal: create_connection does not resolve anything again.
-                sock = socket.create_connection((address, self.port), left)
-                break
-            except OSError as exc:
-                failure = exc
-        if sock is None:
-            raise failure
-        try:
-            self.sock = self._verifying.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
-
-
-def _cut(conn: http.client.HTTPConnection) -> None:
-    sock = conn.sock
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+def _now() -> float:
+    # Looked up through this module's ``time`` at each call, so that a clock set on this
+    # module drives the POST's deadline (tests move it by hand).
+    return time.monotonic()
 
 
 def _addresses_of(host: str, port: int) -> tuple[str, ...]:
@@ -918,7 +872,9 @@ def post_report(
         report: the report.
         url: the ``https:`` URI from the record.
         context: verifies the server's certificate (default: the system's CAs).
-        timeout: seconds the whole exchange may take.
+        timeout: seconds the whole exchange may take, the host's name resolution included
+            (a resolution still blocked then is left to finish in the background, in one of
+            a few daemon threads: the call returns at the deadline all the same).
         address: the IP address to connect to (default: the host's, from the system's
             resolver, tried in turn).
         port: the port to connect to instead of the URL's (tests use another).
@@ -932,9 +888,9 @@ def post_report(
         The 2xx status the server answered.
 
     Raises:
-        ReportError: not an https URL, an address that is not public (unless allowed), a
-            connection or TLS failure, a redirect (not followed), a status other than 2xx,
-            or the time ran out.
+        ReportError: not an https URL, a name that does not resolve (in time), an address
+            that is not public (unless allowed), a connection or TLS failure, a redirect
+            (not followed), a status other than 2xx, or the time ran out.
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() != "https" or not parts.hostname:
@@ -947,48 +903,42 @@ def post_report(
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     context = context if context is not None else ssl.create_default_context()
     body = report.gzipped()
-    deadline = time.monotonic() + timeout
-    addresses = (address,) if address is not None else _addresses_of(host, port)
-    if not allow_private_addresses:
-        # Every address that would be tried is checked before the first connection, and
-        # the connection goes only to these (a second lookup could answer differently:
-        # DNS rebinding). The URL itself is not named: its query may hold a token.
-        refused = non_public_addresses(addresses)
-        if refused:
-            raise ReportError(
-                f"{host} resolves to {', '.join(refused)}, not a public address: refused "
-                "(pass allow_private_addresses=True to post to internal hosts)"
+    deadline = _now() + timeout
+    if address is not None:
+        addresses: tuple[str, ...] = (address,)
+    else:
+        try:
+            addresses = _https.resolve_before(
+                deadline, lambda: _addresses_of(host, port), clock=_now
             )
-    left = max(deadline - time.monotonic(), 0.001)
-    conn = _HTTPSConnection(host, addresses, port, context, deadline)
-    # A socket timeout bounds each read, not the exchange: the watchdog cuts it at the deadline.
-    watchdog = threading.Timer(left, _cut, args=(conn,))
-    watchdog.daemon = True
-    watchdog.start()
+        except TimeoutError:
+            raise ReportError(f"{host}: cannot resolve: timed out") from None
+    # The URL itself is not named: its query may hold a token.
+    _https.refuse_private(
+        host, addresses, allow_private_addresses=allow_private_addresses, error=ReportError,
+        action="post to",
+    )  # fmt: skip
     try:
-        conn.request(
-            "POST",
-            path,
-            body=body,
-            headers={"Content-Type": GZIP_MEDIA_TYPE, "User-Agent": "mailrelay (TLS-RPT)"},
-        )
-        response = conn.getresponse()
-        response.read(MAX_RESPONSE_SIZE)  # bounded: the answer carries nothing we need
-        if 300 <= response.status < 400:
-            where = response.getheader("Location", "?")
-            raise ReportError(f"HTTP {response.status} redirect to {where} (not followed)")
-        if not 200 <= response.status < 300:
-            raise ReportError(f"HTTP {response.status} {response.reason}")
-        return response.status
+        with _https.pinned_connection(host, addresses, port, context, deadline, clock=_now) as conn:
+            conn.request(
+                "POST",
+                path,
+                body=body,
+                headers={"Content-Type": GZIP_MEDIA_TYPE, "User-Agent": "mailrelay (TLS-RPT)"},
+            )
+            response = conn.getresponse()
+            # Bounded: the answer carries nothing we need.
+            _https.read_limited(response, conn, deadline, MAX_RESPONSE_SIZE, clock=_now)
+            refusal = _https.status_refusal(response, lambda status: 200 <= status < 300)
+            if refusal is not None:
+                raise ReportError(refusal)
+            return response.status
     except ssl.SSLError as exc:
         raise ReportError(f"{url}: TLS failure: {exc}") from exc
     except (OSError, http.client.HTTPException) as exc:
-        if time.monotonic() >= deadline:
+        if _now() >= deadline:
             raise ReportError(f"{url}: timed out") from exc
         raise ReportError(f"{url}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        watchdog.cancel()
-        conn.close()
 
 
 async def apost_report(
@@ -1003,7 +953,8 @@ async def apost_report(
 ) -> int:
     """:func:`post_report` from asyncio: it runs in a worker thread (``http.client`` blocks,
     and so does the system's resolver), so the event loop never waits on the network. The
-    arguments are :func:`post_report`'s, ``allow_private_addresses`` included."""
+    arguments are :func:`post_report`'s, ``allow_private_addresses`` included; the timeout
+    bounds it the same way (name resolution included)."""
     return await asyncio.to_thread(
         post_report, report, url, context=context, timeout=timeout, address=address, port=port,
         allow_private_addresses=allow_private_addresses,
