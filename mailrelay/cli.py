@@ -47,17 +47,14 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import ssl  # the SSLContext for --ca-file (pyproject's per-file-ignores allow it here)
 import subprocess  # --oauth2-token-command runs the user's token command (no shell)
 import sys
 import tempfile
-import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn
 from urllib.parse import unquote
 
 import mailrelay
@@ -81,16 +78,7 @@ from mailrelay.message import Message
 from mailrelay.protocol.sasl import MECHANISMS
 from mailrelay.resolver import Resolver
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
-from mailrelay.tracker import (
-    DeliveryTracker,
-    DSNReport,
-    MessageRecord,
-    SQLiteStore,
-    State,
-    TrackerEvent,
-    parse_dsn,
-)
-from mailrelay.tracker.store import Attempt, RecipientRecord
+from mailrelay.tracker import DSNReport, parse_dsn
 from mailrelay.transport import SigningTransport, Transport, TransportURL, transport_from_url
 from mailrelay.transport.settings import PasswordProvider
 from mailrelay.validate import DEFAULT_SPECIAL_USE, RecipientValidator, Validation, Verdict
@@ -424,49 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     dsn.add_argument("file", metavar="FILE", help="the returned message; - is stdin")
     dsn.set_defaults(parser=dsn, handler=_cmd_parse_dsn)
 
-    tracker = commands.add_parser(
-        "tracker",
-        help="inspect or run a delivery tracker's SQLite store",
-        description="Inspect (status, list) or run a delivery tracker's SQLite store.",
-    )
-    tracker.add_argument("--db", required=True, metavar="PATH", help="the SQLite store")
-    actions = tracker.add_subparsers(dest="action", metavar="ACTION", required=True)
-    status = actions.add_parser(
-        "status", parents=[common], help="one message's recipients and attempts"
-    )
-    status.add_argument("tracking_id", metavar="ID")
-    status.set_defaults(parser=status, handler=_cmd_tracker_status)
-    listing = actions.add_parser("list", parents=[common], help="tracked messages, oldest first")
-    listing.add_argument(
-        "--state",
-        choices=[s.value for s in State],
-        help="only messages with a recipient in this state",
-    )
-    listing.add_argument(
-        "--older-than",
-        type=_duration,
-        metavar="AGE",
-        help="only messages submitted more than AGE ago (90s, 15m, 2h, 5d, 1w)",
-    )
-    listing.add_argument("--limit", type=_positive_int, metavar="N", help="at most N messages")
-    listing.set_defaults(parser=listing, handler=_cmd_tracker_list)
-    run = actions.add_parser(
-        "run", parents=[common], help="send what is due through a transport URL"
-    )
-    _transport_options(run)
-    run.add_argument(
-        "--forever",
-        action="store_true",
-        help="keep running, sleeping until work is due, until SIGINT or SIGTERM",
-    )
-    run.add_argument(
-        "--idle",
-        type=_positive_float,
-        default=60.0,
-        metavar="S",
-        help="with --forever: look for work from other processes at least this often (60 s)",
-    )
-    run.set_defaults(parser=run, handler=_cmd_tracker_run)
+    # The tracker's commands live in mailrelay.cli_tracker, which builds on this module's
+    # helpers: imported here, once this module is complete, so that either module may be
+    # imported first.
+    from mailrelay import cli_tracker  # noqa: PLC0415
+
+    cli_tracker.add_parser(commands, common)
     return parser
 
 
@@ -926,191 +877,6 @@ def _cmd_parse_dsn(args: argparse.Namespace) -> int:
                 r.diagnostic,
             )
         )
-    return EX_OK
-
-
-# -- tracker -------------------------------------------------------------------------------
-
-
-def _open_store(path: str) -> SQLiteStore:
-    """An existing store (a mistyped path must not create an empty database)."""
-    if not Path(path).is_file():
-        raise InputError(f"no tracker database at {path!r}")
-    return SQLiteStore(path)
-
-
-def _attempt_json(a: Attempt) -> dict[str, Any]:
-    return {
-        "at": _time(a.at),
-        "source": a.source,
-        "host": a.host,
-        "code": a.code,
-        "enhanced": a.enhanced,
-        "text": a.text,
-    }
-
-
-def _recipient_record_json(r: RecipientRecord) -> dict[str, Any]:
-    return {
-        "address": str(r.address),
-        "state": r.state.value,
-        "confirmed": r.confirmed,
-        "next_attempt_at": _time(r.next_attempt_at),
-        "attempts": [_attempt_json(a) for a in r.attempts],
-    }
-
-
-def _states(record: MessageRecord) -> str:
-    return ",".join(f"{state.value}={count}" for state, count in record.states().items())
-
-
-def _record_json(record: MessageRecord, *, attempts: bool) -> dict[str, Any]:
-    document: dict[str, Any] = {
-        "id": record.id,
-        "created_at": _time(record.created_at),
-        "message_id": record.message_id,
-        "sender": None if record.envelope.sender is None else str(record.envelope.sender),
-        "size": record.size,
-        "notification": record.notification,
-        "states": {state.value: count for state, count in record.states().items()},
-    }
-    if attempts:
-        document["recipients"] = [_recipient_record_json(r) for r in record.recipients]
-    return document
-
-
-def _last_attempt(r: RecipientRecord) -> str | None:
-    if not r.attempts:
-        return None
-    a = r.attempts[-1]
-    text = _one_line(a.text)
-    # A reply's text usually starts with its enhanced status already: say it once.
-    enhanced = "" if not a.enhanced or text.startswith(a.enhanced) else a.enhanced
-    words = [str(a.code) if a.code else "", enhanced, text]
-    return " ".join(w for w in words if w) or a.source
-
-
-def _cmd_tracker_status(args: argparse.Namespace) -> int:
-    store = _open_store(args.db)
-    try:
-        record = store.get(args.tracking_id)
-    finally:
-        store.close()
-    if record is None:
-        raise InputError(f"no tracked message with id {args.tracking_id!r}")
-    if args.json:
-        _emit_json(_record_json(record, attempts=True))
-        return EX_OK
-    sender = record.envelope.sender
-    for key, value in (
-        ("id", record.id),
-        ("created", _time(record.created_at)),
-        ("message-id", record.message_id),
-        ("sender", "<>" if sender is None else sender),
-        ("size", record.size),
-        ("states", _states(record)),
-    ):
-        print(f"{key}: {_field(value)}")
-    for r in record.recipients:
-        state = f"{r.state.value}+confirmed" if r.confirmed else r.state.value
-        print(_row(r.address, state, len(r.attempts), _time(r.next_attempt_at), _last_attempt(r)))
-    return EX_OK
-
-
-def _cmd_tracker_list(args: argparse.Namespace) -> int:
-    store = _open_store(args.db)
-    try:
-        before = None
-        if args.older_than is not None:
-            before = dt.datetime.now(dt.UTC) - args.older_than
-        state = None if args.state is None else State(args.state)
-        records = store.find(state=state, created_before=before, limit=args.limit)
-    finally:
-        store.close()
-    if args.json:
-        _emit_json([_record_json(r, attempts=False) for r in records])
-        return EX_OK
-    for record in records:
-        sender = record.envelope.sender
-        print(
-            _row(
-                record.id,
-                _time(record.created_at),
-                _states(record),
-                "<>" if sender is None else sender,
-                record.message_id,
-            )
-        )
-    return EX_OK
-
-
-def _print_event(event: TrackerEvent, out: TextIO) -> None:
-    attempt = event.attempt
-    recipient = event.recipient
-    line = _row(
-        event.tracking_id,
-        None if recipient is None else recipient.address,
-        event.kind.value,
-        None if attempt is None else attempt.code,
-        None if attempt is None else attempt.enhanced,
-        None if attempt is None else _one_line(attempt.text),
-    )
-    print(line, file=out, flush=True)
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Set ``stop`` on SIGINT and SIGTERM while the block runs (main thread only; elsewhere
-    the caller's own signal handling stays as it is)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        log.info("%s: stopping after the attempt in progress", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _cmd_tracker_run(args: argparse.Namespace) -> int:
-    store = _open_store(args.db)
-    try:
-        transport = _open_transport(args)
-    except BaseException:
-        store.close()
-        raise
-    tracker = DeliveryTracker(transport, store)
-    try:
-        if not args.json:
-            out = sys.stdout
-            for kind in ("delivered", "deferred", "bounced", "expired"):
-                tracker.on(kind, lambda event: _print_event(event, out))
-        if args.forever:
-            stop = threading.Event()
-            with _stop_on_signals(stop):
-                tracker.run_forever(stop, idle=args.idle)
-            return EX_OK
-        summary = tracker.run_pending()
-    finally:
-        tracker.close()
-    counts = {
-        "messages": summary.messages,
-        "delivered": summary.delivered,
-        "deferred": summary.deferred,
-        "bounced": summary.bounced,
-        "expired": summary.expired,
-        "postponed": summary.postponed,
-    }
-    if args.json:
-        _emit_json(counts)
-    else:
-        print(" ".join(f"{key}={value}" for key, value in counts.items()))
     return EX_OK
 
 
