@@ -24,7 +24,8 @@ already catches ``ValueError`` or ``TimeoutError`` keeps working::
         ├── AuthenticationError                  credentials refused, or AUTH not possible safely
         ├── SessionRefused                       the server refused the session (greeting, 421)
         ├── ServerProtocolError                  the server broke the protocol mid-session
-        └── NoRoute                              no mail exchanger to try (null MX, NXDOMAIN, ...)
+        ├── NoRoute                              no mail exchanger to try (null MX, NXDOMAIN, ...)
+        └── LocalMTAError                        the local sendmail program failed (exit status)
 
 A refused *recipient* is never an exception: it is a
 :class:`~mailrelay.results.RecipientResult` with a transient or permanent outcome.
@@ -51,6 +52,7 @@ __all__ = [
     "DeliveryError",
     "DeliveryTimeout",
     "InvalidAddress",
+    "LocalMTAError",
     "LocalProtocolError",
     "MailRelayError",
     "MessageError",
@@ -262,3 +264,27 @@ class NoRoute(DeliveryError):
     no address for any exchanger)."""
 
     transient_by_default = False
+
+
+class LocalMTAError(DeliveryError):
+    """The local mail transfer agent's ``sendmail`` program did not take the message: it
+    exited with a non-zero status (``sysexits.h``), was killed by a signal, or stopped
+    reading the message before its end.
+
+    Attributes:
+        exit_status: the program's exit status; negative when it was killed by that signal
+            (as :mod:`subprocess` reports it); ``None`` when it exited with 0 but did not
+            read the whole message.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        is_transient: bool | None = None,
+        reply: Reply | None = None,
+        host: str | None = None,
+        exit_status: int | None = None,
+    ) -> None:
+        super().__init__(message, is_transient=is_transient, reply=reply, host=host)
+        self.exit_status = exit_status
