@@ -34,7 +34,7 @@ import email.headerregistry
 import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from mailrelay import _mime
 from mailrelay.address import Address
@@ -259,16 +259,23 @@ _MAX_LINE = 998
 def list_uris(value: str | Iterable[str] | None) -> tuple[str, ...]:
     """Converter of :class:`~mailrelay.message.ListHeaders`' URI fields: one URI or
     several, each checked and in its written form (see :func:`list_uri`)."""
+    return tuple(list_uri(item) for item in _uri_items(value))
+
+
+def _uri_items(value: str | Iterable[str] | None) -> list[str]:
     if value is None:
-        return ()
-    items = [value] if isinstance(value, str) else list(value)
-    return tuple(list_uri(item) for item in items)
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Iterable):
+        raise MessageError(f"list URIs must be a string or strings, got {type(value).__name__}")
+    return list(value)
 
 
 def list_post(value: str | Iterable[str] | None) -> tuple[str, ...]:
     """Converter of ``ListHeaders.post``: URIs, or ``"NO"`` alone (RFC 2369 §3.4: a
     list that takes no posts)."""
-    items = [] if value is None else [value] if isinstance(value, str) else list(value)
+    items = _uri_items(value)
     if "NO" in items:
         if len(items) != 1:
             raise MessageError('List-Post "NO" cannot be given beside URIs (RFC 2369 §3.4)')
@@ -322,14 +329,28 @@ def list_uri(value: str) -> str:
     if scheme == "mailto":
         if not rest:
             raise MessageError(f"list URI {value!r} names no address (RFC 6068 §2)")
+        _check_mailto_addresses(value, rest.partition("?")[0])
     else:
         try:
-            host = urlsplit(uri).hostname
+            parts = urlsplit(uri)
+            host = parts.hostname
+            parts.port  # noqa: B018 -- read for its check: ValueError on a bad port
         except ValueError as exc:  # a malformed port or IPv6 literal
             raise MessageError(f"list URI {value!r}: {exc}") from exc
         if not rest.startswith("//") or not host:
             raise MessageError(f"list URI {value!r} has no host (RFC 9110 §4.2)")
     return uri
+
+
+def _check_mailto_addresses(value: str, to: str) -> None:
+    """RFC 6068 §2: the part before ``?`` is a list of addr-specs, percent-encoded."""
+    if not to:
+        return  # the addresses may all be in a "to=" field (RFC 6068 §2)
+    for item in to.split(","):
+        try:
+            Address.parse(unquote(item))
+        except InvalidAddress as exc:
+            raise MessageError(f"list URI {value!r}: {exc}") from exc
 
 
 def _ascii_mailto(uri: str) -> str:
@@ -445,10 +466,11 @@ def _phrase_items(phrase: str, name: str) -> tuple[list[str], int]:
     if not phrase:
         return [], _FOLD_AT
     if phrase.isascii():
-        if _ATEXT_WORDS.fullmatch(phrase):
+        if _ATEXT_WORDS.fullmatch(phrase) and "=?" not in phrase:
             return phrase.split(" "), _FOLD_AT
         # RFC 5322 §3.2.4: a quoted-string, with DQUOTE and backslash escaped; "=?"
-        # inside one is no encoded-word (RFC 2047 §5).
+        # inside one is no encoded-word (RFC 2047 §5), so text that looks like one
+        # is shown as it was given.
         return ['"' + phrase.replace("\\", "\\\\").replace('"', '\\"') + '"'], _FOLD_AT
     # RFC 2047 §5(3): encoded-words of phrase-safe characters, each on its own line
     # when needed, in lines of at most 76 characters.
