@@ -78,6 +78,7 @@ from mailrelay.tracker.store import (
     new_claim,
     records_from_rows,
     repeats_confirmation,
+    row_for,
     time_or_none,
     to_micros,
 )
@@ -740,7 +741,7 @@ class PostgresStore:
                 recipients = current.get(tracking_id, {})
                 changed = []
                 for change in changes:
-                    row = recipients.get(str(change.address))
+                    row = row_for(recipients, change.address)
                     if row is None:
                         continue
                     if change.attempt is not None:

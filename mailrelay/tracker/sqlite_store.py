@@ -79,6 +79,7 @@ from mailrelay.tracker.store import (
     records_from_rows,
     remember_address,
     repeats_confirmation,
+    row_for,
     time_or_none,
     to_micros,
 )
@@ -832,7 +833,7 @@ class SQLiteStore:
                 raise KeyError(tracking_id)
             changed = []
             for change in changes:
-                row = recipients.get(str(change.address))
+                row = row_for(recipients, change.address)
                 if row is None:
                     continue
                 position = row[0]

@@ -53,13 +53,14 @@ import json
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from json.encoder import encode_basestring as _json_str  # json's own string quoting
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import attrs
 
 from mailrelay._slots import new_instance, slot_setters
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Recipient
+from mailrelay.errors import InvalidAddress
 
 __all__ = [
     "Attempt",
@@ -76,6 +77,7 @@ __all__ = [
     "cached_address",
     "remember_address",
     "repeats_confirmation",
+    "row_for",
     "envelope_from_json",
     "envelope_to_json",
     "attempt_values",
@@ -594,6 +596,8 @@ class Store(Protocol):
 # Envelope serialization, shared by the stores that keep text
 
 
+_Row = TypeVar("_Row")
+
 # Addresses by their canonical text (str(address)), for cached_address.
 _ADDRESSES: dict[str, Address] = {}
 _ADDRESS_CACHE_SIZE = 4096
@@ -612,6 +616,28 @@ def cached_address(text: str) -> Address:
         found = Address.parse(text)
         remember_address(text, found)
     return found
+
+
+def row_for(rows: dict[str, _Row], address: Address) -> _Row | None:
+    """The row of ``address`` among a message's recipient rows keyed by their stored
+    address text, or ``None``.
+
+    Stores write ``str(address)``, so the text finds it (the common case). A row written
+    in another spelling (by an older version, or another writer: an A-label or
+    upper-case domain) is found by the address it parses to: missing it would drop the
+    change, leaving the recipient as it was (SENDING, re-sent at every lease and never
+    expiring; a cancel that cancels nothing).
+    """
+    row = rows.get(str(address))
+    if row is not None:
+        return row
+    for text, candidate in rows.items():
+        try:
+            if cached_address(text) == address:
+                return candidate
+        except InvalidAddress:  # a row no address can match
+            continue
+    return None
 
 
 def remember_address(text: str, address: Address) -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from pathlib import Path
 
 import attrs
@@ -27,6 +28,8 @@ from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.tracker.async_engine import AsyncDeliveryTracker
 from mailrelay.tracker.engine import DeliveryTracker
+from mailrelay.tracker.events import TrackerEvent
+from mailrelay.tracker.postgres_store import PostgresStore
 from mailrelay.tracker.retry import DomainLimits, DomainShaper, RetryPolicy
 from mailrelay.tracker.sqlite_store import MIGRATIONS, SQLiteStore
 from mailrelay.tracker.store import MemoryStore, State, Store, envelope_to_json, to_micros
@@ -279,7 +282,12 @@ def _two_workers(
     clock = FakeClock()
     lease = dt.timedelta(minutes=1)
     reports: list[str] = []
-    dsn = MemoryTransport(lambda m, _e: reports.append(m.as_bytes().decode()) or {})
+
+    def report(sent: Message, _envelope: Envelope) -> dict[str, Reply]:
+        reports.append(sent.as_bytes().decode())
+        return {}
+
+    dsn = MemoryTransport(report)
     replies = {
         Outcome.ACCEPTED: Reply.of(250, "2.0.0 ok"),
         Outcome.TRANSIENT: Reply.of(451, "4.3.0 later"),
@@ -355,7 +363,9 @@ class Raising(MemoryTransport):
     def send_many(self, items: Iterable[BatchItem]) -> list[DeliveryResult]:
         raise self.error
 
-    async def asend_many(self, items: Iterable[BatchItem]) -> list[DeliveryResult]:
+    async def asend_many(
+        self, items: Iterable[BatchItem] | AsyncIterable[BatchItem]
+    ) -> list[DeliveryResult]:
         await asyncio.sleep(0)
         raise self.error
 
@@ -423,7 +433,7 @@ def test_a_version_1_database_with_work_in_flight_is_migrated_and_resumed(
     raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
     raw.execute("INSERT INTO schema_version VALUES (1)")
     raw.executescript(MIGRATIONS[0])
-    rows = {
+    rows: dict[str, list[tuple[str, str, int | None, str | None, int | None]]] = {
         "m1": [
             (
                 "a@example.org",
@@ -482,3 +492,151 @@ def test_a_version_1_database_with_work_in_flight_is_migrated_and_resumed(
     assert not any(r.notification for r in records)
     assert not any(r.delay_warned for record in records for r in record.recipients)
     tracker.close()
+
+
+# -- cancel() racing a send -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("answer", [Reply.of(250, "2.0.0 ok"), Reply.of(550, "5.1.1 gone")])
+def test_a_cancel_during_the_send_keeps_the_answer_in_the_history_only(
+    store: Store, answer: Reply
+) -> None:
+    """Cancelled while its send is in flight: the answer is kept in the history, the
+    recipient stays CANCELLED, no event fires for it, and no failure report is made."""
+    holder: list[DeliveryTracker] = []
+    ids: list[str] = []
+
+    def cancelling(_message: Message, _envelope: Envelope) -> dict[str, Reply]:
+        assert [str(a) for a in holder[0].cancel(ids[0])] == ["a@example.org"]
+        return {"a@example.org": answer}
+
+    reports = MemoryTransport()
+    tracker = DeliveryTracker(
+        MemoryTransport(cancelling), store, clock=FakeClock(), dsn_transport=reports
+    )
+    holder.append(tracker)
+    seen: list[TrackerEvent] = []
+    for kind in ("delivered", "bounced", "deferred", "expired"):
+        tracker.on(kind, seen.append)
+    ids.append(tracker.submit(message(("a@example.org",))))
+    summary = tracker.run_pending()
+    assert (summary.delivered, summary.bounced) == (0, 0)
+    recipient = tracker.status(ids[0]).recipients[0]
+    assert recipient.state is State.CANCELLED
+    assert [a.code for a in recipient.attempts] == [answer.code]
+    assert seen == []
+    assert reports.outbox == []
+    assert tracker.next_due() is None
+
+
+# -- rows whose address text is not today's canonical form ------------------------------
+
+
+def _legacy_database(path: Path, stored: str) -> None:
+    """A database whose recipient row spells its address ``stored`` (an older writer's
+    form: an A-label domain, an upper-case domain) rather than ``str(Address)``."""
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute("INSERT INTO schema_version VALUES (1)")
+    raw.executescript(MIGRATIONS[0])
+    content = message(("u@xn--bcher-kva.example",))
+    envelope = json.dumps(
+        {
+            "envid": None,
+            "notify": None,
+            "recipients": [{"address": stored, "notify": None, "orcpt": None}],
+            "requiretls": False,
+            "ret": None,
+            "sender": "sender@example.com",
+        }
+    )
+    raw.execute(
+        "INSERT INTO messages (id, created_at, envelope, message_id, envid, size, content)"
+        " VALUES ('m1', ?, ?, NULL, NULL, ?, ?)",
+        (to_micros(T0), envelope, content.size, content.as_bytes()),
+    )
+    raw.execute(
+        "INSERT INTO recipients (message, position, address, state, next_attempt_at)"
+        " VALUES ('m1', 0, ?, 'queued', ?)",
+        (stored, to_micros(T0)),
+    )
+    raw.commit()
+    raw.close()
+
+
+STORED_FORMS = ["u@xn--bcher-kva.example", "u@B\u00dcCHER.example", "u@XN--BCHER-KVA.EXAMPLE"]
+
+
+@pytest.mark.parametrize("stored", STORED_FORMS)
+def test_a_cancel_finds_a_recipient_stored_in_another_spelling(tmp_path: Path, stored: str) -> None:
+    _legacy_database(tmp_path / "old.db", stored)
+    tracker = DeliveryTracker(
+        MemoryTransport(), SQLiteStore(tmp_path / "old.db"), clock=FakeClock()
+    )
+    assert [str(a) for a in tracker.cancel("m1")] == ["u@b\u00fccher.example"]
+    assert tracker.status("m1").recipients[0].state is State.CANCELLED
+    assert tracker.run_pending().messages == 0
+    tracker.close()
+
+
+@pytest.mark.parametrize("stored", STORED_FORMS)
+def test_a_lost_fast_path_still_records_a_recipient_stored_in_another_spelling(
+    tmp_path: Path, stored: str
+) -> None:
+    """A worker's result takes the general path when the fast one cannot (here: the
+    store that claimed is not the one that records, as after a restart); the result
+    must still reach the recipient, or it would stay SENDING, re-sent at every lease
+    and never expiring."""
+    path = tmp_path / "old.db"
+    _legacy_database(path, stored)
+    claiming = SQLiteStore(path)
+    recording = SQLiteStore(path)
+    clock = FakeClock()
+    tracker = DeliveryTracker(
+        MemoryTransport(lambda _m, _e: {"u@b\u00fccher.example": Reply.of(550, "5.1.1 gone")}),
+        claiming,
+        clock=clock,
+        worker_id="w1",
+    )
+    tracker.store = recording  # results go through another connection's store
+    claims = claiming.claim(worker="w1", now=T0, lease=dt.timedelta(minutes=5), limit=10)
+    tracker._run_batch(claims)
+    recipient = tracker.status("m1").recipients[0]
+    assert (recipient.state, [a.code for a in recipient.attempts]) == (State.BOUNCED, [550])
+    claiming.close()
+    recording.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+@pytest.mark.parametrize("stored", STORED_FORMS)
+def test_every_sql_store_finds_a_recipient_stored_in_another_spelling(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: str, stored: str
+) -> None:
+    """The same through the store protocol, on both SQL stores: the row is respelled in
+    place, then a change for the recipient (a cancel) must reach it."""
+    store: Store
+    if kind == "postgres":
+        store = request.getfixturevalue("postgres_store")
+    else:
+        store = SQLiteStore(tmp_path / "t.db")
+    tracker = DeliveryTracker(MemoryTransport(), store, clock=FakeClock())
+    tracking_id = tracker.submit(
+        message(),
+        Envelope(
+            Address.parse("s@example.com"), [Recipient(Address.parse("u@b\u00fccher.example"))]
+        ),
+    )
+    if isinstance(store, SQLiteStore):
+        raw = sqlite3.connect(tmp_path / "t.db")
+        raw.execute("UPDATE recipients SET address = ?", (stored,))
+        raw.commit()
+        raw.close()
+    else:
+        assert isinstance(store, PostgresStore)
+        conn = store._connection()
+        conn.execute("UPDATE recipients SET address = %s", (stored,))
+        conn.commit()
+    assert [str(a) for a in tracker.cancel(tracking_id)] == ["u@b\u00fccher.example"]
+    assert tracker.status(tracking_id).recipients[0].state is State.CANCELLED
+    if isinstance(store, SQLiteStore):
+        store.close()
