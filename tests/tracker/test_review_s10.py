@@ -27,7 +27,9 @@ from mailrelay.message import Message
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.tracker.async_engine import AsyncDeliveryTracker
-from mailrelay.tracker.engine import DeliveryTracker
+from mailrelay.tracker.dsn import DSNAction, DSNRecipient
+from mailrelay.tracker.dsn_build import build_dsn
+from mailrelay.tracker.engine import VERP, DeliveryTracker
 from mailrelay.tracker.events import TrackerEvent
 from mailrelay.tracker.postgres_store import PostgresStore
 from mailrelay.tracker.retry import DomainLimits, DomainShaper, RetryPolicy
@@ -640,3 +642,137 @@ def test_every_sql_store_finds_a_recipient_stored_in_another_spelling(
     assert tracker.status(tracking_id).recipients[0].state is State.CANCELLED
     if isinstance(store, SQLiteStore):
         store.close()
+
+
+# -- hostile or misdirected DSNs ----------------------------------------------------------
+
+
+def _dsn(
+    tracker: DeliveryTracker, tracking_id: str, address: str, action: DSNAction, envid: str
+) -> bytes:
+    return build_dsn(
+        original=tracker.store.content(tracking_id),
+        envelope_sender="sender@example.com",
+        recipients=[
+            DSNRecipient(
+                address=address,
+                action=action,
+                status="2.0.0" if action is DSNAction.DELIVERED else "5.1.1",
+                remote_mta="mx.downstream.example",
+            )
+        ],
+        reporting_mta="mx.downstream.example",
+        envid=envid,
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "cancel", "address", "action"),
+    [
+        # A report naming a recipient the message never had: nothing changes.
+        (None, False, "stranger@example.org", DSNAction.FAILED),
+        (None, False, "stranger@example.org", DSNAction.DELIVERED),
+        # A (forged) success for a recipient bounced at our attempt: history only.
+        (Reply.of(550, "5.1.1 gone"), False, "a@example.org", DSNAction.DELIVERED),
+        # Reports about a cancelled message: history only.
+        (None, True, "a@example.org", DSNAction.DELIVERED),
+        (None, True, "a@example.org", DSNAction.FAILED),
+    ],
+)
+def test_a_dsn_cannot_revive_or_invent_a_recipient(
+    store: Store, answer: Reply | None, cancel: bool, address: str, action: DSNAction
+) -> None:
+    handler = scripted({"a@example.org": answer} if answer is not None else {})
+    tracker = DeliveryTracker(MemoryTransport(handler), store, clock=FakeClock(), request_dsn=True)
+    tracking_id = tracker.submit(message(("a@example.org",)))
+    if cancel:
+        tracker.cancel(tracking_id)
+    else:
+        tracker.run_pending()
+    before = tracker.status(tracking_id).recipients[0]
+    match = tracker.ingest_dsn(_dsn(tracker, tracking_id, address, action, envid=tracking_id))
+    assert match.tracking_id == tracking_id
+    assert match.changed == ()
+    after = tracker.status(tracking_id).recipients[0]
+    assert (after.state, after.confirmed) == (before.state, before.confirmed)
+    assert tracker.next_due() is None
+
+
+def test_the_trackers_own_report_fed_back_through_verp_changes_nothing(store: Store) -> None:
+    """With VERP, the failure report the tracker generates goes to the VERP address,
+    where the bounce processor feeds it to ``ingest_dsn``: it is about a bounce already
+    recorded, and must change nothing (nor loop)."""
+    reports = MemoryTransport()
+    tracker = DeliveryTracker(
+        MemoryTransport(scripted({"a@example.org": Reply.of(550, "5.1.1 gone")})),
+        store,
+        clock=FakeClock(),
+        dsn_transport=reports,
+        verp=VERP(local="bounces", domain="shop.example"),
+    )
+    tracking_id = tracker.submit(message(("a@example.org",)))
+    tracker.run_pending()
+    assert len(reports.outbox) == 1
+    report = reports.outbox[0].message.as_bytes()
+    match = tracker.ingest_dsn(report)
+    assert (match.tracking_id, match.changed) == (tracking_id, ())
+    assert tracker.status(tracking_id).recipients[0].state is State.BOUNCED
+    assert tracker.run_pending().messages == 0
+    assert len(reports.outbox) == 1
+
+
+# -- expiry at the boundary -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("offset", "expected"),
+    [
+        (dt.timedelta(microseconds=-1), T0 + dt.timedelta(hours=1)),  # the deadline itself
+        (dt.timedelta(0), None),
+        (dt.timedelta(microseconds=1), None),
+    ],
+)
+def test_the_deadline_is_the_last_retry_and_a_refusal_there_expires(
+    offset: dt.timedelta, expected: dt.datetime | None
+) -> None:
+    policy = RetryPolicy(initial=600, jitter=0, max_age=3600)
+    when = policy.next_attempt(
+        recipient=Address.parse("a@example.org"),
+        reply=None,
+        retry=1,
+        created_at=T0,
+        now=T0 + dt.timedelta(hours=1) + offset,
+        random=no_jitter,
+    )
+    assert when == expected
+
+
+@pytest.mark.parametrize("last", [Reply.of(450, "4.2.1 busy"), Reply.of(250, "2.0.0 ok")])
+def test_a_recipient_refused_until_its_deadline_gets_its_last_try_there(
+    store: Store, last: Reply
+) -> None:
+    # A refusal about the mailbox (4.2.x): the relay itself is not backed off.
+    later = Reply.of(450, "4.2.1 busy")
+    answers: list[Reply] = [later] * 6 + [last]
+    clock = FakeClock()
+    transport = MemoryTransport(lambda _m, _e: {"a@example.org": answers.pop(0)})
+    tracker = DeliveryTracker(
+        transport,
+        store,
+        clock=clock,
+        random=no_jitter,
+        retry=RetryPolicy(initial=600, factor=1, jitter=0, max_age=3600),
+    )
+    tracking_id = tracker.submit(message(("a@example.org",)))
+    for _ in range(10):  # bounded: 7 tries are due, 10 minutes apart
+        tracker.run_pending()
+        due = tracker.next_due()
+        if due is None:
+            break
+        assert due <= T0 + dt.timedelta(hours=1)
+        clock.now = due
+    recipient = tracker.status(tracking_id).recipients[0]
+    assert [a.at for a in recipient.attempts] == [
+        T0 + dt.timedelta(minutes=10 * i) for i in range(7)
+    ]
+    assert recipient.state is (State.EXPIRED if last.code == 450 else State.DELIVERED)
