@@ -298,6 +298,7 @@ def list_uri(value: str) -> str:
     if not isinstance(value, str):
         raise MessageError(f"a list URI must be a string, got {type(value).__name__}")
     _check_field("list URI", value)
+    _check_encodable("list URI", value)
     uri = value
     if len(uri) >= 2 and uri[0] == "<" and uri[-1] == ">":
         uri = uri[1:-1]
@@ -353,6 +354,15 @@ def _check_mailto_addresses(value: str, to: str) -> None:
             raise MessageError(f"list URI {value!r}: {exc}") from exc
 
 
+def _check_encodable(what: str, value: str) -> None:
+    # A lone surrogate has no UTF-8 form: neither percent-encoding nor an
+    # encoded-word can carry it.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MessageError(f"{what} {value!r} is not encodable as UTF-8") from exc
+
+
 def _ascii_mailto(uri: str) -> str:
     """A mailto URI's non-ASCII text in 7 bits (RFC 6068 §2)."""
     to, question, query = uri[len("mailto:") :].partition("?")
@@ -391,6 +401,7 @@ def list_id_parts(value: str) -> tuple[str, str]:
     if not isinstance(value, str):
         raise MessageError(f"a List-Id must be a string, got {type(value).__name__}")
     _check_field("List-Id", value)
+    _check_encodable("List-Id", value)
     text = value.strip(" \t")
     match = _LIST_ID_FIELD.fullmatch(text)
     phrase, ident = (match.group("phrase").strip(" \t"), match.group("id")) if match else ("", text)

@@ -334,6 +334,8 @@ INVALID = [
     ),
     pytest.param({"unsubscribe": "mailto:u@-bad-.example"}, "list URI", id="mailto-bad-ascii"),
     pytest.param({"unsubscribe": "mailto:u@bü-.example"}, "list URI", id="mailto-bad-idn"),
+    pytest.param({"unsubscribe": "mailto:u\ud800@x.example"}, "UTF-8", id="mailto-surrogate"),
+    pytest.param({"id": "N\udfff <n.example.org>"}, "UTF-8", id="list-id-surrogate"),
     pytest.param({"unsubscribe": 42}, "string", id="not-a-string"),
     pytest.param({"unsubscribe": [HTTPS, None]}, "string", id="none-in-list"),
     pytest.param({"help": "ftp://x.example/"}, "mailto:, https:", id="help-scheme"),
