@@ -18,9 +18,11 @@ Rules of this module:
   ``getaddrinfo`` cannot be interrupted: the caller returns at the deadline and the thread
   finishes its lookup in the background, its answer dropped. The pool never grows beyond
   its size: while all its threads are blocked, further lookups wait in its queue, and one
-  whose caller's deadline passed first is dropped without running. Daemon threads, because
-  a lookup blocked for good must not hold the interpreter at exit (the workers of
-  :class:`concurrent.futures.ThreadPoolExecutor` are joined at exit).
+  whose caller's deadline passed first is dropped without running (it stays queued, a few
+  bytes, until a thread is free). The price of that bound: while every thread is blocked,
+  a name that would resolve at once waits too, and fails at its deadline like the others.
+  Daemon threads, because a lookup blocked for good must not hold the interpreter at exit
+  (the workers of :class:`concurrent.futures.ThreadPoolExecutor` are joined at exit).
 - Server-side request forgery (:mod:`mailrelay.transport.netguard`): every address is
   checked before the first connection (:func:`refuse_private`), and the connection goes
   only to those addresses, given as literals, so nothing is resolved again and DNS
@@ -235,6 +237,7 @@ class PinnedHTTPSConnection(http.client.HTTPSConnection):
                 failure = TimeoutError(f"{self.host}: no address answered in time")
                 break
             try:
+                # An address literal: create_connection does not resolve anything again.
                 sock = socket.create_connection((address, self.port), left)
                 break
             except OSError as exc:

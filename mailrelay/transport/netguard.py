@@ -26,7 +26,8 @@ Rules of this module:
   says.
 - Callers check *every* address a name resolves to before the first connection, refuse the
   whole name when one is not public, and then connect only to the addresses they checked
-  (never resolving again): that is what defeats DNS rebinding.
+  (never resolving again): that is what defeats DNS rebinding. Both callers do it through
+  :mod:`mailrelay.transport._https` (``refuse_private``, ``PinnedHTTPSConnection``).
 """
 
 from __future__ import annotations
