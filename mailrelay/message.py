@@ -194,8 +194,8 @@ class ListHeaders:
             without a host; a List-Id that is not ``[description]
             <list-label.namespace>`` or whose id passes 255 octets (RFC 2919 §2);
             ``one_click`` without exactly one ``https:`` unsubscribe URI, or beside an
-            ``http:`` one (RFC 8058 §3.1), a ``mailto:`` URI whose IDN domain is
-            not valid.
+            ``http:`` one (RFC 8058 §3.1), a ``mailto:`` URI naming an address
+            that is not valid.
 
     Attributes:
         id: ``List-Id``: ``"news.example.org"``, ``"<news.example.org>"`` or
@@ -343,8 +343,10 @@ class Message:
             date: an aware datetime for ``Date``; now (UTC) when omitted.
             list_headers: mailing-list and unsubscribe fields (``List-Id``,
                 ``List-Unsubscribe``, one-click ``List-Unsubscribe-Post``...), written
-                after ``Message-ID``; ``headers`` may then hold none of the
-                ``List-*`` fields it writes.
+                after ``Message-ID``; ``headers`` may then hold none of the eight
+                list fields (``List-Id``, ``List-Help``, ``List-Unsubscribe``,
+                ``List-Unsubscribe-Post``, ``List-Subscribe``, ``List-Post``,
+                ``List-Owner``, ``List-Archive``).
 
         Returns:
             The message.
