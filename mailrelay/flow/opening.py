@@ -126,23 +126,34 @@ class _Opening(_SessionCore):
             raise unasked
 
     def _hello(self) -> Step[None]:
+        # Each opening command is alone in flight: a reply beyond its own, already received
+        # with it, would answer the next one (STARTTLS, AUTH: a session going on
+        # unauthenticated, whose MAIL then gets AUTH's refusal), so it ends the session.
         name = _hello_name(self.config.local_hostname)
         if self.config.lmtp:
             # RFC 2033 §4.1: LHLO only; an LMTP server refusing it is not an SMTP server.
             yield from self._write(Lhlo(hostname=name), phase="greeting")
-            reply = yield from self._reply("greeting")
+            reply = yield from self._opening_reply("LHLO")
             yield from self._check_hello(reply, "LHLO")
             return
         yield from self._write(Ehlo(hostname=name), phase="greeting")
-        reply = yield from self._reply("greeting")
+        reply = yield from self._opening_reply("EHLO")
         if reply.code in _HELO_FALLBACK:
             log.debug("EHLO refused with %d; falling back to HELO", reply.code)
             yield from self._write(Helo(hostname=name), phase="greeting")
-            reply = yield from self._reply("greeting")
+            reply = yield from self._opening_reply("HELO")
             yield from self._check_hello(reply, "HELO")
             self._extensions = None
             return
         yield from self._check_hello(reply, "EHLO")
+
+    def _opening_reply(self, verb: str) -> Step[Reply]:
+        """The reply to ``verb``, the one command in flight (see :meth:`_hello`). A refusal
+        that ends the session stays the news, whatever came after it."""
+        reply = yield from self._reply("greeting")
+        if reply.is_positive or (verb == "EHLO" and reply.code in _HELO_FALLBACK):
+            yield from self._nothing_more(f"{verb} while opening the session")
+        return reply
 
     def _check_hello(self, reply: Reply, verb: str) -> Step[None]:
         if not reply.is_positive:
@@ -172,6 +183,9 @@ class _Opening(_SessionCore):
         if reply.code != 220:
             if not required:
                 # RFC 3207 §4: the client may go on without TLS when the server cannot start it.
+                # (A reply beyond the refusal would answer the next command. After a 220,
+                # bytes that came with it are refused by tls_established() below.)
+                yield from self._nothing_more("STARTTLS while opening the session")
                 log.debug("STARTTLS refused (%d); going on in plain text", reply.code)
                 return
             yield from self._abort()
@@ -274,8 +288,12 @@ class _Opening(_SessionCore):
             )
         last: Reply | None = None
         detail: str | None = None
-        for mechanism in mechanisms:
-            reply, detail = yield from self._sasl(mechanism, username, password)
+        when = "AUTH" if final else "AUTH while opening the session"
+        for index, mechanism in enumerate(mechanisms):
+            if index:
+                # A reply beyond the last refusal would answer this mechanism's AUTH.
+                yield from self._nothing_more(when)
+            reply, detail = yield from self._sasl(mechanism, username, password, when)
             if reply is None:
                 self.authenticated = True
                 return
@@ -302,10 +320,11 @@ class _Opening(_SessionCore):
         raise refusal
 
     def _sasl(
-        self, mechanism: Mechanism, username: str, password: str
+        self, mechanism: Mechanism, username: str, password: str, when: str
     ) -> Step[tuple[Reply | None, str | None]]:
         """One AUTH exchange: ``(None, None)`` on success, else the refusing reply and, for a
-        bearer-token mechanism, what the server's error challenge said."""
+        bearer-token mechanism, what the server's error challenge said. ``when``: where the
+        dialogue is, for the error a reply nobody asked for raises."""
         exchange = mechanism.start(username, password)
         try:
             initial = next(exchange)
@@ -332,6 +351,9 @@ class _Opening(_SessionCore):
             if reply.code != 334:
                 exchange.close()
                 return reply, detail
+            # One AUTH line in flight at a time (RFC 4954 §4): a reply beyond the challenge
+            # would answer our response. (After a final reply, the caller looks.)
+            yield from self._nothing_more(when)
             try:
                 challenge = base64.b64decode(reply.lines[0].strip(), validate=True)
                 response = exchange.send(challenge)

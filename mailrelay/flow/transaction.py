@@ -601,7 +601,7 @@ class _Delivery(_Opening):
                 else:
                     yield from self._finals(transaction)
                 return
-            reply = yield from self._reply("data_block")
+            reply = yield from self._chunk_reply(transaction)
             if transaction.all_final():
                 return
             if not reply.is_positive:
@@ -615,11 +615,27 @@ class _Delivery(_Opening):
                 self._needs_rset = False
                 yield from self._finals(transaction)
                 return
-            reply = yield from self._reply("data_block")
+            reply = yield from self._chunk_reply(transaction)
             if not reply.is_positive:
                 # RFC 3030 §2: after a refused chunk, send no more (the RSET comes next time).
                 transaction.settle_all(reply)
                 return
+
+    def _chunk_reply(self, transaction: _Transaction) -> Step[Reply]:
+        """The reply to a BDAT chunk that is not the last, alone in flight (RFC 3030 §2).
+
+        A reply beyond it, already received with it, would be taken for the next chunk's,
+        and the last chunk's for the message's final reply: a delivery the server never
+        confirmed. The session is out of step: it ends, and the recipients still open are
+        TRANSIENT (the last chunk was not sent, so the server cannot have taken the message).
+        """
+        reply = yield from self._reply("data_block")
+        unasked = yield from self._close_if_unsolicited("after a BDAT chunk")
+        if unasked is not None:
+            if isinstance(unasked, ServerProtocolError):
+                transaction.unfinished(None, "the server sent more after its reply to a chunk")
+            raise unasked
+        return reply
 
     def _empty_finals(self) -> Step[None]:
         """The reply(s) after the data of a transaction nobody is delivered in (every

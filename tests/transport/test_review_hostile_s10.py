@@ -1,0 +1,322 @@
+"""Adversarial review (session 10) of the SMTP client against hostile or broken servers.
+
+Each test drives a real client (both drivers: blocking and asyncio) against a small raw
+server on loopback whose every byte a handler function writes, so a test can send what no
+real server would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from mailrelay.errors import ServerProtocolError
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
+from mailrelay.results import Outcome
+from tests.transport.helpers import FLAVOURS, Flavour, make_message, send_with
+
+# Every blocking call of the server has this limit; a connection lives at most _LIFE s.
+_WAIT = 3.0
+_LIFE = 8.0
+_MAX_LINE = 65536
+_MAX_DATA = 8 * 1024 * 1024
+
+
+class Gone(Exception):
+    """The client hung up (or a server limit was reached): the handler is over."""
+
+
+class Peer:
+    """The server side of one connection, for a handler: buffered lines, raw writes."""
+
+    def __init__(self, sock: socket.socket, stopping: threading.Event) -> None:
+        self.sock = sock
+        self.stopping = stopping
+        self.buffer = bytearray()
+        self.received = bytearray()
+        self.deadline = time.monotonic() + _LIFE
+        sock.settimeout(_WAIT)
+
+    def _fill(self) -> None:
+        if self.stopping.is_set() or time.monotonic() > self.deadline:
+            raise Gone("stopping")
+        try:
+            data = self.sock.recv(65536)
+        except (OSError, ValueError) as exc:
+            raise Gone(str(exc)) from exc
+        if not data:
+            raise Gone("client hung up")
+        self.buffer += data
+        self.received += data
+
+    def line(self) -> bytes:
+        """One line from the client, without its CRLF."""
+        for _ in range(10_000):
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end]).rstrip(b"\r")
+                del self.buffer[: end + 1]
+                return line
+            if len(self.buffer) > _MAX_LINE:
+                raise Gone("line too long")
+            self._fill()
+        raise Gone("too many reads")
+
+    def data(self) -> bytes:
+        """DATA content up to and including the CRLF.CRLF terminator."""
+        for _ in range(100_000):
+            end = self.buffer.find(b"\r\n.\r\n")
+            if end >= 0 or self.buffer.startswith(b".\r\n"):
+                cut = end + 5 if end >= 0 else 3
+                content = bytes(self.buffer[:cut])
+                del self.buffer[:cut]
+                return content
+            if len(self.buffer) > _MAX_DATA:
+                raise Gone("data too long")
+            self._fill()
+        raise Gone("too many reads")
+
+    def exactly(self, count: int) -> bytes:
+        """``count`` octets (a BDAT chunk)."""
+        for _ in range(100_000):
+            if len(self.buffer) >= count:
+                chunk = bytes(self.buffer[:count])
+                del self.buffer[:count]
+                return chunk
+            self._fill()
+        raise Gone("too many reads")
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except (OSError, ValueError) as exc:
+            raise Gone(str(exc)) from exc
+
+    def trickle(self, data: bytes, pause: float) -> None:
+        """Send ``data`` one octet at a time, ``pause`` seconds apart (bounded by _LIFE)."""
+        for octet in data:
+            if self.stopping.wait(pause) or time.monotonic() > self.deadline:
+                raise Gone("stopping")
+            self.send(bytes([octet]))
+
+    def expect(self, verb: bytes) -> bytes:
+        line = self.line()
+        assert line.upper().startswith(verb), (verb, line)
+        return line
+
+    def greet_and_ehlo(self, *extensions: bytes) -> None:
+        """The usual opening: 220, then EHLO answered with ``extensions``."""
+        self.send(b"220 raw.test ESMTP\r\n")
+        self.expect(b"EHLO")
+        lines = [b"raw.test", *extensions]
+        reply = b"".join(
+            b"250" + (b" " if n == len(lines) - 1 else b"-") + text + b"\r\n"
+            for n, text in enumerate(lines)
+        )
+        self.send(reply)
+
+    def start_tls(self, context: ssl.SSLContext) -> None:
+        """Run the server side of a TLS handshake on the connection."""
+        if self.buffer:
+            raise Gone("the client sent bytes before its ClientHello")
+        try:
+            self.sock = context.wrap_socket(self.sock, server_side=True)
+        except (OSError, ValueError) as exc:
+            raise Gone(str(exc)) from exc
+
+    def linger(self) -> None:
+        """Half-close and wait (bounded) for the client to hang up, so no RST eats replies."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(Gone):
+            for _ in range(1000):
+                self._fill()
+
+
+Handler = Callable[[Peer], None]
+
+
+class RawServer:
+    """Loopback listener running ``handlers[n]`` for the n-th connection (later connections
+    are closed at once). Errors other than :class:`Gone` are kept in :attr:`errors`."""
+
+    def __init__(self, handlers: list[Handler]) -> None:
+        self.handlers = handlers
+        self.errors: list[BaseException] = []
+        self.connections = 0
+        self.peers: list[Peer] = []
+        self.stopping = threading.Event()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.listener.settimeout(0.1)
+        self.port: int = self.listener.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.accepter = threading.Thread(target=self._accept, daemon=True)
+        self.accepter.start()
+
+    def _accept(self) -> None:
+        for _ in range(int(_LIFE * 20)):
+            if self.stopping.is_set():
+                return
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            index = self.connections
+            self.connections += 1
+            if index >= len(self.handlers):
+                sock.close()
+                continue
+            thread = threading.Thread(target=self._serve, args=(sock, index), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, sock: socket.socket, index: int) -> None:
+        peer = Peer(sock, self.stopping)
+        self.peers.append(peer)
+        try:
+            self.handlers[index](peer)
+        except Gone:
+            pass
+        except BaseException as exc:  # a bug in the test's handler
+            self.errors.append(exc)
+        finally:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.accepter.join(_WAIT)
+        for thread in self.threads:
+            thread.join(_LIFE)
+        self.listener.close()
+        assert not self.accepter.is_alive()
+        assert not any(thread.is_alive() for thread in self.threads)
+        if self.errors:
+            raise self.errors[0]
+
+
+@contextlib.contextmanager
+def serving(*handlers: Handler) -> Iterator[RawServer]:
+    server = RawServer(list(handlers))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def options(server: RawServer, seconds: float = 1.0, **kwargs: Any) -> dict[str, Any]:
+    return {
+        "host": "127.0.0.1",
+        "port": server.port,
+        "tls": TLS.NONE,
+        "timeouts": Timeouts.all(seconds),
+        **kwargs,
+    }
+
+
+def bdat_chunk(peer: Peer) -> bool:
+    """Read one ``BDAT n [LAST]`` command and its chunk; whether it was the last."""
+    line = peer.expect(b"BDAT")
+    words = line.split()
+    peer.exactly(int(words[1]))
+    return len(words) > 2 and words[2].upper() == b"LAST"
+
+
+def two_chunks() -> Message:
+    """A message sent in more than one BDAT chunk (``Message.chunks()`` gives 64 KiB ones)."""
+    message = make_message(text=("y" * 70 + "\n") * 1500)
+    assert len(list(message.chunks())) >= 2
+    return message
+
+
+# -- a reply to a command nobody sent (one command in flight, two replies) -----------------------
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_bdat_chunk_answered_twice_is_not_taken_for_the_final_reply(flavour: Flavour) -> None:
+    # The server answers the first chunk twice. The extra 250 is already buffered with the
+    # chunk's reply; taken for the last chunk's reply, it made the message ACCEPTED although
+    # the server's real final reply refused it (false delivery: the message is lost).
+    seen: list[bool] = []
+
+    def handler(peer: Peer) -> None:
+        peer.greet_and_ehlo(b"CHUNKING")
+        peer.expect(b"MAIL")
+        peer.send(b"250 ok\r\n")
+        for _ in range(2):
+            peer.expect(b"RCPT")
+            peer.send(b"250 ok\r\n")
+        seen.append(bdat_chunk(peer))
+        peer.send(b"250 2.0.0 chunk taken\r\n250 2.0.0 stray\r\n")
+        for _ in range(100):
+            last = bdat_chunk(peer)
+            seen.append(last)
+            if last:
+                break
+            peer.send(b"250 2.0.0 chunk taken\r\n")
+        peer.send(b"554 5.6.0 refused after all\r\n")
+        peer.linger()
+
+    with serving(handler) as server:
+        result = send_with(flavour, two_chunks(), **options(server, chunking=True))
+    assert [r.outcome for r in result.recipients] == [Outcome.TRANSIENT] * 2
+    assert seen == [False]  # nothing more was sent once the replies were out of step
+
+
+# Where a stray reply comes before AUTH: with the EHLO reply, or with a refusal of STARTTLS
+# (TLS.OPPORTUNISTIC then goes on in plain text).
+STRAY_BEFORE_AUTH = [
+    pytest.param(b"", b"235 2.7.0 stray\r\n", TLS.NONE, id="after-ehlo"),
+    pytest.param(b"STARTTLS", b"454 4.7.0 no TLS now\r\n235 2.7.0 stray\r\n", TLS.OPPORTUNISTIC,
+                 id="after-starttls-refused"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("offer", "stray", "tls"), STRAY_BEFORE_AUTH)
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_stray_reply_before_auth_does_not_answer_it(
+    flavour: Flavour, offer: bytes, stray: bytes, tls: TLS
+) -> None:
+    # A second reply to EHLO (or to a refused STARTTLS) was taken as AUTH's reply: the
+    # client went on unauthenticated, and the server's real answer to AUTH (535) answered
+    # MAIL: every recipient PERMANENT, with a reply nobody gave the message (false bounce).
+    commands: list[bytes] = []
+
+    def handler(peer: Peer) -> None:
+        peer.send(b"220 raw.test ESMTP\r\n")
+        peer.expect(b"EHLO")
+        extensions = b"250-raw.test\r\n" + (b"250-" + offer + b"\r\n" if offer else b"")
+        peer.send(extensions + b"250 AUTH PLAIN\r\n" + (b"" if offer else stray))
+        if offer:
+            peer.expect(b"STARTTLS")
+            peer.send(stray)
+        for _ in range(10):
+            line = peer.line()
+            commands.append(line.split(b" ")[0].upper())
+            if commands[-1] == b"AUTH":
+                time.sleep(0.1)  # the real reply comes after the stray one, as it would
+                peer.send(b"535 5.7.8 bad credentials\r\n")
+            elif commands[-1] == b"QUIT":
+                peer.send(b"221 bye\r\n")
+            else:
+                peer.send(b"250 ok\r\n")
+
+    with serving(handler) as server, pytest.raises(ServerProtocolError):
+        send_with(
+            flavour,
+            make_message(),
+            **options(server, tls=tls, username="u", password="p", allow_insecure_auth=True),
+        )
+    assert b"MAIL" not in commands
