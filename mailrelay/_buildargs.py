@@ -221,7 +221,7 @@ def _check_message_id(value: str) -> str:
 #: The fields a :class:`~mailrelay.message.ListHeaders` writes, in the order written
 #: (RFC 2919's List-Id, then RFC 2369 §3's order, RFC 8058's field after the one it
 #: qualifies); ``headers`` may not repeat them beside it.
-LIST_FIELDS = (
+_LIST_FIELDS = (
     "List-Id",
     "List-Help",
     "List-Unsubscribe",
@@ -231,9 +231,9 @@ LIST_FIELDS = (
     "List-Owner",
     "List-Archive",
 )
-_LIST_FIELD_NAMES = frozenset(name.lower() for name in LIST_FIELDS)
+_LIST_FIELD_NAMES = frozenset(name.lower() for name in _LIST_FIELDS)
 # RFC 8058 §3.1: the single key/value pair List-Unsubscribe-Post holds.
-ONE_CLICK = "List-Unsubscribe=One-Click"
+_ONE_CLICK = "List-Unsubscribe=One-Click"
 _LIST_SCHEMES = ("mailto", "https", "http")
 # RFC 3986 §3.1: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ).
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
@@ -256,10 +256,10 @@ _FOLD_AT_EW = 76
 _MAX_LINE = 998
 
 
-def list_uris(value: str | Iterable[str] | None) -> tuple[str, ...]:
+def _list_uris(value: str | Iterable[str] | None) -> tuple[str, ...]:
     """Converter of :class:`~mailrelay.message.ListHeaders`' URI fields: one URI or
-    several, each checked and in its written form (see :func:`list_uri`)."""
-    return tuple(list_uri(item) for item in _uri_items(value))
+    several, each checked and in its written form (see :func:`_list_uri`)."""
+    return tuple(_list_uri(item) for item in _uri_items(value))
 
 
 def _uri_items(value: str | Iterable[str] | None) -> list[str]:
@@ -272,7 +272,7 @@ def _uri_items(value: str | Iterable[str] | None) -> list[str]:
     return list(value)
 
 
-def list_post(value: str | Iterable[str] | None) -> tuple[str, ...]:
+def _list_post(value: str | Iterable[str] | None) -> tuple[str, ...]:
     """Converter of ``ListHeaders.post``: URIs, or ``"NO"`` alone (RFC 2369 §3.4: a
     list that takes no posts)."""
     items = _uri_items(value)
@@ -280,10 +280,10 @@ def list_post(value: str | Iterable[str] | None) -> tuple[str, ...]:
         if len(items) != 1:
             raise MessageError('List-Post "NO" cannot be given beside URIs (RFC 2369 §3.4)')
         return ("NO",)
-    return tuple(list_uri(item) for item in items)
+    return tuple(_list_uri(item) for item in items)
 
 
-def list_uri(value: str) -> str:
+def _list_uri(value: str) -> str:
     """Check one list URI and return it as it goes between the angle brackets.
 
     Enclosing angle brackets are dropped; the scheme is lower-cased (RFC 3986 §3.1);
@@ -383,13 +383,13 @@ def _ascii_mailto(uri: str) -> str:
     return "".join(char if char.isascii() else quote(char, safe="") for char in text)
 
 
-def check_list_id(_instance: object, _attribute: object, value: str | None) -> None:
-    """Validator of ``ListHeaders.id`` (see :func:`list_id_parts`)."""
+def _check_list_id(_instance: object, _attribute: object, value: str | None) -> None:
+    """Validator of ``ListHeaders.id`` (see :func:`_list_id_parts`)."""
     if value is not None:
-        list_id_parts(value)
+        _list_id_parts(value)
 
 
-def list_id_parts(value: str) -> tuple[str, str]:
+def _list_id_parts(value: str) -> tuple[str, str]:
     """``(phrase, list-id)`` of a List-Id given as ``"list.example.org"``,
     ``"<list.example.org>"`` or ``"Description <list.example.org>"``.
 
@@ -417,7 +417,7 @@ def list_id_parts(value: str) -> tuple[str, str]:
     return phrase, ident
 
 
-def check_list_headers(value: ListHeaders) -> None:
+def _check_list_headers(value: ListHeaders) -> None:
     """The rules between :class:`~mailrelay.message.ListHeaders`' fields.
 
     Raises:
@@ -488,16 +488,16 @@ def _phrase_items(phrase: str, name: str) -> tuple[list[str], int]:
     return _mime._encoded_words(phrase, _FOLD_AT_EW - len(name) - 2), _FOLD_AT_EW
 
 
-def list_fields(value: ListHeaders) -> list[tuple[str, str]]:
+def _list_fields(value: ListHeaders) -> list[tuple[str, str]]:
     """The fields ``value`` asks for, as ``(name, folded value)`` pairs in
-    :data:`LIST_FIELDS` order: 7-bit text both writers put on the wire as it is.
+    :data:`_LIST_FIELDS` order: 7-bit text both writers put on the wire as it is.
 
     Raises:
         MessageError: a field too long to write (a URI over 998 characters).
     """
     fields: list[tuple[str, str]] = []
     if value.id is not None:
-        phrase, ident = list_id_parts(value.id)
+        phrase, ident = _list_id_parts(value.id)
         items, limit = _phrase_items(phrase, "List-Id")
         fields.append(("List-Id", _fold("List-Id", [*items, f"<{ident}>"], limit)))
     if value.help:
@@ -505,7 +505,7 @@ def list_fields(value: ListHeaders) -> list[tuple[str, str]]:
     if value.unsubscribe:
         fields.append(("List-Unsubscribe", _uri_field("List-Unsubscribe", value.unsubscribe)))
     if value.one_click:
-        fields.append(("List-Unsubscribe-Post", ONE_CLICK))
+        fields.append(("List-Unsubscribe-Post", _ONE_CLICK))
     if value.subscribe:
         fields.append(("List-Subscribe", _uri_field("List-Subscribe", value.subscribe)))
     if value.post == ("NO",):
@@ -519,7 +519,7 @@ def list_fields(value: ListHeaders) -> list[tuple[str, str]]:
     return fields
 
 
-def check_no_list_fields(extra: list[tuple[str, str]]) -> None:
+def _check_no_list_fields(extra: list[tuple[str, str]]) -> None:
     """With ``list_headers`` given, ``headers`` may not hold a list field too (RFC 8058
     §3.1 wants one List-Unsubscribe and one List-Unsubscribe-Post field)."""
     for name, _ in extra:

@@ -81,17 +81,17 @@ from mailrelay._buildargs import (
     _check_data,
     _check_field,
     _check_filename,
+    _check_list_headers,
+    _check_list_id,
     _check_message_id,
+    _check_no_list_fields,
     _extra_headers,
     _header_addresses,
+    _list_fields,
+    _list_post,
+    _list_uris,
     _mailbox,
     _spec,
-    check_list_headers,
-    check_list_id,
-    check_no_list_fields,
-    list_fields,
-    list_post,
-    list_uris,
 )
 from mailrelay.address import Address, _render_local
 from mailrelay.errors import InvalidAddress, MessageError
@@ -216,17 +216,17 @@ class ListHeaders:
         archive: ``List-Archive`` URIs.
     """
 
-    id: str | None = attrs.field(default=None, validator=check_list_id)
-    unsubscribe: tuple[str, ...] = attrs.field(default=(), converter=list_uris)
+    id: str | None = attrs.field(default=None, validator=_check_list_id)
+    unsubscribe: tuple[str, ...] = attrs.field(default=(), converter=_list_uris)
     one_click: bool = False
-    help: tuple[str, ...] = attrs.field(default=(), converter=list_uris)
-    subscribe: tuple[str, ...] = attrs.field(default=(), converter=list_uris)
-    post: tuple[str, ...] = attrs.field(default=(), converter=list_post)
-    owner: tuple[str, ...] = attrs.field(default=(), converter=list_uris)
-    archive: tuple[str, ...] = attrs.field(default=(), converter=list_uris)
+    help: tuple[str, ...] = attrs.field(default=(), converter=_list_uris)
+    subscribe: tuple[str, ...] = attrs.field(default=(), converter=_list_uris)
+    post: tuple[str, ...] = attrs.field(default=(), converter=_list_post)
+    owner: tuple[str, ...] = attrs.field(default=(), converter=_list_uris)
+    archive: tuple[str, ...] = attrs.field(default=(), converter=_list_uris)
 
     def __attrs_post_init__(self) -> None:
-        check_list_headers(self)
+        _check_list_headers(self)
 
     def fields(self) -> list[tuple[str, str]]:
         """Return the header fields as ``(name, value)`` pairs, in the order
@@ -237,7 +237,7 @@ class ListHeaders:
             MessageError: a URI too long for a header line (RFC 5322 §2.1.1: 998
                 characters).
         """
-        return list_fields(self)
+        return _list_fields(self)
 
 
 class _Unknown(enum.Enum):
@@ -389,7 +389,7 @@ class Message:
                 raise MessageError(
                     f"list_headers must be a ListHeaders, got {type(list_headers).__name__}"
                 )
-            check_no_list_fields(extra)
+            _check_no_list_fields(extra)
             listed = list_headers.fields()
 
         all_boxes = [author, *to_list, *cc_list, *bcc_list, *reply_list]
