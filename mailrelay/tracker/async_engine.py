@@ -165,6 +165,16 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
     def __repr__(self) -> str:
         return f"<AsyncDeliveryTracker worker={self.worker_id!r} store={self.store!r}>"
 
+    @staticmethod
+    def _own_failure(exc: BaseException) -> bool:
+        """A coroutine callback's ``CancelledError`` while nobody cancels the task that
+        runs it (it awaited something that someone else cancelled) is the callback's
+        own failure: logged and skipped, it must not end the run as a cancellation."""
+        if not isinstance(exc, asyncio.CancelledError):
+            return False
+        task = asyncio.current_task()
+        return task is not None and not task.cancelling()
+
     def _wake(self) -> None:
         super()._wake()
         waking = self._waking

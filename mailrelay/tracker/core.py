@@ -341,7 +341,7 @@ class TrackerCore(Generic[T]):
             raise ValueError("commit_interval must not be negative")
         self.commit_interval = commit_interval
         self.messages = MessageCache(message_cache)
-        self.events = EventHub(allow_async=self._async_callbacks)
+        self.events = EventHub(allow_async=self._async_callbacks, own_failure=self._own_failure)
         # Set when this tracker stores new work (submit, submit_many), from any thread:
         # it ends the runner's sleep between batches (run_forever, arun_forever), so that
         # a message submitted to an idle runner in this process goes out at once instead
@@ -352,6 +352,12 @@ class TrackerCore(Generic[T]):
         # claimed batch whose message was cancelled after the claim is not sent. (Cancels
         # by other processes are seen only through the store, at the next claim.)
         self._cancelled: set[str] = set()
+
+    @staticmethod
+    def _own_failure(_exc: BaseException) -> bool:
+        """Whether a callback's ``BaseException`` (not an ``Exception``) is its own
+        failure, to log and skip; the sync tracker lets every one propagate."""
+        return False
 
     # -- the public, storage-only operations ---------------------------------------
 

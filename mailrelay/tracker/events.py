@@ -6,7 +6,10 @@ Rules of this module:
   callback always sees what :meth:`DeliveryTracker.status` would show, and a
   crash inside a callback can never leave the record half-written.
 * A callback that raises is logged (with its traceback) and skipped: it neither
-  stops the runner nor stops the other callbacks of the same event.
+  stops the runner nor stops the other callbacks of the same event. That includes a
+  coroutine callback's own ``CancelledError`` (it awaited something that someone
+  else cancelled; the async tracker tells it apart, ``own_failure``): only a
+  cancellation of the task running the callbacks propagates.
 * Sync runners call sync callbacks only (a coroutine function registered with a
   sync tracker is refused when registered). The async runner calls both kinds,
   awaiting the async ones in registration order.
@@ -76,10 +79,21 @@ class EventHub:
 
     Args:
         allow_async: whether coroutine functions may be registered (the async runner).
+        own_failure: for :meth:`afire`, whether a ``BaseException`` that is not an
+            ``Exception`` is the callback's own failure, logged and skipped like one.
     """
 
-    def __init__(self, *, allow_async: bool) -> None:
+    def __init__(
+        self,
+        *,
+        allow_async: bool,
+        own_failure: Callable[[BaseException], bool] | None = None,
+    ) -> None:
         self.allow_async = allow_async
+        #: For :meth:`afire`: whether an exception that is not an ``Exception`` is still the
+        #: callback's own failure (the async tracker: a ``CancelledError`` while the task
+        #: running the callbacks is not being cancelled).
+        self.own_failure = own_failure
         self._callbacks: dict[EventKind, list[Callback]] = {kind: [] for kind in EventKind}
 
     def on(self, kind: EventKind | str, callback: Callback) -> Callback:
@@ -132,5 +146,8 @@ class EventHub:
                 result = callback(event)
                 if inspect.isawaitable(result):
                     await result
-            except Exception:
+            except BaseException as exc:
+                own = self.own_failure
+                if not isinstance(exc, Exception) and (own is None or not own(exc)):
+                    raise  # KeyboardInterrupt, or the run itself being cancelled
                 log.exception("tracker callback %r failed for %s", callback, event.kind.value)

@@ -776,3 +776,58 @@ def test_a_recipient_refused_until_its_deadline_gets_its_last_try_there(
         T0 + dt.timedelta(minutes=10 * i) for i in range(7)
     ]
     assert recipient.state is (State.EXPIRED if last.code == 450 else State.DELIVERED)
+
+
+# -- callbacks --------------------------------------------------------------------------
+
+
+def test_an_async_callback_raising_cancelled_error_of_its_own_stops_nothing(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A coroutine callback that awaited something cancelled by someone else gets a
+    ``CancelledError`` although nobody cancelled the runner: that is the callback's
+    failure (logged and skipped, as any other), not a cancellation of the run."""
+    calls: list[str] = []
+
+    async def callback(event: TrackerEvent) -> None:
+        calls.append(event.tracking_id)
+        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        lost.cancel()
+        await lost
+
+    tracker = AsyncDeliveryTracker(MemoryTransport(), store, clock=FakeClock(), commit_batch=1)
+    tracker.on("delivered", callback)
+    ids = [tracker.submit(message(("a@example.org",))) for _ in range(3)]
+
+    async def main() -> int:
+        summary = await tracker.arun_pending()
+        return summary.delivered
+
+    with caplog.at_level(logging.ERROR, logger="mailrelay.tracker.events"):
+        assert asyncio.run(main()) == 3
+    assert sorted(calls) == sorted(ids)
+    assert [tracker.status(i).recipients[0].state for i in ids] == [State.DELIVERED] * 3
+    assert sum("callback" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_a_cancelled_run_still_stops_when_a_callback_is_running(store: Store) -> None:
+    """The converse: a run cancelled while a callback awaits is cancelled (the
+    cancellation is the run's, not the callback's failure)."""
+    started = asyncio.Event()
+
+    async def callback(_event: TrackerEvent) -> None:
+        started.set()
+        await asyncio.sleep(10)  # cancelled long before (hang guard: a short test)
+
+    tracker = AsyncDeliveryTracker(MemoryTransport(), store, clock=FakeClock(), commit_batch=1)
+    tracker.on("delivered", callback)
+    tracker.submit(message(("a@example.org",)))
+
+    async def main() -> None:
+        run = asyncio.create_task(tracker.arun_pending())
+        await asyncio.wait_for(started.wait(), 5)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(run, 5)
+
+    asyncio.run(main())
