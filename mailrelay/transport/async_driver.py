@@ -731,5 +731,7 @@ class AsyncDriver:
             await self._upgrade(self.ssl_context, server_hostname, self.timeouts.connect)
         except (OSError, TimeoutError) as exc:
             self.close()
-            raise map_tls_error(exc, peer=self.peer, server_hostname=server_hostname) from exc
+            raise map_tls_error(
+                exc, peer=self.peer, server_hostname=server_hostname, starttls=True
+            ) from exc
         log.debug("TLS established with %s", self.peer)

@@ -10,7 +10,8 @@ Rules of this module:
   broken pipes and other socket errors are :class:`~mailrelay.errors.ConnectionLost`.
 * The two most common TLS mistakes get messages that say what to do (RFC 8314 §3.3):
   implicit TLS against a port that speaks plain text first, and STARTTLS (or plain text)
-  against a port that expects TLS from the first byte.
+  against a port that expects TLS from the first byte. Plain text in place of the handshake
+  after STARTTLS's 220 is neither: it says so (RFC 3207 §4.2).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mailrelay.errors import ConnectionLost, DeliveryError, DeliveryTimeout, TLS
 
 __all__ = [
     "IMPLICIT_AGAINST_PLAIN",
+    "PLAIN_AFTER_STARTTLS",
     "PLAIN_AGAINST_IMPLICIT",
     "map_io_error",
     "map_tls_error",
@@ -35,6 +37,12 @@ IMPLICIT_AGAINST_PLAIN = (
 )
 #: The hint for STARTTLS (or no TLS) against a server that waits for a TLS handshake.
 PLAIN_AGAINST_IMPLICIT = "the server expects implicit TLS (as port 465 does): use TLS.IMPLICIT"
+#: What plain text in place of the handshake means after STARTTLS's 220 (where the port
+#: choice is not in question).
+PLAIN_AFTER_STARTTLS = (
+    "the server sent plain text after its 220 to STARTTLS instead of a TLS handshake "
+    "(RFC 3207 §4.2: a broken server, or a response-injection attempt)"
+)
 
 # OpenSSL's reasons when the "TLS" bytes it read were plain text (an SMTP greeting).
 _PLAINTEXT_REASONS = frozenset(
@@ -63,8 +71,11 @@ def is_plaintext_reply(exc: BaseException) -> bool:
     return isinstance(exc, ssl.SSLError) and (exc.reason or "") in _PLAINTEXT_REASONS
 
 
-def map_tls_error(exc: BaseException, *, peer: str, server_hostname: str) -> DeliveryError:
-    """The mailrelay error for a failed TLS handshake."""
+def map_tls_error(
+    exc: BaseException, *, peer: str, server_hostname: str, starttls: bool = False
+) -> DeliveryError:
+    """The mailrelay error for a failed TLS handshake (``starttls``: one begun after
+    STARTTLS's 220, not implicit TLS)."""
     if isinstance(exc, DeliveryError):
         return exc
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -77,9 +88,10 @@ def map_tls_error(exc: BaseException, *, peer: str, server_hostname: str) -> Del
     if isinstance(exc, TimeoutError | socket.timeout):
         return TLSError(f"the TLS handshake with {peer} timed out", is_transient=True, host=peer)
     if is_plaintext_reply(exc):
-        return TLSError(
-            f"TLS with {peer} failed: {IMPLICIT_AGAINST_PLAIN}", is_transient=False, host=peer
-        )
+        # Plain text where the handshake should be: on an implicit-TLS connection, the port
+        # speaks plain text first; after STARTTLS's 220, the server said more in plain text.
+        hint = PLAIN_AFTER_STARTTLS if starttls else IMPLICIT_AGAINST_PLAIN
+        return TLSError(f"TLS with {peer} failed: {hint}", is_transient=False, host=peer)
     return TLSError(f"the TLS handshake with {peer} failed: {exc}", is_transient=True, host=peer)
 
 

@@ -460,7 +460,13 @@ class SyncDriver:
             wrapped.do_handshake()
         except (OSError, ValueError) as exc:
             self.close()
-            raise map_tls_error(exc, peer=self.peer, server_hostname=server_hostname) from exc
+            raise map_tls_error(
+                exc,
+                peer=self.peer,
+                server_hostname=server_hostname,
+                # connect() wraps an implicit-TLS socket here too; else this is STARTTLS.
+                starttls=not self.implicit_tls,
+            ) from exc
         self._blocking(wrapped)
         log.debug("TLS established with %s: %s", self.peer, self._tls_description())
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
-from mailrelay.errors import ServerProtocolError
+from mailrelay.errors import ServerProtocolError, TLSError
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import Outcome
+from tests.peers.tls import TLSFiles
 from tests.transport.helpers import FLAVOURS, Flavour, make_message, send_with
 
 # Every blocking call of the server has this limit; a connection lives at most _LIFE s.
@@ -320,3 +321,39 @@ def test_a_stray_reply_before_auth_does_not_answer_it(
             **options(server, tls=tls, username="u", password="p", allow_insecure_auth=True),
         )
     assert b"MAIL" not in commands
+
+
+# -- STARTTLS ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_plain_text_instead_of_the_handshake_after_starttls_says_so(
+    flavour: Flavour, tls_files: TLSFiles
+) -> None:
+    # After its 220 the server sends plain text (a second reply: a broken server, or an
+    # attacker's injection) where the handshake should begin. The client must not trust it,
+    # and the error must say what happened: it said "use TLS.STARTTLS instead of
+    # TLS.IMPLICIT", the hint for implicit TLS against a plain-text port, to a client that
+    # was using STARTTLS.
+    def handler(peer: Peer) -> None:
+        peer.greet_and_ehlo(b"STARTTLS")
+        peer.expect(b"STARTTLS")
+        peer.send(b"220 2.0.0 go ahead\r\n")
+        time.sleep(0.2)  # the client has read the 220 and begun its handshake
+        peer.send(b"250-injected\r\n250 AUTH PLAIN\r\n")
+        peer.linger()
+
+    with serving(handler) as server, pytest.raises(TLSError) as info:
+        send_with(
+            flavour,
+            make_message(),
+            **options(
+                server,
+                tls=TLS.STARTTLS,
+                ssl_context=tls_files.client_context(),
+                server_hostname="localhost",
+            ),
+        )
+    assert "TLS.IMPLICIT" not in str(info.value)
+    assert "STARTTLS" in str(info.value)
+    assert not info.value.is_transient
