@@ -9,7 +9,10 @@ Rules of this module:
   RFC 7505's *null MX*: the domain accepts no mail. Any other ``.`` target is skipped.
   Every exchanger's A and AAAA records are looked up; CNAME chains are followed (dnspython
   does so). At most :data:`MAX_MAIL_HOSTS` exchangers are kept, the best by preference: each
-  costs two queries, and a zone with thousands of MX records must not cost thousands.
+  costs two queries, and a zone with thousands of MX records must not cost thousands (nor
+  fill the cache: an MX answer is cached as those exchangers only). When none of those
+  has an address while the domain names more, the lookup fails (transient): not having
+  looked at the others is no ground for "no mail host", which would bounce the mail.
 - Facts are values, ignorance is an exception. NXDOMAIN and NODATA are answers about the
   domain and come back inside :class:`MailHosts` / :class:`HostAddresses` (their
   :class:`DNSStatus` says which). Timeouts, SERVFAIL, REFUSED and malformed answers mean we
@@ -196,12 +199,14 @@ def _from_answer(answer: dns.resolver.Answer, limits: _Limits) -> _Answer:
         return _Answer(DNSStatus.NODATA, (), ttl, secure=secure)
     ttl = float(min(answer.chaining_result.minimum_ttl, limits.positive))
     if rrset.rdtype == _MX:
-        records: tuple[Any, ...] = tuple(
-            (
-                rd.preference,
-                "" if rd.exchange == dns.name.root else rd.exchange.to_text(True).lower(),
-            )
-            for rd in rrset
+        records: tuple[Any, ...] = _mx_records(
+            [
+                (
+                    rd.preference,
+                    "" if rd.exchange == dns.name.root else rd.exchange.to_text(True).lower(),
+                )
+                for rd in rrset
+            ]
         )
     elif rrset.rdtype == _TXT:
         # RFC 1035 §3.3.14: a TXT record is one or more strings of at most 255 octets;
@@ -212,6 +217,27 @@ def _from_answer(answer: dns.resolver.Answer, limits: _Limits) -> _Answer:
     else:
         records = tuple(rd.address for rd in rrset)
     return _Answer(DNSStatus.OK, records, ttl, secure=secure)
+
+
+def _mx_records(records: list[tuple[int, str]]) -> tuple[tuple[int, str], ...]:
+    """What an MX answer is kept as: the null MX as it is (RFC 7505 §3), else the usable
+    exchangers (:func:`_is_host_name`) by preference, each once, at its best preference,
+    at most :data:`MAX_MAIL_HOSTS` of them plus one (which says that there were more).
+
+    Only :data:`MAX_MAIL_HOSTS` exchangers are ever looked up; keeping every record would
+    let a zone of thousands of MX records (a wildcard, a fresh name per address in a bulk
+    list) fill the cache with hundreds of KiB per domain. Ties are put in name order
+    (servers rotate RRsets); :meth:`_ResolverBase._deliver` shuffles them on every read.
+    """
+    if records == [(0, "")]:
+        return ((0, ""),)
+    usable = sorted((pref, target) for pref, target in records if _is_host_name(target))
+    kept: dict[str, int] = {}
+    for pref, target in usable:
+        if len(kept) > MAX_MAIL_HOSTS:
+            break
+        kept.setdefault(target, pref)
+    return tuple((pref, target) for target, pref in kept.items())
 
 
 def _tlsa_fields(rd: Any) -> tuple[int, int, int, bytes]:
@@ -333,8 +359,9 @@ def _texts(name: str, answer: _Answer) -> tuple[str, ...]:
     raise _transient(name, answer, "TXT")
 
 
-def _plan_mail_hosts(domain: str) -> _Plan:
-    """Find a domain's exchangers; returns (MailHosts or ResolverError, ttl)."""
+def _plan_mail_hosts(domain: str, failure_ttl: float) -> _Plan:
+    """Find a domain's exchangers; returns (MailHosts or ResolverError, ttl). A failure
+    the plan itself finds is kept ``failure_ttl`` seconds at most."""
     (mx,) = yield [(domain, _MX)]
     if mx.status.is_transient:
         return _transient(domain, mx, "MX"), mx.ttl
@@ -348,17 +375,17 @@ def _plan_mail_hosts(domain: str) -> _Plan:
         # Any other "." (next to real exchangers, or at another preference) is a
         # misconfiguration naming no host: it is skipped, and so is a target that is not a
         # host name ("*.example", "mx\\032x.example": the name would also be the TLS
-        # server name), as Postfix skips them. MX records none of which names a host leave
-        # no exchanger, and no implicit MX either (RFC 5321 §5.1: report it).
+        # server name), as Postfix skips them (:func:`_mx_records` did). MX records none
+        # of which names a host leave no exchanger, and no implicit MX either (RFC 5321
+        # §5.1: report it).
         exchangers = [(pref, target) for pref, target in mx.records if _is_host_name(target)]
         if not exchangers:
             return MailHosts(domain=domain, status=DNSStatus.OK, secure=mx.secure), mx.ttl
-        # RFC 5321 §5.1: lowest preference first. Ties are put in name order here (servers
-        # rotate RRsets) and shuffled on every read. A target listed twice keeps its best one.
-        exchangers.sort()
-        # Each exchanger costs two queries: a hostile or broken zone's thousands of MX
-        # records must not turn one lookup into thousands. The best ones are kept.
-        targets = list(dict.fromkeys(target for _, target in exchangers))[:MAX_MAIL_HOSTS]
+        # RFC 5321 §5.1: lowest preference first; the records come sorted, each target once
+        # at its best preference. Each exchanger costs two queries: a hostile or broken
+        # zone's thousands of MX records must not turn one lookup into thousands. The best
+        # ones are looked up.
+        targets = [target for _, target in exchangers[:MAX_MAIL_HOSTS]]
         best = {target: pref for pref, target in reversed(exchangers)}
         answers = yield [(t, _A) for t in targets] + [(t, _AAAA) for t in targets]
         count = len(targets)
@@ -366,6 +393,19 @@ def _plan_mail_hosts(domain: str) -> _Plan:
             _host(t, best[t], answers[i], answers[count + i]) for i, t in enumerate(targets)
         )
         ttl = min([mx.ttl, *(answer.ttl for answer in answers)])
+        if len(exchangers) > count and all(
+            host.status in (DNSStatus.NXDOMAIN, DNSStatus.NODATA) for host in hosts
+        ):
+            # No exchanger looked up has an address, but some were not looked up: one of
+            # them may take the mail. Not having looked is no ground for "no mail host"
+            # (a bounce, a purged address): we could not tell.
+            error = ResolverError(
+                f"none of the {count} best exchangers of {domain} has an address; "
+                "the others were not looked up",
+                name=domain,
+                is_transient=True,
+            )
+            return error, min(ttl, failure_ttl)
         # RFC 7672 §2.2.1: what counts for DANE is the MX RRset; each host's own address
         # answers are its MailHost.secure (§2.2.2).
         found = MailHosts(domain=domain, status=DNSStatus.OK, hosts=hosts, secure=mx.secure)
@@ -970,7 +1010,9 @@ class Resolver(_ResolverBase):
         value = self.cache.get(key)
         if value is _MISS:
             name = _check_name(key[0], domain)
-            value = self._fetch(key, lambda: self._run(_plan_mail_hosts(name)))
+            value = self._fetch(
+                key, lambda: self._run(_plan_mail_hosts(name, self._limits.failure))
+            )
         return self._deliver(value)
 
     def addresses(self, host: str) -> HostAddresses:
@@ -1181,7 +1223,9 @@ class AsyncResolver(_ResolverBase):
         value = self.cache.get(key)
         if value is _MISS:
             name = _check_name(key[0], domain)
-            value = await self._fetch(key, lambda: self._run(_plan_mail_hosts(name)))
+            value = await self._fetch(
+                key, lambda: self._run(_plan_mail_hosts(name, self._limits.failure))
+            )
         return self._deliver(value)
 
     async def addresses(self, host: str) -> HostAddresses:

@@ -23,7 +23,10 @@ a generous hang guard, never a speed assertion; loops are bounded.
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import time
+import tracemalloc
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -31,9 +34,11 @@ import dns.flags
 import dns.message
 import dns.rrset
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mailrelay.errors import MailRelayError
-from mailrelay.resolver import AsyncResolver, DNSStatus, MailHosts, Resolver
+from mailrelay.resolver import MAX_MAIL_HOSTS, AsyncResolver, DNSStatus, MailHosts, Resolver
 from mailrelay.results import Outcome
 from mailrelay.transport.mx_async import amail_hosts_of
 from mailrelay.transport.mx_plan import MXPolicy, Target, Verdict, mail_hosts_of, plan
@@ -221,3 +226,135 @@ def test_nodata_with_the_zone_s_ns_and_soa_is_still_nodata(server: HostileDNS, m
     assert found.status is DNSStatus.NODATA
     result = validate(server, mode, "user@nomail.test")
     assert (result.verdict, result.reason) == (Judgement.UNDELIVERABLE, Reason.NO_MAIL_HOST)
+
+
+# -- thousands of MX records: memory and the exchangers never looked at ----------------------
+
+
+def retained(call: Callable[[], object]) -> int:
+    """Bytes allocated by mailrelay's own code during ``call()`` that are still alive after
+    it (what the resolver's cache keeps)."""
+    only_ours = [tracemalloc.Filter(True, "*/mailrelay/*")]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot().filter_traces(only_ours)
+        call()
+        gc.collect()
+        after = tracemalloc.take_snapshot().filter_traces(only_ours)
+    finally:
+        tracemalloc.stop()
+    return sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+
+
+def test_a_cached_domain_keeps_a_bounded_number_of_mx_records(server: HostileDNS) -> None:
+    # A wildcard zone can give every address of a bulk list its own domain with ~1,500 MX
+    # records (as many as fit in 64 KiB over TCP). Only the best MAX_MAIL_HOSTS are ever
+    # used, so only they may be kept: else 10,000 cached domains hold gigabytes. (Both
+    # resolvers turn answers into cache entries with the same code: one is enough here.)
+    mode = "sync"
+    records = mx_records([(i % 50, f"mx{i}-a-longer-label.many.test.") for i in range(1000)])
+    domains = [f"w{j}.test" for j in range(3)]
+    for domain in domains:
+        server.add(domain, "MX", *records)
+    for i in range(1000):
+        server.add(f"mx{i}-a-longer-label.many.test", "A", f"192.0.2.{i % 250 + 1}")
+    # The server parses each domain's records once, on its first answer: not under tracing.
+    warm = make_resolver(server, mode, timeout=2.0)
+    for domain in domains:
+        guarded(1 + 2 * MAX_MAIL_HOSTS, functools.partial(warm.mail_hosts, domain), 2.0)
+    resolver = make_resolver(server, mode, timeout=2.0)
+    # The first lookup also caches the exchangers' answers, which every domain here
+    # shares: they are not what is measured.
+    first = guarded(1 + 2 * MAX_MAIL_HOSTS, lambda: resolver.mail_hosts(domains[0]), 2.0)
+    assert isinstance(first, MailHosts)
+    assert len(first.hosts) == MAX_MAIL_HOSTS
+
+    def look_up_the_rest() -> None:
+        for domain in domains[1:]:
+            found = guarded(2, functools.partial(resolver.mail_hosts, domain), timeout=2.0)
+            assert isinstance(found, MailHosts)
+            assert len(found.hosts) == MAX_MAIL_HOSTS
+
+    per_domain = retained(look_up_the_rest) / (len(domains) - 1)
+    # About 4.5 KiB are needed (16 exchangers); the 1,000 records took about 140 KiB.
+    assert per_domain < 32 * 1024, f"{per_domain / 1024:.0f} KiB kept per domain"
+
+
+def dangling_beyond_the_cut(server: HostileDNS, domain: str, count: int) -> None:
+    """``count`` preferred exchangers that exist without addresses (NODATA), then one
+    backup exchanger with an address."""
+    preferred = [(10, f"a{i:02}.{domain}.") for i in range(count)]
+    server.add(domain, "MX", *mx_records([*preferred, (20, f"backup.{domain}.")]))
+    for i in range(count):
+        server.add(f"a{i:02}.{domain}", "TXT", '"no address here"')
+    server.add(f"backup.{domain}", "A", "192.0.2.9")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_exchangers_never_looked_up_keep_the_verdict_open(server: HostileDNS, mode: str) -> None:
+    # The best MAX_MAIL_HOSTS exchangers dangle; a backup the resolver does not look at
+    # (each costs two queries) has an address, so the domain does take mail. Not having
+    # looked is no ground for "undeliverable" or a bounce: the verdict stays open.
+    dangling_beyond_the_cut(server, "t.test", MAX_MAIL_HOSTS)
+    lookups = 1 + 2 * MAX_MAIL_HOSTS
+    result = validate(server, mode, "user@t.test", lookups=lookups)
+    assert (result.verdict, result.reason) == (Judgement.UNKNOWN, Reason.TEMPFAIL), result
+    assert "not looked up" in result.detail
+    planned = route(server, mode, "t.test", lookups=lookups)
+    assert isinstance(planned, Verdict)
+    assert planned.outcome is Outcome.TRANSIENT
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_when_every_exchanger_was_looked_up_dangling_is_a_fact(
+    server: HostileDNS, mode: str
+) -> None:
+    # The control: MAX_MAIL_HOSTS exchangers in all, every one looked up, none with an
+    # address (the backup is the last of them and dangles too).
+    dangling_beyond_the_cut(server, "u.test", MAX_MAIL_HOSTS - 1)
+    server.add("backup.u.test", "TXT", '"no address either"')
+    del server.records["backup.u.test", "A"]
+    lookups = 1 + 2 * MAX_MAIL_HOSTS
+    result = validate(server, mode, "user@u.test", lookups=lookups)
+    assert (result.verdict, result.reason) == (Judgement.UNDELIVERABLE, Reason.NO_MAIL_HOST)
+    planned = route(server, mode, "u.test", lookups=lookups)
+    assert isinstance(planned, Verdict)
+    assert planned.outcome is Outcome.PERMANENT
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    exchangers=st.lists(
+        st.tuples(st.integers(0, 3), st.booleans()),  # (preference, has an address)
+        min_size=1,
+        max_size=MAX_MAIL_HOSTS + 4,
+    ),
+    mode=st.sampled_from(MODES),
+)
+def test_undeliverable_only_when_every_exchanger_was_seen_to_dangle(
+    server: HostileDNS, exchangers: list[tuple[int, bool]], mode: str
+) -> None:
+    server.reset()
+    server.add(
+        "p.test",
+        "MX",
+        *mx_records([(pref, f"x{i:02}.p.test.") for i, (pref, _) in enumerate(exchangers)]),
+    )
+    for i, (_, has_address) in enumerate(exchangers):
+        if has_address:
+            server.add(f"x{i:02}.p.test", "A", f"192.0.2.{i + 1}")
+        else:
+            server.add(f"x{i:02}.p.test", "TXT", '"exists, without an address"')
+    result = validate(server, mode, "user@p.test", lookups=1 + 2 * MAX_MAIL_HOSTS)
+    looked_up = sorted((pref, i) for i, (pref, _) in enumerate(exchangers))[:MAX_MAIL_HOSTS]
+    if any(exchangers[i][1] for _, i in looked_up):
+        assert result.reason is Reason.OK
+    elif any(has_address for _, has_address in exchangers):
+        # The DNS names an exchanger with an address: never "undeliverable".
+        assert (result.verdict, result.reason) == (Judgement.UNKNOWN, Reason.TEMPFAIL)
+    else:
+        expected = Reason.NO_MAIL_HOST if len(exchangers) <= MAX_MAIL_HOSTS else Reason.TEMPFAIL
+        assert result.reason is expected
