@@ -194,7 +194,9 @@ def _unsafe(path: str, smtputf8: bool) -> str | None:
 def _path(address: Address) -> str:
     """The address as it goes on the command line: the SMTP path with an A-label domain
     (a non-ASCII local part stays UTF-8, so only it makes the MTA use SMTPUTF8)."""
-    text = address.smtp_path(address.needs_smtputf8)
+    if not address.needs_smtputf8:
+        return address.smtp_path(False)  # A-labels already
+    text = address.smtp_path(True)  # the local part, "@", the U-label domain
     local = text[: len(text) - len(address.domain) - 1]
     return f"{local}@{address.ascii_domain}"
 
