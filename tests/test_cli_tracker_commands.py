@@ -10,11 +10,13 @@ attempt per recipient.
 
 from __future__ import annotations
 
+import datetime as dt
 import email
 import email.policy
 import io
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -368,6 +370,39 @@ def test_delay_warning_reports_a_deferral(
     assert len(dsn_files(reports)) == 1
 
 
+def test_max_age_expires_a_deferred_recipient_and_reports_it(
+    run: Run, db: Path, tmp_path: Path, server: SMTPTestServer
+) -> None:
+    tracking_id = submit(run, db, write(tmp_path / "m.eml", message_bytes("later@example.org")))
+    reports = tmp_path / "reports"
+    options = ["--url", url(server), "--dsn-url", reports.as_uri(), "--max-age", "2s"]
+    status, first, _ = run("tracker", "--db", str(db), "run", *options)
+    assert status == 0
+    # The tracker's clock is the real one here: wait (bounded) for the deadline, which the
+    # policy makes the last retry's due time. (A slow first run may have reached it already.)
+    later = record(db, tracking_id).recipient(Address.parse("later@example.org"))
+    due = later.next_attempt_at if later.state is State.DEFERRED else None
+    deadline = time.monotonic() + 30
+    while due is not None and dt.datetime.now(dt.UTC) <= due:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    status, second, err = run("tracker", "--db", str(db), "run", *options)
+    assert (status, err) == (0, ""), err
+    events = [r[1:4] for r in rows(first)[:-1] + rows(second)[:-1]]
+    assert events == [
+        ["later@example.org", "deferred", "450"],
+        ["later@example.org", "expired", "450"],
+    ]
+    assert states(db, tracking_id) == {"later@example.org": State.EXPIRED}
+    ((meta, raw),) = dsn_files(reports)  # no --delay-warning: the expiry's report only
+    assert [r["address"] for r in meta["recipients"]] == [SENDER]
+    report = parse_dsn(raw)
+    assert report.kind is DSNKind.BOUNCE
+    assert [(r.address, r.action.value, r.status) for r in report.recipients] == [
+        ("later@example.org", "failed", "4.2.1")
+    ]
+
+
 def test_split_by_domain_sends_one_transaction_per_domain(
     run: Run, db: Path, tmp_path: Path, server: SMTPTestServer
 ) -> None:
@@ -543,6 +578,36 @@ def test_ingest_reads_standard_input_and_says_what_matched_nothing(
         }
     ]
     assert document["report"]["kind"] == "bounce"
+
+
+def test_ingest_with_verp_matches_by_the_address_the_report_came_back_to(
+    run: Run, db: Path, tmp_path: Path, server: SMTPTestServer
+) -> None:
+    source = write(tmp_path / "m.eml", message_bytes("bob@example.org"))
+    tracking_id = submit(run, db, source, "--verp", "bounces@shop.example")
+    assert run("tracker", "--db", str(db), "run", "--url", url(server))[0] == 0
+    (sent,) = server.messages
+    assert sent.mail_from == f"bounces+{tracking_id}@shop.example"
+    # A report with no ENVID, about a Message-ID the store does not know: only the
+    # address it was sent to names the message.
+    raw = build_dsn(
+        original=message_bytes("bob@example.org", message_id="rewritten@relay.example.org"),
+        envelope_sender=sent.mail_from,
+        recipients=[DSNRecipient(address="bob@example.org", action="failed", status="5.1.1")],
+        reporting_mta="relay.example.org",
+    )
+    report = write(tmp_path / "verp.eml", raw)
+    status, out, _ = run("tracker", "--db", str(db), "ingest", str(report))
+    assert (status, rows(out)[0][1:4]) == (0, ["bounce", "-", "-"])  # without --verp: unmatched
+    assert rows(out)[0][-1] == "unmatched"
+    status, out, _ = run(
+        "tracker", "--db", str(db), "ingest", "--verp", "bounces@shop.example", str(report)
+    )
+    assert (status, rows(out)) == (
+        0,
+        [[str(report), "bounce", tracking_id, "verp", "bob@example.org", "failed", "5.1.1",
+          "bounced", "changed"]],
+    )  # fmt: skip
 
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
