@@ -12,7 +12,7 @@ from mailrelay.callout import AsyncCallout, Callout, CalloutResult, CalloutStatu
 from mailrelay.dkim import DKIMSigner
 from mailrelay.envelope import Envelope, Notify, Recipient, Ret
 from mailrelay.errors import MailRelayError
-from mailrelay.message import Attachment, Message
+from mailrelay.message import Attachment, ListHeaders, Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import EnhancedStatus, Reply
 from mailrelay.resolver import AsyncResolver, Resolver
@@ -95,6 +95,7 @@ __all__ = [
     "EnhancedStatus",
     "Envelope",
     "FileTransport",
+    "ListHeaders",
     "MailRelayError",
     "MemoryTransport",
     "Message",
