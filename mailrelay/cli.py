@@ -1,5 +1,6 @@
 """The ``mailrelay`` command line: send a message, validate addresses, read a bounce, and
-look at (or run) a delivery tracker's queue. ``docs/cli.md`` is its manual.
+keep a delivery tracker's queue (the ``tracker`` commands, in :mod:`mailrelay.cli_tracker`).
+``docs/cli.md`` is its manual.
 
 Rules of this module:
 
