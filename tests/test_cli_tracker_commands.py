@@ -421,6 +421,27 @@ def test_split_by_domain_sends_one_transaction_per_domain(
     ]
 
 
+def test_a_fixed_worker_id_takes_back_what_a_dead_runner_of_that_name_held(
+    run: Run, db: Path, tmp_path: Path, server: SMTPTestServer
+) -> None:
+    tracking_id = submit(run, db, write(tmp_path / "m.eml", message_bytes("bob@example.org")))
+    store = SQLiteStore(db)
+    try:  # a runner named "runner-1" claimed the message, then died
+        (claim,) = store.claim(
+            worker="runner-1", now=dt.datetime.now(dt.UTC), lease=dt.timedelta(hours=1), limit=10
+        )
+    finally:
+        store.close()
+    assert claim.tracking_id == tracking_id
+    base = ("tracker", "--db", str(db), "run", "--url", url(server), "--worker-id")
+    status, out, _ = run(*base, "runner-2")  # another name waits for the lease
+    assert (status, rows(out)[-1][0].split()[0]) == (0, "messages=0")
+    assert states(db, tracking_id) == {"bob@example.org": State.SENDING}
+    status, out, _ = run(*base, "runner-1")
+    assert (status, rows(out)[0][:3]) == (0, [tracking_id, "bob@example.org", "delivered"])
+    assert len(server.messages) == 1
+
+
 # -- cancel ----------------------------------------------------------------------------------
 
 
