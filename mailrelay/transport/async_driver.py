@@ -1,8 +1,9 @@
 """The asyncio driver: runs the dialogue's steps (:mod:`mailrelay.flow`) on an event loop.
 
 Theory of operation: the same loop as :mod:`mailrelay.transport.sync_driver`, awaited.
-:func:`connect` opens a TCP connection (every address of the host in turn, IPv6 and IPv4)
-or a unix socket, with TLS from the start for ``TLS.IMPLICIT``; :meth:`AsyncDriver.run`
+:func:`connect` opens a TCP connection (every address of the host in turn, IPv6 and IPv4,
+each connected with the whole address ``getaddrinfo`` gave, a scope id included) or a unix
+socket, with TLS from the start for ``TLS.IMPLICIT``; :meth:`AsyncDriver.run`
 answers each request a step yields until the step returns.
 
 Rules:
@@ -274,27 +275,35 @@ async def _open_tcp(
         raise resolve_error(exc, host, peer) from exc
     failures: list[str] = []
     last: BaseException | None = None
-    local = (source, 0) if source is not None else None
-    for family, _kind, proto, _, address in for_source(infos, source, host, peer):
+    for family, kind, proto, _, address in for_source(infos, source, host, peer):
+        # Our own socket, connected to the whole address getaddrinfo gave, as the blocking
+        # driver does: a scoped IPv6 address (fe80::1%eth0) is (host, port, flowinfo,
+        # scope_id), and its host and port alone lose the interface it is reached on.
+        sock = socket.socket(family, kind, proto)
         try:
+            sock.setblocking(False)
+            if source is not None:
+                sock.bind((source, 0))  # "Cannot assign requested address" if not ours
             async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, address)
                 transport, pipe = await loop.create_connection(
                     _Pipe,
-                    host=str(address[0]),
-                    port=int(address[1]),
-                    family=family,
-                    proto=proto,
-                    local_addr=local,
+                    sock=sock,
                     ssl=ssl_context,
                     server_hostname=server_hostname if ssl_context is not None else None,
                     ssl_handshake_timeout=timeout if ssl_context is not None else None,
                 )
         except ssl.SSLError as exc:
+            sock.close()
             raise map_tls_error(exc, peer=peer, server_hostname=server_hostname or host) from exc
         except (OSError, TimeoutError) as exc:
+            sock.close()
             last = exc
             failures.append(attempt_failure(address, exc))
             continue
+        except BaseException:
+            sock.close()  # a cancellation: no socket is left behind
+            raise
         assert isinstance(transport, asyncio.Transport)
         return transport, pipe
     raise all_addresses_failed(peer, failures) from last

@@ -7,6 +7,7 @@ real server would.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
@@ -21,8 +22,9 @@ from mailrelay.errors import ServerProtocolError, TLSError
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import Outcome
+from mailrelay.transport import async_driver
 from tests.peers.tls import TLSFiles
-from tests.transport.helpers import FLAVOURS, Flavour, make_message, send_with
+from tests.transport.helpers import FLAVOURS, Flavour, make_message, run, send_with
 
 # Every blocking call of the server has this limit; a connection lives at most _LIFE s.
 _WAIT = 3.0
@@ -357,3 +359,53 @@ def test_plain_text_instead_of_the_handshake_after_starttls_says_so(
     assert "TLS.IMPLICIT" not in str(info.value)
     assert "STARTTLS" in str(info.value)
     assert not info.value.is_transient
+
+
+# -- connecting ----------------------------------------------------------------------------------
+
+
+def test_the_async_driver_keeps_an_ipv6_scope_id() -> None:
+    # getaddrinfo gives a scoped IPv6 address as (host, port, flowinfo, scope_id): for a
+    # link-local address (fe80::1%eth0) the scope id names the interface, and without it
+    # the connection cannot be made. The async driver passed only the host and the port on
+    # (the blocking driver connects with the whole tuple). ::1 on the loopback interface
+    # stands in for the link-local address: the kernel accepts the scope id there too.
+    scope = socket.if_nametoindex("lo")
+    seen: list[tuple[Any, ...]] = []
+
+    async def main() -> None:
+        async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"220 scoped.test ESMTP\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(greet, "::1", 0)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        connect_socket = loop.sock_connect
+
+        async def getaddrinfo(host: str, port_: int, **kwargs: Any) -> list[tuple[Any, ...]]:
+            assert host == "scoped.test"
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port_, 0, scope))]
+
+        async def sock_connect(sock: socket.socket, address: Any) -> None:
+            seen.append(tuple(address))
+            await connect_socket(sock, address)
+
+        loop.getaddrinfo = getaddrinfo  # type: ignore[method-assign]
+        loop.sock_connect = sock_connect  # type: ignore[method-assign]
+        async with server:
+            driver = await async_driver.connect(
+                "scoped.test", port, timeouts=Timeouts.all(1), source_address=None
+            )
+            try:
+                for _ in range(100):
+                    if driver.bytes_received:
+                        break
+                    await asyncio.sleep(0.01)
+                assert driver.bytes_received > 0
+            finally:
+                driver.close()
+
+    run(main())
+    assert seen == [("::1", seen[0][1], 0, scope)]
