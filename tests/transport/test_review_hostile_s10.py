@@ -392,7 +392,7 @@ def test_the_async_driver_keeps_an_ipv6_scope_id() -> None:
             seen.append(tuple(address))
             await connect_socket(sock, address)
 
-        loop.getaddrinfo = getaddrinfo  # type: ignore[method-assign]
+        loop.getaddrinfo = getaddrinfo  # type: ignore[method-assign,assignment]
         loop.sock_connect = sock_connect  # type: ignore[method-assign]
         async with server:
             driver = await async_driver.connect(
