@@ -65,6 +65,7 @@ def layer_of(module: str) -> str:
         "dkim": "dkim",
         "testing": "testing",
         "cli": "cli",
+        "cli_tracker": "cli",
         "__main__": "cli",
     }
     if top in named:
