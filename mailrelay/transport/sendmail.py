@@ -39,17 +39,24 @@ Rules of this module:
   and error are read at the same time, so a chatty program never blocks on a full pipe,
   and at most :data:`OUTPUT_LIMIT` bytes of each are kept.
 * Exit status 0: every recipient handed over is ``ACCEPTED`` with a reason saying that the
-  message was *queued by the local MTA*, not delivered; the MTA reports later failures as
-  bounces to the sender. Any other status raises :class:`~mailrelay.errors.LocalMTAError`
-  with the status's ``sysexits.h`` name and the program's (bounded) standard error;
-  it is transient for ``EX_TEMPFAIL`` (75), ``EX_OSERR`` (71) and ``EX_IOERR`` (74) — the
-  statuses Sendmail itself queues on — for death by a signal and for statuses outside
-  ``sysexits.h`` (a crash or a misconfiguration someone can fix: the recipients are not
-  shown to be bad), and permanent for the other ``sysexits.h`` statuses (``EX_NOUSER`` 67,
-  ``EX_DATAERR`` 65, ``EX_NOPERM`` 77, ...). A program that exits with 0 but stopped reading
-  before the end of the message (a broken pipe) raises a transient ``LocalMTAError``: it
-  cannot have queued the message we gave it. Postfix's own sendmail exits with 75 for most
-  of its fatal errors, so that mail is retried rather than lost.
+  message was *queued by the local MTA*, not delivered (the MTA reports later failures as
+  bounces to the sender); whatever the program wrote is logged as a warning (Postfix's
+  sendmail warns there about options it ignored). Any other status raises
+  :class:`~mailrelay.errors.LocalMTAError` with the status's ``sysexits.h`` name and the
+  program's (bounded) standard error. It is transient for ``EX_TEMPFAIL`` (75),
+  ``EX_OSERR`` (71) and ``EX_IOERR`` (74) — the statuses Sendmail itself queues on — for
+  death by a signal and for statuses outside ``sysexits.h`` (a crash or a misconfiguration
+  someone can fix: the recipients are not shown to be bad); permanent for the other
+  ``sysexits.h`` statuses (``EX_NOUSER`` 67, ``EX_DATAERR`` 65, ``EX_NOPERM`` 77, ...).
+  A program that exits with 0 but stopped reading before the end of the message (a broken
+  pipe) raises a transient ``LocalMTAError``: it cannot have queued the message we gave
+  it. Postfix's own sendmail exits with 75 for most of its fatal errors (a missing
+  ``main.cf`` included), so that mail is retried rather than lost.
+* With several NOTIFY groups, a group that fails while another was queued does not raise
+  (that would hide the queued one, and a retry would send it twice): its recipients carry
+  the error as their result (outcome by ``is_transient``, ``reason`` naming the error), as
+  ``send_many`` does for a whole message. The error is raised only when no recipient got
+  an answer at all.
 * ``timeout`` bounds one whole hand-over (start, writing, exit). Past it the program gets
   SIGTERM, then SIGKILL after :data:`TERMINATE_GRACE` seconds, and the send raises a
   transient :class:`~mailrelay.errors.DeliveryTimeout`. A program that has exited is not
@@ -57,8 +64,8 @@ Rules of this module:
   Cancelled (``asend``), the program is stopped the same way before the cancellation goes
   on. Only the process this module started is ever signalled.
 * The program is looked up at construction (``ConfigurationError`` when it is missing or
-  not executable); if it cannot be started at send time, :class:`~mailrelay.errors.ConnectError`
-  (transient).
+  not executable); if it cannot be started at send time,
+  :class:`~mailrelay.errors.ConnectError` (transient).
 * Delivery through a local MTA is at-least-once: a program killed by the timeout after
   queueing the message, but before exiting, leaves a message that a retry sends again.
 * One process per message (per NOTIFY group): ``send_many`` / ``asend_many`` are the base
@@ -387,6 +394,13 @@ class SendmailTransport(Transport, AsyncTransport):
             exit_status=status,
         )
 
+    def _warn(self, output: bytes) -> None:
+        # A program that queued the message may still have said something (Postfix's
+        # sendmail warns about an option it ignored): worth a line in the log.
+        if output.strip():
+            text = output.decode("utf-8", errors="replace").strip()[:_SHOWN_OUTPUT]
+            log.warning("%s queued the message but said: %s", self.command, text)
+
     def _timeout_error(self) -> DeliveryTimeout:
         return DeliveryTimeout(
             f"{self.command} did not finish within {self.timeout:g} s and was killed",
@@ -448,6 +462,7 @@ class SendmailTransport(Transport, AsyncTransport):
                     with contextlib.suppress(OSError):
                         pipe.close()
         if status == 0 and not broken:
+            self._warn(output)
             return
         raise self._error(status, broken, output, dropped)
 
@@ -491,9 +506,7 @@ class SendmailTransport(Transport, AsyncTransport):
         try:
             async with asyncio.timeout(self.timeout):
                 broken = await _afeed(process, _to_lf(message.chunks()))
-                status = await process.wait()
-                # A child of the program may hold its pipes open: wait a little, no more.
-                await asyncio.wait(readers, timeout=EXIT_GRACE)
+                status = await _aexited(process, readers)
         except TimeoutError:
             await _aterminate(process)
             raise self._timeout_error() from None
@@ -504,11 +517,12 @@ class SendmailTransport(Transport, AsyncTransport):
             for reader in readers:
                 reader.cancel()
             await asyncio.wait(readers)
-        if status == 0 and not broken:
-            return
         stderr = readers[1].result() if not readers[1].cancelled() else (b"", False)
         stdout = readers[0].result() if not readers[0].cancelled() else (b"", False)
         output, dropped = stderr if stderr[0] else stdout
+        if status == 0 and not broken:
+            self._warn(output)
+            return
         raise self._error(status, broken, output, dropped)
 
 
@@ -629,6 +643,28 @@ async def _adrain(stream: asyncio.StreamReader) -> tuple[bytes, bool]:
         kept += data[:room]
         dropped = dropped or len(data) > room
     return bytes(kept), dropped
+
+
+async def _aexited(
+    process: asyncio.subprocess.Process, readers: Sequence[asyncio.Future[tuple[bytes, bool]]]
+) -> int:
+    """The program's exit status, once it has exited and its output is read.
+
+    ``Process.wait()`` resolves only when the program has exited *and* every pipe is closed
+    (asyncio's ``BaseSubprocessTransport``), so a child of the program that still holds its
+    stdout or stderr would hold the send too: once the program has exited, its pipes get
+    :data:`EXIT_GRACE` seconds to close, then the transport closes them.
+    """
+    pending: set[asyncio.Future[tuple[bytes, bool]]] = set(readers)
+    while pending and process.returncode is None:
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    if pending:
+        _, pending = await asyncio.wait(pending, timeout=EXIT_GRACE)
+    if pending:
+        transport = getattr(process, "_transport", None)  # no public way to close the pipes
+        if transport is not None:
+            transport.close()
+    return await process.wait()
 
 
 async def _aterminate(process: asyncio.subprocess.Process) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import pickle
 import signal
@@ -762,3 +763,42 @@ def test_postfix_tempfail_carries_its_stderr(
     assert error.is_transient
     assert f"open {tmp_path}/main.cf" in str(error)
     assert os.path.exists(postfix.etc / "main.cf")
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_child_holding_the_pipes_open_does_not_hold_the_send(
+    flavour: Flavour, tmp_path: Path
+) -> None:
+    """The program exits at once but leaves a child with its stdout and stderr: the send
+    ends with the program (after EXIT_GRACE), not with the child, and does not time out."""
+    pid_file = tmp_path / "child"
+    program = fake(
+        tmp_path,
+        f"""
+        import subprocess, sys
+        sys.stdin.buffer.read()
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"])
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        """,
+    )
+    result = send(flavour, SendmailTransport(program, timeout=3), make_message())
+    assert result.ok
+    # The child was not ours to stop: it is still there (it ends by itself).
+    assert alive(int(pid_file.read_text()))
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_what_a_successful_program_says_is_logged(
+    flavour: Flavour, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    program = fake(
+        tmp_path,
+        """
+        import sys
+        sys.stdin.buffer.read()
+        sys.stderr.write("sendmail: warning: bad -N option value -- ignored\\n")
+        """,
+    )
+    with caplog.at_level(logging.WARNING, logger="mailrelay.transport.sendmail"):
+        assert send(flavour, SendmailTransport(program), make_message()).ok
+    assert "bad -N option value -- ignored" in caplog.text
