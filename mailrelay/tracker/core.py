@@ -78,6 +78,7 @@ from mailrelay.tracker.store import (
     Store,
     apply_change,
     queued_record,
+    recipient_lookup,
     to_micros,
 )
 from mailrelay.tracker.transitions import (
@@ -183,18 +184,6 @@ def _queued_record(
 def _id_prefix(now: dt.datetime) -> str:
     """The first 14 hex digits of the tracking ids made at ``now``: the time in microseconds."""
     return f"{to_micros(now) & 0xFFFF_FFFF_FFFF_FF:014x}"
-
-
-def _recipient_record(record: MessageRecord, address: Address) -> RecipientRecord:
-    """The record of one recipient of ``record`` (which has it).
-
-    Like :meth:`MessageRecord.recipient`, for the Address objects the tracker's changes
-    carry, which are the record's own (found by identity, before any comparison).
-    """
-    for recipient in record.recipients:
-        if recipient.address is address:
-            return recipient
-    return record.recipient(address)
 
 
 def _new_id(now: dt.datetime) -> str:
@@ -894,6 +883,7 @@ class TrackerCore(Generic[T]):
             # change's own Address object, which a tuple finds by identity.
             changed = changed_list if len(changed_list) == 1 else set(changed_list)
             quiet = work.record.notification
+            find: Callable[[Address], RecipientRecord] | None = None
             for change in changes:
                 if change.attempt is None:
                     continue
@@ -906,7 +896,9 @@ class TrackerCore(Generic[T]):
                 # The store applied this change (it is in ``changed``), so apply it here
                 # the same way; no lease check, since the snapshot may be the submitted
                 # record (see Work).
-                before = _recipient_record(work.record, change.address)
+                if find is None:
+                    find = recipient_lookup(work.record)
+                before = find(change.address)
                 after, _did = apply_change(before, change, worker=None)
                 events.append(
                     TrackerEvent(

@@ -54,6 +54,7 @@ from mailrelay.tracker.store import (
     State,
     Store,
     apply_change,
+    recipient_lookup,
 )
 
 __all__ = [
@@ -281,26 +282,31 @@ def ingest(
     record = _status(store, tracking_id)
     now = clock()
     changes: list[Change] = []
-    named: list[Address] = []
+    # A report is mail from anyone: each block is matched through indexes built once, so
+    # the work follows the blocks plus the recipients, never their product.
+    exact = {r.address: r for r in record.recipients}
+    loose: dict[str, Address] = {}
+    for r in record.recipients:
+        loose.setdefault(str(r.address).lower(), r.address)
+    named: dict[Address, None] = {}  # an ordered set
     for item in report.recipients:
-        address = _match_recipient(record, item)
+        address = _match_recipient(exact, loose, item)
         if address is None:
             continue
-        if address not in named:
-            named.append(address)
-        changes.append(_dsn_change(item, record.recipient(address), now))
+        named.setdefault(address)
+        changes.append(_dsn_change(item, exact[address], now))
     changes = _one_change_each(changes)
     changed = set(store.apply(tracking_id, changes)) if changes else set()
     events = [TrackerEvent(kind=EventKind.DSN_RECEIVED, tracking_id=tracking_id, report=report)]
-    after = _status(store, tracking_id)
+    after = recipient_lookup(_status(store, tracking_id))
     for change in changes:
         if change.expect != _HISTORY_ONLY and change.address in changed:
             kind = EventKind.DELIVERED if change.state is State.DELIVERED else EventKind.BOUNCED
-            recipient = after.recipient(change.address)
+            recipient = after(change.address)
             if recipient.state is not change.state or recipient.confirmed != change.confirmed:
                 # Changed again since this commit (another report, from another thread or
                 # process): the event shows the recipient as this change left it.
-                recipient = apply_change(record.recipient(change.address), change, worker=None)[0]
+                recipient = apply_change(exact[change.address], change, worker=None)[0]
             events.append(
                 TrackerEvent(
                     kind=kind,
@@ -397,7 +403,11 @@ def _rfc5322_date(when: dt.datetime) -> str:
     return email.utils.format_datetime(when.astimezone(dt.UTC))
 
 
-def _match_recipient(record: MessageRecord, item: DSNRecipient) -> Address | None:
+def _match_recipient(
+    exact: dict[Address, RecipientRecord], loose: dict[str, Address], item: DSNRecipient
+) -> Address | None:
+    """The tracked recipient a report's block names: ``exact`` holds the message's
+    recipients, ``loose`` them by lower-cased text (the first of each)."""
     candidates = [item.address, item.final_recipient, item.original_recipient]
     for text in candidates:
         if not text:
@@ -408,13 +418,12 @@ def _match_recipient(record: MessageRecord, item: DSNRecipient) -> Address | Non
             address = Address.parse(value.strip().strip("<>"))
         except InvalidAddress:
             continue
-        for recipient in record.recipients:
-            if recipient.address == address:
-                return address
+        if address in exact:
+            return address
         # Some servers change the case of the local part: compare loosely as a last resort.
-        for recipient in record.recipients:
-            if str(recipient.address).lower() == str(address).lower():
-                return recipient.address
+        found = loose.get(str(address).lower())
+        if found is not None:
+            return found
     return None
 
 

@@ -738,11 +738,15 @@ class SQLiteStore:
             if entry is None or not changes:
                 return None
             addresses, rows = entry
+            # Each claimed address's row: a scan per change (by identity first, since the
+            # claim's addresses are the ones the worker holds, else by equality) for a few;
+            # an index for many, or a message to thousands would cost a scan per recipient.
+            where: Callable[[Address], int] = (
+                addresses.index if len(addresses) <= 8 else _index_of(addresses)
+            )
             for change in changes:
                 try:
-                    # By identity first (the claim's addresses are the ones the worker
-                    # holds), else by equality, which implies the same address text.
-                    _, position, _, _, seq = rows[addresses.index(change.address)]
+                    _, position, _, _, seq = rows[where(change.address)]
                 except ValueError:
                     return None
                 if change.confirmed is not None or change.delay_warned is not None:
@@ -938,6 +942,19 @@ _UPDATE_LEASED_DONE = (
 )
 #: How many claimed messages a store remembers for the fast path (see SQLiteStore._claimed).
 _CLAIMED_LIMIT = 16384
+
+
+def _index_of(addresses: tuple[Address, ...]) -> Callable[[Address], int]:
+    """``addresses.index``, from a dict built once (``ValueError`` when missing)."""
+    positions = {address: index for index, address in enumerate(addresses)}
+
+    def index(address: Address) -> int:
+        found = positions.get(address)
+        if found is None:
+            raise ValueError(address)
+        return found
+
+    return index
 
 
 class _NotFast(Exception):

@@ -83,6 +83,7 @@ __all__ = [
     "attempt_values",
     "from_micros",
     "micros_or_none",
+    "recipient_lookup",
     "records_from_rows",
     "time_or_none",
     "to_micros",
@@ -826,6 +827,41 @@ def apply_change(
     return after, True
 
 
+#: Up to this many recipients, a record's recipient is found by a scan (nothing to build).
+_SCAN_LIMIT = 8
+
+
+def recipient_lookup(record: MessageRecord) -> Callable[[Address], RecipientRecord]:
+    """A function that finds a recipient of ``record`` by address, as
+    :meth:`MessageRecord.recipient` does (``KeyError`` when it has none).
+
+    For code that looks up every recipient of a message: a scan each would make that
+    work grow with the square of the recipients (a message to a few thousand of them, a
+    newsletter's long Bcc, took seconds an attempt), so a large record is indexed once.
+    A small one is scanned, by identity first (the tracker's changes carry the record's
+    own Address objects), which costs less than building the index.
+    """
+    recipients = record.recipients
+    if len(recipients) > _SCAN_LIMIT:
+        by_address = {r.address: r for r in recipients}
+
+        def indexed(address: Address) -> RecipientRecord:
+            found = by_address.get(address)
+            if found is None:
+                raise KeyError(str(address))
+            return found
+
+        return indexed
+
+    def scanned(address: Address) -> RecipientRecord:
+        for recipient in recipients:
+            if recipient.address is address:
+                return recipient
+        return record.recipient(address)
+
+    return scanned
+
+
 def repeats_confirmation(state: State, confirmed: bool, change: Change) -> bool:
     """Whether ``change`` would confirm a recipient already confirmed in that state.
 
@@ -983,19 +1019,20 @@ class MemoryStore:
     ) -> tuple[Address, ...]:
         record = self._records[tracking_id]
         recipients = list(record.recipients)
+        # Each recipient's position, found once (not a scan per change: see recipient_lookup).
+        positions = {recipient.address: index for index, recipient in enumerate(recipients)}
         changed = []
         for change in changes:
-            for index, recipient in enumerate(recipients):
-                if recipient.address == change.address:
-                    recipients[index], did = apply_change(recipient, change, worker=worker)
-                    if did and repeats_confirmation(recipient.state, recipient.confirmed, change):
-                        recipients[index] = attrs.evolve(
-                            recipient, attempts=recipients[index].attempts
-                        )
-                        did = False
-                    if did:
-                        changed.append(change.address)
-                    break
+            index = positions.get(change.address)
+            if index is None:
+                continue
+            recipient = recipients[index]
+            recipients[index], did = apply_change(recipient, change, worker=worker)
+            if did and repeats_confirmation(recipient.state, recipient.confirmed, change):
+                recipients[index] = attrs.evolve(recipient, attempts=recipients[index].attempts)
+                did = False
+            if did:
+                changed.append(change.address)
         self._records[tracking_id] = attrs.evolve(record, recipients=tuple(recipients))
         return tuple(changed)
 

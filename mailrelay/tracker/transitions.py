@@ -54,6 +54,7 @@ from mailrelay.tracker.store import (
     RecipientRecord,
     State,
     new_change,
+    recipient_lookup,
 )
 
 __all__ = [
@@ -179,7 +180,7 @@ def wants_delay_warning(
 
 def _failure_change(
     record: MessageRecord,
-    address: Address,
+    previous: RecipientRecord,
     attempt: Attempt,
     reply: Reply | None,
     *,
@@ -188,7 +189,7 @@ def _failure_change(
     random: Callable[[], float],
     delay_warning_after: dt.timedelta | None = None,
 ) -> Change:
-    previous = record.recipient(address)
+    address = previous.address
     tries = sum(1 for a in previous.attempts if a.source != "dsn") + 1
     when = retry.next_attempt(
         recipient=address,
@@ -323,6 +324,7 @@ def from_result(
     all_transient = True
     about_the_server = False  # a transient refusal that is not about one mailbox
     saw_421 = False
+    find: Callable[[Address], RecipientRecord] | None = None  # made at the first refusal
     for recipient, matched in zip(recipients, _matched(recipients, result), strict=True):
         found = matched
         if found is None:
@@ -345,10 +347,12 @@ def from_result(
             changes.append(new_change(recipient.address, _BOUNCED, attempt))
         else:
             about_the_server = about_the_server or not _about_one_mailbox(reply)
+            if find is None:
+                find = recipient_lookup(record)
             changes.append(
                 _failure_change(
                     record,
-                    recipient.address,
+                    find(recipient.address),
                     attempt,
                     reply,
                     now=now,
@@ -389,13 +393,14 @@ def from_error(
         source="error",
     )
     defers = retry.defers(error)
+    find = recipient_lookup(record) if defers else None
     changes = []
     for recipient in recipients:
-        if defers:
+        if find is not None:
             changes.append(
                 _failure_change(
                     record,
-                    recipient.address,
+                    find(recipient.address),
                     attempt,
                     reply,
                     now=now,

@@ -831,3 +831,83 @@ def test_a_cancelled_run_still_stops_when_a_callback_is_running(store: Store) ->
             await asyncio.wait_for(run, 5)
 
     asyncio.run(main())
+
+
+# -- messages with many recipients ------------------------------------------------------
+
+#: Recipients of the large message: enough that work per recipient pair (n² / 2
+#: comparisons, 45,000 here) stands far apart from work per recipient.
+MANY = 300
+
+
+class Comparisons:
+    """Counts ``Address.__eq__`` calls: work that grows with the square of a message's
+    recipients shows as a count, with no timing."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = Address.__eq__
+
+        def counting(this: Address, other: object) -> bool:
+            self.count += 1
+            return original(this, other)
+
+        monkeypatch.setattr(Address, "__eq__", counting)
+
+
+def _large(n: int = MANY) -> tuple[Message, list[str]]:
+    to = [f"user{i}@example.org" for i in range(n)]
+    return Message.build(sender="sender@example.com", to=to, subject="x", text="hi\n"), to
+
+
+@pytest.mark.parametrize("answer", [Reply.of(450, "4.2.1 busy"), Reply.of(250, "2.0.0 ok")])
+def test_an_attempt_costs_work_per_recipient_not_per_pair(
+    store: Store, monkeypatch: pytest.MonkeyPatch, answer: Reply
+) -> None:
+    """A message to a few thousand recipients (a newsletter with a long Bcc) is a
+    plausible submission: recording an attempt must not compare every recipient with
+    every other (at 4,000 recipients that took four seconds an attempt)."""
+    big, to = _large()
+    events: list[TrackerEvent] = []
+    tracker = DeliveryTracker(
+        MemoryTransport(lambda _m, _e: dict.fromkeys(to, answer)),
+        store,
+        clock=FakeClock(),
+        random=no_jitter,
+    )
+    tracker.on("deferred", events.append)
+    tracker.on("delivered", events.append)
+    tracking_id = tracker.submit(big)
+    comparisons = Comparisons(monkeypatch)
+    tracker.run_pending()
+    assert len(events) == MANY
+    assert comparisons.count < 20 * MANY
+    states = tracker.status(tracking_id).states()
+    assert states == {State.DEFERRED if answer.code == 450 else State.DELIVERED: MANY}
+
+
+@pytest.mark.parametrize("named", ["strangers", "recipients"])
+def test_ingesting_a_report_costs_work_per_block_not_per_block_and_recipient(
+    store: Store, monkeypatch: pytest.MonkeyPatch, named: str
+) -> None:
+    """A bounce is mail from anyone: a report of many blocks about a message of many
+    recipients must be folded in in time linear in both, not their product."""
+    big, to = _large()
+    tracker = DeliveryTracker(MemoryTransport(), store, clock=FakeClock(), request_dsn=True)
+    tracking_id = tracker.submit(big)
+    tracker.run_pending()
+    addresses = [f"Stranger{i}@example.net" for i in range(MANY)] if named == "strangers" else to
+    raw = build_dsn(
+        original=tracker.store.content(tracking_id),
+        envelope_sender="sender@example.com",
+        recipients=[
+            DSNRecipient(address=address, action=DSNAction.DELIVERED, status="2.0.0")
+            for address in addresses
+        ],
+        reporting_mta="mx.downstream.example",
+        envid=tracking_id,
+    )
+    comparisons = Comparisons(monkeypatch)
+    match = tracker.ingest_dsn(raw)
+    assert comparisons.count < 20 * MANY
+    assert len(match.changed) == (0 if named == "strangers" else MANY)
