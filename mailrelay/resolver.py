@@ -13,6 +13,10 @@ Rules of this module:
   fill the cache: an MX answer is cached as those exchangers only). When none of those
   has an address while the domain names more, the lookup fails (transient): not having
   looked at the others is no ground for "no mail host", which would bounce the mail.
+  An exchanger's addresses that no connection may go to (``0.0.0.0/8``, ``::``,
+  multicast, the broadcast address: what DNS sinkholes answer for names they block) are
+  dropped; an exchanger left with none has a failed (transient) lookup. Loopback and
+  private addresses are kept: they are the caller's policy (tests deliver to 127.0.0.x).
 - Facts are values, ignorance is an exception. NXDOMAIN and NODATA are answers about the
   domain and come back inside :class:`MailHosts` / :class:`HostAddresses` (their
   :class:`DNSStatus` says which). Timeouts, SERVFAIL, REFUSED and malformed answers mean we
@@ -61,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import logging
 import math
 import random
@@ -359,6 +364,55 @@ def _texts(name: str, answer: _Answer) -> tuple[str, ...]:
     raise _transient(name, answer, "TXT")
 
 
+#: IPv4 addresses no connection may go to: "this host on this network" (RFC 1122
+#: §3.2.1.3: never a destination; Linux connects 0.0.0.0 to the local host), multicast
+#: (RFC 5771) and the limited broadcast (RFC 919).
+_NO_DESTINATION_V4: Final = (
+    ipaddress.IPv4Network("0.0.0.0/8"),
+    ipaddress.IPv4Network("224.0.0.0/4"),
+    ipaddress.IPv4Network("255.255.255.255/32"),
+)
+
+
+def _is_destination(text: str) -> bool:
+    """Whether a connection may go to the address ``text`` (an A or AAAA record)."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address.is_unspecified or address.is_multicast:  # RFC 4291 §2.5.2, §2.7
+            return False
+    return not (
+        isinstance(address, ipaddress.IPv4Address)
+        and any(address in network for network in _NO_DESTINATION_V4)
+    )
+
+
+def _destinations(answer: _Answer, failure_ttl: float) -> _Answer:
+    """A mail host's A or AAAA answer without the addresses no connection may go to.
+
+    A filtering resolver (a DNS sinkhole) answers ``0.0.0.0`` or ``::`` for the names it
+    blocks. Taken as an exchanger's address, that made the domain deliverable and sent its
+    mail to the local host (which the domain never named); an answer holding nothing but
+    such addresses is no answer at all: a transient failure, never a verdict.
+    """
+    if answer.status is not DNSStatus.OK or all(_is_destination(a) for a in answer.records):
+        return answer
+    kept = tuple(address for address in answer.records if _is_destination(address))
+    if kept:
+        return answer._replace(records=kept)
+    shown = ", ".join(answer.records[:3])
+    return _Answer(
+        DNSStatus.ERROR,
+        (),
+        min(answer.ttl, failure_ttl),
+        f"it resolves only to addresses no connection can go to ({shown})",
+    )
+
+
 def _plan_mail_hosts(domain: str, failure_ttl: float) -> _Plan:
     """Find a domain's exchangers; returns (MailHosts or ResolverError, ttl). A failure
     the plan itself finds is kept ``failure_ttl`` seconds at most."""
@@ -388,6 +442,7 @@ def _plan_mail_hosts(domain: str, failure_ttl: float) -> _Plan:
         targets = [target for _, target in exchangers[:MAX_MAIL_HOSTS]]
         best = {target: pref for pref, target in reversed(exchangers)}
         answers = yield [(t, _A) for t in targets] + [(t, _AAAA) for t in targets]
+        answers = [_destinations(answer, failure_ttl) for answer in answers]
         count = len(targets)
         hosts = tuple(
             _host(t, best[t], answers[i], answers[count + i]) for i, t in enumerate(targets)
@@ -412,6 +467,7 @@ def _plan_mail_hosts(domain: str, failure_ttl: float) -> _Plan:
         return found, ttl
     # RFC 5321 §5.1: no MX records, so the domain's own address is an implicit MX.
     a, aaaa = yield [(domain, _A), (domain, _AAAA)]
+    a, aaaa = _destinations(a, failure_ttl), _destinations(aaaa, failure_ttl)
     host = _host(domain, 0, a, aaaa)
     ttl = min(mx.ttl, a.ttl, aaaa.ttl)
     if host.status is DNSStatus.OK:

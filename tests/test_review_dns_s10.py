@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import socket
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Coroutine, Iterator
@@ -38,8 +40,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailrelay.errors import MailRelayError
+from mailrelay.message import Message
+from mailrelay.options import Timeouts
 from mailrelay.resolver import MAX_MAIL_HOSTS, AsyncResolver, DNSStatus, MailHosts, Resolver
 from mailrelay.results import Outcome
+from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import amail_hosts_of
 from mailrelay.transport.mx_plan import MXPolicy, Target, Verdict, mail_hosts_of, plan
 from mailrelay.validate import (
@@ -358,3 +363,116 @@ def test_undeliverable_only_when_every_exchanger_was_seen_to_dangle(
     else:
         expected = Reason.NO_MAIL_HOST if len(exchangers) <= MAX_MAIL_HOSTS else Reason.TEMPFAIL
         assert result.reason is expected
+
+
+# -- addresses that are no destination: 0.0.0.0, ::, multicast, broadcast ----------------------
+
+
+class Listener:
+    """A TCP listener on 127.0.0.1 that counts the connections it gets and refuses each
+    with a 554 greeting: where mail ends up when it is sent to "this host"."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(8)
+        self._sock.settimeout(0.05)
+        self.port: int = self._sock.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> Listener:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+        assert not self._thread.is_alive()
+
+    def _serve(self) -> None:
+        for _ in range(2000):  # 0.05 s each: at most 100 s, ended by __exit__ long before
+            if self._stop.is_set():
+                return
+            try:
+                conn, _peer = self._sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            with conn:
+                conn.sendall(b"554 5.7.1 this host is nobody's mail exchanger\r\n")
+
+
+#: Addresses a name can resolve to that no connection may go to: "this host" (RFC 1122
+#: §3.2.1.3, 0.0.0.0/8; Linux connects 0.0.0.0 to the local host), multicast (RFC 5771,
+#: RFC 4291 §2.7), the limited broadcast, and the IPv6 unspecified address.
+NO_DESTINATION = [
+    ("A", "0.0.0.0"),
+    ("A", "0.1.2.3"),
+    ("A", "224.0.0.1"),
+    ("A", "239.255.255.250"),
+    ("A", "255.255.255.255"),
+    ("AAAA", "::"),
+    ("AAAA", "ff02::1"),
+    ("AAAA", "::ffff:0.0.0.0"),
+    ("AAAA", "::ffff:224.0.0.1"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("rdtype", "address"), NO_DESTINATION)
+def test_an_exchanger_at_no_destination_address_is_no_mail_host(
+    server: HostileDNS, mode: str, rdtype: str, address: str
+) -> None:
+    # A filtering resolver (a sinkhole: Pi-hole, many corporate DNS filters) answers
+    # 0.0.0.0 or :: for names it blocks. That answer names no mail host: it must not make
+    # the address DELIVERABLE, nor send mail to this host, nor bounce it.
+    server.add("s.test", "MX", "10 mx.s.test.")
+    server.add("mx.s.test", rdtype, address)
+    result = validate(server, mode, "user@s.test")
+    assert (result.verdict, result.reason) == (Judgement.UNKNOWN, Reason.TEMPFAIL), result
+    planned = route(server, mode, "s.test")
+    assert isinstance(planned, Verdict), planned
+    assert planned.outcome is Outcome.TRANSIENT
+    # The same for an implicit MX (the domain's own address).
+    server.add("i.test", rdtype, address)
+    result = validate(server, mode, "user@i.test")
+    assert (result.verdict, result.reason) == (Judgement.UNKNOWN, Reason.TEMPFAIL), result
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_destination_addresses_are_skipped_next_to_good_ones(
+    server: HostileDNS, mode: str
+) -> None:
+    server.add("m.test", "MX", "10 mx.m.test.")
+    server.add("mx.m.test", "A", "0.0.0.0", "192.0.2.5", "224.0.0.1")
+    server.add("mx.m.test", "AAAA", "::", "2001:db8::5")
+    result = validate(server, mode, "user@m.test")
+    assert result.reason is Reason.OK
+    assert result.mail_hosts is not None
+    [host] = result.mail_hosts.hosts
+    assert (host.ipv4, host.ipv6) == (("192.0.2.5",), ("2001:db8::5",))
+    planned = route(server, mode, "m.test")
+    assert planned == [
+        Target(name="mx.m.test", address="192.0.2.5", port=25),
+        Target(name="mx.m.test", address="2001:db8::5", port=25),
+    ]
+
+
+def test_mail_never_goes_to_this_host_for_an_exchanger_at_0_0_0_0(server: HostileDNS) -> None:
+    server.add("z.test", "MX", "10 mx.z.test.")
+    server.add("mx.z.test", "A", "0.0.0.0")
+    message = Message.build(
+        sender="me@sender.test", to=["user@z.test"], subject="hi", text="hello\n"
+    )
+    resolver = make_resolver(server, "sync")
+    assert isinstance(resolver, Resolver)
+    with Listener() as listener:
+        transport = MXTransport(resolver, port=listener.port, timeouts=Timeouts.all(2))
+        with transport:
+            result = guarded(3, lambda: transport.send(message))
+    assert listener.connections == 0, "the message went to the local host"
+    [recipient] = result.recipients
+    assert recipient.outcome is Outcome.TRANSIENT, recipient
