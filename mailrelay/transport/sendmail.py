@@ -25,6 +25,7 @@ Rules of this module:
   3.0 and later detect them itself (``smtputf8_autodetect_classes`` includes ``sendmail`` by
   default); with ``smtputf8=False`` a message whose envelope needs SMTPUTF8 is refused before
   sending, every recipient ``PERMANENT``, as an SMTP server without SMTPUTF8 would have it.
+  UTF-8 in the message's own header fields is the MTA's business (Postfix detects it too).
 * DSN (RFC 3461): the envelope's RET goes as ``-R full|hdrs``, its ENVID as ``-V envid``
   and the recipients' NOTIFY as ``-N success,failure,delay`` (or ``never``); Postfix's and
   Sendmail's sendmail(1) take these options. ``-N`` holds for the whole command, so

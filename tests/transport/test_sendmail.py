@@ -547,11 +547,13 @@ def test_a_hung_program_is_killed_and_the_send_times_out(
         """,
     )
     # 1 MB: more than a pipe holds, so a program that does not read blocks our writes.
-    error = failure(flavour, SendmailTransport(program, timeout=1.0), big_message(1_000_000))
+    error = failure(flavour, SendmailTransport(program, timeout=2.0), big_message(1_000_000))
     assert isinstance(error, DeliveryTimeout)
     assert error.is_transient
-    assert "did not finish within 1 s" in str(error)
-    assert not alive(int(pid_file.read_text()))
+    assert "did not finish within 2 s" in str(error)
+    # (On a machine loaded enough, the fake may be killed before it wrote its PID.)
+    if pid_file.exists() and pid_file.read_text():
+        assert not alive(int(pid_file.read_text()))
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -777,11 +779,12 @@ def test_a_child_holding_the_pipes_open_does_not_hold_the_send(
         f"""
         import subprocess, sys
         sys.stdin.buffer.read()
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"])
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(8)"])
         open({str(pid_file)!r}, "w").write(str(child.pid))
         """,
     )
-    result = send(flavour, SendmailTransport(program, timeout=3), make_message())
+    # Waiting for the child (8 s) would outlast the timeout.
+    result = send(flavour, SendmailTransport(program, timeout=6), make_message())
     assert result.ok
     # The child was not ours to stop: it is still there (it ends by itself).
     assert alive(int(pid_file.read_text()))
