@@ -18,7 +18,8 @@ Rules:
 * Writes are queued and sent together before the next ``Read`` or ``StartTLS`` (or once
   64 KiB are queued), as in the blocking driver.
 * Every wait is bounded by the request's phase limit (a reply read in several pieces by the
-  one deadline its first read set, ``Read.resume``; while reading, one timer per connection,
+  one deadline its first read set, ``Read.resume``, even when that read was answered at once
+  from bytes already buffered; while reading, one timer per connection,
   set again only when a read needs an earlier deadline or outlives the one it was set for;
   ``asyncio.timeout`` elsewhere); connecting and TLS handshakes use ``Timeouts.connect``.
 * I/O errors are translated (:mod:`mailrelay.transport.errors_map`), the connection is
@@ -538,6 +539,11 @@ class AsyncDriver:
                         return _DRAIN, request
                     if self._transport is None or not pipe._buffer:
                         return _WAIT, request
+                    read = cast("Read", request)
+                    if not read.resume:
+                        # Answered at once, from bytes that came meanwhile: the wait for
+                        # this reply starts now all the same (see _started).
+                        self._started(read)
                     answer = pipe.take()
                 else:
                     return _OTHER, request
@@ -559,6 +565,8 @@ class AsyncDriver:
         if self._transport is None or pipe.ended:
             return _READ, request  # the ordinary read says what the end means
         if pipe.buffered:
+            # Bytes came while the writes drained: the answer is here already.
+            self._started(request)
             return self._advance(step, pipe.take(), None)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[tuple[int, Any] | None] = loop.create_future()
@@ -650,6 +658,18 @@ class AsyncDriver:
         except (OSError, TimeoutError) as exc:
             raise map_io_error(exc, peer=self.peer, phase=phase, timeout=timeout) from exc
 
+    def _started(self, request: Read) -> None:
+        """Start the time limit of the reply ``request`` begins to wait for (unless it
+        resumes one), when it is answered without waiting.
+
+        Every Read that begins a wait must set its deadline, even one answered from bytes
+        already buffered (they came while the writes drained): the Read that resumes the
+        same reply keeps that deadline (``Read.resume``), and would otherwise keep the one
+        of an earlier reply, long past (a false timeout after a whole message went out).
+        """
+        if not request.resume:
+            self._deadline_for(request, asyncio.get_running_loop().time())
+
     def _deadline_for(self, request: Read, now: float) -> float:
         """When the bytes ``request`` waits for must have come (loop time): the phase's limit
         from now, or, when the read resumes the wait for the same reply, the deadline that
@@ -660,10 +680,11 @@ class AsyncDriver:
 
     async def _read(self, request: Read) -> bytes:
         self._live()
+        now = asyncio.get_running_loop().time()
+        deadline = self._deadline_for(request, now)  # set even when no wait follows
         if self._pipe.buffered:
             return self._pipe.take()  # already here: no timer needed
-        now = asyncio.get_running_loop().time()
-        timeout = max(0.0, self._deadline_for(request, now) - now)
+        timeout = max(0.0, deadline - now)
         try:
             return await self._pipe.read_within(timeout)
         except (TimeoutError, OSError) as exc:

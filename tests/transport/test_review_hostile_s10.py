@@ -30,7 +30,7 @@ from tests.transport.helpers import FLAVOURS, Flavour, make_message, run, send_w
 _WAIT = 3.0
 _LIFE = 8.0
 _MAX_LINE = 65536
-_MAX_DATA = 8 * 1024 * 1024
+_MAX_DATA = 32 * 1024 * 1024
 
 
 class Gone(Exception):
@@ -75,15 +75,19 @@ class Peer:
 
     def data(self) -> bytes:
         """DATA content up to and including the CRLF.CRLF terminator."""
+        if self.buffer.startswith(b".\r\n"):
+            del self.buffer[:3]
+            return b".\r\n"
+        start = 0
         for _ in range(100_000):
-            end = self.buffer.find(b"\r\n.\r\n")
-            if end >= 0 or self.buffer.startswith(b".\r\n"):
-                cut = end + 5 if end >= 0 else 3
-                content = bytes(self.buffer[:cut])
-                del self.buffer[:cut]
+            end = self.buffer.find(b"\r\n.\r\n", start)
+            if end >= 0:
+                content = bytes(self.buffer[: end + 5])
+                del self.buffer[: end + 5]
                 return content
             if len(self.buffer) > _MAX_DATA:
                 raise Gone("data too long")
+            start = max(0, len(self.buffer) - 4)  # only new bytes can complete it
             self._fill()
         raise Gone("too many reads")
 
@@ -409,3 +413,40 @@ def test_the_async_driver_keeps_an_ipv6_scope_id() -> None:
 
     run(main())
     assert seen == [("::1", seen[0][1], 0, scope)]
+
+
+# -- deadlines -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_reply_begun_while_the_data_drains_gets_its_own_time_limit(flavour: Flavour) -> None:
+    # The first line of the final reply arrives while the client still waits for room to
+    # write the message (the server reads slowly). The async driver answered the final
+    # reply's first Read from its buffer without starting that reply's time limit, so the
+    # Read that resumed it kept the deadline of the wait for the 354, long past: a false
+    # DeliveryTimeout after the whole message went out (the server had it; a retry would
+    # deliver it twice). The limit for a reply starts when the wait for it does.
+    message = make_message(text=("z" * 76 + "\n") * 110_000)  # ~8.5 MB: writes must wait
+
+    def handler(peer: Peer) -> None:
+        peer.greet_and_ehlo()
+        peer.expect(b"MAIL")
+        peer.send(b"250 ok\r\n")
+        for _ in range(2):
+            peer.expect(b"RCPT")
+            peer.send(b"250 ok\r\n")
+        peer.expect(b"DATA")
+        peer.send(b"354 go ahead\r\n")
+        time.sleep(0.1)  # (not with the 354: that would be a reply sent too soon)
+        peer.send(b"250-2.0.0 taken, more to say\r\n")
+        time.sleep(1.0)  # reads nothing meanwhile: the client's writes wait
+        peer.data()
+        peer.send(b"250 2.0.0 queued\r\n")
+        peer.expect(b"QUIT")
+        peer.send(b"221 bye\r\n")
+
+    timeouts = Timeouts(connect=1, greeting=1, mail=1, rcpt=1, data_init=0.5, data_block=5,
+                        data_end=2, quit=1)  # fmt: skip
+    with serving(handler) as server:
+        result = send_with(flavour, message, **options(server, timeouts=timeouts))
+    assert [r.outcome for r in result.recipients] == [Outcome.ACCEPTED] * 2
