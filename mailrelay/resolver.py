@@ -13,6 +13,7 @@ Rules of this module:
   fill the cache: an MX answer is cached as those exchangers only). When none of those
   has an address while the domain names more, the lookup fails (transient): not having
   looked at the others is no ground for "no mail host", which would bounce the mail.
+  Of one A or AAAA answer, at most :data:`MAX_HOST_ADDRESSES` addresses are kept.
   An exchanger's addresses that no connection may go to (``0.0.0.0/8``, ``::``,
   multicast, the broadcast address: what DNS sinkholes answer for names they block) are
   dropped; an exchanger left with none has a failed (transient) lookup. Loopback and
@@ -66,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
+import itertools
 import logging
 import math
 import random
@@ -104,6 +106,7 @@ from mailrelay.mailhosts import (
 )
 
 __all__ = [
+    "MAX_HOST_ADDRESSES",
     "MAX_MAIL_HOSTS",
     "AsyncResolver",
     "DNSCache",
@@ -139,6 +142,8 @@ _MAX_PLAN_STEPS: Final = 4
 _MAX_CNAME_HOPS: Final = 8
 #: The most exchangers of one domain kept (and looked up): the best by preference.
 MAX_MAIL_HOSTS: Final = 16
+#: The most addresses kept of one A or AAAA answer, in the order the server gave them.
+MAX_HOST_ADDRESSES: Final = 32
 #: Threads a blocking resolver keeps for its exchangers' queries: one domain's worth.
 _POOL_SIZE: Final = 2 * MAX_MAIL_HOSTS
 _HOST_CHARS: Final = re.compile(r"[a-z0-9_.-]+")
@@ -220,7 +225,9 @@ def _from_answer(answer: dns.resolver.Answer, limits: _Limits) -> _Answer:
     elif rrset.rdtype == _TLSA:
         records = tuple(_tlsa_fields(rd) for rd in rrset)
     else:
-        records = tuple(rd.address for rd in rrset)
+        # A name with thousands of addresses (a hostile zone's, one per domain of a bulk
+        # list) must not fill the cache: a delivery tries a handful (max_addresses).
+        records = tuple(rd.address for rd in itertools.islice(rrset, MAX_HOST_ADDRESSES))
     return _Answer(DNSStatus.OK, records, ttl, secure=secure)
 
 
