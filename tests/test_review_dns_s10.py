@@ -34,12 +34,13 @@ from typing import Any, TypeVar
 
 import dns.flags
 import dns.message
+import dns.name
 import dns.rrset
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailrelay.errors import MailRelayError
+from mailrelay.errors import MailRelayError, ResolverError
 from mailrelay.message import Message
 from mailrelay.options import Timeouts
 from mailrelay.resolver import MAX_MAIL_HOSTS, AsyncResolver, DNSStatus, MailHosts, Resolver
@@ -505,3 +506,53 @@ def test_a_cached_exchanger_keeps_a_bounded_number_of_addresses(server: HostileD
     per_domain = retained(look_up_the_rest) / (len(domains) - 1)
     # 4 exchangers of 1,000 addresses took about 300 KiB; of 32 each, about 15 KiB.
     assert per_domain < 64 * 1024, f"{per_domain / 1024:.0f} KiB kept per domain"
+
+
+# -- what held up: truncation whose TCP answer never comes or is another -------------------
+
+
+class SilentOverTCP(HostileDNS):
+    """Answers over UDP as :class:`HostileDNS` does; over TCP it accepts the connection and
+    the query, then never answers (a :attr:`Fault.TRUNCATE` name: TC=1, then nothing)."""
+
+    def respond(self, wire: bytes, *, tcp: bool) -> bytes | None:
+        answer = super().respond(wire, tcp=tcp)
+        return None if tcp else answer
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["t.test", "mx1.t.test"])
+def test_truncated_answers_whose_tcp_answer_never_comes_end_in_time(mode: str, name: str) -> None:
+    with SilentOverTCP() as server:
+        simple_zone(server, "t.test")
+        server.fault(name, "*", Fault.TRUNCATE)
+        if name != "t.test":
+            server.fault("mx2.t.test", "*", Fault.TRUNCATE)
+        result = validate(server, mode, "user@t.test", lookups=3)
+        assert (result.verdict, result.reason) == (Judgement.UNKNOWN, Reason.TEMPFAIL)
+        assert any(query.tcp for query in server.queries)
+    assert not server.errors
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_tcp_retry_answering_another_question_is_not_believed(
+    server: HostileDNS, mode: str
+) -> None:
+    # TC over UDP, then over TCP an answer about another name carrying the records of the
+    # name asked (Fault.OTHER_NAME), sent for every query over TCP.
+    simple_zone(server)
+    server.add("d.test", "MX", *mx_records([(10, "mx1.d.test.")]))
+    server.fault("d.test", "MX", Fault.MANGLE)
+    server.mangle_over_tcp = True
+
+    def other_question(wire: bytes) -> bytes:
+        message = dns.message.from_wire(wire)
+        message.question = [dns.rrset.RRset(dns.name.from_text("evil.test."), 1, 15)]
+        for rrset in message.answer:
+            rrset.name = dns.name.from_text("evil.test.")
+        return message.to_wire()
+
+    server.mangle = other_question
+    found = outcome(server, mode, "d.test", lookups=2)
+    assert isinstance(found, ResolverError), found
+    assert found.is_transient
