@@ -35,6 +35,8 @@ from typing import Any, TypeVar
 import dns.flags
 import dns.message
 import dns.name
+import dns.rdataclass
+import dns.rdatatype
 import dns.rrset
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -547,7 +549,9 @@ def test_a_tcp_retry_answering_another_question_is_not_believed(
 
     def other_question(wire: bytes) -> bytes:
         message = dns.message.from_wire(wire)
-        message.question = [dns.rrset.RRset(dns.name.from_text("evil.test."), 1, 15)]
+        message.question = [
+            dns.rrset.RRset(dns.name.from_text("evil.test."), dns.rdataclass.IN, dns.rdatatype.MX)
+        ]
         for rrset in message.answer:
             rrset.name = dns.name.from_text("evil.test.")
         return message.to_wire()
