@@ -424,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _transport_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--url", help=f"transport URL (smtp://, smtps://, lmtp://, mx://, file://); ${URL_VARIABLE}"
+        "--url",
+        help="transport URL (smtp://, smtps://, lmtp://, mx://, sendmail://, file://); "
+        f"${URL_VARIABLE}",
     )
     parser.add_argument("--user", metavar="NAME", help="AUTH user name (instead of the URL's)")
     parser.add_argument(

@@ -20,6 +20,8 @@
 * :mod:`~mailrelay.transport.tlsrpt`: :class:`TLSReportCollector`, SMTP TLS Reporting
   (RFC 8460) for the MX transports and MTA-STS hooks (``tls_reporter=``): counting, JSON
   reports, ``_smtp._tls`` discovery, the report email and the HTTPS POST.
+* :mod:`~mailrelay.transport.sendmail`: :class:`SendmailTransport`, which hands each message
+  to the local MTA's ``sendmail`` program (sync and async).
 * :mod:`~mailrelay.transport.signing`: :class:`SigningTransport` and
   :class:`AsyncSigningTransport`, which DKIM-sign every message before another transport
   sends it.
@@ -37,6 +39,7 @@ from mailrelay.transport.memory import MemoryTransport, OutboxItem
 from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
+from mailrelay.transport.sendmail import SendmailTransport
 from mailrelay.transport.settings import AsyncPasswordProvider, PasswordProvider, PoolSettings
 from mailrelay.transport.signing import AsyncSigningTransport, SigningTransport
 from mailrelay.transport.smtp import LMTPTransport, SMTPTransport
@@ -62,6 +65,7 @@ __all__ = [
     "AsyncPasswordProvider",
     "PoolSettings",
     "SMTPTransport",
+    "SendmailTransport",
     "SigningTransport",
     "TLSRPTRecord",
     "TLSReport",

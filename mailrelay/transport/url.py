@@ -5,9 +5,11 @@ Rules of this module:
 * Schemes: ``smtp://`` (default port 587, ``TLS.STARTTLS``), ``smtps://`` (implicit TLS,
   default port 465, RFC 8314 §3.3), ``lmtp://host[:port]`` (default port 24, RFC 2033 §5),
   ``lmtp:///path/to/socket`` and ``smtp:///path/to/socket`` (a unix socket), ``mx://``
-  (straight to each recipient domain's mail exchangers: ``MXTransport``), ``memory://`` and
-  ``file:///path`` (``?format=maildir`` for a Maildir). :func:`async_transport_from_url`
-  builds the asyncio twins.
+  (straight to each recipient domain's mail exchangers: ``MXTransport``), ``memory://``,
+  ``file:///path`` (``?format=maildir`` for a Maildir) and ``sendmail://`` (the local MTA's
+  ``/usr/sbin/sendmail``; ``sendmail:///path/to/program`` for another one, ``?config=DIR``
+  for its ``-C DIR``: :class:`~mailrelay.transport.sendmail.SendmailTransport`).
+  :func:`async_transport_from_url` builds the asyncio twins.
 * Query parameters: ``tls`` (``none``, ``opportunistic``, ``starttls``, ``implicit``),
   ``timeout`` (seconds, every phase: :meth:`Timeouts.all <mailrelay.options.Timeouts.all>`),
   ``local_hostname``, ``source_address`` (the local IP address to connect from), ``auth``
@@ -53,6 +55,7 @@ from mailrelay.transport.memory import MemoryTransport
 from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
+from mailrelay.transport.sendmail import SendmailTransport
 from mailrelay.transport.smtp import LMTPTransport, SMTPTransport
 
 __all__ = ["TransportURL", "async_transport_from_url", "transport_from_url"]
@@ -71,6 +74,7 @@ _PARAMETERS = {
     "mx": {"tls", "timeout", "local_hostname", "source_address", "port", "tls_policy"},
     "memory": set[str](),
     "file": {"format"},
+    "sendmail": {"timeout", "config"},
 }
 SCHEMES = tuple(_PARAMETERS)
 #: ``?tls_policy=`` names for ``mx://``.
@@ -98,12 +102,14 @@ class TransportURL:
     """A parsed transport URL. Its repr hides the password.
 
     Attributes:
-        scheme: one of ``smtp``, ``smtps``, ``lmtp``, ``mx``, ``memory``, ``file``.
+        scheme: one of ``smtp``, ``smtps``, ``lmtp``, ``mx``, ``memory``, ``file``,
+            ``sendmail``.
         host: the server, for ``smtps`` and TCP ``smtp`` and ``lmtp``.
         port: the port (the scheme's default when the URL names none).
         username: the percent-decoded user name, or ``None``.
         password: the percent-decoded password, or ``None``.
-        path: the directory (``file``) or unix socket path (``lmtp``, ``smtp``), or ``None``.
+        path: the directory (``file``), unix socket path (``lmtp``, ``smtp``) or program
+            (``sendmail``), or ``None``.
         tls: the TLS policy (for network schemes), or ``None``.
         timeouts: every-phase timeouts from ``?timeout=``, or ``None``.
         local_hostname: the name to announce in EHLO, or ``None``.
@@ -112,6 +118,7 @@ class TransportURL:
         tls_policies: the ``mx://`` TLS policies from ``?tls_policy=`` (``dane``,
             ``mta-sts``), or ``None``.
         format: ``eml`` or ``maildir`` (``file`` only).
+        config: the ``sendmail`` program's configuration (its ``-C`` argument), or ``None``.
     """
 
     scheme: str
@@ -127,6 +134,7 @@ class TransportURL:
     auth_mechanisms: tuple[str, ...] | None = None
     tls_policies: tuple[str, ...] | None = None
     format: str | None = None
+    config: str | None = None
 
     def redacted(self) -> str:
         """The URL with the password shown as ``***`` (safe for logs and messages)."""
@@ -196,7 +204,7 @@ class TransportURL:
         host = parts.hostname or None
         path = unquote(parts.path) or None
 
-        if scheme in {"memory", "file", "mx"} and username is not None:
+        if scheme in {"memory", "file", "mx", "sendmail"} and username is not None:
             raise ConfigurationError(f"{scheme}:// takes no user name or password: {shown}")
 
         fields: dict[str, Any] = {"scheme": scheme, "username": username, "password": password}
@@ -216,6 +224,19 @@ class TransportURL:
                 raise ConfigurationError(
                     f"unknown file format {fields['format']!r} in {shown} (expected eml or maildir)"
                 )
+        elif scheme == "sendmail":
+            if host not in {None, "localhost"} or port is not None:
+                raise ConfigurationError(
+                    "sendmail:// runs a local program: use sendmail:// or "
+                    f"sendmail:///path/to/sendmail (got {shown})"
+                )
+            fields["path"] = None if path in {None, "/"} else path
+            if "config" in params:
+                if not params["config"] or "\0" in params["config"]:
+                    raise ConfigurationError(
+                        f"config must name the program's configuration: {shown}"
+                    )
+                fields["config"] = params["config"]
         elif scheme == "mx":
             if host or port is not None or path not in {None, "/"}:
                 raise ConfigurationError(
@@ -343,6 +364,18 @@ def _network_arguments(parsed: TransportURL) -> dict[str, Any]:
     return kwargs
 
 
+def _sendmail(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool) -> Any:
+    kwargs: dict[str, Any] = {}
+    if parsed.path is not None:
+        kwargs["command"] = parsed.path
+    if parsed.config is not None:
+        kwargs["arguments"] = ["-C", parsed.config]
+    if parsed.timeouts is not None:
+        kwargs["timeout"] = parsed.timeouts.connect  # ?timeout= set every phase alike
+    kwargs.update(overrides)
+    return SendmailTransport(**kwargs)
+
+
 def _smtp(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool) -> Any:
     kwargs = _network_arguments(parsed)
     if parsed.path is not None:
@@ -406,6 +439,7 @@ _FACTORIES: dict[str, Factory] = {
     "smtps": _smtp,
     "lmtp": _lmtp,
     "mx": _mx,
+    "sendmail": _sendmail,
 }
 
 
