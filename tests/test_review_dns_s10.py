@@ -560,3 +560,75 @@ def test_a_tcp_retry_answering_another_question_is_not_believed(
     found = outcome(server, mode, "d.test", lookups=2)
     assert isinstance(found, ResolverError), found
     assert found.is_transient
+
+
+# -- a forged datagram racing the genuine answer ---------------------------------------------
+
+
+def forged_first(decoy: Callable[[bytes], bytes]) -> type[HostileDNS]:
+    """A :class:`HostileDNS` that sends, before each genuine UDP answer, ``decoy`` of it
+    (what an off-path forger racing the server sends)."""
+
+    class Forged(HostileDNS):
+        def _send_udp(self, wire: bytes, peer: tuple[str, int]) -> None:
+            answer = self.respond(wire, tcp=False)
+            if answer is not None:
+                self._udp.sendto(decoy(answer), peer)
+                self._udp.sendto(answer, peer)
+
+    return Forged
+
+
+def other_id(wire: bytes) -> bytes:
+    """The answer under another query id."""
+    return bytes([wire[0] ^ 0x5A]) + wire[1:]
+
+
+def other_question(wire: bytes) -> bytes:
+    """The query's id, but a question (and records) about another name."""
+    message = dns.message.from_wire(wire)
+    evil = dns.name.from_text("evil.test.")
+    message.question = [dns.rrset.RRset(evil, dns.rdataclass.IN, message.question[0].rdtype)]
+    for rrset in message.answer:
+        rrset.name = evil
+    return message.to_wire()
+
+
+def unreadable(wire: bytes) -> bytes:
+    """The query's id, then bytes that are no DNS message."""
+    return wire[:2] + b"\x81\x80 not a DNS message"
+
+
+TLSA_OWNER = "_25._tcp.mx1.f.test"
+TLSA_RDATA = "3 1 1 " + "ab" * 32
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("decoy", "what"),
+    [
+        (other_id, "mail hosts"),
+        (other_question, "mail hosts"),
+        (unreadable, "mail hosts"),
+        (other_id, "tlsa"),
+        # Not held, left open (see the report): the TLSA queries' own exchange
+        # (resolver._exchange) takes the first datagram with the query's id, so a forged
+        # one with another question or unreadable bytes fails the lookup (transiently)
+        # although the genuine answer arrives right after; dnspython's waits on.
+    ],
+)
+def test_a_forged_datagram_before_the_answer_does_not_spoil_the_lookup(
+    mode: str, decoy: Callable[[bytes], bytes], what: str
+) -> None:
+    with forged_first(decoy)() as server:
+        simple_zone(server, "f.test")
+        server.add(TLSA_OWNER, "TLSA", TLSA_RDATA)
+        resolver = make_resolver(server, mode)
+        if what == "mail hosts":
+            found = guarded(3, functools.partial(resolver.mail_hosts, "f.test"))
+            assert isinstance(found, MailHosts)
+            assert [host.ipv4 for host in found.hosts] == [("192.0.2.1",), ("192.0.2.2",)]
+        else:
+            records = guarded(1, functools.partial(resolver.tlsa, "mx1.f.test"))
+            assert [str(record) for record in records.records] == [TLSA_RDATA]
+    assert not server.errors
