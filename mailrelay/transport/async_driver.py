@@ -3,7 +3,8 @@
 Theory of operation: the same loop as :mod:`mailrelay.transport.sync_driver`, awaited.
 :func:`connect` opens a TCP connection (every address of the host in turn, IPv6 and IPv4,
 each connected with the whole address ``getaddrinfo`` gave, a scope id included) or a unix
-socket, with TLS from the start for ``TLS.IMPLICIT``; :meth:`AsyncDriver.run`
+socket, with TLS from the start for ``TLS.IMPLICIT`` (a handshake that fails or runs out of
+time is a ``TLSError``, as in the blocking driver, not a failed connection); :meth:`AsyncDriver.run`
 answers each request a step yields until the step returns.
 
 Rules:
@@ -287,16 +288,6 @@ async def _open_tcp(
                 sock.bind((source, 0))  # "Cannot assign requested address" if not ours
             async with asyncio.timeout(timeout):
                 await loop.sock_connect(sock, address)
-                transport, pipe = await loop.create_connection(
-                    _Pipe,
-                    sock=sock,
-                    ssl=ssl_context,
-                    server_hostname=server_hostname if ssl_context is not None else None,
-                    ssl_handshake_timeout=timeout if ssl_context is not None else None,
-                )
-        except ssl.SSLError as exc:
-            sock.close()
-            raise map_tls_error(exc, peer=peer, server_hostname=server_hostname or host) from exc
         except (OSError, TimeoutError) as exc:
             sock.close()
             last = exc
@@ -305,9 +296,40 @@ async def _open_tcp(
         except BaseException:
             sock.close()  # a cancellation: no socket is left behind
             raise
-        assert isinstance(transport, asyncio.Transport)
-        return transport, pipe
+        return await _wrap(sock, ssl_context, server_hostname or host, timeout, peer)
     raise all_addresses_failed(peer, failures) from last
+
+
+async def _wrap(
+    sock: socket.socket,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str,
+    timeout: float,
+    peer: str,
+) -> tuple[asyncio.Transport, _Pipe]:
+    """The transport over ``sock``, a connected socket, with implicit TLS when there is a
+    context: its handshake, within ``timeout`` in all, failing as the blocking driver's
+    does (a :class:`TLSError`, not a failed connection: the server was reached)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            transport, pipe = await loop.create_connection(
+                _Pipe,
+                sock=sock,
+                ssl=ssl_context,
+                server_hostname=server_hostname if ssl_context is not None else None,
+                ssl_handshake_timeout=timeout if ssl_context is not None else None,
+            )
+    except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+        sock.close()
+        if ssl_context is None:  # no handshake: the connection was lost at once
+            raise map_io_error(exc, peer=peer, phase="connect", timeout=timeout) from exc
+        raise map_tls_error(exc, peer=peer, server_hostname=server_hostname) from exc
+    except BaseException:
+        sock.close()
+        raise
+    assert isinstance(transport, asyncio.Transport)
+    return transport, pipe
 
 
 async def _open_unix(path: str, timeout: float) -> tuple[asyncio.Transport, _Pipe]:

@@ -450,3 +450,41 @@ def test_a_reply_begun_while_the_data_drains_gets_its_own_time_limit(flavour: Fl
     with serving(handler) as server:
         result = send_with(flavour, message, **options(server, timeouts=timeouts))
     assert [r.outcome for r in result.recipients] == [Outcome.ACCEPTED] * 2
+
+
+_DRIP = 50  # octets of a handshake record, one every 0.1 s: 5 s in all
+
+
+@pytest.mark.parametrize("tls", [TLS.IMPLICIT, TLS.STARTTLS])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_handshake_fed_a_byte_at_a_time_is_cut_at_the_connect_limit(
+    flavour: Flavour, tls: TLS, tls_files: TLSFiles
+) -> None:
+    # Each read of the handshake returns well within any per-read limit; the connect limit
+    # (0.5 s) must bound the handshake as a whole, for implicit TLS and after STARTTLS.
+    dripped: list[int] = []
+
+    def handler(peer: Peer) -> None:
+        if tls is TLS.STARTTLS:
+            peer.greet_and_ehlo(b"STARTTLS")
+            peer.expect(b"STARTTLS")
+            peer.send(b"220 2.0.0 go ahead\r\n")
+        peer._fill()  # the ClientHello
+        peer.send(b"\x16\x03\x03\x40\x00")  # a handshake record of 16 KiB follows...
+        for _ in range(_DRIP):
+            peer.trickle(b"\x02", 0.1)  # ...very slowly
+            dripped.append(1)
+
+    with serving(handler) as server, pytest.raises(TLSError):
+        send_with(
+            flavour,
+            make_message(),
+            **options(
+                server,
+                0.5,
+                tls=tls,
+                ssl_context=tls_files.client_context(),
+                server_hostname="localhost",
+            ),
+        )
+    assert len(dripped) < _DRIP  # the client hung up long before the server was done
