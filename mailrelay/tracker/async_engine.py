@@ -55,10 +55,12 @@ from mailrelay.errors import StoreError
 from mailrelay.message import Message
 from mailrelay.tracker.core import (
     NOTHING_DONE,
+    ONE_MESSAGE,
     STORE_RETRY,
     Group,
     RunSummary,
     TrackerCore,
+    Unreadable,
     Work,
     store_failed,
 )
@@ -72,6 +74,9 @@ __all__ = ["AsyncDeliveryTracker"]
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+#: What loading a claim gave: its work, ``None`` (the message is gone), the exception to
+#: raise after the batch, or a claim decided at loading (what it did, the events to fire).
+_Loaded = Work | BaseException | tuple[RunSummary, list[TrackerEvent]] | None
 
 
 async def _seen_through(call: Callable[[], R], settle: Callable[[R], Awaitable[object]]) -> R:
@@ -284,6 +289,11 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
                 functools.partial(self._aput_back_loaded, claims),
             )
             works = [work for work in loaded if isinstance(work, Work)]
+            for outcome in loaded:
+                if isinstance(outcome, tuple):  # decided at loading (see _load_all)
+                    summary += outcome[0] + ONE_MESSAGE
+                    for event in outcome[1]:
+                        await self.events.afire(event)
             commits = _Commits(self)
             try:
                 summary += await self._arun_batch(works, concurrency, commits, stop)
@@ -296,11 +306,13 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
                     raise outcome
         return summary
 
-    def _load_all(self, claims: Sequence[Claim]) -> list[Work | BaseException | None]:
+    def _load_all(self, claims: Sequence[Claim]) -> list[_Loaded]:
         """Each claim's work (``None``: its message is gone), in one worker-thread call.
 
-        A claim whose message cannot be read or parsed is put back and stands as the
-        exception, raised once the rest of the batch is done.
+        A claim whose stored message cannot be parsed back is decided here (bounced,
+        see :meth:`TrackerCore._reject_unreadable`) and stands as what that did and the
+        events to fire. A claim whose message cannot be read otherwise is put back and
+        stands as the exception, raised once the rest of the batch is done.
         """
         try:
             records = self._read_batch(claims)
@@ -308,10 +320,12 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
             for claim in claims:
                 self._put_back_claim(claim)
             raise
-        loaded: list[Work | BaseException | None] = []
+        loaded: list[_Loaded] = []
         for claim in claims:
             try:
                 loaded.append(self._load(claim, records.get(claim.tracking_id)))
+            except Unreadable as unreadable:
+                loaded.append(self._reject_unreadable(unreadable))
             except Exception as exc:
                 self._put_back_claim(claim)
                 loaded.append(exc)
@@ -320,9 +334,7 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
     async def _aput_back_claims(self, claims: Sequence[Claim]) -> None:
         await asyncio.to_thread(self._put_back_claims, claims)
 
-    async def _aput_back_loaded(
-        self, claims: Sequence[Claim], _loaded: Sequence[Work | BaseException | None]
-    ) -> None:
+    async def _aput_back_loaded(self, claims: Sequence[Claim], _loaded: Sequence[_Loaded]) -> None:
         await self._aput_back_claims(claims)
 
     def _put_back_claims(self, claims: Sequence[Claim]) -> None:

@@ -54,7 +54,7 @@ import attrs
 from mailrelay._slots import new_instance, slot_setters
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Recipient
-from mailrelay.errors import StoreError
+from mailrelay.errors import InvalidAddress, MessageError, StoreError
 from mailrelay.message import Message
 from mailrelay.results import DeliveryResult
 from mailrelay.tracker.cache import MessageCache
@@ -70,6 +70,7 @@ from mailrelay.tracker.notifications import (
 )
 from mailrelay.tracker.retry import DomainLimits, DomainShaper, RetryPolicy
 from mailrelay.tracker.store import (
+    Attempt,
     Change,
     Claim,
     MessageRecord,
@@ -77,6 +78,7 @@ from mailrelay.tracker.store import (
     State,
     Store,
     apply_change,
+    new_change,
     queued_record,
     recipient_lookup,
     to_micros,
@@ -89,7 +91,7 @@ from mailrelay.tracker.transitions import (
 )
 from mailrelay.transport.base import AsyncTransport, BatchItem, Transport, prepare_batch
 
-__all__ = ["RELAY_KEY", "Entry", "Group", "RunSummary", "TrackerCore", "Work"]
+__all__ = ["RELAY_KEY", "Entry", "Group", "RunSummary", "TrackerCore", "Unreadable", "Work"]
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +259,20 @@ def new_work(claim: Claim, record: MessageRecord, message: Message) -> Work:
 
 #: A claimed message's record, and the message itself when still held in memory.
 Entry = tuple[MessageRecord, Message | None]
+
+
+class Unreadable(Exception):
+    """A claimed message whose stored bytes ``Message.from_bytes`` refuses (see
+    :meth:`TrackerCore._reject_unreadable`): the claim, its record, the bytes, the error."""
+
+    def __init__(
+        self, claim: Claim, record: MessageRecord, content: bytes, error: Exception
+    ) -> None:
+        super().__init__(f"{record.id}: {error}")
+        self.claim = claim
+        self.record = record
+        self.content = content
+        self.error = error
 
 
 T = TypeVar("T", Transport, AsyncTransport)
@@ -538,13 +554,83 @@ class TrackerCore(Generic[T]):
         return found
 
     def _load(self, claim: Claim, entry: Entry | None) -> Work | None:
-        """The work for a claim, from what :meth:`_read_batch` found for it."""
+        """The work for a claim, from what :meth:`_read_batch` found for it.
+
+        Raises:
+            Unreadable: the stored message cannot be parsed back (see
+                :meth:`_reject_unreadable`).
+        """
         if entry is None:
             return None
         record, message = entry
         if message is None:
-            message = Message.from_bytes(self.store.content(claim.tracking_id))
+            content = self.store.content(claim.tracking_id)
+            try:
+                message = Message.from_bytes(content)
+            except (MessageError, InvalidAddress) as exc:
+                raise Unreadable(claim, record, content, exc) from exc
         return new_work(claim, record, message)
+
+    def _reject_unreadable(self, failed: Unreadable) -> tuple[RunSummary, list[TrackerEvent]]:
+        """Bounce the claimed recipients of a stored message that cannot be parsed back.
+
+        The stored bytes never change, so no later try can send it (it was stored by a
+        ``Message`` that ``Message.from_bytes`` refuses, say a header block over
+        ``MAX_HEADER_BYTES``): put back, it would be claimed first at every run and
+        stop the runner each time, holding up everything queued behind it. So it is
+        decided now, under the claim's lease: BOUNCED, with the reason in an
+        ``"error"`` attempt, a failure DSN queued in the same commit (quoting the stored
+        bytes; none for the null reverse-path), and its events to fire.
+        """
+        claim, record = failed.claim, failed.record
+        now = self.clock()
+        attempt = Attempt(
+            at=now,
+            text=f"{type(failed.error).__name__}: the stored message cannot be read back"
+            f" to be sent: {failed.error}",
+            source="error",
+        )
+        changes = [new_change(address, State.BOUNCED, attempt) for address in claim.addresses]
+        reports: list[tuple[Message, MessageRecord]] = []
+
+        def then(
+            changed_lists: Sequence[tuple[Address, ...]],
+        ) -> list[tuple[MessageRecord, Iterable[bytes]]]:
+            changed = set(changed_lists[0])
+            find = recipient_lookup(record)
+            bounced = [
+                apply_change(find(change.address), change, worker=None)[0]
+                for change in changes
+                if change.address in changed
+            ]
+            dsns = failure_dsns(
+                record, failed.content, bounced, reporting_mta=self.reporting_mta, date=now
+            )
+            for message, envelope in dsns:
+                reports.append((message, self._notification_record(message, envelope, now)))
+            return [(report, message.chunks()) for message, report in reports]
+
+        reporting = self.dsn_transport is not None and record.envelope.sender is not None
+        log.error("cannot send %s: %s", record.id, attempt.text)
+        changed = self.store.apply_many(
+            [(claim.tracking_id, changes)], worker=claim.worker, then=then if reporting else None
+        )[0]
+        for message, report in reports:
+            self.messages.put(message, report)
+        events = []
+        if not record.notification and self.events.wants(EventKind.BOUNCED):
+            find = recipient_lookup(record)
+            events = [
+                TrackerEvent(
+                    kind=EventKind.BOUNCED,
+                    tracking_id=record.id,
+                    recipient=apply_change(find(change.address), change, worker=None)[0],
+                    attempt=attempt,
+                )
+                for change in changes
+                if change.address in changed
+            ]
+        return RunSummary(bounced=len(changed)), events
 
     def _groups(self, work: Work) -> list[Group]:
         everyone = work.record.envelope.recipients

@@ -52,13 +52,16 @@ from mailrelay.address import Address
 from mailrelay.errors import StoreError
 from mailrelay.tracker.core import (
     NOTHING_DONE,
+    ONE_MESSAGE,
     STORE_RETRY,
     Group,
     RunSummary,
     TrackerCore,
+    Unreadable,
     Work,
     store_failed,
 )
+from mailrelay.tracker.events import TrackerEvent
 from mailrelay.tracker.notifications import VERP, DSNMatch, DSNRequest
 from mailrelay.tracker.store import Change, Claim
 from mailrelay.transport.base import Transport
@@ -190,17 +193,29 @@ class DeliveryTracker(TrackerCore[Transport]):
         return summary
 
     def _run_batch(self, claims: Sequence[Claim], stop: StopSignal | None = None) -> RunSummary:
+        rejected: list[TrackerEvent] = []
+        summary = NOTHING_DONE
         try:
             records = self._read_batch(claims)
-            works = [
-                work
-                for claim in claims
-                if (work := self._load(claim, records.get(claim.tracking_id))) is not None
-            ]
+            works = []
+            for claim in claims:
+                try:
+                    work = self._load(claim, records.get(claim.tracking_id))
+                except Unreadable as unreadable:
+                    # It can never be sent: decided now, so that it holds nothing up.
+                    done, events = self._reject_unreadable(unreadable)
+                    summary += done + ONE_MESSAGE
+                    rejected += events
+                    continue
+                if work is not None:
+                    works.append(work)
         except BaseException:
             self._release_claims(claims)
             raise
-        summary = RunSummary(messages=len(works)) if works else NOTHING_DONE
+        for event in rejected:
+            self.events.fire(event)
+        if works:
+            summary += RunSummary(messages=len(works))
         queue = deque((work, group) for work in works for group in self._groups(work))
         if not queue:
             return summary

@@ -22,7 +22,7 @@ import pytest
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Recipient
-from mailrelay.errors import SessionRefused
+from mailrelay.errors import MessageError, SessionRefused
 from mailrelay.message import Message
 from mailrelay.reply import Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
@@ -911,3 +911,79 @@ def test_ingesting_a_report_costs_work_per_block_not_per_block_and_recipient(
     match = tracker.ingest_dsn(raw)
     assert comparisons.count < 20 * MANY
     assert len(match.changed) == (0 if named == "strangers" else MANY)
+
+
+# -- a stored message that cannot be read back ------------------------------------------
+
+
+def _unreadable_when_stored() -> Message:
+    """A message ``Message.build`` makes but ``Message.from_bytes`` refuses: a header
+    block over ``MAX_HEADER_BYTES`` (a To field of 45,000 addresses; a bug of the
+    message module, reported). Over the cache's size limit, so the tracker reads it back
+    from the store to send it."""
+    to = [f"user{i:06d}@example.org" for i in range(45_000)]
+    big = Message.build(sender="sender@example.com", to=to, subject="x", text="hi\n")
+    with pytest.raises(MessageError):
+        Message.from_bytes(big.as_bytes())
+    return big
+
+
+def _submit_pair(tracker: DeliveryTracker | AsyncDeliveryTracker) -> tuple[str, str]:
+    only = Envelope(Address.parse("sender@example.com"), ["a@example.org"])
+    bad = tracker.submit(_unreadable_when_stored(), only)
+    good = tracker.submit(message(("b@example.org",)))
+    return bad, good
+
+
+def _check_unreadable(
+    tracker: DeliveryTracker | AsyncDeliveryTracker,
+    bad: str,
+    good: str,
+    events: list[TrackerEvent],
+    reports: MemoryTransport,
+) -> None:
+    """The unreadable message is decided (it can never be sent: bounced, with the reason
+    in an error attempt, its event fired, the sender told), and blocks nothing."""
+    assert tracker.status(good).recipients[0].state is State.DELIVERED
+    recipient = tracker.status(bad).recipients[0]
+    assert recipient.state is State.BOUNCED
+    assert [a.source for a in recipient.attempts] == ["error"]
+    assert "MessageError" in recipient.attempts[0].text
+    assert [(e.kind.value, e.tracking_id) for e in events if e.kind.value == "bounced"] == [
+        ("bounced", bad)
+    ]
+    assert tracker.next_due() is None
+    assert len(reports.outbox) == 1
+    assert reports.outbox[0].envelope.sender is None
+    assert [str(r.address) for r in reports.outbox[0].envelope.recipients] == ["sender@example.com"]
+
+
+def test_a_stored_message_that_cannot_be_read_back_blocks_nothing(store: Store) -> None:
+    """It used to put its whole claimed batch back and raise, at every run: being the
+    oldest due, it was claimed first each time, so nothing else was ever sent."""
+    reports = MemoryTransport()
+    tracker = DeliveryTracker(MemoryTransport(), store, clock=FakeClock(), dsn_transport=reports)
+    events: list[TrackerEvent] = []
+    tracker.on("bounced", events.append)
+    tracker.on("delivered", events.append)
+    bad, good = _submit_pair(tracker)
+    summary = tracker.run_pending()
+    assert (summary.bounced, summary.delivered) == (1, 2)  # the report is delivered too
+    _check_unreadable(tracker, bad, good, events, reports)
+
+
+def test_the_async_runner_decides_an_unreadable_message_too(store: Store) -> None:
+    reports = MemoryTransport()
+    tracker = AsyncDeliveryTracker(
+        MemoryTransport(), store, clock=FakeClock(), dsn_transport=reports
+    )
+    events: list[TrackerEvent] = []
+    tracker.on("bounced", events.append)
+    tracker.on("delivered", events.append)
+    bad, good = _submit_pair(tracker)
+
+    async def main() -> None:
+        await tracker.arun_pending()
+
+    asyncio.run(main())
+    _check_unreadable(tracker, bad, good, events, reports)
