@@ -14,7 +14,16 @@ its fix:
 - when more exchangers were published than the resolver looks up
   (:data:`~mailrelay.resolver.MAX_MAIL_HOSTS`) and none of those looked up had an address,
   the domain was ``NO_MAIL_HOST`` (a hard verdict, a bounce) although an exchanger never
-  looked at could take its mail.
+  looked at could take its mail;
+- an exchanger's A/AAAA answer of ``0.0.0.0``, ``::``, multicast or broadcast (what DNS
+  sinkholes answer for blocked names) made the address ``DELIVERABLE``, and
+  ``MXTransport`` connected to it: to the local host, which the domain never named;
+- an A/AAAA answer was cached with every address (1,000 of them fit over TCP).
+
+What held, and is kept here as regression tests: truncated answers whose TCP retry never
+answers or answers another question; forged datagrams (another id, another question,
+unreadable bytes) sent just before the genuine answer of a mail-hosts lookup. Not held,
+left open: the same forged datagram spoils a TLSA lookup (see the test's table).
 
 Rules of this file: timeouts are short (a fraction of a second) and every call sits under
 a generous hang guard, never a speed assertion; loops are bounded.
