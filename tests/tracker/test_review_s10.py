@@ -4,7 +4,19 @@ Each test either reproduces a bug found in review (now fixed; its commit names i
 pins a property that was probed and held. Bugs: a retry policy hook that raised or
 returned a non-finite, negative or enormous delay threw the whole transaction away (its
 accepted recipients were sent again on every run, nothing was recorded, so the message
-never expired, and the runner stopped).
+never expired, and the runner stopped); a clock stepped back stretched a domain's
+hold-off (and the stored due times of what it put back) by the step; the SQL stores'
+general path dropped changes for a recipient row spelt otherwise than ``str(Address)``
+(an A-label or upper-case domain: left SENDING, or uncancellable); a coroutine
+callback's own ``CancelledError`` ended the async run; recording an attempt and
+ingesting a report did work per pair of recipients (seconds an attempt at a few
+thousand); a stored message that ``Message.from_bytes`` refuses put its batch back and
+raised at every run, holding up the whole queue. Held: late results for a lost lease
+(two SQLite connections), results out of order, repeated, foreign or with the domain
+spelt otherwise, ``BaseException`` from a transport (sync and async), a version-1
+database with a dead worker's lease, ``cancel`` during a send, hostile DSNs (strangers,
+a forged success after a bounce, cancelled messages, the tracker's own report fed back),
+expiry at the deadline.
 """
 
 from __future__ import annotations
@@ -40,8 +52,11 @@ from mailrelay.transport.memory import MemoryTransport
 from tests.tracker.test_engine import T0, FakeClock, message, no_jitter, scripted
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "postgres":  # tests/peers/postgres.py: a fresh schema, dropped after
+        yield request.getfixturevalue("postgres_store")
+        return
     made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "t.db")
     yield made
     made.close()
