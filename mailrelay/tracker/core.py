@@ -702,8 +702,10 @@ class TrackerCore(Generic[T]):
         ``send_many`` call is one delivery to each of its domains, released once with
         what the domain said last (see :meth:`_send_chunk`), so a chunk refused whole
         backs its domain off once, not once per message. A transaction the shaper holds
-        off is put back (into ``pending``) instead. A domain with a concurrency or rate
-        limit (:meth:`DomainShaper.paces`) ends the chunk at its transaction, so that
+        off is put back (into ``pending``) instead, as is one whose claim's lease has run
+        out (the batch took longer than the lease: another worker may hold it now). A
+        domain with a concurrency or rate limit (:meth:`DomainShaper.paces`) ends the
+        chunk at its transaction, so that
         its limits count transactions one at a time. A chunk goes to one transport, so
         it ends where generated DSNs and the application's messages meet.
         """
@@ -720,6 +722,14 @@ class TrackerCore(Generic[T]):
             if cancelled and work.claim.tracking_id in cancelled:
                 # Cancelled through this tracker since the claim (its recipients are
                 # CANCELLED in the store already): nothing to send or record.
+                continue
+            if work.claim.lease_until <= now:
+                # The lease, stamped on the whole batch at its claim, ran out while the
+                # chunks before this one were sent: another worker may have claimed and
+                # sent these recipients since. Not sent; put back (which applies only if
+                # they are still ours), they are claimed afresh.
+                addresses = [r.address for r in group.recipients]
+                pending.append((work, self._put_back(work.record, addresses, now)))
                 continue
             if group.key in held:
                 # A domain already in this chunk does not pace (the chunk would have ended

@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import logging
 import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -1002,3 +1003,61 @@ def test_the_async_runner_decides_an_unreadable_message_too(store: Store) -> Non
 
     asyncio.run(main())
     _check_unreadable(tracker, bad, good, events, reports)
+
+
+# -- a claimed batch that outlives its lease --------------------------------------------
+
+
+@pytest.mark.parametrize("runner", ["sync", "async"])
+def test_a_batch_whose_lease_ran_out_sends_nothing_another_worker_took(
+    tmp_path: Path, runner: str
+) -> None:
+    """The lease is stamped on the whole claimed batch at once, and its chunks go out one
+    after the other: a slow first send (a server at its timeouts) can outlast it. Worker
+    B then claims the rest of the batch and delivers it; worker A must not send those
+    messages again when it reaches them (it used to: one more duplicate per message)."""
+    path = tmp_path / "shared.db"
+    clock = FakeClock()
+    lease = dt.timedelta(minutes=1)
+    b_transport = MemoryTransport()
+    b = DeliveryTracker(b_transport, SQLiteStore(path), clock=clock, worker_id="B", lease=lease)
+    first_send = [True]
+
+    def slow_first(_message: Message, _envelope: Envelope) -> dict[str, Reply]:
+        if first_send[0]:
+            first_send[0] = False
+            clock.advance(61)  # A's lease runs out while it sends its first chunk
+            b.run_pending()
+        return {}
+
+    a_transport = MemoryTransport(slow_first)
+    kind = DeliveryTracker if runner == "sync" else AsyncDeliveryTracker
+    a = kind(
+        a_transport,
+        SQLiteStore(path),
+        clock=clock,
+        worker_id="A",
+        lease=lease,
+        commit_batch=1,  # one message per chunk (and one chunk at a time)
+    )
+    ids = [a.submit(message((f"user{i}@example.org",))) for i in range(3)]
+    if isinstance(a, DeliveryTracker):
+        a.run_pending()
+    else:
+        asynchronous = a
+
+        async def main() -> None:
+            await asynchronous.arun_pending(concurrency=1)
+
+        asyncio.run(main())
+    sent = Counter(item.message.message_id for item in a_transport.outbox + b_transport.outbox)
+    records = [a.status(i) for i in ids]
+    # The message A sent first was in flight when its lease ran out: B sent it too (the
+    # duplicate at-least-once allows). The two A had not started were B's alone.
+    in_flight = a_transport.outbox[0].message.message_id
+    assert [item.message.message_id for item in a_transport.outbox] == [in_flight]
+    assert sent == {r.message_id: 2 if r.message_id == in_flight else 1 for r in records}
+    assert [r.recipients[0].state for r in records] == [State.DELIVERED] * 3
+    assert a.next_due() is None
+    a.store.close()
+    b.close()
