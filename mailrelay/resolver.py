@@ -36,6 +36,12 @@ Rules of this module:
 - A domain's exchangers are looked up at the same time (tasks in :class:`AsyncResolver`,
   threads in :class:`Resolver` when more than two answers are not cached), so a domain
   whose exchangers never answer costs about two timeouts, not one per query.
+- At most ``max_in_flight`` queries (64 by default) are on the wire at once, per
+  :class:`Resolver` (all its threads) and per event loop of an :class:`AsyncResolver`:
+  each holds a socket, and bulk validation (32 domains at a time, each with up to 33
+  queries) would otherwise open about a thousand, past a common ``ulimit -n``; a query
+  that cannot open its socket fails, and a good address comes back ``TEMPFAIL``. A query
+  waits for its turn before its timeout starts.
 - A cache hit touches no dnspython object: answers are stored as plain tuples and whole
   :class:`MailHosts` values, so a warm lookup is a dictionary read.
 
@@ -76,6 +82,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Generator, Hashable, Sequence
 from typing import Any, Final, Generic, NamedTuple, TypeVar
 
@@ -106,6 +113,7 @@ from mailrelay.mailhosts import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_IN_FLIGHT",
     "MAX_HOST_ADDRESSES",
     "MAX_MAIL_HOSTS",
     "AsyncResolver",
@@ -146,6 +154,8 @@ MAX_MAIL_HOSTS: Final = 16
 MAX_HOST_ADDRESSES: Final = 32
 #: Threads a blocking resolver keeps for its exchangers' queries: one domain's worth.
 _POOL_SIZE: Final = 2 * MAX_MAIL_HOSTS
+#: The most queries one resolver has on the wire at the same time (each holds a socket).
+DEFAULT_MAX_IN_FLIGHT: Final = 64
 _HOST_CHARS: Final = re.compile(r"[a-z0-9_.-]+")
 
 
@@ -940,9 +950,15 @@ class _ResolverBase:
         failure_ttl: float,
         max_ttl: float,
         max_negative_ttl: float,
+        max_in_flight: int,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int):
+            raise TypeError(f"max_in_flight must be an int, not {max_in_flight!r}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
+        self.max_in_flight = max_in_flight
         self.nameservers = tuple(nameservers) if nameservers is not None else None
         self.port = port
         self.timeout = timeout
@@ -1030,6 +1046,12 @@ class Resolver(_ResolverBase):
         failure_ttl: seconds a transient failure is remembered (0 = not at all).
         max_ttl: upper bound on how long a positive answer is kept.
         max_negative_ttl: upper bound on how long NXDOMAIN/NODATA is kept (RFC 2308 §5).
+        max_in_flight: the most queries this resolver has on the wire at the same time,
+            whichever threads ask (each holds a socket, a file descriptor, while it waits
+            for its answer). Bulk validation and MX delivery to many domains queue their
+            queries behind this bound rather than run out of file descriptors (which made
+            good addresses ``TEMPFAIL``). A query's ``timeout`` starts when it goes on the
+            wire, not while it waits its turn.
     """
 
     def __init__(
@@ -1045,11 +1067,12 @@ class Resolver(_ResolverBase):
         failure_ttl: float = DEFAULT_FAILURE_TTL,
         max_ttl: float = DEFAULT_MAX_TTL,
         max_negative_ttl: float = DEFAULT_MAX_NEGATIVE_TTL,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         super().__init__(
             nameservers=nameservers, port=port, timeout=timeout, cache_size=cache_size,
             cache=cache, clock=clock, rng=random, failure_ttl=failure_ttl, max_ttl=max_ttl,
-            max_negative_ttl=max_negative_ttl,
+            max_negative_ttl=max_negative_ttl, max_in_flight=max_in_flight,
         )  # fmt: skip
         self._dns = dns.resolver.Resolver(configure=nameservers is None)
         self._configure(self._dns)
@@ -1061,6 +1084,8 @@ class Resolver(_ResolverBase):
         self._inflight: dict[Hashable, concurrent.futures.Future[object]] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pooled = 0  # queries handed to the kept pool and not answered yet
+        # Held by every query on the wire (the threads of every call share it).
+        self._slots = threading.BoundedSemaphore(self.max_in_flight)
 
     def mail_hosts(self, domain: str) -> MailHosts:
         """The exchangers of ``domain`` in the order to try them (RFC 5321 §5.1).
@@ -1185,6 +1210,15 @@ class Resolver(_ResolverBase):
         return _aged(value, left)
 
     def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[object, float]:
+        # A slot first (max_in_flight): its wait is no part of the query's timeout, else a
+        # long queue would turn into timeouts, which are TEMPFAIL verdicts. Each holder
+        # gives it back within its own timeout, and holds nothing else meanwhile.
+        with self._slots:
+            return self._query_on_the_wire(name, rdtype)
+
+    def _query_on_the_wire(
+        self, name: str, rdtype: dns.rdatatype.RdataType
+    ) -> tuple[object, float]:
         log.debug("DNS query %s %s", name, dns.rdatatype.to_text(rdtype))
         steps = _Steps(_plan_query(name, self._limits), _MAX_CNAME_HOPS + 1)
         deadline = time.monotonic() + self.timeout
@@ -1250,7 +1284,8 @@ class AsyncResolver(_ResolverBase):
     """The asyncio twin of :class:`Resolver`: the same arguments, awaited methods.
 
     Overlapping lookups within one event loop share one query. The cache may be shared with
-    blocking resolvers in other threads.
+    blocking resolvers in other threads. ``max_in_flight`` bounds the queries on the wire
+    of each event loop the resolver is used from (an asyncio semaphore is one loop's).
     """
 
     def __init__(
@@ -1266,11 +1301,12 @@ class AsyncResolver(_ResolverBase):
         failure_ttl: float = DEFAULT_FAILURE_TTL,
         max_ttl: float = DEFAULT_MAX_TTL,
         max_negative_ttl: float = DEFAULT_MAX_NEGATIVE_TTL,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         super().__init__(
             nameservers=nameservers, port=port, timeout=timeout, cache_size=cache_size,
             cache=cache, clock=clock, rng=random, failure_ttl=failure_ttl, max_ttl=max_ttl,
-            max_negative_ttl=max_negative_ttl,
+            max_negative_ttl=max_negative_ttl, max_in_flight=max_in_flight,
         )  # fmt: skip
         self._dns = dns.asyncresolver.Resolver(configure=nameservers is None)
         self._configure(self._dns)
@@ -1279,6 +1315,10 @@ class AsyncResolver(_ResolverBase):
         self._configure(self._tlsa_dns)
         _tlsa_resolver(self._tlsa_dns, port)
         self._inflight: dict[Hashable, asyncio.Task[object]] = {}
+        # An asyncio.Semaphore belongs to one event loop: each loop gets its own.
+        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
+        self._slots = weakref.WeakKeyDictionary()
+        self._slots_lock = threading.Lock()
 
     async def mail_hosts(self, domain: str) -> MailHosts:
         """The exchangers of ``domain``, in order; see :meth:`Resolver.mail_hosts`."""
@@ -1335,6 +1375,21 @@ class AsyncResolver(_ResolverBase):
         return _aged(value, left)
 
     async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[object, float]:
+        # As Resolver._query: a slot of this loop's max_in_flight first, then the timeout.
+        async with self._loop_slots():
+            return await self._query_on_the_wire(name, rdtype)
+
+    def _loop_slots(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        with self._slots_lock:  # loops in several threads may share this resolver
+            slots = self._slots.get(loop)
+            if slots is None:
+                slots = self._slots[loop] = asyncio.Semaphore(self.max_in_flight)
+            return slots
+
+    async def _query_on_the_wire(
+        self, name: str, rdtype: dns.rdatatype.RdataType
+    ) -> tuple[object, float]:
         log.debug("DNS query %s %s", name, dns.rdatatype.to_text(rdtype))
         steps = _Steps(_plan_query(name, self._limits), _MAX_CNAME_HOPS + 1)
         deadline = time.monotonic() + self.timeout

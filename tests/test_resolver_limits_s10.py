@@ -1,0 +1,197 @@
+"""Limits of the resolver and the validator under load and against a hostile name server.
+
+The server is :class:`tests.peers.hostile_dns.HostileDNS` (in process, on loopback). What
+this file holds, each test written first and seen failing on the code before its fix:
+
+- bulk validation opened a socket per query with nothing bounding how many at once: 32
+  domains at a time, each with up to 16 exchangers' A and AAAA queries in flight, about
+  1,000 sockets, so a process under a common ``ulimit -n`` of 1,024 (or less) ran out of
+  file descriptors and good addresses came back ``TEMPFAIL``. A resolver now has at most
+  ``max_in_flight`` queries on the wire (counted at the server; and run under a low
+  ``RLIMIT_NOFILE`` in a child process);
+
+Rules of this file: timeouts are short and every call sits under a generous hang guard,
+never a speed assertion; loops are bounded; the network is loopback only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from mailrelay.resolver import AsyncResolver, Resolver
+from mailrelay.validate import (
+    DEFAULT_SPECIAL_USE,
+    AsyncRecipientValidator,
+    Reason,
+    RecipientValidator,
+    Validation,
+)
+from tests.peers.hostile_dns import Fault, HostileDNS, mx_records
+
+T = TypeVar("T")
+
+#: Added to every hang guard: start-up, a busy machine, the garbage collector.
+MARGIN = 10.0
+MODES = ["sync", "async"]
+SPECIAL_USE = DEFAULT_SPECIAL_USE - {"test"}
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one coroutine to completion (no pytest plugin)."""
+    return asyncio.run(coro)
+
+
+def guarded(bound: float, call: Callable[[], Any]) -> Any:
+    """``call()`` (run to completion when it gives a coroutine), failing if it took longer
+    than ``bound`` seconds: a hang guard, not a speed measurement."""
+    start = time.monotonic()
+    try:
+        result = call()
+        if asyncio.iscoroutine(result):
+            result = run(result)
+    finally:
+        elapsed = time.monotonic() - start
+        assert elapsed < bound, f"took {elapsed:.1f} s, bound {bound:.1f}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def dns_server() -> Iterator[HostileDNS]:
+    with HostileDNS() as server:
+        yield server
+    assert not server.errors
+
+
+@pytest.fixture
+def server(dns_server: HostileDNS) -> HostileDNS:
+    dns_server.reset()
+    return dns_server
+
+
+def validate_many(
+    server: HostileDNS, mode: str, addresses: list[str], bound: float, **kwargs: Any
+) -> list[Validation]:
+    """``validate_many(addresses)`` through a fresh resolver of ``mode`` built with
+    ``kwargs``, under a hang guard of ``bound`` seconds."""
+    kwargs.setdefault("timeout", 2.0)
+    if mode == "sync":
+        sync = RecipientValidator(
+            Resolver(["127.0.0.1"], port=server.port, **kwargs), special_use=SPECIAL_USE
+        )
+        results = guarded(bound, lambda: sync.validate_many(addresses))
+    else:
+        asyn = AsyncRecipientValidator(
+            AsyncResolver(["127.0.0.1"], port=server.port, **kwargs), special_use=SPECIAL_USE
+        )
+        results = guarded(bound, lambda: asyn.validate_many(addresses))
+    assert isinstance(results, list)
+    return results
+
+
+# -- queries in flight ---------------------------------------------------------------------
+
+
+def bulk_zone(server: HostileDNS, domains: int, exchangers: int) -> dict[str, Reason]:
+    """``domains`` domains, most with ``exchangers`` exchangers (an A record each), some
+    without a name (NXDOMAIN), some with a null MX; every answer comes late (SLOW). The
+    expected reason of an address at each domain."""
+    expected: dict[str, Reason] = {}
+    for d in range(domains):
+        domain = f"b{d}.test"
+        if d % 8 == 3:
+            expected[domain] = Reason.NO_SUCH_DOMAIN
+        elif d % 8 == 5:
+            server.add(domain, "MX", "0 .")
+            expected[domain] = Reason.NULL_MX
+        else:
+            hosts = [(10 + k, f"mx{k}.{domain}.") for k in range(exchangers)]
+            server.add(domain, "MX", *mx_records(hosts))
+            for k in range(exchangers):
+                server.add(f"mx{k}.{domain}", "A", f"192.0.2.{k + 1}")
+                server.fault(f"mx{k}.{domain}", "*", Fault.SLOW)
+            expected[domain] = Reason.OK
+        server.fault(domain, "*", Fault.SLOW)
+    return expected
+
+
+def check_verdicts(results: list[Validation], expected: dict[str, Reason], hosts: int) -> None:
+    """Every result is the one the zone calls for (a TEMPFAIL shows its detail)."""
+    assert [(r.input, r.reason) for r in results] == [
+        (f"user@{domain}", reason) for domain, reason in expected.items()
+    ], [r.detail for r in results if r.reason is Reason.TEMPFAIL][:3]
+    for result in results:
+        if result.reason is Reason.OK:
+            assert result.mail_hosts is not None
+            assert len(result.mail_hosts.hosts) == hosts
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bulk_validation_keeps_at_most_max_in_flight_queries_on_the_wire(
+    server: HostileDNS, mode: str
+) -> None:
+    # 24 domains at once (concurrency 32), each with 6 exchangers: 12 queries a domain at
+    # the same time, 288 in all, each answered 50 ms late. The server counts the queries
+    # waiting for their answer at the same time.
+    server.delay = 0.05
+    expected = bulk_zone(server, domains=24, exchangers=6)
+    cap = 16
+    addresses = [f"user@{domain}" for domain in expected]
+    results = validate_many(server, mode, addresses, 60.0, max_in_flight=cap)
+    check_verdicts(results, expected, hosts=6)
+    assert 1 < server.most_waiting <= cap
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cap", [0, -1])
+def test_max_in_flight_must_be_positive(mode: str, cap: int) -> None:
+    kind = Resolver if mode == "sync" else AsyncResolver
+    with pytest.raises(ValueError, match="max_in_flight"):
+        kind(["127.0.0.1"], max_in_flight=cap)
+
+
+#: The child: bulk validation under a low limit of open files, the resolver's default cap.
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    from mailrelay.resolver import Resolver
+    from mailrelay.validate import DEFAULT_SPECIAL_USE, RecipientValidator
+
+    port, limit, domains = (int(arg) for arg in sys.argv[1:4])
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    resolver = Resolver(["127.0.0.1"], port=port, timeout=5.0)
+    validator = RecipientValidator(resolver, special_use=DEFAULT_SPECIAL_USE - {"test"})
+    results = validator.validate_many([f"user@b{d}.test" for d in range(domains)])
+    print(json.dumps([[r.input, r.reason.value, r.detail] for r in results]))
+    """
+)
+
+
+def test_bulk_validation_under_a_low_open_file_limit_gives_no_spurious_tempfail(
+    server: HostileDNS,
+) -> None:
+    # 32 domains at once, 8 exchangers each: 512 queries at the same time without a cap,
+    # more than the 160 files the child may open; the resolver's default cap (64) fits.
+    server.delay = 0.05
+    expected = bulk_zone(server, domains=32, exchangers=8)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(server.port), "160", str(len(expected))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    found = json.loads(child.stdout)
+    assert [(text, Reason(reason)) for text, reason, _detail in found] == [
+        (f"user@{domain}", reason) for domain, reason in expected.items()
+    ], [row for row in found if row[1] == "tempfail"][:3]
