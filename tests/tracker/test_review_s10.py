@@ -12,12 +12,12 @@ callback's own ``CancelledError`` ended the async run; recording an attempt and
 ingesting a report did work per pair of recipients (seconds an attempt at a few
 thousand); a stored message that ``Message.from_bytes`` refuses put its batch back and
 raised at every run, holding up the whole queue; a claimed batch that outlived its
-lease went on sending what another worker had claimed and sent meanwhile. Held: late results for a lost lease
-(two SQLite connections), results out of order, repeated, foreign or with the domain
-spelt otherwise, ``BaseException`` from a transport (sync and async), a version-1
-database with a dead worker's lease, ``cancel`` during a send, hostile DSNs (strangers,
-a forged success after a bounce, cancelled messages, the tracker's own report fed back),
-expiry at the deadline.
+lease went on sending what another worker had claimed and sent meanwhile. Held: late
+results for a lost lease (two SQLite connections), results out of order, repeated,
+foreign or with the domain spelt otherwise, ``BaseException`` from a transport (sync
+and async), a version-1 database with a dead worker's lease, ``cancel`` during a send,
+hostile DSNs (strangers, a forged success after a bounce, cancelled messages, the
+tracker's own report fed back), expiry at the deadline.
 """
 
 from __future__ import annotations
