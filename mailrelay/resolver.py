@@ -63,6 +63,9 @@ Rules of this module:
   fit), so the record reaches DANE as an *unusable* one (RFC 7671 §4, RFC 7672 §2.1.1)
   instead of failing the exchanger's lookup. Only this resolver's
   TLSA queries use it: dnspython's global state (its rdata type registry) is untouched.
+  Its UDP exchange reads on, as dnspython's does, past datagrams with the query's id that
+  do not answer the question (a forger racing the server, damaged bytes): only at the
+  deadline does such a datagram fail the lookup.
 
 The result values live in :mod:`mailrelay.mailhosts` and the cache in :mod:`mailrelay.dnscache`
 (neither touches dnspython); this module re-exports their public names.
@@ -671,8 +674,9 @@ class _Steps(Generic[_Y, _S, _R]):
 
 # -- TLSA answers dnspython refuses ----------------------------------------------------------
 
-#: Stray datagrams (another id) read while waiting for one UDP answer.
-_MAX_STRAY: Final = 16
+#: Datagrams read while waiting for one UDP answer (strays with another id, and ones with
+#: the query's id that do not answer it); the deadline is the bound that counts.
+_MAX_DATAGRAMS: Final = 256
 _HEADER: Final = struct.Struct("!HHHHHH")
 _RR: Final = struct.Struct("!HHIH")  # TYPE, CLASS, TTL, RDLENGTH (RFC 1035 §4.1.3)
 _MAX_NAME: Final = 255  # RFC 1035 §2.3.4: octets of a name on the wire
@@ -797,34 +801,72 @@ def _left(deadline: float) -> float:
     return left
 
 
-def _exchange(request: bytes, address: str, port: int, timeout: float, *, tcp: bool) -> bytes:
-    """One query's raw answer from ``address`` (UDP, or TCP with its length prefix,
+def _exchange(
+    request: dns.message.Message, address: str, port: int, timeout: float, *, tcp: bool
+) -> dns.message.Message:
+    """The answer to ``request`` from ``address`` (UDP, or TCP with its length prefix,
     RFC 7766 §8), within ``timeout`` seconds.
+
+    Over UDP, datagrams are read until one answers the question (:func:`_take`), as
+    dnspython's own exchange does: a datagram with the query's id that does not answer it
+    (a forger's, racing the server; damaged bytes) must not fail the lookup when the
+    genuine answer comes next. What it was wrong with is raised at the deadline, when
+    nothing better came.
 
     Raises:
         dns.exception.Timeout: no answer in time.
+        dns.exception.FormError: the TCP answer, or the last datagram with the query's id,
+            was unreadable or answered another question.
+        dns.message.Truncated: a UDP answer with TC (dnspython asks again over TCP).
         OSError: the network said no.
     """
     deadline = time.monotonic() + timeout
     family = dns.inet.af_for_address(address)
+    wire = request.to_wire()
     try:
         if tcp:
             with socket.create_connection((address, port), timeout=_left(deadline)) as sock:
                 sock.settimeout(_left(deadline))
-                sock.sendall(struct.pack("!H", len(request)) + request)
+                sock.sendall(struct.pack("!H", len(wire)) + wire)
                 (length,) = struct.unpack("!H", _read_exactly(sock, 2, deadline))
-                return _read_exactly(sock, length, deadline)
+                return _read_answer(request, _read_exactly(sock, length, deadline), tcp=True)
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.connect((address, port))  # connected: the kernel drops other sources
-            sock.send(request)
-            for _ in range(_MAX_STRAY):
-                sock.settimeout(_left(deadline))
-                wire = sock.recv(65535)
-                if wire[:2] == request[:2]:  # the query id
-                    return wire
-            raise dns.exception.Timeout
+            sock.send(wire)
+            error: dns.exception.DNSException | None = None
+            for _ in range(_MAX_DATAGRAMS):
+                try:
+                    sock.settimeout(_left(deadline))
+                    datagram = sock.recv(65535)
+                except (TimeoutError, dns.exception.Timeout):
+                    break
+                taken = _take(request, datagram)
+                if isinstance(taken, dns.message.Message):
+                    return taken
+                error = taken if taken is not None else error
+            raise error if error is not None else dns.exception.Timeout
     except TimeoutError as exc:
         raise dns.exception.Timeout from exc
+
+
+def _take(
+    request: dns.message.Message, datagram: bytes
+) -> dns.message.Message | dns.exception.DNSException | None:
+    """What a UDP ``datagram`` is to ``request``: its answer; the error it is when it has
+    the query's id but answers nothing asked (unreadable, another question, not a
+    response); or ``None``, a stray with another id.
+
+    Raises:
+        dns.message.Truncated: it is the answer, with TC set.
+    """
+    if datagram[:2] != struct.pack("!H", request.id):
+        return None
+    try:
+        return _read_answer(request, datagram, tcp=False)
+    except dns.message.Truncated:
+        raise
+    except dns.exception.DNSException as exc:
+        return exc
 
 
 def _read_exactly(sock: socket.socket, count: int, deadline: float) -> bytes:
@@ -855,8 +897,7 @@ class _TLSANameserver(dns.nameserver.Do53Nameserver):
         one_rr_per_rrset: bool = False,
         ignore_trailing: bool = False,
     ) -> dns.message.Message:
-        wire = _exchange(request.to_wire(), self.address, self.port, timeout, tcp=max_size)
-        return _read_answer(request, wire, tcp=max_size)
+        return _exchange(request, self.address, self.port, timeout, tcp=max_size)
 
     async def async_query(  # noqa: PLR0917 (dnspython's signature)
         self,
@@ -869,53 +910,71 @@ class _TLSANameserver(dns.nameserver.Do53Nameserver):
         one_rr_per_rrset: bool = False,
         ignore_trailing: bool = False,
     ) -> dns.message.Message:
+        return await _aexchange(request, self.address, self.port, timeout, tcp=max_size)
+
+
+async def _aexchange(
+    request: dns.message.Message, address: str, port: int, timeout: float, *, tcp: bool
+) -> dns.message.Message:
+    """:func:`_exchange` awaited."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    wire = request.to_wire()
+    if tcp:
         try:
-            wire = await asyncio.wait_for(
-                _aexchange(request.to_wire(), self.address, self.port, tcp=max_size), timeout
-            )
+            async with asyncio.timeout_at(deadline):
+                reader, writer = await asyncio.open_connection(address, port)
+                try:
+                    writer.write(struct.pack("!H", len(wire)) + wire)
+                    await writer.drain()
+                    # IncompleteReadError is an EOFError: dnspython drops the server, as
+                    # for its own.
+                    (length,) = struct.unpack("!H", await reader.readexactly(2))
+                    return _read_answer(request, await reader.readexactly(length), tcp=True)
+                finally:
+                    writer.close()
         except TimeoutError as exc:
             raise dns.exception.Timeout from exc
-        return _read_answer(request, wire, tcp=max_size)
-
-
-async def _aexchange(request: bytes, address: str, port: int, *, tcp: bool) -> bytes:
-    """:func:`_exchange` awaited (its caller bounds the time)."""
-    if tcp:
-        reader, writer = await asyncio.open_connection(address, port)
-        try:
-            writer.write(struct.pack("!H", len(request)) + request)
-            await writer.drain()
-            # IncompleteReadError is an EOFError: dnspython drops the server, as for its own.
-            (length,) = struct.unpack("!H", await reader.readexactly(2))
-            return await reader.readexactly(length)
-        finally:
-            writer.close()
-    loop = asyncio.get_running_loop()
     with socket.socket(dns.inet.af_for_address(address), socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
-        await loop.sock_connect(sock, (address, port))  # the kernel drops other sources
-        await loop.sock_sendall(sock, request)
-        for _ in range(_MAX_STRAY):
-            wire = await loop.sock_recv(sock, 65535)
-            if wire[:2] == request[:2]:  # the query id
-                return wire
-    raise dns.exception.Timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                await loop.sock_connect(sock, (address, port))  # the kernel drops others
+                await loop.sock_sendall(sock, wire)
+        except TimeoutError as exc:
+            raise dns.exception.Timeout from exc
+        error: dns.exception.DNSException | None = None
+        for _ in range(_MAX_DATAGRAMS):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    datagram = await loop.sock_recv(sock, 65535)
+            except TimeoutError:
+                break
+            taken = _take(request, datagram)
+            if isinstance(taken, dns.message.Message):
+                return taken
+            error = taken if taken is not None else error
+    raise error if error is not None else dns.exception.Timeout
 
 
 def _read_answer(request: dns.message.Message, wire: bytes, *, tcp: bool) -> dns.message.Message:
     """The response in ``wire``: dnspython's reading, or ours when dnspython refuses it.
 
     Raises:
-        dns.message.Truncated: a UDP answer with TC: dnspython asks again over TCP
-            (RFC 7766 §5).
+        dns.message.Truncated: a UDP answer to ``request`` with TC: dnspython asks again
+            over TCP (RFC 7766 §5).
         dns.exception.FormError: unreadable, or not the answer to ``request``.
     """
     try:
         response = dns.message.from_wire(wire, raise_on_truncation=not tcp)
-    except dns.message.Truncated:
+    except dns.message.Truncated as exc:
+        if not request.is_response(exc.message()):  # type: ignore[no-untyped-call]
+            raise _Malformed("a truncated answer to another query") from None
         raise
     except dns.exception.FormError:
         response = _lenient_tlsa(wire)
+        if not request.is_response(response):
+            raise _Malformed("not the answer to the query") from None
         if response.flags & dns.flags.TC and not tcp:
             raise dns.message.Truncated(message=response) from None  # type: ignore[no-untyped-call]
     if not request.is_response(response):

@@ -9,6 +9,9 @@ this file holds, each test written first and seen failing on the code before its
   file descriptors and good addresses came back ``TEMPFAIL``. A resolver now has at most
   ``max_in_flight`` queries on the wire (counted at the server; and run under a low
   ``RLIMIT_NOFILE`` in a child process);
+- the TLSA queries' own UDP exchange took the first datagram with the query's id: a forged
+  one (another question, unreadable bytes) failed the lookup although the genuine answer
+  came right after; it now reads on until the deadline, as dnspython's exchange does;
 
 Rules of this file: timeouts are short and every call sits under a generous hang guard,
 never a speed assertion; loops are bounded; the network is loopback only.
@@ -25,8 +28,15 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
+import dns.message
+import dns.name
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
 import pytest
 
+from mailrelay.errors import ResolverError
+from mailrelay.mailhosts import TLSARecords
 from mailrelay.resolver import AsyncResolver, Resolver
 from mailrelay.validate import (
     DEFAULT_SPECIAL_USE,
@@ -195,3 +205,118 @@ def test_bulk_validation_under_a_low_open_file_limit_gives_no_spurious_tempfail(
     assert [(text, Reason(reason)) for text, reason, _detail in found] == [
         (f"user@{domain}", reason) for domain, reason in expected.items()
     ], [row for row in found if row[1] == "tempfail"][:3]
+
+
+# -- a forged datagram before the genuine TLSA answer ------------------------------------------
+
+
+def forged_first(decoys: Callable[[bytes], list[bytes]]) -> type[HostileDNS]:
+    """A :class:`HostileDNS` that sends, before each genuine UDP answer, the datagrams
+    ``decoys`` makes of it (what an off-path forger racing the server sends)."""
+
+    class Forged(HostileDNS):
+        def _send_udp(self, wire: bytes, peer: tuple[str, int]) -> None:
+            answer = self.respond(wire, tcp=False)
+            if answer is not None:
+                for decoy in decoys(answer):
+                    self._udp.sendto(decoy, peer)
+                self._udp.sendto(answer, peer)
+
+    return Forged
+
+
+def other_question(wire: bytes) -> bytes:
+    """The query's id, but a question (and records) about another name."""
+    message = dns.message.from_wire(wire)
+    evil = dns.name.from_text("evil.test.")
+    message.question = [dns.rrset.RRset(evil, dns.rdataclass.IN, message.question[0].rdtype)]
+    for rrset in message.answer:
+        rrset.name = evil
+    return message.to_wire()
+
+
+def other_type(wire: bytes) -> bytes:
+    """The query's id and name, but another type asked (and an A record answered)."""
+    message = dns.message.from_wire(wire)
+    name = message.question[0].name
+    message.question = [dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.A)]
+    message.answer = [dns.rrset.from_text(name, 60, "IN", "A", "192.0.2.66")]
+    return message.to_wire()
+
+
+def unreadable(wire: bytes) -> bytes:
+    """The query's id, then bytes that are no DNS message."""
+    return wire[:2] + b"\x81\x80 not a DNS message"
+
+
+def truncated_other(wire: bytes) -> bytes:
+    """The query's id, TC set, a question about another name."""
+    forged = other_question(wire)
+    return forged[:2] + bytes((forged[2] | 0x02,)) + forged[3:]
+
+
+def not_a_response(wire: bytes) -> bytes:
+    """The answer with QR clear: a query, not a response."""
+    return wire[:2] + bytes((wire[2] & 0x7F,)) + wire[3:]
+
+
+TLSA_OWNER = "_25._tcp.mx1.f.test"
+TLSA_RDATA = "3 1 1 " + "ab" * 32
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "decoys",
+    [
+        lambda wire: [other_question(wire)],
+        lambda wire: [other_type(wire)],
+        lambda wire: [unreadable(wire)],
+        lambda wire: [not_a_response(wire)],
+        lambda wire: [truncated_other(wire)],
+        lambda wire: [unreadable(wire), other_question(wire), unreadable(wire)],
+    ],
+    ids=["other-question", "other-type", "unreadable", "not-a-response", "tc-other", "three"],
+)
+def test_a_forged_datagram_before_the_tlsa_answer_does_not_spoil_the_lookup(
+    mode: str, decoys: Callable[[bytes], list[bytes]]
+) -> None:
+    # The TLSA queries' own exchange took the first datagram with the query's id: a forged
+    # one failed the lookup (transiently: DANE then defers the mail) although the genuine
+    # answer came right after. dnspython's own exchange reads on; so must ours.
+    with forged_first(decoys)() as server:
+        server.add(TLSA_OWNER, "TLSA", TLSA_RDATA)
+        if mode == "sync":
+            resolver = Resolver(["127.0.0.1"], port=server.port, timeout=2.0)
+            found = guarded(MARGIN, lambda: resolver.tlsa("mx1.f.test"))
+        else:
+            aresolver = AsyncResolver(["127.0.0.1"], port=server.port, timeout=2.0)
+            found = guarded(MARGIN, lambda: aresolver.tlsa("mx1.f.test"))
+        assert isinstance(found, TLSARecords)
+        assert [str(record) for record in found.records] == [TLSA_RDATA]
+        assert not any(query.tcp for query in server.queries)
+    assert not server.errors
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("decoy", [other_question, unreadable])
+def test_a_forged_datagram_alone_is_still_a_transient_failure(
+    mode: str, decoy: Callable[[bytes], bytes]
+) -> None:
+    # Nothing but the forged datagram comes: at the deadline, the lookup fails (the error
+    # the datagram was, as before), never "no TLSA records" (which would turn DANE off).
+
+    class OnlyForged(HostileDNS):
+        def _send_udp(self, wire: bytes, peer: tuple[str, int]) -> None:
+            answer = self.respond(wire, tcp=False)
+            if answer is not None:
+                self._udp.sendto(decoy(answer), peer)
+
+    with OnlyForged() as server:
+        server.add(TLSA_OWNER, "TLSA", TLSA_RDATA)
+        kind = Resolver if mode == "sync" else AsyncResolver
+        resolver = kind(["127.0.0.1"], port=server.port, timeout=0.3)
+        with pytest.raises(ResolverError) as caught:
+            guarded(MARGIN, lambda: resolver.tlsa("mx1.f.test"))
+    assert caught.value.is_transient
+    assert "(error)" in str(caught.value)
+    assert not server.errors
