@@ -13,7 +13,8 @@ Rules of this module:
   fill the cache: an MX answer is cached as those exchangers only). When none of those
   has an address while the domain names more, the lookup fails (transient): not having
   looked at the others is no ground for "no mail host", which would bounce the mail.
-  Of one A or AAAA answer, at most :data:`MAX_HOST_ADDRESSES` addresses are kept.
+  Of one A or AAAA answer, at most :data:`MAX_HOST_ADDRESSES` addresses are kept; of a
+  TXT answer, a few records of the kind asked for, of bounded length (:meth:`Resolver.txt`).
   An exchanger's addresses that no connection may go to (``0.0.0.0/8``, ``::``,
   multicast, the broadcast address: what DNS sinkholes answer for names they block) are
   dropped; an exchanger left with none has a failed (transient) lookup. Loopback and
@@ -119,6 +120,8 @@ __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
     "MAX_HOST_ADDRESSES",
     "MAX_MAIL_HOSTS",
+    "MAX_TXT_LENGTH",
+    "MAX_TXT_RECORDS",
     "AsyncResolver",
     "DNSCache",
     "DNSStatus",
@@ -155,6 +158,13 @@ _MAX_CNAME_HOPS: Final = 8
 MAX_MAIL_HOSTS: Final = 16
 #: The most addresses kept of one A or AAAA answer, in the order the server gave them.
 MAX_HOST_ADDRESSES: Final = 32
+#: The most records kept of one TXT answer, and the most characters of one record (longer
+#: ones are kept as their version tag alone, see :func:`_txt_records`).
+MAX_TXT_RECORDS: Final = 8
+MAX_TXT_LENGTH: Final = 2048
+#: Owner names that hold policy records beginning with a version tag, and their tags: the
+#: readers discard every other record (MTA-STS, RFC 8461 §3.1; TLS-RPT, RFC 8460 §3).
+_TXT_TAGS: Final = (("_mta-sts.", "v=STSv1"), ("_smtp._tls.", "v=TLSRPTv1"))
 #: Threads a blocking resolver keeps for its exchangers' queries: one domain's worth.
 _POOL_SIZE: Final = 2 * MAX_MAIL_HOSTS
 #: The most queries one resolver has on the wire at the same time (each holds a socket).
@@ -210,7 +220,8 @@ def _is_referral(response: dns.message.Message | None) -> bool:
     return dns.rdatatype.NS in authority and _SOA not in authority
 
 
-def _from_answer(answer: dns.resolver.Answer, limits: _Limits) -> _Answer:
+def _from_answer(answer: dns.resolver.Answer, limits: _Limits, tag: str | None) -> _Answer:
+    """An answer as it is cached; ``tag``: the version tag of the TXT records asked for."""
     rrset = answer.rrset
     secure = _validated(answer.response)
     if rrset is None:
@@ -232,9 +243,7 @@ def _from_answer(answer: dns.resolver.Answer, limits: _Limits) -> _Answer:
             ]
         )
     elif rrset.rdtype == _TXT:
-        # RFC 1035 §3.3.14: a TXT record is one or more strings of at most 255 octets;
-        # the record's text is their concatenation (RFC 7208 §3.3, RFC 8461 §3.1).
-        records = tuple(b"".join(rd.strings).decode("utf-8", "replace") for rd in rrset)
+        records = _txt_records(rrset, tag)
     elif rrset.rdtype == _TLSA:
         records = tuple(_tlsa_fields(rd) for rd in rrset)
     else:
@@ -242,6 +251,41 @@ def _from_answer(answer: dns.resolver.Answer, limits: _Limits) -> _Answer:
         # list) must not fill the cache: a delivery tries a handful (max_addresses).
         records = tuple(rd.address for rd in itertools.islice(rrset, MAX_HOST_ADDRESSES))
     return _Answer(DNSStatus.OK, records, ttl, secure=secure)
+
+
+def _txt_tag(name: str) -> str | None:
+    """The version tag the TXT records of ``name`` (a query name) begin with, if known."""
+    for prefix, tag in _TXT_TAGS:
+        if name.startswith(prefix):
+            return tag
+    return None
+
+
+def _txt_records(rrset: Any, tag: str | None) -> tuple[str, ...]:
+    """What a TXT answer is kept as: at most :data:`MAX_TXT_RECORDS` records, in the
+    server's order; at a policy name (:data:`_TXT_TAGS`), only those beginning with its
+    version tag; a record longer than :data:`MAX_TXT_LENGTH` as its tag alone (``""``
+    where there is none).
+
+    One answer can hold ~64 KiB of records (over TCP), and a zone can publish that at the
+    ``_mta-sts`` and ``_smtp._tls`` names of every domain of a bulk list: kept whole, it
+    filled the cache. Their readers discard the records without the tag and take a policy
+    only from exactly one that has it, so a few such records say all there is to say (one,
+    or more than one). An over-long record is kept as its tag: it still counts (two records
+    stay two, and then there is no policy), but it cannot be read as a policy, which a
+    record cut elsewhere could (a TLS-RPT address cut in the middle names another mailbox).
+    """
+    kept: list[str] = []
+    for rd in rrset:
+        if len(kept) >= MAX_TXT_RECORDS:
+            break
+        # RFC 1035 §3.3.14: a TXT record is one or more strings of at most 255 octets;
+        # the record's text is their concatenation (RFC 7208 §3.3, RFC 8461 §3.1).
+        text = b"".join(rd.strings).decode("utf-8", "replace")
+        if tag is not None and not text.startswith(tag):
+            continue
+        kept.append(text if len(text) <= MAX_TXT_LENGTH else tag or "")
+    return tuple(kept)
 
 
 def _mx_records(records: list[tuple[int, str]]) -> tuple[tuple[int, str], ...]:
@@ -313,6 +357,7 @@ def _plan_query(
     and the chain's smallest TTL bounds the result's.
     """
     qname = name + "."
+    tag = _txt_tag(name)  # the name asked decides, not a CNAME's target
     chain_ttl = limits.positive
     chain_secure = True  # every hop so far came with AD
     for _ in range(_MAX_CNAME_HOPS):
@@ -325,7 +370,7 @@ def _plan_query(
             qname = outcome.canonical_name.to_text()
             continue
         else:
-            result = _from_answer(outcome, limits)
+            result = _from_answer(outcome, limits, tag)
         if not chain_secure:
             result = result._replace(secure=False)
         return result._replace(ttl=chain_ttl) if chain_ttl < result.ttl else result
@@ -1176,6 +1221,14 @@ class Resolver(_ResolverBase):
         """The TXT records of ``name`` (CNAMEs followed; cached for their TTL), each one's
         strings joined and decoded as UTF-8 (an invalid byte becomes U+FFFD); ``()`` when
         the name has none or does not exist.
+
+        Meant for names that hold a policy record or two (MTA-STS, TLS-RPT, DKIM keys),
+        not for a domain's whole list of TXT records: at most :data:`MAX_TXT_RECORDS` are
+        kept; at ``_mta-sts.*`` and ``_smtp._tls.*`` only those beginning with
+        ``v=STSv1`` / ``v=TLSRPTv1`` (RFC 8461 §3.1, RFC 8460 §3: their readers discard
+        the others); a record longer than :data:`MAX_TXT_LENGTH` characters comes back
+        as its version tag alone (``""`` at other names), so it still counts but is never
+        read as a policy.
 
         Raises:
             ResolverError: ``is_transient=True`` when the DNS could not tell (timeout,

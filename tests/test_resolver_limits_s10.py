@@ -12,6 +12,9 @@ this file holds, each test written first and seen failing on the code before its
 - the TLSA queries' own UDP exchange took the first datagram with the query's id: a forged
   one (another question, unreadable bytes) failed the lookup although the genuine answer
   came right after; it now reads on until the deadline, as dnspython's exchange does;
+- a TXT answer was cached whole: a zone answering ~64 KiB of TXT records at the
+  ``_mta-sts`` or ``_smtp._tls`` name of every domain of a list filled the cache with
+  them. A few records are kept, of the kind asked for, each of a bounded length;
 
 Rules of this file: timeouts are short and every call sits under a generous hang guard,
 never a speed assertion; loops are bounded; the network is loopback only.
@@ -20,11 +23,14 @@ never a speed assertion; loops are bounded; the network is loopback only.
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import json
 import subprocess
 import sys
 import textwrap
 import time
+import tracemalloc
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -35,9 +41,11 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from mailrelay.errors import ResolverError
+from mailrelay.errors import PolicyError, ResolverError
 from mailrelay.mailhosts import TLSARecords
-from mailrelay.resolver import AsyncResolver, Resolver
+from mailrelay.resolver import MAX_TXT_LENGTH, MAX_TXT_RECORDS, AsyncResolver, Resolver
+from mailrelay.transport.mtasts import STSRecord
+from mailrelay.transport.tlsrpt import TLSRPTRecord
 from mailrelay.validate import (
     DEFAULT_SPECIAL_USE,
     AsyncRecipientValidator,
@@ -45,6 +53,7 @@ from mailrelay.validate import (
     RecipientValidator,
     Validation,
 )
+from tests.peers import hostile_dns
 from tests.peers.hostile_dns import Fault, HostileDNS, mx_records
 
 T = TypeVar("T")
@@ -320,3 +329,123 @@ def test_a_forged_datagram_alone_is_still_a_transient_failure(
     assert caught.value.is_transient
     assert "(error)" in str(caught.value)
     assert not server.errors
+
+
+# -- TXT answers in the cache ------------------------------------------------------------------
+
+
+def retained(call: Callable[[], object]) -> int:
+    """Bytes allocated during ``call()`` that are still alive after it (what the resolver's
+    cache keeps; dnspython allocates the strings it keeps), but for the in-process
+    server's (its UDP thread sits in ``recvfrom(65535)`` with a 64 KiB buffer)."""
+    server_side = [tracemalloc.Filter(False, hostile_dns.__file__)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot().filter_traces(server_side)
+        call()
+        gc.collect()
+        after = tracemalloc.take_snapshot().filter_traces(server_side)
+    finally:
+        tracemalloc.stop()
+    return sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+
+
+def txt_strings(text: str) -> str:
+    """TXT rdata text for ``text``: strings of at most 255 octets (RFC 1035 §3.3.14)."""
+    return " ".join(f'"{text[i : i + 255]}"' for i in range(0, len(text), 255))
+
+
+#: What a hostile zone puts beside the one record a policy name should hold.
+JUNK = [txt_strings(f"junk-{i}=" + "x" * 290) for i in range(190)]
+
+
+def test_a_cached_txt_answer_keeps_only_a_few_short_records_that_look_asked_for(
+    server: HostileDNS,
+) -> None:
+    # Nearly 64 KiB of TXT records (over TCP) at every policy name of a list of domains:
+    # MTA-STS and TLS-RPT read only the records that begin with their version tag (RFC
+    # 8461 §3.1, RFC 8460 §3) and need exactly one, so a few of those are all that is kept.
+    names = [f"_mta-sts.t{j}.test" for j in range(3)] + [f"_smtp._tls.t{j}.test" for j in range(3)]
+    for name in names:
+        tag = "v=STSv1; id=abc123" if name.startswith("_mta") else "v=TLSRPTv1; rua=mailto:r@t.test"
+        server.add(name, "TXT", *JUNK[:95], f'"{tag}"', *JUNK[95:])
+    warm = Resolver(["127.0.0.1"], port=server.port, timeout=2.0)
+    for name in names:  # the server parses each RRset once, not under tracing
+        guarded(MARGIN, functools.partial(warm.txt, name))
+    resolver = Resolver(["127.0.0.1"], port=server.port, timeout=2.0)
+    found: list[tuple[str, ...]] = []
+
+    def look_up() -> None:
+        for name in names:
+            found.append(guarded(MARGIN, functools.partial(resolver.txt, name)))
+
+    per_name = retained(look_up) / len(names)
+    assert found == [("v=STSv1; id=abc123",)] * 3 + [("v=TLSRPTv1; rua=mailto:r@t.test",)] * 3
+    # All ~190 records took about 120 KiB a name; the one kept, well under 1 KiB.
+    assert per_name < 8 * 1024, f"{per_name / 1024:.0f} KiB kept per name"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("name", "records", "expected"),
+    [
+        # Several records of the kind asked for stay several (RFC 8461 §3.1: then none is
+        # the policy); a few are kept, enough to tell one from many.
+        ("_mta-sts.two.test", ["v=STSv1; id=a1", "v=STSv1; id=b2"], 2),
+        ("_mta-sts.many.test", [f"v=STSv1; id=n{i}" for i in range(40)], MAX_TXT_RECORDS),
+        (
+            "_smtp._tls.many.test",
+            [f"v=TLSRPTv1; rua=mailto:{i}@t.test" for i in range(40)],
+            MAX_TXT_RECORDS,
+        ),
+        # Other names have no version tag: a few records of any kind.
+        ("sel._domainkey.d.test", [f"v=DKIM1; p=key{i}" for i in range(40)], MAX_TXT_RECORDS),
+        ("d.test", ["v=spf1 -all", "verification=1"], 2),
+    ],
+)
+def test_a_txt_answer_keeps_a_few_records(
+    server: HostileDNS, mode: str, name: str, records: list[str], expected: int
+) -> None:
+    server.add(name, "TXT", *(f'"{text}"' for text in records))
+    kind = Resolver if mode == "sync" else AsyncResolver
+    resolver = kind(["127.0.0.1"], port=server.port, timeout=2.0)
+    found = guarded(MARGIN, functools.partial(resolver.txt, name))
+    assert len(found) == expected
+    assert set(found) <= set(records)
+
+
+LONG_STS = "v=STSv1; id=abc123; " + "ext=" + "y" * 5000
+LONG_TLSRPT = "v=TLSRPTv1; rua=mailto:" + ",mailto:".join(f"r{i}@t.test" for i in range(600))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_overlong_txt_record_still_counts_and_is_never_read_as_a_policy(
+    server: HostileDNS, mode: str
+) -> None:
+    # A record longer than MAX_TXT_LENGTH is kept as its version tag alone: cut anywhere
+    # else it could parse (a TLS-RPT address cut in the middle names another mailbox), and
+    # dropped it would make two records look like one.
+    server.add("_mta-sts.long.test", "TXT", txt_strings(LONG_STS))
+    server.add("_mta-sts.long2.test", "TXT", '"v=STSv1; id=good1"', txt_strings(LONG_STS))
+    server.add("_smtp._tls.long.test", "TXT", txt_strings(LONG_TLSRPT))
+    server.add("other.long.test", "TXT", txt_strings("z" * 5000), '"short"')
+    kind = Resolver if mode == "sync" else AsyncResolver
+    resolver = kind(["127.0.0.1"], port=server.port, timeout=2.0)
+
+    def txt(name: str) -> tuple[str, ...]:
+        found = guarded(MARGIN, functools.partial(resolver.txt, name))
+        assert isinstance(found, tuple)
+        return found
+
+    assert txt("_mta-sts.long.test") == ("v=STSv1",)
+    with pytest.raises(PolicyError):
+        STSRecord.select(txt("_mta-sts.long.test"))
+    assert sorted(txt("_mta-sts.long2.test")) == ["v=STSv1", "v=STSv1; id=good1"]
+    with pytest.raises(PolicyError):
+        STSRecord.select(txt("_mta-sts.long2.test"))  # two records: no policy
+    assert txt("_smtp._tls.long.test") == ("v=TLSRPTv1",)
+    assert TLSRPTRecord.select(txt("_smtp._tls.long.test")) is None
+    assert sorted(txt("other.long.test")) == ["", "short"]
+    assert len(LONG_TLSRPT) > MAX_TXT_LENGTH
+    assert len(LONG_STS) > MAX_TXT_LENGTH
