@@ -659,7 +659,15 @@ _R = TypeVar("_R")
 def _each_at_once(
     pool: concurrent.futures.Executor, call: Callable[[_Y], _R], items: Sequence[_Y]
 ) -> list[_R]:
-    """``[call(item) for item in items]``, the calls made at the same time in ``pool``.
+    """``[call(item) for item in items]``, the calls made at the same time in ``pool``
+    (:func:`_start_each`)."""
+    return [future.result() for future in _start_each(pool, call, items)]
+
+
+def _start_each(
+    pool: concurrent.futures.Executor, call: Callable[[_Y], _R], items: Sequence[_Y]
+) -> list[concurrent.futures.Future[_R]]:
+    """``call(item)`` for each item, started at the same time in ``pool``: their futures.
 
     Calls the pool refuses get a plain thread each: concurrent.futures takes no new work
     once the main thread has ended (Python 3.9+), yet the interpreter waits for the other
@@ -679,7 +687,7 @@ def _each_at_once(
                 target=_settle, args=(future, call, item), name="mailrelay-dns-late", daemon=True
             ).start()
             futures.append(future)
-    return [future.result() for future in futures]
+    return futures
 
 
 def _settle(future: concurrent.futures.Future[_R], call: Callable[[_Y], _R], item: _Y) -> None:

@@ -20,7 +20,9 @@ Rules of this module:
   because a lookup timed out).
 - ``validate_many`` keeps input order, looks each domain up once, and runs at most
   ``concurrency`` lookups at a time (threads for the blocking validator, tasks for the
-  async one).
+  async one). Its ``timeout`` bounds the whole call: a domain not looked up by then is
+  ``TEMPFAIL`` (we could not tell in time), never a hard verdict; the lookups still
+  running end in the background within their own timeouts, and their answers are cached.
 - An SMTP callout (:mod:`mailrelay.callout`) is off by default. When one is given, every
   ``DELIVERABLE`` address is also probed at its mail server (RCPT, never DATA); a 5xx to RCPT
   makes it ``UNDELIVERABLE`` with reason ``MAILBOX_REFUSED``; any other answer keeps the DNS
@@ -30,7 +32,10 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
+import math
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Final, cast
@@ -39,7 +44,7 @@ import attrs
 
 from mailrelay.address import Address
 from mailrelay.errors import InvalidAddress, ResolverError
-from mailrelay.resolver import AsyncResolver, DNSStatus, MailHosts, Resolver, _each_at_once
+from mailrelay.resolver import AsyncResolver, DNSStatus, MailHosts, Resolver, _start_each
 
 if TYPE_CHECKING:
     # Only for annotations: the validator calls the callout it is given, and importing the
@@ -211,6 +216,22 @@ def _with_callout(validation: Validation, probe: CalloutResult) -> Validation:
     return attrs.evolve(validation, callout=probe)
 
 
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not (timeout > 0 and not math.isnan(timeout)):
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+
+
+def _overdue(domain: str, timeout: float | None) -> ResolverError:
+    """What a domain not looked up within ``validate_many``'s ``timeout`` gets (or, with
+    no timeout, whose lookup was cancelled)."""
+    when = "was cancelled" if timeout is None else f"timeout ({timeout:g} s) passed"
+    return ResolverError(
+        f"the bulk validation's {when} before {domain} was looked up",
+        name=domain,
+        is_transient=True,
+    )
+
+
 def _deliverable(results: list[Validation]) -> tuple[list[int], list[Address]]:
     """The positions and addresses of the results the DNS found deliverable."""
     chosen = [(i, v.address) for i, v in enumerate(results) if v.reason is Reason.OK]
@@ -353,19 +374,45 @@ class RecipientValidator(_ValidatorBase):
             result = _with_callout(result, self.callout.probe(checked))
         return result
 
-    def validate_many(self, addresses: Iterable[str]) -> list[Validation]:
-        """Validate many addresses: results in input order, each domain looked up once."""
+    def validate_many(
+        self, addresses: Iterable[str], *, timeout: float | None = None
+    ) -> list[Validation]:
+        """Validate many addresses: results in input order, each domain looked up once.
+
+        Args:
+            addresses: the addresses, as text.
+            timeout: seconds the DNS part of the whole call may take (``None``: no bound
+                but the lookups' own). A domain not looked up by then is ``UNKNOWN`` with
+                reason ``TEMPFAIL`` and a ``detail`` saying the timeout passed; its lookup
+                ends in the background (within the resolver's timeout) and is cached, so
+                a later call may find it. A configured callout runs afterwards, with its
+                own timeouts.
+
+        Raises:
+            ValueError: ``timeout`` is not a positive number.
+        """
+        _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         texts = list(addresses)
         pending, by_domain = self._sort(texts)
         found, missing = self._cached(self.resolver, by_domain)
-        if len(missing) == 1:
+        if len(missing) == 1 and timeout is None:
             found[missing[0]] = self._lookup(missing[0])
         elif missing:
             # Blocking lookups overlap only in threads; the pool lives for this call only.
             workers = min(self.concurrency, len(missing))
-            with ThreadPoolExecutor(workers, thread_name_prefix="mailrelay-validate") as pool:
-                answers = _each_at_once(pool, self._lookup, missing)
-            found.update(zip(missing, answers, strict=True))
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="mailrelay-validate")
+            try:
+                futures = _start_each(pool, self._lookup, missing)
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                concurrent.futures.wait(futures, timeout=left)
+                for domain, future in zip(missing, futures, strict=True):
+                    done = future.done()
+                    found[domain] = future.result() if done else _overdue(domain, timeout)
+            finally:
+                # Past the timeout nobody waits for the lookups still running (each ends
+                # within the resolver's timeout); those not started are dropped.
+                pool.shutdown(wait=deadline is None, cancel_futures=True)
         results = self._finish(texts, pending, by_domain, [found[d] for d in by_domain])
         if self.callout is not None:
             chosen, probed = _deliverable(results)
@@ -415,8 +462,15 @@ class AsyncRecipientValidator(_ValidatorBase):
             result = _with_callout(result, await self.callout.probe(checked))
         return result
 
-    async def validate_many(self, addresses: Iterable[str]) -> list[Validation]:
-        """Validate many addresses; see :meth:`RecipientValidator.validate_many`."""
+    async def validate_many(
+        self, addresses: Iterable[str], *, timeout: float | None = None
+    ) -> list[Validation]:
+        """Validate many addresses; see :meth:`RecipientValidator.validate_many`.
+
+        Raises:
+            ValueError: ``timeout`` is not a positive number.
+        """
+        _check_timeout(timeout)
         texts = list(addresses)
         pending, by_domain = self._sort(texts)
         gate = asyncio.Semaphore(self.concurrency)
@@ -426,8 +480,20 @@ class AsyncRecipientValidator(_ValidatorBase):
                 return await self._lookup(domain)
 
         found, missing = self._cached(self.resolver, by_domain)
-        looked_up = await asyncio.gather(*(gated(domain) for domain in missing))
-        found.update(zip(missing, looked_up, strict=True))
+        if missing:
+            tasks = [asyncio.ensure_future(gated(domain)) for domain in missing]
+            try:
+                await asyncio.wait(tasks, timeout=timeout)
+            finally:
+                # Only the waits end: the resolver's lookups are shielded from their
+                # waiters, finish in the loop and are cached.
+                late = [task for task in tasks if not task.done()]
+                for task in late:
+                    task.cancel()
+                if late:
+                    await asyncio.wait(late)
+            for domain, task in zip(missing, tasks, strict=True):
+                found[domain] = task.result() if not task.cancelled() else _overdue(domain, timeout)
         results = self._finish(texts, pending, by_domain, [found[d] for d in by_domain])
         if self.callout is not None:
             chosen, probed = _deliverable(results)

@@ -15,6 +15,9 @@ this file holds, each test written first and seen failing on the code before its
 - a TXT answer was cached whole: a zone answering ~64 KiB of TXT records at the
   ``_mta-sts`` or ``_smtp._tls`` name of every domain of a list filled the cache with
   them. A few records are kept, of the kind asked for, each of a bounded length;
+- ``validate_many`` had no bound on its run time but the per-domain one times the
+  domains over the concurrency; ``timeout=`` now bounds the whole call, the domains not
+  looked up by then being ``TEMPFAIL`` (never a hard verdict).
 
 Rules of this file: timeouts are short and every call sits under a generous hang guard,
 never a speed assertion; loops are bounded; the network is loopback only.
@@ -26,6 +29,7 @@ import asyncio
 import functools
 import gc
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -53,6 +57,7 @@ from mailrelay.validate import (
     RecipientValidator,
     Validation,
 )
+from mailrelay.validate import Verdict as Judgement
 from tests.peers import hostile_dns
 from tests.peers.hostile_dns import Fault, HostileDNS, mx_records
 
@@ -449,3 +454,63 @@ def test_an_overlong_txt_record_still_counts_and_is_never_read_as_a_policy(
     assert sorted(txt("other.long.test")) == ["", "short"]
     assert len(LONG_TLSRPT) > MAX_TXT_LENGTH
     assert len(LONG_STS) > MAX_TXT_LENGTH
+
+
+# -- an overall timeout for bulk validation ----------------------------------------------------
+
+
+def bulk(mode: str, port: int, addresses: list[str], timeout: float | None) -> Any:
+    """``validate_many(addresses, timeout=timeout)``: the call (a coroutine for async)."""
+    if mode == "sync":
+        sync = RecipientValidator(Resolver(["127.0.0.1"], port=port), special_use=SPECIAL_USE)
+        return lambda: sync.validate_many(addresses, timeout=timeout)
+    asyn = AsyncRecipientValidator(AsyncResolver(["127.0.0.1"], port=port), special_use=SPECIAL_USE)
+    return lambda: asyn.validate_many(addresses, timeout=timeout)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("fast", "slow"), [(4, 4), (0, 1), (3, 40)])
+def test_domains_unfinished_at_the_bulk_timeout_are_tempfail(
+    mode: str, fast: int, slow: int
+) -> None:
+    # The slow domains' answers come after 4 s (the resolver waits 5 s for them); the bulk
+    # call gives up on them after 1 s: TEMPFAIL, never a hard verdict, and the answers it
+    # has are kept. Its own server: the slow lookups may outlive the call.
+    with HostileDNS() as server:
+        server.delay = 4.0
+        for d in range(fast):
+            server.add(f"fast{d}.test", "MX", f"10 mx.fast{d}.test.")
+            server.add(f"mx.fast{d}.test", "A", "192.0.2.1")
+        for d in range(slow):
+            server.add(f"slow{d}.test", "MX", f"10 mx.slow{d}.test.")
+            server.add(f"mx.slow{d}.test", "A", "192.0.2.2")
+            server.fault(f"slow{d}.test", "*", Fault.SLOW)
+        addresses = [f"user@fast{d}.test" for d in range(fast)]
+        addresses += [f"user@slow{d}.test" for d in range(slow)]
+        addresses.append("not an address")
+        results = guarded(3.5, bulk(mode, server.port, addresses, 1.0))
+    assert [r.input for r in results] == addresses
+    assert [r.reason for r in results] == (
+        [Reason.OK] * fast + [Reason.TEMPFAIL] * slow + [Reason.BAD_SYNTAX]
+    )
+    for result in results[fast : fast + slow]:
+        assert result.verdict is Judgement.UNKNOWN
+        assert result.mail_hosts is None
+        assert "timeout (1 s) passed" in result.detail, result.detail
+    assert not server.errors
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_bulk_timeout_that_is_not_reached_changes_nothing(server: HostileDNS, mode: str) -> None:
+    expected = bulk_zone(server, domains=8, exchangers=2)
+    server.faults.clear()  # no slow answers
+    addresses = [f"user@{domain}" for domain in expected]
+    results = guarded(MARGIN, bulk(mode, server.port, addresses, 30.0))
+    check_verdicts(results, expected, hosts=2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("timeout", [0.0, -1.0, math.nan])
+def test_the_bulk_timeout_must_be_positive(mode: str, timeout: float) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        guarded(MARGIN, bulk(mode, 9, ["user@b0.test"], timeout))
