@@ -22,8 +22,8 @@ its fix:
 
 What held, and is kept here as regression tests: truncated answers whose TCP retry never
 answers or answers another question; forged datagrams (another id, another question,
-unreadable bytes) sent just before the genuine answer of a mail-hosts lookup. Not held,
-left open: the same forged datagram spoils a TLSA lookup (see the test's table).
+unreadable bytes) sent just before the genuine answer of a mail-hosts lookup, and (since
+helper-65's fix) of a TLSA lookup.
 
 Rules of this file: timeouts are short (a fraction of a second) and every call sits under
 a generous hang guard, never a speed assertion; loops are bounded.
@@ -620,10 +620,10 @@ TLSA_RDATA = "3 1 1 " + "ab" * 32
         (other_question, "mail hosts"),
         (unreadable, "mail hosts"),
         (other_id, "tlsa"),
-        # Not held, left open (see the report): the TLSA queries' own exchange
-        # (resolver._exchange) takes the first datagram with the query's id, so a forged
-        # one with another question or unreadable bytes fails the lookup (transiently)
-        # although the genuine answer arrives right after; dnspython's waits on.
+        # Held since the TLSA exchange (resolver._exchange) reads on until its deadline,
+        # as dnspython's does (tests/test_resolver_limits_s10.py has more forgeries).
+        (other_question, "tlsa"),
+        (unreadable, "tlsa"),
     ],
 )
 def test_a_forged_datagram_before_the_answer_does_not_spoil_the_lookup(
