@@ -113,6 +113,7 @@ Everything is imported from here; the submodules are an implementation detail.
 from __future__ import annotations
 
 from mailrelay.flow.batch import WINDOW_BYTES, WINDOW_MESSAGES, BatchOutcome
+from mailrelay.flow.bookkeeping import unsent_positions
 from mailrelay.flow.config import SessionConfig
 from mailrelay.flow.requests import Close, Read, Request, StartTLS, Step, Write
 from mailrelay.flow.session import Session
@@ -131,6 +132,7 @@ __all__ = [
     "StartTLS",
     "Step",
     "Write",
+    "unsent_positions",
 ]
 
 # Private names of the single-module ``flow.py`` this package replaced, still importable

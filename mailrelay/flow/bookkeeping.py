@@ -39,6 +39,33 @@ _TRANSIENT = Outcome.TRANSIENT
 TOO_MANY_REASON = "refused as one recipient too many for the transaction (RFC 5321 §4.5.3.1.10)"
 
 
+#: The reason of a recipient left without a transaction because the server's ``LIMITS
+#: MAILMAX`` (RFC 9422) allowed the session no more of them.
+MAIL_MAX_REASON = (
+    "the server's LIMITS MAILMAX (RFC 9422) allows no more transactions on this connection"
+)
+#: The reason of a recipient left without a transaction because the session had ended.
+SESSION_ENDED_REASON = "the session ended before this recipient's transaction"
+#: Reasons of TRANSIENT recipients the server never took a message for (their RCPT was
+#: never sent, or refused as one too many): sending the message to them on another
+#: connection cannot deliver it twice (:func:`unsent_positions`).
+UNSENT_REASONS = frozenset({MAIL_MAX_REASON, SESSION_ENDED_REASON, TOO_MANY_REASON})
+
+
+def unsent_positions(result: DeliveryResult) -> list[int]:
+    """The envelope positions of ``result``'s recipients that the server never took the
+    message for, though it answered others: what a transport sends on another connection
+    when a message split over several transactions (RFC 5321 §4.5.3.1.10, RFC 9422) ran
+    out of them. Empty when every recipient has an answer of its own, or none has (then
+    the message as a whole failed, and the caller's retry rules apply)."""
+    positions = [
+        index
+        for index, recipient in enumerate(result.recipients)
+        if recipient.reason in UNSENT_REASONS and recipient.outcome is _TRANSIENT
+    ]
+    return positions if len(positions) < len(result.recipients) else []
+
+
 def too_many_recipients(reply: Reply) -> bool:
     """Whether a refused RCPT's ``reply`` says the transaction has all the recipients the
     server will take (RFC 5321 §4.5.3.1.10), so that the rest can go in another one.

@@ -80,6 +80,11 @@ class _SessionCore:
         #: How many mail transactions (MAIL commands) this session has begun: what a
         #: server's LIMITS MAILMAX (RFC 9422) counts.
         self.transactions = 0
+        #: How many results this session gave with recipients it never offered the server
+        #: (:func:`~mailrelay.flow.bookkeeping.unsent_positions`: MAILMAX reached, the
+        #: session ended, refused as one too many): a transport that sees it grow sends
+        #: those recipients on another connection.
+        self.left_unsent = 0
         self._conn = ClientConnection(lmtp=config.lmtp)
         self._needs_rset = False
         self._extensions: Extensions | None = None

@@ -24,9 +24,12 @@ from mailrelay.errors import (
 )
 from mailrelay.flow import requests as _requests
 from mailrelay.flow.bookkeeping import (
+    MAIL_MAX_REASON,
+    SESSION_ENDED_REASON,
     TOO_MANY_REASON,
     _SessionClosed,
     _Transaction,
+    unsent_positions,
 )
 from mailrelay.flow.core import _NO_EXTENSIONS, log
 from mailrelay.flow.opening import _Opening
@@ -229,13 +232,12 @@ class _Delivery(_Opening):
                 self._ended_by = self._closing_error or ConnectionLost(
                     "the session is closed", host=self.config.peer
                 )
-                reason = "the session ended before this recipient's transaction"
                 _unfinished(
                     envelope,
                     finals=finals,
                     parts=[positions, *queue],
                     reply=None,
-                    reason=reason,
+                    reason=SESSION_ENDED_REASON,
                     host=self.config.peer,
                 )
                 break
@@ -248,8 +250,7 @@ class _Delivery(_Opening):
                     finals=finals,
                     parts=[positions, *queue],
                     reply=None,
-                    reason="the server's LIMITS MAILMAX (RFC 9422) allows no more "
-                    "transactions on this connection",
+                    reason=MAIL_MAX_REASON,
                     host=self.config.peer,
                 )
                 break
@@ -267,17 +268,29 @@ class _Delivery(_Opening):
                 _unfinished(
                     envelope,
                     finals=finals,
-                    parts=[positions, *queue],
+                    parts=[positions],
                     reply=exc.reply,
                     reason=reason,
                     host=exc.host,
                 )
+                # The parts not begun were never offered to the server.
+                _unfinished(
+                    envelope,
+                    finals=finals,
+                    parts=queue,
+                    reply=None,
+                    reason=SESSION_ENDED_REASON,
+                    host=self.config.peer,
+                )
                 break
             self._record_part(finals, positions, transaction.result().recipients, queue)
         results = cast("tuple[RecipientResult, ...]", tuple(finals))
-        return DeliveryResult(
+        result = DeliveryResult(
             recipients=results, message_id=message.message_id, host=self.config.peer
         )
+        if unsent_positions(result):
+            self.left_unsent += 1
+        return result
 
     def _mail_max_reached(self) -> bool:
         """Whether the session has begun as many transactions as the server's LIMITS

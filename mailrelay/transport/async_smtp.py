@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import AuthenticationError, ConnectionLost, DeliveryError
-from mailrelay.flow import Session
+from mailrelay.flow import Session, unsent_positions
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult
@@ -60,6 +60,7 @@ from mailrelay.transport.pooling import (
     PoolPolicy,
     answer_lost,
     answers_lost,
+    asend_unsent,
     greeting_hint,
     quit_timeout,
     unanswered,
@@ -324,15 +325,21 @@ class _AsyncSMTPBase(AsyncTransport):
             DeliveryError: a subclass, when the attempt produced no per-recipient answer.
         """
         async with self._semaphore():
-            connection, reused = await self._checkout()
-            try:
-                return await self._send_on(connection, message, envelope)
-            except DeliveryError as exc:
-                lost = answer_lost(connection.session)
-                if not self._policy.resend_on_fresh(exc, reused=reused, answer_lost=lost):
-                    raise
-            connection = await self._open()
+            result = await self._deliver_once(message, envelope)
+            # A message split over several transactions that ran out of them (RFC 9422
+            # MAILMAX, the session ended between them): the rest on other connections.
+            return await asend_unsent(message, envelope, result, self._deliver_once)
+
+    async def _deliver_once(self, message: Message, envelope: Envelope) -> DeliveryResult:
+        connection, reused = await self._checkout()
+        try:
             return await self._send_on(connection, message, envelope)
+        except DeliveryError as exc:
+            lost = answer_lost(connection.session)
+            if not self._policy.resend_on_fresh(exc, reused=reused, answer_lost=lost):
+                raise
+        connection = await self._open()
+        return await self._send_on(connection, message, envelope)
 
     async def _send_on(
         self, connection: PooledSession, message: Message, envelope: Envelope
@@ -360,6 +367,8 @@ class _AsyncSMTPBase(AsyncTransport):
         """
         batch = AsyncBatch(items)
         results: dict[int, DeliveryResult] = {}
+        # Split messages with recipients left unsent (see adeliver): result index, pair.
+        follow: list[tuple[int, Message, Envelope]] = []
         workers = self._pool.size if batch.total is None else min(self._pool.size, batch.total)
         # Spread a known batch evenly; take a streamed one in bounded runs.
         run_size = CHUNK if not batch.total else max(1, min(CHUNK, -(-batch.total // workers)))
@@ -404,6 +413,7 @@ class _AsyncSMTPBase(AsyncTransport):
                                 continue
                         chunk = pairs[: self._policy.room(connection)]
                         carried = connection.messages
+                        unsent = connection.session.left_unsent
                         try:
                             outcome = await connection.driver.run(
                                 connection.session.deliver_many(chunk)
@@ -425,6 +435,12 @@ class _AsyncSMTPBase(AsyncTransport):
                         settled = settlement.results(chunk)
                         for index, result in zip(ours, settled, strict=False):
                             results[index] = result
+                        if connection.session.left_unsent != unsent:
+                            follow.extend(
+                                (index, *pair)
+                                for index, pair, result in zip(ours, chunk, settled, strict=False)
+                                if unsent_positions(result)
+                            )
                         del ours[: len(settled)]
                         del pairs[: len(settled)]
                         connection.messages += len(settled)
@@ -454,6 +470,11 @@ class _AsyncSMTPBase(AsyncTransport):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        for index, message, envelope in follow:
+            async with self._semaphore():
+                results[index] = await asend_unsent(
+                    message, envelope, results[index], self._deliver_once
+                )
         # Every item handed out (the whole batch, once it is exhausted) has its result.
         handed_out = batch.handed_out
         assert sorted(results) == list(range(handed_out)), "every item must have a result"

@@ -126,7 +126,6 @@ from mailrelay.transport.base import Transport
 from mailrelay.transport.dane import HostState, check_chain, trust_anchor_context
 from mailrelay.transport.mx_plan import (
     DEFAULT_MAX_ADDRESSES,
-    MAX_REQUESTS_PER_TARGET,
     MX_POOL,
     DomainPlan,
     MXAnswer,
@@ -149,6 +148,7 @@ from mailrelay.transport.mx_plan import (
     deliver_plan,
     group_by_domain,
     mail_hosts_of,
+    max_requests,
     merge,
     opportunistic_context,
     requiretls_refusal,
@@ -316,7 +316,7 @@ class MXTransport(Transport):
             routed, envelope, Trail(domain, unreachable), settings
         )
         answer: MXAnswer[PooledSession] = None
-        for _ in range(len(routed[1]) * MAX_REQUESTS_PER_TARGET + 1):
+        for _ in range(max_requests(routed, envelope)):
             try:
                 request = plan.send(answer)
             except StopIteration as done:
@@ -331,7 +331,7 @@ class MXTransport(Transport):
                     answer = exc
             elif isinstance(request, SendMessage):
                 try:
-                    answer = self._send(request.connection, message, envelope)
+                    answer = self._send(request.connection, message, request.envelope)
                 except DeliveryError as exc:
                     answer = exc
             else:

@@ -43,7 +43,6 @@ from mailrelay.transport.base import AsyncTransport
 from mailrelay.transport.dane import HostState, check_chain, trust_anchor_context
 from mailrelay.transport.mx_plan import (
     DEFAULT_MAX_ADDRESSES,
-    MAX_REQUESTS_PER_TARGET,
     MX_POOL,
     AsyncTLSPolicyHook,
     DomainPlan,
@@ -63,6 +62,7 @@ from mailrelay.transport.mx_plan import (
     deliver_plan,
     group_by_domain,
     literal_hosts,
+    max_requests,
     merge,
     sub_envelope,
 )
@@ -283,7 +283,7 @@ class AsyncMXTransport(AsyncTransport):
     ) -> list[RecipientResult]:
         plan: DomainPlan[PooledSession] = deliver_plan(routed, envelope, trail, self.settings)
         answer: MXAnswer[PooledSession] = None
-        for _ in range(len(routed[1]) * MAX_REQUESTS_PER_TARGET + 1):
+        for _ in range(max_requests(routed, envelope)):
             try:
                 request = plan.send(answer)
             except StopIteration as done:
@@ -298,7 +298,7 @@ class AsyncMXTransport(AsyncTransport):
                     answer = exc
             elif isinstance(request, SendMessage):
                 try:
-                    answer = await self._send(request.connection, message, envelope)
+                    answer = await self._send(request.connection, message, request.envelope)
                 except DeliveryError as exc:
                     answer = exc
             else:

@@ -39,7 +39,7 @@ from mailrelay.errors import (
     SessionRefused,
     TLSError,
 )
-from mailrelay.flow import Session, SessionConfig
+from mailrelay.flow import Session, SessionConfig, unsent_positions
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
@@ -578,11 +578,13 @@ class OpenSession:
 
 @attrs.frozen
 class SendMessage(Generic[C]):
-    """Send the message on ``connection``. The answer: the result, or the
+    """Send the message on ``connection`` to ``envelope`` (the domain's recipients, or
+    those of them still unsent). The answer: the result, or the
     :class:`~mailrelay.errors.DeliveryError` that ended the attempt (the connection is then
     closed)."""
 
     connection: C
+    envelope: Envelope
 
 
 @attrs.frozen
@@ -605,6 +607,13 @@ _TargetPlan: TypeAlias = Generator[MXRequest[C], MXAnswer[C], DeliveryResult | N
 MAX_REQUESTS_PER_TARGET: Final = 8
 
 
+def max_requests(routed: Route, envelope: Envelope) -> int:
+    """The most requests :func:`deliver_plan` makes for ``envelope`` (one round per target,
+    and one more per recipient at most, for recipients left unsent): bounds the
+    transports' loops."""
+    return (len(routed[1]) + len(envelope.recipients)) * MAX_REQUESTS_PER_TARGET + 1
+
+
 def deliver_plan(
     routed: Route, envelope: Envelope, trail: Trail, settings: MXSettings
 ) -> DomainPlan[C]:
@@ -615,14 +624,39 @@ def deliver_plan(
     results, naming the target that answered, or the trail's account when none did.
     """
     policy, targets = routed
-    for target in targets:
+    results: list[RecipientResult] | None = None
+    rest = list(range(len(envelope.recipients)))  # the positions ``part`` holds
+    part = envelope
+    at = 0
+    # Each round either moves to the next target or answers at least one recipient.
+    for _ in range(len(targets) + len(rest)):
+        if at == len(targets):
+            break
+        target = targets[at]
         key = settings.reuse_key(target, policy)
         result: DeliveryResult | None = yield from _target_plan(
-            key, target, policy, envelope, trail, settings
+            key, target, policy, part, trail, settings
         )
-        if result is not None:
-            return with_host(result.recipients, target.peer)
-    return trail.results([r.address for r in envelope.recipients])
+        if result is None:
+            at += 1
+            continue
+        answered = with_host(result.recipients, target.peer)
+        if results is None:
+            results = answered
+        else:
+            for index, recipient in zip(rest, answered, strict=True):
+                results[index] = recipient
+        # A message split over several transactions that ran out of them (RFC 9422
+        # MAILMAX, the session ended between them): the rest on a fresh session (the
+        # pool keeps no full one), or the next target if this one fails them.
+        unsent = unsent_positions(result)
+        if not unsent:
+            break
+        rest = [rest[index] for index in unsent]
+        part = envelope.subset(rest)
+    if results is None:
+        return trail.results([r.address for r in envelope.recipients])
+    return results
 
 
 def _target_plan(  # noqa: PLR0917 -- private; the plan's state
@@ -833,7 +867,7 @@ def _attempt_plan(
         trail.failed(target, refusal, transient=False)
         yield GiveBack(key, connection)  # the session is fine for other mail
         return None
-    sent = yield SendMessage(connection)
+    sent = yield SendMessage(connection, envelope)
     if not isinstance(sent, DeliveryResult):
         assert isinstance(sent, DeliveryError), "SendMessage gives a result or an error"
         return trail.send_failed(target, sent, fresh=fresh)

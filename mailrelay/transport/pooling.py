@@ -39,14 +39,14 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Hashable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import ConnectionLost, DeliveryError, SessionRefused, TransportClosed
-from mailrelay.flow import BatchOutcome, Session
+from mailrelay.flow import BatchOutcome, Session, unsent_positions
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.protocol import Bdat, EndOfData
@@ -64,11 +64,15 @@ __all__ = [
     "Settlement",
     "answer_lost",
     "answers_lost",
+    "asend_unsent",
+    "continued",
     "greeting_hint",
     "is_stale_connection_error",
+    "merged",
     "no_greeting_hint",
     "quit_timeout",
     "reply_lost",
+    "send_unsent",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,6 +119,96 @@ def reply_lost(message: Message, envelope: Envelope, error: DeliveryError) -> De
         recipients=tuple(attrs.evolve(r, host=None) for r in result.recipients),
         host=None,
     )
+
+
+def merged(
+    result: DeliveryResult,
+    positions: Sequence[int],
+    more: DeliveryResult,
+    error: DeliveryError | None = None,
+) -> DeliveryResult:
+    """``result`` with the recipients at ``positions`` replaced by ``more``'s, in order: a
+    message's recipients sent again on another connection (:func:`unsent_positions
+    <mailrelay.flow.unsent_positions>`). ``error``: what ended that attempt, if anything."""
+    recipients = list(result.recipients)
+    for index, recipient in zip(positions, more.recipients, strict=True):
+        recipients[index] = recipient
+    return attrs.evolve(result, recipients=tuple(recipients), error=error or result.error)
+
+
+def continued(
+    message: Message, envelope: Envelope, result: DeliveryResult
+) -> Generator[Envelope, DeliveryResult | DeliveryError, DeliveryResult]:
+    """The rounds that send a message's unsent recipients (RFC 9422 MAILMAX reached, the
+    session ended between a split message's transactions, refused as one too many) on
+    other connections, as a generator the transports drive: it yields the envelope of a
+    round and is sent that round's result (or the :class:`DeliveryError` that ended it);
+    it returns ``result`` with every round's answers merged in.
+
+    Each round must answer at least one of its recipients otherwise, or the rounds stop
+    (the rest keep their TRANSIENT result, for the caller to retry later): at most one
+    round per recipient.
+    """
+    rest = unsent_positions(result)
+    for _ in range(len(envelope.recipients)):
+        if not rest:
+            break
+        part = envelope.subset(rest)
+        answer = yield part
+        if isinstance(answer, DeliveryError):
+            return merged(result, rest, failed_result(message, part, answer), answer)
+        result = merged(result, rest, answer)
+        rest = [rest[index] for index in unsent_positions(answer)]
+    return result
+
+
+def send_unsent(
+    message: Message,
+    envelope: Envelope,
+    result: DeliveryResult,
+    send: Callable[[Message, Envelope], DeliveryResult],
+) -> DeliveryResult:
+    """``result`` after sending its unsent recipients with ``send(message, envelope)``
+    (:func:`continued`)."""
+    if not unsent_positions(result):
+        return result
+    rounds = continued(message, envelope, result)
+    try:
+        part = next(rounds)
+        while True:
+            answer: DeliveryResult | DeliveryError
+            try:
+                answer = send(message, part)
+            except DeliveryError as exc:
+                answer = exc
+            part = rounds.send(answer)
+    except StopIteration as done:
+        final: DeliveryResult = done.value
+        return final
+
+
+async def asend_unsent(
+    message: Message,
+    envelope: Envelope,
+    result: DeliveryResult,
+    send: Callable[[Message, Envelope], Awaitable[DeliveryResult]],
+) -> DeliveryResult:
+    """:func:`send_unsent` for the asyncio transports."""
+    if not unsent_positions(result):
+        return result
+    rounds = continued(message, envelope, result)
+    try:
+        part = next(rounds)
+        while True:
+            answer: DeliveryResult | DeliveryError
+            try:
+                answer = await send(message, part)
+            except DeliveryError as exc:
+                answer = exc
+            part = rounds.send(answer)
+    except StopIteration as done:
+        final: DeliveryResult = done.value
+        return final
 
 
 def quit_timeout(timeouts: Timeouts) -> float:

@@ -53,7 +53,7 @@ from typing import Any
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import AuthenticationError, ConfigurationError, ConnectionLost, DeliveryError
-from mailrelay.flow import BatchOutcome, Session
+from mailrelay.flow import BatchOutcome, Session, unsent_positions
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult
@@ -73,6 +73,7 @@ from mailrelay.transport.pooling import (
     answers_lost,
     greeting_hint,
     is_stale_connection_error,  # noqa: F401 -- defined here before; still importable
+    send_unsent,
     unanswered,
 )
 from mailrelay.transport.settings import (
@@ -314,17 +315,23 @@ class _SMTPBase(Transport):
         """
         self._slots.acquire()
         try:
-            connection, reused = self._checkout()
-            try:
-                return self._send_on(connection, message, envelope)
-            except DeliveryError as exc:
-                lost = answer_lost(connection.session)
-                if not self._policy.resend_on_fresh(exc, reused=reused, answer_lost=lost):
-                    raise
-            connection = self._open()
-            return self._send_on(connection, message, envelope)
+            result = self._deliver_once(message, envelope)
+            # A message split over several transactions that ran out of them (RFC 9422
+            # MAILMAX, the session ended between them): the rest on other connections.
+            return send_unsent(message, envelope, result, self._deliver_once)
         finally:
             self._slots.release()
+
+    def _deliver_once(self, message: Message, envelope: Envelope) -> DeliveryResult:
+        connection, reused = self._checkout()
+        try:
+            return self._send_on(connection, message, envelope)
+        except DeliveryError as exc:
+            lost = answer_lost(connection.session)
+            if not self._policy.resend_on_fresh(exc, reused=reused, answer_lost=lost):
+                raise
+        connection = self._open()
+        return self._send_on(connection, message, envelope)
 
     def _send_on(
         self, connection: PooledSession, message: Message, envelope: Envelope
@@ -351,6 +358,8 @@ class _SMTPBase(Transport):
         pairs, total = iter_pairs(items)
         results: list[DeliveryResult] = []
         batch = _Batch(pairs)
+        # Split messages with recipients left unsent (see deliver): result index, pair.
+        follow: list[tuple[int, Message, Envelope]] = []
         self._slots.acquire()
         connection: PooledSession | None = None
         try:
@@ -363,15 +372,24 @@ class _SMTPBase(Transport):
                         continue
                 chunk = batch.take(self._policy.room(connection))
                 carried = connection.messages
+                session = connection.session
+                unsent = session.left_unsent
                 try:
-                    outcome = connection.driver.run(connection.session.deliver_many(chunk))
+                    outcome = connection.driver.run(session.deliver_many(chunk))
                 except DeliveryError as exc:
                     outcome = unanswered(len(chunk), exc)
                 except BaseException:
                     connection.driver.close()
                     raise
-                lost = answers_lost(connection.session) if outcome.error is not None else 0
+                lost = answers_lost(session) if outcome.error is not None else 0
                 done = batch.settle(chunk, outcome, carried, results, self._policy, lost=lost)
+                if session.left_unsent != unsent:
+                    first = len(results) - done
+                    follow += [
+                        (first + offset, *chunk[offset])
+                        for offset in range(done)
+                        if unsent_positions(results[first + offset])
+                    ]
                 connection.messages += done
                 if outcome.error is not None:
                     connection.driver.close()
@@ -379,6 +397,11 @@ class _SMTPBase(Transport):
                 elif self._policy.full(connection):
                     self._checkin(connection)
                     connection = None
+            if connection is not None:
+                self._checkin(connection)
+                connection = None
+            for index, message, envelope in follow:
+                results[index] = send_unsent(message, envelope, results[index], self._deliver_once)
         except BaseException as exc:
             note_progress(exc, len(results), total)
             raise
