@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 _ALL_NOTIFY = frozenset({Notify.SUCCESS, Notify.FAILURE, Notify.DELAY})
 #: The ``expect`` of a change that only adds its attempt to the history.
 _HISTORY_ONLY: frozenset[State] = frozenset()
+_REPORTABLE = frozenset({State.DELIVERED, State.SENDING})
 
 
 @attrs.frozen(kw_only=True)
@@ -427,6 +428,15 @@ def _match_recipient(
     return None
 
 
+def _accepted(current: RecipientRecord) -> bool:
+    """Whether a server accepted the message for this recipient: DELIVERED, or a 2xx
+    reply in its history (a lease lost after the server took it keeps that answer)."""
+    return current.state is State.DELIVERED or any(
+        attempt.source == "reply" and attempt.code is not None and 200 <= attempt.code < 300
+        for attempt in current.attempts
+    )
+
+
 def _dsn_change(item: DSNRecipient, current: RecipientRecord, now: dt.datetime) -> Change:
     address = current.address
     attempt = Attempt(
@@ -437,6 +447,23 @@ def _dsn_change(item: DSNRecipient, current: RecipientRecord, now: dt.datetime) 
         text=f"DSN {item.action.value}" + (f": {item.diagnostic}" if item.diagnostic else ""),
         source="dsn",
     )
+    change = _reported(item, current, address, attempt)
+    if change.expect and not _accepted(current):
+        # Only a server that took the message for this recipient can report on it: anyone
+        # who saw the message (its Message-ID, the ENVID) could forge a report, and one
+        # that made a recipient never sent DELIVERED or BOUNCED would lose its mail. With
+        # no acceptance in its history, the report counts only if, when the store applies
+        # it, the recipient is being sent (SENDING: a report can come back before the
+        # attempt's answer is recorded) or was accepted meanwhile (DELIVERED); else it is
+        # history only, and the recipient is still sent.
+        return attrs.evolve(change, expect=change.expect & _REPORTABLE)
+    return change
+
+
+def _reported(
+    item: DSNRecipient, current: RecipientRecord, address: Address, attempt: Attempt
+) -> Change:
+    """What a report block does to a recipient a server accepted."""
     confirmed_already = current.state is State.DELIVERED and current.confirmed
     if item.action is DSNAction.DELIVERED and not confirmed_already:
         # A success DSN from the destination: delivered and confirmed. (Once confirmed,

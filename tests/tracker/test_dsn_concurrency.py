@@ -431,7 +431,11 @@ def _dsn_action(attempt: Attempt) -> str:
 
 
 def replay(
-    attempts: Sequence[Attempt], cancel_at: int | None, *, expires: bool = False
+    attempts: Sequence[Attempt],
+    cancel_at: int | None,
+    *,
+    expires: bool = False,
+    sending_from: int | None = None,
 ) -> tuple[State, bool, Counter[tuple[str, bool]]]:
     """The state, ``confirmed`` and events that the documented rules give for a history.
 
@@ -439,11 +443,15 @@ def replay(
     BOUNCED, its 4xx DEFERRED, or EXPIRED when ``expires`` and it is the last answer; a
     success DSN makes an unresolved or DELIVERED (unconfirmed) recipient
     DELIVERED and confirmed; a failure DSN makes an unresolved or DELIVERED one BOUNCED;
+    either only once a server accepted the recipient (a 2xx earlier in its history) or
+    while it is being sent (SENDING, which the history does not record: ``sending_from``
+    is the index of the first attempt made while it was, ``None`` for never);
     anything else, or for another state, is history only; ``cancel_at`` is where the
     cancel came (between which attempts), ``None`` if it never did. The events are
     counted by (kind, recipient confirmed).
     """
     state, confirmed = State.QUEUED, False
+    relayed = False  # a server accepted it: what a report can be about
     events: Counter[tuple[str, bool]] = Counter()
     replies = [index for index, attempt in enumerate(attempts) if attempt.source == "reply"]
     for index in range(len(attempts) + 1):
@@ -453,6 +461,8 @@ def replay(
             break
         attempt = attempts[index]
         unresolved = not state.is_final
+        if attempt.source == "reply" and attempt.code is not None and attempt.code < 300:
+            relayed = True
         if attempt.source == "reply" and unresolved:
             assert attempt.code is not None
             if attempt.code < 300:
@@ -466,7 +476,9 @@ def replay(
                 events["expired", False] += 1
             else:
                 state = State.DEFERRED
-        elif attempt.source == "dsn":
+        elif attempt.source == "dsn" and (
+            relayed or (sending_from is not None and index >= sending_from)
+        ):
             action = _dsn_action(attempt)
             delivered = state is State.DELIVERED
             if action == "delivered" and (unresolved or (delivered and not confirmed)):
@@ -501,10 +513,15 @@ def check_history(
     (the store does not record it): one of those places must explain what is stored.
     """
     places = range(len(recipient.attempts) + 1) if cancelled else [None]
+    # A report ingested before the first recorded answer may have come while the
+    # recipient was being sent (it then counts) or before (history only): from which
+    # attempt on it was SENDING, if ever, is not recorded either.
+    sending: list[int | None] = [None, *range(len(recipient.attempts))]
     outcomes = [
-        replay(recipient.attempts, place, expires=expires)
+        replay(recipient.attempts, place, expires=expires, sending_from=start)
         for place in places
         for expires in (False, True)
+        for start in sending
     ]
     assert (recipient.state, recipient.confirmed, fired) in outcomes, (recipient, fired, outcomes)
 
@@ -896,10 +913,16 @@ def check_final(records: Sequence[MessageRecord]) -> None:
         if record.notification:
             continue
         for recipient in record.recipients:
-            state = wanted[recipient.address.local_part]
-            if any(_dsn_action(a) == "failed" for a in recipient.attempts):
-                state = State.BOUNCED
-            assert recipient.state is state, recipient
+            states = {wanted[recipient.address.local_part]}
+            accepted = False  # a server took it: reports count from here on
+            for attempt in recipient.attempts:
+                if attempt.source == "reply" and (attempt.code or 0) < 300:
+                    accepted = True
+                elif _dsn_action(attempt) == "failed":
+                    # Before a recorded acceptance a report counts only if the recipient
+                    # was SENDING when it came (which the history does not record).
+                    states = {State.BOUNCED} if accepted else states | {State.BOUNCED}
+            assert recipient.state in states, recipient
 
 
 def test_generated_dsns_survive_sigkill_at_random_moments(

@@ -779,8 +779,10 @@ class TrackerMachine(RuleBasedStateMachine):
         match = matches[0]
         assert match.tracking_id == self.tracking[label], match
         # docs/tracker.md, Ingesting: success -> DELIVERED and confirmed, failure (after
-        # relay) -> BOUNCED, from any state but BOUNCED, EXPIRED and CANCELLED; a delay,
-        # or a success for a recipient confirmed already, is history only.
+        # relay) -> BOUNCED, from any state but BOUNCED, EXPIRED and CANCELLED, and only
+        # for a recipient a server accepted (DELIVERED, SENDING, or a 2xx in its history:
+        # else anyone who saw the message could forge its fate); a delay, or a success for a
+        # recipient confirmed already, is history only.
         before = self.before[label].recipient(address)
         after = self.sides[0].tracker.status(self.tracking[label]).recipient(address)
         assert after.attempts[-1].source == "dsn", after
@@ -789,8 +791,14 @@ class TrackerMachine(RuleBasedStateMachine):
             assert not match.changed, match
             assert (after.state, after.confirmed) == (before.state, before.confirmed), after
             return
-        may_change = before.state not in (State.BOUNCED, State.EXPIRED, State.CANCELLED) and not (
-            success and before.state is State.DELIVERED and before.confirmed
+        relayed = before.state in (State.DELIVERED, State.SENDING) or any(
+            a.source == "reply" and a.code is not None and 200 <= a.code < 300
+            for a in before.attempts
+        )
+        may_change = (
+            relayed
+            and before.state not in (State.BOUNCED, State.EXPIRED, State.CANCELLED)
+            and not (success and before.state is State.DELIVERED and before.confirmed)
         )
         if may_change:
             if success:
