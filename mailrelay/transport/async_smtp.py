@@ -435,7 +435,12 @@ class _AsyncSMTPBase(AsyncTransport):
                         settled = settlement.results(chunk)
                         for index, result in zip(ours, settled, strict=False):
                             results[index] = result
-                        if connection.session.left_unsent != unsent:
+                        # As in SMTPTransport.send_many: a batch that ended early
+                        # may leave recipients unsent without counting them.
+                        if (
+                            connection.session.left_unsent != unsent
+                            or outcome.error is not None
+                        ):
                             follow.extend(
                                 (index, *pair)
                                 for index, pair, result in zip(ours, chunk, settled, strict=False)

@@ -383,7 +383,10 @@ class _SMTPBase(Transport):
                     raise
                 lost = answers_lost(session) if outcome.error is not None else 0
                 done = batch.settle(chunk, outcome, carried, results, self._policy, lost=lost)
-                if session.left_unsent != unsent:
+                # A split message cut short counts in left_unsent; a batch that ended
+                # early may also leave recipients refused as one too many unsent (the
+                # session could not give them another transaction) without counting.
+                if session.left_unsent != unsent or outcome.error is not None:
                     first = len(results) - done
                     follow += [
                         (first + offset, *chunk[offset])
