@@ -61,7 +61,9 @@ Rules of this module:
 * ``timeout`` bounds one whole hand-over (start, writing, exit). Past it the program gets
   SIGTERM, then SIGKILL after :data:`TERMINATE_GRACE` seconds, and the send raises a
   transient :class:`~mailrelay.errors.DeliveryTimeout`. A program that has exited is not
-  waited for beyond :data:`EXIT_GRACE` seconds to close pipes a child of it still holds.
+  waited for beyond :data:`EXIT_GRACE` seconds to close pipes a child of it still holds;
+  a message not written to its end by then was not read by the program (transient
+  ``LocalMTAError``, as for a broken pipe), whatever its status.
   Cancelled (``asend``), the program is stopped the same way before the cancellation goes
   on. Only the process this module started is ever signalled.
 * The program is looked up at construction (``ConfigurationError`` when it is missing or
@@ -506,7 +508,7 @@ class SendmailTransport(Transport, AsyncTransport):
         ]
         try:
             async with asyncio.timeout(self.timeout):
-                broken = await _afeed(process, _to_lf(message.chunks()))
+                broken = await _afeed_while_running(process, _to_lf(message.chunks()))
                 status = await _aexited(process, readers)
         except TimeoutError:
             await _aterminate(process)
@@ -551,6 +553,7 @@ def _pump(
     pending = memoryview(b"")
     broken = False
     exited_at: float | None = None
+    stdin_fd = stdin.fileno()
     with selectors.DefaultSelector() as selector:
         for pipe, event in (
             (stdin, selectors.EVENT_WRITE),
@@ -566,6 +569,10 @@ def _pump(
             if exited_at is None and process.poll() is not None:
                 exited_at = now
             if exited_at is not None and now - exited_at > EXIT_GRACE:
+                # The program is gone; a child of it may hold the pipes. A message not
+                # written to the end by now was not read by the program: not handed over.
+                if stdin_fd in selector.get_map():
+                    broken = True
                 break
             for key, _ in selector.select(min(deadline - now, 0.25)):
                 fd = key.fd
@@ -633,6 +640,31 @@ async def _afeed(process: asyncio.subprocess.Process, chunks: Iterable[bytes]) -
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         await stdin.wait_closed()
     return broken
+
+
+async def _afeed_while_running(
+    process: asyncio.subprocess.Process, chunks: Iterable[bytes]
+) -> bool:
+    """:func:`_afeed`, given up :data:`EXIT_GRACE` seconds after the program has exited
+    (a child of it may hold its standard input without reading): then the message was not
+    read to its end, and the pipe is dropped with what it still buffers."""
+    feeder = asyncio.ensure_future(_afeed(process, chunks))
+    try:
+        pending: set[asyncio.Future[bool]] = {feeder}
+        while pending and process.returncode is None:
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=EXIT_GRACE)
+    finally:
+        if not feeder.done():
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+            if process.stdin is not None:
+                process.stdin.transport.abort()
+    if feeder.cancelled():
+        return True
+    return feeder.result()
 
 
 async def _adrain(stream: asyncio.StreamReader) -> tuple[bytes, bool]:

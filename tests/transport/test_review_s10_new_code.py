@@ -13,12 +13,20 @@ Findings (each test failed before its fix):
   them for never-sent recipients and sent them again on another connection, a second
   delivery to each of them. The fix is in mailrelay/flow/transaction.py (not this
   review's file): the test is a strict xfail until it lands.
+* SendmailTransport (blocking): a program that exited 0 without reading the message,
+  leaving a child that held its standard input unread, was taken for a success once
+  EXIT_GRACE had passed: the message was never handed over. Now a transient
+  LocalMTAError ("before reading the whole message"); asend gives the same at
+  EXIT_GRACE instead of waiting for the child (or the timeout) on a blocked write.
 """
 
 from __future__ import annotations
 
+import sys
+import textwrap
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,12 +34,14 @@ from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as ServerEnvelope
 from aiosmtpd.smtp import Session as ServerSession
 
+from mailrelay.errors import LocalMTAError
 from mailrelay.flow.bookkeeping import TOO_MANY_REASON
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
-from mailrelay.results import Outcome
+from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.transport.sendmail import SendmailTransport
 from mailrelay.transport.settings import PoolSettings
-from tests.transport.helpers import FLAVOURS, Flavour, send_many_with, send_with
+from tests.transport.helpers import FLAVOURS, Flavour, run, send_many_with, send_with
 from tests.transport.test_recipient_limits import LimitsHandler, serving
 
 
@@ -127,3 +137,60 @@ def test_recipients_retried_in_a_lost_transaction_are_not_sent_again(
     # The server may have the message for these two: TRANSIENT, for the caller to decide.
     assert [r.outcome for r in result.recipients[2:]] == [Outcome.TRANSIENT] * 2
     assert all(r.reason != TOO_MANY_REASON for r in result.recipients)
+
+
+# -- SendmailTransport -----------------------------------------------------------------------
+
+
+def fake_program(tmp_path: Path, body: str) -> Path:
+    """An executable Python script at ``tmp_path / "sendmail"`` running ``body``."""
+    path = tmp_path / "sendmail"
+    path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+    path.chmod(0o755)
+    return path
+
+
+def big(size: int) -> Message:
+    line = "0123456789" * 7 + "abcdef\n"
+    return Message.build(
+        sender="carol@mailrelay.test",
+        to=["dave@example.net"],
+        subject="big",
+        text=line * (size // len(line) + 1),
+    )
+
+
+def hand_over(flavour: Flavour, transport: SendmailTransport, message: Message) -> DeliveryResult:
+    if flavour == "sync":
+        with transport:
+            return transport.send(message)
+
+    async def main() -> DeliveryResult:
+        async with transport:
+            return await transport.asend(message)
+
+    return run(main())
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_sendmail_exiting_0_unread_while_a_child_holds_stdin_is_not_success(
+    flavour: Flavour, tmp_path: Path
+) -> None:
+    """The program exits 0 at once, without reading, and leaves a child holding its
+    standard input (unread, for a few seconds): the message was not handed over."""
+    program = fake_program(
+        tmp_path,
+        """
+        import subprocess, sys
+        subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(4)"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        """,
+    )
+    # 1 MB: more than a pipe holds, so the writes block once the pipe is full.
+    with pytest.raises(LocalMTAError) as info:
+        hand_over(flavour, SendmailTransport(program, timeout=30), big(1_000_000))
+    assert info.value.is_transient
+    assert "before reading the whole message" in str(info.value)
