@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 import attrs
 
 from mailrelay.address import Address
-from mailrelay.errors import DeliveryError, ResolverError, TLSError
+from mailrelay.errors import ConfigurationError, DeliveryError, ResolverError, TLSError
 from mailrelay.flow import Session, Step
 from mailrelay.options import TLS, Timeouts
 from mailrelay.reply import Reply
@@ -267,7 +267,7 @@ class _CalloutBase:
             max_addresses=max_addresses,
         )
         if max_recipients < 1:
-            raise ValueError("max_recipients must be at least 1")
+            raise ConfigurationError("max_recipients must be at least 1")
         self.detect_catch_all = detect_catch_all
         self.max_recipients = max_recipients
         self._random = random if random is not None else _random.SystemRandom()

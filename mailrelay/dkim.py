@@ -129,12 +129,12 @@ def canonicalize_header(field: bytes, method: str) -> bytes:
         The canonical form, ending in CRLF.
 
     Raises:
-        ValueError: an unknown method.
+        ConfigurationError (a ``ValueError``): an unknown method.
     """
     if method == "simple":
         return field  # §3.4.1: no change at all
     if method != "relaxed":
-        raise ValueError(f"unknown canonicalization {method!r}")
+        raise ConfigurationError(f"unknown canonicalization {method!r}")
     name, _, value = field.partition(b":")
     # §3.4.2: lower-case the name; unfold (every CRLF in a field is a fold or its end);
     # each run of WSP becomes one SP; no WSP at the value's end or around the colon.
@@ -155,10 +155,10 @@ def canonicalize_body(body: bytes, method: str) -> bytes:
         The canonical body.
 
     Raises:
-        ValueError: an unknown method.
+        ConfigurationError (a ``ValueError``): an unknown method.
     """
     if method not in _CANONICALIZATIONS:
-        raise ValueError(f"unknown canonicalization {method!r}")
+        raise ConfigurationError(f"unknown canonicalization {method!r}")
     parts: list[bytes] = []
     canon = _BodyCanonicalizer(relaxed=method == "relaxed", sink=parts.append)
     canon.feed(body)

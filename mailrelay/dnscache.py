@@ -20,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Final
 
+from mailrelay.errors import ConfigurationError
+
 __all__ = ["DNSCache"]
 
 DEFAULT_CACHE_SIZE: Final = 10_000
@@ -39,7 +41,7 @@ class DNSCache:
         self, max_size: int = DEFAULT_CACHE_SIZE, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         if max_size < 1:
-            raise ValueError("max_size must be at least 1")
+            raise ConfigurationError("max_size must be at least 1")
         self.max_size = max_size
         self.clock = clock
         self._entries: OrderedDict[Hashable, tuple[object, float]] = OrderedDict()

@@ -106,7 +106,7 @@ import dns.resolver
 import idna
 
 from mailrelay.dnscache import _MISS, DEFAULT_CACHE_SIZE, DNSCache
-from mailrelay.errors import ResolverError
+from mailrelay.errors import ConfigurationError, ResolverError
 from mailrelay.mailhosts import (
     DNSStatus,
     HostAddresses,
@@ -561,7 +561,7 @@ def _plan_addresses(name: str) -> _Plan:
 def _tlsa_name(host: str, port: int) -> str:
     """RFC 6698 §3: the TLSA owner name of a TCP service, ``_<port>._tcp.<host>``."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ValueError(f"port must be a number from 1 to 65535, not {port!r}")
+        raise ConfigurationError(f"port must be a number from 1 to 65535, not {port!r}")
     return f"_{port}._tcp.{host}"
 
 
@@ -1065,11 +1065,11 @@ class _ResolverBase:
         max_in_flight: int,
     ) -> None:
         if timeout <= 0:
-            raise ValueError("timeout must be positive")
+            raise ConfigurationError("timeout must be positive")
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int):
             raise TypeError(f"max_in_flight must be an int, not {max_in_flight!r}")
         if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
+            raise ConfigurationError(f"max_in_flight must be at least 1, not {max_in_flight}")
         self.max_in_flight = max_in_flight
         self.nameservers = tuple(nameservers) if nameservers is not None else None
         self.port = port
@@ -1254,7 +1254,7 @@ class Resolver(_ResolverBase):
             ResolverError: ``is_transient=True`` when the DNS could not tell (timeout,
                 SERVFAIL, which is how a validating resolver reports *bogus* data,
                 REFUSED); ``is_transient=False`` when ``host`` is not a valid name.
-            ValueError: ``port`` is not a TCP port number.
+            ConfigurationError (a ``ValueError``): ``port`` is not a TCP port number.
         """
         key = _check_name(_tlsa_name(_domain_key(host), port), host)
         return _tlsa(key, self._lookup(key, _TLSA))
@@ -1267,7 +1267,7 @@ class Resolver(_ResolverBase):
         :class:`~mailrelay.errors.ResolverError` its lookup raised.
 
         Raises:
-            ValueError: ``port`` is not a TCP port number.
+            ConfigurationError (a ``ValueError``): ``port`` is not a TCP port number.
         """
         found, queries = _tlsa_queries(hosts, port)
         for (index, key), answer in zip(queries, self._lookups(_queries_of(queries)), strict=True):

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Final, cast
 import attrs
 
 from mailrelay.address import Address
-from mailrelay.errors import InvalidAddress, ResolverError
+from mailrelay.errors import ConfigurationError, InvalidAddress, ResolverError
 from mailrelay.resolver import AsyncResolver, DNSStatus, MailHosts, Resolver, _start_each
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ def _with_callout(validation: Validation, probe: CalloutResult) -> Validation:
 
 def _check_timeout(timeout: float | None) -> None:
     if timeout is not None and not (timeout > 0 and not math.isnan(timeout)):
-        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        raise ConfigurationError(f"timeout must be a positive number of seconds, not {timeout!r}")
 
 
 def _overdue(domain: str, timeout: float | None) -> ResolverError:
@@ -241,7 +241,7 @@ def _deliverable(results: list[Validation]) -> tuple[list[int], list[Address]]:
 class _ValidatorBase:
     def __init__(self, special_use: Iterable[str], concurrency: int) -> None:
         if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+            raise ConfigurationError("concurrency must be at least 1")
         self.special_use = frozenset(name.lower().rstrip(".") for name in special_use)
         self.concurrency = concurrency
 
@@ -389,7 +389,7 @@ class RecipientValidator(_ValidatorBase):
                 own timeouts.
 
         Raises:
-            ValueError: ``timeout`` is not a positive number.
+            ConfigurationError (a ``ValueError``): ``timeout`` is not a positive number.
         """
         _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -468,7 +468,7 @@ class AsyncRecipientValidator(_ValidatorBase):
         """Validate many addresses; see :meth:`RecipientValidator.validate_many`.
 
         Raises:
-            ValueError: ``timeout`` is not a positive number.
+            ConfigurationError (a ``ValueError``): ``timeout`` is not a positive number.
         """
         _check_timeout(timeout)
         texts = list(addresses)

@@ -51,7 +51,7 @@ from typing import TypeVar
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
-from mailrelay.errors import StoreError
+from mailrelay.errors import ConfigurationError, StoreError
 from mailrelay.message import Message
 from mailrelay.tracker.core import (
     NOTHING_DONE,
@@ -275,7 +275,7 @@ class AsyncDeliveryTracker(TrackerCore[AsyncTransport]):
                 batch is done and recorded.
         """
         if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+            raise ConfigurationError("concurrency must be at least 1")
         summary = NOTHING_DONE
         for _ in range(max_rounds):
             if stop is not None and stop.is_set():

@@ -33,6 +33,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from mailrelay.errors import ConfigurationError
 from mailrelay.message import Message
 from mailrelay.tracker.store import MessageRecord
 
@@ -62,7 +63,7 @@ class MessageCache:
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes < 0:
-            raise ValueError("max_bytes must not be negative")
+            raise ConfigurationError("max_bytes must not be negative")
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, tuple[Message, MessageRecord]] = OrderedDict()

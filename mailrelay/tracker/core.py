@@ -54,7 +54,7 @@ import attrs
 from mailrelay._slots import new_instance, slot_setters
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Recipient
-from mailrelay.errors import InvalidAddress, MessageError, StoreError
+from mailrelay.errors import ConfigurationError, InvalidAddress, MessageError, StoreError
 from mailrelay.message import Message
 from mailrelay.results import DeliveryResult
 from mailrelay.tracker.cache import MessageCache
@@ -322,9 +322,9 @@ class TrackerCore(Generic[T]):
             if dsn_transport is None:
                 # Reports are generated only with a dsn_transport (as failure reports):
                 # without one, the setting would mark recipients warned and warn nobody.
-                raise ValueError("delay_warning_after needs a dsn_transport")
+                raise ConfigurationError("delay_warning_after needs a dsn_transport")
             if delay_warning_after < dt.timedelta(0):
-                raise ValueError("delay_warning_after must not be negative")
+                raise ConfigurationError("delay_warning_after must not be negative")
         self.delay_warning_after = delay_warning_after
         if request_dsn is True:
             request_dsn = DSNRequest()
@@ -334,16 +334,16 @@ class TrackerCore(Generic[T]):
         self.shaper = limits if isinstance(limits, DomainShaper) else DomainShaper(limits)
         self.worker_id = worker_id or _default_worker()
         if lease <= dt.timedelta(0):
-            raise ValueError("the lease must be positive")
+            raise ConfigurationError("the lease must be positive")
         self.lease = lease
         if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+            raise ConfigurationError("batch_size must be at least 1")
         self.batch_size = batch_size
         if commit_batch < 1:
-            raise ValueError("commit_batch must be at least 1")
+            raise ConfigurationError("commit_batch must be at least 1")
         self.commit_batch = commit_batch
         if commit_interval < dt.timedelta(0):
-            raise ValueError("commit_interval must not be negative")
+            raise ConfigurationError("commit_interval must not be negative")
         self.commit_interval = commit_interval
         self.messages = MessageCache(message_cache)
         self.events = EventHub(allow_async=self._async_callbacks, own_failure=self._own_failure)

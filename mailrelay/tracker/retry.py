@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable
 import attrs
 
 from mailrelay.address import Address
-from mailrelay.errors import AuthenticationError, DeliveryError, TLSError
+from mailrelay.errors import AuthenticationError, ConfigurationError, DeliveryError, TLSError
 from mailrelay.reply import Reply
 
 __all__ = ["DomainLimits", "DomainShaper", "RetryHook", "RetryPolicy"]
@@ -60,7 +60,7 @@ RetryHook = Callable[[Address, Reply | None], "float | dt.timedelta | None"]
 
 def _positive(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not value > 0:
-        raise ValueError(f"{attribute.name} must be positive: {value!r}")
+        raise ConfigurationError(f"{attribute.name} must be positive: {value!r}")
 
 
 def _seconds(value: float | dt.timedelta) -> float:
