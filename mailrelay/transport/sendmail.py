@@ -124,6 +124,8 @@ TERMINATE_GRACE = 2.0
 #: Seconds to wait, once the program has exited, for its pipes to close (a child of it
 #: may still hold them).
 EXIT_GRACE = 1.0
+# Seconds to wait for the exit of a program sent SIGKILL (it cannot ignore it).
+_KILLED_EXIT = 10.0
 # The stderr text shown in an error message, in characters.
 _SHOWN_OUTPUT = 2000
 _READ_SIZE = 65_536
@@ -694,30 +696,46 @@ async def _aexited(
     if pending:
         _, pending = await asyncio.wait(pending, timeout=EXIT_GRACE)
     if pending:
-        transport = getattr(process, "_transport", None)  # no public way to close the pipes
-        if transport is not None:
-            transport.close()
+        _close_pipes(process)
     return await process.wait()
 
 
+def _close_pipes(process: asyncio.subprocess.Process) -> None:
+    """Close the pipes to an exited program (``Process.wait()`` waits for them)."""
+    transport = getattr(process, "_transport", None)  # no public way to close the pipes
+    if transport is not None:
+        transport.close()
+
+
+async def _aexit(process: asyncio.subprocess.Process, within: float) -> bool:
+    """Whether the program exits within ``within`` seconds. Its exit status, not
+    ``Process.wait()``, which also waits for pipes that a child of it may hold."""
+    deadline = time.monotonic() + within
+    while process.returncode is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return process.returncode is not None
+
+
 async def _aterminate(process: asyncio.subprocess.Process) -> None:
-    """SIGTERM, then SIGKILL after :data:`TERMINATE_GRACE`; reap the process.
+    """SIGTERM, then SIGKILL after :data:`TERMINATE_GRACE`; wait for the process to exit
+    (not for pipes a child of it may hold: they are closed).
 
     Cancelled meanwhile, it kills the process at once before the cancellation goes on, so
     that no process is left running.
     """
-    if process.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        process.terminate()
-    waiter = asyncio.ensure_future(process.wait())
-    try:
-        done, _ = await asyncio.wait([waiter], timeout=TERMINATE_GRACE)
-        if not done:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            if not await _aexit(process, TERMINATE_GRACE):
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                if not await _aexit(process, _KILLED_EXIT):
+                    log.warning("%s did not exit after SIGKILL", process.pid)
+        except asyncio.CancelledError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
-            await waiter
-    except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        raise
+            _close_pipes(process)
+            raise
+    # A child of the program may still hold its pipes: they are not waited for.
+    _close_pipes(process)

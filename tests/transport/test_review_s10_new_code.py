@@ -18,12 +18,21 @@ Findings (each test failed before its fix):
   EXIT_GRACE had passed: the message was never handed over. Now a transient
   LocalMTAError ("before reading the whole message"); asend gives the same at
   EXIT_GRACE instead of waiting for the child (or the timeout) on a blocked write.
+* SendmailTransport.asend past its timeout (or cancelled) never ended while a child of
+  the killed program held its standard output: stopping the program waited on
+  ``Process.wait()``, which also waits for every pipe to close. It now waits for the
+  exit status and closes the pipes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
 import sys
 import textwrap
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -34,11 +43,12 @@ from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as ServerEnvelope
 from aiosmtpd.smtp import Session as ServerSession
 
-from mailrelay.errors import LocalMTAError
+from mailrelay.errors import DeliveryTimeout, LocalMTAError
 from mailrelay.flow.bookkeeping import TOO_MANY_REASON
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.transport import sendmail
 from mailrelay.transport.sendmail import SendmailTransport
 from mailrelay.transport.settings import PoolSettings
 from tests.transport.helpers import FLAVOURS, Flavour, run, send_many_with, send_with
@@ -194,3 +204,42 @@ def test_sendmail_exiting_0_unread_while_a_child_holds_stdin_is_not_success(
         hand_over(flavour, SendmailTransport(program, timeout=30), big(1_000_000))
     assert info.value.is_transient
     assert "before reading the whole message" in str(info.value)
+
+
+def test_sendmail_timeout_is_kept_when_a_child_holds_the_output_pipes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asend past its timeout stops the program and ends, though a child of the program
+    (not ours to stop) still holds its standard output and error."""
+    monkeypatch.setattr(sendmail, "TERMINATE_GRACE", 0.5)
+    child_pid = tmp_path / "child"
+    program = fake_program(
+        tmp_path,
+        f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open({str(child_pid)!r}, "w").write(str(child.pid))
+        time.sleep(60)
+        """,
+    )
+    transport = SendmailTransport(program, timeout=2)
+
+    async def main() -> Exception | None:
+        # A bound far above timeout + TERMINATE_GRACE + EXIT_GRACE, for a send that hangs.
+        try:
+            await asyncio.wait_for(transport.asend(big(1_000)), 30)
+        except Exception as exc:  # the test inspects it
+            return exc
+        return None
+
+    try:
+        error = run(main())
+    finally:
+        for _ in range(100):  # the child writes its PID as soon as it starts
+            if child_pid.exists() and child_pid.read_text():
+                break
+            time.sleep(0.05)
+        if child_pid.exists() and child_pid.read_text():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child_pid.read_text()), signal.SIGKILL)
+    assert isinstance(error, DeliveryTimeout), repr(error)
