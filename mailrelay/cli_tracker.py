@@ -91,6 +91,8 @@ _HOST_NAME = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
 )
+# The longest AGE an option takes: 100 years, longer than any mail is kept.
+_MAX_AGE = dt.timedelta(days=36_500)
 # DSN kinds the tracker never folds into a record: not about a delivery.
 _IGNORED_KINDS = frozenset({DSNKind.AUTO_REPLY, DSNKind.FEEDBACK, DSNKind.NOT_A_REPORT})
 
@@ -98,9 +100,21 @@ _IGNORED_KINDS = frozenset({DSNKind.AUTO_REPLY, DSNKind.FEEDBACK, DSNKind.NOT_A_
 # -- option values -------------------------------------------------------------------------
 
 
+def _age(text: str) -> dt.timedelta:
+    """An AGE of at most :data:`_MAX_AGE` (a longer one, added to or taken from a date,
+    would leave the calendar: an OverflowError in the middle of a command)."""
+    try:
+        value = _duration(text)
+    except OverflowError:
+        value = _MAX_AGE + _MAX_AGE
+    if value > _MAX_AGE:
+        raise argparse.ArgumentTypeError(f"must be at most {_MAX_AGE.days}d: {text!r}")
+    return value
+
+
 def _positive_duration(text: str) -> dt.timedelta:
     """An AGE that must be more than nothing (a retry delay, a lease, a maximum age)."""
-    value = _duration(text)
+    value = _age(text)
     if value <= dt.timedelta(0):
         raise argparse.ArgumentTypeError(f"must be longer than 0s: {text!r}")
     return value
@@ -169,7 +183,7 @@ def add_parser(
     )
     listing.add_argument(
         "--older-than",
-        type=_duration,
+        type=_age,
         metavar="AGE",
         help="only messages submitted more than AGE ago (90s, 15m, 2h, 5d, 1w)",
     )
@@ -282,7 +296,7 @@ def _run_options(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--delay-warning",
-        type=_duration,
+        type=_age,
         metavar="AGE",
         help="with --dsn-url: warn the sender once (Action: delayed) about a recipient still "
         "deferred when its message is AGE old",
