@@ -52,6 +52,47 @@ _MSG_ID = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+")
 _NAME_ADDR = re.compile(r"(?P<name>.*?)\s*<(?P<addr>[^<>]*)>\s*", re.DOTALL)
 _LINE_BREAKS = re.compile(r"[\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
+# Size limits on what build() is given. Each bounds the work one item costs (the email
+# package folds a field in time quadratic in its length, and some of the patterns
+# here are quadratic on hostile text), so an item over its limit is refused before
+# any of that work is done; none is near what a real message holds.
+#: RFC 5322 §2.1.1: the longest line a message may hold, CRLF excluded.
+MAX_LINE_CHARS = 998
+#: The longest display name: a line's worth (a longer one is no name a reader shows).
+MAX_DISPLAY_NAME_CHARS = MAX_LINE_CHARS
+#: The longest address given as text (``"Name <a@b>"``): room for a quoted display
+#: name of the longest kind, with every character escaped, and the address.
+MAX_MAILBOX_TEXT_CHARS = 3 * MAX_LINE_CHARS
+#: RFC 5322 §2.1.1 and §2.2: a field name cannot be folded, so it, the colon, a space
+#: and one character of the value must fit on one line.
+MAX_FIELD_NAME_CHARS = MAX_LINE_CHARS - 3
+#: The longest value of a custom field the email package reads as structured
+#: (``Resent-To``, ``Sender``...): written by it alone, in time quadratic in the length.
+MAX_STRUCTURED_CHARS = 8192
+#: The longest attachment file name (file systems allow 255 bytes; this is generous).
+MAX_FILENAME_CHARS = MAX_LINE_CHARS
+#: RFC 6838 §4.2: type and subtype names are at most 127 characters each.
+MAX_TYPE_NAME_CHARS = 127
+#: RFC 5322 §2.1.1: ``Message-ID: <`` id ``>`` on one line.
+MAX_MESSAGE_ID_CHARS = MAX_LINE_CHARS - len("Message-ID: <>")
+
+# Custom fields the email package parses as structured values (its header
+# registry) rather than unstructured text: the direct writer leaves them to it.
+STRUCTURED_EXTRA = frozenset(
+    {
+        "date",
+        "orig-date",
+        "sender",
+        "message-id",
+        "resent-date",
+        "resent-sender",
+        "resent-from",
+        "resent-to",
+        "resent-cc",
+        "resent-bcc",
+    }
+)
+
 # Fields build() writes from its own parameters; `headers` may not repeat them.
 _MANAGED_FIELDS = frozenset(
     {
@@ -72,6 +113,7 @@ _MANAGED_FIELDS = frozenset(
 def _check_filename(_instance: object, _attribute: object, value: str) -> None:
     if not isinstance(value, str):
         raise MessageError("an attachment's filename must be a string")
+    _check_length("attachment filename", value, MAX_FILENAME_CHARS)
     _check_field("attachment filename", value)
 
 
@@ -85,9 +127,29 @@ def _check_content_type(_instance: object, _attribute: object, value: str | None
         return
     if not isinstance(value, str):
         raise MessageError("an attachment's content type must be a string")
+    _check_length("attachment content type", value, 2 * MAX_TYPE_NAME_CHARS + 1)
     _check_field("attachment content type", value)
     if _CONTENT_TYPE.fullmatch(value) is None:
         raise MessageError(f"invalid content type {value!r} (RFC 6838 §4.2)")
+    maintype, _, subtype = value.partition("/")
+    if max(len(maintype), len(subtype)) > MAX_TYPE_NAME_CHARS:
+        raise MessageError(
+            f"content type {_short(value)}: a type or subtype name longer than "
+            f"{MAX_TYPE_NAME_CHARS} characters (RFC 6838 §4.2)"
+        )
+
+
+def _short(value: str, limit: int = 40) -> str:
+    """``value`` for an error message: quoted, and cut short when long."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
+
+
+def _check_length(what: str, value: str, limit: int) -> None:
+    """Refuse ``value`` longer than ``limit`` characters, before any other work on it."""
+    if len(value) > limit:
+        raise MessageError(
+            f"{what} is {len(value)} characters long, over the limit of {limit}: {_short(value)}"
+        )
 
 
 def _check_field(what: str, value: str) -> None:
@@ -116,13 +178,19 @@ def _mailbox(what: str, value: AddressLike) -> tuple[str, Address]:
         name, address = value
         if not isinstance(name, str):
             raise MessageError(f"{what}: the display name must be a string")
+        _check_length(f"{what}: a display name", name, MAX_DISPLAY_NAME_CHARS)
         _check_field(what, name)
         if isinstance(address, Address):
             return name, address
+        if isinstance(address, str):
+            # (An addr-spec is far shorter: RFC 5321 §4.5.3.1 allows 64 + 1 + 255.)
+            _check_length(f"{what}: an address", address, MAX_LINE_CHARS)
         _check_field(what, address)
         return name, Address.parse(address.strip())
     if not isinstance(value, str):
         raise MessageError(f"{what}: expected an address, got {type(value).__name__}")
+    # Before the pattern below, which takes time quadratic in a long run of spaces.
+    _check_length(f"{what}: an address", value, MAX_MAILBOX_TEXT_CHARS)
     _check_field(what, value)
     match = _NAME_ADDR.fullmatch(value.strip())
     if match is None:
@@ -130,6 +198,7 @@ def _mailbox(what: str, value: AddressLike) -> tuple[str, Address]:
     name = match.group("name").strip()
     if len(name) >= 2 and name[0] == name[-1] == '"':
         name = re.sub(r"\\(.)", r"\1", name[1:-1])
+    _check_length(f"{what}: a display name", name, MAX_DISPLAY_NAME_CHARS)
     return name, Address.parse(match.group("addr").strip())
 
 
@@ -196,6 +265,9 @@ def _extra_headers(
     for name, value in pairs:
         if not isinstance(name, str) or not isinstance(value, str):
             raise MessageError("header names and values must be strings")
+        _check_length("header name", name, MAX_FIELD_NAME_CHARS)
+        if name.lower() in STRUCTURED_EXTRA:
+            _check_length(f"header {name!r}", value, MAX_STRUCTURED_CHARS)
         _check_field("header name", name)
         _check_field(f"header {name!r}", value)
         if _FIELD_NAME.fullmatch(name) is None:
@@ -207,10 +279,12 @@ def _extra_headers(
 
 
 def _check_message_id(value: str) -> str:
+    _check_length("message_id", value, MAX_LINE_CHARS)
     _check_field("message_id", value)
     bare = value.strip()
     if bare.startswith("<") and bare.endswith(">"):
         bare = bare[1:-1]
+    _check_length("message_id", bare, MAX_MESSAGE_ID_CHARS)
     if _MSG_ID.fullmatch(bare) is None:
         raise MessageError(f"invalid Message-ID {value!r} (RFC 5322 §3.6.4: id-left@id-right)")
     return bare

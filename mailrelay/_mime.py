@@ -40,7 +40,7 @@ import re
 from collections.abc import Sequence
 from urllib.parse import quote
 
-__all__ = ["Part", "Unsupported", "address_list", "unstructured", "write_body"]
+__all__ = ["Part", "Unsupported", "address_list", "long_unstructured", "unstructured", "write_body"]
 
 # RFC 5322 §2.1.1: the recommended limit on a header line, CRLF excluded.
 _MAX_LINE = 78
@@ -160,6 +160,54 @@ def unstructured(name: str, value: str) -> str:
     if len(name) + 2 + len(words[0]) > _MAX_EW_LINE:
         raise Unsupported("a field name too long for an encoded-word after it")
     return f"{name}: " + "\r\n ".join(words)
+
+
+# A word and the spaces before it: an ASCII value is the concatenation of these.
+_SPACED_WORD = re.compile(r" *[^ ]+")
+
+
+def long_unstructured(name: str, value: str) -> str:
+    """Return the value of the field ``name: value``, folded (CRLF SP), for a value too
+    long for the email package, whose folder takes time quadratic in a value's length.
+
+    Linear in the length of ``value``, and exact: unfolding the result (RFC 5322
+    §2.2.3) and decoding its encoded-words gives ``value`` back. Printable ASCII
+    without ``=?`` or white space at either end is folded before a space, each new
+    line starting with a word's spaces so that none is white space only (RFC 5322
+    §3.2.2), at 78 characters where the words allow and never past 998 (§2.1.1).
+    Anything else (non-ASCII, control characters, a word too long for a line) is
+    written as RFC 2047 encoded-words, spaces and all inside them, one per line.
+
+    Raises:
+        UnicodeEncodeError: a lone surrogate, which no encoding can carry.
+    """
+    if (
+        value.isascii()
+        and "=?" not in value
+        and _PRINTABLE.fullmatch(value) is not None
+        and value[:1] != " "
+        and value[-1:] != " "
+    ):
+        pieces: list[str] = []
+        width = len(name) + 2  # the line so far, "name: " included
+        fits = True
+        for word in _SPACED_WORD.findall(value):
+            if pieces and width + len(word) > _MAX_LINE:
+                pieces.append("\r\n")
+                width = 0
+            pieces.append(word)
+            width += len(word)
+            if width > _MAX_TEXT_LINE:
+                fits = False
+                break
+        if fits:
+            return "".join(pieces)
+    value.encode("utf-8")  # refuse a lone surrogate here, not halfway through
+    words = _encoded_words(value, _MAX_EW_LINE - len(name) - 2)
+    if len(name) + 2 + len(words[0]) > _MAX_EW_LINE:
+        # A long field name: the first encoded-word goes on the next line.
+        return "\r\n " + "\r\n ".join(_encoded_words(value, _MAX_EW_LINE - 1))
+    return "\r\n ".join(words)
 
 
 def _mailbox(display_name: str, addr_spec: str) -> str:

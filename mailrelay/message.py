@@ -76,6 +76,8 @@ import attrs
 
 from mailrelay import _mime, _wire
 from mailrelay._buildargs import (
+    MAX_LINE_CHARS,
+    STRUCTURED_EXTRA,
     _address_items,
     _check_content_type,
     _check_data,
@@ -127,22 +129,12 @@ MAX_MAILBOX_CHARS = 998
 _BRACKETED = re.compile(r"<([^<>]*)>")
 _ANGLE = re.compile(r"[<>]")
 
-# Custom fields the email package parses as structured values (its header
-# registry) rather than unstructured text: the direct writer leaves them to it.
-_STRUCTURED_EXTRA = frozenset(
-    {
-        "date",
-        "orig-date",
-        "sender",
-        "message-id",
-        "resent-date",
-        "resent-sender",
-        "resent-from",
-        "resent-to",
-        "resent-cc",
-        "resent-bcc",
-    }
-)
+# In the general path, an unstructured value longer than this is folded by
+# mailrelay._mime.long_unstructured, and an address list with more text than this is
+# given to the email package in groups of about this much: its folder takes time
+# quadratic in a field's length (a 200 KB Subject took 9 s). Shorter ones are its to
+# write, as they always were.
+_LONG_TEXT = 998
 
 _ADDRESS_PARSER = email.headerregistry.HeaderRegistry()
 
@@ -391,6 +383,18 @@ class Message:
                 )
             _check_no_list_fields(extra)
             listed = list_headers.fields()
+        _check_header_estimate(
+            [
+                _boxes_estimate("From", [author]),
+                _boxes_estimate("Reply-To", reply_list),
+                _boxes_estimate("To", to_list),
+                _boxes_estimate("Cc", cc_list),
+                _boxes_estimate("Bcc", bcc_list),
+                _text_estimate("Subject", subject),
+                *(_text_estimate(name, value) for name, value in extra),
+                *(_text_estimate(name, value) for name, value in listed),
+            ]
+        )
 
         all_boxes = [author, *to_list, *cc_list, *bcc_list, *reply_list]
         # An address with a non-ASCII local part has no 7-bit spelling, so the
@@ -426,25 +430,21 @@ class Message:
             except _mime.Unsupported:
                 pass  # a shape the direct writer leaves to the email package
         policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP.clone(cte_type="7bit")
-        if listed:
-            # The list fields are set as raw text (set_raw), already folded; "none" keeps
-            # the package from refolding a line a long URI makes longer than 78
-            # characters. It changes nothing else: every other field is a header object.
-            policy = policy.clone(refold_source="none")
+        # The list fields, and long values (see _LONG_TEXT), are set as raw text
+        # (set_raw), already folded; "none" keeps the package from refolding a line
+        # a long URI or word makes longer than 78 characters. It changes nothing
+        # else: every other field is a header object.
+        policy = policy.clone(refold_source="none")
 
         root = MIMEPart(policy=policy)
         try:
-            root["From"] = _header_addresses([author], utf8)
-            if reply_list:
-                root["Reply-To"] = _header_addresses(reply_list, utf8)
-            if to_list:
-                root["To"] = _header_addresses(to_list, utf8)
-            if cc_list:
-                root["Cc"] = _header_addresses(cc_list, utf8)
-            if bcc_list:
-                root["Bcc"] = _header_addresses(bcc_list, utf8)
+            _set_addresses(root, "From", [author], utf8)
+            _set_addresses(root, "Reply-To", reply_list, utf8)
+            _set_addresses(root, "To", to_list, utf8)
+            _set_addresses(root, "Cc", cc_list, utf8)
+            _set_addresses(root, "Bcc", bcc_list, utf8)
             if subject is not None:
-                root["Subject"] = subject
+                _set_text(root, "Subject", subject)
             if "date" not in extra_names:
                 root["Date"] = format_datetime(when)
             if message_id is not None:
@@ -452,7 +452,10 @@ class Message:
             for name, value in listed:
                 root.set_raw(name, value)
             for name, value in extra:
-                root[name] = value
+                if name.lower() in STRUCTURED_EXTRA:
+                    root[name] = value  # (of bounded length: MAX_STRUCTURED_CHARS)
+                else:
+                    _set_text(root, name, value)
             root["MIME-Version"] = "1.0"
             if text is not None and html is not None:
                 root.set_content(text)
@@ -469,6 +472,7 @@ class Message:
             wire = root.as_bytes(policy=policy)
         except (ValueError, TypeError, UnicodeError, email.errors.MessageError) as exc:
             raise MessageError(f"cannot build the message: {exc}") from exc
+        _check_written_head(wire[: wire.find(b"\r\n\r\n") + 4])
         return cls._parse(wire, bcc=tuple(addr for _, addr in bcc_list), recorded=recorded)
 
     @classmethod
@@ -521,7 +525,7 @@ class Message:
         # Written and folded by ListHeaders.fields, the same text the general path sets.
         lines += [(f"{name}: {value}", True) for name, value in listed]
         for name, value in extra:
-            if name.lower() in _STRUCTURED_EXTRA:
+            if name.lower() in STRUCTURED_EXTRA:
                 raise _mime.Unsupported("a structured custom field")
             lines.append((_mime.unstructured(name, value), True))
         content_head, body = _mime.write_body(
@@ -545,6 +549,13 @@ class Message:
             head = "\r\n".join(wire_lines).encode("ascii")
         except UnicodeEncodeError as exc:  # pragma: no cover - every piece is checked
             raise _mime.Unsupported("non-ASCII header text") from exc
+        # The limit counts Bcc fields, as the general path's does (it parses its output
+        # with them); every line here is at most 998 characters already (the writers
+        # in _mime refuse longer ones).
+        blind = sum(len(line) + 2 for line, on_wire in lines if not on_wire)
+        if len(head) + blind > MAX_HEADER_BYTES:
+            largest = max(lines, key=lambda item: len(item[0]))[0]
+            _refuse_head(len(head) + blind, largest.partition(":")[0], len(largest) + 2)
         wire = head + body
         message = cls(
             headers=tuple(fields),
@@ -972,6 +983,123 @@ def _simple_addresses(value: str) -> list[str] | None:
 
 
 # -- build helpers (the others are in mailrelay._buildargs) -------------------
+
+
+def _least_chars(text: str) -> int:
+    """The fewest characters ``text`` can take in a header field: a writer may fold or
+    collapse its white space, but writes every other character as one or more."""
+    return len(text) - sum(1 for _ in _WHITE_SPACE.finditer(text))
+
+
+_WHITE_SPACE = re.compile(r"\s")
+
+
+def _boxes_estimate(name: str, boxes: list[tuple[str, Address]]) -> tuple[str, int]:
+    """``(name, the fewest bytes an address field holding boxes can take)``."""
+    if not boxes:
+        return name, 0
+    text = sum(
+        _least_chars(display) + len(address.local_part) + 1 + len(address.domain)
+        for display, address in boxes
+    )
+    # "name: " and CRLF; ", " between mailboxes.
+    return name, len(name) + 4 + text + 2 * (len(boxes) - 1)
+
+
+def _text_estimate(name: str, value: str | None) -> tuple[str, int]:
+    """``(name, the fewest bytes a field holding value can take)``."""
+    if value is None:
+        return name, 0
+    return name, len(name) + 4 + _least_chars(value)
+
+
+def _check_header_estimate(estimates: list[tuple[str, int]]) -> None:
+    """Refuse, before anything is written, a header block sure to pass the limit.
+
+    Raises:
+        MessageError: the fields' least sizes add up to over :data:`MAX_HEADER_BYTES`.
+    """
+    total = sum(size for _, size in estimates)
+    if total > MAX_HEADER_BYTES:
+        name, size = max(estimates, key=lambda item: item[1])
+        _refuse_head(total, name, size, at_least=True)
+
+
+def _refuse_head(total: int, name: str, size: int, *, at_least: bool = False) -> None:
+    bound = "at least " if at_least else ""
+    raise MessageError(
+        f"the header block would be {bound}{total} bytes, over MAX_HEADER_BYTES "
+        f"({MAX_HEADER_BYTES} bytes), the most Message.from_bytes reads back; "
+        f"the largest field, {name}, takes {bound}{size}"
+    )
+
+
+def _check_written_head(head: bytes) -> None:
+    """The general path's header block, checked as :meth:`Message.from_bytes` will.
+
+    Raises:
+        MessageError: a block over :data:`MAX_HEADER_BYTES` (Bcc fields included, as
+            written), or a line over 998 characters (RFC 5322 §2.1.1).
+    """
+    lines = head.split(b"\r\n")
+    if len(head) <= MAX_HEADER_BYTES and max(map(len, lines)) <= MAX_LINE_CHARS:
+        return
+    sizes: dict[str, int] = {}
+    field = ""
+    for line in lines:
+        if line[:1] not in (b" ", b"\t"):
+            field = line.partition(b":")[0].decode("ascii", "replace")
+        sizes[field] = sizes.get(field, 0) + len(line) + 2
+        if len(line) > MAX_LINE_CHARS:
+            raise MessageError(
+                f"{field}: a header line of {len(line)} characters, over the "
+                f"{MAX_LINE_CHARS} RFC 5322 §2.1.1 allows"
+            )
+    name, size = max(sizes.items(), key=lambda item: item[1])
+    _refuse_head(len(head), name, size)
+
+
+def _set_text(root: MIMEPart, name: str, value: str) -> None:
+    """Set an unstructured field in the general path: a long value folded by
+    :func:`mailrelay._mime.long_unstructured` (linear), a short one by the package."""
+    if len(value) <= _LONG_TEXT:
+        root[name] = value
+    else:
+        root.set_raw(name, _mime.long_unstructured(name, value))
+
+
+def _set_addresses(root: MIMEPart, name: str, boxes: list[tuple[str, Address]], utf8: bool) -> None:
+    """Set an address field in the general path.
+
+    A list of more than :data:`_LONG_TEXT` characters is folded by the email package in
+    groups of about that much text (each display name is at most 998 characters, so
+    every group's cost is bounded), the groups joined with a comma and a fold: linear in
+    the list's length, where folding it whole is quadratic.
+    """
+    if not boxes:
+        return
+    group: list[tuple[str, Address]] = []
+    size = 0
+    groups: list[list[tuple[str, Address]]] = []
+    for box in boxes:
+        chars = len(box[0]) + len(box[1].local_part) + len(box[1].domain) + 4
+        if group and size + chars > _LONG_TEXT:
+            groups.append(group)
+            group, size = [], 0
+        group.append(box)
+        size += chars
+    groups.append(group)
+    if len(groups) == 1:
+        root[name] = _header_addresses(boxes, utf8)
+        return
+    policy = root.policy
+    assert isinstance(policy, email.policy.EmailPolicy)
+    pieces = []
+    for members in groups:
+        header = policy.header_factory(name, _header_addresses(members, utf8))
+        folded = header.fold(policy=policy)
+        pieces.append(folded[len(name) + 1 :].strip(" \r\n"))
+    root.set_raw(name, ",\r\n ".join(pieces))
 
 
 def _attachment(item: Attachment | tuple[str, bytes] | tuple[str, bytes, str | None]) -> Attachment:
