@@ -71,7 +71,9 @@ Rules of this module:
   :class:`~mailrelay.errors.ConnectError` (transient).
 * Delivery through a local MTA is at-least-once: a program killed by the timeout after
   queueing the message, but before exiting, leaves a message that a retry sends again.
-* One process per message (per NOTIFY group): ``send_many`` / ``asend_many`` are the base
+* One process per message (per NOTIFY group, and per 128 KiB of recipients on its
+  command line: a longer list would pass the system's ``ARG_MAX``, so it goes in several
+  runs, failing as NOTIFY groups do): ``send_many`` / ``asend_many`` are the base
   class's, so a failed message becomes its result's ``error`` and the batch goes on.
 """
 
@@ -126,6 +128,10 @@ TERMINATE_GRACE = 2.0
 EXIT_GRACE = 1.0
 # Seconds to wait for the exit of a program sent SIGKILL (it cannot ignore it).
 _KILLED_EXIT = 10.0
+# Bytes of recipients on one command line: far below Linux's ARG_MAX (2 MiB, shared with
+# the environment); a longer list goes in several runs of the program (execve's E2BIG
+# would make the message impossible to hand over, at every retry).
+_ARGV_BUDGET = 131_072
 # The stderr text shown in an error message, in characters.
 _SHOWN_OUTPUT = 2000
 _READ_SIZE = 65_536
@@ -217,6 +223,21 @@ def _notify_option(notify: frozenset[Notify] | None) -> list[str]:
     if notify is None:
         return []
     return ["-N", ",".join(n.value.lower() for n in _NOTIFY_ORDER if n in notify)]
+
+
+def _argv_runs(paths: Sequence[str]) -> Iterator[tuple[int, int]]:
+    """``paths`` cut into runs (start, end) of at most :data:`_ARGV_BUDGET` bytes each on a
+    command line (at least one path per run)."""
+    start = size = 0
+    for index, path in enumerate(paths):
+        # The string, its NUL and its pointer in argv (execve(2) counts all three).
+        cost = len(path.encode("utf-8", "surrogateescape")) + 1 + 8
+        if index > start and size + cost > _ARGV_BUDGET:
+            yield start, index
+            start, size = index, 0
+        size += cost
+    if start < len(paths):
+        yield start, len(paths)
 
 
 class _Plan:
@@ -322,7 +343,9 @@ class SendmailTransport(Transport, AsyncTransport):
             positions.append(index)
             paths.append(path)
         for notify, (positions, paths) in groups.items():
-            plan.groups.append((positions, [*common, *_notify_option(notify), "--", *paths]))
+            head = [*common, *_notify_option(notify), "--"]
+            for start, end in _argv_runs(paths):
+                plan.groups.append((positions[start:end], [*head, *paths[start:end]]))
         return plan
 
     def _refusal(self, envelope: Envelope) -> str | None:

@@ -22,12 +22,16 @@ Findings (each test failed before its fix):
   the killed program held its standard output: stopping the program waited on
   ``Process.wait()``, which also waits for every pipe to close. It now waits for the
   exit status and closes the pipes.
+* SendmailTransport: an envelope whose recipients overflow the system's ARG_MAX (80,000
+  recipients on Linux) could never be handed over (E2BIG: a transient ConnectError at
+  every retry). The recipients now go in runs of at most 128 KiB of command line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -43,6 +47,7 @@ from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as ServerEnvelope
 from aiosmtpd.smtp import Session as ServerSession
 
+from mailrelay.envelope import Envelope
 from mailrelay.errors import DeliveryTimeout, LocalMTAError
 from mailrelay.flow.bookkeeping import TOO_MANY_REASON
 from mailrelay.message import Message
@@ -243,3 +248,44 @@ def test_sendmail_timeout_is_kept_when_a_child_holds_the_output_pipes(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(child_pid.read_text()), signal.SIGKILL)
     assert isinstance(error, DeliveryTimeout), repr(error)
+
+
+def recording_program(tmp_path: Path) -> tuple[Path, Path]:
+    """A fake sendmail that appends its argv (one JSON list per run) to a log, reads the
+    message and exits 0."""
+    log = tmp_path / "argv.jsonl"
+    program = fake_program(
+        tmp_path,
+        f"""
+        import json, sys
+        sys.stdin.buffer.read()
+        with open({str(log)!r}, "a") as out:
+            out.write(json.dumps(sys.argv[1:]) + "\\n")
+        """,
+    )
+    return program, log
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_sendmail_hands_over_more_recipients_than_one_command_line_holds(
+    flavour: Flavour, tmp_path: Path
+) -> None:
+    """80,000 recipients make a command line over Linux's 2 MiB ARG_MAX: the program could
+    never be started (a transient ConnectError at every retry, for ever)."""
+    program, log = recording_program(tmp_path)
+    to = [f"user{i}@example.net" for i in range(80_000)]
+    envelope = Envelope("carol@mailrelay.test", to)
+    transport = SendmailTransport(program, timeout=60)
+    message = tagged(["user0@example.net"])
+    if flavour == "sync":
+        result = transport.send(message, envelope)
+    else:
+        result = run(transport.asend(message, envelope))
+    assert result.ok
+    assert [str(r.address) for r in result.recipients] == to
+    argvs = [json.loads(line) for line in log.read_text().splitlines()]
+    handed: list[str] = []
+    for argv in argvs:
+        assert argv[:3] == ["-i", "-f", "carol@mailrelay.test"]
+        handed += argv[argv.index("--") + 1 :]
+    assert handed == to  # each once, in order
