@@ -685,7 +685,9 @@ async def _afeed_while_running(
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feeder
-            if process.stdin is not None:
+            # Only once the program is gone: an end of file to a running program (this
+            # is a timeout or a cancellation then) would let it queue what it has read.
+            if process.returncode is not None and process.stdin is not None:
                 process.stdin.transport.abort()
     if feeder.cancelled():
         return True

@@ -25,6 +25,9 @@ Findings (each test failed before its fix):
 * SendmailTransport: an envelope whose recipients overflow the system's ARG_MAX (80,000
   recipients on Linux) could never be handed over (E2BIG: a transient ConnectError at
   every retry). The recipients now go in runs of at most 128 KiB of command line.
+* (Held, and kept by the fixes above:) past the timeout, a running program is stopped
+  with its standard input still open, never given an end of file that would let it
+  queue a truncated message.
 """
 
 from __future__ import annotations
@@ -289,3 +292,25 @@ def test_sendmail_hands_over_more_recipients_than_one_command_line_holds(
         assert argv[:3] == ["-i", "-f", "carol@mailrelay.test"]
         handed += argv[argv.index("--") + 1 :]
     assert handed == to  # each once, in order
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_sendmail_timeout_never_ends_the_message_for_a_running_program(
+    flavour: Flavour, tmp_path: Path
+) -> None:
+    """Past the timeout, the program is stopped with its standard input still open: an end
+    of file first would let it queue the part of the message it has (a truncated copy)."""
+    marker = tmp_path / "queued"
+    program = fake_program(
+        tmp_path,
+        f"""
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(2)  # past the timeout, before the SIGKILL (TERMINATE_GRACE later)
+        sys.stdin.buffer.read()
+        open({str(marker)!r}, "w").write("queued a truncated message")
+        """,
+    )
+    with pytest.raises(DeliveryTimeout):
+        hand_over(flavour, SendmailTransport(program, timeout=1), big(1_000_000))
+    assert not marker.exists()
