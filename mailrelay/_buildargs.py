@@ -51,6 +51,7 @@ _CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z
 _MSG_ID = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+")
 _NAME_ADDR = re.compile(r"(?P<name>.*?)\s*<(?P<addr>[^<>]*)>\s*", re.DOTALL)
 _LINE_BREAKS = re.compile(r"[\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Size limits on what build() is given. Each bounds the work one item costs (the email
 # package folds a field in time quadratic in its length, and some of the patterns
@@ -160,6 +161,10 @@ def _check_field(what: str, value: str) -> None:
     # consumers would treat them as line ends.
     if _LINE_BREAKS.search(value):
         raise MessageError(f"{what} contains CR, LF, NUL or another line break")
+    # A lone surrogate has no UTF-8 form: no writer can put it in a header (it would
+    # otherwise escape as a UnicodeEncodeError from deep inside one of them).
+    if _SURROGATE.search(value):
+        raise MessageError(f"{what} holds a lone surrogate, not encodable as UTF-8")
 
 
 def _address_items(value: AddressLike | Iterable[AddressLike]) -> list[AddressLike]:
