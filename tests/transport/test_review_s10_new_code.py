@@ -25,6 +25,11 @@ Findings (each test failed before its fix):
 * SendmailTransport: an envelope whose recipients overflow the system's ARG_MAX (80,000
   recipients on Linux) could never be handed over (E2BIG: a transient ConnectError at
   every retry). The recipients now go in runs of at most 128 KiB of command line.
+* (Held:) split messages in a batch meeting an unannounced per-connection MAIL cap (421)
+  are never delivered twice, through both drivers and pools of 1 and 4; the recipients
+  of a part whose MAIL met the 421 stay TRANSIENT though the server never took the
+  message for them (not sent on: flow/transaction.py gives them the 421's error, not
+  the "session ended" reason that would send them on another connection).
 * (Held, and kept by the fixes above:) past the timeout, a running program is stopped
   with its standard input still open, never given an end of file that would let it
   queue a truncated message.
@@ -314,3 +319,48 @@ def test_sendmail_timeout_never_ends_the_message_for_a_running_program(
     with pytest.raises(DeliveryTimeout):
         hand_over(flavour, SendmailTransport(program, timeout=1), big(1_000_000))
     assert not marker.exists()
+
+
+class CutsSessions(LimitsHandler):
+    """Announces ``RCPTMAX`` (kept) but not its real MAIL limit: the ``cut``-th MAIL of a
+    session gets 421 and the connection ends (a server's unannounced per-connection cap)."""
+
+    def __init__(self, *, rcpt_max: int, cut: int) -> None:
+        super().__init__(rcpt_max=rcpt_max)
+        self.cut = cut
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: ServerSession,
+        envelope: ServerEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        count = self.per_session.get(id(session), 0) + 1
+        if count >= self.cut:
+            self.per_session[id(session)] = count
+            return "421 4.7.0 Too many messages on this connection"
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+
+@pytest.mark.parametrize("size", [1, 4])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_split_messages_in_a_batch_with_sessions_cut_short_never_duplicate(
+    flavour: Flavour, size: int
+) -> None:
+    handler = CutsSessions(rcpt_max=2, cut=3)
+    counts = [1, 5, 2, 7, 1, 3, 4]
+    messages = [tagged([f"m{n}.{i}@example.net" for i in range(c)]) for n, c in enumerate(counts)]
+    with serving(handler) as port:
+        results = send_many_with(flavour, list(messages), **options(port, size))
+    assert [len(r.recipients) for r in results] == counts
+    got = received(handler)
+    assert max(got.values()) == 1, got  # never twice
+    for result in results:
+        for recipient in result.recipients:
+            if recipient.outcome is Outcome.ACCEPTED:
+                assert got[str(recipient.address)] == 1
+            else:  # never taken, and said so
+                assert recipient.outcome is Outcome.TRANSIENT, recipient
+                assert got[str(recipient.address)] == 0, recipient
