@@ -40,7 +40,15 @@ import re
 from collections.abc import Sequence
 from urllib.parse import quote
 
-__all__ = ["Part", "Unsupported", "address_list", "long_unstructured", "unstructured", "write_body"]
+__all__ = [
+    "Part",
+    "Unsupported",
+    "address_list",
+    "long_address_list",
+    "long_unstructured",
+    "unstructured",
+    "write_body",
+]
 
 # RFC 5322 §2.1.1: the recommended limit on a header line, CRLF excluded.
 _MAX_LINE = 78
@@ -208,6 +216,61 @@ def long_unstructured(name: str, value: str) -> str:
         # A long field name: the first encoded-word goes on the next line.
         return "\r\n " + "\r\n ".join(_encoded_words(value, _MAX_EW_LINE - 1))
     return "\r\n ".join(words)
+
+
+def _mailbox_tokens(display_name: str, addr_spec: str) -> list[str]:
+    """A mailbox as tokens a fold may go between (one space apart when not folded)."""
+    spec = f"<{addr_spec}>" if display_name else addr_spec
+    if not display_name:
+        return [spec]
+    if display_name.isascii() and "=?" not in display_name:
+        if _ATEXT_PHRASE.fullmatch(display_name) is not None:
+            return [*display_name.split(" "), spec]  # RFC 5322 §3.2.5: atoms
+        if _PRINTABLE.fullmatch(display_name) is not None and len(display_name) <= _MAX_LINE:
+            # RFC 5322 §3.2.4: a quoted-string, with DQUOTE and backslash escaped.
+            escaped = display_name.replace("\\", "\\\\").replace('"', '\\"')
+            return [f'"{escaped}"', spec]
+    # RFC 2047 §5(3): anything else as encoded-words of phrase-safe characters, its
+    # white space inside them, so that the name reads back exactly.
+    return [*_encoded_words(display_name, _MAX_EW), spec]
+
+
+def long_address_list(name: str, mailboxes: Sequence[tuple[str, str]]) -> str:
+    """Return the value of the address field ``name``, folded (CRLF SP), for a list too
+    long for the email package, whose folder takes time quadratic in a field's length.
+
+    Linear in the list's length. Folds go after a comma or between the words of a
+    display name; lines are at most 78 characters (76 when they hold an encoded-word,
+    RFC 2047 §2) unless one token is longer (a quoted display name or an address,
+    at most 998 with the line's other text).
+
+    Args:
+        name: the field name.
+        mailboxes: ``(display name, addr-spec)`` pairs; the addr-spec written as given
+            (UTF-8 only in a message sent with SMTPUTF8).
+
+    Raises:
+        UnicodeEncodeError: a lone surrogate in a display name.
+    """
+    pieces: list[str] = []
+    width = len(name) + 2
+    encoded = False  # whether the current line holds an encoded-word
+    for display_name, addr_spec in mailboxes:
+        for position, token in enumerate(_mailbox_tokens(display_name, addr_spec)):
+            is_word = token.startswith("=?")
+            limit = _MAX_EW_LINE if encoded or is_word else _MAX_LINE
+            separator = "" if not pieces else ", " if position == 0 else " "
+            if pieces and width + len(separator) + len(token) > limit:
+                pieces.append(separator.rstrip(" ") + "\r\n ")
+                width = 1
+                encoded = False
+            else:
+                pieces.append(separator)
+                width += len(separator)
+            pieces.append(token)
+            width += len(token)
+            encoded = encoded or is_word
+    return "".join(pieces)
 
 
 def _mailbox(display_name: str, addr_spec: str) -> str:

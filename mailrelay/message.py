@@ -135,6 +135,8 @@ _ANGLE = re.compile(r"[<>]")
 # quadratic in a field's length (a 200 KB Subject took 9 s). Shorter ones are its to
 # write, as they always were.
 _LONG_TEXT = 998
+# A header block sure to hold more than this is written by those folders throughout.
+_BULK_HEAD = 1 << 14
 
 _ADDRESS_PARSER = email.headerregistry.HeaderRegistry()
 
@@ -383,7 +385,7 @@ class Message:
                 )
             _check_no_list_fields(extra)
             listed = list_headers.fields()
-        _check_header_estimate(
+        least_header_bytes = _check_header_estimate(
             [
                 _boxes_estimate("From", [author]),
                 _boxes_estimate("Reply-To", reply_list),
@@ -438,13 +440,17 @@ class Message:
 
         root = MIMEPart(policy=policy)
         try:
-            _set_addresses(root, "From", [author], utf8)
-            _set_addresses(root, "Reply-To", reply_list, utf8)
-            _set_addresses(root, "To", to_list, utf8)
-            _set_addresses(root, "Cc", cc_list, utf8)
-            _set_addresses(root, "Bcc", bcc_list, utf8)
+            # A large header block is written by mailrelay's own linear folders
+            # throughout: the package's costs some 10 µs a character even for short
+            # fields (1 MB of them, 30 s).
+            bulk = least_header_bytes > _BULK_HEAD
+            _set_addresses(root, "From", [author], utf8, bulk)
+            _set_addresses(root, "Reply-To", reply_list, utf8, bulk)
+            _set_addresses(root, "To", to_list, utf8, bulk)
+            _set_addresses(root, "Cc", cc_list, utf8, bulk)
+            _set_addresses(root, "Bcc", bcc_list, utf8, bulk)
             if subject is not None:
-                _set_text(root, "Subject", subject)
+                _set_text(root, "Subject", subject, bulk)
             if "date" not in extra_names:
                 root["Date"] = format_datetime(when)
             if message_id is not None:
@@ -453,9 +459,9 @@ class Message:
                 root.set_raw(name, value)
             for name, value in extra:
                 if name.lower() in STRUCTURED_EXTRA:
-                    root[name] = value  # (of bounded length: MAX_STRUCTURED_CHARS)
+                    root[name] = value  # (bounded, all together: MAX_STRUCTURED_CHARS)
                 else:
-                    _set_text(root, name, value)
+                    _set_text(root, name, value, bulk)
             root["MIME-Version"] = "1.0"
             if text is not None and html is not None:
                 root.set_content(text)
@@ -1013,8 +1019,9 @@ def _text_estimate(name: str, value: str | None) -> tuple[str, int]:
     return name, len(name) + 4 + _least_chars(value)
 
 
-def _check_header_estimate(estimates: list[tuple[str, int]]) -> None:
-    """Refuse, before anything is written, a header block sure to pass the limit.
+def _check_header_estimate(estimates: list[tuple[str, int]]) -> int:
+    """Refuse, before anything is written, a header block sure to pass the limit;
+    return the fewest bytes the header fields will take.
 
     Raises:
         MessageError: the fields' least sizes add up to over :data:`MAX_HEADER_BYTES`.
@@ -1023,6 +1030,7 @@ def _check_header_estimate(estimates: list[tuple[str, int]]) -> None:
     if total > MAX_HEADER_BYTES:
         name, size = max(estimates, key=lambda item: item[1])
         _refuse_head(total, name, size, at_least=True)
+    return total
 
 
 def _refuse_head(total: int, name: str, size: int, *, at_least: bool = False) -> None:
@@ -1059,47 +1067,29 @@ def _check_written_head(head: bytes) -> None:
     _refuse_head(len(head), name, size)
 
 
-def _set_text(root: MIMEPart, name: str, value: str) -> None:
+def _set_text(root: MIMEPart, name: str, value: str, bulk: bool) -> None:
     """Set an unstructured field in the general path: a long value folded by
     :func:`mailrelay._mime.long_unstructured` (linear), a short one by the package."""
-    if len(value) <= _LONG_TEXT:
+    if len(value) <= _LONG_TEXT and not bulk:
         root[name] = value
     else:
         root.set_raw(name, _mime.long_unstructured(name, value))
 
 
-def _set_addresses(root: MIMEPart, name: str, boxes: list[tuple[str, Address]], utf8: bool) -> None:
-    """Set an address field in the general path.
-
-    A list of more than :data:`_LONG_TEXT` characters is folded by the email package in
-    groups of about that much text (each display name is at most 998 characters, so
-    every group's cost is bounded), the groups joined with a comma and a fold: linear in
-    the list's length, where folding it whole is quadratic.
-    """
+def _set_addresses(
+    root: MIMEPart, name: str, boxes: list[tuple[str, Address]], utf8: bool, bulk: bool
+) -> None:
+    """Set an address field in the general path: a list of more than
+    :data:`_LONG_TEXT` characters written by :func:`mailrelay._mime.long_address_list`
+    (linear), a shorter one by the package."""
     if not boxes:
         return
-    group: list[tuple[str, Address]] = []
-    size = 0
-    groups: list[list[tuple[str, Address]]] = []
-    for box in boxes:
-        chars = len(box[0]) + len(box[1].local_part) + len(box[1].domain) + 4
-        if group and size + chars > _LONG_TEXT:
-            groups.append(group)
-            group, size = [], 0
-        group.append(box)
-        size += chars
-    groups.append(group)
-    if len(groups) == 1:
+    size = sum(len(box[0]) + len(box[1].local_part) + len(box[1].domain) + 4 for box in boxes)
+    if size <= _LONG_TEXT and not bulk:
         root[name] = _header_addresses(boxes, utf8)
-        return
-    policy = root.policy
-    assert isinstance(policy, email.policy.EmailPolicy)
-    pieces = []
-    for members in groups:
-        header = policy.header_factory(name, _header_addresses(members, utf8))
-        folded = header.fold(policy=policy)
-        pieces.append(folded[len(name) + 1 :].strip(" \r\n"))
-    root.set_raw(name, ",\r\n ".join(pieces))
+    else:
+        specs = [(display, address.smtp_path(utf8)) for display, address in boxes]
+        root.set_raw(name, _mime.long_address_list(name, specs))
 
 
 def _attachment(item: Attachment | tuple[str, bytes] | tuple[str, bytes, str | None]) -> Attachment:
