@@ -11,8 +11,9 @@ Findings (each test failed before its fix):
   session kept their first "too many" result when that transaction then failed after its
   data went out (its final reply lost to end of file or a timeout): the transports took
   them for never-sent recipients and sent them again on another connection, a second
-  delivery to each of them. The fix is in mailrelay/flow/transaction.py (not this
-  review's file): the test is a strict xfail until it lands.
+  delivery to each of them (SMTP and LMTP alike). The fix is in
+  mailrelay/flow/transaction.py (not this review's file): the test is a strict xfail
+  until it lands.
 * SendmailTransport (blocking): a program that exited 0 without reading the message,
   leaving a child that held its standard input unread, was taken for a success once
   EXIT_GRACE had passed: the message was never handed over. Now a transient
@@ -26,10 +27,10 @@ Findings (each test failed before its fix):
   recipients on Linux) could never be handed over (E2BIG: a transient ConnectError at
   every retry). The recipients now go in runs of at most 128 KiB of command line.
 * (Held:) split messages in a batch meeting an unannounced per-connection MAIL cap (421)
-  are never delivered twice, through both drivers and pools of 1 and 4; the recipients
-  of a part whose MAIL met the 421 stay TRANSIENT though the server never took the
-  message for them (not sent on: flow/transaction.py gives them the 421's error, not
-  the "session ended" reason that would send them on another connection).
+  are never delivered twice, through both drivers, SMTP and LMTP, and pools of 1 and 4;
+  the recipients of a part whose MAIL met the 421 stay TRANSIENT though the server never
+  took the message for them (not sent on: flow/transaction.py gives them the 421's
+  error, not the "session ended" reason that would send them on another connection).
 * (Held, and kept by the fixes above:) past the timeout, a running program is stopped
   with its standard input still open, never given an end of file that would let it
   queue a truncated message.
@@ -47,6 +48,7 @@ import textwrap
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,8 @@ from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.transport import sendmail
 from mailrelay.transport.sendmail import SendmailTransport
 from mailrelay.transport.settings import PoolSettings
+from tests.peers.aiosmtpd_server import HOSTNAME, _LMTPController
+from tests.peers.scripted import free_port
 from tests.transport.helpers import FLAVOURS, Flavour, run, send_many_with, send_with
 from tests.transport.test_recipient_limits import LimitsHandler, serving
 
@@ -82,6 +86,25 @@ def options(port: int, size: int = 4) -> dict[str, Any]:
         "timeouts": Timeouts.all(10),
         "pool": PoolSettings(size=size),
     }
+
+
+@contextlib.contextmanager
+def serving_as(handler: LimitsHandler, lmtp: bool) -> Iterator[int]:
+    """``serving(handler)``, or the same handler behind aiosmtpd's LMTP server."""
+    if not lmtp:
+        with serving(handler) as port:
+            yield port
+        return
+    handler.lmtp = True  # one final reply per recipient after the data
+    port = free_port()
+    controller = _LMTPController(
+        handler, hostname="127.0.0.1", port=port, server_hostname=HOSTNAME, decode_data=False
+    )
+    controller.start()
+    try:
+        yield port
+    finally:
+        controller.stop()
 
 
 def received(handler: LimitsHandler) -> Counter[str]:
@@ -122,9 +145,8 @@ class LostAfterSecondData(UnannouncedLimits):
     """Takes each session's second message and closes the connection instead of replying
     (the final reply is lost after the server has the message)."""
 
-    def __init__(self, *, rcpt_max: int, lmtp: bool = False) -> None:
+    def __init__(self, *, rcpt_max: int) -> None:
         super().__init__(rcpt_max=rcpt_max)
-        self.lmtp = lmtp
         self.data_per_session: Counter[int] = Counter()
 
     async def handle_DATA(
@@ -143,18 +165,19 @@ class LostAfterSecondData(UnannouncedLimits):
 @pytest.mark.xfail(
     strict=True, reason="duplicate delivery: needs the _in_parts fix in mailrelay/flow"
 )
+@pytest.mark.parametrize("lmtp", [False, True])
 @pytest.mark.parametrize("batch", [False, True])
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_recipients_retried_in_a_lost_transaction_are_not_sent_again(
-    flavour: Flavour, batch: bool
+    flavour: Flavour, batch: bool, lmtp: bool
 ) -> None:
     handler = LostAfterSecondData(rcpt_max=2)
     to = [f"a{i}@example.net" for i in range(4)]
-    with serving(handler) as port:
+    with serving_as(handler, lmtp) as port:
         if batch:
-            [result] = send_many_with(flavour, [tagged(to)], **options(port, 1))
+            [result] = send_many_with(flavour, [tagged(to)], lmtp=lmtp, **options(port, 1))
         else:
-            result = send_with(flavour, tagged(to), **options(port, 1))
+            result = send_with(flavour, tagged(to), lmtp=lmtp, **options(port, 1))
     assert max(received(handler).values()) == 1, received(handler)  # never twice
     assert [r.outcome for r in result.recipients[:2]] == [Outcome.ACCEPTED] * 2
     # The server may have the message for these two: TRANSIENT, for the caller to decide.
@@ -344,16 +367,17 @@ class CutsSessions(LimitsHandler):
         return await super().handle_MAIL(server, session, envelope, address, mail_options)
 
 
+@pytest.mark.parametrize("lmtp", [False, True])
 @pytest.mark.parametrize("size", [1, 4])
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_split_messages_in_a_batch_with_sessions_cut_short_never_duplicate(
-    flavour: Flavour, size: int
+    flavour: Flavour, size: int, lmtp: bool
 ) -> None:
     handler = CutsSessions(rcpt_max=2, cut=3)
     counts = [1, 5, 2, 7, 1, 3, 4]
     messages = [tagged([f"m{n}.{i}@example.net" for i in range(c)]) for n, c in enumerate(counts)]
-    with serving(handler) as port:
-        results = send_many_with(flavour, list(messages), **options(port, size))
+    with serving_as(handler, lmtp) as port:
+        results = send_many_with(flavour, list(messages), lmtp=lmtp, **options(port, size))
     assert [len(r.recipients) for r in results] == counts
     got = received(handler)
     assert max(got.values()) == 1, got  # never twice
