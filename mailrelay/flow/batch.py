@@ -443,6 +443,11 @@ class _Batch(_Delivery):
             what = "closed the session (421)" if closed.reply else "closed the connection"
             reason = f"the server {what} before a final reply"
         except DeliveryError as exc:
+            if previous is not None:
+                # A write failed with a message's data in it (its data, or its terminator
+                # with the next envelope): the server may have refused that message before
+                # it hung up, and the driver kept what it said (see _Delivery._cut_short).
+                yield from self._cut_short(exc, previous[1])
             yield from self._closed()
             error = exc
             reason = f"{type(exc).__name__} before a final reply: {exc}"

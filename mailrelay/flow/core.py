@@ -54,6 +54,8 @@ from mailrelay.reply import Reply
 log = logging.getLogger("mailrelay.flow")
 
 _NO_EXTENSIONS = Extensions.parse(())
+# The most Reads _leftovers() asks for (the drivers keep at most 4 reads' worth).
+_LEFTOVER_READS = 8
 
 
 def _trace(command: Command, data: bytes) -> str:
@@ -221,6 +223,25 @@ class _SessionCore:
         return ServerProtocolError(
             f"the server sent a reply nobody asked for {when}: {event}", host=self.config.peer
         )
+
+    def _leftovers(self) -> Step[bytes]:
+        """After an I/O error the driver threw in: what the server had sent and the dialogue
+        had not read yet (``b""`` when nothing, or when the connection is simply closed).
+
+        A driver whose write failed keeps what had already arrived (bounded, read without
+        waiting) and answers the Reads that follow with it, then with ``b""``; after any
+        other error a Read fails at once, and that is taken as nothing. Bounded in reads
+        (the driver keeps at most a few reads' worth)."""
+        pieces: list[bytes] = []
+        for _ in range(_LEFTOVER_READS):
+            try:
+                data = yield _read_request("data_end")
+            except DeliveryError:
+                break  # the connection is closed and nothing was kept
+            if not data:
+                break
+            pieces.append(data)
+        return b"".join(pieces)
 
     def _closed(self) -> Step[None]:
         if not self.closed:

@@ -1,13 +1,16 @@
 """One mail transaction: MAIL, RCPT, DATA or BDAT, the final replies; and the probe.
 
 Rules: a message the server cannot take (size, 8BITMIME, SMTPUTF8, REQUIRETLS) is refused
-before anything is sent; a recipient keeps a final answer once it has one. The join limit
+before anything is sent; a recipient keeps a final answer once it has one; a refusal the
+server sent before a write of the data failed (it replied early and hung up) is that
+answer (``_cut_short``), a positive reply there never is. The join limit
 is read from :mod:`mailrelay.flow.requests` at each use, so there is one value to tune.
 No I/O here: only requests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -547,15 +550,19 @@ class _Delivery(_Opening):
                 reply=data_reply,
                 host=self.config.peer,
             )
-        if message.size <= _requests._JOIN_LIMIT:
-            # A small message goes out as one request with its terminator.
-            yield Write(data=self._data_wire(message), phase="data_block")
-            return True
-        # Streamed: one request per chunk, so a huge message is never held whole.
-        conn = self._conn
-        for chunk in message.chunks():
-            yield Write(data=conn.send(DataChunk(data=chunk)), phase="data_block")
-        yield Write(data=conn.send(EndOfData()), phase="data_block")
+        try:
+            if message.size <= _requests._JOIN_LIMIT:
+                # A small message goes out as one request with its terminator.
+                yield Write(data=self._data_wire(message), phase="data_block")
+                return True
+            # Streamed: one request per chunk, so a huge message is never held whole.
+            conn = self._conn
+            for chunk in message.chunks():
+                yield Write(data=conn.send(DataChunk(data=chunk)), phase="data_block")
+            yield Write(data=conn.send(EndOfData()), phase="data_block")
+        except DeliveryError as exc:
+            yield from self._cut_short(exc, transaction)
+            raise
         if log.isEnabledFor(logging.DEBUG):
             log.debug(">>> <%d bytes of message data and the terminator>", message.size)
         self._needs_rset = False
@@ -623,7 +630,11 @@ class _Delivery(_Opening):
         elif transaction.all_final():
             return
         for data, last in chunks:
-            yield from self._write(Bdat(data=data, last=last), phase="data_block")
+            try:
+                yield from self._write(Bdat(data=data, last=last), phase="data_block")
+            except DeliveryError as exc:
+                yield from self._cut_short(exc, transaction)
+                raise
             if last:
                 self._needs_rset = False
                 yield from self._finals(transaction)
@@ -633,6 +644,77 @@ class _Delivery(_Opening):
                 # RFC 3030 §2: after a refused chunk, send no more (the RSET comes next time).
                 transaction.settle_all(reply)
                 return
+
+    def _cut_short(self, exc: DeliveryError, transaction: _Transaction) -> Step[None]:
+        """After ``exc``, an I/O error the driver threw in while the message data went out
+        (or while its reply was awaited): the answers the server gave before it.
+
+        A server may refuse a message part-way through its data (``552`` for its size,
+        ``554`` from a content filter) and close the connection (RFC 5321 §3.8,
+        §4.2.5); the client's next write then fails before the reply is read. The driver
+        keeps what had arrived (:meth:`_leftovers`). A complete reply there answers the
+        data as its end's reply would (``ClientConnection.abandon_data``): it settles the
+        recipients still open (5xx PERMANENT, 4xx TRANSIENT, with the server's text), and a
+        refused BDAT chunk does the same (RFC 3030 §2). The caller raises ``exc`` after
+        all: the session is over, and the answers given stand (see ``_attempt``). Without
+        a complete reply nothing changes, and ``exc`` is what the caller reports. An error
+        the dialogue raised itself (it closed the session first) is left alone.
+        """
+        if self.closed:
+            return
+        conn = self._conn
+        received = yield from self._leftovers()
+        if received:
+            conn.receive_data(received)
+        if not conn.replies_ready:
+            return
+        log.debug("the server replied before the end of the data; reading it after %s", exc)
+        conn.abandon_data()
+        conn.receive_data(b"")  # the driver has closed the connection
+        # The end of file (or an unreadable rest) after the replies that came ends it.
+        with contextlib.suppress(_SessionClosed, ServerProtocolError):
+            yield from self._answers_after_cut(transaction)
+        yield from self._closed()
+
+    def _answers_after_cut(self, transaction: _Transaction) -> Step[None]:
+        """The replies to the data (or to the BDAT chunk) cut short, from the bytes the
+        driver kept: see :meth:`_cut_short`."""
+        pending = self._conn.pending
+        if not pending:
+            return
+        head = pending[0]
+        if isinstance(head, Bdat) and not head.last:
+            reply = yield from self._reply("data_block")
+            if not reply.is_positive:
+                transaction.settle_all(reply)  # RFC 3030 §2: the message is refused
+            return
+        if not isinstance(head, EndOfData | Bdat):
+            return  # the data was not reached (the envelope's replies are another matter)
+        # The write that failed held the terminator (or came before it): the server never
+        # saw the end of the data, so a positive reply cannot mean it took the message
+        # (RFC 5321 §4.1.1.4: the reply comes after the end of the data). Only refusals
+        # count; a recipient "accepted" that way stays open (TRANSIENT).
+        if not self.config.lmtp:
+            reply = yield from self._reply("data_end")
+            if not reply.is_positive:
+                transaction.settle_all(reply)
+            return
+        # LMTP owes one reply per accepted recipient after the end of the data (RFC 2033
+        # §4.2). A server that stopped reading the data cannot have delivered it to
+        # anyone: one refusal before it hung up is its word on the whole message.
+        accepted = transaction.accepted()
+        replies: list[tuple[int, Reply]] = []
+        try:
+            for index in accepted:
+                event = yield from self._event("data_end")
+                replies.append((index, (yield from self._check_closing(event))))
+        finally:
+            if len(replies) == 1 and len(accepted) > 1 and not replies[0][1].is_positive:
+                transaction.settle_all(replies[0][1])
+            else:
+                for index, reply in replies:
+                    if not reply.is_positive:
+                        transaction.settle(index, reply)
 
     def _chunk_reply(self, transaction: _Transaction) -> Step[Reply]:
         """The reply to a BDAT chunk that is not the last, alone in flight (RFC 3030 §2).

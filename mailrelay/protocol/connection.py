@@ -209,6 +209,30 @@ class ClientConnection:
         return bool(self._replies or reader._buffer or reader._lines or reader.error)
 
     @property
+    def replies_ready(self) -> int:
+        """How many complete replies have been received and not taken yet (by
+        :meth:`next_event` or :meth:`next_replies`)."""
+        return len(self._replies)
+
+    def abandon_data(self) -> None:
+        """Record that the message data could not be written to its end (a write failed).
+
+        A server may answer before the end of the data (a size limit, a content filter)
+        and close the connection (RFC 5321 §3.8); the client then meets a closed connection
+        before it has sent the terminator. The reply it received meanwhile answers the
+        message as a whole, as the reply to the end of the data would: in ``State.DATA``
+        (the terminator not sent) the end of the data is recorded as sent and awaiting its
+        reply, with nothing to write. Elsewhere nothing changes: the terminator, or the
+        BDAT chunk (RFC 3030 §2), already awaits its reply.
+
+        Raises:
+            LocalProtocolError: the connection is in ``State.ERROR``.
+        """
+        self._check_usable()
+        if self._state is _DATA:
+            self.send(EndOfData())  # the bytes are never written: only the bookkeeping
+
+    @property
     def accepted_recipients(self) -> tuple[Address, ...]:
         """Recipients whose RCPT got a 2xx in the transaction being answered (LMTP bookkeeping)."""
         return tuple(rcpt.recipient for rcpt in self._accepted)

@@ -25,6 +25,12 @@ Rules:
   ``asyncio.timeout`` elsewhere); connecting and TLS handshakes use ``Timeouts.connect``.
 * I/O errors are translated (:mod:`mailrelay.transport.errors_map`), the connection is
   closed, and the error is thrown into the step at the failed request.
+* A failed write keeps what the server had sent, as in the blocking driver (at most
+  :data:`LEFTOVER_LIMIT` bytes, without waiting): the buffered bytes and, over plain text,
+  what the kernel still holds (asyncio stops reading a transport at its first write
+  error). Over TLS those records could no longer be decrypted, so message data
+  (``data_block``) waits, when the socket has something to read, for the event loop to
+  read it first (one ``poll`` per write of data over TLS).
 * Cancellation is never swallowed: a cancelled ``run`` closes the connection and re-raises.
 """
 
@@ -66,12 +72,16 @@ T = TypeVar("T")
 
 #: The most bytes one ``Read`` returns; also the buffer size at which reading pauses.
 READ_SIZE = 65536
+#: The most bytes kept, after a failed write, of what the server had sent (see
+#: :meth:`AsyncDriver._keep_leftovers`).
+LEFTOVER_LIMIT = 4 * READ_SIZE
 
 
 # What stopped a step in AsyncDriver._advance: a Read with nothing buffered; a Read that
 # needs the ordinary (slow) read, at the end of the connection; a Read whose limit passed;
-# writes waiting for the transport to drain; StartTLS or Close; the step's end.
-_WAIT, _READ, _TIMEOUT, _DRAIN, _OTHER, _DONE = range(6)
+# writes waiting for the transport to drain; StartTLS or Close; the step's end; message
+# data held back over TLS while the event loop reads what has arrived (_look_first).
+_WAIT, _READ, _TIMEOUT, _DRAIN, _OTHER, _DONE, _LOOK = range(7)
 
 # A timer that fires this close to the deadline counts as on time (the event loop runs
 # timers up to its clock resolution early).
@@ -156,6 +166,8 @@ class _Pipe(asyncio.Protocol):
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.drain_socket()
         self._eof = True
         self._error = exc
         self._wake()
@@ -163,6 +175,31 @@ class _Pipe(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def drain_socket(self) -> None:
+        """The connection failed (a write met a reset, say): before the event loop closes
+        the socket, buffer what the kernel still holds of the server's bytes (a reply sent
+        just before the server hung up), up to :data:`LEFTOVER_LIMIT`, without waiting.
+        Plain text only: over TLS the records are the TLS layer's to read."""
+        transport = self.transport
+        if transport is None or transport.get_extra_info("ssl_object") is not None:
+            return
+        raw = transport.get_extra_info("socket")
+        if raw is None:
+            return
+        try:
+            with socket.fromfd(raw.fileno(), raw.family, raw.type) as sock:
+                sock.setblocking(False)
+                for _ in range(LEFTOVER_LIMIT // READ_SIZE):
+                    if len(self._buffer) >= LEFTOVER_LIMIT:
+                        break
+                    data = sock.recv(READ_SIZE)
+                    if not data:
+                        break
+                    self.bytes_received += len(data)
+                    self._buffer.extend(data)
+        except (OSError, ValueError):
+            pass  # nothing more (would block), or a reset: what came is kept
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -415,6 +452,10 @@ class AsyncDriver:
         self._waiter: asyncio.Future[tuple[int, Any] | None] | None = None
         # When the reply being read must have come (loop time; see Read.resume).
         self._read_deadline = 0.0
+        # After a failed write: its error, and what the server had sent that no Read has
+        # taken yet (see _keep_leftovers).
+        self._write_error: DeliveryError | None = None
+        self._leftovers = b""
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -500,6 +541,11 @@ class AsyncDriver:
                         if payload is not None:  # a Read waited for the writes to drain
                             kind = _WAIT
                             continue
+                    elif kind is _LOOK:
+                        await self._look()
+                        if payload is not None:  # a Read waited for the writes to go
+                            kind = _WAIT
+                            continue
                     elif isinstance(payload, StartTLS):
                         if self._pending:
                             await self._flush()
@@ -510,7 +556,12 @@ class AsyncDriver:
                         raise TypeError(f"unknown I/O request {payload!r}")
                 except DeliveryError as exc:
                     self.close()
-                    error = exc
+                    if type(payload) is Read and exc is self._write_error and self._leftovers:
+                        # The writes a Read waited for failed, and the server had said
+                        # something first: that is the answer (the error comes after it).
+                        answer = self._take_leftovers()
+                    else:
+                        error = exc
                 kind, payload = self._advance(step, answer, error)
         except BaseException:
             # The step's own error, a cancellation (or a bug): the session is dead; never
@@ -551,14 +602,23 @@ class AsyncDriver:
                     if request.flush and not self._pending:
                         # The hot path (a pipelined group, nothing queued before it):
                         # straight to the transport, without the queue.
+                        if self._look_first(request.phase):
+                            self._writes.add(request)
+                            return _LOOK, None
                         self._writes.phase = request.phase
                         if not self._send(request.data):
                             return _DRAIN, None
-                    elif self._writes.add(request) and not self._send_pending():
-                        return _DRAIN, None
+                    elif self._writes.add(request):
+                        if self._look_first(request.phase):
+                            return _LOOK, None
+                        if not self._send_pending():
+                            return _DRAIN, None
                 elif kind is Read:
-                    if self._pending and not self._send_pending():
-                        return _DRAIN, request
+                    if self._pending:
+                        if self._look_first(self._writes.phase):
+                            return _LOOK, request
+                        if not self._send_pending():
+                            return _DRAIN, request
                     if self._transport is None or not pipe._buffer:
                         return _WAIT, request
                     read = cast("Read", request)
@@ -571,7 +631,10 @@ class AsyncDriver:
                     return _OTHER, request
             except DeliveryError as exc:
                 self.close()
-                error = exc
+                if kind is Read and exc is self._write_error and self._leftovers:
+                    answer = self._take_leftovers()  # as in run()
+                else:
+                    error = exc
 
     async def _wait(
         self, step: Generator[Request, bytes | None, Any], request: Read
@@ -666,9 +729,7 @@ class AsyncDriver:
             return self._pipe.write_now(data)
         except OSError as exc:
             phase = self._writes.phase
-            raise map_io_error(
-                exc, peer=self.peer, phase=phase, timeout=self._limits[phase]
-            ) from exc
+            raise self._write_failed(exc, phase, self._limits[phase]) from exc
 
     async def _drain(self) -> None:
         """Wait until the transport's buffer is low again, within the last write's phase."""
@@ -678,7 +739,65 @@ class AsyncDriver:
             async with asyncio.timeout(timeout):
                 await self._pipe.drain()
         except (OSError, TimeoutError) as exc:
-            raise map_io_error(exc, peer=self.peer, phase=phase, timeout=timeout) from exc
+            raise self._write_failed(exc, phase, timeout) from exc
+
+    def _write_failed(self, exc: BaseException, phase: str, timeout: float) -> DeliveryError:
+        """The error for a failed write, remembered with what the server had sent (see
+        :meth:`_keep_leftovers`)."""
+        self._keep_leftovers()
+        error = map_io_error(exc, peer=self.peer, phase=phase, timeout=timeout)
+        self._write_error = error
+        return error
+
+    def _look_first(self, phase: str) -> bool:
+        """Whether message data about to go out over TLS should wait until the event loop
+        has read what the server sent meanwhile (see :meth:`_look`).
+
+        A server may refuse a message part-way through its data and hang up (RFC 5321
+        §3.8). Over plain text the kernel keeps its reply for :meth:`_keep_leftovers`;
+        over TLS a write that meets the reset ends the transport at once, and the TLS
+        records still in the kernel can no longer be decrypted: the reply is lost. So,
+        in the data phase, when the socket has something to read (one ``poll``), the
+        data waits for the event loop's read. Elsewhere, and over plain text, writes go
+        out at once."""
+        if phase != "data_block":
+            return False
+        transport = self._transport
+        if transport is None or transport.get_extra_info("ssl_object") is None:
+            return False
+        sock = transport.get_extra_info("socket")
+        return sock is not None and _readable(sock.fileno())
+
+    async def _look(self) -> None:
+        """Let the event loop read what has arrived, then send the writes held back (see
+        :meth:`_look_first`). The loop reads in the turn after the one this task yields
+        in, so it yields twice."""
+        for _ in range(2):
+            await asyncio.sleep(0)
+        if self._pending:
+            await self._flush()
+
+    def _keep_leftovers(self) -> None:
+        """After a failed write: keep what the server has sent and no Read has taken, up to
+        :data:`LEFTOVER_LIMIT` bytes, without waiting (see the blocking driver's
+        ``_keep_leftovers``: a reply sent before the server hung up). The connection is
+        closed by the caller, as after any error; the Reads that follow get these bytes,
+        then the write's error again (a Read whose held-back writes failed gets them at
+        once, in place of the error)."""
+        pipe = self._pipe
+        # A write that fails in the transport ends it at once, before the event loop has
+        # read what the kernel holds: that is read here, while the socket is still open.
+        pipe.drain_socket()
+        kept = bytearray()
+        while pipe.buffered and len(kept) < LEFTOVER_LIMIT:
+            kept += pipe.take()
+        self._leftovers = bytes(kept)
+
+    def _take_leftovers(self) -> bytes:
+        """The next Read's share of what :meth:`_keep_leftovers` kept."""
+        data = self._leftovers[:READ_SIZE]
+        self._leftovers = self._leftovers[READ_SIZE:]
+        return data
 
     def _started(self, request: Read) -> None:
         """Start the time limit of the reply ``request`` begins to wait for (unless it
@@ -701,6 +820,11 @@ class AsyncDriver:
         return self._read_deadline
 
     async def _read(self, request: Read) -> bytes:
+        if self._transport is None and self._write_error is not None:
+            # After a failed write: what the server had sent, then the write's error.
+            if self._leftovers:
+                return self._take_leftovers()
+            raise self._write_error
         self._live()
         now = asyncio.get_running_loop().time()
         deadline = self._deadline_for(request, now)  # set even when no wait follows

@@ -29,6 +29,12 @@ Rules:
   the socket is closed, and the translated error is thrown into the step at the request that
   failed (the step may still yield ``Close``, which is answered), so it reaches the caller
   as a :class:`~mailrelay.errors.DeliveryError`.
+* A failed write (a reset, a broken pipe, its time limit) first keeps what the server had
+  already sent, read without waiting, at most :data:`LEFTOVER_LIMIT` bytes: a server may
+  refuse a message part-way through its data and hang up, and its reply is then in the
+  kernel, unread. The Reads that follow get those bytes, then the write's error again; a
+  Read whose held-back writes failed gets them at once instead of the error. What the
+  bytes mean is the dialogue's business (``_Delivery._cut_short`` in :mod:`mailrelay.flow`).
 * A server that sends nothing before the greeting times out, when the policy is not
   ``TLS.IMPLICIT``, is probed with a TLS handshake: if it answers one, it expects implicit
   TLS, and the error says "use TLS.IMPLICIT" instead of merely "timed out".
@@ -74,6 +80,9 @@ T = TypeVar("T")
 
 #: The most bytes one ``Read`` takes from the socket.
 READ_SIZE = 65536
+#: The most bytes kept, after a failed write, of what the server had sent (see
+#: :meth:`SyncDriver._keep_leftovers`): a few replies' worth (a reply is at most 64 KiB).
+LEFTOVER_LIMIT = 4 * READ_SIZE
 
 # Kernel time limits take a ``struct timeval`` on Linux and the BSDs (Windows wants
 # milliseconds and is left to CPython's own timeouts).
@@ -221,6 +230,10 @@ class SyncDriver:
         self._kernel_limits = False
         # When the reply being read must have come (see Read.resume).
         self._deadline = 0.0
+        # After a failed write: its error, and what the server had sent that no Read has
+        # taken yet (see _keep_leftovers).
+        self._write_error: DeliveryError | None = None
+        self._leftovers = b""
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         # Timeouts.for_phase checks the name each time; the phases are a fixed set.
@@ -338,7 +351,12 @@ class SyncDriver:
                     raise TypeError(f"unknown I/O request {request!r}")
             except DeliveryError as exc:
                 self.close()
-                error = exc
+                if kind is Read and exc is self._write_error and self._leftovers:
+                    # The writes sent before this Read failed, and the server had said
+                    # something first: that is the answer (the error comes after it).
+                    answer = self._take_leftovers()
+                else:
+                    error = exc
 
     def _flush(self) -> None:
         """Send every pending write, limited by the last write's phase timeout."""
@@ -358,7 +376,42 @@ class SyncDriver:
                 self._send_rest(sock, memoryview(data)[sent:], timeout)
         except (OSError, ValueError) as exc:
             error = _expired(exc) if isinstance(exc, OSError) else exc
-            raise map_io_error(error, peer=self.peer, phase=phase, timeout=timeout) from exc
+            self._keep_leftovers(sock)
+            mapped = map_io_error(error, peer=self.peer, phase=phase, timeout=timeout)
+            self._write_error = mapped
+            raise mapped from exc
+
+    def _keep_leftovers(self, sock: socket.socket) -> None:
+        """After a failed write: keep what the server has already sent, without waiting.
+
+        A server may answer before the end of the data and hang up (RFC 5321 §3.8:
+        ``552``/``554`` part-way through a message); the write that meets the closed
+        connection fails before the reply is read. The kernel still holds the reply (it
+        came before the reset), so it is read now, up to :data:`LEFTOVER_LIMIT` bytes,
+        without waiting (the write already had the phase's limit). The socket is closed by
+        the caller, as after any error; the Reads that follow get these bytes, then the
+        write's error again (a Read whose held-back writes failed gets them at once, in
+        place of the error): the dialogue decides what they mean.
+        """
+        kept = bytearray()
+        try:
+            sock.settimeout(0.0)
+            self._timeout = None
+            for _ in range(LEFTOVER_LIMIT // READ_SIZE):
+                count = sock.recv_into(self._buffer)
+                if not count:
+                    break
+                kept += self._view[:count]
+        except (OSError, ValueError):
+            pass  # nothing more (would block), a reset, or a TLS end: what came is kept
+        self.bytes_received += len(kept)
+        self._leftovers = bytes(kept)
+
+    def _take_leftovers(self) -> bytes:
+        """The next Read's share of what :meth:`_keep_leftovers` kept."""
+        data = self._leftovers[:READ_SIZE]
+        self._leftovers = self._leftovers[READ_SIZE:]
+        return data
 
     def _send_rest(self, sock: socket.socket, rest: memoryview, timeout: float) -> None:
         """Send what the first ``send`` left, all of it within ``timeout`` of now (roughly:
@@ -374,6 +427,11 @@ class SyncDriver:
     def _read(self, request: Read) -> bytes:
         sock = self._sock
         if sock is None:
+            if self._write_error is not None:
+                # After a failed write: what the server had sent, then the write's error.
+                if self._leftovers:
+                    return self._take_leftovers()
+                raise self._write_error
             raise closed_error(self.peer)
         timeout = self._limits[request.phase]
         try:
