@@ -255,12 +255,16 @@ def long_address_list(name: str, mailboxes: Sequence[tuple[str, str]]) -> str:
     pieces: list[str] = []
     width = len(name) + 2
     encoded = False  # whether the current line holds an encoded-word
-    for display_name, addr_spec in mailboxes:
-        for position, token in enumerate(_mailbox_tokens(display_name, addr_spec)):
+    last = len(mailboxes) - 1
+    for index, (display_name, addr_spec) in enumerate(mailboxes):
+        tokens = _mailbox_tokens(display_name, addr_spec)
+        for position, token in enumerate(tokens):
             is_word = token.startswith("=?")
             limit = _MAX_EW_LINE if encoded or is_word else _MAX_LINE
             separator = "" if not pieces else ", " if position == 0 else " "
-            if pieces and width + len(separator) + len(token) > limit:
+            # Room for the comma that follows a mailbox's last token.
+            comma = 1 if position == len(tokens) - 1 and index < last else 0
+            if pieces and width + len(separator) + len(token) + comma > limit:
                 pieces.append(separator.rstrip(" ") + "\r\n ")
                 width = 1
                 encoded = False

@@ -10,6 +10,8 @@ length (the email package's folder is quadratic: a 1.2 MB custom field used to h
 from __future__ import annotations
 
 import email.header
+import email.headerregistry
+import email.policy
 import re
 import subprocess
 import sys
@@ -33,6 +35,7 @@ from mailrelay._buildargs import (
     MAX_STRUCTURED_CHARS,
     MAX_TYPE_NAME_CHARS,
 )
+from mailrelay.address import Address
 from mailrelay.errors import MessageError
 from mailrelay.message import MAX_HEADER_BYTES, Attachment, ListHeaders, Message
 
@@ -342,3 +345,57 @@ def test_long_fields_do_not_hang_build() -> None:
         "SMTPUTF8 To list built",
         "display name refused",
     ]
+
+
+list_names = st.one_of(
+    st.just(""),
+    st.sampled_from(["Ann Smith", "Doe, J", "  spaced  ", 'q"uote\\', "=?utf-8?q?x?=", "Zoë"]),
+    st.text(st.sampled_from(list("ab Z.,;:<>@()\"'\\é例😀\t=?_")), min_size=1, max_size=120),
+)
+
+
+@given(
+    boxes=st.lists(
+        st.tuples(list_names, st.from_regex(r"[a-z0-9]{1,10}", fullmatch=True)),
+        min_size=1,
+        max_size=40,
+    )
+)
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_property_long_address_lists_read_back_exactly(boxes: list[tuple[str, str]]) -> None:
+    mailboxes = [(name, f"{local}@x.example") for name, local in boxes]
+    folded = _mime.long_address_list("To", mailboxes)
+    lines = f"To: {folded}".split("\r\n")
+    for line in lines:
+        assert len(line) <= (76 if "=?" in line and '"' not in line else MAX_LINE_CHARS)
+        assert line.strip(" \t"), "a line of white space only"
+    parsed = email.policy.default.header_factory("To", re.sub(r"\r\n(?=[ \t])", "", folded))
+    assert isinstance(parsed, email.headerregistry.AddressHeader)
+    # Addresses exactly; display names as the email package reads them, which makes
+    # a run of white space in an encoded-word one space (and keeps it in a quoted
+    # string)...
+    shown = [(a.display_name.split(), a.addr_spec) for a in parsed.addresses]
+    assert shown == [(name.split(), spec) for name, spec in mailboxes]
+    # ...so each name is checked exactly here, decoded as RFC 2047 §6 reads it.
+    for name, spec in mailboxes:
+        *phrase, last = _mime._mailbox_tokens(name, spec)
+        assert last == (f"<{spec}>" if name else spec)
+        text = " ".join(phrase)
+        if text.startswith("=?"):
+            assert unfold_and_decode(text) == name
+        elif text.startswith('"'):
+            assert re.sub(r"\\(.)", r"\1", text[1:-1]) == name
+        else:
+            assert text == name
+
+
+def test_a_large_header_block_is_written_by_the_linear_folders_and_reads_back() -> None:
+    names = ["Ann Smith", "Doe, J", "Zoë Ünïcode", "  spaced  ", "=?utf-8?q?x?="]
+    to = [(names[n % len(names)], f"u{n}@x.example") for n in range(2000)]
+    message = Message.build(sender=SENDER, to=to, subject="Grüße " * 10, text="x")
+    parsed = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+    field = parsed["To"]
+    assert isinstance(field, email.headerregistry.AddressHeader)
+    assert [(a.display_name, a.addr_spec) for a in field.addresses] == to
+    assert str(parsed["Subject"]) == "Grüße " * 10
+    assert message.get_addresses("To") == tuple(Address.parse(spec) for _, spec in to)
