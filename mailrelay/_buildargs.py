@@ -14,6 +14,13 @@ Rules this module keeps:
   parameters.
 * RFC 5322 §3.6.4: a Message-ID is ``id-left@id-right``; RFC 6838 §4.2: a
   content type is ``type/subtype`` of restricted-name characters.
+* Every item has a size limit, checked before any other work on it, so that
+  hostile input is refused in time linear in its length: display names and file
+  names of at most 998 characters, field names that fit a line with their colon
+  (RFC 5322 §2.1.1), type and subtype names of at most 127 (RFC 6838 §4.2), and
+  custom fields the email package parses as structured (``Resent-To``...) of at
+  most :data:`MAX_STRUCTURED_CHARS` together. A lone surrogate (no UTF-8 form) is
+  refused wherever CR and LF are.
 * Without SMTPUTF8 an address's domain is written in A-label form (RFC 5890).
 * Mailing-list fields (:class:`~mailrelay.message.ListHeaders`): every URI is
   written between angle brackets (RFC 2369 §2), is ``mailto:``, ``https:`` or

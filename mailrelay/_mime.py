@@ -15,6 +15,11 @@ exactly as the general path would be read back, and refuses everything else:
 * addresses: given as ready ``(display name, addr-spec)`` pairs with ASCII
   addr-specs (a non-ASCII local part needs the RFC 6532 form: general path).
 
+It also writes, for the general path, what the email package would fold in time
+quadratic in a field's length: long unstructured values (:func:`long_unstructured`)
+and long address lists (:func:`long_address_list`), exactly (unfolded and decoded,
+they give the text back) and in linear time.
+
 Rules this module keeps:
 
 * RFC 5322 §2.1.1: header lines are at most 78 characters; folding inserts CRLF

@@ -37,6 +37,17 @@ Rules this module keeps:
   message is then written in the RFC 6532 form (raw UTF-8 headers and 8-bit
   bodies) and needs a server that offers SMTPUTF8 (which implies 8BITMIME,
   RFC 6531 §3.1).
+* :meth:`Message.build` refuses, with a :class:`~mailrelay.errors.MessageError`
+  naming the field, what :meth:`Message.from_bytes` would refuse to read back: a
+  header block over :data:`MAX_HEADER_BYTES` (``Bcc`` fields counted, as the general
+  path writes and parses them). It checks the fields' least sizes before writing
+  anything, so the refusal is fast, and the written block again; it never writes a
+  line over 998 characters (RFC 5322 §2.1.1). Single items have limits of their own
+  (display names, addresses, field names, file names, Message-IDs; see
+  :mod:`mailrelay._buildargs`), and everything under them is written in time linear
+  in its length: long values and address lists, and every field of a large header
+  block, are folded by :mod:`mailrelay._mime`, not by the email package, whose
+  folder takes time quadratic in a field's length.
 * :meth:`Message.build` writes simple messages (text and/or HTML, few
   attachments, ordinary header text) directly and everything else through the
   email package; both paths give the same fields in the same order, and text
@@ -147,8 +158,9 @@ class Attachment:
 
     Raises:
         MessageError: from the constructor: CR, LF, NUL or another line break in
-            the file name or content type, a content type that is not
-            ``type/subtype``, or data that is not bytes.
+            the file name or content type, a file name over 998 characters, a
+            content type that is not ``type/subtype`` or has a type or subtype name
+            over 127 characters (RFC 6838 §4.2), or data that is not bytes.
 
     Attributes:
         filename: the name the recipient sees (non-ASCII names are written with
@@ -350,7 +362,15 @@ class Message:
                 header name, a repeated managed field, a bad content type,
                 Message-ID or date, ``list_headers`` that is not a
                 :class:`ListHeaders` or beside a ``List-*`` field in ``headers``,
-                or a list field too long for a line.
+                or a list field too long for a line; a header block over
+                :data:`MAX_HEADER_BYTES` (``Bcc`` included), which
+                :meth:`from_bytes` would refuse; a display name over 998
+                characters, an address given as text over 2994, a header name over
+                995, a Message-ID that does not fit a 998-character line, custom
+                ``Sender``/``Resent-*``/``Date``/``Message-ID`` fields over 8192
+                characters together, a lone surrogate in any of them (an attachment's
+                file name over 998 characters, or its type or subtype over 127,
+                raises from :class:`Attachment`).
             InvalidAddress: an address that is not a valid envelope address.
         """
         author = _mailbox("sender", sender)
