@@ -31,6 +31,9 @@ Findings (each test failed before its fix):
   the recipients of a part whose MAIL met the 421 stay TRANSIENT though the server never
   took the message for them (not sent on: flow/transaction.py gives them the 421's
   error, not the "session ended" reason that would send them on another connection).
+* (Held:) MX delivery finishes a split message on the next exchanger when the first one
+  refuses the rest (421 to MAIL), each recipient once, in envelope order, each naming
+  the exchanger that took it (both transports).
 * (Held, and kept by the fixes above:) past the timeout, a running program is stopped
   with its standard input still open, never given an end of file that would let it
   queue a truncated message.
@@ -55,6 +58,7 @@ from typing import Any
 
 import attrs
 import pytest
+from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as ServerEnvelope
 from aiosmtpd.smtp import Session as ServerSession
@@ -67,10 +71,13 @@ from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.testing.server import ReceivedMessage, SMTPTestServer
 from mailrelay.transport import sendmail
+from mailrelay.transport.mx import MXTransport
+from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.sendmail import SendmailTransport
 from mailrelay.transport.settings import PoolSettings
 from tests.peers.aiosmtpd_server import HOSTNAME, _LMTPController
 from tests.peers.scripted import free_port
+from tests.peers.unbound import UnboundServer
 from tests.transport.helpers import FLAVOURS, Flavour, run, send_many_with, send_with
 from tests.transport.test_recipient_limits import LimitsHandler, serving
 
@@ -434,3 +441,65 @@ def test_recipients_retried_in_a_timed_out_transaction_are_not_sent_again(
         got = Counter(rcpt for message in arrived for rcpt in message.rcpt_tos)
     assert max(got.values()) == 1, got
     assert [r.outcome for r in result.recipients[2:]] == [Outcome.TRANSIENT] * 2
+
+
+class RefusesAfterFirstMail(LimitsHandler):
+    """Announces LIMITS; takes one transaction in its whole life, then answers every MAIL
+    with 421 (an exchanger that went away for a while)."""
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: ServerSession,
+        envelope: ServerEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if self.messages or sum(self.per_session.values()):
+            self.over += 1
+            return "421 4.3.2 Going away"
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+
+@contextlib.contextmanager
+def serving_at(handler: LimitsHandler, host: str, port: int) -> Iterator[None]:
+    controller = Controller(
+        handler, hostname=host, port=port, server_hostname=HOSTNAME, decode_data=False
+    )
+    controller.start()
+    try:
+        yield
+    finally:
+        controller.stop()
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_mx_finishes_a_split_message_on_the_next_exchanger(
+    flavour: Flavour, unbound: UnboundServer
+) -> None:
+    """mx2.test: MX 10 at 127.0.0.1, MX 20 at 127.0.0.2. The first exchanger takes one
+    transaction (MAILMAX=1, RCPTMAX=2), then refuses MAIL with 421: the rest of the
+    message goes to the second exchanger, each recipient exactly once, in envelope order."""
+    first = RefusesAfterFirstMail(rcpt_max=2, mail_max=1)
+    second = LimitsHandler(rcpt_max=2, mail_max=1)
+    port = free_port()
+    to = [f"user{i}@mx2.test" for i in range(7)]
+    message = tagged(to)
+    settings: dict[str, Any] = {"port": port, "tls": TLS.NONE, "timeouts": Timeouts.all(10)}
+    with serving_at(first, "127.0.0.1", port), serving_at(second, "127.0.0.2", port):
+        if flavour == "sync":
+            with MXTransport(unbound.resolver(), **settings) as mx:
+                result = mx.send(message)
+        else:
+
+            async def main() -> DeliveryResult:
+                async with AsyncMXTransport(unbound.async_resolver(), **settings) as mx:
+                    return await mx.asend(message)
+
+            result = run(main())
+    assert result.ok, result
+    assert [str(r.address) for r in result.recipients] == to
+    assert received(first) == Counter(to[:2])
+    assert received(second) == Counter(to[2:])
+    hosts = [f"mx1.mx2.test[127.0.0.1]:{port}"] * 2 + [f"mx2.mx2.test[127.0.0.2]:{port}"] * 5
+    assert [r.host for r in result.recipients] == hosts
