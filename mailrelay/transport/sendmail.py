@@ -26,9 +26,16 @@ Rules of this module:
   default); with ``smtputf8=False`` a message whose envelope needs SMTPUTF8 is refused before
   sending, every recipient ``PERMANENT``, as an SMTP server without SMTPUTF8 would have it.
   UTF-8 in the message's own header fields is the MTA's business (Postfix detects it too).
-* DSN (RFC 3461): the envelope's RET goes as ``-R full|hdrs``, its ENVID as ``-V envid``
-  and the recipients' NOTIFY as ``-N success,failure,delay`` (or ``never``); Postfix's and
-  Sendmail's sendmail(1) take these options. ``-N`` holds for the whole command, so
+* DSN (RFC 3461): the envelope's RET goes as ``-Rfull|hdrs``, its ENVID as ``-Venvid``
+  and the recipients' NOTIFY as ``-Nsuccess,failure,delay`` (or ``never``), each value
+  attached to its option; Postfix's, Sendmail's, OpenSMTPD's and msmtp's sendmail take
+  these options in either form. Exim's does not: a lone ``-N`` is its "do not deliver"
+  debugging option (open to any caller submitting a message; it exits 0, a silent loss),
+  ``-R`` starts a queue run. So a program whose real path (links followed) is named
+  ``exim...`` gets no DSN options, as an SMTP server without DSN gets no DSN parameters;
+  and the values are attached so that an Exim not recognised so refuses the command
+  loudly ("unknown, malformed, or incomplete option") instead. ``-N`` holds for the
+  whole command, so
   recipients asking for different NOTIFY values are handed over by one process each (in
   the order their values first appear). ORCPT has no command-line option and is not passed.
   REQUIRETLS (RFC 8689) cannot be asked of the program, so such an envelope is refused
@@ -222,7 +229,17 @@ def _path(address: Address) -> str:
 def _notify_option(notify: frozenset[Notify] | None) -> list[str]:
     if notify is None:
         return []
-    return ["-N", ",".join(n.value.lower() for n in _NOTIFY_ORDER if n in notify)]
+    # Attached to its option: Exim reads a lone "-N" as "do not deliver" (see the module
+    # docstring); getopt-based programs read both forms alike.
+    return ["-N" + ",".join(n.value.lower() for n in _NOTIFY_ORDER if n in notify)]
+
+
+def _takes_dsn_options(command: str) -> bool:
+    """Whether the program at ``command`` is one that takes ``-N``, ``-R`` and ``-V`` as
+    DSN options: not Exim (``/usr/sbin/sendmail`` is a link to ``exim4`` on Debian), for
+    which ``-N`` means "do not deliver" and ``-R`` a queue run."""
+    name = os.path.basename(os.path.realpath(command)).lower()
+    return not name.startswith("exim")
 
 
 def _argv_runs(paths: Sequence[str]) -> Iterator[tuple[int, int]]:
@@ -309,6 +326,9 @@ class SendmailTransport(Transport, AsyncTransport):
         self.timeout = float(timeout)
         #: Whether non-ASCII local parts are passed (as UTF-8).
         self.smtputf8 = bool(smtputf8)
+        #: Whether the envelope's DSN requests are passed (``-N``, ``-R``, ``-V``): not
+        #: to Exim, which reads those options otherwise.
+        self.dsn = _takes_dsn_options(self.command)
         self._queued = Reply.of(250, f"2.0.0 Ok: queued by the local MTA ({self.command})")
 
     def __repr__(self) -> str:
@@ -326,10 +346,10 @@ class SendmailTransport(Transport, AsyncTransport):
             return plan
         sender = "<>" if envelope.sender is None else _path(envelope.sender)
         common = [self.command, *self.arguments, "-i", "-f", sender]
-        if envelope.ret is not None:
-            common += ["-R", envelope.ret.value.lower()]
-        if envelope.envid is not None:
-            common += ["-V", envelope.envid]
+        if self.dsn and envelope.ret is not None:
+            common.append("-R" + envelope.ret.value.lower())
+        if self.dsn and envelope.envid is not None:
+            common.append("-V" + envelope.envid)
         groups: dict[frozenset[Notify] | None, tuple[list[int], list[str]]] = {}
         for index, recipient in enumerate(recipients):
             path = _path(recipient.address)
@@ -339,7 +359,8 @@ class SendmailTransport(Transport, AsyncTransport):
                     recipient, f"not passed to the sendmail program: {problem}"
                 )
                 continue
-            positions, paths = groups.setdefault(recipient.notify, ([], []))
+            notify = recipient.notify if self.dsn else None
+            positions, paths = groups.setdefault(notify, ([], []))
             positions.append(index)
             paths.append(path)
         for notify, (positions, paths) in groups.items():

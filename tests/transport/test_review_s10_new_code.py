@@ -26,6 +26,13 @@ Findings (each test failed before its fix):
 * SendmailTransport: an envelope whose recipients overflow the system's ARG_MAX (80,000
   recipients on Linux) could never be handed over (E2BIG: a transient ConnectError at
   every retry). The recipients now go in runs of at most 128 KiB of command line.
+* SendmailTransport with Exim as the sendmail program (Debian's default MTA): NOTIFY
+  went as ``-N success,failure``, and Exim reads a lone ``-N`` as its "do not deliver"
+  option (allowed to any caller submitting a message): exit 0, every recipient
+  ACCEPTED, the message never delivered. ``-R`` and ``-V`` (a queue run, an unknown
+  option there) made every such message fail for ever. DSN values are now attached
+  (``-Nsuccess,failure``: one form for getopt programs, a loud refusal from an Exim not
+  recognised), and a program whose real name starts with ``exim`` gets no DSN options.
 * (Held:) split messages in a batch meeting an unannounced per-connection MAIL cap (421)
   are never delivered twice, through both drivers, SMTP and LMTP, and pools of 1 and 4;
   the recipients of a part whose MAIL met the 421 stay TRANSIENT though the server never
@@ -63,7 +70,7 @@ from aiosmtpd.smtp import SMTP
 from aiosmtpd.smtp import Envelope as ServerEnvelope
 from aiosmtpd.smtp import Session as ServerSession
 
-from mailrelay.envelope import Envelope
+from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import DeliveryTimeout, LocalMTAError
 from mailrelay.flow.bookkeeping import TOO_MANY_REASON
 from mailrelay.message import Message
@@ -503,3 +510,52 @@ def test_mx_finishes_a_split_message_on_the_next_exchanger(
     assert received(second) == Counter(to[2:])
     hosts = [f"mx1.mx2.test[127.0.0.1]:{port}"] * 2 + [f"mx2.mx2.test[127.0.0.2]:{port}"] * 5
     assert [r.host for r in result.recipients] == hosts
+
+
+DSN_ENVELOPE = Envelope(
+    "a@example.com",
+    [Recipient("b@example.com", notify="SUCCESS,FAILURE"), Recipient("c@example.com")],
+    ret="HDRS",
+    envid="id42",
+)
+
+
+def test_sendmail_dsn_values_are_attached_to_their_options(tmp_path: Path) -> None:
+    """Exim's sendmail takes a lone ``-N`` as "do not deliver" (a debugging option any
+    caller may use on a message it submits) and exits 0: ``-N success,failure`` lost the
+    message silently there. Attached (``-Nsuccess,failure``), every getopt-based program
+    (Postfix, Sendmail, OpenSMTPD, msmtp) reads the same, and Exim refuses it loudly."""
+    program, log = recording_program(tmp_path)
+    result = SendmailTransport(program).send(tagged(["b@example.com"]), DSN_ENVELOPE)
+    assert result.ok
+    argvs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(argvs) == sorted(
+        [
+            [
+                "-i",
+                "-f",
+                "a@example.com",
+                "-Rhdrs",
+                "-Vid42",
+                "-Nsuccess,failure",
+                "--",
+                "b@example.com",
+            ],
+            ["-i", "-f", "a@example.com", "-Rhdrs", "-Vid42", "--", "c@example.com"],
+        ]
+    )
+
+
+@pytest.mark.parametrize("name", ["exim4", "exim"])
+def test_sendmail_to_exim_passes_no_dsn_options(tmp_path: Path, name: str) -> None:
+    """/usr/sbin/sendmail a link to Exim (Debian's default MTA): no -N, -R, -V (Exim
+    reads them as "do not deliver" and queue-run options), as an SMTP server without DSN
+    gets no DSN parameters; the recipients go in one process."""
+    program, log = recording_program(tmp_path)
+    real = program.rename(tmp_path / name)
+    (tmp_path / "sendmail").symlink_to(real)
+    transport = SendmailTransport(tmp_path / "sendmail")
+    result = transport.send(tagged(["b@example.com"]), DSN_ENVELOPE)
+    assert result.ok
+    argvs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert argvs == [["-i", "-f", "a@example.com", "--", "b@example.com", "c@example.com"]]

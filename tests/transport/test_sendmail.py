@@ -240,29 +240,19 @@ def test_command_line_and_message_bytes(flavour: Flavour, tmp_path: Path) -> Non
         (Envelope(None, ["bob@example.com"]), ["-i", "-f", "<>", "--", "bob@example.com"]),
         (
             Envelope("a@example.com", ["b@example.com"], ret="HDRS", envid="id 42+x"),
-            ["-i", "-f", "a@example.com", "-R", "hdrs", "-V", "id 42+x", "--", "b@example.com"],
+            ["-i", "-f", "a@example.com", "-Rhdrs", "-Vid 42+x", "--", "b@example.com"],
         ),
         (
             Envelope("a@example.com", ["b@example.com"], ret="FULL", notify="SUCCESS,FAILURE"),
-            [
-                "-i",
-                "-f",
-                "a@example.com",
-                "-R",
-                "full",
-                "-N",
-                "success,failure",
-                "--",
-                "b@example.com",
-            ],
+            ["-i", "-f", "a@example.com", "-Rfull", "-Nsuccess,failure", "--", "b@example.com"],
         ),
         (
             Envelope("a@example.com", ["b@example.com"], notify="NEVER"),
-            ["-i", "-f", "a@example.com", "-N", "never", "--", "b@example.com"],
+            ["-i", "-f", "a@example.com", "-Nnever", "--", "b@example.com"],
         ),
         (
             Envelope("a@example.com", ["b@example.com"], notify="DELAY,FAILURE,SUCCESS"),
-            ["-i", "-f", "a@example.com", "-N", "success,failure,delay", "--", "b@example.com"],
+            ["-i", "-f", "a@example.com", "-Nsuccess,failure,delay", "--", "b@example.com"],
         ),
         # A-label domains; address literals as they are.
         (
@@ -314,8 +304,7 @@ def test_recipients_asking_for_different_notify_go_in_one_process_each(
             "-i",
             "-f",
             "a@example.com",
-            "-N",
-            "success",
+            "-Nsuccess",
             "--",
             "one@example.com",
             "three@example.com",
@@ -328,7 +317,7 @@ def test_recipients_asking_for_different_notify_go_in_one_process_each(
 def test_one_notify_group_failing_does_not_hide_the_queued_one(
     flavour: Flavour, tmp_path: Path
 ) -> None:
-    # The fake fails the run that gets "-N never" (so the second group).
+    # The fake fails the run that gets "-Nnever" (so the second group).
     log = tmp_path / "runs.jsonl"
     program = fake(
         tmp_path,
@@ -336,7 +325,7 @@ def test_one_notify_group_failing_does_not_hide_the_queued_one(
         import sys
         sys.stdin.buffer.read()
         open({str(log)!r}, "a").write(" ".join(sys.argv[1:]) + "\\n")
-        sys.exit(67 if "never" in sys.argv else 0)
+        sys.exit(67 if "-Nnever" in sys.argv else 0)
         """,
     )
     envelope = Envelope(
