@@ -437,10 +437,7 @@ class _AsyncSMTPBase(AsyncTransport):
                             results[index] = result
                         # As in SMTPTransport.send_many: a batch that ended early
                         # may leave recipients unsent without counting them.
-                        if (
-                            connection.session.left_unsent != unsent
-                            or outcome.error is not None
-                        ):
+                        if connection.session.left_unsent != unsent or outcome.error is not None:
                             follow.extend(
                                 (index, *pair)
                                 for index, pair, result in zip(ours, chunk, settled, strict=False)
