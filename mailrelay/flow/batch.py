@@ -29,7 +29,7 @@ from mailrelay.flow.bookkeeping import (
     _Transaction,
 )
 from mailrelay.flow.core import _trace, log
-from mailrelay.flow.requests import Step, Write, _read_request
+from mailrelay.flow.requests import _PEEK, Step, Write, _read_request
 from mailrelay.flow.transaction import _DATA, _Delivery
 from mailrelay.message import Message
 from mailrelay.protocol import (
@@ -278,6 +278,12 @@ class _Batch(_Delivery):
         reason = ""
         try:
             for index, (message, envelope) in enumerate(items):
+                if self.closed:
+                    # Ended by the dialogue after an answer (see _Delivery._answered_early):
+                    # the rest go on another connection.
+                    raise self._closing_error or ConnectionLost(
+                        "the session is closed", host=self.config.peer
+                    )
                 if ahead is not None and ahead[0] == index:
                     transaction = ahead[1]
                 else:
@@ -328,6 +334,10 @@ class _Batch(_Delivery):
                 group.append(_DATA)
                 self._needs_rset = True
                 if not lmtp:
+                    if len(carry) == 1 and previous is not None:
+                        # Only the terminator is left (the data went at its 354): has the
+                        # server answered before it?
+                        yield from self._early_in_batch(previous[1])
                     # One write: the previous message's data and terminator (if any), then
                     # this message's envelope (RFC 2920 §3.1).
                     conn = self._conn
@@ -342,7 +352,15 @@ class _Batch(_Delivery):
                         wire = b"".join(pieces)
                     else:
                         wire = conn.send_group(commands)
-                    yield _flushed_write(wire, "mail")
+                    try:
+                        yield _flushed_write(wire, "mail")
+                    except DeliveryError as exc:
+                        if previous is not None:
+                            # The previous message's terminator was in this write or before
+                            # it: the server may have answered it (or refused the message
+                            # part-way) before it hung up (see _Delivery._cut_short).
+                            yield from self._cut_short(exc, previous[1], terminator_sent=True)
+                        raise
                     self.transactions += 1
                     # While the server reads that: record the message answered last time,
                     # and get the next one ready (its envelope cannot be sent before this
@@ -398,7 +416,11 @@ class _Batch(_Delivery):
                         previous = (index, transaction)
                         if message.size > _EARLY_DATA:
                             # The data now, the terminator later (see _EARLY_DATA).
-                            yield _flushed_write(conn.send_group(carry[:1]), "data_block")
+                            try:
+                                yield _flushed_write(conn.send_group(carry[:1]), "data_block")
+                            except DeliveryError as exc:
+                                yield from self._cut_short(exc, transaction)
+                                raise
                             carry = carry[1:]
                     elif (yield from self._data_body(message, transaction, data_reply)):
                         previous = (index, transaction)
@@ -431,6 +453,8 @@ class _Batch(_Delivery):
                 yield from reader
                 results[done] = _result_of(transactions, done)
             if carry:
+                if len(carry) == 1 and previous is not None:
+                    yield from self._early_in_batch(previous[1])
                 yield Write(data=self._conn.send_group(carry), phase="data_block")
             if previous is not None:
                 done, done_transaction = previous
@@ -443,11 +467,6 @@ class _Batch(_Delivery):
             what = "closed the session (421)" if closed.reply else "closed the connection"
             reason = f"the server {what} before a final reply"
         except DeliveryError as exc:
-            if previous is not None:
-                # A write failed with a message's data in it (its data, or its terminator
-                # with the next envelope): the server may have refused that message before
-                # it hung up, and the driver kept what it said (see _Delivery._cut_short).
-                yield from self._cut_short(exc, previous[1])
             yield from self._closed()
             error = exc
             reason = f"{type(exc).__name__} before a final reply: {exc}"
@@ -462,6 +481,16 @@ class _Batch(_Delivery):
                     begun.unfinished(error.reply, reason)
                     results[index] = begun.result()
         return BatchOutcome(results=tuple(results), error=error)
+
+    def _early_in_batch(self, transaction: _Transaction) -> Step[None]:
+        """Before a terminator whose data went out before it: a reply that came meanwhile
+        answers that message and ends the session (see :meth:`_answered_early`), which
+        ends the batch: raises the error that says so."""
+        early = yield _PEEK
+        if early is not None and (yield from self._answered_early(early, transaction)):
+            raise self._closing_error or ConnectionLost(
+                "the session is closed", host=self.config.peer
+            )
 
     def _collect(
         self, count: int, phase: str, debug: bool

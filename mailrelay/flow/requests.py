@@ -1,8 +1,9 @@
 """The I/O requests a step of the dialogue yields, and the ``Step`` type.
 
 Rules: these are plain values; nothing here performs I/O. A driver answers :class:`Write`,
-:class:`StartTLS` and :class:`Close` with ``None`` and :class:`Read` with bytes (``b""`` at end
-of file). One :class:`Read` per phase is shared, since a Read is immutable.
+:class:`StartTLS` and :class:`Close` with ``None``, :class:`Read` with bytes (``b""`` at end
+of file) and :class:`Peek` with bytes or ``None``. One :class:`Read` per phase is shared,
+since a Read is immutable.
 """
 
 from __future__ import annotations
@@ -70,8 +71,27 @@ class Close:
     """Close the connection; the driver sends back ``None``."""
 
 
+@attrs.frozen(kw_only=True)
+class Peek:
+    """Hand back what the server has sent and no Read has taken, without waiting: the driver
+    sends back those bytes (at most one Read's worth; ``b""`` at end of file), or ``None``
+    when nothing has come. It may send held-back writes first. ``None`` is always a safe
+    answer (a driver that cannot tell): the dialogue then goes on as if nothing had come.
+
+    The dialogue asks before it writes the terminator of a message whose data went out
+    before it: a reply then came before the end of the data (see
+    ``_Delivery._answered_early``).
+
+    Attributes:
+        phase: the :class:`~mailrelay.options.Timeouts` field that limits any write sent
+            first.
+    """
+
+    phase: str
+
+
 #: Anything a step may yield.
-Request: TypeAlias = Write | Read | StartTLS | Close
+Request: TypeAlias = Write | Read | StartTLS | Close | Peek
 #: A step of the session: yields requests, is sent ``bytes`` (for :class:`Read`) or ``None``,
 #: and returns its result.
 Step: TypeAlias = Generator[Request, bytes | None, _T]
@@ -88,6 +108,9 @@ def _read_request(phase: str, resume: bool = False) -> Read:
         request = _READS[phase, resume] = Read(phase=phase, resume=resume)
     return request
 
+
+# The one Peek the dialogue asks (before a terminator, in the data phase).
+_PEEK = Peek(phase="data_block")
 
 # Messages up to this size are sent as one write with their terminator. Read at each use
 # (``requests._JOIN_LIMIT``) by the transaction and batch modules, so tests can lower it.

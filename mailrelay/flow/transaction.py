@@ -36,7 +36,7 @@ from mailrelay.flow.bookkeeping import (
 )
 from mailrelay.flow.core import _NO_EXTENSIONS, log
 from mailrelay.flow.opening import _Opening
-from mailrelay.flow.requests import Step, Write
+from mailrelay.flow.requests import _PEEK, Step, Write
 from mailrelay.message import Message
 from mailrelay.protocol import (
     Bdat,
@@ -559,6 +559,9 @@ class _Delivery(_Opening):
             conn = self._conn
             for chunk in message.chunks():
                 yield Write(data=conn.send(DataChunk(data=chunk)), phase="data_block")
+            early = yield _PEEK
+            if early is not None and (yield from self._answered_early(early, transaction)):
+                return False
             yield Write(data=conn.send(EndOfData()), phase="data_block")
         except DeliveryError as exc:
             yield from self._cut_short(exc, transaction)
@@ -645,7 +648,48 @@ class _Delivery(_Opening):
                 transaction.settle_all(reply)
                 return
 
-    def _cut_short(self, exc: DeliveryError, transaction: _Transaction) -> Step[None]:
+    def _answered_early(self, data: bytes, transaction: _Transaction) -> Step[bool]:
+        """Before the terminator of a message whose data went out before it: ``data``, what
+        the server sent meanwhile (a :class:`~mailrelay.flow.requests.Peek`'s answer).
+
+        Nothing is owed before the end of the data (RFC 5321 §4.1.1.4: the reply follows
+        the terminator), so a complete reply now came early: a size limit or a content
+        filter refusing the message part-way. A refusal settles the recipients still open
+        (4xx TRANSIENT, 5xx PERMANENT; LMTP: that one reply for every recipient, RFC 2033
+        §4.2's per-recipient replies follow an end of data the server never saw). A
+        positive reply cannot be a delivery: they stay open (TRANSIENT). Either way the
+        terminator is not sent and the session ends: the server may or may not answer the
+        end of the data as well, and a reply beyond the one read would answer the next
+        command on this connection (the server, seeing the connection end mid-data, keeps
+        nothing).
+
+        Returns:
+            whether it did that (the caller stops); ``False`` when no complete reply came
+            (its start, or an end of file, is kept for the reads after the terminator).
+        """
+        conn = self._conn
+        conn.receive_data(data)
+        if not conn.replies_ready:
+            return False
+        conn.abandon_data()
+        event = yield from self._event("data_end")  # complete already: no read
+        reply = yield from self._check_closing(event)
+        log.debug("the server answered before the end of the data: %s", reply)
+        if reply.is_positive:
+            transaction.unfinished(reply, "the server answered before the end of the data")
+        else:
+            transaction.settle_all(reply)
+        yield from self._closed()
+        self._closing_error = ConnectionLost(
+            "the server answered before the end of the data; the session was ended "
+            "(a second answer would be misread)",
+            host=self.config.peer,
+        )
+        return True
+
+    def _cut_short(
+        self, exc: DeliveryError, transaction: _Transaction, *, terminator_sent: bool = False
+    ) -> Step[None]:
         """After ``exc``, an I/O error the driver threw in while the message data went out
         (or while its reply was awaited): the answers the server gave before it.
 
@@ -655,10 +699,14 @@ class _Delivery(_Opening):
         keeps what had arrived (:meth:`_leftovers`). A complete reply there answers the
         data as its end's reply would (``ClientConnection.abandon_data``): it settles the
         recipients still open (5xx PERMANENT, 4xx TRANSIENT, with the server's text), and a
-        refused BDAT chunk does the same (RFC 3030 §2). The caller raises ``exc`` after
-        all: the session is over, and the answers given stand (see ``_attempt``). Without
-        a complete reply nothing changes, and ``exc`` is what the caller reports. An error
-        the dialogue raised itself (it closed the session first) is left alone.
+        refused BDAT chunk does the same (RFC 3030 §2). A positive reply counts only when
+        the terminator may have reached the server (``terminator_sent``: it went out
+        before, or early in, the write that failed); when it was the failed write's last
+        bytes (or never written) the server cannot have taken the message. The caller
+        raises ``exc`` after all: the session is over, and the answers given stand (see
+        ``_attempt``). Without a complete reply nothing changes, and ``exc`` is what the
+        caller reports. An error the dialogue raised itself (it closed the session first)
+        is left alone.
         """
         if self.closed:
             return
@@ -673,10 +721,10 @@ class _Delivery(_Opening):
         conn.receive_data(b"")  # the driver has closed the connection
         # The end of file (or an unreadable rest) after the replies that came ends it.
         with contextlib.suppress(_SessionClosed, ServerProtocolError):
-            yield from self._answers_after_cut(transaction)
+            yield from self._answers_after_cut(transaction, terminator_sent)
         yield from self._closed()
 
-    def _answers_after_cut(self, transaction: _Transaction) -> Step[None]:
+    def _answers_after_cut(self, transaction: _Transaction, terminator_sent: bool) -> Step[None]:
         """The replies to the data (or to the BDAT chunk) cut short, from the bytes the
         driver kept: see :meth:`_cut_short`."""
         pending = self._conn.pending
@@ -690,13 +738,13 @@ class _Delivery(_Opening):
             return
         if not isinstance(head, EndOfData | Bdat):
             return  # the data was not reached (the envelope's replies are another matter)
-        # The write that failed held the terminator (or came before it): the server never
-        # saw the end of the data, so a positive reply cannot mean it took the message
-        # (RFC 5321 §4.1.1.4: the reply comes after the end of the data). Only refusals
-        # count; a recipient "accepted" that way stays open (TRANSIENT).
+        # Unless the terminator may have gone out, the server never saw the end of the
+        # data, so a positive reply cannot mean it took the message (RFC 5321 §4.1.1.4:
+        # the reply comes after the end of the data): only refusals count then, and a
+        # recipient "accepted" that way stays open (TRANSIENT).
         if not self.config.lmtp:
             reply = yield from self._reply("data_end")
-            if not reply.is_positive:
+            if terminator_sent or not reply.is_positive:
                 transaction.settle_all(reply)
             return
         # LMTP owes one reply per accepted recipient after the end of the data (RFC 2033
@@ -709,11 +757,12 @@ class _Delivery(_Opening):
                 event = yield from self._event("data_end")
                 replies.append((index, (yield from self._check_closing(event))))
         finally:
-            if len(replies) == 1 and len(accepted) > 1 and not replies[0][1].is_positive:
+            lone = len(replies) == 1 and len(accepted) > 1 and not replies[0][1].is_positive
+            if lone and not terminator_sent:
                 transaction.settle_all(replies[0][1])
             else:
                 for index, reply in replies:
-                    if not reply.is_positive:
+                    if terminator_sent or not reply.is_positive:
                         transaction.settle(index, reply)
 
     def _chunk_reply(self, transaction: _Transaction) -> Step[Reply]:

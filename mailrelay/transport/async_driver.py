@@ -48,6 +48,7 @@ import attrs
 
 from mailrelay.errors import ConnectError, ConnectionLost, DeliveryError, TLSError
 from mailrelay.flow import Close, Read, Request, StartTLS, Write
+from mailrelay.flow.requests import Peek
 from mailrelay.options import Timeouts
 from mailrelay.transport.driver_common import (
     PROBE_TIMEOUT,
@@ -627,6 +628,10 @@ class AsyncDriver:
                         # this reply starts now all the same (see _started).
                         self._started(read)
                     answer = pipe.take()
+                elif kind is Peek:
+                    # What the event loop has read (no waiting, no flush: held-back
+                    # writes go with the next Read).
+                    answer = pipe.take() if pipe._buffer else None
                 else:
                     return _OTHER, request
             except DeliveryError as exc:

@@ -56,6 +56,7 @@ import attrs
 
 from mailrelay.errors import ConnectError, DeliveryError
 from mailrelay.flow import Close, Read, Request, StartTLS, Write
+from mailrelay.flow.requests import Peek
 from mailrelay.options import Timeouts
 from mailrelay.transport.driver_common import (
     PROBE_TIMEOUT,
@@ -347,7 +348,11 @@ class SyncDriver:
                     self.start_tls(request.server_hostname)
                 elif isinstance(request, Close):
                     self.close()
-                else:  # pragma: no cover - the flow yields only the four requests
+                elif isinstance(request, Peek):
+                    if self._pending:
+                        self._flush()
+                    answer = self._peek(request)
+                else:  # pragma: no cover - the flow yields only the five requests
                     raise TypeError(f"unknown I/O request {request!r}")
             except DeliveryError as exc:
                 self.close()
@@ -457,6 +462,27 @@ class SyncDriver:
             raise map_io_error(exc, peer=self.peer, phase=request.phase, timeout=timeout) from exc
         self.bytes_received += len(data)
         return data
+
+    def _peek(self, request: Peek) -> bytes | None:
+        """What the server has sent and no Read has taken, read without waiting (at most
+        :data:`READ_SIZE` bytes; ``b""`` at end of file), or ``None`` when nothing has come."""
+        sock = self._socket()
+        try:
+            if self._kernel_limits:
+                # A blocking socket: this one call does not wait.
+                count = sock.recv_into(self._buffer, READ_SIZE, socket.MSG_DONTWAIT)
+            else:
+                self._timeout = 0.0  # the next read or write sets its own limit again
+                sock.settimeout(0.0)
+                count = sock.recv_into(self._buffer)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""  # a TLS end, with or without close_notify: an end of file
+        except (OSError, ValueError) as exc:
+            raise map_io_error(exc, peer=self.peer, phase=request.phase) from exc
+        self.bytes_received += count
+        return self._view[:count].tobytes()
 
     def _set_timeout(self, sock: socket.socket, timeout: float) -> None:
         # Setting a limit costs system calls every time; phases often share a limit.
