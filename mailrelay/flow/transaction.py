@@ -23,6 +23,7 @@ from mailrelay.envelope import Envelope
 from mailrelay.errors import (
     ConnectionLost,
     DeliveryError,
+    ProtocolError,
     ServerProtocolError,
 )
 from mailrelay.flow import requests as _requests
@@ -712,8 +713,11 @@ class _Delivery(_Opening):
             return
         conn = self._conn
         received = yield from self._leftovers()
-        if received:
-            conn.receive_data(received)
+        try:
+            if received:
+                conn.receive_data(received)
+        except ProtocolError:
+            return  # after an end of file (a Peek saw it): nothing more can be trusted
         if not conn.replies_ready:
             return
         log.debug("the server replied before the end of the data; reading it after %s", exc)
