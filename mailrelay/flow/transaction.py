@@ -268,6 +268,16 @@ class _Delivery(_Opening):
                 # the answers so far stand, and the session must not be used again.
                 yield from self._closed()
                 self._ended_by = exc
+                if any(
+                    isinstance(command, EndOfData) or (isinstance(command, Bdat) and command.last)
+                    for command in self.unanswered
+                ):
+                    # The server may have taken this part's message (its final reply was
+                    # lost, RFC 1047): a recipient an earlier transaction refused as one
+                    # too many was offered again, so that older result must not stand
+                    # (it would read as "never sent", and be sent a second time).
+                    for index in positions:
+                        finals[index] = None
                 reason = f"{type(exc).__name__} before a final reply: {exc}"
                 _unfinished(
                     envelope,

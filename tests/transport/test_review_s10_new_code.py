@@ -11,9 +11,8 @@ Findings (each test failed before its fix):
   session kept their first "too many" result when that transaction then failed after its
   data went out (its final reply lost to end of file or a timeout, after DATA or BDAT):
   the transports took them for never-sent recipients and sent them again on another
-  connection, a second delivery to each of them (SMTP and LMTP alike). The fix is in
-  mailrelay/flow/transaction.py (not this review's file): the test is a strict xfail
-  until it lands.
+  connection, a second delivery to each of them (SMTP and LMTP alike). Fixed in
+  mailrelay/flow/transaction.py (_Delivery._in_parts) by the lead.
 * SendmailTransport (blocking): a program that exited 0 without reading the message,
   leaving a child that held its standard input unread, was taken for a success once
   EXIT_GRACE had passed: the message was never handed over. Now a transient
@@ -176,12 +175,9 @@ class LostAfterSecondData(UnannouncedLimits):
         return reply
 
 
-# The fix belongs in mailrelay/flow/transaction.py (_Delivery._in_parts, another helper's
-# file): when the failed part's data went out unanswered, that part's recipients must not
-# keep an earlier "too many" result. Remove the mark when it lands (strict: it fails then).
-@pytest.mark.xfail(
-    strict=True, reason="duplicate delivery: needs the _in_parts fix in mailrelay/flow"
-)
+# The fix is in mailrelay/flow/transaction.py (_Delivery._in_parts): when the failed
+# part's data went out unanswered, that part's recipients do not keep an earlier "too
+# many" result.
 @pytest.mark.parametrize("lmtp", [False, True])
 @pytest.mark.parametrize("batch", [False, True])
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -407,9 +403,6 @@ def test_split_messages_in_a_batch_with_sessions_cut_short_never_duplicate(
                 assert got[str(recipient.address)] == 0, recipient
 
 
-@pytest.mark.xfail(
-    strict=True, reason="duplicate delivery: needs the _in_parts fix in mailrelay/flow"
-)
 @pytest.mark.parametrize("chunking", [False, True])
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_recipients_retried_in_a_timed_out_transaction_are_not_sent_again(
