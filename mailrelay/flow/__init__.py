@@ -24,6 +24,8 @@ Each generator yields *I/O requests* and its ``return`` value is the step's resu
                 ...                             # on failure: step.throw(exc) instead
             elif isinstance(request, Close):    # close the socket; reply None
                 ...
+            elif isinstance(request, Peek):     # what has arrived, without waiting;
+                ...                             # reply the bytes, or None (always safe)
 
 Every :class:`Write` and :class:`Read` names its *phase* (``"greeting"``, ``"mail"``,
 ``"rcpt"``, ``"data_init"``, ``"data_block"``, ``"data_end"``, ``"quit"``): the name of the
@@ -115,7 +117,7 @@ from __future__ import annotations
 from mailrelay.flow.batch import WINDOW_BYTES, WINDOW_MESSAGES, BatchOutcome
 from mailrelay.flow.bookkeeping import unsent_positions
 from mailrelay.flow.config import SessionConfig
-from mailrelay.flow.requests import Close, Read, Request, StartTLS, Step, Write
+from mailrelay.flow.requests import Close, Peek, Read, Request, StartTLS, Step, Write
 from mailrelay.flow.session import Session
 from mailrelay.flow.transaction import ProbeResult
 
@@ -124,6 +126,7 @@ __all__ = [
     "WINDOW_MESSAGES",
     "BatchOutcome",
     "Close",
+    "Peek",
     "ProbeResult",
     "Read",
     "Request",

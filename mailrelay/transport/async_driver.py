@@ -47,8 +47,7 @@ from typing import Any, TypeVar, cast
 import attrs
 
 from mailrelay.errors import ConnectError, ConnectionLost, DeliveryError, TLSError
-from mailrelay.flow import Close, Read, Request, StartTLS, Write
-from mailrelay.flow.requests import Peek
+from mailrelay.flow import Close, Peek, Read, Request, StartTLS, Write
 from mailrelay.options import Timeouts
 from mailrelay.transport.driver_common import (
     PROBE_TIMEOUT,

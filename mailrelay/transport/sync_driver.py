@@ -55,8 +55,7 @@ from typing import TypeVar
 import attrs
 
 from mailrelay.errors import ConnectError, DeliveryError
-from mailrelay.flow import Close, Read, Request, StartTLS, Write
-from mailrelay.flow.requests import Peek
+from mailrelay.flow import Close, Peek, Read, Request, StartTLS, Write
 from mailrelay.options import Timeouts
 from mailrelay.transport.driver_common import (
     PROBE_TIMEOUT,
