@@ -59,6 +59,8 @@ _MSG_ID = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+")
 _NAME_ADDR = re.compile(r"(?P<name>.*?)\s*<(?P<addr>[^<>]*)>\s*", re.DOTALL)
 _LINE_BREAKS = re.compile(r"[\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Either of the two, in one search (every header value passes here).
+_UNWRITABLE = re.compile("[\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\ud800-\udfff]")
 
 # Size limits on what build() is given. Each bounds the work one item costs (the email
 # package folds a field in time quadratic in its length, and some of the patterns
@@ -167,6 +169,8 @@ def _check_field(what: str, value: str) -> None:
     # characters Python's str.splitlines() breaks at (VT, FF, FS, GS, RS, NEL,
     # LS, PS) are refused too: the email package and other line-splitting
     # consumers would treat them as line ends.
+    if _UNWRITABLE.search(value) is None:
+        return
     if _LINE_BREAKS.search(value):
         raise MessageError(f"{what} contains CR, LF, NUL or another line break")
     # A lone surrogate has no UTF-8 form: no writer can put it in a header (it would
@@ -191,19 +195,21 @@ def _mailbox(what: str, value: AddressLike) -> tuple[str, Address]:
         name, address = value
         if not isinstance(name, str):
             raise MessageError(f"{what}: the display name must be a string")
-        _check_length(f"{what}: a display name", name, MAX_DISPLAY_NAME_CHARS)
+        if len(name) > MAX_DISPLAY_NAME_CHARS:
+            _check_length(f"{what}: a display name", name, MAX_DISPLAY_NAME_CHARS)
         _check_field(what, name)
         if isinstance(address, Address):
             return name, address
-        if isinstance(address, str):
-            # (An addr-spec is far shorter: RFC 5321 §4.5.3.1 allows 64 + 1 + 255.)
+        # (An addr-spec is far shorter: RFC 5321 §4.5.3.1 allows 64 + 1 + 255.)
+        if isinstance(address, str) and len(address) > MAX_LINE_CHARS:
             _check_length(f"{what}: an address", address, MAX_LINE_CHARS)
         _check_field(what, address)
         return name, Address.parse(address.strip())
     if not isinstance(value, str):
         raise MessageError(f"{what}: expected an address, got {type(value).__name__}")
     # Before the pattern below, which takes time quadratic in a long run of spaces.
-    _check_length(f"{what}: an address", value, MAX_MAILBOX_TEXT_CHARS)
+    if len(value) > MAX_MAILBOX_TEXT_CHARS:
+        _check_length(f"{what}: an address", value, MAX_MAILBOX_TEXT_CHARS)
     _check_field(what, value)
     match = _NAME_ADDR.fullmatch(value.strip())
     if match is None:
@@ -211,7 +217,8 @@ def _mailbox(what: str, value: AddressLike) -> tuple[str, Address]:
     name = match.group("name").strip()
     if len(name) >= 2 and name[0] == name[-1] == '"':
         name = re.sub(r"\\(.)", r"\1", name[1:-1])
-    _check_length(f"{what}: a display name", name, MAX_DISPLAY_NAME_CHARS)
+    if len(name) > MAX_DISPLAY_NAME_CHARS:
+        _check_length(f"{what}: a display name", name, MAX_DISPLAY_NAME_CHARS)
     return name, Address.parse(match.group("addr").strip())
 
 
