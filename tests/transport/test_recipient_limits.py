@@ -145,7 +145,9 @@ class LimitsHandler(RecordingHandler):
         self.rcpt_max = rcpt_max
         self.mail_max = mail_max
         self.refused = 0  # RCPTs refused as too many
-        self.per_session: dict[int, int] = {}  # MAILs per connection
+        # MAILs per connection, by the session object itself: an id() could be reused by
+        # the next connection's session once the last one is freed.
+        self.per_session: dict[ServerSession, int] = {}
         self.over = 0  # MAILs refused as too many
 
     async def handle_EHLO(
@@ -172,8 +174,8 @@ class LimitsHandler(RecordingHandler):
         address: str,
         mail_options: list[str],
     ) -> str:
-        count = self.per_session.get(id(session), 0) + 1
-        self.per_session[id(session)] = count
+        count = self.per_session.get(session, 0) + 1
+        self.per_session[session] = count
         if self.mail_max is not None and count > self.mail_max:
             self.over += 1
             return "421 4.7.0 Too many transactions on one connection"

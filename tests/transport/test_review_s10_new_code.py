@@ -163,14 +163,15 @@ class LostAfterSecondData(UnannouncedLimits):
 
     def __init__(self, *, rcpt_max: int) -> None:
         super().__init__(rcpt_max=rcpt_max)
-        self.data_per_session: Counter[int] = Counter()
+        # By the session object itself: an id() could be reused by the next connection's.
+        self.data_per_session: Counter[object] = Counter()
 
     async def handle_DATA(
         self, server: SMTP, session: ServerSession, envelope: ServerEnvelope
     ) -> str:
         reply = await super().handle_DATA(server, session, envelope)
-        self.data_per_session[id(session)] += 1
-        if self.data_per_session[id(session)] == 2 and server.transport is not None:
+        self.data_per_session[session] += 1
+        if self.data_per_session[session] == 2 and server.transport is not None:
             server.transport.close()
         return reply
 
