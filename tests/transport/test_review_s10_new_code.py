@@ -374,9 +374,9 @@ class CutsSessions(LimitsHandler):
         address: str,
         mail_options: list[str],
     ) -> str:
-        count = self.per_session.get(id(session), 0) + 1
+        count = self.per_session.get(session, 0) + 1
         if count >= self.cut:
-            self.per_session[id(session)] = count
+            self.per_session[session] = count
             return "421 4.7.0 Too many messages on this connection"
         return await super().handle_MAIL(server, session, envelope, address, mail_options)
 
