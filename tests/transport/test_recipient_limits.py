@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +27,7 @@ from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.transport import AsyncSMTPTransport, SMTPTransport
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
-from tests.peers.aiosmtpd_server import HOSTNAME, RecordingHandler
+from tests.peers.aiosmtpd_server import HOSTNAME, RecordingHandler, _LMTPController
 from tests.peers.postfix import RECIPIENT_LIMIT, PostfixInstance
 from tests.peers.scripted import free_port
 from tests.peers.unbound import UnboundServer
@@ -198,10 +199,14 @@ class LimitsHandler(RecordingHandler):
 
 
 @contextlib.contextmanager
-def serving(handler: LimitsHandler) -> Iterator[int]:
-    """An aiosmtpd with ``handler`` on loopback, for the ``with`` block; its port."""
+def serving(handler: LimitsHandler, *, lmtp: bool = False) -> Iterator[int]:
+    """An aiosmtpd with ``handler`` on loopback (its LMTP server with ``lmtp``: one final
+    reply per recipient after the data), for the ``with`` block; its port."""
     port = free_port()
-    controller = Controller(
+    if lmtp:
+        handler.lmtp = True
+    server_class = _LMTPController if lmtp else Controller
+    controller = server_class(
         handler, hostname="127.0.0.1", port=port, server_hostname=HOSTNAME, decode_data=False
     )
     controller.start()
@@ -209,6 +214,11 @@ def serving(handler: LimitsHandler) -> Iterator[int]:
         yield port
     finally:
         controller.stop()
+
+
+def received(handler: LimitsHandler) -> Counter[str]:
+    """How many times the server took the message for each recipient."""
+    return Counter(rcpt for message in handler.messages for rcpt in message.rcpt_tos)
 
 
 @pytest.fixture

@@ -81,11 +81,11 @@ from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.sendmail import SendmailTransport
 from mailrelay.transport.settings import PoolSettings
-from tests.peers.aiosmtpd_server import HOSTNAME, _LMTPController
+from tests.peers.aiosmtpd_server import HOSTNAME
 from tests.peers.scripted import free_port
 from tests.peers.unbound import UnboundServer
 from tests.transport.helpers import FLAVOURS, Flavour, run, send_many_with, send_with
-from tests.transport.test_recipient_limits import LimitsHandler, serving
+from tests.transport.test_recipient_limits import LimitsHandler, received, serving
 
 
 def tagged(to: list[str]) -> Message:
@@ -102,29 +102,6 @@ def options(port: int, size: int = 4) -> dict[str, Any]:
         "timeouts": Timeouts.all(10),
         "pool": PoolSettings(size=size),
     }
-
-
-@contextlib.contextmanager
-def serving_as(handler: LimitsHandler, lmtp: bool) -> Iterator[int]:
-    """``serving(handler)``, or the same handler behind aiosmtpd's LMTP server."""
-    if not lmtp:
-        with serving(handler) as port:
-            yield port
-        return
-    handler.lmtp = True  # one final reply per recipient after the data
-    port = free_port()
-    controller = _LMTPController(
-        handler, hostname="127.0.0.1", port=port, server_hostname=HOSTNAME, decode_data=False
-    )
-    controller.start()
-    try:
-        yield port
-    finally:
-        controller.stop()
-
-
-def received(handler: LimitsHandler) -> Counter[str]:
-    return Counter(rcpt for message in handler.messages for rcpt in message.rcpt_tos)
 
 
 class UnannouncedLimits(LimitsHandler):
@@ -187,7 +164,7 @@ def test_recipients_retried_in_a_lost_transaction_are_not_sent_again(
 ) -> None:
     handler = LostAfterSecondData(rcpt_max=2)
     to = [f"a{i}@example.net" for i in range(4)]
-    with serving_as(handler, lmtp) as port:
+    with serving(handler, lmtp=lmtp) as port:
         if batch:
             [result] = send_many_with(flavour, [tagged(to)], lmtp=lmtp, **options(port, 1))
         else:
@@ -390,7 +367,7 @@ def test_split_messages_in_a_batch_with_sessions_cut_short_never_duplicate(
     handler = CutsSessions(rcpt_max=2, cut=3)
     counts = [1, 5, 2, 7, 1, 3, 4]
     messages = [tagged([f"m{n}.{i}@example.net" for i in range(c)]) for n, c in enumerate(counts)]
-    with serving_as(handler, lmtp) as port:
+    with serving(handler, lmtp=lmtp) as port:
         results = send_many_with(flavour, list(messages), lmtp=lmtp, **options(port, size))
     assert [len(r.recipients) for r in results] == counts
     got = received(handler)

@@ -28,7 +28,7 @@ from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.pooling import continued
 from tests.transport.helpers import FLAVOURS, Flavour, run, send_many_with, send_with
-from tests.transport.test_recipient_limits import LimitsHandler, serving
+from tests.transport.test_recipient_limits import LimitsHandler, received, serving
 
 
 def tagged(to: list[str]) -> Message:
@@ -42,10 +42,6 @@ def tagged(to: list[str]) -> Message:
 
 def options(port: int) -> dict[str, Any]:
     return {"host": "127.0.0.1", "port": port, "tls": TLS.NONE, "timeouts": Timeouts.all(10)}
-
-
-def received(handler: LimitsHandler) -> Counter[str]:
-    return Counter(rcpt for message in handler.messages for rcpt in message.rcpt_tos)
 
 
 def check_server(handler: LimitsHandler, mail_max: int) -> None:
