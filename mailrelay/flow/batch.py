@@ -27,6 +27,7 @@ from mailrelay.flow.bookkeeping import (
     TOO_MANY_REASON,
     _SessionClosed,
     _Transaction,
+    unsent_positions,
 )
 from mailrelay.flow.core import _trace, log
 from mailrelay.flow.requests import _PEEK, Step, Write, _read_request
@@ -187,11 +188,15 @@ class _Batch(_Delivery):
             if result is None or not any(r.reason == TOO_MANY_REASON for r in result.deferred):
                 continue
             if self.closed:
-                # These recipients keep their TRANSIENT 452; the batch says why.
+                # These recipients keep their TRANSIENT 452; the batch says why, and the
+                # count tells the transport to send them on another connection.
                 self._ended_by = (
                     self._ended_by
                     or self._closing_error
                     or ConnectionLost("the session is closed", host=self.config.peer)
+                )
+                self.left_unsent += sum(
+                    1 for left in results[index:] if left is not None and unsent_positions(left)
                 )
                 break
             message, envelope = items[index]

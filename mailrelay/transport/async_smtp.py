@@ -435,9 +435,9 @@ class _AsyncSMTPBase(AsyncTransport):
                         settled = settlement.results(chunk)
                         for index, result in zip(ours, settled, strict=False):
                             results[index] = result
-                        # As in SMTPTransport.send_many: a batch that ended early
-                        # may leave recipients unsent without counting them.
-                        if connection.session.left_unsent != unsent or outcome.error is not None:
+                        # As in SMTPTransport.send_many: the session counts results
+                        # with recipients it never offered; those go elsewhere below.
+                        if connection.session.left_unsent != unsent:
                             follow.extend(
                                 (index, *pair)
                                 for index, pair, result in zip(ours, chunk, settled, strict=False)

@@ -383,10 +383,10 @@ class _SMTPBase(Transport):
                     raise
                 lost = answers_lost(session) if outcome.error is not None else 0
                 done = batch.settle(chunk, outcome, carried, results, self._policy, lost=lost)
-                # A split message cut short counts in left_unsent; a batch that ended
-                # early may also leave recipients refused as one too many unsent (the
-                # session could not give them another transaction) without counting.
-                if session.left_unsent != unsent or outcome.error is not None:
+                # Results with recipients the server never took the message for (a
+                # split message cut short, or refused as one too many in a batch that
+                # ended early) are counted by the session: those go elsewhere below.
+                if session.left_unsent != unsent:
                     first = len(results) - done
                     follow += [
                         (first + offset, *chunk[offset])
