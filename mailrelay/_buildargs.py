@@ -14,6 +14,12 @@ Rules this module keeps:
   parameters.
 * RFC 5322 §3.6.4: a Message-ID is ``id-left@id-right``; RFC 6838 §4.2: a
   content type is ``type/subtype`` of restricted-name characters.
+* Inline parts (RFC 2387 ``multipart/related``): a content id is a msg-id without its
+  angle brackets (RFC 2045 §7, RFC 5322 §3.6.4: ``id-left@id-right``) or a lone
+  dot-atom-text (``logo``, which mail clients resolve as well), short enough for
+  ``Content-ID: <id>`` to fit a line; no two inline parts of a message have the same
+  id (compared without regard to case), and inline parts need an HTML body to refer
+  to them.
 * Every item has a size limit, checked before any other work on it, so that
   hostile input is refused in time linear in its length: display names and file
   names of at most 998 characters, field names that fit a line with their colon
@@ -56,6 +62,13 @@ _CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z
 # RFC 5322 §3.6.4: msg-id = "<" id-left "@" id-right ">" (printable ASCII, no
 # white space, no angle brackets inside).
 _MSG_ID = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+")
+# RFC 5322 §3.6.4 msg-id without its brackets: id-left is a dot-atom-text, id-right a
+# dot-atom-text or a no-fold-literal ("[" dtext "]", §3.4.1; here without "<" and ">",
+# which would end the Content-ID early for a lenient reader); or a lone dot-atom-text.
+_DOT_ATOM_TEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_CONTENT_ID = re.compile(
+    rf"{_DOT_ATOM_TEXT}(?:@(?:{_DOT_ATOM_TEXT}|\[[\x21-\x3b\x3d\x3f-\x5a\x5e-\x7e]*\]))?"
+)
 _NAME_ADDR = re.compile(r"(?P<name>.*?)\s*<(?P<addr>[^<>]*)>\s*", re.DOTALL)
 _LINE_BREAKS = re.compile(r"[\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -86,6 +99,9 @@ MAX_FILENAME_CHARS = MAX_LINE_CHARS
 MAX_TYPE_NAME_CHARS = 127
 #: RFC 5322 §2.1.1: ``Message-ID: <`` id ``>`` on one line.
 MAX_MESSAGE_ID_CHARS = MAX_LINE_CHARS - len("Message-ID: <>")
+#: RFC 5322 §2.1.1: ``Content-ID: <`` id ``>`` on one line (a msg-id has no white space
+#: to fold at).
+MAX_CONTENT_ID_CHARS = MAX_LINE_CHARS - len("Content-ID: <>")
 
 # Custom fields the email package parses as structured values (its header
 # registry) rather than unstructured text: the direct writer leaves them to it.
@@ -148,6 +164,50 @@ def _check_content_type(_instance: object, _attribute: object, value: str | None
             f"content type {_short(value)}: a type or subtype name longer than "
             f"{MAX_TYPE_NAME_CHARS} characters (RFC 6838 §4.2)"
         )
+
+
+def _check_content_id(_instance: object, _attribute: object, value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise MessageError("an attachment's content_id must be a string")
+    _check_length("attachment content_id", value, MAX_CONTENT_ID_CHARS)
+    _check_field("attachment content_id", value)
+    if value[:1] == "<" or value[-1:] == ">":
+        raise MessageError(
+            f"content_id {_short(value)}: give the id without angle brackets; it is "
+            "written as Content-ID: <id> and the HTML refers to it as cid:id (RFC 2392)"
+        )
+    if _CONTENT_ID.fullmatch(value) is None:
+        raise MessageError(
+            f"invalid content_id {_short(value)} (RFC 5322 §3.6.4: id-left@id-right, "
+            "or a lone dot-atom such as 'logo'; no white space, quotes, brackets or commas)"
+        )
+
+
+def _check_related(content_ids: list[str], html: str | None) -> None:
+    """Refuse inline parts a built message could not use.
+
+    Raises:
+        MessageError: inline parts without ``html`` (nothing could refer to them), or
+            two of them with the same content id.
+    """
+    if html is None:
+        raise MessageError(
+            "inline attachments (with a content_id) need html=: only an HTML body can "
+            "refer to them (cid: URLs, RFC 2392); give them without content_id to attach them"
+        )
+    seen: set[str] = set()
+    for content_id in content_ids:
+        # RFC 2392 §2 matches a cid: URL to a Content-ID; clients differ in whether case
+        # counts, so ids that differ only in case would be ambiguous too.
+        key = content_id.lower()
+        if key in seen:
+            raise MessageError(
+                f"two inline attachments have the content_id {_short(content_id)}: "
+                "a cid: URL must name exactly one part (RFC 2392)"
+            )
+        seen.add(key)
 
 
 def _short(value: str, limit: int = 40) -> str:

@@ -6,7 +6,8 @@ falls back to the :mod:`email` package (the general path) whenever this raises
 exactly as the general path would be read back, and refuses everything else:
 
 * shapes: ``text/plain``, ``text/html``, ``multipart/alternative`` (text then
-  HTML), and any of these in a ``multipart/mixed`` with attachments;
+  HTML), the HTML as the root of a ``multipart/related`` with its inline parts, and
+  any of these in a ``multipart/mixed`` with attachments;
 * header text: printable ASCII (written as it is, folded at spaces) or
   non-ASCII (written as RFC 2047 encoded-words). Values holding ``=?`` (which a
   reader would take for an encoded-word), control characters, runs of spaces
@@ -34,6 +35,11 @@ Rules this module keeps:
   line breaks as CRLF), whichever is shorter.
 * RFC 2046 §5.1.1: a boundary is chosen that occurs in no part's encoded body.
 * RFC 2045 §4: only the top level says ``MIME-Version``.
+* RFC 2387: inline parts go in a ``multipart/related`` whose first part is the HTML
+  (the root, §3.2, so no ``start`` parameter) and whose ``type`` parameter, which §3.1
+  requires, names the root's type; each inline part has ``Content-Disposition: inline``
+  (RFC 2183) and ``Content-ID: <id>`` (RFC 2045 §7), which ``cid:id`` URLs in the HTML
+  name (RFC 2392). Without HTML there is no related part.
 """
 
 from __future__ import annotations
@@ -386,25 +392,34 @@ def _base64_lines(data: bytes) -> bytes:
     return base64.encodebytes(data).replace(b"\n", b"\r\n")
 
 
-def attachment_part(filename: str, data: bytes, content_type: str) -> Part:
-    """Encode an attachment as a base64 part with its Content-Disposition."""
+def attachment_part(
+    filename: str, data: bytes, content_type: str, content_id: str | None = None
+) -> Part:
+    """Encode an attachment as a base64 part with its Content-Disposition: ``attachment``,
+    or with a ``content_id`` (checked already, without brackets) ``inline`` and its
+    Content-ID."""
     if content_type != content_type.lower():
         raise Unsupported("content type not in lower case")
+    kind = "attachment" if content_id is None else "inline"
     if filename.isascii():
         if _PRINTABLE.fullmatch(filename) is None or '"' in filename or "\\" in filename:
             raise Unsupported("a file name that needs escaping")
         _check_text(filename)
-        disposition = f'Content-Disposition: attachment; filename="{filename}"'
+        disposition = f'Content-Disposition: {kind}; filename="{filename}"'
     else:
         if any(char < " " or char == "\x7f" for char in filename):
             raise Unsupported("control characters in a file name")
         # RFC 2231 §4: charset''percent-encoded octets.
-        disposition = "Content-Disposition: attachment; filename*=utf-8''" + quote(
+        disposition = f"Content-Disposition: {kind}; filename*=utf-8''" + quote(
             filename, safe="", encoding="utf-8"
         )
     if len(disposition) > _MAX_LINE:
         raise Unsupported("a file name too long for one line")
     head = f"Content-Type: {content_type}\r\nContent-Transfer-Encoding: base64\r\n{disposition}"
+    if content_id is not None:
+        # On one line, as the general path writes it: a msg-id holds no white space to
+        # fold at, and it is at most 998 characters with its field name.
+        head += f"\r\nContent-ID: <{content_id}>"
     return Part(head, _base64_lines(bytes(data)), False)
 
 
@@ -419,7 +434,7 @@ def _boundary(parts: Sequence[Part]) -> str:
     raise Unsupported("no free boundary")  # pragma: no cover - needs 100 collisions
 
 
-def _multipart(subtype: str, parts: Sequence[Part]) -> Part:
+def _multipart(subtype: str, parts: Sequence[Part], root_type: str | None = None) -> Part:
     boundary = _boundary(parts)
     delimiter = b"--" + boundary.encode("ascii")
     pieces: list[bytes] = []
@@ -428,7 +443,13 @@ def _multipart(subtype: str, parts: Sequence[Part]) -> Part:
         # RFC 2046 §5.1.1: the CRLF before a delimiter belongs to the delimiter.
         pieces.append(b"\r\n")
     pieces += [delimiter, b"--\r\n"]
-    head = f'Content-Type: multipart/{subtype}; boundary="{boundary}"'
+    if root_type is None:
+        head = f'Content-Type: multipart/{subtype}; boundary="{boundary}"'
+    else:
+        # RFC 2387 §3.1: the related part names its root's type. Written before the
+        # boundary and folded, as the general path writes it: on one line the field
+        # would pass 78 characters (RFC 5322 §2.1.1).
+        head = f'Content-Type: multipart/{subtype}; type="{root_type}";\r\n boundary="{boundary}"'
     return Part(head, b"".join(pieces), any(part.is_7bit_text for part in parts))
 
 
@@ -436,6 +457,7 @@ def write_body(
     text: str | None,
     html: str | None,
     attachments: Sequence[tuple[str, bytes, str]],
+    related: Sequence[tuple[str, bytes, str, str]] = (),
 ) -> tuple[str, bytes]:
     """Return the top-level content header lines and the encoded body.
 
@@ -443,16 +465,26 @@ def write_body(
         text: the plain-text body, or ``None``.
         html: the HTML body, or ``None``.
         attachments: ``(filename, data, content type)`` triples.
+        related: the HTML's inline parts, ``(filename, data, content type, content
+            id)``; only with ``html`` (the caller checks).
 
     Returns:
         ``MIME-Version`` and the ``Content-*`` lines (CRLF-separated, no final
-        CRLF), and the body bytes.
+        CRLF; the related part's Content-Type is folded, CRLF SP), and the body
+        bytes.
 
     Raises:
         Unsupported: a body the general path should write.
     """
     parts: list[Part] = []
-    if text is not None and html is not None:
+    if related and html is not None:
+        # RFC 2387 §3.2: the HTML is the root, first; the inline parts follow it.
+        root = [text_part(html, "html"), *(attachment_part(*item) for item in related)]
+        page = _multipart("related", root, root_type="text/html")
+        parts.append(
+            page if text is None else _multipart("alternative", [text_part(text, "plain"), page])
+        )
+    elif text is not None and html is not None:
         parts.append(_multipart("alternative", [text_part(text, "plain"), text_part(html, "html")]))
     elif html is not None:
         parts.append(text_part(html, "html"))

@@ -76,12 +76,14 @@ import io
 import mimetypes
 import os
 import re
+import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from email.message import Message as _StdlibMessage
 from email.message import MIMEPart
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Final, TypeAlias
+from urllib.parse import quote
 
 import attrs
 
@@ -90,6 +92,7 @@ from mailrelay._buildargs import (
     MAX_LINE_CHARS,
     STRUCTURED_EXTRA,
     _address_items,
+    _check_content_id,
     _check_content_type,
     _check_data,
     _check_field,
@@ -98,6 +101,7 @@ from mailrelay._buildargs import (
     _check_list_id,
     _check_message_id,
     _check_no_list_fields,
+    _check_related,
     _extra_headers,
     _header_addresses,
     _list_fields,
@@ -154,13 +158,22 @@ _ADDRESS_PARSER = email.headerregistry.HeaderRegistry()
 
 @attrs.frozen(kw_only=True)
 class Attachment:
-    """A file attached to a built message.
+    """A file attached to a built message, or with a ``content_id`` an inline part of
+    its HTML body (an embedded image, say).
+
+    An inline part goes beside the HTML in a ``multipart/related`` (RFC 2387), with
+    ``Content-Disposition: inline`` and ``Content-ID: <content_id>``; the HTML refers to
+    it by the URL ``cid:content_id`` (RFC 2392), which :attr:`cid_url` gives ready to
+    use. :meth:`inline` makes one with a fresh, unique id.
 
     Raises:
         MessageError: from the constructor: CR, LF, NUL or another line break in
             the file name or content type, a file name over 998 characters, a
             content type that is not ``type/subtype`` or has a type or subtype name
-            over 127 characters (RFC 6838 §4.2), or data that is not bytes.
+            over 127 characters (RFC 6838 §4.2), data that is not bytes, or a
+            content id that is not ``id-left@id-right`` (RFC 5322 §3.6.4) or a lone
+            dot-atom, is given in angle brackets, or is over
+            :data:`~mailrelay._buildargs.MAX_CONTENT_ID_CHARS` (984) characters.
 
     Attributes:
         filename: the name the recipient sees (non-ASCII names are written with
@@ -168,11 +181,66 @@ class Attachment:
         data: the file's bytes (sent base64-encoded).
         content_type: ``type/subtype``; ``None`` guesses from the file name and
             falls back to ``application/octet-stream``.
+        content_id: ``None`` for an attachment; for an inline part, its id without
+            angle brackets: ``"logo@example.org"`` (RFC 5322 msg-id syntax) or a lone
+            dot-atom such as ``"logo"`` (not a msg-id, but mail clients resolve it).
+            Unique within a message.
     """
 
     filename: str = attrs.field(validator=_check_filename)
     data: bytes = attrs.field(validator=_check_data)
     content_type: str | None = attrs.field(default=None, validator=_check_content_type)
+    content_id: str | None = attrs.field(default=None, validator=_check_content_id)
+
+    @classmethod
+    def inline(
+        cls,
+        filename: str,
+        data: bytes,
+        content_type: str | None = None,
+        *,
+        domain: str = "inline.invalid",
+    ) -> Attachment:
+        """Make an inline part with a fresh content id: 128 random bits and ``domain``.
+
+        Put its :attr:`cid_url` in the HTML. The id is unique whatever the domain (RFC
+        2392 asks content ids to be globally unique), so the default, a name reserved
+        never to resolve (RFC 2606), serves; give your own domain to brand it.
+
+        Args:
+            filename: the name the recipient sees.
+            data: the file's bytes.
+            content_type: ``type/subtype``, or ``None`` to guess from ``filename``.
+            domain: the id's right-hand side, a dot-atom.
+
+        Raises:
+            MessageError: what the constructor raises, or a ``domain`` that is not a
+                dot-atom.
+        """
+        return cls(
+            filename=filename,
+            data=data,
+            content_type=content_type,
+            content_id=f"{secrets.token_hex(16)}@{domain}",
+        )
+
+    @property
+    def cid_url(self) -> str:
+        """The ``cid:`` URL that refers to this inline part from the HTML (RFC 2392):
+        the content id, its URL-unsafe characters percent-encoded.
+
+        Raises:
+            MessageError: an attachment without a content id.
+        """
+        if self.content_id is None:
+            raise MessageError(
+                f"attachment {self.filename!r} has no content_id, so no cid: URL refers to it"
+            )
+        # RFC 2392 §2: "%" hex hex stands for a character a URL cannot hold, or that
+        # means something in one ("%", "?", "#"); "&" too, so that the URL can go into
+        # an HTML attribute as it is. Usual ids (letters, digits, ".", "-", "@") are
+        # written unchanged.
+        return "cid:" + quote(self.content_id, safe="/:@!$'()*+,;=")
 
     def resolved_content_type(self) -> str:
         """Return the content type to send: the given one or a guess."""
@@ -340,7 +408,9 @@ class Message:
                 ``multipart/alternative``.
             attachments: :class:`Attachment` values or ``(filename, data)`` /
                 ``(filename, data, content_type)`` tuples; any attachment makes
-                the message ``multipart/mixed``.
+                the message ``multipart/mixed``. Those with a ``content_id`` are
+                inline parts of the HTML instead: the HTML and they, in order, become
+                a ``multipart/related`` (RFC 2387) where the HTML alone would be.
             headers: extra header fields, a mapping or ``(name, value)`` pairs (use
                 pairs to repeat a name). They may not repeat a field set by another
                 parameter.
@@ -362,7 +432,9 @@ class Message:
                 header name, a repeated managed field, a bad content type,
                 Message-ID or date, ``list_headers`` that is not a
                 :class:`ListHeaders` or beside a ``List-*`` field in ``headers``,
-                or a list field too long for a line; a header block over
+                or a list field too long for a line; inline attachments (with a
+                ``content_id``) without ``html``, or two with the same content id
+                (case aside); a header block over
                 :data:`MAX_HEADER_BYTES` (``Bcc`` included), which
                 :meth:`from_bytes` would refuse; a display name over 998
                 characters, an address given as text over 2994, a header name over
@@ -397,6 +469,11 @@ class Message:
             if date.tzinfo is None or date.utcoffset() is None:
                 raise MessageError("date must be an aware datetime (RFC 5322 §3.3 needs a zone)")
         files = [_attachment(item) for item in attachments]
+        related: list[Attachment] = []
+        if files and any(item.content_id is not None for item in files):
+            related = [item for item in files if item.content_id is not None]
+            _check_related([item.content_id for item in related if item.content_id], html)
+            files = [item for item in files if item.content_id is None]
         listed: list[tuple[str, str]] = []
         if list_headers is not None:
             if not isinstance(list_headers, ListHeaders):
@@ -467,6 +544,7 @@ class Message:
                     text=text,
                     html=html,
                     files=files,
+                    related=related,
                     recorded=recorded,
                 )
             except _mime.Unsupported:
@@ -503,13 +581,17 @@ class Message:
                 else:
                     _set_text(root, name, value, bulk)
             root["MIME-Version"] = "1.0"
+            page = root  # the part holding the HTML
             if text is not None and html is not None:
                 root.set_content(text)
                 root.add_alternative(html, subtype="html")
+                *_, page = root.iter_parts()  # (text, html)
             elif html is not None:
                 root.set_content(html, subtype="html")
             elif text is not None or not files:
                 root.set_content(text or "")
+            if related:
+                _add_related(page, related)
             for item in files:
                 maintype, _, subtype = item.resolved_content_type().partition("/")
                 root.add_attachment(
@@ -538,6 +620,7 @@ class Message:
         text: str | None,
         html: str | None,
         files: list[Attachment],
+        related: list[Attachment],
         recorded: tuple[Address, tuple[Address, ...]] | None,
     ) -> Message:
         """Write a 7-bit message without the email package (see :mod:`mailrelay._mime`).
@@ -578,6 +661,11 @@ class Message:
             text,
             html,
             [(item.filename, item.data, item.resolved_content_type()) for item in files],
+            [
+                (item.filename, item.data, item.resolved_content_type(), item.content_id)
+                for item in related
+                if item.content_id is not None
+            ],
         )
         fields: list[tuple[str, str]] = []
         wire_lines: list[str] = []
@@ -587,6 +675,11 @@ class Message:
             if on_wire:
                 wire_lines.append(line)
         for line in content_head.split("\r\n"):
+            if line[:1] == " ":
+                # A folded Content-Type (a multipart/related's): unfolded, RFC 5322 §2.2.3.
+                name, value = fields[-1]
+                fields[-1] = (name, value + line.rstrip(" \t"))
+                continue
             name, _, value = line.partition(":")
             fields.append((name, value.strip(" \t")))
         wire_lines.append(content_head)
@@ -1133,6 +1226,28 @@ def _set_addresses(
     else:
         specs = [(display, address.smtp_path(utf8)) for display, address in boxes]
         root.set_raw(name, _mime.long_address_list(name, specs))
+
+
+def _add_related(page: MIMEPart, related: list[Attachment]) -> None:
+    """Make ``page``, the HTML part, a ``multipart/related`` holding the HTML and then
+    the inline parts (the general path's form of :func:`mailrelay._mime.write_body`)."""
+    page.make_related()
+    for item in related:
+        maintype, _, subtype = item.resolved_content_type().partition("/")
+        part = MIMEPart(policy=page.policy)
+        part.set_content(
+            item.data,
+            maintype=maintype,
+            subtype=subtype,
+            disposition="inline",
+            filename=item.filename,
+        )
+        # Raw, on one line: the package would fold a long id into encoded-words, which
+        # no cid: URL matches (RFC 2392).
+        part.set_raw("Content-ID", f"<{item.content_id}>")
+        page.attach(part)
+    # RFC 2387 §3.1: the type of the root, the HTML, which is first (§3.2).
+    page.set_param("type", "text/html")
 
 
 def _attachment(item: Attachment | tuple[str, bytes] | tuple[str, bytes, str | None]) -> Attachment:
