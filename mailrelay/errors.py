@@ -18,6 +18,7 @@ already catches ``ValueError`` or ``TimeoutError`` keeps working::
     ├── StoreError                         the tracker's store could not be read or written
     └── DeliveryError                      an attempt ended with no per-recipient answer
         ├── ConnectError (ConnectionError)       could not reach any address of the host
+        │   └── ProxyError                       the outbound proxy failed or refused
         ├── DeliveryTimeout (TimeoutError)       a phase outlasted its timeout
         ├── ConnectionLost (ConnectionError)     the server closed or reset the connection
         ├── TLSError                             handshake, certificate, or TLS policy failure
@@ -60,6 +61,7 @@ __all__ = [
     "PolicyError",
     "PolicyFetchError",
     "ProtocolError",
+    "ProxyError",
     "RemoteProtocolError",
     "ReportError",
     "ResolverError",
@@ -226,6 +228,30 @@ class DeliveryError(MailRelayError):
 
 class ConnectError(DeliveryError, ConnectionError):
     """No address of the host accepted a connection."""
+
+
+class ProxyError(ConnectError):
+    """The outbound proxy (SOCKS5 or HTTP CONNECT) could not open the tunnel to the server:
+    it was unreachable or timed out, it refused our credentials or its rules forbid the
+    target (permanent), it could not reach the target (transient), or it answered in a way
+    that is not its protocol (permanent). The message names the proxy and the target, never
+    the proxy's password.
+
+    Attributes:
+        proxy: the proxy's ``host:port``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        is_transient: bool | None = None,
+        reply: Reply | None = None,
+        host: str | None = None,
+        proxy: str = "",
+    ) -> None:
+        super().__init__(message, is_transient=is_transient, reply=reply, host=host)
+        self.proxy = proxy
 
 
 class DeliveryTimeout(DeliveryError, TimeoutError):

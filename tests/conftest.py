@@ -11,6 +11,7 @@ pytest_plugins = [
     # registered, or pytest cannot rewrite its asserts).
     "tests.peers.tls",
     "tests.peers.scripted",
+    "tests.peers.proxies",
     "tests.peers.postfix",
     "tests.peers.sink",
     "tests.peers.aiosmtpd_server",

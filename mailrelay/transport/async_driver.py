@@ -37,6 +37,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import select
 import socket
@@ -46,7 +47,7 @@ from typing import Any, TypeVar, cast
 
 import attrs
 
-from mailrelay.errors import ConnectError, ConnectionLost, DeliveryError, TLSError
+from mailrelay.errors import ConnectError, ConnectionLost, DeliveryError, ProxyError, TLSError
 from mailrelay.flow import Close, Peek, Read, Request, StartTLS, Write
 from mailrelay.options import Timeouts
 from mailrelay.transport.driver_common import (
@@ -63,6 +64,14 @@ from mailrelay.transport.driver_common import (
     resolve_error,
 )
 from mailrelay.transport.errors_map import map_io_error, map_tls_error, peer_name
+from mailrelay.transport.proxy import (
+    Proxy,
+    ProxyHandshake,
+    all_targets_failed,
+    handshake_failed,
+    proxy_unreachable,
+    tunnel_targets,
+)
 
 __all__ = ["READ_SIZE", "AsyncDriver", "connect"]
 
@@ -306,6 +315,15 @@ async def _open_tcp(
     server_hostname: str | None,
     source: str | None,
 ) -> tuple[asyncio.Transport, _Pipe]:
+    sock = await _connect_socket(host, port, timeout=timeout, source=source)
+    return await _wrap(sock, ssl_context, server_hostname or host, timeout, peer_name(host, port))
+
+
+async def _connect_socket(
+    host: str, port: int, *, timeout: float, source: str | None
+) -> socket.socket:
+    """A non-blocking socket connected to ``host:port`` (each address in turn, each within
+    ``timeout``)."""
     loop = asyncio.get_running_loop()
     peer = peer_name(host, port)
     try:
@@ -333,8 +351,80 @@ async def _open_tcp(
         except BaseException:
             sock.close()  # a cancellation: no socket is left behind
             raise
-        return await _wrap(sock, ssl_context, server_hostname or host, timeout, peer)
+        return sock
     raise all_addresses_failed(peer, failures) from last
+
+
+async def _open_proxied(
+    proxy: Proxy,
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None,
+    source: str | None,
+) -> tuple[asyncio.Transport, _Pipe]:
+    """The transport tunnelled through ``proxy`` to ``host:port``, as the blocking driver's
+    ``_connect_proxied`` (each attempt, connecting to the proxy included, within
+    ``timeout``), then wrapped as :func:`_open_tcp` does."""
+    loop = asyncio.get_running_loop()
+    peer = peer_name(host, port)
+    infos = None
+    if proxy.resolves_locally:
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise resolve_error(exc, host, peer) from exc
+    failures: list[ProxyError] = []
+    for target in tunnel_targets(proxy, host, infos):
+        handshake = ProxyHandshake(proxy, target, port)
+        sock: socket.socket | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    sock = await _connect_socket(
+                        proxy.host, proxy.port, timeout=timeout, source=source
+                    )
+                except ProxyError:
+                    raise
+                except ConnectError as exc:
+                    raise proxy_unreachable(handshake, exc) from exc
+                await _run_handshake(loop, sock, handshake)
+        except ProxyError as exc:
+            if sock is not None:
+                sock.close()
+            if not handshake.target_failed:
+                raise
+            failures.append(exc)
+            continue
+        except (OSError, ValueError) as exc:  # TimeoutError is an OSError
+            if sock is not None:
+                sock.close()
+            raise handshake_failed(handshake, exc, timeout) from exc
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+        assert sock is not None
+        return await _wrap(sock, ssl_context, server_hostname or host, timeout, peer)
+    raise all_targets_failed(proxy, peer, failures)
+
+
+async def _run_handshake(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, handshake: ProxyHandshake
+) -> None:
+    """Run ``handshake`` on ``sock``, reading no byte past the proxy's reply (the caller
+    bounds the time)."""
+    while True:
+        data = handshake.data_to_send()
+        if data:
+            await loop.sock_sendall(sock, data)
+        if handshake.done:
+            break
+        handshake.receive_data(await loop.sock_recv(sock, handshake.read_limit))
+    # Reads kept to read_limit: whatever the target sent first is still in the socket.
+    assert not handshake.leftover
 
 
 async def _wrap(
@@ -391,11 +481,14 @@ async def connect(
     server_hostname: str | None = None,
     unix_path: str | None = None,
     source_address: str | None = None,
+    proxy: Proxy | None = None,
 ) -> AsyncDriver:
-    """Open a connection and return its driver (see :func:`sync_driver.connect`).
+    """Open a connection and return its driver (see :func:`sync_driver.connect`, which
+    documents the arguments).
 
     Raises:
         ConnectError: no address accepted the connection.
+        ProxyError: the proxy was unreachable, refused, or could not reach the server.
         TLSError: the implicit-TLS handshake failed.
     """
     context = ssl_context if ssl_context is not None else ssl.create_default_context()
@@ -405,7 +498,8 @@ async def connect(
     else:
         assert host is not None
         assert port is not None
-        transport, pipe = await _open_tcp(
+        opener = _open_tcp if proxy is None else functools.partial(_open_proxied, proxy)
+        transport, pipe = await opener(
             host,
             port,
             timeout=timeouts.connect,

@@ -65,6 +65,7 @@ from mailrelay.transport.pooling import (
     quit_timeout,
     unanswered,
 )
+from mailrelay.transport.proxy import Proxy
 from mailrelay.transport.settings import (
     AsyncPasswordProvider,
     ConnectionSettings,
@@ -249,6 +250,7 @@ class _AsyncSMTPBase(AsyncTransport):
             server_hostname=settings.server_hostname,
             unix_path=settings.unix_path,
             source_address=settings.source_address,
+            proxy=settings.proxy,
         )
         session = Session(settings.session_config(driver.local_address, secret=secret))
         try:
@@ -540,6 +542,7 @@ class AsyncSMTPTransport(_AsyncSMTPBase):
         local_hostname: str | None = None,
         server_hostname: str | None = None,
         source_address: str | None = None,
+        proxy: Proxy | str | None = None,
         auth_mechanisms: Sequence[str] | None = None,
         allow_insecure_auth: bool = False,
         pipelining: bool = True,
@@ -556,6 +559,7 @@ class AsyncSMTPTransport(_AsyncSMTPBase):
             local_hostname=local_hostname,
             server_hostname=server_hostname,
             source_address=source_address,
+            proxy=proxy,
             username=username,
             password=password,
             auth_mechanisms=mechanisms(auth_mechanisms),
@@ -584,6 +588,7 @@ class AsyncLMTPTransport(_AsyncSMTPBase):
         local_hostname: str | None = None,
         server_hostname: str | None = None,
         source_address: str | None = None,
+        proxy: Proxy | str | None = None,
         auth_mechanisms: Sequence[str] | None = None,
         allow_insecure_auth: bool = False,
         pipelining: bool = True,
@@ -600,6 +605,7 @@ class AsyncLMTPTransport(_AsyncSMTPBase):
             local_hostname=local_hostname,
             server_hostname=server_hostname,
             source_address=source_address,
+            proxy=proxy,
             username=username,
             password=password,
             auth_mechanisms=mechanisms(auth_mechanisms),

@@ -18,6 +18,8 @@ Rules of this module:
   (an identity provider out of reach is a temporary problem), unless it raised a
   :class:`~mailrelay.errors.DeliveryError` of its own, whose ``is_transient`` is kept. No
   message shows the secret or the provider's repr.
+* A proxy (:class:`~mailrelay.transport.proxy.Proxy`, or its URL) carries TCP connections
+  only; its password is never shown either (``describe`` shows the proxy's URL without it).
 * Certificate verification is on by default: without ``ssl_context`` the transports use
   :func:`ssl.create_default_context` (the system's trusted CAs, host name checking).
 """
@@ -37,6 +39,7 @@ from mailrelay.flow import SessionConfig
 from mailrelay.options import TLS, Timeouts
 from mailrelay.transport.driver_common import check_source_address
 from mailrelay.transport.errors_map import peer_name
+from mailrelay.transport.proxy import Proxy, as_proxy
 
 __all__ = [
     "AsyncPasswordProvider",
@@ -144,6 +147,7 @@ class ConnectionSettings:
     local_hostname: str | None = None
     server_hostname: str | None = None
     source_address: str | None = attrs.field(default=None, converter=check_source_address)
+    proxy: Proxy | None = attrs.field(default=None, converter=as_proxy)
     username: str | None = None
     password: str | AsyncPasswordProvider | None = None
     auth_mechanisms: tuple[str, ...] | None = None
@@ -176,6 +180,8 @@ class ConnectionSettings:
             raise ConfigurationError("implicit TLS over a unix socket makes no sense")
         elif self.source_address is not None:
             raise ConfigurationError("a unix socket has no source address")
+        elif self.proxy is not None:
+            raise ConfigurationError("a unix socket cannot be reached through a proxy")
         if (self.username is None) != (self.password is None):
             raise ConfigurationError("give both a user name and a password (or token), or neither")
         if self.password is not None and not (
@@ -310,7 +316,8 @@ class ConnectionSettings:
     def describe(self) -> str:
         """A one-line description without the password, for ``repr``."""
         user = f" user={self.username!r}" if self.username is not None else ""
-        return f"{self.peer} tls={self.tls.name}{user}"
+        via = f" proxy={self.proxy}" if self.proxy is not None else ""
+        return f"{self.peer} tls={self.tls.name}{user}{via}"
 
 
 _DEFAULT_CONTEXT: ssl.SSLContext | None = None

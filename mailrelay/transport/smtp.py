@@ -76,6 +76,7 @@ from mailrelay.transport.pooling import (
     send_unsent,
     unanswered,
 )
+from mailrelay.transport.proxy import Proxy
 from mailrelay.transport.settings import (
     ConnectionSettings,
     PasswordProvider,
@@ -233,6 +234,7 @@ class _SMTPBase(Transport):
             server_hostname=settings.server_hostname,
             unix_path=settings.unix_path,
             source_address=settings.source_address,
+            proxy=settings.proxy,
         )
         session = Session(settings.session_config(driver.local_address, secret=secret))
         try:
@@ -459,7 +461,15 @@ class SMTPTransport(_SMTPBase):
         server_hostname: the name to check the certificate against (default ``host``).
         source_address: the local IP address to connect from (a host with several, e.g. to
             send from the address the EHLO name and SPF record belong to); only the
-            server's addresses of its family are tried. Not with a unix socket.
+            server's addresses of its family are tried. Not with a unix socket. With a
+            ``proxy``, the address the connection to the proxy goes from.
+        proxy: reach the server through an outbound proxy: a
+            :class:`~mailrelay.transport.proxy.Proxy` or its URL (``socks5://``: we
+            resolve ``host``; ``socks5h://``: the proxy does; ``http://``: an HTTP CONNECT
+            tunnel), with ``user:password@`` when the proxy wants a login. TLS runs end to
+            end through the tunnel, checked against ``server_hostname`` or ``host``. The
+            EHLO literal is still our own address: give ``local_hostname`` when it matters.
+            Not with a unix socket.
         auth_mechanisms: SASL mechanisms to use, in order (default: strongest in common).
         allow_insecure_auth: allow AUTH over plain text (for test servers only).
         pipelining: use PIPELINING when offered (RFC 2920).
@@ -484,6 +494,7 @@ class SMTPTransport(_SMTPBase):
         local_hostname: str | None = None,
         server_hostname: str | None = None,
         source_address: str | None = None,
+        proxy: Proxy | str | None = None,
         auth_mechanisms: Sequence[str] | None = None,
         allow_insecure_auth: bool = False,
         pipelining: bool = True,
@@ -500,6 +511,7 @@ class SMTPTransport(_SMTPBase):
             local_hostname=local_hostname,
             server_hostname=server_hostname,
             source_address=source_address,
+            proxy=proxy,
             username=username,
             password=password,
             auth_mechanisms=mechanisms(auth_mechanisms),
@@ -538,6 +550,7 @@ class LMTPTransport(_SMTPBase):
         local_hostname: str | None = None,
         server_hostname: str | None = None,
         source_address: str | None = None,
+        proxy: Proxy | str | None = None,
         auth_mechanisms: Sequence[str] | None = None,
         allow_insecure_auth: bool = False,
         pipelining: bool = True,
@@ -554,6 +567,7 @@ class LMTPTransport(_SMTPBase):
             local_hostname=local_hostname,
             server_hostname=server_hostname,
             source_address=source_address,
+            proxy=proxy,
             username=username,
             password=password,
             auth_mechanisms=mechanisms(auth_mechanisms),

@@ -54,7 +54,7 @@ from typing import TypeVar
 
 import attrs
 
-from mailrelay.errors import ConnectError, DeliveryError
+from mailrelay.errors import ConnectError, DeliveryError, ProxyError
 from mailrelay.flow import Close, Peek, Read, Request, StartTLS, Write
 from mailrelay.options import Timeouts
 from mailrelay.transport.driver_common import (
@@ -71,6 +71,14 @@ from mailrelay.transport.driver_common import (
     resolve_error,
 )
 from mailrelay.transport.errors_map import map_io_error, map_tls_error, peer_name
+from mailrelay.transport.proxy import (
+    Proxy,
+    ProxyHandshake,
+    all_targets_failed,
+    handshake_failed,
+    proxy_unreachable,
+    tunnel_targets,
+)
 
 __all__ = ["READ_SIZE", "SyncDriver", "connect"]
 
@@ -139,6 +147,62 @@ def _connect_tcp(host: str, port: int, timeout: float, source: str | None) -> so
     raise all_addresses_failed(peer, failures) from last
 
 
+def _connect_proxied(
+    proxy: Proxy, host: str, port: int, timeout: float, source: str | None
+) -> socket.socket:
+    """A socket tunnelled through ``proxy`` to ``host:port`` (see
+    :mod:`mailrelay.transport.proxy`): each address of ``host`` in turn when we resolve
+    (``socks5``), else the name once. Each attempt, connecting to the proxy included, is
+    bounded by ``timeout``; ``source`` binds the connection to the proxy."""
+    peer = peer_name(host, port)
+    infos = None
+    if proxy.resolves_locally:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise resolve_error(exc, host, peer) from exc
+    failures: list[ProxyError] = []
+    for target in tunnel_targets(proxy, host, infos):
+        handshake = ProxyHandshake(proxy, target, port)
+        deadline = time.monotonic() + timeout
+        try:
+            sock = _connect_tcp(proxy.host, proxy.port, timeout, source)
+        except ConnectError as exc:
+            raise proxy_unreachable(handshake, exc) from exc
+        try:
+            _run_handshake(sock, handshake, deadline)
+        except ProxyError as exc:
+            sock.close()
+            if not handshake.target_failed:
+                raise
+            failures.append(exc)
+            continue
+        except (OSError, ValueError) as exc:
+            sock.close()
+            error = _expired(exc) if isinstance(exc, OSError) else exc
+            raise handshake_failed(handshake, error, timeout) from exc
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise all_targets_failed(proxy, peer, failures)
+
+
+def _run_handshake(sock: socket.socket, handshake: ProxyHandshake, deadline: float) -> None:
+    """Run ``handshake`` on ``sock`` by ``deadline``, reading no byte past the proxy's reply."""
+    while True:
+        data = handshake.data_to_send()
+        if data:
+            sock.settimeout(_remaining(deadline))
+            sock.sendall(data)
+        if handshake.done:
+            break
+        sock.settimeout(_remaining(deadline))
+        handshake.receive_data(sock.recv(handshake.read_limit))
+    # Reads kept to read_limit: whatever the target sent first is still in the socket.
+    assert not handshake.leftover
+
+
 def _connect_unix(path: str, timeout: float) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -162,6 +226,7 @@ def connect(
     server_hostname: str | None = None,
     unix_path: str | None = None,
     source_address: str | None = None,
+    proxy: Proxy | None = None,
 ) -> SyncDriver:
     """Open a connection and return its driver.
 
@@ -175,11 +240,16 @@ def connect(
         unix_path: a unix socket path instead of ``host``/``port``.
         source_address: the local IP address to connect from (see
             :func:`~mailrelay.transport.driver_common.check_source_address`); only the
-            server's addresses of its family are tried.
+            server's addresses of its family are tried. With a ``proxy``: the address
+            the connection to the proxy goes from.
+        proxy: reach ``host:port`` through this proxy (SOCKS5 or HTTP CONNECT, see
+            :mod:`mailrelay.transport.proxy`); TLS runs end to end, the certificate checked
+            against ``server_hostname`` or ``host``, never the proxy's name.
 
     Raises:
         ConnectError: no address accepted the connection (or could be reached from
             ``source_address``).
+        ProxyError: the proxy was unreachable, refused, or could not reach the server.
         TLSError: the implicit-TLS handshake failed.
     """
     if unix_path is not None:
@@ -188,7 +258,10 @@ def connect(
     else:
         assert host is not None
         assert port is not None
-        sock = _connect_tcp(host, port, timeouts.connect, source_address)
+        if proxy is not None:
+            sock = _connect_proxied(proxy, host, port, timeouts.connect, source_address)
+        else:
+            sock = _connect_tcp(host, port, timeouts.connect, source_address)
         peer = peer_name(host, port)
     name = server_hostname or host or "localhost"
     context = ssl_context if ssl_context is not None else ssl.create_default_context()

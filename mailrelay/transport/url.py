@@ -19,12 +19,16 @@ Rules of this module:
   ``tls_policy`` (``mx://`` only: ``dane``, ``mta-sts``, or both comma-separated, for
   :class:`~mailrelay.transport.dane.DANE` and :class:`~mailrelay.transport.mtasts.MTASTS`
   hooks sharing the transport's resolver; with both, DANE decides wherever it applies and
-  MTA-STS elsewhere, RFC 8461 §2), ``format`` (``file://`` only). An unknown, repeated or
+  MTA-STS elsewhere, RFC 8461 §2), ``proxy`` (``smtp://``, ``smtps://``, ``lmtp://`` over
+  TCP: an outbound proxy's URL, percent-encoded, e.g.
+  ``?proxy=socks5h%3A%2F%2Fuser%3Apass%40127.0.0.1%3A1080``; see
+  :class:`~mailrelay.transport.proxy.Proxy`), ``format`` (``file://`` only). An unknown, repeated or
   misplaced parameter is a :class:`~mailrelay.errors.ConfigurationError`, never silently
   ignored.
 * User and password are percent-decoded (RFC 3986 §2.1), so ``p%40ss`` is ``p@ss``.
 * The password never appears in a repr or an error message: both show the URL with the
-  password replaced by ``***`` (:meth:`TransportURL.redacted`). The user name is kept, since
+  password replaced by ``***`` (:meth:`TransportURL.redacted`), the ``?proxy=`` URL's
+  password too. The user name is kept, since
   it tells which account was meant.
 * Keyword ``overrides`` go to the transport's constructor and win over the URL
   (``transport_from_url(url, ssl_context=ctx)``); a token provider is given this way:
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -55,6 +60,7 @@ from mailrelay.transport.memory import MemoryTransport
 from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
+from mailrelay.transport.proxy import Proxy
 from mailrelay.transport.sendmail import SendmailTransport
 from mailrelay.transport.smtp import LMTPTransport, SMTPTransport
 
@@ -68,9 +74,9 @@ _DEFAULT_TLS = {
     "mx": TLS.OPPORTUNISTIC,
 }
 _PARAMETERS = {
-    "smtp": {"tls", "timeout", "local_hostname", "source_address", "auth"},
-    "smtps": {"tls", "timeout", "local_hostname", "source_address", "auth"},
-    "lmtp": {"tls", "timeout", "local_hostname", "source_address", "auth"},
+    "smtp": {"tls", "timeout", "local_hostname", "source_address", "auth", "proxy"},
+    "smtps": {"tls", "timeout", "local_hostname", "source_address", "auth", "proxy"},
+    "lmtp": {"tls", "timeout", "local_hostname", "source_address", "auth", "proxy"},
     "mx": {"tls", "timeout", "local_hostname", "source_address", "port", "tls_policy"},
     "memory": set[str](),
     "file": {"format"},
@@ -93,8 +99,13 @@ def _redact(url: str) -> str:
         return url
     userinfo, at, after = rest.rpartition("@")
     if at and ":" in userinfo:
-        return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{after}"
-    return url
+        url = f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{after}"
+    # ?proxy= holds a URL of its own, percent-encoded, with its own password: shown decoded,
+    # redacted the same way (done after the above, whose last "@" it would otherwise be).
+    return _PROXY_PARAMETER.sub(lambda match: match[1] + _redact(unquote(match[2])), url)
+
+
+_PROXY_PARAMETER = re.compile(r"([?&]proxy=)([^&#]*)", re.IGNORECASE)
 
 
 @attrs.frozen(kw_only=True, repr=False)
@@ -117,6 +128,8 @@ class TransportURL:
         auth_mechanisms: the SASL mechanisms from ``?auth=``, upper case, or ``None``.
         tls_policies: the ``mx://`` TLS policies from ``?tls_policy=`` (``dane``,
             ``mta-sts``), or ``None``.
+        proxy: the outbound proxy from ``?proxy=`` (``smtp``, ``smtps``, ``lmtp`` over TCP),
+            or ``None``.
         format: ``eml`` or ``maildir`` (``file`` only).
         config: the ``sendmail`` program's configuration (its ``-C`` argument), or ``None``.
     """
@@ -133,6 +146,7 @@ class TransportURL:
     source_address: str | None = None
     auth_mechanisms: tuple[str, ...] | None = None
     tls_policies: tuple[str, ...] | None = None
+    proxy: Proxy | None = None
     format: str | None = None
     config: str | None = None
 
@@ -257,6 +271,10 @@ class TransportURL:
                 raise ConfigurationError(f"a unix-socket {scheme}:// URL has no port: {shown}")
             if "source_address" in params:
                 raise ConfigurationError(f"a unix socket has no source address: {shown}")
+            if "proxy" in params:
+                raise ConfigurationError(
+                    f"a unix socket cannot be reached through a proxy: {shown}"
+                )
             fields["path"] = path
         else:
             if host is None:
@@ -281,6 +299,12 @@ class TransportURL:
                 raise ConfigurationError(f"{exc}: {shown}") from None
         if "auth" in params:
             fields["auth_mechanisms"] = _mechanisms(params["auth"], shown)
+        if "proxy" in params:
+            try:
+                # parse_qsl has percent-decoded the value once: the proxy URL itself.
+                fields["proxy"] = Proxy.parse(params["proxy"])
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{exc}: {shown}") from None
         return cls(**fields)
 
 
@@ -361,6 +385,8 @@ def _network_arguments(parsed: TransportURL) -> dict[str, Any]:
         kwargs["source_address"] = parsed.source_address
     if parsed.auth_mechanisms is not None:
         kwargs["auth_mechanisms"] = parsed.auth_mechanisms
+    if parsed.proxy is not None:
+        kwargs["proxy"] = parsed.proxy
     return kwargs
 
 
