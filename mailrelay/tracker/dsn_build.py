@@ -58,6 +58,9 @@ _SUBJECTS = {
     DSNAction.EXPANDED: "Delivery Status Notification (Expanded)",
 }
 _FOLD_WIDTH = 76
+# RFC 3464 §2.3.1: address-type ";" generic-address; an address never starts with a
+# type-like atom and a semicolon (a quoted local part starts with the quote).
+_TYPED_ADDRESS_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)[ \t]*;[ \t]*(.*)", re.DOTALL)
 
 
 def build_dsn(
@@ -212,7 +215,8 @@ def _status_body(
     for recipient in recipients:
         block = []
         if recipient.original_recipient:
-            block.append(f"Original-Recipient: {address_type}; {recipient.original_recipient}")
+            original = _typed_address(recipient.original_recipient, address_type)
+            block.append(f"Original-Recipient: {original}")
         final = recipient.final_recipient or recipient.address
         block.append(f"Final-Recipient: {address_type}; {final}")
         block.append(f"Action: {recipient.action.value}")
@@ -228,6 +232,15 @@ def _status_body(
         blocks.append(block)
     text = "\r\n\r\n".join("\r\n".join(block) for block in blocks)
     return text.encode("utf-8")
+
+
+def _typed_address(value: str, default_type: str) -> str:
+    """``type; address`` (RFC 3464 §2.3.1): a value that names its address type already
+    (the ORCPT parameter's own form, ``rfc822;ann@example.org``) keeps it, once."""
+    typed = _TYPED_ADDRESS_RE.fullmatch(value)
+    if typed is not None:
+        return f"{typed[1]}; {typed[2]}"
+    return f"{default_type}; {value}"
 
 
 def _fold(line: str) -> str:

@@ -391,7 +391,9 @@ def _dsn_recipient(
         status=status,
         diagnostic=diagnostic,
         remote_mta=None if last is None or not last.host else last.host,
-        original_recipient=None if recipient.orcpt is None else f"rfc822;{recipient.orcpt}",
+        # The bare ORCPT: build_dsn writes its address type, utf-8 for a non-ASCII one
+        # (RFC 6533 §3), where "rfc822;" here came out twice ("rfc822; rfc822;...").
+        original_recipient=None if recipient.orcpt is None else str(recipient.orcpt),
         last_attempt_date=None if last is None else _rfc5322_date(last.at),
         # RFC 3464 §2.3.9: a per-recipient field, for delays only.
         will_retry_until=retry_until,

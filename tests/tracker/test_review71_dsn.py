@@ -1,0 +1,143 @@
+"""Review 71: the DSNs the tracker generates, against hostile replies and odd envelopes.
+
+Each test here failed before its fix: the ORCPT written with two address types, a long
+word in a server's reply making a line longer than RFC 5322 §2.1.1 allows, and a sender
+whose local part is quoted getting no report at all. The property checks what any reply
+text (no CR, LF or NUL: those the values refuse) does to a report: lines stay short, and
+our parser and the standard library's read back the same recipients and statuses.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import email.message
+import email.policy
+import re
+
+import pytest
+
+from mailrelay.address import Address
+from mailrelay.envelope import Envelope, Recipient
+from mailrelay.errors import MessageError
+from mailrelay.tracker.dsn import DSNAction, DSNRecipient
+from mailrelay.tracker.dsn_build import build_dsn
+from mailrelay.tracker.dsn_parse import parse_dsn
+from mailrelay.tracker.notifications import failure_dsns
+from mailrelay.tracker.store import Attempt, MessageRecord, RecipientRecord, State, queued_record
+
+T0 = dt.datetime(2026, 3, 2, 10, 0, tzinfo=dt.UTC)
+ORIGINAL = (
+    b"From: Shop <news@shop.example>\r\nTo: ann@example.org\r\nSubject: Your order\r\n"
+    b"Message-ID: <order-1@shop.example>\r\n\r\nThanks for your order.\r\n"
+)
+#: RFC 5322 §2.1.1: a line MUST be at most 998 characters, CRLF excluded.
+MAX_LINE = 998
+
+
+def record_for(envelope: Envelope) -> MessageRecord:
+    return queued_record(
+        id="t1",
+        created_at=T0,
+        envelope=envelope,
+        message_id="order-1@shop.example",
+        size=len(ORIGINAL),
+        addresses=[r.address for r in envelope.recipients],
+    )
+
+
+def bounced(
+    address: str, text: str, *, code: int = 550, enhanced: str = "5.1.1"
+) -> RecipientRecord:
+    attempt = Attempt(
+        at=T0, host="mx.example.net:25", code=code, enhanced=enhanced, text=text, source="reply"
+    )
+    return RecipientRecord(address=Address.parse(address), state=State.BOUNCED, attempts=(attempt,))
+
+
+def report_for(envelope: Envelope, failed: list[RecipientRecord]) -> bytes:
+    reports = failure_dsns(
+        record_for(envelope), ORIGINAL, failed, reporting_mta="mx.shop.example", date=T0
+    )
+    assert len(reports) == 1, "a report is due and must be built"
+    message, dsn_envelope = reports[0]
+    assert dsn_envelope.sender is None  # RFC 3461 §6.2: from the null reverse-path
+    return message.as_bytes()
+
+
+def status_fields(raw: bytes) -> list[dict[str, str]]:
+    """The delivery-status part's blocks as the standard library reads them."""
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    for part in msg.walk():
+        blocks: list[email.message.Message] = []
+        if part.get_content_type() == "message/delivery-status":
+            # The stdlib parses it into one message a block.
+            blocks = [b for b in part.get_payload() if isinstance(b, email.message.Message)]
+        elif part.get_content_type() == "message/global-delivery-status":
+            # Unknown to the stdlib, which reads it as one message: the first block is its
+            # header, the other blocks its body, read the same way.
+            first = part.get_payload(0)
+            assert isinstance(first, email.message.Message)
+            rest = first.get_payload(decode=True)
+            assert isinstance(rest, bytes)
+            blocks = [first] + [
+                email.message_from_bytes(block + b"\r\n", policy=email.policy.default)
+                for block in re.split(rb"(?:\r?\n){2,}", rest.strip(b"\r\n"))
+            ]
+        else:
+            continue
+        return [{name: str(value) for name, value in block.items()} for block in blocks]
+    raise AssertionError("no delivery-status part")
+
+
+# -- Original-Recipient ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("orcpt", "expected"),
+    [
+        ("ann.original@example.org", "rfc822; ann.original@example.org"),
+        # RFC 6533 §3: a non-ASCII ORCPT is a utf-8 address (the report turns global).
+        ("jörg@example.org", "utf-8; jörg@example.org"),
+    ],
+    ids=["ascii", "utf8"],
+)
+def test_the_orcpt_is_reported_with_one_address_type(orcpt: str, expected: str) -> None:
+    envelope = Envelope("news@shop.example", [Recipient("ann@example.org", orcpt=orcpt)])
+    raw = report_for(envelope, [bounced("ann@example.org", "5.1.1 no such user")])
+    lines = [line for line in raw.split(b"\r\n") if line.startswith(b"Original-Recipient:")]
+    assert lines == [f"Original-Recipient: {expected}".encode()]
+    (_per_message, block) = status_fields(raw)
+    assert block["Original-Recipient"] == expected
+    (recipient,) = parse_dsn(raw).recipients
+    assert recipient.original_recipient == orcpt
+
+
+def test_build_dsn_keeps_a_typed_original_recipient() -> None:
+    # An ORCPT in the form the RFC 3461 §4.2 parameter has carries its type already.
+    recipient = DSNRecipient(
+        address="ann@example.org",
+        action=DSNAction.FAILED,
+        status="5.1.1",
+        original_recipient="rfc822;Ann@example.org",
+    )
+    raw = build_dsn(
+        original=ORIGINAL,
+        envelope_sender="news@shop.example",
+        recipients=[recipient],
+        reporting_mta="mx.shop.example",
+        date=T0,
+    )
+    assert b"Original-Recipient: rfc822; Ann@example.org\r\n" in raw
+    assert b"rfc822; rfc822" not in raw
+
+
+@pytest.mark.parametrize("sender", [None, "", "<>"])
+def test_still_no_report_to_the_null_sender(sender: str | None) -> None:
+    with pytest.raises(MessageError):
+        build_dsn(
+            original=ORIGINAL,
+            envelope_sender=sender,
+            recipients=[DSNRecipient(address="ann@example.org", action=DSNAction.FAILED)],
+            reporting_mta="mx.shop.example",
+        )
