@@ -58,6 +58,9 @@ _SUBJECTS = {
     DSNAction.EXPANDED: "Delivery Status Notification (Expanded)",
 }
 _FOLD_WIDTH = 76
+#: The longest word a folded field keeps whole: with its fold's leading space it stays
+#: well under the 998 characters RFC 5322 §2.1.1 allows a line.
+_MAX_WORD = 900
 # RFC 3464 §2.3.1: address-type ";" generic-address; an address never starts with a
 # type-like atom and a semicolon (a quoted local part starts with the quote).
 _TYPED_ADDRESS_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)[ \t]*;[ \t]*(.*)", re.DOTALL)
@@ -244,13 +247,19 @@ def _typed_address(value: str, default_type: str) -> str:
 
 
 def _fold(line: str) -> str:
-    """Fold a long field at spaces (RFC 5322 §2.2.3) so lines stay short."""
+    """Fold a long field at spaces (RFC 5322 §2.2.3) so lines stay short.
+
+    A word too long for any line (a server's reply can hold one of thousands of
+    characters) is cut into pieces (:func:`_pieces`): RFC 5322 §2.1.1 allows no line
+    over 998 characters, and a receiving server may refuse the whole report for one.
+    """
     line = line.rstrip()
     if len(line) <= _FOLD_WIDTH:
         return line
     out: list[str] = []
     current = ""
-    for word in line.split(" "):
+    words = (piece for word in line.split(" ") for piece in _pieces(word))
+    for word in words:
         if current and len(current) + 1 + len(word) > _FOLD_WIDTH:
             out.append(current)
             current = word
@@ -258,6 +267,15 @@ def _fold(line: str) -> str:
             current = f"{current} {word}" if current else word
     out.append(current)
     return "\r\n ".join(out)
+
+
+def _pieces(word: str) -> list[str]:
+    """``word``, cut into pieces of at most :data:`_MAX_WORD` octets in UTF-8 (the line
+    limit counts octets, RFC 6532 §3.4; a character is at most 4 of them)."""
+    if len(word.encode("utf-8")) <= _MAX_WORD:
+        return [word]
+    size = _MAX_WORD if word.isascii() else _MAX_WORD // 4
+    return [word[i : i + size] for i in range(0, len(word), size)]
 
 
 def _explanation(host: str, recipients: Sequence[DSNRecipient]) -> str:

@@ -16,11 +16,14 @@ import email.policy
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import MessageError
-from mailrelay.tracker.dsn import DSNAction, DSNRecipient
+from mailrelay.message import Message
+from mailrelay.tracker.dsn import DSNAction, DSNKind, DSNRecipient
 from mailrelay.tracker.dsn_build import build_dsn
 from mailrelay.tracker.dsn_parse import parse_dsn
 from mailrelay.tracker.notifications import failure_dsns
@@ -130,6 +133,63 @@ def test_build_dsn_keeps_a_typed_original_recipient() -> None:
     )
     assert b"Original-Recipient: rfc822; Ann@example.org\r\n" in raw
     assert b"rfc822; rfc822" not in raw
+
+
+# -- hostile reply text ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("letter", "length"), [("x", 1000), ("x", 4000), ("x", 65536), ("日", 1000), ("ü", 4000)]
+)
+def test_a_long_word_in_the_reply_keeps_every_line_short(letter: str, length: int) -> None:
+    word = letter * length
+    envelope = Envelope("news@shop.example", ["ann@example.org"])
+    raw = report_for(envelope, [bounced("ann@example.org", f"5.1.1 {word}")])
+    assert max(len(line) for line in raw.split(b"\r\n")) <= MAX_LINE
+    (recipient,) = parse_dsn(raw).recipients
+    assert (recipient.address, recipient.action, recipient.status) == (
+        "ann@example.org",
+        DSNAction.FAILED,
+        "5.1.1",
+    )
+    # Broken into pieces by the folding, but none of it lost.
+    assert word in "".join((recipient.diagnostic or "").split())
+
+
+def _squeezed(text: str) -> str:
+    return "".join(re.sub(r"[\x00-\x1f\x7f]", " ", text).split())
+
+
+@given(
+    diagnostic=st.text(
+        alphabet=st.characters(codec="utf-8", blacklist_characters="\r\n\x00"),
+        min_size=1,
+        max_size=3000,
+    ),
+    address=st.sampled_from(["ann@example.org", "jörg@bücher.example"]),
+)
+def test_any_diagnostic_reads_back_with_short_lines(diagnostic: str, address: str) -> None:
+    recipient = DSNRecipient(
+        address=address, action=DSNAction.FAILED, status="5.1.1", diagnostic=diagnostic
+    )
+    raw = build_dsn(
+        original=ORIGINAL,
+        envelope_sender="news@shop.example",
+        recipients=[recipient],
+        reporting_mta="mx.shop.example",
+        date=T0,
+    )
+    assert max(len(line) for line in raw.split(b"\r\n")) <= MAX_LINE
+    Message.from_bytes(raw)  # a message the transports take
+    report = parse_dsn(raw)
+    assert report.kind is DSNKind.BOUNCE
+    ((got),) = report.recipients
+    assert (got.address, got.action, got.status) == (address, DSNAction.FAILED, "5.1.1")
+    assert _squeezed(got.diagnostic or "") == _squeezed(diagnostic)
+    _per_message, block = status_fields(raw)
+    address_type = "rfc822" if (address + diagnostic).isascii() else "utf-8"
+    assert block["Final-Recipient"] == f"{address_type}; {address}"
+    assert (block["Action"], block["Status"]) == ("failed", "5.1.1")
 
 
 @pytest.mark.parametrize("sender", [None, "", "<>"])
