@@ -34,6 +34,7 @@ import textwrap
 import uuid
 from collections.abc import Sequence
 
+from mailrelay.address import Address
 from mailrelay.envelope import Ret
 from mailrelay.errors import InvalidAddress, MessageError
 from mailrelay.tracker.dsn import DSNAction, DSNRecipient
@@ -116,8 +117,12 @@ def build_dsn(
         # reverse-path must never be answered with a DSN (no bounce loops).
         raise MessageError("no DSN is sent for a message with the null reverse-path")
     _check_field("envelope sender", envelope_sender)
-    if "@" not in envelope_sender or any(c in envelope_sender for c in " <>"):
-        raise MessageError(f"not an envelope address: {envelope_sender!r}")
+    try:
+        # The envelope grammar (RFC 5321 §4.1.2), quoted local parts included: a sender
+        # such as "john smith"@example.org is owed its report like any other.
+        sender = Address.parse(envelope_sender)
+    except InvalidAddress:
+        raise MessageError(f"not an envelope address: {envelope_sender!r}") from None
     if not recipients:
         raise MessageError("a DSN needs at least one recipient")
     if not _HOST_RE.match(reporting_mta):
@@ -146,7 +151,7 @@ def build_dsn(
     worst = _headline_action(recipients)
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
-        f"To: <{envelope_sender}>",
+        f"To: <{sender}>",
         f"Subject: {_SUBJECTS[worst]}",
         f"Date: {email.utils.format_datetime(_aware(now))}",
         f"Message-ID: <{mid}>",

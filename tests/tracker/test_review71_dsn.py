@@ -192,6 +192,21 @@ def test_any_diagnostic_reads_back_with_short_lines(diagnostic: str, address: st
     assert (block["Action"], block["Status"]) == ("failed", "5.1.1")
 
 
+# -- who gets the report -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sender", ['"john smith"@example.org', '"a;b"@example.org', "o'brien@example.org"]
+)
+def test_a_sender_with_a_quoted_local_part_gets_its_report(sender: str) -> None:
+    envelope = Envelope(sender, ["ann@example.org"])
+    raw = report_for(envelope, [bounced("ann@example.org", "5.1.1 no such user")])
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["To"].addresses[0].addr_spec == str(Address.parse(sender))
+    (recipient,) = parse_dsn(raw).recipients
+    assert recipient.address == "ann@example.org"
+
+
 @pytest.mark.parametrize("sender", [None, "", "<>"])
 def test_still_no_report_to_the_null_sender(sender: str | None) -> None:
     with pytest.raises(MessageError):
