@@ -271,6 +271,9 @@ class ProxyHandshake:
     """
 
     def __init__(self, proxy: Proxy, host: str, port: int) -> None:
+        if not host or any(c in host for c in " \t\r\n\0/@"):
+            # It goes into a request line or a length-prefixed field: nothing may break out.
+            raise ConfigurationError(f"not a usable target host for a proxy: {host!r}")
         self.proxy = proxy
         self.host = host
         self.port = port
@@ -283,6 +286,8 @@ class ProxyHandshake:
         self._need = 0
         self._error: ProxyError | None = None
         self._scanned = 0  # HTTP: how much of the buffer holds no end of header section
+        # Built first, so that a target the proxy cannot be asked for fails here, at once.
+        self._request = self._http_request() if proxy.scheme == "http" else self._socks5_connect()
         steps = self._http() if proxy.scheme == "http" else self._socks5()
         self._steps: Generator[int, None, None] = steps
         self._advance()
@@ -386,7 +391,7 @@ class ProxyHandshake:
             yield from self._socks5_login()
         elif method != 0x00:
             raise self._malformed(f"the proxy chose method {method:#04x}, which we did not offer")
-        self._outgoing += self._socks5_connect()
+        self._outgoing += self._request
         # RFC 1928 §6: VER REP RSV ATYP BND.ADDR BND.PORT; REP first, as a failing proxy
         # may close before sending the rest.
         version, reply = yield from self._take(2)
@@ -397,7 +402,7 @@ class ProxyHandshake:
             if reply == 0x08:
                 meaning += " (try socks5 instead of socks5h, or the other way round)"
             # 0x03-0x06 say this address could not be reached; another may be.
-            self.target_failed = transient and reply != 0x01
+            self.target_failed = reply in {0x03, 0x04, 0x05, 0x06}
             suffix = "" if transient else f", {_NEVER_HELPS}"
             raise self._fail(
                 f"the proxy refused the connection: {meaning}{suffix}", transient=transient
@@ -449,7 +454,7 @@ class ProxyHandshake:
             destination = b"\x03" + bytes((len(name),)) + name
         return b"\x05\x01\x00" + destination + self.port.to_bytes(2, "big")
 
-    def _http(self) -> Generator[int, None, None]:
+    def _http_request(self) -> bytes:
         proxy = self.proxy
         # RFC 9110 §9.3.6: the request target is host:port (RFC 9112 §3.2.3, authority
         # form), an IPv6 literal in brackets; Host carries the same.
@@ -461,7 +466,11 @@ class ProxyHandshake:
             # RFC 7617 §2: Basic, base64 of user-id ":" password, in UTF-8 (§2.1).
             token = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode()
             lines.append(f"Proxy-Authorization: Basic {token}")
-        self._outgoing += ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+    def _http(self) -> Generator[int, None, None]:
+        proxy = self.proxy
+        self._outgoing += self._request
         end = yield from self._header_section()
         head = bytes(self._buffer[:end])
         del self._buffer[:end]
