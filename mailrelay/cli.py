@@ -55,7 +55,7 @@ import tempfile
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 from urllib.parse import unquote
 
 import mailrelay
@@ -100,6 +100,7 @@ __all__ = [
     "PASSWORD_VARIABLE",
     "UNDELIVERABLE",
     "URL_VARIABLE",
+    "MAX_INPUT_BYTES",
     "InputError",
     "UsageError",
     "build_parser",
@@ -141,6 +142,11 @@ EX_PROTOCOL = 76
 EX_NOPERM = 77
 #: The configuration makes no sense: a malformed URL, a password variable that is not set.
 EX_CONFIG = 78
+
+#: The most ``parse-dsn``, ``validate --file`` and ``tracker ingest`` read of one input (a
+#: file or standard input), which they hold in memory: a returned message carrying its
+#: original in full fits; more (``/dev/zero``, a mailbox piped in by mistake) is refused.
+MAX_INPUT_BYTES = 64 * 1024 * 1024
 
 #: The environment variable holding the default transport URL.
 URL_VARIABLE = "MAILRELAY_URL"
@@ -746,16 +752,37 @@ def _cmd_send(args: argparse.Namespace) -> int:
 # -- validate ------------------------------------------------------------------------------
 
 
-def _read_lines(name: str) -> list[str]:
+def read_input(name: str, what: str) -> bytes:
+    """The bytes of file ``name`` (``-``: standard input), of at most
+    :data:`MAX_INPUT_BYTES`: an input that never ends cannot exhaust the memory.
+
+    Raises:
+        InputError: the file cannot be opened, standard input is closed, or the input
+            is larger than the limit.
+    """
+    limit = MAX_INPUT_BYTES
     if name == "-":
         if sys.stdin is None:
-            raise InputError("no addresses: standard input is closed")
-        data = sys.stdin.buffer.read()
-    else:
-        try:
-            data = Path(name).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-            raise InputError(f"cannot read {name!r}: {exc.strerror}") from exc
+            raise InputError(f"no {what}: standard input is closed")
+        return _bounded(sys.stdin.buffer, "standard input", limit)
+    try:
+        with open(name, "rb") as source:
+            return _bounded(source, repr(name), limit)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise InputError(f"cannot read {name!r}: {exc.strerror}") from exc
+
+
+def _bounded(source: BinaryIO, name: str, limit: int) -> bytes:
+    # One byte more than the limit tells a full input from a larger one; a buffered
+    # read(n) returns n bytes unless the input ends first.
+    data = source.read(limit + 1)
+    if len(data) > limit:
+        raise InputError(f"{name} is larger than {limit} bytes, the most this command reads")
+    return data
+
+
+def _read_lines(name: str) -> list[str]:
+    data = read_input(name, "addresses")
     text = data.decode("utf-8")  # UnicodeDecodeError: EX_DATAERR
     return [line.strip() for line in text.splitlines() if line.strip()]
 
@@ -848,16 +875,7 @@ def _hardness(is_hard: bool | None) -> str | None:
 
 
 def _cmd_parse_dsn(args: argparse.Namespace) -> int:
-    if args.file == "-":
-        if sys.stdin is None:
-            raise InputError("no message: standard input is closed")
-        raw = sys.stdin.buffer.read()
-    else:
-        try:
-            raw = Path(args.file).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-            raise InputError(f"cannot read {args.file!r}: {exc.strerror}") from exc
-    report = parse_dsn(raw)
+    report = parse_dsn(read_input(args.file, "message"))
     if args.json:
         _emit_json(_report_json(report))
         return EX_OK

@@ -60,6 +60,7 @@ from mailrelay.cli import (
     _row,
     _time,
     _transport_options,
+    read_input,
 )
 from mailrelay.envelope import Envelope
 from mailrelay.errors import InvalidAddress, MessageError
@@ -363,12 +364,10 @@ def _offline_tracker(store: SQLiteStore, **settings: Any) -> DeliveryTracker:
 
 def _read_bytes(name: str) -> bytes:
     """The bytes of file ``name`` (``-``: standard input); :class:`InputError` if unreadable."""
-    if name == "-":
-        if sys.stdin is None:
-            raise InputError("no message: standard input is closed")
-        return sys.stdin.buffer.read()
     try:
-        return Path(name).read_bytes()
+        # Bounded (MAX_INPUT_BYTES): a mailbox of gigabytes piped to ``ingest -`` is
+        # refused, not held in memory.
+        return read_input(name, "message")
     except OSError as exc:
         raise InputError(f"cannot read {name!r}: {exc.strerror or exc}") from exc
 
