@@ -22,6 +22,12 @@ Rules this module keeps:
   display name, address, file name or content type it is given, so a caller's
   input can never add header fields (header injection); the checks are in
   :mod:`mailrelay._buildargs`.
+* Inline parts (an :class:`Attachment` with a ``content_id``) go with the HTML in a
+  ``multipart/related`` (RFC 2387) whose root, first, is the HTML (§3.2) and whose
+  ``type`` parameter names it (§3.1); each carries ``Content-ID: <id>`` (RFC 2045 §7),
+  which the HTML's ``cid:id`` URLs name (RFC 2392). A content id is checked when the
+  attachment is made; :meth:`Message.build` refuses inline parts without ``html`` and
+  two with one id. Without inline parts every shape is written as before.
 * Mailing-list fields come from one :class:`ListHeaders` value, checked when it is
   made: angle-bracketed ``mailto:``/``https:``/``http:`` URIs (RFC 2369 §2) that no
   character can break out of, a List-Id of RFC 2919 §2's form, and one-click
