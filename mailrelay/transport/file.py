@@ -27,6 +27,7 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import enum
 import json
@@ -249,8 +250,12 @@ class FileTransport(Transport, AsyncTransport):
         except asyncio.CancelledError:
             abandon.set()
             # The thread cannot be interrupted; it stops at its next piece. Waiting for it
-            # means no file appears once the caller has been told the send was cancelled.
-            await asyncio.wait([writer])
+            # means no file appears once the caller has been told the send was cancelled,
+            # so the wait goes on through further cancellations (a timeout, then a task
+            # group's), which would otherwise end it with the writer still at work.
+            while not writer.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([writer])
             if not writer.cancelled():
                 writer.exception()  # retrieved: _Abandoned, a DeliveryError or None
             raise
