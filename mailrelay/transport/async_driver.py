@@ -6,6 +6,10 @@ each connected with the whole address ``getaddrinfo`` gave, a scope id included)
 socket, with TLS from the start for ``TLS.IMPLICIT`` (a handshake that fails or runs out of
 time is a ``TLSError``, as in the blocking driver, not a failed connection); :meth:`AsyncDriver.run`
 answers each request a step yields until the step returns.
+With a ``proxy``, the socket connects to the proxy and runs its handshake
+(:class:`~mailrelay.transport.proxy.ProxyHandshake`, as the blocking driver does, with
+``sock_recv`` of at most ``read_limit`` bytes, all within ``Timeouts.connect``) before the
+transport (and any implicit TLS, checked against the server's name) is made over it.
 
 Rules:
 

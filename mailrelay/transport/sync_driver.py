@@ -2,13 +2,17 @@
 
 Theory of operation: :func:`connect` opens a TCP connection (trying every address of the
 host, IPv6 and IPv4, in the order the resolver gives them) or a unix socket, wraps it in TLS
-at once for ``TLS.IMPLICIT``, and returns a :class:`SyncDriver`. :meth:`SyncDriver.run`
-drives one step of a :class:`~mailrelay.flow.Session`: it answers each request the step
-yields (``Write`` → queued, then sent with one ``sendall`` before the next ``Read`` or
-``StartTLS``, or once 64 KiB are queued, or at once when it asks to be (``Write.flush``);
-``Read`` → one ``recv_into``; ``StartTLS`` → wrap the socket and handshake; ``Close`` →
-close) until the step returns its result. Coalescing the
-writes saves a system call per message (the data and its terminator go together) and changes
+at once for ``TLS.IMPLICIT``, and returns a :class:`SyncDriver`.
+With a ``proxy`` the TCP connection goes to the proxy instead, and the proxy's handshake
+(:class:`~mailrelay.transport.proxy.ProxyHandshake`, shared with the asyncio driver) runs on
+it before anything else, reading no byte past the proxy's reply, all within
+``Timeouts.connect``; TLS then runs through the tunnel against the server's name.
+:meth:`SyncDriver.run` drives one step of a :class:`~mailrelay.flow.Session`: it answers
+each request the step yields (``Write`` → queued, then sent with one ``sendall`` before
+the next ``Read`` or ``StartTLS``, or once 64 KiB are queued, or at once when it asks to be
+(``Write.flush``); ``Read`` → one ``recv_into``; ``StartTLS`` → wrap the socket and
+handshake; ``Close`` → close) until the step returns its result. Coalescing the writes
+saves a system call per message (the data and its terminator go together) and changes
 nothing on the wire that matters: the dialogue waits for replies only through ``Read``.
 
 Rules:
