@@ -102,6 +102,10 @@ def _check_port(instance: Any, attribute: attrs.Attribute[Any], value: object) -
 
 
 def _check_scheme(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
+    _known_scheme(value)
+
+
+def _known_scheme(value: object) -> None:
     if value not in SCHEMES:
         raise ConfigurationError(
             f"unknown proxy scheme {value!r}: use socks5, socks5h or http"
@@ -171,7 +175,7 @@ class Proxy:
         except ValueError:
             raise ConfigurationError("not a usable proxy URL (its host or port)") from None
         scheme = parts.scheme.lower()
-        _check_scheme(None, None, scheme)  # type: ignore[arg-type]
+        _known_scheme(scheme)
         if parts.path not in ("", "/") or parts.query or parts.fragment or "?" in url:
             raise ConfigurationError("a proxy URL has no path, query or fragment")
         host = parts.hostname
