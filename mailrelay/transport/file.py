@@ -7,6 +7,8 @@ Rules of this module:
   alone cannot tell: sender, recipients with their DSN parameters, RET, ENVID, REQUIRETLS, and
   the time). ``format="maildir"`` delivers into a Maildir (``tmp/``, ``new/``, ``cur/``) as a
   mail delivery agent would: a ``Return-Path`` header first (RFC 5321 §4.4), LF line ends.
+* Files are created 0600 (their owner's alone, whatever the umask); the directories the
+  transport creates are 0700.
 * Files appear atomically. Each file is written under a temporary name, flushed to disk with
   ``fsync``, then renamed into place, so a reader never sees half a message. For ``eml`` the
   ``.json`` is renamed last: an id is complete once its ``.json`` exists. For Maildir the file
@@ -51,6 +53,8 @@ from mailrelay.transport.base import AsyncTransport, Transport
 __all__ = ["FileTransport"]
 
 FORMATS = ("eml", "maildir")
+# Windows opens files in text mode unless told; elsewhere the flag does not exist.
+_O_BINARY = getattr(os, "O_BINARY", 0)
 
 
 def _jsonable(value: object) -> object:
@@ -144,8 +148,11 @@ def _watch(chunks: Iterable[bytes], abandon: threading.Event | None) -> Iterator
 def _write_atomically(final: Path, temporary: Path, chunks: Iterable[bytes]) -> None:
     """Write ``chunks`` to ``temporary``, fsync, then rename it to ``final``."""
     try:
-        # "x": never overwrite; the temporary names are unique, so an existing one is a bug.
-        with open(temporary, "xb") as out:
+        # O_EXCL: never overwrite; the temporary names are unique, so an existing one is a
+        # bug. 0600: mail is its owner's alone, whatever the umask or the directory's mode
+        # (one that already existed may be open to every local user).
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o600)
+        with open(fd, "wb") as out:
             _copy(chunks, out)
             out.flush()
             os.fsync(out.fileno())

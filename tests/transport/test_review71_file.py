@@ -7,11 +7,18 @@ once, with the writer still at work: a writer already past its last check (betwe
 the rename that completes the message) made the message appear after the caller had been
 told it was cancelled, and a retry then delivered it twice. The wait now lasts through
 further cancellations.
+
+Finding: the files were created with the process's umask (typically 0644, readable by
+every local user) in a directory that already existed (the transport makes the ones it
+creates 0700). Mail is private: each file is now created 0600, as mail delivery agents
+write a Maildir.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -82,3 +89,22 @@ def test_an_uncancelled_async_send_still_lands(tmp_path: Path, fmt: Format) -> N
     assert result.ok
     landed = [p for p in everything(directory) if p.endswith(".eml") or p.startswith("new/")]
     assert len(landed) == 1
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_messages_are_private_to_their_owner(tmp_path: Path, fmt: Format) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir(mode=0o755)
+    if fmt == "maildir":
+        for name in ("tmp", "new", "cur"):
+            (directory / name).mkdir(mode=0o755)
+    previous = os.umask(0o022)  # the common default: files 0644
+    try:
+        FileTransport(directory, format=fmt).send(make_message())
+        run(FileTransport(directory, format=fmt).asend(make_message()))
+    finally:
+        os.umask(previous)
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    assert len(files) == (4 if fmt == "eml" else 2)
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
