@@ -87,7 +87,7 @@ class ProxyProcess:
         return f"{scheme or self.scheme}://{login}{self.host}:{self.port}"
 
     def log_text(self) -> str:
-        """tinyproxy's log so far (``""`` for microsocks, which logs nothing)."""
+        """tinyproxy's log so far (``""`` for microsocks, whose stdout log is discarded)."""
         if self.log_file is None or not self.log_file.exists():
             return ""
         return self.log_file.read_text(errors="replace")
