@@ -270,8 +270,9 @@ class ProxyHandshake:
         done: the tunnel is open.
         leftover: bytes fed after the end of the proxy's reply (the target's; empty when the
             driver kept to :attr:`read_limit`).
-        target_failed: the proxy reached no connection to *this* target address (a
-            transient SOCKS5 reply): another address of the same host may work.
+        target_failed: the proxy reached no connection to *this* target address (SOCKS5
+            "network or host unreachable", "connection refused", "TTL expired", "address
+            type not supported"): another address of the same host may work.
     """
 
     def __init__(self, proxy: Proxy, host: str, port: int) -> None:
@@ -405,8 +406,9 @@ class ProxyHandshake:
             meaning, transient = SOCKS5_REPLIES.get(reply, (f"unassigned reply {reply:#04x}", True))
             if reply == 0x08:
                 meaning += " (try socks5 instead of socks5h, or the other way round)"
-            # 0x03-0x06 say this address could not be reached; another may be.
-            self.target_failed = reply in {0x03, 0x04, 0x05, 0x06}
+            # 0x03-0x06 say this address could not be reached, 0x08 that its type cannot
+            # be (an IPv6 address through an IPv4-only proxy): another address may be.
+            self.target_failed = reply in {0x03, 0x04, 0x05, 0x06, 0x08}
             suffix = "" if transient else f", {_NEVER_HELPS}"
             raise self._fail(
                 f"the proxy refused the connection: {meaning}{suffix}", transient=transient
@@ -591,13 +593,14 @@ def handshake_failed(handshake: ProxyHandshake, exc: BaseException, timeout: flo
 
 
 def all_targets_failed(proxy: Proxy, peer: str, failures: list[ProxyError]) -> ProxyError:
-    """The error when the proxy reached none of the target's addresses (``socks5``)."""
+    """The error when the proxy reached none of the target's addresses (``socks5``):
+    transient when any of the failures was."""
     if len(failures) == 1:
         return failures[0]
     reasons = "; ".join(str(each) for each in failures)
     return ProxyError(
         f"proxy {proxy.peer} reached no address of {peer} ({reasons})",
-        is_transient=True,
+        is_transient=any(each.is_transient for each in failures),
         host=peer,
         proxy=proxy.peer,
     )

@@ -17,6 +17,7 @@ from mailrelay.transport.proxy import (
     SOCKS5_REPLIES,
     Proxy,
     ProxyHandshake,
+    all_targets_failed,
     as_proxy,
     tunnel_targets,
 )
@@ -237,6 +238,24 @@ def test_tunnel_targets() -> None:
     assert tunnel_targets(http(), "mx", None) == ["mx"]
 
 
+@pytest.mark.parametrize(
+    ("codes", "transient"), [((8, 8), False), ((8, 5), True), ((4, 5), True), ((8,), False)]
+)
+def test_all_targets_failed_is_transient_when_any_failure_was(
+    codes: tuple[int, ...], transient: bool
+) -> None:
+    failures = []
+    for number, code in enumerate(codes):
+        handshake = ProxyHandshake(socks(scheme="socks5"), f"192.0.2.{number}", 25)
+        with pytest.raises(ProxyError) as caught:
+            feed(handshake, b"\x05\x00\x05" + bytes((code,)))
+        assert handshake.target_failed
+        failures.append(caught.value)
+    error = all_targets_failed(socks(scheme="socks5"), "mx.example:25", failures)
+    assert error.is_transient is transient
+    assert all(str(each) in str(error) for each in failures)
+
+
 # -- SOCKS5 -------------------------------------------------------------------------------------
 
 
@@ -336,8 +355,8 @@ def test_every_socks5_reply_code(code: int, transient: bool) -> None:
     assert SECRET not in repr(error)
     assert (code in SOCKS5_REPLIES) is ("unassigned" not in text)
     assert ("retrying will not help" in text) is not transient
-    # Only "this address could not be reached" lets a driver try the host's next address.
-    assert handshake.target_failed is (code in {3, 4, 5, 6})
+    # Only "this address cannot be reached" lets a driver try the host's next address.
+    assert handshake.target_failed is (code in {3, 4, 5, 6, 8})
     # The error stays: no later input revives the handshake.
     with pytest.raises(ProxyError):
         handshake.receive_data(SOCKS_OK_IPV4)
