@@ -522,3 +522,29 @@ def test_a_reply_in_pieces_with_the_greeting_behind_it_loses_nothing(
     (received,) = aiosmtpd_server.messages
     assert received.content == message.as_bytes()
     assert received.tls is (tls is TLS.STARTTLS)
+
+
+def test_a_cancelled_async_handshake_leaves_no_socket(make_fake_proxy: FakeFactory) -> None:
+    import asyncio
+    import gc
+
+    from mailrelay.transport import AsyncSMTPTransport
+
+    fake = make_fake_proxy(silent)
+
+    async def main() -> None:
+        async with AsyncSMTPTransport(
+            "mx.mailrelay.test", 25, timeouts=Timeouts.all(30), proxy=fake.url("socks5h")
+        ) as smtp:
+            task = asyncio.ensure_future(smtp.asend(make_message(to=TO)))
+            for _ in range(200):  # until the proxy has the connection (bounded)
+                await asyncio.sleep(0.01)
+                if fake.received:
+                    break
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    run(main())
+    gc.collect()  # an unclosed socket would warn now: an error under pytest's settings
+    assert fake.received  # the handshake had begun
