@@ -61,7 +61,15 @@ from mailrelay.reply import Reply
 from mailrelay.resolver import AsyncResolver, MailHosts, Resolver
 from mailrelay.transport import async_driver, sync_driver
 from mailrelay.transport.mx_async import amail_hosts_of
-from mailrelay.transport.mx_plan import MXSettings, Target, Verdict, fallback, mail_hosts_of
+from mailrelay.transport.mx_plan import (
+    LOOPBACK_NETWORKS,
+    MXSettings,
+    Network,
+    Target,
+    Verdict,
+    fallback,
+    mail_hosts_of,
+)
 
 if TYPE_CHECKING:
     import ssl  # noqa: TID251 -- annotations only, never imported at run time
@@ -245,6 +253,7 @@ class _CalloutBase:
         max_addresses: int,
         random: _random.Random | None,
         source_address: str | None = None,
+        refused_networks: Iterable[str | Network] = LOOPBACK_NETWORKS,
     ) -> None:
         self.sender: Address | None
         if sender is None or sender == "":
@@ -265,6 +274,7 @@ class _CalloutBase:
             pipelining=False,
             chunking=False,
             max_addresses=max_addresses,
+            refused=refused_networks,
         )
         if max_recipients < 1:
             raise ConfigurationError("max_recipients must be at least 1")
@@ -383,6 +393,9 @@ class Callout(_CalloutBase):
         max_recipients: RCPTs per transaction.
         max_addresses: exchanger addresses tried per domain.
         random: the source of the random local part (tests inject a seeded one).
+        refused_networks: exchanger addresses never probed, as for
+            :class:`~mailrelay.transport.mx.MXTransport` (loopback by default; ``()`` for a
+            test server on loopback).
     """
 
     def __init__(
@@ -400,12 +413,14 @@ class Callout(_CalloutBase):
         max_recipients: int = DEFAULT_MAX_RECIPIENTS,
         max_addresses: int = DEFAULT_MAX_ADDRESSES,
         random: _random.Random | None = None,
+        refused_networks: Iterable[str | Network] = LOOPBACK_NETWORKS,
     ) -> None:
         super().__init__(
             sender=sender, port=port, tls=tls, ssl_context=ssl_context, timeouts=timeouts,
             local_hostname=local_hostname, source_address=source_address,
             detect_catch_all=detect_catch_all,
             max_recipients=max_recipients, max_addresses=max_addresses, random=random,
+            refused_networks=refused_networks,
         )  # fmt: skip
         self.resolver = resolver if resolver is not None else Resolver()
 
@@ -493,12 +508,14 @@ class AsyncCallout(_CalloutBase):
         max_recipients: int = DEFAULT_MAX_RECIPIENTS,
         max_addresses: int = DEFAULT_MAX_ADDRESSES,
         random: _random.Random | None = None,
+        refused_networks: Iterable[str | Network] = LOOPBACK_NETWORKS,
     ) -> None:
         super().__init__(
             sender=sender, port=port, tls=tls, ssl_context=ssl_context, timeouts=timeouts,
             local_hostname=local_hostname, source_address=source_address,
             detect_catch_all=detect_catch_all,
             max_recipients=max_recipients, max_addresses=max_addresses, random=random,
+            refused_networks=refused_networks,
         )  # fmt: skip
         self.resolver = resolver if resolver is not None else AsyncResolver()
 

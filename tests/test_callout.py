@@ -59,10 +59,12 @@ def probe(
     kwargs.setdefault("timeouts", FAST)
     kwargs.setdefault("random", random.Random(1))
     if flavour == "sync":
-        return Callout(unbound.resolver(timeout=0.5), **kwargs).probe_many(addresses)
+        return Callout(unbound.resolver(timeout=0.5), **kwargs, refused_networks=()).probe_many(
+            addresses
+        )
 
     async def main() -> list[CalloutResult]:
-        prober = AsyncCallout(unbound.async_resolver(timeout=0.5), **kwargs)
+        prober = AsyncCallout(unbound.async_resolver(timeout=0.5), **kwargs, refused_networks=())
         return await prober.probe_many(addresses)
 
     return run(main())
@@ -363,7 +365,12 @@ def test_postfix_through_the_mx(postfix: PostfixInstance, unbound: UnboundServer
 
 
 def test_one_off_helpers(aiosmtpd_server: AiosmtpdServer, unbound: UnboundServer) -> None:
-    options = {"port": aiosmtpd_server.port, "timeouts": FAST, "tls": TLS.NONE}
+    options = {
+        "port": aiosmtpd_server.port,
+        "timeouts": FAST,
+        "tls": TLS.NONE,
+        "refused_networks": (),
+    }
     result = callout("reject@[127.0.0.1]", unbound.resolver(), **options)
     assert result.status is CalloutStatus.REFUSED
     result = run(acallout(Address.parse("bob@[127.0.0.1]"), unbound.async_resolver(), **options))
@@ -372,9 +379,9 @@ def test_one_off_helpers(aiosmtpd_server: AiosmtpdServer, unbound: UnboundServer
 
 def test_bad_settings() -> None:
     with pytest.raises(ValueError, match="max_recipients"):
-        Callout(max_recipients=0)
+        Callout(max_recipients=0, refused_networks=())
     with pytest.raises(ValueError, match="TLS"):
-        Callout(tls=TLS.IMPLICIT)
+        Callout(tls=TLS.IMPLICIT, refused_networks=())
 
 
 # -- the validator's optional hook -------------------------------------------------------------
@@ -385,7 +392,9 @@ def test_bad_settings() -> None:
 def test_validator_runs_the_callout_after_a_deliverable_dns_verdict(
     postfix: PostfixInstance, unbound: UnboundServer
 ) -> None:
-    prober = Callout(unbound.resolver(), port=postfix.smtp_port, timeouts=Timeouts.all(10))
+    prober = Callout(
+        unbound.resolver(), port=postfix.smtp_port, timeouts=Timeouts.all(10), refused_networks=()
+    )
     validator = RecipientValidator(unbound.resolver(), special_use=(), callout=prober)
     alice = validator.validate("alice@mailrelay.test")
     assert alice.verdict is Verdict.DELIVERABLE
@@ -403,7 +412,9 @@ def test_validator_runs_the_callout_after_a_deliverable_dns_verdict(
 def test_async_validator_hook(aiosmtpd_server: AiosmtpdServer, unbound: UnboundServer) -> None:
     # a-only.test is an implicit MX at 127.0.0.1, where aiosmtpd listens.
     async def main() -> list[Any]:
-        prober = AsyncCallout(unbound.async_resolver(), port=aiosmtpd_server.port, timeouts=FAST)
+        prober = AsyncCallout(
+            unbound.async_resolver(), port=aiosmtpd_server.port, timeouts=FAST, refused_networks=()
+        )
         validator = AsyncRecipientValidator(
             unbound.async_resolver(), special_use=(), callout=prober
         )

@@ -239,7 +239,9 @@ def exchanger() -> Iterator[Exchanger]:
 @pytest.fixture(scope="module")
 def expected(exchanger: Exchanger, unbound: UnboundServer) -> dict[str, CalloutResult]:
     """Each address's verdict from a single-threaded run on a fresh callout, one at a time."""
-    callout = Callout(unbound.resolver(timeout=1.0), **options(exchanger.port, 0))
+    callout = Callout(
+        unbound.resolver(timeout=1.0), **options(exchanger.port, 0), refused_networks=()
+    )
     return {address: callout.probe(address) for address in everything()}
 
 
@@ -318,7 +320,9 @@ def test_the_reference_covers_every_verdict(
 def test_one_callout_shared_by_threads(
     exchanger: Exchanger, unbound: UnboundServer, expected: dict[str, CalloutResult]
 ) -> None:
-    shared = Callout(unbound.resolver(timeout=1.0), **options(exchanger.port, 1))
+    shared = Callout(
+        unbound.resolver(timeout=1.0), **options(exchanger.port, 1), refused_networks=()
+    )
     rng = random.Random(7)
     jobs = [rng.sample(everything(), rng.randint(1, 9)) for _ in range(THREADS * 4)]
     outcomes: dict[int, list[CalloutResult] | BaseException] = {}
@@ -391,7 +395,9 @@ def test_one_async_callout_shared_by_tasks_some_cancelled(
         return outcomes
 
     with no_leaked_sockets():
-        shared = AsyncCallout(unbound.async_resolver(timeout=1.0), **options(exchanger.port, 2))
+        shared = AsyncCallout(
+            unbound.async_resolver(timeout=1.0), **options(exchanger.port, 2), refused_networks=()
+        )
         outcomes = run(main())
     for job, fate, outcome in zip(jobs, fates, outcomes, strict=True):
         if isinstance(outcome, BaseException):
@@ -413,7 +419,7 @@ def test_one_off_acallouts_at_once(
         async with asyncio.timeout(bound(everything())):
             return await asyncio.gather(
                 *(
-                    acallout(address, resolver, **options(exchanger.port, 3))
+                    acallout(address, resolver, **options(exchanger.port, 3), refused_networks=())
                     for address in everything()
                 )
             )

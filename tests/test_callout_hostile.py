@@ -62,11 +62,11 @@ def probe(flavour: Flavour, dns: HostileDNS, port: int, addresses: list[str]) ->
     }
     if flavour == "sync":
         resolver = Resolver(["127.0.0.1"], port=dns.port, timeout=2.0)
-        return Callout(resolver, **common).probe_many(addresses)
+        return Callout(resolver, **common, refused_networks=()).probe_many(addresses)
 
     async def main() -> list[CalloutResult]:
         resolver = AsyncResolver(["127.0.0.1"], port=dns.port, timeout=2.0)
-        return await AsyncCallout(resolver, **common).probe_many(addresses)
+        return await AsyncCallout(resolver, **common, refused_networks=()).probe_many(addresses)
 
     return asyncio.run(main())
 

@@ -57,7 +57,7 @@ CASES: dict[str, Callable[[], object]] = {
     "async validator concurrency": lambda: AsyncRecipientValidator(concurrency=0),
     "validate_many timeout": validate_many_with_no_time,
     "DNS cache size": lambda: DNSCache(max_size=0),
-    "callout recipients": lambda: Callout(Resolver(), max_recipients=0),
+    "callout recipients": lambda: Callout(Resolver(), max_recipients=0, refused_networks=()),
     "resolver timeout": lambda: Resolver(timeout=0),
     "resolver queries in flight": lambda: Resolver(max_in_flight=0),
     "TLSA port": lambda: Resolver().tlsa("mx.example.com", port=0),

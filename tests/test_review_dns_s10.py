@@ -481,7 +481,9 @@ def test_mail_never_goes_to_this_host_for_an_exchanger_at_0_0_0_0(server: Hostil
     resolver = make_resolver(server, "sync")
     assert isinstance(resolver, Resolver)
     with Listener() as listener:
-        transport = MXTransport(resolver, port=listener.port, timeouts=Timeouts.all(2))
+        transport = MXTransport(
+            resolver, port=listener.port, timeouts=Timeouts.all(2), refused_networks=()
+        )
         with transport:
             result = guarded(3, lambda: transport.send(message))
     assert listener.connections == 0, "the message went to the local host"

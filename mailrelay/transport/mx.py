@@ -24,6 +24,11 @@ Rules (RFC sections cited where they are enforced):
   is not tried again; at most ``max_addresses`` addresses per domain (as Postfix's
   ``smtp_mx_address_limit``: a domain with fifty dead exchangers must not hold a sender for
   fifty connect timeouts). Address literals (``user@[192.0.2.1]``) go to that address.
+* Refused addresses: an exchanger address (or address literal) in ``refused_networks``
+  (loopback by default, as Exim's default router ignores it) is never a target: anyone can
+  give an address whose domain points at 127.0.0.1 and make a sender deliver to its own
+  host's port 25. A domain left with no target because of it is PERMANENT, with a
+  ``reason`` naming the refused addresses.
 * Moving on (RFC 5321 §4.5.4.1, §5.1): a connect failure, a timeout, a lost connection, a
   421 or any refused greeting/EHLO, a server protocol violation, or a TLS failure makes the
   transport try the next target. An answer per recipient (even all refusals) ends the search:
@@ -108,7 +113,7 @@ import ssl
 import threading
 import time
 import warnings
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 from mailrelay.envelope import Envelope
@@ -126,11 +131,14 @@ from mailrelay.transport.base import Transport
 from mailrelay.transport.dane import HostState, check_chain, trust_anchor_context
 from mailrelay.transport.mx_plan import (
     DEFAULT_MAX_ADDRESSES,
+    LOOPBACK_NETWORKS,
     MX_POOL,
+    PRIVATE_NETWORKS,
     DomainPlan,
     MXAnswer,
     MXPolicy,
     MXSettings,
+    Network,
     OpenSession,
     ReuseIdle,
     SendMessage,
@@ -162,7 +170,9 @@ from mailrelay.transport.sync_driver import connect
 
 __all__ = [
     "DEFAULT_MAX_ADDRESSES",
+    "LOOPBACK_NETWORKS",
     "MX_POOL",
+    "PRIVATE_NETWORKS",
     "MXPolicy",
     "MXSettings",
     "MXTransport",
@@ -223,6 +233,11 @@ class MXTransport(Transport):
         tls_reporter: told how TLS went on every fresh session (a
             :class:`~mailrelay.transport.tlsrpt.TLSReportCollector`, for SMTP TLS Reporting,
             RFC 8460); ``None``: nothing is collected.
+        refused_networks: exchanger addresses never connected to (CIDR texts or
+            :mod:`ipaddress` networks): :data:`LOOPBACK_NETWORKS` by default, so a domain
+            (or an address literal) pointing at the sending host is refused, PERMANENT when
+            it leaves no exchanger; add :data:`PRIVATE_NETWORKS` when delivering strangers'
+            mail from inside a private network; ``()`` for a test server on loopback.
 
     Raises:
         ConfigurationError: when the settings cannot work.
@@ -245,6 +260,7 @@ class MXTransport(Transport):
         max_addresses: int = DEFAULT_MAX_ADDRESSES,
         pool: PoolSettings = MX_POOL,
         tls_reporter: TLSReporter | None = None,
+        refused_networks: Iterable[str | Network] = LOOPBACK_NETWORKS,
     ) -> None:
         if not isinstance(pool, PoolSettings):
             raise ConfigurationError("pool must be a PoolSettings value")
@@ -261,6 +277,7 @@ class MXTransport(Transport):
             chunking=chunking,
             max_addresses=max_addresses,
             tls_reporter=tls_reporter,
+            refused=refused_networks,
         )
         self.resolver = resolver if resolver is not None else Resolver()
         self._pool: ExchangerPool[PooledSession] = ExchangerPool(pool, logger=log)

@@ -27,7 +27,7 @@ import ssl
 import time
 import warnings
 import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 from mailrelay.envelope import Envelope
@@ -43,12 +43,14 @@ from mailrelay.transport.base import AsyncTransport
 from mailrelay.transport.dane import HostState, check_chain, trust_anchor_context
 from mailrelay.transport.mx_plan import (
     DEFAULT_MAX_ADDRESSES,
+    LOOPBACK_NETWORKS,
     MX_POOL,
     AsyncTLSPolicyHook,
     DomainPlan,
     MXAnswer,
     MXPolicy,
     MXSettings,
+    Network,
     OpenSession,
     ReuseIdle,
     Route,
@@ -133,6 +135,7 @@ class AsyncMXTransport(AsyncTransport):
         concurrency: int = DEFAULT_CONCURRENCY,
         pool: PoolSettings = MX_POOL,
         tls_reporter: TLSReporter | None = None,
+        refused_networks: Iterable[str | Network] = LOOPBACK_NETWORKS,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, not {concurrency!r}")
@@ -151,6 +154,7 @@ class AsyncMXTransport(AsyncTransport):
             chunking=chunking,
             max_addresses=max_addresses,
             tls_reporter=tls_reporter,
+            refused=refused_networks,
         )
         self.resolver = resolver if resolver is not None else AsyncResolver()
         self.concurrency = concurrency

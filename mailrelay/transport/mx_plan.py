@@ -64,6 +64,73 @@ MX_POOL: Final = PoolSettings(size=8, max_messages=100, idle_timeout=5.0, health
 
 _MX_TLS: Final = frozenset({TLS.NONE, TLS.OPPORTUNISTIC, TLS.STARTTLS})
 
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: The exchanger addresses MX delivery refuses by default: the sending host itself. A
+#: recipient domain (or an address literal, ``user@[127.0.0.1]``) is anyone's to choose: one
+#: whose MX points at loopback makes the sender hand its mail to whatever listens on its own
+#: port 25 (an MTA that trusts local clients and relays what they send), and makes a
+#: delivery probe of the local host. Exim's default router ignores these exchangers too.
+#: ``refused_networks=()`` delivers to them (a test server on loopback).
+LOOPBACK_NETWORKS: Final[tuple[str, ...]] = ("127.0.0.0/8", "::1/128")
+
+#: Networks that are not on the public internet (RFC 1918, RFC 6598 shared space,
+#: link-local RFC 3927 and RFC 4291, unique-local RFC 4193), for a sender delivering on
+#: behalf of others from inside a private network: ``refused_networks=LOOPBACK_NETWORKS +
+#: PRIVATE_NETWORKS`` keeps strangers' domains from reaching internal mail servers. Not the
+#: default: an organisation's own domains often have private exchangers (split DNS).
+PRIVATE_NETWORKS: Final[tuple[str, ...]] = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "fc00::/7",
+    "fe80::/10",
+)
+
+
+def refused_networks(value: Iterable[str | Network]) -> tuple[Network, ...]:
+    """``value`` checked and parsed: CIDR texts (``"10.0.0.0/8"``, a bare address is one
+    host) or network values.
+
+    Raises:
+        ConfigurationError: a text that is not a network, or a lone string (one network
+            must still be given as a tuple: a string would be read character by character).
+    """
+    if isinstance(value, str | bytes):
+        raise ConfigurationError(
+            f"refused_networks must be a tuple of networks, not one string ({value!r}): "
+            f"write ({value!r},)"
+        )
+    networks: list[Network] = []
+    for item in value:
+        if isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            networks.append(item)
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(
+                f'refused_networks: {item!r} is not a network ("10.0.0.0/8", "::1/128")'
+            ) from exc
+    return tuple(networks)
+
+
+def is_refused(address: str, networks: tuple[Network, ...]) -> bool:
+    """Whether the exchanger address ``address`` lies in one of ``networks``; an
+    IPv4-mapped IPv6 address (``::ffff:127.0.0.1``) is judged by the IPv4 address it
+    reaches."""
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
 
 def _check_tls(instance: object, attribute: attrs.Attribute[TLS], value: TLS) -> None:
     if value not in _MX_TLS:
@@ -284,8 +351,14 @@ def plan(
     *,
     port: int,
     max_addresses: int,
+    refused: tuple[Network, ...] = (),
 ) -> list[Target] | Verdict:
-    """The targets to try for ``domain``, in order, or the verdict when there are none."""
+    """The targets to try for ``domain``, in order, or the verdict when there are none.
+
+    Addresses in ``refused`` (the transport's ``refused_networks``) are never targets; a
+    domain left with none because of them is PERMANENT, as a domain with no address is
+    (retrying changes nothing while its DNS and our setting stay as they are).
+    """
     if isinstance(found, ResolverError):
         if found.is_transient:
             return Verdict(outcome=Outcome.TRANSIENT, reason=f"DNS lookup failed: {found}")
@@ -321,11 +394,19 @@ def plan(
         )
     targets: list[Target] = []
     seen: set[str] = set()
+    skipped: list[str] = []
     for host in hosts:
         for address in host.addresses:
-            if address not in seen and len(targets) < max_addresses:
-                seen.add(address)
-                targets.append(Target(name=host.name, address=address, port=port))
+            if address in seen or len(targets) >= max_addresses:
+                continue
+            seen.add(address)
+            target = Target(name=host.name, address=address, port=port)
+            if is_refused(address, refused):
+                skipped.append(target.peer)
+            else:
+                targets.append(target)
+    if skipped:
+        log.info("%s: not delivering to %s (refused_networks)", domain, ", ".join(skipped[:4]))
     if targets:
         return targets
     failed = [host.name for host in hosts if host.status.is_transient]
@@ -333,6 +414,15 @@ def plan(
         return Verdict(
             outcome=Outcome.TRANSIENT,
             reason=f"address lookups failed for the exchangers of {domain}: {', '.join(failed)}",
+        )
+    if skipped:
+        shown = ", ".join(skipped[:4]) + (", ..." if len(skipped) > 4 else "")
+        return Verdict(
+            outcome=Outcome.PERMANENT,
+            reason=(
+                f"every exchanger address of {domain} is in a network this transport refuses "
+                f"({shown}): loopback by default; see refused_networks"
+            ),
         )
     names = ", ".join(host.name for host in hosts)
     # RFC 5321 §5.1: MX records none of which is usable is an error to report.
@@ -894,6 +984,7 @@ class MXSettings:
         max_addresses: int,
         source_address: str | None = None,
         tls_reporter: TLSReporter | None = None,
+        refused: Iterable[str | Network] = LOOPBACK_NETWORKS,
     ) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigurationError(f"port must be a number from 1 to 65535, not {port!r}")
@@ -915,6 +1006,7 @@ class MXSettings:
         self.pipelining = pipelining
         self.chunking = chunking
         self.max_addresses = max_addresses
+        self.refused = refused_networks(refused)
         self.source_address = check_source_address(source_address)
         if tls_reporter is not None and not callable(getattr(tls_reporter, "tls_attempt", None)):
             raise ConfigurationError(
@@ -1023,7 +1115,14 @@ class MXSettings:
         self, domain: str, found: MailHosts | ResolverError, policy: MXPolicy
     ) -> list[Target] | Verdict:
         """:func:`plan` with this transport's port and address limit."""
-        return plan(domain, found, policy, port=self.port, max_addresses=self.max_addresses)
+        return plan(
+            domain,
+            found,
+            policy,
+            port=self.port,
+            max_addresses=self.max_addresses,
+            refused=self.refused,
+        )
 
     def route(
         self, domain: str, envelope: Envelope, policy: MXPolicy, found: MailHosts | ResolverError

@@ -827,7 +827,11 @@ def mx_message(tag: str, rng: random.Random, ledger: MXLedger) -> Message:
 def test_threads_sharing_an_mx_transport(unbound: UnboundServer, exchangers: Exchangers) -> None:
     ledger = MXLedger()
     transport = MXTransport(
-        unbound.resolver(timeout=2.0), port=exchangers.port, timeouts=TIMEOUTS, pool=MX_POOL
+        unbound.resolver(timeout=2.0),
+        port=exchangers.port,
+        timeouts=TIMEOUTS,
+        pool=MX_POOL,
+        refused_networks=(),
     )
     start = threading.Barrier(6, timeout=GUARD)
 
@@ -866,7 +870,11 @@ def test_mx_close_while_threads_send(unbound: UnboundServer, exchangers: Exchang
     # once, and no session outlives the senders.
     ledger = MXLedger()
     transport = MXTransport(
-        unbound.resolver(timeout=2.0), port=exchangers.port, timeouts=TIMEOUTS, pool=MX_POOL
+        unbound.resolver(timeout=2.0),
+        port=exchangers.port,
+        timeouts=TIMEOUTS,
+        pool=MX_POOL,
+        refused_networks=(),
     )
 
     def worker(n: int) -> None:
@@ -947,6 +955,7 @@ def test_async_mx_tasks_with_cancellations_and_aclose(
             port=exchangers.port,
             timeouts=TIMEOUTS,
             pool=MX_POOL,
+            refused_networks=(),
         )
         tasks = [asyncio.ensure_future(mx_sender(transport, plan)) for plan in plans]
         helpers = [
@@ -993,6 +1002,7 @@ def test_a_cancelled_mx_aclose_leaves_no_connection_open(
             port=exchangers.port,
             timeouts=TIMEOUTS,
             pool=PoolSettings(size=3, idle_timeout=30.0),
+            refused_networks=(),
         )
         ledger.record([tag], [await transport.asend(message)])
         assert len(transport._pool) == 3  # one idle session per exchanger
@@ -1216,12 +1226,16 @@ def _mx_send_each(
     pool = PoolSettings(size=2, health_check_after=86400.0)
     if flavour == "sync":
         resolver = unbound.resolver(timeout=1.0)
-        with MXTransport(resolver, port=port, timeouts=Timeouts.all(3), pool=pool) as mx:
+        with MXTransport(
+            resolver, port=port, timeouts=Timeouts.all(3), pool=pool, refused_networks=()
+        ) as mx:
             return [mx.send(message) for message in messages]
 
     async def main() -> list[DeliveryResult]:
         resolver = unbound.async_resolver(timeout=1.0)
-        async with AsyncMXTransport(resolver, port=port, timeouts=Timeouts.all(3), pool=pool) as mx:
+        async with AsyncMXTransport(
+            resolver, port=port, timeouts=Timeouts.all(3), pool=pool, refused_networks=()
+        ) as mx:
             return [await mx.asend(message) for message in messages]
 
     return run(main())

@@ -198,13 +198,15 @@ def deliver(
     if flavour == "sync":
         resolver = dnssec.resolver(timeout=2.0)
         hook = DANE(resolver, fallback=fallback(resolver) if fallback else None)
-        with MXTransport(resolver, tls_policy=hook, **options) as transport:
+        with MXTransport(resolver, tls_policy=hook, **options, refused_networks=()) as transport:
             return transport.send(message, envelope)
 
     async def main() -> DeliveryResult:
         aresolver = dnssec.async_resolver(timeout=2.0)
         ahook = AsyncDANE(aresolver, fallback=fallback(aresolver) if fallback else None)
-        async with AsyncMXTransport(aresolver, tls_policy=ahook, **options) as transport:
+        async with AsyncMXTransport(
+            aresolver, tls_policy=ahook, **options, refused_networks=()
+        ) as transport:
             return await transport.asend(message, envelope)
 
     return run(main())

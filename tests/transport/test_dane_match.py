@@ -191,8 +191,7 @@ def test_a_dane_verdict_keeps_the_transport_defaults_for_other_exchangers(tls: T
     settings = MXSettings(
         port=25, tls=tls, ssl_context=None, timeouts=Timeouts(), local_hostname=None,
         tls_policy=lambda domain: MXPolicy(dane=VERDICTS), plaintext_fallback=False,
-        pipelining=True, chunking=False, max_addresses=10,
-    )  # fmt: skip
+        pipelining=True, chunking=False, max_addresses=10, refused=(),)  # fmt: skip
     policy = settings.policy("example.com")
     assert policy == MXPolicy(tls=tls, plaintext_fallback=False, dane=VERDICTS)
     # A hook that says more than the verdicts is taken as it is.
@@ -217,8 +216,7 @@ def test_dane_hosts_get_their_own_context_and_reuse_key(
     settings = MXSettings(
         port=25, tls=TLS.OPPORTUNISTIC, ssl_context=None, timeouts=Timeouts(),
         local_hostname=None, tls_policy=None, plaintext_fallback=True, pipelining=True,
-        chunking=False, max_addresses=10,
-    )  # fmt: skip
+        chunking=False, max_addresses=10, refused=(),)  # fmt: skip
     context = settings.context(policy, tls, target)
     # No WebPKI for a DANE host: the TLSA records authenticate it (RFC 7672 §3.1.1).
     assert context.verify_mode is ssl.CERT_NONE

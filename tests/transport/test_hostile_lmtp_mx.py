@@ -459,12 +459,12 @@ def mx_send(
     }
     if flavour == "sync":
         resolver = Resolver(["127.0.0.1"], port=dns.port, timeout=2.0)
-        with MXTransport(resolver, **common) as transport:
+        with MXTransport(resolver, **common, refused_networks=()) as transport:
             return [transport.send(item.message, item.envelope) for item in items]
 
     async def main() -> list[DeliveryResult]:
         resolver = AsyncResolver(["127.0.0.1"], port=dns.port, timeout=2.0)
-        async with AsyncMXTransport(resolver, **common) as transport:
+        async with AsyncMXTransport(resolver, **common, refused_networks=()) as transport:
             return [await transport.asend(item.message, item.envelope) for item in items]
 
     return asyncio.run(main())

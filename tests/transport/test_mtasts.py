@@ -316,7 +316,7 @@ def test_the_async_hook_is_refused_by_the_blocking_transport(unbound: UnboundSer
     sts = AsyncMTASTS(unbound.async_resolver())
     message = Message.build(sender="a@mailrelay.test", to=[f"bob@{ENFORCE}"], text="Hi\n")
     with (
-        MXTransport(unbound.resolver(), tls_policy=sts) as transport,  # type: ignore[arg-type]
+        MXTransport(unbound.resolver(), tls_policy=sts, refused_networks=()) as transport,  # type: ignore[arg-type]
         pytest.raises(ConfigurationError, match=r"returned an awaitable: .*MTASTS"),
     ):
         transport.send(message)
@@ -756,14 +756,16 @@ class World:
         if flavour == "sync":
             resolver = self.unbound.resolver(timeout=1.0)
             sts = MTASTS(resolver, **sts_options)
-            with MXTransport(resolver, tls_policy=sts, **options) as transport:
+            with MXTransport(resolver, tls_policy=sts, **options, refused_networks=()) as transport:
                 return transport.send(message, envelope)
 
         async def main() -> DeliveryResult:
             aresolver = self.unbound.async_resolver(timeout=1.0)
             # No prepare(): the transport awaits the hook, so the first delivery is checked.
             asts = AsyncMTASTS(aresolver, **sts_options)
-            async with AsyncMXTransport(aresolver, tls_policy=asts, **options) as transport:
+            async with AsyncMXTransport(
+                aresolver, tls_policy=asts, **options, refused_networks=()
+            ) as transport:
                 return await transport.asend(message, envelope)
 
         return run(main())

@@ -161,13 +161,17 @@ def deliver(
     }
     if flavour == "sync":
         resolver = unbound.resolver(timeout=1.0)
-        with MXTransport(resolver, tls_policy=MTASTS(resolver, **sts_options), **options) as t:
+        with MXTransport(
+            resolver, tls_policy=MTASTS(resolver, **sts_options), **options, refused_networks=()
+        ) as t:
             return [t.send(message, envelope) for message, envelope in batch]
 
     async def main() -> list[DeliveryResult]:
         aresolver = unbound.async_resolver(timeout=1.0)
         hook = AsyncMTASTS(aresolver, **sts_options)
-        async with AsyncMXTransport(aresolver, tls_policy=hook, **options) as transport:
+        async with AsyncMXTransport(
+            aresolver, tls_policy=hook, **options, refused_networks=()
+        ) as transport:
             return [await transport.asend(message, envelope) for message, envelope in batch]
 
     return run(main())

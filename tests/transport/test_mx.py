@@ -179,11 +179,13 @@ def send(
     kwargs.setdefault("timeouts", FAST)
     options = {"timeout": 1.0, **(resolver or {})}
     if flavour == "sync":
-        with MXTransport(unbound.resolver(**options), **kwargs) as transport:
+        with MXTransport(unbound.resolver(**options), **kwargs, refused_networks=()) as transport:
             return transport.send(message, envelope)
 
     async def main() -> DeliveryResult:
-        async with AsyncMXTransport(unbound.async_resolver(**options), **kwargs) as transport:
+        async with AsyncMXTransport(
+            unbound.async_resolver(**options), **kwargs, refused_networks=()
+        ) as transport:
             return await transport.asend(message, envelope)
 
     return run(main())
@@ -214,7 +216,9 @@ def test_delivers_to_the_mx(flavour: Flavour, unbound: UnboundServer, farm: Farm
 @pytest.mark.postfix
 def test_delivers_to_postfix_end_to_end(unbound: UnboundServer, postfix: PostfixInstance) -> None:
     message = make_message(to=("alice@mailrelay.test",), subject="mx-e2e-7f3a")
-    with MXTransport(unbound.resolver(), port=postfix.smtp_port, timeouts=Timeouts.all(10)) as mx:
+    with MXTransport(
+        unbound.resolver(), port=postfix.smtp_port, timeouts=Timeouts.all(10), refused_networks=()
+    ) as mx:
         result = mx.send(message, Envelope("bob@mailrelay.test", ["alice@mailrelay.test"]))
     assert result.ok, result
     assert result.host == f"mx.mailrelay.test[127.0.0.1]:{postfix.smtp_port}"
@@ -231,7 +235,9 @@ def test_fails_over_to_postfix_when_the_preferred_mx_is_down(
     # Postfix does not relay for failover.test, so its answer is a refusal: the point is who
     # gave it.
     message, envelope = to("bob@failover.test", "sink@sink.mailrelay.test")
-    with MXTransport(unbound.resolver(), port=postfix.smtp_port, timeouts=Timeouts.all(10)) as mx:
+    with MXTransport(
+        unbound.resolver(), port=postfix.smtp_port, timeouts=Timeouts.all(10), refused_networks=()
+    ) as mx:
         result = mx.send(message, envelope)
     refused, sunk = result.recipients
     assert refused.host == f"up.failover.test[127.0.0.1]:{postfix.smtp_port}"
@@ -261,7 +267,7 @@ def test_equal_preferences_spread_and_the_backup_waits(unbound: UnboundServer, f
         farm.start(address, tls=None)
     resolver = unbound.resolver(timeout=1.0, random=random.Random(7))
     message, envelope = to("bob@samepref.test")
-    with MXTransport(resolver, port=farm.port, timeouts=FAST) as mx:
+    with MXTransport(resolver, port=farm.port, timeouts=FAST, refused_networks=()) as mx:
         hosts = [mx.send(message, envelope).recipients[0].host for _ in range(12)]
     counts = farm.received()
     assert counts["127.0.0.6"] == 0
@@ -584,14 +590,14 @@ def test_address_literal_goes_to_that_address(
 )
 def test_bad_configuration_is_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
-        MXTransport(**kwargs)
+        MXTransport(**kwargs, refused_networks=())
     with pytest.raises(ConfigurationError):
-        AsyncMXTransport(**kwargs)
+        AsyncMXTransport(**kwargs, refused_networks=())
 
 
 def test_async_concurrency_must_be_positive() -> None:
     with pytest.raises(ConfigurationError):
-        AsyncMXTransport(concurrency=0)
+        AsyncMXTransport(concurrency=0, refused_networks=())
 
 
 def test_a_policy_hook_returning_nonsense_is_a_configuration_error(
@@ -695,8 +701,8 @@ def test_plan_properties(hosts: list[tuple[str, int, tuple[str, ...]]], limit: i
 
 
 def test_repr_names_the_policy() -> None:
-    assert "tls=OPPORTUNISTIC" in repr(MXTransport(port=2525))
-    assert "port=2525" in repr(AsyncMXTransport(port=2525))
+    assert "tls=OPPORTUNISTIC" in repr(MXTransport(port=2525, refused_networks=()))
+    assert "port=2525" in repr(AsyncMXTransport(port=2525, refused_networks=()))
 
 
 def test_opportunistic_context_does_not_verify() -> None:
@@ -738,7 +744,10 @@ def test_cancelling_adeliver_closes_the_connection(
 
     async def main() -> None:
         mx = AsyncMXTransport(
-            unbound.async_resolver(timeout=1.0), port=silent.port, timeouts=Timeouts.all(30)
+            unbound.async_resolver(timeout=1.0),
+            port=silent.port,
+            timeouts=Timeouts.all(30),
+            refused_networks=(),
         )
         task = asyncio.create_task(mx.asend(message, envelope))
         for _ in range(500):  # bounded: until the server has the connection
@@ -783,7 +792,7 @@ def test_async_domains_run_concurrently_but_bounded(
     counter = _CountingResolver(unbound.async_resolver(timeout=1.0))
 
     async def main() -> DeliveryResult:
-        mx = AsyncMXTransport(counter, port=port, concurrency=concurrency)  # type: ignore[arg-type]
+        mx = AsyncMXTransport(counter, port=port, concurrency=concurrency, refused_networks=())  # type: ignore[arg-type]
         return await mx.asend(message, envelope)
 
     result = run(main())
@@ -838,7 +847,9 @@ def test_send_many_delivers_each_message_through_the_mx(unbound: UnboundServer, 
     server = farm.start("127.0.0.1")
     first, _ = to("bob@a-only.test")
     second, _ = to("carol@nullmx.test", "dave@a-only.test")
-    with MXTransport(unbound.resolver(timeout=1.0), port=farm.port, timeouts=FAST) as mx:
+    with MXTransport(
+        unbound.resolver(timeout=1.0), port=farm.port, timeouts=FAST, refused_networks=()
+    ) as mx:
         results = mx.send_many([first, second])
     assert [r.outcome for r in results[0].recipients] == [Outcome.ACCEPTED]
     assert [r.outcome for r in results[1].recipients] == [Outcome.PERMANENT, Outcome.ACCEPTED]

@@ -108,6 +108,7 @@ def settings(tls: TLS = TLS.OPPORTUNISTIC, *, fallback: bool = True) -> MXSettin
         pipelining=True,
         chunking=False,
         max_addresses=10,
+        refused=(),
     )
 
 

@@ -103,8 +103,7 @@ def settings(
     config = MXSettings(
         port=25, tls=tls, ssl_context=VERIFYING, timeouts=Timeouts.all(1), local_hostname=None,
         tls_policy=None, plaintext_fallback=True, pipelining=True, chunking=False,
-        max_addresses=10, tls_reporter=reporter,
-    )  # fmt: skip
+        max_addresses=10, tls_reporter=reporter, refused=(),)  # fmt: skip
     if clock is not None:
         config.sts_verdicts = STSVerdicts(clock=clock)
     return config

@@ -112,7 +112,7 @@ def deliver_each(
     ``pause`` seconds apart."""
     kwargs.setdefault("timeouts", FAST)
     if flavour == "sync":
-        with MXTransport(unbound.resolver(timeout=1.0), **kwargs) as mx:
+        with MXTransport(unbound.resolver(timeout=1.0), **kwargs, refused_networks=()) as mx:
             results = []
             for n, (message, envelope) in enumerate(items):
                 if n and pause:
@@ -121,7 +121,9 @@ def deliver_each(
             return results
 
     async def main() -> list[DeliveryResult]:
-        async with AsyncMXTransport(unbound.async_resolver(timeout=1.0), **kwargs) as mx:
+        async with AsyncMXTransport(
+            unbound.async_resolver(timeout=1.0), **kwargs, refused_networks=()
+        ) as mx:
             results = []
             for n, (message, envelope) in enumerate(items):
                 if n and pause:
@@ -170,14 +172,18 @@ def test_a_batch_and_later_calls_reuse_the_session(
     handler = serve()
     items = [to(address) for address in SHARED]
     if flavour == "sync":
-        with MXTransport(unbound.resolver(timeout=1.0), port=port, timeouts=FAST) as mx:
+        with MXTransport(
+            unbound.resolver(timeout=1.0), port=port, timeouts=FAST, refused_networks=()
+        ) as mx:
             results = mx.send_many([message for message, _ in items])
             results.append(mx.send(items[0][0]))
     else:
 
         async def main() -> list[DeliveryResult]:
             resolver = unbound.async_resolver(timeout=1.0)
-            async with AsyncMXTransport(resolver, port=port, timeouts=FAST) as mx:
+            async with AsyncMXTransport(
+                resolver, port=port, timeouts=FAST, refused_networks=()
+            ) as mx:
                 batch = await mx.asend_many([message for message, _ in items])
                 return [*batch, await mx.asend(items[0][0])]
 

@@ -113,12 +113,14 @@ def test_mx_delivery_keeps_each_refusal(
     envelope = Envelope("carol@mailrelay.test", to)
     options: dict[str, Any] = {"port": postfix_clean.limited_port, "timeouts": Timeouts.all(10)}
     if flavour == "sync":
-        with MXTransport(unbound.resolver(), **options) as mx:
+        with MXTransport(unbound.resolver(), **options, refused_networks=()) as mx:
             result = mx.send(message, envelope)
     else:
 
         async def main() -> Any:
-            async with AsyncMXTransport(unbound.async_resolver(), **options) as mx:
+            async with AsyncMXTransport(
+                unbound.async_resolver(), **options, refused_networks=()
+            ) as mx:
                 return await mx.asend(message, envelope)
 
         result = run(main())

@@ -466,12 +466,14 @@ def test_mx_finishes_a_split_message_on_the_next_exchanger(
     settings: dict[str, Any] = {"port": port, "tls": TLS.NONE, "timeouts": Timeouts.all(10)}
     with serving_at(first, "127.0.0.1", port), serving_at(second, "127.0.0.2", port):
         if flavour == "sync":
-            with MXTransport(unbound.resolver(), **settings) as mx:
+            with MXTransport(unbound.resolver(), **settings, refused_networks=()) as mx:
                 result = mx.send(message)
         else:
 
             async def main() -> DeliveryResult:
-                async with AsyncMXTransport(unbound.async_resolver(), **settings) as mx:
+                async with AsyncMXTransport(
+                    unbound.async_resolver(), **settings, refused_networks=()
+                ) as mx:
                     return await mx.asend(message)
 
             result = run(main())

@@ -54,7 +54,7 @@ def message(to: str = "bob@example.net") -> Message:
 def test_a_source_address_is_an_ip_address(given: str | None, kept: str | None) -> None:
     transport = SMTPTransport("127.0.0.1", 2525, tls=TLS.NONE, source_address=given)
     assert transport.settings.source_address == kept
-    mx = MXTransport(source_address=given)
+    mx = MXTransport(source_address=given, refused_networks=())
     assert mx.settings.source_address == kept
 
 
@@ -63,9 +63,9 @@ def test_anything_else_is_refused_at_construction(bad: str) -> None:
     with pytest.raises(ConfigurationError, match="source_address must be an IPv4 or IPv6"):
         SMTPTransport("127.0.0.1", tls=TLS.NONE, source_address=bad)
     with pytest.raises(ConfigurationError, match="source_address"):
-        AsyncMXTransport(source_address=bad)
+        AsyncMXTransport(source_address=bad, refused_networks=())
     with pytest.raises(ConfigurationError, match="source_address"):
-        Callout(source_address=bad)
+        Callout(source_address=bad, refused_networks=())
 
 
 def test_a_unix_socket_has_no_source_address() -> None:
@@ -162,12 +162,12 @@ def test_mx_delivery_connects_from_the_source_address(flavour: Flavour) -> None:
         }
         envelope = Envelope("alice@example.org", [to])
         if flavour == "sync":
-            with MXTransport(**options) as mx:
+            with MXTransport(**options, refused_networks=()) as mx:
                 result = mx.send(message(to), envelope)
         else:
 
             async def main() -> Any:
-                async with AsyncMXTransport(**options) as mx:
+                async with AsyncMXTransport(**options, refused_networks=()) as mx:
                     return await mx.asend(message(to), envelope)
 
             result = run(main())
@@ -181,9 +181,9 @@ def test_a_callout_probes_from_the_source_address(flavour: Flavour) -> None:
     with SMTPTestServer() as server:
         options: dict[str, Any] = {"port": server.port, "source_address": "127.0.0.5"}
         if flavour == "sync":
-            result = Callout(**options).probe("bob@[127.0.0.1]")
+            result = Callout(**options, refused_networks=()).probe("bob@[127.0.0.1]")
         else:
-            result = run(AsyncCallout(**options).probe("bob@[127.0.0.1]"))
+            result = run(AsyncCallout(**options, refused_networks=()).probe("bob@[127.0.0.1]"))
         deadline = time.monotonic() + 5
         while not server.sessions and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -244,7 +244,9 @@ def test_an_address_this_host_does_not_have(flavour: Flavour) -> None:
 
 
 def test_mx_delivery_with_no_reachable_family_is_transient() -> None:
-    with MXTransport(port=free_port(), timeouts=FAST, source_address="::1") as mx:
+    with MXTransport(
+        port=free_port(), timeouts=FAST, source_address="::1", refused_networks=()
+    ) as mx:
         result = mx.send(message("bob@[127.0.0.1]"), Envelope("a@example.org", ["bob@[127.0.0.1]"]))
     (recipient,) = result.recipients
     assert recipient.outcome is Outcome.TRANSIENT

@@ -140,7 +140,10 @@ def deliver_each(
         resolver = dnssec.resolver(timeout=2.0)
         hook = DANE(resolver)
         with MXTransport(
-            resolver, tls_policy=lambda domain: changed(hook(domain)), **options
+            resolver,
+            tls_policy=lambda domain: changed(hook(domain)),
+            **options,
+            refused_networks=(),
         ) as transport:
             return [transport.send(message, envelope) for message, envelope in messages]
 
@@ -151,7 +154,9 @@ def deliver_each(
         async def policy(domain: str) -> Any:
             return changed(await ahook(domain))
 
-        async with AsyncMXTransport(aresolver, tls_policy=policy, **options) as transport:
+        async with AsyncMXTransport(
+            aresolver, tls_policy=policy, **options, refused_networks=()
+        ) as transport:
             return [await transport.asend(message, envelope) for message, envelope in messages]
 
     return run(main())

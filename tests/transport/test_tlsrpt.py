@@ -162,12 +162,16 @@ def deliver_dane(
     }
     if flavour == "sync":
         resolver = dnssec.resolver(timeout=2.0)
-        with MXTransport(resolver, tls_policy=DANE(resolver), **options) as transport:
+        with MXTransport(
+            resolver, tls_policy=DANE(resolver), **options, refused_networks=()
+        ) as transport:
             return transport.send(message, envelope)
 
     async def main() -> DeliveryResult:
         aresolver = dnssec.async_resolver(timeout=2.0)
-        async with AsyncMXTransport(aresolver, tls_policy=AsyncDANE(aresolver), **options) as t:
+        async with AsyncMXTransport(
+            aresolver, tls_policy=AsyncDANE(aresolver), **options, refused_networks=()
+        ) as t:
             return await t.asend(message, envelope)
 
     return run(main())
@@ -198,13 +202,17 @@ def deliver_sts(
     }
     if flavour == "sync":
         resolver = unbound.resolver(timeout=1.0)
-        with MXTransport(resolver, tls_policy=MTASTS(resolver, **sts_options), **options) as t:
+        with MXTransport(
+            resolver, tls_policy=MTASTS(resolver, **sts_options), **options, refused_networks=()
+        ) as t:
             return t.send(message, envelope)
 
     async def main() -> DeliveryResult:
         aresolver = unbound.async_resolver(timeout=1.0)
         hook = AsyncMTASTS(aresolver, **sts_options)
-        async with AsyncMXTransport(aresolver, tls_policy=hook, **options) as transport:
+        async with AsyncMXTransport(
+            aresolver, tls_policy=hook, **options, refused_networks=()
+        ) as transport:
             return await transport.asend(message, envelope)
 
     return run(main())
@@ -425,11 +433,15 @@ def deliver_plain(
         "tls_reporter": reporter,
     }
     if flavour == "sync":
-        with MXTransport(unbound.resolver(timeout=1.0), **options) as transport:
+        with MXTransport(
+            unbound.resolver(timeout=1.0), **options, refused_networks=()
+        ) as transport:
             return [transport.send(message, envelope) for message, envelope in batch]
 
     async def main() -> list[DeliveryResult]:
-        async with AsyncMXTransport(unbound.async_resolver(timeout=1.0), **options) as transport:
+        async with AsyncMXTransport(
+            unbound.async_resolver(timeout=1.0), **options, refused_networks=()
+        ) as transport:
             return [await transport.asend(message, envelope) for message, envelope in batch]
 
     return run(main())
@@ -526,12 +538,12 @@ def send_report(flavour: Flavour, resolver: Any, port: int, message: Message) ->
     options: dict[str, Any] = {"port": port, "timeouts": Timeouts.all(3)}
     if flavour == "sync":
         assert isinstance(resolver, Resolver)
-        with MXTransport(resolver, **options) as transport:
+        with MXTransport(resolver, **options, refused_networks=()) as transport:
             return transport.send(message)
 
     async def main() -> DeliveryResult:
         assert isinstance(resolver, AsyncResolver)
-        async with AsyncMXTransport(resolver, **options) as transport:
+        async with AsyncMXTransport(resolver, **options, refused_networks=()) as transport:
             return await transport.asend(message)
 
     return run(main())

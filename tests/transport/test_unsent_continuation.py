@@ -113,12 +113,12 @@ def test_mx_delivery_finishes_on_a_fresh_session(flavour: Flavour) -> None:
     with serving(handler) as port:
         settings: dict[str, Any] = {"port": port, "tls": TLS.NONE, "timeouts": Timeouts.all(10)}
         if flavour == "sync":
-            with MXTransport(**settings) as mx:
+            with MXTransport(**settings, refused_networks=()) as mx:
                 result = mx.send(message)
         else:
 
             async def main() -> DeliveryResult:
-                async with AsyncMXTransport(**settings) as mx:
+                async with AsyncMXTransport(**settings, refused_networks=()) as mx:
                     return await mx.asend(message)
 
             result = run(main())
