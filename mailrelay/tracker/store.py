@@ -53,7 +53,7 @@ import json
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from json.encoder import encode_basestring as _json_str  # json's own string quoting
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import attrs
 
@@ -166,6 +166,19 @@ def time_or_none(value: int | None) -> dt.datetime | None:
     return None if value is None else from_micros(value)
 
 
+#: The most characters of an attempt's text kept (a server's reply, an error, a report's
+#: diagnostic). A reply may be 64 KiB (:data:`~mailrelay.protocol.reader.DEFAULT_MAX_REPLY_LENGTH`)
+#: and a recipient collects an attempt per retry for days: kept whole, a server answering
+#: every RCPT with 64 KiB would make the store grow by that much per recipient and retry.
+MAX_ATTEMPT_TEXT: Final = 4096
+
+
+def _bounded_text(text: str) -> str:
+    if len(text) <= MAX_ATTEMPT_TEXT:
+        return text
+    return f"{text[:MAX_ATTEMPT_TEXT]} [... {len(text) - MAX_ATTEMPT_TEXT} characters not kept]"
+
+
 @attrs.frozen(kw_only=True)
 class Attempt:
     """One thing that happened to a recipient: an SMTP answer, an error, or a DSN.
@@ -175,7 +188,9 @@ class Attempt:
         host: the server that answered (``host:port``), or the DSN's remote MTA.
         code: the SMTP reply code, when there was one.
         enhanced: the RFC 3463 enhanced status (``"4.2.2"``), when known.
-        text: the server's text, the error's description, or the DSN's diagnostic.
+        text: the server's text, the error's description, or the DSN's diagnostic; at
+            most :data:`MAX_ATTEMPT_TEXT` characters are kept, and a longer text is cut
+            there and says how much was not kept.
         source: ``"reply"`` (a per-recipient answer), ``"error"`` (the attempt
             raised a delivery error) or ``"dsn"`` (a report that came back later).
     """
@@ -184,7 +199,7 @@ class Attempt:
     host: str | None = None
     code: int | None = None
     enhanced: str | None = None
-    text: str = ""
+    text: str = attrs.field(default="", converter=_bounded_text)
     source: str = attrs.field(
         default="reply", validator=attrs.validators.in_(("reply", "error", "dsn"))
     )
