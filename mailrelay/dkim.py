@@ -170,34 +170,70 @@ class _BodyCanonicalizer:
     """Streams a body through RFC 6376 §3.4.3 (simple) or §3.4.4 (relaxed) into ``sink``.
 
     Whole lines are canonicalized as they complete; a run of empty lines is held back
-    until a line with content follows it, since empty lines at the end are dropped.
+    until a line with content follows it, since empty lines at the end are dropped. A line
+    not yet ended goes out as it streams past (a body of one huge line is never held):
+    only what its end could still change is kept, a trailing CR (the start of a CRLF) and,
+    relaxed, a trailing run of white space (dropped at the line's end, one SP otherwise),
+    kept as that one SP.
     """
 
     def __init__(self, *, relaxed: bool, sink: Callable[[bytes], object]) -> None:
         self._relaxed = relaxed
         self._sink = sink
-        self._partial: list[bytes] = []  # the last line, not yet ended by a CRLF
+        self._held = b""  # the unended line's tail, not yet written (see above)
+        self._started = False  # some of the unended line has been written
         self._empty_lines = 0
         self._wrote = False
 
     def feed(self, data: bytes) -> None:
+        if self._held:
+            data = self._held + data
+            self._held = b""
         end = data.rfind(b"\r\n")
-        if end < 0:
-            if data:
-                self._partial.append(data)
-            return
-        lines = data[: end + 2]
-        if self._partial:
-            lines = b"".join((*self._partial, lines))
-            self._partial = []
-        if end + 2 < len(data):
-            self._partial.append(data[end + 2 :])
-        self._lines(lines)
+        if end >= 0:
+            lines, data = data[: end + 2], data[end + 2 :]
+            if self._started:
+                # The rest of the line begun earlier: never an empty line, whatever is left.
+                first = lines.find(b"\r\n") + 2
+                self._sink(self._canonical(lines[:first]))
+                self._started = False
+                self._empty_lines = 0
+                lines = lines[first:]
+            if lines:
+                self._lines(lines)
+        if data:
+            self._stream(data)
 
-    def _lines(self, lines: bytes) -> None:
+    def _canonical(self, lines: bytes) -> bytes:
         if self._relaxed:
             # §3.4.4: every run of WSP becomes one SP, and none is left at a line's end.
-            lines = _one_space(lines).replace(b" \r\n", b"\r\n")
+            return _one_space(lines).replace(b" \r\n", b"\r\n")
+        return lines
+
+    def _stream(self, data: bytes) -> None:
+        """Write what can be written of an unended line; hold what its end may change."""
+        if self._relaxed:
+            body = data.rstrip(b" \t\r")
+            tail = data[len(body) :]
+            # A run of WSP is one SP, or nothing at the line's end, whatever its length; a
+            # CR ends the tail if anything (the wire form has no bare CR).
+            cr = b"\r" if tail.endswith(b"\r") else b""
+            self._held = (b" " if tail.rstrip(b"\r") else b"") + cr
+            data = body
+        elif data.endswith(b"\r"):
+            data, self._held = data[:-1], b"\r"
+        if not data:
+            return
+        if not self._started:
+            if self._empty_lines:  # not trailing: a line with content follows them
+                self._sink(b"\r\n" * self._empty_lines)
+                self._empty_lines = 0
+            self._started = True
+            self._wrote = True
+        self._sink(_one_space(data) if self._relaxed else data)
+
+    def _lines(self, lines: bytes) -> None:
+        lines = self._canonical(lines)
         text = lines.rstrip(b"\r\n")  # the wire form has no bare CR or LF to strip wrongly
         if not text:
             self._empty_lines += len(lines) // 2
@@ -209,11 +245,10 @@ class _BodyCanonicalizer:
         self._wrote = True
 
     def finish(self) -> None:
-        if self._partial:
+        if self._held or self._started:
             # The protocol layer ends a message without a final CRLF with one before the
             # dot (RFC 5321 §4.1.1.4), so a verifier sees that line ended: sign it so.
-            self._lines(b"".join(self._partial) + b"\r\n")
-            self._partial = []
+            self.feed(b"\n" if self._held.endswith(b"\r") else b"\r\n")
         # §3.4.3: trailing empty lines are ignored, and an empty body is one CRLF.
         # §3.4.4: trailing empty lines are ignored, and an empty body stays empty.
         if not self._wrote and not self._relaxed:
