@@ -173,6 +173,13 @@ def build_dsn(
     else:
         returned_type = "message/global-headers" if returned_8bit else "text/rfc822-headers"
 
+    status = _status_body(
+        recipients, reporting_mta=reporting_mta, envid=envid, arrival=arrival_date, utf8=utf8
+    )
+    if not (text.isascii() and status.isascii() and returned.isascii()):
+        # RFC 2045 §6.4: a multipart's encoding is never narrower than its parts' (and
+        # without one it is 7bit, §6.1).
+        headers.append("Content-Transfer-Encoding: 8bit")
     parts = [
         # RFC 6532 §3: a non-ASCII sender address goes in the header as UTF-8.
         "\r\n".join(headers).encode("utf-8"),
@@ -189,10 +196,11 @@ def build_dsn(
         f"--{boundary}".encode("ascii"),
         f"Content-Type: {status_type}".encode("ascii"),
         b"Content-Description: Delivery report",
+        # RFC 6533 registers message/global-delivery-status as UTF-8 text: 8bit (without a
+        # Content-Transfer-Encoding a part is 7bit, RFC 2045 §6.1).
+        *([] if status.isascii() else [b"Content-Transfer-Encoding: 8bit"]),
         b"",
-        _status_body(
-            recipients, reporting_mta=reporting_mta, envid=envid, arrival=arrival_date, utf8=utf8
-        ),
+        status,
         b"",
         f"--{boundary}".encode("ascii"),
         f"Content-Type: {returned_type}".encode("ascii"),

@@ -144,7 +144,8 @@ def test_build_dsn_keeps_a_typed_original_recipient() -> None:
 def test_a_long_word_in_the_reply_keeps_every_line_short(letter: str, length: int) -> None:
     word = letter * length
     envelope = Envelope("news@shop.example", ["ann@example.org"])
-    raw = report_for(envelope, [bounced("ann@example.org", f"5.1.1 {word}")])
+    failed = bounced("ann@example.org", f"5.1.1 {word}")
+    raw = report_for(envelope, [failed])
     assert max(len(line) for line in raw.split(b"\r\n")) <= MAX_LINE
     (recipient,) = parse_dsn(raw).recipients
     assert (recipient.address, recipient.action, recipient.status) == (
@@ -152,8 +153,9 @@ def test_a_long_word_in_the_reply_keeps_every_line_short(letter: str, length: in
         DSNAction.FAILED,
         "5.1.1",
     )
-    # Broken into pieces by the folding, but none of it lost.
-    assert word in "".join((recipient.diagnostic or "").split())
+    # Broken into pieces by the folding, but nothing the tracker kept of it is lost.
+    kept = "".join(failed.attempts[-1].text.split())
+    assert kept in "".join((recipient.diagnostic or "").split())
 
 
 def _squeezed(text: str) -> str:
@@ -216,3 +218,46 @@ def test_still_no_report_to_the_null_sender(sender: str | None) -> None:
             recipients=[DSNRecipient(address="ann@example.org", action=DSNAction.FAILED)],
             reporting_mta="mx.shop.example",
         )
+
+
+# -- 8-bit parts are labelled ----------------------------------------------------------------
+
+
+def test_a_utf8_report_labels_its_8bit_parts() -> None:
+    # RFC 2045 §6.1: without a Content-Transfer-Encoding a part is 7bit; RFC 6533's
+    # message/global-delivery-status holds UTF-8, so it must say 8bit, as must the
+    # multipart holding it (RFC 2045 §6.4: never a narrower encoding than its parts').
+    recipient = DSNRecipient(
+        address="jörg@bücher.example",
+        action=DSNAction.FAILED,
+        status="5.1.1",
+        diagnostic="550 Benutzer unbekannt: jörg",
+    )
+    raw = build_dsn(
+        original=ORIGINAL,
+        envelope_sender="news@shop.example",
+        recipients=[recipient],
+        reporting_mta="mx.shop.example",
+        date=T0,
+    )
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["Content-Transfer-Encoding"] == "8bit"
+    for part in msg.walk():
+        if part.get_content_type() == "message/global-delivery-status":
+            assert part["Content-Transfer-Encoding"] == "8bit"
+            break
+    else:
+        raise AssertionError("no message/global-delivery-status part")
+
+
+def test_an_ascii_report_declares_no_encoding() -> None:
+    raw = build_dsn(
+        original=ORIGINAL,
+        envelope_sender="news@shop.example",
+        recipients=[DSNRecipient(address="ann@example.org", action=DSNAction.FAILED)],
+        reporting_mta="mx.shop.example",
+        date=T0,
+    )
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["Content-Transfer-Encoding"] is None
+    assert b"8bit" not in raw
