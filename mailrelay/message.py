@@ -221,7 +221,7 @@ class Attachment:
 
         Raises:
             MessageError: what the constructor raises, or a ``domain`` that is not a
-                dot-atom.
+                dot-atom (or an address literal such as ``[192.0.2.1]``).
         """
         return cls(
             filename=filename,
@@ -591,7 +591,8 @@ class Message:
             if text is not None and html is not None:
                 root.set_content(text)
                 root.add_alternative(html, subtype="html")
-                *_, page = root.iter_parts()  # (text, html)
+                if related:
+                    *_, page = root.iter_parts()  # (text, html)
             elif html is not None:
                 root.set_content(html, subtype="html")
             elif text is not None or not files:

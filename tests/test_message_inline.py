@@ -172,7 +172,15 @@ def test_both_writers_write_the_same_bytes(kwargs: dict[str, Any], shape: Tree) 
     general = build("general", **kwargs)
     mine, theirs = same_boundaries(direct.as_bytes(), general.as_bytes())
     assert mine == theirs
-    assert [name for name, _ in direct.headers] == [name for name, _ in general.headers]
+    # The same unfolded fields, the top-level boundary apart.
+    assert [unbounded(field) for field in direct.headers] == [
+        unbounded(field) for field in general.headers
+    ]
+
+
+def unbounded(field: tuple[str, str]) -> tuple[str, str]:
+    name, value = field
+    return name, re.sub(r'boundary="[^"]*"', 'boundary=""', value)
 
 
 @pytest.mark.parametrize(
