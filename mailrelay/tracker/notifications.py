@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import logging
+import re
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -71,6 +72,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _ALL_NOTIFY = frozenset({Notify.SUCCESS, Notify.FAILURE, Notify.DELAY})
+# C0 controls and DEL: never written into a report (CR, LF and NUL are refused there).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 #: The ``expect`` of a change that only adds its attempt to the history.
 _HISTORY_ONLY: frozenset[State] = frozenset()
 _REPORTABLE = frozenset({State.DELIVERED, State.SENDING})
@@ -382,9 +385,13 @@ def _dsn_recipient(
         status = "4.4.7" if expired else "5.0.0"
     diagnostic = None
     if last is not None and last.text:
-        text = " ".join(last.text.split())
-        # build_dsn writes the diagnostic-type itself ("smtp; ", RFC 3464 §2.3.6).
-        diagnostic = f"{last.code} {text}" if last.code else text
+        # A server's words may hold any control character (the reply reader passes a NUL
+        # on, as the server sent it), none of which may go into a report's field: each
+        # becomes a space, and runs of white space one space.
+        text = " ".join(_CONTROLS.sub(" ", last.text).split())
+        if text:
+            # build_dsn writes the diagnostic-type itself ("smtp; ", RFC 3464 §2.3.6).
+            diagnostic = f"{last.code} {text}" if last.code else text
     return DSNRecipient(
         address=str(record.address),
         action=action,

@@ -23,11 +23,21 @@ from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Recipient
 from mailrelay.errors import MessageError
 from mailrelay.message import Message
+from mailrelay.reply import Reply
 from mailrelay.tracker.dsn import DSNAction, DSNKind, DSNRecipient
 from mailrelay.tracker.dsn_build import build_dsn
 from mailrelay.tracker.dsn_parse import parse_dsn
+from mailrelay.tracker.engine import DeliveryTracker
 from mailrelay.tracker.notifications import failure_dsns
-from mailrelay.tracker.store import Attempt, MessageRecord, RecipientRecord, State, queued_record
+from mailrelay.tracker.store import (
+    Attempt,
+    MemoryStore,
+    MessageRecord,
+    RecipientRecord,
+    State,
+    queued_record,
+)
+from mailrelay.transport.memory import MemoryTransport
 
 T0 = dt.datetime(2026, 3, 2, 10, 0, tzinfo=dt.UTC)
 ORIGINAL = (
@@ -261,3 +271,38 @@ def test_an_ascii_report_declares_no_encoding() -> None:
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     assert msg["Content-Transfer-Encoding"] is None
     assert b"8bit" not in raw
+
+
+# -- control characters in a reply --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["5.1.1 no\x00such user", "5.1.1 \x00\x00\x00", "5.1.1 bell\x07 and\x0bvt\x1b[31m red"],
+    ids=["nul", "only-nul", "controls"],
+)
+def test_a_reply_with_control_characters_is_reported(text: str) -> None:
+    # The reply reader passes a NUL through (Reply keeps the server's words): the report
+    # must still be built, and carry none.
+    def refuse(message: Message, envelope: Envelope) -> dict[str, Reply]:
+        return {str(r.address): Reply.of(550, text) for r in envelope.recipients}
+
+    out = MemoryTransport()
+    tracker = DeliveryTracker(
+        MemoryTransport(refuse),
+        MemoryStore(),
+        clock=lambda: T0,
+        dsn_transport=out,
+        reporting_mta="relay.example.com",
+    )
+    tracking_id = tracker.submit(
+        Message.build(sender="news@shop.example", to=["ann@example.org"], subject="x", text="y")
+    )
+    tracker.run_pending()  # raised ValueError: the bounce was never recorded
+    (recipient,) = tracker.status(tracking_id).recipients
+    assert recipient.state is State.BOUNCED
+    (report,) = out.outbox
+    raw = report.message.as_bytes()
+    assert b"\x00" not in raw
+    (reported,) = parse_dsn(raw).recipients
+    assert (reported.address, reported.status) == ("ann@example.org", "5.1.1")
