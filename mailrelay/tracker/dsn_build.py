@@ -138,7 +138,9 @@ def build_dsn(
 
     now = date or dt.datetime.now(dt.UTC)
     original = _crlf(original)
-    head, _sep, _body = original.partition(b"\r\n\r\n")
+    # RFC 5322 §2.1: the header block ends at the first empty line, which may be the
+    # very first line (no header fields): then there is no header to return for HDRS.
+    head = b"" if original.startswith(b"\r\n") else original.partition(b"\r\n\r\n")[0]
     returned = original if mode == "FULL" else head + b"\r\n"
     original_id = _original_message_id(head)
     utf8 = any(

@@ -306,3 +306,21 @@ def test_a_reply_with_control_characters_is_reported(text: str) -> None:
     assert b"\x00" not in raw
     (reported,) = parse_dsn(raw).recipients
     assert (reported.address, reported.status) == ("ann@example.org", "5.1.1")
+
+
+# -- RET=HDRS returns headers only ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("original", [b"\r\nthe secret body\r\n", b"\nthe secret body\n"])
+def test_headers_only_never_return_the_body_of_a_headerless_message(original: bytes) -> None:
+    raw = build_dsn(
+        original=original,
+        envelope_sender="news@shop.example",
+        recipients=[DSNRecipient(address="ann@example.org", action=DSNAction.FAILED)],
+        reporting_mta="mx.shop.example",
+        ret="HDRS",
+        date=T0,
+    )
+    assert b"secret" not in raw
+    (recipient,) = parse_dsn(raw).recipients
+    assert recipient.address == "ann@example.org"
