@@ -33,6 +33,11 @@ Rules this module keeps:
   with lines of at most 78 characters (the general path's limit); otherwise as
   quoted-printable (lines of at most 76) or base64 (76-character lines, text
   line breaks as CRLF), whichever is shorter.
+* RFC 2045 §6.4, RFC 2046 §5.2.1: a ``message/rfc822`` attachment (and
+  ``message/partial``, ``message/external-body``: :data:`UNENCODED_TYPES`) is never
+  base64 or quoted-printable: it goes as it is, its line breaks made CRLF, as ``7bit``
+  (8-bit data, ``8bit``, is the general path's); data that cannot (a NUL, a line over 998
+  octets: :func:`embedded_body` says ``None``) is not written as such a type at all.
 * RFC 2046 §5.1.1: a boundary is chosen that occurs in no part's encoded body.
 * RFC 2045 §4: only the top level says ``MIME-Version``.
 * RFC 2387: inline parts go in a ``multipart/related`` whose first part is the HTML
@@ -52,6 +57,7 @@ from collections.abc import Sequence
 from urllib.parse import quote
 
 __all__ = [
+    "UNENCODED_TYPES",
     "Part",
     "Unsupported",
     "address_list",
@@ -59,6 +65,7 @@ __all__ = [
     "long_unstructured",
     "unstructured",
     "write_body",
+    "embedded_body",
 ]
 
 # RFC 5322 §2.1.1: the recommended limit on a header line, CRLF excluded.
@@ -392,6 +399,28 @@ def _base64_lines(data: bytes) -> bytes:
     return base64.encodebytes(data).replace(b"\n", b"\r\n")
 
 
+#: Content types whose body RFC 2045 §6.4 and RFC 2046 §5.2 forbid to encode: a whole
+#: message (§5.2.1), a fragment of one (§5.2.2.1) and an external body (§5.2.3.5) are
+#: "7bit", "8bit" or "binary". (``message/global``, RFC 6532 §3.7, may be encoded.)
+UNENCODED_TYPES = frozenset({"message/rfc822", "message/partial", "message/external-body"})
+
+# RFC 5322 §2.1.1 / RFC 5321 §4.5.3.1.6: 998 octets a line, CRLF excluded.
+_MAX_WIRE_LINE = 998
+
+
+def embedded_body(data: bytes) -> tuple[bytes, str] | None:
+    """``data`` as the unencoded body of a :data:`UNENCODED_TYPES` part: its lines
+    ended by CRLF (a bare CR or LF ends a line too, as for text), and ``"7bit"`` or
+    ``"8bit"``; ``None`` when it cannot go unencoded (a NUL, RFC 2045 §2.7-2.8; a line
+    over 998 octets)."""
+    if b"\0" in data:
+        return None
+    lines = data.splitlines()
+    if any(len(line) > _MAX_WIRE_LINE for line in lines):
+        return None
+    return b"\r\n".join(lines) + b"\r\n", "7bit" if data.isascii() else "8bit"
+
+
 def attachment_part(
     filename: str, data: bytes, content_type: str, content_id: str | None = None
 ) -> Part:
@@ -415,6 +444,13 @@ def attachment_part(
         )
     if len(disposition) > _MAX_LINE:
         raise Unsupported("a file name too long for one line")
+    if content_type in UNENCODED_TYPES:
+        embedded = embedded_body(bytes(data))
+        if embedded is None or embedded[1] != "7bit":
+            raise Unsupported("an embedded message that is not 7bit")
+        # Checked for the boundary like 7bit text: a message holds lines of its own.
+        head = f"Content-Type: {content_type}\r\nContent-Transfer-Encoding: 7bit\r\n{disposition}"
+        return Part(head, embedded[0], True)
     head = f"Content-Type: {content_type}\r\nContent-Transfer-Encoding: base64\r\n{disposition}"
     if content_id is not None:
         # On one line, as the general path writes it: a msg-id holds no white space to

@@ -179,12 +179,17 @@ class Attachment:
             over 127 characters (RFC 6838 §4.2), data that is not bytes, or a
             content id that is not ``id-left@id-right`` (RFC 5322 §3.6.4) or a lone
             dot-atom, is given in angle brackets, or is over
-            :data:`~mailrelay._buildargs.MAX_CONTENT_ID_CHARS` (984) characters.
+            :data:`~mailrelay._buildargs.MAX_CONTENT_ID_CHARS` (984) characters; a
+            ``multipart/*`` content type (its boundary could not be given); a
+            ``message/rfc822`` (``message/partial``, ``message/external-body``) one
+            with a content id, or with data that cannot go unencoded (a NUL, a line
+            over 998 octets).
 
     Attributes:
         filename: the name the recipient sees (non-ASCII names are written with
             RFC 2231 encoding).
-        data: the file's bytes (sent base64-encoded).
+        data: the file's bytes (sent base64-encoded; a ``message/rfc822`` one, a
+            whole message, unencoded with CRLF line ends, RFC 2046 §5.2.1).
         content_type: ``type/subtype``; ``None`` guesses from the file name and
             falls back to ``application/octet-stream``.
         content_id: ``None`` for an attachment; for an inline part, its id without
@@ -248,12 +253,49 @@ class Attachment:
         # written unchanged.
         return "cid:" + quote(self.content_id, safe="/:@!$'()*+,;=")
 
+    def __attrs_post_init__(self) -> None:
+        if self.content_type is None:
+            return
+        kind = self.content_type.lower()
+        if kind.startswith("multipart/"):
+            # RFC 2046 §5.1.1: a multipart body is read by its boundary parameter, which
+            # an attachment's bare type/subtype cannot give.
+            raise MessageError(
+                f"attachment {self.filename!r}: a {kind} body needs its boundary parameter; "
+                "attach a whole message as message/rfc822, anything else as "
+                "application/octet-stream"
+            )
+        if kind in _mime.UNENCODED_TYPES:
+            if self.content_id is not None:
+                raise MessageError(
+                    f"attachment {self.filename!r}: a {kind} part cannot be inline (nothing "
+                    "in HTML shows it); attach it without content_id"
+                )
+            if _mime.embedded_body(self.data) is None:
+                # RFC 2046 §5.2.1: never base64 or quoted-printable.
+                raise MessageError(
+                    f"attachment {self.filename!r}: a {kind} body goes unencoded (RFC 2046 "
+                    "§5.2.1) and this one holds a NUL or a line over 998 octets; attach it "
+                    "as application/octet-stream"
+                )
+
     def resolved_content_type(self) -> str:
-        """Return the content type to send: the given one or a guess."""
+        """Return the content type to send: the given one or a guess.
+
+        A guess that must go unencoded (``message/rfc822`` for ``.eml``: RFC 2046
+        §5.2.1) for data that cannot (a NUL, a line over 998 octets) is
+        ``application/octet-stream`` instead, sent base64-encoded.
+        """
         if self.content_type is not None:
             return self.content_type
         guessed, _ = mimetypes.guess_type(self.filename, strict=False)
-        return guessed or "application/octet-stream"
+        if guessed is None:
+            return "application/octet-stream"
+        if guessed in _mime.UNENCODED_TYPES and (
+            self.content_id is not None or _mime.embedded_body(self.data) is None
+        ):
+            return "application/octet-stream"
+        return guessed
 
 
 @attrs.frozen(kw_only=True)
@@ -599,12 +641,19 @@ class Message:
                 root.set_content(text or "")
             if related:
                 _add_related(page, related)
+            embedded: list[tuple[bytes, bytes]] = []
             for item in files:
-                maintype, _, subtype = item.resolved_content_type().partition("/")
+                content_type = item.resolved_content_type()
+                maintype, _, subtype = content_type.partition("/")
+                if content_type.lower() in _mime.UNENCODED_TYPES:
+                    embedded.append(_add_embedded(root, item, maintype, subtype))
+                    continue
                 root.add_attachment(
                     item.data, maintype=maintype, subtype=subtype, filename=item.filename
                 )
             wire = root.as_bytes(policy=policy)
+            if embedded:
+                wire = _splice(root, wire, embedded)
         except (ValueError, TypeError, UnicodeError, email.errors.MessageError) as exc:
             raise MessageError(f"cannot build the message: {exc}") from exc
         _check_written_head(wire[: wire.find(b"\r\n\r\n") + 4])
@@ -1255,6 +1304,50 @@ def _add_related(page: MIMEPart, related: list[Attachment]) -> None:
         page.attach(part)
     # RFC 2387 §3.1: the type of the root, the HTML, which is first (§3.2).
     page.set_param("type", "text/html")
+
+
+def _add_embedded(
+    root: MIMEPart, item: Attachment, maintype: str, subtype: str
+) -> tuple[bytes, bytes]:
+    """Attach ``item``, a whole message (or another :data:`~mailrelay._mime.UNENCODED_TYPES`
+    body), unencoded (RFC 2046 §5.2.1): the email package would write it base64, or fail
+    on 8-bit data, so the part holds a random placeholder that :func:`_splice` replaces.
+    Returns (placeholder, body)."""
+    embedded = _mime.embedded_body(item.data)
+    if embedded is None:  # pragma: no cover - Attachment refuses such data
+        raise MessageError(f"attachment {item.filename!r} cannot go unencoded")
+    body, encoding = embedded
+    placeholder = f"mailrelay-embedded-{secrets.token_hex(16)}"
+    root.add_attachment(
+        placeholder.encode("ascii"),
+        maintype=maintype,
+        subtype=subtype,
+        filename=item.filename,
+        cte="7bit",
+    )
+    *_, part = root.iter_parts()
+    part.replace_header("Content-Transfer-Encoding", encoding)
+    # The package writes CRLF and the next delimiter right after the placeholder (RFC
+    # 2046 §5.1.1: that CRLF is the delimiter's), so the body keeps its own last line
+    # break, as the direct writer writes it.
+    return placeholder.encode("ascii"), body
+
+
+def _splice(root: MIMEPart, wire: bytes, embedded: list[tuple[bytes, bytes]]) -> bytes:
+    """``wire`` with each placeholder replaced by its body, checked against the message's
+    boundaries (RFC 2046 §5.1.1), which were chosen before the bodies were in."""
+    delimiters = [
+        b"--" + boundary.encode("ascii")
+        for part in root.walk()
+        if (boundary := part.get_boundary()) is not None
+    ]
+    for placeholder, body in embedded:
+        if any(delimiter in body for delimiter in delimiters):
+            raise MessageError("an attached message holds one of this message's boundaries")
+        if wire.count(placeholder) != 1:  # pragma: no cover - 128 random bits
+            raise MessageError("cannot place an attached message")
+        wire = wire.replace(placeholder, body, 1)
+    return wire
 
 
 def _attachment(item: Attachment | tuple[str, bytes] | tuple[str, bytes, str | None]) -> Attachment:
