@@ -22,6 +22,8 @@
   reports, ``_smtp._tls`` discovery, the report email and the HTTPS POST.
 * :mod:`~mailrelay.transport.sendmail`: :class:`SendmailTransport`, which hands each message
   to the local MTA's ``sendmail`` program (sync and async).
+* :mod:`~mailrelay.transport.proxy`: :class:`Proxy`, an outbound SOCKS5 or HTTP CONNECT
+  proxy for the SMTP and LMTP transports (``proxy=``), and the handshake both drivers run.
 * :mod:`~mailrelay.transport.signing`: :class:`SigningTransport` and
   :class:`AsyncSigningTransport`, which DKIM-sign every message before another transport
   sends it.
@@ -39,6 +41,7 @@ from mailrelay.transport.memory import MemoryTransport, OutboxItem
 from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
+from mailrelay.transport.proxy import Proxy
 from mailrelay.transport.sendmail import SendmailTransport
 from mailrelay.transport.settings import AsyncPasswordProvider, PasswordProvider, PoolSettings
 from mailrelay.transport.signing import AsyncSigningTransport, SigningTransport
@@ -64,6 +67,7 @@ __all__ = [
     "PasswordProvider",
     "AsyncPasswordProvider",
     "PoolSettings",
+    "Proxy",
     "SMTPTransport",
     "SendmailTransport",
     "SigningTransport",
