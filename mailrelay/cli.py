@@ -923,6 +923,28 @@ def _logging(debug: bool, secrets: set[str]) -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _escaping_output() -> Iterator[None]:
+    """Standard output writes what its encoding lacks as escapes (``\\u65e5``) while a
+    command runs: an address or a reply from anywhere must not end a command with a
+    UnicodeEncodeError where the output is not UTF-8 (a legacy locale, a Windows pipe,
+    ``PYTHONIOENCODING``). In ``--json`` output such an escape is JSON's own. The stream
+    is left as it was found (``main`` may be called again)."""
+    stream = sys.stdout
+    errors = getattr(stream, "errors", None)
+    reconfigure = getattr(stream, "reconfigure", None)
+    if errors != "strict" or reconfigure is None:
+        yield
+        return
+    reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        # The stream may be closed or broken by now (a broken pipe): nothing to restore.
+        with contextlib.suppress(OSError, ValueError):
+            reconfigure(errors=errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mailrelay`` command line and return its exit status (never exits itself).
 
@@ -946,7 +968,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # traceback and log line, whatever quoted them.
     secrets: set[str] = set()
     args.secrets = secrets
-    with _logging(debug, secrets):
+    with _logging(debug, secrets), _escaping_output():
         try:
             status: int = args.handler(args)
         except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from mailrelay import cli
+from mailrelay.tracker import DSNAction, DSNRecipient, build_dsn
 
 Run = Callable[..., tuple[int, str, str]]
 
@@ -129,3 +130,38 @@ def test_ingest_goes_on_after_an_input_over_the_limit(run: Run, db: Path, tmp_pa
     assert '"result": "unreadable"' in out
     assert str(small) in out
     assert '"kind": "not-a-report"' in out
+
+
+# -- output the terminal's encoding cannot show ---------------------------------------------
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_text_the_output_encoding_lacks_is_escaped(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    json_output: bool,
+) -> None:
+    # A report naming 日本@example.org, printed where the output is Latin-1 (a legacy
+    # locale, a Windows pipe, PYTHONIOENCODING): it ended in UnicodeEncodeError, status 70
+    # ("a bug"), the report's lines half printed.
+    report = build_dsn(
+        original=b"From: ann@example.org\r\nMessage-ID: <1@example.org>\r\n\r\nhi\r\n",
+        envelope_sender="ann@example.org",
+        reporting_mta="mx.example.org",
+        recipients=[
+            DSNRecipient(address="日本@example.org", action=DSNAction.FAILED, diagnostic="550 ない")
+        ],
+    )
+    path = tmp_path / "report.eml"
+    path.write_bytes(report)
+    raw = io.BytesIO()
+    latin1 = io.TextIOWrapper(raw, encoding="latin-1")  # errors="strict", as a real one
+    monkeypatch.setattr(sys, "stdout", latin1)
+    status = cli.main(["parse-dsn", *(["--json"] if json_output else []), str(path)])
+    latin1.flush()
+    err = capsys.readouterr().err
+    assert (status, err) == (cli.EX_OK, "")
+    printed = raw.getvalue().decode("latin-1")
+    assert "\\u65e5\\u672c@example.org" in printed
+    assert latin1.errors == "strict"  # main leaves the stream as it found it
