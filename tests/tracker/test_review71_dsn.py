@@ -1,10 +1,13 @@
 """Review 71: the DSNs the tracker generates, against hostile replies and odd envelopes.
 
-Each test here failed before its fix: the ORCPT written with two address types, a long
-word in a server's reply making a line longer than RFC 5322 §2.1.1 allows, and a sender
-whose local part is quoted getting no report at all. The property checks what any reply
-text (no CR, LF or NUL: those the values refuse) does to a report: lines stay short, and
-our parser and the standard library's read back the same recipients and statuses.
+Each test here failed before its fix: the ORCPT written with two address types; a long
+word in a server's reply making a line longer than RFC 5322 §2.1.1 allows; a sender whose
+local part is quoted getting no report at all; 8-bit parts of a UTF-8 report labelled
+7bit; a reply holding a NUL making the tracker raise instead of bouncing and reporting;
+RET=HDRS returning the body of a message without header fields. The property checks what
+any reply text (no CR, LF or NUL: those the values refuse) does to a report: lines stay
+short, and our parser and the standard library's read back the same recipients and
+statuses.
 """
 
 from __future__ import annotations
