@@ -70,6 +70,7 @@ from mailrelay.transport.mx_plan import (
     fallback,
     mail_hosts_of,
 )
+from mailrelay.transport.proxy import Proxy
 
 if TYPE_CHECKING:
     import ssl  # noqa: TID251 -- annotations only, never imported at run time
@@ -254,6 +255,7 @@ class _CalloutBase:
         random: _random.Random | None,
         source_address: str | None = None,
         refused_networks: Iterable[str | Network] = LOOPBACK_NETWORKS,
+        proxy: Proxy | str | None = None,
     ) -> None:
         self.sender: Address | None
         if sender is None or sender == "":
@@ -275,6 +277,7 @@ class _CalloutBase:
             chunking=False,
             max_addresses=max_addresses,
             refused=refused_networks,
+            proxy=proxy,
         )
         if max_recipients < 1:
             raise ConfigurationError("max_recipients must be at least 1")
@@ -396,6 +399,8 @@ class Callout(_CalloutBase):
         refused_networks: exchanger addresses never probed, as for
             :class:`~mailrelay.transport.mx.MXTransport` (loopback by default; ``()`` for a
             test server on loopback).
+        proxy: probe through this outbound proxy, as
+            :class:`~mailrelay.transport.mx.MXTransport` delivers (needs ``local_hostname``).
     """
 
     def __init__(
@@ -414,13 +419,14 @@ class Callout(_CalloutBase):
         max_addresses: int = DEFAULT_MAX_ADDRESSES,
         random: _random.Random | None = None,
         refused_networks: Iterable[str | Network] = LOOPBACK_NETWORKS,
+        proxy: Proxy | str | None = None,
     ) -> None:
         super().__init__(
             sender=sender, port=port, tls=tls, ssl_context=ssl_context, timeouts=timeouts,
             local_hostname=local_hostname, source_address=source_address,
             detect_catch_all=detect_catch_all,
             max_recipients=max_recipients, max_addresses=max_addresses, random=random,
-            refused_networks=refused_networks,
+            refused_networks=refused_networks, proxy=proxy,
         )  # fmt: skip
         self.resolver = resolver if resolver is not None else Resolver()
 
@@ -471,6 +477,7 @@ class Callout(_CalloutBase):
             ssl_context=settings.context(settings.default, tls),
             server_hostname=target.tls_name,
             source_address=settings.source_address,
+            proxy=settings.proxy,
         )
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))
@@ -509,13 +516,14 @@ class AsyncCallout(_CalloutBase):
         max_addresses: int = DEFAULT_MAX_ADDRESSES,
         random: _random.Random | None = None,
         refused_networks: Iterable[str | Network] = LOOPBACK_NETWORKS,
+        proxy: Proxy | str | None = None,
     ) -> None:
         super().__init__(
             sender=sender, port=port, tls=tls, ssl_context=ssl_context, timeouts=timeouts,
             local_hostname=local_hostname, source_address=source_address,
             detect_catch_all=detect_catch_all,
             max_recipients=max_recipients, max_addresses=max_addresses, random=random,
-            refused_networks=refused_networks,
+            refused_networks=refused_networks, proxy=proxy,
         )  # fmt: skip
         self.resolver = resolver if resolver is not None else AsyncResolver()
 
@@ -562,6 +570,7 @@ class AsyncCallout(_CalloutBase):
             ssl_context=settings.context(settings.default, tls),
             server_hostname=target.tls_name,
             source_address=settings.source_address,
+            proxy=settings.proxy,
         )
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))

@@ -164,6 +164,7 @@ from mailrelay.transport.mx_plan import (
     sub_envelope,
 )
 from mailrelay.transport.pooling import ExchangerPool, answer_lost, reply_lost
+from mailrelay.transport.proxy import Proxy
 from mailrelay.transport.settings import PoolSettings
 from mailrelay.transport.smtp import PooledSession, quit_all
 from mailrelay.transport.sync_driver import connect
@@ -238,6 +239,11 @@ class MXTransport(Transport):
             (or an address literal) pointing at the sending host is refused, PERMANENT when
             it leaves no exchanger; add :data:`PRIVATE_NETWORKS` when delivering strangers'
             mail from inside a private network; ``()`` for a test server on loopback.
+        proxy: reach the exchangers through this outbound proxy (a
+            :class:`~mailrelay.transport.proxy.Proxy` or its URL: ``socks5://host:1080``,
+            ``http://host:3128`` for HTTP CONNECT, which many HTTP proxies refuse for port
+            25); needs ``local_hostname``, the name of the proxy's outgoing address. TLS and
+            DANE still check the exchanger; a proxy's failure moves on to the next target.
 
     Raises:
         ConfigurationError: when the settings cannot work.
@@ -261,6 +267,7 @@ class MXTransport(Transport):
         pool: PoolSettings = MX_POOL,
         tls_reporter: TLSReporter | None = None,
         refused_networks: Iterable[str | Network] = LOOPBACK_NETWORKS,
+        proxy: Proxy | str | None = None,
     ) -> None:
         if not isinstance(pool, PoolSettings):
             raise ConfigurationError("pool must be a PoolSettings value")
@@ -278,6 +285,7 @@ class MXTransport(Transport):
             max_addresses=max_addresses,
             tls_reporter=tls_reporter,
             refused=refused_networks,
+            proxy=proxy,
         )
         self.resolver = resolver if resolver is not None else Resolver()
         self._pool: ExchangerPool[PooledSession] = ExchangerPool(pool, logger=log)
@@ -415,6 +423,7 @@ class MXTransport(Transport):
             ssl_context=context,
             server_hostname=target.tls_name,
             source_address=settings.source_address,
+            proxy=settings.proxy,
         )
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))

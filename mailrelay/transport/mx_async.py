@@ -69,6 +69,7 @@ from mailrelay.transport.mx_plan import (
     sub_envelope,
 )
 from mailrelay.transport.pooling import ExchangerPool, answer_lost, quit_timeout, reply_lost
+from mailrelay.transport.proxy import Proxy
 from mailrelay.transport.settings import PoolSettings
 
 __all__ = ["DEFAULT_CONCURRENCY", "AsyncMXTransport", "amail_hosts_of"]
@@ -136,6 +137,7 @@ class AsyncMXTransport(AsyncTransport):
         pool: PoolSettings = MX_POOL,
         tls_reporter: TLSReporter | None = None,
         refused_networks: Iterable[str | Network] = LOOPBACK_NETWORKS,
+        proxy: Proxy | str | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, not {concurrency!r}")
@@ -155,6 +157,7 @@ class AsyncMXTransport(AsyncTransport):
             max_addresses=max_addresses,
             tls_reporter=tls_reporter,
             refused=refused_networks,
+            proxy=proxy,
         )
         self.resolver = resolver if resolver is not None else AsyncResolver()
         self.concurrency = concurrency
@@ -369,6 +372,7 @@ class AsyncMXTransport(AsyncTransport):
             ssl_context=context,
             server_hostname=target.tls_name,
             source_address=settings.source_address,
+            proxy=settings.proxy,
         )
         try:
             session = Session(settings.session_config(target, tls, driver.local_address))

@@ -49,6 +49,7 @@ from mailrelay.transport.dane import DANEHost, DANEPolicy, HostState
 from mailrelay.transport.driver_common import check_source_address
 from mailrelay.transport.errors_map import peer_name
 from mailrelay.transport.pooling import PooledConnection, is_stale_connection_error
+from mailrelay.transport.proxy import Proxy, as_proxy
 from mailrelay.transport.settings import PoolSettings
 
 # Logged under the transports' name: what users configure is "mailrelay.transport.mx".
@@ -985,6 +986,7 @@ class MXSettings:
         source_address: str | None = None,
         tls_reporter: TLSReporter | None = None,
         refused: Iterable[str | Network] = LOOPBACK_NETWORKS,
+        proxy: Proxy | str | None = None,
     ) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ConfigurationError(f"port must be a number from 1 to 65535, not {port!r}")
@@ -1007,6 +1009,13 @@ class MXSettings:
         self.chunking = chunking
         self.max_addresses = max_addresses
         self.refused = refused_networks(refused)
+        self.proxy = as_proxy(proxy)
+        if self.proxy is not None and local_hostname is None:
+            # Our own address (the EHLO literal otherwise) is not the one receivers see.
+            raise ConfigurationError(
+                "MX delivery through a proxy needs local_hostname: the exchangers see the "
+                "proxy's outgoing address and check the EHLO name against it"
+            )
         self.source_address = check_source_address(source_address)
         if tls_reporter is not None and not callable(getattr(tls_reporter, "tls_attempt", None)):
             raise ConfigurationError(
@@ -1174,8 +1183,9 @@ class MXSettings:
             log.exception("the TLS reporter failed on %s (delivery goes on)", target.peer)
 
     def describe(self) -> str:
-        """A one-line description for ``repr``."""
-        return f"port={self.port} tls={self.default.tls.name}"
+        """A one-line description for ``repr`` (a proxy shown without its password)."""
+        proxy = "" if self.proxy is None else f" proxy={self.proxy!r}"
+        return f"port={self.port} tls={self.default.tls.name}{proxy}"
 
 
 def fallback(policy: MXPolicy, tls: TLS) -> bool:

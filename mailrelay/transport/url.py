@@ -19,8 +19,10 @@ Rules of this module:
   ``tls_policy`` (``mx://`` only: ``dane``, ``mta-sts``, or both comma-separated, for
   :class:`~mailrelay.transport.dane.DANE` and :class:`~mailrelay.transport.mtasts.MTASTS`
   hooks sharing the transport's resolver; with both, DANE decides wherever it applies and
-  MTA-STS elsewhere, RFC 8461 §2), ``proxy`` (``smtp://``, ``smtps://``, ``lmtp://`` over
-  TCP: an outbound proxy's URL, percent-encoded, e.g.
+  MTA-STS elsewhere, RFC 8461 §2), ``refused_networks`` (``mx://`` only: the exchanger
+  addresses never connected to, comma-separated CIDR networks, ``loopback``, ``private``,
+  or ``none``; the default refuses loopback), ``proxy`` (``smtp://``, ``smtps://``,
+  ``lmtp://`` over TCP, and ``mx://``: an outbound proxy's URL, percent-encoded, e.g.
   ``?proxy=socks5h%3A%2F%2Fuser%3Apass%40127.0.0.1%3A1080``; see
   :class:`~mailrelay.transport.proxy.Proxy`), ``format`` (``file://`` only). An unknown, repeated or
   misplaced parameter is a :class:`~mailrelay.errors.ConfigurationError`, never silently
@@ -58,8 +60,9 @@ from mailrelay.transport.driver_common import check_source_address
 from mailrelay.transport.file import FORMATS, FileTransport
 from mailrelay.transport.memory import MemoryTransport
 from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
-from mailrelay.transport.mx import MXTransport
+from mailrelay.transport.mx import LOOPBACK_NETWORKS, PRIVATE_NETWORKS, MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
+from mailrelay.transport.mx_plan import refused_networks
 from mailrelay.transport.proxy import Proxy
 from mailrelay.transport.sendmail import SendmailTransport
 from mailrelay.transport.smtp import LMTPTransport, SMTPTransport
@@ -77,7 +80,16 @@ _PARAMETERS = {
     "smtp": {"tls", "timeout", "local_hostname", "source_address", "auth", "proxy"},
     "smtps": {"tls", "timeout", "local_hostname", "source_address", "auth", "proxy"},
     "lmtp": {"tls", "timeout", "local_hostname", "source_address", "auth", "proxy"},
-    "mx": {"tls", "timeout", "local_hostname", "source_address", "port", "tls_policy"},
+    "mx": {
+        "tls",
+        "timeout",
+        "local_hostname",
+        "source_address",
+        "port",
+        "tls_policy",
+        "proxy",
+        "refused_networks",
+    },
     "memory": set[str](),
     "file": {"format"},
     "sendmail": {"timeout", "config"},
@@ -128,8 +140,10 @@ class TransportURL:
         auth_mechanisms: the SASL mechanisms from ``?auth=``, upper case, or ``None``.
         tls_policies: the ``mx://`` TLS policies from ``?tls_policy=`` (``dane``,
             ``mta-sts``), or ``None``.
-        proxy: the outbound proxy from ``?proxy=`` (``smtp``, ``smtps``, ``lmtp`` over TCP),
-            or ``None``.
+        proxy: the outbound proxy from ``?proxy=`` (``smtp``, ``smtps``, ``lmtp`` over TCP,
+            and ``mx``), or ``None``.
+        refused_networks: the ``mx://`` exchanger networks never connected to, from
+            ``?refused_networks=``, or ``None`` (the transport's default: loopback).
         format: ``eml`` or ``maildir`` (``file`` only).
         config: the ``sendmail`` program's configuration (its ``-C`` argument), or ``None``.
     """
@@ -147,6 +161,7 @@ class TransportURL:
     auth_mechanisms: tuple[str, ...] | None = None
     tls_policies: tuple[str, ...] | None = None
     proxy: Proxy | None = None
+    refused_networks: tuple[str, ...] | None = None
     format: str | None = None
     config: str | None = None
 
@@ -261,6 +276,8 @@ class TransportURL:
                 fields["port"] = _port(params["port"], shown)
             if "tls_policy" in params:
                 fields["tls_policies"] = _tls_policies(params["tls_policy"], shown)
+            if "refused_networks" in params:
+                fields["refused_networks"] = _refused(params["refused_networks"], shown)
         elif scheme in {"lmtp", "smtp"} and host is None:
             if path is None or path == "/":
                 raise ConfigurationError(
@@ -306,6 +323,31 @@ class TransportURL:
             except ConfigurationError as exc:
                 raise ConfigurationError(f"{exc}: {shown}") from None
         return cls(**fields)
+
+
+def _refused(text: str, shown: str) -> tuple[str, ...]:
+    """``?refused_networks=``: comma-separated CIDR networks, ``loopback`` and ``private``
+    for :data:`~mailrelay.transport.mx.LOOPBACK_NETWORKS` and
+    :data:`~mailrelay.transport.mx.PRIVATE_NETWORKS`, or ``none`` (nothing refused)."""
+    names = [name.strip() for name in text.split(",")]
+    if names == ["none"]:
+        return ()
+    networks: list[str] = []
+    for name in names:
+        if name == "loopback":
+            networks += LOOPBACK_NETWORKS
+        elif name == "private":
+            networks += PRIVATE_NETWORKS
+        else:
+            networks.append(name)
+    try:
+        refused_networks(networks)
+    except ConfigurationError:
+        raise ConfigurationError(
+            f"refused_networks takes CIDR networks, loopback, private or none, comma-"
+            f"separated: {shown}"
+        ) from None
+    return tuple(networks)
 
 
 def _port(text: str, shown: str) -> int:
@@ -426,6 +468,8 @@ def _mx(parsed: TransportURL, overrides: Mapping[str, Any], asynchronous: bool) 
     kwargs = _network_arguments(parsed)
     if parsed.port is not None:
         kwargs["port"] = parsed.port
+    if parsed.refused_networks is not None:
+        kwargs["refused_networks"] = parsed.refused_networks
     kwargs.update(overrides)
     if parsed.tls_policies and "tls_policy" not in overrides:
         # The hooks share the transport's resolver (and so its cache and its DNSSEC view).
