@@ -242,3 +242,29 @@ def test_the_callout_does_not_probe_a_refused_exchanger(
     assert result.status is CalloutStatus.UNKNOWN
     assert "in a network this transport refuses" in (result.detail or "")
     assert connections(quiet_listener) == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "networks"),
+    [
+        ("none", ()),
+        ("loopback", LOOPBACK_NETWORKS),
+        ("loopback,private", LOOPBACK_NETWORKS + PRIVATE_NETWORKS),
+        ("loopback, 192.0.2.0/24", (*LOOPBACK_NETWORKS, "192.0.2.0/24")),
+    ],
+)
+def test_the_mx_url_sets_refused_networks(value: str, networks: tuple[str, ...]) -> None:
+    from mailrelay.transport.url import TransportURL, transport_from_url
+
+    assert TransportURL.parse(f"mx://?refused_networks={value}").refused_networks == networks
+    with transport_from_url(f"mx://?refused_networks={value}") as mx:
+        assert isinstance(mx, MXTransport)
+        assert mx.settings.refused == refused_networks(networks)
+
+
+@pytest.mark.parametrize("value", ["", "bogus", "loopback,10.0.0.0/33", "none,loopback"])
+def test_the_mx_url_refuses_nonsense_networks(value: str) -> None:
+    from mailrelay.transport.url import TransportURL
+
+    with pytest.raises(ConfigurationError, match="refused_networks"):
+        TransportURL.parse(f"mx://?refused_networks={value}")
