@@ -173,10 +173,25 @@ def time_or_none(value: int | None) -> dt.datetime | None:
 MAX_ATTEMPT_TEXT: Final = 4096
 
 
+#: The most characters of an attempt's host kept (a returned report's Remote-MTA is
+#: anyone's text).
+MAX_ATTEMPT_HOST: Final = 1024
+
+
 def _bounded_text(text: str) -> str:
+    # A server's reply may hold NUL, which PostgreSQL's text columns cannot: every store
+    # keeps the same text, U+FFFD where it was.
+    if "\0" in text:
+        text = text.replace("\0", "\ufffd")
     if len(text) <= MAX_ATTEMPT_TEXT:
         return text
     return f"{text[:MAX_ATTEMPT_TEXT]} [... {len(text) - MAX_ATTEMPT_TEXT} characters not kept]"
+
+
+def _bounded_host(host: str | None) -> str | None:
+    if host is None:
+        return None
+    return host[:MAX_ATTEMPT_HOST].replace("\0", "\ufffd")
 
 
 @attrs.frozen(kw_only=True)
@@ -185,18 +200,20 @@ class Attempt:
 
     Attributes:
         at: when it happened.
-        host: the server that answered (``host:port``), or the DSN's remote MTA.
+        host: the server that answered (``host:port``), or the DSN's remote MTA (at most
+            :data:`MAX_ATTEMPT_HOST` characters of it, NUL as U+FFFD).
         code: the SMTP reply code, when there was one.
         enhanced: the RFC 3463 enhanced status (``"4.2.2"``), when known.
         text: the server's text, the error's description, or the DSN's diagnostic; at
             most :data:`MAX_ATTEMPT_TEXT` characters are kept, and a longer text is cut
-            there and says how much was not kept.
+            there and says how much was not kept; a NUL is kept as U+FFFD (PostgreSQL's
+            text cannot hold it).
         source: ``"reply"`` (a per-recipient answer), ``"error"`` (the attempt
             raised a delivery error) or ``"dsn"`` (a report that came back later).
     """
 
     at: dt.datetime = attrs.field(converter=_utc)
-    host: str | None = None
+    host: str | None = attrs.field(default=None, converter=_bounded_host)
     code: int | None = None
     enhanced: str | None = None
     text: str = attrs.field(default="", converter=_bounded_text)

@@ -13,7 +13,14 @@ from mailrelay.reply import Reply
 from mailrelay.tracker.engine import DeliveryTracker
 from mailrelay.tracker.retry import RetryPolicy
 from mailrelay.tracker.sqlite_store import SQLiteStore
-from mailrelay.tracker.store import MAX_ATTEMPT_TEXT, Attempt, State
+from mailrelay.tracker.store import (
+    MAX_ATTEMPT_HOST,
+    MAX_ATTEMPT_TEXT,
+    Attempt,
+    MemoryStore,
+    State,
+    Store,
+)
 from mailrelay.transport.memory import MemoryTransport
 from tests.tracker.test_engine import T0, FakeClock, message, no_jitter, scripted
 
@@ -21,12 +28,15 @@ RECIPIENTS = tuple(f"r{n}@example.org" for n in range(20))
 ROUNDS = 5
 
 
-@given(st.text(max_size=MAX_ATTEMPT_TEXT))
+NO_NUL = st.characters(exclude_characters="\0")
+
+
+@given(st.text(NO_NUL, max_size=MAX_ATTEMPT_TEXT))
 def test_a_text_within_the_bound_is_kept_whole(text: str) -> None:
     assert Attempt(at=T0, text=text).text == text
 
 
-@given(st.text(min_size=1, max_size=200), st.integers(min_value=1, max_value=100_000))
+@given(st.text(NO_NUL, min_size=1, max_size=200), st.integers(min_value=1, max_value=100_000))
 def test_a_longer_text_keeps_its_start_and_says_how_much_was_cut(unit: str, repeat: int) -> None:
     text = (unit * (MAX_ATTEMPT_TEXT // len(unit) + 1 + repeat))[: MAX_ATTEMPT_TEXT + repeat]
     kept = Attempt(at=T0, text=text).text
@@ -82,3 +92,32 @@ def test_retries_of_a_server_sending_huge_replies_keep_the_store_small(
         assert stored_record is not None
         assert stored_record.recipients[0].attempts[0].text == status.recipients[0].attempts[0].text
         reopened.close()
+
+
+@pytest.mark.parametrize("store_kind", ["memory", "sqlite", "postgres"])
+def test_a_reply_holding_nul_is_recorded_in_every_store(
+    request: pytest.FixtureRequest, tmp_path: Path, store_kind: str
+) -> None:
+    """PostgreSQL's text cannot hold NUL: a server that puts one in its reply made
+    run_pending raise there, and the recipient stayed SENDING with no attempt."""
+    store: Store
+    if store_kind == "postgres":
+        store = request.getfixturevalue("postgres_store")
+    else:
+        store = MemoryStore() if store_kind == "memory" else SQLiteStore(tmp_path / "t.db")
+    refusal = Reply.of(550, "5.1.1 no\x00such user")
+    transport = MemoryTransport(scripted(dict.fromkeys(RECIPIENTS[:2], refusal)))
+    tracker = DeliveryTracker(transport, store, clock=FakeClock(), random=no_jitter)
+    tracking_id = tracker.submit(message(RECIPIENTS[:2]))
+    assert tracker.run_pending().bounced == 2
+    for record in tracker.status(tracking_id).recipients:
+        assert record.state is State.BOUNCED
+        (attempt,) = record.attempts
+        assert attempt.text == "5.1.1 no\ufffdsuch user"
+
+
+def test_a_hostile_host_is_bounded() -> None:
+    attempt = Attempt(at=T0, host="mx\x00" + "h" * 100_000)
+    assert attempt.host is not None
+    assert attempt.host.startswith("mx\ufffdhhh")
+    assert len(attempt.host) == MAX_ATTEMPT_HOST
