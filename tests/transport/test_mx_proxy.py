@@ -10,7 +10,6 @@ from urllib.parse import quote
 import pytest
 
 from mailrelay.callout import AsyncCallout, Callout, CalloutStatus
-from mailrelay.envelope import Envelope
 from mailrelay.errors import ConfigurationError
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult
@@ -22,6 +21,7 @@ from tests.peers.proxies import ProxyFactory
 from tests.peers.unbound import UnboundServer
 from tests.transport.helpers import FLAVOURS, Flavour, make_message, run
 from tests.transport.test_mx import Farm, farm, free_everywhere, port  # noqa: F401 -- fixtures
+from tests.transport.test_mx_refused import deliver as deliver_to
 
 SOCKS_BIND = "127.0.0.2"
 HTTP_BIND = "127.0.0.3"
@@ -45,25 +45,15 @@ def record_peers(handler: RecordingHandler) -> list[tuple[str, str]]:
 def deliver(
     flavour: Flavour, unbound: UnboundServer, exchanger_port: int, recipient: str, proxy: str
 ) -> DeliveryResult:
-    message = make_message(to=(recipient,), sender="sender@mailrelay.test")
-    envelope = Envelope.from_message(message)
-    options: dict[str, Any] = {
-        "port": exchanger_port,
-        "timeouts": FAST,
-        "tls": TLS.NONE,
-        "refused_networks": (),
-        "local_hostname": EHLO_NAME,
-        "proxy": proxy,
-    }
-    if flavour == "sync":
-        with MXTransport(unbound.resolver(timeout=1.0), **options) as mx:
-            return mx.send(message, envelope)
-
-    async def main() -> DeliveryResult:
-        async with AsyncMXTransport(unbound.async_resolver(timeout=1.0), **options) as mx:
-            return await mx.asend(message, envelope)
-
-    return run(main())
+    return deliver_to(
+        flavour,
+        unbound,
+        exchanger_port,
+        recipient,
+        refused_networks=(),
+        local_hostname=EHLO_NAME,
+        proxy=proxy,
+    )
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
