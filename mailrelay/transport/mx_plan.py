@@ -66,6 +66,7 @@ MX_POOL: Final = PoolSettings(size=8, max_messages=100, idle_timeout=5.0, health
 _MX_TLS: Final = frozenset({TLS.NONE, TLS.OPPORTUNISTIC, TLS.STARTTLS})
 
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+_IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: The exchanger addresses MX delivery refuses by default: the sending host itself. A
 #: recipient domain (or an address literal, ``user@[127.0.0.1]``) is anyone's to choose: one
@@ -118,19 +119,77 @@ def refused_networks(value: Iterable[str | Network]) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+def networks_from_text(text: str) -> tuple[str, ...]:
+    """The networks a comma-separated text names, for URLs and the command line: CIDR
+    networks, ``loopback`` (:data:`LOOPBACK_NETWORKS`), ``private``
+    (:data:`PRIVATE_NETWORKS`), or ``none`` alone (nothing refused).
+
+    Raises:
+        ConfigurationError: anything else.
+    """
+    names = [name.strip() for name in text.split(",")]
+    if names == ["none"]:
+        return ()
+    networks: list[str] = []
+    for name in names:
+        if name == "loopback":
+            networks += LOOPBACK_NETWORKS
+        elif name == "private":
+            networks += PRIVATE_NETWORKS
+        else:
+            networks.append(name)
+    try:
+        refused_networks(networks)
+    except ConfigurationError:
+        raise ConfigurationError(
+            f"refused_networks takes CIDR networks, loopback, private or none, "
+            f"comma-separated, not {text!r}"
+        ) from None
+    return tuple(networks)
+
+
+#: RFC 6052 §2.1: NAT64's well-known prefix; its last 32 bits are the IPv4 address reached.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+#: RFC 4291 §2.5.5.1: the deprecated IPv4-compatible addresses (``::127.0.0.1``).
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def _reached(ip: _IPAddress) -> list[_IPAddress]:
+    """The addresses ``ip`` reaches, to be judged: itself, the IPv4 address an IPv6 form
+    carries, and for the unspecified address the loopback address a connection to it lands
+    on (Linux and the BSDs connect ``0.0.0.0`` and ``::`` to the local host)."""
+    found: list[_IPAddress] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            found.append(ip.ipv4_mapped)
+        elif ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+            found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    for each in list(found):
+        if each.is_unspecified:
+            found.append(
+                ipaddress.IPv4Address("127.0.0.1")
+                if each.version == 4
+                else ipaddress.IPv6Address("::1")
+            )
+    return found
+
+
 def is_refused(address: str, networks: tuple[Network, ...]) -> bool:
-    """Whether the exchanger address ``address`` lies in one of ``networks``; an
-    IPv4-mapped IPv6 address (``::ffff:127.0.0.1``) is judged by the IPv4 address it
-    reaches."""
+    """Whether the exchanger address ``address`` reaches a host in one of ``networks``.
+
+    Judged by every address it reaches: an IPv4-mapped (``::ffff:127.0.0.1``),
+    IPv4-compatible (``::127.0.0.1``) or NAT64 (``64:ff9b::7f00:1``) IPv6 address by its
+    IPv4 address too, and the unspecified address (``0.0.0.0``, ``::``) as loopback, where
+    a connection to it lands. Text that is no IP address is refused whenever anything is:
+    targets are addresses, and a name would be resolved behind this check's back.
+    """
     if not networks:
         return False
     try:
         ip = ipaddress.ip_address(address.partition("%")[0])
     except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
+        return True
+    return any(each in network for each in _reached(ip) for network in networks)
 
 
 def _check_tls(instance: object, attribute: attrs.Attribute[TLS], value: TLS) -> None:
