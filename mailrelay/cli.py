@@ -81,6 +81,7 @@ from mailrelay.resolver import Resolver
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 from mailrelay.tracker import DSNReport, parse_dsn
 from mailrelay.transport import SigningTransport, Transport, TransportURL, transport_from_url
+from mailrelay.transport.mx_plan import networks_from_text
 from mailrelay.transport.settings import PasswordProvider
 from mailrelay.validate import DEFAULT_SPECIAL_USE, RecipientValidator, Validation, Verdict
 
@@ -403,6 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME",
         help="treat this special-use name (e.g. test) as an ordinary domain (repeatable)",
+    )
+    validate.add_argument(
+        "--refused-networks",
+        type=_refused_networks,
+        default=None,
+        metavar="NETS",
+        help="mail host addresses that do not count, comma-separated: CIDR networks, "
+        "loopback, private, or none (default: loopback)",
     )
     validate.add_argument(
         "--file", dest="address_file", metavar="F", help="read addresses, one a line; - is stdin"
@@ -822,6 +831,15 @@ def validate_status(results: Sequence[Validation]) -> int:
     return EX_OK
 
 
+def _refused_networks(text: str) -> tuple[str, ...]:
+    """``--refused-networks``: what :func:`~mailrelay.transport.mx_plan.networks_from_text`
+    reads."""
+    try:
+        return networks_from_text(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     addresses = list(args.addresses)
     if args.address_file is not None:
@@ -830,7 +848,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         raise UsageError("give addresses, or --file F (- for standard input)")
     resolver = Resolver(nameservers=args.nameserver or None, port=args.port, timeout=args.timeout)
     special = DEFAULT_SPECIAL_USE - {name.lower().strip(".") for name in args.allow_special}
-    results = RecipientValidator(resolver, special_use=special).validate_many(addresses)
+    options: dict[str, Any] = {"special_use": special}
+    if args.refused_networks is not None:
+        options["refused_networks"] = args.refused_networks
+    results = RecipientValidator(resolver, **options).validate_many(addresses)
     if args.json:
         _emit_json([_validation_json(v) for v in results])
     else:

@@ -14,6 +14,10 @@ Rules of this module:
 - Then the domain's mail hosts (RFC 5321 §5.1, via :mod:`mailrelay.resolver`): NXDOMAIN is
   ``NO_SUCH_DOMAIN``, RFC 7505 null MX is ``NULL_MX``, no MX and no address (or no exchanger
   with an address) is ``NO_MAIL_HOST``: all ``UNDELIVERABLE``, because the DNS said so.
+- A domain whose mail hosts' addresses all lie in ``refused_networks`` (loopback by default,
+  as :class:`~mailrelay.transport.mx.MXTransport` refuses them) is ``REFUSED_MAIL_HOST``,
+  ``UNDELIVERABLE``: MX delivery would not connect to any of them (an MX at 127.0.0.1 is
+  also how some domains said "no mail" before RFC 7505's null MX).
 - DNS trouble (timeouts, SERVFAIL, REFUSED, or exchangers whose lookups failed while none
   resolved) is ``TEMPFAIL`` with verdict ``UNKNOWN``: never ``UNDELIVERABLE`` (a broken
   resolver must not purge a list) and never ``DELIVERABLE`` (a bad address must not pass
@@ -45,6 +49,7 @@ import attrs
 from mailrelay.address import Address
 from mailrelay.errors import ConfigurationError, InvalidAddress, ResolverError
 from mailrelay.resolver import AsyncResolver, DNSStatus, MailHosts, Resolver, _start_each
+from mailrelay.transport.mx_plan import LOOPBACK_NETWORKS, Network, is_refused, refused_networks
 
 if TYPE_CHECKING:
     # Only for annotations: the validator calls the callout it is given, and importing the
@@ -117,6 +122,9 @@ class Reason(enum.Enum):
     ADDRESS_LITERAL = "address-literal"
     #: The mail server refused the address at RCPT (5xx) during an SMTP callout.
     MAILBOX_REFUSED = "mailbox-refused"
+    #: Every address of the domain's mail hosts is in the validator's ``refused_networks``
+    #: (loopback by default): MX delivery would not connect to any of them.
+    REFUSED_MAIL_HOST = "refused-mail-host"
 
     @property
     def verdict(self) -> Verdict:
@@ -134,6 +142,7 @@ _VERDICTS: Final = {
     Reason.TEMPFAIL: Verdict.UNKNOWN,
     Reason.ADDRESS_LITERAL: Verdict.UNKNOWN,
     Reason.MAILBOX_REFUSED: Verdict.UNDELIVERABLE,
+    Reason.REFUSED_MAIL_HOST: Verdict.UNDELIVERABLE,
 }
 
 
@@ -239,11 +248,17 @@ def _deliverable(results: list[Validation]) -> tuple[list[int], list[Address]]:
 
 
 class _ValidatorBase:
-    def __init__(self, special_use: Iterable[str], concurrency: int) -> None:
+    def __init__(
+        self,
+        special_use: Iterable[str],
+        concurrency: int,
+        refused: Iterable[str | Network] = LOOPBACK_NETWORKS,
+    ) -> None:
         if concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
         self.special_use = frozenset(name.lower().rstrip(".") for name in special_use)
         self.concurrency = concurrency
+        self.refused_networks = refused_networks(refused)
 
     def _check_syntax(self, text: str) -> Address | Validation:
         """The address to look up, or the final verdict when no lookup is needed."""
@@ -264,8 +279,7 @@ class _ValidatorBase:
             )
         return address
 
-    @staticmethod
-    def _judge(text: str, address: Address, found: MailHosts | ResolverError) -> Validation:
+    def _judge(self, text: str, address: Address, found: MailHosts | ResolverError) -> Validation:
         if isinstance(found, ResolverError):
             if found.is_transient:
                 return _result(Reason.TEMPFAIL, text, address, detail=str(found))
@@ -282,13 +296,20 @@ class _ValidatorBase:
             # MX records whose targets are all "." without being a null MX (RFC 7505 §3).
             detail = "its MX records name no exchanger"
             return _result(Reason.NO_MAIL_HOST, text, address, found, detail)
+        refused: list[str] = []
         for host in found.hosts:
-            if host.ipv4 or host.ipv6:
-                return _result(Reason.OK, text, address, found)
+            for ip in host.addresses:
+                if not is_refused(ip, self.refused_networks):
+                    return _result(Reason.OK, text, address, found)
+                refused.append(f"{host.name}[{ip}]")
         failed = [host.name for host in found.hosts if host.status.is_transient]
         if failed:
             detail = f"address lookups failed for {', '.join(failed)}"
             return _result(Reason.TEMPFAIL, text, address, found, detail)
+        if refused:
+            shown = ", ".join(refused[:4]) + (", ..." if len(refused) > 4 else "")
+            detail = f"every mail host address is in refused_networks ({shown})"
+            return _result(Reason.REFUSED_MAIL_HOST, text, address, found, detail)
         return _result(Reason.NO_MAIL_HOST, text, address, found, "no exchanger has an address")
 
     def _sort(
@@ -350,6 +371,10 @@ class RecipientValidator(_ValidatorBase):
         concurrency: the most DNS lookups :meth:`validate_many` runs at the same time.
         callout: an SMTP :class:`~mailrelay.callout.Callout` to probe deliverable addresses
             with (off by default: read its caveats first).
+        refused_networks: mail host addresses that do not count (CIDR texts or
+            :mod:`ipaddress` networks): a domain with no other is ``REFUSED_MAIL_HOST``.
+            Loopback by default, as for :class:`~mailrelay.transport.mx.MXTransport`; ``()``
+            counts every address (a test DNS pointing at 127.0.0.x).
     """
 
     def __init__(
@@ -359,8 +384,9 @@ class RecipientValidator(_ValidatorBase):
         special_use: Iterable[str] = DEFAULT_SPECIAL_USE,
         concurrency: int = DEFAULT_CONCURRENCY,
         callout: Callout | None = None,
+        refused_networks: Iterable[str | Network] = LOOPBACK_NETWORKS,
     ) -> None:
-        super().__init__(special_use, concurrency)
+        super().__init__(special_use, concurrency, refused_networks)
         self.resolver = resolver if resolver is not None else Resolver()
         self.callout = callout
 
@@ -438,6 +464,7 @@ class AsyncRecipientValidator(_ValidatorBase):
         concurrency: the most DNS lookups :meth:`validate_many` runs at the same time.
         callout: an :class:`~mailrelay.callout.AsyncCallout` to probe deliverable addresses
             with (off by default).
+        refused_networks: as :class:`RecipientValidator`'s.
     """
 
     def __init__(
@@ -447,8 +474,9 @@ class AsyncRecipientValidator(_ValidatorBase):
         special_use: Iterable[str] = DEFAULT_SPECIAL_USE,
         concurrency: int = DEFAULT_CONCURRENCY,
         callout: AsyncCallout | None = None,
+        refused_networks: Iterable[str | Network] = LOOPBACK_NETWORKS,
     ) -> None:
-        super().__init__(special_use, concurrency)
+        super().__init__(special_use, concurrency, refused_networks)
         self.resolver = resolver if resolver is not None else AsyncResolver()
         self.callout = callout
 

@@ -395,7 +395,9 @@ def test_validator_runs_the_callout_after_a_deliverable_dns_verdict(
     prober = Callout(
         unbound.resolver(), port=postfix.smtp_port, timeouts=Timeouts.all(10), refused_networks=()
     )
-    validator = RecipientValidator(unbound.resolver(), special_use=(), callout=prober)
+    validator = RecipientValidator(
+        unbound.resolver(), special_use=(), callout=prober, refused_networks=()
+    )
     alice = validator.validate("alice@mailrelay.test")
     assert alice.verdict is Verdict.DELIVERABLE
     assert alice.callout is not None
@@ -416,7 +418,7 @@ def test_async_validator_hook(aiosmtpd_server: AiosmtpdServer, unbound: UnboundS
             unbound.async_resolver(), port=aiosmtpd_server.port, timeouts=FAST, refused_networks=()
         )
         validator = AsyncRecipientValidator(
-            unbound.async_resolver(), special_use=(), callout=prober
+            unbound.async_resolver(), special_use=(), callout=prober, refused_networks=()
         )
         one = await validator.validate("reject@a-only.test")
         return [one, *await validator.validate_many(["bob@a-only.test", "x@nullmx.test"])]
@@ -429,9 +431,9 @@ def test_async_validator_hook(aiosmtpd_server: AiosmtpdServer, unbound: UnboundS
 
 
 def test_validator_without_a_callout_never_probes(unbound: UnboundServer) -> None:
-    validation = RecipientValidator(unbound.resolver(), special_use=()).validate(
-        "bob@mailrelay.test"
-    )
+    validation = RecipientValidator(
+        unbound.resolver(), special_use=(), refused_networks=()
+    ).validate("bob@mailrelay.test")
     assert validation.reason is Reason.OK
     assert validation.callout is None
 

@@ -104,6 +104,7 @@ def test_version(run: Run) -> None:
         ["send", "--ret", "SOME", "m.eml"],
         ["validate", "--port", "0", "a@mailrelay.test"],
         ["validate", "--timeout", "-1", "a@mailrelay.test"],
+        ["validate", "--refused-networks", "loopback,bogus", "a@mailrelay.test"],
         ["validate"],
         ["parse-dsn"],
         ["tracker", "list"],
@@ -647,13 +648,15 @@ def test_configuration_errors(
 def dns_options(unbound: UnboundServer) -> list[str]:
     return [
         "--nameserver", unbound.host, "--port", str(unbound.port), "--timeout", "2",
-        "--allow-special", "test",
+        "--allow-special", "test", "--refused-networks", "none",
     ]  # fmt: skip
 
 
 def expected_validations(unbound: UnboundServer, addresses: list[str]) -> list[Any]:
     resolver = Resolver(nameservers=[unbound.host], port=unbound.port, timeout=2)
-    validator = RecipientValidator(resolver, special_use=DEFAULT_SPECIAL_USE - {"test"})
+    validator = RecipientValidator(
+        resolver, special_use=DEFAULT_SPECIAL_USE - {"test"}, refused_networks=()
+    )
     return validator.validate_many(addresses)
 
 

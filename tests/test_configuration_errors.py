@@ -35,7 +35,9 @@ def arun_pending_with_no_concurrency() -> None:
 
 
 def validate_many_with_no_time() -> None:
-    RecipientValidator(resolver=Resolver()).validate_many(["a@example.com"], timeout=0)
+    RecipientValidator(resolver=Resolver(), refused_networks=()).validate_many(
+        ["a@example.com"], timeout=0
+    )
 
 
 CASES: dict[str, Callable[[], object]] = {
@@ -53,8 +55,12 @@ CASES: dict[str, Callable[[], object]] = {
     "retry initial": lambda: RetryPolicy(initial=0),
     "retry max_age": lambda: RetryPolicy(max_age=-5),
     "message cache": lambda: MessageCache(max_bytes=-1),
-    "validator concurrency": lambda: RecipientValidator(resolver=Resolver(), concurrency=0),
-    "async validator concurrency": lambda: AsyncRecipientValidator(concurrency=0),
+    "validator concurrency": lambda: RecipientValidator(
+        resolver=Resolver(), concurrency=0, refused_networks=()
+    ),
+    "async validator concurrency": lambda: AsyncRecipientValidator(
+        concurrency=0, refused_networks=()
+    ),
     "validate_many timeout": validate_many_with_no_time,
     "DNS cache size": lambda: DNSCache(max_size=0),
     "callout recipients": lambda: Callout(Resolver(), max_recipients=0, refused_networks=()),

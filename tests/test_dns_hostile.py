@@ -157,11 +157,13 @@ def validate(
     into a verdict, so any other exception from the DNS layer fails the test)."""
     seconds = budget(lookups, timeout)
     if mode == "sync":
-        sync = RecipientValidator(sync_resolver(server, timeout=timeout), special_use=SPECIAL_USE)
+        sync = RecipientValidator(
+            sync_resolver(server, timeout=timeout), special_use=SPECIAL_USE, refused_networks=()
+        )
         result = guarded(seconds, lambda: sync.validate(address))
     else:
         asyn = AsyncRecipientValidator(
-            async_resolver(server, timeout=timeout), special_use=SPECIAL_USE
+            async_resolver(server, timeout=timeout), special_use=SPECIAL_USE, refused_networks=()
         )
         result = guarded(seconds, lambda: asyn.validate(address))
     assert isinstance(result, Validation)
@@ -565,13 +567,17 @@ def test_validation_follows_the_dns_and_never_blames_trouble_on_the_address(
     texts = ["user@d.test", "other@d.test", "x@nowhere.test"]
     results: list[Validation]
     if mode == "sync":
-        sync = RecipientValidator(sync_resolver(server), special_use=SPECIAL_USE)
+        sync = RecipientValidator(
+            sync_resolver(server), special_use=SPECIAL_USE, refused_networks=()
+        )
         if many:
             results = guarded(seconds, lambda: sync.validate_many(texts))
         else:
             results = [guarded(seconds, lambda t=text: sync.validate(t)) for text in texts]
     else:
-        asyn = AsyncRecipientValidator(async_resolver(server), special_use=SPECIAL_USE)
+        asyn = AsyncRecipientValidator(
+            async_resolver(server), special_use=SPECIAL_USE, refused_networks=()
+        )
         if many:
             results = guarded(seconds, lambda: asyn.validate_many(texts))
         else:

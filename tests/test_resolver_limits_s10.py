@@ -109,12 +109,16 @@ def validate_many(
     kwargs.setdefault("timeout", 2.0)
     if mode == "sync":
         sync = RecipientValidator(
-            Resolver(["127.0.0.1"], port=server.port, **kwargs), special_use=SPECIAL_USE
+            Resolver(["127.0.0.1"], port=server.port, **kwargs),
+            special_use=SPECIAL_USE,
+            refused_networks=(),
         )
         results = guarded(bound, lambda: sync.validate_many(addresses))
     else:
         asyn = AsyncRecipientValidator(
-            AsyncResolver(["127.0.0.1"], port=server.port, **kwargs), special_use=SPECIAL_USE
+            AsyncResolver(["127.0.0.1"], port=server.port, **kwargs),
+            special_use=SPECIAL_USE,
+            refused_networks=(),
         )
         results = guarded(bound, lambda: asyn.validate_many(addresses))
     assert isinstance(results, list)
@@ -193,7 +197,9 @@ CHILD = textwrap.dedent(
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
     resolver = Resolver(["127.0.0.1"], port=port, timeout=5.0)
-    validator = RecipientValidator(resolver, special_use=DEFAULT_SPECIAL_USE - {"test"})
+    validator = RecipientValidator(
+        resolver, special_use=DEFAULT_SPECIAL_USE - {"test"}, refused_networks=()
+    )
     results = validator.validate_many([f"user@b{d}.test" for d in range(domains)])
     print(json.dumps([[r.input, r.reason.value, r.detail] for r in results]))
     """
@@ -462,9 +468,13 @@ def test_an_overlong_txt_record_still_counts_and_is_never_read_as_a_policy(
 def bulk(mode: str, port: int, addresses: list[str], timeout: float | None) -> Any:
     """``validate_many(addresses, timeout=timeout)``: the call (a coroutine for async)."""
     if mode == "sync":
-        sync = RecipientValidator(Resolver(["127.0.0.1"], port=port), special_use=SPECIAL_USE)
+        sync = RecipientValidator(
+            Resolver(["127.0.0.1"], port=port), special_use=SPECIAL_USE, refused_networks=()
+        )
         return lambda: sync.validate_many(addresses, timeout=timeout)
-    asyn = AsyncRecipientValidator(AsyncResolver(["127.0.0.1"], port=port), special_use=SPECIAL_USE)
+    asyn = AsyncRecipientValidator(
+        AsyncResolver(["127.0.0.1"], port=port), special_use=SPECIAL_USE, refused_networks=()
+    )
     return lambda: asyn.validate_many(addresses, timeout=timeout)
 
 

@@ -132,11 +132,11 @@ def validate(server: HostileDNS, mode: str, address: str, *, lookups: int = 3) -
     resolver = make_resolver(server, mode)
     if mode == "sync":
         assert isinstance(resolver, Resolver)
-        sync = RecipientValidator(resolver, special_use=SPECIAL_USE)
+        sync = RecipientValidator(resolver, special_use=SPECIAL_USE, refused_networks=())
         result = guarded(lookups, lambda: sync.validate(address))
     else:
         assert isinstance(resolver, AsyncResolver)
-        asyn = AsyncRecipientValidator(resolver, special_use=SPECIAL_USE)
+        asyn = AsyncRecipientValidator(resolver, special_use=SPECIAL_USE, refused_networks=())
         result = guarded(lookups, lambda: asyn.validate(address))
     assert isinstance(result, Validation)
     return result

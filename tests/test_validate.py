@@ -75,8 +75,14 @@ def counting_async(unbound: UnboundServer, **kwargs: Any) -> CountingAsyncResolv
 def validate(unbound: UnboundServer, mode: str, address: str, **kwargs: Any) -> Validation:
     kwargs.setdefault("special_use", ALLOW_TEST)
     if mode == "sync":
-        return RecipientValidator(counting(unbound), **kwargs).validate(address)
-    return run(AsyncRecipientValidator(counting_async(unbound), **kwargs).validate(address))
+        return RecipientValidator(counting(unbound), **kwargs, refused_networks=()).validate(
+            address
+        )
+    return run(
+        AsyncRecipientValidator(counting_async(unbound), **kwargs, refused_networks=()).validate(
+            address
+        )
+    )
 
 
 CASES = [
@@ -154,22 +160,28 @@ def test_no_dns_query_is_made_when_syntax_or_policy_decides(
     unbound: UnboundServer, address: str
 ) -> None:
     resolver = counting(unbound)
-    RecipientValidator(resolver).validate(address)  # the default policy: .test is special use
+    RecipientValidator(resolver, refused_networks=()).validate(
+        address
+    )  # the default policy: .test is special use
     assert not resolver.calls
 
 
 def test_special_use_is_a_policy(unbound: UnboundServer) -> None:
-    strict = RecipientValidator(counting(unbound))
+    strict = RecipientValidator(counting(unbound), refused_networks=())
     assert strict.validate("user@mailrelay.test").reason is Reason.SPECIAL_USE_DOMAIN
-    lenient = RecipientValidator(counting(unbound), special_use=ALLOW_TEST)
+    lenient = RecipientValidator(counting(unbound), special_use=ALLOW_TEST, refused_networks=())
     assert lenient.validate("user@mailrelay.test").reason is Reason.OK
-    custom = RecipientValidator(counting(unbound), special_use={"Mailrelay.Test."})
+    custom = RecipientValidator(
+        counting(unbound), special_use={"Mailrelay.Test."}, refused_networks=()
+    )
     assert custom.validate("user@sub.mailrelay.test").reason is Reason.SPECIAL_USE_DOMAIN
     assert custom.validate("user@mx2.test").reason is Reason.OK
 
 
 def test_dns_trouble_is_never_undeliverable(unbound: UnboundServer) -> None:
-    validator = RecipientValidator(counting(unbound, timeout=0.3), special_use=ALLOW_TEST)
+    validator = RecipientValidator(
+        counting(unbound, timeout=0.3), special_use=ALLOW_TEST, refused_networks=()
+    )
     for address in ("a@timeout.test", "a@servfail.test", "a@refused.test", "a@slowmx.test"):
         result = validator.validate(address)
         assert result.verdict is UNKNOWN
@@ -186,7 +198,7 @@ def test_a_verdict_must_follow_from_its_reason() -> None:
 
 def test_concurrency_must_be_positive(unbound: UnboundServer) -> None:
     with pytest.raises(ValueError, match="concurrency"):
-        RecipientValidator(counting(unbound), concurrency=0)
+        RecipientValidator(counting(unbound), concurrency=0, refused_networks=())
 
 
 # -- many at once --------------------------------------------------------------------------
@@ -209,13 +221,15 @@ MIXED = [
 
 
 def expected_for(unbound: UnboundServer, addresses: list[str]) -> list[tuple[str, Verdict, Reason]]:
-    validator = RecipientValidator(counting(unbound), special_use=ALLOW_TEST)
+    validator = RecipientValidator(counting(unbound), special_use=ALLOW_TEST, refused_networks=())
     return [(r.input, r.verdict, r.reason) for r in map(validator.validate, addresses)]
 
 
 def test_validate_many_keeps_order_and_looks_each_domain_up_once(unbound: UnboundServer) -> None:
     resolver = counting(unbound)
-    results = RecipientValidator(resolver, special_use=ALLOW_TEST).validate_many(iter(MIXED))
+    results = RecipientValidator(
+        resolver, special_use=ALLOW_TEST, refused_networks=()
+    ).validate_many(iter(MIXED))
     assert [(r.input, r.verdict, r.reason) for r in results] == expected_for(unbound, MIXED)
     domains = [
         "dom00.test",
@@ -232,7 +246,9 @@ def test_async_validate_many_keeps_order_and_looks_each_domain_up_once(
     unbound: UnboundServer,
 ) -> None:
     resolver = counting_async(unbound)
-    validator = AsyncRecipientValidator(resolver, special_use=ALLOW_TEST, concurrency=2)
+    validator = AsyncRecipientValidator(
+        resolver, special_use=ALLOW_TEST, concurrency=2, refused_networks=()
+    )
     results = run(validator.validate_many(MIXED))
     assert [(r.input, r.verdict, r.reason) for r in results] == expected_for(unbound, MIXED)
     assert set(resolver.calls.values()) == {1}
@@ -242,17 +258,20 @@ def test_async_validate_many_keeps_order_and_looks_each_domain_up_once(
 def test_validate_many_over_the_bulk_domains(unbound: UnboundServer) -> None:
     addresses = [f"user{i}@{BULK_DOMAINS[i % len(BULK_DOMAINS)]}" for i in range(600)]
     resolver = counting(unbound)
-    results = RecipientValidator(resolver, special_use=ALLOW_TEST, concurrency=8).validate_many(
-        addresses
-    )
+    results = RecipientValidator(
+        resolver, special_use=ALLOW_TEST, concurrency=8, refused_networks=()
+    ).validate_many(addresses)
     assert [r.input for r in results] == addresses
     assert {r.reason for r in results} == {Reason.OK}
     assert resolver.calls == Counter(dict.fromkeys(BULK_DOMAINS, 1))
 
 
 def test_validate_many_of_nothing(unbound: UnboundServer) -> None:
-    assert RecipientValidator(counting(unbound)).validate_many([]) == []
-    assert run(AsyncRecipientValidator(counting_async(unbound)).validate_many([])) == []
+    assert RecipientValidator(counting(unbound), refused_networks=()).validate_many([]) == []
+    assert (
+        run(AsyncRecipientValidator(counting_async(unbound), refused_networks=()).validate_many([]))
+        == []
+    )
 
 
 # -- properties ----------------------------------------------------------------------------
@@ -273,7 +292,7 @@ ZONE_DOMAINS = [
 
 @given(text=st.text(max_size=80))
 def test_any_text_gets_a_validation(unbound: UnboundServer, text: str) -> None:
-    result = RecipientValidator(unbound.resolver(timeout=0.5)).validate(text)
+    result = RecipientValidator(unbound.resolver(timeout=0.5), refused_networks=()).validate(text)
     assert isinstance(result, Validation)
     assert result.input == text
     assert result.verdict is result.reason.verdict
@@ -291,8 +310,10 @@ def test_any_text_gets_a_validation(unbound: UnboundServer, text: str) -> None:
     )
 )
 def test_validate_many_agrees_with_validate(unbound: UnboundServer, addresses: list[str]) -> None:
-    validator = RecipientValidator(unbound.resolver(), special_use=ALLOW_TEST)
+    validator = RecipientValidator(unbound.resolver(), special_use=ALLOW_TEST, refused_networks=())
     one_by_one = [validator.validate(a) for a in addresses]
     assert validator.validate_many(addresses) == one_by_one
-    async_validator = AsyncRecipientValidator(unbound.async_resolver(), special_use=ALLOW_TEST)
+    async_validator = AsyncRecipientValidator(
+        unbound.async_resolver(), special_use=ALLOW_TEST, refused_networks=()
+    )
     assert run(async_validator.validate_many(addresses)) == one_by_one

@@ -233,7 +233,7 @@ ADDRESSES = [
 
 def recording_validator(unbound: UnboundServer) -> RecipientValidator:
     resolver = unbound.resolver(timeout=UNBOUND_TIMEOUT, cache=RecordingCache())
-    return RecipientValidator(resolver, special_use=ALLOW_TEST)
+    return RecipientValidator(resolver, special_use=ALLOW_TEST, refused_networks=())
 
 
 @pytest.fixture(scope="module")
@@ -282,11 +282,15 @@ def test_threads_sharing_one_cache_through_their_own_resolvers(
         random.Random(index).shuffle(order)
         if index % 2:
             resolver = unbound.async_resolver(timeout=UNBOUND_TIMEOUT, cache=cache)
-            validator = AsyncRecipientValidator(resolver, special_use=ALLOW_TEST)
+            validator = AsyncRecipientValidator(
+                resolver, special_use=ALLOW_TEST, refused_networks=()
+            )
             bulk = run(validator.validate_many(order))
             return [(a, verdict_of(r)) for a, r in zip(order, bulk, strict=True)]
         blocking = RecipientValidator(
-            unbound.resolver(timeout=UNBOUND_TIMEOUT, cache=cache), special_use=ALLOW_TEST
+            unbound.resolver(timeout=UNBOUND_TIMEOUT, cache=cache),
+            special_use=ALLOW_TEST,
+            refused_networks=(),
         )
         return [(a, verdict_of(blocking.validate(a))) for a in order]
 
@@ -458,7 +462,7 @@ async def fresh_verdicts(validator: AsyncRecipientValidator) -> dict[str, Reason
 def test_cancelled_waiters_leave_the_shared_lookups_whole(server: HostileDNS, seed: int) -> None:
     cancel_zone(server)
     resolver = AsyncResolver(["127.0.0.1"], port=server.port, timeout=ASYNC_TIMEOUT)
-    validator = AsyncRecipientValidator(resolver, special_use=ALLOW_TEST)
+    validator = AsyncRecipientValidator(resolver, special_use=ALLOW_TEST, refused_networks=())
 
     async def scenario() -> dict[str, Reason]:
         await cancel_at_random(validator, random.Random(seed))
@@ -480,7 +484,7 @@ def test_a_lookup_cancelled_before_it_started_is_not_shared(server: HostileDNS) 
     # though nobody had cancelled it.
     cancel_zone(server)
     resolver = AsyncResolver(["127.0.0.1"], port=server.port, timeout=ASYNC_TIMEOUT)
-    validator = AsyncRecipientValidator(resolver, special_use=ALLOW_TEST)
+    validator = AsyncRecipientValidator(resolver, special_use=ALLOW_TEST, refused_networks=())
 
     async def scenario() -> list[Reason]:
         first = asyncio.ensure_future(validator.validate("first@good.test"))
@@ -559,7 +563,7 @@ def test_dns_trouble_under_concurrency_is_bounded_and_never_undeliverable(
     domains = sorted(TROUBLE_ZONE) * 2
     if mode == "sync":
         resolver = Resolver(["127.0.0.1"], port=server.port, timeout=TIMEOUT, failure_ttl=0)
-        validator = RecipientValidator(resolver, special_use=ALLOW_TEST)
+        validator = RecipientValidator(resolver, special_use=ALLOW_TEST, refused_networks=())
         before = dns_threads()
 
         def work(index: int) -> list[tuple[str, tuple[Validation, float]]]:
@@ -572,7 +576,7 @@ def test_dns_trouble_under_concurrency_is_bounded_and_never_undeliverable(
         assert dns_threads() - before <= 2 * MAX_MAIL_HOSTS
     else:
         aresolver = AsyncResolver(["127.0.0.1"], port=server.port, timeout=TIMEOUT, failure_ttl=0)
-        avalidator = AsyncRecipientValidator(aresolver, special_use=ALLOW_TEST)
+        avalidator = AsyncRecipientValidator(aresolver, special_use=ALLOW_TEST, refused_networks=())
 
         async def task(index: int) -> list[tuple[str, tuple[Validation, float]]]:
             order = list(domains)
@@ -599,7 +603,7 @@ def test_resolvers_made_and_dropped_leave_no_threads(server: HostileDNS) -> None
     before = dns_threads()
     for _ in range(20):
         resolver = Resolver(["127.0.0.1"], port=server.port, timeout=2.0)
-        validator = RecipientValidator(resolver, special_use=ALLOW_TEST)
+        validator = RecipientValidator(resolver, special_use=ALLOW_TEST, refused_networks=())
         found = validator.validate_many(["a@fast1.test", "b@fast2.test", "c@nx.test"])
         assert [r.reason for r in found] == [Reason.OK, Reason.OK, Reason.NO_SUCH_DOMAIN]
         assert dns_threads() - before <= 2 * MAX_MAIL_HOSTS  # this resolver's, at most
@@ -623,7 +627,7 @@ from mailrelay.resolver import Resolver
 from mailrelay.validate import RecipientValidator
 port, timeout, daemon = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "daemon"
 resolver = Resolver(["127.0.0.1"], port=port, timeout=timeout, failure_ttl=0)
-validator = RecipientValidator(resolver, special_use=())
+validator = RecipientValidator(resolver, special_use=(), refused_networks=())
 main = threading.main_thread()
 
 def work():
@@ -671,7 +675,10 @@ def test_bulk_lists_from_several_threads_look_each_name_up_once(unbound: Unbound
     addresses = [f"user{i}@{domains[i % len(domains)]}" for i in range(300)]
     before = {d: (unbound.queries_for(d), unbound.queries_for(f"mx.{d}")) for d in domains}
     validator = RecipientValidator(
-        unbound.resolver(timeout=UNBOUND_TIMEOUT), special_use=ALLOW_TEST, concurrency=8
+        unbound.resolver(timeout=UNBOUND_TIMEOUT),
+        special_use=ALLOW_TEST,
+        concurrency=8,
+        refused_networks=(),
     )
 
     def work(index: int) -> list[Validation]:
@@ -708,11 +715,15 @@ def test_validate_many_keeps_to_its_concurrency(server: HostileDNS, mode: str) -
     addresses = [f"u@{domain}" for domain in domains]
     if mode == "sync":
         resolver = Resolver(["127.0.0.1"], port=server.port, timeout=ASYNC_TIMEOUT)
-        validator = RecipientValidator(resolver, special_use=ALLOW_TEST, concurrency=3)
+        validator = RecipientValidator(
+            resolver, special_use=ALLOW_TEST, concurrency=3, refused_networks=()
+        )
         results = in_threads(1, lambda _: validator.validate_many(addresses), budget(12))[0]
     else:
         aresolver = AsyncResolver(["127.0.0.1"], port=server.port, timeout=ASYNC_TIMEOUT)
-        avalidator = AsyncRecipientValidator(aresolver, special_use=ALLOW_TEST, concurrency=3)
+        avalidator = AsyncRecipientValidator(
+            aresolver, special_use=ALLOW_TEST, concurrency=3, refused_networks=()
+        )
         results = run(avalidator.validate_many(addresses))
     assert isinstance(results, list)
     assert [r.reason for r in results] == [Reason.OK] * len(domains)

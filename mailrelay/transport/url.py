@@ -60,9 +60,9 @@ from mailrelay.transport.driver_common import check_source_address
 from mailrelay.transport.file import FORMATS, FileTransport
 from mailrelay.transport.memory import MemoryTransport
 from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
-from mailrelay.transport.mx import LOOPBACK_NETWORKS, PRIVATE_NETWORKS, MXTransport
+from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
-from mailrelay.transport.mx_plan import refused_networks
+from mailrelay.transport.mx_plan import networks_from_text
 from mailrelay.transport.proxy import Proxy
 from mailrelay.transport.sendmail import SendmailTransport
 from mailrelay.transport.smtp import LMTPTransport, SMTPTransport
@@ -326,28 +326,11 @@ class TransportURL:
 
 
 def _refused(text: str, shown: str) -> tuple[str, ...]:
-    """``?refused_networks=``: comma-separated CIDR networks, ``loopback`` and ``private``
-    for :data:`~mailrelay.transport.mx.LOOPBACK_NETWORKS` and
-    :data:`~mailrelay.transport.mx.PRIVATE_NETWORKS`, or ``none`` (nothing refused)."""
-    names = [name.strip() for name in text.split(",")]
-    if names == ["none"]:
-        return ()
-    networks: list[str] = []
-    for name in names:
-        if name == "loopback":
-            networks += LOOPBACK_NETWORKS
-        elif name == "private":
-            networks += PRIVATE_NETWORKS
-        else:
-            networks.append(name)
+    """``?refused_networks=`` (:func:`~mailrelay.transport.mx_plan.networks_from_text`)."""
     try:
-        refused_networks(networks)
-    except ConfigurationError:
-        raise ConfigurationError(
-            f"refused_networks takes CIDR networks, loopback, private or none, comma-"
-            f"separated: {shown}"
-        ) from None
-    return tuple(networks)
+        return networks_from_text(text)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{exc}: {shown}") from None
 
 
 def _port(text: str, shown: str) -> int:
