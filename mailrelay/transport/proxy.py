@@ -243,16 +243,38 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def _unscoped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """``address`` as text without an IPv6 zone id (``fe80::1%eth0`` is ``fe80::1``): the
+    zone names one of *our* interfaces, which means nothing to the proxy (and RFC 6874 §2
+    would have it escaped in a URI's authority)."""
+    return str(address).partition("%")[0]
+
+
+#: What a name passed to the proxy may hold, once in ASCII: printable characters, no space
+#: (it would end the CONNECT request's target, RFC 9112 §3), no ``:`` (it would read as the
+#: port), no brackets (an IPv6 literal's), no ``/`` or ``@`` (URI delimiters).
+_NAME_BYTES: Final = frozenset(range(0x21, 0x7F)) - frozenset(b":[]/@")
+
+
 def _ascii_name(host: str) -> bytes:
-    """The target's name as the proxy must get it: ASCII, IDNs as A-labels."""
+    """The target's name as the proxy must get it: ASCII, IDNs as A-labels.
+
+    Raises:
+        ConfigurationError: a name that is no usable IDN, or that holds a byte outside
+            :data:`_NAME_BYTES` (a control character, a colon, a bracket).
+    """
     try:
-        return host.encode("ascii")
+        name = host.encode("ascii")
     except UnicodeEncodeError:
-        pass
-    try:
-        return idna.encode(host, uts46=True)
-    except idna.IDNAError as exc:
-        raise ConfigurationError(f"the host {host!r} is not a usable domain name: {exc}") from None
+        try:
+            name = idna.encode(host, uts46=True)
+        except idna.IDNAError as exc:
+            raise ConfigurationError(
+                f"the host {host!r} is not a usable domain name: {exc}"
+            ) from None
+    if not name or not _NAME_BYTES.issuperset(name):
+        raise ConfigurationError(f"the host {host!r} is not a usable domain name")
+    return name
 
 
 class ProxyHandshake:
@@ -465,7 +487,7 @@ class ProxyHandshake:
         # RFC 9110 §9.3.6: the request target is host:port (RFC 9112 §3.2.3, authority
         # form), an IPv6 literal in brackets; Host carries the same.
         address = _ip(self.host)
-        name = self.host.strip("[]") if address is not None else _ascii_name(self.host).decode()
+        name = _unscoped(address) if address is not None else _ascii_name(self.host).decode()
         authority = f"[{name}]:{self.port}" if ":" in name else f"{name}:{self.port}"
         lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
         if proxy.username is not None and proxy.password is not None:
