@@ -114,10 +114,29 @@ def _redact(url: str) -> str:
         url = f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{after}"
     # ?proxy= holds a URL of its own, percent-encoded, with its own password: shown decoded,
     # redacted the same way (done after the above, whose last "@" it would otherwise be).
-    return _PROXY_PARAMETER.sub(lambda match: match[1] + _redact(unquote(match[2])), url)
+    return _PARAMETER.sub(_redact_proxy, url)
 
 
-_PROXY_PARAMETER = re.compile(r"([?&]proxy=)([^&#]*)", re.IGNORECASE)
+# A query parameter: its key and value as written (percent-encoded or not).
+_PARAMETER = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
+
+
+def _redact_proxy(match: re.Match[str]) -> str:
+    # The key as the query parser reads it (prox%79 is proxy), and the value decoded until
+    # it no longer changes (a URL encoded twice still holds its password): a few rounds
+    # suffice, and a value still encoded after them is not shown at all.
+    if unquote(match[2]).lower() != "proxy":
+        return match[0]
+    value = match[3]
+    for _ in range(_DECODING_ROUNDS):
+        decoded = unquote(value)
+        if decoded == value:
+            return f"{match[1]}{match[2]}={_redact(value)}"
+        value = decoded
+    return f"{match[1]}{match[2]}=***"
+
+
+_DECODING_ROUNDS = 8
 
 
 @attrs.frozen(kw_only=True, repr=False)
