@@ -424,6 +424,9 @@ async def _run_handshake(
         data = handshake.data_to_send()
         if data:
             await loop.sock_sendall(sock, data)
+        # It may hold the proxy's password (RFC 1929's request, or the Basic token): not a
+        # local for a traceback's frame, which error reporters show, when the proxy refuses.
+        del data
         if handshake.done:
             break
         handshake.receive_data(await loop.sock_recv(sock, handshake.read_limit))

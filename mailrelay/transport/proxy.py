@@ -450,12 +450,9 @@ class ProxyHandshake:
         log.debug("SOCKS5 tunnel to %s through %s open", self.target, proxy.peer)
 
     def _socks5_login(self) -> Generator[int, None, None]:
-        # RFC 1929 §2: VER=1 ULEN UNAME PLEN PASSWD (lengths checked by Proxy).
-        assert self.proxy.username is not None
-        assert self.proxy.password is not None
-        user = self.proxy.username.encode("utf-8")
-        password = self.proxy.password.encode("utf-8")
-        self._outgoing += bytes((1, len(user))) + user + bytes((len(password),)) + password
+        # Built elsewhere: this frame waits for the reply, and is in the traceback when the
+        # proxy refuses; it must hold no password for an error reporter to show.
+        self._outgoing += _socks5_login_request(self.proxy)
         version, status = yield from self._take(2)
         if version != 1:
             raise self._malformed(f"the login reply's version is {version}, not 1")
@@ -573,6 +570,15 @@ class ProxyHandshake:
         if tail.endswith(b"\r"):
             return 2  # LF then LF, or LF CR LF: 2 at least
         return 2  # LF LF at the least
+
+
+def _socks5_login_request(proxy: Proxy) -> bytes:
+    """RFC 1929 §2: VER=1 ULEN UNAME PLEN PASSWD (the lengths checked by :class:`Proxy`)."""
+    assert proxy.username is not None
+    assert proxy.password is not None
+    user = proxy.username.encode("utf-8")
+    password = proxy.password.encode("utf-8")
+    return bytes((1, len(user))) + user + bytes((len(password),)) + password
 
 
 # -- what both drivers decide and report alike ---------------------------------------------

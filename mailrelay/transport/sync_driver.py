@@ -199,6 +199,9 @@ def _run_handshake(sock: socket.socket, handshake: ProxyHandshake, deadline: flo
         if data:
             sock.settimeout(_remaining(deadline))
             sock.sendall(data)
+        # It may hold the proxy's password (RFC 1929's request, or the Basic token): not a
+        # local for a traceback's frame, which error reporters show, when the proxy refuses.
+        del data
         if handshake.done:
             break
         sock.settimeout(_remaining(deadline))
