@@ -969,6 +969,55 @@ def _attachments(max_data: int) -> st.SearchStrategy[list[Attachment]]:
     return st.lists(attachment, max_size=2)
 
 
+_INLINE_FILES: Final = (
+    ("logo.png", "image/png"),
+    ("chart.gif", None),  # guessed from the name
+    ("photo.jpg", "image/jpeg"),
+    ("bild-\u00e9.png", "image/png"),  # RFC 2231 file name
+)
+
+
+@functools.cache
+@st.composite
+def _inline_parts(draw: st.DrawFn, max_data: int) -> list[Attachment]:
+    """Inline parts for an HTML body (RFC 2387), each with a content id unique in the
+    message: an RFC 5322 msg-id or a lone dot-atom, drawn from atext so that the
+    characters :attr:`~mailrelay.message.Attachment.cid_url` must percent-encode
+    (``%``, ``?``, ``#``, ``&``: RFC 2392 §2) turn up."""
+    parts = []
+    for index in range(draw(_ints(0, 2))):
+        # The index keeps the ids unique; a dot-atom, as id-left and a lone id must be.
+        left = f"{draw(_text(_ATEXT, min_size=1, max_size=12))}.{index}"
+        right = draw(st.one_of(st.none(), _domain_name(idn=False, max_octets=40)))
+        filename, content_type = draw(st.sampled_from(_INLINE_FILES))
+        parts.append(
+            Attachment(
+                filename=filename,
+                data=draw(st.binary(max_size=max_data)),
+                content_type=content_type,
+                content_id=left if right is None else f"{left}@{right}",
+            )
+        )
+    return parts
+
+
+@functools.cache
+def _attached_messages(eight_bit: bool, max_size: int) -> st.SearchStrategy[list[Attachment]]:
+    """At most one whole message attached as ``message/rfc822`` (a forwarded message),
+    drawn by :func:`message_bytes` (bare line ends, dot lines, 998-octet lines; 8-bit
+    bodies with ``eight_bit``), its type given or guessed from ``.eml``."""
+    attached = st.builds(
+        lambda data, given: Attachment(
+            filename="forwarded.eml",
+            data=data,
+            content_type="message/rfc822" if given else None,
+        ),
+        _message_bytes(eight_bit, False, max_size),
+        _BOOL,
+    )
+    return st.lists(attached, max_size=1)
+
+
 @functools.cache
 @st.composite
 def _built_message(draw: st.DrawFn, eight_bit: bool, utf8_headers: bool, max_size: int) -> Message:
@@ -986,6 +1035,14 @@ def _built_message(draw: st.DrawFn, eight_bit: bool, utf8_headers: bool, max_siz
     html = draw(st.one_of(st.none(), text.map(lambda body: f"<p>{body}</p>")))
     # Base64 makes 4 octets of 3: two attachments of max_size / 8 leave room for the rest.
     files = draw(_attachments(min(2048, max_size // 8)))
+    if html is not None:
+        # RFC 2392: the HTML refers to each inline part by its cid: URL.
+        inline = draw(_inline_parts(min(256, max_size // 64)))
+        html += "".join(f'<img src="{part.cid_url}" alt="">' for part in inline)
+        files += inline
+    # An attached message goes unencoded (RFC 2046 §5.2.1): 8-bit only when allowed.
+    files += draw(_attached_messages(eight_bit, min(2048, max_size // 8)))
+    files = list(draw(st.permutations(files)))
     message_id = f"{draw(_WORD)}@{draw(_domain_name(idn=False, max_octets=60))}"
     date = draw(_DATES)
     # Message.build draws MIME boundaries from the global random module; Hypothesis
@@ -1021,7 +1078,12 @@ def messages(
     Half come from :meth:`Message.from_bytes` of :func:`message_bytes` (the wire
     edge cases), and with ``built`` half from :meth:`Message.build` with drawn
     addresses (IDN, quoted, literal-free), subjects in any script, text and HTML
-    bodies with dot lines, and attachments (so both of its writers are used).
+    bodies with dot lines, and attachments (so both of its writers are used). A
+    built HTML body may have up to two inline parts (``Attachment.content_id``, in
+    a ``multipart/related``, RFC 2387), which it names by their ``cid:`` URLs
+    (RFC 2392; some need percent-encoding); a built message may carry one attached
+    message (``message/rfc822``, unencoded as RFC 2046 §5.2.1 requires: a
+    :func:`message_bytes` value, 8-bit only with ``eight_bit``).
 
     Args:
         eight_bit: allow messages that need 8BITMIME.

@@ -9,6 +9,8 @@ only as far as it should (a subprocess with Hypothesis hidden).
 
 from __future__ import annotations
 
+import email
+import email.policy
 import re
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import pytest
 from hypothesis import HealthCheck, Phase, find, given, settings
@@ -24,7 +27,7 @@ from hypothesis import strategies as st
 from mailrelay.address import MAX_ADDRESS, MAX_LOCAL_PART, Address
 from mailrelay.envelope import Envelope, Notify, utf8_addr_xtext_decode, xtext_decode
 from mailrelay.errors import InvalidAddress
-from mailrelay.message import Message
+from mailrelay.message import Attachment, Message
 from mailrelay.protocol import (
     ClientConnection,
     DotStuffer,
@@ -453,6 +456,103 @@ def test_messages_reach_both_writers() -> None:
         lambda m: m.needs_smtputf8 and (m.get("Content-Type") or "").startswith("multipart"),
     )
     assert built_utf8.needs_smtputf8
+
+
+_CID_SRC = re.compile(r'src="cid:([^"]*)"')
+
+
+def crlf(data: bytes) -> bytes:
+    """``data`` with every line ended by CRLF: what an attached message becomes."""
+    return b"\r\n".join(data.splitlines()) + b"\r\n"
+
+
+def check_parts_read_back(message: Message, attachments: list[Attachment]) -> None:
+    """The inline parts and attached messages given to ``Message.build`` come back."""
+    wire = message.as_bytes()
+    parsed = email.message_from_bytes(wire, policy=email.policy.default)
+    inline = {part.content_id: part.data for part in attachments if part.content_id}
+    related = [part for part in parsed.walk() if part.get_content_type() == "multipart/related"]
+    assert len(related) == (1 if inline else 0)
+    for group in related:
+        root, *others = group.iter_parts()
+        assert root.get_content_type() == "text/html"
+        # RFC 2392: every cid: URL in the HTML names one of the related part's members,
+        # whose bytes are the inline part's data, and every member is named.
+        by_id = {str(part["Content-ID"]): part for part in others}
+        assert all(part.get_content_disposition() == "inline" for part in others)
+        named = [unquote(url) for url in _CID_SRC.findall(root.get_content())]
+        assert sorted(named) == sorted(inline)
+        assert sorted(by_id) == sorted(f"<{content_id}>" for content_id in inline)
+        for content_id, data in inline.items():
+            assert by_id[f"<{content_id}>"].get_content() == data
+    forwarded = [part for part in attachments if part.filename == "forwarded.eml"]
+    kinds = [part for part in parsed.walk() if part.get_content_type() == "message/rfc822"]
+    assert len(kinds) == len(forwarded)
+    for part, read in zip(forwarded, kinds, strict=True):
+        # RFC 2046 §5.2.1: unencoded, the same bytes with CRLF line ends.
+        assert read["Content-Transfer-Encoding"] == ("7bit" if part.data.isascii() else "8bit")
+        assert b"\r\n\r\n" + crlf(part.data) + b"\r\n--" in wire
+
+
+@pytest.mark.parametrize(
+    ("eight_bit", "utf8_headers"), [(True, False), (False, False), (True, True), (False, True)]
+)
+def test_built_inline_parts_and_attached_messages_read_back(
+    eight_bit: bool, utf8_headers: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[tuple[Message, list[Attachment]]] = []
+    build = Message.build
+
+    def recording(**kwargs: Any) -> Message:
+        message = build(**kwargs)
+        built.append((message, list(kwargs.get("attachments") or ())))
+        return message
+
+    monkeypatch.setattr(Message, "build", recording)
+    checked: list[Message] = []
+
+    @FEW
+    @given(s.messages(eight_bit=eight_bit, utf8_headers=utf8_headers, max_size=8192))
+    def check(message: Message) -> None:
+        given_parts = [parts for made, parts in built if made is message]
+        if not given_parts:
+            return  # parsed from message_bytes, not built
+        check_parts_read_back(message, given_parts[-1])
+        assert eight_bit or utf8_headers or not message.needs_8bitmime
+        assert Message.from_bytes(message.as_bytes()).as_bytes() == message.as_bytes()
+        checked.append(message)
+
+    check()
+    assert checked  # half the messages are built: some were
+
+
+def _parts(wire: bytes) -> str:
+    return wire.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize(
+    ("what", "condition"),
+    [
+        ("an inline part", lambda w: "\r\nContent-ID: <" in _parts(w)),
+        ("two inline parts", lambda w: _parts(w).count("\r\nContent-ID: <") == 2),
+        ("a lone dot-atom id", lambda w: re.search(r"Content-ID: <[^@>]*>", _parts(w))),
+        ("a percent-encoded cid: URL", lambda w: re.search(r'"cid:[^"]*%[0-9A-F]{2}', _parts(w))),
+        ("an attached message", lambda w: "Content-Type: message/rfc822\r\n" in _parts(w)),
+        (
+            "an 8-bit attached message",
+            lambda w: "message/rfc822\r\nContent-Transfer-Encoding: 8bit" in _parts(w),
+        ),
+        (
+            "inline parts and an attached message",
+            lambda w: "Content-ID: <" in _parts(w) and "message/rfc822" in _parts(w),
+        ),
+    ],
+)
+def test_built_messages_reach_inline_parts_and_attached_messages(
+    what: str, condition: Callable[[bytes], object]
+) -> None:
+    found = reachable(s.messages(), lambda m: bool(condition(m.as_bytes())))
+    assert condition(found.as_bytes())
 
 
 # -- replies -----------------------------------------------------------------------
