@@ -11,10 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(postfix sasl2-bin libsasl2-modules unbound openssl postgresql locales microsocks tinyproxy)
+PACKAGES=(postfix sasl2-bin libsasl2-modules unbound openssl postgresql locales microsocks tinyproxy msmtp)
 missing=()
 for cmd in postfix:postfix saslpasswd2:sasl2-bin unbound:unbound openssl:openssl \
-    microsocks:microsocks tinyproxy:tinyproxy; do
+    microsocks:microsocks tinyproxy:tinyproxy msmtp:msmtp; do
     bin="${cmd%%:*}"
     if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
         missing+=("${cmd#*:}")

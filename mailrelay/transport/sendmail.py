@@ -28,14 +28,17 @@ Rules of this module:
   UTF-8 in the message's own header fields is the MTA's business (Postfix detects it too).
 * DSN (RFC 3461): the envelope's RET goes as ``-Rfull|hdrs``, its ENVID as ``-Venvid``
   and the recipients' NOTIFY as ``-Nsuccess,failure,delay`` (or ``never``), each value
-  attached to its option; Postfix's, Sendmail's, OpenSMTPD's and msmtp's sendmail take
+  attached to its option; Postfix's, Sendmail's and OpenSMTPD's sendmail take
   these options in either form. Exim's does not: a lone ``-N`` is its "do not deliver"
   debugging option (open to any caller submitting a message; it exits 0, a silent loss),
   ``-R`` starts a queue run. So a program whose real path (links followed) is named
   ``exim...`` gets no DSN options, as an SMTP server without DSN gets no DSN parameters;
   and the values are attached so that an Exim not recognised so refuses the command
-  loudly ("unknown, malformed, or incomplete option") instead. ``-N`` holds for the
-  whole command, so
+  loudly ("unknown, malformed, or incomplete option") instead. msmtp (a relay-only
+  sendmail, no queue of its own) gets none either: it knows no ``-V`` (exit 64: a message
+  with an ENVID, as the tracker sends, would be refused for good) and, given ``-N`` or
+  ``-R``, refuses the whole message when its server does not offer DSN (exit 69), where
+  an SMTP client would just not ask. ``-N`` holds for the whole command, so
   recipients asking for different NOTIFY values are handed over by one process each (in
   the order their values first appear). ORCPT has no command-line option and is not passed.
   REQUIRETLS (RFC 8689) cannot be asked of the program, so such an envelope is refused
@@ -56,6 +59,9 @@ Rules of this module:
   death by a signal and for statuses outside ``sysexits.h`` (a crash or a misconfiguration
   someone can fix: the recipients are not shown to be bad); permanent for the other
   ``sysexits.h`` statuses (``EX_NOUSER`` 67, ``EX_DATAERR`` 65, ``EX_NOPERM`` 77, ...).
+  Except where msmtp (which has no queue and relays at once) quotes its server's reply
+  (``server message: 450 ...``): the reply decides, 4xx transient, 5xx permanent, since
+  msmtp exits 69 (``EX_UNAVAILABLE``) for a 450 as for a refusal.
   A program that exits with 0 but stopped reading before the end of the message (a broken
   pipe) raises a transient ``LocalMTAError``: it cannot have queued the message we gave
   it. Postfix's own sendmail exits with 75 for most of its fatal errors (a missing
@@ -98,6 +104,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Final
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Notify, Recipient
@@ -174,6 +181,11 @@ _LITERAL = re.compile(r"\[[A-Za-z0-9.:]+\]")
 _NOTIFY_ORDER = (Notify.NEVER, Notify.SUCCESS, Notify.FAILURE, Notify.DELAY)
 
 
+#: How msmtp reports its server's refusal on standard error ("msmtp: server message: 450
+#: 4.2.1 ..."): the reply code's first digit.
+_RELAY_REPLY: Final = re.compile(r"^msmtp: server message: ([45])\d\d[ -]", re.MULTILINE)
+
+
 def exit_is_transient(status: int) -> bool:
     """Whether trying again later can help after the program exited with ``status``.
 
@@ -237,9 +249,11 @@ def _notify_option(notify: frozenset[Notify] | None) -> list[str]:
 def _takes_dsn_options(command: str) -> bool:
     """Whether the program at ``command`` is one that takes ``-N``, ``-R`` and ``-V`` as
     DSN options: not Exim (``/usr/sbin/sendmail`` is a link to ``exim4`` on Debian), for
-    which ``-N`` means "do not deliver" and ``-R`` a queue run."""
+    which ``-N`` means "do not deliver" and ``-R`` a queue run; not msmtp (``msmtp-mta``
+    links it there), which refuses ``-V`` (exit 64, every message with an ENVID lost) and
+    fails the whole message when its server does not offer DSN (exit 69)."""
     name = os.path.basename(os.path.realpath(command)).lower()
-    return not name.startswith("exim")
+    return not name.startswith(("exim", "msmtp"))
 
 
 def _argv_runs(paths: Sequence[str]) -> Iterator[tuple[int, int]]:
@@ -437,9 +451,16 @@ class SendmailTransport(Transport, AsyncTransport):
                 exit_status=None,
             )
         early = " before reading the whole message" if broken else ""
+        transient = exit_is_transient(status)
+        relayed = _RELAY_REPLY.findall(text)
+        if relayed and status > 0:
+            # A relay-only sendmail (msmtp) says what its server answered; its status does
+            # not (msmtp exits 69, "unavailable", for a 450 as for a 451 after the data).
+            # RFC 5321 §4.2.1: the reply's first digit decides.
+            transient = relayed[-1] == "4"
         return LocalMTAError(
             f"{self.command} {_describe_exit(status)}{early}{said}",
-            is_transient=exit_is_transient(status),
+            is_transient=transient,
             exit_status=status,
         )
 
