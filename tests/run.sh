@@ -11,10 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(postfix sasl2-bin libsasl2-modules unbound openssl postgresql locales microsocks tinyproxy msmtp)
+PACKAGES=(postfix sasl2-bin libsasl2-modules unbound openssl postgresql locales microsocks tinyproxy msmtp dovecot-lmtpd)
 missing=()
 for cmd in postfix:postfix saslpasswd2:sasl2-bin unbound:unbound openssl:openssl \
-    microsocks:microsocks tinyproxy:tinyproxy msmtp:msmtp; do
+    microsocks:microsocks tinyproxy:tinyproxy msmtp:msmtp dovecot:dovecot-lmtpd; do
     bin="${cmd%%:*}"
     if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
         missing+=("${cmd#*:}")
