@@ -126,7 +126,12 @@ def _expired(exc: OSError) -> OSError:
     return exc
 
 
-def _connect_tcp(host: str, port: int, timeout: float, source: str | None) -> socket.socket:
+def _connect_tcp(
+    host: str, port: int, timeout: float, source: str | None, deadline: float | None = None
+) -> socket.socket:
+    """A socket connected to ``host:port``: each address in turn, each within ``timeout``
+    and, when there is a ``deadline`` (a proxy's: its handshake shares the time), by then;
+    an address left with no time is not tried."""
     peer = peer_name(host, port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -135,9 +140,15 @@ def _connect_tcp(host: str, port: int, timeout: float, source: str | None) -> so
     failures: list[str] = []
     last: OSError | None = None
     for family, kind, proto, _, address in for_source(infos, source, host, peer):
+        limit = timeout if deadline is None else min(timeout, deadline - time.monotonic())
+        if limit <= 0:
+            failures.append(
+                f"{peer_name(str(address[0]), int(address[1]))}: not tried, no time left"
+            )
+            break
         sock = socket.socket(family, kind, proto)
         try:
-            sock.settimeout(timeout)
+            sock.settimeout(limit)
             if source is not None:
                 sock.bind((source, 0))  # "Cannot assign requested address" if not ours
             sock.connect(address)
@@ -170,7 +181,7 @@ def _connect_proxied(
         handshake = ProxyHandshake(proxy, target, port)
         deadline = time.monotonic() + timeout
         try:
-            sock = _connect_tcp(proxy.host, proxy.port, timeout, source)
+            sock = _connect_tcp(proxy.host, proxy.port, timeout, source, deadline)
         except ConnectError as exc:
             raise proxy_unreachable(handshake, exc) from exc
         try:
