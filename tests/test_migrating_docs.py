@@ -1,8 +1,10 @@
 """docs/migrating.md stays true, and its comparisons with smtplib and aiosmtplib are real.
 
 - Every ```python block runs, in order, in one namespace, against the page's own
-  ``SMTPTestServer`` (given the two TLS contexts the page says the suite provides); the
-  smtplib and aiosmtplib "before" code runs against the same server.
+  ``SMTPTestServer`` (given the two TLS contexts and the SOCKS5 proxy, microsocks, the page
+  says the suite provides); the smtplib and aiosmtplib "before" code runs against the same
+  server, and what the proxy, inline-image and forwarding examples sent is checked as it
+  arrived.
 - The ```py blocks compile and their imports resolve; the Django backend runs against a
   test server with stand-ins for the two Django names it imports (Django is not a
   dependency), so what the page says about Bcc, the count and ``fail_silently`` is checked.
@@ -32,6 +34,7 @@ import pytest
 from mailrelay import TLS, DeliveryResult, Message, Outcome, SMTPTransport, Timeouts
 from mailrelay.errors import ConnectError, DeliveryError, TLSError
 from mailrelay.testing.server import Fault, SMTPTestServer
+from tests.peers.proxies import ProxyFactory
 from tests.peers.scripted import free_port
 from tests.peers.tls import TLSFiles
 from tests.transport.test_docs import python_blocks, server_blocks
@@ -39,6 +42,7 @@ from tests.transport.test_docs import python_blocks, server_blocks
 DOC = Path(__file__).resolve().parents[1] / "docs" / "migrating.md"
 USER, PASSWORD = "app@example.com", "s3cret"
 TIMEOUT = 2.0  # seconds each client waits in the "server stops answering" row
+PROXIED_FROM = "127.0.0.2"  # where the page's SOCKS5 proxy connects from
 
 
 def _text() -> str:
@@ -49,13 +53,20 @@ def _text() -> str:
 
 
 def test_every_example_runs(
-    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tls_files: TLSFiles,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_proxy: ProxyFactory,
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    # The proxy's outgoing connections come from 127.0.0.2, so the server can tell what
+    # came through it.
+    proxy = make_proxy("socks5", username="relay", password="pa@ss", bind=PROXIED_FROM)
     namespace: dict[str, object] = {
         "__name__": "docs_migrating",
         "server_tls": tls_files.server_context(),
         "client_tls": tls_files.client_context(),
+        "socks_proxy": proxy.url(),
     }
     blocks = python_blocks(_text())
     assert len(blocks) >= 15
@@ -82,6 +93,18 @@ def test_every_example_runs(
     assert len(sessions) == 2
     # The "localhost:25" example sent in plain text without logging in.
     assert any(not m.tls and m.authenticated is None for m in received)
+    # The proxy example went through the proxy, with TLS and AUTH end to end; the one with
+    # the wrong proxy login never reached the server.
+    proxied = [m for m in received if m.peer[0] == PROXIED_FROM]
+    assert len(proxied) == 1
+    assert proxied[0].tls
+    assert proxied[0].authenticated == USER
+    # The inline images arrived in a multipart/related; the forward carried the report
+    # unencoded, byte for byte.
+    (forward,) = [m for m in received if b"Content-Type: message/rfc822\r\n" in m.data]
+    (report,) = [m for m in received if b"Subject: Weekly report" in m.data and m is not forward]
+    assert b'Content-Type: multipart/related; type="text/html"' in report.data
+    assert report.data in forward.data
 
 
 def _django_stand_ins(url: str) -> dict[str, types.ModuleType]:
