@@ -94,6 +94,15 @@ def _check_text(name: str, value: str | None) -> None:
 def _check_host(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str) or not value or any(c in value for c in " \t\r\n\0/@?#"):
         raise ConfigurationError("not a usable proxy host")
+    if not value.isascii() and _ip(value) is None:
+        # The lookup (getaddrinfo) encodes a non-ASCII name with the "idna" codec: a name
+        # it cannot encode (an empty or over-long label) fails here, typed, not there.
+        try:
+            value.encode("idna")
+        except UnicodeError:
+            raise ConfigurationError(
+                f"not a usable proxy host: {value!r} is not a valid domain name"
+            ) from None
 
 
 def _check_port(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:

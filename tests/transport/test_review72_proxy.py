@@ -6,6 +6,10 @@ anyway), and a non-ASCII zone id ended in a bare ``UnicodeEncodeError``; a "name
 colon or a control character went to the proxy as it was (``CONNECT [mx.example:1]:25``,
 a vertical tab in the request line). The zone is dropped, as SOCKS5's packed address always
 dropped it, and such names are refused with a ConfigurationError.
+
+And the proxy's own host: a non-ASCII name the lookup cannot encode (an empty or over-long
+label) raised a bare UnicodeError from getaddrinfo at connect; it is refused at
+construction now.
 """
 
 from __future__ import annotations
@@ -70,3 +74,17 @@ def test_any_target_gives_a_one_line_request_or_a_configuration_error(host: str)
             lines = head.split(b"\r\n")
             assert len(lines) == 3
             assert all(32 <= byte < 127 for line in lines for byte in line)
+
+
+@pytest.mark.parametrize("host", ["b\u00fc..example", "b\u00fc" + "x" * 70 + ".example"])
+def test_a_proxy_host_that_cannot_be_looked_up_is_a_configuration_error(host: str) -> None:
+    """A non-ASCII name the lookup cannot encode raised a bare UnicodeError at connect."""
+    with pytest.raises(ConfigurationError, match="proxy host"):
+        Proxy(scheme="socks5h", host=host, port=1080)
+    with pytest.raises(ConfigurationError, match="proxy host"):
+        Proxy.parse(f"socks5h://{host}:1080")
+
+
+@pytest.mark.parametrize("host", ["b\u00fccher.example", "127.0.0.1", "::1", "proxy.example"])
+def test_usable_proxy_hosts_stay_usable(host: str) -> None:
+    assert Proxy(scheme="http", host=host, port=3128).host == host
