@@ -520,7 +520,7 @@ class ProxyHandshake:
             raise self._malformed("the reply is not an HTTP/1.x status line")
         code = int(parts[1])
         reason = parts[2].decode("ascii", "replace") if len(parts) > 2 else ""
-        reason = "".join(c for c in reason if c.isprintable())[:100]
+        reason = _scrubbed("".join(c for c in reason if c.isprintable())[:100], proxy)
         shown = f"{code} {reason}".strip()
         if 200 <= code <= 299:  # RFC 9110 §9.3.6: any 2xx means the tunnel is open
             log.debug("HTTP CONNECT tunnel to %s through %s open", self.target, proxy.peer)
@@ -579,6 +579,19 @@ class ProxyHandshake:
         if tail.endswith(b"\r"):
             return 2  # LF then LF, or LF CR LF: 2 at least
         return 2  # LF LF at the least
+
+
+def _scrubbed(reason: str, proxy: Proxy) -> str:
+    """``reason``, an HTTP proxy's reason phrase, without our login in it: a broken proxy
+    may echo what it was sent, and the phrase goes into the error. (A function of its own,
+    so that no frame in a traceback holds the token.)"""
+    if proxy.password is None:
+        return reason
+    token = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode()
+    for secret in (token, proxy.password):
+        if secret:
+            reason = reason.replace(secret, "***")
+    return reason
 
 
 def _socks5_login_request(proxy: Proxy) -> bytes:

@@ -9,16 +9,19 @@ dropped it, and such names are refused with a ConfigurationError.
 
 And the proxy's own host: a non-ASCII name the lookup cannot encode (an empty or over-long
 label) raised a bare UnicodeError from getaddrinfo at connect; it is refused at
-construction now.
+construction now. And an HTTP proxy's reason phrase, which goes into the error, could
+carry our login back (a broken proxy echoing its request): it is scrubbed.
 """
 
 from __future__ import annotations
+
+import base64
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailrelay.errors import ConfigurationError
+from mailrelay.errors import ConfigurationError, ProxyError
 from mailrelay.transport.proxy import Proxy, ProxyHandshake
 
 SECRET = "s3cr3t-pw"
@@ -88,3 +91,17 @@ def test_a_proxy_host_that_cannot_be_looked_up_is_a_configuration_error(host: st
 @pytest.mark.parametrize("host", ["b\u00fccher.example", "127.0.0.1", "::1", "proxy.example"])
 def test_usable_proxy_hosts_stay_usable(host: str) -> None:
     assert Proxy(scheme="http", host=host, port=3128).host == host
+
+
+def test_a_reason_phrase_echoing_the_credentials_does_not_show_them() -> None:
+    """A broken or hostile HTTP proxy may echo what it was sent in its reason phrase: the
+    error (logged, shown) must not carry the login it echoes."""
+    token = base64.b64encode(f"u:{SECRET}".encode()).decode()
+    for reason in (f"Basic {token}", f"bad password {SECRET}", f"u:{SECRET}"):
+        handshake = ProxyHandshake(proxy("http"), "mx.example", 25)
+        handshake.data_to_send()
+        with pytest.raises(ProxyError) as caught:
+            handshake.receive_data(f"HTTP/1.1 407 {reason}\r\n\r\n".encode())
+        assert SECRET not in str(caught.value)
+        assert token not in str(caught.value)
+        assert "407" in str(caught.value)
