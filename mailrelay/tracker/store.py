@@ -50,6 +50,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from json.encoder import encode_basestring as _json_str  # json's own string quoting
@@ -178,12 +179,20 @@ MAX_ATTEMPT_TEXT: Final = 4096
 MAX_ATTEMPT_HOST: Final = 1024
 
 
+# The note a cut text ends with, right after its first MAX_ATTEMPT_TEXT characters.
+_CUT_NOTE = re.compile(r" \[\.\.\. [1-9][0-9]* characters not kept\]")
+
+
 def _bounded_text(text: str) -> str:
     # A server's reply may hold NUL, which PostgreSQL's text columns cannot: every store
     # keeps the same text, U+FFFD where it was.
     if "\0" in text:
         text = text.replace("\0", "\ufffd")
     if len(text) <= MAX_ATTEMPT_TEXT:
+        return text
+    # Already cut (an attempt read back from a store): kept as it is, or each read would
+    # cut its note off and count that as what was lost.
+    if _CUT_NOTE.fullmatch(text, MAX_ATTEMPT_TEXT) is not None:
         return text
     return f"{text[:MAX_ATTEMPT_TEXT]} [... {len(text) - MAX_ATTEMPT_TEXT} characters not kept]"
 
