@@ -66,6 +66,7 @@ __all__ = [
     "unstructured",
     "write_body",
     "embedded_body",
+    "header_is_ascii",
 ]
 
 # RFC 5322 §2.1.1: the recommended limit on a header line, CRLF excluded.
@@ -419,6 +420,15 @@ def embedded_body(data: bytes) -> tuple[bytes, str] | None:
     if any(len(line) > _MAX_WIRE_LINE for line in lines):
         return None
     return b"\r\n".join(lines) + b"\r\n", "7bit" if data.isascii() else "8bit"
+
+
+def header_is_ascii(data: bytes) -> bool:
+    """Whether the header section of the message ``data`` (up to its first empty line) is
+    ASCII: a message whose header is not must be ``message/global`` (RFC 6532 §3.7), never
+    ``message/rfc822``."""
+    lines = data.splitlines()
+    end = lines.index(b"") if b"" in lines else len(lines)
+    return all(line.isascii() for line in lines[:end])
 
 
 def attachment_part(

@@ -183,7 +183,8 @@ class Attachment:
             ``multipart/*`` content type (its boundary could not be given); a
             ``message/rfc822`` (``message/partial``, ``message/external-body``) one
             with a content id, or with data that cannot go unencoded (a NUL, a line
-            over 998 octets).
+            over 998 octets); a ``message/rfc822`` one whose header fields are not
+            ASCII (that is ``message/global``, RFC 6532 §3.7).
 
     Attributes:
         filename: the name the recipient sees (non-ASCII names are written with
@@ -271,6 +272,12 @@ class Attachment:
                     f"attachment {self.filename!r}: a {kind} part cannot be inline (nothing "
                     "in HTML shows it); attach it without content_id"
                 )
+            if kind == "message/rfc822" and not _mime.header_is_ascii(self.data):
+                # RFC 6532 §3.7: a message with UTF-8 header fields is message/global.
+                raise MessageError(
+                    f"attachment {self.filename!r}: a message whose header fields are not "
+                    "ASCII is message/global (RFC 6532 §3.7), not message/rfc822"
+                )
             if _mime.embedded_body(self.data) is None:
                 # RFC 2046 §5.2.1: never base64 or quoted-printable.
                 raise MessageError(
@@ -284,17 +291,19 @@ class Attachment:
 
         A guess that must go unencoded (``message/rfc822`` for ``.eml``: RFC 2046
         §5.2.1) for data that cannot (a NUL, a line over 998 octets) is
-        ``application/octet-stream`` instead, sent base64-encoded.
+        ``application/octet-stream`` instead, sent base64-encoded; a ``.eml`` whose header
+        fields are not ASCII is ``message/global`` (RFC 6532 §3.7), base64-encoded too.
         """
         if self.content_type is not None:
             return self.content_type
         guessed, _ = mimetypes.guess_type(self.filename, strict=False)
         if guessed is None:
             return "application/octet-stream"
-        if guessed in _mime.UNENCODED_TYPES and (
-            self.content_id is not None or _mime.embedded_body(self.data) is None
-        ):
-            return "application/octet-stream"
+        if guessed in _mime.UNENCODED_TYPES:
+            if self.content_id is not None or _mime.embedded_body(self.data) is None:
+                return "application/octet-stream"
+            if guessed == "message/rfc822" and not _mime.header_is_ascii(self.data):
+                return "message/global"  # RFC 6532 §3.7 (sent base64-encoded)
         return guessed
 
 

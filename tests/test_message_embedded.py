@@ -4,6 +4,7 @@ writers; data that cannot go unencoded is refused as such a type, never sent bas
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 from collections.abc import Callable
@@ -25,7 +26,9 @@ from tests.test_message import FIXED, general_path_only
 from tests.transport.helpers import FLAVOURS, Flavour, send_with
 
 INNER = b"From: x@example.com\nTo: y@example.org\nSubject: hi\n\nbody line\n.\n--not-a-boundary\n"
-INNER_8BIT = "From: x@example.com\r\nSubject: caf\u00e9\r\n\r\nbody \u00e9\r\n".encode()
+INNER_8BIT = "From: x@example.com\r\nSubject: cafe\r\n\r\nbody \u00e9\r\n".encode()
+#: UTF-8 in the header fields: that message is message/global (RFC 6532 §3.7).
+INNER_GLOBAL = "From: j\u00f6rg@example.net\r\nSubject: caf\u00e9\r\n\r\nbody\r\n".encode()
 WRITERS: dict[str, Callable[[], AbstractContextManager[None]]] = {
     "chosen": nullcontext,
     "general": general_path_only,
@@ -104,6 +107,22 @@ def test_an_8bit_message_goes_8bit_and_asks_for_8bitmime(writer: str) -> None:
     assert message.needs_8bitmime
 
 
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_message_with_utf8_header_fields_is_message_global(writer: str) -> None:
+    guessed = Attachment(filename="fwd.eml", data=INNER_GLOBAL)
+    assert guessed.resolved_content_type() == "message/global"
+    message = build(writer, guessed)
+    (part,) = attached(message)
+    assert part.get_content_type() == "message/global"
+    assert part["Content-Transfer-Encoding"] == "base64"  # RFC 6532 §3.7 allows it
+    wire = message.as_bytes()
+    start = wire.index(b'filename="fwd.eml"\r\n\r\n') + len(b'filename="fwd.eml"\r\n\r\n')
+    assert base64.b64decode(wire[start : wire.index(b"\r\n--", start)]) == INNER_GLOBAL
+    assert not message.needs_8bitmime
+    with pytest.raises(MessageError, match="message/global"):
+        Attachment(filename="fwd.eml", data=INNER_GLOBAL, content_type="message/rfc822")
+
+
 @pytest.mark.parametrize(
     "data",
     [b"From: x@example.com\n\nnul \0 here\n", b"From: x@example.com\n\n" + b"x" * 999 + b"\n"],
@@ -164,7 +183,9 @@ def test_property_any_message_reads_back_as_sent(
 ) -> None:
     """Whatever the attached message holds (delimiter-like lines too), it comes back
     exactly, CRLF-normalized, never base64."""
-    lines = [f"X-H{n}: {value}" for n, value in enumerate(headers)] + ["", *body]
+    # Header fields ASCII (non-ASCII ones make it message/global), the body anything.
+    fields = [value.encode("ascii", "replace").decode() for value in headers]
+    lines = [f"X-H{n}: {value}" for n, value in enumerate(fields)] + ["", *body]
     lines += ["--" + (body[0] if body else "b"), "."]
     data = newline.join(lines).encode() + newline.encode()
     message = build(writer, Attachment(filename="m.eml", data=data))

@@ -21,6 +21,7 @@ from mailrelay.tracker.postgres_store import PostgresStore
 from mailrelay.tracker.retry import DomainLimits, DomainShaper, RetryPolicy
 from mailrelay.tracker.sqlite_store import SQLiteStore
 from mailrelay.tracker.store import (
+    MAX_ATTEMPT_TEXT,
     Attempt,
     MemoryStore,
     MessageRecord,
@@ -30,6 +31,7 @@ from mailrelay.tracker.store import (
 )
 
 __all__ = [
+    "MAX_ATTEMPT_TEXT",
     "AsyncDeliveryTracker",
     "Attempt",
     "DeliveryTracker",

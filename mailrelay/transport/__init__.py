@@ -39,7 +39,7 @@ from mailrelay.transport.dane import DANE, AsyncDANE
 from mailrelay.transport.file import FileTransport
 from mailrelay.transport.memory import MemoryTransport, OutboxItem
 from mailrelay.transport.mtasts import MTASTS, AsyncMTASTS
-from mailrelay.transport.mx import MXTransport
+from mailrelay.transport.mx import LOOPBACK_NETWORKS, PRIVATE_NETWORKS, MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.proxy import Proxy
 from mailrelay.transport.sendmail import SendmailTransport
@@ -50,6 +50,8 @@ from mailrelay.transport.tlsrpt import TLSReport, TLSReportCollector, TLSRPTReco
 from mailrelay.transport.url import TransportURL, async_transport_from_url, transport_from_url
 
 __all__ = [
+    "LOOPBACK_NETWORKS",
+    "PRIVATE_NETWORKS",
     "DANE",
     "AsyncDANE",
     "AsyncLMTPTransport",
