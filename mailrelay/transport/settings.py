@@ -20,6 +20,9 @@ Rules of this module:
   message shows the secret or the provider's repr.
 * A proxy (:class:`~mailrelay.transport.proxy.Proxy`, or its URL) carries TCP connections
   only; its password is never shown either (``describe`` shows the proxy's URL without it).
+* An internationalized host (and ``server_hostname``) is kept as its A-labels (IDNA 2008,
+  UTS #46): what is resolved, sent as the TLS server name and checked against the
+  certificate, never the stdlib's IDNA 2003 form (``straße`` is not ``strasse``).
 * Certificate verification is on by default: without ``ssl_context`` the transports use
   :func:`ssl.create_default_context` (the system's trusted CAs, host name checking).
 """
@@ -33,6 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
 import attrs
+import idna
 
 from mailrelay.errors import AuthenticationError, ConfigurationError, DeliveryError
 from mailrelay.flow import SessionConfig
@@ -134,18 +138,31 @@ class PoolSettings:
     health_check_after: float = attrs.field(default=5.0, validator=_positive)
 
 
+def _ascii_host(value: str | None) -> str | None:
+    """An internationalized host name as its A-labels (IDNA 2008 with UTS #46 mapping), the
+    form the DNS, the TLS server name and a certificate's names use. Left to itself the
+    stdlib encodes with IDNA 2003, which maps ``straße.example`` to a different domain,
+    ``strasse.example``, for the connection and the certificate check alike."""
+    if not isinstance(value, str) or value.isascii():
+        return value
+    try:
+        return idna.encode(value, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:
+        raise ConfigurationError(f"not a usable host name: {value!r} ({exc})") from None
+
+
 @attrs.frozen(kw_only=True, repr=False)
 class ConnectionSettings:
     """Where and how to connect; see :class:`~mailrelay.transport.smtp.SMTPTransport`."""
 
-    host: str | None
+    host: str | None = attrs.field(converter=_ascii_host)
     port: int | None
     unix_path: str | None = None
     tls: TLS
     ssl_context: ssl.SSLContext | None = None
     timeouts: Timeouts
     local_hostname: str | None = None
-    server_hostname: str | None = None
+    server_hostname: str | None = attrs.field(default=None, converter=_ascii_host)
     source_address: str | None = attrs.field(default=None, converter=check_source_address)
     proxy: Proxy | None = attrs.field(default=None, converter=as_proxy)
     username: str | None = None
