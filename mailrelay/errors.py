@@ -239,6 +239,8 @@ class ProxyError(ConnectError):
 
     Attributes:
         proxy: the proxy's ``host:port``.
+        proxy_unreachable: no address of the proxy itself accepted the connection (so no
+            other server can be reached through it now either).
     """
 
     def __init__(
@@ -249,9 +251,11 @@ class ProxyError(ConnectError):
         reply: Reply | None = None,
         host: str | None = None,
         proxy: str = "",
+        proxy_unreachable: bool = False,
     ) -> None:
         super().__init__(message, is_transient=is_transient, reply=reply, host=host)
         self.proxy = proxy
+        self.proxy_unreachable = proxy_unreachable
 
 
 class DeliveryTimeout(DeliveryError, TimeoutError):

@@ -35,6 +35,7 @@ from mailrelay.envelope import Envelope
 from mailrelay.errors import (
     ConfigurationError,
     DeliveryError,
+    ProxyError,
     ResolverError,
     SessionRefused,
     TLSError,
@@ -496,18 +497,24 @@ class Unreachable:
     """The targets that could not be opened (connect failure, timeout, refused greeting)
     during one delivery: the message's other domains skip them with the same failure instead
     of waiting for the same timeout again (the domains of one exchanger are sent one after
-    the other, to share its session)."""
+    the other, to share its session). A proxy that could not be reached at all
+    (:attr:`~mailrelay.errors.ProxyError.proxy_unreachable`) makes every further target
+    fail at once with that error: through a dead proxy, each would wait out its own
+    connect timeout for nothing."""
 
     def __init__(self) -> None:
         self._failed: dict[tuple[str, int], DeliveryError] = {}
+        self._proxy: DeliveryError | None = None
 
     def get(self, target: Target) -> DeliveryError | None:
         """How opening ``target`` failed earlier in this delivery, or ``None``."""
-        return self._failed.get((target.address, target.port))
+        return self._proxy or self._failed.get((target.address, target.port))
 
     def add(self, target: Target, error: DeliveryError) -> None:
         """Remember that opening ``target`` failed with ``error``."""
         self._failed[target.address, target.port] = error
+        if isinstance(error, ProxyError) and error.proxy_unreachable:
+            self._proxy = error
 
 
 class Trail:

@@ -627,6 +627,7 @@ def proxy_unreachable(handshake: ProxyHandshake, exc: BaseException) -> ProxyErr
         is_transient=transient,
         host=handshake.target,
         proxy=handshake.proxy.peer,
+        proxy_unreachable=True,
     )
 
 

@@ -4,6 +4,8 @@ delivery on to the next, and the EHLO name must then be given."""
 
 from __future__ import annotations
 
+import re
+import socket
 from typing import Any
 from urllib.parse import quote
 
@@ -12,7 +14,7 @@ import pytest
 from mailrelay.callout import AsyncCallout, Callout, CalloutStatus
 from mailrelay.errors import ConfigurationError
 from mailrelay.options import TLS, Timeouts
-from mailrelay.results import DeliveryResult
+from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.transport.mx import MXTransport
 from mailrelay.transport.mx_async import AsyncMXTransport
 from mailrelay.transport.url import transport_from_url
@@ -143,3 +145,27 @@ def test_the_mx_url_takes_a_proxy_and_refused_networks(
 def test_a_proxy_needs_the_ehlo_name(make: Any) -> None:
     with pytest.raises(ConfigurationError, match="local_hostname"):
         make(proxy="socks5://127.0.0.1:1080")
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_dead_proxy_is_tried_once_not_once_per_target(
+    flavour: Flavour,
+    unbound: UnboundServer,
+    farm: Farm,  # noqa: F811
+) -> None:
+    """samepref.test has four exchangers: through a proxy nobody listens on, each would
+    wait out its own connect timeout. The first failure says the proxy itself is
+    unreachable, and every other target fails with it at once."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    url = f"socks5://127.0.0.1:{dead.getsockname()[1]}"
+    try:
+        result = deliver(flavour, unbound, farm.port, "bob@samepref.test", url)
+    finally:
+        dead.close()
+    (only,) = result.recipients
+    assert only.outcome is Outcome.TRANSIENT
+    reason = only.reason or ""
+    # Four targets reported, all with the first one's error: only it was tried.
+    assert reason.count("could not reach proxy") == 4, reason
+    assert len(set(re.findall(r"could not reach proxy \S+ for (\S+):", reason))) == 1, reason
