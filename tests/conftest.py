@@ -17,6 +17,7 @@ pytest_plugins = [
     "tests.peers.aiosmtpd_server",
     "tests.peers.unbound",
     "tests.peers.postgres",
+    "tests.peers.dovecot",
 ]
 
 # Profiles: `dev` for quick local runs, `ci` (chosen when CI=true) for a deeper
