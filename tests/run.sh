@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(postfix sasl2-bin libsasl2-modules unbound openssl postgresql locales microsocks tinyproxy msmtp dovecot-lmtpd)
+PACKAGES=(postfix sasl2-bin libsasl2-modules unbound openssl postgresql locales microsocks tinyproxy msmtp dovecot-lmtpd dovecot-submissiond)
 missing=()
 for cmd in postfix:postfix saslpasswd2:sasl2-bin unbound:unbound openssl:openssl \
     microsocks:microsocks tinyproxy:tinyproxy msmtp:msmtp dovecot:dovecot-lmtpd; do
