@@ -20,6 +20,11 @@ for cmd in postfix:postfix saslpasswd2:sasl2-bin unbound:unbound openssl:openssl
         missing+=("${cmd#*:}")
     fi
 done
+for service in lmtp:dovecot-lmtpd submission:dovecot-submissiond; do
+    if [ ! -x "/usr/lib/dovecot/${service%%:*}" ]; then
+        missing+=("${service#*:}")
+    fi
+done
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     missing+=(postgresql)
 fi
