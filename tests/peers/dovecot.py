@@ -79,7 +79,11 @@ _START_TIMEOUT = 20.0
 _STOP_TIMEOUT = 10.0
 # Dovecot's LMTP prepends these trace fields to each delivered message (RFC 5321 §4.4).
 _TRACE_FIELDS = (b"return-path:", b"delivered-to:", b"received:")
-_COMMAND = re.compile(rb"(?:LHLO|MAIL FROM:|RCPT TO:|DATA$|BDAT |RSET$|NOOP|QUIT$)", re.IGNORECASE)
+_BDAT = re.compile(rb"BDAT (\d+)(?: LAST)?$", re.IGNORECASE)
+# A command line at the start of what follows DATA (so no message data came after it).
+_COMMAND = re.compile(
+    rb"(?:LHLO |MAIL FROM:|RCPT TO:|DATA\r\n|BDAT |RSET\r\n|NOOP|QUIT\r\n)", re.IGNORECASE
+)
 
 
 def address(local: str) -> str:
@@ -143,15 +147,29 @@ class Recorder:
     def client_commands(self) -> list[bytes]:
         """The LMTP command lines the client sent, every connection, in order.
 
-        A line of message data that looks like a command would count too: the tests' messages
-        have none.
+        Message data is skipped: a ``BDAT n`` chunk by its size (RFC 3030 §2), DATA's up to
+        the ``CRLF.CRLF`` terminator, unless a command follows DATA at once (refused DATA,
+        RFC 2920 §3.1: the client sends no message then; the tests' messages never start
+        with a command).
         """
-        return [
-            line
-            for sent in self.client_bytes
-            for line in bytes(sent).split(b"\r\n")
-            if _COMMAND.match(line)
-        ]
+        commands = []
+        for sent in self.client_bytes:
+            data = bytes(sent)
+            at = 0
+            while at < len(data):
+                end = data.find(b"\r\n", at)
+                if end == -1:
+                    break
+                line = data[at:end]
+                commands.append(line)
+                at = end + 2
+                bdat = _BDAT.match(line)
+                if bdat:
+                    at += int(bdat.group(1))
+                elif line.upper() == b"DATA" and not _COMMAND.match(data, at):
+                    terminator = data.find(b"\r\n.\r\n", at - 2)
+                    at = len(data) if terminator == -1 else terminator + 5
+        return commands
 
     def close(self) -> None:
         """Stop relaying; join every thread (bounded) and re-raise a relay thread's error."""
