@@ -16,6 +16,8 @@ Users (``passwd-file`` as passdb and userdb; Maildirs under ``mail/<user>/Maildi
 ``full@``                   ``quota_rule = *:storage=1B``: every message is refused *after
                             the data* with ``552 5.2.2 <full@...> Quota exceeded``
 ``later@``                  the same quota and ``quota_full_tempfail = yes``: ``452 4.2.2``
+``broken@``                 its Maildir cannot be created (a root-owned directory): ``451
+                            4.2.0 <broken@...> Internal error occurred. ...`` after the data
 any other user              ``550 5.1.1 <...> User doesn't exist`` at RCPT
 =========================== ================================================================
 
@@ -72,7 +74,9 @@ OVER_QUOTA = "full"
 """Local part of the user whose every message is refused over quota (552 5.2.2)."""
 OVER_QUOTA_TEMPFAIL = "later"
 """Local part of the over-quota user Dovecot defers instead (452 4.2.2)."""
-USERS = (*MAILBOXES, OVER_QUOTA, OVER_QUOTA_TEMPFAIL)
+UNWRITABLE = "broken"
+"""Local part of the user whose Maildir cannot be created (451 4.2.0 after the data)."""
+USERS = (*MAILBOXES, OVER_QUOTA, OVER_QUOTA_TEMPFAIL, UNWRITABLE)
 
 _SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/bin")
 _START_TIMEOUT = 20.0
@@ -301,6 +305,13 @@ class DovecotInstance:
         lines.append(
             f"{address(OVER_QUOTA_TEMPFAIL)}:{{PLAIN}}secret::::::"
             f"userdb_quota_rule={quota} userdb_quota_full_tempfail=yes\n"
+        )
+        # A mail location under a root-owned directory: mail is written as nobody, so
+        # Dovecot cannot create the Maildir and answers 451 4.2.0 "Internal error".
+        locked = self.root / "locked"
+        locked.mkdir(mode=0o755)
+        lines.append(
+            f"{address(UNWRITABLE)}:{{PLAIN}}secret::::::userdb_mail=maildir:{locked}/%u\n"
         )
         passwd = self.root / "passwd"
         passwd.write_text("".join(lines))

@@ -27,6 +27,7 @@ from mailrelay.transport.base import BatchItem
 from tests.peers.dovecot import (
     OVER_QUOTA,
     OVER_QUOTA_TEMPFAIL,
+    UNWRITABLE,
     DovecotInstance,
     Recorder,
     address,
@@ -158,9 +159,10 @@ def test_several_users_in_one_transaction_get_the_message_byte_for_byte(
 def test_refusals_at_rcpt_and_after_the_data_are_reported_per_recipient(
     flavour: Flavour, pipelining: bool, chunking: bool, dovecot_clean: DovecotInstance
 ) -> None:
-    """Unknown user: 550 at RCPT. Over quota: 552 (or 452 with quota_full_tempfail) in the
-    final replies after the data, while the others in the same transaction are delivered."""
-    users = ["alice", "nobody", OVER_QUOTA, "bob", OVER_QUOTA_TEMPFAIL]
+    """Unknown user: 550 at RCPT. Over quota: 552 (or 452 with quota_full_tempfail), and an
+    unwritable Maildir: 451, in the final replies after the data, while the others in the
+    same transaction are delivered."""
+    users = ["alice", "nobody", OVER_QUOTA, "bob", OVER_QUOTA_TEMPFAIL, UNWRITABLE]
     message = make(users, f"mixed {pipelining} {chunking}")
     with dovecot_clean.recorder() as recorder:
         result = send_with(
@@ -183,17 +185,23 @@ def test_refusals_at_rcpt_and_after_the_data_are_reported_per_recipient(
         Outcome.TRANSIENT,
         "4.2.2",
     )
-    # The quota refusals are final replies to the data, not RCPT replies (those were 250).
+    broken = results[UNWRITABLE]
+    assert (broken.outcome, str(broken.reply and broken.reply.enhanced)) == (
+        Outcome.TRANSIENT,
+        "4.2.0",
+    )
+    # These are final replies to the data, not RCPT replies (those were 250).
     for local in (OVER_QUOTA, OVER_QUOTA_TEMPFAIL):
         assert "Quota exceeded" in rendered(results[local])
+    assert "Internal error occurred" in rendered(broken)
     assert [r.address.local_part for r in result.rejected] == ["nobody", OVER_QUOTA]
-    assert [r.address.local_part for r in result.deferred] == [OVER_QUOTA_TEMPFAIL]
+    assert [r.address.local_part for r in result.deferred] == [OVER_QUOTA_TEMPFAIL, UNWRITABLE]
     sent = recorder.client_commands()
     assert any(c.startswith(b"BDAT ") for c in sent) is chunking
     assert (b"DATA" in sent) is not chunking
     for user in ("alice", "bob"):
         assert delivered(dovecot_clean, user) == [wire(message)]
-    for user in ("nobody", OVER_QUOTA, OVER_QUOTA_TEMPFAIL):
+    for user in ("nobody", OVER_QUOTA, OVER_QUOTA_TEMPFAIL, UNWRITABLE):
         assert dovecot_clean.read_maildir(user) == []
 
 
