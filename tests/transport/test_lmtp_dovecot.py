@@ -457,3 +457,23 @@ def test_null_sender_and_a_detail_address(flavour: Flavour, dovecot_clean: Dovec
     (raw,) = dovecot_clean.read_maildir("bob")
     assert raw.startswith(b"Return-Path: <>\r\n")
     assert strip_trace_headers(raw) == wire(message)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_batch_over_several_pooled_connections_delivers_each_message_once(
+    flavour: Flavour, dovecot_clean: DovecotInstance
+) -> None:
+    messages = [make(["alice", "bob"] if n % 2 else ["carol"], f"pooled {n}") for n in range(12)]
+    with dovecot_clean.recorder() as recorder:
+        results = send_many_with(
+            flavour, list(messages), pool=PoolSettings(size=3), timeouts=_SHORT, **tcp(recorder)
+        )
+    assert [r.ok for r in results] == [True] * len(messages)
+    assert 1 <= len(recorder.server_bytes) <= 3
+    for user, expected in (
+        ("alice", messages[1::2]),
+        ("bob", messages[1::2]),
+        ("carol", messages[0::2]),
+    ):
+        # Order across connections is not fixed: compare as sorted lists (each exactly once).
+        assert sorted(delivered(dovecot_clean, user)) == sorted(wire(m) for m in expected)
