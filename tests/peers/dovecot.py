@@ -129,7 +129,7 @@ class Recorder:
     def __init__(self, target: tuple[str, int]) -> None:
         self._target = target
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
+        self._listener.settimeout(0.02)
         self.port: int = self._listener.getsockname()[1]
         self.server_bytes: list[bytearray] = []
         self.client_bytes: list[bytearray] = []
@@ -208,7 +208,7 @@ class Recorder:
                 ends = {client: server, server: client}
                 # Bounded: the relay ends when either side closes or the recorder stops.
                 while not self._stop.is_set():
-                    readable, _, _ = select.select(list(ends), [], [], 0.1)
+                    readable, _, _ = select.select(list(ends), [], [], 0.05)
                     for sock in readable:
                         data = sock.recv(65536)
                         if not data:
