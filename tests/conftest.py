@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.peers.unbound",
     "tests.peers.postgres",
     "tests.peers.dovecot",
+    "tests.peers.dovecot_submission",
 ]
 
 # Profiles: `dev` for quick local runs, `ci` (chosen when CI=true) for a deeper

@@ -1,0 +1,436 @@
+"""SMTP transports, both drivers, against Dovecot's submission server (a second real one).
+
+Dovecot (:mod:`tests.peers.dovecot_submission`) authenticates from its own passdb and passes
+each message on to a recording relay, so every test compares what mailrelay reported with
+what Dovecot answered (recorded by :class:`tests.peers.dovecot.Recorder` where it matters)
+and what Dovecot relayed with what mailrelay sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from mailrelay.envelope import Envelope, Notify, Recipient, Ret
+from mailrelay.errors import AuthenticationError
+from mailrelay.message import Message
+from mailrelay.options import TLS, Timeouts
+from mailrelay.results import Outcome
+from mailrelay.transport import PoolSettings
+from tests.peers.dovecot import Recorder
+from tests.peers.dovecot_submission import (
+    DOMAIN,
+    INSECURE_SOURCE,
+    MAX_SIZE,
+    MECHANISMS,
+    DovecotSubmission,
+    strip_received,
+)
+from tests.transport.helpers import FLAVOURS, Flavour, send_many_with, send_with
+
+pytestmark = pytest.mark.parametrize("flavour", FLAVOURS)
+
+ALICE = f"alice@{DOMAIN}"
+RCPT = "someone@elsewhere.mailrelay.test"
+
+
+def login(dovecot: DovecotSubmission, user: str = ALICE, **extra: Any) -> dict[str, Any]:
+    """Transport arguments for ``user`` with the right password, STARTTLS port."""
+    fields: dict[str, Any] = {
+        "username": user,
+        "password": dovecot.users[user],
+        "timeouts": Timeouts.all(15),
+        **extra,
+    }
+    return dovecot.transport_args(**fields)
+
+
+def unique_message(**kwargs: Any) -> Message:
+    """A message from alice with a subject no other test uses."""
+    fields: dict[str, Any] = {
+        "sender": ALICE,
+        "to": [RCPT],
+        "subject": f"test {uuid.uuid4().hex}",
+        "text": "Hello,\n.a line starting with a dot\n\nBye.\n",
+    }
+    fields.update(kwargs)
+    return Message.build(**fields)
+
+
+@contextlib.contextmanager
+def recording(dovecot: DovecotSubmission) -> Iterator[Recorder]:
+    """A :class:`Recorder` in front of Dovecot's STARTTLS port (it relays plain text)."""
+    recorder = Recorder((dovecot.host, dovecot.port))
+    try:
+        yield recorder
+    finally:
+        recorder.close()
+
+
+def recorded(dovecot: DovecotSubmission, recorder: Recorder, **extra: Any) -> dict[str, Any]:
+    """Arguments to reach Dovecot through ``recorder`` in plain text: Dovecot counts the
+    recorder's loopback connection as secured, so AUTH is offered without TLS."""
+    return login(
+        dovecot,
+        host=dovecot.host,
+        port=recorder.port,
+        tls=TLS.NONE,
+        allow_insecure_auth=True,
+        **extra,
+    )
+
+
+_VERBS = frozenset(
+    {b"EHLO", b"AUTH", b"MAIL", b"RCPT", b"DATA", b"BDAT", b"RSET", b"QUIT", b"NOOP"}
+)
+
+
+def client_lines(recorder: Recorder) -> list[bytes]:
+    """The command lines the client sent, in order (the tests' messages have no line
+    starting with a command's verb)."""
+    lines = b"".join(bytes(sent) for sent in recorder.client_bytes).split(b"\r\n")
+    return [line for line in lines if verb(line) in _VERBS]
+
+
+def verb(line: bytes) -> bytes:
+    """The command verb of ``line``, upper-cased."""
+    return line.split(b" ")[0].split(b":")[0].upper()
+
+
+def client_verbs(recorder: Recorder) -> list[bytes]:
+    """The verbs of the commands the client sent, in order."""
+    return [verb(line) for line in client_lines(recorder)]
+
+
+def logins(dovecot: DovecotSubmission) -> int:
+    """How many logins Dovecot has logged so far (one per authenticated connection)."""
+    return len(re.findall(r"submission-login: Info: Login: ", dovecot.log_text()))
+
+
+def assert_relayed_intact(dovecot: DovecotSubmission, message: Message) -> bytes:
+    """The single relayed copy is ``message``'s bytes after Dovecot's Received field;
+    returns that field."""
+    (relayed,) = dovecot.relay.messages
+    body = strip_received(relayed.content)
+    assert body == message.as_bytes()
+    return relayed.content[: len(relayed.content) - len(body)]
+
+
+# -- authentication --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mechanism", [*MECHANISMS, None])
+def test_starttls_then_auth_each_mechanism(
+    flavour: Flavour, mechanism: str | None, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    dovecot = dovecot_submission_clean
+    message = unique_message()
+    mechanisms = None if mechanism is None else [mechanism]
+    result = send_with(flavour, message, **login(dovecot, auth_mechanisms=mechanisms))
+    assert result.ok, result
+    assert [r.reply and r.reply.code for r in result.recipients] == [250]
+    received = assert_relayed_intact(dovecot, message)
+    assert b"with ESMTPSA" in received  # TLS and authenticated (RFC 3848)
+    (relayed,) = dovecot.relay.messages
+    assert relayed.mail_from == ALICE
+    assert relayed.rcpt_tos == (RCPT,)
+    # The strongest mechanism in common is CRAM-MD5 (the only one that hides the password).
+    used = mechanism or "CRAM-MD5"
+    assert f"user=<{ALICE}>, method={used}, " in dovecot.log_text()
+
+
+def test_implicit_tls(flavour: Flavour, dovecot_submission_clean: DovecotSubmission) -> None:
+    dovecot = dovecot_submission_clean
+    message = unique_message()
+    result = send_with(flavour, message, **login(dovecot, port=dovecot.tls_port, tls=TLS.IMPLICIT))
+    assert result.ok, result
+    assert b"with ESMTPSA" in assert_relayed_intact(dovecot, message)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_wrong_password_is_a_permanent_authentication_error(
+    flavour: Flavour, mechanism: str, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    dovecot = dovecot_submission_clean
+    # Dovecot delays every AUTH from an address that failed before (its auth penalty,
+    # 2 s doubling to 15 s): each case fails from an address of its own.
+    source = f"127.0.{10 + MECHANISMS.index(mechanism)}.{1 + FLAVOURS.index(flavour)}"
+    with pytest.raises(AuthenticationError) as caught:
+        send_with(
+            flavour,
+            unique_message(),
+            **login(dovecot, password="wrong", auth_mechanisms=[mechanism], source_address=source),
+        )
+    error = caught.value
+    assert error.reply is not None
+    assert (error.reply.code, str(error.reply.enhanced)) == (535, "5.7.8")
+    assert "Authentication failed" in error.reply.text
+    assert not error.is_transient  # the same password will fail again
+    assert dovecot.relay.messages == []
+
+
+def test_plain_text_auth_refused_by_mailrelay_without_allow_insecure_auth(
+    flavour: Flavour, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    dovecot = dovecot_submission_clean
+    before = logins(dovecot)
+    with pytest.raises(AuthenticationError, match="unencrypted") as caught:
+        send_with(flavour, unique_message(), **login(dovecot, tls=TLS.NONE))
+    assert not caught.value.is_transient
+    assert logins(dovecot) == before  # the credentials never left
+    assert dovecot.relay.messages == []
+
+
+def test_plain_text_auth_over_loopback_with_allow_insecure_auth(
+    flavour: Flavour, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    # From 127.0.0.1 to 127.0.0.1 Dovecot counts the connection as secured and offers AUTH.
+    dovecot = dovecot_submission_clean
+    message = unique_message()
+    result = send_with(flavour, message, **login(dovecot, tls=TLS.NONE, allow_insecure_auth=True))
+    assert result.ok, result
+    received = assert_relayed_intact(dovecot, message)
+    assert b"with ESMTPA" in received  # authenticated, no TLS
+
+
+def test_no_auth_offered_before_tls_to_an_unsecured_client(
+    flavour: Flavour, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    # From 127.0.0.2 Dovecot (ssl = required) offers no AUTH in plain text at all.
+    dovecot = dovecot_submission_clean
+    with pytest.raises(AuthenticationError, match="no AUTH at all") as caught:
+        send_with(
+            flavour,
+            unique_message(),
+            **login(
+                dovecot, tls=TLS.NONE, allow_insecure_auth=True, source_address=INSECURE_SOURCE
+            ),
+        )
+    assert not caught.value.is_transient
+    assert dovecot.relay.messages == []
+
+
+def test_starttls_from_an_unsecured_client_then_auth(
+    flavour: Flavour, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    dovecot = dovecot_submission_clean
+    message = unique_message()
+    result = send_with(flavour, message, **login(dovecot, source_address=INSECURE_SOURCE))
+    assert result.ok, result
+    received = assert_relayed_intact(dovecot, message)
+    assert b"[127.0.0.2]" in received
+    assert b"with ESMTPSA" in received
+
+
+# -- the transaction -------------------------------------------------------------------------
+
+
+def test_several_recipients_and_a_refused_one(
+    flavour: Flavour, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    dovecot = dovecot_submission_clean
+    message = unique_message()
+    targets = (
+        "one@elsewhere.mailrelay.test",
+        "reject@elsewhere.mailrelay.test",
+        "tempfail@elsewhere.mailrelay.test",
+        "two@elsewhere.mailrelay.test",
+    )
+    with recording(dovecot) as recorder:
+        result = send_with(
+            flavour, message, Envelope(ALICE, targets), **recorded(dovecot, recorder)
+        )
+    outcomes = {str(r.address): r.outcome for r in result.recipients}
+    assert outcomes == {
+        targets[0]: Outcome.ACCEPTED,
+        targets[1]: Outcome.PERMANENT,
+        targets[2]: Outcome.TRANSIENT,
+        targets[3]: Outcome.ACCEPTED,
+    }
+    # Each RCPT reply mailrelay reports is the very line Dovecot sent.
+    lines = recorder.server_lines()
+    for r in result.recipients:
+        if r.outcome is not Outcome.ACCEPTED:
+            assert r.reply is not None
+            assert f"{r.reply.code} {r.reply.text}" in lines, (r.reply, lines)
+    (relayed,) = dovecot.relay.messages
+    assert relayed.rcpt_tos == (targets[0], targets[3])
+    assert strip_received(relayed.content) == message.as_bytes()
+
+
+def test_send_many_over_one_connection(
+    flavour: Flavour, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    # Without PIPELINING across messages (see the next test); the first message's only
+    # recipient is refused, so its transaction is left open and RSET closes it.
+    dovecot = dovecot_submission_clean
+    messages = [
+        unique_message(to=["reject@elsewhere.mailrelay.test"]),
+        unique_message(),
+        unique_message(),
+    ]
+    before = logins(dovecot)
+    with recording(dovecot) as recorder:
+        results = send_many_with(
+            flavour,
+            list(messages),
+            **recorded(dovecot, recorder, pipelining=False, pool=PoolSettings(size=1)),
+        )
+    assert [r.recipients[0].outcome for r in results] == [
+        Outcome.PERMANENT,
+        Outcome.ACCEPTED,
+        Outcome.ACCEPTED,
+    ]
+    assert logins(dovecot) == before + 1
+    assert len(recorder.client_bytes) == 1
+    verbs = client_verbs(recorder)
+    assert verbs == [
+        *(b"EHLO", b"AUTH", b"MAIL", b"RCPT", b"RSET"),
+        *(b"MAIL", b"RCPT", b"DATA") * 2,
+        b"QUIT",
+    ]
+    relayed = [strip_received(m.content) for m in dovecot.relay.messages]
+    assert relayed == [m.as_bytes() for m in messages[1:]]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "Dovecot 2.3.19 bug: the submission process panics (smtp-server-transaction.c line "
+        "226, assertion pending_rcpt_cmds == 0) when the next message's MAIL/RCPT/DATA "
+        "follow the end of data in one group, as RFC 2920 §3.1 allows; the message was "
+        "relayed but its 250 is never sent, so mailrelay reports ConnectionLost (transient)"
+    ),
+)
+def test_send_many_pipelined_across_messages(
+    flavour: Flavour, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    dovecot = dovecot_submission_clean
+    messages = [unique_message() for _ in range(3)]
+    results = send_many_with(
+        flavour, list(messages), **login(dovecot, pipelining=True, pool=PoolSettings(size=1))
+    )
+    relayed = [strip_received(m.content) for m in dovecot.relay.messages]
+    assert relayed == [m.as_bytes() for m in messages]  # every message reached the relay
+    assert all(r.ok for r in results), results
+
+
+def test_chunking(flavour: Flavour, dovecot_submission_clean: DovecotSubmission) -> None:
+    dovecot = dovecot_submission_clean
+    message = unique_message(text="many lines\n" * 6000)  # more than one chunk
+    with recording(dovecot) as recorder:
+        result = send_with(flavour, message, **recorded(dovecot, recorder, chunking=True))
+    assert result.ok, result
+    sent = b"".join(bytes(b) for b in recorder.client_bytes)
+    assert b"\r\nBDAT " in sent
+    assert b"\r\nDATA\r\n" not in sent
+    assert re.search(rb"BDAT \d+ LAST\r\n", sent)
+    assert_relayed_intact(dovecot, message)
+
+
+def test_eight_bit_mime(flavour: Flavour, dovecot_submission_clean: DovecotSubmission) -> None:
+    dovecot = dovecot_submission_clean
+    message = Message.from_bytes(
+        f"From: {ALICE}\r\nTo: {RCPT}\r\nSubject: 8 bit {uuid.uuid4().hex}\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\nGrüße aus Köln, 8 bit wie geschrieben.\r\n".encode()
+    )
+    assert message.needs_8bitmime
+    result = send_with(flavour, message, **login(dovecot))
+    assert result.ok, result
+    assert_relayed_intact(dovecot, message)
+    (relayed,) = dovecot.relay.messages
+    assert "BODY=8BITMIME" in relayed.mail.upper().split()
+
+
+def test_smtputf8_not_offered_refused_before_sending(
+    flavour: Flavour, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    dovecot = dovecot_submission_clean
+    message = unique_message(to=["jürgen@elsewhere.mailrelay.test"])
+    assert message.needs_smtputf8
+    with recording(dovecot) as recorder:
+        result = send_with(flavour, message, **recorded(dovecot, recorder))
+    (only,) = result.recipients
+    assert only.outcome is Outcome.PERMANENT
+    assert only.reason is not None
+    assert "SMTPUTF8" in only.reason
+    assert b"MAIL" not in client_verbs(recorder)
+    assert dovecot.relay.messages == []
+
+
+def test_size_parameter_and_a_message_over_size(
+    flavour: Flavour, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    dovecot = dovecot_submission_clean
+    small = unique_message()
+    big = unique_message(text="x" * 70 + "\n" * 1 + ("y" * 70 + "\n") * (MAX_SIZE // 71))
+    assert big.size > MAX_SIZE
+    with recording(dovecot) as recorder:
+        results = send_many_with(flavour, [small, big], **recorded(dovecot, recorder))
+    assert results[0].ok
+    (refused,) = results[1].recipients
+    assert refused.outcome is Outcome.PERMANENT
+    assert refused.reason is not None
+    assert "SIZE" in refused.reason
+    mails = [line for line in client_lines(recorder) if verb(line) == b"MAIL"]
+    assert mails == [f"MAIL FROM:<{ALICE}> SIZE={small.size}".encode()]
+    assert f"SIZE {MAX_SIZE}" in " ".join(recorder.server_lines())
+    assert [strip_received(m.content) for m in dovecot.relay.messages] == [small.as_bytes()]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "Dovecot offers DSN only in the EHLO after AUTH (its pre-login EHLO lacks it); "
+        "mailrelay does not EHLO again after AUTH without a SASL security layer (RFC 4954 §4 "
+        "does not ask it to), so it sends no DSN parameters and silently drops the "
+        "requested RET/ENVID/NOTIFY"
+    ),
+)
+def test_dsn_parameters_relayed(
+    flavour: Flavour, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    dovecot = dovecot_submission_clean
+    message = unique_message()
+    envelope = Envelope(
+        ALICE,
+        [Recipient(RCPT, notify=frozenset({Notify.SUCCESS, Notify.FAILURE}))],
+        ret=Ret.HDRS,
+        envid="QQ314159",
+    )
+    result = send_with(flavour, message, envelope, **login(dovecot))
+    assert result.ok, result
+    (relayed,) = dovecot.relay.messages
+    assert strip_received(relayed.content) == message.as_bytes()
+    assert "RET=HDRS" in relayed.mail.split()
+    assert "ENVID=QQ314159" in relayed.mail.split()
+    (rcpt,) = relayed.rcpts
+    assert "NOTIFY=SUCCESS,FAILURE" in rcpt.split()
+
+
+def test_dsn_offered_only_after_auth(
+    flavour: Flavour, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    # What the xfail above rests on: the EHLO mailrelay sees has no DSN, so no DSN parameter
+    # goes out and the message is relayed without one.
+    dovecot = dovecot_submission_clean
+    envelope = Envelope(ALICE, [Recipient(RCPT, notify=frozenset({Notify.NEVER}))], ret=Ret.HDRS)
+    with recording(dovecot) as recorder:
+        result = send_with(flavour, unique_message(), envelope, **recorded(dovecot, recorder))
+    assert result.ok, result
+    ehlo = recorder.server_lines()[1 : recorder.server_lines().index("250 PIPELINING") + 1]
+    assert "250-CHUNKING" in ehlo
+    assert not any("DSN" in line for line in ehlo)
+    (mail,) = [line for line in client_lines(recorder) if verb(line) == b"MAIL"]
+    (rcpt,) = [line for line in client_lines(recorder) if verb(line) == b"RCPT"]
+    assert b"RET=" not in mail
+    assert b"NOTIFY=" not in rcpt
+    (relayed,) = dovecot.relay.messages
+    assert "RET=" not in relayed.mail
+    assert "NOTIFY=" not in relayed.rcpts[0]
