@@ -327,7 +327,12 @@ class _Batch(_Delivery):
                     group.append(Bdat(data=data, last=True))
                     yield from self._write(*group, phase="mail")
                     self.transactions += 1
-                    self._needs_rset = False
+                    # The next group goes before this one's replies are read, and a BDAT
+                    # LAST refused (every recipient refused, say) may leave the server's
+                    # transaction open (RFC 3030 §2 calls it failed; Dovecot keeps the MAIL
+                    # and answers the next one 503): the next group starts with RSET, in
+                    # the same write (RFC 2920), at the cost of one short reply a message.
+                    self._needs_rset = True
                     inflight.append((index, self._bdat_replies(transaction, rset), len(data)))
                     outstanding += len(data)
                     while len(inflight) > WINDOW_MESSAGES or outstanding > WINDOW_BYTES:

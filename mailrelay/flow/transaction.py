@@ -629,10 +629,13 @@ class _Delivery(_Opening):
         """
         if first is not None:
             if first.last:
-                self._needs_rset = False
                 if transaction.all_final():
-                    yield from self._reply("data_end")  # one reply: nobody to deliver to
+                    # One reply, a refusal: nobody to deliver to. RFC 3030 §2: the
+                    # transaction failed, which need not end it (Dovecot keeps the MAIL and
+                    # answers the next one "503 5.5.0 MAIL already given"): RSET first.
+                    yield from self._reply("data_end")
                 else:
+                    self._needs_rset = False
                     yield from self._finals(transaction)
                 return
             reply = yield from self._chunk_reply(transaction)

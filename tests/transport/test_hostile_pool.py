@@ -557,6 +557,10 @@ def test_every_whole_message_in_flight_is_answered_not_sent_again(
     # TRANSIENT as well; delivered only if it is sent afresh, never twice.
     behaviours = dict(LOST_REPLIES[lost])
     behaviours[Point.DATA_END] = (Behaviour(skip=True), *behaviours[Point.DATA_END][1:])
+    if lost == "skipped":
+        # The second message's group starts with RSET (a BDAT LAST refused may leave the
+        # transaction open): its reply is lost with the others that the stand-in skips.
+        behaviours[Point.RSET] = (Behaviour(skip=True),)
     plan = Plan(behaviours=behaviours, extensions=("PIPELINING", "CHUNKING"))
     client = Client(lmtp=False, pipelining=True, chunking=True, pool=PoolSettings(size=1))
     batch = [make_item(n, ("a@example.com",), False, 0) for n in range(3)]

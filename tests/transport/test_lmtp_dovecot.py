@@ -238,22 +238,12 @@ _SHORT = Timeouts(connect=5, greeting=5, mail=5, rcpt=5, data_init=5, data_end=2
 
 # A batch whose second message has no valid recipient: the transaction after it must
 # start clean (RSET, RFC 5321 §4.1.1.5) on the same connection.
-# Both bugs below were found here and are reported to the lead with a proposed fix; they
-# stay strict xfails until mailrelay is fixed (an XPASS then says: drop the marker).
-_BDAT_BUG = (
-    "mailrelay bug: with PIPELINING and CHUNKING, a message whose every RCPT is refused "
-    "still has its 'BDAT n LAST' in the pipelined group; Dovecot answers it '503 5.5.0 No "
-    "valid recipients' and keeps the transaction (its MAIL) open (RFC 3030 §2: the "
-    "transaction failed, nothing says it ended). flow/transaction.py _send_bdat clears "
-    "_needs_rset in its first.last/all_final branch, so the next send() on the pooled "
-    "connection starts with MAIL, answered '503 5.5.0 MAIL already given': its recipients "
-    "are reported PERMANENT 503 (bounced though deliverable)"
-)
-_BDAT_BATCH_BUG = (
-    _BDAT_BUG + "; in send_many, flow/batch.py writes the next message's MAIL/RCPT/BDAT "
-    "group before that BDAT's reply is read (and clears _needs_rset too), so the next "
-    "messages are bounced with 503s or wait out data_end for final replies that never come"
-)
+# Found here: with PIPELINING and CHUNKING, a message whose every RCPT is refused still has
+# its "BDAT n LAST" in the pipelined group; Dovecot answers it "503 5.5.0 No valid
+# recipients" and keeps the transaction (its MAIL) open (RFC 3030 §2: the transaction
+# failed). The next MAIL on the connection, sent without RSET, was answered "503 5.5.0 MAIL
+# already given" and its deliverable recipients bounced; in send_many the next groups were
+# already on the wire. The client now sends RSET first.
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -263,7 +253,7 @@ _BDAT_BATCH_BUG = (
         (True, False),
         (False, False),
         (False, True),
-        pytest.param(True, True, marks=pytest.mark.xfail(strict=True, reason=_BDAT_BATCH_BUG)),
+        (True, True),
     ],
     ids=["pipelining-data", "lockstep-data", "lockstep-bdat", "pipelining-bdat"],
 )
@@ -314,7 +304,7 @@ def test_send_many_over_one_connection_with_rset_after_a_refused_message(
         (True, False),
         (False, False),
         (False, True),
-        pytest.param(True, True, marks=pytest.mark.xfail(strict=True, reason=_BDAT_BUG)),
+        (True, True),
     ],
     ids=["pipelining-data", "lockstep-data", "lockstep-bdat", "pipelining-bdat"],
 )

@@ -164,6 +164,11 @@ def test_a_refused_recipient_survives_the_session_ending(
     assert results[1].ok
 
 
+def accept_rset() -> list[Step]:
+    """RSET, answered positively."""
+    return [Step(expect=r"RSET", reply=b"250 2.0.0 Ok\r\n")]
+
+
 def accept_bdat_message() -> list[Step]:
     """MAIL, one RCPT and one ``BDAT n LAST`` chunk (RFC 3030), each answered positively."""
     return [
@@ -183,9 +188,18 @@ def test_a_bdat_window_with_a_421_in_the_middle_resends_the_rest(
                 greeting(),
                 offers,
                 *accept_bdat_message(),
-                Step(expect=r"MAIL FROM:.*", reply=b"421 4.3.2 bye\r\n", action=Action.CLOSE),
+                # The second group starts with RSET (see below): the 421 answers it.
+                Step(expect=r"RSET", reply=b"421 4.3.2 bye\r\n", action=Action.CLOSE),
             ],
-            [greeting(), offers, *accept_bdat_message() * 3, quit_step()],
+            [
+                greeting(),
+                offers,
+                *accept_bdat_message(),
+                # Each later group starts with RSET: a refused BDAT LAST may leave the
+                # server's transaction open (RFC 3030 §2).
+                *(accept_rset() + accept_bdat_message()) * 2,
+                quit_step(),
+            ],
         ]
     )
     batch = messages(4)
