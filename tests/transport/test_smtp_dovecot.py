@@ -16,12 +16,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from mailrelay.envelope import Envelope, Notify, Recipient, Ret
 from mailrelay.errors import AuthenticationError, DeliveryTimeout
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import Outcome
+from mailrelay.testing.strategies import messages
 from mailrelay.transport import PoolSettings
 from tests.peers.dovecot import Recorder
 from tests.peers.dovecot_submission import (
@@ -108,12 +110,19 @@ def client_verbs(recorder: Recorder) -> list[bytes]:
     return [verb(line) for line in client_lines(recorder)]
 
 
+def wire(message: Message) -> bytes:
+    """What the server receives of ``message``: its bytes, ending in a CRLF (the client
+    adds one when the message has none: RFC 5321 §4.1.1.4)."""
+    sent = message.as_bytes()
+    return sent if sent.endswith(b"\r\n") else sent + b"\r\n"
+
+
 def assert_relayed_intact(dovecot: DovecotSubmission, message: Message) -> bytes:
-    """The single relayed copy is ``message``'s bytes after Dovecot's Received field;
+    """The single relayed copy is ``message``'s wire bytes after Dovecot's Received field;
     returns that field."""
     (relayed,) = dovecot.relay.messages
     body = strip_received(relayed.content)
-    assert body == message.as_bytes()
+    assert body == wire(message)
     return relayed.content[: len(relayed.content) - len(body)]
 
 
@@ -480,3 +489,21 @@ def test_a_slow_auth_reply_is_reported_as_such(
     said = str(caught.value)
     assert "greeting" not in said, said
     assert "auth" in said.lower(), said
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(message=messages(eight_bit=True, utf8_headers=False, max_size=MAX_SIZE // 2))
+def test_any_message_is_relayed_byte_for_byte(
+    flavour: Flavour, dovecot_submission: DovecotSubmission, message: Message
+) -> None:
+    # The wire edge cases (dot lines, bare CR/LF, 998-octet lines, 8-bit bodies, Bcc) reach
+    # the relay exactly as mailrelay put them on the wire, after Dovecot's Received field.
+    dovecot = dovecot_submission
+    dovecot.relay.clear()
+    result = send_with(flavour, message, Envelope(ALICE, [RCPT]), **login(dovecot))
+    assert result.ok, result
+    assert_relayed_intact(dovecot, message)
