@@ -25,7 +25,10 @@ before STARTTLS the EHLO has no AUTH and an AUTH command gets ``530 5.7.0 TLS re
 Users (``passwd-file``, ``{PLAIN}`` passwords so that CRAM-MD5 works):
 :data:`USERS` (``alice@submit.mailrelay.test`` / ``alicepw``, ``bob@...`` / ``bobpw``);
 ``auth_mechanisms = plain login cram-md5``. A wrong password is answered, after Dovecot's
-failure delay (0 here), ``535 5.7.8 Authentication failed``.
+failure delay (0 here), ``535 5.7.8 Authentication failed.``; after that Dovecot's *auth
+penalty* delays every later AUTH from the same address (2 s, doubling up to 15 s; anvil keeps
+it per remote IP), so tests that fail on purpose connect from an address of their own
+(``source_address``, any of ``127.0.0.0/8``).
 
 Relay replies, chosen by the recipient's local part (case-insensitive), as
 :mod:`tests.peers.aiosmtpd_server`'s: ``tempfail`` -> ``450 4.2.1``, ``reject`` ->
@@ -36,7 +39,11 @@ Dovecot 2.3.19 facts the tests rely on (observed with ``smtplib``): ``submission
 is :data:`MAX_SIZE` (``SIZE 102400``); no SMTPUTF8 (a ``SMTPUTF8`` MAIL parameter gets
 ``555 5.5.4 Unsupported parameters``); Dovecot puts its own ``Received:`` field on top of
 the message (see :func:`strip_received`) and passes the client's ``BODY=`` on with a
-``SIZE=`` of its own.
+``SIZE=`` of its own. DSN is offered only in the EHLO *after* AUTH (when the relay offers
+it), never in the one before. A reply the relay gave is passed on with Dovecot's enhanced
+code in front of the relay's: ``550 5.0.0 <addr> 5.1.1 No such user (test)``. Dovecot
+2.3.19's submission process panics (and drops the connection) when a client pipelines the
+next message's MAIL after the end of data; the message before is relayed all the same.
 
 Running as root in a container (as :mod:`tests.peers.dovecot`): internal, login and mail
 processes run as ``nobody``. The fixture fails (never skips) with the install command when
