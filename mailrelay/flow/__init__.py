@@ -30,9 +30,11 @@ Each generator yields *I/O requests* and its ``return`` value is the step's resu
 Every :class:`Write` and :class:`Read` names its *phase* (``"greeting"``, ``"mail"``,
 ``"rcpt"``, ``"data_init"``, ``"data_block"``, ``"data_end"``, ``"quit"``): the name of the
 :class:`~mailrelay.options.Timeouts` field the driver applies (``timeouts.for_phase(phase)``).
-Replies to EHLO, HELO, LHLO, STARTTLS, AUTH, RSET and NOOP use ``"greeting"``
-(RFC 5321 §4.5.3.2 names no limit for them; its 5 minutes are the general one); QUIT and
-its reply use ``"quit"`` (a short limit: every message is answered by then).
+Replies to EHLO, HELO, LHLO, STARTTLS, RSET and NOOP use ``"greeting"``
+(RFC 5321 §4.5.3.2 names no limit for them; its 5 minutes are the general one); AUTH and
+its exchange use ``"auth"``, which the drivers give the greeting limit too, so that a
+timeout there says AUTH (servers delay AUTH replies after failures: Dovecot by seconds);
+QUIT and its reply use ``"quit"`` (a short limit: every message is answered by then).
 A failed TLS handshake is thrown into the generator at its :class:`StartTLS` request; the
 generator turns it into :class:`~mailrelay.errors.TLSError`. Any other exception the driver
 meets (timeouts, resets) it raises itself, after closing the socket; the session is then dead.

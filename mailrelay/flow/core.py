@@ -93,6 +93,9 @@ class _SessionCore:
         # Whether a RCPT was refused as one too many since deliver_many began (its
         # recipients are then sent in further transactions once the batch is done).
         self._too_many_seen = False
+        # Whether the session has said (once) that the server drops the envelopes' DSN
+        # requests (it does not offer DSN, RFC 3461).
+        self._dsn_dropped_said = False
         # What ended the session in (or right after) a transaction whose answers were kept
         # (_Delivery._attempt), and what cut a message's parts short (_Delivery._in_parts):
         # a batch reports the latter as its error.

@@ -333,11 +333,11 @@ class _Opening(_SessionCore):
             yield from self._abort()
             raise
         yield from self._write(
-            Auth(mechanism=mechanism.name, initial_response=initial), phase="greeting"
+            Auth(mechanism=mechanism.name, initial_response=initial), phase="auth"
         )
         detail: str | None = None
         while True:
-            reply = yield from self._reply("greeting")
+            reply = yield from self._reply("auth")
             if reply.code == 235:
                 try:
                     exchange.send(None)
@@ -359,8 +359,8 @@ class _Opening(_SessionCore):
                 response = exchange.send(challenge)
             except (binascii.Error, ValueError, AuthenticationError, StopIteration) as exc:
                 # RFC 4954 §4: "*" cancels the exchange; the server answers 501.
-                yield from self._write(AuthAbort(), phase="greeting")
-                yield from self._reply("greeting")
+                yield from self._write(AuthAbort(), phase="auth")
+                yield from self._reply("auth")
                 yield from self._abort()
                 if isinstance(exc, AuthenticationError):
                     exc.host = self.config.peer
@@ -371,7 +371,7 @@ class _Opening(_SessionCore):
                 ) from None
             if mechanism.name in BEARER_MECHANISMS:
                 detail = oauth_error_details(challenge)
-            yield from self._write(AuthContinue(data=response or b""), phase="greeting")
+            yield from self._write(AuthContinue(data=response or b""), phase="auth")
 
 
 def _renewable(reply: Reply) -> bool:

@@ -97,6 +97,13 @@ def _unfinished(
                 )
 
 
+def _asks_for_dsn(envelope: Envelope) -> bool:
+    """Whether ``envelope`` asks for anything of RFC 3461 (RET, ENVID, NOTIFY, ORCPT)."""
+    if envelope.ret is not None or envelope.envid is not None:
+        return True
+    return any(r.notify is not None or r.orcpt is not None for r in envelope.recipients)
+
+
 def _with_last(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, bool]]:
     """Each chunk with a flag telling whether it is the last; one empty chunk for no data."""
     previous: bytes | None = None
@@ -403,6 +410,16 @@ class _Delivery(_Opening):
         cached = self._last_commands
         if cached is not None and cached[0] is envelope and cached[1] is ext and cached[2] == key:
             return cached[3], cached[4]
+        if not ext.dsn and not self._dsn_dropped_said and _asks_for_dsn(envelope):
+            # RFC 3461 §4: no DSN parameters to a server that does not offer DSN. The
+            # request is dropped, not the message; said once a session, since a server may
+            # offer DSN only after AUTH (Dovecot's submission service does).
+            self._dsn_dropped_said = True
+            log.info(
+                "%s does not offer DSN (RFC 3461): the envelopes' NOTIFY, RET, ENVID and "
+                "ORCPT are not sent on this session",
+                self.config.peer,
+            )
         mail = MailFrom(
             sender=envelope.sender,
             parameters=envelope.mail_parameters(

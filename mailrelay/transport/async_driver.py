@@ -546,7 +546,8 @@ class AsyncDriver:
         self._writes = WriteQueue(READ_SIZE)
         self._pending = self._writes.chunks  # the same list: a cheap "anything queued?"
         # Timeouts.for_phase checks the name each time; the phases are a fixed set.
-        self._limits: dict[str, float] = attrs.asdict(timeouts)
+        # AUTH replies wait under the greeting limit, but errors name their own phase.
+        self._limits: dict[str, float] = {**attrs.asdict(timeouts), "auth": timeouts.greeting}
         # The step waiting in _wait(), its Read, and the future that wakes the task.
         self._step: Generator[Request, bytes | None, Any] | None = None
         self._waiting: Read | None = None

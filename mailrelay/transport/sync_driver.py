@@ -328,7 +328,8 @@ class SyncDriver:
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         # Timeouts.for_phase checks the name each time; the phases are a fixed set.
-        self._limits: dict[str, float] = attrs.asdict(timeouts)
+        # AUTH replies wait under the greeting limit, but errors name their own phase.
+        self._limits: dict[str, float] = {**attrs.asdict(timeouts), "auth": timeouts.greeting}
         self._blocking(sock)
 
     def __repr__(self) -> str:
