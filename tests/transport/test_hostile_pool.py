@@ -555,7 +555,7 @@ def test_every_whole_message_in_flight_is_answered_not_sent_again(
     # and was delivered twice. Both are TRANSIENT now. The third's BDAT LAST went out too
     # (the client cannot tell that the server closed before reading it), so it is
     # TRANSIENT as well; delivered only if it is sent afresh, never twice.
-    behaviours = dict(LOST_REPLIES[lost])
+    behaviours: dict[Point, tuple[Behaviour, ...]] = dict(LOST_REPLIES[lost])
     behaviours[Point.DATA_END] = (Behaviour(skip=True), *behaviours[Point.DATA_END][1:])
     if lost == "skipped":
         # The second message's group starts with RSET (a BDAT LAST refused may leave the
