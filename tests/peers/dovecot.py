@@ -54,7 +54,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -220,7 +220,79 @@ class Recorder:
                 self._errors.append(exc)
 
 
-class DovecotInstance:
+class DovecotMaster:
+    """A Dovecot master run in the foreground as our child from its own directory: what the
+    LMTP peer here and the submission peer (:mod:`tests.peers.dovecot_submission`) share.
+
+    Subclasses set ``config`` (the ``dovecot.conf`` path), ``_binary``, ``_process`` (None)
+    and ``_children`` (empty) in their constructor, and give :meth:`log_tail`.
+    """
+
+    config: Path
+    _binary: str
+    _process: subprocess.Popen[bytes] | None
+    _children: set[int]
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the instance's log (for error messages)."""
+        raise NotImplementedError
+
+    def start_master(self, ready: Sequence[Callable[[], bool]]) -> None:
+        """Start ``dovecot -F``; wait until every check in ``ready`` passes (in turn)."""
+        self._process = subprocess.Popen(
+            [self._binary, "-F", "-c", str(self.config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        end = time.monotonic() + _START_TIMEOUT
+        for check in ready:
+            while not check():
+                if self._process.poll() is not None or time.monotonic() > end:
+                    stderr = b""
+                    if self._process.poll() is not None and self._process.stderr is not None:
+                        stderr = self._process.stderr.read()
+                    raise RuntimeError(
+                        f"Dovecot did not start (exit status {self._process.returncode}): "
+                        f"{stderr.decode(errors='replace').strip()}\n"
+                        f"end of its log:\n{self.log_tail()}"
+                    )
+                time.sleep(0.05)
+        self._children = _children_of(self._process.pid)
+
+    def stop(self) -> None:
+        """SIGTERM the master we started, wait for it, and make sure its children are gone.
+
+        Raises:
+            AssertionError: A child process outlived the master (it is killed first).
+        """
+        process = self._process
+        if process is None:
+            return
+        self._process = None
+        self._children |= _children_of(process.pid)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=_STOP_TIMEOUT)
+        if process.stderr is not None:
+            process.stderr.close()
+        end = time.monotonic() + _STOP_TIMEOUT
+        left = {pid for pid in self._children if _is_dovecot_child(pid, process.pid)}
+        while left and time.monotonic() < end:
+            time.sleep(0.05)
+            left = {pid for pid in left if _is_dovecot_child(pid, process.pid)}
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if left:
+            raise AssertionError(f"Dovecot processes outlived their master: {sorted(left)}")
+
+
+class DovecotInstance(DovecotMaster):
     """A running test Dovecot, LMTP only (see the module docstring for users and replies).
 
     Attributes:
@@ -320,60 +392,12 @@ class DovecotInstance:
 
     def start(self) -> None:
         """Start the master in the foreground (our child); wait until both listeners greet."""
-        self._process = subprocess.Popen(
-            [self._binary, "-F", "-c", str(self.config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+        self.start_master(
+            [
+                lambda: _greets(socket.AF_INET, (self.host, self.port)),
+                lambda: _greets(socket.AF_UNIX, str(self.socket_path)),
+            ]
         )
-        end = time.monotonic() + _START_TIMEOUT
-        for family, target in (
-            (socket.AF_INET, (self.host, self.port)),
-            (socket.AF_UNIX, str(self.socket_path)),
-        ):
-            while not _greets(family, target):
-                if self._process.poll() is not None or time.monotonic() > end:
-                    stderr = b""
-                    if self._process.poll() is not None and self._process.stderr is not None:
-                        stderr = self._process.stderr.read()
-                    raise RuntimeError(
-                        f"Dovecot did not start (exit status {self._process.returncode}): "
-                        f"{stderr.decode(errors='replace').strip()}\n"
-                        f"end of its log:\n{self.log_tail()}"
-                    )
-                time.sleep(0.05)
-        self._children = _children_of(self._process.pid)
-
-    def stop(self) -> None:
-        """SIGTERM the master we started, wait for it, and make sure its children are gone.
-
-        Raises:
-            AssertionError: A child process outlived the master (it is killed first).
-        """
-        process = self._process
-        if process is None:
-            return
-        self._process = None
-        self._children |= _children_of(process.pid)
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=_STOP_TIMEOUT)
-        if process.stderr is not None:
-            process.stderr.close()
-        end = time.monotonic() + _STOP_TIMEOUT
-        left = {pid for pid in self._children if _is_dovecot_child(pid, process.pid)}
-        while left and time.monotonic() < end:
-            time.sleep(0.05)
-            left = {pid for pid in left if _is_dovecot_child(pid, process.pid)}
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if left:
-            raise AssertionError(f"Dovecot processes outlived their master: {sorted(left)}")
 
     # -- configuration ---------------------------------------------------------------------
 

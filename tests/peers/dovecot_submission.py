@@ -57,13 +57,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,7 +71,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tests.peers.dovecot import _children_of, _is_dovecot_child, tool
+from tests.peers.dovecot import DovecotMaster, tool
 from tests.peers.scripted import free_port
 from tests.peers.tls import TLSFiles
 
@@ -246,7 +244,7 @@ class Relay:
         self._controller.stop()
 
 
-class DovecotSubmission:
+class DovecotSubmission(DovecotMaster):
     """A running test Dovecot, submission only (see the module docstring).
 
     Attributes:
@@ -315,57 +313,12 @@ class DovecotSubmission:
 
     def start(self) -> None:
         """Start the master in the foreground (our child); wait until both listeners greet."""
-        self._process = subprocess.Popen(
-            [self._binary, "-F", "-c", str(self.config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+        self.start_master(
+            [
+                lambda: self._greets(self.port, implicit=False),
+                lambda: self._greets(self.tls_port, implicit=True),
+            ]
         )
-        end = time.monotonic() + _START_TIMEOUT
-        for port, implicit in ((self.port, False), (self.tls_port, True)):
-            while not self._greets(port, implicit=implicit):
-                if self._process.poll() is not None or time.monotonic() > end:
-                    stderr = b""
-                    if self._process.poll() is not None and self._process.stderr is not None:
-                        stderr = self._process.stderr.read()
-                    raise RuntimeError(
-                        f"Dovecot did not start (exit status {self._process.returncode}): "
-                        f"{stderr.decode(errors='replace').strip()}\n"
-                        f"end of its log:\n{self.log_tail()}"
-                    )
-                time.sleep(0.05)
-        self._children = _children_of(self._process.pid)
-
-    def stop(self) -> None:
-        """SIGTERM the master we started, wait for it, and make sure its children are gone.
-
-        Raises:
-            AssertionError: A child process outlived the master (it is killed first).
-        """
-        process = self._process
-        if process is None:
-            return
-        self._process = None
-        self._children |= _children_of(process.pid)
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=_STOP_TIMEOUT)
-        if process.stderr is not None:
-            process.stderr.close()
-        end = time.monotonic() + _STOP_TIMEOUT
-        left = {pid for pid in self._children if _is_dovecot_child(pid, process.pid)}
-        while left and time.monotonic() < end:
-            time.sleep(0.05)
-            left = {pid for pid in left if _is_dovecot_child(pid, process.pid)}
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if left:
-            raise AssertionError(f"Dovecot processes outlived their master: {sorted(left)}")
 
     def _greets(self, port: int, *, implicit: bool) -> bool:
         """Whether the listener answers with a 220 greeting (through TLS when ``implicit``)."""
