@@ -501,13 +501,14 @@ def _is_dovecot_child(pid: int, master: int) -> bool:
     return command.startswith(b"dovecot") or fields[1] == str(master)
 
 
-def missing_requirements() -> list[str]:
-    """What this machine lacks to run the test Dovecot (empty when it can)."""
+def missing_requirements(service: str = "lmtp", package: str = "dovecot-lmtpd") -> list[str]:
+    """What this machine lacks to run a test Dovecot with ``service`` (a program in
+    ``/usr/lib/dovecot`` that ``package`` installs); empty when it can."""
     missing = []
     if tool("dovecot") is None:
         missing.append("the `dovecot` command (package dovecot-core)")
-    if not Path("/usr/lib/dovecot/lmtp").exists():
-        missing.append("/usr/lib/dovecot/lmtp (package dovecot-lmtpd)")
+    if not Path(f"/usr/lib/dovecot/{service}").exists():
+        missing.append(f"/usr/lib/dovecot/{service} (package {package})")
     if os.geteuid() != 0:
         missing.append("root privileges (Dovecot's master must start as root)")
     return missing

@@ -71,7 +71,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tests.peers.dovecot import DovecotMaster, tool
+from tests.peers.dovecot import DovecotMaster, missing_requirements, tool
 from tests.peers.scripted import free_port
 from tests.peers.tls import TLSFiles
 
@@ -386,25 +386,13 @@ service submission-login {{
 """
 
 
-def missing_requirements() -> list[str]:
-    """What this machine lacks to run the test Dovecot submission server (empty when it can)."""
-    missing = []
-    if tool("dovecot") is None:
-        missing.append("the `dovecot` command (package dovecot-core)")
-    if not Path("/usr/lib/dovecot/submission").exists():
-        missing.append("/usr/lib/dovecot/submission (package dovecot-submissiond)")
-    if os.geteuid() != 0:
-        missing.append("root privileges (Dovecot's master must start as root)")
-    return missing
-
-
 @pytest.fixture(scope="session")
 def dovecot_submission(tls_files: TLSFiles) -> Iterator[DovecotSubmission]:
     """A running Dovecot submission server and its recording relay, for the whole session.
 
     Tests that read what was relayed should use ``dovecot_submission_clean``.
     """
-    missing = missing_requirements()
+    missing = missing_requirements("submission", "dovecot-submissiond")
     binary = tool("dovecot")
     if missing or binary is None:
         ci = " (CI=true: the CI image must install these)" if os.environ.get("CI") else ""
