@@ -165,6 +165,10 @@ class _Batch(_Delivery):
         # _guarded() inlined: every request of a long batch passes through this frame.
         try:
             self._ended_by = self._closing_error = None
+            if self._hello_after_auth_due and not self.closed and self.auth_refusal is None:
+                error = yield from self._hello_after_auth_for(items)
+                if error is not None:
+                    return BatchOutcome(results=(None,) * len(items), error=error)
             ext = self._extensions
             if ext is not None and (ext.rcpt_max is not None or ext.rcpt_domain_max is not None):
                 return (yield from self._many_within_limits(items))
@@ -176,6 +180,24 @@ class _Batch(_Delivery):
         except BaseException:
             self.closed = True
             raise
+
+    def _hello_after_auth_for(
+        self, items: Sequence[tuple[Message, Envelope]]
+    ) -> Step[DeliveryError | None]:
+        """EHLO again after AUTH (:meth:`_hello_after_auth`) before a batch any of whose
+        messages needs what the server has not offered; the error that ended the session
+        meanwhile (none of the batch was sent), or ``None``."""
+        if not any(self._unlocked_by_auth(message, envelope) for message, envelope in items):
+            return None
+        try:
+            yield from self._hello_after_auth()
+        except _SessionClosed as closed:
+            return self._refuse(closed.reply, "in answer to EHLO after AUTH")
+        except DeliveryError as exc:
+            # Thrown in by the driver (a timeout, a reset): the session is out of step.
+            yield from self._closed()
+            return exc
+        return None
 
     def _send_the_rest(
         self, items: Sequence[tuple[Message, Envelope]], outcome: BatchOutcome

@@ -96,6 +96,9 @@ class _SessionCore:
         # Whether the session has said (once) that the server drops the envelopes' DSN
         # requests (it does not offer DSN, RFC 3461).
         self._dsn_dropped_said = False
+        # Whether EHLO may still be sent again for what AUTH unlocks: set by a successful
+        # AUTH, cleared by that EHLO (once a session; see _Opening._hello_after_auth).
+        self._hello_after_auth_due = False
         # What ended the session in (or right after) a transaction whose answers were kept
         # (_Delivery._attempt), and what cut a message's parts short (_Delivery._in_parts):
         # a batch reports the latter as its error.

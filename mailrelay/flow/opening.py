@@ -164,6 +164,42 @@ class _Opening(_SessionCore):
         if verb != "HELO":
             self._extensions = self._conn.extensions
 
+    def _hello_after_auth(self) -> Step[None]:
+        """EHLO (LHLO) once more after AUTH, for what the server offers only to a client that
+        has logged in; called before the first message that needs something the server has
+        not offered (see ``_Delivery._unlocked_by_auth``), at most once a session.
+
+        RFC 4954 §4 asks for a new EHLO only after a SASL security layer, which no mechanism
+        here negotiates; but a server may offer more once it knows who is sending: Dovecot's
+        submission service offers DSN only after AUTH (it learns its relay's extensions
+        then). Asking only when a message would otherwise lose something (its DSN requests
+        dropped, or the message refused for SMTPUTF8, 8BITMIME or REQUIRETLS) spares every
+        other session the round trip, and the servers that mishandle an EHLO after AUTH the
+        risk. A refusal (some servers answer 503) keeps what the server offered before.
+
+        Raises:
+            _SessionClosed: the server answered 421 or hung up.
+        """
+        self._hello_after_auth_due = False
+        name = _hello_name(self.config.local_hostname)
+        verb = "LHLO" if self.config.lmtp else "EHLO"
+        command = Lhlo(hostname=name) if self.config.lmtp else Ehlo(hostname=name)
+        yield from self._write(command, phase="greeting")
+        # Alone in flight, between transactions: a reply beyond its own would answer MAIL.
+        reply = yield from self._sole_reply("greeting", f"{verb} after AUTH")
+        if reply.is_positive:
+            self._extensions = self._conn.extensions
+            self._needs_rset = False  # RFC 5321 §4.1.4: EHLO resets as RSET does
+            offered = " ".join(sorted(self.extensions.keywords))
+            log.debug("%s after AUTH: the server now offers %s", verb, offered)
+        else:
+            log.info(
+                "%s refused %s after AUTH (%d): going on with what it offered before",
+                self.config.peer,
+                verb,
+                reply.code,
+            )
+
     def _wants_starttls(self) -> bool:
         policy = self.config.tls
         if policy in (TLS.NONE, TLS.IMPLICIT):
@@ -296,6 +332,7 @@ class _Opening(_SessionCore):
             reply, detail = yield from self._sasl(mechanism, username, password, when)
             if reply is None:
                 self.authenticated = True
+                self._hello_after_auth_due = True
                 return
             last = reply
             if reply.code not in _NEXT_MECHANISM:

@@ -135,6 +135,11 @@ class _Delivery(_Opening):
 
     def _deliver(self, message: Message, envelope: Envelope) -> Step[DeliveryResult]:
         self._ensure_ready()
+        if self._hello_after_auth_due and self._unlocked_by_auth(message, envelope):
+            try:
+                yield from self._hello_after_auth()
+            except _SessionClosed as closed:
+                raise self._refuse(closed.reply, "in answer to EHLO after AUTH") from None
         parts = self._recipient_parts(envelope)
         if parts is None:
             transaction = yield from self._attempt(message, envelope)
@@ -390,6 +395,19 @@ class _Delivery(_Opening):
                 return "REQUIRETLS was requested but the server does not offer it (RFC 8689)"
         return None
 
+    def _unlocked_by_auth(self, message: Message, envelope: Envelope) -> bool:
+        """Whether the message would lose something for want of an extension the server
+        has not offered (so far): its DSN requests dropped, or itself refused for SMTPUTF8,
+        8BITMIME or REQUIRETLS. After AUTH, that is worth an EHLO again
+        (:meth:`_hello_after_auth`)."""
+        ext = self.extensions
+        return (
+            (not ext.dsn and _asks_for_dsn(envelope))
+            or (not ext.smtputf8 and self._needs_smtputf8(message, envelope))
+            or (not ext.eight_bit_mime and message.needs_8bitmime)
+            or (envelope.requiretls and not ext.requiretls)
+        )
+
     @staticmethod
     def _needs_smtputf8(message: Message, envelope: Envelope) -> bool:
         return message.needs_smtputf8 or envelope.needs_smtputf8
@@ -412,8 +430,8 @@ class _Delivery(_Opening):
             return cached[3], cached[4]
         if not ext.dsn and not self._dsn_dropped_said and _asks_for_dsn(envelope):
             # RFC 3461 §4: no DSN parameters to a server that does not offer DSN. The
-            # request is dropped, not the message; said once a session, since a server may
-            # offer DSN only after AUTH (Dovecot's submission service does).
+            # request is dropped, not the message; said once a session. (After AUTH the
+            # server was asked again first: see _hello_after_auth.)
             self._dsn_dropped_said = True
             log.info(
                 "%s does not offer DSN (RFC 3461): the envelopes' NOTIFY, RET, ENVID and "

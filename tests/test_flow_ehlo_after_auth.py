@@ -1,0 +1,193 @@
+"""EHLO again after AUTH, in the dialogue: once a session, only before a message that would
+otherwise lose something (its DSN requests dropped, or itself refused for SMTPUTF8, 8BITMIME or
+REQUIRETLS), and a refusal keeps what the server offered before (a real server that offers DSN
+only after AUTH, Dovecot's submission service, is in tests/transport/test_smtp_dovecot.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from mailrelay.envelope import Envelope, Notify, Recipient, Ret
+from mailrelay.errors import ConnectionLost, ServerProtocolError, SessionRefused
+from mailrelay.flow import Session
+from mailrelay.message import Message
+from mailrelay.results import Outcome
+from tests.test_flow import GO_AHEAD, OK, QUEUED, Driver, ehlo, lines, message, opened
+
+ACCEPTED = lines(235, "2.7.0 Accepted")
+BEFORE = ehlo("PIPELINING", "8BITMIME", "AUTH PLAIN", "ENHANCEDSTATUSCODES")
+AFTER = ehlo("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8")
+AUTH = {"username": "alice@example.org", "password": "secret", "allow_insecure_auth": True}
+EHLO_LINE = b"EHLO client.example.org\r\n"
+VERBS = frozenset(b"EHLO LHLO AUTH MAIL RCPT DATA RSET QUIT BDAT".split())
+
+
+def authenticated(
+    *turns: bytes, before: bytes = BEFORE, **changes: object
+) -> tuple[Session, Driver]:
+    return opened([lines(220, "ready"), before, ACCEPTED, *turns], **{**AUTH, **changes})
+
+
+def with_dsn(*recipients: str) -> Envelope:
+    return Envelope(
+        "alice@example.org",
+        [
+            Recipient(r, notify=frozenset({Notify.SUCCESS}))
+            for r in recipients or ("bob@example.net",)
+        ],
+        ret=Ret.HDRS,
+        envid="T1",
+    )
+
+
+def plain(*recipients: str) -> Envelope:
+    return Envelope("alice@example.org", recipients or ("bob@example.net",))
+
+
+def commands(driver: Driver) -> list[bytes]:
+    """Every command line written, in order (message data left out)."""
+    out: list[bytes] = []
+    for write in driver.writes:
+        for line in write.data.split(b"\r\n"):
+            word = line.split(b" ", 1)[0].upper()
+            if word in VERBS:
+                out.append(line)
+    return out
+
+
+def ehlo_lines(driver: Driver) -> list[bytes]:
+    return [c for c in commands(driver) if c.startswith(b"EHLO")]
+
+
+def test_dsn_asked_for_after_auth_brings_an_ehlo_and_the_parameters() -> None:
+    session, driver = authenticated(AFTER, OK, OK, GO_AHEAD, QUEUED)
+    result = driver.run(session.deliver(message(), with_dsn()))
+    assert result.ok
+    sent = commands(driver)
+    assert sent[2:] == [
+        b"EHLO client.example.org",
+        b"MAIL FROM:<alice@example.org> RET=HDRS ENVID=T1",
+        b"RCPT TO:<bob@example.net> NOTIFY=SUCCESS",
+        b"DATA",
+    ]
+    assert session.extensions.dsn
+    # Alone in flight: the EHLO went in a write of its own.
+    assert any(w.data == EHLO_LINE for w in driver.writes)
+
+
+def test_only_once_a_session() -> None:
+    # The second EHLO offers no DSN: the next message does not ask again.
+    session, driver = authenticated(BEFORE, OK, OK, GO_AHEAD, QUEUED, OK, OK, GO_AHEAD, QUEUED)
+    for _ in range(2):
+        assert driver.run(session.deliver(message(), with_dsn())).ok
+    assert ehlo_lines(driver) == [b"EHLO client.example.org"] * 2
+    assert all(b"RET=" not in c and b"NOTIFY=" not in c for c in commands(driver))
+
+
+@pytest.mark.parametrize(
+    ("before", "envelope", "msg"),
+    [
+        # Nothing asked for that is missing.
+        (BEFORE, plain(), message()),
+        # DSN asked for, and offered already.
+        (ehlo("PIPELINING", "AUTH PLAIN", "DSN"), with_dsn(), message()),
+    ],
+)
+def test_no_ehlo_when_nothing_would_be_lost(
+    before: bytes, envelope: Envelope, msg: Message
+) -> None:
+    session, driver = authenticated(OK, OK, GO_AHEAD, QUEUED, before=before)
+    assert driver.run(session.deliver(msg, envelope)).ok
+    assert ehlo_lines(driver) == [b"EHLO client.example.org"]
+
+
+def test_never_without_auth() -> None:
+    session, driver = opened([lines(220, "ready"), BEFORE, OK, OK, GO_AHEAD, QUEUED])
+    assert driver.run(session.deliver(message(), with_dsn())).ok
+    assert ehlo_lines(driver) == [b"EHLO client.example.org"]
+
+
+def test_smtputf8_unlocked_after_auth_sends_the_message() -> None:
+    # Refused (PERMANENT, nothing sent) without the second EHLO.
+    session, driver = authenticated(AFTER, OK, OK, GO_AHEAD, QUEUED)
+    result = driver.run(session.deliver(message(), plain("jöran@example.net")))
+    assert result.ok
+    assert b"MAIL FROM:<alice@example.org> SMTPUTF8" in commands(driver)
+
+
+def test_smtputf8_still_missing_after_auth_is_refused_as_before() -> None:
+    session, driver = authenticated(BEFORE)
+    result = driver.run(session.deliver(message(), plain("jöran@example.net")))
+    (only,) = result.recipients
+    assert only.outcome is Outcome.PERMANENT
+    assert "SMTPUTF8" in (only.reason or "")
+    assert not any(c.startswith(b"MAIL") for c in commands(driver))
+
+
+@pytest.mark.parametrize("code", [503, 500, 502])
+def test_a_refused_ehlo_keeps_what_was_offered_before(
+    code: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Some servers answer 503 to an EHLO after AUTH: the session goes on without DSN.
+    session, driver = authenticated(
+        lines(code, "5.5.1 already said hello"), OK, OK, GO_AHEAD, QUEUED
+    )
+    with caplog.at_level(logging.INFO, logger="mailrelay"):
+        result = driver.run(session.deliver(message(), with_dsn()))
+    assert result.ok
+    assert session.extensions.pipelining
+    assert b"MAIL FROM:<alice@example.org>" in commands(driver)
+    assert not session.closed
+    assert any(f"refused EHLO after AUTH ({code})" in r.getMessage() for r in caplog.records)
+
+
+def test_421_to_the_ehlo_refuses_with_nothing_sent() -> None:
+    session, driver = authenticated(lines(421, "4.3.2 shutting down"))
+    with pytest.raises(SessionRefused) as caught:
+        driver.run(session.deliver(message(), with_dsn()))
+    assert caught.value.is_transient
+    assert not any(c.startswith(b"MAIL") for c in commands(driver))
+    assert session.closed
+
+
+def test_a_reply_beyond_the_ehlos_ends_the_session() -> None:
+    # A second reply with EHLO's would answer MAIL.
+    session, driver = authenticated(AFTER + OK)
+    with pytest.raises(ServerProtocolError):
+        driver.run(session.deliver(message(), with_dsn()))
+    assert not any(c.startswith(b"MAIL") for c in commands(driver))
+    assert session.closed
+
+
+def test_a_batch_asks_once_before_its_first_message() -> None:
+    turns = [AFTER] + [OK, OK, GO_AHEAD, QUEUED] * 3
+    session, driver = authenticated(*turns)
+    items = [(message(), plain()), (message(), with_dsn()), (message(), plain())]
+    outcome = driver.run(session.deliver_many(items))
+    assert outcome.error is None
+    assert all(r is not None and r.ok for r in outcome.results)
+    sent = commands(driver)
+    ehlos = [i for i, c in enumerate(sent) if c.startswith(b"EHLO")]
+    first_mail = next(i for i, c in enumerate(sent) if c.startswith(b"MAIL"))
+    assert len(ehlos) == 2
+    assert ehlos[1] < first_mail
+    assert b"MAIL FROM:<alice@example.org> RET=HDRS ENVID=T1" in sent
+
+
+def test_a_batch_whose_ehlo_is_answered_by_a_hang_up_sends_nothing() -> None:
+    session, driver = authenticated()  # end of file in answer to EHLO
+    items = [(message(), with_dsn()), (message(), plain())]
+    outcome = driver.run(session.deliver_many(items))
+    assert outcome.results == (None, None)
+    assert isinstance(outcome.error, ConnectionLost)
+    assert not any(c.startswith(b"MAIL") for c in commands(driver))
+    assert session.closed
+
+
+def test_a_batch_with_nothing_missing_asks_nothing() -> None:
+    session, driver = authenticated(*([OK, OK, GO_AHEAD, QUEUED] * 2))
+    outcome = driver.run(session.deliver_many([(message(), plain()), (message(), plain())]))
+    assert all(r is not None and r.ok for r in outcome.results)
+    assert ehlo_lines(driver) == [b"EHLO client.example.org"]
