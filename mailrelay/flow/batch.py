@@ -170,8 +170,14 @@ class _Batch(_Delivery):
                 if error is not None:
                     return BatchOutcome(results=(None,) * len(items), error=error)
             ext = self._extensions
-            if ext is not None and (ext.rcpt_max is not None or ext.rcpt_domain_max is not None):
-                return (yield from self._many_within_limits(items))
+            # Messages some of whose recipients need SMTPUTF8, which the server lacks.
+            alone = None
+            if ext is None or not ext.smtputf8:
+                alone = {i for i, item in enumerate(items) if self._smtputf8_apart(*item)}
+            if alone or (
+                ext is not None and (ext.rcpt_max is not None or ext.rcpt_domain_max is not None)
+            ):
+                return (yield from self._many_within_limits(items, alone))
             self._too_many_seen = False
             outcome = yield from self._deliver_many(items)
             if self._too_many_seen:
@@ -226,16 +232,22 @@ class _Batch(_Delivery):
         # A session that ended between a message's parts ended the batch too.
         return BatchOutcome(results=tuple(results), error=outcome.error or self._ended_by)
 
-    def _many_within_limits(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
+    def _many_within_limits(
+        self, items: Sequence[tuple[Message, Envelope]], alone: set[int] | None = None
+    ) -> Step[BatchOutcome]:
         """A batch to a server that announced recipient LIMITS (RFC 9422): each run of
         messages whose envelopes keep to them is pipelined as usual; each of the others
-        goes alone, in as many transactions as the limits need (:meth:`deliver`).
+        goes alone, in as many transactions as the limits need (:meth:`deliver`). So do
+        the messages at ``alone`` (some of their recipients need SMTPUTF8, which the server
+        does not offer: :meth:`deliver` sends to the others).
 
         The messages go in their order: when the session ends early, the messages from the
         first one without a result on were not sent (a pool sends them again on a fresh
         connection, so none after it may have been delivered)."""
         count = len(items)
         over = {i for i, (_, envelope) in enumerate(items) if self._recipient_parts(envelope)}
+        if alone:
+            over |= alone
         results: list[DeliveryResult | None] = [None] * count
         error: DeliveryError | None = None
         index = 0

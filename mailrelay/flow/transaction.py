@@ -140,6 +140,9 @@ class _Delivery(_Opening):
                 yield from self._hello_after_auth()
             except _SessionClosed as closed:
                 raise self._refuse(closed.reply, "in answer to EHLO after AUTH") from None
+        apart = self._smtputf8_apart(message, envelope)
+        if apart is not None:
+            return (yield from self._without(message, envelope, apart))
         parts = self._recipient_parts(envelope)
         if parts is None:
             transaction = yield from self._attempt(message, envelope)
@@ -177,6 +180,53 @@ class _Delivery(_Opening):
             transaction.unfinished(exc.reply, f"{type(exc).__name__} before a final reply: {exc}")
             self._closing_error = exc
         return transaction
+
+    # -- recipients the server cannot take ------------------------------------------------------
+
+    def _smtputf8_apart(self, message: Message, envelope: Envelope) -> list[int] | None:
+        """The positions of the recipients whose addresses alone need SMTPUTF8 (RFC 6531),
+        when the server does not offer it and the rest of the message could go without it:
+        an ASCII message and sender, and at least one ASCII recipient. ``None`` otherwise
+        (then either nothing needs SMTPUTF8, or the whole message does)."""
+        ext = self._extensions
+        if ext is None:
+            ext = _NO_EXTENSIONS
+        if ext.smtputf8 or message.needs_smtputf8:
+            return None
+        sender = envelope.sender
+        if sender is not None and sender.needs_smtputf8:
+            return None
+        recipients = envelope.recipients
+        apart = [i for i, r in enumerate(recipients) if r.address.needs_smtputf8]
+        if not apart or len(apart) == len(recipients):
+            return None
+        return apart
+
+    def _without(
+        self, message: Message, envelope: Envelope, apart: list[int]
+    ) -> Step[DeliveryResult]:
+        """The message to the envelope's recipients but those at ``apart`` (their addresses
+        need SMTPUTF8, which the server does not offer: RFC 6531 §3.2 forbids sending them,
+        so each is PERMANENT); the others go as if they were the whole envelope (and raise
+        as :meth:`deliver` does when none of them has an answer)."""
+        refused = frozenset(apart)
+        keep = [i for i in range(len(envelope.recipients)) if i not in refused]
+        result = yield from self._deliver(message, envelope.subset(keep))
+        finals: list[RecipientResult | None] = [None] * len(envelope.recipients)
+        for index, recipient in zip(keep, result.recipients, strict=True):
+            finals[index] = recipient
+        for index in apart:
+            finals[index] = RecipientResult(
+                address=envelope.recipients[index].address,
+                outcome=Outcome.PERMANENT,
+                reply=None,
+                reason=("the address needs SMTPUTF8 (RFC 6531), which the server does not offer"),
+                host=self.config.peer,
+            )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%d recipients need SMTPUTF8, which the server lacks", len(apart))
+        recipients = cast("tuple[RecipientResult, ...]", tuple(finals))
+        return DeliveryResult(recipients=recipients, message_id=result.message_id, host=result.host)
 
     # -- recipient limits ----------------------------------------------------------------------
 
