@@ -8,6 +8,7 @@ import pytest
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import ConnectionLost
+from mailrelay.flow.bookkeeping import unsent_positions
 from mailrelay.message import Message
 from mailrelay.results import Outcome
 from tests.test_flow import (
@@ -17,6 +18,7 @@ from tests.test_flow import (
     QUEUED,
     Driver,
     ehlo,
+    lines,
     message,
     opened,
     outcomes,
@@ -86,9 +88,8 @@ def test_an_error_before_any_answer_still_raises() -> None:
         driver.run(session.deliver(message(), mixed()))
 
 
-def test_in_a_batch_only_that_message_goes_alone() -> None:
-    turns = [GREETING, NO_UTF8, OK, OK, GO_AHEAD, QUEUED, OK, OK, OK, GO_AHEAD, QUEUED]
-    turns += [OK, OK, GO_AHEAD, QUEUED]
+def test_in_a_batch_that_message_goes_alone_after_the_others() -> None:
+    turns = [GREETING, NO_UTF8] + [OK, OK, GO_AHEAD, QUEUED] * 2 + [OK, OK, OK, GO_AHEAD, QUEUED]
     session, driver = opened(turns)
     plain = Envelope("alice@example.org", ["dan@example.net"])
     outcome = driver.run(
@@ -108,10 +109,35 @@ def test_in_a_batch_only_that_message_goes_alone() -> None:
     ]
     assert rcpts(driver) == [
         b"RCPT TO:<dan@example.net>",
+        b"RCPT TO:<dan@example.net>",
         b"RCPT TO:<bob@example.net>",
         b"RCPT TO:<carol@example.net>",
-        b"RCPT TO:<dan@example.net>",
     ]
+
+
+def test_in_a_batch_that_ends_first_the_others_are_left_unsent() -> None:
+    # The session ends (421) after the pipelined messages: the message whose UTF-8
+    # recipient was refused has its others TRANSIENT, never taken (their MAIL got the
+    # 421), for another connection to take (unsent_positions), and the UTF-8 one keeps
+    # its refusal.
+    closing = lines(421, "4.3.2 closing")
+    turns = [GREETING, NO_UTF8, OK, OK, GO_AHEAD, QUEUED, closing]
+    session, driver = opened(turns)
+    plain = Envelope("alice@example.org", ["dan@example.net"])
+    outcome = driver.run(session.deliver_many([(message(), mixed()), (message(), plain)]))
+    assert outcome.error is not None
+    middle, last = outcome.results
+    assert last is not None
+    assert last.ok
+    assert middle is not None
+    assert [r.outcome for r in middle.recipients] == [
+        Outcome.TRANSIENT,
+        Outcome.PERMANENT,
+        Outcome.TRANSIENT,
+    ]
+    assert unsent_positions(middle) == [0, 2]
+    assert session.left_unsent == 1
+    assert "jöran".encode() not in driver.sent
 
 
 def test_with_recipient_limits_too() -> None:

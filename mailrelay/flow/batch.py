@@ -24,6 +24,7 @@ from mailrelay.errors import (
 )
 from mailrelay.flow import requests as _requests
 from mailrelay.flow.bookkeeping import (
+    SESSION_ENDED_REASON,
     TOO_MANY_REASON,
     _SessionClosed,
     _Transaction,
@@ -31,7 +32,7 @@ from mailrelay.flow.bookkeeping import (
 )
 from mailrelay.flow.core import _trace, log
 from mailrelay.flow.requests import _PEEK, Step, Write, _read_request
-from mailrelay.flow.transaction import _DATA, _Delivery
+from mailrelay.flow.transaction import _APART, _DATA, _Delivery
 from mailrelay.message import Message
 from mailrelay.protocol import (
     NEED_DATA,
@@ -45,7 +46,7 @@ from mailrelay.protocol import (
     ServiceClosing,
 )
 from mailrelay.reply import Reply
-from mailrelay.results import DeliveryResult
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 
 #: The most messages whose replies are outstanding in a BDAT window (RFC 3030 with
 #: RFC 2920): enough to hide the round trip, few enough that the replies never fill the
@@ -170,18 +171,14 @@ class _Batch(_Delivery):
                 if error is not None:
                     return BatchOutcome(results=(None,) * len(items), error=error)
             ext = self._extensions
-            # Messages some of whose recipients need SMTPUTF8, which the server lacks.
-            alone = None
-            if ext is None or not ext.smtputf8:
-                alone = {i for i, item in enumerate(items) if self._smtputf8_apart(*item)}
-            if alone or (
-                ext is not None and (ext.rcpt_max is not None or ext.rcpt_domain_max is not None)
-            ):
-                return (yield from self._many_within_limits(items, alone))
-            self._too_many_seen = False
+            if ext is not None and (ext.rcpt_max is not None or ext.rcpt_domain_max is not None):
+                return (yield from self._many_within_limits(items))
+            self._too_many_seen = self._apart_seen = False
             outcome = yield from self._deliver_many(items)
             if self._too_many_seen:
                 outcome = yield from self._send_the_rest(items, outcome)
+            if self._apart_seen:
+                outcome = yield from self._send_apart(items, outcome)
             return outcome
         except BaseException:
             self.closed = True
@@ -232,22 +229,63 @@ class _Batch(_Delivery):
         # A session that ended between a message's parts ended the batch too.
         return BatchOutcome(results=tuple(results), error=outcome.error or self._ended_by)
 
-    def _many_within_limits(
-        self, items: Sequence[tuple[Message, Envelope]], alone: set[int] | None = None
+    def _send_apart(
+        self, items: Sequence[tuple[Message, Envelope]], outcome: BatchOutcome
     ) -> Step[BatchOutcome]:
+        """After a batch: each message refused before sending because some of its
+        recipients alone need SMTPUTF8, which the server does not offer, goes to the others
+        (:meth:`_without`), each alone, while the session lasts. Once it has ended, the
+        others are left unsent (TRANSIENT, never offered: the count tells the transport to
+        send them on another connection)."""
+        self._apart_seen = False
+        results = list(outcome.results)
+        for index, result in enumerate(results):
+            if result is None or result.recipients[0].reason != _APART:
+                continue
+            message, envelope = items[index]
+            if self.closed or self._ended_by is not None:
+                self._ended_by = (
+                    self._ended_by
+                    or self._closing_error
+                    or ConnectionLost("the session is closed", host=self.config.peer)
+                )
+            else:
+                try:
+                    results[index] = yield from self._without(message, envelope)
+                    continue
+                except DeliveryError as exc:
+                    # None of the others was answered (else there would be a result): the
+                    # session is out of step.
+                    yield from self._closed()
+                    self._ended_by = exc
+            apart = self._smtputf8_apart(message, envelope)
+            assert apart is not None
+            refused = frozenset(apart)
+            keep = [i for i in range(len(envelope.recipients)) if i not in refused]
+            unsent = [
+                RecipientResult(
+                    address=envelope.recipients[i].address,
+                    outcome=Outcome.TRANSIENT,
+                    reply=None,
+                    reason=SESSION_ENDED_REASON,
+                    host=self.config.peer,
+                )
+                for i in keep
+            ]
+            results[index] = self._merged_apart(envelope, apart, keep, unsent, message.message_id)
+            self.left_unsent += 1
+        return BatchOutcome(results=tuple(results), error=outcome.error or self._ended_by)
+
+    def _many_within_limits(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
         """A batch to a server that announced recipient LIMITS (RFC 9422): each run of
         messages whose envelopes keep to them is pipelined as usual; each of the others
-        goes alone, in as many transactions as the limits need (:meth:`deliver`). So do
-        the messages at ``alone`` (some of their recipients need SMTPUTF8, which the server
-        does not offer: :meth:`deliver` sends to the others).
+        goes alone, in as many transactions as the limits need (:meth:`deliver`).
 
         The messages go in their order: when the session ends early, the messages from the
         first one without a result on were not sent (a pool sends them again on a fresh
         connection, so none after it may have been delivered)."""
         count = len(items)
         over = {i for i, (_, envelope) in enumerate(items) if self._recipient_parts(envelope)}
-        if alone:
-            over |= alone
         results: list[DeliveryResult | None] = [None] * count
         error: DeliveryError | None = None
         index = 0
@@ -277,10 +315,12 @@ class _Batch(_Delivery):
             while end < count and end not in over:
                 end += 1
             chosen = items[index:end]
-            self._too_many_seen = False
+            self._too_many_seen = self._apart_seen = False
             outcome = yield from self._deliver_many(chosen)
             if self._too_many_seen:
                 outcome = yield from self._send_the_rest(chosen, outcome)
+            if self._apart_seen:
+                outcome = yield from self._send_apart(chosen, outcome)
             results[index:end] = outcome.results
             error = outcome.error
             index = end

@@ -99,6 +99,9 @@ class _SessionCore:
         # Whether EHLO may still be sent again for what AUTH unlocks: set by a successful
         # AUTH, cleared by that EHLO (once a session; see _Opening._hello_after_auth).
         self._hello_after_auth_due = False
+        # Whether a message was refused before sending only because some of its recipients
+        # need SMTPUTF8 (set by _prepared; the caller then sends to the others).
+        self._apart_seen = False
         # What ended the session in (or right after) a transaction whose answers were kept
         # (_Delivery._attempt), and what cut a message's parts short (_Delivery._in_parts):
         # a batch reports the latter as its error.

@@ -97,6 +97,14 @@ def _unfinished(
                 )
 
 
+#: The reason of a recipient refused before sending because its address needs SMTPUTF8
+#: (RFC 6531), which the server does not offer.
+SMTPUTF8_ADDRESS_REASON = "the address needs SMTPUTF8 (RFC 6531), which the server does not offer"
+# The refusal _precheck gives a message only some of whose recipients need SMTPUTF8 (and so
+# that _prepared notes in _apart_seen): never a final result; the caller sends to the others.
+_APART = "some recipients need SMTPUTF8 (RFC 6531), which the server does not offer"
+
+
 def _asks_for_dsn(envelope: Envelope) -> bool:
     """Whether ``envelope`` asks for anything of RFC 3461 (RET, ENVID, NOTIFY, ORCPT)."""
     if envelope.ret is not None or envelope.envid is not None:
@@ -140,16 +148,19 @@ class _Delivery(_Opening):
                 yield from self._hello_after_auth()
             except _SessionClosed as closed:
                 raise self._refuse(closed.reply, "in answer to EHLO after AUTH") from None
-        apart = self._smtputf8_apart(message, envelope)
-        if apart is not None:
-            return (yield from self._without(message, envelope, apart))
         parts = self._recipient_parts(envelope)
         if parts is None:
+            self._apart_seen = False
             transaction = yield from self._attempt(message, envelope)
+            if self._apart_seen:
+                # Refused before sending, for recipients that alone need SMTPUTF8.
+                return (yield from self._without(message, envelope))
             if not transaction.too_many:
                 return transaction.result()
             first = transaction.result()
             return (yield from self._in_parts(message, envelope, [], first))
+        if self._smtputf8_apart(message, envelope) is not None:
+            return (yield from self._without(message, envelope))
         return (yield from self._in_parts(message, envelope, parts, None))
 
     def _attempt(self, message: Message, envelope: Envelope) -> Step[_Transaction]:
@@ -202,31 +213,43 @@ class _Delivery(_Opening):
             return None
         return apart
 
-    def _without(
-        self, message: Message, envelope: Envelope, apart: list[int]
-    ) -> Step[DeliveryResult]:
-        """The message to the envelope's recipients but those at ``apart`` (their addresses
-        need SMTPUTF8, which the server does not offer: RFC 6531 §3.2 forbids sending them,
-        so each is PERMANENT); the others go as if they were the whole envelope (and raise
-        as :meth:`deliver` does when none of them has an answer)."""
+    def _without(self, message: Message, envelope: Envelope) -> Step[DeliveryResult]:
+        """The message to the envelope's recipients but those whose addresses alone need
+        SMTPUTF8, which the server does not offer (RFC 6531 §3.2 forbids sending to them:
+        each is PERMANENT); the others go as if they were the whole envelope (and raise as
+        :meth:`deliver` does when none of them has an answer)."""
+        apart = self._smtputf8_apart(message, envelope)
+        assert apart is not None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%d recipients need SMTPUTF8, which the server lacks", len(apart))
         refused = frozenset(apart)
         keep = [i for i in range(len(envelope.recipients)) if i not in refused]
         result = yield from self._deliver(message, envelope.subset(keep))
+        return self._merged_apart(envelope, apart, keep, result.recipients, result.message_id)
+
+    def _merged_apart(
+        self,
+        envelope: Envelope,
+        apart: list[int],
+        keep: list[int],
+        kept: Sequence[RecipientResult],
+        message_id: str | None,
+    ) -> DeliveryResult:
+        """One result for the whole envelope: ``kept`` (the results of the recipients at
+        ``keep``) and a PERMANENT refusal for each of those at ``apart``."""
         finals: list[RecipientResult | None] = [None] * len(envelope.recipients)
-        for index, recipient in zip(keep, result.recipients, strict=True):
+        for index, recipient in zip(keep, kept, strict=True):
             finals[index] = recipient
         for index in apart:
             finals[index] = RecipientResult(
                 address=envelope.recipients[index].address,
                 outcome=Outcome.PERMANENT,
                 reply=None,
-                reason=("the address needs SMTPUTF8 (RFC 6531), which the server does not offer"),
+                reason=SMTPUTF8_ADDRESS_REASON,
                 host=self.config.peer,
             )
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%d recipients need SMTPUTF8, which the server lacks", len(apart))
         recipients = cast("tuple[RecipientResult, ...]", tuple(finals))
-        return DeliveryResult(recipients=recipients, message_id=result.message_id, host=result.host)
+        return DeliveryResult(recipients=recipients, message_id=message_id, host=self.config.peer)
 
     # -- recipient limits ----------------------------------------------------------------------
 
@@ -413,6 +436,8 @@ class _Delivery(_Opening):
             self._last_message = (message, envelope, ext, message_id, refusal, addresses)
         transaction = _Transaction(addresses, self.config.peer, message_id)
         if refusal is not None:
+            if refusal is _APART:
+                self._apart_seen = True
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("refusing the message before sending: %s", refusal)
             transaction.unfinished(None, refusal)
@@ -431,6 +456,9 @@ class _Delivery(_Opening):
                 "(SIZE, RFC 1870)"
             )
         if self._needs_smtputf8(message, envelope) and not ext.smtputf8:
+            if self._smtputf8_apart(message, envelope) is not None:
+                # Only some recipients need it: the caller sends to the others (_without).
+                return _APART
             return (
                 "the message or an envelope address needs SMTPUTF8 (RFC 6531), "
                 "which the server does not offer"
