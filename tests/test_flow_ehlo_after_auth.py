@@ -5,6 +5,7 @@ only after AUTH, Dovecot's submission service, is in tests/transport/test_smtp_d
 
 from __future__ import annotations
 
+import base64
 import logging
 
 import pytest
@@ -21,6 +22,7 @@ BEFORE = ehlo("PIPELINING", "8BITMIME", "AUTH PLAIN", "ENHANCEDSTATUSCODES")
 AFTER = ehlo("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "DSN", "SMTPUTF8")
 AUTH = {"username": "alice@example.org", "password": "secret", "allow_insecure_auth": True}
 EHLO_LINE = b"EHLO client.example.org\r\n"
+ALREADY = lines(503, "5.5.1 Already authenticated")
 VERBS = frozenset(b"EHLO LHLO AUTH MAIL RCPT DATA RSET QUIT BDAT".split())
 
 
@@ -78,8 +80,10 @@ def test_dsn_asked_for_after_auth_brings_an_ehlo_and_the_parameters() -> None:
 
 
 def test_only_once_a_session() -> None:
-    # The second EHLO offers no DSN: the next message does not ask again.
-    session, driver = authenticated(BEFORE, OK, OK, GO_AHEAD, QUEUED, OK, OK, GO_AHEAD, QUEUED)
+    # The second EHLO offers no DSN (and changed nothing: AUTH again, refused: the login
+    # stands): the next message does not ask again.
+    turns = [BEFORE, ALREADY, OK, OK, GO_AHEAD, QUEUED, OK, OK, GO_AHEAD, QUEUED]
+    session, driver = authenticated(*turns)
     for _ in range(2):
         assert driver.run(session.deliver(message(), with_dsn())).ok
     assert ehlo_lines(driver) == [b"EHLO client.example.org"] * 2
@@ -118,7 +122,7 @@ def test_smtputf8_unlocked_after_auth_sends_the_message() -> None:
 
 
 def test_smtputf8_still_missing_after_auth_is_refused_as_before() -> None:
-    session, driver = authenticated(BEFORE)
+    session, driver = authenticated(BEFORE, ALREADY)
     result = driver.run(session.deliver(message(), plain("jöran@example.net")))
     (only,) = result.recipients
     assert only.outcome is Outcome.PERMANENT
@@ -191,3 +195,71 @@ def test_a_batch_with_nothing_missing_asks_nothing() -> None:
     outcome = driver.run(session.deliver_many([(message(), plain()), (message(), plain())]))
     assert all(r is not None and r.ok for r in outcome.results)
     assert ehlo_lines(driver) == [b"EHLO client.example.org"]
+
+
+# -- a server that may have forgotten the login ------------------------------------------------
+
+
+def auth_lines(driver: Driver) -> list[bytes]:
+    return [c for c in commands(driver) if c.startswith(b"AUTH")]
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [(ALREADY, "the login stands"), (ACCEPTED, "forgot the login on EHLO after AUTH")],
+)
+def test_the_same_ehlo_again_brings_auth_again(
+    answer: bytes, said: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An EHLO reply identical to the one before login says nothing about the login (some
+    # servers forget it on EHLO: MAIL then gets 530); AUTH again tells.
+    session, driver = authenticated(BEFORE, answer, OK, OK, GO_AHEAD, QUEUED)
+    with caplog.at_level(logging.DEBUG, logger="mailrelay"):
+        assert driver.run(session.deliver(message(), with_dsn())).ok
+    assert len(auth_lines(driver)) == 2
+    assert auth_lines(driver)[0] == auth_lines(driver)[1]
+    verbs = [c.split(b" ", 1)[0] for c in commands(driver)]
+    assert verbs == [b"EHLO", b"AUTH", b"EHLO", b"AUTH", b"MAIL", b"RCPT", b"DATA"]
+    assert any(said in r.getMessage() for r in caplog.records)
+    # Credentials never reach the log, the second time either.
+    token = base64.b64encode(b"\0alice@example.org\0secret").decode()
+    assert not any(token in r.getMessage() or "secret" in r.getMessage() for r in caplog.records)
+    assert any("AUTH PLAIN <redacted>" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        # Changed (DSN now), AUTH still listed: the server tells logged-in clients apart.
+        ehlo("PIPELINING", "8BITMIME", "AUTH PLAIN", "ENHANCEDSTATUSCODES", "DSN"),
+        # The same, but no AUTH mechanism listed any more.
+        ehlo("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"),
+    ],
+)
+def test_a_changed_ehlo_or_one_without_auth_brings_no_auth_again(after: bytes) -> None:
+    session, driver = authenticated(after, OK, OK, GO_AHEAD, QUEUED)
+    assert driver.run(session.deliver(message(), with_dsn())).ok
+    assert len(auth_lines(driver)) == 1
+
+
+def test_an_unusable_challenge_to_auth_again_ends_the_session_not_the_message() -> None:
+    # CRAM-MD5's challenge must be base64: this one is not. The session ends (QUIT); the
+    # message was never sent, and that is a transient failure, not the credentials'.
+    cram = ehlo("PIPELINING", "AUTH CRAM-MD5")
+    challenge = base64.b64encode(b"<1.2@mx.example.net>").decode()
+    turns = [
+        lines(220, "ready"),
+        cram,
+        lines(334, challenge),
+        ACCEPTED,
+        cram,
+        lines(334, "not base64!"),
+        lines(501, "5.5.2 cancelled"),
+        lines(221, "bye"),
+    ]
+    session, driver = opened(turns, **{**AUTH, "auth_mechanisms": ["CRAM-MD5"]})
+    with pytest.raises(ConnectionLost) as caught:
+        driver.run(session.deliver(message(), with_dsn()))
+    assert caught.value.is_transient
+    assert session.closed
+    assert not any(c.startswith(b"MAIL") for c in commands(driver))

@@ -48,6 +48,7 @@ from mailrelay.protocol import (
     Rset,
     ServiceClosing,
 )
+from mailrelay.protocol.sasl import Mechanism
 from mailrelay.reply import Reply
 
 # The ``mailrelay.flow`` logger, whichever module of the package writes the trace.
@@ -99,6 +100,8 @@ class _SessionCore:
         # Whether EHLO may still be sent again for what AUTH unlocks: set by a successful
         # AUTH, cleared by that EHLO (once a session; see _Opening._hello_after_auth).
         self._hello_after_auth_due = False
+        # The SASL mechanism and password of the successful AUTH (for _authenticate_again).
+        self._login: tuple[Mechanism, str] | None = None
         # Whether a message was refused before sending only because some of its recipients
         # need SMTPUTF8 (set by _prepared; the caller then sends to the others).
         self._apart_seen = False

@@ -188,10 +188,17 @@ class _Opening(_SessionCore):
         # Alone in flight, between transactions: a reply beyond its own would answer MAIL.
         reply = yield from self._sole_reply("greeting", f"{verb} after AUTH")
         if reply.is_positive:
+            before = self.extensions
             self._extensions = self._conn.extensions
             self._needs_rset = False  # RFC 5321 §4.1.4: EHLO resets as RSET does
             offered = " ".join(sorted(self.extensions.keywords))
             log.debug("%s after AUTH: the server now offers %s", verb, offered)
+            if self.extensions == before and self.extensions.auth:
+                # The same reply as before login, AUTH mechanisms and all: it says nothing
+                # of whether the server kept the login, and some forget it on EHLO (their
+                # MAIL then gets 530). AUTH again tells: RFC 4954 §4 has a server that kept
+                # it refuse a second AUTH (503); one that forgot takes it.
+                yield from self._authenticate_again()
         else:
             log.info(
                 "%s refused %s after AUTH (%d): going on with what it offered before",
@@ -199,6 +206,29 @@ class _Opening(_SessionCore):
                 verb,
                 reply.code,
             )
+
+    def _authenticate_again(self) -> Step[None]:
+        """AUTH once more after :meth:`_hello_after_auth`, with the mechanism and password
+        that succeeded: accepted, the server had forgotten the login (now renewed); refused
+        (503, as RFC 4954 §4 asks of a server that kept it, or anything else), the session
+        goes on as it was."""
+        assert self._login is not None
+        assert self.config.username is not None
+        mechanism, password = self._login
+        try:
+            reply, _ = yield from self._sasl(
+                mechanism, self.config.username, password, "AUTH again after EHLO"
+            )
+        except AuthenticationError:
+            # An unusable challenge this time: the session is over (QUIT sent), and the
+            # message was not sent, which is not the credentials' fault.
+            raise _SessionClosed(None) from None
+        # Alone in flight: a reply beyond it would answer MAIL.
+        yield from self._nothing_more("AUTH again after EHLO")
+        if reply is None:
+            log.info("%s forgot the login on EHLO after AUTH; logged in again", self.config.peer)
+        else:
+            log.debug("AUTH again after EHLO refused with %d: the login stands", reply.code)
 
     def _wants_starttls(self) -> bool:
         policy = self.config.tls
@@ -333,6 +363,7 @@ class _Opening(_SessionCore):
             if reply is None:
                 self.authenticated = True
                 self._hello_after_auth_due = True
+                self._login = (mechanism, password)
                 return
             last = reply
             if reply.code not in _NEXT_MECHANISM:

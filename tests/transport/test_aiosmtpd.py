@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mailrelay.envelope import Envelope
+from mailrelay.envelope import Envelope, Notify, Recipient, Ret
 from mailrelay.errors import AuthenticationError, ConnectError
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
@@ -322,3 +322,39 @@ def test_lmtp_send_many_pipelined_keeps_each_message_final_replies(
     for n, result in enumerate(results):
         expected = [Outcome.ACCEPTED, Outcome.TRANSIENT] if n % 2 else [Outcome.ACCEPTED]
         assert [r.outcome for r in result.recipients] == expected
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_dsn_asked_for_after_auth_with_a_server_that_never_offers_it(
+    flavour: Flavour, aiosmtpd_server: AiosmtpdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # aiosmtpd offers no DSN. A message asking for DSNs after AUTH brings EHLO once more; the
+    # reply is the same as before login, so AUTH again asks whether the login stood (aiosmtpd
+    # answers 503 when it did). Either way the message goes, without DSN parameters, on a
+    # session that is still logged in.
+    caplog.set_level(logging.DEBUG, logger="mailrelay")
+    envelope = Envelope(
+        "alice@mailrelay.test",
+        [Recipient("bob@mailrelay.test", notify=frozenset({Notify.SUCCESS}))],
+        ret=Ret.HDRS,
+    )
+    result = send_with(
+        flavour,
+        make_message(to=("bob@mailrelay.test",)),
+        envelope,
+        **tls_args(aiosmtpd_server, username=USER, password=PASSWORD),
+    )
+    assert result.ok, result
+    (received,) = aiosmtpd_server.messages
+    assert received.auth_login == USER
+    assert not any(o.startswith("RET=") for o in received.mail_options)
+    sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith(">>> ")]
+    verbs = [line.split()[1] for line in sent]
+    assert verbs[:6] == ["EHLO", "STARTTLS", "EHLO", "AUTH", "EHLO", "AUTH"]
+    outcome = [
+        r.getMessage()
+        for r in caplog.records
+        if "the login stands" in r.getMessage() or "forgot the login" in r.getMessage()
+    ]
+    assert len(outcome) == 1
+    assert PASSWORD not in caplog.text
