@@ -181,6 +181,11 @@ class _Opening(_SessionCore):
             _SessionClosed: the server answered 421 or hung up.
         """
         self._hello_after_auth_due = False
+        if self._needs_rset:
+            # A transaction left open (MAIL taken, every RCPT refused, no DATA): EHLO
+            # would reset it too (RFC 5321 §4.1.4), but the connection sends no EHLO
+            # inside a transaction; RSET closes it first.
+            yield from self._rset()
         name = _hello_name(self.config.local_hostname)
         verb = "LHLO" if self.config.lmtp else "EHLO"
         command = Lhlo(hostname=name) if self.config.lmtp else Ehlo(hostname=name)
