@@ -39,6 +39,7 @@ from mailrelay.protocol import (
     Bdat,
     Command,
     ConnectionClosed,
+    EndOfData,
     MailFrom,
     RcptTo,
     Response,
@@ -236,13 +237,19 @@ class _Batch(_Delivery):
         recipients alone need SMTPUTF8, which the server does not offer, goes to the others
         (:meth:`_without`), each alone, while the session lasts. Once it has ended, the
         others are left unsent (TRANSIENT, never offered: the count tells the transport to
-        send them on another connection)."""
+        send them on another connection), except those of a message whose final reply the
+        end lost (it went out whole: the server may have taken it, RFC 1047), TRANSIENT with
+        the error, as :meth:`_in_parts` leaves them."""
         self._apart_seen = False
         results = list(outcome.results)
         for index, result in enumerate(results):
             if result is None or result.recipients[0].reason != _APART:
                 continue
             message, envelope = items[index]
+            # Why the others have no answer: never offered (unless the message went out).
+            reply: Reply | None = None
+            reason = SESSION_ENDED_REASON
+            host = self.config.peer
             if self.closed or self._ended_by is not None:
                 self._ended_by = (
                     self._ended_by
@@ -258,6 +265,16 @@ class _Batch(_Delivery):
                     # session is out of step.
                     yield from self._closed()
                     self._ended_by = exc
+                    if any(
+                        isinstance(command, EndOfData)
+                        or (isinstance(command, Bdat) and command.last)
+                        for command in self.unanswered
+                    ):
+                        # The whole message went out and its final reply was lost: the
+                        # server may have taken it (RFC 1047). Not "never offered": a pool
+                        # would send it to them again (see _in_parts).
+                        reply, host = exc.reply, exc.host
+                        reason = f"{type(exc).__name__} before a final reply: {exc}"
             apart = self._smtputf8_apart(message, envelope)
             assert apart is not None
             refused = frozenset(apart)
@@ -266,14 +283,15 @@ class _Batch(_Delivery):
                 RecipientResult(
                     address=envelope.recipients[i].address,
                     outcome=Outcome.TRANSIENT,
-                    reply=None,
-                    reason=SESSION_ENDED_REASON,
-                    host=self.config.peer,
+                    reply=reply,
+                    reason=reason,
+                    host=host,
                 )
                 for i in keep
             ]
             results[index] = self._merged_apart(envelope, apart, keep, unsent, message.message_id)
-            self.left_unsent += 1
+            if reason is SESSION_ENDED_REASON:
+                self.left_unsent += 1
         return BatchOutcome(results=tuple(results), error=outcome.error or self._ended_by)
 
     def _many_within_limits(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:

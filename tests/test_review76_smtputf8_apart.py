@@ -1,0 +1,83 @@
+"""Review 76: recipients whose addresses alone need SMTPUTF8, refused on their own.
+
+In a batch, such a message goes to its other recipients after the rest (``_send_apart``).
+When that transaction ends after the whole message went out and before its final reply
+(end of file, or a timeout the driver throws in), the server may have taken it (RFC 1047):
+those recipients must not read as never offered (``unsent_positions``), which a pool sends
+again on another connection (a second delivery)."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import pytest
+
+from mailrelay.envelope import Envelope
+from mailrelay.errors import ConnectionLost, DeliveryTimeout
+from mailrelay.flow import Read, Step
+from mailrelay.flow.bookkeeping import unsent_positions
+from mailrelay.results import Outcome
+from tests.test_flow import GO_AHEAD, GREETING, OK, QUEUED, Driver, lines, message, opened
+from tests.test_flow_smtputf8_apart import NO_UTF8, mixed
+
+T = TypeVar("T")
+
+PLAIN = Envelope("alice@example.org", ["dan@example.net"])
+# The plain message pipelined, then the mixed one's others alone: MAIL, 2 RCPT, DATA.
+TURNS = [GREETING, NO_UTF8, OK, OK, GO_AHEAD, QUEUED, OK, OK, OK, GO_AHEAD]
+
+
+class TimeoutAtLastRead(Driver):
+    """Throws a timeout into the Read that would get the end of the script."""
+
+    def run(self, step: Step[T]) -> T:
+        value: bytes | None = None
+        throw: Exception | None = None
+        while True:
+            try:
+                request = step.throw(throw) if throw is not None else step.send(value)
+            except StopIteration as done:
+                result: T = done.value
+                return result
+            throw, value = None, None
+            self.requests.append(request)
+            if isinstance(request, Read):
+                if self.pieces:
+                    value = self.pieces.pop(0)
+                else:
+                    throw = DeliveryTimeout("no final reply", host="mx.example.net")
+
+
+@pytest.mark.parametrize("ending", ["eof", "timeout"])
+def test_a_lost_final_reply_is_not_never_sent(ending: str) -> None:
+    session, driver = opened(TURNS)
+    if ending == "timeout":
+        driver = TimeoutAtLastRead(driver.pieces)
+    outcome = driver.run(session.deliver_many([(message(), mixed()), (message(), PLAIN)]))
+    assert isinstance(outcome.error, ConnectionLost | DeliveryTimeout)
+    assert b".\r\n" in driver.sent.split(b"RCPT TO:<carol@example.net>")[1]  # all went out
+    apart, last = outcome.results
+    assert last is not None
+    assert last.ok
+    assert apart is not None
+    assert [r.outcome for r in apart.recipients] == [
+        Outcome.TRANSIENT,
+        Outcome.PERMANENT,
+        Outcome.TRANSIENT,
+    ]
+    # Maybe delivered: not for another connection to send again.
+    assert unsent_positions(apart) == []
+    assert session.left_unsent == 0
+    assert apart.message_id == "m1@example.org"
+
+
+def test_a_session_ended_before_the_data_still_leaves_them_unsent() -> None:
+    # A 421 to that MAIL: the server never had the message; the others go elsewhere.
+    turns = [GREETING, NO_UTF8, OK, OK, GO_AHEAD, QUEUED, lines(421, "4.3.2 bye")]
+    session, driver = opened(turns)
+    outcome = driver.run(session.deliver_many([(message(), mixed()), (message(), PLAIN)]))
+    assert outcome.error is not None
+    apart, _ = outcome.results
+    assert apart is not None
+    assert unsent_positions(apart) == [0, 2]
+    assert session.left_unsent == 1
