@@ -8,7 +8,8 @@ again on another connection (a second delivery)."""
 
 from __future__ import annotations
 
-from typing import TypeVar
+import asyncio
+from typing import Any, TypeVar
 
 import pytest
 
@@ -16,9 +17,13 @@ from mailrelay.envelope import Envelope
 from mailrelay.errors import ConnectionLost, DeliveryTimeout
 from mailrelay.flow import Read, Step
 from mailrelay.flow.bookkeeping import unsent_positions
-from mailrelay.results import Outcome
+from mailrelay.options import TLS, Timeouts
+from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.transport import AsyncSMTPTransport, SMTPTransport
+from mailrelay.transport.base import BatchItem
 from tests.test_flow import GO_AHEAD, GREETING, OK, QUEUED, Driver, lines, message, opened
 from tests.test_flow_smtputf8_apart import NO_UTF8, mixed
+from tests.transport.hostile_server import NORMAL, Behaviour, HostileServer, Kind, Plan, Point
 
 T = TypeVar("T")
 
@@ -81,3 +86,52 @@ def test_a_session_ended_before_the_data_still_leaves_them_unsent() -> None:
     assert apart is not None
     assert unsent_positions(apart) == [0, 2]
     assert session.left_unsent == 1
+
+
+# -- through a pool: the server's view -------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_pool_does_not_send_it_to_them_twice(flavour: str) -> None:
+    # The server takes the apart transaction's whole data, then hangs up without its
+    # final reply. bob and carol may have the message: no second transaction for them.
+    plan = Plan(
+        behaviours={Point.DATA_END: (NORMAL, Behaviour(kind=Kind.CLOSE))},
+        extensions=("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"),
+    )
+    server = HostileServer(plan).start()
+    try:
+        items: list[BatchItem] = [(message(), mixed()), (message(), PLAIN)]
+        settings: dict[str, Any] = {
+            "host": server.host,
+            "port": server.port,
+            "tls": TLS.NONE,
+            "timeouts": Timeouts.all(10),
+        }
+        if flavour == "sync":
+            with SMTPTransport(**settings) as transport:
+                results = transport.send_many(items)
+        else:
+
+            async def main() -> list[DeliveryResult]:
+                async with AsyncSMTPTransport(**settings) as transport:
+                    return await transport.asend_many(items)
+
+            results = asyncio.run(main())
+        server.wait_idle()
+    finally:
+        server.stop()
+    bob = [
+        t
+        for c in server.connections
+        for t in c.transactions
+        if any(r == "bob@example.net" for r, _ in t.recipients)
+    ]
+    assert len(bob) == 1
+    assert bob[0].complete
+    assert [r.outcome for r in results[0].recipients] == [
+        Outcome.TRANSIENT,
+        Outcome.PERMANENT,
+        Outcome.TRANSIENT,
+    ]
+    assert results[1].ok
