@@ -19,7 +19,7 @@ from mailrelay.flow import Read, Step
 from mailrelay.flow.bookkeeping import unsent_positions
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
-from mailrelay.transport import AsyncSMTPTransport, SMTPTransport
+from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
 from mailrelay.transport.base import BatchItem
 from tests.test_flow import GO_AHEAD, GREETING, OK, QUEUED, Driver, lines, message, opened
 from tests.test_flow_smtputf8_apart import NO_UTF8, mixed
@@ -107,6 +107,8 @@ def test_a_pool_does_not_send_it_to_them_twice(flavour: str) -> None:
             "port": server.port,
             "tls": TLS.NONE,
             "timeouts": Timeouts.all(10),
+            # One connection: the asyncio pool would spread the two over two at once.
+            "pool": PoolSettings(size=1),
         }
         if flavour == "sync":
             with SMTPTransport(**settings) as transport:
