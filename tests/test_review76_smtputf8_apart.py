@@ -16,12 +16,12 @@ import pytest
 from mailrelay.envelope import Envelope
 from mailrelay.errors import ConnectionLost, DeliveryTimeout
 from mailrelay.flow import Read, Step
-from mailrelay.flow.bookkeeping import unsent_positions
+from mailrelay.flow.bookkeeping import MAIL_MAX_REASON, unsent_positions
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
 from mailrelay.transport.base import BatchItem
-from tests.test_flow import GO_AHEAD, GREETING, OK, QUEUED, Driver, lines, message, opened
+from tests.test_flow import GO_AHEAD, GREETING, OK, QUEUED, Driver, ehlo, lines, message, opened
 from tests.test_flow_smtputf8_apart import NO_UTF8, mixed
 from tests.transport.hostile_server import NORMAL, Behaviour, HostileServer, Kind, Plan, Point
 
@@ -137,3 +137,34 @@ def test_a_pool_does_not_send_it_to_them_twice(flavour: str) -> None:
         Outcome.TRANSIENT,
     ]
     assert results[1].ok
+
+
+# -- LIMITS MAILMAX (RFC 9422) -----------------------------------------------------------------
+
+
+def test_no_transaction_beyond_mailmax() -> None:
+    # MAILMAX=2: the second message's recipient refused as one too many takes the second
+    # transaction (_send_the_rest); the first message's others then wait for another
+    # connection, unsent, instead of a third MAIL the server said it would not take.
+    limited = ehlo("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "LIMITS MAILMAX=2")
+    too_many = lines(452, "4.5.3 too many recipients")
+    turns = [GREETING, limited, OK, OK, too_many, GO_AHEAD, QUEUED, OK, OK, GO_AHEAD, QUEUED]
+    two = Envelope("alice@example.org", ["dan@example.net", "eve@example.net"])
+    session, driver = opened(turns)
+    outcome = driver.run(session.deliver_many([(message(), mixed()), (message(), two)]))
+    assert outcome.error is None
+    apart, last = outcome.results
+    assert last is not None
+    assert last.ok
+    assert apart is not None
+    assert [r.outcome for r in apart.recipients] == [
+        Outcome.TRANSIENT,
+        Outcome.PERMANENT,
+        Outcome.TRANSIENT,
+    ]
+    assert unsent_positions(apart) == [0, 2]
+    assert apart.recipients[0].reason == MAIL_MAX_REASON
+    assert session.left_unsent == 1
+    assert session.transactions == 2
+    assert driver.sent.count(b"MAIL FROM:") == 2
+    assert not session.closed

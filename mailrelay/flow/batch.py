@@ -24,6 +24,7 @@ from mailrelay.errors import (
 )
 from mailrelay.flow import requests as _requests
 from mailrelay.flow.bookkeeping import (
+    MAIL_MAX_REASON,
     SESSION_ENDED_REASON,
     TOO_MANY_REASON,
     _SessionClosed,
@@ -235,7 +236,8 @@ class _Batch(_Delivery):
     ) -> Step[BatchOutcome]:
         """After a batch: each message refused before sending because some of its
         recipients alone need SMTPUTF8, which the server does not offer, goes to the others
-        (:meth:`_without`), each alone, while the session lasts. Once it has ended, the
+        (:meth:`_without`), each alone, while the session lasts and the server's LIMITS
+        MAILMAX (RFC 9422) allows. Once it has ended (or has no transaction left), the
         others are left unsent (TRANSIENT, never offered: the count tells the transport to
         send them on another connection), except those of a message whose final reply the
         end lost (it went out whole: the server may have taken it, RFC 1047), TRANSIENT with
@@ -256,6 +258,11 @@ class _Batch(_Delivery):
                     or self._closing_error
                     or ConnectionLost("the session is closed", host=self.config.peer)
                 )
+            elif self._mail_max_reached():
+                # RFC 9422: the server takes no more transactions on this session (the
+                # others of the batch, or of a split message, used them up): as in
+                # _in_parts, they wait for another connection.
+                reason = MAIL_MAX_REASON
             else:
                 try:
                     results[index] = yield from self._without(message, envelope)
@@ -290,7 +297,7 @@ class _Batch(_Delivery):
                 for i in keep
             ]
             results[index] = self._merged_apart(envelope, apart, keep, unsent, message.message_id)
-            if reason is SESSION_ENDED_REASON:
+            if reason in (SESSION_ENDED_REASON, MAIL_MAX_REASON):
                 self.left_unsent += 1
         return BatchOutcome(results=tuple(results), error=outcome.error or self._ended_by)
 
