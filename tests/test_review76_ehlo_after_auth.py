@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 
 from mailrelay.envelope import Envelope, Notify, Recipient, Ret
+from mailrelay.errors import AuthenticationError
 from mailrelay.options import Timeouts
 from mailrelay.results import Outcome
 from mailrelay.transport import AsyncSMTPTransport, SMTPTransport
 from tests.peers.aiosmtpd_server import AiosmtpdServer
 from tests.test_flow import GO_AHEAD, OK, QUEUED, ehlo, lines, message
-from tests.test_flow_ehlo_after_auth import authenticated, commands, plain, with_dsn
+from tests.test_flow_ehlo_after_auth import BEFORE, authenticated, commands, plain, with_dsn
 from tests.transport.helpers import FLAVOURS, Flavour, make_message, run
 
 NO_PIPELINING = ehlo("8BITMIME", "AUTH PLAIN", "ENHANCEDSTATUSCODES")
@@ -97,3 +98,49 @@ def test_a_pooled_connection_after_a_refused_recipient(
     assert second.ok, second
     (received,) = aiosmtpd_server.messages
     assert received.rcpt_tos == ("bob@mailrelay.test",)
+
+
+# -- AUTH again refused as a failed login ------------------------------------------------------
+
+MAIL_NEEDS_AUTH = lines(530, "5.7.0 Authentication required")
+BYE = lines(221, "2.0.0 bye")
+
+
+@pytest.mark.parametrize(
+    ("refusal", "transient"),
+    [
+        (lines(454, "4.7.0 Temporary authentication failure"), True),
+        (lines(535, "5.7.8 Authentication credentials invalid"), False),
+    ],
+    ids=["454", "535"],
+)
+def test_auth_again_refused_as_a_failed_login_is_an_authentication_error(
+    refusal: bytes, transient: bool
+) -> None:
+    # Not 503: the server took the second AUTH for a login, so it had forgotten the first
+    # (RFC 4954 §4); MAIL would get 530 and the message would bounce (PERMANENT) for a
+    # failed login. The session ends instead, with the AUTH refusal.
+    session, driver = authenticated(BEFORE, refusal, BYE, OK, MAIL_NEEDS_AUTH)
+    with pytest.raises(AuthenticationError) as caught:
+        driver.run(session.deliver(message(), with_dsn()))
+    assert caught.value.is_transient is transient
+    assert caught.value.reply is not None
+    assert caught.value.reply.code in {454, 535}
+    assert session.closed
+    assert not any(c.startswith(b"MAIL") for c in commands(driver))
+    assert commands(driver)[-1] == b"QUIT"
+
+
+def test_in_a_batch_it_ends_the_batch_with_nothing_sent() -> None:
+    refusal = lines(454, "4.7.0 Temporary authentication failure")
+    session, driver = authenticated(BEFORE, refusal, BYE, OK, MAIL_NEEDS_AUTH)
+    outcome = driver.run(session.deliver_many([(message(), with_dsn()), (message(), plain())]))
+    assert isinstance(outcome.error, AuthenticationError)
+    assert outcome.results == (None, None)
+    assert not any(c.startswith(b"MAIL") for c in commands(driver))
+
+
+def test_503_still_means_the_login_stands() -> None:
+    already = lines(503, "5.5.1 Already authenticated")
+    session, driver = authenticated(BEFORE, already, OK, OK, GO_AHEAD, QUEUED)
+    assert driver.run(session.deliver(message(), with_dsn())).ok

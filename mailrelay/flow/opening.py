@@ -48,6 +48,10 @@ from mailrelay.reply import Reply
 _HELO_FALLBACK = frozenset({500, 501, 502, 504, 550})
 # RFC 4954 §6: 534 "mechanism too weak"; 504 "mechanism not supported" (some servers).
 _NEXT_MECHANISM = frozenset({504, 534})
+# RFC 4954 §6: the replies of a login attempted and failed (temporary failure, mechanism too
+# weak, credentials invalid, encryption required), never of an AUTH refused for a login
+# that stands (503, RFC 4954 §4).
+_LOGIN_FAILED = frozenset({454, 534, 535, 538})
 
 
 def _hello_name(name: str) -> str:
@@ -179,6 +183,8 @@ class _Opening(_SessionCore):
 
         Raises:
             _SessionClosed: the server answered 421 or hung up.
+            AuthenticationError: the server had forgotten the login and refused it again
+                (:meth:`_authenticate_again`).
         """
         self._hello_after_auth_due = False
         if self._needs_rset:
@@ -216,7 +222,12 @@ class _Opening(_SessionCore):
         """AUTH once more after :meth:`_hello_after_auth`, with the mechanism and password
         that succeeded: accepted, the server had forgotten the login (now renewed); refused
         (503, as RFC 4954 §4 asks of a server that kept it, or anything else), the session
-        goes on as it was."""
+        goes on as it was, unless the refusal is that of a failed login (454, 534, 535,
+        538: the server had forgotten the first one too).
+
+        Raises:
+            AuthenticationError: that failed login (the session is ended with QUIT).
+        """
         assert self._login is not None
         assert self.config.username is not None
         mechanism, password = self._login
@@ -232,6 +243,16 @@ class _Opening(_SessionCore):
         yield from self._nothing_more("AUTH again after EHLO")
         if reply is None:
             log.info("%s forgot the login on EHLO after AUTH; logged in again", self.config.peer)
+        elif reply.code in _LOGIN_FAILED:
+            # Not 503: the server took this AUTH for a login (RFC 4954 §4), and refused it,
+            # so it had forgotten the first one; its MAIL would get 530, and every
+            # recipient would be refused for a failed login (PERMANENT).
+            yield from self._abort()
+            raise AuthenticationError(
+                f"the server forgot the login on EHLO after AUTH and refused it again: {reply}",
+                reply=reply,
+                host=self.config.peer,
+            )
         else:
             log.debug("AUTH again after EHLO refused with %d: the login stands", reply.code)
 
