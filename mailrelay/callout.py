@@ -188,13 +188,17 @@ def _judge(recipients: Sequence[Address], probe: _Probe, host: str) -> list[Call
                 )
             )
         elif reply is None:
+            # Unanswered with MAIL accepted and the session going on: never asked, since
+            # the address needs SMTPUTF8 and the server does not offer it.
+            unasked = "the server does not offer SMTPUTF8 (RFC 6531), which this address needs"
             results.append(
                 CalloutResult(
                     address=address,
                     status=CalloutStatus.UNKNOWN,
                     host=host,
                     catch_all=catch_all,
-                    detail=probe.ended or "no reply to RCPT",
+                    detail=probe.ended
+                    or (unasked if address.needs_smtputf8 else "no reply to RCPT"),
                 )
             )
         else:

@@ -941,7 +941,9 @@ class _Delivery(_Opening):
 
         Commands go one at a time (no pipelining): a probe is short, and a server that
         drops the connection after too many refused RCPTs then leaves clear, partial
-        answers. A 421 or end of file ends the probe early instead of raising.
+        answers. A 421 or end of file ends the probe early instead of raising. To a server
+        without SMTPUTF8, an address that needs it (RFC 6531) is never sent: its reply stays
+        ``None`` (for the sender: no MAIL at all, and every reply ``None``).
 
         Raises:
             ConnectionLost: the session was already closed.
@@ -958,6 +960,9 @@ class _Delivery(_Opening):
         params: tuple[tuple[str, str | None], ...] = (("SMTPUTF8", None),) if utf8 else ()
         mail: Reply | None = None
         replies: list[Reply | None] = [None] * len(recipients)
+        if not utf8 and sender is not None and sender.needs_smtputf8:
+            # RFC 6531 §3.2: no MAIL from an address the server cannot take.
+            return ProbeResult(mail=None, recipients=tuple(replies), ended=False)
         try:
             if self._needs_rset:
                 yield from self._rset()
@@ -970,6 +975,8 @@ class _Delivery(_Opening):
             yield from self._nothing_more("MAIL")
             if mail.is_positive:
                 for index, address in enumerate(recipients):
+                    if address.needs_smtputf8 and not utf8:
+                        continue  # RFC 6531 §3.2: not to a server without SMTPUTF8; None
                     yield from self._write(RcptTo(recipient=address, smtputf8=utf8), phase="rcpt")
                     replies[index] = yield from self._sole_reply("rcpt", "RCPT")
             try:
