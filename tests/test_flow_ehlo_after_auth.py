@@ -6,13 +6,14 @@ only after AUTH, Dovecot's submission service, is in tests/transport/test_smtp_d
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 
 import pytest
 
 from mailrelay.envelope import Envelope, Notify, Recipient, Ret
-from mailrelay.errors import ConnectionLost, ServerProtocolError, SessionRefused
-from mailrelay.flow import Session
+from mailrelay.errors import ConnectionLost, DeliveryError, ServerProtocolError, SessionRefused
+from mailrelay.flow import ServerNotes, Session
 from mailrelay.message import Message
 from mailrelay.results import Outcome
 from tests.test_flow import GO_AHEAD, OK, QUEUED, Driver, ehlo, lines, message, opened
@@ -263,3 +264,36 @@ def test_an_unusable_challenge_to_auth_again_ends_the_session_not_the_message() 
     assert caught.value.is_transient
     assert session.closed
     assert not any(c.startswith(b"MAIL") for c in commands(driver))
+
+
+# -- what later sessions learn (ServerNotes) --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("turns", "keeps_asking"),
+    [
+        # Brought something (DSN): the next session asks again.
+        ([AFTER, OK, OK, GO_AHEAD, QUEUED], True),
+        # The same offer as before login (the login stood): nothing to gain next time.
+        ([BEFORE, ALREADY, OK, OK, GO_AHEAD, QUEUED], False),
+        # Refused.
+        ([lines(503, "5.5.1 already said hello"), OK, OK, GO_AHEAD, QUEUED], False),
+        # The session ended on it.
+        ([lines(421, "4.3.2 going away")], False),
+        ([], False),
+    ],
+)
+def test_the_notes_say_whether_to_ask_next_time(turns: list[bytes], keeps_asking: bool) -> None:
+    notes = ServerNotes()
+    session, driver = authenticated(*turns, notes=notes)
+    with contextlib.suppress(DeliveryError):
+        driver.run(session.deliver(message(), with_dsn()))
+    assert notes.ehlo_after_auth is keeps_asking
+
+
+def test_a_session_whose_notes_say_no_asks_nothing() -> None:
+    notes = ServerNotes(ehlo_after_auth=False)
+    session, driver = authenticated(OK, OK, GO_AHEAD, QUEUED, notes=notes)
+    assert driver.run(session.deliver(message(), with_dsn())).ok
+    assert ehlo_lines(driver) == [b"EHLO client.example.org"]
+    assert len(auth_lines(driver)) == 1

@@ -118,7 +118,7 @@ from __future__ import annotations
 
 from mailrelay.flow.batch import WINDOW_BYTES, WINDOW_MESSAGES, BatchOutcome
 from mailrelay.flow.bookkeeping import unsent_positions
-from mailrelay.flow.config import SessionConfig
+from mailrelay.flow.config import ServerNotes, SessionConfig
 from mailrelay.flow.requests import Close, Peek, Read, Request, StartTLS, Step, Write
 from mailrelay.flow.session import Session
 from mailrelay.flow.transaction import ProbeResult
@@ -133,6 +133,7 @@ __all__ = [
     "Read",
     "Request",
     "Session",
+    "ServerNotes",
     "SessionConfig",
     "StartTLS",
     "Step",

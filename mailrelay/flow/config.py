@@ -34,6 +34,22 @@ def _mechanism_tuple(value: Iterable[str] | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(value)
 
 
+@attrs.define(kw_only=True)
+class ServerNotes:
+    """What sessions to one server have learnt that the next ones may use: a transport
+    gives the same notes to every session it opens to that server (thread-safe enough:
+    each attribute is a flag that only ever goes one way).
+
+    Attributes:
+        ehlo_after_auth: whether an EHLO after AUTH is still worth sending (see
+            :class:`Session`): it turns ``False`` once one was refused, ended the session,
+            or brought nothing the EHLO before login had not offered (so later sessions
+            spare the round trip, and the server that mishandles it the risk).
+    """
+
+    ehlo_after_auth: bool = True
+
+
 @attrs.frozen(kw_only=True)
 class SessionConfig:
     """What a :class:`Session` needs to know; the transport builds it.
@@ -58,6 +74,8 @@ class SessionConfig:
         chunking: use BDAT when the server offers CHUNKING.
         lmtp: speak LMTP (LHLO, one final reply per recipient).
         peer: ``host:port`` of the server, recorded in the results.
+        notes: what earlier sessions to this server learnt (:class:`ServerNotes`), shared
+            and updated; ``None``: every session starts from nothing.
     """
 
     local_hostname: str = attrs.field(validator=_check_hostname)
@@ -72,3 +90,4 @@ class SessionConfig:
     chunking: bool = False
     lmtp: bool = False
     peer: str | None = None
+    notes: ServerNotes | None = attrs.field(default=None, eq=False, repr=False)

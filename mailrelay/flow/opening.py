@@ -180,6 +180,8 @@ class _Opening(_SessionCore):
         dropped, or the message refused for SMTPUTF8, 8BITMIME or REQUIRETLS) spares every
         other session the round trip, and the servers that mishandle an EHLO after AUTH the
         risk. A refusal (some servers answer 503) keeps what the server offered before.
+        Sessions that share :class:`~mailrelay.flow.ServerNotes` (``SessionConfig.notes``)
+        stop asking once one was refused, ended the session, or changed nothing.
 
         Raises:
             _SessionClosed: the server answered 421 or hung up.
@@ -187,6 +189,18 @@ class _Opening(_SessionCore):
                 (:meth:`_authenticate_again`).
         """
         self._hello_after_auth_due = False
+        gained = False
+        try:
+            gained = yield from self._hello_again()
+        finally:
+            notes = self.config.notes
+            if notes is not None and not gained:
+                # Refused, the session ended, or the same offer as before login: later
+                # sessions to this server spare the round trip (and the risk).
+                notes.ehlo_after_auth = False
+
+    def _hello_again(self) -> Step[bool]:
+        """:meth:`_hello_after_auth`'s exchange: whether the server's offer changed."""
         if self._needs_rset:
             # A transaction left open (MAIL taken, every RCPT refused, no DATA): EHLO
             # would reset it too (RFC 5321 §4.1.4), but the connection sends no EHLO
@@ -204,19 +218,22 @@ class _Opening(_SessionCore):
             self._needs_rset = False  # RFC 5321 §4.1.4: EHLO resets as RSET does
             offered = " ".join(sorted(self.extensions.keywords))
             log.debug("%s after AUTH: the server now offers %s", verb, offered)
-            if self.extensions == before and self.extensions.auth:
+            if self.extensions != before:
+                return True
+            if self.extensions.auth:
                 # The same reply as before login, AUTH mechanisms and all: it says nothing
                 # of whether the server kept the login, and some forget it on EHLO (their
                 # MAIL then gets 530). AUTH again tells: RFC 4954 §4 has a server that kept
                 # it refuse a second AUTH (503); one that forgot takes it.
                 yield from self._authenticate_again()
-        else:
-            log.info(
-                "%s refused %s after AUTH (%d): going on with what it offered before",
-                self.config.peer,
-                verb,
-                reply.code,
-            )
+            return False
+        log.info(
+            "%s refused %s after AUTH (%d): going on with what it offered before",
+            self.config.peer,
+            verb,
+            reply.code,
+        )
+        return False
 
     def _authenticate_again(self) -> Step[None]:
         """AUTH once more after :meth:`_hello_after_auth`, with the mechanism and password
@@ -388,7 +405,8 @@ class _Opening(_SessionCore):
             reply, detail = yield from self._sasl(mechanism, username, password, when)
             if reply is None:
                 self.authenticated = True
-                self._hello_after_auth_due = True
+                notes = self.config.notes
+                self._hello_after_auth_due = notes is None or notes.ehlo_after_auth
                 self._login = (mechanism, password)
                 return
             last = reply

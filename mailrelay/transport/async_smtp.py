@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import AuthenticationError, ConnectionLost, DeliveryError
-from mailrelay.flow import Session, unsent_positions
+from mailrelay.flow import ServerNotes, Session, unsent_positions
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult
@@ -176,6 +176,8 @@ class _AsyncSMTPBase(AsyncTransport):
     def __init__(self, settings: ConnectionSettings, pool: PoolSettings) -> None:
         self._settings = settings
         self._pool = pool
+        # What this transport's sessions learn of the server, for the next ones.
+        self._notes = ServerNotes()
         self._policy = PoolPolicy(pool=pool, peer=settings.peer, logger=log)
         self._idle: list[PooledSession] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -252,7 +254,9 @@ class _AsyncSMTPBase(AsyncTransport):
             source_address=settings.source_address,
             proxy=settings.proxy,
         )
-        session = Session(settings.session_config(driver.local_address, secret=secret))
+        session = Session(
+            settings.session_config(driver.local_address, secret=secret, notes=self._notes)
+        )
         try:
             await driver.run(session.open())
             if session.auth_refusal is not None:

@@ -39,7 +39,7 @@ import attrs
 import idna
 
 from mailrelay.errors import AuthenticationError, ConfigurationError, DeliveryError
-from mailrelay.flow import SessionConfig
+from mailrelay.flow import ServerNotes, SessionConfig
 from mailrelay.options import TLS, Timeouts
 from mailrelay.transport.driver_common import check_source_address
 from mailrelay.transport.errors_map import peer_name
@@ -299,7 +299,11 @@ class ConnectionSettings:
         return _checked_secret(value, refusal, self.peer)
 
     def session_config(
-        self, local_address: str | None, *, secret: str | None = None
+        self,
+        local_address: str | None,
+        *,
+        secret: str | None = None,
+        notes: ServerNotes | None = None,
     ) -> SessionConfig:
         """The dialogue's configuration for a connection whose local end is ``local_address``.
 
@@ -310,6 +314,7 @@ class ConnectionSettings:
             local_address: our end's address, or ``None``.
             secret: the password for this connection (:meth:`secret`); needed when the
                 password is a provider, ignored otherwise.
+            notes: what the transport's earlier sessions to this server learnt.
         """
         password = self.password if isinstance(self.password, str) else secret
         return SessionConfig(
@@ -325,6 +330,7 @@ class ConnectionSettings:
             chunking=self.chunking,
             lmtp=self.lmtp,
             peer=self.peer,
+            notes=notes,
         )
 
     def __repr__(self) -> str:

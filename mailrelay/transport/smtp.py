@@ -53,7 +53,7 @@ from typing import Any
 
 from mailrelay.envelope import Envelope
 from mailrelay.errors import AuthenticationError, ConfigurationError, ConnectionLost, DeliveryError
-from mailrelay.flow import BatchOutcome, Session, unsent_positions
+from mailrelay.flow import BatchOutcome, ServerNotes, Session, unsent_positions
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult
@@ -195,6 +195,8 @@ class _SMTPBase(Transport):
             )
         self._settings = settings
         self._pool = pool
+        # What this transport's sessions learn of the server, for the next ones.
+        self._notes = ServerNotes()
         self._policy = PoolPolicy(pool=pool, peer=settings.peer, logger=log)
         self._idle: list[PooledSession] = []
         self._lock = threading.Lock()
@@ -236,7 +238,9 @@ class _SMTPBase(Transport):
             source_address=settings.source_address,
             proxy=settings.proxy,
         )
-        session = Session(settings.session_config(driver.local_address, secret=secret))
+        session = Session(
+            settings.session_config(driver.local_address, secret=secret, notes=self._notes)
+        )
         try:
             driver.run(session.open())
             if session.auth_refusal is not None:

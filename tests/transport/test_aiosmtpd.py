@@ -358,3 +358,41 @@ def test_dsn_asked_for_after_auth_with_a_server_that_never_offers_it(
     ]
     assert len(outcome) == 1
     assert PASSWORD not in caplog.text
+
+
+def _send_twice(flavour: Flavour, items: list[BatchItem], **kwargs: Any) -> list[bool]:
+    """``send`` each item in turn on one transport whose connections carry one message each
+    (so each message has a session of its own, and the sessions share the transport)."""
+    pool = PoolSettings(size=1, max_messages=1)
+    if flavour == "sync":
+        with SMTPTransport(pool=pool, **kwargs) as transport:
+            return [transport.send(*item).ok for item in items]  # type: ignore[misc]
+
+    async def main() -> list[bool]:
+        async with AsyncSMTPTransport(pool=pool, **kwargs) as transport:
+            return [(await transport.asend(*item)).ok for item in items]  # type: ignore[misc]
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_later_session_spares_an_ehlo_after_auth_that_brought_nothing(
+    flavour: Flavour, aiosmtpd_server: AiosmtpdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first session learns that aiosmtpd's EHLO after AUTH changes nothing (and that it
+    # kept the login); the transport's next session, on a new connection, asks neither.
+    caplog.set_level(logging.DEBUG, logger="mailrelay")
+    envelope = Envelope(
+        "alice@mailrelay.test",
+        [Recipient("bob@mailrelay.test", notify=frozenset({Notify.SUCCESS}))],
+    )
+    items: list[BatchItem] = [
+        (make_message(to=("bob@mailrelay.test",), subject=f"n{n}"), envelope) for n in range(2)
+    ]
+    oks = _send_twice(flavour, items, **tls_args(aiosmtpd_server, username=USER, password=PASSWORD))
+    assert oks == [True, True]
+    assert len(aiosmtpd_server.messages) == 2
+    verbs = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith(">>> ")]
+    sessions = " ".join(verbs).split("QUIT")
+    assert sessions[0].split()[:6] == ["EHLO", "STARTTLS", "EHLO", "AUTH", "EHLO", "AUTH"]
+    assert sessions[1].split()[:5] == ["EHLO", "STARTTLS", "EHLO", "AUTH", "MAIL"]

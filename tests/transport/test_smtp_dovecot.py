@@ -8,6 +8,7 @@ and what Dovecot relayed with what mailrelay sent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -22,9 +23,9 @@ from mailrelay.envelope import Envelope, Notify, Recipient, Ret
 from mailrelay.errors import AuthenticationError, DeliveryTimeout
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
-from mailrelay.results import Outcome
+from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.testing.strategies import messages
-from mailrelay.transport import PoolSettings
+from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
 from tests.peers.dovecot import Recorder
 from tests.peers.dovecot_submission import (
     DOMAIN,
@@ -471,6 +472,35 @@ def test_dsn_offered_only_after_auth_is_asked_for_again(
     (relayed,) = dovecot.relay.messages
     assert "RET=HDRS" in relayed.mail.split()
     assert "NOTIFY=NEVER" in relayed.rcpts[0].split()
+
+
+def test_every_session_asks_again_when_it_brought_something(
+    flavour: Flavour, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    # The EHLO after AUTH brought DSN: the transport's next session (a new connection, one
+    # message each) asks again, and both messages carry their DSN parameters.
+    dovecot = dovecot_submission_clean
+    envelope = Envelope(ALICE, [Recipient(RCPT, notify=frozenset({Notify.NEVER}))], ret=Ret.HDRS)
+    items = [(unique_message(), envelope), (unique_message(), envelope)]
+    pool = PoolSettings(size=1, max_messages=1)
+    with recording(dovecot) as recorder:
+        args = recorded(dovecot, recorder, pool=pool)
+        if flavour == "sync":
+            with SMTPTransport(**args) as transport:
+                results = [transport.send(*item) for item in items]
+        else:
+
+            async def main() -> list[DeliveryResult]:
+                async with AsyncSMTPTransport(**args) as transport:
+                    return [await transport.asend(*item) for item in items]
+
+            results = asyncio.run(main())
+    assert all(r.ok for r in results)
+    verbs = [verb(line) for line in client_lines(recorder)]
+    once = [b"EHLO", b"AUTH", b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT"]
+    assert verbs == once * 2
+    assert all("RET=HDRS" in relayed.mail.split() for relayed in dovecot.relay.messages)
+    assert len(dovecot.relay.messages) == 2
 
 
 def test_no_second_ehlo_when_nothing_is_missing(
