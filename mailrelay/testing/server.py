@@ -847,8 +847,9 @@ class _Connection:
             self._reply(503, "5.5.1 Need MAIL first")
             return False
         if not self.rcpts:
-            # RFC 2920 §3.1: refuse the data when no recipient was accepted.
-            self._reply(554, "5.5.1 No valid recipients")
+            # RFC 2920 §3.1: refuse the data when no recipient was accepted; RFC 2033 §4.2:
+            # an LMTP server MUST refuse it with 503.
+            self._reply(503 if self.server.lmtp else 554, "5.5.1 No valid recipients")
             return False
         if not chunked and (arg.strip() or self.chunks):
             self._reply(503 if self.chunks else 501, "5.5.1 DATA is not allowed here")
@@ -874,10 +875,17 @@ class _Connection:
         self._reply(354, "End data with <CR><LF>.<CR><LF>")
         content = self._read_content()
         if content is None:
-            self._reset()
-            self._reply(552, "5.3.4 Message too big")
+            self._too_big(final=True)
             return
         self._finish(content, chunked=False)
+
+    def _too_big(self, *, final: bool) -> None:
+        """Refuse data over the size cap with ``552`` and end the transaction; under LMTP, at
+        the end of the data, once per accepted recipient (RFC 2033 §4.2)."""
+        replies = len(self.rcpts) if final and self.server.lmtp else 1
+        self._reset()
+        for _ in range(replies):
+            self._reply(552, "5.3.4 Message too big")
 
     def _read_content(self) -> bytes | None:
         """The DATA content through ``CRLF.CRLF`` (RFC 5321 §4.1.1.4), unstuffed; ``None``
@@ -930,8 +938,7 @@ class _Connection:
             return
         self.chunked_size += size
         if chunk is None:
-            self._reset()  # RFC 3030 §2: later BDATs of this transaction get 503
-            self._reply(552, "5.3.4 Message too big")
+            self._too_big(final=last)  # RFC 3030 §2: later BDATs of this transaction get 503
             return
         self.chunks.append(chunk)
         if not last:

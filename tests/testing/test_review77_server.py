@@ -1,0 +1,103 @@
+"""Review 77 of SMTPTestServer: where it departed from the RFCs it serves, each proved with a
+raw-socket client (so mailrelay's own client is not the judge)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from mailrelay.testing.server import SMTPTestServer
+
+
+@pytest.fixture(autouse=True)
+def no_threads_left() -> Iterator[None]:
+    """Every test ends with exactly the threads it started with."""
+    before = set(threading.enumerate())
+    yield
+    left = [t for t in set(threading.enumerate()) - before if t.name.startswith("smtp-test")]
+    assert not left, f"server threads left running: {left}"
+
+
+class Client:
+    """A line client on a plain socket; every read is bounded by the socket timeout."""
+
+    def __init__(self, server: SMTPTestServer) -> None:
+        self.sock = socket.create_connection((server.host, server.port), timeout=5)
+        self.file = self.sock.makefile("rb")
+        assert self.code() == 220
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def reply(self) -> list[bytes]:
+        """The lines of the next reply."""
+        lines = []
+        for _ in range(100):
+            line = self.file.readline(4096)
+            assert line.endswith(b"\r\n"), f"no reply line: {line!r}"
+            lines.append(line[:-2])
+            if line[3:4] != b"-":
+                return lines
+        raise AssertionError("endless reply")
+
+    def code(self) -> int:
+        return int(self.reply()[-1][:3])
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def command(self, line: bytes) -> int:
+        self.send(line + b"\r\n")
+        return self.code()
+
+
+# -- LMTP (RFC 2033) -----------------------------------------------------------------------
+
+
+def test_lmtp_data_without_a_recipient_is_503() -> None:
+    # RFC 2033 §4.2: "If there were no successful RCPT commands in the mail transaction, the
+    # DATA command MUST fail with a 503 reply code" (SMTP may say 554; LMTP may not).
+    with (
+        SMTPTestServer(lmtp=True, rcpt=lambda address, params: (550, "5.1.1 no")) as server,
+        Client(server) as client,
+    ):
+        assert client.command(b"LHLO c") == 250
+        assert client.command(b"MAIL FROM:<>") == 250
+        assert client.command(b"RCPT TO:<a@b.example>") == 550
+        assert client.command(b"DATA") == 503
+        assert client.command(b"BDAT 2 LAST\r\nx") == 503
+
+
+def test_lmtp_data_over_the_size_limit_gets_a_reply_per_recipient() -> None:
+    # RFC 2033 §4.2: after the final ".", one reply for each successful RCPT, whatever the
+    # reply is; a single 552 leaves the client waiting for the second one.
+    with SMTPTestServer(lmtp=True, max_size=10) as server, Client(server) as client:
+        assert client.command(b"LHLO c") == 250
+        assert client.command(b"MAIL FROM:<>") == 250
+        assert client.command(b"RCPT TO:<a@b.example>") == 250
+        assert client.command(b"RCPT TO:<c@b.example>") == 250
+        assert client.command(b"DATA") == 354
+        client.send(b"x" * 20 + b"\r\n.\r\n")
+        assert [client.code(), client.code()] == [552, 552]
+        assert client.command(b"NOOP") == 250  # in step
+        # The same for the LAST chunk of BDAT (a chunk before it gets one reply).
+        assert client.command(b"MAIL FROM:<>") == 250
+        assert client.command(b"RCPT TO:<a@b.example>") == 250
+        assert client.command(b"RCPT TO:<c@b.example>") == 250
+        assert client.command(b"BDAT 20 LAST\r\n" + b"y" * 18) == 552
+        assert client.code() == 552
+        assert client.command(b"NOOP") == 250
+        assert client.command(b"MAIL FROM:<>") == 250
+        assert client.command(b"RCPT TO:<a@b.example>") == 250
+        assert client.command(b"RCPT TO:<c@b.example>") == 250
+        assert client.command(b"BDAT 20\r\n" + b"y" * 18) == 552
+        assert client.command(b"NOOP") == 250
+    assert server.messages == []
+
