@@ -324,6 +324,19 @@ def test_lmtp_send_many_pipelined_keeps_each_message_final_replies(
         assert [r.outcome for r in result.recipients] == expected
 
 
+def asking_for_dsn() -> Envelope:
+    """An envelope to bob whose recipient asks for a success DSN, with RET."""
+    notify = frozenset({Notify.SUCCESS})
+    return Envelope(
+        "alice@mailrelay.test", [Recipient("bob@mailrelay.test", notify=notify)], ret=Ret.HDRS
+    )
+
+
+def sent_verbs(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The verb of every command the wire trace (``mailrelay.flow`` at DEBUG) shows sent."""
+    return [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith(">>> ")]
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_dsn_asked_for_after_auth_with_a_server_that_never_offers_it(
     flavour: Flavour, aiosmtpd_server: AiosmtpdServer, caplog: pytest.LogCaptureFixture
@@ -333,11 +346,7 @@ def test_dsn_asked_for_after_auth_with_a_server_that_never_offers_it(
     # answers 503 when it did). Either way the message goes, without DSN parameters, on a
     # session that is still logged in.
     caplog.set_level(logging.DEBUG, logger="mailrelay")
-    envelope = Envelope(
-        "alice@mailrelay.test",
-        [Recipient("bob@mailrelay.test", notify=frozenset({Notify.SUCCESS}))],
-        ret=Ret.HDRS,
-    )
+    envelope = asking_for_dsn()
     result = send_with(
         flavour,
         make_message(to=("bob@mailrelay.test",)),
@@ -348,8 +357,7 @@ def test_dsn_asked_for_after_auth_with_a_server_that_never_offers_it(
     (received,) = aiosmtpd_server.messages
     assert received.auth_login == USER
     assert not any(o.startswith("RET=") for o in received.mail_options)
-    sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith(">>> ")]
-    verbs = [line.split()[1] for line in sent]
+    verbs = sent_verbs(caplog)
     assert verbs[:6] == ["EHLO", "STARTTLS", "EHLO", "AUTH", "EHLO", "AUTH"]
     outcome = [
         r.getMessage()
@@ -382,17 +390,14 @@ def test_a_later_session_spares_an_ehlo_after_auth_that_brought_nothing(
     # The first session learns that aiosmtpd's EHLO after AUTH changes nothing (and that it
     # kept the login); the transport's next session, on a new connection, asks neither.
     caplog.set_level(logging.DEBUG, logger="mailrelay")
-    envelope = Envelope(
-        "alice@mailrelay.test",
-        [Recipient("bob@mailrelay.test", notify=frozenset({Notify.SUCCESS}))],
-    )
+    envelope = asking_for_dsn()
     items: list[BatchItem] = [
         (make_message(to=("bob@mailrelay.test",), subject=f"n{n}"), envelope) for n in range(2)
     ]
     oks = _send_twice(flavour, items, **tls_args(aiosmtpd_server, username=USER, password=PASSWORD))
     assert oks == [True, True]
     assert len(aiosmtpd_server.messages) == 2
-    verbs = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith(">>> ")]
+    verbs = sent_verbs(caplog)
     sessions = " ".join(verbs).split("QUIT")
     assert sessions[0].split()[:6] == ["EHLO", "STARTTLS", "EHLO", "AUTH", "EHLO", "AUTH"]
     assert sessions[1].split()[:5] == ["EHLO", "STARTTLS", "EHLO", "AUTH", "MAIL"]
