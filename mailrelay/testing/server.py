@@ -660,12 +660,12 @@ class _Connection:
             return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        if self.refusing and verb != "QUIT":
-            self._reply(503, "5.5.1 No service here (test)")
-            return
         if verb == "BDAT":
             # The chunk follows the command whatever the answer will be (RFC 3030 §2).
             self._bdat(text, arg)
+            return
+        if self.refusing and verb != "QUIT":
+            self._reply(503, "5.5.1 No service here (test)")
             return
         if self._fault(verb, text):
             return
@@ -894,28 +894,35 @@ class _Connection:
         # A virtual CRLF in front makes the terminator one pattern, even for empty content.
         pending = bytearray(b"\r\n") + self.buffer
         self.buffer.clear()
-        dropped = 0
+        over = False
         scanned = 0
+        # RFC 1870 §3: the size counts no stuffing dots. Until the terminator, every "CRLF."
+        # starts a stuffed line or the terminator: its dot is never content.
+        dots = pending.count(b"\r\n.")
         self._count_data(len(pending) - 2)
         while (end := pending.find(b"\r\n.\r\n", scanned)) < 0:
             scanned = max(0, len(pending) - 4)
-            if len(pending) - 2 + dropped > cap:
+            if over or len(pending) - 2 - dots > cap:
                 # Over the cap: keep only what a terminator could start with.
-                dropped += len(pending) - 4
+                over = True
                 del pending[:-4]
                 scanned = 0
             data = self._recv()
+            # An occurrence starting 2 octets or more before the old end was counted already.
+            start = max(0, len(pending) - 2)
             pending += data
+            dots += pending.count(b"\r\n.", start)
             self._count_data(len(data))
         self.buffer = pending[end + 5 :]
-        if dropped or end > cap:
+        if over:
             return None
         content = bytes(pending[2 : end + 2])
         if b"\n" in content.replace(b"\r\n", b"") or b"\r" in content.replace(b"\r\n", b""):
             self.session._event("bare CR or LF in data")
         # RFC 5321 §4.5.2: a line's leading dot is removed (the client doubled it).
         unstuffed = content.replace(b"\r\n.", b"\r\n")
-        return unstuffed[1:] if unstuffed.startswith(b".") else unstuffed
+        unstuffed = unstuffed[1:] if unstuffed.startswith(b".") else unstuffed
+        return None if len(unstuffed) > cap else unstuffed
 
     def _bdat(self, text: str, arg: str) -> None:
         server = self.server
@@ -929,6 +936,9 @@ class _Connection:
         if ready:
             self._start_data()
         chunk = self._read_chunk(size, keep=ready and size + self.chunked_size <= server._data_cap)
+        if self.refusing:
+            self._reply(503, "5.5.1 No service here (test)")
+            return
         if self._fault("BDAT", text):
             return
         if "CHUNKING" not in self._offered():

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailrelay.testing.server import SMTPTestServer
+from mailrelay.testing.server import Fault, SMTPTestServer
 
 
 @pytest.fixture(autouse=True)
@@ -101,3 +101,43 @@ def test_lmtp_data_over_the_size_limit_gets_a_reply_per_recipient() -> None:
         assert client.command(b"NOOP") == 250
     assert server.messages == []
 
+
+# -- SIZE (RFC 1870) -------------------------------------------------------------------------
+
+
+def test_the_size_limit_counts_the_message_not_its_stuffing_dots() -> None:
+    # RFC 1870 §3: the size is the message's octets, "not ... doubled quoting dots". This
+    # 10-octet message goes out as 11 (its line starts with a dot) and declares SIZE=10.
+    with SMTPTestServer(max_size=10) as server, Client(server) as client:
+        assert client.command(b"EHLO c") == 250
+        assert client.command(b"MAIL FROM:<> SIZE=10") == 250
+        assert client.command(b"RCPT TO:<a@b.example>") == 250
+        assert client.command(b"DATA") == 354
+        assert client.command(b"..abcdefg\r\n.") == 250
+        # One octet more is still refused, stuffed or not.
+        for stuffed in (b"..abcdefgh\r\n.", b"abcdefghi\r\n."):
+            assert client.command(b"MAIL FROM:<>") == 250
+            assert client.command(b"RCPT TO:<a@b.example>") == 250
+            assert client.command(b"DATA") == 354
+            assert client.command(stuffed) == 552
+        (received,) = server.wait_for(1)
+    assert received.data == b".abcdefg\r\n"
+
+
+# -- BDAT (RFC 3030) -------------------------------------------------------------------------
+
+
+def test_a_bdat_chunk_is_read_even_after_a_554_greeting() -> None:
+    # RFC 3030 §2: the chunk belongs to the BDAT command whatever the reply; after a 554
+    # greeting (RFC 5321 §3.1) the chunk's bytes must not be run as commands.
+    with (
+        SMTPTestServer(faults=[Fault.greeting(554, "5.3.2 closed (test)")]) as server,
+        socket.create_connection((server.host, server.port), timeout=5) as sock,
+        sock.makefile("rb") as replies,
+    ):
+        assert replies.readline().startswith(b"554 ")
+        sock.sendall(b"BDAT 6 LAST\r\nQUIT\r\nNOOP\r\n")
+        assert replies.readline().startswith(b"503 ")
+        assert replies.readline().startswith(b"503 ")  # NOOP; QUIT was data
+        sock.sendall(b"QUIT\r\n")
+        assert replies.readline().startswith(b"221 ")
