@@ -438,6 +438,36 @@ def _parameters(text: str) -> Parameters:
     return tuple(params)
 
 
+# RFC 3461 §4: xtext is "!".."~" but "+" and "=", or "+" and two upper-case hex digits;
+# RFC 6533 §3's utf-8-addr-unitext (ORCPT under SMTPUTF8) also takes non-ASCII characters.
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
+_UNITEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2}|[^\x00-\x7f])*")
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # an atom (RFC 5322 §3.2.3)
+_NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+
+
+def _dsn_error(params: Parameters, *, smtputf8: bool) -> str | None:
+    """The 501 text for a DSN parameter against RFC 3461 §4's grammar, or None."""
+    for keyword, given in params:
+        value = given or ""
+        if keyword == "RET":
+            good = value.upper() in ("FULL", "HDRS")  # §4.3
+        elif keyword == "ENVID":
+            good = _XTEXT.fullmatch(value) is not None  # §4.4
+        elif keyword == "NOTIFY":  # §4.1: NEVER, or a list of SUCCESS, FAILURE, DELAY
+            words = value.upper().split(",")
+            good = words == ["NEVER"] or all(word in _NOTIFY for word in words)
+        elif keyword == "ORCPT":  # §4.2: addr-type ";" xtext
+            kind, semicolon, address = value.partition(";")
+            text = _UNITEXT if smtputf8 else _XTEXT
+            good = bool(semicolon and _ADDR_TYPE.fullmatch(kind) and text.fullmatch(address))
+        else:
+            continue
+        if not good:
+            return f"5.5.4 Bad {keyword} parameter syntax"
+    return None
+
+
 _BEARER = frozenset({"XOAUTH2", "OAUTHBEARER"})
 # What Google and Microsoft send for a refused token (RFC 7628 §3.2.2's shape).
 _TOKEN_ERROR = b'{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}'
@@ -789,6 +819,9 @@ class _Connection:
             self._reply(555, refusal)
             return
         values = dict(params)
+        if (error := _dsn_error(params, smtputf8="SMTPUTF8" in values)) is not None:
+            self._reply(501, error)
+            return
         if "SIZE" in values:
             size = values["SIZE"] or ""
             if not size.isdigit():
@@ -830,7 +863,11 @@ class _Connection:
         if refusal is not None:
             self._reply(555, refusal)
             return
-        if not path.isascii() and not any(k == "SMTPUTF8" for k, _ in self.mail_options):
+        smtputf8 = any(k == "SMTPUTF8" for k, _ in self.mail_options)
+        if (error := _dsn_error(params, smtputf8=smtputf8)) is not None:
+            self._reply(501, error)
+            return
+        if not path.isascii() and not smtputf8:
             self._reply(553, "5.6.7 Non-ASCII address without SMTPUTF8")
             return
         if len(self.rcpts) >= server.max_recipients:

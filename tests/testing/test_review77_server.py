@@ -141,3 +141,46 @@ def test_a_bdat_chunk_is_read_even_after_a_554_greeting() -> None:
         assert replies.readline().startswith(b"503 ")  # NOOP; QUIT was data
         sock.sendall(b"QUIT\r\n")
         assert replies.readline().startswith(b"221 ")
+
+
+# -- DSN parameters (RFC 3461 §4) ------------------------------------------------------------
+
+_VALID_DSN = [
+    b"MAIL FROM:<a@b.example> RET=HDRS ENVID=order+2B17",
+    b"MAIL FROM:<a@b.example> RET=full",
+    b"MAIL FROM:<a@b.example> ENVID=" + b"x" * 100,
+    b"RCPT TO:<c@d.example> NOTIFY=NEVER",
+    b"RCPT TO:<c@d.example> NOTIFY=success,Delay,FAILURE ORCPT=rfc822;c@d.example",
+    b"RCPT TO:<c@d.example> ORCPT=utf-8;j\\x{E9}r\\x{F4}me@d.example",
+]
+_MALFORMED_DSN = [
+    b"MAIL FROM:<a@b.example> RET=ALL",  # §4.3: FULL or HDRS
+    b"MAIL FROM:<a@b.example> ENVID=a=b",  # §4: "=" is not an xchar
+    b"MAIL FROM:<a@b.example> ENVID=a+2b",  # §4: hexchar is upper case
+    b"RCPT TO:<c@d.example> NOTIFY=NEVER,SUCCESS",  # §4.1: NEVER stands alone
+    b"RCPT TO:<c@d.example> NOTIFY=SOMETIMES",
+    b"RCPT TO:<c@d.example> NOTIFY=SUCCESS,",
+    b"RCPT TO:<c@d.example> ORCPT=c@d.example",  # §4.2: addr-type ";" xtext
+    b"RCPT TO:<c@d.example> ORCPT=rfc822;c+d@d.example",
+    b"RCPT TO:<c@d.example> ORCPT=rfc822;j\xc3\xa9@d.example",  # UTF-8 without SMTPUTF8
+]
+
+
+@pytest.mark.parametrize("command", _VALID_DSN + _MALFORMED_DSN)
+def test_malformed_dsn_parameters_are_refused_with_501(command: bytes) -> None:
+    # RFC 5321 §4.2.2 (501: syntax error in parameters) for the RFC 3461 §4 grammar: a server
+    # that takes any value hides a client's bad DSN parameters until a real server refuses.
+    expected = 501 if command in _MALFORMED_DSN else 250
+    with SMTPTestServer() as server, Client(server) as client:
+        assert client.command(b"EHLO c") == 250
+        if command.startswith(b"RCPT"):
+            assert client.command(b"MAIL FROM:<a@b.example>") == 250
+        assert client.command(command) == expected
+
+
+def test_a_utf8_orcpt_is_taken_with_smtputf8() -> None:
+    # RFC 6533 §3: utf-8-addr-unitext may carry UTF-8 when the transaction has SMTPUTF8.
+    with SMTPTestServer() as server, Client(server) as client:
+        assert client.command(b"EHLO c") == 250
+        assert client.command(b"MAIL FROM:<a@b.example> SMTPUTF8") == 250
+        assert client.command(b"RCPT TO:<c@d.example> ORCPT=utf-8;j\xc3\xa9@d.example") == 250
