@@ -75,6 +75,9 @@ T = TypeVar("T")
 TIMEOUT = 0.3
 #: Added to every hang guard: start-up, a busy machine, the garbage collector.
 MARGIN = 5.0
+# The lookup timeout of the memory tests below: tracemalloc slows this process (the test
+# DNS server's thread included) several times over, more on a loaded machine; a hang guard.
+SLOW = 10.0
 MODES = ["sync", "async"]
 SPECIAL_USE = DEFAULT_SPECIAL_USE - {"test"}
 
@@ -276,19 +279,19 @@ def test_a_cached_domain_keeps_a_bounded_number_of_mx_records(server: HostileDNS
     for i in range(1000):
         server.add(f"mx{i}-a-longer-label.many.test", "A", f"192.0.2.{i % 250 + 1}")
     # The server parses each domain's records once, on its first answer: not under tracing.
-    warm = make_resolver(server, mode, timeout=2.0)
+    warm = make_resolver(server, mode, timeout=SLOW)
     for domain in domains:
-        guarded(1 + 2 * MAX_MAIL_HOSTS, functools.partial(warm.mail_hosts, domain), 2.0)
-    resolver = make_resolver(server, mode, timeout=2.0)
+        guarded(1 + 2 * MAX_MAIL_HOSTS, functools.partial(warm.mail_hosts, domain), SLOW)
+    resolver = make_resolver(server, mode, timeout=SLOW)
     # The first lookup also caches the exchangers' answers, which every domain here
     # shares: they are not what is measured.
-    first = guarded(1 + 2 * MAX_MAIL_HOSTS, lambda: resolver.mail_hosts(domains[0]), 2.0)
+    first = guarded(1 + 2 * MAX_MAIL_HOSTS, lambda: resolver.mail_hosts(domains[0]), SLOW)
     assert isinstance(first, MailHosts)
     assert len(first.hosts) == MAX_MAIL_HOSTS
 
     def look_up_the_rest() -> None:
         for domain in domains[1:]:
-            found = guarded(2, functools.partial(resolver.mail_hosts, domain), timeout=2.0)
+            found = guarded(2, functools.partial(resolver.mail_hosts, domain), timeout=SLOW)
             assert isinstance(found, MailHosts)
             assert len(found.hosts) == MAX_MAIL_HOSTS
 
@@ -503,15 +506,15 @@ def test_a_cached_exchanger_keeps_a_bounded_number_of_addresses(server: HostileD
             server.add(
                 f"mx{k}.{domain}", "A", *(f"192.0.{i // 250}.{i % 250 + 1}" for i in range(1000))
             )
-    warm = make_resolver(server, mode, timeout=2.0)  # the server parses each RRset once
+    warm = make_resolver(server, mode, timeout=SLOW)  # the server parses each RRset once
     for domain in domains:
-        guarded(9, functools.partial(warm.mail_hosts, domain), 2.0)
-    resolver = make_resolver(server, mode, timeout=2.0)
-    guarded(9, functools.partial(resolver.mail_hosts, domains[0]), 2.0)
+        guarded(9, functools.partial(warm.mail_hosts, domain), SLOW)
+    resolver = make_resolver(server, mode, timeout=SLOW)
+    guarded(9, functools.partial(resolver.mail_hosts, domains[0]), SLOW)
 
     def look_up_the_rest() -> None:
         for domain in domains[1:]:
-            found = guarded(9, functools.partial(resolver.mail_hosts, domain), timeout=2.0)
+            found = guarded(9, functools.partial(resolver.mail_hosts, domain), timeout=SLOW)
             assert isinstance(found, MailHosts)
             assert len(found.hosts) == 4
             assert all(host.ipv4 for host in found.hosts)
