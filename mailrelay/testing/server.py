@@ -6,9 +6,9 @@ thread; each accepted connection is served by a thread of its own, which speaks 
 (RFC 5321) or LMTP (RFC 2033) from a read buffer, so a pipelined group (RFC 2920) is answered
 one command at a time, in order, exactly as a real server does. Every transaction whose data
 was accepted is recorded as a :class:`ReceivedMessage` in :attr:`SMTPTestServer.messages`;
-every byte each connection sent is kept in its :class:`Session`. Leaving the ``with`` block
-wakes and joins every thread and closes every socket, and raises when a thread does not end
-or when the server itself failed (a bug, never a client's mistake).
+every byte each connection sent (up to a bound) is kept in its :class:`Session`. Leaving the
+``with`` block wakes and joins every thread and closes every socket, and raises when a thread
+does not end or when the server itself failed (a bug, never a client's mistake).
 
 A small declarative set of :class:`Fault` values makes the server misbehave on cue: another
 reply at a command, a hang-up at a command or part-way through the data, a slow reply, a
@@ -24,7 +24,8 @@ Rules:
   offered, MAIL 100 more and RCPT 500 more, RFC 3461; AUTH lines and SASL responses 12288,
   RFC 4954 §4), a message ``max_size`` octets (``552``
   beyond; 64 MiB when no SIZE is set), a transaction ``max_recipients`` recipients (``452``
-  beyond, RFC 5321 §4.5.3.1.10), a connection 100,000 commands. Every socket wait lasts at
+  beyond, RFC 5321 §4.5.3.1.10), a connection 100,000 commands, and the bytes a session keeps
+  (:attr:`Session.received`) ``max_size`` + 1 MiB octets. Every socket wait lasts at
   most ``timeout`` seconds: a client silent that long gets ``421 4.4.2`` and is disconnected
   (RFC 5321 §4.5.3.2.7).
 - Replies go out as the commands are read; a connection the server ends is half-closed first
@@ -100,6 +101,7 @@ _AUTH_LIMIT = 12288  # RFC 4954 §4: a SASL response line
 _DEFAULT_DATA_CAP = 64 * 1024 * 1024
 _DISCARD_LIMIT = 1024 * 1024  # an over-long line is skipped up to this size, then we hang up
 _MAX_COMMANDS = 100_000
+_TRANSCRIPT_SLACK = 1024 * 1024  # a session's transcript keeps max_size + this many octets
 _LINGER = 2.0  # seconds to drain a connection the server ends (bounded by ``timeout`` too)
 _VERBS = frozenset(
     {"HELO", "EHLO", "LHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY",
@@ -314,9 +316,10 @@ class Session:
         peer: The client's address and port.
     """
 
-    def __init__(self, index: int, peer: tuple[str, int]) -> None:
+    def __init__(self, index: int, peer: tuple[str, int], *, limit: int | None = None) -> None:
         self.index = index
         self.peer = peer
+        self._limit = limit  # the most octets :attr:`received` keeps (None: all)
         self._lock = threading.Lock()
         self._received = bytearray()
         self._events: list[str] = []
@@ -327,7 +330,8 @@ class Session:
     @property
     def received(self) -> bytes:
         """Every byte the client sent so far, in order (decrypted after TLS; AUTH exchanges
-        included, as sent)."""
+        included, as sent), up to the server's ``max_size`` + 1 MiB octets (then the event
+        ``received truncated at N octets``)."""
         with self._lock:
             return bytes(self._received)
 
@@ -375,7 +379,12 @@ class Session:
 
     def _add(self, data: bytes) -> None:
         with self._lock:
-            self._received += data
+            if self._limit is None or len(self._received) + len(data) <= self._limit:
+                self._received += data
+            elif len(self._received) < self._limit:
+                # A client may stream data the server drops without end: keep a bounded prefix.
+                self._received += data[: self._limit - len(self._received)]
+                self._events.append(f"received truncated at {self._limit} octets")
 
     def _event(self, event: str) -> None:
         with self._lock:
@@ -1497,7 +1506,11 @@ class SMTPTestServer:
                 return
             sock.settimeout(self.timeout)
             with self._lock:
-                session = Session(len(self._sessions), (str(address[0]), int(address[1])))
+                session = Session(
+                    len(self._sessions),
+                    (str(address[0]), int(address[1])),
+                    limit=self._data_cap + _TRANSCRIPT_SLACK,
+                )
                 connection = _Connection(self, sock, session)
                 thread = threading.Thread(
                     target=self._serve,

@@ -184,3 +184,33 @@ def test_a_utf8_orcpt_is_taken_with_smtputf8() -> None:
         assert client.command(b"EHLO c") == 250
         assert client.command(b"MAIL FROM:<a@b.example> SMTPUTF8") == 250
         assert client.command(b"RCPT TO:<c@d.example> ORCPT=utf-8;j\xc3\xa9@d.example") == 250
+
+
+# -- memory a client can make the server hold ------------------------------------------------
+
+_MiB = 1024 * 1024
+
+
+def test_data_the_server_drops_does_not_grow_the_session_without_bound() -> None:
+    # The server reads data over max_size to its end and drops it (bounded), but the session
+    # kept every byte: a client streaming a DATA (or a BDAT of 10**11 octets) that never ends
+    # grew the server's memory without limit. The transcript keeps its first max_size + 1 MiB.
+    junk = (b"x" * 1022 + b"\r\n") * (4 * 1024)  # 4 MiB
+    with SMTPTestServer(max_size=1000) as server, Client(server) as client:
+        assert client.command(b"EHLO c") == 250
+        assert client.command(b"MAIL FROM:<>") == 250
+        assert client.command(b"RCPT TO:<a@b.example>") == 250
+        assert client.command(b"DATA") == 354
+        client.send(junk)
+        assert client.command(b".") == 552
+        assert client.command(b"MAIL FROM:<>") == 250
+        assert client.command(b"RCPT TO:<a@b.example>") == 250
+        client.send(b"BDAT %d LAST\r\n" % len(junk) + junk)
+        assert client.code() == 552
+        assert client.command(b"NOOP") == 250
+        (session,) = server.sessions
+        received = session.received
+        events = session.events
+    assert len(received) == 1000 + _MiB
+    assert received.startswith(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<a@b.example>\r\nDATA\r\nxxx")
+    assert events.count(f"received truncated at {1000 + _MiB} octets") == 1
