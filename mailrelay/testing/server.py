@@ -1099,7 +1099,14 @@ class _Connection:
         context = self.server.tls
         assert context is not None
         try:
-            self.sock = context.wrap_socket(self.sock, server_side=True)
+            # Hold the TLS socket before the handshake: stop() wakes this thread by shutting
+            # down self.sock, and wrap_socket detaches the plain one.
+            self.sock = context.wrap_socket(
+                self.sock, server_side=True, do_handshake_on_connect=False
+            )
+            if self.server._stopping.is_set():
+                raise _End("server stopping")
+            self.sock.do_handshake()
         except (ssl.SSLError, OSError) as exc:
             self.session._event(f"tls failed: {exc}")
             raise _End("TLS handshake failed") from exc

@@ -3,13 +3,16 @@ raw-socket client (so mailrelay's own client is not the judge)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 
 import pytest
 
 from mailrelay.testing.server import Fault, SMTPTestServer
+from tests.peers.tls import TLSFiles
 
 
 @pytest.fixture(autouse=True)
@@ -214,3 +217,40 @@ def test_data_the_server_drops_does_not_grow_the_session_without_bound() -> None
     assert len(received) == 1000 + _MiB
     assert received.startswith(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<a@b.example>\r\nDATA\r\nxxx")
     assert events.count(f"received truncated at {1000 + _MiB} octets") == 1
+
+
+# -- stop ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_stop_wakes_a_connection_waiting_in_the_tls_handshake(
+    implicit: bool, tls_files: TLSFiles
+) -> None:
+    # stop() shuts every connection's socket to wake its thread, but during the handshake the
+    # thread's socket object was the one wrap_socket had detached: the shutdown missed, and the
+    # ``with`` block waited for the handshake to time out (``timeout``, 10 s by default).
+    server = SMTPTestServer(tls=tls_files.server_context(), implicit_tls=implicit, timeout=5)
+    # The client hangs up only after the server stopped (the stack exits after the server).
+    with contextlib.ExitStack() as client, server:
+        sock = client.enter_context(socket.create_connection((server.host, server.port)))
+        sock.settimeout(5)
+        if not implicit:
+            replies = client.enter_context(sock.makefile("rb"))
+            assert replies.readline().startswith(b"220 ")
+            sock.sendall(b"EHLO c\r\n")
+            for _ in range(30):  # to the EHLO reply's last line
+                if replies.readline().startswith(b"250 "):
+                    break
+            sock.sendall(b"STARTTLS\r\n")
+            assert replies.readline().startswith(b"220 ")
+        # Our ClientHello, and the server's answering flight: it waits for our Finished.
+        hello = tls_files.client_context().wrap_bio(
+            ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="localhost"
+        )
+        with contextlib.suppress(ssl.SSLWantReadError):
+            hello.do_handshake()
+        sock.sendall(outgoing.read())
+        assert sock.recv(65536)
+    (session,) = server.sessions
+    assert session.closed
+    assert not [event for event in session.events if "timed out" in event], session.events
