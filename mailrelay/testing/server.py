@@ -840,6 +840,9 @@ class _Connection:
                 # RFC 1870 §6.1: refuse a declared size over the limit at MAIL.
                 self._reply(552, "5.3.4 Message size exceeds fixed maximum message size")
                 return
+        if values.get("SMTPUTF8") is not None:
+            self._reply(501, "5.5.4 SMTPUTF8 takes no value")  # RFC 6531 §3.4
+            return
         body = values.get("BODY", "7BIT")
         if body is None or body.upper() not in ("7BIT", "8BITMIME"):
             self._reply(501, "5.5.4 BODY is 7BIT or 8BITMIME")
@@ -1059,6 +1062,9 @@ class _Connection:
             )
 
     def _rset(self, verb: str, arg: str) -> None:
+        if arg.strip():
+            self._reply(501, "5.5.4 Syntax: RSET")  # RFC 5321 §4.1.1.5: no argument
+            return
         self._reset()
         self._reply(250, "2.0.0 Ok")
 
@@ -1066,6 +1072,9 @@ class _Connection:
         self._reply(250, "2.0.0 Ok")
 
     def _vrfy(self, verb: str, arg: str) -> None:
+        if not arg.strip():
+            self._reply(501, "5.5.4 Syntax: VRFY address")  # RFC 5321 §4.1.1.6
+            return
         # RFC 5321 §3.5.3: 252 when the server will not verify but will accept mail.
         self._reply(252, "2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
 

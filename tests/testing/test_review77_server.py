@@ -254,3 +254,23 @@ def test_stop_wakes_a_connection_waiting_in_the_tls_handshake(
     (session,) = server.sessions
     assert session.closed
     assert not [event for event in session.events if "timed out" in event], session.events
+
+
+# -- argument syntax (RFC 5321 §4.1.1, RFC 6531 §3.4) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        (b"VRFY", 501),  # §4.1.1.6: vrfy = "VRFY" SP String CRLF
+        (b"VRFY postmaster", 252),
+        (b"RSET now", 501),  # §4.1.1.5: rset = "RSET" CRLF
+        (b"RSET", 250),
+        (b"MAIL FROM:<a@b.example> SMTPUTF8=YES", 501),  # RFC 6531 §3.4: no value
+        (b"MAIL FROM:<a@b.example> SMTPUTF8", 250),
+    ],
+)
+def test_arguments_a_command_may_not_take_get_501(command: bytes, code: int) -> None:
+    with SMTPTestServer() as server, Client(server) as client:
+        assert client.command(b"EHLO c") == 250
+        assert client.command(command) == code
