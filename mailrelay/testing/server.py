@@ -455,8 +455,9 @@ _ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # an atom (RFC 5322
 _NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 
 
-def _dsn_error(params: Parameters, *, smtputf8: bool) -> str | None:
-    """The 501 text for a DSN parameter against RFC 3461 §4's grammar, or None."""
+def _parameter_error(params: Parameters, *, smtputf8: bool) -> str | None:
+    """The 501 text for a DSN parameter against RFC 3461 §4's grammar (or MAIL's AUTH
+    against RFC 4954 §5's), or None."""
     for keyword, given in params:
         value = given or ""
         if keyword == "RET":
@@ -466,6 +467,8 @@ def _dsn_error(params: Parameters, *, smtputf8: bool) -> str | None:
         elif keyword == "NOTIFY":  # §4.1: NEVER, or a list of SUCCESS, FAILURE, DELAY
             words = value.upper().split(",")
             good = words == ["NEVER"] or all(word in _NOTIFY for word in words)
+        elif keyword == "AUTH":  # RFC 4954 §5: "<>" or xtext
+            good = given is not None and (value == "<>" or _XTEXT.fullmatch(value) is not None)
         elif keyword == "ORCPT":  # §4.2: addr-type ";" xtext
             kind, semicolon, address = value.partition(";")
             text = _UNITEXT if smtputf8 else _XTEXT
@@ -828,7 +831,7 @@ class _Connection:
             self._reply(555, refusal)
             return
         values = dict(params)
-        if (error := _dsn_error(params, smtputf8="SMTPUTF8" in values)) is not None:
+        if (error := _parameter_error(params, smtputf8="SMTPUTF8" in values)) is not None:
             self._reply(501, error)
             return
         if "SIZE" in values:
@@ -876,7 +879,7 @@ class _Connection:
             self._reply(555, refusal)
             return
         smtputf8 = any(k == "SMTPUTF8" for k, _ in self.mail_options)
-        if (error := _dsn_error(params, smtputf8=smtputf8)) is not None:
+        if (error := _parameter_error(params, smtputf8=smtputf8)) is not None:
             self._reply(501, error)
             return
         if not path.isascii() and not smtputf8:

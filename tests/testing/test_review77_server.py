@@ -274,3 +274,17 @@ def test_arguments_a_command_may_not_take_get_501(command: bytes, code: int) -> 
     with SMTPTestServer() as server, Client(server) as client:
         assert client.command(b"EHLO c") == 250
         assert client.command(command) == code
+
+
+@pytest.mark.parametrize(
+    ("parameter", "code"),
+    [(b"AUTH=<>", 250), (b"AUTH=app+40example.com", 250), (b"AUTH=a=b", 501), (b"AUTH", 501)],
+)
+def test_the_mail_auth_parameter_is_xtext_or_empty(parameter: bytes, code: int) -> None:
+    # RFC 4954 §5: auth-param = "AUTH=" ("<>" / xtext).
+    with (
+        SMTPTestServer(auth={"app": "pw"}, allow_insecure_auth=True) as server,
+        Client(server) as client,
+    ):
+        assert client.command(b"EHLO c") == 250
+        assert client.command(b"MAIL FROM:<a@b.example> " + parameter) == code
