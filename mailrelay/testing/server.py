@@ -1102,15 +1102,17 @@ class _Connection:
             with self.session._lock:
                 self.session._before_tls += injected
             self.session._event(f"client sent {injected!r} before TLS")
-        self._wrap_tls()
+        self._wrap_tls(after_starttls=True)
         # RFC 3207 §4.2: forget everything learnt before the handshake.
         self._reset()
         self.ehlo_name, self.esmtp, self.user = None, False, None
 
-    def _wrap_tls(self) -> None:
+    def _wrap_tls(self, *, after_starttls: bool = False) -> None:
         context = self.server.tls
         assert context is not None
         try:
+            if after_starttls:
+                self._refuse_plaintext()
             # Hold the TLS socket before the handshake: stop() wakes this thread by shutting
             # down self.sock, and wrap_socket detaches the plain one.
             self.sock = context.wrap_socket(
@@ -1126,6 +1128,20 @@ class _Connection:
         with self.session._lock:
             self.session._tls = True
         self.session._event("tls")
+
+    def _refuse_plaintext(self) -> None:
+        """RFC 3207 §4.2: after the ``220`` the client's next bytes open the TLS handshake (a
+        handshake record, type 22). Plaintext written instead, even after the ``220`` arrived,
+        is kept as sent before TLS (the injection bug) and ends the connection."""
+        head = self.sock.recv(1, socket.MSG_PEEK)
+        if not head or head[0] == 22:
+            return
+        injected = self.sock.recv(65536)
+        self.session._add(injected)
+        with self.session._lock:
+            self.session._before_tls += injected
+        self.session._event(f"client sent {injected!r} before TLS")
+        raise _End("plaintext instead of a TLS handshake")
 
     def _auth(self, verb: str, arg: str) -> None:
         server = self.server

@@ -288,3 +288,22 @@ def test_the_mail_auth_parameter_is_xtext_or_empty(parameter: bytes, code: int) 
     ):
         assert client.command(b"EHLO c") == 250
         assert client.command(b"MAIL FROM:<a@b.example> " + parameter) == code
+
+
+# -- STARTTLS (RFC 3207) ---------------------------------------------------------------------
+
+
+def test_plaintext_sent_after_the_220_is_recorded_as_sent_before_tls(tls_files: TLSFiles) -> None:
+    # RFC 3207 §4.2: nothing but the handshake may follow STARTTLS. Bytes that came in the
+    # same read as STARTTLS were kept in sent_before_tls; bytes a client wrote a moment later
+    # (after the 220) were fed to the TLS handshake, which failed, and were recorded nowhere:
+    # sent_before_tls == b"" passed for a client with the injection bug.
+    with SMTPTestServer(tls=tls_files.server_context()) as server, Client(server) as client:
+        assert client.command(b"EHLO c") == 250
+        assert client.command(b"STARTTLS") == 220
+        client.send(b"RSET\r\n")
+        (session,) = server.sessions
+        session.wait_closed()
+    assert session.sent_before_tls == b"RSET\r\n"
+    assert session.received.endswith(b"STARTTLS\r\nRSET\r\n")
+    assert not session.tls
