@@ -25,6 +25,13 @@ from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.results import DeliveryResult, Outcome
 from mailrelay.testing.strategies import messages
+from mailrelay.tracker import (
+    AsyncDeliveryTracker,
+    DeliveryTracker,
+    MemoryStore,
+    MessageRecord,
+    State,
+)
 from mailrelay.transport import AsyncSMTPTransport, PoolSettings, SMTPTransport
 from tests.peers.dovecot import Recorder
 from tests.peers.dovecot_submission import (
@@ -501,6 +508,41 @@ def test_every_session_asks_again_when_it_brought_something(
     assert verbs == once * 2
     assert all("RET=HDRS" in relayed.mail.split() for relayed in dovecot.relay.messages)
     assert len(dovecot.relay.messages) == 2
+
+
+def test_the_trackers_dsn_request_reaches_the_relay(
+    flavour: Flavour, dovecot_submission_clean: DovecotSubmission
+) -> None:
+    # The mission's confirmation path through a real submission server: a tracker asking
+    # for DSNs has them asked of the relay behind Dovecot (ENVID = the tracking id, so the
+    # report that comes back correlates), which needs the EHLO after AUTH.
+    dovecot = dovecot_submission_clean
+    message = unique_message()
+    if flavour == "sync":
+        with SMTPTransport(**login(dovecot)) as transport:
+            tracker = DeliveryTracker(transport, store=MemoryStore(), request_dsn=True)
+            tracking_id = tracker.submit(message)
+            tracker.run_pending()
+            record = tracker.status(tracking_id)
+    else:
+
+        async def main() -> tuple[str, MessageRecord]:
+            async with AsyncSMTPTransport(**login(dovecot)) as transport:
+                tracker = AsyncDeliveryTracker(transport, store=MemoryStore(), request_dsn=True)
+                tracking_id = await tracker.asubmit(message)
+                await tracker.arun_pending()
+                record = await tracker.astatus(tracking_id)
+                await tracker.aclose()
+                return tracking_id, record
+
+        tracking_id, record = asyncio.run(main())
+    (recipient,) = record.recipients
+    assert recipient.state is State.DELIVERED
+    (relayed,) = dovecot.relay.messages
+    assert f"ENVID={tracking_id}" in relayed.mail.split()
+    assert any(word.startswith("RET=") for word in relayed.mail.split())
+    (rcpt,) = relayed.rcpts
+    assert any(word.startswith("NOTIFY=") for word in rcpt.split())
 
 
 def test_no_second_ehlo_when_nothing_is_missing(
