@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -173,6 +173,9 @@ class _Batch(_Delivery):
                 if error is not None:
                     return BatchOutcome(results=(None,) * len(items), error=error)
             ext = self._extensions
+            if self._each_alone and len(items) > 1 and self.config.pipelining:
+                log.debug("%s: each message of the batch alone (Dovecot)", self.config.peer)
+                return (yield from self._many_within_limits(items, alone=range(len(items))))
             if ext is not None and (ext.rcpt_max is not None or ext.rcpt_domain_max is not None):
                 return (yield from self._many_within_limits(items))
             self._too_many_seen = self._apart_seen = False
@@ -301,16 +304,20 @@ class _Batch(_Delivery):
                 self.left_unsent += 1
         return BatchOutcome(results=tuple(results), error=outcome.error or self._ended_by)
 
-    def _many_within_limits(self, items: Sequence[tuple[Message, Envelope]]) -> Step[BatchOutcome]:
+    def _many_within_limits(
+        self, items: Sequence[tuple[Message, Envelope]], alone: Iterable[int] = ()
+    ) -> Step[BatchOutcome]:
         """A batch to a server that announced recipient LIMITS (RFC 9422): each run of
         messages whose envelopes keep to them is pipelined as usual; each of the others
-        goes alone, in as many transactions as the limits need (:meth:`deliver`).
+        goes alone, in as many transactions as the limits need (:meth:`deliver`). So do
+        the messages at ``alone``.
 
         The messages go in their order: when the session ends early, the messages from the
         first one without a result on were not sent (a pool sends them again on a fresh
         connection, so none after it may have been delivered)."""
         count = len(items)
         over = {i for i, (_, envelope) in enumerate(items) if self._recipient_parts(envelope)}
+        over.update(alone)
         results: list[DeliveryResult | None] = [None] * count
         error: DeliveryError | None = None
         index = 0

@@ -105,6 +105,9 @@ class _SessionCore:
         # Whether a message was refused before sending only because some of its recipients
         # need SMTPUTF8 (set by _prepared; the caller then sends to the others).
         self._apart_seen = False
+        # Whether deliver_many sends each message alone (a server that mishandles pipelining
+        # across messages; see _Opening._open).
+        self._each_alone = False
         # What ended the session in (or right after) a transaction whose answers were kept
         # (_Delivery._attempt), and what cut a message's parts short (_Delivery._in_parts):
         # a batch reports the latter as its error.

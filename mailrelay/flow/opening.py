@@ -99,6 +99,12 @@ class _Opening(_SessionCore):
         if not isinstance(event, Greeting):
             raise AssertionError(f"the first event is always the greeting, not {event}")
         self.greeting = event.reply
+        # Dovecot's submission service (2.3.19, Debian 12) crashes when the next message's
+        # MAIL/RCPT/DATA follow the end of the data in one group, as RFC 2920 §3.1 allows:
+        # each message was relayed, its 250 never sent, and a retry sends it twice. A batch
+        # to it sends each message alone (pipelined within its transaction). Its LMTP
+        # service takes pipelined batches.
+        self._each_alone = not self.config.lmtp and "dovecot" in event.reply.text.lower()
         if event.reply.code != 220:
             # RFC 5321 §3.1: a 554 greeting refuses the session; the server then waits for
             # QUIT. 421 (and any other code) also means "not now".
