@@ -23,8 +23,12 @@ def groups(writes: list[Write]) -> list[bytes]:
         (lines(220, "mx.example.net ESMTP Postfix"), False),
     ],
 )
-def test_each_message_alone_only_for_dovecot(greeting: bytes, alone: bool) -> None:
-    turns = [greeting, PIPE] + [OK, OK, GO_AHEAD, QUEUED] * 3
+@pytest.mark.parametrize("burl", [False, True])
+def test_each_message_alone_only_for_dovecot(greeting: bytes, alone: bool, burl: bool) -> None:
+    # Known by its greeting, or (greeting changed) by the BURL it offers.
+    hello = ehlo("PIPELINING", "8BITMIME", "BURL imap") if burl else PIPE
+    alone = alone or burl
+    turns = [greeting, hello] + [OK, OK, GO_AHEAD, QUEUED] * 3
     session, driver = opened(turns)
     items = [(message(), envelope()) for _ in range(3)]
     outcome = driver.run(session.deliver_many(items))

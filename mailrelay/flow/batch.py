@@ -173,7 +173,11 @@ class _Batch(_Delivery):
                 if error is not None:
                     return BatchOutcome(results=(None,) * len(items), error=error)
             ext = self._extensions
-            if self._each_alone and len(items) > 1 and self.config.pipelining:
+            if (
+                len(items) > 1
+                and self.config.pipelining
+                and (self._each_alone or (ext is not None and "BURL" in ext.keywords))
+            ):
                 log.debug("%s: each message of the batch alone (Dovecot)", self.config.peer)
                 return (yield from self._many_within_limits(items, alone=range(len(items))))
             if ext is not None and (ext.rcpt_max is not None or ext.rcpt_domain_max is not None):
