@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from mailrelay.address import Address
-from mailrelay.reply import Reply
+from mailrelay.reply import EnhancedStatus, Reply
 
 if TYPE_CHECKING:
     from mailrelay.errors import MailRelayError
@@ -61,6 +61,11 @@ class RecipientResult:
         reason: a human-readable explanation when no reply tells the story
             (for example "server lacks SMTPUTF8", "connection lost before DATA").
         host: the server that answered (``host:port``), when known.
+        enhanced: for a decision made without a server reply (a refusal before sending),
+            the RFC 3463 status that says it (``5.3.4`` too big for the server's SIZE,
+            ``5.6.7`` an address that needs SMTPUTF8, ``5.6.3`` 8-bit data without 8BITMIME,
+            ``5.7.30`` REQUIRETLS not possible), for the DSNs reporting it; ``None``
+            otherwise (a reply carries its own in ``reply.enhanced``).
     """
 
     address: Address
@@ -68,6 +73,7 @@ class RecipientResult:
     reply: Reply | None = None
     reason: str | None = None
     host: str | None = None
+    enhanced: EnhancedStatus | None = None
 
     @property
     def accepted(self) -> bool:

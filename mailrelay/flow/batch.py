@@ -252,7 +252,7 @@ class _Batch(_Delivery):
         self._apart_seen = False
         results = list(outcome.results)
         for index, result in enumerate(results):
-            if result is None or result.recipients[0].reason != _APART:
+            if result is None or result.recipients[0].reason != _APART[0]:
                 continue
             message, envelope = items[index]
             # Why the others have no answer: never offered (unless the message went out).

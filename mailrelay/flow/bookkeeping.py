@@ -20,8 +20,8 @@ from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 # Results are built on the hot path of every message; their classes have no validators
 # and no converters that could change known-good values (a tuple stays a tuple), so the
 # slots are filled directly, as attrs' __init__ would (a test checks the two agree).
-_set_address, _set_outcome, _set_reply, _set_reason, _set_host = slot_setters(
-    RecipientResult, ("address", "outcome", "reply", "reason", "host")
+_set_address, _set_outcome, _set_reply, _set_reason, _set_host, _set_enhanced = slot_setters(
+    RecipientResult, ("address", "outcome", "reply", "reason", "host", "enhanced")
 )
 _set_recipients, _set_message_id, _set_result_host, _set_error = slot_setters(
     DeliveryResult, ("recipients", "message_id", "host", "error")
@@ -95,6 +95,7 @@ def _recipient_result(
     _set_reply(result, reply)
     _set_reason(result, reason)
     _set_host(result, host)
+    _set_enhanced(result, None)
     return result
 
 

@@ -49,7 +49,7 @@ from mailrelay.protocol import (
     ServiceClosing,
 )
 from mailrelay.protocol.sasl import Mechanism
-from mailrelay.reply import Reply
+from mailrelay.reply import EnhancedStatus, Reply
 
 # The ``mailrelay.flow`` logger, whichever module of the package writes the trace.
 log = logging.getLogger("mailrelay.flow")
@@ -116,7 +116,15 @@ class _SessionCore:
         # The last small message sent by DATA, and its wire form (stuffed) and terminator.
         self._last_data: tuple[Message, tuple[DataChunk, EndOfData]] | None = None
         self._last_message: (
-            tuple[Message, Envelope, Extensions, str | None, str | None, tuple[Address, ...]] | None
+            tuple[
+                Message,
+                Envelope,
+                Extensions,
+                str | None,
+                tuple[str, EnhancedStatus] | None,
+                tuple[Address, ...],
+            ]
+            | None
         ) = None
         self._last_commands: (
             tuple[Envelope, Extensions, tuple[int, str | None, bool], MailFrom, list[RcptTo]] | None

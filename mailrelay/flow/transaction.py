@@ -50,7 +50,7 @@ from mailrelay.protocol import (
     MailFrom,
     RcptTo,
 )
-from mailrelay.reply import Reply
+from mailrelay.reply import EnhancedStatus, Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult
 
 _DATA = Data()
@@ -100,9 +100,17 @@ def _unfinished(
 #: The reason of a recipient refused before sending because its address needs SMTPUTF8
 #: (RFC 6531), which the server does not offer.
 SMTPUTF8_ADDRESS_REASON = "the address needs SMTPUTF8 (RFC 6531), which the server does not offer"
+# RFC 6531 §3.7: "Non-ASCII addresses not permitted for that sender/recipient".
+_NON_ASCII_ADDRESS = EnhancedStatus.parse("5.6.7")
 # The refusal _precheck gives a message only some of whose recipients need SMTPUTF8 (and so
 # that _prepared notes in _apart_seen): never a final result; the caller sends to the others.
-_APART = "some recipients need SMTPUTF8 (RFC 6531), which the server does not offer"
+_APART = (
+    "some recipients need SMTPUTF8 (RFC 6531), which the server does not offer",
+    _NON_ASCII_ADDRESS,
+)
+#: Why a message cannot be sent to a server at all, and the RFC 3463 status that says it.
+_Refusal = tuple[str, EnhancedStatus]
+_REQUIRETLS = EnhancedStatus.parse("5.7.30")
 
 
 def _asks_for_dsn(envelope: Envelope) -> bool:
@@ -247,6 +255,7 @@ class _Delivery(_Opening):
                 reply=None,
                 reason=SMTPUTF8_ADDRESS_REASON,
                 host=self.config.peer,
+                enhanced=_NON_ASCII_ADDRESS,
             )
         recipients = cast("tuple[RecipientResult, ...]", tuple(finals))
         return DeliveryResult(recipients=recipients, message_id=message_id, host=self.config.peer)
@@ -438,39 +447,58 @@ class _Delivery(_Opening):
         if refusal is not None:
             if refusal is _APART:
                 self._apart_seen = True
+            reason, status = refusal
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("refusing the message before sending: %s", refusal)
-            transaction.unfinished(None, refusal)
+                log.debug("refusing the message before sending: %s", reason)
+            transaction.unfinished(None, reason)
             for index, result in enumerate(transaction.final):
                 assert result is not None
-                transaction.final[index] = attrs.evolve(result, outcome=Outcome.PERMANENT)
+                transaction.final[index] = attrs.evolve(
+                    result, outcome=Outcome.PERMANENT, enhanced=status
+                )
         return transaction
 
-    def _precheck(self, message: Message, envelope: Envelope, ext: Extensions) -> str | None:
+    def _precheck(self, message: Message, envelope: Envelope, ext: Extensions) -> _Refusal | None:
         """Why the message cannot be sent to this server at all (which offered ``ext``),
-        or None."""
+        with the RFC 3463 status that says so, or None."""
         if ext.size and message.size > ext.size:
             # RFC 1870 §6: the message is bigger than the server's fixed limit.
+            # RFC 3463 §3.4: X.3.4 "message too big for system".
             return (
                 f"the message is {message.size} bytes; the server accepts at most {ext.size} "
-                "(SIZE, RFC 1870)"
+                "(SIZE, RFC 1870)",
+                EnhancedStatus.parse("5.3.4"),
             )
         if self._needs_smtputf8(message, envelope) and not ext.smtputf8:
             if self._smtputf8_apart(message, envelope) is not None:
                 # Only some recipients need it: the caller sends to the others (_without).
                 return _APART
+            # X.6.7 when an address needs it; X.6.0 (other media error) for the header.
+            address = envelope.needs_smtputf8
             return (
                 "the message or an envelope address needs SMTPUTF8 (RFC 6531), "
-                "which the server does not offer"
+                "which the server does not offer",
+                _NON_ASCII_ADDRESS if address else EnhancedStatus.parse("5.6.0"),
             )
         if message.needs_8bitmime and not ext.eight_bit_mime:
-            return "the message has 8-bit content and the server does not offer 8BITMIME (RFC 6152)"
+            # RFC 3463 §3.7: X.6.3 "conversion required but not supported".
+            return (
+                "the message has 8-bit content and the server does not offer 8BITMIME (RFC 6152)",
+                EnhancedStatus.parse("5.6.3"),
+            )
         if envelope.requiretls:
-            # RFC 8689 §4.1: only over TLS, and only to a server that offers REQUIRETLS.
+            # RFC 8689 §4.1: only over TLS, and only to a server that offers REQUIRETLS;
+            # §5: 5.7.30 "REQUIRETLS support required".
             if not self.encrypted:
-                return "REQUIRETLS was requested but the connection is not encrypted (RFC 8689)"
+                return (
+                    "REQUIRETLS was requested but the connection is not encrypted (RFC 8689)",
+                    _REQUIRETLS,
+                )
             if not ext.requiretls:
-                return "REQUIRETLS was requested but the server does not offer it (RFC 8689)"
+                return (
+                    "REQUIRETLS was requested but the server does not offer it (RFC 8689)",
+                    _REQUIRETLS,
+                )
         return None
 
     def _unlocked_by_auth(self, message: Message, envelope: Envelope) -> bool:

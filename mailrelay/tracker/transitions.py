@@ -255,6 +255,14 @@ def _matched(
     return [by_address.get(r.address) for r in recipients]
 
 
+def _enhanced(found: RecipientResult) -> str | None:
+    """The RFC 3463 status of a result: its reply's, or the one a refusal made before
+    sending carries."""
+    reply = found.reply
+    status = found.enhanced if reply is None else reply.enhanced
+    return None if status is None else str(status)
+
+
 def _attempt(
     found: RecipientResult, host: str | None, now: dt.datetime, memo: AttemptMemo | None
 ) -> Attempt:
@@ -266,7 +274,7 @@ def _attempt(
     answer = None if reply is None else (reply.code, reply.lines)
     # The outcome by identity (its members are singletons): Enum's own __hash__ is a Python
     # function, and this key is hashed for every recipient.
-    key = (host, id(found.outcome), found.reason, answer)
+    key = (host, id(found.outcome), found.reason, answer, found.enhanced)
     if memo is not None:
         known = memo.get(key)
         if known is not None and known.at == now:
@@ -280,7 +288,7 @@ def _attempt(
         at=now,
         host=host,
         code=None if reply is None else reply.code,
-        enhanced=None if reply is None or reply.enhanced is None else str(reply.enhanced),
+        enhanced=_enhanced(found),
         text=text,
         source=source,
     )
