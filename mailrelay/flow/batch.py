@@ -289,10 +289,7 @@ class _Batch(_Delivery):
                         # would send it to them again (see _in_parts).
                         reply, host = exc.reply, exc.host
                         reason = f"{type(exc).__name__} before a final reply: {exc}"
-            apart = self._smtputf8_apart(message, envelope)
-            assert apart is not None
-            refused = frozenset(apart)
-            keep = [i for i in range(len(envelope.recipients)) if i not in refused]
+            apart, keep = self._split_apart(message, envelope)
             unsent = [
                 RecipientResult(
                     address=envelope.recipients[i].address,

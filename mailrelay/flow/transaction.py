@@ -111,6 +111,11 @@ _APART = (
 #: Why a message cannot be sent to a server at all, and the RFC 3463 status that says it.
 _Refusal = tuple[str, EnhancedStatus]
 _REQUIRETLS = EnhancedStatus.parse("5.7.30")
+# RFC 3463 §3.4, §3.7: "message too big for system", "other media error", "conversion
+# required but not supported".
+_TOO_BIG = EnhancedStatus.parse("5.3.4")
+_MEDIA = EnhancedStatus.parse("5.6.0")
+_NO_CONVERSION = EnhancedStatus.parse("5.6.3")
 
 
 def _asks_for_dsn(envelope: Envelope) -> bool:
@@ -226,14 +231,19 @@ class _Delivery(_Opening):
         SMTPUTF8, which the server does not offer (RFC 6531 §3.2 forbids sending to them:
         each is PERMANENT); the others go as if they were the whole envelope (and raise as
         :meth:`deliver` does when none of them has an answer)."""
-        apart = self._smtputf8_apart(message, envelope)
-        assert apart is not None
+        apart, keep = self._split_apart(message, envelope)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%d recipients need SMTPUTF8, which the server lacks", len(apart))
-        refused = frozenset(apart)
-        keep = [i for i in range(len(envelope.recipients)) if i not in refused]
         result = yield from self._deliver(message, envelope.subset(keep))
         return self._merged_apart(envelope, apart, keep, result.recipients, result.message_id)
+
+    def _split_apart(self, message: Message, envelope: Envelope) -> tuple[list[int], list[int]]:
+        """The positions of the recipients that alone need SMTPUTF8 (see
+        :meth:`_smtputf8_apart`, which must have found some), and of the others."""
+        apart = self._smtputf8_apart(message, envelope)
+        assert apart is not None
+        refused = frozenset(apart)
+        return apart, [i for i in range(len(envelope.recipients)) if i not in refused]
 
     def _merged_apart(
         self,
@@ -467,7 +477,7 @@ class _Delivery(_Opening):
             return (
                 f"the message is {message.size} bytes; the server accepts at most {ext.size} "
                 "(SIZE, RFC 1870)",
-                EnhancedStatus.parse("5.3.4"),
+                _TOO_BIG,
             )
         if self._needs_smtputf8(message, envelope) and not ext.smtputf8:
             if self._smtputf8_apart(message, envelope) is not None:
@@ -478,13 +488,13 @@ class _Delivery(_Opening):
             return (
                 "the message or an envelope address needs SMTPUTF8 (RFC 6531), "
                 "which the server does not offer",
-                _NON_ASCII_ADDRESS if address else EnhancedStatus.parse("5.6.0"),
+                _NON_ASCII_ADDRESS if address else _MEDIA,
             )
         if message.needs_8bitmime and not ext.eight_bit_mime:
             # RFC 3463 §3.7: X.6.3 "conversion required but not supported".
             return (
                 "the message has 8-bit content and the server does not offer 8BITMIME (RFC 6152)",
-                EnhancedStatus.parse("5.6.3"),
+                _NO_CONVERSION,
             )
         if envelope.requiretls:
             # RFC 8689 §4.1: only over TLS, and only to a server that offers REQUIRETLS;
