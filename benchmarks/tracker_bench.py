@@ -30,6 +30,11 @@ smtp-sink offers it, no TLS) to the same ``smtp-sink``, which accepts and discar
   ``AsyncDeliveryTracker.arun_pending()`` through an equal transport once everything is
   submitted; the async tracked row is compared with the async baseline.
 * **submit only**: ``submit`` one at a time and ``submit_many(100)``, no delivery.
+* **store floor**: the SQL alone that ``SQLiteStore`` runs for the tracked phase (the
+  same statements in the same transactions, every row built beforehand, nothing sent),
+  on a fresh store: what tracking costs on this schema with these durability settings
+  even if the tracker's own Python cost nothing. The last line of the report is the
+  ceiling it leaves end to end, ``direct / (direct + floor)``, round by round.
 * with ``--postgres``, **tracked, PostgresStore** end to end and delivery only: the same
   tracker on a ``PostgresStore`` (a PostgreSQL server started here on loopback, placed with
   the other servers, a fresh schema per phase), so the store's SQL runs in the server's
@@ -65,6 +70,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import multiprocessing
 import resource
 import statistics
@@ -81,12 +87,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from placement import MODES, default_mode, place
 
+from mailrelay.envelope import Envelope
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
+from mailrelay.tracker import sqlite_store
 from mailrelay.tracker.async_engine import AsyncDeliveryTracker
 from mailrelay.tracker.engine import DeliveryTracker
 from mailrelay.tracker.sqlite_store import SQLiteStore
-from mailrelay.tracker.store import Store
+from mailrelay.tracker.store import Store, envelope_to_json
 from mailrelay.transport import AsyncSMTPTransport, SMTPTransport
 from tests.peers.sink import SMTPSink
 
@@ -98,6 +106,8 @@ SUBMIT_BATCH = 100
 BASELINE = "direct: transport.send_many (baseline)"
 #: The tracked phase that times the delivery alone (the submission is timed on its own too).
 DELIVERY_ONLY = "tracked, delivery only (run_pending)"
+#: The store's SQL alone (see store_floor), and what it leaves of the baseline's rate.
+FLOOR = "store floor: the SQLiteStore's SQL alone"
 #: The asyncio baseline, and the async tracker's delivery compared with it.
 ASYNC_BASELINE = "async direct: transport.asend_many (baseline)"
 ASYNC_TRACKED = "async tracked, delivery only (arun_pending)"
@@ -361,6 +371,99 @@ def submit_only(messages: list[Message], *, one_by_one: bool) -> Timing:
     return timing
 
 
+#: The attempt the floor phase records for each delivery: what the tracker stores for
+#: smtp-sink's reply (host, code, enhanced status, text, source).
+_FLOOR_ATTEMPT = ("127.0.0.1:25", 250, "2.0.0", "2.0.0 Ok", "reply")
+
+
+def store_floor(messages: list[Message]) -> Timing:
+    """Seconds for the SQL alone that ``SQLiteStore`` runs to track ``messages`` through
+    the tracked phase, nothing sent: the floor of any tracker on this schema, with these
+    durability settings, whatever its Python costs.
+
+    Every row is built before the stopwatch starts; then, on a fresh store, exactly the
+    store's statements in its transactions: per ``submit_many`` batch, the inserts of the
+    messages and their recipients and a ``synchronous=FULL`` commit; per claim of 100, the
+    claim's read and its leasing ``UPDATE``; per ``commit_batch`` (50) of results, the
+    state updates and the attempts (the store's fast path for a worker's results), each
+    committed with ``work_synchronous=NORMAL``.
+    """
+    now = 1_800_000_000_000_000  # microseconds; every message due at once
+    worker = "floor-worker"
+    message_rows: list[tuple[Any, ...]] = []
+    recipient_rows: list[tuple[Any, ...]] = []
+    for index, message in enumerate(messages):
+        envelope = Envelope.from_message(message)
+        tracking_id = f"{now:014x}{index:018x}"
+        data = message.as_bytes()
+        message_rows.append(
+            (
+                tracking_id,
+                now,
+                envelope_to_json(envelope),
+                message.message_id,
+                "",
+                len(data),
+                bytearray(data),
+                0,
+            )
+        )
+        address = str(envelope.recipients[0].address)
+        recipient_rows.append((tracking_id, 0, address, "queued", now, 0))
+    # The store's own transactions (_write) and statements, private on purpose: this phase
+    # measures them and nothing else.
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteStore(Path(tmp) / "q.db")
+        try:
+            watch = Stopwatch()
+            for index in range(0, len(messages), SUBMIT_BATCH):
+                with store._write() as tx:
+                    tx.executemany(
+                        "INSERT INTO messages (id, created_at, envelope, message_id, envid,"
+                        " size, content, notification) VALUES (?, ?, ?, ?, NULLIF(?, ''), ?, ?, ?)",
+                        message_rows[index : index + SUBMIT_BATCH],
+                    )
+                    tx.executemany(
+                        "INSERT INTO recipients (message, position, address, state,"
+                        " next_attempt_at, confirmed, lease_owner, lease_until)"
+                        " VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+                        recipient_rows[index : index + SUBMIT_BATCH],
+                    )
+            delivered = 0
+            while True:
+                with store._write(work=True) as tx:
+                    ids = [
+                        row[0]
+                        for row in tx.execute(
+                            sqlite_store._DUE_IN_ORDER,
+                            {"now": now},
+                        ).fetchmany(SUBMIT_BATCH)
+                    ]
+                    if not ids:
+                        break
+                    leased = tx.execute(
+                        sqlite_store._LEASE_DUE,
+                        {"now": now, "ids": json.dumps(ids), "worker": worker, "until": now + 1},
+                    ).fetchall()
+                for start in range(0, len(leased), 50):
+                    chunk = leased[start : start + 50]
+                    with store._write(work=True) as tx:
+                        tx.executemany(
+                            sqlite_store._UPDATE_LEASED_DONE,
+                            [("delivered", row[0], row[1], worker) for row in chunk],
+                        )
+                        tx.executemany(
+                            sqlite_store._INSERT_ATTEMPT,
+                            [(row[0], row[1], 0, now, *_FLOOR_ATTEMPT) for row in chunk],
+                        )
+                    delivered += len(chunk)
+            timing = watch.stop()
+        finally:
+            store.close()
+    assert delivered == len(messages), delivered
+    return timing
+
+
 @contextlib.contextmanager
 def _postgres() -> Iterator[Callable[[], contextlib.AbstractContextManager[Store]]]:
     """A PostgreSQL server on loopback (tests/peers/postgres.py), as a maker of fresh
@@ -441,6 +544,7 @@ def main() -> None:
             f"submit_many({SUBMIT_BATCH}), no delivery": lambda: submit_only(
                 messages, one_by_one=False
             ),
+            FLOOR: lambda: store_floor(messages),
         }
         if postgres_store is not None:
             make = postgres_store
@@ -496,6 +600,15 @@ def main() -> None:
             median = statistics.median(rounds)
             listed = " ".join(f"{r:.2f}" for r in rounds)
             print(f"{label:<{width}}  median {median:.2f}  overhead {1 - median:4.0%}  ({listed})")
+    # The best end to end a tracker on this store could reach if its own Python were free:
+    # the baseline's time plus the store's SQL alone.
+    ceilings = [
+        base / (base + floor) for base, floor in zip(runs[BASELINE], runs[FLOOR], strict=True)
+    ]
+    print(
+        f"\nceiling of end to end (direct / (direct + store floor), round by round): "
+        f"median {statistics.median(ceilings):.2f}  ({' '.join(f'{c:.2f}' for c in ceilings)})"
+    )
 
 
 if __name__ == "__main__":
