@@ -40,7 +40,7 @@ cross process boundaries (worker pools, task queues) intact.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from mailrelay.reply import Reply
@@ -207,6 +207,10 @@ class DeliveryError(MailRelayError):
 
     #: The default for :attr:`is_transient` when the constructor is not told.
     transient_by_default = True
+    #: The RFC 3463 subject and detail (``(4, 1)`` for ``X.4.1``) of the status this kind
+    #: of failure is reported with when no server reply gives one, or ``None``; the class
+    #: follows :attr:`is_transient` (see :func:`mailrelay.results.error_status`).
+    status_detail: ClassVar[tuple[int, int] | None] = None
 
     def __init__(
         self,
@@ -228,6 +232,9 @@ class DeliveryError(MailRelayError):
 
 class ConnectError(DeliveryError, ConnectionError):
     """No address of the host accepted a connection."""
+
+    # X.4.1 "No answer from host": the outbound connection attempt was not answered.
+    status_detail = (4, 1)
 
 
 class ProxyError(ConnectError):
@@ -262,9 +269,15 @@ class DeliveryTimeout(DeliveryError, TimeoutError):
     """A phase of the dialogue (connect, greeting, MAIL, RCPT, DATA, ...) took
     longer than its timeout allows."""
 
+    # X.4.2 "Bad connection": the transaction could not be completed "because of time-out,
+    # or inadequate connection quality".
+    status_detail = (4, 2)
+
 
 class ConnectionLost(DeliveryError, ConnectionError):
     """The server closed or reset the connection before the dialogue finished."""
+
+    status_detail = (4, 2)  # X.4.2 "Bad connection"
 
 
 class TLSError(DeliveryError):
@@ -272,6 +285,8 @@ class TLSError(DeliveryError):
     handshake, an untrusted certificate, STARTTLS required but not offered)."""
 
     transient_by_default = False
+    # X.7.5 "Cryptographic failure" (what Postfix reports for a TLS handshake that failed).
+    status_detail = (7, 5)
 
 
 class AuthenticationError(DeliveryError):
@@ -294,6 +309,8 @@ class NoRoute(DeliveryError):
     no address for any exchanger)."""
 
     transient_by_default = False
+    # X.4.4 "Unable to route": no next hop could be determined.
+    status_detail = (4, 4)
 
 
 class LocalMTAError(DeliveryError):

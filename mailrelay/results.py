@@ -18,9 +18,9 @@ from mailrelay.address import Address
 from mailrelay.reply import EnhancedStatus, Reply
 
 if TYPE_CHECKING:
-    from mailrelay.errors import MailRelayError
+    from mailrelay.errors import DeliveryError, MailRelayError
 
-__all__ = ["DeliveryResult", "Outcome", "RecipientResult"]
+__all__ = ["DeliveryResult", "Outcome", "RecipientResult", "error_status"]
 
 
 class Outcome(enum.Enum):
@@ -61,11 +61,15 @@ class RecipientResult:
         reason: a human-readable explanation when no reply tells the story
             (for example "server lacks SMTPUTF8", "connection lost before DATA").
         host: the server that answered (``host:port``), when known.
-        enhanced: for a decision made without a server reply (a refusal before sending),
-            the RFC 3463 status that says it (``5.3.4`` too big for the server's SIZE,
-            ``5.6.7`` an address that needs SMTPUTF8, ``5.6.3`` 8-bit data without 8BITMIME,
-            ``5.7.30`` REQUIRETLS not possible), for the DSNs reporting it; ``None``
-            otherwise (a reply carries its own in ``reply.enhanced``).
+        enhanced: for a decision made without a server reply, the RFC 3463 status that
+            says it, for the DSNs reporting it: a refusal before sending (``5.3.4`` too big
+            for the server's SIZE, ``5.6.7`` an address that needs SMTPUTF8, ``5.6.3`` 8-bit
+            data without 8BITMIME, ``5.7.30`` REQUIRETLS not possible), MX delivery's
+            verdicts from the DNS (``5.1.10`` a null MX, ``5.1.2`` no such mail domain,
+            ``4.4.3`` the DNS failed, ``5.4.4`` no usable exchanger address), and failures
+            without a reply (see :func:`error_status`: ``4.4.1`` a connection not answered,
+            ``4.4.2`` a timeout or a dropped connection, ``X.7.5`` TLS not established);
+            ``None`` otherwise (a reply carries its own in ``reply.enhanced``).
     """
 
     address: Address
@@ -132,3 +136,24 @@ class DeliveryResult:
             if result.outcome is not _ACCEPTED:
                 return False
         return bool(recipients)
+
+
+def error_status(error: DeliveryError, *, transient: bool | None = None) -> EnhancedStatus | None:
+    """The RFC 3463 status that describes a failed attempt: the one its server reply
+    carries, else the one for its kind of failure when it came without a reply (``X.4.1``
+    a connection not answered, ``X.4.2`` a timeout or a dropped connection, ``X.4.4`` no
+    route, ``X.7.5`` TLS not established); ``None`` when neither says anything.
+
+    The class of a status for a failure without a reply is 4 when ``transient`` (by default
+    the error's own ``is_transient``), else 5, so that it agrees with the outcome reported
+    beside it. Used for the results and attempts made from errors (``send_many``'s failed
+    messages, MX delivery's exchangers, the tracker's attempt history and DSNs).
+    """
+    reply = error.reply
+    if reply is not None:
+        return reply.enhanced
+    found = error.status_detail
+    if found is None:
+        return None
+    klass = 4 if (error.is_transient if transient is None else transient) else 5
+    return EnhancedStatus(klass=klass, subject=found[0], detail=found[1])

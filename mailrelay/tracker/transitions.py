@@ -45,7 +45,7 @@ from mailrelay.address import Address
 from mailrelay.envelope import Notify, Recipient
 from mailrelay.errors import DeliveryError
 from mailrelay.reply import Reply
-from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult, error_status
 from mailrelay.tracker.retry import RetryPolicy
 from mailrelay.tracker.store import (
     Attempt,
@@ -392,11 +392,14 @@ def from_error(
     """What a transaction that raised ``error`` does to ``recipients`` of ``record``
     (``delay_warning_after`` as for :func:`from_result`)."""
     reply = error.reply
+    # The reply's status, or the one of the failure's kind (X.4.1 a connection not
+    # answered, X.4.2 a timeout, ...): what the attempt history and the DSNs report.
+    status = error_status(error)
     attempt = Attempt(
         at=now,
         host=error.host,
         code=None if reply is None else reply.code,
-        enhanced=None if reply is None or reply.enhanced is None else str(reply.enhanced),
+        enhanced=None if status is None else str(status),
         text=f"{type(error).__name__}: {error}",
         source="error",
     )

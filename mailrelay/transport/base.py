@@ -49,7 +49,7 @@ from typing import Self, TypeAlias
 from mailrelay.envelope import Envelope
 from mailrelay.errors import DeliveryError
 from mailrelay.message import Message
-from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult, error_status
 
 __all__ = [
     "AsyncBatch",
@@ -106,6 +106,8 @@ def failed_result(message: Message, envelope: Envelope, error: DeliveryError) ->
     """
     outcome = Outcome.TRANSIENT if error.is_transient else Outcome.PERMANENT
     reason = f"{type(error).__name__}: {error}"
+    # A reply carries its own status; without one, the status of the failure's kind.
+    enhanced = error_status(error) if error.reply is None else None
     return DeliveryResult(
         recipients=tuple(
             RecipientResult(
@@ -114,6 +116,7 @@ def failed_result(message: Message, envelope: Envelope, error: DeliveryError) ->
                 reply=error.reply,
                 reason=reason,
                 host=error.host,
+                enhanced=enhanced,
             )
             for recipient in envelope.recipients
         ),

@@ -43,9 +43,9 @@ from mailrelay.errors import (
 from mailrelay.flow import Session, SessionConfig, unsent_positions
 from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
-from mailrelay.reply import Reply
+from mailrelay.reply import EnhancedStatus, Reply
 from mailrelay.resolver import DNSStatus, MailHost, MailHosts, Resolver
-from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult, error_status
 from mailrelay.transport.dane import DANEHost, DANEPolicy, HostState
 from mailrelay.transport.driver_common import check_source_address
 from mailrelay.transport.errors_map import peer_name
@@ -360,17 +360,41 @@ class TLSReporter(Protocol):
         """Record ``attempt``."""
 
 
+# The RFC 3463 statuses of the verdicts made from the DNS, for the DSNs that report them.
+# X.1.2 "Bad destination system address": the part after the "@" is "invalid for mail"
+# (no such domain, neither MX nor address records, MX records naming no exchanger).
+_BAD_DOMAIN: Final = EnhancedStatus(klass=5, subject=1, detail=2)
+# RFC 7505 §4.2 (registered in RFC 7505 §5.1): "Recipient address has null MX".
+_NULL_MX: Final = EnhancedStatus(klass=5, subject=1, detail=10)
+# X.4.3 "Directory server failure": the DNS could not be asked (a timeout, SERVFAIL).
+_DNS_FAILED: Final = EnhancedStatus(klass=4, subject=4, detail=3)
+# X.4.4 "Unable to route": there are exchangers, but no address this transport may use.
+_NO_ROUTE: Final = EnhancedStatus(klass=5, subject=4, detail=4)
+# X.7.0 "Other or undefined security status": the domain's MTA-STS policy allows none of
+# its exchangers (RFC 8461 §5 makes that a temporary failure).
+_POLICY: Final = EnhancedStatus(klass=4, subject=7, detail=0)
+
+
 @attrs.frozen(kw_only=True)
 class Verdict:
-    """A domain's recipients settled without a connection (by the DNS or the policy)."""
+    """A domain's recipients settled without a connection (by the DNS or the policy).
+
+    Attributes:
+        outcome: TRANSIENT or PERMANENT.
+        reason: why, for the results.
+        enhanced: the RFC 3463 status that says it, for the DSNs reporting it.
+    """
 
     outcome: Outcome
     reason: str
+    enhanced: EnhancedStatus | None = None
 
     def results(self, recipients: Iterable[Address]) -> list[RecipientResult]:
         """The same result for every recipient."""
         return [
-            RecipientResult(address=address, outcome=self.outcome, reason=self.reason)
+            RecipientResult(
+                address=address, outcome=self.outcome, reason=self.reason, enhanced=self.enhanced
+            )
             for address in recipients
         ]
 
@@ -422,21 +446,33 @@ def plan(
     """
     if isinstance(found, ResolverError):
         if found.is_transient:
-            return Verdict(outcome=Outcome.TRANSIENT, reason=f"DNS lookup failed: {found}")
-        return Verdict(outcome=Outcome.PERMANENT, reason=f"not a mail domain: {found}")
+            return Verdict(
+                outcome=Outcome.TRANSIENT,
+                reason=f"DNS lookup failed: {found}",
+                enhanced=_DNS_FAILED,
+            )
+        return Verdict(
+            outcome=Outcome.PERMANENT, reason=f"not a mail domain: {found}", enhanced=_BAD_DOMAIN
+        )
     if found.null_mx:
         # RFC 7505 §3: a null MX means the domain accepts no mail; fail at once, no retries.
         return Verdict(
             outcome=Outcome.PERMANENT,
             reason=f"{domain} publishes a null MX (RFC 7505): it accepts no mail",
+            enhanced=_NULL_MX,
         )
     if found.status is DNSStatus.NXDOMAIN:
-        return Verdict(outcome=Outcome.PERMANENT, reason=f"{domain} does not exist (NXDOMAIN)")
+        return Verdict(
+            outcome=Outcome.PERMANENT,
+            reason=f"{domain} does not exist (NXDOMAIN)",
+            enhanced=_BAD_DOMAIN,
+        )
     if found.status is DNSStatus.NODATA:
         # RFC 5321 §5.1: no MX and no address: there is nowhere to deliver.
         return Verdict(
             outcome=Outcome.PERMANENT,
             reason=f"{domain} has no mail host: neither MX nor address records",
+            enhanced=_BAD_DOMAIN,
         )
     if not found.hosts:
         # Every MX target is "." without being RFC 7505's null MX ("MX 10 ."): RFC 5321
@@ -444,6 +480,7 @@ def plan(
         return Verdict(
             outcome=Outcome.PERMANENT,
             reason=f"{domain} has no mail host: its MX records name no exchanger",
+            enhanced=_BAD_DOMAIN,
         )
     # RFC 8461 §5: a testing policy's mx patterns are reported against, never enforced.
     hosts = [host for host in found.hosts if policy.sts_testing or policy.allows(host.name)]
@@ -452,6 +489,7 @@ def plan(
         return Verdict(
             outcome=Outcome.TRANSIENT,
             reason=f"no exchanger of {domain} ({names}) matches its MX policy",
+            enhanced=_POLICY,
         )
     targets: list[Target] = []
     seen: set[str] = set()
@@ -475,6 +513,7 @@ def plan(
         return Verdict(
             outcome=Outcome.TRANSIENT,
             reason=f"address lookups failed for the exchangers of {domain}: {', '.join(failed)}",
+            enhanced=_DNS_FAILED,
         )
     if skipped:
         shown = ", ".join(skipped[:4]) + (", ..." if len(skipped) > 4 else "")
@@ -484,12 +523,14 @@ def plan(
                 f"every exchanger address of {domain} is in a network this transport refuses "
                 f"({shown}): loopback by default; see refused_networks"
             ),
+            enhanced=_NO_ROUTE,
         )
     names = ", ".join(host.name for host in hosts)
     # RFC 5321 §5.1: MX records none of which is usable is an error to report.
     return Verdict(
         outcome=Outcome.PERMANENT,
         reason=f"no exchanger of {domain} has an address ({names})",
+        enhanced=_NO_ROUTE,
     )
 
 
@@ -579,10 +620,25 @@ class Trail:
         """Every recipient's result after every target failed."""
         outcome = Outcome.TRANSIENT if self.transient or not self.notes else Outcome.PERMANENT
         reason = f"no exchanger of {self.domain} took the message: " + "; ".join(self.notes)
-        reply: Reply | None = self.last.reply if self.last is not None else None
-        host = self.last.host if self.last is not None else None
+        last = self.last
+        reply: Reply | None = last.reply if last is not None else None
+        host = last.host if last is not None else None
+        # Without a reply, the status of the last failure's kind (a connection not
+        # answered, a timeout, TLS), in the class of the outcome reported.
+        enhanced = (
+            error_status(last, transient=outcome is Outcome.TRANSIENT)
+            if last is not None and reply is None
+            else None
+        )
         return [
-            RecipientResult(address=address, outcome=outcome, reply=reply, reason=reason, host=host)
+            RecipientResult(
+                address=address,
+                outcome=outcome,
+                reply=reply,
+                reason=reason,
+                host=host,
+                enhanced=enhanced,
+            )
             for address in recipients
         ]
 
@@ -630,6 +686,12 @@ def with_host(results: Iterable[RecipientResult], host: str) -> list[RecipientRe
     return [r if r.host is not None else attrs.evolve(r, host=host) for r in results]
 
 
+class _RequireTLSRefused(DeliveryError):
+    """A REQUIRETLS message that must not go over a session (RFC 8689 §5: 5.7.30)."""
+
+    status_detail = (7, 30)
+
+
 def requiretls_refusal(session: Session, envelope: Envelope, peer: str) -> DeliveryError | None:
     """Why a REQUIRETLS message must not go over ``session`` (so the next exchanger is
     tried), or ``None`` when it may (or the envelope does not ask for REQUIRETLS)."""
@@ -643,7 +705,7 @@ def requiretls_refusal(session: Session, envelope: Envelope, peer: str) -> Deliv
         why = "the server does not offer REQUIRETLS"
     else:
         return None
-    return DeliveryError(
+    return _RequireTLSRefused(
         f"REQUIRETLS support required (5.7.30, RFC 8689): {why}", is_transient=False, host=peer
     )
 

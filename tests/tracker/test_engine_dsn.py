@@ -10,6 +10,7 @@ import pytest
 
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Notify, Recipient, Ret
+from mailrelay.errors import ConnectError
 from mailrelay.message import Message
 from mailrelay.reply import Reply
 from mailrelay.results import Outcome
@@ -148,6 +149,28 @@ def test_an_expiry_is_reported_with_the_last_transient_status() -> None:
     assert [e.kind for e in seen].count(EventKind.EXPIRED) == 1
     report = parse_dsn(dsn_out.outbox[0].message.as_bytes())
     assert [(r.action, r.status) for r in report.recipients] == [(DSNAction.FAILED, "4.2.2")]
+
+
+def test_a_server_never_reached_is_reported_with_the_status_of_that_failure() -> None:
+    """A connection refused at every attempt has no reply to take a status from: the
+    attempts record RFC 3463's 4.4.1 (no answer from host), and the expiry's report says
+    it rather than the bare 4.4.7 (delivery time expired)."""
+    dsn_out = MemoryTransport()
+    transport = MemoryTransport(scripted(*[ConnectError("refused", host="mx:25")] * 10))
+    retry = RetryPolicy(initial=3600, max_age=3 * 3600)
+    tracker, clock, _seen = make(transport, dsn_transport=dsn_out, retry=retry)
+    tracking_id = tracker.submit(message(("a@example.org",)))
+    for _ in range(10):
+        tracker.run_pending()
+        due = tracker.next_due()
+        if due is None:
+            break
+        clock.now = due
+    recipient = tracker.status(tracking_id).recipients[0]
+    assert recipient.state is State.EXPIRED
+    assert {a.enhanced for a in recipient.attempts} == {"4.4.1"}
+    report = parse_dsn(dsn_out.outbox[0].message.as_bytes())
+    assert [(r.action, r.status) for r in report.recipients] == [(DSNAction.FAILED, "4.4.1")]
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,11 @@ from mailrelay.message import Message
 from mailrelay.options import TLS, Timeouts
 from mailrelay.resolver import DNSStatus, MailHost, MailHosts
 from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.tracker.dsn import DSNAction
+from mailrelay.tracker.dsn_parse import parse_dsn
+from mailrelay.tracker.engine import DeliveryTracker
+from mailrelay.tracker.store import MemoryStore, State
+from mailrelay.transport.memory import MemoryTransport
 from mailrelay.transport.mx import (
     MXPolicy,
     MXTransport,
@@ -307,16 +312,23 @@ def test_half_dangling_mx_uses_the_exchanger_that_resolves(
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize(
-    ("domain", "outcome", "reason"),
+    ("domain", "outcome", "reason", "status"),
     [
-        ("nullmx.test", Outcome.PERMANENT, "null MX (RFC 7505)"),
-        ("no-such-domain.test", Outcome.PERMANENT, "does not exist (NXDOMAIN)"),
-        ("nomail.test", Outcome.PERMANENT, "neither MX nor address records"),
-        ("dangling.test", Outcome.PERMANENT, "no exchanger of dangling.test has an address"),
-        ("x.servfail.test", Outcome.TRANSIENT, "DNS lookup failed"),
-        ("x.refused.test", Outcome.TRANSIENT, "DNS lookup failed"),
-        ("x.timeout.test", Outcome.TRANSIENT, "DNS lookup failed"),
-        ("slowmx.test", Outcome.TRANSIENT, "address lookups failed"),
+        # RFC 7505 §4.2's 5.1.10; RFC 3463's X.1.2 (bad destination system address), X.4.4
+        # (unable to route), X.4.3 (directory server failure).
+        ("nullmx.test", Outcome.PERMANENT, "null MX (RFC 7505)", "5.1.10"),
+        ("no-such-domain.test", Outcome.PERMANENT, "does not exist (NXDOMAIN)", "5.1.2"),
+        ("nomail.test", Outcome.PERMANENT, "neither MX nor address records", "5.1.2"),
+        (
+            "dangling.test",
+            Outcome.PERMANENT,
+            "no exchanger of dangling.test has an address",
+            "5.4.4",
+        ),
+        ("x.servfail.test", Outcome.TRANSIENT, "DNS lookup failed", "4.4.3"),
+        ("x.refused.test", Outcome.TRANSIENT, "DNS lookup failed", "4.4.3"),
+        ("x.timeout.test", Outcome.TRANSIENT, "DNS lookup failed", "4.4.3"),
+        ("slowmx.test", Outcome.TRANSIENT, "address lookups failed", "4.4.3"),
     ],
 )
 def test_dns_verdicts(
@@ -324,6 +336,7 @@ def test_dns_verdicts(
     domain: str,
     outcome: Outcome,
     reason: str,
+    status: str,
     *,
     unbound: UnboundServer,
     port: int,
@@ -336,6 +349,30 @@ def test_dns_verdicts(
         assert reason in recipient.reason
         assert recipient.reply is None
         assert recipient.host is None
+        assert str(recipient.enhanced) == status
+
+
+def test_the_tracker_bounces_a_null_mx_domain_with_rfc_7505s_status(
+    unbound: UnboundServer, port: int
+) -> None:
+    """Through a real resolver: the verdict's 5.1.10 reaches the attempt history and the
+    failure DSN's Status (it said 5.0.0 before), with the verdict's reason as diagnostic."""
+    dsn_out = MemoryTransport()
+    with MXTransport(
+        unbound.resolver(timeout=1.0), timeouts=FAST, port=port, refused_networks=()
+    ) as transport:
+        tracker = DeliveryTracker(transport, MemoryStore(), dsn_transport=dsn_out)
+        message = Message.build(
+            sender="alice@example.com", to=["bob@nullmx.test"], subject="hi", text="hi\n"
+        )
+        tracking_id = tracker.submit(message)
+        tracker.run_pending()
+    (recipient,) = tracker.status(tracking_id).recipients
+    assert recipient.state is State.BOUNCED
+    assert [a.enhanced for a in recipient.attempts] == ["5.1.10"]
+    report = parse_dsn(dsn_out.outbox[0].message.as_bytes())
+    assert [(r.action, r.status) for r in report.recipients] == [(DSNAction.FAILED, "5.1.10")]
+    assert "null MX" in (report.recipients[0].diagnostic or "")
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -420,6 +457,8 @@ def test_every_mx_down_is_transient_with_each_attempt_explained(
     assert recipient.reason is not None
     assert f"down.failover.test[127.0.0.3]:{port}" in recipient.reason
     assert f"up.failover.test[127.0.0.1]:{port}" in recipient.reason
+    # No reply to take a status from: RFC 3463's X.4.1, no answer from host.
+    assert str(recipient.enhanced) == "4.4.1"
 
 
 def test_every_mx_refusing_with_554_is_permanent(
@@ -436,6 +475,7 @@ def test_every_mx_refusing_with_554_is_permanent(
     assert recipient.outcome is Outcome.PERMANENT
     assert recipient.reply is not None
     assert recipient.reply.code == 554
+    assert recipient.enhanced is None  # the reply carries its own (5.7.1)
 
 
 # -- TLS -----------------------------------------------------------------------------------------
@@ -496,6 +536,8 @@ def test_strict_policy_refuses_a_server_without_starttls(
     message, envelope = to("bob@a-only.test")
     result = send("sync", unbound, message, envelope, port=farm.port, tls=TLS.STARTTLS)
     assert result.recipients[0].outcome is Outcome.TRANSIENT
+    # RFC 3463's X.7.5 (cryptographic failure), in the class of the deferral.
+    assert str(result.recipients[0].enhanced) == "4.7.5"
     assert server.messages == []
 
 

@@ -311,6 +311,7 @@ def test_requiretls_refused_everywhere_is_permanent() -> None:
     _, results = drive([PLAIN, None, None, PLAIN, None], targets=(MX1,), env=env)
     assert {r.outcome for r in results} == {Outcome.PERMANENT}
     assert all("REQUIRETLS" in (r.reason or "") for r in results)
+    assert {str(r.enhanced) for r in results} == {"5.7.30"}  # RFC 8689 §5
 
 
 def test_a_target_that_could_not_be_opened_is_skipped_by_the_next_domain() -> None:

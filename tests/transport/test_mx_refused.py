@@ -190,6 +190,7 @@ def test_loopback_exchangers_are_refused_by_default(
     assert only.outcome is Outcome.PERMANENT
     assert "in a network this transport refuses" in (only.reason or "")
     assert "127.0.0.1" in (only.reason or "")
+    assert str(only.enhanced) == "5.4.4"  # RFC 3463: unable to route
     assert connections(quiet_listener) == 0
 
 

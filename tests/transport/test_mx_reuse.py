@@ -392,6 +392,7 @@ def test_requiretls_with_no_exchanger_offering_it_is_not_sent(
     assert recipient.outcome is Outcome.PERMANENT
     assert recipient.reason is not None
     assert "REQUIRETLS support required" in recipient.reason
+    assert str(recipient.enhanced) == "5.7.30"  # for the DSN reporting it
     assert lacking.messages == []
 
 

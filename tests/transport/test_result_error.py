@@ -48,6 +48,9 @@ def test_a_wrong_password_is_kept_as_the_error(flavour: Flavour) -> None:
         assert [r.outcome for r in result.recipients] == [Outcome.PERMANENT]
         assert result.recipients[0].reason is not None
         assert "AuthenticationError" in result.recipients[0].reason
+        # The server's reply is kept, with its own status: none is added beside it.
+        assert result.recipients[0].reply is not None
+        assert result.recipients[0].enhanced is None
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -64,6 +67,8 @@ def test_a_server_that_is_not_there_is_kept_as_the_error(flavour: Flavour) -> No
         assert isinstance(result.error, ConnectError)
         assert result.error.is_transient
         assert [r.outcome for r in result.recipients] == [Outcome.TRANSIENT]
+        # No reply to take a status from: RFC 3463's 4.4.1, no answer from host.
+        assert [str(r.enhanced) for r in result.recipients] == ["4.4.1"]
 
 
 def test_answers_from_the_server_carry_no_error() -> None:
