@@ -40,7 +40,7 @@ cross process boundaries (worker pools, task queues) intact.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mailrelay.reply import Reply
@@ -210,7 +210,7 @@ class DeliveryError(MailRelayError):
     #: The RFC 3463 subject and detail (``(4, 1)`` for ``X.4.1``) of the status this kind
     #: of failure is reported with when no server reply gives one, or ``None``; the class
     #: follows :attr:`is_transient` (see :func:`mailrelay.results.error_status`).
-    status_detail: ClassVar[tuple[int, int] | None] = None
+    status_detail: tuple[int, int] | None = None
 
     def __init__(
         self,
@@ -322,6 +322,13 @@ class LocalMTAError(DeliveryError):
         exit_status: the program's exit status; negative when it was killed by that signal
             (as :mod:`subprocess` reports it); ``None`` when it exited with 0 but did not
             read the whole message.
+        status_detail: the RFC 3463 subject and detail it is reported with: the ones given
+            (a relay-only sendmail's server reply said them), else Sendmail's own reading
+            of the exit status (``EX_NOUSER`` X.1.1, ``EX_NOHOST`` X.1.2, ``EX_TEMPFAIL``
+            X.2.0, ``EX_OSERR`` and ``EX_IOERR`` X.5.0, ``EX_USAGE`` X.5.4, ``EX_DATAERR``
+            X.5.2, ``EX_NOINPUT``, ``EX_CANTCREAT`` and ``EX_NOPERM`` X.3.0, the other
+            ``sysexits.h`` statuses X.5.0), ``None`` for a status outside ``sysexits.h`` or
+            none.
     """
 
     def __init__(
@@ -332,6 +339,33 @@ class LocalMTAError(DeliveryError):
         reply: Reply | None = None,
         host: str | None = None,
         exit_status: int | None = None,
+        status_detail: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(message, is_transient=is_transient, reply=reply, host=host)
         self.exit_status = exit_status
+        if status_detail is None and exit_status is not None:
+            status_detail = _SYSEXIT_STATUS.get(exit_status)
+        self.status_detail = status_detail
+
+
+# The RFC 3463 subject and detail Sendmail reports a mailer's sysexits.h status with (its
+# markfailure()), for LocalMTAError: 64 EX_USAGE, 65 EX_DATAERR, 66 EX_NOINPUT, 67
+# EX_NOUSER, 68 EX_NOHOST, 69 EX_UNAVAILABLE, 70 EX_SOFTWARE, 71 EX_OSERR, 72 EX_OSFILE,
+# 73 EX_CANTCREAT, 74 EX_IOERR, 75 EX_TEMPFAIL, 76 EX_PROTOCOL, 77 EX_NOPERM, 78 EX_CONFIG.
+_SYSEXIT_STATUS: dict[int, tuple[int, int]] = {
+    64: (5, 4),
+    65: (5, 2),
+    66: (3, 0),
+    67: (1, 1),
+    68: (1, 2),
+    69: (5, 0),
+    70: (5, 0),
+    71: (5, 0),
+    72: (5, 0),
+    73: (3, 0),
+    74: (5, 0),
+    75: (2, 0),
+    76: (5, 0),
+    77: (3, 0),
+    78: (5, 0),
+}

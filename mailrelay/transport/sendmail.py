@@ -111,7 +111,7 @@ from mailrelay.envelope import Envelope, Notify, Recipient
 from mailrelay.errors import ConfigurationError, ConnectError, DeliveryTimeout, LocalMTAError
 from mailrelay.message import Message
 from mailrelay.reply import Reply
-from mailrelay.results import DeliveryResult, Outcome, RecipientResult
+from mailrelay.results import DeliveryResult, Outcome, RecipientResult, error_status
 from mailrelay.transport.base import AsyncTransport, Transport
 from mailrelay.transport.file import _to_lf
 
@@ -182,8 +182,12 @@ _NOTIFY_ORDER = (Notify.NEVER, Notify.SUCCESS, Notify.FAILURE, Notify.DELAY)
 
 
 #: How msmtp reports its server's refusal on standard error ("msmtp: server message: 450
-#: 4.2.1 ..."): the reply code's first digit.
-_RELAY_REPLY: Final = re.compile(r"^msmtp: server message: ([45])\d\d[ -]", re.MULTILINE)
+#: 4.2.1 ..."): the reply code's first digit, and the enhanced status when the reply has one.
+_RELAY_REPLY: Final = re.compile(
+    r"^msmtp: server message: ([45])\d\d[ -]"
+    r"(?:([245])\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})(?![0-9.]))?",
+    re.MULTILINE,
+)
 
 
 def exit_is_transient(status: int) -> bool:
@@ -429,9 +433,13 @@ class SendmailTransport(Transport, AsyncTransport):
             # twice), so the failed group's recipients carry the error, as send_many does.
             outcome = Outcome.TRANSIENT if error.is_transient else Outcome.PERMANENT
             reason = f"{type(error).__name__}: {error}"
+            enhanced = error_status(error)
             for index in positions:
                 final[index] = RecipientResult(
-                    address=envelope.recipients[index].address, outcome=outcome, reason=reason
+                    address=envelope.recipients[index].address,
+                    outcome=outcome,
+                    reason=reason,
+                    enhanced=enhanced,
                 )
         results = []
         for result in final:
@@ -452,16 +460,22 @@ class SendmailTransport(Transport, AsyncTransport):
             )
         early = " before reading the whole message" if broken else ""
         transient = exit_is_transient(status)
+        detail: tuple[int, int] | None = None
         relayed = _RELAY_REPLY.findall(text)
         if relayed and status > 0:
             # A relay-only sendmail (msmtp) says what its server answered; its status does
             # not (msmtp exits 69, "unavailable", for a 450 as for a 451 after the data).
-            # RFC 5321 §4.2.1: the reply's first digit decides.
-            transient = relayed[-1] == "4"
+            # RFC 5321 §4.2.1: the reply's first digit decides, and the reply's enhanced
+            # status (when its class agrees) says more than the exit status's.
+            digit, klass, subject, code = relayed[-1]
+            transient = digit == "4"
+            if klass == digit:
+                detail = (int(subject), int(code))
         return LocalMTAError(
             f"{self.command} {_describe_exit(status)}{early}{said}",
             is_transient=transient,
             exit_status=status,
+            status_detail=detail,
         )
 
     def _warn(self, output: bytes) -> None:

@@ -34,7 +34,11 @@ from mailrelay.errors import (
     LocalMTAError,
 )
 from mailrelay.message import Message
-from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.results import (
+    DeliveryResult,
+    Outcome,
+    error_status,
+)
 from mailrelay.transport import sendmail
 from mailrelay.transport.base import BatchItem
 from mailrelay.transport.sendmail import OUTPUT_LIMIT, SendmailTransport, exit_is_transient
@@ -338,6 +342,7 @@ def test_one_notify_group_failing_does_not_hide_the_queued_one(
     assert reason is not None
     assert reason.startswith("LocalMTAError:")
     assert "EX_NOUSER" in reason
+    assert str(result.recipients[1].enhanced) == "5.1.1"  # as Sendmail reports EX_NOUSER
     assert len(log.read_text().splitlines()) == 2
 
 
@@ -433,23 +438,31 @@ def test_property_every_argument_after_the_options_is_a_safe_recipient(
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize(
-    ("status", "transient", "name"),
+    ("status", "transient", "name", "enhanced"),
     [
-        (75, True, "EX_TEMPFAIL"),
-        (71, True, "EX_OSERR"),
-        (74, True, "EX_IOERR"),
-        (64, False, "EX_USAGE"),
-        (65, False, "EX_DATAERR"),
-        (67, False, "EX_NOUSER"),
-        (69, False, "EX_UNAVAILABLE"),
-        (77, False, "EX_NOPERM"),
-        (78, False, "EX_CONFIG"),
-        (1, True, "status 1"),
-        (99, True, "status 99"),
+        # The RFC 3463 statuses are those Sendmail reports a mailer's exit status with.
+        (75, True, "EX_TEMPFAIL", "4.2.0"),
+        (71, True, "EX_OSERR", "4.5.0"),
+        (74, True, "EX_IOERR", "4.5.0"),
+        (64, False, "EX_USAGE", "5.5.4"),
+        (65, False, "EX_DATAERR", "5.5.2"),
+        (67, False, "EX_NOUSER", "5.1.1"),
+        (68, False, "EX_NOHOST", "5.1.2"),
+        (69, False, "EX_UNAVAILABLE", "5.5.0"),
+        (77, False, "EX_NOPERM", "5.3.0"),
+        (78, False, "EX_CONFIG", "5.5.0"),
+        (1, True, "status 1", None),
+        (99, True, "status 99", None),
     ],
 )
 def test_exit_statuses(
-    flavour: Flavour, tmp_path: Path, status: int, transient: bool, name: str
+    flavour: Flavour,
+    tmp_path: Path,
+    status: int,
+    transient: bool,
+    name: str,
+    *,
+    enhanced: str | None,
 ) -> None:
     program = fake(
         tmp_path,
@@ -468,6 +481,8 @@ def test_exit_statuses(
     assert name in str(error)
     assert f"something about é (status {status})" in str(error)
     assert str(program) in str(error)
+    found = error_status(error)
+    assert (None if found is None else str(found)) == enhanced
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)

@@ -13,7 +13,7 @@ import pytest
 from mailrelay.envelope import Envelope, Notify, Recipient, Ret
 from mailrelay.errors import LocalMTAError
 from mailrelay.message import Message
-from mailrelay.results import DeliveryResult, Outcome
+from mailrelay.results import DeliveryResult, Outcome, error_status
 from mailrelay.transport.sendmail import SendmailTransport
 from tests.peers.aiosmtpd_server import AiosmtpdFactory, AiosmtpdServer
 from tests.transport.helpers import FLAVOURS, Flavour, run
@@ -97,4 +97,6 @@ def test_a_refusal_is_a_local_mta_error_of_the_right_class(
     with pytest.raises(LocalMTAError) as caught:
         send(flavour, msmtp_config, message, Envelope.from_message(message))
     assert caught.value.is_transient is transient
+    # The relay's own enhanced status (450 4.2.1, 550 5.1.1), not msmtp's exit status's.
+    assert str(error_status(caught.value)) == ("4.2.1" if transient else "5.1.1")
     assert relay.messages == []
