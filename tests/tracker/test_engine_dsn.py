@@ -131,6 +131,16 @@ def test_a_bounce_is_reported_to_the_sender() -> None:
     assert "550" in (report.recipients[0].diagnostic or "")
 
 
+def run_until_settled(tracker: DeliveryTracker, clock: FakeClock, *, rounds: int = 10) -> None:
+    """Run the tracker at each next due time until nothing is due (at most ``rounds``)."""
+    for _ in range(rounds):
+        tracker.run_pending()
+        due = tracker.next_due()
+        if due is None:
+            return
+        clock.now = due
+
+
 def test_an_expiry_is_reported_with_the_last_transient_status() -> None:
     dsn_out = MemoryTransport()
     transport = MemoryTransport(
@@ -139,12 +149,7 @@ def test_an_expiry_is_reported_with_the_last_transient_status() -> None:
     retry = RetryPolicy(initial=3600, max_age=3 * 3600)
     tracker, clock, seen = make(transport, dsn_transport=dsn_out, retry=retry)
     tracking_id = tracker.submit(message(("a@example.org",)))
-    for _ in range(10):
-        tracker.run_pending()
-        due = tracker.next_due()
-        if due is None:
-            break
-        clock.now = due
+    run_until_settled(tracker, clock)
     assert tracker.status(tracking_id).recipients[0].state is State.EXPIRED
     assert [e.kind for e in seen].count(EventKind.EXPIRED) == 1
     report = parse_dsn(dsn_out.outbox[0].message.as_bytes())
@@ -160,12 +165,7 @@ def test_a_server_never_reached_is_reported_with_the_status_of_that_failure() ->
     retry = RetryPolicy(initial=3600, max_age=3 * 3600)
     tracker, clock, _seen = make(transport, dsn_transport=dsn_out, retry=retry)
     tracking_id = tracker.submit(message(("a@example.org",)))
-    for _ in range(10):
-        tracker.run_pending()
-        due = tracker.next_due()
-        if due is None:
-            break
-        clock.now = due
+    run_until_settled(tracker, clock)
     recipient = tracker.status(tracking_id).recipients[0]
     assert recipient.state is State.EXPIRED
     assert {a.enhanced for a in recipient.attempts} == {"4.4.1"}
