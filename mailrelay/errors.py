@@ -248,6 +248,11 @@ class ProxyError(ConnectError):
         proxy: the proxy's ``host:port``.
         proxy_unreachable: no address of the proxy itself accepted the connection (so no
             other server can be reached through it now either).
+        proxy_unusable: the proxy was reached but fails whatever the target: it refused
+            our login (or wants one we did not give), it does not support CONNECT, or it
+            answered in a way that is not its protocol. No other server can be reached
+            through it either. ``False`` for a failure about this target (the proxy
+            could not reach it, or its rules forbid it), where another target may work.
     """
 
     def __init__(
@@ -259,10 +264,12 @@ class ProxyError(ConnectError):
         host: str | None = None,
         proxy: str = "",
         proxy_unreachable: bool = False,
+        proxy_unusable: bool = False,
     ) -> None:
         super().__init__(message, is_transient=is_transient, reply=reply, host=host)
         self.proxy = proxy
         self.proxy_unreachable = proxy_unreachable
+        self.proxy_unusable = proxy_unusable
 
 
 class DeliveryTimeout(DeliveryError, TimeoutError):

@@ -243,7 +243,9 @@ class MXTransport(Transport):
             :class:`~mailrelay.transport.proxy.Proxy` or its URL: ``socks5://host:1080``,
             ``http://host:3128`` for HTTP CONNECT, which many HTTP proxies refuse for port
             25); needs ``local_hostname``, the name of the proxy's outgoing address. TLS and
-            DANE still check the exchanger; a proxy's failure moves on to the next target.
+            DANE still check the exchanger. A proxy's failure about one exchanger moves on
+            to the next target; one about the proxy itself (unreachable, refusing our
+            login, not speaking its protocol) fails the delivery's other targets at once.
 
     Raises:
         ConfigurationError: when the settings cannot work.

@@ -539,9 +539,12 @@ class Unreachable:
     during one delivery: the message's other domains skip them with the same failure instead
     of waiting for the same timeout again (the domains of one exchanger are sent one after
     the other, to share its session). A proxy that could not be reached at all
-    (:attr:`~mailrelay.errors.ProxyError.proxy_unreachable`) makes every further target
-    fail at once with that error: through a dead proxy, each would wait out its own
-    connect timeout for nothing."""
+    (:attr:`~mailrelay.errors.ProxyError.proxy_unreachable`), or that fails whatever the
+    target (:attr:`~mailrelay.errors.ProxyError.proxy_unusable`: it refused our login, or
+    does not speak its protocol), makes every further target fail at once with that error:
+    through a dead proxy, each would wait out its own connect timeout for nothing, and a
+    refusing one would give each the same refusal. A proxy's failure about one target (it
+    could not reach that exchanger, or its rules forbid it) is that target's alone."""
 
     def __init__(self) -> None:
         self._failed: dict[tuple[str, int], DeliveryError] = {}
@@ -554,7 +557,7 @@ class Unreachable:
     def add(self, target: Target, error: DeliveryError) -> None:
         """Remember that opening ``target`` failed with ``error``."""
         self._failed[target.address, target.port] = error
-        if isinstance(error, ProxyError) and error.proxy_unreachable:
+        if isinstance(error, ProxyError) and (error.proxy_unreachable or error.proxy_unusable):
             self._proxy = error
 
 

@@ -28,6 +28,10 @@ Rules of this module:
 * Errors are :class:`~mailrelay.errors.ProxyError`, transient when waiting may help (the
   proxy or the target is unreachable, a general failure), permanent when it cannot (the
   proxy refused our credentials or rules out the target, or it does not speak the protocol).
+  A failure that is the proxy's whatever the target (it refused our login, will not
+  CONNECT, or does not speak its protocol) is marked
+  :attr:`~mailrelay.errors.ProxyError.proxy_unusable`, so that MX delivery tries no other
+  exchanger through it; one about this target (unreachable, forbidden by its rules) is not.
 """
 
 from __future__ import annotations
@@ -382,19 +386,23 @@ class ProxyHandshake:
             self._error = exc
             raise
 
-    def _fail(self, what: str, *, transient: bool) -> ProxyError:
+    def _fail(self, what: str, *, transient: bool, unusable: bool = False) -> ProxyError:
+        """The error ``what``; ``unusable``: the proxy fails whatever the target."""
         return ProxyError(
             f"proxy {self.proxy.peer} ({self.proxy.scheme}) for {self.target}: {what}",
             is_transient=transient,
             host=self.target,
             proxy=self.proxy.peer,
+            proxy_unusable=unusable,
         )
 
     def _malformed(self, what: str) -> ProxyError:
+        # Not its protocol: no other target will get a better answer from it.
         kind = "an HTTP" if self.proxy.scheme == "http" else "a SOCKS5"
         return self._fail(
             f"{what} (is it {kind} proxy? {_NEVER_HELPS})",
             transient=False,
+            unusable=True,
         )
 
     def _take(self, count: int) -> Generator[int, None, bytes]:
@@ -422,6 +430,7 @@ class ProxyHandshake:
                 f"the proxy accepts none of our methods ({need}): "
                 f"check the proxy's credentials, {_NEVER_HELPS}",
                 transient=False,
+                unusable=True,
             )
         if method == 0x02 and login:
             yield from self._socks5_login()
@@ -442,7 +451,10 @@ class ProxyHandshake:
             self.target_failed = reply in {0x03, 0x04, 0x05, 0x06, 0x08}
             suffix = "" if transient else f", {_NEVER_HELPS}"
             raise self._fail(
-                f"the proxy refused the connection: {meaning}{suffix}", transient=transient
+                f"the proxy refused the connection: {meaning}{suffix}",
+                transient=transient,
+                # 0x07: it does not CONNECT, the one command we send, whatever the target.
+                unusable=reply == 0x07,
             )
         _, address_type = yield from self._take(2)
         # The bound address has a length set by its type: consumed exactly, so the target's
@@ -469,6 +481,7 @@ class ProxyHandshake:
             raise self._fail(
                 f"the proxy refused our user name and password, {_NEVER_HELPS}",
                 transient=False,
+                unusable=True,
             )
 
     def _socks5_connect(self) -> bytes:
@@ -532,7 +545,7 @@ class ProxyHandshake:
                 if proxy.username is not None
                 else "the proxy requires a user name and password"
             )
-            raise self._fail(f"{what} ({shown}), {_NEVER_HELPS}", transient=False)
+            raise self._fail(f"{what} ({shown}), {_NEVER_HELPS}", transient=False, unusable=True)
         if code == 403:
             raise self._fail(
                 f"the proxy's rules forbid this connection ({shown}), {_NEVER_HELPS}",
