@@ -453,11 +453,18 @@ _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
 _UNITEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2}|[^\x00-\x7f])*")
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # an atom (RFC 5322 §3.2.3)
 _NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+# RFC 3461 §4.4: "The ENVID parameter MAY be up to 100 characters in length"; §4.2: "The
+# entire ORCPT parameter MAY be up to 500 characters in length". Both count the parameter as
+# sent, its xtext: where §4.4 means the decoded form it says "the value of the ENVID
+# parameter prior to encoding as xtext", and ORCPT's "entire" parameter holds its addr-type
+# too. The keyword is not counted (the lenient reading, and the one mailrelay's Envelope
+# keeps to); characters, not octets, for a UTF-8 ORCPT under SMTPUTF8 (RFC 6533 §3).
+_PARAMETER_LIMITS = {"ENVID": 100, "ORCPT": 500}
 
 
 def _parameter_error(params: Parameters, *, smtputf8: bool) -> str | None:
-    """The 501 text for a DSN parameter against RFC 3461 §4's grammar (or MAIL's AUTH
-    against RFC 4954 §5's), or None."""
+    """The 501 text for a DSN parameter against RFC 3461 §4's grammar and lengths (or MAIL's
+    AUTH against RFC 4954 §5's grammar), or None."""
     for keyword, given in params:
         value = given or ""
         if keyword == "RET":
@@ -477,6 +484,9 @@ def _parameter_error(params: Parameters, *, smtputf8: bool) -> str | None:
             continue
         if not good:
             return f"5.5.4 Bad {keyword} parameter syntax"
+        if (limit := _PARAMETER_LIMITS.get(keyword)) is not None and len(value) > limit:
+            # RFC 3461 §5.1: a value that is not valid gets 501.
+            return f"5.5.4 {keyword} parameter longer than {limit} characters"
     return None
 
 
@@ -1145,8 +1155,16 @@ class _Connection:
 
     def _auth(self, verb: str, arg: str) -> None:
         server = self.server
-        if not server._mechanisms() or not self.esmtp:
+        if not server._mechanisms():
+            # RFC 5321 §4.2.4: 502 is for a command recognized but not implemented, and a
+            # server never advertises one it would answer 502.
             self._reply(502, "5.5.1 AUTH not available")
+            return
+        if not self.esmtp:
+            # AUTH is an EHLO extension (RFC 4954 §3): before EHLO, or after HELO (which
+            # negotiates none), it is out of sequence: 503 (RFC 5321 §4.2.3), not the
+            # "not implemented" of a server that offers it after EHLO.
+            self._reply(503, "5.5.1 Send EHLO first")
             return
         if "AUTH" not in self._offered():
             # RFC 4954 §6: the mechanism needs an encrypted connection first.

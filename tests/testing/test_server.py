@@ -256,17 +256,18 @@ DIALOGUES: list[tuple[str, dict[str, Any], list[tuple[bytes, int]]]] = [
     ("rset, noop, vrfy", {}, [(b"RSET", 250), (b"NOOP", 250), (b"VRFY bob", 252)]),
     ("unknown command", {}, [(b"XYZZY", 500), (b"", 500), (b"EXPN list", 502)]),
     ("command line over 512 octets", {}, [(b"NOOP " + b"x" * 508, 500), (b"NOOP", 250)]),
-    # RFC 3461: with DSN, MAIL may be 100 octets longer and RCPT 500 (NOTIFY and ORCPT).
+    # RFC 3461: with DSN, MAIL may be 100 octets longer and RCPT 500 (NOTIFY and ORCPT). The
+    # longest lines are read whole and their parameters judged: 501, ENVID over 100 and ORCPT
+    # over 500 characters (RFC 3461 §4.4, §4.2); one octet more is a line too long, 500.
     (
         "dsn lengthens mail and rcpt lines",
         {},
         [
             (b"EHLO c", 250),
-            (b"MAIL FROM:<> ENVID=" + b"e" * 591, 250),
-            (b"RSET", 250),
+            (b"MAIL FROM:<> ENVID=" + b"e" * 591, 501),
             (b"MAIL FROM:<> ENVID=" + b"e" * 592, 500),
             (b"MAIL FROM:<>", 250),
-            (b"RCPT TO:<a@b.example> NOTIFY=NEVER ORCPT=rfc822;" + b"o" * 962, 250),
+            (b"RCPT TO:<a@b.example> NOTIFY=NEVER ORCPT=rfc822;" + b"o" * 962, 501),
             (b"RCPT TO:<a@b.example> NOTIFY=NEVER ORCPT=rfc822;" + b"o" * 963, 500),
             (b"NOOP " + b"x" * 508, 500),
         ],
