@@ -21,7 +21,12 @@ Rules this module keeps:
 * ORCPT (RFC 3461 §4.2) is ``rfc822;`` + xtext for an ASCII address (A-label
   domain), and ``utf-8;`` + utf-8-addr-xtext (RFC 6533 §3) when the address has
   a non-ASCII local part, or is non-ASCII at all in an SMTPUTF8 session. The
-  utf-8-addr-xtext form is 7-bit, so it is safe with or without SMTPUTF8.
+  utf-8-addr-xtext form is 7-bit, so it is safe with or without SMTPUTF8. The
+  whole parameter holds at most 500 characters (RFC 3461 §4.2), which only the
+  utf-8 form can pass (each non-ASCII character takes 8): then an address with
+  an ASCII local part goes in the ``rfc822;`` form (its domain as A-labels, the
+  same address), and one that has no such form is left out (ORCPT is only
+  reported back in DSNs; an over-long one may get the recipient refused).
 * Parameters come out in one stable order: SIZE, BODY, SMTPUTF8, RET, ENVID,
   REQUIRETLS for ``MAIL``; NOTIFY, ORCPT for ``RCPT``.
 """
@@ -58,6 +63,8 @@ Parameters: TypeAlias = tuple[tuple[str, str | None], ...]
 
 #: RFC 3461 §4.4: the ENVID parameter holds at most 100 characters.
 MAX_ENVID = 100
+#: RFC 3461 §4.2: "The entire ORCPT parameter MAY be up to 500 characters in length."
+MAX_ORCPT = 500
 
 _BODY_TYPES = ("7BIT", "8BITMIME", "BINARYMIME")
 _XTEXT_HEXCHAR = re.compile(r"\+([0-9A-Fa-f]{2})")
@@ -278,15 +285,24 @@ class Recipient:
         if self.notify is not None:
             params.append(("NOTIFY", ",".join(n.value for n in _NOTIFY_ORDER if n in self.notify)))
         if self.orcpt is not None:
-            params.append(("ORCPT", _orcpt_value(self.orcpt, smtputf8)))
+            value = _orcpt_value(self.orcpt, smtputf8)
+            if value is not None:
+                params.append(("ORCPT", value))
         return tuple(params)
 
 
-def _orcpt_value(orcpt: Address, smtputf8: bool) -> str:
+def _orcpt_value(orcpt: Address, smtputf8: bool) -> str | None:
+    """The ORCPT value for ``orcpt``, or ``None`` when no form fits RFC 3461's 500
+    characters ("ORCPT=" not counted, as for ENVID)."""
     if orcpt.needs_smtputf8 or (smtputf8 and not str(orcpt).isascii()):
         # RFC 6533 §3: "utf-8" addr-type with utf-8-addr-xtext, 7-bit safe.
-        return "utf-8;" + utf8_addr_xtext_encode(str(orcpt))
-    # RFC 3461 §4.2: "rfc822" addr-type, xtext; A-labels keep it ASCII.
+        value = "utf-8;" + utf8_addr_xtext_encode(str(orcpt))
+        if len(value) <= MAX_ORCPT:
+            return value
+        if orcpt.needs_smtputf8:
+            return None  # a non-ASCII local part has no rfc822 form
+    # RFC 3461 §4.2: "rfc822" addr-type, xtext; A-labels keep it ASCII (at most 7 + 64 * 3
+    # + 1 + 253 characters, within the limit).
     return "rfc822;" + xtext_encode(orcpt.smtp_path(False))
 
 

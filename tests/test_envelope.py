@@ -237,6 +237,34 @@ RCPT_CASES = [
 ]
 
 
+# A domain of four 16-character Japanese labels: 198 octets, 182 as A-labels, 522
+# characters in utf-8-addr-xtext (8 for each non-ASCII character).
+_LONG_IDN = ".".join(["日本語テスト例え" * 2] * 4) + ".jp"
+
+
+def test_an_orcpt_over_500_characters_takes_the_ascii_form_when_it_has_one() -> None:
+    """RFC 3461 §4.2: the whole ORCPT parameter is at most 500 characters; the utf-8 form
+    of this address is longer, its rfc822 form (A-labels) is the same address and fits."""
+    recipient = Recipient("a@x.example", orcpt=f"o@{_LONG_IDN}")
+    [(keyword, value)] = recipient.rcpt_parameters(smtputf8=True)
+    assert keyword == "ORCPT"
+    assert value is not None
+    assert value.startswith("rfc822;o@xn--")
+    assert len(value) <= 500
+    assert addr(xtext_decode(value.partition(";")[2])) == recipient.orcpt
+
+
+def test_an_orcpt_with_no_form_within_500_characters_is_left_out() -> None:
+    """A non-ASCII local part has only the utf-8 form: too long, it is not sent (ORCPT only
+    informs DSNs; an over-long one may get the recipient refused), NOTIFY still is."""
+    recipient = Recipient("a@x.example", notify="FAILURE", orcpt=f"日本語日本語@{_LONG_IDN}")
+    for smtputf8 in (True, False):
+        assert recipient.rcpt_parameters(smtputf8=smtputf8) == (("NOTIFY", "FAILURE"),)
+    short = Recipient("a@x.example", orcpt="日本語@例え.jp")
+    [(_, value)] = short.rcpt_parameters(smtputf8=True)
+    assert value == "utf-8;\\x{65E5}\\x{672C}\\x{8A9E}@\\x{4F8B}\\x{3048}.jp"
+
+
 @pytest.mark.parametrize(("recipient", "kwargs", "expected"), RCPT_CASES)
 def test_rcpt_parameters(
     recipient: Recipient, kwargs: dict[str, bool], expected: tuple[tuple[str, str | None], ...]
