@@ -59,6 +59,7 @@ from typing import Any, BinaryIO, NoReturn
 from urllib.parse import unquote
 
 import mailrelay
+from mailrelay._shown import printable
 from mailrelay.address import Address
 from mailrelay.dkim import DKIMSigner
 from mailrelay.envelope import Envelope
@@ -169,19 +170,6 @@ class InputError(Exception):
 
 
 # -- output --------------------------------------------------------------------------------
-
-
-def printable(text: str) -> str:
-    """``text`` with every non-printable character escaped (``\\r``, ``\\t``, ``\\x1b``, ...).
-
-    Spaces stay. Used for every field of the text output, so that text from a server, a
-    report or an input file can neither forge lines or fields nor drive the terminal.
-    """
-    if text.isprintable():
-        return text
-    return "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
-    )
 
 
 def _field(value: object) -> str:

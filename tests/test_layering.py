@@ -22,6 +22,8 @@ VALUE_RANK = {
     "mailrelay.errors": 0,
     # Private helper of the fast value builders (attrs only).
     "mailrelay._slots": 0,
+    # Private helper: text from outside escaped for logs and output (stdlib only).
+    "mailrelay._shown": 0,
     "mailrelay.address": 1,
     "mailrelay.options": 1,
     # Private helpers of mailrelay.message (bytes and MIME text only).

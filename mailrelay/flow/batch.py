@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
+from mailrelay._shown import Shown
 from mailrelay._slots import new_instance, slot_setters
 from mailrelay.envelope import Envelope
 from mailrelay.errors import (
@@ -631,7 +632,7 @@ class _Batch(_Delivery):
             if ready:
                 if debug:
                     for reply in ready:
-                        log.debug("<<< %s", reply)
+                        log.debug("<<< %s", Shown(reply))
                 replies += ready
                 resume = False
                 continue
@@ -654,7 +655,7 @@ class _Batch(_Delivery):
             if type(event) is Response:
                 reply = event.reply
                 if debug:
-                    log.debug("<<< %s", reply)
+                    log.debug("<<< %s", Shown(reply))
                 if reply.code != 421:
                     replies.append(reply)
                     resume = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from mailrelay._shown import Shown
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
 from mailrelay.errors import (
@@ -177,8 +178,10 @@ class _SessionCore:
                 raise ServerProtocolError(
                     f"the server broke the protocol: {exc}", host=self.config.peer
                 ) from exc
-            if isinstance(event, Greeting | Response | LMTPResponse | ServiceClosing):
-                log.debug("<<< %s", event.reply)
+            if isinstance(
+                event, Greeting | Response | LMTPResponse | ServiceClosing
+            ) and log.isEnabledFor(logging.DEBUG):
+                log.debug("<<< %s", Shown(event.reply))
             return event
 
     def _reply(self, phase: str) -> Step[Reply]:
@@ -230,7 +233,7 @@ class _SessionCore:
         try:
             event = self._conn.next_event()
         except ProtocolError as exc:
-            log.debug("closing the session: %s", exc)
+            log.debug("closing the session: %s", Shown(exc))
             yield from self._closed()
             return ServerProtocolError(
                 f"the server broke the protocol {when}: {exc}", host=self.config.peer

@@ -18,6 +18,7 @@ from typing import cast
 
 import attrs
 
+from mailrelay._shown import Shown
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
 from mailrelay.errors import (
@@ -839,7 +840,7 @@ class _Delivery(_Opening):
         conn.abandon_data()
         event = yield from self._event("data_end")  # complete already: no read
         reply = yield from self._check_closing(event)
-        log.debug("the server answered before the end of the data: %s", reply)
+        log.debug("the server answered before the end of the data: %s", Shown(reply))
         if reply.is_positive:
             transaction.unfinished(reply, "the server answered before the end of the data")
         else:
@@ -884,7 +885,7 @@ class _Delivery(_Opening):
             return  # after an end of file (a Peek saw it): nothing more can be trusted
         if not conn.replies_ready:
             return
-        log.debug("the server replied before the end of the data; reading it after %s", exc)
+        log.debug("the server replied before the end of the data; reading it after %s", Shown(exc))
         conn.abandon_data()
         conn.receive_data(b"")  # the driver has closed the connection
         # The end of file (or an unreadable rest) after the replies that came ends it.
@@ -1020,7 +1021,7 @@ class _Delivery(_Opening):
             try:
                 yield from self._rset()  # RFC 5321 §4.1.1.5: abandon it; no mail is sent
             except ServerProtocolError as exc:
-                log.debug("RSET after a probe failed: %s", exc)  # the answers are in already
+                log.debug("RSET after a probe failed: %s", Shown(exc))  # the answers are in already
         except _SessionClosed:
             pass  # partial answers; the session is closed
         except ServerProtocolError as exc:
@@ -1028,5 +1029,5 @@ class _Delivery(_Opening):
                 raise
             # A reply beyond the one owed (_sole_reply): the answers read before it stand,
             # the rest are unknown; the session is closed.
-            log.debug("probe ended: %s", exc)
+            log.debug("probe ended: %s", Shown(exc))
         return ProbeResult(mail=mail, recipients=tuple(replies), ended=self.closed)

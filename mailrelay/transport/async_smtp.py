@@ -39,6 +39,7 @@ import weakref
 from collections.abc import AsyncIterable, Iterable, Sequence
 from typing import Any, Protocol
 
+from mailrelay._shown import Shown
 from mailrelay.envelope import Envelope
 from mailrelay.errors import AuthenticationError, ConnectionLost, DeliveryError
 from mailrelay.flow import ServerNotes, Session, unsent_positions
@@ -98,7 +99,7 @@ class PooledSession(PooledConnection[AsyncDriver]):
             if self.usable:
                 await self.driver.run(self.session.quit())
         except DeliveryError as exc:
-            log.debug("QUIT to %s failed: %s", self.driver.peer, exc)
+            log.debug("QUIT to %s failed: %s", self.driver.peer, Shown(exc))
         except Exception:  # a bug must not stop the other connections from closing
             log.exception("QUIT to %s failed", self.driver.peer)
         finally:

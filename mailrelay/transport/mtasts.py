@@ -77,6 +77,7 @@ from typing import Final, Protocol, TypeAlias
 
 import attrs
 
+from mailrelay._shown import Shown
 from mailrelay.errors import ConfigurationError, PolicyError, PolicyFetchError, ResolverError
 from mailrelay.options import TLS
 from mailrelay.resolver import AsyncResolver, Resolver
@@ -499,7 +500,7 @@ class _Core:
             # RFC 8461 §3.1: treat as no policy; §8.3: a cached one is removed only by a
             # newer policy, not by a vanished or broken record.
             if answer:
-                log.info("MTA-STS: %s publishes no usable record: %s", domain, exc)
+                log.info("MTA-STS: %s publishes no usable record: %s", domain, Shown(exc))
             return cached
         if cached is not None and cached.id == record.id:
             if now - cached.fetched_at < self.refresh_after:

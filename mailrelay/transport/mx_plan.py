@@ -30,6 +30,7 @@ from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
 
 import attrs
 
+from mailrelay._shown import Shown
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope
 from mailrelay.errors import (
@@ -584,7 +585,7 @@ class Trail:
         self.notes.append(f"{target.peer}: {error}")
         self.transient = self.transient or (error.is_transient if transient is None else transient)
         self.last = error
-        log.info("MX delivery for %s: %s failed: %s", self.domain, target.peer, error)
+        log.info("MX delivery for %s: %s failed: %s", self.domain, target.peer, Shown(error))
 
     def known_unreachable(self, target: Target) -> bool:
         """Whether opening ``target`` already failed in this delivery (recorded again here)."""
@@ -614,7 +615,9 @@ class Trail:
         """Record that sending on a session to ``target`` failed, or, for a reused session
         the server had dropped (the pool's stale-connection rule), say to open a fresh one."""
         if not fresh and is_stale_connection_error(error):
-            log.info("the reused session to %s was dead (%s); reconnecting", target.peer, error)
+            log.info(
+                "the reused session to %s was dead (%s); reconnecting", target.peer, Shown(error)
+            )
             return Stale.STALE
         self.failed(target, error, transient=transient_failure(error))
         return None

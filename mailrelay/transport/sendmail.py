@@ -106,6 +106,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
+from mailrelay._shown import Shown
 from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Notify, Recipient
 from mailrelay.errors import ConfigurationError, ConnectError, DeliveryTimeout, LocalMTAError
@@ -483,7 +484,7 @@ class SendmailTransport(Transport, AsyncTransport):
         # sendmail warns about an option it ignored): worth a line in the log.
         if output.strip():
             text = output.decode("utf-8", errors="replace").strip()[:_SHOWN_OUTPUT]
-            log.warning("%s queued the message but said: %s", self.command, text)
+            log.warning("%s queued the message but said: %s", self.command, Shown(text))
 
     def _timeout_error(self) -> DeliveryTimeout:
         return DeliveryTimeout(

@@ -51,6 +51,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from mailrelay._shown import Shown
 from mailrelay.envelope import Envelope
 from mailrelay.errors import AuthenticationError, ConfigurationError, ConnectionLost, DeliveryError
 from mailrelay.flow import BatchOutcome, ServerNotes, Session, unsent_positions
@@ -159,7 +160,7 @@ class PooledSession(PooledConnection[SyncDriver]):
             if self.usable:
                 self.driver.run(self.session.quit())
         except DeliveryError as exc:
-            log.debug("QUIT to %s failed: %s", self.driver.peer, exc)
+            log.debug("QUIT to %s failed: %s", self.driver.peer, Shown(exc))
         except Exception:  # a bug must not stop the other connections from closing
             log.exception("QUIT to %s failed", self.driver.peer)
         finally:

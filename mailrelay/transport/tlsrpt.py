@@ -104,6 +104,7 @@ from typing import Any, Final
 
 import attrs
 
+from mailrelay._shown import Shown
 from mailrelay.address import Address
 from mailrelay.errors import (
     ConfigurationError,
@@ -720,7 +721,7 @@ class TLSRPTRecord:
         try:
             return cls.parse(candidates[0])
         except PolicyError as exc:
-            log.info("TLS-RPT: ignoring an invalid record: %s", exc)
+            log.info("TLS-RPT: ignoring an invalid record: %s", Shown(exc))
             return None
 
     @property
@@ -755,7 +756,7 @@ def discover(resolver: Resolver, domain: str) -> TLSRPTRecord | None:
     try:
         texts = resolver.txt(_record_name(domain))
     except ResolverError as exc:
-        log.info("TLS-RPT: no record for %s: %s", domain, exc)
+        log.info("TLS-RPT: no record for %s: %s", domain, Shown(exc))
         return None
     return TLSRPTRecord.select(texts)
 
@@ -765,7 +766,7 @@ async def adiscover(resolver: AsyncResolver, domain: str) -> TLSRPTRecord | None
     try:
         texts = await resolver.txt(_record_name(domain))
     except ResolverError as exc:
-        log.info("TLS-RPT: no record for %s: %s", domain, exc)
+        log.info("TLS-RPT: no record for %s: %s", domain, Shown(exc))
         return None
     return TLSRPTRecord.select(texts)
 
