@@ -25,6 +25,13 @@ Rules:
   than a server announces in ``LIMITS RCPTMAX`` (RFC 9422), the decoy included (left out
   when only one RCPT fits); RSET between transactions;
   every wait is bounded by ``timeouts``; at most ``max_addresses`` exchanger addresses tried.
+* Through a proxy, as MX delivery (:class:`~mailrelay.transport.mx_plan.Unreachable`): a
+  failure about the proxy itself (it cannot be reached at all, or it refuses our login or
+  does not speak its protocol: :func:`~mailrelay.transport.mx_plan.proxy_failed`) is
+  remembered for the rest of the call, and every further exchanger, of this domain and of
+  the call's other domains, is reported as not tried, with that error, instead of waiting
+  out its own connect timeout or asking the proxy for the same refusal. A proxy's failure
+  about one exchanger (it could not reach it, or its rules forbid it) moves on to the next.
 
 Caveats (say them to your users):
 
@@ -66,9 +73,11 @@ from mailrelay.transport.mx_plan import (
     MXSettings,
     Network,
     Target,
+    Unreachable,
     Verdict,
     fallback,
     mail_hosts_of,
+    proxy_failed,
 )
 from mailrelay.transport.proxy import Proxy
 
@@ -307,7 +316,11 @@ class _CalloutBase:
         return Address.parse(f"nobody-{token}@{domain}")
 
     def _plan(
-        self, domain: str, found: MailHosts | ResolverError, recipients: Sequence[Address]
+        self,
+        domain: str,
+        found: MailHosts | ResolverError,
+        recipients: Sequence[Address],
+        unreachable: Unreachable | None = None,
     ) -> _DomainPlan:
         """One domain's callout, every decision of it: yields the (target, TLS mode) to probe
         next and receives the results or the :class:`~mailrelay.errors.DeliveryError` that
@@ -315,8 +328,13 @@ class _CalloutBase:
 
         The exchangers are tried in order (RFC 5321 §5.1, as MX delivery does); a failed
         handshake is retried in plain text when the policy allows (RFC 7435 §3); any other
-        failure moves on to the next exchanger.
+        failure moves on to the next exchanger, except a failure about the proxy itself
+        (:func:`~mailrelay.transport.mx_plan.proxy_failed`): it is kept in ``unreachable``
+        (shared by the domains of one call; a fresh one by default), and every further
+        exchanger is reported as not tried, with that error.
         """
+        if unreachable is None:
+            unreachable = Unreachable()
         if isinstance(found, ResolverError):
             return _unknown(recipients, f"DNS lookup failed: {found}")
         policy = self.settings.default
@@ -325,6 +343,12 @@ class _CalloutBase:
             return _unknown(recipients, f"no server to ask: {targets.reason}")
         failures = []
         for target in targets:
+            # Only the proxy's own failures are kept (Unreachable remembers what it is
+            # given): through a dead or refusing proxy, no exchanger can be reached.
+            earlier = unreachable.get(target)
+            if earlier is not None:
+                failures.append(f"{target.peer}: not tried, the proxy failed: {earlier}")
+                continue
             tls = policy.tls
             for _ in range(2):  # with TLS, then (after a failed handshake) in plain text
                 outcome = yield target, tls
@@ -332,6 +356,8 @@ class _CalloutBase:
                     assert outcome is not None, "an attempt gives results or an error"
                     return outcome
                 failures.append(f"{target.peer}: {outcome}")
+                if proxy_failed(outcome):
+                    unreachable.add(target, outcome)
                 if not isinstance(outcome, TLSError) or not fallback(policy, tls):
                     break
                 tls = TLS.NONE
@@ -405,6 +431,12 @@ class Callout(_CalloutBase):
             test server on loopback).
         proxy: probe through this outbound proxy, as
             :class:`~mailrelay.transport.mx.MXTransport` delivers (needs ``local_hostname``).
+            A proxy's failure about one exchanger (it could not reach it, or its rules
+            forbid it) moves on to the next; one about the proxy itself (it cannot be
+            reached, refuses our login, or does not speak its protocol) ends the probe's
+            attempts, for every domain of the ``probe_many`` call: the remaining exchangers
+            are not tried, and the results are ``UNKNOWN`` with the proxy's error (never its
+            password) in ``detail``.
     """
 
     def __init__(
@@ -450,13 +482,17 @@ class Callout(_CalloutBase):
         """
         parsed, groups = self._group(addresses)
         parts = []
+        unreachable = Unreachable()  # the proxy's own failure, for every domain of the call
         for domain, positions in groups.items():
             recipients = [parsed[i] for i in positions]
-            parts.append((positions, self._domain(domain, recipients)))
+            parts.append((positions, self._domain(domain, recipients, unreachable)))
         return self._merge(parsed, parts)
 
-    def _domain(self, domain: str, recipients: list[Address]) -> list[CalloutResult]:
-        plan = self._plan(domain, mail_hosts_of(self.resolver, domain), recipients)
+    def _domain(
+        self, domain: str, recipients: list[Address], unreachable: Unreachable
+    ) -> list[CalloutResult]:
+        found = mail_hosts_of(self.resolver, domain)
+        plan = self._plan(domain, found, recipients, unreachable)
         outcome: list[CalloutResult] | DeliveryError | None = None
         for _ in range(2 * self.settings.max_addresses + 1):
             try:
@@ -543,13 +579,17 @@ class AsyncCallout(_CalloutBase):
         """
         parsed, groups = self._group(addresses)
         parts = []
+        unreachable = Unreachable()  # the proxy's own failure, for every domain of the call
         for domain, positions in groups.items():
             recipients = [parsed[i] for i in positions]
-            parts.append((positions, await self._domain(domain, recipients)))
+            parts.append((positions, await self._domain(domain, recipients, unreachable)))
         return self._merge(parsed, parts)
 
-    async def _domain(self, domain: str, recipients: list[Address]) -> list[CalloutResult]:
-        plan = self._plan(domain, await amail_hosts_of(self.resolver, domain), recipients)
+    async def _domain(
+        self, domain: str, recipients: list[Address], unreachable: Unreachable
+    ) -> list[CalloutResult]:
+        found = await amail_hosts_of(self.resolver, domain)
+        plan = self._plan(domain, found, recipients, unreachable)
         outcome: list[CalloutResult] | DeliveryError | None = None
         for _ in range(2 * self.settings.max_addresses + 1):
             try:

@@ -535,6 +535,16 @@ def plan(
     )
 
 
+def proxy_failed(error: DeliveryError) -> bool:
+    """Whether ``error`` is about the proxy itself, so that no other target can be reached
+    through it either: it could not be reached at all
+    (:attr:`~mailrelay.errors.ProxyError.proxy_unreachable`), or it fails whatever the target
+    (:attr:`~mailrelay.errors.ProxyError.proxy_unusable`). ``False`` for a proxy's failure
+    about one target (it could not reach that exchanger, or its rules forbid it) and for
+    every other error. The rule :class:`Unreachable` and :mod:`mailrelay.callout` share."""
+    return isinstance(error, ProxyError) and (error.proxy_unreachable or error.proxy_unusable)
+
+
 class Unreachable:
     """The targets that could not be opened (connect failure, timeout, refused greeting)
     during one delivery: the message's other domains skip them with the same failure instead
@@ -558,7 +568,7 @@ class Unreachable:
     def add(self, target: Target, error: DeliveryError) -> None:
         """Remember that opening ``target`` failed with ``error``."""
         self._failed[target.address, target.port] = error
-        if isinstance(error, ProxyError) and (error.proxy_unreachable or error.proxy_unusable):
+        if proxy_failed(error):
             self._proxy = error
 
 
