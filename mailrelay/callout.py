@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import attrs
 
+from mailrelay._shown import Shown
 from mailrelay.address import Address
 from mailrelay.errors import ConfigurationError, DeliveryError, ResolverError, TLSError
 from mailrelay.flow import Session, Step
@@ -526,7 +527,7 @@ class Callout(_CalloutBase):
             try:
                 driver.run(session.quit())
             except DeliveryError as exc:
-                log.debug("QUIT to %s failed: %s", target.peer, exc)
+                log.debug("QUIT to %s failed: %s", target.peer, Shown(exc))
             return results
         finally:
             driver.close()
@@ -623,7 +624,7 @@ class AsyncCallout(_CalloutBase):
             try:
                 await driver.run(session.quit())
             except DeliveryError as exc:
-                log.debug("QUIT to %s failed: %s", target.peer, exc)
+                log.debug("QUIT to %s failed: %s", target.peer, Shown(exc))
             return results
         finally:
             driver.close()
