@@ -6,60 +6,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-import threading
-from collections.abc import Iterator
 
 import pytest
 
 from mailrelay.testing.server import Fault, SMTPTestServer
 from tests.peers.tls import TLSFiles
-
-
-@pytest.fixture(autouse=True)
-def no_threads_left() -> Iterator[None]:
-    """Every test ends with exactly the threads it started with."""
-    before = set(threading.enumerate())
-    yield
-    left = [t for t in set(threading.enumerate()) - before if t.name.startswith("smtp-test")]
-    assert not left, f"server threads left running: {left}"
-
-
-class Client:
-    """A line client on a plain socket; every read is bounded by the socket timeout."""
-
-    def __init__(self, server: SMTPTestServer) -> None:
-        self.sock = socket.create_connection((server.host, server.port), timeout=5)
-        self.file = self.sock.makefile("rb")
-        assert self.code() == 220
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.file.close()
-        self.sock.close()
-
-    def reply(self) -> list[bytes]:
-        """The lines of the next reply."""
-        lines = []
-        for _ in range(100):
-            line = self.file.readline(4096)
-            assert line.endswith(b"\r\n"), f"no reply line: {line!r}"
-            lines.append(line[:-2])
-            if line[3:4] != b"-":
-                return lines
-        raise AssertionError("endless reply")
-
-    def code(self) -> int:
-        return int(self.reply()[-1][:3])
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def command(self, line: bytes) -> int:
-        self.send(line + b"\r\n")
-        return self.code()
-
+from tests.testing.raw_client import RawClient
 
 # -- LMTP (RFC 2033) -----------------------------------------------------------------------
 
@@ -69,7 +21,7 @@ def test_lmtp_data_without_a_recipient_is_503() -> None:
     # DATA command MUST fail with a 503 reply code" (SMTP may say 554; LMTP may not).
     with (
         SMTPTestServer(lmtp=True, rcpt=lambda address, params: (550, "5.1.1 no")) as server,
-        Client(server) as client,
+        RawClient(server) as client,
     ):
         assert client.command(b"LHLO c") == 250
         assert client.command(b"MAIL FROM:<>") == 250
@@ -81,7 +33,7 @@ def test_lmtp_data_without_a_recipient_is_503() -> None:
 def test_lmtp_data_over_the_size_limit_gets_a_reply_per_recipient() -> None:
     # RFC 2033 §4.2: after the final ".", one reply for each successful RCPT, whatever the
     # reply is; a single 552 leaves the client waiting for the second one.
-    with SMTPTestServer(lmtp=True, max_size=10) as server, Client(server) as client:
+    with SMTPTestServer(lmtp=True, max_size=10) as server, RawClient(server) as client:
         assert client.command(b"LHLO c") == 250
         assert client.command(b"MAIL FROM:<>") == 250
         assert client.command(b"RCPT TO:<a@b.example>") == 250
@@ -111,7 +63,7 @@ def test_lmtp_data_over_the_size_limit_gets_a_reply_per_recipient() -> None:
 def test_the_size_limit_counts_the_message_not_its_stuffing_dots() -> None:
     # RFC 1870 §3: the size is the message's octets, "not ... doubled quoting dots". This
     # 10-octet message goes out as 11 (its line starts with a dot) and declares SIZE=10.
-    with SMTPTestServer(max_size=10) as server, Client(server) as client:
+    with SMTPTestServer(max_size=10) as server, RawClient(server) as client:
         assert client.command(b"EHLO c") == 250
         assert client.command(b"MAIL FROM:<> SIZE=10") == 250
         assert client.command(b"RCPT TO:<a@b.example>") == 250
@@ -174,7 +126,7 @@ def test_malformed_dsn_parameters_are_refused_with_501(command: bytes) -> None:
     # RFC 5321 §4.2.2 (501: syntax error in parameters) for the RFC 3461 §4 grammar: a server
     # that takes any value hides a client's bad DSN parameters until a real server refuses.
     expected = 501 if command in _MALFORMED_DSN else 250
-    with SMTPTestServer() as server, Client(server) as client:
+    with SMTPTestServer() as server, RawClient(server) as client:
         assert client.command(b"EHLO c") == 250
         if command.startswith(b"RCPT"):
             assert client.command(b"MAIL FROM:<a@b.example>") == 250
@@ -183,7 +135,7 @@ def test_malformed_dsn_parameters_are_refused_with_501(command: bytes) -> None:
 
 def test_a_utf8_orcpt_is_taken_with_smtputf8() -> None:
     # RFC 6533 §3: utf-8-addr-unitext may carry UTF-8 when the transaction has SMTPUTF8.
-    with SMTPTestServer() as server, Client(server) as client:
+    with SMTPTestServer() as server, RawClient(server) as client:
         assert client.command(b"EHLO c") == 250
         assert client.command(b"MAIL FROM:<a@b.example> SMTPUTF8") == 250
         assert client.command(b"RCPT TO:<c@d.example> ORCPT=utf-8;j\xc3\xa9@d.example") == 250
@@ -199,7 +151,7 @@ def test_data_the_server_drops_does_not_grow_the_session_without_bound() -> None
     # kept every byte: a client streaming a DATA (or a BDAT of 10**11 octets) that never ends
     # grew the server's memory without limit. The transcript keeps its first max_size + 1 MiB.
     junk = (b"x" * 1022 + b"\r\n") * (4 * 1024)  # 4 MiB
-    with SMTPTestServer(max_size=1000) as server, Client(server) as client:
+    with SMTPTestServer(max_size=1000) as server, RawClient(server) as client:
         assert client.command(b"EHLO c") == 250
         assert client.command(b"MAIL FROM:<>") == 250
         assert client.command(b"RCPT TO:<a@b.example>") == 250
@@ -271,7 +223,7 @@ def test_stop_wakes_a_connection_waiting_in_the_tls_handshake(
     ],
 )
 def test_arguments_a_command_may_not_take_get_501(command: bytes, code: int) -> None:
-    with SMTPTestServer() as server, Client(server) as client:
+    with SMTPTestServer() as server, RawClient(server) as client:
         assert client.command(b"EHLO c") == 250
         assert client.command(command) == code
 
@@ -284,7 +236,7 @@ def test_the_mail_auth_parameter_is_xtext_or_empty(parameter: bytes, code: int) 
     # RFC 4954 §5: auth-param = "AUTH=" ("<>" / xtext).
     with (
         SMTPTestServer(auth={"app": "pw"}, allow_insecure_auth=True) as server,
-        Client(server) as client,
+        RawClient(server) as client,
     ):
         assert client.command(b"EHLO c") == 250
         assert client.command(b"MAIL FROM:<a@b.example> " + parameter) == code
@@ -298,7 +250,7 @@ def test_plaintext_sent_after_the_220_is_recorded_as_sent_before_tls(tls_files: 
     # same read as STARTTLS were kept in sent_before_tls; bytes a client wrote a moment later
     # (after the 220) were fed to the TLS handshake, which failed, and were recorded nowhere:
     # sent_before_tls == b"" passed for a client with the injection bug.
-    with SMTPTestServer(tls=tls_files.server_context()) as server, Client(server) as client:
+    with SMTPTestServer(tls=tls_files.server_context()) as server, RawClient(server) as client:
         assert client.command(b"EHLO c") == 250
         assert client.command(b"STARTTLS") == 220
         client.send(b"RSET\r\n")

@@ -60,15 +60,6 @@ USERS = {"alice@example.com": "alicepw", "bob": "s3cret"}
 DOC = Path(__file__).resolve().parents[2] / "docs" / "test-server.md"
 
 
-@pytest.fixture(autouse=True)
-def no_threads_left() -> Iterator[None]:
-    """Every test ends with exactly the threads it started with."""
-    before = set(threading.enumerate())
-    yield
-    left = [t for t in set(threading.enumerate()) - before if t.name.startswith("smtp-test")]
-    assert not left, f"server threads left running: {left}"
-
-
 def plain(server: SMTPTestServer, **extra: Any) -> dict[str, Any]:
     """Transport arguments for ``server`` without TLS, with short timeouts."""
     return {

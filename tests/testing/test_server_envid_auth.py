@@ -3,52 +3,10 @@ proved with a raw-socket client (so mailrelay's own client is not the judge)."""
 
 from __future__ import annotations
 
-import socket
-import threading
-from collections.abc import Iterator
-
 import pytest
 
 from mailrelay.testing.server import EXTENSIONS, SMTPTestServer
-
-
-@pytest.fixture(autouse=True)
-def no_threads_left() -> Iterator[None]:
-    """Every test ends with exactly the threads it started with."""
-    before = set(threading.enumerate())
-    yield
-    left = [t for t in set(threading.enumerate()) - before if t.name.startswith("smtp-test")]
-    assert not left, f"server threads left running: {left}"
-
-
-class Client:
-    """A line client on a plain socket; every read is bounded by the socket timeout."""
-
-    def __init__(self, server: SMTPTestServer) -> None:
-        self.sock = socket.create_connection((server.host, server.port), timeout=5)
-        self.file = self.sock.makefile("rb")
-        assert self.reply().startswith(b"220 ")
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.file.close()
-        self.sock.close()
-
-    def reply(self) -> bytes:
-        """The last line of the next reply, without its CRLF."""
-        for _ in range(100):
-            line = self.file.readline(4096)
-            assert line.endswith(b"\r\n"), f"no reply line: {line!r}"
-            if line[3:4] != b"-":
-                return line[:-2]
-        raise AssertionError("endless reply")
-
-    def command(self, line: bytes) -> bytes:
-        self.sock.sendall(line + b"\r\n")
-        return self.reply()
-
+from tests.testing.raw_client import RawClient
 
 # -- RFC 3461 §4.4 and §4.2: ENVID and ORCPT lengths ---------------------------------------
 
@@ -67,25 +25,25 @@ def test_an_envid_over_100_characters_is_refused_with_501(envid: bytes, reply: b
     # RFC 3461 §4.4: "The ENVID parameter MAY be up to 100 characters in length"; §5.1(a): a
     # value that is not valid gets 501. The server took any length its MAIL line could hold
     # (512 + 100 octets), so a client sending a longer ENVID passed here and failed elsewhere.
-    with SMTPTestServer() as server, Client(server) as client:
-        assert client.command(b"EHLO c").startswith(b"250 ")
-        answer = client.command(b"MAIL FROM:<a@b.example> RET=HDRS ENVID=" + envid)
+    with SMTPTestServer() as server, RawClient(server) as client:
+        assert client.exchange(b"EHLO c").startswith(b"250 ")
+        answer = client.exchange(b"MAIL FROM:<a@b.example> RET=HDRS ENVID=" + envid)
         assert answer.startswith(reply), answer
         if reply == b"250 ":
             return
         assert b"ENVID" in answer
         # Refused: no transaction was opened, and the next MAIL is taken.
-        assert client.command(b"RCPT TO:<c@d.example>").startswith(b"503 ")
-        assert client.command(b"MAIL FROM:<a@b.example>").startswith(b"250 ")
+        assert client.exchange(b"RCPT TO:<c@d.example>").startswith(b"503 ")
+        assert client.exchange(b"MAIL FROM:<a@b.example>").startswith(b"250 ")
     assert server.messages == []
 
 
 def test_an_envid_over_100_characters_without_enhanced_codes_is_a_plain_501() -> None:
     # RFC 2034 §3: the enhanced code only from a server that advertises ENHANCEDSTATUSCODES.
     extensions = set(EXTENSIONS) - {"ENHANCEDSTATUSCODES"}
-    with SMTPTestServer(extensions=extensions) as server, Client(server) as client:
-        assert client.command(b"EHLO c").startswith(b"250 ")
-        answer = client.command(b"MAIL FROM:<> ENVID=" + b"e" * 101)
+    with SMTPTestServer(extensions=extensions) as server, RawClient(server) as client:
+        assert client.exchange(b"EHLO c").startswith(b"250 ")
+        answer = client.exchange(b"MAIL FROM:<> ENVID=" + b"e" * 101)
         assert answer == b"501 ENVID parameter longer than 100 characters"
 
 
@@ -103,14 +61,14 @@ def test_an_orcpt_over_500_characters_is_refused_with_501(orcpt: bytes, reply: b
     # RFC 3461 §4.2: "The entire ORCPT parameter MAY be up to 500 characters in length" (its
     # addr-type ";" xtext, as sent); §5.1(b): a value that is not valid gets 501. The RCPT
     # line may hold 512 + 500 octets, so a 501- to 990-character ORCPT was taken.
-    with SMTPTestServer() as server, Client(server) as client:
-        assert client.command(b"EHLO c").startswith(b"250 ")
-        assert client.command(b"MAIL FROM:<a@b.example> SMTPUTF8").startswith(b"250 ")
-        answer = client.command(b"RCPT TO:<c@d.example> NOTIFY=NEVER ORCPT=" + orcpt)
+    with SMTPTestServer() as server, RawClient(server) as client:
+        assert client.exchange(b"EHLO c").startswith(b"250 ")
+        assert client.exchange(b"MAIL FROM:<a@b.example> SMTPUTF8").startswith(b"250 ")
+        answer = client.exchange(b"RCPT TO:<c@d.example> NOTIFY=NEVER ORCPT=" + orcpt)
         assert answer.startswith(reply), answer
         if reply != b"250 ":
             assert b"ORCPT" in answer
-            assert client.command(b"DATA").startswith(b"554 ")  # not a recipient
+            assert client.exchange(b"DATA").startswith(b"554 ")  # not a recipient
 
 
 # -- RFC 4954 and RFC 5321 §4.2.4: AUTH before EHLO ------------------------------------------
@@ -127,30 +85,30 @@ def test_auth_before_ehlo_is_a_bad_sequence_not_an_unimplemented_command(
     # after EHLO then goes ahead.
     with (
         SMTPTestServer(auth={"bob": "s3cret"}, allow_insecure_auth=True) as server,
-        Client(server) as client,
+        RawClient(server) as client,
     ):
         if hello is not None:
-            assert client.command(hello).startswith(b"250 ")
-        answer = client.command(b"AUTH PLAIN AGJvYgBzM2NyZXQ=")
+            assert client.exchange(hello).startswith(b"250 ")
+        answer = client.exchange(b"AUTH PLAIN AGJvYgBzM2NyZXQ=")
         assert answer.startswith(b"503 5.5.1 "), answer
-        assert client.command(b"EHLO c").startswith(b"250 ")
-        assert client.command(b"AUTH PLAIN AGJvYgBzM2NyZXQ=").startswith(b"235 ")
+        assert client.exchange(b"EHLO c").startswith(b"250 ")
+        assert client.exchange(b"AUTH PLAIN AGJvYgBzM2NyZXQ=").startswith(b"235 ")
 
 
 def test_auth_before_ehlo_needing_tls_is_also_a_bad_sequence() -> None:
     # Before EHLO the sequence is what is wrong, whatever EHLO would then offer (here no AUTH
     # before TLS, where AUTH after EHLO gets 538, RFC 4954 §6).
-    with SMTPTestServer(oauth_tokens={"bob": {"t"}}) as server, Client(server) as client:
-        assert client.command(b"AUTH XOAUTH2").startswith(b"503 5.5.1 ")
-        assert client.command(b"EHLO c").startswith(b"250 ")
-        assert client.command(b"AUTH XOAUTH2").startswith(b"538 5.7.11 ")
+    with SMTPTestServer(oauth_tokens={"bob": {"t"}}) as server, RawClient(server) as client:
+        assert client.exchange(b"AUTH XOAUTH2").startswith(b"503 5.5.1 ")
+        assert client.exchange(b"EHLO c").startswith(b"250 ")
+        assert client.exchange(b"AUTH XOAUTH2").startswith(b"538 5.7.11 ")
 
 
 @pytest.mark.parametrize("hello", [None, b"HELO c", b"EHLO c"])
 def test_auth_to_a_server_without_it_stays_502(hello: bytes | None) -> None:
     # RFC 5321 §4.2.4: 502 for a command recognized but not implemented, which is what AUTH
     # is to a server given no users or tokens (it never advertises AUTH).
-    with SMTPTestServer() as server, Client(server) as client:
+    with SMTPTestServer() as server, RawClient(server) as client:
         if hello is not None:
-            assert client.command(hello).startswith(b"250 ")
-        assert client.command(b"AUTH PLAIN").startswith(b"502 5.5.1 ")
+            assert client.exchange(hello).startswith(b"250 ")
+        assert client.exchange(b"AUTH PLAIN").startswith(b"502 5.5.1 ")
