@@ -9,17 +9,23 @@ from mailrelay.testing.server import SMTPTestServer
 
 
 class RawClient:
-    """Connects to ``server`` and reads its greeting (a 220)."""
+    """Connects to ``server`` and, unless told not to (``greeting=None``), reads its
+    greeting and checks its code (220 by default)."""
 
-    def __init__(self, server: SMTPTestServer) -> None:
+    def __init__(self, server: SMTPTestServer, *, greeting: int | None = 220) -> None:
         self.sock = socket.create_connection((server.host, server.port), timeout=5)
         self.file = self.sock.makefile("rb")
-        assert self.code() == 220
+        if greeting is not None:
+            assert self.code() == greeting
 
     def __enter__(self) -> RawClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection."""
         self.file.close()
         self.sock.close()
 

@@ -46,6 +46,7 @@ from mailrelay.testing.server import (
 from mailrelay.testing.strategies import message_bytes
 from mailrelay.transport import PoolSettings, SMTPTransport, transport_from_url
 from tests.peers.tls import TLSFiles
+from tests.testing.raw_client import RawClient
 from tests.transport.helpers import (
     FLAVOURS,
     Flavour,
@@ -78,45 +79,12 @@ def secure(server: SMTPTestServer, tls_files: TLSFiles, **extra: Any) -> dict[st
     )
 
 
-class RawClient:
-    """A line client on a plain socket, for the exact bytes of a dialogue."""
-
-    def __init__(self, server: SMTPTestServer) -> None:
-        self.sock = socket.create_connection((server.host, server.port), timeout=5)
-        self.file = self.sock.makefile("rb")
-
-    def reply(self) -> list[bytes]:
-        """The lines of the next reply (bounded: at most 100 lines)."""
-        lines = []
-        for _ in range(100):
-            line = self.file.readline(4096)
-            assert line.endswith(b"\r\n"), f"no reply line: {line!r}"
-            lines.append(line[:-2])
-            if line[3:4] != b"-":
-                return lines
-        raise AssertionError("endless reply")
-
-    def code(self) -> int:
-        return int(self.reply()[-1][:3])
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def command(self, line: bytes) -> int:
-        self.send(line + b"\r\n")
-        return self.code()
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
 @pytest.fixture
 def raw() -> Iterator[Any]:
     clients: list[RawClient] = []
 
     def connect(server: SMTPTestServer, *, greeting: int = 220) -> RawClient:
-        client = RawClient(server)
+        client = RawClient(server, greeting=None)
         clients.append(client)
         assert client.code() == greeting
         return client

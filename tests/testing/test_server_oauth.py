@@ -17,7 +17,7 @@ from mailrelay.protocol.sasl import OAuthBearer, XOAuth2
 from mailrelay.testing.server import SMTPTestServer
 from mailrelay.transport import SMTPTransport
 from tests.peers.tls import TLSFiles
-from tests.testing.test_server import RawClient
+from tests.testing.raw_client import RawClient
 from tests.transport.helpers import FLAVOURS, Flavour, make_message, send_with
 
 TOKENS = {"bob@example.com": {"good-token"}}
@@ -40,7 +40,7 @@ def raw() -> Iterator[Any]:
     clients: list[RawClient] = []
 
     def connect(server: SMTPTestServer) -> RawClient:
-        client = RawClient(server)
+        client = RawClient(server, greeting=None)
         clients.append(client)
         assert client.code() == 220
         assert client.command(b"EHLO c") == 250
@@ -119,7 +119,7 @@ def test_bearer_exchanges(lines: list[bytes], code: int, raw: Any) -> None:
 )
 def test_ehlo_advertises_the_mechanisms(options: dict[str, Any], advertised: bytes) -> None:
     with SMTPTestServer(allow_insecure_auth=True, extensions=["SIZE"], **options) as server:
-        client = RawClient(server)
+        client = RawClient(server, greeting=None)
         try:
             assert client.code() == 220
             client.send(b"EHLO c\r\n")
@@ -213,7 +213,7 @@ def test_the_server_reads_what_mailrelay_writes(user: str, token: str, bearer: b
     response = next(mechanism.start(user, token))
     assert response is not None
     with SMTPTestServer(oauth_tokens={user: {token}}, allow_insecure_auth=True) as server:
-        client = RawClient(server)
+        client = RawClient(server, greeting=None)
         try:
             assert client.code() == 220
             assert client.command(b"EHLO c") == 250
