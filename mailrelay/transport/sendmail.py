@@ -111,7 +111,7 @@ from mailrelay.address import Address
 from mailrelay.envelope import Envelope, Notify, Recipient
 from mailrelay.errors import ConfigurationError, ConnectError, DeliveryTimeout, LocalMTAError
 from mailrelay.message import Message
-from mailrelay.reply import Reply
+from mailrelay.reply import EnhancedStatus, Reply
 from mailrelay.results import DeliveryResult, Outcome, RecipientResult, error_status
 from mailrelay.transport.base import AsyncTransport, Transport
 from mailrelay.transport.file import _to_lf
@@ -183,12 +183,9 @@ _NOTIFY_ORDER = (Notify.NEVER, Notify.SUCCESS, Notify.FAILURE, Notify.DELAY)
 
 
 #: How msmtp reports its server's refusal on standard error ("msmtp: server message: 450
-#: 4.2.1 ..."): the reply code's first digit, and the enhanced status when the reply has one.
-_RELAY_REPLY: Final = re.compile(
-    r"^msmtp: server message: ([45])\d\d[ -]"
-    r"(?:([245])\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})(?![0-9.]))?",
-    re.MULTILINE,
-)
+#: 4.2.1 ..."): the reply code's first digit, and the rest of the line (where an enhanced
+#: status starts, read by EnhancedStatus.search).
+_RELAY_REPLY: Final = re.compile(r"^msmtp: server message: ([45])\d\d[ -](.*)$", re.MULTILINE)
 
 
 def exit_is_transient(status: int) -> bool:
@@ -468,10 +465,11 @@ class SendmailTransport(Transport, AsyncTransport):
             # not (msmtp exits 69, "unavailable", for a 450 as for a 451 after the data).
             # RFC 5321 §4.2.1: the reply's first digit decides, and the reply's enhanced
             # status (when its class agrees) says more than the exit status's.
-            digit, klass, subject, code = relayed[-1]
+            digit, rest = relayed[-1]
             transient = digit == "4"
-            if klass == digit:
-                detail = (int(subject), int(code))
+            found = EnhancedStatus.search(rest)
+            if found is not None and str(found.klass) == digit:
+                detail = (found.subject, found.detail)
         return LocalMTAError(
             f"{self.command} {_describe_exit(status)}{early}{said}",
             is_transient=transient,
